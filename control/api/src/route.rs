@@ -1,0 +1,181 @@
+//! Routes, backends and router events (spec §1.2).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteType {
+    Http,
+    Tcp,
+}
+
+impl RouteType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteType::Http => "http",
+            RouteType::Tcp => "tcp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "http" => Some(RouteType::Http),
+            "tcp" => Some(RouteType::Tcp),
+            _ => None,
+        }
+    }
+}
+
+/// A route as stored and served by the route APIs. HTTP-only fields are empty on TCP
+/// routes. Timestamps are RFC 3339 strings set by the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Route {
+    #[serde(rename = "type")]
+    pub kind: RouteType,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub parent_ref: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service: String,
+    #[serde(default)]
+    pub port: u16,
+    #[serde(default)]
+    pub leader: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub domain: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<Certificate>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tls_cert: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tls_key: String,
+    #[serde(default)]
+    pub sticky: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path: String,
+    #[serde(default)]
+    pub drain_backends: bool,
+    #[serde(default)]
+    pub disable_keep_alives: bool,
+}
+
+impl Route {
+    /// A blank HTTP route for `domain` served by `service`.
+    pub fn http(domain: &str, service: &str) -> Self {
+        Route { domain: domain.into(), ..Self::blank(RouteType::Http, service) }
+    }
+
+    /// A blank TCP route on `port` (0 = allocate) served by `service`.
+    pub fn tcp(port: u16, service: &str) -> Self {
+        Route { port, ..Self::blank(RouteType::Tcp, service) }
+    }
+
+    fn blank(kind: RouteType, service: &str) -> Self {
+        Route {
+            kind,
+            id: String::new(),
+            parent_ref: String::new(),
+            service: service.into(),
+            port: 0,
+            leader: false,
+            created_at: None,
+            updated_at: None,
+            domain: String::new(),
+            certificate: None,
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            sticky: false,
+            path: String::new(),
+            drain_backends: false,
+            disable_keep_alives: false,
+        }
+    }
+
+    /// The formatted id used in URLs: `<type>/<id>`.
+    pub fn formatted_id(&self) -> String {
+        format!("{}/{}", self.kind.as_str(), self.id)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Certificate {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<String>,
+    #[serde(default)]
+    pub cert: String,
+    #[serde(default)]
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+}
+
+/// A live backend of a service (from discoverd, or set through the router API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backend {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service: String,
+    pub addr: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub app: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub job_id: String,
+}
+
+/// The body of `PUT /services/:service/backends`: one entry per backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendAddr {
+    pub addr: String,
+    /// Marks the service leader for `leader: true` routes; when no entry is marked the
+    /// first one leads (discoverd's default `oldest` leader type).
+    #[serde(default)]
+    pub leader: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub app: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub job_id: String,
+}
+
+/// One item of the router's `/events` stream: `set`, `remove`, `backend-up`,
+/// `backend-down` or `backend-drained`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamEvent {
+    pub event: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<Route>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_json_round_trip() {
+        let json = r#"{"type":"http","domain":"example.com","service":"web","leader":false}"#;
+        let r: Route = serde_json::from_str(json).unwrap();
+        assert_eq!(r.kind, RouteType::Http);
+        assert_eq!(r.domain, "example.com");
+        assert_eq!(r.path, "");
+        let back = serde_json::to_value(&r).unwrap();
+        assert_eq!(back["type"], "http");
+        assert_eq!(back["leader"], false);
+        assert!(back.get("certificate").is_none());
+    }
+
+    #[test]
+    fn unknown_route_type_is_rejected() {
+        assert!(serde_json::from_str::<Route>(r#"{"type":"udp"}"#).is_err());
+    }
+}

@@ -1,0 +1,135 @@
+use super::*;
+
+fn route(domain: &str, path: &str, service: &str) -> Route {
+    Route { path: path.into(), id: format!("{domain}{path}"), ..Route::http(domain, service) }
+}
+
+fn table(routes: &[Route]) -> Table {
+    let mut backends = HashMap::new();
+    for (i, svc) in ["s1", "s2", "s3"].iter().enumerate() {
+        let addr = format!("127.0.0.1:{}", 9001 + i);
+        backends.insert(
+            svc.to_string(),
+            Backends::from_api(&[BackendAddr { addr, ..blank() }]).unwrap(),
+        );
+    }
+    Table::build(routes, &backends, 1)
+}
+
+fn blank() -> BackendAddr {
+    BackendAddr { addr: String::new(), leader: false, app: String::new(), job_id: String::new() }
+}
+
+fn svc<'a>(t: &'a Table, host: &str, path: &str) -> Option<&'a str> {
+    t.lookup_http(host.as_bytes(), 0, path.as_bytes()).map(|r| &*r.service)
+}
+
+#[test]
+fn wildcards_exact_wins() {
+    let t = table(&[
+        route("foo.bar", "/", "s1"),
+        route("*.foo.bar", "/", "s2"),
+        route("dev.foo.bar", "/", "s3"),
+    ]);
+    let cases = [
+        ("foo.bar", Some("s1")),
+        ("flynn.foo.bar", Some("s2")),
+        ("a.b.foo.bar", Some("s2")),
+        ("dev.foo.bar", Some("s3")),
+        ("DEV.Foo.BAR", Some("s3")),
+        ("dev.foo.bar:80", Some("s3")),
+        ("dev.foo.bar:443", Some("s3")),
+        ("bar", None),
+        ("other.com", None),
+    ];
+    for (host, want) in cases {
+        assert_eq!(svc(&t, host, "/"), want, "{host}");
+    }
+}
+
+#[test]
+fn catch_all_is_last() {
+    let t = table(&[route("*", "/", "s1"), route("*.bar", "/", "s2")]);
+    assert_eq!(svc(&t, "foo", "/"), Some("s1"));
+    assert_eq!(svc(&t, "example.com", "/"), Some("s1"));
+    assert_eq!(svc(&t, "foo.bar", "/"), Some("s2"));
+}
+
+#[test]
+fn most_specific_wildcard_first() {
+    let t = table(&[route("*.com", "/", "s1"), route("*.example.com", "/", "s2")]);
+    assert_eq!(svc(&t, "a.example.com", "/"), Some("s2"));
+    assert_eq!(svc(&t, "a.other.com", "/"), Some("s1"));
+}
+
+#[test]
+fn path_prefix_by_segment() {
+    let t = table(&[route("d", "/", "s1"), route("d", "/2/", "s2"), route("d", "/3", "s3")]);
+    let cases = [
+        ("/", "s1"),
+        ("/2", "s2"),
+        ("/2/", "s2"),
+        ("/2/x/y", "s2"),
+        ("/20", "s1"),
+        ("/3", "s3"),
+        ("/3/", "s3"),
+        ("/x", "s1"),
+        ("", "s1"),
+    ];
+    for (path, want) in cases {
+        assert_eq!(svc(&t, "d", path), Some(want), "{path}");
+    }
+}
+
+#[test]
+fn ports_are_part_of_the_key() {
+    let mut r = route("d", "/", "s2");
+    r.port = 8081;
+    let t = table(&[route("d", "/", "s1"), r]);
+    assert_eq!(t.lookup_http(b"d", 0, b"/").map(|r| &*r.service), Some("s1"));
+    assert_eq!(t.lookup_http(b"d", 8081, b"/").map(|r| &*r.service), Some("s2"));
+    assert!(t.lookup_http(b"d", 8082, b"/").is_none());
+}
+
+#[test]
+fn unknown_service_has_no_backends() {
+    let t = table(&[route("d", "/", "nope")]);
+    assert!(t.lookup_http(b"d", 0, b"/").unwrap().backends.is_empty());
+}
+
+#[test]
+fn leader_routes_only_get_the_leader() {
+    let list = [
+        BackendAddr { addr: "127.0.0.1:1".into(), ..blank() },
+        BackendAddr { addr: "127.0.0.1:2".into(), leader: true, ..blank() },
+    ];
+    let mut b = HashMap::new();
+    b.insert("s".to_string(), Backends::from_api(&list).unwrap());
+    let mut r = route("d", "/", "s");
+    r.leader = true;
+    let t = Table::build(&[r, route("e", "/", "s")], &b, 1);
+    let lead = t.lookup_http(b"d", 0, b"/").unwrap();
+    assert_eq!(&*lead.backends, &["127.0.0.1:2".parse().unwrap()]);
+    assert_eq!(t.lookup_http(b"e", 0, b"/").unwrap().backends.len(), 2);
+}
+
+#[test]
+fn overlong_and_odd_hosts_do_not_match_or_panic() {
+    let t = table(&[route("*", "/", "s1")]);
+    let long = "a".repeat(300);
+    // Too long to be a domain: only the catch-all can take it.
+    assert_eq!(svc(&t, &long, "/"), Some("s1"));
+    let exact = table(&[route(&long, "/", "s2")]);
+    assert!(svc(&exact, &long, "/").is_none());
+    assert_eq!(svc(&t, "[::1]:80", "/"), Some("s1"));
+    assert_eq!(svc(&t, ":", "/"), Some("s1"));
+    assert_eq!(svc(&t, "...", "/"), Some("s1"));
+}
+
+#[test]
+fn tcp_routes_by_port() {
+    let t = table(&[Route { id: "t".into(), ..Route::tcp(3001, "s1") }]);
+    assert_eq!(t.tcp_route(3001).map(|r| &*r.service), Some("s1"));
+    assert!(t.tcp_route(3002).is_none());
+    assert_eq!(t.tcp_ports().collect::<Vec<_>>(), vec![3001]);
+}

@@ -1,0 +1,18 @@
+//! flynn-perf: load generators and side-by-side harnesses for the Flynn dataplane.
+//!
+//! The `proxy` harness runs the same `wrk` scenarios against the origin alone, the Flynn
+//! router, nginx and HAProxy on loopback, interleaved round by round, and reports medians,
+//! proxy CPU per request and memory. It measures; it never passes or fails on timing. The
+//! `origin` subcommand is the tiny monoio HTTP/1.1 server every target proxies to.
+//!
+//! Leaves to others: micro-benchmarks (criterion `benches/` in each crate) and correctness
+//! (`flynn-e2e`). Used by people and CI jobs that record `perf/RESULTS.md`.
+
+pub mod bench;
+pub mod idle;
+pub mod origin;
+pub mod procfs;
+pub mod procs;
+pub mod report;
+pub mod targets;
+pub mod wrk;

@@ -1,0 +1,174 @@
+//! Child processes the harness starts, and the guarantee that they die with it.
+//!
+//! Every child runs in its own process group (so nginx's workers die with their master) and is
+//! registered globally. A [`Proc`] kills its group on drop, which covers normal exit and panics
+//! (the release profile unwinds); a signal thread covers Ctrl-C/SIGTERM/SIGHUP.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use nix::sys::signal::{killpg, SigSet, Signal};
+use nix::unistd::Pid;
+
+struct Registry {
+    pgids: Vec<i32>,
+    dirs: Vec<PathBuf>,
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry { pgids: Vec::new(), dirs: Vec::new() });
+
+fn registry() -> MutexGuard<'static, Registry> {
+    REGISTRY.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Blocks SIGINT/SIGTERM/SIGHUP in this thread (call before spawning any thread) and starts a
+/// thread that waits for them, kills every registered process group and exits.
+pub fn install_signal_handler() -> Result<()> {
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(sig);
+    }
+    set.thread_block().context("blocking termination signals")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = set.wait() {
+                eprintln!("\nflynn-perf: caught {sig}, stopping every process it started");
+                kill_all();
+                std::process::exit(128 + sig as i32);
+            }
+        })
+        .context("spawning the signal thread")?;
+    Ok(())
+}
+
+/// Kills every registered process group and removes every registered temp dir.
+pub fn kill_all() {
+    let mut reg = registry();
+    for pgid in reg.pgids.drain(..) {
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    }
+    for dir in reg.dirs.drain(..) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// A child process in its own process group, with stdout and stderr going to a log file.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
+        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0);
+        let child = cmd.spawn().with_context(|| format!("starting {name}: {cmd:?}"))?;
+        registry().pgids.push(child.id() as i32);
+        Ok(Proc { name: name.to_string(), child, log: log.to_path_buf(), exited: None })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own; kills it after that.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                anyhow::bail!("{} did not finish within {:?}; killed", self.name, timeout);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The log's last `lines` lines, for error messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn kill(&mut self) {
+        let pgid = self.child.id() as i32;
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        if self.exited.is_none() {
+            self.exited = self.child.wait().ok();
+        }
+        registry().pgids.retain(|p| *p != pgid);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A directory under /tmp removed on drop (and on Ctrl-C).
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Result<TempDir> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        let path = PathBuf::from(format!("/tmp/{prefix}.{}.{stamp:x}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        registry().dirs.push(path.clone());
+        Ok(TempDir { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Leaves the directory in place (for post-mortems of failed runs).
+    pub fn keep(&self) {
+        registry().dirs.retain(|d| d != &self.path);
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let mut reg = registry();
+        if reg.dirs.contains(&self.path) {
+            let _ = std::fs::remove_dir_all(&self.path);
+            reg.dirs.retain(|d| d != &self.path);
+        }
+    }
+}
