@@ -1,1 +1,120 @@
-fn main() {}
+//! `flynn-perf`: `proxy` runs the side-by-side proxy harness; `origin` is the origin server
+//! it proxies to (started by the harness itself).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use flynn_perf::bench::{self, Scenario};
+use flynn_perf::targets::Kind;
+
+#[derive(Parser)]
+#[command(name = "flynn-perf", about = "Flynn dataplane performance harnesses")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Router vs nginx vs HAProxy vs the origin alone, interleaved, on loopback.
+    Proxy(ProxyArgs),
+    /// The benchmark origin: fixed responses over keep-alive HTTP/1.1.
+    Origin(OriginArgs),
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// Rounds; each runs every scenario against every target once.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 5)]
+    duration: u64,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,flynn,nginx,haproxy"
+    )]
+    targets: Vec<String>,
+    /// Worker threads/processes for each proxy.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    workers: Vec<usize>,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "small-c64,small-c256,64k-c64,newconn-c64,idle-10k"
+    )]
+    scenarios: Vec<String>,
+    #[arg(long, default_value = "target/release/flynn-router")]
+    router_bin: PathBuf,
+    /// Also write the Markdown report here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Threads of the origin server.
+    #[arg(long, default_value_t = 2)]
+    origin_threads: usize,
+    /// Connections opened by idle-10k.
+    #[arg(long, default_value_t = 10_000)]
+    idle_conns: usize,
+}
+
+#[derive(clap::Args)]
+struct OriginArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Exit when this process is no longer our parent.
+    #[arg(long)]
+    parent_pid: Option<u32>,
+}
+
+fn shell_quote(arg: &str) -> String {
+    if !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./,=:@".contains(c))
+    {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Origin(a) => flynn_perf::origin::run(a.addr, a.threads, a.parent_pid),
+        Cmd::Proxy(a) => {
+            flynn_perf::procs::install_signal_handler()?;
+            let opts = bench::Options {
+                rounds: a.rounds.max(1),
+                duration_s: a.duration.max(1),
+                targets: a
+                    .targets
+                    .iter()
+                    .map(|t| Kind::parse(t))
+                    .collect::<Result<_>>()?,
+                workers: a.workers.into_iter().filter(|w| *w > 0).collect(),
+                scenarios: a
+                    .scenarios
+                    .iter()
+                    .map(|s| Scenario::parse(s))
+                    .collect::<Result<_>>()?,
+                router_bin: a.router_bin,
+                out: a.out,
+                origin_threads: a.origin_threads.max(1),
+                idle_conns: a.idle_conns,
+                command: std::env::args()
+                    .map(|a| shell_quote(&a))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            };
+            let text = bench::run(opts)?;
+            println!("{text}");
+            Ok(())
+        }
+    }
+}

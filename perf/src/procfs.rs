@@ -34,7 +34,11 @@ pub fn tree(root: u32) -> Vec<u32> {
     let mut parent_of = HashMap::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
                 continue;
             };
             if let Some((ppid, _)) = stat(pid) {
@@ -46,7 +50,12 @@ pub fn tree(root: u32) -> Vec<u32> {
     let mut i = 0;
     while i < out.len() {
         let p = out[i];
-        out.extend(parent_of.iter().filter(|(_, pp)| **pp == p).map(|(c, _)| *c));
+        out.extend(
+            parent_of
+                .iter()
+                .filter(|(_, pp)| **pp == p)
+                .map(|(c, _)| *c),
+        );
         i += 1;
     }
     out
@@ -54,7 +63,10 @@ pub fn tree(root: u32) -> Vec<u32> {
 
 /// User + system CPU seconds consumed so far by `root`'s tree.
 pub fn cpu_seconds(root: u32) -> f64 {
-    let ticks: u64 = tree(root).into_iter().filter_map(|p| stat(p).map(|(_, t)| t)).sum();
+    let ticks: u64 = tree(root)
+        .into_iter()
+        .filter_map(|p| stat(p).map(|(_, t)| t))
+        .sum();
     ticks as f64 / clock_ticks()
 }
 

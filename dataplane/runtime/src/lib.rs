@@ -1,1 +1,19 @@
-//! placeholder
+//! Thread-per-core glue shared by the data-plane binaries (router, log aggregator).
+//!
+//! - [`spawn_workers`]: one pinned OS thread per core, each running its own monoio
+//!   runtime; io_uring when the kernel allows it, epoll otherwise (old kernels,
+//!   seccomp profiles that block `io_uring_setup`). No work stealing: a connection
+//!   lives and dies on the core that accepted it.
+//! - [`reuseport_listener`]: a listening socket per core on the same address.
+//! - [`Published`] / [`Local`]: whole immutable snapshots published by a control
+//!   thread and picked up by cores between requests (an atomic pointer swap).
+//! - [`sock`]: the few raw socket calls the proxies need (liveness peeks, shutdown).
+//!
+//! This is the only data-plane crate with `unsafe` code; each block says why it is sound.
+
+mod snapshot;
+pub mod sock;
+mod workers;
+
+pub use snapshot::{Local, Published};
+pub use workers::{core_count, reuseport_listener, spawn_workers, Driver, WorkerCtx};

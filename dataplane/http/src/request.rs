@@ -1,0 +1,170 @@
+//! Hot path: request head parsing and validation (limits, framing, smuggling rules).
+
+use crate::fields::{header_store, valid_host, Scan};
+use crate::head::{Framing, Method, ParseError, Span, MAX_HEAD};
+
+/// Facts about a complete, validated request head. Spans point into the parsed buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo {
+    /// Bytes up to and including the blank line ending the head.
+    pub head_len: usize,
+    pub method: Method,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version_minor: u8,
+    /// The Request-URI verbatim (origin-form, absolute-form, `*` or authority-form).
+    pub uri: Span,
+    /// The path of the URI without the query; empty means `/` (absolute-form without a path,
+    /// `*`, authority-form).
+    pub path: Span,
+    /// The Host header value, or the URI's authority when there is no Host header.
+    pub host: Option<Span>,
+    /// `Empty`, `Length(n)` or `Chunked`; never `Close`.
+    pub framing: Framing,
+    /// Whether the client connection may stay open after this exchange.
+    pub keep_alive: bool,
+    /// HTTP/1.1 with a Connection token `upgrade`: the router switches to its tunnel path.
+    pub upgrade: bool,
+    /// `Expect: 100-continue`.
+    pub expect_continue: bool,
+}
+
+/// Parses a request head at the start of `buf`.
+///
+/// `Ok(None)`: incomplete and shorter than [`MAX_HEAD`], read more. `Err(HeadTooLarge)`:
+/// no complete head within the first [`MAX_HEAD`] bytes. Only that prefix is ever scanned.
+pub fn parse_request(buf: &[u8]) -> Result<Option<RequestInfo>, ParseError> {
+    let limited = &buf[..buf.len().min(MAX_HEAD)];
+    let mut store = header_store();
+    let mut req = httparse::Request::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let head_len = match config.parse_request_with_uninit_headers(&mut req, limited, &mut store)? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial if buf.len() >= MAX_HEAD => return Err(ParseError::HeadTooLarge),
+        httparse::Status::Partial => return Ok(None),
+    };
+    let (Some(method), Some(uri), Some(version_minor)) = (req.method, req.path, req.version) else {
+        return Err(ParseError::Malformed);
+    };
+    let method = Method::from_bytes(method.as_bytes());
+    let uri = uri.as_bytes();
+    let scan = Scan::of(req.headers)?;
+
+    let (path, authority) = split_uri(uri);
+    if scan.host_fields > 1 {
+        return Err(ParseError::Malformed);
+    }
+    // Go answers 400 to an HTTP/1.1 request without Host.
+    if version_minor >= 1 && scan.host_fields == 0 {
+        return Err(ParseError::Malformed);
+    }
+    let host = match (scan.host, authority) {
+        (Some(h), _) => Some(h),
+        (None, Some(a)) if !a.is_empty() => Some(a),
+        (None, _) => None,
+    };
+    if let Some(h) = host {
+        if !valid_host(h) {
+            return Err(ParseError::Malformed);
+        }
+    }
+
+    let framing = if scan.chunked(version_minor)? {
+        Framing::Chunked
+    } else if let Some(n) = scan.content_length {
+        Framing::Length(n)
+    } else {
+        Framing::Empty
+    };
+
+    let keep_alive = if version_minor >= 1 {
+        !scan.conn_close
+    } else {
+        scan.conn_keep_alive && !scan.conn_close
+    };
+
+    Ok(Some(RequestInfo {
+        head_len,
+        method,
+        version_minor,
+        uri: Span::of(buf, uri),
+        path: Span::of(buf, path),
+        host: host.map(|h| Span::of(buf, h)),
+        framing,
+        keep_alive,
+        upgrade: version_minor >= 1 && scan.conn_upgrade,
+        expect_continue: scan.expect_continue,
+    }))
+}
+
+/// Splits a Request-URI into its path (without query; empty when there is none) and, for
+/// absolute-form, its authority (without userinfo). Both are sub-slices of `uri`.
+fn split_uri(uri: &[u8]) -> (&[u8], Option<&[u8]>) {
+    let until_query = |s: &[u8]| -> usize { s.iter().position(|&b| b == b'?').unwrap_or(s.len()) };
+    if uri.first() == Some(&b'/') {
+        return (&uri[..until_query(uri)], None);
+    }
+    let Some(rest) = strip_scheme(uri) else {
+        // `*` or authority-form: no path.
+        return (&uri[..0], None);
+    };
+    let auth_end = rest
+        .iter()
+        .position(|&b| matches!(b, b'/' | b'?' | b'#'))
+        .unwrap_or(rest.len());
+    let mut authority = &rest[..auth_end];
+    if let Some(at) = authority.iter().rposition(|&b| b == b'@') {
+        authority = &authority[at + 1..];
+    }
+    let after = &rest[auth_end..];
+    let path = if after.first() == Some(&b'/') {
+        &after[..until_query(after)]
+    } else {
+        &after[..0]
+    };
+    (path, Some(authority))
+}
+
+/// For absolute-form `scheme://rest`, returns `rest`.
+fn strip_scheme(uri: &[u8]) -> Option<&[u8]> {
+    let colon = uri.iter().position(|&b| b == b':')?;
+    let (scheme, rest) = uri.split_at(colon);
+    let first_alpha = scheme.first().is_some_and(u8::is_ascii_alphabetic);
+    let scheme_ok = first_alpha
+        && scheme
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    if scheme_ok {
+        rest.strip_prefix(b"://")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_uri;
+
+    #[test]
+    fn uri_split_table() {
+        type Row<'a> = (&'a str, &'a str, Option<&'a str>);
+        let table: &[Row] = &[
+            ("/", "/", None),
+            ("/p?q=1", "/p", None),
+            ("//foo/bar", "//foo/bar", None),
+            ("/a:b@c?x", "/a:b@c", None),
+            ("http://h/p?q", "/p", Some("h")),
+            ("http://h", "", Some("h")),
+            ("http://h?q", "", Some("h")),
+            ("https://user:pw@h:8080/x", "/x", Some("h:8080")),
+            ("HTTP://Example.COM/", "/", Some("Example.COM")),
+            ("*", "", None),
+            ("example.com:443", "", None),
+            ("1http://h/p", "", None),
+        ];
+        for &(uri, path, auth) in table {
+            let (p, a) = split_uri(uri.as_bytes());
+            assert_eq!(p, path.as_bytes(), "path of {uri}");
+            assert_eq!(a, auth.map(str::as_bytes), "authority of {uri}");
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! The admin API (spec §1.2 legacy standalone shape, §1.3): routes, service backends,
+//! events, status and metrics. Runs on its own thread with a small tokio runtime; it
+//! reaches the cores only by publishing table snapshots.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use flynn_api::{ApiError, Backend, BackendAddr, Route, RouteType, Status, StreamEvent};
+use serde::Deserialize;
+use tokio::sync::broadcast;
+
+use crate::metrics;
+use crate::shared::Shared;
+use crate::store::Store;
+
+pub struct Api {
+    pub store: Mutex<Store>,
+    pub shared: Arc<Shared>,
+    pub events: broadcast::Sender<StreamEvent>,
+}
+
+/// An [`ApiError`] as an HTTP response: status from the code table, JSON envelope.
+pub struct ApiErr(pub ApiError);
+
+impl From<ApiError> for ApiErr {
+    fn from(e: ApiError) -> Self {
+        ApiErr(e)
+    }
+}
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+type Res<T> = Result<T, ApiErr>;
+
+impl Api {
+    pub fn new(store: Store, shared: Arc<Shared>) -> Self {
+        let (events, _) = broadcast::channel(4096);
+        Api { store: Mutex::new(store), shared, events }
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes the store's current table to the cores; returns its version.
+    pub fn publish(&self, store: &Store) -> u64 {
+        self.shared.publish(store.table())
+    }
+
+    /// Waits until every core applied `v`, so a route is live when the API answers.
+    async fn applied(&self, v: u64) {
+        for _ in 0..5000 {
+            if self.shared.applied(v) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tracing::warn!(version = v, "cores slow to apply a route update");
+    }
+
+    fn emit(&self, event: &str, route: Option<Route>, backend: Option<Backend>) {
+        let _ = self.events.send(StreamEvent { event: event.into(), route, backend, error: None });
+    }
+}
+
+fn parse_kind(s: &str) -> Res<RouteType> {
+    RouteType::parse(s).ok_or_else(|| ApiErr(ApiError::validation(Some("type"), "Invalid route type")))
+}
+
+async fn add_route(State(api): State<Arc<Api>>, body: Bytes) -> Res<Json<Route>> {
+    let r = Store::parse_route(&body)?;
+    let (r, v) = {
+        let mut s = api.store();
+        let r = s.add(r)?;
+        (r, api.publish(&s))
+    };
+    api.applied(v).await;
+    api.emit("set", Some(r.clone()), None);
+    Ok(Json(r))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    parent_ref: Option<String>,
+}
+
+async fn list_routes(State(api): State<Arc<Api>>, Query(q): Query<ListQuery>) -> Json<Vec<Route>> {
+    Json(api.store().list(q.parent_ref.as_deref()))
+}
+
+async fn get_route(State(api): State<Arc<Api>>, Path((kind, id)): Path<(String, String)>) -> Res<Json<Route>> {
+    let kind = parse_kind(&kind)?;
+    let s = api.store();
+    s.get(kind, &id).cloned().map(Json).ok_or_else(|| ApiErr(ApiError::not_found("route not found")))
+}
+
+async fn update_route(
+    State(api): State<Arc<Api>>,
+    Path((kind, id)): Path<(String, String)>,
+    body: Bytes,
+) -> Res<Json<Route>> {
+    let kind = parse_kind(&kind)?;
+    let r = Store::parse_route(&body)?;
+    let (r, v) = {
+        let mut s = api.store();
+        let r = s.update(kind, &id, r)?;
+        (r, api.publish(&s))
+    };
+    api.applied(v).await;
+    api.emit("set", Some(r.clone()), None);
+    Ok(Json(r))
+}
+
+async fn delete_route(State(api): State<Arc<Api>>, Path((kind, id)): Path<(String, String)>) -> Res<StatusCode> {
+    let kind = parse_kind(&kind)?;
+    let (r, v) = {
+        let mut s = api.store();
+        let r = s.remove(kind, &id)?;
+        (r, api.publish(&s))
+    };
+    api.applied(v).await;
+    api.emit("remove", Some(r), None);
+    Ok(StatusCode::OK)
+}
+
+async fn put_backends(
+    State(api): State<Arc<Api>>,
+    Path(service): Path<String>,
+    body: Bytes,
+) -> Res<Json<Vec<BackendAddr>>> {
+    let list: Vec<BackendAddr> = serde_json::from_slice(&body).map_err(|_| ApiError::syntax())?;
+    let (added, removed, v) = {
+        let mut s = api.store();
+        let (a, r) = s.set_backends(&service, list)?;
+        (a, r, api.publish(&s))
+    };
+    api.applied(v).await;
+    let backend = |b: BackendAddr| Backend { service: service.clone(), addr: b.addr, app: b.app, job_id: b.job_id };
+    for b in removed {
+        api.emit("backend-down", None, Some(backend(b)));
+    }
+    for b in added {
+        api.emit("backend-up", None, Some(backend(b)));
+    }
+    Ok(Json(api.store().backends(&service)))
+}
+
+async fn get_backends(State(api): State<Arc<Api>>, Path(service): Path<String>) -> Json<Vec<BackendAddr>> {
+    Json(api.store().backends(&service))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    types: Option<String>,
+}
+
+async fn events(State(api): State<Arc<Api>>, Query(q): Query<EventsQuery>) -> impl IntoResponse {
+    let types: Option<Vec<String>> =
+        q.types.map(|t| t.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect());
+    let wanted = move |e: &StreamEvent| types.as_ref().is_none_or(|t| t.iter().any(|x| *x == e.event));
+    // Subscribe first, then replay `backend-up` for backends of drain-tracked routes.
+    let rx = api.events.subscribe();
+    let replay: Vec<StreamEvent> = {
+        let s = api.store();
+        let mut services = BTreeMap::new();
+        for r in s.list(None).into_iter().filter(|r| r.drain_backends) {
+            services.insert(r.service.clone(), s.backends(&r.service));
+        }
+        services
+            .into_iter()
+            .flat_map(|(svc, list)| {
+                list.into_iter().map(move |b| StreamEvent {
+                    event: "backend-up".into(),
+                    route: None,
+                    backend: Some(Backend { service: svc.clone(), addr: b.addr, app: b.app, job_id: b.job_id }),
+                    error: None,
+                })
+            })
+            .collect()
+    };
+    let replay = futures_util::stream::iter(replay);
+    let live = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(e) => return Some((e, rx)),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    use futures_util::StreamExt;
+    let stream = replay.chain(live).filter(move |e| std::future::ready(wanted(e))).map(|e| {
+        Ok::<_, std::convert::Infallible>(Event::default().data(serde_json::to_string(&e).unwrap_or_default()))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(30)).text(""))
+}
+
+async fn status(State(api): State<Arc<Api>>) -> Response {
+    let drivers: Vec<&str> = api.shared.cores.iter().map(|c| c.driver.get().copied().unwrap_or("starting")).collect();
+    let routes = api.store().list(None).len();
+    let body = Status::healthy(
+        env!("CARGO_PKG_VERSION"),
+        Some(serde_json::json!({ "routes": routes, "workers": drivers })),
+    );
+    let mut text = serde_json::to_string_pretty(&body).unwrap_or_default();
+    text.push('\n');
+    ([(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+async fn metrics_text(State(api): State<Arc<Api>>) -> Response {
+    let cores: Vec<_> = api.shared.cores.iter().map(|c| &c.metrics).collect();
+    let routes = api.store().list(None).len();
+    let text = metrics::render(&cores, routes);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn not_found() -> ApiErr {
+    ApiErr(ApiError::not_found("not found"))
+}
+
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/routes", get(list_routes).post(add_route))
+        .route("/routes/{kind}/{id}", get(get_route).put(update_route).delete(delete_route))
+        .route("/services/{service}/backends", put(put_backends).get(get_backends))
+        .route("/events", get(events))
+        .route("/.well-known/status", get(status))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .with_state(api)
+}
+
+/// Serves the API on `listener` until the process exits (call on a dedicated thread).
+pub fn serve(api: Arc<Api>, listener: std::net::TcpListener) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::from_std(listener)?;
+        axum::serve(l, router(api)).await
+    })
+}

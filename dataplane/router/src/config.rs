@@ -1,0 +1,139 @@
+//! The router's one typed configuration: flags > `FLYNN_*` environment > defaults,
+//! validated before any socket is bound.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use flynn_runtime::Driver;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "flynn-router", version, about = "Flynn's HTTP/TCP router")]
+pub struct Config {
+    /// HTTP listen address; repeatable. The first is the default port (routes with
+    /// port 0), the others are additional ports that routes name explicitly.
+    #[arg(long = "http-addr", env = "FLYNN_HTTP_ADDR", value_delimiter = ',', default_value = "0.0.0.0:8080")]
+    pub http_addrs: Vec<SocketAddr>,
+
+    /// Admin API address (routes, backends, events, status, metrics).
+    #[arg(long, env = "FLYNN_API_ADDR", default_value = "127.0.0.1:5000")]
+    pub api_addr: SocketAddr,
+
+    /// Address TCP routes listen on.
+    #[arg(long, env = "FLYNN_TCP_IP", default_value = "0.0.0.0")]
+    pub tcp_ip: IpAddr,
+
+    /// Port range for TCP routes, `START-END` inclusive.
+    #[arg(long, env = "FLYNN_TCP_PORTS", default_value = "3000-3500", value_parser = parse_range)]
+    pub tcp_ports: (u16, u16),
+
+    /// Routes file (JSON or TOML) loaded at start: `{"routes": [...], "services": {...}}`.
+    #[arg(long, env = "FLYNN_ROUTES")]
+    pub routes: Option<PathBuf>,
+
+    /// Worker threads, one pinned per core (default: number of cores).
+    #[arg(long, env = "FLYNN_THREADS")]
+    pub threads: Option<usize>,
+
+    /// I/O driver: auto (io_uring, epoll where unavailable), io_uring or epoll.
+    #[arg(long, env = "FLYNN_IO_DRIVER", default_value = "auto")]
+    pub io_driver: Driver,
+
+    /// Maximum open client connections per core; further connections are closed.
+    #[arg(long, env = "FLYNN_MAX_CONNS_PER_CORE", default_value_t = 50_000)]
+    pub max_conns_per_core: usize,
+
+    /// Idle upstream connections kept per backend per core.
+    #[arg(long, env = "FLYNN_POOL_IDLE_PER_BACKEND", default_value_t = 256)]
+    pub pool_idle_per_backend: usize,
+
+    /// Seconds to wait for a complete request head.
+    #[arg(long, env = "FLYNN_HEADER_TIMEOUT", default_value_t = 60)]
+    pub header_timeout_secs: u64,
+
+    /// Seconds a client keep-alive connection may sit idle between requests.
+    #[arg(long, env = "FLYNN_IDLE_TIMEOUT", default_value_t = 300)]
+    pub idle_timeout_secs: u64,
+
+    /// Run with two demo backends and a sample route set (the quick start).
+    #[arg(long)]
+    pub demo: bool,
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("expected START-END, got {s:?}"))?;
+    let a: u16 = a.trim().parse().map_err(|_| format!("bad port {a:?}"))?;
+    let b: u16 = b.trim().parse().map_err(|_| format!("bad port {b:?}"))?;
+    if a == 0 || b < a {
+        return Err(format!("bad port range {s:?}"));
+    }
+    Ok((a, b))
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.http_addrs.is_empty() {
+            return Err("at least one --http-addr is required".into());
+        }
+        if self.threads == Some(0) {
+            return Err("--threads must be at least 1".into());
+        }
+        if self.max_conns_per_core == 0 {
+            return Err("--max-conns-per-core must be at least 1".into());
+        }
+        if self.header_timeout_secs == 0 || self.idle_timeout_secs == 0 {
+            return Err("timeouts must be at least 1 second".into());
+        }
+        Ok(())
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(flynn_runtime::core_count)
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_secs)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_interface_flags() {
+        let c = Config::try_parse_from([
+            "flynn-router",
+            "--http-addr",
+            "127.0.0.1:8080",
+            "--api-addr",
+            "127.0.0.1:5000",
+            "--tcp-ip",
+            "127.0.0.1",
+            "--tcp-ports",
+            "3000-3500",
+            "--threads",
+            "2",
+            "--io-driver",
+            "epoll",
+        ])
+        .unwrap();
+        assert_eq!(c.tcp_ports, (3000, 3500));
+        assert_eq!(c.threads(), 2);
+        assert_eq!(c.io_driver, Driver::Epoll);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(Config::try_parse_from(["r", "--tcp-ports", "5-1"]).is_err());
+        assert!(Config::try_parse_from(["r", "--io-driver", "kqueue"]).is_err());
+        let c = Config::try_parse_from(["r", "--threads", "0"]).unwrap();
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,91 @@
+//! Hot path: small owned-buffer I/O helpers over monoio's rent-style API.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+use flynn_runtime::sock::{peek, Peek};
+use monoio::buf::{IoBuf, IoBufMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+/// Spare room kept at the end of a read buffer before each read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Reads once, appending to `buf` (growing it by at most `READ_CHUNK` when full).
+pub async fn read_append<R: AsyncReadRent>(r: &mut R, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(READ_CHUNK);
+    }
+    let len = buf.len();
+    let cap = buf.capacity();
+    let (res, slice) = r.read(buf.slice_mut(len..cap)).await;
+    (res, slice.into_inner())
+}
+
+/// Writes `buf[range]` completely.
+pub async fn write_range<W: AsyncWriteRentExt>(
+    w: &mut W,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+) -> (io::Result<()>, Vec<u8>) {
+    if start == end {
+        return (Ok(()), buf);
+    }
+    let (res, slice) = w.write_all(buf.slice(start..end)).await;
+    (res.map(|_| ()), slice.into_inner())
+}
+
+/// Resolves when the client has closed its side (EOF or error). Pipelined bytes do not
+/// count: if data is waiting, this never resolves.
+pub async fn client_gone(c: &TcpStream) {
+    loop {
+        if c.readable(false).await.is_err() {
+            return;
+        }
+        match peek(c.as_raw_fd()) {
+            Peek::Closed => return,
+            Peek::Data => std::future::pending::<()>().await,
+            Peek::Idle => {}
+        }
+    }
+}
+
+/// Copies bytes from `r` to `w` until EOF, then half-closes `w`.
+pub async fn pipe<R: AsyncReadRent, W: AsyncWriteRentExt + monoio::io::AsyncWriteRent>(
+    mut r: R,
+    mut w: W,
+    mut buf: Vec<u8>,
+) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        buf.clear();
+        let (res, b) = read_append(&mut r, buf).await;
+        buf = b;
+        let n = match res {
+            Ok(0) | Err(_) => {
+                let _ = w.shutdown().await;
+                return Ok(total);
+            }
+            Ok(n) => n,
+        };
+        total += n as u64;
+        let (res, b) = write_range(&mut w, buf, 0, n).await;
+        buf = b;
+        res?;
+    }
+}
+
+/// Keeps unused buffers' growth in check: a buffer that grew for one large head goes
+/// back to its normal size.
+pub fn compact(buf: &mut Vec<u8>, consumed: usize, normal: usize) {
+    if consumed > 0 {
+        buf.drain(..consumed);
+    }
+    if buf.capacity() > 4 * normal && buf.len() <= normal {
+        buf.shrink_to(normal);
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_bounds<T: IoBufMut>() {}

@@ -1,0 +1,66 @@
+//! `flynn-router`: see the crate docs of `flynn_router` and README.md.
+
+use clap::Parser;
+use flynn_router::Config;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLYNN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = Config::parse();
+    let extra = if cfg.demo {
+        match flynn_router::demo::setup() {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("flynn-router: demo setup failed: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        None
+    };
+    let running = match flynn_router::start(&cfg, extra) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("flynn-router: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let http: Vec<String> = running.http_addrs.iter().map(|a| a.to_string()).collect();
+    println!("listening http={} api={}", http.join(","), running.api_addr);
+    tracing::info!(http = %http.join(","), api = %running.api_addr, drivers = ?running.drivers, "router ready");
+    if cfg.demo {
+        let port = running.http_addrs[0].port();
+        println!();
+        println!("Demo routes are live. Try:");
+        println!("  curl -H 'Host: demo.localhost' http://127.0.0.1:{port}/");
+        println!("  curl -H 'Host: demo.localhost' http://127.0.0.1:{port}/api/");
+        println!("  curl http://127.0.0.1:{port}/          (catch-all route)");
+        println!("  curl http://{}/routes                  (admin API)", running.api_addr);
+        println!("  or open http://demo.localhost:{port}/ in a browser. Ctrl-C stops.");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    wait_for_signal();
+}
+
+fn wait_for_signal() {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(_) => loop {
+            std::thread::park();
+        },
+    };
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    });
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,47 @@
+//! Hot path: per-core idle upstream connections, keyed by backend address.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use flynn_runtime::sock::{peek, Peek};
+use monoio::net::TcpStream;
+
+/// Idle connections older than this are closed rather than reused (backends commonly
+/// close idle connections after 60–120 s).
+const MAX_IDLE: Duration = Duration::from_secs(55);
+
+pub struct Pool {
+    idle: RefCell<HashMap<SocketAddr, Vec<(TcpStream, Instant)>>>,
+    max_per_backend: usize,
+}
+
+impl Pool {
+    pub fn new(max_per_backend: usize) -> Self {
+        Pool { idle: RefCell::new(HashMap::new()), max_per_backend }
+    }
+
+    /// The most recently used live connection to `addr`, if any. Connections the
+    /// backend closed (or that hold stray bytes) are dropped here, so they never fail
+    /// a client request.
+    pub fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(&addr)?;
+        while let Some((s, since)) = list.pop() {
+            if since.elapsed() < MAX_IDLE && peek(s.as_raw_fd()) == Peek::Idle {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    pub fn put(&self, addr: SocketAddr, s: TcpStream) {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(addr).or_default();
+        if list.len() < self.max_per_backend {
+            list.push((s, Instant::now()));
+        }
+    }
+}

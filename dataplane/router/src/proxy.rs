@@ -1,0 +1,459 @@
+//! Hot path: one client connection, its requests proxied to backends (spec §1.6).
+
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use flynn_http::{
+    parse_request, parse_response, simple_response, write_request_head, write_response_head,
+    BodyReader, Forward, Framing, RequestInfo, ResponseOpts,
+};
+use flynn_routes::HttpRoute;
+use monoio::net::TcpStream;
+
+use crate::balance::pick;
+use crate::io::{client_gone, compact, read_append, write_range};
+use crate::metrics::CoreMetrics;
+use crate::worker::{Core, ListenerInfo};
+
+const BUF: usize = 16 * 1024;
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(600);
+const MAX_ATTEMPTS: usize = 4;
+
+/// How a request ended for the client connection.
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+struct ConnGuard(Rc<Core>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.conns.set(self.0.conns.get() - 1);
+        CoreMetrics::dec(&self.0.metrics().connections_active);
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn client_ip(peer: SocketAddr) -> IpAddr {
+    match peer.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        ip => ip,
+    }
+}
+
+pub async fn serve(core: Rc<Core>, mut c: TcpStream, peer: SocketAddr, l: ListenerInfo) {
+    core.conns.set(core.conns.get() + 1);
+    CoreMetrics::inc(&core.metrics().connections_active);
+    let _guard = ConnGuard(core.clone());
+    let _ = c.set_nodelay(true);
+    let mut buf = Vec::with_capacity(BUF);
+    let mut ubuf = Vec::with_capacity(BUF);
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        let info = match read_head(&core, &mut c, &mut buf).await {
+            Ok(Some(i)) => i,
+            Ok(None) => return,
+            Err(status) => {
+                CoreMetrics::inc(&core.metrics().bad_requests_total);
+                let _ = respond(&core, &mut c, &mut out, status, reason_body(status), true).await;
+                return;
+            }
+        };
+        let start_ms = now_ms();
+        CoreMetrics::inc(&core.metrics().requests_total);
+        let table = core.table();
+        let host = info.host.map(|s| s.get(&buf)).unwrap_or(b"");
+        let route = table.lookup_http(host, l.route_port, info.path.get(&buf));
+        let next = match route {
+            None => {
+                CoreMetrics::inc(&core.metrics().not_found_total);
+                let close = !info.keep_alive || info.framing != Framing::Empty;
+                respond(&core, &mut c, &mut out, 404, b"Not Found\n", close).await
+            }
+            Some(r) if r.backends.is_empty() => unavailable(&core, &mut c, &mut out, &info).await,
+            Some(r) if info.upgrade => {
+                crate::upgrade::tunnel(&core, c, buf, &info, r, peer, l, start_ms).await;
+                return;
+            }
+            Some(r) => {
+                let fwd = Fwd { peer, l, start_ms };
+                forward(&core, &mut c, &mut buf, &mut ubuf, &mut out, &info, r, fwd).await
+            }
+        };
+        match next {
+            Next::KeepAlive => {}
+            Next::Close => return,
+        }
+    }
+}
+
+fn reason_body(status: u16) -> &'static [u8] {
+    match status {
+        431 => b"Request Header Fields Too Large\n",
+        408 => b"Request Timeout\n",
+        _ => b"Bad Request\n",
+    }
+}
+
+/// Reads until a complete request head is buffered. `Ok(None)`: the client went away
+/// or idled out; `Err(status)`: answer with that status and close.
+async fn read_head(core: &Core, c: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<RequestInfo>, u16> {
+    loop {
+        if !buf.is_empty() {
+            match parse_request(buf) {
+                Ok(Some(info)) => return Ok(Some(info)),
+                Ok(None) => {}
+                Err(e) => return Err(e.status()),
+            }
+        }
+        let limit = if buf.is_empty() { core.settings().idle_timeout } else { core.settings().header_timeout };
+        let taken = std::mem::take(buf);
+        let (res, b) = match monoio::time::timeout(limit, read_append(c, taken)).await {
+            Ok(x) => x,
+            Err(_) => return Ok(None),
+        };
+        *buf = b;
+        match res {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn respond(core: &Core, c: &mut TcpStream, out: &mut Vec<u8>, status: u16, body: &[u8], close: bool) -> Next {
+    core.metrics().status(status);
+    out.clear();
+    simple_response(status, body, close, out);
+    let o = std::mem::take(out);
+    let len = o.len();
+    let (res, o) = write_range(c, o, 0, len).await;
+    *out = o;
+    if res.is_err() || close {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    }
+}
+
+async fn unavailable(core: &Core, c: &mut TcpStream, out: &mut Vec<u8>, info: &RequestInfo) -> Next {
+    CoreMetrics::inc(&core.metrics().unavailable_total);
+    let close = !info.keep_alive || info.framing != Framing::Empty;
+    respond(core, c, out, 503, b"Service Unavailable\n", close).await
+}
+
+/// Dials `addr` with the connect timeout.
+pub async fn dial(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    match monoio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect_addr(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+    }
+}
+
+/// Picks a backend and gets a connection to it: pooled first, else dialled; dial
+/// failures move on to another backend, up to four attempts.
+async fn connect(core: &Rc<Core>, route: &HttpRoute) -> Option<(TcpStream, SocketAddr, bool)> {
+    let mut tried = [None; MAX_ATTEMPTS];
+    for attempt in 0..MAX_ATTEMPTS {
+        let addr = pick(core, &route.backends, &tried[..attempt])?;
+        if !route.disable_keep_alives {
+            if let Some(s) = core.pool.take(addr) {
+                CoreMetrics::inc(&core.metrics().upstream_reuses_total);
+                return Some((s, addr, true));
+            }
+        }
+        match dial(addr).await {
+            Ok(s) => {
+                CoreMetrics::inc(&core.metrics().upstream_connects_total);
+                return Some((s, addr, false));
+            }
+            Err(_) => {
+                CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
+                tried[attempt] = Some(addr);
+            }
+        }
+    }
+    None
+}
+
+#[derive(Clone, Copy)]
+pub struct Fwd {
+    pub peer: SocketAddr,
+    pub l: ListenerInfo,
+    pub start_ms: u64,
+}
+
+impl Fwd {
+    pub fn forward<'a>(&self, upstream_close: bool) -> Forward<'a> {
+        Forward {
+            client_ip: client_ip(self.peer),
+            proto: "http",
+            listener_port: self.l.port,
+            request_start_ms: self.start_ms,
+            random_id: ((fastrand::u64(..) as u128) << 64) | fastrand::u64(..) as u128,
+            upstream_close,
+            extra: &[],
+        }
+    }
+}
+
+/// Result of sending the head and reading the response head on one connection.
+enum Exchange {
+    Ok(flynn_http::ResponseInfo),
+    /// The connection failed before any response byte: safe to retry if nothing of the
+    /// request body was streamed from the client.
+    Stale,
+    Failed,
+    ClientGone,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    core: &Rc<Core>,
+    c: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    ubuf: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    info: &RequestInfo,
+    route: &HttpRoute,
+    fwd: Fwd,
+) -> Next {
+    let m = core.metrics();
+    let Some((mut up, addr, mut reused)) = connect(core, route).await else {
+        return unavailable(core, c, out, info).await;
+    };
+    let _inflight = core.start_request(addr);
+
+    // Request head plus whatever body bytes are already buffered.
+    out.clear();
+    write_request_head(buf, info, &fwd.forward(route.disable_keep_alives), out);
+    let mut body = BodyReader::new(info.framing);
+    let adv = match body.advance(&buf[info.head_len..]) {
+        Ok(a) => a,
+        Err(_) => return respond(core, c, out, 400, b"Bad Request\n", true).await,
+    };
+    out.extend_from_slice(&buf[info.head_len..info.head_len + adv.used]);
+    let mut consumed = info.head_len + adv.used;
+
+    if info.expect_continue && !body.is_done() {
+        let (res, _) = write_range(c, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), 0, 25).await;
+        if res.is_err() {
+            CoreMetrics::inc(&m.client_aborts_total);
+            return Next::Close;
+        }
+    }
+
+    let resp = loop {
+        let o = std::mem::take(out);
+        let len = o.len();
+        let (res, o) = write_range(&mut up, o, 0, len).await;
+        *out = o;
+        if res.is_err() {
+            if reused && body.is_done() {
+                reused = false;
+                match dial(addr).await {
+                    Ok(s) => {
+                        up = s;
+                        continue;
+                    }
+                    Err(_) => return upstream_failed(core, c, out).await,
+                }
+            }
+            return upstream_failed(core, c, out).await;
+        }
+        // Stream the rest of the request body.
+        while !body.is_done() {
+            if consumed == buf.len() {
+                buf.clear();
+                consumed = 0;
+            }
+            let taken = std::mem::take(buf);
+            let limit = core.settings().idle_timeout;
+            let (res, b) = match monoio::time::timeout(limit, read_append(c, taken)).await {
+                Ok(x) => x,
+                Err(_) => (Err(std::io::ErrorKind::TimedOut.into()), Vec::with_capacity(BUF)),
+            };
+            *buf = b;
+            match res {
+                Ok(n) if n > 0 => {}
+                _ => {
+                    CoreMetrics::inc(&m.client_aborts_total);
+                    return Next::Close;
+                }
+            }
+            let adv = match body.advance(&buf[consumed..]) {
+                Ok(a) => a,
+                Err(_) => return respond(core, c, out, 400, b"Bad Request\n", true).await,
+            };
+            let taken = std::mem::take(buf);
+            let (res, b) = write_range(&mut up, taken, consumed, consumed + adv.used).await;
+            *buf = b;
+            consumed += adv.used;
+            if res.is_err() {
+                return upstream_failed(core, c, out).await;
+            }
+        }
+        match exchange(core, c, &mut up, ubuf, out, info).await {
+            Exchange::Ok(r) => break r,
+            Exchange::Stale if reused && info.framing == Framing::Empty => {
+                reused = false;
+                ubuf.clear();
+                match dial(addr).await {
+                    Ok(s) => {
+                        up = s;
+                        // `out` still holds the request head.
+                        continue;
+                    }
+                    Err(_) => return upstream_failed(core, c, out).await,
+                }
+            }
+            Exchange::Stale | Exchange::Failed => return upstream_failed(core, c, out).await,
+            Exchange::ClientGone => {
+                CoreMetrics::inc(&m.client_aborts_total);
+                return Next::Close;
+            }
+        }
+    };
+
+    // Response head and body.
+    let close_client = !info.keep_alive || resp.framing == Framing::Close;
+    m.status(resp.status);
+    let head_len = resp.head_len;
+    let mut rbody = BodyReader::new(resp.framing);
+    let adv = match rbody.advance(&ubuf[head_len..]) {
+        Ok(a) => a,
+        Err(_) => return upstream_failed(core, c, out).await,
+    };
+    out.clear();
+    write_response_head(ubuf, &resp, &ResponseOpts { close: close_client, extra: &[] }, out);
+    out.extend_from_slice(&ubuf[head_len..head_len + adv.used]);
+    let mut clean = head_len + adv.used == ubuf.len();
+    let o = std::mem::take(out);
+    let len = o.len();
+    let (res, o) = write_range(c, o, 0, len).await;
+    *out = o;
+    if res.is_err() {
+        CoreMetrics::inc(&m.client_aborts_total);
+        return Next::Close;
+    }
+    while !rbody.is_done() {
+        ubuf.clear();
+        let taken = std::mem::take(ubuf);
+        let limit = core.settings().idle_timeout;
+        let (res, b) = match monoio::time::timeout(limit, read_append(&mut up, taken)).await {
+            Ok(x) => x,
+            Err(_) => (Err(std::io::ErrorKind::TimedOut.into()), Vec::with_capacity(BUF)),
+        };
+        *ubuf = b;
+        let n = match res {
+            Ok(n) => n,
+            Err(_) => 0,
+        };
+        if n == 0 {
+            if resp.framing != Framing::Close {
+                // Truncated response: the client cannot be told any more.
+                CoreMetrics::inc(&m.upstream_errors_total);
+            }
+            return Next::Close;
+        }
+        let adv = match rbody.advance(ubuf) {
+            Ok(a) => a,
+            Err(_) => {
+                CoreMetrics::inc(&m.upstream_errors_total);
+                return Next::Close;
+            }
+        };
+        clean = adv.used == ubuf.len();
+        let taken = std::mem::take(ubuf);
+        let (res, b) = write_range(c, taken, 0, adv.used).await;
+        *ubuf = b;
+        if res.is_err() {
+            CoreMetrics::inc(&m.client_aborts_total);
+            return Next::Close;
+        }
+    }
+    ubuf.clear();
+    if resp.keep_alive && clean && !route.disable_keep_alives {
+        core.pool.put(addr, up);
+    }
+    compact(buf, consumed, BUF);
+    if close_client {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    }
+}
+
+async fn upstream_failed(core: &Core, c: &mut TcpStream, out: &mut Vec<u8>) -> Next {
+    CoreMetrics::inc(&core.metrics().upstream_errors_total);
+    CoreMetrics::inc(&core.metrics().unavailable_total);
+    respond(core, c, out, 503, b"Service Unavailable\n", true).await
+}
+
+/// Reads the response head from `up` (forwarding any 1xx other than 101 to the
+/// client), watching for the client going away meanwhile.
+async fn exchange(
+    core: &Core,
+    c: &mut TcpStream,
+    up: &mut TcpStream,
+    ubuf: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    info: &RequestInfo,
+) -> Exchange {
+    let mut got_any = false;
+    loop {
+        if !ubuf.is_empty() {
+            match parse_response(ubuf, info.method) {
+                Ok(Some(r)) if (100..200).contains(&r.status) && r.status != 101 => {
+                    let mut interim = Vec::new();
+                    write_response_head(ubuf, &r, &ResponseOpts { close: false, extra: &[] }, &mut interim);
+                    let len = interim.len();
+                    let (res, _) = write_range(c, interim, 0, len).await;
+                    if res.is_err() {
+                        return Exchange::ClientGone;
+                    }
+                    ubuf.drain(..r.head_len);
+                    continue;
+                }
+                Ok(Some(r)) => return Exchange::Ok(r),
+                Ok(None) => {}
+                Err(_) => return Exchange::Failed,
+            }
+        }
+        let taken = std::mem::take(ubuf);
+        let read = monoio::time::timeout(RESPONSE_HEADER_TIMEOUT, read_append(up, taken));
+        monoio::select! {
+            r = read => {
+                let (res, b) = match r {
+                    Ok(x) => x,
+                    Err(_) => {
+                        *ubuf = Vec::with_capacity(BUF);
+                        return Exchange::Failed;
+                    }
+                };
+                *ubuf = b;
+                match res {
+                    Ok(n) if n > 0 => got_any = true,
+                    _ => {
+                        return if got_any { Exchange::Failed } else { Exchange::Stale };
+                    }
+                }
+            }
+            _ = client_gone(c) => {
+                *ubuf = Vec::with_capacity(BUF);
+                let _ = out;
+                let _ = core;
+                return Exchange::ClientGone;
+            }
+        }
+    }
+}

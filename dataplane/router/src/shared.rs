@@ -1,0 +1,83 @@
+//! State shared between the control thread (admin API) and the cores. The cores only
+//! ever read it: routes arrive as whole [`Table`] snapshots, announced per core.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use flynn_routes::Table;
+use flynn_runtime::Published;
+
+use crate::metrics::CoreMetrics;
+
+/// Settings every core reads (fixed at start).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub tcp_ip: IpAddr,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub pool_idle_per_backend: usize,
+    pub max_conns_per_core: usize,
+}
+
+/// One core's mailbox and counters.
+pub struct CoreSlot {
+    pub metrics: CoreMetrics,
+    /// Version of the last table this core applied (routes and TCP listeners).
+    pub applied: AtomicU64,
+    pub notify: flume::Sender<()>,
+    pub inbox: Mutex<Option<flume::Receiver<()>>>,
+    pub driver: OnceLock<&'static str>,
+}
+
+pub struct Shared {
+    pub table: Published<Table>,
+    pub cores: Vec<CoreSlot>,
+    pub settings: Settings,
+}
+
+impl Shared {
+    pub fn new(cores: usize, settings: Settings) -> Self {
+        let cores = (0..cores)
+            .map(|_| {
+                let (tx, rx) = flume::unbounded();
+                CoreSlot {
+                    metrics: CoreMetrics::default(),
+                    applied: AtomicU64::new(0),
+                    notify: tx,
+                    inbox: Mutex::new(Some(rx)),
+                    driver: OnceLock::new(),
+                }
+            })
+            .collect();
+        Shared { table: Published::new(Table::default()), cores, settings }
+    }
+
+    /// Publishes a table and tells every core to pick it up.
+    pub fn publish(&self, table: Table) -> u64 {
+        let v = table.version();
+        self.table.publish(table);
+        for c in &self.cores {
+            let _ = c.notify.send(());
+        }
+        v
+    }
+
+    /// True once every core has applied version `v` (or a later one).
+    pub fn applied(&self, v: u64) -> bool {
+        self.cores.iter().all(|c| c.applied.load(Ordering::Acquire) >= v)
+    }
+
+    /// Blocks (control threads only) until every core applied `v`, up to `limit`.
+    pub fn wait_applied(&self, v: u64, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while !self.applied(v) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+}

@@ -1,0 +1,273 @@
+//! Route and backend state behind the admin API: validation (spec §1.2, legacy
+//! standalone API), conflicts, TCP port allocation, and building table snapshots.
+//! Runs on the control thread only.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::SystemTime;
+
+use flynn_api::{ApiError, BackendAddr, Route, RouteType};
+use flynn_routes::{normalize_path, Backends, Table};
+
+/// Listener facts the validation rules need.
+#[derive(Debug, Clone)]
+pub struct Ports {
+    /// Ports of the default HTTP listener(s) (route port 0).
+    pub default_http: Vec<u16>,
+    /// Additional HTTP listener ports a route may name.
+    pub additional_http: Vec<u16>,
+    pub tcp_range: (u16, u16),
+}
+
+impl Ports {
+    fn reserved_for_http(&self, port: u16) -> bool {
+        port == 80
+            || port == 443
+            || self.default_http.contains(&port)
+            || self.additional_http.contains(&port)
+    }
+}
+
+struct Stored {
+    seq: u64,
+    route: Route,
+}
+
+/// All routes and service backends; every mutation bumps `version`.
+pub struct Store {
+    ports: Ports,
+    routes: BTreeMap<(RouteType, String), Stored>,
+    services: BTreeMap<String, Vec<BackendAddr>>,
+    seq: u64,
+    version: u64,
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_nanos(SystemTime::now()).to_string()
+}
+
+fn invalid_route() -> ApiError {
+    ApiError::validation(None, "Invalid route")
+}
+
+fn valid_path(p: &str) -> bool {
+    // ^/(.*/)?$
+    p.starts_with('/') && p.ends_with('/')
+}
+
+impl Store {
+    pub fn new(ports: Ports) -> Self {
+        Store { ports, routes: BTreeMap::new(), services: BTreeMap::new(), seq: 0, version: 0 }
+    }
+
+    /// Parses a route body, giving the spec's error for an unknown type.
+    pub fn parse_route(body: &[u8]) -> Result<Route, ApiError> {
+        let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| ApiError::syntax())?;
+        match v.get("type").and_then(|t| t.as_str()) {
+            Some("http") | Some("tcp") => {}
+            _ => return Err(ApiError::validation(Some("type"), "Invalid route type")),
+        }
+        serde_json::from_value(v).map_err(|_| ApiError::syntax())
+    }
+
+    fn http_conflict(&self, r: &Route, except: Option<&str>) -> bool {
+        self.routes.values().any(|s| {
+            s.route.kind == RouteType::Http
+                && Some(s.route.id.as_str()) != except
+                && s.route.domain.eq_ignore_ascii_case(&r.domain)
+                && s.route.port == r.port
+                && s.route.path == r.path
+        })
+    }
+
+    fn has_root(&self, r: &Route) -> bool {
+        self.routes.values().any(|s| {
+            s.route.kind == RouteType::Http
+                && s.route.domain.eq_ignore_ascii_case(&r.domain)
+                && s.route.port == r.port
+                && s.route.path == "/"
+        })
+    }
+
+    fn tcp_port_used(&self, port: u16, except: Option<&str>) -> bool {
+        self.routes.values().any(|s| {
+            s.route.kind == RouteType::Tcp
+                && s.route.port == port
+                && Some(s.route.id.as_str()) != except
+        })
+    }
+
+    fn validate_common(r: &Route) -> Result<(), ApiError> {
+        if r.service.is_empty() {
+            return Err(ApiError::validation(Some("service"), "must not be blank"));
+        }
+        Ok(())
+    }
+
+    /// Adds a route (`POST /routes`), returning it as stored.
+    pub fn add(&mut self, mut r: Route) -> Result<Route, ApiError> {
+        Self::validate_common(&r)?;
+        let submitted = serde_json::to_value(&r).unwrap_or_default();
+        match r.kind {
+            RouteType::Http => {
+                if r.domain.is_empty() {
+                    return Err(ApiError::validation(Some("domain"), "must not be blank"));
+                }
+                if r.port != 0 && !self.ports.additional_http.contains(&r.port) {
+                    return Err(ApiError::validation(None, "Port not reserved for HTTP traffic"));
+                }
+                r.path = normalize_path(&r.path);
+                if !valid_path(&r.path) {
+                    return Err(invalid_route());
+                }
+                if self.http_conflict(&r, None) {
+                    return Err(ApiError::conflict("Duplicate route").with_detail(submitted));
+                }
+                if r.path != "/" && !self.has_root(&r) {
+                    return Err(invalid_route());
+                }
+            }
+            RouteType::Tcp => {
+                if r.port == 0 {
+                    let (a, b) = self.ports.tcp_range;
+                    r.port = (a..=b)
+                        .find(|&p| !self.ports.reserved_for_http(p) && !self.tcp_port_used(p, None))
+                        .ok_or_else(|| ApiError::conflict("No TCP ports available"))?;
+                } else if self.ports.reserved_for_http(r.port) {
+                    return Err(ApiError::conflict("Port reserved for HTTP/HTTPS traffic"));
+                } else if self.tcp_port_used(r.port, None) {
+                    return Err(ApiError::conflict("Duplicate route").with_detail(submitted));
+                }
+                r.domain.clear();
+                r.path.clear();
+            }
+        }
+        if r.id.is_empty() || self.routes.contains_key(&(r.kind, r.id.clone())) {
+            r.id = uuid::Uuid::new_v4().to_string();
+        }
+        let t = now();
+        r.created_at = Some(t.clone());
+        r.updated_at = Some(t);
+        self.seq += 1;
+        self.version += 1;
+        self.routes.insert((r.kind, r.id.clone()), Stored { seq: self.seq, route: r.clone() });
+        Ok(r)
+    }
+
+    /// Replaces the mutable fields of a route (`PUT /routes/:type/:id`).
+    pub fn update(&mut self, kind: RouteType, id: &str, r: Route) -> Result<Route, ApiError> {
+        Self::validate_common(&r)?;
+        let key = (kind, id.to_string());
+        let Some(old) = self.routes.get(&key).map(|s| s.route.clone()) else {
+            return Err(ApiError::not_found("route not found"));
+        };
+        if r.kind != kind {
+            return Err(ApiError::validation(Some("type"), "Invalid route type"));
+        }
+        let mut next = old.clone();
+        next.service = r.service;
+        next.leader = r.leader;
+        next.sticky = r.sticky;
+        next.disable_keep_alives = r.disable_keep_alives;
+        next.drain_backends = r.drain_backends;
+        next.certificate = r.certificate;
+        if kind == RouteType::Http && !r.path.is_empty() {
+            next.path = normalize_path(&r.path);
+            if !valid_path(&next.path) {
+                return Err(invalid_route());
+            }
+            if next.path != old.path {
+                if self.http_conflict(&next, Some(id)) {
+                    return Err(ApiError::conflict("Duplicate route"));
+                }
+                if old.path == "/" && self.has_dependents(&old) {
+                    return Err(ApiError::validation(None, "Route has dependent routes"));
+                }
+                if next.path != "/" && !self.has_root(&next) {
+                    return Err(invalid_route());
+                }
+            }
+        }
+        next.updated_at = Some(now());
+        self.version += 1;
+        if let Some(s) = self.routes.get_mut(&key) {
+            s.route = next.clone();
+        }
+        Ok(next)
+    }
+
+    fn has_dependents(&self, root: &Route) -> bool {
+        self.routes.values().any(|s| {
+            s.route.kind == RouteType::Http
+                && s.route.domain.eq_ignore_ascii_case(&root.domain)
+                && s.route.port == root.port
+                && s.route.path != "/"
+        })
+    }
+
+    /// Removes a route (`DELETE /routes/:type/:id`).
+    pub fn remove(&mut self, kind: RouteType, id: &str) -> Result<Route, ApiError> {
+        let key = (kind, id.to_string());
+        let Some(r) = self.routes.get(&key).map(|s| s.route.clone()) else {
+            return Err(ApiError::not_found("route not found"));
+        };
+        if kind == RouteType::Http && r.path == "/" && self.has_dependents(&r) {
+            return Err(ApiError::validation(None, "Route has dependent routes"));
+        }
+        self.routes.remove(&key);
+        self.version += 1;
+        Ok(r)
+    }
+
+    pub fn get(&self, kind: RouteType, id: &str) -> Option<&Route> {
+        self.routes.get(&(kind, id.to_string())).map(|s| &s.route)
+    }
+
+    /// All routes, newest first, optionally only those with `parent_ref`.
+    pub fn list(&self, parent_ref: Option<&str>) -> Vec<Route> {
+        let mut v: Vec<&Stored> = self
+            .routes
+            .values()
+            .filter(|s| parent_ref.is_none_or(|p| s.route.parent_ref == p))
+            .collect();
+        v.sort_by(|a, b| b.seq.cmp(&a.seq));
+        v.into_iter().map(|s| s.route.clone()).collect()
+    }
+
+    /// Replaces a service's backend set; returns (added, removed) addresses.
+    pub fn set_backends(
+        &mut self,
+        service: &str,
+        list: Vec<BackendAddr>,
+    ) -> Result<(Vec<BackendAddr>, Vec<BackendAddr>), ApiError> {
+        Backends::from_api(&list).map_err(|m| ApiError::validation(Some("addr"), &m))?;
+        let old = self.services.get(service).cloned().unwrap_or_default();
+        let added = list.iter().filter(|b| !old.iter().any(|o| o.addr == b.addr)).cloned().collect();
+        let removed = old.iter().filter(|o| !list.iter().any(|b| b.addr == o.addr)).cloned().collect();
+        if list.is_empty() {
+            self.services.remove(service);
+        } else {
+            self.services.insert(service.to_string(), list);
+        }
+        self.version += 1;
+        Ok((added, removed))
+    }
+
+    pub fn backends(&self, service: &str) -> Vec<BackendAddr> {
+        self.services.get(service).cloned().unwrap_or_default()
+    }
+
+    /// A snapshot for the cores.
+    pub fn table(&self) -> Table {
+        let routes: Vec<Route> = self.routes.values().map(|s| s.route.clone()).collect();
+        let mut backends = HashMap::new();
+        for (svc, list) in &self.services {
+            if let Ok(b) = Backends::from_api(list) {
+                backends.insert(svc.clone(), b);
+            }
+        }
+        Table::build(&routes, &backends, self.version)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,120 @@
+use super::*;
+use flynn_api::ErrorCode;
+
+fn store() -> Store {
+    Store::new(Ports { default_http: vec![8080], additional_http: vec![8081], tcp_range: (3000, 3002) })
+}
+
+fn http(domain: &str, path: &str) -> Route {
+    Route { path: path.into(), ..Route::http(domain, "web") }
+}
+
+#[test]
+fn http_route_defaults_and_conflicts() {
+    let mut s = store();
+    let r = s.add(http("example.com", "")).unwrap();
+    assert_eq!(r.path, "/");
+    assert!(!r.id.is_empty() && r.created_at.is_some());
+    let e = s.add(http("EXAMPLE.com", "/")).unwrap_err();
+    assert_eq!((e.code, e.message.as_str()), (ErrorCode::Conflict, "Duplicate route"));
+    assert!(e.detail.is_some());
+    let sub = s.add(http("example.com", "/baz")).unwrap();
+    assert_eq!(sub.path, "/baz/");
+}
+
+#[test]
+fn invalid_paths_and_missing_root() {
+    let mut s = store();
+    let e = s.add(http("a.com", "noleadingslash/")).unwrap_err();
+    assert_eq!((e.status(), e.message.as_str()), (400, "Invalid route"));
+    let e = s.add(http("a.com", "/sub/")).unwrap_err();
+    assert_eq!(e.message, "Invalid route");
+    let e = s.add(http("", "/")).unwrap_err();
+    assert_eq!(e.code, ErrorCode::ValidationError);
+}
+
+#[test]
+fn delete_root_with_dependents() {
+    let mut s = store();
+    let root = s.add(http("a.com", "/")).unwrap();
+    let sub = s.add(http("a.com", "/x/")).unwrap();
+    let e = s.remove(RouteType::Http, &root.id).unwrap_err();
+    assert_eq!(e.message, "Route has dependent routes");
+    s.remove(RouteType::Http, &sub.id).unwrap();
+    s.remove(RouteType::Http, &root.id).unwrap();
+    assert_eq!(s.remove(RouteType::Http, &root.id).unwrap_err().status(), 404);
+}
+
+#[test]
+fn tcp_ports() {
+    let mut s = store();
+    let a = s.add(Route::tcp(0, "db")).unwrap();
+    assert_eq!(a.port, 3000);
+    let b = s.add(Route::tcp(0, "db")).unwrap();
+    assert_eq!(b.port, 3001);
+    assert_eq!(s.add(Route::tcp(3001, "db")).unwrap_err().message, "Duplicate route");
+    for p in [80, 443, 8080, 8081] {
+        let e = s.add(Route::tcp(p, "db")).unwrap_err();
+        assert_eq!((e.status(), e.message.as_str()), (409, "Port reserved for HTTP/HTTPS traffic"));
+    }
+    s.add(Route::tcp(0, "db")).unwrap();
+    assert_eq!(s.add(Route::tcp(0, "db")).unwrap_err().status(), 409);
+}
+
+#[test]
+fn http_ports_must_be_listeners() {
+    let mut s = store();
+    let mut r = http("a.com", "/");
+    r.port = 9999;
+    assert_eq!(s.add(r.clone()).unwrap_err().message, "Port not reserved for HTTP traffic");
+    r.port = 8081;
+    s.add(r).unwrap();
+}
+
+#[test]
+fn list_newest_first_and_filter() {
+    let mut s = store();
+    let mut a = http("a.com", "/");
+    a.parent_ref = "p1".into();
+    let a = s.add(a).unwrap();
+    let b = s.add(http("b.com", "/")).unwrap();
+    let ids: Vec<_> = s.list(None).into_iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![b.id.clone(), a.id.clone()]);
+    let ids: Vec<_> = s.list(Some("p1")).into_iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![a.id]);
+}
+
+#[test]
+fn update_replaces_mutable_fields() {
+    let mut s = store();
+    let r = s.add(http("a.com", "/")).unwrap();
+    let mut u = r.clone();
+    u.service = "other".into();
+    u.sticky = true;
+    u.leader = true;
+    u.domain = "ignored.com".into();
+    let out = s.update(RouteType::Http, &r.id, u).unwrap();
+    assert_eq!((out.service.as_str(), out.sticky, out.leader), ("other", true, true));
+    assert_eq!(out.domain, "a.com");
+    assert_eq!(s.update(RouteType::Http, "nope", r).unwrap_err().status(), 404);
+}
+
+#[test]
+fn parse_route_errors() {
+    assert_eq!(Store::parse_route(b"{").unwrap_err().code, ErrorCode::SyntaxError);
+    let e = Store::parse_route(br#"{"type":"udp"}"#).unwrap_err();
+    assert_eq!(e.message, "type Invalid route type");
+    assert_eq!(Store::parse_route(br#"{"type":"http","port":"x"}"#).unwrap_err().code, ErrorCode::SyntaxError);
+}
+
+#[test]
+fn backends_validated_and_diffed() {
+    let mut s = store();
+    let b = |a: &str| BackendAddr { addr: a.into(), leader: false, app: String::new(), job_id: String::new() };
+    assert_eq!(s.set_backends("web", vec![b("nope")]).unwrap_err().status(), 400);
+    let (add, rm) = s.set_backends("web", vec![b("127.0.0.1:1"), b("127.0.0.1:2")]).unwrap();
+    assert_eq!((add.len(), rm.len()), (2, 0));
+    let (add, rm) = s.set_backends("web", vec![b("127.0.0.1:2"), b("127.0.0.1:3")]).unwrap();
+    assert_eq!((add[0].addr.as_str(), rm[0].addr.as_str()), ("127.0.0.1:3", "127.0.0.1:1"));
+    assert_eq!(s.backends("web").len(), 2);
+}

@@ -1,0 +1,119 @@
+//! Hot path: `Connection: upgrade` requests (WebSocket and friends), tunnelled
+//! byte-for-byte after a 101 (spec §1.6).
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use flynn_http::{parse_response, write_request_head, write_response_head, BodyReader, RequestInfo, ResponseOpts};
+use flynn_routes::HttpRoute;
+use monoio::io::Splitable;
+use monoio::net::TcpStream;
+
+use crate::balance::shuffled;
+use crate::io::{pipe, read_append, write_range};
+use crate::metrics::CoreMetrics;
+use crate::proxy::{dial, Fwd};
+use crate::worker::{Core, ListenerInfo};
+
+#[allow(clippy::too_many_arguments)]
+pub async fn tunnel(
+    core: &Rc<Core>,
+    mut c: TcpStream,
+    buf: Vec<u8>,
+    info: &RequestInfo,
+    route: &HttpRoute,
+    peer: SocketAddr,
+    l: ListenerInfo,
+    start_ms: u64,
+) {
+    let m = core.metrics();
+    let mut order = [SocketAddr::from(([0, 0, 0, 0], 0)); 16];
+    let n = shuffled(&route.backends, &mut order);
+    let mut up = None;
+    for addr in &order[..n] {
+        match dial(*addr).await {
+            Ok(s) => {
+                CoreMetrics::inc(&m.upstream_connects_total);
+                up = Some((s, *addr));
+                break;
+            }
+            Err(_) => CoreMetrics::inc(&m.upstream_connect_errors_total),
+        }
+    }
+    let Some((mut up, addr)) = up else {
+        return fail(core, &mut c).await;
+    };
+    let _inflight = core.start_request(addr);
+    let fwd = Fwd { peer, l, start_ms };
+    let mut out = Vec::with_capacity(4096);
+    write_request_head(&buf, info, &fwd.forward(false), &mut out);
+    // Everything the client sent after the head goes along (early frames, or a body).
+    out.extend_from_slice(&buf[info.head_len..]);
+    let len = out.len();
+    let (res, _) = write_range(&mut up, out, 0, len).await;
+    if res.is_err() {
+        return fail(core, &mut c).await;
+    }
+    let mut ubuf = Vec::with_capacity(16 * 1024);
+    let resp = loop {
+        let (res, b) = read_append(&mut up, ubuf).await;
+        ubuf = b;
+        match res {
+            Ok(n) if n > 0 => {}
+            _ => return fail(core, &mut c).await,
+        }
+        match parse_response(&ubuf, info.method) {
+            Ok(Some(r)) => break r,
+            Ok(None) => {}
+            Err(_) => return fail(core, &mut c).await,
+        }
+    };
+    m.status(resp.status);
+    let upgraded = resp.status == 101;
+    let mut out = Vec::with_capacity(1024);
+    write_response_head(&ubuf, &resp, &ResponseOpts { close: !upgraded, extra: &[] }, &mut out);
+    out.extend_from_slice(&ubuf[resp.head_len..]);
+    let len = out.len();
+    let (res, _) = write_range(&mut c, out, 0, len).await;
+    if res.is_err() {
+        return;
+    }
+    if upgraded {
+        CoreMetrics::inc(&m.upgrades_total);
+        let (cr, cw) = c.into_split();
+        let (ur, uw) = up.into_split();
+        let a = pipe(cr, uw, Vec::with_capacity(16 * 1024));
+        let b = pipe(ur, cw, Vec::with_capacity(16 * 1024));
+        let _ = monoio::join!(a, b);
+        return;
+    }
+    // Not upgraded: relay the body as framed, then close.
+    let mut body = BodyReader::new(resp.framing);
+    if body.advance(&ubuf[resp.head_len..]).is_err() {
+        return;
+    }
+    while !body.is_done() {
+        ubuf.clear();
+        let (res, b) = read_append(&mut up, ubuf).await;
+        ubuf = b;
+        let n = match res {
+            Ok(n) if n > 0 => n,
+            _ => return,
+        };
+        let Ok(adv) = body.advance(&ubuf[..n]) else { return };
+        let (res, b) = write_range(&mut c, ubuf, 0, adv.used).await;
+        ubuf = b;
+        if res.is_err() {
+            return;
+        }
+    }
+}
+
+async fn fail(core: &Core, c: &mut TcpStream) {
+    CoreMetrics::inc(&core.metrics().unavailable_total);
+    core.metrics().status(503);
+    let mut out = Vec::with_capacity(128);
+    flynn_http::simple_response(503, b"Service Unavailable\n", true, &mut out);
+    let len = out.len();
+    let _ = write_range(c, out, 0, len).await;
+}

@@ -1,0 +1,143 @@
+//! One core: its listeners, its upstream pool, its in-flight counts and its copy of the
+//! route table. Nothing here is shared with other cores except read-only snapshots.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use flynn_routes::Table;
+use flynn_runtime::{Local, WorkerCtx};
+use monoio::net::TcpListener;
+
+use crate::metrics::CoreMetrics;
+use crate::pool::Pool;
+use crate::shared::{Settings, Shared};
+
+/// What an HTTP listener tells the proxy about itself.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerInfo {
+    /// The listener's own port (`X-Forwarded-Port`).
+    pub port: u16,
+    /// The port key routes use: 0 for the default listener.
+    pub route_port: u16,
+}
+
+/// Per-core state.
+pub struct Core {
+    pub index: usize,
+    pub shared: Arc<Shared>,
+    table: RefCell<Rc<Arc<Table>>>,
+    local: RefCell<Local<Table>>,
+    inflight: RefCell<HashMap<SocketAddr, u32>>,
+    pub pool: Pool,
+    pub conns: Cell<usize>,
+}
+
+impl Core {
+    pub fn metrics(&self) -> &CoreMetrics {
+        &self.shared.cores[self.index].metrics
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.shared.settings
+    }
+
+    /// The table requests should use now (a core-local reference count, no atomics).
+    pub fn table(&self) -> Rc<Arc<Table>> {
+        self.table.borrow().clone()
+    }
+
+    fn refresh(&self) -> bool {
+        let mut local = self.local.borrow_mut();
+        if local.refresh(&self.shared.table) {
+            *self.table.borrow_mut() = Rc::new(local.get().clone());
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn inflight(&self, addr: &SocketAddr) -> u32 {
+        self.inflight.borrow().get(addr).copied().unwrap_or(0)
+    }
+
+    /// Counts a request in flight to `addr` until the guard drops.
+    pub fn start_request(self: &Rc<Self>, addr: SocketAddr) -> InFlight {
+        *self.inflight.borrow_mut().entry(addr).or_insert(0) += 1;
+        InFlight { core: self.clone(), addr }
+    }
+}
+
+pub struct InFlight {
+    core: Rc<Core>,
+    addr: SocketAddr,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(n) = self.core.inflight.borrow_mut().get_mut(&self.addr) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// The worker's main future: serve HTTP listeners, follow table updates, and open or
+/// close TCP route listeners to match the table.
+pub async fn run(ctx: WorkerCtx, shared: Arc<Shared>, http: Vec<(std::net::TcpListener, ListenerInfo)>) {
+    let slot = &shared.cores[ctx.index];
+    let _ = slot.driver.set(ctx.driver);
+    let inbox = slot.inbox.lock().ok().and_then(|mut g| g.take());
+    let local = Local::new(&shared.table);
+    let core = Rc::new(Core {
+        index: ctx.index,
+        table: RefCell::new(Rc::new(local.get().clone())),
+        local: RefCell::new(local),
+        inflight: RefCell::new(HashMap::new()),
+        pool: Pool::new(shared.settings.pool_idle_per_backend),
+        conns: Cell::new(0),
+        shared: shared.clone(),
+    });
+    for (l, info) in http {
+        match TcpListener::from_std(l) {
+            Ok(l) => {
+                monoio::spawn(accept_http(core.clone(), l, info));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot register HTTP listener"),
+        }
+    }
+    let mut tcp = crate::tcp::Listeners::default();
+    tcp.reconcile(&core);
+    slot.applied.store(core.table().version(), Ordering::Release);
+    let Some(inbox) = inbox else { return };
+    while inbox.recv_async().await.is_ok() {
+        while inbox.try_recv().is_ok() {}
+        core.refresh();
+        tcp.reconcile(&core);
+        slot.applied.store(core.table().version(), Ordering::Release);
+    }
+}
+
+async fn accept_http(core: Rc<Core>, listener: TcpListener, info: ListenerInfo) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let m = core.metrics();
+                if core.conns.get() >= core.settings().max_conns_per_core {
+                    CoreMetrics::inc(&m.connections_rejected_total);
+                    drop(stream);
+                    continue;
+                }
+                CoreMetrics::inc(&m.connections_total);
+                monoio::spawn(crate::proxy::serve(core.clone(), stream, peer, info));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! Admin API integration tests (spec §1.2 legacy router API, §1.3, §0.1 error envelope).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use serde_json::{json, Value};
+use std::time::Duration;
+use support::router::route_path;
+use support::{get, http_path_route, http_route, tcp_route, Backend, Conn, Router};
+
+fn assert_error(resp: &(u16, Value), status: u16, code: &str, message: &str) {
+    let (s, body) = resp;
+    assert_eq!(*s, status, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    if !message.is_empty() {
+        assert_eq!(body["message"], message, "{body}");
+    }
+    assert_eq!(body["retry"], false, "retry must be serialised: {body}");
+}
+
+fn post(router: &Router, route: Value) -> (u16, Value) {
+    router.api("POST", "/routes", Some(&route.to_string()))
+}
+
+#[test]
+fn create_http_route_returns_stored_route() {
+    let router = Router::start();
+    let r = router.add_route(json!({
+        "type": "http", "domain": "example.com", "service": "web", "parent_ref": "controller/apps/a1"
+    }));
+    assert_eq!(r["type"], "http");
+    assert_eq!(r["domain"], "example.com");
+    assert_eq!(r["service"], "web");
+    assert_eq!(r["path"], "/");
+    assert_eq!(r["sticky"], false);
+    assert_eq!(r["leader"], false);
+    assert_eq!(r["parent_ref"], "controller/apps/a1");
+    assert!(support::is_uuid(r["id"].as_str().unwrap()), "id {}", r["id"]);
+    assert!(r["created_at"].as_str().is_some_and(|s| !s.is_empty()), "{r}");
+    assert!(r["updated_at"].as_str().is_some_and(|s| !s.is_empty()), "{r}");
+
+    let (status, got) = router.api("GET", &route_path(&r), None);
+    assert_eq!(status, 200);
+    assert_eq!(got, r);
+
+    let sub = router.add_route(http_path_route("example.com", "/baz", "web"));
+    assert_eq!(sub["path"], "/baz/");
+}
+
+#[test]
+fn create_tcp_route_allocates_port_from_range() {
+    let router = Router::builder().tcp().start();
+    let (lo, hi) = router.tcp_ports.unwrap();
+    let r = router.add_route(tcp_route(0, "svc"));
+    assert_eq!(r["type"], "tcp");
+    assert_eq!(r["service"], "svc");
+    assert_eq!(r["leader"], false);
+    let port = r["port"].as_u64().unwrap() as u16;
+    assert!(port != 0 && (lo..=hi).contains(&port), "port {port} not in {lo}-{hi}");
+    assert!(r["id"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(r["created_at"].is_string() && r["updated_at"].is_string(), "{r}");
+    let r2 = router.add_route(tcp_route(0, "svc"));
+    assert_ne!(r2["port"], r["port"], "ports are allocated once");
+}
+
+#[test]
+fn tcp_port_range_exhaustion_is_an_error() {
+    let range = support::tcp_range(1);
+    let router = Router::builder().tcp_ports(range).start();
+    router.add_route(tcp_route(0, "a"));
+    router.add_route(tcp_route(0, "b"));
+    let (status, body) = post(&router, tcp_route(0, "c"));
+    assert!(status >= 400, "third route in a 2-port range: {status} {body}");
+    assert!(body["code"].is_string(), "{body}");
+}
+
+#[test]
+fn duplicate_route_is_conflict() {
+    let router = Router::start();
+    router.add_route(http_route("example.com", "web"));
+    assert_error(&post(&router, http_route("example.com", "other")), 409, "conflict", "Duplicate route");
+    router.add_route(http_path_route("example.com", "/x/", "web"));
+    assert_error(&post(&router, http_path_route("example.com", "/x", "web")), 409, "conflict", "Duplicate route");
+    // Domains differ only by case: still the same domain.
+    let resp = post(&router, http_route("EXAMPLE.com", "web"));
+    assert_eq!(resp.0, 409, "{}", resp.1);
+}
+
+#[test]
+fn invalid_paths_and_missing_root_are_rejected() {
+    let router = Router::start();
+    assert_error(
+        &post(&router, http_path_route("example.com", "/sub/", "web")),
+        400,
+        "validation_error",
+        "Invalid route",
+    );
+    router.add_route(http_route("example.com", "web"));
+    assert_error(
+        &post(&router, http_path_route("example.com", "noleadingslash/", "web")),
+        400,
+        "validation_error",
+        "Invalid route",
+    );
+    router.add_route(http_path_route("example.com", "/sub/", "web"));
+}
+
+#[test]
+fn unknown_type_and_bad_json_are_rejected() {
+    let router = Router::start();
+    assert_error(
+        &post(&router, json!({"type": "udp", "domain": "x", "service": "web"})),
+        400,
+        "validation_error",
+        "type Invalid route type",
+    );
+    let resp = router.api("POST", "/routes", Some(r#"{"type": http}"#));
+    assert_error(&resp, 400, "syntax_error", "");
+    let resp = router.api("PUT", "/services/web/backends", Some("[{addr}]"));
+    assert_error(&resp, 400, "syntax_error", "");
+}
+
+#[test]
+fn tcp_route_on_http_ports_is_reserved() {
+    let router = Router::builder().tcp().start();
+    let http_port = router.http_addr.port();
+    for port in [80, 443, http_port] {
+        assert_error(
+            &post(&router, tcp_route(port, "svc")),
+            409,
+            "conflict",
+            "Port reserved for HTTP/HTTPS traffic",
+        );
+    }
+}
+
+#[test]
+fn deleting_root_with_dependents_fails_until_sub_paths_are_gone() {
+    let router = Router::start();
+    let root = router.add_route(http_route("example.com", "web"));
+    let sub = router.add_route(http_path_route("example.com", "/sub/", "web"));
+    assert_error(
+        &router.api("DELETE", &route_path(&root), None),
+        400,
+        "validation_error",
+        "Route has dependent routes",
+    );
+    router.delete_route(&sub);
+    router.delete_route(&root);
+    let (status, list) = router.api("GET", "/routes", None);
+    assert_eq!(status, 200);
+    assert_eq!(list, json!([]), "an empty list is [] not null");
+}
+
+#[test]
+fn unknown_route_id_is_404() {
+    let router = Router::start();
+    let path = "/routes/http/00000000-0000-4000-8000-000000000000";
+    assert_error(&router.api("GET", path, None), 404, "not_found", "");
+    assert_error(&router.api("DELETE", path, None), 404, "not_found", "");
+    let body = http_route("example.com", "web").to_string();
+    assert_error(&router.api("PUT", path, Some(&body)), 404, "not_found", "");
+}
+
+#[test]
+fn list_is_newest_first_and_filters_by_parent_ref() {
+    let router = Router::start();
+    let mut ids = Vec::new();
+    for (i, parent) in ["controller/apps/a", "controller/apps/b", "controller/apps/a"].iter().enumerate() {
+        let r = router.add_route(json!({
+            "type": "http", "domain": format!("d{i}.example.com"), "service": "web", "parent_ref": parent
+        }));
+        ids.push(r["id"].as_str().unwrap().to_string());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, list) = router.api("GET", "/routes", None);
+    assert_eq!(status, 200);
+    let got: Vec<&str> = list.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(got, [ids[2].as_str(), ids[1].as_str(), ids[0].as_str()]);
+
+    let (status, list) = router.api("GET", "/routes?parent_ref=controller/apps/a", None);
+    assert_eq!(status, 200);
+    let got: Vec<&str> = list.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(got, [ids[2].as_str(), ids[0].as_str()]);
+
+    let (status, list) =
+        router.api("GET", "/routes?parent_ref=controller%2Fapps%2Fb", None);
+    assert_eq!(status, 200);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "percent-encoded filter: {list}");
+}
+
+#[test]
+fn put_updates_service_sticky_and_leader() {
+    let router = Router::start();
+    let r = router.add_route(http_route("example.com", "web"));
+    let mut changed = r.clone();
+    changed["service"] = json!("web2");
+    changed["sticky"] = json!(true);
+    changed["leader"] = json!(true);
+    std::thread::sleep(Duration::from_millis(20));
+    let updated = router.update_route(&changed);
+    assert_eq!(updated["id"], r["id"]);
+    assert_eq!(updated["service"], "web2");
+    assert_eq!(updated["sticky"], true);
+    assert_eq!(updated["leader"], true);
+    assert_eq!(updated["created_at"], r["created_at"]);
+    assert_ne!(updated["updated_at"], r["updated_at"], "updated_at must move");
+    let (_, got) = router.api("GET", &route_path(&r), None);
+    assert_eq!(got, updated);
+}
+
+#[test]
+fn service_backends_put_and_get() {
+    let router = Router::start();
+    let body = r#"[{"addr":"127.0.0.1:9001"},{"addr":"127.0.0.1:9002","leader":true}]"#;
+    let (status, resp) = router.api("PUT", "/services/web/backends", Some(body));
+    assert!((200..300).contains(&status), "{status} {resp}");
+    let (status, list) = router.api("GET", "/services/web/backends", None);
+    assert_eq!(status, 200);
+    let list = list.as_array().unwrap_or_else(|| panic!("not a list: {list}")).clone();
+    let addrs: Vec<&str> = list.iter().map(|b| b["addr"].as_str().unwrap()).collect();
+    assert_eq!(addrs, ["127.0.0.1:9001", "127.0.0.1:9002"]);
+    assert_eq!(list[1]["leader"], true, "{list:?}");
+    assert_ne!(list[0]["leader"], true, "{list:?}");
+
+    router.api("PUT", "/services/web/backends", Some("[]"));
+    let (status, list) = router.api("GET", "/services/web/backends", None);
+    assert_eq!((status, list), (200, json!([])));
+}
+
+#[test]
+fn status_and_metrics() {
+    let router = Router::start();
+    let (status, body) = router.api("GET", "/.well-known/status", None);
+    assert_eq!(status, 200);
+    assert_eq!(body["data"]["status"], "healthy", "{body}");
+
+    let b = Backend::start("b1");
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    assert_eq!(get(router.http_addr, "example.com", "/").status, 200);
+    let mut conn = Conn::connect(router.api_addr);
+    let resp = conn.request("GET /metrics HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n");
+    assert_eq!(resp.status, 200);
+    let text = resp.text();
+    assert!(text.contains("flynn_router_requests_total"), "{text}");
+    assert!(
+        resp.header("content-type").is_some_and(|c| c.starts_with("text/plain")),
+        "{:?}",
+        resp.headers
+    );
+}
+
+/// Reads SSE `data:` events from an open `/events` stream.
+struct Events {
+    conn: Conn,
+    chunked: bool,
+    text: String,
+}
+
+impl Events {
+    fn open(router: &Router, types: &str) -> Events {
+        let mut conn = Conn::connect(router.api_addr);
+        conn.send(format!("GET /events?types={types} HTTP/1.1\r\nHost: api\r\nAccept: text/event-stream\r\n\r\n").as_bytes());
+        let head = conn.read_head().expect("events head");
+        assert_eq!(head.status, 200);
+        assert!(
+            head.header("content-type").is_some_and(|c| c.starts_with("text/event-stream")),
+            "{head:?}"
+        );
+        let chunked = head.header("transfer-encoding").is_some();
+        Events { conn, chunked, text: String::new() }
+    }
+
+    /// The next event's JSON (skipping comments), within 5 s.
+    fn next(&mut self) -> Value {
+        loop {
+            if let Some(i) = self.text.find("\n\n") {
+                let block: String = self.text.drain(..i + 2).collect();
+                let data: Vec<&str> =
+                    block.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
+                if data.is_empty() {
+                    continue;
+                }
+                return serde_json::from_str(&data.join("\n"))
+                    .unwrap_or_else(|e| panic!("bad event {block:?}: {e}"));
+            }
+            let bytes = if self.chunked {
+                let mut t = Vec::new();
+                self.conn.read_chunk(&mut t).expect("event chunk").expect("stream ended")
+            } else {
+                self.conn.read_some().expect("event bytes")
+            };
+            self.text.push_str(&String::from_utf8_lossy(&bytes).replace("\r\n", "\n"));
+        }
+    }
+}
+
+#[test]
+fn events_stream_set_and_remove() {
+    let router = Router::builder().tcp().start();
+    let mut events = Events::open(&router, "set,remove");
+    let r = router.add_route(http_route("example.com", "web"));
+    let ev = events.next();
+    assert_eq!(ev["event"], "set", "{ev}");
+    assert_eq!(ev["route"]["id"], r["id"]);
+    assert_eq!(ev["route"]["type"], "http");
+
+    let t = router.add_route(tcp_route(0, "svc"));
+    let ev = events.next();
+    assert_eq!((ev["event"].as_str(), &ev["route"]["id"]), (Some("set"), &t["id"]), "{ev}");
+    assert_eq!(ev["route"]["type"], "tcp");
+
+    router.delete_route(&r);
+    let ev = events.next();
+    assert_eq!(ev["event"], "remove", "{ev}");
+    assert_eq!(ev["route"]["id"], r["id"]);
+    router.delete_route(&t);
+    let ev = events.next();
+    assert_eq!((ev["event"].as_str(), &ev["route"]["type"]), (Some("remove"), &json!("tcp")), "{ev}");
+}
+
+#[test]
+fn events_stream_sends_only_requested_types() {
+    let router = Router::start();
+    let mut events = Events::open(&router, "remove");
+    let r = router.add_route(http_route("only.example.com", "web"));
+    router.delete_route(&r);
+    let ev = events.next();
+    assert_eq!(ev["event"], "remove", "set events must be filtered out: {ev}");
+    assert_eq!(ev["route"]["id"], r["id"]);
+}

@@ -1,0 +1,213 @@
+//! Message framing: limits, malformed input, chunked bodies and trailers, large bodies.
+
+use crate::setup;
+use crate::support::backend::respond;
+use crate::support::{http_route, Backend, Conn, Reply, Router};
+use std::io::Write;
+use std::sync::mpsc;
+use std::time::Duration;
+
+#[test]
+fn request_head_over_64k_is_431() {
+    let (router, b1) = setup("example.com");
+    let mut conn = Conn::connect(router.http_addr);
+    let big = "a".repeat(70 * 1024);
+    // The router may answer before reading everything; ignore write errors.
+    let _ = conn.try_send(
+        format!("GET / HTTP/1.1\r\nHost: example.com\r\nX-Big: {big}\r\n\r\n").as_bytes(),
+    );
+    let resp = conn.try_response().expect("a 431 response");
+    assert_eq!(resp.status, 431, "{resp:?}");
+    assert_eq!(b1.request_count(), 0);
+}
+
+#[test]
+fn request_head_just_under_limit_is_proxied() {
+    let (router, b1) = setup("example.com");
+    let big = "a".repeat(60 * 1024);
+    let resp = Conn::connect(router.http_addr)
+        .request(&format!("GET / HTTP/1.1\r\nHost: example.com\r\nX-Big: {big}\r\n\r\n"));
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.seen().header("x-big").map(str::len), Some(big.len()));
+    assert_eq!(b1.request_count(), 1);
+}
+
+#[test]
+fn malformed_requests_are_400() {
+    let (router, b1) = setup("example.com");
+    let cases = [
+        "GARBAGE\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost example.com\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: example.com\r\nContent-Length: abc\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: example.com\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        "GET / HTTP/9.9\r\nHost: example.com\r\n\r\n",
+    ];
+    for raw in cases {
+        let mut conn = Conn::connect(router.http_addr);
+        let _ = conn.try_send(raw.as_bytes());
+        let resp = conn.try_response().unwrap_or_else(|e| panic!("{raw:?}: no response ({e})"));
+        assert!(
+            resp.status == 400 || (raw.contains("HTTP/9.9") && resp.status == 505),
+            "{raw:?} -> {resp:?}"
+        );
+    }
+    assert_eq!(b1.request_count(), 0, "nothing malformed may reach the backend");
+}
+
+#[test]
+fn content_length_with_transfer_encoding_is_400() {
+    let (router, b1) = setup("example.com");
+    let mut conn = Conn::connect(router.http_addr);
+    let _ = conn.try_send(
+        b"POST / HTTP/1.1\r\nHost: example.com\r\nContent-Length: 5\r\n\
+          Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    );
+    let resp = conn.try_response().expect("a 400 response");
+    assert_eq!(resp.status, 400, "{resp:?}");
+    assert_eq!(b1.request_count(), 0);
+}
+
+#[test]
+fn chunked_request_body_is_forwarded() {
+    let (router, b1) = setup("example.com");
+    let resp = Conn::connect(router.http_addr).request(
+        "POST /upload HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n\
+         5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n",
+    );
+    let seen = resp.seen();
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.body, b"hello world");
+    assert_eq!(b1.request_count(), 1);
+}
+
+#[test]
+fn chunked_request_trailers_are_forwarded() {
+    let (router, _b1) = setup("example.com");
+    let resp = Conn::connect(router.http_addr).request(
+        "POST / HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n\
+         3\r\nabc\r\n0\r\nX-Sum: 42\r\n\r\n",
+    );
+    let seen = resp.seen();
+    assert_eq!(seen.body, b"abc");
+    assert_eq!(seen.trailers, [("X-Sum".to_string(), "42".to_string())], "{seen:?}");
+}
+
+#[test]
+fn chunked_request_body_is_streamed_to_backend() {
+    let router = Router::start();
+    let (tx, rx) = mpsc::channel::<()>();
+    let tx = std::sync::Mutex::new(tx);
+    let b1 = Backend::raw("b1", move |_req, conn| {
+        // Body not read yet: wait for the first chunk to arrive before the client sends more.
+        if conn.read_until(b"first").is_err() {
+            return Reply::Close;
+        }
+        let _ = tx.lock().unwrap().send(());
+        if conn.read_until(b"0\r\n\r\n").is_err() {
+            return Reply::Close;
+        }
+        respond(conn, "200 OK", &[], b"streamed");
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    let mut conn = Conn::connect(router.http_addr);
+    conn.send(
+        b"POST / HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+    );
+    rx.recv_timeout(Duration::from_secs(3))
+        .expect("backend must receive the first chunk while the client still sends the body");
+    conn.send(b"6\r\nsecond\r\n0\r\n\r\n");
+    let resp = conn.response();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body, b"streamed");
+}
+
+#[test]
+fn chunked_response_with_trailers_is_relayed() {
+    let router = Router::start();
+    let b1 = Backend::with_handler("b1", |_req, conn| {
+        let _ = conn.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n\
+              5\r\nhello\r\n7\r\n, world\r\n0\r\nX-Checksum: abc123\r\n\r\n",
+        );
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    let mut conn = Conn::connect(router.http_addr);
+    let resp = conn.request("GET / HTTP/1.1\r\nHost: example.com\r\nTE: trailers\r\n\r\n");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body, b"hello, world");
+    assert!(resp.chunked, "response with trailers must stay chunked: {resp:?}");
+    assert_eq!(resp.trailers, [("X-Checksum".to_string(), "abc123".to_string())], "{resp:?}");
+    // Framing stayed in sync.
+    let resp = conn.request("GET / HTTP/1.1\r\nHost: example.com\r\n\r\n");
+    assert_eq!(resp.body, b"hello, world");
+}
+
+#[test]
+fn large_bodies_both_ways() {
+    let router = Router::start();
+    let b1 = Backend::with_handler("b1", |req, conn| {
+        let mut body = req.body.clone();
+        body.reverse();
+        respond(conn, "200 OK", &[], &body);
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    let payload: Vec<u8> = (0..(2 << 20)).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut conn = Conn::connect(router.http_addr);
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: example.com\r\nContent-Length: {}\r\n\r\n",
+        payload.len()
+    );
+    // Write from a thread so a router that answers early cannot deadlock the test.
+    let mut w = conn.stream.try_clone().unwrap();
+    let body = payload.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(head.as_bytes()).and_then(|_| w.write_all(&body))
+    });
+    conn.set_read_timeout(Duration::from_secs(10));
+    let resp = conn.response();
+    writer.join().unwrap().expect("client write");
+    assert_eq!(resp.status, 200);
+    let mut want = payload;
+    want.reverse();
+    assert!(resp.body == want, "2 MiB body corrupted (got {} bytes)", resp.body.len());
+    assert_eq!(b1.requests()[0].body.len(), want.len());
+}
+
+#[test]
+fn head_and_bodyless_responses_keep_framing() {
+    let router = Router::start();
+    let b1 = Backend::with_handler("b1", |req, conn| {
+        match req.uri.as_str() {
+            "/204" => {
+                let _ = conn.write(b"HTTP/1.1 204 No Content\r\nX-Kind: 204\r\n\r\n");
+            }
+            "/304" => {
+                let _ = conn.write(b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n");
+            }
+            _ if req.method == "HEAD" => {
+                let _ = conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n");
+            }
+            _ => respond(conn, "200 OK", &[], b"full"),
+        }
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    let mut conn = Conn::connect(router.http_addr);
+    conn.send(b"HEAD / HTTP/1.1\r\nHost: example.com\r\n\r\n");
+    let head = conn.read_head().expect("HEAD response");
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some("1234"));
+    let resp = conn.request("GET /204 HTTP/1.1\r\nHost: example.com\r\n\r\n");
+    assert_eq!((resp.status, resp.header("x-kind")), (204, Some("204")));
+    let resp = conn.request("GET /304 HTTP/1.1\r\nHost: example.com\r\n\r\n");
+    assert_eq!(resp.status, 304);
+    let resp = conn.request("GET / HTTP/1.1\r\nHost: example.com\r\n\r\n");
+    assert_eq!(resp.body, b"full", "framing out of sync after HEAD/204/304");
+}

@@ -1,0 +1,97 @@
+//! Upstream connection reuse, `disable_keep_alives`, backends closing connections (spec §1.6).
+
+use crate::setup;
+use crate::support::{handlers, http_route, wait_until, Backend, Conn, Router};
+use serde_json::json;
+use std::time::Duration;
+
+#[test]
+fn backend_connection_is_reused_across_client_requests() {
+    let (router, b1) = setup("example.com");
+    let mut conn = Conn::connect(router.http_addr);
+    for i in 0..5 {
+        let seen = conn.get("example.com", &format!("/{i}")).seen();
+        assert_eq!(seen.conn, 1, "request {i} on backend connection {}", seen.conn);
+        assert!(!seen.connection_has("close"), "{:?}", seen.headers);
+    }
+    assert_eq!(b1.accepted(), 1);
+}
+
+#[test]
+fn disable_keep_alives_uses_a_new_connection_per_request_and_can_be_reenabled() {
+    let router = Router::start();
+    let b1 = Backend::start("b1");
+    let mut route = router.add_route(json!({
+        "type": "http", "domain": "example.com", "service": "web", "disable_keep_alives": true
+    }));
+    assert_eq!(route["disable_keep_alives"], true);
+    router.set_backends("web", &[&b1]);
+
+    let mut conn = Conn::connect(router.http_addr);
+    for i in 1..=3 {
+        let seen = conn.get("example.com", "/").seen();
+        assert_eq!(seen.conn, i, "request {i} must use backend connection {i}");
+        assert!(seen.connection_has("close"), "request must carry Connection: close: {:?}", seen.headers);
+    }
+    assert_eq!(b1.accepted(), 3);
+    // The router closes (or lets the backend close) each one.
+    assert!(wait_until(Duration::from_secs(5), || b1.closed() == 3), "closed {}", b1.closed());
+
+    route["disable_keep_alives"] = json!(false);
+    let updated = router.update_route(&route);
+    assert_eq!(updated["disable_keep_alives"], false);
+    let mut conn = Conn::connect(router.http_addr);
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        let seen = conn.get("example.com", "/").seen();
+        assert!(!seen.connection_has("close"), "{:?}", seen.headers);
+        conns.push(seen.conn);
+    }
+    assert_eq!(conns, [4, 4, 4], "keep-alive restored after re-enabling");
+}
+
+#[test]
+fn backend_closing_idle_keep_alive_connection_does_not_fail_next_request() {
+    let (router, b1) = setup("example.com");
+    let mut conn = Conn::connect(router.http_addr);
+    for round in 1..=3 {
+        let resp = conn.get("example.com", "/");
+        assert_eq!(resp.status, 200, "round {round}: {resp:?}");
+        assert_eq!(resp.seen().conn, round);
+        b1.close_connections();
+        assert!(wait_until(Duration::from_secs(5), || b1.closed() == round));
+        std::thread::sleep(Duration::from_millis(50)); // let the FIN reach the router
+    }
+    assert_eq!(conn.get("example.com", "/").status, 200);
+}
+
+#[test]
+fn backend_answering_connection_close_is_not_reused_and_client_stays_open() {
+    let router = Router::start();
+    let b1 = Backend::with_handler("b1", handlers::echo_close);
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    let mut conn = Conn::connect(router.http_addr);
+    for i in 1..=4 {
+        let resp = conn.get("example.com", "/");
+        assert_eq!(resp.status, 200, "request {i}: {resp:?}");
+        assert_eq!(resp.seen().conn, i);
+    }
+    assert_eq!(b1.accepted(), 4);
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let (router, _b1) = setup("example.com");
+    let mut conn = Conn::connect(router.http_addr);
+    conn.send(
+        b"GET /one HTTP/1.1\r\nHost: example.com\r\n\r\n\
+          POST /two HTTP/1.1\r\nHost: example.com\r\nContent-Length: 3\r\n\r\nabc\
+          GET /three HTTP/1.1\r\nHost: example.com\r\n\r\n",
+    );
+    for (uri, body) in [("/one", ""), ("/two", "abc"), ("/three", "")] {
+        let seen = conn.response().seen();
+        assert_eq!(seen.uri, uri);
+        assert_eq!(String::from_utf8_lossy(&seen.body), body);
+    }
+}

@@ -1,0 +1,91 @@
+//! 503 handling: no backends, dead backends, backends failing after connect; dial retries.
+
+use crate::support::{dead_addr, get, handlers, http_route, Backend, Conn, Reply, Router};
+use std::time::Duration;
+
+fn assert_503(resp: &crate::support::Response) {
+    assert_eq!(resp.status, 503, "{resp:?}");
+    assert_eq!(resp.text(), "Service Unavailable\n");
+}
+
+const UPGRADE: &str = "GET /ws HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+
+#[test]
+fn no_backends_is_503() {
+    let router = Router::start();
+    router.add_route(http_route("example.com", "web"));
+    assert_503(&get(router.http_addr, "example.com", "/"));
+    router.set_backend_addrs("web", &[]);
+    assert_503(&get(router.http_addr, "example.com", "/"));
+    assert_503(&Conn::connect(router.http_addr).request(UPGRADE));
+}
+
+#[test]
+fn all_backends_dead_is_503_for_normal_and_upgrade_requests() {
+    let router = Router::start();
+    router.add_route(http_route("example.com", "web"));
+    router.set_backend_addrs("web", &[(dead_addr().to_string(), false), (dead_addr().to_string(), false)]);
+    assert_503(&get(router.http_addr, "example.com", "/"));
+    assert_503(&Conn::connect(router.http_addr).request(
+        "POST / HTTP/1.1\r\nHost: example.com\r\nContent-Length: 4\r\n\r\nbody",
+    ));
+    let mut conn = Conn::connect(router.http_addr);
+    let resp = conn.request(UPGRADE);
+    assert_503(&resp);
+}
+
+#[test]
+fn backend_accepting_then_closing_gets_exactly_one_attempt() {
+    let router = Router::start();
+    let b = Backend::close_on_accept("closer");
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    assert_503(&get(router.http_addr, "example.com", "/"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(b.accepted(), 1, "an error after connect must not be retried");
+}
+
+#[test]
+fn backend_closing_after_reading_request_is_503_without_retry() {
+    let router = Router::start();
+    let b = Backend::with_handler("mute", |_req, _conn| Reply::Close);
+    let b2 = Backend::with_handler("mute2", |_req, _conn| Reply::Close);
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b, &b2]);
+    assert_503(&Conn::connect(router.http_addr).request(
+        "POST /charge HTTP/1.1\r\nHost: example.com\r\nContent-Length: 3\r\n\r\n$10",
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        b.request_count() + b2.request_count(),
+        1,
+        "a request that reached a backend must not be replayed"
+    );
+}
+
+#[test]
+fn dead_backend_is_skipped_for_a_live_one() {
+    let router = Router::start();
+    let live = Backend::with_handler("live", handlers::upgrade_echo);
+    router.add_route(http_route("example.com", "web"));
+    router.set_backend_addrs(
+        "web",
+        &[(dead_addr().to_string(), false), (live.addr.to_string(), false), (dead_addr().to_string(), false)],
+    );
+    for i in 0..10 {
+        let resp = get(router.http_addr, "example.com", &format!("/get{i}"));
+        assert_eq!(resp.backend(), "live", "GET {i}");
+        let resp = Conn::connect(router.http_addr).request(
+            "POST /p HTTP/1.1\r\nHost: example.com\r\nContent-Length: 7\r\n\r\npayload",
+        );
+        let seen = resp.seen();
+        assert_eq!((seen.backend.as_str(), seen.body.as_slice()), ("live", &b"payload"[..]), "POST {i}");
+    }
+    for i in 0..5 {
+        let mut conn = Conn::connect(router.http_addr);
+        let resp = conn.request(UPGRADE);
+        assert_eq!(resp.status, 101, "upgrade {i}: {resp:?}");
+        conn.send(b"hi");
+        assert_eq!(conn.read_exact_n(2).unwrap(), b"hi");
+    }
+}

@@ -1,0 +1,171 @@
+//! Upgrades / WebSocket tunnelling (spec §1.6 "Upgrades", §1.10).
+
+use crate::support::backend::respond;
+use crate::support::{handlers, http_route, Backend, Conn, Reply, Router};
+use std::io::{Read, Write};
+use std::time::Duration;
+
+fn upgrade_router() -> (Router, Backend) {
+    let router = Router::start();
+    let b = Backend::with_handler("ws", handlers::upgrade_echo);
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    (router, b)
+}
+
+fn ws_request(connection: &str, upgrade: &str) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: example.com\r\nConnection: {connection}\r\nUpgrade: {upgrade}\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+fn echo_round_trips(conn: &mut Conn) {
+    for msg in ["ping-1", "second message", &"x".repeat(10_000)] {
+        conn.send(msg.as_bytes());
+        let got = conn.read_exact_n(msg.len()).expect("echo");
+        assert_eq!(got, msg.as_bytes());
+    }
+}
+
+#[test]
+fn websocket_echo_on_fresh_connection_with_half_close() {
+    let (router, b) = upgrade_router();
+    let mut conn = Conn::connect(router.http_addr);
+    let resp = conn.request(&ws_request("Upgrade", "websocket"));
+    assert_eq!(resp.status, 101, "{resp:?}");
+    assert_eq!(resp.header("upgrade"), Some("websocket"));
+    assert!(resp.connection_has("upgrade"), "{:?}", resp.headers);
+    assert_eq!(resp.header("x-backend"), Some("ws"));
+    echo_round_trips(&mut conn);
+    // Half-close: the backend sees EOF, then closes its side, and the client sees EOF.
+    conn.shutdown_write();
+    assert_eq!(conn.read_to_end().expect("EOF after half-close"), b"");
+    let seen = &b.requests()[0];
+    assert_eq!(seen.header("sec-websocket-key"), Some("dGhlIHNhbXBsZSBub25jZQ=="));
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+}
+
+#[test]
+fn websocket_echo_after_keep_alive_requests_on_same_connection() {
+    let (router, b) = upgrade_router();
+    let mut conn = Conn::connect(router.http_addr);
+    for i in 0..3 {
+        let resp = conn.get("example.com", &format!("/plain{i}"));
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.seen().uri, format!("/plain{i}"));
+    }
+    let resp = conn.request(&ws_request("keep-alive, Upgrade", "websocket"));
+    assert_eq!(resp.status, 101, "{resp:?}");
+    echo_round_trips(&mut conn);
+    conn.shutdown_write();
+    assert_eq!(conn.read_to_end().unwrap(), b"");
+    assert_eq!(b.request_count(), 4);
+}
+
+#[test]
+fn upgrade_detection_is_case_insensitive_and_upgrade_value_is_intact() {
+    let (router, b) = upgrade_router();
+    let cases = [
+        ("upgrade", "websocket"),
+        ("Upgrade", "WebSocket"),
+        ("upGradE", "weBsOckEt"),
+        ("keep-alive, UPGRADE", "websocket, h2c"),
+    ];
+    for (i, (connection, upgrade)) in cases.iter().enumerate() {
+        let mut conn = Conn::connect(router.http_addr);
+        let resp = conn.request(&ws_request(connection, upgrade));
+        assert_eq!(resp.status, 101, "Connection: {connection}: {resp:?}");
+        assert_eq!(resp.header("upgrade"), Some(*upgrade));
+        conn.send(b"abc");
+        assert_eq!(conn.read_exact_n(3).unwrap(), b"abc");
+        let seen = &b.requests()[i];
+        assert_eq!(seen.headers_all("upgrade"), [*upgrade], "{:?}", seen.headers);
+        assert!(seen.connection_has("upgrade"), "{:?}", seen.headers);
+    }
+}
+
+#[test]
+fn proxy_authorization_passes_through_on_upgrade() {
+    let (router, b) = upgrade_router();
+    let mut conn = Conn::connect(router.http_addr);
+    let resp = conn.request(
+        "GET /ws HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Proxy-Authorization: Basic Zm9vOmJhcg==\r\n\r\n",
+    );
+    assert_eq!(resp.status, 101);
+    assert_eq!(b.requests()[0].header("proxy-authorization"), Some("Basic Zm9vOmJhcg=="));
+}
+
+#[test]
+fn non_101_answer_to_upgrade_is_relayed_with_connection_close() {
+    let router = Router::start();
+    let b = Backend::with_handler("refuser", |_req, conn| {
+        respond(conn, "403 Forbidden", &[("X-Why", "no")], b"nope");
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let mut conn = Conn::connect(router.http_addr);
+    let resp = conn.request(&ws_request("Upgrade", "websocket"));
+    assert_eq!(resp.status, 403, "{resp:?}");
+    assert_eq!(resp.body, b"nope");
+    assert_eq!(resp.header("x-why"), Some("no"));
+    assert!(resp.connection_has("close"), "{:?}", resp.headers);
+    conn.expect_closed();
+}
+
+#[test]
+fn custom_upgrade_where_backend_speaks_first() {
+    let router = Router::start();
+    let b = Backend::with_handler("pinger", |req, conn| {
+        if !req.is_upgrade() {
+            return handlers::echo(req, conn);
+        }
+        let _ = conn.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: pinger\r\n\r\n");
+        for i in 0..3 {
+            if conn.write(format!("ping{i}").as_bytes()).is_err() {
+                return Reply::Close;
+            }
+            match conn.read_until(format!("pong{i}").as_bytes()) {
+                Ok(_) => {}
+                Err(_) => return Reply::Close,
+            }
+        }
+        let _ = conn.write(b"done");
+        Reply::Close
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let mut conn = Conn::connect(router.http_addr);
+    let resp = conn.request("GET / HTTP/1.1\r\nHost: example.com\r\nConnection: upgrade\r\nUpgrade: pinger\r\n\r\n");
+    assert_eq!(resp.status, 101);
+    for i in 0..3 {
+        assert_eq!(conn.read_exact_n(5).expect("ping"), format!("ping{i}").as_bytes());
+        conn.send(format!("pong{i}").as_bytes());
+    }
+    assert_eq!(conn.read_exact_n(4).unwrap(), b"done");
+    // The backend closed: the tunnel ends.
+    conn.expect_closed();
+}
+
+#[test]
+fn tunnel_carries_a_large_stream_both_ways() {
+    let (router, _b) = upgrade_router();
+    let mut conn = Conn::connect(router.http_addr);
+    let resp = conn.request(&ws_request("Upgrade", "websocket"));
+    assert_eq!(resp.status, 101);
+    let payload: Vec<u8> = (0..(4 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    let mut w = conn.stream.try_clone().unwrap();
+    let data = payload.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&data).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    conn.set_read_timeout(Duration::from_secs(10));
+    let mut got = conn.read_some().unwrap(); // buffered bytes, if any
+    conn.stream.read_to_end(&mut got).expect("read echoed stream");
+    writer.join().unwrap();
+    assert_eq!(got.len(), payload.len());
+    assert!(got == payload, "tunnelled bytes corrupted");
+}

@@ -1,0 +1,60 @@
+//! Shared helpers for the router integration tests: a guard around a real `flynn-router`
+//! process, a raw HTTP/1.1 client and scriptable backend servers, all on `std::net` and
+//! threads so every test sees the exact bytes on the wire.
+//!
+//! Everything is bounded in time: sockets carry 5 s timeouts and waits carry deadlines, so
+//! a hung router fails a test instead of hanging CI. Everything listens on 127.0.0.1 port 0
+//! (TCP route ranges come from [`tcp_range`]).
+
+#![allow(dead_code, unused_imports)]
+
+pub mod backend;
+pub mod client;
+pub mod router;
+
+pub use backend::{dead_addr, handlers, Backend, BackendConn, Reply, SeenRequest, TcpBackend};
+pub use client::{get, Conn, Response};
+pub use router::{tcp_range, Router, RouterBuilder};
+
+use std::time::{Duration, Instant};
+
+/// Read/write timeout of every test socket.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `{"type":"http","domain":..,"service":..}`.
+pub fn http_route(domain: &str, service: &str) -> serde_json::Value {
+    serde_json::json!({"type": "http", "domain": domain, "service": service})
+}
+
+/// `{"type":"http","domain":..,"service":..,"path":..}`.
+pub fn http_path_route(domain: &str, path: &str, service: &str) -> serde_json::Value {
+    serde_json::json!({"type": "http", "domain": domain, "service": service, "path": path})
+}
+
+/// `{"type":"tcp","port":..,"service":..}`.
+pub fn tcp_route(port: u16, service: &str) -> serde_json::Value {
+    serde_json::json!({"type": "tcp", "port": port, "service": service})
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// True when `s` looks like a lowercase or uppercase hyphenated UUID (8-4-4-4-12 hex).
+pub fn is_uuid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() == 5
+        && parts.iter().zip([8, 4, 4, 4, 12]).all(|(p, n)| {
+            p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+}

@@ -1,0 +1,284 @@
+//! The router process under test: spawn, learn its ports from the `listening` line, talk to
+//! its admin API, and kill it on drop (also when the test panics).
+
+use super::client::Conn;
+use super::{Backend, IO_TIMEOUT};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+/// A running `flynn-router`; killed and reaped on drop.
+pub struct Router {
+    child: Child,
+    pub http_addr: SocketAddr,
+    pub http_addrs: Vec<SocketAddr>,
+    pub api_addr: SocketAddr,
+    pub tcp_ports: Option<(u16, u16)>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+}
+
+/// Command-line builder; every flag appears at most once except `--http-addr`.
+pub struct RouterBuilder {
+    http_addrs: usize,
+    threads: u32,
+    tcp_ports: Option<(u16, u16)>,
+    routes: Option<PathBuf>,
+    io_driver: Option<String>,
+}
+
+impl RouterBuilder {
+    pub fn threads(mut self, n: u32) -> Self {
+        self.threads = n;
+        self
+    }
+    /// Listen on `n` HTTP addresses (each `127.0.0.1:0`).
+    pub fn http_addrs(mut self, n: usize) -> Self {
+        self.http_addrs = n;
+        self
+    }
+    /// `--tcp-ip 127.0.0.1 --tcp-ports A-B` with a fresh range from [`tcp_range`].
+    pub fn tcp(mut self) -> Self {
+        self.tcp_ports = Some(tcp_range(20));
+        self
+    }
+    pub fn tcp_ports(mut self, range: (u16, u16)) -> Self {
+        self.tcp_ports = Some(range);
+        self
+    }
+    pub fn routes_file(mut self, path: PathBuf) -> Self {
+        self.routes = Some(path);
+        self
+    }
+    pub fn io_driver(mut self, driver: &str) -> Self {
+        self.io_driver = Some(driver.into());
+        self
+    }
+
+    pub fn start(self) -> Router {
+        let mut args: Vec<String> = Vec::new();
+        for _ in 0..self.http_addrs {
+            args.extend(["--http-addr".into(), "127.0.0.1:0".into()]);
+        }
+        args.extend(["--api-addr".into(), "127.0.0.1:0".into()]);
+        args.extend(["--threads".into(), self.threads.to_string()]);
+        if let Some((a, b)) = self.tcp_ports {
+            args.extend(["--tcp-ip".into(), "127.0.0.1".into()]);
+            args.extend(["--tcp-ports".into(), format!("{a}-{b}")]);
+        }
+        if let Some(p) = &self.routes {
+            args.extend(["--routes".into(), p.display().to_string()]);
+        }
+        if let Some(d) = &self.io_driver {
+            args.extend(["--io-driver".into(), d.clone()]);
+        }
+        Router::spawn(&args, self.tcp_ports)
+    }
+}
+
+impl Router {
+    pub fn builder() -> RouterBuilder {
+        RouterBuilder { http_addrs: 1, threads: 2, tcp_ports: None, routes: None, io_driver: None }
+    }
+
+    /// A router with one HTTP listener, the API and two threads.
+    pub fn start() -> Router {
+        Self::builder().start()
+    }
+
+    fn spawn(args: &[String], tcp_ports: Option<(u16, u16)>) -> Router {
+        let bin = env!("CARGO_BIN_EXE_flynn-router");
+        let mut cmd = Command::new(bin);
+        // Only our flags configure the router (FLYNN_LOG is kept for debugging).
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("FLYNN_") && k != "FLYNN_LOG" {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let mut err_pipe = child.stderr.take().expect("stderr piped");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+
+        let out = child.stdout.take().expect("stdout piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(out).lines();
+            let mut sent = false;
+            while let Some(Ok(line)) = lines.next() {
+                if !sent && line.starts_with("listening") {
+                    let _ = tx.send(line);
+                    sent = true;
+                }
+            }
+        });
+
+        let line = match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait();
+                std::thread::sleep(Duration::from_millis(50));
+                let log = String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
+                panic!(
+                    "router {args:?} printed no `listening` line within 10 s (exit: {status:?})\nstderr:\n{log}"
+                );
+            }
+        };
+
+        let mut http_addrs = Vec::new();
+        let mut api_addr = None;
+        for token in line.split_whitespace().skip(1) {
+            if let Some(v) = token.strip_prefix("http=") {
+                http_addrs = v.split(',').map(|a| a.parse().expect("http addr")).collect();
+            } else if let Some(v) = token.strip_prefix("api=") {
+                api_addr = Some(v.parse().expect("api addr"));
+            }
+        }
+        let api_addr = api_addr.unwrap_or_else(|| panic!("no api= in {line:?}"));
+        assert!(!http_addrs.is_empty(), "no http= in {line:?}");
+        Router { child, http_addr: http_addrs[0], http_addrs, api_addr, tcp_ports, stderr }
+    }
+
+    /// The router's stderr so far.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// Panics if the router process has exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("router exited unexpectedly: {status}\nstderr:\n{}", self.log());
+        }
+    }
+
+    /// One admin API call. The body (if any) is sent as `application/json`. The response
+    /// body is parsed as JSON when possible, else returned as a JSON string.
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let mut conn = Conn::connect(self.api_addr);
+        let body = body.unwrap_or("");
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: router-api\r\nConnection: close\r\n");
+        if !body.is_empty() || matches!(method, "POST" | "PUT") {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        req.push_str("\r\n");
+        req.push_str(body);
+        conn.send(req.as_bytes());
+        let resp = conn.response();
+        let value = serde_json::from_slice(&resp.body)
+            .unwrap_or_else(|_| Value::String(resp.text()));
+        (resp.status, value)
+    }
+
+    /// `POST /routes`, asserting 200; returns the stored route.
+    pub fn add_route(&self, route: Value) -> Value {
+        let (status, body) = self.api("POST", "/routes", Some(&route.to_string()));
+        assert_eq!(status, 200, "POST /routes {route} -> {body}");
+        body
+    }
+
+    /// `DELETE /routes/:type/:id`, asserting success.
+    pub fn delete_route(&self, route: &Value) {
+        let path = route_path(route);
+        let (status, body) = self.api("DELETE", &path, None);
+        assert!((200..300).contains(&status), "DELETE {path} -> {status} {body}");
+    }
+
+    /// `PUT /routes/:type/:id` with `route` as the body, asserting 200.
+    pub fn update_route(&self, route: &Value) -> Value {
+        let path = route_path(route);
+        let (status, body) = self.api("PUT", &path, Some(&route.to_string()));
+        assert_eq!(status, 200, "PUT {path} {route} -> {body}");
+        body
+    }
+
+    /// `PUT /services/:service/backends` with the given backends (the first leads).
+    pub fn set_backends(&self, service: &str, backends: &[&Backend]) {
+        let addrs: Vec<(String, bool)> =
+            backends.iter().map(|b| (b.addr.to_string(), false)).collect();
+        self.set_backend_addrs(service, &addrs);
+    }
+
+    /// `PUT /services/:service/backends` with explicit `(addr, leader)` pairs.
+    pub fn set_backend_addrs(&self, service: &str, addrs: &[(String, bool)]) {
+        let body: Vec<Value> = addrs
+            .iter()
+            .map(|(a, l)| {
+                if *l {
+                    serde_json::json!({"addr": a, "leader": true})
+                } else {
+                    serde_json::json!({"addr": a})
+                }
+            })
+            .collect();
+        let body = Value::Array(body).to_string();
+        let path = format!("/services/{service}/backends");
+        let (status, resp) = self.api("PUT", &path, Some(&body));
+        assert!((200..300).contains(&status), "PUT {path} {body} -> {status} {resp}");
+    }
+}
+
+/// `/routes/<type>/<id>` of a stored route.
+pub fn route_path(route: &Value) -> String {
+    let kind = route["type"].as_str().unwrap_or_else(|| panic!("route without type: {route}"));
+    let id = route["id"].as_str().unwrap_or_else(|| panic!("route without id: {route}"));
+    format!("/routes/{kind}/{id}")
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let exited = self.child.try_wait().ok().flatten();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- router stderr ----\n{}\n---- end router stderr ----", self.log());
+        } else if let Some(status) = exited {
+            panic!("router exited during the test: {status}\nstderr:\n{}", self.log());
+        }
+    }
+}
+
+/// A TCP port range of `len + 1` ports (inclusive) that is free right now. Ranges come from a
+/// per-process counter starting at a pid-derived offset so that parallel tests and test
+/// binaries rarely collide; each candidate is probed by binding every port.
+pub fn tcp_range(len: u16) -> (u16, u16) {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 30000 + (std::process::id() % 300) as u16 * 100;
+    for _ in 0..200 {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let start = 30000 + (base - 30000 + k * (len + 5)) % 30000;
+        let end = start + len;
+        let probes: Vec<_> =
+            (start..=end).map(|p| TcpListener::bind(("127.0.0.1", p))).collect();
+        if probes.iter().all(|p| p.is_ok()) {
+            return (start, end);
+        }
+    }
+    panic!("no free TCP port range found");
+}
+
+/// How long tests wait for things that should happen "immediately".
+pub const SOON: Duration = IO_TIMEOUT;

@@ -1,0 +1,67 @@
+//! Raw socket helpers that std and monoio do not offer.
+
+use std::os::fd::RawFd;
+
+/// What a non-blocking peek at an idle connection found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peek {
+    /// Nothing to read and still open: safe to reuse.
+    Idle,
+    /// The peer closed (EOF) or the socket has an error.
+    Closed,
+    /// Unexpected bytes are waiting (e.g. a stray response): not safe to reuse.
+    Data,
+}
+
+/// Checks an idle pooled connection without consuming anything.
+pub fn peek(fd: RawFd) -> Peek {
+    let mut b = [0u8; 1];
+    // SAFETY: `b` is a valid writable buffer of length 1 for the duration of the call;
+    // recv with MSG_PEEK|MSG_DONTWAIT never blocks and never consumes data.
+    let n = unsafe {
+        libc::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    };
+    match n {
+        0 => Peek::Closed,
+        n if n > 0 => Peek::Data,
+        _ => {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => Peek::Idle,
+                _ => Peek::Closed,
+            }
+        }
+    }
+}
+
+/// Shuts a socket down in both directions. On a listening socket this wakes any
+/// pending accept and stops the kernel from queueing new connections.
+pub fn shutdown(fd: RawFd) {
+    // SAFETY: shutdown on a file descriptor has no memory-safety preconditions; an
+    // invalid fd just returns EBADF, which we ignore.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}
+
+/// Shuts down the write side only (propagates a half-close to the peer).
+pub fn shutdown_write(fd: RawFd) {
+    // SAFETY: as in `shutdown`.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_WR);
+    }
+}
+
+/// Raises RLIMIT_NOFILE to its hard limit (proxies hold two fds per connection).
+pub fn raise_nofile_limit() -> u64 {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `r` is a valid rlimit struct for getrlimit/setrlimit to read and write.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+    r.rlim_cur
+}

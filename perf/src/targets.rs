@@ -1,0 +1,363 @@
+//! Starting the origin and each proxy on free loopback ports, with configs in a temp dir.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::origin::SMALL_BODY;
+use crate::procs::Proc;
+
+/// The `Host` header every request carries (the Flynn route's domain).
+pub const HOST: &str = "bench.local";
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Direct,
+    Flynn,
+    Nginx,
+    Haproxy,
+}
+
+impl Kind {
+    pub fn parse(s: &str) -> Result<Kind> {
+        Ok(match s {
+            "direct" => Kind::Direct,
+            "flynn" => Kind::Flynn,
+            "nginx" => Kind::Nginx,
+            "haproxy" => Kind::Haproxy,
+            _ => bail!("unknown target {s:?} (expected direct, flynn, nginx or haproxy)"),
+        })
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Direct => "direct",
+            Kind::Flynn => "flynn",
+            Kind::Nginx => "nginx",
+            Kind::Haproxy => "haproxy",
+        })
+    }
+}
+
+/// One row of the report: a target kind with a worker count (`None` for direct).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Id {
+    pub workers: Option<usize>,
+    pub kind: Kind,
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.workers {
+            Some(n) => write!(f, "{}×{n}", self.kind),
+            None => write!(f, "{}", self.kind),
+        }
+    }
+}
+
+/// A running target: where to send load and which process tree to measure.
+pub struct Running {
+    pub id: Id,
+    pub port: u16,
+    /// Root of the process tree to account CPU and memory to.
+    pub pid: u32,
+    /// `None` for direct (the origin belongs to the harness).
+    pub proc: Option<Proc>,
+}
+
+impl Running {
+    /// Why the target can no longer be used, if its process has exited.
+    pub fn dead(&mut self) -> Option<String> {
+        let proc = self.proc.as_mut()?;
+        let status = proc.exited()?;
+        Some(format!(
+            "{} exited ({status}): {}",
+            proc.name(),
+            proc.log_tail(5)
+        ))
+    }
+}
+
+/// Settings every target start needs.
+pub struct Env<'a> {
+    pub dir: &'a Path,
+    pub origin_port: u16,
+    pub nofile: u64,
+    pub router_bin: &'a Path,
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Starts the origin (this binary's `origin` subcommand) with `threads` threads.
+pub fn start_origin(dir: &Path, threads: usize) -> Result<(Proc, u16)> {
+    let port = free_port()?;
+    let exe = std::env::current_exe().context("locating flynn-perf")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("origin")
+        .arg("--addr")
+        .arg(addr(port).to_string())
+        .arg("--threads")
+        .arg(threads.to_string())
+        .arg("--parent-pid")
+        .arg(std::process::id().to_string());
+    let mut proc = Proc::spawn("origin", cmd, &dir.join("origin.log"))?;
+    wait_ready(&mut proc, port, None)?;
+    check_response(port).context("origin sanity request")?;
+    Ok((proc, port))
+}
+
+/// Starts target `id` and waits until it answers a request correctly.
+pub fn start(id: Id, env: &Env) -> Result<Running> {
+    let workers = id.workers.unwrap_or(1);
+    let (proc, port, marker) = match id.kind {
+        Kind::Direct => {
+            return Ok(Running {
+                id,
+                port: env.origin_port,
+                pid: 0,
+                proc: None,
+            });
+        }
+        Kind::Flynn => {
+            let (p, port) = start_flynn(env, workers)?;
+            (p, port, Some("listening"))
+        }
+        Kind::Nginx => {
+            let (p, port) = start_nginx(env, workers)?;
+            (p, port, None)
+        }
+        Kind::Haproxy => {
+            let (p, port) = start_haproxy(env, workers)?;
+            (p, port, None)
+        }
+    };
+    let mut proc = proc;
+    wait_ready(&mut proc, port, marker)?;
+    check_response(port).with_context(|| format!("{id} sanity request"))?;
+    Ok(Running {
+        id,
+        port,
+        pid: proc.pid(),
+        proc: Some(proc),
+    })
+}
+
+fn start_flynn(env: &Env, workers: usize) -> Result<(Proc, u16)> {
+    if !env.router_bin.exists() {
+        bail!(
+            "router binary {} not found (build it with `cargo build --release -p flynn-router`)",
+            env.router_bin.display()
+        );
+    }
+    let port = free_port()?;
+    let api_port = free_port()?;
+    let routes = env.dir.join(format!("flynn-routes-{workers}.json"));
+    let json = format!(
+        r#"{{"routes":[{{"type":"http","domain":"{HOST}","service":"origin"}}],"services":{{"origin":[{{"addr":"127.0.0.1:{}"}}]}}}}"#,
+        env.origin_port
+    );
+    std::fs::write(&routes, json).context("writing routes file")?;
+    let mut cmd = Command::new(env.router_bin);
+    cmd.arg("--http-addr")
+        .arg(addr(port).to_string())
+        .arg("--api-addr")
+        .arg(addr(api_port).to_string())
+        .arg("--threads")
+        .arg(workers.to_string())
+        .arg("--routes")
+        .arg(&routes);
+    let proc = Proc::spawn(
+        "flynn-router",
+        cmd,
+        &env.dir.join(format!("flynn-{workers}.log")),
+    )?;
+    Ok((proc, port))
+}
+
+fn start_nginx(env: &Env, workers: usize) -> Result<(Proc, u16)> {
+    let port = free_port()?;
+    let prefix = env.dir.join(format!("nginx-{workers}"));
+    std::fs::create_dir_all(prefix.join("logs"))?;
+    let p = prefix.display();
+    let connections = env.nofile.saturating_sub(100).min(20_000);
+    let conf = format!(
+        "worker_processes {workers};
+worker_rlimit_nofile {nofile};
+pid {p}/nginx.pid;
+error_log {p}/logs/error.log warn;
+events {{
+    worker_connections {connections};
+}}
+http {{
+    access_log off;
+    client_body_temp_path {p}/client_body;
+    proxy_temp_path {p}/proxy;
+    fastcgi_temp_path {p}/fastcgi;
+    uwsgi_temp_path {p}/uwsgi;
+    scgi_temp_path {p}/scgi;
+    keepalive_timeout 300s;
+    keepalive_requests 100000000;
+    upstream origin {{
+        server 127.0.0.1:{origin};
+        keepalive 256;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        server_name {HOST};
+        location / {{
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header Host $host;
+        }}
+    }}
+}}
+",
+        nofile = env.nofile,
+        origin = env.origin_port,
+    );
+    let conf_path = prefix.join("nginx.conf");
+    std::fs::write(&conf_path, conf).context("writing nginx.conf")?;
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c")
+        .arg(&conf_path)
+        .arg("-p")
+        .arg(&prefix)
+        .arg("-e")
+        .arg(prefix.join("logs/error.log"))
+        .arg("-g")
+        .arg("daemon off; master_process on;");
+    let proc = Proc::spawn("nginx", cmd, &env.dir.join(format!("nginx-{workers}.log")))?;
+    Ok((proc, port))
+}
+
+fn start_haproxy(env: &Env, workers: usize) -> Result<(Proc, u16)> {
+    let port = free_port()?;
+    // HAProxy sizes for two descriptors per connection and refuses to start when the hard
+    // RLIMIT_NOFILE is below that; idle client connections hold one, so keep maxconn above 10k
+    // and let `no strict-limits` turn the refusal into a warning.
+    let maxconn = env.nofile.saturating_sub(500).clamp(1000, 30_000);
+    let conf = format!(
+        "global
+    nbthread {workers}
+    maxconn {maxconn}
+    no strict-limits
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-keep-alive 300s
+    timeout http-request 30s
+frontend fe
+    bind 127.0.0.1:{port}
+    maxconn {maxconn}
+    default_backend be
+backend be
+    server origin 127.0.0.1:{origin}
+",
+        origin = env.origin_port,
+    );
+    let cfg = env.dir.join(format!("haproxy-{workers}.cfg"));
+    std::fs::write(&cfg, conf).context("writing haproxy.cfg")?;
+    let mut cmd = Command::new("haproxy");
+    cmd.arg("-db").arg("-f").arg(&cfg);
+    let proc = Proc::spawn(
+        "haproxy",
+        cmd,
+        &env.dir.join(format!("haproxy-{workers}.log")),
+    )?;
+    Ok((proc, port))
+}
+
+/// Waits (at most 10 s) until `port` accepts and, if `marker` is given, the log contains it
+/// (or the port has accepted for 2 s without it).
+fn wait_ready(proc: &mut Proc, port: u16, marker: Option<&str>) -> Result<()> {
+    let start = Instant::now();
+    let mut accepted_since: Option<Instant> = None;
+    loop {
+        if let Some(status) = proc.exited() {
+            bail!(
+                "{} exited during startup ({status}):\n{}",
+                proc.name(),
+                proc.log_tail(10)
+            );
+        }
+        if accepted_since.is_none()
+            && TcpStream::connect_timeout(&addr(port), Duration::from_millis(200)).is_ok()
+        {
+            accepted_since = Some(Instant::now());
+        }
+        if let Some(t) = accepted_since {
+            let marked = match marker {
+                None => true,
+                Some(m) => std::fs::read_to_string(proc.log_path())
+                    .map(|log| log.contains(m))
+                    .unwrap_or(false),
+            };
+            if marked || t.elapsed() > Duration::from_secs(2) {
+                return Ok(());
+            }
+        }
+        if start.elapsed() > READY_TIMEOUT {
+            bail!(
+                "{} not ready on port {port} within {READY_TIMEOUT:?}:\n{}",
+                proc.name(),
+                proc.log_tail(10)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends one `GET /` and checks for `200` with the origin's body.
+pub fn check_response(port: u16) -> Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr(port), Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).context("reading response")?;
+    let text = String::from_utf8_lossy(&out);
+    if !text.starts_with("HTTP/1.1 200") || !out.ends_with(SMALL_BODY) {
+        bail!(
+            "unexpected response: {:?}",
+            text.chars().take(300).collect::<String>()
+        );
+    }
+    Ok(())
+}
+
+/// Path of the router binary relative to the current dir, else next to this executable.
+pub fn resolve_router_bin(arg: &Path) -> PathBuf {
+    if arg.exists() || arg.is_absolute() {
+        return arg.to_path_buf();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("flynn-router")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| arg.to_path_buf())
+}
