@@ -14,9 +14,7 @@ use monoio::net::TcpStream;
 use crate::balance::pick;
 use crate::io::{client_gone, compact, read_append, write_range};
 use crate::metrics::CoreMetrics;
-use crate::worker::{Core, ListenerInfo};
-
-const BUF: usize = 16 * 1024;
+use crate::worker::{Core, ListenerInfo, BUF};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(600);
 const MAX_ATTEMPTS: usize = 4;
@@ -52,20 +50,30 @@ pub async fn serve(core: Rc<Core>, mut c: TcpStream, peer: SocketAddr, l: Listen
     CoreMetrics::inc(&core.metrics().connections_active);
     let _guard = ConnGuard(core.clone());
     let _ = c.set_nodelay(true);
-    let mut buf = Vec::with_capacity(BUF);
-    let mut ubuf = Vec::with_capacity(BUF);
-    let mut out = Vec::with_capacity(4096);
+    // Buffers come from the core's free list while a request is in progress; an idle
+    // keep-alive connection holds none (memory per idle connection stays small).
+    let mut buf = Vec::new();
+    let mut ubuf = Vec::new();
+    let mut out = Vec::new();
     loop {
+        core.release_buf(&mut ubuf);
+        core.release_buf(&mut out);
         let info = match read_head(&core, &mut c, &mut buf).await {
             Ok(Some(i)) => i,
-            Ok(None) => return,
+            Ok(None) => {
+                core.release_buf(&mut buf);
+                return;
+            }
             Err(status) => {
+                core.ensure_buf(&mut out);
                 CoreMetrics::inc(&core.metrics().bad_requests_total);
                 let _ = respond(&core, &mut c, &mut out, status, reason_body(status), true).await;
                 return;
             }
         };
         let start_ms = now_ms();
+        core.ensure_buf(&mut ubuf);
+        core.ensure_buf(&mut out);
         CoreMetrics::inc(&core.metrics().requests_total);
         let table = core.table();
         let host = info.host.map(|s| s.get(&buf)).unwrap_or(b"");
@@ -78,6 +86,8 @@ pub async fn serve(core: Rc<Core>, mut c: TcpStream, peer: SocketAddr, l: Listen
             }
             Some(r) if r.backends.is_empty() => unavailable(&core, &mut c, &mut out, &info).await,
             Some(r) if info.upgrade => {
+                core.release_buf(&mut ubuf);
+                core.release_buf(&mut out);
                 crate::upgrade::tunnel(&core, c, buf, &info, r, peer, l, start_ms).await;
                 return;
             }
@@ -88,7 +98,12 @@ pub async fn serve(core: Rc<Core>, mut c: TcpStream, peer: SocketAddr, l: Listen
         };
         match next {
             Next::KeepAlive => {}
-            Next::Close => return,
+            Next::Close => {
+                core.release_buf(&mut buf);
+                core.release_buf(&mut ubuf);
+                core.release_buf(&mut out);
+                return;
+            }
         }
     }
 }
@@ -104,6 +119,9 @@ fn reason_body(status: u16) -> &'static [u8] {
 /// Reads until a complete request head is buffered. `Ok(None)`: the client went away
 /// or idled out; `Err(status)`: answer with that status and close.
 async fn read_head(core: &Core, c: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<RequestInfo>, u16> {
+    // The whole head must arrive within the header timeout of its first byte, however
+    // slowly it trickles in (slowloris costs a connection, never a core).
+    let mut deadline: Option<std::time::Instant> = None;
     loop {
         if !buf.is_empty() {
             match parse_request(buf) {
@@ -112,11 +130,22 @@ async fn read_head(core: &Core, c: &mut TcpStream, buf: &mut Vec<u8>) -> Result<
                 Err(e) => return Err(e.status()),
             }
         }
-        let limit = if buf.is_empty() { core.settings().idle_timeout } else { core.settings().header_timeout };
+        if buf.is_empty() {
+            // Idle between requests: wait for readability without holding a buffer.
+            core.release_buf(buf);
+            match monoio::time::timeout(core.settings().idle_timeout, c.readable(false)).await {
+                Ok(Ok(())) => {}
+                _ => return Ok(None),
+            }
+            core.ensure_buf(buf);
+        }
+        let now = std::time::Instant::now();
+        let deadline = *deadline.get_or_insert(now + core.settings().header_timeout);
+        let limit = deadline.saturating_duration_since(now);
         let taken = std::mem::take(buf);
         let (res, b) = match monoio::time::timeout(limit, read_append(c, taken)).await {
             Ok(x) => x,
-            Err(_) => return Ok(None),
+            Err(_) => return Err(408),
         };
         *buf = b;
         match res {

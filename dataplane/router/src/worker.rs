@@ -34,7 +34,14 @@ pub struct Core {
     inflight: RefCell<HashMap<SocketAddr, u32>>,
     pub pool: Pool,
     pub conns: Cell<usize>,
+    /// Free I/O buffers: idle connections hold none, busy ones borrow from here.
+    bufs: RefCell<Vec<Vec<u8>>>,
 }
+
+/// Size of the per-connection I/O buffers.
+pub const BUF: usize = 16 * 1024;
+/// Free buffers kept per core beyond what connections are using.
+const FREE_BUFS: usize = 1024;
 
 impl Core {
     pub fn metrics(&self) -> &CoreMetrics {
@@ -57,6 +64,37 @@ impl Core {
             true
         } else {
             false
+        }
+    }
+
+    /// A cleared buffer of at least `BUF` bytes (reused, so no allocation in steady state).
+    pub fn take_buf(&self) -> Vec<u8> {
+        self.bufs.borrow_mut().pop().unwrap_or_else(|| Vec::with_capacity(BUF))
+    }
+
+    /// Returns a buffer to the free list (oversized or surplus ones are dropped).
+    pub fn give_buf(&self, mut b: Vec<u8>) {
+        if b.capacity() < BUF || b.capacity() > 4 * BUF {
+            return;
+        }
+        let mut free = self.bufs.borrow_mut();
+        if free.len() < FREE_BUFS {
+            b.clear();
+            free.push(b);
+        }
+    }
+
+    /// Makes sure `b` has a buffer from the free list.
+    pub fn ensure_buf(&self, b: &mut Vec<u8>) {
+        if b.capacity() == 0 {
+            *b = self.take_buf();
+        }
+    }
+
+    /// Hands `b`'s buffer back, leaving an empty, unallocated `Vec`.
+    pub fn release_buf(&self, b: &mut Vec<u8>) {
+        if b.capacity() > 0 {
+            self.give_buf(std::mem::take(b));
         }
     }
 
@@ -98,6 +136,7 @@ pub async fn run(ctx: WorkerCtx, shared: Arc<Shared>, http: Vec<(std::net::TcpLi
         inflight: RefCell::new(HashMap::new()),
         pool: Pool::new(shared.settings.pool_idle_per_backend),
         conns: Cell::new(0),
+        bufs: RefCell::new(Vec::new()),
         shared: shared.clone(),
     });
     for (l, info) in http {
