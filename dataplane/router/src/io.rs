@@ -36,6 +36,13 @@ pub async fn write_range<W: AsyncWriteRentExt>(
     (res.map(|_| ()), slice.into_inner())
 }
 
+/// Like [`client_gone`], but only starts watching after `grace`: fast responses never
+/// pay for the extra poll.
+pub async fn client_gone_after(c: &TcpStream, grace: std::time::Duration) {
+    monoio::time::sleep(grace).await;
+    client_gone(c).await
+}
+
 /// Resolves when the client has closed its side (EOF or error). Pipelined bytes do not
 /// count: if data is waiting, this never resolves.
 pub async fn client_gone(c: &TcpStream) {

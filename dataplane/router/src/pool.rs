@@ -12,6 +12,8 @@ use monoio::net::TcpStream;
 /// Idle connections older than this are closed rather than reused (backends commonly
 /// close idle connections after 60–120 s).
 const MAX_IDLE: Duration = Duration::from_secs(55);
+/// Connections idle for less than this are reused without a liveness peek.
+const RECENT: Duration = Duration::from_millis(500);
 
 pub struct Pool {
     idle: RefCell<HashMap<SocketAddr, Vec<(TcpStream, Instant)>>>,
@@ -30,7 +32,10 @@ impl Pool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         while let Some((s, since)) = list.pop() {
-            if since.elapsed() < MAX_IDLE && peek(s.as_raw_fd()) == Peek::Idle {
+            let idle = since.elapsed();
+            // A connection used moments ago is taken without a syscall; if the backend
+            // closed it in between, the proxy retries bodyless requests on a fresh one.
+            if idle < RECENT || (idle < MAX_IDLE && peek(s.as_raw_fd()) == Peek::Idle) {
                 return Some(s);
             }
         }

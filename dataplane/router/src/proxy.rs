@@ -12,12 +12,15 @@ use flynn_routes::HttpRoute;
 use monoio::net::TcpStream;
 
 use crate::balance::pick;
-use crate::io::{client_gone, compact, read_append, write_range};
+use crate::io::{client_gone_after, compact, read_append, write_range};
 use crate::metrics::CoreMetrics;
 use crate::worker::{Core, ListenerInfo, BUF};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(600);
 const MAX_ATTEMPTS: usize = 4;
+/// How long a response may take before the proxy starts watching for the client
+/// leaving (499); keeps the common fast response free of an extra poll.
+const CLIENT_WATCH_GRACE: Duration = Duration::from_millis(20);
 
 /// How a request ended for the client connection.
 enum Next {
@@ -477,7 +480,7 @@ async fn exchange(
                     }
                 }
             }
-            _ = client_gone(c) => {
+            _ = client_gone_after(c, CLIENT_WATCH_GRACE) => {
                 *ubuf = Vec::with_capacity(BUF);
                 let _ = out;
                 let _ = core;
