@@ -12,7 +12,11 @@ fn metadata() -> Value {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("running cargo metadata");
-    assert!(out.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("metadata JSON")
 }
 
@@ -41,7 +45,11 @@ fn packages() -> Vec<Pkg> {
                 .map(|d| d["name"].as_str().unwrap().to_string())
                 .collect(),
             lib: p["targets"].as_array().unwrap().iter().any(|t| {
-                t["kind"].as_array().unwrap().iter().any(|k| k == "lib" || k == "rlib")
+                t["kind"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|k| k == "lib" || k == "rlib")
             }),
         })
         .collect()
@@ -50,17 +58,39 @@ fn packages() -> Vec<Pkg> {
 #[test]
 fn api_depends_on_no_flynn_crate() {
     let pkgs = packages();
-    let api = pkgs.iter().find(|p| p.name == "flynn-api").expect("flynn-api exists");
-    let bad: Vec<_> = api.deps.iter().filter(|d| d.starts_with("flynn-")).collect();
+    let api = pkgs
+        .iter()
+        .find(|p| p.name == "flynn-api")
+        .expect("flynn-api exists");
+    let bad: Vec<_> = api
+        .deps
+        .iter()
+        .filter(|d| d.starts_with("flynn-"))
+        .collect();
     assert!(bad.is_empty(), "flynn-api depends on {bad:?}");
 }
 
 #[test]
 fn hot_path_libraries_stay_small() {
-    let forbidden = ["tokio", "sqlx", "hyper", "axum", "reqwest", "flynn-client", "monoio"];
-    for p in packages().iter().filter(|p| p.name == "flynn-http" || p.name == "flynn-routes") {
+    let forbidden = [
+        "tokio",
+        "sqlx",
+        "hyper",
+        "axum",
+        "reqwest",
+        "flynn-client",
+        "monoio",
+    ];
+    for p in packages()
+        .iter()
+        .filter(|p| p.name == "flynn-http" || p.name == "flynn-routes")
+    {
         for d in &p.deps {
-            assert!(!forbidden.contains(&d.as_str()), "{} depends on {d}", p.name);
+            assert!(
+                !forbidden.contains(&d.as_str()),
+                "{} depends on {d}",
+                p.name
+            );
             if d.starts_with("flynn-") {
                 assert_eq!(d, "flynn-api", "{} depends on {d}", p.name);
             }
@@ -79,7 +109,11 @@ fn dataplane_uses_no_control_crates_but_api_and_client() {
         .collect();
     for p in pkgs.iter().filter(|p| p.path.contains("/dataplane/")) {
         for d in &p.deps {
-            assert!(!control.contains(&d.as_str()), "{} depends on control crate {d}", p.name);
+            assert!(
+                !control.contains(&d.as_str()),
+                "{} depends on control crate {d}",
+                p.name
+            );
             assert_ne!(d, "sqlx", "{} depends on sqlx", p.name);
         }
     }
@@ -100,6 +134,10 @@ fn nothing_depends_on_a_binary_only_crate() {
 #[test]
 fn every_crate_is_named_flynn() {
     for p in packages() {
-        assert!(p.name.starts_with("flynn"), "crate {} is not named flynn-*", p.name);
+        assert!(
+            p.name.starts_with("flynn"),
+            "crate {} is not named flynn-*",
+            p.name
+        );
     }
 }

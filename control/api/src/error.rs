@@ -52,7 +52,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into(), detail: None, retry: false }
+        ApiError {
+            code,
+            message: message.into(),
+            detail: None,
+            retry: false,
+        }
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -110,7 +115,10 @@ impl std::fmt::Display for ApiError {
     /// Clients render errors as `"<code>: <message>"`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let code = serde_json::to_value(self.code).ok();
-        let code = code.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown_error");
+        let code = code
+            .as_ref()
+            .and_then(|v| v.as_str())
+            .unwrap_or("unknown_error");
         write!(f, "{code}: {}", self.message)
     }
 }
@@ -140,7 +148,10 @@ mod tests {
         for (code, status) in table {
             let parsed: ErrorCode = serde_json::from_value(serde_json::json!(code)).unwrap();
             assert_eq!(parsed.status(), status, "{code}");
-            assert_eq!(serde_json::to_value(parsed).unwrap(), serde_json::json!(code));
+            assert_eq!(
+                serde_json::to_value(parsed).unwrap(),
+                serde_json::json!(code)
+            );
         }
     }
 

@@ -67,12 +67,18 @@ pub struct Route {
 impl Route {
     /// A blank HTTP route for `domain` served by `service`.
     pub fn http(domain: &str, service: &str) -> Self {
-        Route { domain: domain.into(), ..Self::blank(RouteType::Http, service) }
+        Route {
+            domain: domain.into(),
+            ..Self::blank(RouteType::Http, service)
+        }
     }
 
     /// A blank TCP route on `port` (0 = allocate) served by `service`.
     pub fn tcp(port: u16, service: &str) -> Self {
-        Route { port, ..Self::blank(RouteType::Tcp, service) }
+        Route {
+            port,
+            ..Self::blank(RouteType::Tcp, service)
+        }
     }
 
     fn blank(kind: RouteType, service: &str) -> Self {

@@ -19,7 +19,11 @@ pub struct StatusBody {
 impl Status {
     pub fn healthy(version: &str, detail: Option<serde_json::Value>) -> Self {
         Status {
-            data: StatusBody { status: "healthy".into(), version: version.into(), detail },
+            data: StatusBody {
+                status: "healthy".into(),
+                version: version.into(),
+                detail,
+            },
         }
     }
 }

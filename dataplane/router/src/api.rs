@@ -38,7 +38,8 @@ impl From<ApiError> for ApiErr {
 
 impl IntoResponse for ApiErr {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(self.0)).into_response()
     }
 }
@@ -48,7 +49,11 @@ type Res<T> = Result<T, ApiErr>;
 impl Api {
     pub fn new(store: Store, shared: Arc<Shared>) -> Self {
         let (events, _) = broadcast::channel(4096);
-        Api { store: Mutex::new(store), shared, events }
+        Api {
+            store: Mutex::new(store),
+            shared,
+            events,
+        }
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
@@ -72,12 +77,18 @@ impl Api {
     }
 
     fn emit(&self, event: &str, route: Option<Route>, backend: Option<Backend>) {
-        let _ = self.events.send(StreamEvent { event: event.into(), route, backend, error: None });
+        let _ = self.events.send(StreamEvent {
+            event: event.into(),
+            route,
+            backend,
+            error: None,
+        });
     }
 }
 
 fn parse_kind(s: &str) -> Res<RouteType> {
-    RouteType::parse(s).ok_or_else(|| ApiErr(ApiError::validation(Some("type"), "Invalid route type")))
+    RouteType::parse(s)
+        .ok_or_else(|| ApiErr(ApiError::validation(Some("type"), "Invalid route type")))
 }
 
 async fn add_route(State(api): State<Arc<Api>>, body: Bytes) -> Res<Json<Route>> {
@@ -101,10 +112,16 @@ async fn list_routes(State(api): State<Arc<Api>>, Query(q): Query<ListQuery>) ->
     Json(api.store().list(q.parent_ref.as_deref()))
 }
 
-async fn get_route(State(api): State<Arc<Api>>, Path((kind, id)): Path<(String, String)>) -> Res<Json<Route>> {
+async fn get_route(
+    State(api): State<Arc<Api>>,
+    Path((kind, id)): Path<(String, String)>,
+) -> Res<Json<Route>> {
     let kind = parse_kind(&kind)?;
     let s = api.store();
-    s.get(kind, &id).cloned().map(Json).ok_or_else(|| ApiErr(ApiError::not_found("route not found")))
+    s.get(kind, &id)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| ApiErr(ApiError::not_found("route not found")))
 }
 
 async fn update_route(
@@ -124,7 +141,10 @@ async fn update_route(
     Ok(Json(r))
 }
 
-async fn delete_route(State(api): State<Arc<Api>>, Path((kind, id)): Path<(String, String)>) -> Res<StatusCode> {
+async fn delete_route(
+    State(api): State<Arc<Api>>,
+    Path((kind, id)): Path<(String, String)>,
+) -> Res<StatusCode> {
     let kind = parse_kind(&kind)?;
     let (r, v) = {
         let mut s = api.store();
@@ -148,7 +168,12 @@ async fn put_backends(
         (a, r, api.publish(&s))
     };
     api.applied(v).await;
-    let backend = |b: BackendAddr| Backend { service: service.clone(), addr: b.addr, app: b.app, job_id: b.job_id };
+    let backend = |b: BackendAddr| Backend {
+        service: service.clone(),
+        addr: b.addr,
+        app: b.app,
+        job_id: b.job_id,
+    };
     for b in removed {
         api.emit("backend-down", None, Some(backend(b)));
     }
@@ -158,7 +183,10 @@ async fn put_backends(
     Ok(Json(api.store().backends(&service)))
 }
 
-async fn get_backends(State(api): State<Arc<Api>>, Path(service): Path<String>) -> Json<Vec<BackendAddr>> {
+async fn get_backends(
+    State(api): State<Arc<Api>>,
+    Path(service): Path<String>,
+) -> Json<Vec<BackendAddr>> {
     Json(api.store().backends(&service))
 }
 
@@ -168,9 +196,17 @@ struct EventsQuery {
 }
 
 async fn events(State(api): State<Arc<Api>>, Query(q): Query<EventsQuery>) -> impl IntoResponse {
-    let types: Option<Vec<String>> =
-        q.types.map(|t| t.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect());
-    let wanted = move |e: &StreamEvent| types.as_ref().is_none_or(|t| t.iter().any(|x| *x == e.event));
+    let types: Option<Vec<String>> = q.types.map(|t| {
+        t.split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    });
+    let wanted = move |e: &StreamEvent| {
+        types
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|x| *x == e.event))
+    };
     // Subscribe first, then replay `backend-up` for backends of drain-tracked routes.
     let rx = api.events.subscribe();
     let replay: Vec<StreamEvent> = {
@@ -185,7 +221,12 @@ async fn events(State(api): State<Arc<Api>>, Query(q): Query<EventsQuery>) -> im
                 list.into_iter().map(move |b| StreamEvent {
                     event: "backend-up".into(),
                     route: None,
-                    backend: Some(Backend { service: svc.clone(), addr: b.addr, app: b.app, job_id: b.job_id }),
+                    backend: Some(Backend {
+                        service: svc.clone(),
+                        addr: b.addr,
+                        app: b.app,
+                        job_id: b.job_id,
+                    }),
                     error: None,
                 })
             })
@@ -202,14 +243,24 @@ async fn events(State(api): State<Arc<Api>>, Query(q): Query<EventsQuery>) -> im
         }
     });
     use futures_util::StreamExt;
-    let stream = replay.chain(live).filter(move |e| std::future::ready(wanted(e))).map(|e| {
-        Ok::<_, std::convert::Infallible>(Event::default().data(serde_json::to_string(&e).unwrap_or_default()))
-    });
+    let stream = replay
+        .chain(live)
+        .filter(move |e| std::future::ready(wanted(e)))
+        .map(|e| {
+            Ok::<_, std::convert::Infallible>(
+                Event::default().data(serde_json::to_string(&e).unwrap_or_default()),
+            )
+        });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(30)).text(""))
 }
 
 async fn status(State(api): State<Arc<Api>>) -> Response {
-    let drivers: Vec<&str> = api.shared.cores.iter().map(|c| c.driver.get().copied().unwrap_or("starting")).collect();
+    let drivers: Vec<&str> = api
+        .shared
+        .cores
+        .iter()
+        .map(|c| c.driver.get().copied().unwrap_or("starting"))
+        .collect();
     let routes = api.store().list(None).len();
     let body = Status::healthy(
         env!("CARGO_PKG_VERSION"),
@@ -234,8 +285,14 @@ async fn not_found() -> ApiErr {
 pub fn router(api: Arc<Api>) -> Router {
     Router::new()
         .route("/routes", get(list_routes).post(add_route))
-        .route("/routes/{kind}/{id}", get(get_route).put(update_route).delete(delete_route))
-        .route("/services/{service}/backends", put(put_backends).get(get_backends))
+        .route(
+            "/routes/{kind}/{id}",
+            get(get_route).put(update_route).delete(delete_route),
+        )
+        .route(
+            "/services/{service}/backends",
+            put(put_backends).get(get_backends),
+        )
         .route("/events", get(events))
         .route("/.well-known/status", get(status))
         .route("/metrics", get(metrics_text))
@@ -245,7 +302,9 @@ pub fn router(api: Arc<Api>) -> Router {
 
 /// Serves the API on `listener` until the process exits (call on a dedicated thread).
 pub fn serve(api: Arc<Api>, listener: std::net::TcpListener) -> std::io::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let l = tokio::net::TcpListener::from_std(listener)?;
         axum::serve(l, router(api)).await

@@ -7,7 +7,11 @@ use crate::worker::Core;
 
 /// Picks a backend not in `tried`: two distinct random candidates, the one with fewer
 /// requests in flight on this core wins.
-pub fn pick(core: &Rc<Core>, backends: &[SocketAddr], tried: &[Option<SocketAddr>]) -> Option<SocketAddr> {
+pub fn pick(
+    core: &Rc<Core>,
+    backends: &[SocketAddr],
+    tried: &[Option<SocketAddr>],
+) -> Option<SocketAddr> {
     let untried = |a: &SocketAddr| !tried.iter().any(|t| t.as_ref() == Some(a));
     let n = backends.len();
     match n {
@@ -44,7 +48,11 @@ pub fn pick(core: &Rc<Core>, backends: &[SocketAddr], tried: &[Option<SocketAddr
 /// Backends in random order (for upgrades and TCP routes, which dial each in turn).
 pub fn shuffled(backends: &[SocketAddr], out: &mut [SocketAddr; 16]) -> usize {
     let n = backends.len().min(out.len());
-    let start = if backends.is_empty() { 0 } else { fastrand::usize(..backends.len()) };
+    let start = if backends.is_empty() {
+        0
+    } else {
+        fastrand::usize(..backends.len())
+    };
     for (k, slot) in out.iter_mut().take(n).enumerate() {
         *slot = backends[(start + k) % backends.len()];
     }

@@ -13,7 +13,12 @@ use flynn_runtime::Driver;
 pub struct Config {
     /// HTTP listen address; repeatable. The first is the default port (routes with
     /// port 0), the others are additional ports that routes name explicitly.
-    #[arg(long = "http-addr", env = "FLYNN_HTTP_ADDR", value_delimiter = ',', default_value = "0.0.0.0:8080")]
+    #[arg(
+        long = "http-addr",
+        env = "FLYNN_HTTP_ADDR",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:8080"
+    )]
     pub http_addrs: Vec<SocketAddr>,
 
     /// Admin API address (routes, backends, events, status, metrics).
@@ -62,7 +67,9 @@ pub struct Config {
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
-    let (a, b) = s.split_once('-').ok_or_else(|| format!("expected START-END, got {s:?}"))?;
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("expected START-END, got {s:?}"))?;
     let a: u16 = a.trim().parse().map_err(|_| format!("bad port {a:?}"))?;
     let b: u16 = b.trim().parse().map_err(|_| format!("bad port {b:?}"))?;
     if a == 0 || b < a {

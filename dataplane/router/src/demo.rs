@@ -13,12 +13,19 @@ const SAMPLE: &str = include_str!("../examples/routes.json");
 /// Starts the demo backends and returns the routes to load.
 pub fn setup() -> anyhow::Result<RoutesFile> {
     let mut file = RoutesFile::parse(SAMPLE, false)?;
-    let web: Vec<SocketAddr> = (1..=2).map(|i| backend(&format!("demo-{i}"))).collect::<Result<_, _>>()?;
+    let web: Vec<SocketAddr> = (1..=2)
+        .map(|i| backend(&format!("demo-{i}")))
+        .collect::<Result<_, _>>()?;
     let api = backend("demo-api")?;
     let list = |addrs: &[SocketAddr]| {
         addrs
             .iter()
-            .map(|a| BackendAddr { addr: a.to_string(), leader: false, app: "demo".into(), job_id: String::new() })
+            .map(|a| BackendAddr {
+                addr: a.to_string(),
+                leader: false,
+                app: "demo".into(),
+                job_id: String::new(),
+            })
             .collect::<Vec<_>>()
     };
     file.services.insert("demo".into(), list(&web));
@@ -30,12 +37,14 @@ fn backend(name: &str) -> std::io::Result<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
     let name = name.to_string();
-    std::thread::Builder::new().name(name.clone()).spawn(move || {
-        for s in l.incoming().flatten() {
-            let name = name.clone();
-            std::thread::spawn(move || serve(s, &name));
-        }
-    })?;
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            for s in l.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || serve(s, &name));
+            }
+        })?;
     Ok(addr)
 }
 
@@ -65,7 +74,10 @@ fn serve(s: TcpStream, name: &str) {
         if r.read_exact(&mut body).is_err() {
             return;
         }
-        let text = format!("Hello from {name}!\n\nThe router forwarded:\n{}\n", head.join("\n"));
+        let text = format!(
+            "Hello from {name}!\n\nThe router forwarded:\n{}\n",
+            head.join("\n")
+        );
         let resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n{text}",
             text.len()

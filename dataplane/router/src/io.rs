@@ -12,7 +12,10 @@ use monoio::net::TcpStream;
 const READ_CHUNK: usize = 16 * 1024;
 
 /// Reads once, appending to `buf` (growing it by at most `READ_CHUNK` when full).
-pub async fn read_append<R: AsyncReadRent>(r: &mut R, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+pub async fn read_append<R: AsyncReadRent>(
+    r: &mut R,
+    mut buf: Vec<u8>,
+) -> (io::Result<usize>, Vec<u8>) {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(READ_CHUNK);
     }

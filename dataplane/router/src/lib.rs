@@ -10,6 +10,7 @@ mod api;
 mod balance;
 pub mod config;
 pub mod demo;
+mod idle;
 mod io;
 mod metrics;
 mod pool;
@@ -47,13 +48,18 @@ pub struct RoutesFile {
 
 impl RoutesFile {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::parse(&text, path.extension().is_some_and(|e| e == "toml"))
             .with_context(|| format!("parsing {}", path.display()))
     }
 
     pub fn parse(text: &str, toml: bool) -> anyhow::Result<Self> {
-        Ok(if toml { toml::from_str(text)? } else { serde_json::from_str(text)? })
+        Ok(if toml {
+            toml::from_str(text)?
+        } else {
+            serde_json::from_str(text)?
+        })
     }
 }
 
@@ -66,14 +72,24 @@ pub struct Running {
 
 fn apply_file(store: &mut Store, file: RoutesFile) -> anyhow::Result<()> {
     for (svc, list) in file.services {
-        store.set_backends(&svc, list).map_err(|e| anyhow::anyhow!("service {svc}: {e}"))?;
+        store
+            .set_backends(&svc, list)
+            .map_err(|e| anyhow::anyhow!("service {svc}: {e}"))?;
     }
     // Root routes before sub-paths (spec §1.4).
     let mut routes = file.routes;
-    routes.sort_by(|a, b| (a.domain.to_lowercase(), a.path.len()).cmp(&(b.domain.to_lowercase(), b.path.len())));
+    routes.sort_by(|a, b| {
+        (a.domain.to_lowercase(), a.path.len()).cmp(&(b.domain.to_lowercase(), b.path.len()))
+    });
     for r in routes {
-        let what = if r.domain.is_empty() { format!("tcp port {}", r.port) } else { format!("{}{}", r.domain, r.path) };
-        store.add(r).map_err(|e| anyhow::anyhow!("route {what}: {e}"))?;
+        let what = if r.domain.is_empty() {
+            format!("tcp port {}", r.port)
+        } else {
+            format!("{}{}", r.domain, r.path)
+        };
+        store
+            .add(r)
+            .map_err(|e| anyhow::anyhow!("route {what}: {e}"))?;
     }
     Ok(())
 }
@@ -86,21 +102,27 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     let threads = cfg.threads();
 
     // HTTP listeners: one per core per address, all on the same port.
-    let mut per_core: Vec<Vec<(std::net::TcpListener, ListenerInfo)>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut per_core: Vec<Vec<(std::net::TcpListener, ListenerInfo)>> =
+        (0..threads).map(|_| Vec::new()).collect();
     let mut http_addrs = Vec::new();
     for (i, addr) in cfg.http_addrs.iter().enumerate() {
-        let first = flynn_runtime::reuseport_listener(*addr).with_context(|| format!("listening on {addr}"))?;
+        let first = flynn_runtime::reuseport_listener(*addr)
+            .with_context(|| format!("listening on {addr}"))?;
         let bound = first.local_addr()?;
-        let info = ListenerInfo { port: bound.port(), route_port: if i == 0 { 0 } else { bound.port() } };
+        let info = ListenerInfo {
+            port: bound.port(),
+            route_port: if i == 0 { 0 } else { bound.port() },
+        };
         per_core[0].push((first, info));
         for core in per_core.iter_mut().skip(1) {
-            let l = flynn_runtime::reuseport_listener(bound).with_context(|| format!("listening on {bound}"))?;
+            let l = flynn_runtime::reuseport_listener(bound)
+                .with_context(|| format!("listening on {bound}"))?;
             core.push((l, info));
         }
         http_addrs.push(bound);
     }
-    let api_listener =
-        std::net::TcpListener::bind(cfg.api_addr).with_context(|| format!("API listening on {}", cfg.api_addr))?;
+    let api_listener = std::net::TcpListener::bind(cfg.api_addr)
+        .with_context(|| format!("API listening on {}", cfg.api_addr))?;
     api_listener.set_nonblocking(true)?;
     let api_addr = api_listener.local_addr()?;
 
@@ -132,14 +154,20 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     ));
     let api = Arc::new(api::Api::new(store, shared.clone()));
     let v = {
-        let s = api.store.lock().map_err(|_| anyhow::anyhow!("store poisoned"))?;
+        let s = api
+            .store
+            .lock()
+            .map_err(|_| anyhow::anyhow!("store poisoned"))?;
         api.publish(&s)
     };
 
     let listeners = std::sync::Mutex::new(per_core);
     let sh = shared.clone();
     flynn_runtime::spawn_workers(threads, cfg.io_driver, "router", move |ctx| {
-        let mine = listeners.lock().map(|mut l| std::mem::take(&mut l[ctx.index])).unwrap_or_default();
+        let mine = listeners
+            .lock()
+            .map(|mut l| std::mem::take(&mut l[ctx.index]))
+            .unwrap_or_default();
         worker::run(ctx, sh.clone(), mine)
     })
     .context("starting workers")?;
@@ -148,11 +176,21 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     }
 
     let api2 = api.clone();
-    std::thread::Builder::new().name("router-api".into()).spawn(move || {
-        if let Err(e) = api::serve(api2, api_listener) {
-            tracing::error!(error = %e, "admin API stopped");
-        }
-    })?;
-    let drivers = shared.cores.iter().map(|c| c.driver.get().copied().unwrap_or("unknown")).collect();
-    Ok(Running { http_addrs, api_addr, drivers })
+    std::thread::Builder::new()
+        .name("router-api".into())
+        .spawn(move || {
+            if let Err(e) = api::serve(api2, api_listener) {
+                tracing::error!(error = %e, "admin API stopped");
+            }
+        })?;
+    let drivers = shared
+        .cores
+        .iter()
+        .map(|c| c.driver.get().copied().unwrap_or("unknown"))
+        .collect();
+    Ok(Running {
+        http_addrs,
+        api_addr,
+        drivers,
+    })
 }

@@ -40,7 +40,10 @@ fn main() {
         println!("  curl -H 'Host: demo.localhost' http://127.0.0.1:{port}/");
         println!("  curl -H 'Host: demo.localhost' http://127.0.0.1:{port}/api/");
         println!("  curl http://127.0.0.1:{port}/          (catch-all route)");
-        println!("  curl http://{}/routes                  (admin API)", running.api_addr);
+        println!(
+            "  curl http://{}/routes                  (admin API)",
+            running.api_addr
+        );
         println!("  or open http://demo.localhost:{port}/ in a browser. Ctrl-C stops.");
     }
     use std::io::Write;
@@ -49,7 +52,10 @@ fn main() {
 }
 
 fn wait_for_signal() {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(_) => loop {
             std::thread::park();

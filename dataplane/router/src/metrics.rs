@@ -53,7 +53,10 @@ impl CoreMetrics {
 
     #[inline]
     pub fn dec(c: &AtomicU64) {
-        c.store(c.load(Ordering::Relaxed).saturating_sub(1), Ordering::Relaxed);
+        c.store(
+            c.load(Ordering::Relaxed).saturating_sub(1),
+            Ordering::Relaxed,
+        );
     }
 
     #[inline]
@@ -71,12 +74,21 @@ impl CoreMetrics {
 /// Renders every core's counters as Prometheus text, one series per core.
 pub fn render(cores: &[&CoreMetrics], routes: usize) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP flynn_router_routes Routes currently configured");
+    let _ = writeln!(
+        out,
+        "# HELP flynn_router_routes Routes currently configured"
+    );
     let _ = writeln!(out, "# TYPE flynn_router_routes gauge");
     let _ = writeln!(out, "flynn_router_routes {routes}");
-    let Some(first) = cores.first() else { return out };
+    let Some(first) = cores.first() else {
+        return out;
+    };
     for (i, (name, help)) in first.fields().iter().enumerate() {
-        let kind = if name.ends_with("_active") { "gauge" } else { "counter" };
+        let kind = if name.ends_with("_active") {
+            "gauge"
+        } else {
+            "counter"
+        };
         let _ = writeln!(out, "# HELP flynn_router_{name} {help}");
         let _ = writeln!(out, "# TYPE flynn_router_{name} {kind}");
         for (core, m) in cores.iter().enumerate() {

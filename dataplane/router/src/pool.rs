@@ -22,7 +22,10 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(max_per_backend: usize) -> Self {
-        Pool { idle: RefCell::new(HashMap::new()), max_per_backend }
+        Pool {
+            idle: RefCell::new(HashMap::new()),
+            max_per_backend,
+        }
     }
 
     /// The most recently used live connection to `addr`, if any. Connections the

@@ -1,6 +1,7 @@
 //! Hot path: one client connection, its requests proxied to backends (spec §1.6).
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,6 +16,7 @@ use crate::balance::pick;
 use crate::io::{client_gone_after, compact, read_append, write_range};
 use crate::metrics::CoreMetrics;
 use crate::worker::{Core, ListenerInfo, BUF};
+use flynn_runtime::Recycled;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(600);
 const MAX_ATTEMPTS: usize = 4;
@@ -38,76 +40,145 @@ impl Drop for ConnGuard {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn client_ip(peer: SocketAddr) -> IpAddr {
     match peer.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
         ip => ip,
     }
 }
 
-pub async fn serve(core: Rc<Core>, mut c: TcpStream, peer: SocketAddr, l: ListenerInfo) {
+/// The connection's buffers: borrowed from the core's free list while a request is in
+/// progress; an idle keep-alive connection holds none.
+#[derive(Default)]
+pub struct Bufs {
+    /// Client bytes (request head, body, pipelined requests).
+    buf: Vec<u8>,
+    /// Upstream bytes.
+    ubuf: Vec<u8>,
+    /// Heads being written.
+    out: Vec<u8>,
+}
+
+impl Bufs {
+    pub fn release(&mut self, core: &Core, all: bool) {
+        if all {
+            core.release_buf(&mut self.buf);
+        }
+        core.release_buf(&mut self.ubuf);
+        core.release_buf(&mut self.out);
+    }
+}
+
+/// Serves one client connection. This outer future is what an idle keep-alive
+/// connection costs (a few hundred bytes); each request runs in a [`Recycled`] slot.
+pub async fn serve(core: Rc<Core>, mut conn: TcpStream, peer: SocketAddr, l: ListenerInfo) {
     core.conns.set(core.conns.get() + 1);
     CoreMetrics::inc(&core.metrics().connections_active);
     let _guard = ConnGuard(core.clone());
-    let _ = c.set_nodelay(true);
-    // Buffers come from the core's free list while a request is in progress; an idle
-    // keep-alive connection holds none (memory per idle connection stays small).
-    let mut buf = Vec::new();
-    let mut ubuf = Vec::new();
-    let mut out = Vec::new();
+    let _ = conn.set_nodelay(true);
+    // Boxed so an idle connection holds one pointer, not three empty Vecs.
+    let mut bufs: Option<Box<Bufs>> = None;
     loop {
-        core.release_buf(&mut ubuf);
-        core.release_buf(&mut out);
-        let info = match read_head(&core, &mut c, &mut buf).await {
-            Ok(Some(i)) => i,
-            Ok(None) => {
-                core.release_buf(&mut buf);
-                return;
+        if bufs.as_ref().is_none_or(|b| b.buf.is_empty()) {
+            // Idle between requests: wait for readability without holding a buffer or
+            // a timer (the core's idle sweep shuts the socket down when it expires).
+            if let Some(mut b) = bufs.take() {
+                b.release(&core, true);
+                core.give_bufs(b);
             }
-            Err(status) => {
-                core.ensure_buf(&mut out);
-                CoreMetrics::inc(&core.metrics().bad_requests_total);
-                let _ = respond(&core, &mut c, &mut out, status, reason_body(status), true).await;
-                return;
-            }
-        };
-        let start_ms = now_ms();
-        core.ensure_buf(&mut ubuf);
-        core.ensure_buf(&mut out);
-        CoreMetrics::inc(&core.metrics().requests_total);
-        let table = core.table();
-        let host = info.host.map(|s| s.get(&buf)).unwrap_or(b"");
-        let route = table.lookup_http(host, l.route_port, info.path.get(&buf));
-        let next = match route {
-            None => {
-                CoreMetrics::inc(&core.metrics().not_found_total);
-                let close = !info.keep_alive || info.framing != Framing::Empty;
-                respond(&core, &mut c, &mut out, 404, b"Not Found\n", close).await
-            }
-            Some(r) if r.backends.is_empty() => unavailable(&core, &mut c, &mut out, &info).await,
-            Some(r) if info.upgrade => {
-                core.release_buf(&mut ubuf);
-                core.release_buf(&mut out);
-                crate::upgrade::tunnel(&core, c, buf, &info, r, peer, l, start_ms).await;
-                return;
-            }
-            Some(r) => {
-                let fwd = Fwd { peer, l, start_ms };
-                forward(&core, &mut c, &mut buf, &mut ubuf, &mut out, &info, r, fwd).await
-            }
-        };
-        match next {
-            Next::KeepAlive => {}
-            Next::Close => {
-                core.release_buf(&mut buf);
-                core.release_buf(&mut ubuf);
-                core.release_buf(&mut out);
-                return;
+            let ticket = core.idle.enter(conn.as_raw_fd());
+            let ready = conn.readable(false).await;
+            if !core.idle.leave(ticket) || ready.is_err() {
+                break;
             }
         }
+        let b = bufs.get_or_insert_with(|| core.take_bufs());
+        match Recycled::new(one_request(&core, conn, b, peer, l)).await {
+            Some(c) => conn = c,
+            None => break,
+        }
+    }
+    if let Some(mut b) = bufs.take() {
+        b.release(&core, true);
+        core.give_bufs(b);
+    }
+}
+
+/// Reads and serves one request; gives the connection back if it stays open.
+async fn one_request(
+    core: &Rc<Core>,
+    mut c: TcpStream,
+    bufs: &mut Bufs,
+    peer: SocketAddr,
+    l: ListenerInfo,
+) -> Option<TcpStream> {
+    core.ensure_buf(&mut bufs.buf);
+    let info = match read_head(core, &mut c, &mut bufs.buf).await {
+        Ok(Some(i)) => i,
+        Ok(None) => return None,
+        Err(status) => {
+            core.ensure_buf(&mut bufs.out);
+            CoreMetrics::inc(&core.metrics().bad_requests_total);
+            let _ = respond(
+                core,
+                &mut c,
+                &mut bufs.out,
+                status,
+                reason_body(status),
+                true,
+            )
+            .await;
+            return None;
+        }
+    };
+    let start_ms = now_ms();
+    core.ensure_buf(&mut bufs.ubuf);
+    core.ensure_buf(&mut bufs.out);
+    CoreMetrics::inc(&core.metrics().requests_total);
+    let table = core.table();
+    let Bufs { buf, ubuf, out } = bufs;
+    let host = info.host.map(|s| s.get(buf)).unwrap_or(b"");
+    let route = table.lookup_http(host, l.route_port, info.path.get(buf));
+    let next = match route {
+        None => {
+            CoreMetrics::inc(&core.metrics().not_found_total);
+            let close = !info.keep_alive || info.framing != Framing::Empty;
+            if close {
+                respond(core, &mut c, out, 404, b"Not Found\n", true).await
+            } else {
+                buf.drain(..info.head_len);
+                respond(core, &mut c, out, 404, b"Not Found\n", false).await
+            }
+        }
+        Some(r) if r.backends.is_empty() => {
+            let n = unavailable(core, &mut c, out, &info).await;
+            if matches!(n, Next::KeepAlive) {
+                buf.drain(..info.head_len);
+            }
+            n
+        }
+        Some(r) if info.upgrade => {
+            let b = std::mem::take(buf);
+            crate::upgrade::tunnel(core, c, b, &info, r, peer, l, start_ms).await;
+            return None;
+        }
+        Some(r) => {
+            let fwd = Fwd { peer, l, start_ms };
+            forward(core, &mut c, buf, ubuf, out, &info, r, fwd).await
+        }
+    };
+    match next {
+        Next::KeepAlive => Some(c),
+        Next::Close => None,
     }
 }
 
@@ -121,7 +192,11 @@ fn reason_body(status: u16) -> &'static [u8] {
 
 /// Reads until a complete request head is buffered. `Ok(None)`: the client went away
 /// or idled out; `Err(status)`: answer with that status and close.
-async fn read_head(core: &Core, c: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<RequestInfo>, u16> {
+async fn read_head(
+    core: &Core,
+    c: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<Option<RequestInfo>, u16> {
     // The whole head must arrive within the header timeout of its first byte, however
     // slowly it trickles in (slowloris costs a connection, never a core).
     let mut deadline: Option<std::time::Instant> = None;
@@ -132,15 +207,6 @@ async fn read_head(core: &Core, c: &mut TcpStream, buf: &mut Vec<u8>) -> Result<
                 Ok(None) => {}
                 Err(e) => return Err(e.status()),
             }
-        }
-        if buf.is_empty() {
-            // Idle between requests: wait for readability without holding a buffer.
-            core.release_buf(buf);
-            match monoio::time::timeout(core.settings().idle_timeout, c.readable(false)).await {
-                Ok(Ok(())) => {}
-                _ => return Ok(None),
-            }
-            core.ensure_buf(buf);
         }
         let now = std::time::Instant::now();
         let deadline = *deadline.get_or_insert(now + core.settings().header_timeout);
@@ -158,7 +224,14 @@ async fn read_head(core: &Core, c: &mut TcpStream, buf: &mut Vec<u8>) -> Result<
     }
 }
 
-async fn respond(core: &Core, c: &mut TcpStream, out: &mut Vec<u8>, status: u16, body: &[u8], close: bool) -> Next {
+async fn respond(
+    core: &Core,
+    c: &mut TcpStream,
+    out: &mut Vec<u8>,
+    status: u16,
+    body: &[u8],
+    close: bool,
+) -> Next {
     core.metrics().status(status);
     out.clear();
     simple_response(status, body, close, out);
@@ -173,7 +246,12 @@ async fn respond(core: &Core, c: &mut TcpStream, out: &mut Vec<u8>, status: u16,
     }
 }
 
-async fn unavailable(core: &Core, c: &mut TcpStream, out: &mut Vec<u8>, info: &RequestInfo) -> Next {
+async fn unavailable(
+    core: &Core,
+    c: &mut TcpStream,
+    out: &mut Vec<u8>,
+    info: &RequestInfo,
+) -> Next {
     CoreMetrics::inc(&core.metrics().unavailable_total);
     let close = !info.keep_alive || info.framing != Framing::Empty;
     respond(core, c, out, 503, b"Service Unavailable\n", close).await
@@ -261,7 +339,11 @@ async fn forward(
 ) -> Next {
     let m = core.metrics();
     let Some((mut up, addr, mut reused)) = connect(core, route).await else {
-        return unavailable(core, c, out, info).await;
+        let next = unavailable(core, c, out, info).await;
+        if matches!(next, Next::KeepAlive) {
+            buf.drain(..info.head_len);
+        }
+        return next;
     };
     let _inflight = core.start_request(addr);
 
@@ -312,7 +394,10 @@ async fn forward(
             let limit = core.settings().idle_timeout;
             let (res, b) = match monoio::time::timeout(limit, read_append(c, taken)).await {
                 Ok(x) => x,
-                Err(_) => (Err(std::io::ErrorKind::TimedOut.into()), Vec::with_capacity(BUF)),
+                Err(_) => (
+                    Err(std::io::ErrorKind::TimedOut.into()),
+                    Vec::with_capacity(BUF),
+                ),
             };
             *buf = b;
             match res {
@@ -366,7 +451,15 @@ async fn forward(
         Err(_) => return upstream_failed(core, c, out).await,
     };
     out.clear();
-    write_response_head(ubuf, &resp, &ResponseOpts { close: close_client, extra: &[] }, out);
+    write_response_head(
+        ubuf,
+        &resp,
+        &ResponseOpts {
+            close: close_client,
+            extra: &[],
+        },
+        out,
+    );
     out.extend_from_slice(&ubuf[head_len..head_len + adv.used]);
     let mut clean = head_len + adv.used == ubuf.len();
     let o = std::mem::take(out);
@@ -383,7 +476,10 @@ async fn forward(
         let limit = core.settings().idle_timeout;
         let (res, b) = match monoio::time::timeout(limit, read_append(&mut up, taken)).await {
             Ok(x) => x,
-            Err(_) => (Err(std::io::ErrorKind::TimedOut.into()), Vec::with_capacity(BUF)),
+            Err(_) => (
+                Err(std::io::ErrorKind::TimedOut.into()),
+                Vec::with_capacity(BUF),
+            ),
         };
         *ubuf = b;
         let n = match res {
@@ -447,7 +543,15 @@ async fn exchange(
             match parse_response(ubuf, info.method) {
                 Ok(Some(r)) if (100..200).contains(&r.status) && r.status != 101 => {
                     let mut interim = Vec::new();
-                    write_response_head(ubuf, &r, &ResponseOpts { close: false, extra: &[] }, &mut interim);
+                    write_response_head(
+                        ubuf,
+                        &r,
+                        &ResponseOpts {
+                            close: false,
+                            extra: &[],
+                        },
+                        &mut interim,
+                    );
                     let len = interim.len();
                     let (res, _) = write_range(c, interim, 0, len).await;
                     if res.is_err() {

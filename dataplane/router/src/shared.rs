@@ -51,7 +51,11 @@ impl Shared {
                 }
             })
             .collect();
-        Shared { table: Published::new(Table::default()), cores, settings }
+        Shared {
+            table: Published::new(Table::default()),
+            cores,
+            settings,
+        }
     }
 
     /// Publishes a table and tells every core to pick it up.
@@ -66,7 +70,9 @@ impl Shared {
 
     /// True once every core has applied version `v` (or a later one).
     pub fn applied(&self, v: u64) -> bool {
-        self.cores.iter().all(|c| c.applied.load(Ordering::Acquire) >= v)
+        self.cores
+            .iter()
+            .all(|c| c.applied.load(Ordering::Acquire) >= v)
     }
 
     /// Blocks (control threads only) until every core applied `v`, up to `limit`.

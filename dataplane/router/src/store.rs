@@ -56,7 +56,13 @@ fn valid_path(p: &str) -> bool {
 
 impl Store {
     pub fn new(ports: Ports) -> Self {
-        Store { ports, routes: BTreeMap::new(), services: BTreeMap::new(), seq: 0, version: 0 }
+        Store {
+            ports,
+            routes: BTreeMap::new(),
+            services: BTreeMap::new(),
+            seq: 0,
+            version: 0,
+        }
     }
 
     /// Parses a route body, giving the spec's error for an unknown type.
@@ -113,7 +119,10 @@ impl Store {
                     return Err(ApiError::validation(Some("domain"), "must not be blank"));
                 }
                 if r.port != 0 && !self.ports.additional_http.contains(&r.port) {
-                    return Err(ApiError::validation(None, "Port not reserved for HTTP traffic"));
+                    return Err(ApiError::validation(
+                        None,
+                        "Port not reserved for HTTP traffic",
+                    ));
                 }
                 r.path = normalize_path(&r.path);
                 if !valid_path(&r.path) {
@@ -149,7 +158,13 @@ impl Store {
         r.updated_at = Some(t);
         self.seq += 1;
         self.version += 1;
-        self.routes.insert((r.kind, r.id.clone()), Stored { seq: self.seq, route: r.clone() });
+        self.routes.insert(
+            (r.kind, r.id.clone()),
+            Stored {
+                seq: self.seq,
+                route: r.clone(),
+            },
+        );
         Ok(r)
     }
 
@@ -241,8 +256,16 @@ impl Store {
     ) -> Result<(Vec<BackendAddr>, Vec<BackendAddr>), ApiError> {
         Backends::from_api(&list).map_err(|m| ApiError::validation(Some("addr"), &m))?;
         let old = self.services.get(service).cloned().unwrap_or_default();
-        let added = list.iter().filter(|b| !old.iter().any(|o| o.addr == b.addr)).cloned().collect();
-        let removed = old.iter().filter(|o| !list.iter().any(|b| b.addr == o.addr)).cloned().collect();
+        let added = list
+            .iter()
+            .filter(|b| !old.iter().any(|o| o.addr == b.addr))
+            .cloned()
+            .collect();
+        let removed = old
+            .iter()
+            .filter(|o| !list.iter().any(|b| b.addr == o.addr))
+            .cloned()
+            .collect();
         if list.is_empty() {
             self.services.remove(service);
         } else {

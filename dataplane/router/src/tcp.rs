@@ -1,11 +1,11 @@
 //! TCP routes (spec §1.8): a listener per route port on every core, backends dialled
 //! in shuffled order, bytes piped both ways with half-close.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::cell::Cell;
 
 use monoio::io::Splitable;
 use monoio::net::{TcpListener, TcpStream};
@@ -31,7 +31,12 @@ impl Listeners {
     /// Opens listeners for new route ports and closes those whose route is gone.
     pub fn reconcile(&mut self, core: &Rc<Core>) {
         let table = core.table();
-        let gone: Vec<u16> = self.open.keys().copied().filter(|p| table.tcp_route(*p).is_none()).collect();
+        let gone: Vec<u16> = self
+            .open
+            .keys()
+            .copied()
+            .filter(|p| table.tcp_route(*p).is_none())
+            .collect();
         for port in gone {
             if let Some(r) = self.open.remove(&port) {
                 r.stop.set(true);
@@ -51,7 +56,13 @@ impl Listeners {
                 }
             };
             let stop = Rc::new(Cell::new(false));
-            self.open.insert(port, Running { fd: l.as_raw_fd(), stop: stop.clone() });
+            self.open.insert(
+                port,
+                Running {
+                    fd: l.as_raw_fd(),
+                    stop: stop.clone(),
+                },
+            );
             monoio::spawn(accept(core.clone(), l, port, stop));
         }
     }
@@ -78,7 +89,9 @@ async fn accept(core: Rc<Core>, l: TcpListener, port: u16, stop: Rc<Cell<bool>>)
 
 async fn proxy(core: Rc<Core>, c: TcpStream, port: u16) {
     let table = core.table();
-    let Some(route) = table.tcp_route(port) else { return };
+    let Some(route) = table.tcp_route(port) else {
+        return;
+    };
     let mut order = [SocketAddr::from(([0, 0, 0, 0], 0)); 16];
     let n = shuffled(&route.backends, &mut order);
     let mut up = None;

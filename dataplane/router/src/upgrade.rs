@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::rc::Rc;
 
-use flynn_http::{parse_response, write_request_head, write_response_head, BodyReader, RequestInfo, ResponseOpts};
+use flynn_http::{
+    parse_response, write_request_head, write_response_head, BodyReader, RequestInfo, ResponseOpts,
+};
 use flynn_routes::HttpRoute;
 use monoio::io::Splitable;
 use monoio::net::TcpStream;
@@ -71,7 +73,15 @@ pub async fn tunnel(
     m.status(resp.status);
     let upgraded = resp.status == 101;
     let mut out = Vec::with_capacity(1024);
-    write_response_head(&ubuf, &resp, &ResponseOpts { close: !upgraded, extra: &[] }, &mut out);
+    write_response_head(
+        &ubuf,
+        &resp,
+        &ResponseOpts {
+            close: !upgraded,
+            extra: &[],
+        },
+        &mut out,
+    );
     out.extend_from_slice(&ubuf[resp.head_len..]);
     let len = out.len();
     let (res, _) = write_range(&mut c, out, 0, len).await;
@@ -100,7 +110,9 @@ pub async fn tunnel(
             Ok(n) if n > 0 => n,
             _ => return,
         };
-        let Ok(adv) = body.advance(&ubuf[..n]) else { return };
+        let Ok(adv) = body.advance(&ubuf[..n]) else {
+            return;
+        };
         let (res, b) = write_range(&mut c, ubuf, 0, adv.used).await;
         ubuf = b;
         if res.is_err() {

@@ -12,6 +12,7 @@ use flynn_routes::Table;
 use flynn_runtime::{Local, WorkerCtx};
 use monoio::net::TcpListener;
 
+use crate::idle::IdleSet;
 use crate::metrics::CoreMetrics;
 use crate::pool::Pool;
 use crate::shared::{Settings, Shared};
@@ -34,8 +35,12 @@ pub struct Core {
     inflight: RefCell<HashMap<SocketAddr, u32>>,
     pub pool: Pool,
     pub conns: Cell<usize>,
+    /// Idle keep-alive client connections, expired by a sweep.
+    pub idle: IdleSet,
     /// Free I/O buffers: idle connections hold none, busy ones borrow from here.
     bufs: RefCell<Vec<Vec<u8>>>,
+    /// Free (empty) buffer sets for connections that become busy.
+    bufsets: RefCell<Vec<Box<crate::proxy::Bufs>>>,
 }
 
 /// Size of the per-connection I/O buffers.
@@ -69,7 +74,10 @@ impl Core {
 
     /// A cleared buffer of at least `BUF` bytes (reused, so no allocation in steady state).
     pub fn take_buf(&self) -> Vec<u8> {
-        self.bufs.borrow_mut().pop().unwrap_or_else(|| Vec::with_capacity(BUF))
+        self.bufs
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(BUF))
     }
 
     /// Returns a buffer to the free list (oversized or surplus ones are dropped).
@@ -80,6 +88,18 @@ impl Core {
         let mut free = self.bufs.borrow_mut();
         if free.len() < FREE_BUFS {
             b.clear();
+            free.push(b);
+        }
+    }
+
+    pub fn take_bufs(&self) -> Box<crate::proxy::Bufs> {
+        self.bufsets.borrow_mut().pop().unwrap_or_default()
+    }
+
+    /// Takes back a released (empty) buffer set.
+    pub fn give_bufs(&self, b: Box<crate::proxy::Bufs>) {
+        let mut free = self.bufsets.borrow_mut();
+        if free.len() < FREE_BUFS {
             free.push(b);
         }
     }
@@ -105,7 +125,10 @@ impl Core {
     /// Counts a request in flight to `addr` until the guard drops.
     pub fn start_request(self: &Rc<Self>, addr: SocketAddr) -> InFlight {
         *self.inflight.borrow_mut().entry(addr).or_insert(0) += 1;
-        InFlight { core: self.clone(), addr }
+        InFlight {
+            core: self.clone(),
+            addr,
+        }
     }
 }
 
@@ -124,7 +147,11 @@ impl Drop for InFlight {
 
 /// The worker's main future: serve HTTP listeners, follow table updates, and open or
 /// close TCP route listeners to match the table.
-pub async fn run(ctx: WorkerCtx, shared: Arc<Shared>, http: Vec<(std::net::TcpListener, ListenerInfo)>) {
+pub async fn run(
+    ctx: WorkerCtx,
+    shared: Arc<Shared>,
+    http: Vec<(std::net::TcpListener, ListenerInfo)>,
+) {
     let slot = &shared.cores[ctx.index];
     let _ = slot.driver.set(ctx.driver);
     let inbox = slot.inbox.lock().ok().and_then(|mut g| g.take());
@@ -137,6 +164,8 @@ pub async fn run(ctx: WorkerCtx, shared: Arc<Shared>, http: Vec<(std::net::TcpLi
         pool: Pool::new(shared.settings.pool_idle_per_backend),
         conns: Cell::new(0),
         bufs: RefCell::new(Vec::new()),
+        bufsets: RefCell::new(Vec::new()),
+        idle: IdleSet::default(),
         shared: shared.clone(),
     });
     for (l, info) in http {
@@ -147,15 +176,30 @@ pub async fn run(ctx: WorkerCtx, shared: Arc<Shared>, http: Vec<(std::net::TcpLi
             Err(e) => tracing::error!(error = %e, "cannot register HTTP listener"),
         }
     }
+    monoio::spawn(sweep_idle(core.clone()));
     let mut tcp = crate::tcp::Listeners::default();
     tcp.reconcile(&core);
-    slot.applied.store(core.table().version(), Ordering::Release);
+    slot.applied
+        .store(core.table().version(), Ordering::Release);
     let Some(inbox) = inbox else { return };
     while inbox.recv_async().await.is_ok() {
         while inbox.try_recv().is_ok() {}
         core.refresh();
         tcp.reconcile(&core);
-        slot.applied.store(core.table().version(), Ordering::Release);
+        slot.applied
+            .store(core.table().version(), Ordering::Release);
+    }
+}
+
+async fn sweep_idle(core: Rc<Core>) {
+    let limit = core
+        .settings()
+        .idle_timeout
+        .as_secs()
+        .clamp(1, u32::MAX as u64) as u32;
+    loop {
+        monoio::time::sleep(std::time::Duration::from_secs(1)).await;
+        core.idle.sweep(limit);
     }
 }
 

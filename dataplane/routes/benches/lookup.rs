@@ -11,7 +11,12 @@ fn bench(c: &mut Criterion) {
     }
     routes.push(Route::http("*.wild.example.com", "svc"));
     let mut b = HashMap::new();
-    let one = BackendAddr { addr: "127.0.0.1:1".into(), leader: false, app: String::new(), job_id: String::new() };
+    let one = BackendAddr {
+        addr: "127.0.0.1:1".into(),
+        leader: false,
+        app: String::new(),
+        job_id: String::new(),
+    };
     b.insert("svc".to_string(), Backends::from_api(&[one]).unwrap());
     let t = Table::build(&routes, &b, 1);
     c.bench_function("lookup_exact_10k", |bn| {

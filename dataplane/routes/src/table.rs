@@ -23,8 +23,10 @@ impl Backends {
         let mut addrs = Vec::with_capacity(list.len());
         let mut leader = None;
         for b in list {
-            let addr: SocketAddr =
-                b.addr.parse().map_err(|_| format!("invalid backend address {:?}", b.addr))?;
+            let addr: SocketAddr = b
+                .addr
+                .parse()
+                .map_err(|_| format!("invalid backend address {:?}", b.addr))?;
             if addrs.contains(&addr) {
                 continue;
             }
@@ -153,7 +155,10 @@ impl Table {
     /// whose service is unknown get an empty backend set (→ 503).
     pub fn build(routes: &[Route], backends: &HashMap<String, Backends>, version: u64) -> Table {
         let empty = Backends::default();
-        let mut t = Table { version, ..Table::default() };
+        let mut t = Table {
+            version,
+            ..Table::default()
+        };
         for r in routes {
             let svc = backends.get(&r.service).unwrap_or(&empty);
             let addrs: Arc<[SocketAddr]> = Arc::from(svc.for_route(r.leader));
@@ -164,16 +169,20 @@ impl Table {
                     let Some(key) = key_into(&mut kb, r.domain.as_bytes(), r.port) else {
                         continue;
                     };
-                    t.http.entry(key.into()).or_default().routes.push(HttpRoute {
-                        id: r.id.as_str().into(),
-                        service: r.service.as_str().into(),
-                        path: path.into_bytes().into_boxed_slice(),
-                        leader: r.leader,
-                        sticky: r.sticky,
-                        drain_backends: r.drain_backends,
-                        disable_keep_alives: r.disable_keep_alives,
-                        backends: addrs,
-                    });
+                    t.http
+                        .entry(key.into())
+                        .or_default()
+                        .routes
+                        .push(HttpRoute {
+                            id: r.id.as_str().into(),
+                            service: r.service.as_str().into(),
+                            path: path.into_bytes().into_boxed_slice(),
+                            leader: r.leader,
+                            sticky: r.sticky,
+                            drain_backends: r.drain_backends,
+                            disable_keep_alives: r.disable_keep_alives,
+                            backends: addrs,
+                        });
                 }
                 RouteType::Tcp => {
                     t.tcp.insert(
@@ -214,7 +223,9 @@ impl Table {
         let mut wb = [0u8; MAX_DOMAIN + 2];
         let mut rest = domain;
         for _ in 0..5 {
-            let Some(dot) = rest.iter().position(|&b| b == b'.') else { break };
+            let Some(dot) = rest.iter().position(|&b| b == b'.') else {
+                break;
+            };
             rest = &rest[dot + 1..];
             if rest.is_empty() || rest.len() + 2 > wb.len() {
                 break;

@@ -11,9 +11,11 @@
 //!
 //! This is the only data-plane crate with `unsafe` code; each block says why it is sound.
 
+mod recycle;
 mod snapshot;
 pub mod sock;
 mod workers;
 
+pub use recycle::Recycled;
 pub use snapshot::{Local, Published};
 pub use workers::{core_count, reuseport_listener, spawn_workers, Driver, WorkerCtx};

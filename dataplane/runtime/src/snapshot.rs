@@ -13,7 +13,10 @@ pub struct Published<T> {
 
 impl<T> Published<T> {
     pub fn new(initial: T) -> Self {
-        Published { current: ArcSwap::from_pointee(initial), version: AtomicU64::new(0) }
+        Published {
+            current: ArcSwap::from_pointee(initial),
+            version: AtomicU64::new(0),
+        }
     }
 
     /// Replaces the snapshot; cores see it at their next [`Local::refresh`].
@@ -42,7 +45,10 @@ pub struct Local<T> {
 impl<T> Local<T> {
     pub fn new(p: &Published<T>) -> Self {
         let version = p.version();
-        Local { cached: p.load_full(), version }
+        Local {
+            cached: p.load_full(),
+            version,
+        }
     }
 
     /// Picks up a newer snapshot if one was published; returns true when it changed.

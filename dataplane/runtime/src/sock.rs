@@ -19,7 +19,12 @@ pub fn peek(fd: RawFd) -> Peek {
     // SAFETY: `b` is a valid writable buffer of length 1 for the duration of the call;
     // recv with MSG_PEEK|MSG_DONTWAIT never blocks and never consumes data.
     let n = unsafe {
-        libc::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        libc::recv(
+            fd,
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
     };
     match n {
         0 => Peek::Closed,
@@ -54,7 +59,10 @@ pub fn shutdown_write(fd: RawFd) {
 
 /// Raises RLIMIT_NOFILE to its hard limit (proxies hold two fds per connection).
 pub fn raise_nofile_limit() -> u64 {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `r` is a valid rlimit struct for getrlimit/setrlimit to read and write.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {

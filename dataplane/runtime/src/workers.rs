@@ -25,7 +25,9 @@ impl std::str::FromStr for Driver {
             "auto" => Ok(Driver::Auto),
             "io_uring" | "uring" => Ok(Driver::IoUring),
             "epoll" | "legacy" => Ok(Driver::Epoll),
-            _ => Err(format!("unknown I/O driver {s:?} (expected auto, io_uring or epoll)")),
+            _ => Err(format!(
+                "unknown I/O driver {s:?} (expected auto, io_uring or epoll)"
+            )),
         }
     }
 }
@@ -40,7 +42,9 @@ pub struct WorkerCtx {
 
 /// Number of CPUs this process may run on.
 pub fn core_count() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 type Fusion = monoio::FusionRuntime<
@@ -112,22 +116,24 @@ where
     for index in 0..n {
         let make = make.clone();
         let ready = ready_tx.clone();
-        let h = std::thread::Builder::new().name(format!("{name}-{index}")).spawn(move || {
-            if n <= cores {
-                pin_to_cpu(index % cores);
-            }
-            let (mut rt, drv) = match build_runtime(driver) {
-                Ok(x) => x,
-                Err(e) => {
-                    let _ = ready.send(Err(e));
-                    return;
+        let h = std::thread::Builder::new()
+            .name(format!("{name}-{index}"))
+            .spawn(move || {
+                if n <= cores {
+                    pin_to_cpu(index % cores);
                 }
-            };
-            tracing::info!(worker = index, driver = drv, "worker started");
-            let _ = ready.send(Ok(()));
-            drop(ready);
-            rt.block_on(make(WorkerCtx { index, driver: drv }));
-        })?;
+                let (mut rt, drv) = match build_runtime(driver) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                tracing::info!(worker = index, driver = drv, "worker started");
+                let _ = ready.send(Ok(()));
+                drop(ready);
+                rt.block_on(make(WorkerCtx { index, driver: drv }));
+            })?;
         handles.push(h);
     }
     drop(ready_tx);

@@ -2,11 +2,18 @@ use super::*;
 use flynn_api::ErrorCode;
 
 fn store() -> Store {
-    Store::new(Ports { default_http: vec![8080], additional_http: vec![8081], tcp_range: (3000, 3002) })
+    Store::new(Ports {
+        default_http: vec![8080],
+        additional_http: vec![8081],
+        tcp_range: (3000, 3002),
+    })
 }
 
 fn http(domain: &str, path: &str) -> Route {
-    Route { path: path.into(), ..Route::http(domain, "web") }
+    Route {
+        path: path.into(),
+        ..Route::http(domain, "web")
+    }
 }
 
 #[test]
@@ -16,7 +23,10 @@ fn http_route_defaults_and_conflicts() {
     assert_eq!(r.path, "/");
     assert!(!r.id.is_empty() && r.created_at.is_some());
     let e = s.add(http("EXAMPLE.com", "/")).unwrap_err();
-    assert_eq!((e.code, e.message.as_str()), (ErrorCode::Conflict, "Duplicate route"));
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (ErrorCode::Conflict, "Duplicate route")
+    );
     assert!(e.detail.is_some());
     let sub = s.add(http("example.com", "/baz")).unwrap();
     assert_eq!(sub.path, "/baz/");
@@ -42,7 +52,10 @@ fn delete_root_with_dependents() {
     assert_eq!(e.message, "Route has dependent routes");
     s.remove(RouteType::Http, &sub.id).unwrap();
     s.remove(RouteType::Http, &root.id).unwrap();
-    assert_eq!(s.remove(RouteType::Http, &root.id).unwrap_err().status(), 404);
+    assert_eq!(
+        s.remove(RouteType::Http, &root.id).unwrap_err().status(),
+        404
+    );
 }
 
 #[test]
@@ -52,10 +65,16 @@ fn tcp_ports() {
     assert_eq!(a.port, 3000);
     let b = s.add(Route::tcp(0, "db")).unwrap();
     assert_eq!(b.port, 3001);
-    assert_eq!(s.add(Route::tcp(3001, "db")).unwrap_err().message, "Duplicate route");
+    assert_eq!(
+        s.add(Route::tcp(3001, "db")).unwrap_err().message,
+        "Duplicate route"
+    );
     for p in [80, 443, 8080, 8081] {
         let e = s.add(Route::tcp(p, "db")).unwrap_err();
-        assert_eq!((e.status(), e.message.as_str()), (409, "Port reserved for HTTP/HTTPS traffic"));
+        assert_eq!(
+            (e.status(), e.message.as_str()),
+            (409, "Port reserved for HTTP/HTTPS traffic")
+        );
     }
     s.add(Route::tcp(0, "db")).unwrap();
     assert_eq!(s.add(Route::tcp(0, "db")).unwrap_err().status(), 409);
@@ -66,7 +85,10 @@ fn http_ports_must_be_listeners() {
     let mut s = store();
     let mut r = http("a.com", "/");
     r.port = 9999;
-    assert_eq!(s.add(r.clone()).unwrap_err().message, "Port not reserved for HTTP traffic");
+    assert_eq!(
+        s.add(r.clone()).unwrap_err().message,
+        "Port not reserved for HTTP traffic"
+    );
     r.port = 8081;
     s.add(r).unwrap();
 }
@@ -94,27 +116,56 @@ fn update_replaces_mutable_fields() {
     u.leader = true;
     u.domain = "ignored.com".into();
     let out = s.update(RouteType::Http, &r.id, u).unwrap();
-    assert_eq!((out.service.as_str(), out.sticky, out.leader), ("other", true, true));
+    assert_eq!(
+        (out.service.as_str(), out.sticky, out.leader),
+        ("other", true, true)
+    );
     assert_eq!(out.domain, "a.com");
-    assert_eq!(s.update(RouteType::Http, "nope", r).unwrap_err().status(), 404);
+    assert_eq!(
+        s.update(RouteType::Http, "nope", r).unwrap_err().status(),
+        404
+    );
 }
 
 #[test]
 fn parse_route_errors() {
-    assert_eq!(Store::parse_route(b"{").unwrap_err().code, ErrorCode::SyntaxError);
+    assert_eq!(
+        Store::parse_route(b"{").unwrap_err().code,
+        ErrorCode::SyntaxError
+    );
     let e = Store::parse_route(br#"{"type":"udp"}"#).unwrap_err();
     assert_eq!(e.message, "type Invalid route type");
-    assert_eq!(Store::parse_route(br#"{"type":"http","port":"x"}"#).unwrap_err().code, ErrorCode::SyntaxError);
+    assert_eq!(
+        Store::parse_route(br#"{"type":"http","port":"x"}"#)
+            .unwrap_err()
+            .code,
+        ErrorCode::SyntaxError
+    );
 }
 
 #[test]
 fn backends_validated_and_diffed() {
     let mut s = store();
-    let b = |a: &str| BackendAddr { addr: a.into(), leader: false, app: String::new(), job_id: String::new() };
-    assert_eq!(s.set_backends("web", vec![b("nope")]).unwrap_err().status(), 400);
-    let (add, rm) = s.set_backends("web", vec![b("127.0.0.1:1"), b("127.0.0.1:2")]).unwrap();
+    let b = |a: &str| BackendAddr {
+        addr: a.into(),
+        leader: false,
+        app: String::new(),
+        job_id: String::new(),
+    };
+    assert_eq!(
+        s.set_backends("web", vec![b("nope")]).unwrap_err().status(),
+        400
+    );
+    let (add, rm) = s
+        .set_backends("web", vec![b("127.0.0.1:1"), b("127.0.0.1:2")])
+        .unwrap();
     assert_eq!((add.len(), rm.len()), (2, 0));
-    let (add, rm) = s.set_backends("web", vec![b("127.0.0.1:2"), b("127.0.0.1:3")]).unwrap();
-    assert_eq!((add[0].addr.as_str(), rm[0].addr.as_str()), ("127.0.0.1:3", "127.0.0.1:1"));
+    let (add, rm) = s
+        .set_backends("web", vec![b("127.0.0.1:2"), b("127.0.0.1:3")])
+        .unwrap();
+    assert_eq!(
+        (add[0].addr.as_str(), rm[0].addr.as_str()),
+        ("127.0.0.1:3", "127.0.0.1:1")
+    );
     assert_eq!(s.backends("web").len(), 2);
 }

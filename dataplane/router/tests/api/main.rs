@@ -35,9 +35,19 @@ fn create_http_route_returns_stored_route() {
     assert_eq!(r["sticky"], false);
     assert_eq!(r["leader"], false);
     assert_eq!(r["parent_ref"], "controller/apps/a1");
-    assert!(support::is_uuid(r["id"].as_str().unwrap()), "id {}", r["id"]);
-    assert!(r["created_at"].as_str().is_some_and(|s| !s.is_empty()), "{r}");
-    assert!(r["updated_at"].as_str().is_some_and(|s| !s.is_empty()), "{r}");
+    assert!(
+        support::is_uuid(r["id"].as_str().unwrap()),
+        "id {}",
+        r["id"]
+    );
+    assert!(
+        r["created_at"].as_str().is_some_and(|s| !s.is_empty()),
+        "{r}"
+    );
+    assert!(
+        r["updated_at"].as_str().is_some_and(|s| !s.is_empty()),
+        "{r}"
+    );
 
     let (status, got) = router.api("GET", &route_path(&r), None);
     assert_eq!(status, 200);
@@ -56,9 +66,15 @@ fn create_tcp_route_allocates_port_from_range() {
     assert_eq!(r["service"], "svc");
     assert_eq!(r["leader"], false);
     let port = r["port"].as_u64().unwrap() as u16;
-    assert!(port != 0 && (lo..=hi).contains(&port), "port {port} not in {lo}-{hi}");
+    assert!(
+        port != 0 && (lo..=hi).contains(&port),
+        "port {port} not in {lo}-{hi}"
+    );
     assert!(r["id"].as_str().is_some_and(|s| !s.is_empty()));
-    assert!(r["created_at"].is_string() && r["updated_at"].is_string(), "{r}");
+    assert!(
+        r["created_at"].is_string() && r["updated_at"].is_string(),
+        "{r}"
+    );
     let r2 = router.add_route(tcp_route(0, "svc"));
     assert_ne!(r2["port"], r["port"], "ports are allocated once");
 }
@@ -70,7 +86,10 @@ fn tcp_port_range_exhaustion_is_an_error() {
     router.add_route(tcp_route(0, "a"));
     router.add_route(tcp_route(0, "b"));
     let (status, body) = post(&router, tcp_route(0, "c"));
-    assert!(status >= 400, "third route in a 2-port range: {status} {body}");
+    assert!(
+        status >= 400,
+        "third route in a 2-port range: {status} {body}"
+    );
     assert!(body["code"].is_string(), "{body}");
 }
 
@@ -78,9 +97,19 @@ fn tcp_port_range_exhaustion_is_an_error() {
 fn duplicate_route_is_conflict() {
     let router = Router::start();
     router.add_route(http_route("example.com", "web"));
-    assert_error(&post(&router, http_route("example.com", "other")), 409, "conflict", "Duplicate route");
+    assert_error(
+        &post(&router, http_route("example.com", "other")),
+        409,
+        "conflict",
+        "Duplicate route",
+    );
     router.add_route(http_path_route("example.com", "/x/", "web"));
-    assert_error(&post(&router, http_path_route("example.com", "/x", "web")), 409, "conflict", "Duplicate route");
+    assert_error(
+        &post(&router, http_path_route("example.com", "/x", "web")),
+        409,
+        "conflict",
+        "Duplicate route",
+    );
     // Domains differ only by case: still the same domain.
     let resp = post(&router, http_route("EXAMPLE.com", "web"));
     assert_eq!(resp.0, 409, "{}", resp.1);
@@ -97,7 +126,10 @@ fn invalid_paths_and_missing_root_are_rejected() {
     );
     router.add_route(http_route("example.com", "web"));
     assert_error(
-        &post(&router, http_path_route("example.com", "noleadingslash/", "web")),
+        &post(
+            &router,
+            http_path_route("example.com", "noleadingslash/", "web"),
+        ),
         400,
         "validation_error",
         "Invalid route",
@@ -109,7 +141,10 @@ fn invalid_paths_and_missing_root_are_rejected() {
 fn unknown_type_and_bad_json_are_rejected() {
     let router = Router::start();
     assert_error(
-        &post(&router, json!({"type": "udp", "domain": "x", "service": "web"})),
+        &post(
+            &router,
+            json!({"type": "udp", "domain": "x", "service": "web"}),
+        ),
         400,
         "validation_error",
         "type Invalid route type",
@@ -166,7 +201,14 @@ fn unknown_route_id_is_404() {
 fn list_is_newest_first_and_filters_by_parent_ref() {
     let router = Router::start();
     let mut ids = Vec::new();
-    for (i, parent) in ["controller/apps/a", "controller/apps/b", "controller/apps/a"].iter().enumerate() {
+    for (i, parent) in [
+        "controller/apps/a",
+        "controller/apps/b",
+        "controller/apps/a",
+    ]
+    .iter()
+    .enumerate()
+    {
         let r = router.add_route(json!({
             "type": "http", "domain": format!("d{i}.example.com"), "service": "web", "parent_ref": parent
         }));
@@ -175,18 +217,31 @@ fn list_is_newest_first_and_filters_by_parent_ref() {
     }
     let (status, list) = router.api("GET", "/routes", None);
     assert_eq!(status, 200);
-    let got: Vec<&str> = list.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    let got: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
     assert_eq!(got, [ids[2].as_str(), ids[1].as_str(), ids[0].as_str()]);
 
     let (status, list) = router.api("GET", "/routes?parent_ref=controller/apps/a", None);
     assert_eq!(status, 200);
-    let got: Vec<&str> = list.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    let got: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
     assert_eq!(got, [ids[2].as_str(), ids[0].as_str()]);
 
-    let (status, list) =
-        router.api("GET", "/routes?parent_ref=controller%2Fapps%2Fb", None);
+    let (status, list) = router.api("GET", "/routes?parent_ref=controller%2Fapps%2Fb", None);
     assert_eq!(status, 200);
-    assert_eq!(list.as_array().map(Vec::len), Some(1), "percent-encoded filter: {list}");
+    assert_eq!(
+        list.as_array().map(Vec::len),
+        Some(1),
+        "percent-encoded filter: {list}"
+    );
 }
 
 #[test]
@@ -204,7 +259,10 @@ fn put_updates_service_sticky_and_leader() {
     assert_eq!(updated["sticky"], true);
     assert_eq!(updated["leader"], true);
     assert_eq!(updated["created_at"], r["created_at"]);
-    assert_ne!(updated["updated_at"], r["updated_at"], "updated_at must move");
+    assert_ne!(
+        updated["updated_at"], r["updated_at"],
+        "updated_at must move"
+    );
     let (_, got) = router.api("GET", &route_path(&r), None);
     assert_eq!(got, updated);
 }
@@ -217,7 +275,10 @@ fn service_backends_put_and_get() {
     assert!((200..300).contains(&status), "{status} {resp}");
     let (status, list) = router.api("GET", "/services/web/backends", None);
     assert_eq!(status, 200);
-    let list = list.as_array().unwrap_or_else(|| panic!("not a list: {list}")).clone();
+    let list = list
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
+        .clone();
     let addrs: Vec<&str> = list.iter().map(|b| b["addr"].as_str().unwrap()).collect();
     assert_eq!(addrs, ["127.0.0.1:9001", "127.0.0.1:9002"]);
     assert_eq!(list[1]["leader"], true, "{list:?}");
@@ -243,9 +304,18 @@ fn status_and_metrics() {
     let resp = conn.request("GET /metrics HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n");
     assert_eq!(resp.status, 200);
     let text = resp.text();
-    assert!(text.contains("flynn_router_requests_total"), "{text}");
+    let total: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("flynn_router_requests_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
     assert!(
-        resp.header("content-type").is_some_and(|c| c.starts_with("text/plain")),
+        total >= 1.0,
+        "flynn_router_requests_total must count the proxied request:\n{text}"
+    );
+    assert!(
+        resp.header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain")),
         "{:?}",
         resp.headers
     );
@@ -265,11 +335,16 @@ impl Events {
         let head = conn.read_head().expect("events head");
         assert_eq!(head.status, 200);
         assert!(
-            head.header("content-type").is_some_and(|c| c.starts_with("text/event-stream")),
+            head.header("content-type")
+                .is_some_and(|c| c.starts_with("text/event-stream")),
             "{head:?}"
         );
         let chunked = head.header("transfer-encoding").is_some();
-        Events { conn, chunked, text: String::new() }
+        Events {
+            conn,
+            chunked,
+            text: String::new(),
+        }
     }
 
     /// The next event's JSON (skipping comments), within 5 s.
@@ -277,8 +352,11 @@ impl Events {
         loop {
             if let Some(i) = self.text.find("\n\n") {
                 let block: String = self.text.drain(..i + 2).collect();
-                let data: Vec<&str> =
-                    block.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
+                let data: Vec<&str> = block
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(str::trim_start)
+                    .collect();
                 if data.is_empty() {
                     continue;
                 }
@@ -287,11 +365,15 @@ impl Events {
             }
             let bytes = if self.chunked {
                 let mut t = Vec::new();
-                self.conn.read_chunk(&mut t).expect("event chunk").expect("stream ended")
+                self.conn
+                    .read_chunk(&mut t)
+                    .expect("event chunk")
+                    .expect("stream ended")
             } else {
                 self.conn.read_some().expect("event bytes")
             };
-            self.text.push_str(&String::from_utf8_lossy(&bytes).replace("\r\n", "\n"));
+            self.text
+                .push_str(&String::from_utf8_lossy(&bytes).replace("\r\n", "\n"));
         }
     }
 }
@@ -308,7 +390,11 @@ fn events_stream_set_and_remove() {
 
     let t = router.add_route(tcp_route(0, "svc"));
     let ev = events.next();
-    assert_eq!((ev["event"].as_str(), &ev["route"]["id"]), (Some("set"), &t["id"]), "{ev}");
+    assert_eq!(
+        (ev["event"].as_str(), &ev["route"]["id"]),
+        (Some("set"), &t["id"]),
+        "{ev}"
+    );
     assert_eq!(ev["route"]["type"], "tcp");
 
     router.delete_route(&r);
@@ -317,7 +403,11 @@ fn events_stream_set_and_remove() {
     assert_eq!(ev["route"]["id"], r["id"]);
     router.delete_route(&t);
     let ev = events.next();
-    assert_eq!((ev["event"].as_str(), &ev["route"]["type"]), (Some("remove"), &json!("tcp")), "{ev}");
+    assert_eq!(
+        (ev["event"].as_str(), &ev["route"]["type"]),
+        (Some("remove"), &json!("tcp")),
+        "{ev}"
+    );
 }
 
 #[test]
@@ -327,6 +417,38 @@ fn events_stream_sends_only_requested_types() {
     let r = router.add_route(http_route("only.example.com", "web"));
     router.delete_route(&r);
     let ev = events.next();
-    assert_eq!(ev["event"], "remove", "set events must be filtered out: {ev}");
+    assert_eq!(
+        ev["event"], "remove",
+        "set events must be filtered out: {ev}"
+    );
     assert_eq!(ev["route"]["id"], r["id"]);
+}
+
+#[test]
+fn events_stream_backend_up_and_down() {
+    let router = Router::start();
+    let mut events = Events::open(&router, "backend-up,backend-down");
+    router.set_backend_addrs("web", &[("127.0.0.1:9001".into(), false)]);
+    let ev = events.next();
+    assert_eq!(ev["event"], "backend-up", "{ev}");
+    assert_eq!(ev["backend"]["addr"], "127.0.0.1:9001");
+    assert_eq!(ev["backend"]["service"], "web");
+    router.set_backend_addrs("web", &[("127.0.0.1:9002".into(), false)]);
+    let mut got: Vec<(String, String)> = (0..2)
+        .map(|_| {
+            let ev = events.next();
+            (
+                ev["event"].as_str().unwrap().to_string(),
+                ev["backend"]["addr"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("backend-down".to_string(), "127.0.0.1:9001".to_string()),
+            ("backend-up".to_string(), "127.0.0.1:9002".to_string())
+        ]
+    );
 }

@@ -30,7 +30,11 @@ fn backend_with_in_flight_requests_is_avoided() {
         }
         assert_eq!(conn.response().backend(), "idle");
     }
-    assert_eq!(busy.request_count(), 1, "no request ever landed on `busy` in 30 tries");
+    assert_eq!(
+        busy.request_count(),
+        1,
+        "no request ever landed on `busy` in 30 tries"
+    );
 
     // With one request in flight on `busy`, every new request must pick `idle`.
     for i in 0..10 {

@@ -26,7 +26,9 @@ fn updates_under_load_fail_no_requests() {
                 if Instant::now() > deadline {
                     break;
                 }
-                conn.send(format!("GET /t{t}/{i} HTTP/1.1\r\nHost: example.com\r\n\r\n").as_bytes());
+                conn.send(
+                    format!("GET /t{t}/{i} HTTP/1.1\r\nHost: example.com\r\n\r\n").as_bytes(),
+                );
                 match conn.try_response() {
                     Ok(resp) if resp.status == 200 => {
                         ok.fetch_add(1, Ordering::Relaxed);
@@ -54,7 +56,8 @@ fn updates_under_load_fail_no_requests() {
             let sets: [&[usize]; 4] = [&[0, 1], &[1, 2], &[2], &[0, 1, 2]];
             let mut n = 0;
             while !done.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let set: Vec<&Backend> = sets[n % sets.len()].iter().map(|&i| &backends[i]).collect();
+                let set: Vec<&Backend> =
+                    sets[n % sets.len()].iter().map(|&i| &backends[i]).collect();
                 router.set_backends("web", &set);
                 let r = router.add_route(http_route(&format!("churn{n}.example.com"), "other"));
                 let sub = router.add_route(crate::support::http_path_route(
@@ -70,12 +73,25 @@ fn updates_under_load_fail_no_requests() {
         })
     };
 
-    let failures: Vec<String> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    let failures: Vec<String> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
     done.store(true, Ordering::Relaxed);
     let rounds = mutator.join().unwrap();
     assert!(rounds > 0, "the mutator made no updates");
-    assert!(failures.is_empty(), "{} failed requests (of {} ok), first: {:?}", failures.len(), ok.load(Ordering::Relaxed), &failures[..failures.len().min(5)]);
-    assert!(ok.load(Ordering::Relaxed) >= 100, "only {} requests completed", ok.load(Ordering::Relaxed));
+    assert!(
+        failures.is_empty(),
+        "{} failed requests (of {} ok), first: {:?}",
+        failures.len(),
+        ok.load(Ordering::Relaxed),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) >= 100,
+        "only {} requests completed",
+        ok.load(Ordering::Relaxed)
+    );
     let served: usize = backends.iter().map(Backend::request_count).sum();
     assert_eq!(served, ok.load(Ordering::Relaxed));
 }

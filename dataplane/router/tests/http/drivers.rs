@@ -27,13 +27,20 @@ fn auto_driver_proxies_requests() {
     let b = Backend::start("b1");
     router.add_route(http_route("example.com", "web"));
     router.set_backends("web", &[&b]);
-    assert_eq!(crate::support::get(router.http_addr, "example.com", "/").backend(), "b1");
+    assert_eq!(
+        crate::support::get(router.http_addr, "example.com", "/").backend(),
+        "b1"
+    );
 }
 
 #[test]
 fn additional_http_listener_serves_routes_naming_its_port() {
     let router = Router::builder().http_addrs(2).start();
-    assert_eq!(router.http_addrs.len(), 2, "listening line must list both HTTP addresses");
+    assert_eq!(
+        router.http_addrs.len(),
+        2,
+        "listening line must list both HTTP addresses"
+    );
     let (default, extra) = (router.http_addrs[0], router.http_addrs[1]);
     assert_ne!(default, extra);
     let (b1, b2) = (Backend::start("b1"), Backend::start("b2"));
@@ -46,9 +53,21 @@ fn additional_http_listener_serves_routes_naming_its_port() {
 
     let seen = crate::support::get(default, "example.com", "/").seen();
     assert_eq!(seen.backend, "b1", "port-0 route on the default listener");
-    assert_eq!(seen.header("x-forwarded-port"), Some(default.port().to_string().as_str()));
+    assert_eq!(
+        seen.header("x-forwarded-port"),
+        Some(default.port().to_string().as_str())
+    );
     let seen = crate::support::get(extra, "example.com", "/").seen();
-    assert_eq!(seen.backend, "b2", "explicit-port route on the additional listener");
-    assert_eq!(seen.header("x-forwarded-port"), Some(extra.port().to_string().as_str()));
-    assert_eq!(crate::support::get(extra, "other.example.com", "/").status, 404);
+    assert_eq!(
+        seen.backend, "b2",
+        "explicit-port route on the additional listener"
+    );
+    assert_eq!(
+        seen.header("x-forwarded-port"),
+        Some(extra.port().to_string().as_str())
+    );
+    assert_eq!(
+        crate::support::get(extra, "other.example.com", "/").status,
+        404
+    );
 }

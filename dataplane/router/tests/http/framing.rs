@@ -25,8 +25,9 @@ fn request_head_over_64k_is_431() {
 fn request_head_just_under_limit_is_proxied() {
     let (router, b1) = setup("example.com");
     let big = "a".repeat(60 * 1024);
-    let resp = Conn::connect(router.http_addr)
-        .request(&format!("GET / HTTP/1.1\r\nHost: example.com\r\nX-Big: {big}\r\n\r\n"));
+    let resp = Conn::connect(router.http_addr).request(&format!(
+        "GET / HTTP/1.1\r\nHost: example.com\r\nX-Big: {big}\r\n\r\n"
+    ));
     assert_eq!(resp.status, 200);
     assert_eq!(resp.seen().header("x-big").map(str::len), Some(big.len()));
     assert_eq!(b1.request_count(), 1);
@@ -45,13 +46,19 @@ fn malformed_requests_are_400() {
     for raw in cases {
         let mut conn = Conn::connect(router.http_addr);
         let _ = conn.try_send(raw.as_bytes());
-        let resp = conn.try_response().unwrap_or_else(|e| panic!("{raw:?}: no response ({e})"));
+        let resp = conn
+            .try_response()
+            .unwrap_or_else(|e| panic!("{raw:?}: no response ({e})"));
         assert!(
             resp.status == 400 || (raw.contains("HTTP/9.9") && resp.status == 505),
             "{raw:?} -> {resp:?}"
         );
     }
-    assert_eq!(b1.request_count(), 0, "nothing malformed may reach the backend");
+    assert_eq!(
+        b1.request_count(),
+        0,
+        "nothing malformed may reach the backend"
+    );
 }
 
 #[test]
@@ -89,7 +96,11 @@ fn chunked_request_trailers_are_forwarded() {
     );
     let seen = resp.seen();
     assert_eq!(seen.body, b"abc");
-    assert_eq!(seen.trailers, [("X-Sum".to_string(), "42".to_string())], "{seen:?}");
+    assert_eq!(
+        seen.trailers,
+        [("X-Sum".to_string(), "42".to_string())],
+        "{seen:?}"
+    );
 }
 
 #[test]
@@ -139,8 +150,15 @@ fn chunked_response_with_trailers_is_relayed() {
     let resp = conn.request("GET / HTTP/1.1\r\nHost: example.com\r\nTE: trailers\r\n\r\n");
     assert_eq!(resp.status, 200);
     assert_eq!(resp.body, b"hello, world");
-    assert!(resp.chunked, "response with trailers must stay chunked: {resp:?}");
-    assert_eq!(resp.trailers, [("X-Checksum".to_string(), "abc123".to_string())], "{resp:?}");
+    assert!(
+        resp.chunked,
+        "response with trailers must stay chunked: {resp:?}"
+    );
+    assert_eq!(
+        resp.trailers,
+        [("X-Checksum".to_string(), "abc123".to_string())],
+        "{resp:?}"
+    );
     // Framing stayed in sync.
     let resp = conn.request("GET / HTTP/1.1\r\nHost: example.com\r\n\r\n");
     assert_eq!(resp.body, b"hello, world");
@@ -167,7 +185,8 @@ fn large_bodies_both_ways() {
     let mut w = conn.stream.try_clone().unwrap();
     let body = payload.clone();
     let writer = std::thread::spawn(move || {
-        w.write_all(head.as_bytes()).and_then(|_| w.write_all(&body))
+        w.write_all(head.as_bytes())
+            .and_then(|_| w.write_all(&body))
     });
     conn.set_read_timeout(Duration::from_secs(10));
     let resp = conn.response();
@@ -175,7 +194,11 @@ fn large_bodies_both_ways() {
     assert_eq!(resp.status, 200);
     let mut want = payload;
     want.reverse();
-    assert!(resp.body == want, "2 MiB body corrupted (got {} bytes)", resp.body.len());
+    assert!(
+        resp.body == want,
+        "2 MiB body corrupted (got {} bytes)",
+        resp.body.len()
+    );
     assert_eq!(b1.requests()[0].body.len(), want.len());
 }
 
@@ -210,4 +233,69 @@ fn head_and_bodyless_responses_keep_framing() {
     assert_eq!(resp.status, 304);
     let resp = conn.request("GET / HTTP/1.1\r\nHost: example.com\r\n\r\n");
     assert_eq!(resp.body, b"full", "framing out of sync after HEAD/204/304");
+}
+
+#[test]
+fn expect_100_continue_is_relayed_before_the_body() {
+    let router = Router::start();
+    let b1 = Backend::raw("b1", |req, conn| {
+        if req
+            .header("expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+        {
+            let _ = conn.write(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        let n: usize = req
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = Vec::new();
+        while body.len() < n {
+            match conn.read_some() {
+                Ok(b) if !b.is_empty() => body.extend(b),
+                _ => return Reply::Close,
+            }
+        }
+        respond(conn, "200 OK", &[], &body);
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    let mut conn = Conn::connect(router.http_addr);
+    conn.send(b"PUT /up HTTP/1.1\r\nHost: example.com\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n");
+    conn.set_read_timeout(Duration::from_secs(3));
+    let interim = conn
+        .read_head()
+        .expect("100 Continue must reach the client before the body is sent");
+    assert_eq!(interim.status, 100, "{interim:?}");
+    conn.send(b"hello");
+    // The router may relay the backend's own 100 as well: extra 1xx responses are legal.
+    let resp = conn.final_response();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body, b"hello");
+    assert_eq!(b1.requests()[0].header("expect"), Some("100-continue"));
+}
+
+#[test]
+fn close_delimited_and_http10_backend_responses_are_relayed() {
+    let router = Router::start();
+    let b1 = Backend::with_handler("b1", |req, conn| {
+        let head: &[u8] = if req.uri == "/10" {
+            b"HTTP/1.0 200 OK\r\nX-Old: 1\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nX-Old: 0\r\n\r\n"
+        };
+        let _ = conn.write(head);
+        let _ = conn.write(b"body until close");
+        Reply::Close
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    for uri in ["/", "/10"] {
+        let mut conn = Conn::connect(router.http_addr);
+        let resp = conn.request(&format!("GET {uri} HTTP/1.1\r\nHost: example.com\r\n\r\n"));
+        assert_eq!(resp.status, 200, "{uri}: {resp:?}");
+        assert_eq!(resp.text(), "body until close", "{uri}: {resp:?}");
+        assert!(resp.header("x-old").is_some());
+    }
 }

@@ -2,11 +2,14 @@
 
 use crate::setup;
 use crate::support::backend::respond;
-use crate::support::{is_uuid, Backend, Conn, Reply, Router, http_route};
+use crate::support::{http_route, is_uuid, Backend, Conn, Reply, Router};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 fn now_ms() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
 }
 
 #[test]
@@ -25,14 +28,19 @@ fn forwarded_headers_request_start_and_request_id_are_added() {
     assert_eq!(start.len(), 1, "{:?}", seen.headers);
     assert_eq!(start[0].len(), 13, "X-Request-Start {:?}", start[0]);
     let start: u128 = start[0].parse().expect("X-Request-Start is digits");
-    assert!(start + 1000 >= before && start <= after + 1000, "X-Request-Start {start} not in [{before}, {after}]");
+    assert!(
+        start + 1000 >= before && start <= after + 1000,
+        "X-Request-Start {start} not in [{before}, {after}]"
+    );
 
     let ids = seen.headers_all("x-request-id");
     assert_eq!(ids.len(), 1, "{:?}", seen.headers);
     assert!(is_uuid(ids[0]), "X-Request-Id {:?} is not a UUID", ids[0]);
 
     // A second request gets a different id.
-    let seen2 = Conn::connect(router.http_addr).get("example.com", "/").seen();
+    let seen2 = Conn::connect(router.http_addr)
+        .get("example.com", "/")
+        .seen();
     assert_ne!(seen2.header("x-request-id"), Some(ids[0]));
 }
 
@@ -45,7 +53,10 @@ fn client_forwarded_values_are_appended() {
          X-Forwarded-Proto: https\r\nX-Forwarded-Port: 443\r\n\r\n",
     );
     let seen = resp.seen();
-    assert_eq!(seen.headers_all("x-forwarded-for"), ["192.168.1.1, 127.0.0.1"]);
+    assert_eq!(
+        seen.headers_all("x-forwarded-for"),
+        ["192.168.1.1, 127.0.0.1"]
+    );
     assert_eq!(seen.headers_all("x-forwarded-proto"), ["https, http"]);
     let want_port = format!("443, {port}");
     assert_eq!(seen.headers_all("x-forwarded-port"), [want_port.as_str()]);
@@ -88,7 +99,11 @@ fn request_id_kept_only_when_valid() {
             assert_eq!(got[0], id, "valid id must be kept");
         } else {
             assert_ne!(got[0], id, "invalid id {id:?} must be replaced");
-            assert!(is_uuid(got[0]), "id {id:?} replaced by {:?}, not a UUID", got[0]);
+            assert!(
+                is_uuid(got[0]),
+                "id {id:?} replaced by {:?}, not a UUID",
+                got[0]
+            );
         }
     }
 }
@@ -102,13 +117,32 @@ fn hop_by_hop_request_headers_are_removed() {
          Trailers: X-T\r\nUpgrade: websocket\r\n\r\n",
     );
     let seen = resp.seen();
-    let names: Vec<String> = seen.headers.iter().map(|(n, _)| n.to_ascii_lowercase()).collect();
-    for gone in ["x-foo", "keep-alive", "te", "trailers", "upgrade", "transfer-encoding"] {
-        assert!(!names.contains(&gone.to_string()), "{gone} forwarded: {:?}", seen.headers);
+    let names: Vec<String> = seen
+        .headers
+        .iter()
+        .map(|(n, _)| n.to_ascii_lowercase())
+        .collect();
+    for gone in [
+        "x-foo",
+        "keep-alive",
+        "te",
+        "trailers",
+        "upgrade",
+        "transfer-encoding",
+    ] {
+        assert!(
+            !names.contains(&gone.to_string()),
+            "{gone} forwarded: {:?}",
+            seen.headers
+        );
     }
     assert_eq!(seen.header("x-bar"), Some("end-to-end"));
     for token in ["x-foo", "close", "upgrade"] {
-        assert!(!seen.connection_has(token), "Connection lists {token}: {:?}", seen.headers);
+        assert!(
+            !seen.connection_has(token),
+            "Connection lists {token}: {:?}",
+            seen.headers
+        );
     }
 }
 
@@ -118,7 +152,12 @@ fn keep_alive_header_is_removed_only_when_listed() {
     let seen = Conn::connect(router.http_addr)
         .request("GET / HTTP/1.1\r\nHost: example.com\r\nKeep-Alive: timeout=5\r\n\r\n")
         .seen();
-    assert_eq!(seen.headers_all("keep-alive"), ["timeout=5"], "{:?}", seen.headers);
+    assert_eq!(
+        seen.headers_all("keep-alive"),
+        ["timeout=5"],
+        "{:?}",
+        seen.headers
+    );
 }
 
 #[test]
@@ -133,7 +172,10 @@ fn upgrade_header_removed_from_http10_and_non_upgrade_requests() {
     assert!(!seen.has_header("upgrade"), "{:?}", seen.headers);
     assert!(!seen.has_header("x-foo"), "{:?}", seen.headers);
     assert!(!seen.connection_has("upgrade"), "{:?}", seen.headers);
-    assert_eq!(seen.version, "HTTP/1.1", "backend requests are always HTTP/1.1");
+    assert_eq!(
+        seen.version, "HTTP/1.1",
+        "backend requests are always HTTP/1.1"
+    );
     assert_eq!(b1.request_count(), 1);
 }
 
@@ -178,7 +220,11 @@ fn end_to_end_headers_and_response_status_pass_through() {
         respond(
             conn,
             "201 Created",
-            &[("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Custom", "v")],
+            &[
+                ("Set-Cookie", "a=1"),
+                ("Set-Cookie", "b=2"),
+                ("X-Custom", "v"),
+            ],
             body.as_bytes(),
         );
         Reply::KeepAlive
@@ -194,7 +240,10 @@ fn end_to_end_headers_and_response_status_pass_through() {
     assert_eq!(resp.headers_all("set-cookie"), ["a=1", "b=2"]);
     assert_eq!(resp.header("x-custom"), Some("v"));
     let seen = crate::support::SeenRequest::from_json(&resp.json());
-    assert_eq!(seen.headers_all("proxy-authorization"), ["Basic Zm9vOmJhcg=="]);
+    assert_eq!(
+        seen.headers_all("proxy-authorization"),
+        ["Basic Zm9vOmJhcg=="]
+    );
     let multi = seen.headers_all("x-multi").join(", ");
     assert_eq!(multi, "a, b", "{:?}", seen.headers);
     assert_eq!(seen.headers_all("cookie"), ["c=1"]);
@@ -224,26 +273,36 @@ fn request_uri_and_query_pass_through_byte_for_byte() {
 fn client_connection_close_backend_still_gets_keep_alive() {
     let (router, b1) = setup("example.com");
     let mut conn = Conn::connect(router.http_addr);
-    let resp =
-        conn.request("GET / HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n");
+    let resp = conn.request("GET / HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n");
     assert_eq!(resp.status, 200);
-    assert!(resp.connection_has("close"), "client must be told close: {:?}", resp.headers);
+    assert!(
+        resp.connection_has("close"),
+        "client must be told close: {:?}",
+        resp.headers
+    );
     let seen = resp.seen();
-    assert!(!seen.connection_has("close"), "backend saw {:?}", seen.headers);
+    assert!(
+        !seen.connection_has("close"),
+        "backend saw {:?}",
+        seen.headers
+    );
     assert_eq!(seen.version, "HTTP/1.1");
     conn.expect_closed();
 
     // The backend connection stayed open and is reused by the next client.
     let mut conn = Conn::connect(router.http_addr);
     for _ in 0..2 {
-        let resp =
-            conn.request("GET / HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n");
+        let resp = conn.request("GET / HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n");
         assert_eq!(resp.status, 200);
         conn.expect_closed();
         conn = Conn::connect(router.http_addr);
     }
     // Two cores may each hold one pooled connection; never one per request.
-    assert!(b1.accepted() <= 2, "backend accepted {} connections for 3 requests", b1.accepted());
+    assert!(
+        b1.accepted() <= 2,
+        "backend accepted {} connections for 3 requests",
+        b1.accepted()
+    );
 }
 
 #[test]

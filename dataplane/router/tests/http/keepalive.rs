@@ -11,7 +11,11 @@ fn backend_connection_is_reused_across_client_requests() {
     let mut conn = Conn::connect(router.http_addr);
     for i in 0..5 {
         let seen = conn.get("example.com", &format!("/{i}")).seen();
-        assert_eq!(seen.conn, 1, "request {i} on backend connection {}", seen.conn);
+        assert_eq!(
+            seen.conn, 1,
+            "request {i} on backend connection {}",
+            seen.conn
+        );
         assert!(!seen.connection_has("close"), "{:?}", seen.headers);
     }
     assert_eq!(b1.accepted(), 1);
@@ -31,11 +35,19 @@ fn disable_keep_alives_uses_a_new_connection_per_request_and_can_be_reenabled() 
     for i in 1..=3 {
         let seen = conn.get("example.com", "/").seen();
         assert_eq!(seen.conn, i, "request {i} must use backend connection {i}");
-        assert!(seen.connection_has("close"), "request must carry Connection: close: {:?}", seen.headers);
+        assert!(
+            seen.connection_has("close"),
+            "request must carry Connection: close: {:?}",
+            seen.headers
+        );
     }
     assert_eq!(b1.accepted(), 3);
     // The router closes (or lets the backend close) each one.
-    assert!(wait_until(Duration::from_secs(5), || b1.closed() == 3), "closed {}", b1.closed());
+    assert!(
+        wait_until(Duration::from_secs(5), || b1.closed() == 3),
+        "closed {}",
+        b1.closed()
+    );
 
     route["disable_keep_alives"] = json!(false);
     let updated = router.update_route(&route);

@@ -48,7 +48,11 @@ fn unknown_host_is_404_not_found() {
 #[test]
 fn wildcard_domains_exact_beats_wildcard() {
     let router = Router::start();
-    let (b1, b2, b3) = (Backend::start("b1"), Backend::start("b2"), Backend::start("b3"));
+    let (b1, b2, b3) = (
+        Backend::start("b1"),
+        Backend::start("b2"),
+        Backend::start("b3"),
+    );
     router.add_route(http_route("foo.bar", "s1"));
     router.add_route(http_route("*.foo.bar", "s2"));
     router.add_route(http_route("dev.foo.bar", "s3"));
@@ -92,7 +96,11 @@ fn catch_all_domain_and_more_specific_wildcard() {
 #[test]
 fn path_routes_match_by_segment_prefix() {
     let router = Router::start();
-    let (b1, b2, b3) = (Backend::start("b1"), Backend::start("b2"), Backend::start("b3"));
+    let (b1, b2, b3) = (
+        Backend::start("b1"),
+        Backend::start("b2"),
+        Backend::start("b3"),
+    );
     router.add_route(http_route("example.com", "s1"));
     let r2 = router.add_route(http_path_route("example.com", "/2/", "s2"));
     let r3 = router.add_route(http_path_route("example.com", "/3", "s3"));
@@ -139,9 +147,11 @@ fn domain_match_is_case_insensitive_and_host_is_forwarded_unchanged() {
 fn host_header_with_port_matches_route() {
     let (router, _b1) = setup("example.com");
     let listener_port = router.http_addr.port();
-    for host in
-        ["example.com:80".to_string(), "example.com:443".into(), format!("example.com:{listener_port}")]
-    {
+    for host in [
+        "example.com:80".to_string(),
+        "example.com:443".into(),
+        format!("example.com:{listener_port}"),
+    ] {
         let resp = get(router.http_addr, &host, "/");
         assert_eq!(resp.status, 200, "{host}: {resp:?}");
         assert_eq!(resp.seen().header("host"), Some(host.as_str()));
@@ -157,17 +167,21 @@ fn keep_alive_connection_routes_each_request_by_its_host() {
     router.set_backends("s1", &[&b1]);
     router.set_backends("s2", &[&b2]);
     let mut conn = Conn::connect(router.http_addr);
-    for (host, want) in [
+    for (i, (host, want)) in [
         ("a.example.com", "b1"),
         ("b.example.com", "b2"),
         ("a.example.com", "b1"),
         ("nope.example.com", ""),
         ("b.example.com", "b2"),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let resp = conn.get(host, "/");
         if want.is_empty() {
             assert_eq!(resp.status, 404);
         } else {
+            assert_eq!(resp.status, 200, "request #{i} Host {host}: {resp:?}");
             assert_eq!(resp.backend(), want, "Host {host}");
         }
     }
@@ -177,19 +191,39 @@ fn keep_alive_connection_routes_each_request_by_its_host() {
 fn leader_route_goes_only_to_the_leader() {
     let router = Router::start();
     let (b1, b2) = (Backend::start("b1"), Backend::start("b2"));
-    router.add_route(json!({"type": "http", "domain": "leader.example.com", "service": "db", "leader": true}));
-    router.set_backend_addrs("db", &[(b1.addr.to_string(), false), (b2.addr.to_string(), true)]);
+    router.add_route(
+        json!({"type": "http", "domain": "leader.example.com", "service": "db", "leader": true}),
+    );
+    router.set_backend_addrs(
+        "db",
+        &[(b1.addr.to_string(), false), (b2.addr.to_string(), true)],
+    );
     for _ in 0..10 {
-        assert_eq!(get(router.http_addr, "leader.example.com", "/").backend(), "b2");
+        assert_eq!(
+            get(router.http_addr, "leader.example.com", "/").backend(),
+            "b2"
+        );
     }
-    router.set_backend_addrs("db", &[(b1.addr.to_string(), true), (b2.addr.to_string(), false)]);
+    router.set_backend_addrs(
+        "db",
+        &[(b1.addr.to_string(), true), (b2.addr.to_string(), false)],
+    );
     for _ in 0..10 {
-        assert_eq!(get(router.http_addr, "leader.example.com", "/").backend(), "b1");
+        assert_eq!(
+            get(router.http_addr, "leader.example.com", "/").backend(),
+            "b1"
+        );
     }
     // No entry marked: the first one leads.
-    router.set_backend_addrs("db", &[(b2.addr.to_string(), false), (b1.addr.to_string(), false)]);
+    router.set_backend_addrs(
+        "db",
+        &[(b2.addr.to_string(), false), (b1.addr.to_string(), false)],
+    );
     for _ in 0..10 {
-        assert_eq!(get(router.http_addr, "leader.example.com", "/").backend(), "b2");
+        assert_eq!(
+            get(router.http_addr, "leader.example.com", "/").backend(),
+            "b2"
+        );
     }
 }
 
@@ -203,7 +237,12 @@ fn non_leader_route_uses_every_backend() {
         let resp = get(router.http_addr, "example.com", "/");
         assert_eq!(resp.status, 200);
     }
-    assert!(b1.request_count() > 0 && b2.request_count() > 0, "b1 {} b2 {}", b1.request_count(), b2.request_count());
+    assert!(
+        b1.request_count() > 0 && b2.request_count() > 0,
+        "b1 {} b2 {}",
+        b1.request_count(),
+        b2.request_count()
+    );
     assert_eq!(b1.request_count() + b2.request_count(), 40);
 }
 
@@ -245,7 +284,10 @@ fn routes_file_is_served_at_start_even_with_sub_path_listed_first() {
     let _ = std::fs::remove_file(&file);
     assert_eq!(get(router.http_addr, "example.com", "/").backend(), "b1");
     assert_eq!(get(router.http_addr, "example.com", "/sub").backend(), "b2");
-    assert_eq!(get(router.http_addr, "example.com", "/sub/x").backend(), "b2");
+    assert_eq!(
+        get(router.http_addr, "example.com", "/sub/x").backend(),
+        "b2"
+    );
     let (status, routes) = router.api("GET", "/routes", None);
     assert_eq!(status, 200);
     assert_eq!(routes.as_array().map(Vec::len), Some(2), "{routes}");

@@ -34,14 +34,22 @@ fn chunked_response_headers_and_first_byte_arrive_within_1s() {
     let t0 = Instant::now();
     conn.send(b"GET /stream HTTP/1.1\r\nHost: example.com\r\n\r\n");
     conn.set_read_timeout(Duration::from_secs(2));
-    let head = conn.read_head().expect("headers must be flushed while the body is open");
+    let head = conn
+        .read_head()
+        .expect("headers must be flushed while the body is open");
     assert_eq!(head.status, 200);
     assert_eq!(head.header("x-stream"), Some("yes"));
     let mut trailers = Vec::new();
-    let first = conn.read_chunk(&mut trailers).expect("first chunk").expect("not the last chunk");
+    let first = conn
+        .read_chunk(&mut trailers)
+        .expect("first chunk")
+        .expect("not the last chunk");
     let elapsed = t0.elapsed();
     assert_eq!(first, b"a");
-    assert!(elapsed < Duration::from_secs(1), "first byte after {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "first byte after {elapsed:?}"
+    );
 
     release.send(()).unwrap();
     let mut rest = Vec::new();
@@ -54,10 +62,7 @@ fn chunked_response_headers_and_first_byte_arrive_within_1s() {
 #[test]
 fn content_length_response_first_byte_arrives_within_1s() {
     let router = Router::start();
-    let (b, release) = streaming_backend(
-        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nw",
-        b"xyz",
-    );
+    let (b, release) = streaming_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nw", b"xyz");
     router.add_route(http_route("example.com", "web"));
     router.set_backends("web", &[&b]);
     let mut conn = Conn::connect(router.http_addr);
@@ -75,7 +80,10 @@ fn content_length_response_first_byte_arrives_within_1s() {
     }
     let elapsed = t0.elapsed();
     assert_eq!(&got[..1], b"w");
-    assert!(elapsed < Duration::from_secs(1), "first byte after {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "first byte after {elapsed:?}"
+    );
     release.send(()).unwrap();
 }
 
@@ -98,7 +106,10 @@ fn client_disconnect_mid_request_closes_backend_connection_within_10s() {
     match rx.recv_timeout(Duration::from_secs(12)) {
         Ok(HoldEvent::Closed(_, at)) => {
             let after = at.duration_since(closed_at);
-            assert!(after < Duration::from_secs(10), "backend saw close after {after:?}");
+            assert!(
+                after < Duration::from_secs(10),
+                "backend saw close after {after:?}"
+            );
         }
         other => panic!("backend connection not closed after client disconnect: {other:?}"),
     }
@@ -106,5 +117,8 @@ fn client_disconnect_mid_request_closes_backend_connection_within_10s() {
     // The router still serves.
     let b2 = Backend::start("b2");
     router.set_backends("web", &[&b2]);
-    assert_eq!(crate::support::get(router.http_addr, "example.com", "/").backend(), "b2");
+    assert_eq!(
+        crate::support::get(router.http_addr, "example.com", "/").backend(),
+        "b2"
+    );
 }

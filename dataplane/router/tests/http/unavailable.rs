@@ -8,7 +8,8 @@ fn assert_503(resp: &crate::support::Response) {
     assert_eq!(resp.text(), "Service Unavailable\n");
 }
 
-const UPGRADE: &str = "GET /ws HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+const UPGRADE: &str =
+    "GET /ws HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
 
 #[test]
 fn no_backends_is_503() {
@@ -24,11 +25,18 @@ fn no_backends_is_503() {
 fn all_backends_dead_is_503_for_normal_and_upgrade_requests() {
     let router = Router::start();
     router.add_route(http_route("example.com", "web"));
-    router.set_backend_addrs("web", &[(dead_addr().to_string(), false), (dead_addr().to_string(), false)]);
+    router.set_backend_addrs(
+        "web",
+        &[
+            (dead_addr().to_string(), false),
+            (dead_addr().to_string(), false),
+        ],
+    );
     assert_503(&get(router.http_addr, "example.com", "/"));
-    assert_503(&Conn::connect(router.http_addr).request(
-        "POST / HTTP/1.1\r\nHost: example.com\r\nContent-Length: 4\r\n\r\nbody",
-    ));
+    assert_503(
+        &Conn::connect(router.http_addr)
+            .request("POST / HTTP/1.1\r\nHost: example.com\r\nContent-Length: 4\r\n\r\nbody"),
+    );
     let mut conn = Conn::connect(router.http_addr);
     let resp = conn.request(UPGRADE);
     assert_503(&resp);
@@ -42,7 +50,11 @@ fn backend_accepting_then_closing_gets_exactly_one_attempt() {
     router.set_backends("web", &[&b]);
     assert_503(&get(router.http_addr, "example.com", "/"));
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(b.accepted(), 1, "an error after connect must not be retried");
+    assert_eq!(
+        b.accepted(),
+        1,
+        "an error after connect must not be retried"
+    );
 }
 
 #[test]
@@ -52,9 +64,10 @@ fn backend_closing_after_reading_request_is_503_without_retry() {
     let b2 = Backend::with_handler("mute2", |_req, _conn| Reply::Close);
     router.add_route(http_route("example.com", "web"));
     router.set_backends("web", &[&b, &b2]);
-    assert_503(&Conn::connect(router.http_addr).request(
-        "POST /charge HTTP/1.1\r\nHost: example.com\r\nContent-Length: 3\r\n\r\n$10",
-    ));
+    assert_503(
+        &Conn::connect(router.http_addr)
+            .request("POST /charge HTTP/1.1\r\nHost: example.com\r\nContent-Length: 3\r\n\r\n$10"),
+    );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         b.request_count() + b2.request_count(),
@@ -70,16 +83,23 @@ fn dead_backend_is_skipped_for_a_live_one() {
     router.add_route(http_route("example.com", "web"));
     router.set_backend_addrs(
         "web",
-        &[(dead_addr().to_string(), false), (live.addr.to_string(), false), (dead_addr().to_string(), false)],
+        &[
+            (dead_addr().to_string(), false),
+            (live.addr.to_string(), false),
+            (dead_addr().to_string(), false),
+        ],
     );
     for i in 0..10 {
         let resp = get(router.http_addr, "example.com", &format!("/get{i}"));
         assert_eq!(resp.backend(), "live", "GET {i}");
-        let resp = Conn::connect(router.http_addr).request(
-            "POST /p HTTP/1.1\r\nHost: example.com\r\nContent-Length: 7\r\n\r\npayload",
-        );
+        let resp = Conn::connect(router.http_addr)
+            .request("POST /p HTTP/1.1\r\nHost: example.com\r\nContent-Length: 7\r\n\r\npayload");
         let seen = resp.seen();
-        assert_eq!((seen.backend.as_str(), seen.body.as_slice()), ("live", &b"payload"[..]), "POST {i}");
+        assert_eq!(
+            (seen.backend.as_str(), seen.body.as_slice()),
+            ("live", &b"payload"[..]),
+            "POST {i}"
+        );
     }
     for i in 0..5 {
         let mut conn = Conn::connect(router.http_addr);
@@ -87,5 +107,39 @@ fn dead_backend_is_skipped_for_a_live_one() {
         assert_eq!(resp.status, 101, "upgrade {i}: {resp:?}");
         conn.send(b"hi");
         assert_eq!(conn.read_exact_n(2).unwrap(), b"hi");
+    }
+}
+
+#[test]
+fn local_404_and_503_answer_once_on_a_keep_alive_connection() {
+    let router = Router::start();
+    let b1 = Backend::start("b1");
+    router.add_route(http_route("example.com", "web"));
+    router.add_route(http_route("empty.example.com", "none"));
+    router.add_route(http_route("dead.example.com", "dead"));
+    router.set_backends("web", &[&b1]);
+    router.set_backend_addrs("dead", &[(dead_addr().to_string(), false)]);
+    let mut conn = Conn::connect(router.http_addr);
+    for (host, status) in [
+        ("nope.example.com", 404),
+        ("empty.example.com", 503),
+        ("dead.example.com", 503),
+    ] {
+        eprintln!("request to {host}, expecting one {status}");
+        let resp = conn.get(host, "/");
+        assert_eq!(resp.status, status, "Host {host}: {resp:?}");
+        if resp.connection_has("close") {
+            conn.expect_closed();
+            conn = Conn::connect(router.http_addr);
+        } else {
+            // Exactly one response per request: the request must be consumed.
+            conn.expect_quiet(Duration::from_millis(300));
+        }
+        let resp = conn.get("example.com", "/");
+        assert_eq!(
+            resp.status, 200,
+            "request after the {status} for {host}: {resp:?}"
+        );
+        assert_eq!(resp.backend(), "b1");
     }
 }

@@ -42,7 +42,10 @@ fn websocket_echo_on_fresh_connection_with_half_close() {
     conn.shutdown_write();
     assert_eq!(conn.read_to_end().expect("EOF after half-close"), b"");
     let seen = &b.requests()[0];
-    assert_eq!(seen.header("sec-websocket-key"), Some("dGhlIHNhbXBsZSBub25jZQ=="));
+    assert_eq!(
+        seen.header("sec-websocket-key"),
+        Some("dGhlIHNhbXBsZSBub25jZQ==")
+    );
     assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
 }
 
@@ -80,7 +83,12 @@ fn upgrade_detection_is_case_insensitive_and_upgrade_value_is_intact() {
         conn.send(b"abc");
         assert_eq!(conn.read_exact_n(3).unwrap(), b"abc");
         let seen = &b.requests()[i];
-        assert_eq!(seen.headers_all("upgrade"), [*upgrade], "{:?}", seen.headers);
+        assert_eq!(
+            seen.headers_all("upgrade"),
+            [*upgrade],
+            "{:?}",
+            seen.headers
+        );
         assert!(seen.connection_has("upgrade"), "{:?}", seen.headers);
     }
 }
@@ -94,7 +102,10 @@ fn proxy_authorization_passes_through_on_upgrade() {
          Proxy-Authorization: Basic Zm9vOmJhcg==\r\n\r\n",
     );
     assert_eq!(resp.status, 101);
-    assert_eq!(b.requests()[0].header("proxy-authorization"), Some("Basic Zm9vOmJhcg=="));
+    assert_eq!(
+        b.requests()[0].header("proxy-authorization"),
+        Some("Basic Zm9vOmJhcg==")
+    );
 }
 
 #[test]
@@ -122,7 +133,9 @@ fn custom_upgrade_where_backend_speaks_first() {
         if !req.is_upgrade() {
             return handlers::echo(req, conn);
         }
-        let _ = conn.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: pinger\r\n\r\n");
+        let _ = conn.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: pinger\r\n\r\n",
+        );
         for i in 0..3 {
             if conn.write(format!("ping{i}").as_bytes()).is_err() {
                 return Reply::Close;
@@ -138,10 +151,15 @@ fn custom_upgrade_where_backend_speaks_first() {
     router.add_route(http_route("example.com", "web"));
     router.set_backends("web", &[&b]);
     let mut conn = Conn::connect(router.http_addr);
-    let resp = conn.request("GET / HTTP/1.1\r\nHost: example.com\r\nConnection: upgrade\r\nUpgrade: pinger\r\n\r\n");
+    let resp = conn.request(
+        "GET / HTTP/1.1\r\nHost: example.com\r\nConnection: upgrade\r\nUpgrade: pinger\r\n\r\n",
+    );
     assert_eq!(resp.status, 101);
     for i in 0..3 {
-        assert_eq!(conn.read_exact_n(5).expect("ping"), format!("ping{i}").as_bytes());
+        assert_eq!(
+            conn.read_exact_n(5).expect("ping"),
+            format!("ping{i}").as_bytes()
+        );
         conn.send(format!("pong{i}").as_bytes());
     }
     assert_eq!(conn.read_exact_n(4).unwrap(), b"done");
@@ -164,7 +182,9 @@ fn tunnel_carries_a_large_stream_both_ways() {
     });
     conn.set_read_timeout(Duration::from_secs(10));
     let mut got = conn.read_some().unwrap(); // buffered bytes, if any
-    conn.stream.read_to_end(&mut got).expect("read echoed stream");
+    conn.stream
+        .read_to_end(&mut got)
+        .expect("read echoed stream");
     writer.join().unwrap();
     assert_eq!(got.len(), payload.len());
     assert!(got == payload, "tunnelled bytes corrupted");

@@ -27,7 +27,10 @@ pub struct SeenRequest {
 
 impl SeenRequest {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     pub fn headers_all(&self, name: &str) -> Vec<&str> {
         self.headers
@@ -78,14 +81,20 @@ impl SeenRequest {
                 .map(|a| {
                     a.iter()
                         .map(|p| {
-                            (p[0].as_str().unwrap().to_string(), p[1].as_str().unwrap().to_string())
+                            (
+                                p[0].as_str().unwrap().to_string(),
+                                p[1].as_str().unwrap().to_string(),
+                            )
                         })
                         .collect()
                 })
                 .unwrap_or_default()
         };
         SeenRequest {
-            backend: v["backend"].as_str().unwrap_or_else(|| panic!("not an echo: {v}")).into(),
+            backend: v["backend"]
+                .as_str()
+                .unwrap_or_else(|| panic!("not an echo: {v}"))
+                .into(),
             conn: v["conn"].as_u64().unwrap() as usize,
             method: v["method"].as_str().unwrap().into(),
             uri: v["uri"].as_str().unwrap().into(),
@@ -219,11 +228,17 @@ impl BackendConn {
         let text = String::from_utf8_lossy(&head[..end]).into_owned();
         let mut lines = text.split("\r\n");
         let line = lines.next().unwrap_or("");
-        let (method, rest) = line.split_once(' ').ok_or_else(|| io::Error::other("request line"))?;
-        let (uri, version) = rest.rsplit_once(' ').ok_or_else(|| io::Error::other("request line"))?;
+        let (method, rest) = line
+            .split_once(' ')
+            .ok_or_else(|| io::Error::other("request line"))?;
+        let (uri, version) = rest
+            .rsplit_once(' ')
+            .ok_or_else(|| io::Error::other("request line"))?;
         let mut headers = Vec::new();
         for l in lines {
-            let (n, v) = l.split_once(':').ok_or_else(|| io::Error::other("header line"))?;
+            let (n, v) = l
+                .split_once(':')
+                .ok_or_else(|| io::Error::other("header line"))?;
             headers.push((n.to_string(), v.trim().to_string()));
         }
         let mut req = SeenRequest {
@@ -238,7 +253,8 @@ impl BackendConn {
         };
         if read_body {
             let chunked = req.headers_all("transfer-encoding").iter().any(|v| {
-                v.split(',').any(|t| t.trim().eq_ignore_ascii_case("chunked"))
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("chunked"))
             });
             if chunked {
                 loop {
@@ -264,7 +280,10 @@ impl BackendConn {
                     self.read_exact_n(2)?;
                 }
             } else if let Some(cl) = req.header("content-length") {
-                let n: usize = cl.trim().parse().map_err(|_| io::Error::other("content-length"))?;
+                let n: usize = cl
+                    .trim()
+                    .parse()
+                    .map_err(|_| io::Error::other("content-length"))?;
                 req.body = self.read_exact_n(n)?;
             }
         }
@@ -355,7 +374,11 @@ impl Backend {
                 std::thread::spawn(move || serve(s2, stream, n));
             }
         });
-        Backend { name: name.into(), addr, shared }
+        Backend {
+            name: name.into(),
+            addr,
+            shared,
+        }
     }
 
     /// Connections accepted so far.
@@ -386,7 +409,12 @@ impl Backend {
 }
 
 fn serve(s: Arc<Shared>, stream: TcpStream, n: usize) {
-    let mut conn = BackendConn { stream, buf: Vec::new(), name: s.name.clone(), conn: n };
+    let mut conn = BackendConn {
+        stream,
+        buf: Vec::new(),
+        name: s.name.clone(),
+        conn: n,
+    };
     while let Ok(Some(req)) = conn.read_request(s.read_body) {
         s.requests.lock().unwrap().push(req.clone());
         match (s.handler)(&req, &mut conn) {
@@ -437,12 +465,20 @@ pub mod handlers {
             respond(
                 conn,
                 "200 OK",
-                &[("Content-Type", "application/json"), ("Connection", "close")],
+                &[
+                    ("Content-Type", "application/json"),
+                    ("Connection", "close"),
+                ],
                 body.as_bytes(),
             );
             Reply::Close
         } else {
-            respond(conn, "200 OK", &[("Content-Type", "application/json")], body.as_bytes());
+            respond(
+                conn,
+                "200 OK",
+                &[("Content-Type", "application/json")],
+                body.as_bytes(),
+            );
             Reply::KeepAlive
         }
     }
@@ -457,7 +493,10 @@ pub mod handlers {
         respond(
             conn,
             "200 OK",
-            &[("Content-Type", "application/json"), ("Connection", "close")],
+            &[
+                ("Content-Type", "application/json"),
+                ("Connection", "close"),
+            ],
             body.as_bytes(),
         );
         Reply::Close
@@ -499,7 +538,10 @@ pub mod handlers {
     ) -> impl Fn(&SeenRequest, &mut BackendConn) -> Reply + Send + Sync + 'static {
         let tx = Mutex::new(tx);
         move |req, conn| {
-            let _ = tx.lock().unwrap().send(HoldEvent::Request(conn.conn, req.uri.clone()));
+            let _ = tx
+                .lock()
+                .unwrap()
+                .send(HoldEvent::Request(conn.conn, req.uri.clone()));
             let ev = if conn.wait_closed(Duration::from_secs(20)) {
                 HoldEvent::Closed(conn.conn, Instant::now())
             } else {
@@ -551,7 +593,12 @@ impl TcpBackend {
                 });
             }
         });
-        TcpBackend { name: name.into(), addr, accepted, stop }
+        TcpBackend {
+            name: name.into(),
+            addr,
+            accepted,
+            stop,
+        }
     }
 
     pub fn accepted(&self) -> usize {

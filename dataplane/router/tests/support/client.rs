@@ -6,6 +6,9 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
+/// Header or trailer fields in wire order.
+pub type Fields = Vec<(String, String)>;
+
 /// One client connection with a read buffer (bytes past a response stay buffered).
 pub struct Conn {
     pub stream: TcpStream,
@@ -27,7 +30,10 @@ pub struct Response {
 impl Response {
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     /// Every value of header `name`.
     pub fn headers_all(&self, name: &str) -> Vec<&str> {
@@ -73,16 +79,21 @@ pub struct Head {
 
 impl Head {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     fn is_chunked(&self) -> bool {
         self.headers.iter().any(|(n, v)| {
             n.eq_ignore_ascii_case("transfer-encoding")
-                && v.split(',').any(|t| t.trim().eq_ignore_ascii_case("chunked"))
+                && v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("chunked"))
         })
     }
     fn content_length(&self) -> Option<usize> {
-        self.header("content-length").map(|v| v.trim().parse().expect("Content-Length"))
+        self.header("content-length")
+            .map(|v| v.trim().parse().expect("Content-Length"))
     }
 }
 
@@ -102,7 +113,10 @@ impl Conn {
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         stream.set_nodelay(true)?;
-        Ok(Conn { stream, buf: Vec::new() })
+        Ok(Conn {
+            stream,
+            buf: Vec::new(),
+        })
     }
 
     pub fn set_read_timeout(&self, t: Duration) {
@@ -110,7 +124,9 @@ impl Conn {
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).unwrap_or_else(|e| panic!("client write: {e}"));
+        self.stream
+            .write_all(bytes)
+            .unwrap_or_else(|e| panic!("client write: {e}"));
     }
 
     pub fn try_send(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -139,17 +155,32 @@ impl Conn {
 
     fn fill_or_eof(&mut self, what: &str) -> io::Result<()> {
         match self.fill()? {
-            0 => Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("EOF while reading {what}"))),
+            0 => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("EOF while reading {what}"),
+            )),
             _ => Ok(()),
         }
     }
 
     /// One response; panics (with the reason) on timeout, EOF or a parse error.
     pub fn response(&mut self) -> Response {
-        self.try_response().unwrap_or_else(|e| panic!("reading response: {e}"))
+        self.try_response()
+            .unwrap_or_else(|e| panic!("reading response: {e}"))
     }
 
-    /// One response to a HEAD-like request (no body).
+    /// The final response, skipping interim 1xx responses other than 101 (RFC 9110 §15.2:
+    /// a client must accept any number of them).
+    pub fn final_response(&mut self) -> Response {
+        loop {
+            let resp = self.response();
+            if resp.status / 100 != 1 || resp.status == 101 {
+                return resp;
+            }
+        }
+    }
+
+    /// One response (1xx/204/304 carry no body).
     pub fn try_response(&mut self) -> io::Result<Response> {
         let head = self.read_head()?;
         let bodyless = head.status / 100 == 1 || head.status == 204 || head.status == 304;
@@ -202,7 +233,12 @@ impl Conn {
             .ok_or_else(|| io::Error::other(format!("bad status line {status_line:?}")))?;
         let reason = parts.next().unwrap_or("").to_string();
         let headers = parse_fields(lines)?;
-        Ok(Head { version, status, reason, headers })
+        Ok(Head {
+            version,
+            status,
+            reason,
+            headers,
+        })
     }
 
     /// Exactly `n` bytes (buffered first).
@@ -239,7 +275,10 @@ impl Conn {
 
     /// The next chunk's data of a chunked body; `None` after the last chunk (its trailers
     /// are then consumed and returned through `trailers`).
-    pub fn read_chunk(&mut self, trailers: &mut Vec<(String, String)>) -> io::Result<Option<Vec<u8>>> {
+    pub fn read_chunk(
+        &mut self,
+        trailers: &mut Vec<(String, String)>,
+    ) -> io::Result<Option<Vec<u8>>> {
         let line = self.read_line()?;
         let size_str = line.split(';').next().unwrap_or("").trim();
         let size = usize::from_str_radix(size_str, 16)
@@ -262,7 +301,7 @@ impl Conn {
         Ok(Some(data))
     }
 
-    fn read_chunked(&mut self) -> io::Result<(Vec<u8>, Vec<(String, String)>)> {
+    fn read_chunked(&mut self) -> io::Result<(Vec<u8>, Fields)> {
         let mut body = Vec::new();
         let mut trailers = Vec::new();
         while let Some(chunk) = self.read_chunk(&mut trailers)? {
@@ -283,14 +322,46 @@ impl Conn {
     /// Ok when the connection reads EOF/reset with no further data pending.
     pub fn closed_state(&mut self) -> Result<(), String> {
         if !self.buf.is_empty() {
-            return Err(format!("unexpected bytes {:?}", String::from_utf8_lossy(&self.buf)));
+            return Err(format!(
+                "unexpected bytes {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ));
         }
         let mut tmp = [0u8; 1024];
         match self.stream.read(&mut tmp) {
             Ok(0) => Ok(()),
-            Ok(n) => Err(format!("unexpected bytes {:?}", String::from_utf8_lossy(&tmp[..n]))),
+            Ok(n) => Err(format!(
+                "unexpected bytes {:?}",
+                String::from_utf8_lossy(&tmp[..n])
+            )),
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(()),
             Err(e) => Err(format!("still open after timeout ({e})")),
+        }
+    }
+
+    /// Asserts nothing arrives for `dur` (the connection stays open and silent).
+    pub fn expect_quiet(&mut self, dur: Duration) {
+        assert!(
+            self.buf.is_empty(),
+            "unexpected bytes {:?}",
+            String::from_utf8_lossy(&self.buf)
+        );
+        self.stream.set_read_timeout(Some(dur)).unwrap();
+        let mut tmp = [0u8; 4096];
+        let res = self.stream.read(&mut tmp);
+        self.stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        match res {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Ok(0) => panic!("connection closed, expected it to stay open"),
+            Ok(n) => panic!(
+                "unexpected {n} bytes after the response: {:?}",
+                String::from_utf8_lossy(&tmp[..n.min(300)])
+            ),
+            Err(e) => panic!("connection failed: {e}"),
         }
     }
 

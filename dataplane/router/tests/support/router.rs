@@ -82,7 +82,13 @@ impl RouterBuilder {
 
 impl Router {
     pub fn builder() -> RouterBuilder {
-        RouterBuilder { http_addrs: 1, threads: 2, tcp_ports: None, routes: None, io_driver: None }
+        RouterBuilder {
+            http_addrs: 1,
+            threads: 2,
+            tcp_ports: None,
+            routes: None,
+            io_driver: None,
+        }
     }
 
     /// A router with one HTTP listener, the API and two threads.
@@ -150,14 +156,24 @@ impl Router {
         let mut api_addr = None;
         for token in line.split_whitespace().skip(1) {
             if let Some(v) = token.strip_prefix("http=") {
-                http_addrs = v.split(',').map(|a| a.parse().expect("http addr")).collect();
+                http_addrs = v
+                    .split(',')
+                    .map(|a| a.parse().expect("http addr"))
+                    .collect();
             } else if let Some(v) = token.strip_prefix("api=") {
                 api_addr = Some(v.parse().expect("api addr"));
             }
         }
         let api_addr = api_addr.unwrap_or_else(|| panic!("no api= in {line:?}"));
         assert!(!http_addrs.is_empty(), "no http= in {line:?}");
-        Router { child, http_addr: http_addrs[0], http_addrs, api_addr, tcp_ports, stderr }
+        Router {
+            child,
+            http_addr: http_addrs[0],
+            http_addrs,
+            api_addr,
+            tcp_ports,
+            stderr,
+        }
     }
 
     /// The router's stderr so far.
@@ -168,7 +184,10 @@ impl Router {
     /// Panics if the router process has exited.
     pub fn assert_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("router exited unexpectedly: {status}\nstderr:\n{}", self.log());
+            panic!(
+                "router exited unexpectedly: {status}\nstderr:\n{}",
+                self.log()
+            );
         }
     }
 
@@ -177,7 +196,8 @@ impl Router {
     pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
         let mut conn = Conn::connect(self.api_addr);
         let body = body.unwrap_or("");
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: router-api\r\nConnection: close\r\n");
+        let mut req =
+            format!("{method} {path} HTTP/1.1\r\nHost: router-api\r\nConnection: close\r\n");
         if !body.is_empty() || matches!(method, "POST" | "PUT") {
             req.push_str(&format!(
                 "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -188,8 +208,8 @@ impl Router {
         req.push_str(body);
         conn.send(req.as_bytes());
         let resp = conn.response();
-        let value = serde_json::from_slice(&resp.body)
-            .unwrap_or_else(|_| Value::String(resp.text()));
+        let value =
+            serde_json::from_slice(&resp.body).unwrap_or_else(|_| Value::String(resp.text()));
         (resp.status, value)
     }
 
@@ -204,7 +224,10 @@ impl Router {
     pub fn delete_route(&self, route: &Value) {
         let path = route_path(route);
         let (status, body) = self.api("DELETE", &path, None);
-        assert!((200..300).contains(&status), "DELETE {path} -> {status} {body}");
+        assert!(
+            (200..300).contains(&status),
+            "DELETE {path} -> {status} {body}"
+        );
     }
 
     /// `PUT /routes/:type/:id` with `route` as the body, asserting 200.
@@ -217,8 +240,10 @@ impl Router {
 
     /// `PUT /services/:service/backends` with the given backends (the first leads).
     pub fn set_backends(&self, service: &str, backends: &[&Backend]) {
-        let addrs: Vec<(String, bool)> =
-            backends.iter().map(|b| (b.addr.to_string(), false)).collect();
+        let addrs: Vec<(String, bool)> = backends
+            .iter()
+            .map(|b| (b.addr.to_string(), false))
+            .collect();
         self.set_backend_addrs(service, &addrs);
     }
 
@@ -237,14 +262,21 @@ impl Router {
         let body = Value::Array(body).to_string();
         let path = format!("/services/{service}/backends");
         let (status, resp) = self.api("PUT", &path, Some(&body));
-        assert!((200..300).contains(&status), "PUT {path} {body} -> {status} {resp}");
+        assert!(
+            (200..300).contains(&status),
+            "PUT {path} {body} -> {status} {resp}"
+        );
     }
 }
 
 /// `/routes/<type>/<id>` of a stored route.
 pub fn route_path(route: &Value) -> String {
-    let kind = route["type"].as_str().unwrap_or_else(|| panic!("route without type: {route}"));
-    let id = route["id"].as_str().unwrap_or_else(|| panic!("route without id: {route}"));
+    let kind = route["type"]
+        .as_str()
+        .unwrap_or_else(|| panic!("route without type: {route}"));
+    let id = route["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("route without id: {route}"));
     format!("/routes/{kind}/{id}")
 }
 
@@ -254,30 +286,40 @@ impl Drop for Router {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("---- router stderr ----\n{}\n---- end router stderr ----", self.log());
+            eprintln!(
+                "---- router stderr ----\n{}\n---- end router stderr ----",
+                self.log()
+            );
         } else if let Some(status) = exited {
-            panic!("router exited during the test: {status}\nstderr:\n{}", self.log());
+            panic!(
+                "router exited during the test: {status}\nstderr:\n{}",
+                self.log()
+            );
         }
     }
 }
 
-/// A TCP port range of `len + 1` ports (inclusive) that is free right now. Ranges come from a
-/// per-process counter starting at a pid-derived offset so that parallel tests and test
-/// binaries rarely collide; each candidate is probed by binding every port.
+/// A TCP port range of `len + 1` ports (inclusive) in 10000..32000 that is free right now.
+/// Ranges come from a per-process counter starting at a pid-derived offset so that parallel
+/// tests and test binaries rarely collide; each candidate is probed by binding every port.
 pub fn tcp_range(len: u16) -> (u16, u16) {
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 30000 + (std::process::id() % 300) as u16 * 100;
+    // Below the kernel's ephemeral range (32768+), so outgoing connections never hold them.
+    let base = (std::process::id() % 200) * 100;
+    let mut last_err = None;
     for _ in 0..200 {
-        let k = NEXT.fetch_add(1, Ordering::Relaxed);
-        let start = 30000 + (base - 30000 + k * (len + 5)) % 30000;
+        let k = NEXT.fetch_add(1, Ordering::Relaxed) as u32;
+        let start = (10000 + (base + k * (len as u32 + 5)) % 22000) as u16;
         let end = start + len;
-        let probes: Vec<_> =
-            (start..=end).map(|p| TcpListener::bind(("127.0.0.1", p))).collect();
-        if probes.iter().all(|p| p.is_ok()) {
-            return (start, end);
+        let probes: Vec<_> = (start..=end)
+            .map(|p| TcpListener::bind(("127.0.0.1", p)))
+            .collect();
+        match probes.into_iter().find_map(Result::err) {
+            None => return (start, end),
+            Some(e) => last_err = Some((start, e)),
         }
     }
-    panic!("no free TCP port range found");
+    panic!("no free TCP port range found (last: {last_err:?})");
 }
 
 /// How long tests wait for things that should happen "immediately".

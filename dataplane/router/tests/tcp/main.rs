@@ -15,17 +15,23 @@ fn tcp_router() -> Router {
 }
 
 fn set_tcp_backends(router: &Router, service: &str, backends: &[&TcpBackend]) {
-    let addrs: Vec<(String, bool)> = backends.iter().map(|b| (b.addr.to_string(), false)).collect();
+    let addrs: Vec<(String, bool)> = backends
+        .iter()
+        .map(|b| (b.addr.to_string(), false))
+        .collect();
     router.set_backend_addrs(service, &addrs);
 }
 
 fn port_of(route: &serde_json::Value) -> u16 {
-    route["port"].as_u64().unwrap_or_else(|| panic!("route without port: {route}")) as u16
+    route["port"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("route without port: {route}")) as u16
 }
 
 fn connect(port: u16) -> TcpStream {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     s
@@ -37,7 +43,8 @@ fn exchange(port: u16, msg: &[u8]) -> Vec<u8> {
     s.write_all(msg).unwrap();
     s.shutdown(Shutdown::Write).unwrap();
     let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap_or_else(|e| panic!("read from port {port}: {e}"));
+    s.read_to_end(&mut out)
+        .unwrap_or_else(|e| panic!("read from port {port}: {e}"));
     out
 }
 
@@ -48,7 +55,10 @@ fn tcp_route_forwards_both_ways_with_half_close() {
     let b1 = TcpBackend::start("b1");
     let route = router.add_route(tcp_route(0, "tcpsvc"));
     let port = port_of(&route);
-    assert!((lo..=hi).contains(&port), "allocated port {port} outside {lo}-{hi}");
+    assert!(
+        (lo..=hi).contains(&port),
+        "allocated port {port} outside {lo}-{hi}"
+    );
     set_tcp_backends(&router, "tcpsvc", &[&b1]);
     assert_eq!(exchange(port, b"hello"), b"b1 hello");
     assert_eq!(exchange(port, b""), b"b1 ");
@@ -74,7 +84,11 @@ fn tcp_route_carries_large_payload() {
     s.read_to_end(&mut out).unwrap();
     writer.join().unwrap();
     assert_eq!(&out[..3], b"b1 ");
-    assert!(out[3..] == payload[..], "payload corrupted ({} bytes back)", out.len());
+    assert!(
+        out[3..] == payload[..],
+        "payload corrupted ({} bytes back)",
+        out.len()
+    );
 }
 
 #[test]
@@ -126,7 +140,13 @@ fn deleted_route_port_refuses_connections_and_can_be_reused() {
 fn unreachable_backends_close_the_client_connection() {
     let router = tcp_router();
     let port = port_of(&router.add_route(tcp_route(0, "tcpsvc")));
-    for addrs in [vec![], vec![(dead_addr().to_string(), false), (dead_addr().to_string(), false)]] {
+    for addrs in [
+        vec![],
+        vec![
+            (dead_addr().to_string(), false),
+            (dead_addr().to_string(), false),
+        ],
+    ] {
         router.set_backend_addrs("tcpsvc", &addrs);
         let mut s = connect(port);
         let _ = s.write_all(b"hello");
@@ -146,10 +166,17 @@ fn dead_backend_is_skipped_for_a_live_one() {
     let port = port_of(&router.add_route(tcp_route(0, "tcpsvc")));
     router.set_backend_addrs(
         "tcpsvc",
-        &[(dead_addr().to_string(), false), (b1.addr.to_string(), false), (dead_addr().to_string(), false)],
+        &[
+            (dead_addr().to_string(), false),
+            (b1.addr.to_string(), false),
+            (dead_addr().to_string(), false),
+        ],
     );
     for i in 0..8 {
-        assert_eq!(exchange(port, format!("{i}").as_bytes()), format!("live {i}").as_bytes());
+        assert_eq!(
+            exchange(port, format!("{i}").as_bytes()),
+            format!("live {i}").as_bytes()
+        );
     }
 }
 
@@ -157,12 +184,20 @@ fn dead_backend_is_skipped_for_a_live_one() {
 fn leader_tcp_route_goes_to_leader() {
     let router = tcp_router();
     let (b1, b2) = (TcpBackend::start("b1"), TcpBackend::start("b2"));
-    let port = port_of(&router.add_route(json!({"type": "tcp", "port": 0, "service": "db", "leader": true})));
-    router.set_backend_addrs("db", &[(b1.addr.to_string(), false), (b2.addr.to_string(), true)]);
+    let port = port_of(
+        &router.add_route(json!({"type": "tcp", "port": 0, "service": "db", "leader": true})),
+    );
+    router.set_backend_addrs(
+        "db",
+        &[(b1.addr.to_string(), false), (b2.addr.to_string(), true)],
+    );
     for _ in 0..5 {
         assert_eq!(exchange(port, b"q"), b"b2 q");
     }
-    router.set_backend_addrs("db", &[(b1.addr.to_string(), true), (b2.addr.to_string(), false)]);
+    router.set_backend_addrs(
+        "db",
+        &[(b1.addr.to_string(), true), (b2.addr.to_string(), false)],
+    );
     for _ in 0..5 {
         assert_eq!(exchange(port, b"q"), b"b1 q");
     }
@@ -173,13 +208,19 @@ fn routes_file_tcp_route_is_served_at_start() {
     let b1 = TcpBackend::start("b1");
     let range = tcp_range(10);
     let port = range.0 + 3;
-    let file = std::env::temp_dir().join(format!("flynn-router-tcp-routes-{}.json", std::process::id()));
+    let file = std::env::temp_dir().join(format!(
+        "flynn-router-tcp-routes-{}.json",
+        std::process::id()
+    ));
     let doc = json!({
         "routes": [{"type": "tcp", "port": port, "service": "tcpsvc"}],
         "services": {"tcpsvc": [{"addr": b1.addr.to_string()}]}
     });
     std::fs::write(&file, doc.to_string()).unwrap();
-    let router = Router::builder().tcp_ports(range).routes_file(file.clone()).start();
+    let router = Router::builder()
+        .tcp_ports(range)
+        .routes_file(file.clone())
+        .start();
     let _ = std::fs::remove_file(&file);
     assert_eq!(exchange(port, b"boot"), b"b1 boot");
     let (status, routes) = router.api("GET", "/routes", None);

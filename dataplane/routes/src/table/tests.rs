@@ -1,7 +1,11 @@
 use super::*;
 
 fn route(domain: &str, path: &str, service: &str) -> Route {
-    Route { path: path.into(), id: format!("{domain}{path}"), ..Route::http(domain, service) }
+    Route {
+        path: path.into(),
+        id: format!("{domain}{path}"),
+        ..Route::http(domain, service)
+    }
 }
 
 fn table(routes: &[Route]) -> Table {
@@ -17,11 +21,17 @@ fn table(routes: &[Route]) -> Table {
 }
 
 fn blank() -> BackendAddr {
-    BackendAddr { addr: String::new(), leader: false, app: String::new(), job_id: String::new() }
+    BackendAddr {
+        addr: String::new(),
+        leader: false,
+        app: String::new(),
+        job_id: String::new(),
+    }
 }
 
 fn svc<'a>(t: &'a Table, host: &str, path: &str) -> Option<&'a str> {
-    t.lookup_http(host.as_bytes(), 0, path.as_bytes()).map(|r| &*r.service)
+    t.lookup_http(host.as_bytes(), 0, path.as_bytes())
+        .map(|r| &*r.service)
 }
 
 #[test]
@@ -64,7 +74,11 @@ fn most_specific_wildcard_first() {
 
 #[test]
 fn path_prefix_by_segment() {
-    let t = table(&[route("d", "/", "s1"), route("d", "/2/", "s2"), route("d", "/3", "s3")]);
+    let t = table(&[
+        route("d", "/", "s1"),
+        route("d", "/2/", "s2"),
+        route("d", "/3", "s3"),
+    ]);
     let cases = [
         ("/", "s1"),
         ("/2", "s2"),
@@ -86,8 +100,14 @@ fn ports_are_part_of_the_key() {
     let mut r = route("d", "/", "s2");
     r.port = 8081;
     let t = table(&[route("d", "/", "s1"), r]);
-    assert_eq!(t.lookup_http(b"d", 0, b"/").map(|r| &*r.service), Some("s1"));
-    assert_eq!(t.lookup_http(b"d", 8081, b"/").map(|r| &*r.service), Some("s2"));
+    assert_eq!(
+        t.lookup_http(b"d", 0, b"/").map(|r| &*r.service),
+        Some("s1")
+    );
+    assert_eq!(
+        t.lookup_http(b"d", 8081, b"/").map(|r| &*r.service),
+        Some("s2")
+    );
     assert!(t.lookup_http(b"d", 8082, b"/").is_none());
 }
 
@@ -100,8 +120,15 @@ fn unknown_service_has_no_backends() {
 #[test]
 fn leader_routes_only_get_the_leader() {
     let list = [
-        BackendAddr { addr: "127.0.0.1:1".into(), ..blank() },
-        BackendAddr { addr: "127.0.0.1:2".into(), leader: true, ..blank() },
+        BackendAddr {
+            addr: "127.0.0.1:1".into(),
+            ..blank()
+        },
+        BackendAddr {
+            addr: "127.0.0.1:2".into(),
+            leader: true,
+            ..blank()
+        },
     ];
     let mut b = HashMap::new();
     b.insert("s".to_string(), Backends::from_api(&list).unwrap());
@@ -128,7 +155,10 @@ fn overlong_and_odd_hosts_do_not_match_or_panic() {
 
 #[test]
 fn tcp_routes_by_port() {
-    let t = table(&[Route { id: "t".into(), ..Route::tcp(3001, "s1") }]);
+    let t = table(&[Route {
+        id: "t".into(),
+        ..Route::tcp(3001, "s1")
+    }]);
     assert_eq!(t.tcp_route(3001).map(|r| &*r.service), Some("s1"));
     assert!(t.tcp_route(3002).is_none());
     assert_eq!(t.tcp_ports().collect::<Vec<_>>(), vec![3001]);

@@ -1,0 +1,380 @@
+//! The HTTP API (spec §3.4): log history and follow (NDJSON, or SSE on
+//! `Accept: text/event-stream`), host cursors, snapshots for peers, status and metrics.
+//! Runs on its own thread with a small tokio runtime; it reads the store under the same
+//! short shard locks ingest uses and never blocks a worker for long.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use flynn_api::{ApiError, Status};
+use flynn_syslog::Stream;
+use futures_util::stream;
+
+use crate::ingest::Shared;
+use crate::line::{stream_bit, write_json, write_skip_marker, Filter, Line};
+use crate::peer;
+use crate::store::{Follow, Store};
+
+/// Largest `lines` a reader may ask for (spec §3.4).
+pub const MAX_LINES: usize = 10_000;
+/// Lines per live chunk (a follower holds at most one chunk).
+const CHUNK_LINES: usize = 512;
+const SSE_KEEPALIVE: Duration = Duration::from_secs(30);
+const PEER_KEEPALIVE: Duration = Duration::from_secs(10);
+
+pub struct ApiErr(pub ApiError);
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+fn pct_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Query pairs; the last value of a repeated key wins (as Go's `FormValue` for ours).
+fn query_map(q: Option<&str>) -> HashMap<String, String> {
+    let mut m = HashMap::new();
+    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        m.insert(pct_decode(k), pct_decode(v));
+    }
+    m
+}
+
+/// A parsed `/log` request.
+#[derive(Debug, PartialEq)]
+pub struct LogQuery {
+    pub lines: usize,
+    pub follow: bool,
+    pub filter: Filter,
+}
+
+pub fn parse_log_query(q: Option<&str>) -> Result<LogQuery, ApiError> {
+    let m = query_map(q);
+    let lines = match m.get("lines").map(String::as_str) {
+        None | Some("") => 0,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if n <= MAX_LINES => n,
+            _ => {
+                return Err(ApiError::validation(
+                    Some("lines"),
+                    "must be an integer between 0 and 10000",
+                ))
+            }
+        },
+    };
+    let streams = match m.get("stream_types").map(String::as_str) {
+        None | Some("") => None,
+        Some(s) => Some(
+            s.split(',')
+                .filter_map(|t| Stream::parse(t.trim()))
+                .fold(0u8, |a, s| a | stream_bit(s)),
+        ),
+    };
+    let job_id = m.get("job_id").filter(|j| !j.is_empty()).cloned();
+    Ok(LogQuery {
+        lines,
+        follow: m.get("follow").is_some_and(|f| f == "true"),
+        filter: Filter {
+            job_id,
+            process_type: m.get("process_type").cloned(),
+            streams,
+        },
+    })
+}
+
+fn render(out: &mut Vec<u8>, sse: bool, line: &Line) {
+    if sse {
+        out.extend_from_slice(b"data: ");
+    }
+    write_json(out, line);
+    out.extend_from_slice(if sse { b"\n\n" } else { b"\n" });
+}
+
+fn render_skip(out: &mut Vec<u8>, sse: bool, n: u64) {
+    if sse {
+        out.extend_from_slice(b"event: skipped\ndata: ");
+    }
+    write_skip_marker(out, n);
+    out.extend_from_slice(if sse { b"\n\n" } else { b"\n" });
+}
+
+struct Follower {
+    store: Arc<Store>,
+    app: Vec<u8>,
+    filter: Filter,
+    sse: bool,
+    first: Option<Bytes>,
+    next: u64,
+    reg: Follow,
+}
+
+async fn next_chunk(mut f: Follower) -> Option<(Result<Bytes, Infallible>, Follower)> {
+    if let Some(h) = f.first.take() {
+        return Some((Ok(h), f));
+    }
+    let notify = f.reg.notify.clone();
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let b = f.store.read_from(&f.app, f.next, &f.filter, CHUNK_LINES);
+        f.next = b.next;
+        if !b.lines.is_empty() || b.skipped > 0 {
+            let mut out = Vec::with_capacity(b.lines.len() * 256);
+            if b.skipped > 0 {
+                render_skip(&mut out, f.sse, b.skipped);
+            }
+            for l in &b.lines {
+                render(&mut out, f.sse, l);
+            }
+            return Some((Ok(Bytes::from(out)), f));
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep(SSE_KEEPALIVE) => {
+                if f.sse {
+                    return Some((Ok(Bytes::from_static(b":\n")), f));
+                }
+            }
+        }
+    }
+}
+
+async fn get_log(
+    State(sh): State<Arc<Shared>>,
+    Path(app): Path<String>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiErr> {
+    let q = parse_log_query(q.as_deref()).map_err(ApiErr)?;
+    let sse = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.contains("text/event-stream")));
+    let ctype = if sse {
+        "text/event-stream; charset=utf-8"
+    } else {
+        "application/x-ndjson"
+    };
+    let (hist, next, reg) = sh
+        .store
+        .history(app.as_bytes(), &q.filter, q.lines, q.follow);
+    // Follow with lines=0 means live lines only (spec §3.4).
+    let hist = if q.follow && q.lines == 0 {
+        Vec::new()
+    } else {
+        hist
+    };
+    let mut out = Vec::with_capacity(hist.len() * 256);
+    for l in &hist {
+        render(&mut out, sse, l);
+    }
+    drop(hist);
+    let body = match reg {
+        Some(reg) => {
+            let f = Follower {
+                store: sh.store.clone(),
+                app: app.into_bytes(),
+                filter: q.filter,
+                sse,
+                first: Some(Bytes::from(out)),
+                next,
+                reg,
+            };
+            Body::from_stream(stream::unfold(f, next_chunk))
+        }
+        None => Body::from(out),
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, ctype),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+async fn cursors(State(sh): State<Arc<Shared>>) -> Response {
+    let mut m = serde_json::Map::new();
+    for (host, c) in sh.store.cursors() {
+        m.insert(
+            host,
+            serde_json::json!({ "time": c.time.to_rfc3339(), "seq": c.seq }),
+        );
+    }
+    Json(serde_json::Value::Object(m)).into_response()
+}
+
+struct SnapshotState {
+    store: Arc<Store>,
+    pos: HashMap<Box<[u8]>, u64>,
+    live: bool,
+    follow: Option<crate::store::FollowAll>,
+    done: bool,
+}
+
+async fn next_snapshot(mut s: SnapshotState) -> Option<(Result<Bytes, Infallible>, SnapshotState)> {
+    if s.done {
+        return None;
+    }
+    let store = s.store.clone();
+    loop {
+        let notified = store.any_notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let batch = store.read_all_since(&mut s.pos, 1000);
+        if !batch.is_empty() {
+            let mut out = Vec::with_capacity(batch.len() * 256);
+            for (app, l) in &batch {
+                peer::encode_line(&mut out, app, l);
+            }
+            return Some((Ok(Bytes::from(out)), s));
+        }
+        if !s.live {
+            s.live = true;
+            s.done = s.follow.is_none();
+            return Some((Ok(Bytes::from_static(peer::END)), s));
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep(PEER_KEEPALIVE) => return Some((Ok(Bytes::from_static(peer::KEEPALIVE)), s)),
+        }
+    }
+}
+
+async fn snapshot(State(sh): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
+    let follow = query_map(q.as_deref())
+        .get("follow")
+        .is_some_and(|f| f == "true");
+    let st = SnapshotState {
+        store: sh.store.clone(),
+        pos: HashMap::new(),
+        live: false,
+        follow: follow.then(|| sh.store.follow_all()),
+        done: false,
+    };
+    (
+        [(header::CONTENT_TYPE, peer::CONTENT_TYPE)],
+        Body::from_stream(stream::unfold(st, next_snapshot)),
+    )
+        .into_response()
+}
+
+async fn status(State(sh): State<Arc<Shared>>) -> Response {
+    let drivers: Vec<&str> = sh
+        .drivers
+        .iter()
+        .map(|d| d.get().copied().unwrap_or("starting"))
+        .collect();
+    let stats = sh.store.stats();
+    let body = Status::healthy(
+        env!("CARGO_PKG_VERSION"),
+        Some(serde_json::json!({
+            "apps": stats.len(),
+            "lines": stats.iter().map(|a| a.lines).sum::<usize>(),
+            "memory_bytes": sh.store.memory(),
+            "workers": drivers,
+        })),
+    );
+    let mut text = serde_json::to_string_pretty(&body).unwrap_or_default();
+    text.push('\n');
+    ([(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+async fn metrics_text(State(sh): State<Arc<Shared>>) -> Response {
+    let names = sh.source_names();
+    let sources: Vec<_> = names.into_iter().zip(sh.counters.iter()).collect();
+    let text = crate::metrics::render(&sources, &sh.store);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn not_found() -> ApiErr {
+    ApiErr(ApiError::not_found("not found"))
+}
+
+pub fn router(sh: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/log/{app}", get(get_log))
+        .route("/cursors", get(cursors))
+        .route("/snapshot", get(snapshot))
+        .route("/.well-known/status", get(status))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .with_state(sh)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_query_table() {
+        let ok = |q: &str| parse_log_query(Some(q)).unwrap();
+        assert_eq!(
+            ok(""),
+            LogQuery {
+                lines: 0,
+                follow: false,
+                filter: Filter::default()
+            }
+        );
+        let q = ok("lines=10&follow=true&job_id=abc&process_type=&stream_types=stdout,stderr");
+        assert_eq!((q.lines, q.follow), (10, true));
+        assert_eq!(q.filter.job_id.as_deref(), Some("abc"));
+        assert_eq!(q.filter.process_type.as_deref(), Some(""));
+        assert_eq!(q.filter.streams, Some(3));
+        assert_eq!(
+            ok("process_type=web&process_type=worker")
+                .filter
+                .process_type
+                .as_deref(),
+            Some("worker")
+        );
+        assert_eq!(ok("job_id=a%2Db+c").filter.job_id.as_deref(), Some("a-b c"));
+        assert_eq!(ok("lines=10000").lines, 10_000);
+        for bad in ["lines=10001", "lines=-1", "lines=x", "lines=1.5"] {
+            let e = parse_log_query(Some(bad)).unwrap_err();
+            assert_eq!(e.status(), 400);
+            assert_eq!(
+                e.detail,
+                Some(serde_json::json!({"field": "lines"})),
+                "{bad}"
+            );
+        }
+    }
+}

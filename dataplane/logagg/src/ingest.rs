@@ -1,0 +1,170 @@
+//! Hot path: syslog ingest. TCP connections live on the `flynn-runtime` workers (one
+//! SO_REUSEPORT listener per core); each reads into one `BytesMut`, splits frames off it
+//! without copying, parses them in place and copies each line once into the store. The
+//! read buffer is reused as soon as its frames are copied, so a quiet app never pins it.
+//! UDP (one datagram = one message) is served by one plain thread.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::BytesMut;
+use flynn_runtime::WorkerCtx;
+use flynn_syslog::{parse_fields, Fields, Framer, Message, Timestamp};
+use monoio::buf::IoBufMut;
+use monoio::io::AsyncReadRent;
+use monoio::net::{TcpListener, TcpStream};
+
+use crate::line::UNROUTED_APP;
+use crate::metrics::Counters;
+use crate::store::{Outcome, Store};
+
+/// Read buffer size per connection (grown only while a frame is larger).
+const READ_BUF: usize = 64 * 1024;
+
+/// What the ingest paths share.
+pub struct Shared {
+    pub store: Arc<Store>,
+    pub framer: Framer,
+    /// One slot per worker, then UDP, then peer loading.
+    pub counters: Vec<Counters>,
+    pub drivers: Vec<OnceLock<&'static str>>,
+}
+
+impl Shared {
+    pub fn new(store: Arc<Store>, framer: Framer, threads: usize) -> Shared {
+        Shared {
+            store,
+            framer,
+            counters: (0..threads + 2).map(|_| Counters::default()).collect(),
+            drivers: (0..threads).map(|_| OnceLock::new()).collect(),
+        }
+    }
+    pub fn udp_counters(&self) -> &Counters {
+        &self.counters[self.drivers.len()]
+    }
+    pub fn peer_counters(&self) -> &Counters {
+        &self.counters[self.drivers.len() + 1]
+    }
+    pub fn source_names(&self) -> Vec<String> {
+        let n = self.drivers.len();
+        (0..n)
+            .map(|i| format!("core{i}"))
+            .chain(["udp".to_string(), "peer".to_string()])
+            .collect()
+    }
+}
+
+/// Stores one parsed frame (the message time, or `now` when it has none).
+#[inline]
+pub fn ingest(
+    store: &Store,
+    c: &Counters,
+    frame: &[u8],
+    fields: &Fields,
+    now: Timestamp,
+) -> Outcome {
+    let app = if fields.raw || fields.app_name.is_empty() {
+        UNROUTED_APP.as_bytes()
+    } else {
+        fields.app_name.get(frame)
+    };
+    Counters::inc(&c.messages_total);
+    Counters::add(&c.bytes_total, frame.len() as u64);
+    if fields.raw {
+        Counters::inc(&c.raw_total);
+    }
+    let out = store.insert(app, frame, fields, fields.ts.unwrap_or(now));
+    if out == Outcome::Duplicate {
+        Counters::inc(&c.duplicates_total);
+    }
+    out
+}
+
+/// A worker's main future: accept on its listener and serve each connection.
+pub async fn run(ctx: WorkerCtx, shared: Arc<Shared>, listener: Option<std::net::TcpListener>) {
+    let _ = shared.drivers[ctx.index].set(ctx.driver);
+    let Some(l) = listener else { return };
+    let listener = match TcpListener::from_std(l) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register syslog listener");
+            return;
+        }
+    };
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                Counters::inc(&shared.counters[ctx.index].connections_total);
+                monoio::spawn(serve(shared.clone(), ctx.index, stream));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream) {
+    let c = &shared.counters[core];
+    Counters::inc(&c.connections_active);
+    let mut buf = BytesMut::with_capacity(READ_BUF);
+    'conn: loop {
+        if buf.capacity() - buf.len() < READ_BUF / 4 {
+            // Reclaims the front in place once every frame split off it was dropped.
+            buf.reserve(READ_BUF);
+        }
+        // Append after any partial frame already buffered.
+        let (len, cap) = (buf.len(), buf.capacity());
+        let (res, slice) = stream.read(buf.slice_mut(len..cap)).await;
+        buf = slice.into_inner();
+        match res {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let now = Timestamp::now();
+        loop {
+            match shared.framer.next_frame(&mut buf) {
+                Ok(Some(frame)) => {
+                    let m = Message::parse(frame);
+                    ingest(&shared.store, c, m.frame(), m.fields(), now);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    Counters::inc(c.frame_error(e));
+                    tracing::debug!(error = %e, "closing syslog connection on a framing error");
+                    break 'conn;
+                }
+            }
+        }
+    }
+    Counters::dec(&c.connections_active);
+}
+
+/// Serves UDP syslog on `sock` forever (run on its own thread).
+pub fn serve_udp(shared: Arc<Shared>, sock: std::net::UdpSocket) {
+    let mut buf = vec![0u8; 65_536];
+    let c = shared.udp_counters();
+    loop {
+        let n = match sock.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "udp receive failed");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+        };
+        let mut d = &buf[..n];
+        while let [rest @ .., b'\n' | b'\r' | 0] = d {
+            d = rest;
+        }
+        if d.is_empty() {
+            continue;
+        }
+        if d.len() > shared.framer.max_frame() {
+            Counters::inc(&c.frame_too_long_total);
+            continue;
+        }
+        let fields = parse_fields(d).unwrap_or_else(|_| Fields::raw(d.len()));
+        ingest(&shared.store, c, d, &fields, Timestamp::now());
+    }
+}

@@ -1,0 +1,490 @@
+//! Hot path: the shared line store. Apps are spread over [`SHARDS`] shards by a hash of
+//! the app id; each shard is one short `Mutex` over its apps' rings and its share of the
+//! host cursors. Ingest from any core locks one shard for one insert (a copy and a few
+//! counter updates), readers lock it to copy out lines. See the crate docs for why.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use flynn_syslog::{flynn, Fields, Timestamp};
+use tokio::sync::Notify;
+
+use crate::line::{content_hash, FastBuild, FastHasher, Filter, Line};
+
+pub const SHARDS: usize = 64;
+
+/// Store limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub lines_per_app: usize,
+    pub max_memory: usize,
+}
+
+/// One app's buffer. Lines are kept in insertion (`seq`) order so a reader's position is
+/// just a sequence number; readers sort by time when they return history.
+pub struct App {
+    ring: VecDeque<Line>,
+    /// Sequence number the next line gets (the first line is 1).
+    next_seq: u64,
+    bytes: usize,
+    /// Lines pushed out by the per-app bound / by the global memory cap / refused because
+    /// they were older than everything in a full ring.
+    pub evicted_capacity: u64,
+    pub evicted_memory: u64,
+    pub duplicates: u64,
+    followers: usize,
+    notify: Arc<Notify>,
+    dedupe: HashMap<u64, u64, FastBuild>,
+}
+
+impl App {
+    fn new() -> App {
+        App {
+            ring: VecDeque::new(),
+            next_seq: 1,
+            bytes: 0,
+            evicted_capacity: 0,
+            evicted_memory: 0,
+            duplicates: 0,
+            followers: 0,
+            notify: Arc::new(Notify::new()),
+            dedupe: HashMap::default(),
+        }
+    }
+
+    fn first_seq(&self) -> u64 {
+        self.next_seq - self.ring.len() as u64
+    }
+
+    fn pop_oldest(&mut self) -> Option<usize> {
+        let l = self.ring.pop_front()?;
+        if self.dedupe.get(&l.hash) == Some(&l.seq) {
+            self.dedupe.remove(&l.hash);
+        }
+        let c = l.cost();
+        self.bytes -= c;
+        Some(c)
+    }
+}
+
+/// A host's latest position (spec §3.2 host cursors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub time: Timestamp,
+    pub seq: u64,
+}
+
+#[derive(Default)]
+struct Shard {
+    apps: HashMap<Box<[u8]>, App, FastBuild>,
+    cursors: HashMap<Box<[u8]>, Cursor, FastBuild>,
+}
+
+/// What happened to one inserted line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Stored,
+    Duplicate,
+    /// Older than every line of a full ring: it would be the first evicted (counted).
+    TooOld,
+}
+
+pub struct Store {
+    shards: Box<[Mutex<Shard>]>,
+    limits: Limits,
+    memory: AtomicUsize,
+    apps: AtomicUsize,
+    reclaiming: AtomicBool,
+    /// Whole-store followers (peers reading `/snapshot?follow=true`).
+    any_followers: AtomicUsize,
+    any_notify: Notify,
+    pub lines_total: AtomicU64,
+}
+
+/// Lines read for a follower plus how far it got.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub lines: Vec<Line>,
+    /// Lines that were evicted before this reader got to them.
+    pub skipped: u64,
+    pub next: u64,
+}
+
+/// A follower's registration on one app; unregisters on drop.
+pub struct Follow {
+    store: Arc<Store>,
+    app: Box<[u8]>,
+    pub notify: Arc<Notify>,
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        let mut s = self.store.shard(&self.app);
+        if let Some(a) = s.apps.get_mut(&self.app) {
+            a.followers = a.followers.saturating_sub(1);
+        }
+    }
+}
+
+/// A whole-store follower registration; unregisters on drop.
+pub struct FollowAll {
+    store: Arc<Store>,
+}
+
+impl Drop for FollowAll {
+    fn drop(&mut self) {
+        self.store.any_followers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn shard_of(app: &[u8]) -> usize {
+    let mut h = FastHasher::default();
+    h.write(app);
+    (h.finish() >> 32) as usize % SHARDS
+}
+
+/// Per-app figures for metrics.
+#[derive(Debug, Clone)]
+pub struct AppStats {
+    pub app: String,
+    pub lines: usize,
+    pub bytes: usize,
+    pub evicted_capacity: u64,
+    pub evicted_memory: u64,
+    pub duplicates: u64,
+    pub followers: usize,
+}
+
+impl Store {
+    pub fn new(limits: Limits) -> Store {
+        Store {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            limits,
+            memory: AtomicUsize::new(0),
+            apps: AtomicUsize::new(0),
+            reclaiming: AtomicBool::new(false),
+            any_followers: AtomicUsize::new(0),
+            any_notify: Notify::new(),
+            lines_total: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, app: &[u8]) -> MutexGuard<'_, Shard> {
+        self.shards[shard_of(app)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn shard_at(&self, i: usize) -> MutexGuard<'_, Shard> {
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn memory(&self) -> usize {
+        self.memory.load(Ordering::Relaxed)
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Copies one message into `app`'s ring. `ts` is the message time (or receive time).
+    pub fn insert(&self, app: &[u8], frame: &[u8], fields: &Fields, ts: Timestamp) -> Outcome {
+        let hash = content_hash(ts, frame, fields);
+        let mut over_cap = false;
+        let outcome = {
+            let mut guard = self.shard(app);
+            let shard = &mut *guard;
+            let a = match shard.apps.get_mut(app) {
+                Some(a) => a,
+                None => {
+                    self.apps.fetch_add(1, Ordering::Relaxed);
+                    shard.apps.entry(app.into()).or_insert_with(App::new)
+                }
+            };
+            if let Some(&seq) = a.dedupe.get(&hash) {
+                let first = a.first_seq();
+                if seq >= first && a.ring[(seq - first) as usize].same_as(ts, frame, fields) {
+                    a.duplicates += 1;
+                    return Outcome::Duplicate;
+                }
+            }
+            if a.ring.len() >= self.limits.lines_per_app
+                && a.ring.front().is_some_and(|f| ts < f.ts)
+            {
+                a.evicted_capacity += 1;
+                return Outcome::TooOld;
+            }
+            let line = Line::new(a.next_seq, ts, frame, fields, hash);
+            let cost = line.cost();
+            a.dedupe.insert(hash, a.next_seq);
+            a.next_seq += 1;
+            a.bytes += cost;
+            a.ring.push_back(line);
+            let mut freed = 0usize;
+            while a.ring.len() > self.limits.lines_per_app {
+                freed += a.pop_oldest().unwrap_or(0);
+                a.evicted_capacity += 1;
+            }
+            let mut mem = self.memory.fetch_add(cost, Ordering::Relaxed) + cost - freed;
+            self.memory.fetch_sub(freed, Ordering::Relaxed);
+            if mem > self.limits.max_memory {
+                // At or above the average share: pay from this app's own oldest lines.
+                let apps = self.apps.load(Ordering::Relaxed).max(1);
+                while mem > self.limits.max_memory && a.ring.len() > 1 && a.bytes * apps >= mem {
+                    let c = a.pop_oldest().unwrap_or(0);
+                    a.evicted_memory += 1;
+                    mem = self.memory.fetch_sub(c, Ordering::Relaxed) - c;
+                }
+                over_cap = mem > self.limits.max_memory;
+            }
+            if !fields.raw {
+                if let Some(seq) = flynn::flynn_seq(fields.sd.get(frame)) {
+                    let host = fields.hostname.get(frame);
+                    let c = Cursor { time: ts, seq };
+                    match shard.cursors.get_mut(host) {
+                        Some(cur) => {
+                            if (c.time, c.seq) > (cur.time, cur.seq) {
+                                *cur = c;
+                            }
+                        }
+                        None => {
+                            shard.cursors.insert(host.into(), c);
+                        }
+                    }
+                }
+            }
+            let a = shard.apps.get(app).map(|a| (a.followers, a.notify.clone()));
+            if let Some((f, n)) = a {
+                if f > 0 {
+                    n.notify_waiters();
+                }
+            }
+            Outcome::Stored
+        };
+        self.lines_total.fetch_add(1, Ordering::Relaxed);
+        if self.any_followers.load(Ordering::Relaxed) > 0 {
+            self.any_notify.notify_waiters();
+        }
+        if over_cap {
+            self.reclaim();
+        }
+        outcome
+    }
+
+    /// Brings memory back under the cap by evicting from the largest apps (one reclaimer
+    /// at a time; down to 15/16 of the cap so it runs rarely).
+    fn reclaim(&self) {
+        if self.reclaiming.swap(true, Ordering::Acquire) {
+            return;
+        }
+        let target = self.limits.max_memory / 16 * 15;
+        for _ in 0..64 {
+            if self.memory() <= target {
+                break;
+            }
+            let mut best: Option<(usize, usize)> = None;
+            for i in 0..SHARDS {
+                let s = self.shard_at(i);
+                let big = s.apps.values().map(|a| a.bytes).max().unwrap_or(0);
+                if big > best.map_or(0, |b| b.1) {
+                    best = Some((i, big));
+                }
+            }
+            let Some((i, _)) = best else { break };
+            let mut s = self.shard_at(i);
+            let Some(a) = s.apps.values_mut().max_by_key(|a| a.bytes) else {
+                break;
+            };
+            let want = self.memory().saturating_sub(target).max(1);
+            let mut freed = 0;
+            while freed < want && a.ring.len() > 1 {
+                freed += a.pop_oldest().unwrap_or(0);
+                a.evicted_memory += 1;
+            }
+            self.memory.fetch_sub(freed, Ordering::Relaxed);
+            if freed == 0 {
+                break;
+            }
+        }
+        self.reclaiming.store(false, Ordering::Release);
+    }
+
+    /// History: the last `n` matching lines (all when `n == 0`) in time order, plus the
+    /// sequence number live reading continues from. With `follow`, the reader is
+    /// registered under the same lock, so nothing falls between history and live.
+    pub fn history(
+        self: &Arc<Self>,
+        app: &[u8],
+        filter: &Filter,
+        n: usize,
+        follow: bool,
+    ) -> (Vec<Line>, u64, Option<Follow>) {
+        let mut s = self.shard(app);
+        if follow && !s.apps.contains_key(app) {
+            self.apps.fetch_add(1, Ordering::Relaxed);
+            s.apps.insert(app.into(), App::new());
+        }
+        let Some(a) = s.apps.get_mut(app) else {
+            return (Vec::new(), 1, None);
+        };
+        let next = a.next_seq;
+        let follow = follow.then(|| {
+            a.followers += 1;
+            Follow {
+                store: self.clone(),
+                app: app.into(),
+                notify: a.notify.clone(),
+            }
+        });
+        let sorted = a
+            .ring
+            .iter()
+            .zip(a.ring.iter().skip(1))
+            .all(|(x, y)| x.ts <= y.ts);
+        let mut out = Vec::new();
+        if sorted && n > 0 {
+            for l in a.ring.iter().rev() {
+                if out.len() == n {
+                    break;
+                }
+                if filter.matches(&l.msg) {
+                    out.push(l.clone());
+                }
+            }
+            drop(s);
+            out.reverse();
+        } else {
+            out.extend(a.ring.iter().filter(|l| filter.matches(&l.msg)).cloned());
+            drop(s);
+            out.sort_by_key(|l| (l.ts, l.seq));
+            if n > 0 && out.len() > n {
+                out.drain(..out.len() - n);
+            }
+        }
+        (out, next, follow)
+    }
+
+    /// Live reading: up to `max` lines with `seq >= from`, filtered.
+    pub fn read_from(&self, app: &[u8], from: u64, filter: &Filter, max: usize) -> Batch {
+        let s = self.shard(app);
+        let Some(a) = s.apps.get(app) else {
+            return Batch {
+                next: from,
+                ..Batch::default()
+            };
+        };
+        let first = a.first_seq();
+        let (start, skipped) = if from < first {
+            (first, first - from)
+        } else {
+            (from, 0)
+        };
+        let mut lines = Vec::new();
+        let mut next = start;
+        let skip = (start - first) as usize;
+        for l in a.ring.iter().skip(skip).take(max * 4) {
+            next = l.seq + 1;
+            if filter.matches(&l.msg) {
+                lines.push(l.clone());
+                if lines.len() >= max {
+                    break;
+                }
+            }
+        }
+        Batch {
+            lines,
+            skipped,
+            next: next.max(start),
+        }
+    }
+
+    /// Registers a whole-store follower (see [`Store::read_all_since`]).
+    pub fn follow_all(self: &Arc<Self>) -> FollowAll {
+        self.any_followers.fetch_add(1, Ordering::Relaxed);
+        FollowAll {
+            store: self.clone(),
+        }
+    }
+
+    /// Future that resolves at the next insert anywhere (after [`Store::follow_all`]).
+    pub fn any_notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.any_notify.notified()
+    }
+
+    /// Every app's lines after its position in `pos` (absent = from the start), at most
+    /// about `max` lines per call; advances `pos`.
+    pub fn read_all_since(
+        &self,
+        pos: &mut HashMap<Box<[u8]>, u64>,
+        max: usize,
+    ) -> Vec<(Box<[u8]>, Line)> {
+        let mut out = Vec::new();
+        for i in 0..SHARDS {
+            if out.len() >= max {
+                break;
+            }
+            let s = self.shard_at(i);
+            for (app, a) in &s.apps {
+                let from = pos.get(app).copied().unwrap_or(1);
+                if a.next_seq <= from {
+                    continue;
+                }
+                let first = a.first_seq();
+                let start = from.max(first);
+                let take = max.saturating_sub(out.len()).max(1);
+                let mut next = start;
+                for l in a.ring.iter().skip((start - first) as usize).take(take) {
+                    out.push((app.clone(), l.clone()));
+                    next = l.seq + 1;
+                }
+                pos.insert(app.clone(), next);
+            }
+        }
+        out
+    }
+
+    /// Host cursors merged across shards.
+    pub fn cursors(&self) -> Vec<(String, Cursor)> {
+        let mut all: HashMap<Box<[u8]>, Cursor> = HashMap::new();
+        for i in 0..SHARDS {
+            let s = self.shard_at(i);
+            for (h, c) in &s.cursors {
+                let e = all.entry(h.clone()).or_insert(*c);
+                if (c.time, c.seq) > (e.time, e.seq) {
+                    *e = *c;
+                }
+            }
+        }
+        let mut v: Vec<_> = all
+            .into_iter()
+            .map(|(h, c)| (String::from_utf8_lossy(&h).into_owned(), c))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    pub fn stats(&self) -> Vec<AppStats> {
+        let mut v = Vec::new();
+        for i in 0..SHARDS {
+            let s = self.shard_at(i);
+            for (app, a) in &s.apps {
+                v.push(AppStats {
+                    app: String::from_utf8_lossy(app).into_owned(),
+                    lines: a.ring.len(),
+                    bytes: a.bytes,
+                    evicted_capacity: a.evicted_capacity,
+                    evicted_memory: a.evicted_memory,
+                    duplicates: a.duplicates,
+                    followers: a.followers,
+                });
+            }
+        }
+        v.sort_by(|a, b| a.app.cmp(&b.app));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests;

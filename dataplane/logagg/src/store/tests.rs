@@ -1,0 +1,179 @@
+use super::*;
+use flynn_syslog::parse_fields;
+
+fn msg(host: &str, procid: &str, msgid: &str, seq: u64, ts_us: u64, body: &str) -> String {
+    let ts = Timestamp(1_257_894_000_000_000_000 + ts_us as i64 * 1000).to_rfc3339();
+    format!("<190>1 {ts} {host} app {procid} {msgid} [flynn seq=\"{seq}\"] {body}")
+}
+
+fn put(s: &Store, app: &str, frame: &str) -> Outcome {
+    let f = parse_fields(frame.as_bytes()).unwrap();
+    s.insert(app.as_bytes(), frame.as_bytes(), &f, f.ts.unwrap())
+}
+
+fn store(lines: usize, mem: usize) -> Arc<Store> {
+    Arc::new(Store::new(Limits {
+        lines_per_app: lines,
+        max_memory: mem,
+    }))
+}
+
+fn bodies(v: &[Line]) -> Vec<String> {
+    v.iter()
+        .map(|l| String::from_utf8_lossy(l.msg.msg()).into_owned())
+        .collect()
+}
+
+#[test]
+fn ring_bound_counts_evictions() {
+    let s = store(3, usize::MAX);
+    for i in 0..5 {
+        assert_eq!(
+            put(&s, "a", &msg("h", "web.1", "ID1", i, i, &format!("l{i}"))),
+            Outcome::Stored
+        );
+    }
+    let (h, next, _) = s.history(b"a", &Filter::default(), 0, false);
+    assert_eq!(bodies(&h), ["l2", "l3", "l4"]);
+    assert_eq!(next, 6);
+    let st = s.stats();
+    assert_eq!((st[0].lines, st[0].evicted_capacity), (3, 2));
+    // Older than everything in a full ring: refused and counted.
+    assert_eq!(
+        put(&s, "a", &msg("h", "web.1", "ID1", 0, 0, "old")),
+        Outcome::TooOld
+    );
+    assert_eq!(s.stats()[0].evicted_capacity, 3);
+}
+
+#[test]
+fn duplicates_ignored_and_out_of_order_sorted() {
+    let s = store(10, usize::MAX);
+    put(&s, "a", &msg("h", "web.1", "ID1", 1, 10, "b"));
+    put(&s, "a", &msg("h", "web.1", "ID1", 2, 20, "c"));
+    put(&s, "a", &msg("h", "web.1", "ID1", 0, 5, "a"));
+    assert_eq!(
+        put(&s, "a", &msg("h", "web.1", "ID1", 1, 10, "b")),
+        Outcome::Duplicate
+    );
+    // Same time, different content: kept.
+    assert_eq!(
+        put(&s, "a", &msg("h", "web.1", "ID1", 9, 10, "b")),
+        Outcome::Stored
+    );
+    let (h, _, _) = s.history(b"a", &Filter::default(), 0, false);
+    assert_eq!(bodies(&h), ["a", "b", "b", "c"]);
+    let (h, _, _) = s.history(b"a", &Filter::default(), 1, false);
+    assert_eq!(bodies(&h), ["c"]);
+    assert_eq!(s.stats()[0].duplicates, 1);
+}
+
+#[test]
+fn memory_cap_evicts_from_big_apps() {
+    let body = "x".repeat(800);
+    let one = msg("h", "web.1", "ID1", 0, 0, &body).len() + crate::line::LINE_OVERHEAD;
+    let s = store(10_000, one * 20);
+    put(&s, "quiet", &msg("h", "web.1", "ID1", 0, 0, &body));
+    for i in 1..200 {
+        put(&s, "busy", &msg("h", "web.1", "ID1", i, i, &body));
+    }
+    assert!(s.memory() <= one * 20, "{} > {}", s.memory(), one * 20);
+    let st = s.stats();
+    let busy = st.iter().find(|a| a.app == "busy").unwrap();
+    let quiet = st.iter().find(|a| a.app == "quiet").unwrap();
+    assert_eq!(quiet.lines, 1, "the quiet app keeps its line");
+    assert_eq!(busy.lines as u64 + busy.evicted_memory, 199);
+    assert!(busy.evicted_memory > 0);
+}
+
+#[test]
+fn history_filters() {
+    let s = store(100, usize::MAX);
+    put(&s, "a", &msg("h", "web.1", "ID1", 1, 1, "m1"));
+    put(&s, "a", &msg("h", "web.2", "ID1", 2, 2, "m2"));
+    put(&s, "a", &msg("h", "worker.3", "ID2", 3, 3, "m3"));
+    put(&s, "a", &msg("h", "web.1", "ID1", 4, 4, "m4"));
+    put(&s, "a", &msg("h", ".5", "ID1", 5, 5, "m5"));
+    let h = |f: Filter, n| bodies(&s.history(b"a", &f, n, false).0);
+    assert_eq!(h(Filter::default(), 0), ["m1", "m2", "m3", "m4", "m5"]);
+    assert_eq!(h(Filter::default(), 1), ["m5"]);
+    let job = |j: &str| Filter {
+        job_id: Some(j.into()),
+        ..Filter::default()
+    };
+    assert_eq!(h(job("3"), 1), ["m3"]);
+    assert_eq!(h(job("1"), 0), ["m1", "m4"]);
+    let pt = |p: &str| Filter {
+        process_type: Some(p.into()),
+        ..Filter::default()
+    };
+    assert_eq!(h(pt("web"), 0), ["m1", "m2", "m4"]);
+    assert_eq!(h(pt(""), 0), ["m5"]);
+    let st = Filter {
+        streams: Some(crate::line::stream_bit(flynn_syslog::Stream::Stderr)),
+        ..Filter::default()
+    };
+    assert_eq!(h(st, 0), ["m3"]);
+    assert!(s
+        .history(b"nope", &Filter::default(), 0, false)
+        .0
+        .is_empty());
+}
+
+#[test]
+fn follow_stitches_and_skips() {
+    let s = store(4, usize::MAX);
+    put(&s, "a", &msg("h", "web.1", "ID1", 1, 1, "old"));
+    let (h, next, f) = s.history(b"a", &Filter::default(), 0, true);
+    assert!(f.is_some());
+    assert_eq!(bodies(&h), ["old"]);
+    for i in 2..5 {
+        put(&s, "a", &msg("h", "web.1", "ID1", i, i, &format!("n{i}")));
+    }
+    let b = s.read_from(b"a", next, &Filter::default(), 100);
+    assert_eq!(
+        (bodies(&b.lines), b.skipped),
+        (vec!["n2".to_string(), "n3".into(), "n4".into()], 0)
+    );
+    let b2 = s.read_from(b"a", b.next, &Filter::default(), 100);
+    assert!(b2.lines.is_empty());
+    for i in 5..12 {
+        put(&s, "a", &msg("h", "web.1", "ID1", i, i, &format!("n{i}")));
+    }
+    let b3 = s.read_from(b"a", b2.next, &Filter::default(), 100);
+    assert_eq!(b3.skipped, 3);
+    assert_eq!(bodies(&b3.lines), ["n8", "n9", "n10", "n11"]);
+    assert_eq!(s.stats()[0].followers, 1);
+    drop(f);
+    assert_eq!(s.stats()[0].followers, 0);
+}
+
+#[test]
+fn cursors_per_host() {
+    let s = store(100, usize::MAX);
+    put(&s, "a", &msg("h1", "web.1", "ID1", 5, 10, "x"));
+    put(&s, "b", &msg("h1", "web.1", "ID1", 6, 10, "x"));
+    put(&s, "a", &msg("h2", "web.1", "ID1", 9, 10, "x"));
+    put(&s, "c", &msg("h2", "web.1", "ID1", 1, 11, "x"));
+    put(&s, "a", &msg("h2", "web.1", "ID1", 7, 11, "late"));
+    let c = s.cursors();
+    assert_eq!(c.len(), 2);
+    assert_eq!(c[0].1.seq, 6);
+    assert_eq!(c[1].1.seq, 7);
+}
+
+#[test]
+fn read_all_since_walks_every_app() {
+    let s = store(100, usize::MAX);
+    put(&s, "a", &msg("h", "web.1", "ID1", 1, 1, "a1"));
+    put(&s, "b", &msg("h", "web.1", "ID1", 2, 2, "b1"));
+    let mut pos = HashMap::new();
+    assert_eq!(s.read_all_since(&mut pos, 100).len(), 2);
+    assert!(s.read_all_since(&mut pos, 100).is_empty());
+    put(&s, "a", &msg("h", "web.1", "ID1", 3, 3, "a2"));
+    let v = s.read_all_since(&mut pos, 100);
+    assert_eq!(
+        bodies(&v.into_iter().map(|x| x.1).collect::<Vec<_>>()),
+        ["a2"]
+    );
+}

@@ -1,0 +1,164 @@
+//! Ingest tests: framing over real TCP (octet counting, LF, mixed, split writes), UDP, raw
+//! lines, bad framing closing only the bad connection, many connections, ring bounds and
+//! their counters.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use support::{msg, oc, Logagg};
+
+#[test]
+fn octet_lf_mixed_and_split_writes() {
+    let l = Logagg::start(&[]);
+    let mut s = l.connect();
+    let a = oc(&msg("f", "h", "web.1", "ID1", 1, 1, "octet"));
+    let b = format!("{}\n", msg("f", "h", "web.1", "ID1", 2, 2, "lf"));
+    let c = oc(&msg("f", "h", "web.1", "ID1", 3, 3, "split across writes"));
+    s.write_all(a.as_bytes()).unwrap();
+    s.write_all(b.as_bytes()).unwrap();
+    for piece in c.as_bytes().chunks(7) {
+        s.write_all(piece).unwrap();
+        s.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // A truncated frame stays pending, not stored.
+    s.write_all(b"500 <190>1 - h f - - - truncated").unwrap();
+    let v = l.wait_lines("f", 3);
+    let got: Vec<_> = v
+        .iter()
+        .map(|j| j["msg"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, ["octet", "lf", "split across writes"]);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(l.log("f", "").len(), 3);
+}
+
+#[test]
+fn udp_and_raw_lines() {
+    let l = Logagg::start(&[]);
+    let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    u.send_to(
+        msg("u", "h", "web.1", "ID2", 1, 1, "via udp").as_bytes(),
+        l.syslog,
+    )
+    .unwrap();
+    let v = l.wait_lines("u", 1);
+    assert_eq!(v[0]["msg"], "via udp");
+    assert_eq!(v[0]["stream"], "stderr");
+    l.send(b"<13>Oct 11 22:14:15 mymachine su: not rfc5424\n");
+    let v = l.wait_lines("_unrouted", 1);
+    assert_eq!(v[0]["msg"], "<13>Oct 11 22:14:15 mymachine su: not rfc5424");
+    assert_eq!(v[0]["raw"], true);
+    assert_eq!(l.metric("flynn_logagg_raw_total{"), 1);
+}
+
+/// Returns true when the server closed the connection within the timeout.
+fn closed_by_server(s: &mut std::net::TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 16];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn bad_framing_closes_only_that_connection() {
+    let l = Logagg::start(&["--max-frame", "1000"]);
+    let mut good = l.connect();
+    good.write_all(oc(&msg("g", "h", "web.1", "ID1", 1, 1, "before")).as_bytes())
+        .unwrap();
+    let cases: [(&[u8], &str); 4] = [
+        (b"12a <190>1 ...", "flynn_logagg_frame_bad_length_total{"),
+        (b"0 ", "flynn_logagg_frame_zero_length_total{"),
+        (
+            b"GET / HTTP/1.1\r\n\r\n",
+            "flynn_logagg_frame_garbage_total{",
+        ),
+        (b"5000 <190>1", "flynn_logagg_frame_too_long_total{"),
+    ];
+    for (bytes, counter) in cases {
+        let mut bad = l.connect();
+        bad.write_all(bytes).unwrap();
+        assert!(
+            closed_by_server(&mut bad),
+            "{}",
+            String::from_utf8_lossy(bytes)
+        );
+        assert_eq!(l.metric(counter), 1, "{counter}");
+    }
+    // An endless line without LF is cut at the limit.
+    let mut bad = l.connect();
+    let _ = bad.write_all(&[b'<'; 3000]);
+    assert!(closed_by_server(&mut bad));
+    assert_eq!(l.metric("flynn_logagg_frame_too_long_total{"), 2);
+    good.write_all(oc(&msg("g", "h", "web.1", "ID1", 2, 2, "after")).as_bytes())
+        .unwrap();
+    let v = l.wait_lines("g", 2);
+    assert_eq!(v.len(), 2);
+    assert_eq!(v[1]["msg"], "after");
+}
+
+#[test]
+fn many_connections_at_once() {
+    let l = Logagg::start(&[]);
+    let conns: Vec<_> = (0..200).map(|_| l.connect()).collect();
+    let handles: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut s)| {
+            std::thread::spawn(move || {
+                let mut out = String::new();
+                for j in 0..10u64 {
+                    out.push_str(&oc(&msg(
+                        "many",
+                        &format!("h{i}"),
+                        "web.1",
+                        "ID1",
+                        j + 1,
+                        i as u64 * 10 + j,
+                        &format!("{i}-{j}"),
+                    )));
+                }
+                s.write_all(out.as_bytes()).unwrap();
+                s
+            })
+        })
+        .collect();
+    let conns: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(l.wait_lines("many", 2000).len(), 2000);
+    assert_eq!(l.metric("flynn_logagg_connections_active{"), 200);
+    drop(conns);
+    let (_, c) = l.get("/cursors");
+    let v: serde_json::Value = serde_json::from_str(&c).unwrap();
+    assert_eq!(v.as_object().unwrap().len(), 200);
+}
+
+#[test]
+fn ring_bound_and_eviction_counters() {
+    let l = Logagg::start(&["--lines-per-app", "100"]);
+    let mut all = String::new();
+    for i in 0..250u64 {
+        all.push_str(&oc(&msg(
+            "ring",
+            "h",
+            "web.1",
+            "ID1",
+            i + 1,
+            i,
+            &format!("l{i}"),
+        )));
+    }
+    all.push_str(&oc(&msg("other", "h", "web.1", "ID1", 1, 1, "o")));
+    l.send(all.as_bytes());
+    l.wait_lines("other", 1);
+    let v = l.log("ring", "");
+    assert_eq!(v.len(), 100);
+    assert_eq!(v[0]["msg"], "l150");
+    assert_eq!(
+        l.metric("flynn_logagg_app_evicted_total{app=\"ring\",reason=\"lines_per_app\"}"),
+        150
+    );
+    assert_eq!(l.metric("flynn_logagg_app_evicted_total{app=\"other\""), 0);
+    assert_eq!(l.metric("flynn_logagg_app_lines{app=\"ring\"}"), 100);
+}
