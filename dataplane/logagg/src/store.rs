@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hasher;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use flynn_syslog::{flynn, Fields, Timestamp};
@@ -100,7 +100,6 @@ pub struct Store {
     /// Whole-store followers (peers reading `/snapshot?follow=true`).
     any_followers: AtomicUsize,
     any_notify: Notify,
-    pub lines_total: AtomicU64,
 }
 
 /// Lines read for a follower plus how far it got.
@@ -167,7 +166,6 @@ impl Store {
             reclaiming: AtomicBool::new(false),
             any_followers: AtomicUsize::new(0),
             any_notify: Notify::new(),
-            lines_total: AtomicU64::new(0),
         }
     }
 
@@ -227,8 +225,13 @@ impl Store {
                 freed += a.pop_oldest().unwrap_or(0);
                 a.evicted_capacity += 1;
             }
-            let mut mem = self.memory.fetch_add(cost, Ordering::Relaxed) + cost - freed;
-            self.memory.fetch_sub(freed, Ordering::Relaxed);
+            // Once the ring is full, a line in replaces a line out: one atomic add of the
+            // difference (the only store-wide write on this path).
+            let mut mem = if cost >= freed {
+                self.memory.fetch_add(cost - freed, Ordering::Relaxed) + cost - freed
+            } else {
+                self.memory.fetch_sub(freed - cost, Ordering::Relaxed) - (freed - cost)
+            };
             if mem > self.limits.max_memory {
                 // At or above the average share: pay from this app's own oldest lines.
                 let apps = self.apps.load(Ordering::Relaxed).max(1);
@@ -239,6 +242,8 @@ impl Store {
                 }
                 over_cap = mem > self.limits.max_memory;
             }
+            // Only readers' apps pay for the wake-up (an Arc clone and a notify).
+            let wake = (a.followers > 0).then(|| a.notify.clone());
             if !fields.raw {
                 if let Some(seq) = flynn::flynn_seq(fields.sd.get(frame)) {
                     let host = fields.hostname.get(frame);
@@ -255,15 +260,11 @@ impl Store {
                     }
                 }
             }
-            let a = shard.apps.get(app).map(|a| (a.followers, a.notify.clone()));
-            if let Some((f, n)) = a {
-                if f > 0 {
-                    n.notify_waiters();
-                }
+            if let Some(n) = wake {
+                n.notify_waiters();
             }
             Outcome::Stored
         };
-        self.lines_total.fetch_add(1, Ordering::Relaxed);
         if self.any_followers.load(Ordering::Relaxed) > 0 {
             self.any_notify.notify_waiters();
         }

@@ -358,7 +358,8 @@ async fn forward(
     out.extend_from_slice(&buf[info.head_len..info.head_len + adv.used]);
     let mut consumed = info.head_len + adv.used;
 
-    if info.expect_continue && !body.is_done() {
+    let sent_continue = info.expect_continue && !body.is_done();
+    if sent_continue {
         let (res, _) = write_range(c, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), 0, 25).await;
         if res.is_err() {
             CoreMetrics::inc(&m.client_aborts_total);
@@ -419,7 +420,7 @@ async fn forward(
                 return upstream_failed(core, c, out).await;
             }
         }
-        match exchange(core, c, &mut up, ubuf, out, info).await {
+        match exchange(c, &mut up, ubuf, info, sent_continue).await {
             Exchange::Ok(r) => break r,
             Exchange::Stale if reused && info.framing == Framing::Empty => {
                 reused = false;
@@ -530,17 +531,21 @@ async fn upstream_failed(core: &Core, c: &mut TcpStream, out: &mut Vec<u8>) -> N
 /// Reads the response head from `up` (forwarding any 1xx other than 101 to the
 /// client), watching for the client going away meanwhile.
 async fn exchange(
-    core: &Core,
     c: &mut TcpStream,
     up: &mut TcpStream,
     ubuf: &mut Vec<u8>,
-    out: &mut Vec<u8>,
     info: &RequestInfo,
+    sent_continue: bool,
 ) -> Exchange {
     let mut got_any = false;
     loop {
         if !ubuf.is_empty() {
             match parse_response(ubuf, info.method) {
+                Ok(Some(r)) if r.status == 100 && sent_continue => {
+                    // The router already told the client to continue.
+                    ubuf.drain(..r.head_len);
+                    continue;
+                }
                 Ok(Some(r)) if (100..200).contains(&r.status) && r.status != 101 => {
                     let mut interim = Vec::new();
                     write_response_head(
@@ -586,8 +591,6 @@ async fn exchange(
             }
             _ = client_gone_after(c, CLIENT_WATCH_GRACE) => {
                 *ubuf = Vec::with_capacity(BUF);
-                let _ = out;
-                let _ = core;
                 return Exchange::ClientGone;
             }
         }
