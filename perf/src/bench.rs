@@ -118,7 +118,7 @@ fn raise_nofile() -> u64 {
     }
 }
 
-fn first_line_of(cmd: &str, args: &[&str]) -> String {
+pub(crate) fn first_line_of(cmd: &str, args: &[&str]) -> String {
     Command::new(cmd)
         .args(args)
         .output()
@@ -132,7 +132,7 @@ fn first_line_of(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| format!("{cmd}: not found"))
 }
 
-fn on_path(cmd: &str) -> bool {
+pub(crate) fn on_path(cmd: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
         .unwrap_or(false)

@@ -3,13 +3,16 @@
 //! The `proxy` harness runs the same `wrk` scenarios against the origin alone, the Flynn
 //! router, nginx and HAProxy on loopback, interleaved round by round, and reports medians,
 //! proxy CPU per request and memory. It measures; it never passes or fails on timing. The
-//! `origin` subcommand is the tiny monoio HTTP/1.1 server every target proxies to.
+//! `origin` subcommand is the tiny monoio HTTP/1.1 server every target proxies to. The
+//! `logagg` harness blasts pre-built syslog frames at flynn-logagg and rsyslog the same way
+//! and reports messages/s, CPU per message, memory and follow latency.
 //!
 //! Leaves to others: micro-benchmarks (criterion `benches/` in each crate) and correctness
 //! (`flynn-e2e`). Used by people and CI jobs that record `perf/RESULTS.md`.
 
 pub mod bench;
 pub mod idle;
+pub mod logagg;
 pub mod origin;
 pub mod procfs;
 pub mod procs;

@@ -1,5 +1,5 @@
 //! `flynn-perf`: `proxy` runs the side-by-side proxy harness; `origin` is the origin server
-//! it proxies to (started by the harness itself).
+//! it proxies to (started by the harness itself); `logagg` runs the log aggregator harness.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use flynn_perf::bench::{self, Scenario};
+use flynn_perf::logagg;
 use flynn_perf::targets::Kind;
 
 #[derive(Parser)]
@@ -22,6 +23,43 @@ enum Cmd {
     Proxy(ProxyArgs),
     /// The benchmark origin: fixed responses over keep-alive HTTP/1.1.
     Origin(OriginArgs),
+    /// flynn-logagg vs rsyslog: syslog ingest over TCP, interleaved, on loopback.
+    Logagg(LogaggArgs),
+}
+
+#[derive(clap::Args)]
+struct LogaggArgs {
+    /// Rounds; each runs every connection count against every target once.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Messages per run.
+    #[arg(long, default_value_t = 2_000_000)]
+    messages: usize,
+    /// Senders stop after this many seconds even if not everything was written.
+    #[arg(long, default_value_t = 10)]
+    max_seconds: u64,
+    /// Sender connections (one scenario per value).
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    conns: Vec<usize>,
+    /// flynn-logagg --threads values.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "flynn,rsyslog")]
+    targets: Vec<String>,
+    /// Distinct app ids in the load.
+    #[arg(long, default_value_t = 100)]
+    apps: usize,
+    /// Bytes per RFC 5424 message (without the octet count; 160..=8000).
+    #[arg(long, default_value_t = 200)]
+    size: usize,
+    /// Milliseconds between follow-latency marker lines.
+    #[arg(long, default_value_t = 10)]
+    marker_ms: u64,
+    #[arg(long, default_value = "target/release/flynn-logagg")]
+    logagg_bin: PathBuf,
+    /// Also write the Markdown report here.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -83,6 +121,13 @@ fn shell_quote(arg: &str) -> String {
     }
 }
 
+fn command_line() -> String {
+    std::env::args()
+        .map(|a| shell_quote(&a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -107,12 +152,33 @@ fn main() -> Result<()> {
                 out: a.out,
                 origin_threads: a.origin_threads.max(1),
                 idle_conns: a.idle_conns,
-                command: std::env::args()
-                    .map(|a| shell_quote(&a))
-                    .collect::<Vec<_>>()
-                    .join(" "),
+                command: command_line(),
             };
             let text = bench::run(opts)?;
+            println!("{text}");
+            Ok(())
+        }
+        Cmd::Logagg(a) => {
+            flynn_perf::procs::install_signal_handler()?;
+            let opts = logagg::Options {
+                rounds: a.rounds.max(1),
+                messages: a.messages.max(1),
+                max_seconds: a.max_seconds.max(1),
+                conns: a.conns.into_iter().filter(|c| *c > 0).collect(),
+                threads: a.threads.into_iter().filter(|t| *t > 0).collect(),
+                targets: a
+                    .targets
+                    .iter()
+                    .map(|t| logagg::targets::Kind::parse(t))
+                    .collect::<Result<_>>()?,
+                apps: a.apps.max(1),
+                size: a.size,
+                marker_ms: a.marker_ms.max(1),
+                logagg_bin: a.logagg_bin,
+                out: a.out,
+                command: command_line(),
+            };
+            let text = logagg::run(opts)?;
             println!("{text}");
             Ok(())
         }

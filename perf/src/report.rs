@@ -56,7 +56,7 @@ pub fn median(mut xs: Vec<f64>) -> Option<f64> {
     })
 }
 
-fn fmt_latency(us: Option<f64>) -> String {
+pub(crate) fn fmt_latency(us: Option<f64>) -> String {
     match us {
         None => "-".into(),
         Some(us) if us < 1000.0 => format!("{us:.0} µs"),
@@ -65,15 +65,15 @@ fn fmt_latency(us: Option<f64>) -> String {
     }
 }
 
-fn fmt_count(x: Option<f64>) -> String {
+pub(crate) fn fmt_count(x: Option<f64>) -> String {
     x.map_or("-".into(), |x| format!("{x:.0}"))
 }
 
-fn fmt_mib(bytes: Option<f64>) -> String {
+pub(crate) fn fmt_mib(bytes: Option<f64>) -> String {
     bytes.map_or("-".into(), |b| format!("{:.1}", b / (1024.0 * 1024.0)))
 }
 
-fn fmt_ratio(a: Option<f64>, b: Option<f64>) -> String {
+pub(crate) fn fmt_ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
         _ => "-".into(),

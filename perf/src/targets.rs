@@ -292,7 +292,7 @@ backend be
 
 /// Waits (at most 10 s) until `port` accepts and, if `marker` is given, the log contains it
 /// (or the port has accepted for 2 s without it).
-fn wait_ready(proc: &mut Proc, port: u16, marker: Option<&str>) -> Result<()> {
+pub(crate) fn wait_ready(proc: &mut Proc, port: u16, marker: Option<&str>) -> Result<()> {
     let start = Instant::now();
     let mut accepted_since: Option<Instant> = None;
     loop {

@@ -1,1 +1,3 @@
-
+//! discoverd: the cluster's service registry (spec §2).
+pub mod network;
+pub mod store;

@@ -21,6 +21,7 @@ mod body;
 mod fields;
 mod forward;
 mod head;
+mod proxy_protocol;
 mod request;
 mod request_id;
 mod respond;
@@ -29,7 +30,10 @@ mod response;
 pub use body::{Advance, BodyError, BodyReader, MAX_CHUNK_LINE, MAX_CHUNK_SIZE};
 pub use forward::{write_request_head, Forward};
 pub use head::{Framing, Method, ParseError, Span, MAX_HEAD, MAX_HEADERS};
+pub use proxy_protocol::{
+    cookie_value, header_values, parse_proxy, ProxyError, ProxyHeader, V2_SIGNATURE,
+};
 pub use request::{parse_request, RequestInfo};
 pub use request_id::{format_uuid_v4, valid_request_id};
-pub use respond::{reason, simple_response};
+pub use respond::{reason, simple_response, typed_response};
 pub use response::{parse_response, write_response_head, ResponseInfo, ResponseOpts};

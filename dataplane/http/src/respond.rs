@@ -4,8 +4,21 @@ use crate::fields::put_u64;
 
 /// Appends a complete response with a `text/plain` body.
 pub fn simple_response(status: u16, body: &[u8], close: bool, out: &mut Vec<u8>) {
+    typed_response(status, b"text/plain; charset=utf-8", body, close, out)
+}
+
+/// Appends a complete response with the given content type (e.g. a custom 503 page).
+pub fn typed_response(
+    status: u16,
+    content_type: &[u8],
+    body: &[u8],
+    close: bool,
+    out: &mut Vec<u8>,
+) {
     put_status_line(out, status, reason(status).as_bytes());
-    out.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: ");
+    out.extend_from_slice(b"Content-Type: ");
+    out.extend_from_slice(content_type);
+    out.extend_from_slice(b"\r\nContent-Length: ");
     put_u64(out, body.len() as u64);
     out.extend_from_slice(b"\r\n");
     if close {

@@ -174,13 +174,37 @@ async fn put_backends(
         app: b.app,
         job_id: b.job_id,
     };
+    let tracked = api
+        .store()
+        .list(None)
+        .iter()
+        .any(|r| r.drain_backends && r.service == service);
     for b in removed {
-        api.emit("backend-down", None, Some(backend(b)));
+        let b = backend(b);
+        api.emit("backend-down", None, Some(b.clone()));
+        if tracked {
+            tokio::spawn(drain(api.clone(), b));
+        }
     }
     for b in added {
         api.emit("backend-up", None, Some(backend(b)));
     }
     Ok(Json(api.store().backends(&service)))
+}
+
+/// Emits `backend-drained` once no core has a request in flight to the backend
+/// (spec §1.9). New requests already avoid it: it left the table before this starts.
+async fn drain(api: Arc<Api>, b: Backend) {
+    let Ok(addr) = b.addr.parse() else { return };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while api.shared.inflight(addr).await > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(addr = %b.addr, "backend still busy after 10 minutes; not reporting drained");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    api.emit("backend-drained", None, Some(b));
 }
 
 async fn get_backends(

@@ -61,6 +61,25 @@ pub struct Config {
     #[arg(long, env = "FLYNN_IDLE_TIMEOUT", default_value_t = 300)]
     pub idle_timeout_secs: u64,
 
+    /// Accept PROXY protocol v1/v2 prefixes on HTTP listeners (connections without one
+    /// are served normally; a malformed one closes the connection).
+    #[arg(long, env = "PROXY_PROTOCOL", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub proxy_protocol: bool,
+
+    /// Key for sticky-session cookies: base64 of exactly 32 bytes. Required when any
+    /// route is sticky.
+    #[arg(long, env = "COOKIE_KEY", hide_env_values = true)]
+    pub cookie_key: Option<String>,
+
+    /// HTML file served as the body of the router's own 503 responses.
+    #[arg(long, env = "FLYNN_ERROR_503_PAGE")]
+    pub error_503_page: Option<PathBuf>,
+
+    /// URL (http://) fetched once at start whose body becomes the 503 page; must answer
+    /// 200 with at most 1,000,000 bytes.
+    #[arg(long, env = "ERROR_503_PAGE_URL")]
+    pub error_503_page_url: Option<String>,
+
     /// Run with two demo backends and a sample route set (the quick start).
     #[arg(long)]
     pub demo: bool,
@@ -88,6 +107,12 @@ impl Config {
         }
         if self.max_conns_per_core == 0 {
             return Err("--max-conns-per-core must be at least 1".into());
+        }
+        if let Some(k) = &self.cookie_key {
+            crate::sticky::parse_key(k)?;
+        }
+        if self.error_503_page.is_some() && self.error_503_page_url.is_some() {
+            return Err("give either --error-503-page or ERROR_503_PAGE_URL, not both".into());
         }
         if self.header_timeout_secs == 0 || self.idle_timeout_secs == 0 {
             return Err("timeouts must be at least 1 second".into());

@@ -13,9 +13,11 @@ pub mod demo;
 mod idle;
 mod io;
 mod metrics;
+mod page;
 mod pool;
 mod proxy;
 mod shared;
+mod sticky;
 mod store;
 mod tcp;
 mod upgrade;
@@ -134,7 +136,20 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     if ports.additional_http.contains(&ports.default_http[0]) {
         bail!("--http-addr ports must differ");
     }
-    let mut store = Store::new(ports);
+    let cookie_key = match &cfg.cookie_key {
+        Some(k) => Some(sticky::parse_key(k).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let page_503 = match (&cfg.error_503_page, &cfg.error_503_page_url) {
+        (Some(path), _) => {
+            Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+        }
+        (None, Some(url)) => {
+            Some(page::fetch(url).with_context(|| format!("fetching ERROR_503_PAGE_URL {url}"))?)
+        }
+        (None, None) => None,
+    };
+    let mut store = Store::new(ports, cookie_key.is_some());
     if let Some(path) = &cfg.routes {
         apply_file(&mut store, RoutesFile::load(path)?)?;
     }
@@ -150,6 +165,9 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             idle_timeout: cfg.idle_timeout(),
             pool_idle_per_backend: cfg.pool_idle_per_backend,
             max_conns_per_core: cfg.max_conns_per_core,
+            proxy_protocol: cfg.proxy_protocol,
+            sticky: cookie_key.as_ref().map(sticky::Sealer::new),
+            page_503,
         },
     ));
     let api = Arc::new(api::Api::new(store, shared.clone()));

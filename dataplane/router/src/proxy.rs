@@ -87,6 +87,21 @@ pub async fn serve(core: Rc<Core>, mut conn: TcpStream, peer: SocketAddr, l: Lis
     let _ = conn.set_nodelay(true);
     // Boxed so an idle connection holds one pointer, not three empty Vecs.
     let mut bufs: Option<Box<Bufs>> = None;
+    let mut peer = peer;
+    if core.settings().proxy_protocol {
+        let b = bufs.get_or_insert_with(|| core.take_bufs());
+        match Recycled::new(read_proxy_prefix(&core, &mut conn, &mut b.buf)).await {
+            Ok(Some(src)) => peer = src,
+            Ok(None) => {}
+            Err(()) => {
+                if let Some(mut b) = bufs.take() {
+                    b.release(&core, true);
+                    core.give_bufs(b);
+                }
+                return;
+            }
+        }
+    }
     loop {
         if bufs.as_ref().is_none_or(|b| b.buf.is_empty()) {
             // Idle between requests: wait for readability without holding a buffer or
@@ -110,6 +125,43 @@ pub async fn serve(core: Rc<Core>, mut conn: TcpStream, peer: SocketAddr, l: Lis
     if let Some(mut b) = bufs.take() {
         b.release(&core, true);
         core.give_bufs(b);
+    }
+}
+
+/// Reads a PROXY protocol prefix if the connection starts with one (spec §1.7): the
+/// source address becomes the client address. `Err`: malformed or the client left.
+async fn read_proxy_prefix(
+    core: &Core,
+    c: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<Option<SocketAddr>, ()> {
+    core.ensure_buf(buf);
+    let deadline = std::time::Instant::now() + core.settings().header_timeout;
+    loop {
+        match flynn_http::parse_proxy(buf) {
+            Ok(Some((header, len))) => {
+                buf.drain(..len);
+                return Ok(match header {
+                    flynn_http::ProxyHeader::Proxied { src, .. } => Some(src),
+                    _ => None,
+                });
+            }
+            Ok(None) => {}
+            Err(_) => {
+                CoreMetrics::inc(&core.metrics().bad_requests_total);
+                return Err(());
+            }
+        }
+        let limit = deadline.saturating_duration_since(std::time::Instant::now());
+        let taken = std::mem::take(buf);
+        match monoio::time::timeout(limit, read_append(c, taken)).await {
+            Ok((Ok(n), b)) if n > 0 => *buf = b,
+            Ok((_, b)) => {
+                *buf = b;
+                return Err(());
+            }
+            Err(_) => return Err(()),
+        }
     }
 }
 
@@ -234,7 +286,12 @@ async fn respond(
 ) -> Next {
     core.metrics().status(status);
     out.clear();
-    simple_response(status, body, close, out);
+    match (status, &core.settings().page_503) {
+        (503, Some(page)) => {
+            flynn_http::typed_response(503, b"text/html; charset=utf-8", page, close, out)
+        }
+        _ => simple_response(status, body, close, out),
+    }
     let o = std::mem::take(out);
     let len = o.len();
     let (res, o) = write_range(c, o, 0, len).await;
@@ -271,10 +328,19 @@ pub async fn dial(addr: SocketAddr) -> std::io::Result<TcpStream> {
 
 /// Picks a backend and gets a connection to it: pooled first, else dialled; dial
 /// failures move on to another backend, up to four attempts.
-async fn connect(core: &Rc<Core>, route: &HttpRoute) -> Option<(TcpStream, SocketAddr, bool)> {
+async fn connect(
+    core: &Rc<Core>,
+    route: &HttpRoute,
+    sticky: Option<SocketAddr>,
+) -> Option<(TcpStream, SocketAddr, bool)> {
     let mut tried = [None; MAX_ATTEMPTS];
+    // A valid sticky cookie whose backend is still live is tried first.
+    let sticky = sticky.filter(|a| route.backends.contains(a));
     for attempt in 0..MAX_ATTEMPTS {
-        let addr = pick(core, &route.backends, &tried[..attempt])?;
+        let addr = match sticky {
+            Some(a) if attempt == 0 => a,
+            _ => pick(core, &route.backends, &tried[..attempt])?,
+        };
         if !route.disable_keep_alives {
             if let Some(s) = core.pool.take(addr) {
                 CoreMetrics::inc(&core.metrics().upstream_reuses_total);
@@ -338,7 +404,9 @@ async fn forward(
     fwd: Fwd,
 ) -> Next {
     let m = core.metrics();
-    let Some((mut up, addr, mut reused)) = connect(core, route).await else {
+    let sealer = core.settings().sticky.as_ref().filter(|_| route.sticky);
+    let cookie_addr = sealer.and_then(|s| crate::sticky::from_request(s, &buf[..info.head_len]));
+    let Some((mut up, addr, mut reused)) = connect(core, route, cookie_addr).await else {
         let next = unavailable(core, c, out, info).await;
         if matches!(next, Next::KeepAlive) {
             buf.drain(..info.head_len);
@@ -444,6 +512,15 @@ async fn forward(
 
     // Response head and body.
     let close_client = !info.keep_alive || resp.framing == Framing::Close;
+    // A new cookie only when the chosen backend differs from the cookie's.
+    let cookie = match sealer {
+        Some(s) if cookie_addr != Some(addr) => Some(crate::sticky::set_cookie(s, addr)),
+        _ => None,
+    };
+    let cookie_header: Vec<(&[u8], &[u8])> = match &cookie {
+        Some(c) => vec![(b"Set-Cookie".as_slice(), c.as_slice())],
+        None => Vec::new(),
+    };
     m.status(resp.status);
     let head_len = resp.head_len;
     let mut rbody = BodyReader::new(resp.framing);
@@ -457,7 +534,7 @@ async fn forward(
         &resp,
         &ResponseOpts {
             close: close_client,
-            extra: &[],
+            extra: cookie_header.as_slice(),
         },
         out,
     );

@@ -12,13 +12,25 @@ use flynn_runtime::Published;
 use crate::metrics::CoreMetrics;
 
 /// Settings every core reads (fixed at start).
-#[derive(Debug, Clone)]
 pub struct Settings {
     pub tcp_ip: IpAddr,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub pool_idle_per_backend: usize,
     pub max_conns_per_core: usize,
+    pub proxy_protocol: bool,
+    /// Seals and opens `_backend` cookies (None: no COOKIE_KEY, sticky routes refused).
+    pub sticky: Option<crate::sticky::Sealer>,
+    /// Body of the router's own 503 responses (HTML), if configured.
+    pub page_503: Option<Vec<u8>>,
+}
+
+/// What the control thread asks of a core.
+pub enum CoreMsg {
+    /// A new table was published.
+    Table,
+    /// Report how many requests are in flight to this backend on this core.
+    Inflight(std::net::SocketAddr, flume::Sender<u32>),
 }
 
 /// One core's mailbox and counters.
@@ -26,8 +38,8 @@ pub struct CoreSlot {
     pub metrics: CoreMetrics,
     /// Version of the last table this core applied (routes and TCP listeners).
     pub applied: AtomicU64,
-    pub notify: flume::Sender<()>,
-    pub inbox: Mutex<Option<flume::Receiver<()>>>,
+    pub notify: flume::Sender<CoreMsg>,
+    pub inbox: Mutex<Option<flume::Receiver<CoreMsg>>>,
     pub driver: OnceLock<&'static str>,
 }
 
@@ -63,7 +75,7 @@ impl Shared {
         let v = table.version();
         self.table.publish(table);
         for c in &self.cores {
-            let _ = c.notify.send(());
+            let _ = c.notify.send(CoreMsg::Table);
         }
         v
     }
@@ -73,6 +85,26 @@ impl Shared {
         self.cores
             .iter()
             .all(|c| c.applied.load(Ordering::Acquire) >= v)
+    }
+
+    /// Requests in flight to `addr`, summed over all cores (asks each core).
+    pub async fn inflight(&self, addr: std::net::SocketAddr) -> u32 {
+        let (tx, rx) = flume::bounded(self.cores.len());
+        let mut asked = 0;
+        for c in &self.cores {
+            if c.notify.send(CoreMsg::Inflight(addr, tx.clone())).is_ok() {
+                asked += 1;
+            }
+        }
+        drop(tx);
+        let mut total = 0;
+        for _ in 0..asked {
+            match rx.recv_async().await {
+                Ok(n) => total += n,
+                Err(_) => break,
+            }
+        }
+        total
     }
 
     /// Blocks (control threads only) until every core applied `v`, up to `limit`.

@@ -35,6 +35,8 @@ struct Stored {
 /// All routes and service backends; every mutation bumps `version`.
 pub struct Store {
     ports: Ports,
+    /// Whether COOKIE_KEY is set (sticky routes need it).
+    sticky_ok: bool,
     routes: BTreeMap<(RouteType, String), Stored>,
     services: BTreeMap<String, Vec<BackendAddr>>,
     seq: u64,
@@ -55,9 +57,10 @@ fn valid_path(p: &str) -> bool {
 }
 
 impl Store {
-    pub fn new(ports: Ports) -> Self {
+    pub fn new(ports: Ports, sticky_ok: bool) -> Self {
         Store {
             ports,
+            sticky_ok,
             routes: BTreeMap::new(),
             services: BTreeMap::new(),
             seq: 0,
@@ -102,16 +105,22 @@ impl Store {
         })
     }
 
-    fn validate_common(r: &Route) -> Result<(), ApiError> {
+    fn validate_common(&self, r: &Route) -> Result<(), ApiError> {
         if r.service.is_empty() {
             return Err(ApiError::validation(Some("service"), "must not be blank"));
+        }
+        if r.sticky && !self.sticky_ok {
+            return Err(ApiError::validation(
+                Some("sticky"),
+                "routes need the router to be started with COOKIE_KEY",
+            ));
         }
         Ok(())
     }
 
     /// Adds a route (`POST /routes`), returning it as stored.
     pub fn add(&mut self, mut r: Route) -> Result<Route, ApiError> {
-        Self::validate_common(&r)?;
+        self.validate_common(&r)?;
         let submitted = serde_json::to_value(&r).unwrap_or_default();
         match r.kind {
             RouteType::Http => {
@@ -170,7 +179,7 @@ impl Store {
 
     /// Replaces the mutable fields of a route (`PUT /routes/:type/:id`).
     pub fn update(&mut self, kind: RouteType, id: &str, r: Route) -> Result<Route, ApiError> {
-        Self::validate_common(&r)?;
+        self.validate_common(&r)?;
         let key = (kind, id.to_string());
         let Some(old) = self.routes.get(&key).map(|s| s.route.clone()) else {
             return Err(ApiError::not_found("route not found"));

@@ -30,7 +30,21 @@ pub async fn tunnel(
 ) {
     let m = core.metrics();
     let mut order = [SocketAddr::from(([0, 0, 0, 0], 0)); 16];
-    let n = shuffled(&route.backends, &mut order);
+    let mut n = shuffled(&route.backends, &mut order);
+    // The sticky backend (if its cookie is valid and it is still live) goes first.
+    let sealer = core.settings().sticky.as_ref().filter(|_| route.sticky);
+    let cookie_addr = sealer
+        .and_then(|s| crate::sticky::from_request(s, &buf[..info.head_len]))
+        .filter(|a| route.backends.contains(a));
+    if let Some(a) = cookie_addr {
+        if let Some(i) = order[..n].iter().position(|x| *x == a) {
+            order[..=i].rotate_right(1);
+        } else if n < order.len() {
+            order[..=n].rotate_right(1);
+            order[0] = a;
+            n += 1;
+        }
+    }
     let mut up = None;
     for addr in &order[..n] {
         match dial(*addr).await {
@@ -73,12 +87,20 @@ pub async fn tunnel(
     m.status(resp.status);
     let upgraded = resp.status == 101;
     let mut out = Vec::with_capacity(1024);
+    let cookie = match sealer {
+        Some(s) if cookie_addr != Some(addr) => Some(crate::sticky::set_cookie(s, addr)),
+        _ => None,
+    };
+    let cookie_header: Vec<(&[u8], &[u8])> = match &cookie {
+        Some(c) => vec![(b"Set-Cookie".as_slice(), c.as_slice())],
+        None => Vec::new(),
+    };
     write_response_head(
         &ubuf,
         &resp,
         &ResponseOpts {
             close: !upgraded,
-            extra: &[],
+            extra: cookie_header.as_slice(),
         },
         &mut out,
     );
@@ -125,7 +147,12 @@ async fn fail(core: &Core, c: &mut TcpStream) {
     CoreMetrics::inc(&core.metrics().unavailable_total);
     core.metrics().status(503);
     let mut out = Vec::with_capacity(128);
-    flynn_http::simple_response(503, b"Service Unavailable\n", true, &mut out);
+    match &core.settings().page_503 {
+        Some(page) => {
+            flynn_http::typed_response(503, b"text/html; charset=utf-8", page, true, &mut out)
+        }
+        None => flynn_http::simple_response(503, b"Service Unavailable\n", true, &mut out),
+    }
     let len = out.len();
     let _ = write_range(c, out, 0, len).await;
 }

@@ -15,7 +15,7 @@ use monoio::net::TcpListener;
 use crate::idle::IdleSet;
 use crate::metrics::CoreMetrics;
 use crate::pool::Pool;
-use crate::shared::{Settings, Shared};
+use crate::shared::{CoreMsg, Settings, Shared};
 
 /// What an HTTP listener tells the proxy about itself.
 #[derive(Debug, Clone, Copy)]
@@ -182,12 +182,18 @@ pub async fn run(
     slot.applied
         .store(core.table().version(), Ordering::Release);
     let Some(inbox) = inbox else { return };
-    while inbox.recv_async().await.is_ok() {
-        while inbox.try_recv().is_ok() {}
-        core.refresh();
-        tcp.reconcile(&core);
-        slot.applied
-            .store(core.table().version(), Ordering::Release);
+    while let Ok(msg) = inbox.recv_async().await {
+        match msg {
+            CoreMsg::Table => {
+                core.refresh();
+                tcp.reconcile(&core);
+                slot.applied
+                    .store(core.table().version(), Ordering::Release);
+            }
+            CoreMsg::Inflight(addr, reply) => {
+                let _ = reply.send(core.inflight(&addr));
+            }
+        }
     }
 }
 

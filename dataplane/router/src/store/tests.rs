@@ -2,11 +2,12 @@ use super::*;
 use flynn_api::ErrorCode;
 
 fn store() -> Store {
-    Store::new(Ports {
+    let ports = Ports {
         default_http: vec![8080],
         additional_http: vec![8081],
         tcp_range: (3000, 3002),
-    })
+    };
+    Store::new(ports, true)
 }
 
 fn http(domain: &str, path: &str) -> Route {
@@ -168,4 +169,22 @@ fn backends_validated_and_diffed() {
         ("127.0.0.1:3", "127.0.0.1:1")
     );
     assert_eq!(s.backends("web").len(), 2);
+}
+
+#[test]
+fn sticky_needs_a_cookie_key() {
+    let ports = Ports {
+        default_http: vec![8080],
+        additional_http: vec![],
+        tcp_range: (3000, 3002),
+    };
+    let mut s = Store::new(ports, false);
+    let mut r = http("a.com", "/");
+    r.sticky = true;
+    let e = s.add(r).unwrap_err();
+    assert_eq!(e.status(), 400);
+    assert_eq!(
+        e.message,
+        "sticky routes need the router to be started with COOKIE_KEY"
+    );
 }

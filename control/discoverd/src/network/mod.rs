@@ -1,0 +1,171 @@
+//! Raft RPC over HTTP on the API port: JSON bodies POSTed to `/raft/rpc/{append,vote,
+//! snapshot}` (the server side is in `api::raft`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, RaftNetworkFactory, RaftNetworkV2};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::store::TypeConfig;
+
+type C = TypeConfig;
+
+/// A node's Raft id, derived from its advertised `host:port` so every node computes the
+/// same id for a peer without coordination.
+pub fn node_id(addr: &str) -> u64 {
+    match addr.parse::<SocketAddr>() {
+        Ok(SocketAddr::V4(a)) => (u64::from(u32::from(*a.ip())) << 16) | u64::from(a.port()),
+        _ => {
+            // FNV-1a for names and IPv6, with the top bit set to stay clear of IPv4 ids.
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in addr.as_bytes() {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+            h | (1 << 63)
+        }
+    }
+}
+
+/// The body of a full-snapshot RPC.
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    pub vote: VoteOf<C>,
+    pub meta: SnapshotMetaOf<C>,
+    pub data: Vec<u8>,
+}
+
+#[derive(Clone)]
+pub struct Network {
+    http: reqwest::Client,
+}
+
+impl Network {
+    pub fn new() -> Network {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default();
+        Network { http }
+    }
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Network::new()
+    }
+}
+
+impl RaftNetworkFactory<C> for Network {
+    type Network = Conn;
+
+    async fn new_client(&mut self, _target: u64, node: &BasicNode) -> Conn {
+        Conn {
+            http: self.http.clone(),
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+pub struct Conn {
+    http: reqwest::Client,
+    addr: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct RpcFailure(String);
+
+impl Conn {
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<C>> {
+        let url = format!("http://{}/raft/rpc/{path}", self.addr);
+        let resp = self
+            .http
+            .post(url)
+            .timeout(timeout)
+            .json(req)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_connect() {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                } else {
+                    RPCError::Network(NetworkError::new(&e))
+                }
+            })?;
+        if !resp.status().is_success() {
+            let msg = format!("{} answered {}", self.addr, resp.status());
+            return Err(RPCError::Unreachable(Unreachable::new(&RpcFailure(msg))));
+        }
+        resp.json()
+            .await
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+}
+
+impl RaftNetworkV2<C> for Conn {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<C>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
+        self.call("append", &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<C>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<C>, RPCError<C>> {
+        self.call("vote", &rpc, option.hard_ttl()).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<C>,
+        snapshot: SnapshotOf<C, Vec<u8>>,
+        _cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
+        let req = SnapshotRequest {
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot,
+        };
+        let timeout = option.hard_ttl().max(Duration::from_secs(10));
+        Ok(self.call("snapshot", &req, timeout).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_id;
+
+    #[test]
+    fn node_ids_are_distinct_per_address() {
+        let a = node_id("127.0.0.1:1111");
+        let b = node_id("127.0.0.2:1111");
+        let c = node_id("127.0.0.1:1112");
+        assert!(a != b && b != c && a != c);
+        assert_eq!(a, node_id("127.0.0.1:1111"));
+        assert_ne!(node_id("host1:1111"), node_id("host2:1111"));
+    }
+}

@@ -1,0 +1,514 @@
+//! The Raft log on plain files: append-only segments of checksummed records, with fsync
+//! batched across concurrent appends by one writer thread.
+//!
+//! Record: `len: u32 LE | crc32(payload): u32 LE | payload` where the payload is the JSON
+//! entry. Segments are named after their first index. A torn record at the tail of the
+//! last segment (a crash mid-write) is cut off on open; a bad record anywhere else is an
+//! error. Entries are also kept in memory, so reads never touch the disk; an append is
+//! visible to readers when `append` returns and reported durable (its `IOFlushed`
+//! callback) only after the fsync that covers it has returned.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+
+use openraft::alias::{EntryOf, LogIdOf, VoteOf};
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::store::TypeConfig;
+
+type C = TypeConfig;
+
+/// A segment is closed and a new one started past this size.
+const SEGMENT_BYTES: u64 = 16 << 20;
+const HEADER: usize = 8;
+
+#[derive(Default)]
+struct Mem {
+    entries: BTreeMap<u64, EntryOf<C>>,
+    purged: Option<LogIdOf<C>>,
+    vote: Option<VoteOf<C>>,
+    committed: Option<LogIdOf<C>>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    mem: Mutex<Mem>,
+    writer: Mutex<mpsc::Sender<Op>>,
+}
+
+/// The log store handle; cheap to clone (it is also its own reader).
+#[derive(Clone)]
+pub struct LogStore {
+    inner: Arc<Inner>,
+}
+
+enum Op {
+    Append {
+        records: Vec<(u64, Vec<u8>)>,
+        done: IOFlushed<C>,
+    },
+    /// Keep entries with index <= `keep`; `None` removes all.
+    Truncate {
+        keep: Option<u64>,
+        done: tokio::sync::oneshot::Sender<io::Result<()>>,
+    },
+    /// Delete whole segments with every index <= `upto`.
+    Purge { upto: u64 },
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Writes `value` as JSON to `path` atomically and durably (tmp file, fsync, rename,
+/// fsync of the directory).
+pub(crate) fn write_atomic<T: Serialize>(path: &Path, value: &T, durable: bool) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let bytes = serde_json::to_vec(value).map_err(io::Error::other)?;
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        if durable {
+            f.sync_all()?;
+        }
+    }
+    fs::rename(&tmp, path)?;
+    if durable {
+        if let Some(parent) = path.parent() {
+            File::open(parent)?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
+    match fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn encode(entry: &EntryOf<C>) -> io::Result<Vec<u8>> {
+    let payload = serde_json::to_vec(entry).map_err(io::Error::other)?;
+    let mut rec = Vec::with_capacity(HEADER + payload.len());
+    rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    rec.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    rec.extend_from_slice(&payload);
+    Ok(rec)
+}
+
+struct Segment {
+    first: u64,
+    path: PathBuf,
+    /// File offset of each record; record i holds index `first + i`.
+    offsets: Vec<u64>,
+    len: u64,
+}
+
+impl Segment {
+    fn next_index(&self) -> u64 {
+        self.first + self.offsets.len() as u64
+    }
+}
+
+fn segment_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("{first:020}.seg"))
+}
+
+/// Reads a segment; returns its entries and segment description. A bad record at the
+/// tail is cut off when `last` (the file is truncated there), an error otherwise.
+fn read_segment(path: &Path, first: u64, last: bool) -> io::Result<(Segment, Vec<EntryOf<C>>)> {
+    let mut buf = Vec::new();
+    File::open(path)?.read_to_end(&mut buf)?;
+    let mut pos = 0usize;
+    let mut offsets = Vec::new();
+    let mut entries = Vec::new();
+    let bad = loop {
+        if pos == buf.len() {
+            break None;
+        }
+        if buf.len() - pos < HEADER {
+            break Some("short header");
+        }
+        let len = u32::from_le_bytes(buf[pos..pos + 4].try_into().unwrap_or_default()) as usize;
+        let crc = u32::from_le_bytes(buf[pos + 4..pos + 8].try_into().unwrap_or_default());
+        if buf.len() - pos - HEADER < len {
+            break Some("short record");
+        }
+        let payload = &buf[pos + HEADER..pos + HEADER + len];
+        if crc32fast::hash(payload) != crc {
+            break Some("checksum mismatch");
+        }
+        let entry: EntryOf<C> = match serde_json::from_slice(payload) {
+            Ok(e) => e,
+            Err(_) => break Some("undecodable record"),
+        };
+        if entry.index() != first + offsets.len() as u64 {
+            break Some("index out of sequence");
+        }
+        offsets.push(pos as u64);
+        entries.push(entry);
+        pos += HEADER + len;
+    };
+    if let Some(why) = bad {
+        if !last {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {why} at offset {pos}", path.display()),
+            ));
+        }
+        tracing::warn!(path = %path.display(), offset = pos, why, "cutting torn log tail");
+        let f = OpenOptions::new().write(true).open(path)?;
+        f.set_len(pos as u64)?;
+        f.sync_all()?;
+    }
+    let seg = Segment {
+        first,
+        path: path.to_path_buf(),
+        offsets,
+        len: pos as u64,
+    };
+    Ok((seg, entries))
+}
+
+struct Writer {
+    dir: PathBuf,
+    segments: Vec<Segment>,
+    file: Option<File>,
+}
+
+impl Writer {
+    fn open_last(&mut self) -> io::Result<()> {
+        self.file = match self.segments.last() {
+            Some(s) => Some(OpenOptions::new().append(true).open(&s.path)?),
+            None => None,
+        };
+        Ok(())
+    }
+
+    fn new_segment(&mut self, first: u64) -> io::Result<()> {
+        if let Some(f) = self.file.take() {
+            f.sync_all()?;
+        }
+        let path = segment_path(&self.dir, first);
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)?;
+        File::open(&self.dir)?.sync_all()?;
+        self.segments.push(Segment {
+            first,
+            path,
+            offsets: Vec::new(),
+            len: 0,
+        });
+        self.file = Some(f);
+        Ok(())
+    }
+
+    fn append(&mut self, index: u64, rec: &[u8]) -> io::Result<()> {
+        if let Some(last) = self.segments.last() {
+            if index < last.next_index() {
+                self.truncate(index.checked_sub(1))?;
+            }
+        }
+        let start_new = match self.segments.last() {
+            None => true,
+            Some(s) => s.len >= SEGMENT_BYTES || s.next_index() != index,
+        };
+        if start_new {
+            self.new_segment(index)?;
+        }
+        let f = self.file.as_mut().ok_or_else(|| io::Error::other("no open segment"))?;
+        f.write_all(rec)?;
+        let seg = self.segments.last_mut().ok_or_else(|| io::Error::other("no segment"))?;
+        seg.offsets.push(seg.len);
+        seg.len += rec.len() as u64;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        match &self.file {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
+    }
+
+    fn truncate(&mut self, keep: Option<u64>) -> io::Result<()> {
+        let mut changed_dir = false;
+        while let Some(seg) = self.segments.last_mut() {
+            let first_gone = keep.map_or(0, |k| k + 1);
+            if seg.first >= first_gone {
+                self.file = None;
+                fs::remove_file(&seg.path)?;
+                self.segments.pop();
+                changed_dir = true;
+                continue;
+            }
+            if first_gone < seg.next_index() {
+                let n = (first_gone - seg.first) as usize;
+                let at = seg.offsets[n];
+                seg.offsets.truncate(n);
+                seg.len = at;
+                let f = OpenOptions::new().write(true).open(&seg.path)?;
+                f.set_len(at)?;
+                f.sync_all()?;
+            }
+            break;
+        }
+        if changed_dir {
+            File::open(&self.dir)?.sync_all()?;
+        }
+        self.open_last()
+    }
+
+    fn purge(&mut self, upto: u64) -> io::Result<()> {
+        while let Some(s) = self.segments.first() {
+            if s.offsets.is_empty() || s.next_index() - 1 > upto {
+                break;
+            }
+            fs::remove_file(&s.path)?;
+            self.segments.remove(0);
+            if self.segments.is_empty() {
+                self.file = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Op>) {
+        let mut pending: Vec<IOFlushed<C>> = Vec::new();
+        let mut failed: Option<String> = None;
+        while let Ok(op) = rx.recv() {
+            let mut batch = vec![op];
+            while let Ok(op) = rx.try_recv() {
+                batch.push(op);
+            }
+            for op in batch {
+                match op {
+                    Op::Append { records, done } => {
+                        if failed.is_none() {
+                            for (idx, rec) in &records {
+                                if let Err(e) = self.append(*idx, rec) {
+                                    failed = Some(e.to_string());
+                                    break;
+                                }
+                            }
+                        }
+                        pending.push(done);
+                    }
+                    Op::Truncate { keep, done } => {
+                        self.flush(&mut pending, &mut failed);
+                        let r = match &failed {
+                            Some(e) => Err(io::Error::other(e.clone())),
+                            None => self.truncate(keep),
+                        };
+                        let _ = done.send(r);
+                    }
+                    Op::Purge { upto } => {
+                        if let Err(e) = self.purge(upto) {
+                            tracing::warn!(error = %e, "log purge failed");
+                        }
+                    }
+                }
+            }
+            self.flush(&mut pending, &mut failed);
+        }
+    }
+
+    /// One fsync for every append since the last; then their callbacks.
+    fn flush(&mut self, pending: &mut Vec<IOFlushed<C>>, failed: &mut Option<String>) {
+        if pending.is_empty() {
+            return;
+        }
+        if failed.is_none() {
+            if let Err(e) = self.sync() {
+                *failed = Some(e.to_string());
+            }
+        }
+        for cb in pending.drain(..) {
+            match failed {
+                None => cb.io_completed(Ok(())),
+                Some(e) => cb.io_completed(Err(io::Error::other(e.clone()))),
+            }
+        }
+    }
+}
+
+impl LogStore {
+    /// Opens (or creates) the log in `dir`, recovering entries, vote and purge point.
+    pub fn open(dir: &Path) -> io::Result<LogStore> {
+        fs::create_dir_all(dir)?;
+        let mut mem = Mem {
+            vote: read_json(&dir.join("vote.json"))?,
+            purged: read_json(&dir.join("purged.json"))?,
+            committed: read_json(&dir.join("committed.json"))?,
+            ..Mem::default()
+        };
+        let mut firsts: Vec<u64> = fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_suffix(".seg")?.parse().ok()
+            })
+            .collect();
+        firsts.sort_unstable();
+        let purged_idx = mem.purged.as_ref().map(|l| l.index);
+        let mut segments = Vec::new();
+        for (i, first) in firsts.iter().enumerate() {
+            let last = i + 1 == firsts.len();
+            let (seg, entries) = read_segment(&segment_path(dir, *first), *first, last)?;
+            for e in entries {
+                if purged_idx.is_some_and(|p| e.index() <= p) {
+                    continue;
+                }
+                mem.entries.insert(e.index(), e);
+            }
+            segments.push(seg);
+        }
+        let mut writer = Writer {
+            dir: dir.to_path_buf(),
+            segments,
+            file: None,
+        };
+        writer.open_last()?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(LogStore {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                mem: Mutex::new(mem),
+                writer: Mutex::new(tx),
+            }),
+        })
+    }
+
+    fn send(&self, op: Op) -> io::Result<()> {
+        lock(&self.inner.writer)
+            .send(op)
+            .map_err(|_| io::Error::other("log writer stopped"))
+    }
+
+    /// The index of the last entry in the log (0 when empty).
+    pub fn last_index(&self) -> u64 {
+        let mem = lock(&self.inner.mem);
+        mem.entries
+            .keys()
+            .next_back()
+            .copied()
+            .or(mem.purged.as_ref().map(|p| p.index))
+            .unwrap_or(0)
+    }
+}
+
+impl RaftLogReader<C> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + std::fmt::Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<EntryOf<C>>, io::Error> {
+        let mem = lock(&self.inner.mem);
+        Ok(mem.entries.range(range).map(|(_, e)| e.clone()).collect())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<VoteOf<C>>, io::Error> {
+        Ok(lock(&self.inner.mem).vote.clone())
+    }
+}
+
+impl RaftLogStorage<C> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
+        let mem = lock(&self.inner.mem);
+        let last = mem
+            .entries
+            .values()
+            .next_back()
+            .map(|e| e.log_id())
+            .or_else(|| mem.purged.clone());
+        Ok(LogState {
+            last_purged_log_id: mem.purged.clone(),
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &VoteOf<C>) -> Result<(), io::Error> {
+        write_atomic(&self.inner.dir.join("vote.json"), vote, true)?;
+        lock(&self.inner.mem).vote = Some(vote.clone());
+        Ok(())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
+        // Not fsynced: a lost commit point is recomputed by the cluster.
+        write_atomic(&self.inner.dir.join("committed.json"), &committed, false)?;
+        lock(&self.inner.mem).committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogIdOf<C>>, io::Error> {
+        Ok(lock(&self.inner.mem).committed.clone())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = EntryOf<C>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut records = Vec::new();
+        {
+            let mut mem = lock(&self.inner.mem);
+            for e in entries {
+                records.push((e.index(), encode(&e)?));
+                mem.entries.insert(e.index(), e);
+            }
+        }
+        self.send(Op::Append {
+            records,
+            done: callback,
+        })
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> Result<(), io::Error> {
+        let keep = last_log_id.as_ref().map(|l| l.index);
+        {
+            let mut mem = lock(&self.inner.mem);
+            let from = keep.map_or(0, |k| k + 1);
+            let _ = mem.entries.split_off(&from);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Op::Truncate { keep, done: tx })?;
+        rx.await
+            .map_err(|_| io::Error::other("log writer stopped"))?
+    }
+
+    async fn purge(&mut self, log_id: LogIdOf<C>) -> Result<(), io::Error> {
+        write_atomic(&self.inner.dir.join("purged.json"), &log_id, true)?;
+        {
+            let mut mem = lock(&self.inner.mem);
+            let rest = mem.entries.split_off(&(log_id.index + 1));
+            mem.entries = rest;
+            mem.purged = Some(log_id.clone());
+        }
+        self.send(Op::Purge {
+            upto: log_id.index,
+        })
+    }
+}

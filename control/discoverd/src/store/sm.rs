@@ -1,0 +1,193 @@
+//! The openraft state machine around [`Registry`]: applies committed commands, builds
+//! and installs snapshots (JSON, persisted to `snapshot.json`).
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures_util::{Stream, StreamExt};
+use openraft::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::log::{read_json, write_atomic};
+use super::state::{Data, Registry};
+use super::types::Response;
+use super::TypeConfig;
+
+type C = TypeConfig;
+
+/// What the API reads: the registry, and the index it reflects.
+pub struct Shared {
+    state: Mutex<SmState>,
+    applied: AtomicU64,
+}
+
+#[derive(Default)]
+pub struct SmState {
+    pub registry: Registry,
+    pub last_applied: Option<LogIdOf<C>>,
+    pub membership: StoredMembershipOf<C>,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, SmState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last applied Raft index (the `Discoverd-Index` header).
+    pub fn applied_index(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMetaOf<C>,
+    data: Vec<u8>,
+}
+
+/// The state machine handed to openraft; clones share state (it is its own builder).
+#[derive(Clone)]
+pub struct StateMachine {
+    shared: Arc<Shared>,
+    path: PathBuf,
+    current: Arc<Mutex<Option<StoredSnapshot>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl StateMachine {
+    /// Opens the state machine in `dir`, restoring the last snapshot if there is one.
+    pub fn open(dir: &std::path::Path) -> io::Result<StateMachine> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("snapshot.json");
+        let snap: Option<StoredSnapshot> = read_json(&path)?;
+        let mut st = SmState::default();
+        if let Some(s) = &snap {
+            let data: Data = serde_json::from_slice(&s.data)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            st.registry.restore(data);
+            st.last_applied = s.meta.last_log_id.clone();
+            st.membership = s.meta.last_membership.clone();
+        }
+        let applied = st.last_applied.as_ref().map_or(0, |l| l.index);
+        Ok(StateMachine {
+            shared: Arc::new(Shared {
+                state: Mutex::new(st),
+                applied: AtomicU64::new(applied),
+            }),
+            path,
+            current: Arc::new(Mutex::new(snap)),
+        })
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+}
+
+impl RaftSnapshotBuilder<C> for StateMachine {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<C, Vec<u8>>, io::Error> {
+        let (meta, data) = {
+            let st = self.shared.lock();
+            let data = serde_json::to_vec(&st.registry.data).map_err(io::Error::other)?;
+            let meta = SnapshotMetaOf::<C> {
+                last_log_id: st.last_applied.clone(),
+                last_membership: st.membership.clone(),
+            };
+            (meta, data)
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        write_atomic(&self.path, &stored, true)?;
+        *lock(&self.current) = Some(stored);
+        Ok(SnapshotOf::<C, Vec<u8>> {
+            meta,
+            snapshot: data,
+        })
+    }
+}
+
+impl RaftStateMachine<C> for StateMachine {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogIdOf<C>>, StoredMembershipOf<C>), io::Error> {
+        let st = self.shared.lock();
+        Ok((st.last_applied.clone(), st.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<C>, io::Error>> + Unpin + OptionalSend,
+    {
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let index = entry.log_id.index;
+            let resp = {
+                let mut st = self.shared.lock();
+                let resp = match entry.payload {
+                    EntryPayload::Blank => Response::default(),
+                    EntryPayload::Normal(cmd) => st.registry.apply(index, cmd),
+                    EntryPayload::Membership(m) => {
+                        st.membership = StoredMembershipOf::<C>::new(Some(entry.log_id.clone()), m);
+                        Response::default()
+                    }
+                };
+                st.last_applied = Some(entry.log_id);
+                self.shared.applied.store(index, Ordering::Release);
+                resp
+            };
+            if let Some(r) = responder {
+                r.send(resp);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMetaOf<C>,
+        snapshot: Vec<u8>,
+    ) -> Result<(), io::Error> {
+        let data: Data = serde_json::from_slice(&snapshot)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: snapshot,
+        };
+        write_atomic(&self.path, &stored, true)?;
+        {
+            let mut st = self.shared.lock();
+            st.registry.restore(data);
+            st.last_applied = meta.last_log_id.clone();
+            st.membership = meta.last_membership.clone();
+            let idx = meta.last_log_id.as_ref().map_or(0, |l| l.index);
+            self.shared.applied.store(idx, Ordering::Release);
+        }
+        *lock(&self.current) = Some(stored);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<C, Vec<u8>>>, io::Error> {
+        Ok(lock(&self.current).as_ref().map(|s| SnapshotOf::<C, Vec<u8>> {
+            meta: s.meta.clone(),
+            snapshot: s.data.clone(),
+        }))
+    }
+}

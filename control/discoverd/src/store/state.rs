@@ -1,0 +1,336 @@
+//! The registry state machine: services, instances, metadata and leaders, plus the
+//! watchers it notifies. Pure: commands in, state and events out; no I/O, no clock.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::types::{
+    Command, Event, EventKind, Instance, Kinds, LeaderType, Rejection, Response, ServiceConfig,
+    ServiceMeta,
+};
+
+/// Buffered events per subscriber before it is dropped (spec §2.5).
+pub const SUBSCRIBER_BUFFER: usize = 64;
+/// The error a lagging subscriber's stream ends with.
+pub const BLOCKED_RECEIVER: &str = "discoverd: channel send failed due to blocked receiver";
+
+/// What a watcher receives: an event, or the error that ends its stream.
+pub type Item = Result<Event, String>;
+
+/// The replicated data; this is also the snapshot format
+/// (`{services, metas, leaders, instances}`, spec §2.7).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Data {
+    pub services: BTreeMap<String, ServiceConfig>,
+    pub metas: BTreeMap<String, ServiceMeta>,
+    /// Manually set leader ids.
+    pub leaders: BTreeMap<String, String>,
+    /// Per service, by id. A service that ever had an instance keeps an (empty) entry.
+    pub instances: BTreeMap<String, BTreeMap<String, Instance>>,
+}
+
+struct Subscriber {
+    service: String,
+    kinds: Kinds,
+    tx: mpsc::Sender<Item>,
+}
+
+/// State plus subscribers; one lock guards both so a subscription's replay and the live
+/// events after it never overlap or leave a gap.
+#[derive(Default)]
+pub struct Registry {
+    pub data: Data,
+    subscribers: Vec<Subscriber>,
+}
+
+impl Registry {
+    pub fn instances(&self, service: &str) -> Vec<Instance> {
+        let mut v: Vec<Instance> = self
+            .data
+            .instances
+            .get(service)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        v.sort_by_key(|i| i.index);
+        v
+    }
+
+    pub fn instance(&self, service: &str, id: &str) -> Option<&Instance> {
+        self.data.instances.get(service)?.get(id)
+    }
+
+    /// The current leader: the oldest instance, or the manually set one if it exists.
+    pub fn leader(&self, service: &str) -> Option<Instance> {
+        let cfg = self.data.services.get(service)?;
+        let insts = self.data.instances.get(service)?;
+        match cfg.leader_type {
+            LeaderType::Oldest => insts.values().min_by_key(|i| i.index).cloned(),
+            LeaderType::Manual => insts.get(self.data.leaders.get(service)?).cloned(),
+        }
+    }
+
+    /// Registers a watcher. Replays current state (spec §2.5 order) when `current` is set.
+    pub fn subscribe(
+        &mut self,
+        service: &str,
+        kinds: Kinds,
+        send_current: bool,
+    ) -> mpsc::Receiver<Item> {
+        // Room for the replay plus the live buffer.
+        let replay_len = if send_current {
+            self.data.instances.get(service).map_or(0, |m| m.len()) + 3
+        } else {
+            0
+        };
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER + replay_len);
+        if send_current {
+            let ev = |kind, instance, service_meta| Event {
+                service: service.to_string(),
+                kind,
+                instance,
+                service_meta,
+            };
+            if kinds.has(EventKind::Up) {
+                for i in self.instances(service) {
+                    let _ = tx.try_send(Ok(ev(EventKind::Up, Some(i), None)));
+                }
+            }
+            if kinds.has(EventKind::Leader) {
+                if let Some(l) = self.leader(service) {
+                    let _ = tx.try_send(Ok(ev(EventKind::Leader, Some(l), None)));
+                }
+            }
+            if kinds.has(EventKind::ServiceMeta) {
+                if let Some(m) = self.data.metas.get(service) {
+                    let _ = tx.try_send(Ok(ev(EventKind::ServiceMeta, None, Some(m.clone()))));
+                }
+            }
+            if kinds.has(EventKind::Current) {
+                let _ = tx.try_send(Ok(ev(EventKind::Current, None, None)));
+            }
+        }
+        self.subscribers.retain(|s| !s.tx.is_closed());
+        self.subscribers.push(Subscriber {
+            service: service.to_string(),
+            kinds,
+            tx,
+        });
+        rx
+    }
+
+    fn broadcast(&mut self, events: Vec<Event>) {
+        if events.is_empty() || self.subscribers.is_empty() {
+            return;
+        }
+        self.subscribers.retain(|s| {
+            for e in &events {
+                if e.service != s.service || !s.kinds.has(e.kind) {
+                    continue;
+                }
+                match s.tx.try_send(Ok(e.clone())) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        // The stream ends with an error; the receiver drains what it has.
+                        let tx = s.tx.clone();
+                        tokio::spawn(async move {
+                            let _ = tx.send(Err(BLOCKED_RECEIVER.to_string())).await;
+                        });
+                        return false;
+                    }
+                }
+            }
+            true
+        });
+    }
+
+    /// Applies one committed command at log `index` and notifies watchers.
+    pub fn apply(&mut self, index: u64, cmd: Command) -> Response {
+        let mut events = Vec::new();
+        let res = self.apply_inner(index, cmd, &mut events);
+        self.broadcast(events);
+        match res {
+            Ok(index) => Response {
+                index,
+                rejected: None,
+            },
+            Err(r) => Response {
+                index: 0,
+                rejected: Some(r),
+            },
+        }
+    }
+
+    fn apply_inner(
+        &mut self,
+        index: u64,
+        cmd: Command,
+        events: &mut Vec<Event>,
+    ) -> Result<u64, Rejection> {
+        let ev = |service: &str, kind, instance| Event {
+            service: service.to_string(),
+            kind,
+            instance,
+            service_meta: None,
+        };
+        match cmd {
+            Command::AddService { service, config } => {
+                if self.data.services.contains_key(&service) {
+                    return Err(Rejection::ServiceExists(service));
+                }
+                self.data.services.insert(service, config);
+                Ok(index)
+            }
+            Command::RemoveService { service } => {
+                if self.data.services.remove(&service).is_none() {
+                    return Err(Rejection::ServiceNotFound(service));
+                }
+                let had_leader = self.leader_of_removed(&service);
+                for i in self.instances(&service) {
+                    events.push(ev(&service, EventKind::Down, Some(i)));
+                }
+                if had_leader {
+                    events.push(ev(&service, EventKind::Leader, None));
+                }
+                self.data.instances.remove(&service);
+                self.data.metas.remove(&service);
+                self.data.leaders.remove(&service);
+                Ok(index)
+            }
+            Command::SetMeta { service, mut meta } => {
+                if !self.data.services.contains_key(&service) {
+                    return Err(Rejection::ServiceNotFound(service));
+                }
+                let stored = self.data.metas.get(&service);
+                match (meta.index, stored) {
+                    (0, Some(_)) => return Err(Rejection::MetaExists),
+                    (0, None) => {}
+                    (_, None) => return Err(Rejection::MetaIndex),
+                    (n, Some(s)) if s.index != n => return Err(Rejection::MetaIndex),
+                    _ => {}
+                }
+                let before = self.leader(&service);
+                if let Some(id) = meta.leader_id.take() {
+                    self.data.leaders.insert(service.clone(), id);
+                }
+                meta.index = index;
+                self.data.metas.insert(service.clone(), meta.clone());
+                self.leader_changed(&service, before, events);
+                events.push(Event {
+                    service,
+                    kind: EventKind::ServiceMeta,
+                    instance: None,
+                    service_meta: Some(meta),
+                });
+                Ok(index)
+            }
+            Command::SetLeader { service, id } => {
+                let before = self.leader(&service);
+                if self.data.services.get(&service).map(|c| c.leader_type)
+                    == Some(LeaderType::Manual)
+                {
+                    self.data.leaders.insert(service.clone(), id);
+                    self.leader_changed(&service, before, events);
+                }
+                Ok(index)
+            }
+            Command::AddInstance {
+                service,
+                mut instance,
+            } => {
+                if !self.data.services.contains_key(&service) {
+                    return Err(Rejection::ServiceNotFound(service));
+                }
+                let before = self.leader(&service);
+                let insts = self.data.instances.entry(service.clone()).or_default();
+                let kind = match insts.get(&instance.id) {
+                    Some(old) if old.same_as(&instance) => return Ok(old.index),
+                    Some(old) => {
+                        instance.index = old.index;
+                        EventKind::Update
+                    }
+                    None => {
+                        instance.index = index;
+                        EventKind::Up
+                    }
+                };
+                let idx = instance.index;
+                insts.insert(instance.id.clone(), instance.clone());
+                events.push(ev(&service, kind, Some(instance)));
+                self.leader_changed(&service, before, events);
+                Ok(idx)
+            }
+            Command::RemoveInstance { service, id } => {
+                let Some(insts) = self.data.instances.get(&service) else {
+                    return Err(Rejection::InstanceNotFound(service));
+                };
+                if !insts.contains_key(&id) {
+                    return Ok(index);
+                }
+                self.remove_instance(&service, &id, events);
+                Ok(index)
+            }
+            Command::ExpireInstances { instances } => {
+                for (service, id, idx) in instances {
+                    if self.instance(&service, &id).map(|i| i.index) == Some(idx) {
+                        self.remove_instance(&service, &id, events);
+                    }
+                }
+                Ok(index)
+            }
+        }
+    }
+
+    fn leader_of_removed(&self, service: &str) -> bool {
+        self.data
+            .instances
+            .get(service)
+            .is_some_and(|m| !m.is_empty())
+    }
+
+    fn remove_instance(&mut self, service: &str, id: &str, events: &mut Vec<Event>) {
+        let before = self.leader(service);
+        let removed = self
+            .data
+            .instances
+            .get_mut(service)
+            .and_then(|m| m.remove(id));
+        if let Some(i) = removed {
+            events.push(Event {
+                service: service.to_string(),
+                kind: EventKind::Down,
+                instance: Some(i),
+                service_meta: None,
+            });
+            self.leader_changed(service, before, events);
+        }
+    }
+
+    fn leader_changed(&self, service: &str, before: Option<Instance>, events: &mut Vec<Event>) {
+        let after = self.leader(service);
+        let changed = match (&before, &after) {
+            (None, None) => false,
+            (Some(a), Some(b)) => a.id != b.id || a.index != b.index,
+            _ => true,
+        };
+        if changed {
+            events.push(Event {
+                service: service.to_string(),
+                kind: EventKind::Leader,
+                instance: after,
+                service_meta: None,
+            });
+        }
+    }
+
+    /// Replaces the state from a snapshot. Watchers are kept; they see no events for the
+    /// jump (like the original), but `current` replays on their next reconnect.
+    pub fn restore(&mut self, data: Data) {
+        self.data = data;
+    }
+}
+
+#[cfg(test)]
+mod tests;

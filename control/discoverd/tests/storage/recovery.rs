@@ -1,0 +1,107 @@
+//! Reopening the log: entries, vote and purge point survive; a torn tail is cut off.
+
+use std::io::Write;
+
+use flynn_discoverd::store::{Command, LogStore, TypeConfig};
+use openraft::alias::{EntryOf, LogIdOf};
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::type_config::TypeConfigExt;
+use openraft::vote::RaftLeaderId;
+use openraft::{EntryPayload, RaftLogReader};
+
+type C = TypeConfig;
+
+fn log_id(term: u64, index: u64) -> LogIdOf<C> {
+    LogIdOf::<C>::new(
+        openraft::impls::leader_id_adv::LeaderId::<u64, u64>::new(term, 1).to_committed(),
+        index,
+    )
+}
+
+fn entry(term: u64, index: u64) -> EntryOf<C> {
+    EntryOf::<C>::new(
+        log_id(term, index),
+        EntryPayload::Normal(Command::RemoveService {
+            service: format!("s{index}"),
+        }),
+    )
+}
+
+async fn append(log: &mut LogStore, entries: Vec<EntryOf<C>>) {
+    let (tx, rx) = C::oneshot();
+    log.append(entries, IOFlushed::signal(tx)).await.unwrap();
+    rx.await.unwrap().unwrap();
+}
+
+async fn indexes(log: &mut LogStore) -> Vec<u64> {
+    log.try_get_log_entries(0..u64::MAX)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.index())
+        .collect()
+}
+
+#[tokio::test]
+async fn entries_survive_reopen_and_truncation() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = LogStore::open(dir.path()).unwrap();
+        append(&mut log, (1..=10).map(|i| entry(1, i)).collect()).await;
+        log.truncate_after(Some(log_id(1, 6))).await.unwrap();
+        append(&mut log, (7..=8).map(|i| entry(2, i)).collect()).await;
+        log.purge(log_id(1, 2)).await.unwrap();
+    }
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&mut log).await, vec![3, 4, 5, 6, 7, 8]);
+    let st = log.get_log_state().await.unwrap();
+    assert_eq!(st.last_purged_log_id, Some(log_id(1, 2)));
+    assert_eq!(st.last_log_id, Some(log_id(2, 8)));
+}
+
+#[tokio::test]
+async fn torn_tail_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = LogStore::open(dir.path()).unwrap();
+        append(&mut log, (1..=3).map(|i| entry(1, i)).collect()).await;
+    }
+    let seg = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.path().extension().is_some_and(|x| x == "seg"))
+        .unwrap()
+        .path();
+    // A half-written record: a header promising more bytes than follow.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, b'{']).unwrap();
+    drop(f);
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&mut log).await, vec![1, 2, 3]);
+    append(&mut log, vec![entry(1, 4)]).await;
+    drop(log);
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&mut log).await, vec![1, 2, 3, 4]);
+}
+
+#[tokio::test]
+async fn corrupt_middle_record_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = LogStore::open(dir.path()).unwrap();
+        append(&mut log, (1..=3).map(|i| entry(1, i)).collect()).await;
+    }
+    let seg = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.path().extension().is_some_and(|x| x == "seg"))
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[12] ^= 0xff;
+    std::fs::write(&seg, &bytes).unwrap();
+    // Only segment, so it is the tail: everything from the bad record on is cut.
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert!(indexes(&mut log).await.is_empty());
+}

@@ -1,0 +1,113 @@
+//! Sticky sessions (spec §1.6): the `_backend` cookie holds the backend address sealed
+//! with NaCl secretbox (XSalsa20-Poly1305) under `COOKIE_KEY`, as
+//! base64(nonce ‖ box). Only touched for routes with `sticky: true`.
+
+use std::net::SocketAddr;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use crypto_secretbox::aead::{Aead, KeyInit};
+use crypto_secretbox::{Key, Nonce, XSalsa20Poly1305};
+
+pub const COOKIE: &[u8] = b"_backend";
+const NONCE: usize = 24;
+
+/// Parses `COOKIE_KEY`: base64 of exactly 32 bytes.
+pub fn parse_key(b64: &str) -> Result<[u8; 32], String> {
+    let raw = STANDARD
+        .decode(b64.trim())
+        .map_err(|_| "COOKIE_KEY is not valid base64".to_string())?;
+    raw.try_into()
+        .map_err(|v: Vec<u8>| format!("COOKIE_KEY must decode to 32 bytes, not {}", v.len()))
+}
+
+pub struct Sealer {
+    cipher: XSalsa20Poly1305,
+}
+
+impl std::fmt::Debug for Sealer {
+    /// Never prints the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sealer(..)")
+    }
+}
+
+impl Sealer {
+    pub fn new(key: &[u8; 32]) -> Self {
+        Sealer {
+            cipher: XSalsa20Poly1305::new(Key::from_slice(key)),
+        }
+    }
+
+    /// The cookie value for `addr`.
+    pub fn seal(&self, addr: SocketAddr) -> String {
+        let mut nonce = [0u8; NONCE];
+        for chunk in nonce.chunks_mut(8) {
+            let r = fastrand::u64(..).to_le_bytes();
+            chunk.copy_from_slice(&r[..chunk.len()]);
+        }
+        let plain = addr.to_string();
+        let sealed = self
+            .cipher
+            .encrypt(Nonce::from_slice(&nonce), plain.as_bytes())
+            .unwrap_or_default();
+        let mut all = nonce.to_vec();
+        all.extend_from_slice(&sealed);
+        STANDARD.encode(all)
+    }
+
+    /// The backend address in a cookie value, if it is genuine.
+    pub fn open(&self, value: &[u8]) -> Option<SocketAddr> {
+        let raw = STANDARD.decode(value).ok()?;
+        if raw.len() <= NONCE {
+            return None;
+        }
+        let (nonce, sealed) = raw.split_at(NONCE);
+        let plain = self.cipher.decrypt(Nonce::from_slice(nonce), sealed).ok()?;
+        std::str::from_utf8(&plain).ok()?.parse().ok()
+    }
+}
+
+/// The sticky backend named by the request's `_backend` cookie, if any.
+pub fn from_request(sealer: &Sealer, head: &[u8]) -> Option<SocketAddr> {
+    flynn_http::header_values(head, b"cookie")
+        .find_map(|v| flynn_http::cookie_value(v, COOKIE))
+        .and_then(|v| sealer.open(v))
+}
+
+/// `Set-Cookie` value for `addr`.
+pub fn set_cookie(sealer: &Sealer, addr: SocketAddr) -> Vec<u8> {
+    format!("_backend={}; Path=/", sealer.seal(addr)).into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_tamper() {
+        let s = Sealer::new(&[7; 32]);
+        let addr: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let v = s.seal(addr);
+        assert_eq!(s.open(v.as_bytes()), Some(addr));
+        assert_ne!(s.seal(addr), v, "fresh nonce each time");
+        let other = Sealer::new(&[8; 32]);
+        assert_eq!(other.open(v.as_bytes()), None);
+        let mut raw = STANDARD.decode(&v).unwrap();
+        let last = raw.len() - 1;
+        raw[last] ^= 1;
+        assert_eq!(s.open(STANDARD.encode(raw).as_bytes()), None);
+        assert_eq!(s.open(b"!!!"), None);
+        let head = format!("GET / HTTP/1.1\r\nHost: a\r\nCookie: x=1; _backend={v}\r\n\r\n");
+        assert_eq!(from_request(&s, head.as_bytes()), Some(addr));
+    }
+
+    #[test]
+    fn key_parsing() {
+        assert!(parse_key(&STANDARD.encode([1u8; 32])).is_ok());
+        assert!(parse_key(&STANDARD.encode([1u8; 31]))
+            .unwrap_err()
+            .contains("32 bytes"));
+        assert!(parse_key("%%%").is_err());
+    }
+}
