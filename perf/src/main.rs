@@ -55,6 +55,9 @@ struct LogaggArgs {
     /// Milliseconds between follow-latency marker lines.
     #[arg(long, default_value_t = 10)]
     marker_ms: u64,
+    /// Skip the unrecorded warm-up run per target.
+    #[arg(long)]
+    no_warmup: bool,
     #[arg(long, default_value = "target/release/flynn-logagg")]
     logagg_bin: PathBuf,
     /// Also write the Markdown report here.
@@ -174,6 +177,7 @@ fn main() -> Result<()> {
                 apps: a.apps.max(1),
                 size: a.size,
                 marker_ms: a.marker_ms.max(1),
+                warmup: !a.no_warmup,
                 logagg_bin: a.logagg_bin,
                 out: a.out,
                 command: command_line(),

@@ -42,6 +42,8 @@ pub struct Options {
     pub size: usize,
     /// Interval between follow-latency markers.
     pub marker_ms: u64,
+    /// One unrecorded run per target before round 1.
+    pub warmup: bool,
     pub logagg_bin: PathBuf,
     pub out: Option<PathBuf>,
     pub command: String,
@@ -114,12 +116,14 @@ fn header(opts: &Options, load: &Load) -> Vec<String> {
             first_line_of("uname", &["-r"]),
             first_line_of("rsyslogd", &["-v"])
                 .trim_end_matches("compiled with:")
-                .trim(),
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
         ),
         format!(
             "Load: {} messages per run ({} B RFC 5424 each, octet-counted: {} B frames), app \
              `i % {}`, written by one std thread per connection in {} KiB writes, senders stop \
-             after {} s; {} round(s), target order rotated every scenario and round; \
+             after {} s; {}{} round(s), target order rotated every scenario and round; \
              everything on 127.0.0.1",
             load.count,
             load.payload,
@@ -127,6 +131,11 @@ fn header(opts: &Options, load: &Load) -> Vec<String> {
             load.apps,
             load::WRITE_BYTES / 1024,
             opts.max_seconds,
+            if opts.warmup {
+                "one unrecorded warm-up run per target, then "
+            } else {
+                ""
+            },
             opts.rounds,
         ),
         format!(
@@ -206,10 +215,31 @@ pub fn run(opts: Options) -> Result<String> {
     if running.is_empty() {
         bail!("no target could be started");
     }
+    let mut run_no = 0;
+
+    if opts.warmup {
+        // The first blast at a fresh flynn-logagg fills its empty rings (page faults, first
+        // allocations); later runs replace lines in full rings, which is the steady state.
+        let conns = opts.conns.iter().copied().max().unwrap_or(1);
+        for target in running.iter_mut() {
+            run_no += 1;
+            load.set_run_tag(run_no);
+            match run_one(target, &load, conns, &opts) {
+                Ok(s) => eprintln!(
+                    "warm-up c{conns} {:<16} {:>9.0} msg/s  {:>5.2} CPU-µs/msg (not counted)",
+                    target.id.to_string(),
+                    s.msgs_per_s().unwrap_or(f64::NAN),
+                    s.cpu_us_per_msg().unwrap_or(f64::NAN),
+                ),
+                Err(e) => eprintln!("warm-up {}: {e:#}", target.id),
+            }
+            target.reset_output();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
 
     let total = opts.rounds * opts.conns.len() * running.len();
     let mut done = 0;
-    let mut run_no = 0;
     for round in 0..opts.rounds {
         for (si, &conns) in opts.conns.iter().enumerate() {
             let n = running.len();
