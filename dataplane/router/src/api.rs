@@ -13,7 +13,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use flynn_api::{ApiError, Backend, BackendAddr, Route, RouteType, Status, StreamEvent};
+use flynn_api::{ApiError, Backend, BackendAddr, Certificate, Route, RouteType, Status, StreamEvent};
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
@@ -62,6 +62,7 @@ impl Api {
 
     /// Publishes the store's current table to the cores; returns its version.
     pub fn publish(&self, store: &Store) -> u64 {
+        self.shared.certs.publish(store.cert_store(self.shared.default_cert.clone()));
         self.shared.publish(store.table())
     }
 
@@ -207,6 +208,51 @@ async fn drain(api: Arc<Api>, b: Backend) {
     api.emit("backend-drained", None, Some(b));
 }
 
+#[derive(Deserialize)]
+struct CertBody {
+    #[serde(default)]
+    cert: String,
+    #[serde(default)]
+    key: String,
+}
+
+async fn add_certificate(State(api): State<Arc<Api>>, body: Bytes) -> Res<Json<Certificate>> {
+    let b: CertBody = serde_json::from_slice(&body).map_err(|_| ApiError::syntax())?;
+    let mut s = api.store();
+    let c = s.certs.add(&b.cert, &b.key)?;
+    Ok(Json(s.certificate(&c.id).unwrap_or(c)))
+}
+
+async fn list_certificates(State(api): State<Arc<Api>>) -> Json<Vec<Certificate>> {
+    let s = api.store();
+    let ids: Vec<String> = s.certs.list().into_iter().map(|c| c.id).collect();
+    Json(ids.iter().filter_map(|id| s.certificate(id)).collect())
+}
+
+fn cert_not_found() -> ApiErr {
+    ApiErr(ApiError::object_not_found("certificate not found"))
+}
+
+async fn get_certificate(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Res<Json<Certificate>> {
+    api.store().certificate(&id).map(Json).ok_or_else(cert_not_found)
+}
+
+async fn certificate_routes(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Res<Json<Vec<Route>>> {
+    let s = api.store();
+    s.certs.get(&id).ok_or_else(cert_not_found)?;
+    Ok(Json(s.certificate_routes(&id)))
+}
+
+async fn delete_certificate(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Res<StatusCode> {
+    let mut s = api.store();
+    s.certs.get(&id).ok_or_else(cert_not_found)?;
+    if !s.certificate_routes(&id).is_empty() {
+        return Err(ApiErr(ApiError::conflict("certificate is in use by routes")));
+    }
+    s.certs.remove(&id);
+    Ok(StatusCode::OK)
+}
+
 async fn get_backends(
     State(api): State<Arc<Api>>,
     Path(service): Path<String>,
@@ -317,6 +363,9 @@ pub fn router(api: Arc<Api>) -> Router {
             "/services/{service}/backends",
             put(put_backends).get(get_backends),
         )
+        .route("/certificates", get(list_certificates).post(add_certificate))
+        .route("/certificates/{id}", get(get_certificate).delete(delete_certificate))
+        .route("/certificates/{id}/routes", get(certificate_routes))
         .route("/events", get(events))
         .route("/.well-known/status", get(status))
         .route("/metrics", get(metrics_text))

@@ -21,6 +21,19 @@ pub struct Config {
     )]
     pub http_addrs: Vec<SocketAddr>,
 
+    /// HTTPS listen address; repeatable like --http-addr (the first is the default
+    /// HTTPS port). Needs certificates: the default keypair or per-route ones.
+    #[arg(long = "https-addr", env = "FLYNN_HTTPS_ADDR", value_delimiter = ',')]
+    pub https_addrs: Vec<SocketAddr>,
+
+    /// Default certificate chain (PEM file) for HTTPS routes without their own.
+    #[arg(long, env = "FLYNN_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM file) of --tls-cert.
+    #[arg(long, env = "FLYNN_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
     /// Admin API address (routes, backends, events, status, metrics).
     #[arg(long, env = "FLYNN_API_ADDR", default_value = "127.0.0.1:5000")]
     pub api_addr: SocketAddr,
@@ -108,6 +121,9 @@ impl Config {
         if self.max_conns_per_core == 0 {
             return Err("--max-conns-per-core must be at least 1".into());
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("--tls-cert and --tls-key go together".into());
+        }
         if let Some(k) = &self.cookie_key {
             crate::sticky::parse_key(k)?;
         }
@@ -118,6 +134,19 @@ impl Config {
             return Err("timeouts must be at least 1 second".into());
         }
         Ok(())
+    }
+
+    /// The default keypair as PEM: `--tls-cert/--tls-key` files, else the `TLSCERT` and
+    /// `TLSKEY` environment variables (PEM text, as Flynn's router takes them).
+    pub fn default_keypair_pem(&self) -> Result<Option<(String, String)>, String> {
+        if let (Some(c), Some(k)) = (&self.tls_cert, &self.tls_key) {
+            let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()));
+            return Ok(Some((read(c)?, read(k)?)));
+        }
+        match (std::env::var("TLSCERT"), std::env::var("TLSKEY")) {
+            (Ok(c), Ok(k)) if !c.trim().is_empty() && !k.trim().is_empty() => Ok(Some((c, k))),
+            _ => Ok(None),
+        }
     }
 
     pub fn threads(&self) -> usize {

@@ -7,6 +7,7 @@
 //! `io.rs` (see docs/HOT_PATH.md). The codec lives in `flynn-http`.
 
 mod api;
+mod certs;
 mod balance;
 pub mod config;
 pub mod demo;
@@ -20,6 +21,7 @@ mod shared;
 mod sticky;
 mod store;
 mod tcp;
+mod tls;
 mod upgrade;
 mod worker;
 
@@ -68,6 +70,7 @@ impl RoutesFile {
 /// A started router.
 pub struct Running {
     pub http_addrs: Vec<SocketAddr>,
+    pub https_addrs: Vec<SocketAddr>,
     pub api_addr: SocketAddr,
     pub drivers: Vec<&'static str>,
 }
@@ -103,17 +106,21 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     flynn_runtime::sock::raise_nofile_limit();
     let threads = cfg.threads();
 
-    // HTTP listeners: one per core per address, all on the same port.
+    // HTTP(S) listeners: one per core per address, all on the same port.
     let mut per_core: Vec<Vec<(std::net::TcpListener, ListenerInfo)>> =
         (0..threads).map(|_| Vec::new()).collect();
     let mut http_addrs = Vec::new();
-    for (i, addr) in cfg.http_addrs.iter().enumerate() {
+    let mut https_addrs = Vec::new();
+    let all = cfg.http_addrs.iter().map(|a| (a, false)).chain(cfg.https_addrs.iter().map(|a| (a, true)));
+    for (addr, tls) in all {
         let first = flynn_runtime::reuseport_listener(*addr)
             .with_context(|| format!("listening on {addr}"))?;
         let bound = first.local_addr()?;
+        let default = if tls { https_addrs.is_empty() } else { http_addrs.is_empty() };
         let info = ListenerInfo {
             port: bound.port(),
-            route_port: if i == 0 { 0 } else { bound.port() },
+            route_port: if default { 0 } else { bound.port() },
+            tls,
         };
         per_core[0].push((first, info));
         for core in per_core.iter_mut().skip(1) {
@@ -121,18 +128,24 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
                 .with_context(|| format!("listening on {bound}"))?;
             core.push((l, info));
         }
-        http_addrs.push(bound);
+        if tls {
+            https_addrs.push(bound);
+        } else {
+            http_addrs.push(bound);
+        }
     }
     let api_listener = std::net::TcpListener::bind(cfg.api_addr)
         .with_context(|| format!("API listening on {}", cfg.api_addr))?;
     api_listener.set_nonblocking(true)?;
     let api_addr = api_listener.local_addr()?;
 
-    let ports = Ports {
-        default_http: vec![http_addrs[0].port()],
-        additional_http: http_addrs[1..].iter().map(|a| a.port()).collect(),
-        tcp_range: cfg.tcp_ports,
-    };
+    let mut default_http = vec![http_addrs[0].port()];
+    let mut additional_http: Vec<u16> = http_addrs[1..].iter().map(|a| a.port()).collect();
+    if let Some((first, rest)) = https_addrs.split_first() {
+        default_http.push(first.port());
+        additional_http.extend(rest.iter().map(|a| a.port()));
+    }
+    let ports = Ports { default_http, additional_http, tcp_range: cfg.tcp_ports };
     if ports.additional_http.contains(&ports.default_http[0]) {
         bail!("--http-addr ports must differ");
     }
@@ -157,6 +170,20 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         apply_file(&mut store, extra)?;
     }
 
+    let default_cert = match cfg.default_keypair_pem().map_err(anyhow::Error::msg)? {
+        Some((c, k)) => Some(
+            tls::parse_keypair(&c, &k)
+                .map_err(|e| anyhow::anyhow!("default TLS keypair: {e}"))?
+                .key,
+        ),
+        None => None,
+    };
+    let certs = Arc::new(flynn_runtime::Published::new(tls::CertStore::new(default_cert.clone())));
+    let tls_config = if https_addrs.is_empty() {
+        None
+    } else {
+        Some(tls::server_config(certs.clone()).map_err(anyhow::Error::msg)?)
+    };
     let shared = Arc::new(Shared::new(
         threads,
         Settings {
@@ -168,7 +195,10 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             proxy_protocol: cfg.proxy_protocol,
             sticky: cookie_key.as_ref().map(sticky::Sealer::new),
             page_503,
+            tls: tls_config.map(monoio_rustls::TlsAcceptor::from),
         },
+        certs,
+        default_cert,
     ));
     let api = Arc::new(api::Api::new(store, shared.clone()));
     let v = {
@@ -208,6 +238,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         .collect();
     Ok(Running {
         http_addrs,
+        https_addrs,
         api_addr,
         drivers,
     })

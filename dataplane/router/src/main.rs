@@ -31,7 +31,12 @@ fn main() {
         }
     };
     let http: Vec<String> = running.http_addrs.iter().map(|a| a.to_string()).collect();
-    println!("listening http={} api={}", http.join(","), running.api_addr);
+    let https: Vec<String> = running.https_addrs.iter().map(|a| a.to_string()).collect();
+    if https.is_empty() {
+        println!("listening http={} api={}", http.join(","), running.api_addr);
+    } else {
+        println!("listening http={} https={} api={}", http.join(","), https.join(","), running.api_addr);
+    }
     tracing::info!(http = %http.join(","), api = %running.api_addr, drivers = ?running.drivers, "router ready");
     if cfg.demo {
         let port = running.http_addrs[0].port();

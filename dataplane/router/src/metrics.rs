@@ -42,6 +42,7 @@ counters! {
     connections_rejected_total: "client connections closed at the per-core cap",
     connections_active: "client connections open now",
     tcp_connections_total: "TCP route connections accepted",
+    tls_handshake_errors_total: "TLS handshakes that failed or timed out",
     tcp_connect_errors_total: "TCP route connections with no reachable backend",
 }
 

@@ -1,7 +1,7 @@
 //! Hot path: one client connection, its requests proxied to backends (spec §1.6).
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,6 +10,7 @@ use flynn_http::{
     BodyReader, Forward, Framing, RequestInfo, ResponseOpts,
 };
 use flynn_routes::HttpRoute;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, Split};
 use monoio::net::TcpStream;
 
 use crate::balance::pick;
@@ -78,14 +79,51 @@ impl Bufs {
     }
 }
 
-/// Serves one client connection. This outer future is what an idle keep-alive
-/// connection costs (a few hundred bytes); each request runs in a [`Recycled`] slot.
-pub async fn serve(core: Rc<Core>, mut conn: TcpStream, peer: SocketAddr, l: ListenerInfo) {
-    core.conns.set(core.conns.get() + 1);
-    CoreMetrics::inc(&core.metrics().connections_active);
-    let _guard = ConnGuard(core.clone());
+/// A client-side stream: plain TCP or TLS.
+pub trait Client: AsyncReadRent + AsyncWriteRent + Split + 'static {
+    /// `X-Forwarded-Proto`.
+    const PROTO: &'static str;
+    /// Waits, while idle between requests, until a request may have arrived. Plain TCP
+    /// waits for readability without holding any buffer (registered with the core's idle
+    /// sweep); TLS may already hold decrypted bytes, so it returns at once and the next
+    /// read waits instead. False: the connection is over.
+    async fn idle(&self, core: &Core, fd: RawFd) -> bool;
+    /// Resolves when the client has closed its side, if the stream can tell without
+    /// reading (plain TCP); never otherwise.
+    async fn gone(&self);
+}
+
+impl Client for TcpStream {
+    const PROTO: &'static str = "http";
+
+    async fn idle(&self, core: &Core, fd: RawFd) -> bool {
+        let ticket = core.idle.enter(fd);
+        let ready = self.readable(false).await;
+        core.idle.leave(ticket) && ready.is_ok()
+    }
+
+    async fn gone(&self) {
+        client_gone_after(self, CLIENT_WATCH_GRACE).await
+    }
+}
+
+impl Client for monoio_rustls::ServerTlsStream<TcpStream> {
+    const PROTO: &'static str = "https";
+
+    async fn idle(&self, _core: &Core, _fd: RawFd) -> bool {
+        true
+    }
+
+    async fn gone(&self) {
+        std::future::pending().await
+    }
+}
+
+/// Serves one plain-HTTP client connection (reading a PROXY prefix first if enabled).
+pub async fn serve(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: ListenerInfo) {
     let _ = conn.set_nodelay(true);
-    // Boxed so an idle connection holds one pointer, not three empty Vecs.
+    let fd = conn.as_raw_fd();
+    let mut conn = conn;
     let mut bufs: Option<Box<Bufs>> = None;
     let mut peer = peer;
     if core.settings().proxy_protocol {
@@ -102,17 +140,101 @@ pub async fn serve(core: Rc<Core>, mut conn: TcpStream, peer: SocketAddr, l: Lis
             }
         }
     }
+    serve_conn(core, conn, fd, bufs, peer, l).await
+}
+
+/// Serves one HTTPS client connection: PROXY prefix (peeked, so the TLS bytes stay in
+/// the socket), TLS handshake within the header timeout, then HTTP/1.1 as usual.
+pub async fn serve_tls(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: ListenerInfo) {
+    let _ = conn.set_nodelay(true);
+    let fd = conn.as_raw_fd();
+    let mut peer = peer;
+    if core.settings().proxy_protocol {
+        match Recycled::new(peek_proxy_prefix(&core, &conn)).await {
+            Ok((Some(src), _)) => peer = src,
+            Ok((None, _)) => {}
+            Err(()) => return,
+        }
+    }
+    let Some(acceptor) = core.settings().tls.clone() else { return };
+    let limit = core.settings().header_timeout;
+    let tls = match monoio::time::timeout(limit, Recycled::new(acceptor.accept(conn))).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            CoreMetrics::inc(&core.metrics().tls_handshake_errors_total);
+            return;
+        }
+    };
+    serve_conn(core, tls, fd, None, peer, l).await
+}
+
+/// Looks at a PROXY prefix without consuming the bytes after it (they are the TLS
+/// ClientHello), then consumes exactly the prefix.
+async fn peek_proxy_prefix(core: &Core, c: &TcpStream) -> Result<(Option<SocketAddr>, usize), ()> {
+    let deadline = std::time::Instant::now() + core.settings().header_timeout;
+    let mut head = [0u8; 600];
+    loop {
+        if monoio::time::timeout(deadline.saturating_duration_since(std::time::Instant::now()), c.readable(false))
+            .await
+            .map_err(|_| ())?
+            .is_err()
+        {
+            return Err(());
+        }
+        let n = match flynn_runtime::sock::peek_into(c.as_raw_fd(), &mut head) {
+            Ok(0) => return Err(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(_) => return Err(()),
+        };
+        match flynn_http::parse_proxy(&head[..n]) {
+            Ok(Some((header, len))) => {
+                if len > 0 {
+                    flynn_runtime::sock::discard(c.as_raw_fd(), len).ok_or(())?;
+                }
+                let src = match header {
+                    flynn_http::ProxyHeader::Proxied { src, .. } => Some(src),
+                    _ => None,
+                };
+                return Ok((src, len));
+            }
+            Ok(None) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(());
+                }
+                // A prefix split across packets: wait a little for the rest.
+                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            Err(_) => {
+                CoreMetrics::inc(&core.metrics().bad_requests_total);
+                return Err(());
+            }
+        }
+    }
+}
+
+/// Serves one client connection. This outer future is what an idle keep-alive
+/// connection costs (a few hundred bytes); each request runs in a [`Recycled`] slot.
+pub async fn serve_conn<S: Client>(
+    core: Rc<Core>,
+    mut conn: S,
+    fd: RawFd,
+    mut bufs: Option<Box<Bufs>>,
+    peer: SocketAddr,
+    l: ListenerInfo,
+) {
+    core.conns.set(core.conns.get() + 1);
+    CoreMetrics::inc(&core.metrics().connections_active);
+    let _guard = ConnGuard(core.clone());
     loop {
         if bufs.as_ref().is_none_or(|b| b.buf.is_empty()) {
-            // Idle between requests: wait for readability without holding a buffer or
-            // a timer (the core's idle sweep shuts the socket down when it expires).
+            // Idle between requests: hold no buffer (boxed so an idle connection holds
+            // one pointer, not three empty Vecs).
             if let Some(mut b) = bufs.take() {
                 b.release(&core, true);
                 core.give_bufs(b);
             }
-            let ticket = core.idle.enter(conn.as_raw_fd());
-            let ready = conn.readable(false).await;
-            if !core.idle.leave(ticket) || ready.is_err() {
+            if !conn.idle(&core, fd).await {
                 break;
             }
         }
@@ -166,13 +288,13 @@ async fn read_proxy_prefix(
 }
 
 /// Reads and serves one request; gives the connection back if it stays open.
-async fn one_request(
+async fn one_request<S: Client>(
     core: &Rc<Core>,
-    mut c: TcpStream,
+    mut c: S,
     bufs: &mut Bufs,
     peer: SocketAddr,
     l: ListenerInfo,
-) -> Option<TcpStream> {
+) -> Option<S> {
     core.ensure_buf(&mut bufs.buf);
     let info = match read_head(core, &mut c, &mut bufs.buf).await {
         Ok(Some(i)) => i,
@@ -224,7 +346,12 @@ async fn one_request(
             return None;
         }
         Some(r) => {
-            let fwd = Fwd { peer, l, start_ms };
+            let fwd = Fwd {
+                proto: S::PROTO,
+                peer,
+                l,
+                start_ms,
+            };
             forward(core, &mut c, buf, ubuf, out, &info, r, fwd).await
         }
     };
@@ -244,9 +371,9 @@ fn reason_body(status: u16) -> &'static [u8] {
 
 /// Reads until a complete request head is buffered. `Ok(None)`: the client went away
 /// or idled out; `Err(status)`: answer with that status and close.
-async fn read_head(
+async fn read_head<S: Client>(
     core: &Core,
-    c: &mut TcpStream,
+    c: &mut S,
     buf: &mut Vec<u8>,
 ) -> Result<Option<RequestInfo>, u16> {
     // The whole head must arrive within the header timeout of its first byte, however
@@ -261,11 +388,18 @@ async fn read_head(
             }
         }
         let now = std::time::Instant::now();
-        let deadline = *deadline.get_or_insert(now + core.settings().header_timeout);
-        let limit = deadline.saturating_duration_since(now);
+        // Nothing received yet (a TLS connection idling in this read): the idle timeout.
+        let idle = buf.is_empty() && deadline.is_none();
+        let limit = if idle {
+            core.settings().idle_timeout
+        } else {
+            let d = *deadline.get_or_insert(now + core.settings().header_timeout);
+            d.saturating_duration_since(now)
+        };
         let taken = std::mem::take(buf);
         let (res, b) = match monoio::time::timeout(limit, read_append(c, taken)).await {
             Ok(x) => x,
+            Err(_) if idle => return Ok(None),
             Err(_) => return Err(408),
         };
         *buf = b;
@@ -276,9 +410,9 @@ async fn read_head(
     }
 }
 
-async fn respond(
+async fn respond<S: Client>(
     core: &Core,
-    c: &mut TcpStream,
+    c: &mut S,
     out: &mut Vec<u8>,
     status: u16,
     body: &[u8],
@@ -303,9 +437,9 @@ async fn respond(
     }
 }
 
-async fn unavailable(
+async fn unavailable<S: Client>(
     core: &Core,
-    c: &mut TcpStream,
+    c: &mut S,
     out: &mut Vec<u8>,
     info: &RequestInfo,
 ) -> Next {
@@ -363,6 +497,7 @@ async fn connect(
 
 #[derive(Clone, Copy)]
 pub struct Fwd {
+    pub proto: &'static str,
     pub peer: SocketAddr,
     pub l: ListenerInfo,
     pub start_ms: u64,
@@ -372,7 +507,7 @@ impl Fwd {
     pub fn forward<'a>(&self, upstream_close: bool) -> Forward<'a> {
         Forward {
             client_ip: client_ip(self.peer),
-            proto: "http",
+            proto: self.proto,
             listener_port: self.l.port,
             request_start_ms: self.start_ms,
             random_id: ((fastrand::u64(..) as u128) << 64) | fastrand::u64(..) as u128,
@@ -393,9 +528,9 @@ enum Exchange {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn forward(
+async fn forward<S: Client>(
     core: &Rc<Core>,
-    c: &mut TcpStream,
+    c: &mut S,
     buf: &mut Vec<u8>,
     ubuf: &mut Vec<u8>,
     out: &mut Vec<u8>,
@@ -599,7 +734,7 @@ async fn forward(
     }
 }
 
-async fn upstream_failed(core: &Core, c: &mut TcpStream, out: &mut Vec<u8>) -> Next {
+async fn upstream_failed<S: Client>(core: &Core, c: &mut S, out: &mut Vec<u8>) -> Next {
     CoreMetrics::inc(&core.metrics().upstream_errors_total);
     CoreMetrics::inc(&core.metrics().unavailable_total);
     respond(core, c, out, 503, b"Service Unavailable\n", true).await
@@ -607,8 +742,8 @@ async fn upstream_failed(core: &Core, c: &mut TcpStream, out: &mut Vec<u8>) -> N
 
 /// Reads the response head from `up` (forwarding any 1xx other than 101 to the
 /// client), watching for the client going away meanwhile.
-async fn exchange(
-    c: &mut TcpStream,
+async fn exchange<S: Client>(
+    c: &mut S,
     up: &mut TcpStream,
     ubuf: &mut Vec<u8>,
     info: &RequestInfo,
@@ -666,7 +801,7 @@ async fn exchange(
                     }
                 }
             }
-            _ = client_gone_after(c, CLIENT_WATCH_GRACE) => {
+            _ = c.gone() => {
                 *ubuf = Vec::with_capacity(BUF);
                 return Exchange::ClientGone;
             }

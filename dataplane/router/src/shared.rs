@@ -23,6 +23,8 @@ pub struct Settings {
     pub sticky: Option<crate::sticky::Sealer>,
     /// Body of the router's own 503 responses (HTML), if configured.
     pub page_503: Option<Vec<u8>>,
+    /// TLS acceptor shared by all cores (None: no HTTPS listeners).
+    pub tls: Option<monoio_rustls::TlsAcceptor>,
 }
 
 /// What the control thread asks of a core.
@@ -45,12 +47,21 @@ pub struct CoreSlot {
 
 pub struct Shared {
     pub table: Published<Table>,
+    /// SNI certificates, published before the table they belong to.
+    pub certs: std::sync::Arc<Published<crate::tls::CertStore>>,
+    /// The default keypair, if any.
+    pub default_cert: Option<std::sync::Arc<rustls::sign::CertifiedKey>>,
     pub cores: Vec<CoreSlot>,
     pub settings: Settings,
 }
 
 impl Shared {
-    pub fn new(cores: usize, settings: Settings) -> Self {
+    pub fn new(
+        cores: usize,
+        settings: Settings,
+        certs: std::sync::Arc<Published<crate::tls::CertStore>>,
+        default_cert: Option<std::sync::Arc<rustls::sign::CertifiedKey>>,
+    ) -> Self {
         let cores = (0..cores)
             .map(|_| {
                 let (tx, rx) = flume::unbounded();
@@ -65,6 +76,8 @@ impl Shared {
             .collect();
         Shared {
             table: Published::new(Table::default()),
+            certs,
+            default_cert,
             cores,
             settings,
         }

@@ -5,7 +5,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::SystemTime;
 
-use flynn_api::{ApiError, BackendAddr, Route, RouteType};
+use std::sync::Arc;
+
+use flynn_api::{ApiError, BackendAddr, Certificate, Route, RouteType};
+use rustls::sign::CertifiedKey;
+
+use crate::tls::CertStore;
 use flynn_routes::{normalize_path, Backends, Table};
 
 /// Listener facts the validation rules need.
@@ -37,6 +42,7 @@ pub struct Store {
     ports: Ports,
     /// Whether COOKIE_KEY is set (sticky routes need it).
     sticky_ok: bool,
+    pub certs: crate::certs::Certs,
     routes: BTreeMap<(RouteType, String), Stored>,
     services: BTreeMap<String, Vec<BackendAddr>>,
     seq: u64,
@@ -61,6 +67,7 @@ impl Store {
         Store {
             ports,
             sticky_ok,
+            certs: Default::default(),
             routes: BTreeMap::new(),
             services: BTreeMap::new(),
             seq: 0,
@@ -159,6 +166,11 @@ impl Store {
                 r.path.clear();
             }
         }
+        if r.kind == RouteType::Http {
+            r.certificate = self.resolve_certificate(&mut r)?;
+        } else if r.certificate.is_some() || !r.tls_cert.is_empty() {
+            return Err(ApiError::validation(Some("certificate"), "is only for HTTP routes"));
+        }
         if r.id.is_empty() || self.routes.contains_key(&(r.kind, r.id.clone())) {
             r.id = uuid::Uuid::new_v4().to_string();
         }
@@ -193,7 +205,12 @@ impl Store {
         next.sticky = r.sticky;
         next.disable_keep_alives = r.disable_keep_alives;
         next.drain_backends = r.drain_backends;
-        next.certificate = r.certificate;
+        next.certificate = if kind == RouteType::Http {
+            let mut c = Route { certificate: r.certificate, tls_cert: r.tls_cert, tls_key: r.tls_key, ..old.clone() };
+            self.resolve_certificate(&mut c)?
+        } else {
+            None
+        };
         if kind == RouteType::Http && !r.path.is_empty() {
             next.path = normalize_path(&r.path);
             if !valid_path(&next.path) {
@@ -286,6 +303,49 @@ impl Store {
 
     pub fn backends(&self, service: &str) -> Vec<BackendAddr> {
         self.services.get(service).cloned().unwrap_or_default()
+    }
+
+    /// The certificate a route will carry: an inline keypair (or the legacy
+    /// `tls_cert`/`tls_key`) is validated and deduplicated; an id must exist.
+    fn resolve_certificate(&mut self, r: &mut Route) -> Result<Option<Certificate>, ApiError> {
+        let legacy = (!r.tls_cert.is_empty() || !r.tls_key.is_empty())
+            .then(|| (std::mem::take(&mut r.tls_cert), std::mem::take(&mut r.tls_key)));
+        let c = match (r.certificate.take(), legacy) {
+            (Some(c), _) if !c.cert.is_empty() || !c.key.is_empty() => self.certs.add(&c.cert, &c.key)?,
+            (Some(c), _) if !c.id.is_empty() => self
+                .certs
+                .get(&c.id)
+                .cloned()
+                .ok_or_else(|| ApiError::validation(None, "Certificate invalid: unknown id"))?,
+            (_, Some((cert, key))) => self.certs.add(&cert, &key)?,
+            _ => return Ok(None),
+        };
+        Ok(Some(c))
+    }
+
+    /// Routes that use certificate `id`.
+    pub fn certificate_routes(&self, id: &str) -> Vec<Route> {
+        self.list(None)
+            .into_iter()
+            .filter(|r| r.certificate.as_ref().is_some_and(|c| c.id == id))
+            .collect()
+    }
+
+    /// A certificate with the ids of the routes using it.
+    pub fn certificate(&self, id: &str) -> Option<Certificate> {
+        let mut c = self.certs.get(id)?.clone();
+        c.routes = self.certificate_routes(id).into_iter().map(|r| r.id).collect();
+        Some(c)
+    }
+
+    /// The SNI certificate map for the cores.
+    pub fn cert_store(&self, default: Option<Arc<CertifiedKey>>) -> CertStore {
+        let mut store = CertStore::new(default);
+        for s in self.routes.values().filter(|s| s.route.kind == RouteType::Http) {
+            let key = s.route.certificate.as_ref().and_then(|c| self.certs.key(&c.id));
+            store.add(&s.route.domain, key);
+        }
+        store
     }
 
     /// A snapshot for the cores.

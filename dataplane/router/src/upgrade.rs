@@ -9,7 +9,6 @@ use flynn_http::{
 };
 use flynn_routes::HttpRoute;
 use monoio::io::Splitable;
-use monoio::net::TcpStream;
 
 use crate::balance::shuffled;
 use crate::io::{pipe, read_append, write_range};
@@ -18,9 +17,9 @@ use crate::proxy::{dial, Fwd};
 use crate::worker::{Core, ListenerInfo};
 
 #[allow(clippy::too_many_arguments)]
-pub async fn tunnel(
+pub async fn tunnel<S: crate::proxy::Client>(
     core: &Rc<Core>,
-    mut c: TcpStream,
+    mut c: S,
     buf: Vec<u8>,
     info: &RequestInfo,
     route: &HttpRoute,
@@ -60,7 +59,12 @@ pub async fn tunnel(
         return fail(core, &mut c).await;
     };
     let _inflight = core.start_request(addr);
-    let fwd = Fwd { peer, l, start_ms };
+    let fwd = Fwd {
+        proto: S::PROTO,
+        peer,
+        l,
+        start_ms,
+    };
     let mut out = Vec::with_capacity(4096);
     write_request_head(&buf, info, &fwd.forward(false), &mut out);
     // Everything the client sent after the head goes along (early frames, or a body).
@@ -143,7 +147,7 @@ pub async fn tunnel(
     }
 }
 
-async fn fail(core: &Core, c: &mut TcpStream) {
+async fn fail<S: crate::proxy::Client>(core: &Core, c: &mut S) {
     CoreMetrics::inc(&core.metrics().unavailable_total);
     core.metrics().status(503);
     let mut out = Vec::with_capacity(128);

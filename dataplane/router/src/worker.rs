@@ -24,6 +24,8 @@ pub struct ListenerInfo {
     pub port: u16,
     /// The port key routes use: 0 for the default listener.
     pub route_port: u16,
+    /// HTTPS (TLS terminated here) rather than plain HTTP.
+    pub tls: bool,
 }
 
 /// Per-core state.
@@ -220,7 +222,11 @@ async fn accept_http(core: Rc<Core>, listener: TcpListener, info: ListenerInfo) 
                     continue;
                 }
                 CoreMetrics::inc(&m.connections_total);
-                monoio::spawn(crate::proxy::serve(core.clone(), stream, peer, info));
+                if info.tls {
+                    monoio::spawn(crate::proxy::serve_tls(core.clone(), stream, peer, info));
+                } else {
+                    monoio::spawn(crate::proxy::serve(core.clone(), stream, peer, info));
+                }
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.

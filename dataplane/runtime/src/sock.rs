@@ -73,3 +73,33 @@ pub fn raise_nofile_limit() -> u64 {
     }
     r.rlim_cur
 }
+
+/// Copies up to `buf.len()` waiting bytes without consuming them (non-blocking):
+/// `Ok(0)` at EOF, `WouldBlock` when nothing is waiting yet.
+pub fn peek_into(fd: RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
+    let n = unsafe {
+        libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    };
+    if n >= 0 {
+        Ok(n as usize)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Reads and drops exactly `n` bytes that are known to be waiting (after a peek).
+pub fn discard(fd: RawFd, n: usize) -> Option<()> {
+    let mut left = n;
+    let mut scratch = [0u8; 256];
+    while left > 0 {
+        let want = left.min(scratch.len());
+        // SAFETY: `scratch` is valid for writes of `want` bytes.
+        let got = unsafe { libc::recv(fd, scratch.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) };
+        if got <= 0 {
+            return None;
+        }
+        left -= got as usize;
+    }
+    Some(())
+}

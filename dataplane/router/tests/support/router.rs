@@ -29,6 +29,10 @@ pub struct RouterBuilder {
     tcp_ports: Option<(u16, u16)>,
     routes: Option<PathBuf>,
     io_driver: Option<String>,
+    /// Extra command-line arguments, appended after the builder's own flags.
+    extra_args: Vec<String>,
+    /// Extra environment variables for the router process.
+    envs: Vec<(String, String)>,
 }
 
 impl RouterBuilder {
@@ -59,7 +63,71 @@ impl RouterBuilder {
         self
     }
 
+    /// Appends one raw command-line argument (e.g. `--proxy-protocol`).
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.extra_args.push(a.into());
+        self
+    }
+    /// Sets an environment variable for the router process (e.g. `COOKIE_KEY`).
+    pub fn env(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
+        self.envs.push((k.into(), v.into()));
+        self
+    }
+
     pub fn start(self) -> Router {
+        let args = self.args();
+        Router::spawn(&args, &self.envs, self.tcp_ports)
+    }
+
+    /// Runs a router that is expected to fail at start: waits up to `timeout` for it to
+    /// exit and returns its exit status (None: still running, then killed) and its
+    /// stdout+stderr.
+    pub fn run_to_exit(self, timeout: Duration) -> (Option<std::process::ExitStatus>, String) {
+        let args = self.args();
+        let mut cmd = Router::command(&self.envs);
+        let mut child = cmd
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn flynn-router");
+        let mut pipes = Vec::new();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let so: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
+        let se: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
+        for mut p in [so, se] {
+            let sink = out.clone();
+            pipes.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = p.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            }));
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let status = loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                break Some(st);
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for p in pipes {
+            let _ = p.join();
+        }
+        let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+        (status, text)
+    }
+
+    fn args(&self) -> Vec<String> {
         let mut args: Vec<String> = Vec::new();
         for _ in 0..self.http_addrs {
             args.extend(["--http-addr".into(), "127.0.0.1:0".into()]);
@@ -76,7 +144,8 @@ impl RouterBuilder {
         if let Some(d) = &self.io_driver {
             args.extend(["--io-driver".into(), d.clone()]);
         }
-        Router::spawn(&args, self.tcp_ports)
+        args.extend(self.extra_args.iter().cloned());
+        args
     }
 }
 
@@ -88,6 +157,8 @@ impl Router {
             tcp_ports: None,
             routes: None,
             io_driver: None,
+            extra_args: Vec::new(),
+            envs: Vec::new(),
         }
     }
 
@@ -96,7 +167,8 @@ impl Router {
         Self::builder().start()
     }
 
-    fn spawn(args: &[String], tcp_ports: Option<(u16, u16)>) -> Router {
+    /// The router command with a clean configuration environment plus `envs`.
+    fn command(envs: &[(String, String)]) -> Command {
         let bin = env!("CARGO_BIN_EXE_flynn-router");
         let mut cmd = Command::new(bin);
         // Only our flags configure the router (FLYNN_LOG is kept for debugging).
@@ -105,6 +177,18 @@ impl Router {
                 cmd.env_remove(k);
             }
         }
+        for k in ["COOKIE_KEY", "PROXY_PROTOCOL", "ERROR_503_PAGE_URL"] {
+            cmd.env_remove(k);
+        }
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    fn spawn(args: &[String], envs: &[(String, String)], tcp_ports: Option<(u16, u16)>) -> Router {
+        let bin = env!("CARGO_BIN_EXE_flynn-router");
+        let mut cmd = Self::command(envs);
         let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
