@@ -1,3 +1,45 @@
 //! discoverd: the cluster's service registry (spec §2).
+//!
+//! Services, heartbeated instances, per-service metadata with compare-and-swap, and a
+//! leader per service, replicated with openraft among the peer nodes; SSE watches; a
+//! follower or proxy node redirects writes to the Raft leader. Laid out like openraft's
+//! `raft-kv-memstore` example: `store` (state machine, file-backed log), `network`
+//! (Raft RPC client), `api` (HTTP API and Raft RPC server). Clients use
+//! `flynn-client`'s discoverd client; the router and schedulers depend on it.
+
+pub mod api;
+pub mod config;
 pub mod network;
+pub mod node;
 pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+pub use config::Config;
+pub use node::Node;
+
+/// A started node: its bound address and handle.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+}
+
+/// Binds the listener, starts Raft and serves the API in the background.
+pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
+    cfg.validate().map_err(|e| anyhow::anyhow!(e))?;
+    let listener = tokio::net::TcpListener::bind(cfg.addr)
+        .await
+        .with_context(|| format!("bind {}", cfg.addr))?;
+    let addr = listener.local_addr()?;
+    let node = Node::start(cfg, addr).await?;
+    let app = api::router(node.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "http server stopped");
+        }
+    });
+    Ok(Running { addr, node })
+}

@@ -1,1 +1,50 @@
-fn main() {}
+//! `flynn-discoverd`: see the crate docs of `flynn_discoverd`.
+
+use clap::Parser;
+use flynn_discoverd::Config;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLYNN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = Config::parse();
+    if let Err(e) = cfg.validate() {
+        eprintln!("flynn-discoverd: {e}");
+        std::process::exit(2);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flynn-discoverd: runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(async {
+        let running = match flynn_discoverd::start(&cfg).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("flynn-discoverd: {e:#}");
+                std::process::exit(1);
+            }
+        };
+        println!("listening http={} host={}", running.addr, running.node.host);
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        tracing::info!("shutting down");
+        let _ = running.node.raft.shutdown().await;
+    });
+}

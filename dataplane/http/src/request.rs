@@ -37,7 +37,10 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestInfo>, ParseError> {
     let mut store = header_store();
     let mut req = httparse::Request::new(&mut []);
     let config = httparse::ParserConfig::default();
-    let head_len = match config.parse_request_with_uninit_headers(&mut req, limited, &mut store)? {
+    let parsed = config
+        .parse_request_with_uninit_headers(&mut req, limited, &mut store)
+        .map_err(|e| version_or_malformed(e, limited))?;
+    let head_len = match parsed {
         httparse::Status::Complete(n) => n,
         httparse::Status::Partial if buf.len() >= MAX_HEAD => return Err(ParseError::HeadTooLarge),
         httparse::Status::Partial => return Ok(None),
@@ -166,5 +169,58 @@ mod tests {
             assert_eq!(p, path.as_bytes(), "path of {uri}");
             assert_eq!(a, auth.map(str::as_bytes), "authority of {uri}");
         }
+    }
+}
+
+/// httparse reports any bad version token as a version error; like Go, only a well-formed
+/// `HTTP/<digit>.<digit>` that we do not speak is 505, anything else is a malformed 400.
+fn version_or_malformed(e: httparse::Error, buf: &[u8]) -> ParseError {
+    if e != httparse::Error::Version {
+        return ParseError::from(e);
+    }
+    let line_end = buf
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .unwrap_or(buf.len());
+    let line = &buf[..line_end];
+    let version = line.rsplit(|&b| b == b' ').next().unwrap_or(b"");
+    match version {
+        [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+            if major.is_ascii_digit()
+                && minor.is_ascii_digit()
+                && line.split(|&b| b == b' ').count() == 3 =>
+        {
+            ParseError::BadVersion
+        }
+        _ => ParseError::Malformed,
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    #[test]
+    fn bad_versions() {
+        let cases: &[(&[u8], ParseError)] = &[
+            (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", ParseError::BadVersion),
+            (b"GET / HTTP/3.1\r\nHost: a\r\n\r\n", ParseError::BadVersion),
+            (
+                b"PROXY TCP4 1.1.1.123 2.2.2.2 1234 80\r\nHost: a\r\n\r\n",
+                ParseError::Malformed,
+            ),
+            (b"GET / HTTP/1.x\r\nHost: a\r\n\r\n", ParseError::Malformed),
+            (b"GET / FTP/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                parse_request(input).unwrap_err(),
+                *want,
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        assert_eq!(ParseError::Malformed.status(), 400);
+        assert_eq!(ParseError::BadVersion.status(), 505);
     }
 }

@@ -308,6 +308,7 @@ async fn status(State(sh): State<Arc<Shared>>) -> Response {
             "apps": stats.len(),
             "lines": stats.iter().map(|a| a.lines).sum::<usize>(),
             "memory_bytes": sh.store.memory(),
+            "memory_limit_bytes": sh.store.limits().max_memory,
             "workers": drivers,
         })),
     );

@@ -2,10 +2,19 @@
 //! the app id; each shard is one short `Mutex` over its apps' rings and its share of the
 //! host cursors. Ingest from any core locks one shard for one insert (a copy and a few
 //! counter updates), readers lock it to copy out lines. See the crate docs for why.
+//!
+//! Memory accounting is per shard: each shard keeps its exact byte count under its own
+//! lock, and [`Store::memory`] sums the shards on read. The cap check on the insert path
+//! must not lock 64 shards, so each shard also folds its changes into one shared
+//! estimate, but only once they add up to `flush_every` bytes either way (1/32 of the
+//! cap spread over the shards): a core writes the shared line about once per
+//! `flush_every` bytes, not once per line. The estimate is then never more than
+//! `slack = SHARDS * flush_every` from the exact total, and the cap is enforced on the
+//! estimate against `max_memory - slack`, so the exact total stays within `max_memory`.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hasher;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use flynn_syslog::{flynn, Fields, Timestamp};
@@ -80,6 +89,10 @@ pub struct Cursor {
 struct Shard {
     apps: HashMap<Box<[u8]>, App, FastBuild>,
     cursors: HashMap<Box<[u8]>, Cursor, FastBuild>,
+    /// Exact bytes buffered by this shard's apps (sum of their `App::bytes`).
+    bytes: usize,
+    /// Change of `bytes` not yet folded into [`Store::estimate`].
+    pending: isize,
 }
 
 /// What happened to one inserted line.
@@ -94,7 +107,13 @@ pub enum Outcome {
 pub struct Store {
     shards: Box<[Mutex<Shard>]>,
     limits: Limits,
-    memory: AtomicUsize,
+    /// Shared estimate of the buffered bytes: the sum of the shards' folded changes.
+    /// Written once per `flush_every` bytes of change by a shard, read on every insert.
+    estimate: CachePadded<AtomicIsize>,
+    /// A shard folds its `pending` into `estimate` once it reaches this many bytes.
+    flush_every: usize,
+    /// Inserts evict when `estimate` exceeds this (`max_memory - SHARDS * flush_every`).
+    soft_limit: usize,
     apps: AtomicUsize,
     reclaiming: AtomicBool,
     /// Whole-store followers (peers reading `/snapshot?follow=true`).
@@ -138,6 +157,18 @@ impl Drop for FollowAll {
     }
 }
 
+/// Keeps a hot atomic on its own cache line.
+#[repr(align(128))]
+#[derive(Default)]
+struct CachePadded<T>(T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 fn shard_of(app: &[u8]) -> usize {
     let mut h = FastHasher::default();
     h.write(app);
@@ -158,10 +189,15 @@ pub struct AppStats {
 
 impl Store {
     pub fn new(limits: Limits) -> Store {
+        // 1/32 of the cap is the most the estimate may lag the exact total by.
+        let flush_every = (limits.max_memory / (SHARDS * 32)).max(1);
+        let soft_limit = limits.max_memory.saturating_sub(SHARDS * flush_every);
         Store {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             limits,
-            memory: AtomicUsize::new(0),
+            estimate: CachePadded::default(),
+            flush_every,
+            soft_limit,
             apps: AtomicUsize::new(0),
             reclaiming: AtomicBool::new(false),
             any_followers: AtomicUsize::new(0),
@@ -179,8 +215,28 @@ impl Store {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Exact bytes buffered: the per-shard counts summed (locks each shard in turn).
     pub fn memory(&self) -> usize {
-        self.memory.load(Ordering::Relaxed)
+        (0..SHARDS).map(|i| self.shard_at(i).bytes).sum()
+    }
+
+    /// The shared estimate the insert path checks the cap against (within `slack` of
+    /// [`Store::memory`]).
+    pub fn memory_estimate(&self) -> usize {
+        self.estimate.load(Ordering::Relaxed).max(0) as usize
+    }
+
+    /// How far [`Store::memory_estimate`] may be from [`Store::memory`].
+    pub fn memory_slack(&self) -> usize {
+        SHARDS * self.flush_every
+    }
+
+    /// Folds all of a shard's pending change into the shared estimate (off the hot path).
+    fn fold(&self, s: &mut Shard) {
+        let d = std::mem::take(&mut s.pending);
+        if d != 0 {
+            self.estimate.fetch_add(d, Ordering::Relaxed);
+        }
     }
 
     pub fn limits(&self) -> Limits {
@@ -225,22 +281,33 @@ impl Store {
                 freed += a.pop_oldest().unwrap_or(0);
                 a.evicted_capacity += 1;
             }
-            // Once the ring is full, a line in replaces a line out: one atomic add of the
-            // difference (the only store-wide write on this path).
-            let mut mem = if cost >= freed {
-                self.memory.fetch_add(cost - freed, Ordering::Relaxed) + cost - freed
-            } else {
-                self.memory.fetch_sub(freed - cost, Ordering::Relaxed) - (freed - cost)
-            };
-            if mem > self.limits.max_memory {
+            // Accounted in this shard (under its lock); the shared estimate is written
+            // only once the shard's change reaches `flush_every` bytes.
+            shard.bytes = shard.bytes + cost - freed;
+            shard.pending += cost as isize - freed as isize;
+            let mut mem = {
+                let p = &mut shard.pending;
+                if p.unsigned_abs() >= self.flush_every {
+                    let d = std::mem::take(p);
+                    self.estimate.fetch_add(d, Ordering::Relaxed) + d
+                } else {
+                    self.estimate.load(Ordering::Relaxed) + *p
+                }
+            }
+            .max(0) as usize;
+            if mem > self.soft_limit {
                 // At or above the average share: pay from this app's own oldest lines.
                 let apps = self.apps.load(Ordering::Relaxed).max(1);
-                while mem > self.limits.max_memory && a.ring.len() > 1 && a.bytes * apps >= mem {
+                let mut paid = 0usize;
+                while mem > self.soft_limit && a.ring.len() > 1 && a.bytes * apps >= mem {
                     let c = a.pop_oldest().unwrap_or(0);
                     a.evicted_memory += 1;
-                    mem = self.memory.fetch_sub(c, Ordering::Relaxed) - c;
+                    paid += c;
+                    mem -= c;
                 }
-                over_cap = mem > self.limits.max_memory;
+                shard.bytes -= paid;
+                shard.pending -= paid as isize;
+                over_cap = mem > self.soft_limit;
             }
             // Only readers' apps pay for the wake-up (an Arc clone and a notify).
             let wake = (a.followers > 0).then(|| a.notify.clone());
@@ -275,36 +342,44 @@ impl Store {
     }
 
     /// Brings memory back under the cap by evicting from the largest apps (one reclaimer
-    /// at a time; down to 15/16 of the cap so it runs rarely).
+    /// at a time; down to 15/16 of the soft limit so it runs rarely). Each pass sums the
+    /// exact per-shard counts and folds every shard's pending change, so the estimate is
+    /// exact again afterwards and inserts do not keep calling in.
     fn reclaim(&self) {
         if self.reclaiming.swap(true, Ordering::Acquire) {
             return;
         }
-        let target = self.limits.max_memory / 16 * 15;
+        let target = self.soft_limit / 16 * 15;
         for _ in 0..64 {
-            if self.memory() <= target {
-                break;
-            }
+            let mut total = 0usize;
             let mut best: Option<(usize, usize)> = None;
             for i in 0..SHARDS {
-                let s = self.shard_at(i);
+                let mut s = self.shard_at(i);
+                self.fold(&mut s);
+                total += s.bytes;
                 let big = s.apps.values().map(|a| a.bytes).max().unwrap_or(0);
                 if big > best.map_or(0, |b| b.1) {
                     best = Some((i, big));
                 }
             }
+            if total <= target {
+                break;
+            }
             let Some((i, _)) = best else { break };
-            let mut s = self.shard_at(i);
+            let mut guard = self.shard_at(i);
+            let s = &mut *guard;
             let Some(a) = s.apps.values_mut().max_by_key(|a| a.bytes) else {
                 break;
             };
-            let want = self.memory().saturating_sub(target).max(1);
+            let want = (total - target).max(1);
             let mut freed = 0;
             while freed < want && a.ring.len() > 1 {
                 freed += a.pop_oldest().unwrap_or(0);
                 a.evicted_memory += 1;
             }
-            self.memory.fetch_sub(freed, Ordering::Relaxed);
+            s.bytes -= freed;
+            s.pending -= freed as isize;
+            self.fold(s);
             if freed == 0 {
                 break;
             }

@@ -13,7 +13,9 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use flynn_api::{ApiError, Backend, BackendAddr, Certificate, Route, RouteType, Status, StreamEvent};
+use flynn_api::{
+    ApiError, Backend, BackendAddr, Certificate, Route, RouteType, Status, StreamEvent,
+};
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
@@ -62,7 +64,9 @@ impl Api {
 
     /// Publishes the store's current table to the cores; returns its version.
     pub fn publish(&self, store: &Store) -> u64 {
-        self.shared.certs.publish(store.cert_store(self.shared.default_cert.clone()));
+        self.shared
+            .certs
+            .publish(store.cert_store(self.shared.default_cert.clone()));
         self.shared.publish(store.table())
     }
 
@@ -233,21 +237,35 @@ fn cert_not_found() -> ApiErr {
     ApiErr(ApiError::object_not_found("certificate not found"))
 }
 
-async fn get_certificate(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Res<Json<Certificate>> {
-    api.store().certificate(&id).map(Json).ok_or_else(cert_not_found)
+async fn get_certificate(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+) -> Res<Json<Certificate>> {
+    api.store()
+        .certificate(&id)
+        .map(Json)
+        .ok_or_else(cert_not_found)
 }
 
-async fn certificate_routes(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Res<Json<Vec<Route>>> {
+async fn certificate_routes(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+) -> Res<Json<Vec<Route>>> {
     let s = api.store();
     s.certs.get(&id).ok_or_else(cert_not_found)?;
     Ok(Json(s.certificate_routes(&id)))
 }
 
-async fn delete_certificate(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Res<StatusCode> {
+async fn delete_certificate(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+) -> Res<StatusCode> {
     let mut s = api.store();
     s.certs.get(&id).ok_or_else(cert_not_found)?;
     if !s.certificate_routes(&id).is_empty() {
-        return Err(ApiErr(ApiError::conflict("certificate is in use by routes")));
+        return Err(ApiErr(ApiError::conflict(
+            "certificate is in use by routes",
+        )));
     }
     s.certs.remove(&id);
     Ok(StatusCode::OK)
@@ -363,8 +381,14 @@ pub fn router(api: Arc<Api>) -> Router {
             "/services/{service}/backends",
             put(put_backends).get(get_backends),
         )
-        .route("/certificates", get(list_certificates).post(add_certificate))
-        .route("/certificates/{id}", get(get_certificate).delete(delete_certificate))
+        .route(
+            "/certificates",
+            get(list_certificates).post(add_certificate),
+        )
+        .route(
+            "/certificates/{id}",
+            get(get_certificate).delete(delete_certificate),
+        )
         .route("/certificates/{id}/routes", get(certificate_routes))
         .route("/events", get(events))
         .route("/.well-known/status", get(status))

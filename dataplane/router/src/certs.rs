@@ -43,7 +43,14 @@ impl Certs {
             updated_at: Some(t),
         };
         self.seq += 1;
-        self.by_id.insert(api.id.clone(), Stored { seq: self.seq, api: api.clone(), keypair: kp });
+        self.by_id.insert(
+            api.id.clone(),
+            Stored {
+                seq: self.seq,
+                api: api.clone(),
+                keypair: kp,
+            },
+        );
         Ok(api)
     }
 

@@ -140,7 +140,9 @@ impl Config {
     /// `TLSKEY` environment variables (PEM text, as Flynn's router takes them).
     pub fn default_keypair_pem(&self) -> Result<Option<(String, String)>, String> {
         if let (Some(c), Some(k)) = (&self.tls_cert, &self.tls_key) {
-            let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()));
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()))
+            };
             return Ok(Some((read(c)?, read(k)?)));
         }
         match (std::env::var("TLSCERT"), std::env::var("TLSKEY")) {

@@ -7,8 +7,8 @@
 //! `io.rs` (see docs/HOT_PATH.md). The codec lives in `flynn-http`.
 
 mod api;
-mod certs;
 mod balance;
+mod certs;
 pub mod config;
 pub mod demo;
 mod idle;
@@ -111,12 +111,20 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         (0..threads).map(|_| Vec::new()).collect();
     let mut http_addrs = Vec::new();
     let mut https_addrs = Vec::new();
-    let all = cfg.http_addrs.iter().map(|a| (a, false)).chain(cfg.https_addrs.iter().map(|a| (a, true)));
+    let all = cfg
+        .http_addrs
+        .iter()
+        .map(|a| (a, false))
+        .chain(cfg.https_addrs.iter().map(|a| (a, true)));
     for (addr, tls) in all {
         let first = flynn_runtime::reuseport_listener(*addr)
             .with_context(|| format!("listening on {addr}"))?;
         let bound = first.local_addr()?;
-        let default = if tls { https_addrs.is_empty() } else { http_addrs.is_empty() };
+        let default = if tls {
+            https_addrs.is_empty()
+        } else {
+            http_addrs.is_empty()
+        };
         let info = ListenerInfo {
             port: bound.port(),
             route_port: if default { 0 } else { bound.port() },
@@ -145,7 +153,11 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         default_http.push(first.port());
         additional_http.extend(rest.iter().map(|a| a.port()));
     }
-    let ports = Ports { default_http, additional_http, tcp_range: cfg.tcp_ports };
+    let ports = Ports {
+        default_http,
+        additional_http,
+        tcp_range: cfg.tcp_ports,
+    };
     if ports.additional_http.contains(&ports.default_http[0]) {
         bail!("--http-addr ports must differ");
     }
@@ -178,7 +190,9 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         ),
         None => None,
     };
-    let certs = Arc::new(flynn_runtime::Published::new(tls::CertStore::new(default_cert.clone())));
+    let certs = Arc::new(flynn_runtime::Published::new(tls::CertStore::new(
+        default_cert.clone(),
+    )));
     let tls_config = if https_addrs.is_empty() {
         None
     } else {

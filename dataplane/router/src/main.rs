@@ -35,7 +35,12 @@ fn main() {
     if https.is_empty() {
         println!("listening http={} api={}", http.join(","), running.api_addr);
     } else {
-        println!("listening http={} https={} api={}", http.join(","), https.join(","), running.api_addr);
+        println!(
+            "listening http={} https={} api={}",
+            http.join(","),
+            https.join(","),
+            running.api_addr
+        );
     }
     tracing::info!(http = %http.join(","), api = %running.api_addr, drivers = ?running.drivers, "router ready");
     if cfg.demo {

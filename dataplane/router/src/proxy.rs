@@ -156,7 +156,9 @@ pub async fn serve_tls(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: Lis
             Err(()) => return,
         }
     }
-    let Some(acceptor) = core.settings().tls.clone() else { return };
+    let Some(acceptor) = core.settings().tls.clone() else {
+        return;
+    };
     let limit = core.settings().header_timeout;
     let tls = match monoio::time::timeout(limit, Recycled::new(acceptor.accept(conn))).await {
         Ok(Ok(s)) => s,
@@ -174,10 +176,13 @@ async fn peek_proxy_prefix(core: &Core, c: &TcpStream) -> Result<(Option<SocketA
     let deadline = std::time::Instant::now() + core.settings().header_timeout;
     let mut head = [0u8; 600];
     loop {
-        if monoio::time::timeout(deadline.saturating_duration_since(std::time::Instant::now()), c.readable(false))
-            .await
-            .map_err(|_| ())?
-            .is_err()
+        if monoio::time::timeout(
+            deadline.saturating_duration_since(std::time::Instant::now()),
+            c.readable(false),
+        )
+        .await
+        .map_err(|_| ())?
+        .is_err()
         {
             return Err(());
         }
@@ -365,6 +370,7 @@ fn reason_body(status: u16) -> &'static [u8] {
     match status {
         431 => b"Request Header Fields Too Large\n",
         408 => b"Request Timeout\n",
+        505 => b"HTTP Version Not Supported\n",
         _ => b"Bad Request\n",
     }
 }
@@ -466,11 +472,21 @@ async fn connect(
     core: &Rc<Core>,
     route: &HttpRoute,
     sticky: Option<SocketAddr>,
+    failed: Option<SocketAddr>,
 ) -> Option<(TcpStream, SocketAddr, bool)> {
     let mut tried = [None; MAX_ATTEMPTS];
+    // A backend that just failed (e.g. a dead pooled connection and a refused redial)
+    // counts as the first attempt.
+    let first = match failed {
+        Some(a) => {
+            tried[0] = Some(a);
+            1
+        }
+        None => 0,
+    };
     // A valid sticky cookie whose backend is still live is tried first.
     let sticky = sticky.filter(|a| route.backends.contains(a));
-    for attempt in 0..MAX_ATTEMPTS {
+    for attempt in first..MAX_ATTEMPTS {
         let addr = match sticky {
             Some(a) if attempt == 0 => a,
             _ => pick(core, &route.backends, &tried[..attempt])?,
@@ -493,6 +509,25 @@ async fn connect(
         }
     }
     None
+}
+
+/// A pooled connection to `addr` turned out dead before any response byte: dial `addr`
+/// afresh, and if that fails too, move on to another backend (a dial failure).
+async fn redial(
+    core: &Rc<Core>,
+    route: &HttpRoute,
+    addr: SocketAddr,
+) -> Option<(TcpStream, SocketAddr, bool)> {
+    match dial(addr).await {
+        Ok(s) => {
+            CoreMetrics::inc(&core.metrics().upstream_connects_total);
+            Some((s, addr, false))
+        }
+        Err(_) => {
+            CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
+            connect(core, route, None, Some(addr)).await
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -541,14 +576,16 @@ async fn forward<S: Client>(
     let m = core.metrics();
     let sealer = core.settings().sticky.as_ref().filter(|_| route.sticky);
     let cookie_addr = sealer.and_then(|s| crate::sticky::from_request(s, &buf[..info.head_len]));
-    let Some((mut up, addr, mut reused)) = connect(core, route, cookie_addr).await else {
+    let Some((mut up, addr, mut reused)) = connect(core, route, cookie_addr, None).await else {
         let next = unavailable(core, c, out, info).await;
         if matches!(next, Next::KeepAlive) {
             buf.drain(..info.head_len);
         }
         return next;
     };
-    let _inflight = core.start_request(addr);
+    let mut addr = addr;
+    let mut _inflight = core.start_request(addr);
+    let mut retries = 0;
 
     // Request head plus whatever body bytes are already buffered.
     out.clear();
@@ -576,14 +613,18 @@ async fn forward<S: Client>(
         let (res, o) = write_range(&mut up, o, 0, len).await;
         *out = o;
         if res.is_err() {
-            if reused && body.is_done() {
-                reused = false;
-                match dial(addr).await {
-                    Ok(s) => {
-                        up = s;
+            if reused && body.is_done() && retries < MAX_ATTEMPTS {
+                retries += 1;
+                match redial(core, route, addr).await {
+                    Some((s, a, r)) => {
+                        (up, reused) = (s, r);
+                        if a != addr {
+                            addr = a;
+                            _inflight = core.start_request(a);
+                        }
                         continue;
                     }
-                    Err(_) => return upstream_failed(core, c, out).await,
+                    None => return upstream_failed(core, c, out).await,
                 }
             }
             return upstream_failed(core, c, out).await;
@@ -625,16 +666,22 @@ async fn forward<S: Client>(
         }
         match exchange(c, &mut up, ubuf, info, sent_continue).await {
             Exchange::Ok(r) => break r,
-            Exchange::Stale if reused && info.framing == Framing::Empty => {
-                reused = false;
+            Exchange::Stale
+                if reused && info.framing == Framing::Empty && retries < MAX_ATTEMPTS =>
+            {
+                retries += 1;
                 ubuf.clear();
-                match dial(addr).await {
-                    Ok(s) => {
-                        up = s;
+                match redial(core, route, addr).await {
+                    Some((s, a, r)) => {
+                        (up, reused) = (s, r);
+                        if a != addr {
+                            addr = a;
+                            _inflight = core.start_request(a);
+                        }
                         // `out` still holds the request head.
                         continue;
                     }
-                    Err(_) => return upstream_failed(core, c, out).await,
+                    None => return upstream_failed(core, c, out).await,
                 }
             }
             Exchange::Stale | Exchange::Failed => return upstream_failed(core, c, out).await,

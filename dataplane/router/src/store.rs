@@ -169,7 +169,10 @@ impl Store {
         if r.kind == RouteType::Http {
             r.certificate = self.resolve_certificate(&mut r)?;
         } else if r.certificate.is_some() || !r.tls_cert.is_empty() {
-            return Err(ApiError::validation(Some("certificate"), "is only for HTTP routes"));
+            return Err(ApiError::validation(
+                Some("certificate"),
+                "is only for HTTP routes",
+            ));
         }
         if r.id.is_empty() || self.routes.contains_key(&(r.kind, r.id.clone())) {
             r.id = uuid::Uuid::new_v4().to_string();
@@ -206,7 +209,12 @@ impl Store {
         next.disable_keep_alives = r.disable_keep_alives;
         next.drain_backends = r.drain_backends;
         next.certificate = if kind == RouteType::Http {
-            let mut c = Route { certificate: r.certificate, tls_cert: r.tls_cert, tls_key: r.tls_key, ..old.clone() };
+            let mut c = Route {
+                certificate: r.certificate,
+                tls_cert: r.tls_cert,
+                tls_key: r.tls_key,
+                ..old.clone()
+            };
             self.resolve_certificate(&mut c)?
         } else {
             None
@@ -308,10 +316,16 @@ impl Store {
     /// The certificate a route will carry: an inline keypair (or the legacy
     /// `tls_cert`/`tls_key`) is validated and deduplicated; an id must exist.
     fn resolve_certificate(&mut self, r: &mut Route) -> Result<Option<Certificate>, ApiError> {
-        let legacy = (!r.tls_cert.is_empty() || !r.tls_key.is_empty())
-            .then(|| (std::mem::take(&mut r.tls_cert), std::mem::take(&mut r.tls_key)));
+        let legacy = (!r.tls_cert.is_empty() || !r.tls_key.is_empty()).then(|| {
+            (
+                std::mem::take(&mut r.tls_cert),
+                std::mem::take(&mut r.tls_key),
+            )
+        });
         let c = match (r.certificate.take(), legacy) {
-            (Some(c), _) if !c.cert.is_empty() || !c.key.is_empty() => self.certs.add(&c.cert, &c.key)?,
+            (Some(c), _) if !c.cert.is_empty() || !c.key.is_empty() => {
+                self.certs.add(&c.cert, &c.key)?
+            }
             (Some(c), _) if !c.id.is_empty() => self
                 .certs
                 .get(&c.id)
@@ -334,15 +348,27 @@ impl Store {
     /// A certificate with the ids of the routes using it.
     pub fn certificate(&self, id: &str) -> Option<Certificate> {
         let mut c = self.certs.get(id)?.clone();
-        c.routes = self.certificate_routes(id).into_iter().map(|r| r.id).collect();
+        c.routes = self
+            .certificate_routes(id)
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
         Some(c)
     }
 
     /// The SNI certificate map for the cores.
     pub fn cert_store(&self, default: Option<Arc<CertifiedKey>>) -> CertStore {
         let mut store = CertStore::new(default);
-        for s in self.routes.values().filter(|s| s.route.kind == RouteType::Http) {
-            let key = s.route.certificate.as_ref().and_then(|c| self.certs.key(&c.id));
+        for s in self
+            .routes
+            .values()
+            .filter(|s| s.route.kind == RouteType::Http)
+        {
+            let key = s
+                .route
+                .certificate
+                .as_ref()
+                .and_then(|c| self.certs.key(&c.id));
             store.add(&s.route.domain, key);
         }
         store

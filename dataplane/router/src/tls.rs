@@ -44,10 +44,14 @@ pub fn parse_keypair(cert_pem: &str, key_pem: &str) -> Result<Keypair, String> {
         .ok_or_else(|| "no private key found in PEM".to_string())?;
     let signer = any_supported_type(&key).map_err(|e| format!("unsupported private key: {e}"))?;
     let ck = CertifiedKey::new(certs, signer);
-    ck.keys_match().map_err(|e| format!("key does not match certificate: {e}"))?;
+    ck.keys_match()
+        .map_err(|e| format!("key does not match certificate: {e}"))?;
     let digest = ring::digest::digest(&ring::digest::SHA256, cert_pem.as_bytes());
     let sha256 = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    Ok(Keypair { key: Arc::new(ck), sha256 })
+    Ok(Keypair {
+        key: Arc::new(ck),
+        sha256,
+    })
 }
 
 /// Which certificate each routed domain uses.
@@ -61,13 +65,19 @@ pub struct CertStore {
 
 impl CertStore {
     pub fn new(default: Option<Arc<CertifiedKey>>) -> Self {
-        CertStore { domains: HashMap::new(), default }
+        CertStore {
+            domains: HashMap::new(),
+            default,
+        }
     }
 
     /// Records a routed domain and its certificate (`None`: default keypair). A domain
     /// with several routes keeps the first certificate given.
     pub fn add(&mut self, domain: &str, cert: Option<Arc<CertifiedKey>>) {
-        let slot = self.domains.entry(domain.to_ascii_lowercase()).or_insert(None);
+        let slot = self
+            .domains
+            .entry(domain.to_ascii_lowercase())
+            .or_insert(None);
         if slot.is_none() {
             *slot = cert;
         }
@@ -137,7 +147,10 @@ mod tests {
     use super::*;
 
     fn keypair(names: &[&str]) -> (String, String) {
-        let c = rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let c = rcgen::generate_simple_self_signed(
+            names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap();
         (c.cert.pem(), c.key_pair.serialize_pem())
     }
 
@@ -146,9 +159,14 @@ mod tests {
         let (cert, key) = keypair(&["a.com"]);
         let kp = parse_keypair(&cert, &key).unwrap();
         assert_eq!(kp.sha256.len(), 64);
-        assert_eq!(parse_keypair(&format!("\n{cert}\n"), &key).unwrap().sha256, kp.sha256);
+        assert_eq!(
+            parse_keypair(&format!("\n{cert}\n"), &key).unwrap().sha256,
+            kp.sha256
+        );
         let (_, other_key) = keypair(&["b.com"]);
-        assert!(parse_keypair(&cert, &other_key).unwrap_err().contains("does not match"));
+        assert!(parse_keypair(&cert, &other_key)
+            .unwrap_err()
+            .contains("does not match"));
         assert!(parse_keypair("junk", &key).is_err());
         assert!(parse_keypair(&cert, "junk").is_err());
         assert!(!format!("{kp:?}").contains("PRIVATE"));

@@ -231,9 +231,15 @@ impl Writer {
         if start_new {
             self.new_segment(index)?;
         }
-        let f = self.file.as_mut().ok_or_else(|| io::Error::other("no open segment"))?;
+        let f = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no open segment"))?;
         f.write_all(rec)?;
-        let seg = self.segments.last_mut().ok_or_else(|| io::Error::other("no segment"))?;
+        let seg = self
+            .segments
+            .last_mut()
+            .ok_or_else(|| io::Error::other("no segment"))?;
         seg.offsets.push(seg.len);
         seg.len += rec.len() as u64;
         Ok(())
@@ -425,7 +431,7 @@ impl RaftLogReader<C> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<VoteOf<C>>, io::Error> {
-        Ok(lock(&self.inner.mem).vote.clone())
+        Ok(lock(&self.inner.mem).vote)
     }
 }
 
@@ -439,9 +445,9 @@ impl RaftLogStorage<C> for LogStore {
             .values()
             .next_back()
             .map(|e| e.log_id())
-            .or_else(|| mem.purged.clone());
+            .or_else(|| mem.purged);
         Ok(LogState {
-            last_purged_log_id: mem.purged.clone(),
+            last_purged_log_id: mem.purged,
             last_log_id: last,
         })
     }
@@ -452,7 +458,7 @@ impl RaftLogStorage<C> for LogStore {
 
     async fn save_vote(&mut self, vote: &VoteOf<C>) -> Result<(), io::Error> {
         write_atomic(&self.inner.dir.join("vote.json"), vote, true)?;
-        lock(&self.inner.mem).vote = Some(vote.clone());
+        lock(&self.inner.mem).vote = Some(*vote);
         Ok(())
     }
 
@@ -464,7 +470,7 @@ impl RaftLogStorage<C> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<C>>, io::Error> {
-        Ok(lock(&self.inner.mem).committed.clone())
+        Ok(lock(&self.inner.mem).committed)
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
@@ -505,10 +511,8 @@ impl RaftLogStorage<C> for LogStore {
             let mut mem = lock(&self.inner.mem);
             let rest = mem.entries.split_off(&(log_id.index + 1));
             mem.entries = rest;
-            mem.purged = Some(log_id.clone());
+            mem.purged = Some(log_id);
         }
-        self.send(Op::Purge {
-            upto: log_id.index,
-        })
+        self.send(Op::Purge { upto: log_id.index })
     }
 }

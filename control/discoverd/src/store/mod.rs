@@ -3,6 +3,7 @@
 pub mod log;
 pub mod sm;
 pub mod state;
+
 pub mod types;
 
 pub use log::LogStore;

@@ -72,7 +72,7 @@ impl StateMachine {
             let data: Data = serde_json::from_slice(&s.data)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             st.registry.restore(data);
-            st.last_applied = s.meta.last_log_id.clone();
+            st.last_applied = s.meta.last_log_id;
             st.membership = s.meta.last_membership.clone();
         }
         let applied = st.last_applied.as_ref().map_or(0, |l| l.index);
@@ -99,7 +99,7 @@ impl RaftSnapshotBuilder<C> for StateMachine {
             let st = self.shared.lock();
             let data = serde_json::to_vec(&st.registry.data).map_err(io::Error::other)?;
             let meta = SnapshotMetaOf::<C> {
-                last_log_id: st.last_applied.clone(),
+                last_log_id: st.last_applied,
                 last_membership: st.membership.clone(),
             };
             (meta, data)
@@ -125,7 +125,7 @@ impl RaftStateMachine<C> for StateMachine {
         &mut self,
     ) -> Result<(Option<LogIdOf<C>>, StoredMembershipOf<C>), io::Error> {
         let st = self.shared.lock();
-        Ok((st.last_applied.clone(), st.membership.clone()))
+        Ok((st.last_applied, st.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -141,7 +141,7 @@ impl RaftStateMachine<C> for StateMachine {
                     EntryPayload::Blank => Response::default(),
                     EntryPayload::Normal(cmd) => st.registry.apply(index, cmd),
                     EntryPayload::Membership(m) => {
-                        st.membership = StoredMembershipOf::<C>::new(Some(entry.log_id.clone()), m);
+                        st.membership = StoredMembershipOf::<C>::new(Some(entry.log_id), m);
                         Response::default()
                     }
                 };
@@ -175,7 +175,7 @@ impl RaftStateMachine<C> for StateMachine {
         {
             let mut st = self.shared.lock();
             st.registry.restore(data);
-            st.last_applied = meta.last_log_id.clone();
+            st.last_applied = meta.last_log_id;
             st.membership = meta.last_membership.clone();
             let idx = meta.last_log_id.as_ref().map_or(0, |l| l.index);
             self.shared.applied.store(idx, Ordering::Release);
@@ -185,9 +185,11 @@ impl RaftStateMachine<C> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<C, Vec<u8>>>, io::Error> {
-        Ok(lock(&self.current).as_ref().map(|s| SnapshotOf::<C, Vec<u8>> {
-            meta: s.meta.clone(),
-            snapshot: s.data.clone(),
-        }))
+        Ok(lock(&self.current)
+            .as_ref()
+            .map(|s| SnapshotOf::<C, Vec<u8>> {
+                meta: s.meta.clone(),
+                snapshot: s.data.clone(),
+            }))
     }
 }

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use flynn_http::{
     parse_request, parse_response, write_request_head, write_response_head, BodyReader, Forward,
-    Framing, Method, ResponseOpts,
+    Framing, Method, ParseError, ResponseOpts,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -34,12 +34,19 @@ fuzz_target!(|data: &[u8]| {
         };
         write_request_head(data, &req, &fwd, &mut out);
         if req.host.is_some() {
-            let re = parse_request(&out)
-                .expect("rewritten request parses")
-                .expect("rewritten request is complete");
-            assert_eq!(re.framing, req.framing);
-            assert_eq!(re.upgrade, req.upgrade);
-            assert_eq!(re.uri.get(&out), req.uri.get(data));
+            // The rewrite adds up to five headers and ~150 bytes, so a request at the
+            // limits may exceed them once rewritten; anything else must re-parse.
+            match parse_request(&out) {
+                Err(ParseError::TooManyHeaders | ParseError::HeadTooLarge) => {}
+                other => {
+                    let re = other
+                        .expect("rewritten request parses")
+                        .expect("rewritten request is complete");
+                    assert_eq!(re.framing, req.framing);
+                    assert_eq!(re.upgrade, req.upgrade);
+                    assert_eq!(re.uri.get(&out), req.uri.get(data));
+                }
+            }
         }
     }
 
@@ -57,10 +64,16 @@ fuzz_target!(|data: &[u8]| {
             extra: &[(b"Set-Cookie", b"a=b")],
         };
         write_response_head(data, &resp, &opts, &mut out);
-        let re = parse_response(&out, method)
-            .expect("rewritten response parses")
-            .expect("rewritten response is complete");
-        assert_eq!((re.status, re.framing), (resp.status, resp.framing));
+        // The rewrite may add two headers; at the limits that can exceed them.
+        match parse_response(&out, method) {
+            Err(ParseError::TooManyHeaders | ParseError::HeadTooLarge) => {}
+            other => {
+                let re = other
+                    .expect("rewritten response parses")
+                    .expect("rewritten response is complete");
+                assert_eq!((re.status, re.framing), (resp.status, resp.framing));
+            }
+        }
     }
 
     let framing = match (ctl >> 2) % 4 {

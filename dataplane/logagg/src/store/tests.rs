@@ -177,3 +177,52 @@ fn read_all_since_walks_every_app() {
         ["a2"]
     );
 }
+
+#[test]
+fn per_shard_memory_sums_and_holds_cap_under_concurrent_inserts() {
+    let body = "y".repeat(300);
+    let cap = 1 << 20;
+    let s = store(10_000, cap);
+    assert!(s.memory_slack() <= cap / 32 + SHARDS);
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let s = s.clone();
+            let body = body.clone();
+            std::thread::spawn(move || {
+                for i in 0..3_000u64 {
+                    let app = format!("app{}", (t * 7 + i) % 13);
+                    let m = msg("h", "web.1", "ID1", i, t * 1_000_000 + i, &body);
+                    put(&s, &app, &m);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let st = s.stats();
+    let sum: usize = st.iter().map(|a| a.bytes).sum();
+    assert_eq!(s.memory(), sum, "per-shard counts sum to the apps' bytes");
+    assert!(s.memory() <= cap, "{} > {cap}", s.memory());
+    let est = s.memory_estimate();
+    assert!(
+        est.abs_diff(s.memory()) <= s.memory_slack(),
+        "estimate {est} vs exact {}",
+        s.memory()
+    );
+    let lines: usize = st.iter().map(|a| a.lines).sum();
+    let evicted: u64 = st.iter().map(|a| a.evicted_memory).sum();
+    assert_eq!(lines as u64 + evicted, 4 * 3_000);
+    assert!(evicted > 0);
+    assert!(st.iter().all(|a| a.lines >= 1), "every app keeps its newest line");
+}
+
+#[test]
+fn estimate_written_once_per_flush_not_per_line() {
+    // A large cap: the shared estimate lags by less than the slack, the exact sum is exact.
+    let s = store(10_000, 1 << 30);
+    put(&s, "a", &msg("h", "web.1", "ID1", 1, 1, "small"));
+    assert!(s.memory() > 0);
+    assert_eq!(s.memory_estimate(), 0, "one line is below the flush threshold");
+    assert!(s.memory() <= s.memory_slack());
+}

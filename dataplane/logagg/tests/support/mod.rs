@@ -75,6 +75,54 @@ impl Logagg {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size of the aggregator process in bytes (`VmRSS` in /proc).
+    pub fn rss(&self) -> u64 {
+        let st = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc");
+        st.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS")
+            * 1024
+    }
+
+    /// `/.well-known/status` as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let (s, body) = self.get("/.well-known/status");
+        assert_eq!(s, 200, "{body}");
+        serde_json::from_str(&body).expect("status JSON")
+    }
+
+    /// Polls `metric` until `ok` holds (bounded by `within`); returns the last value.
+    pub fn wait_metric(&self, name: &str, within: Duration, ok: impl Fn(u64) -> bool) -> u64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.metric(name);
+            if ok(v) || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Polls until the newest line of `app` has body `body` (bounded: 10 s).
+    pub fn wait_last(&self, app: &str, body: &str) -> bool {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            let v = self.log(app, "lines=1");
+            if v.first().is_some_and(|j| j["msg"] == body) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.api)
     }

@@ -246,7 +246,9 @@ fn list_is_newest_first_and_filters_by_parent_ref() {
 
 #[test]
 fn put_updates_service_sticky_and_leader() {
-    let router = Router::start();
+    // Sticky routes need a cookie key (base64 of 32 bytes).
+    let key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let router = Router::builder().env("COOKIE_KEY", key).start();
     let r = router.add_route(http_route("example.com", "web"));
     let mut changed = r.clone();
     changed["service"] = json!("web2");

@@ -251,25 +251,33 @@ fn cookie_for_dead_backend_falls_over_to_live_one_for_get_and_post() {
     }
 }
 
-#[test]
-fn pinned_backend_dying_after_keep_alive_use_falls_over() {
-    // The realistic variant: the router holds a pooled keep-alive connection to the
-    // pinned backend when that backend dies (closes its connections and port).
-    let router = sticky_router(1);
-    let b1 = Backend::start("b1");
-    let b2 = Backend::start("b2");
+/// Pins a cookie to `b1` over a keep-alive (pooled) backend connection, then kills `b1`
+/// (connections and port) while `b2` is live. Returns the stale cookie.
+fn pin_then_kill(router: &Router, b1: Backend, b2: &Backend) -> String {
     router.add_route(sticky_route(DOMAIN, "web"));
     router.set_backends("web", &[&b1]);
-    let first = get(&router, None);
+    let first = get(router, None);
     assert_eq!(first.backend(), "b1");
     let cookie = set_cookie(&first).expect("cookie");
-    router.set_backends("web", &[&b1, &b2]);
+    router.set_backends("web", &[&b1, b2]);
     let b1_addr = b1.addr;
     drop(b1);
     assert!(
         crate::support::wait_until(Duration::from_secs(5), || refused(b1_addr)),
         "b1 still accepting"
     );
+    cookie
+}
+
+#[test]
+fn pinned_backend_dead_for_a_while_falls_over() {
+    // The router held a pooled keep-alive connection to the pinned backend when it died;
+    // after the pool's liveness check applies (> 500 ms idle) the stale connection is
+    // dropped and the dial failure moves on to the live backend.
+    let router = sticky_router(1);
+    let b2 = Backend::start("b2");
+    let cookie = pin_then_kill(&router, Backend::start("b1"), &b2);
+    std::thread::sleep(Duration::from_millis(700));
     let r = get(&router, Some(&cookie));
     assert_eq!(r.status, 200, "GET after the pinned backend died: {r:?}");
     assert_eq!(r.backend(), "b2");
@@ -278,6 +286,25 @@ fn pinned_backend_dying_after_keep_alive_use_falls_over() {
     let r = request(&router, "POST", Some(&cookie), "after-death");
     assert_eq!(r.status, 200, "POST after the pinned backend died: {r:?}");
     assert_eq!(r.seen().body, b"after-death");
+    assert!(set_cookie(&r).is_some());
+}
+
+#[test]
+fn pinned_backend_that_just_died_falls_over() {
+    // Same as above but immediately: the pooled connection is < 500 ms old, so it is
+    // reused without a liveness peek, fails (Stale), the router redials the same dead
+    // address, and that dial failure must move on to b2 (spec §1.6: dial failures are
+    // retried with another backend).
+    let router = sticky_router(1);
+    let b2 = Backend::start("b2");
+    let cookie = pin_then_kill(&router, Backend::start("b1"), &b2);
+    let r = get(&router, Some(&cookie));
+    assert_eq!(
+        r.status, 200,
+        "GET right after the pinned backend died: {r:?}"
+    );
+    assert_eq!(r.backend(), "b2");
+    assert_eq!(open(&set_cookie(&r).expect("new cookie")), b2.addr);
 }
 
 #[test]

@@ -17,6 +17,8 @@ pub struct Router {
     child: Child,
     pub http_addr: SocketAddr,
     pub http_addrs: Vec<SocketAddr>,
+    /// The `https=` listeners (empty without `--https-addr`).
+    pub https_addrs: Vec<SocketAddr>,
     pub api_addr: SocketAddr,
     pub tcp_ports: Option<(u16, u16)>,
     stderr: Arc<Mutex<Vec<u8>>>,
@@ -237,12 +239,18 @@ impl Router {
         };
 
         let mut http_addrs = Vec::new();
+        let mut https_addrs = Vec::new();
         let mut api_addr = None;
         for token in line.split_whitespace().skip(1) {
             if let Some(v) = token.strip_prefix("http=") {
                 http_addrs = v
                     .split(',')
                     .map(|a| a.parse().expect("http addr"))
+                    .collect();
+            } else if let Some(v) = token.strip_prefix("https=") {
+                https_addrs = v
+                    .split(',')
+                    .map(|a| a.parse().expect("https addr"))
                     .collect();
             } else if let Some(v) = token.strip_prefix("api=") {
                 api_addr = Some(v.parse().expect("api addr"));
@@ -254,6 +262,7 @@ impl Router {
             child,
             http_addr: http_addrs[0],
             http_addrs,
+            https_addrs,
             api_addr,
             tcp_ports,
             stderr,

@@ -1,0 +1,608 @@
+//! The discoverd client (spec §2.3–§2.6).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flynn_api::ApiError;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub addr: String,
+    #[serde(default)]
+    pub proto: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, String>,
+    /// Raft index of the first registration: creation order and leader fencing token.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub index: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceMeta {
+    #[serde(default)]
+    pub data: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_id: Option<String>,
+    #[serde(default)]
+    pub index: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Up,
+    Update,
+    Down,
+    Leader,
+    Current,
+    ServiceMeta,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub service: String,
+    pub kind: EventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<Instance>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_meta: Option<ServiceMeta>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Api(ApiError),
+    #[error("discoverd request failed")]
+    Http(#[source] reqwest::Error),
+    #[error("discoverd answered {status}")]
+    Status { status: u16 },
+}
+
+impl Error {
+    /// The API error code, when the server sent an envelope.
+    pub fn api(&self) -> Option<&ApiError> {
+        match self {
+            Error::Api(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// `md5hex(proto + "-" + addr)` (spec §0.5).
+pub fn instance_id(proto: &str, addr: &str) -> String {
+    use md5::{Digest, Md5};
+    Md5::digest(format!("{proto}-{addr}").as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A discoverd client; follows 307 redirects to the leader (method, body and headers
+/// such as `Accept` are preserved).
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// `url` like `http://127.0.0.1:1111`; see [`Client::from_env`].
+    pub fn new(url: &str) -> Client {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap_or_default();
+        Client {
+            base: url.trim_end_matches('/').to_string(),
+            http,
+        }
+    }
+
+    /// `$DISCOVERD` or `http://127.0.0.1:1111`.
+    pub fn from_env() -> Client {
+        Client::new(&std::env::var("DISCOVERD").unwrap_or_else(|_| "http://127.0.0.1:1111".into()))
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<reqwest::Response, Error> {
+        let mut req = self
+            .http
+            .request(method, self.url(path))
+            .timeout(Duration::from_secs(30));
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let resp = req.send().await.map_err(Error::Http)?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(Error::Http)?;
+        match serde_json::from_slice::<ApiError>(&bytes) {
+            Ok(e) => Err(Error::Api(e)),
+            Err(_) => Err(Error::Status { status }),
+        }
+    }
+
+    fn json<T: Serialize>(v: &T) -> Option<Vec<u8>> {
+        serde_json::to_vec(v).ok()
+    }
+
+    pub async fn add_service(&self, service: &str, leader_type: &str) -> Result<(), Error> {
+        let body = serde_json::json!({ "leader_type": leader_type });
+        self.send(
+            reqwest::Method::PUT,
+            &format!("/services/{service}"),
+            Self::json(&body),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn remove_service(&self, service: &str) -> Result<(), Error> {
+        self.send(
+            reqwest::Method::DELETE,
+            &format!("/services/{service}"),
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Registers (or heartbeats) an instance; fills in `id` when empty.
+    pub async fn register(&self, service: &str, inst: &Instance) -> Result<(), Error> {
+        let mut inst = inst.clone();
+        if inst.proto.is_empty() {
+            inst.proto = "tcp".into();
+        }
+        if inst.id.is_empty() {
+            inst.id = instance_id(&inst.proto, &inst.addr);
+        }
+        let path = format!("/services/{service}/instances/{}", inst.id);
+        self.send(reqwest::Method::PUT, &path, Self::json(&inst))
+            .await
+            .map(drop)
+    }
+
+    pub async fn unregister(&self, service: &str, id: &str) -> Result<(), Error> {
+        let path = format!("/services/{service}/instances/{id}");
+        self.send(reqwest::Method::DELETE, &path, None)
+            .await
+            .map(drop)
+    }
+
+    /// Current instances; an empty list when discoverd says there are none (its 404).
+    pub async fn instances(&self, service: &str) -> Result<Vec<Instance>, Error> {
+        match self
+            .send(
+                reqwest::Method::GET,
+                &format!("/services/{service}/instances"),
+                None,
+            )
+            .await
+        {
+            Ok(r) => r.json().await.map_err(Error::Http),
+            Err(Error::Api(e)) if e.status() == 404 => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Compare-and-swap: `meta.index` 0 creates, otherwise must match. Returns the
+    /// stored meta with its new index.
+    pub async fn set_meta(&self, service: &str, meta: &ServiceMeta) -> Result<ServiceMeta, Error> {
+        let r = self
+            .send(
+                reqwest::Method::PUT,
+                &format!("/services/{service}/meta"),
+                Self::json(meta),
+            )
+            .await?;
+        r.json().await.map_err(Error::Http)
+    }
+
+    pub async fn get_meta(&self, service: &str) -> Result<ServiceMeta, Error> {
+        let r = self
+            .send(
+                reqwest::Method::GET,
+                &format!("/services/{service}/meta"),
+                None,
+            )
+            .await?;
+        r.json().await.map_err(Error::Http)
+    }
+
+    pub async fn set_leader(&self, service: &str, id: &str) -> Result<(), Error> {
+        let body = serde_json::json!({ "id": id });
+        self.send(
+            reqwest::Method::PUT,
+            &format!("/services/{service}/leader"),
+            Self::json(&body),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn leader(&self, service: &str) -> Result<Option<Instance>, Error> {
+        match self
+            .send(
+                reqwest::Method::GET,
+                &format!("/services/{service}/leader"),
+                None,
+            )
+            .await
+        {
+            Ok(r) => r.json().await.map(Some).map_err(Error::Http),
+            Err(Error::Api(e)) if e.status() == 404 => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Registers `inst` (retrying for up to 60 s, at least 5 attempts, 200 ms apart) and
+    /// keeps it registered until the [`Heartbeater`] is closed or dropped.
+    pub async fn heartbeat(&self, service: &str, inst: Instance) -> Result<Heartbeater, Error> {
+        let mut inst = inst;
+        if inst.proto.is_empty() {
+            inst.proto = "tcp".into();
+        }
+        if inst.id.is_empty() {
+            inst.id = instance_id(&inst.proto, &inst.addr);
+        }
+        let start = tokio::time::Instant::now();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.register(service, &inst).await {
+                Ok(()) => break,
+                Err(e) if attempt < 5 || start.elapsed() < Duration::from_secs(60) => {
+                    tracing::debug!(error = %e, attempt, "register failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(heartbeat_loop(
+            self.clone(),
+            service.to_string(),
+            inst.clone(),
+            stop_rx,
+        ));
+        Ok(Heartbeater {
+            stop: Some(stop_tx),
+            task: Some(task),
+            id: inst.id,
+        })
+    }
+
+    /// Watches a service's events (`GET /services/:s`, all kinds). See [`Watch`].
+    pub fn watch(&self, service: &str) -> Watch {
+        let (tx, rx) = mpsc::channel(256);
+        let task = tokio::spawn(watch_loop(self.clone(), service.to_string(), tx));
+        Watch { rx, task }
+    }
+}
+
+/// Keeps an instance registered: PUT every 5 s − U(0, 2 s); every 200–400 ms after a
+/// failure. Closing it unregisters the instance.
+pub struct Heartbeater {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub id: String,
+}
+
+impl Heartbeater {
+    /// Stops heartbeating and deletes the instance.
+    pub async fn close(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Heartbeater {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+async fn heartbeat_loop(
+    c: Client,
+    service: String,
+    inst: Instance,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut delay = next_heartbeat(true);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        let ok = match c.register(&service, &inst).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, service = %service, "heartbeat failed");
+                false
+            }
+        };
+        delay = next_heartbeat(ok);
+    }
+    if let Err(e) = c.unregister(&service, &inst.id).await {
+        tracing::warn!(error = %e, service = %service, "unregister failed");
+    }
+}
+
+fn next_heartbeat(ok: bool) -> Duration {
+    if ok {
+        Duration::from_millis(5000 - fastrand::u64(0..2000))
+    } else {
+        Duration::from_millis(200 + fastrand::u64(0..200))
+    }
+}
+
+/// A watch on one service. Delivers the server's replay (up…, leader, service_meta,
+/// current) and then live events; when the stream breaks it reconnects and turns the
+/// new replay into the events missed meanwhile (down for instances that vanished, up for
+/// new ones, update for changed ones, leader/meta when they changed), so a consumer
+/// that applies events in order always ends up with the server's state.
+pub struct Watch {
+    rx: mpsc::Receiver<Event>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watch {
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Default)]
+struct Known {
+    instances: BTreeMap<String, Instance>,
+    leader: Option<String>,
+    meta_index: Option<u64>,
+    synced: bool,
+}
+
+async fn watch_loop(c: Client, service: String, tx: mpsc::Sender<Event>) {
+    let mut known = Known::default();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let resp = c
+            .http
+            .get(c.url(&format!("/services/{service}")))
+            .header("accept", "text/event-stream")
+            .send()
+            .await;
+        match resp {
+            Ok(r) if r.status().is_success() => {
+                backoff = Duration::from_millis(100);
+                if read_stream(r, &service, &mut known, &tx).await.is_err() {
+                    return; // receiver gone
+                }
+            }
+            Ok(r) => tracing::debug!(status = %r.status(), "watch refused"),
+            Err(e) => tracing::debug!(error = %e, "watch connect failed"),
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Reads one connection. Before `current` the replay is buffered; at `current` it is
+/// diffed against what the consumer already knows.
+async fn read_stream(
+    mut r: reqwest::Response,
+    service: &str,
+    known: &mut Known,
+    tx: &mpsc::Sender<Event>,
+) -> Result<(), ()> {
+    let mut buf = String::new();
+    let mut replay: Vec<Event> = Vec::new();
+    let mut in_replay = true;
+    loop {
+        let chunk = match r.chunk().await {
+            Ok(Some(c)) => c,
+            _ => return Ok(()),
+        };
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(i) = buf.find("\n\n") {
+            let item: String = buf.drain(..i + 2).collect();
+            if item.lines().any(|l| l.starts_with("event: error")) {
+                return Ok(());
+            }
+            let data: String = item
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect::<Vec<_>>()
+                .join("\n");
+            if data.is_empty() {
+                continue;
+            }
+            let Ok(ev) = serde_json::from_str::<Event>(&data) else {
+                continue;
+            };
+            if in_replay {
+                if ev.kind == EventKind::Current {
+                    in_replay = false;
+                    for e in reconcile(service, known, std::mem::take(&mut replay)) {
+                        tx.send(e).await.map_err(drop)?;
+                    }
+                } else {
+                    replay.push(ev);
+                }
+                continue;
+            }
+            track(known, &ev);
+            tx.send(ev).await.map_err(drop)?;
+        }
+    }
+}
+
+fn track(known: &mut Known, ev: &Event) {
+    match (ev.kind, &ev.instance) {
+        (EventKind::Up | EventKind::Update, Some(i)) => {
+            known.instances.insert(i.id.clone(), i.clone());
+        }
+        (EventKind::Down, Some(i)) => {
+            known.instances.remove(&i.id);
+        }
+        (EventKind::Leader, l) => known.leader = l.as_ref().map(|i| i.id.clone()),
+        (EventKind::ServiceMeta, _) => {
+            known.meta_index = ev.service_meta.as_ref().map(|m| m.index);
+        }
+        _ => {}
+    }
+}
+
+/// The events that take a consumer from `known` to the state in `replay`, ending with
+/// `current` (only on the first sync, as the server would send it).
+fn reconcile(service: &str, known: &mut Known, replay: Vec<Event>) -> Vec<Event> {
+    let mut out = Vec::new();
+    let ev = |kind, instance, service_meta| Event {
+        service: service.to_string(),
+        kind,
+        instance,
+        service_meta,
+    };
+    let now: BTreeMap<String, Instance> = replay
+        .iter()
+        .filter(|e| e.kind == EventKind::Up)
+        .filter_map(|e| e.instance.clone())
+        .map(|i| (i.id.clone(), i))
+        .collect();
+    for (id, old) in &known.instances {
+        if !now.contains_key(id) {
+            out.push(ev(EventKind::Down, Some(old.clone()), None));
+        }
+    }
+    for e in replay.iter().filter(|e| e.kind == EventKind::Up) {
+        let Some(i) = &e.instance else { continue };
+        match known.instances.get(&i.id) {
+            None => out.push(ev(EventKind::Up, Some(i.clone()), None)),
+            Some(old) if old != i => out.push(ev(EventKind::Update, Some(i.clone()), None)),
+            Some(_) => {}
+        }
+    }
+    let leader = replay
+        .iter()
+        .find(|e| e.kind == EventKind::Leader)
+        .and_then(|e| e.instance.clone());
+    if (leader.as_ref().map(|i| &i.id) != known.leader.as_ref() || !known.synced)
+        && (leader.is_some() || known.leader.is_some())
+    {
+        out.push(ev(EventKind::Leader, leader, None));
+    }
+    let meta = replay
+        .iter()
+        .find(|e| e.kind == EventKind::ServiceMeta)
+        .and_then(|e| e.service_meta.clone());
+    if meta.as_ref().map(|m| m.index) != known.meta_index {
+        if let Some(m) = meta {
+            out.push(ev(EventKind::ServiceMeta, None, Some(m)));
+        }
+    }
+    let first = !known.synced;
+    for e in &out {
+        track(known, e);
+    }
+    known.instances = now;
+    known.synced = true;
+    if first {
+        out.push(ev(EventKind::Current, None, None));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(id: &str, meta: &str) -> Instance {
+        let mut m = BTreeMap::new();
+        if !meta.is_empty() {
+            m.insert("k".to_string(), meta.to_string());
+        }
+        Instance {
+            id: id.into(),
+            addr: "127.0.0.1:1".into(),
+            proto: "tcp".into(),
+            meta: m,
+            index: 1,
+        }
+    }
+
+    fn up(i: Instance) -> Event {
+        Event {
+            service: "s".into(),
+            kind: EventKind::Up,
+            instance: Some(i),
+            service_meta: None,
+        }
+    }
+
+    #[test]
+    fn reconnect_replay_becomes_the_missed_events() {
+        let mut known = Known::default();
+        let first = reconcile("s", &mut known, vec![up(inst("a", "")), up(inst("b", ""))]);
+        let kinds: Vec<EventKind> = first.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![EventKind::Up, EventKind::Up, EventKind::Current]
+        );
+        // After a reconnect: a is gone, b changed, c is new.
+        let second = reconcile("s", &mut known, vec![up(inst("b", "x")), up(inst("c", ""))]);
+        let got: Vec<(EventKind, String)> = second
+            .iter()
+            .map(|e| (e.kind, e.instance.as_ref().unwrap().id.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (EventKind::Down, "a".into()),
+                (EventKind::Update, "b".into()),
+                (EventKind::Up, "c".into()),
+            ]
+        );
+        // Nothing changed: nothing to send.
+        assert!(reconcile("s", &mut known, vec![up(inst("b", "x")), up(inst("c", ""))]).is_empty());
+    }
+
+    #[test]
+    fn instance_id_is_md5_of_proto_and_addr() {
+        assert_eq!(
+            instance_id("tcp", "127.0.0.1:5000"),
+            "f89ac025042901d1bbc6a6872a7af35a"
+        );
+    }
+}

@@ -1,0 +1,449 @@
+//! The HTTP API (spec §2.3–§2.6): services, instances, metadata, leaders, SSE watches,
+//! Raft management; plus the Raft RPC endpoints (`raft`).
+
+// Handlers return `Result<Response, Response>` (the error is a ready response, as in
+// axum's own examples); boxing it would only add an allocation per error.
+#![allow(clippy::result_large_err)]
+
+mod error;
+mod raft;
+mod sse;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use flynn_api::ApiError;
+use md5::{Digest, Md5};
+use openraft::error::{ClientWriteError, RaftError};
+
+use crate::node::Node;
+use crate::store::types::{
+    Command, Instance, Kinds, LeaderType, Rejection, ServiceConfig, ServiceMeta,
+};
+pub use error::ApiErr;
+
+type Res<T> = Result<T, ApiErr>;
+
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route(
+            "/services/{service}",
+            put(add_service).delete(remove_service).get(watch_service),
+        )
+        .route("/services/{service}/meta", put(set_meta).get(get_meta))
+        .route("/services/{service}/instances", get(list_instances))
+        .route(
+            "/services/{service}/instances/{id}",
+            put(add_instance).delete(remove_instance),
+        )
+        .route(
+            "/services/{service}/leader",
+            put(set_leader).get(get_leader),
+        )
+        .route("/ping", get(|| async { StatusCode::OK }))
+        .route("/.well-known/status", get(status))
+        .route("/shutdown", post(raft::shutdown))
+        .merge(raft::routes())
+        .layer(middleware::from_fn_with_state(node.clone(), edge))
+        .with_state(node)
+}
+
+/// Proxy redirects, the shutting-down gate and the `Discoverd-*` headers.
+async fn edge(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let internal = path.starts_with("/raft/rpc/")
+        || path == "/raft/promote"
+        || path == "/raft/demote"
+        || path == "/shutdown"
+        || path == "/ping"
+        || path == "/.well-known/status";
+    if node.shutting_down.load(Ordering::Relaxed) && !path.starts_with("/raft/rpc/") {
+        return ApiErr(ApiError::new(
+            flynn_api::ErrorCode::ServiceUnavailable,
+            "discoverd: shutting down",
+        ))
+        .into_response();
+    }
+    if !internal && !node.is_peer() {
+        let peers = node.peer_addrs();
+        if peers.is_empty() {
+            return no_leader().into_response();
+        }
+        let peer = &peers[fastrand::usize(..peers.len())];
+        return redirect(peer, req.uri());
+    }
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&node.shared.applied_index().to_string()) {
+        h.insert("discoverd-index", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&node.peer_addrs().join(",")) {
+        h.insert("discoverd-peers", v);
+    }
+    resp
+}
+
+fn redirect(host: &str, uri: &Uri) -> Response {
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+    let loc = format!("http://{host}{pq}");
+    let mut r = StatusCode::TEMPORARY_REDIRECT.into_response();
+    if let Ok(v) = HeaderValue::from_str(&loc) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+fn no_leader() -> ApiErr {
+    ApiErr(
+        ApiError::new(
+            flynn_api::ErrorCode::ServiceUnavailable,
+            "discoverd: no known leader",
+        )
+        .with_retry(true),
+    )
+}
+
+/// Writes are handled on the Raft leader; elsewhere they are redirected to it.
+fn leader_only(node: &Node, uri: &Uri) -> Result<(), Response> {
+    if node.is_leader() {
+        return Ok(());
+    }
+    match node.leader_addr() {
+        Some(l) if l != node.host => Err(redirect(&l, uri)),
+        _ => Err(no_leader().into_response()),
+    }
+}
+
+/// Proposes a command; maps rejections and leader changes to responses.
+async fn write(node: &Node, uri: &Uri, cmd: Command) -> Result<u64, Response> {
+    match node.raft.client_write(cmd).await {
+        Ok(r) => match r.data.rejected {
+            None => Ok(r.data.index),
+            Some(rej) => Err(ApiErr::from(rej).into_response()),
+        },
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            match f.leader_node.map(|n| n.addr) {
+                Some(addr) => Err(redirect(&addr, uri)),
+                None => Err(no_leader().into_response()),
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "raft write failed");
+            Err(ApiErr(ApiError::unknown().with_retry(true)).into_response())
+        }
+    }
+}
+
+fn check_service(name: &str) -> Res<()> {
+    if name.is_empty() {
+        return Err(ApiErr(ApiError::validation(
+            None,
+            "discoverd: service must be set",
+        )));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(ApiErr(ApiError::validation(
+            None,
+            "discoverd: service must be lowercase alphanumeric plus dash",
+        )));
+    }
+    Ok(())
+}
+
+/// Decodes a JSON body; `check_type` requires an `application/json` content type.
+fn decode<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &[u8],
+    check_type: bool,
+) -> Res<T> {
+    if check_type {
+        let ok = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("application/json"));
+        if !ok {
+            return Err(ApiErr(ApiError::validation(
+                None,
+                "Content-Type must be application/json",
+            )));
+        }
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        if e.is_eof() {
+            // Go reports a truncated body as an unclassified error (spec §0.1).
+            ApiErr(ApiError::unknown())
+        } else {
+            ApiErr(ApiError::syntax())
+        }
+    })
+}
+
+type Resp = Result<Response, Response>;
+
+fn e(err: ApiErr) -> Response {
+    err.into_response()
+}
+
+async fn add_service(
+    State(node): State<Arc<Node>>,
+    Path(service): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Resp {
+    check_service(&service).map_err(e)?;
+    let config: ServiceConfig = decode(&headers, &body, true).map_err(e)?;
+    leader_only(&node, &uri)?;
+    write(&node, &uri, Command::AddService { service, config }).await?;
+    Ok(StatusCode::OK.into_response())
+}
+
+async fn remove_service(
+    State(node): State<Arc<Node>>,
+    Path(service): Path<String>,
+    uri: Uri,
+) -> Resp {
+    check_service(&service).map_err(e)?;
+    leader_only(&node, &uri)?;
+    write(&node, &uri, Command::RemoveService { service }).await?;
+    Ok(StatusCode::OK.into_response())
+}
+
+async fn watch_service(State(node): State<Arc<Node>>, Path(service): Path<String>) -> Response {
+    sse::stream(&node, &service, Kinds::ALL)
+}
+
+async fn set_meta(
+    State(node): State<Arc<Node>>,
+    Path(service): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Resp {
+    check_service(&service).map_err(e)?;
+    let meta: ServiceMeta = decode(&headers, &body, true).map_err(e)?;
+    leader_only(&node, &uri)?;
+    let index = write(
+        &node,
+        &uri,
+        Command::SetMeta {
+            service,
+            meta: meta.clone(),
+        },
+    )
+    .await?;
+    let stored = ServiceMeta {
+        data: meta.data,
+        leader_id: None,
+        index,
+    };
+    Ok(Json(stored).into_response())
+}
+
+async fn get_meta(State(node): State<Arc<Node>>, Path(service): Path<String>) -> Resp {
+    check_service(&service).map_err(e)?;
+    let st = node.shared.lock();
+    if !st.registry.data.services.contains_key(&service) {
+        return Err(e(ApiErr::from(Rejection::ServiceNotFound(service))));
+    }
+    match st.registry.data.metas.get(&service) {
+        Some(m) => Ok(Json(m.clone()).into_response()),
+        None => Err(e(ApiErr(ApiError::object_not_found(
+            "service meta not found",
+        )))),
+    }
+}
+
+fn wants_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"))
+}
+
+async fn list_instances(
+    State(node): State<Arc<Node>>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+) -> Resp {
+    check_service(&service).map_err(e)?;
+    if wants_sse(&headers) {
+        return Ok(sse::stream(&node, &service, Kinds::INSTANCES));
+    }
+    let list = node.shared.lock().registry.instances(&service);
+    if list.is_empty() {
+        return Err(e(ApiErr(ApiError::object_not_found(format!(
+            "service not found: {service:?}"
+        )))));
+    }
+    Ok(Json(list).into_response())
+}
+
+/// `md5hex(proto + "-" + addr)` (spec §0.5).
+pub fn instance_id(proto: &str, addr: &str) -> String {
+    let d = Md5::digest(format!("{proto}-{addr}").as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn check_instance(inst: &Instance, path_id: &str) -> Res<()> {
+    let v = |m: &str| Err(ApiErr(ApiError::validation(None, m)));
+    if inst.proto.is_empty() {
+        return v("discoverd: proto must be set");
+    }
+    if !inst
+        .proto
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return v("discoverd: proto must be lowercase alphanumeric");
+    }
+    let addr_ok = inst
+        .addr
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    if !addr_ok {
+        return v("discoverd: addr must be in the form host:port");
+    }
+    let expected = instance_id(&inst.proto, &inst.addr);
+    if inst.id != expected {
+        return v(&format!(
+            "discoverd: instance id is incorrect, expected {expected}"
+        ));
+    }
+    if path_id != inst.id {
+        return v("discoverd: instance id does not match the path");
+    }
+    Ok(())
+}
+
+async fn add_instance(
+    State(node): State<Arc<Node>>,
+    Path((service, id)): Path<(String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Resp {
+    check_service(&service).map_err(e)?;
+    let mut inst: Instance = decode(&headers, &body, false).map_err(e)?;
+    check_instance(&inst, &id).map_err(e)?;
+    leader_only(&node, &uri)?;
+    inst.index = 0;
+    let unchanged = {
+        let st = node.shared.lock();
+        if !st.registry.data.services.contains_key(&service) {
+            return Err(e(ApiErr::from(Rejection::ServiceNotFound(service))));
+        }
+        st.registry
+            .instance(&service, &inst.id)
+            .is_some_and(|old| old.same_as(&inst))
+    };
+    // A heartbeat with nothing changed touches only the leader's memory.
+    if !unchanged {
+        write(
+            &node,
+            &uri,
+            Command::AddInstance {
+                service: service.clone(),
+                instance: inst,
+            },
+        )
+        .await?;
+    }
+    node.heartbeat(&service, &id);
+    Ok(StatusCode::OK.into_response())
+}
+
+async fn remove_instance(
+    State(node): State<Arc<Node>>,
+    Path((service, id)): Path<(String, String)>,
+    uri: Uri,
+) -> Resp {
+    check_service(&service).map_err(e)?;
+    leader_only(&node, &uri)?;
+    write(
+        &node,
+        &uri,
+        Command::RemoveInstance {
+            service: service.clone(),
+            id: id.clone(),
+        },
+    )
+    .await?;
+    node.forget(&service, &id);
+    Ok(StatusCode::OK.into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct LeaderBody {
+    #[serde(default)]
+    id: String,
+}
+
+async fn set_leader(
+    State(node): State<Arc<Node>>,
+    Path(service): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Resp {
+    check_service(&service).map_err(e)?;
+    let b: LeaderBody = decode(&headers, &body, true).map_err(e)?;
+    leader_only(&node, &uri)?;
+    let kind = node
+        .shared
+        .lock()
+        .registry
+        .data
+        .services
+        .get(&service)
+        .map(|c| c.leader_type);
+    if kind.is_some_and(|k| k != LeaderType::Manual) {
+        return Err(e(ApiErr(ApiError::validation(
+            None,
+            "service leader election type is not manual",
+        ))));
+    }
+    write(&node, &uri, Command::SetLeader { service, id: b.id }).await?;
+    Ok(StatusCode::OK.into_response())
+}
+
+async fn get_leader(
+    State(node): State<Arc<Node>>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+) -> Resp {
+    check_service(&service).map_err(e)?;
+    if wants_sse(&headers) {
+        return Ok(sse::stream(&node, &service, Kinds::LEADER));
+    }
+    match node.shared.lock().registry.leader(&service) {
+        Some(l) => Ok(Json(l).into_response()),
+        None => Err(e(ApiErr(ApiError::object_not_found("no leader found")))),
+    }
+}
+
+async fn status(State(node): State<Arc<Node>>) -> Response {
+    let detail = serde_json::json!({
+        "host": node.host,
+        "leader": node.leader_addr(),
+        "index": node.shared.applied_index(),
+    });
+    let body = flynn_api::Status::healthy(env!("CARGO_PKG_VERSION"), Some(detail));
+    let mut text = serde_json::to_string_pretty(&body).unwrap_or_default();
+    text.push('\n');
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from(text),
+    )
+        .into_response()
+}

@@ -1,0 +1,90 @@
+//! The one typed configuration of `flynn-discoverd`: flags > `FLYNN_*` environment >
+//! defaults, validated before any socket is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "flynn-discoverd", version, about = "Flynn's service discovery")]
+pub struct Config {
+    /// Directory for the Raft log, vote and snapshots.
+    #[arg(long, env = "FLYNN_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// HTTP listen address (API and Raft RPC share it).
+    #[arg(long, env = "FLYNN_ADDR", default_value = "0.0.0.0:1111")]
+    pub addr: SocketAddr,
+
+    /// Advertised `host:port` of this node (default: the bound address).
+    #[arg(long, env = "FLYNN_HOST")]
+    pub host: Option<String>,
+
+    /// Comma-separated Raft peers (default: this node alone). A node is a peer iff its
+    /// advertised address is in this list; otherwise it proxies to the peers.
+    #[arg(long, env = "FLYNN_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+
+    /// DNS listen address (UDP and TCP); not served when unset.
+    #[arg(long, env = "FLYNN_DNS_ADDR")]
+    pub dns_addr: Option<SocketAddr>,
+
+    /// Instance TTL without heartbeats (spec: 10s). Expiry waits 2×TTL after a leader
+    /// change.
+    #[arg(long, env = "FLYNN_INSTANCE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub instance_ttl: Duration,
+
+    /// Raft election timeout (minimum; the maximum is twice this).
+    #[arg(long, env = "FLYNN_ELECTION_TIMEOUT", default_value = "300ms", value_parser = humantime::parse_duration)]
+    pub election_timeout: Duration,
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.instance_ttl < Duration::from_millis(100) {
+            return Err("--instance-ttl must be at least 100ms".into());
+        }
+        if self.election_timeout < Duration::from_millis(50) {
+            return Err("--election-timeout must be at least 50ms".into());
+        }
+        for p in &self.peers {
+            if p.rsplit_once(':')
+                .and_then(|(_, port)| port.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(format!("bad peer {p:?}: expected host:port"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_interface_flags() {
+        let c = Config::try_parse_from([
+            "flynn-discoverd",
+            "--data-dir",
+            "/tmp/d",
+            "--addr",
+            "127.0.0.1:1111",
+            "--host",
+            "127.0.0.1:1111",
+            "--peers",
+            "127.0.0.1:1111,127.0.0.2:1111,127.0.0.3:1111",
+            "--dns-addr",
+            "127.0.0.1:5353",
+        ])
+        .unwrap();
+        assert_eq!(c.peers.len(), 3);
+        assert_eq!(c.instance_ttl, Duration::from_secs(10));
+        c.validate().unwrap();
+        let bad = Config::try_parse_from(["d", "--data-dir", "x", "--peers", "nope"]).unwrap();
+        assert!(bad.validate().is_err());
+    }
+}

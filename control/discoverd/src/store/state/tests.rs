@@ -1,0 +1,132 @@
+//! Table-style tests of the pure registry (spec §2.10 store_test).
+
+use super::*;
+use crate::store::types::{
+    Command, EventKind, Instance, Kinds, LeaderType, Rejection, ServiceConfig, ServiceMeta,
+};
+
+fn inst(port: u16) -> Instance {
+    Instance {
+        id: format!("i{port}"),
+        addr: format!("127.0.0.1:{port}"),
+        proto: "tcp".into(),
+        ..Instance::default()
+    }
+}
+
+fn add_service(r: &mut Registry, idx: u64, name: &str, lt: LeaderType) {
+    let res = r.apply(
+        idx,
+        Command::AddService {
+            service: name.into(),
+            config: ServiceConfig { leader_type: lt },
+        },
+    );
+    assert_eq!(res.rejected, None);
+}
+
+#[tokio::test]
+async fn meta_cas_table() {
+    let mut r = Registry::default();
+    let meta = |index| Command::SetMeta {
+        service: "s".into(),
+        meta: ServiceMeta {
+            data: serde_json::json!(1),
+            leader_id: None,
+            index,
+        },
+    };
+    assert_eq!(
+        r.apply(1, meta(0)).rejected,
+        Some(Rejection::ServiceNotFound("s".into()))
+    );
+    add_service(&mut r, 2, "s", LeaderType::Oldest);
+    assert_eq!(r.apply(3, meta(5)).rejected, Some(Rejection::MetaIndex));
+    assert_eq!(r.apply(4, meta(0)).index, 4);
+    assert_eq!(r.apply(5, meta(0)).rejected, Some(Rejection::MetaExists));
+    assert_eq!(r.apply(6, meta(3)).rejected, Some(Rejection::MetaIndex));
+    assert_eq!(r.apply(7, meta(4)).index, 7);
+    assert_eq!(r.data.metas["s"].index, 7);
+}
+
+#[tokio::test]
+async fn events_up_update_leader_down() {
+    let mut r = Registry::default();
+    add_service(&mut r, 1, "s", LeaderType::Oldest);
+    let mut rx = r.subscribe("s", Kinds::ALL, true);
+    assert_eq!(rx.recv().await.unwrap().unwrap().kind, EventKind::Current);
+    let add = |i: Instance| Command::AddInstance {
+        service: "s".into(),
+        instance: i,
+    };
+    assert_eq!(r.apply(2, add(inst(1))).index, 2);
+    // Same instance again: no event, index kept.
+    assert_eq!(r.apply(3, add(inst(1))).index, 2);
+    let mut changed = inst(1);
+    changed.meta.insert("k".into(), "v".into());
+    assert_eq!(r.apply(4, add(changed)).index, 2);
+    r.apply(5, add(inst(2)));
+    r.apply(
+        6,
+        Command::RemoveInstance {
+            service: "s".into(),
+            id: "i1".into(),
+        },
+    );
+    let mut kinds = Vec::new();
+    while let Ok(Ok(e)) = rx.try_recv() {
+        kinds.push(e.kind);
+    }
+    use EventKind::*;
+    assert_eq!(kinds, vec![Up, Leader, Update, Up, Down, Leader]);
+    assert_eq!(r.leader("s").unwrap().id, "i2");
+}
+
+#[tokio::test]
+async fn blocked_subscriber_is_dropped_with_an_error() {
+    let mut r = Registry::default();
+    add_service(&mut r, 1, "s", LeaderType::Manual);
+    let mut rx = r.subscribe("s", Kinds::ALL, false);
+    for i in 0..(SUBSCRIBER_BUFFER as u16 + 5) {
+        r.apply(
+            2 + u64::from(i),
+            Command::AddInstance {
+                service: "s".into(),
+                instance: inst(1000 + i),
+            },
+        );
+    }
+    let mut n = 0;
+    let mut last = None;
+    while let Some(item) = rx.recv().await {
+        n += 1;
+        last = Some(item);
+    }
+    assert_eq!(n, SUBSCRIBER_BUFFER + 1);
+    assert_eq!(last, Some(Err(BLOCKED_RECEIVER.to_string())));
+}
+
+#[tokio::test]
+async fn snapshot_restore_preserves_data() {
+    let mut r = Registry::default();
+    add_service(&mut r, 1, "s", LeaderType::Manual);
+    r.apply(
+        2,
+        Command::AddInstance {
+            service: "s".into(),
+            instance: inst(1),
+        },
+    );
+    r.apply(
+        3,
+        Command::SetLeader {
+            service: "s".into(),
+            id: "i1".into(),
+        },
+    );
+    let json = serde_json::to_vec(&r.data).unwrap();
+    let mut r2 = Registry::default();
+    r2.restore(serde_json::from_slice(&json).unwrap());
+    assert_eq!(r2.data, r.data);
+    assert_eq!(r2.leader("s").unwrap().id, "i1");
+}

@@ -1,0 +1,546 @@
+//! Single-node API scenarios (spec §2.3–§2.6, §2.10 handler/store tests) against a real
+//! `flynn-discoverd` process.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::*;
+
+async fn node() -> (tempfile::TempDir, Discoverd, reqwest::Client) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Discoverd::single(dir.path(), "1s");
+    let c = raw_client();
+    // Wait for the node to elect itself.
+    eventually(Duration::from_secs(10), || async {
+        let r = send(&c, "GET", &d.url("/raft/leader"), None).await.ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await
+    .expect("single node elects itself");
+    (dir, d, c)
+}
+
+#[tokio::test]
+async fn service_create_conflict_and_name_validation() {
+    let (_dir, d, c) = node().await;
+    let r = call(&c, "PUT", &d.url("/services/abc"), Some("{}")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, "");
+    assert!(r.header("discoverd-index").is_some());
+    assert_eq!(
+        r.header("discoverd-peers").as_deref(),
+        Some(d.addr.as_str())
+    );
+    let r = call(&c, "PUT", &d.url("/services/abc"), Some("{}")).await;
+    assert_eq!(r.status, 409);
+    assert_eq!(
+        r.body,
+        r#"{"code":"object_exists","message":"discoverd: service \"abc\" already exists","retry":false}"#
+    );
+    for bad in ["XXX", "a_b", "a.b"] {
+        let r = call(&c, "PUT", &d.url(&format!("/services/{bad}")), Some("{}")).await;
+        assert_eq!(r.status, 400, "{bad}");
+        assert_eq!(r.json()["code"], "validation_error");
+        assert_eq!(
+            r.json()["message"],
+            "discoverd: service must be lowercase alphanumeric plus dash"
+        );
+    }
+    // Truncated JSON is an unclassified error (500), bad JSON a syntax error.
+    let r = call(&c, "PUT", &d.url("/services/t1"), Some(r#"{"leader_type""#)).await;
+    assert_eq!(r.status, 500);
+    assert_eq!(r.json()["code"], "unknown_error");
+    let r = call(&c, "PUT", &d.url("/services/t1"), Some("{]")).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["code"], "syntax_error");
+    let r = c
+        .put(d.url("/services/t2"))
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // Delete: 200 then 404.
+    let r = call(&c, "DELETE", &d.url("/services/abc"), None).await;
+    assert_eq!(r.status, 200);
+    let r = call(&c, "DELETE", &d.url("/services/abc"), None).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["message"], r#"discoverd: service "abc" not found"#);
+}
+
+#[tokio::test]
+async fn instance_validation_and_listing() {
+    let (_dir, d, c) = node().await;
+    call(&c, "PUT", &d.url("/services/web"), Some("{}")).await;
+    let (id, body) = instance_json("127.0.0.1:5000");
+    // Unknown service.
+    let r = call(
+        &c,
+        "PUT",
+        &d.url(&format!("/services/nope/instances/{id}")),
+        Some(&body),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    // Zero instances: 404 with the quirky message.
+    let r = call(&c, "GET", &d.url("/services/web/instances"), None).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["message"], r#"service not found: "web""#);
+    // Missing proto.
+    let r = call(
+        &c,
+        "PUT",
+        &d.url(&format!("/services/web/instances/{id}")),
+        Some(r#"{"id":"x","addr":"127.0.0.1:5000"}"#),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["message"], "discoverd: proto must be set");
+    // Wrong id.
+    let r = call(
+        &c,
+        "PUT",
+        &d.url("/services/web/instances/abc"),
+        Some(r#"{"id":"abc","addr":"127.0.0.1:5000","proto":"tcp"}"#),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["message"],
+        format!("discoverd: instance id is incorrect, expected {id}")
+    );
+    // Register twice (heartbeat), then a second instance: sorted by index, index kept.
+    for _ in 0..2 {
+        let r = call(
+            &c,
+            "PUT",
+            &d.url(&format!("/services/web/instances/{id}")),
+            Some(&body),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, "");
+    }
+    let (id2, body2) = instance_json("127.0.0.1:5001");
+    call(
+        &c,
+        "PUT",
+        &d.url(&format!("/services/web/instances/{id2}")),
+        Some(&body2),
+    )
+    .await;
+    let list = call(&c, "GET", &d.url("/services/web/instances"), None)
+        .await
+        .json();
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![id.as_str(), id2.as_str()]);
+    assert!(list[0]["index"].as_u64().unwrap() < list[1]["index"].as_u64().unwrap());
+    // Deleting an unknown id of a service with instances is a silent 200; a service that
+    // never had instances is 404.
+    let r = call(
+        &c,
+        "DELETE",
+        &d.url("/services/web/instances/unknown"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    call(&c, "PUT", &d.url("/services/empty"), Some("{}")).await;
+    let r = call(
+        &c,
+        "DELETE",
+        &d.url("/services/empty/instances/unknown"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    assert!(r.json()["message"].as_str().unwrap().contains("empty"));
+}
+
+#[tokio::test]
+async fn meta_compare_and_swap_table() {
+    let (_dir, d, c) = node().await;
+    let url = d.url("/services/db/meta");
+    // Unknown service.
+    let r = call(&c, "PUT", &url, Some(r#"{"data":{"a":1},"index":0}"#)).await;
+    assert_eq!(r.status, 404);
+    call(&c, "PUT", &d.url("/services/db"), Some("{}")).await;
+    let r = call(&c, "GET", &url, None).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["message"], "service meta not found");
+    // index > 0 with no meta: 412.
+    let r = call(&c, "PUT", &url, Some(r#"{"data":{"a":1},"index":7}"#)).await;
+    assert_eq!(r.status, 412);
+    // Create.
+    let r = call(&c, "PUT", &url, Some(r#"{"data":{"foo":"bar"},"index":0}"#)).await;
+    assert_eq!(r.status, 200);
+    let m1 = r.json();
+    let i1 = m1["index"].as_u64().unwrap();
+    assert!(i1 > 0);
+    assert_eq!(m1["data"], json!({"foo":"bar"}));
+    // Create again: 409.
+    let r = call(&c, "PUT", &url, Some(r#"{"data":{"x":1},"index":0}"#)).await;
+    assert_eq!(r.status, 409);
+    // Wrong index: 412.
+    let r = call(
+        &c,
+        "PUT",
+        &url,
+        Some(&format!(r#"{{"data":{{"x":1}},"index":{}}}"#, i1 + 100)),
+    )
+    .await;
+    assert_eq!(r.status, 412);
+    assert_eq!(r.json()["code"], "precondition_failed");
+    // Right index: advances.
+    let r = call(
+        &c,
+        "PUT",
+        &url,
+        Some(&format!(r#"{{"data":{{"x":2}},"index":{i1}}}"#)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let i2 = r.json()["index"].as_u64().unwrap();
+    assert!(i2 > i1);
+    // The old index is stale now.
+    let r = call(
+        &c,
+        "PUT",
+        &url,
+        Some(&format!(r#"{{"data":{{"x":3}},"index":{i1}}}"#)),
+    )
+    .await;
+    assert_eq!(r.status, 412);
+    let got = call(&c, "GET", &url, None).await.json();
+    assert_eq!(got, json!({"data":{"x":2},"index":i2}));
+}
+
+#[tokio::test]
+async fn oldest_and_manual_leaders() {
+    let (_dir, d, c) = node().await;
+    call(&c, "PUT", &d.url("/services/old"), Some("{}")).await;
+    let r = call(&c, "GET", &d.url("/services/old/leader"), None).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["message"], "no leader found");
+    let (a, ba) = instance_json("127.0.0.1:6000");
+    let (b, bb) = instance_json("127.0.0.1:6001");
+    call(
+        &c,
+        "PUT",
+        &d.url(&format!("/services/old/instances/{a}")),
+        Some(&ba),
+    )
+    .await;
+    call(
+        &c,
+        "PUT",
+        &d.url(&format!("/services/old/instances/{b}")),
+        Some(&bb),
+    )
+    .await;
+    let l = call(&c, "GET", &d.url("/services/old/leader"), None)
+        .await
+        .json();
+    assert_eq!(l["id"], a.as_str());
+    assert!(
+        l["index"].as_u64().unwrap() > 0,
+        "leader carries its fencing index"
+    );
+    // Setting a leader on an oldest service is refused.
+    let r = call(
+        &c,
+        "PUT",
+        &d.url("/services/old/leader"),
+        Some(&format!(r#"{{"id":"{b}"}}"#)),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["message"],
+        "service leader election type is not manual"
+    );
+    // Removing the oldest makes the next one leader.
+    call(
+        &c,
+        "DELETE",
+        &d.url(&format!("/services/old/instances/{a}")),
+        None,
+    )
+    .await;
+    let l = call(&c, "GET", &d.url("/services/old/leader"), None)
+        .await
+        .json();
+    assert_eq!(l["id"], b.as_str());
+
+    // Manual.
+    call(
+        &c,
+        "PUT",
+        &d.url("/services/man"),
+        Some(r#"{"leader_type":"manual"}"#),
+    )
+    .await;
+    call(
+        &c,
+        "PUT",
+        &d.url(&format!("/services/man/instances/{a}")),
+        Some(&ba),
+    )
+    .await;
+    call(
+        &c,
+        "PUT",
+        &d.url(&format!("/services/man/instances/{b}")),
+        Some(&bb),
+    )
+    .await;
+    let r = call(&c, "GET", &d.url("/services/man/leader"), None).await;
+    assert_eq!(
+        r.status, 404,
+        "manual services have no leader until one is set"
+    );
+    let r = call(
+        &c,
+        "PUT",
+        &d.url("/services/man/leader"),
+        Some(&format!(r#"{{"id":"{b}"}}"#)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let l = call(&c, "GET", &d.url("/services/man/leader"), None)
+        .await
+        .json();
+    assert_eq!(l["id"], b.as_str());
+    // Leader for a missing service or instance is no error.
+    let r = call(
+        &c,
+        "PUT",
+        &d.url("/services/ghost/leader"),
+        Some(r#"{"id":"x"}"#),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // Meta with leader_id sets the leader.
+    let r = call(
+        &c,
+        "PUT",
+        &d.url("/services/man/meta"),
+        Some(&format!(r#"{{"data":{{}},"index":0,"leader_id":"{a}"}}"#)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.json().get("leader_id").is_none());
+    let l = call(&c, "GET", &d.url("/services/man/leader"), None)
+        .await
+        .json();
+    assert_eq!(l["id"], a.as_str());
+}
+
+#[tokio::test]
+async fn stream_replays_up_leader_meta_then_current_and_goes_live() {
+    let (_dir, d, c) = node().await;
+    call(&c, "PUT", &d.url("/services/s"), Some("{}")).await;
+    let (a, ba) = instance_json("127.0.0.1:7000");
+    let (b, bb) = instance_json("127.0.0.1:7001");
+    call(
+        &c,
+        "PUT",
+        &d.url(&format!("/services/s/instances/{a}")),
+        Some(&ba),
+    )
+    .await;
+    call(
+        &c,
+        "PUT",
+        &d.url(&format!("/services/s/instances/{b}")),
+        Some(&bb),
+    )
+    .await;
+    call(
+        &c,
+        "PUT",
+        &d.url("/services/s/meta"),
+        Some(r#"{"data":{"k":"v"},"index":0}"#),
+    )
+    .await;
+    let mut resp = c.get(d.url("/services/s")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream; charset=utf-8"
+    );
+    let evs = read_events(&mut resp, 5, Duration::from_secs(5)).await;
+    let kinds: Vec<&str> = evs.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, vec!["up", "up", "leader", "service_meta", "current"]);
+    assert_eq!(evs[0]["instance"]["id"], a.as_str());
+    assert_eq!(evs[1]["instance"]["id"], b.as_str());
+    assert_eq!(evs[2]["instance"]["id"], a.as_str());
+    // Live: removing the leader gives down then leader(b).
+    call(
+        &c,
+        "DELETE",
+        &d.url(&format!("/services/s/instances/{a}")),
+        None,
+    )
+    .await;
+    let evs = read_events(&mut resp, 2, Duration::from_secs(5)).await;
+    let kinds: Vec<&str> = evs.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, vec!["down", "leader"]);
+    assert_eq!(evs[1]["instance"]["id"], b.as_str());
+    // Changed meta of an instance: update, same index.
+    let upd = format!(r#"{{"id":"{b}","addr":"127.0.0.1:7001","proto":"tcp","meta":{{"x":"1"}}}}"#);
+    call(
+        &c,
+        "PUT",
+        &d.url(&format!("/services/s/instances/{b}")),
+        Some(&upd),
+    )
+    .await;
+    let evs = read_events(&mut resp, 1, Duration::from_secs(5)).await;
+    assert_eq!(evs[0]["kind"], "update");
+    assert_eq!(evs[0]["instance"]["meta"]["x"], "1");
+
+    // The instances stream has no `current` and no leader events.
+    let mut inst = c
+        .get(d.url("/services/s/instances"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let evs = read_events(&mut inst, 1, Duration::from_secs(5)).await;
+    assert_eq!(evs[0]["kind"], "up");
+    let more = read_events(&mut inst, 1, Duration::from_millis(300)).await;
+    assert!(more.is_empty(), "{more:?}");
+    // The leader stream sends only leader events.
+    let mut lead = c
+        .get(d.url("/services/s/leader"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let evs = read_events(&mut lead, 1, Duration::from_secs(5)).await;
+    assert_eq!(evs[0]["kind"], "leader");
+    // Deleting the service emits down for every instance and a leaderless leader event.
+    call(&c, "DELETE", &d.url("/services/s"), None).await;
+    let evs = read_events(&mut resp, 2, Duration::from_secs(5)).await;
+    let kinds: Vec<&str> = evs.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, vec!["down", "leader"]);
+    assert!(evs[1].get("instance").is_none());
+}
+
+#[tokio::test]
+async fn instances_expire_only_after_heartbeats_stop() {
+    // TTL 1 s: expiry is suppressed for 2 s after election, then 1 s without heartbeats.
+    let (_dir, d, c) = node().await;
+    call(&c, "PUT", &d.url("/services/hb"), Some("{}")).await;
+    let (a, ba) = instance_json("127.0.0.1:8000");
+    let (b, bb) = instance_json("127.0.0.1:8001");
+    let mut resp = c.get(d.url("/services/hb")).send().await.unwrap();
+    let _ = read_events(&mut resp, 1, Duration::from_secs(2)).await; // current
+                                                                     // Keep `a` alive for 4 s with 300 ms heartbeats; register `b` once.
+    call(
+        &c,
+        "PUT",
+        &d.url(&format!("/services/hb/instances/{b}")),
+        Some(&bb),
+    )
+    .await;
+    for _ in 0..14 {
+        let r = call(
+            &c,
+            "PUT",
+            &d.url(&format!("/services/hb/instances/{a}")),
+            Some(&ba),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let list = call(&c, "GET", &d.url("/services/hb/instances"), None)
+        .await
+        .json();
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![a.as_str()], "b expired, a kept alive");
+    let evs = read_events(&mut resp, 8, Duration::from_secs(1)).await;
+    assert!(
+        evs.iter()
+            .any(|e| e["kind"] == "down" && e["instance"]["id"] == b.as_str()),
+        "{evs:?}"
+    );
+    // Stop heartbeating `a`: it goes within a few TTLs.
+    let gone = eventually(Duration::from_secs(5), || async {
+        let r = send(&c, "GET", &d.url("/services/hb/instances"), None)
+            .await
+            .ok()?;
+        (r.status == 404).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "a expired after its heartbeats stopped");
+}
+
+#[tokio::test]
+async fn state_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Discoverd::single_fixed(dir.path(), "10s");
+    let c = client();
+    let up = |d: &Discoverd| {
+        let url = d.url("/raft/leader");
+        let c = c.clone();
+        async move {
+            eventually(Duration::from_secs(10), || async {
+                let r = send(&c, "GET", &url, None).await.ok()?;
+                (r.status == 200).then_some(())
+            })
+            .await
+            .expect("leader")
+        }
+    };
+    up(&d).await;
+    call(&c, "PUT", &d.url("/services/keep"), Some("{}")).await;
+    let m = call(
+        &c,
+        "PUT",
+        &d.url("/services/keep/meta"),
+        Some(r#"{"data":[1,2],"index":0}"#),
+    )
+    .await
+    .json();
+    let (a, ba) = instance_json("127.0.0.1:9000");
+    call(
+        &c,
+        "PUT",
+        &d.url(&format!("/services/keep/instances/{a}")),
+        Some(&ba),
+    )
+    .await;
+    d.kill();
+    d.start();
+    up(&d).await;
+    let got = eventually(Duration::from_secs(10), || async {
+        let r = send(&c, "GET", &d.url("/services/keep/meta"), None)
+            .await
+            .ok()?;
+        (r.status == 200).then(|| r.json())
+    })
+    .await
+    .expect("meta after restart");
+    assert_eq!(got, m);
+    let list = call(&c, "GET", &d.url("/services/keep/instances"), None)
+        .await
+        .json();
+    assert_eq!(list[0]["id"], a.as_str());
+}

@@ -1,0 +1,74 @@
+//! `flynn-client` against a real node: heartbeater keeps an instance alive and removes
+//! it on close; a watch survives a server restart and reports what changed meanwhile.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use flynn_client::discoverd::{Client, EventKind, Instance};
+use support::*;
+
+async fn next_kind(w: &mut flynn_client::discoverd::Watch) -> (EventKind, Option<String>) {
+    let ev = tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .expect("event in time")
+        .expect("watch open");
+    (ev.kind, ev.instance.map(|i| i.addr))
+}
+
+#[tokio::test]
+async fn heartbeater_and_resuming_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Discoverd::single_fixed(dir.path(), "10s");
+    let c = Client::new(&d.url(""));
+    eventually(Duration::from_secs(10), || async {
+        c.add_service("app", "oldest").await.ok()
+    })
+    .await
+    .expect("service created");
+    let mut w = c.watch("app");
+    assert_eq!(next_kind(&mut w).await.0, EventKind::Current);
+    let hb = c
+        .heartbeat(
+            "app",
+            Instance {
+                addr: "127.0.0.1:4000".into(),
+                ..Instance::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        next_kind(&mut w).await,
+        (EventKind::Up, Some("127.0.0.1:4000".into()))
+    );
+    assert_eq!(next_kind(&mut w).await.0, EventKind::Leader);
+    assert_eq!(c.instances("app").await.unwrap().len(), 1);
+
+    // Restart the server; meanwhile nothing is lost: a registration made while the watch
+    // is reconnecting is reported as `up` after it resumes.
+    d.kill();
+    d.start();
+    let other = Instance {
+        addr: "127.0.0.1:4001".into(),
+        ..Instance::default()
+    };
+    eventually(Duration::from_secs(10), || async {
+        c.register("app", &other).await.ok()
+    })
+    .await
+    .expect("register after restart");
+    let (kind, addr) = next_kind(&mut w).await;
+    assert_eq!(
+        (kind, addr.as_deref()),
+        (EventKind::Up, Some("127.0.0.1:4001"))
+    );
+
+    hb.close().await;
+    let (kind, addr) = next_kind(&mut w).await;
+    assert_eq!(
+        (kind, addr.as_deref()),
+        (EventKind::Down, Some("127.0.0.1:4000"))
+    );
+}

@@ -1,0 +1,269 @@
+//! Three-node clusters on 127.0.0.1/2/3 (one probed port): follower redirects, leader
+//! failover after SIGKILL with no acknowledged write lost, full restart from disk, and a
+//! crash in the middle of concurrent writes.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::*;
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    nodes: Vec<Discoverd>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let port = (0..20)
+            .map(|_| free_port("127.0.0.1"))
+            .find(|p| {
+                ["127.0.0.2", "127.0.0.3"]
+                    .iter()
+                    .all(|ip| std::net::TcpListener::bind((*ip, *p)).is_ok())
+            })
+            .expect("a port free on all three addresses");
+        let addrs: Vec<String> = (1..=3).map(|i| format!("127.0.0.{i}:{port}")).collect();
+        let peers = addrs.join(",");
+        let nodes = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                Discoverd::spawn(
+                    &dir.path().join(format!("n{i}")),
+                    vec![
+                        "--addr".into(),
+                        a.clone(),
+                        "--host".into(),
+                        a.clone(),
+                        "--peers".into(),
+                        peers.clone(),
+                        "--instance-ttl".into(),
+                        "10s".into(),
+                    ],
+                )
+            })
+            .collect();
+        Cluster { _dir: dir, nodes }
+    }
+
+    /// The leader all running nodes agree on.
+    async fn leader(&self) -> usize {
+        let c = raw_client();
+        eventually(Duration::from_secs(15), || async {
+            let mut seen = BTreeSet::new();
+            for n in self.nodes.iter().filter(|n| n.is_running()) {
+                let r = send(&c, "GET", &n.url("/raft/leader"), None).await.ok()?;
+                if r.status != 200 {
+                    return None;
+                }
+                seen.insert(r.json()["host"].as_str()?.to_string());
+            }
+            if seen.len() != 1 {
+                return None;
+            }
+            let host = seen.into_iter().next()?;
+            self.nodes
+                .iter()
+                .position(|n| n.is_running() && n.addr == host)
+        })
+        .await
+        .expect("the cluster agrees on a running leader")
+    }
+}
+
+#[tokio::test]
+async fn follower_redirects_writes_and_serves_reads() {
+    let cl = Cluster::start();
+    let l = cl.leader().await;
+    let f = (l + 1) % 3;
+    let raw = raw_client();
+    let r = call(&raw, "PUT", &cl.nodes[f].url("/services/red"), Some("{}")).await;
+    assert_eq!(r.status, 307);
+    assert_eq!(
+        r.header("location").unwrap(),
+        format!("http://{}/services/red", cl.nodes[l].addr)
+    );
+    // A client that follows redirects (with the body) gets the write done.
+    let c = client();
+    let r = call(&c, "PUT", &cl.nodes[f].url("/services/red"), Some("{}")).await;
+    assert_eq!(r.status, 200);
+    let peers = call(&raw, "GET", &cl.nodes[f].url("/raft/peers"), None)
+        .await
+        .json();
+    assert_eq!(peers.as_array().unwrap().len(), 3);
+    // Reads on a follower see the write once it is applied there.
+    let (a, ba) = instance_json("127.0.0.1:5555");
+    call(
+        &c,
+        "PUT",
+        &cl.nodes[f].url(&format!("/services/red/instances/{a}")),
+        Some(&ba),
+    )
+    .await;
+    let seen = eventually(Duration::from_secs(5), || async {
+        let r = send(
+            &raw,
+            "GET",
+            &cl.nodes[f].url("/services/red/instances"),
+            None,
+        )
+        .await
+        .ok()?;
+        (r.status == 200).then(|| r.json())
+    })
+    .await
+    .expect("follower applies the registration");
+    assert_eq!(seen[0]["id"], a.as_str());
+}
+
+/// Creates services `prefix-i` through any node (following redirects) until `stop`;
+/// records the acknowledged ones.
+async fn writer(urls: Vec<String>, prefix: String, count: usize, acked: Arc<Mutex<Vec<String>>>) {
+    let c = client();
+    for i in 0..count {
+        let name = format!("{prefix}-{i}");
+        let url = &urls[i % urls.len()];
+        if let Ok(r) = send(&c, "PUT", &format!("{url}/services/{name}"), Some("{}")).await {
+            if r.status == 200 {
+                acked.lock().unwrap().push(name);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// True when `node` has applied service `name` (its meta lookup finds the service).
+async fn has_service(node: &Discoverd, name: &str) -> Option<bool> {
+    let r = send(
+        &raw_client(),
+        "GET",
+        &node.url(&format!("/services/{name}/meta")),
+        None,
+    )
+    .await
+    .ok()?;
+    match r.status {
+        200 => Some(true),
+        404 => Some(r.json()["message"] == "service meta not found"),
+        _ => None,
+    }
+}
+
+/// Every name is (eventually, as `node` applies the log) present on `node`.
+async fn assert_all_present(node: &Discoverd, names: &[String]) {
+    for name in names {
+        let found = eventually(Duration::from_secs(10), || async {
+            has_service(node, name).await.filter(|p| *p)
+        })
+        .await;
+        assert!(found.is_some(), "acknowledged service {name} lost");
+    }
+}
+
+#[tokio::test]
+async fn leader_sigkill_fails_over_without_losing_acknowledged_writes() {
+    let mut cl = Cluster::start();
+    let l = cl.leader().await;
+    let urls: Vec<String> = cl.nodes.iter().map(|n| n.url("")).collect();
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let w = tokio::spawn(writer(urls.clone(), "pre".into(), 40, acked.clone()));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let killed_at = std::time::Instant::now();
+    cl.nodes[l].kill();
+    w.await.unwrap();
+    let nl = cl.leader().await;
+    assert_ne!(nl, l);
+    eprintln!("failover observed after {:?}", killed_at.elapsed());
+    // Writes continue on the new leader.
+    let live: Vec<String> = cl
+        .nodes
+        .iter()
+        .filter(|n| n.is_running())
+        .map(|n| n.url(""))
+        .collect();
+    let after = Arc::new(Mutex::new(Vec::new()));
+    writer(live, "post".into(), 10, after.clone()).await;
+    assert_eq!(
+        after.lock().unwrap().len(),
+        10,
+        "writes continue after failover"
+    );
+    let all: Vec<String> = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .chain(after.lock().unwrap().iter())
+        .cloned()
+        .collect();
+    assert_all_present(&cl.nodes[nl], &all).await;
+    // The killed node comes back and catches up.
+    cl.nodes[l].start();
+    assert_all_present(&cl.nodes[l], &all).await;
+}
+
+#[tokio::test]
+async fn restart_all_nodes_recovers_state_from_disk() {
+    let mut cl = Cluster::start();
+    cl.leader().await;
+    let urls: Vec<String> = cl.nodes.iter().map(|n| n.url("")).collect();
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    writer(urls, "keep".into(), 15, acked.clone()).await;
+    let c = client();
+    let m = call(
+        &c,
+        "PUT",
+        &cl.nodes[0].url("/services/keep-0/meta"),
+        Some(r#"{"data":"v","index":0}"#),
+    )
+    .await;
+    assert_eq!(m.status, 200);
+    for n in cl.nodes.iter_mut() {
+        n.kill();
+    }
+    for n in cl.nodes.iter_mut() {
+        n.start();
+    }
+    let l = cl.leader().await;
+    let names = acked.lock().unwrap().clone();
+    assert_eq!(names.len(), 15);
+    assert_all_present(&cl.nodes[l], &names).await;
+    let got = call(
+        &client(),
+        "GET",
+        &cl.nodes[l].url("/services/keep-0/meta"),
+        None,
+    )
+    .await;
+    assert_eq!(got.json(), m.json());
+}
+
+#[tokio::test]
+async fn sigkill_mid_writes_then_restart_keeps_every_acknowledged_write() {
+    let mut cl = Cluster::start();
+    cl.leader().await;
+    let urls: Vec<String> = cl.nodes.iter().map(|n| n.url("")).collect();
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..4)
+        .map(|w| tokio::spawn(writer(urls.clone(), format!("w{w}"), 30, acked.clone())))
+        .collect();
+    // Kill every node, one by one, in the middle of the writes; restart each at once.
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cl.nodes[i].kill();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cl.nodes[i].start();
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let l = cl.leader().await;
+    let names = acked.lock().unwrap().clone();
+    assert!(!names.is_empty());
+    eprintln!("{} acknowledged writes", names.len());
+    assert_all_present(&cl.nodes[l], &names).await;
+}

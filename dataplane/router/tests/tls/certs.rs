@@ -1,0 +1,247 @@
+//! Which certificate is presented: route certificates, wildcards, updates, bad input.
+
+use crate::client::{client_config, self_signed, TlsConn};
+use crate::support::{http_route, Backend};
+use crate::{cert_route, https, https_builder, setup, tls_connect};
+
+#[test]
+fn route_with_its_own_certificate_is_served_with_it() {
+    let (router, _b1, default) = setup();
+    let own = self_signed(&["b.example.com"]);
+    let b2 = Backend::start("b2");
+    let route = router.add_route(cert_route("b.example.com", "web2", &own));
+    router.set_backends("web2", &[&b2]);
+    let cert_id = route["certificate"]["id"].as_str().expect("certificate id");
+    assert!(crate::support::is_uuid(cert_id), "{route}");
+
+    let mut conn = tls_connect(&router, "b.example.com", &[&default, &own]);
+    assert_eq!(conn.peer_cert(), own.der, "the route's own certificate");
+    assert_eq!(conn.get("b.example.com", "/").seen().backend, "b2");
+    // The route without a certificate keeps the default keypair.
+    let mut conn = tls_connect(&router, "a.example.com", &[&default, &own]);
+    assert_eq!(conn.peer_cert(), default.der, "default keypair");
+    assert_eq!(conn.get("a.example.com", "/").seen().backend, "b1");
+}
+
+#[test]
+fn route_certificate_works_without_a_default_keypair() {
+    let router = https_builder().start();
+    let own = self_signed(&["b.example.com"]);
+    let b = Backend::start("b");
+    router.add_route(cert_route("b.example.com", "web", &own));
+    router.add_route(http_route("nocert.example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let mut conn = tls_connect(&router, "b.example.com", &[&own]);
+    assert_eq!(conn.peer_cert(), own.der);
+    assert_eq!(conn.get("b.example.com", "/").status, 200);
+    // A routed domain with neither its own certificate nor a default: no handshake.
+    let res = TlsConn::connect(
+        https(&router),
+        "nocert.example.com",
+        client_config(&[&own], None),
+    );
+    assert!(
+        res.is_err(),
+        "no certificate available must fail the handshake"
+    );
+}
+
+#[test]
+fn legacy_tls_cert_and_key_fields_are_accepted() {
+    let (router, _b1, default) = setup();
+    let own = self_signed(&["legacy.example.com"]);
+    let mut r = http_route("legacy.example.com", "web");
+    r["tls_cert"] = own.cert_pem.clone().into();
+    r["tls_key"] = own.key_pem.clone().into();
+    let stored = router.add_route(r);
+    assert!(stored["certificate"]["id"].is_string(), "{stored}");
+    let mut conn = tls_connect(&router, "legacy.example.com", &[&default, &own]);
+    assert_eq!(conn.peer_cert(), own.der);
+    assert_eq!(conn.get("legacy.example.com", "/").status, 200);
+}
+
+#[test]
+fn two_routes_share_a_wildcard_certificate() {
+    let (router, _b1, default) = setup();
+    let wild = self_signed(&["*.example.com"]);
+    let b2 = Backend::start("b2");
+    let b3 = Backend::start("b3");
+    let r1 = router.add_route(cert_route("one.example.com", "one", &wild));
+    let r2 = router.add_route(cert_route("two.example.com", "two", &wild));
+    router.set_backends("one", &[&b2]);
+    router.set_backends("two", &[&b3]);
+    // Deduplicated: one certificate, used by both routes.
+    let id = r1["certificate"]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        r2["certificate"]["id"].as_str(),
+        Some(id.as_str()),
+        "{r1}\n{r2}"
+    );
+    let (status, routes) = router.api("GET", &format!("/certificates/{id}/routes"), None);
+    assert_eq!(status, 200, "{routes}");
+    let mut ids: Vec<&str> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    let mut want = vec![r1["id"].as_str().unwrap(), r2["id"].as_str().unwrap()];
+    want.sort();
+    assert_eq!(ids, want);
+
+    for (host, backend) in [("one.example.com", "b2"), ("two.example.com", "b3")] {
+        let mut conn = tls_connect(&router, host, &[&wild]);
+        assert_eq!(conn.peer_cert(), wild.der, "{host}");
+        assert_eq!(conn.get(host, "/").seen().backend, backend, "{host}");
+    }
+    // a.example.com still gets the default keypair, not the wildcard.
+    let conn = tls_connect(&router, "a.example.com", &[&default]);
+    assert_eq!(conn.peer_cert(), default.der);
+}
+
+#[test]
+fn wildcard_route_domain_selects_its_certificate_by_sni() {
+    let (router, _b1, default) = setup();
+    let wild = self_signed(&["*.apps.test"]);
+    let exact = self_signed(&["special.apps.test"]);
+    let bw = Backend::start("bw");
+    let bx = Backend::start("bx");
+    router.add_route(cert_route("*.apps.test", "wild", &wild));
+    router.add_route(cert_route("special.apps.test", "exact", &exact));
+    router.set_backends("wild", &[&bw]);
+    router.set_backends("exact", &[&bx]);
+    let roots = [&default, &wild, &exact];
+    let mut conn = tls_connect(&router, "foo.apps.test", &roots);
+    assert_eq!(conn.peer_cert(), wild.der);
+    assert_eq!(conn.get("foo.apps.test", "/").seen().backend, "bw");
+    let mut conn = tls_connect(&router, "special.apps.test", &roots);
+    assert_eq!(conn.peer_cert(), exact.der, "exact beats wildcard");
+    assert_eq!(conn.get("special.apps.test", "/").seen().backend, "bx");
+}
+
+#[test]
+fn certificate_update_applies_to_new_handshakes_and_keeps_open_connections() {
+    let (router, _b1, default) = setup();
+    let old = self_signed(&["c.example.com"]);
+    let new = self_signed(&["c.example.com"]);
+    let bc = Backend::start("bc");
+    let route = router.add_route(cert_route("c.example.com", "c", &old));
+    router.set_backends("c", &[&bc]);
+    let roots = [&default, &old, &new];
+
+    let mut kept = tls_connect(&router, "c.example.com", &roots);
+    assert_eq!(kept.peer_cert(), old.der);
+    assert_eq!(kept.get("c.example.com", "/before").status, 200);
+
+    let mut update = route.clone();
+    update["certificate"] = new.json();
+    let updated = router.update_route(&update);
+    assert_ne!(
+        updated["certificate"]["id"], route["certificate"]["id"],
+        "a new certificate gets a new id"
+    );
+
+    let mut fresh = tls_connect(&router, "c.example.com", &roots);
+    assert_eq!(
+        fresh.peer_cert(),
+        new.der,
+        "new handshakes get the new certificate"
+    );
+    assert_eq!(fresh.get("c.example.com", "/fresh").seen().backend, "bc");
+
+    // The keep-alive connection opened before the update still works.
+    for i in 0..3 {
+        let resp = kept.get("c.example.com", &format!("/after{i}"));
+        assert_eq!(resp.seen().uri, format!("/after{i}"));
+    }
+    assert_eq!(kept.peer_cert(), old.der);
+}
+
+#[test]
+fn bad_certificate_never_breaks_the_listener_or_other_routes() {
+    let (router, b1, default) = setup();
+    let own = self_signed(&["b.example.com"]);
+    let route_b = router.add_route(cert_route("b.example.com", "web", &own));
+    let stranger = self_signed(&["x.example.com"]);
+    let (_, routes_before) = router.api("GET", "/routes", None);
+
+    let bad_bodies = [
+        // Mismatched pair.
+        serde_json::json!({"cert": own.cert_pem, "key": stranger.key_pem}),
+        // Garbage.
+        serde_json::json!({"cert": "not a pem", "key": "neither"}),
+        // Truncated certificate.
+        serde_json::json!({"cert": &own.cert_pem[..own.cert_pem.len() / 2], "key": own.key_pem}),
+        // Key missing.
+        serde_json::json!({"cert": own.cert_pem, "key": ""}),
+    ];
+    for bad in &bad_bodies {
+        let mut r = http_route("bad.example.com", "web");
+        r["certificate"] = bad.clone();
+        let (status, body) = router.api("POST", "/routes", Some(&r.to_string()));
+        assert_eq!(status, 400, "POST bad certificate {bad} -> {body}");
+        assert_eq!(body["code"], "validation_error", "{body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("Certificate invalid"),
+            "{body}"
+        );
+        // Replacing an existing route's certificate with a bad one fails too and changes
+        // nothing.
+        let mut upd = route_b.clone();
+        upd["certificate"] = bad.clone();
+        let path = crate::support::router::route_path(&route_b);
+        let (status, body) = router.api("PUT", &path, Some(&upd.to_string()));
+        assert_eq!(status, 400, "PUT bad certificate {bad} -> {body}");
+        assert_eq!(body["code"], "validation_error", "{body}");
+    }
+    // Legacy fields are validated the same way.
+    let mut r = http_route("bad.example.com", "web");
+    r["tls_cert"] = own.cert_pem.clone().into();
+    r["tls_key"] = stranger.key_pem.clone().into();
+    let (status, body) = router.api("POST", "/routes", Some(&r.to_string()));
+    assert_eq!(status, 400, "{body}");
+
+    let (_, routes_after) = router.api("GET", "/routes", None);
+    assert_eq!(routes_before, routes_after, "no route was added or changed");
+    let (status, got) = router.api("GET", &crate::support::router::route_path(&route_b), None);
+    assert_eq!(status, 200);
+    assert_eq!(got["certificate"]["id"], route_b["certificate"]["id"]);
+
+    // Both HTTPS routes still work with their certificates; bad.example.com has no route.
+    let roots = [&default, &own, &stranger];
+    let mut a = tls_connect(&router, "a.example.com", &roots);
+    assert_eq!(a.peer_cert(), default.der);
+    assert_eq!(a.get("a.example.com", "/").status, 200);
+    let mut b = tls_connect(&router, "b.example.com", &roots);
+    assert_eq!(b.peer_cert(), own.der);
+    assert_eq!(b.get("b.example.com", "/").status, 200);
+    assert!(TlsConn::connect(
+        https(&router),
+        "bad.example.com",
+        client_config(&roots, None)
+    )
+    .is_err());
+    assert!(b1.request_count() >= 2);
+}
+
+#[test]
+fn deleting_a_route_removes_its_sni_name() {
+    let (router, _b1, default) = setup();
+    let own = self_signed(&["b.example.com"]);
+    let route = router.add_route(cert_route("b.example.com", "web", &own));
+    let roots = [&default, &own];
+    let conn = tls_connect(&router, "b.example.com", &roots);
+    assert_eq!(conn.peer_cert(), own.der);
+    router.delete_route(&route);
+    let res = TlsConn::connect(https(&router), "b.example.com", client_config(&roots, None));
+    assert!(res.is_err(), "SNI of a deleted route must not handshake");
+    // Adding it back (same certificate, same stored id) brings it back.
+    let again = router.add_route(cert_route("b.example.com", "web", &own));
+    assert_eq!(again["certificate"]["id"], route["certificate"]["id"]);
+    let conn = tls_connect(&router, "b.example.com", &roots);
+    assert_eq!(conn.peer_cert(), own.der);
+}

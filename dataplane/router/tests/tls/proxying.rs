@@ -1,0 +1,243 @@
+//! Proxying over TLS: forwarded headers, keep-alive, upgrades, PROXY protocol.
+
+use crate::client::{client_config, self_signed, TlsConn};
+use crate::support::{handlers, http_route, Backend};
+use crate::{https, https_builder, setup, tls_connect};
+
+#[test]
+fn forwarded_headers_say_https_and_the_https_port() {
+    let (router, _b1, default) = setup();
+    let mut conn = tls_connect(&router, "a.example.com", &[&default]);
+    let seen = conn.get("a.example.com", "/h").seen();
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"), "{seen:?}");
+    let port = https(&router).port().to_string();
+    assert_eq!(
+        seen.header("x-forwarded-port"),
+        Some(port.as_str()),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("127.0.0.1"),
+        "{seen:?}"
+    );
+    assert_eq!(seen.headers_all("x-forwarded-proto").len(), 1);
+
+    // Client-supplied values are kept and the router appends its own (as on plain HTTP),
+    // so the last element is always the truth: https and the HTTPS port.
+    let seen = conn
+        .request(
+            "GET /spoof HTTP/1.1\r\nHost: a.example.com\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Port: 1\r\n\r\n",
+        )
+        .seen();
+    assert_eq!(
+        seen.headers_all("x-forwarded-proto"),
+        vec!["http, https"],
+        "{seen:?}"
+    );
+    let want_port = format!("1, {port}");
+    assert_eq!(
+        seen.headers_all("x-forwarded-port"),
+        vec![want_port.as_str()],
+        "{seen:?}"
+    );
+
+    // The plain listener says http and its own port.
+    let plain = crate::support::get(router.http_addr, "a.example.com", "/p").seen();
+    assert_eq!(plain.header("x-forwarded-proto"), Some("http"));
+    let hport = router.http_addr.port().to_string();
+    assert_eq!(plain.header("x-forwarded-port"), Some(hport.as_str()));
+}
+
+#[test]
+fn keep_alive_over_tls_uses_one_upstream_connection() {
+    let (router, b1, default) = setup();
+    let mut conn = tls_connect(&router, "a.example.com", &[&default]);
+    for i in 0..5 {
+        let seen = conn.get("a.example.com", &format!("/k{i}")).seen();
+        assert_eq!(seen.uri, format!("/k{i}"));
+        assert_eq!(
+            seen.conn, 1,
+            "request {i} on upstream connection {}",
+            seen.conn
+        );
+    }
+    // A POST with a body on the same connection.
+    let body = "x".repeat(20_000);
+    let seen = conn
+        .request(&format!(
+            "POST /post HTTP/1.1\r\nHost: a.example.com\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+        .seen();
+    assert_eq!(seen.body.len(), body.len());
+    assert_eq!(b1.accepted(), 1, "one upstream connection for six requests");
+    assert_eq!(b1.request_count(), 6);
+
+    // Connection: close ends the TLS connection after the response.
+    let resp =
+        conn.request("GET /last HTTP/1.1\r\nHost: a.example.com\r\nConnection: close\r\n\r\n");
+    assert_eq!(resp.status, 200);
+    let rest = conn.read_to_end().expect("EOF after Connection: close");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+}
+
+#[test]
+fn upgrade_echoes_over_tls() {
+    let default = self_signed(&["ws.example.com"]);
+    let router = crate::router_with_default(&default);
+    let b = Backend::with_handler("ws", handlers::upgrade_echo);
+    router.add_route(http_route("ws.example.com", "ws"));
+    router.set_backends("ws", &[&b]);
+    let mut conn = tls_connect(&router, "ws.example.com", &[&default]);
+    // A plain request first, then the upgrade on the same TLS connection.
+    assert_eq!(conn.get("ws.example.com", "/plain").status, 200);
+    let resp = conn.request(
+        "GET /ws HTTP/1.1\r\nHost: ws.example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    assert_eq!(resp.status, 101, "{resp:?}");
+    assert_eq!(resp.header("upgrade"), Some("websocket"));
+    assert_eq!(resp.header("x-backend"), Some("ws"));
+    for msg in ["ping-1", "second message", &"y".repeat(40_000)] {
+        conn.send(msg.as_bytes());
+        let got = conn
+            .read_exact_n(msg.len())
+            .expect("echo through the tunnel");
+        assert_eq!(got, msg.as_bytes());
+    }
+    let seen = b
+        .requests()
+        .into_iter()
+        .find(|r| r.uri == "/ws")
+        .expect("upgrade seen");
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(
+        seen.header("sec-websocket-key"),
+        Some("dGhlIHNhbXBsZSBub25jZQ==")
+    );
+}
+
+#[test]
+fn proxy_v1_prefix_before_the_client_hello_sets_x_forwarded_for() {
+    let default = self_signed(&["a.example.com"]);
+    let router = https_builder()
+        .arg("--proxy-protocol")
+        .env("TLSCERT", default.cert_pem.clone())
+        .env("TLSKEY", default.key_pem.clone())
+        .start();
+    let b1 = Backend::start("b1");
+    router.add_route(http_route("a.example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    let cfg = || client_config(&[&default], None);
+
+    let prefix = format!(
+        "PROXY TCP4 203.0.113.7 127.0.0.1 40000 {}\r\n",
+        https(&router).port()
+    );
+    let mut conn =
+        TlsConn::connect_with_prefix(https(&router), "a.example.com", cfg(), prefix.as_bytes())
+            .unwrap_or_else(|e| panic!("TLS after PROXY prefix: {e}\n{}", router.log()));
+    assert_eq!(conn.peer_cert(), default.der);
+    let seen = conn.get("a.example.com", "/pp").seen();
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.7"),
+        "{seen:?}"
+    );
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+    // The source address sticks for the whole connection.
+    let seen = conn.get("a.example.com", "/pp2").seen();
+    assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.7"));
+
+    // A prefix split across two TCP segments.
+    let (p1, p2) = prefix.as_bytes().split_at(12);
+    let mut conn =
+        TlsConn::connect_with_prefix_parts(https(&router), "a.example.com", cfg(), &[p1, p2])
+            .expect("TLS after a split PROXY prefix");
+    let seen = conn.get("a.example.com", "/split").seen();
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.7"),
+        "{seen:?}"
+    );
+
+    // IPv6 source.
+    let prefix6 = "PROXY TCP6 2001:db8::1 ::1 40000 443\r\n";
+    let mut conn =
+        TlsConn::connect_with_prefix(https(&router), "a.example.com", cfg(), prefix6.as_bytes())
+            .expect("TLS after PROXY TCP6 prefix");
+    let seen = conn.get("a.example.com", "/pp6").seen();
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("2001:db8::1"),
+        "{seen:?}"
+    );
+
+    // PROXY v2 (binary) prefix, TCP over IPv4.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    v2.extend_from_slice(&[198, 51, 100, 9, 127, 0, 0, 1]);
+    v2.extend_from_slice(&40001u16.to_be_bytes());
+    v2.extend_from_slice(&443u16.to_be_bytes());
+    let mut conn = TlsConn::connect_with_prefix(https(&router), "a.example.com", cfg(), &v2)
+        .expect("TLS after PROXY v2 prefix");
+    let seen = conn.get("a.example.com", "/v2").seen();
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("198.51.100.9"),
+        "{seen:?}"
+    );
+
+    // Without a prefix TLS is still served, with the real peer address.
+    let mut conn = tls_connect(&router, "a.example.com", &[&default]);
+    let seen = conn.get("a.example.com", "/direct").seen();
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+
+    // A malformed prefix closes the connection (no handshake) and harms nothing else.
+    let res = TlsConn::connect_with_prefix(
+        https(&router),
+        "a.example.com",
+        cfg(),
+        b"PROXY BOGUS nonsense\r\n",
+    );
+    assert!(res.is_err(), "malformed PROXY prefix must not handshake");
+    let mut conn = tls_connect(&router, "a.example.com", &[&default]);
+    assert_eq!(conn.get("a.example.com", "/ok").status, 200);
+}
+
+#[test]
+fn additional_https_listener_serves_routes_naming_its_port() {
+    let default = self_signed(&["a.example.com", "p.example.com"]);
+    let router = https_builder()
+        .arg("--https-addr")
+        .arg("127.0.0.1:0")
+        .env("TLSCERT", default.cert_pem.clone())
+        .env("TLSKEY", default.key_pem.clone())
+        .start();
+    assert_eq!(router.https_addrs.len(), 2, "two https= addresses");
+    let (first, second) = (router.https_addrs[0], router.https_addrs[1]);
+    let b1 = Backend::start("b1");
+    let b2 = Backend::start("b2");
+    router.add_route(http_route("a.example.com", "web"));
+    let mut r = http_route("p.example.com", "extra");
+    r["port"] = second.port().into();
+    router.add_route(r);
+    router.set_backends("web", &[&b1]);
+    router.set_backends("extra", &[&b2]);
+    let cfg = || client_config(&[&default], None);
+
+    let mut c = TlsConn::connect(second, "p.example.com", cfg()).expect("handshake on 2nd");
+    let seen = c.get("p.example.com", "/").seen();
+    assert_eq!(seen.backend, "b2");
+    let port = second.port().to_string();
+    assert_eq!(seen.header("x-forwarded-port"), Some(port.as_str()));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+
+    // The default route lives on the first HTTPS port.
+    let mut c = TlsConn::connect(first, "a.example.com", cfg()).expect("handshake on 1st");
+    let seen = c.get("a.example.com", "/").seen();
+    assert_eq!(seen.backend, "b1");
+    let port = first.port().to_string();
+    assert_eq!(seen.header("x-forwarded-port"), Some(port.as_str()));
+}
