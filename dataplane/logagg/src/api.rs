@@ -146,6 +146,11 @@ async fn next_chunk(mut f: Follower) -> Option<(Result<Bytes, Infallible>, Follo
     if let Some(h) = f.first.take() {
         return Some((Ok(h), f));
     }
+    // Let the API thread's other tasks run between chunks: while an app floods, a
+    // follower that reads fast always has a chunk ready and a writable socket, and hyper
+    // would otherwise keep rendering for it (up to tokio's whole coop budget, ~128
+    // chunks) before any other follower on this thread is woken.
+    tokio::task::yield_now().await;
     let notify = f.reg.notify.clone();
     loop {
         let notified = notify.notified();

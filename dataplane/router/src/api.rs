@@ -167,34 +167,56 @@ async fn put_backends(
     body: Bytes,
 ) -> Res<Json<Vec<BackendAddr>>> {
     let list: Vec<BackendAddr> = serde_json::from_slice(&body).map_err(|_| ApiError::syntax())?;
-    let (added, removed, v) = {
-        let mut s = api.store();
-        let (a, r) = s.set_backends(&service, list)?;
-        (a, r, api.publish(&s))
-    };
-    api.applied(v).await;
-    let backend = |b: BackendAddr| Backend {
-        service: service.clone(),
-        addr: b.addr,
-        app: b.app,
-        job_id: b.job_id,
-    };
-    let tracked = api
-        .store()
-        .list(None)
-        .iter()
-        .any(|r| r.drain_backends && r.service == service);
-    for b in removed {
-        let b = backend(b);
-        api.emit("backend-down", None, Some(b.clone()));
-        if tracked {
-            tokio::spawn(drain(api.clone(), b));
+    Ok(Json(api.set_backends(&service, list).await?))
+}
+
+impl Api {
+    /// Replaces a service's backends (from the API or from discoverd), waits until every
+    /// core uses the new set, and emits `backend-up`/`backend-down` (and, for
+    /// drain-tracked services, `backend-drained` once in-flight requests finish).
+    pub async fn set_backends(
+        self: &Arc<Self>,
+        service: &str,
+        list: Vec<BackendAddr>,
+    ) -> Result<Vec<BackendAddr>, ApiError> {
+        let (added, removed, v) = {
+            let mut s = self.store();
+            let (a, r) = s.set_backends(service, list)?;
+            (a, r, self.publish(&s))
+        };
+        self.applied(v).await;
+        let backend = |b: BackendAddr| Backend {
+            service: service.to_string(),
+            addr: b.addr,
+            app: b.app,
+            job_id: b.job_id,
+        };
+        let tracked = self
+            .store()
+            .list(None)
+            .iter()
+            .any(|r| r.drain_backends && r.service == service);
+        for b in removed {
+            let b = backend(b);
+            self.emit("backend-down", None, Some(b.clone()));
+            if tracked {
+                tokio::spawn(drain(self.clone(), b));
+            }
         }
+        for b in added {
+            self.emit("backend-up", None, Some(backend(b)));
+        }
+        Ok(self.store().backends(service))
     }
-    for b in added {
-        api.emit("backend-up", None, Some(backend(b)));
+
+    /// Services that routes refer to.
+    pub fn routed_services(&self) -> std::collections::BTreeSet<String> {
+        self.store()
+            .list(None)
+            .into_iter()
+            .map(|r| r.service)
+            .collect()
     }
-    Ok(Json(api.store().backends(&service)))
 }
 
 /// Emits `backend-drained` once no core has a request in flight to the backend
@@ -398,11 +420,18 @@ pub fn router(api: Arc<Api>) -> Router {
 }
 
 /// Serves the API on `listener` until the process exits (call on a dedicated thread).
-pub fn serve(api: Arc<Api>, listener: std::net::TcpListener) -> std::io::Result<()> {
+pub fn serve(
+    api: Arc<Api>,
+    listener: std::net::TcpListener,
+    discoverd: Option<String>,
+) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        if let Some(url) = discoverd {
+            tokio::spawn(crate::discovery::run(api.clone(), url));
+        }
         let l = tokio::net::TcpListener::from_std(listener)?;
         axum::serve(l, router(api)).await
     })

@@ -93,6 +93,12 @@ pub struct Config {
     #[arg(long, env = "ERROR_503_PAGE_URL")]
     pub error_503_page_url: Option<String>,
 
+    /// discoverd URL (e.g. http://127.0.0.1:1111): route backends come from the
+    /// instances of each route's service, live; `leader: true` routes follow the
+    /// service leader. Without it, backends come from the API and the routes file.
+    #[arg(long, env = "FLYNN_DISCOVERD")]
+    pub discoverd: Option<String>,
+
     /// Run with two demo backends and a sample route set (the quick start).
     #[arg(long)]
     pub demo: bool,

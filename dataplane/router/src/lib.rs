@@ -11,6 +11,7 @@ mod balance;
 mod certs;
 pub mod config;
 pub mod demo;
+mod discovery;
 mod idle;
 mod io;
 mod metrics;
@@ -238,10 +239,11 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     }
 
     let api2 = api.clone();
+    let discoverd = cfg.discoverd.clone();
     std::thread::Builder::new()
         .name("router-api".into())
         .spawn(move || {
-            if let Err(e) = api::serve(api2, api_listener) {
+            if let Err(e) = api::serve(api2, api_listener, discoverd) {
                 tracing::error!(error = %e, "admin API stopped");
             }
         })?;

@@ -214,7 +214,10 @@ fn per_shard_memory_sums_and_holds_cap_under_concurrent_inserts() {
     let evicted: u64 = st.iter().map(|a| a.evicted_memory).sum();
     assert_eq!(lines as u64 + evicted, 4 * 3_000);
     assert!(evicted > 0);
-    assert!(st.iter().all(|a| a.lines >= 1), "every app keeps its newest line");
+    assert!(
+        st.iter().all(|a| a.lines >= 1),
+        "every app keeps its newest line"
+    );
 }
 
 #[test]
@@ -223,6 +226,10 @@ fn estimate_written_once_per_flush_not_per_line() {
     let s = store(10_000, 1 << 30);
     put(&s, "a", &msg("h", "web.1", "ID1", 1, 1, "small"));
     assert!(s.memory() > 0);
-    assert_eq!(s.memory_estimate(), 0, "one line is below the flush threshold");
+    assert_eq!(
+        s.memory_estimate(),
+        0,
+        "one line is below the flush threshold"
+    );
     assert!(s.memory() <= s.memory_slack());
 }

@@ -42,8 +42,11 @@ fn epoll_driver_ingest_history_and_follow() {
     }
     // UDP is served off the workers but must work alongside them.
     let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    u.send_to(msg("ep", "h", "web.1", "ID1", 4, 4, "udp").as_bytes(), l.syslog)
-        .unwrap();
+    u.send_to(
+        msg("ep", "h", "web.1", "ID1", 4, 4, "udp").as_bytes(),
+        l.syslog,
+    )
+    .unwrap();
     assert_eq!(
         bodies(&l.wait_lines("ep", 4)),
         ["octet", "lf", "split", "udp"]

@@ -1,0 +1,278 @@
+//! End to end: the router takes route backends from a real discoverd (`--discoverd`).
+//! Instances registering, deregistering and expiring move live traffic; a
+//! `leader: true` route follows the manual leader of its service.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Kills and reaps the process on drop (also when a test panics).
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin(name: &str) -> PathBuf {
+    // target/<profile>/deps/<this test> → target/<profile>/<name>
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = dir.join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let release = dir.ends_with("release");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "flynn-router", "-p", "flynn-discoverd"]);
+        if release {
+            cmd.arg("--release");
+        }
+        assert!(
+            cmd.status().unwrap().success(),
+            "building the binaries failed"
+        );
+    }
+    assert!(path.exists(), "{} not found", path.display());
+    path
+}
+
+/// Starts a binary and returns it with the `key=ADDR` values of its `listening` line.
+fn start(name: &str, args: &[&str]) -> (Proc, Vec<(String, String)>) {
+    let mut child = Command::new(bin(name))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let p = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.starts_with("listening") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("no listening line");
+    let kv = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|w| {
+            w.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    (p, kv)
+}
+
+fn get(kv: &[(String, String)], k: &str) -> String {
+    kv.iter()
+        .find(|(key, _)| key == k)
+        .map(|(_, v)| v.clone())
+        .unwrap()
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns (status, body).
+fn http(addr: &str, method: &str, host: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A backend answering every request with its name.
+fn backend(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    let mut empty = false;
+                    while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                        if line == "\r\n" {
+                            empty = true;
+                            break;
+                        }
+                        line.clear();
+                    }
+                    if !empty {
+                        return;
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}",
+                        name.len()
+                    );
+                    if s.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn instance_id(addr: SocketAddr) -> String {
+    use md5::{Digest, Md5};
+    let d = Md5::digest(format!("tcp-{addr}").as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn register(d: &str, svc: &str, addr: SocketAddr) -> String {
+    let id = instance_id(addr);
+    let body = format!(r#"{{"id":"{id}","addr":"{addr}","proto":"tcp"}}"#);
+    let (st, b) = http(
+        d,
+        "PUT",
+        d,
+        &format!("/services/{svc}/instances/{id}"),
+        Some(&body),
+    );
+    assert_eq!(st, 200, "register: {b}");
+    id
+}
+
+/// Polls until `f` holds, for at most `limit`.
+fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+#[test]
+fn router_follows_discoverd_instances_and_leaders() {
+    let dir = std::env::temp_dir().join(format!("flynn-e2e-disc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_disc, kv) = start(
+        "flynn-discoverd",
+        &[
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+            "--instance-ttl",
+            "1s",
+        ],
+    );
+    let d = get(&kv, "http");
+    eventually(Duration::from_secs(10), "discoverd leader", || {
+        http(&d, "GET", &d, "/raft/leader", None).0 == 200
+    });
+    assert_eq!(http(&d, "PUT", &d, "/services/web", Some("{}")).0, 200);
+    assert_eq!(
+        http(
+            &d,
+            "PUT",
+            &d,
+            "/services/lead",
+            Some(r#"{"leader_type":"manual"}"#)
+        )
+        .0,
+        200
+    );
+
+    let url = format!("http://{d}");
+    let (_router, rkv) = start(
+        "flynn-router",
+        &[
+            "--http-addr",
+            "127.0.0.1:0",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--threads",
+            "2",
+            "--discoverd",
+            &url,
+        ],
+    );
+    let (r, api) = (get(&rkv, "http"), get(&rkv, "api"));
+    let route = r#"{"type":"http","domain":"web.example.com","service":"web"}"#;
+    assert_eq!(http(&api, "POST", &api, "/routes", Some(route)).0, 200);
+    let route = r#"{"type":"http","domain":"lead.example.com","service":"lead","leader":true}"#;
+    assert_eq!(http(&api, "POST", &api, "/routes", Some(route)).0, 200);
+
+    // No instances yet: 503.
+    assert_eq!(http(&r, "GET", "web.example.com", "/", None).0, 503);
+
+    let (b1, b2) = (backend("b1"), backend("b2"));
+    let id1 = register(&d, "web", b1);
+    eventually(Duration::from_secs(5), "b1 serves web", || {
+        http(&r, "GET", "web.example.com", "/", None) == (200, "b1".into())
+    });
+
+    // Swap: b2 registers, b1 deregisters → only b2.
+    register(&d, "web", b2);
+    assert_eq!(
+        http(
+            &d,
+            "DELETE",
+            &d,
+            &format!("/services/web/instances/{id1}"),
+            None
+        )
+        .0,
+        200
+    );
+    eventually(Duration::from_secs(5), "only b2 serves web", || {
+        (0..6).all(|_| http(&r, "GET", "web.example.com", "/", None) == (200, "b2".into()))
+    });
+
+    // Leader route follows the manual leader.
+    let l1 = register(&d, "lead", b1);
+    let l2 = register(&d, "lead", b2);
+    for (id, want) in [(&l1, "b1"), (&l2, "b2"), (&l1, "b1")] {
+        let body = format!(r#"{{"id":"{id}"}}"#);
+        assert_eq!(
+            http(&d, "PUT", &d, "/services/lead/leader", Some(&body)).0,
+            200
+        );
+        eventually(
+            Duration::from_secs(5),
+            &format!("leader route goes to {want}"),
+            || (0..4).all(|_| http(&r, "GET", "lead.example.com", "/", None) == (200, want.into())),
+        );
+    }
+
+    // Nobody heartbeats: instances expire (TTL 1 s, no expiry until 2×TTL after the
+    // leader was elected) and the route answers 503 again.
+    eventually(Duration::from_secs(15), "web backends expire", || {
+        http(&r, "GET", "web.example.com", "/", None).0 == 503
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
