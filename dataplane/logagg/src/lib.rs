@@ -13,7 +13,9 @@
 //!   rejected because readers need time-sorted history, dedupe and eviction accounting,
 //!   all of which are simple under a short lock. Each app keeps its last `N` lines in
 //!   insertion order, numbered by a per-app sequence; a global memory cap evicts from the
-//!   largest apps. Every eviction is counted per app and reason.
+//!   largest apps. Every eviction is counted per app and reason. Memory is counted per
+//!   shard and summed on read; inserts check the cap against a shared estimate each
+//!   shard updates only in steps of `cap / 2048` bytes (see [`store`]).
 //! - Followers are not fed through per-reader queues: a reader remembers the next
 //!   sequence number and pulls from the ring when the app's `Notify` fires. History and
 //!   live are stitched at the sequence number read under the same lock as the

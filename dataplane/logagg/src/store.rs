@@ -232,8 +232,8 @@ impl Store {
     }
 
     /// Folds all of a shard's pending change into the shared estimate (off the hot path).
-    fn fold(&self, s: &mut Shard) {
-        let d = std::mem::take(&mut s.pending);
+    fn fold(&self, pending: &mut isize) {
+        let d = std::mem::take(pending);
         if d != 0 {
             self.estimate.fetch_add(d, Ordering::Relaxed);
         }
@@ -307,6 +307,10 @@ impl Store {
                 }
                 shard.bytes -= paid;
                 shard.pending -= paid as isize;
+                // Keep |pending| under `flush_every` (the slack bound) after paying.
+                if shard.pending.unsigned_abs() >= self.flush_every {
+                    self.fold(&mut shard.pending);
+                }
                 over_cap = mem > self.soft_limit;
             }
             // Only readers' apps pay for the wake-up (an Arc clone and a notify).
@@ -355,7 +359,7 @@ impl Store {
             let mut best: Option<(usize, usize)> = None;
             for i in 0..SHARDS {
                 let mut s = self.shard_at(i);
-                self.fold(&mut s);
+                self.fold(&mut s.pending);
                 total += s.bytes;
                 let big = s.apps.values().map(|a| a.bytes).max().unwrap_or(0);
                 if big > best.map_or(0, |b| b.1) {
@@ -379,7 +383,7 @@ impl Store {
             }
             s.bytes -= freed;
             s.pending -= freed as isize;
-            self.fold(s);
+            self.fold(&mut s.pending);
             if freed == 0 {
                 break;
             }

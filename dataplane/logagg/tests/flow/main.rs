@@ -71,8 +71,8 @@ impl Drop for Joined {
 /// Slow follower (spec: "slow readers are disconnected or skip ahead with a marker rather
 /// than holding memory without bound"). Followers pull from the app's ring by sequence
 /// number (`api.rs`), so a stalled reader costs at most the chunk hyper could not write
-/// plus the kernel's socket buffers; when it reads again it gets a `skipped` marker and
-/// continues from the oldest buffered line.
+/// plus the kernel's socket buffers; when it reads again it gets `skipped` markers (one
+/// per pull that found it behind) and continues from the oldest buffered line.
 ///
 /// RSS bound: the store holds at most `LINES` lines of ~1.2 kB (about 2.5 MB, also under
 /// the 16 MB `--max-memory`); the stalled follower pins one rendered chunk (512 lines,
