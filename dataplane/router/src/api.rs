@@ -424,6 +424,7 @@ pub fn serve(
     api: Arc<Api>,
     listener: std::net::TcpListener,
     discoverd: Option<String>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -433,6 +434,15 @@ pub fn serve(
             tokio::spawn(crate::discovery::run(api.clone(), url));
         }
         let l = tokio::net::TcpListener::from_std(listener)?;
-        axum::serve(l, router(api)).await
+        // After a handover the new process serves the API: stop accepting here.
+        let stopped = async move {
+            if stop.wait_for(|s| *s).await.is_err() {
+                // No handover configured: serve forever.
+                std::future::pending::<()>().await
+            }
+        };
+        axum::serve(l, router(api))
+            .with_graceful_shutdown(stopped)
+            .await
     })
 }

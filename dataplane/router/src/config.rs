@@ -99,6 +99,24 @@ pub struct Config {
     #[arg(long, env = "FLYNN_DISCOVERD")]
     pub discoverd: Option<String>,
 
+    /// Unix socket on which this router hands its listening sockets to a new router
+    /// process (zero-downtime upgrade), then drains and exits.
+    #[arg(long, env = "FLYNN_UPGRADE_SOCKET")]
+    pub upgrade_socket: Option<PathBuf>,
+
+    /// Take over the listening sockets and routes of the router serving on this Unix
+    /// socket (its `--upgrade-socket`) instead of binding new ones.
+    #[arg(long, env = "FLYNN_TAKEOVER")]
+    pub takeover: Option<PathBuf>,
+
+    /// When handing over: seconds idle keep-alive connections get before being closed.
+    #[arg(long, env = "FLYNN_DRAIN_GRACE", default_value_t = 2)]
+    pub drain_grace_secs: u64,
+
+    /// When handing over: seconds to wait for busy connections before exiting anyway.
+    #[arg(long, env = "FLYNN_DRAIN_TIMEOUT", default_value_t = 60)]
+    pub drain_timeout_secs: u64,
+
     /// Run with two demo backends and a sample route set (the quick start).
     #[arg(long)]
     pub demo: bool,

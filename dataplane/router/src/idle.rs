@@ -74,6 +74,22 @@ impl IdleSet {
         true
     }
 
+    /// Expires every idle connection now (draining after a handover).
+    pub fn expire_all(&self) -> usize {
+        let mut n = 0;
+        let mut entries = self.entries.borrow_mut();
+        let mut free = self.free.borrow_mut();
+        for (i, e) in entries.iter_mut().enumerate() {
+            if e.live {
+                e.live = false;
+                free.push(i as u32);
+                flynn_runtime::sock::shutdown(e.fd);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Advances the clock one second and expires entries idle for `limit_secs` or more;
     /// returns how many were expired.
     pub fn sweep(&self, limit_secs: u32) -> usize {

@@ -12,6 +12,7 @@ mod certs;
 pub mod config;
 pub mod demo;
 mod discovery;
+mod handover;
 mod idle;
 mod io;
 mod metrics;
@@ -27,6 +28,7 @@ mod upgrade;
 mod worker;
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,44 +109,95 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     flynn_runtime::sock::raise_nofile_limit();
     let threads = cfg.threads();
 
-    // HTTP(S) listeners: one per core per address, all on the same port.
+    // HTTP(S) listeners: one per core per address, all on the same port; either bound
+    // here or taken over from a running router.
     let mut per_core: Vec<Vec<(std::net::TcpListener, ListenerInfo)>> =
         (0..threads).map(|_| Vec::new()).collect();
     let mut http_addrs = Vec::new();
     let mut https_addrs = Vec::new();
-    let all = cfg
-        .http_addrs
-        .iter()
-        .map(|a| (a, false))
-        .chain(cfg.https_addrs.iter().map(|a| (a, true)));
-    for (addr, tls) in all {
-        let first = flynn_runtime::reuseport_listener(*addr)
-            .with_context(|| format!("listening on {addr}"))?;
-        let bound = first.local_addr()?;
-        let default = if tls {
-            https_addrs.is_empty()
-        } else {
-            http_addrs.is_empty()
-        };
-        let info = ListenerInfo {
-            port: bound.port(),
-            route_port: if default { 0 } else { bound.port() },
-            tls,
-        };
-        per_core[0].push((first, info));
-        for core in per_core.iter_mut().skip(1) {
-            let l = flynn_runtime::reuseport_listener(bound)
-                .with_context(|| format!("listening on {bound}"))?;
-            core.push((l, info));
+    let mut handed = None;
+    let api_listener = if let Some(path) = &cfg.takeover {
+        let (state, fds, conn) = handover::take(path)?;
+        let mut fds = fds.into_iter();
+        let mut groups: Vec<(handover::ListenerMeta, Vec<std::net::TcpListener>)> = Vec::new();
+        for meta in &state.listeners {
+            let fd = fds.next().context("missing listener socket")?;
+            let l = flynn_runtime::handoff::listener_from_fd(fd)?;
+            match groups
+                .iter_mut()
+                .find(|(m, _)| m.addr == meta.addr && m.tls == meta.tls)
+            {
+                Some(g) => g.1.push(l),
+                None => groups.push((*meta, vec![l])),
+            }
         }
-        if tls {
-            https_addrs.push(bound);
-        } else {
-            http_addrs.push(bound);
+        for (meta, ls) in groups {
+            let info = ListenerInfo {
+                port: meta.addr.port(),
+                route_port: meta.route_port,
+                tls: meta.tls,
+            };
+            let n = ls.len();
+            for (i, l) in ls.into_iter().enumerate() {
+                per_core[i % threads].push((l, info));
+            }
+            for core in per_core.iter_mut().skip(n) {
+                let l = flynn_runtime::reuseport_listener(meta.addr)
+                    .with_context(|| format!("listening on {}", meta.addr))?;
+                core.push((l, info));
+            }
+            if meta.tls {
+                https_addrs.push(meta.addr);
+            } else {
+                http_addrs.push(meta.addr);
+            }
         }
+        let api = std::net::TcpListener::from(fds.next().context("missing API socket")?);
+        handed = Some((state, conn));
+        api
+    } else {
+        let all = cfg
+            .http_addrs
+            .iter()
+            .map(|a| (a, false))
+            .chain(cfg.https_addrs.iter().map(|a| (a, true)));
+        for (addr, tls) in all {
+            let first = flynn_runtime::reuseport_listener(*addr)
+                .with_context(|| format!("listening on {addr}"))?;
+            let bound = first.local_addr()?;
+            let default = if tls {
+                https_addrs.is_empty()
+            } else {
+                http_addrs.is_empty()
+            };
+            let info = ListenerInfo {
+                port: bound.port(),
+                route_port: if default { 0 } else { bound.port() },
+                tls,
+            };
+            per_core[0].push((first, info));
+            for core in per_core.iter_mut().skip(1) {
+                let l = flynn_runtime::reuseport_listener(bound)
+                    .with_context(|| format!("listening on {bound}"))?;
+                core.push((l, info));
+            }
+            if tls {
+                https_addrs.push(bound);
+            } else {
+                http_addrs.push(bound);
+            }
+        }
+        std::net::TcpListener::bind(cfg.api_addr)
+            .with_context(|| format!("API listening on {}", cfg.api_addr))?
+    };
+    if http_addrs.is_empty() {
+        bail!("no HTTP listener");
     }
-    let api_listener = std::net::TcpListener::bind(cfg.api_addr)
-        .with_context(|| format!("API listening on {}", cfg.api_addr))?;
+    let listener_fds: Vec<_> = per_core
+        .iter()
+        .flatten()
+        .filter_map(|(l, info)| Some((l.as_raw_fd(), *info, l.local_addr().ok()?)))
+        .collect();
     api_listener.set_nonblocking(true)?;
     let api_addr = api_listener.local_addr()?;
 
@@ -176,8 +229,26 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         (None, None) => None,
     };
     let mut store = Store::new(ports, cookie_key.is_some());
-    if let Some(path) = &cfg.routes {
-        apply_file(&mut store, RoutesFile::load(path)?)?;
+    match &handed {
+        Some((state, _)) => {
+            for (svc, list) in &state.services {
+                store
+                    .set_backends(svc, list.clone())
+                    .map_err(|e| anyhow::anyhow!("service {svc}: {e}"))?;
+            }
+            let mut routes = state.routes.clone();
+            routes.sort_by_key(|r| (r.domain.to_lowercase(), r.path.len()));
+            for r in routes {
+                store
+                    .restore(r)
+                    .map_err(|e| anyhow::anyhow!("handed-over route: {e}"))?;
+            }
+        }
+        None => {
+            if let Some(path) = &cfg.routes {
+                apply_file(&mut store, RoutesFile::load(path)?)?;
+            }
+        }
     }
     if let Some(extra) = extra {
         apply_file(&mut store, extra)?;
@@ -240,13 +311,31 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
 
     let api2 = api.clone();
     let discoverd = cfg.discoverd.clone();
+    let api_fd = api_listener.as_raw_fd();
+    let (api_stop, api_stop_rx) = tokio::sync::watch::channel(false);
     std::thread::Builder::new()
         .name("router-api".into())
         .spawn(move || {
-            if let Err(e) = api::serve(api2, api_listener, discoverd) {
+            if let Err(e) = api::serve(api2, api_listener, discoverd, api_stop_rx) {
                 tracing::error!(error = %e, "admin API stopped");
             }
         })?;
+    if let Some(path) = &cfg.upgrade_socket {
+        handover::serve(handover::Old {
+            path: path.clone(),
+            api: api.clone(),
+            sockets: handover::Sockets {
+                listeners: listener_fds,
+                api: (api_fd, api_addr),
+            },
+            api_stop,
+            grace: Duration::from_secs(cfg.drain_grace_secs),
+            drain_timeout: Duration::from_secs(cfg.drain_timeout_secs),
+        })?;
+    }
+    if let Some((_, conn)) = handed {
+        handover::ready(conn)?;
+    }
     let drivers = shared
         .cores
         .iter()

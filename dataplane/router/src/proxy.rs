@@ -425,6 +425,8 @@ async fn respond<S: Client>(
     close: bool,
 ) -> Next {
     core.metrics().status(status);
+    // A draining process closes every connection after its current response.
+    let close = close || core.draining();
     out.clear();
     match (status, &core.settings().page_503) {
         (503, Some(page)) => {
@@ -693,7 +695,7 @@ async fn forward<S: Client>(
     };
 
     // Response head and body.
-    let close_client = !info.keep_alive || resp.framing == Framing::Close;
+    let close_client = !info.keep_alive || resp.framing == Framing::Close || core.draining();
     // A new cookie only when the chosen backend differs from the cookie's.
     let cookie = match sealer {
         Some(s) if cookie_addr != Some(addr) => Some(crate::sticky::set_cookie(s, addr)),

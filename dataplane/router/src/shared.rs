@@ -33,6 +33,8 @@ pub enum CoreMsg {
     Table,
     /// Report how many requests are in flight to this backend on this core.
     Inflight(std::net::SocketAddr, flume::Sender<u32>),
+    /// Stop accepting and drain: idle connections are closed after the grace period.
+    Drain(std::time::Duration),
 }
 
 /// One core's mailbox and counters.
@@ -98,6 +100,14 @@ impl Shared {
         self.cores
             .iter()
             .all(|c| c.applied.load(Ordering::Acquire) >= v)
+    }
+
+    /// Client connections open on all cores.
+    pub fn open_connections(&self) -> u64 {
+        self.cores
+            .iter()
+            .map(|c| c.metrics.connections_active.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Requests in flight to `addr`, summed over all cores (asks each core).

@@ -309,6 +309,21 @@ impl Store {
         Ok((added, removed))
     }
 
+    pub fn services(&self) -> &BTreeMap<String, Vec<BackendAddr>> {
+        &self.services
+    }
+
+    /// Re-adds a route handed over by another process, keeping its id and timestamps.
+    pub fn restore(&mut self, r: Route) -> Result<(), ApiError> {
+        let (created, updated) = (r.created_at.clone(), r.updated_at.clone());
+        let added = self.add(r)?;
+        if let Some(s) = self.routes.get_mut(&(added.kind, added.id.clone())) {
+            s.route.created_at = created;
+            s.route.updated_at = updated;
+        }
+        Ok(())
+    }
+
     pub fn backends(&self, service: &str) -> Vec<BackendAddr> {
         self.services.get(service).cloned().unwrap_or_default()
     }

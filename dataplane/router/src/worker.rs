@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use flynn_routes::Table;
 use flynn_runtime::{Local, WorkerCtx};
-use monoio::net::TcpListener;
+use std::os::fd::AsRawFd;
+
+use monoio::net::{TcpListener, TcpStream};
 
 use crate::idle::IdleSet;
 use crate::metrics::CoreMetrics;
@@ -39,6 +41,8 @@ pub struct Core {
     pub conns: Cell<usize>,
     /// Idle keep-alive client connections, expired by a sweep.
     pub idle: IdleSet,
+    /// Fired when this process hands its listeners over: stop accepting, drain.
+    pub stop: Stop,
     /// Free I/O buffers: idle connections hold none, busy ones borrow from here.
     bufs: RefCell<Vec<Vec<u8>>>,
     /// Free (empty) buffer sets for connections that become busy.
@@ -57,6 +61,11 @@ impl Core {
 
     pub fn settings(&self) -> &Settings {
         &self.shared.settings
+    }
+
+    /// True once this process handed its listeners over and is draining.
+    pub fn draining(&self) -> bool {
+        self.stop.fired()
     }
 
     /// The table requests should use now (a core-local reference count, no atomics).
@@ -168,6 +177,7 @@ pub async fn run(
         bufs: RefCell::new(Vec::new()),
         bufsets: RefCell::new(Vec::new()),
         idle: IdleSet::default(),
+        stop: Stop::default(),
         shared: shared.clone(),
     });
     for (l, info) in http {
@@ -195,6 +205,9 @@ pub async fn run(
             CoreMsg::Inflight(addr, reply) => {
                 let _ = reply.send(core.inflight(&addr));
             }
+            CoreMsg::Drain(grace) => {
+                monoio::spawn(drain(core.clone(), grace));
+            }
         }
     }
 }
@@ -212,27 +225,86 @@ async fn sweep_idle(core: Rc<Core>) {
 }
 
 async fn accept_http(core: Rc<Core>, listener: TcpListener, info: ListenerInfo) {
+    // Readiness, then non-blocking accepts: stopping (for a handover) drops only a
+    // readiness wait, so no connection the kernel handed us can be lost on the way.
+    let fd = listener.as_raw_fd();
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let m = core.metrics();
-                if core.conns.get() >= core.settings().max_conns_per_core {
-                    CoreMetrics::inc(&m.connections_rejected_total);
-                    drop(stream);
+        monoio::select! {
+            r = listener.readable(false) => {
+                if r.is_err() {
+                    monoio::time::sleep(std::time::Duration::from_millis(10)).await;
                     continue;
                 }
-                CoreMetrics::inc(&m.connections_total);
-                if info.tls {
-                    monoio::spawn(crate::proxy::serve_tls(core.clone(), stream, peer, info));
-                } else {
-                    monoio::spawn(crate::proxy::serve(core.clone(), stream, peer, info));
-                }
             }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+            _ = core.stop.wait() => return,
+        }
+        for _ in 0..64 {
+            let (std_stream, peer) = match flynn_runtime::handoff::accept_nonblocking(fd) {
+                Ok(x) => x,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    break;
+                }
+            };
+            let m = core.metrics();
+            if core.conns.get() >= core.settings().max_conns_per_core {
+                CoreMetrics::inc(&m.connections_rejected_total);
+                continue;
+            }
+            let Ok(stream) = TcpStream::from_std(std_stream) else {
+                continue;
+            };
+            CoreMetrics::inc(&m.connections_total);
+            if info.tls {
+                monoio::spawn(crate::proxy::serve_tls(core.clone(), stream, peer, info));
+            } else {
+                monoio::spawn(crate::proxy::serve(core.clone(), stream, peer, info));
             }
         }
     }
+}
+
+/// A one-way signal for this core's tasks (accept loops stop on it).
+#[derive(Default)]
+pub struct Stop {
+    fired: Cell<bool>,
+    wakers: RefCell<Vec<std::task::Waker>>,
+}
+
+impl Stop {
+    pub fn fire(&self) {
+        self.fired.set(true);
+        for w in self.wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    pub fn fired(&self) -> bool {
+        self.fired.get()
+    }
+
+    pub async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.fired.get() {
+                return std::task::Poll::Ready(());
+            }
+            let mut w = self.wakers.borrow_mut();
+            if !w.iter().any(|x| x.will_wake(cx.waker())) {
+                w.push(cx.waker().clone());
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Stops accepting, lets busy connections finish (their responses say
+/// `Connection: close`), and after `grace` closes connections still idle.
+async fn drain(core: Rc<Core>, grace: std::time::Duration) {
+    core.stop.fire();
+    monoio::time::sleep(grace).await;
+    core.idle.expire_all();
 }

@@ -11,6 +11,7 @@
 //!
 //! This is the only data-plane crate with `unsafe` code; each block says why it is sound.
 
+pub mod handoff;
 mod recycle;
 mod snapshot;
 pub mod sock;

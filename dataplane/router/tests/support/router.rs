@@ -22,6 +22,8 @@ pub struct Router {
     pub api_addr: SocketAddr,
     pub tcp_ports: Option<(u16, u16)>,
     stderr: Arc<Mutex<Vec<u8>>>,
+    /// Set by [`Router::wait_exit`]: the process was meant to exit (e.g. after a handover).
+    exit_expected: bool,
 }
 
 /// Command-line builder; every flag appears at most once except `--http-addr`.
@@ -266,10 +268,25 @@ impl Router {
             api_addr,
             tcp_ports,
             stderr,
+            exit_expected: false,
         }
     }
 
     /// The router's stderr so far.
+    /// Waits up to `timeout` for the process to exit on its own; dropping it afterwards
+    /// is then not an error.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                self.exit_expected = true;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     pub fn log(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
     }
@@ -375,7 +392,12 @@ pub fn route_path(route: &Value) -> String {
 
 impl Drop for Router {
     fn drop(&mut self) {
-        let exited = self.child.try_wait().ok().flatten();
+        let exited = self
+            .child
+            .try_wait()
+            .ok()
+            .flatten()
+            .filter(|_| !self.exit_expected);
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {

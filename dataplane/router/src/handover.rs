@@ -1,0 +1,169 @@
+//! Zero-downtime upgrades: a new router process takes over the listening sockets of the
+//! running one.
+//!
+//! The running router (`--upgrade-socket PATH`) listens on a Unix socket. A new one
+//! started with `--takeover PATH` connects and asks; the old one replies with its route
+//! state (routes, services) and the descriptors of all its HTTP, HTTPS and API listening
+//! sockets (SCM_RIGHTS). Both processes now accept from the same sockets, so no
+//! connection is refused. When the new one is serving it says `ready`; the old one then
+//! stops accepting (its accept loops wait on readiness, so stopping loses nothing), its
+//! busy connections finish with `Connection: close`, idle ones are closed after a grace
+//! period, and it exits when none are left (or after the drain timeout).
+//! TCP route listeners are not passed: the new process binds its own (SO_REUSEPORT).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use flynn_api::{BackendAddr, Route};
+use serde::{Deserialize, Serialize};
+
+use crate::api::Api;
+use crate::shared::CoreMsg;
+use crate::worker::ListenerInfo;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ListenerMeta {
+    pub addr: SocketAddr,
+    pub tls: bool,
+    pub route_port: u16,
+}
+
+/// What the old process hands over with the descriptors (in the same order as
+/// `listeners`, then the API listener last).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct State {
+    pub listeners: Vec<ListenerMeta>,
+    pub api: SocketAddr,
+    pub routes: Vec<Route>,
+    pub services: BTreeMap<String, Vec<BackendAddr>>,
+}
+
+/// The running side's view of its sockets.
+pub struct Sockets {
+    pub listeners: Vec<(RawFd, ListenerInfo, SocketAddr)>,
+    pub api: (RawFd, SocketAddr),
+}
+
+pub struct Old {
+    pub path: PathBuf,
+    pub api: Arc<Api>,
+    pub sockets: Sockets,
+    pub api_stop: tokio::sync::watch::Sender<bool>,
+    pub grace: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// Serves takeover requests on a Unix socket (a thread of its own).
+pub fn serve(old: Old) -> anyhow::Result<()> {
+    let _ = std::fs::remove_file(&old.path);
+    let listener =
+        UnixListener::bind(&old.path).with_context(|| format!("binding {}", old.path.display()))?;
+    std::thread::Builder::new()
+        .name("router-handover".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                match hand_over(&old, conn) {
+                    Ok(()) => {
+                        drain_and_exit(&old);
+                    }
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "takeover attempt failed"),
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut r = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if line.trim() != "takeover" {
+        bail!("unexpected request {line:?}");
+    }
+    let (routes, services) = {
+        let s = old
+            .api
+            .store
+            .lock()
+            .map_err(|_| anyhow::anyhow!("store poisoned"))?;
+        (s.list(None), s.services().clone())
+    };
+    let state = State {
+        listeners: old
+            .sockets
+            .listeners
+            .iter()
+            .map(|(_, info, addr)| ListenerMeta {
+                addr: *addr,
+                tls: info.tls,
+                route_port: info.route_port,
+            })
+            .collect(),
+        api: old.sockets.api.1,
+        routes,
+        services,
+    };
+    let mut fds: Vec<RawFd> = old.sockets.listeners.iter().map(|(fd, _, _)| *fd).collect();
+    fds.push(old.sockets.api.0);
+    let data = serde_json::to_vec(&state)?;
+    flynn_runtime::handoff::send_with_fds(&conn, &data, &fds)?;
+    tracing::info!(
+        sockets = fds.len(),
+        "listening sockets handed over; waiting for the new process"
+    );
+    line.clear();
+    r.read_line(&mut line)?;
+    if line.trim() != "ready" {
+        bail!("the new process did not become ready ({line:?}); still serving");
+    }
+    Ok(())
+}
+
+fn drain_and_exit(old: &Old) -> ! {
+    tracing::info!("new process ready: draining");
+    let _ = old.api_stop.send(true);
+    for c in &old.api.shared.cores {
+        let _ = c.notify.send(CoreMsg::Drain(old.grace));
+    }
+    let deadline = Instant::now() + old.drain_timeout;
+    // Let the cores stop their accept loops before counting connections.
+    std::thread::sleep(Duration::from_millis(50));
+    while old.api.shared.open_connections() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = old.api.shared.open_connections();
+    tracing::info!(left, "drained; exiting");
+    let _ = std::fs::remove_file(&old.path);
+    std::process::exit(0);
+}
+
+/// The new side: asks the running router for its sockets and state.
+pub fn take(path: &Path) -> anyhow::Result<(State, Vec<OwnedFd>, UnixStream)> {
+    let mut conn =
+        UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
+    conn.write_all(b"takeover\n")?;
+    let (data, fds) = flynn_runtime::handoff::recv_with_fds(&conn)?;
+    let state: State = serde_json::from_slice(&data).context("parsing the handed-over state")?;
+    if fds.len() != state.listeners.len() + 1 {
+        bail!(
+            "expected {} sockets, got {}",
+            state.listeners.len() + 1,
+            fds.len()
+        );
+    }
+    Ok((state, fds, conn))
+}
+
+/// Tells the old process the new one is serving.
+pub fn ready(mut conn: UnixStream) -> anyhow::Result<()> {
+    conn.write_all(b"ready\n")?;
+    Ok(())
+}

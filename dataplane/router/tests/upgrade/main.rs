@@ -1,0 +1,131 @@
+//! Zero-downtime upgrade: a new router process takes over the listening sockets of the
+//! running one while clients keep sending requests; not one request fails and no
+//! connection is refused.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// One client thread: keep-alive requests in a loop, reconnecting whenever the router
+/// answers with `Connection: close`. Returns (ok, failures).
+fn client(addr: std::net::SocketAddr, stop: Arc<AtomicBool>, failures: Arc<AtomicUsize>) -> usize {
+    let mut ok = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut conn: Option<Conn> = None;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && ok < 20_000 {
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match Conn::try_connect(addr) {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    eprintln!("connect failed: {e}");
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            },
+        };
+        let sent = c.try_send(b"GET /up HTTP/1.1\r\nHost: up.example.com\r\n\r\n");
+        let resp = sent.and_then(|_| c.try_response());
+        match resp {
+            Ok(r) if r.status == 200 => {
+                ok += 1;
+                if r.connection_has("close") {
+                    conn = None;
+                }
+            }
+            Ok(r) => {
+                eprintln!("status {}", r.status);
+                failures.fetch_add(1, Ordering::Relaxed);
+                conn = None;
+            }
+            Err(e) => {
+                eprintln!("request failed: {e}");
+                failures.fetch_add(1, Ordering::Relaxed);
+                conn = None;
+            }
+        }
+    }
+    ok
+}
+
+#[test]
+fn takeover_under_load_loses_nothing() {
+    let dir = std::env::temp_dir().join(format!(
+        "flynn-upgrade-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::create_dir_all(&dir);
+    let sock = dir.join("upgrade.sock");
+    let b = Backend::start("b1");
+    let mut old = Router::builder()
+        .threads(2)
+        .arg("--upgrade-socket")
+        .arg(sock.display().to_string())
+        .start();
+    old.add_route(http_route("up.example.com", "web"));
+    old.set_backends("web", &[&b]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, failures, addr) = (stop.clone(), failures.clone(), old.http_addr);
+            std::thread::spawn(move || client(addr, stop, failures))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The new process takes over; the old one drains and exits by itself.
+    let new = Router::builder()
+        .threads(2)
+        .arg("--takeover")
+        .arg(sock.display().to_string())
+        .arg("--upgrade-socket")
+        .arg(dir.join("next.sock").display().to_string())
+        .start();
+    assert_eq!(new.http_addr, old.http_addr, "same listening address");
+    assert_eq!(new.api_addr, old.api_addr, "same API address");
+    let status = old
+        .wait_exit(Duration::from_secs(15))
+        .expect("old router exits after draining");
+    assert!(status.success(), "old router: {status}");
+    let before = b.accepted();
+    std::thread::sleep(Duration::from_millis(400));
+    stop.store(true, Ordering::Relaxed);
+    let ok: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "failed requests or refused connections"
+    );
+    assert!(ok > 200, "only {ok} requests went through");
+    // The new process serves (its own upstream connections) and kept the routes.
+    let (st, routes) = new.api("GET", "/routes", None);
+    assert_eq!(st, 200);
+    assert_eq!(routes.as_array().map(|a| a.len()), Some(1));
+    let r = get(new.http_addr, "up.example.com", "/");
+    assert_eq!(r.status, 200);
+    assert!(b.accepted() > before || b.accepted() > 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn takeover_refused_without_a_running_router() {
+    let dir = std::env::temp_dir().join(format!("flynn-upgrade-none-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let (status, out) = Router::builder()
+        .arg("--takeover")
+        .arg(dir.join("nobody.sock").display().to_string())
+        .run_to_exit(Duration::from_secs(10));
+    let status = status.expect("router exits");
+    assert!(!status.success());
+    assert!(out.contains("nobody.sock"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
