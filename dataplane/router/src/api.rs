@@ -25,6 +25,8 @@ use crate::store::Store;
 
 pub struct Api {
     pub store: Mutex<Store>,
+    /// What the routes file put in the store (for reloads).
+    file: Mutex<crate::reload::FileRoutes>,
     pub shared: Arc<Shared>,
     pub events: broadcast::Sender<StreamEvent>,
 }
@@ -49,10 +51,11 @@ impl IntoResponse for ApiErr {
 type Res<T> = Result<T, ApiErr>;
 
 impl Api {
-    pub fn new(store: Store, shared: Arc<Shared>) -> Self {
+    pub fn new(store: Store, shared: Arc<Shared>, file: crate::reload::FileRoutes) -> Self {
         let (events, _) = broadcast::channel(4096);
         Api {
             store: Mutex::new(store),
+            file: Mutex::new(file),
             shared,
             events,
         }
@@ -68,6 +71,27 @@ impl Api {
             .certs
             .publish(store.cert_store(self.shared.default_cert.clone()));
         self.shared.publish(store.table())
+    }
+
+    /// Applies a new version of the routes file (blocking; for the signal handler).
+    pub fn reload_file(&self, file: crate::RoutesFile) -> Result<(usize, usize), String> {
+        let (applied, v) = {
+            let mut s = self.store();
+            let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            let applied = f.apply(&mut s, file);
+            // Whatever was applied before an error is valid and is published.
+            (applied, self.publish(&s))
+        };
+        self.shared.wait_applied(v, Duration::from_secs(10));
+        let applied = applied?;
+        let counts = (applied.set.len(), applied.removed.len());
+        for r in applied.removed {
+            self.emit("remove", Some(r), None);
+        }
+        for r in applied.set {
+            self.emit("set", Some(r), None);
+        }
+        Ok(counts)
     }
 
     /// Waits until every core applied `v`, so a route is live when the API answers.

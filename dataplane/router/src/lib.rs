@@ -19,6 +19,7 @@ mod metrics;
 mod page;
 mod pool;
 mod proxy;
+mod reload;
 mod shared;
 mod sticky;
 mod store;
@@ -76,6 +77,21 @@ pub struct Running {
     pub https_addrs: Vec<SocketAddr>,
     pub api_addr: SocketAddr,
     pub drivers: Vec<&'static str>,
+    api: Arc<api::Api>,
+    routes_file: Option<std::path::PathBuf>,
+}
+
+impl Running {
+    /// Re-reads the routes file (`SIGHUP`) and applies the difference; a bad file
+    /// changes nothing it could not validate and is reported.
+    pub fn reload(&self) -> anyhow::Result<(usize, usize)> {
+        let path = self
+            .routes_file
+            .as_ref()
+            .context("no --routes file to reload")?;
+        let file = RoutesFile::load(path)?;
+        self.api.reload_file(file).map_err(anyhow::Error::msg)
+    }
 }
 
 fn apply_file(store: &mut Store, file: RoutesFile) -> anyhow::Result<()> {
@@ -229,6 +245,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         (None, None) => None,
     };
     let mut store = Store::new(ports, cookie_key.is_some());
+    let mut file_routes = reload::FileRoutes::default();
     match &handed {
         Some((state, _)) => {
             for (svc, list) in &state.services {
@@ -246,7 +263,9 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         }
         None => {
             if let Some(path) = &cfg.routes {
-                apply_file(&mut store, RoutesFile::load(path)?)?;
+                file_routes
+                    .apply(&mut store, RoutesFile::load(path)?)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             }
         }
     }
@@ -286,7 +305,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         certs,
         default_cert,
     ));
-    let api = Arc::new(api::Api::new(store, shared.clone()));
+    let api = Arc::new(api::Api::new(store, shared.clone(), file_routes));
     let v = {
         let s = api
             .store
@@ -346,5 +365,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         https_addrs,
         api_addr,
         drivers,
+        api,
+        routes_file: cfg.routes.clone(),
     })
 }

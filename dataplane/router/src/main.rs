@@ -58,10 +58,11 @@ fn main() {
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    wait_for_signal();
+    wait_for_signal(&running);
 }
 
-fn wait_for_signal() {
+/// Runs until SIGINT or SIGTERM; SIGHUP reloads the routes file.
+fn wait_for_signal(running: &flynn_router::Running) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -72,10 +73,20 @@ fn wait_for_signal() {
         },
     };
     rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).ok();
+        let mut hup = signal(SignalKind::hangup()).ok();
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break,
+                _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
+                    match running.reload() {
+                        Ok((set, removed)) => tracing::info!(set, removed, "routes file reloaded"),
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "routes file reload failed"),
+                    }
+                }
+            }
         }
     });
     tracing::info!("shutting down");

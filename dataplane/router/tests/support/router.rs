@@ -273,6 +273,11 @@ impl Router {
     }
 
     /// The router's stderr so far.
+    /// The process id (e.g. to send it SIGHUP).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits up to `timeout` for the process to exit on its own; dropping it afterwards
     /// is then not an error.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {

@@ -129,3 +129,76 @@ fn takeover_refused_without_a_running_router() {
     assert!(out.contains("nobody.sock"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn sighup_reload_under_load_loses_nothing() {
+    let dir = std::env::temp_dir().join(format!("flynn-reload-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let file = dir.join("routes.json");
+    let (b1, b2) = (Backend::start("b1"), Backend::start("b2"));
+    let write = |svc_addr: std::net::SocketAddr, extra: bool| {
+        let more = if extra {
+            r#",{"type":"http","domain":"new.example.com","service":"web"}"#
+        } else {
+            ""
+        };
+        let json = format!(
+            r#"{{"routes":[{{"type":"http","domain":"up.example.com","service":"web"}}{more}],
+                "services":{{"web":[{{"addr":"{svc_addr}"}}]}}}}"#
+        );
+        std::fs::write(&file, json).unwrap();
+    };
+    write(b1.addr, false);
+    let router = Router::builder()
+        .threads(2)
+        .routes_file(file.clone())
+        .start();
+    assert_eq!(get(router.http_addr, "up.example.com", "/").backend(), "b1");
+    assert_eq!(get(router.http_addr, "new.example.com", "/").status, 404);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, failures, addr) = (stop.clone(), failures.clone(), router.http_addr);
+            std::thread::spawn(move || client(addr, stop, failures))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    write(b2.addr, true);
+    let st = std::process::Command::new("kill")
+        .args(["-HUP", &router.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(router.http_addr, "new.example.com", "/").status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "reload not applied: {}",
+            router.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let ok: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "failed requests during the reload"
+    );
+    assert!(ok > 100, "only {ok} requests");
+    assert_eq!(get(router.http_addr, "up.example.com", "/").backend(), "b2");
+    // A broken file is refused and changes nothing.
+    std::fs::write(&file, "{not json").unwrap();
+    let st = std::process::Command::new("kill")
+        .args(["-HUP", &router.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(get(router.http_addr, "up.example.com", "/").backend(), "b2");
+    assert!(router.log().contains("reload failed"), "{}", router.log());
+    let _ = std::fs::remove_dir_all(&dir);
+}

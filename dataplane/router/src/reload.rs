@@ -1,0 +1,193 @@
+//! Routes-file reloads (`SIGHUP`): the file is the desired state of the routes and
+//! services it declares. A reload adds what is new, updates what changed in place (same
+//! route id, so nothing is torn down), and removes what the previous version declared
+//! and this one does not. Routes and services added through the API are left alone.
+//! Like every change, the result reaches the cores as one snapshot between requests.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use flynn_api::{ApiError, Route, RouteType};
+use flynn_routes::normalize_path;
+
+use crate::store::Store;
+use crate::RoutesFile;
+
+/// Identity of a route in the file: type, domain, port and path (for TCP the port as
+/// written, so `port: 0` routes keep their allocated port across reloads).
+type Key = (RouteType, String, u16, String);
+
+fn key(r: &Route) -> Key {
+    match r.kind {
+        RouteType::Http => (
+            r.kind,
+            r.domain.to_ascii_lowercase(),
+            r.port,
+            normalize_path(&r.path),
+        ),
+        RouteType::Tcp => (r.kind, String::new(), r.port, String::new()),
+    }
+}
+
+/// What the routes file put into the store.
+#[derive(Default)]
+pub struct FileRoutes {
+    routes: BTreeMap<Key, String>,
+    services: BTreeSet<String>,
+}
+
+/// Changes to announce on `/events`.
+#[derive(Debug)]
+pub struct Applied {
+    pub set: Vec<Route>,
+    pub removed: Vec<Route>,
+}
+
+fn err(what: &str, e: ApiError) -> String {
+    format!("{what}: {e}")
+}
+
+impl FileRoutes {
+    pub fn apply(&mut self, store: &mut Store, file: RoutesFile) -> Result<Applied, String> {
+        let mut out = Applied {
+            set: Vec::new(),
+            removed: Vec::new(),
+        };
+        let new_services: BTreeSet<String> = file.services.keys().cloned().collect();
+        for (svc, list) in file.services {
+            store
+                .set_backends(&svc, list)
+                .map_err(|e| err(&format!("service {svc}"), e))?;
+        }
+        for gone in self.services.difference(&new_services) {
+            store
+                .set_backends(gone, Vec::new())
+                .map_err(|e| err(&format!("service {gone}"), e))?;
+        }
+        self.services = new_services;
+
+        // Root routes before sub-paths (spec §1.4).
+        let mut routes = file.routes;
+        routes.sort_by_key(|r| (r.domain.to_ascii_lowercase(), normalize_path(&r.path).len()));
+        let wanted: BTreeSet<Key> = routes.iter().map(key).collect();
+
+        // Removed first (sub-paths before their roots), so a replaced root can come back.
+        let mut gone: Vec<(Key, String)> = self
+            .routes
+            .iter()
+            .filter(|(k, _)| !wanted.contains(*k))
+            .map(|(k, id)| (k.clone(), id.clone()))
+            .collect();
+        gone.sort_by_key(|(k, _)| std::cmp::Reverse(k.3.len()));
+        for (k, id) in gone {
+            self.routes.remove(&k);
+            match store.remove(k.0, &id) {
+                Ok(r) => out.removed.push(r),
+                Err(e) if e.status() == 404 => {}
+                Err(e) => return Err(err("removing a route", e)),
+            }
+        }
+        for r in routes {
+            let k = key(&r);
+            let what = if r.kind == RouteType::Tcp {
+                format!("tcp port {}", r.port)
+            } else {
+                format!("{}{}", r.domain, r.path)
+            };
+            let existing = self
+                .routes
+                .get(&k)
+                .filter(|id| store.get(k.0, id).is_some())
+                .cloned();
+            let stored = match existing {
+                Some(id) => store
+                    .update(k.0, &id, r)
+                    .map_err(|e| err(&format!("route {what}"), e))?,
+                None => store.add(r).map_err(|e| err(&format!("route {what}"), e))?,
+            };
+            self.routes.insert(k, stored.id.clone());
+            out.set.push(stored);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Ports;
+    use flynn_api::BackendAddr;
+
+    fn file(json: &str) -> RoutesFile {
+        RoutesFile::parse(json, false).unwrap()
+    }
+
+    #[test]
+    fn reload_adds_updates_and_removes_only_file_routes() {
+        let ports = Ports {
+            default_http: vec![8080],
+            additional_http: vec![],
+            tcp_range: (3000, 3010),
+        };
+        let mut store = Store::new(ports, false);
+        let mut f = FileRoutes::default();
+        f.apply(
+            &mut store,
+            file(
+                r#"{"routes":[{"type":"http","domain":"a.com","service":"a"},
+                               {"type":"http","domain":"a.com","path":"/x","service":"x"},
+                               {"type":"tcp","port":0,"service":"db"}],
+                     "services":{"a":[{"addr":"127.0.0.1:1"}]}}"#,
+            ),
+        )
+        .unwrap();
+        let api_route = store.add(Route::http("api.com", "api")).unwrap();
+        let before: BTreeMap<String, Route> = store
+            .list(None)
+            .into_iter()
+            .map(|r| (r.domain.clone() + &r.path, r))
+            .collect();
+        let applied = f
+            .apply(
+                &mut store,
+                file(
+                    r#"{"routes":[{"type":"http","domain":"a.com","service":"a2"},
+                                   {"type":"tcp","port":0,"service":"db"},
+                                   {"type":"http","domain":"b.com","service":"b"}],
+                         "services":{"b":[{"addr":"127.0.0.1:2"}]}}"#,
+                ),
+            )
+            .unwrap();
+        assert_eq!(applied.removed.len(), 1);
+        assert_eq!(applied.removed[0].path, "/x/");
+        let after = store.list(None);
+        let a = after.iter().find(|r| r.domain == "a.com").unwrap();
+        assert_eq!(a.service, "a2");
+        assert_eq!(a.id, before["a.com/"].id, "updated in place");
+        let tcp = after.iter().find(|r| r.kind == RouteType::Tcp).unwrap();
+        assert_eq!(tcp.port, 3000, "allocated port kept");
+        assert!(after.iter().any(|r| r.domain == "b.com"));
+        assert!(
+            after.iter().any(|r| r.id == api_route.id),
+            "API routes untouched"
+        );
+        assert!(
+            store.backends("a").is_empty(),
+            "service gone from the file is emptied"
+        );
+        assert_eq!(
+            store.backends("b"),
+            vec![BackendAddr {
+                addr: "127.0.0.1:2".into(),
+                leader: false,
+                app: String::new(),
+                job_id: String::new()
+            }]
+        );
+        // A bad file is an error and names the culprit.
+        let e = f.apply(
+            &mut store,
+            file(r#"{"routes":[{"type":"http","domain":"c.com","path":"/sub/","service":"c"}]}"#),
+        );
+        assert!(e.unwrap_err().contains("c.com/sub/"));
+    }
+}
