@@ -223,9 +223,11 @@ mod tests {
         s.parse().unwrap()
     }
 
+    type Parsed = Result<Option<(ProxyHeader, usize)>, ProxyError>;
+
     #[test]
     fn v1_table() {
-        let cases: &[(&[u8], Result<Option<(ProxyHeader, usize)>, ProxyError>)] = &[
+        let cases: &[(&[u8], Parsed)] = &[
             (b"", Ok(None)),
             (b"PRO", Ok(None)),
             (b"PROXY TCP4 1.1.1.123 2.2.2.2 1234 80", Ok(None)),

@@ -336,11 +336,7 @@ async fn events(State(api): State<Arc<Api>>, Query(q): Query<EventsQuery>) -> im
             .map(str::to_string)
             .collect()
     });
-    let wanted = move |e: &StreamEvent| {
-        types
-            .as_ref()
-            .is_none_or(|t| t.iter().any(|x| *x == e.event))
-    };
+    let wanted = move |e: &StreamEvent| types.as_ref().is_none_or(|t| t.contains(&e.event));
     // Subscribe first, then replay `backend-up` for backends of drain-tracked routes.
     let rx = api.events.subscribe();
     let replay: Vec<StreamEvent> = {

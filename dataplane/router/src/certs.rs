@@ -61,7 +61,7 @@ impl Certs {
     /// Newest first.
     pub fn list(&self) -> Vec<Certificate> {
         let mut v: Vec<&Stored> = self.by_id.values().collect();
-        v.sort_by(|a, b| b.seq.cmp(&a.seq));
+        v.sort_by_key(|s| std::cmp::Reverse(s.seq));
         v.into_iter().map(|s| s.api.clone()).collect()
     }
 

@@ -26,10 +26,9 @@ pub async fn run(api: Arc<Api>, url: String) {
             keep
         });
         for svc in wanted {
-            if !watches.contains_key(&svc) {
-                let task = tokio::spawn(watch(api.clone(), client.clone(), svc.clone()));
-                watches.insert(svc, task);
-            }
+            watches
+                .entry(svc.clone())
+                .or_insert_with(|| tokio::spawn(watch(api.clone(), client.clone(), svc)));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

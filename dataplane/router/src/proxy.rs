@@ -744,10 +744,7 @@ async fn forward<S: Client>(
             ),
         };
         *ubuf = b;
-        let n = match res {
-            Ok(n) => n,
-            Err(_) => 0,
-        };
+        let n = res.unwrap_or_default();
         if n == 0 {
             if resp.framing != Framing::Close {
                 // Truncated response: the client cannot be told any more.

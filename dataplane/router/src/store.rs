@@ -278,7 +278,7 @@ impl Store {
             .values()
             .filter(|s| parent_ref.is_none_or(|p| s.route.parent_ref == p))
             .collect();
-        v.sort_by(|a, b| b.seq.cmp(&a.seq));
+        v.sort_by_key(|s| std::cmp::Reverse(s.seq));
         v.into_iter().map(|s| s.route.clone()).collect()
     }
 

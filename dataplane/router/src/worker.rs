@@ -34,6 +34,9 @@ pub struct ListenerInfo {
 pub struct Core {
     pub index: usize,
     pub shared: Arc<Shared>,
+    // An `Rc` around the shared `Arc`: requests clone a core-local, non-atomic count
+    // instead of bumping the snapshot's cross-core atomic one.
+    #[allow(clippy::redundant_allocation)]
     table: RefCell<Rc<Arc<Table>>>,
     local: RefCell<Local<Table>>,
     inflight: RefCell<HashMap<SocketAddr, u32>>,
@@ -46,6 +49,8 @@ pub struct Core {
     /// Free I/O buffers: idle connections hold none, busy ones borrow from here.
     bufs: RefCell<Vec<Vec<u8>>>,
     /// Free (empty) buffer sets for connections that become busy.
+    /// Boxed because connections hold them as one pointer while busy.
+    #[allow(clippy::vec_box)]
     bufsets: RefCell<Vec<Box<crate::proxy::Bufs>>>,
 }
 
@@ -69,6 +74,7 @@ impl Core {
     }
 
     /// The table requests should use now (a core-local reference count, no atomics).
+    #[allow(clippy::redundant_allocation)]
     pub fn table(&self) -> Rc<Arc<Table>> {
         self.table.borrow().clone()
     }

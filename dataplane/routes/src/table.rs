@@ -199,7 +199,7 @@ impl Table {
             }
         }
         for d in t.http.values_mut() {
-            d.routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+            d.routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
         }
         t
     }

@@ -451,6 +451,7 @@ fn sticky_route_accepted_with_cookie_key_flag() {
 }
 
 #[test]
+#[allow(clippy::type_complexity)]
 fn invalid_cookie_key_stops_the_router() {
     let cases: Vec<(&str, Vec<(&str, String)>, Vec<String>)> = vec![
         (
