@@ -609,88 +609,77 @@ async fn forward<S: Client>(
         }
     }
 
-    let resp = loop {
-        let o = std::mem::take(out);
-        let len = o.len();
-        let (res, o) = write_range(&mut up, o, 0, len).await;
-        *out = o;
-        if res.is_err() {
-            if reused && body.is_done() && retries < MAX_ATTEMPTS {
-                retries += 1;
-                match redial(core, route, addr).await {
-                    Some((s, a, r)) => {
-                        (up, reused) = (s, r);
-                        if a != addr {
-                            addr = a;
-                            _inflight = core.start_request(a);
-                        }
-                        continue;
+    // `out` keeps the request head, so a stale pooled connection can be retried.
+    let resp = 'send: loop {
+        let can_retry = 'attempt: {
+            let o = std::mem::take(out);
+            let len = o.len();
+            let (res, o) = write_range(&mut up, o, 0, len).await;
+            *out = o;
+            if res.is_err() {
+                break 'attempt reused && body.is_done();
+            }
+            // Stream the rest of the request body.
+            while !body.is_done() {
+                if consumed == buf.len() {
+                    buf.clear();
+                    consumed = 0;
+                }
+                let taken = std::mem::take(buf);
+                let limit = core.settings().idle_timeout;
+                let (res, b) = match monoio::time::timeout(limit, read_append(c, taken)).await {
+                    Ok(x) => x,
+                    Err(_) => (
+                        Err(std::io::ErrorKind::TimedOut.into()),
+                        Vec::with_capacity(BUF),
+                    ),
+                };
+                *buf = b;
+                match res {
+                    Ok(n) if n > 0 => {}
+                    _ => {
+                        CoreMetrics::inc(&m.client_aborts_total);
+                        return Next::Close;
                     }
-                    None => return upstream_failed(core, c, out).await,
+                }
+                let adv = match body.advance(&buf[consumed..]) {
+                    Ok(a) => a,
+                    Err(_) => return respond(core, c, out, 400, b"Bad Request\n", true).await,
+                };
+                let taken = std::mem::take(buf);
+                let (res, b) = write_range(&mut up, taken, consumed, consumed + adv.used).await;
+                *buf = b;
+                consumed += adv.used;
+                if res.is_err() {
+                    return upstream_failed(core, c, out).await;
                 }
             }
-            return upstream_failed(core, c, out).await;
-        }
-        // Stream the rest of the request body.
-        while !body.is_done() {
-            if consumed == buf.len() {
-                buf.clear();
-                consumed = 0;
-            }
-            let taken = std::mem::take(buf);
-            let limit = core.settings().idle_timeout;
-            let (res, b) = match monoio::time::timeout(limit, read_append(c, taken)).await {
-                Ok(x) => x,
-                Err(_) => (
-                    Err(std::io::ErrorKind::TimedOut.into()),
-                    Vec::with_capacity(BUF),
-                ),
-            };
-            *buf = b;
-            match res {
-                Ok(n) if n > 0 => {}
-                _ => {
+            match exchange(c, &mut up, ubuf, info, sent_continue).await {
+                Exchange::Ok(r) => break 'send r,
+                Exchange::Stale => break 'attempt reused && info.framing == Framing::Empty,
+                Exchange::Failed => break 'attempt false,
+                Exchange::ClientGone => {
                     CoreMetrics::inc(&m.client_aborts_total);
                     return Next::Close;
                 }
             }
-            let adv = match body.advance(&buf[consumed..]) {
-                Ok(a) => a,
-                Err(_) => return respond(core, c, out, 400, b"Bad Request\n", true).await,
-            };
-            let taken = std::mem::take(buf);
-            let (res, b) = write_range(&mut up, taken, consumed, consumed + adv.used).await;
-            *buf = b;
-            consumed += adv.used;
-            if res.is_err() {
-                return upstream_failed(core, c, out).await;
-            }
+        };
+        // Only a reused connection that died before any response byte is retried: on a
+        // fresh dial to the same backend, or another backend if that dial fails.
+        if !can_retry || retries >= MAX_ATTEMPTS {
+            return upstream_failed(core, c, out).await;
         }
-        match exchange(c, &mut up, ubuf, info, sent_continue).await {
-            Exchange::Ok(r) => break r,
-            Exchange::Stale
-                if reused && info.framing == Framing::Empty && retries < MAX_ATTEMPTS =>
-            {
-                retries += 1;
-                ubuf.clear();
-                match redial(core, route, addr).await {
-                    Some((s, a, r)) => {
-                        (up, reused) = (s, r);
-                        if a != addr {
-                            addr = a;
-                            _inflight = core.start_request(a);
-                        }
-                        // `out` still holds the request head.
-                        continue;
-                    }
-                    None => return upstream_failed(core, c, out).await,
+        retries += 1;
+        ubuf.clear();
+        match redial(core, route, addr).await {
+            Some((s, a, r)) => {
+                (up, reused) = (s, r);
+                if a != addr {
+                    addr = a;
+                    _inflight = core.start_request(a);
                 }
             }
-            Exchange::Stale | Exchange::Failed => return upstream_failed(core, c, out).await,
-            Exchange::ClientGone => {
-                CoreMetrics::inc(&m.client_aborts_total);
-                return Next::Close;
-            }
+            None => return upstream_failed(core, c, out).await,
         }
     };
 
