@@ -39,6 +39,11 @@ pub struct Config {
     /// Raft election timeout (minimum; the maximum is twice this).
     #[arg(long, env = "FLYNN_ELECTION_TIMEOUT", default_value = "300ms", value_parser = humantime::parse_duration)]
     pub election_timeout: Duration,
+
+    /// TEST ONLY: serve `POST /debug/partition`, which makes this node drop Raft RPCs to
+    /// and from the listed peers (see `fault`). Never set in production.
+    #[arg(long, env = "FLYNN_ENABLE_FAULT_INJECTION")]
+    pub enable_fault_injection: bool,
 }
 
 impl Config {

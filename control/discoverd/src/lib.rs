@@ -4,11 +4,14 @@
 //! leader per service, replicated with openraft among the peer nodes; SSE watches; a
 //! follower or proxy node redirects writes to the Raft leader. Laid out like openraft's
 //! `raft-kv-memstore` example: `store` (state machine, file-backed log), `network`
-//! (Raft RPC client), `api` (HTTP API and Raft RPC server). Clients use
+//! (Raft RPC client), `api` (HTTP API and Raft RPC server), `dns` (the `discoverd.`
+//! zone), `fault` (test-only partitions). Clients use
 //! `flynn-client`'s discoverd client; the router and schedulers depend on it.
 
 pub mod api;
 pub mod config;
+pub mod dns;
+pub mod fault;
 pub mod network;
 pub mod node;
 pub mod store;
@@ -24,6 +27,8 @@ pub use node::Node;
 /// A started node: its bound address and handle.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The bound DNS address (UDP and TCP), when `--dns-addr` is set.
+    pub dns: Option<SocketAddr>,
     pub node: Arc<Node>,
 }
 
@@ -35,11 +40,15 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         .with_context(|| format!("bind {}", cfg.addr))?;
     let addr = listener.local_addr()?;
     let node = Node::start(cfg, addr).await?;
+    let dns = match cfg.dns_addr {
+        Some(a) => Some(dns::serve(a, node.clone()).await?),
+        None => None,
+    };
     let app = api::router(node.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "http server stopped");
         }
     });
-    Ok(Running { addr, node })
+    Ok(Running { addr, dns, node })
 }

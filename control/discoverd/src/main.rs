@@ -35,7 +35,13 @@ fn main() {
                 std::process::exit(1);
             }
         };
-        println!("listening http={} host={}", running.addr, running.node.host);
+        match running.dns {
+            Some(dns) => println!(
+                "listening http={} host={} dns={dns}",
+                running.addr, running.node.host
+            ),
+            None => println!("listening http={} host={}", running.addr, running.node.host),
+        }
         use std::io::Write;
         let _ = std::io::stdout().flush();
         let mut term =

@@ -12,6 +12,7 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, ServerState};
 
 use crate::config::Config;
+use crate::fault::Faults;
 use crate::network::{node_id, Network};
 use crate::store::types::Command;
 use crate::store::{LogStore, Raft, Shared, StateMachine};
@@ -27,6 +28,8 @@ pub struct Node {
     pub peers: Vec<String>,
     pub ttl: Duration,
     pub shutting_down: AtomicBool,
+    /// Test-only Raft RPC partitions (`--enable-fault-injection`).
+    pub faults: Arc<Faults>,
     leader: Mutex<Leadership>,
     pub http: reqwest::Client,
 }
@@ -64,7 +67,9 @@ impl Node {
             ..Default::default()
         };
         let raft_cfg = Arc::new(raft_cfg.validate().context("raft config")?);
-        let raft = Raft::new(id, raft_cfg, Network::new(), log.clone(), sm)
+        let faults = Arc::new(Faults::new(cfg.enable_fault_injection));
+        let network = Network::new(host.clone(), faults.clone());
+        let raft = Raft::new(id, raft_cfg, network, log.clone(), sm)
             .await
             .context("start raft")?;
         if peers.contains(&host) && !raft.is_initialized().await.unwrap_or(true) {
@@ -89,6 +94,7 @@ impl Node {
             peers,
             ttl: cfg.instance_ttl,
             shutting_down: AtomicBool::new(false),
+            faults,
             leader: Mutex::new(Leadership::default()),
             http,
         });

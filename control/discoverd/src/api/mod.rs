@@ -21,7 +21,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use flynn_api::ApiError;
 use md5::{Digest, Md5};
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::raft::ReadPolicy;
 
 use crate::node::Node;
 use crate::store::types::{
@@ -50,7 +51,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/ping", get(|| async { StatusCode::OK }))
         .route("/.well-known/status", get(status))
         .route("/shutdown", post(raft::shutdown))
-        .merge(raft::routes())
+        .merge(raft::routes(&node))
         .layer(middleware::from_fn_with_state(node.clone(), edge))
         .with_state(node)
 }
@@ -63,7 +64,8 @@ async fn edge(State(node): State<Arc<Node>>, req: Request, next: Next) -> Respon
         || path == "/raft/demote"
         || path == "/shutdown"
         || path == "/ping"
-        || path == "/.well-known/status";
+        || path == "/.well-known/status"
+        || path.starts_with("/debug/");
     if node.shutting_down.load(Ordering::Relaxed) && !path.starts_with("/raft/rpc/") {
         return ApiErr(ApiError::new(
             flynn_api::ErrorCode::ServiceUnavailable,
@@ -250,8 +252,38 @@ async fn set_meta(
     Ok(Json(stored).into_response())
 }
 
-async fn get_meta(State(node): State<Arc<Node>>, Path(service): Path<String>) -> Resp {
+/// `?consistent=true` asks for a linearizable read (not in Flynn's API): it is served
+/// by the Raft leader after a ReadIndex round (followers redirect), so it sees every
+/// write acknowledged before it started. Plain reads are served from the local state.
+fn wants_consistent(uri: &Uri) -> bool {
+    uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv == "consistent" || kv == "consistent=true")
+    })
+}
+
+async fn linearize(node: &Node, uri: &Uri) -> Result<(), Response> {
+    leader_only(node, uri)?;
+    match node.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+        Ok(_) => Ok(()),
+        Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
+            match f.leader_node.map(|n| n.addr) {
+                Some(addr) if addr != node.host => Err(redirect(&addr, uri)),
+                _ => Err(no_leader().into_response()),
+            }
+        }
+        Err(err) => {
+            tracing::debug!(error = %err, "linearizable read failed");
+            Err(no_leader().into_response())
+        }
+    }
+}
+
+async fn get_meta(State(node): State<Arc<Node>>, Path(service): Path<String>, uri: Uri) -> Resp {
     check_service(&service).map_err(e)?;
+    if wants_consistent(&uri) {
+        linearize(&node, &uri).await?;
+    }
     let st = node.shared.lock();
     if !st.registry.data.services.contains_key(&service) {
         return Err(e(ApiErr::from(Rejection::ServiceNotFound(service))));

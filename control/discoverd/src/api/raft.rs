@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -17,14 +17,15 @@ use openraft::{BasicNode, ChangeMembers};
 use serde_json::json;
 
 use super::{leader_only, no_leader, ApiErr};
+use crate::fault::FROM_HEADER;
 use crate::network::{node_id, SnapshotRequest};
 use crate::node::Node;
 use crate::store::TypeConfig;
 
 type C = TypeConfig;
 
-pub fn routes() -> Router<Arc<Node>> {
-    Router::new()
+pub fn routes(node: &Node) -> Router<Arc<Node>> {
+    let r = Router::new()
         .route("/raft/rpc/append", post(append))
         .route("/raft/rpc/vote", post(vote))
         .route("/raft/rpc/snapshot", post(snapshot))
@@ -32,7 +33,38 @@ pub fn routes() -> Router<Arc<Node>> {
         .route("/raft/peers", get(peers))
         .route("/raft/peers/{peer}", put(add_peer).delete(remove_peer))
         .route("/raft/promote", post(promote))
-        .route("/raft/demote", post(demote))
+        .route("/raft/demote", post(demote));
+    if node.faults.enabled() {
+        r.route("/debug/partition", post(partition).get(partitioned))
+    } else {
+        r
+    }
+}
+
+/// True when the RPC comes from a peer this node is (test-only) partitioned from.
+fn dropped(node: &Node, headers: &HeaderMap) -> bool {
+    headers
+        .get(FROM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|from| node.faults.is_cut(from))
+}
+
+#[derive(serde::Deserialize)]
+struct Partition {
+    #[serde(default)]
+    peers: Vec<String>,
+}
+
+/// `POST /debug/partition` (only with `--enable-fault-injection`): cut Raft RPCs to and
+/// from `peers`; an empty list heals.
+async fn partition(State(node): State<Arc<Node>>, Json(p): Json<Partition>) -> Response {
+    tracing::warn!(peers = ?p.peers, "fault injection: raft partition set");
+    node.faults.partition(p.peers);
+    Json(json!({ "peers": node.faults.cut_peers() })).into_response()
+}
+
+async fn partitioned(State(node): State<Arc<Node>>) -> Response {
+    Json(json!({ "peers": node.faults.cut_peers() })).into_response()
 }
 
 fn internal(e: impl std::fmt::Display) -> Response {
@@ -42,22 +74,40 @@ fn internal(e: impl std::fmt::Display) -> Response {
 
 async fn append(
     State(node): State<Arc<Node>>,
+    headers: HeaderMap,
     Json(req): Json<AppendEntriesRequest<C>>,
 ) -> Response {
+    if dropped(&node, &headers) {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
     match node.raft.append_entries(req).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => internal(e),
     }
 }
 
-async fn vote(State(node): State<Arc<Node>>, Json(req): Json<VoteRequest<C>>) -> Response {
+async fn vote(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Json(req): Json<VoteRequest<C>>,
+) -> Response {
+    if dropped(&node, &headers) {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
     match node.raft.vote(req).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => internal(e),
     }
 }
 
-async fn snapshot(State(node): State<Arc<Node>>, Json(req): Json<SnapshotRequest>) -> Response {
+async fn snapshot(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Json(req): Json<SnapshotRequest>,
+) -> Response {
+    if dropped(&node, &headers) {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
     let snap = SnapshotOf::<C, Vec<u8>> {
         meta: req.meta,
         snapshot: req.data,

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
@@ -15,6 +16,7 @@ use openraft::{BasicNode, RaftNetworkFactory, RaftNetworkV2};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::fault::{Faults, FROM_HEADER};
 use crate::store::TypeConfig;
 
 type C = TypeConfig;
@@ -47,23 +49,20 @@ pub struct SnapshotRequest {
 #[derive(Clone)]
 pub struct Network {
     http: reqwest::Client,
+    /// This node's advertised address, sent with every RPC (see `fault::FROM_HEADER`).
+    host: String,
+    faults: Arc<Faults>,
 }
 
 impl Network {
-    pub fn new() -> Network {
+    pub fn new(host: String, faults: Arc<Faults>) -> Network {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
             .pool_idle_timeout(Duration::from_secs(30))
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
-        Network { http }
-    }
-}
-
-impl Default for Network {
-    fn default() -> Self {
-        Network::new()
+        Network { http, host, faults }
     }
 }
 
@@ -74,6 +73,8 @@ impl RaftNetworkFactory<C> for Network {
         Conn {
             http: self.http.clone(),
             addr: node.addr.clone(),
+            host: self.host.clone(),
+            faults: self.faults.clone(),
         }
     }
 }
@@ -81,6 +82,8 @@ impl RaftNetworkFactory<C> for Network {
 pub struct Conn {
     http: reqwest::Client,
     addr: String,
+    host: String,
+    faults: Arc<Faults>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,11 +97,16 @@ impl Conn {
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, RPCError<C>> {
+        if self.faults.is_cut(&self.addr) {
+            let msg = format!("{} is partitioned away (fault injection)", self.addr);
+            return Err(RPCError::Unreachable(Unreachable::new(&RpcFailure(msg))));
+        }
         let url = format!("http://{}/raft/rpc/{path}", self.addr);
         let resp = self
             .http
             .post(url)
             .timeout(timeout)
+            .header(FROM_HEADER, &self.host)
             .json(req)
             .send()
             .await

@@ -1,9 +1,16 @@
 //! Three-node clusters on 127.0.0.1/2/3 (one probed port): follower redirects, leader
-//! failover after SIGKILL with no acknowledged write lost, full restart from disk, and a
-//! crash in the middle of concurrent writes.
+//! failover after SIGKILL with no acknowledged write lost, full restart from disk, a
+//! crash in the middle of concurrent writes, network partitions (test-only fault
+//! injection), a linearizability check of metadata CAS histories under faults, and no
+//! early expiry across a leader change.
 
 #[path = "../support/mod.rs"]
 mod support;
+
+mod expiry;
+mod lincheck;
+mod linearizability;
+mod partition;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -11,13 +18,18 @@ use std::time::Duration;
 
 use support::*;
 
-struct Cluster {
+pub(crate) struct Cluster {
     _dir: tempfile::TempDir,
-    nodes: Vec<Discoverd>,
+    pub(crate) nodes: Vec<Discoverd>,
 }
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with("10s")
+    }
+
+    /// Three peers with instance TTL `ttl` and test-only fault injection enabled.
+    pub(crate) fn start_with(ttl: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let port = (0..20)
             .map(|_| free_port("127.0.0.1"))
@@ -43,7 +55,8 @@ impl Cluster {
                         "--peers".into(),
                         peers.clone(),
                         "--instance-ttl".into(),
-                        "10s".into(),
+                        ttl.into(),
+                        "--enable-fault-injection".into(),
                     ],
                 )
             })
@@ -52,11 +65,18 @@ impl Cluster {
     }
 
     /// The leader all running nodes agree on.
-    async fn leader(&self) -> usize {
+    pub(crate) async fn leader(&self) -> usize {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        self.leader_of(&all).await
+    }
+
+    /// The leader the running nodes among `among` agree on (it is one of them).
+    pub(crate) async fn leader_of(&self, among: &[usize]) -> usize {
         let c = raw_client();
         eventually(Duration::from_secs(15), || async {
             let mut seen = BTreeSet::new();
-            for n in self.nodes.iter().filter(|n| n.is_running()) {
+            let nodes = among.iter().map(|i| &self.nodes[*i]);
+            for n in nodes.filter(|n| n.is_running()) {
                 let r = send(&c, "GET", &n.url("/raft/leader"), None).await.ok()?;
                 if r.status != 200 {
                     return None;
@@ -67,12 +87,47 @@ impl Cluster {
                 return None;
             }
             let host = seen.into_iter().next()?;
-            self.nodes
+            among
                 .iter()
-                .position(|n| n.is_running() && n.addr == host)
+                .copied()
+                .find(|i| self.nodes[*i].is_running() && self.nodes[*i].addr == host)
         })
         .await
         .expect("the cluster agrees on a running leader")
+    }
+
+    /// Cuts Raft traffic between node `i` and every other node (both directions).
+    pub(crate) async fn isolate(&self, i: usize) {
+        let others: Vec<String> = (0..self.nodes.len())
+            .filter(|j| *j != i)
+            .map(|j| self.nodes[j].addr.clone())
+            .collect();
+        self.set_partition(i, &others).await;
+        for j in (0..self.nodes.len()).filter(|j| *j != i) {
+            let me = [self.nodes[i].addr.clone()];
+            self.set_partition(j, &me).await;
+        }
+    }
+
+    /// Heals every partition.
+    pub(crate) async fn heal(&self) {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].is_running() {
+                self.set_partition(i, &[]).await;
+            }
+        }
+    }
+
+    async fn set_partition(&self, i: usize, peers: &[String]) {
+        let body = serde_json::json!({ "peers": peers }).to_string();
+        let r = call(
+            &raw_client(),
+            "POST",
+            &self.nodes[i].url("/debug/partition"),
+            Some(&body),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
     }
 }
 
@@ -123,7 +178,12 @@ async fn follower_redirects_writes_and_serves_reads() {
 
 /// Creates services `prefix-i` through any node (following redirects) until `stop`;
 /// records the acknowledged ones.
-async fn writer(urls: Vec<String>, prefix: String, count: usize, acked: Arc<Mutex<Vec<String>>>) {
+pub(crate) async fn writer(
+    urls: Vec<String>,
+    prefix: String,
+    count: usize,
+    acked: Arc<Mutex<Vec<String>>>,
+) {
     let c = client();
     for i in 0..count {
         let name = format!("{prefix}-{i}");
@@ -138,7 +198,7 @@ async fn writer(urls: Vec<String>, prefix: String, count: usize, acked: Arc<Mute
 }
 
 /// True when `node` has applied service `name` (its meta lookup finds the service).
-async fn has_service(node: &Discoverd, name: &str) -> Option<bool> {
+pub(crate) async fn has_service(node: &Discoverd, name: &str) -> Option<bool> {
     let r = send(
         &raw_client(),
         "GET",
@@ -155,7 +215,7 @@ async fn has_service(node: &Discoverd, name: &str) -> Option<bool> {
 }
 
 /// Every name is (eventually, as `node` applies the log) present on `node`.
-async fn assert_all_present(node: &Discoverd, names: &[String]) {
+pub(crate) async fn assert_all_present(node: &Discoverd, names: &[String]) {
     for name in names {
         let found = eventually(Duration::from_secs(10), || async {
             has_service(node, name).await.filter(|p| *p)

@@ -15,6 +15,8 @@ use serde_json::Value;
 pub struct Discoverd {
     child: Option<Child>,
     pub addr: String,
+    /// The DNS address from the `listening` line, when started with `--dns-addr`.
+    pub dns: Option<String>,
     pub data_dir: PathBuf,
     args: Vec<String>,
 }
@@ -55,6 +57,7 @@ impl Discoverd {
         let mut d = Discoverd {
             child: None,
             addr: String::new(),
+            dns: None,
             data_dir: dir.to_path_buf(),
             args,
         };
@@ -101,6 +104,10 @@ impl Discoverd {
             .expect("listening line has http=")
             .to_string();
         self.addr = addr;
+        self.dns = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("dns="))
+            .map(String::from);
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,123 @@
+//! DNS for the `discoverd.` zone (spec §2.8), served with `hickory-server` over UDP and
+//! TCP on `--dns-addr`: `<svc>.discoverd` (instances), `_<svc>._<proto>.discoverd`
+//! (SRV), `<id>.<svc>._i.discoverd` (one instance), `leader.<svc>.discoverd`.
+//! Answers are authoritative with TTL 0, read from this node's applied state; an empty
+//! answer carries the zone's SOA. Recursion is off: names outside the zone are REFUSED
+//! (forwarding to `--recursors` is not implemented yet).
+
+mod zone;
+
+pub use zone::{lookup, soa, Lookup, UDP_INSTANCE_LIMIT};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::proto::op::{Metadata, ResponseCode};
+use hickory_server::proto::rr::Record;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::Server;
+
+use crate::node::Node;
+
+struct Handler {
+    node: Arc<Node>,
+}
+
+/// Binds UDP and TCP on `addr` (the same port for both; port 0 picks one) and serves in
+/// the background. Returns the bound address.
+pub async fn serve(addr: SocketAddr, node: Arc<Node>) -> anyhow::Result<SocketAddr> {
+    let udp = tokio::net::UdpSocket::bind(addr)
+        .await
+        .with_context(|| format!("bind dns udp {addr}"))?;
+    let bound = udp.local_addr()?;
+    let tcp = tokio::net::TcpListener::bind(bound)
+        .await
+        .with_context(|| format!("bind dns tcp {bound}"))?;
+    let mut server = Server::new(Handler { node });
+    server.register_socket(udp);
+    server.register_listener(tcp, Duration::from_secs(5), 64);
+    // The server's tasks live as long as it does.
+    tokio::spawn(async move {
+        if let Err(e) = server.block_until_done().await {
+            tracing::error!(error = %e, "dns server stopped");
+        }
+    });
+    Ok(bound)
+}
+
+fn serial() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as u32)
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response: R,
+    ) -> ResponseInfo {
+        let builder = MessageResponseBuilder::from_message_request(request);
+        let mut meta = Metadata::response_from_request(&request.metadata);
+        let sent = match request.request_info() {
+            Err(_) => {
+                let msg = builder.error_msg(&request.metadata, ResponseCode::FormErr);
+                response.send_response(msg).await
+            }
+            Ok(info) => {
+                let tcp = request.protocol() == Protocol::Tcp;
+                let q = info.query.original();
+                let found = {
+                    let st = self.node.shared.lock();
+                    lookup(&st.registry, q.name(), q.query_type(), tcp)
+                };
+                match found {
+                    Lookup::NotOurs => {
+                        let msg = builder.error_msg(&request.metadata, ResponseCode::Refused);
+                        response.send_response(msg).await
+                    }
+                    Lookup::Answer {
+                        code,
+                        answers,
+                        additionals,
+                    } => {
+                        meta.authoritative = true;
+                        meta.response_code = code;
+                        let soa: Vec<Record> = if answers.is_empty() {
+                            vec![soa(serial())]
+                        } else {
+                            Vec::new()
+                        };
+                        let msg = builder.build(
+                            meta,
+                            answers.iter(),
+                            std::iter::empty(),
+                            soa.iter(),
+                            additionals.iter(),
+                        );
+                        response.send_response(msg).await
+                    }
+                }
+            }
+        };
+        match sent {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!(error = %e, "dns response not sent");
+                let mut m = Metadata::response_from_request(&request.metadata);
+                m.response_code = ResponseCode::ServFail;
+                hickory_server::proto::op::Header {
+                    metadata: m,
+                    counts: Default::default(),
+                }
+                .into()
+            }
+        }
+    }
+}

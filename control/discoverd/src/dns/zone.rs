@@ -1,0 +1,306 @@
+//! The `discoverd.` zone as a pure function of the registry (spec §2.8): a query name
+//! and type in, a response code and records out. No I/O; the server is in `dns`.
+
+use std::net::IpAddr;
+
+use hickory_server::proto::op::ResponseCode;
+use hickory_server::proto::rr::rdata::{A, AAAA, SOA, SRV};
+use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+
+use crate::store::state::Registry;
+use crate::store::types::Instance;
+
+/// UDP answers carry at most this many instances (spec §2.8); TCP is unlimited.
+pub const UDP_INSTANCE_LIMIT: usize = 3;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// The name is in our zone: answer authoritatively.
+    Answer {
+        code: ResponseCode,
+        answers: Vec<Record>,
+        additionals: Vec<Record>,
+    },
+    /// The name is outside `discoverd.`: forward it, or refuse when recursion is off.
+    NotOurs,
+}
+
+/// What a name under `discoverd.` refers to.
+#[derive(Debug, PartialEq, Eq)]
+enum Target<'a> {
+    Service(&'a str),
+    ServiceProto(&'a str, &'a str),
+    Instance(&'a str, &'a str),
+    Leader(&'a str),
+}
+
+/// Parses a lower-cased name without the trailing dot; `Err(true)` = in the zone but
+/// not a known form, `Err(false)` = not in the zone.
+fn parse(name: &str) -> Result<Target<'_>, bool> {
+    let labels: Vec<&str> = name.split('.').collect();
+    match labels.as_slice() {
+        ["discoverd"] => Err(true),
+        ["leader", svc, "discoverd"] => Ok(Target::Leader(svc)),
+        [id, svc, "_i", "discoverd"] => Ok(Target::Instance(svc, id)),
+        [svc, proto, "discoverd"] => match (svc.strip_prefix('_'), proto.strip_prefix('_')) {
+            (Some(s), Some(p)) => Ok(Target::ServiceProto(s, p)),
+            _ => Err(true),
+        },
+        [svc, "discoverd"] => Ok(Target::Service(svc)),
+        [.., "discoverd"] => Err(true),
+        _ => Err(false),
+    }
+}
+
+fn nxdomain() -> Lookup {
+    Lookup::Answer {
+        code: ResponseCode::NXDomain,
+        answers: Vec::new(),
+        additionals: Vec::new(),
+    }
+}
+
+fn host_port(addr: &str) -> Option<(IpAddr, u16)> {
+    let (h, p) = addr.rsplit_once(':')?;
+    let h = h.trim_start_matches('[').trim_end_matches(']');
+    Some((h.parse().ok()?, p.parse().ok()?))
+}
+
+fn zone_name(s: &str) -> Name {
+    Name::from_ascii(s).unwrap_or_else(|_| Name::root())
+}
+
+fn addr_record(name: &Name, ip: IpAddr) -> Record {
+    let data = match ip {
+        IpAddr::V4(v4) => RData::A(A(v4)),
+        IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+    };
+    Record::from_rdata(name.clone(), 0, data)
+}
+
+/// The zone's SOA record, sent in the authority section of answers without records.
+pub fn soa(serial: u32) -> Record {
+    let data = SOA::new(
+        zone_name("ns.discoverd."),
+        zone_name("postmaster.discoverd."),
+        serial,
+        3600,
+        600,
+        86400,
+        0,
+    );
+    Record::from_rdata(zone_name("discoverd."), 0, RData::SOA(data))
+}
+
+/// Answers `qname` (as asked, any case) of type `qtype` from `reg`.
+pub fn lookup(reg: &Registry, qname: &Name, qtype: RecordType, tcp: bool) -> Lookup {
+    let lower = qname.to_lowercase().to_ascii();
+    let lower = lower.trim_end_matches('.');
+    let target = match parse(lower) {
+        Ok(t) => t,
+        Err(true) => return nxdomain(),
+        Err(false) => return Lookup::NotOurs,
+    };
+    let service = match target {
+        Target::Service(s)
+        | Target::ServiceProto(s, _)
+        | Target::Instance(s, _)
+        | Target::Leader(s) => s,
+    };
+    if !reg.data.services.contains_key(service) {
+        return nxdomain();
+    }
+    // (instance, SRV target) pairs.
+    let mut found: Vec<(Instance, Name)> = match target {
+        Target::Service(_) | Target::ServiceProto(..) => {
+            let proto = match target {
+                Target::ServiceProto(_, p) => Some(p),
+                _ => None,
+            };
+            reg.instances(service)
+                .into_iter()
+                .filter(|i| proto.is_none_or(|p| i.proto == p))
+                .map(|i| {
+                    let t = zone_name(&format!("{}.{service}._i.discoverd.", i.id));
+                    (i, t)
+                })
+                .collect()
+        }
+        Target::Instance(_, id) => match reg.instance(service, id) {
+            Some(i) => vec![(i.clone(), qname.clone())],
+            None => return nxdomain(),
+        },
+        Target::Leader(_) => match reg.leader(service) {
+            Some(i) => vec![(i, qname.clone())],
+            None => return nxdomain(),
+        },
+    };
+    fastrand::shuffle(&mut found);
+    if !tcp {
+        found.truncate(UDP_INSTANCE_LIMIT);
+    }
+    let want_v4 = matches!(qtype, RecordType::A | RecordType::ANY);
+    let want_v6 = matches!(qtype, RecordType::AAAA | RecordType::ANY);
+    let want_srv = matches!(qtype, RecordType::SRV | RecordType::ANY);
+    let mut answers = Vec::new();
+    let mut additionals = Vec::new();
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for (inst, srv_target) in &found {
+        let Some((ip, port)) = host_port(&inst.addr) else {
+            continue;
+        };
+        if (ip.is_ipv4() && want_v4 || ip.is_ipv6() && want_v6) && !ips.contains(&ip) {
+            ips.push(ip);
+            answers.push(addr_record(qname, ip));
+        }
+        if want_srv {
+            let srv = SRV::new(1, 1, port, srv_target.clone());
+            answers.push(Record::from_rdata(qname.clone(), 0, RData::SRV(srv)));
+            if tcp {
+                additionals.push(addr_record(srv_target, ip));
+            }
+        }
+    }
+    Lookup::Answer {
+        code: ResponseCode::NoError,
+        answers,
+        additionals,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::types::{LeaderType, ServiceConfig};
+
+    fn registry() -> Registry {
+        let mut reg = Registry::default();
+        let cfg = ServiceConfig {
+            leader_type: LeaderType::Oldest,
+        };
+        reg.data.services.insert("web".into(), cfg.clone());
+        reg.data.services.insert("empty".into(), cfg);
+        let mut insts = std::collections::BTreeMap::new();
+        for (n, (addr, proto)) in [
+            ("10.0.0.1:80", "tcp"),
+            ("10.0.0.1:81", "tcp"),
+            ("10.0.0.2:53", "udp"),
+            ("[fd00::1]:80", "tcp"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let id = crate::api::instance_id(proto, addr);
+            let i = Instance {
+                id: id.clone(),
+                addr: addr.to_string(),
+                proto: proto.to_string(),
+                meta: Default::default(),
+                index: n as u64 + 1,
+            };
+            insts.insert(id, i);
+        }
+        reg.data.instances.insert("web".into(), insts);
+        reg
+    }
+
+    fn answer(
+        reg: &Registry,
+        name: &str,
+        t: RecordType,
+        tcp: bool,
+    ) -> (ResponseCode, Vec<RData>, usize) {
+        match lookup(reg, &Name::from_ascii(name).unwrap(), t, tcp) {
+            Lookup::Answer {
+                code,
+                answers,
+                additionals,
+            } => (
+                code,
+                answers.into_iter().map(|r| r.data).collect(),
+                additionals.len(),
+            ),
+            Lookup::NotOurs => panic!("{name} not ours"),
+        }
+    }
+
+    #[test]
+    fn names_parse_into_targets() {
+        assert_eq!(parse("web.discoverd"), Ok(Target::Service("web")));
+        assert_eq!(
+            parse("_web._tcp.discoverd"),
+            Ok(Target::ServiceProto("web", "tcp"))
+        );
+        assert_eq!(parse("leader.web.discoverd"), Ok(Target::Leader("web")));
+        assert_eq!(
+            parse("abc.web._i.discoverd"),
+            Ok(Target::Instance("web", "abc"))
+        );
+        assert_eq!(parse("a.b.c.d.discoverd"), Err(true));
+        assert_eq!(parse("web.tcp.discoverd"), Err(true));
+        assert_eq!(parse("discoverd"), Err(true));
+        assert_eq!(parse("example.com"), Err(false));
+    }
+
+    #[test]
+    fn answers_follow_the_table() {
+        let reg = registry();
+        let nx = ResponseCode::NXDomain;
+        // A answers are deduplicated by IP; TCP is unlimited.
+        let (code, a, _) = answer(&reg, "web.discoverd.", RecordType::A, true);
+        assert_eq!(code, ResponseCode::NoError);
+        assert_eq!(a.len(), 2);
+        let (_, a, _) = answer(&reg, "WEB.Discoverd.", RecordType::AAAA, true);
+        assert_eq!(a, vec![RData::AAAA(AAAA("fd00::1".parse().unwrap()))]);
+        // UDP carries at most 3 instances.
+        let (_, srv, glue) = answer(&reg, "web.discoverd.", RecordType::SRV, false);
+        assert_eq!((srv.len(), glue), (3, 0));
+        let (_, srv, glue) = answer(&reg, "_web._tcp.discoverd.", RecordType::SRV, true);
+        assert_eq!((srv.len(), glue), (3, 3));
+        let (_, srv, _) = answer(&reg, "_web._udp.discoverd.", RecordType::SRV, true);
+        match &srv[..] {
+            [RData::SRV(s)] => {
+                assert_eq!((s.priority, s.weight, s.port), (1, 1, 53));
+                let id = crate::api::instance_id("udp", "10.0.0.2:53");
+                assert_eq!(s.target.to_ascii(), format!("{id}.web._i.discoverd."));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Leader = oldest instance; its SRV targets the queried name.
+        let (_, l, _) = answer(&reg, "leader.web.discoverd.", RecordType::A, false);
+        assert_eq!(l, vec![RData::A(A("10.0.0.1".parse().unwrap()))]);
+        let id = crate::api::instance_id("tcp", "10.0.0.1:81");
+        let name = format!("{id}.web._i.discoverd.");
+        let (_, i, _) = answer(&reg, &name, RecordType::SRV, false);
+        match &i[..] {
+            [RData::SRV(s)] => assert_eq!(s.target.to_ascii(), name),
+            other => panic!("{other:?}"),
+        }
+        let (_, any, _) = answer(&reg, "web.discoverd.", RecordType::ANY, true);
+        assert_eq!(any.len(), 3 + 4);
+        // Unknown service, instance, leader and forms: NXDOMAIN.
+        assert_eq!(answer(&reg, "nope.discoverd.", RecordType::A, false).0, nx);
+        assert_eq!(
+            answer(&reg, "leader.empty.discoverd.", RecordType::A, false).0,
+            nx
+        );
+        assert_eq!(
+            answer(&reg, "x.web._i.discoverd.", RecordType::A, false).0,
+            nx
+        );
+        assert_eq!(
+            answer(&reg, "a.b.c.d.discoverd.", RecordType::A, false).0,
+            nx
+        );
+        // A known service without instances: an empty answer.
+        let (code, a, _) = answer(&reg, "empty.discoverd.", RecordType::A, false);
+        assert_eq!((code, a.len()), (ResponseCode::NoError, 0));
+        let other = lookup(
+            &reg,
+            &Name::from_ascii("example.com.").unwrap(),
+            RecordType::A,
+            false,
+        );
+        assert_eq!(other, Lookup::NotOurs);
+    }
+}

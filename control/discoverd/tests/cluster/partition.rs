@@ -1,0 +1,134 @@
+//! Network partitions through the test-only `--enable-fault-injection` switch: each side
+//! drops the Raft RPCs to and from the other (the HTTP API stays reachable, so the tests
+//! can look at both sides).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::support::*;
+use crate::{assert_all_present, has_service, writer, Cluster};
+
+/// A client that gives up quickly (a write stuck on a minority leader never commits).
+fn short_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn isolated_follower_cannot_write_and_catches_up_after_healing() {
+    let cl = Cluster::start_with("10s");
+    let l = cl.leader().await;
+    let f = (l + 1) % 3;
+    let majority: Vec<usize> = (0..3).filter(|i| *i != f).collect();
+    let raw = raw_client();
+    assert_eq!(
+        call(
+            &client(),
+            "PUT",
+            &cl.nodes[l].url("/services/before"),
+            Some("{}")
+        )
+        .await
+        .status,
+        200
+    );
+    cl.isolate(f).await;
+
+    // The isolated node loses its leader (it times out and keeps campaigning alone)...
+    let lost = eventually(Duration::from_secs(10), || async {
+        let r = send(&raw, "GET", &cl.nodes[f].url("/raft/leader"), None)
+            .await
+            .ok()?;
+        (r.status == 503).then_some(())
+    })
+    .await;
+    assert!(lost.is_some(), "isolated node still reports a leader");
+    // ...so its writes fail with "no known leader", redirected or not.
+    let r = call(&raw, "PUT", &cl.nodes[f].url("/services/iso"), Some("{}")).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["message"], "discoverd: no known leader");
+    let r = call(
+        &client(),
+        "PUT",
+        &cl.nodes[f].url("/services/before/meta"),
+        Some(r#"{"data":1,"index":0}"#),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+
+    // The majority keeps (or re-establishes) a leader and keeps writing.
+    let ml = cl.leader_of(&majority).await;
+    assert_ne!(ml, f);
+    let urls: Vec<String> = majority.iter().map(|i| cl.nodes[*i].url("")).collect();
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    writer(urls, "maj".into(), 10, acked.clone()).await;
+    let names = acked.lock().unwrap().clone();
+    assert_eq!(names.len(), 10, "the majority keeps writing");
+    // The isolated node does not see them while cut off.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(has_service(&cl.nodes[f], "maj-0").await, Some(false));
+    assert_eq!(has_service(&cl.nodes[f], "iso").await, Some(false));
+
+    // After healing it catches up, and the cluster agrees on one leader again.
+    cl.heal().await;
+    assert_all_present(&cl.nodes[f], &names).await;
+    cl.leader().await;
+    let r = call(
+        &client(),
+        "PUT",
+        &cl.nodes[f].url("/services/after"),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(has_service(&cl.nodes[f], "iso").await, Some(false));
+}
+
+#[tokio::test]
+async fn isolated_leader_cannot_commit_and_majority_elects_a_new_one() {
+    let cl = Cluster::start_with("10s");
+    let old = cl.leader().await;
+    let majority: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    cl.isolate(old).await;
+
+    // A write sent to the old leader does not succeed: it cannot reach a quorum.
+    let r = send(
+        &short_client(),
+        "PUT",
+        &cl.nodes[old].url("/services/minority"),
+        Some("{}"),
+    )
+    .await;
+    assert!(
+        r.as_ref().map_or(true, |r| r.status != 200),
+        "a minority leader acknowledged a write"
+    );
+    // Nor does a linearizable read.
+    let r = send(
+        &short_client(),
+        "GET",
+        &cl.nodes[old].url("/services/minority/meta?consistent=true"),
+        None,
+    )
+    .await;
+    assert!(r
+        .as_ref()
+        .map_or(true, |r| r.status != 200 && r.status != 404));
+
+    let nl = cl.leader_of(&majority).await;
+    assert_ne!(nl, old);
+    let urls: Vec<String> = majority.iter().map(|i| cl.nodes[*i].url("")).collect();
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    writer(urls, "new".into(), 10, acked.clone()).await;
+    let names = acked.lock().unwrap().clone();
+    assert_eq!(names.len(), 10);
+
+    cl.heal().await;
+    assert_all_present(&cl.nodes[old], &names).await;
+    let l = cl.leader().await;
+    assert_eq!(has_service(&cl.nodes[l], "minority").await, Some(false));
+    assert_eq!(has_service(&cl.nodes[old], "minority").await, Some(false));
+}
