@@ -18,6 +18,7 @@
 //! - `valid_request_id`, `format_uuid_v4`, `simple_response`, `reason`
 
 mod body;
+mod dechunk;
 mod fields;
 mod forward;
 mod head;
@@ -28,6 +29,7 @@ mod respond;
 mod response;
 
 pub use body::{Advance, BodyError, BodyReader, MAX_CHUNK_LINE, MAX_CHUNK_SIZE};
+pub use dechunk::Dechunker;
 pub use forward::{write_request_head, Forward};
 pub use head::{Framing, Method, ParseError, Span, MAX_HEAD, MAX_HEADERS};
 pub use proxy_protocol::{

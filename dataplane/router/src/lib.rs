@@ -12,6 +12,7 @@ mod certs;
 pub mod config;
 pub mod demo;
 mod discovery;
+mod h2;
 mod handover;
 mod idle;
 mod io;

@@ -40,14 +40,14 @@ impl Drop for ConnGuard {
     }
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
-fn client_ip(peer: SocketAddr) -> IpAddr {
+pub fn client_ip(peer: SocketAddr) -> IpAddr {
     match peer.ip() {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
@@ -167,6 +167,9 @@ pub async fn serve_tls(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: Lis
             return;
         }
     };
+    if tls.alpn_protocol().as_deref() == Some(b"h2") {
+        return crate::h2::serve(core, tls, peer, l).await;
+    }
     serve_conn(core, tls, fd, None, peer, l).await
 }
 
@@ -470,7 +473,7 @@ pub async fn dial(addr: SocketAddr) -> std::io::Result<TcpStream> {
 
 /// Picks a backend and gets a connection to it: pooled first, else dialled; dial
 /// failures move on to another backend, up to four attempts.
-async fn connect(
+pub async fn connect(
     core: &Rc<Core>,
     route: &HttpRoute,
     sticky: Option<SocketAddr>,

@@ -136,7 +136,7 @@ pub fn server_config(store: Arc<Published<CertStore>>) -> Result<Arc<ServerConfi
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Resolver { store }));
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     cfg.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(64 * 1024);
     Ok(Arc::new(cfg))

@@ -1,0 +1,306 @@
+//! HTTP/2 to clients (TLS with ALPN `h2`), proxied to HTTP/1.1 backends with the same
+//! routing, balancing, pools and header rewriting as HTTP/1.1: each HTTP/2 request is
+//! turned into an HTTP/1.1 request head that goes through `flynn-http` like any other.
+//! Limits that protect the router: concurrent streams, header list size, and caps on
+//! reset streams (rapid reset) and pending resets, all from the `h2` crate's builder.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use flynn_http::{
+    parse_request, parse_response, write_request_head, BodyReader, Dechunker, Framing,
+};
+use monoio::net::TcpStream;
+
+use crate::io::{read_append, write_range};
+use crate::metrics::CoreMetrics;
+use crate::proxy::{connect, Fwd};
+use crate::worker::{Core, ListenerInfo};
+
+type Tls = monoio_rustls::ServerTlsStream<TcpStream>;
+
+pub async fn serve(core: Rc<Core>, tls: Tls, peer: SocketAddr, l: ListenerInfo) {
+    core.conns.set(core.conns.get() + 1);
+    CoreMetrics::inc(&core.metrics().connections_active);
+    let io = monoio_compat::StreamWrapper::new(tls);
+    let mut b = h2::server::Builder::new();
+    b.max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024)
+        .max_pending_accept_reset_streams(64)
+        .max_local_error_reset_streams(Some(1024))
+        .initial_window_size(256 * 1024)
+        .initial_connection_window_size(1024 * 1024);
+    let limit = core.settings().header_timeout;
+    if let Ok(Ok(mut conn)) = monoio::time::timeout(limit, b.handshake::<_, Bytes>(io)).await {
+        while let Some(Ok((req, respond))) = conn.accept().await {
+            monoio::spawn(stream(core.clone(), req, respond, peer, l));
+        }
+    }
+    core.conns.set(core.conns.get() - 1);
+    CoreMetrics::dec(&core.metrics().connections_active);
+}
+
+fn simple(
+    respond: &mut h2::server::SendResponse<Bytes>,
+    core: &Core,
+    status: u16,
+    body: &'static [u8],
+) {
+    core.metrics().status(status);
+    let resp = http::Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .header("content-length", body.len())
+        .body(())
+        .unwrap_or_default();
+    if let Ok(mut s) = respond.send_response(resp, false) {
+        let _ = s.send_data(Bytes::from_static(body), true);
+    }
+}
+
+/// The HTTP/1.1 head equivalent to an HTTP/2 request (pseudo-headers to request line
+/// and Host; connection-specific headers dropped; chunked when the length is unknown).
+fn h1_head(parts: &http::request::Parts, end_stream: bool) -> (Vec<u8>, bool) {
+    let mut h = Vec::with_capacity(512);
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    h.extend_from_slice(parts.method.as_str().as_bytes());
+    h.push(b' ');
+    h.extend_from_slice(pq.as_bytes());
+    h.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
+    let host = authority
+        .or_else(|| parts.headers.get("host").map(|v| v.as_bytes()))
+        .unwrap_or(b"");
+    h.extend_from_slice(host);
+    h.extend_from_slice(b"\r\n");
+    let mut has_length = false;
+    for (name, value) in &parts.headers {
+        match name.as_str() {
+            "host" | "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding"
+            | "upgrade" => continue,
+            "te" => continue,
+            "content-length" => has_length = true,
+            _ => {}
+        }
+        h.extend_from_slice(name.as_str().as_bytes());
+        h.extend_from_slice(b": ");
+        h.extend_from_slice(value.as_bytes());
+        h.extend_from_slice(b"\r\n");
+    }
+    let chunked = !end_stream && !has_length;
+    if chunked {
+        h.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    }
+    h.extend_from_slice(b"\r\n");
+    (h, chunked)
+}
+
+/// The response headers to pass to an HTTP/2 client (hop-by-hop ones removed).
+fn h2_response(head: &[u8], status: u16) -> http::Response<()> {
+    let mut b = http::Response::builder().status(status);
+    let mut listed: Vec<Vec<u8>> = Vec::new();
+    for line in head.split(|&c| c == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(v) = line
+            .strip_prefix(b"Connection:")
+            .or_else(|| line.strip_prefix(b"connection:"))
+        {
+            listed.extend(
+                v.split(|&c| c == b',')
+                    .map(|t| t.trim_ascii().to_ascii_lowercase()),
+            );
+        }
+    }
+    for line in head.split(|&c| c == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&c| c == b':') else {
+            continue;
+        };
+        let name = line[..colon].to_ascii_lowercase();
+        let value = line[colon + 1..].trim_ascii();
+        let hop = matches!(
+            name.as_slice(),
+            b"connection"
+                | b"keep-alive"
+                | b"proxy-connection"
+                | b"transfer-encoding"
+                | b"upgrade"
+                | b"te"
+                | b"trailer"
+        );
+        if hop || listed.contains(&name) {
+            continue;
+        }
+        b = b.header(name.as_slice(), value);
+    }
+    b.body(()).unwrap_or_default()
+}
+
+async fn stream(
+    core: Rc<Core>,
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: SocketAddr,
+    l: ListenerInfo,
+) {
+    let start_ms = crate::proxy::now_ms();
+    CoreMetrics::inc(&core.metrics().requests_total);
+    let (parts, mut body) = req.into_parts();
+    let (head, chunked) = h1_head(&parts, body.is_end_stream());
+    let Ok(Some(info)) = parse_request(&head) else {
+        CoreMetrics::inc(&core.metrics().bad_requests_total);
+        return simple(&mut respond, &core, 400, b"Bad Request\n");
+    };
+    let table = core.table();
+    let host = info.host.map(|s| s.get(&head)).unwrap_or(b"");
+    let Some(route) = table.lookup_http(host, l.route_port, info.path.get(&head)) else {
+        CoreMetrics::inc(&core.metrics().not_found_total);
+        return simple(&mut respond, &core, 404, b"Not Found\n");
+    };
+    let Some((mut up, addr, _)) = connect(&core, route, None, None).await else {
+        CoreMetrics::inc(&core.metrics().unavailable_total);
+        return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+    };
+    let _inflight = core.start_request(addr);
+    let fwd = Fwd {
+        proto: "https",
+        peer,
+        l,
+        start_ms,
+    };
+    let mut out = Vec::with_capacity(head.len() + 256);
+    write_request_head(
+        &head,
+        &info,
+        &fwd.forward(route.disable_keep_alives),
+        &mut out,
+    );
+    let len = out.len();
+    let (res, _) = write_range(&mut up, out, 0, len).await;
+    if res.is_err() {
+        return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+    }
+    // Request body: DATA frames, re-chunked when the length is unknown.
+    while let Some(chunk) = body.data().await {
+        let Ok(chunk) = chunk else { return };
+        let _ = body.flow_control().release_capacity(chunk.len());
+        let mut frame = Vec::with_capacity(chunk.len() + 16);
+        if chunked {
+            frame.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        }
+        frame.extend_from_slice(&chunk);
+        if chunked {
+            frame.extend_from_slice(b"\r\n");
+        }
+        let n = frame.len();
+        if write_range(&mut up, frame, 0, n).await.0.is_err() {
+            return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+        }
+    }
+    if chunked {
+        let end = b"0\r\n\r\n".to_vec();
+        if write_range(&mut up, end, 0, 5).await.0.is_err() {
+            return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+        }
+    }
+    // Response head.
+    let mut ubuf = Vec::with_capacity(16 * 1024);
+    let resp = loop {
+        let (res, b) = read_append(&mut up, ubuf).await;
+        ubuf = b;
+        if !matches!(res, Ok(n) if n > 0) {
+            CoreMetrics::inc(&core.metrics().upstream_errors_total);
+            return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+        }
+        match parse_response(&ubuf, info.method) {
+            Ok(Some(r)) if r.status < 200 => {
+                ubuf.drain(..r.head_len);
+            }
+            Ok(Some(r)) => break r,
+            Ok(None) => {}
+            Err(_) => return simple(&mut respond, &core, 503, b"Service Unavailable\n"),
+        }
+    };
+    core.metrics().status(resp.status);
+    let end = resp.framing == Framing::Empty || matches!(resp.framing, Framing::Length(0));
+    let Ok(mut send) = respond.send_response(h2_response(&ubuf[..resp.head_len], resp.status), end)
+    else {
+        return;
+    };
+    if end {
+        if resp.keep_alive && ubuf.len() == resp.head_len && !route.disable_keep_alives {
+            core.pool.put(addr, up);
+        }
+        return;
+    }
+    // Response body: payload only (chunk framing decoded), within the client's window.
+    let mut framing = BodyReader::new(resp.framing);
+    let mut dechunk = (resp.framing == Framing::Chunked).then(Dechunker::new);
+    let mut pending: Vec<u8> = ubuf[resp.head_len..].to_vec();
+    let mut payload = Vec::with_capacity(16 * 1024);
+    loop {
+        if !pending.is_empty() {
+            let used = match framing.advance(&pending) {
+                Ok(a) => a.used,
+                Err(_) => return send.send_reset(h2::Reason::INTERNAL_ERROR),
+            };
+            payload.clear();
+            match dechunk.as_mut() {
+                Some(d) => {
+                    if d.feed(&pending[..used], &mut payload).is_err() {
+                        return send.send_reset(h2::Reason::INTERNAL_ERROR);
+                    }
+                }
+                None => payload.extend_from_slice(&pending[..used]),
+            }
+            if !payload.is_empty() && !send_flow_controlled(&mut send, &payload).await {
+                return;
+            }
+            pending.clear();
+        }
+        if framing.is_done() {
+            let _ = send.send_data(Bytes::new(), true);
+            if resp.keep_alive && !route.disable_keep_alives {
+                core.pool.put(addr, up);
+            }
+            return;
+        }
+        let (res, b) = read_append(&mut up, std::mem::take(&mut pending)).await;
+        pending = b;
+        match res {
+            Ok(n) if n > 0 => {}
+            _ if resp.framing == Framing::Close => {
+                let _ = send.send_data(Bytes::new(), true);
+                return;
+            }
+            _ => return send.send_reset(h2::Reason::INTERNAL_ERROR),
+        }
+    }
+}
+
+/// Sends `data` as DATA frames as the client's flow-control window allows.
+async fn send_flow_controlled(send: &mut h2::SendStream<Bytes>, data: &[u8]) -> bool {
+    let mut rest = data;
+    while !rest.is_empty() {
+        send.reserve_capacity(rest.len());
+        let cap = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(c)) if c > 0 => c,
+            Some(Ok(_)) => continue,
+            _ => return false,
+        };
+        let n = cap.min(rest.len());
+        if send
+            .send_data(Bytes::copy_from_slice(&rest[..n]), false)
+            .is_err()
+        {
+            return false;
+        }
+        rest = &rest[n..];
+    }
+    true
+}

@@ -1,0 +1,165 @@
+//! HTTP/2 over TLS (ALPN h2), driven with curl's HTTP/2 client: requests are proxied to
+//! HTTP/1.1 backends with the same routing and header rewriting as HTTP/1.1.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::client::self_signed;
+use crate::support::{http_route, Backend, Reply};
+use crate::{https, router_with_default, PemFiles};
+
+/// Runs curl over HTTP/2 (`--http2`, certificate checked against the test CA); returns
+/// (http version, status, body). Panics with a clear message when curl is missing.
+fn curl(
+    ca: &PemFiles,
+    addr: std::net::SocketAddr,
+    host: &str,
+    extra: &[&str],
+    stdin: Option<&[u8]>,
+) -> (String, u16, String) {
+    let url = format!("https://{host}:{}/", addr.port());
+    let resolve = format!("{host}:{}:127.0.0.1", addr.port());
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--http2", "--max-time", "10", "--cacert"])
+        .arg(&ca.cert)
+        .args([
+            "--resolve",
+            &resolve,
+            "-w",
+            "\n%{http_version} %{http_code}",
+        ])
+        .args(extra);
+    let has_url = extra.iter().any(|a| a.starts_with("https://"));
+    if !has_url {
+        cmd.arg(&url);
+    }
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .expect("curl is needed for the HTTP/2 tests (apt-get install curl)");
+    if let Some(data) = stdin {
+        child.stdin.take().unwrap().write_all(data).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, tail) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let mut it = tail.split_whitespace();
+    let version = it.next().unwrap_or("").to_string();
+    let code = it.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    (version, code, body.to_string())
+}
+
+#[test]
+fn get_and_post_over_http2() {
+    let pair = self_signed(&["a.example.com"]);
+    let ca = PemFiles::write(&pair);
+    let router = router_with_default(&pair);
+    let b = Backend::start("b1");
+    router.add_route(http_route("a.example.com", "web"));
+    router.set_backends("web", &[&b]);
+
+    let (v, code, body) = curl(
+        &ca,
+        https(&router),
+        "a.example.com",
+        &["-H", "X-Request-Id: abcdefghijklmnopqrstuvwxyz"],
+        None,
+    );
+    assert_eq!((v.as_str(), code), ("2", 200), "{body}");
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["version"], "HTTP/1.1", "backends get HTTP/1.1");
+    let headers = seen["headers"].to_string().to_lowercase();
+    assert!(
+        headers.contains("\"x-forwarded-proto\",\"https\""),
+        "{headers}"
+    );
+    assert!(
+        headers.contains("abcdefghijklmnopqrstuvwxyz"),
+        "valid request id kept: {headers}"
+    );
+    assert!(headers.contains("\"host\",\"a.example.com"), "{headers}");
+
+    // A body with a length, and one of unknown length (re-chunked for the backend).
+    let (v, code, body) = curl(
+        &ca,
+        https(&router),
+        "a.example.com",
+        &["--data-binary", "hello=world"],
+        None,
+    );
+    assert_eq!((v.as_str(), code), ("2", 200));
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["body"],
+        "hello=world"
+    );
+    let big = vec![b'z'; 300_000];
+    let (v, code, body) = curl(
+        &ca,
+        https(&router),
+        "a.example.com",
+        &["-T", "-", "-X", "POST"],
+        Some(&big),
+    );
+    assert_eq!((v.as_str(), code), ("2", 200));
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["body"].as_str().map(str::len), Some(300_000));
+
+    // Unknown host: the router's own 404.
+    let (v, code, body) = curl(
+        &ca,
+        https(&router),
+        "a.example.com",
+        &["-H", "Host: nope.example.com"],
+        None,
+    );
+    assert_eq!((v.as_str(), code), ("2", 404), "{body}");
+}
+
+#[test]
+fn chunked_backend_response_is_decoded_for_http2() {
+    let pair = self_signed(&["a.example.com"]);
+    let ca = PemFiles::write(&pair);
+    let router = router_with_default(&pair);
+    let b = Backend::with_handler("chunky", |_req, conn| {
+        let _ =
+            conn.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kind: chunky\r\n\r\n");
+        let _ = conn.write(b"6\r\nhello \r\n");
+        let _ = conn.write(b"5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n");
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("a.example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let (v, code, body) = curl(&ca, https(&router), "a.example.com", &["-i"], None);
+    assert_eq!((v.as_str(), code), ("2", 200));
+    assert!(body.ends_with("hello world"), "{body:?}");
+    assert!(body.contains("x-kind: chunky"), "{body}");
+    assert!(!body.to_lowercase().contains("transfer-encoding"), "{body}");
+}
+
+#[test]
+fn many_streams_share_one_connection() {
+    let pair = self_signed(&["a.example.com"]);
+    let ca = PemFiles::write(&pair);
+    let router = router_with_default(&pair);
+    let b = Backend::start("b1");
+    router.add_route(http_route("a.example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let url = format!("https://a.example.com:{}/n", https(&router).port());
+    let urls: Vec<String> = (0..30).map(|i| format!("{url}{i}")).collect();
+    let mut args: Vec<&str> = vec!["--parallel", "--parallel-max", "30", "-o", "/dev/null"];
+    for u in &urls {
+        args.push(u);
+        args.push("-o");
+        args.push("/dev/null");
+    }
+    let (v, code, out) = curl(&ca, https(&router), "a.example.com", &args, None);
+    assert_eq!((v.as_str(), code), ("2", 200), "{out}");
+    assert_eq!(b.request_count(), 30);
+}
