@@ -26,6 +26,11 @@ pub struct Config {
     #[arg(long = "https-addr", env = "FLYNN_HTTPS_ADDR", value_delimiter = ',')]
     pub https_addrs: Vec<SocketAddr>,
 
+    /// Plain-text HTTP/2 listener (h2c with prior knowledge, no HTTP/1.1); opt-in,
+    /// repeatable. Serves the default routes (port 0).
+    #[arg(long = "h2c-addr", env = "FLYNN_H2C_ADDR", value_delimiter = ',')]
+    pub h2c_addrs: Vec<SocketAddr>,
+
     /// Default certificate chain (PEM file) for HTTPS routes without their own.
     #[arg(long, env = "FLYNN_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,

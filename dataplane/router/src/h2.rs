@@ -11,16 +11,18 @@ use bytes::Bytes;
 use flynn_http::{
     parse_request, parse_response, write_request_head, BodyReader, Dechunker, Framing,
 };
-use monoio::net::TcpStream;
 
 use crate::io::{read_append, write_range};
 use crate::metrics::CoreMetrics;
 use crate::proxy::{connect, Fwd};
 use crate::worker::{Core, ListenerInfo};
 
-type Tls = monoio_rustls::ServerTlsStream<TcpStream>;
-
-pub async fn serve(core: Rc<Core>, tls: Tls, peer: SocketAddr, l: ListenerInfo) {
+/// Serves HTTP/2 on `io`: a TLS stream that negotiated `h2`, or plain TCP on an h2c
+/// (prior knowledge) listener.
+pub async fn serve<S>(core: Rc<Core>, tls: S, peer: SocketAddr, l: ListenerInfo)
+where
+    S: monoio::io::AsyncReadRent + monoio::io::AsyncWriteRent + Unpin + 'static,
+{
     core.conns.set(core.conns.get() + 1);
     CoreMetrics::inc(&core.metrics().connections_active);
     let io = monoio_compat::StreamWrapper::new(tls);
@@ -34,7 +36,8 @@ pub async fn serve(core: Rc<Core>, tls: Tls, peer: SocketAddr, l: ListenerInfo) 
     let limit = core.settings().header_timeout;
     if let Ok(Ok(mut conn)) = monoio::time::timeout(limit, b.handshake::<_, Bytes>(io)).await {
         while let Some(Ok((req, respond))) = conn.accept().await {
-            monoio::spawn(stream(core.clone(), req, respond, peer, l));
+            let proto = if l.tls { "https" } else { "http" };
+            monoio::spawn(stream(core.clone(), req, respond, peer, l, proto));
         }
     }
     core.conns.set(core.conns.get() - 1);
@@ -147,6 +150,7 @@ async fn stream(
     mut respond: h2::server::SendResponse<Bytes>,
     peer: SocketAddr,
     l: ListenerInfo,
+    proto: &'static str,
 ) {
     let start_ms = crate::proxy::now_ms();
     CoreMetrics::inc(&core.metrics().requests_total);
@@ -168,7 +172,7 @@ async fn stream(
     };
     let _inflight = core.start_request(addr);
     let fwd = Fwd {
-        proto: "https",
+        proto,
         peer,
         l,
         start_ms,

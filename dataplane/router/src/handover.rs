@@ -32,6 +32,8 @@ use crate::worker::ListenerInfo;
 pub struct ListenerMeta {
     pub addr: SocketAddr,
     pub tls: bool,
+    #[serde(default)]
+    pub h2c: bool,
     pub route_port: u16,
 }
 
@@ -104,6 +106,7 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
             .map(|(_, info, addr)| ListenerMeta {
                 addr: *addr,
                 tls: info.tls,
+                h2c: info.h2c,
                 route_port: info.route_port,
             })
             .collect(),

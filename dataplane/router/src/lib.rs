@@ -76,6 +76,7 @@ impl RoutesFile {
 pub struct Running {
     pub http_addrs: Vec<SocketAddr>,
     pub https_addrs: Vec<SocketAddr>,
+    pub h2c_addrs: Vec<SocketAddr>,
     pub api_addr: SocketAddr,
     pub drivers: Vec<&'static str>,
     api: Arc<api::Api>,
@@ -132,6 +133,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         (0..threads).map(|_| Vec::new()).collect();
     let mut http_addrs = Vec::new();
     let mut https_addrs = Vec::new();
+    let mut h2c_addrs = Vec::new();
     let mut handed = None;
     let api_listener = if let Some(path) = &cfg.takeover {
         let (state, fds, conn) = handover::take(path)?;
@@ -142,7 +144,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             let l = flynn_runtime::handoff::listener_from_fd(fd)?;
             match groups
                 .iter_mut()
-                .find(|(m, _)| m.addr == meta.addr && m.tls == meta.tls)
+                .find(|(m, _)| m.addr == meta.addr && m.tls == meta.tls && m.h2c == meta.h2c)
             {
                 Some(g) => g.1.push(l),
                 None => groups.push((*meta, vec![l])),
@@ -153,6 +155,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
                 port: meta.addr.port(),
                 route_port: meta.route_port,
                 tls: meta.tls,
+                h2c: meta.h2c,
             };
             let n = ls.len();
             for (i, l) in ls.into_iter().enumerate() {
@@ -163,7 +166,9 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
                     .with_context(|| format!("listening on {}", meta.addr))?;
                 core.push((l, info));
             }
-            if meta.tls {
+            if meta.h2c {
+                h2c_addrs.push(meta.addr);
+            } else if meta.tls {
                 https_addrs.push(meta.addr);
             } else {
                 http_addrs.push(meta.addr);
@@ -176,9 +181,10 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         let all = cfg
             .http_addrs
             .iter()
-            .map(|a| (a, false))
-            .chain(cfg.https_addrs.iter().map(|a| (a, true)));
-        for (addr, tls) in all {
+            .map(|a| (a, false, false))
+            .chain(cfg.https_addrs.iter().map(|a| (a, true, false)))
+            .chain(cfg.h2c_addrs.iter().map(|a| (a, false, true)));
+        for (addr, tls, h2c) in all {
             let first = flynn_runtime::reuseport_listener(*addr)
                 .with_context(|| format!("listening on {addr}"))?;
             let bound = first.local_addr()?;
@@ -189,8 +195,9 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             };
             let info = ListenerInfo {
                 port: bound.port(),
-                route_port: if default { 0 } else { bound.port() },
+                route_port: if default || h2c { 0 } else { bound.port() },
                 tls,
+                h2c,
             };
             per_core[0].push((first, info));
             for core in per_core.iter_mut().skip(1) {
@@ -198,7 +205,9 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
                     .with_context(|| format!("listening on {bound}"))?;
                 core.push((l, info));
             }
-            if tls {
+            if h2c {
+                h2c_addrs.push(bound);
+            } else if tls {
                 https_addrs.push(bound);
             } else {
                 http_addrs.push(bound);
@@ -364,6 +373,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     Ok(Running {
         http_addrs,
         https_addrs,
+        h2c_addrs,
         api_addr,
         drivers,
         api,

@@ -32,16 +32,22 @@ fn main() {
     };
     let http: Vec<String> = running.http_addrs.iter().map(|a| a.to_string()).collect();
     let https: Vec<String> = running.https_addrs.iter().map(|a| a.to_string()).collect();
-    if https.is_empty() {
-        println!("listening http={} api={}", http.join(","), running.api_addr);
+    let h2c: Vec<String> = running.h2c_addrs.iter().map(|a| a.to_string()).collect();
+    let h2c = if h2c.is_empty() {
+        String::new()
     } else {
-        println!(
-            "listening http={} https={} api={}",
-            http.join(","),
-            https.join(","),
-            running.api_addr
-        );
-    }
+        format!(" h2c={}", h2c.join(","))
+    };
+    let https = if https.is_empty() {
+        String::new()
+    } else {
+        format!(" https={}", https.join(","))
+    };
+    println!(
+        "listening http={}{https}{h2c} api={}",
+        http.join(","),
+        running.api_addr
+    );
     tracing::info!(http = %http.join(","), api = %running.api_addr, drivers = ?running.drivers, "router ready");
     if cfg.demo {
         let port = running.http_addrs[0].port();

@@ -28,6 +28,8 @@ pub struct ListenerInfo {
     pub route_port: u16,
     /// HTTPS (TLS terminated here) rather than plain HTTP.
     pub tls: bool,
+    /// Plain HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+    pub h2c: bool,
 }
 
 /// Per-core state.
@@ -264,7 +266,10 @@ async fn accept_http(core: Rc<Core>, listener: TcpListener, info: ListenerInfo) 
                 continue;
             };
             CoreMetrics::inc(&m.connections_total);
-            if info.tls {
+            if info.h2c {
+                let _ = stream.set_nodelay(true);
+                monoio::spawn(crate::h2::serve(core.clone(), stream, peer, info));
+            } else if info.tls {
                 monoio::spawn(crate::proxy::serve_tls(core.clone(), stream, peer, info));
             } else {
                 monoio::spawn(crate::proxy::serve(core.clone(), stream, peer, info));

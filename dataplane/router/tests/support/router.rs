@@ -19,6 +19,8 @@ pub struct Router {
     pub http_addrs: Vec<SocketAddr>,
     /// The `https=` listeners (empty without `--https-addr`).
     pub https_addrs: Vec<SocketAddr>,
+    /// The `h2c=` listeners (empty without `--h2c-addr`).
+    pub h2c_addrs: Vec<SocketAddr>,
     pub api_addr: SocketAddr,
     pub tcp_ports: Option<(u16, u16)>,
     stderr: Arc<Mutex<Vec<u8>>>,
@@ -242,6 +244,7 @@ impl Router {
 
         let mut http_addrs = Vec::new();
         let mut https_addrs = Vec::new();
+        let mut h2c_addrs = Vec::new();
         let mut api_addr = None;
         for token in line.split_whitespace().skip(1) {
             if let Some(v) = token.strip_prefix("http=") {
@@ -254,6 +257,8 @@ impl Router {
                     .split(',')
                     .map(|a| a.parse().expect("https addr"))
                     .collect();
+            } else if let Some(v) = token.strip_prefix("h2c=") {
+                h2c_addrs = v.split(',').map(|a| a.parse().expect("h2c addr")).collect();
             } else if let Some(v) = token.strip_prefix("api=") {
                 api_addr = Some(v.parse().expect("api addr"));
             }
@@ -265,6 +270,7 @@ impl Router {
             http_addr: http_addrs[0],
             http_addrs,
             https_addrs,
+            h2c_addrs,
             api_addr,
             tcp_ports,
             stderr,

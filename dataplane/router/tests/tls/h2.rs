@@ -163,3 +163,55 @@ fn many_streams_share_one_connection() {
     assert_eq!((v.as_str(), code), ("2", 200), "{out}");
     assert_eq!(b.request_count(), 30);
 }
+
+#[test]
+fn h2c_prior_knowledge_listener() {
+    let router = crate::support::Router::builder()
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
+    let b = Backend::start("b1");
+    router.add_route(http_route("a.example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let addr = router.h2c_addrs[0];
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "--max-time",
+            "10",
+            "-H",
+            "Host: a.example.com",
+        ])
+        .args(["-w", "\n%{http_version} %{http_code}"])
+        .arg(format!("http://{addr}/h2c"))
+        .output()
+        .expect("curl is needed for the HTTP/2 tests");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, tail) = text.rsplit_once('\n').unwrap();
+    assert_eq!(tail, "2 200", "{text}");
+    let seen: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(seen["uri"], "/h2c");
+    assert!(
+        seen["headers"]
+            .to_string()
+            .contains("\"X-Forwarded-Proto\",\"http\""),
+        "{body}"
+    );
+    // HTTP/1.1 on the h2c listener is not served.
+    let r = Command::new("curl")
+        .args([
+            "-sS",
+            "--http1.1",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!("http://{addr}/"))
+        .output()
+        .unwrap();
+    assert_ne!(String::from_utf8_lossy(&r.stdout), "200");
+}
