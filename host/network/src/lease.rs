@@ -1,0 +1,376 @@
+//! Subnet leases and the allocation logic: lease a free block for this host, renew it before it
+//! expires, release it on clean shutdown (flannel's `subnet.LocalManager`).
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, SystemTime};
+
+use crate::store::{LeaseStore, StoreError};
+use crate::subnet::{Layout, Mac, Subnet};
+
+/// One host's block of the cluster network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub subnet: Subnet,
+    /// The host's underlay address: where VXLAN packets for this block are sent.
+    pub public_ip: Ipv4Addr,
+    /// The host's VXLAN device MAC, [`Mac::for_subnet`] of `subnet`.
+    pub vtep_mac: Mac,
+    pub expires_at: SystemTime,
+    /// Store revision this copy was read or written at: the compare-and-swap token.
+    pub revision: u64,
+}
+
+impl Lease {
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        self.expires_at <= now
+    }
+}
+
+/// Why a lease could not be acquired, renewed or released.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("lease store")]
+    Store(#[from] StoreError),
+    #[error("no free subnet left in {network}")]
+    Exhausted { network: Subnet },
+    #[error("gave up after {attempts} conflicting attempts to lease a subnet")]
+    Contention { attempts: u32 },
+    /// The lease was changed or removed by someone else; acquire a new one.
+    #[error("lease {subnet} is no longer ours")]
+    Lost { subnet: Subnet },
+}
+
+/// Lease timing and allocation knobs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub layout: Layout,
+    /// How long a lease is valid after being written.
+    pub ttl: Duration,
+    /// Renew this long before expiry.
+    pub renew_margin: Duration,
+    /// Compare-and-swap attempts before giving up.
+    pub attempts: u32,
+    /// Pick randomly among this many free blocks, so hosts starting together rarely collide.
+    pub candidates: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            layout: Layout::default(),
+            ttl: Duration::from_secs(24 * 3600),
+            renew_margin: Duration::from_secs(3600),
+            attempts: 10,
+            candidates: 100,
+        }
+    }
+}
+
+/// Acquires and maintains this host's lease in a [`LeaseStore`].
+#[derive(Debug)]
+pub struct Leaser<S> {
+    store: S,
+    config: Config,
+    public_ip: Ipv4Addr,
+}
+
+impl<S: LeaseStore> Leaser<S> {
+    pub fn new(store: S, config: Config, public_ip: Ipv4Addr) -> Leaser<S> {
+        Leaser {
+            store,
+            config,
+            public_ip,
+        }
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Leases a block for this host, picking randomly among the first free ones.
+    pub async fn acquire(&self, now: SystemTime) -> Result<Lease, LeaseError> {
+        self.acquire_with(now, |n| fastrand::usize(..n)).await
+    }
+
+    /// [`Leaser::acquire`] with the choice among `n` free blocks made by `pick` (returns `< n`).
+    ///
+    /// A lease already recorded for this host's underlay IP is reused (renewed), so a restarted
+    /// host keeps its block and MAC. An expired lease of another host counts as free and is taken
+    /// over with a compare-and-swap on its revision.
+    pub async fn acquire_with(
+        &self,
+        now: SystemTime,
+        mut pick: impl FnMut(usize) -> usize,
+    ) -> Result<Lease, LeaseError> {
+        let layout = &self.config.layout;
+        for attempt in 1..=self.config.attempts {
+            let snap = self.store.leases().await?;
+            let mine = snap.leases.iter().find(|l| {
+                l.public_ip == self.public_ip
+                    && l.subnet.prefix_len() == layout.subnet_len
+                    && layout.blocks().any(|b| b == l.subnet)
+            });
+            let result = if let Some(mine) = mine {
+                self.store.update(&self.refreshed(mine, now)).await
+            } else {
+                let free: Vec<Subnet> = layout
+                    .blocks()
+                    .filter(|b| !snap.live(now).any(|l| overlaps(&l.subnet, b)))
+                    .take(self.config.candidates.max(1))
+                    .collect();
+                if free.is_empty() {
+                    return Err(LeaseError::Exhausted {
+                        network: layout.network,
+                    });
+                }
+                let subnet = free[pick(free.len()).min(free.len() - 1)];
+                let lease = Lease {
+                    subnet,
+                    public_ip: self.public_ip,
+                    vtep_mac: Mac::for_subnet(&subnet),
+                    expires_at: now + self.config.ttl,
+                    revision: 0,
+                };
+                match snap.get(&subnet) {
+                    // An expired record: take it over at its revision.
+                    Some(old) => {
+                        self.store
+                            .update(&Lease {
+                                revision: old.revision,
+                                ..lease
+                            })
+                            .await
+                    }
+                    None => self.store.create(&lease).await,
+                }
+            };
+            match result {
+                Ok(lease) => {
+                    tracing::info!(subnet = %lease.subnet, mac = %lease.vtep_mac, attempt, "subnet leased");
+                    return Ok(lease);
+                }
+                Err(StoreError::Conflict { key } | StoreError::NotFound { key }) => {
+                    tracing::debug!(%key, attempt, "lease collision, retrying");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(LeaseError::Contention {
+            attempts: self.config.attempts,
+        })
+    }
+
+    /// When `lease` should be renewed.
+    pub fn renew_at(&self, lease: &Lease) -> SystemTime {
+        lease
+            .expires_at
+            .checked_sub(self.config.renew_margin)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
+    /// Extends `lease` to `now + ttl`. Fails with [`LeaseError::Lost`] when the record was changed
+    /// or removed by someone else (its block may now belong to another host).
+    pub async fn renew(&self, lease: &Lease, now: SystemTime) -> Result<Lease, LeaseError> {
+        match self.store.update(&self.refreshed(lease, now)).await {
+            Ok(l) => Ok(l),
+            Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
+                Err(LeaseError::Lost {
+                    subnet: lease.subnet,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes `lease` on clean shutdown. A lease already gone or taken over is left alone.
+    pub async fn release(&self, lease: &Lease) -> Result<(), LeaseError> {
+        match self.store.delete(lease).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
+                tracing::warn!(subnet = %lease.subnet, "lease changed by someone else; not released");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn refreshed(&self, lease: &Lease, now: SystemTime) -> Lease {
+        Lease {
+            public_ip: self.public_ip,
+            vtep_mac: Mac::for_subnet(&lease.subnet),
+            expires_at: now + self.config.ttl,
+            ..lease.clone()
+        }
+    }
+}
+
+fn overlaps(a: &Subnet, b: &Subnet) -> bool {
+    a.contains_subnet(b) || b.contains_subnet(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    const T0: Duration = Duration::from_secs(1_000_000);
+
+    fn now() -> SystemTime {
+        SystemTime::UNIX_EPOCH + T0
+    }
+
+    fn small() -> Config {
+        Config {
+            layout: Layout::with_defaults("10.9.0.0/22".parse().unwrap(), Some(24)).unwrap(),
+            ttl: Duration::from_secs(100),
+            renew_margin: Duration::from_secs(10),
+            ..Config::default()
+        }
+    }
+
+    fn host(store: &MemoryStore, last: u8) -> Leaser<MemoryStore> {
+        Leaser::new(store.clone(), small(), Ipv4Addr::new(192, 0, 2, last))
+    }
+
+    #[tokio::test]
+    async fn allocates_distinct_free_blocks_until_exhausted() {
+        let store = MemoryStore::new();
+        let mut got = Vec::new();
+        // 10.9.0.0/22 in /24s, first skipped: three blocks.
+        for i in 1..=3 {
+            let l = host(&store, i).acquire_with(now(), |_| 0).await.unwrap();
+            assert_eq!(l.vtep_mac, Mac::for_subnet(&l.subnet));
+            assert_eq!(l.expires_at, now() + Duration::from_secs(100));
+            got.push(l.subnet.to_string());
+        }
+        assert_eq!(got, ["10.9.1.0/24", "10.9.2.0/24", "10.9.3.0/24"]);
+        let err = host(&store, 4)
+            .acquire_with(now(), |_| 0)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LeaseError::Exhausted { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn same_host_reuses_its_lease_and_mac() {
+        let store = MemoryStore::new();
+        let a = host(&store, 1)
+            .acquire_with(now(), |n| n - 1)
+            .await
+            .unwrap();
+        let later = now() + Duration::from_secs(50);
+        let again = host(&store, 1).acquire_with(later, |_| 0).await.unwrap();
+        assert_eq!(again.subnet, a.subnet);
+        assert_eq!(again.vtep_mac, a.vtep_mac);
+        assert!(again.expires_at > a.expires_at);
+        assert_eq!(store.leases().await.unwrap().leases.len(), 1);
+    }
+
+    /// A store whose first create loses a race to another host.
+    struct Racy {
+        inner: MemoryStore,
+        raced: std::sync::atomic::AtomicBool,
+    }
+
+    impl LeaseStore for Racy {
+        async fn leases(&self) -> Result<crate::store::Snapshot, StoreError> {
+            self.inner.leases().await
+        }
+        async fn create(&self, lease: &Lease) -> Result<Lease, StoreError> {
+            if !self.raced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let rival = Lease {
+                    public_ip: Ipv4Addr::new(192, 0, 2, 99),
+                    ..lease.clone()
+                };
+                self.inner.create(&rival).await?;
+            }
+            self.inner.create(lease).await
+        }
+        async fn update(&self, lease: &Lease) -> Result<Lease, StoreError> {
+            self.inner.update(lease).await
+        }
+        async fn delete(&self, lease: &Lease) -> Result<(), StoreError> {
+            self.inner.delete(lease).await
+        }
+        async fn watch(&self) -> Result<crate::store::LeaseWatch, StoreError> {
+            self.inner.watch().await
+        }
+    }
+
+    #[tokio::test]
+    async fn collision_on_create_retries_with_another_block() {
+        let inner = MemoryStore::new();
+        let racy = Racy {
+            inner: inner.clone(),
+            raced: Default::default(),
+        };
+        let leaser = Leaser::new(racy, small(), Ipv4Addr::new(192, 0, 2, 1));
+        let l = leaser.acquire_with(now(), |_| 0).await.unwrap();
+        assert_eq!(l.subnet.to_string(), "10.9.2.0/24");
+        let snap = inner.leases().await.unwrap();
+        let rival = snap.get(&"10.9.1.0/24".parse().unwrap()).unwrap();
+        assert_eq!(rival.public_ip, Ipv4Addr::new(192, 0, 2, 99));
+    }
+
+    #[tokio::test]
+    async fn concurrent_hosts_never_share_a_block() {
+        let store = MemoryStore::new();
+        let layout = Layout::with_defaults("10.9.0.0/20".parse().unwrap(), Some(24)).unwrap();
+        let mut tasks = Vec::new();
+        for i in 1..=15u8 {
+            let leaser = Leaser::new(
+                store.clone(),
+                Config {
+                    layout,
+                    candidates: 3,
+                    ..small()
+                },
+                Ipv4Addr::new(192, 0, 2, i),
+            );
+            tasks.push(tokio::spawn(async move {
+                leaser.acquire_with(now(), |n| usize::from(i) % n).await
+            }));
+        }
+        let mut subnets = std::collections::BTreeSet::new();
+        for t in tasks {
+            assert!(subnets.insert(t.await.unwrap().unwrap().subnet));
+        }
+        assert_eq!(subnets.len(), 15);
+    }
+
+    #[tokio::test]
+    async fn expired_lease_is_taken_over_and_renewal_then_fails() {
+        let store = MemoryStore::new();
+        let cfg = Config {
+            layout: Layout::with_defaults("10.9.0.0/23".parse().unwrap(), Some(24)).unwrap(),
+            ..small()
+        };
+        let a_leaser = Leaser::new(store.clone(), cfg.clone(), Ipv4Addr::new(192, 0, 2, 1));
+        let b_leaser = Leaser::new(store.clone(), cfg, Ipv4Addr::new(192, 0, 2, 2));
+        let a = a_leaser.acquire_with(now(), |_| 0).await.unwrap();
+        // Only one block: B cannot get it while A's lease lives.
+        let err = b_leaser.acquire_with(now(), |_| 0).await.unwrap_err();
+        assert!(matches!(err, LeaseError::Exhausted { .. }));
+        // Renewal before expiry keeps it.
+        assert_eq!(a_leaser.renew_at(&a), now() + Duration::from_secs(90));
+        let a = a_leaser
+            .renew(&a, now() + Duration::from_secs(90))
+            .await
+            .unwrap();
+        assert_eq!(a.expires_at, now() + Duration::from_secs(190));
+        // After expiry B takes it over.
+        let after = now() + Duration::from_secs(191);
+        assert!(a.is_expired(after));
+        let b = b_leaser.acquire_with(after, |_| 0).await.unwrap();
+        assert_eq!(b.subnet, a.subnet);
+        assert_eq!(b.public_ip, Ipv4Addr::new(192, 0, 2, 2));
+        // A's late renewal fails: it must not steal the block back.
+        let err = a_leaser.renew(&a, after).await.unwrap_err();
+        assert!(matches!(err, LeaseError::Lost { .. }), "{err:?}");
+        // A's release leaves B's lease alone.
+        a_leaser.release(&a).await.unwrap();
+        assert_eq!(store.leases().await.unwrap().leases, vec![b.clone()]);
+        b_leaser.release(&b).await.unwrap();
+        assert!(store.leases().await.unwrap().leases.is_empty());
+    }
+}

@@ -1,0 +1,264 @@
+//! Kernel VXLAN overlay in network namespaces: three "hosts" on an underlay bridge, each leasing a
+//! block from a shared [`MemoryStore`] and reconciling with [`KernelNetlink`], a job namespace per
+//! host on its bridge. Needs root and the vxlan module; fails loudly without them unless
+//! `FLYNN_SKIP_NETNS_TESTS=1`.
+
+mod lab;
+
+use std::time::SystemTime;
+
+use anyhow::{ensure, Context, Result};
+use flynn_network::{
+    reconcile, setup, DeviceConfig, KernelNetlink, Lease, LeaseConfig, LeaseStore, Leaser, Mac,
+    MemoryStore, Netlink, Op, Subnet,
+};
+use lab::{in_netns, ping, run, Lab};
+
+const HOSTS: u8 = 3;
+
+/// Leases a block for the host in `ns` and sets up its VXLAN device and bridge.
+fn start_host(ns: &str, store: &MemoryStore, underlay: &str) -> Result<(Lease, u32)> {
+    let store = store.clone();
+    let ip = underlay.parse()?;
+    in_netns(ns, async move || {
+        let leaser = Leaser::new(store, LeaseConfig::default(), ip);
+        let lease = leaser.acquire(SystemTime::now()).await?;
+        let mut nl = KernelNetlink::connect()?;
+        let dev = setup(&mut nl, &DeviceConfig::default(), &lease).await?;
+        Ok((lease, dev.mtu))
+    })
+}
+
+/// Reconciles the host in `ns` (holding `own`) against the store; returns how many changes it made.
+fn reconcile_host(ns: &str, store: &MemoryStore, own: Subnet) -> Result<usize> {
+    Ok(reconcile_ops(ns, store, own)?.len())
+}
+
+/// [`reconcile_host`] returning the changes made.
+fn reconcile_ops(ns: &str, store: &MemoryStore, own: Subnet) -> Result<Vec<Op>> {
+    let store = store.clone();
+    in_netns(ns, async move || {
+        let mut nl = KernelNetlink::connect()?;
+        let vxlan = nl
+            .link_by_name(&DeviceConfig::default().vxlan_name)
+            .await?
+            .context("vxlan device missing")?
+            .header
+            .index;
+        let snap = store.leases().await?;
+        let ops = reconcile(&mut nl, vxlan, &own, &snap.leases, SystemTime::now()).await?;
+        Ok(ops)
+    })
+}
+
+/// What the kernel in `ns` holds for `subnet` on the VXLAN device: (neigh, fdb, route) present.
+fn entries_for(ns: &str, lease: &Lease) -> Result<(bool, bool, bool)> {
+    let lease = lease.clone();
+    in_netns(ns, async move || {
+        let mut nl = KernelNetlink::connect()?;
+        let vxlan = nl
+            .link_by_name(&DeviceConfig::default().vxlan_name)
+            .await?
+            .context("vxlan device missing")?
+            .header
+            .index;
+        let s = nl.dump(vxlan).await?;
+        Ok((
+            s.neighs.iter().any(|n| n.ip == lease.subnet.addr()),
+            s.fdbs.iter().any(|f| f.mac == lease.vtep_mac),
+            s.routes.iter().any(|r| r.subnet == lease.subnet),
+        ))
+    })
+}
+
+fn job_ip(lease: &Lease) -> String {
+    lease
+        .subnet
+        .nth(10)
+        .expect("block has 10 addresses")
+        .to_string()
+}
+
+#[test]
+fn cross_host_ping_then_lease_removal_tears_down() -> Result<()> {
+    if !lab::should_run("cross_host_ping_then_lease_removal_tears_down") {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    let store = MemoryStore::new();
+    let cfg = DeviceConfig::default();
+
+    let mut hosts = Vec::new();
+    for i in 1..=HOSTS {
+        let underlay = format!("10.231.0.{i}");
+        let ns = lab.add_host(&format!("h{i}"), &format!("u{i}"), &underlay)?;
+        let (lease, mtu) = start_host(&ns, &store, &underlay)?;
+        ensure!(mtu == 1450, "overlay MTU {mtu}, want 1500 - 50");
+        hosts.push((ns, lease));
+    }
+
+    // Every host programs every other host's lease; a second pass changes nothing.
+    for (ns, lease) in &hosts {
+        let n = reconcile_host(ns, &store, lease.subnet)?;
+        ensure!(
+            n == 3 * (HOSTS as usize - 1),
+            "{ns}: {n} changes on first reconcile"
+        );
+        let again = reconcile_ops(ns, &store, lease.subnet)?;
+        ensure!(
+            again.is_empty(),
+            "{ns}: second reconcile made changes (dump/apply mismatch): {again:?}"
+        );
+    }
+
+    // The VXLAN device carries the lease-derived MAC and the configured VNI/port, learning off.
+    let details = run(&[
+        "ip",
+        "-n",
+        &hosts[0].0,
+        "-d",
+        "link",
+        "show",
+        &cfg.vxlan_name,
+    ])?;
+    let details = String::from_utf8_lossy(&details.stdout);
+    let mac = Mac::for_subnet(&hosts[0].1.subnet).to_string();
+    for want in [
+        mac.as_str(),
+        "vxlan id 1",
+        "dstport 8472",
+        "nolearning",
+        "mtu 1450",
+        "local 10.231.0.1",
+    ] {
+        ensure!(
+            details.contains(want),
+            "vxlan device lacks {want:?}:\n{details}"
+        );
+    }
+
+    let mut jobs = Vec::new();
+    for (i, (ns, lease)) in hosts.iter().enumerate() {
+        let gw = lease.subnet.first_host().to_string();
+        let job = lab.add_job(
+            &format!("j{}", i + 1),
+            ns,
+            &cfg.bridge_name,
+            &job_ip(lease),
+            lease.subnet.prefix_len(),
+            &gw,
+            1450,
+        )?;
+        jobs.push(job);
+    }
+
+    // Cross-host job-to-job traffic over the overlay, both directions.
+    for (a, job_a) in jobs.iter().enumerate() {
+        for (b, (_, lease_b)) in hosts.iter().enumerate() {
+            if a != b {
+                let ip = job_ip(lease_b);
+                ensure!(
+                    ping(job_a, &ip, 3),
+                    "job on host {} cannot ping {ip} on host {}",
+                    a + 1,
+                    b + 1
+                );
+            }
+        }
+    }
+
+    // Host 3 leaves: its lease is released and the others reconcile.
+    let lease3 = hosts[2].1.clone();
+    let ip3: std::net::Ipv4Addr = "10.231.0.3".parse()?;
+    let leaser3 = Leaser::new(store.clone(), LeaseConfig::default(), ip3);
+    tokio::runtime::Builder::new_current_thread()
+        .build()?
+        .block_on(leaser3.release(&lease3))?;
+    for (ns, lease) in &hosts[..2] {
+        let n = reconcile_host(ns, &store, lease.subnet)?;
+        ensure!(n == 3, "{ns}: {n} changes removing one peer, want 3");
+        let (neigh, fdb, route) = entries_for(ns, &lease3)?;
+        ensure!(
+            !neigh && !fdb && !route,
+            "{ns} still has entries for {}: neigh={neigh} fdb={fdb} route={route}",
+            lease3.subnet
+        );
+        let routes = run(&["ip", "-n", ns, "route", "show"])?;
+        let routes = String::from_utf8_lossy(&routes.stdout);
+        ensure!(
+            !routes.contains(&lease3.subnet.to_string()),
+            "{ns} route table still has {}:\n{routes}",
+            lease3.subnet
+        );
+    }
+    ensure!(
+        !ping(&jobs[0], &job_ip(&lease3), 1),
+        "host 1 still reaches the departed host's job"
+    );
+    // The remaining pair still talks.
+    ensure!(
+        ping(&jobs[0], &job_ip(&hosts[1].1), 3),
+        "host 1 lost host 2 after host 3 left"
+    );
+    Ok(())
+}
+
+#[test]
+fn restarted_host_keeps_lease_and_mac() -> Result<()> {
+    if !lab::should_run("restarted_host_keeps_lease_and_mac") {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    let store = MemoryStore::new();
+    let ns1 = lab.add_host("h1", "u1", "10.231.1.1")?;
+    let ns2 = lab.add_host("h2", "u2", "10.231.1.2")?;
+    let (l1, _) = start_host(&ns1, &store, "10.231.1.1")?;
+    let (l2, _) = start_host(&ns2, &store, "10.231.1.2")?;
+    reconcile_host(&ns1, &store, l1.subnet)?;
+    reconcile_host(&ns2, &store, l2.subnet)?;
+
+    // Host 2 "restarts": its VXLAN device is gone, it re-acquires and sets up again.
+    run(&[
+        "ip",
+        "-n",
+        &ns2,
+        "link",
+        "del",
+        &DeviceConfig::default().vxlan_name,
+    ])?;
+    let (again, _) = start_host(&ns2, &store, "10.231.1.2")?;
+    ensure!(
+        again.subnet == l2.subnet && again.vtep_mac == l2.vtep_mac,
+        "lease or MAC changed on restart: {again:?} vs {l2:?}"
+    );
+    ensure!(
+        reconcile_host(&ns2, &store, l2.subnet)? == 3,
+        "restarted host must re-add its peer"
+    );
+    // The peer needs no repair: its entries for host 2 are still right.
+    ensure!(
+        reconcile_host(&ns1, &store, l1.subnet)? == 0,
+        "peer had to change entries after a restart"
+    );
+
+    let j1 = lab.add_job(
+        "j1",
+        &ns1,
+        "flynnbr0",
+        &job_ip(&l1),
+        24,
+        &l1.subnet.first_host().to_string(),
+        1450,
+    )?;
+    lab.add_job(
+        "j2",
+        &ns2,
+        "flynnbr0",
+        &job_ip(&l2),
+        24,
+        &l2.subnet.first_host().to_string(),
+        1450,
+    )?;
+    ensure!(ping(&j1, &job_ip(&l2), 3), "no connectivity after restart");
+    Ok(())
+}
