@@ -14,6 +14,7 @@ use crate::procs::TempDir;
 use crate::report::{self, Sample, Session};
 use crate::targets::{self, Env, Id, Kind, Running, HOST};
 use crate::wrk::{self, Load};
+use crate::{h2load, handshake, tls};
 
 /// The nofile limit the harness asks for (capped by the hard limit).
 const WANTED_NOFILE: u64 = 65_536;
@@ -25,16 +26,60 @@ pub enum Scenario {
     Big64kC64,
     NewconnC64,
     Idle10k,
+    TlsC64,
+    TlsResumeC64,
+    TlsNewconnC64,
+    H2C64,
+}
+
+/// How one run of a scenario is driven.
+enum Driver {
+    Wrk(Load),
+    /// The rustls client that never resumes (full handshakes).
+    Handshake(handshake::Load),
+    H2(h2load::Load),
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::SmallC64,
         Scenario::SmallC256,
         Scenario::Big64kC64,
         Scenario::NewconnC64,
         Scenario::Idle10k,
+        Scenario::TlsC64,
+        Scenario::TlsResumeC64,
+        Scenario::TlsNewconnC64,
+        Scenario::H2C64,
     ];
+
+    /// The TLS scenarios (`--scenarios tls` expands to these).
+    pub const TLS: [Scenario; 4] = [
+        Scenario::TlsC64,
+        Scenario::TlsResumeC64,
+        Scenario::TlsNewconnC64,
+        Scenario::H2C64,
+    ];
+
+    pub fn is_tls(self) -> bool {
+        Scenario::TLS.contains(&self)
+    }
+
+    /// Parses a `--scenarios` entry: a scenario name, or `tls` for every TLS scenario.
+    pub fn parse_group(s: &str) -> Result<Vec<Scenario>> {
+        if s == "tls" {
+            return Ok(Scenario::TLS.to_vec());
+        }
+        Scenario::parse(s).map(|sc| vec![sc])
+    }
+
+    /// What one request is in this scenario's report (`req` unless it is a handshake).
+    pub fn unit(self) -> &'static str {
+        match self {
+            Scenario::TlsResumeC64 | Scenario::TlsNewconnC64 => "handshakes",
+            _ => "req",
+        }
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -43,6 +88,10 @@ impl Scenario {
             Scenario::Big64kC64 => "64k-c64",
             Scenario::NewconnC64 => "newconn-c64",
             Scenario::Idle10k => "idle-10k",
+            Scenario::TlsC64 => "tls-c64",
+            Scenario::TlsResumeC64 => "tls-resume-c64",
+            Scenario::TlsNewconnC64 => "tls-newconn-c64",
+            Scenario::H2C64 => "h2-c64",
         }
     }
 
@@ -66,26 +115,85 @@ impl Scenario {
                 "10 000 client connections, one keep-alive request each, then idle: proxy RSS \
                  growth (1 worker each; bounded to 60 s)."
             }
+            Scenario::TlsC64 => {
+                "HTTPS keep-alive `GET /` (13-byte body), 64 connections, `wrk` over TLS \
+                 (OpenSSL client, no ALPN). The handshakes happen once per connection at the \
+                 start, so this is TLS record cost per request."
+            }
+            Scenario::TlsResumeC64 => {
+                "HTTPS `GET /` with `Connection: close`, 64 at a time, `wrk` over TLS: a new \
+                 TCP connection per request, but **resumed** TLS handshakes. wrk reconnects \
+                 with `SSL_shutdown` + `SSL_clear`, which keeps the session, so every reconnect \
+                 offers its TLS 1.3 ticket and every server here accepts it (tickets are on by \
+                 default in all three). One handshake = one request."
+            }
+            Scenario::TlsNewconnC64 => {
+                "**Full** TLS handshakes: a new TCP connection and handshake per `GET /` with \
+                 `Connection: close`, 64 at a time, from the harness's own rustls client with \
+                 resumption disabled (it offers no ticket or session id; every handshake it \
+                 counted was full). SNI `bench.local`, no ALPN, X25519 key exchange first, \
+                 handshake signature verified. One handshake = one request."
+            }
+            Scenario::H2C64 => {
+                "HTTP/2 over TLS (ALPN h2): `h2load -t2 -c64 -m10` `GET /`, 10 concurrent \
+                 streams per connection; the proxy speaks HTTP/1.1 to the origin. p50/p99 are \
+                 per request, from h2load's request log."
+            }
         }
     }
 
-    /// The wrk load for this scenario, or `None` for scenarios wrk does not drive.
-    fn load(self, port: u16, duration_s: u64) -> Option<Load> {
-        let (path, connections, close) = match self {
-            Scenario::SmallC64 => ("/", 64, false),
-            Scenario::SmallC256 => ("/", 256, false),
-            Scenario::Big64kC64 => ("/64k", 64, false),
-            Scenario::NewconnC64 => ("/", 64, true),
-            Scenario::Idle10k => return None,
+    /// How to drive this scenario against `target`: `Err(None)` when the scenario does not
+    /// apply (TLS against the plain origin, idle-10k), `Err(Some(why))` when the target
+    /// cannot serve it (reported as such).
+    fn driver(self, target: &Running, duration_s: u64) -> Result<Driver, Option<String>> {
+        if self.is_tls() && target.id.kind == Kind::Direct {
+            return Err(None);
+        }
+        let tls_port = || target.tls_port.ok_or(None);
+        let (scheme, port, path, connections, close) = match self {
+            Scenario::SmallC64 => ("http", target.port, "/", 64, false),
+            Scenario::SmallC256 => ("http", target.port, "/", 256, false),
+            Scenario::Big64kC64 => ("http", target.port, "/64k", 64, false),
+            Scenario::NewconnC64 => ("http", target.port, "/", 64, true),
+            Scenario::Idle10k => return Err(None),
+            Scenario::TlsC64 => ("https", tls_port()?, "/", 64, false),
+            Scenario::TlsResumeC64 => ("https", tls_port()?, "/", 64, true),
+            Scenario::TlsNewconnC64 => {
+                return Ok(Driver::Handshake(handshake::Load {
+                    port: tls_port()?,
+                    sni: HOST.to_string(),
+                    host: HOST.to_string(),
+                    path: "/".into(),
+                    connections: 64,
+                    duration: Duration::from_secs(duration_s),
+                }));
+            }
+            Scenario::H2C64 => {
+                let Some(port) = target.h2_port else {
+                    return Err(Some(match target.id.kind {
+                        Kind::Flynn => "not supported: the router's HTTPS listener does not \
+                                        select ALPN h2 (no HTTP/2 yet)"
+                            .to_string(),
+                        _ => "no HTTP/2 listener".to_string(),
+                    }));
+                };
+                return Ok(Driver::H2(h2load::Load {
+                    url: format!("https://127.0.0.1:{port}/"),
+                    threads: 2,
+                    connections: 64,
+                    streams: 10,
+                    duration_s,
+                }));
+            }
         };
-        Some(Load {
-            url: format!("http://127.0.0.1:{port}{path}"),
+        Ok(Driver::Wrk(Load {
+            url: format!("{scheme}://127.0.0.1:{port}{path}"),
             host: HOST.to_string(),
             threads: 2,
             connections,
             duration_s,
             close,
-        })
+        }))
     }
 }
 
@@ -99,6 +207,8 @@ pub struct Options {
     pub out: Option<PathBuf>,
     pub origin_threads: usize,
     pub idle_conns: usize,
+    /// Key type of the generated certificate (TLS scenarios).
+    pub key_type: tls::KeyType,
     /// The command line, for the report header.
     pub command: String,
 }
@@ -156,6 +266,15 @@ fn header(opts: &Options, nofile: u64) -> Vec<String> {
             first_line_of("wrk", &["-v"]),
         ),
         format!(
+            "TLS: {}; {}",
+            first_line_of("openssl", &["version"]),
+            if on_path("h2load") {
+                first_line_of("h2load", &["--version"])
+            } else {
+                "h2load: not found".into()
+            },
+        ),
+        format!(
             "Load: wrk -t2, {} s per run, {} round(s), target order rotated every scenario and \
              round; origin: flynn-perf origin, {} monoio threads; everything on 127.0.0.1",
             opts.duration_s, opts.rounds, opts.origin_threads
@@ -201,11 +320,32 @@ pub fn run(opts: Options) -> Result<String> {
         origin.pid()
     );
     let router_bin = targets::resolve_router_bin(&opts.router_bin);
+    let want_tls = opts.scenarios.iter().any(|s| s.is_tls());
+    let want_h2 = opts.scenarios.contains(&Scenario::H2C64);
+    let tls_files = if want_tls {
+        let files = tls::generate(dir.path(), opts.key_type)?;
+        session.header.push(format!(
+            "Certificate: self-signed {} (`openssl req`), the same keypair for every target; \
+             TLS 1.2 and 1.3 enabled everywhere, each server's default session cache and \
+             tickets",
+            opts.key_type.describe()
+        ));
+        Some(files)
+    } else {
+        None
+    };
+    if want_h2 && !on_path("h2load") {
+        session
+            .header
+            .push("h2-c64 skipped: h2load not on PATH (apt-get install -y nghttp2-client)".into());
+    }
     let env = Env {
         dir: dir.path(),
         origin_port,
         nofile,
         router_bin: &router_bin,
+        tls: tls_files.as_ref(),
+        h2: want_h2 && on_path("h2load"),
     };
 
     let mut running: Vec<Running> = Vec::new();
@@ -238,17 +378,48 @@ pub fn run(opts: Options) -> Result<String> {
     if running.is_empty() {
         bail!("no target could be started");
     }
+    if want_tls {
+        let mut seen = Vec::new();
+        for r in &running {
+            let Some(p) = r.tls_port else { continue };
+            if seen.contains(&r.id.kind) {
+                continue;
+            }
+            seen.push(r.id.kind);
+            let mut line = format!(
+                "{} negotiates (openssl s_client): {}",
+                r.id.kind,
+                tls::probe(dir.path(), p, None)
+            );
+            if let Some(h2) = r.h2_port {
+                line.push_str(&format!(
+                    "; h2 listener: {}",
+                    tls::probe(dir.path(), h2, Some("h2"))
+                ));
+            }
+            eprintln!("{line}");
+            session.header.push(line);
+        }
+    }
 
     let wrk_scenarios: Vec<Scenario> = opts
         .scenarios
         .iter()
         .copied()
         .filter(|s| *s != Scenario::Idle10k)
+        .filter(|s| *s != Scenario::H2C64 || env.h2)
         .collect();
     session.scenarios = wrk_scenarios
         .iter()
         .map(|s| (s.name().to_string(), s.description().to_string()))
         .collect();
+    for s in &wrk_scenarios {
+        if s.unit() != "req" {
+            session
+                .units
+                .insert(s.name().to_string(), s.unit().to_string());
+        }
+    }
     let total = opts.rounds * wrk_scenarios.len() * running.len();
     let mut done = 0;
     for round in 0..opts.rounds {
@@ -268,20 +439,33 @@ pub fn run(opts: Options) -> Result<String> {
                     session.skipped.insert(id, why);
                     continue;
                 }
-                let Some(load) = scenario.load(target.port, opts.duration_s) else {
-                    continue;
+                let driver = match scenario.driver(target, opts.duration_s) {
+                    Ok(d) => d,
+                    Err(None) => continue,
+                    Err(Some(why)) => {
+                        session.notes.insert((scenario.name().to_string(), id), why);
+                        continue;
+                    }
                 };
                 let log = dir
                     .path()
-                    .join(format!("wrk-{}-{}-{round}.log", scenario.name(), id));
+                    .join(format!("load-{}-{}-{round}.log", scenario.name(), id));
                 let cpu0 = procfs::cpu_seconds(target.pid);
-                let result = wrk::run(&load, &log);
+                let mut kinds = None;
+                let result = match &driver {
+                    Driver::Wrk(load) => wrk::run(load, &log),
+                    Driver::H2(load) => h2load::run(load, &log),
+                    Driver::Handshake(load) => handshake::run(load).map(|o| {
+                        kinds = Some((o.full, o.resumed));
+                        o.report
+                    }),
+                };
                 let cpu_s = procfs::cpu_seconds(target.pid) - cpu0;
                 let rss = procfs::rss_bytes(target.pid);
                 match result {
                     Ok(w) => {
                         eprintln!(
-                            "[{done}/{total}] round {} {:<12} {:<10} {:>9.0} req/s  p99 {:>9.0} µs  {:>7.0} req/CPU-s  errors {}",
+                            "[{done}/{total}] round {} {:<15} {:<10} {:>9.0} {unit}/s  p99 {:>9.0} µs  {:>7.0} {unit}/CPU-s  errors {}{}",
                             round + 1,
                             scenario.name(),
                             id.to_string(),
@@ -289,6 +473,10 @@ pub fn run(opts: Options) -> Result<String> {
                             w.p99_us,
                             if cpu_s > 0.0 { w.requests as f64 / cpu_s } else { f64::NAN },
                             w.errors(),
+                            kinds
+                                .map(|(f, r)| format!("  ({f} full, {r} resumed)"))
+                                .unwrap_or_default(),
+                            unit = scenario.unit(),
                         );
                         session
                             .samples
@@ -299,6 +487,7 @@ pub fn run(opts: Options) -> Result<String> {
                                 wrk: w,
                                 cpu_s,
                                 rss,
+                                handshakes: kinds,
                             });
                     }
                     Err(e) => {

@@ -5,12 +5,17 @@
 //! proxy CPU per request and memory. It measures; it never passes or fails on timing. The
 //! `origin` subcommand is the tiny monoio HTTP/1.1 server every target proxies to. The
 //! `logagg` harness blasts pre-built syslog frames at flynn-logagg and rsyslog the same way
-//! and reports messages/s, CPU per message, memory and follow latency.
+//! and reports messages/s, CPU per message, memory and follow latency. The `discoverd`
+//! harness runs flynn-discoverd and etcd (one node and three) side by side: metadata CAS,
+//! registrations and heartbeats, register → watch latency and leader failover.
 //!
 //! Leaves to others: micro-benchmarks (criterion `benches/` in each crate) and correctness
 //! (`flynn-e2e`). Used by people and CI jobs that record `perf/RESULTS.md`.
 
 pub mod bench;
+pub mod discoverd;
+pub mod h2load;
+pub mod handshake;
 pub mod idle;
 pub mod logagg;
 pub mod origin;
@@ -18,4 +23,5 @@ pub mod procfs;
 pub mod procs;
 pub mod report;
 pub mod targets;
+pub mod tls;
 pub mod wrk;

@@ -1,5 +1,6 @@
 //! `flynn-perf`: `proxy` runs the side-by-side proxy harness; `origin` is the origin server
-//! it proxies to (started by the harness itself); `logagg` runs the log aggregator harness.
+//! it proxies to (started by the harness itself); `logagg` runs the log aggregator harness;
+//! `discoverd` runs flynn-discoverd against etcd.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use flynn_perf::bench::{self, Scenario};
-use flynn_perf::logagg;
+use flynn_perf::{discoverd, logagg};
 use flynn_perf::targets::Kind;
 
 #[derive(Parser)]
@@ -25,6 +26,54 @@ enum Cmd {
     Origin(OriginArgs),
     /// flynn-logagg vs rsyslog: syslog ingest over TCP, interleaved, on loopback.
     Logagg(LogaggArgs),
+    /// flynn-discoverd vs etcd, 1 and 3 nodes: CAS, registrations, watch latency, failover.
+    Discoverd(DiscoverdArgs),
+}
+
+#[derive(clap::Args)]
+struct DiscoverdArgs {
+    /// Rounds; each runs every scenario against every target once.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Concurrent CAS clients (one scenario per value).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    clients: Vec<usize>,
+    /// CAS operations per run (all clients together).
+    #[arg(long, default_value_t = 4000)]
+    cas_ops: u64,
+    /// Every timed phase stops after this many seconds.
+    #[arg(long, default_value_t = 4.0)]
+    max_seconds: f64,
+    /// Instances registered per `reg` run.
+    #[arg(long, default_value_t = 1000)]
+    instances: u64,
+    /// Heartbeats per `reg` run (round robin over the registered instances).
+    #[arg(long, default_value_t = 10000)]
+    heartbeats: u64,
+    /// Concurrent clients of the `reg` scenario.
+    #[arg(long, default_value_t = 16)]
+    reg_clients: usize,
+    /// Sequential registrations timed per `watch` run.
+    #[arg(long, default_value_t = 200)]
+    watch_events: u64,
+    /// Leader kills per 3-node target.
+    #[arg(long, default_value_t = 5)]
+    failovers: usize,
+    /// Cluster sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,3")]
+    nodes: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "flynn,etcd")]
+    targets: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "cas,reg,watch,failover")]
+    scenarios: Vec<String>,
+    /// Skip the unrecorded CAS warm-up per target.
+    #[arg(long)]
+    no_warmup: bool,
+    #[arg(long, default_value = "target/release/flynn-discoverd")]
+    discoverd_bin: PathBuf,
+    /// Also write the Markdown report here.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -82,6 +131,7 @@ struct ProxyArgs {
     /// Worker threads/processes for each proxy.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     workers: Vec<usize>,
+    /// Scenarios; `tls` = tls-c64,tls-resume-c64,tls-newconn-c64,h2-c64.
     #[arg(
         long,
         value_delimiter = ',',
@@ -99,6 +149,9 @@ struct ProxyArgs {
     /// Connections opened by idle-10k.
     #[arg(long, default_value_t = 10_000)]
     idle_conns: usize,
+    /// Key type of the self-signed certificate for the TLS scenarios: ec (P-256) or rsa (2048).
+    #[arg(long, default_value = "ec")]
+    cert: String,
 }
 
 #[derive(clap::Args)]
@@ -149,12 +202,14 @@ fn main() -> Result<()> {
                 scenarios: a
                     .scenarios
                     .iter()
-                    .map(|s| Scenario::parse(s))
-                    .collect::<Result<_>>()?,
+                    .map(|s| Scenario::parse_group(s))
+                    .collect::<Result<Vec<_>>>()?
+                    .concat(),
                 router_bin: a.router_bin,
                 out: a.out,
                 origin_threads: a.origin_threads.max(1),
                 idle_conns: a.idle_conns,
+                key_type: flynn_perf::tls::KeyType::parse(&a.cert)?,
                 command: command_line(),
             };
             let text = bench::run(opts)?;
@@ -183,6 +238,39 @@ fn main() -> Result<()> {
                 command: command_line(),
             };
             let text = logagg::run(opts)?;
+            println!("{text}");
+            Ok(())
+        }
+        Cmd::Discoverd(a) => {
+            flynn_perf::procs::install_signal_handler()?;
+            for s in &a.scenarios {
+                if !["cas", "reg", "watch", "failover"].contains(&s.as_str()) {
+                    anyhow::bail!("unknown scenario {s:?} (expected cas, reg, watch, failover)");
+                }
+            }
+            let opts = discoverd::Options {
+                rounds: a.rounds.max(1),
+                clients: a.clients.into_iter().filter(|c| *c > 0).collect(),
+                cas_ops: a.cas_ops.max(1),
+                max_seconds: a.max_seconds,
+                instances: a.instances,
+                heartbeats: a.heartbeats,
+                reg_clients: a.reg_clients,
+                watch_events: a.watch_events,
+                failovers: a.failovers,
+                nodes: a.nodes.into_iter().filter(|n| (1..=3).contains(n)).collect(),
+                targets: a
+                    .targets
+                    .iter()
+                    .map(|t| discoverd::cluster::Kind::parse(t))
+                    .collect::<Result<_>>()?,
+                scenarios: a.scenarios,
+                warmup: !a.no_warmup,
+                discoverd_bin: a.discoverd_bin,
+                out: a.out,
+                command: command_line(),
+            };
+            let text = discoverd::run(opts)?;
             println!("{text}");
             Ok(())
         }

@@ -16,6 +16,8 @@ pub struct Sample {
     pub cpu_s: f64,
     /// Resident memory of the target's process tree right after the run, bytes.
     pub rss: u64,
+    /// (full, resumed) TLS handshakes, when the load generator can tell them apart.
+    pub handshakes: Option<(u64, u64)>,
 }
 
 impl Sample {
@@ -40,6 +42,10 @@ pub struct Session {
     pub failures: Vec<String>,
     pub idle: Vec<(Id, idle::Outcome)>,
     pub idle_description: Option<String>,
+    /// Scenario name → what one "request" is when it is not a request (e.g. `handshakes`).
+    pub units: BTreeMap<String, String>,
+    /// (scenario, target) → why the target did not run the scenario (e.g. no HTTP/2).
+    pub notes: BTreeMap<(String, Id), String>,
 }
 
 pub fn median(mut xs: Vec<f64>) -> Option<f64> {
@@ -127,18 +133,35 @@ pub fn render(s: &Session) -> String {
 
     for (name, description) in &s.scenarios {
         let _ = writeln!(out, "## {name}\n\n{description}\n");
+        let unit = s.units.get(name).map_or("req", String::as_str);
         let _ = writeln!(
             out,
-            "| target | workers | req/s | p50 | p99 | req/CPU-s | RSS MiB | errors | runs | req/s ÷ nginx | req/CPU-s ÷ nginx |"
+            "| target | workers | {unit}/s | p50 | p99 | {unit}/CPU-s | RSS MiB | errors | runs | {unit}/s ÷ nginx | {unit}/CPU-s ÷ nginx |"
         );
         let _ = writeln!(
             out,
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
+        let mut kinds = Vec::new();
         for id in &s.ids {
+            if let Some(note) = s.notes.get(&(name.clone(), *id)) {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {note} | | | | | | | | |",
+                    id.kind,
+                    workers(id)
+                );
+                continue;
+            }
             let Some(samples) = s.samples.get(&(name.clone(), *id)) else {
                 continue;
             };
+            let counted: Vec<(u64, u64)> = samples.iter().filter_map(|x| x.handshakes).collect();
+            if !counted.is_empty() {
+                let full: u64 = counted.iter().map(|k| k.0).sum();
+                let resumed: u64 = counted.iter().map(|k| k.1).sum();
+                kinds.push(format!("{id}: {full} full, {resumed} resumed"));
+            }
             let c = cell(samples);
             let nginx = s
                 .samples
@@ -168,6 +191,13 @@ pub fn render(s: &Session) -> String {
             );
         }
         let _ = writeln!(out);
+        if !kinds.is_empty() {
+            let _ = writeln!(
+                out,
+                "Handshakes counted by the client, summed over rounds: {}.\n",
+                kinds.join("; ")
+            );
+        }
     }
 
     if let Some(description) = &s.idle_description {

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::handshake;
 use crate::origin::SMALL_BODY;
 use crate::procs::Proc;
+use crate::tls;
 
 /// The `Host` header every request carries (the Flynn route's domain).
 pub const HOST: &str = "bench.local";
@@ -71,6 +73,11 @@ pub struct Running {
     pub pid: u32,
     /// `None` for direct (the origin belongs to the harness).
     pub proc: Option<Proc>,
+    /// HTTPS (HTTP/1.1 over TLS) listener, when the session has TLS scenarios.
+    pub tls_port: Option<u16>,
+    /// HTTP/2 over TLS listener (ALPN h2), when the session has HTTP/2 scenarios and the
+    /// target speaks HTTP/2.
+    pub h2_port: Option<u16>,
 }
 
 impl Running {
@@ -92,6 +99,31 @@ pub struct Env<'a> {
     pub origin_port: u16,
     pub nofile: u64,
     pub router_bin: &'a Path,
+    /// Certificate for HTTPS listeners; `None`: plain HTTP only.
+    pub tls: Option<&'a tls::Files>,
+    /// Also open an HTTP/2 (ALPN h2) TLS listener where the target supports it.
+    pub h2: bool,
+}
+
+/// The listeners a target was started with.
+struct Ports {
+    http: u16,
+    tls: Option<u16>,
+    h2: Option<u16>,
+}
+
+impl Ports {
+    fn new(env: &Env, h2_capable: bool) -> Result<Ports> {
+        Ok(Ports {
+            http: free_port()?,
+            tls: env.tls.map(|_| free_port()).transpose()?,
+            h2: if env.tls.is_some() && env.h2 && h2_capable {
+                Some(free_port()?)
+            } else {
+                None
+            },
+        })
+    }
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
@@ -125,51 +157,94 @@ pub fn start_origin(dir: &Path, threads: usize) -> Result<(Proc, u16)> {
 /// Starts target `id` and waits until it answers a request correctly.
 pub fn start(id: Id, env: &Env) -> Result<Running> {
     let workers = id.workers.unwrap_or(1);
-    let (proc, port, marker) = match id.kind {
+    let (proc, ports, marker) = match id.kind {
         Kind::Direct => {
             return Ok(Running {
                 id,
                 port: env.origin_port,
                 pid: 0,
                 proc: None,
+                tls_port: None,
+                h2_port: None,
             });
         }
         Kind::Flynn => {
-            let (p, port) = start_flynn(env, workers)?;
-            (p, port, Some("listening"))
+            let (p, ports) = start_flynn(env, workers)?;
+            (p, ports, Some("listening"))
         }
         Kind::Nginx => {
-            let (p, port) = start_nginx(env, workers)?;
-            (p, port, None)
+            let (p, ports) = start_nginx(env, workers)?;
+            (p, ports, None)
         }
         Kind::Haproxy => {
-            let (p, port) = start_haproxy(env, workers)?;
-            (p, port, None)
+            let (p, ports) = start_haproxy(env, workers)?;
+            (p, ports, None)
         }
     };
     let mut proc = proc;
-    wait_ready(&mut proc, port, marker)?;
-    check_response(port).with_context(|| format!("{id} sanity request"))?;
+    wait_ready(&mut proc, ports.http, marker)?;
+    check_response(ports.http).with_context(|| format!("{id} sanity request"))?;
+    if let Some(tls_port) = ports.tls {
+        wait_ready(&mut proc, tls_port, None)?;
+        check_tls_response(tls_port).with_context(|| format!("{id} HTTPS sanity request"))?;
+    }
+    if let Some(h2_port) = ports.h2 {
+        wait_ready(&mut proc, h2_port, None)?;
+    }
+    let mut h2_port = ports.h2;
+    if let (Kind::Flynn, true, Some(tls_port)) = (id.kind, env.h2, ports.tls) {
+        // The router serves HTTP/2 on its HTTPS listener once it selects ALPN h2 there.
+        if tls::negotiates_alpn(tls_port, "h2") {
+            h2_port = Some(tls_port);
+        }
+    }
     Ok(Running {
         id,
-        port,
+        port: ports.http,
         pid: proc.pid(),
         proc: Some(proc),
+        tls_port: ports.tls,
+        h2_port,
     })
 }
 
-fn start_flynn(env: &Env, workers: usize) -> Result<(Proc, u16)> {
+/// One HTTPS `GET /` with a full handshake (SNI `bench.local`); checks `200` and the body.
+pub fn check_tls_response(port: u16) -> Result<()> {
+    let cfg = handshake::client_config()?;
+    match handshake::exchange(&cfg, port, HOST, HOST, "/")? {
+        handshake::Exchange::Ok { body, .. } if body == SMALL_BODY => Ok(()),
+        handshake::Exchange::Ok { body, .. } => bail!(
+            "unexpected body {:?}",
+            String::from_utf8_lossy(&body)
+                .chars()
+                .take(200)
+                .collect::<String>()
+        ),
+        handshake::Exchange::Status(s) => bail!("status {s}"),
+    }
+}
+
+fn start_flynn(env: &Env, workers: usize) -> Result<(Proc, Ports)> {
     if !env.router_bin.exists() {
         bail!(
             "router binary {} not found (build it with `cargo build --release -p flynn-router`)",
             env.router_bin.display()
         );
     }
-    let port = free_port()?;
+    // No separate h2 listener: `start` checks whether the HTTPS one selects ALPN h2.
+    let ports = Ports::new(env, false)?;
+    let port = ports.http;
     let api_port = free_port()?;
     let routes = env.dir.join(format!("flynn-routes-{workers}.json"));
+    // A TLS client that connects to an IP address sends no usable SNI (wrk sends the IP,
+    // which rustls ignores): only a catch-all route serves such handshakes.
+    let catch_all = if env.tls.is_some() {
+        r#",{"type":"http","domain":"*","service":"origin"}"#
+    } else {
+        ""
+    };
     let json = format!(
-        r#"{{"routes":[{{"type":"http","domain":"{HOST}","service":"origin"}}],"services":{{"origin":[{{"addr":"127.0.0.1:{}"}}]}}}}"#,
+        r#"{{"routes":[{{"type":"http","domain":"{HOST}","service":"origin"}}{catch_all}],"services":{{"origin":[{{"addr":"127.0.0.1:{}"}}]}}}}"#,
         env.origin_port
     );
     std::fs::write(&routes, json).context("writing routes file")?;
@@ -182,16 +257,45 @@ fn start_flynn(env: &Env, workers: usize) -> Result<(Proc, u16)> {
         .arg(workers.to_string())
         .arg("--routes")
         .arg(&routes);
+    if let (Some(files), Some(tls_port)) = (env.tls, ports.tls) {
+        cmd.arg("--https-addr")
+            .arg(addr(tls_port).to_string())
+            .arg("--tls-cert")
+            .arg(&files.cert)
+            .arg("--tls-key")
+            .arg(&files.key);
+    }
     let proc = Proc::spawn(
         "flynn-router",
         cmd,
         &env.dir.join(format!("flynn-{workers}.log")),
     )?;
-    Ok((proc, port))
+    Ok((proc, ports))
 }
 
-fn start_nginx(env: &Env, workers: usize) -> Result<(Proc, u16)> {
-    let port = free_port()?;
+fn start_nginx(env: &Env, workers: usize) -> Result<(Proc, Ports)> {
+    let ports = Ports::new(env, true)?;
+    let port = ports.http;
+    // nginx's defaults otherwise: no session cache (`ssl_session_cache none`), session tickets
+    // on, 16 KiB TLS records. The h2 listener is separate so the HTTP/1.1 one matches the
+    // router's (no ALPN callback).
+    let mut tls_conf = String::new();
+    if let (Some(files), Some(tls_port)) = (env.tls, ports.tls) {
+        tls_conf = format!(
+            "        listen 127.0.0.1:{tls_port} ssl reuseport backlog=4096;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        ssl_protocols TLSv1.2 TLSv1.3;
+",
+            files.cert.display(),
+            files.key.display()
+        );
+        if let Some(h2_port) = ports.h2 {
+            tls_conf.push_str(&format!(
+                "        listen 127.0.0.1:{h2_port} ssl http2 reuseport backlog=4096;\n"
+            ));
+        }
+    }
     let prefix = env.dir.join(format!("nginx-{workers}"));
     std::fs::create_dir_all(prefix.join("logs"))?;
     let p = prefix.display();
@@ -221,7 +325,7 @@ http {{
     }}
     server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
-        server_name {HOST};
+{tls_conf}        server_name {HOST};
         location / {{
             proxy_pass http://origin;
             proxy_http_version 1.1;
@@ -246,11 +350,23 @@ http {{
         .arg("-g")
         .arg("daemon off; master_process on;");
     let proc = Proc::spawn("nginx", cmd, &env.dir.join(format!("nginx-{workers}.log")))?;
-    Ok((proc, port))
+    Ok((proc, ports))
 }
 
-fn start_haproxy(env: &Env, workers: usize) -> Result<(Proc, u16)> {
-    let port = free_port()?;
+fn start_haproxy(env: &Env, workers: usize) -> Result<(Proc, Ports)> {
+    let ports = Ports::new(env, true)?;
+    let port = ports.http;
+    // HAProxy's defaults otherwise: session cache (tune.ssl.cachesize 20000) and tickets on.
+    let mut tls_binds = String::new();
+    if let (Some(files), Some(tls_port)) = (env.tls, ports.tls) {
+        let pem = files.combined.display();
+        tls_binds = format!("    bind 127.0.0.1:{tls_port} ssl crt {pem} ssl-min-ver TLSv1.2\n");
+        if let Some(h2_port) = ports.h2 {
+            tls_binds.push_str(&format!(
+                "    bind 127.0.0.1:{h2_port} ssl crt {pem} ssl-min-ver TLSv1.2 alpn h2,http/1.1\n"
+            ));
+        }
+    }
     // HAProxy sizes for two descriptors per connection and refuses to start when the hard
     // RLIMIT_NOFILE is below that; idle client connections hold one, so keep maxconn above 10k
     // and let `no strict-limits` turn the refusal into a warning.
@@ -271,7 +387,7 @@ defaults
     timeout http-request 30s
 frontend fe
     bind 127.0.0.1:{port}
-    maxconn {maxconn}
+{tls_binds}    maxconn {maxconn}
     default_backend be
 backend be
     server origin 127.0.0.1:{origin}
@@ -287,7 +403,7 @@ backend be
         cmd,
         &env.dir.join(format!("haproxy-{workers}.log")),
     )?;
-    Ok((proc, port))
+    Ok((proc, ports))
 }
 
 /// Waits (at most 10 s) until `port` accepts and, if `marker` is given, the log contains it

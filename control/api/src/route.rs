@@ -62,6 +62,10 @@ pub struct Route {
     pub drain_backends: bool,
     #[serde(default)]
     pub disable_keep_alives: bool,
+    /// Speak HTTP/2 to the backends (for gRPC: trailers and bidirectional streams pass
+    /// through end to end). Only for requests that reach the router over HTTP/2.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grpc: bool,
 }
 
 impl Route {
@@ -99,6 +103,7 @@ impl Route {
             path: String::new(),
             drain_backends: false,
             disable_keep_alives: false,
+            grpc: false,
         }
     }
 

@@ -166,6 +166,14 @@ async fn stream(
         CoreMetrics::inc(&core.metrics().not_found_total);
         return simple(&mut respond, &core, 404, b"Not Found\n");
     };
+    if route.grpc {
+        let backends = route.backends.clone();
+        drop(table);
+        return passthrough(
+            core, parts, body, respond, &backends, peer, l, proto, start_ms,
+        )
+        .await;
+    }
     let Some((mut up, addr, _)) = connect(&core, route, None, None).await else {
         CoreMetrics::inc(&core.metrics().unavailable_total);
         return simple(&mut respond, &core, 503, b"Service Unavailable\n");
@@ -307,4 +315,156 @@ async fn send_flow_controlled(send: &mut h2::SendStream<Bytes>, data: &[u8]) -> 
         rest = &rest[n..];
     }
     true
+}
+
+/// gRPC routes: the stream goes to the backend over HTTP/2 as it is (headers, DATA in
+/// both directions at once, trailers), with the forwarding headers added. One backend
+/// HTTP/2 connection per stream for now (dialled in shuffled order).
+#[allow(clippy::too_many_arguments)]
+async fn passthrough(
+    core: Rc<Core>,
+    parts: http::request::Parts,
+    body: h2::RecvStream,
+    mut respond: h2::server::SendResponse<Bytes>,
+    backends: &[SocketAddr],
+    peer: SocketAddr,
+    l: ListenerInfo,
+    proto: &'static str,
+    start_ms: u64,
+) {
+    let mut order = [SocketAddr::from(([0, 0, 0, 0], 0)); 16];
+    let n = crate::balance::shuffled(backends, &mut order);
+    let mut up = None;
+    for addr in &order[..n] {
+        if let Ok(s) = crate::proxy::dial(*addr).await {
+            up = Some((s, *addr));
+            break;
+        }
+        CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
+    }
+    let Some((up, addr)) = up else {
+        CoreMetrics::inc(&core.metrics().unavailable_total);
+        return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+    };
+    CoreMetrics::inc(&core.metrics().upstream_connects_total);
+    let _inflight = core.start_request(addr);
+    let Ok((client, conn)) = h2::client::handshake(monoio_compat::StreamWrapper::new(up)).await
+    else {
+        return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+    };
+    monoio::spawn(async move {
+        let _ = conn.await;
+    });
+    let Ok(mut client) = client.ready().await else {
+        return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+    };
+
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .unwrap_or_default();
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut req = http::Request::builder()
+        .method(parts.method.clone())
+        .uri(format!("http://{authority}{pq}"));
+    let mut xff = String::new();
+    let mut request_id = None;
+    for (name, value) in &parts.headers {
+        match name.as_str() {
+            "x-forwarded-for" => {
+                xff.push_str(value.to_str().unwrap_or(""));
+                xff.push_str(", ");
+                continue;
+            }
+            "x-forwarded-proto" | "x-forwarded-port" | "x-request-start" => continue,
+            "x-request-id" => {
+                if request_id.is_none() && flynn_http::valid_request_id(value.as_bytes()) {
+                    request_id = Some(value.clone());
+                }
+                continue;
+            }
+            _ => {}
+        }
+        req = req.header(name, value);
+    }
+    xff.push_str(&crate::proxy::client_ip(peer).to_string());
+    let request_id = request_id.unwrap_or_else(|| {
+        let mut id = [0u8; 36];
+        flynn_http::format_uuid_v4(
+            ((fastrand::u64(..) as u128) << 64) | fastrand::u64(..) as u128,
+            &mut id,
+        );
+        http::HeaderValue::from_bytes(&id).unwrap_or(http::HeaderValue::from_static("0"))
+    });
+    let req = req
+        .header("x-forwarded-for", xff)
+        .header("x-forwarded-proto", proto)
+        .header("x-forwarded-port", l.port)
+        .header("x-request-start", start_ms)
+        .header("x-request-id", request_id)
+        .body(());
+    let Ok(req) = req else {
+        return simple(&mut respond, &core, 400, b"Bad Request\n");
+    };
+    let end = body.is_end_stream();
+    let Ok((resp, upload)) = client.send_request(req, end) else {
+        return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+    };
+    let up_pump = async move {
+        if !end {
+            pump(body, upload).await;
+        }
+    };
+    let down = async move {
+        let Ok(resp) = resp.await else {
+            return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+        };
+        core.metrics().status(resp.status().as_u16());
+        let (rparts, rbody) = resp.into_parts();
+        let end = rbody.is_end_stream();
+        let Ok(send) = respond.send_response(http::Response::from_parts(rparts, ()), end) else {
+            return;
+        };
+        if !end {
+            pump(rbody, send).await;
+        }
+    };
+    monoio::join!(up_pump, down);
+}
+
+/// Copies DATA frames (as the receiver's window allows) and then trailers.
+async fn pump(mut from: h2::RecvStream, mut to: h2::SendStream<Bytes>) {
+    while let Some(chunk) = from.data().await {
+        let Ok(mut chunk) = chunk else {
+            to.send_reset(h2::Reason::CANCEL);
+            return;
+        };
+        let _ = from.flow_control().release_capacity(chunk.len());
+        while !chunk.is_empty() {
+            to.reserve_capacity(chunk.len());
+            let cap = match std::future::poll_fn(|cx| to.poll_capacity(cx)).await {
+                Some(Ok(c)) if c > 0 => c,
+                Some(Ok(_)) => continue,
+                _ => return,
+            };
+            let part = chunk.split_to(cap.min(chunk.len()));
+            if to.send_data(part, false).is_err() {
+                return;
+            }
+        }
+    }
+    match from.trailers().await {
+        Ok(Some(t)) => {
+            let _ = to.send_trailers(t);
+        }
+        Ok(None) => {
+            let _ = to.send_data(Bytes::new(), true);
+        }
+        Err(_) => to.send_reset(h2::Reason::CANCEL),
+    }
 }

@@ -207,6 +207,7 @@ impl Store {
         next.leader = r.leader;
         next.sticky = r.sticky;
         next.disable_keep_alives = r.disable_keep_alives;
+        next.grpc = r.grpc;
         next.drain_backends = r.drain_backends;
         next.certificate = if kind == RouteType::Http {
             let mut c = Route {

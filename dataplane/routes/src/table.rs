@@ -65,6 +65,8 @@ pub struct HttpRoute {
     pub sticky: bool,
     pub drain_backends: bool,
     pub disable_keep_alives: bool,
+    /// HTTP/2 to the backends (gRPC).
+    pub grpc: bool,
     /// Backends this route may use (already reduced to the leader for leader routes).
     pub backends: Arc<[SocketAddr]>,
 }
@@ -181,6 +183,7 @@ impl Table {
                             sticky: r.sticky,
                             drain_backends: r.drain_backends,
                             disable_keep_alives: r.disable_keep_alives,
+                            grpc: r.grpc,
                             backends: addrs,
                         });
                 }

@@ -9,6 +9,7 @@ mod client;
 
 mod certapi;
 mod certs;
+mod grpc;
 mod h2;
 mod handshake;
 mod proxying;

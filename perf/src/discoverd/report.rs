@@ -1,0 +1,375 @@
+//! Markdown for a `discoverd` session: medians per scenario and cluster size, ratios
+//! against etcd with the same number of nodes.
+
+use std::fmt::Write as _;
+
+use super::cluster::{Id, Kind};
+use super::load::Phase;
+use super::{Failover, Sample, Scenario, Session};
+use crate::logagg::load::percentile;
+use crate::report::{fmt_count, fmt_latency, fmt_mib, fmt_ratio, median};
+
+fn p(ph: &Phase, q: f64) -> Option<f64> {
+    percentile(&ph.lat_us, q)
+}
+
+fn fmt_cpu(x: Option<f64>) -> String {
+    x.map_or("-".into(), |v| format!("{v:.0}"))
+}
+
+/// The progress line of one run.
+pub fn one_line(sc: Scenario, s: &Sample) -> String {
+    let a = &s.a;
+    let err = |ph: &Phase| {
+        ph.first_error
+            .as_deref()
+            .map(|e| format!("  first error: {}", e.chars().take(160).collect::<String>()))
+            .unwrap_or_default()
+    };
+    match (sc, &s.b) {
+        (Scenario::Cas(_), _) => format!(
+            "{:>7.0} CAS/s  p50 {} p99 {}  {} CPU-µs/op  RSS {:.1} MiB  errors {}{}",
+            a.rate().unwrap_or(f64::NAN),
+            fmt_latency(p(a, 50.0)),
+            fmt_latency(p(a, 99.0)),
+            fmt_cpu(a.cpu_us_per_op()),
+            s.rss as f64 / 1048576.0,
+            a.errors,
+            err(a)
+        ),
+        (Scenario::Reg, Some(b)) => format!(
+            "{:>7.0} reg/s ({} CPU-µs)  {:>7.0} hb/s ({} CPU-µs)  RSS {:.1} MiB  errors {}+{}{}{}",
+            a.rate().unwrap_or(f64::NAN),
+            fmt_cpu(a.cpu_us_per_op()),
+            b.rate().unwrap_or(f64::NAN),
+            fmt_cpu(b.cpu_us_per_op()),
+            s.rss as f64 / 1048576.0,
+            a.errors,
+            b.errors,
+            err(a),
+            err(b)
+        ),
+        (Scenario::Watch, Some(b)) => format!(
+            "event p50 {} p99 {}  ack p50 {} p99 {}  events {}/{}{}{}",
+            fmt_latency(p(a, 50.0)),
+            fmt_latency(p(a, 99.0)),
+            fmt_latency(p(b, 50.0)),
+            fmt_latency(p(b, 99.0)),
+            a.ok,
+            b.ok,
+            err(a),
+            err(b)
+        ),
+        _ => String::new(),
+    }
+}
+
+fn med<F: Fn(&Sample) -> Option<f64>>(xs: &[Sample], f: F) -> Option<f64> {
+    median(xs.iter().filter_map(f).collect())
+}
+
+fn etcd_of(id: &Id) -> Id {
+    Id {
+        kind: Kind::Etcd,
+        nodes: id.nodes,
+    }
+}
+
+pub fn render(s: &Session) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# flynn-perf discoverd\n");
+    for line in &s.header {
+        let _ = writeln!(out, "- {line}");
+    }
+    for (id, why) in &s.skipped {
+        let _ = writeln!(out, "- **skipped {id}**: {}", why.replace('\n', " "));
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Medians across rounds. Rates = acknowledged operations ÷ seconds from the first \
+         request to the last response. `CPU-µs/op` = CPU seconds (user+system, every thread of \
+         every node of the cluster, from `/proc/<pid>/stat`) over the same interval ÷ \
+         operations; RSS = VmRSS summed over the nodes after the run. Ratios are against etcd \
+         with the same number of nodes: `÷ etcd` = this ÷ etcd (above 1 = faster), `CPU ÷` and \
+         latency/failover ratios = etcd ÷ this (above 1 = cheaper/faster than etcd). `errors` \
+         (summed over rounds) should be 0.\n"
+    );
+    let _ = writeln!(
+        out,
+        "What each operation is:\n\n\
+         | workload | flynn-discoverd | etcd (JSON gRPC gateway) |\n\
+         |---|---|---|\n\
+         | CAS | `PUT /services/:s/meta` `{{\"data\":…,\"index\":i}}`; each client owns one \
+         service and sends the index its last success returned (0 creates) | `POST /v3/kv/txn`: \
+         compare `mod_revision == r` (0 = absent), success: put; r = the txn's revision; one key \
+         per client |\n\
+         | registration | `PUT /services/:s/instances/:id` of a new instance (one Raft write) \
+         | `POST /v3/lease/grant` (TTL 10 s) + `POST /v3/kv/put` with that lease: the two \
+         writes any etcd registration with a TTL needs |\n\
+         | heartbeat | the same PUT again, unchanged (leader memory only) | `POST \
+         /v3/lease/keepalive` of the instance's lease (leader only, not persisted) |\n\
+         | watch | SSE `GET /services/:s`, time from sending the registration to its `up` \
+         event | `POST /v3/watch` on a prefix, time from sending the put to its event |\n\
+         | failover probe | a new instance PUT to a survivor (its 307 to the leader followed) \
+         | `POST /v3/kv/put` to a survivor (forwarded to the leader by etcd) |\n"
+    );
+
+    // CAS.
+    for sc in s.scenarios.iter().filter(|x| matches!(x, Scenario::Cas(_))) {
+        let Scenario::Cas(c) = sc else { continue };
+        let _ = writeln!(
+            out,
+            "## Metadata CAS, {c} client{}\n",
+            if *c == 1 { "" } else { "s" }
+        );
+        let _ = writeln!(
+            out,
+            "| target | nodes | CAS/s | p50 | p99 | CPU-µs/op | RSS MiB | errors | runs | CAS/s ÷ etcd | CPU ÷ (etcd/this) |"
+        );
+        let _ = writeln!(
+            out,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for id in &s.ids {
+            let Some(xs) = s.samples.get(&(*sc, *id)) else {
+                continue;
+            };
+            let base = s.samples.get(&(*sc, etcd_of(id)));
+            let rate = med(xs, |x| x.a.rate());
+            let cpu = med(xs, |x| x.a.cpu_us_per_op());
+            let brate = base.and_then(|b| med(b, |x| x.a.rate()));
+            let bcpu = base.and_then(|b| med(b, |x| x.a.cpu_us_per_op()));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                id.kind,
+                id.nodes,
+                fmt_count(rate),
+                fmt_latency(med(xs, |x| p(&x.a, 50.0))),
+                fmt_latency(med(xs, |x| p(&x.a, 99.0))),
+                fmt_cpu(cpu),
+                fmt_mib(med(xs, |x| Some(x.rss as f64))),
+                xs.iter().map(|x| x.a.errors).sum::<u64>(),
+                xs.len(),
+                fmt_ratio(rate, brate),
+                fmt_ratio(bcpu, cpu),
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    // Registrations and heartbeats.
+    if s.scenarios.contains(&Scenario::Reg) {
+        let _ = writeln!(out, "## Registrations and heartbeats\n");
+        let _ = writeln!(
+            out,
+            "| target | nodes | reg/s | reg CPU-µs | hb/s | hb CPU-µs | RSS MiB | errors | runs | reg/s ÷ etcd | hb/s ÷ etcd |"
+        );
+        let _ = writeln!(
+            out,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for id in &s.ids {
+            let Some(xs) = s.samples.get(&(Scenario::Reg, *id)) else {
+                continue;
+            };
+            let base = s.samples.get(&(Scenario::Reg, etcd_of(id)));
+            let hb = |x: &Sample| x.b.as_ref().and_then(Phase::rate);
+            let rate = med(xs, |x| x.a.rate());
+            let hbr = med(xs, hb);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                id.kind,
+                id.nodes,
+                fmt_count(rate),
+                fmt_cpu(med(xs, |x| x.a.cpu_us_per_op())),
+                fmt_count(hbr),
+                fmt_cpu(med(xs, |x| x.b.as_ref().and_then(Phase::cpu_us_per_op))),
+                fmt_mib(med(xs, |x| Some(x.rss as f64))),
+                xs.iter()
+                    .map(|x| x.a.errors + x.b.as_ref().map_or(0, |b| b.errors))
+                    .sum::<u64>(),
+                xs.len(),
+                fmt_ratio(rate, base.and_then(|b| med(b, |x| x.a.rate()))),
+                fmt_ratio(hbr, base.and_then(|b| med(b, hb))),
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    // Watch latency.
+    if s.scenarios.contains(&Scenario::Watch) {
+        let _ = writeln!(out, "## Register → watch event\n");
+        let _ = writeln!(
+            out,
+            "One registration at a time on the leader; the watcher is on the leader of a \
+             single node and on a follower of a 3-node cluster. `event` = sending the write → \
+             its event arriving on the stream (`event max` and `events > 5 ms`: the median of the \
+             per-run maxima and the count over all runs); `ack` = sending the write → its \
+             response.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| target | nodes | event p50 | event p99 | event max | events > 5 ms | ack p50 | ack p99 | events | missed | runs | event p99: etcd ÷ this |"
+        );
+        let _ = writeln!(
+            out,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for id in &s.ids {
+            let Some(xs) = s.samples.get(&(Scenario::Watch, *id)) else {
+                continue;
+            };
+            let base = s.samples.get(&(Scenario::Watch, etcd_of(id)));
+            let p99 = med(xs, |x| p(&x.a, 99.0));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                id.kind,
+                id.nodes,
+                fmt_latency(med(xs, |x| p(&x.a, 50.0))),
+                fmt_latency(p99),
+                fmt_latency(med(xs, |x| p(&x.a, 100.0))),
+                xs.iter()
+                    .map(|x| x.a.lat_us.iter().filter(|l| **l > 5000.0).count())
+                    .sum::<usize>(),
+                fmt_latency(med(xs, |x| x.b.as_ref().and_then(|b| p(b, 50.0)))),
+                fmt_latency(med(xs, |x| x.b.as_ref().and_then(|b| p(b, 99.0)))),
+                xs.iter().map(|x| x.a.ok).sum::<u64>(),
+                xs.iter().map(|x| x.a.errors).sum::<u64>(),
+                xs.len(),
+                fmt_ratio(base.and_then(|b| med(b, |x| p(&x.a, 99.0))), p99),
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    // Failover.
+    if !s.failovers.is_empty() {
+        let _ = writeln!(out, "## Leader failover\n");
+        let _ = writeln!(
+            out,
+            "SIGKILL of the leader's process; time until a write sent to a surviving node is \
+             acknowledged. A new write starts every {} ms, alternating survivors, each with a \
+             {} s timeout, so a write that hangs during the election does not hold up the \
+             next. The killed node is then restarted on its data and the \
+             cluster has to agree on a leader before the next kill.\n",
+            super::PROBE_EVERY.as_millis(),
+            super::PROBE_TIMEOUT.as_secs()
+        );
+        let _ = writeln!(
+            out,
+            "| target | nodes | median | min | max | every kill (ms) | etcd ÷ this |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---|---:|");
+        let ms = |fs: &[Failover]| fs.iter().filter_map(|f| f.ms).collect::<Vec<f64>>();
+        for (id, fs) in &s.failovers {
+            let v = ms(fs);
+            let m = median(v.clone());
+            let base = s.failovers.get(&etcd_of(id)).and_then(|b| median(ms(b)));
+            let min = v.iter().copied().reduce(f64::min);
+            let max = v.iter().copied().reduce(f64::max);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                id.kind,
+                id.nodes,
+                m.map_or("-".into(), |x| format!("{x:.0} ms")),
+                min.map_or("-".into(), |x| format!("{x:.0} ms")),
+                max.map_or("-".into(), |x| format!("{x:.0} ms")),
+                fs.iter()
+                    .map(|f| f.ms.map_or("fail".into(), |x| format!("{x:.0}")))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                fmt_ratio(base, m),
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    if !s.failures.is_empty() {
+        let _ = writeln!(out, "## Failed runs\n");
+        for f in &s.failures {
+            let _ = writeln!(out, "- {}", f.replace('\n', " "));
+        }
+        let _ = writeln!(out);
+    }
+
+    let _ = writeln!(out, "<details><summary>Every run</summary>\n");
+    let _ = writeln!(
+        out,
+        "| round | scenario | target | nodes | ops | errors | s | ops/s | p50 | p99 | CPU s | CPU-µs/op | 2nd phase ops | errors | ops/s | p50 | p99 | CPU-µs/op | RSS MiB | first error |"
+    );
+    let _ = writeln!(
+        out,
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    );
+    let mut all: Vec<(&(Scenario, Id), &Sample)> = s
+        .samples
+        .iter()
+        .flat_map(|(k, v)| v.iter().map(move |x| (k, x)))
+        .collect();
+    let sc_pos = |sc: &Scenario| s.scenarios.iter().position(|x| x == sc);
+    all.sort_by_key(|((sc, id), x)| (x.round, sc_pos(sc), s.ids.iter().position(|i| i == id)));
+    for ((sc, id), x) in all {
+        let a = &x.a;
+        let (b_ok, b_err, b_rate, b_p50, b_p99, b_cpu) = match &x.b {
+            Some(b) => (
+                b.ok.to_string(),
+                b.errors.to_string(),
+                fmt_count(b.rate()),
+                fmt_latency(p(b, 50.0)),
+                fmt_latency(p(b, 99.0)),
+                fmt_cpu(b.cpu_us_per_op()),
+            ),
+            None => Default::default(),
+        };
+        let first = a
+            .first_error
+            .as_deref()
+            .or(x.b.as_ref().and_then(|b| b.first_error.as_deref()))
+            .unwrap_or("")
+            .chars()
+            .take(120)
+            .collect::<String>()
+            .replace('|', "/")
+            .replace('\n', " ");
+        let _ = writeln!(
+            out,
+            "| {} | {sc} | {} | {} | {} | {} | {:.2} | {} | {} | {} | {:.2} | {} | {b_ok} | {b_err} | {b_rate} | {b_p50} | {b_p99} | {b_cpu} | {} | {first} |",
+            x.round + 1,
+            id.kind,
+            id.nodes,
+            a.ok,
+            a.errors,
+            a.elapsed_s,
+            fmt_count(a.rate()),
+            fmt_latency(p(a, 50.0)),
+            fmt_latency(p(a, 99.0)),
+            a.cpu_s,
+            fmt_cpu(a.cpu_us_per_op()),
+            fmt_mib(Some(x.rss as f64)),
+        );
+    }
+    for (id, fs) in &s.failovers {
+        for f in fs {
+            let _ = writeln!(
+                out,
+                "\nfailover {} {id}: {} (killed {}, new leader {}, {} attempts){}",
+                f.rep + 1,
+                f.ms.map_or("no write".into(), |m| format!("{m:.0} ms")),
+                f.old_leader,
+                f.new_leader.as_deref().unwrap_or("?"),
+                f.attempts,
+                f.note
+                    .as_deref()
+                    .map(|n| format!("; {n}"))
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    let _ = writeln!(out, "\n</details>");
+    out
+}
