@@ -35,7 +35,22 @@ where
         .initial_connection_window_size(1024 * 1024);
     let limit = core.settings().header_timeout;
     if let Ok(Ok(mut conn)) = monoio::time::timeout(limit, b.handshake::<_, Bytes>(io)).await {
-        while let Some(Ok((req, respond))) = conn.accept().await {
+        CoreMetrics::inc(&core.metrics().h2_connections_total);
+        loop {
+            let (req, respond) = match conn.accept().await {
+                Some(Ok(x)) => x,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, io = e.is_io(), reason = ?e.reason(), "h2 connection error");
+                    // Floods (rapid resets, CONTINUATION, too many errors) end here with a
+                    // GOAWAY: a bounded cost per connection.
+                    if !e.is_io() {
+                        CoreMetrics::inc(&core.metrics().h2_connection_errors_total);
+                    }
+                    break;
+                }
+                None => break,
+            };
+            CoreMetrics::inc(&core.metrics().h2_streams_total);
             let proto = if l.tls { "https" } else { "http" };
             monoio::spawn(stream(core.clone(), req, respond, peer, l, proto));
         }

@@ -43,6 +43,9 @@ counters! {
     connections_active: "client connections open now",
     tcp_connections_total: "TCP route connections accepted",
     tls_handshake_errors_total: "TLS handshakes that failed or timed out",
+    h2_connections_total: "HTTP/2 client connections",
+    h2_streams_total: "HTTP/2 streams accepted",
+    h2_connection_errors_total: "HTTP/2 connections ended by a protocol error or abuse limit (GOAWAY)",
     tcp_connect_errors_total: "TCP route connections with no reachable backend",
 }
 

@@ -124,3 +124,75 @@ fn grpc_bidirectional_stream_with_trailers() {
         assert_eq!(trailers["x-seen-xff"], "127.0.0.1");
     });
 }
+
+#[test]
+fn rapid_reset_flood_ends_the_connection_and_is_counted() {
+    let router = Router::builder()
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let closed = rt.block_on(async {
+        let b = backend().await;
+        let route = json!({"type":"http","domain":"grpc.example.com","service":"g","grpc":true});
+        assert_eq!(
+            router.api("POST", "/routes", Some(&route.to_string())).0,
+            200
+        );
+        router.set_backend_addrs("g", &[(b.to_string(), false)]);
+        let sock = tokio::net::TcpStream::connect(router.h2c_addrs[0])
+            .await
+            .unwrap();
+        let (client, conn) = h2::client::Builder::new()
+            .max_concurrent_reset_streams(100_000)
+            .handshake::<_, Bytes>(sock)
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let mut client = client;
+        // Open and immediately cancel streams, as fast as the client allows (bounded).
+        for _ in 0..5000 {
+            let Ok(ready) = client.clone().ready().await else {
+                break;
+            };
+            client = ready;
+            let req = http::Request::builder()
+                .method("POST")
+                .uri("http://grpc.example.com/flood")
+                .body(())
+                .unwrap();
+            match client.send_request(req, false) {
+                Ok((_resp, mut send)) => send.send_reset(h2::Reason::CANCEL),
+                Err(_) => break,
+            }
+        }
+        // The router must end the connection (GOAWAY) rather than keep paying per stream.
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), conn).await,
+            Ok(Ok(Err(_))) | Ok(Ok(Ok(())))
+        )
+    });
+    assert!(closed, "connection still open after the flood");
+    // The router counts the GOAWAY once its accept loop sees the error: poll for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, metrics) = router.api("GET", "/metrics", None);
+        let text = metrics.as_str().unwrap_or_default().to_string();
+        let errors: u64 = text
+            .lines()
+            .filter(|l| l.starts_with("flynn_router_h2_connection_errors_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        if errors >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flood not counted:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
