@@ -245,3 +245,56 @@ fn deleting_a_route_removes_its_sni_name() {
     let conn = tls_connect(&router, "b.example.com", &roots);
     assert_eq!(conn.peer_cert(), own.der);
 }
+
+/// An RSA keypair made by the openssl CLI (rcgen here only makes ECDSA keys).
+fn rsa_pair(name: &str) -> crate::client::Pair {
+    let dir = std::env::temp_dir().join(format!("flynn-rsa-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, cert) = (dir.join("k.pem"), dir.join("c.pem"));
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+        ])
+        .arg(format!("/CN={name}"))
+        .arg("-addext")
+        .arg(format!("subjectAltName=DNS:{name}"))
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", "keyUsage=digitalSignature,keyEncipherment"])
+        .args(["-addext", "extendedKeyUsage=serverAuth"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is needed for the RSA test (apt-get install openssl)");
+    assert!(st.success());
+    let cert_pem = std::fs::read_to_string(&cert).unwrap();
+    let key_pem = std::fs::read_to_string(&key).unwrap();
+    let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec();
+    let _ = std::fs::remove_dir_all(&dir);
+    crate::client::Pair {
+        cert_pem,
+        key_pem,
+        der,
+    }
+}
+
+#[test]
+fn rsa_and_ecdsa_certificates_side_by_side() {
+    let (router, _b1, default) = setup();
+    let rsa = rsa_pair("rsa.example.com");
+    let b2 = Backend::start("b2");
+    router.add_route(cert_route("rsa.example.com", "web2", &rsa));
+    router.set_backends("web2", &[&b2]);
+    let mut conn = tls_connect(&router, "rsa.example.com", &[&default, &rsa]);
+    assert_eq!(conn.peer_cert(), rsa.der, "the RSA certificate");
+    assert_eq!(conn.get("rsa.example.com", "/").seen().backend, "b2");
+    // The ECDSA default still serves the other route.
+    let mut conn = tls_connect(&router, "a.example.com", &[&default, &rsa]);
+    assert_eq!(conn.peer_cert(), default.der);
+}
