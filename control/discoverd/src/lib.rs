@@ -46,6 +46,11 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
     };
     let app = api::router(node.clone());
     tokio::spawn(async move {
+        // Events must not wait for Nagle/delayed-ACK (~40 ms stalls on SSE streams).
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "http server stopped");
         }

@@ -98,7 +98,11 @@ pub fn start(cfg: &Config) -> anyhow::Result<Running> {
                 let _ = ready_tx.send(());
                 let Ok(l) = listener_rx.await else { return };
                 let served = async {
-                    let l = tokio::net::TcpListener::from_std(l)?;
+                    use axum::serve::ListenerExt;
+                    // Follow streams must not wait for Nagle/delayed-ACK.
+                    let l = tokio::net::TcpListener::from_std(l)?.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
                     axum::serve(l, api::router(sh)).await
                 };
                 if let Err(e) = served.await {

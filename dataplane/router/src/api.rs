@@ -453,7 +453,11 @@ pub fn serve(
         if let Some(url) = discoverd {
             tokio::spawn(crate::discovery::run(api.clone(), url));
         }
-        let l = tokio::net::TcpListener::from_std(listener)?;
+        use axum::serve::ListenerExt;
+        // SSE events must not wait for Nagle/delayed-ACK.
+        let l = tokio::net::TcpListener::from_std(listener)?.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         // After a handover the new process serves the API: stop accepting here.
         let stopped = async move {
             if stop.wait_for(|s| *s).await.is_err() {
