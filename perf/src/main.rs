@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use flynn_perf::bench::{self, Scenario};
-use flynn_perf::{discoverd, logagg};
 use flynn_perf::targets::Kind;
+use flynn_perf::{discoverd, logagg};
 
 #[derive(Parser)]
 #[command(name = "flynn-perf", about = "Flynn dataplane performance harnesses")]
@@ -258,7 +258,11 @@ fn main() -> Result<()> {
                 reg_clients: a.reg_clients,
                 watch_events: a.watch_events,
                 failovers: a.failovers,
-                nodes: a.nodes.into_iter().filter(|n| (1..=3).contains(n)).collect(),
+                nodes: a
+                    .nodes
+                    .into_iter()
+                    .filter(|n| (1..=3).contains(n))
+                    .collect(),
                 targets: a
                     .targets
                     .iter()

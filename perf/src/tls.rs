@@ -85,11 +85,13 @@ pub fn generate(dir: &Path, key_type: KeyType) -> Result<Files> {
     })
 }
 
-/// Runs `openssl s_client` against 127.0.0.1:`port` with a newline on stdin; returns its
+/// Runs `openssl s_client` against 127.0.0.1:`port`, sends one `GET /` with
+/// `Connection: close` and waits (`-ign_eof`, at most 5 s) until the server closes, so the
+/// TLS 1.3 session tickets the server sends after the handshake have been read. Returns its
 /// output (stdout and stderr).
 fn s_client(port: u16, extra: &[&std::ffi::OsStr]) -> Option<String> {
-    let mut child = Command::new("openssl")
-        .args(["s_client", "-connect"])
+    let mut child = Command::new("timeout")
+        .args(["5", "openssl", "s_client", "-ign_eof", "-connect"])
         .arg(format!("127.0.0.1:{port}"))
         .args(extra)
         .stdin(Stdio::piped())
@@ -99,7 +101,10 @@ fn s_client(port: u16, extra: &[&std::ffi::OsStr]) -> Option<String> {
         .ok()?;
     if let Some(mut stdin) = child.stdin.take() {
         use std::io::Write;
-        let _ = stdin.write_all(b"\n");
+        let _ = write!(
+            stdin,
+            "GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n"
+        );
     }
     let out = child.wait_with_output().ok()?;
     Some(format!(
