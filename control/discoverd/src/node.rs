@@ -118,15 +118,21 @@ impl Node {
         self.raft.is_leader()
     }
 
-    /// Voter addresses of the current membership, or the configured peers before there
-    /// is one.
+    /// Voter addresses of the membership this node knows, or the configured peers before
+    /// there is one. Of a joint membership only the last (incoming) config counts: a
+    /// node being removed never sees the final uniform config (openraft stops
+    /// replicating to it as soon as the leader has it), so it would otherwise go on
+    /// believing it is a peer.
     pub fn peer_addrs(&self) -> Vec<String> {
         let m = self.raft.metrics();
         let m = m.borrow_watched();
         let mem = m.membership_config.membership();
         let voters: Vec<String> = mem
-            .voter_ids()
-            .filter_map(|id| mem.get_node(&id).map(|n| n.addr.clone()))
+            .get_joint_config()
+            .last()
+            .into_iter()
+            .flatten()
+            .filter_map(|id| mem.get_node(id).map(|n| n.addr.clone()))
             .collect();
         if voters.is_empty() {
             self.peers.clone()
@@ -180,10 +186,29 @@ impl Node {
     }
 }
 
+/// Tracks when this node leads (for expiry), and keeps a node that is not a voter of
+/// the membership it is heading to from campaigning: a removed or demoted node is never
+/// told about its removal and would otherwise stand for election forever. Re-adding it
+/// (promote) lets it campaign again.
 async fn track_leadership(node: Arc<Node>) {
     let mut rx = node.raft.metrics();
+    let mut electable = true;
     loop {
-        let leading = rx.borrow_and_update().state == ServerState::Leader;
+        let (leading, voter) = {
+            let m = rx.borrow_and_update();
+            let mem = m.membership_config.membership();
+            let joint = mem.get_joint_config();
+            // No membership yet (a fresh proxy) leaves the setting alone.
+            let voter = joint
+                .last()
+                .is_none_or(|c| c.is_empty() || c.contains(&node.id));
+            (m.state == ServerState::Leader, voter)
+        };
+        if voter != electable {
+            electable = voter;
+            tracing::info!(host = %node.host, voter, "raft membership changed");
+            node.raft.runtime_config().elect(voter);
+        }
         {
             let mut l = lock(&node.leader);
             match (leading, l.since.is_some()) {

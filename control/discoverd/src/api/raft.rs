@@ -223,9 +223,14 @@ async fn demote(State(node): State<Arc<Node>>) -> Response {
     ask_leader(&node, reqwest::Method::DELETE).await
 }
 
-/// Stops serving: answers 503 from now on; returns the last index for a successor.
+/// Stops serving: answers 503 from now on and closes the store (Raft stops, so a
+/// leader hands over to the remaining peers); returns the last log index for a
+/// successor to catch up to.
 pub async fn shutdown(State(node): State<Arc<Node>>) -> Response {
     node.shutting_down.store(true, Ordering::Relaxed);
+    if let Err(e) = node.raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown");
+    }
     let last = node.log.last_index();
     Json(json!({ "last_index": last })).into_response()
 }

@@ -2,7 +2,8 @@
 //! failover after SIGKILL with no acknowledged write lost, full restart from disk, a
 //! crash in the middle of concurrent writes, network partitions (test-only fault
 //! injection), a linearizability check of metadata CAS histories under faults, and no
-//! early expiry across a leader change.
+//! early expiry across a leader change; proxy nodes, membership changes through the
+//! `/raft/peers`, promote and demote endpoints, and `POST /shutdown`.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -10,7 +11,9 @@ mod support;
 mod expiry;
 mod lincheck;
 mod linearizability;
+mod membership;
 mod partition;
+mod shutdown;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -19,8 +22,9 @@ use std::time::Duration;
 use support::*;
 
 pub(crate) struct Cluster {
-    _dir: tempfile::TempDir,
+    // Declared first so the processes are killed before their data directory goes.
     pub(crate) nodes: Vec<Discoverd>,
+    _dir: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -30,17 +34,27 @@ impl Cluster {
 
     /// Three peers with instance TTL `ttl` and test-only fault injection enabled.
     pub(crate) fn start_with(ttl: &str) -> Cluster {
+        Cluster::start_nodes(ttl, 3, 0)
+    }
+
+    /// `peers` Raft peers on 127.0.0.1.. and then `proxies` nodes on the next addresses
+    /// that are started with the same `--peers` list (so without themselves: proxies).
+    /// All share one probed port.
+    pub(crate) fn start_nodes(ttl: &str, peers: usize, proxies: usize) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        let ips: Vec<String> = (1..=peers + proxies)
+            .map(|i| format!("127.0.0.{i}"))
+            .collect();
         let port = (0..20)
             .map(|_| free_port("127.0.0.1"))
             .find(|p| {
-                ["127.0.0.2", "127.0.0.3"]
+                ips[1..]
                     .iter()
-                    .all(|ip| std::net::TcpListener::bind((*ip, *p)).is_ok())
+                    .all(|ip| std::net::TcpListener::bind((ip.as_str(), *p)).is_ok())
             })
-            .expect("a port free on all three addresses");
-        let addrs: Vec<String> = (1..=3).map(|i| format!("127.0.0.{i}:{port}")).collect();
-        let peers = addrs.join(",");
+            .expect("a port free on every address");
+        let addrs: Vec<String> = ips.iter().map(|ip| format!("{ip}:{port}")).collect();
+        let peer_list = addrs[..peers].join(",");
         let nodes = addrs
             .iter()
             .enumerate()
@@ -53,7 +67,7 @@ impl Cluster {
                         "--host".into(),
                         a.clone(),
                         "--peers".into(),
-                        peers.clone(),
+                        peer_list.clone(),
                         "--instance-ttl".into(),
                         ttl.into(),
                         "--enable-fault-injection".into(),
