@@ -235,6 +235,7 @@ async fn sweep_idle(core: Rc<Core>) {
 async fn accept_http(core: Rc<Core>, listener: TcpListener, info: ListenerInfo) {
     // Readiness, then non-blocking accepts: stopping (for a handover) drops only a
     // readiness wait, so no connection the kernel handed us can be lost on the way.
+    // (A cancellable io_uring accept measured ~2x costlier per new connection here.)
     let fd = listener.as_raw_fd();
     loop {
         monoio::select! {
@@ -257,24 +258,41 @@ async fn accept_http(core: Rc<Core>, listener: TcpListener, info: ListenerInfo) 
                     break;
                 }
             };
-            let m = core.metrics();
-            if core.conns.get() >= core.settings().max_conns_per_core {
-                CoreMetrics::inc(&m.connections_rejected_total);
-                continue;
-            }
             let Ok(stream) = TcpStream::from_std(std_stream) else {
                 continue;
             };
-            CoreMetrics::inc(&m.connections_total);
-            if info.h2c {
-                let _ = stream.set_nodelay(true);
-                monoio::spawn(crate::h2::serve(core.clone(), stream, peer, info));
-            } else if info.tls {
-                monoio::spawn(crate::proxy::serve_tls(core.clone(), stream, peer, info));
-            } else {
-                monoio::spawn(crate::proxy::serve(core.clone(), stream, peer, info));
-            }
+            spawn_conn(&core, stream, peer, info);
         }
+    }
+}
+
+fn spawn_conn(core: &Rc<Core>, stream: TcpStream, peer: std::net::SocketAddr, info: ListenerInfo) {
+    let m = core.metrics();
+    if core.conns.get() >= core.settings().max_conns_per_core {
+        CoreMetrics::inc(&m.connections_rejected_total);
+        return;
+    }
+    CoreMetrics::inc(&m.connections_total);
+    if info.h2c {
+        let _ = stream.set_nodelay(true);
+        monoio::spawn(crate::h2::serve(core.clone(), stream, peer, info));
+    } else if info.tls {
+        monoio::spawn(crate::proxy::serve_tls(core.clone(), stream, peer, info));
+    } else if core.settings().proxy_protocol {
+        monoio::spawn(crate::proxy::serve(core.clone(), stream, peer, info));
+    } else {
+        // The common case spawns the connection loop itself: no wrapper state, so an
+        // idle connection's task stays small.
+        let _ = stream.set_nodelay(true);
+        let fd = stream.as_raw_fd();
+        monoio::spawn(crate::proxy::serve_conn(
+            core.clone(),
+            stream,
+            fd,
+            None,
+            peer,
+            info,
+        ));
     }
 }
 
