@@ -4,58 +4,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flynn_api::ApiError;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Instance {
-    #[serde(default)]
-    pub id: String,
-    #[serde(default)]
-    pub addr: String,
-    #[serde(default)]
-    pub proto: String,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub meta: BTreeMap<String, String>,
-    /// Raft index of the first registration: creation order and leader fencing token.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub index: u64,
-}
-
-fn is_zero(v: &u64) -> bool {
-    *v == 0
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ServiceMeta {
-    #[serde(default)]
-    pub data: serde_json::Value,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub leader_id: Option<String>,
-    #[serde(default)]
-    pub index: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
-    Up,
-    Update,
-    Down,
-    Leader,
-    Current,
-    ServiceMeta,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    pub service: String,
-    pub kind: EventKind,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance: Option<Instance>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service_meta: Option<ServiceMeta>,
-}
+pub use flynn_api::discoverd::{Event, EventKind, Instance, ServiceMeta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

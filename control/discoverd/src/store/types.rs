@@ -1,83 +1,19 @@
 //! The registry's data model (spec §2.2) as it goes over the wire and into the Raft log.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
-/// How a service's leader is chosen.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LeaderType {
-    #[default]
-    Oldest,
-    Manual,
-}
+pub use flynn_api::discoverd::{
+    Event, EventKind, Instance, LeaderType, ServiceConfig, ServiceMeta,
+};
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceConfig {
-    #[serde(default)]
-    pub leader_type: LeaderType,
-}
-
-/// A registered instance. `index` is the Raft index of its first registration and
-/// doubles as the fencing token of a leader.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Instance {
-    #[serde(default)]
-    pub id: String,
-    #[serde(default)]
-    pub addr: String,
-    #[serde(default)]
-    pub proto: String,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub meta: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub index: u64,
-}
-
-fn is_zero(v: &u64) -> bool {
-    *v == 0
-}
-
-impl Instance {
-    /// Same addr, proto and meta: a re-registration that only refreshes the heartbeat.
-    pub fn same_as(&self, other: &Instance) -> bool {
-        self.addr == other.addr && self.proto == other.proto && self.meta == other.meta
-    }
-}
-
-/// Per-service metadata with its compare-and-swap index.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ServiceMeta {
-    #[serde(default)]
-    pub data: serde_json::Value,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub leader_id: Option<String>,
-    #[serde(default)]
-    pub index: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
-    Up,
-    Update,
-    Down,
-    Leader,
-    Current,
-    ServiceMeta,
-}
-
-impl EventKind {
-    const fn bit(self) -> u8 {
-        match self {
-            EventKind::Up => 1,
-            EventKind::Update => 2,
-            EventKind::Down => 4,
-            EventKind::Leader => 8,
-            EventKind::Current => 16,
-            EventKind::ServiceMeta => 32,
-        }
+const fn bit(k: EventKind) -> u8 {
+    match k {
+        EventKind::Up => 1,
+        EventKind::Update => 2,
+        EventKind::Down => 4,
+        EventKind::Leader => 8,
+        EventKind::Current => 16,
+        EventKind::ServiceMeta => 32,
     }
 }
 
@@ -91,18 +27,8 @@ impl Kinds {
     pub const LEADER: Kinds = Kinds(8);
 
     pub fn has(self, k: EventKind) -> bool {
-        self.0 & k.bit() != 0
+        self.0 & bit(k) != 0
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    pub service: String,
-    pub kind: EventKind,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance: Option<Instance>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service_meta: Option<ServiceMeta>,
 }
 
 /// One replicated state-machine command (spec §2.7).
