@@ -295,6 +295,6 @@ fn rsa_and_ecdsa_certificates_side_by_side() {
     assert_eq!(conn.peer_cert(), rsa.der, "the RSA certificate");
     assert_eq!(conn.get("rsa.example.com", "/").seen().backend, "b2");
     // The ECDSA default still serves the other route.
-    let mut conn = tls_connect(&router, "a.example.com", &[&default, &rsa]);
+    let conn = tls_connect(&router, "a.example.com", &[&default, &rsa]);
     assert_eq!(conn.peer_cert(), default.der);
 }
