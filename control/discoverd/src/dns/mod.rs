@@ -31,13 +31,7 @@ struct Handler {
 /// Binds UDP and TCP on `addr` (the same port for both; port 0 picks one) and serves in
 /// the background. Returns the bound address.
 pub async fn serve(addr: SocketAddr, node: Arc<Node>) -> anyhow::Result<SocketAddr> {
-    let udp = tokio::net::UdpSocket::bind(addr)
-        .await
-        .with_context(|| format!("bind dns udp {addr}"))?;
-    let bound = udp.local_addr()?;
-    let tcp = tokio::net::TcpListener::bind(bound)
-        .await
-        .with_context(|| format!("bind dns tcp {bound}"))?;
+    let (udp, tcp, bound) = bind_pair(addr).await?;
     let mut server = Server::new(Handler { node });
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5), 64);
@@ -48,6 +42,28 @@ pub async fn serve(addr: SocketAddr, node: Arc<Node>) -> anyhow::Result<SocketAd
         }
     });
     Ok(bound)
+}
+
+/// Binds a TCP listener and a UDP socket on one port. With port 0 the kernel picks the
+/// TCP port, and the UDP bind on the same number is retried with a fresh pick when that
+/// number is taken (another process may hold it for UDP, or, the other way round, for an
+/// outgoing TCP connection), so an ephemeral-port clash never fails startup.
+async fn bind_pair(
+    addr: SocketAddr,
+) -> anyhow::Result<(tokio::net::UdpSocket, tokio::net::TcpListener, SocketAddr)> {
+    let attempts = if addr.port() == 0 { 32 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind dns tcp {addr}"))?;
+        let bound = tcp.local_addr()?;
+        match tokio::net::UdpSocket::bind(bound).await {
+            Ok(udp) => return Ok((udp, tcp, bound)),
+            Err(e) => last = Some(anyhow::Error::new(e).context(format!("bind dns udp {bound}"))),
+        }
+    }
+    Err(last.expect("at least one attempt"))
 }
 
 fn serial() -> u32 {

@@ -81,7 +81,7 @@ impl Discoverd {
             .stderr(if std::env::var_os("FLYNN_LOG").is_some() {
                 Stdio::inherit()
             } else {
-                Stdio::null()
+                Stdio::piped()
             })
             .spawn()
             .expect("spawn flynn-discoverd");
@@ -94,10 +94,34 @@ impl Discoverd {
             }
             for _ in lines {}
         });
+        // Keep the last lines of stderr so a failed start says why.
+        let tail = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let stderr_done = child.stderr.take().map(|err| {
+            let tail = tail.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(err).lines().map_while(Result::ok) {
+                    let mut t = tail.lock().unwrap();
+                    if t.len() == 20 {
+                        t.remove(0);
+                    }
+                    t.push(l);
+                }
+            })
+        });
         self.child = Some(child);
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("discoverd did not print its listening line");
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => l,
+            Err(e) => {
+                self.kill();
+                if let Some(h) = stderr_done {
+                    let _ = h.join();
+                }
+                panic!(
+                    "discoverd did not print its listening line ({e}); its stderr ended with:\n{}",
+                    tail.lock().unwrap().join("\n")
+                );
+            }
+        };
         let addr = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("http="))
