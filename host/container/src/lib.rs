@@ -1,0 +1,1 @@
+//! Job containers for flynn-host.
