@@ -1,0 +1,1 @@
+//! flynn-host: the per-machine daemon that runs Flynn jobs (spec §5).
