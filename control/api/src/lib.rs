@@ -5,6 +5,7 @@
 //! both the data plane (router, log aggregator) and the control plane may use it.
 
 pub mod discoverd;
+pub mod host;
 mod error;
 mod route;
 mod status;

@@ -7,3 +7,4 @@
 //! depend on the discoverd binary crate.
 
 pub mod discoverd;
+pub mod host;

@@ -1,0 +1,399 @@
+//! flynn-host's job API wire types (spec §5.2).
+//!
+//! A job names its image as `mountspecs`: content-addressed layer tarballs (`type: "tar"`,
+//! `url` a `file://` path, `hashes.sha256`), stacked bottom first. `ActiveJob.status` is a
+//! number on the wire as in Flynn (0 starting, 1 running, 2 done, 3 crashed, 4 failed).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A job as submitted with `PUT /host/jobs/:id`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    #[serde(default)]
+    pub id: String,
+    /// Image layers, bottom first.
+    #[serde(default)]
+    pub mountspecs: Vec<MountSpec>,
+    /// Free-form metadata; `flynn-controller.app`, `flynn-controller.app_name`,
+    /// `flynn-controller.release` and `flynn-controller.type` name the app, release and
+    /// process type when the `FLYNN_*` env variables are not given.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    #[serde(default)]
+    pub config: ContainerConfig,
+    #[serde(default)]
+    pub resurrect: bool,
+}
+
+impl Job {
+    /// The app id: `FLYNN_APP_ID` env, else `flynn-controller.app` metadata.
+    pub fn app_id(&self) -> Option<&str> {
+        self.config
+            .env
+            .get("FLYNN_APP_ID")
+            .or_else(|| self.metadata.get("flynn-controller.app"))
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+    }
+
+    /// The process type: `FLYNN_PROCESS_TYPE` env, else `flynn-controller.type`.
+    pub fn process_type(&self) -> Option<&str> {
+        self.config
+            .env
+            .get("FLYNN_PROCESS_TYPE")
+            .or_else(|| self.metadata.get("flynn-controller.type"))
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+    }
+}
+
+/// One image layer.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountSpec {
+    /// `tar` (an uncompressed or gzipped layer tarball).
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    /// `file:///path/to/layer.tar`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// `{"sha256": "<hex>"}`: the layer's content address, checked on import.
+    #[serde(default)]
+    pub hashes: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, String>,
+}
+
+/// A resource limit (`limit`) and the amount asked for scheduling (`request`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<i64>,
+}
+
+/// Resource limits enforced with cgroups and rlimits (spec §5.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Spec>,
+    /// Milli-CPUs (1000 = one core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Spec>,
+    /// Open file descriptors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_fd: Option<Spec>,
+    /// Processes (pids cgroup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_procs: Option<Spec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerConfig {
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+    #[serde(default)]
+    pub ports: Vec<Port>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub working_dir: String,
+    /// Run in the host's network namespace (no IP, no veth).
+    #[serde(default)]
+    pub host_network: bool,
+    /// Do not ship the job's output to the log aggregator.
+    #[serde(default)]
+    pub disable_log: bool,
+    /// Seconds between SIGTERM and SIGKILL when the job is stopped (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_timeout: Option<u64>,
+}
+
+/// A bind mount from the host into the container.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    /// Path on the host.
+    pub location: String,
+    /// Path in the container.
+    pub target: String,
+    #[serde(default)]
+    pub writeable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Port {
+    /// 0 means "assign 5000 + index" (spec §0.4).
+    #[serde(default)]
+    pub port: u16,
+    /// `tcp` or `udp`.
+    #[serde(default = "tcp")]
+    pub proto: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<Service>,
+}
+
+fn tcp() -> String {
+    "tcp".into()
+}
+
+/// Register the job's `IP:PORT` in discoverd under `name` while it runs.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    /// Create the service in discoverd first.
+    #[serde(default)]
+    pub create: bool,
+}
+
+/// Job status; a number on the wire (spec §5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum JobStatus {
+    #[default]
+    Starting,
+    Running,
+    /// Exited 0, or stopped on request.
+    Done,
+    /// Exited non-zero (or by a signal) without being asked to stop.
+    Crashed,
+    /// Could not be started; `error` says why.
+    Failed,
+}
+
+impl JobStatus {
+    pub const fn code(self) -> u8 {
+        match self {
+            JobStatus::Starting => 0,
+            JobStatus::Running => 1,
+            JobStatus::Done => 2,
+            JobStatus::Crashed => 3,
+            JobStatus::Failed => 4,
+        }
+    }
+
+    pub const fn from_code(c: u8) -> Option<JobStatus> {
+        Some(match c {
+            0 => JobStatus::Starting,
+            1 => JobStatus::Running,
+            2 => JobStatus::Done,
+            3 => JobStatus::Crashed,
+            4 => JobStatus::Failed,
+            _ => return None,
+        })
+    }
+
+    /// Done, crashed or failed: the job will not run again.
+    pub const fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Done | JobStatus::Crashed | JobStatus::Failed
+        )
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Starting => "starting",
+            JobStatus::Running => "running",
+            JobStatus::Done => "done",
+            JobStatus::Crashed => "crashed",
+            JobStatus::Failed => "failed",
+        }
+    }
+}
+
+impl Serialize for JobStatus {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(self.code())
+    }
+}
+
+impl<'de> Deserialize<'de> for JobStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let c = u8::deserialize(d)?;
+        JobStatus::from_code(c)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown job status {c}")))
+    }
+}
+
+/// A job as the host tracks it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ActiveJob {
+    pub job: Job,
+    pub host_id: String,
+    /// The container's IP (empty with `host_network`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub internal_ip: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub force_stop: bool,
+    pub status: JobStatus,
+    /// RFC 3339 times.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub started_at: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ended_at: String,
+    /// Exit code; 128 + signal when killed by a signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    /// The terminating signal, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    #[serde(default)]
+    pub oom_killed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Create,
+    Start,
+    Stop,
+    Error,
+    Cleanup,
+}
+
+/// One job event (SSE on `GET /host/jobs` and `GET /host/jobs/:id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub event: EventKind,
+    pub job_id: String,
+    pub job: ActiveJob,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct DiscoverdInfo {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    /// The host's job block, e.g. `100.100.0.0/24`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subnet: String,
+    #[serde(default)]
+    pub mtu: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub bridge: String,
+}
+
+/// Log shipping counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LogStats {
+    /// Lines accepted from jobs.
+    pub lines: u64,
+    /// Lines written to the aggregator.
+    pub shipped: u64,
+    /// Lines dropped because the buffer was full while the aggregator was unreachable.
+    pub dropped: u64,
+    /// Lines waiting in the buffer now.
+    pub buffered: u64,
+    pub connected: bool,
+}
+
+/// `GET /host/status`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub id: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    pub pid: u32,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discoverd: Option<DiscoverdInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkInfo>,
+    pub version: String,
+    #[serde(default)]
+    pub log: LogStats,
+    /// Jobs by status name.
+    #[serde(default)]
+    pub jobs: BTreeMap<String, u64>,
+}
+
+/// A port asked for by `POST /host/resource-check`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CheckPort {
+    pub port: u16,
+    #[serde(default = "tcp")]
+    pub proto: String,
+}
+
+/// `POST /host/resource-check` body; 409 conflict with `detail.ports` when any is in use.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceCheck {
+    #[serde(default)]
+    pub ports: Vec<CheckPort>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_is_a_number() {
+        for c in 0..=4u8 {
+            let s = JobStatus::from_code(c).unwrap();
+            assert_eq!(serde_json::to_string(&s).unwrap(), c.to_string());
+            let back: JobStatus = serde_json::from_str(&c.to_string()).unwrap();
+            assert_eq!(back, s);
+        }
+        assert!(serde_json::from_str::<JobStatus>("5").is_err());
+    }
+
+    #[test]
+    fn job_round_trip_and_defaults() {
+        let j: Job = serde_json::from_str(
+            r#"{"id":"h-1","mountspecs":[{"type":"tar","url":"file:///l.tar","hashes":{"sha256":"ab"}}],
+                "config":{"args":["sh"],"ports":[{"port":0,"service":{"name":"web"}}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(j.config.ports[0].proto, "tcp");
+        assert_eq!(j.config.ports[0].service.as_ref().unwrap().name, "web");
+        let back: Job = serde_json::from_value(serde_json::to_value(&j).unwrap()).unwrap();
+        assert_eq!(back, j);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        assert!(serde_json::from_str::<Job>(r#"{"id":"x","nope":1}"#).is_err());
+        assert!(serde_json::from_str::<Job>(r#"{"config":{"argz":[]}}"#).is_err());
+    }
+
+    #[test]
+    fn app_and_type_from_env_or_metadata() {
+        let mut j = Job::default();
+        j.metadata
+            .insert("flynn-controller.app".into(), "meta-app".into());
+        assert_eq!(j.app_id(), Some("meta-app"));
+        j.config.env.insert("FLYNN_APP_ID".into(), "env-app".into());
+        assert_eq!(j.app_id(), Some("env-app"));
+        assert_eq!(j.process_type(), None);
+    }
+}

@@ -1,0 +1,219 @@
+//! The flynn-host job API client (spec §5.3).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flynn_api::ApiError;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+pub use flynn_api::host::{
+    ActiveJob, CheckPort, ContainerConfig, Event, EventKind, HostStatus, Job, JobStatus, Mount,
+    MountSpec, Port, ResourceCheck, Resources, Service, Spec,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Api(ApiError),
+    #[error("host request failed")]
+    Http(#[source] reqwest::Error),
+    #[error("host answered {status}")]
+    Status { status: u16 },
+}
+
+impl Error {
+    /// The API error, when the server sent an envelope.
+    pub fn api(&self) -> Option<&ApiError> {
+        match self {
+            Error::Api(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// A client for one host's job API, e.g. `http://127.0.0.1:1113`.
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(url: &str) -> Client {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap_or_default();
+        Client {
+            base: url.trim_end_matches('/').to_string(),
+            http,
+        }
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<reqwest::Response, Error> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(30));
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let resp = req.send().await.map_err(Error::Http)?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(Error::Http)?;
+        match serde_json::from_slice::<ApiError>(&bytes) {
+            Ok(e) => Err(Error::Api(e)),
+            Err(_) => Err(Error::Status { status }),
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, Error> {
+        self.send(method, path, body)
+            .await?
+            .json()
+            .await
+            .map_err(Error::Http)
+    }
+
+    /// `PUT /host/jobs/:id`: accepted; the job starts asynchronously.
+    pub async fn add_job(&self, job: &Job) -> Result<(), Error> {
+        let body = serde_json::to_vec(job).unwrap_or_default();
+        self.send(
+            reqwest::Method::PUT,
+            &format!("/host/jobs/{}", job.id),
+            Some(body),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn get_job(&self, id: &str) -> Result<ActiveJob, Error> {
+        self.json(reqwest::Method::GET, &format!("/host/jobs/{id}"), None)
+            .await
+    }
+
+    /// Every job the host knows (`active` = only starting and running ones).
+    pub async fn list_jobs(&self, active: bool) -> Result<BTreeMap<String, ActiveJob>, Error> {
+        let q = if active { "?active=true" } else { "" };
+        self.json(reqwest::Method::GET, &format!("/host/jobs{q}"), None)
+            .await
+    }
+
+    /// `DELETE /host/jobs/:id`: SIGTERM, then SIGKILL after the job's stop timeout.
+    pub async fn stop_job(&self, id: &str) -> Result<(), Error> {
+        self.send(reqwest::Method::DELETE, &format!("/host/jobs/{id}"), None)
+            .await
+            .map(drop)
+    }
+
+    pub async fn signal(&self, id: &str, signal: i32) -> Result<(), Error> {
+        self.send(
+            reqwest::Method::PUT,
+            &format!("/host/jobs/{id}/signal/{signal}"),
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Stops the job's discoverd heartbeats (its instances are removed).
+    pub async fn discoverd_deregister(&self, id: &str) -> Result<(), Error> {
+        self.send(
+            reqwest::Method::PUT,
+            &format!("/host/jobs/{id}/discoverd-deregister"),
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn status(&self) -> Result<HostStatus, Error> {
+        self.json(reqwest::Method::GET, "/host/status", None).await
+    }
+
+    /// 409 conflict with `detail.ports` when a port is in use.
+    pub async fn resource_check(&self, check: &ResourceCheck) -> Result<(), Error> {
+        let body = serde_json::to_vec(check).unwrap_or_default();
+        self.send(reqwest::Method::POST, "/host/resource-check", Some(body))
+            .await
+            .map(drop)
+    }
+
+    /// Replaces the host's tags.
+    pub async fn set_tags(&self, tags: &BTreeMap<String, String>) -> Result<(), Error> {
+        let body = serde_json::to_vec(tags).unwrap_or_default();
+        self.send(reqwest::Method::POST, "/host/tags", Some(body))
+            .await
+            .map(drop)
+    }
+
+    /// Job events (SSE) for one job (`Some(id)`) or all jobs. The stream ends when the
+    /// connection does; the receiver then yields `None`.
+    pub async fn events(&self, job: Option<&str>) -> Result<mpsc::Receiver<Event>, Error> {
+        let path = match job {
+            Some(id) => format!("/host/jobs/{id}"),
+            None => "/host/jobs".to_string(),
+        };
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .map_err(Error::Http)?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let bytes = resp.bytes().await.map_err(Error::Http)?;
+            return Err(match serde_json::from_slice::<ApiError>(&bytes) {
+                Ok(e) => Error::Api(e),
+                Err(_) => Error::Status { status },
+            });
+        }
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(read_events(resp, tx));
+        Ok(rx)
+    }
+}
+
+async fn read_events(mut r: reqwest::Response, tx: mpsc::Sender<Event>) {
+    let mut buf = String::new();
+    while let Ok(Some(chunk)) = r.chunk().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(i) = buf.find("\n\n") {
+            let item: String = buf.drain(..i + 2).collect();
+            if item.lines().any(|l| l.starts_with("event: error")) {
+                return;
+            }
+            let data: String = item
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect::<Vec<_>>()
+                .join("\n");
+            if data.is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<Event>(&data) {
+                Ok(ev) => {
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "undecodable host event"),
+            }
+        }
+    }
+}
