@@ -31,6 +31,12 @@ pub struct Config {
     #[arg(long, env = "FLYNN_DNS_ADDR")]
     pub dns_addr: Option<SocketAddr>,
 
+    /// Comma-separated upstream DNS servers (`ip` or `ip:port`, port 53 by default) that
+    /// names outside `discoverd.` are forwarded to, in order; none → such names are
+    /// REFUSED.
+    #[arg(long, env = "FLYNN_RECURSORS", value_delimiter = ',', value_parser = parse_recursor)]
+    pub recursors: Vec<SocketAddr>,
+
     /// Instance TTL without heartbeats (spec: 10s). Expiry waits 2×TTL after a leader
     /// change.
     #[arg(long, env = "FLYNN_INSTANCE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -44,6 +50,16 @@ pub struct Config {
     /// and from the listed peers (see `fault`). Never set in production.
     #[arg(long, env = "FLYNN_ENABLE_FAULT_INJECTION")]
     pub enable_fault_injection: bool,
+}
+
+fn parse_recursor(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| format!("bad recursor {s:?}: expected ip or ip:port"))
 }
 
 impl Config {
@@ -91,5 +107,20 @@ mod tests {
         c.validate().unwrap();
         let bad = Config::try_parse_from(["d", "--data-dir", "x", "--peers", "nope"]).unwrap();
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn recursors_default_to_port_53() {
+        let c = Config::try_parse_from([
+            "d",
+            "--data-dir",
+            "x",
+            "--recursors",
+            "8.8.8.8,127.0.0.1:5300,[::1]:54",
+        ])
+        .unwrap();
+        let got: Vec<String> = c.recursors.iter().map(|a| a.to_string()).collect();
+        assert_eq!(got, ["8.8.8.8:53", "127.0.0.1:5300", "[::1]:54"]);
+        assert!(Config::try_parse_from(["d", "--data-dir", "x", "--recursors", "nope"]).is_err());
     }
 }

@@ -41,7 +41,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     let node = Node::start(cfg, addr).await?;
     let dns = match cfg.dns_addr {
-        Some(a) => Some(dns::serve(a, node.clone()).await?),
+        Some(a) => Some(dns::serve(a, node.clone(), cfg.recursors.clone()).await?),
         None => None,
     };
     let app = api::router(node.clone());

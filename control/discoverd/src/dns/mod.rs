@@ -2,9 +2,10 @@
 //! TCP on `--dns-addr`: `<svc>.discoverd` (instances), `_<svc>._<proto>.discoverd`
 //! (SRV), `<id>.<svc>._i.discoverd` (one instance), `leader.<svc>.discoverd`.
 //! Answers are authoritative with TTL 0, read from this node's applied state; an empty
-//! answer carries the zone's SOA. Recursion is off: names outside the zone are REFUSED
-//! (forwarding to `--recursors` is not implemented yet).
+//! answer carries the zone's SOA. Names outside the zone are forwarded to `--recursors`
+//! ([`forward`]; SERVFAIL when all fail) or, with none configured, REFUSED.
 
+mod forward;
 mod zone;
 
 pub use zone::{lookup, soa, Lookup, UDP_INSTANCE_LIMIT};
@@ -26,13 +27,18 @@ use crate::node::Node;
 
 struct Handler {
     node: Arc<Node>,
+    recursors: Vec<SocketAddr>,
 }
 
 /// Binds UDP and TCP on `addr` (the same port for both; port 0 picks one) and serves in
 /// the background. Returns the bound address.
-pub async fn serve(addr: SocketAddr, node: Arc<Node>) -> anyhow::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    node: Arc<Node>,
+    recursors: Vec<SocketAddr>,
+) -> anyhow::Result<SocketAddr> {
     let (udp, tcp, bound) = bind_pair(addr).await?;
-    let mut server = Server::new(Handler { node });
+    let mut server = Server::new(Handler { node, recursors });
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5), 64);
     // The server's tasks live as long as it does.
@@ -94,10 +100,29 @@ impl RequestHandler for Handler {
                     lookup(&st.registry, q.name(), q.query_type(), tcp)
                 };
                 match found {
-                    Lookup::NotOurs => {
+                    Lookup::NotOurs if self.recursors.is_empty() => {
                         let msg = builder.error_msg(&request.metadata, ResponseCode::Refused);
                         response.send_response(msg).await
                     }
+                    Lookup::NotOurs => match forward::forward(&self.recursors, q, tcp).await {
+                        Some(m) => {
+                            meta.response_code = m.metadata.response_code;
+                            meta.recursion_available = true;
+                            meta.authoritative = false;
+                            let msg = builder.build(
+                                meta,
+                                m.answers.iter(),
+                                m.authorities.iter(),
+                                std::iter::empty(),
+                                m.additionals.iter(),
+                            );
+                            response.send_response(msg).await
+                        }
+                        None => {
+                            let msg = builder.error_msg(&request.metadata, ResponseCode::ServFail);
+                            response.send_response(msg).await
+                        }
+                    },
                     Lookup::Answer {
                         code,
                         answers,

@@ -216,3 +216,183 @@ async fn dns_answers_the_discoverd_zone_over_udp_and_tcp() {
         vec![v4("10.0.0.1"), v4("10.0.0.2"), v4("10.0.0.4")]
     );
 }
+
+/// A stand-in upstream resolver on 127.0.0.1 (UDP and TCP on one port) that answers any
+/// A query with `n` records under the queried name, so a large answer relies on name
+/// compression; counts the queries it saw per transport.
+struct Upstream {
+    addr: String,
+    udp_seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tcp_seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn upstream_answer(q: &Message, n: u8) -> Vec<u8> {
+    use hickory_server::proto::rr::Record;
+    let mut m = Message::response(q.metadata.id, q.metadata.op_code);
+    m.metadata.recursion_available = true;
+    m.metadata.recursion_desired = q.metadata.recursion_desired;
+    let query = q.queries[0].clone();
+    for i in 0..n {
+        m.answers.push(Record::from_rdata(
+            query.name().clone(),
+            60,
+            RData::A(hickory_server::proto::rr::rdata::A(Ipv4Addr::new(
+                192, 0, 2, i,
+            ))),
+        ));
+    }
+    m.add_query(query);
+    m.to_vec().unwrap()
+}
+
+async fn upstream(n: u8) -> Upstream {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let udp = tokio::net::UdpSocket::bind(addr).await.unwrap();
+    let udp_seen = Arc::new(AtomicUsize::new(0));
+    let tcp_seen = Arc::new(AtomicUsize::new(0));
+    let (us, ts) = (udp_seen.clone(), tcp_seen.clone());
+    let u = tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((len, from)) = udp.recv_from(&mut buf).await {
+            us.fetch_add(1, Ordering::SeqCst);
+            let q = Message::from_vec(&buf[..len]).unwrap();
+            let mut a = upstream_answer(&q, n);
+            if a.len() > 512 {
+                // What a real server does without EDNS: header + question only, TC set.
+                let mut t = Message::response(q.metadata.id, q.metadata.op_code);
+                t.metadata.truncation = true;
+                t.add_query(q.queries[0].clone());
+                a = t.to_vec().unwrap();
+            }
+            let _ = udp.send_to(&a, from).await;
+        }
+    });
+    let t = tokio::spawn(async move {
+        while let Ok((mut s, _)) = tcp.accept().await {
+            ts.fetch_add(1, Ordering::SeqCst);
+            let mut len = [0u8; 2];
+            if s.read_exact(&mut len).await.is_err() {
+                continue;
+            }
+            let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+            if s.read_exact(&mut q).await.is_err() {
+                continue;
+            }
+            let a = upstream_answer(&Message::from_vec(&q).unwrap(), n);
+            let _ = s.write_all(&(a.len() as u16).to_be_bytes()).await;
+            let _ = s.write_all(&a).await;
+        }
+    });
+    Upstream {
+        addr: addr.to_string(),
+        udp_seen,
+        tcp_seen,
+        tasks: vec![u, t],
+    }
+}
+
+/// A local port with nothing behind it (UDP answers with ICMP port unreachable, TCP with
+/// RST), so a recursor there fails fast.
+fn dead_addr() -> String {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().to_string()
+}
+
+fn start_with_recursors(recursors: &str) -> (tempfile::TempDir, Discoverd) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Discoverd::spawn(
+        dir.path(),
+        vec![
+            "--addr".into(),
+            "127.0.0.1:0".into(),
+            "--dns-addr".into(),
+            "127.0.0.1:0".into(),
+            "--recursors".into(),
+            recursors.into(),
+        ],
+    );
+    (dir, d)
+}
+
+#[tokio::test]
+async fn names_outside_the_zone_are_forwarded_to_recursors_in_order() {
+    use std::sync::atomic::Ordering;
+    let v4 = |s: &str| IpAddr::V4(s.parse::<Ipv4Addr>().unwrap());
+    let small = upstream(2).await;
+    // The first recursor is dead: forwarding moves on to the next one.
+    let (_dir, d) = start_with_recursors(&format!("{},{}", dead_addr(), small.addr));
+    let dns = d.dns.clone().unwrap();
+
+    let m = udp(&dns, "example.com.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.metadata.recursion_available);
+    assert!(!m.metadata.authoritative);
+    assert_eq!(ips(&m), vec![v4("192.0.2.0"), v4("192.0.2.1")]);
+    assert_eq!(m.queries[0].name().to_ascii(), "example.com.");
+    // A UDP query went upstream over UDP, a TCP query over TCP.
+    assert_eq!(small.udp_seen.load(Ordering::SeqCst), 1);
+    assert_eq!(small.tcp_seen.load(Ordering::SeqCst), 0);
+    let m = tcp(&dns, "Example.COM.", RecordType::A).await;
+    assert_eq!(ips(&m).len(), 2);
+    assert_eq!(small.tcp_seen.load(Ordering::SeqCst), 1);
+
+    // Our own zone is still answered locally, not forwarded.
+    let m = udp(&dns, "nosuch.discoverd.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(small.udp_seen.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn long_compressed_upstream_answers_come_through_tcp_whole() {
+    // 60 A records: ~1 KiB with name compression, far over 512 bytes without it.
+    let big = upstream(60).await;
+    let (_dir, d) = start_with_recursors(&big.addr);
+    let dns = d.dns.clone().unwrap();
+    let m = tcp(
+        &dns,
+        "a-rather-long-label.under.example.org.",
+        RecordType::A,
+    )
+    .await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(ips(&m).len(), 60);
+    assert!(m
+        .answers
+        .iter()
+        .all(|r| r.name.to_ascii() == "a-rather-long-label.under.example.org."));
+    // Over UDP the upstream truncates; discoverd retries upstream over TCP and hands the
+    // client whatever fits, flagged truncated when it does not.
+    let m = udp(
+        &dns,
+        "a-rather-long-label.under.example.org.",
+        RecordType::A,
+    )
+    .await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(
+        m.metadata.truncation || ips(&m).len() == 60,
+        "a partial UDP answer must be flagged truncated: {m:?}"
+    );
+}
+
+#[tokio::test]
+async fn servfail_when_every_recursor_is_down() {
+    let (_dir, d) = start_with_recursors(&format!("{},{}", dead_addr(), dead_addr()));
+    let dns = d.dns.clone().unwrap();
+    let m = udp(&dns, "example.com.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    let m = tcp(&dns, "example.com.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+}
