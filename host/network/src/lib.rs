@@ -14,6 +14,7 @@
 //! [`FakeNetlink`] records calls for tests.
 
 mod fake;
+pub mod job;
 mod kernel;
 mod lease;
 mod reconcile;

@@ -1,0 +1,279 @@
+//! [`IpAllocator`]: addresses for jobs out of the host's block, persisted so a restarted host never
+//! hands out an address a surviving job still uses.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::JobNetError;
+use crate::subnet::Subnet;
+
+/// On-disk form: the block, who holds which address, and where the next search starts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+struct State {
+    block: String,
+    /// Owner (job id) → address.
+    owners: BTreeMap<String, Ipv4Addr>,
+    /// Offset in the block where the next search starts: addresses are handed out round-robin so a
+    /// released address is not reused at once (peers may still have it in their ARP caches).
+    next: u32,
+}
+
+/// Hands out addresses of one block to owners (job ids), one address per owner.
+///
+/// The network address, the broadcast address, the block's first host address (the bridge
+/// gateway) and the `reserved` addresses are never handed out. Every change is written to the file
+/// (temporary file, fsync, rename, directory fsync) before it is returned, so after a crash or
+/// restart the file lists every address that may be in use.
+#[derive(Debug)]
+pub struct IpAllocator {
+    path: PathBuf,
+    block: Subnet,
+    reserved: Vec<Ipv4Addr>,
+    state: State,
+}
+
+impl IpAllocator {
+    /// Opens (or creates) the allocation file at `path` for `block`. An existing file for another
+    /// block, or one that cannot be parsed, is an error and is left untouched.
+    pub fn open(
+        path: &Path,
+        block: Subnet,
+        reserved: &[Ipv4Addr],
+    ) -> Result<IpAllocator, JobNetError> {
+        let state = match fs::read(path) {
+            Ok(bytes) => {
+                let state: State =
+                    serde_json::from_slice(&bytes).map_err(|source| JobNetError::Corrupt {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                if state.block != block.to_string() {
+                    return Err(JobNetError::BlockChanged {
+                        path: path.to_path_buf(),
+                        stored: state.block,
+                        block,
+                    });
+                }
+                if let Some((owner, ip)) = state.owners.iter().find(|(_, ip)| !block.contains(**ip))
+                {
+                    return Err(JobNetError::Corrupt {
+                        path: path.to_path_buf(),
+                        source: serde::de::Error::custom(format!(
+                            "{owner} holds {ip}, outside {block}"
+                        )),
+                    });
+                }
+                state
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State {
+                block: block.to_string(),
+                owners: BTreeMap::new(),
+                next: 0,
+            },
+            Err(source) => {
+                return Err(JobNetError::Io {
+                    op: "read allocation file",
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let alloc = IpAllocator {
+            path: path.to_path_buf(),
+            block,
+            reserved: reserved.to_vec(),
+            state,
+        };
+        alloc.persist()?;
+        Ok(alloc)
+    }
+
+    /// The address of `owner`, allocating one if it has none. Fails with
+    /// [`JobNetError::Exhausted`] when every usable address is taken.
+    pub fn allocate(&mut self, owner: &str) -> Result<Ipv4Addr, JobNetError> {
+        if let Some(ip) = self.get(owner) {
+            return Ok(ip);
+        }
+        let size = u32::try_from(self.block.size()).unwrap_or(u32::MAX);
+        let used: std::collections::BTreeSet<Ipv4Addr> =
+            self.state.owners.values().copied().collect();
+        let start = self.state.next % size.max(1);
+        let found = (0..size)
+            .map(|i| (start + i) % size)
+            .find(|&off| {
+                let ip = self.block.nth(off).expect("offset inside block");
+                self.usable(off, size, ip) && !used.contains(&ip)
+            })
+            .ok_or(JobNetError::Exhausted { block: self.block })?;
+        let ip = self.block.nth(found).expect("offset inside block");
+        let mut next = self.state.clone();
+        next.owners.insert(owner.to_string(), ip);
+        next.next = (found + 1) % size;
+        self.commit(next)?;
+        Ok(ip)
+    }
+
+    /// Frees `owner`'s address; releasing an owner without one succeeds.
+    pub fn release(&mut self, owner: &str) -> Result<(), JobNetError> {
+        if !self.state.owners.contains_key(owner) {
+            return Ok(());
+        }
+        let mut next = self.state.clone();
+        next.owners.remove(owner);
+        self.commit(next)
+    }
+
+    /// The address `owner` holds.
+    pub fn get(&self, owner: &str) -> Option<Ipv4Addr> {
+        self.state.owners.get(owner).copied()
+    }
+
+    /// Every (owner, address) pair, ordered by owner.
+    pub fn allocations(&self) -> impl Iterator<Item = (&str, Ipv4Addr)> {
+        self.state.owners.iter().map(|(o, ip)| (o.as_str(), *ip))
+    }
+
+    pub fn block(&self) -> Subnet {
+        self.block
+    }
+
+    fn usable(&self, off: u32, size: u32, ip: Ipv4Addr) -> bool {
+        // Blocks of one or two addresses (/31, /32) have no network/broadcast/gateway.
+        let special = size > 2 && (off == 0 || off == 1 || off == size - 1);
+        !special && !self.reserved.contains(&ip)
+    }
+
+    /// Writes `next` to disk, then adopts it (memory never runs ahead of the file).
+    fn commit(&mut self, next: State) -> Result<(), JobNetError> {
+        write_atomic(&self.path, &next)?;
+        self.state = next;
+        Ok(())
+    }
+
+    fn persist(&self) -> Result<(), JobNetError> {
+        write_atomic(&self.path, &self.state)
+    }
+}
+
+fn write_atomic(path: &Path, state: &State) -> Result<(), JobNetError> {
+    let io = |op: &'static str, p: &Path| {
+        let p = p.to_path_buf();
+        move |source| JobNetError::Io {
+            op,
+            path: p,
+            source,
+        }
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let bytes = serde_json::to_vec_pretty(state).expect("allocation state serializes");
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(io("write allocation file", &tmp)(e));
+    }
+    fs::rename(&tmp, path).map_err(io("rename allocation file", path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync directory", dir))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block() -> Subnet {
+        "100.100.5.0/29".parse().unwrap()
+    }
+
+    #[test]
+    fn skips_network_gateway_broadcast_and_reserved_then_exhausts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ips.json");
+        let reserved = [Ipv4Addr::new(100, 100, 5, 3)];
+        let mut a = IpAllocator::open(&path, block(), &reserved).unwrap();
+        let got: Vec<String> = (0..4)
+            .map(|i| a.allocate(&format!("job{i}")).unwrap().to_string())
+            .collect();
+        assert_eq!(
+            got,
+            ["100.100.5.2", "100.100.5.4", "100.100.5.5", "100.100.5.6"]
+        );
+        let err = a.allocate("job4").unwrap_err();
+        assert!(matches!(err, JobNetError::Exhausted { .. }), "{err:?}");
+        // Idempotent per owner.
+        assert_eq!(a.allocate("job1").unwrap().to_string(), "100.100.5.4");
+        assert_eq!(a.get("job2").unwrap().to_string(), "100.100.5.5");
+        assert_eq!(a.get("nobody"), None);
+    }
+
+    #[test]
+    fn reopen_keeps_allocations_and_never_double_allocates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/ips.json");
+        let mut a = IpAllocator::open(&path, block(), &[]).unwrap();
+        let x = a.allocate("x").unwrap();
+        let y = a.allocate("y").unwrap();
+        a.release("x").unwrap();
+        a.release("x").unwrap();
+        drop(a);
+
+        let mut b = IpAllocator::open(&path, block(), &[]).unwrap();
+        assert_eq!(b.get("y"), Some(y));
+        assert_eq!(b.get("x"), None);
+        // Round-robin: the released address is not handed out again at once.
+        let z = b.allocate("z").unwrap();
+        assert_ne!(z, y);
+        assert_ne!(z, x);
+        let mut all = vec![y, z];
+        for i in 0..2 {
+            all.push(b.allocate(&format!("more{i}")).unwrap());
+        }
+        let unique: std::collections::BTreeSet<_> = all.iter().collect();
+        assert_eq!(unique.len(), all.len(), "{all:?}");
+        // The file alone (a fresh open) sees the same owners.
+        let c = IpAllocator::open(&path, block(), &[]).unwrap();
+        let owners: Vec<&str> = c.allocations().map(|(o, _)| o).collect();
+        assert_eq!(owners, ["more0", "more1", "y", "z"]);
+    }
+
+    #[test]
+    fn corrupt_or_foreign_file_is_an_error_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ips.json");
+        fs::write(&path, b"{not json").unwrap();
+        let err = IpAllocator::open(&path, block(), &[]).unwrap_err();
+        assert!(matches!(err, JobNetError::Corrupt { .. }), "{err:?}");
+        assert_eq!(fs::read(&path).unwrap(), b"{not json");
+
+        fs::remove_file(&path).unwrap();
+        IpAllocator::open(&path, block(), &[])
+            .unwrap()
+            .allocate("a")
+            .unwrap();
+        let before = fs::read(&path).unwrap();
+        let other: Subnet = "100.100.6.0/24".parse().unwrap();
+        let err = IpAllocator::open(&path, other, &[]).unwrap_err();
+        assert!(matches!(err, JobNetError::BlockChanged { .. }), "{err:?}");
+        assert_eq!(fs::read(&path).unwrap(), before);
+    }
+}
