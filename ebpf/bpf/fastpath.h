@@ -1,0 +1,36 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* Map layouts shared by fastpath.bpf.c and the Rust loader (src/maps.rs). The Rust side's
+ * #[repr(C)] structs are checked against these by a test (build.rs measures them with clang). */
+#ifndef FLYNN_FASTPATH_H
+#define FLYNN_FASTPATH_H
+
+#include <linux/types.h>
+
+/* Value of flynn_endpoints, keyed by the job's IPv4 address (network byte order). */
+struct flynn_endpoint {
+	__u32 ifindex;        /* host-side veth of the job */
+	__u8 mac[6];          /* the job's MAC (destination after rewrite) */
+	__u8 gateway_mac[6];  /* the bridge's MAC (source after rewrite) */
+};
+
+/* Key of flynn_prefixes (LPM trie): prefix length in bits, then the address (network order). */
+struct flynn_prefix_key {
+	__u32 prefixlen;
+	__u32 addr;
+};
+
+/* Value of flynn_prefixes: where a remote block goes. */
+struct flynn_hop {
+	__u32 ifindex;   /* the VXLAN device */
+	__u32 next_hop;  /* IPv4 next hop (network order), resolved by the kernel neighbour table */
+};
+
+/* Indexes of flynn_counters (per-CPU array of __u64). */
+enum flynn_counter {
+	FLYNN_CTR_LOCAL = 0,   /* redirected to a local job (bpf_redirect_peer) */
+	FLYNN_CTR_REMOTE = 1,  /* redirected to a remote block (bpf_redirect_neigh) */
+	FLYNN_CTR_PASSED = 2,  /* left to the kernel path */
+	FLYNN_CTR_MAX = 3,
+};
+
+#endif

@@ -1,0 +1,575 @@
+//! Loading, attaching and feeding the fast path; everything pinned under one directory.
+//!
+//! Pin directory layout (names without dots):
+//! - `flynn_endpoints`, `flynn_prefixes`, `flynn_counters`: the maps;
+//! - `link_job_<ifindex>`, `link_vxlan_<ifindex>`: TCX ingress links. A link keeps its program
+//!   attached after the loader exits; a new loader swaps its own program into every pinned link
+//!   with `BPF_LINK_UPDATE` (atomic: each packet sees the old or the new program).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::Key;
+use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use aya::sys::SyscallError;
+use aya::util::KernelVersion;
+use aya::{Ebpf, EbpfLoader};
+
+use crate::maps::{be_word, RawHop, CTR_LOCAL, CTR_MAX, CTR_PASSED, CTR_REMOTE};
+use crate::object::{
+    FASTPATH, MAP_COUNTERS, MAP_ENDPOINTS, MAP_PREFIXES, PROG_FROM_JOB, PROG_FROM_VXLAN,
+};
+use crate::{bpffs, Counters, EbpfError, Endpoint, Hop};
+
+/// Where the agent pins the fast path.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flynn";
+
+/// Which program an interface gets on its tc ingress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// A job's host-side veth: local and remote destinations.
+    JobVeth,
+    /// The VXLAN device: decapsulated packets for local jobs.
+    Vxlan,
+}
+
+impl Role {
+    fn program(self) -> &'static str {
+        match self {
+            Role::JobVeth => PROG_FROM_JOB,
+            Role::Vxlan => PROG_FROM_VXLAN,
+        }
+    }
+
+    fn pin_prefix(self) -> &'static str {
+        match self {
+            Role::JobVeth => "link_job_",
+            Role::Vxlan => "link_vxlan_",
+        }
+    }
+
+    const ALL: [Role; 2] = [Role::JobVeth, Role::Vxlan];
+}
+
+/// The loaded fast path: programs of this process plus the (possibly inherited) pinned maps.
+/// Dropping it leaves everything pinned and attached; [`FastPath::unpin`] removes it all.
+pub struct FastPath {
+    pin_dir: PathBuf,
+    ebpf: Ebpf,
+    endpoints: HashMap<MapData, u32, Endpoint>,
+    prefixes: LpmTrie<MapData, u32, RawHop>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for FastPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastPath")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Minimum kernel: TCX links (6.6) carry the pinning and atomic replacement;
+/// `bpf_redirect_peer`/`bpf_redirect_neigh` are older (5.10).
+const MIN_KERNEL: (u8, u8) = (6, 6);
+
+impl FastPath {
+    /// Whether this kernel and these privileges can run the fast path (for `--fast-path auto`).
+    pub fn supported() -> bool {
+        match Self::probe() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::info!(error = %error_chain(&e), "eBPF fast path not supported");
+                false
+            }
+        }
+    }
+
+    /// [`FastPath::supported`] with the reason: kernel version, then the verifier accepting both
+    /// programs (which fails on kernels without `bpf_redirect_peer`/`bpf_redirect_neigh`). Loads
+    /// nothing persistent: maps are not pinned and vanish with the probe.
+    pub fn probe() -> Result<(), EbpfError> {
+        let current = KernelVersion::current().map_err(|e| EbpfError::Unsupported {
+            why: format!("cannot read the kernel version: {e}"),
+        })?;
+        let (major, minor) = MIN_KERNEL;
+        if current < KernelVersion::new(major, minor, 0) {
+            return Err(EbpfError::Unsupported {
+                why: format!("kernel {current:?} is older than {major}.{minor} (TCX links)"),
+            });
+        }
+        let mut ebpf = EbpfLoader::new().load(FASTPATH).map_err(EbpfError::Load)?;
+        for role in Role::ALL {
+            program(&mut ebpf, role)?
+                .load()
+                .map_err(|source| EbpfError::Program {
+                    name: role.program(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Loads the programs, reusing the maps pinned in `pin_dir` (or creating and pinning them),
+    /// and swaps the new programs into every link pinned there.
+    pub fn load(pin_dir: &Path) -> Result<FastPath, EbpfError> {
+        bpffs::prepare(pin_dir)?;
+        let endpoints_pin = pin_dir.join(MAP_ENDPOINTS);
+        let prefixes_pin = pin_dir.join(MAP_PREFIXES);
+        let counters_pin = pin_dir.join(MAP_COUNTERS);
+        check_pinned(&endpoints_pin, 4, size_of::<Endpoint>() as u32, None)?;
+        check_pinned(
+            &prefixes_pin,
+            size_of::<Key<u32>>() as u32,
+            size_of::<RawHop>() as u32,
+            None,
+        )?;
+        check_pinned(&counters_pin, 4, 8, Some(CTR_MAX))?;
+
+        let mut ebpf = EbpfLoader::new()
+            .map_pin_path(MAP_ENDPOINTS, endpoints_pin)
+            .map_pin_path(MAP_PREFIXES, prefixes_pin)
+            .map_pin_path(MAP_COUNTERS, counters_pin)
+            .load(FASTPATH)
+            .map_err(EbpfError::Load)?;
+        for role in Role::ALL {
+            program(&mut ebpf, role)?
+                .load()
+                .map_err(|source| EbpfError::Program {
+                    name: role.program(),
+                    source,
+                })?;
+        }
+        let endpoints =
+            HashMap::try_from(take_map(&mut ebpf, MAP_ENDPOINTS)?).map_err(|source| {
+                EbpfError::Map {
+                    name: MAP_ENDPOINTS,
+                    source,
+                }
+            })?;
+        let prefixes = LpmTrie::try_from(take_map(&mut ebpf, MAP_PREFIXES)?).map_err(|source| {
+            EbpfError::Map {
+                name: MAP_PREFIXES,
+                source,
+            }
+        })?;
+        let counters =
+            PerCpuArray::try_from(take_map(&mut ebpf, MAP_COUNTERS)?).map_err(|source| {
+                EbpfError::Map {
+                    name: MAP_COUNTERS,
+                    source,
+                }
+            })?;
+        let mut fp = FastPath {
+            pin_dir: pin_dir.to_path_buf(),
+            ebpf,
+            endpoints,
+            prefixes,
+            counters,
+        };
+        let mut swapped = 0;
+        for (ifindex, role) in fp.pinned_links()? {
+            if fp.swap(&fp.link_path(ifindex, role), role)? {
+                swapped += 1;
+            }
+        }
+        tracing::info!(pin_dir = %pin_dir.display(), swapped, "eBPF fast path loaded");
+        Ok(fp)
+    }
+
+    /// The pin directory this fast path lives in.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Attaches the program for `role` to tc ingress of `ifindex` (TCX link, pinned). An interface
+    /// that already has a pinned link gets this process's program swapped in atomically; one that
+    /// had the other role is switched over.
+    pub fn attach(&mut self, ifindex: u32, role: Role) -> Result<(), EbpfError> {
+        let name = ifname(ifindex)?;
+        for other in Role::ALL.into_iter().filter(|r| *r != role) {
+            let path = self.link_path(ifindex, other);
+            if path.exists() {
+                unpin_link(&path)?;
+            }
+        }
+        let path = self.link_path(ifindex, role);
+        if path.exists() && self.swap(&path, role)? {
+            return Ok(());
+        }
+        let prog = program(&mut self.ebpf, role)?;
+        let prog_err = |source| EbpfError::Program {
+            name: role.program(),
+            source,
+        };
+        let id = prog
+            .attach_with_options(
+                &name,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(prog_err)?;
+        let link = prog.take_link(id).map_err(prog_err)?;
+        let link = FdLink::try_from(link).map_err(|source| EbpfError::Link {
+            path: path.clone(),
+            source,
+        })?;
+        link.pin(&path).map_err(|source| EbpfError::Pin {
+            path: path.clone(),
+            source,
+        })?;
+        tracing::debug!(ifindex, ifname = %name, ?role, "fast path attached");
+        Ok(())
+    }
+
+    /// Detaches whatever this fast path attached to `ifindex` (no-op when nothing is attached,
+    /// including when the interface is already gone).
+    pub fn detach(&mut self, ifindex: u32) -> Result<(), EbpfError> {
+        for role in Role::ALL {
+            let path = self.link_path(ifindex, role);
+            if path.exists() {
+                unpin_link(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Interfaces with a pinned link in this pin directory, with their role.
+    pub fn attached(&self) -> Result<Vec<(u32, Role)>, EbpfError> {
+        self.pinned_links()
+    }
+
+    /// Adds or replaces the entry for a job on this host.
+    pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), EbpfError> {
+        if ep.ifindex == 0 {
+            return Err(EbpfError::ZeroIfindex);
+        }
+        self.endpoints
+            .insert(be_word(ip), ep, 0)
+            .map_err(|source| EbpfError::Map {
+                name: MAP_ENDPOINTS,
+                source,
+            })
+    }
+
+    /// Removes a job's entry; traffic to it falls back to the kernel path. No-op when absent.
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), EbpfError> {
+        ignore_missing(self.endpoints.remove(&be_word(ip))).map_err(|source| EbpfError::Map {
+            name: MAP_ENDPOINTS,
+            source,
+        })
+    }
+
+    /// The entry for `ip`, if any.
+    pub fn endpoint(&self, ip: Ipv4Addr) -> Result<Option<Endpoint>, EbpfError> {
+        match self.endpoints.get(&be_word(ip), 0) {
+            Ok(ep) => Ok(Some(ep)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(EbpfError::Map {
+                name: MAP_ENDPOINTS,
+                source,
+            }),
+        }
+    }
+
+    /// All job addresses in the endpoint map (for reconciling against the agent's jobs).
+    pub fn endpoint_ips(&self) -> Result<Vec<Ipv4Addr>, EbpfError> {
+        self.endpoints
+            .keys()
+            .map(|k| k.map(|w| Ipv4Addr::from(w.to_ne_bytes())))
+            .collect::<Result<_, _>>()
+            .map_err(|source| EbpfError::Map {
+                name: MAP_ENDPOINTS,
+                source,
+            })
+    }
+
+    /// Adds or replaces the route for a remote block. `net` must have no host bits set.
+    pub fn upsert_prefix(&mut self, net: Ipv4Addr, len: u8, hop: Hop) -> Result<(), EbpfError> {
+        let key = prefix_key(net, len)?;
+        if hop.ifindex == 0 {
+            return Err(EbpfError::ZeroIfindex);
+        }
+        self.prefixes
+            .insert(&key, RawHop::from(hop), 0)
+            .map_err(|source| EbpfError::Map {
+                name: MAP_PREFIXES,
+                source,
+            })
+    }
+
+    /// Removes a remote block; its traffic falls back to the kernel path. No-op when absent.
+    pub fn remove_prefix(&mut self, net: Ipv4Addr, len: u8) -> Result<(), EbpfError> {
+        let key = prefix_key(net, len)?;
+        ignore_missing(self.prefixes.remove(&key)).map_err(|source| EbpfError::Map {
+            name: MAP_PREFIXES,
+            source,
+        })
+    }
+
+    /// Packet counters summed over CPUs (shared by every loader of this pin directory).
+    pub fn counters(&self) -> Result<Counters, EbpfError> {
+        let sum = |idx: u32| -> Result<u64, EbpfError> {
+            let v = self
+                .counters
+                .get(&idx, 0)
+                .map_err(|source| EbpfError::Map {
+                    name: MAP_COUNTERS,
+                    source,
+                })?;
+            Ok(v.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
+        };
+        Ok(Counters {
+            redirected_local: sum(CTR_LOCAL)?,
+            redirected_remote: sum(CTR_REMOTE)?,
+            passed: sum(CTR_PASSED)?,
+        })
+    }
+
+    /// Detaches every pinned link and removes the maps and the pin directory (clean uninstall).
+    pub fn unpin(self) -> Result<(), EbpfError> {
+        for (ifindex, role) in self.pinned_links()? {
+            unpin_link(&self.link_path(ifindex, role))?;
+        }
+        for name in [MAP_ENDPOINTS, MAP_PREFIXES, MAP_COUNTERS] {
+            let path = self.pin_dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(EbpfError::Io {
+                        op: "unpin map",
+                        path,
+                        source,
+                    })
+                }
+            }
+        }
+        let dir = self.pin_dir.clone();
+        drop(self);
+        std::fs::remove_dir(&dir).map_err(|source| EbpfError::Io {
+            op: "remove pin directory",
+            path: dir,
+            source,
+        })
+    }
+
+    fn link_path(&self, ifindex: u32, role: Role) -> PathBuf {
+        self.pin_dir.join(format!("{}{ifindex}", role.pin_prefix()))
+    }
+
+    fn pinned_links(&self) -> Result<Vec<(u32, Role)>, EbpfError> {
+        let io = |source| EbpfError::Io {
+            op: "list pin directory",
+            path: self.pin_dir.clone(),
+            source,
+        };
+        let mut links = Vec::new();
+        for entry in std::fs::read_dir(&self.pin_dir).map_err(io)? {
+            let name = entry.map_err(io)?.file_name();
+            let Some(name) = name.to_str() else { continue };
+            for role in Role::ALL {
+                if let Some(idx) = name.strip_prefix(role.pin_prefix()) {
+                    if let Ok(idx) = idx.parse() {
+                        links.push((idx, role));
+                    }
+                }
+            }
+        }
+        links.sort_unstable_by_key(|(i, _)| *i);
+        Ok(links)
+    }
+
+    /// Puts this process's program for `role` into the link pinned at `path`. Returns false (and
+    /// removes the pin) when the link's interface is gone.
+    fn swap(&mut self, path: &Path, role: Role) -> Result<bool, EbpfError> {
+        let link_err = |source| EbpfError::Link {
+            path: path.into(),
+            source,
+        };
+        let pinned = PinnedLink::from_pin(path).map_err(link_err)?;
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
+        let prog = program(&mut self.ebpf, role)?;
+        match prog.attach_to_link(link) {
+            Ok(id) => {
+                // Dropping our handle closes an fd; the pin keeps the link attached.
+                let taken = prog.take_link(id).map_err(|source| EbpfError::Program {
+                    name: role.program(),
+                    source,
+                })?;
+                drop(taken);
+                Ok(true)
+            }
+            Err(ProgramError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::ENOLINK) =>
+            {
+                tracing::info!(path = %path.display(), "removing the pin of a link whose interface is gone");
+                std::fs::remove_file(path).map_err(|source| EbpfError::Io {
+                    op: "remove stale link pin",
+                    path: path.into(),
+                    source,
+                })?;
+                Ok(false)
+            }
+            Err(source) => Err(EbpfError::Program {
+                name: role.program(),
+                source,
+            }),
+        }
+    }
+}
+
+fn program(ebpf: &mut Ebpf, role: Role) -> Result<&mut SchedClassifier, EbpfError> {
+    let name = role.program();
+    ebpf.program_mut(name)
+        .ok_or(EbpfError::Missing { name })?
+        .try_into()
+        .map_err(|source| EbpfError::Program { name, source })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {
+    ebpf.take_map(name).ok_or(EbpfError::Missing { name })
+}
+
+/// Refuses to reuse a pinned map whose shape differs from this build's (an upgrade changed the
+/// layout): updates would fail or, worse, be misread by the programs.
+fn check_pinned(
+    path: &Path,
+    key_size: u32,
+    value_size: u32,
+    max_entries: Option<u32>,
+) -> Result<(), EbpfError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let info = aya::maps::MapInfo::from_pin(path).map_err(|source| EbpfError::Map {
+        name: "pinned",
+        source,
+    })?;
+    let got = (info.key_size(), info.value_size());
+    if got != (key_size, value_size) {
+        return Err(EbpfError::IncompatiblePin {
+            path: path.into(),
+            what: format!("key/value size {got:?}, want {:?}", (key_size, value_size)),
+        });
+    }
+    if let Some(max) = max_entries {
+        if info.max_entries() != max {
+            return Err(EbpfError::IncompatiblePin {
+                path: path.into(),
+                what: format!("{} entries, want {max}", info.max_entries()),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn unpin_link(path: &Path) -> Result<(), EbpfError> {
+    let pinned = PinnedLink::from_pin(path).map_err(|source| EbpfError::Link {
+        path: path.into(),
+        source,
+    })?;
+    // Removing the pin drops the last reference once our fd closes: the link detaches.
+    let fd = pinned.unpin().map_err(|source| EbpfError::Io {
+        op: "unpin link",
+        path: path.into(),
+        source,
+    })?;
+    drop(fd);
+    Ok(())
+}
+
+fn prefix_key(net: Ipv4Addr, len: u8) -> Result<Key<u32>, EbpfError> {
+    if len > 32 {
+        return Err(EbpfError::InvalidPrefix {
+            net,
+            len,
+            why: "length over 32",
+        });
+    }
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    if u32::from(net) & !mask != 0 {
+        return Err(EbpfError::InvalidPrefix {
+            net,
+            len,
+            why: "host bits set",
+        });
+    }
+    Ok(Key::new(u32::from(len), be_word(net)))
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(SyscallError { ref io_error, .. }))
+            if io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+fn ifname(ifindex: u32) -> Result<String, EbpfError> {
+    if ifindex == 0 {
+        return Err(EbpfError::ZeroIfindex);
+    }
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has IF_NAMESIZE bytes as if_indextoname requires; it writes a NUL-terminated
+    // name there or returns NULL.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return Err(EbpfError::NoSuchInterface { ifindex });
+    }
+    // SAFETY: on success `buf` holds a NUL-terminated string.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Ok(name.to_string_lossy().into_owned())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_validated() {
+        let net = Ipv4Addr::new(100, 100, 2, 0);
+        assert!(prefix_key(net, 24).is_ok());
+        assert!(prefix_key(Ipv4Addr::UNSPECIFIED, 0).is_ok());
+        assert!(prefix_key(Ipv4Addr::new(100, 100, 2, 1), 32).is_ok());
+        assert!(matches!(
+            prefix_key(Ipv4Addr::new(100, 100, 2, 1), 24),
+            Err(EbpfError::InvalidPrefix {
+                why: "host bits set",
+                ..
+            })
+        ));
+        assert!(matches!(
+            prefix_key(net, 33),
+            Err(EbpfError::InvalidPrefix { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_interface_is_a_clear_error() {
+        assert!(matches!(ifname(0), Err(EbpfError::ZeroIfindex)));
+        assert!(matches!(
+            ifname(u32::MAX - 7),
+            Err(EbpfError::NoSuchInterface { .. })
+        ));
+        assert_eq!(ifname(1).unwrap(), "lo");
+    }
+}

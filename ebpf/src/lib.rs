@@ -1,0 +1,32 @@
+//! `flynn-ebpf`: the overlay's eBPF fast path.
+//!
+//! Two tc classifiers written in C (`bpf/fastpath.bpf.c`), compiled by `build.rs` with clang and
+//! embedded in the binary, loaded with `aya`:
+//! - on every job's host-side veth (ingress, [`Role::JobVeth`]): a packet for a job on this host
+//!   ([`FastPath::upsert_endpoint`]) gets its Ethernet header rewritten and is handed straight to
+//!   the job's namespace with `bpf_redirect_peer`; a packet for a remote block
+//!   ([`FastPath::upsert_prefix`]) goes to the VXLAN device with `bpf_redirect_neigh`;
+//! - on the VXLAN device (ingress, [`Role::Vxlan`]): decapsulated packets for local jobs are
+//!   delivered with `bpf_redirect_peer`.
+//!
+//! Anything the maps do not know falls through to the kernel path (`TC_ACT_OK`), so empty maps are
+//! safe and the kernel VXLAN path of `flynn-network` stays the source of truth. Maps and the TCX
+//! links are pinned under a pin directory (default [`DEFAULT_PIN_DIR`]) so traffic keeps flowing
+//! while the agent restarts; a restarted loader reuses the pinned maps and swaps the programs in
+//! the pinned links atomically (`BPF_LINK_UPDATE`).
+//!
+//! All calls resolve interface indexes in the calling thread's network namespace.
+//!
+//! Left to others: deciding what goes in the maps (the agent in `flynn-network`/`flynn-host`
+//! mirrors its leases and jobs into them) and the `--fast-path auto|off` switch (callers use
+//! [`FastPath::supported`] for `auto`).
+
+mod bpffs;
+mod error;
+mod fastpath;
+mod maps;
+mod object;
+
+pub use error::EbpfError;
+pub use fastpath::{FastPath, Role, DEFAULT_PIN_DIR};
+pub use maps::{Counters, Endpoint, Hop};

@@ -1,0 +1,125 @@
+//! Typed map entries, laid out like `bpf/fastpath.h` (checked by the layout test below).
+
+use std::net::Ipv4Addr;
+
+/// A job on this host: value of `flynn_endpoints`, keyed by the job's IPv4 address.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Index of the job's host-side veth (its peer is the job's interface).
+    pub ifindex: u32,
+    /// The job's MAC: destination after the rewrite.
+    pub mac: [u8; 6],
+    /// The bridge (gateway) MAC: source after the rewrite.
+    pub gateway_mac: [u8; 6],
+}
+
+// SAFETY: `Endpoint` is `repr(C)`, made only of integers and byte arrays (any bit pattern is
+// valid) and has no padding (4 + 6 + 6 = 16, align 4; checked against the C header below).
+unsafe impl aya::Pod for Endpoint {}
+
+/// Where a remote block goes: the VXLAN device and the next hop the kernel's neighbour table
+/// resolves (in flannel's layout, the remote block's network address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hop {
+    pub ifindex: u32,
+    pub next_hop: Ipv4Addr,
+}
+
+/// `struct flynn_hop`: next hop in network byte order.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RawHop {
+    pub ifindex: u32,
+    pub next_hop: u32,
+}
+
+// SAFETY: two `u32`s, `repr(C)`, no padding; every bit pattern is valid.
+unsafe impl aya::Pod for RawHop {}
+
+impl From<Hop> for RawHop {
+    fn from(h: Hop) -> RawHop {
+        RawHop {
+            ifindex: h.ifindex,
+            next_hop: be_word(h.next_hop),
+        }
+    }
+}
+
+/// An IPv4 address as the `__u32` the kernel sees (network byte order in memory).
+pub(crate) fn be_word(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// Packet counters summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Delivered to a job on this host with `bpf_redirect_peer`.
+    pub redirected_local: u64,
+    /// Sent to a remote block with `bpf_redirect_neigh`.
+    pub redirected_remote: u64,
+    /// Left to the kernel path (not IPv4, no map entry, TTL expiring, hairpin).
+    pub passed: u64,
+}
+
+/// Counter indexes, from `enum flynn_counter`.
+pub(crate) const CTR_LOCAL: u32 = 0;
+pub(crate) const CTR_REMOTE: u32 = 1;
+pub(crate) const CTR_PASSED: u32 = 2;
+pub(crate) const CTR_MAX: u32 = 3;
+
+#[cfg(test)]
+mod layout {
+    #![allow(non_upper_case_globals, dead_code)]
+    include!(concat!(env!("OUT_DIR"), "/layout.rs"));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::{offset_of, size_of};
+
+    use super::*;
+    use aya::maps::lpm_trie::Key;
+
+    #[test]
+    fn rust_layout_matches_c_header() {
+        assert_eq!(size_of::<Endpoint>(), layout::flynn_endpoint_SIZE);
+        assert_eq!(
+            offset_of!(Endpoint, ifindex),
+            layout::flynn_endpoint_ifindex
+        );
+        assert_eq!(offset_of!(Endpoint, mac), layout::flynn_endpoint_mac);
+        assert_eq!(
+            offset_of!(Endpoint, gateway_mac),
+            layout::flynn_endpoint_gateway_mac
+        );
+        assert_eq!(size_of::<RawHop>(), layout::flynn_hop_SIZE);
+        assert_eq!(offset_of!(RawHop, ifindex), layout::flynn_hop_ifindex);
+        assert_eq!(offset_of!(RawHop, next_hop), layout::flynn_hop_next_hop);
+        // aya's LPM key is `{ prefix_len: u32, data: K }`, packed; with K = u32 it matches.
+        assert_eq!(size_of::<Key<u32>>(), layout::flynn_prefix_key_SIZE);
+        assert_eq!(layout::flynn_prefix_key_prefixlen, 0);
+        assert_eq!(layout::flynn_prefix_key_addr, 4);
+        assert_eq!(
+            (CTR_LOCAL, CTR_REMOTE, CTR_PASSED, CTR_MAX),
+            (
+                layout::FLYNN_CTR_LOCAL,
+                layout::FLYNN_CTR_REMOTE,
+                layout::FLYNN_CTR_PASSED,
+                layout::FLYNN_CTR_MAX
+            )
+        );
+    }
+
+    #[test]
+    fn addresses_are_network_order_in_memory() {
+        let w = be_word(Ipv4Addr::new(100, 100, 1, 10));
+        assert_eq!(w.to_ne_bytes(), [100, 100, 1, 10]);
+        let h = RawHop::from(Hop {
+            ifindex: 7,
+            next_hop: Ipv4Addr::new(100, 100, 2, 0),
+        });
+        assert_eq!(h.next_hop.to_ne_bytes(), [100, 100, 2, 0]);
+        assert_eq!(h.ifindex, 7);
+    }
+}
