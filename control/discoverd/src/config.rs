@@ -37,6 +37,17 @@ pub struct Config {
     #[arg(long, env = "FLYNN_RECURSORS", value_delimiter = ',', value_parser = parse_recursor)]
     pub recursors: Vec<SocketAddr>,
 
+    /// URL that is sent `POST {"job_id","url","dns"}` once this node listens (the host
+    /// daemon's `/host/discoverd`); retried every second for a minute.
+    #[arg(long, env = "FLYNN_NOTIFY")]
+    pub notify: Option<String>,
+
+    /// Start DNS only after the host's network is configured: polls `GET /host/status`
+    /// on the `--notify` host until it reports `network`, and uses its `resolvers` as
+    /// recursors when `--recursors` is not set. Needs `--notify` and `--dns-addr`.
+    #[arg(long, env = "FLYNN_WAIT_NET_DNS")]
+    pub wait_net_dns: bool,
+
     /// Instance TTL without heartbeats (spec: 10s). Expiry waits 2×TTL after a leader
     /// change.
     #[arg(long, env = "FLYNN_INSTANCE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -69,6 +80,14 @@ impl Config {
         }
         if self.election_timeout < Duration::from_millis(50) {
             return Err("--election-timeout must be at least 50ms".into());
+        }
+        if let Some(n) = &self.notify {
+            if crate::notify::host_base(n).is_none() {
+                return Err(format!("bad --notify {n:?}: expected an http:// URL"));
+            }
+        }
+        if self.wait_net_dns && (self.notify.is_none() || self.dns_addr.is_none()) {
+            return Err("--wait-net-dns needs --notify and --dns-addr".into());
         }
         for p in &self.peers {
             if p.rsplit_once(':')

@@ -14,6 +14,7 @@ pub mod dns;
 pub mod fault;
 pub mod network;
 pub mod node;
+pub mod notify;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -41,7 +42,17 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     let node = Node::start(cfg, addr).await?;
     let dns = match cfg.dns_addr {
-        Some(a) => Some(dns::serve(a, node.clone(), cfg.recursors.clone()).await?),
+        Some(a) => {
+            let mut recursors = cfg.recursors.clone();
+            if cfg.wait_net_dns {
+                let notify = cfg.notify.as_deref().expect("validated");
+                let resolvers = notify::wait_for_host_network(notify).await;
+                if recursors.is_empty() {
+                    recursors = resolvers;
+                }
+            }
+            Some(dns::serve(a, node.clone(), recursors).await?)
+        }
         None => None,
     };
     let app = api::router(node.clone());
@@ -55,5 +66,13 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
             tracing::error!(error = %e, "http server stopped");
         }
     });
+    if let Some(url) = cfg.notify.clone() {
+        let body = notify::Notification {
+            job_id: std::env::var("FLYNN_JOB_ID").unwrap_or_default(),
+            url: format!("http://{}", node.host),
+            dns: dns.map(|d| d.to_string()).unwrap_or_default(),
+        };
+        tokio::spawn(notify::notify(url, body));
+    }
     Ok(Running { addr, dns, node })
 }

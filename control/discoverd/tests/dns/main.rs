@@ -396,3 +396,102 @@ async fn servfail_when_every_recursor_is_down() {
     let m = tcp(&dns, "example.com.", RecordType::A).await;
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
 }
+
+/// `--notify` + `--wait-net-dns` against a stand-in host daemon: DNS waits until the
+/// host reports its network, takes the host's resolvers as recursors, and the host is
+/// told where discoverd listens.
+#[tokio::test]
+async fn wait_net_dns_uses_the_host_resolvers_and_notify_reaches_the_host() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let up = upstream(1).await;
+    let polls = Arc::new(AtomicUsize::new(0));
+    let notified: Arc<Mutex<Option<serde_json::Value>>> = Arc::default();
+    let app = {
+        let (polls, notified, resolver) = (polls.clone(), notified.clone(), up.addr.clone());
+        axum::Router::new()
+            .route(
+                "/host/status",
+                axum::routing::get(move || {
+                    let n = polls.fetch_add(1, Ordering::SeqCst);
+                    let resolver = resolver.clone();
+                    async move {
+                        // The network comes up on the fourth poll.
+                        let network = if n < 3 {
+                            serde_json::Value::Null
+                        } else {
+                            serde_json::json!({"subnet": "100.100.3.1/24", "mtu": 1450, "resolvers": [resolver]})
+                        };
+                        axum::Json(serde_json::json!({"id": "host1", "network": network}))
+                    }
+                }),
+            )
+            .route(
+                "/host/discoverd",
+                axum::routing::post(move |axum::Json(v): axum::Json<serde_json::Value>| {
+                    *notified.lock().unwrap() = Some(v);
+                    async { "{}" }
+                }),
+            )
+    };
+    let host = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host_addr = host.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(host, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = tokio::task::spawn_blocking({
+        let path = dir.path().to_path_buf();
+        move || {
+            Discoverd::spawn(
+                &path,
+                vec![
+                    "--addr".into(),
+                    "127.0.0.1:0".into(),
+                    "--dns-addr".into(),
+                    "127.0.0.1:0".into(),
+                    "--notify".into(),
+                    format!("http://{host_addr}/host/discoverd"),
+                    "--wait-net-dns".into(),
+                ],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        polls.load(Ordering::SeqCst) >= 4,
+        "DNS came up before the host network did"
+    );
+    let dns = d.dns.clone().unwrap();
+    let m = udp(&dns, "example.net.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(ips(&m).len(), 1, "answered by the host's resolver");
+
+    let body = eventually(Duration::from_secs(10), || async {
+        notified.lock().unwrap().clone()
+    })
+    .await
+    .expect("the host was notified");
+    assert_eq!(body["dns"], dns.as_str());
+    assert_eq!(body["url"], format!("http://{}", d.addr).as_str());
+    server.abort();
+}
+
+#[test]
+fn wait_net_dns_without_notify_is_refused_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flynn-discoverd"))
+        .args([
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--dns-addr", "127.0.0.1:0", "--wait-net-dns"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--wait-net-dns needs --notify"), "{err}");
+}

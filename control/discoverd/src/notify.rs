@@ -1,0 +1,114 @@
+//! The host handshake (`--notify`, `--wait-net-dns`): tell the host daemon where this
+//! node listens (`POST /host/discoverd`) and, optionally, hold DNS back until the host's
+//! network is up, taking its resolvers as recursors.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Body of the notification: the host's `discoverd` status entry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Notification {
+    pub job_id: String,
+    pub url: String,
+    pub dns: String,
+}
+
+/// Attempts before giving up on `--notify` (one per second).
+pub const NOTIFY_ATTEMPTS: u32 = 60;
+
+/// `scheme://authority` of an http(s) URL.
+pub fn host_base(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let authority = rest.split('/').next().filter(|a| !a.is_empty())?;
+    Some(format!("{scheme}://{authority}"))
+}
+
+/// POSTs `body` to `url` until a 2xx answer, once a second, at most [`NOTIFY_ATTEMPTS`].
+pub async fn notify(url: String, body: Notification) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("http client");
+    for attempt in 1..=NOTIFY_ATTEMPTS {
+        match client.post(&url).json(&body).send().await {
+            Ok(r) if r.status().is_success() => {
+                tracing::info!(%url, "notified host");
+                return;
+            }
+            Ok(r) => tracing::debug!(%url, status = %r.status(), attempt, "notify refused"),
+            Err(e) => tracing::debug!(%url, error = %e, attempt, "notify failed"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tracing::warn!(%url, "gave up notifying the host");
+}
+
+/// Polls `GET /host/status` on the notify URL's host until it reports a configured
+/// network; returns its resolvers (port 53 unless given). Waits as long as it takes,
+/// logging every 10 s.
+pub async fn wait_for_host_network(notify_url: &str) -> Vec<SocketAddr> {
+    let base = host_base(notify_url).expect("validated");
+    let url = format!("{base}/host/status");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("http client");
+    let mut polls = 0u32;
+    loop {
+        if let Ok(r) = client.get(&url).send().await {
+            if let Ok(v) = r.json::<serde_json::Value>().await {
+                let net = &v["network"];
+                if net.is_object() && net["subnet"].is_string() {
+                    return resolvers(&net["resolvers"]);
+                }
+            }
+        }
+        polls += 1;
+        if polls % 20 == 0 {
+            tracing::info!(%url, "waiting for the host network before serving DNS");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn resolvers(v: &serde_json::Value) -> Vec<SocketAddr> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.as_str())
+        .filter_map(|s| {
+            s.parse::<SocketAddr>()
+                .ok()
+                .or_else(|| s.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_base_keeps_scheme_and_authority() {
+        assert_eq!(
+            host_base("http://10.0.0.1:1113/host/discoverd").as_deref(),
+            Some("http://10.0.0.1:1113")
+        );
+        assert_eq!(host_base("ftp://x/y"), None);
+        assert_eq!(host_base("http:///y"), None);
+        assert_eq!(host_base("nonsense"), None);
+    }
+
+    #[test]
+    fn resolvers_default_to_port_53_and_skip_junk() {
+        let v = serde_json::json!(["10.0.0.2", "10.0.0.3:5353", "bogus", 7]);
+        let got: Vec<String> = resolvers(&v).iter().map(|a| a.to_string()).collect();
+        assert_eq!(got, ["10.0.0.2:53", "10.0.0.3:5353"]);
+        assert!(resolvers(&serde_json::Value::Null).is_empty());
+    }
+}
