@@ -69,7 +69,7 @@ pub async fn wait_for_host_network(notify_url: &str) -> Vec<SocketAddr> {
             }
         }
         polls += 1;
-        if polls % 20 == 0 {
+        if polls.is_multiple_of(20) {
             tracing::info!(%url, "waiting for the host network before serving DNS");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
