@@ -112,7 +112,6 @@ impl Lab {
     }
 
     /// Deletes one namespace early (a job going away).
-    #[allow(dead_code)]
     pub fn del_ns(&mut self, ns: &str) -> Result<()> {
         run(&["ip", "netns", "del", ns])?;
         self.namespaces.retain(|n| n != ns);
@@ -175,6 +174,114 @@ impl Lab {
             ip: ip.parse()?,
             port: port.to_string(),
         })
+    }
+    /// Joins hosts `a` and `b` with an underlay veth pair `ul0` at `a_ip/24` and `b_ip/24`.
+    pub fn underlay(&self, a: &str, a_ip: &str, b: &str, b_ip: &str) -> Result<()> {
+        run(&[
+            "ip", "-n", a, "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", b,
+        ])?;
+        for (ns, ip) in [(a, a_ip), (b, b_ip)] {
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "ul0",
+            ])?;
+            run(&["ip", "-n", ns, "link", "set", "ul0", "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Flannel's VXLAN device in `host`: `flvx`, VNI 1, port 8472, learning off, MTU 1450,
+    /// the block's network address as a /32, a fixed MAC.
+    pub fn vxlan(&self, host: &str, local: &str, block_addr: &str, mac: &str) -> Result<()> {
+        run(&[
+            "ip",
+            "-n",
+            host,
+            "link",
+            "add",
+            "flvx",
+            "address",
+            mac,
+            "mtu",
+            "1450",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "dstport",
+            "8472",
+            "local",
+            local,
+            "dev",
+            "ul0",
+            "nolearning",
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            host,
+            "addr",
+            "add",
+            &format!("{block_addr}/32"),
+            "dev",
+            "flvx",
+        ])?;
+        run(&["ip", "-n", host, "link", "set", "flvx", "up"])?;
+        Ok(())
+    }
+
+    /// A remote block in `host`, flannel-style: permanent neighbour, permanent FDB entry, route.
+    pub fn peer(&self, host: &str, block_addr: &str, vtep_mac: &str, underlay: &str) -> Result<()> {
+        run(&[
+            "ip",
+            "-n",
+            host,
+            "neigh",
+            "add",
+            block_addr,
+            "lladdr",
+            vtep_mac,
+            "dev",
+            "flvx",
+            "nud",
+            "permanent",
+        ])?;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            host,
+            "bridge",
+            "fdb",
+            "add",
+            vtep_mac,
+            "dev",
+            "flvx",
+            "dst",
+            underlay,
+            "self",
+            "permanent",
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            host,
+            "route",
+            "add",
+            &format!("{block_addr}/24"),
+            "via",
+            block_addr,
+            "dev",
+            "flvx",
+            "onlink",
+        ])?;
+        Ok(())
     }
 }
 

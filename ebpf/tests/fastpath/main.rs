@@ -5,9 +5,11 @@
 
 mod lab;
 
+use std::net::Ipv4Addr;
+
 use anyhow::{ensure, Context, Result};
 use aya::programs::{SchedClassifier, TcAttachType};
-use flynn_ebpf::{Counters, Endpoint, FastPath, Role};
+use flynn_ebpf::{Counters, Endpoint, FastPath, Hop, Role};
 use lab::{ifindex, in_ns, mac, ping, ping_count, tcp_roundtrip, Bpffs, Job, Lab};
 
 const MTU: u32 = 1450;
@@ -132,5 +134,231 @@ fn same_host_redirect_peer_and_fallback() -> Result<()> {
         "unpin left vj2 attached"
     );
     ensure!(ping(&j1.ns, j2.ip, 3), "traffic after uninstall");
+    Ok(())
+}
+
+/// Two hosts on an underlay, each with a VXLAN device, a bridge and one job; the kernel path
+/// configured flannel-style (neighbour, FDB, route per remote block).
+struct TwoHosts {
+    h1: String,
+    h2: String,
+    j1: Job,
+    j2: Job,
+}
+
+const VTEP1: &str = "0e:46:4c:01:00:00";
+const VTEP2: &str = "0e:46:4c:02:00:00";
+
+fn two_hosts(lab: &mut Lab) -> Result<TwoHosts> {
+    let h1 = lab.add_host("h1", "100.100.1.1")?;
+    let h2 = lab.add_host("h2", "100.100.2.1")?;
+    lab.underlay(&h1, "10.231.0.1", &h2, "10.231.0.2")?;
+    lab.vxlan(&h1, "10.231.0.1", "100.100.1.0", VTEP1)?;
+    lab.vxlan(&h2, "10.231.0.2", "100.100.2.0", VTEP2)?;
+    lab.peer(&h1, "100.100.2.0", VTEP2, "10.231.0.2")?;
+    lab.peer(&h2, "100.100.1.0", VTEP1, "10.231.0.1")?;
+    let j1 = lab.add_job("j1", &h1, "vj1", "100.100.1.10", "100.100.1.1", MTU)?;
+    let j2 = lab.add_job("j2", &h2, "vj2", "100.100.2.10", "100.100.2.1", MTU)?;
+    ensure!(ping(&j1.ns, j2.ip, 3), "kernel path: j1 cannot reach j2");
+    Ok(TwoHosts { h1, h2, j1, j2 })
+}
+
+/// Loads the fast path in `host`, attaches the job veth and the VXLAN device, and fills the maps:
+/// the local job, and the remote block via the VXLAN device.
+fn fast_path_on(
+    host: &str,
+    pin_dir: &std::path::Path,
+    job: &Job,
+    remote_block: Ipv4Addr,
+) -> Result<FastPath> {
+    in_ns(host, || {
+        let mut fp = FastPath::load(pin_dir)?;
+        let vx = ifindex(host, "flvx")?;
+        fp.attach(ifindex(host, &job.port)?, Role::JobVeth)?;
+        fp.attach(vx, Role::Vxlan)?;
+        fp.upsert_endpoint(job.ip, endpoint(host, job)?)?;
+        fp.upsert_prefix(
+            remote_block,
+            24,
+            Hop {
+                ifindex: vx,
+                next_hop: remote_block,
+            },
+        )?;
+        Ok(fp)
+    })
+}
+
+const BLOCK1: Ipv4Addr = Ipv4Addr::new(100, 100, 1, 0);
+const BLOCK2: Ipv4Addr = Ipv4Addr::new(100, 100, 2, 0);
+
+/// Whether a ping of `size` payload bytes with DF set gets through.
+fn ping_df(from: &str, ip: Ipv4Addr, size: u32) -> bool {
+    std::process::Command::new("ip")
+        .args([
+            "netns", "exec", from, "ping", "-n", "-q", "-c", "1", "-W", "1", "-M", "do",
+        ])
+        .args(["-s", &size.to_string(), &ip.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn cross_host_redirect_neigh_over_vxlan() -> Result<()> {
+    if !lab::should_run("cross_host_redirect_neigh_over_vxlan") {
+        return Ok(());
+    }
+    let bpffs = Bpffs::mount()?;
+    let mut lab = Lab::new();
+    let t = two_hosts(&mut lab)?;
+    let mut fp1 = fast_path_on(&t.h1, &bpffs.pin_dir("h1"), &t.j1, BLOCK2)?;
+    let mut fp2 = fast_path_on(&t.h2, &bpffs.pin_dir("h2"), &t.j2, BLOCK1)?;
+
+    let (b1, b2) = (counters(&fp1)?, counters(&fp2)?);
+    ensure!(
+        ping_count(&t.j1.ns, t.j2.ip, 10) == 10,
+        "fast path: ping lost"
+    );
+    let (a1, a2) = (counters(&fp1)?, counters(&fp2)?);
+    // Requests leave host 1 by redirect_neigh and arrive on host 2 by redirect_peer; replies the
+    // other way round.
+    for (name, b, a) in [("h1", b1, a1), ("h2", b2, a2)] {
+        ensure!(
+            a.redirected_remote >= b.redirected_remote + 10
+                && a.redirected_local >= b.redirected_local + 10,
+            "{name}: {b:?} -> {a:?}"
+        );
+    }
+    tcp_roundtrip(&t.j1.ns, &t.j2.ns, t.j2.ip, 7101, 4 << 20).context("TCP j1 -> j2")?;
+    tcp_roundtrip(&t.j2.ns, &t.j1.ns, t.j1.ip, 7102, 4 << 20).context("TCP j2 -> j1")?;
+    let c1 = counters(&fp1)?;
+    ensure!(
+        c1.redirected_remote > a1.redirected_remote + 50,
+        "TCP did not take the fast path: {a1:?} -> {c1:?}"
+    );
+    // Largest unfragmented packet still fits through redirect_neigh + VXLAN; one more byte does
+    // not leave the job with DF set.
+    ensure!(
+        ping_df(&t.j1.ns, t.j2.ip, MTU - 28),
+        "full-size DF ping lost"
+    );
+    ensure!(
+        !ping_df(&t.j1.ns, t.j2.ip, MTU - 27),
+        "oversized DF ping passed"
+    );
+
+    // Without the prefix host 1 falls back to the kernel route; the remote counter stands still.
+    fp1.remove_prefix(BLOCK2, 24)?;
+    fp1.remove_prefix(BLOCK2, 24)?; // idempotent
+    let before = counters(&fp1)?;
+    ensure!(
+        ping_count(&t.j1.ns, t.j2.ip, 5) == 5,
+        "kernel fallback: ping lost"
+    );
+    tcp_roundtrip(&t.j1.ns, &t.j2.ns, t.j2.ip, 7103, 1 << 20).context("TCP kernel route")?;
+    let after = counters(&fp1)?;
+    ensure!(
+        after.redirected_remote == before.redirected_remote
+            && after.redirected_local > before.redirected_local,
+        "after prefix removal: {before:?} -> {after:?}"
+    );
+    ensure!(fp2.endpoint(t.j2.ip)?.is_some(), "host 2 lost its endpoint");
+    fp2.remove_endpoint(t.j2.ip)?;
+    fp1.unpin()?;
+    fp2.unpin()?;
+    ensure!(ping(&t.j1.ns, t.j2.ip, 3), "traffic after uninstall");
+    Ok(())
+}
+
+#[test]
+fn restart_swaps_programs_keeps_maps_and_traffic() -> Result<()> {
+    if !lab::should_run("restart_swaps_programs_keeps_maps_and_traffic") {
+        return Ok(());
+    }
+    let bpffs = Bpffs::mount()?;
+    let mut lab = Lab::new();
+    let t = two_hosts(&mut lab)?;
+    let pin1 = bpffs.pin_dir("h1");
+    let fp1 = fast_path_on(&t.h1, &pin1, &t.j1, BLOCK2)?;
+    let fp2 = fast_path_on(&t.h2, &bpffs.pin_dir("h2"), &t.j2, BLOCK1)?;
+    ensure!(ping_count(&t.j1.ns, t.j2.ip, 3) == 3, "before restart");
+    let ids_before = (tcx_programs(&t.h1, "vj1")?, tcx_programs(&t.h1, "flvx")?);
+    let attached_before = fp1.attached()?;
+
+    // A bounded ping stream runs across the restart: 60 pings, 50 ms apart (3 s).
+    const PINGS: u32 = 60;
+    let (j1, ip2) = (t.j1.ns.clone(), t.j2.ip);
+    let pinger = std::thread::spawn(move || ping_count(&j1, ip2, PINGS));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    // The agent goes away (all its fds close, as on SIGKILL); pins keep the path running.
+    let counted = counters(&fp1)?;
+    drop(fp1);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let fp1 = in_ns(&t.h1, || Ok(FastPath::load(&pin1)?))?;
+    let reloaded = counters(&fp1)?;
+    ensure!(
+        reloaded.redirected_remote > counted.redirected_remote,
+        "counters were reset or traffic stopped while no loader ran: {counted:?} -> {reloaded:?}"
+    );
+    ensure!(
+        fp1.endpoint(t.j1.ip)?.is_some(),
+        "pinned endpoint map not reused"
+    );
+    ensure!(
+        fp1.attached()? == attached_before,
+        "links changed across restart"
+    );
+    let ids_after = (tcx_programs(&t.h1, "vj1")?, tcx_programs(&t.h1, "flvx")?);
+    ensure!(
+        ids_after.0.len() == 1 && ids_after.1.len() == 1,
+        "programs piled up instead of being replaced: {ids_after:?}"
+    );
+    ensure!(
+        ids_after.0 != ids_before.0 && ids_after.1 != ids_before.1,
+        "programs not swapped: {ids_before:?} -> {ids_after:?}"
+    );
+    let answered = pinger
+        .join()
+        .map_err(|_| anyhow::anyhow!("pinger panicked"))?;
+    ensure!(
+        answered == PINGS,
+        "{answered}/{PINGS} pings answered across the restart"
+    );
+    let end = counters(&fp1)?;
+    ensure!(
+        end.redirected_remote > reloaded.redirected_remote,
+        "new program does not count into the pinned map: {reloaded:?} -> {end:?}"
+    );
+
+    // Job 1 goes away while no loader runs: the next loader drops the link pin of the vanished
+    // veth; the agent removes the job's endpoint.
+    let vj1 = ifindex(&t.h1, "vj1")?;
+    let j1_ip = t.j1.ip;
+    drop(fp1);
+    lab.del_ns(&t.j1.ns)?;
+    // Namespace teardown is asynchronous: wait (bounded) until the host-side veth is gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ifindex(&t.h1, "vj1").is_ok() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "vj1 still exists 10 s after its job's namespace was deleted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut fp1 = in_ns(&t.h1, || Ok(FastPath::load(&pin1)?))?;
+    ensure!(
+        !fp1.attached()?.iter().any(|(i, _)| *i == vj1),
+        "stale link pin kept: {:?}",
+        fp1.attached()?
+    );
+    fp1.remove_endpoint(j1_ip)?;
+    ensure!(
+        fp1.endpoint_ips()?.is_empty(),
+        "endpoint left: {:?}",
+        fp1.endpoint_ips()?
+    );
+    fp1.unpin()?;
+    fp2.unpin()?;
     Ok(())
 }
