@@ -3,7 +3,7 @@
 //! Wiring: [`start`] binds one SO_REUSEPORT listener per core per HTTP address,
 //! starts the pinned workers (`flynn-runtime`), loads the routes file into the
 //! [`store`], publishes the first [`flynn_routes::Table`], and serves the admin API on
-//! its own thread. Hot files: `proxy.rs`, `upgrade.rs`, `balance.rs`, `pool.rs`,
+//! its own thread. Hot files: `proxy/`, `upgrade.rs`, `balance.rs`, `pool.rs`,
 //! `io.rs` (see docs/HOT_PATH.md). The codec lives in `flynn-http`.
 
 mod api;
