@@ -13,6 +13,7 @@
 //! Kernel access is behind the [`Netlink`] trait: [`KernelNetlink`] uses `rtnetlink`,
 //! [`FakeNetlink`] records calls for tests.
 
+mod discoverd;
 mod fake;
 pub mod job;
 mod kernel;
@@ -21,6 +22,9 @@ mod reconcile;
 mod store;
 mod subnet;
 
+pub use discoverd::{
+    config_json, layout_from_config, DiscoverdStore, SERVICE as DISCOVERD_SERVICE,
+};
 pub use fake::{FakeNetlink, FAKE_BRIDGE_INDEX, FAKE_VXLAN_INDEX};
 pub use kernel::KernelNetlink;
 pub use lease::{Config as LeaseConfig, Lease, LeaseError, Leaser};
@@ -28,5 +32,7 @@ pub use reconcile::{
     desired, plan, reconcile, setup, BridgeSpec, DeviceConfig, Devices, Fdb, KernelState, Neigh,
     Netlink, NetlinkError, Op, Route, Underlay, VxlanSpec, VXLAN_OVERHEAD,
 };
+#[doc(hidden)]
+pub use store::conformance;
 pub use store::{LeaseStore, LeaseWatch, MemoryStore, Snapshot, StoreError};
 pub use subnet::{Layout, Mac, ParseError, Subnet, DEFAULT_NETWORK};

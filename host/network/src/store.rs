@@ -1,9 +1,8 @@
 //! Where subnet leases live: the [`LeaseStore`] trait and an in-memory implementation.
 //!
 //! Every write is a compare-and-swap on the lease's `revision`, the way discoverd's service metadata
-//! is written (spec §2.4, §6). A discoverd-backed implementation (leases in the meta document of the
-//! `flannel` service, via `flynn-client`) is a follow-up; [`MemoryStore`] is used by tests and
-//! single-host setups.
+//! is written (spec §2.4, §6). [`crate::DiscoverdStore`] keeps them in discoverd; [`MemoryStore`] is
+//! used by tests and single-host setups.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -203,9 +202,10 @@ impl LeaseStore for MemoryStore {
     }
 }
 
-/// Behaviour every [`LeaseStore`] must have; run it against each implementation.
-#[cfg(test)]
-pub(crate) mod conformance {
+/// Behaviour every [`LeaseStore`] must have; run it against each implementation (the discoverd
+/// store's integration test runs it too, hence public).
+#[doc(hidden)]
+pub mod conformance {
     use super::*;
     use crate::subnet::Mac;
     use std::net::Ipv4Addr;
@@ -222,7 +222,7 @@ pub(crate) mod conformance {
         }
     }
 
-    pub(crate) async fn suite<S: LeaseStore>(store: S) {
+    pub async fn suite<S: LeaseStore>(store: S) {
         let mut watch = store.watch().await.unwrap();
         let a = store
             .create(&lease("100.100.1.0/24", [10, 0, 0, 1]))
@@ -267,6 +267,7 @@ pub(crate) mod conformance {
         assert_eq!(snap.leases.len(), 1);
     }
 
+    #[cfg(test)]
     #[tokio::test]
     async fn memory_store_conforms() {
         suite(MemoryStore::new()).await;

@@ -1,0 +1,439 @@
+//! [`DiscoverdStore`]: subnet leases kept in discoverd, in the metadata of the `flannel` service
+//! (spec §6), written with the metadata compare-and-swap (spec §2.4).
+//!
+//! The document is `{"config": {...}, "subnets": {"a.b.c.d-24": LeaseAttrs}}`. `LeaseAttrs` is
+//! flannel's (`PublicIP`, `BackendType`, `BackendData.VtepMAC`) plus two fields flannel ignores:
+//! `Expiration` (Unix seconds; a lease without one never expires, as in flannel) and `Revision`,
+//! the per-lease compare-and-swap token. A write that read the document at index `n` stamps the
+//! lease it changes with revision `n + 1`; every successful write consumes a distinct index, so a
+//! revision is never reused, even after a delete and re-create.
+//!
+//! Every write reads the document, checks the lease-level condition and writes the whole document
+//! back at the index it read. When another host wrote in between (discoverd answers 409/412) the
+//! write is retried from a fresh read, a bounded number of times. Keys and fields this module does
+//! not know are carried over untouched.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use flynn_api::ErrorCode;
+use flynn_client::discoverd::{Client, Error as ClientError, EventKind, ServiceMeta};
+use serde_json::{json, Map, Value};
+use tokio::sync::watch;
+
+use crate::lease::Lease;
+use crate::store::{LeaseStore, LeaseWatch, Snapshot, StoreError};
+use crate::subnet::{Layout, Mac, Subnet};
+
+/// The discoverd service whose metadata holds the leases.
+pub const SERVICE: &str = "flannel";
+
+/// How often a write is retried after losing the document-level compare-and-swap.
+const WRITE_ATTEMPTS: u32 = 20;
+
+/// Expiry reported for a lease that carries none (flannel writes none): never.
+const NO_EXPIRY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// [`LeaseStore`] backed by discoverd.
+#[derive(Clone)]
+pub struct DiscoverdStore {
+    client: Client,
+    service: String,
+}
+
+impl std::fmt::Debug for DiscoverdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiscoverdStore")
+            .field("service", &self.service)
+            .finish()
+    }
+}
+
+fn unavailable(e: ClientError) -> StoreError {
+    StoreError::Unavailable {
+        reason: format!("{e}"),
+    }
+}
+
+/// Whether discoverd refused a metadata write because the document changed since it was read.
+fn cas_lost(e: &ClientError) -> bool {
+    e.api().is_some_and(|a| {
+        matches!(
+            a.code,
+            ErrorCode::ObjectExists | ErrorCode::PreconditionFailed | ErrorCode::Conflict
+        )
+    })
+}
+
+fn not_found(e: &ClientError) -> bool {
+    e.api().is_some_and(|a| a.status() == 404)
+}
+
+/// The lease in `attrs` stored under `key`, if both parse.
+fn parse_lease(key: &str, attrs: &Value) -> Option<Lease> {
+    let subnet: Subnet = key.parse().ok()?;
+    let public_ip = attrs.get("PublicIP")?.as_str()?.parse().ok()?;
+    let vtep_mac = attrs
+        .get("BackendData")
+        .and_then(|b| b.get("VtepMAC"))
+        .and_then(Value::as_str)
+        .and_then(|m| m.parse::<Mac>().ok())
+        .unwrap_or_else(|| Mac::for_subnet(&subnet));
+    let expires_at = SystemTime::UNIX_EPOCH
+        + attrs
+            .get("Expiration")
+            .and_then(Value::as_u64)
+            .map(Duration::from_secs)
+            .unwrap_or(NO_EXPIRY);
+    let revision = attrs.get("Revision").and_then(Value::as_u64).unwrap_or(0);
+    Some(Lease {
+        subnet,
+        public_ip,
+        vtep_mac,
+        expires_at,
+        revision,
+    })
+}
+
+/// Every lease in a metadata document at `index`; entries that do not parse are skipped.
+fn snapshot(data: &Value, index: u64) -> Snapshot {
+    let mut leases: Vec<Lease> = data
+        .get("subnets")
+        .and_then(Value::as_object)
+        .map(|subnets| {
+            subnets
+                .iter()
+                .filter_map(|(k, v)| {
+                    let l = parse_lease(k, v);
+                    if l.is_none() {
+                        tracing::warn!(key = %k, "skipping a lease record that does not parse");
+                    }
+                    l
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    leases.sort_by_key(|l| l.subnet);
+    Snapshot {
+        revision: index,
+        leases,
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `lease` as stored: expiry truncated to whole seconds, revision `revision`.
+fn stored(lease: &Lease, revision: u64) -> Lease {
+    Lease {
+        expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(unix_secs(lease.expires_at)),
+        revision,
+        ..lease.clone()
+    }
+}
+
+/// Writes `lease`'s fields into `attrs`, keeping fields it does not own.
+fn write_attrs(attrs: &mut Value, lease: &Lease) {
+    if !attrs.is_object() {
+        *attrs = Value::Object(Map::new());
+    }
+    let o = attrs.as_object_mut().expect("object");
+    o.insert("PublicIP".into(), json!(lease.public_ip.to_string()));
+    o.insert("BackendType".into(), json!("vxlan"));
+    let data = o
+        .entry("BackendData")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !data.is_object() {
+        *data = Value::Object(Map::new());
+    }
+    data.as_object_mut()
+        .expect("object")
+        .insert("VtepMAC".into(), json!(lease.vtep_mac.to_string()));
+    o.insert("Expiration".into(), json!(unix_secs(lease.expires_at)));
+    o.insert("Revision".into(), json!(lease.revision));
+}
+
+/// flannel's `config` object for `layout`.
+pub fn config_json(layout: &Layout, vni: u32, port: u16) -> Value {
+    json!({
+        "Network": layout.network.to_string(),
+        "SubnetLen": layout.subnet_len,
+        "SubnetMin": layout.subnet_min.to_string(),
+        "SubnetMax": layout.subnet_max.to_string(),
+        "Backend": {"Type": "vxlan", "VNI": vni, "Port": port},
+    })
+}
+
+/// The [`Layout`] a stored `config` object describes (flannel's defaults for missing fields).
+pub fn layout_from_config(config: &Value) -> Result<Layout, StoreError> {
+    let bad = |reason: String| StoreError::Unavailable {
+        reason: format!("invalid flannel config: {reason}"),
+    };
+    let network: Subnet = config
+        .get("Network")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("no Network".into()))?
+        .parse()
+        .map_err(|e| bad(format!("{e}")))?;
+    let len = config
+        .get("SubnetLen")
+        .and_then(Value::as_u64)
+        .and_then(|l| u8::try_from(l).ok());
+    let mut layout = Layout::with_defaults(network, len).map_err(|e| bad(format!("{e}")))?;
+    let ip = |k: &str| {
+        config
+            .get(k)
+            .and_then(Value::as_str)
+            .map(|s| {
+                s.parse()
+                    .map_err(|_| bad(format!("{k} {s:?} is not an address")))
+            })
+            .transpose()
+    };
+    if let Some(min) = ip("SubnetMin")? {
+        layout.subnet_min = min;
+    }
+    if let Some(max) = ip("SubnetMax")? {
+        layout.subnet_max = max;
+    }
+    layout.validate().map_err(|e| bad(format!("{e}")))?;
+    Ok(layout)
+}
+
+impl DiscoverdStore {
+    /// A store in service [`SERVICE`] of the discoverd at `client`.
+    pub fn new(client: Client) -> DiscoverdStore {
+        DiscoverdStore::with_service(client, SERVICE)
+    }
+
+    /// A store in another service (tests use one per test).
+    pub fn with_service(client: Client, service: &str) -> DiscoverdStore {
+        DiscoverdStore {
+            client,
+            service: service.to_string(),
+        }
+    }
+
+    /// The discoverd service holding the leases.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Registers the service (if needed) and writes `config` as the cluster's network config when
+    /// none is stored yet (index 0, "already exists" ignored, as flannel's wrapper does). Returns
+    /// the config in effect, which is the stored one when another host was first.
+    pub async fn init(&self, config: Value) -> Result<Value, StoreError> {
+        match self.client.add_service(&self.service, "oldest").await {
+            Ok(()) => {}
+            Err(e) if cas_lost(&e) => {}
+            Err(e) => return Err(unavailable(e)),
+        }
+        let meta = ServiceMeta {
+            data: json!({ "config": config, "subnets": {} }),
+            leader_id: None,
+            index: 0,
+        };
+        match self.client.set_meta(&self.service, &meta).await {
+            Ok(_) => {}
+            Err(e) if cas_lost(&e) => {}
+            Err(e) => return Err(unavailable(e)),
+        }
+        let (data, _) = self.read().await?;
+        match data.get("config") {
+            Some(c) if !c.is_null() => Ok(c.clone()),
+            _ => Ok(config),
+        }
+    }
+
+    /// The document and its index; an empty document at index 0 when there is none yet.
+    async fn read(&self) -> Result<(Value, u64), StoreError> {
+        match self.client.get_meta(&self.service).await {
+            Ok(m) => Ok((m.data, m.index)),
+            Err(e) if not_found(&e) => Ok((Value::Null, 0)),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Read-modify-write of the document. `change` returns the result to hand back once the write
+    /// lands, or the error that ends the attempt without writing.
+    async fn modify<T>(
+        &self,
+        key: &str,
+        mut change: impl FnMut(&mut Map<String, Value>, u64) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        for attempt in 1..=WRITE_ATTEMPTS {
+            let (mut data, index) = self.read().await?;
+            if !data.is_object() {
+                data = json!({});
+            }
+            let doc = data.as_object_mut().expect("object");
+            let subnets = doc
+                .entry("subnets")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if !subnets.is_object() {
+                *subnets = Value::Object(Map::new());
+            }
+            let out = change(subnets.as_object_mut().expect("object"), index + 1)?;
+            let meta = ServiceMeta {
+                data,
+                leader_id: None,
+                index,
+            };
+            if index == 0 {
+                // The service must exist before its metadata can be created.
+                match self.client.add_service(&self.service, "oldest").await {
+                    Err(e) if !cas_lost(&e) => return Err(unavailable(e)),
+                    _ => {}
+                }
+            }
+            match self.client.set_meta(&self.service, &meta).await {
+                Ok(_) => return Ok(out),
+                Err(e) if cas_lost(&e) => {
+                    tracing::debug!(key, attempt, "lease document changed meanwhile; retrying");
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(5..50))).await;
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Err(StoreError::Unavailable {
+            reason: format!("lease document kept changing ({WRITE_ATTEMPTS} attempts)"),
+        })
+    }
+
+    /// Checks that the stored record for `lease` exists at `lease.revision`.
+    fn check(subnets: &Map<String, Value>, lease: &Lease) -> Result<(), StoreError> {
+        let key = lease.subnet.key();
+        let cur = subnets
+            .get(&key)
+            .ok_or_else(|| StoreError::NotFound { key: key.clone() })?;
+        let rev = cur.get("Revision").and_then(Value::as_u64).unwrap_or(0);
+        if rev != lease.revision {
+            return Err(StoreError::Conflict { key });
+        }
+        Ok(())
+    }
+}
+
+impl LeaseStore for DiscoverdStore {
+    async fn leases(&self) -> Result<Snapshot, StoreError> {
+        let (data, index) = self.read().await?;
+        Ok(snapshot(&data, index))
+    }
+
+    async fn create(&self, lease: &Lease) -> Result<Lease, StoreError> {
+        let key = lease.subnet.key();
+        self.modify(&key, |subnets, rev| {
+            if subnets.contains_key(&key) {
+                return Err(StoreError::Conflict { key: key.clone() });
+            }
+            let l = stored(lease, rev);
+            let mut attrs = Value::Null;
+            write_attrs(&mut attrs, &l);
+            subnets.insert(key.clone(), attrs);
+            Ok(l)
+        })
+        .await
+    }
+
+    async fn update(&self, lease: &Lease) -> Result<Lease, StoreError> {
+        let key = lease.subnet.key();
+        self.modify(&key, |subnets, rev| {
+            DiscoverdStore::check(subnets, lease)?;
+            let l = stored(lease, rev);
+            write_attrs(subnets.get_mut(&key).expect("checked"), &l);
+            Ok(l)
+        })
+        .await
+    }
+
+    async fn delete(&self, lease: &Lease) -> Result<(), StoreError> {
+        let key = lease.subnet.key();
+        self.modify(&key, |subnets, _| {
+            DiscoverdStore::check(subnets, lease)?;
+            subnets.remove(&key);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Follows the service's `service_meta` events with the client's resuming watch; the task
+    /// ends when every [`LeaseWatch`] is dropped.
+    async fn watch(&self) -> Result<LeaseWatch, StoreError> {
+        let first = self.leases().await?;
+        let (tx, rx) = watch::channel(Arc::new(first));
+        let mut events = self.client.watch(&self.service);
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = tx.closed() => return,
+                    ev = events.next() => ev,
+                };
+                let Some(ev) = ev else { return };
+                if ev.kind != EventKind::ServiceMeta {
+                    continue;
+                }
+                let Some(meta) = ev.service_meta else {
+                    continue;
+                };
+                let snap = snapshot(&meta.data, meta.index);
+                // Skip replays of what the receiver already has.
+                if snap.revision > tx.borrow().revision || *tx.borrow() != Arc::new(snap.clone()) {
+                    tx.send_replace(Arc::new(snap));
+                }
+            }
+        });
+        Ok(LeaseWatch::new(rx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn attrs_round_trip_and_foreign_fields_survive() {
+        let subnet: Subnet = "100.100.3.0/24".parse().unwrap();
+        let lease = Lease {
+            subnet,
+            public_ip: Ipv4Addr::new(10, 0, 0, 3),
+            vtep_mac: Mac::for_subnet(&subnet),
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_millis(5_500),
+            revision: 7,
+        };
+        let mut attrs = json!({"HTTPPort": "5001", "BackendData": {"Other": 1}});
+        let s = stored(&lease, 7);
+        write_attrs(&mut attrs, &s);
+        assert_eq!(attrs["HTTPPort"], "5001");
+        assert_eq!(attrs["BackendData"]["Other"], 1);
+        assert_eq!(attrs["BackendData"]["VtepMAC"], "0e:66:64:64:03:00");
+        assert_eq!(attrs["Expiration"], 5);
+        assert_eq!(parse_lease(&subnet.key(), &attrs), Some(s));
+    }
+
+    #[test]
+    fn flannel_written_lease_parses_and_never_expires() {
+        let attrs = json!({"PublicIP": "10.0.0.9", "BackendType": "vxlan",
+            "BackendData": {"VtepMAC": "aa:bb:cc:dd:ee:ff"}});
+        let l = parse_lease("100.100.9.0-24", &attrs).unwrap();
+        assert_eq!(l.vtep_mac.to_string(), "aa:bb:cc:dd:ee:ff");
+        assert_eq!(l.revision, 0);
+        assert!(!l.is_expired(SystemTime::now() + Duration::from_secs(10 * 365 * 24 * 3600)));
+        let doc = json!({"subnets": {"100.100.9.0-24": attrs, "junk": {}, "100.100.1.0-24": 3}});
+        let snap = snapshot(&doc, 12);
+        assert_eq!((snap.revision, snap.leases.len()), (12, 1));
+    }
+
+    #[test]
+    fn config_round_trips_to_a_layout() {
+        let layout = Layout::with_defaults("10.50.0.0/16".parse().unwrap(), Some(24)).unwrap();
+        let cfg = config_json(&layout, 1, 8472);
+        assert_eq!(layout_from_config(&cfg).unwrap(), layout);
+        let flannel = json!({"Network": "100.100.0.0/16", "Backend": {"Type": "vxlan"}});
+        assert_eq!(layout_from_config(&flannel).unwrap(), Layout::default());
+        assert!(layout_from_config(&json!({"Network": "nope"})).is_err());
+    }
+}

@@ -1,0 +1,150 @@
+//! A real `flynn-discoverd` for tests: located next to the test binary (built with `cargo build -p
+//! flynn-discoverd` when missing, since a test outside its package cannot use `CARGO_BIN_EXE`),
+//! started on a port it picks itself, SIGKILLed and reaped on drop.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+/// `target/<profile>/<name>`, building the package if the binary is not there.
+pub fn workspace_bin(name: &str, package: &str) -> Result<PathBuf> {
+    // target/<profile>/deps/<this test> → target/<profile>/<name>
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .context("test binary has no target dir")?
+        .to_path_buf();
+    let path = dir.join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", package, "--bin", name]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().context("running cargo build")?;
+        if !status.success() {
+            bail!("building {package} failed");
+        }
+    }
+    if !path.exists() {
+        bail!("{} not found after building", path.display());
+    }
+    Ok(path)
+}
+
+pub struct Discoverd {
+    child: Child,
+    /// `host:port` of the HTTP API.
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Discoverd {
+    /// A single-node discoverd listening on `listen` (e.g. `127.0.0.1:0`), inside network
+    /// namespace `netns` when given.
+    pub fn start(listen: &str, netns: Option<&str>) -> Result<Discoverd> {
+        let bin = workspace_bin("flynn-discoverd", "flynn-discoverd")?;
+        let dir = tempfile::tempdir()?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("FLYNN_") && k != "FLYNN_LOG" {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--addr", listen, "--instance-ttl", "5s"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn flynn-discoverd")?;
+        let out = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(out).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            for _ in lines {}
+        });
+        let mut d = Discoverd {
+            child,
+            addr: String::new(),
+            _dir: dir,
+        };
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .context("discoverd printed no listening line")?;
+        d.addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("http="))
+            .with_context(|| format!("no http= in {line:?}"))?
+            .to_string();
+        d.wait_for_leader()?;
+        Ok(d)
+    }
+
+    /// Waits (up to 20 s) until writes are accepted: a fresh node has no Raft leader for a moment.
+    fn wait_for_leader(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let url = format!("{}/services/ready-probe", self.url());
+        loop {
+            let out = Command::new("curl")
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-m",
+                    "2",
+                    "-X",
+                    "PUT",
+                ])
+                .args([
+                    "-H",
+                    "content-type: application/json",
+                    "-d",
+                    r#"{"leader_type":"oldest"}"#,
+                ])
+                .arg(&url)
+                .output();
+            let code = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            if matches!(code.as_deref(), Ok("200") | Ok("409")) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "discoverd at {} never accepted writes (last: {code:?})",
+                    self.addr
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Discoverd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
