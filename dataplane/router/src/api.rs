@@ -29,6 +29,9 @@ pub struct Api {
     file: Mutex<crate::reload::FileRoutes>,
     pub shared: Arc<Shared>,
     pub events: broadcast::Sender<StreamEvent>,
+    /// The version of the last published table; discovery wakes on it to follow the set
+    /// of routed services.
+    pub published: tokio::sync::watch::Sender<u64>,
 }
 
 /// An [`ApiError`] as an HTTP response: status from the code table, JSON envelope.
@@ -58,6 +61,7 @@ impl Api {
             file: Mutex::new(file),
             shared,
             events,
+            published: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -70,7 +74,9 @@ impl Api {
         self.shared
             .certs
             .publish(store.cert_store(self.shared.default_cert.clone()));
-        self.shared.publish(store.table())
+        let v = self.shared.publish(store.table());
+        self.published.send_replace(v);
+        v
     }
 
     /// Applies a new version of the routes file (blocking; for the signal handler).

@@ -2,11 +2,10 @@
 //! route names is watched, and its instances (with the service leader marked) become
 //! that service's backends, applied like `PUT /services/:service/backends`. Watches
 //! resume after disconnects without losing events (`flynn-client`), and services are
-//! watched or dropped as routes come and go.
+//! watched or dropped as routes come and go (woken by each published table, no polling).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
 
 use flynn_api::BackendAddr;
 use flynn_client::discoverd::{Client, EventKind, Instance};
@@ -16,6 +15,7 @@ use crate::api::Api;
 pub async fn run(api: Arc<Api>, url: String) {
     let client = Client::new(&url);
     let mut watches: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut published = api.published.subscribe();
     loop {
         let wanted = api.routed_services();
         watches.retain(|svc, task| {
@@ -30,7 +30,9 @@ pub async fn run(api: Arc<Api>, url: String) {
                 .entry(svc.clone())
                 .or_insert_with(|| tokio::spawn(watch(api.clone(), client.clone(), svc)));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if published.changed().await.is_err() {
+            return;
+        }
     }
 }
 
