@@ -373,6 +373,28 @@ pub fn ping_count(from: &str, ip: Ipv4Addr, count: u32) -> u32 {
         .unwrap_or(0)
 }
 
+/// The TTL of the reply to one ping (how many routing hops the path took), if answered.
+pub fn ping_ttl(from: &str, ip: Ipv4Addr) -> Option<u8> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            from,
+            "ping",
+            "-n",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            &ip.to_string(),
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let at = text.find("ttl=")? + 4;
+    text[at..].split_whitespace().next()?.parse().ok()
+}
+
 /// Whether one ping gets an answer within `tries` attempts.
 pub fn ping(from: &str, ip: Ipv4Addr, tries: u32) -> bool {
     (0..tries).any(|_| ping_count(from, ip, 1) == 1)

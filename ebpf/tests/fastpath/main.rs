@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use anyhow::{ensure, Context, Result};
 use aya::programs::{SchedClassifier, TcAttachType};
 use flynn_ebpf::{Counters, Endpoint, FastPath, Hop, Role};
-use lab::{ifindex, in_ns, mac, ping, ping_count, tcp_roundtrip, Bpffs, Job, Lab};
+use lab::{ifindex, in_ns, mac, ping, ping_count, ping_ttl, tcp_roundtrip, Bpffs, Job, Lab};
 
 const MTU: u32 = 1450;
 
@@ -211,6 +211,7 @@ fn cross_host_redirect_neigh_over_vxlan() -> Result<()> {
     let bpffs = Bpffs::mount()?;
     let mut lab = Lab::new();
     let t = two_hosts(&mut lab)?;
+    let kernel_ttl = ping_ttl(&t.j1.ns, t.j2.ip).context("no reply on the kernel path")?;
     let mut fp1 = fast_path_on(&t.h1, &bpffs.pin_dir("h1"), &t.j1, BLOCK2)?;
     let mut fp2 = fast_path_on(&t.h2, &bpffs.pin_dir("h2"), &t.j2, BLOCK1)?;
 
@@ -229,6 +230,12 @@ fn cross_host_redirect_neigh_over_vxlan() -> Result<()> {
             "{name}: {b:?} -> {a:?}"
         );
     }
+    // The fast path decrements TTL like the two routing hops it replaces (checksum updated).
+    let fast_ttl = ping_ttl(&t.j1.ns, t.j2.ip).context("no reply on the fast path")?;
+    ensure!(
+        fast_ttl == kernel_ttl,
+        "reply TTL {fast_ttl} on the fast path, {kernel_ttl} on the kernel path"
+    );
     tcp_roundtrip(&t.j1.ns, &t.j2.ns, t.j2.ip, 7101, 4 << 20).context("TCP j1 -> j2")?;
     tcp_roundtrip(&t.j2.ns, &t.j1.ns, t.j1.ip, 7102, 4 << 20).context("TCP j2 -> j1")?;
     let c1 = counters(&fp1)?;
@@ -361,4 +368,62 @@ fn restart_swaps_programs_keeps_maps_and_traffic() -> Result<()> {
     fp1.unpin()?;
     fp2.unpin()?;
     Ok(())
+}
+
+#[test]
+fn bad_input_gets_clear_errors() -> Result<()> {
+    if !lab::should_run("bad_input_gets_clear_errors") {
+        return Ok(());
+    }
+    // A pin directory outside any BPF filesystem is refused, not silently created.
+    let plain = tempfile::tempdir()?;
+    let err = FastPath::load(&plain.path().join("flynn")).unwrap_err();
+    ensure!(
+        matches!(err, flynn_ebpf::EbpfError::NotBpffs { .. }),
+        "plain directory: {err}"
+    );
+
+    let bpffs = Bpffs::mount()?;
+    let mut lab = Lab::new();
+    let host = lab.add_ns("h")?;
+    let pin_dir = bpffs.pin_dir("flynn");
+    in_ns(&host, || {
+        let mut fp = FastPath::load(&pin_dir)?;
+        let e = fp.attach(0, Role::JobVeth).unwrap_err();
+        ensure!(matches!(e, flynn_ebpf::EbpfError::ZeroIfindex), "{e}");
+        let e = fp.attach(999_999, Role::Vxlan).unwrap_err();
+        ensure!(
+            matches!(
+                e,
+                flynn_ebpf::EbpfError::NoSuchInterface { ifindex: 999_999 }
+            ),
+            "{e}"
+        );
+        let hop = Hop {
+            ifindex: 1,
+            next_hop: Ipv4Addr::new(100, 100, 2, 0),
+        };
+        let e = fp
+            .upsert_prefix(Ipv4Addr::new(100, 100, 2, 1), 24, hop)
+            .unwrap_err();
+        ensure!(e.to_string().contains("host bits"), "{e}");
+        let e = fp.upsert_prefix(BLOCK2, 40, hop).unwrap_err();
+        ensure!(e.to_string().contains("over 32"), "{e}");
+        let e = fp
+            .upsert_endpoint(
+                Ipv4Addr::new(100, 100, 1, 10),
+                Endpoint {
+                    ifindex: 0,
+                    mac: [2, 0, 0, 0, 0, 1],
+                    gateway_mac: [2, 0, 0, 0, 0, 2],
+                },
+            )
+            .unwrap_err();
+        ensure!(matches!(e, flynn_ebpf::EbpfError::ZeroIfindex), "{e}");
+        // Nothing bad was stored.
+        ensure!(fp.endpoint_ips()?.is_empty(), "endpoint stored");
+        ensure!(fp.counters()? == Counters::default(), "counters moved");
+        fp.unpin()?;
+        Ok(())
+    })
 }

@@ -1,0 +1,96 @@
+//! Manual control of the fast path, for experiments and the perf harness. Runs in the caller's
+//! network namespace (use `ip netns exec`).
+//!
+//! ```text
+//! fastpathctl PIN_DIR attach IFNAME job|vxlan
+//! fastpathctl PIN_DIR detach IFNAME
+//! fastpathctl PIN_DIR endpoint IP IFNAME JOB_MAC GATEWAY_MAC
+//! fastpathctl PIN_DIR rm-endpoint IP
+//! fastpathctl PIN_DIR prefix NET/LEN IFNAME NEXT_HOP
+//! fastpathctl PIN_DIR rm-prefix NET/LEN
+//! fastpathctl PIN_DIR counters
+//! fastpathctl PIN_DIR unpin
+//! ```
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use flynn_ebpf::{Endpoint, FastPath, Hop, Role};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let Some((pin, rest)) = a.split_first() else {
+        bail!("usage: fastpathctl PIN_DIR COMMAND ... (see the source header)");
+    };
+    let mut fp = FastPath::load(Path::new(pin)).context("load")?;
+    match rest {
+        ["attach", dev, role] => {
+            let role = match *role {
+                "job" => Role::JobVeth,
+                "vxlan" => Role::Vxlan,
+                r => bail!("role {r:?}: want job or vxlan"),
+            };
+            fp.attach(ifindex(dev)?, role)?;
+        }
+        ["detach", dev] => fp.detach(ifindex(dev)?)?,
+        ["endpoint", ip, dev, mac, gw] => fp.upsert_endpoint(
+            ip.parse()?,
+            Endpoint {
+                ifindex: ifindex(dev)?,
+                mac: parse_mac(mac)?,
+                gateway_mac: parse_mac(gw)?,
+            },
+        )?,
+        ["rm-endpoint", ip] => fp.remove_endpoint(ip.parse()?)?,
+        ["prefix", net, dev, hop] => {
+            let (net, len) = parse_net(net)?;
+            fp.upsert_prefix(
+                net,
+                len,
+                Hop {
+                    ifindex: ifindex(dev)?,
+                    next_hop: hop.parse()?,
+                },
+            )?;
+        }
+        ["rm-prefix", net] => {
+            let (net, len) = parse_net(net)?;
+            fp.remove_prefix(net, len)?;
+        }
+        ["counters"] => {
+            let c = fp.counters()?;
+            println!(
+                "redirected_local {}\nredirected_remote {}\npassed {}",
+                c.redirected_local, c.redirected_remote, c.passed
+            );
+        }
+        ["unpin"] => fp.unpin()?,
+        _ => bail!("unknown command {rest:?} (see the source header)"),
+    }
+    Ok(())
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    let path = format!("/sys/class/net/{name}/ifindex");
+    let s = std::fs::read_to_string(&path).with_context(|| format!("no interface {name}"))?;
+    Ok(s.trim().parse()?)
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let parts: Vec<_> = s.split(':').collect();
+    if parts.len() != 6 {
+        bail!("bad MAC {s:?}");
+    }
+    for (o, p) in out.iter_mut().zip(parts) {
+        *o = u8::from_str_radix(p, 16).with_context(|| format!("bad MAC {s:?}"))?;
+    }
+    Ok(out)
+}
+
+fn parse_net(s: &str) -> Result<(Ipv4Addr, u8)> {
+    let (net, len) = s.split_once('/').context("want NET/LEN")?;
+    Ok((net.parse()?, len.parse()?))
+}
