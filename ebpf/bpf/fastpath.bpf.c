@@ -1,3 +1,4 @@
+//! Hot path: per-packet tc classifiers (see docs/HOT_PATH.md).
 // SPDX-License-Identifier: (BSD-3-Clause OR GPL-2.0)
 /* Overlay fast path: tc ingress classifiers for job veths (host side) and the VXLAN device.
  *
