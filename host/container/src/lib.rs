@@ -1,1 +1,31 @@
-//! Job containers for flynn-host.
+//! Job containers for flynn-host: the only crate that uses youki's `libcontainer`.
+//!
+//! libcontainer forks with a raw `clone3`, marks its caller non-dumpable and makes the container
+//! init the caller's child, so it must never run on an async worker thread. Each job therefore
+//! gets a small single-threaded helper process, the *shim* ([`shim_main`]), that creates the
+//! container, reaps its init, reads its stdout/stderr line by line and serves a unix control
+//! socket to the daemon ([`Shim`], [`ShimConn`]). The shim outlives daemon restarts; the daemon
+//! reconnects with [`Shim::connect`] and gets every event it has not acknowledged.
+//!
+//! A job's root file system is an overlay of read-only image layers ([`ImageStore`]) plus a
+//! per-job writable dir. Namespaces: pid, mount, uts, ipc, and either a pre-created network
+//! namespace (made by `flynn-network`) or a new one with only `lo`. Cgroup `<parent>/<id>` with
+//! memory, CPU quota and pids limits; Docker's default capability set; a default seccomp
+//! profile; no new privileges.
+//!
+//! Left to others: the job API, log shipping and service registration (flynn-host), job
+//! networking (flynn-network).
+
+mod error;
+mod image;
+mod outbox;
+pub mod seccomp;
+mod shim;
+mod spec;
+mod wire;
+
+pub use error::ContainerError;
+pub use image::{ImageStore, Layer};
+pub use shim::{cgroup_dirs, shim_main, Layout, Shim, ShimConn, SHIM_ARG};
+pub use spec::{valid_id, BindMount, ContainerSpec, Resources, CPU_PERIOD_US, DEFAULT_PATH};
+pub use wire::{ShimEvent, Stream, MAX_LINE};

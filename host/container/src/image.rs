@@ -1,0 +1,266 @@
+//! Content-addressed image layers: a layer tarball (plain or gzip) is named by the sha256 of the
+//! file and unpacked once into `<dir>/layers/<sha256>`, read-only from then on (overlayfs lower
+//! dir). Unpacking goes to a temporary directory renamed into place, so a layer directory is
+//! either complete or absent.
+
+use std::fs::{self, File};
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::ContainerError;
+
+/// An unpacked layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    pub sha256: String,
+    pub path: PathBuf,
+}
+
+/// Layers under one directory.
+#[derive(Debug, Clone)]
+pub struct ImageStore {
+    layers: PathBuf,
+}
+
+fn valid_sha(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl ImageStore {
+    /// Opens (creating if needed) the store under `dir`; removes unpacks left half-done.
+    pub fn open(dir: &Path) -> Result<ImageStore, ContainerError> {
+        let layers = dir.join("layers");
+        fs::create_dir_all(&layers).map_err(|e| ContainerError::io("creating", &layers, e))?;
+        let layers =
+            fs::canonicalize(&layers).map_err(|e| ContainerError::io("resolving", &layers, e))?;
+        if let Ok(rd) = fs::read_dir(&layers) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(ImageStore { layers })
+    }
+
+    /// Imports the layer tarball at `tar`, checking its sha256 when `expected_sha256` is given.
+    /// A layer already present is not unpacked again.
+    pub fn import_tar(
+        &self,
+        tar: &Path,
+        expected_sha256: Option<&str>,
+    ) -> Result<Layer, ContainerError> {
+        if let Some(exp) = expected_sha256 {
+            if !valid_sha(exp) {
+                return Err(ContainerError::invalid(format!(
+                    "expected sha256 {exp:?} is not 64 lowercase hex digits"
+                )));
+            }
+        }
+        let mut file = File::open(tar).map_err(|e| ContainerError::io("opening", tar, e))?;
+        let sha256 = hash(&mut file).map_err(|e| ContainerError::io("reading", tar, e))?;
+        if let Some(exp) = expected_sha256 {
+            if exp != sha256 {
+                return Err(ContainerError::Checksum {
+                    expected: exp.into(),
+                    actual: sha256,
+                });
+            }
+        }
+        if let Some(layer) = self.layer(&sha256) {
+            return Ok(layer);
+        }
+        let tmp = self.layers.join(format!(
+            ".tmp-{sha256}-{}-{}",
+            std::process::id(),
+            fastish_nonce()
+        ));
+        let result = (|| {
+            fs::create_dir(&tmp).map_err(|e| ContainerError::io("creating", &tmp, e))?;
+            file.seek(SeekFrom::Start(0))
+                .map_err(|e| ContainerError::io("reading", tar, e))?;
+            unpack(BufReader::new(file), &tmp).map_err(|e| {
+                let mut reason = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    reason.push_str(&format!(": {s}"));
+                    src = s.source();
+                }
+                ContainerError::Image {
+                    path: tar.to_path_buf(),
+                    reason,
+                }
+            })?;
+            let dest = self.layers.join(&sha256);
+            match fs::rename(&tmp, &dest) {
+                Ok(()) => Ok(()),
+                // Someone else unpacked the same layer meanwhile: theirs is as good.
+                Err(_) if dest.is_dir() => {
+                    let _ = fs::remove_dir_all(&tmp);
+                    Ok(())
+                }
+                Err(e) => Err(ContainerError::io("renaming", &tmp, e)),
+            }
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        Ok(Layer {
+            path: self.layers.join(&sha256),
+            sha256,
+        })
+    }
+
+    /// The unpacked layer with this sha256, if present.
+    pub fn layer(&self, sha256: &str) -> Option<Layer> {
+        if !valid_sha(sha256) {
+            return None;
+        }
+        let path = self.layers.join(sha256);
+        path.is_dir().then(|| Layer {
+            sha256: sha256.into(),
+            path,
+        })
+    }
+}
+
+fn fastish_nonce() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn hash(r: &mut impl Read) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn unpack(mut r: BufReader<File>, dest: &Path) -> std::io::Result<()> {
+    use std::io::BufRead;
+    let gz = r.fill_buf()?.starts_with(&[0x1f, 0x8b]);
+    let reader: Box<dyn Read> = if gz {
+        Box::new(flate2::read::GzDecoder::new(r))
+    } else {
+        Box::new(r)
+    };
+    let mut ar = tar::Archive::new(reader);
+    ar.set_preserve_permissions(true);
+    ar.set_preserve_ownerships(true);
+    ar.set_preserve_mtime(true);
+    ar.set_unpack_xattrs(false);
+    ar.set_overwrite(true);
+    // `unpack` refuses entries that would land outside `dest` (.., absolute paths, symlinks).
+    ar.unpack(dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tarball(dir: &Path, files: &[(&str, &[u8])]) -> PathBuf {
+        let path = dir.join(format!("l{}.tar", fastish_nonce()));
+        let mut b = tar::Builder::new(File::create(&path).unwrap());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o755);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_cksum();
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.finish().unwrap();
+        path
+    }
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("flynn-images-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn import_is_content_addressed_and_idempotent() {
+        let d = tmpdir("idem");
+        let store = ImageStore::open(&d.join("store")).unwrap();
+        let t = tarball(
+            &d,
+            &[("bin/hello", b"#!/bin/sh\necho hi\n"), ("etc/x", b"x")],
+        );
+        let l = store.import_tar(&t, None).unwrap();
+        assert_eq!(l.sha256.len(), 64);
+        assert_eq!(fs::read(l.path.join("etc/x")).unwrap(), b"x");
+        let again = store.import_tar(&t, Some(&l.sha256)).unwrap();
+        assert_eq!(again, l);
+        assert_eq!(store.layer(&l.sha256), Some(l.clone()));
+        assert_eq!(store.layer(&"0".repeat(64)), None);
+        assert_eq!(store.layer("../etc"), None);
+        // No temporary dirs left.
+        let names: Vec<_> = fs::read_dir(d.join("store/layers"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(names.len(), 1);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn checksum_mismatch_and_bad_tar_leave_nothing() {
+        let d = tmpdir("bad");
+        let store = ImageStore::open(&d.join("store")).unwrap();
+        let t = tarball(&d, &[("a", b"1")]);
+        let err = store.import_tar(&t, Some(&"ab".repeat(32))).unwrap_err();
+        assert!(matches!(err, ContainerError::Checksum { .. }), "{err}");
+        assert!(matches!(
+            store.import_tar(&t, Some("nothex")),
+            Err(ContainerError::InvalidSpec { .. })
+        ));
+        let junk = d.join("junk.tar");
+        fs::write(&junk, vec![7u8; 2000]).unwrap();
+        assert!(store.import_tar(&junk, None).is_err());
+        assert!(store.import_tar(&d.join("missing.tar"), None).is_err());
+        assert_eq!(fs::read_dir(d.join("store/layers")).unwrap().count(), 0);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn path_traversal_is_refused() {
+        let d = tmpdir("trav");
+        let store = ImageStore::open(&d.join("store")).unwrap();
+        // Write a raw header naming ../escape (the builder refuses to create one).
+        let path = d.join("evil.tar");
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..9].copy_from_slice(b"../escape");
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend_from_slice(b"x");
+        bytes.resize(512 * 2, 0);
+        bytes.extend_from_slice(&[0u8; 1024]);
+        fs::write(&path, bytes).unwrap();
+        let _ = store.import_tar(&path, None);
+        assert!(!d.join("store/escape").exists());
+        assert!(!d.join("store/layers/escape").exists());
+        fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,373 @@
+//! The daemon's side of a shim: spawning it, (re)connecting, reading events, sending signals,
+//! cleaning up after it.
+
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixStream;
+
+use super::cgroups;
+use super::layout::{Layout, SHIM_ARG};
+use crate::spec::{valid_id, ContainerSpec};
+use crate::wire::{self, Frame, ShimEvent};
+use crate::ContainerError;
+
+/// Spawns, finds and cleans up per-job shims.
+pub struct Shim;
+
+/// A connection to one job's shim.
+pub struct ShimConn {
+    id: String,
+    layout: Layout,
+    /// `None` once the shim is gone; the final event then comes from the status file.
+    sock: Option<UnixStream>,
+    rbuf: Vec<u8>,
+    /// Sequence number of the next event frame.
+    next_seq: u64,
+    acked: u64,
+    hello: bool,
+    finished: bool,
+}
+
+/// Longest unix socket path (`sun_path` minus the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+fn check_id(id: &str) -> Result<(), ContainerError> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(ContainerError::invalid(format!("bad job id {id:?}")))
+    }
+}
+
+fn read_status(layout: &Layout) -> Option<ShimEvent> {
+    let bytes = fs::read(layout.status()).ok()?;
+    serde_json::from_slice(&bytes)
+        .ok()
+        .filter(ShimEvent::is_final)
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Is `pid` alive and the shim of `id`?
+fn shim_alive(pid: i32, id: &str) -> bool {
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.windows(3)
+        .any(|w| w[0] == SHIM_ARG.as_bytes() && w[2] == id.as_bytes())
+}
+
+impl Shim {
+    /// Spawns the shim for `spec` as `<program> <leading_args...> --flynn-shim <state_dir> <id>`
+    /// and connects to it. The shim detaches (own session, reparented away from the caller) and
+    /// outlives the caller.
+    pub async fn spawn(
+        program: &Path,
+        leading_args: &[String],
+        state_dir: &Path,
+        spec: &ContainerSpec,
+    ) -> Result<ShimConn, ContainerError> {
+        spec.validate()?;
+        fs::create_dir_all(state_dir).map_err(|e| ContainerError::io("creating", state_dir, e))?;
+        let state_dir = fs::canonicalize(state_dir)
+            .map_err(|e| ContainerError::io("resolving", state_dir, e))?;
+        let layout = Layout::new(&state_dir, &spec.id);
+        if layout.socket().as_os_str().as_bytes().len() > MAX_SOCKET_PATH {
+            return Err(ContainerError::invalid(format!(
+                "state dir {} is too long for a unix socket path",
+                state_dir.display()
+            )));
+        }
+        match fs::create_dir(&layout.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(ContainerError::Exists {
+                    id: spec.id.clone(),
+                })
+            }
+            Err(e) => return Err(ContainerError::io("creating", &layout.dir, e)),
+        }
+        let result = Self::start_shim(program, leading_args, &state_dir, &layout, spec).await;
+        if let Err(e) = result {
+            let _ = fs::remove_dir_all(&layout.dir);
+            return Err(e);
+        }
+        Self::connect(&state_dir, &spec.id).await
+    }
+
+    async fn start_shim(
+        program: &Path,
+        leading_args: &[String],
+        state_dir: &Path,
+        layout: &Layout,
+        spec: &ContainerSpec,
+    ) -> Result<(), ContainerError> {
+        let json = serde_json::to_vec_pretty(spec).expect("specs serialize");
+        fs::write(layout.spec(), json)
+            .map_err(|e| ContainerError::io("writing", layout.spec(), e))?;
+        let log = fs::File::create(layout.log())
+            .map_err(|e| ContainerError::io("creating", layout.log(), e))?;
+        // The shim forks; this process exits as soon as the control socket is bound.
+        let status = tokio::process::Command::new(program)
+            .args(leading_args)
+            .arg(SHIM_ARG)
+            .arg(state_dir)
+            .arg(&spec.id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .status()
+            .await
+            .map_err(|e| ContainerError::io("running", program, e))?;
+        if !status.success() {
+            let log = fs::read_to_string(layout.log()).unwrap_or_default();
+            let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+            return Err(ContainerError::ShimStart {
+                id: spec.id.clone(),
+                log: if tail.is_empty() {
+                    format!("exited with {status}")
+                } else {
+                    tail
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Connects to the shim of job `id`: a running one, or the final status of one that exited.
+    pub async fn connect(state_dir: &Path, id: &str) -> Result<ShimConn, ContainerError> {
+        check_id(id)?;
+        let layout = Layout::new(state_dir, id);
+        if !layout.dir.is_dir() {
+            return Err(ContainerError::NotFound { id: id.into() });
+        }
+        let sock = match UnixStream::connect(layout.socket()).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                if read_status(&layout).is_none() {
+                    return Err(ContainerError::io("connecting to", layout.socket(), e));
+                }
+                None
+            }
+        };
+        Ok(ShimConn {
+            id: id.into(),
+            layout,
+            sock,
+            rbuf: Vec::new(),
+            next_seq: 0,
+            acked: 0,
+            hello: false,
+            finished: false,
+        })
+    }
+
+    /// Job ids with shim state in `state_dir`, sorted.
+    pub fn list(state_dir: &Path) -> Vec<String> {
+        let Ok(rd) = fs::read_dir(state_dir) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<String> = rd
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .filter(|id| valid_id(id) && Layout::new(state_dir, id).spec().is_file())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Removes job `id`'s state, overlay dirs, mounts and cgroups; kills what still runs.
+    /// Idempotent: a job without state is fine.
+    pub fn cleanup(state_dir: &Path, id: &str) -> Result<(), ContainerError> {
+        check_id(id)?;
+        let layout = Layout::new(state_dir, id);
+        if !layout.dir.exists() {
+            return Ok(());
+        }
+        let spec: Option<ContainerSpec> = fs::read(layout.spec())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(spec) = &spec {
+            // Container processes first: killing the shim alone would orphan them.
+            if !cgroups::remove(spec) {
+                return Err(ContainerError::io(
+                    "removing cgroups of",
+                    &layout.dir,
+                    std::io::Error::other("processes did not go away"),
+                ));
+            }
+        }
+        if let Some(pid) = read_pid(&layout.shim_pid()) {
+            if shim_alive(pid, id) {
+                // SAFETY: kill takes no pointers; the pid was checked to be this job's shim.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                for _ in 0..100 {
+                    if !shim_alive(pid, id) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        let rootfs = layout.rootfs();
+        if let Ok(c) = std::ffi::CString::new(rootfs.as_os_str().as_bytes()) {
+            // SAFETY: valid NUL-terminated path. Not mounted here (the shim mounts it in its own
+            // namespace) is the normal case and harmless.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        if is_mount_point(&rootfs) {
+            return Err(ContainerError::io(
+                "unmounting",
+                rootfs,
+                std::io::Error::other("still a mount point"),
+            ));
+        }
+        fs::remove_dir_all(&layout.dir).or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(ContainerError::io("removing", &layout.dir, e))
+            }
+        })
+    }
+}
+
+fn is_mount_point(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (fs::metadata(p), p.parent().map(fs::metadata)) {
+        (Ok(a), Some(Ok(b))) => a.dev() != b.dev(),
+        _ => false,
+    }
+}
+
+impl ShimConn {
+    /// The job id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    async fn write_all(&self, mut bytes: &[u8]) -> Result<(), ContainerError> {
+        let Some(sock) = &self.sock else {
+            return Err(ContainerError::Protocol {
+                reason: format!("shim of {} is gone", self.id),
+            });
+        };
+        while !bytes.is_empty() {
+            sock.writable()
+                .await
+                .map_err(|e| ContainerError::io("writing to", self.layout.socket(), e))?;
+            match sock.try_write(bytes) {
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(ContainerError::io("writing to", self.layout.socket(), e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn ack_frame(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        wire::encode_u64(wire::ACK, self.next_seq, &mut b);
+        b
+    }
+
+    async fn ack(&mut self) -> Result<(), ContainerError> {
+        if self.hello && self.next_seq > self.acked && self.sock.is_some() {
+            self.write_all(&self.ack_frame()).await?;
+            self.acked = self.next_seq;
+        }
+        Ok(())
+    }
+
+    /// The next event; `None` once the shim finished (after `Exited` or `Failed`).
+    /// Each call acknowledges the events returned before it.
+    pub async fn next_event(&mut self) -> Result<Option<ShimEvent>, ContainerError> {
+        if self.finished {
+            return Ok(None);
+        }
+        // A shim that already went away cannot take the ack; that is fine.
+        if self.ack().await.is_err() {
+            self.sock = None;
+        }
+        loop {
+            let frame = wire::decode(&mut self.rbuf)
+                .map_err(|reason| ContainerError::Protocol { reason })?;
+            match frame {
+                Some(Frame::Hello { seq, pid }) if !self.hello => {
+                    self.hello = true;
+                    self.next_seq = seq;
+                    self.acked = seq;
+                    // `Started` is always the shim's first event; when an earlier connection
+                    // acknowledged it, this one learns the pid from the greeting.
+                    if seq > 0 && pid > 0 {
+                        return Ok(Some(ShimEvent::Started { pid }));
+                    }
+                    continue;
+                }
+                Some(Frame::Event(ev)) if self.hello => {
+                    self.next_seq += 1;
+                    if ev.is_final() {
+                        self.finished = true;
+                        // Tell the shim right away so it can exit.
+                        if self.ack().await.is_err() {
+                            self.sock = None;
+                        }
+                    }
+                    return Ok(Some(ev));
+                }
+                Some(f) => {
+                    return Err(ContainerError::Protocol {
+                        reason: format!("unexpected frame {f:?}"),
+                    })
+                }
+                None => {}
+            }
+            let n = match self.sock.as_mut() {
+                Some(s) => s
+                    .read_buf(&mut self.rbuf)
+                    .await
+                    .map_err(|e| ContainerError::io("reading", self.layout.socket(), e))?,
+                None => 0,
+            };
+            if n == 0 {
+                self.sock = None;
+                self.finished = true;
+                return match read_status(&self.layout) {
+                    Some(ev) => Ok(Some(ev)),
+                    None => Err(ContainerError::Protocol {
+                        reason: format!("shim of {} went away without a final status", self.id),
+                    }),
+                };
+            }
+        }
+    }
+
+    /// Sends `sig` to the job's init process.
+    pub async fn signal(&self, sig: i32) -> Result<(), ContainerError> {
+        if !(1..=64).contains(&sig) {
+            return Err(ContainerError::invalid(format!("bad signal {sig}")));
+        }
+        let mut b = Vec::new();
+        wire::encode_signal(sig, &mut b);
+        self.write_all(&b).await
+    }
+}
+
+impl Drop for ShimConn {
+    fn drop(&mut self) {
+        // Best effort: acknowledge what the caller already has, so a reconnect does not repeat it.
+        if let Some(sock) = &self.sock {
+            if self.hello && self.next_seq > self.acked {
+                let _ = sock.try_write(&self.ack_frame());
+            }
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! Where a job's shim keeps its state: `<state_dir>/<id>/`.
+
+use std::path::{Path, PathBuf};
+
+/// Paths inside one job's state directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub dir: PathBuf,
+}
+
+impl Layout {
+    pub fn new(state_dir: &Path, id: &str) -> Self {
+        Layout {
+            dir: state_dir.join(id),
+        }
+    }
+    /// The [`ContainerSpec`](crate::ContainerSpec) as JSON, written by the daemon.
+    pub fn spec(&self) -> PathBuf {
+        self.dir.join("spec.json")
+    }
+    /// The control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+    /// The shim's pid.
+    pub fn shim_pid(&self) -> PathBuf {
+        self.dir.join("shim.pid")
+    }
+    /// The shim's own stderr.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("shim.log")
+    }
+    /// The final event (`Exited` or `Failed`) as JSON, once there is one.
+    pub fn status(&self) -> PathBuf {
+        self.dir.join("status")
+    }
+    /// The overlay mount point (the container's root).
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+    pub fn upper(&self) -> PathBuf {
+        self.dir.join("upper")
+    }
+    pub fn work(&self) -> PathBuf {
+        self.dir.join("work")
+    }
+    /// The OCI bundle (`config.json`).
+    pub fn bundle(&self) -> PathBuf {
+        self.dir.join("bundle")
+    }
+    /// libcontainer's state root.
+    pub fn runtime_root(&self) -> PathBuf {
+        self.dir.join("runtime")
+    }
+}
+
+/// The marker argument before `<state_dir> <id>` on the shim's command line.
+pub const SHIM_ARG: &str = "--flynn-shim";

@@ -1,0 +1,16 @@
+//! The per-job shim: the daemon side ([`Shim`], [`ShimConn`]) and the shim process
+//! ([`shim_main`]).
+
+mod cgroups;
+mod client;
+mod layout;
+mod run;
+
+pub use client::{Shim, ShimConn};
+pub use layout::{Layout, SHIM_ARG};
+pub use run::shim_main;
+
+/// Every existing cgroup directory of a job (for checks and accounting).
+pub fn cgroup_dirs(spec: &crate::ContainerSpec) -> Vec<std::path::PathBuf> {
+    cgroups::dirs(spec)
+}

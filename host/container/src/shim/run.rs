@@ -1,0 +1,691 @@
+//! The shim process: one per job, single-threaded.
+//!
+//! It daemonizes (setsid, fork; the parent exits once the control socket is bound), enters a
+//! private mount namespace (so the overlay root disappears with it), mounts the job's overlay
+//! root, creates and starts the container with libcontainer (whose init becomes the shim's
+//! child), then runs a `poll(2)` loop: the init's pidfd, the stdout/stderr pipes, the control
+//! socket. After the init exits and the pipes are drained it deletes the container (cgroups,
+//! runtime state), writes the final status, and exits once the daemon acknowledged it.
+
+use std::ffi::{CString, OsString};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+
+use super::cgroups;
+use super::layout::{Layout, SHIM_ARG};
+use crate::outbox::{Outbox, DEFAULT_CAPACITY};
+use crate::spec::{valid_id, ContainerSpec};
+use crate::wire::{self, Frame, ShimEvent, Stream, MAX_LINE};
+
+/// Entry point of the shim process. Reads `--flynn-shim <state_dir> <id>` from the command line
+/// (after whatever leading arguments the program itself needs) and never returns.
+pub fn shim_main() -> ! {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let code = match args.iter().position(|a| a == SHIM_ARG) {
+        Some(i) if args.len() >= i + 3 => {
+            let state_dir = PathBuf::from(&args[i + 1]);
+            let id = args[i + 2].to_string_lossy().into_owned();
+            match run(&state_dir, &id) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("flynn shim {id}: {e}");
+                    1
+                }
+            }
+        }
+        _ => {
+            eprintln!("usage: <program> {SHIM_ARG} <state_dir> <job id>");
+            2
+        }
+    };
+    std::process::exit(code)
+}
+
+fn errno() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+fn thread_count() -> usize {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe2: {}", errno()));
+    }
+    // SAFETY: pipe2 succeeded, both fds are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn run(state_dir: &Path, id: &str) -> Result<(), String> {
+    if !valid_id(id) {
+        return Err(format!("bad job id {id:?}"));
+    }
+    let layout = Layout::new(state_dir, id);
+    if thread_count() != 1 {
+        return Err("the shim must be started single-threaded".into());
+    }
+    // SAFETY: setsid takes no pointers; failure (already a group leader) is harmless.
+    unsafe { libc::setsid() };
+    let (ready_r, ready_w) = pipe()?;
+    // SAFETY: the process is single-threaded (checked above), so the child may run Rust code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", errno()));
+    }
+    if pid > 0 {
+        drop(ready_w);
+        let mut b = [0u8; 1];
+        let mut f = File::from(ready_r);
+        return match f.read(&mut b) {
+            Ok(1) => Ok(()),
+            _ => Err(format!(
+                "shim failed before it was ready, see {}",
+                layout.log().display()
+            )),
+        };
+    }
+    drop(ready_r);
+    serve(&layout, ready_w)
+}
+
+fn serve(layout: &Layout, ready: OwnedFd) -> Result<(), String> {
+    // SAFETY: getpid has no preconditions.
+    let my_pid = unsafe { libc::getpid() };
+    fs::write(layout.shim_pid(), my_pid.to_string())
+        .map_err(|e| format!("writing {}: {e}", layout.shim_pid().display()))?;
+    let spec: ContainerSpec = fs::read(layout.spec())
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        .map_err(|e| format!("reading {}: {e}", layout.spec().display()))?;
+    spec.validate().map_err(|e| e.to_string())?;
+    let _ = fs::remove_file(layout.socket());
+    let listener = UnixListener::bind(layout.socket())
+        .map_err(|e| format!("binding {}: {e}", layout.socket().display()))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    File::from(ready)
+        .write_all(b"1")
+        .map_err(|e| format!("signalling readiness: {e}"))?;
+
+    let mut shim = ShimLoop {
+        layout: layout.clone(),
+        spec,
+        listener,
+        client: None,
+        outbox: Outbox::new(DEFAULT_CAPACITY),
+        final_queued: false,
+        pid: 0,
+    };
+    match create(&shim.spec, layout) {
+        Ok(running) => {
+            shim.pid = running.pid as u32;
+            shim.outbox.push(ShimEvent::Started {
+                pid: running.pid as u32,
+            });
+            shim.run_job(running);
+        }
+        Err(reason) => {
+            teardown(&shim.spec, layout, None);
+            shim.finish(ShimEvent::Failed { reason });
+        }
+    }
+    shim.until_acked();
+    Ok(())
+}
+
+/// A started container.
+struct Running {
+    container: Container,
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let cs = c.to_string();
+        if !s.contains(&cs) {
+            s.push_str(": ");
+            s.push_str(&cs);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn c_path(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_encoded_bytes()).expect("paths have no NUL")
+}
+
+fn mount_overlay(spec: &ContainerSpec, layout: &Layout) -> Result<(), String> {
+    // SAFETY: unshare takes no pointers.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(format!("unshare(CLONE_NEWNS): {}", errno()));
+    }
+    let root = CString::new("/").unwrap();
+    // SAFETY: valid NUL-terminated strings / null pointers as mount(2) allows.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(format!("making / a slave mount: {}", errno()));
+    }
+    for layer in &spec.layers {
+        if !layer.is_dir() {
+            return Err(format!("image layer {} does not exist", layer.display()));
+        }
+    }
+    for d in [layout.rootfs(), layout.upper(), layout.work()] {
+        fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+    }
+    let lower: Vec<String> = spec
+        .layers
+        .iter()
+        .rev()
+        .map(|l| l.to_string_lossy().into_owned())
+        .collect();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        layout.upper().display(),
+        layout.work().display()
+    );
+    let (src, fstype) = (
+        CString::new("overlay").unwrap(),
+        CString::new("overlay").unwrap(),
+    );
+    let target = c_path(&layout.rootfs());
+    let data = CString::new(opts).map_err(|e| e.to_string())?;
+    // SAFETY: all pointers are valid NUL-terminated strings living across the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(format!("mounting the overlay root: {}", errno()));
+    }
+    Ok(())
+}
+
+fn create(spec: &ContainerSpec, layout: &Layout) -> Result<Running, String> {
+    mount_overlay(spec, layout)?;
+    let bundle = layout.bundle();
+    fs::create_dir_all(&bundle).map_err(|e| format!("creating {}: {e}", bundle.display()))?;
+    let config = serde_json::to_vec_pretty(&spec.oci_config(&layout.rootfs())).unwrap();
+    fs::write(bundle.join("config.json"), config).map_err(|e| format!("writing config: {e}"))?;
+
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let devnull = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    let mut container = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
+        .with_executor(DefaultExecutor {})
+        .with_root_path(layout.runtime_root())
+        .map_err(|e| error_chain(&e))?
+        .with_stdin(devnull)
+        .with_stdout(out_w)
+        .with_stderr(err_w)
+        .validate_id()
+        .map_err(|e| error_chain(&e))?
+        .as_init(&bundle)
+        .with_systemd(false)
+        .with_detach(true)
+        .build()
+        .map_err(|e| error_chain(&e))?;
+    let pid = match container.pid() {
+        Some(p) => p.as_raw(),
+        None => {
+            let _ = container.delete(true);
+            return Err("container has no init pid".into());
+        }
+    };
+    // SAFETY: pidfd_open takes a pid and flags; the pid is our unreaped child.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+    if pidfd < 0 {
+        let e = errno();
+        let _ = container.delete(true);
+        reap(pid);
+        return Err(format!("pidfd_open: {e}"));
+    }
+    // SAFETY: pidfd_open returned a new fd that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    if let Err(e) = container.start() {
+        let reason = error_chain(&e);
+        let _ = container.delete(true);
+        reap(pid);
+        return Err(reason);
+    }
+    for fd in [&out_r, &err_r] {
+        set_nonblocking(fd.as_raw_fd());
+    }
+    Ok(Running {
+        container,
+        pid,
+        pidfd,
+        stdout: out_r,
+        stderr: err_r,
+    })
+}
+
+fn set_nonblocking(fd: RawFd) {
+    // SAFETY: fcntl on an fd we own.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+}
+
+/// Waits for `pid` (the init: cloned with no exit signal, hence `__WALL`). Returns the raw status.
+fn reap(pid: libc::pid_t) -> Option<i32> {
+    let mut status = 0;
+    for _ in 0..3 {
+        // SAFETY: `status` is a valid int pointer.
+        let rc = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        if rc == pid {
+            return Some(status);
+        }
+        if rc < 0 && errno().raw_os_error() != Some(libc::EINTR) {
+            return None;
+        }
+    }
+    None
+}
+
+/// Removes what a job's container left: the container, its cgroups, the overlay mount and the
+/// per-job writable dirs. The spec, status and log files stay until [`Shim::cleanup`].
+///
+/// [`Shim::cleanup`]: crate::Shim::cleanup
+fn teardown(spec: &ContainerSpec, layout: &Layout, container: Option<&mut Container>) {
+    if let Some(c) = container {
+        if let Err(e) = c.delete(true) {
+            eprintln!("deleting container {}: {}", spec.id, error_chain(&e));
+        }
+    }
+    cgroups::remove(spec);
+    let target = c_path(&layout.rootfs());
+    // SAFETY: valid NUL-terminated path.
+    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    for d in [
+        layout.bundle(),
+        layout.runtime_root(),
+        layout.upper(),
+        layout.work(),
+        layout.rootfs(),
+    ] {
+        let _ = fs::remove_dir_all(d);
+    }
+}
+
+/// Splits a pipe's bytes into lines.
+struct Lines {
+    stream: Stream,
+    buf: Vec<u8>,
+    open: bool,
+}
+
+impl Lines {
+    fn feed(&mut self, data: &[u8], out: &mut Outbox, may_drop: bool) {
+        self.buf.extend_from_slice(data);
+        let mut start = 0;
+        while let Some(nl) = self.buf[start..].iter().position(|&b| b == b'\n') {
+            let end = start + nl;
+            let mut s = start;
+            while end - s > MAX_LINE {
+                out.push_output(self.stream, self.buf[s..s + MAX_LINE].to_vec(), may_drop);
+                s += MAX_LINE;
+            }
+            out.push_output(self.stream, self.buf[s..end].to_vec(), may_drop);
+            start = end + 1;
+        }
+        self.buf.drain(..start);
+        while self.buf.len() >= MAX_LINE {
+            let chunk: Vec<u8> = self.buf.drain(..MAX_LINE).collect();
+            out.push_output(self.stream, chunk, may_drop);
+        }
+    }
+
+    fn flush(&mut self, out: &mut Outbox, may_drop: bool) {
+        if !self.buf.is_empty() {
+            out.push_output(self.stream, std::mem::take(&mut self.buf), may_drop);
+        }
+    }
+}
+
+struct Client {
+    sock: UnixStream,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+}
+
+struct ShimLoop {
+    layout: Layout,
+    spec: ContainerSpec,
+    listener: UnixListener,
+    client: Option<Client>,
+    outbox: Outbox,
+    final_queued: bool,
+    /// The job's pid once started (sent in every `HELLO`).
+    pid: u32,
+}
+
+/// How long after the init exited the shim waits for the pipes to reach end-of-file.
+const DRAIN: Duration = Duration::from_secs(2);
+/// How much output the shim encodes ahead of the socket.
+const WRITE_AHEAD: usize = 256 * 1024;
+
+impl ShimLoop {
+    fn finish(&mut self, ev: ShimEvent) {
+        self.outbox.flush_dropped();
+        let json = serde_json::to_vec(&ev).unwrap();
+        let tmp = self.layout.status().with_extension("tmp");
+        if fs::write(&tmp, json)
+            .and_then(|_| fs::rename(&tmp, self.layout.status()))
+            .is_err()
+        {
+            eprintln!("could not write {}", self.layout.status().display());
+        }
+        self.outbox.push(ev);
+        self.final_queued = true;
+    }
+
+    fn accept(&mut self) {
+        while let Ok((sock, _)) = self.listener.accept() {
+            if sock.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let mut wbuf = Vec::new();
+            let seq = self.outbox.reconnect();
+            wire::encode_hello(seq, self.pid, &mut wbuf);
+            // The one daemon: a new connection replaces the old one.
+            self.client = Some(Client {
+                sock,
+                rbuf: Vec::new(),
+                wbuf,
+            });
+        }
+    }
+
+    /// Reads frames from the daemon; returns signals to deliver. Drops the client on EOF/error.
+    fn read_client(&mut self) -> Vec<i32> {
+        let mut sigs = Vec::new();
+        let Some(c) = self.client.as_mut() else {
+            return sigs;
+        };
+        let mut buf = [0u8; 4096];
+        let mut drop_client = false;
+        loop {
+            match c.sock.read(&mut buf) {
+                Ok(0) => {
+                    drop_client = true;
+                    break;
+                }
+                Ok(n) => c.rbuf.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    drop_client = true;
+                    break;
+                }
+            }
+        }
+        loop {
+            match wire::decode(&mut c.rbuf) {
+                Ok(Some(Frame::Ack(seq))) => self.outbox.ack(seq),
+                Ok(Some(Frame::Signal(s))) => sigs.push(s),
+                Ok(Some(_)) | Err(_) => {
+                    drop_client = true;
+                    break;
+                }
+                Ok(None) => break,
+            }
+        }
+        if drop_client {
+            self.client = None;
+        }
+        sigs
+    }
+
+    fn write_client(&mut self) {
+        let Some(c) = self.client.as_mut() else {
+            return;
+        };
+        loop {
+            if c.wbuf.is_empty() {
+                self.outbox.encode_unsent(&mut c.wbuf, WRITE_AHEAD);
+                if c.wbuf.is_empty() {
+                    return;
+                }
+            }
+            // SAFETY: the buffer pointer and length describe initialized memory.
+            let n = unsafe {
+                libc::send(
+                    c.sock.as_raw_fd(),
+                    c.wbuf.as_ptr().cast(),
+                    c.wbuf.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                let e = errno();
+                match e.kind() {
+                    std::io::ErrorKind::WouldBlock => return,
+                    std::io::ErrorKind::Interrupted => continue,
+                    _ => {
+                        self.client = None;
+                        return;
+                    }
+                }
+            }
+            c.wbuf.drain(..n as usize);
+        }
+    }
+
+    fn read_pipe(&mut self, fd: RawFd, lines: &mut Lines) {
+        let mut buf = vec![0u8; 64 * 1024];
+        // Bounded per turn so one chatty stream cannot starve the socket.
+        for _ in 0..16 {
+            // SAFETY: `buf` is a valid writable buffer of its length.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n == 0 {
+                lines.open = false;
+                lines.flush(&mut self.outbox, self.client.is_none());
+                return;
+            }
+            if n < 0 {
+                let e = errno();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    lines.open = false;
+                    lines.flush(&mut self.outbox, self.client.is_none());
+                }
+                return;
+            }
+            lines.feed(&buf[..n as usize], &mut self.outbox, self.client.is_none());
+            if self.client.is_some() && self.outbox.full() {
+                return;
+            }
+        }
+    }
+
+    fn poll(&mut self, fds: &mut [libc::pollfd], timeout: Option<Duration>) {
+        let ms = timeout.map_or(-1, |t| t.as_millis().min(60_000) as i32);
+        // SAFETY: `fds` is a valid slice of pollfd.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    }
+
+    fn run_job(&mut self, mut r: Running) {
+        let mut out = Lines {
+            stream: Stream::Stdout,
+            buf: Vec::new(),
+            open: true,
+        };
+        let mut err = Lines {
+            stream: Stream::Stderr,
+            buf: Vec::new(),
+            open: true,
+        };
+        let mut status: Option<i32> = None;
+        let mut exited_at: Option<Instant> = None;
+        loop {
+            if let Some(at) = exited_at {
+                if (!out.open && !err.open) || at.elapsed() >= DRAIN {
+                    break;
+                }
+            }
+            let read_pipes = self.client.is_none() || !self.outbox.full();
+            let mut fds = vec![
+                pollfd(self.listener.as_raw_fd(), libc::POLLIN),
+                pollfd(
+                    if status.is_none() {
+                        r.pidfd.as_raw_fd()
+                    } else {
+                        -1
+                    },
+                    libc::POLLIN,
+                ),
+                pollfd(
+                    if out.open && read_pipes {
+                        r.stdout.as_raw_fd()
+                    } else {
+                        -1
+                    },
+                    libc::POLLIN,
+                ),
+                pollfd(
+                    if err.open && read_pipes {
+                        r.stderr.as_raw_fd()
+                    } else {
+                        -1
+                    },
+                    libc::POLLIN,
+                ),
+            ];
+            if let Some(c) = &self.client {
+                let mut ev = libc::POLLIN;
+                if !c.wbuf.is_empty() {
+                    ev |= libc::POLLOUT;
+                }
+                fds.push(pollfd(c.sock.as_raw_fd(), ev));
+            }
+            // Anything new to write goes out before sleeping.
+            self.write_client();
+            let timeout = exited_at.map(|at| DRAIN.saturating_sub(at.elapsed()));
+            self.poll(&mut fds, timeout);
+            if fds[0].revents != 0 {
+                self.accept();
+            }
+            if fds.len() > 4 && fds[4].revents != 0 {
+                for sig in self.read_client() {
+                    if status.is_none() {
+                        // SAFETY: `r.pid` is our unreaped child, so the pid cannot be reused.
+                        unsafe { libc::kill(r.pid, sig) };
+                    }
+                }
+            }
+            if fds[2].revents != 0 {
+                self.read_pipe(r.stdout.as_raw_fd(), &mut out);
+            }
+            if fds[3].revents != 0 {
+                self.read_pipe(r.stderr.as_raw_fd(), &mut err);
+            }
+            if fds[1].revents != 0 && status.is_none() {
+                status = Some(reap(r.pid).unwrap_or(0));
+                exited_at = Some(Instant::now());
+            }
+            self.write_client();
+        }
+        // Whatever is still in the pipes is read now (and counted as dropped if it cannot fit).
+        for (fd, lines) in [
+            (r.stdout.as_raw_fd(), &mut out),
+            (r.stderr.as_raw_fd(), &mut err),
+        ] {
+            if lines.open {
+                let saved_client = self.client.take();
+                self.read_pipe(fd, lines);
+                self.client = saved_client;
+                lines.flush(&mut self.outbox, true);
+            }
+        }
+        let status = status.unwrap_or(0);
+        let oom_killed = cgroups::oom_killed(&self.spec);
+        teardown(&self.spec, &self.layout, Some(&mut r.container));
+        let ev = if libc::WIFSIGNALED(status) {
+            ShimEvent::Exited {
+                code: None,
+                signal: Some(libc::WTERMSIG(status)),
+                oom_killed,
+            }
+        } else {
+            ShimEvent::Exited {
+                code: Some(libc::WEXITSTATUS(status)),
+                signal: None,
+                oom_killed,
+            }
+        };
+        self.finish(ev);
+    }
+
+    /// Serves the daemon until it acknowledged the final event.
+    fn until_acked(&mut self) {
+        while !self.outbox.final_acked(self.final_queued) {
+            self.write_client();
+            let mut fds = vec![pollfd(self.listener.as_raw_fd(), libc::POLLIN)];
+            if let Some(c) = &self.client {
+                let mut ev = libc::POLLIN;
+                if !c.wbuf.is_empty() {
+                    ev |= libc::POLLOUT;
+                }
+                fds.push(pollfd(c.sock.as_raw_fd(), ev));
+            }
+            self.poll(&mut fds, None);
+            if fds[0].revents != 0 {
+                self.accept();
+            }
+            if fds.len() > 1 && fds[1].revents != 0 {
+                let _ = self.read_client();
+            }
+        }
+        let _ = fs::remove_file(self.layout.socket());
+    }
+}
+
+fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
+}

@@ -1,0 +1,402 @@
+//! What a job's container looks like ([`ContainerSpec`]), its validation, and its translation into
+//! the OCI runtime config that libcontainer reads.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::ContainerError;
+
+/// Default `PATH` put into a job's environment when it has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// One job's container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// Job id, `[A-Za-z0-9_.-]{1,64}`; also the container and cgroup name.
+    pub id: String,
+    /// Unpacked read-only image layer directories, lowest first (overlayfs lower dirs).
+    pub layers: Vec<PathBuf>,
+    /// argv; `args[0]` is looked up in `PATH` from `env`.
+    pub args: Vec<String>,
+    /// `K=V` pairs.
+    pub env: Vec<String>,
+    /// Working directory; `/` if empty.
+    pub cwd: String,
+    pub hostname: Option<String>,
+    /// Join this pre-created network namespace; `None` gives a new one with only `lo`.
+    pub netns: Option<PathBuf>,
+    pub mounts: Vec<BindMount>,
+    pub resources: Resources,
+    /// Cgroup parent, e.g. `flynn`: the job's cgroup is `<parent>/<id>` under every controller.
+    pub cgroup_parent: String,
+}
+
+/// A host path bind-mounted into the container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BindMount {
+    pub source: PathBuf,
+    pub target: String,
+    pub readonly: bool,
+}
+
+/// Resource limits; `None` leaves a resource unlimited (inherited for `max_fds`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    pub memory_bytes: Option<u64>,
+    /// CPU quota in thousandths of a core (1000 = one core).
+    pub cpu_millis: Option<u64>,
+    pub pids: Option<u64>,
+    /// `RLIMIT_NOFILE` (soft and hard).
+    pub max_fds: Option<u64>,
+}
+
+/// CFS period used for the CPU quota, in microseconds.
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// Is `id` an acceptable job id (`[A-Za-z0-9_.-]{1,64}`, not `.` or `..`)?
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+}
+
+fn valid_cgroup_parent(parent: &str) -> bool {
+    !parent.is_empty()
+        && parent.len() <= 200
+        && parent
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != ".." && valid_id(seg))
+}
+
+impl ContainerSpec {
+    /// Checks everything that can be checked before anything is created.
+    pub fn validate(&self) -> Result<(), ContainerError> {
+        if !valid_id(&self.id) {
+            return Err(ContainerError::invalid(format!(
+                "job id {:?} must match [A-Za-z0-9_.-]{{1,64}}",
+                self.id
+            )));
+        }
+        if self.layers.is_empty() {
+            return Err(ContainerError::invalid(
+                "at least one image layer is required",
+            ));
+        }
+        for layer in &self.layers {
+            let s = layer.to_string_lossy();
+            if !layer.is_absolute() || s.contains([':', ',']) || s.contains('\n') {
+                return Err(ContainerError::invalid(format!(
+                    "layer path {s:?} must be absolute without ':' or ','"
+                )));
+            }
+        }
+        if self.args.is_empty() || self.args[0].is_empty() {
+            return Err(ContainerError::invalid("args must name a program"));
+        }
+        if self.args.iter().chain(&self.env).any(|s| s.contains('\0')) {
+            return Err(ContainerError::invalid("args and env must not contain NUL"));
+        }
+        if let Some(bad) = self
+            .env
+            .iter()
+            .find(|e| !e.contains('=') || e.starts_with('='))
+        {
+            return Err(ContainerError::invalid(format!(
+                "env entry {bad:?} is not K=V"
+            )));
+        }
+        if !self.cwd.is_empty() && !self.cwd.starts_with('/') {
+            return Err(ContainerError::invalid("cwd must be absolute"));
+        }
+        if let Some(h) = &self.hostname {
+            if h.is_empty() || h.len() > 64 || h.contains(['\0', '/']) {
+                return Err(ContainerError::invalid(format!("bad hostname {h:?}")));
+            }
+        }
+        if let Some(ns) = &self.netns {
+            if !ns.is_absolute() {
+                return Err(ContainerError::invalid("netns path must be absolute"));
+            }
+        }
+        for m in &self.mounts {
+            if !m.source.is_absolute() || !m.target.starts_with('/') || m.target.contains("/..") {
+                return Err(ContainerError::invalid(format!(
+                    "bind mount {} -> {} must use absolute paths",
+                    m.source.display(),
+                    m.target
+                )));
+            }
+        }
+        let r = &self.resources;
+        if r.memory_bytes.is_some_and(|m| m < 1 << 20) {
+            return Err(ContainerError::invalid("memory limit below 1 MiB"));
+        }
+        if r.cpu_millis.is_some_and(|c| c == 0 || c > 1_000_000) {
+            return Err(ContainerError::invalid("cpu_millis must be 1..=1000000"));
+        }
+        if r.pids.is_some_and(|p| p == 0 || p > i64::MAX as u64) {
+            return Err(ContainerError::invalid("pids limit must be positive"));
+        }
+        if r.max_fds.is_some_and(|f| !(3..=1 << 30).contains(&f)) {
+            return Err(ContainerError::invalid("max_fds must be 3..=2^30"));
+        }
+        if !valid_cgroup_parent(&self.cgroup_parent) {
+            return Err(ContainerError::invalid(format!(
+                "cgroup parent {:?} must be '/'-separated [A-Za-z0-9_.-] names",
+                self.cgroup_parent
+            )));
+        }
+        Ok(())
+    }
+
+    /// The cgroup path (relative to each controller's mount) of this job.
+    pub fn cgroup_path(&self) -> String {
+        format!("/{}/{}", self.cgroup_parent, self.id)
+    }
+
+    /// The environment as the container sees it: `PATH` added when missing.
+    pub fn effective_env(&self) -> Vec<String> {
+        let mut env = self.env.clone();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.push(format!("PATH={DEFAULT_PATH}"));
+        }
+        env
+    }
+
+    /// The OCI runtime config (`config.json`) for this job with its root file system at `rootfs`.
+    pub fn oci_config(&self, rootfs: &Path) -> Value {
+        let cwd = if self.cwd.is_empty() { "/" } else { &self.cwd };
+        let mut rlimits = Vec::new();
+        if let Some(n) = self.resources.max_fds {
+            rlimits.push(json!({"type": "RLIMIT_NOFILE", "hard": n, "soft": n}));
+        }
+        let caps = json!(DEFAULT_CAPS);
+        let mut process = json!({
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": self.args,
+            "env": self.effective_env(),
+            "cwd": cwd,
+            "capabilities": {
+                "bounding": caps, "effective": caps, "permitted": caps,
+            },
+            "noNewPrivileges": true,
+        });
+        if !rlimits.is_empty() {
+            process["rlimits"] = json!(rlimits);
+        }
+
+        let mut mounts = vec![
+            json!({"destination": "/proc", "type": "proc", "source": "proc"}),
+            json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+                   "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+            json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                   "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+            json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                   "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+            json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+                   "options": ["nosuid", "noexec", "nodev"]}),
+            json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                   "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        ];
+        for m in &self.mounts {
+            let mut options = vec!["rbind", "rprivate"];
+            if m.readonly {
+                options.push("ro");
+            }
+            mounts.push(json!({
+                "destination": m.target, "type": "bind",
+                "source": m.source, "options": options,
+            }));
+        }
+
+        let mut namespaces = vec![
+            json!({"type": "pid"}),
+            json!({"type": "ipc"}),
+            json!({"type": "uts"}),
+            json!({"type": "mount"}),
+        ];
+        match &self.netns {
+            Some(path) => namespaces.push(json!({"type": "network", "path": path})),
+            None => namespaces.push(json!({"type": "network"})),
+        }
+
+        let mut resources = json!({"devices": [{"allow": false, "access": "rwm"}]});
+        if let Some(m) = self.resources.memory_bytes {
+            resources["memory"] = json!({"limit": m});
+        }
+        if let Some(c) = self.resources.cpu_millis {
+            resources["cpu"] = json!({
+                "quota": c * CPU_PERIOD_US / 1000,
+                "period": CPU_PERIOD_US,
+                "shares": (c * 1024 / 1000).max(2),
+            });
+        }
+        if let Some(p) = self.resources.pids {
+            resources["pids"] = json!({"limit": p});
+        }
+
+        let mut config = json!({
+            "ociVersion": "1.0.2",
+            "process": process,
+            "root": {"path": rootfs, "readonly": false},
+            "mounts": mounts,
+            "linux": {
+                "cgroupsPath": self.cgroup_path(),
+                "resources": resources,
+                "namespaces": namespaces,
+                "seccomp": crate::seccomp::default_profile(),
+                "maskedPaths": [
+                    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                    "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                    "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
+                ],
+                "readonlyPaths": [
+                    "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+                ],
+            },
+        });
+        if let Some(h) = &self.hostname {
+            config["hostname"] = json!(h);
+        }
+        config
+    }
+}
+
+/// Capabilities every job keeps (Docker's default set).
+pub const DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> ContainerSpec {
+        ContainerSpec {
+            id: "job-1".into(),
+            layers: vec!["/var/lib/flynn/layers/abc".into()],
+            args: vec!["echo".into(), "hi".into()],
+            env: vec!["A=1".into()],
+            cwd: String::new(),
+            hostname: Some("job-1".into()),
+            netns: None,
+            mounts: vec![],
+            resources: Resources::default(),
+            cgroup_parent: "flynn".into(),
+        }
+    }
+
+    #[test]
+    fn ids() {
+        for (id, ok) in [
+            ("a", true),
+            ("job_1.2-x", true),
+            (&"x".repeat(64), true),
+            (&"x".repeat(65), false),
+            ("", false),
+            (".", false),
+            ("..", false),
+            ("a/b", false),
+            ("a b", false),
+            ("ü", false),
+        ] {
+            assert_eq!(valid_id(id), ok, "{id:?}");
+        }
+    }
+
+    #[test]
+    fn validation_table() {
+        type Edit = Box<dyn Fn(&mut ContainerSpec)>;
+        let cases: Vec<(&str, Edit)> = vec![
+            ("bad id", Box::new(|s| s.id = "../x".into())),
+            ("no layers", Box::new(|s| s.layers.clear())),
+            ("relative layer", Box::new(|s| s.layers = vec!["x".into()])),
+            ("colon layer", Box::new(|s| s.layers = vec!["/a:b".into()])),
+            ("no args", Box::new(|s| s.args.clear())),
+            ("bad env", Box::new(|s| s.env = vec!["NOEQUALS".into()])),
+            ("relative cwd", Box::new(|s| s.cwd = "tmp".into())),
+            (
+                "tiny memory",
+                Box::new(|s| s.resources.memory_bytes = Some(10)),
+            ),
+            ("zero cpu", Box::new(|s| s.resources.cpu_millis = Some(0))),
+            ("zero pids", Box::new(|s| s.resources.pids = Some(0))),
+            ("bad parent", Box::new(|s| s.cgroup_parent = "../x".into())),
+            (
+                "empty parent",
+                Box::new(|s| s.cgroup_parent = String::new()),
+            ),
+            (
+                "relative mount",
+                Box::new(|s| {
+                    s.mounts.push(BindMount {
+                        source: "rel".into(),
+                        target: "/x".into(),
+                        readonly: true,
+                    })
+                }),
+            ),
+        ];
+        assert!(sample().validate().is_ok());
+        for (name, f) in cases {
+            let mut s = sample();
+            f(&mut s);
+            assert!(
+                matches!(s.validate(), Err(ContainerError::InvalidSpec { .. })),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn oci_config_limits_and_namespaces() {
+        let mut s = sample();
+        s.resources = Resources {
+            memory_bytes: Some(64 << 20),
+            cpu_millis: Some(250),
+            pids: Some(20),
+            max_fds: Some(100),
+        };
+        s.netns = Some("/run/netns/x".into());
+        let c = s.oci_config(Path::new("/r"));
+        assert_eq!(c["linux"]["cgroupsPath"], "/flynn/job-1");
+        assert_eq!(c["linux"]["resources"]["memory"]["limit"], 64 << 20);
+        assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 25_000);
+        assert_eq!(c["linux"]["resources"]["cpu"]["period"], 100_000);
+        assert_eq!(c["linux"]["resources"]["pids"]["limit"], 20);
+        assert_eq!(c["process"]["rlimits"][0]["hard"], 100);
+        assert_eq!(c["process"]["cwd"], "/");
+        assert_eq!(c["process"]["noNewPrivileges"], true);
+        let ns = c["linux"]["namespaces"].as_array().unwrap();
+        assert!(ns
+            .iter()
+            .any(|n| n["type"] == "network" && n["path"] == "/run/netns/x"));
+        assert!(c["process"]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e.as_str().unwrap().starts_with("PATH=")));
+        // The config parses as an OCI spec.
+        let _: libcontainer::oci_spec::runtime::Spec = serde_json::from_value(c).unwrap();
+    }
+}

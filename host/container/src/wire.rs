@@ -1,0 +1,238 @@
+//! The shim's control-socket protocol: events from the shim, acks and signals from the daemon.
+//!
+//! Every frame is `kind: u8, len: u32 BE, payload`. Shim → daemon: `HELLO` (u64 BE: sequence
+//! number of the next event frame; u32 BE: the job's pid, 0 before it started), `EVENT` (JSON of a non-output [`ShimEvent`]), `STDOUT` and
+//! `STDERR` (one raw output line). Each frame after `HELLO` carries the next sequence number
+//! implicitly. Daemon → shim: `ACK` (u64 BE: every event below this sequence number was
+//! received, the shim may forget it) and `SIGNAL` (i32 BE). A reconnecting daemon is sent every
+//! event it has not acknowledged again, so nothing is lost between connections.
+
+use serde::{Deserialize, Serialize};
+
+/// An output stream of the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// What the shim reports about its job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShimEvent {
+    /// The job's process runs (pid in the host's pid namespace).
+    Started { pid: u32 },
+    /// One output line without its newline (lines longer than [`MAX_LINE`] are split).
+    Output { stream: Stream, line: Vec<u8> },
+    /// Lines dropped while no daemon was connected and the buffer was full.
+    Dropped { stream: Stream, count: u64 },
+    /// The job ended. A memory-limit kill is `signal: Some(9), oom_killed: true`.
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+        oom_killed: bool,
+    },
+    /// The container could not be created or started; nothing was left behind.
+    Failed { reason: String },
+}
+
+impl ShimEvent {
+    /// `Exited` or `Failed`: nothing follows.
+    pub fn is_final(&self) -> bool {
+        matches!(self, ShimEvent::Exited { .. } | ShimEvent::Failed { .. })
+    }
+
+    /// Bytes this event holds in the shim's buffer (for its bound).
+    pub fn weight(&self) -> usize {
+        match self {
+            ShimEvent::Output { line, .. } => line.len() + 16,
+            ShimEvent::Failed { reason } => reason.len() + 16,
+            _ => 16,
+        }
+    }
+}
+
+/// Longest output line; longer lines are split.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Largest frame payload either side accepts.
+pub const MAX_FRAME: usize = MAX_LINE + 4096;
+
+pub const HELLO: u8 = 0;
+pub const EVENT: u8 = 1;
+pub const STDOUT: u8 = 2;
+pub const STDERR: u8 = 3;
+pub const ACK: u8 = 10;
+pub const SIGNAL: u8 = 11;
+
+pub const HEADER: usize = 5;
+
+fn header(out: &mut Vec<u8>, kind: u8, len: usize) {
+    out.push(kind);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+}
+
+/// Appends the frame of `ev` to `out`.
+pub fn encode_event(ev: &ShimEvent, out: &mut Vec<u8>) {
+    match ev {
+        ShimEvent::Output { stream, line } => {
+            let kind = match stream {
+                Stream::Stdout => STDOUT,
+                Stream::Stderr => STDERR,
+            };
+            header(out, kind, line.len());
+            out.extend_from_slice(line);
+        }
+        other => {
+            let json = serde_json::to_vec(other).expect("events serialize");
+            header(out, EVENT, json.len());
+            out.extend_from_slice(&json);
+        }
+    }
+}
+
+/// Appends a `HELLO` frame.
+pub fn encode_hello(seq: u64, pid: u32, out: &mut Vec<u8>) {
+    header(out, HELLO, 12);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&pid.to_be_bytes());
+}
+
+/// Appends a frame with a u64 payload (`ACK`).
+pub fn encode_u64(kind: u8, v: u64, out: &mut Vec<u8>) {
+    header(out, kind, 8);
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+/// Appends a `SIGNAL` frame.
+pub fn encode_signal(sig: i32, out: &mut Vec<u8>) {
+    header(out, SIGNAL, 4);
+    out.extend_from_slice(&sig.to_be_bytes());
+}
+
+/// A decoded frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    Hello { seq: u64, pid: u32 },
+    Event(ShimEvent),
+    Ack(u64),
+    Signal(i32),
+}
+
+/// Takes one complete frame off the front of `buf`; `Ok(None)` when more bytes are needed.
+pub fn decode(buf: &mut Vec<u8>) -> Result<Option<Frame>, String> {
+    if buf.len() < HEADER {
+        return Ok(None);
+    }
+    let kind = buf[0];
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if len > MAX_FRAME {
+        return Err(format!("frame of {len} bytes is too large"));
+    }
+    if buf.len() < HEADER + len {
+        return Ok(None);
+    }
+    let payload = &buf[HEADER..HEADER + len];
+    let fixed = |n: usize| -> Result<&[u8], String> {
+        if payload.len() == n {
+            Ok(payload)
+        } else {
+            Err(format!("frame kind {kind} must carry {n} bytes, not {len}"))
+        }
+    };
+    let frame = match kind {
+        HELLO => {
+            let p = fixed(12)?;
+            Frame::Hello {
+                seq: u64::from_be_bytes(p[..8].try_into().unwrap()),
+                pid: u32::from_be_bytes(p[8..].try_into().unwrap()),
+            }
+        }
+        ACK => Frame::Ack(u64::from_be_bytes(fixed(8)?.try_into().unwrap())),
+        SIGNAL => Frame::Signal(i32::from_be_bytes(fixed(4)?.try_into().unwrap())),
+        STDOUT | STDERR => Frame::Event(ShimEvent::Output {
+            stream: if kind == STDOUT {
+                Stream::Stdout
+            } else {
+                Stream::Stderr
+            },
+            line: payload.to_vec(),
+        }),
+        EVENT => {
+            let ev: ShimEvent =
+                serde_json::from_slice(payload).map_err(|e| format!("bad event: {e}"))?;
+            if matches!(ev, ShimEvent::Output { .. }) {
+                return Err("output sent as a JSON event".into());
+            }
+            Frame::Event(ev)
+        }
+        k => return Err(format!("unknown frame kind {k}")),
+    };
+    buf.drain(..HEADER + len);
+    Ok(Some(frame))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_in_pieces() {
+        let events = vec![
+            ShimEvent::Started { pid: 42 },
+            ShimEvent::Output {
+                stream: Stream::Stdout,
+                line: b"hello".to_vec(),
+            },
+            ShimEvent::Output {
+                stream: Stream::Stderr,
+                line: vec![0xff, 0, b'\n'],
+            },
+            ShimEvent::Dropped {
+                stream: Stream::Stdout,
+                count: 7,
+            },
+            ShimEvent::Exited {
+                code: None,
+                signal: Some(9),
+                oom_killed: true,
+            },
+            ShimEvent::Failed {
+                reason: "nope".into(),
+            },
+        ];
+        let mut bytes = Vec::new();
+        encode_hello(5, 77, &mut bytes);
+        for e in &events {
+            encode_event(e, &mut bytes);
+        }
+        encode_u64(ACK, 9, &mut bytes);
+        encode_signal(15, &mut bytes);
+        // Feed one byte at a time: frames only come out once complete.
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        for b in bytes {
+            buf.push(b);
+            while let Some(f) = decode(&mut buf).unwrap() {
+                got.push(f);
+            }
+        }
+        assert!(buf.is_empty());
+        let mut want = vec![Frame::Hello { seq: 5, pid: 77 }];
+        want.extend(events.into_iter().map(Frame::Event));
+        want.push(Frame::Ack(9));
+        want.push(Frame::Signal(15));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn bad_frames() {
+        for bytes in [
+            vec![99, 0, 0, 0, 0],
+            vec![ACK, 0, 0, 0, 1, 0],
+            vec![EVENT, 0, 0, 0, 2, b'{', b'}'],
+            vec![STDOUT, 0xff, 0xff, 0xff, 0xff],
+        ] {
+            let mut b = bytes.clone();
+            assert!(decode(&mut b).is_err(), "{bytes:?}");
+        }
+    }
+}

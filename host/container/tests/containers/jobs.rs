@@ -1,0 +1,292 @@
+//! Running jobs: output, exit status, signals, environment, namespaces, failures, concurrency.
+
+use std::time::Duration;
+
+use flynn_container::{Shim, ShimEvent};
+
+use crate::support::{collect, require_root, wait_line, Env, NetNs, Run};
+
+const T: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn echo_hello_output_and_exit_zero() {
+    require_root!();
+    let env = Env::new("echo");
+    let spec = env.spec("hello", &["echo", "hello"]);
+    let mut conn = env.spawn(&spec).await;
+    let first = conn.next_event().await.unwrap();
+    assert!(
+        matches!(first, Some(ShimEvent::Started { pid }) if pid > 1),
+        "{first:?}"
+    );
+    let run = collect(&mut conn, T).await;
+    assert_eq!(run.stdout, vec!["hello"]);
+    assert!(run.stderr.is_empty());
+    assert_eq!(
+        run.last,
+        Some(ShimEvent::Exited {
+            code: Some(0),
+            signal: None,
+            oom_killed: false
+        })
+    );
+    assert_eq!(conn.next_event().await.unwrap(), None);
+    // Gone once finished: container, cgroups, mounts, writable dirs; the status stays.
+    assert_eq!(Shim::list(&env.state), vec![spec.id.clone()]);
+    env.cleanup_and_check(&spec);
+    assert!(Shim::list(&env.state).is_empty());
+    // Idempotent.
+    Shim::cleanup(&env.state, &spec.id).unwrap();
+}
+
+#[tokio::test]
+async fn exit_codes_streams_and_signals() {
+    require_root!();
+    let env = Env::new("codes");
+    let spec = env.spec("three", &["sh", "-c", "echo out; echo err >&2; exit 3"]);
+    let mut conn = env.spawn(&spec).await;
+    let run = collect(&mut conn, T).await;
+    assert_eq!(run.stdout, vec!["out"]);
+    assert_eq!(run.stderr, vec!["err"]);
+    assert_eq!(run.exit_code(), Some(3));
+    env.cleanup_and_check(&spec);
+
+    // A long line is split at 64 KiB, a last line without newline still arrives.
+    let spec = env.spec(
+        "long",
+        &[
+            "sh",
+            "-c",
+            "head -c 70000 /dev/zero | tr '\\0' a; echo; printf tail",
+        ],
+    );
+    let mut conn = env.spawn(&spec).await;
+    let run = collect(&mut conn, T).await;
+    let lens: Vec<usize> = run.stdout.iter().map(String::len).collect();
+    assert_eq!(lens, vec![65536, 70000 - 65536, 4], "{lens:?}");
+    assert_eq!(run.stdout[2], "tail");
+    env.cleanup_and_check(&spec);
+
+    // SIGKILL from the daemon is reported as a signal, not an OOM kill.
+    let spec = env.spec("killed", &["sleep", "60"]);
+    let mut conn = env.spawn(&spec).await;
+    assert!(matches!(
+        conn.next_event().await.unwrap(),
+        Some(ShimEvent::Started { .. })
+    ));
+    conn.signal(9).await.unwrap();
+    let run = collect(&mut conn, T).await;
+    assert_eq!(
+        run.last,
+        Some(ShimEvent::Exited {
+            code: None,
+            signal: Some(9),
+            oom_killed: false
+        })
+    );
+    assert!(conn.signal(0).await.is_err(), "signal 0 is refused");
+    env.cleanup_and_check(&spec);
+}
+
+#[tokio::test]
+async fn sigterm_reaches_a_trap() {
+    require_root!();
+    let env = Env::new("trap");
+    let spec = env.spec(
+        "term",
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.05; done",
+        ],
+    );
+    let mut conn = env.spawn(&spec).await;
+    let mut run = Run::default();
+    wait_line(&mut conn, &mut run, "ready", T).await;
+    conn.signal(libc::SIGTERM).await.unwrap();
+    crate::support::collect_into(&mut conn, &mut run, T).await;
+    assert_eq!(run.stdout, vec!["ready", "got-term"]);
+    assert_eq!(run.exit_code(), Some(7));
+    env.cleanup_and_check(&spec);
+}
+
+#[tokio::test]
+async fn env_cwd_hostname_and_fd_limit() {
+    require_root!();
+    let env = Env::new("env");
+    let mut spec = env.spec(
+        "env",
+        &["sh", "-c", "echo $FOO; echo $PATH; pwd; hostname; ulimit -n; id -u; cat /proc/1/cmdline | tr '\\0' ' '; echo"],
+    );
+    spec.env = vec!["FOO=bar baz".into()];
+    spec.cwd = "/tmp".into();
+    spec.hostname = Some("web-1".into());
+    spec.resources.max_fds = Some(321);
+    let mut conn = env.spawn(&spec).await;
+    let run = collect(&mut conn, T).await;
+    assert_eq!(run.exit_code(), Some(0), "{run:?}");
+    assert_eq!(
+        run.stdout[..6],
+        [
+            "bar baz",
+            flynn_container::DEFAULT_PATH,
+            "/tmp",
+            "web-1",
+            "321",
+            "0"
+        ]
+    );
+    // Its own pid namespace: the job is pid 1.
+    assert!(run.stdout[6].starts_with("sh -c"), "{:?}", run.stdout);
+    env.cleanup_and_check(&spec);
+}
+
+#[tokio::test]
+async fn seccomp_and_capabilities_confine_the_job() {
+    require_root!();
+    let env = Env::new("confine");
+    let spec = env.spec(
+        "confine",
+        &[
+            "sh",
+            "-c",
+            "mount -t tmpfs none /mnt 2>/dev/null && echo mounted || echo no-mount; \
+             grep NoNewPrivs /proc/self/status; grep Seccomp: /proc/self/status; \
+             touch /bin/written && echo writable-root",
+        ],
+    );
+    let mut conn = env.spawn(&spec).await;
+    let run = collect(&mut conn, T).await;
+    assert!(run.stdout.contains(&"no-mount".to_string()), "{run:?}");
+    assert!(
+        run.stdout.iter().any(|l| l.contains("NoNewPrivs:\t1")),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout.iter().any(|l| l.contains("Seccomp:\t2")),
+        "{run:?}"
+    );
+    // The root is writable (per-job upper dir) but the image layer is not touched.
+    assert!(run.stdout.contains(&"writable-root".to_string()), "{run:?}");
+    assert!(!env.layer.join("bin/written").exists());
+    env.cleanup_and_check(&spec);
+}
+
+#[tokio::test]
+async fn nonexistent_binary_fails_and_leaves_nothing() {
+    require_root!();
+    let env = Env::new("nobin");
+    let spec = env.spec("nobin", &["/no/such/program", "x"]);
+    let mut conn = env.spawn(&spec).await;
+    let ev = conn.next_event().await.unwrap();
+    let Some(ShimEvent::Failed { reason }) = ev else {
+        panic!("expected Failed, got {ev:?}");
+    };
+    assert!(reason.contains("/no/such/program"), "{reason}");
+    assert_eq!(conn.next_event().await.unwrap(), None);
+    crate::support::assert_no_leftovers(&env, &spec);
+    env.cleanup_and_check(&spec);
+
+    // A missing image layer fails the same way.
+    let mut spec = env.spec("nolayer", &["true"]);
+    spec.layers = vec![env.base.join("no-such-layer")];
+    let mut conn = env.spawn(&spec).await;
+    let ev = conn.next_event().await.unwrap();
+    assert!(
+        matches!(&ev, Some(ShimEvent::Failed { reason }) if reason.contains("no-such-layer")),
+        "{ev:?}"
+    );
+    env.cleanup_and_check(&spec);
+
+    // Invalid specs are refused before anything is created.
+    let mut spec = env.spec("bad", &["true"]);
+    spec.id = "bad/id".into();
+    let err = Shim::spawn(
+        std::path::Path::new(env!("CARGO_BIN_EXE_flynn-container-shim")),
+        &[],
+        &env.state,
+        &spec,
+    )
+    .await
+    .err()
+    .expect("bad id refused");
+    assert!(err.to_string().contains("bad/id"), "{err}");
+    // A duplicate id is refused.
+    let spec = env.spec("dup", &["sleep", "30"]);
+    let _conn = env.spawn(&spec).await;
+    let err = Shim::spawn(
+        std::path::Path::new(env!("CARGO_BIN_EXE_flynn-container-shim")),
+        &[],
+        &env.state,
+        &spec,
+    )
+    .await
+    .err()
+    .expect("duplicate refused");
+    assert!(
+        matches!(err, flynn_container::ContainerError::Exists { .. }),
+        "{err}"
+    );
+    env.cleanup_and_check(&spec);
+}
+
+#[tokio::test]
+async fn network_namespaces() {
+    require_root!();
+    let env = Env::new("netns");
+    // No netns given: a new one with only lo.
+    let spec = env.spec(
+        "own",
+        &["sh", "-c", "cat /proc/net/dev | tail -n +3 | cut -d: -f1"],
+    );
+    let mut conn = env.spawn(&spec).await;
+    let run = collect(&mut conn, T).await;
+    let ifaces: Vec<&str> = run.stdout.iter().map(|l| l.trim()).collect();
+    assert_eq!(ifaces, vec!["lo"]);
+    env.cleanup_and_check(&spec);
+
+    // A pre-created netns is joined.
+    let ns = NetNs::new(&format!("fct-{}", std::process::id()));
+    ns.ip(&[
+        "link", "add", "fctv0", "type", "veth", "peer", "name", "fctv1",
+    ]);
+    ns.ip(&["addr", "add", "10.250.3.7/24", "dev", "fctv0"]);
+    let mut spec = env.spec("joined", &["sh", "-c", "ip -o -4 addr show dev fctv0"]);
+    spec.netns = Some(ns.path());
+    let mut conn = env.spawn(&spec).await;
+    let run = collect(&mut conn, T).await;
+    assert_eq!(run.exit_code(), Some(0), "{run:?}");
+    assert!(
+        run.stdout.iter().any(|l| l.contains("10.250.3.7/24")),
+        "{run:?}"
+    );
+    env.cleanup_and_check(&spec);
+}
+
+#[tokio::test]
+async fn twenty_jobs_at_once() {
+    require_root!();
+    let env = std::sync::Arc::new(Env::new("twenty"));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let env = env.clone();
+        set.spawn(async move {
+            let spec = env.spec(
+                &format!("j{i}"),
+                &["sh", "-c", &format!("sleep 0.2; echo job-{i}")],
+            );
+            let mut conn = env.spawn(&spec).await;
+            let run = collect(&mut conn, Duration::from_secs(60)).await;
+            (i, spec, run)
+        });
+    }
+    let mut done = 0;
+    while let Some(r) = set.join_next().await {
+        let (i, spec, run) = r.unwrap();
+        assert_eq!(run.stdout, vec![format!("job-{i}")], "{run:?}");
+        assert_eq!(run.exit_code(), Some(0));
+        env.cleanup_and_check(&spec);
+        done += 1;
+    }
+    assert_eq!(done, 20);
+}

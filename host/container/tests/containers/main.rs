@@ -1,0 +1,6 @@
+//! Real containers (busybox image) through the shim: run as root.
+
+mod jobs;
+mod limits;
+mod reconnect;
+mod support;
