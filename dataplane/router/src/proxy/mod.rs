@@ -1,0 +1,541 @@
+//! Hot path: one client connection, its requests proxied to backends (spec §1.6).
+//! [`accept`] takes connections in (TLS, PROXY prefix), this module reads requests and
+//! relays responses, [`upstream`] dials and picks backends.
+
+mod accept;
+mod upstream;
+
+pub use accept::{serve, serve_tls};
+pub use upstream::{connect, dial, Fwd};
+use upstream::{exchange, redial, Exchange};
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use flynn_http::{
+    parse_request, parse_response, simple_response, write_request_head, write_response_head,
+    BodyReader, Forward, Framing, RequestInfo, ResponseOpts,
+};
+use flynn_routes::HttpRoute;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, Split};
+use monoio::net::TcpStream;
+
+use crate::balance::pick;
+use crate::io::{client_gone_after, compact, read_append, write_range};
+use crate::metrics::CoreMetrics;
+use crate::worker::{Core, ListenerInfo, BUF};
+use flynn_runtime::Recycled;
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(600);
+const MAX_ATTEMPTS: usize = 4;
+/// How long a response may take before the proxy starts watching for the client
+/// leaving (499); keeps the common fast response free of an extra poll.
+const CLIENT_WATCH_GRACE: Duration = Duration::from_millis(20);
+
+/// How a request ended for the client connection.
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+struct ConnGuard(Rc<Core>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.conns.set(self.0.conns.get() - 1);
+        CoreMetrics::dec(&self.0.metrics().connections_active);
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn client_ip(peer: SocketAddr) -> IpAddr {
+    match peer.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        ip => ip,
+    }
+}
+
+/// The connection's buffers: borrowed from the core's free list while a request is in
+/// progress; an idle keep-alive connection holds none.
+#[derive(Default)]
+pub struct Bufs {
+    /// Client bytes (request head, body, pipelined requests).
+    buf: Vec<u8>,
+    /// Upstream bytes.
+    ubuf: Vec<u8>,
+    /// Heads being written.
+    out: Vec<u8>,
+}
+
+impl Bufs {
+    pub fn release(&mut self, core: &Core, all: bool) {
+        if all {
+            core.release_buf(&mut self.buf);
+        }
+        core.release_buf(&mut self.ubuf);
+        core.release_buf(&mut self.out);
+    }
+}
+
+/// A client-side stream: plain TCP or TLS.
+pub trait Client: AsyncReadRent + AsyncWriteRent + Split + 'static {
+    /// `X-Forwarded-Proto`.
+    const PROTO: &'static str;
+    /// Waits, while idle between requests, until a request may have arrived. Plain TCP
+    /// waits for readability without holding any buffer (registered with the core's idle
+    /// sweep); TLS may already hold decrypted bytes, so it returns at once and the next
+    /// read waits instead. False: the connection is over.
+    async fn idle(&self, core: &Core, fd: RawFd) -> bool;
+    /// Resolves when the client has closed its side, if the stream can tell without
+    /// reading (plain TCP); never otherwise.
+    async fn gone(&self);
+}
+
+impl Client for TcpStream {
+    const PROTO: &'static str = "http";
+
+    async fn idle(&self, core: &Core, fd: RawFd) -> bool {
+        let ticket = core.idle.enter(fd);
+        let ready = self.readable(false).await;
+        core.idle.leave(ticket) && ready.is_ok()
+    }
+
+    async fn gone(&self) {
+        client_gone_after(self, CLIENT_WATCH_GRACE).await
+    }
+}
+
+impl Client for monoio_rustls::ServerTlsStream<TcpStream> {
+    const PROTO: &'static str = "https";
+
+    async fn idle(&self, _core: &Core, _fd: RawFd) -> bool {
+        true
+    }
+
+    async fn gone(&self) {
+        std::future::pending().await
+    }
+}
+
+/// Serves one client connection. This outer future is what an idle keep-alive
+/// connection costs (a few hundred bytes); each request runs in a [`Recycled`] slot.
+pub async fn serve_conn<S: Client>(
+    core: Rc<Core>,
+    mut conn: S,
+    fd: RawFd,
+    mut bufs: Option<Box<Bufs>>,
+    peer: SocketAddr,
+    l: ListenerInfo,
+) {
+    core.conns.set(core.conns.get() + 1);
+    CoreMetrics::inc(&core.metrics().connections_active);
+    let _guard = ConnGuard(core.clone());
+    loop {
+        if bufs.as_ref().is_none_or(|b| b.buf.is_empty()) {
+            // Idle between requests: hold no buffer (boxed so an idle connection holds
+            // one pointer, not three empty Vecs).
+            if let Some(mut b) = bufs.take() {
+                b.release(&core, true);
+                core.give_bufs(b);
+            }
+            if !conn.idle(&core, fd).await {
+                break;
+            }
+        }
+        let b = bufs.get_or_insert_with(|| core.take_bufs());
+        match Recycled::new(one_request(&core, conn, b, peer, l)).await {
+            Some(c) => conn = c,
+            None => break,
+        }
+    }
+    if let Some(mut b) = bufs.take() {
+        b.release(&core, true);
+        core.give_bufs(b);
+    }
+}
+
+/// Reads and serves one request; gives the connection back if it stays open.
+async fn one_request<S: Client>(
+    core: &Rc<Core>,
+    mut c: S,
+    bufs: &mut Bufs,
+    peer: SocketAddr,
+    l: ListenerInfo,
+) -> Option<S> {
+    core.ensure_buf(&mut bufs.buf);
+    let info = match read_head(core, &mut c, &mut bufs.buf).await {
+        Ok(Some(i)) => i,
+        Ok(None) => return None,
+        Err(status) => {
+            core.ensure_buf(&mut bufs.out);
+            CoreMetrics::inc(&core.metrics().bad_requests_total);
+            let _ = respond(
+                core,
+                &mut c,
+                &mut bufs.out,
+                status,
+                reason_body(status),
+                true,
+            )
+            .await;
+            return None;
+        }
+    };
+    let start_ms = now_ms();
+    core.ensure_buf(&mut bufs.ubuf);
+    core.ensure_buf(&mut bufs.out);
+    CoreMetrics::inc(&core.metrics().requests_total);
+    let table = core.table();
+    let Bufs { buf, ubuf, out } = bufs;
+    let host = info.host.map(|s| s.get(buf)).unwrap_or(b"");
+    let route = table.lookup_http(host, l.route_port, info.path.get(buf));
+    let next = match route {
+        None => {
+            CoreMetrics::inc(&core.metrics().not_found_total);
+            let close = !info.keep_alive || info.framing != Framing::Empty;
+            if close {
+                respond(core, &mut c, out, 404, b"Not Found\n", true).await
+            } else {
+                buf.drain(..info.head_len);
+                respond(core, &mut c, out, 404, b"Not Found\n", false).await
+            }
+        }
+        Some(r) if r.backends.is_empty() => {
+            let n = unavailable(core, &mut c, out, &info).await;
+            if matches!(n, Next::KeepAlive) {
+                buf.drain(..info.head_len);
+            }
+            n
+        }
+        Some(r) if info.upgrade => {
+            let b = std::mem::take(buf);
+            crate::upgrade::tunnel(core, c, b, &info, r, peer, l, start_ms).await;
+            return None;
+        }
+        Some(r) => {
+            let fwd = Fwd {
+                proto: S::PROTO,
+                peer,
+                l,
+                start_ms,
+            };
+            forward(core, &mut c, buf, ubuf, out, &info, r, fwd).await
+        }
+    };
+    match next {
+        Next::KeepAlive => Some(c),
+        Next::Close => None,
+    }
+}
+
+fn reason_body(status: u16) -> &'static [u8] {
+    match status {
+        431 => b"Request Header Fields Too Large\n",
+        408 => b"Request Timeout\n",
+        505 => b"HTTP Version Not Supported\n",
+        _ => b"Bad Request\n",
+    }
+}
+
+/// Reads until a complete request head is buffered. `Ok(None)`: the client went away
+/// or idled out; `Err(status)`: answer with that status and close.
+async fn read_head<S: Client>(
+    core: &Core,
+    c: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<Option<RequestInfo>, u16> {
+    // The whole head must arrive within the header timeout of its first byte, however
+    // slowly it trickles in (slowloris costs a connection, never a core).
+    let mut deadline: Option<std::time::Instant> = None;
+    loop {
+        if !buf.is_empty() {
+            match parse_request(buf) {
+                Ok(Some(info)) => return Ok(Some(info)),
+                Ok(None) => {}
+                Err(e) => return Err(e.status()),
+            }
+        }
+        let now = std::time::Instant::now();
+        // Nothing received yet (a TLS connection idling in this read): the idle timeout.
+        let idle = buf.is_empty() && deadline.is_none();
+        let limit = if idle {
+            core.settings().idle_timeout
+        } else {
+            let d = *deadline.get_or_insert(now + core.settings().header_timeout);
+            d.saturating_duration_since(now)
+        };
+        let taken = std::mem::take(buf);
+        let (res, b) = match monoio::time::timeout(limit, read_append(c, taken)).await {
+            Ok(x) => x,
+            Err(_) if idle => return Ok(None),
+            Err(_) => return Err(408),
+        };
+        *buf = b;
+        match res {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn respond<S: Client>(
+    core: &Core,
+    c: &mut S,
+    out: &mut Vec<u8>,
+    status: u16,
+    body: &[u8],
+    close: bool,
+) -> Next {
+    core.metrics().status(status);
+    // A draining process closes every connection after its current response.
+    let close = close || core.draining();
+    out.clear();
+    match (status, &core.settings().page_503) {
+        (503, Some(page)) => {
+            flynn_http::typed_response(503, b"text/html; charset=utf-8", page, close, out)
+        }
+        _ => simple_response(status, body, close, out),
+    }
+    let o = std::mem::take(out);
+    let len = o.len();
+    let (res, o) = write_range(c, o, 0, len).await;
+    *out = o;
+    if res.is_err() || close {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    }
+}
+
+async fn unavailable<S: Client>(
+    core: &Core,
+    c: &mut S,
+    out: &mut Vec<u8>,
+    info: &RequestInfo,
+) -> Next {
+    CoreMetrics::inc(&core.metrics().unavailable_total);
+    let close = !info.keep_alive || info.framing != Framing::Empty;
+    respond(core, c, out, 503, b"Service Unavailable\n", close).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward<S: Client>(
+    core: &Rc<Core>,
+    c: &mut S,
+    buf: &mut Vec<u8>,
+    ubuf: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    info: &RequestInfo,
+    route: &HttpRoute,
+    fwd: Fwd,
+) -> Next {
+    let m = core.metrics();
+    let sealer = core.settings().sticky.as_ref().filter(|_| route.sticky);
+    let cookie_addr = sealer.and_then(|s| crate::sticky::from_request(s, &buf[..info.head_len]));
+    let Some((mut up, addr, mut reused)) = connect(core, route, cookie_addr, None).await else {
+        let next = unavailable(core, c, out, info).await;
+        if matches!(next, Next::KeepAlive) {
+            buf.drain(..info.head_len);
+        }
+        return next;
+    };
+    let mut addr = addr;
+    let mut _inflight = core.start_request(addr);
+    let mut retries = 0;
+
+    // Request head plus whatever body bytes are already buffered.
+    out.clear();
+    write_request_head(buf, info, &fwd.forward(route.disable_keep_alives), out);
+    let mut body = BodyReader::new(info.framing);
+    let adv = match body.advance(&buf[info.head_len..]) {
+        Ok(a) => a,
+        Err(_) => return respond(core, c, out, 400, b"Bad Request\n", true).await,
+    };
+    out.extend_from_slice(&buf[info.head_len..info.head_len + adv.used]);
+    let mut consumed = info.head_len + adv.used;
+
+    let sent_continue = info.expect_continue && !body.is_done();
+    if sent_continue {
+        let (res, _) = write_range(c, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), 0, 25).await;
+        if res.is_err() {
+            CoreMetrics::inc(&m.client_aborts_total);
+            return Next::Close;
+        }
+    }
+
+    // `out` keeps the request head, so a stale pooled connection can be retried.
+    let resp = 'send: loop {
+        let can_retry = 'attempt: {
+            let o = std::mem::take(out);
+            let len = o.len();
+            let (res, o) = write_range(&mut up, o, 0, len).await;
+            *out = o;
+            if res.is_err() {
+                break 'attempt reused && body.is_done();
+            }
+            // Stream the rest of the request body.
+            while !body.is_done() {
+                if consumed == buf.len() {
+                    buf.clear();
+                    consumed = 0;
+                }
+                let taken = std::mem::take(buf);
+                let limit = core.settings().idle_timeout;
+                let (res, b) = match monoio::time::timeout(limit, read_append(c, taken)).await {
+                    Ok(x) => x,
+                    Err(_) => (
+                        Err(std::io::ErrorKind::TimedOut.into()),
+                        Vec::with_capacity(BUF),
+                    ),
+                };
+                *buf = b;
+                match res {
+                    Ok(n) if n > 0 => {}
+                    _ => {
+                        CoreMetrics::inc(&m.client_aborts_total);
+                        return Next::Close;
+                    }
+                }
+                let adv = match body.advance(&buf[consumed..]) {
+                    Ok(a) => a,
+                    Err(_) => return respond(core, c, out, 400, b"Bad Request\n", true).await,
+                };
+                let taken = std::mem::take(buf);
+                let (res, b) = write_range(&mut up, taken, consumed, consumed + adv.used).await;
+                *buf = b;
+                consumed += adv.used;
+                if res.is_err() {
+                    return upstream_failed(core, c, out).await;
+                }
+            }
+            match exchange(c, &mut up, ubuf, info, sent_continue).await {
+                Exchange::Ok(r) => break 'send r,
+                Exchange::Stale => break 'attempt reused && info.framing == Framing::Empty,
+                Exchange::Failed => break 'attempt false,
+                Exchange::ClientGone => {
+                    CoreMetrics::inc(&m.client_aborts_total);
+                    return Next::Close;
+                }
+            }
+        };
+        // Only a reused connection that died before any response byte is retried: on a
+        // fresh dial to the same backend, or another backend if that dial fails.
+        if !can_retry || retries >= MAX_ATTEMPTS {
+            return upstream_failed(core, c, out).await;
+        }
+        retries += 1;
+        ubuf.clear();
+        match redial(core, route, addr).await {
+            Some((s, a, r)) => {
+                (up, reused) = (s, r);
+                if a != addr {
+                    addr = a;
+                    _inflight = core.start_request(a);
+                }
+            }
+            None => return upstream_failed(core, c, out).await,
+        }
+    };
+
+    // Response head and body.
+    let close_client = !info.keep_alive || resp.framing == Framing::Close || core.draining();
+    // A new cookie only when the chosen backend differs from the cookie's.
+    let cookie = match sealer {
+        Some(s) if cookie_addr != Some(addr) => Some(crate::sticky::set_cookie(s, addr)),
+        _ => None,
+    };
+    let cookie_header: Vec<(&[u8], &[u8])> = match &cookie {
+        Some(c) => vec![(b"Set-Cookie".as_slice(), c.as_slice())],
+        None => Vec::new(),
+    };
+    m.status(resp.status);
+    let head_len = resp.head_len;
+    let mut rbody = BodyReader::new(resp.framing);
+    let adv = match rbody.advance(&ubuf[head_len..]) {
+        Ok(a) => a,
+        Err(_) => return upstream_failed(core, c, out).await,
+    };
+    out.clear();
+    write_response_head(
+        ubuf,
+        &resp,
+        &ResponseOpts {
+            close: close_client,
+            extra: cookie_header.as_slice(),
+        },
+        out,
+    );
+    out.extend_from_slice(&ubuf[head_len..head_len + adv.used]);
+    let mut clean = head_len + adv.used == ubuf.len();
+    let o = std::mem::take(out);
+    let len = o.len();
+    let (res, o) = write_range(c, o, 0, len).await;
+    *out = o;
+    if res.is_err() {
+        CoreMetrics::inc(&m.client_aborts_total);
+        return Next::Close;
+    }
+    while !rbody.is_done() {
+        ubuf.clear();
+        let taken = std::mem::take(ubuf);
+        let limit = core.settings().idle_timeout;
+        let (res, b) = match monoio::time::timeout(limit, read_append(&mut up, taken)).await {
+            Ok(x) => x,
+            Err(_) => (
+                Err(std::io::ErrorKind::TimedOut.into()),
+                Vec::with_capacity(BUF),
+            ),
+        };
+        *ubuf = b;
+        let n = res.unwrap_or_default();
+        if n == 0 {
+            if resp.framing != Framing::Close {
+                // Truncated response: the client cannot be told any more.
+                CoreMetrics::inc(&m.upstream_errors_total);
+            }
+            return Next::Close;
+        }
+        let adv = match rbody.advance(ubuf) {
+            Ok(a) => a,
+            Err(_) => {
+                CoreMetrics::inc(&m.upstream_errors_total);
+                return Next::Close;
+            }
+        };
+        clean = adv.used == ubuf.len();
+        let taken = std::mem::take(ubuf);
+        let (res, b) = write_range(c, taken, 0, adv.used).await;
+        *ubuf = b;
+        if res.is_err() {
+            CoreMetrics::inc(&m.client_aborts_total);
+            return Next::Close;
+        }
+    }
+    ubuf.clear();
+    if resp.keep_alive && clean && !route.disable_keep_alives {
+        core.pool.put(addr, up);
+    }
+    compact(buf, consumed, BUF);
+    if close_client {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    }
+}
+
+async fn upstream_failed<S: Client>(core: &Core, c: &mut S, out: &mut Vec<u8>) -> Next {
+    CoreMetrics::inc(&core.metrics().upstream_errors_total);
+    CoreMetrics::inc(&core.metrics().unavailable_total);
+    respond(core, c, out, 503, b"Service Unavailable\n", true).await
+}

@@ -1,0 +1,182 @@
+//! Hot path: the upstream side: dialling with the connect timeout, picking a backend
+//! (pooled connection first, dial failures retried on another backend) and reading the
+//! response head while watching for the client leaving.
+
+use super::*;
+
+/// Dials `addr` with the connect timeout.
+pub async fn dial(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    match monoio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect_addr(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+    }
+}
+
+/// Picks a backend and gets a connection to it: pooled first, else dialled; dial
+/// failures move on to another backend, up to four attempts.
+pub async fn connect(
+    core: &Rc<Core>,
+    route: &HttpRoute,
+    sticky: Option<SocketAddr>,
+    failed: Option<SocketAddr>,
+) -> Option<(TcpStream, SocketAddr, bool)> {
+    let mut tried = [None; MAX_ATTEMPTS];
+    // A backend that just failed (e.g. a dead pooled connection and a refused redial)
+    // counts as the first attempt.
+    let first = match failed {
+        Some(a) => {
+            tried[0] = Some(a);
+            1
+        }
+        None => 0,
+    };
+    // A valid sticky cookie whose backend is still live is tried first.
+    let sticky = sticky.filter(|a| route.backends.contains(a));
+    for attempt in first..MAX_ATTEMPTS {
+        let addr = match sticky {
+            Some(a) if attempt == 0 => a,
+            _ => pick(core, &route.backends, &tried[..attempt])?,
+        };
+        if !route.disable_keep_alives {
+            if let Some(s) = core.pool.take(addr) {
+                CoreMetrics::inc(&core.metrics().upstream_reuses_total);
+                return Some((s, addr, true));
+            }
+        }
+        match dial(addr).await {
+            Ok(s) => {
+                CoreMetrics::inc(&core.metrics().upstream_connects_total);
+                return Some((s, addr, false));
+            }
+            Err(_) => {
+                CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
+                tried[attempt] = Some(addr);
+            }
+        }
+    }
+    None
+}
+
+/// A pooled connection to `addr` turned out dead before any response byte: dial `addr`
+/// afresh, and if that fails too, move on to another backend (a dial failure).
+pub(super) async fn redial(
+    core: &Rc<Core>,
+    route: &HttpRoute,
+    addr: SocketAddr,
+) -> Option<(TcpStream, SocketAddr, bool)> {
+    match dial(addr).await {
+        Ok(s) => {
+            CoreMetrics::inc(&core.metrics().upstream_connects_total);
+            Some((s, addr, false))
+        }
+        Err(_) => {
+            CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
+            connect(core, route, None, Some(addr)).await
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct Fwd {
+    pub proto: &'static str,
+    pub peer: SocketAddr,
+    pub l: ListenerInfo,
+    pub start_ms: u64,
+}
+
+impl Fwd {
+    pub fn forward<'a>(&self, upstream_close: bool) -> Forward<'a> {
+        Forward {
+            client_ip: client_ip(self.peer),
+            proto: self.proto,
+            listener_port: self.l.port,
+            request_start_ms: self.start_ms,
+            random_id: ((fastrand::u64(..) as u128) << 64) | fastrand::u64(..) as u128,
+            upstream_close,
+            extra: &[],
+        }
+    }
+}
+
+/// Result of sending the head and reading the response head on one connection.
+pub(super) enum Exchange {
+    Ok(flynn_http::ResponseInfo),
+    /// The connection failed before any response byte: safe to retry if nothing of the
+    /// request body was streamed from the client.
+    Stale,
+    Failed,
+    ClientGone,
+}
+
+/// Reads the response head from `up` (forwarding any 1xx other than 101 to the
+/// client), watching for the client going away meanwhile.
+pub(super) async fn exchange<S: Client>(
+    c: &mut S,
+    up: &mut TcpStream,
+    ubuf: &mut Vec<u8>,
+    info: &RequestInfo,
+    sent_continue: bool,
+) -> Exchange {
+    let mut got_any = false;
+    loop {
+        if !ubuf.is_empty() {
+            match parse_response(ubuf, info.method) {
+                Ok(Some(r)) if r.status == 100 && sent_continue => {
+                    // The router already told the client to continue.
+                    ubuf.drain(..r.head_len);
+                    continue;
+                }
+                Ok(Some(r)) if (100..200).contains(&r.status) && r.status != 101 => {
+                    let mut interim = Vec::new();
+                    write_response_head(
+                        ubuf,
+                        &r,
+                        &ResponseOpts {
+                            close: false,
+                            extra: &[],
+                        },
+                        &mut interim,
+                    );
+                    let len = interim.len();
+                    let (res, _) = write_range(c, interim, 0, len).await;
+                    if res.is_err() {
+                        return Exchange::ClientGone;
+                    }
+                    ubuf.drain(..r.head_len);
+                    continue;
+                }
+                Ok(Some(r)) => return Exchange::Ok(r),
+                Ok(None) => {}
+                Err(_) => return Exchange::Failed,
+            }
+        }
+        let taken = std::mem::take(ubuf);
+        let read = monoio::time::timeout(RESPONSE_HEADER_TIMEOUT, read_append(up, taken));
+        monoio::select! {
+            r = read => {
+                let (res, b) = match r {
+                    Ok(x) => x,
+                    Err(_) => {
+                        *ubuf = Vec::with_capacity(BUF);
+                        return Exchange::Failed;
+                    }
+                };
+                *ubuf = b;
+                match res {
+                    Ok(n) if n > 0 => got_any = true,
+                    _ => {
+                        return if got_any { Exchange::Failed } else { Exchange::Stale };
+                    }
+                }
+            }
+            _ = c.gone() => {
+                *ubuf = Vec::with_capacity(BUF);
+                return Exchange::ClientGone;
+            }
+        }
+    }
+}
