@@ -13,6 +13,8 @@
 //! Kernel access is behind the [`Netlink`] trait: [`KernelNetlink`] uses `rtnetlink`,
 //! [`FakeNetlink`] records calls for tests.
 
+mod agent;
+mod direct;
 mod discoverd;
 mod fake;
 pub mod job;
@@ -22,6 +24,8 @@ mod reconcile;
 mod store;
 mod subnet;
 
+pub use agent::{error_chain, Agent, AgentConfig, AgentError, Started};
+pub use direct::{direct_routes, Segment, DIRECT_PROTO};
 pub use discoverd::{
     config_json, layout_from_config, DiscoverdStore, SERVICE as DISCOVERD_SERVICE,
 };

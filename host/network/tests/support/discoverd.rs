@@ -41,6 +41,8 @@ pub struct Discoverd {
     child: Child,
     /// `host:port` of the HTTP API.
     pub addr: String,
+    /// Network namespace it runs in, if not the test's own.
+    pub netns: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -84,6 +86,7 @@ impl Discoverd {
         let mut d = Discoverd {
             child,
             addr: String::new(),
+            netns: netns.map(String::from),
             _dir: dir,
         };
         let line = rx
@@ -103,7 +106,8 @@ impl Discoverd {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let url = format!("{}/services/ready-probe", self.url());
         loop {
-            let out = Command::new("curl")
+            let out = self
+                .command("curl")
                 .args([
                     "-s",
                     "-o",
@@ -134,6 +138,18 @@ impl Discoverd {
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A command that runs in discoverd's network namespace.
+    pub fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
         }
     }
 

@@ -1,0 +1,316 @@
+//! [`Agent`]: the per-host overlay daemon loop (flanneld's role). It leases this host's block,
+//! sets up the VXLAN device and bridge, and then keeps the kernel (and, when enabled, the eBPF fast
+//! path's prefix map) in line with every lease: on each store event and on a timer. It renews the
+//! lease before it expires and releases it on clean shutdown.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use flynn_ebpf::{FastPath, Hop, Role};
+
+use crate::direct::{direct_routes, Segment};
+use crate::kernel::KernelNetlink;
+use crate::lease::{Config as LeaseConfig, Lease, LeaseError, Leaser};
+use crate::reconcile::{reconcile, setup, DeviceConfig, Devices, NetlinkError};
+use crate::store::{LeaseStore, LeaseWatch, Snapshot, StoreError};
+use crate::subnet::Subnet;
+
+/// What the agent does and how often.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This host's underlay address: VXLAN packets are sent from and to it.
+    pub public_ip: Ipv4Addr,
+    pub devices: DeviceConfig,
+    pub lease: LeaseConfig,
+    /// Plain routes (no encapsulation) to peers on this host's own L2 segment.
+    pub direct_routing: bool,
+    /// Full reconcile interval, in addition to reconciling on every store event.
+    pub resync: Duration,
+    /// Where `subnet.env` (flannel's format) is written for the host daemon; none when `None`.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("lease")]
+    Lease(#[from] LeaseError),
+    #[error("lease store")]
+    Store(#[from] StoreError),
+    #[error("netlink")]
+    Netlink(#[from] NetlinkError),
+    #[error("eBPF fast path")]
+    FastPath(#[from] flynn_ebpf::EbpfError),
+    #[error("writing {path}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What [`Agent::start`] set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    pub lease: Lease,
+    pub devices: Devices,
+}
+
+/// The overlay agent of one host.
+pub struct Agent<S> {
+    leaser: Leaser<S>,
+    nl: KernelNetlink,
+    cfg: AgentConfig,
+    fast: Option<FastPath>,
+    lease: Option<Lease>,
+    devices: Option<Devices>,
+    segment: Option<Segment>,
+    /// Prefixes this agent put in the fast path's map.
+    prefixes: BTreeMap<Subnet, Hop>,
+}
+
+impl<S: LeaseStore> Agent<S> {
+    /// An agent using `store`, the kernel through `nl`, and the fast path when `fast` is given
+    /// (already loaded; [`Agent::start`] attaches it to the VXLAN device).
+    pub fn new(store: S, nl: KernelNetlink, cfg: AgentConfig, fast: Option<FastPath>) -> Agent<S> {
+        Agent {
+            leaser: Leaser::new(store, cfg.lease.clone(), cfg.public_ip),
+            nl,
+            cfg,
+            fast,
+            lease: None,
+            devices: None,
+            segment: None,
+            prefixes: BTreeMap::new(),
+        }
+    }
+
+    /// Leases a block (reusing this host's lease if the store has one), sets up the VXLAN device
+    /// and bridge, attaches the fast path and reconciles once.
+    pub async fn start(&mut self) -> Result<Started, AgentError> {
+        let lease = self.leaser.acquire(SystemTime::now()).await?;
+        let mut nl = self.nl.clone();
+        let devices = setup(&mut nl, &self.cfg.devices, &lease).await?;
+        self.segment = Some(self.nl.segment(self.cfg.public_ip).await?);
+        if let Some(fp) = &mut self.fast {
+            fp.attach(devices.vxlan, Role::Vxlan)?;
+        }
+        self.lease = Some(lease.clone());
+        self.devices = Some(devices);
+        self.write_state()?;
+        let snap = self.leaser.store().leases().await?;
+        self.sync(&snap).await?;
+        Ok(Started { lease, devices })
+    }
+
+    /// Makes the kernel and the fast path match `snap`. Returns the number of changes.
+    pub async fn sync(&mut self, snap: &Snapshot) -> Result<usize, AgentError> {
+        let (Some(lease), Some(devices), Some(segment)) = (&self.lease, self.devices, self.segment)
+        else {
+            return Ok(0);
+        };
+        let now = SystemTime::now();
+        let remote: Vec<&Lease> = snap
+            .live(now)
+            .filter(|l| l.subnet != lease.subnet)
+            .collect();
+        let direct: BTreeSet<crate::reconcile::Route> = if self.cfg.direct_routing {
+            direct_routes(&segment, &remote)
+        } else {
+            BTreeSet::new()
+        };
+        let is_direct = |l: &Lease| direct.iter().any(|r| r.subnet == l.subnet);
+        let tunneled: Vec<Lease> = remote
+            .iter()
+            .filter(|l| !is_direct(l))
+            .map(|l| (*l).clone())
+            .collect();
+        // Tunnel entries first: that removes the VXLAN route of a block going direct before the
+        // direct route for the same prefix is added.
+        let mut nl = self.nl.clone();
+        let ops = reconcile(&mut nl, devices.vxlan, &lease.subnet, &tunneled, now).await?;
+        let direct_changes = self.nl.sync_direct_routes(segment.ifindex, &direct).await?;
+        let fast_changes = self.sync_fast_path(&tunneled, &direct, devices.vxlan, segment)?;
+        let changes = ops.len() + direct_changes + fast_changes;
+        if direct_changes + fast_changes > 0 {
+            tracing::info!(direct_changes, fast_changes, "overlay routes updated");
+        }
+        Ok(changes)
+    }
+
+    fn sync_fast_path(
+        &mut self,
+        tunneled: &[Lease],
+        direct: &BTreeSet<crate::reconcile::Route>,
+        vxlan: u32,
+        segment: Segment,
+    ) -> Result<usize, AgentError> {
+        let Some(fp) = &mut self.fast else {
+            return Ok(0);
+        };
+        let mut want: BTreeMap<Subnet, Hop> = tunneled
+            .iter()
+            .map(|l| {
+                (
+                    l.subnet,
+                    Hop {
+                        ifindex: vxlan,
+                        next_hop: l.subnet.addr(),
+                    },
+                )
+            })
+            .collect();
+        want.extend(direct.iter().map(|r| {
+            (
+                r.subnet,
+                Hop {
+                    ifindex: segment.ifindex,
+                    next_hop: r.gateway,
+                },
+            )
+        }));
+        let mut changes = 0;
+        let stale: Vec<Subnet> = self
+            .prefixes
+            .keys()
+            .filter(|s| !want.contains_key(s))
+            .copied()
+            .collect();
+        for s in stale {
+            fp.remove_prefix(s.addr(), s.prefix_len())?;
+            self.prefixes.remove(&s);
+            changes += 1;
+        }
+        for (s, hop) in want {
+            if self.prefixes.get(&s) != Some(&hop) {
+                fp.upsert_prefix(s.addr(), s.prefix_len(), hop)?;
+                self.prefixes.insert(s, hop);
+                changes += 1;
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Runs until `shutdown` completes (then releases the lease) or the lease is lost (an error:
+    /// the block may belong to another host now). Call after [`Agent::start`].
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        tokio::pin!(shutdown);
+        let mut watch: Option<LeaseWatch> = None;
+        let mut tick = tokio::time::interval(self.cfg.resync);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renew_retry: Option<tokio::time::Instant> = None;
+        loop {
+            if watch.is_none() {
+                match self.leaser.store().watch().await {
+                    Ok(mut w) => {
+                        let snap = w.current();
+                        self.sync_logged(&snap).await;
+                        watch = Some(w);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot watch leases; retrying"),
+                }
+            }
+            let lease = self.lease.clone().expect("started");
+            let renew_at = renew_retry.unwrap_or_else(|| {
+                let wait = self
+                    .leaser
+                    .renew_at(&lease)
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                tokio::time::Instant::now() + wait
+            });
+            let retry_watch = tokio::time::sleep(Duration::from_secs(1));
+            tokio::select! {
+                _ = &mut shutdown => {
+                    tracing::info!(subnet = %lease.subnet, "shutting down; releasing the lease");
+                    self.leaser.release(&lease).await?;
+                    return Ok(());
+                }
+                snap = async { watch.as_mut().expect("checked").changed().await }, if watch.is_some() => {
+                    match snap {
+                        Some(s) => self.sync_logged(&s).await,
+                        None => watch = None,
+                    }
+                }
+                _ = retry_watch, if watch.is_none() => {}
+                _ = tick.tick() => {
+                    match self.leaser.store().leases().await {
+                        Ok(s) => self.sync_logged(&s).await,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read leases; reconciling the last known set");
+                            if let Some(w) = &mut watch {
+                                let s = w.current();
+                                self.sync_logged(&s).await;
+                            }
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(renew_at) => {
+                    match self.leaser.renew(&lease, SystemTime::now()).await {
+                        Ok(l) => {
+                            tracing::debug!(subnet = %l.subnet, "lease renewed");
+                            self.lease = Some(l);
+                            renew_retry = None;
+                        }
+                        Err(e @ LeaseError::Lost { .. }) => return Err(e.into()),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "lease renewal failed; retrying");
+                            renew_retry = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn sync_logged(&mut self, snap: &Snapshot) {
+        if let Err(e) = self.sync(snap).await {
+            tracing::warn!(error = %error_chain(&e), "reconcile failed; will retry");
+        }
+    }
+
+    /// The lease held, once started.
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
+    }
+
+    /// Writes `subnet.env` (flannel's format: network, this host's first address and prefix, MTU).
+    fn write_state(&self) -> Result<(), AgentError> {
+        let (Some(dir), Some(lease), Some(dev)) = (&self.cfg.state_dir, &self.lease, self.devices)
+        else {
+            return Ok(());
+        };
+        let path = dir.join("subnet.env");
+        let body = format!(
+            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ=false\n",
+            self.cfg.lease.layout.network,
+            lease.subnet.first_host(),
+            lease.subnet.prefix_len(),
+            dev.mtu
+        );
+        let err = |source| AgentError::State {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(err)?;
+        let tmp = dir.join(".subnet.env.tmp");
+        std::fs::write(&tmp, body).map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(err)?;
+        Ok(())
+    }
+}
+
+/// `e` and its sources, joined with ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

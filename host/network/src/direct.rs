@@ -1,0 +1,148 @@
+//! DirectRouting (flannel's `DirectRouting` option): a peer whose underlay address is on this
+//! host's own L2 segment is reached with a plain route, `block via <peer public IP> dev <underlay>`,
+//! without encapsulation. Such routes carry the protocol [`DIRECT_PROTO`] so the agent finds (and
+//! removes) exactly its own routes and never touches others on the underlay interface.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures_util::stream::TryStreamExt;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol,
+};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::RouteMessageBuilder;
+
+use crate::kernel::KernelNetlink;
+use crate::lease::Lease;
+use crate::reconcile::{NetlinkError, Route};
+use crate::subnet::Subnet;
+
+/// Route protocol number marking direct routes (`ip route` shows `proto 102`).
+pub const DIRECT_PROTO: u8 = 102;
+
+fn req(op: &'static str) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    move |source| NetlinkError::Request { op, source }
+}
+
+/// The underlay interface: index and the connected network of the address `local`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub ifindex: u32,
+    pub net: Subnet,
+}
+
+/// Direct routes `remote` leases call for: those whose public IP lies in `segment`.
+pub fn direct_routes(segment: &Segment, remote: &[&Lease]) -> BTreeSet<Route> {
+    remote
+        .iter()
+        .filter(|l| segment.net.contains(l.public_ip))
+        .map(|l| Route {
+            subnet: l.subnet,
+            gateway: l.public_ip,
+        })
+        .collect()
+}
+
+fn message(ifindex: u32, r: &Route) -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(r.subnet.addr(), r.subnet.prefix_len())
+        .gateway(r.gateway)
+        .output_interface(ifindex)
+        .protocol(RouteProtocol::Other(DIRECT_PROTO))
+        .build()
+}
+
+impl KernelNetlink {
+    /// The interface holding `local` and the network of that address.
+    pub async fn segment(&self, local: Ipv4Addr) -> Result<Segment, NetlinkError> {
+        let mut addrs = self.handle().address().get().execute();
+        while let Some(a) = addrs.try_next().await.map_err(req("get addresses"))? {
+            if a.header.family != AddressFamily::Inet {
+                continue;
+            }
+            let holds = a.attributes.iter().any(|attr| {
+                matches!(attr, AddressAttribute::Address(IpAddr::V4(ip))
+                    | AddressAttribute::Local(IpAddr::V4(ip)) if *ip == local)
+            });
+            if holds {
+                return Ok(Segment {
+                    ifindex: a.header.index,
+                    net: Subnet::new(local, a.header.prefix_len),
+                });
+            }
+        }
+        Err(NetlinkError::NoUnderlay { addr: local })
+    }
+
+    /// Direct routes of this agent on `ifindex` (main table, protocol [`DIRECT_PROTO`]).
+    pub async fn direct_routes(&self, ifindex: u32) -> Result<BTreeSet<Route>, NetlinkError> {
+        let mut out = BTreeSet::new();
+        let mut routes = self
+            .handle()
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        while let Some(r) = routes.try_next().await.map_err(req("get routes"))? {
+            if r.header.protocol != RouteProtocol::Other(DIRECT_PROTO)
+                || r.header.table != RouteHeader::RT_TABLE_MAIN
+            {
+                continue;
+            }
+            let (mut oif, mut dst, mut gw) = (None, None, None);
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(*ip),
+                    RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gw = Some(*ip),
+                    _ => {}
+                }
+            }
+            if let (Some(i), Some(dst), Some(gw)) = (oif, dst, gw) {
+                if i == ifindex {
+                    out.insert(Route {
+                        subnet: Subnet::new(dst, r.header.destination_prefix_length),
+                        gateway: gw,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes the direct routes on `ifindex` equal `want`; returns how many changes were made.
+    pub async fn sync_direct_routes(
+        &self,
+        ifindex: u32,
+        want: &BTreeSet<Route>,
+    ) -> Result<usize, NetlinkError> {
+        let have = self.direct_routes(ifindex).await?;
+        let mut changes = 0;
+        for r in have.difference(want) {
+            match self
+                .handle()
+                .route()
+                .del(message(ifindex, r))
+                .execute()
+                .await
+            {
+                Err(rtnetlink::Error::NetlinkError(m))
+                    if matches!(-m.raw_code(), libc::ESRCH | libc::ENOENT) => {}
+                res => res.map_err(req("delete direct route"))?,
+            }
+            changes += 1;
+        }
+        for r in want.difference(&have) {
+            self.handle()
+                .route()
+                .add(message(ifindex, r))
+                .replace()
+                .execute()
+                .await
+                .map_err(req("add direct route"))?;
+            changes += 1;
+        }
+        Ok(changes)
+    }
+}

@@ -1,0 +1,206 @@
+//! `flynn-network`: the per-host overlay agent. Leases this host's block from discoverd, sets up
+//! the VXLAN device and job bridge, keeps every peer's entries in the kernel (and the eBPF fast
+//! path's prefix map) and releases the lease on SIGTERM/SIGINT.
+//!
+//! Prints `ready subnet=<block> gateway=<addr> mtu=<mtu> mac=<vtep mac> fast_path=<on|off>` on
+//! stdout once set up.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use flynn_client::discoverd::Client;
+use flynn_ebpf::FastPath;
+use flynn_network::{
+    config_json, error_chain, layout_from_config, Agent, AgentConfig, DeviceConfig, DiscoverdStore,
+    KernelNetlink, Layout, LeaseConfig, Subnet,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FastPathMode {
+    /// On when the kernel supports it.
+    Auto,
+    /// Required: fail when unsupported.
+    On,
+    Off,
+}
+
+/// The Flynn overlay network agent.
+#[derive(Debug, Parser)]
+#[command(name = "flynn-network", version)]
+struct Config {
+    /// discoverd URL.
+    #[arg(long, env = "DISCOVERD", default_value = "http://127.0.0.1:1111")]
+    discoverd: String,
+    /// This host's underlay address (must be on a local interface).
+    #[arg(long, env = "FLYNN_PUBLIC_IP")]
+    public_ip: Ipv4Addr,
+    /// Cluster network, used when discoverd holds no config yet (the stored one wins).
+    #[arg(long, env = "FLYNN_NETWORK", default_value = "100.100.0.0/16")]
+    network: Subnet,
+    /// Block size per host (default: /24, or network prefix + 1 for small networks).
+    #[arg(long, env = "FLYNN_SUBNET_LEN")]
+    subnet_len: Option<u8>,
+    /// Plain routes to peers on this host's L2 segment instead of VXLAN.
+    #[arg(long, env = "FLYNN_DIRECT_ROUTING")]
+    direct_routing: bool,
+    /// Where subnet.env is written.
+    #[arg(long, env = "FLYNN_STATE_DIR", default_value = "/run/flynn-network")]
+    state_dir: PathBuf,
+    #[arg(long, env = "FLYNN_FAST_PATH", value_enum, default_value = "auto")]
+    fast_path: FastPathMode,
+    /// bpffs directory for the fast path's pinned maps and links.
+    #[arg(long, env = "FLYNN_PIN_DIR", default_value = flynn_ebpf::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    #[arg(long, env = "FLYNN_VXLAN_NAME", default_value = "flynn.1")]
+    vxlan_name: String,
+    #[arg(long, env = "FLYNN_BRIDGE", default_value = "flynnbr0")]
+    bridge: String,
+    #[arg(long, env = "FLYNN_VNI", default_value_t = 1)]
+    vni: u32,
+    #[arg(long, env = "FLYNN_VXLAN_PORT", default_value_t = 8472)]
+    vxlan_port: u16,
+    /// Full reconcile interval.
+    #[arg(long, env = "FLYNN_RESYNC_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    resync_interval: Duration,
+    /// Lease lifetime; renewed an hour (or a tenth of it, if shorter) before expiry.
+    #[arg(long, env = "FLYNN_LEASE_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    lease_ttl: Duration,
+}
+
+impl Config {
+    fn validate(&self) -> Result<()> {
+        if self.vni == 0 || self.vni >= 1 << 24 {
+            bail!("--vni must be between 1 and 16777215");
+        }
+        if self.resync_interval < Duration::from_millis(100) {
+            bail!("--resync-interval must be at least 100ms");
+        }
+        if self.lease_ttl < Duration::from_secs(10) {
+            bail!("--lease-ttl must be at least 10s");
+        }
+        for name in [&self.vxlan_name, &self.bridge] {
+            if name.is_empty() || name.len() > 15 {
+                bail!("interface name {name:?} must be 1 to 15 characters");
+            }
+        }
+        Layout::with_defaults(self.network, self.subnet_len).context("--network/--subnet-len")?;
+        Ok(())
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLYNN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = Config::parse();
+    if let Err(e) = cfg.validate() {
+        eprintln!("flynn-network: invalid configuration: {e:#}");
+        std::process::exit(2);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = rt.block_on(run(cfg)) {
+        eprintln!("flynn-network: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cfg: Config) -> Result<()> {
+    let store = DiscoverdStore::new(Client::new(&cfg.discoverd));
+    let wanted = Layout::with_defaults(cfg.network, cfg.subnet_len)?;
+    // discoverd may still be electing a leader: retry for a while.
+    let mut attempt = 0;
+    let stored = loop {
+        attempt += 1;
+        match store
+            .init(config_json(&wanted, cfg.vni, cfg.vxlan_port))
+            .await
+        {
+            Ok(c) => break c,
+            Err(e) if attempt < 60 => {
+                tracing::warn!(error = %e, attempt, "discoverd not ready");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).context("writing the network config to discoverd"),
+        }
+    };
+    let layout = layout_from_config(&stored)?;
+    if layout != wanted {
+        tracing::info!(network = %layout.network, "using the cluster's stored network config");
+    }
+
+    let fast = match cfg.fast_path {
+        FastPathMode::Off => None,
+        FastPathMode::Auto if !FastPath::supported() => {
+            tracing::info!("eBPF fast path not supported here; kernel path only");
+            None
+        }
+        _ => Some(FastPath::load(&cfg.pin_dir).context("loading the eBPF fast path")?),
+    };
+    let fast_on = fast.is_some();
+    let nl = KernelNetlink::connect()?;
+    let ttl = cfg.lease_ttl;
+    let agent_cfg = AgentConfig {
+        public_ip: cfg.public_ip,
+        devices: DeviceConfig {
+            vxlan_name: cfg.vxlan_name.clone(),
+            bridge_name: cfg.bridge.clone(),
+            vni: cfg.vni,
+            port: cfg.vxlan_port,
+        },
+        lease: LeaseConfig {
+            layout,
+            ttl,
+            renew_margin: Duration::from_secs(3600).min(ttl / 10),
+            ..LeaseConfig::default()
+        },
+        direct_routing: cfg.direct_routing,
+        resync: cfg.resync_interval,
+        state_dir: Some(cfg.state_dir.clone()),
+    };
+    let mut agent = Agent::new(store, nl, agent_cfg, fast);
+    let mut attempt = 0;
+    let started = loop {
+        attempt += 1;
+        match agent.start().await {
+            Ok(s) => break s,
+            Err(e) if attempt < 30 => {
+                tracing::warn!(error = %error_chain(&e), attempt, "start failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("starting the agent")),
+        }
+    };
+    println!(
+        "ready subnet={} gateway={} mtu={} mac={} fast_path={}",
+        started.lease.subnet,
+        started.lease.subnet.first_host(),
+        started.devices.mtu,
+        started.lease.vtep_mac,
+        if fast_on { "on" } else { "off" }
+    );
+    tracing::info!(subnet = %started.lease.subnet, mtu = started.devices.mtu, "overlay up");
+
+    let shutdown = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    agent
+        .run(shutdown)
+        .await
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))
+}

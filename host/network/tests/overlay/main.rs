@@ -1,0 +1,577 @@
+//! The overlay end to end: hosts are network namespaces on an underlay bridge, one real
+//! `flynn-discoverd` in the underlay namespace reachable from all of them, a `flynn-network` agent
+//! process per host, jobs made with [`create_job_net`]. Needs root and the vxlan module; fails
+//! loudly without them unless `FLYNN_SKIP_NETNS_TESTS=1`.
+
+#[path = "../support/discoverd.rs"]
+mod discoverd;
+#[path = "../vxlan/lab.rs"]
+#[allow(dead_code)]
+mod lab;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use discoverd::Discoverd;
+use flynn_network::job::{create_job_net, netns_path, JobNet, JobNetConfig};
+use flynn_network::{KernelNetlink, Subnet};
+use lab::{in_netns, ping, run, Lab};
+
+const MTU: u32 = 1450;
+
+/// An agent process in a host namespace; SIGKILLed and reaped on drop.
+struct AgentProc {
+    child: Option<Child>,
+    subnet: Subnet,
+    mac: String,
+    log: PathBuf,
+}
+
+struct Ready {
+    subnet: Subnet,
+    mac: String,
+}
+
+impl AgentProc {
+    fn start(host: &Host, discoverd: &str, extra: &[&str]) -> Result<AgentProc> {
+        let bin = env!("CARGO_BIN_EXE_flynn-network");
+        let log = host.dir.join(format!(
+            "agent-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos()
+        ));
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &host.ns, bin])
+            .args(["--discoverd", discoverd, "--public-ip", &host.ip])
+            .arg("--state-dir")
+            .arg(host.dir.join("state"))
+            .args(["--resync-interval", "1s", "--lease-ttl", "1h"])
+            .args(extra)
+            .env("FLYNN_LOG", "flynn_network=debug,info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?);
+        let mut child = cmd.spawn().context("spawn flynn-network")?;
+        let out = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line.starts_with("ready ") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let mut agent = AgentProc {
+            child: Some(child),
+            subnet: "0.0.0.0/0".parse()?,
+            mac: String::new(),
+            log,
+        };
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => l,
+            Err(_) => bail!(
+                "agent in {} never became ready:\n{}",
+                host.ns,
+                agent.log_text()
+            ),
+        };
+        let ready = parse_ready(&line)?;
+        agent.subnet = ready.subnet;
+        agent.mac = ready.mac;
+        Ok(agent)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    fn sigkill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (up to 10 s) for a clean exit.
+    fn stop(&mut self) -> Result<()> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(());
+        };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = c.try_wait()? {
+                ensure!(
+                    status.success(),
+                    "agent exited with {status}:\n{}",
+                    self.log_text()
+                );
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("agent ignored SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+fn parse_ready(line: &str) -> Result<Ready> {
+    let get = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")).map(String::from))
+            .with_context(|| format!("no {k}= in {line:?}"))
+    };
+    Ok(Ready {
+        subnet: get("subnet")?.parse()?,
+        mac: get("mac")?,
+    })
+}
+
+struct Host {
+    ns: String,
+    ip: String,
+    dir: PathBuf,
+}
+
+/// Removes job namespaces (their veths go with the host namespaces).
+struct Jobs(Vec<String>);
+
+impl Drop for Jobs {
+    fn drop(&mut self) {
+        for id in &self.0 {
+            let path = netns_path(id);
+            if path.exists() {
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                let _ = run(&["ip", "netns", "del", &name]);
+            }
+        }
+    }
+}
+
+/// A lab: underlay, discoverd in the underlay namespace, hosts.
+struct Cluster {
+    lab: Lab,
+    discoverd: Discoverd,
+    dir: tempfile::TempDir,
+    jobs: Jobs,
+    hosts: Vec<Host>,
+}
+
+impl Cluster {
+    fn new() -> Result<Cluster> {
+        let lab = Lab::new()?;
+        let ul = lab.ns("ul");
+        run(&[
+            "ip",
+            "-n",
+            &ul,
+            "addr",
+            "add",
+            "10.240.0.254/24",
+            "dev",
+            "br0",
+        ])?;
+        let discoverd = Discoverd::start("10.240.0.254:0", Some(&ul))?;
+        Ok(Cluster {
+            lab,
+            discoverd,
+            dir: tempfile::tempdir()?,
+            jobs: Jobs(Vec::new()),
+            hosts: Vec::new(),
+        })
+    }
+
+    fn url(&self) -> String {
+        self.discoverd.url()
+    }
+
+    /// Host `i` at underlay address 10.240.0.i.
+    fn add_host(&mut self, i: u8) -> Result<usize> {
+        let ip = format!("10.240.0.{i}");
+        let ns = self.lab.add_host(&format!("h{i}"), &format!("u{i}"), &ip)?;
+        let dir = self.dir.path().join(format!("h{i}"));
+        std::fs::create_dir_all(&dir)?;
+        self.hosts.push(Host { ns, ip, dir });
+        Ok(self.hosts.len() - 1)
+    }
+
+    fn agent(&self, host: usize, extra: &[&str]) -> Result<AgentProc> {
+        AgentProc::start(&self.hosts[host], &self.url(), extra)
+    }
+
+    /// A job on `host` with address `nth` of the host's block.
+    fn job(&mut self, host: usize, subnet: Subnet, nth: u32) -> Result<JobNet> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let id = format!(
+            "ovl-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        self.jobs.0.push(id.clone());
+        let cfg = JobNetConfig {
+            bridge: "flynnbr0".into(),
+            block: subnet,
+            gateway: subnet.first_host(),
+            mtu: MTU,
+        };
+        let ip = subnet.nth(nth).context("address in block")?;
+        in_netns(&self.hosts[host].ns, async move || {
+            let nl = KernelNetlink::connect()?;
+            Ok(create_job_net(&nl, &id, ip, &cfg).await?)
+        })
+    }
+}
+
+fn ns_of(job: &JobNet) -> String {
+    job.netns_path
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn can_ping(from: &JobNet, to: &JobNet) -> bool {
+    ping(&ns_of(from), &to.ip.to_string(), 3)
+}
+
+/// Polls `f` every 200 ms until it is true or `secs` pass.
+fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn routes(ns: &str) -> Result<String> {
+    Ok(String::from_utf8(
+        run(&["ip", "-n", ns, "route", "show"])?.stdout,
+    )?)
+}
+
+fn in_ns_path<R: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> Result<R> + Send + 'static,
+) -> Result<R> {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    in_netns(&name, async move || f())
+}
+
+/// A request/response over TCP from `from` to a listener in `to`.
+fn tcp_roundtrip(from: &JobNet, to: &JobNet) -> Result<()> {
+    let ip = to.ip;
+    let listener = in_ns_path(&to.netns_path, move || {
+        Ok(TcpListener::bind(SocketAddr::from((ip, 0)))?)
+    })?;
+    let addr = listener.local_addr()?;
+    let server = std::thread::spawn(move || -> Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        s.read_exact(&mut buf)?;
+        s.write_all(&buf)?;
+        Ok(())
+    });
+    // 64 KiB: many full-size segments, so a wrong MTU would stall the transfer.
+    let payload: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+    let sent = payload.clone();
+    let got = in_ns_path(&from.netns_path, move || {
+        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(&sent)?;
+        let mut back = vec![0u8; sent.len()];
+        c.read_exact(&mut back)?;
+        Ok(back)
+    })?;
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
+    ensure!(got == payload, "echoed data differs");
+    Ok(())
+}
+
+fn ping_df(from: &JobNet, to: &JobNet, size: u32) -> bool {
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns_of(from),
+        "ping",
+        "-c1",
+        "-W1",
+        "-n",
+        "-q",
+        "-M",
+        "do",
+        "-s",
+        &size.to_string(),
+        &to.ip.to_string(),
+    ])
+    .is_ok()
+}
+
+#[test]
+fn three_hosts_talk_and_follow_hosts_joining_and_leaving() -> Result<()> {
+    if !lab::should_run("three_hosts_talk_and_follow_hosts_joining_and_leaving") {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    let mut agents = Vec::new();
+    for i in 1..=3 {
+        let h = c.add_host(i)?;
+        agents.push(c.agent(h, &["--fast-path", "off"])?);
+    }
+    let subnets: Vec<Subnet> = agents.iter().map(|a| a.subnet).collect();
+    ensure!(
+        subnets[0] != subnets[1] && subnets[1] != subnets[2] && subnets[0] != subnets[2],
+        "blocks {subnets:?}"
+    );
+    let j1a = c.job(0, subnets[0], 10)?;
+    let j1b = c.job(0, subnets[0], 11)?;
+    let j2 = c.job(1, subnets[1], 10)?;
+    let j3 = c.job(2, subnets[2], 10)?;
+
+    // Cross-host and same-host, both ways.
+    for (a, b) in [
+        (&j1a, &j2),
+        (&j2, &j1a),
+        (&j1a, &j3),
+        (&j3, &j1b),
+        (&j2, &j3),
+        (&j1a, &j1b),
+    ] {
+        ensure!(can_ping(a, b), "{} cannot ping {}", a.ip, b.ip);
+    }
+    tcp_roundtrip(&j1a, &j2).context("tcp cross-host")?;
+    tcp_roundtrip(&j3, &j1b).context("tcp cross-host")?;
+    tcp_roundtrip(&j1a, &j1b).context("tcp same host")?;
+
+    // MTU: 1450 - 28 bytes of headers is the largest ICMP payload that fits unfragmented across
+    // the VXLAN (1500 on the underlay); one more byte with DF set does not go.
+    ensure!(
+        ping_df(&j1a, &j2, 1422),
+        "largest unfragmented packet failed"
+    );
+    ensure!(
+        !ping_df(&j1a, &j2, 1423),
+        "one byte over the MTU went through with DF"
+    );
+
+    // Host 3 leaves cleanly: its lease is released and both peers drop its block.
+    agents[2].stop()?;
+    let gone = subnets[2].to_string();
+    for h in 0..2 {
+        let ns = c.hosts[h].ns.clone();
+        eventually(10, "peers to drop the departed host's route", || {
+            Ok(!routes(&ns)?.contains(&gone))
+        })?;
+    }
+    ensure!(!can_ping(&j1a, &j3), "departed host's job still reachable");
+
+    // Host 4 joins: every peer learns its block.
+    let h4 = c.add_host(4)?;
+    let a4 = c.agent(h4, &["--fast-path", "off"])?;
+    let j4 = c.job(h4, a4.subnet, 10)?;
+    let joined = a4.subnet.to_string();
+    for h in 0..2 {
+        let ns = c.hosts[h].ns.clone();
+        eventually(10, "peers to add the new host's route", || {
+            Ok(routes(&ns)?.contains(&joined))
+        })?;
+    }
+    ensure!(
+        can_ping(&j1a, &j4),
+        "host 1 job cannot reach the new host's job"
+    );
+    ensure!(can_ping(&j4, &j2), "new host's job cannot reach host 2");
+    agents.push(a4);
+    Ok(())
+}
+
+/// Runs a bounded ping flood from `from` to `to` while `during` runs; returns (sent, received).
+fn ping_while(from: &JobNet, to: &JobNet, count: u32, during: impl FnOnce()) -> Result<(u32, u32)> {
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns_of(from),
+            "ping",
+            "-n",
+            "-q",
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+        ])
+        .args(["-c", &count.to_string(), &to.ip.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    during();
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stats = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .with_context(|| format!("no ping summary: {text}"))?;
+    let nums: Vec<u32> = stats
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    Ok((nums[0], nums[1]))
+}
+
+#[test]
+fn agents_killed_or_restarted_keep_traffic_and_macs() -> Result<()> {
+    if !lab::should_run("agents_killed_or_restarted_keep_traffic_and_macs") {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    let h1 = c.add_host(1)?;
+    let h2 = c.add_host(2)?;
+    let mut a1 = c.agent(h1, &["--fast-path", "off"])?;
+    let mut a2 = c.agent(h2, &["--fast-path", "off"])?;
+    let j1 = c.job(h1, a1.subnet, 10)?;
+    let j2 = c.job(h2, a2.subnet, 10)?;
+    ensure!(can_ping(&j1, &j2), "no connectivity to begin with");
+
+    // SIGKILL while traffic flows: the kernel keeps forwarding, nothing is lost.
+    let (sent, got) = ping_while(&j1, &j2, 40, || a1.sigkill())?;
+    ensure!(
+        sent == 40 && got == 40,
+        "{got}/{sent} pings answered across the agent kill"
+    );
+
+    // Restarted agent: same block, same MAC.
+    let (subnet1, mac1) = (a1.subnet, a1.mac.clone());
+    a1 = c.agent(h1, &["--fast-path", "off"])?;
+    ensure!(
+        a1.subnet == subnet1 && a1.mac == mac1,
+        "lease or MAC changed on restart"
+    );
+
+    // Host 1 "reboots" (agent killed, VXLAN device gone) while host 2's agent is down too, so
+    // nobody can repair host 2's entries: they must still be right afterwards.
+    a2.sigkill();
+    a1.sigkill();
+    let fdb_before = String::from_utf8(
+        run(&[
+            "bridge",
+            "-n",
+            &c.hosts[h2].ns,
+            "fdb",
+            "show",
+            "dev",
+            "flynn.1",
+        ])?
+        .stdout,
+    )?;
+    ensure!(
+        fdb_before.contains(&mac1),
+        "host 2 has no FDB entry for host 1: {fdb_before}"
+    );
+    run(&["ip", "-n", &c.hosts[h1].ns, "link", "del", "flynn.1"])?;
+    ensure!(!can_ping(&j1, &j2), "traffic flows without a VXLAN device?");
+    a1 = c.agent(h1, &["--fast-path", "off"])?;
+    ensure!(a1.mac == mac1, "MAC changed after the device was recreated");
+    eventually(10, "traffic after the reboot", || Ok(can_ping(&j1, &j2)))?;
+    ensure!(
+        can_ping(&j2, &j1),
+        "host 2 cannot reach host 1 after its reboot"
+    );
+    let fdb_after = String::from_utf8(
+        run(&[
+            "bridge",
+            "-n",
+            &c.hosts[h2].ns,
+            "fdb",
+            "show",
+            "dev",
+            "flynn.1",
+        ])?
+        .stdout,
+    )?;
+    ensure!(
+        fdb_before == fdb_after,
+        "host 2's FDB changed:\n{fdb_before}\n{fdb_after}"
+    );
+
+    // Both agents back; clean shutdown releases both leases.
+    a2 = c.agent(h2, &["--fast-path", "off"])?;
+    ensure!(a2.pid() > 0);
+    a1.stop()?;
+    a2.stop()?;
+    let meta = c
+        .discoverd
+        .command("curl")
+        .args([
+            "-s",
+            "-m",
+            "5",
+            &format!("{}/services/flannel/meta", c.url()),
+        ])
+        .output()?;
+    let meta: serde_json::Value = serde_json::from_slice(&meta.stdout)?;
+    ensure!(
+        meta["data"]["subnets"]
+            .as_object()
+            .is_some_and(|s| s.is_empty()),
+        "leases left after clean shutdown: {meta}"
+    );
+    Ok(())
+}
+
+#[test]
+fn direct_routing_uses_plain_routes_on_one_segment() -> Result<()> {
+    if !lab::should_run("direct_routing_uses_plain_routes_on_one_segment") {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    let h1 = c.add_host(1)?;
+    let h2 = c.add_host(2)?;
+    let a1 = c.agent(h1, &["--fast-path", "off", "--direct-routing"])?;
+    let a2 = c.agent(h2, &["--fast-path", "off", "--direct-routing"])?;
+    let j1 = c.job(h1, a1.subnet, 10)?;
+    let j2 = c.job(h2, a2.subnet, 10)?;
+    let want = format!("{} via 10.240.0.2 dev eth0 proto 102", a2.subnet);
+    let ns1 = c.hosts[h1].ns.clone();
+    eventually(10, "the direct route", || Ok(routes(&ns1)?.contains(&want)))?;
+    ensure!(
+        !routes(&ns1)?.contains("flynn.1"),
+        "a VXLAN route is left: {}",
+        routes(&ns1)?
+    );
+    ensure!(can_ping(&j1, &j2) && can_ping(&j2, &j1), "no connectivity");
+    tcp_roundtrip(&j1, &j2)?;
+    // No encapsulation: packets up to the underlay MTU minus nothing pass between the hosts, but
+    // jobs keep the overlay MTU so they can move to tunnelled peers.
+    ensure!(ping_df(&j1, &j2, 1422));
+    drop((a1, a2));
+    Ok(())
+}
