@@ -141,3 +141,24 @@ fn every_crate_is_named_flynn() {
         );
     }
 }
+
+#[test]
+fn only_flynn_container_uses_libcontainer() {
+    let pkgs = packages();
+    for p in &pkgs {
+        if p.name != "flynn-container" {
+            for banned in ["libcontainer", "libcgroups"] {
+                assert!(
+                    !p.deps.iter().any(|d| d == banned),
+                    "{} depends on {banned}: containers go through flynn-container",
+                    p.name
+                );
+            }
+        }
+    }
+    let c = pkgs
+        .iter()
+        .find(|p| p.name == "flynn-container")
+        .expect("flynn-container exists");
+    assert!(c.deps.iter().any(|d| d == "libcontainer"));
+}
