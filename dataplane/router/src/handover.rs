@@ -9,12 +9,14 @@
 //! stops accepting (its accept loops wait on readiness, so stopping loses nothing), its
 //! busy connections finish with `Connection: close`, idle ones are closed after a grace
 //! period, and it exits when none are left (or after the drain timeout).
-//! TCP route listeners are not passed: the new process binds its own (SO_REUSEPORT).
+//! TCP route listeners are passed too (their ports after the HTTP listeners): the new
+//! process accepts from the same sockets, and the old one stops accepting on `ready`, so
+//! no queued TCP connection is reset; its open TCP streams count as connections to drain.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,11 +40,14 @@ pub struct ListenerMeta {
 }
 
 /// What the old process hands over with the descriptors (in the same order as
-/// `listeners`, then the API listener last).
+/// `listeners`, then one per entry of `tcp`, then the API listener last).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct State {
     pub listeners: Vec<ListenerMeta>,
     pub api: SocketAddr,
+    /// The port of each TCP route listening socket handed over.
+    #[serde(default)]
+    pub tcp: Vec<u16>,
     pub routes: Vec<Route>,
     pub services: BTreeMap<String, Vec<BackendAddr>>,
 }
@@ -98,6 +103,7 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("store poisoned"))?;
         (s.list(None), s.services().clone())
     };
+    let tcp = old.api.shared.dup_tcp_listeners()?;
     let state = State {
         listeners: old
             .sockets
@@ -111,10 +117,12 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
             })
             .collect(),
         api: old.sockets.api.1,
+        tcp: tcp.iter().map(|(port, _)| *port).collect(),
         routes,
         services,
     };
     let mut fds: Vec<RawFd> = old.sockets.listeners.iter().map(|(fd, _, _)| *fd).collect();
+    fds.extend(tcp.iter().map(|(_, fd)| fd.as_raw_fd()));
     fds.push(old.sockets.api.0);
     let data = serde_json::to_vec(&state)?;
     flynn_runtime::handoff::send_with_fds(&conn, &data, &fds)?;
@@ -155,12 +163,9 @@ pub fn take(path: &Path) -> anyhow::Result<(State, Vec<OwnedFd>, UnixStream)> {
     conn.write_all(b"takeover\n")?;
     let (data, fds) = flynn_runtime::handoff::recv_with_fds(&conn)?;
     let state: State = serde_json::from_slice(&data).context("parsing the handed-over state")?;
-    if fds.len() != state.listeners.len() + 1 {
-        bail!(
-            "expected {} sockets, got {}",
-            state.listeners.len() + 1,
-            fds.len()
-        );
+    let want = state.listeners.len() + state.tcp.len() + 1;
+    if fds.len() != want {
+        bail!("expected {want} sockets, got {}", fds.len());
     }
     Ok((state, fds, conn))
 }

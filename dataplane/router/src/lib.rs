@@ -135,6 +135,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     let mut https_addrs = Vec::new();
     let mut h2c_addrs = Vec::new();
     let mut handed = None;
+    let mut inherited_tcp = Vec::new();
     let api_listener = if let Some(path) = &cfg.takeover {
         let (state, fds, conn) = handover::take(path)?;
         let mut fds = fds.into_iter();
@@ -173,6 +174,10 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             } else {
                 http_addrs.push(meta.addr);
             }
+        }
+        for port in &state.tcp {
+            let fd = fds.next().context("missing TCP route socket")?;
+            inherited_tcp.push((*port, flynn_runtime::handoff::listener_from_fd(fd)?));
         }
         let api = std::net::TcpListener::from(fds.next().context("missing API socket")?);
         handed = Some((state, conn));
@@ -315,6 +320,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         certs,
         default_cert,
     ));
+    shared.inherit_tcp(inherited_tcp);
     let api = Arc::new(api::Api::new(store, shared.clone(), file_routes));
     let v = {
         let s = api

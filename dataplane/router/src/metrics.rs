@@ -42,6 +42,7 @@ counters! {
     connections_rejected_total: "client connections closed at the per-core cap",
     connections_active: "client connections open now",
     tcp_connections_total: "TCP route connections accepted",
+    tcp_connections_active: "TCP route connections open now",
     tls_handshake_errors_total: "TLS handshakes that failed or timed out",
     h2_connections_total: "HTTP/2 client connections",
     h2_streams_total: "HTTP/2 streams accepted",

@@ -1,7 +1,9 @@
 //! State shared between the control thread (admin API) and the cores. The cores only
 //! ever read it: routes arrive as whole [`Table`] snapshots, announced per core.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -55,6 +57,12 @@ pub struct Shared {
     pub default_cert: Option<std::sync::Arc<rustls::sign::CertifiedKey>>,
     pub cores: Vec<CoreSlot>,
     pub settings: Settings,
+    /// Every core's TCP route listening sockets by port, for a handover. Touched only
+    /// when a listener opens or closes (and by the handover), never per connection.
+    pub tcp_fds: Mutex<BTreeMap<u16, Vec<RawFd>>>,
+    /// TCP route listeners taken over from the previous process, per core: each core
+    /// adopts its share on its first table and binds its own only for ports it lacks.
+    pub inherited_tcp: Mutex<Vec<Vec<(u16, std::net::TcpListener)>>>,
 }
 
 impl Shared {
@@ -64,7 +72,7 @@ impl Shared {
         certs: std::sync::Arc<Published<crate::tls::CertStore>>,
         default_cert: Option<std::sync::Arc<rustls::sign::CertifiedKey>>,
     ) -> Self {
-        let cores = (0..cores)
+        let cores: Vec<CoreSlot> = (0..cores)
             .map(|_| {
                 let (tx, rx) = flume::unbounded();
                 CoreSlot {
@@ -80,8 +88,10 @@ impl Shared {
             table: Published::new(Table::default()),
             certs,
             default_cert,
+            inherited_tcp: Mutex::new((0..cores.len()).map(|_| Vec::new()).collect()),
             cores,
             settings,
+            tcp_fds: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -102,12 +112,42 @@ impl Shared {
             .all(|c| c.applied.load(Ordering::Acquire) >= v)
     }
 
-    /// Client connections open on all cores.
+    /// Client connections (HTTP and TCP routes) open on all cores.
     pub fn open_connections(&self) -> u64 {
         self.cores
             .iter()
-            .map(|c| c.metrics.connections_active.load(Ordering::Relaxed))
+            .map(|c| {
+                c.metrics.connections_active.load(Ordering::Relaxed)
+                    + c.metrics.tcp_connections_active.load(Ordering::Relaxed)
+            })
             .sum()
+    }
+
+    /// Hands the taken-over TCP route listeners to the cores, spread evenly.
+    pub fn inherit_tcp(&self, listeners: Vec<(u16, std::net::TcpListener)>) {
+        let mut per_core = self.inherited_tcp.lock().unwrap_or_else(|p| p.into_inner());
+        let n = per_core.len().max(1);
+        let mut seen: BTreeMap<u16, usize> = BTreeMap::new();
+        for (port, l) in listeners {
+            let i = seen.entry(port).or_default();
+            per_core[*i % n].push((port, l));
+            *i += 1;
+        }
+    }
+
+    /// Duplicates of every TCP route listening socket, with their ports, taken under
+    /// the registry lock so none can close meanwhile.
+    pub fn dup_tcp_listeners(&self) -> std::io::Result<Vec<(u16, std::os::fd::OwnedFd)>> {
+        let fds = self.tcp_fds.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (port, list) in fds.iter() {
+            for fd in list {
+                // Registered fds stay open while they are in the registry (cores
+                // unregister before closing), and the registry lock is held.
+                out.push((*port, flynn_runtime::handoff::dup(*fd)?));
+            }
+        }
+        Ok(out)
     }
 
     /// Requests in flight to `addr`, summed over all cores (asks each core).

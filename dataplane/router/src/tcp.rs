@@ -1,7 +1,6 @@
 //! TCP routes (spec §1.8): a listener per route port on every core, backends dialled
 //! in shuffled order, bytes piped both ways with half-close.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -14,21 +13,23 @@ use crate::balance::shuffled;
 use crate::io::pipe;
 use crate::metrics::CoreMetrics;
 use crate::proxy::dial;
-use crate::worker::Core;
+use crate::worker::{Core, Stop};
 
 struct Running {
     fd: i32,
-    stop: Rc<Cell<bool>>,
+    stop: Rc<Stop>,
 }
 
 /// The TCP route listeners of one core.
 #[derive(Default)]
 pub struct Listeners {
-    open: HashMap<u16, Running>,
+    open: HashMap<u16, Vec<Running>>,
+    adopted: bool,
 }
 
 impl Listeners {
-    /// Opens listeners for new route ports and closes those whose route is gone.
+    /// Opens listeners for new route ports and closes those whose route is gone. On the
+    /// first call, listeners taken over from a previous process are adopted first.
     pub fn reconcile(&mut self, core: &Rc<Core>) {
         let table = core.table();
         let gone: Vec<u16> = self
@@ -38,9 +39,29 @@ impl Listeners {
             .filter(|p| table.tcp_route(*p).is_none())
             .collect();
         for port in gone {
-            if let Some(r) = self.open.remove(&port) {
-                r.stop.set(true);
-                flynn_runtime::sock::shutdown(r.fd);
+            for r in self.open.remove(&port).unwrap_or_default() {
+                // Out of the registry first, so a handover never sends a closed fd;
+                // the accept loop then drops (closes) the listener.
+                unregister(core, port, r.fd);
+                r.stop.fire();
+            }
+        }
+        if !self.adopted {
+            self.adopted = true;
+            let mine = core
+                .shared
+                .inherited_tcp
+                .lock()
+                .map(|mut v| std::mem::take(&mut v[core.index]))
+                .unwrap_or_default();
+            for (port, l) in mine {
+                if table.tcp_route(port).is_none() {
+                    continue; // dropped: closed
+                }
+                match TcpListener::from_std(l) {
+                    Ok(l) => self.run(core, l, port),
+                    Err(e) => tracing::error!(port, error = %e, "cannot adopt TCP listener"),
+                }
             }
         }
         for port in table.tcp_ports() {
@@ -48,46 +69,95 @@ impl Listeners {
                 continue;
             }
             let addr = SocketAddr::new(core.settings().tcp_ip, port);
-            let l = match flynn_runtime::reuseport_listener(addr).and_then(TcpListener::from_std) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(%addr, error = %e, "cannot listen for TCP route");
-                    continue;
-                }
-            };
-            let stop = Rc::new(Cell::new(false));
-            self.open.insert(
-                port,
-                Running {
-                    fd: l.as_raw_fd(),
-                    stop: stop.clone(),
-                },
-            );
-            monoio::spawn(accept(core.clone(), l, port, stop));
+            match flynn_runtime::reuseport_listener(addr).and_then(TcpListener::from_std) {
+                Ok(l) => self.run(core, l, port),
+                Err(e) => tracing::error!(%addr, error = %e, "cannot listen for TCP route"),
+            }
+        }
+    }
+
+    fn run(&mut self, core: &Rc<Core>, l: TcpListener, port: u16) {
+        let fd = l.as_raw_fd();
+        let stop = Rc::new(Stop::default());
+        core.shared
+            .tcp_fds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(port)
+            .or_default()
+            .push(fd);
+        self.open.entry(port).or_default().push(Running {
+            fd,
+            stop: stop.clone(),
+        });
+        monoio::spawn(accept(core.clone(), l, port, stop));
+    }
+}
+
+fn unregister(core: &Core, port: u16, fd: i32) {
+    let mut fds = core
+        .shared
+        .tcp_fds
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(list) = fds.get_mut(&port) {
+        list.retain(|f| *f != fd);
+        if list.is_empty() {
+            fds.remove(&port);
         }
     }
 }
 
-async fn accept(core: Rc<Core>, l: TcpListener, port: u16, stop: Rc<Cell<bool>>) {
+/// Readiness, then non-blocking accepts (as for HTTP): stopping, for a route removal
+/// or a handover, drops only a readiness wait, never an accepted connection.
+async fn accept(core: Rc<Core>, l: TcpListener, port: u16, stop: Rc<Stop>) {
+    let fd = l.as_raw_fd();
     loop {
-        let res = l.accept().await;
-        if stop.get() {
-            return;
-        }
-        match res {
-            Ok((s, _)) => {
-                CoreMetrics::inc(&core.metrics().tcp_connections_total);
-                monoio::spawn(proxy(core.clone(), s, port));
+        monoio::select! {
+            r = l.readable(false) => {
+                if r.is_err() {
+                    monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
             }
-            Err(e) => {
-                tracing::warn!(port, error = %e, "TCP route accept failed");
-                monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+            _ = stop.wait() => return,
+            _ = core.stop.wait() => {
+                // Handed over: the new process accepts from the same socket.
+                unregister(&core, port, fd);
+                return;
             }
         }
+        for _ in 0..64 {
+            let std_stream = match flynn_runtime::handoff::accept_nonblocking(fd) {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!(port, error = %e, "TCP route accept failed");
+                    monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    break;
+                }
+            };
+            let Ok(s) = TcpStream::from_std(std_stream) else {
+                continue;
+            };
+            CoreMetrics::inc(&core.metrics().tcp_connections_total);
+            monoio::spawn(proxy(core.clone(), s, port));
+        }
+    }
+}
+
+/// Counts a TCP route connection as open (a draining process waits for it).
+struct Active(Rc<Core>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        CoreMetrics::dec(&self.0.metrics().tcp_connections_active);
     }
 }
 
 async fn proxy(core: Rc<Core>, c: TcpStream, port: u16) {
+    CoreMetrics::inc(&core.metrics().tcp_connections_active);
+    let _active = Active(core.clone());
     let table = core.table();
     let Some(route) = table.tcp_route(port) else {
         return;

@@ -154,6 +154,17 @@ fn unsafe_zeroed() -> libc::sockaddr_storage {
 }
 
 /// A listening socket from a received descriptor.
+/// A close-on-exec duplicate of `fd`, which must be open.
+pub fn dup(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) only reads `fd`; a bad one fails with EBADF.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` was just returned by fcntl and is owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
 pub fn listener_from_fd(fd: OwnedFd) -> io::Result<std::net::TcpListener> {
     let l = std::net::TcpListener::from(fd);
     l.set_nonblocking(true)?;

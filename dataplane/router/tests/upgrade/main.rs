@@ -202,3 +202,119 @@ fn sighup_reload_under_load_loses_nothing() {
     assert!(router.log().contains("reload failed"), "{}", router.log());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One TCP route client thread: connect, send, half-close, expect the backend's echo;
+/// counts refused/reset connections and wrong answers as failures.
+fn tcp_client(port: u16, stop: Arc<AtomicBool>, failures: Arc<AtomicUsize>) -> usize {
+    use std::io::{Read, Write};
+    let mut ok = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && ok < 5_000 {
+        let res = (|| -> std::io::Result<Vec<u8>> {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"ping")?;
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut out = Vec::new();
+            s.read_to_end(&mut out)?;
+            Ok(out)
+        })();
+        match res {
+            Ok(out) if out == b"t1 ping" => ok += 1,
+            Ok(out) => {
+                eprintln!("tcp answer {:?}", String::from_utf8_lossy(&out));
+                failures.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                eprintln!("tcp exchange failed: {e}");
+                failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    ok
+}
+
+#[test]
+fn takeover_passes_tcp_route_listeners_and_drains_open_streams() {
+    use std::io::{Read, Write};
+    let dir = std::env::temp_dir().join(format!(
+        "flynn-upgrade-tcp-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::create_dir_all(&dir);
+    let sock = dir.join("upgrade.sock");
+    let b = TcpBackend::start("t1");
+    let range = tcp_range(20);
+    let mut old = Router::builder()
+        .threads(2)
+        .tcp_ports(range)
+        .arg("--upgrade-socket")
+        .arg(sock.display().to_string())
+        .start();
+    let route = old.add_route(tcp_route(0, "tcpsvc"));
+    let port = route["port"].as_u64().expect("tcp route port") as u16;
+    old.set_backend_addrs("tcpsvc", &[(b.addr.to_string(), false)]);
+
+    // A stream opened through the old process stays up across the takeover.
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    held.write_all(b"held").unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, failures) = (stop.clone(), failures.clone());
+            std::thread::spawn(move || tcp_client(port, stop, failures))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let new = Router::builder()
+        .threads(1)
+        .tcp_ports(range)
+        .arg("--takeover")
+        .arg(sock.display().to_string())
+        .start();
+    // The old process is draining but waits for the held stream.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        old.wait_exit(Duration::from_millis(10)).is_none(),
+        "the old router exited with a TCP stream still open"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let ok: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    held.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    held.read_to_end(&mut out).unwrap();
+    assert_eq!(out, b"t1 held", "the held stream was cut");
+    drop(held);
+    let status = old
+        .wait_exit(Duration::from_secs(15))
+        .expect("old router exits once its streams are done");
+    assert!(status.success(), "old router: {status}");
+
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "TCP connections refused, reset or answered wrongly during the takeover"
+    );
+    assert!(ok > 50, "only {ok} TCP exchanges went through");
+    // The new process (one core, two handed-over sockets) serves the port alone now.
+    for _ in 0..20 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"ping").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"t1 ping");
+    }
+    let (st, routes) = new.api("GET", "/routes", None);
+    assert_eq!(st, 200);
+    assert_eq!(routes.as_array().map(|a| a.len()), Some(1));
+    let _ = std::fs::remove_dir_all(&dir);
+}
