@@ -1,1 +1,112 @@
 //! flynn-host: the per-machine daemon that runs Flynn jobs (spec §5).
+//!
+//! It serves the job API (port 1113), starts each job through a [`runtime::Runtime`]
+//! (containers via flynn-container shims, or plain processes), gives it a network
+//! namespace and address from flynn-network, the spec's environment (`PORT`, `PORT_n`,
+//! `EXTERNAL_IP`, `FLYNN_*`), ships its output to the log aggregator as RFC 5424 over
+//! TCP, registers its services in discoverd while it runs, and persists its jobs so a
+//! restarted daemon re-adopts the ones still running. Used by the scheduler and the
+//! controller through flynn-client's `host` module.
+
+pub mod api;
+pub mod config;
+pub mod host;
+pub mod job;
+pub mod logship;
+pub mod net;
+pub mod runtime;
+pub mod store;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+pub use config::Config;
+
+/// The stored host id, or a new random one written to `<state-dir>/host-id`.
+fn host_id(cfg: &Config) -> anyhow::Result<String> {
+    if let Some(id) = &cfg.id {
+        return Ok(id.clone());
+    }
+    let path = cfg.state_dir.join("host-id");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim().to_string();
+        if config::valid_host_id(&s) {
+            return Ok(s);
+        }
+        anyhow::bail!("{} holds an invalid host id {s:?}", path.display());
+    }
+    let id = format!("host{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
+/// Runs the daemon until SIGINT or SIGTERM. Running jobs are left running: the next
+/// daemon re-adopts them.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    let id = host_id(&cfg)?;
+    let tags = cfg.tag_map().map_err(anyhow::Error::msg)?;
+    let store = store::Store::open(&cfg.state_dir)?;
+    let rt: Arc<dyn runtime::Runtime> = match cfg.runtime {
+        config::RuntimeKind::Process => Arc::new(runtime::ProcessRuntime),
+        config::RuntimeKind::Container => {
+            anyhow::bail!("the container runtime is not built in yet")
+        }
+    };
+    let network = if rt.isolates_network() && !cfg.no_network {
+        let block = cfg
+            .block
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--block {:?}: {e}", cfg.block))?;
+        Some(net::Network::open(&cfg.state_dir, &cfg.bridge_name, block, cfg.mtu).await?)
+    } else {
+        None
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.addr)
+        .await
+        .with_context(|| format!("listening on {}", cfg.addr))?;
+    let addr = listener.local_addr()?;
+    if cfg.logagg.is_none() {
+        tracing::warn!("no --logagg: job output is not shipped anywhere");
+    }
+    let logs = logship::Shipper::start(&id, cfg.logagg.clone(), cfg.log_buffer);
+    let host = host::Host::new(host::Options {
+        id: id.clone(),
+        runtime: rt,
+        store,
+        logs,
+        discoverd: cfg.discoverd.clone(),
+        network,
+        external_ip: cfg.external_ip,
+        tags,
+    });
+    host.set_url(format!("http://{addr}"));
+    host.restore().await;
+    let app = api::router(host.clone());
+    println!("listening api={addr}");
+    tracing::info!(%addr, host_id = %id, "flynn-host started");
+    let h = host.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            h.shutdown();
+        })
+        .await
+        .context("serving the job API")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

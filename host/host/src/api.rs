@@ -1,0 +1,284 @@
+//! The job API (spec §5.3) on axum.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use flynn_api::host::{Event, ResourceCheck};
+use flynn_api::ApiError;
+use serde::Deserialize;
+use tokio::sync::broadcast;
+
+use crate::host::Host;
+use crate::job;
+
+/// An [`ApiError`] as a response.
+pub struct Error(pub ApiError);
+
+impl From<ApiError> for Error {
+    fn from(e: ApiError) -> Self {
+        Error(e)
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+pub fn router(host: Arc<Host>) -> Router {
+    Router::new()
+        .route("/host/jobs", get(list_jobs))
+        .route(
+            "/host/jobs/{id}",
+            put(add_job).get(get_job).delete(stop_job),
+        )
+        .route("/host/jobs/{id}/signal/{signal}", put(signal))
+        .route(
+            "/host/jobs/{id}/discoverd-deregister",
+            put(discoverd_deregister),
+        )
+        .route("/host/status", get(status))
+        .route("/host/tags", post(set_tags))
+        .route("/host/resource-check", post(resource_check))
+        .route("/.well-known/status", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { Error(ApiError::not_found("not found")) })
+        .with_state(host)
+}
+
+fn wants_sse(h: &HeaderMap) -> bool {
+    h.get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"))
+}
+
+fn json_body<T: for<'de> Deserialize<'de>>(h: &HeaderMap, body: &[u8]) -> Result<T> {
+    let ct = h
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct.contains("application/json") {
+        return Err(ApiError::validation(None, "Content-Type must be application/json").into());
+    }
+    serde_json::from_slice(body).map_err(|_| ApiError::syntax().into())
+}
+
+async fn add_job(
+    State(host): State<Arc<Host>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>> {
+    let job = job::parse_job(&id, &body, host.needs_image())?;
+    host.add_job(job)?;
+    Ok(Json(serde_json::json!({})))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    active: Option<String>,
+}
+
+async fn list_jobs(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    if wants_sse(&headers) {
+        return sse(host.subscribe(), None).into_response();
+    }
+    let active = q.active.as_deref() == Some("true");
+    Json(host.list(active)).into_response()
+}
+
+async fn get_job(
+    State(host): State<Arc<Host>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    // Subscribe before looking the job up, so no event falls between the two.
+    let rx = host.subscribe();
+    let job = host
+        .get(&id)
+        .ok_or_else(|| ApiError::object_not_found("host: unknown job"))?;
+    if wants_sse(&headers) {
+        return Ok(sse(rx, Some(id)).into_response());
+    }
+    Ok(Json(job).into_response())
+}
+
+/// Job events as SSE (spec §0.3); a subscriber that falls too far behind gets an
+/// `error` event and the stream ends.
+fn sse(
+    rx: broadcast::Receiver<Event>,
+    only: Option<String>,
+) -> Sse<impl futures_util::Stream<Item = std::result::Result<SseEvent, Infallible>>> {
+    let stream = futures_util::stream::unfold(Some(rx), move |rx| {
+        let only = only.clone();
+        async move {
+            let mut rx = rx?;
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => {
+                        if only.as_ref().is_some_and(|id| *id != ev.job_id) {
+                            continue;
+                        }
+                        let data = serde_json::to_string(&ev).unwrap_or_default();
+                        return Some((Ok(SseEvent::default().data(data)), Some(rx)));
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let e = SseEvent::default()
+                            .event("error")
+                            .data(format!("subscriber lagged; {n} events lost"));
+                        return Some((Ok(e), None));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(30)).text(""))
+}
+
+async fn stop_job(
+    State(host): State<Arc<Host>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>> {
+    host.stop(&id).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn signal(
+    State(host): State<Arc<Host>>,
+    Path((id, sig)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>> {
+    let sig: i32 = sig
+        .parse()
+        .ok()
+        .filter(|s| (1..=64).contains(s))
+        .ok_or_else(|| ApiError::validation(Some("signal"), "must be an integer 1-64"))?;
+    host.signal(&id, sig)?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn discoverd_deregister(
+    State(host): State<Arc<Host>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>> {
+    if !host.deregister(&id).await {
+        return Err(ApiError::object_not_found("host: unknown job").into());
+    }
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn status(State(host): State<Arc<Host>>) -> Json<flynn_api::host::HostStatus> {
+    Json(host.status())
+}
+
+async fn set_tags(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>> {
+    let tags: BTreeMap<String, String> = json_body(&headers, &body)?;
+    if tags.keys().any(|k| k.is_empty()) {
+        return Err(ApiError::validation(Some("tags"), "keys must not be empty").into());
+    }
+    host.set_tags(tags);
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn resource_check(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>> {
+    let check: ResourceCheck = json_body(&headers, &body)?;
+    let used = host.used_ports();
+    let mut conflicts = Vec::new();
+    for p in &check.ports {
+        let in_job = used.iter().any(|(n, pr)| *n == p.port && *pr == p.proto);
+        if in_job || !port_free(p.port, &p.proto) {
+            conflicts.push(p.clone());
+        }
+    }
+    if !conflicts.is_empty() {
+        return Err(ApiError::conflict("Conflicting resources found")
+            .with_detail(serde_json::json!({ "ports": conflicts }))
+            .into());
+    }
+    Ok(Json(serde_json::json!({})))
+}
+
+/// Whether the port can be bound on all host addresses right now.
+fn port_free(port: u16, proto: &str) -> bool {
+    if port == 0 {
+        return true;
+    }
+    let addr = std::net::SocketAddr::from(([0, 0, 0, 0], port));
+    match proto {
+        "udp" => std::net::UdpSocket::bind(addr).is_ok(),
+        _ => std::net::TcpListener::bind(addr).is_ok(),
+    }
+}
+
+async fn health() -> Response {
+    let body =
+        serde_json::json!({"data": {"status": "healthy", "version": env!("CARGO_PKG_VERSION")}});
+    let mut text = serde_json::to_string_pretty(&body).unwrap_or_default();
+    text.push('\n');
+    ([("content-type", "application/json")], text).into_response()
+}
+
+/// Prometheus text metrics.
+async fn metrics(State(host): State<Arc<Host>>) -> Response {
+    let st = host.status();
+    let l = st.log;
+    let mut out = String::new();
+    for (name, help, v) in [
+        (
+            "flynn_host_log_lines_total",
+            "Job output lines accepted for shipping.",
+            l.lines,
+        ),
+        (
+            "flynn_host_log_lines_shipped_total",
+            "Lines written to the log aggregator.",
+            l.shipped,
+        ),
+        (
+            "flynn_host_log_lines_dropped_total",
+            "Lines dropped (buffer full while the aggregator was unreachable, or lost in the job's pipe).",
+            l.dropped,
+        ),
+        (
+            "flynn_host_log_lines_buffered",
+            "Lines waiting for the aggregator.",
+            l.buffered,
+        ),
+    ] {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {}\n{name} {v}\n",
+            if name.ends_with("_total") { "counter" } else { "gauge" }));
+    }
+    out.push_str(
+        "# HELP flynn_host_jobs Jobs known to the host by status.\n# TYPE flynn_host_jobs gauge\n",
+    );
+    for (status, n) in &st.jobs {
+        out.push_str(&format!("flynn_host_jobs{{status=\"{status}\"}} {n}\n"));
+    }
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}

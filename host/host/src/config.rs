@@ -1,0 +1,151 @@
+//! flynn-host's one typed configuration: flags > environment > defaults, validated
+//! before any socket is bound.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeKind {
+    /// Each job in its own container (namespaces, cgroups, image layers).
+    Container,
+    /// Jobs as plain host processes: no isolation, no image, no network of their own.
+    Process,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "flynn-host", version, about = "Flynn's per-machine job daemon")]
+pub struct Config {
+    /// Job API listen address.
+    #[arg(long, env = "FLYNN_HOST_ADDR", default_value = "0.0.0.0:1113")]
+    pub addr: SocketAddr,
+
+    /// Host id (letters and digits; job ids are `<host id>-<uuid>`). Default: the one
+    /// stored in the state directory, created at first start.
+    #[arg(long, env = "FLYNN_HOST_ID")]
+    pub id: Option<String>,
+
+    /// Job state, allocations and container state live here.
+    #[arg(long, env = "FLYNN_STATE_DIR", default_value = "/var/lib/flynn-host")]
+    pub state_dir: PathBuf,
+
+    /// Unpacked image layers (default: `<state-dir>/images`).
+    #[arg(long, env = "FLYNN_IMAGE_DIR")]
+    pub image_dir: Option<PathBuf>,
+
+    #[arg(long, env = "FLYNN_RUNTIME", value_enum, default_value = "container")]
+    pub runtime: RuntimeKind,
+
+    /// Log aggregator syslog address (`host:port`); job output is not shipped without it.
+    #[arg(long, env = "FLYNN_LOGAGG")]
+    pub logagg: Option<String>,
+
+    /// Lines buffered while the log aggregator is unreachable; beyond it the oldest are
+    /// dropped and counted.
+    #[arg(long, env = "FLYNN_LOG_BUFFER", default_value_t = 10_000)]
+    pub log_buffer: usize,
+
+    /// discoverd URL (`http://host:1111`) for job service registration.
+    #[arg(long, env = "DISCOVERD")]
+    pub discoverd: Option<String>,
+
+    /// The address of jobs without their own network (host network or process runtime).
+    #[arg(long, env = "FLYNN_EXTERNAL_IP", default_value = "127.0.0.1")]
+    pub external_ip: IpAddr,
+
+    /// Bridge the jobs' veths join.
+    #[arg(long, env = "FLYNN_BRIDGE_NAME", default_value = "flynnbr0")]
+    pub bridge_name: String,
+
+    /// This host's job address block; the bridge takes its first address.
+    #[arg(long, env = "FLYNN_BLOCK", default_value = "100.100.0.0/24")]
+    pub block: String,
+
+    #[arg(long, env = "FLYNN_MTU", default_value_t = 1500)]
+    pub mtu: u32,
+
+    /// Jobs share the host's network namespace (no bridge, no per-job address).
+    #[arg(long, env = "FLYNN_NO_NETWORK")]
+    pub no_network: bool,
+
+    /// Host tags, `key=value`; repeatable or comma separated.
+    #[arg(long = "tag", env = "FLYNN_TAGS", value_delimiter = ',')]
+    pub tags: Vec<String>,
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(id) = &self.id {
+            if !valid_host_id(id) {
+                return Err(format!("--id {id:?}: must be 1-32 letters or digits"));
+            }
+        }
+        if self.log_buffer == 0 {
+            return Err("--log-buffer must be at least 1".into());
+        }
+        if !(576..=65_535).contains(&self.mtu) {
+            return Err("--mtu must be between 576 and 65535".into());
+        }
+        if self.bridge_name.is_empty() || self.bridge_name.len() > 15 {
+            return Err("--bridge-name must be 1-15 characters".into());
+        }
+        self.tag_map()?;
+        Ok(())
+    }
+
+    pub fn tag_map(&self) -> Result<BTreeMap<String, String>, String> {
+        parse_tags(&self.tags)
+    }
+}
+
+pub fn valid_host_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// `k=v` pairs; a key without `=` gets an empty value.
+pub fn parse_tags(tags: &[String]) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for t in tags.iter().filter(|t| !t.is_empty()) {
+        let (k, v) = t.split_once('=').unwrap_or((t.as_str(), ""));
+        if k.is_empty() {
+            return Err(format!("--tag {t:?}: empty key"));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("flynn-host").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_and_validation() {
+        let c = parse(&[]);
+        assert_eq!(c.addr.port(), 1113);
+        assert_eq!(c.runtime, RuntimeKind::Container);
+        assert!(c.validate().is_ok());
+        assert!(parse(&["--id", "a-b"]).validate().is_err());
+        assert!(parse(&["--log-buffer", "0"]).validate().is_err());
+        assert!(parse(&["--bridge-name", "a-very-long-bridge-name"])
+            .validate()
+            .is_err());
+        assert!(Config::try_parse_from(["flynn-host", "--runtime", "vm"]).is_err());
+    }
+
+    #[test]
+    fn tags() {
+        let c = parse(&["--tag", "a=1,b", "--tag", "c=x=y"]);
+        let m = c.tag_map().unwrap();
+        assert_eq!(m["a"], "1");
+        assert_eq!(m["b"], "");
+        assert_eq!(m["c"], "x=y");
+        assert!(parse_tags(&["=v".into()]).is_err());
+    }
+}

@@ -1,0 +1,629 @@
+//! The job lifecycle: accepts jobs, starts them through the [`Runtime`], follows their
+//! events, ships their output, registers their services in discoverd, stops them, and
+//! keeps the job table persisted and published as events.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flynn_api::host::{ActiveJob, Event, EventKind, HostStatus, Job, JobStatus, LogStats};
+use flynn_api::ApiError;
+use flynn_client::discoverd::{self, Heartbeater, Instance};
+use tokio::sync::broadcast;
+
+use crate::job::{self, BoundPort, Exit, StopAction, Table};
+use crate::logship::{now_rfc3339, Shipper, Source};
+use crate::net::Network;
+use crate::runtime::{BindMount, Handle, Launch, Limits, ProcEvent, Runtime, Signaller};
+use crate::store::Store;
+
+const SIGKILL: i32 = 9;
+const SIGTERM: i32 = 15;
+
+/// What the daemon was configured with.
+pub struct Options {
+    pub id: String,
+    pub runtime: Arc<dyn Runtime>,
+    pub store: Store,
+    pub logs: Shipper,
+    pub discoverd: Option<String>,
+    pub network: Option<Network>,
+    /// The address used for jobs without their own network namespace.
+    pub external_ip: IpAddr,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Per-job control state of a job with a live process.
+#[derive(Default)]
+struct Ctl {
+    signal: Option<Signaller>,
+    heartbeaters: Vec<Heartbeater>,
+    registering: Vec<tokio::task::JoinHandle<()>>,
+    deregistered: bool,
+    stop_timeout: Duration,
+}
+
+#[derive(Default)]
+struct Inner {
+    table: Table,
+    ctl: HashMap<String, Ctl>,
+}
+
+pub struct Host {
+    pub id: String,
+    url: Mutex<String>,
+    runtime: Arc<dyn Runtime>,
+    store: Store,
+    logs: Shipper,
+    discoverd_url: Option<String>,
+    discoverd: Option<discoverd::Client>,
+    network: Option<Network>,
+    external_ip: IpAddr,
+    tags: Mutex<BTreeMap<String, String>>,
+    inner: Mutex<Inner>,
+    events: broadcast::Sender<Event>,
+    shutting_down: AtomicBool,
+}
+
+impl Host {
+    pub fn new(o: Options) -> Arc<Host> {
+        let (events, _) = broadcast::channel(1024);
+        Arc::new(Host {
+            id: o.id,
+            url: Mutex::new(String::new()),
+            runtime: o.runtime,
+            store: o.store,
+            logs: o.logs,
+            discoverd: o.discoverd.as_deref().map(discoverd::Client::new),
+            discoverd_url: o.discoverd,
+            network: o.network,
+            external_ip: o.external_ip,
+            tags: Mutex::new(o.tags),
+            inner: Mutex::new(Inner::default()),
+            events,
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_url(&self, url: String) {
+        *self.url.lock().unwrap_or_else(|e| e.into_inner()) = url;
+    }
+
+    pub fn needs_image(&self) -> bool {
+        self.runtime.needs_image()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Persists and publishes a transition.
+    fn publish(&self, kind: EventKind, job: &ActiveJob) {
+        if let Err(e) = self.store.save(job) {
+            tracing::error!(job = %job.job.id, error = ?e, "persisting job state failed");
+        }
+        let _ = self.events.send(Event {
+            event: kind,
+            job_id: job.job.id.clone(),
+            job: job.clone(),
+        });
+    }
+
+    pub fn get(&self, id: &str) -> Option<ActiveJob> {
+        self.lock().table.get(id).cloned()
+    }
+
+    pub fn list(&self, active: bool) -> BTreeMap<String, ActiveJob> {
+        self.lock()
+            .table
+            .iter()
+            .filter(|j| !active || !j.status.is_terminal())
+            .map(|j| (j.job.id.clone(), j.clone()))
+            .collect()
+    }
+
+    pub fn log_stats(&self) -> LogStats {
+        self.logs.stats()
+    }
+
+    pub fn status(&self) -> HostStatus {
+        let mut jobs: BTreeMap<String, u64> = BTreeMap::new();
+        for j in self.lock().table.iter() {
+            *jobs.entry(j.status.as_str().to_string()).or_default() += 1;
+        }
+        HostStatus {
+            id: self.id.clone(),
+            tags: self.tags.lock().map(|t| t.clone()).unwrap_or_default(),
+            pid: std::process::id(),
+            url: self.url.lock().map(|u| u.clone()).unwrap_or_default(),
+            discoverd: self
+                .discoverd_url
+                .as_ref()
+                .map(|u| flynn_api::host::DiscoverdInfo { url: u.clone() }),
+            network: self.network.as_ref().map(Network::info),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            log: self.logs.stats(),
+            jobs,
+        }
+    }
+
+    pub fn set_tags(&self, tags: BTreeMap<String, String>) {
+        *self.tags.lock().unwrap_or_else(|e| e.into_inner()) = tags;
+    }
+
+    /// Ports (by proto) used by starting or running jobs, for the resource check.
+    pub fn used_ports(&self) -> Vec<(u16, String)> {
+        let inner = self.lock();
+        inner
+            .table
+            .iter()
+            .filter(|j| !j.status.is_terminal())
+            .flat_map(|j| job::bind_ports(&j.job).unwrap_or_default())
+            .map(|p| (p.port, p.proto))
+            .collect()
+    }
+
+    /// `PUT /host/jobs/:id`: records the job and starts it in the background.
+    pub fn add_job(self: &Arc<Self>, job: Job) -> Result<(), ApiError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::new(
+                flynn_api::ErrorCode::ServiceUnavailable,
+                "host is shutting down",
+            ));
+        }
+        let id = job.id.clone();
+        {
+            let mut inner = self.lock();
+            let aj = inner.table.add(job, &self.id, now_rfc3339())?.clone();
+            self.publish(EventKind::Create, &aj);
+        }
+        let host = self.clone();
+        tokio::spawn(async move { host.start(id).await });
+        Ok(())
+    }
+
+    fn fail(&self, id: &str, reason: String) {
+        tracing::warn!(job = %id, reason = %reason, "job failed to start");
+        let mut inner = self.lock();
+        if let Some(j) = inner.table.failed(id, reason, now_rfc3339()).cloned() {
+            let kind = if j.status == JobStatus::Failed {
+                EventKind::Error
+            } else {
+                EventKind::Stop
+            };
+            self.publish(kind, &j);
+            self.gc(&mut inner, &j);
+        }
+    }
+
+    fn gc(&self, inner: &mut Inner, j: &ActiveJob) {
+        for gone in inner.table.gc(j.job.app_id()) {
+            self.store.remove(&gone);
+        }
+    }
+
+    async fn start(self: Arc<Self>, id: String) {
+        let Some(job) = self.get(&id).map(|j| j.job) else {
+            return;
+        };
+        let ports = match job::bind_ports(&job) {
+            Ok(p) => p,
+            Err(reason) => return self.fail(&id, reason),
+        };
+        let mut layers = Vec::new();
+        if self.runtime.needs_image() {
+            for m in &job.mountspecs {
+                let sha = m.hashes.get("sha256").cloned().unwrap_or_default();
+                let path = m.url.strip_prefix("file://").map(PathBuf::from);
+                let rt = self.runtime.clone();
+                let res =
+                    tokio::task::spawn_blocking(move || rt.layer(path.as_deref(), &sha)).await;
+                match res {
+                    Ok(Ok(p)) => layers.push(p),
+                    Ok(Err(e)) => return self.fail(&id, e.to_string()),
+                    Err(e) => return self.fail(&id, format!("image: {e}")),
+                }
+            }
+        }
+        if self.get(&id).is_some_and(|j| j.force_stop) {
+            return self.fail(&id, "stopped before it started".into());
+        }
+        let own_net = self.runtime.isolates_network() && !job.config.host_network;
+        let (ip, netns) = match (&self.network, own_net) {
+            (Some(net), true) => match net.setup(&id).await {
+                Ok((ip, ns)) => (Some(ip), Some(ns)),
+                Err(e) => return self.fail(&id, format!("network: {e}")),
+            },
+            _ => (None, None),
+        };
+        let env_ip = ip.unwrap_or(self.external_ip);
+        let env = job::job_env(&job, &ports, Some(env_ip), self.discoverd_url.as_deref());
+        let r = &job.resources;
+        let lim = |s: Option<flynn_api::host::Spec>| {
+            s.and_then(|s| s.limit).and_then(|l| u64::try_from(l).ok())
+        };
+        let launch = Launch {
+            id: id.clone(),
+            layers,
+            args: job.config.args.clone(),
+            env: env.clone(),
+            cwd: job.config.working_dir.clone(),
+            hostname: Some(id.chars().take(63).collect()),
+            netns,
+            mounts: job
+                .config
+                .mounts
+                .iter()
+                .map(|m| BindMount {
+                    source: m.location.clone().into(),
+                    target: m.target.clone().into(),
+                    readonly: !m.writeable,
+                })
+                .collect(),
+            limits: Limits {
+                memory_bytes: lim(r.memory),
+                cpu_millis: lim(r.cpu),
+                pids: lim(r.max_procs),
+                max_fds: lim(r.max_fd),
+            },
+        };
+        let rt = self.runtime.clone();
+        let handle = match tokio::task::spawn_blocking(move || {
+            // The runtime may need a tokio context for its readers.
+            rt.spawn(launch)
+        })
+        .await
+        {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                self.teardown(&id, ip.is_some()).await;
+                return self.fail(&id, e.to_string());
+            }
+            Err(e) => {
+                self.teardown(&id, ip.is_some()).await;
+                return self.fail(&id, format!("start: {e}"));
+            }
+        };
+        let stop_timeout = Duration::from_secs(
+            job.config
+                .stop_timeout
+                .unwrap_or(job::DEFAULT_STOP_TIMEOUT_SECS),
+        );
+        self.supervise(
+            job,
+            handle,
+            Running {
+                ports,
+                ip,
+                env_ip,
+                env,
+                stop_timeout,
+                adopted: false,
+            },
+        )
+        .await;
+    }
+
+    async fn teardown(&self, id: &str, had_net: bool) {
+        if had_net {
+            if let Some(net) = &self.network {
+                if let Err(e) = net.teardown(id).await {
+                    tracing::warn!(job = %id, error = %e, "removing job network failed");
+                }
+            }
+        }
+    }
+
+    /// Follows a job's process until it ends.
+    async fn supervise(self: Arc<Self>, job: Job, mut handle: Handle, r: Running) {
+        let id = job.id.clone();
+        {
+            let mut inner = self.lock();
+            inner.ctl.insert(
+                id.clone(),
+                Ctl {
+                    signal: Some(handle.signal.clone()),
+                    stop_timeout: r.stop_timeout,
+                    ..Ctl::default()
+                },
+            );
+        }
+        if r.adopted {
+            self.register_services(&id, &r);
+        }
+        let src = Source::new(job.app_id(), job.process_type(), &id);
+        let log = !job.config.disable_log;
+        let mut end: Option<Result<Exit, String>> = None;
+        while let Some(ev) = handle.events.recv().await {
+            match ev {
+                ProcEvent::Started { pid } => {
+                    let stop_now = {
+                        let mut inner = self.lock();
+                        match inner.table.started(&id, pid, r.ip, now_rfc3339()).cloned() {
+                            Some(j) => {
+                                self.publish(EventKind::Start, &j);
+                                j.force_stop
+                            }
+                            None => false,
+                        }
+                    };
+                    if !r.adopted {
+                        self.register_services(&id, &r);
+                    }
+                    if stop_now {
+                        let host = self.clone();
+                        let id = id.clone();
+                        tokio::spawn(async move { host.stop_process(&id).await });
+                    }
+                }
+                ProcEvent::Output { stream, line } => {
+                    if log {
+                        self.logs.push(&src, stream, &line);
+                    }
+                }
+                ProcEvent::Dropped { count } => self.logs.count_dropped(count),
+                ProcEvent::Exited {
+                    code,
+                    signal,
+                    oom_killed,
+                } => {
+                    end = Some(Ok(Exit {
+                        code,
+                        signal,
+                        oom_killed,
+                    }));
+                    break;
+                }
+                ProcEvent::Failed { reason } => {
+                    end = Some(Err(reason));
+                    break;
+                }
+            }
+        }
+        self.deregister(&id).await;
+        self.lock().ctl.remove(&id);
+        self.teardown(&id, r.ip.is_some()).await;
+        let rt = self.runtime.clone();
+        let cid = id.clone();
+        let _ = tokio::task::spawn_blocking(move || rt.cleanup(&cid)).await;
+        let end = end.unwrap_or_else(|| Err("lost contact with the job".into()));
+        let mut inner = self.lock();
+        let (kind, j) = match end {
+            Ok(exit) => (
+                EventKind::Stop,
+                inner.table.exited(&id, exit, now_rfc3339()).cloned(),
+            ),
+            Err(reason) => (
+                EventKind::Error,
+                inner.table.failed(&id, reason, now_rfc3339()).cloned(),
+            ),
+        };
+        if let Some(j) = j {
+            tracing::info!(job = %id, status = j.status.as_str(), exit = ?j.exit_status, "job ended");
+            self.publish(kind, &j);
+            self.gc(&mut inner, &j);
+        }
+    }
+
+    fn register_services(self: &Arc<Self>, id: &str, r: &Running) {
+        let Some(client) = self.discoverd.clone() else {
+            return;
+        };
+        let meta = job::instance_meta(&r.env);
+        let ip = r.ip.unwrap_or(r.env_ip);
+        for p in &r.ports {
+            let Some(svc) = p.service.clone() else {
+                continue;
+            };
+            let inst = Instance {
+                addr: std::net::SocketAddr::new(ip, p.port).to_string(),
+                proto: p.proto.clone(),
+                meta: meta.clone(),
+                ..Instance::default()
+            };
+            let host = self.clone();
+            let client = client.clone();
+            let jid = id.to_string();
+            let task = tokio::spawn(async move {
+                if svc.create {
+                    if let Err(e) = client.add_service(&svc.name, "oldest").await {
+                        if e.api().map(|a| a.code) != Some(flynn_api::ErrorCode::ObjectExists) {
+                            tracing::warn!(service = %svc.name, error = %e, "creating service failed");
+                        }
+                    }
+                }
+                match client.heartbeat(&svc.name, inst).await {
+                    Ok(hb) => {
+                        let mut inner = host.lock();
+                        match inner.ctl.get_mut(&jid) {
+                            Some(c) if !c.deregistered => c.heartbeaters.push(hb),
+                            // Deregistered or ended meanwhile: dropping unregisters.
+                            _ => drop(hb),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(job = %jid, service = %svc.name, error = %e, "discoverd registration failed")
+                    }
+                }
+            });
+            if let Some(c) = self.lock().ctl.get_mut(id) {
+                c.registering.push(task);
+            }
+        }
+    }
+
+    /// Stops the job's discoverd heartbeats and removes its instances. `false` for an
+    /// unknown job.
+    pub async fn deregister(&self, id: &str) -> bool {
+        let (hbs, tasks) = {
+            let mut inner = self.lock();
+            let Some(c) = inner.ctl.get_mut(id) else {
+                return inner.table.get(id).is_some();
+            };
+            c.deregistered = true;
+            (
+                std::mem::take(&mut c.heartbeaters),
+                std::mem::take(&mut c.registering),
+            )
+        };
+        for t in tasks {
+            t.abort();
+        }
+        for hb in hbs {
+            hb.close().await;
+        }
+        true
+    }
+
+    /// `DELETE /host/jobs/:id`.
+    pub async fn stop(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
+        let action = {
+            let mut inner = self.lock();
+            let a = inner.table.request_stop(id)?;
+            if let Some(j) = inner.table.get(id) {
+                let _ = self.store.save(j);
+            }
+            a
+        };
+        if action == StopAction::Signal {
+            let host = self.clone();
+            let id = id.to_string();
+            tokio::spawn(async move { host.stop_process(&id).await });
+        }
+        Ok(())
+    }
+
+    /// Deregisters, SIGTERMs, and SIGKILLs after the job's stop timeout.
+    async fn stop_process(self: Arc<Self>, id: &str) {
+        self.deregister(id).await;
+        let (signal, timeout) = {
+            let inner = self.lock();
+            match inner.ctl.get(id) {
+                Some(c) => (c.signal.clone(), c.stop_timeout),
+                None => return,
+            }
+        };
+        let Some(signal) = signal else { return };
+        if let Err(e) = signal(SIGTERM) {
+            tracing::debug!(job = %id, error = %e, "SIGTERM failed");
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = self.events.subscribe();
+        loop {
+            if self.get(id).is_none_or(|j| j.status.is_terminal()) {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                r = rx.recv() => if matches!(r, Err(broadcast::error::RecvError::Closed)) { return },
+            }
+        }
+        if self.get(id).is_some_and(|j| !j.status.is_terminal()) {
+            tracing::info!(job = %id, "stop timeout passed; sending SIGKILL");
+            if let Err(e) = signal(SIGKILL) {
+                tracing::debug!(job = %id, error = %e, "SIGKILL failed");
+            }
+        }
+    }
+
+    /// `PUT /host/jobs/:id/signal/:sig`.
+    pub fn signal(&self, id: &str, sig: i32) -> Result<(), ApiError> {
+        let inner = self.lock();
+        if inner.table.get(id).is_none() {
+            return Err(ApiError::object_not_found("host: unknown job"));
+        }
+        let signal = inner
+            .ctl
+            .get(id)
+            .and_then(|c| c.signal.clone())
+            .ok_or_else(|| ApiError::conflict("host: job is not running"))?;
+        drop(inner);
+        signal(sig).map_err(|e| {
+            tracing::warn!(job = %id, sig, error = %e, "signal failed");
+            ApiError::validation(Some("signal"), &format!("could not be sent: {e}"))
+        })
+    }
+
+    /// Loads persisted jobs and re-attaches to the ones still running.
+    pub async fn restore(self: &Arc<Self>) {
+        let stored = self.store.load();
+        let rt = self.runtime.clone();
+        let mut adopted: HashMap<String, Handle> =
+            tokio::task::spawn_blocking(move || rt.adopt().into_iter().collect())
+                .await
+                .unwrap_or_default();
+        for j in stored {
+            let id = j.job.id.clone();
+            let live = !j.status.is_terminal();
+            let handle = if live { adopted.remove(&id) } else { None };
+            self.lock().table.restore(j.clone());
+            match handle {
+                Some(h) => {
+                    tracing::info!(job = %id, "re-adopted running job");
+                    let ports = job::bind_ports(&j.job).unwrap_or_default();
+                    let ip: Option<IpAddr> = j.internal_ip.parse().ok();
+                    let env_ip = ip.unwrap_or(self.external_ip);
+                    let env =
+                        job::job_env(&j.job, &ports, Some(env_ip), self.discoverd_url.as_deref());
+                    let stop_timeout = Duration::from_secs(
+                        j.job
+                            .config
+                            .stop_timeout
+                            .unwrap_or(job::DEFAULT_STOP_TIMEOUT_SECS),
+                    );
+                    let host = self.clone();
+                    let run = Running {
+                        ports,
+                        ip,
+                        env_ip,
+                        env,
+                        stop_timeout,
+                        adopted: true,
+                    };
+                    let force_stop = j.force_stop;
+                    tokio::spawn(host.clone().supervise(j.job, h, run));
+                    if force_stop {
+                        let id = id.clone();
+                        tokio::spawn(async move { host.stop_process(&id).await });
+                    }
+                }
+                None if live => {
+                    tracing::warn!(job = %id, "job was not found after a restart");
+                    self.fail(&id, "host: job lost across a daemon restart".into());
+                }
+                None => {}
+            }
+        }
+        for (id, h) in adopted {
+            tracing::warn!(job = %id, "killing a running container the host has no state for");
+            let _ = (h.signal)(SIGKILL);
+            let rt = self.runtime.clone();
+            tokio::spawn(async move {
+                let mut h = h;
+                while h.events.recv().await.is_some() {}
+                let _ = tokio::task::spawn_blocking(move || rt.cleanup(&id)).await;
+            });
+        }
+    }
+}
+
+/// What the supervisor knows about a started job.
+struct Running {
+    ports: Vec<BoundPort>,
+    ip: Option<IpAddr>,
+    env_ip: IpAddr,
+    env: Vec<String>,
+    stop_timeout: Duration,
+    adopted: bool,
+}

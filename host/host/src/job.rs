@@ -1,0 +1,628 @@
+//! The pure core of job handling: validation of submitted jobs, the job environment
+//! (spec §0.4) and the job table with its state machine and per-app retention (§5.4).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use flynn_api::host::{ActiveJob, Job, JobStatus};
+use flynn_api::ApiError;
+
+/// Stopped jobs kept per app (spec §5.4).
+pub const MAX_DOWN_JOBS_PER_APP: usize = 25;
+
+/// Default SIGTERM → SIGKILL grace.
+pub const DEFAULT_STOP_TIMEOUT_SECS: u64 = 10;
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A job id is used in file names, interface names and URLs: 1–128 of `[A-Za-z0-9_.-]`.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Parses and validates a `PUT /host/jobs/:id` body. `needs_image`: the runtime starts
+/// jobs from image layers, so `mountspecs` must be set.
+pub fn parse_job(path_id: &str, body: &[u8], needs_image: bool) -> Result<Job, ApiError> {
+    let mut job: Job = serde_json::from_slice(body).map_err(|_| ApiError::syntax())?;
+    if !valid_id(path_id) {
+        return Err(ApiError::validation(
+            Some("id"),
+            "must be 1-128 characters of [A-Za-z0-9_.-]",
+        ));
+    }
+    if job.id.is_empty() {
+        job.id = path_id.to_string();
+    } else if job.id != path_id {
+        return Err(ApiError::validation(Some("id"), "must match the URL"));
+    }
+    validate(&job, needs_image)?;
+    Ok(job)
+}
+
+fn validate(job: &Job, needs_image: bool) -> Result<(), ApiError> {
+    if needs_image && job.mountspecs.is_empty() {
+        return Err(ApiError::validation(Some("mountspecs"), "must be set"));
+    }
+    for (i, m) in job.mountspecs.iter().enumerate() {
+        if m.kind != "tar" {
+            return Err(ApiError::validation(
+                Some(&format!("mountspecs[{i}].type")),
+                "must be \"tar\"",
+            ));
+        }
+        let sha = m.hashes.get("sha256").map(String::as_str).unwrap_or("");
+        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ApiError::validation(
+                Some(&format!("mountspecs[{i}].hashes.sha256")),
+                "must be 64 hex digits",
+            ));
+        }
+        if !m.url.is_empty() && !m.url.starts_with("file:///") {
+            return Err(ApiError::validation(
+                Some(&format!("mountspecs[{i}].url")),
+                "must be a file:/// URL",
+            ));
+        }
+    }
+    if job.config.args.is_empty() || job.config.args[0].is_empty() {
+        return Err(ApiError::validation(Some("config.args"), "must be set"));
+    }
+    for k in job.config.env.keys() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(ApiError::validation(
+                Some("config.env"),
+                &format!("has an invalid name {k:?}"),
+            ));
+        }
+    }
+    if job.config.env.values().any(|v| v.contains('\0')) {
+        return Err(ApiError::validation(
+            Some("config.env"),
+            "values must not contain NUL",
+        ));
+    }
+    for (i, m) in job.config.mounts.iter().enumerate() {
+        if !m.location.starts_with('/') || !m.target.starts_with('/') {
+            return Err(ApiError::validation(
+                Some(&format!("config.mounts[{i}]")),
+                "location and target must be absolute paths",
+            ));
+        }
+    }
+    for (i, p) in job.config.ports.iter().enumerate() {
+        if let Some(s) = &p.service {
+            if s.name.is_empty()
+                || !s
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                return Err(ApiError::validation(
+                    Some(&format!("config.ports[{i}].service.name")),
+                    "must be letters, digits and dashes",
+                ));
+            }
+        }
+    }
+    let r = &job.resources;
+    for (name, spec) in [
+        ("memory", r.memory),
+        ("cpu", r.cpu),
+        ("max_fd", r.max_fd),
+        ("max_procs", r.max_procs),
+    ] {
+        if let Some(l) = spec.and_then(|s| s.limit) {
+            if l <= 0 {
+                return Err(ApiError::validation(
+                    Some(&format!("resources.{name}.limit")),
+                    "must be positive",
+                ));
+            }
+        }
+    }
+    if job.config.stop_timeout == Some(0) {
+        return Err(ApiError::validation(
+            Some("config.stop_timeout"),
+            "must be at least 1 second",
+        ));
+    }
+    Ok(())
+}
+
+/// A job port with its number assigned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoundPort {
+    pub port: u16,
+    pub proto: String,
+    pub service: Option<flynn_api::host::Service>,
+}
+
+/// Assigns port numbers (0 → 5000 + index) and checks protocols. The error is the
+/// job's failure reason (spec §5.2: an unknown proto fails the job, it is not a 400).
+pub fn bind_ports(job: &Job) -> Result<Vec<BoundPort>, String> {
+    job.config
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if p.proto != "tcp" && p.proto != "udp" {
+                return Err(format!("unknown port proto {:?}", p.proto));
+            }
+            let port = if p.port == 0 {
+                u16::try_from(5000 + i).map_err(|_| "too many ports".to_string())?
+            } else {
+                p.port
+            };
+            Ok(BoundPort {
+                port,
+                proto: p.proto.clone(),
+                service: p.service.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The job's environment as `K=V` strings, sorted by name: the job's own env plus
+/// `PORT`, `PORT_n`, `EXTERNAL_IP`, the `FLYNN_*` identity variables (from metadata when
+/// not in env), `DISCOVERD` and a default `PATH`.
+pub fn job_env(
+    job: &Job,
+    ports: &[BoundPort],
+    ip: Option<IpAddr>,
+    discoverd: Option<&str>,
+) -> Vec<String> {
+    let mut env: BTreeMap<String, String> = job.config.env.clone();
+    let mut set_default = |k: &str, v: &str| {
+        if !v.is_empty() {
+            env.entry(k.to_string()).or_insert_with(|| v.to_string());
+        }
+    };
+    set_default("PATH", DEFAULT_PATH);
+    set_default("FLYNN_JOB_ID", &job.id);
+    for (var, meta) in [
+        ("FLYNN_APP_ID", "flynn-controller.app"),
+        ("FLYNN_APP_NAME", "flynn-controller.app_name"),
+        ("FLYNN_RELEASE_ID", "flynn-controller.release"),
+        ("FLYNN_PROCESS_TYPE", "flynn-controller.type"),
+    ] {
+        if let Some(v) = job.metadata.get(meta) {
+            set_default(var, v);
+        }
+    }
+    if let Some(d) = discoverd {
+        set_default("DISCOVERD", d);
+    }
+    drop(set_default);
+    for (i, p) in ports.iter().enumerate() {
+        env.insert(format!("PORT_{i}"), p.port.to_string());
+    }
+    if let Some(p) = ports.first() {
+        env.insert("PORT".into(), p.port.to_string());
+    }
+    if let Some(ip) = ip {
+        env.insert("EXTERNAL_IP".into(), ip.to_string());
+    }
+    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// The discoverd instance meta of a job: its `FLYNN_*` identity variables (spec §0.4).
+pub fn instance_meta(env: &[String]) -> BTreeMap<String, String> {
+    const KEYS: [&str; 5] = [
+        "FLYNN_APP_ID",
+        "FLYNN_APP_NAME",
+        "FLYNN_RELEASE_ID",
+        "FLYNN_PROCESS_TYPE",
+        "FLYNN_JOB_ID",
+    ];
+    env.iter()
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| KEYS.contains(k))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    pub code: i32,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+}
+
+/// What a stop request must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopAction {
+    /// The process is running: SIGTERM it, SIGKILL after the timeout.
+    Signal,
+    /// Still starting: the starter sees `force_stop` and stops it once it exists.
+    Flagged,
+}
+
+/// All jobs the host knows, keyed by id, with the state machine:
+/// starting → running → done | crashed; starting → failed | done (stopped before it ran).
+#[derive(Debug, Default)]
+pub struct Table {
+    jobs: BTreeMap<String, ActiveJob>,
+}
+
+impl Table {
+    pub fn get(&self, id: &str) -> Option<&ActiveJob> {
+        self.jobs.get(id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &ActiveJob> {
+        self.jobs.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Inserts a restored job as is.
+    pub fn restore(&mut self, job: ActiveJob) {
+        self.jobs.insert(job.job.id.clone(), job);
+    }
+
+    /// A new job in `starting`; 409 when the id is taken.
+    pub fn add(&mut self, job: Job, host_id: &str, now: String) -> Result<&ActiveJob, ApiError> {
+        if self.jobs.contains_key(&job.id) {
+            return Err(ApiError::conflict("job already exists"));
+        }
+        let id = job.id.clone();
+        let aj = ActiveJob {
+            job,
+            host_id: host_id.to_string(),
+            status: JobStatus::Starting,
+            created_at: now,
+            ..ActiveJob::default()
+        };
+        Ok(self.jobs.entry(id).or_insert(aj))
+    }
+
+    /// starting → running. `None` when the job is unknown or not starting.
+    pub fn started(
+        &mut self,
+        id: &str,
+        pid: u32,
+        ip: Option<IpAddr>,
+        now: String,
+    ) -> Option<&ActiveJob> {
+        let j = self.jobs.get_mut(id)?;
+        if j.status != JobStatus::Starting {
+            return None;
+        }
+        j.status = JobStatus::Running;
+        j.pid = Some(pid);
+        if let Some(ip) = ip {
+            j.internal_ip = ip.to_string();
+        }
+        j.started_at = now;
+        Some(j)
+    }
+
+    /// starting|running → done (exit 0 or asked to stop) | crashed.
+    pub fn exited(&mut self, id: &str, exit: Exit, now: String) -> Option<&ActiveJob> {
+        let j = self.jobs.get_mut(id)?;
+        if j.status.is_terminal() {
+            return None;
+        }
+        let clean = exit.code == 0 && exit.signal.is_none() && !exit.oom_killed;
+        j.status = if clean || (j.force_stop && !exit.oom_killed) {
+            JobStatus::Done
+        } else {
+            JobStatus::Crashed
+        };
+        j.exit_status = Some(exit.code);
+        j.signal = exit.signal;
+        j.oom_killed = exit.oom_killed;
+        j.pid = None;
+        j.ended_at = now;
+        Some(j)
+    }
+
+    /// starting → failed with `reason`; a job stopped while starting is done instead.
+    pub fn failed(&mut self, id: &str, reason: String, now: String) -> Option<&ActiveJob> {
+        let j = self.jobs.get_mut(id)?;
+        if j.status.is_terminal() {
+            return None;
+        }
+        j.status = if j.force_stop {
+            JobStatus::Done
+        } else {
+            JobStatus::Failed
+        };
+        j.error = Some(reason);
+        j.pid = None;
+        j.ended_at = now;
+        Some(j)
+    }
+
+    /// Marks a stop request.
+    pub fn request_stop(&mut self, id: &str) -> Result<StopAction, ApiError> {
+        let j = self
+            .jobs
+            .get_mut(id)
+            .ok_or_else(|| ApiError::object_not_found("host: unknown job"))?;
+        match j.status {
+            s if s.is_terminal() => Err(ApiError::conflict("host: job is already stopped")),
+            JobStatus::Starting => {
+                j.force_stop = true;
+                Ok(StopAction::Flagged)
+            }
+            _ => {
+                j.force_stop = true;
+                Ok(StopAction::Signal)
+            }
+        }
+    }
+
+    /// Drops the oldest stopped jobs of `app` beyond [`MAX_DOWN_JOBS_PER_APP`]; returns
+    /// the removed ids. Jobs without an app are grouped together.
+    pub fn gc(&mut self, app: Option<&str>) -> Vec<String> {
+        let mut down: Vec<(String, String)> = self
+            .jobs
+            .values()
+            .filter(|j| j.status.is_terminal() && j.job.app_id() == app)
+            .map(|j| (j.ended_at.clone(), j.job.id.clone()))
+            .collect();
+        if down.len() <= MAX_DOWN_JOBS_PER_APP {
+            return Vec::new();
+        }
+        down.sort();
+        let excess = down.len() - MAX_DOWN_JOBS_PER_APP;
+        down.into_iter()
+            .take(excess)
+            .map(|(_, id)| {
+                self.jobs.remove(&id);
+                id
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flynn_api::ErrorCode;
+
+    const SHA: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn body(extra: &str) -> String {
+        format!(
+            r#"{{"mountspecs":[{{"type":"tar","url":"file:///x.tar","hashes":{{"sha256":"{SHA}"}}}}],
+               "config":{{"args":["/bin/sh"]{extra}}}}}"#
+        )
+    }
+
+    #[test]
+    fn parse_fills_id_and_checks_it() {
+        let j = parse_job("h-1", body("").as_bytes(), true).unwrap();
+        assert_eq!(j.id, "h-1");
+        let e = parse_job("h-2", br#"{"id":"h-1","config":{"args":["x"]}}"#, false).unwrap_err();
+        assert_eq!(e.code, ErrorCode::ValidationError);
+        let e = parse_job("a b", body("").as_bytes(), true).unwrap_err();
+        assert_eq!(e.detail.unwrap()["field"], "id");
+    }
+
+    #[test]
+    fn bad_input_table() {
+        let cases: &[(&str, ErrorCode, Option<&str>)] = &[
+            ("{", ErrorCode::SyntaxError, None),
+            ("[1]", ErrorCode::SyntaxError, None),
+            (r#"{"config":{"args":"sh"}}"#, ErrorCode::SyntaxError, None),
+            (r#"{"bogus":1}"#, ErrorCode::SyntaxError, None),
+            (
+                r#"{"config":{"args":["sh"]}}"#,
+                ErrorCode::ValidationError,
+                Some("mountspecs"),
+            ),
+            (
+                r#"{"mountspecs":[{"type":"squashfs","hashes":{}}],"config":{"args":["sh"]}}"#,
+                ErrorCode::ValidationError,
+                Some("mountspecs[0].type"),
+            ),
+            (
+                r#"{"mountspecs":[{"type":"tar","hashes":{"sha256":"zz"}}],"config":{"args":["sh"]}}"#,
+                ErrorCode::ValidationError,
+                Some("mountspecs[0].hashes.sha256"),
+            ),
+        ];
+        for (b, code, field) in cases {
+            let e = parse_job("j", b.as_bytes(), true).unwrap_err();
+            assert_eq!(e.code, *code, "{b}");
+            if let Some(f) = field {
+                assert_eq!(e.detail.as_ref().unwrap()["field"], *f, "{b}");
+            }
+        }
+        let more: &[(&str, &str)] = &[
+            (r#","args":[]"#, "config.args"),
+            (r#","env":{"A=B":"c"}"#, "config.env"),
+            (
+                r#","mounts":[{"location":"rel","target":"/x"}]"#,
+                "config.mounts[0]",
+            ),
+            (
+                r#","ports":[{"port":1,"service":{"name":"a b"}}]"#,
+                "config.ports[0].service.name",
+            ),
+            (r#","stop_timeout":0"#, "config.stop_timeout"),
+        ];
+        for (extra, field) in more {
+            // `args` given twice is a duplicate-field syntax error; replace it instead.
+            let b = if extra.starts_with(r#","args""#) {
+                body("").replace(r#""args":["/bin/sh"]"#, &extra[1..])
+            } else {
+                body(extra)
+            };
+            let e = parse_job("j", b.as_bytes(), true).unwrap_err();
+            assert_eq!(e.code, ErrorCode::ValidationError, "{b}");
+            assert_eq!(e.detail.as_ref().unwrap()["field"], *field, "{b}");
+        }
+        let b = body("").replace(
+            r#""config""#,
+            r#""resources":{"memory":{"limit":-1}},"config""#,
+        );
+        let e = parse_job("j", b.as_bytes(), true).unwrap_err();
+        assert_eq!(e.detail.unwrap()["field"], "resources.memory.limit");
+    }
+
+    #[test]
+    fn ports_and_env() {
+        let b = body(
+            r#","ports":[{"port":0},{"port":8080,"proto":"udp"},{"port":0}],"env":{"A":"1","PORT":"9"}"#,
+        )
+        .replace(
+            r#""config""#,
+            r#""metadata":{"flynn-controller.app":"app1","flynn-controller.type":"web"},"config""#,
+        );
+        let j = parse_job("h-j1", b.as_bytes(), true).unwrap();
+        let ports = bind_ports(&j).unwrap();
+        assert_eq!(
+            ports.iter().map(|p| p.port).collect::<Vec<_>>(),
+            [5000, 8080, 5002]
+        );
+        let env = job_env(
+            &j,
+            &ports,
+            Some("100.100.0.5".parse().unwrap()),
+            Some("http://d:1111"),
+        );
+        for want in [
+            "A=1",
+            "PORT=5000",
+            "PORT_0=5000",
+            "PORT_1=8080",
+            "PORT_2=5002",
+            "EXTERNAL_IP=100.100.0.5",
+            "FLYNN_JOB_ID=h-j1",
+            "FLYNN_APP_ID=app1",
+            "FLYNN_PROCESS_TYPE=web",
+            "DISCOVERD=http://d:1111",
+        ] {
+            assert!(env.iter().any(|e| e == want), "{want} not in {env:?}");
+        }
+        assert!(env.iter().any(|e| e.starts_with("PATH=/")));
+        let meta = instance_meta(&env);
+        assert_eq!(meta.len(), 3);
+        assert_eq!(meta["FLYNN_APP_ID"], "app1");
+
+        let mut bad = j.clone();
+        bad.config.ports[0].proto = "sctp".into();
+        assert_eq!(bind_ports(&bad).unwrap_err(), "unknown port proto \"sctp\"");
+    }
+
+    fn job(id: &str, app: &str) -> Job {
+        let mut j = Job {
+            id: id.into(),
+            ..Job::default()
+        };
+        j.config.env.insert("FLYNN_APP_ID".into(), app.into());
+        j
+    }
+
+    #[test]
+    fn state_machine() {
+        let mut t = Table::default();
+        t.add(job("a", "x"), "h", "t0".into()).unwrap();
+        assert_eq!(
+            t.add(job("a", "x"), "h", "t0".into()).unwrap_err().code,
+            flynn_api::ErrorCode::Conflict
+        );
+        let ip = Some("10.0.0.2".parse().unwrap());
+        assert_eq!(
+            t.started("a", 7, ip, "t1".into()).unwrap().status,
+            JobStatus::Running
+        );
+        assert!(t.started("a", 8, ip, "t1".into()).is_none());
+        let crash = Exit {
+            code: 1,
+            signal: None,
+            oom_killed: false,
+        };
+        let j = t.exited("a", crash, "t2".into()).unwrap();
+        assert_eq!((j.status, j.exit_status), (JobStatus::Crashed, Some(1)));
+        assert!(t.exited("a", crash, "t3".into()).is_none());
+        assert_eq!(
+            t.request_stop("a").unwrap_err().message,
+            "host: job is already stopped"
+        );
+        assert_eq!(
+            t.request_stop("zz").unwrap_err().code,
+            ErrorCode::ObjectNotFound
+        );
+
+        // Stopped on request: SIGTERM exit is done, not crashed.
+        t.add(job("b", "x"), "h", "t0".into()).unwrap();
+        t.started("b", 9, None, "t1".into()).unwrap();
+        assert_eq!(t.request_stop("b").unwrap(), StopAction::Signal);
+        let term = Exit {
+            code: 143,
+            signal: Some(15),
+            oom_killed: false,
+        };
+        assert_eq!(
+            t.exited("b", term, "t2".into()).unwrap().status,
+            JobStatus::Done
+        );
+
+        // OOM is a crash even when stopping.
+        t.add(job("c", "x"), "h", "t0".into()).unwrap();
+        let oom = Exit {
+            code: 137,
+            signal: Some(9),
+            oom_killed: true,
+        };
+        let j = t.exited("c", oom, "t2".into()).unwrap();
+        assert_eq!((j.status, j.oom_killed), (JobStatus::Crashed, true));
+
+        // Failing to start.
+        t.add(job("d", "x"), "h", "t0".into()).unwrap();
+        let j = t.failed("d", "no image".into(), "t1".into()).unwrap();
+        assert_eq!(
+            (j.status, j.error.as_deref()),
+            (JobStatus::Failed, Some("no image"))
+        );
+        // Stopped while starting, then the start fails: done.
+        t.add(job("e", "x"), "h", "t0".into()).unwrap();
+        assert_eq!(t.request_stop("e").unwrap(), StopAction::Flagged);
+        assert_eq!(
+            t.failed("e", "stopped".into(), "t1".into()).unwrap().status,
+            JobStatus::Done
+        );
+    }
+
+    #[test]
+    fn gc_keeps_25_per_app() {
+        let mut t = Table::default();
+        for i in 0..30 {
+            let id = format!("j{i:02}");
+            t.add(job(&id, "app"), "h", "t".into()).unwrap();
+            t.exited(
+                &id,
+                Exit {
+                    code: 0,
+                    signal: None,
+                    oom_killed: false,
+                },
+                format!("t{i:02}"),
+            );
+        }
+        t.add(job("other", "app2"), "h", "t".into()).unwrap();
+        t.add(job("live", "app"), "h", "t".into()).unwrap();
+        let removed = t.gc(Some("app"));
+        assert_eq!(removed, ["j00", "j01", "j02", "j03", "j04"]);
+        assert_eq!(t.len(), 27);
+        assert!(t.get("live").is_some());
+        assert!(t.gc(Some("app")).is_empty());
+    }
+}

@@ -1,0 +1,387 @@
+//! Ships job output to the log aggregator: RFC 5424 messages over TCP with RFC 6587 octet
+//! counting (spec §3.2), buffered while the aggregator is unreachable.
+//!
+//! Each line becomes `<190>1 TIMESTAMP HOST-ID APP-ID TYPE.JOB-ID MSGID [flynn seq="N"]
+//! LINE` (facility local7, severity info, microsecond UTC timestamps, `ID1` stdout, `ID2`
+//! stderr). Lines longer than [`MAX_LINE`] are split. The buffer holds at most
+//! `capacity` frames; when it is full the oldest frame is dropped and counted, the count
+//! is logged and exported in `/host/status` and `/metrics`. A batch whose write fails is
+//! put back at the front and sent again after reconnecting.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flynn_api::host::LogStats;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Notify;
+
+/// Output lines are cut into messages of at most this many bytes (spec §3.2).
+pub const MAX_LINE: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub const fn msgid(self) -> &'static str {
+        match self {
+            Stream::Stdout => "ID1",
+            Stream::Stderr => "ID2",
+        }
+    }
+}
+
+/// The current time as RFC 3339 UTC with exactly six fraction digits (sortable as text).
+pub fn now_rfc3339() -> String {
+    let now = flynn_syslog::Timestamp::now().0;
+    let secs = now.div_euclid(1_000_000_000);
+    let micros = now.rem_euclid(1_000_000_000) / 1000;
+    let whole = flynn_syslog::Timestamp(secs * 1_000_000_000).to_rfc3339();
+    format!("{}.{micros:06}Z", whole.trim_end_matches('Z'))
+}
+
+/// Encodes one framed syslog message (`<len> <msg>`). Empty fields become `-`.
+pub fn encode(
+    out: &mut Vec<u8>,
+    timestamp: &str,
+    host: &str,
+    app: &str,
+    procid: &str,
+    stream: Stream,
+    seq: u64,
+    line: &[u8],
+) {
+    let nil = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    let head = format!(
+        "<190>1 {timestamp} {} {} {} {} [flynn seq=\"{seq}\"] ",
+        nil(host),
+        nil(app),
+        nil(procid),
+        stream.msgid()
+    );
+    let len = head.len() + line.len();
+    out.extend_from_slice(len.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.as_bytes());
+    out.extend_from_slice(line);
+}
+
+/// Who a line belongs to.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// APP-NAME: the app id (the job id when the job has no app).
+    pub app: String,
+    /// PROCID: `<type>.<job id>` or the job id.
+    pub procid: String,
+}
+
+impl Source {
+    pub fn new(app: Option<&str>, process_type: Option<&str>, job_id: &str) -> Source {
+        Source {
+            app: app.unwrap_or(job_id).to_string(),
+            procid: match process_type {
+                Some(t) => format!("{t}.{job_id}"),
+                None => job_id.to_string(),
+            },
+        }
+    }
+}
+
+struct Shared {
+    host: String,
+    capacity: usize,
+    queue: Mutex<VecDeque<Vec<u8>>>,
+    notify: Notify,
+    seq: AtomicU64,
+    lines: AtomicU64,
+    shipped: AtomicU64,
+    dropped: AtomicU64,
+    connected: AtomicBool,
+}
+
+/// Cheap to clone; lines pushed are shipped by a background task (when an aggregator
+/// address is configured; otherwise they are counted and discarded as `dropped`, with
+/// a warning at startup).
+#[derive(Clone)]
+pub struct Shipper {
+    shared: Arc<Shared>,
+    enabled: bool,
+}
+
+impl Shipper {
+    /// Starts the shipping task (needs a tokio runtime) when `addr` is set.
+    pub fn start(host: &str, addr: Option<String>, capacity: usize) -> Shipper {
+        let shared = Arc::new(Shared {
+            host: host.to_string(),
+            capacity: capacity.max(1),
+            queue: Mutex::new(VecDeque::new()),
+            notify: Notify::new(),
+            seq: AtomicU64::new(0),
+            lines: AtomicU64::new(0),
+            shipped: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+        });
+        let enabled = addr.is_some();
+        if let Some(a) = addr {
+            tokio::spawn(run(shared.clone(), a));
+        }
+        Shipper { shared, enabled }
+    }
+
+    /// Queues one output line (without its newline); long lines are split.
+    pub fn push(&self, src: &Source, stream: Stream, line: &[u8]) {
+        if !self.enabled {
+            return;
+        }
+        let ts = now_rfc3339();
+        let chunks: Vec<&[u8]> = if line.is_empty() {
+            vec![line]
+        } else {
+            line.chunks(MAX_LINE).collect()
+        };
+        let mut dropped = 0;
+        {
+            let mut q = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            for c in chunks {
+                let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed) + 1;
+                let mut frame = Vec::with_capacity(c.len() + 128);
+                encode(
+                    &mut frame,
+                    &ts,
+                    &self.shared.host,
+                    &src.app,
+                    &src.procid,
+                    stream,
+                    seq,
+                    c,
+                );
+                self.shared.lines.fetch_add(1, Ordering::Relaxed);
+                if q.len() >= self.shared.capacity {
+                    q.pop_front();
+                    dropped += 1;
+                }
+                q.push_back(frame);
+            }
+        }
+        if dropped > 0 {
+            let total = self.shared.dropped.fetch_add(dropped, Ordering::Relaxed) + dropped;
+            // One warning per 1000 dropped lines, and for the first.
+            if total == dropped || total / 1000 != (total - dropped) / 1000 {
+                tracing::warn!(
+                    dropped_total = total,
+                    "log aggregator unreachable and the log buffer is full: dropping the oldest lines"
+                );
+            }
+        }
+        self.shared.notify.notify_one();
+    }
+
+    /// Counts `count` lines lost before they reached the host (the job's own pipe overflowed).
+    pub fn count_dropped(&self, count: u64) {
+        let total = self.shared.dropped.fetch_add(count, Ordering::Relaxed) + count;
+        tracing::warn!(
+            count,
+            dropped_total = total,
+            "job output lines were dropped"
+        );
+    }
+
+    pub fn stats(&self) -> LogStats {
+        let s = &self.shared;
+        LogStats {
+            lines: s.lines.load(Ordering::Relaxed),
+            shipped: s.shipped.load(Ordering::Relaxed),
+            dropped: s.dropped.load(Ordering::Relaxed),
+            buffered: s.queue.lock().map(|q| q.len() as u64).unwrap_or(0),
+            connected: s.connected.load(Ordering::Relaxed),
+        }
+    }
+}
+
+async fn run(s: Arc<Shared>, addr: String) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let conn = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(&addr),
+        )
+        .await;
+        let mut conn = match conn {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, addr = %addr, "log aggregator connect failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let _ = conn.set_nodelay(true);
+        backoff = Duration::from_millis(100);
+        s.connected.store(true, Ordering::Relaxed);
+        tracing::info!(addr = %addr, "connected to the log aggregator");
+        loop {
+            let batch: Vec<Vec<u8>> = {
+                let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
+                let n = q.len().min(256);
+                q.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                // Wake on new lines; poll now and then to notice a closed connection.
+                tokio::select! {
+                    _ = s.notify.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        let mut probe = [0u8; 1];
+                        match conn.try_read(&mut probe) {
+                            Ok(0) => break,
+                            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => break,
+                            _ => {}
+                        }
+                    }
+                }
+                continue;
+            }
+            let mut buf = Vec::with_capacity(batch.iter().map(Vec::len).sum());
+            for f in &batch {
+                buf.extend_from_slice(f);
+            }
+            let res = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&buf)).await;
+            if matches!(res, Ok(Ok(()))) {
+                s.shipped.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                continue;
+            }
+            // Put the batch back (oldest first), within capacity.
+            let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let mut lost = 0u64;
+            for f in batch.into_iter().rev() {
+                if q.len() >= s.capacity {
+                    lost += 1;
+                    continue;
+                }
+                q.push_front(f);
+            }
+            drop(q);
+            if lost > 0 {
+                s.dropped.fetch_add(lost, Ordering::Relaxed);
+            }
+            break;
+        }
+        s.connected.store(false, Ordering::Relaxed);
+        tracing::warn!(addr = %addr, "lost the log aggregator connection; buffering");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn encodes_what_the_aggregator_parses() {
+        let mut out = Vec::new();
+        let ts = now_rfc3339();
+        assert_eq!(ts.len(), "2009-11-10T23:00:00.123456Z".len(), "{ts}");
+        let src = Source::new(Some("app1"), Some("web"), "host-j1");
+        encode(
+            &mut out,
+            &ts,
+            "host",
+            &src.app,
+            &src.procid,
+            Stream::Stderr,
+            7,
+            b"hello world",
+        );
+        let framer = flynn_syslog::Framer::new(flynn_syslog::DEFAULT_MAX_FRAME);
+        let mut buf = bytes::BytesMut::from(&out[..]);
+        let frame = framer.next_frame(&mut buf).unwrap().unwrap();
+        assert!(buf.is_empty());
+        let (m, err) = flynn_syslog::Message::parse_checked(frame);
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(m.hostname(), b"host");
+        assert_eq!(m.app_name(), b"app1");
+        assert_eq!(m.procid(), b"web.host-j1");
+        assert_eq!(
+            flynn_syslog::Stream::from_msgid(m.msgid()),
+            flynn_syslog::Stream::Stderr
+        );
+        assert_eq!(flynn_syslog::flynn::flynn_seq(m.structured_data()), Some(7));
+        assert_eq!(m.msg(), b"hello world");
+        assert_eq!((m.facility(), m.severity()), (23, 6));
+        let t = m.timestamp().unwrap();
+        assert_eq!(t.0 % 1000, 0);
+
+        let src = Source::new(None, None, "j2");
+        assert_eq!((src.app.as_str(), src.procid.as_str()), ("j2", "j2"));
+    }
+
+    #[tokio::test]
+    async fn buffers_while_down_then_ships_and_counts_drops() {
+        // Reserve a port, then close it: the aggregator is "down".
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let sh = Shipper::start("h", Some(addr.to_string()), 5);
+        let src = Source::new(Some("a"), None, "j");
+        for i in 0..8 {
+            sh.push(&src, Stream::Stdout, format!("line{i}").as_bytes());
+        }
+        let st = sh.stats();
+        assert_eq!((st.lines, st.dropped, st.buffered), (8, 3, 5));
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        // Once the backlog is out, a line longer than MAX_LINE goes as two messages.
+        let t0 = std::time::Instant::now();
+        while sh.stats().shipped < 5 && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        sh.push(&src, Stream::Stdout, &vec![b'x'; MAX_LINE + 50]);
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let framer = flynn_syslog::Framer::new(20_000);
+        let mut msgs = Vec::new();
+        while msgs.len() < 7 && tokio::time::Instant::now() < deadline {
+            let mut b = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "eof after {} bytes", got.len());
+            got.extend_from_slice(&b[..n]);
+            let mut buf = bytes::BytesMut::from(&got[..]);
+            msgs.clear();
+            loop {
+                match framer.next_frame(&mut buf) {
+                    Ok(Some(f)) => msgs.push(flynn_syslog::Message::parse(f).msg().to_vec()),
+                    Ok(None) => break,
+                    Err(e) => panic!(
+                        "framing: {e:?} at {:?}",
+                        String::from_utf8_lossy(&buf[..buf.len().min(40)])
+                    ),
+                }
+            }
+        }
+        assert_eq!(msgs.len(), 7);
+        assert_eq!(msgs[0], b"line3");
+        assert_eq!(msgs[4], b"line7");
+        assert_eq!(msgs[5].len(), MAX_LINE);
+        assert_eq!(msgs[6].len(), 50);
+        let st = sh.stats();
+        assert_eq!((st.shipped, st.dropped, st.buffered), (7, 3, 0));
+        assert!(st.connected);
+    }
+}

@@ -1,0 +1,223 @@
+//! How jobs are run: the [`Runtime`] trait and the plain-process runtime.
+//!
+//! The daemon's job lifecycle only sees [`Launch`] specs going in and [`ProcEvent`]s
+//! coming out. `container` (the default, in `container.rs`) runs each job in its own
+//! container through a flynn-container shim; `process` runs the job's args as a plain
+//! child process on the host, without isolation, image or network: for development on
+//! machines where containers cannot run, and for tests of the lifecycle itself.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::sync::mpsc;
+
+use crate::logship::{Stream, MAX_LINE};
+
+/// Resource limits of a job (`None` = unlimited).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    pub cpu_millis: Option<u64>,
+    pub pids: Option<u64>,
+    pub max_fds: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub readonly: bool,
+}
+
+/// Everything needed to start one job.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    pub id: String,
+    /// Image layers, bottom first.
+    pub layers: Vec<PathBuf>,
+    pub args: Vec<String>,
+    /// `K=V`.
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub hostname: Option<String>,
+    /// The job's network namespace; `None` = the host's.
+    pub netns: Option<PathBuf>,
+    pub mounts: Vec<BindMount>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcEvent {
+    Started {
+        pid: u32,
+    },
+    Output {
+        stream: Stream,
+        line: Vec<u8>,
+    },
+    /// Lines lost before they reached the daemon.
+    Dropped {
+        count: u64,
+    },
+    Exited {
+        code: i32,
+        signal: Option<i32>,
+        oom_killed: bool,
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+/// Sends a signal to the job's process.
+pub type Signaller = Arc<dyn Fn(i32) -> std::io::Result<()> + Send + Sync>;
+
+/// A started (or re-adopted) job: its events, ending after `Exited` or `Failed`, and a
+/// way to signal it.
+pub struct Handle {
+    pub events: mpsc::Receiver<ProcEvent>,
+    pub signal: Signaller,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{0}")]
+    Start(String),
+    #[error("image: {0}")]
+    Image(String),
+}
+
+pub trait Runtime: Send + Sync + 'static {
+    /// Whether jobs must name image layers (`mountspecs`).
+    fn needs_image(&self) -> bool;
+    /// Whether jobs get their own network namespace.
+    fn isolates_network(&self) -> bool;
+    /// Imports a layer tarball (verifying its sha256) or finds it already imported;
+    /// returns its unpacked path. Blocking.
+    fn layer(
+        &self,
+        url_path: Option<&std::path::Path>,
+        sha256: &str,
+    ) -> Result<PathBuf, RuntimeError>;
+    /// Starts a job. Must be called within a tokio runtime; may block briefly.
+    fn spawn(&self, launch: Launch) -> Result<Handle, RuntimeError>;
+    /// Jobs still running from a previous daemon, re-attached.
+    fn adopt(&self) -> Vec<(String, Handle)>;
+    /// Removes what is left of a finished job (state, rootfs, cgroup).
+    fn cleanup(&self, id: &str);
+}
+
+/// Runs jobs as plain host processes (no isolation). Processes die with the daemon's
+/// process group only if they choose to; they are not re-adopted after a restart.
+#[derive(Debug, Default)]
+pub struct ProcessRuntime;
+
+impl Runtime for ProcessRuntime {
+    fn needs_image(&self) -> bool {
+        false
+    }
+
+    fn isolates_network(&self) -> bool {
+        false
+    }
+
+    fn layer(
+        &self,
+        _url_path: Option<&std::path::Path>,
+        _sha256: &str,
+    ) -> Result<PathBuf, RuntimeError> {
+        Err(RuntimeError::Image(
+            "the process runtime does not run images".into(),
+        ))
+    }
+
+    fn spawn(&self, launch: Launch) -> Result<Handle, RuntimeError> {
+        let mut cmd = tokio::process::Command::new(&launch.args[0]);
+        cmd.args(&launch.args[1..])
+            .env_clear()
+            .envs(launch.env.iter().filter_map(|kv| kv.split_once('=')))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        if !launch.cwd.is_empty() {
+            cmd.current_dir(&launch.cwd);
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| RuntimeError::Start(format!("exec {:?}: {e}", launch.args[0])))?;
+        let pid = child.id().unwrap_or(0);
+        let (tx, rx) = mpsc::channel(1024);
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        tokio::spawn(async move {
+            let _ = tx.send(ProcEvent::Started { pid }).await;
+            let out = stdout.map(|s| tokio::spawn(read_lines(s, Stream::Stdout, tx.clone())));
+            let err = stderr.map(|s| tokio::spawn(read_lines(s, Stream::Stderr, tx.clone())));
+            let status = child.wait().await;
+            for t in [out, err].into_iter().flatten() {
+                let _ = t.await;
+            }
+            let ev = match status {
+                Ok(st) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    let signal = st.signal();
+                    ProcEvent::Exited {
+                        code: st.code().unwrap_or_else(|| 128 + signal.unwrap_or(0)),
+                        signal,
+                        oom_killed: false,
+                    }
+                }
+                Err(e) => ProcEvent::Failed {
+                    reason: format!("wait: {e}"),
+                },
+            };
+            let _ = tx.send(ev).await;
+        });
+        let signal: Signaller = Arc::new(move |sig| send_signal(pid, sig));
+        Ok(Handle { events: rx, signal })
+    }
+
+    fn adopt(&self) -> Vec<(String, Handle)> {
+        Vec::new()
+    }
+
+    fn cleanup(&self, _id: &str) {}
+}
+
+/// `kill(pid, sig)`.
+pub fn send_signal(pid: u32, sig: i32) -> std::io::Result<()> {
+    let sig = nix::sys::signal::Signal::try_from(sig)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let pid = i32::try_from(pid).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).map_err(std::io::Error::from)
+}
+
+/// Splits a pipe into lines (without the newline); lines longer than [`MAX_LINE`] are
+/// delivered in pieces.
+async fn read_lines<R: AsyncRead + Unpin>(r: R, stream: Stream, tx: mpsc::Sender<ProcEvent>) {
+    let mut r = BufReader::with_capacity(64 * 1024, r);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let mut limited = (&mut r).take(MAX_LINE as u64);
+        match limited.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                }
+                let ev = ProcEvent::Output {
+                    stream,
+                    line: std::mem::take(&mut line),
+                };
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
