@@ -78,8 +78,8 @@ impl Config {
         if self.resync_interval < Duration::from_millis(100) {
             bail!("--resync-interval must be at least 100ms");
         }
-        if self.lease_ttl < Duration::from_secs(10) {
-            bail!("--lease-ttl must be at least 10s");
+        if self.lease_ttl < Duration::from_secs(2) {
+            bail!("--lease-ttl must be at least 2s");
         }
         for name in [&self.vxlan_name, &self.bridge] {
             if name.is_empty() || name.len() > 15 {

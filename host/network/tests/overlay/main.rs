@@ -51,7 +51,8 @@ impl AgentProc {
             .args(["--discoverd", discoverd, "--public-ip", &host.ip])
             .arg("--state-dir")
             .arg(host.dir.join("state"))
-            .args(["--resync-interval", "1s", "--lease-ttl", "1h"])
+            .args(["--resync-interval", "1s"])
+            .env("FLYNN_LEASE_TTL", "1h")
             .args(extra)
             .env("FLYNN_LOG", "flynn_network=debug,info")
             .stdin(Stdio::null())
@@ -573,5 +574,199 @@ fn direct_routing_uses_plain_routes_on_one_segment() -> Result<()> {
     // jobs keep the overlay MTU so they can move to tunnelled peers.
     ensure!(ping_df(&j1, &j2, 1422));
     drop((a1, a2));
+    Ok(())
+}
+
+/// A private BPF filesystem for the agents' pins, lazily unmounted on drop.
+struct Bpffs(tempfile::TempDir);
+
+impl Bpffs {
+    fn mount() -> Result<Bpffs> {
+        let dir = tempfile::Builder::new().prefix("flynn-net-bpf").tempdir()?;
+        run(&[
+            "mount",
+            "-t",
+            "bpf",
+            "bpf",
+            dir.path().to_str().context("path")?,
+        ])?;
+        Ok(Bpffs(dir))
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.path().to_str() {
+            let _ = run(&["umount", "-l", p]);
+        }
+    }
+}
+
+fn mac_of(ns: &str, dev: &str) -> Result<[u8; 6]> {
+    let out = run(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "cat",
+        &format!("/sys/class/net/{dev}/address"),
+    ])?;
+    let s = String::from_utf8(out.stdout)?;
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = s.trim().split(':').collect();
+    ensure!(parts.len() == 6, "bad MAC {s:?}");
+    for (o, p) in mac.iter_mut().zip(parts) {
+        *o = u8::from_str_radix(p, 16)?;
+    }
+    Ok(mac)
+}
+
+/// Does what `flynn-host` does per job with the fast path: attach the job's veth and add its
+/// endpoint, in the pinned maps the agent of `host_ns` uses. Returns the counters.
+fn register_jobs(host_ns: &str, pin: &Path, jobs: &[&JobNet]) -> Result<flynn_ebpf::Counters> {
+    let gw = mac_of(host_ns, "flynnbr0")?;
+    let pin = pin.to_path_buf();
+    let jobs: Vec<JobNet> = jobs.iter().map(|j| (*j).clone()).collect();
+    in_netns(host_ns, async move || {
+        let mut fp = flynn_ebpf::FastPath::load(&pin)?;
+        for j in &jobs {
+            fp.attach(j.host_ifindex, flynn_ebpf::Role::JobVeth)?;
+            fp.upsert_endpoint(
+                j.ip,
+                flynn_ebpf::Endpoint {
+                    ifindex: j.host_ifindex,
+                    mac: j.mac,
+                    gateway_mac: gw,
+                },
+            )?;
+        }
+        Ok(fp.counters()?)
+    })
+}
+
+fn counters(host_ns: &str, pin: &Path) -> Result<flynn_ebpf::Counters> {
+    register_jobs(host_ns, pin, &[])
+}
+
+#[test]
+fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<()> {
+    if !lab::should_run("fast_path_carries_cross_and_same_host_traffic_and_follows_leases") {
+        return Ok(());
+    }
+    if let Err(e) = flynn_ebpf::FastPath::probe() {
+        panic!("this kernel cannot run the eBPF fast path: {e}");
+    }
+    let bpf = Bpffs::mount()?;
+    let mut c = Cluster::new()?;
+    let h1 = c.add_host(1)?;
+    let h2 = c.add_host(2)?;
+    let pin1 = bpf.0.path().join("h1");
+    let pin2 = bpf.0.path().join("h2");
+    let arg = |p: &Path| p.to_string_lossy().into_owned();
+    let (p1, p2) = (arg(&pin1), arg(&pin2));
+    let a1 = c.agent(h1, &["--fast-path", "on", "--pin-dir", &p1])?;
+    let mut a2 = c.agent(h2, &["--fast-path", "on", "--pin-dir", &p2])?;
+    let j1a = c.job(h1, a1.subnet, 10)?;
+    let j1b = c.job(h1, a1.subnet, 11)?;
+    let j2 = c.job(h2, a2.subnet, 10)?;
+    let (ns1, ns2) = (c.hosts[h1].ns.clone(), c.hosts[h2].ns.clone());
+    register_jobs(&ns1, &pin1, &[&j1a, &j1b])?;
+    register_jobs(&ns2, &pin2, &[&j2])?;
+
+    let before = counters(&ns1, &pin1)?;
+    ensure!(
+        can_ping(&j1a, &j2) && can_ping(&j2, &j1a),
+        "cross-host ping"
+    );
+    ensure!(can_ping(&j1a, &j1b), "same-host ping");
+    tcp_roundtrip(&j1a, &j2).context("tcp cross-host")?;
+    tcp_roundtrip(&j1b, &j1a).context("tcp same host")?;
+    ensure!(
+        ping_df(&j1a, &j2, 1422),
+        "largest unfragmented packet failed"
+    );
+    ensure!(
+        !ping_df(&j1a, &j2, 1423),
+        "one byte over the MTU went through"
+    );
+    let after = counters(&ns1, &pin1)?;
+    // Remote traffic used the prefix the agent installed for host 2's block; local traffic the
+    // endpoint map.
+    ensure!(
+        after.redirected_remote >= before.redirected_remote + 3,
+        "no remote redirects: {before:?} -> {after:?}"
+    );
+    ensure!(
+        after.redirected_local > before.redirected_local,
+        "no local redirects: {before:?} -> {after:?}"
+    );
+
+    // Host 2 leaves: host 1's agent drops the prefix, so nothing more is redirected to it.
+    a2.stop()?;
+    eventually(10, "host 1 to drop host 2's route", || {
+        Ok(!routes(&ns1)?.contains(&a2.subnet.to_string()))
+    })?;
+    let left = counters(&ns1, &pin1)?;
+    ensure!(!can_ping(&j1a, &j2), "departed host still reachable");
+    let end = counters(&ns1, &pin1)?;
+    ensure!(
+        end.redirected_remote == left.redirected_remote,
+        "traffic still redirected to a departed host's block: {left:?} -> {end:?}"
+    );
+    drop(a1);
+    Ok(())
+}
+
+/// `Expiration` of every lease in the `flannel` service meta, by block.
+fn expirations(c: &Cluster) -> Result<std::collections::BTreeMap<String, u64>> {
+    let out = c
+        .discoverd
+        .command("curl")
+        .args([
+            "-s",
+            "-m",
+            "5",
+            &format!("{}/services/flannel/meta", c.url()),
+        ])
+        .output()?;
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let subnets = meta["data"]["subnets"]
+        .as_object()
+        .with_context(|| format!("no subnets: {meta}"))?;
+    Ok(subnets
+        .iter()
+        .map(|(k, v)| (k.clone(), v["Expiration"].as_u64().unwrap_or(0)))
+        .collect())
+}
+
+#[test]
+fn lease_is_renewed_before_it_expires() -> Result<()> {
+    if !lab::should_run("lease_is_renewed_before_it_expires") {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    let h1 = c.add_host(1)?;
+    let a1 = c.agent(h1, &["--fast-path", "off", "--lease-ttl", "3s"])?;
+    let key = a1.subnet.to_string().replace('/', "-");
+    let first = expirations(&c)?[&key];
+    // Renewal happens 0.3 s before expiry; after 4.5 s it must have happened at least once and
+    // the lease must still be live.
+    std::thread::sleep(Duration::from_millis(4500));
+    let later = expirations(&c)?[&key];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    ensure!(
+        later > first,
+        "lease not renewed: expiration {first} -> {later}"
+    );
+    ensure!(later + 1 >= now, "lease expired: {later} < {now}");
+    // The subnet.env for the host daemon.
+    let env = std::fs::read_to_string(c.hosts[h1].dir.join("state/subnet.env"))?;
+    let want = format!("FLANNEL_SUBNET={}/24", a1.subnet.first_host());
+    ensure!(
+        env.contains(&want) && env.contains("FLANNEL_MTU=1450"),
+        "{env}"
+    );
     Ok(())
 }
