@@ -1,17 +1,23 @@
-//! `flynn-network`: the host overlay network, flannel's kernel VXLAN path re-done in Rust.
+//! `flynn-network`: the host overlay network, flannel's kernel VXLAN path re-done in Rust, plus
+//! per-job networking.
 //!
-//! Every host leases a block (default a /24) of the cluster network (default `100.100.0.0/16`)
-//! from a [`LeaseStore`] with compare-and-swap ([`Leaser`]), brings up a VXLAN device and a bridge
-//! for its jobs ([`setup`]) and keeps, per remote lease, a permanent neighbour entry, FDB entry and
-//! route on the VXLAN device ([`reconcile`]). The VXLAN MAC is derived from the lease
-//! ([`Mac::for_subnet`]) so it survives restarts.
+//! - Leases: every host leases a block (default a /24) of the cluster network (default
+//!   `100.100.0.0/16`) from a [`LeaseStore`] with compare-and-swap ([`Leaser`]).
+//!   [`DiscoverdStore`] keeps leases in discoverd's `flannel` service metadata (spec §6);
+//!   [`MemoryStore`] is for tests and single hosts.
+//! - Kernel: [`setup`] brings up a VXLAN device and a bridge for the host's jobs; [`reconcile`]
+//!   keeps, per remote lease, a permanent neighbour entry, FDB entry and route on the VXLAN
+//!   device. The VXLAN MAC is derived from the lease ([`Mac::for_subnet`]) so it survives
+//!   restarts. Kernel access is behind the [`Netlink`] trait: [`KernelNetlink`] uses `rtnetlink`,
+//!   [`FakeNetlink`] records calls for tests.
+//! - [`Agent`]: the per-host loop (the `flynn-network` binary): lease, set up, reconcile on every
+//!   store event and on a timer, renew, release on shutdown; optional DirectRouting and the eBPF
+//!   fast path's prefix map (`flynn-ebpf`).
+//! - [`job`]: per-job network namespaces with a veth into the bridge, and the persisted
+//!   [`job::IpAllocator`]. Used by `flynn-host`.
 //!
-//! Left to others: the discoverd-backed `LeaseStore` (via `flynn-client`), per-job namespaces and
-//! the address allocator (`flynn-host`), and the eBPF fast path (`flynn-ebpf`). Used by
-//! `flynn-host`.
-//!
-//! Kernel access is behind the [`Netlink`] trait: [`KernelNetlink`] uses `rtnetlink`,
-//! [`FakeNetlink`] records calls for tests.
+//! Left to others: the eBPF programs and maps (`flynn-ebpf`); attaching job veths to the fast path
+//! and filling its endpoint map (`flynn-host`, which knows when jobs start and stop).
 
 mod agent;
 mod direct;
