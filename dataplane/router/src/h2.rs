@@ -333,8 +333,8 @@ async fn send_flow_controlled(send: &mut h2::SendStream<Bytes>, data: &[u8]) -> 
 }
 
 /// gRPC routes: the stream goes to the backend over HTTP/2 as it is (headers, DATA in
-/// both directions at once, trailers), with the forwarding headers added. One backend
-/// HTTP/2 connection per stream for now (dialled in shuffled order).
+/// both directions at once, trailers), with the forwarding headers added. Streams share
+/// one HTTP/2 connection per backend per core ([`grpc_backend`]).
 #[allow(clippy::too_many_arguments)]
 async fn passthrough(
     core: Rc<Core>,
@@ -347,31 +347,18 @@ async fn passthrough(
     proto: &'static str,
     start_ms: u64,
 ) {
-    let mut order = [SocketAddr::from(([0, 0, 0, 0], 0)); 16];
-    let n = crate::balance::shuffled(backends, &mut order);
-    let mut up = None;
-    for addr in &order[..n] {
-        if let Ok(s) = crate::proxy::dial(*addr).await {
-            up = Some((s, *addr));
-            break;
-        }
-        CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
-    }
-    let Some((up, addr)) = up else {
+    let Some((mut client, addr)) = grpc_backend(&core, backends).await else {
         CoreMetrics::inc(&core.metrics().unavailable_total);
         return simple(&mut respond, &core, 503, b"Service Unavailable\n");
     };
-    CoreMetrics::inc(&core.metrics().upstream_connects_total);
     let _inflight = core.start_request(addr);
-    let Ok((client, conn)) = h2::client::handshake(monoio_compat::StreamWrapper::new(up)).await
-    else {
-        return simple(&mut respond, &core, 503, b"Service Unavailable\n");
-    };
-    monoio::spawn(async move {
-        let _ = conn.await;
-    });
-    let Ok(mut client) = client.ready().await else {
-        return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+    // Waits for a free stream slot under the backend's SETTINGS_MAX_CONCURRENT_STREAMS.
+    client = match client.ready().await {
+        Ok(c) => c,
+        Err(_) => {
+            core.grpc.borrow_mut().remove(&addr);
+            return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+        }
     };
 
     let authority = parts
@@ -450,6 +437,55 @@ async fn passthrough(
         }
     };
     monoio::join!(up_pump, down);
+}
+
+/// An HTTP/2 connection to one of `backends`: this core's open connection to a backend
+/// (tried in shuffled order) if it is still up, else a new one dialled and kept for the
+/// next streams. Connections to backends no longer listed are dropped when a new one is
+/// made.
+async fn grpc_backend(
+    core: &Rc<Core>,
+    backends: &[SocketAddr],
+) -> Option<(h2::client::SendRequest<Bytes>, SocketAddr)> {
+    let mut order = [SocketAddr::from(([0, 0, 0, 0], 0)); 16];
+    let n = crate::balance::shuffled(backends, &mut order);
+    for addr in &order[..n] {
+        let pooled = core.grpc.borrow().get(addr).map(|(_, c)| c.clone());
+        if let Some(mut c) = pooled {
+            // A connection whose task ended (GOAWAY, reset, backend gone) says so here.
+            if std::future::poll_fn(|cx| c.poll_ready(cx)).await.is_ok() {
+                CoreMetrics::inc(&core.metrics().upstream_reuses_total);
+                return Some((c, *addr));
+            }
+            core.grpc.borrow_mut().remove(addr);
+        }
+    }
+    for addr in &order[..n] {
+        let Ok(s) = crate::proxy::dial(*addr).await else {
+            CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
+            continue;
+        };
+        let Ok((client, conn)) = h2::client::handshake(monoio_compat::StreamWrapper::new(s)).await
+        else {
+            CoreMetrics::inc(&core.metrics().upstream_errors_total);
+            continue;
+        };
+        CoreMetrics::inc(&core.metrics().upstream_connects_total);
+        let (core2, a, id) = (core.clone(), *addr, fastrand::u64(..));
+        monoio::spawn(async move {
+            let _ = conn.await;
+            // Forget the connection once it is gone (unless replaced meanwhile).
+            let mut pool = core2.grpc.borrow_mut();
+            if pool.get(&a).is_some_and(|(i, _)| *i == id) {
+                pool.remove(&a);
+            }
+        });
+        let mut pool = core.grpc.borrow_mut();
+        pool.retain(|a, _| backends.contains(a));
+        pool.insert(*addr, (id, client.clone()));
+        return Some((client, *addr));
+    }
+    None
 }
 
 /// Copies DATA frames (as the receiver's window allows) and then trailers.

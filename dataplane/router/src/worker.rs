@@ -43,6 +43,8 @@ pub struct Core {
     local: RefCell<Local<Table>>,
     inflight: RefCell<HashMap<SocketAddr, u32>>,
     pub pool: Pool,
+    /// HTTP/2 connections to gRPC backends, shared by this core's streams (id, handle).
+    pub grpc: RefCell<HashMap<SocketAddr, (u64, h2::client::SendRequest<bytes::Bytes>)>>,
     pub conns: Cell<usize>,
     /// Idle keep-alive client connections, expired by a sweep.
     pub idle: IdleSet,
@@ -181,6 +183,7 @@ pub async fn run(
         local: RefCell::new(local),
         inflight: RefCell::new(HashMap::new()),
         pool: Pool::new(shared.settings.pool_idle_per_backend),
+        grpc: RefCell::new(HashMap::new()),
         conns: Cell::new(0),
         bufs: RefCell::new(Vec::new()),
         bufsets: RefCell::new(Vec::new()),

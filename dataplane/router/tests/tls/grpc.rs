@@ -2,6 +2,8 @@
 //! directions interleaved, trailers passed through. Client and backend are the `h2`
 //! crate on tokio, over the router's h2c listener.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,10 +12,18 @@ use serde_json::json;
 use crate::support::Router;
 
 async fn backend() -> std::net::SocketAddr {
+    counting_backend().await.0
+}
+
+/// The echo backend, with a count of the TCP connections it accepted.
+async fn counting_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
     tokio::spawn(async move {
         while let Ok((sock, _)) = l.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut conn = h2::server::handshake(sock).await.unwrap();
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
@@ -43,7 +53,7 @@ async fn backend() -> std::net::SocketAddr {
             });
         }
     });
-    addr
+    (addr, accepted)
 }
 
 #[test]
@@ -195,4 +205,130 @@ fn rapid_reset_flood_ends_the_connection_and_is_counted() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// One unary-style call on a fresh client connection: returns the echoed body.
+async fn call_once(router: std::net::SocketAddr, msg: &'static [u8]) -> Bytes {
+    let sock = tokio::net::TcpStream::connect(router).await.unwrap();
+    let (client, conn) = h2::client::handshake(sock).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("http://grpc.example.com/echo.Echo/Say")
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (resp, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(Bytes::from_static(msg), true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("response headers")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut out = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), body.data())
+        .await
+        .expect("body")
+    {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+    Bytes::from(out)
+}
+
+#[test]
+fn grpc_streams_share_one_backend_connection_per_core() {
+    // One core, so every stream is on the same core's pool.
+    let router = Router::builder()
+        .threads(1)
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (b, accepted) = counting_backend().await;
+        let route = json!({"type":"http","domain":"grpc.example.com","service":"g","grpc":true});
+        assert_eq!(
+            router.api("POST", "/routes", Some(&route.to_string())).0,
+            200
+        );
+        router.set_backend_addrs("g", &[(b.to_string(), false)]);
+        for i in 0..5 {
+            assert_eq!(
+                &call_once(router.h2c_addrs[0], b"hi").await[..],
+                b"hi",
+                "call {i}"
+            );
+        }
+        // Five client connections, five streams, one backend connection.
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Concurrent streams multiplex on it too.
+        let calls: Vec<_> = (0..8)
+            .map(|_| tokio::spawn(call_once(router.h2c_addrs[0], b"many")))
+            .collect();
+        for c in calls {
+            assert_eq!(&c.await.unwrap()[..], b"many");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    });
+}
+
+#[test]
+fn a_dead_grpc_backend_connection_is_replaced() {
+    let router = Router::builder()
+        .threads(1)
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // A backend that serves one stream per connection, then closes it.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = l.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut conn = h2::server::handshake(sock).await.unwrap();
+                    if let Some(Ok((req, mut respond))) = conn.accept().await {
+                        let mut body = req.into_body();
+                        let mut send = respond
+                            .send_response(http::Response::new(()), false)
+                            .unwrap();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            send.send_data(chunk, false).unwrap();
+                        }
+                        send.send_data(Bytes::new(), true).unwrap();
+                    }
+                    // Let the response flush, then drop the connection.
+                    let _ = tokio::time::timeout(Duration::from_millis(100), conn.accept()).await;
+                });
+            }
+        });
+        let route = json!({"type":"http","domain":"grpc.example.com","service":"g","grpc":true});
+        assert_eq!(
+            router.api("POST", "/routes", Some(&route.to_string())).0,
+            200
+        );
+        router.set_backend_addrs("g", &[(b.to_string(), false)]);
+        assert_eq!(&call_once(router.h2c_addrs[0], b"one").await[..], b"one");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The pooled connection is gone: the router notices and dials again.
+        assert_eq!(&call_once(router.h2c_addrs[0], b"two").await[..], b"two");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    });
 }
