@@ -158,8 +158,15 @@ impl Runtime for ProcessRuntime {
             let out = stdout.map(|s| tokio::spawn(read_lines(s, Stream::Stdout, tx.clone())));
             let err = stderr.map(|s| tokio::spawn(read_lines(s, Stream::Stderr, tx.clone())));
             let status = child.wait().await;
+            // Children of the job that still hold its pipes must not keep it alive.
             for t in [out, err].into_iter().flatten() {
-                let _ = t.await;
+                let abort = t.abort_handle();
+                if tokio::time::timeout(std::time::Duration::from_secs(1), t)
+                    .await
+                    .is_err()
+                {
+                    abort.abort();
+                }
             }
             let ev = match status {
                 Ok(st) => {
@@ -177,7 +184,8 @@ impl Runtime for ProcessRuntime {
             };
             let _ = tx.send(ev).await;
         });
-        let signal: Signaller = Arc::new(move |sig| send_signal(pid, sig));
+        // The job is its own process group: signals reach everything it started.
+        let signal: Signaller = Arc::new(move |sig| send_signal_group(pid, sig));
         Ok(Handle { events: rx, signal })
     }
 
@@ -194,6 +202,14 @@ pub fn send_signal(pid: u32, sig: i32) -> std::io::Result<()> {
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     let pid = i32::try_from(pid).map_err(|_| std::io::ErrorKind::InvalidInput)?;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).map_err(std::io::Error::from)
+}
+
+/// `kill(-pgid, sig)`.
+pub fn send_signal_group(pgid: u32, sig: i32) -> std::io::Result<()> {
+    let sig = nix::sys::signal::Signal::try_from(sig)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let pgid = i32::try_from(pgid).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig).map_err(std::io::Error::from)
 }
 
 /// Splits a pipe into lines (without the newline); lines longer than [`MAX_LINE`] are

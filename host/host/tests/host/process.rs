@@ -1,0 +1,415 @@
+//! The daemon with `--runtime process`.
+
+use std::time::{Duration, Instant};
+
+use flynn_client::host::{EventKind, JobStatus, Port, ResourceCheck, Service};
+
+use crate::support::*;
+
+const PROC: &[&str] = &["--runtime", "process"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_and_validation() {
+    let h = Host::start(PROC);
+    let a = h.addr.as_str();
+    let id = h.job_id("bad");
+
+    let (st, body) = http(
+        a,
+        "PUT",
+        &format!("/host/jobs/{id}"),
+        "application/json",
+        "{",
+    );
+    assert_eq!(st, 400, "{body}");
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["code"], "syntax_error");
+    assert_eq!(e["message"], "The provided JSON input is invalid");
+    assert_eq!(e["retry"], false);
+
+    let (st, body) = http(
+        a,
+        "PUT",
+        &format!("/host/jobs/{id}"),
+        "application/json",
+        r#"{"config":{"args":[]}}"#,
+    );
+    assert_eq!(st, 400);
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["code"], "validation_error");
+    assert_eq!(e["detail"]["field"], "config.args");
+
+    let (st, body) = http(a, "GET", "/host/jobs/nope", "", "");
+    assert_eq!(st, 404);
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (e["code"].as_str(), e["message"].as_str()),
+        (Some("object_not_found"), Some("host: unknown job"))
+    );
+    assert_eq!(http(a, "DELETE", "/host/jobs/nope", "", "").0, 404);
+    assert_eq!(http(a, "GET", "/no/such/route", "", "").0, 404);
+
+    // Duplicate ids conflict.
+    let mut job = sh_job(&h.job_id("dup"), "exec sleep 30");
+    job.config.ports = vec![Port {
+        port: 0,
+        proto: "tcp".into(),
+        service: None,
+    }];
+    h.client.add_job(&job).await.unwrap();
+    let e = h.client.add_job(&job).await.unwrap_err();
+    assert_eq!(e.api().unwrap().status(), 409);
+    wait_running(&h.client, &job.id).await;
+
+    // Signals must be integers.
+    let (st, _) = http(
+        a,
+        "PUT",
+        &format!("/host/jobs/{}/signal/TERM", job.id),
+        "",
+        "",
+    );
+    assert_eq!(st, 400);
+
+    // The running job holds port 5000.
+    let check = |port| ResourceCheck {
+        ports: vec![flynn_client::host::CheckPort {
+            port,
+            proto: "tcp".into(),
+        }],
+    };
+    let e = h.client.resource_check(&check(5000)).await.unwrap_err();
+    let e = e.api().unwrap();
+    assert_eq!(e.status(), 409);
+    assert_eq!(e.message, "Conflicting resources found");
+    assert_eq!(e.detail.as_ref().unwrap()["ports"][0]["port"], 5000);
+    let free = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let free_port = free.local_addr().unwrap().port();
+    drop(free);
+    h.client.resource_check(&check(free_port)).await.unwrap();
+
+    // Tags.
+    let tags = [("zone".to_string(), "a".to_string())].into();
+    h.client.set_tags(&tags).await.unwrap();
+    let st = h.client.status().await.unwrap();
+    assert_eq!(st.tags, tags);
+    assert_eq!(st.id, h.id);
+    assert_eq!(st.jobs.get("running"), Some(&1));
+
+    h.client.stop_job(&job.id).await.unwrap();
+    let j = wait_ended(&h.client, &job.id, Duration::from_secs(10)).await;
+    assert_eq!(j.status, JobStatus::Done);
+    let e = h.client.stop_job(&job.id).await.unwrap_err();
+    assert_eq!(e.api().unwrap().message, "host: job is already stopped");
+    let e = h.client.signal(&job.id, 15).await.unwrap_err();
+    assert_eq!(e.api().unwrap().status(), 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_env_and_ports_reach_the_aggregator() {
+    let (_agg, syslog, api) = logagg();
+    let h = Host::start(&["--runtime", "process", "--logagg", &syslog]);
+    let app = unique("app");
+    let id = h.job_id("env");
+    let mut job = sh_job(
+        &id,
+        "echo \"PORT=$PORT P0=$PORT_0 P1=$PORT_1 IP=$EXTERNAL_IP APP=$FLYNN_APP_ID JOB=$FLYNN_JOB_ID TYPE=$FLYNN_PROCESS_TYPE\"; echo oops >&2; head -c 10050 /dev/zero | tr '\\0' x; echo",
+    );
+    job.config.env.insert("FLYNN_APP_ID".into(), app.clone());
+    job.metadata
+        .insert("flynn-controller.type".into(), "web".into());
+    job.config.ports = vec![
+        Port {
+            port: 0,
+            proto: "tcp".into(),
+            service: None,
+        },
+        Port {
+            port: 8080,
+            proto: "udp".into(),
+            service: None,
+        },
+    ];
+    h.client.add_job(&job).await.unwrap();
+    let j = wait_ended(&h.client, &id, Duration::from_secs(20)).await;
+    assert_eq!((j.status, j.exit_status), (JobStatus::Done, Some(0)));
+
+    let mut lines = Vec::new();
+    eventually(Duration::from_secs(10), "4 lines in the aggregator", || {
+        lines = log_lines(&api, &app);
+        lines.len() >= 4
+    })
+    .await;
+    let stdout: Vec<_> = lines.iter().filter(|l| l["stream"] == "stdout").collect();
+    assert_eq!(
+        stdout[0]["msg"],
+        format!("PORT=5000 P0=5000 P1=8080 IP=127.0.0.1 APP={app} JOB={id} TYPE=web")
+    );
+    assert_eq!(stdout[0]["job_id"], id.as_str());
+    assert_eq!(stdout[0]["process_type"], "web");
+    assert_eq!(stdout[0]["host_id"], h.id.as_str());
+    // The 10050-byte line arrives as 10000 + 50.
+    assert_eq!(stdout[1]["msg"].as_str().unwrap().len(), 10_000);
+    assert_eq!(stdout[2]["msg"].as_str().unwrap().len(), 50);
+    let stderr: Vec<_> = lines.iter().filter(|l| l["stream"] == "stderr").collect();
+    assert_eq!(stderr.len(), 1);
+    assert_eq!(stderr[0]["msg"], "oops");
+    let st = h.client.status().await.unwrap();
+    assert_eq!((st.log.lines, st.log.shipped, st.log.dropped), (4, 4, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_status_signals_and_stop_timing() {
+    let h = Host::start(PROC);
+    let c = &h.client;
+
+    let crash = h.job_id("crash");
+    c.add_job(&sh_job(&crash, "exit 3")).await.unwrap();
+    let j = wait_ended(c, &crash, Duration::from_secs(10)).await;
+    assert_eq!((j.status, j.exit_status), (JobStatus::Crashed, Some(3)));
+    assert!(!j.started_at.is_empty() && !j.ended_at.is_empty());
+
+    // A forwarded signal the job handles.
+    let sig = h.job_id("sig");
+    c.add_job(&sh_job(
+        &sig,
+        "trap 'exit 42' USR1; while true; do sleep 0.05; done",
+    ))
+    .await
+    .unwrap();
+    wait_running(c, &sig).await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // let the trap be installed
+    c.signal(&sig, 10).await.unwrap();
+    let j = wait_ended(c, &sig, Duration::from_secs(10)).await;
+    assert_eq!((j.status, j.exit_status), (JobStatus::Crashed, Some(42)));
+
+    // SIGTERM honoured: stops at once, done.
+    let term = h.job_id("term");
+    c.add_job(&sh_job(&term, "exec sleep 30")).await.unwrap();
+    wait_running(c, &term).await;
+    let t0 = Instant::now();
+    c.stop_job(&term).await.unwrap();
+    let j = wait_ended(c, &term, Duration::from_secs(10)).await;
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!((j.status, j.signal), (JobStatus::Done, Some(15)));
+
+    // SIGTERM ignored: SIGKILL after the job's timeout (1 s).
+    let stubborn = h.job_id("stubborn");
+    let mut job = sh_job(&stubborn, "trap '' TERM; while true; do sleep 0.05; done");
+    job.config.stop_timeout = Some(1);
+    c.add_job(&job).await.unwrap();
+    wait_running(c, &stubborn).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = Instant::now();
+    c.stop_job(&stubborn).await.unwrap();
+    let j = wait_ended(c, &stubborn, Duration::from_secs(10)).await;
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    assert_eq!((j.status, j.signal), (JobStatus::Done, Some(9)));
+
+    // A job that cannot start fails with the reason.
+    let bad = h.job_id("noexec");
+    let mut job = sh_job(&bad, "");
+    job.config.args = vec!["/nonexistent/binary".into()];
+    c.add_job(&job).await.unwrap();
+    let j = wait_ended(c, &bad, Duration::from_secs(10)).await;
+    assert_eq!(j.status, JobStatus::Failed);
+    assert!(
+        j.error.as_deref().unwrap().contains("/nonexistent/binary"),
+        "{j:?}"
+    );
+
+    // So does one with an unknown port protocol (spec §5.2).
+    let proto = h.job_id("proto");
+    let mut job = sh_job(&proto, "true");
+    job.config.ports = vec![Port {
+        port: 1,
+        proto: "sctp".into(),
+        service: None,
+    }];
+    c.add_job(&job).await.unwrap();
+    let j = wait_ended(c, &proto, Duration::from_secs(10)).await;
+    assert_eq!(j.status, JobStatus::Failed);
+    assert_eq!(j.error.as_deref(), Some("unknown port proto \"sctp\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_and_retention_of_stopped_jobs() {
+    let h = Host::start(PROC);
+    let c = &h.client;
+    let mut events = c.events(None).await.unwrap();
+    let id = h.job_id("ev");
+    c.add_job(&sh_job(&id, "true")).await.unwrap();
+    let mut kinds = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kinds.len() < 3 && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Some(ev)) if ev.job_id == id => kinds.push((ev.event, ev.job.status)),
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    assert_eq!(
+        kinds,
+        [
+            (EventKind::Create, JobStatus::Starting),
+            (EventKind::Start, JobStatus::Running),
+            (EventKind::Stop, JobStatus::Done),
+        ]
+    );
+
+    // At most 25 stopped jobs per app are kept.
+    let app = unique("gc");
+    let mut ids = Vec::new();
+    for i in 0..28 {
+        let id = h.job_id(&format!("gc{i}"));
+        let mut j = sh_job(&id, "true");
+        j.config.env.insert("FLYNN_APP_ID".into(), app.clone());
+        c.add_job(&j).await.unwrap();
+        wait_ended(c, &id, Duration::from_secs(10)).await;
+        ids.push(id);
+    }
+    let all = c.list_jobs(false).await.unwrap();
+    let kept: Vec<_> = all
+        .values()
+        .filter(|j| j.job.app_id() == Some(app.as_str()))
+        .collect();
+    assert_eq!(kept.len(), 25);
+    for old in &ids[..3] {
+        assert!(!all.contains_key(old), "{old} should have been dropped");
+    }
+    assert!(all.contains_key(&ids[27]));
+    assert!(c.list_jobs(true).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_aggregator_buffers_and_counts_drops() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = l.local_addr().unwrap().to_string();
+    drop(l);
+    let h = Host::start(&[
+        "--runtime",
+        "process",
+        "--logagg",
+        &closed,
+        "--log-buffer",
+        "5",
+    ]);
+    let id = h.job_id("chatty");
+    h.client
+        .add_job(&sh_job(
+            &id,
+            "i=0; while [ $i -lt 20 ]; do echo line$i; i=$((i+1)); done",
+        ))
+        .await
+        .unwrap();
+    wait_ended(&h.client, &id, Duration::from_secs(10)).await;
+    let mut st = h.client.status().await.unwrap();
+    let t0 = Instant::now();
+    while st.log.lines < 20 && t0.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        st = h.client.status().await.unwrap();
+    }
+    assert_eq!(
+        (
+            st.log.lines,
+            st.log.dropped,
+            st.log.buffered,
+            st.log.connected
+        ),
+        (20, 15, 5, false)
+    );
+    let (code, metrics) = http(&h.addr, "GET", "/metrics", "", "");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("flynn_host_log_lines_dropped_total 15"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_registration_in_discoverd() {
+    let ddir = tempfile::tempdir().unwrap();
+    let (_disc, kv) = start(
+        &bin("flynn-discoverd", "flynn-discoverd"),
+        &[
+            "--data-dir",
+            ddir.path().to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+        ],
+    );
+    let durl = format!("http://{}", get(&kv, "http"));
+    let d = flynn_client::discoverd::Client::new(&durl);
+    let h = Host::start(&["--runtime", "process", "--discoverd", &durl]);
+    let svc = unique("svc");
+    let id = h.job_id("web");
+    let mut job = sh_job(&id, "exec sleep 30");
+    job.config.env.insert("FLYNN_APP_ID".into(), "app1".into());
+    job.config.ports = vec![Port {
+        port: 0,
+        proto: "tcp".into(),
+        service: Some(Service {
+            name: svc.clone(),
+            create: true,
+        }),
+    }];
+    h.client.add_job(&job).await.unwrap();
+    wait_running(&h.client, &id).await;
+
+    let t0 = Instant::now();
+    let inst = loop {
+        if let Ok(list) = d.instances(&svc).await {
+            if let Some(i) = list.into_iter().next() {
+                break i;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no instance of {svc}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(inst.addr, "127.0.0.1:5000");
+    assert_eq!(inst.meta["FLYNN_JOB_ID"], id);
+    assert_eq!(inst.meta["FLYNN_APP_ID"], "app1");
+
+    h.client.discoverd_deregister(&id).await.unwrap();
+    assert!(d.instances(&svc).await.unwrap_or_default().is_empty());
+    assert_eq!(
+        h.client.get_job(&id).await.unwrap().status,
+        JobStatus::Running
+    );
+    h.client.stop_job(&id).await.unwrap();
+    wait_ended(&h.client, &id, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_persists_across_restarts() {
+    let mut h = Host::start(PROC);
+    let done = h.job_id("done");
+    h.client.add_job(&sh_job(&done, "exit 0")).await.unwrap();
+    wait_ended(&h.client, &done, Duration::from_secs(10)).await;
+    let live = h.job_id("live");
+    h.client
+        .add_job(&sh_job(&live, "exec sleep 30"))
+        .await
+        .unwrap();
+    let pid = wait_running(&h.client, &live).await.pid.unwrap();
+
+    // Kill the daemon outright; the process runtime cannot re-adopt its job.
+    drop(h.proc.take());
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    let id = h.id.clone();
+    let h2 = Host::start_in(h.dir, &id, PROC);
+    let j = h2.client.get_job(&done).await.unwrap();
+    assert_eq!((j.status, j.exit_status), (JobStatus::Done, Some(0)));
+    let j = h2.client.get_job(&live).await.unwrap();
+    assert_eq!(j.status, JobStatus::Failed);
+    assert!(j.error.unwrap().contains("restart"));
+}
