@@ -9,6 +9,9 @@
 //! harness runs flynn-discoverd and etcd (one node and three) side by side: metadata CAS,
 //! registrations and heartbeats, register → watch latency and leader failover.
 //!
+//! The `overlay` harness compares the kernel VXLAN path with the eBPF fast path (and the
+//! underlay) in network namespaces: ping RTT and iperf3 TCP/UDP.
+//!
 //! Leaves to others: micro-benchmarks (criterion `benches/` in each crate) and correctness
 //! (`flynn-e2e`). Used by people and CI jobs that record `perf/RESULTS.md`.
 
@@ -19,6 +22,7 @@ pub mod handshake;
 pub mod idle;
 pub mod logagg;
 pub mod origin;
+pub mod overlay;
 pub mod procfs;
 pub mod procs;
 pub mod report;

@@ -1,6 +1,7 @@
 //! `flynn-perf`: `proxy` runs the side-by-side proxy harness; `origin` is the origin server
 //! it proxies to (started by the harness itself); `logagg` runs the log aggregator harness;
-//! `discoverd` runs flynn-discoverd against etcd.
+//! `discoverd` runs flynn-discoverd against etcd; `overlay` compares the overlay's kernel path
+//! with the eBPF fast path.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +29,27 @@ enum Cmd {
     Logagg(LogaggArgs),
     /// flynn-discoverd vs etcd, 1 and 3 nodes: CAS, registrations, watch latency, failover.
     Discoverd(DiscoverdArgs),
+    /// Overlay kernel VXLAN path vs the eBPF fast path vs the underlay, in network namespaces
+    /// (root; ping RTT, iperf3 TCP and UDP).
+    Overlay(OverlayArgs),
+}
+
+#[derive(clap::Args)]
+struct OverlayArgs {
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 3)]
+    duration: u64,
+    /// Pings per RTT run (10 ms apart).
+    #[arg(long, default_value_t = 300)]
+    pings: u32,
+    /// The fast path control tool (`cargo build --release -p flynn-ebpf --example fastpathctl`).
+    #[arg(long, default_value = "target/release/examples/fastpathctl")]
+    ctl_bin: PathBuf,
+    /// Also write the markdown report here.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -238,6 +260,19 @@ fn main() -> Result<()> {
                 command: command_line(),
             };
             let text = logagg::run(opts)?;
+            println!("{text}");
+            Ok(())
+        }
+        Cmd::Overlay(a) => {
+            flynn_perf::procs::install_signal_handler()?;
+            let text = flynn_perf::overlay::run_harness(flynn_perf::overlay::Options {
+                rounds: a.rounds.max(1),
+                duration_s: a.duration.max(1),
+                pings: a.pings.max(10),
+                ctl_bin: a.ctl_bin,
+                out: a.out,
+                command: command_line(),
+            })?;
             println!("{text}");
             Ok(())
         }

@@ -1,0 +1,624 @@
+//! The `overlay` harness: the kernel VXLAN path against the eBPF fast path (`flynn-ebpf`), and
+//! against the underlay without encapsulation, in network namespaces it creates.
+//!
+//! Topology (all namespaces carry the harness's pid and are deleted on exit): two hosts joined by
+//! an underlay veth pair (`10.231.0.1`/`.2`), each with a VXLAN device (VNI 1, port 8472, MTU
+//! 1450, learning off) configured flannel-style (permanent neighbour + FDB entry + route per
+//! remote block) and a bridge; jobs `a` and `b` on host 1, job `c` on host 2. Pairs: same-host
+//! (a → b), cross-host (a → c) and underlay (host 1 → host 2 on the underlay addresses).
+//!
+//! Per round, for both modes in alternating order: ping RTT (per-packet median and p99), iperf3
+//! TCP and UDP throughput per pair. The fast path is switched on and off with the `fastpathctl`
+//! example of `flynn-ebpf` (run inside the host namespaces); its counters are checked so a "fast"
+//! number is never silently a kernel-path number. Medians across rounds; nothing passes or fails.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::procs::{Proc, TempDir};
+use crate::report::median;
+
+pub struct Options {
+    pub rounds: usize,
+    /// Seconds per iperf3 run.
+    pub duration_s: u64,
+    /// Pings per RTT run (10 ms apart).
+    pub pings: u32,
+    /// `fastpathctl` (`cargo build --release -p flynn-ebpf --example fastpathctl`).
+    pub ctl_bin: PathBuf,
+    pub out: Option<PathBuf>,
+    pub command: String,
+}
+
+fn run(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("spawn {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The namespaces and the BPF filesystem; removed on drop.
+struct Lab {
+    prefix: String,
+    namespaces: Vec<String>,
+    bpffs: Option<TempDir>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in self.namespaces.iter().rev() {
+            let _ = run(&["ip", "netns", "del", ns]);
+        }
+        if let Some(dir) = &self.bpffs {
+            let _ = run(&["umount", "-l", dir.path().to_str().unwrap_or_default()]);
+        }
+    }
+}
+
+struct Job {
+    ns: String,
+    port: &'static str,
+    ip: &'static str,
+}
+
+const VTEP1: &str = "0e:46:4c:01:00:00";
+const VTEP2: &str = "0e:46:4c:02:00:00";
+
+impl Lab {
+    fn ns(&self, short: &str) -> String {
+        format!("{}{short}", self.prefix)
+    }
+
+    fn add_ns(&mut self, short: &str) -> Result<String> {
+        let ns = self.ns(short);
+        run(&["ip", "netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    fn host(&mut self, short: &str, gw: &str) -> Result<String> {
+        let ns = self.add_ns(short)?;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])?;
+        run(&["ip", "-n", &ns, "link", "add", "flbr", "type", "bridge"])?;
+        run(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{gw}/24"),
+            "dev",
+            "flbr",
+        ])?;
+        run(&["ip", "-n", &ns, "link", "set", "flbr", "up"])?;
+        Ok(ns)
+    }
+
+    fn vxlan(&self, host: &str, local: &str, block: &str, mac: &str) -> Result<()> {
+        run(&[
+            "ip",
+            "-n",
+            host,
+            "link",
+            "add",
+            "flvx",
+            "address",
+            mac,
+            "mtu",
+            "1450",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "dstport",
+            "8472",
+            "local",
+            local,
+            "dev",
+            "ul0",
+            "nolearning",
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            host,
+            "addr",
+            "add",
+            &format!("{block}/32"),
+            "dev",
+            "flvx",
+        ])?;
+        run(&["ip", "-n", host, "link", "set", "flvx", "up"])?;
+        Ok(())
+    }
+
+    fn peer(&self, host: &str, block: &str, mac: &str, underlay: &str) -> Result<()> {
+        run(&[
+            "ip",
+            "-n",
+            host,
+            "neigh",
+            "add",
+            block,
+            "lladdr",
+            mac,
+            "dev",
+            "flvx",
+            "nud",
+            "permanent",
+        ])?;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            host,
+            "bridge",
+            "fdb",
+            "add",
+            mac,
+            "dev",
+            "flvx",
+            "dst",
+            underlay,
+            "self",
+            "permanent",
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            host,
+            "route",
+            "add",
+            &format!("{block}/24"),
+            "via",
+            block,
+            "dev",
+            "flvx",
+            "onlink",
+        ])?;
+        Ok(())
+    }
+
+    fn job(
+        &mut self,
+        short: &str,
+        host: &str,
+        port: &'static str,
+        ip: &'static str,
+        gw: &str,
+    ) -> Result<Job> {
+        let ns = self.add_ns(short)?;
+        run(&[
+            "ip", "-n", host, "link", "add", port, "mtu", "1450", "type", "veth", "peer", "name",
+            "eth0", "netns", &ns,
+        ])?;
+        run(&[
+            "ip", "-n", host, "link", "set", port, "master", "flbr", "up",
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        run(&["ip", "-n", &ns, "route", "add", "default", "via", gw])?;
+        Ok(Job { ns, port, ip })
+    }
+}
+
+struct Topology {
+    lab: Lab,
+    h1: String,
+    h2: String,
+    a: Job,
+    b: Job,
+    c: Job,
+}
+
+fn build() -> Result<Topology> {
+    let mut lab = Lab {
+        prefix: format!("fpo{}", std::process::id()),
+        namespaces: Vec::new(),
+        bpffs: None,
+    };
+    let dir = TempDir::new("flynn-perf-bpffs")?;
+    run(&[
+        "mount",
+        "-t",
+        "bpf",
+        "bpf",
+        dir.path().to_str().context("path")?,
+    ])?;
+    lab.bpffs = Some(dir);
+    let h1 = lab.host("h1", "100.100.1.1")?;
+    let h2 = lab.host("h2", "100.100.2.1")?;
+    run(&[
+        "ip", "-n", &h1, "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", &h2,
+    ])?;
+    for (ns, ip) in [(&h1, "10.231.0.1"), (&h2, "10.231.0.2")] {
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "ul0",
+        ])?;
+        run(&["ip", "-n", ns, "link", "set", "ul0", "up"])?;
+    }
+    lab.vxlan(&h1, "10.231.0.1", "100.100.1.0", VTEP1)?;
+    lab.vxlan(&h2, "10.231.0.2", "100.100.2.0", VTEP2)?;
+    lab.peer(&h1, "100.100.2.0", VTEP2, "10.231.0.2")?;
+    lab.peer(&h2, "100.100.1.0", VTEP1, "10.231.0.1")?;
+    let a = lab.job("a", &h1, "vja", "100.100.1.10", "100.100.1.1")?;
+    let b = lab.job("b", &h1, "vjb", "100.100.1.11", "100.100.1.1")?;
+    let c = lab.job("c", &h2, "vjc", "100.100.2.10", "100.100.2.1")?;
+    Ok(Topology {
+        lab,
+        h1,
+        h2,
+        a,
+        b,
+        c,
+    })
+}
+
+fn sys_attr(ns: &str, dev: &str, attr: &str) -> Result<String> {
+    Ok(run(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "cat",
+        &format!("/sys/class/net/{dev}/{attr}"),
+    ])?
+    .trim()
+    .to_string())
+}
+
+struct FastPath<'a> {
+    ctl: &'a str,
+    pin: String,
+    host: String,
+}
+
+impl FastPath<'_> {
+    fn ctl(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["ip", "netns", "exec", &self.host, self.ctl, &self.pin];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+
+    /// Attaches the programs and fills the maps: local jobs, the remote block.
+    fn on(&self, jobs: &[&Job], remote_block: &str) -> Result<()> {
+        self.ctl(&["attach", "flvx", "vxlan"])?;
+        let gw = sys_attr(&self.host, "flbr", "address")?;
+        for j in jobs {
+            self.ctl(&["attach", j.port, "job"])?;
+            let mac = sys_attr(&j.ns, "eth0", "address")?;
+            self.ctl(&["endpoint", j.ip, j.port, &mac, &gw])?;
+        }
+        self.ctl(&[
+            "prefix",
+            &format!("{remote_block}/24"),
+            "flvx",
+            remote_block,
+        ])?;
+        Ok(())
+    }
+
+    fn off(&self) -> Result<()> {
+        self.ctl(&["unpin"]).map(|_| ())
+    }
+
+    /// (redirected local, redirected remote).
+    fn counters(&self) -> Result<(u64, u64)> {
+        let text = self.ctl(&["counters"])?;
+        let get = |k: &str| -> Result<u64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .context("counter missing")?
+                .trim()
+                .parse()
+                .context("counter value")
+        };
+        Ok((get("redirected_local ")?, get("redirected_remote ")?))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Kernel,
+    Fast,
+}
+
+#[derive(Default)]
+struct Samples {
+    rtt_p50_us: Vec<f64>,
+    rtt_p99_us: Vec<f64>,
+    tcp_gbps: Vec<f64>,
+    udp_gbps: Vec<f64>,
+    udp_loss_pct: Vec<f64>,
+}
+
+/// Per-packet RTTs in µs from `ping` output.
+fn ping_rtts(ns: &str, dst: &str, count: u32) -> Result<Vec<f64>> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "ping", "-n", "-i", "0.01", "-W", "1"])
+        .args(["-c", &count.to_string(), dst])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rtts: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|ms| ms * 1000.0)
+        .collect();
+    ensure!(
+        rtts.len() as u32 >= count * 9 / 10,
+        "ping {ns} -> {dst}: {} of {count} answered",
+        rtts.len()
+    );
+    Ok(rtts)
+}
+
+fn percentile(mut xs: Vec<f64>, p: f64) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    let i = ((xs.len() as f64 - 1.0) * p).round() as usize;
+    xs[i.min(xs.len() - 1)]
+}
+
+/// One iperf3 run from `src` to `dst_ip` (server in `dst`); returns (Gbit/s, UDP loss %).
+fn iperf(
+    tmp: &TempDir,
+    src: &str,
+    dst: &str,
+    dst_ip: &str,
+    udp: bool,
+    secs: u64,
+) -> Result<(f64, f64)> {
+    let port = "5201";
+    let mut server = Command::new("ip");
+    server.args(["netns", "exec", dst, "iperf3", "-s", "-1", "-p", port]);
+    let mut server = Proc::spawn(
+        "iperf3-server",
+        server,
+        &tmp.path().join("iperf3-server.log"),
+    )?;
+    let secs_s = secs.to_string();
+    let mut client = vec![
+        "ip", "netns", "exec", src, "iperf3", "-c", dst_ip, "-p", port, "-t", &secs_s, "-J",
+    ];
+    if udp {
+        client.extend_from_slice(&["-u", "-b", "0", "-l", "1400"]);
+    }
+    // The server needs a moment to listen; retry the connect a few times (bounded).
+    let mut last = None;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        match run(&client) {
+            Ok(json) => {
+                last = Some(Ok(json));
+                break;
+            }
+            Err(e) => last = Some(Err(e)),
+        }
+    }
+    let json = last.context("no iperf3 attempt")??;
+    let _ = server.wait_timeout(Duration::from_secs(5));
+    let v: serde_json::Value = serde_json::from_str(&json).context("iperf3 JSON")?;
+    if udp {
+        let sum = &v["end"]["sum"];
+        let bps = sum["bits_per_second"]
+            .as_f64()
+            .context("udp bits_per_second")?;
+        let loss = sum["lost_percent"].as_f64().unwrap_or(0.0);
+        // Received rate: sent rate × (1 − loss).
+        Ok((bps * (1.0 - loss / 100.0) / 1e9, loss))
+    } else {
+        let bps = v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .context("tcp bits_per_second")?;
+        Ok((bps / 1e9, 0.0))
+    }
+}
+
+fn measure(
+    opts: &Options,
+    tmp: &TempDir,
+    src: &str,
+    dst: &str,
+    ip: &str,
+    s: &mut Samples,
+) -> Result<()> {
+    let rtts = ping_rtts(src, ip, opts.pings)?;
+    s.rtt_p50_us.push(percentile(rtts.clone(), 0.5));
+    s.rtt_p99_us.push(percentile(rtts, 0.99));
+    let (tcp, _) = iperf(tmp, src, dst, ip, false, opts.duration_s)?;
+    s.tcp_gbps.push(tcp);
+    let (udp, loss) = iperf(tmp, src, dst, ip, true, opts.duration_s)?;
+    s.udp_gbps.push(udp);
+    s.udp_loss_pct.push(loss);
+    Ok(())
+}
+
+pub fn run_harness(opts: Options) -> Result<String> {
+    let ctl = opts.ctl_bin.to_str().context("ctl path")?.to_string();
+    ensure!(
+        opts.ctl_bin.exists(),
+        "{ctl} not found: cargo build --release -p flynn-ebpf --example fastpathctl"
+    );
+    let started = run(&["date", "-u"])?.trim().to_string();
+    let t = build()?;
+    let tmp = TempDir::new("flynn-perf-overlay")?;
+    let bpffs = t.lab.bpffs.as_ref().context("bpffs")?.path().to_path_buf();
+    let fp1 = FastPath {
+        ctl: &ctl,
+        pin: bpffs.join("h1").to_string_lossy().into_owned(),
+        host: t.h1.clone(),
+    };
+    let fp2 = FastPath {
+        ctl: &ctl,
+        pin: bpffs.join("h2").to_string_lossy().into_owned(),
+        host: t.h2.clone(),
+    };
+    let pairs = [("same-host", &t.a, &t.b), ("cross-host", &t.a, &t.c)];
+    let mut samples: Vec<(&str, Mode, Samples)> = Vec::new();
+    for (name, _, _) in &pairs {
+        for mode in [Mode::Kernel, Mode::Fast] {
+            samples.push((name, mode, Samples::default()));
+        }
+    }
+    let mut underlay = Samples::default();
+    for round in 0..opts.rounds {
+        eprintln!("round {}/{}", round + 1, opts.rounds);
+        measure(&opts, &tmp, &t.h1, &t.h2, "10.231.0.2", &mut underlay)?;
+        let modes = if round % 2 == 0 {
+            [Mode::Kernel, Mode::Fast]
+        } else {
+            [Mode::Fast, Mode::Kernel]
+        };
+        for mode in modes {
+            if mode == Mode::Fast {
+                fp1.on(&[&t.a, &t.b], "100.100.2.0")?;
+                fp2.on(&[&t.c], "100.100.1.0")?;
+            }
+            for (name, src, dst) in &pairs {
+                let before = fp1.counters().ok();
+                let s = &mut samples
+                    .iter_mut()
+                    .find(|(n, m, _)| n == name && *m == mode)
+                    .context("samples")?
+                    .2;
+                measure(&opts, &tmp, &src.ns, &dst.ns, dst.ip, s)?;
+                if mode == Mode::Fast {
+                    let (l0, r0) = before.context("counters")?;
+                    let (l1, r1) = fp1.counters()?;
+                    let moved = if *name == "same-host" {
+                        l1 > l0
+                    } else {
+                        r1 > r0
+                    };
+                    ensure!(moved, "{name}: fast path counters did not move");
+                }
+            }
+            if mode == Mode::Fast {
+                fp1.off()?;
+                fp2.off()?;
+            }
+        }
+    }
+
+    let kernel = run(&["uname", "-r"])?.trim().to_string();
+    let iperf_v = run(&["iperf3", "--version"])?
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let mut md = String::new();
+    md.push_str(&format!(
+        "- Date: {started}\n- Command: `{}`\n",
+        opts.command
+    ));
+    md.push_str(&format!(
+        "- Host: {} CPUs, Linux {kernel}; {iperf_v}; {} round(s), iperf3 {} s per run, {} pings at 10 ms per RTT run, modes alternating per round\n\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        opts.rounds,
+        opts.duration_s,
+        opts.pings,
+    ));
+    md.push_str("Medians across rounds. RTT from per-packet ping times (p50 and p99 within a run). UDP: iperf3 `-u -b 0 -l 1400`, received rate.\n\n");
+    md.push_str("| pair | path | RTT p50 | RTT p99 | TCP Gbit/s | UDP Gbit/s | UDP loss % |\n|---|---|---:|---:|---:|---:|---:|\n");
+    let row = |pair: &str, path: &str, s: &Samples| -> String {
+        let f = |v: &Vec<f64>| median(v.clone()).unwrap_or(f64::NAN);
+        format!(
+            "| {pair} | {path} | {:.0} µs | {:.0} µs | {:.2} | {:.2} | {:.1} |\n",
+            f(&s.rtt_p50_us),
+            f(&s.rtt_p99_us),
+            f(&s.tcp_gbps),
+            f(&s.udp_gbps),
+            f(&s.udp_loss_pct)
+        )
+    };
+    md.push_str(&row("underlay", "no encapsulation", &underlay));
+    for (name, mode, s) in &samples {
+        md.push_str(&row(
+            name,
+            if *mode == Mode::Kernel {
+                "kernel"
+            } else {
+                "fast path"
+            },
+            s,
+        ));
+    }
+    let get = |name: &str, mode: Mode| -> &Samples {
+        &samples
+            .iter()
+            .find(|(n, m, _)| *n == name && *m == mode)
+            .expect("sampled")
+            .2
+    };
+    let m = |v: &Vec<f64>| median(v.clone()).unwrap_or(f64::NAN);
+    let (sk, sf) = (get("same-host", Mode::Kernel), get("same-host", Mode::Fast));
+    let (ck, cf) = (
+        get("cross-host", Mode::Kernel),
+        get("cross-host", Mode::Fast),
+    );
+    md.push_str("\n| ratio | measured | target |\n|---|---:|---|\n");
+    md.push_str(&format!(
+        "| cross-host RTT p50, fast ÷ kernel | {:.2} | ≤ 0.75 |\n",
+        m(&cf.rtt_p50_us) / m(&ck.rtt_p50_us)
+    ));
+    md.push_str(&format!(
+        "| same-host RTT p50, fast ÷ kernel | {:.2} | — |\n",
+        m(&sf.rtt_p50_us) / m(&sk.rtt_p50_us)
+    ));
+    md.push_str(&format!(
+        "| same-host TCP, fast ÷ bridge | {:.2} | ≥ 1.2 |\n",
+        m(&sf.tcp_gbps) / m(&sk.tcp_gbps)
+    ));
+    md.push_str(&format!(
+        "| cross-host TCP, fast ÷ kernel | {:.2} | — |\n",
+        m(&cf.tcp_gbps) / m(&ck.tcp_gbps)
+    ));
+    md.push_str(&format!(
+        "| cross-host TCP, fast ÷ underlay | {:.2} | ≥ 0.8 |\n",
+        m(&cf.tcp_gbps) / m(&underlay.tcp_gbps)
+    ));
+    md.push_str(&format!(
+        "| cross-host UDP, fast ÷ kernel | {:.2} | — |\n",
+        m(&cf.udp_gbps) / m(&ck.udp_gbps)
+    ));
+    if let Some(out) = &opts.out {
+        std::fs::write(out, &md).with_context(|| format!("writing {}", out.display()))?;
+    }
+    drop(t);
+    Ok(md)
+}
