@@ -746,7 +746,7 @@ fn lease_is_renewed_before_it_expires() -> Result<()> {
     }
     let mut c = Cluster::new()?;
     let h1 = c.add_host(1)?;
-    let a1 = c.agent(h1, &["--fast-path", "off", "--lease-ttl", "3s"])?;
+    let mut a1 = c.agent(h1, &["--fast-path", "off", "--lease-ttl", "3s"])?;
     let key = a1.subnet.to_string().replace('/', "-");
     let first = expirations(&c)?[&key];
     // Renewal happens 0.3 s before expiry; after 4.5 s it must have happened at least once and
@@ -767,6 +767,76 @@ fn lease_is_renewed_before_it_expires() -> Result<()> {
     ensure!(
         env.contains(&want) && env.contains("FLANNEL_MTU=1450"),
         "{env}"
+    );
+
+    // Another host takes the block over (as if ours had expired): the next renewal finds the
+    // record changed and the agent exits with an error instead of stealing it back.
+    let out = c
+        .discoverd
+        .command("curl")
+        .args([
+            "-s",
+            "-m",
+            "5",
+            &format!("{}/services/flannel/meta", c.url()),
+        ])
+        .output()?;
+    let mut meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let rec = &mut meta["data"]["subnets"][&key];
+    rec["PublicIP"] = "10.240.0.99".into();
+    rec["Revision"] = 1_000_000_000u64.into();
+    rec["Expiration"] = (now + 3600).into();
+    let body = serde_json::json!({"data": meta["data"], "index": meta["index"]}).to_string();
+    let put = c
+        .discoverd
+        .command("curl")
+        .args([
+            "-s",
+            "-m",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PUT",
+        ])
+        .args(["-H", "content-type: application/json", "-d", &body])
+        .arg(format!("{}/services/flannel/meta", c.url()))
+        .output()?;
+    ensure!(
+        put.stdout == b"200",
+        "takeover write: {:?}",
+        String::from_utf8_lossy(&put.stdout)
+    );
+    let mut child = a1.child.take().context("agent running")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "agent kept running after losing its lease:\n{}",
+                a1.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(
+        !status.success(),
+        "agent exited cleanly after losing its lease"
+    );
+    ensure!(
+        a1.log_text().contains("no longer ours"),
+        "agent log does not say why:\n{}",
+        a1.log_text()
+    );
+    ensure!(
+        expirations(&c)?.contains_key(&key),
+        "the new owner's lease was removed"
     );
     Ok(())
 }
