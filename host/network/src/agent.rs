@@ -70,6 +70,8 @@ pub struct Agent<S> {
     segment: Option<Segment>,
     /// Prefixes this agent put in the fast path's map.
     prefixes: BTreeMap<Subnet, Hop>,
+    /// Whether prefixes a previous agent left in the pinned map have been swept.
+    swept: bool,
 }
 
 impl<S: LeaseStore> Agent<S> {
@@ -85,6 +87,7 @@ impl<S: LeaseStore> Agent<S> {
             devices: None,
             segment: None,
             prefixes: BTreeMap::new(),
+            swept: false,
         }
     }
 
@@ -173,6 +176,16 @@ impl<S: LeaseStore> Agent<S> {
             )
         }));
         let mut changes = 0;
+        if !self.swept {
+            // The map is pinned and outlives agents: drop whatever a previous agent left for
+            // blocks that are not live now (the map cannot be listed, so try every block).
+            for b in self.cfg.lease.layout.blocks() {
+                if !want.contains_key(&b) {
+                    fp.remove_prefix(b.addr(), b.prefix_len())?;
+                }
+            }
+            self.swept = true;
+        }
         let stale: Vec<Subnet> = self
             .prefixes
             .keys()
