@@ -1,12 +1,14 @@
 //! Per-job networking: a named network namespace per job with a veth pair into the host's bridge,
 //! an address from the host's block ([`IpAllocator`]), the overlay MTU and a default route via the
-//! bridge. Used by `flynn-host` when it starts and stops jobs.
+//! bridge; optionally the job's entry in the eBPF fast path ([`attach_fast_path`]). Used by
+//! `flynn-host` when it starts and stops jobs.
 //!
 //! Names are derived from the job id: the namespace is `/run/netns/flynn-<short>` and the host end
 //! of the veth `flv<short>`, where `<short>` is 12 hex digits of a hash of the job id (job ids are
 //! long and may hold characters interface names cannot).
 
 mod alloc;
+mod fast;
 mod netns;
 
 use std::fs::File;
@@ -19,6 +21,7 @@ use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute}
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 pub use alloc::IpAllocator;
+pub use fast::{attach_fast_path, detach_fast_path, link_mac};
 pub use netns::NETNS_RUN_DIR;
 
 use crate::kernel::KernelNetlink;
@@ -59,6 +62,8 @@ pub enum JobNetError {
     NoBridge { name: String },
     #[error("netlink")]
     Netlink(#[from] NetlinkError),
+    #[error("eBPF fast path")]
+    FastPath(#[from] flynn_ebpf::EbpfError),
 }
 
 /// How jobs attach to this host's network.

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use flynn_network::job::{
-    create_job_net, destroy_job_net, host_veth_name, links_with_prefix, netns_path,
-    setup_local_bridge, IpAllocator, JobNet, JobNetConfig, JobNetError,
+    attach_fast_path, create_job_net, destroy_job_net, detach_fast_path, host_veth_name, link_mac,
+    links_with_prefix, netns_path, setup_local_bridge, IpAllocator, JobNet, JobNetConfig,
+    JobNetError,
 };
 use flynn_network::{KernelNetlink, Subnet};
 use lab::{in_netns, ping, run, Lab};
@@ -295,5 +296,94 @@ fn failed_creation_undoes_and_bad_input_is_refused() -> Result<()> {
         Ok(())
     })?;
     drop(ids);
+    Ok(())
+}
+
+/// A private BPF filesystem, lazily unmounted on drop.
+struct Bpffs(tempfile::TempDir);
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.path().to_str() {
+            let _ = run(&["umount", "-l", p]);
+        }
+    }
+}
+
+#[test]
+fn fast_path_endpoints_follow_jobs() -> Result<()> {
+    if !lab::should_run("fast_path_endpoints_follow_jobs") {
+        return Ok(());
+    }
+    if let Err(e) = flynn_ebpf::FastPath::probe() {
+        panic!("this kernel cannot run the eBPF fast path: {e}");
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("flynn-jobs-bpf")
+        .tempdir()?;
+    run(&[
+        "mount",
+        "-t",
+        "bpf",
+        "bpf",
+        dir.path().to_str().context("path")?,
+    ])?;
+    let bpf = Bpffs(dir);
+    let pin = bpf.0.path().join("fp");
+    let mut lab = Lab::new()?;
+    let host = lab.add_host("h", "u1", "10.232.2.1")?;
+    let ids = job_ids(2);
+    let block: Subnet = "100.100.9.0/24".parse()?;
+    let cfg = JobNetConfig {
+        bridge: "flynnbr0".into(),
+        block,
+        gateway: block.first_host(),
+        mtu: 1450,
+    };
+    let (ids2, cfg2, pin2) = (ids.0.clone(), cfg.clone(), pin.clone());
+    let (jobs, before) = in_netns(&host, async move || {
+        let nl = KernelNetlink::connect()?;
+        setup_local_bridge(&nl, &cfg2.bridge, cfg2.block, cfg2.mtu).await?;
+        let mut fp = flynn_ebpf::FastPath::load(&pin2)?;
+        let mut jobs = Vec::new();
+        for (i, id) in ids2.iter().enumerate() {
+            let ip = cfg2.block.nth(10 + i as u32).unwrap();
+            let job = create_job_net(&nl, id, ip, &cfg2).await?;
+            attach_fast_path(&nl, &mut fp, &job, &cfg2.bridge).await?;
+            jobs.push(job);
+        }
+        let ep = fp.endpoint(jobs[0].ip)?.context("no endpoint")?;
+        ensure!(ep.ifindex == jobs[0].host_ifindex && ep.mac == jobs[0].mac);
+        ensure!(ep.gateway_mac == link_mac(&nl, &cfg2.bridge).await?);
+        Ok((jobs, fp.counters()?))
+    })?;
+    let (a, b) = (jobs[0].clone(), jobs[1].clone());
+    ensure!(ping(&ns_name(&a), &b.ip.to_string(), 3), "a cannot ping b");
+    tcp_roundtrip(&a, &b)?;
+
+    let pin2 = pin.clone();
+    let (ids2, b2) = (ids.0.clone(), b.clone());
+    in_netns(&host, async move || {
+        let nl = KernelNetlink::connect()?;
+        let mut fp = flynn_ebpf::FastPath::load(&pin2)?;
+        let after = fp.counters()?;
+        ensure!(
+            after.redirected_local > before.redirected_local,
+            "nothing went the fast way: {before:?} -> {after:?}"
+        );
+        // Job b goes away: its endpoint and link go with it; doing it twice is harmless.
+        detach_fast_path(&mut fp, &b2)?;
+        destroy_job_net(&nl, &ids2[1]).await?;
+        detach_fast_path(&mut fp, &b2)?;
+        ensure!(
+            fp.endpoint(b2.ip)?.is_none(),
+            "endpoint of a removed job left"
+        );
+        ensure!(fp.endpoint_ips()? == vec![a.ip], "{:?}", fp.endpoint_ips()?);
+        let attached: Vec<u32> = fp.attached()?.into_iter().map(|(i, _)| i).collect();
+        ensure!(attached == vec![a.host_ifindex], "links: {attached:?}");
+        destroy_job_net(&nl, &ids2[0]).await?;
+        Ok(())
+    })?;
     Ok(())
 }

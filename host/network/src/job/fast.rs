@@ -1,0 +1,58 @@
+//! Registering jobs with the eBPF fast path (`flynn-ebpf`): the job's host-side veth gets the
+//! job classifier and the endpoint map an entry, so traffic to the job is handed to its namespace
+//! directly. Called by `flynn-host` after [`super::create_job_net`] and before
+//! [`super::destroy_job_net`]; the calling thread must be in the host's network namespace.
+
+use flynn_ebpf::{Endpoint, FastPath, Role};
+use rtnetlink::packet_route::link::LinkAttribute;
+
+use super::{JobNet, JobNetError};
+use crate::kernel::KernelNetlink;
+use crate::reconcile::NetlinkError;
+
+/// MAC address of interface `name`.
+pub async fn link_mac(nl: &KernelNetlink, name: &str) -> Result<[u8; 6], JobNetError> {
+    let link = nl
+        .link_by_name(name)
+        .await?
+        .ok_or_else(|| JobNetError::NoBridge { name: name.into() })?;
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(b) => <[u8; 6]>::try_from(b.as_slice()).ok(),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            JobNetError::Netlink(NetlinkError::Missing {
+                name: format!("{name} (MAC address)"),
+            })
+        })
+}
+
+/// Attaches the job classifier to the job's host veth and adds its endpoint (job MAC, bridge MAC
+/// as the source after the rewrite).
+pub async fn attach_fast_path(
+    nl: &KernelNetlink,
+    fp: &mut FastPath,
+    job: &JobNet,
+    bridge: &str,
+) -> Result<(), JobNetError> {
+    let gateway_mac = link_mac(nl, bridge).await?;
+    fp.attach(job.host_ifindex, Role::JobVeth)?;
+    fp.upsert_endpoint(
+        job.ip,
+        Endpoint {
+            ifindex: job.host_ifindex,
+            mac: job.mac,
+            gateway_mac,
+        },
+    )?;
+    Ok(())
+}
+
+/// Removes the job's endpoint and detaches its veth; a no-op for what is already gone.
+pub fn detach_fast_path(fp: &mut FastPath, job: &JobNet) -> Result<(), JobNetError> {
+    fp.remove_endpoint(job.ip)?;
+    fp.detach(job.host_ifindex)?;
+    Ok(())
+}
