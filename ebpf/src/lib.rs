@@ -18,15 +18,18 @@
 //! All calls resolve interface indexes in the calling thread's network namespace.
 //!
 //! Left to others: deciding what goes in the maps (the agent in `flynn-network`/`flynn-host`
-//! mirrors its leases and jobs into them) and the `--fast-path auto|off` switch (callers use
-//! [`FastPath::supported`] for `auto`).
+//! mirrors its leases and jobs into them) and serving metrics. The `--fast-path auto|off` flag
+//! parses into [`Switch`]; `auto` means [`FastPath::supported`]. [`Counters::prometheus`]
+//! renders the counters for a `/metrics` page.
 
 mod bpffs;
 mod error;
 mod fastpath;
 mod maps;
 mod object;
+mod switch;
 
 pub use error::EbpfError;
 pub use fastpath::{FastPath, Role, DEFAULT_PIN_DIR};
 pub use maps::{Counters, Endpoint, Hop};
+pub use switch::Switch;

@@ -62,6 +62,20 @@ pub struct Counters {
     pub passed: u64,
 }
 
+impl Counters {
+    /// Prometheus text lines: `flynn_fastpath_packets_total{result="..."} N`, with HELP/TYPE.
+    pub fn prometheus(&self) -> String {
+        format!(
+            "# HELP flynn_fastpath_packets_total Packets seen by the overlay eBPF fast path, by outcome.\n\
+             # TYPE flynn_fastpath_packets_total counter\n\
+             flynn_fastpath_packets_total{{result=\"redirected_local\"}} {}\n\
+             flynn_fastpath_packets_total{{result=\"redirected_remote\"}} {}\n\
+             flynn_fastpath_packets_total{{result=\"passed\"}} {}\n",
+            self.redirected_local, self.redirected_remote, self.passed
+        )
+    }
+}
+
 /// Counter indexes, from `enum flynn_counter`.
 pub(crate) const CTR_LOCAL: u32 = 0;
 pub(crate) const CTR_REMOTE: u32 = 1;
@@ -109,6 +123,22 @@ mod tests {
                 layout::FLYNN_CTR_MAX
             )
         );
+    }
+
+    #[test]
+    fn counters_render_as_prometheus_text() {
+        let text = Counters {
+            redirected_local: 3,
+            redirected_remote: 2,
+            passed: 1,
+        }
+        .prometheus();
+        assert!(text.starts_with("# HELP flynn_fastpath_packets_total "));
+        assert!(text.contains("\n# TYPE flynn_fastpath_packets_total counter\n"));
+        assert!(text.contains("flynn_fastpath_packets_total{result=\"redirected_local\"} 3\n"));
+        assert!(text.contains("flynn_fastpath_packets_total{result=\"redirected_remote\"} 2\n"));
+        assert!(text.ends_with("flynn_fastpath_packets_total{result=\"passed\"} 1\n"));
+        assert_eq!(text.lines().count(), 5);
     }
 
     #[test]
