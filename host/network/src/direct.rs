@@ -146,3 +146,38 @@ impl KernelNetlink {
         Ok(changes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subnet::Mac;
+    use std::time::SystemTime;
+
+    fn lease(block: &str, ip: &str) -> Lease {
+        let subnet: Subnet = block.parse().unwrap();
+        Lease {
+            subnet,
+            public_ip: ip.parse().unwrap(),
+            vtep_mac: Mac::for_subnet(&subnet),
+            expires_at: SystemTime::UNIX_EPOCH,
+            revision: 1,
+        }
+    }
+
+    #[test]
+    fn only_peers_on_our_segment_go_direct() {
+        let seg = Segment {
+            ifindex: 2,
+            net: "10.0.0.0/24".parse().unwrap(),
+        };
+        let near = lease("100.100.2.0/24", "10.0.0.2");
+        let far = lease("100.100.3.0/24", "10.0.1.3");
+        let got = direct_routes(&seg, &[&near, &far]);
+        let want: BTreeSet<Route> = [Route {
+            subnet: near.subnet,
+            gateway: near.public_ip,
+        }]
+        .into();
+        assert_eq!(got, want);
+    }
+}

@@ -380,7 +380,8 @@ impl LeaseStore for DiscoverdStore {
                 };
                 let snap = snapshot(&meta.data, meta.index);
                 // Skip replays of what the receiver already has.
-                if snap.revision > tx.borrow().revision || *tx.borrow() != Arc::new(snap.clone()) {
+                let known = **tx.borrow() == snap;
+                if !known {
                     tx.send_replace(Arc::new(snap));
                 }
             }
