@@ -64,6 +64,12 @@ pub struct FastPath {
     counters: PerCpuArray<MapData, u64>,
 }
 
+// The agent may own the fast path from any thread (e.g. inside a multi-threaded runtime).
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<FastPath>();
+};
+
 impl std::fmt::Debug for FastPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FastPath")
