@@ -893,3 +893,48 @@ fn lease_is_renewed_before_it_expires() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn bad_configuration_exits_with_a_clear_message() -> Result<()> {
+    let bin = env!("CARGO_BIN_EXE_flynn-network");
+    for (args, want) in [
+        (
+            vec!["--public-ip", "1.2.3.4", "--vni", "0"],
+            "--vni must be",
+        ),
+        (
+            vec![
+                "--public-ip",
+                "1.2.3.4",
+                "--network",
+                "10.0.0.0/24",
+                "--subnet-len",
+                "24",
+            ],
+            "subnet length must be longer",
+        ),
+        (vec!["--public-ip", "nope"], "invalid value 'nope'"),
+        (
+            vec![
+                "--public-ip",
+                "1.2.3.4",
+                "--bridge",
+                "a-very-long-bridge-name",
+            ],
+            "1 to 15",
+        ),
+    ] {
+        let out = Command::new(bin)
+            .args(&args)
+            .env_remove("FLYNN_LOG")
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(2),
+            "{args:?}: exit {:?}",
+            out.status
+        );
+        ensure!(err.contains(want), "{args:?}: stderr {err}");
+    }
+    Ok(())
+}
