@@ -46,12 +46,22 @@ pub fn pids(spec: &ContainerSpec) -> Vec<i32> {
     pids
 }
 
+/// SIGKILLs every process of the job's cgroups.
+pub fn kill(spec: &ContainerSpec) {
+    for pid in pids(spec) {
+        // SAFETY: kill takes no pointers; the pid was just read from the job's cgroup.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
 /// SIGKILLs every process of the job's cgroups and removes the directories (bounded retries).
-pub fn remove(spec: &ContainerSpec) -> bool {
+/// `reap` (only in the shim, whose children are the job's processes): collect zombie children
+/// too, since a killed but unreaped init keeps its cgroup busy.
+pub fn remove(spec: &ContainerSpec, reap: bool) -> bool {
     for _ in 0..40 {
-        for pid in pids(spec) {
-            // SAFETY: kill takes no pointers; the pid was just read from the job's cgroup.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        kill(spec);
+        if reap {
+            reap_zombies();
         }
         let mut left = false;
         for d in dirs(spec) {
@@ -65,6 +75,18 @@ pub fn remove(spec: &ContainerSpec) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+/// Collects every exited child of this process (including those cloned without an exit signal).
+pub fn reap_zombies() {
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is a valid int pointer.
+        let rc = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG | libc::__WALL) };
+        if rc <= 0 {
+            return;
+        }
+    }
 }
 
 fn counter(text: &str, key: &str) -> u64 {

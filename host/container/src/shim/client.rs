@@ -184,8 +184,10 @@ impl Shim {
         ids
     }
 
-    /// Removes job `id`'s state, overlay dirs, mounts and cgroups; kills what still runs.
-    /// Idempotent: a job without state is fine.
+    /// Removes job `id`'s state, overlay dirs, mounts and cgroups; kills what still runs (the
+    /// job first, giving its shim up to 5 s to tear the container down, then the shim).
+    /// Idempotent: a job without state is fine. Blocking (sleeps while waiting): call it from
+    /// `spawn_blocking` in async code.
     pub fn cleanup(state_dir: &Path, id: &str) -> Result<(), ContainerError> {
         check_id(id)?;
         let layout = Layout::new(state_dir, id);
@@ -195,26 +197,27 @@ impl Shim {
         let spec: Option<ContainerSpec> = fs::read(layout.spec())
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
+        let shim = read_pid(&layout.shim_pid()).filter(|&pid| shim_alive(pid, id));
+        if let Some(pid) = shim {
+            // Kill the job and let its shim reap it and tear the container down (it owns the
+            // mounts and libcontainer state), then stop the shim, which waits for an ack.
+            if let Some(spec) = &spec {
+                cgroups::kill(spec);
+                wait_until(Duration::from_secs(5), || {
+                    layout.status().exists() || !shim_alive(pid, id)
+                });
+            }
+            // SAFETY: kill takes no pointers; the pid was checked to be this job's shim.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            wait_until(Duration::from_secs(2), || !shim_alive(pid, id));
+        }
         if let Some(spec) = &spec {
-            // Container processes first: killing the shim alone would orphan them.
-            if !cgroups::remove(spec) {
+            if !cgroups::remove(spec, false) {
                 return Err(ContainerError::io(
                     "removing cgroups of",
                     &layout.dir,
                     std::io::Error::other("processes did not go away"),
                 ));
-            }
-        }
-        if let Some(pid) = read_pid(&layout.shim_pid()) {
-            if shim_alive(pid, id) {
-                // SAFETY: kill takes no pointers; the pid was checked to be this job's shim.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                for _ in 0..100 {
-                    if !shim_alive(pid, id) {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
             }
         }
         let rootfs = layout.rootfs();
@@ -237,6 +240,13 @@ impl Shim {
                 Err(ContainerError::io("removing", &layout.dir, e))
             }
         })
+    }
+}
+
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() && start.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -331,10 +341,13 @@ impl ShimConn {
                 None => {}
             }
             let n = match self.sock.as_mut() {
-                Some(s) => s
-                    .read_buf(&mut self.rbuf)
-                    .await
-                    .map_err(|e| ContainerError::io("reading", self.layout.socket(), e))?,
+                Some(s) => match s.read_buf(&mut self.rbuf).await {
+                    Ok(n) => n,
+                    // A shim exiting while this connection was queued or had unread acks: the
+                    // same as it closing the connection.
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+                    Err(e) => return Err(ContainerError::io("reading", self.layout.socket(), e)),
+                },
                 None => 0,
             };
             if n == 0 {

@@ -133,6 +133,7 @@ fn serve(layout: &Layout, ready: OwnedFd) -> Result<(), String> {
         outbox: Outbox::new(DEFAULT_CAPACITY),
         final_queued: false,
         pid: 0,
+        signals: Vec::new(),
     };
     match create(&shim.spec, layout) {
         Ok(running) => {
@@ -332,7 +333,7 @@ fn teardown(spec: &ContainerSpec, layout: &Layout, container: Option<&mut Contai
             eprintln!("deleting container {}: {}", spec.id, error_chain(&e));
         }
     }
-    cgroups::remove(spec);
+    cgroups::remove(spec, true);
     let target = c_path(&layout.rootfs());
     // SAFETY: valid NUL-terminated path.
     unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
@@ -397,6 +398,8 @@ struct ShimLoop {
     final_queued: bool,
     /// The job's pid once started (sent in every `HELLO`).
     pid: u32,
+    /// Signals received and not yet delivered.
+    signals: Vec<i32>,
 }
 
 /// How long after the init exited the shim waits for the pipes to reach end-of-file.
@@ -421,6 +424,11 @@ impl ShimLoop {
 
     fn accept(&mut self) {
         while let Ok((sock, _)) = self.listener.accept() {
+            // Acks the old connection sent before this one connected are in its buffer: take
+            // them first, or everything they acknowledged would be sent again.
+            if self.client.is_some() {
+                self.read_client();
+            }
             if sock.set_nonblocking(true).is_err() {
                 continue;
             }
@@ -436,11 +444,11 @@ impl ShimLoop {
         }
     }
 
-    /// Reads frames from the daemon; returns signals to deliver. Drops the client on EOF/error.
-    fn read_client(&mut self) -> Vec<i32> {
-        let mut sigs = Vec::new();
+    /// Reads frames from the daemon; signals go to `self.signals`. Drops the client on EOF or
+    /// error.
+    fn read_client(&mut self) {
         let Some(c) = self.client.as_mut() else {
-            return sigs;
+            return;
         };
         let mut buf = [0u8; 4096];
         let mut drop_client = false;
@@ -462,7 +470,7 @@ impl ShimLoop {
         loop {
             match wire::decode(&mut c.rbuf) {
                 Ok(Some(Frame::Ack(seq))) => self.outbox.ack(seq),
-                Ok(Some(Frame::Signal(s))) => sigs.push(s),
+                Ok(Some(Frame::Signal(s))) => self.signals.push(s),
                 Ok(Some(_)) | Err(_) => {
                     drop_client = true;
                     break;
@@ -473,7 +481,6 @@ impl ShimLoop {
         if drop_client {
             self.client = None;
         }
-        sigs
     }
 
     fn write_client(&mut self) {
@@ -608,11 +615,12 @@ impl ShimLoop {
                 self.accept();
             }
             if fds.len() > 4 && fds[4].revents != 0 {
-                for sig in self.read_client() {
-                    if status.is_none() {
-                        // SAFETY: `r.pid` is our unreaped child, so the pid cannot be reused.
-                        unsafe { libc::kill(r.pid, sig) };
-                    }
+                self.read_client();
+            }
+            for sig in std::mem::take(&mut self.signals) {
+                if status.is_none() {
+                    // SAFETY: `r.pid` is our unreaped child, so the pid cannot be reused.
+                    unsafe { libc::kill(r.pid, sig) };
                 }
             }
             if fds[2].revents != 0 {
@@ -675,8 +683,10 @@ impl ShimLoop {
                 self.accept();
             }
             if fds.len() > 1 && fds[1].revents != 0 {
-                let _ = self.read_client();
+                self.read_client();
             }
+            // The job is gone: nothing to signal.
+            self.signals.clear();
         }
         let _ = fs::remove_file(self.layout.socket());
     }
