@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use flynn_ebpf::{FastPath, Hop, Role};
@@ -15,6 +17,7 @@ use crate::direct::{direct_routes, Segment};
 use crate::kernel::KernelNetlink;
 use crate::lease::{Config as LeaseConfig, Lease, LeaseError, Leaser};
 use crate::reconcile::{reconcile, setup, DeviceConfig, Devices, NetlinkError};
+use crate::stats::Stats;
 use crate::store::{LeaseStore, LeaseWatch, Snapshot, StoreError};
 use crate::subnet::Subnet;
 
@@ -72,12 +75,14 @@ pub struct Agent<S> {
     prefixes: BTreeMap<Subnet, Hop>,
     /// Whether prefixes a previous agent left in the pinned map have been swept.
     swept: bool,
+    stats: Arc<Stats>,
 }
 
 impl<S: LeaseStore> Agent<S> {
     /// An agent using `store`, the kernel through `nl`, and the fast path when `fast` is given
     /// (already loaded; [`Agent::start`] attaches it to the VXLAN device).
     pub fn new(store: S, nl: KernelNetlink, cfg: AgentConfig, fast: Option<FastPath>) -> Agent<S> {
+        let fast_on = fast.is_some();
         Agent {
             leaser: Leaser::new(store, cfg.lease.clone(), cfg.public_ip),
             nl,
@@ -88,6 +93,10 @@ impl<S: LeaseStore> Agent<S> {
             segment: None,
             prefixes: BTreeMap::new(),
             swept: false,
+            stats: Arc::new(Stats {
+                fast_path: fast_on.into(),
+                ..Stats::default()
+            }),
         }
     }
 
@@ -106,6 +115,8 @@ impl<S: LeaseStore> Agent<S> {
         self.write_state()?;
         let snap = self.leaser.store().leases().await?;
         self.sync(&snap).await?;
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        self.stats.synced.store(true, Ordering::Relaxed);
         Ok(Started { lease, devices })
     }
 
@@ -138,6 +149,23 @@ impl<S: LeaseStore> Agent<S> {
         let direct_changes = self.nl.sync_direct_routes(segment.ifindex, &direct).await?;
         let fast_changes = self.sync_fast_path(&tunneled, &direct, devices.vxlan, segment)?;
         let changes = ops.len() + direct_changes + fast_changes;
+        self.stats
+            .peers
+            .store(remote.len() as u64, Ordering::Relaxed);
+        self.stats
+            .changes
+            .fetch_add(changes as u64, Ordering::Relaxed);
+        if let Some(fp) = &self.fast {
+            if let Ok(c) = fp.counters() {
+                self.stats
+                    .fast_local
+                    .store(c.redirected_local, Ordering::Relaxed);
+                self.stats
+                    .fast_remote
+                    .store(c.redirected_remote, Ordering::Relaxed);
+                self.stats.fast_passed.store(c.passed, Ordering::Relaxed);
+            }
+        }
         if direct_changes + fast_changes > 0 {
             tracing::info!(direct_changes, fast_changes, "overlay routes updated");
         }
@@ -267,9 +295,11 @@ impl<S: LeaseStore> Agent<S> {
                             tracing::debug!(subnet = %l.subnet, "lease renewed");
                             self.lease = Some(l);
                             renew_retry = None;
+                            self.stats.renewals.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e @ LeaseError::Lost { .. }) => return Err(e.into()),
                         Err(e) => {
+                            self.stats.renew_errors.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(error = %e, "lease renewal failed; retrying");
                             renew_retry = Some(tokio::time::Instant::now() + Duration::from_secs(2));
                         }
@@ -280,9 +310,20 @@ impl<S: LeaseStore> Agent<S> {
     }
 
     async fn sync_logged(&mut self, snap: &Snapshot) {
-        if let Err(e) = self.sync(snap).await {
-            tracing::warn!(error = %error_chain(&e), "reconcile failed; will retry");
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        match self.sync(snap).await {
+            Ok(_) => self.stats.synced.store(true, Ordering::Relaxed),
+            Err(e) => {
+                self.stats.sync_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.synced.store(false, Ordering::Relaxed);
+                tracing::warn!(error = %error_chain(&e), "reconcile failed; will retry");
+            }
         }
+    }
+
+    /// Counters for metrics and status, updated as the agent works.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
     }
 
     /// The lease held, once started.

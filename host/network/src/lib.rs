@@ -27,6 +27,7 @@ pub mod job;
 mod kernel;
 mod lease;
 mod reconcile;
+mod stats;
 mod store;
 mod subnet;
 
@@ -44,5 +45,6 @@ pub use reconcile::{
 };
 #[doc(hidden)]
 pub use store::conformance;
+pub use stats::Stats;
 pub use store::{LeaseStore, LeaseWatch, MemoryStore, Snapshot, StoreError};
 pub use subnet::{Layout, Mac, ParseError, Subnet, DEFAULT_NETWORK};

@@ -3,10 +3,13 @@
 //! path's prefix map) and releases the lease on SIGTERM/SIGINT.
 //!
 //! Prints `ready subnet=<block> gateway=<addr> mtu=<mtu> mac=<vtep mac> fast_path=<on|off>` on
-//! stdout once set up.
+//! stdout once set up. Serves `GET /ping` (flannel's), `/.well-known/status` and `/metrics`
+//! (Prometheus text, including the fast path's packet counters) on `--http-addr`.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -15,7 +18,7 @@ use flynn_client::discoverd::Client;
 use flynn_ebpf::FastPath;
 use flynn_network::{
     config_json, error_chain, layout_from_config, Agent, AgentConfig, DeviceConfig, DiscoverdStore,
-    KernelNetlink, Layout, LeaseConfig, Subnet,
+    KernelNetlink, Layout, LeaseConfig, Stats, Subnet,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -65,6 +68,9 @@ struct Config {
     /// Full reconcile interval.
     #[arg(long, env = "FLYNN_RESYNC_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     resync_interval: Duration,
+    /// HTTP endpoint: `/ping`, `/.well-known/status`, `/metrics`.
+    #[arg(long, env = "FLYNN_HTTP_ADDR", default_value = "0.0.0.0:5001")]
+    http_addr: SocketAddr,
     /// Lease lifetime; renewed an hour (or a tenth of it, if shorter) before expiry.
     #[arg(long, env = "FLYNN_LEASE_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     lease_ttl: Duration,
@@ -114,7 +120,65 @@ fn main() {
     }
 }
 
+/// What the HTTP endpoint reports.
+#[derive(Clone, Default)]
+struct Status {
+    stats: Arc<Mutex<Option<Arc<Stats>>>>,
+    subnet: Arc<Mutex<Option<String>>>,
+}
+
+async fn serve(listener: tokio::net::TcpListener, status: Status) {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    let st = status.clone();
+    let health = move || {
+        let st = st.clone();
+        async move {
+            let stats = st.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let subnet = st.subnet.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let healthy = stats
+                .as_ref()
+                .is_some_and(|s| s.synced.load(Ordering::Relaxed));
+            let peers = stats.as_ref().map(|s| s.peers.load(Ordering::Relaxed));
+            let body = serde_json::json!({"data": {
+                "status": if healthy { "healthy" } else { "unhealthy" },
+                "version": env!("CARGO_PKG_VERSION"),
+                "detail": {"subnet": subnet, "peers": peers},
+            }});
+            let code = if healthy {
+                StatusCode::OK
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            let text = serde_json::to_string_pretty(&body).unwrap_or_default() + "\n";
+            (code, [(header::CONTENT_TYPE, "application/json")], text).into_response()
+        }
+    };
+    let st = status.clone();
+    let metrics = move || {
+        let st = st.clone();
+        async move {
+            let stats = st.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let text = stats.map(|s| s.prometheus()).unwrap_or_default();
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+        }
+    };
+    let app = axum::Router::new()
+        .route("/ping", get(|| async { "OK\n" }))
+        .route("/.well-known/status", get(health))
+        .route("/metrics", get(metrics));
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::warn!(error = %e, "HTTP endpoint stopped");
+    }
+}
+
 async fn run(cfg: Config) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.http_addr)
+        .await
+        .with_context(|| format!("binding the HTTP endpoint {}", cfg.http_addr))?;
+    let status = Status::default();
+    tokio::spawn(serve(listener, status.clone()));
     let store = DiscoverdStore::new(Client::new(&cfg.discoverd));
     let wanted = Layout::with_defaults(cfg.network, cfg.subnet_len)?;
     // discoverd may still be electing a leader: retry for a while.
@@ -168,6 +232,7 @@ async fn run(cfg: Config) -> Result<()> {
         state_dir: Some(cfg.state_dir.clone()),
     };
     let mut agent = Agent::new(store, nl, agent_cfg, fast);
+    *status.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(agent.stats());
     let mut attempt = 0;
     let started = loop {
         attempt += 1;
@@ -188,6 +253,8 @@ async fn run(cfg: Config) -> Result<()> {
         started.lease.vtep_mac,
         if fast_on { "on" } else { "off" }
     );
+    *status.subnet.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(started.lease.subnet.to_string());
     tracing::info!(subnet = %started.lease.subnet, mtu = started.devices.mtu, "overlay up");
 
     let shutdown = async {

@@ -370,6 +370,39 @@ fn three_hosts_talk_and_follow_hosts_joining_and_leaving() -> Result<()> {
     }
     tcp_roundtrip(&j1a, &j2).context("tcp cross-host")?;
     tcp_roundtrip(&j3, &j1b).context("tcp cross-host")?;
+
+    // The agent's HTTP endpoint: flannel's /ping, status and metrics.
+    let get = |path: &str| -> Result<(String, String)> {
+        let out = run(&[
+            "ip",
+            "netns",
+            "exec",
+            &c.hosts[0].ns,
+            "curl",
+            "-s",
+            "-m",
+            "5",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://10.240.0.1:5001{path}"),
+        ])?;
+        let text = String::from_utf8(out.stdout)?;
+        let (body, code) = text.rsplit_once('\n').context("curl output")?;
+        Ok((code.to_string(), body.to_string()))
+    };
+    ensure!(get("/ping")?.0 == "200", "/ping");
+    let (code, status) = get("/.well-known/status")?;
+    ensure!(
+        code == "200" && status.contains("\"healthy\""),
+        "{code} {status}"
+    );
+    ensure!(status.contains(&subnets[0].to_string()), "{status}");
+    let (_, metrics) = get("/metrics")?;
+    ensure!(metrics.contains("\nflynn_network_peers 2\n"), "{metrics}");
+    ensure!(
+        metrics.contains("flynn_network_fast_path_enabled 0"),
+        "{metrics}"
+    );
     tcp_roundtrip(&j1a, &j1b).context("tcp same host")?;
 
     // MTU: 1450 - 28 bytes of headers is the largest ICMP payload that fits unfragmented across
@@ -700,6 +733,29 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
         after.redirected_local > before.redirected_local,
         "no local redirects: {before:?} -> {after:?}"
     );
+
+    // The agent exports the counters (refreshed on every reconcile, each second here).
+    eventually(5, "fast-path counters in /metrics", || {
+        let out = run(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns1,
+            "curl",
+            "-s",
+            "-m",
+            "2",
+            "http://10.240.0.1:5001/metrics",
+        ])?;
+        let text = String::from_utf8(out.stdout)?;
+        let remote = text
+            .lines()
+            .find(|l| l.contains("outcome=\"redirected_remote\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        Ok(remote >= after.redirected_remote)
+    })?;
 
     // Host 2 leaves: host 1's agent drops the prefix, so nothing more is redirected to it.
     a2.stop()?;
