@@ -1,6 +1,8 @@
 //! Manual control of the fast path, for experiments and the perf harness. Runs in the caller's
 //! network namespace (use `ip netns exec`).
 //!
+//! `FLYNN_FASTPATH_ATTACH=netlink|tcx` forces the attach mechanism (default: auto).
+//!
 //! ```text
 //! fastpathctl PIN_DIR attach IFNAME job|vxlan
 //! fastpathctl PIN_DIR detach IFNAME
@@ -16,7 +18,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use flynn_ebpf::{Endpoint, FastPath, Hop, Role};
+use flynn_ebpf::{AttachMode, Endpoint, FastPath, Hop, Role};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -24,7 +26,13 @@ fn main() -> Result<()> {
     let Some((pin, rest)) = a.split_first() else {
         bail!("usage: fastpathctl PIN_DIR COMMAND ... (see the source header)");
     };
-    let mut fp = FastPath::load(Path::new(pin)).context("load")?;
+    // FLYNN_FASTPATH_ATTACH=netlink|tcx forces the attach mechanism (default: auto).
+    let mode = match std::env::var("FLYNN_FASTPATH_ATTACH").as_deref() {
+        Ok("netlink") => AttachMode::Netlink,
+        Ok("tcx") => AttachMode::Tcx,
+        _ => AttachMode::Auto,
+    };
+    let mut fp = FastPath::load_with(Path::new(pin), mode).context("load")?;
     match rest {
         ["attach", dev, role] => {
             let role = match *role {

@@ -2,22 +2,22 @@
 //!
 //! Pin directory layout (names without dots):
 //! - `flynn_endpoints`, `flynn_prefixes`, `flynn_counters`: the maps;
-//! - `link_job_<ifindex>`, `link_vxlan_<ifindex>`: TCX ingress links. A link keeps its program
-//!   attached after the loader exits; a new loader swaps its own program into every pinned link
-//!   with `BPF_LINK_UPDATE` (atomic: each packet sees the old or the new program).
+//! - `link_job_<ifindex>`, `link_vxlan_<ifindex>`: pinned TCX ingress links, or
+//!   `tc_job_<ifindex>`, `tc_vxlan_<ifindex>`: records of netlink filters (see `attach.rs`).
+//!   Attachments keep their program after the loader exits; a new loader swaps its own program
+//!   into each of them atomically (each packet sees the old or the new program).
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::Key;
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray};
-use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
-use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use aya::programs::SchedClassifier;
 use aya::sys::SyscallError;
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 
+use crate::attach::{self, AttachMode, Kind, Record};
 use crate::maps::{be_word, RawHop, CTR_LOCAL, CTR_MAX, CTR_PASSED, CTR_REMOTE};
 use crate::object::{
     FASTPATH, MAP_COUNTERS, MAP_ENDPOINTS, MAP_PREFIXES, PROG_FROM_JOB, PROG_FROM_VXLAN,
@@ -37,27 +37,29 @@ pub enum Role {
 }
 
 impl Role {
-    fn program(self) -> &'static str {
+    pub(crate) fn program(self) -> &'static str {
         match self {
             Role::JobVeth => PROG_FROM_JOB,
             Role::Vxlan => PROG_FROM_VXLAN,
         }
     }
 
-    fn pin_prefix(self) -> &'static str {
+    /// The role's word in pin directory names.
+    pub(crate) fn tag(self) -> &'static str {
         match self {
-            Role::JobVeth => "link_job_",
-            Role::Vxlan => "link_vxlan_",
+            Role::JobVeth => "job",
+            Role::Vxlan => "vxlan",
         }
     }
 
-    const ALL: [Role; 2] = [Role::JobVeth, Role::Vxlan];
+    pub(crate) const ALL: [Role; 2] = [Role::JobVeth, Role::Vxlan];
 }
 
 /// The loaded fast path: programs of this process plus the (possibly inherited) pinned maps.
 /// Dropping it leaves everything pinned and attached; [`FastPath::unpin`] removes it all.
 pub struct FastPath {
     pin_dir: PathBuf,
+    kind: Kind,
     ebpf: Ebpf,
     endpoints: HashMap<MapData, u32, Endpoint>,
     prefixes: LpmTrie<MapData, u32, RawHop>,
@@ -74,13 +76,14 @@ impl std::fmt::Debug for FastPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FastPath")
             .field("pin_dir", &self.pin_dir)
+            .field("attach", &self.kind)
             .finish_non_exhaustive()
     }
 }
 
-/// Minimum kernel: TCX links (6.6) carry the pinning and atomic replacement;
-/// `bpf_redirect_peer`/`bpf_redirect_neigh` are older (5.10).
-const MIN_KERNEL: (u8, u8) = (6, 6);
+/// Minimum kernel: `bpf_redirect_peer` and `bpf_redirect_neigh` (with a next hop) are in 5.10.
+/// TCX links need 6.6; older kernels get netlink filters ([`AttachMode::Auto`]).
+const MIN_KERNEL: (u8, u8) = (5, 10);
 
 impl FastPath {
     /// Whether this kernel and these privileges can run the fast path (for `--fast-path auto`).
@@ -104,7 +107,9 @@ impl FastPath {
         let (major, minor) = MIN_KERNEL;
         if current < KernelVersion::new(major, minor, 0) {
             return Err(EbpfError::Unsupported {
-                why: format!("kernel {current:?} is older than {major}.{minor} (TCX links)"),
+                why: format!(
+                    "kernel {current:?} is older than {major}.{minor} (bpf_redirect_peer/neigh)"
+                ),
             });
         }
         let mut ebpf = EbpfLoader::new().load(FASTPATH).map_err(EbpfError::Load)?;
@@ -120,8 +125,15 @@ impl FastPath {
     }
 
     /// Loads the programs, reusing the maps pinned in `pin_dir` (or creating and pinning them),
-    /// and swaps the new programs into every link pinned there.
+    /// and swaps the new programs into every attachment recorded there. New attachments use
+    /// TCX links where the kernel has them, netlink filters otherwise.
     pub fn load(pin_dir: &Path) -> Result<FastPath, EbpfError> {
+        Self::load_with(pin_dir, AttachMode::Auto)
+    }
+
+    /// [`FastPath::load`] with the attach mechanism for new attachments chosen by the caller
+    /// (existing ones are swapped whatever their kind).
+    pub fn load_with(pin_dir: &Path, mode: AttachMode) -> Result<FastPath, EbpfError> {
         bpffs::prepare(pin_dir)?;
         let endpoints_pin = pin_dir.join(MAP_ENDPOINTS);
         let prefixes_pin = pin_dir.join(MAP_PREFIXES);
@@ -171,18 +183,21 @@ impl FastPath {
             })?;
         let mut fp = FastPath {
             pin_dir: pin_dir.to_path_buf(),
+            kind: mode.resolve(),
             ebpf,
             endpoints,
             prefixes,
             counters,
         };
         let mut swapped = 0;
-        for (ifindex, role) in fp.pinned_links()? {
-            if fp.swap(&fp.link_path(ifindex, role), role)? {
+        for rec in attach::records(pin_dir)? {
+            let name = ifname(rec.ifindex).ok();
+            let prog = program(&mut fp.ebpf, rec.role)?;
+            if attach::swap(prog, rec, name.as_deref(), pin_dir)? {
                 swapped += 1;
             }
         }
-        tracing::info!(pin_dir = %pin_dir.display(), swapped, "eBPF fast path loaded");
+        tracing::info!(pin_dir = %pin_dir.display(), swapped, attach = ?fp.kind, "eBPF fast path loaded");
         Ok(fp)
     }
 
@@ -191,61 +206,53 @@ impl FastPath {
         &self.pin_dir
     }
 
-    /// Attaches the program for `role` to tc ingress of `ifindex` (TCX link, pinned). An interface
-    /// that already has a pinned link gets this process's program swapped in atomically; one that
-    /// had the other role is switched over.
+    /// Attaches the program for `role` to tc ingress of `ifindex` (TCX link pinned, or netlink
+    /// filter recorded). An interface that already has our program gets this process's program
+    /// swapped in atomically; one that had the other role is switched over.
     pub fn attach(&mut self, ifindex: u32, role: Role) -> Result<(), EbpfError> {
         let name = ifname(ifindex)?;
-        for other in Role::ALL.into_iter().filter(|r| *r != role) {
-            let path = self.link_path(ifindex, other);
-            if path.exists() {
-                unpin_link(&path)?;
+        for rec in attach::records(&self.pin_dir)? {
+            if rec.ifindex != ifindex {
+                continue;
+            }
+            if rec.role == role && rec.kind == self.kind {
+                let prog = program(&mut self.ebpf, role)?;
+                if attach::swap(prog, rec, Some(&name), &self.pin_dir)? {
+                    return Ok(());
+                }
+            } else {
+                attach::remove(rec, Some(&name), &self.pin_dir)?;
             }
         }
-        let path = self.link_path(ifindex, role);
-        if path.exists() && self.swap(&path, role)? {
-            return Ok(());
-        }
-        let prog = program(&mut self.ebpf, role)?;
-        let prog_err = |source| EbpfError::Program {
-            name: role.program(),
-            source,
+        let rec = Record {
+            ifindex,
+            role,
+            kind: self.kind,
         };
-        let id = prog
-            .attach_with_options(
-                &name,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .map_err(prog_err)?;
-        let link = prog.take_link(id).map_err(prog_err)?;
-        let link = FdLink::try_from(link).map_err(|source| EbpfError::Link {
-            path: path.clone(),
-            source,
-        })?;
-        link.pin(&path).map_err(|source| EbpfError::Pin {
-            path: path.clone(),
-            source,
-        })?;
-        tracing::debug!(ifindex, ifname = %name, ?role, "fast path attached");
+        let prog = program(&mut self.ebpf, role)?;
+        attach::attach(prog, rec, &name, &self.pin_dir)?;
+        tracing::debug!(ifindex, ifname = %name, ?role, attach = ?self.kind, "fast path attached");
         Ok(())
     }
 
     /// Detaches whatever this fast path attached to `ifindex` (no-op when nothing is attached,
     /// including when the interface is already gone).
     pub fn detach(&mut self, ifindex: u32) -> Result<(), EbpfError> {
-        for role in Role::ALL {
-            let path = self.link_path(ifindex, role);
-            if path.exists() {
-                unpin_link(&path)?;
+        let name = ifname(ifindex).ok();
+        for rec in attach::records(&self.pin_dir)? {
+            if rec.ifindex == ifindex {
+                attach::remove(rec, name.as_deref(), &self.pin_dir)?;
             }
         }
         Ok(())
     }
 
-    /// Interfaces with a pinned link in this pin directory, with their role.
+    /// Interfaces with an attachment recorded in this pin directory, with their role.
     pub fn attached(&self) -> Result<Vec<(u32, Role)>, EbpfError> {
-        self.pinned_links()
+        Ok(attach::records(&self.pin_dir)?
+            .into_iter()
+            .map(|r| (r.ifindex, r.role))
+            .collect())
     }
 
     /// Adds or replaces the entry for a job on this host.
@@ -335,10 +342,13 @@ impl FastPath {
         })
     }
 
-    /// Detaches every pinned link and removes the maps and the pin directory (clean uninstall).
+    /// Detaches everything recorded and removes the maps and the pin directory (clean
+    /// uninstall). Netlink filters are found by interface index in the calling thread's network
+    /// namespace.
     pub fn unpin(self) -> Result<(), EbpfError> {
-        for (ifindex, role) in self.pinned_links()? {
-            unpin_link(&self.link_path(ifindex, role))?;
+        for rec in attach::records(&self.pin_dir)? {
+            let name = ifname(rec.ifindex).ok();
+            attach::remove(rec, name.as_deref(), &self.pin_dir)?;
         }
         for name in [MAP_ENDPOINTS, MAP_PREFIXES, MAP_COUNTERS] {
             let path = self.pin_dir.join(name);
@@ -361,70 +371,6 @@ impl FastPath {
             path: dir,
             source,
         })
-    }
-
-    fn link_path(&self, ifindex: u32, role: Role) -> PathBuf {
-        self.pin_dir.join(format!("{}{ifindex}", role.pin_prefix()))
-    }
-
-    fn pinned_links(&self) -> Result<Vec<(u32, Role)>, EbpfError> {
-        let io = |source| EbpfError::Io {
-            op: "list pin directory",
-            path: self.pin_dir.clone(),
-            source,
-        };
-        let mut links = Vec::new();
-        for entry in std::fs::read_dir(&self.pin_dir).map_err(io)? {
-            let name = entry.map_err(io)?.file_name();
-            let Some(name) = name.to_str() else { continue };
-            for role in Role::ALL {
-                if let Some(idx) = name.strip_prefix(role.pin_prefix()) {
-                    if let Ok(idx) = idx.parse() {
-                        links.push((idx, role));
-                    }
-                }
-            }
-        }
-        links.sort_unstable_by_key(|(i, _)| *i);
-        Ok(links)
-    }
-
-    /// Puts this process's program for `role` into the link pinned at `path`. Returns false (and
-    /// removes the pin) when the link's interface is gone.
-    fn swap(&mut self, path: &Path, role: Role) -> Result<bool, EbpfError> {
-        let link_err = |source| EbpfError::Link {
-            path: path.into(),
-            source,
-        };
-        let pinned = PinnedLink::from_pin(path).map_err(link_err)?;
-        let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
-        let prog = program(&mut self.ebpf, role)?;
-        match prog.attach_to_link(link) {
-            Ok(id) => {
-                // Dropping our handle closes an fd; the pin keeps the link attached.
-                let taken = prog.take_link(id).map_err(|source| EbpfError::Program {
-                    name: role.program(),
-                    source,
-                })?;
-                drop(taken);
-                Ok(true)
-            }
-            Err(ProgramError::SyscallError(SyscallError { io_error, .. }))
-                if io_error.raw_os_error() == Some(libc::ENOLINK) =>
-            {
-                tracing::info!(path = %path.display(), "removing the pin of a link whose interface is gone");
-                std::fs::remove_file(path).map_err(|source| EbpfError::Io {
-                    op: "remove stale link pin",
-                    path: path.into(),
-                    source,
-                })?;
-                Ok(false)
-            }
-            Err(source) => Err(EbpfError::Program {
-                name: role.program(),
-                source,
-            }),
-        }
     }
 }
 
@@ -470,21 +416,6 @@ fn check_pinned(
             });
         }
     }
-    Ok(())
-}
-
-fn unpin_link(path: &Path) -> Result<(), EbpfError> {
-    let pinned = PinnedLink::from_pin(path).map_err(|source| EbpfError::Link {
-        path: path.into(),
-        source,
-    })?;
-    // Removing the pin drops the last reference once our fd closes: the link detaches.
-    let fd = pinned.unpin().map_err(|source| EbpfError::Io {
-        op: "unpin link",
-        path: path.into(),
-        source,
-    })?;
-    drop(fd);
     Ok(())
 }
 

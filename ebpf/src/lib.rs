@@ -10,10 +10,11 @@
 //!   delivered with `bpf_redirect_peer`.
 //!
 //! Anything the maps do not know falls through to the kernel path (`TC_ACT_OK`), so empty maps are
-//! safe and the kernel VXLAN path of `flynn-network` stays the source of truth. Maps and the TCX
-//! links are pinned under a pin directory (default [`DEFAULT_PIN_DIR`]) so traffic keeps flowing
-//! while the agent restarts; a restarted loader reuses the pinned maps and swaps the programs in
-//! the pinned links atomically (`BPF_LINK_UPDATE`).
+//! safe and the kernel VXLAN path of `flynn-network` stays the source of truth. Maps and
+//! attachments (TCX links on kernels ≥ 6.6, cls_bpf netlink filters before, see [`AttachMode`])
+//! are pinned or recorded under a pin directory (default [`DEFAULT_PIN_DIR`]) so traffic keeps
+//! flowing while the agent restarts; a restarted loader reuses the pinned maps and swaps its
+//! programs into the existing attachments atomically.
 //!
 //! All calls resolve interface indexes in the calling thread's network namespace.
 //!
@@ -22,6 +23,7 @@
 //! parses into [`Switch`]; `auto` means [`FastPath::supported`]. [`Counters::prometheus`]
 //! renders the counters for a `/metrics` page.
 
+mod attach;
 mod bpffs;
 mod error;
 mod fastpath;
@@ -29,6 +31,7 @@ mod maps;
 mod object;
 mod switch;
 
+pub use attach::AttachMode;
 pub use error::EbpfError;
 pub use fastpath::{FastPath, Role, DEFAULT_PIN_DIR};
 pub use maps::{Counters, Endpoint, Hop};

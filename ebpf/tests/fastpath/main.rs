@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{ensure, Context, Result};
 use aya::programs::{SchedClassifier, TcAttachType};
-use flynn_ebpf::{Counters, Endpoint, FastPath, Hop, Role};
+use flynn_ebpf::{AttachMode, Counters, Endpoint, FastPath, Hop, Role};
 use lab::{ifindex, in_ns, mac, ping, ping_count, ping_ttl, tcp_roundtrip, Bpffs, Job, Lab};
 
 const MTU: u32 = 1450;
@@ -26,8 +26,19 @@ fn counters(fp: &FastPath) -> Result<Counters> {
     Ok(fp.counters()?)
 }
 
-/// IDs of the TCX ingress programs on `dev` in `ns`.
-fn tcx_programs(ns: &str, dev: &str) -> Result<Vec<u32>> {
+/// IDs of the BPF programs on tc ingress of `dev` in `ns`: TCX links, or cls_bpf filters as
+/// `tc filter show` lists them.
+fn programs_on(mode: AttachMode, ns: &str, dev: &str) -> Result<Vec<u32>> {
+    if mode == AttachMode::Netlink {
+        let out = lab::run(&["tc", "-n", ns, "filter", "show", "dev", dev, "ingress"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let words: Vec<&str> = text.split_whitespace().collect();
+        return Ok(words
+            .windows(2)
+            .filter(|w| w[0] == "id")
+            .filter_map(|w| w[1].parse().ok())
+            .collect());
+    }
     let dev = dev.to_string();
     in_ns(ns, move || {
         let (_, progs) = SchedClassifier::query_tcx(&dev, TcAttachType::Ingress)?;
@@ -36,8 +47,17 @@ fn tcx_programs(ns: &str, dev: &str) -> Result<Vec<u32>> {
 }
 
 #[test]
-fn same_host_redirect_peer_and_fallback() -> Result<()> {
-    if !lab::should_run("same_host_redirect_peer_and_fallback") {
+fn same_host_redirect_peer_and_fallback_tcx() -> Result<()> {
+    same_host_redirect_peer_and_fallback(AttachMode::Tcx)
+}
+
+#[test]
+fn same_host_redirect_peer_and_fallback_netlink() -> Result<()> {
+    same_host_redirect_peer_and_fallback(AttachMode::Netlink)
+}
+
+fn same_host_redirect_peer_and_fallback(mode: AttachMode) -> Result<()> {
+    if !lab::should_run(&format!("same_host_redirect_peer_and_fallback {mode:?}")) {
         return Ok(());
     }
     let bpffs = Bpffs::mount()?;
@@ -49,7 +69,7 @@ fn same_host_redirect_peer_and_fallback() -> Result<()> {
 
     let pin_dir = bpffs.pin_dir("flynn");
     let (mut fp, vj1, vj2) = in_ns(&host, || {
-        let mut fp = FastPath::load(&pin_dir)?;
+        let mut fp = FastPath::load_with(&pin_dir, mode)?;
         let vj1 = ifindex(&host, "vj1")?;
         let vj2 = ifindex(&host, "vj2")?;
         fp.attach(vj1, Role::JobVeth)?;
@@ -57,7 +77,7 @@ fn same_host_redirect_peer_and_fallback() -> Result<()> {
         Ok((fp, vj1, vj2))
     })?;
     ensure!(
-        tcx_programs(&host, "vj1")?.len() == 1,
+        programs_on(mode, &host, "vj1")?.len() == 1,
         "no TCX program on vj1"
     );
     let mut want = vec![(vj1, Role::JobVeth), (vj2, Role::JobVeth)];
@@ -120,17 +140,17 @@ fn same_host_redirect_peer_and_fallback() -> Result<()> {
         Ok(())
     })?;
     ensure!(
-        tcx_programs(&host, "vj1")?.is_empty(),
+        programs_on(mode, &host, "vj1")?.is_empty(),
         "vj1 still has a program"
     );
     ensure!(
         fp.attached()? == vec![(vj2, Role::JobVeth)],
         "attached after detach"
     );
-    fp.unpin()?;
+    in_ns(&host, || Ok(fp.unpin()?))?;
     ensure!(!pin_dir.exists(), "pin directory left behind");
     ensure!(
-        tcx_programs(&host, "vj2")?.is_empty(),
+        programs_on(mode, &host, "vj2")?.is_empty(),
         "unpin left vj2 attached"
     );
     ensure!(ping(&j1.ns, j2.ip, 3), "traffic after uninstall");
@@ -166,13 +186,14 @@ fn two_hosts(lab: &mut Lab) -> Result<TwoHosts> {
 /// Loads the fast path in `host`, attaches the job veth and the VXLAN device, and fills the maps:
 /// the local job, and the remote block via the VXLAN device.
 fn fast_path_on(
+    mode: AttachMode,
     host: &str,
     pin_dir: &std::path::Path,
     job: &Job,
     remote_block: Ipv4Addr,
 ) -> Result<FastPath> {
     in_ns(host, || {
-        let mut fp = FastPath::load(pin_dir)?;
+        let mut fp = FastPath::load_with(pin_dir, mode)?;
         let vx = ifindex(host, "flvx")?;
         fp.attach(ifindex(host, &job.port)?, Role::JobVeth)?;
         fp.attach(vx, Role::Vxlan)?;
@@ -204,16 +225,25 @@ fn ping_df(from: &str, ip: Ipv4Addr, size: u32) -> bool {
 }
 
 #[test]
-fn cross_host_redirect_neigh_over_vxlan() -> Result<()> {
-    if !lab::should_run("cross_host_redirect_neigh_over_vxlan") {
+fn cross_host_redirect_neigh_over_vxlan_tcx() -> Result<()> {
+    cross_host_redirect_neigh_over_vxlan(AttachMode::Tcx)
+}
+
+#[test]
+fn cross_host_redirect_neigh_over_vxlan_netlink() -> Result<()> {
+    cross_host_redirect_neigh_over_vxlan(AttachMode::Netlink)
+}
+
+fn cross_host_redirect_neigh_over_vxlan(mode: AttachMode) -> Result<()> {
+    if !lab::should_run(&format!("cross_host_redirect_neigh_over_vxlan {mode:?}")) {
         return Ok(());
     }
     let bpffs = Bpffs::mount()?;
     let mut lab = Lab::new();
     let t = two_hosts(&mut lab)?;
     let kernel_ttl = ping_ttl(&t.j1.ns, t.j2.ip).context("no reply on the kernel path")?;
-    let mut fp1 = fast_path_on(&t.h1, &bpffs.pin_dir("h1"), &t.j1, BLOCK2)?;
-    let mut fp2 = fast_path_on(&t.h2, &bpffs.pin_dir("h2"), &t.j2, BLOCK1)?;
+    let mut fp1 = fast_path_on(mode, &t.h1, &bpffs.pin_dir("h1"), &t.j1, BLOCK2)?;
+    let mut fp2 = fast_path_on(mode, &t.h2, &bpffs.pin_dir("h2"), &t.j2, BLOCK1)?;
 
     let (b1, b2) = (counters(&fp1)?, counters(&fp2)?);
     ensure!(
@@ -271,25 +301,39 @@ fn cross_host_redirect_neigh_over_vxlan() -> Result<()> {
     );
     ensure!(fp2.endpoint(t.j2.ip)?.is_some(), "host 2 lost its endpoint");
     fp2.remove_endpoint(t.j2.ip)?;
-    fp1.unpin()?;
-    fp2.unpin()?;
+    in_ns(&t.h1, || Ok(fp1.unpin()?))?;
+    in_ns(&t.h2, || Ok(fp2.unpin()?))?;
     ensure!(ping(&t.j1.ns, t.j2.ip, 3), "traffic after uninstall");
     Ok(())
 }
 
 #[test]
-fn restart_swaps_programs_keeps_maps_and_traffic() -> Result<()> {
-    if !lab::should_run("restart_swaps_programs_keeps_maps_and_traffic") {
+fn restart_swaps_programs_keeps_maps_and_traffic_tcx() -> Result<()> {
+    restart_swaps_programs_keeps_maps_and_traffic(AttachMode::Tcx)
+}
+
+#[test]
+fn restart_swaps_programs_keeps_maps_and_traffic_netlink() -> Result<()> {
+    restart_swaps_programs_keeps_maps_and_traffic(AttachMode::Netlink)
+}
+
+fn restart_swaps_programs_keeps_maps_and_traffic(mode: AttachMode) -> Result<()> {
+    if !lab::should_run(&format!(
+        "restart_swaps_programs_keeps_maps_and_traffic {mode:?}"
+    )) {
         return Ok(());
     }
     let bpffs = Bpffs::mount()?;
     let mut lab = Lab::new();
     let t = two_hosts(&mut lab)?;
     let pin1 = bpffs.pin_dir("h1");
-    let fp1 = fast_path_on(&t.h1, &pin1, &t.j1, BLOCK2)?;
-    let fp2 = fast_path_on(&t.h2, &bpffs.pin_dir("h2"), &t.j2, BLOCK1)?;
+    let fp1 = fast_path_on(mode, &t.h1, &pin1, &t.j1, BLOCK2)?;
+    let fp2 = fast_path_on(mode, &t.h2, &bpffs.pin_dir("h2"), &t.j2, BLOCK1)?;
     ensure!(ping_count(&t.j1.ns, t.j2.ip, 3) == 3, "before restart");
-    let ids_before = (tcx_programs(&t.h1, "vj1")?, tcx_programs(&t.h1, "flvx")?);
+    let ids_before = (
+        programs_on(mode, &t.h1, "vj1")?,
+        programs_on(mode, &t.h1, "flvx")?,
+    );
     let attached_before = fp1.attached()?;
 
     // A bounded ping stream runs across the restart: 60 pings, 50 ms apart (3 s).
@@ -302,7 +346,7 @@ fn restart_swaps_programs_keeps_maps_and_traffic() -> Result<()> {
     let counted = counters(&fp1)?;
     drop(fp1);
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let fp1 = in_ns(&t.h1, || Ok(FastPath::load(&pin1)?))?;
+    let fp1 = in_ns(&t.h1, || Ok(FastPath::load_with(&pin1, mode)?))?;
     let reloaded = counters(&fp1)?;
     ensure!(
         reloaded.redirected_remote > counted.redirected_remote,
@@ -316,7 +360,10 @@ fn restart_swaps_programs_keeps_maps_and_traffic() -> Result<()> {
         fp1.attached()? == attached_before,
         "links changed across restart"
     );
-    let ids_after = (tcx_programs(&t.h1, "vj1")?, tcx_programs(&t.h1, "flvx")?);
+    let ids_after = (
+        programs_on(mode, &t.h1, "vj1")?,
+        programs_on(mode, &t.h1, "flvx")?,
+    );
     ensure!(
         ids_after.0.len() == 1 && ids_after.1.len() == 1,
         "programs piled up instead of being replaced: {ids_after:?}"
@@ -353,7 +400,7 @@ fn restart_swaps_programs_keeps_maps_and_traffic() -> Result<()> {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let mut fp1 = in_ns(&t.h1, || Ok(FastPath::load(&pin1)?))?;
+    let mut fp1 = in_ns(&t.h1, || Ok(FastPath::load_with(&pin1, mode)?))?;
     ensure!(
         !fp1.attached()?.iter().any(|(i, _)| *i == vj1),
         "stale link pin kept: {:?}",
@@ -365,8 +412,8 @@ fn restart_swaps_programs_keeps_maps_and_traffic() -> Result<()> {
         "endpoint left: {:?}",
         fp1.endpoint_ips()?
     );
-    fp1.unpin()?;
-    fp2.unpin()?;
+    in_ns(&t.h1, || Ok(fp1.unpin()?))?;
+    in_ns(&t.h2, || Ok(fp2.unpin()?))?;
     Ok(())
 }
 
