@@ -1,16 +1,24 @@
 //! Hot path: idle keep-alive connections of one core, expired by a once-a-second sweep
 //! instead of a timer per connection (a monoio timer entry is ~640 bytes; an entry here
-//! is 16). An expired connection's socket is shut down, which wakes its readiness wait.
+//! is 32). An expired connection's socket is shut down, which wakes its readiness wait.
+//! A connection idle for [`PARK_AFTER_SECS`] is asked to park (its waker is woken): it
+//! moves to the core's [`crate::park::Parked`] set and its task ends.
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
+use std::task::{Poll, Waker};
 
-#[derive(Clone, Copy)]
+/// Sweeps (seconds) of idleness after which a connection is asked to park: idle for
+/// at least one full second, so busy keep-alive connections never pay for parking.
+pub const PARK_AFTER_SECS: u32 = 2;
+
 struct Entry {
     fd: RawFd,
     gen: u32,
     since: u32,
     live: bool,
+    park: bool,
+    waker: Option<Waker>,
 }
 
 /// A registration, returned by [`IdleSet::enter`].
@@ -36,12 +44,11 @@ impl IdleSet {
             Some(i) => {
                 let e = &mut entries[i as usize];
                 e.gen = e.gen.wrapping_add(1);
-                *e = Entry {
-                    fd,
-                    gen: e.gen,
-                    since,
-                    live: true,
-                };
+                e.fd = fd;
+                e.since = since;
+                e.live = true;
+                e.park = false;
+                e.waker = None;
                 Ticket {
                     index: i,
                     gen: e.gen,
@@ -53,6 +60,8 @@ impl IdleSet {
                     gen: 0,
                     since,
                     live: true,
+                    park: false,
+                    waker: None,
                 });
                 Ticket {
                     index: (entries.len() - 1) as u32,
@@ -70,8 +79,35 @@ impl IdleSet {
             return false;
         }
         e.live = false;
+        e.waker = None;
         self.free.borrow_mut().push(t.index);
         true
+    }
+
+    /// The sweep second at which the entry went idle.
+    pub fn since(&self, t: Ticket) -> u32 {
+        self.entries.borrow()[t.index as usize].since
+    }
+
+    /// The core's coarse clock (seconds since the core started, advanced by the sweep).
+    pub fn now(&self) -> u32 {
+        self.now.get()
+    }
+
+    /// Resolves when the sweep asks this idle connection to park.
+    pub async fn park_requested(&self, t: Ticket) {
+        std::future::poll_fn(|cx| {
+            let mut entries = self.entries.borrow_mut();
+            let e = &mut entries[t.index as usize];
+            if e.gen == t.gen && e.live && e.park {
+                return Poll::Ready(());
+            }
+            if !e.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                e.waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Expires every idle connection now (draining after a handover).
@@ -82,6 +118,7 @@ impl IdleSet {
         for (i, e) in entries.iter_mut().enumerate() {
             if e.live {
                 e.live = false;
+                e.waker = None;
                 free.push(i as u32);
                 flynn_runtime::sock::shutdown(e.fd);
                 n += 1;
@@ -90,20 +127,31 @@ impl IdleSet {
         n
     }
 
-    /// Advances the clock one second and expires entries idle for `limit_secs` or more;
-    /// returns how many were expired.
-    pub fn sweep(&self, limit_secs: u32) -> usize {
+    /// Advances the clock one second, expires entries idle for `limit_secs` or more and,
+    /// with `park`, asks those idle for [`PARK_AFTER_SECS`] to park; returns how many
+    /// were expired.
+    pub fn sweep(&self, limit_secs: u32, park: bool) -> usize {
         let now = self.now.get() + 1;
         self.now.set(now);
         let mut n = 0;
         let mut entries = self.entries.borrow_mut();
         let mut free = self.free.borrow_mut();
         for (i, e) in entries.iter_mut().enumerate() {
-            if e.live && now.saturating_sub(e.since) >= limit_secs {
+            if !e.live {
+                continue;
+            }
+            let idle = now.saturating_sub(e.since);
+            if idle >= limit_secs {
                 e.live = false;
+                e.waker = None;
                 free.push(i as u32);
                 flynn_runtime::sock::shutdown(e.fd);
                 n += 1;
+            } else if park && idle >= PARK_AFTER_SECS && !e.park {
+                e.park = true;
+                if let Some(w) = e.waker.take() {
+                    w.wake();
+                }
             }
         }
         n
@@ -113,6 +161,37 @@ impl IdleSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_idle_entries_are_asked_to_park_once() {
+        use std::future::Future;
+        let set = IdleSet::default();
+        let a = set.enter(-1);
+        let requested = |t| {
+            let mut f = std::pin::pin!(set.park_requested(t));
+            let mut cx = std::task::Context::from_waker(Waker::noop());
+            f.as_mut().poll(&mut cx).is_ready()
+        };
+        assert!(!requested(a));
+        assert_eq!(set.sweep(100, true), 0);
+        assert!(!requested(a), "idle under {PARK_AFTER_SECS} sweeps");
+        assert_eq!(set.sweep(100, true), 0);
+        assert!(requested(a));
+        // A new connection in the same slot starts over.
+        assert!(set.leave(a));
+        let b = set.enter(-1);
+        assert!(!requested(b));
+        assert!(!requested(a), "stale ticket");
+        // Without parking (TLS-only cores, draining) nothing is asked.
+        let set2 = IdleSet::default();
+        let c = set2.enter(-1);
+        for _ in 0..5 {
+            set2.sweep(100, false);
+        }
+        let mut f = std::pin::pin!(set2.park_requested(c));
+        let mut cx = std::task::Context::from_waker(Waker::noop());
+        assert!(f.as_mut().poll(&mut cx).is_pending());
+    }
 
     #[test]
     fn expiry_and_reuse() {
@@ -125,12 +204,12 @@ mod tests {
             !set.leave(a),
             "a stale ticket must not remove the new entry"
         );
-        assert_eq!(set.sweep(2), 0);
-        assert_eq!(set.sweep(2), 2); // b and c idle for 2 s
+        assert_eq!(set.sweep(2, false), 0);
+        assert_eq!(set.sweep(2, false), 2); // b and c idle for 2 s
         assert!(!set.leave(b));
         assert!(!set.leave(c));
         let d = set.enter(-1);
-        assert_eq!(set.sweep(2), 0);
+        assert_eq!(set.sweep(2, false), 0);
         assert!(set.leave(d));
     }
 }

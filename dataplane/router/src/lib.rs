@@ -18,6 +18,7 @@ mod idle;
 mod io;
 mod metrics;
 mod page;
+mod park;
 mod pool;
 mod proxy;
 mod reload;

@@ -41,6 +41,7 @@ counters! {
     connections_total: "client connections accepted",
     connections_rejected_total: "client connections closed at the per-core cap",
     connections_active: "client connections open now",
+    connections_parked_active: "idle client connections parked without a task (part of connections_active)",
     tcp_connections_total: "TCP route connections accepted",
     tcp_connections_active: "TCP route connections open now",
     tls_handshake_errors_total: "TLS handshakes that failed or timed out",

@@ -50,6 +50,8 @@ pub struct Core {
     pub idle: IdleSet,
     /// Fired when this process hands its listeners over: stop accepting, drain.
     pub stop: Stop,
+    /// Idle connections parked without a task (None: epoll unavailable, never park).
+    pub parked: Option<crate::park::Parked>,
     /// Free I/O buffers: idle connections hold none, busy ones borrow from here.
     bufs: RefCell<Vec<Vec<u8>>>,
     /// Free (empty) buffer sets for connections that become busy.
@@ -139,6 +141,40 @@ impl Core {
         }
     }
 
+    /// Counts a new client connection.
+    pub fn conn_opened(&self) {
+        self.conns.set(self.conns.get() + 1);
+        CoreMetrics::inc(&self.metrics().connections_active);
+    }
+
+    /// A client connection ended.
+    pub fn conn_closed(&self) {
+        self.conns.set(self.conns.get() - 1);
+        CoreMetrics::dec(&self.metrics().connections_active);
+    }
+
+    /// Parks an idle connection (see [`crate::park`]); false if it could not be.
+    pub fn park(&self, c: crate::park::Conn) -> bool {
+        let ok = self.parked.as_ref().is_some_and(|p| p.park(c).is_ok());
+        self.note_parked();
+        ok
+    }
+
+    /// `n` parked connections were closed (expired or drained).
+    pub fn parked_closed(&self, n: usize) {
+        for _ in 0..n {
+            self.conn_closed();
+        }
+        self.note_parked();
+    }
+
+    pub fn note_parked(&self) {
+        let n = self.parked.as_ref().map_or(0, |p| p.len());
+        self.metrics()
+            .connections_parked_active
+            .store(n as u64, Ordering::Relaxed);
+    }
+
     pub fn inflight(&self, addr: &SocketAddr) -> u32 {
         self.inflight.borrow().get(addr).copied().unwrap_or(0)
     }
@@ -189,6 +225,13 @@ pub async fn run(
         bufsets: RefCell::new(Vec::new()),
         idle: IdleSet::default(),
         stop: Stop::default(),
+        parked: match crate::park::Parked::new() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "idle connections will not be parked");
+                None
+            }
+        },
         shared: shared.clone(),
     });
     for (l, info) in http {
@@ -200,6 +243,7 @@ pub async fn run(
         }
     }
     monoio::spawn(sweep_idle(core.clone()));
+    monoio::spawn(unpark(core.clone()));
     let mut tcp = crate::tcp::Listeners::default();
     tcp.reconcile(&core);
     slot.applied
@@ -231,7 +275,58 @@ async fn sweep_idle(core: Rc<Core>) {
         .clamp(1, u32::MAX as u64) as u32;
     loop {
         monoio::time::sleep(std::time::Duration::from_secs(1)).await;
-        core.idle.sweep(limit);
+        core.idle
+            .sweep(limit, core.parked.is_some() && !core.draining());
+        if let Some(p) = &core.parked {
+            let n = p.expire(core.idle.now(), limit);
+            core.parked_closed(n);
+        }
+    }
+}
+
+/// Brings parked connections back when their clients send (or close): waits for the
+/// core's epoll set to turn readable, then respawns each ready connection's loop.
+async fn unpark(core: Rc<Core>) {
+    let Some(p) = &core.parked else { return };
+    let set = match p.epoll.pollable().and_then(TcpStream::from_std) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "parking disabled: cannot watch the epoll set");
+            return;
+        }
+    };
+    let mut tokens = [0u64; 64];
+    loop {
+        if set.readable(false).await.is_err() {
+            monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        }
+        loop {
+            let n = p.epoll.ready(&mut tokens);
+            for t in &tokens[..n] {
+                let Some(c) = p.take(*t) else { continue };
+                core.note_parked();
+                let std_stream = std::net::TcpStream::from(c.fd);
+                let fd = std_stream.as_raw_fd();
+                match TcpStream::from_std(std_stream) {
+                    Ok(stream) => {
+                        monoio::spawn(crate::proxy::serve_conn(
+                            core.clone(),
+                            stream,
+                            fd,
+                            None,
+                            c.peer,
+                            c.info,
+                            true,
+                        ));
+                    }
+                    Err(_) => core.conn_closed(),
+                }
+            }
+            if n < tokens.len() {
+                break;
+            }
+        }
     }
 }
 
@@ -295,6 +390,7 @@ fn spawn_conn(core: &Rc<Core>, stream: TcpStream, peer: std::net::SocketAddr, in
             None,
             peer,
             info,
+            false,
         ));
     }
 }
@@ -339,4 +435,8 @@ async fn drain(core: Rc<Core>, grace: std::time::Duration) {
     core.stop.fire();
     monoio::time::sleep(grace).await;
     core.idle.expire_all();
+    if let Some(p) = &core.parked {
+        let n = p.expire(core.idle.now(), 0);
+        core.parked_closed(n);
+    }
 }

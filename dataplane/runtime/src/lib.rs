@@ -7,11 +7,13 @@
 //! - [`reuseport_listener`]: a listening socket per core on the same address.
 //! - [`Published`] / [`Local`]: whole immutable snapshots published by a control
 //!   thread and picked up by cores between requests (an atomic pointer swap).
+//! - [`park`]: an epoll set where idle connections wait without a task.
 //! - [`sock`]: the few raw socket calls the proxies need (liveness peeks, shutdown).
 //!
 //! This is the only data-plane crate with `unsafe` code; each block says why it is sound.
 
 pub mod handoff;
+pub mod park;
 mod recycle;
 mod snapshot;
 pub mod sock;

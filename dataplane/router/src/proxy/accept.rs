@@ -24,7 +24,7 @@ pub async fn serve(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: Listene
             }
         }
     }
-    serve_conn(core, conn, fd, bufs, peer, l).await
+    serve_conn(core, conn, fd, bufs, peer, l, false).await
 }
 
 /// Serves one HTTPS client connection: PROXY prefix (peeked, so the TLS bytes stay in
@@ -54,7 +54,7 @@ pub async fn serve_tls(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: Lis
     if tls.alpn_protocol().as_deref() == Some(b"h2") {
         return crate::h2::serve(core, tls, peer, l).await;
     }
-    serve_conn(core, tls, fd, None, peer, l).await
+    serve_conn(core, tls, fd, None, peer, l, false).await
 }
 
 /// Looks at a PROXY prefix without consuming the bytes after it (they are the TLS

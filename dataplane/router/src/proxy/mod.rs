@@ -40,13 +40,26 @@ enum Next {
     Close,
 }
 
-struct ConnGuard(Rc<Core>);
+/// Counts the connection as open until dropped, unless it was parked (a parked
+/// connection still counts: it is open, only without a task).
+struct ConnGuard(Rc<Core>, bool);
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.0.conns.set(self.0.conns.get() - 1);
-        CoreMetrics::dec(&self.0.metrics().connections_active);
+        if self.1 {
+            self.0.conn_closed();
+        }
     }
+}
+
+/// What an idle wait ended with.
+pub enum Idle {
+    /// A request may have arrived.
+    Ready,
+    /// The connection is over (expired, closed, error).
+    Closed,
+    /// Idle long enough to park; carries the sweep second it went idle.
+    Park(u32),
 }
 
 pub fn now_ms() -> u64 {
@@ -95,8 +108,10 @@ pub trait Client: AsyncReadRent + AsyncWriteRent + Split + 'static {
     /// Waits, while idle between requests, until a request may have arrived. Plain TCP
     /// waits for readability without holding any buffer (registered with the core's idle
     /// sweep); TLS may already hold decrypted bytes, so it returns at once and the next
-    /// read waits instead. False: the connection is over.
-    async fn idle(&self, core: &Core, fd: RawFd) -> bool;
+    /// read waits instead.
+    async fn idle(&self, core: &Core, fd: RawFd) -> Idle;
+    /// A duplicate of the socket to park the connection with (plain TCP only).
+    fn park_fd(&self, fd: RawFd) -> Option<std::os::fd::OwnedFd>;
     /// Resolves when the client has closed its side, if the stream can tell without
     /// reading (plain TCP); never otherwise.
     async fn gone(&self);
@@ -105,10 +120,29 @@ pub trait Client: AsyncReadRent + AsyncWriteRent + Split + 'static {
 impl Client for TcpStream {
     const PROTO: &'static str = "http";
 
-    async fn idle(&self, core: &Core, fd: RawFd) -> bool {
+    async fn idle(&self, core: &Core, fd: RawFd) -> Idle {
         let ticket = core.idle.enter(fd);
-        let ready = self.readable(false).await;
-        core.idle.leave(ticket) && ready.is_ok()
+        monoio::select! {
+            ready = self.readable(false) => {
+                if core.idle.leave(ticket) && ready.is_ok() {
+                    Idle::Ready
+                } else {
+                    Idle::Closed
+                }
+            }
+            _ = core.idle.park_requested(ticket) => {
+                let since = core.idle.since(ticket);
+                if core.idle.leave(ticket) {
+                    Idle::Park(since)
+                } else {
+                    Idle::Closed
+                }
+            }
+        }
+    }
+
+    fn park_fd(&self, fd: RawFd) -> Option<std::os::fd::OwnedFd> {
+        flynn_runtime::handoff::dup(fd).ok()
     }
 
     async fn gone(&self) {
@@ -119,8 +153,12 @@ impl Client for TcpStream {
 impl Client for monoio_rustls::ServerTlsStream<TcpStream> {
     const PROTO: &'static str = "https";
 
-    async fn idle(&self, _core: &Core, _fd: RawFd) -> bool {
-        true
+    async fn idle(&self, _core: &Core, _fd: RawFd) -> Idle {
+        Idle::Ready
+    }
+
+    fn park_fd(&self, _fd: RawFd) -> Option<std::os::fd::OwnedFd> {
+        None
     }
 
     async fn gone(&self) {
@@ -129,7 +167,8 @@ impl Client for monoio_rustls::ServerTlsStream<TcpStream> {
 }
 
 /// Serves one client connection. This outer future is what an idle keep-alive
-/// connection costs (a few hundred bytes); each request runs in a [`Recycled`] slot.
+/// connection costs (a few hundred bytes) until it parks; each request runs in a
+/// [`Recycled`] slot. `resumed`: a parked connection coming back (already counted).
 pub async fn serve_conn<S: Client>(
     core: Rc<Core>,
     mut conn: S,
@@ -137,10 +176,12 @@ pub async fn serve_conn<S: Client>(
     mut bufs: Option<Box<Bufs>>,
     peer: SocketAddr,
     l: ListenerInfo,
+    resumed: bool,
 ) {
-    core.conns.set(core.conns.get() + 1);
-    CoreMetrics::inc(&core.metrics().connections_active);
-    let _guard = ConnGuard(core.clone());
+    if !resumed {
+        core.conn_opened();
+    }
+    let mut guard = ConnGuard(core.clone(), true);
     loop {
         if bufs.as_ref().is_none_or(|b| b.buf.is_empty()) {
             // Idle between requests: hold no buffer (boxed so an idle connection holds
@@ -149,8 +190,27 @@ pub async fn serve_conn<S: Client>(
                 b.release(&core, true);
                 core.give_bufs(b);
             }
-            if !conn.idle(&core, fd).await {
-                break;
+            match conn.idle(&core, fd).await {
+                Idle::Ready => {}
+                Idle::Closed => break,
+                Idle::Park(since) => {
+                    let Some(dup) = conn.park_fd(fd) else {
+                        continue;
+                    };
+                    let parked = crate::park::Conn {
+                        fd: dup,
+                        peer,
+                        info: l,
+                        since,
+                    };
+                    // On success the task ends here: dropping `conn` closes our fd, the
+                    // duplicate waits in the epoll set. Otherwise keep waiting as before.
+                    if core.park(parked) {
+                        guard.1 = false;
+                        return;
+                    }
+                    continue;
+                }
             }
         }
         let b = bufs.get_or_insert_with(|| core.take_bufs());

@@ -10,6 +10,7 @@ mod drivers;
 mod framing;
 mod headers;
 mod keepalive;
+mod parking;
 mod routing;
 mod streaming;
 mod unavailable;
