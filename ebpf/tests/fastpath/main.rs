@@ -470,6 +470,21 @@ fn bad_input_gets_clear_errors() -> Result<()> {
         // Nothing bad was stored.
         ensure!(fp.endpoint_ips()?.is_empty(), "endpoint stored");
         ensure!(fp.counters()? == Counters::default(), "counters moved");
+
+        // A pinned map of the wrong shape (here: the endpoint map where the counters belong)
+        // is refused instead of being reused.
+        let other = bpffs.pin_dir("other");
+        std::fs::create_dir(&other)?;
+        std::fs::rename(
+            pin_dir.join("flynn_endpoints"),
+            other.join("flynn_counters"),
+        )?;
+        let e = FastPath::load(&other).unwrap_err();
+        ensure!(
+            matches!(e, flynn_ebpf::EbpfError::IncompatiblePin { .. }),
+            "mismatched pin: {e}"
+        );
+        std::fs::remove_file(other.join("flynn_counters"))?;
         fp.unpin()?;
         Ok(())
     })
