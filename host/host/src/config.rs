@@ -63,6 +63,10 @@ pub struct Config {
     #[arg(long, env = "FLYNN_BLOCK", default_value = "100.100.0.0/24")]
     pub block: String,
 
+    /// Job cgroups are `<cgroup-parent>/<job id>` under every controller.
+    #[arg(long, env = "FLYNN_CGROUP_PARENT", default_value = "flynn")]
+    pub cgroup_parent: String,
+
     #[arg(long, env = "FLYNN_MTU", default_value_t = 1500)]
     pub mtu: u32,
 

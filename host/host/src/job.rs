@@ -15,10 +15,10 @@ pub const DEFAULT_STOP_TIMEOUT_SECS: u64 = 10;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// A job id is used in file names, interface names and URLs: 1–128 of `[A-Za-z0-9_.-]`.
+/// A job id is used in file names, cgroup names and URLs: 1–64 of `[A-Za-z0-9_.-]`.
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
-        && id.len() <= 128
+        && id.len() <= 64
         && id != "."
         && id != ".."
         && id
@@ -33,7 +33,7 @@ pub fn parse_job(path_id: &str, body: &[u8], needs_image: bool) -> Result<Job, A
     if !valid_id(path_id) {
         return Err(ApiError::validation(
             Some("id"),
-            "must be 1-128 characters of [A-Za-z0-9_.-]",
+            "must be 1-64 characters of [A-Za-z0-9_.-]",
         ));
     }
     if job.id.is_empty() {
@@ -57,10 +57,10 @@ fn validate(job: &Job, needs_image: bool) -> Result<(), ApiError> {
             ));
         }
         let sha = m.hashes.get("sha256").map(String::as_str).unwrap_or("");
-        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(ApiError::validation(
                 Some(&format!("mountspecs[{i}].hashes.sha256")),
-                "must be 64 hex digits",
+                "must be 64 lowercase hex digits",
             ));
         }
         if !m.url.is_empty() && !m.url.starts_with("file:///") {
@@ -178,27 +178,28 @@ pub fn job_env(
     discoverd: Option<&str>,
 ) -> Vec<String> {
     let mut env: BTreeMap<String, String> = job.config.env.clone();
-    let mut set_default = |k: &str, v: &str| {
-        if !v.is_empty() {
-            env.entry(k.to_string()).or_insert_with(|| v.to_string());
+    {
+        let mut set_default = |k: &str, v: &str| {
+            if !v.is_empty() {
+                env.entry(k.to_string()).or_insert_with(|| v.to_string());
+            }
+        };
+        set_default("PATH", DEFAULT_PATH);
+        set_default("FLYNN_JOB_ID", &job.id);
+        for (var, meta) in [
+            ("FLYNN_APP_ID", "flynn-controller.app"),
+            ("FLYNN_APP_NAME", "flynn-controller.app_name"),
+            ("FLYNN_RELEASE_ID", "flynn-controller.release"),
+            ("FLYNN_PROCESS_TYPE", "flynn-controller.type"),
+        ] {
+            if let Some(v) = job.metadata.get(meta) {
+                set_default(var, v);
+            }
         }
-    };
-    set_default("PATH", DEFAULT_PATH);
-    set_default("FLYNN_JOB_ID", &job.id);
-    for (var, meta) in [
-        ("FLYNN_APP_ID", "flynn-controller.app"),
-        ("FLYNN_APP_NAME", "flynn-controller.app_name"),
-        ("FLYNN_RELEASE_ID", "flynn-controller.release"),
-        ("FLYNN_PROCESS_TYPE", "flynn-controller.type"),
-    ] {
-        if let Some(v) = job.metadata.get(meta) {
-            set_default(var, v);
+        if let Some(d) = discoverd {
+            set_default("DISCOVERD", d);
         }
     }
-    if let Some(d) = discoverd {
-        set_default("DISCOVERD", d);
-    }
-    drop(set_default);
     for (i, p) in ports.iter().enumerate() {
         env.insert(format!("PORT_{i}"), p.port.to_string());
     }

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod config;
+pub mod container;
 pub mod host;
 pub mod job;
 pub mod logship;
@@ -53,7 +54,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let rt: Arc<dyn runtime::Runtime> = match cfg.runtime {
         config::RuntimeKind::Process => Arc::new(runtime::ProcessRuntime),
         config::RuntimeKind::Container => {
-            anyhow::bail!("the container runtime is not built in yet")
+            let images = cfg
+                .image_dir
+                .clone()
+                .unwrap_or_else(|| cfg.state_dir.join("images"));
+            Arc::new(container::ContainerRuntime::open(
+                &cfg.state_dir.join("containers"),
+                &images,
+                &cfg.cgroup_parent,
+            )?)
         }
     };
     let network = if rt.isolates_network() && !cfg.no_network {

@@ -44,17 +44,18 @@ pub fn now_rfc3339() -> String {
     format!("{}.{micros:06}Z", whole.trim_end_matches('Z'))
 }
 
+/// The fields of one message besides its text.
+pub struct Header<'a> {
+    pub timestamp: &'a str,
+    pub host: &'a str,
+    pub app: &'a str,
+    pub procid: &'a str,
+    pub stream: Stream,
+    pub seq: u64,
+}
+
 /// Encodes one framed syslog message (`<len> <msg>`). Empty fields become `-`.
-pub fn encode(
-    out: &mut Vec<u8>,
-    timestamp: &str,
-    host: &str,
-    app: &str,
-    procid: &str,
-    stream: Stream,
-    seq: u64,
-    line: &[u8],
-) {
+pub fn encode(out: &mut Vec<u8>, h: &Header<'_>, line: &[u8]) {
     let nil = |s: &str| {
         if s.is_empty() {
             "-".to_string()
@@ -63,11 +64,13 @@ pub fn encode(
         }
     };
     let head = format!(
-        "<190>1 {timestamp} {} {} {} {} [flynn seq=\"{seq}\"] ",
-        nil(host),
-        nil(app),
-        nil(procid),
-        stream.msgid()
+        "<190>1 {} {} {} {} {} [flynn seq=\"{}\"] ",
+        h.timestamp,
+        nil(h.host),
+        nil(h.app),
+        nil(h.procid),
+        h.stream.msgid(),
+        h.seq
     );
     let len = head.len() + line.len();
     out.extend_from_slice(len.to_string().as_bytes());
@@ -156,16 +159,15 @@ impl Shipper {
             for c in chunks {
                 let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed) + 1;
                 let mut frame = Vec::with_capacity(c.len() + 128);
-                encode(
-                    &mut frame,
-                    &ts,
-                    &self.shared.host,
-                    &src.app,
-                    &src.procid,
+                let h = Header {
+                    timestamp: &ts,
+                    host: &self.shared.host,
+                    app: &src.app,
+                    procid: &src.procid,
                     stream,
                     seq,
-                    c,
-                );
+                };
+                encode(&mut frame, &h, c);
                 self.shared.lines.fetch_add(1, Ordering::Relaxed);
                 if q.len() >= self.shared.capacity {
                     q.pop_front();
@@ -293,16 +295,15 @@ mod tests {
         let ts = now_rfc3339();
         assert_eq!(ts.len(), "2009-11-10T23:00:00.123456Z".len(), "{ts}");
         let src = Source::new(Some("app1"), Some("web"), "host-j1");
-        encode(
-            &mut out,
-            &ts,
-            "host",
-            &src.app,
-            &src.procid,
-            Stream::Stderr,
-            7,
-            b"hello world",
-        );
+        let h = Header {
+            timestamp: &ts,
+            host: "host",
+            app: &src.app,
+            procid: &src.procid,
+            stream: Stream::Stderr,
+            seq: 7,
+        };
+        encode(&mut out, &h, b"hello world");
         let framer = flynn_syslog::Framer::new(flynn_syslog::DEFAULT_MAX_FRAME);
         let mut buf = bytes::BytesMut::from(&out[..]);
         let frame = framer.next_frame(&mut buf).unwrap().unwrap();

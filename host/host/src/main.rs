@@ -1,6 +1,13 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // `flynn-host shim ...`: a job's shim (flynn-container), single-threaded, before
+    // anything else starts a thread.
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(flynn_host::container::SHIM_COMMAND))
+    {
+        flynn_container::shim_main();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FLYNN_LOG")

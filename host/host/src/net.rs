@@ -85,8 +85,12 @@ fn chain(e: impl std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let t = c.to_string();
+        // Some errors already print their source; do not repeat it.
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
         src = c.source();
     }
     s

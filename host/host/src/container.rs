@@ -1,0 +1,206 @@
+//! The container runtime: each job runs in a flynn-container shim spawned from this very
+//! executable (`flynn-host shim --flynn-shim <state> <id>`), with its image layers from
+//! the daemon's [`ImageStore`]. Shims outlive the daemon; [`Runtime::adopt`] reconnects to
+//! the ones still there after a restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use flynn_container::{BindMount, ContainerSpec, ImageStore, Resources, Shim, ShimConn, ShimEvent};
+use tokio::sync::mpsc;
+
+use crate::logship::Stream;
+use crate::runtime::{Handle, Launch, ProcEvent, Runtime, RuntimeError, Signaller};
+
+/// The first argument that makes `flynn-host` act as a shim.
+pub const SHIM_COMMAND: &str = "shim";
+
+pub struct ContainerRuntime {
+    state_dir: PathBuf,
+    images: ImageStore,
+    exe: PathBuf,
+    cgroup_parent: String,
+}
+
+impl ContainerRuntime {
+    /// Shim state under `state_dir`, layers under `image_dir`, job cgroups under
+    /// `<cgroup_parent>/<job id>`.
+    pub fn open(
+        state_dir: &Path,
+        image_dir: &Path,
+        cgroup_parent: &str,
+    ) -> anyhow::Result<ContainerRuntime> {
+        use anyhow::Context;
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating {}", state_dir.display()))?;
+        let images = ImageStore::open(image_dir)
+            .with_context(|| format!("opening the image store {}", image_dir.display()))?;
+        let exe = std::env::current_exe().context("locating the flynn-host executable")?;
+        Ok(ContainerRuntime {
+            state_dir: state_dir.to_path_buf(),
+            images,
+            exe,
+            cgroup_parent: cgroup_parent.to_string(),
+        })
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Handle::current().block_on(f)
+    }
+}
+
+impl Runtime for ContainerRuntime {
+    fn needs_image(&self) -> bool {
+        true
+    }
+
+    fn isolates_network(&self) -> bool {
+        true
+    }
+
+    fn layer(&self, url_path: Option<&Path>, sha256: &str) -> Result<PathBuf, RuntimeError> {
+        let layer = match url_path {
+            Some(p) => self
+                .images
+                .import_tar(p, Some(sha256))
+                .map_err(|e| RuntimeError::Image(chain(&e)))?,
+            None => self.images.layer(sha256).ok_or_else(|| {
+                RuntimeError::Image(format!("layer {sha256} is not on this host"))
+            })?,
+        };
+        Ok(layer.path)
+    }
+
+    fn spawn(&self, l: Launch) -> Result<Handle, RuntimeError> {
+        let spec = ContainerSpec {
+            id: l.id.clone(),
+            layers: l.layers,
+            args: l.args,
+            env: l.env,
+            cwd: l.cwd,
+            hostname: l.hostname,
+            netns: l.netns,
+            mounts: l
+                .mounts
+                .into_iter()
+                .map(|m| BindMount {
+                    source: m.source,
+                    target: m.target.to_string_lossy().into_owned(),
+                    readonly: m.readonly,
+                })
+                .collect(),
+            resources: Resources {
+                memory_bytes: l.limits.memory_bytes,
+                cpu_millis: l.limits.cpu_millis,
+                pids: l.limits.pids,
+                max_fds: l.limits.max_fds,
+            },
+            cgroup_parent: self.cgroup_parent.clone(),
+        };
+        let conn = Self::block_on(Shim::spawn(
+            &self.exe,
+            &[SHIM_COMMAND.to_string()],
+            &self.state_dir,
+            &spec,
+        ))
+        .map_err(|e| RuntimeError::Start(chain(&e)))?;
+        Ok(follow(conn))
+    }
+
+    fn adopt(&self) -> Vec<(String, Handle)> {
+        let mut out = Vec::new();
+        for id in Shim::list(&self.state_dir) {
+            match Self::block_on(Shim::connect(&self.state_dir, &id)) {
+                Ok(conn) => out.push((id, follow(conn))),
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %chain(&e), "cannot reconnect to the job's shim; cleaning up");
+                    self.cleanup(&id);
+                }
+            }
+        }
+        out
+    }
+
+    fn cleanup(&self, id: &str) {
+        if let Err(e) = Shim::cleanup(&self.state_dir, id) {
+            tracing::warn!(job = %id, error = %chain(&e), "container cleanup failed");
+        }
+    }
+}
+
+/// One task owns the shim connection: it forwards events and sends the signals asked for.
+fn follow(mut conn: ShimConn) -> Handle {
+    let (tx, rx) = mpsc::channel(1024);
+    let (sig_tx, mut sig_rx) = mpsc::unbounded_channel::<i32>();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                ev = conn.next_event() => {
+                    let ev = match ev {
+                        Ok(Some(ev)) => ev,
+                        Ok(None) => break,
+                        Err(e) => {
+                            let _ = tx.send(ProcEvent::Failed { reason: format!("lost the job's shim: {}", chain(&e)) }).await;
+                            break;
+                        }
+                    };
+                    let last = ev.is_final();
+                    if tx.send(convert(ev)).await.is_err() || last {
+                        break;
+                    }
+                }
+                Some(sig) = sig_rx.recv() => {
+                    if let Err(e) = conn.signal(sig).await {
+                        tracing::debug!(job = %conn.id(), sig, error = %chain(&e), "signal failed");
+                    }
+                }
+            }
+        }
+    });
+    let signal: Signaller = Arc::new(move |sig| {
+        sig_tx
+            .send(sig)
+            .map_err(|_| std::io::Error::other("the job has ended"))
+    });
+    Handle { events: rx, signal }
+}
+
+fn convert(ev: ShimEvent) -> ProcEvent {
+    let stream = |s| match s {
+        flynn_container::Stream::Stdout => Stream::Stdout,
+        flynn_container::Stream::Stderr => Stream::Stderr,
+    };
+    match ev {
+        ShimEvent::Started { pid } => ProcEvent::Started { pid },
+        ShimEvent::Output { stream: s, line } => ProcEvent::Output {
+            stream: stream(s),
+            line,
+        },
+        ShimEvent::Dropped { count, .. } => ProcEvent::Dropped { count },
+        ShimEvent::Exited {
+            code,
+            signal,
+            oom_killed,
+        } => ProcEvent::Exited {
+            code: code.unwrap_or(128 + signal.unwrap_or(0)),
+            signal,
+            oom_killed,
+        },
+        ShimEvent::Failed { reason } => ProcEvent::Failed { reason },
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        // Some errors already print their source; do not repeat it.
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = c.source();
+    }
+    s
+}

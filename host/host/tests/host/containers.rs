@@ -1,0 +1,452 @@
+//! The daemon with the container runtime (root only; skipped otherwise). Each test runs
+//! in a network namespace of its own: the daemon, its bridge and the aggregator live
+//! there, and the test's HTTP clients run on a thread that joined it.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use flynn_client::host::{Job, JobStatus, MountSpec, Port};
+
+use crate::support::*;
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The busybox layer tarball and its sha256, built once per test binary.
+fn busybox() -> &'static (PathBuf, String) {
+    static IMG: OnceLock<(PathBuf, String)> = OnceLock::new();
+    IMG.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("flynn-host-img-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tar = dir.join("busybox.tar");
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build-busybox.sh");
+        let out = Command::new("sh").arg(&script).arg(&tar).output().unwrap();
+        assert!(
+            out.status.success(),
+            "build-busybox.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sum = Command::new("sha256sum").arg(&tar).output().unwrap();
+        let sha = String::from_utf8_lossy(&sum.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        (tar, sha)
+    })
+}
+
+/// A busybox job running `sh -c script`.
+fn bb_job(id: &str, script: &str) -> Job {
+    let (tar, sha) = busybox();
+    let mut j = sh_job(id, script);
+    j.mountspecs = vec![MountSpec {
+        kind: "tar".into(),
+        url: format!("file://{}", tar.display()),
+        hashes: [("sha256".to_string(), sha.clone())].into(),
+        ..MountSpec::default()
+    }];
+    j
+}
+
+/// A network namespace made with `ip netns`; on drop, the jobs of `state` are cleaned up
+/// and the namespace deleted.
+struct TestNs {
+    name: String,
+    states: Vec<PathBuf>,
+}
+
+impl TestNs {
+    fn new() -> TestNs {
+        let name = unique("fht");
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip netns add {name}");
+        let st = Command::new("ip")
+            .args(["-n", &name, "link", "set", "lo", "up"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        TestNs {
+            name,
+            states: Vec::new(),
+        }
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        for state in &self.states {
+            let containers = state.join("containers");
+            for id in flynn_container::Shim::list(&containers) {
+                let _ = flynn_container::Shim::cleanup(&containers, &id);
+                let ns = flynn_network::job::netns_path(&id);
+                if let Some(n) = ns.file_name().and_then(|n| n.to_str()) {
+                    let _ = Command::new("ip").args(["netns", "del", n]).status();
+                }
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Runs `body` on a thread inside a fresh network namespace, with its own runtime.
+fn in_netns<F, Fut>(body: F)
+where
+    F: FnOnce(String) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    let ns = TestNs::new();
+    let name = ns.name.clone();
+    let res = std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(body(name));
+    })
+    .join();
+    drop(ns);
+    if let Err(p) = res {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// A container host in the current namespace; its jobs are cleaned up on drop.
+struct CHost {
+    host: Host,
+}
+
+impl CHost {
+    fn start(extra: &[&str]) -> CHost {
+        let mut args = vec![
+            "--runtime",
+            "container",
+            "--bridge-name",
+            "flynntest0",
+            "--block",
+            "100.100.7.0/24",
+            "--cgroup-parent",
+            "flynn-host-test",
+        ];
+        args.extend_from_slice(extra);
+        CHost {
+            host: Host::start(&args),
+        }
+    }
+}
+
+impl Drop for CHost {
+    fn drop(&mut self) {
+        drop(self.host.proc.take());
+        let containers = self.host.dir.path().join("containers");
+        for id in flynn_container::Shim::list(&containers) {
+            let _ = flynn_container::Shim::cleanup(&containers, &id);
+            let ns = flynn_network::job::netns_path(&id);
+            if let Some(n) = ns.file_name().and_then(|n| n.to_str()) {
+                let _ = Command::new("ip").args(["netns", "del", n]).status();
+            }
+        }
+    }
+}
+
+fn netns_exists(id: &str) -> bool {
+    flynn_network::job::netns_path(id).exists()
+}
+
+#[test]
+fn busybox_job_output_env_and_failures() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    busybox();
+    in_netns(|_| async {
+        let (_agg, syslog, api) = logagg();
+        let ch = CHost::start(&["--logagg", &syslog]);
+        let h = &ch.host;
+        let c = &h.client;
+        let app = unique("app");
+        let id = h.job_id("hello");
+        let mut job = bb_job(
+            &id,
+            "echo hello from $FLYNN_JOB_ID; echo \"PORT=$PORT P1=$PORT_1 IP=$EXTERNAL_IP\"; ip -4 -o addr show eth0 | awk '{print $4}'",
+        );
+        job.config.env.insert("FLYNN_APP_ID".into(), app.clone());
+        job.config.ports = vec![
+            Port {
+                port: 0,
+                proto: "tcp".into(),
+                service: None,
+            },
+            Port {
+                port: 0,
+                proto: "tcp".into(),
+                service: None,
+            },
+        ];
+        c.add_job(&job).await.unwrap();
+        let j = wait_ended(c, &id, Duration::from_secs(30)).await;
+        assert_eq!(
+            (j.status, j.exit_status),
+            (JobStatus::Done, Some(0)),
+            "{j:?}"
+        );
+        let ip = j.internal_ip.clone();
+        assert!(ip.starts_with("100.100.7."), "{ip}");
+        let mut lines = Vec::new();
+        eventually(Duration::from_secs(10), "3 lines", || {
+            lines = log_lines(&api, &app);
+            lines.len() >= 3
+        })
+        .await;
+        let msgs: Vec<&str> = lines.iter().map(|l| l["msg"].as_str().unwrap()).collect();
+        assert_eq!(
+            msgs,
+            [
+                format!("hello from {id}"),
+                format!("PORT=5000 P1=5001 IP={ip}"),
+                format!("{ip}/24"),
+            ]
+        );
+        assert!(!netns_exists(&id), "job netns left behind");
+
+        // An image that does not exist fails the job.
+        let missing = h.job_id("noimage");
+        let mut job = bb_job(&missing, "true");
+        job.mountspecs[0].url = "file:///nonexistent/layer.tar".into();
+        c.add_job(&job).await.unwrap();
+        let j = wait_ended(c, &missing, Duration::from_secs(10)).await;
+        assert_eq!(j.status, JobStatus::Failed);
+        assert!(j.error.as_deref().unwrap().starts_with("image: "), "{j:?}");
+
+        // So does a layer whose content does not match its sha256.
+        let bad = h.job_id("badsha");
+        let mut job = bb_job(&bad, "true");
+        job.mountspecs[0]
+            .hashes
+            .insert("sha256".into(), "0".repeat(64));
+        c.add_job(&job).await.unwrap();
+        let j = wait_ended(c, &bad, Duration::from_secs(10)).await;
+        assert_eq!(j.status, JobStatus::Failed);
+
+        // And a binary that is not in the image.
+        let noexec = h.job_id("noexec");
+        let mut job = bb_job(&noexec, "");
+        job.config.args = vec!["/no/such/binary".into()];
+        c.add_job(&job).await.unwrap();
+        let j = wait_ended(c, &noexec, Duration::from_secs(20)).await;
+        assert_ne!(j.status, JobStatus::Done, "{j:?}");
+        assert!(!netns_exists(&noexec));
+
+        // Stop: SIGTERM ignored, SIGKILL after the 1 s timeout.
+        let stubborn = h.job_id("stubborn");
+        let mut job = bb_job(
+            &stubborn,
+            "trap '' TERM; echo ready; while true; do sleep 1; done",
+        );
+        job.config.stop_timeout = Some(1);
+        c.add_job(&job).await.unwrap();
+        wait_running(c, &stubborn).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t0 = Instant::now();
+        c.stop_job(&stubborn).await.unwrap();
+        let j = wait_ended(c, &stubborn, Duration::from_secs(15)).await;
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+        assert_eq!((j.status, j.signal), (JobStatus::Done, Some(9)));
+    });
+}
+
+#[test]
+fn twenty_jobs_at_once_and_jobs_reach_each_other() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    busybox();
+    in_netns(|_| async {
+        let ch = CHost::start(&[]);
+        let h = &ch.host;
+        let c = &h.client;
+
+        // A web server job; the host (this namespace holds the bridge) and another job
+        // reach it by its IP.
+        let web = h.job_id("web");
+        c.add_job(&bb_job(
+            &web,
+            "mkdir -p /tmp/www && echo pong > /tmp/www/index.html && exec httpd -f -p $PORT -h /tmp/www",
+        ).tap_ports())
+        .await
+        .unwrap();
+        let ip = wait_running(c, &web).await.internal_ip;
+        let addr = format!("{ip}:5000");
+        let mut body = String::new();
+        eventually(Duration::from_secs(10), "host reaches the job", || {
+            if std::net::TcpStream::connect_timeout(
+                &addr.parse().unwrap(),
+                Duration::from_millis(200),
+            )
+            .is_err()
+            {
+                return false;
+            }
+            body = http(&addr, "GET", "/index.html", "", "").1;
+            body == "pong\n"
+        })
+        .await;
+        let client = h.job_id("client");
+        c.add_job(&bb_job(
+            &client,
+            // (busybox-static's wget crashes in its resolver; nc takes the address as is.)
+            &format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 5000 | tail -n 1 | grep -qx pong"),
+        ))
+        .await
+        .unwrap();
+        let j = wait_ended(c, &client, Duration::from_secs(30)).await;
+        assert_eq!(
+            (j.status, j.exit_status),
+            (JobStatus::Done, Some(0)),
+            "job could not reach {addr}"
+        );
+
+        // Twenty at once, all running with distinct addresses.
+        let ids: Vec<String> = (0..20).map(|i| h.job_id(&format!("many{i}"))).collect();
+        let adds = ids.iter().map(|id| {
+            let job = bb_job(id, "exec sleep 60");
+            async move { c.add_job(&job).await }
+        });
+        for r in futures_util::future::join_all(adds).await {
+            r.unwrap();
+        }
+        let mut ips = std::collections::BTreeSet::new();
+        for id in &ids {
+            let j = wait_running(c, id).await;
+            ips.insert(j.internal_ip);
+        }
+        assert_eq!(ips.len(), 20);
+        let st = c.status().await.unwrap();
+        assert_eq!(st.jobs.get("running"), Some(&21));
+        for id in ids.iter().chain([&web]) {
+            c.stop_job(id).await.unwrap();
+        }
+        for id in ids.iter().chain([&web]) {
+            let j = wait_ended(c, id, Duration::from_secs(30)).await;
+            assert_eq!(j.status, JobStatus::Done);
+        }
+        // Nothing left: shim state, namespaces, host veths.
+        let containers = h.dir.path().join("containers");
+        eventually(Duration::from_secs(10), "no shim state left", || {
+            flynn_container::Shim::list(&containers).is_empty()
+        })
+        .await;
+        for id in &ids {
+            assert!(!netns_exists(id), "netns of {id} left");
+        }
+        let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+        let links = String::from_utf8_lossy(&links.stdout);
+        assert!(!links.contains(": flv"), "veths left: {links}");
+    });
+}
+
+#[test]
+fn restarted_daemon_readopts_running_jobs() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    busybox();
+    in_netns(|_| async {
+        let (_agg, syslog, api) = logagg();
+        let mut ch = CHost::start(&["--logagg", &syslog]);
+        let app = unique("app");
+        let id = ch.host.job_id("ticker");
+        let mut job = bb_job(
+            &id,
+            "i=0; while true; do echo tick$i; i=$((i+1)); sleep 0.2; done",
+        );
+        job.config.env.insert("FLYNN_APP_ID".into(), app.clone());
+        ch.host.client.add_job(&job).await.unwrap();
+        let before = wait_running(&ch.host.client, &id).await;
+
+        // Kill the daemon outright and start a new one on the same state.
+        drop(ch.host.proc.take());
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let host_id = ch.host.id.clone();
+        let dir = std::mem::replace(&mut ch.host.dir, tempfile::tempdir().unwrap());
+        let extra = ["--logagg", syslog.as_str()];
+        let args: Vec<&str> = [
+            "--runtime",
+            "container",
+            "--bridge-name",
+            "flynntest0",
+            "--block",
+            "100.100.7.0/24",
+            "--cgroup-parent",
+            "flynn-host-test",
+        ]
+        .into_iter()
+        .chain(extra)
+        .collect();
+        ch.host = Host::start_in(dir, &host_id, &args);
+        let c = &ch.host.client;
+        let after = c.get_job(&id).await.unwrap();
+        assert_eq!(after.status, JobStatus::Running, "{after:?}");
+        assert_eq!(
+            (after.pid, after.internal_ip.clone()),
+            (before.pid, before.internal_ip.clone())
+        );
+
+        // Output keeps flowing through the new daemon (including lines from the gap).
+        let n0 = log_lines(&api, &app).len();
+        eventually(
+            Duration::from_secs(10),
+            "more lines after the restart",
+            || log_lines(&api, &app).len() >= n0 + 5,
+        )
+        .await;
+        let lines = log_lines(&api, &app);
+        let seqs: Vec<u64> = lines
+            .iter()
+            .filter_map(|l| l["msg"].as_str()?.strip_prefix("tick")?.parse().ok())
+            .collect();
+        for w in seqs.windows(2) {
+            assert_eq!(w[1], w[0] + 1, "gap or repeat in {seqs:?}");
+        }
+
+        c.stop_job(&id).await.unwrap();
+        let j = wait_ended(c, &id, Duration::from_secs(15)).await;
+        assert_eq!(j.status, JobStatus::Done);
+        assert!(!netns_exists(&id));
+    });
+}
+
+trait TapPorts {
+    fn tap_ports(self) -> Self;
+}
+
+impl TapPorts for Job {
+    /// One TCP port (5000).
+    fn tap_ports(mut self) -> Job {
+        self.config.ports = vec![Port {
+            port: 0,
+            proto: "tcp".into(),
+            service: None,
+        }];
+        self
+    }
+}
