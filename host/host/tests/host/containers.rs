@@ -450,3 +450,43 @@ impl TapPorts for Job {
         self
     }
 }
+
+#[test]
+fn memory_limit_kills_with_137_and_the_job_reports_it() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    busybox();
+    in_netns(|_| async {
+        let ch = CHost::start(&[]);
+        let h = &ch.host;
+        let id = h.job_id("oom");
+        // dd allocates its 256 MiB block at once; the limit is 32 MiB.
+        let mut job = bb_job(&id, "dd if=/dev/zero of=/dev/null bs=256M count=1");
+        job.resources.memory = Some(flynn_client::host::Spec {
+            limit: Some(32 << 20),
+            request: None,
+        });
+        h.client.add_job(&job).await.unwrap();
+        let j = wait_ended(&h.client, &id, Duration::from_secs(30)).await;
+        assert_eq!(
+            (j.status, j.exit_status, j.oom_killed),
+            (JobStatus::Crashed, Some(137), true),
+            "{j:?}"
+        );
+        let ok = h.job_id("fits");
+        let mut job = bb_job(&ok, "dd if=/dev/zero of=/dev/null bs=4M count=1");
+        job.resources.memory = Some(flynn_client::host::Spec {
+            limit: Some(32 << 20),
+            request: None,
+        });
+        h.client.add_job(&job).await.unwrap();
+        let j = wait_ended(&h.client, &ok, Duration::from_secs(30)).await;
+        assert_eq!(
+            (j.status, j.exit_status),
+            (JobStatus::Done, Some(0)),
+            "{j:?}"
+        );
+    });
+}
