@@ -215,7 +215,8 @@ impl FastPath {
             if rec.ifindex != ifindex {
                 continue;
             }
-            if rec.role == role && rec.kind == self.kind {
+            // Same role: swap in place, whatever the mechanism (no gap in coverage).
+            if rec.role == role {
                 let prog = program(&mut self.ebpf, role)?;
                 if attach::swap(prog, rec, Some(&name), &self.pin_dir)? {
                     return Ok(());
