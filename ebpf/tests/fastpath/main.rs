@@ -84,6 +84,25 @@ fn same_host_redirect_peer_and_fallback(mode: AttachMode) -> Result<()> {
     want.sort_by_key(|(i, _)| *i);
     ensure!(fp.attached()? == want, "attached: {:?}", fp.attached()?);
 
+    // Attaching again swaps in place; switching roles replaces; nothing piles up.
+    in_ns(&host, || {
+        fp.attach(vj1, Role::JobVeth)?;
+        fp.attach(vj1, Role::Vxlan)?;
+        ensure!(
+            fp.attached()?.contains(&(vj1, Role::Vxlan)) && fp.attached()?.len() == 2,
+            "role switch: {:?}",
+            fp.attached()?
+        );
+        fp.attach(vj1, Role::JobVeth)?;
+        Ok(())
+    })?;
+    ensure!(fp.attached()? == want, "attached: {:?}", fp.attached()?);
+    let progs = programs_on(mode, &host, "vj1")?;
+    ensure!(
+        progs.len() == 1,
+        "programs on vj1 after re-attach: {progs:?}"
+    );
+
     // Empty maps: everything falls through to the kernel path.
     ensure!(
         ping_count(&j1.ns, j2.ip, 5) == 5,
