@@ -269,13 +269,15 @@ impl ContainerSpec {
     }
 }
 
-/// Capabilities every job keeps (Docker's default set).
+/// Capabilities every job keeps: Docker's default set without `CAP_MKNOD`. On a cgroup v2 host
+/// libcgroups (without its eBPF `cgroupsv2_devices` feature) installs no device filter, so a job
+/// that could mknod could open host block devices; the runtime creates the standard `/dev` nodes
+/// itself.
 pub const DEFAULT_CAPS: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
     "CAP_FSETID",
     "CAP_FOWNER",
-    "CAP_MKNOD",
     "CAP_NET_RAW",
     "CAP_SETGID",
     "CAP_SETUID",

@@ -104,6 +104,8 @@ fn run(state_dir: &Path, id: &str) -> Result<(), String> {
         };
     }
     drop(ready_r);
+    // Nothing of the daemon's working directory stays busy.
+    let _ = std::env::set_current_dir("/");
     serve(&layout, ready_w)
 }
 
@@ -564,7 +566,7 @@ impl ShimLoop {
             buf: Vec::new(),
             open: true,
         };
-        let mut status: Option<i32> = None;
+        let mut status: Option<Option<i32>> = None;
         let mut exited_at: Option<Instant> = None;
         loop {
             if let Some(at) = exited_at {
@@ -630,7 +632,8 @@ impl ShimLoop {
                 self.read_pipe(r.stderr.as_raw_fd(), &mut err);
             }
             if fds[1].revents != 0 && status.is_none() {
-                status = Some(reap(r.pid).unwrap_or(0));
+                // `None` inside: the init could not be waited for (never expected).
+                status = Some(reap(r.pid));
                 exited_at = Some(Instant::now());
             }
             self.write_client();
@@ -647,21 +650,17 @@ impl ShimLoop {
                 lines.flush(&mut self.outbox, true);
             }
         }
-        let status = status.unwrap_or(0);
         let oom_killed = cgroups::oom_killed(&self.spec);
         teardown(&self.spec, &self.layout, Some(&mut r.container));
-        let ev = if libc::WIFSIGNALED(status) {
-            ShimEvent::Exited {
-                code: None,
-                signal: Some(libc::WTERMSIG(status)),
-                oom_killed,
-            }
-        } else {
-            ShimEvent::Exited {
-                code: Some(libc::WEXITSTATUS(status)),
-                signal: None,
-                oom_killed,
-            }
+        let (code, signal) = match status.flatten() {
+            Some(st) if libc::WIFSIGNALED(st) => (None, Some(libc::WTERMSIG(st))),
+            Some(st) => (Some(libc::WEXITSTATUS(st)), None),
+            None => (None, None),
+        };
+        let ev = ShimEvent::Exited {
+            code,
+            signal,
+            oom_killed,
         };
         self.finish(ev);
     }

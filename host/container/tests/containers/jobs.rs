@@ -152,7 +152,9 @@ async fn seccomp_and_capabilities_confine_the_job() {
             "-c",
             "mount -t tmpfs none /mnt 2>/dev/null && echo mounted || echo no-mount; \
              grep NoNewPrivs /proc/self/status; grep Seccomp: /proc/self/status; \
-             touch /bin/written && echo writable-root",
+             touch /bin/written && echo writable-root; \
+             mknod /tmp/disk b 8 0 2>/dev/null && echo mknod || echo no-mknod; \
+             echo x > /dev/null && echo devnull-ok",
         ],
     );
     let mut conn = env.spawn(&spec).await;
@@ -169,7 +171,52 @@ async fn seccomp_and_capabilities_confine_the_job() {
     // The root is writable (per-job upper dir) but the image layer is not touched.
     assert!(run.stdout.contains(&"writable-root".to_string()), "{run:?}");
     assert!(!env.layer.join("bin/written").exists());
+    assert!(run.stdout.contains(&"no-mknod".to_string()), "{run:?}");
+    assert!(run.stdout.contains(&"devnull-ok".to_string()), "{run:?}");
     env.cleanup_and_check(&spec);
+}
+
+#[tokio::test]
+async fn bind_mounts_read_only_and_writable() {
+    require_root!();
+    let env = Env::new("binds");
+    let ro = env.base.join("ro");
+    let rw = env.base.join("rw");
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::write(ro.join("config"), "from-host\n").unwrap();
+    let mut spec = env.spec(
+        "binds",
+        &[
+            "sh",
+            "-c",
+            "cat /data/config; touch /data/x 2>/dev/null && echo ro-written || echo ro-refused; \
+             echo from-job > /out/result",
+        ],
+    );
+    spec.mounts = vec![
+        flynn_container::BindMount {
+            source: ro.clone(),
+            target: "/data".into(),
+            readonly: true,
+        },
+        flynn_container::BindMount {
+            source: rw.clone(),
+            target: "/out".into(),
+            readonly: false,
+        },
+    ];
+    let mut conn = env.spawn(&spec).await;
+    let run = collect(&mut conn, T).await;
+    assert_eq!(run.stdout, vec!["from-host", "ro-refused"], "{run:?}");
+    assert_eq!(
+        std::fs::read_to_string(rw.join("result")).unwrap(),
+        "from-job\n"
+    );
+    assert!(!ro.join("x").exists());
+    env.cleanup_and_check(&spec);
+    // The host directories are untouched by the cleanup.
+    assert!(ro.join("config").exists());
 }
 
 #[tokio::test]
