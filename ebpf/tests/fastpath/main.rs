@@ -366,6 +366,10 @@ fn restart_swaps_programs_keeps_maps_and_traffic(mode: AttachMode) -> Result<()>
     drop(fp1);
     std::thread::sleep(std::time::Duration::from_millis(500));
     let fp1 = in_ns(&t.h1, || Ok(FastPath::load_with(&pin1, mode)?))?;
+    ensure!(
+        !pinger.is_finished(),
+        "the ping stream ended before the restart completed; the test proved nothing"
+    );
     let reloaded = counters(&fp1)?;
     ensure!(
         reloaded.redirected_remote > counted.redirected_remote,
