@@ -23,6 +23,37 @@
 //! parses into [`Switch`]; `auto` means [`FastPath::supported`]. [`Counters::prometheus`]
 //! renders the counters for a `/metrics` page.
 
+//! # Example
+//!
+//! What the agent does, in the host's network namespace:
+//!
+//! ```no_run
+//! use std::net::Ipv4Addr;
+//! use std::path::Path;
+//! use flynn_ebpf::{Endpoint, FastPath, Hop, Role, Switch, DEFAULT_PIN_DIR};
+//!
+//! # fn main() -> Result<(), flynn_ebpf::EbpfError> {
+//! let switch: Switch = "auto".parse().expect("auto or off");
+//! if switch.enabled() {
+//!     let mut fp = FastPath::load(Path::new(DEFAULT_PIN_DIR))?; // reuses pins after a restart
+//!     let (vxlan, job_veth) = (4, 7); // interface indexes
+//!     fp.attach(vxlan, Role::Vxlan)?;
+//!     // A job started: its veth and its entry.
+//!     fp.attach(job_veth, Role::JobVeth)?;
+//!     let job = Endpoint { ifindex: job_veth, mac: [2, 0, 0, 0, 0, 10], gateway_mac: [2, 0, 0, 0, 0, 1] };
+//!     fp.upsert_endpoint(Ipv4Addr::new(100, 100, 1, 10), job)?;
+//!     // A peer's lease: its block goes to the VXLAN device, next hop its network address.
+//!     let block = Ipv4Addr::new(100, 100, 2, 0);
+//!     fp.upsert_prefix(block, 24, Hop { ifindex: vxlan, next_hop: block })?;
+//!     // The job stopped: entry first, then the veth.
+//!     fp.remove_endpoint(Ipv4Addr::new(100, 100, 1, 10))?;
+//!     fp.detach(job_veth)?;
+//!     println!("{}", fp.counters()?.prometheus());
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
 mod attach;
 mod bpffs;
 mod error;

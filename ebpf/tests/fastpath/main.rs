@@ -494,6 +494,10 @@ fn bad_input_gets_clear_errors() -> Result<()> {
         ensure!(fp.endpoint_ips()?.is_empty(), "endpoint stored");
         ensure!(fp.counters()? == Counters::default(), "counters moved");
 
+        // `auto` turns the fast path on here (should_run already required the probe to pass).
+        ensure!(FastPath::supported(), "supported() disagrees with probe()");
+        ensure!(flynn_ebpf::Switch::Auto.enabled() && !flynn_ebpf::Switch::Off.enabled());
+
         // A pinned map of the wrong shape (here: the endpoint map where the counters belong)
         // is refused instead of being reused.
         let other = bpffs.pin_dir("other");
