@@ -4,6 +4,7 @@
 //! `FLYNN_SKIP_NETNS_TESTS=1`.
 
 mod lab;
+mod sigkill;
 
 use std::net::Ipv4Addr;
 
