@@ -26,6 +26,8 @@ pub struct ShimConn {
     /// `None` once the shim is gone; the final event then comes from the status file.
     sock: Option<UnixStream>,
     rbuf: Vec<u8>,
+    /// Frames to the shim not yet written (acks, signals).
+    wbuf: std::sync::Mutex<Vec<u8>>,
     /// Sequence number of the next event frame.
     next_seq: u64,
     acked: u64,
@@ -163,6 +165,7 @@ impl Shim {
             layout,
             sock,
             rbuf: Vec::new(),
+            wbuf: std::sync::Mutex::new(Vec::new()),
             next_seq: 0,
             acked: 0,
             hello: false,
@@ -264,23 +267,39 @@ impl ShimConn {
         &self.id
     }
 
-    async fn write_all(&self, mut bytes: &[u8]) -> Result<(), ContainerError> {
+    /// Queues `frame` and writes what is queued. Cancel-safe: whole frames are queued under
+    /// the lock before any await, and bytes leave the queue only once written, so a cancelled
+    /// call leaves nothing half-sent; the next write carries on.
+    async fn send(&self, frame: Option<&[u8]>) -> Result<(), ContainerError> {
         let Some(sock) = &self.sock else {
             return Err(ContainerError::Protocol {
                 reason: format!("shim of {} is gone", self.id),
             });
         };
-        while !bytes.is_empty() {
+        if let Some(f) = frame {
+            self.wbuf.lock().unwrap().extend_from_slice(f);
+        }
+        loop {
+            {
+                let mut buf = self.wbuf.lock().unwrap();
+                if buf.is_empty() {
+                    return Ok(());
+                }
+                match sock.try_write(&buf) {
+                    Ok(n) => {
+                        buf.drain(..n);
+                        continue;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        return Err(ContainerError::io("writing to", self.layout.socket(), e))
+                    }
+                }
+            }
             sock.writable()
                 .await
                 .map_err(|e| ContainerError::io("writing to", self.layout.socket(), e))?;
-            match sock.try_write(bytes) {
-                Ok(n) => bytes = &bytes[n..],
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(ContainerError::io("writing to", self.layout.socket(), e)),
-            }
         }
-        Ok(())
     }
 
     fn ack_frame(&self) -> Vec<u8> {
@@ -289,23 +308,26 @@ impl ShimConn {
         b
     }
 
-    async fn ack(&mut self) -> Result<(), ContainerError> {
+    /// Queues an ack for everything returned so far (no await).
+    fn queue_ack(&mut self) {
         if self.hello && self.next_seq > self.acked && self.sock.is_some() {
-            self.write_all(&self.ack_frame()).await?;
+            let frame = self.ack_frame();
+            self.wbuf.lock().unwrap().extend_from_slice(&frame);
             self.acked = self.next_seq;
         }
-        Ok(())
     }
 
     /// The next event; `None` once the shim finished (after `Exited` or `Failed`).
-    /// Each call acknowledges the events returned before it.
+    /// Each call acknowledges the events returned before it. Cancel-safe (usable in
+    /// `tokio::select!`): an event is only taken off the connection when it is returned.
     pub async fn next_event(&mut self) -> Result<Option<ShimEvent>, ContainerError> {
+        self.queue_ack();
+        // A shim that already went away cannot take the ack; that is fine.
+        if self.sock.is_some() && self.send(None).await.is_err() {
+            self.sock = None;
+        }
         if self.finished {
             return Ok(None);
-        }
-        // A shim that already went away cannot take the ack; that is fine.
-        if self.ack().await.is_err() {
-            self.sock = None;
         }
         loop {
             let frame = wire::decode(&mut self.rbuf)
@@ -326,9 +348,14 @@ impl ShimConn {
                     self.next_seq += 1;
                     if ev.is_final() {
                         self.finished = true;
-                        // Tell the shim right away so it can exit.
-                        if self.ack().await.is_err() {
-                            self.sock = None;
+                        // Tell the shim right away so it can exit (best effort, no await: the
+                        // next call or the drop retries).
+                        self.queue_ack();
+                        if let Some(sock) = &self.sock {
+                            let mut buf = self.wbuf.lock().unwrap();
+                            if let Ok(n) = sock.try_write(&buf) {
+                                buf.drain(..n);
+                            }
                         }
                     }
                     return Ok(Some(ev));
@@ -341,6 +368,7 @@ impl ShimConn {
                 None => {}
             }
             let n = match self.sock.as_mut() {
+                // `read_buf` is cancel-safe: bytes land in `rbuf` only when the read completes.
                 Some(s) => match s.read_buf(&mut self.rbuf).await {
                     Ok(n) => n,
                     // A shim exiting while this connection was queued or had unread acks: the
@@ -370,16 +398,18 @@ impl ShimConn {
         }
         let mut b = Vec::new();
         wire::encode_signal(sig, &mut b);
-        self.write_all(&b).await
+        self.send(Some(&b)).await
     }
 }
 
 impl Drop for ShimConn {
     fn drop(&mut self) {
         // Best effort: acknowledge what the caller already has, so a reconnect does not repeat it.
+        self.queue_ack();
         if let Some(sock) = &self.sock {
-            if self.hello && self.next_seq > self.acked {
-                let _ = sock.try_write(&self.ack_frame());
+            let buf = self.wbuf.lock().unwrap();
+            if !buf.is_empty() {
+                let _ = sock.try_write(&buf);
             }
         }
     }

@@ -104,3 +104,41 @@ async fn connected_daemon_gets_everything_without_drops() {
     assert_eq!(run.stdout.len(), 80_000);
     env.cleanup_and_check(&spec);
 }
+
+#[tokio::test]
+async fn next_event_is_cancel_safe() {
+    require_root!();
+    let env = Env::new("cancel");
+    let spec = env.spec(
+        "cancel",
+        &[
+            "sh",
+            "-c",
+            "for i in $(seq 1 20); do seq $(( (i-1)*100+1 )) $((i*100)); sleep 0.02; done",
+        ],
+    );
+    let mut conn = env.spawn(&spec).await;
+    let mut run = Run::default();
+    let mut cancelled = 0u32;
+    let deadline = tokio::time::Instant::now() + T;
+    // Cancel the pending next_event every millisecond, as a select! with a signal channel does,
+    // and send a harmless signal (SIGWINCH, ignored) each time.
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {run:?}");
+        tokio::select! {
+            ev = conn.next_event() => match ev.unwrap() {
+                Some(ev) => run.add(ev),
+                None => break,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(1)) => {
+                cancelled += 1;
+                conn.signal(libc::SIGWINCH).await.unwrap();
+            }
+        }
+    }
+    assert!(cancelled > 10, "only {cancelled} cancellations");
+    let want: Vec<String> = (1..=2000).map(|i| i.to_string()).collect();
+    assert_eq!(run.stdout, want);
+    assert_eq!(run.exit_code(), Some(0));
+    env.cleanup_and_check(&spec);
+}
