@@ -341,6 +341,11 @@ impl Host {
         }
         if r.adopted {
             self.register_services(&id, &r);
+            if self.get(&id).is_some_and(|j| j.force_stop) {
+                let host = self.clone();
+                let id = id.clone();
+                tokio::spawn(async move { host.stop_process(&id).await });
+            }
         }
         let src = Source::new(job.app_id(), job.process_type(), &id);
         let log = !job.config.disable_log;
@@ -437,9 +442,25 @@ impl Host {
             let jid = id.to_string();
             let task = tokio::spawn(async move {
                 if svc.create {
-                    if let Err(e) = client.add_service(&svc.name, "oldest").await {
-                        if e.api().map(|a| a.code) != Some(flynn_api::ErrorCode::ObjectExists) {
-                            tracing::warn!(service = %svc.name, error = %e, "creating service failed");
+                    // Retried like registration: discoverd may be electing a leader.
+                    let t0 = tokio::time::Instant::now();
+                    loop {
+                        match client.add_service(&svc.name, "oldest").await {
+                            Ok(()) => break,
+                            Err(e)
+                                if e.api().map(|a| a.code)
+                                    == Some(flynn_api::ErrorCode::ObjectExists) =>
+                            {
+                                break
+                            }
+                            Err(e) if t0.elapsed() < Duration::from_secs(60) => {
+                                tracing::debug!(service = %svc.name, error = %e, "creating service failed; retrying");
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            Err(e) => {
+                                tracing::warn!(service = %svc.name, error = %e, "creating service failed");
+                                break;
+                            }
                         }
                     }
                 }
@@ -572,7 +593,13 @@ impl Host {
                 Some(h) => {
                     tracing::info!(job = %id, "re-adopted running job");
                     let ports = job::bind_ports(&j.job).unwrap_or_default();
-                    let ip: Option<IpAddr> = j.internal_ip.parse().ok();
+                    // A job that had not reported running yet has its address only in
+                    // the allocator.
+                    let ip: Option<IpAddr> = j
+                        .internal_ip
+                        .parse()
+                        .ok()
+                        .or_else(|| self.network.as_ref().and_then(|n| n.address_of(&id)));
                     let env_ip = ip.unwrap_or(self.external_ip);
                     let env =
                         job::job_env(&j.job, &ports, Some(env_ip), self.discoverd_url.as_deref());
@@ -591,16 +618,16 @@ impl Host {
                         stop_timeout,
                         adopted: true,
                     };
-                    let force_stop = j.force_stop;
-                    tokio::spawn(host.clone().supervise(j.job, h, run));
-                    if force_stop {
-                        let id = id.clone();
-                        tokio::spawn(async move { host.stop_process(&id).await });
-                    }
+                    tokio::spawn(host.supervise(j.job, h, run));
                 }
                 None if live => {
                     tracing::warn!(job = %id, "job was not found after a restart");
                     self.fail(&id, "host: job lost across a daemon restart".into());
+                    let had_net = self
+                        .network
+                        .as_ref()
+                        .is_some_and(|n| n.address_of(&id).is_some());
+                    self.teardown(&id, had_net).await;
                 }
                 None => {}
             }

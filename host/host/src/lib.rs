@@ -97,14 +97,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let app = api::router(host.clone());
     println!("listening api={addr}");
     tracing::info!(%addr, host_id = %id, "flynn-host started");
-    let h = host.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = stop_rx.await;
+    });
+    tokio::select! {
+        r = server => r.context("serving the job API")?,
+        _ = async {
             shutdown_signal().await;
-            h.shutdown();
-        })
-        .await
-        .context("serving the job API")?;
+            tracing::info!("shutting down; jobs keep running");
+            host.shutdown();
+            let _ = stop_tx.send(());
+            // Event streams never end on their own: give requests a moment, then go.
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        } => {}
+    }
     Ok(())
 }
 

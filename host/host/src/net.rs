@@ -71,6 +71,11 @@ impl Network {
         res
     }
 
+    /// The address allocated to job `id`, if any.
+    pub fn address_of(&self, id: &str) -> Option<IpAddr> {
+        self.alloc().get(id).map(IpAddr::V4)
+    }
+
     pub fn info(&self) -> NetworkInfo {
         NetworkInfo {
             subnet: self.cfg.block.to_string(),

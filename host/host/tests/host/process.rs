@@ -413,3 +413,47 @@ async fn state_persists_across_restarts() {
     assert_eq!(j.status, JobStatus::Failed);
     assert!(j.error.unwrap().contains("restart"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_daemon_despite_open_event_streams() {
+    let mut h = Host::start(PROC);
+    let _events = h.client.events(None).await.unwrap();
+    let one = h.job_id("one");
+    // Unknown job: no stream.
+    let e = h.client.events(Some(&one)).await.unwrap_err();
+    assert_eq!(e.api().unwrap().status(), 404);
+    h.client
+        .add_job(&sh_job(&one, "exec sleep 30"))
+        .await
+        .unwrap();
+    let other = h.job_id("other");
+    h.client.add_job(&sh_job(&other, "true")).await.unwrap();
+    let mut rx = h.client.events(Some(&one)).await.unwrap();
+    wait_running(&h.client, &one).await;
+    h.client.stop_job(&one).await.unwrap();
+    let mut seen = Vec::new();
+    while !seen.contains(&EventKind::Stop) {
+        let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("stop event")
+            .expect("stream open");
+        assert_eq!(ev.job_id, one, "only this job's events");
+        seen.push(ev.event);
+    }
+
+    let mut proc = h.proc.take().unwrap();
+    let pid = nix::unistd::Pid::from_raw(proc.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = proc.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(6),
+            "daemon still running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
