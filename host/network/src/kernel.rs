@@ -238,7 +238,21 @@ impl Netlink for KernelNetlink {
                 self.must_link(&spec.name).await?.header.index
             }
         };
-        self.set_mtu_up(index, spec.mtu).await?;
+        // A fixed MAC: a bridge without one takes the lowest MAC of its ports and changes it as
+        // jobs come and go, which would leave the fast path's gateway MAC (and jobs' ARP caches)
+        // stale.
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .mtu(spec.mtu)
+                    .address(Mac::for_bridge(spec.address).octets().to_vec())
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(req("set bridge"))?;
 
         let want = IpAddr::V4(spec.address);
         let mut present = false;

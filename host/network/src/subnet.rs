@@ -118,6 +118,13 @@ impl Mac {
         Mac([0x0e, 0x66, a, b, c, d])
     }
 
+    /// The MAC of the job bridge whose address is `gateway`: `0e:62:<gateway>` (`62` is 'b'). Fixed
+    /// so it does not follow the bridge's ports.
+    pub fn for_bridge(gateway: Ipv4Addr) -> Mac {
+        let [a, b, c, d] = gateway.octets();
+        Mac([0x0e, 0x62, a, b, c, d])
+    }
+
     pub fn octets(&self) -> [u8; 6] {
         self.0
     }

@@ -354,7 +354,10 @@ fn fast_path_endpoints_follow_jobs() -> Result<()> {
         }
         let ep = fp.endpoint(jobs[0].ip)?.context("no endpoint")?;
         ensure!(ep.ifindex == jobs[0].host_ifindex && ep.mac == jobs[0].mac);
-        ensure!(ep.gateway_mac == link_mac(&nl, &cfg2.bridge).await?);
+        // The bridge MAC is fixed (not the lowest of its ports), so it stays valid as jobs come.
+        let br_mac = link_mac(&nl, &cfg2.bridge).await?;
+        ensure!(br_mac == flynn_network::Mac::for_bridge(cfg2.gateway).octets());
+        ensure!(ep.gateway_mac == br_mac);
         Ok((jobs, fp.counters()?))
     })?;
     let (a, b) = (jobs[0].clone(), jobs[1].clone());

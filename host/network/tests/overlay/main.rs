@@ -879,45 +879,54 @@ fn lease_is_renewed_before_it_expires() -> Result<()> {
     );
 
     // Another host takes the block over (as if ours had expired): the next renewal finds the
-    // record changed and the agent exits with an error instead of stealing it back.
-    let out = c
-        .discoverd
-        .command("curl")
-        .args([
-            "-s",
-            "-m",
-            "5",
-            &format!("{}/services/flannel/meta", c.url()),
-        ])
-        .output()?;
-    let mut meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let rec = &mut meta["data"]["subnets"][&key];
-    rec["PublicIP"] = "10.240.0.99".into();
-    rec["Revision"] = 1_000_000_000u64.into();
-    rec["Expiration"] = (now + 3600).into();
-    let body = serde_json::json!({"data": meta["data"], "index": meta["index"]}).to_string();
-    let put = c
-        .discoverd
-        .command("curl")
-        .args([
-            "-s",
-            "-m",
-            "5",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-X",
-            "PUT",
-        ])
-        .args(["-H", "content-type: application/json", "-d", &body])
-        .arg(format!("{}/services/flannel/meta", c.url()))
-        .output()?;
-    ensure!(
-        put.stdout == b"200",
-        "takeover write: {:?}",
-        String::from_utf8_lossy(&put.stdout)
-    );
+    // record changed and the agent exits with an error instead of stealing it back. The write is a
+    // CAS on the document, which the agent's own renewals may win first: retry.
+    let mut took_over = false;
+    for _ in 0..10 {
+        let out = c
+            .discoverd
+            .command("curl")
+            .args([
+                "-s",
+                "-m",
+                "5",
+                &format!("{}/services/flannel/meta", c.url()),
+            ])
+            .output()?;
+        let mut meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let rec = &mut meta["data"]["subnets"][&key];
+        rec["PublicIP"] = "10.240.0.99".into();
+        rec["Revision"] = 1_000_000_000u64.into();
+        rec["Expiration"] = (now + 3600).into();
+        let body = serde_json::json!({"data": meta["data"], "index": meta["index"]}).to_string();
+        let put = c
+            .discoverd
+            .command("curl")
+            .args([
+                "-s",
+                "-m",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "PUT",
+            ])
+            .args(["-H", "content-type: application/json", "-d", &body])
+            .arg(format!("{}/services/flannel/meta", c.url()))
+            .output()?;
+        if put.stdout == b"200" {
+            took_over = true;
+            break;
+        }
+        ensure!(
+            put.stdout == b"412",
+            "takeover write: {:?}",
+            String::from_utf8_lossy(&put.stdout)
+        );
+    }
+    ensure!(took_over, "the takeover write kept losing to renewals");
     let mut child = a1.child.take().context("agent running")?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
