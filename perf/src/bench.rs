@@ -207,6 +207,8 @@ pub struct Options {
     pub out: Option<PathBuf>,
     pub origin_threads: usize,
     pub idle_conns: usize,
+    /// How long the idle connections sit before the RSS is read.
+    pub idle_settle: Duration,
     /// Key type of the generated certificate (TLS scenarios).
     pub key_type: tls::KeyType,
     /// The command line, for the report header.
@@ -504,9 +506,10 @@ pub fn run(opts: Options) -> Result<String> {
 
     if opts.scenarios.contains(&Scenario::Idle10k) {
         session.idle_description = Some(format!(
-            "{} client connections, one keep-alive request each, then idle: proxy RSS growth \
-             (fewest workers; bounded to 60 s).",
-            opts.idle_conns
+            "{} client connections, one keep-alive request each, then idle for {} ms: proxy RSS \
+             growth (fewest workers; bounded to 60 s).",
+            opts.idle_conns,
+            opts.idle_settle.as_millis()
         ));
         let idle_workers = opts.workers.iter().copied().min();
         for target in running.iter_mut() {
@@ -523,6 +526,7 @@ pub fn run(opts: Options) -> Result<String> {
                 target.pid,
                 opts.idle_conns,
                 Duration::from_secs(60),
+                opts.idle_settle,
             );
             eprintln!(
                 "idle-10k: {} opened {} in {:.1} s, RSS {:.1} -> {:.1} MiB{}",

@@ -68,7 +68,10 @@ fn one_request(stream: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
 }
 
 /// Runs the scenario against `port`, accounting memory to the process tree under `pid`.
-pub fn run(port: u16, pid: u32, conns: usize, budget: Duration) -> Outcome {
+/// `settle`: how long the connections sit idle before the RSS is read (a proxy may
+/// shed per-connection state of connections that stay idle; nginx and HAProxy do not
+/// change with it).
+pub fn run(port: u16, pid: u32, conns: usize, budget: Duration, settle: Duration) -> Outcome {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let start = Instant::now();
     let mut out = Outcome {
@@ -99,8 +102,8 @@ pub fn run(port: u16, pid: u32, conns: usize, budget: Duration) -> Outcome {
         }
     }
     out.opened = streams.len();
-    // Let the proxy finish any lazy per-connection work before measuring.
-    std::thread::sleep(Duration::from_millis(500));
+    // Let the connections be idle for a while before measuring.
+    std::thread::sleep(settle);
     out.rss_after = procfs::rss_bytes(pid);
     out.seconds = start.elapsed().as_secs_f64();
     drop(streams);

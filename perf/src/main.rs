@@ -171,6 +171,9 @@ struct ProxyArgs {
     /// Connections opened by idle-10k.
     #[arg(long, default_value_t = 10_000)]
     idle_conns: usize,
+    /// How long idle-10k lets the connections sit idle before reading the proxy's RSS.
+    #[arg(long, default_value_t = 3000)]
+    idle_settle_ms: u64,
     /// Key type of the self-signed certificate for the TLS scenarios: ec (P-256) or rsa (2048).
     #[arg(long, default_value = "ec")]
     cert: String,
@@ -231,6 +234,7 @@ fn main() -> Result<()> {
                 out: a.out,
                 origin_threads: a.origin_threads.max(1),
                 idle_conns: a.idle_conns,
+                idle_settle: std::time::Duration::from_millis(a.idle_settle_ms),
                 key_type: flynn_perf::tls::KeyType::parse(&a.cert)?,
                 command: command_line(),
             };

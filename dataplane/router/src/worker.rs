@@ -267,12 +267,17 @@ pub async fn run(
     }
 }
 
+/// Newly parked connections (since the last trim) that make the sweep trim the heap.
+const TRIM_AFTER_PARKED: usize = 512;
+
 async fn sweep_idle(core: Rc<Core>) {
     let limit = core
         .settings()
         .idle_timeout
         .as_secs()
         .clamp(1, u32::MAX as u64) as u32;
+    // Parked count at the last heap trim.
+    let mut trimmed_at = 0usize;
     loop {
         monoio::time::sleep(std::time::Duration::from_secs(1)).await;
         core.idle
@@ -280,6 +285,13 @@ async fn sweep_idle(core: Rc<Core>) {
         if let Some(p) = &core.parked {
             let n = p.expire(core.idle.now(), limit);
             core.parked_closed(n);
+            // Many tasks just ended for parking: return their memory (bulk only, rare).
+            if p.len() >= trimmed_at + TRIM_AFTER_PARKED {
+                flynn_runtime::park::trim_heap();
+                trimmed_at = p.len();
+            } else if p.len() < trimmed_at {
+                trimmed_at = p.len();
+            }
         }
     }
 }
