@@ -371,6 +371,35 @@ fn three_hosts_talk_and_follow_hosts_joining_and_leaving() -> Result<()> {
     tcp_roundtrip(&j1a, &j2).context("tcp cross-host")?;
     tcp_roundtrip(&j3, &j1b).context("tcp cross-host")?;
 
+    // Drift is repaired by the periodic reconcile (no store event involved): remove host 2's
+    // route and FDB entry on host 1 behind the agent's back.
+    let ns1 = c.hosts[0].ns.clone();
+    let route2 = subnets[1].to_string();
+    run(&["ip", "-n", &ns1, "route", "del", &route2])?;
+    let fdb =
+        String::from_utf8(run(&["bridge", "-n", &ns1, "fdb", "show", "dev", "flynn.1"])?.stdout)?;
+    let mac2 = flynn_network::Mac::for_subnet(&subnets[1]).to_string();
+    ensure!(fdb.contains(&mac2), "no FDB entry for host 2: {fdb}");
+    run(&[
+        "bridge",
+        "-n",
+        &ns1,
+        "fdb",
+        "del",
+        &mac2,
+        "dev",
+        "flynn.1",
+        "dst",
+        "10.240.0.2",
+    ])?;
+    eventually(10, "the agent to restore the removed entries", || {
+        let fdb = String::from_utf8(
+            run(&["bridge", "-n", &ns1, "fdb", "show", "dev", "flynn.1"])?.stdout,
+        )?;
+        Ok(routes(&ns1)?.contains(&route2) && fdb.contains(&mac2))
+    })?;
+    ensure!(can_ping(&j1a, &j2), "no traffic after the repair");
+
     // The agent's HTTP endpoint: flannel's /ping, status and metrics.
     let get = |path: &str| -> Result<(String, String)> {
         let out = run(&[

@@ -20,7 +20,12 @@ pub fn should_run(test: &str) -> bool {
         euid, 0,
         "{test} needs root to create network namespaces (run as root, or set FLYNN_SKIP_NETNS_TESTS=1 to skip)"
     );
-    for (bin, pkg) in [("ip", "iproute2"), ("ping", "iputils-ping")] {
+    for (bin, pkg) in [
+        ("ip", "iproute2"),
+        ("bridge", "iproute2"),
+        ("ping", "iputils-ping"),
+        ("curl", "curl"),
+    ] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {bin}")])
             .output()
