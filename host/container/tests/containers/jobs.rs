@@ -14,6 +14,20 @@ async fn echo_hello_output_and_exit_zero() {
     let env = Env::new("echo");
     let spec = env.spec("hello", &["echo", "hello"]);
     let mut conn = env.spawn(&spec).await;
+    // The shim is detached: not our child, in a session of its own.
+    let shim_pid: i32 = std::fs::read_to_string(env.state.join(&spec.id).join("shim.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{shim_pid}/stat")).unwrap_or_default();
+    if let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) {
+        let f: Vec<&str> = rest.split(' ').collect();
+        assert_ne!(f[1], std::process::id().to_string(), "shim is our child");
+        // SAFETY: getsid(0) has no preconditions.
+        let our_sid = unsafe { libc::getsid(0) };
+        assert_ne!(f[3], our_sid.to_string(), "shim is in our session");
+    }
     let first = conn.next_event().await.unwrap();
     assert!(
         matches!(first, Some(ShimEvent::Started { pid }) if pid > 1),
@@ -185,13 +199,15 @@ async fn bind_mounts_read_only_and_writable() {
     std::fs::create_dir_all(&ro).unwrap();
     std::fs::create_dir_all(&rw).unwrap();
     std::fs::write(ro.join("config"), "from-host\n").unwrap();
+    let resolv = env.base.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 10.9.8.7\n").unwrap();
     let mut spec = env.spec(
         "binds",
         &[
             "sh",
             "-c",
             "cat /data/config; touch /data/x 2>/dev/null && echo ro-written || echo ro-refused; \
-             echo from-job > /out/result",
+             echo from-job > /out/result; cat /etc/resolv.conf",
         ],
     );
     spec.mounts = vec![
@@ -205,10 +221,20 @@ async fn bind_mounts_read_only_and_writable() {
             target: "/out".into(),
             readonly: false,
         },
+        // A single file, onto a path the image does not have.
+        flynn_container::BindMount {
+            source: resolv,
+            target: "/etc/resolv.conf".into(),
+            readonly: true,
+        },
     ];
     let mut conn = env.spawn(&spec).await;
     let run = collect(&mut conn, T).await;
-    assert_eq!(run.stdout, vec!["from-host", "ro-refused"], "{run:?}");
+    assert_eq!(
+        run.stdout,
+        vec!["from-host", "ro-refused", "nameserver 10.9.8.7"],
+        "{run:?}"
+    );
     assert_eq!(
         std::fs::read_to_string(rw.join("result")).unwrap(),
         "from-job\n"
