@@ -66,7 +66,12 @@ pub struct Host {
     inner: Mutex<Inner>,
     events: broadcast::Sender<Event>,
     shutting_down: AtomicBool,
+    /// This host's own registration in discoverd (service `flynn-host`).
+    self_registration: tokio::sync::Mutex<Option<Heartbeater>>,
 }
+
+/// The discoverd service hosts register in.
+pub const HOST_SERVICE: &str = "flynn-host";
 
 impl Host {
     pub fn new(o: Options) -> Arc<Host> {
@@ -85,6 +90,7 @@ impl Host {
             inner: Mutex::new(Inner::default()),
             events,
             shutting_down: AtomicBool::new(false),
+            self_registration: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -158,8 +164,65 @@ impl Host {
         }
     }
 
-    pub fn set_tags(&self, tags: BTreeMap<String, String>) {
+    /// Replaces the tags and re-registers the host with them.
+    pub fn set_tags(self: &Arc<Self>, tags: BTreeMap<String, String>) {
         *self.tags.lock().unwrap_or_else(|e| e.into_inner()) = tags;
+        let host = self.clone();
+        tokio::spawn(async move { host.register_host().await });
+    }
+
+    /// Registers (or re-registers) this host in discoverd's `flynn-host` service with
+    /// meta `id` and `tag:<key>` per tag, heartbeating until replaced. The address is the
+    /// API's port on the external IP. No-op without `--discoverd`.
+    pub async fn register_host(&self) {
+        let Some(client) = &self.discoverd else {
+            return;
+        };
+        let port = self
+            .url
+            .lock()
+            .map(|u| u.rsplit(':').next().unwrap_or("").to_string())
+            .unwrap_or_default();
+        let mut meta: BTreeMap<String, String> = self
+            .tags
+            .lock()
+            .map(|t| {
+                t.iter()
+                    .map(|(k, v)| (format!("tag:{k}"), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        meta.insert("id".into(), self.id.clone());
+        let inst = Instance {
+            addr: format!("{}:{port}", self.external_ip),
+            proto: "http".into(),
+            meta,
+            ..Instance::default()
+        };
+        // One registration at a time; the new one replaces the old (same instance id).
+        let mut slot = self.self_registration.lock().await;
+        let t0 = tokio::time::Instant::now();
+        loop {
+            match client.add_service(HOST_SERVICE, "oldest").await {
+                Err(e)
+                    if e.api().map(|a| a.code) != Some(flynn_api::ErrorCode::ObjectExists)
+                        && t0.elapsed() < Duration::from_secs(60) =>
+                {
+                    tracing::debug!(error = %e, "creating the flynn-host service failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                _ => break,
+            }
+        }
+        if let Some(old) = slot.take() {
+            // Same instance id: the old heartbeater must be gone (it unregisters on close)
+            // before the new registration, or its removal would follow the new one.
+            old.close().await;
+        }
+        match client.heartbeat(HOST_SERVICE, inst).await {
+            Ok(hb) => *slot = Some(hb),
+            Err(e) => tracing::warn!(error = %e, "registering the host in discoverd failed"),
+        }
     }
 
     /// Ports (by proto) used by starting or running jobs, for the resource check.

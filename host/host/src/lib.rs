@@ -94,6 +94,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
     host.set_url(format!("http://{addr}"));
     host.restore().await;
+    let h = host.clone();
+    tokio::spawn(async move { h.register_host().await });
     let app = api::router(host.clone());
     println!("listening api={addr}");
     tracing::info!(%addr, host_id = %id, "flynn-host started");

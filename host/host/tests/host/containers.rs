@@ -161,6 +161,23 @@ impl Drop for CHost {
     }
 }
 
+/// Cgroup directories of job `id` still present under any controller.
+fn cgroups_left(id: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let rel = format!("flynn-host-test/{id}");
+    let root = PathBuf::from("/sys/fs/cgroup");
+    if root.join(&rel).is_dir() {
+        out.push(root.join(&rel));
+    }
+    for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        let p = e.path().join(&rel);
+        if p.is_dir() && !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
 fn netns_exists(id: &str) -> bool {
     flynn_network::job::netns_path(id).exists()
 }
@@ -356,6 +373,11 @@ fn twenty_jobs_at_once_and_jobs_reach_each_other() {
         .await;
         for id in &ids {
             assert!(!netns_exists(id), "netns of {id} left");
+            assert_eq!(
+                cgroups_left(id),
+                Vec::<PathBuf>::new(),
+                "cgroups of {id} left"
+            );
         }
         let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
         let links = String::from_utf8_lossy(&links.stdout);

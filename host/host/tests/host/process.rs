@@ -385,6 +385,40 @@ async fn service_registration_in_discoverd() {
     );
     h.client.stop_job(&id).await.unwrap();
     wait_ended(&h.client, &id, Duration::from_secs(10)).await;
+
+    // The host itself is registered in `flynn-host`, with its tags after an update.
+    let mine = |list: Vec<flynn_client::discoverd::Instance>| {
+        list.into_iter().find(|i| i.meta.get("id") == Some(&h.id))
+    };
+    let t0 = Instant::now();
+    loop {
+        if let Some(i) = mine(d.instances("flynn-host").await.unwrap_or_default()) {
+            assert_eq!(
+                i.addr,
+                format!("127.0.0.1:{}", h.addr.rsplit(':').next().unwrap())
+            );
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "host not registered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tags = [("zone".to_string(), "b".to_string())].into();
+    h.client.set_tags(&tags).await.unwrap();
+    let t0 = Instant::now();
+    loop {
+        let i = mine(d.instances("flynn-host").await.unwrap_or_default());
+        if i.is_some_and(|i| i.meta.get("tag:zone").map(String::as_str) == Some("b")) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "tags not in discoverd"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
