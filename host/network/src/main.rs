@@ -173,7 +173,7 @@ async fn serve(listener: tokio::net::TcpListener, status: Status) {
     }
 }
 
-async fn run(cfg: Config) -> Result<()> {
+async fn run(mut cfg: Config) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.http_addr)
         .await
         .with_context(|| format!("binding the HTTP endpoint {}", cfg.http_addr))?;
@@ -200,6 +200,30 @@ async fn run(cfg: Config) -> Result<()> {
     let layout = layout_from_config(&stored)?;
     if layout != wanted {
         tracing::info!(network = %layout.network, "using the cluster's stored network config");
+    }
+    // The VXLAN parameters must match across the cluster: the stored config wins over flags.
+    let backend = &stored["Backend"];
+    if let Some(t) = backend["Type"].as_str() {
+        if t != "vxlan" {
+            tracing::warn!(
+                backend = t,
+                "stored backend type is not vxlan; using vxlan anyway"
+            );
+        }
+    }
+    if let Some(vni) = backend["VNI"].as_u64().and_then(|v| u32::try_from(v).ok()) {
+        if vni != 0 && vni != cfg.vni {
+            tracing::info!(vni, "using the cluster's VNI");
+            cfg.vni = vni;
+        }
+    }
+    if let Some(port) = backend["Port"].as_u64().and_then(|p| u16::try_from(p).ok()) {
+        // 0 means the kernel's default, 8472.
+        let port = if port == 0 { 8472 } else { port };
+        if port != cfg.vxlan_port {
+            tracing::info!(port, "using the cluster's VXLAN port");
+            cfg.vxlan_port = port;
+        }
     }
 
     let fast = match cfg.fast_path {

@@ -458,7 +458,18 @@ fn three_hosts_talk_and_follow_hosts_joining_and_leaving() -> Result<()> {
 
     // Host 4 joins: every peer learns its block.
     let h4 = c.add_host(4)?;
-    let a4 = c.agent(h4, &["--fast-path", "off"])?;
+    // It asks for another VNI and port; the cluster's stored config wins.
+    let a4 = c.agent(
+        h4,
+        &["--fast-path", "off", "--vni", "7", "--vxlan-port", "4789"],
+    )?;
+    let vx = String::from_utf8(
+        run(&["ip", "-n", &c.hosts[h4].ns, "-d", "link", "show", "flynn.1"])?.stdout,
+    )?;
+    ensure!(
+        vx.contains("vxlan id 1 ") && vx.contains("dstport 8472"),
+        "new host did not adopt the cluster's VXLAN settings: {vx}"
+    );
     let j4 = c.job(h4, a4.subnet, 10)?;
     let joined = a4.subnet.to_string();
     for h in 0..2 {
