@@ -142,3 +142,36 @@ async fn next_event_is_cancel_safe() {
     assert_eq!(run.exit_code(), Some(0));
     env.cleanup_and_check(&spec);
 }
+
+#[tokio::test]
+async fn cleanup_after_the_shim_was_killed() {
+    require_root!();
+    let env = Env::new("shimkill");
+    let spec = env.spec("orphan", &["sh", "-c", "echo up; sleep 60"]);
+    let mut conn = env.spawn(&spec).await;
+    let mut run = Run::default();
+    wait_line(&mut conn, &mut run, "up", T).await;
+    let job_pid = run.pid.unwrap() as i32;
+    drop(conn);
+    let shim_pid: i32 = std::fs::read_to_string(env.state.join(&spec.id).join("shim.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill takes no pointers; the pid is the shim this test spawned.
+    unsafe { libc::kill(shim_pid, libc::SIGKILL) };
+    let t0 = std::time::Instant::now();
+    // Gone, or a zombie (empty cmdline) waiting for its reaper.
+    while std::fs::read(format!("/proc/{shim_pid}/cmdline")).is_ok_and(|c| !c.is_empty()) {
+        assert!(t0.elapsed() < T, "shim did not die");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Without its shim the job has no status: the daemon cannot reconnect and cleans up.
+    assert!(Shim::connect(&env.state, &spec.id).await.is_err());
+    env.cleanup_and_check(&spec);
+    let stat = std::fs::read_to_string(format!("/proc/{job_pid}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty() || stat.contains(") Z"),
+        "job process still running: {stat}"
+    );
+}
