@@ -3,6 +3,7 @@
 
 mod cgroups;
 mod client;
+mod container;
 mod layout;
 mod run;
 

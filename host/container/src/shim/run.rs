@@ -7,20 +7,16 @@
 //! socket. After the init exits and the pipes are drained it deletes the container (cgroups,
 //! runtime state), writes the final status, and exits once the daemon acknowledged it.
 
-use std::ffi::{CString, OsString};
+use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use libcontainer::container::builder::ContainerBuilder;
-use libcontainer::container::Container;
-use libcontainer::syscall::syscall::SyscallType;
-use libcontainer::workload::default::DefaultExecutor;
-
 use super::cgroups;
+use super::container::{create, errno, pipe, reap, teardown, Running};
 use super::layout::{Layout, SHIM_ARG};
 use crate::outbox::{Outbox, DEFAULT_CAPACITY};
 use crate::spec::{valid_id, ContainerSpec};
@@ -50,10 +46,6 @@ pub fn shim_main() -> ! {
     std::process::exit(code)
 }
 
-fn errno() -> std::io::Error {
-    std::io::Error::last_os_error()
-}
-
 fn thread_count() -> usize {
     fs::read_to_string("/proc/self/status")
         .ok()
@@ -63,16 +55,6 @@ fn thread_count() -> usize {
                 .and_then(|n| n.trim().parse().ok())
         })
         .unwrap_or(0)
-}
-
-fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe2: {}", errno()));
-    }
-    // SAFETY: pipe2 succeeded, both fds are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 fn run(state_dir: &Path, id: &str) -> Result<(), String> {
@@ -152,202 +134,6 @@ fn serve(layout: &Layout, ready: OwnedFd) -> Result<(), String> {
     }
     shim.until_acked();
     Ok(())
-}
-
-/// A started container.
-struct Running {
-    container: Container,
-    pid: libc::pid_t,
-    pidfd: OwnedFd,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let cs = c.to_string();
-        if !s.contains(&cs) {
-            s.push_str(": ");
-            s.push_str(&cs);
-        }
-        cur = c.source();
-    }
-    s
-}
-
-fn c_path(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_encoded_bytes()).expect("paths have no NUL")
-}
-
-fn mount_overlay(spec: &ContainerSpec, layout: &Layout) -> Result<(), String> {
-    // SAFETY: unshare takes no pointers.
-    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
-        return Err(format!("unshare(CLONE_NEWNS): {}", errno()));
-    }
-    let root = CString::new("/").unwrap();
-    // SAFETY: valid NUL-terminated strings / null pointers as mount(2) allows.
-    let rc = unsafe {
-        libc::mount(
-            std::ptr::null(),
-            root.as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_SLAVE,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(format!("making / a slave mount: {}", errno()));
-    }
-    for layer in &spec.layers {
-        if !layer.is_dir() {
-            return Err(format!("image layer {} does not exist", layer.display()));
-        }
-    }
-    for d in [layout.rootfs(), layout.upper(), layout.work()] {
-        fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
-    }
-    let lower: Vec<String> = spec
-        .layers
-        .iter()
-        .rev()
-        .map(|l| l.to_string_lossy().into_owned())
-        .collect();
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.join(":"),
-        layout.upper().display(),
-        layout.work().display()
-    );
-    let (src, fstype) = (
-        CString::new("overlay").unwrap(),
-        CString::new("overlay").unwrap(),
-    );
-    let target = c_path(&layout.rootfs());
-    let data = CString::new(opts).map_err(|e| e.to_string())?;
-    // SAFETY: all pointers are valid NUL-terminated strings living across the call.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(format!("mounting the overlay root: {}", errno()));
-    }
-    Ok(())
-}
-
-fn create(spec: &ContainerSpec, layout: &Layout) -> Result<Running, String> {
-    mount_overlay(spec, layout)?;
-    let bundle = layout.bundle();
-    fs::create_dir_all(&bundle).map_err(|e| format!("creating {}: {e}", bundle.display()))?;
-    let config = serde_json::to_vec_pretty(&spec.oci_config(&layout.rootfs())).unwrap();
-    fs::write(bundle.join("config.json"), config).map_err(|e| format!("writing config: {e}"))?;
-
-    let (out_r, out_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
-    let devnull = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-    let mut container = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
-        .with_executor(DefaultExecutor {})
-        .with_root_path(layout.runtime_root())
-        .map_err(|e| error_chain(&e))?
-        .with_stdin(devnull)
-        .with_stdout(out_w)
-        .with_stderr(err_w)
-        .validate_id()
-        .map_err(|e| error_chain(&e))?
-        .as_init(&bundle)
-        .with_systemd(false)
-        .with_detach(true)
-        .build()
-        .map_err(|e| error_chain(&e))?;
-    let pid = match container.pid() {
-        Some(p) => p.as_raw(),
-        None => {
-            let _ = container.delete(true);
-            return Err("container has no init pid".into());
-        }
-    };
-    // SAFETY: pidfd_open takes a pid and flags; the pid is our unreaped child.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
-    if pidfd < 0 {
-        let e = errno();
-        let _ = container.delete(true);
-        reap(pid);
-        return Err(format!("pidfd_open: {e}"));
-    }
-    // SAFETY: pidfd_open returned a new fd that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    if let Err(e) = container.start() {
-        let reason = error_chain(&e);
-        let _ = container.delete(true);
-        reap(pid);
-        return Err(reason);
-    }
-    for fd in [&out_r, &err_r] {
-        set_nonblocking(fd.as_raw_fd());
-    }
-    Ok(Running {
-        container,
-        pid,
-        pidfd,
-        stdout: out_r,
-        stderr: err_r,
-    })
-}
-
-fn set_nonblocking(fd: RawFd) {
-    // SAFETY: fcntl on an fd we own.
-    unsafe {
-        let fl = libc::fcntl(fd, libc::F_GETFL);
-        libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
-    }
-}
-
-/// Waits for `pid` (the init: cloned with no exit signal, hence `__WALL`). Returns the raw status.
-fn reap(pid: libc::pid_t) -> Option<i32> {
-    let mut status = 0;
-    for _ in 0..3 {
-        // SAFETY: `status` is a valid int pointer.
-        let rc = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
-        if rc == pid {
-            return Some(status);
-        }
-        if rc < 0 && errno().raw_os_error() != Some(libc::EINTR) {
-            return None;
-        }
-    }
-    None
-}
-
-/// Removes what a job's container left: the container, its cgroups, the overlay mount and the
-/// per-job writable dirs. The spec, status and log files stay until [`Shim::cleanup`].
-///
-/// [`Shim::cleanup`]: crate::Shim::cleanup
-fn teardown(spec: &ContainerSpec, layout: &Layout, container: Option<&mut Container>) {
-    if let Some(c) = container {
-        if let Err(e) = c.delete(true) {
-            eprintln!("deleting container {}: {}", spec.id, error_chain(&e));
-        }
-    }
-    cgroups::remove(spec, true);
-    let target = c_path(&layout.rootfs());
-    // SAFETY: valid NUL-terminated path.
-    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-    for d in [
-        layout.bundle(),
-        layout.runtime_root(),
-        layout.upper(),
-        layout.work(),
-        layout.rootfs(),
-    ] {
-        let _ = fs::remove_dir_all(d);
-    }
 }
 
 /// Splits a pipe's bytes into lines.
