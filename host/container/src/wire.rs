@@ -224,6 +224,24 @@ mod tests {
     }
 
     #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let len = rng.usize(0..64);
+            let mut buf: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+            // Plausible headers more often than chance would give.
+            if len >= HEADER && rng.bool() {
+                buf[0] = [HELLO, EVENT, STDOUT, STDERR, ACK, SIGNAL][rng.usize(0..6)];
+                let plen = rng.usize(0..len.saturating_sub(HEADER) + 2) as u32;
+                buf[1..5].copy_from_slice(&plen.to_be_bytes());
+            }
+            let before = buf.len();
+            while let Ok(Some(_)) = decode(&mut buf) {}
+            assert!(buf.len() <= before);
+        }
+    }
+
+    #[test]
     fn bad_frames() {
         for bytes in [
             vec![99, 0, 0, 0, 0],

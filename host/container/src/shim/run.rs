@@ -24,6 +24,10 @@ use crate::wire::{self, Frame, ShimEvent, Stream, MAX_LINE};
 
 /// Entry point of the shim process. Reads `--flynn-shim <state_dir> <id>` from the command line
 /// (after whatever leading arguments the program itself needs) and never returns.
+///
+/// Call it first thing in `main`, before anything starts a thread (a tokio runtime, a logger
+/// with a worker): the shim forks and libcontainer clones, and it refuses to run when the process
+/// has more than one thread.
 pub fn shim_main() -> ! {
     let args: Vec<OsString> = std::env::args_os().collect();
     let code = match args.iter().position(|a| a == SHIM_ARG) {
