@@ -135,6 +135,10 @@ async fn run() -> Result<()> {
         .args(["netns", "del", &format!("fperf-{pid}")])
         .status();
     let _ = std::fs::remove_dir_all(&base);
+    for ctrl in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+        let _ = std::fs::remove_dir(ctrl.path().join("flynn-perf"));
+    }
+    let _ = std::fs::remove_dir("/sys/fs/cgroup/flynn-perf");
     result
 }
 

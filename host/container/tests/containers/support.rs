@@ -61,6 +61,11 @@ impl Env {
         }
     }
 
+    /// This test's own cgroup parent, removed on drop.
+    pub fn cgroup_parent(&self) -> String {
+        format!("fct-{}", self.tag)
+    }
+
     /// A unique job id within this test.
     pub fn id(&self, name: &str) -> String {
         format!("{}-{name}", self.tag)
@@ -77,7 +82,7 @@ impl Env {
             netns: None,
             mounts: vec![],
             resources: Resources::default(),
-            cgroup_parent: "flynn-test".into(),
+            cgroup_parent: self.cgroup_parent(),
         }
     }
 
@@ -106,6 +111,14 @@ impl Drop for Env {
             let _ = Shim::cleanup(&self.state, &id);
         }
         let _ = std::fs::remove_dir_all(&self.base);
+        let parent = self.cgroup_parent();
+        let mut dirs = vec![PathBuf::from("/sys/fs/cgroup").join(&parent)];
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            dirs.extend(rd.flatten().map(|e| e.path().join(&parent)));
+        }
+        for d in dirs {
+            let _ = std::fs::remove_dir(d);
+        }
     }
 }
 
