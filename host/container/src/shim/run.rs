@@ -29,6 +29,16 @@ use crate::wire::{self, Frame, ShimEvent, Stream, MAX_LINE};
 /// with a worker): the shim forks and libcontainer clones, and it refuses to run when the process
 /// has more than one thread.
 pub fn shim_main() -> ! {
+    // libcontainer reports through `tracing`: its warnings and errors go to the shim's stderr
+    // (`shim.log` in the job's state dir). Level from FLYNN_LOG, default warn. No threads.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLYNN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
     let args: Vec<OsString> = std::env::args_os().collect();
     let code = match args.iter().position(|a| a == SHIM_ARG) {
         Some(i) if args.len() >= i + 3 => {
@@ -486,5 +496,46 @@ fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
         fd,
         events,
         revents: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(out: &mut Outbox) -> Vec<Vec<u8>> {
+        out.reconnect();
+        let mut buf = Vec::new();
+        out.encode_unsent(&mut buf, usize::MAX);
+        let mut got = Vec::new();
+        while let Some(Frame::Event(ShimEvent::Output { line, .. })) =
+            wire::decode(&mut buf).unwrap()
+        {
+            got.push(line);
+        }
+        got
+    }
+
+    #[test]
+    fn lines_split_across_reads_and_at_max_line() {
+        let mut out = Outbox::new(1 << 30);
+        let mut l = Lines {
+            stream: Stream::Stdout,
+            buf: Vec::new(),
+            open: true,
+        };
+        l.feed(b"he", &mut out, false);
+        l.feed(b"llo\nwor", &mut out, false);
+        l.feed(b"ld\n\n", &mut out, false);
+        let long = vec![b'a'; MAX_LINE * 2 + 5];
+        l.feed(&long, &mut out, false);
+        l.feed(b"\ntail", &mut out, false);
+        l.flush(&mut out, false);
+        let got = lines(&mut out);
+        let lens: Vec<usize> = got.iter().map(Vec::len).collect();
+        assert_eq!(lens, vec![5, 5, 0, MAX_LINE, MAX_LINE, 5, 4]);
+        assert_eq!(got[0], b"hello");
+        assert_eq!(got[1], b"world");
+        assert_eq!(got[6], b"tail");
     }
 }
