@@ -121,7 +121,14 @@ pub(super) fn create(spec: &ContainerSpec, layout: &Layout) -> Result<Running, S
     mount_overlay(spec, layout)?;
     let bundle = layout.bundle();
     fs::create_dir_all(&bundle).map_err(|e| format!("creating {}: {e}", bundle.display()))?;
-    let config = serde_json::to_vec_pretty(&spec.oci_config(&layout.rootfs())).unwrap();
+    let mut config = spec.oci_config(&layout.rootfs());
+    if let Some(limit) = spec.resources.memory_bytes {
+        if swap_limit_settable() {
+            // Memory + swap = the limit: a job at its limit is OOM-killed instead of swapping.
+            config["linux"]["resources"]["memory"]["swap"] = limit.into();
+        }
+    }
+    let config = serde_json::to_vec_pretty(&config).unwrap();
     fs::write(bundle.join("config.json"), config).map_err(|e| format!("writing config: {e}"))?;
 
     let (out_r, out_w) = pipe()?;
@@ -223,4 +230,16 @@ pub(super) fn teardown(spec: &ContainerSpec, layout: &Layout, container: Option<
     ] {
         let _ = fs::remove_dir_all(d);
     }
+}
+
+/// Can the job's swap be limited? cgroup v1 with swap accounting (`memory.memsw.*`), or cgroup
+/// v2 on a host that has swap at all (`memory.swap.max` is then there; without swap there is
+/// nothing to limit).
+fn swap_limit_settable() -> bool {
+    if Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists() {
+        return true;
+    }
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let has_swap = fs::read_to_string("/proc/swaps").is_ok_and(|s| s.lines().count() > 1);
+    v2 && has_swap
 }

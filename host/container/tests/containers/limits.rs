@@ -34,6 +34,27 @@ async fn memory_limit_oom_kill_is_reported() {
         "{run:?}"
     );
     env.cleanup_and_check(&spec);
+
+    // Where swap can be limited, memory + swap is the limit (no swapping instead of the kill).
+    let mut spec = env.spec("memsw", &["sh", "-c", "echo up; sleep 30"]);
+    spec.resources.memory_bytes = Some(48 << 20);
+    let mut conn = env.spawn(&spec).await;
+    let mut run = Run::default();
+    wait_line(&mut conn, &mut run, "up", T).await;
+    for d in flynn_container::cgroup_dirs(&spec) {
+        for (file, want) in [
+            ("memory.limit_in_bytes", 48u64 << 20),
+            ("memory.memsw.limit_in_bytes", 48 << 20),
+            ("memory.max", 48 << 20),
+        ] {
+            if let Ok(v) = std::fs::read_to_string(d.join(file)) {
+                assert_eq!(v.trim().parse::<u64>().unwrap(), want, "{file}");
+            }
+        }
+    }
+    conn.signal(9).await.unwrap();
+    crate::support::collect_into(&mut conn, &mut run, T).await;
+    env.cleanup_and_check(&spec);
 }
 
 fn cpu_usage_ns(spec: &flynn_container::ContainerSpec) -> u64 {
