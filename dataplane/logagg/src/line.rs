@@ -19,17 +19,20 @@ pub struct Line {
     /// The message timestamp, or the receive time when it had none.
     pub ts: Timestamp,
     pub msg: Message,
-    pub(crate) hash: u64,
 }
 
 impl Line {
-    pub fn new(seq: u64, ts: Timestamp, frame: &[u8], fields: &Fields, hash: u64) -> Line {
+    pub fn new(seq: u64, ts: Timestamp, frame: &[u8], fields: &Fields) -> Line {
         Line {
             seq,
             ts,
             msg: Message::from_parts(Bytes::copy_from_slice(frame), *fields),
-            hash,
         }
+    }
+
+    /// [`content_hash`] of this line.
+    pub fn hash(&self) -> u64 {
+        content_hash(self.ts, self.msg.frame(), self.msg.fields())
     }
 
     pub fn cost(&self) -> usize {
@@ -226,7 +229,7 @@ mod tests {
     fn line(s: &str) -> Line {
         let f = parse_fields(s.as_bytes()).unwrap_or_else(|_| Fields::raw(s.len()));
         let ts = f.ts.unwrap_or(Timestamp(0));
-        Line::new(1, ts, s.as_bytes(), &f, 0)
+        Line::new(1, ts, s.as_bytes(), &f)
     }
 
     #[test]

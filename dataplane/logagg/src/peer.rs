@@ -220,7 +220,7 @@ mod tests {
             "raw junk line",
         ] {
             let f = parse_fields(frame.as_bytes()).unwrap_or_else(|_| Fields::raw(frame.len()));
-            let line = Line::new(3, Timestamp(42), frame.as_bytes(), &f, 0);
+            let line = Line::new(3, Timestamp(42), frame.as_bytes(), &f);
             let mut out = Vec::new();
             encode_line(&mut out, b"app", &line);
             out.extend_from_slice(END);

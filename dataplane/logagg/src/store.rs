@@ -45,7 +45,14 @@ pub struct App {
     pub duplicates: u64,
     followers: usize,
     notify: Arc<Notify>,
-    dedupe: HashMap<u64, u64, FastBuild>,
+    /// Replay index (content hash → seq), built only when a line arrives that could be a
+    /// replay and dropped again after a long run of lines that cannot be (see
+    /// [`Store::insert`]): monotonic traffic pays no random access per line for it.
+    dedupe: Option<HashMap<u64, u64, FastBuild>>,
+    /// Latest timestamp ever inserted (a duplicate has the same time as its original).
+    max_ts: Timestamp,
+    /// Consecutive provably-new lines while the index exists.
+    fresh_run: usize,
 }
 
 impl App {
@@ -59,7 +66,9 @@ impl App {
             duplicates: 0,
             followers: 0,
             notify: Arc::new(Notify::new()),
-            dedupe: HashMap::default(),
+            dedupe: None,
+            max_ts: Timestamp(i64::MIN),
+            fresh_run: 0,
         }
     }
 
@@ -69,8 +78,11 @@ impl App {
 
     fn pop_oldest(&mut self) -> Option<usize> {
         let l = self.ring.pop_front()?;
-        if self.dedupe.get(&l.hash) == Some(&l.seq) {
-            self.dedupe.remove(&l.hash);
+        if let Some(d) = &mut self.dedupe {
+            let h = l.hash();
+            if d.get(&h) == Some(&l.seq) {
+                d.remove(&h);
+            }
         }
         let c = l.cost();
         self.bytes -= c;
@@ -244,9 +256,20 @@ impl Store {
     }
 
     /// Copies one message into `app`'s ring. `ts` is the message time (or receive time).
+    ///
+    /// Replays are ignored (spec §3.3): a line identical to one in the ring (same time,
+    /// host, procid, structured data and body) is a duplicate. A line is *provably new*,
+    /// and skips the check, when its time is later than any the app has had, or when it
+    /// carries a flynn `seq` and its (time, seq) is past its host's cursor (an identical
+    /// line would have the same host, time and seq, which the cursor has already
+    /// covered). Only other lines need the content index, which is built from the ring on
+    /// first need and dropped after `2 × lines_per_app` provably-new lines in a row.
     pub fn insert(&self, app: &[u8], frame: &[u8], fields: &Fields, ts: Timestamp) -> Outcome {
-        let hash = content_hash(ts, frame, fields);
         let mut over_cap = false;
+        let seq_cursor = (!fields.raw)
+            .then(|| flynn::flynn_seq(fields.sd.get(frame)))
+            .flatten()
+            .map(|seq| Cursor { time: ts, seq });
         let outcome = {
             let mut guard = self.shard(app);
             let shard = &mut *guard;
@@ -257,11 +280,33 @@ impl Store {
                     shard.apps.entry(app.into()).or_insert_with(App::new)
                 }
             };
-            if let Some(&seq) = a.dedupe.get(&hash) {
-                let first = a.first_seq();
-                if seq >= first && a.ring[(seq - first) as usize].same_as(ts, frame, fields) {
-                    a.duplicates += 1;
-                    return Outcome::Duplicate;
+            let host = fields.hostname.get(frame);
+            let fresh = ts > a.max_ts
+                || seq_cursor.is_some_and(|c| {
+                    shard
+                        .cursors
+                        .get(host)
+                        .is_none_or(|cur| (c.time, c.seq) > (cur.time, cur.seq))
+                });
+            let mut hash = None;
+            if fresh {
+                a.fresh_run += 1;
+                if a.fresh_run > 2 * self.limits.lines_per_app {
+                    a.dedupe = None;
+                }
+            } else {
+                a.fresh_run = 0;
+                let index = a
+                    .dedupe
+                    .get_or_insert_with(|| a.ring.iter().map(|l| (l.hash(), l.seq)).collect());
+                let h = content_hash(ts, frame, fields);
+                hash = Some(h);
+                if let Some(&seq) = index.get(&h) {
+                    let first = a.next_seq - a.ring.len() as u64;
+                    if seq >= first && a.ring[(seq - first) as usize].same_as(ts, frame, fields) {
+                        a.duplicates += 1;
+                        return Outcome::Duplicate;
+                    }
                 }
             }
             if a.ring.len() >= self.limits.lines_per_app
@@ -270,9 +315,14 @@ impl Store {
                 a.evicted_capacity += 1;
                 return Outcome::TooOld;
             }
-            let line = Line::new(a.next_seq, ts, frame, fields, hash);
+            let line = Line::new(a.next_seq, ts, frame, fields);
             let cost = line.cost();
-            a.dedupe.insert(hash, a.next_seq);
+            if let Some(d) = &mut a.dedupe {
+                d.insert(hash.unwrap_or_else(|| line.hash()), a.next_seq);
+            }
+            if ts > a.max_ts {
+                a.max_ts = ts;
+            }
             a.next_seq += 1;
             a.bytes += cost;
             a.ring.push_back(line);
@@ -315,10 +365,8 @@ impl Store {
             }
             // Only readers' apps pay for the wake-up (an Arc clone and a notify).
             let wake = (a.followers > 0).then(|| a.notify.clone());
-            if !fields.raw {
-                if let Some(seq) = flynn::flynn_seq(fields.sd.get(frame)) {
-                    let host = fields.hostname.get(frame);
-                    let c = Cursor { time: ts, seq };
+            {
+                if let Some(c) = seq_cursor {
                     match shard.cursors.get_mut(host) {
                         Some(cur) => {
                             if (c.time, c.seq) > (cur.time, cur.seq) {

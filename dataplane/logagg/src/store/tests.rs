@@ -233,3 +233,87 @@ fn estimate_written_once_per_flush_not_per_line() {
     );
     assert!(s.memory() <= s.memory_slack());
 }
+
+#[test]
+fn replays_are_caught_after_a_long_run_of_new_lines() {
+    // Long past the point where the replay index is dropped (2 × ring size).
+    let s = store(100, usize::MAX);
+    for i in 0..500 {
+        assert_eq!(
+            put(&s, "a", &msg("h", "web.1", "ID1", i, i, &format!("l{i}"))),
+            Outcome::Stored
+        );
+    }
+    // The host replays its last 50 lines: every one is recognised.
+    for i in 450..500 {
+        assert_eq!(
+            put(&s, "a", &msg("h", "web.1", "ID1", i, i, &format!("l{i}"))),
+            Outcome::Duplicate,
+            "replayed line {i}"
+        );
+    }
+    // Same time and seq but other content is not a replay.
+    assert_eq!(
+        put(&s, "a", &msg("h", "web.1", "ID1", 499, 499, "different")),
+        Outcome::Stored
+    );
+    // New lines go on being stored, and a replay right after them is still caught.
+    assert_eq!(
+        put(&s, "a", &msg("h", "web.1", "ID1", 500, 500, "l500")),
+        Outcome::Stored
+    );
+    assert_eq!(
+        put(&s, "a", &msg("h", "web.1", "ID1", 500, 500, "l500")),
+        Outcome::Duplicate
+    );
+    assert_eq!(s.stats()[0].duplicates, 51);
+}
+
+#[test]
+fn replays_from_interleaved_hosts_with_equal_times() {
+    let s = store(1000, usize::MAX);
+    // Two hosts, same timestamps, interleaved: half the lines are not later than the
+    // app's latest time, only past their own host's cursor.
+    for i in 0..300 {
+        for host in ["h1", "h2"] {
+            assert_eq!(
+                put(
+                    &s,
+                    "a",
+                    &msg(host, "web.1", "ID1", i, i, &format!("{host}-{i}"))
+                ),
+                Outcome::Stored
+            );
+        }
+    }
+    for i in (0..300).step_by(7) {
+        assert_eq!(
+            put(
+                &s,
+                "a",
+                &msg("h2", "web.1", "ID1", i, i, &format!("h2-{i}"))
+            ),
+            Outcome::Duplicate
+        );
+    }
+    // A third host sending the same body at the same time is a different line.
+    assert_eq!(
+        put(&s, "a", &msg("h3", "web.1", "ID1", 5, 5, "h2-5")),
+        Outcome::Stored
+    );
+}
+
+#[test]
+fn raw_lines_without_seq_are_deduplicated_by_time_and_content() {
+    let s = store(100, usize::MAX);
+    let raw = |ts_us: u64, body: &str| {
+        let ts = Timestamp(1_257_894_000_000_000_000 + ts_us as i64 * 1000).to_rfc3339();
+        format!("<190>1 {ts} h app web.1 ID1 - {body}")
+    };
+    for i in 0..300 {
+        assert_eq!(put(&s, "a", &raw(i, &format!("r{i}"))), Outcome::Stored);
+    }
+    assert_eq!(put(&s, "a", &raw(299, "r299")), Outcome::Duplicate);
+    assert_eq!(put(&s, "a", &raw(250, "r250")), Outcome::Duplicate);
+    assert_eq!(put(&s, "a", &raw(250, "other")), Outcome::Stored);
+}
