@@ -55,6 +55,11 @@ pub struct Config {
     #[arg(long, env = "FLYNN_EXTERNAL_IP", default_value = "127.0.0.1")]
     pub external_ip: IpAddr,
 
+    /// Nameserver for the `/etc/resolv.conf` of jobs with their own network (repeatable;
+    /// e.g. discoverd's DNS on the bridge address). Without it the image's file is kept.
+    #[arg(long = "resolver", env = "FLYNN_RESOLVERS", value_delimiter = ',')]
+    pub resolvers: Vec<IpAddr>,
+
     /// Bridge the jobs' veths join.
     #[arg(long, env = "FLYNN_BRIDGE_NAME", default_value = "flynnbr0")]
     pub bridge_name: String,

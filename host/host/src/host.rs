@@ -34,6 +34,10 @@ pub struct Options {
     /// The address used for jobs without their own network namespace.
     pub external_ip: IpAddr,
     pub tags: BTreeMap<String, String>,
+    /// Nameservers written to the `/etc/resolv.conf` of jobs with their own network.
+    pub resolvers: Vec<IpAddr>,
+    /// Where per-job files (resolv.conf) are kept.
+    pub state_dir: PathBuf,
 }
 
 /// Per-job control state of a job with a live process.
@@ -62,6 +66,8 @@ pub struct Host {
     discoverd: Option<discoverd::Client>,
     network: Option<Network>,
     external_ip: IpAddr,
+    resolvers: Vec<IpAddr>,
+    state_dir: PathBuf,
     tags: Mutex<BTreeMap<String, String>>,
     inner: Mutex<Inner>,
     events: broadcast::Sender<Event>,
@@ -86,6 +92,8 @@ impl Host {
             discoverd_url: o.discoverd,
             network: o.network,
             external_ip: o.external_ip,
+            resolvers: o.resolvers,
+            state_dir: o.state_dir,
             tags: Mutex::new(o.tags),
             inner: Mutex::new(Inner::default()),
             events,
@@ -316,6 +324,29 @@ impl Host {
         let lim = |s: Option<flynn_api::host::Spec>| {
             s.and_then(|s| s.limit).and_then(|l| u64::try_from(l).ok())
         };
+        let mut mounts: Vec<BindMount> = job
+            .config
+            .mounts
+            .iter()
+            .map(|m| BindMount {
+                source: m.location.clone().into(),
+                target: m.target.clone().into(),
+                readonly: !m.writeable,
+            })
+            .collect();
+        if netns.is_some() && !self.resolvers.is_empty() {
+            match self.write_resolv_conf(&id) {
+                Ok(path) => mounts.push(BindMount {
+                    source: path,
+                    target: "/etc/resolv.conf".into(),
+                    readonly: true,
+                }),
+                Err(e) => {
+                    self.teardown(&id, true).await;
+                    return self.fail(&id, format!("resolv.conf: {e}"));
+                }
+            }
+        }
         let launch = Launch {
             id: id.clone(),
             layers,
@@ -324,16 +355,7 @@ impl Host {
             cwd: job.config.working_dir.clone(),
             hostname: Some(id.chars().take(63).collect()),
             netns,
-            mounts: job
-                .config
-                .mounts
-                .iter()
-                .map(|m| BindMount {
-                    source: m.location.clone().into(),
-                    target: m.target.clone().into(),
-                    readonly: !m.writeable,
-                })
-                .collect(),
+            mounts,
             limits: Limits {
                 memory_bytes: lim(r.memory),
                 cpu_millis: lim(r.cpu),
@@ -378,7 +400,27 @@ impl Host {
         .await;
     }
 
+    fn resolv_conf_path(&self, id: &str) -> PathBuf {
+        self.state_dir.join("resolv").join(format!("{id}.conf"))
+    }
+
+    /// `<state-dir>/resolv/<id>.conf` with one `nameserver` line per `--resolver`.
+    fn write_resolv_conf(&self, id: &str) -> std::io::Result<PathBuf> {
+        let path = self.resolv_conf_path(id);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let text: String = self
+            .resolvers
+            .iter()
+            .map(|r| format!("nameserver {r}\n"))
+            .collect();
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
     async fn teardown(&self, id: &str, had_net: bool) {
+        let _ = std::fs::remove_file(self.resolv_conf_path(id));
         if had_net {
             if let Some(net) = &self.network {
                 if let Err(e) = net.teardown(id).await {

@@ -91,6 +91,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         network,
         external_ip: cfg.external_ip,
         tags,
+        resolvers: cfg.resolvers.clone(),
+        state_dir: cfg.state_dir.clone(),
     });
     host.set_url(format!("http://{addr}"));
     host.restore().await;

@@ -191,14 +191,14 @@ fn busybox_job_output_env_and_failures() {
     busybox();
     in_netns(|_| async {
         let (_agg, syslog, api) = logagg();
-        let ch = CHost::start(&["--logagg", &syslog]);
+        let ch = CHost::start(&["--logagg", &syslog, "--resolver", "100.100.7.1"]);
         let h = &ch.host;
         let c = &h.client;
         let app = unique("app");
         let id = h.job_id("hello");
         let mut job = bb_job(
             &id,
-            "echo hello from $FLYNN_JOB_ID; echo \"PORT=$PORT P1=$PORT_1 IP=$EXTERNAL_IP\"; ip -4 -o addr show eth0 | awk '{print $4}'",
+            "echo hello from $FLYNN_JOB_ID; echo \"PORT=$PORT P1=$PORT_1 IP=$EXTERNAL_IP\"; ip -4 -o addr show eth0 | awk '{print $4}'; cat /etc/resolv.conf",
         );
         job.config.env.insert("FLYNN_APP_ID".into(), app.clone());
         job.config.ports = vec![
@@ -223,9 +223,9 @@ fn busybox_job_output_env_and_failures() {
         let ip = j.internal_ip.clone();
         assert!(ip.starts_with("100.100.7."), "{ip}");
         let mut lines = Vec::new();
-        eventually(Duration::from_secs(10), "3 lines", || {
+        eventually(Duration::from_secs(10), "4 lines", || {
             lines = log_lines(&api, &app);
-            lines.len() >= 3
+            lines.len() >= 4
         })
         .await;
         let msgs: Vec<&str> = lines.iter().map(|l| l["msg"].as_str().unwrap()).collect();
@@ -235,6 +235,7 @@ fn busybox_job_output_env_and_failures() {
                 format!("hello from {id}"),
                 format!("PORT=5000 P1=5001 IP={ip}"),
                 format!("{ip}/24"),
+                "nameserver 100.100.7.1".to_string(),
             ]
         );
         assert!(!netns_exists(&id), "job netns left behind");
