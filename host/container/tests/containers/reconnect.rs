@@ -161,8 +161,10 @@ async fn cleanup_after_the_shim_was_killed() {
     // SAFETY: kill takes no pointers; the pid is the shim this test spawned.
     unsafe { libc::kill(shim_pid, libc::SIGKILL) };
     let t0 = std::time::Instant::now();
-    // Gone, or a zombie (empty cmdline) waiting for its reaper.
-    while std::fs::read(format!("/proc/{shim_pid}/cmdline")).is_ok_and(|c| !c.is_empty()) {
+    // Gone, or a zombie (all its files closed) waiting for its reaper.
+    while std::fs::read_to_string(format!("/proc/{shim_pid}/stat"))
+        .is_ok_and(|s| !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+    {
         assert!(t0.elapsed() < T, "shim did not die");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
