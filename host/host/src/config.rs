@@ -38,9 +38,10 @@ pub struct Config {
     #[arg(long, env = "FLYNN_RUNTIME", value_enum, default_value = "container")]
     pub runtime: RuntimeKind,
 
-    /// Log aggregator syslog address (`host:port`); job output is not shipped without it.
-    #[arg(long, env = "FLYNN_LOGAGG")]
-    pub logagg: Option<String>,
+    /// Log aggregator syslog address (`host:port`); repeatable: every line goes to every
+    /// aggregator. Job output is not shipped without one.
+    #[arg(long, env = "FLYNN_LOGAGG", value_delimiter = ',')]
+    pub logagg: Vec<String>,
 
     /// Lines buffered while the log aggregator is unreachable; beyond it the oldest are
     /// dropped and counted.

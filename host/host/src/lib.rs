@@ -78,7 +78,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", cfg.addr))?;
     let addr = listener.local_addr()?;
-    if cfg.logagg.is_none() {
+    if cfg.logagg.is_empty() {
         tracing::warn!("no --logagg: job output is not shipped anywhere");
     }
     let logs = logship::Shipper::start(&id, cfg.logagg.clone(), cfg.log_buffer);

@@ -100,51 +100,66 @@ impl Source {
     }
 }
 
-struct Shared {
-    host: String,
+/// One aggregator: its queue and counters.
+struct Dest {
     capacity: usize,
-    queue: Mutex<VecDeque<Vec<u8>>>,
+    queue: Mutex<VecDeque<Arc<[u8]>>>,
     notify: Notify,
-    seq: AtomicU64,
-    lines: AtomicU64,
     shipped: AtomicU64,
     dropped: AtomicU64,
     connected: AtomicBool,
 }
 
-/// Cheap to clone; lines pushed are shipped by a background task (when an aggregator
-/// address is configured; otherwise they are counted and discarded as `dropped`, with
-/// a warning at startup).
+struct Shared {
+    host: String,
+    seq: AtomicU64,
+    lines: AtomicU64,
+    /// Lines lost before they reached the daemon.
+    lost_upstream: AtomicU64,
+    dests: Vec<Arc<Dest>>,
+}
+
+/// Cheap to clone; lines pushed are shipped to every configured aggregator (spec §3.1)
+/// by one background task each. Without an aggregator lines are discarded (a warning is
+/// logged at startup).
 #[derive(Clone)]
 pub struct Shipper {
     shared: Arc<Shared>,
-    enabled: bool,
 }
 
 impl Shipper {
-    /// Starts the shipping task (needs a tokio runtime) when `addr` is set.
-    pub fn start(host: &str, addr: Option<String>, capacity: usize) -> Shipper {
-        let shared = Arc::new(Shared {
-            host: host.to_string(),
-            capacity: capacity.max(1),
-            queue: Mutex::new(VecDeque::new()),
-            notify: Notify::new(),
-            seq: AtomicU64::new(0),
-            lines: AtomicU64::new(0),
-            shipped: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            connected: AtomicBool::new(false),
-        });
-        let enabled = addr.is_some();
-        if let Some(a) = addr {
-            tokio::spawn(run(shared.clone(), a));
+    /// Starts one shipping task per address (needs a tokio runtime).
+    pub fn start(host: &str, addrs: Vec<String>, capacity: usize) -> Shipper {
+        let dests: Vec<Arc<Dest>> = addrs
+            .iter()
+            .map(|_| {
+                Arc::new(Dest {
+                    capacity: capacity.max(1),
+                    queue: Mutex::new(VecDeque::new()),
+                    notify: Notify::new(),
+                    shipped: AtomicU64::new(0),
+                    dropped: AtomicU64::new(0),
+                    connected: AtomicBool::new(false),
+                })
+            })
+            .collect();
+        for (d, a) in dests.iter().zip(addrs) {
+            tokio::spawn(run(d.clone(), a));
         }
-        Shipper { shared, enabled }
+        Shipper {
+            shared: Arc::new(Shared {
+                host: host.to_string(),
+                seq: AtomicU64::new(0),
+                lines: AtomicU64::new(0),
+                lost_upstream: AtomicU64::new(0),
+                dests,
+            }),
+        }
     }
 
     /// Queues one output line (without its newline); long lines are split.
     pub fn push(&self, src: &Source, stream: Stream, line: &[u8]) {
-        if !self.enabled {
+        if self.shared.dests.is_empty() {
             return;
         }
         let ts = now_rfc3339();
@@ -153,10 +168,9 @@ impl Shipper {
         } else {
             line.chunks(MAX_LINE).collect()
         };
-        let mut dropped = 0;
-        {
-            let mut q = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-            for c in chunks {
+        let frames: Vec<Arc<[u8]>> = chunks
+            .into_iter()
+            .map(|c| {
                 let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed) + 1;
                 let mut frame = Vec::with_capacity(c.len() + 128);
                 let h = Header {
@@ -169,29 +183,42 @@ impl Shipper {
                 };
                 encode(&mut frame, &h, c);
                 self.shared.lines.fetch_add(1, Ordering::Relaxed);
-                if q.len() >= self.shared.capacity {
-                    q.pop_front();
-                    dropped += 1;
+                Arc::from(frame)
+            })
+            .collect();
+        for d in &self.shared.dests {
+            let mut dropped = 0;
+            {
+                let mut q = d.queue.lock().unwrap_or_else(|e| e.into_inner());
+                for f in &frames {
+                    if q.len() >= d.capacity {
+                        q.pop_front();
+                        dropped += 1;
+                    }
+                    q.push_back(f.clone());
                 }
-                q.push_back(frame);
             }
-        }
-        if dropped > 0 {
-            let total = self.shared.dropped.fetch_add(dropped, Ordering::Relaxed) + dropped;
-            // One warning per 1000 dropped lines, and for the first.
-            if total == dropped || total / 1000 != (total - dropped) / 1000 {
-                tracing::warn!(
-                    dropped_total = total,
-                    "log aggregator unreachable and the log buffer is full: dropping the oldest lines"
-                );
+            if dropped > 0 {
+                let total = d.dropped.fetch_add(dropped, Ordering::Relaxed) + dropped;
+                // One warning per 1000 dropped lines, and for the first.
+                if total == dropped || total / 1000 != (total - dropped) / 1000 {
+                    tracing::warn!(
+                        dropped_total = total,
+                        "log aggregator unreachable and the log buffer is full: dropping the oldest lines"
+                    );
+                }
             }
+            d.notify.notify_one();
         }
-        self.shared.notify.notify_one();
     }
 
     /// Counts `count` lines lost before they reached the host (the job's own pipe overflowed).
     pub fn count_dropped(&self, count: u64) {
-        let total = self.shared.dropped.fetch_add(count, Ordering::Relaxed) + count;
+        let total = self
+            .shared
+            .lost_upstream
+            .fetch_add(count, Ordering::Relaxed)
+            + count;
         tracing::warn!(
             count,
             dropped_total = total,
@@ -199,19 +226,34 @@ impl Shipper {
         );
     }
 
+    /// With several aggregators: `shipped` is what every one of them got, `dropped` and
+    /// `buffered` the most any of them lost or waits for, `connected` all of them.
     pub fn stats(&self) -> LogStats {
         let s = &self.shared;
+        let d = &s.dests;
         LogStats {
             lines: s.lines.load(Ordering::Relaxed),
-            shipped: s.shipped.load(Ordering::Relaxed),
-            dropped: s.dropped.load(Ordering::Relaxed),
-            buffered: s.queue.lock().map(|q| q.len() as u64).unwrap_or(0),
-            connected: s.connected.load(Ordering::Relaxed),
+            shipped: d
+                .iter()
+                .map(|d| d.shipped.load(Ordering::Relaxed))
+                .min()
+                .unwrap_or(0),
+            dropped: s.lost_upstream.load(Ordering::Relaxed)
+                + d.iter()
+                    .map(|d| d.dropped.load(Ordering::Relaxed))
+                    .max()
+                    .unwrap_or(0),
+            buffered: d
+                .iter()
+                .map(|d| d.queue.lock().map(|q| q.len() as u64).unwrap_or(0))
+                .max()
+                .unwrap_or(0),
+            connected: !d.is_empty() && d.iter().all(|d| d.connected.load(Ordering::Relaxed)),
         }
     }
 }
 
-async fn run(s: Arc<Shared>, addr: String) {
+async fn run(s: Arc<Dest>, addr: String) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let conn = tokio::time::timeout(
@@ -234,7 +276,7 @@ async fn run(s: Arc<Shared>, addr: String) {
         s.connected.store(true, Ordering::Relaxed);
         tracing::info!(addr = %addr, "connected to the log aggregator");
         loop {
-            let batch: Vec<Vec<u8>> = {
+            let batch: Vec<Arc<[u8]>> = {
                 let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
                 let n = q.len().min(256);
                 q.drain(..n).collect()
@@ -254,7 +296,7 @@ async fn run(s: Arc<Shared>, addr: String) {
                 }
                 continue;
             }
-            let mut buf = Vec::with_capacity(batch.iter().map(Vec::len).sum());
+            let mut buf = Vec::with_capacity(batch.iter().map(|f| f.len()).sum());
             for f in &batch {
                 buf.extend_from_slice(f);
             }
@@ -333,7 +375,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         drop(l);
-        let sh = Shipper::start("h", Some(addr.to_string()), 5);
+        let sh = Shipper::start("h", vec![addr.to_string()], 5);
         let src = Source::new(Some("a"), None, "j");
         for i in 0..8 {
             sh.push(&src, Stream::Stdout, format!("line{i}").as_bytes());

@@ -108,7 +108,15 @@ async fn api_errors_and_validation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_env_and_ports_reach_the_aggregator() {
     let (_agg, syslog, api) = logagg();
-    let h = Host::start(&["--runtime", "process", "--logagg", &syslog]);
+    let (_agg2, syslog2, api2) = logagg();
+    let h = Host::start(&[
+        "--runtime",
+        "process",
+        "--logagg",
+        &syslog,
+        "--logagg",
+        &syslog2,
+    ]);
     let app = unique("app");
     let id = h.job_id("env");
     let mut job = sh_job(
@@ -154,6 +162,19 @@ async fn output_env_and_ports_reach_the_aggregator() {
     let stderr: Vec<_> = lines.iter().filter(|l| l["stream"] == "stderr").collect();
     assert_eq!(stderr.len(), 1);
     assert_eq!(stderr[0]["msg"], "oops");
+    // Every aggregator gets every line (spec §3.1).
+    let mut second = Vec::new();
+    eventually(
+        Duration::from_secs(10),
+        "4 lines in the second aggregator",
+        || {
+            second = log_lines(&api2, &app);
+            second.len() >= 4
+        },
+    )
+    .await;
+    let msgs = |v: &[serde_json::Value]| v.iter().map(|l| l["msg"].clone()).collect::<Vec<_>>();
+    assert_eq!(msgs(&second), msgs(&lines));
     let st = h.client.status().await.unwrap();
     assert_eq!((st.log.lines, st.log.shipped, st.log.dropped), (4, 4, 0));
 }
