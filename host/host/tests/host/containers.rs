@@ -380,6 +380,17 @@ fn twenty_jobs_at_once_and_jobs_reach_each_other() {
                 "cgroups of {id} left"
             );
         }
+        // No mount under the containers dir in any process's view.
+        let needle = format!("{}/", containers.display());
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(mi) = std::fs::read_to_string(e.path().join("mountinfo")) {
+                assert!(
+                    !mi.contains(&needle),
+                    "leftover mount under {needle} seen by {:?}",
+                    e.file_name()
+                );
+            }
+        }
         let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
         let links = String::from_utf8_lossy(&links.stdout);
         assert!(!links.contains(": flv"), "veths left: {links}");
