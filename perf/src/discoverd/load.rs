@@ -255,6 +255,7 @@ fn instance(run: usize, i: u64) -> (String, String) {
 /// Registers `instances` new instances with `clients` clients, then heartbeats them round
 /// robin until `heartbeats` heartbeats; each phase also stops after `max`. Returns
 /// (registrations, heartbeats). Everything is removed afterwards (not timed).
+#[allow(clippy::too_many_arguments)]
 pub async fn reg(
     h: &Http,
     c: &Cluster,
