@@ -76,6 +76,11 @@ pub struct Config {
     #[arg(long, env = "FLYNN_MTU", default_value_t = 1500)]
     pub mtu: u32,
 
+    /// Jobs allowed to be starting at once; further `PUT /host/jobs/:id` get 429 with
+    /// `retry: true` (0 = no limit).
+    #[arg(long, env = "FLYNN_MAX_JOB_CONCURRENCY", default_value_t = 0)]
+    pub max_job_concurrency: usize,
+
     /// Jobs share the host's network namespace (no bridge, no per-job address).
     #[arg(long, env = "FLYNN_NO_NETWORK")]
     pub no_network: bool,

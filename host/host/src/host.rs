@@ -38,6 +38,8 @@ pub struct Options {
     pub resolvers: Vec<IpAddr>,
     /// Where per-job files (resolv.conf) are kept.
     pub state_dir: PathBuf,
+    /// Jobs allowed in `starting` at once; more are refused with 429 (0 = no limit).
+    pub max_starting: usize,
 }
 
 /// Per-job control state of a job with a live process.
@@ -68,6 +70,7 @@ pub struct Host {
     external_ip: IpAddr,
     resolvers: Vec<IpAddr>,
     state_dir: PathBuf,
+    max_starting: usize,
     tags: Mutex<BTreeMap<String, String>>,
     inner: Mutex<Inner>,
     events: broadcast::Sender<Event>,
@@ -93,6 +96,7 @@ impl Host {
             network: o.network,
             external_ip: o.external_ip,
             resolvers: o.resolvers,
+            max_starting: o.max_starting,
             state_dir: o.state_dir,
             tags: Mutex::new(o.tags),
             inner: Mutex::new(Inner::default()),
@@ -256,6 +260,20 @@ impl Host {
         let id = job.id.clone();
         {
             let mut inner = self.lock();
+            if self.max_starting > 0 {
+                let starting = inner
+                    .table
+                    .iter()
+                    .filter(|j| j.status == JobStatus::Starting)
+                    .count();
+                if starting >= self.max_starting && inner.table.get(&job.id).is_none() {
+                    return Err(ApiError::new(
+                        flynn_api::ErrorCode::Ratelimited,
+                        "host: too many jobs starting",
+                    )
+                    .with_retry(true));
+                }
+            }
             let aj = inner.table.add(job, &self.id, now_rfc3339())?.clone();
             self.publish(EventKind::Create, &aj);
         }

@@ -18,6 +18,9 @@ pub mod net;
 pub mod runtime;
 pub mod store;
 
+#[cfg(test)]
+mod host_tests;
+
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -93,6 +96,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tags,
         resolvers: cfg.resolvers.clone(),
         state_dir: cfg.state_dir.clone(),
+        max_starting: cfg.max_job_concurrency,
     });
     host.set_url(format!("http://{addr}"));
     host.restore().await;

@@ -1,0 +1,211 @@
+//! The lifecycle against a fake runtime whose starts can be held open.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use flynn_api::host::{Job, JobStatus};
+use flynn_api::ErrorCode;
+use tokio::sync::mpsc;
+
+use crate::host::{Host, Options};
+use crate::logship::{Shipper, Stream};
+use crate::runtime::{Handle, Launch, ProcEvent, Runtime, RuntimeError};
+use crate::store::Store;
+
+/// Starts block until the gate opens; each started job gets an event channel the test
+/// drives.
+#[derive(Default)]
+struct Fake {
+    open: Mutex<bool>,
+    cv: Condvar,
+    /// Starts that reached the runtime.
+    entered: std::sync::atomic::AtomicUsize,
+    jobs: Mutex<BTreeMap<String, mpsc::Sender<ProcEvent>>>,
+    signals: Arc<Mutex<Vec<(String, i32)>>>,
+}
+
+impl Fake {
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+
+    fn events(&self, id: &str) -> mpsc::Sender<ProcEvent> {
+        self.jobs.lock().unwrap()[id].clone()
+    }
+}
+
+impl Runtime for Fake {
+    fn needs_image(&self) -> bool {
+        false
+    }
+
+    fn isolates_network(&self) -> bool {
+        false
+    }
+
+    fn layer(&self, _: Option<&Path>, _: &str) -> Result<PathBuf, RuntimeError> {
+        Err(RuntimeError::Image("none".into()))
+    }
+
+    fn spawn(&self, l: Launch) -> Result<Handle, RuntimeError> {
+        self.entered
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.cv.wait(open).unwrap();
+        }
+        drop(open);
+        if l.args[0] == "fail" {
+            return Err(RuntimeError::Start("no such binary".into()));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let _ = tx.try_send(ProcEvent::Started { pid: 42 });
+        self.jobs.lock().unwrap().insert(l.id.clone(), tx);
+        let signals = self.signals.clone();
+        let id = l.id;
+        Ok(Handle {
+            events: rx,
+            signal: Arc::new(move |sig| {
+                signals.lock().unwrap().push((id.clone(), sig));
+                Ok(())
+            }),
+        })
+    }
+
+    fn adopt(&self) -> Vec<(String, Handle)> {
+        Vec::new()
+    }
+
+    fn cleanup(&self, _: &str) {}
+}
+
+fn host(rt: Arc<Fake>, dir: &Path, max_starting: usize) -> Arc<Host> {
+    Host::new(Options {
+        id: "h".into(),
+        runtime: rt,
+        store: Store::open(dir).unwrap(),
+        logs: Shipper::start("h", Vec::new(), 10),
+        discoverd: None,
+        network: None,
+        external_ip: "127.0.0.1".parse().unwrap(),
+        tags: BTreeMap::new(),
+        resolvers: Vec::new(),
+        state_dir: dir.to_path_buf(),
+        max_starting,
+    })
+}
+
+fn job(id: &str, arg: &str) -> Job {
+    let mut j = Job {
+        id: id.into(),
+        ..Job::default()
+    };
+    j.config.args = vec![arg.into()];
+    j.config.stop_timeout = Some(1);
+    j
+}
+
+async fn wait_status(h: &Host, id: &str, want: JobStatus) {
+    for _ in 0..500 {
+        if h.get(id).map(|j| j.status) == Some(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{id}: not {want:?}: {:?}", h.get(id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_start_limit_is_429_with_retry() {
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    let h = host(rt.clone(), d.path(), 2);
+    h.add_job(job("a", "x")).unwrap();
+    h.add_job(job("b", "x")).unwrap();
+    let e = h.add_job(job("c", "x")).unwrap_err();
+    assert_eq!((e.code, e.retry), (ErrorCode::Ratelimited, true));
+    assert_eq!(e.status(), 429);
+    // A duplicate is still a conflict, not a rate limit.
+    assert_eq!(
+        h.add_job(job("a", "x")).unwrap_err().code,
+        ErrorCode::Conflict
+    );
+    rt.open();
+    wait_status(&h, "a", JobStatus::Running).await;
+    wait_status(&h, "b", JobStatus::Running).await;
+    h.add_job(job("c", "x")).unwrap();
+    wait_status(&h, "c", JobStatus::Running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_while_starting_then_lifecycle() {
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    let h = host(rt.clone(), d.path(), 0);
+
+    // Stopped while the runtime is still starting it: SIGTERM as soon as it runs.
+    h.add_job(job("s", "x")).unwrap();
+    for _ in 0..500 {
+        if rt.entered.load(std::sync::atomic::Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.stop("s").await.unwrap();
+    assert!(h.get("s").unwrap().force_stop);
+    rt.open();
+    wait_status(&h, "s", JobStatus::Running).await;
+    for _ in 0..200 {
+        if !rt.signals.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(rt.signals.lock().unwrap()[0], ("s".to_string(), 15));
+    // Ignored: SIGKILL after the 1 s timeout.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(rt.signals.lock().unwrap()[1], ("s".to_string(), 9));
+    rt.events("s")
+        .send(ProcEvent::Exited {
+            code: 137,
+            signal: Some(9),
+            oom_killed: false,
+        })
+        .await
+        .unwrap();
+    wait_status(&h, "s", JobStatus::Done).await;
+
+    // A start error fails the job with the reason.
+    h.add_job(job("f", "fail")).unwrap();
+    wait_status(&h, "f", JobStatus::Failed).await;
+    assert_eq!(h.get("f").unwrap().error.as_deref(), Some("no such binary"));
+
+    // Output is accepted (no aggregator: nothing shipped, nothing counted as dropped).
+    h.add_job(job("o", "x")).unwrap();
+    wait_status(&h, "o", JobStatus::Running).await;
+    let tx = rt.events("o");
+    tx.send(ProcEvent::Output {
+        stream: Stream::Stdout,
+        line: b"hi".to_vec(),
+    })
+    .await
+    .unwrap();
+    tx.send(ProcEvent::Dropped { count: 3 }).await.unwrap();
+    // The runtime going away without an exit is an error.
+    drop(tx);
+    rt.jobs.lock().unwrap().remove("o");
+    wait_status(&h, "o", JobStatus::Failed).await;
+    assert_eq!(
+        h.get("o").unwrap().error.as_deref(),
+        Some("lost contact with the job")
+    );
+    assert_eq!(h.log_stats().dropped, 3);
+
+    // Everything was persisted.
+    let stored = Store::open(d.path()).unwrap().load();
+    assert_eq!(stored.len(), 3);
+    assert!(stored.iter().all(|j| j.status.is_terminal()));
+}
