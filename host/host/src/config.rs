@@ -94,7 +94,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if let Some(id) = &self.id {
             if !valid_host_id(id) {
-                return Err(format!("--id {id:?}: must be 1-32 letters or digits"));
+                return Err(format!("--id {id:?}: must be 1-27 letters or digits (job ids `<host id>-<uuid>` stay within 64)"));
             }
         }
         if self.log_buffer == 0 {
@@ -116,7 +116,7 @@ impl Config {
 }
 
 pub fn valid_host_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+    !id.is_empty() && id.len() <= 27 && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// `k=v` pairs; a key without `=` gets an empty value.
@@ -147,6 +147,8 @@ mod tests {
         assert_eq!(c.runtime, RuntimeKind::Container);
         assert!(c.validate().is_ok());
         assert!(parse(&["--id", "a-b"]).validate().is_err());
+        assert!(parse(&["--id", &"a".repeat(27)]).validate().is_ok());
+        assert!(parse(&["--id", &"a".repeat(28)]).validate().is_err());
         assert!(parse(&["--log-buffer", "0"]).validate().is_err());
         assert!(parse(&["--bridge-name", "a-very-long-bridge-name"])
             .validate()
