@@ -486,7 +486,8 @@ impl Host {
                             None => false,
                         }
                     };
-                    if !r.adopted {
+                    // A job asked to stop while starting is not announced at all.
+                    if !r.adopted && !stop_now {
                         self.register_services(&id, &r);
                     }
                     if stop_now {
