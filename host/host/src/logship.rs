@@ -100,10 +100,17 @@ impl Source {
     }
 }
 
+/// A framed message and the app it belongs to.
+type Frame = (Arc<str>, Arc<[u8]>);
+
 /// One aggregator: its queue and counters.
 struct Dest {
+    host: String,
+    seq: Arc<AtomicU64>,
     capacity: usize,
-    queue: Mutex<VecDeque<Arc<[u8]>>>,
+    queue: Mutex<VecDeque<Frame>>,
+    /// Lines dropped per app since the last notice was queued.
+    lost_by_app: Mutex<std::collections::BTreeMap<Arc<str>, u64>>,
     notify: Notify,
     shipped: AtomicU64,
     dropped: AtomicU64,
@@ -112,7 +119,7 @@ struct Dest {
 
 struct Shared {
     host: String,
-    seq: AtomicU64,
+    seq: Arc<AtomicU64>,
     lines: AtomicU64,
     /// Lines lost before they reached the daemon.
     lost_upstream: AtomicU64,
@@ -130,12 +137,16 @@ pub struct Shipper {
 impl Shipper {
     /// Starts one shipping task per address (needs a tokio runtime).
     pub fn start(host: &str, addrs: Vec<String>, capacity: usize) -> Shipper {
+        let seq = Arc::new(AtomicU64::new(0));
         let dests: Vec<Arc<Dest>> = addrs
             .iter()
             .map(|_| {
                 Arc::new(Dest {
+                    host: host.to_string(),
+                    seq: seq.clone(),
                     capacity: capacity.max(1),
                     queue: Mutex::new(VecDeque::new()),
+                    lost_by_app: Mutex::new(Default::default()),
                     notify: Notify::new(),
                     shipped: AtomicU64::new(0),
                     dropped: AtomicU64::new(0),
@@ -149,7 +160,7 @@ impl Shipper {
         Shipper {
             shared: Arc::new(Shared {
                 host: host.to_string(),
-                seq: AtomicU64::new(0),
+                seq,
                 lines: AtomicU64::new(0),
                 lost_upstream: AtomicU64::new(0),
                 dests,
@@ -168,6 +179,7 @@ impl Shipper {
         } else {
             line.chunks(MAX_LINE).collect()
         };
+        let app: Arc<str> = Arc::from(src.app.as_str());
         let frames: Vec<Arc<[u8]>> = chunks
             .into_iter()
             .map(|c| {
@@ -192,10 +204,12 @@ impl Shipper {
                 let mut q = d.queue.lock().unwrap_or_else(|e| e.into_inner());
                 for f in &frames {
                     if q.len() >= d.capacity {
-                        q.pop_front();
+                        if let Some((lost_app, _)) = q.pop_front() {
+                            d.note_lost(lost_app, 1);
+                        }
                         dropped += 1;
                     }
-                    q.push_back(f.clone());
+                    q.push_back((app.clone(), f.clone()));
                 }
             }
             if dropped > 0 {
@@ -253,6 +267,42 @@ impl Shipper {
     }
 }
 
+impl Dest {
+    fn note_lost(&self, app: Arc<str>, n: u64) {
+        *self
+            .lost_by_app
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(app)
+            .or_default() += n;
+    }
+
+    /// One message per app that lost lines, telling its readers how many: drops are
+    /// never silent in the app's own log.
+    fn take_notices(&self) -> Vec<Frame> {
+        let lost = std::mem::take(&mut *self.lost_by_app.lock().unwrap_or_else(|e| e.into_inner()));
+        let ts = now_rfc3339();
+        lost.into_iter()
+            .map(|(app, n)| {
+                let mut frame = Vec::new();
+                let h = Header {
+                    timestamp: &ts,
+                    host: &self.host,
+                    app: &app,
+                    procid: "flynn-host",
+                    stream: Stream::Stderr,
+                    seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+                };
+                let msg = format!(
+                    "flynn-host: {n} log lines were dropped while the log aggregator was unreachable"
+                );
+                encode(&mut frame, &h, msg.as_bytes());
+                (app, Arc::from(frame))
+            })
+            .collect()
+    }
+}
+
 async fn run(s: Arc<Dest>, addr: String) {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -276,11 +326,12 @@ async fn run(s: Arc<Dest>, addr: String) {
         s.connected.store(true, Ordering::Relaxed);
         tracing::info!(addr = %addr, "connected to the log aggregator");
         loop {
-            let batch: Vec<Arc<[u8]>> = {
+            let mut batch: Vec<Frame> = s.take_notices();
+            {
                 let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
                 let n = q.len().min(256);
-                q.drain(..n).collect()
-            };
+                batch.extend(q.drain(..n));
+            }
             if batch.is_empty() {
                 // Wake on new lines; poll now and then to notice a closed connection.
                 tokio::select! {
@@ -296,8 +347,8 @@ async fn run(s: Arc<Dest>, addr: String) {
                 }
                 continue;
             }
-            let mut buf = Vec::with_capacity(batch.iter().map(|f| f.len()).sum());
-            for f in &batch {
+            let mut buf = Vec::with_capacity(batch.iter().map(|(_, f)| f.len()).sum());
+            for (_, f) in &batch {
                 buf.extend_from_slice(f);
             }
             let res = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&buf)).await;
@@ -308,14 +359,19 @@ async fn run(s: Arc<Dest>, addr: String) {
             // Put the batch back (oldest first), within capacity.
             let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
             let mut lost = 0u64;
+            let mut lost_apps = Vec::new();
             for f in batch.into_iter().rev() {
                 if q.len() >= s.capacity {
                     lost += 1;
+                    lost_apps.push(f.0);
                     continue;
                 }
                 q.push_front(f);
             }
             drop(q);
+            for app in lost_apps {
+                s.note_lost(app, 1);
+            }
             if lost > 0 {
                 s.dropped.fetch_add(lost, Ordering::Relaxed);
             }
@@ -389,7 +445,7 @@ mod tests {
             .unwrap();
         // Once the backlog is out, a line longer than MAX_LINE goes as two messages.
         let t0 = std::time::Instant::now();
-        while sh.stats().shipped < 5 && t0.elapsed() < Duration::from_secs(10) {
+        while sh.stats().shipped < 6 && t0.elapsed() < Duration::from_secs(10) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         sh.push(&src, Stream::Stdout, &vec![b'x'; MAX_LINE + 50]);
@@ -397,7 +453,7 @@ mod tests {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let framer = flynn_syslog::Framer::new(20_000);
         let mut msgs = Vec::new();
-        while msgs.len() < 7 && tokio::time::Instant::now() < deadline {
+        while msgs.len() < 8 && tokio::time::Instant::now() < deadline {
             let mut b = [0u8; 4096];
             let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
                 .await
@@ -418,13 +474,18 @@ mod tests {
                 }
             }
         }
-        assert_eq!(msgs.len(), 7);
-        assert_eq!(msgs[0], b"line3");
-        assert_eq!(msgs[4], b"line7");
-        assert_eq!(msgs[5].len(), MAX_LINE);
-        assert_eq!(msgs[6].len(), 50);
+        assert_eq!(msgs.len(), 8);
+        // First a notice in the app's log, then what the buffer kept.
+        assert_eq!(
+            msgs[0],
+            b"flynn-host: 3 log lines were dropped while the log aggregator was unreachable"
+        );
+        assert_eq!(msgs[1], b"line3");
+        assert_eq!(msgs[5], b"line7");
+        assert_eq!(msgs[6].len(), MAX_LINE);
+        assert_eq!(msgs[7].len(), 50);
         let st = sh.stats();
-        assert_eq!((st.shipped, st.dropped, st.buffered), (7, 3, 0));
+        assert_eq!((st.shipped, st.dropped, st.buffered), (8, 3, 0));
         assert!(st.connected);
     }
 }
