@@ -123,13 +123,15 @@ where
     }
 }
 
-/// A container host in the current namespace; its jobs are cleaned up on drop.
+/// A container host in the current namespace, with a cgroup parent of its own; its jobs
+/// and the parent are cleaned up on drop.
 struct CHost {
     host: Host,
+    cgroup_parent: String,
 }
 
 impl CHost {
-    fn start(extra: &[&str]) -> CHost {
+    fn args<'a>(parent: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec![
             "--runtime",
             "container",
@@ -138,13 +140,41 @@ impl CHost {
             "--block",
             "100.100.7.0/24",
             "--cgroup-parent",
-            "flynn-host-test",
+            parent,
         ];
         args.extend_from_slice(extra);
+        args
+    }
+
+    fn start(extra: &[&str]) -> CHost {
+        let cgroup_parent = unique("flynn-host-test");
+        let host = Host::start(&Self::args(&cgroup_parent, extra));
         CHost {
-            host: Host::start(&args),
+            host,
+            cgroup_parent,
         }
     }
+
+    /// Cgroup directories of job `id` still present under any controller.
+    fn cgroups_left(&self, id: &str) -> Vec<PathBuf> {
+        cgroup_dirs(&format!("{}/{id}", self.cgroup_parent))
+    }
+}
+
+/// `rel` under the unified root and under every v1 controller, where it exists.
+fn cgroup_dirs(rel: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let root = PathBuf::from("/sys/fs/cgroup");
+    if root.join(rel).is_dir() {
+        out.push(root.join(rel));
+    }
+    for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        let p = e.path().join(rel);
+        if p.is_dir() && !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
 }
 
 impl Drop for CHost {
@@ -158,24 +188,10 @@ impl Drop for CHost {
                 let _ = Command::new("ip").args(["netns", "del", n]).status();
             }
         }
-    }
-}
-
-/// Cgroup directories of job `id` still present under any controller.
-fn cgroups_left(id: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let rel = format!("flynn-host-test/{id}");
-    let root = PathBuf::from("/sys/fs/cgroup");
-    if root.join(&rel).is_dir() {
-        out.push(root.join(&rel));
-    }
-    for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-        let p = e.path().join(&rel);
-        if p.is_dir() && !out.contains(&p) {
-            out.push(p);
+        for d in cgroup_dirs(&self.cgroup_parent) {
+            let _ = std::fs::remove_dir(d);
         }
     }
-    out
 }
 
 fn netns_exists(id: &str) -> bool {
@@ -375,7 +391,7 @@ fn twenty_jobs_at_once_and_jobs_reach_each_other() {
         for id in &ids {
             assert!(!netns_exists(id), "netns of {id} left");
             assert_eq!(
-                cgroups_left(id),
+                ch.cgroups_left(id),
                 Vec::<PathBuf>::new(),
                 "cgroups of {id} left"
             );
@@ -422,20 +438,8 @@ fn restarted_daemon_readopts_running_jobs() {
         tokio::time::sleep(Duration::from_millis(600)).await;
         let host_id = ch.host.id.clone();
         let dir = std::mem::replace(&mut ch.host.dir, tempfile::tempdir().unwrap());
-        let extra = ["--logagg", syslog.as_str()];
-        let args: Vec<&str> = [
-            "--runtime",
-            "container",
-            "--bridge-name",
-            "flynntest0",
-            "--block",
-            "100.100.7.0/24",
-            "--cgroup-parent",
-            "flynn-host-test",
-        ]
-        .into_iter()
-        .chain(extra)
-        .collect();
+        let parent = ch.cgroup_parent.clone();
+        let args = CHost::args(&parent, &["--logagg", syslog.as_str()]);
         ch.host = Host::start_in(dir, &host_id, &args);
         let c = &ch.host.client;
         let after = c.get_job(&id).await.unwrap();
