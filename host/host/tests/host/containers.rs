@@ -20,17 +20,21 @@ fn is_root() -> bool {
 fn busybox() -> &'static (PathBuf, String) {
     static IMG: OnceLock<(PathBuf, String)> = OnceLock::new();
     IMG.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("flynn-host-img-{}", std::process::id()));
+        // Under target/ (not /tmp); the build is deterministic, so concurrent test
+        // processes may each write it: build under a private name, rename into place.
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         std::fs::create_dir_all(&dir).unwrap();
-        let tar = dir.join("busybox.tar");
+        let tar = dir.join("flynn-host-busybox.tar");
+        let tmp = dir.join(format!("flynn-host-busybox.{}.tar", std::process::id()));
         let script =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build-busybox.sh");
-        let out = Command::new("sh").arg(&script).arg(&tar).output().unwrap();
+        let out = Command::new("sh").arg(&script).arg(&tmp).output().unwrap();
         assert!(
             out.status.success(),
             "build-busybox.sh: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        std::fs::rename(&tmp, &tar).unwrap();
         let sum = Command::new("sha256sum").arg(&tar).output().unwrap();
         let sha = String::from_utf8_lossy(&sum.stdout)
             .split_whitespace()
