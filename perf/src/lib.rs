@@ -12,6 +12,9 @@
 //! The `overlay` harness compares the kernel VXLAN path with the eBPF fast path (and the
 //! underlay) in network namespaces: ping RTT and iperf3 TCP/UDP.
 //!
+//! The `host` harness (root) compares flynn-host's job start/stop latency with `runc` on the
+//! same busybox image and reads the daemon's and the shims' memory with many jobs.
+//!
 //! Leaves to others: micro-benchmarks (criterion `benches/` in each crate) and correctness
 //! (`flynn-e2e`). Used by people and CI jobs that record `perf/RESULTS.md`.
 
@@ -19,6 +22,7 @@ pub mod bench;
 pub mod discoverd;
 pub mod h2load;
 pub mod handshake;
+pub mod host;
 pub mod idle;
 pub mod logagg;
 pub mod origin;

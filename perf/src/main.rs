@@ -1,7 +1,7 @@
 //! `flynn-perf`: `proxy` runs the side-by-side proxy harness; `origin` is the origin server
 //! it proxies to (started by the harness itself); `logagg` runs the log aggregator harness;
 //! `discoverd` runs flynn-discoverd against etcd; `overlay` compares the overlay's kernel path
-//! with the eBPF fast path.
+//! with the eBPF fast path; `host` compares flynn-host's job start/stop with `runc`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,6 +32,30 @@ enum Cmd {
     /// Overlay kernel VXLAN path vs the eBPF fast path vs the underlay, in network namespaces
     /// (root; ping RTT, iperf3 TCP and UDP).
     Overlay(OverlayArgs),
+    /// flynn-host vs `runc`: job start and stop latency on the busybox image, and the memory
+    /// of the daemon and its shims with many jobs (root).
+    Host(HostArgs),
+}
+
+#[derive(clap::Args)]
+struct HostArgs {
+    /// Measured rounds (after one warm-up); each starts and stops one job per variant.
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// Rounds of the stop without a SIGTERM trap (SIGKILL after a 1 s stop timeout).
+    #[arg(long, default_value_t = 1)]
+    no_trap_rounds: usize,
+    /// Jobs running at once for the memory measurement (0 skips it).
+    #[arg(long, default_value_t = 100)]
+    jobs: usize,
+    #[arg(long, default_value = "target/release/flynn-host")]
+    host_bin: PathBuf,
+    /// The jobs' address block (default 100.100.<100 + pid % 100>.0/24).
+    #[arg(long)]
+    block: Option<String>,
+    /// Also write the markdown report here.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -274,6 +298,20 @@ fn main() -> Result<()> {
                 duration_s: a.duration.max(1),
                 pings: a.pings.max(10),
                 ctl_bin: a.ctl_bin,
+                out: a.out,
+                command: command_line(),
+            })?;
+            println!("{text}");
+            Ok(())
+        }
+        Cmd::Host(a) => {
+            flynn_perf::procs::install_signal_handler()?;
+            let text = flynn_perf::host::run_harness(flynn_perf::host::Options {
+                rounds: a.rounds.max(1),
+                no_trap_rounds: a.no_trap_rounds,
+                jobs: a.jobs,
+                host_bin: a.host_bin,
+                block: a.block,
                 out: a.out,
                 command: command_line(),
             })?;

@@ -15,15 +15,37 @@ use anyhow::{Context, Result};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
+/// Extra cleanup run on a signal, after the process groups are killed and before the temp
+/// dirs are removed (network namespaces, mounts, cgroups a harness made).
+pub type Hook = Box<dyn FnOnce() + Send>;
+
 struct Registry {
     pgids: Vec<i32>,
     dirs: Vec<PathBuf>,
+    hooks: Vec<(u64, Hook)>,
+    next_hook: u64,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     pgids: Vec::new(),
     dirs: Vec::new(),
+    hooks: Vec::new(),
+    next_hook: 0,
 });
+
+/// Registers `hook` for [`kill_all`]; returns a handle for [`remove_hook`].
+pub fn add_hook(hook: Hook) -> u64 {
+    let mut reg = registry();
+    let id = reg.next_hook;
+    reg.next_hook += 1;
+    reg.hooks.push((id, hook));
+    id
+}
+
+/// Unregisters a hook (its owner cleaned up by itself).
+pub fn remove_hook(id: u64) {
+    registry().hooks.retain(|(h, _)| *h != id);
+}
 
 fn registry() -> MutexGuard<'static, Registry> {
     REGISTRY
@@ -50,12 +72,19 @@ pub fn install_signal_handler() -> Result<()> {
     Ok(())
 }
 
-/// Kills every registered process group and removes every registered temp dir.
+/// Kills every registered process group, runs the hooks and removes every registered temp dir.
 pub fn kill_all() {
-    let mut reg = registry();
-    for pgid in reg.pgids.drain(..) {
-        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    let hooks: Vec<(u64, Hook)> = {
+        let mut reg = registry();
+        for pgid in reg.pgids.drain(..) {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        reg.hooks.drain(..).collect()
+    };
+    for (_, hook) in hooks {
+        hook();
     }
+    let mut reg = registry();
     for dir in reg.dirs.drain(..) {
         let _ = std::fs::remove_dir_all(dir);
     }
