@@ -79,12 +79,12 @@ fn parse_lease(key: &str, attrs: &Value) -> Option<Lease> {
         .and_then(Value::as_str)
         .and_then(|m| m.parse::<Mac>().ok())
         .unwrap_or_else(|| Mac::for_subnet(&subnet));
-    let expires_at = SystemTime::UNIX_EPOCH
-        + attrs
-            .get("Expiration")
-            .and_then(Value::as_u64)
-            .map(Duration::from_secs)
-            .unwrap_or(NO_EXPIRY);
+    // An expiry past what `SystemTime` can hold (it came over the network) is "never".
+    let expires_at = attrs
+        .get("Expiration")
+        .and_then(Value::as_u64)
+        .and_then(|s| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(s)))
+        .unwrap_or(SystemTime::UNIX_EPOCH + NO_EXPIRY);
     let revision = attrs.get("Revision").and_then(Value::as_u64).unwrap_or(0);
     Some(Lease {
         subnet,
@@ -422,6 +422,10 @@ mod tests {
         let l = parse_lease("100.100.9.0-24", &attrs).unwrap();
         assert_eq!(l.vtep_mac.to_string(), "aa:bb:cc:dd:ee:ff");
         assert_eq!(l.revision, 0);
+        assert!(!l.is_expired(SystemTime::now() + Duration::from_secs(10 * 365 * 24 * 3600)));
+        // An expiry too large for the clock is "never", not a panic.
+        let huge = json!({"PublicIP": "10.0.0.9", "Expiration": u64::MAX});
+        let l = parse_lease("100.100.9.0-24", &huge).unwrap();
         assert!(!l.is_expired(SystemTime::now() + Duration::from_secs(10 * 365 * 24 * 3600)));
         let doc = json!({"subnets": {"100.100.9.0-24": attrs, "junk": {}, "100.100.1.0-24": 3}});
         let snap = snapshot(&doc, 12);
