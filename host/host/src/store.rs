@@ -42,8 +42,17 @@ impl Store {
             path: path.clone(),
             source,
         };
-        std::fs::write(&tmp, data).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
+        // Written, synced, renamed, and the directory synced: after a crash the file is the
+        // old state or the new one, never empty or torn.
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&data)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(&self.dir)?.sync_all()
+        };
+        write().map_err(io)
     }
 
     pub fn remove(&self, id: &str) {
@@ -61,10 +70,22 @@ impl Store {
             if p.extension().and_then(|x| x.to_str()) != Some("json") {
                 continue;
             }
+            // The id names files, cgroups and namespaces: one that is not valid, or not the
+            // file's own name (it could never be saved over or removed), is not trusted.
+            let stem = p.file_stem().and_then(|x| x.to_str()).unwrap_or("");
             match std::fs::read(&p)
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice::<ActiveJob>(&b).map_err(|e| e.to_string()))
-            {
+                .and_then(|j| {
+                    if !crate::job::valid_id(&j.job.id) || j.job.id != stem {
+                        Err(format!(
+                            "job id {:?} does not match the file name",
+                            j.job.id
+                        ))
+                    } else {
+                        Ok(j)
+                    }
+                }) {
                 Ok(j) => out.push(j),
                 Err(e) => {
                     tracing::warn!(path = %p.display(), error = %e, "skipping unreadable job state")
@@ -91,6 +112,24 @@ mod tests {
         let loaded = s.load();
         assert_eq!(loaded, vec![j.clone()]);
         assert!(d.path().join("jobs/bad.json").exists());
+        // A file whose job id is not its name, or not a valid id, is skipped.
+        let mut other = j.clone();
+        other.job.id = "../../evil".into();
+        std::fs::write(
+            d.path().join("jobs/x.json"),
+            serde_json::to_vec(&other).unwrap(),
+        )
+        .unwrap();
+        other.job.id = "h-2".into();
+        std::fs::write(
+            d.path().join("jobs/h-3.json"),
+            serde_json::to_vec(&other).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(s.load(), vec![j.clone()]);
+        std::fs::remove_file(d.path().join("jobs/x.json")).unwrap();
+        std::fs::remove_file(d.path().join("jobs/h-3.json")).unwrap();
+        assert!(!d.path().join("jobs/.h-1.tmp").exists());
         s.remove("h-1");
         assert!(s.load().is_empty());
     }
