@@ -390,11 +390,11 @@ impl Host {
         {
             Ok(Ok(h)) => h,
             Ok(Err(e)) => {
-                self.teardown(&id, ip.is_some()).await;
+                self.cleanup_failed_start(&id, ip.is_some()).await;
                 return self.fail(&id, e.to_string());
             }
             Err(e) => {
-                self.teardown(&id, ip.is_some()).await;
+                self.cleanup_failed_start(&id, ip.is_some()).await;
                 return self.fail(&id, format!("start: {e}"));
             }
         };
@@ -435,6 +435,15 @@ impl Host {
             .collect();
         std::fs::write(&path, text)?;
         Ok(path)
+    }
+
+    /// After a failed start: whatever the runtime got to (a shim that started but could not
+    /// be reached, its state and cgroups) goes first, then the network the job would have used.
+    async fn cleanup_failed_start(&self, id: &str, had_net: bool) {
+        let rt = self.runtime.clone();
+        let cid = id.to_string();
+        let _ = tokio::task::spawn_blocking(move || rt.cleanup(&cid)).await;
+        self.teardown(id, had_net).await;
     }
 
     async fn teardown(&self, id: &str, had_net: bool) {

@@ -24,6 +24,8 @@ struct Fake {
     entered: std::sync::atomic::AtomicUsize,
     jobs: Mutex<BTreeMap<String, mpsc::Sender<ProcEvent>>>,
     signals: Arc<Mutex<Vec<(String, i32)>>>,
+    /// Jobs [`Runtime::cleanup`] was called for.
+    cleaned: Mutex<Vec<String>>,
 }
 
 impl Fake {
@@ -79,7 +81,9 @@ impl Runtime for Fake {
         Vec::new()
     }
 
-    fn cleanup(&self, _: &str) {}
+    fn cleanup(&self, id: &str) {
+        self.cleaned.lock().unwrap().push(id.to_string());
+    }
 }
 
 fn host(rt: Arc<Fake>, dir: &Path, max_starting: usize) -> Arc<Host> {
@@ -182,6 +186,8 @@ async fn stop_while_starting_then_lifecycle() {
     h.add_job(job("f", "fail")).unwrap();
     wait_status(&h, "f", JobStatus::Failed).await;
     assert_eq!(h.get("f").unwrap().error.as_deref(), Some("no such binary"));
+    // What the runtime may have left of the failed start is cleaned up.
+    assert!(rt.cleaned.lock().unwrap().contains(&"f".to_string()));
 
     // Output is accepted (no aggregator: nothing shipped, nothing counted as dropped).
     h.add_job(job("o", "x")).unwrap();
