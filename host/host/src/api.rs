@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -38,6 +39,26 @@ impl IntoResponse for Error {
 }
 
 type Result<T> = std::result::Result<T, Error>;
+
+/// The path parameters, or the JSON error envelope when they cannot be decoded (bad
+/// percent-encoding, not UTF-8) instead of axum's plain-text rejection.
+fn path<T>(p: std::result::Result<Path<T>, PathRejection>) -> Result<T> {
+    p.map(|Path(v)| v).map_err(|e| {
+        ApiError::validation(Some("id"), &format!("is not a valid path segment: {e}")).into()
+    })
+}
+
+/// The request body, or the JSON error envelope when it cannot be read (too big).
+fn body(b: std::result::Result<Bytes, BytesRejection>) -> Result<Bytes> {
+    b.map_err(|e| {
+        let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            flynn_api::ErrorCode::RequestBodyTooBig
+        } else {
+            flynn_api::ErrorCode::ValidationError
+        };
+        ApiError::new(code, e.body_text()).into()
+    })
+}
 
 pub fn router(host: Arc<Host>) -> Router {
     Router::new()
@@ -79,10 +100,11 @@ fn json_body<T: for<'de> Deserialize<'de>>(h: &HeaderMap, body: &[u8]) -> Result
 
 async fn add_job(
     State(host): State<Arc<Host>>,
-    Path(id): Path<String>,
-    body: Bytes,
+    id: std::result::Result<Path<String>, PathRejection>,
+    b: std::result::Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>> {
-    let job = job::parse_job(&id, &body, host.needs_image())?;
+    let (id, b) = (path(id)?, body(b)?);
+    let job = job::parse_job(&id, &b, host.needs_image())?;
     host.add_job(job)?;
     Ok(Json(serde_json::json!({})))
 }
@@ -107,9 +129,10 @@ async fn list_jobs(
 
 async fn get_job(
     State(host): State<Arc<Host>>,
-    Path(id): Path<String>,
+    id: std::result::Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response> {
+    let id = path(id)?;
     // Subscribe before looking the job up, so no event falls between the two.
     let rx = host.subscribe();
     let job = host
@@ -156,16 +179,18 @@ fn sse(
 
 async fn stop_job(
     State(host): State<Arc<Host>>,
-    Path(id): Path<String>,
+    id: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>> {
+    let id = path(id)?;
     host.stop(&id).await?;
     Ok(Json(serde_json::json!({})))
 }
 
 async fn signal(
     State(host): State<Arc<Host>>,
-    Path((id, sig)): Path<(String, String)>,
+    p: std::result::Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<serde_json::Value>> {
+    let (id, sig) = path(p)?;
     let sig: i32 = sig
         .parse()
         .ok()
@@ -177,8 +202,9 @@ async fn signal(
 
 async fn discoverd_deregister(
     State(host): State<Arc<Host>>,
-    Path(id): Path<String>,
+    id: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>> {
+    let id = path(id)?;
     if !host.deregister(&id).await {
         return Err(ApiError::object_not_found("host: unknown job").into());
     }
@@ -192,9 +218,9 @@ async fn status(State(host): State<Arc<Host>>) -> Json<flynn_api::host::HostStat
 async fn set_tags(
     State(host): State<Arc<Host>>,
     headers: HeaderMap,
-    body: Bytes,
+    b: std::result::Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>> {
-    let tags: BTreeMap<String, String> = json_body(&headers, &body)?;
+    let tags: BTreeMap<String, String> = json_body(&headers, &body(b)?)?;
     if tags.keys().any(|k| k.is_empty()) {
         return Err(ApiError::validation(Some("tags"), "keys must not be empty").into());
     }
@@ -205,9 +231,9 @@ async fn set_tags(
 async fn resource_check(
     State(host): State<Arc<Host>>,
     headers: HeaderMap,
-    body: Bytes,
+    b: std::result::Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>> {
-    let check: ResourceCheck = json_body(&headers, &body)?;
+    let check: ResourceCheck = json_body(&headers, &body(b)?)?;
     let used = host.used_ports();
     let mut conflicts = Vec::new();
     for p in &check.ports {

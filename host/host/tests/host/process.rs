@@ -47,6 +47,26 @@ async fn api_errors_and_validation() {
         (Some("object_not_found"), Some("host: unknown job"))
     );
     assert_eq!(http(a, "DELETE", "/host/jobs/nope", "", "").0, 404);
+    // Ids that do not decode, or that try to leave the state directory, are JSON errors.
+    for (method, p) in [
+        ("PUT", "/host/jobs/%FF"),
+        ("GET", "/host/jobs/%FF"),
+        ("DELETE", "/host/jobs/%FF"),
+        ("PUT", "/host/jobs/%FF/signal/15"),
+        ("PUT", "/host/jobs/..%2F..%2Fescape"),
+    ] {
+        let (st, body) = http(
+            a,
+            method,
+            p,
+            "application/json",
+            r#"{"config":{"args":["x"]}}"#,
+        );
+        assert_eq!(st, 400, "{method} {p}: {body}");
+        let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(e["code"], "validation_error", "{method} {p}: {body}");
+        assert_eq!(e["detail"]["field"], "id", "{method} {p}: {body}");
+    }
     assert_eq!(http(a, "GET", "/no/such/route", "", "").0, 404);
 
     // Duplicate ids conflict.
