@@ -102,18 +102,30 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
 }
 
-/// A port that is free right now on 127.0.0.1..=127.0.0.`n` (and not in `avoid`).
+/// A port that is free right now on 127.0.0.1..=127.0.0.`n` (and not in `avoid`), below the
+/// kernel's ephemeral range (32768+): nodes are killed and restarted on the same port, and an
+/// ephemeral port could meanwhile be the local end of some outgoing connection, which makes
+/// the restart's bind fail.
 fn port_free_on_all(n: usize, avoid: &[u16]) -> Result<u16> {
-    for _ in 0..50 {
-        let l = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
-        let port = l.local_addr()?.port();
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(1)
+        ^ std::process::id()
+        | 1;
+    for _ in 0..200 {
+        // xorshift32: only needs to spread the picks.
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let port = 20_000 + (x % 12_000) as u16;
         if avoid.contains(&port) {
             continue;
         }
-        let others: Vec<_> = (2..=n)
+        let all: Vec<_> = (1..=n)
             .map(|i| TcpListener::bind((format!("127.0.0.{i}").as_str(), port)))
             .collect();
-        if others.iter().all(|r| r.is_ok()) {
+        if all.iter().all(|r| r.is_ok()) {
             return Ok(port);
         }
     }
