@@ -190,30 +190,85 @@ impl Client {
 }
 
 async fn read_events(mut r: reqwest::Response, tx: mpsc::Sender<Event>) {
-    let mut buf = String::new();
+    // Bytes, not text, until an item is complete: a chunk may end inside a UTF-8 character.
+    let mut buf: Vec<u8> = Vec::new();
     while let Ok(Some(chunk)) = r.chunk().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(i) = buf.find("\n\n") {
-            let item: String = buf.drain(..i + 2).collect();
-            if item.lines().any(|l| l.starts_with("event: error")) {
-                return;
-            }
-            let data: String = item
-                .lines()
-                .filter_map(|l| l.strip_prefix("data: "))
-                .collect::<Vec<_>>()
-                .join("\n");
-            if data.is_empty() {
-                continue;
-            }
-            match serde_json::from_str::<Event>(&data) {
-                Ok(ev) => {
-                    if tx.send(ev).await.is_err() {
+        buf.extend_from_slice(&chunk);
+        while let Some(item) = next_item(&mut buf) {
+            match item {
+                Item::End => return,
+                Item::Event(ev) => {
+                    if tx.send(*ev).await.is_err() {
                         return;
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, "undecodable host event"),
+                Item::Skip => {}
             }
         }
+    }
+}
+
+enum Item {
+    Event(Box<Event>),
+    /// An `error` event: the stream ends.
+    End,
+    /// A keep-alive or an undecodable event.
+    Skip,
+}
+
+/// Takes the next complete SSE item (ending in a blank line) off the front of `buf`.
+fn next_item(buf: &mut Vec<u8>) -> Option<Item> {
+    let i = buf.windows(2).position(|w| w == b"\n\n")?;
+    let raw: Vec<u8> = buf.drain(..i + 2).collect();
+    let item = String::from_utf8_lossy(&raw);
+    if item.lines().any(|l| l.starts_with("event: error")) {
+        return Some(Item::End);
+    }
+    let data: String = item
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if data.is_empty() {
+        return Some(Item::Skip);
+    }
+    Some(match serde_json::from_str::<Event>(&data) {
+        Ok(ev) => Item::Event(Box::new(ev)),
+        Err(e) => {
+            tracing::debug!(error = %e, "undecodable host event");
+            Item::Skip
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_items_split_inside_a_character_decode_intact() {
+        let mut ev = Event {
+            event: EventKind::Error,
+            job_id: "j1".into(),
+            job: ActiveJob::default(),
+        };
+        ev.job.error = Some("échec: ünïcode".into());
+        let wire = format!(
+            "data: {}\n\n:\n\nevent: error\ndata: x\n\n",
+            serde_json::to_string(&ev).unwrap()
+        );
+        let bytes = wire.as_bytes();
+        // Split right after the first byte of the two-byte 'é'.
+        let cut = wire.find('é').unwrap() + 1;
+        let mut buf = bytes[..cut].to_vec();
+        assert!(next_item(&mut buf).is_none());
+        buf.extend_from_slice(&bytes[cut..]);
+        match next_item(&mut buf) {
+            Some(Item::Event(got)) => assert_eq!(*got, ev),
+            _ => panic!("no event"),
+        }
+        assert!(matches!(next_item(&mut buf), Some(Item::Skip)));
+        assert!(matches!(next_item(&mut buf), Some(Item::End)));
+        assert!(next_item(&mut buf).is_none() && buf.is_empty());
     }
 }
