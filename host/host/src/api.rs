@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -118,13 +118,14 @@ struct ListQuery {
 async fn list_jobs(
     State(host): State<Arc<Host>>,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
-) -> Response {
+    q: std::result::Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response> {
+    let Query(q) = q.map_err(|e| ApiError::validation(None, &e.body_text()))?;
     if wants_sse(&headers) {
-        return sse(host.subscribe(), None).into_response();
+        return Ok(sse(host.subscribe(), None).into_response());
     }
     let active = q.active.as_deref() == Some("true");
-    Json(host.list(active)).into_response()
+    Ok(Json(host.list(active)).into_response())
 }
 
 async fn get_job(

@@ -68,6 +68,10 @@ async fn api_errors_and_validation() {
         assert_eq!(e["detail"]["field"], "id", "{method} {p}: {body}");
     }
     assert_eq!(http(a, "GET", "/no/such/route", "", "").0, 404);
+    let (st, body) = http(a, "GET", "/host/jobs?active=true&active=false", "", "");
+    assert_eq!(st, 400, "{body}");
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["code"], "validation_error", "{body}");
 
     // Duplicate ids conflict.
     let mut job = sh_job(&h.job_id("dup"), "exec sleep 30");
