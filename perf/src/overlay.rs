@@ -16,7 +16,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
+use flynn_netlab::{run_stdout as run, sys_attr, Bpffs};
 
 use crate::procs::{Proc, TempDir};
 use crate::report::median;
@@ -33,36 +34,10 @@ pub struct Options {
     pub command: String,
 }
 
-fn run(args: &[&str]) -> Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("spawn {args:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The namespaces and the BPF filesystem; removed on drop.
+/// The namespaces and the BPF filesystem; removed on drop (namespaces first).
 struct Lab {
-    prefix: String,
-    namespaces: Vec<String>,
-    bpffs: Option<TempDir>,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in self.namespaces.iter().rev() {
-            let _ = run(&["ip", "netns", "del", ns]);
-        }
-        if let Some(dir) = &self.bpffs {
-            let _ = run(&["umount", "-l", dir.path().to_str().unwrap_or_default()]);
-        }
-    }
+    net: flynn_netlab::Lab,
+    bpffs: Bpffs,
 }
 
 struct Job {
@@ -74,160 +49,22 @@ struct Job {
 const VTEP1: &str = "0e:46:4c:01:00:00";
 const VTEP2: &str = "0e:46:4c:02:00:00";
 
-impl Lab {
-    fn ns(&self, short: &str) -> String {
-        format!("{}{short}", self.prefix)
-    }
-
-    fn add_ns(&mut self, short: &str) -> Result<String> {
-        let ns = self.ns(short);
-        run(&["ip", "netns", "add", &ns])?;
-        self.namespaces.push(ns.clone());
-        run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    fn host(&mut self, short: &str, gw: &str) -> Result<String> {
-        let ns = self.add_ns(short)?;
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ])?;
-        run(&["ip", "-n", &ns, "link", "add", "flbr", "type", "bridge"])?;
-        run(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{gw}/24"),
-            "dev",
-            "flbr",
-        ])?;
-        run(&["ip", "-n", &ns, "link", "set", "flbr", "up"])?;
-        Ok(ns)
-    }
-
-    fn vxlan(&self, host: &str, local: &str, block: &str, mac: &str) -> Result<()> {
-        run(&[
-            "ip",
-            "-n",
-            host,
-            "link",
-            "add",
-            "flvx",
-            "address",
-            mac,
-            "mtu",
-            "1450",
-            "type",
-            "vxlan",
-            "id",
-            "1",
-            "dstport",
-            "8472",
-            "local",
-            local,
-            "dev",
-            "ul0",
-            "nolearning",
-        ])?;
-        run(&[
-            "ip",
-            "-n",
-            host,
-            "addr",
-            "add",
-            &format!("{block}/32"),
-            "dev",
-            "flvx",
-        ])?;
-        run(&["ip", "-n", host, "link", "set", "flvx", "up"])?;
-        Ok(())
-    }
-
-    fn peer(&self, host: &str, block: &str, mac: &str, underlay: &str) -> Result<()> {
-        run(&[
-            "ip",
-            "-n",
-            host,
-            "neigh",
-            "add",
-            block,
-            "lladdr",
-            mac,
-            "dev",
-            "flvx",
-            "nud",
-            "permanent",
-        ])?;
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            host,
-            "bridge",
-            "fdb",
-            "add",
-            mac,
-            "dev",
-            "flvx",
-            "dst",
-            underlay,
-            "self",
-            "permanent",
-        ])?;
-        run(&[
-            "ip",
-            "-n",
-            host,
-            "route",
-            "add",
-            &format!("{block}/24"),
-            "via",
-            block,
-            "dev",
-            "flvx",
-            "onlink",
-        ])?;
-        Ok(())
-    }
-
-    fn job(
-        &mut self,
-        short: &str,
-        host: &str,
-        port: &'static str,
-        ip: &'static str,
-        gw: &str,
-    ) -> Result<Job> {
-        let ns = self.add_ns(short)?;
-        run(&[
-            "ip", "-n", host, "link", "add", port, "mtu", "1450", "type", "veth", "peer", "name",
-            "eth0", "netns", &ns,
-        ])?;
-        run(&[
-            "ip", "-n", host, "link", "set", port, "master", "flbr", "up",
-        ])?;
-        run(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
-        run(&["ip", "-n", &ns, "route", "add", "default", "via", gw])?;
-        Ok(Job { ns, port, ip })
-    }
+/// A job namespace whose `eth0` (default MTU) is peered with `port` (MTU 1450) on `flbr` in `host`.
+fn job(
+    lab: &mut flynn_netlab::Lab,
+    short: &str,
+    host: &str,
+    port: &'static str,
+    ip: &'static str,
+    gw: &str,
+) -> Result<Job> {
+    let ns = lab.add_ns(short)?;
+    flynn_netlab::veth(host, port, Some(1450), &ns, "eth0")?;
+    flynn_netlab::enslave(host, port, "flbr")?;
+    flynn_netlab::addr(&ns, "eth0", &format!("{ip}/24"))?;
+    flynn_netlab::link_up(&ns, "eth0", None)?;
+    flynn_netlab::default_route(&ns, gw)?;
+    Ok(Job { ns, port, ip })
 }
 
 struct Topology {
@@ -241,44 +78,20 @@ struct Topology {
 
 fn build() -> Result<Topology> {
     let mut lab = Lab {
-        prefix: format!("fpo{}", std::process::id()),
-        namespaces: Vec::new(),
-        bpffs: None,
+        net: flynn_netlab::Lab::new("fpo"),
+        bpffs: Bpffs::mount("flynn-perf-bpffs")?,
     };
-    let dir = TempDir::new("flynn-perf-bpffs")?;
-    run(&[
-        "mount",
-        "-t",
-        "bpf",
-        "bpf",
-        dir.path().to_str().context("path")?,
-    ])?;
-    lab.bpffs = Some(dir);
-    let h1 = lab.host("h1", "100.100.1.1")?;
-    let h2 = lab.host("h2", "100.100.2.1")?;
-    run(&[
-        "ip", "-n", &h1, "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", &h2,
-    ])?;
-    for (ns, ip) in [(&h1, "10.231.0.1"), (&h2, "10.231.0.2")] {
-        run(&[
-            "ip",
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "ul0",
-        ])?;
-        run(&["ip", "-n", ns, "link", "set", "ul0", "up"])?;
-    }
-    lab.vxlan(&h1, "10.231.0.1", "100.100.1.0", VTEP1)?;
-    lab.vxlan(&h2, "10.231.0.2", "100.100.2.0", VTEP2)?;
-    lab.peer(&h1, "100.100.2.0", VTEP2, "10.231.0.2")?;
-    lab.peer(&h2, "100.100.1.0", VTEP1, "10.231.0.1")?;
-    let a = lab.job("a", &h1, "vja", "100.100.1.10", "100.100.1.1")?;
-    let b = lab.job("b", &h1, "vjb", "100.100.1.11", "100.100.1.1")?;
-    let c = lab.job("c", &h2, "vjc", "100.100.2.10", "100.100.2.1")?;
+    let net = &mut lab.net;
+    let h1 = net.add_host("h1", "100.100.1.1")?;
+    let h2 = net.add_host("h2", "100.100.2.1")?;
+    net.underlay(&h1, "10.231.0.1", &h2, "10.231.0.2")?;
+    net.vxlan(&h1, "10.231.0.1", "100.100.1.0", VTEP1)?;
+    net.vxlan(&h2, "10.231.0.2", "100.100.2.0", VTEP2)?;
+    net.peer(&h1, "100.100.2.0", VTEP2, "10.231.0.2")?;
+    net.peer(&h2, "100.100.1.0", VTEP1, "10.231.0.1")?;
+    let a = job(net, "a", &h1, "vja", "100.100.1.10", "100.100.1.1")?;
+    let b = job(net, "b", &h1, "vjb", "100.100.1.11", "100.100.1.1")?;
+    let c = job(net, "c", &h2, "vjc", "100.100.2.10", "100.100.2.1")?;
     Ok(Topology {
         lab,
         h1,
@@ -287,19 +100,6 @@ fn build() -> Result<Topology> {
         b,
         c,
     })
-}
-
-fn sys_attr(ns: &str, dev: &str, attr: &str) -> Result<String> {
-    Ok(run(&[
-        "ip",
-        "netns",
-        "exec",
-        ns,
-        "cat",
-        &format!("/sys/class/net/{dev}/{attr}"),
-    ])?
-    .trim()
-    .to_string())
 }
 
 struct FastPath<'a> {
@@ -477,7 +277,7 @@ pub fn run_harness(opts: Options) -> Result<String> {
     let started = run(&["date", "-u"])?.trim().to_string();
     let t = build()?;
     let tmp = TempDir::new("flynn-perf-overlay")?;
-    let bpffs = t.lab.bpffs.as_ref().context("bpffs")?.path().to_path_buf();
+    let bpffs = t.lab.bpffs.path().to_path_buf();
     let fp1 = FastPath {
         ctl: &ctl,
         pin: bpffs.join("h1").to_string_lossy().into_owned(),

@@ -162,3 +162,18 @@ fn only_flynn_container_uses_libcontainer() {
         .expect("flynn-container exists");
     assert!(c.deps.iter().any(|d| d == "libcontainer"));
 }
+
+#[test]
+fn netlab_is_test_and_benchmark_support_only() {
+    // flynn-netlab shells out to `ip`; product crates configure the kernel through netlink and may
+    // use it only as a dev-dependency. The benchmark harness is the one normal user.
+    for p in packages() {
+        if p.deps.iter().any(|d| d == "flynn-netlab") {
+            assert_eq!(
+                p.name, "flynn-perf",
+                "{} depends on flynn-netlab outside its tests",
+                p.name
+            );
+        }
+    }
+}

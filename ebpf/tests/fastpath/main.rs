@@ -11,7 +11,9 @@ use std::net::Ipv4Addr;
 use anyhow::{ensure, Context, Result};
 use aya::programs::{SchedClassifier, TcAttachType};
 use flynn_ebpf::{AttachMode, Counters, Endpoint, FastPath, Hop, Role};
-use lab::{ifindex, in_ns, mac, ping, ping_count, ping_ttl, tcp_roundtrip, Bpffs, Job, Lab};
+use lab::{
+    ifindex, in_ns, mac, ping, ping_count, ping_df, ping_ttl, tcp_roundtrip, Bpffs, Job, Lab,
+};
 
 const MTU: u32 = 1450;
 
@@ -61,7 +63,7 @@ fn same_host_redirect_peer_and_fallback(mode: AttachMode) -> Result<()> {
     if !lab::should_run(&format!("same_host_redirect_peer_and_fallback {mode:?}")) {
         return Ok(());
     }
-    let bpffs = Bpffs::mount()?;
+    let bpffs = Bpffs::mount("flynn-bpffs")?;
     let mut lab = Lab::new();
     let host = lab.add_host("h", "100.100.1.1")?;
     let j1 = lab.add_job("j1", &host, "vj1", "100.100.1.10", "100.100.1.1", MTU)?;
@@ -233,17 +235,6 @@ fn fast_path_on(
 const BLOCK1: Ipv4Addr = Ipv4Addr::new(100, 100, 1, 0);
 const BLOCK2: Ipv4Addr = Ipv4Addr::new(100, 100, 2, 0);
 
-/// Whether a ping of `size` payload bytes with DF set gets through.
-fn ping_df(from: &str, ip: Ipv4Addr, size: u32) -> bool {
-    std::process::Command::new("ip")
-        .args([
-            "netns", "exec", from, "ping", "-n", "-q", "-c", "1", "-W", "1", "-M", "do",
-        ])
-        .args(["-s", &size.to_string(), &ip.to_string()])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 #[test]
 fn cross_host_redirect_neigh_over_vxlan_tcx() -> Result<()> {
     cross_host_redirect_neigh_over_vxlan(AttachMode::Tcx)
@@ -258,7 +249,7 @@ fn cross_host_redirect_neigh_over_vxlan(mode: AttachMode) -> Result<()> {
     if !lab::should_run(&format!("cross_host_redirect_neigh_over_vxlan {mode:?}")) {
         return Ok(());
     }
-    let bpffs = Bpffs::mount()?;
+    let bpffs = Bpffs::mount("flynn-bpffs")?;
     let mut lab = Lab::new();
     let t = two_hosts(&mut lab)?;
     let kernel_ttl = ping_ttl(&t.j1.ns, t.j2.ip).context("no reply on the kernel path")?;
@@ -343,7 +334,7 @@ fn restart_swaps_programs_keeps_maps_and_traffic(mode: AttachMode) -> Result<()>
     )) {
         return Ok(());
     }
-    let bpffs = Bpffs::mount()?;
+    let bpffs = Bpffs::mount("flynn-bpffs")?;
     let mut lab = Lab::new();
     let t = two_hosts(&mut lab)?;
     let pin1 = bpffs.pin_dir("h1");
@@ -454,7 +445,7 @@ fn bad_input_gets_clear_errors() -> Result<()> {
         "plain directory: {err}"
     );
 
-    let bpffs = Bpffs::mount()?;
+    let bpffs = Bpffs::mount("flynn-bpffs")?;
     let mut lab = Lab::new();
     let host = lab.add_ns("h")?;
     let pin_dir = bpffs.pin_dir("flynn");

@@ -97,7 +97,7 @@ fn sigkill_agent(mode: AttachMode) -> Result<()> {
     if !lab::should_run(&format!("sigkill_agent {mode:?}")) {
         return Ok(());
     }
-    let bpffs = Bpffs::mount()?;
+    let bpffs = Bpffs::mount("flynn-bpffs")?;
     let mut lab = Lab::new();
     let t = two_hosts(&mut lab)?;
     let fp2 = fast_path_on(mode, &t.h2, &bpffs.pin_dir("h2"), &t.j2, BLOCK1)?;

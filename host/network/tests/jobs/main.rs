@@ -8,10 +8,10 @@ mod lab;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use flynn_netlab::{in_ns_path, ping_df, Bpffs};
 use flynn_network::job::{
     attach_fast_path, create_job_net, destroy_job_net, detach_fast_path, host_veth_name, link_mac,
     links_with_prefix, netns_path, setup_local_bridge, IpAllocator, JobNet, JobNetConfig,
@@ -53,15 +53,6 @@ fn ns_name(job: &JobNet) -> String {
         .into_owned()
 }
 
-/// Runs `f` on a thread inside the namespace at `path`.
-fn in_ns_path<R: Send + 'static>(
-    path: &Path,
-    f: impl FnOnce() -> Result<R> + Send + 'static,
-) -> Result<R> {
-    let name = path.file_name().unwrap().to_string_lossy().into_owned();
-    in_netns(&name, async move || f())
-}
-
 /// One request/response over TCP from job `from` to `to_ip:port`, served by a listener in `to`.
 fn tcp_roundtrip(from: &JobNet, to: &JobNet) -> Result<()> {
     let ip = to.ip;
@@ -92,26 +83,6 @@ fn tcp_roundtrip(from: &JobNet, to: &JobNet) -> Result<()> {
         .map_err(|_| anyhow::anyhow!("server panicked"))??;
     ensure!(got == want, "client got {got:?}, want {want:?}");
     Ok(())
-}
-
-fn ping_df(ns: &str, ip: &str, size: u32) -> bool {
-    run(&[
-        "ip",
-        "netns",
-        "exec",
-        ns,
-        "ping",
-        "-c1",
-        "-W1",
-        "-n",
-        "-q",
-        "-M",
-        "do",
-        "-s",
-        &size.to_string(),
-        ip,
-    ])
-    .is_ok()
 }
 
 #[test]
@@ -187,20 +158,17 @@ fn jobs_on_one_bridge_talk_and_leave_nothing_behind() -> Result<()> {
     );
 
     // Job to job, host to job, job to gateway.
-    ensure!(ping(&na, &b.ip.to_string(), 3), "job a cannot ping job b");
-    ensure!(ping(&nb, &a.ip.to_string(), 3), "job b cannot ping job a");
-    ensure!(ping(&host, &a.ip.to_string(), 3), "host cannot ping job a");
+    ensure!(ping(&na, b.ip, 3), "job a cannot ping job b");
+    ensure!(ping(&nb, a.ip, 3), "job b cannot ping job a");
+    ensure!(ping(&host, a.ip, 3), "host cannot ping job a");
     ensure!(ping(&na, "100.100.7.1", 3), "job a cannot ping its gateway");
     tcp_roundtrip(a, b).context("tcp a->b")?;
     tcp_roundtrip(b, a).context("tcp b->a")?;
 
     // MTU: 1400 - 28 bytes of IP+ICMP headers fits with DF, one more byte does not.
+    ensure!(ping_df(&na, b.ip, 1372), "1400-byte packet with DF failed");
     ensure!(
-        ping_df(&na, &b.ip.to_string(), 1372),
-        "1400-byte packet with DF failed"
-    );
-    ensure!(
-        !ping_df(&na, &b.ip.to_string(), 1373),
+        !ping_df(&na, b.ip, 1373),
         "1401-byte packet with DF went through"
     );
 
@@ -230,10 +198,7 @@ fn jobs_on_one_bridge_talk_and_leave_nothing_behind() -> Result<()> {
         !named.contains(&na) && !named.contains(&nb),
         "namespaces left: {named}"
     );
-    ensure!(
-        !ping(&host, &a.ip.to_string(), 1),
-        "destroyed job still answers"
-    );
+    ensure!(!ping(&host, a.ip, 1), "destroyed job still answers");
     Ok(())
 }
 
@@ -299,17 +264,6 @@ fn failed_creation_undoes_and_bad_input_is_refused() -> Result<()> {
     Ok(())
 }
 
-/// A private BPF filesystem, lazily unmounted on drop.
-struct Bpffs(tempfile::TempDir);
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.path().to_str() {
-            let _ = run(&["umount", "-l", p]);
-        }
-    }
-}
-
 #[test]
 fn fast_path_endpoints_follow_jobs() -> Result<()> {
     if !lab::should_run("fast_path_endpoints_follow_jobs") {
@@ -318,18 +272,8 @@ fn fast_path_endpoints_follow_jobs() -> Result<()> {
     if let Err(e) = flynn_ebpf::FastPath::probe() {
         panic!("this kernel cannot run the eBPF fast path: {e}");
     }
-    let dir = tempfile::Builder::new()
-        .prefix("flynn-jobs-bpf")
-        .tempdir()?;
-    run(&[
-        "mount",
-        "-t",
-        "bpf",
-        "bpf",
-        dir.path().to_str().context("path")?,
-    ])?;
-    let bpf = Bpffs(dir);
-    let pin = bpf.0.path().join("fp");
+    let bpf = Bpffs::mount("flynn-jobs-bpf")?;
+    let pin = bpf.pin_dir("fp");
     let mut lab = Lab::new()?;
     let host = lab.add_host("h", "u1", "10.232.2.1")?;
     let ids = job_ids(2);
@@ -361,7 +305,7 @@ fn fast_path_endpoints_follow_jobs() -> Result<()> {
         Ok((jobs, fp.counters()?))
     })?;
     let (a, b) = (jobs[0].clone(), jobs[1].clone());
-    ensure!(ping(&ns_name(&a), &b.ip.to_string(), 3), "a cannot ping b");
+    ensure!(ping(&ns_name(&a), b.ip, 3), "a cannot ping b");
     tcp_roundtrip(&a, &b)?;
 
     let pin2 = pin.clone();

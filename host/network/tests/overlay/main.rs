@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use discoverd::Discoverd;
+use flynn_netlab::{in_ns_path, Bpffs};
 use flynn_network::job::{create_job_net, netns_path, JobNet, JobNetConfig};
 use flynn_network::{KernelNetlink, Subnet};
 use lab::{in_netns, ping, run, Lab};
@@ -252,7 +253,7 @@ fn ns_of(job: &JobNet) -> String {
 }
 
 fn can_ping(from: &JobNet, to: &JobNet) -> bool {
-    ping(&ns_of(from), &to.ip.to_string(), 3)
+    ping(&ns_of(from), to.ip, 3)
 }
 
 /// Polls `f` every 200 ms until it is true or `secs` pass.
@@ -273,14 +274,6 @@ fn routes(ns: &str) -> Result<String> {
     Ok(String::from_utf8(
         run(&["ip", "-n", ns, "route", "show"])?.stdout,
     )?)
-}
-
-fn in_ns_path<R: Send + 'static>(
-    path: &Path,
-    f: impl FnOnce() -> Result<R> + Send + 'static,
-) -> Result<R> {
-    let name = path.file_name().unwrap().to_string_lossy().into_owned();
-    in_netns(&name, async move || f())
 }
 
 /// A request/response over TCP from `from` to a listener in `to`.
@@ -317,23 +310,7 @@ fn tcp_roundtrip(from: &JobNet, to: &JobNet) -> Result<()> {
 }
 
 fn ping_df(from: &JobNet, to: &JobNet, size: u32) -> bool {
-    run(&[
-        "ip",
-        "netns",
-        "exec",
-        &ns_of(from),
-        "ping",
-        "-c1",
-        "-W1",
-        "-n",
-        "-q",
-        "-M",
-        "do",
-        "-s",
-        &size.to_string(),
-        &to.ip.to_string(),
-    ])
-    .is_ok()
+    flynn_netlab::ping_df(&ns_of(from), to.ip, size)
 }
 
 #[test]
@@ -650,54 +627,10 @@ fn direct_routing_uses_plain_routes_on_one_segment() -> Result<()> {
     Ok(())
 }
 
-/// A private BPF filesystem for the agents' pins, lazily unmounted on drop.
-struct Bpffs(tempfile::TempDir);
-
-impl Bpffs {
-    fn mount() -> Result<Bpffs> {
-        let dir = tempfile::Builder::new().prefix("flynn-net-bpf").tempdir()?;
-        run(&[
-            "mount",
-            "-t",
-            "bpf",
-            "bpf",
-            dir.path().to_str().context("path")?,
-        ])?;
-        Ok(Bpffs(dir))
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.path().to_str() {
-            let _ = run(&["umount", "-l", p]);
-        }
-    }
-}
-
-fn mac_of(ns: &str, dev: &str) -> Result<[u8; 6]> {
-    let out = run(&[
-        "ip",
-        "netns",
-        "exec",
-        ns,
-        "cat",
-        &format!("/sys/class/net/{dev}/address"),
-    ])?;
-    let s = String::from_utf8(out.stdout)?;
-    let mut mac = [0u8; 6];
-    let parts: Vec<&str> = s.trim().split(':').collect();
-    ensure!(parts.len() == 6, "bad MAC {s:?}");
-    for (o, p) in mac.iter_mut().zip(parts) {
-        *o = u8::from_str_radix(p, 16)?;
-    }
-    Ok(mac)
-}
-
 /// Does what `flynn-host` does per job with the fast path: attach the job's veth and add its
 /// endpoint, in the pinned maps the agent of `host_ns` uses. Returns the counters.
 fn register_jobs(host_ns: &str, pin: &Path, jobs: &[&JobNet]) -> Result<flynn_ebpf::Counters> {
-    let gw = mac_of(host_ns, "flynnbr0")?;
+    let gw = flynn_netlab::mac(host_ns, "flynnbr0")?;
     let pin = pin.to_path_buf();
     let jobs: Vec<JobNet> = jobs.iter().map(|j| (*j).clone()).collect();
     in_netns(host_ns, async move || {
@@ -729,12 +662,12 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
     if let Err(e) = flynn_ebpf::FastPath::probe() {
         panic!("this kernel cannot run the eBPF fast path: {e}");
     }
-    let bpf = Bpffs::mount()?;
+    let bpf = Bpffs::mount("flynn-net-bpf")?;
     let mut c = Cluster::new()?;
     let h1 = c.add_host(1)?;
     let h2 = c.add_host(2)?;
-    let pin1 = bpf.0.path().join("h1");
-    let pin2 = bpf.0.path().join("h2");
+    let pin1 = bpf.pin_dir("h1");
+    let pin2 = bpf.pin_dir("h2");
     let arg = |p: &Path| p.to_string_lossy().into_owned();
     let (p1, p2) = (arg(&pin1), arg(&pin2));
     let a1 = c.agent(h1, &["--fast-path", "on", "--pin-dir", &p1])?;

@@ -192,12 +192,12 @@ fn cross_host_ping_then_lease_removal_tears_down() -> Result<()> {
         );
     }
     ensure!(
-        !ping(&jobs[0], &job_ip(&lease3), 1),
+        !ping(&jobs[0], job_ip(&lease3), 1),
         "host 1 still reaches the departed host's job"
     );
     // The remaining pair still talks.
     ensure!(
-        ping(&jobs[0], &job_ip(&hosts[1].1), 3),
+        ping(&jobs[0], job_ip(&hosts[1].1), 3),
         "host 1 lost host 2 after host 3 left"
     );
     Ok(())
@@ -259,6 +259,6 @@ fn restarted_host_keeps_lease_and_mac() -> Result<()> {
         &l2.subnet.first_host().to_string(),
         1450,
     )?;
-    ensure!(ping(&j1, &job_ip(&l2), 3), "no connectivity after restart");
+    ensure!(ping(&j1, job_ip(&l2), 3), "no connectivity after restart");
     Ok(())
 }
