@@ -23,8 +23,7 @@ pub async fn serve<S>(core: Rc<Core>, tls: S, peer: SocketAddr, l: ListenerInfo)
 where
     S: monoio::io::AsyncReadRent + monoio::io::AsyncWriteRent + Unpin + 'static,
 {
-    core.conns.set(core.conns.get() + 1);
-    CoreMetrics::inc(&core.metrics().connections_active);
+    core.conn_opened();
     let io = monoio_compat::StreamWrapper::new(tls);
     let mut b = h2::server::Builder::new();
     b.max_concurrent_streams(256)
@@ -55,8 +54,7 @@ where
             monoio::spawn(stream(core.clone(), req, respond, peer, l, proto));
         }
     }
-    core.conns.set(core.conns.get() - 1);
-    CoreMetrics::dec(&core.metrics().connections_active);
+    core.conn_closed();
 }
 
 fn simple(

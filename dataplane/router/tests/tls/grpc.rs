@@ -332,3 +332,94 @@ fn a_dead_grpc_backend_connection_is_replaced() {
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     });
 }
+
+/// One HTTP/2 frame: 9-byte header (length, type, flags, stream id) and payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn continuation_flood_is_cut_off_with_bounded_cost() {
+    use std::io::{Read, Write};
+    let router = Router::builder()
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
+    let mut s = std::net::TcpStream::connect(router.h2c_addrs[0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    s.write_all(&frame(4, 0, 0, &[])).unwrap(); // SETTINGS
+                                                // HEADERS without END_HEADERS (:method GET, :path /), then CONTINUATION frames full
+                                                // of 1000-byte literal headers, never ending the header block.
+    s.write_all(&frame(1, 0, 1, &[0x82, 0x84, 0x86])).unwrap();
+    let mut entry = vec![0x00, 0x04, b'a', b'b', b'c', b'd', 0x7f, 0xe9, 0x06];
+    entry.extend(std::iter::repeat_n(b'v', 1000));
+    let payload: Vec<u8> = entry.repeat(16);
+    let chunk = frame(9, 0, 1, &payload);
+    // Up to 64 MiB (bounded); the router must give up long before.
+    let mut sent = 0usize;
+    let mut cut = false;
+    while sent < 64 << 20 {
+        if s.write_all(&chunk).is_err() {
+            cut = true;
+            break;
+        }
+        sent += chunk.len();
+    }
+    eprintln!("continuation flood: wrote {sent} bytes, cut={cut}");
+    // Whatever was written, the server ends the connection: a GOAWAY and/or EOF/reset.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let goaway = {
+        // Walk the server's frames looking for GOAWAY (type 7).
+        let mut i = 0;
+        let mut found = false;
+        while i + 9 <= got.len() {
+            let len =
+                ((got[i] as usize) << 16) | ((got[i + 1] as usize) << 8) | got[i + 2] as usize;
+            if got[i + 3] == 7 {
+                found = true;
+            }
+            i += 9 + len;
+        }
+        found
+    };
+    assert!(
+        cut || goaway,
+        "the router accepted {sent} bytes of CONTINUATION frames without ending the connection"
+    );
+    assert!(
+        sent < 16 << 20,
+        "the router kept reading a header block of {sent} bytes"
+    );
+    // The router itself is fine and counted the abuse.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = router.api("GET", "/metrics", None);
+        let text = metrics.as_str().unwrap_or_default().to_string();
+        let errors: u64 = text
+            .lines()
+            .filter(|l| l.starts_with("flynn_router_h2_connection_errors_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        if errors >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flood not counted:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
