@@ -263,4 +263,46 @@ mod tests {
         assert!(!d.join("store/layers/escape").exists());
         fs::remove_dir_all(&d).unwrap();
     }
+
+    #[test]
+    fn symlink_and_hardlink_escapes_are_refused() {
+        let d = tmpdir("links");
+        let store = ImageStore::open(&d.join("store")).unwrap();
+        let outside = d.join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("secret"), b"host file").unwrap();
+
+        // A symlink to a host directory, then a file written through it.
+        let path = d.join("symlink.tar");
+        let mut b = tar::Builder::new(File::create(&path).unwrap());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        b.append_link(&mut h, "l", &outside).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "l/pwned", &b"owned"[..]).unwrap();
+        b.finish().unwrap();
+        drop(b);
+        assert!(store.import_tar(&path, None).is_err());
+        assert!(!outside.join("pwned").exists());
+
+        // A hard link to a host file would put the host file inside the layer.
+        let path = d.join("hardlink.tar");
+        let mut b = tar::Builder::new(File::create(&path).unwrap());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Link);
+        h.set_size(0);
+        h.set_mode(0o644);
+        b.append_link(&mut h, "h", outside.join("secret")).unwrap();
+        b.finish().unwrap();
+        drop(b);
+        assert!(store.import_tar(&path, None).is_err());
+        assert_eq!(fs::read(outside.join("secret")).unwrap(), b"host file");
+        // Nothing half-unpacked is left.
+        assert_eq!(fs::read_dir(d.join("store/layers")).unwrap().count(), 0);
+        fs::remove_dir_all(&d).unwrap();
+    }
 }
