@@ -62,6 +62,15 @@ impl ImageStore {
                 )));
             }
         }
+        // Only regular files: a device (/dev/zero) would be hashed forever, a FIFO would block
+        // the open itself.
+        let meta = fs::metadata(tar).map_err(|e| ContainerError::io("opening", tar, e))?;
+        if !meta.is_file() {
+            return Err(ContainerError::invalid(format!(
+                "layer {} is not a regular file",
+                tar.display()
+            )));
+        }
         let mut file = File::open(tar).map_err(|e| ContainerError::io("opening", tar, e))?;
         let sha256 = hash(&mut file).map_err(|e| ContainerError::io("reading", tar, e))?;
         if let Some(exp) = expected_sha256 {
@@ -235,6 +244,23 @@ mod tests {
         fs::write(&junk, vec![7u8; 2000]).unwrap();
         assert!(store.import_tar(&junk, None).is_err());
         assert!(store.import_tar(&d.join("missing.tar"), None).is_err());
+        // Not regular files: refused at once (a device would otherwise be read forever).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = store.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(s2.import_tar(Path::new("/dev/zero"), Some(&"ab".repeat(32))));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("/dev/zero refused promptly");
+        assert!(
+            matches!(r, Err(ContainerError::InvalidSpec { .. })),
+            "{r:?}"
+        );
+        assert!(matches!(
+            store.import_tar(&d, None),
+            Err(ContainerError::InvalidSpec { .. })
+        ));
         assert_eq!(fs::read_dir(d.join("store/layers")).unwrap().count(), 0);
         fs::remove_dir_all(&d).unwrap();
     }
