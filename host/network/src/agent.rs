@@ -127,9 +127,20 @@ impl<S: LeaseStore> Agent<S> {
             return Ok(0);
         };
         let now = SystemTime::now();
+        // Only blocks of the cluster network, of its block size, are routed: a corrupt or
+        // foreign record (say `0.0.0.0-0`) must never become a route over the overlay.
+        let layout = &self.cfg.lease.layout;
         let remote: Vec<&Lease> = snap
             .live(now)
             .filter(|l| l.subnet != lease.subnet)
+            .filter(|l| {
+                let ok = l.subnet.prefix_len() == layout.subnet_len
+                    && layout.network.contains_subnet(&l.subnet);
+                if !ok {
+                    tracing::warn!(subnet = %l.subnet, "ignoring a lease outside the cluster network");
+                }
+                ok
+            })
             .collect();
         let direct: BTreeSet<crate::reconcile::Route> = if self.cfg.direct_routing {
             direct_routes(&segment, &remote)

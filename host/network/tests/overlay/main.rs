@@ -976,3 +976,78 @@ fn bad_configuration_exits_with_a_clear_message() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn leases_outside_the_cluster_network_never_become_routes() -> Result<()> {
+    if !lab::should_run("leases_outside_the_cluster_network_never_become_routes") {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    let h1 = c.add_host(1)?;
+    let h2 = c.add_host(2)?;
+    let a1 = c.agent(h1, &["--fast-path", "off"])?;
+    let a2 = c.agent(h2, &["--fast-path", "off"])?;
+    let ns1 = c.hosts[h1].ns.clone();
+    let peer = format!("{} via", a2.subnet);
+    eventually(10, "the peer's route", || Ok(routes(&ns1)?.contains(&peer)))?;
+    // Corrupt and foreign records straight into the lease document (meta CAS).
+    let out = c
+        .discoverd
+        .command("curl")
+        .args([
+            "-s",
+            "-m",
+            "5",
+            &format!("{}/services/flannel/meta", c.url()),
+        ])
+        .output()?;
+    let mut meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let attrs = serde_json::json!({
+        "PublicIP": "10.240.0.9", "BackendType": "vxlan",
+        "BackendData": {"VtepMAC": "0e:00:00:00:00:09"}
+    });
+    let subnets = meta["data"]["subnets"]
+        .as_object_mut()
+        .context("no subnets")?;
+    subnets.insert("0.0.0.0-0".into(), attrs.clone());
+    subnets.insert("10.9.9.0-24".into(), attrs.clone());
+    subnets.insert("100.100.0.0-16".into(), attrs.clone());
+    // And one good new host in the same write: the bad records must not hold it up.
+    subnets.insert("100.100.250.0-24".into(), attrs);
+    let body = serde_json::json!({"data": meta["data"], "index": meta["index"]}).to_string();
+    let put = c
+        .discoverd
+        .command("curl")
+        .args(["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args([
+            "-X",
+            "PUT",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body,
+        ])
+        .arg(format!("{}/services/flannel/meta", c.url()))
+        .output()?;
+    ensure!(
+        String::from_utf8_lossy(&put.stdout) == "200",
+        "meta write: {}",
+        String::from_utf8_lossy(&put.stdout)
+    );
+    // Give the agents a watch event and a resync to act on it, then look.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let r = routes(&ns1)?;
+    ensure!(!r.contains("default"), "a default route appeared: {r}");
+    ensure!(!r.contains("10.9.9.0"), "a foreign block was routed: {r}");
+    ensure!(
+        !r.contains("100.100.0.0/16"),
+        "the whole network was routed: {r}"
+    );
+    ensure!(r.contains(&peer), "the real peer's route went away: {r}");
+    ensure!(
+        r.contains("100.100.250.0/24 via"),
+        "the good lease written with the bad ones was not routed: {r}"
+    );
+    drop((a1, a2));
+    Ok(())
+}
