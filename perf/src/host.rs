@@ -251,7 +251,10 @@ impl Leftovers {
             }
             let veth = format!("flv{short}");
             if Path::new("/sys/class/net").join(&veth).exists() {
-                let _ = Command::new("ip").args(["link", "del", &veth]).status();
+                let _ = Command::new("ip")
+                    .args(["link", "del", &veth])
+                    .stderr(Stdio::null())
+                    .status();
             }
         }
         if Path::new("/sys/class/net").join(&self.bridge).exists() {
@@ -343,12 +346,6 @@ impl Lab {
     fn job_id(&self, name: &str) -> String {
         let id = format!("{}-{name}", self.host_id);
         lock(&self.left).jobs.push(id.clone());
-        id
-    }
-
-    fn runc_id(&self, name: &str) -> String {
-        let id = format!("{}-runc-{name}", self.host_id);
-        lock(&self.left).runc_ids.push(id.clone());
         id
     }
 
@@ -686,7 +683,7 @@ fn write_runc_config(lab: &Lab, template: &Value, id: &str, script: &str) -> Res
 /// One runc container: `runc run -d` (→ trap installed); `runc kill TERM` → exited →
 /// `runc delete`. Without the trap, SIGKILL follows after the same stop timeout.
 fn runc_once(lab: &Lab, template: &Value, name: &str, trap: bool) -> Result<Sample> {
-    let id = lab.runc_id(name);
+    let id = format!("{}-runc-{name}", lab.host_id);
     let script = if trap { TRAP_SCRIPT } else { NO_TRAP_SCRIPT };
     write_runc_config(lab, template, &id, script)?;
     let bundle = lab.bundle();
@@ -702,9 +699,15 @@ fn runc_once(lab: &Lab, template: &Value, name: &str, trap: bool) -> Result<Samp
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(err);
+    // Registered and created under the lock: the signal hook either sees it or runs first
+    // (and then nothing is created).
+    let mut left = lock(&lab.left);
+    ensure!(!left.removed, "stopping");
+    left.runc_ids.push(id.clone());
     let t0 = Instant::now();
     let status = cmd.status().context("running runc")?;
     let running = t0.elapsed();
+    drop(left);
     ensure!(
         status.success(),
         "runc run -d {id}: {status}: {}",
@@ -1103,6 +1106,9 @@ pub fn run_harness(opts: Options) -> Result<String> {
         }
     }
     lab.teardown();
+    if res.is_err() {
+        crate::procs::wait_if_stopping();
+    }
     let res = res?;
     let md = report(&opts, &started, &load_before, &res)?;
     if let Some(out) = &opts.out {

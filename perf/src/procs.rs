@@ -33,6 +33,16 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     next_hook: 0,
 });
 
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// If a signal is being handled, waits (up to a minute) for the signal thread to clean up and
+/// exit the process, so the main thread does not exit under it when its work fails.
+pub fn wait_if_stopping() {
+    if STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
 /// Registers `hook` for [`kill_all`]; returns a handle for [`remove_hook`].
 pub fn add_hook(hook: Hook) -> u64 {
     let mut reg = registry();
@@ -63,6 +73,7 @@ pub fn install_signal_handler() -> Result<()> {
         .name("signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
+                STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
                 eprintln!("\nflynn-perf: caught signal {sig}, stopping every process it started");
                 kill_all();
                 std::process::exit(128 + sig);
