@@ -5,7 +5,7 @@
 //! address block and cgroup parent (all carrying the harness's pid), and builds the busybox
 //! image with `host/images/build-busybox.sh`.
 //!
-//! Latency, per round and in alternating order:
+//! Latency, per round, the order of the three variants rotating:
 //! - `flynn-host`: `PUT /host/jobs/:id` (busybox `sh` that traps SIGTERM) → the job's `start`
 //!   event on the SSE stream of `GET /host/jobs` (the shim reported the process started); then
 //!   until a process of the job's cgroup has a SIGTERM handler (the trap is installed: the
@@ -15,6 +15,8 @@
 //!   on an overlay of the same image mounted once up front and a new network namespace instead of
 //!   the job's; until `runc run -d` returns, then until the trap is installed; `runc kill TERM`,
 //!   the process gone, `runc delete`.
+//! - `flynn-host`, `host_network` job: the same without the job's own network namespace, veth
+//!   and address, which shows the network's share.
 //!
 //! So flynn-host's numbers include what `runc` is spared: the HTTP API, the layer lookup, the
 //! overlay mount, the job's netns + veth + address on the bridge, and the state file writes.
@@ -570,8 +572,14 @@ fn build_image(dir: &Path) -> Result<Image> {
     Ok(Image { tar, sha256 })
 }
 
-fn job_body(id: &str, img: &Image, script: &str, stop_timeout: Option<u64>) -> String {
-    let mut config = json!({ "args": ["/bin/sh", "-c", script] });
+fn job_body(
+    id: &str,
+    img: &Image,
+    script: &str,
+    stop_timeout: Option<u64>,
+    host_network: bool,
+) -> String {
+    let mut config = json!({ "args": ["/bin/sh", "-c", script], "host_network": host_network });
     if let Some(t) = stop_timeout {
         config["stop_timeout"] = json!(t);
     }
@@ -626,14 +634,21 @@ async fn delete_job(ctx: &Ctx<'_>, lab: &Lab, id: &str) -> Result<()> {
 }
 
 /// One flynn-host job: PUT → start event (→ trap installed) ; DELETE → stop event.
-async fn flynn_once(ctx: &mut Ctx<'_>, lab: &Lab, name: &str, trap: bool) -> Result<Sample> {
+/// `host_network`: the job stays in the host's network namespace (no netns, veth, address).
+async fn flynn_once(
+    ctx: &mut Ctx<'_>,
+    lab: &Lab,
+    name: &str,
+    trap: bool,
+    host_network: bool,
+) -> Result<Sample> {
     let id = lab.job_id(name);
     let (script, timeout) = if trap {
         (TRAP_SCRIPT, None)
     } else {
         (NO_TRAP_SCRIPT, Some(NO_TRAP_TIMEOUT_S))
     };
-    let body = job_body(&id, ctx.img, script, timeout);
+    let body = job_body(&id, ctx.img, script, timeout, host_network);
     let t0 = Instant::now();
     put_job(ctx, lab, &id, body).await?;
     let (at, _) = ctx.events.wait_for(&id, "start").await?;
@@ -845,7 +860,13 @@ async fn memory(ctx: &mut Ctx<'_>, lab: &Lab, n: usize) -> Result<Memory> {
     let ids: Vec<String> = (0..n).map(|i| lab.job_id(&format!("m{i}"))).collect();
     let t0 = Instant::now();
     for id in &ids {
-        put_job(ctx, lab, id, job_body(id, ctx.img, TRAP_SCRIPT, None)).await?;
+        put_job(
+            ctx,
+            lab,
+            id,
+            job_body(id, ctx.img, TRAP_SCRIPT, None, false),
+        )
+        .await?;
     }
     let mut pending: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -914,6 +935,8 @@ async fn memory(ctx: &mut Ctx<'_>, lab: &Lab, n: usize) -> Result<Memory> {
 
 struct Results {
     flynn: Vec<Sample>,
+    /// flynn-host jobs with `host_network: true`: the share of the job's own network.
+    flynn_host_net: Vec<Sample>,
     runc: Vec<Sample>,
     flynn_no_trap: Vec<Sample>,
     runc_no_trap: Vec<Sample>,
@@ -930,7 +953,7 @@ async fn bench(opts: &Options, lab: &mut Lab, img: &Image) -> Result<Results> {
 
     // Warm-up (unrecorded): the first job imports the layer; its bundle is runc's template.
     let id = lab.job_id("warm");
-    put_job(&ctx, lab, &id, job_body(&id, img, TRAP_SCRIPT, None)).await?;
+    put_job(&ctx, lab, &id, job_body(&id, img, TRAP_SCRIPT, None, false)).await?;
     ctx.events.wait_for(&id, "start").await?;
     let template = prepare_runc(lab, img, &id)?;
     delete_job(&ctx, lab, &id).await?;
@@ -939,6 +962,7 @@ async fn bench(opts: &Options, lab: &mut Lab, img: &Image) -> Result<Results> {
 
     let mut res = Results {
         flynn: Vec::new(),
+        flynn_host_net: Vec::new(),
         runc: Vec::new(),
         flynn_no_trap: Vec::new(),
         runc_no_trap: Vec::new(),
@@ -947,20 +971,23 @@ async fn bench(opts: &Options, lab: &mut Lab, img: &Image) -> Result<Results> {
     for round in 0..opts.rounds {
         eprintln!("round {}/{}", round + 1, opts.rounds);
         let name = format!("r{round}");
-        if round % 2 == 0 {
-            res.flynn
-                .push(flynn_once(&mut ctx, lab, &name, true).await?);
-            res.runc.push(runc_once(lab, &template, &name, true)?);
-        } else {
-            res.runc.push(runc_once(lab, &template, &name, true)?);
-            res.flynn
-                .push(flynn_once(&mut ctx, lab, &name, true).await?);
+        // The order rotates every round.
+        for k in 0..3 {
+            match (round + k) % 3 {
+                0 => res
+                    .flynn
+                    .push(flynn_once(&mut ctx, lab, &name, true, false).await?),
+                1 => res
+                    .flynn_host_net
+                    .push(flynn_once(&mut ctx, lab, &format!("{name}h"), true, true).await?),
+                _ => res.runc.push(runc_once(lab, &template, &name, true)?),
+            }
         }
     }
     for round in 0..opts.no_trap_rounds {
         let name = format!("n{round}");
         res.flynn_no_trap
-            .push(flynn_once(&mut ctx, lab, &name, false).await?);
+            .push(flynn_once(&mut ctx, lab, &name, false, false).await?);
         res.runc_no_trap
             .push(runc_once(lab, &template, &name, false)?);
     }
@@ -1001,10 +1028,10 @@ fn report(opts: &Options, started: &str, load_before: &str, res: &Results) -> Re
         load_average(),
     ));
     md.push_str(&format!(
-        "- {} round(s) after one warm-up, flynn-host and runc alternating first; busybox `sh -c \"{TRAP_SCRIPT}\"`\n\n",
+        "- {} round(s) after one warm-up, the order of the three variants rotating every round; busybox `sh -c \"{TRAP_SCRIPT}\"`\n\n",
         opts.rounds
     ));
-    md.push_str("Running: flynn-host `PUT /host/jobs/:id` sent → the job's `start` event (SSE); runc `run -d` started → returned. Trap: the same start → a process of the job's cgroup has its SIGTERM handler (the shell runs). Stop: `DELETE` sent → `stop` event (done); `runc kill TERM` → exited → `runc delete` returned. runc uses the shim's own `config.json` on a pre-mounted overlay of the same image, with a new network namespace (no veth, no address); flynn-host's numbers include the API, the overlay mount and the job's netns + veth + address.\n\n");
+    md.push_str("Running: flynn-host `PUT /host/jobs/:id` sent → the job's `start` event (SSE); runc `run -d` started → returned. Trap: the same start → a process of the job's cgroup has its SIGTERM handler (the shell runs). Stop: `DELETE` sent → `stop` event (done); `runc kill TERM` → exited → `runc delete` returned. runc uses the shim's own `config.json` on a pre-mounted overlay of the same image, with a new network namespace (no veth, no address); flynn-host's numbers include the API, the overlay mount and the job's netns + veth + address (a `host_network` job skips the network part).\n\n");
     md.push_str("| variant | running p50 | p90 | trap installed p50 | p90 | stop p50 | p90 |\n|---|---:|---:|---:|---:|---:|---:|\n");
     let row = |name: &str, s: &[Sample]| -> String {
         let running: Vec<Duration> = s.iter().map(|x| x.running).collect();
@@ -1021,16 +1048,19 @@ fn report(opts: &Options, started: &str, load_before: &str, res: &Results) -> Re
         )
     };
     md.push_str(&row("flynn-host", &res.flynn));
+    md.push_str(&row("flynn-host, `host_network` job", &res.flynn_host_net));
     md.push_str(&row("runc", &res.runc));
     let med = |s: &[Sample], f: fn(&Sample) -> Option<Duration>| -> Option<Duration> {
         pct(&s.iter().filter_map(f).collect::<Vec<_>>(), 0.5)
     };
     md.push_str("\n| ratio (medians) | flynn-host ÷ runc | target |\n|---|---:|---|\n");
     md.push_str(&format!(
-        "| start: running | {} | ≤ 0.7 |\n| start: trap installed | {} | — |\n| stop (SIGTERM trapped) | {} | — |\n",
+        "| start: running | {} | ≤ 0.7 |\n| start: running, `host_network` job | {} | — |\n| start: trap installed | {} | — |\n| stop (SIGTERM trapped) | {} | — |\n| stop, `host_network` job | {} | — |\n",
         ratio(med(&res.flynn, |x| Some(x.running)), med(&res.runc, |x| Some(x.running))),
+        ratio(med(&res.flynn_host_net, |x| Some(x.running)), med(&res.runc, |x| Some(x.running))),
         ratio(med(&res.flynn, |x| x.trap), med(&res.runc, |x| x.trap)),
         ratio(med(&res.flynn, |x| Some(x.stop)), med(&res.runc, |x| Some(x.stop))),
+        ratio(med(&res.flynn_host_net, |x| Some(x.stop)), med(&res.runc, |x| Some(x.stop))),
     ));
     if !res.flynn_no_trap.is_empty() {
         md.push_str(&format!(
