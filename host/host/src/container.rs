@@ -59,6 +59,12 @@ impl Runtime for ContainerRuntime {
     }
 
     fn layer(&self, url_path: Option<&Path>, sha256: &str) -> Result<PathBuf, RuntimeError> {
+        // Content-addressed: a layer already unpacked (and verified when it was imported)
+        // is used as it is, without reading or re-hashing the tarball (as Flynn skips the
+        // pull of a layer the host already has).
+        if let Some(l) = self.images.layer(sha256) {
+            return Ok(l.path);
+        }
         let layer = match url_path {
             Some(p) => self
                 .images

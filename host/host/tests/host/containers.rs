@@ -260,10 +260,14 @@ fn busybox_job_output_env_and_failures() {
         );
         assert!(!netns_exists(&id), "job netns left behind");
 
-        // An image that does not exist fails the job.
+        // An image that does not exist fails the job (a layer this host does not have, at a
+        // URL with nothing behind it; a layer the host has is used without its URL).
         let missing = h.job_id("noimage");
         let mut job = bb_job(&missing, "true");
         job.mountspecs[0].url = "file:///nonexistent/layer.tar".into();
+        job.mountspecs[0]
+            .hashes
+            .insert("sha256".into(), "1".repeat(64));
         c.add_job(&job).await.unwrap();
         let j = wait_ended(c, &missing, Duration::from_secs(10)).await;
         assert_eq!(j.status, JobStatus::Failed);
