@@ -136,6 +136,10 @@ struct LogaggArgs {
     /// Sender connections (one scenario per value).
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     conns: Vec<usize>,
+    /// Give every sender connection its own hostname (a host per connection) instead of
+    /// splitting one host's sequence over all of them.
+    #[arg(long)]
+    host_per_conn: bool,
     /// flynn-logagg --threads values.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
@@ -273,6 +277,7 @@ fn main() -> Result<()> {
                 messages: a.messages.max(1),
                 max_seconds: a.max_seconds.max(1),
                 conns: a.conns.into_iter().filter(|c| *c > 0).collect(),
+                host_per_conn: a.host_per_conn,
                 threads: a.threads.into_iter().filter(|t| *t > 0).collect(),
                 targets: a
                     .targets

@@ -97,9 +97,24 @@ impl Load {
     /// Writes `run` (mod 10 000) into every message's hostname (`host0000`), so no run
     /// repeats an earlier run's lines (the aggregator ignores replays of buffered lines).
     pub fn set_run_tag(&mut self, run: usize) {
-        let tag = format!("{:04}", run % 10_000);
+        self.set_tags(run, 1, false);
+    }
+
+    /// Like [`Load::set_run_tag`] for a run over `conns` senders (each sends one contiguous
+    /// slice, as `run_one` splits the load). With `host_per_conn` each slice gets its own
+    /// hostname (`run * 32 + conn`), as when every connection is a different host shipping
+    /// its own sequence; otherwise all slices are one host whose sequence arrives split
+    /// over the connections.
+    pub fn set_tags(&mut self, run: usize, conns: usize, host_per_conn: bool) {
         let off = self.frame_len - self.payload + TAG_AT;
+        let per = self.count.div_ceil(conns.max(1));
         for i in 0..self.count {
+            let tag = if host_per_conn {
+                (run * 32 + i / per.max(1)) % 10_000
+            } else {
+                run % 10_000
+            };
+            let tag = format!("{tag:04}");
             let at = i * self.frame_len + off;
             self.buf[at..at + 4].copy_from_slice(tag.as_bytes());
         }
@@ -304,6 +319,16 @@ mod tests {
             assert_eq!(f.len(), 204);
         }
         assert_eq!(timestamp(3_600_000_001), "2026-11-26T11:00:00.000001Z");
+        // One host per connection: each sender's slice has its own hostname.
+        l.set_tags(3, 4, true);
+        let host = |i: usize| {
+            let f = std::str::from_utf8(l.frames(i, i + 1)).unwrap().to_string();
+            f.split(' ').nth(3).unwrap().to_string()
+        };
+        assert_eq!(host(0), "host0096");
+        assert_eq!(host(249), "host0096");
+        assert_eq!(host(250), "host0097");
+        assert_eq!(host(999), "host0099");
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub struct Options {
     pub max_seconds: u64,
     /// Connection counts (one scenario each).
     pub conns: Vec<usize>,
+    /// Each connection is its own host (own hostname, own sequence) instead of one host's
+    /// sequence split over all connections.
+    pub host_per_conn: bool,
     /// flynn-logagg thread counts.
     pub threads: Vec<usize>,
     pub targets: Vec<Kind>,
@@ -122,14 +125,19 @@ fn header(opts: &Options, load: &Load) -> Vec<String> {
         ),
         format!(
             "Load: {} messages per run ({} B RFC 5424 each, octet-counted: {} B frames), app \
-             `i % {}`, written by one std thread per connection in {} KiB writes, senders stop \
-             after {} s; {}{} round(s), target order rotated every scenario and round; \
+             `i % {}`, written by one std thread per connection in {} KiB writes ({}), senders \
+             stop after {} s; {}{} round(s), target order rotated every scenario and round; \
              everything on 127.0.0.1",
             load.count,
             load.payload,
             load.frame_len,
             load.apps,
             load::WRITE_BYTES / 1024,
+            if opts.host_per_conn {
+                "each connection its own host and sequence"
+            } else {
+                "one host, its sequence split into one contiguous slice per connection"
+            },
             opts.max_seconds,
             if opts.warmup {
                 "one unrecorded warm-up run per target, then "
@@ -223,7 +231,7 @@ pub fn run(opts: Options) -> Result<String> {
         let conns = opts.conns.iter().copied().max().unwrap_or(1);
         for target in running.iter_mut() {
             run_no += 1;
-            load.set_run_tag(run_no);
+            load.set_tags(run_no, conns, opts.host_per_conn);
             match run_one(target, &load, conns, &opts) {
                 Ok(s) => eprintln!(
                     "warm-up c{conns} {:<16} {:>9.0} msg/s  {:>5.2} CPU-µs/msg (not counted)",
@@ -258,7 +266,7 @@ pub fn run(opts: Options) -> Result<String> {
                     continue;
                 }
                 run_no += 1;
-                load.set_run_tag(run_no);
+                load.set_tags(run_no, conns, opts.host_per_conn);
                 match run_one(target, &load, conns, &opts) {
                     Ok(s) => {
                         eprintln!(
