@@ -97,10 +97,63 @@ pub struct Cursor {
     pub seq: u64,
 }
 
+/// The flynn sequence numbers of one host that a shard has stored, as a few sorted, disjoint
+/// closed ranges covering every stored one (a range may also cover numbers never stored,
+/// which only sends such a line through the replay check). A number outside every range was
+/// never stored in this shard, so a line carrying it cannot be a replay. One range per
+/// sender keeps up with a host whose sequence arrives split over several connections.
+#[derive(Default)]
+struct SeqSpans {
+    spans: Vec<(u64, u64)>,
+}
+
+/// Ranges kept per host and shard; beyond this the two closest are merged.
+const MAX_SPANS: usize = 64;
+/// How far above a range a number may land and still grow it.
+const SPAN_GAP: u64 = 1 << 16;
+
+impl SeqSpans {
+    fn covers(&self, seq: u64) -> bool {
+        let i = self.spans.partition_point(|&(a, _)| a <= seq);
+        i > 0 && self.spans[i - 1].1 >= seq
+    }
+
+    /// Covers `seq` by growing the range just below it or starting one, merging what touches.
+    fn add(&mut self, seq: u64) {
+        let i = self.spans.partition_point(|&(a, _)| a <= seq);
+        if i > 0 && self.spans[i - 1].1 >= seq {
+            return;
+        }
+        // Close above the range below: grow it (the numbers in between belong to other
+        // shards' apps or were never sent). Far above: a new sender, a range of its own.
+        let at = if i > 0 && seq - self.spans[i - 1].1 <= SPAN_GAP {
+            self.spans[i - 1].1 = seq;
+            i - 1
+        } else {
+            self.spans.insert(i, (seq, seq));
+            i
+        };
+        if at + 1 < self.spans.len() && self.spans[at + 1].0 <= seq.saturating_add(1) {
+            self.spans[at].1 = self.spans[at + 1].1;
+            self.spans.remove(at + 1);
+        }
+        if self.spans.len() > MAX_SPANS {
+            // Merge the closest neighbours: coverage only grows.
+            let j = (0..self.spans.len() - 1)
+                .min_by_key(|&j| self.spans[j + 1].0 - self.spans[j].1)
+                .unwrap_or(0);
+            self.spans[j].1 = self.spans[j + 1].1;
+            self.spans.remove(j + 1);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Shard {
     apps: HashMap<Box<[u8]>, App, FastBuild>,
     cursors: HashMap<Box<[u8]>, Cursor, FastBuild>,
+    /// Per host: the sequence numbers stored in this shard ([`SeqSpans`]).
+    seen: HashMap<Box<[u8]>, SeqSpans, FastBuild>,
     /// Exact bytes buffered by this shard's apps (sum of their `App::bytes`).
     bytes: usize,
     /// Change of `bytes` not yet folded into [`Store::estimate`].
@@ -287,6 +340,7 @@ impl Store {
                         .cursors
                         .get(host)
                         .is_none_or(|cur| (c.time, c.seq) > (cur.time, cur.seq))
+                        || shard.seen.get(host).is_none_or(|s| !s.covers(c.seq))
                 });
             let mut hash = None;
             if fresh {
@@ -367,6 +421,14 @@ impl Store {
             let wake = (a.followers > 0).then(|| a.notify.clone());
             {
                 if let Some(c) = seq_cursor {
+                    match shard.seen.get_mut(host) {
+                        Some(spans) => spans.add(c.seq),
+                        None => {
+                            let mut spans = SeqSpans::default();
+                            spans.add(c.seq);
+                            shard.seen.insert(host.into(), spans);
+                        }
+                    }
                     match shard.cursors.get_mut(host) {
                         Some(cur) => {
                             if (c.time, c.seq) > (cur.time, cur.seq) {

@@ -317,3 +317,99 @@ fn raw_lines_without_seq_are_deduplicated_by_time_and_content() {
     assert_eq!(put(&s, "a", &raw(250, "r250")), Outcome::Duplicate);
     assert_eq!(put(&s, "a", &raw(250, "other")), Outcome::Stored);
 }
+
+#[test]
+fn seq_spans_cover_every_added_number_and_stay_few() {
+    let mut s = SeqSpans::default();
+    assert!(!s.covers(5));
+    // Two senders of one host, far apart, each moving up.
+    for k in 0..100u64 {
+        s.add(k * 3);
+        s.add(1_000_000 + k * 3);
+    }
+    assert_eq!(s.spans, vec![(0, 297), (1_000_000, 1_000_297)]);
+    assert!(s.covers(150) && s.covers(1_000_001));
+    assert!(!s.covers(298) && !s.covers(999_999) && !s.covers(1_000_298));
+    // A far number starts a range of its own; a close one grows the range below it; a
+    // range grown up to the next one merges with it.
+    s.add(500_000);
+    assert_eq!(s.spans.len(), 3);
+    s.add(500_010);
+    assert!(s.covers(500_005) && !s.covers(400_000));
+    s.add(999_999);
+    assert_eq!(
+        s.spans.len(),
+        3,
+        "999 999 joins the range starting at 1 000 000"
+    );
+    assert_eq!(s.spans[2], (999_999, 1_000_297));
+    // Many scattered numbers: bounded, and every added one stays covered.
+    let mut t = SeqSpans::default();
+    let nums: Vec<u64> = (0..1000u64).map(|i| (i * 7919) % 100_003 * 10).collect();
+    for &n in &nums {
+        t.add(n);
+    }
+    assert!(t.spans.len() <= MAX_SPANS);
+    assert!(nums.iter().all(|&n| t.covers(n)));
+    assert!(
+        t.spans.windows(2).all(|w| w[0].1 < w[1].0),
+        "sorted, disjoint"
+    );
+}
+
+#[test]
+fn one_host_split_over_senders_skips_the_replay_index_and_still_catches_replays() {
+    let s = store(10_000, usize::MAX);
+    // Sender A sends seqs 0.., sender B seqs 500 000.. of the same host, interleaved, with
+    // times that also interleave: B's lines are behind the host's cursor once A... and the
+    // other way round; none of them can be a replay.
+    for i in 0..400u64 {
+        for (base, t0) in [(0u64, 0u64), (500_000, 10)] {
+            assert_eq!(
+                put(
+                    &s,
+                    "a",
+                    &msg(
+                        "h",
+                        "web.1",
+                        "ID1",
+                        base + i,
+                        t0 + i,
+                        &format!("{base}-{i}")
+                    )
+                ),
+                Outcome::Stored
+            );
+        }
+    }
+    {
+        let shard = s.shard(b"a");
+        let app = shard.apps.get(&b"a"[..]).unwrap();
+        assert!(
+            app.dedupe.is_none(),
+            "lines that cannot be replays built the replay index"
+        );
+    }
+    // Replays from both senders are still recognised.
+    for i in (0..400u64).step_by(37) {
+        assert_eq!(
+            put(&s, "a", &msg("h", "web.1", "ID1", i, i, &format!("0-{i}"))),
+            Outcome::Duplicate
+        );
+        assert_eq!(
+            put(
+                &s,
+                "a",
+                &msg(
+                    "h",
+                    "web.1",
+                    "ID1",
+                    500_000 + i,
+                    10 + i,
+                    &format!("500000-{i}")
+                )
+            ),
+            Outcome::Duplicate
+        );
+    }
+}
