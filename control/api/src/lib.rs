@@ -5,8 +5,8 @@
 //! both the data plane (router, log aggregator) and the control plane may use it.
 
 pub mod discoverd;
-pub mod host;
 mod error;
+pub mod host;
 mod route;
 mod status;
 

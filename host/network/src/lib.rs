@@ -43,8 +43,8 @@ pub use reconcile::{
     desired, plan, reconcile, setup, BridgeSpec, DeviceConfig, Devices, Fdb, KernelState, Neigh,
     Netlink, NetlinkError, Op, Route, Underlay, VxlanSpec, VXLAN_OVERHEAD,
 };
+pub use stats::Stats;
 #[doc(hidden)]
 pub use store::conformance;
-pub use stats::Stats;
 pub use store::{LeaseStore, LeaseWatch, MemoryStore, Snapshot, StoreError};
 pub use subnet::{Layout, Mac, ParseError, Subnet, DEFAULT_NETWORK};
