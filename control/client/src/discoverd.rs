@@ -7,6 +7,8 @@ use flynn_api::ApiError;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::json_http::JsonHttp;
+
 pub use flynn_api::discoverd::{Event, EventKind, Instance, ServiceMeta};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,20 +44,16 @@ pub fn instance_id(proto: &str, addr: &str) -> String {
 /// such as `Accept` are preserved).
 #[derive(Clone)]
 pub struct Client {
-    base: String,
-    http: reqwest::Client,
+    http: JsonHttp,
 }
+
+crate::json_http::from_failure!(Error);
 
 impl Client {
     /// `url` like `http://127.0.0.1:1111`; see [`Client::from_env`].
     pub fn new(url: &str) -> Client {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .build()
-            .unwrap_or_default();
         Client {
-            base: url.trim_end_matches('/').to_string(),
-            http,
+            http: JsonHttp::new(url),
         }
     }
 
@@ -64,33 +62,13 @@ impl Client {
         Client::new(&std::env::var("DISCOVERD").unwrap_or_else(|_| "http://127.0.0.1:1111".into()))
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
     async fn send(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<reqwest::Response, Error> {
-        let mut req = self
-            .http
-            .request(method, self.url(path))
-            .timeout(Duration::from_secs(30));
-        if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b);
-        }
-        let resp = req.send().await.map_err(Error::Http)?;
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(Error::Http)?;
-        match serde_json::from_slice::<ApiError>(&bytes) {
-            Ok(e) => Err(Error::Api(e)),
-            Err(_) => Err(Error::Status { status }),
-        }
+        Ok(self.http.send(method, path, body).await?)
     }
 
     fn json<T: Serialize>(v: &T) -> Option<Vec<u8>> {
@@ -349,7 +327,7 @@ async fn watch_loop(c: Client, service: String, tx: mpsc::Sender<Event>) {
     loop {
         let resp = c
             .http
-            .get(c.url(&format!("/services/{service}")))
+            .request(reqwest::Method::GET, &format!("/services/{service}"))
             .header("accept", "text/event-stream")
             .send()
             .await;

@@ -1,11 +1,12 @@
 //! The flynn-host job API client (spec §5.3).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use flynn_api::ApiError;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
+
+use crate::json_http::JsonHttp;
 
 pub use flynn_api::host::{
     ActiveJob, CheckPort, ContainerConfig, Event, EventKind, HostStatus, Job, JobStatus, Mount,
@@ -35,19 +36,15 @@ impl Error {
 /// A client for one host's job API, e.g. `http://127.0.0.1:1113`.
 #[derive(Clone)]
 pub struct Client {
-    base: String,
-    http: reqwest::Client,
+    http: JsonHttp,
 }
+
+crate::json_http::from_failure!(Error);
 
 impl Client {
     pub fn new(url: &str) -> Client {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .build()
-            .unwrap_or_default();
         Client {
-            base: url.trim_end_matches('/').to_string(),
-            http,
+            http: JsonHttp::new(url),
         }
     }
 
@@ -57,23 +54,7 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<reqwest::Response, Error> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .timeout(Duration::from_secs(30));
-        if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b);
-        }
-        let resp = req.send().await.map_err(Error::Http)?;
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(Error::Http)?;
-        match serde_json::from_slice::<ApiError>(&bytes) {
-            Ok(e) => Err(Error::Api(e)),
-            Err(_) => Err(Error::Status { status }),
-        }
+        Ok(self.http.send(method, path, body).await?)
     }
 
     async fn json<T: DeserializeOwned>(
@@ -170,19 +151,12 @@ impl Client {
         };
         let resp = self
             .http
-            .get(format!("{}{path}", self.base))
+            .request(reqwest::Method::GET, &path)
             .header("accept", "text/event-stream")
             .send()
             .await
             .map_err(Error::Http)?;
-        if !resp.status().is_success() {
-            let status = resp.status().as_u16();
-            let bytes = resp.bytes().await.map_err(Error::Http)?;
-            return Err(match serde_json::from_slice::<ApiError>(&bytes) {
-                Ok(e) => Error::Api(e),
-                Err(_) => Error::Status { status },
-            });
-        }
+        let resp = crate::json_http::check(resp).await?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(read_events(resp, tx));
         Ok(rx)

@@ -8,3 +8,4 @@
 
 pub mod discoverd;
 pub mod host;
+mod json_http;
