@@ -1,11 +1,16 @@
 //! Hot path: per-packet tc classifiers (see docs/HOT_PATH.md).
 // SPDX-License-Identifier: (BSD-3-Clause OR GPL-2.0)
-/* Overlay fast path: tc ingress classifiers for job veths (host side) and the VXLAN device.
+/* Overlay fast path: tc ingress classifiers for job veths (host side), the VXLAN device and the
+ * underlay device.
  *
  * - Destination is a job on this host (flynn_endpoints): rewrite L2 (gateway MAC -> job MAC) and
  *   hand the packet straight to the job's namespace with bpf_redirect_peer.
  * - Destination is in a remote block (flynn_prefixes, from a job only): send it to the VXLAN
  *   device with bpf_redirect_neigh, which fills L2 from the kernel's (permanent) neighbour entry.
+ * - A VXLAN packet on the underlay for a job on this host (flynn_underlay describes what our
+ *   VXLAN packets look like): the outer IPv4/UDP/VXLAN and inner Ethernet headers are removed with
+ *   bpf_skb_adjust_room and the inner packet goes straight to the job (bpf_redirect_peer), without
+ *   the kernel's UDP socket, VXLAN receive and GRO cell.
  * - Anything else, or a miss: TC_ACT_OK, i.e. the normal kernel path. Empty maps are safe.
  *
  * Routed packets (remote out, VXLAN in) get their TTL decremented like the kernel's forwarding
@@ -15,6 +20,7 @@
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/pkt_cls.h>
+#include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
@@ -38,6 +44,13 @@ struct {
 	__type(key, struct flynn_prefix_key);
 	__type(value, struct flynn_hop);
 } flynn_prefixes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct flynn_underlay);
+} flynn_underlay SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -155,6 +168,156 @@ int flynn_from_vxlan(struct __sk_buff *skb)
 		return pass();
 	decrease_ttl(ip);
 	return to_local(skb, eth, ep);
+}
+
+/* RFC 7348 header: flags (only I, "VNI valid", for plain VXLAN), then the VNI in the top 24 bits. */
+struct vxlanhdr {
+	__be32 flags;
+	__be32 vni;
+};
+
+#define VXLAN_FLAG_VNI 0x08000000
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1FFF
+
+/* What one VXLAN packet of ours carries before the inner IPv4 header, and what decapsulation
+ * removes from after the outer Ethernet header (the outer Ethernet header is reused for the
+ * inner packet, so the L2 rewrite stays what flynn_from_vxlan does). */
+#define OUTER_LEN                                                                                  \
+	(sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct udphdr) +                    \
+	 sizeof(struct vxlanhdr))
+#define DECAP_LEN                                                                                  \
+	(sizeof(struct iphdr) + sizeof(struct udphdr) + sizeof(struct vxlanhdr) +                  \
+	 sizeof(struct ethhdr))
+/* Outer headers, inner Ethernet and IPv4, and the first 8 bytes of the inner L4 header. */
+#define HEADERS_LEN (OUTER_LEN + sizeof(struct ethhdr) + sizeof(struct iphdr) + 8)
+
+/* Whether the outer IPv4 and UDP headers are a VXLAN packet to us that the kernel would hand to
+ * its VXLAN socket unchanged: no IP options or fragments, lengths consistent with the packet, our
+ * address and port. */
+static __always_inline int vxlan_to_us(const struct __sk_buff *skb, const struct iphdr *ip,
+				       const struct udphdr *udp, const struct flynn_underlay *ul)
+{
+	return ip->version == 4 && ip->ihl == 5 && ip->protocol == IPPROTO_UDP &&
+	       ip->daddr == ul->local_ip && !(ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)) &&
+	       bpf_ntohs(ip->tot_len) + sizeof(struct ethhdr) == skb->len &&
+	       udp->dest == bpf_htons(ul->port) &&
+	       bpf_ntohs(udp->len) + sizeof(struct iphdr) == bpf_ntohs(ip->tot_len);
+}
+
+/* The outer UDP checksum is not verified here (the kernel verifies it before its VXLAN receive).
+ * What it covers is checked otherwise: the VXLAN header and inner Ethernet header must hold the
+ * expected values, the inner IPv4 header has its own checksum (verified by the job's stack), and
+ * so do TCP, ICMP and UDP with a checksum, which bpf_skb_adjust_room leaves for the job's stack
+ * to verify (it resets CHECKSUM_UNNECESSARY). So with an outer checksum, only those are taken;
+ * anything else (other protocols, inner fragments, UDP without checksum) goes to the kernel.
+ * Without an outer checksum the kernel verifies nothing either. */
+static __always_inline int inner_protected(const struct udphdr *outer, const struct iphdr *inner,
+					   const struct udphdr *l4)
+{
+	if (!outer->check)
+		return 1;
+	if (inner->ihl != 5 || (inner->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
+		return 0;
+	return inner->protocol == IPPROTO_TCP || inner->protocol == IPPROTO_ICMP ||
+	       (inner->protocol == IPPROTO_UDP && l4->check != 0);
+}
+
+static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
+{
+	__u8 diff = 0;
+
+#pragma unroll
+	for (int i = 0; i < ETH_ALEN; i++)
+		diff |= a[i] ^ b[i];
+	return diff == 0;
+}
+
+SEC("classifier")
+int flynn_from_underlay(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct flynn_underlay *ul;
+	struct flynn_endpoint *ep;
+	struct ethhdr *eth, *inner_eth;
+	struct iphdr *ip, *inner;
+	struct udphdr *udp;
+	struct vxlanhdr *vx;
+	void *data, *end;
+	__u32 daddr;
+
+	/* Everything arriving on the host's underlay passes here: leave non-candidates quickly and
+	 * without counting them. */
+	if (skb->protocol != bpf_htons(ETH_P_IP) || skb->len < HEADERS_LEN)
+		return TC_ACT_OK;
+	ul = bpf_map_lookup_elem(&flynn_underlay, &zero);
+	if (!ul || !ul->port)
+		return TC_ACT_OK;
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	if (data + HEADERS_LEN > end) {
+		/* Headers not in the linear area: look before pulling, so only our VXLAN packets
+		 * are ever linearised. */
+		struct iphdr oip;
+		struct udphdr oudp;
+
+		if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &oip, sizeof(oip)) ||
+		    bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + sizeof(oip), &oudp,
+				       sizeof(oudp)))
+			return TC_ACT_OK;
+		if (!vxlan_to_us(skb, &oip, &oudp, ul))
+			return TC_ACT_OK;
+		if (bpf_skb_pull_data(skb, HEADERS_LEN))
+			return pass();
+		data = (void *)(long)skb->data;
+		end = (void *)(long)skb->data_end;
+		if (data + HEADERS_LEN > end)
+			return pass();
+	}
+	eth = data;
+	ip = data + sizeof(struct ethhdr);
+	udp = (void *)ip + sizeof(struct iphdr);
+	if (eth->h_proto != bpf_htons(ETH_P_IP) || !vxlan_to_us(skb, ip, udp, ul))
+		return TC_ACT_OK;
+
+	/* From here on it is VXLAN for us: what is not delivered here is counted as passed. */
+	vx = (void *)udp + sizeof(struct udphdr);
+	inner_eth = (void *)vx + sizeof(struct vxlanhdr);
+	inner = (void *)inner_eth + sizeof(struct ethhdr);
+	if (vx->flags != bpf_htonl(VXLAN_FLAG_VNI) || vx->vni != bpf_htonl(ul->vni << 8))
+		return pass();
+	if (inner_eth->h_proto != bpf_htons(ETH_P_IP) ||
+	    !mac_eq(inner_eth->h_dest, ul->vtep_mac))
+		return pass();
+	if (inner->version != 4 || inner->ihl < 5 || inner->ttl <= 1 ||
+	    !inner_protected(udp, inner, (void *)inner + sizeof(struct iphdr)))
+		return pass();
+	daddr = inner->daddr;
+	ep = bpf_map_lookup_elem(&flynn_endpoints, &daddr);
+	if (!ep)
+		return pass();
+	/* GSO packets (a TSO burst that crossed a veth, or GRO on the NIC) keep their tunnel GSO
+	 * type and encapsulation mark through bpf_skb_adjust_room, which only the kernel's VXLAN
+	 * receive clears: leave them to it. */
+	if (skb->gso_size)
+		return pass();
+	/* Pops outer IPv4 + UDP + VXLAN + inner Ethernet after the outer Ethernet header. Inner
+	 * checksums are untouched (end to end); CHECKSUM_UNNECESSARY (which covered the outer
+	 * headers only) is reset so the job's stack verifies them. */
+	if (bpf_skb_adjust_room(skb, -(__s32)DECAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
+		return pass();
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	if (data + sizeof(struct ethhdr) + sizeof(struct iphdr) > end)
+		return TC_ACT_SHOT; /* cannot happen: adjust_room keeps the headers linear */
+	eth = data;
+	inner = data + sizeof(struct ethhdr);
+	/* The kernel path routes the inner packet once (VXLAN device -> bridge). */
+	decrease_ttl(inner);
+	__builtin_memcpy(eth->h_dest, ep->mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, ep->gateway_mac, ETH_ALEN);
+	count(FLYNN_CTR_DECAP);
+	return bpf_redirect_peer(ep->ifindex, 0);
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

@@ -25,12 +25,22 @@ struct flynn_hop {
 	__u32 next_hop;  /* IPv4 next hop (network order), resolved by the kernel neighbour table */
 };
 
+/* The one entry of flynn_underlay (array of 1): what VXLAN packets for this host look like, for
+ * the decapsulating classifier on the underlay device. port == 0: nothing is decapsulated. */
+struct flynn_underlay {
+	__u32 local_ip;     /* this host's underlay address (network order): outer destination */
+	__u32 vni;          /* VXLAN network identifier (host order, 24 bits) */
+	__u16 port;         /* VXLAN UDP destination port (host order) */
+	__u8 vtep_mac[6];   /* the VXLAN device's MAC: inner Ethernet destination */
+};
+
 /* Indexes of flynn_counters (per-CPU array of __u64). */
 enum flynn_counter {
 	FLYNN_CTR_LOCAL = 0,   /* redirected to a local job (bpf_redirect_peer) */
 	FLYNN_CTR_REMOTE = 1,  /* redirected to a remote block (bpf_redirect_neigh) */
 	FLYNN_CTR_PASSED = 2,  /* left to the kernel path */
-	FLYNN_CTR_MAX = 3,
+	FLYNN_CTR_DECAP = 3,   /* VXLAN decapsulated on the underlay and delivered to a local job */
+	FLYNN_CTR_MAX = 4,
 };
 
 #endif

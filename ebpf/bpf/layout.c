@@ -22,6 +22,12 @@ int main(void)
 	FIELD(flynn_hop, next_hop);
 	printf("pub const FLYNN_CTR_LOCAL: u32 = %d;\n", FLYNN_CTR_LOCAL);
 	printf("pub const FLYNN_CTR_REMOTE: u32 = %d;\n", FLYNN_CTR_REMOTE);
+	SIZE(flynn_underlay);
+	FIELD(flynn_underlay, local_ip);
+	FIELD(flynn_underlay, vni);
+	FIELD(flynn_underlay, port);
+	FIELD(flynn_underlay, vtep_mac);
+	printf("pub const FLYNN_CTR_DECAP: u32 = %d;\n", FLYNN_CTR_DECAP);
 	printf("pub const FLYNN_CTR_PASSED: u32 = %d;\n", FLYNN_CTR_PASSED);
 	printf("pub const FLYNN_CTR_MAX: u32 = %d;\n", FLYNN_CTR_MAX);
 	return 0;

@@ -4,7 +4,9 @@
 //! `FLYNN_FASTPATH_ATTACH=netlink|tcx` forces the attach mechanism (default: auto).
 //!
 //! ```text
-//! fastpathctl PIN_DIR attach IFNAME job|vxlan
+//! fastpathctl PIN_DIR attach IFNAME job|vxlan|underlay
+//! fastpathctl PIN_DIR underlay LOCAL_IP VNI PORT VTEP_MAC
+//! fastpathctl PIN_DIR rm-underlay
 //! fastpathctl PIN_DIR detach IFNAME
 //! fastpathctl PIN_DIR endpoint IP IFNAME JOB_MAC GATEWAY_MAC
 //! fastpathctl PIN_DIR rm-endpoint IP
@@ -18,7 +20,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use flynn_ebpf::{AttachMode, Endpoint, FastPath, Hop, Role};
+use flynn_ebpf::{AttachMode, Endpoint, FastPath, Hop, Role, Underlay};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,7 +40,8 @@ fn main() -> Result<()> {
             let role = match *role {
                 "job" => Role::JobVeth,
                 "vxlan" => Role::Vxlan,
-                r => bail!("role {r:?}: want job or vxlan"),
+                "underlay" => Role::Underlay,
+                r => bail!("role {r:?}: want job, vxlan or underlay"),
             };
             fp.attach(ifindex(dev)?, role)?;
         }
@@ -51,6 +54,13 @@ fn main() -> Result<()> {
                 gateway_mac: parse_mac(gw)?,
             },
         )?,
+        ["underlay", ip, vni, port, mac] => fp.set_underlay(Underlay {
+            local_ip: ip.parse()?,
+            vni: vni.parse()?,
+            port: port.parse()?,
+            vtep_mac: parse_mac(mac)?,
+        })?,
+        ["rm-underlay"] => fp.clear_underlay()?,
         ["rm-endpoint", ip] => fp.remove_endpoint(ip.parse()?)?,
         ["prefix", net, dev, hop] => {
             let (net, len) = parse_net(net)?;
@@ -70,8 +80,8 @@ fn main() -> Result<()> {
         ["counters"] => {
             let c = fp.counters()?;
             println!(
-                "redirected_local {}\nredirected_remote {}\npassed {}",
-                c.redirected_local, c.redirected_remote, c.passed
+                "redirected_local {}\nredirected_remote {}\ndecapsulated {}\npassed {}",
+                c.redirected_local, c.redirected_remote, c.decapsulated, c.passed
             );
         }
         ["unpin"] => fp.unpin()?,

@@ -55,6 +55,8 @@ pub enum EbpfError {
     },
     #[error("no interface with index {ifindex} in this network namespace")]
     NoSuchInterface { ifindex: u32 },
+    #[error("invalid underlay settings: {why}")]
+    InvalidUnderlay { why: &'static str },
     #[error("invalid prefix {net}/{len}: {why}")]
     InvalidPrefix {
         net: Ipv4Addr,

@@ -1,9 +1,9 @@
 //! Loading, attaching and feeding the fast path; everything pinned under one directory.
 //!
 //! Pin directory layout (names without dots):
-//! - `flynn_endpoints`, `flynn_prefixes`, `flynn_counters`: the maps;
-//! - `link_job_<ifindex>`, `link_vxlan_<ifindex>`: pinned TCX ingress links, or
-//!   `tc_job_<ifindex>`, `tc_vxlan_<ifindex>`: records of netlink filters (see `attach.rs`).
+//! - `flynn_endpoints`, `flynn_prefixes`, `flynn_underlay`, `flynn_counters`: the maps;
+//! - `link_<role>_<ifindex>` (role `job`, `vxlan` or `underlay`): pinned TCX ingress links, or
+//!   `tc_<role>_<ifindex>`: records of netlink filters (see `attach.rs`).
 //!   Attachments keep their program after the loader exits; a new loader swaps its own program
 //!   into each of them atomically (each packet sees the old or the new program).
 
@@ -11,18 +11,21 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::Key;
-use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
 use aya::programs::SchedClassifier;
 use aya::sys::SyscallError;
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 
 use crate::attach::{self, AttachMode, Kind, Record};
-use crate::maps::{be_word, RawHop, CTR_LOCAL, CTR_MAX, CTR_PASSED, CTR_REMOTE};
-use crate::object::{
-    FASTPATH, MAP_COUNTERS, MAP_ENDPOINTS, MAP_PREFIXES, PROG_FROM_JOB, PROG_FROM_VXLAN,
+use crate::maps::{
+    be_word, RawHop, RawUnderlay, CTR_DECAP, CTR_LOCAL, CTR_MAX, CTR_PASSED, CTR_REMOTE,
 };
-use crate::{bpffs, Counters, EbpfError, Endpoint, Hop};
+use crate::object::{
+    FASTPATH, MAP_COUNTERS, MAP_ENDPOINTS, MAP_PREFIXES, MAP_UNDERLAY, PROG_FROM_JOB,
+    PROG_FROM_UNDERLAY, PROG_FROM_VXLAN,
+};
+use crate::{bpffs, Counters, EbpfError, Endpoint, Hop, Underlay};
 
 /// Where the agent pins the fast path.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flynn";
@@ -34,6 +37,9 @@ pub enum Role {
     JobVeth,
     /// The VXLAN device: decapsulated packets for local jobs.
     Vxlan,
+    /// The host's underlay device (the VXLAN device's lower device): VXLAN packets for local
+    /// jobs are decapsulated in BPF (see [`FastPath::set_underlay`]), everything else passes.
+    Underlay,
 }
 
 impl Role {
@@ -41,6 +47,7 @@ impl Role {
         match self {
             Role::JobVeth => PROG_FROM_JOB,
             Role::Vxlan => PROG_FROM_VXLAN,
+            Role::Underlay => PROG_FROM_UNDERLAY,
         }
     }
 
@@ -49,10 +56,11 @@ impl Role {
         match self {
             Role::JobVeth => "job",
             Role::Vxlan => "vxlan",
+            Role::Underlay => "underlay",
         }
     }
 
-    pub(crate) const ALL: [Role; 2] = [Role::JobVeth, Role::Vxlan];
+    pub(crate) const ALL: [Role; 3] = [Role::JobVeth, Role::Vxlan, Role::Underlay];
 }
 
 /// The loaded fast path: programs of this process plus the (possibly inherited) pinned maps.
@@ -63,6 +71,7 @@ pub struct FastPath {
     ebpf: Ebpf,
     endpoints: HashMap<MapData, u32, Endpoint>,
     prefixes: LpmTrie<MapData, u32, RawHop>,
+    underlay: Array<MapData, RawUnderlay>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -137,6 +146,7 @@ impl FastPath {
         bpffs::prepare(pin_dir)?;
         let endpoints_pin = pin_dir.join(MAP_ENDPOINTS);
         let prefixes_pin = pin_dir.join(MAP_PREFIXES);
+        let underlay_pin = pin_dir.join(MAP_UNDERLAY);
         let counters_pin = pin_dir.join(MAP_COUNTERS);
         check_pinned(&endpoints_pin, 4, size_of::<Endpoint>() as u32, None)?;
         check_pinned(
@@ -145,11 +155,23 @@ impl FastPath {
             size_of::<RawHop>() as u32,
             None,
         )?;
-        check_pinned(&counters_pin, 4, 8, Some(CTR_MAX))?;
+        check_pinned(&underlay_pin, 4, size_of::<RawUnderlay>() as u32, Some(1))?;
+        if let Err(e) = check_pinned(&counters_pin, 4, 8, Some(CTR_MAX)) {
+            // Counters are statistics only: a build with more of them (an upgrade) starts a
+            // fresh map instead of refusing to load. Programs still attached keep the old map
+            // until the new ones are swapped in below.
+            tracing::info!(error = %e, "replacing the pinned counters map");
+            std::fs::remove_file(&counters_pin).map_err(|source| EbpfError::Io {
+                op: "unpin stale counters",
+                path: counters_pin.clone(),
+                source,
+            })?;
+        }
 
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(MAP_ENDPOINTS, endpoints_pin)
             .map_pin_path(MAP_PREFIXES, prefixes_pin)
+            .map_pin_path(MAP_UNDERLAY, underlay_pin)
             .map_pin_path(MAP_COUNTERS, counters_pin)
             .load(FASTPATH)
             .map_err(EbpfError::Load)?;
@@ -174,6 +196,12 @@ impl FastPath {
                 source,
             }
         })?;
+        let underlay = Array::try_from(take_map(&mut ebpf, MAP_UNDERLAY)?).map_err(|source| {
+            EbpfError::Map {
+                name: MAP_UNDERLAY,
+                source,
+            }
+        })?;
         let counters =
             PerCpuArray::try_from(take_map(&mut ebpf, MAP_COUNTERS)?).map_err(|source| {
                 EbpfError::Map {
@@ -187,6 +215,7 @@ impl FastPath {
             ebpf,
             endpoints,
             prefixes,
+            underlay,
             counters,
         };
         let mut swapped = 0;
@@ -324,6 +353,46 @@ impl FastPath {
         })
     }
 
+    /// Tells the underlay classifier ([`Role::Underlay`]) what this host's VXLAN packets look
+    /// like; until this is set (or after [`FastPath::clear_underlay`]) it decapsulates nothing.
+    pub fn set_underlay(&mut self, u: Underlay) -> Result<(), EbpfError> {
+        if u.port == 0 || u.vni >= 1 << 24 {
+            return Err(EbpfError::InvalidUnderlay {
+                why: if u.port == 0 {
+                    "UDP port 0"
+                } else {
+                    "VNI over 24 bits"
+                },
+            });
+        }
+        self.write_underlay(RawUnderlay::from(u))
+    }
+
+    /// Stops decapsulation on the underlay (VXLAN packets go the kernel way again).
+    pub fn clear_underlay(&mut self) -> Result<(), EbpfError> {
+        self.write_underlay(RawUnderlay::default())
+    }
+
+    /// What [`FastPath::set_underlay`] last set, if anything.
+    pub fn underlay(&self) -> Result<Option<Underlay>, EbpfError> {
+        self.underlay
+            .get(&0, 0)
+            .map(|raw| raw.get())
+            .map_err(|source| EbpfError::Map {
+                name: MAP_UNDERLAY,
+                source,
+            })
+    }
+
+    fn write_underlay(&mut self, raw: RawUnderlay) -> Result<(), EbpfError> {
+        self.underlay
+            .set(0, raw, 0)
+            .map_err(|source| EbpfError::Map {
+                name: MAP_UNDERLAY,
+                source,
+            })
+    }
+
     /// Packet counters summed over CPUs (shared by every loader of this pin directory).
     pub fn counters(&self) -> Result<Counters, EbpfError> {
         let sum = |idx: u32| -> Result<u64, EbpfError> {
@@ -339,6 +408,7 @@ impl FastPath {
         Ok(Counters {
             redirected_local: sum(CTR_LOCAL)?,
             redirected_remote: sum(CTR_REMOTE)?,
+            decapsulated: sum(CTR_DECAP)?,
             passed: sum(CTR_PASSED)?,
         })
     }
@@ -351,7 +421,7 @@ impl FastPath {
             let name = ifname(rec.ifindex).ok();
             attach::remove(rec, name.as_deref(), &self.pin_dir)?;
         }
-        for name in [MAP_ENDPOINTS, MAP_PREFIXES, MAP_COUNTERS] {
+        for name in [MAP_ENDPOINTS, MAP_PREFIXES, MAP_UNDERLAY, MAP_COUNTERS] {
             let path = self.pin_dir.join(name);
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -373,6 +443,24 @@ impl FastPath {
             source,
         })
     }
+}
+
+/// Detaches every attachment of `roles` recorded in `pin_dir` without loading anything (for an
+/// agent started with the fast path off: the programs a previous agent attached to its devices
+/// go, the jobs' attachments and the maps stay). A pin directory that does not exist is fine.
+pub fn detach_roles(pin_dir: &Path, roles: &[Role]) -> Result<usize, EbpfError> {
+    if !pin_dir.exists() {
+        return Ok(0);
+    }
+    let mut n = 0;
+    for rec in attach::records(pin_dir)? {
+        if roles.contains(&rec.role) {
+            let name = ifname(rec.ifindex).ok();
+            attach::remove(rec, name.as_deref(), pin_dir)?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 fn program(ebpf: &mut Ebpf, role: Role) -> Result<&mut SchedClassifier, EbpfError> {

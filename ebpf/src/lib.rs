@@ -1,13 +1,17 @@
 //! `flynn-ebpf`: the overlay's eBPF fast path.
 //!
-//! Two tc classifiers written in C (`bpf/fastpath.bpf.c`), compiled by `build.rs` with clang and
+//! Three tc classifiers written in C (`bpf/fastpath.bpf.c`), compiled by `build.rs` with clang and
 //! embedded in the binary, loaded with `aya`:
 //! - on every job's host-side veth (ingress, [`Role::JobVeth`]): a packet for a job on this host
 //!   ([`FastPath::upsert_endpoint`]) gets its Ethernet header rewritten and is handed straight to
 //!   the job's namespace with `bpf_redirect_peer`; a packet for a remote block
 //!   ([`FastPath::upsert_prefix`]) goes to the VXLAN device with `bpf_redirect_neigh`;
 //! - on the VXLAN device (ingress, [`Role::Vxlan`]): decapsulated packets for local jobs are
-//!   delivered with `bpf_redirect_peer`.
+//!   delivered with `bpf_redirect_peer`;
+//! - on the host's underlay device (ingress, [`Role::Underlay`]): VXLAN packets for local jobs
+//!   ([`FastPath::set_underlay`] says which: address, port, VNI, VTEP MAC) are decapsulated in
+//!   BPF and delivered with `bpf_redirect_peer`, skipping the kernel's UDP and VXLAN receive.
+//!   GSO packets and anything unexpected are left to the kernel.
 //!
 //! Anything the maps do not know falls through to the kernel path (`TC_ACT_OK`), so empty maps are
 //! safe and the kernel VXLAN path of `flynn-network` stays the source of truth. Maps and
@@ -30,7 +34,7 @@
 //! ```no_run
 //! use std::net::Ipv4Addr;
 //! use std::path::Path;
-//! use flynn_ebpf::{Endpoint, FastPath, Hop, Role, Switch, DEFAULT_PIN_DIR};
+//! use flynn_ebpf::{Endpoint, FastPath, Hop, Role, Switch, Underlay, DEFAULT_PIN_DIR};
 //!
 //! # fn main() -> Result<(), flynn_ebpf::EbpfError> {
 //! let switch: Switch = "auto".parse().expect("auto or off");
@@ -38,6 +42,15 @@
 //!     let mut fp = FastPath::load(Path::new(DEFAULT_PIN_DIR))?; // reuses pins after a restart
 //!     let (vxlan, job_veth) = (4, 7); // interface indexes
 //!     fp.attach(vxlan, Role::Vxlan)?;
+//!     // VXLAN packets for local jobs are decapsulated on the underlay device (eth0 here).
+//!     let eth0 = 2;
+//!     fp.set_underlay(Underlay {
+//!         local_ip: Ipv4Addr::new(10, 0, 0, 1),
+//!         vni: 1,
+//!         port: 8472,
+//!         vtep_mac: [0x0e, 0x66, 100, 100, 1, 0],
+//!     })?;
+//!     fp.attach(eth0, Role::Underlay)?;
 //!     // A job started: its veth and its entry.
 //!     fp.attach(job_veth, Role::JobVeth)?;
 //!     let job = Endpoint { ifindex: job_veth, mac: [2, 0, 0, 0, 0, 10], gateway_mac: [2, 0, 0, 0, 0, 1] };
@@ -64,6 +77,6 @@ mod switch;
 
 pub use attach::AttachMode;
 pub use error::EbpfError;
-pub use fastpath::{FastPath, Role, DEFAULT_PIN_DIR};
-pub use maps::{Counters, Endpoint, Hop};
+pub use fastpath::{detach_roles, FastPath, Role, DEFAULT_PIN_DIR};
+pub use maps::{Counters, Endpoint, Hop, Underlay};
 pub use switch::Switch;

@@ -46,6 +46,57 @@ impl From<Hop> for RawHop {
     }
 }
 
+/// What this host's VXLAN packets look like, for decapsulation on the underlay device
+/// ([`crate::Role::Underlay`]): the outer destination address and UDP port, the VNI, and the
+/// VXLAN device's MAC (the inner Ethernet destination the kernel's VXLAN device would accept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Underlay {
+    /// This host's underlay address (the VXLAN device's `local`).
+    pub local_ip: Ipv4Addr,
+    /// VXLAN network identifier (24 bits).
+    pub vni: u32,
+    /// VXLAN UDP destination port; never 0 (0 in the map means "decapsulate nothing").
+    pub port: u16,
+    /// MAC of this host's VXLAN device.
+    pub vtep_mac: [u8; 6],
+}
+
+/// `struct flynn_underlay`: address in network byte order, the rest in host order.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct RawUnderlay {
+    pub local_ip: u32,
+    pub vni: u32,
+    pub port: u16,
+    pub vtep_mac: [u8; 6],
+}
+
+// SAFETY: `repr(C)`, integers and a byte array, 4 + 4 + 2 + 6 = 16 bytes with align 4: no padding
+// (checked against the C header below); every bit pattern is valid.
+unsafe impl aya::Pod for RawUnderlay {}
+
+impl From<Underlay> for RawUnderlay {
+    fn from(u: Underlay) -> RawUnderlay {
+        RawUnderlay {
+            local_ip: be_word(u.local_ip),
+            vni: u.vni,
+            port: u.port,
+            vtep_mac: u.vtep_mac,
+        }
+    }
+}
+
+impl RawUnderlay {
+    pub(crate) fn get(&self) -> Option<Underlay> {
+        (self.port != 0).then(|| Underlay {
+            local_ip: Ipv4Addr::from(self.local_ip.to_ne_bytes()),
+            vni: self.vni,
+            port: self.port,
+            vtep_mac: self.vtep_mac,
+        })
+    }
+}
+
 /// An IPv4 address as the `__u32` the kernel sees (network byte order in memory).
 pub(crate) fn be_word(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
@@ -58,7 +109,11 @@ pub struct Counters {
     pub redirected_local: u64,
     /// Sent to a remote block with `bpf_redirect_neigh`.
     pub redirected_remote: u64,
-    /// Left to the kernel path (not IPv4, no map entry, TTL expiring, hairpin).
+    /// VXLAN packets for a job on this host decapsulated on the underlay device and delivered
+    /// with `bpf_redirect_peer`.
+    pub decapsulated: u64,
+    /// Left to the kernel path (not IPv4, no map entry, TTL expiring, hairpin; on the underlay
+    /// only VXLAN packets for this host are counted, e.g. GSO ones).
     pub passed: u64,
 }
 
@@ -70,8 +125,9 @@ impl Counters {
              # TYPE flynn_fastpath_packets_total counter\n\
              flynn_fastpath_packets_total{{result=\"redirected_local\"}} {}\n\
              flynn_fastpath_packets_total{{result=\"redirected_remote\"}} {}\n\
+             flynn_fastpath_packets_total{{result=\"decapsulated\"}} {}\n\
              flynn_fastpath_packets_total{{result=\"passed\"}} {}\n",
-            self.redirected_local, self.redirected_remote, self.passed
+            self.redirected_local, self.redirected_remote, self.decapsulated, self.passed
         )
     }
 }
@@ -80,7 +136,8 @@ impl Counters {
 pub(crate) const CTR_LOCAL: u32 = 0;
 pub(crate) const CTR_REMOTE: u32 = 1;
 pub(crate) const CTR_PASSED: u32 = 2;
-pub(crate) const CTR_MAX: u32 = 3;
+pub(crate) const CTR_DECAP: u32 = 3;
+pub(crate) const CTR_MAX: u32 = 4;
 
 #[cfg(test)]
 mod layout {
@@ -114,12 +171,24 @@ mod tests {
         assert_eq!(size_of::<Key<u32>>(), layout::flynn_prefix_key_SIZE);
         assert_eq!(layout::flynn_prefix_key_prefixlen, 0);
         assert_eq!(layout::flynn_prefix_key_addr, 4);
+        assert_eq!(size_of::<RawUnderlay>(), layout::flynn_underlay_SIZE);
         assert_eq!(
-            (CTR_LOCAL, CTR_REMOTE, CTR_PASSED, CTR_MAX),
+            offset_of!(RawUnderlay, local_ip),
+            layout::flynn_underlay_local_ip
+        );
+        assert_eq!(offset_of!(RawUnderlay, vni), layout::flynn_underlay_vni);
+        assert_eq!(offset_of!(RawUnderlay, port), layout::flynn_underlay_port);
+        assert_eq!(
+            offset_of!(RawUnderlay, vtep_mac),
+            layout::flynn_underlay_vtep_mac
+        );
+        assert_eq!(
+            (CTR_LOCAL, CTR_REMOTE, CTR_PASSED, CTR_DECAP, CTR_MAX),
             (
                 layout::FLYNN_CTR_LOCAL,
                 layout::FLYNN_CTR_REMOTE,
                 layout::FLYNN_CTR_PASSED,
+                layout::FLYNN_CTR_DECAP,
                 layout::FLYNN_CTR_MAX
             )
         );
@@ -130,6 +199,7 @@ mod tests {
         let text = Counters {
             redirected_local: 3,
             redirected_remote: 2,
+            decapsulated: 4,
             passed: 1,
         }
         .prometheus();
@@ -137,8 +207,9 @@ mod tests {
         assert!(text.contains("\n# TYPE flynn_fastpath_packets_total counter\n"));
         assert!(text.contains("flynn_fastpath_packets_total{result=\"redirected_local\"} 3\n"));
         assert!(text.contains("flynn_fastpath_packets_total{result=\"redirected_remote\"} 2\n"));
+        assert!(text.contains("flynn_fastpath_packets_total{result=\"decapsulated\"} 4\n"));
         assert!(text.ends_with("flynn_fastpath_packets_total{result=\"passed\"} 1\n"));
-        assert_eq!(text.lines().count(), 5);
+        assert_eq!(text.lines().count(), 6);
     }
 
     #[test]
@@ -151,5 +222,15 @@ mod tests {
         });
         assert_eq!(h.next_hop.to_ne_bytes(), [100, 100, 2, 0]);
         assert_eq!(h.ifindex, 7);
+        let u = Underlay {
+            local_ip: Ipv4Addr::new(10, 0, 0, 2),
+            vni: 1,
+            port: 8472,
+            vtep_mac: [0x0e, 0x66, 1, 2, 3, 4],
+        };
+        let raw = RawUnderlay::from(u);
+        assert_eq!(raw.local_ip.to_ne_bytes(), [10, 0, 0, 2]);
+        assert_eq!(raw.get(), Some(u));
+        assert_eq!(RawUnderlay::default().get(), None);
     }
 }

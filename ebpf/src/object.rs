@@ -6,6 +6,8 @@ pub(crate) static FASTPATH: &[u8] =
 
 pub(crate) const PROG_FROM_JOB: &str = "flynn_from_job";
 pub(crate) const PROG_FROM_VXLAN: &str = "flynn_from_vxlan";
+pub(crate) const PROG_FROM_UNDERLAY: &str = "flynn_from_underlay";
 pub(crate) const MAP_ENDPOINTS: &str = "flynn_endpoints";
 pub(crate) const MAP_PREFIXES: &str = "flynn_prefixes";
 pub(crate) const MAP_COUNTERS: &str = "flynn_counters";
+pub(crate) const MAP_UNDERLAY: &str = "flynn_underlay";

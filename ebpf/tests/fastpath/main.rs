@@ -3,6 +3,7 @@
 //! Needs root; fails loudly when the kernel cannot run the fast path unless
 //! `FLYNN_SKIP_NETNS_TESTS=1`.
 
+mod decap;
 mod lab;
 mod sigkill;
 
@@ -490,20 +491,47 @@ fn bad_input_gets_clear_errors() -> Result<()> {
         ensure!(FastPath::supported(), "supported() disagrees with probe()");
         ensure!(flynn_ebpf::Switch::Auto.enabled() && !flynn_ebpf::Switch::Off.enabled());
 
-        // A pinned map of the wrong shape (here: the endpoint map where the counters belong)
+        // Underlay settings: port 0 and VNIs over 24 bits are refused; nothing is stored.
+        let ul = flynn_ebpf::Underlay {
+            local_ip: Ipv4Addr::new(10, 0, 0, 1),
+            vni: 1,
+            port: 0,
+            vtep_mac: [2, 0, 0, 0, 0, 3],
+        };
+        let e = fp.set_underlay(ul).unwrap_err();
+        ensure!(e.to_string().contains("port 0"), "{e}");
+        let e = fp
+            .set_underlay(flynn_ebpf::Underlay {
+                vni: 1 << 24,
+                port: 8472,
+                ..ul
+            })
+            .unwrap_err();
+        ensure!(e.to_string().contains("VNI"), "{e}");
+        ensure!(fp.underlay()?.is_none(), "underlay settings stored");
+
+        // A pinned map of the wrong shape (here: the endpoint map where the prefixes belong)
         // is refused instead of being reused.
         let other = bpffs.pin_dir("other");
         std::fs::create_dir(&other)?;
         std::fs::rename(
             pin_dir.join("flynn_endpoints"),
-            other.join("flynn_counters"),
+            other.join("flynn_prefixes"),
         )?;
         let e = FastPath::load(&other).unwrap_err();
         ensure!(
             matches!(e, flynn_ebpf::EbpfError::IncompatiblePin { .. }),
             "mismatched pin: {e}"
         );
-        std::fs::remove_file(other.join("flynn_counters"))?;
+        // Counters of another shape (an older build with fewer counters) are only statistics:
+        // replaced by a fresh map.
+        std::fs::rename(other.join("flynn_prefixes"), other.join("flynn_counters"))?;
+        let fresh = FastPath::load(&other)?;
+        ensure!(
+            fresh.counters()? == Counters::default(),
+            "replaced counters"
+        );
+        fresh.unpin()?;
         fp.unpin()?;
         Ok(())
     })

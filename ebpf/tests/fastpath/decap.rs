@@ -1,0 +1,316 @@
+//! VXLAN decapsulation in BPF on the underlay device ([`Role::Underlay`]): cross-host traffic
+//! arrives without the kernel's UDP socket and VXLAN receive, intact; whatever is not one of our
+//! VXLAN packets for a local job is left to the kernel untouched.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use flynn_ebpf::{AttachMode, FastPath, Role, Underlay};
+
+use super::lab::{self, ifindex, in_ns, ping, ping_count, ping_df, ping_ttl, tcp_roundtrip};
+use super::{
+    counters, fast_path_on, programs_on, two_hosts, Lab, BLOCK1, BLOCK2, MTU, VTEP1, VTEP2,
+};
+
+const UL1: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 1);
+const UL2: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 2);
+
+fn parse_mac(s: &str) -> [u8; 6] {
+    let mut out = [0u8; 6];
+    for (o, p) in out.iter_mut().zip(s.split(':')) {
+        *o = u8::from_str_radix(p, 16).expect("hex MAC");
+    }
+    out
+}
+
+/// [`fast_path_on`] plus decapsulation on the underlay device `ul0`.
+fn decap_on(
+    mode: AttachMode,
+    host: &str,
+    pin_dir: &std::path::Path,
+    job: &super::Job,
+    remote_block: Ipv4Addr,
+    local_ip: Ipv4Addr,
+    vtep: &str,
+) -> Result<FastPath> {
+    let mut fp = fast_path_on(mode, host, pin_dir, job, remote_block)?;
+    in_ns(host, || {
+        fp.set_underlay(Underlay {
+            local_ip,
+            vni: 1,
+            port: 8472,
+            vtep_mac: parse_mac(vtep),
+        })?;
+        fp.attach(ifindex(host, "ul0")?, Role::Underlay)?;
+        Ok(fp)
+    })
+}
+
+fn ip_checksum(h: &[u8]) -> u16 {
+    let mut sum: u32 = h
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A VXLAN payload (VXLAN header, inner Ethernet, IPv4, UDP without checksum) carrying `payload`
+/// from `src` to `dst:dport`, as a UDP datagram to port 8472 would hold it.
+fn vxlan_frame(
+    vni: u32,
+    inner_dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&0x0800_0000u32.to_be_bytes());
+    f.extend_from_slice(&(vni << 8).to_be_bytes());
+    f.extend_from_slice(&inner_dst_mac);
+    f.extend_from_slice(&[0x0e, 0x46, 0x4c, 0x09, 0x09, 0x09]);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 1, 0x40, 0, 64, 17, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let csum = ip_checksum(&ip);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&5555u16.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Sends `data` from `ns` (bound to `from`) to `to`, with or without a UDP checksum.
+fn send_udp(ns: &str, from: Ipv4Addr, to: SocketAddr, data: &[u8], checksum: bool) -> Result<()> {
+    in_ns(ns, || {
+        let s = UdpSocket::bind((from, 0))?;
+        if !checksum {
+            let one: libc::c_int = 1;
+            // SAFETY: a valid socket fd and a c_int option value of the size passed.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_NO_CHECK,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            ensure!(rc == 0, "SO_NO_CHECK: {}", std::io::Error::last_os_error());
+        }
+        s.send_to(data, to)?;
+        Ok(())
+    })
+}
+
+/// A UDP socket in `ns` at `addr`; `expect` says whether one datagram must arrive (and what it
+/// must hold) within a second, or none may.
+fn receives(
+    ns: &str,
+    addr: SocketAddr,
+    send: impl FnOnce() -> Result<()>,
+) -> Result<Option<Vec<u8>>> {
+    let sock = in_ns(ns, || Ok(UdpSocket::bind(addr)?))?;
+    sock.set_read_timeout(Some(Duration::from_millis(1000)))?;
+    send()?;
+    let mut buf = [0u8; 2048];
+    match sock.recv_from(&mut buf) {
+        Ok((n, _)) => Ok(Some(buf[..n].to_vec())),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[test]
+fn cross_host_decap_on_the_underlay_tcx() -> Result<()> {
+    cross_host_decap_on_the_underlay(AttachMode::Tcx)
+}
+
+#[test]
+fn cross_host_decap_on_the_underlay_netlink() -> Result<()> {
+    cross_host_decap_on_the_underlay(AttachMode::Netlink)
+}
+
+fn cross_host_decap_on_the_underlay(mode: AttachMode) -> Result<()> {
+    if !lab::should_run(&format!("cross_host_decap_on_the_underlay {mode:?}")) {
+        return Ok(());
+    }
+    let bpffs = lab::Bpffs::mount("flynn-bpffs")?;
+    let mut lab = Lab::new();
+    let t = two_hosts(&mut lab)?;
+    let kernel_ttl = ping_ttl(&t.j1.ns, t.j2.ip).context("no reply on the kernel path")?;
+    let pin1 = bpffs.pin_dir("h1");
+    let pin2 = bpffs.pin_dir("h2");
+    let mut fp1 = decap_on(mode, &t.h1, &pin1, &t.j1, BLOCK2, UL1, VTEP1)?;
+    let mut fp2 = decap_on(mode, &t.h2, &pin2, &t.j2, BLOCK1, UL2, VTEP2)?;
+    ensure!(
+        programs_on(mode, &t.h2, "ul0")?.len() == 1,
+        "no program on the underlay device"
+    );
+    ensure!(
+        fp2.underlay()?.map(|u| u.local_ip) == Some(UL2),
+        "underlay settings readback"
+    );
+
+    // Pings: requests decapsulated on host 2, replies on host 1, none through the VXLAN device.
+    let (b1, b2) = (counters(&fp1)?, counters(&fp2)?);
+    ensure!(ping_count(&t.j1.ns, t.j2.ip, 10) == 10, "decap: ping lost");
+    let (a1, a2) = (counters(&fp1)?, counters(&fp2)?);
+    for (name, b, a) in [("h1", b1, a1), ("h2", b2, a2)] {
+        ensure!(
+            a.decapsulated >= b.decapsulated + 10
+                && a.redirected_remote >= b.redirected_remote + 10,
+            "{name}: not decapsulated on the underlay: {b:?} -> {a:?}"
+        );
+    }
+    // One routing hop on the receiving host, as on the kernel path (checksum updated).
+    let fast_ttl = ping_ttl(&t.j1.ns, t.j2.ip).context("no reply with decap")?;
+    ensure!(
+        fast_ttl == kernel_ttl,
+        "reply TTL {fast_ttl} with decap, {kernel_ttl} on the kernel path"
+    );
+
+    // Bulk TCP both ways, content checked: TSO bursts are GSO packets, which go the kernel way;
+    // the rest (ACKs, single segments) is decapsulated. Either way the bytes arrive intact.
+    tcp_roundtrip(&t.j1.ns, &t.j2.ns, t.j2.ip, 7201, 8 << 20).context("TCP j1 -> j2")?;
+    tcp_roundtrip(&t.j2.ns, &t.j1.ns, t.j1.ip, 7202, 8 << 20).context("TCP j2 -> j1")?;
+    let (c1, c2) = (counters(&fp1)?, counters(&fp2)?);
+    println!("after TCP: h1 {c1:?}, h2 {c2:?}");
+    ensure!(
+        c1.decapsulated > a1.decapsulated + 10 && c2.decapsulated > a2.decapsulated + 10,
+        "TCP not decapsulated: h1 {a1:?} -> {c1:?}, h2 {a2:?} -> {c2:?}"
+    );
+    ensure!(
+        ping_df(&t.j1.ns, t.j2.ip, MTU - 28),
+        "full-size DF ping lost"
+    );
+    ensure!(
+        !ping_df(&t.j1.ns, t.j2.ip, MTU - 27),
+        "oversized DF ping passed"
+    );
+
+    // Hand-made VXLAN datagrams from host 1's underlay address to host 2.
+    let vxlan = SocketAddr::from((UL2, 8472));
+    let to_job = SocketAddr::from((t.j2.ip, 7210));
+    let payload = b"decapsulated in BPF";
+    let frame = |vni| vxlan_frame(vni, parse_mac(VTEP2), t.j1.ip, t.j2.ip, 7210, payload);
+    // Ours (VNI 1, no outer checksum): decapsulated, delivered intact.
+    let before = counters(&fp2)?;
+    let got = receives(&t.j2.ns, to_job, || {
+        send_udp(&t.h1, UL1, vxlan, &frame(1), false)
+    })?;
+    ensure!(
+        got.as_deref() == Some(&payload[..]),
+        "VNI 1 datagram: got {got:?}"
+    );
+    let after = counters(&fp2)?;
+    ensure!(
+        after.decapsulated == before.decapsulated + 1,
+        "VNI 1 datagram not decapsulated: {before:?} -> {after:?}"
+    );
+    // Another VNI: not ours; the kernel has no such VXLAN device and drops it.
+    let before = after;
+    let got = receives(&t.j2.ns, to_job, || {
+        send_udp(&t.h1, UL1, vxlan, &frame(2), false)
+    })?;
+    ensure!(got.is_none(), "VNI 2 datagram delivered: {got:?}");
+    let after = counters(&fp2)?;
+    ensure!(
+        after.decapsulated == before.decapsulated && after.passed > before.passed,
+        "VNI 2 datagram: {before:?} -> {after:?}"
+    );
+    // With an outer UDP checksum: left to the kernel (which verifies it), still delivered.
+    let before = after;
+    let got = receives(&t.j2.ns, to_job, || {
+        send_udp(&t.h1, UL1, vxlan, &frame(1), true)
+    })?;
+    ensure!(
+        got.as_deref() == Some(&payload[..]),
+        "checksummed datagram: got {got:?}"
+    );
+    let after = counters(&fp2)?;
+    ensure!(
+        after.decapsulated == before.decapsulated,
+        "a checksummed datagram was decapsulated in BPF: {before:?} -> {after:?}"
+    );
+    // Other UDP on the underlay: untouched.
+    let before = after;
+    let other = SocketAddr::from((UL2, 9999));
+    let data: Vec<u8> = (0..1200u32).map(|i| (i % 251) as u8).collect();
+    let got = receives(&t.h2, other, || send_udp(&t.h1, UL1, other, &data, false))?;
+    ensure!(
+        got.as_deref() == Some(&data[..]),
+        "plain UDP on the underlay altered or lost"
+    );
+    let after = counters(&fp2)?;
+    ensure!(
+        after.decapsulated == before.decapsulated,
+        "plain UDP decapsulated: {before:?} -> {after:?}"
+    );
+    ensure!(ping(&t.h1, UL2, 3), "underlay ping");
+
+    // Settings cleared: VXLAN goes through the kernel again (the VXLAN device's program).
+    fp2.clear_underlay()?;
+    ensure!(fp2.underlay()?.is_none(), "underlay settings not cleared");
+    let before = counters(&fp2)?;
+    ensure!(
+        ping_count(&t.j1.ns, t.j2.ip, 5) == 5,
+        "without decap: ping lost"
+    );
+    let after = counters(&fp2)?;
+    ensure!(
+        after.decapsulated == before.decapsulated
+            && after.redirected_local >= before.redirected_local + 5,
+        "without decap settings: {before:?} -> {after:?}"
+    );
+
+    // What an agent with the fast path off does: its device programs go, job programs and maps
+    // stay; traffic keeps flowing.
+    let n = in_ns(&t.h1, || {
+        Ok(flynn_ebpf::detach_roles(
+            &pin1,
+            &[Role::Vxlan, Role::Underlay],
+        )?)
+    })?;
+    ensure!(n == 2, "detached {n} attachments, want 2");
+    ensure!(
+        programs_on(mode, &t.h1, "ul0")?.is_empty(),
+        "ul0 still has a program"
+    );
+    ensure!(
+        programs_on(mode, &t.h1, "flvx")?.is_empty(),
+        "flvx still has a program"
+    );
+    ensure!(
+        programs_on(mode, &t.h1, "vj1")?.len() == 1,
+        "job program detached"
+    );
+    ensure!(
+        ping_count(&t.j1.ns, t.j2.ip, 3) == 3,
+        "after detach: ping lost"
+    );
+    fp1.remove_prefix(BLOCK2, 24)?;
+    in_ns(&t.h1, || Ok(fp1.unpin()?))?;
+    in_ns(&t.h2, || Ok(fp2.unpin()?))?;
+    ensure!(ping(&t.j1.ns, t.j2.ip, 3), "traffic after uninstall");
+    Ok(())
+}
