@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use flynn_ebpf::{FastPath, Hop, Role};
+use flynn_ebpf::{FastPath, Hop, Role, Underlay};
 
 use crate::direct::{direct_routes, Segment};
 use crate::kernel::KernelNetlink;
@@ -106,9 +106,20 @@ impl<S: LeaseStore> Agent<S> {
         let lease = self.leaser.acquire(SystemTime::now()).await?;
         let mut nl = self.nl.clone();
         let devices = setup(&mut nl, &self.cfg.devices, &lease).await?;
-        self.segment = Some(self.nl.segment(self.cfg.public_ip).await?);
+        let segment = self.nl.segment(self.cfg.public_ip).await?;
+        self.segment = Some(segment);
         if let Some(fp) = &mut self.fast {
             fp.attach(devices.vxlan, Role::Vxlan)?;
+            // VXLAN packets for our jobs are decapsulated in BPF on the device holding the
+            // public IP (the VXLAN device's lower device); the settings go in before the
+            // program, which decapsulates nothing without them.
+            fp.set_underlay(Underlay {
+                local_ip: self.cfg.public_ip,
+                vni: self.cfg.devices.vni,
+                port: self.cfg.devices.port,
+                vtep_mac: lease.vtep_mac.octets(),
+            })?;
+            fp.attach(segment.ifindex, Role::Underlay)?;
         }
         self.lease = Some(lease.clone());
         self.devices = Some(devices);
@@ -174,6 +185,9 @@ impl<S: LeaseStore> Agent<S> {
                 self.stats
                     .fast_remote
                     .store(c.redirected_remote, Ordering::Relaxed);
+                self.stats
+                    .fast_decap
+                    .store(c.decapsulated, Ordering::Relaxed);
                 self.stats.fast_passed.store(c.passed, Ordering::Relaxed);
             }
         }

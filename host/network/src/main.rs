@@ -227,7 +227,23 @@ async fn run(mut cfg: Config) -> Result<()> {
     }
 
     let fast = match cfg.fast_path {
-        FastPathMode::Off => None,
+        FastPathMode::Off => {
+            // A previous agent may have left its device programs attached (they outlive it by
+            // design): take them off so the kernel path carries the overlay alone. Job veths
+            // belong to flynn-host and keep theirs.
+            match flynn_ebpf::detach_roles(
+                &cfg.pin_dir,
+                &[flynn_ebpf::Role::Vxlan, flynn_ebpf::Role::Underlay],
+            ) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(detached = n, "fast path off: device programs detached"),
+                Err(e) => tracing::warn!(
+                    error = %error_chain(&e),
+                    "fast path off: could not detach a previous agent's programs"
+                ),
+            }
+            None
+        }
         FastPathMode::Auto if !FastPath::supported() => {
             tracing::info!("eBPF fast path not supported here; kernel path only");
             None

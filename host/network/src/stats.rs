@@ -20,6 +20,7 @@ pub struct Stats {
     pub fast_path: AtomicBool,
     pub fast_local: AtomicU64,
     pub fast_remote: AtomicU64,
+    pub fast_decap: AtomicU64,
     pub fast_passed: AtomicU64,
 }
 
@@ -81,6 +82,7 @@ impl Stats {
                 &[
                     ("{outcome=\"redirected_local\"}", get(&self.fast_local)),
                     ("{outcome=\"redirected_remote\"}", get(&self.fast_remote)),
+                    ("{outcome=\"decapsulated\"}", get(&self.fast_decap)),
                     ("{outcome=\"passed\"}", get(&self.fast_passed)),
                 ],
             );
@@ -106,8 +108,12 @@ mod tests {
         assert!(!text.contains("fast_path_packets"));
         s.fast_path.store(true, Ordering::Relaxed);
         s.fast_remote.store(9, Ordering::Relaxed);
-        assert!(s
-            .prometheus()
+        s.fast_decap.store(4, Ordering::Relaxed);
+        let text = s.prometheus();
+        assert!(text
             .contains("flynn_network_fast_path_packets_total{outcome=\"redirected_remote\"} 9\n"));
+        assert!(
+            text.contains("flynn_network_fast_path_packets_total{outcome=\"decapsulated\"} 4\n")
+        );
     }
 }

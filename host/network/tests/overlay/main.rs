@@ -706,6 +706,12 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
         after.redirected_local > before.redirected_local,
         "no local redirects: {before:?} -> {after:?}"
     );
+    // Replies from host 2 were decapsulated in BPF on host 1's underlay device (eth0), which
+    // the agent attached and configured.
+    ensure!(
+        after.decapsulated >= before.decapsulated + 3,
+        "no decapsulation on the underlay: {before:?} -> {after:?}"
+    );
 
     // The agent exports the counters (refreshed on every reconcile, each second here).
     eventually(5, "fast-path counters in /metrics", || {
@@ -727,7 +733,13 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
-        Ok(remote >= after.redirected_remote)
+        let decap = text
+            .lines()
+            .find(|l| l.contains("outcome=\"decapsulated\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        Ok(remote >= after.redirected_remote && decap >= after.decapsulated)
     })?;
 
     // Host 2 leaves: host 1's agent drops the prefix, so nothing more is redirected to it.
@@ -791,10 +803,32 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
         probe("stale entry")? > 0,
         "the stale prefix was not in effect"
     );
-    let _a1 = c.agent(h1, &["--fast-path", "on", "--pin-dir", &p1])?;
+    let mut a1 = c.agent(h1, &["--fast-path", "on", "--pin-dir", &p1])?;
     ensure!(
         probe("after restart")? == 0,
         "the restarted agent left the stale prefix"
+    );
+
+    // The agent's device programs: the VXLAN device and the underlay. `--fast-path off` takes
+    // them off (the jobs' stay: they belong to the host daemon).
+    let roles = |pin: &Path| -> Result<Vec<flynn_ebpf::Role>> {
+        let pin = pin.to_path_buf();
+        in_netns(&ns1, async move || {
+            let fp = flynn_ebpf::FastPath::load(&pin)?;
+            Ok(fp.attached()?.into_iter().map(|(_, r)| r).collect())
+        })
+    };
+    let on = roles(&pin1)?;
+    ensure!(
+        on.contains(&flynn_ebpf::Role::Underlay) && on.contains(&flynn_ebpf::Role::Vxlan),
+        "agent attachments: {on:?}"
+    );
+    a1.sigkill();
+    let _a1 = c.agent(h1, &["--fast-path", "off", "--pin-dir", &p1])?;
+    let off = roles(&pin1)?;
+    ensure!(
+        off.iter().all(|r| *r == flynn_ebpf::Role::JobVeth) && off.len() == 2,
+        "after --fast-path off: {off:?}"
     );
     Ok(())
 }
