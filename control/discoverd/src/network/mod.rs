@@ -38,6 +38,16 @@ pub fn node_id(addr: &str) -> u64 {
     }
 }
 
+/// The least time an AppendEntries RPC is given. openraft offers the heartbeat interval
+/// (33 ms by default) as the RPC's TTL, but a follower answers only after its fsync, and
+/// on a busy machine one fsync or one scheduling delay can take longer than that: the
+/// request then timed out although the follower went on to store the entries, the
+/// leader sent them again, and a write waiting for that follower's ack waited for the
+/// retry (both followers of a 3-node cluster timing out together stalled the write).
+/// A follower that is really gone is found by its refused connection, its partition or
+/// the missing heartbeat answers, not by this timeout.
+const APPEND_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The body of a full-snapshot RPC.
 #[derive(Serialize, Deserialize)]
 pub struct SnapshotRequest {
@@ -135,7 +145,8 @@ impl RaftNetworkV2<C> for Conn {
         rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
-        self.call("append", &rpc, option.hard_ttl()).await
+        let timeout = option.hard_ttl().max(APPEND_TIMEOUT);
+        self.call("append", &rpc, timeout).await
     }
 
     async fn vote(

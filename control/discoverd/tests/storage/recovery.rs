@@ -1,4 +1,5 @@
-//! Reopening the log: entries, vote and purge point survive; a torn tail is cut off.
+//! Reopening the log: entries, vote, purge and commit points survive; a torn tail is cut
+//! off.
 
 use std::io::Write;
 
@@ -104,4 +105,32 @@ async fn corrupt_middle_record_is_an_error() {
     // Only segment, so it is the tail: everything from the bad record on is cut.
     let mut log = LogStore::open(dir.path()).unwrap();
     assert!(indexes(&mut log).await.is_empty());
+}
+
+#[tokio::test]
+async fn commit_point_survives_reopen_and_a_torn_record_reads_as_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = LogStore::open(dir.path()).unwrap();
+        log.save_committed(Some(log_id(3, 12345))).await.unwrap();
+        // A shorter record overwrites a longer one in place.
+        log.save_committed(Some(log_id(1, 7))).await.unwrap();
+    }
+    {
+        let mut log = LogStore::open(dir.path()).unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 7)));
+        log.save_committed(None).await.unwrap();
+    }
+    {
+        let mut log = LogStore::open(dir.path()).unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), None);
+        log.save_committed(Some(log_id(2, 9))).await.unwrap();
+    }
+    // A torn write: the payload no longer matches its checksum.
+    let path = dir.path().join("committed");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), None);
 }
