@@ -134,3 +134,58 @@ async fn commit_point_survives_reopen_and_a_torn_record_reads_as_unknown() {
     let mut log = LogStore::open(dir.path()).unwrap();
     assert_eq!(log.read_committed().await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn preallocated_segment_tail_is_not_a_record() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = LogStore::open(dir.path()).unwrap();
+        append(&mut log, (1..=3).map(|i| entry(1, i)).collect()).await;
+    }
+    let seg = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.path().extension().is_some_and(|x| x == "seg"))
+        .unwrap()
+        .path();
+    let bytes = std::fs::read(&seg).unwrap();
+    assert!(bytes.len() >= 1 << 20, "segment zero-filled ahead");
+    assert_eq!(*bytes.last().unwrap(), 0);
+    {
+        // Appends after a reopen go right after the last record, not after the zeros.
+        let mut log = LogStore::open(dir.path()).unwrap();
+        assert_eq!(indexes(&mut log).await, vec![1, 2, 3]);
+        append(&mut log, (4..=5).map(|i| entry(1, i)).collect()).await;
+    }
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&mut log).await, vec![1, 2, 3, 4, 5]);
+    assert_eq!(std::fs::read(&seg).unwrap().len(), bytes.len());
+}
+
+#[tokio::test]
+async fn closed_segment_keeps_no_preallocated_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = LogStore::open(dir.path()).unwrap();
+        append(&mut log, (1..=3).map(|i| entry(1, i)).collect()).await;
+        // An index that does not follow the last one (as after a snapshot) starts a
+        // new segment and closes the first.
+        append(&mut log, (7..=8).map(|i| entry(1, i)).collect()).await;
+    }
+    let mut segs: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segs.sort();
+    assert_eq!(segs.len(), 2);
+    let first = std::fs::read(&segs[0]).unwrap();
+    assert!(
+        first.len() < 4096 && *first.last().unwrap() != 0,
+        "no zero tail"
+    );
+    assert!(std::fs::read(&segs[1]).unwrap().len() >= 1 << 20);
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&mut log).await, vec![1, 2, 3, 7, 8]);
+}
