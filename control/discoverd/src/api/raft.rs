@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::{leader_only, no_leader, ApiErr};
 use crate::fault::FROM_HEADER;
-use crate::network::{node_id, SnapshotRequest};
+use crate::network::{node_id, stream, SnapshotRequest};
 use crate::node::Node;
 use crate::store::TypeConfig;
 
@@ -27,6 +27,7 @@ type C = TypeConfig;
 pub fn routes(node: &Node) -> Router<Arc<Node>> {
     let r = Router::new()
         .route("/raft/rpc/append", post(append))
+        .route(stream::PATH, post(open_stream))
         .route("/raft/rpc/vote", post(vote))
         .route("/raft/rpc/snapshot", post(snapshot))
         .route("/raft/leader", get(leader))
@@ -84,6 +85,44 @@ async fn append(
         Ok(r) => Json(r).into_response(),
         Err(e) => internal(e),
     }
+}
+
+/// `POST /raft/rpc/stream` with `Upgrade: flynn-raft-append`: a leader's pipelined
+/// AppendEntries stream (`network::stream`).
+async fn open_stream(State(node): State<Arc<Node>>, mut req: axum::extract::Request) -> Response {
+    let headers = req.headers();
+    if dropped(&node, headers) {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    let wants = headers
+        .get(axum::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(stream::PROTOCOL));
+    if !wants {
+        return ApiErr(ApiError::validation(
+            None,
+            "raft stream: Upgrade: flynn-raft-append required",
+        ))
+        .into_response();
+    }
+    let from = headers
+        .get(FROM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(up) => stream::serve(node, from, hyper_util::rt::TokioIo::new(up)).await,
+            Err(e) => tracing::debug!(error = %e, "raft stream upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(axum::http::header::CONNECTION, "upgrade")
+        .header(axum::http::header::UPGRADE, stream::PROTOCOL)
+        .body(axum::body::Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 async fn vote(

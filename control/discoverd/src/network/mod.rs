@@ -1,18 +1,24 @@
 //! Raft RPC over HTTP on the API port: JSON bodies POSTed to `/raft/rpc/{append,vote,
-//! snapshot}` (the server side is in `api::raft`).
+//! snapshot}` (the server side is in `api::raft`); replication sessions pipeline their
+//! AppendEntries over one upgraded connection each (`stream`).
+
+pub mod stream;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::Stream;
 use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::RPCOption;
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
+    VoteResponse,
 };
-use openraft::{BasicNode, RaftNetworkFactory, RaftNetworkV2};
+use openraft::{BasicNode, OptionalSend, RaftNetworkFactory, RaftNetworkV2};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -147,6 +153,25 @@ impl RaftNetworkV2<C> for Conn {
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
         let timeout = option.hard_ttl().max(APPEND_TIMEOUT);
         self.call("append", &rpc, timeout).await
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<C>, RPCError<C>>>, RPCError<C>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<C>> + OptionalSend + Unpin + 'static,
+    {
+        stream::open(
+            self.http.clone(),
+            self.addr.clone(),
+            self.host.clone(),
+            self.faults.clone(),
+            input,
+            option,
+            APPEND_TIMEOUT,
+        )
     }
 
     async fn vote(
