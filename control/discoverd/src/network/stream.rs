@@ -98,6 +98,10 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// What `RaftNetworkV2::stream_append` returns: the stream of results, once open.
+pub type Opened<'s> =
+    BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<C>, RPCError<C>>>, RPCError<C>>>;
+
 /// The leader's side: opens the stream to `addr` and returns the results in order.
 /// `timeout` bounds the upgrade and each wait for a result that is owed.
 pub fn open<'s, S>(
@@ -108,7 +112,7 @@ pub fn open<'s, S>(
     input: S,
     option: RPCOption,
     timeout: Duration,
-) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<C>, RPCError<C>>>, RPCError<C>>>
+) -> Opened<'s>
 where
     S: Stream<Item = AppendEntriesRequest<C>> + Send + Unpin + 'static,
 {

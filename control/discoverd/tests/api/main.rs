@@ -544,3 +544,70 @@ async fn state_survives_restart() {
         .json();
     assert_eq!(list[0]["id"], a.as_str());
 }
+
+/// `POST /raft/rpc/stream`: only as an upgrade; then length-prefixed JSON frames, a
+/// result per request; a bad frame ends the stream without hurting the node.
+#[tokio::test]
+async fn raft_stream_needs_the_upgrade_and_answers_in_frames() {
+    use flynn_discoverd::store::TypeConfig;
+    use openraft::raft::{AppendEntriesRequest, StreamAppendError, StreamAppendResult};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (_dir, d, c) = node().await;
+    let r = call(&c, "POST", &d.url("/raft/rpc/stream"), None).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["code"], "validation_error");
+
+    let open = || async {
+        let resp = c
+            .post(d.url("/raft/rpc/stream"))
+            .header("connection", "upgrade")
+            .header("upgrade", "flynn-raft-append")
+            .header("discoverd-from", "127.0.0.9:1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 101);
+        resp.upgrade().await.unwrap()
+    };
+
+    // A request from a stale leader (term 0) is answered with the node's higher vote.
+    let mut io = open().await;
+    let req = AppendEntriesRequest::<TypeConfig> {
+        vote: openraft::alias::VoteOf::<TypeConfig>::new(0, 9),
+        prev_log_id: None,
+        leader_commit: None,
+        entries: vec![],
+    };
+    let body = serde_json::to_vec(&req).unwrap();
+    io.write_all(&(body.len() as u32).to_le_bytes())
+        .await
+        .unwrap();
+    io.write_all(&body).await.unwrap();
+    io.flush().await.unwrap();
+    let mut len = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut len))
+        .await
+        .expect("a result frame")
+        .unwrap();
+    let mut buf = vec![0; u32::from_le_bytes(len) as usize];
+    io.read_exact(&mut buf).await.unwrap();
+    let res: StreamAppendResult<TypeConfig> = serde_json::from_slice(&buf).unwrap();
+    assert!(
+        matches!(res, Err(StreamAppendError::HigherVote(_))),
+        "{res:?}"
+    );
+
+    // Garbage closes the stream; the node carries on.
+    let mut io = open().await;
+    io.write_all(&5u32.to_le_bytes()).await.unwrap();
+    io.write_all(b"{]xx!").await.unwrap();
+    io.flush().await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut rest))
+        .await
+        .expect("stream closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert_eq!(call(&c, "GET", &d.url("/ping"), None).await.status, 200);
+}
