@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use flynn_container::{BindMount, ContainerSpec, ImageStore, Resources, Shim, ShimConn, ShimEvent};
+use flynn_container::{
+    BindMount, ContainerSpec, ImageStore, Resources, Shim, ShimConn, ShimEvent, SpareShim,
+};
 use tokio::sync::mpsc;
 
 use crate::logship::Stream;
@@ -20,6 +22,21 @@ pub struct ContainerRuntime {
     images: ImageStore,
     exe: PathBuf,
     cgroup_parent: String,
+    /// A shim started ahead of the next job, so that job's start skips the exec and the
+    /// shim's own start-up; replaced in the background after each use.
+    spare: Arc<Spare>,
+}
+
+#[derive(Default)]
+struct Spare {
+    shim: std::sync::Mutex<Option<SpareShim>>,
+    refilling: std::sync::atomic::AtomicBool,
+}
+
+impl Spare {
+    fn take(&self) -> Option<SpareShim> {
+        self.shim.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 impl ContainerRuntime {
@@ -41,7 +58,31 @@ impl ContainerRuntime {
             images,
             exe,
             cgroup_parent: cgroup_parent.to_string(),
+            spare: Arc::default(),
         })
+    }
+
+    /// Starts a spare shim in the background unless there is one (or one is on its way).
+    /// Needs a tokio runtime.
+    fn refill(&self) {
+        use std::sync::atomic::Ordering;
+        if self.spare.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let spare = self.spare.clone();
+        let (exe, dir) = (self.exe.clone(), self.state_dir.clone());
+        tokio::runtime::Handle::current().spawn(async move {
+            let has = spare.shim.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+            if !has {
+                match Shim::spawn_spare(&exe, &[SHIM_COMMAND.to_string()], &dir).await {
+                    Ok(s) => *spare.shim.lock().unwrap_or_else(|e| e.into_inner()) = Some(s),
+                    Err(e) => {
+                        tracing::warn!(error = %chain(&e), "starting a spare shim failed; jobs start without one")
+                    }
+                }
+            }
+            spare.refilling.store(false, Ordering::Release);
+        });
     }
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -103,14 +144,21 @@ impl Runtime for ContainerRuntime {
             },
             cgroup_parent: self.cgroup_parent.clone(),
         };
-        let conn = Self::block_on(Shim::spawn(
+        let spare = self.spare.take();
+        let conn = Self::block_on(Shim::spawn_using(
+            spare,
             &self.exe,
             &[SHIM_COMMAND.to_string()],
             &self.state_dir,
             &spec,
-        ))
-        .map_err(|e| RuntimeError::Start(chain(&e)))?;
+        ));
+        self.refill();
+        let conn = conn.map_err(|e| RuntimeError::Start(chain(&e)))?;
         Ok(follow(conn))
+    }
+
+    fn warm(&self) {
+        self.refill();
     }
 
     fn adopt(&self) -> Vec<(String, Handle)> {

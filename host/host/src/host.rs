@@ -122,6 +122,11 @@ impl Host {
         self.events.subscribe()
     }
 
+    /// Lets the runtime prepare for the next job start.
+    pub fn warm(&self) {
+        self.runtime.warm();
+    }
+
     pub fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
@@ -306,6 +311,7 @@ impl Host {
         let Some(job) = self.get(&id).map(|j| j.job) else {
             return;
         };
+        let t0 = std::time::Instant::now();
         let ports = match job::bind_ports(&job) {
             Ok(p) => p,
             Err(reason) => return self.fail(&id, reason),
@@ -328,6 +334,7 @@ impl Host {
         if self.get(&id).is_some_and(|j| j.force_stop) {
             return self.fail(&id, "stopped before it started".into());
         }
+        let t_image = t0.elapsed();
         let own_net = self.runtime.isolates_network() && !job.config.host_network;
         let (ip, netns) = match (&self.network, own_net) {
             (Some(net), true) => match net.setup(&id).await {
@@ -336,6 +343,7 @@ impl Host {
             },
             _ => (None, None),
         };
+        let t_net = t0.elapsed();
         let env_ip = ip.unwrap_or(self.external_ip);
         let env = job::job_env(&job, &ports, Some(env_ip), self.discoverd_url.as_deref());
         let r = &job.resources;
@@ -398,6 +406,7 @@ impl Host {
                 return self.fail(&id, format!("start: {e}"));
             }
         };
+        tracing::debug!(job = %id, image = ?t_image, network = ?(t_net - t_image), shim = ?(t0.elapsed() - t_net), "job start phases");
         let stop_timeout = Duration::from_secs(
             job.config
                 .stop_timeout

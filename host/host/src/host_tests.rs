@@ -90,7 +90,7 @@ fn host(rt: Arc<Fake>, dir: &Path, max_starting: usize) -> Arc<Host> {
     Host::new(Options {
         id: "h".into(),
         runtime: rt,
-        store: Store::open(dir).unwrap(),
+        store: Store::open(dir, crate::syncer::Syncer::start()).unwrap(),
         logs: Shipper::start("h", Vec::new(), 10),
         discoverd: None,
         network: None,
@@ -211,7 +211,9 @@ async fn stop_while_starting_then_lifecycle() {
     assert_eq!(h.log_stats().dropped, 3);
 
     // Everything was persisted.
-    let stored = Store::open(d.path()).unwrap().load();
+    let stored = Store::open(d.path(), crate::syncer::Syncer::start())
+        .unwrap()
+        .load();
     assert_eq!(stored.len(), 3);
     assert!(stored.iter().all(|j| j.status.is_terminal()));
 }

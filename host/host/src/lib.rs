@@ -17,6 +17,7 @@ pub mod logship;
 pub mod net;
 pub mod runtime;
 pub mod store;
+pub mod syncer;
 
 #[cfg(test)]
 mod host_tests;
@@ -53,7 +54,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     let id = host_id(&cfg)?;
     let tags = cfg.tag_map().map_err(anyhow::Error::msg)?;
-    let store = store::Store::open(&cfg.state_dir)?;
+    let sync = syncer::Syncer::start();
+    let store = store::Store::open(&cfg.state_dir, sync.clone())?;
     let rt: Arc<dyn runtime::Runtime> = match cfg.runtime {
         config::RuntimeKind::Process => Arc::new(runtime::ProcessRuntime),
         config::RuntimeKind::Container => {
@@ -73,7 +75,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .block
             .parse()
             .map_err(|e| anyhow::anyhow!("--block {:?}: {e}", cfg.block))?;
-        Some(net::Network::open(&cfg.state_dir, &cfg.bridge_name, block, cfg.mtu).await?)
+        Some(
+            net::Network::open(
+                &cfg.state_dir,
+                &cfg.bridge_name,
+                block,
+                cfg.mtu,
+                Some(sync.clone()),
+            )
+            .await?,
+        )
     } else {
         None
     };
@@ -100,6 +111,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
     host.set_url(format!("http://{addr}"));
     host.restore().await;
+    host.warm();
     let h = host.clone();
     tokio::spawn(async move { h.register_host().await });
     let app = api::router(host.clone());
@@ -120,6 +132,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         } => {}
     }
+    // Whatever the last changes were, on disk before the daemon goes.
+    tokio::task::spawn_blocking(move || sync.flush()).await.ok();
     Ok(())
 }
 

@@ -12,19 +12,25 @@ use flynn_api::host::NetworkInfo;
 use flynn_network::job::{self, IpAllocator, JobNetConfig};
 use flynn_network::{KernelNetlink, Subnet};
 
+use crate::syncer::Syncer;
+
 pub struct Network {
     nl: KernelNetlink,
     cfg: JobNetConfig,
     alloc: Mutex<IpAllocator>,
+    /// Group commit of the allocation file; `None` = fsynced on every change.
+    sync: Option<Syncer>,
 }
 
 impl Network {
-    /// Creates (or adopts) the bridge and opens the allocator. Needs a tokio runtime.
+    /// Creates (or adopts) the bridge and opens the allocator. Needs a tokio runtime. With
+    /// `sync`, allocation changes are fsynced in its group commits instead of inline.
     pub async fn open(
         state_dir: &Path,
         bridge: &str,
         block: Subnet,
         mtu: u32,
+        sync: Option<Syncer>,
     ) -> anyhow::Result<Network> {
         use anyhow::Context;
         let nl = KernelNetlink::connect().context("opening rtnetlink")?;
@@ -33,8 +39,11 @@ impl Network {
             .with_context(|| format!("setting up bridge {bridge} for {block}"))?;
         let path = state_dir.join("job-ips.json");
         let gateway = block.first_host();
-        let alloc = IpAllocator::open(&path, block, &[])
+        let mut alloc = IpAllocator::open(&path, block, &[])
             .with_context(|| format!("opening {}", path.display()))?;
+        if sync.is_some() {
+            alloc = alloc.deferred_sync();
+        }
         Ok(Network {
             nl,
             cfg: JobNetConfig {
@@ -44,7 +53,15 @@ impl Network {
                 mtu,
             },
             alloc: Mutex::new(alloc),
+            sync,
         })
+    }
+
+    fn synced<T>(&self, a: &IpAllocator, r: T) -> T {
+        if let Some(s) = &self.sync {
+            s.file(a.path());
+        }
+        r
     }
 
     fn alloc(&self) -> std::sync::MutexGuard<'_, IpAllocator> {
@@ -54,11 +71,17 @@ impl Network {
     /// Allocates the job's address and creates its namespace and veth; returns the
     /// address and the namespace path. Nothing is left behind on failure.
     pub async fn setup(&self, id: &str) -> Result<(IpAddr, PathBuf), String> {
-        let ip = self.alloc().allocate(id).map_err(chain)?;
+        let ip = {
+            let mut a = self.alloc();
+            let r = a.allocate(id).map_err(chain);
+            self.synced(&a, r)?
+        };
         match job::create_job_net(&self.nl, id, ip, &self.cfg).await {
             Ok(n) => Ok((IpAddr::V4(n.ip), n.netns_path)),
             Err(e) => {
-                let _ = self.alloc().release(id);
+                let mut a = self.alloc();
+                let r = a.release(id);
+                let _ = self.synced(&a, r);
                 Err(chain(e))
             }
         }
@@ -67,7 +90,11 @@ impl Network {
     /// Removes the job's veth and namespace and frees its address.
     pub async fn teardown(&self, id: &str) -> Result<(), String> {
         let res = job::destroy_job_net(&self.nl, id).await.map_err(chain);
-        self.alloc().release(id).map_err(chain)?;
+        {
+            let mut a = self.alloc();
+            let r = a.release(id).map_err(chain);
+            self.synced(&a, r)?;
+        }
         res
     }
 

@@ -105,6 +105,8 @@ pub trait Runtime: Send + Sync + 'static {
     fn spawn(&self, launch: Launch) -> Result<Handle, RuntimeError>;
     /// Jobs still running from a previous daemon, re-attached.
     fn adopt(&self) -> Vec<(String, Handle)>;
+    /// Prepares what makes the next start faster (a spare shim). Needs a tokio runtime.
+    fn warm(&self) {}
     /// Removes what is left of a finished job (state, rootfs, cgroup).
     fn cleanup(&self, id: &str);
 }

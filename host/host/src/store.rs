@@ -1,9 +1,12 @@
 //! The daemon's persistent state: one JSON file per job under `<state-dir>/jobs/`,
-//! written atomically (temp file + rename), so a restarted daemon knows its jobs.
+//! written atomically (temp file + rename) before the change is announced, so a restarted
+//! daemon knows its jobs; fsynced in group commits by the [`Syncer`] off the job's path.
 
 use std::path::{Path, PathBuf};
 
 use flynn_api::host::ActiveJob;
+
+use crate::syncer::Syncer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -15,19 +18,20 @@ pub enum StoreError {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     dir: PathBuf,
+    sync: Syncer,
 }
 
 impl Store {
-    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+    pub fn open(state_dir: &Path, sync: Syncer) -> Result<Store, StoreError> {
         let dir = state_dir.join("jobs");
         std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
             path: dir.clone(),
             source,
         })?;
-        Ok(Store { dir })
+        Ok(Store { dir, sync })
     }
 
     fn path(&self, id: &str) -> PathBuf {
@@ -42,21 +46,30 @@ impl Store {
             path: path.clone(),
             source,
         };
-        // Written, synced, renamed, and the directory synced: after a crash the file is the
-        // old state or the new one, never empty or torn.
+        // Written and renamed into place now (a crash of the daemon finds the old state or
+        // the new one, never a torn file); the file and the directory are fsynced by the
+        // syncer's next pass.
         let write = || -> std::io::Result<()> {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&data)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&self.dir)?.sync_all()
+            drop(f);
+            std::fs::rename(&tmp, &path)
         };
-        write().map_err(io)
+        write().map_err(io)?;
+        self.sync.file(&path);
+        Ok(())
     }
 
     pub fn remove(&self, id: &str) {
-        let _ = std::fs::remove_file(self.path(id));
+        if std::fs::remove_file(self.path(id)).is_ok() {
+            self.sync.dir(&self.dir);
+        }
+    }
+
+    /// Waits until every save and removal so far is on disk.
+    pub fn flush(&self) {
+        self.sync.flush();
     }
 
     /// Every stored job; unreadable files are logged and skipped (never deleted).
@@ -103,11 +116,21 @@ mod tests {
     #[test]
     fn round_trip_and_bad_files() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = Store::open(d.path(), Syncer::start()).unwrap();
         let mut j = ActiveJob::default();
         j.job.id = "h-1".into();
         j.status = flynn_api::host::JobStatus::Running;
         s.save(&j).unwrap();
+        // In place as soon as `save` returns (what a restarted daemon reads), before any
+        // fsync pass.
+        assert_eq!(
+            serde_json::from_slice::<ActiveJob>(
+                &std::fs::read(d.path().join("jobs/h-1.json")).unwrap()
+            )
+            .unwrap(),
+            j
+        );
+        s.flush();
         std::fs::write(d.path().join("jobs/bad.json"), b"{nope").unwrap();
         let loaded = s.load();
         assert_eq!(loaded, vec![j.clone()]);

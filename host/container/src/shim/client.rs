@@ -11,7 +11,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 
 use super::cgroups;
-use super::layout::{Layout, SHIM_ARG};
+use super::layout::{Layout, SHIM_ARG, SPARE_ARG};
 use crate::spec::{valid_id, ContainerSpec};
 use crate::wire::{self, Frame, ShimEvent};
 use crate::ContainerError;
@@ -33,6 +33,21 @@ pub struct ShimConn {
     acked: u64,
     hello: bool,
     finished: bool,
+}
+
+/// A shim started ahead of any job ([`Shim::spawn_spare`]), waiting for one
+/// ([`Shim::spawn_using`]). Dropping it retires the spare: it sees end-of-file and exits.
+pub struct SpareShim {
+    sock: UnixStream,
+    pid: i32,
+    state_dir: std::path::PathBuf,
+}
+
+impl SpareShim {
+    /// The spare's process id.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
 }
 
 /// Longest unix socket path (`sun_path` minus the NUL).
@@ -57,14 +72,21 @@ fn read_pid(path: &Path) -> Option<i32> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-/// Is `pid` alive and the shim of `id`?
-fn shim_alive(pid: i32, id: &str) -> bool {
+/// Is `pid` alive and the shim of `id`? A shim started for the job names it on its command
+/// line; a spare that was given the job has the job's `shim.log` as its stderr.
+fn shim_alive(pid: i32, id: &str, layout: &Layout) -> bool {
     let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-    args.windows(3)
+    if args
+        .windows(3)
         .any(|w| w[0] == SHIM_ARG.as_bytes() && w[2] == id.as_bytes())
+    {
+        return true;
+    }
+    args.contains(&SPARE_ARG.as_bytes())
+        && fs::read_link(format!("/proc/{pid}/fd/2")).is_ok_and(|p| p == layout.log())
 }
 
 impl Shim {
@@ -72,6 +94,72 @@ impl Shim {
     /// and connects to it. The shim detaches (own session, reparented away from the caller) and
     /// outlives the caller.
     pub async fn spawn(
+        program: &Path,
+        leading_args: &[String],
+        state_dir: &Path,
+        spec: &ContainerSpec,
+    ) -> Result<ShimConn, ContainerError> {
+        Self::spawn_using(None, program, leading_args, state_dir, spec).await
+    }
+
+    /// Starts a spare shim for jobs under `state_dir`: `<program> <leading_args...>
+    /// --flynn-shim-spare <state_dir>`, detached like a job's shim, waiting for
+    /// [`Shim::spawn_using`] to give it a job. Returns once it is waiting.
+    pub async fn spawn_spare(
+        program: &Path,
+        leading_args: &[String],
+        state_dir: &Path,
+    ) -> Result<SpareShim, ContainerError> {
+        fs::create_dir_all(state_dir).map_err(|e| ContainerError::io("creating", state_dir, e))?;
+        let state_dir = fs::canonicalize(state_dir)
+            .map_err(|e| ContainerError::io("resolving", state_dir, e))?;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| ContainerError::io("creating a socket pair for", program, e))?;
+        let log_path = state_dir.join("spare.log");
+        let log = fs::File::create(&log_path)
+            .map_err(|e| ContainerError::io("creating", &log_path, e))?;
+        // The first process forks the spare and exits at once.
+        let status = tokio::process::Command::new(program)
+            .args(leading_args)
+            .arg(SPARE_ARG)
+            .arg(&state_dir)
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .status()
+            .await
+            .map_err(|e| ContainerError::io("running", program, e))?;
+        let spare_failed = |what: String| {
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            ContainerError::ShimStart {
+                id: "(spare)".into(),
+                log: format!("{what} {}", log.trim()),
+            }
+        };
+        if !status.success() {
+            return Err(spare_failed(format!("exited with {status}")));
+        }
+        ours.set_nonblocking(true)
+            .map_err(|e| ContainerError::io("configuring the socket of", program, e))?;
+        let mut sock = UnixStream::from_std(ours)
+            .map_err(|e| ContainerError::io("registering the socket of", program, e))?;
+        let mut pid = [0u8; 4];
+        match tokio::time::timeout(Duration::from_secs(10), sock.read_exact(&mut pid)).await {
+            Ok(Ok(_)) => {}
+            _ => return Err(spare_failed("sent no pid:".into())),
+        }
+        Ok(SpareShim {
+            sock,
+            pid: i32::from_le_bytes(pid),
+            state_dir,
+        })
+    }
+
+    /// [`Shim::spawn`], handing the job to `spare` (from [`Shim::spawn_spare`] with the same
+    /// `state_dir`) instead of starting a new shim process when there is one. A spare that
+    /// died before it took the job is replaced by a new shim, so the job does not fail for it.
+    pub async fn spawn_using(
+        spare: Option<SpareShim>,
         program: &Path,
         leading_args: &[String],
         state_dir: &Path,
@@ -97,12 +185,58 @@ impl Shim {
             }
             Err(e) => return Err(ContainerError::io("creating", &layout.dir, e)),
         }
-        let result = Self::start_shim(program, leading_args, &state_dir, &layout, spec).await;
+        let spare = spare.filter(|s| s.state_dir == state_dir);
+        let result = match spare {
+            Some(spare) => match Self::start_spare(spare, &layout, spec).await {
+                Err(e) if !layout.shim_pid().exists() => {
+                    tracing::debug!(job = %spec.id, error = %e, "spare shim unusable; starting a new one");
+                    Self::start_shim(program, leading_args, &state_dir, &layout, spec).await
+                }
+                r => r,
+            },
+            None => Self::start_shim(program, leading_args, &state_dir, &layout, spec).await,
+        };
         if let Err(e) = result {
             let _ = fs::remove_dir_all(&layout.dir);
             return Err(e);
         }
         Self::connect(&state_dir, &spec.id).await
+    }
+
+    /// Writes the spec, names the job to the spare and waits for it to be ready (its control
+    /// socket bound), as [`Shim::start_shim`] does for a new process.
+    async fn start_spare(
+        mut spare: SpareShim,
+        layout: &Layout,
+        spec: &ContainerSpec,
+    ) -> Result<(), ContainerError> {
+        use tokio::io::AsyncWriteExt;
+        let json = serde_json::to_vec_pretty(spec).expect("specs serialize");
+        fs::write(layout.spec(), json)
+            .map_err(|e| ContainerError::io("writing", layout.spec(), e))?;
+        fs::File::create(layout.log())
+            .map_err(|e| ContainerError::io("creating", layout.log(), e))?;
+        let mut msg = spec.id.clone().into_bytes();
+        msg.push(b'\n');
+        spare.sock.write_all(&msg).await.map_err(|e| {
+            ContainerError::io("handing the job to the spare shim", layout.log(), e)
+        })?;
+        let mut b = [0u8; 1];
+        match spare.sock.read(&mut b).await {
+            Ok(1) if b[0] == b'1' => Ok(()),
+            _ => {
+                let log = fs::read_to_string(layout.log()).unwrap_or_default();
+                let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+                Err(ContainerError::ShimStart {
+                    id: spec.id.clone(),
+                    log: if tail.is_empty() {
+                        "the spare shim went away".into()
+                    } else {
+                        tail
+                    },
+                })
+            }
+        }
     }
 
     async fn start_shim(
@@ -200,19 +334,19 @@ impl Shim {
         let spec: Option<ContainerSpec> = fs::read(layout.spec())
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let shim = read_pid(&layout.shim_pid()).filter(|&pid| shim_alive(pid, id));
+        let shim = read_pid(&layout.shim_pid()).filter(|&pid| shim_alive(pid, id, &layout));
         if let Some(pid) = shim {
             // Kill the job and let its shim reap it and tear the container down (it owns the
             // mounts and libcontainer state), then stop the shim, which waits for an ack.
             if let Some(spec) = &spec {
                 cgroups::kill(spec);
                 wait_until(Duration::from_secs(5), || {
-                    layout.status().exists() || !shim_alive(pid, id)
+                    layout.status().exists() || !shim_alive(pid, id, &layout)
                 });
             }
             // SAFETY: kill takes no pointers; the pid was checked to be this job's shim.
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            wait_until(Duration::from_secs(2), || !shim_alive(pid, id));
+            wait_until(Duration::from_secs(2), || !shim_alive(pid, id, &layout));
         }
         if let Some(spec) = &spec {
             if !cgroups::remove(spec, false) {

@@ -118,7 +118,9 @@ fn mount_overlay(spec: &ContainerSpec, layout: &Layout) -> Result<(), String> {
 }
 
 pub(super) fn create(spec: &ContainerSpec, layout: &Layout) -> Result<Running, String> {
+    let t0 = std::time::Instant::now();
     mount_overlay(spec, layout)?;
+    let t_mount = t0.elapsed();
     let bundle = layout.bundle();
     fs::create_dir_all(&bundle).map_err(|e| format!("creating {}: {e}", bundle.display()))?;
     let mut config = spec.oci_config(&layout.rootfs());
@@ -148,6 +150,7 @@ pub(super) fn create(spec: &ContainerSpec, layout: &Layout) -> Result<Running, S
         .with_detach(true)
         .build()
         .map_err(|e| error_chain(&e))?;
+    let t_build = t0.elapsed();
     let pid = match container.pid() {
         Some(p) => p.as_raw(),
         None => {
@@ -174,6 +177,7 @@ pub(super) fn create(spec: &ContainerSpec, layout: &Layout) -> Result<Running, S
     for fd in [&out_r, &err_r] {
         set_nonblocking(fd.as_raw_fd());
     }
+    tracing::debug!(job = %spec.id, mount = ?t_mount, build = ?(t_build - t_mount), start = ?(t0.elapsed() - t_build), "container created");
     Ok(Running {
         container,
         pid,

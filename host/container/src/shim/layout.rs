@@ -56,3 +56,9 @@ impl Layout {
 
 /// The marker argument before `<state_dir> <id>` on the shim's command line.
 pub const SHIM_ARG: &str = "--flynn-shim";
+
+/// The marker argument before `<state_dir>` on a spare shim's command line: a shim started
+/// ahead of any job, waiting for the daemon to name one ([`Shim::spawn_spare`]).
+///
+/// [`Shim::spawn_spare`]: crate::Shim::spawn_spare
+pub const SPARE_ARG: &str = "--flynn-shim-spare";

@@ -7,8 +7,8 @@ mod container;
 mod layout;
 mod run;
 
-pub use client::{Shim, ShimConn};
-pub use layout::{Layout, SHIM_ARG};
+pub use client::{Shim, ShimConn, SpareShim};
+pub use layout::{Layout, SHIM_ARG, SPARE_ARG};
 pub use run::shim_main;
 
 /// Every existing cgroup directory of a job (for checks and accounting).

@@ -10,14 +10,14 @@
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::cgroups;
 use super::container::{create, errno, pipe, reap, teardown, Running};
-use super::layout::{Layout, SHIM_ARG};
+use super::layout::{Layout, SHIM_ARG, SPARE_ARG};
 use crate::outbox::{Outbox, DEFAULT_CAPACITY};
 use crate::spec::{valid_id, ContainerSpec};
 use crate::wire::{self, Frame, ShimEvent, Stream, MAX_LINE};
@@ -40,6 +40,22 @@ pub fn shim_main() -> ! {
         .with_ansi(false)
         .try_init();
     let args: Vec<OsString> = std::env::args_os().collect();
+    if let Some(i) = args.iter().position(|a| a == SPARE_ARG) {
+        let code = match args.get(i + 1) {
+            Some(dir) => match run_spare(Path::new(dir)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("flynn spare shim: {e}");
+                    1
+                }
+            },
+            None => {
+                eprintln!("usage: <program> {SPARE_ARG} <state_dir>");
+                2
+            }
+        };
+        std::process::exit(code)
+    }
     let code = match args.iter().position(|a| a == SHIM_ARG) {
         Some(i) if args.len() >= i + 3 => {
             let state_dir = PathBuf::from(&args[i + 1]);
@@ -103,6 +119,82 @@ fn run(state_dir: &Path, id: &str) -> Result<(), String> {
     // Nothing of the daemon's working directory stays busy.
     let _ = std::env::set_current_dir("/");
     serve(&layout, ready_w)
+}
+
+/// A spare shim: started before any job (so a job's start does not wait for an exec and the
+/// shim's own start-up), it daemonizes like a job's shim, sends its pid on the socket it got
+/// as stdin, and waits there for a job id. Given one, it sends its stderr to the job's
+/// `shim.log` and goes on exactly as the job's own shim would, with that socket as the
+/// readiness pipe. End-of-file first (the daemon went away or retired it): it exits.
+fn run_spare(state_dir: &Path) -> Result<(), String> {
+    if thread_count() != 1 {
+        return Err("the shim must be started single-threaded".into());
+    }
+    // The daemon's socket moves off fd 0 (close-on-exec: the container never sees it) and
+    // /dev/null takes its place.
+    // SAFETY: fcntl/open/dup2/close on descriptors this process owns; the path is a valid
+    // NUL-terminated string.
+    let sock = unsafe {
+        let sock = libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3);
+        if sock < 0 {
+            return Err(format!(
+                "the spare shim needs its socket as stdin: {}",
+                errno()
+            ));
+        }
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::close(null);
+        }
+        OwnedFd::from_raw_fd(sock)
+    };
+    // SAFETY: setsid takes no pointers; failure (already a group leader) is harmless.
+    unsafe { libc::setsid() };
+    // SAFETY: the process is single-threaded (checked above), so the child may run Rust code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", errno()));
+    }
+    if pid > 0 {
+        return Ok(());
+    }
+    let _ = std::env::set_current_dir("/");
+    let mut sock = std::os::unix::net::UnixStream::from(sock);
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    if sock.write_all(&me.to_le_bytes()).is_err() {
+        return Ok(());
+    }
+    // One line: the job id.
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match sock.read(&mut b) {
+            Ok(0) => return Ok(()),
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) if line.len() < 256 => line.push(b[0]),
+            Ok(_) => return Err("job id too long".into()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return Ok(()),
+        }
+    }
+    let id = String::from_utf8(line).map_err(|_| "job id is not UTF-8".to_string())?;
+    if !valid_id(&id) {
+        return Err(format!("bad job id {id:?}"));
+    }
+    let layout = Layout::new(state_dir, &id);
+    // From here on this is the job's shim: its stderr is the job's shim.log (which is also
+    // how the daemon tells it is alive: see `Shim::cleanup`).
+    let log = fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(layout.log())
+        .map_err(|e| format!("opening {}: {e}", layout.log().display()))?;
+    // SAFETY: dup2 onto stderr of a descriptor this process owns.
+    unsafe { libc::dup2(log.as_raw_fd(), 2) };
+    drop(log);
+    serve(&layout, OwnedFd::from(sock))
 }
 
 fn serve(layout: &Layout, ready: OwnedFd) -> Result<(), String> {

@@ -3,4 +3,5 @@
 mod jobs;
 mod limits;
 mod reconnect;
+mod spare;
 mod support;

@@ -198,6 +198,36 @@ impl Drop for CHost {
     }
 }
 
+/// Pids of spare shims (`--flynn-shim-spare <state>/...`) of the daemon with state `state`
+/// still waiting for a job (one that took a job has the job's `shim.log` as its stderr).
+fn spares(state: &std::path::Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+            s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
+        });
+        let waiting =
+            std::fs::read_link(format!("/proc/{pid}/fd/2")).is_ok_and(|p| p.ends_with("spare.log"));
+        if !zombie
+            && waiting
+            && args.windows(2).any(|w| {
+                w[0] == b"--flynn-shim-spare"
+                    && w[1].starts_with(state.as_os_str().as_encoded_bytes())
+            })
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 fn netns_exists(id: &str) -> bool {
     flynn_network::job::netns_path(id).exists()
 }
@@ -438,12 +468,44 @@ fn restarted_daemon_readopts_running_jobs() {
             "i=0; while true; do echo tick$i; i=$((i+1)); sleep 0.2; done",
         );
         job.config.env.insert("FLYNN_APP_ID".into(), app.clone());
+        // The daemon keeps one spare shim ready; the job's shim is that process.
+        let state = ch.host.dir.path().to_path_buf();
+        let mut spare = Vec::new();
+        eventually(Duration::from_secs(10), "a spare shim", || {
+            spare = spares(&state);
+            spare.len() == 1
+        })
+        .await;
+        // (The first process of a spare forks it and exits: let that pass.)
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        spare = spares(&state);
+        assert_eq!(spare.len(), 1, "{spare:?}");
         ch.host.client.add_job(&job).await.unwrap();
         let before = wait_running(&ch.host.client, &id).await;
+        let shim_pid: i32 =
+            std::fs::read_to_string(state.join("containers").join(&id).join("shim.pid"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+        assert_eq!(shim_pid, spare[0], "the job did not use the spare shim");
+        // And a new spare replaces it.
+        eventually(Duration::from_secs(10), "a new spare shim", || {
+            let now = spares(&state);
+            now.len() == 1 && now[0] != shim_pid
+        })
+        .await;
+        let old_spare = spares(&state);
 
         // Kill the daemon outright and start a new one on the same state.
         drop(ch.host.proc.take());
         tokio::time::sleep(Duration::from_millis(600)).await;
+        // Its spare went with it (end-of-file on its socket); the job's shim did not.
+        eventually(Duration::from_secs(5), "the old spare to exit", || {
+            spares(&state).iter().all(|p| !old_spare.contains(p))
+        })
+        .await;
+        assert!(std::path::Path::new(&format!("/proc/{shim_pid}")).exists());
         let host_id = ch.host.id.clone();
         let dir = std::mem::replace(&mut ch.host.dir, tempfile::tempdir().unwrap());
         let parent = ch.cgroup_parent.clone();

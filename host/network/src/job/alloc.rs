@@ -36,6 +36,10 @@ pub struct IpAllocator {
     block: Subnet,
     reserved: Vec<Ipv4Addr>,
     state: State,
+    /// Whether each change is fsynced before it is returned (the default). Without it the
+    /// file is still written and renamed before returning (a crash of the process loses
+    /// nothing), and making it durable is the caller's job (see [`IpAllocator::deferred_sync`]).
+    sync: bool,
 }
 
 impl IpAllocator {
@@ -89,6 +93,7 @@ impl IpAllocator {
             block,
             reserved: reserved.to_vec(),
             state,
+            sync: true,
         };
         alloc.persist()?;
         Ok(alloc)
@@ -151,17 +156,32 @@ impl IpAllocator {
 
     /// Writes `next` to disk, then adopts it (memory never runs ahead of the file).
     fn commit(&mut self, next: State) -> Result<(), JobNetError> {
-        write_atomic(&self.path, &next)?;
+        write_atomic(&self.path, &next, self.sync)?;
         self.state = next;
         Ok(())
     }
 
+    /// From now on changes are written and renamed into place but not fsynced: the caller
+    /// syncs [`IpAllocator::path`] and its directory itself (for example in a group commit
+    /// with other state), off the path that hands out addresses. A crash of the process still
+    /// loses nothing (the kernel has the file); only a power loss can, and it also ends every
+    /// job that held an address.
+    pub fn deferred_sync(mut self) -> Self {
+        self.sync = false;
+        self
+    }
+
+    /// The allocation file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     fn persist(&self) -> Result<(), JobNetError> {
-        write_atomic(&self.path, &self.state)
+        write_atomic(&self.path, &self.state, self.sync)
     }
 }
 
-fn write_atomic(path: &Path, state: &State) -> Result<(), JobNetError> {
+fn write_atomic(path: &Path, state: &State, sync: bool) -> Result<(), JobNetError> {
     let io = |op: &'static str, p: &Path| {
         let p = p.to_path_buf();
         move |source| JobNetError::Io {
@@ -184,13 +204,19 @@ fn write_atomic(path: &Path, state: &State) -> Result<(), JobNetError> {
     let write = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(&bytes)?;
-        f.sync_all()
+        if sync {
+            f.sync_all()?;
+        }
+        Ok(())
     };
     if let Err(e) = write() {
         let _ = fs::remove_file(&tmp);
         return Err(io("write allocation file", &tmp)(e));
     }
     fs::rename(&tmp, path).map_err(io("rename allocation file", path))?;
+    if !sync {
+        return Ok(());
+    }
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("sync directory", dir))?;
