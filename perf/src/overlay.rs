@@ -9,8 +9,10 @@
 //!
 //! Per round, for both modes in alternating order: ping RTT (per-packet median and p99), iperf3
 //! TCP and UDP throughput per pair. The fast path is switched on and off with the `fastpathctl`
-//! example of `flynn-ebpf` (run inside the host namespaces); its counters are checked so a "fast"
-//! number is never silently a kernel-path number. Medians across rounds; nothing passes or fails.
+//! example of `flynn-ebpf` (run inside the host namespaces): job veths, VXLAN device, and VXLAN
+//! decapsulation on the underlay veth `ul0`. Its counters are checked (same-host: local
+//! redirects; cross-host: remote redirects and decapsulations) so a "fast" number is never
+//! silently a kernel-path number. Medians across rounds; nothing passes or fails.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -106,6 +108,9 @@ struct FastPath<'a> {
     ctl: &'a str,
     pin: String,
     host: String,
+    /// This host's underlay address and VTEP MAC, for decapsulation on `ul0`.
+    underlay_ip: &'static str,
+    vtep: &'static str,
 }
 
 impl FastPath<'_> {
@@ -115,9 +120,12 @@ impl FastPath<'_> {
         run(&all)
     }
 
-    /// Attaches the programs and fills the maps: local jobs, the remote block.
+    /// Attaches the programs and fills the maps: local jobs, the remote block, the VXLAN
+    /// settings for decapsulation on the underlay device.
     fn on(&self, jobs: &[&Job], remote_block: &str) -> Result<()> {
         self.ctl(&["attach", "flvx", "vxlan"])?;
+        self.ctl(&["underlay", self.underlay_ip, "1", "8472", self.vtep])?;
+        self.ctl(&["attach", "ul0", "underlay"])?;
         let gw = sys_attr(&self.host, "flbr", "address")?;
         for j in jobs {
             self.ctl(&["attach", j.port, "job"])?;
@@ -137,8 +145,8 @@ impl FastPath<'_> {
         self.ctl(&["unpin"]).map(|_| ())
     }
 
-    /// (redirected local, redirected remote).
-    fn counters(&self) -> Result<(u64, u64)> {
+    /// (redirected local, redirected remote, decapsulated).
+    fn counters(&self) -> Result<(u64, u64, u64)> {
         let text = self.ctl(&["counters"])?;
         let get = |k: &str| -> Result<u64> {
             text.lines()
@@ -148,7 +156,11 @@ impl FastPath<'_> {
                 .parse()
                 .context("counter value")
         };
-        Ok((get("redirected_local ")?, get("redirected_remote ")?))
+        Ok((
+            get("redirected_local ")?,
+            get("redirected_remote ")?,
+            get("decapsulated ")?,
+        ))
     }
 }
 
@@ -237,14 +249,14 @@ fn iperf(
         let sum = &v["end"]["sum"];
         let bps = sum["bits_per_second"]
             .as_f64()
-            .context("udp bits_per_second")?;
+            .with_context(|| format!("udp bits_per_second ({src} -> {dst_ip}): {}", v["error"]))?;
         let loss = sum["lost_percent"].as_f64().unwrap_or(0.0);
         // Received rate: sent rate × (1 − loss).
         Ok((bps * (1.0 - loss / 100.0) / 1e9, loss))
     } else {
         let bps = v["end"]["sum_received"]["bits_per_second"]
             .as_f64()
-            .context("tcp bits_per_second")?;
+            .with_context(|| format!("tcp bits_per_second ({src} -> {dst_ip}): {}", v["error"]))?;
         Ok((bps / 1e9, 0.0))
     }
 }
@@ -282,11 +294,15 @@ pub fn run_harness(opts: Options) -> Result<String> {
         ctl: &ctl,
         pin: bpffs.join("h1").to_string_lossy().into_owned(),
         host: t.h1.clone(),
+        underlay_ip: "10.231.0.1",
+        vtep: VTEP1,
     };
     let fp2 = FastPath {
         ctl: &ctl,
         pin: bpffs.join("h2").to_string_lossy().into_owned(),
         host: t.h2.clone(),
+        underlay_ip: "10.231.0.2",
+        vtep: VTEP2,
     };
     let pairs = [("same-host", &t.a, &t.b), ("cross-host", &t.a, &t.c)];
     let mut samples: Vec<(&str, Mode, Samples)> = Vec::new();
@@ -318,12 +334,13 @@ pub fn run_harness(opts: Options) -> Result<String> {
                     .2;
                 measure(&opts, &tmp, &src.ns, &dst.ns, dst.ip, s)?;
                 if mode == Mode::Fast {
-                    let (l0, r0) = before.context("counters")?;
-                    let (l1, r1) = fp1.counters()?;
+                    let (l0, r0, d0) = before.context("counters")?;
+                    let (l1, r1, d1) = fp1.counters()?;
+                    // Cross-host: sent by redirect_neigh, replies decapsulated on the underlay.
                     let moved = if *name == "same-host" {
                         l1 > l0
                     } else {
-                        r1 > r0
+                        r1 > r0 && d1 > d0
                     };
                     ensure!(moved, "{name}: fast path counters did not move");
                 }
