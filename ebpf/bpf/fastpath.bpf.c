@@ -5,8 +5,12 @@
  *
  * - Destination is a job on this host (flynn_endpoints): rewrite L2 (gateway MAC -> job MAC) and
  *   hand the packet straight to the job's namespace with bpf_redirect_peer.
- * - Destination is in a remote block (flynn_prefixes, from a job only): send it to the VXLAN
- *   device with bpf_redirect_neigh, which fills L2 from the kernel's (permanent) neighbour entry.
+ * - Destination is in a remote block (flynn_prefixes, from a job only): when the block's peer is
+ *   in flynn_tunnels and flynn_underlay is set, encapsulate in BPF (outer Ethernet, IPv4, UDP,
+ *   VXLAN and inner Ethernet pushed with bpf_skb_adjust_room) and send it out of the underlay
+ *   device with bpf_redirect_neigh (a FIB lookup on the outer destination fills L2). Otherwise
+ *   send it to the VXLAN device with bpf_redirect_neigh, which fills L2 from the kernel's
+ *   (permanent) neighbour entry.
  * - A VXLAN packet on the underlay for a job on this host (flynn_underlay describes what our
  *   VXLAN packets look like): the outer IPv4/UDP/VXLAN and inner Ethernet headers are removed with
  *   bpf_skb_adjust_room and the inner packet goes straight to the job (bpf_redirect_peer), without
@@ -44,6 +48,13 @@ struct {
 	__type(key, struct flynn_prefix_key);
 	__type(value, struct flynn_hop);
 } flynn_prefixes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, struct flynn_tunnel);
+} flynn_tunnels SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -116,6 +127,96 @@ static __always_inline int to_local(struct __sk_buff *skb, struct ethhdr *eth,
 	return bpf_redirect_peer(ep->ifindex, 0);
 }
 
+/* RFC 7348 header: flags (only I, "VNI valid", for plain VXLAN), then the VNI in the top 24 bits. */
+struct vxlanhdr {
+	__be32 flags;
+	__be32 vni;
+};
+
+#define VXLAN_FLAG_VNI 0x08000000
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1FFF
+
+/* What one VXLAN packet of ours carries before the inner IPv4 header, and what decapsulation
+ * removes from after the outer Ethernet header (the outer Ethernet header is reused for the
+ * inner packet, so the L2 rewrite stays what flynn_from_vxlan does). */
+#define OUTER_LEN                                                                                  \
+	(sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct udphdr) +                    \
+	 sizeof(struct vxlanhdr))
+#define DECAP_LEN                                                                                  \
+	(sizeof(struct iphdr) + sizeof(struct udphdr) + sizeof(struct vxlanhdr) +                  \
+	 sizeof(struct ethhdr))
+/* Outer headers, inner Ethernet and IPv4, and the first 8 bytes of the inner L4 header. */
+#define HEADERS_LEN (OUTER_LEN + sizeof(struct ethhdr) + sizeof(struct iphdr) + 8)
+
+#define ENCAP_FLAGS                                                                                \
+	(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP |  \
+	 BPF_F_ADJ_ROOM_ENCAP_L2_ETH | BPF_F_ADJ_ROOM_ENCAP_L2(sizeof(struct ethhdr)))
+
+/* The kernel's default local port range, which the VXLAN device draws its source ports from. */
+#define SPORT_MIN 32768
+#define SPORT_MAX 61000
+
+/* Wraps the (inner) packet in outer IPv4 + UDP + VXLAN + inner Ethernet, as the kernel's VXLAN
+ * device would: outer TTL 64, DF clear, no outer UDP checksum, source port from the flow hash
+ * (udp_flow_src_port). bpf_skb_adjust_room marks the skb as UDP-tunnelled (inner headers, GSO
+ * type), so GSO packets are segmented (or offloaded) correctly downstream; gso_size stays (the
+ * inner MSS already fits the overlay MTU). Returns 0 when the packet is now encapsulated, -1
+ * when it is unchanged (then the caller takes the VXLAN device). */
+static __always_inline int encap(struct __sk_buff *skb, const struct flynn_underlay *ul,
+				 const struct flynn_tunnel *tun)
+{
+	struct iphdr outer = {};
+	struct udphdr *udp;
+	struct vxlanhdr *vx;
+	struct ethhdr *inner_eth;
+	void *data, *end;
+	__u32 hash, len;
+	__s64 sum;
+
+	/* The outer length must fit the 16-bit fields (GSO packets can be up to 64 KiB inner). */
+	if (skb->len + DECAP_LEN - sizeof(struct ethhdr) > 0xFFFF)
+		return -1;
+	hash = bpf_get_hash_recalc(skb);
+	if (bpf_skb_adjust_room(skb, DECAP_LEN, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS))
+		return -1;
+	len = skb->len;
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	if (data + OUTER_LEN + sizeof(struct ethhdr) > end)
+		return -2; /* cannot happen: adjust_room leaves the new headers linear */
+
+	outer.version = 4;
+	outer.ihl = 5;
+	outer.tot_len = bpf_htons(len - sizeof(struct ethhdr));
+	outer.id = (__u16)bpf_get_prandom_u32();
+	outer.ttl = 64;
+	outer.protocol = IPPROTO_UDP;
+	outer.saddr = ul->local_ip;
+	outer.daddr = tun->remote_ip;
+	sum = bpf_csum_diff(0, 0, (__be32 *)&outer, sizeof(outer), 0);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	outer.check = (__u16)~sum;
+	__builtin_memcpy(data + sizeof(struct ethhdr), &outer, sizeof(outer));
+
+	udp = data + sizeof(struct ethhdr) + sizeof(struct iphdr);
+	udp->source = bpf_htons(SPORT_MIN + (((__u64)hash * (SPORT_MAX - SPORT_MIN)) >> 32));
+	udp->dest = bpf_htons(ul->port);
+	udp->len = bpf_htons(len - sizeof(struct ethhdr) - sizeof(struct iphdr));
+	udp->check = 0;
+
+	vx = (void *)udp + sizeof(struct udphdr);
+	vx->flags = bpf_htonl(VXLAN_FLAG_VNI);
+	vx->vni = bpf_htonl(ul->vni << 8);
+
+	inner_eth = (void *)vx + sizeof(struct vxlanhdr);
+	__builtin_memcpy(inner_eth->h_dest, tun->vtep_mac, ETH_ALEN);
+	__builtin_memcpy(inner_eth->h_source, ul->vtep_mac, ETH_ALEN);
+	inner_eth->h_proto = bpf_htons(ETH_P_IP);
+	return 0;
+}
+
 SEC("classifier")
 int flynn_from_job(struct __sk_buff *skb)
 {
@@ -125,7 +226,9 @@ int flynn_from_job(struct __sk_buff *skb)
 	struct flynn_prefix_key key;
 	struct flynn_hop *hop;
 	struct bpf_redir_neigh nh = {};
-	__u32 daddr, ifindex;
+	struct flynn_underlay *ul;
+	struct flynn_tunnel *tun;
+	__u32 daddr, ifindex, zero = 0;
 
 	if (!ip)
 		return pass();
@@ -149,6 +252,18 @@ int flynn_from_job(struct __sk_buff *skb)
 	nh.ipv4_nh = hop->next_hop;
 	decrease_ttl(ip);
 	count(FLYNN_CTR_REMOTE);
+	ul = bpf_map_lookup_elem(&flynn_underlay, &zero);
+	tun = bpf_map_lookup_elem(&flynn_tunnels, &nh.ipv4_nh);
+	if (ul && ul->port && ul->ifindex && tun) {
+		int r = encap(skb, ul, tun);
+
+		if (r == 0) {
+			count(FLYNN_CTR_ENCAP);
+			return bpf_redirect_neigh(ul->ifindex, 0, 0, 0);
+		}
+		if (r < -1)
+			return TC_ACT_SHOT;
+	}
 	return bpf_redirect_neigh(ifindex, &nh, sizeof(nh), 0);
 }
 
@@ -169,28 +284,6 @@ int flynn_from_vxlan(struct __sk_buff *skb)
 	decrease_ttl(ip);
 	return to_local(skb, eth, ep);
 }
-
-/* RFC 7348 header: flags (only I, "VNI valid", for plain VXLAN), then the VNI in the top 24 bits. */
-struct vxlanhdr {
-	__be32 flags;
-	__be32 vni;
-};
-
-#define VXLAN_FLAG_VNI 0x08000000
-#define IP_MF 0x2000
-#define IP_OFFSET 0x1FFF
-
-/* What one VXLAN packet of ours carries before the inner IPv4 header, and what decapsulation
- * removes from after the outer Ethernet header (the outer Ethernet header is reused for the
- * inner packet, so the L2 rewrite stays what flynn_from_vxlan does). */
-#define OUTER_LEN                                                                                  \
-	(sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct udphdr) +                    \
-	 sizeof(struct vxlanhdr))
-#define DECAP_LEN                                                                                  \
-	(sizeof(struct iphdr) + sizeof(struct udphdr) + sizeof(struct vxlanhdr) +                  \
-	 sizeof(struct ethhdr))
-/* Outer headers, inner Ethernet and IPv4, and the first 8 bytes of the inner L4 header. */
-#define HEADERS_LEN (OUTER_LEN + sizeof(struct ethhdr) + sizeof(struct iphdr) + 8)
 
 /* Whether the outer IPv4 and UDP headers are a VXLAN packet to us that the kernel would hand to
  * its VXLAN socket unchanged: no IP options or fragments, lengths consistent with the packet, our

@@ -25,13 +25,22 @@ struct flynn_hop {
 	__u32 next_hop;  /* IPv4 next hop (network order), resolved by the kernel neighbour table */
 };
 
-/* The one entry of flynn_underlay (array of 1): what VXLAN packets for this host look like, for
- * the decapsulating classifier on the underlay device. port == 0: nothing is decapsulated. */
+/* The one entry of flynn_underlay (array of 1): this host's VXLAN settings, for decapsulation on
+ * the underlay device and encapsulation towards flynn_tunnels. port == 0: neither happens. */
 struct flynn_underlay {
-	__u32 local_ip;     /* this host's underlay address (network order): outer destination */
+	__u32 local_ip;     /* this host's underlay address (network order): outer dst in, src out */
 	__u32 vni;          /* VXLAN network identifier (host order, 24 bits) */
 	__u16 port;         /* VXLAN UDP destination port (host order) */
-	__u8 vtep_mac[6];   /* the VXLAN device's MAC: inner Ethernet destination */
+	__u8 vtep_mac[6];   /* the VXLAN device's MAC: inner Ethernet destination in, source out */
+	__u32 ifindex;      /* the underlay device encapsulated packets leave by; 0: no encap */
+};
+
+/* Value of flynn_tunnels, keyed by a flynn_hop's next_hop (a remote block's network address):
+ * where that block's VXLAN packets go, for encapsulation in BPF. */
+struct flynn_tunnel {
+	__u32 remote_ip;    /* the peer's underlay address (network order) */
+	__u8 vtep_mac[6];   /* the peer's VXLAN device MAC: inner Ethernet destination */
+	__u16 pad;
 };
 
 /* Indexes of flynn_counters (per-CPU array of __u64). */
@@ -40,7 +49,8 @@ enum flynn_counter {
 	FLYNN_CTR_REMOTE = 1,  /* redirected to a remote block (bpf_redirect_neigh) */
 	FLYNN_CTR_PASSED = 2,  /* left to the kernel path */
 	FLYNN_CTR_DECAP = 3,   /* VXLAN decapsulated on the underlay and delivered to a local job */
-	FLYNN_CTR_MAX = 4,
+	FLYNN_CTR_ENCAP = 4,   /* VXLAN encapsulated in BPF and sent out of the underlay device */
+	FLYNN_CTR_MAX = 5,
 };
 
 #endif

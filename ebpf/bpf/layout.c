@@ -27,6 +27,11 @@ int main(void)
 	FIELD(flynn_underlay, vni);
 	FIELD(flynn_underlay, port);
 	FIELD(flynn_underlay, vtep_mac);
+	FIELD(flynn_underlay, ifindex);
+	SIZE(flynn_tunnel);
+	FIELD(flynn_tunnel, remote_ip);
+	FIELD(flynn_tunnel, vtep_mac);
+	printf("pub const FLYNN_CTR_ENCAP: u32 = %d;\n", FLYNN_CTR_ENCAP);
 	printf("pub const FLYNN_CTR_DECAP: u32 = %d;\n", FLYNN_CTR_DECAP);
 	printf("pub const FLYNN_CTR_PASSED: u32 = %d;\n", FLYNN_CTR_PASSED);
 	printf("pub const FLYNN_CTR_MAX: u32 = %d;\n", FLYNN_CTR_MAX);

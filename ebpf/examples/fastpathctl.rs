@@ -5,7 +5,9 @@
 //!
 //! ```text
 //! fastpathctl PIN_DIR attach IFNAME job|vxlan|underlay
-//! fastpathctl PIN_DIR underlay LOCAL_IP VNI PORT VTEP_MAC
+//! fastpathctl PIN_DIR underlay LOCAL_IP VNI PORT VTEP_MAC [ENCAP_IFNAME]
+//! fastpathctl PIN_DIR tunnel NEXT_HOP REMOTE_IP VTEP_MAC
+//! fastpathctl PIN_DIR rm-tunnel NEXT_HOP
 //! fastpathctl PIN_DIR rm-underlay
 //! fastpathctl PIN_DIR detach IFNAME
 //! fastpathctl PIN_DIR endpoint IP IFNAME JOB_MAC GATEWAY_MAC
@@ -20,7 +22,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use flynn_ebpf::{AttachMode, Endpoint, FastPath, Hop, Role, Underlay};
+use flynn_ebpf::{AttachMode, Endpoint, FastPath, Hop, Role, Tunnel, Underlay};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -54,12 +56,26 @@ fn main() -> Result<()> {
                 gateway_mac: parse_mac(gw)?,
             },
         )?,
-        ["underlay", ip, vni, port, mac] => fp.set_underlay(Underlay {
-            local_ip: ip.parse()?,
-            vni: vni.parse()?,
-            port: port.parse()?,
-            vtep_mac: parse_mac(mac)?,
-        })?,
+        ["underlay", ip, vni, port, mac, dev @ ..] if dev.len() <= 1 => {
+            fp.set_underlay(Underlay {
+                local_ip: ip.parse()?,
+                vni: vni.parse()?,
+                port: port.parse()?,
+                vtep_mac: parse_mac(mac)?,
+                ifindex: match dev.first() {
+                    Some(d) => ifindex(d)?,
+                    None => 0,
+                },
+            })?
+        }
+        ["tunnel", hop, ip, mac] => fp.upsert_tunnel(
+            hop.parse()?,
+            Tunnel {
+                remote_ip: ip.parse()?,
+                vtep_mac: parse_mac(mac)?,
+            },
+        )?,
+        ["rm-tunnel", hop] => fp.remove_tunnel(hop.parse()?)?,
         ["rm-underlay"] => fp.clear_underlay()?,
         ["rm-endpoint", ip] => fp.remove_endpoint(ip.parse()?)?,
         ["prefix", net, dev, hop] => {
@@ -80,8 +96,8 @@ fn main() -> Result<()> {
         ["counters"] => {
             let c = fp.counters()?;
             println!(
-                "redirected_local {}\nredirected_remote {}\ndecapsulated {}\npassed {}",
-                c.redirected_local, c.redirected_remote, c.decapsulated, c.passed
+                "redirected_local {}\nredirected_remote {}\nencapsulated {}\ndecapsulated {}\npassed {}",
+                c.redirected_local, c.redirected_remote, c.encapsulated, c.decapsulated, c.passed
             );
         }
         ["unpin"] => fp.unpin()?,

@@ -1,7 +1,8 @@
 //! Loading, attaching and feeding the fast path; everything pinned under one directory.
 //!
 //! Pin directory layout (names without dots):
-//! - `flynn_endpoints`, `flynn_prefixes`, `flynn_underlay`, `flynn_counters`: the maps;
+//! - `flynn_endpoints`, `flynn_prefixes`, `flynn_tunnels`, `flynn_underlay`, `flynn_counters`:
+//!   the maps;
 //! - `link_<role>_<ifindex>` (role `job`, `vxlan` or `underlay`): pinned TCX ingress links, or
 //!   `tc_<role>_<ifindex>`: records of netlink filters (see `attach.rs`).
 //!   Attachments keep their program after the loader exits; a new loader swaps its own program
@@ -19,13 +20,14 @@ use aya::{Ebpf, EbpfLoader};
 
 use crate::attach::{self, AttachMode, Kind, Record};
 use crate::maps::{
-    be_word, RawHop, RawUnderlay, CTR_DECAP, CTR_LOCAL, CTR_MAX, CTR_PASSED, CTR_REMOTE,
+    be_word, RawHop, RawTunnel, RawUnderlay, CTR_DECAP, CTR_ENCAP, CTR_LOCAL, CTR_MAX, CTR_PASSED,
+    CTR_REMOTE,
 };
 use crate::object::{
-    FASTPATH, MAP_COUNTERS, MAP_ENDPOINTS, MAP_PREFIXES, MAP_UNDERLAY, PROG_FROM_JOB,
+    FASTPATH, MAP_COUNTERS, MAP_ENDPOINTS, MAP_PREFIXES, MAP_TUNNELS, MAP_UNDERLAY, PROG_FROM_JOB,
     PROG_FROM_UNDERLAY, PROG_FROM_VXLAN,
 };
-use crate::{bpffs, Counters, EbpfError, Endpoint, Hop, Underlay};
+use crate::{bpffs, Counters, EbpfError, Endpoint, Hop, Tunnel, Underlay};
 
 /// Where the agent pins the fast path.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flynn";
@@ -71,6 +73,7 @@ pub struct FastPath {
     ebpf: Ebpf,
     endpoints: HashMap<MapData, u32, Endpoint>,
     prefixes: LpmTrie<MapData, u32, RawHop>,
+    tunnels: HashMap<MapData, u32, RawTunnel>,
     underlay: Array<MapData, RawUnderlay>,
     counters: PerCpuArray<MapData, u64>,
 }
@@ -147,6 +150,7 @@ impl FastPath {
         let endpoints_pin = pin_dir.join(MAP_ENDPOINTS);
         let prefixes_pin = pin_dir.join(MAP_PREFIXES);
         let underlay_pin = pin_dir.join(MAP_UNDERLAY);
+        let tunnels_pin = pin_dir.join(MAP_TUNNELS);
         let counters_pin = pin_dir.join(MAP_COUNTERS);
         check_pinned(&endpoints_pin, 4, size_of::<Endpoint>() as u32, None)?;
         check_pinned(
@@ -156,6 +160,7 @@ impl FastPath {
             None,
         )?;
         check_pinned(&underlay_pin, 4, size_of::<RawUnderlay>() as u32, Some(1))?;
+        check_pinned(&tunnels_pin, 4, size_of::<RawTunnel>() as u32, None)?;
         if let Err(e) = check_pinned(&counters_pin, 4, 8, Some(CTR_MAX)) {
             // Counters are statistics only: a build with more of them (an upgrade) starts a
             // fresh map instead of refusing to load. Programs still attached keep the old map
@@ -172,6 +177,7 @@ impl FastPath {
             .map_pin_path(MAP_ENDPOINTS, endpoints_pin)
             .map_pin_path(MAP_PREFIXES, prefixes_pin)
             .map_pin_path(MAP_UNDERLAY, underlay_pin)
+            .map_pin_path(MAP_TUNNELS, tunnels_pin)
             .map_pin_path(MAP_COUNTERS, counters_pin)
             .load(FASTPATH)
             .map_err(EbpfError::Load)?;
@@ -196,6 +202,12 @@ impl FastPath {
                 source,
             }
         })?;
+        let tunnels = HashMap::try_from(take_map(&mut ebpf, MAP_TUNNELS)?).map_err(|source| {
+            EbpfError::Map {
+                name: MAP_TUNNELS,
+                source,
+            }
+        })?;
         let underlay = Array::try_from(take_map(&mut ebpf, MAP_UNDERLAY)?).map_err(|source| {
             EbpfError::Map {
                 name: MAP_UNDERLAY,
@@ -215,6 +227,7 @@ impl FastPath {
             ebpf,
             endpoints,
             prefixes,
+            tunnels,
             underlay,
             counters,
         };
@@ -353,6 +366,39 @@ impl FastPath {
         })
     }
 
+    /// Adds or replaces the peer of a remote block, keyed by the block's [`Hop::next_hop`]:
+    /// traffic to the block is then encapsulated in BPF (when [`FastPath::set_underlay`] gave
+    /// an underlay device) instead of going through the VXLAN device.
+    pub fn upsert_tunnel(&mut self, next_hop: Ipv4Addr, t: Tunnel) -> Result<(), EbpfError> {
+        self.tunnels
+            .insert(be_word(next_hop), RawTunnel::from(t), 0)
+            .map_err(|source| EbpfError::Map {
+                name: MAP_TUNNELS,
+                source,
+            })
+    }
+
+    /// Removes a block's peer; its traffic goes through the VXLAN device again. No-op when
+    /// absent.
+    pub fn remove_tunnel(&mut self, next_hop: Ipv4Addr) -> Result<(), EbpfError> {
+        ignore_missing(self.tunnels.remove(&be_word(next_hop))).map_err(|source| EbpfError::Map {
+            name: MAP_TUNNELS,
+            source,
+        })
+    }
+
+    /// Every tunnel entry, by next hop (for reconciling against the leases).
+    pub fn tunnels(&self) -> Result<Vec<(Ipv4Addr, Tunnel)>, EbpfError> {
+        self.tunnels
+            .iter()
+            .map(|r| r.map(|(k, v)| (Ipv4Addr::from(k.to_ne_bytes()), Tunnel::from(v))))
+            .collect::<Result<_, _>>()
+            .map_err(|source| EbpfError::Map {
+                name: MAP_TUNNELS,
+                source,
+            })
+    }
+
     /// Tells the underlay classifier ([`Role::Underlay`]) what this host's VXLAN packets look
     /// like; until this is set (or after [`FastPath::clear_underlay`]) it decapsulates nothing.
     pub fn set_underlay(&mut self, u: Underlay) -> Result<(), EbpfError> {
@@ -409,6 +455,7 @@ impl FastPath {
             redirected_local: sum(CTR_LOCAL)?,
             redirected_remote: sum(CTR_REMOTE)?,
             decapsulated: sum(CTR_DECAP)?,
+            encapsulated: sum(CTR_ENCAP)?,
             passed: sum(CTR_PASSED)?,
         })
     }
@@ -421,7 +468,13 @@ impl FastPath {
             let name = ifname(rec.ifindex).ok();
             attach::remove(rec, name.as_deref(), &self.pin_dir)?;
         }
-        for name in [MAP_ENDPOINTS, MAP_PREFIXES, MAP_UNDERLAY, MAP_COUNTERS] {
+        for name in [
+            MAP_ENDPOINTS,
+            MAP_PREFIXES,
+            MAP_TUNNELS,
+            MAP_UNDERLAY,
+            MAP_COUNTERS,
+        ] {
             let path = self.pin_dir.join(name);
             match std::fs::remove_file(&path) {
                 Ok(()) => {}

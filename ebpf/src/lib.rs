@@ -5,7 +5,9 @@
 //! - on every job's host-side veth (ingress, [`Role::JobVeth`]): a packet for a job on this host
 //!   ([`FastPath::upsert_endpoint`]) gets its Ethernet header rewritten and is handed straight to
 //!   the job's namespace with `bpf_redirect_peer`; a packet for a remote block
-//!   ([`FastPath::upsert_prefix`]) goes to the VXLAN device with `bpf_redirect_neigh`;
+//!   ([`FastPath::upsert_prefix`]) is encapsulated in BPF and sent out of the underlay device
+//!   when the block's peer is known ([`FastPath::upsert_tunnel`], [`FastPath::set_underlay`]),
+//!   otherwise handed to the VXLAN device, both with `bpf_redirect_neigh`;
 //! - on the VXLAN device (ingress, [`Role::Vxlan`]): decapsulated packets for local jobs are
 //!   delivered with `bpf_redirect_peer`;
 //! - on the host's underlay device (ingress, [`Role::Underlay`]): VXLAN packets for local jobs
@@ -34,7 +36,7 @@
 //! ```no_run
 //! use std::net::Ipv4Addr;
 //! use std::path::Path;
-//! use flynn_ebpf::{Endpoint, FastPath, Hop, Role, Switch, Underlay, DEFAULT_PIN_DIR};
+//! use flynn_ebpf::{Endpoint, FastPath, Hop, Role, Switch, Tunnel, Underlay, DEFAULT_PIN_DIR};
 //!
 //! # fn main() -> Result<(), flynn_ebpf::EbpfError> {
 //! let switch: Switch = "auto".parse().expect("auto or off");
@@ -49,6 +51,7 @@
 //!         vni: 1,
 //!         port: 8472,
 //!         vtep_mac: [0x0e, 0x66, 100, 100, 1, 0],
+//!         ifindex: eth0, // and encapsulated in BPF towards known peers, leaving by eth0
 //!     })?;
 //!     fp.attach(eth0, Role::Underlay)?;
 //!     // A job started: its veth and its entry.
@@ -58,6 +61,9 @@
 //!     // A peer's lease: its block goes to the VXLAN device, next hop its network address.
 //!     let block = Ipv4Addr::new(100, 100, 2, 0);
 //!     fp.upsert_prefix(block, 24, Hop { ifindex: vxlan, next_hop: block })?;
+//!     // Its underlay address and VTEP MAC: encapsulation in BPF instead of the VXLAN device.
+//!     let peer = Tunnel { remote_ip: Ipv4Addr::new(10, 0, 0, 2), vtep_mac: [0x0e, 0x66, 100, 100, 2, 0] };
+//!     fp.upsert_tunnel(block, peer)?;
 //!     // The job stopped: entry first, then the veth.
 //!     fp.remove_endpoint(Ipv4Addr::new(100, 100, 1, 10))?;
 //!     fp.detach(job_veth)?;
@@ -78,5 +84,5 @@ mod switch;
 pub use attach::AttachMode;
 pub use error::EbpfError;
 pub use fastpath::{detach_roles, FastPath, Role, DEFAULT_PIN_DIR};
-pub use maps::{Counters, Endpoint, Hop, Underlay};
+pub use maps::{Counters, Endpoint, Hop, Tunnel, Underlay};
 pub use switch::Switch;

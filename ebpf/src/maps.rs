@@ -46,9 +46,11 @@ impl From<Hop> for RawHop {
     }
 }
 
-/// What this host's VXLAN packets look like, for decapsulation on the underlay device
-/// ([`crate::Role::Underlay`]): the outer destination address and UDP port, the VNI, and the
-/// VXLAN device's MAC (the inner Ethernet destination the kernel's VXLAN device would accept).
+/// This host's VXLAN settings: for decapsulation on the underlay device
+/// ([`crate::Role::Underlay`]) the outer destination address and UDP port, the VNI and the VXLAN
+/// device's MAC (the inner Ethernet destination the kernel's VXLAN device would accept); for
+/// encapsulation in BPF towards [`crate::FastPath::upsert_tunnel`] peers also the device the
+/// packets leave by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Underlay {
     /// This host's underlay address (the VXLAN device's `local`).
@@ -59,6 +61,9 @@ pub struct Underlay {
     pub port: u16,
     /// MAC of this host's VXLAN device.
     pub vtep_mac: [u8; 6],
+    /// The underlay device encapsulated packets leave by (the VXLAN device's lower device);
+    /// 0: no encapsulation in BPF (remote traffic takes the VXLAN device).
+    pub ifindex: u32,
 }
 
 /// `struct flynn_underlay`: address in network byte order, the rest in host order.
@@ -69,11 +74,52 @@ pub(crate) struct RawUnderlay {
     pub vni: u32,
     pub port: u16,
     pub vtep_mac: [u8; 6],
+    pub ifindex: u32,
 }
 
-// SAFETY: `repr(C)`, integers and a byte array, 4 + 4 + 2 + 6 = 16 bytes with align 4: no padding
-// (checked against the C header below); every bit pattern is valid.
+// SAFETY: `repr(C)`, integers and a byte array, 4 + 4 + 2 + 6 + 4 = 20 bytes with align 4: no
+// padding (checked against the C header below); every bit pattern is valid.
 unsafe impl aya::Pod for RawUnderlay {}
+
+/// Where a remote block's VXLAN packets go when encapsulated in BPF: the peer's underlay
+/// address and its VXLAN device's MAC (the inner Ethernet destination).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tunnel {
+    pub remote_ip: Ipv4Addr,
+    pub vtep_mac: [u8; 6],
+}
+
+/// `struct flynn_tunnel`: address in network byte order, explicit padding.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RawTunnel {
+    pub remote_ip: u32,
+    pub vtep_mac: [u8; 6],
+    pub pad: u16,
+}
+
+// SAFETY: `repr(C)`, 4 + 6 + 2 = 12 bytes, align 4, the padding is an explicit field; every bit
+// pattern is valid.
+unsafe impl aya::Pod for RawTunnel {}
+
+impl From<Tunnel> for RawTunnel {
+    fn from(t: Tunnel) -> RawTunnel {
+        RawTunnel {
+            remote_ip: be_word(t.remote_ip),
+            vtep_mac: t.vtep_mac,
+            pad: 0,
+        }
+    }
+}
+
+impl From<RawTunnel> for Tunnel {
+    fn from(t: RawTunnel) -> Tunnel {
+        Tunnel {
+            remote_ip: Ipv4Addr::from(t.remote_ip.to_ne_bytes()),
+            vtep_mac: t.vtep_mac,
+        }
+    }
+}
 
 impl From<Underlay> for RawUnderlay {
     fn from(u: Underlay) -> RawUnderlay {
@@ -82,6 +128,7 @@ impl From<Underlay> for RawUnderlay {
             vni: u.vni,
             port: u.port,
             vtep_mac: u.vtep_mac,
+            ifindex: u.ifindex,
         }
     }
 }
@@ -93,6 +140,7 @@ impl RawUnderlay {
             vni: self.vni,
             port: self.port,
             vtep_mac: self.vtep_mac,
+            ifindex: self.ifindex,
         })
     }
 }
@@ -112,6 +160,9 @@ pub struct Counters {
     /// VXLAN packets for a job on this host decapsulated on the underlay device and delivered
     /// with `bpf_redirect_peer`.
     pub decapsulated: u64,
+    /// Of `redirected_remote`: encapsulated in BPF and sent out of the underlay device (the
+    /// rest went through the VXLAN device).
+    pub encapsulated: u64,
     /// Left to the kernel path (not IPv4, no map entry, TTL expiring, hairpin; on the underlay
     /// only VXLAN packets for this host are counted, e.g. GSO ones).
     pub passed: u64,
@@ -125,9 +176,14 @@ impl Counters {
              # TYPE flynn_fastpath_packets_total counter\n\
              flynn_fastpath_packets_total{{result=\"redirected_local\"}} {}\n\
              flynn_fastpath_packets_total{{result=\"redirected_remote\"}} {}\n\
+             flynn_fastpath_packets_total{{result=\"encapsulated\"}} {}\n\
              flynn_fastpath_packets_total{{result=\"decapsulated\"}} {}\n\
              flynn_fastpath_packets_total{{result=\"passed\"}} {}\n",
-            self.redirected_local, self.redirected_remote, self.decapsulated, self.passed
+            self.redirected_local,
+            self.redirected_remote,
+            self.encapsulated,
+            self.decapsulated,
+            self.passed
         )
     }
 }
@@ -137,7 +193,8 @@ pub(crate) const CTR_LOCAL: u32 = 0;
 pub(crate) const CTR_REMOTE: u32 = 1;
 pub(crate) const CTR_PASSED: u32 = 2;
 pub(crate) const CTR_DECAP: u32 = 3;
-pub(crate) const CTR_MAX: u32 = 4;
+pub(crate) const CTR_ENCAP: u32 = 4;
+pub(crate) const CTR_MAX: u32 = 5;
 
 #[cfg(test)]
 mod layout {
@@ -183,12 +240,26 @@ mod tests {
             layout::flynn_underlay_vtep_mac
         );
         assert_eq!(
-            (CTR_LOCAL, CTR_REMOTE, CTR_PASSED, CTR_DECAP, CTR_MAX),
+            offset_of!(RawUnderlay, ifindex),
+            layout::flynn_underlay_ifindex
+        );
+        assert_eq!(size_of::<RawTunnel>(), layout::flynn_tunnel_SIZE);
+        assert_eq!(
+            offset_of!(RawTunnel, remote_ip),
+            layout::flynn_tunnel_remote_ip
+        );
+        assert_eq!(
+            offset_of!(RawTunnel, vtep_mac),
+            layout::flynn_tunnel_vtep_mac
+        );
+        assert_eq!(
+            (CTR_LOCAL, CTR_REMOTE, CTR_PASSED, CTR_DECAP, CTR_ENCAP, CTR_MAX),
             (
                 layout::FLYNN_CTR_LOCAL,
                 layout::FLYNN_CTR_REMOTE,
                 layout::FLYNN_CTR_PASSED,
                 layout::FLYNN_CTR_DECAP,
+                layout::FLYNN_CTR_ENCAP,
                 layout::FLYNN_CTR_MAX
             )
         );
@@ -200,6 +271,7 @@ mod tests {
             redirected_local: 3,
             redirected_remote: 2,
             decapsulated: 4,
+            encapsulated: 5,
             passed: 1,
         }
         .prometheus();
@@ -209,7 +281,8 @@ mod tests {
         assert!(text.contains("flynn_fastpath_packets_total{result=\"redirected_remote\"} 2\n"));
         assert!(text.contains("flynn_fastpath_packets_total{result=\"decapsulated\"} 4\n"));
         assert!(text.ends_with("flynn_fastpath_packets_total{result=\"passed\"} 1\n"));
-        assert_eq!(text.lines().count(), 6);
+        assert!(text.contains("flynn_fastpath_packets_total{result=\"encapsulated\"} 5\n"));
+        assert_eq!(text.lines().count(), 7);
     }
 
     #[test]
@@ -227,10 +300,18 @@ mod tests {
             vni: 1,
             port: 8472,
             vtep_mac: [0x0e, 0x66, 1, 2, 3, 4],
+            ifindex: 3,
         };
         let raw = RawUnderlay::from(u);
         assert_eq!(raw.local_ip.to_ne_bytes(), [10, 0, 0, 2]);
         assert_eq!(raw.get(), Some(u));
         assert_eq!(RawUnderlay::default().get(), None);
+        let t = Tunnel {
+            remote_ip: Ipv4Addr::new(10, 0, 0, 3),
+            vtep_mac: [0x0e, 0x66, 5, 6, 7, 8],
+        };
+        let raw = RawTunnel::from(t);
+        assert_eq!(raw.remote_ip.to_ne_bytes(), [10, 0, 0, 3]);
+        assert_eq!(Tunnel::from(raw), t);
     }
 }

@@ -11,3 +11,4 @@ pub(crate) const MAP_ENDPOINTS: &str = "flynn_endpoints";
 pub(crate) const MAP_PREFIXES: &str = "flynn_prefixes";
 pub(crate) const MAP_COUNTERS: &str = "flynn_counters";
 pub(crate) const MAP_UNDERLAY: &str = "flynn_underlay";
+pub(crate) const MAP_TUNNELS: &str = "flynn_tunnels";

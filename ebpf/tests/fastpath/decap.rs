@@ -1,6 +1,8 @@
-//! VXLAN decapsulation in BPF on the underlay device ([`Role::Underlay`]): cross-host traffic
-//! arrives without the kernel's UDP socket and VXLAN receive, intact; whatever is not one of our
-//! VXLAN packets for a local job is left to the kernel untouched.
+//! VXLAN in BPF: decapsulation on the underlay device ([`Role::Underlay`]), so cross-host
+//! traffic arrives without the kernel's UDP socket and VXLAN receive, intact, and whatever is not
+//! one of our VXLAN packets for a local job is left to the kernel untouched; encapsulation on the
+//! job veth ([`FastPath::upsert_tunnel`]), so it leaves without the VXLAN device, in packets the
+//! kernel's VXLAN receive accepts.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -25,7 +27,9 @@ fn parse_mac(s: &str) -> [u8; 6] {
     out
 }
 
-/// [`fast_path_on`] plus decapsulation on the underlay device `ul0`.
+/// [`fast_path_on`] plus decapsulation on the underlay device `ul0` (encapsulation in BPF too
+/// when `encap`: out of `ul0`, once the peer's tunnel entry is in).
+#[allow(clippy::too_many_arguments)]
 fn decap_on(
     mode: AttachMode,
     host: &str,
@@ -34,16 +38,19 @@ fn decap_on(
     remote_block: Ipv4Addr,
     local_ip: Ipv4Addr,
     vtep: &str,
+    encap: bool,
 ) -> Result<FastPath> {
     let mut fp = fast_path_on(mode, host, pin_dir, job, remote_block)?;
     in_ns(host, || {
+        let ul0 = ifindex(host, "ul0")?;
         fp.set_underlay(Underlay {
             local_ip,
             vni: 1,
             port: 8472,
             vtep_mac: parse_mac(vtep),
+            ifindex: if encap { ul0 } else { 0 },
         })?;
-        fp.attach(ifindex(host, "ul0")?, Role::Underlay)?;
+        fp.attach(ul0, Role::Underlay)?;
         Ok(fp)
     })
 }
@@ -160,8 +167,9 @@ fn cross_host_decap_on_the_underlay(mode: AttachMode) -> Result<()> {
     let kernel_ttl = ping_ttl(&t.j1.ns, t.j2.ip).context("no reply on the kernel path")?;
     let pin1 = bpffs.pin_dir("h1");
     let pin2 = bpffs.pin_dir("h2");
-    let mut fp1 = decap_on(mode, &t.h1, &pin1, &t.j1, BLOCK2, UL1, VTEP1)?;
-    let mut fp2 = decap_on(mode, &t.h2, &pin2, &t.j2, BLOCK1, UL2, VTEP2)?;
+    // Decapsulation only: packets leave through the VXLAN device as before.
+    let mut fp1 = decap_on(mode, &t.h1, &pin1, &t.j1, BLOCK2, UL1, VTEP1, false)?;
+    let mut fp2 = decap_on(mode, &t.h2, &pin2, &t.j2, BLOCK1, UL2, VTEP2, false)?;
     ensure!(
         programs_on(mode, &t.h2, "ul0")?.len() == 1,
         "no program on the underlay device"
@@ -309,6 +317,118 @@ fn cross_host_decap_on_the_underlay(mode: AttachMode) -> Result<()> {
         "after detach: ping lost"
     );
     fp1.remove_prefix(BLOCK2, 24)?;
+    in_ns(&t.h1, || Ok(fp1.unpin()?))?;
+    in_ns(&t.h2, || Ok(fp2.unpin()?))?;
+    ensure!(ping(&t.j1.ns, t.j2.ip, 3), "traffic after uninstall");
+    Ok(())
+}
+
+#[test]
+fn cross_host_encap_in_bpf_tcx() -> Result<()> {
+    cross_host_encap_in_bpf(AttachMode::Tcx)
+}
+
+#[test]
+fn cross_host_encap_in_bpf_netlink() -> Result<()> {
+    cross_host_encap_in_bpf(AttachMode::Netlink)
+}
+
+fn cross_host_encap_in_bpf(mode: AttachMode) -> Result<()> {
+    if !lab::should_run(&format!("cross_host_encap_in_bpf {mode:?}")) {
+        return Ok(());
+    }
+    let bpffs = lab::Bpffs::mount("flynn-bpffs")?;
+    let mut lab = Lab::new();
+    let t = two_hosts(&mut lab)?;
+    let kernel_ttl = ping_ttl(&t.j1.ns, t.j2.ip).context("no reply on the kernel path")?;
+    let pin1 = bpffs.pin_dir("h1");
+    let pin2 = bpffs.pin_dir("h2");
+    let mut fp1 = decap_on(mode, &t.h1, &pin1, &t.j1, BLOCK2, UL1, VTEP1, true)?;
+    let peer2 = flynn_ebpf::Tunnel {
+        remote_ip: UL2,
+        vtep_mac: parse_mac(VTEP2),
+    };
+    fp1.upsert_tunnel(BLOCK2, peer2)?;
+    ensure!(fp1.tunnels()? == vec![(BLOCK2, peer2)], "tunnels readback");
+
+    // Host 2 runs the kernel path only: its VXLAN device must accept what host 1's BPF built,
+    // single packets and TSO bursts (segmented by the kernel's UDP tunnel GSO) alike.
+    let before = counters(&fp1)?;
+    ensure!(ping_count(&t.j1.ns, t.j2.ip, 10) == 10, "encap: ping lost");
+    let after = counters(&fp1)?;
+    ensure!(
+        after.encapsulated >= before.encapsulated + 10,
+        "not encapsulated in BPF: {before:?} -> {after:?}"
+    );
+    tcp_roundtrip(&t.j1.ns, &t.j2.ns, t.j2.ip, 7301, 8 << 20).context("TCP j1 -> kernel h2")?;
+    tcp_roundtrip(&t.j2.ns, &t.j1.ns, t.j1.ip, 7302, 4 << 20).context("TCP kernel h2 -> j1")?;
+    let tcp = counters(&fp1)?;
+    ensure!(
+        tcp.encapsulated > after.encapsulated + 50,
+        "TCP not encapsulated in BPF: {after:?} -> {tcp:?}"
+    );
+
+    // Both hosts in BPF both ways.
+    let mut fp2 = decap_on(mode, &t.h2, &pin2, &t.j2, BLOCK1, UL2, VTEP2, true)?;
+    fp2.upsert_tunnel(
+        BLOCK1,
+        flynn_ebpf::Tunnel {
+            remote_ip: UL1,
+            vtep_mac: parse_mac(VTEP1),
+        },
+    )?;
+    let (b1, b2) = (counters(&fp1)?, counters(&fp2)?);
+    ensure!(
+        ping_count(&t.j1.ns, t.j2.ip, 10) == 10,
+        "encap + decap: ping lost"
+    );
+    let (a1, a2) = (counters(&fp1)?, counters(&fp2)?);
+    for (name, b, a) in [("h1", b1, a1), ("h2", b2, a2)] {
+        ensure!(
+            a.encapsulated >= b.encapsulated + 10 && a.decapsulated >= b.decapsulated + 10,
+            "{name}: {b:?} -> {a:?}"
+        );
+    }
+    let fast_ttl = ping_ttl(&t.j1.ns, t.j2.ip).context("no reply in BPF")?;
+    ensure!(
+        fast_ttl == kernel_ttl,
+        "reply TTL {fast_ttl} in BPF, {kernel_ttl} on the kernel path"
+    );
+    tcp_roundtrip(&t.j1.ns, &t.j2.ns, t.j2.ip, 7303, 8 << 20).context("TCP j1 -> j2")?;
+    tcp_roundtrip(&t.j2.ns, &t.j1.ns, t.j1.ip, 7304, 8 << 20).context("TCP j2 -> j1")?;
+    ensure!(
+        ping_df(&t.j1.ns, t.j2.ip, MTU - 28),
+        "full-size DF ping lost"
+    );
+    ensure!(
+        !ping_df(&t.j1.ns, t.j2.ip, MTU - 27),
+        "oversized DF ping passed"
+    );
+    // A full-size UDP datagram (no DF) arrives whole: the outer packet fits the underlay.
+    let big: Vec<u8> = (0..(MTU as usize - 28)).map(|i| (i % 253) as u8).collect();
+    let to_job = SocketAddr::from((t.j2.ip, 7310));
+    let got = receives(&t.j2.ns, to_job, || {
+        send_udp(&t.j1.ns, t.j1.ip, to_job, &big, true)
+    })?;
+    ensure!(
+        got.as_deref() == Some(&big[..]),
+        "full-size UDP datagram lost or altered"
+    );
+
+    // Without the tunnel entry, host 1 goes through its VXLAN device again.
+    fp1.remove_tunnel(BLOCK2)?;
+    fp1.remove_tunnel(BLOCK2)?; // idempotent
+    let before = counters(&fp1)?;
+    ensure!(
+        ping_count(&t.j1.ns, t.j2.ip, 5) == 5,
+        "tunnel removed: ping lost"
+    );
+    let after = counters(&fp1)?;
+    ensure!(
+        after.encapsulated == before.encapsulated
+            && after.redirected_remote >= before.redirected_remote + 5,
+        "tunnel removed: {before:?} -> {after:?}"
+    );
     in_ns(&t.h1, || Ok(fp1.unpin()?))?;
     in_ns(&t.h2, || Ok(fp2.unpin()?))?;
     ensure!(ping(&t.j1.ns, t.j2.ip, 3), "traffic after uninstall");

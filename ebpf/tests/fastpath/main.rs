@@ -497,6 +497,7 @@ fn bad_input_gets_clear_errors() -> Result<()> {
             vni: 1,
             port: 0,
             vtep_mac: [2, 0, 0, 0, 0, 3],
+            ifindex: 0,
         };
         let e = fp.set_underlay(ul).unwrap_err();
         ensure!(e.to_string().contains("port 0"), "{e}");

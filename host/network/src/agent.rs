@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use flynn_ebpf::{FastPath, Hop, Role, Underlay};
+use flynn_ebpf::{FastPath, Hop, Role, Tunnel, Underlay};
 
 use crate::direct::{direct_routes, Segment};
 use crate::kernel::KernelNetlink;
@@ -110,14 +110,16 @@ impl<S: LeaseStore> Agent<S> {
         self.segment = Some(segment);
         if let Some(fp) = &mut self.fast {
             fp.attach(devices.vxlan, Role::Vxlan)?;
-            // VXLAN packets for our jobs are decapsulated in BPF on the device holding the
-            // public IP (the VXLAN device's lower device); the settings go in before the
-            // program, which decapsulates nothing without them.
+            // VXLAN in BPF on the device holding the public IP (the VXLAN device's lower
+            // device): packets for our jobs are decapsulated there, and packets to peers with a
+            // tunnel entry (see sync_fast_path) are encapsulated and leave by it. The settings
+            // go in before the program, which decapsulates nothing without them.
             fp.set_underlay(Underlay {
                 local_ip: self.cfg.public_ip,
                 vni: self.cfg.devices.vni,
                 port: self.cfg.devices.port,
                 vtep_mac: lease.vtep_mac.octets(),
+                ifindex: segment.ifindex,
             })?;
             fp.attach(segment.ifindex, Role::Underlay)?;
         }
@@ -188,6 +190,9 @@ impl<S: LeaseStore> Agent<S> {
                 self.stats
                     .fast_decap
                     .store(c.decapsulated, Ordering::Relaxed);
+                self.stats
+                    .fast_encap
+                    .store(c.encapsulated, Ordering::Relaxed);
                 self.stats.fast_passed.store(c.passed, Ordering::Relaxed);
             }
         }
@@ -229,6 +234,25 @@ impl<S: LeaseStore> Agent<S> {
             )
         }));
         let mut changes = 0;
+        // Peers of tunneled blocks, for encapsulation in BPF; keyed like the hops. The map is
+        // pinned but can be listed, so it is simply made equal to the leases every time.
+        let tunnels: BTreeMap<Ipv4Addr, Tunnel> = tunneled
+            .iter()
+            .map(|l| {
+                (
+                    l.subnet.addr(),
+                    Tunnel {
+                        remote_ip: l.public_ip,
+                        vtep_mac: l.vtep_mac.octets(),
+                    },
+                )
+            })
+            .collect();
+        let have: BTreeMap<Ipv4Addr, Tunnel> = fp.tunnels()?.into_iter().collect();
+        for hop in have.keys().filter(|h| !tunnels.contains_key(h)) {
+            fp.remove_tunnel(*hop)?;
+            changes += 1;
+        }
         if !self.swept {
             // The map is pinned and outlives agents: drop whatever a previous agent left for
             // blocks that are not live now (the map cannot be listed, so try every block).
@@ -249,6 +273,14 @@ impl<S: LeaseStore> Agent<S> {
             fp.remove_prefix(s.addr(), s.prefix_len())?;
             self.prefixes.remove(&s);
             changes += 1;
+        }
+        // Tunnel entries before the prefixes that use them (the first packets of a new peer are
+        // then already encapsulated in BPF; either way they would be delivered).
+        for (hop, t) in &tunnels {
+            if have.get(hop) != Some(t) {
+                fp.upsert_tunnel(*hop, *t)?;
+                changes += 1;
+            }
         }
         for (s, hop) in want {
             if self.prefixes.get(&s) != Some(&hop) {

@@ -21,6 +21,7 @@ pub struct Stats {
     pub fast_local: AtomicU64,
     pub fast_remote: AtomicU64,
     pub fast_decap: AtomicU64,
+    pub fast_encap: AtomicU64,
     pub fast_passed: AtomicU64,
 }
 
@@ -82,6 +83,7 @@ impl Stats {
                 &[
                     ("{outcome=\"redirected_local\"}", get(&self.fast_local)),
                     ("{outcome=\"redirected_remote\"}", get(&self.fast_remote)),
+                    ("{outcome=\"encapsulated\"}", get(&self.fast_encap)),
                     ("{outcome=\"decapsulated\"}", get(&self.fast_decap)),
                     ("{outcome=\"passed\"}", get(&self.fast_passed)),
                 ],
