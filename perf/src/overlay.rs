@@ -10,9 +10,9 @@
 //! Per round, for both modes in alternating order: ping RTT (per-packet median and p99), iperf3
 //! TCP and UDP throughput per pair. The fast path is switched on and off with the `fastpathctl`
 //! example of `flynn-ebpf` (run inside the host namespaces): job veths, VXLAN device, and VXLAN
-//! decapsulation on the underlay veth `ul0`. Its counters are checked (same-host: local
-//! redirects; cross-host: remote redirects and decapsulations) so a "fast" number is never
-//! silently a kernel-path number. Medians across rounds; nothing passes or fails.
+//! encapsulation and decapsulation in BPF on the underlay veth `ul0`. Its counters are checked
+//! (same-host: local redirects; cross-host: encapsulations and decapsulations in BPF) so a
+//! "fast" number is never silently a kernel-path number. Medians across rounds; nothing passes or fails.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -108,9 +108,12 @@ struct FastPath<'a> {
     ctl: &'a str,
     pin: String,
     host: String,
-    /// This host's underlay address and VTEP MAC, for decapsulation on `ul0`.
+    /// This host's underlay address and VTEP MAC, for VXLAN in BPF on `ul0`.
     underlay_ip: &'static str,
     vtep: &'static str,
+    /// The peer's underlay address and VTEP MAC (encapsulation towards the remote block).
+    peer_ip: &'static str,
+    peer_vtep: &'static str,
 }
 
 impl FastPath<'_> {
@@ -120,12 +123,13 @@ impl FastPath<'_> {
         run(&all)
     }
 
-    /// Attaches the programs and fills the maps: local jobs, the remote block, the VXLAN
-    /// settings for decapsulation on the underlay device.
+    /// Attaches the programs and fills the maps: local jobs, the remote block and its peer, the
+    /// VXLAN settings for encapsulation and decapsulation on the underlay device.
     fn on(&self, jobs: &[&Job], remote_block: &str) -> Result<()> {
         self.ctl(&["attach", "flvx", "vxlan"])?;
-        self.ctl(&["underlay", self.underlay_ip, "1", "8472", self.vtep])?;
+        self.ctl(&["underlay", self.underlay_ip, "1", "8472", self.vtep, "ul0"])?;
         self.ctl(&["attach", "ul0", "underlay"])?;
+        self.ctl(&["tunnel", remote_block, self.peer_ip, self.peer_vtep])?;
         let gw = sys_attr(&self.host, "flbr", "address")?;
         for j in jobs {
             self.ctl(&["attach", j.port, "job"])?;
@@ -145,7 +149,7 @@ impl FastPath<'_> {
         self.ctl(&["unpin"]).map(|_| ())
     }
 
-    /// (redirected local, redirected remote, decapsulated).
+    /// (redirected local, encapsulated in BPF, decapsulated in BPF).
     fn counters(&self) -> Result<(u64, u64, u64)> {
         let text = self.ctl(&["counters"])?;
         let get = |k: &str| -> Result<u64> {
@@ -158,7 +162,7 @@ impl FastPath<'_> {
         };
         Ok((
             get("redirected_local ")?,
-            get("redirected_remote ")?,
+            get("encapsulated ")?,
             get("decapsulated ")?,
         ))
     }
@@ -296,6 +300,8 @@ pub fn run_harness(opts: Options) -> Result<String> {
         host: t.h1.clone(),
         underlay_ip: "10.231.0.1",
         vtep: VTEP1,
+        peer_ip: "10.231.0.2",
+        peer_vtep: VTEP2,
     };
     let fp2 = FastPath {
         ctl: &ctl,
@@ -303,6 +309,8 @@ pub fn run_harness(opts: Options) -> Result<String> {
         host: t.h2.clone(),
         underlay_ip: "10.231.0.2",
         vtep: VTEP2,
+        peer_ip: "10.231.0.1",
+        peer_vtep: VTEP1,
     };
     let pairs = [("same-host", &t.a, &t.b), ("cross-host", &t.a, &t.c)];
     let mut samples: Vec<(&str, Mode, Samples)> = Vec::new();
@@ -336,7 +344,7 @@ pub fn run_harness(opts: Options) -> Result<String> {
                 if mode == Mode::Fast {
                     let (l0, r0, d0) = before.context("counters")?;
                     let (l1, r1, d1) = fp1.counters()?;
-                    // Cross-host: sent by redirect_neigh, replies decapsulated on the underlay.
+                    // Cross-host: requests encapsulated in BPF, replies decapsulated in BPF.
                     let moved = if *name == "same-host" {
                         l1 > l0
                     } else {
