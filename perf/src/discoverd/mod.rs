@@ -140,7 +140,7 @@ fn header(opts: &Options, etcd_version: &str) -> Vec<String> {
         ),
         format!(
             "flynn-discoverd: `{} --data-dir DIR --addr 127.0.0.N:P --host 127.0.0.N:P --peers \
-             <all nodes>` (defaults: election timeout 300 ms, instance TTL 10 s)",
+             <all nodes>` (defaults: election timeout 100 ms, instance TTL 10 s)",
             opts.discoverd_bin.display()
         ),
         "etcd: `etcd --name nN --data-dir DIR --listen-client-urls http://127.0.0.N:C \
