@@ -41,6 +41,10 @@ pub const PROTOCOL: &str = "flynn-raft-append";
 pub const PATH: &str = "/raft/rpc/stream";
 /// Frames larger than this end the stream (a bad peer, not a batch of entries).
 const MAX_FRAME: usize = 64 << 20;
+/// The follower closes a stream that brought no request for this long, so a leader whose
+/// host vanished without closing its connections does not keep a task and a socket here
+/// forever. A live leader whose stream was only idle reopens it on its next write.
+const IDLE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -218,11 +222,16 @@ where
         let faults = faults.clone();
         let from = from_in.clone();
         async move {
-            match read_frame::<_, AppendEntriesRequest<C>>(&mut rd, &mut buf).await {
-                Ok(Some(req)) if !faults.is_cut(&from) => Some((req, (rd, buf))),
-                Ok(_) => None,
-                Err(e) => {
+            let read = read_frame::<_, AppendEntriesRequest<C>>(&mut rd, &mut buf);
+            match tokio::time::timeout(IDLE, read).await {
+                Ok(Ok(Some(req))) if !faults.is_cut(&from) => Some((req, (rd, buf))),
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => {
                     tracing::debug!(peer = %from, error = %e, "raft stream read failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %from, "raft stream idle, closing");
                     None
                 }
             }
