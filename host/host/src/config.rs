@@ -85,6 +85,16 @@ pub struct Config {
     #[arg(long, env = "FLYNN_NO_NETWORK")]
     pub no_network: bool,
 
+    /// Network namespaces (with veth and address) kept ready for starting jobs (0 = made
+    /// on each job's start path).
+    #[arg(long, env = "FLYNN_NETNS_POOL", default_value_t = 2)]
+    pub netns_pool: usize,
+
+    /// Do not keep a spare shim ready for the next job (each job then waits for its shim's
+    /// exec and start-up).
+    #[arg(long, env = "FLYNN_NO_SPARE_SHIM")]
+    pub no_spare_shim: bool,
+
     /// Host tags, `key=value`; repeatable or comma separated.
     #[arg(long = "tag", env = "FLYNN_TAGS", value_delimiter = ',')]
     pub tags: Vec<String>,

@@ -31,6 +31,8 @@ pub struct ContainerRuntime {
 struct Spare {
     shim: std::sync::Mutex<Option<SpareShim>>,
     refilling: std::sync::atomic::AtomicBool,
+    /// Set by the first [`Runtime::warm`]: spares are kept from then on.
+    enabled: std::sync::atomic::AtomicBool,
 }
 
 impl Spare {
@@ -152,12 +154,21 @@ impl Runtime for ContainerRuntime {
             &self.state_dir,
             &spec,
         ));
-        self.refill();
+        if self
+            .spare
+            .enabled
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.refill();
+        }
         let conn = conn.map_err(|e| RuntimeError::Start(chain(&e)))?;
         Ok(follow(conn))
     }
 
     fn warm(&self) {
+        self.spare
+            .enabled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.refill();
     }
 

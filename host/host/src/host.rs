@@ -538,12 +538,16 @@ impl Host {
                 }
             }
         }
+        let t0 = std::time::Instant::now();
         self.deregister(&id).await;
         self.lock().ctl.remove(&id);
+        let t_dereg = t0.elapsed();
         self.teardown(&id, r.ip.is_some()).await;
+        let t_net = t0.elapsed();
         let rt = self.runtime.clone();
         let cid = id.clone();
         let _ = tokio::task::spawn_blocking(move || rt.cleanup(&cid)).await;
+        tracing::debug!(job = %id, deregister = ?t_dereg, network = ?(t_net - t_dereg), cleanup = ?(t0.elapsed() - t_net), "job end phases");
         let end = end.unwrap_or_else(|| Err("lost contact with the job".into()));
         let mut inner = self.lock();
         let (kind, j) = match end {

@@ -82,6 +82,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 block,
                 cfg.mtu,
                 Some(sync.clone()),
+                cfg.netns_pool,
             )
             .await?,
         )
@@ -102,7 +103,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         store,
         logs,
         discoverd: cfg.discoverd.clone(),
-        network,
+        network: network.clone(),
         external_ip: cfg.external_ip,
         tags,
         resolvers: cfg.resolvers.clone(),
@@ -111,7 +112,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
     host.set_url(format!("http://{addr}"));
     host.restore().await;
-    host.warm();
+    if !cfg.no_spare_shim {
+        host.warm();
+    }
+    if let Some(n) = &network {
+        n.fill_pool();
+    }
     let h = host.clone();
     tokio::spawn(async move { h.register_host().await });
     let app = api::router(host.clone());
@@ -131,6 +137,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             // Event streams never end on their own: give requests a moment, then go.
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         } => {}
+    }
+    if let Some(n) = &network {
+        n.drain_pool().await;
     }
     // Whatever the last changes were, on disk before the daemon goes.
     tokio::task::spawn_blocking(move || sync.flush()).await.ok();

@@ -3,10 +3,19 @@
 //! from an allocator persisted in the state directory (so a restarted daemon keeps the
 //! addresses of the jobs it re-adopts). Until the overlay agent hands out the block it
 //! comes from the `--block` flag.
+//!
+//! Creating a namespace, a veth pair and the job side's address and routes takes a few
+//! milliseconds of netlink round trips and kernel work, all on the job's start path. So a
+//! few are made ahead of time (`--netns-pool`, named and allocated under a pool key
+//! instead of a job id) and a starting job takes one; the pool is refilled in the
+//! background. Which job holds which pooled namespace is kept in `job-netns.json`, so a
+//! restarted daemon tears down the right one; pool entries no job took are removed at
+//! start-up and on a clean shutdown.
 
-use std::net::IpAddr;
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use flynn_api::host::NetworkInfo;
 use flynn_network::job::{self, IpAllocator, JobNetConfig};
@@ -14,23 +23,52 @@ use flynn_network::{KernelNetlink, Subnet};
 
 use crate::syncer::Syncer;
 
+/// Allocator owners (and namespace/veth name seeds) of pooled namespaces. Job ids cannot
+/// start with it (they may not contain `/`).
+const POOL_PREFIX: &str = "pool/";
+
+#[derive(Clone)]
 pub struct Network {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     nl: KernelNetlink,
     cfg: JobNetConfig,
     alloc: Mutex<IpAllocator>,
     /// Group commit of the allocation file; `None` = fsynced on every change.
     sync: Option<Syncer>,
+    pool: Mutex<Pool>,
+    pool_size: usize,
+    /// `job-netns.json`: job id → pool key of the namespace it took.
+    taken_path: PathBuf,
+}
+
+#[derive(Default)]
+struct Pool {
+    ready: VecDeque<Ready>,
+    taken: BTreeMap<String, String>,
+    refilling: bool,
+}
+
+struct Ready {
+    key: String,
+    ip: Ipv4Addr,
+    netns: PathBuf,
 }
 
 impl Network {
-    /// Creates (or adopts) the bridge and opens the allocator. Needs a tokio runtime. With
-    /// `sync`, allocation changes are fsynced in its group commits instead of inline.
+    /// Creates (or adopts) the bridge and opens the allocator; removes pooled namespaces a
+    /// previous daemon left unused. Needs a tokio runtime. With `sync`, allocation changes
+    /// are fsynced in its group commits instead of inline. `pool_size` namespaces are kept
+    /// ready once [`Network::fill_pool`] has been called.
     pub async fn open(
         state_dir: &Path,
         bridge: &str,
         block: Subnet,
         mtu: u32,
         sync: Option<Syncer>,
+        pool_size: usize,
     ) -> anyhow::Result<Network> {
         use anyhow::Context;
         let nl = KernelNetlink::connect().context("opening rtnetlink")?;
@@ -44,70 +82,224 @@ impl Network {
         if sync.is_some() {
             alloc = alloc.deferred_sync();
         }
-        Ok(Network {
-            nl,
-            cfg: JobNetConfig {
-                bridge: bridge.to_string(),
-                block,
-                gateway,
-                mtu,
-            },
-            alloc: Mutex::new(alloc),
-            sync,
-        })
+        let taken_path = state_dir.join("job-netns.json");
+        let taken: BTreeMap<String, String> = match std::fs::read(&taken_path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .with_context(|| format!("parsing {}", taken_path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", taken_path.display())),
+        };
+        let leftovers: Vec<String> = alloc
+            .allocations()
+            .map(|(o, _)| o.to_string())
+            .filter(|o| o.starts_with(POOL_PREFIX) && !taken.values().any(|k| k == o))
+            .collect();
+        let net = Network {
+            inner: Arc::new(Inner {
+                nl,
+                cfg: JobNetConfig {
+                    bridge: bridge.to_string(),
+                    block,
+                    gateway,
+                    mtu,
+                },
+                alloc: Mutex::new(alloc),
+                sync,
+                pool: Mutex::new(Pool {
+                    taken,
+                    ..Pool::default()
+                }),
+                pool_size,
+                taken_path,
+            }),
+        };
+        for key in leftovers {
+            if let Err(e) = net.destroy(&key).await {
+                tracing::warn!(key, error = %e, "removing an unused pooled namespace failed");
+            }
+        }
+        Ok(net)
+    }
+
+    fn alloc(&self) -> MutexGuard<'_, IpAllocator> {
+        self.inner.alloc.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        self.inner.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn synced<T>(&self, a: &IpAllocator, r: T) -> T {
-        if let Some(s) = &self.sync {
+        if let Some(s) = &self.inner.sync {
             s.file(a.path());
         }
         r
     }
 
-    fn alloc(&self) -> std::sync::MutexGuard<'_, IpAllocator> {
-        self.alloc.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Allocates the job's address and creates its namespace and veth; returns the
-    /// address and the namespace path. Nothing is left behind on failure.
-    pub async fn setup(&self, id: &str) -> Result<(IpAddr, PathBuf), String> {
+    /// Allocates an address for `owner` and creates the namespace and veth named after it.
+    async fn create(&self, owner: &str) -> Result<(Ipv4Addr, PathBuf), String> {
         let ip = {
             let mut a = self.alloc();
-            let r = a.allocate(id).map_err(chain);
+            let r = a.allocate(owner).map_err(chain);
             self.synced(&a, r)?
         };
-        match job::create_job_net(&self.nl, id, ip, &self.cfg).await {
-            Ok(n) => Ok((IpAddr::V4(n.ip), n.netns_path)),
+        match job::create_job_net(&self.inner.nl, owner, ip, &self.inner.cfg).await {
+            Ok(n) => Ok((n.ip, n.netns_path)),
             Err(e) => {
                 let mut a = self.alloc();
-                let r = a.release(id);
+                let r = a.release(owner);
                 let _ = self.synced(&a, r);
                 Err(chain(e))
             }
         }
     }
 
+    /// Removes the namespace and veth named after `owner` and frees its address.
+    async fn destroy(&self, owner: &str) -> Result<(), String> {
+        let res = job::destroy_job_net(&self.inner.nl, owner)
+            .await
+            .map_err(chain);
+        let mut a = self.alloc();
+        let r = a.release(owner).map_err(chain);
+        self.synced(&a, r)?;
+        res
+    }
+
+    /// Writes `job-netns.json` (before the change is relied on).
+    fn save_taken(&self, taken: &BTreeMap<String, String>) -> Result<(), String> {
+        let path = &self.inner.taken_path;
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec(taken).expect("maps serialize");
+        std::fs::write(&tmp, bytes)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        match &self.inner.sync {
+            Some(s) => s.file(path),
+            None => {
+                let _ = std::fs::File::open(path).and_then(|f| f.sync_all());
+                if let Some(d) = path.parent() {
+                    let _ = std::fs::File::open(d).and_then(|f| f.sync_all());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The job's address and network namespace: a pooled one if there is one ready (then
+    /// the pool is refilled in the background), else made now. Nothing is left behind on
+    /// failure.
+    pub async fn setup(&self, id: &str) -> Result<(IpAddr, PathBuf), String> {
+        let taken = {
+            let mut pool = self.pool();
+            match pool.ready.pop_front() {
+                Some(r) => {
+                    let mut map = pool.taken.clone();
+                    map.insert(id.to_string(), r.key.clone());
+                    match self.save_taken(&map) {
+                        Ok(()) => {
+                            pool.taken = map;
+                            Some(r)
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot record a pooled namespace; making one for the job");
+                            pool.ready.push_front(r);
+                            None
+                        }
+                    }
+                }
+                None => None,
+            }
+        };
+        if let Some(r) = taken {
+            self.fill_pool();
+            return Ok((IpAddr::V4(r.ip), r.netns));
+        }
+        self.fill_pool();
+        let (ip, ns) = self.create(id).await?;
+        Ok((IpAddr::V4(ip), ns))
+    }
+
+    /// The allocator owner (and name seed) of job `id`'s network.
+    fn owner_of(&self, id: &str) -> String {
+        self.pool()
+            .taken
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| id.to_string())
+    }
+
     /// Removes the job's veth and namespace and frees its address.
     pub async fn teardown(&self, id: &str) -> Result<(), String> {
-        let res = job::destroy_job_net(&self.nl, id).await.map_err(chain);
-        {
-            let mut a = self.alloc();
-            let r = a.release(id).map_err(chain);
-            self.synced(&a, r)?;
+        let owner = self.owner_of(id);
+        let res = self.destroy(&owner).await;
+        if owner != id {
+            let mut pool = self.pool();
+            let mut map = pool.taken.clone();
+            map.remove(id);
+            self.save_taken(&map)?;
+            pool.taken = map;
         }
         res
     }
 
     /// The address allocated to job `id`, if any.
     pub fn address_of(&self, id: &str) -> Option<IpAddr> {
-        self.alloc().get(id).map(IpAddr::V4)
+        let owner = self.owner_of(id);
+        self.alloc().get(&owner).map(IpAddr::V4)
+    }
+
+    /// Tops the pool up to its size in the background (one refill at a time). Needs a
+    /// tokio runtime.
+    pub fn fill_pool(&self) {
+        if self.inner.pool_size == 0 {
+            return;
+        }
+        {
+            let mut pool = self.pool();
+            if pool.refilling || pool.ready.len() >= self.inner.pool_size {
+                return;
+            }
+            pool.refilling = true;
+        }
+        let net = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if net.pool().ready.len() >= net.inner.pool_size {
+                    break;
+                }
+                let key = format!("{POOL_PREFIX}{}", uuid::Uuid::new_v4().simple());
+                match net.create(&key).await {
+                    Ok((ip, netns)) => net.pool().ready.push_back(Ready { key, ip, netns }),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "making a pooled network namespace failed");
+                        break;
+                    }
+                }
+            }
+            net.pool().refilling = false;
+        });
+    }
+
+    /// Pooled namespaces ready now.
+    pub fn pooled(&self) -> usize {
+        self.pool().ready.len()
+    }
+
+    /// Removes every pooled namespace no job took (clean shutdown).
+    pub async fn drain_pool(&self) {
+        let ready: Vec<Ready> = self.pool().ready.drain(..).collect();
+        for r in ready {
+            if let Err(e) = self.destroy(&r.key).await {
+                tracing::warn!(key = %r.key, error = %e, "removing a pooled namespace failed");
+            }
+        }
     }
 
     pub fn info(&self) -> NetworkInfo {
         NetworkInfo {
-            subnet: self.cfg.block.to_string(),
-            mtu: self.cfg.mtu,
-            bridge: self.cfg.bridge.clone(),
+            subnet: self.inner.cfg.block.to_string(),
+            mtu: self.inner.cfg.mtu,
+            bridge: self.inner.cfg.bridge.clone(),
         }
     }
 }

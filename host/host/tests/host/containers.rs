@@ -184,6 +184,15 @@ fn cgroup_dirs(rel: &str) -> Vec<PathBuf> {
 impl Drop for CHost {
     fn drop(&mut self) {
         drop(self.host.proc.take());
+        // Pooled namespaces (and any a job held) of the killed daemon.
+        if self.host.dir.path().join("job-ips.json").exists() {
+            for o in ip_owners(self.host.dir.path()) {
+                let ns = flynn_network::job::netns_path(&o);
+                if let Some(n) = ns.file_name().and_then(|n| n.to_str()) {
+                    let _ = Command::new("ip").args(["netns", "del", n]).status();
+                }
+            }
+        }
         let containers = self.host.dir.path().join("containers");
         for id in flynn_container::Shim::list(&containers) {
             let _ = flynn_container::Shim::cleanup(&containers, &id);
@@ -230,6 +239,32 @@ fn spares(state: &std::path::Path) -> Vec<i32> {
 
 fn netns_exists(id: &str) -> bool {
     flynn_network::job::netns_path(id).exists()
+}
+
+/// Owners in the daemon's address allocator (job ids and `pool/...` keys).
+fn ip_owners(state: &std::path::Path) -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("job-ips.json")).unwrap()).unwrap();
+    v["owners"]
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Job id → pool key of the pooled namespace it took (`job-netns.json`).
+fn taken_netns(state: &std::path::Path) -> std::collections::BTreeMap<String, String> {
+    std::fs::read(state.join("job-netns.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Whether the network namespace job `id` uses exists: the pooled one it took, or its own.
+fn job_netns_exists(state: &std::path::Path, id: &str) -> bool {
+    match taken_netns(state).get(id) {
+        Some(key) => netns_exists(key),
+        None => netns_exists(id),
+    }
 }
 
 #[test]
@@ -413,6 +448,13 @@ fn twenty_jobs_at_once_and_jobs_reach_each_other() {
         assert_eq!(ips.len(), 20);
         let st = c.status().await.unwrap();
         assert_eq!(st.jobs.get("running"), Some(&21));
+        // Some took a namespace from the pool (made before they were asked for), the rest
+        // got one made on the spot; each exists while its job runs.
+        let taken = taken_netns(h.dir.path());
+        assert!(!taken.is_empty(), "no job used a pooled namespace");
+        for id in &ids {
+            assert!(job_netns_exists(h.dir.path(), id), "no netns for {id}");
+        }
         for id in ids.iter().chain([&web]) {
             c.stop_job(id).await.unwrap();
         }
@@ -426,6 +468,16 @@ fn twenty_jobs_at_once_and_jobs_reach_each_other() {
             flynn_container::Shim::list(&containers).is_empty()
         })
         .await;
+        for key in taken.values() {
+            assert!(!netns_exists(key), "pooled netns {key} left");
+        }
+        assert!(taken_netns(h.dir.path()).is_empty());
+        // What is left in the allocator is the refilled pool, nothing of a job.
+        let owners = ip_owners(h.dir.path());
+        assert!(
+            owners.len() <= 2 && owners.iter().all(|o| o.starts_with("pool/")),
+            "{owners:?}"
+        );
         for id in &ids {
             assert!(!netns_exists(id), "netns of {id} left");
             assert_eq!(
@@ -445,9 +497,21 @@ fn twenty_jobs_at_once_and_jobs_reach_each_other() {
                 );
             }
         }
+        let pool_veths: Vec<String> = ip_owners(h.dir.path())
+            .iter()
+            .map(|o| flynn_network::job::host_veth_name(o))
+            .collect();
         let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
         let links = String::from_utf8_lossy(&links.stdout);
-        assert!(!links.contains(": flv"), "veths left: {links}");
+        for l in links.lines() {
+            if let Some(name) = l.split(": ").nth(1).filter(|n| n.starts_with("flv")) {
+                let name = name.split('@').next().unwrap_or(name);
+                assert!(
+                    pool_veths.iter().any(|p| p == name),
+                    "veth {name} left (pool: {pool_veths:?})"
+                );
+            }
+        }
     });
 }
 
@@ -496,6 +560,21 @@ fn restarted_daemon_readopts_running_jobs() {
         })
         .await;
         let old_spare = spares(&state);
+        // The job took a pooled namespace; the pool was refilled behind it.
+        let key = taken_netns(&state)
+            .get(&id)
+            .cloned()
+            .expect("job used the pool");
+        assert!(netns_exists(&key));
+        let mut old_pool = Vec::new();
+        eventually(Duration::from_secs(10), "the pool refilled", || {
+            old_pool = ip_owners(&state)
+                .into_iter()
+                .filter(|o| o.starts_with("pool/") && *o != key)
+                .collect();
+            old_pool.len() == 2
+        })
+        .await;
 
         // Kill the daemon outright and start a new one on the same state.
         drop(ch.host.proc.take());
@@ -514,6 +593,15 @@ fn restarted_daemon_readopts_running_jobs() {
         let c = &ch.host.client;
         let after = c.get_job(&id).await.unwrap();
         assert_eq!(after.status, JobStatus::Running, "{after:?}");
+        // The killed daemon's unused pool is gone; the job's pooled namespace is not.
+        let owners = ip_owners(&state);
+        for o in &old_pool {
+            assert!(
+                !owners.contains(o) && !netns_exists(o),
+                "old pool entry {o} left"
+            );
+        }
+        assert!(netns_exists(&key) && owners.contains(&key));
         assert_eq!(
             (after.pid, after.internal_ip.clone()),
             (before.pid, before.internal_ip.clone())
@@ -540,6 +628,9 @@ fn restarted_daemon_readopts_running_jobs() {
         let j = wait_ended(c, &id, Duration::from_secs(15)).await;
         assert_eq!(j.status, JobStatus::Done);
         assert!(!netns_exists(&id));
+        // The new daemon knew which pooled namespace was the job's.
+        assert!(!netns_exists(&key), "the job's pooled netns was left");
+        assert!(!taken_netns(&state).contains_key(&id));
     });
 }
 
