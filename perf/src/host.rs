@@ -244,7 +244,14 @@ impl Leftovers {
         for m in mounts {
             let _ = Command::new("umount").args(["-l", &m]).status();
         }
-        for id in &self.jobs {
+        // Everything the daemon's allocator names: jobs and its pool of ready namespaces
+        // (`pool/...`), which a killed daemon leaves behind.
+        let owners: Vec<String> = std::fs::read(self.dir.join("state/job-ips.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|v| v["owners"].as_object().map(|o| o.keys().cloned().collect()))
+            .unwrap_or_default();
+        for id in self.jobs.iter().chain(&owners) {
             let short = short_id(id);
             if Path::new(&format!("/run/netns/flynn-{short}")).exists() {
                 let _ = Command::new("ip")
