@@ -125,6 +125,57 @@ pub struct ContainerConfig {
     /// Seconds between SIGTERM and SIGKILL when the job is stopped (default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout: Option<u64>,
+    /// Host volumes (`POST /storage/providers/default/volumes`) bind-mounted into the job.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeBinding>,
+}
+
+/// A volume of this host mounted into a job. A volume is used by one starting or
+/// running job at a time.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeBinding {
+    /// Path in the container.
+    pub target: String,
+    /// The volume's id.
+    pub volume: String,
+    /// Mounted read-write (read-only otherwise).
+    #[serde(default)]
+    pub writeable: bool,
+    /// Delete the volume (its data too) when the job ends.
+    #[serde(default)]
+    pub delete_on_stop: bool,
+}
+
+/// A host volume: a directory on the host kept across jobs (spec §5.3 storage API;
+/// Flynn's `volume.Info`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Volume {
+    pub id: String,
+    /// Always `data` (a directory volume).
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host_id: String,
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub created_at: String,
+}
+
+/// `POST /storage/providers/:provider/volumes` body (may be empty).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeCreate {
+    /// A client-chosen id (a UUID); a new random UUID when empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    /// Empty or `data`.
+    #[serde(rename = "type", default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, String>,
 }
 
 /// A bind mount from the host into the container.
@@ -378,6 +429,37 @@ mod tests {
         assert_eq!(j.config.ports[0].service.as_ref().unwrap().name, "web");
         let back: Job = serde_json::from_value(serde_json::to_value(&j).unwrap()).unwrap();
         assert_eq!(back, j);
+    }
+
+    #[test]
+    fn volumes_default_and_round_trip() {
+        // Jobs written before volumes existed still parse.
+        let j: Job = serde_json::from_str(r#"{"config":{"args":["sh"]}}"#).unwrap();
+        assert!(j.config.volumes.is_empty());
+        assert!(!serde_json::to_string(&j).unwrap().contains("volumes"));
+        let j: Job = serde_json::from_str(
+            r#"{"config":{"args":["sh"],"volumes":[{"target":"/data","volume":"v1","writeable":true}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            j.config.volumes,
+            [VolumeBinding {
+                target: "/data".into(),
+                volume: "v1".into(),
+                writeable: true,
+                delete_on_stop: false
+            }]
+        );
+        let back: Job = serde_json::from_value(serde_json::to_value(&j).unwrap()).unwrap();
+        assert_eq!(back, j);
+        let v: Volume = serde_json::from_str(
+            r#"{"id":"a","type":"data","meta":{"k":"v"},"created_at":"2026-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        assert_eq!((v.kind.as_str(), v.meta["k"].as_str()), ("data", "v"));
+        let c: VolumeCreate = serde_json::from_str("{}").unwrap();
+        assert_eq!(c, VolumeCreate::default());
+        assert!(serde_json::from_str::<VolumeCreate>(r#"{"size":1}"#).is_err());
     }
 
     #[test]

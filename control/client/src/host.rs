@@ -10,7 +10,7 @@ use crate::json_http::JsonHttp;
 
 pub use flynn_api::host::{
     ActiveJob, CheckPort, ContainerConfig, Event, EventKind, HostStatus, Job, JobStatus, Mount,
-    MountSpec, Port, ResourceCheck, Resources, Service, Spec,
+    MountSpec, Port, ResourceCheck, Resources, Service, Spec, Volume, VolumeBinding, VolumeCreate,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +140,45 @@ impl Client {
         self.send(reqwest::Method::POST, "/host/tags", Some(body))
             .await
             .map(drop)
+    }
+
+    /// `POST /storage/providers/default/volumes`: a new volume on this host.
+    pub async fn create_volume(&self, req: &VolumeCreate) -> Result<Volume, Error> {
+        let body = serde_json::to_vec(req).unwrap_or_default();
+        self.json(
+            reqwest::Method::POST,
+            "/storage/providers/default/volumes",
+            Some(body),
+        )
+        .await
+    }
+
+    /// Every volume on this host, oldest first.
+    pub async fn list_volumes(&self) -> Result<Vec<Volume>, Error> {
+        self.json(reqwest::Method::GET, "/storage/volumes", None)
+            .await
+    }
+
+    /// 404 `object_not_found` for an unknown volume.
+    pub async fn get_volume(&self, id: &str) -> Result<Volume, Error> {
+        self.json(
+            reqwest::Method::GET,
+            &format!("/storage/volumes/{id}"),
+            None,
+        )
+        .await
+    }
+
+    /// Deletes the volume and its data: 409 `conflict` while a starting or running job
+    /// uses it, 404 `object_not_found` for an unknown one.
+    pub async fn delete_volume(&self, id: &str) -> Result<(), Error> {
+        self.send(
+            reqwest::Method::DELETE,
+            &format!("/storage/volumes/{id}"),
+            None,
+        )
+        .await
+        .map(drop)
     }
 
     /// Job events (SSE) for one job (`Some(id)`) or all jobs. The stream ends when the

@@ -38,18 +38,18 @@ impl IntoResponse for Error {
     }
 }
 
-type Result<T> = std::result::Result<T, Error>;
+pub(crate) type Result<T> = std::result::Result<T, Error>;
 
 /// The path parameters, or the JSON error envelope when they cannot be decoded (bad
 /// percent-encoding, not UTF-8) instead of axum's plain-text rejection.
-fn path<T>(p: std::result::Result<Path<T>, PathRejection>) -> Result<T> {
+pub(crate) fn path<T>(p: std::result::Result<Path<T>, PathRejection>) -> Result<T> {
     p.map(|Path(v)| v).map_err(|e| {
         ApiError::validation(Some("id"), &format!("is not a valid path segment: {e}")).into()
     })
 }
 
 /// The request body, or the JSON error envelope when it cannot be read (too big).
-fn body(b: std::result::Result<Bytes, BytesRejection>) -> Result<Bytes> {
+pub(crate) fn body(b: std::result::Result<Bytes, BytesRejection>) -> Result<Bytes> {
     b.map_err(|e| {
         let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             flynn_api::ErrorCode::RequestBodyTooBig
@@ -75,6 +75,7 @@ pub fn router(host: Arc<Host>) -> Router {
         .route("/host/status", get(status))
         .route("/host/tags", post(set_tags))
         .route("/host/resource-check", post(resource_check))
+        .merge(crate::volume_api::router())
         .route("/.well-known/status", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { Error(ApiError::not_found("not found")) })
@@ -87,7 +88,7 @@ fn wants_sse(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.contains("text/event-stream"))
 }
 
-fn json_body<T: for<'de> Deserialize<'de>>(h: &HeaderMap, body: &[u8]) -> Result<T> {
+pub(crate) fn json_body<T: for<'de> Deserialize<'de>>(h: &HeaderMap, body: &[u8]) -> Result<T> {
     let ct = h
         .get("content-type")
         .and_then(|v| v.to_str().ok())

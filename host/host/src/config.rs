@@ -35,6 +35,10 @@ pub struct Config {
     #[arg(long, env = "FLYNN_IMAGE_DIR")]
     pub image_dir: Option<PathBuf>,
 
+    /// Host volumes, one directory each (default: `<state-dir>/volumes`).
+    #[arg(long, env = "FLYNN_VOLUME_DIR")]
+    pub volume_dir: Option<PathBuf>,
+
     #[arg(long, env = "FLYNN_RUNTIME", value_enum, default_value = "container")]
     pub runtime: RuntimeKind,
 

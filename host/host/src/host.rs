@@ -19,6 +19,7 @@ use crate::logship::{now_rfc3339, Shipper, Source};
 use crate::net::Network;
 use crate::runtime::{BindMount, Handle, Launch, Limits, ProcEvent, Runtime, Signaller};
 use crate::store::Store;
+use crate::volumes::{self, Volumes};
 
 const SIGKILL: i32 = 9;
 const SIGTERM: i32 = 15;
@@ -40,6 +41,7 @@ pub struct Options {
     pub state_dir: PathBuf,
     /// Jobs allowed in `starting` at once; more are refused with 429 (0 = no limit).
     pub max_starting: usize,
+    pub volumes: Volumes,
 }
 
 /// Per-job control state of a job with a live process.
@@ -71,6 +73,7 @@ pub struct Host {
     resolvers: Vec<IpAddr>,
     state_dir: PathBuf,
     max_starting: usize,
+    volumes: Volumes,
     tags: Mutex<BTreeMap<String, String>>,
     inner: Mutex<Inner>,
     events: broadcast::Sender<Event>,
@@ -98,6 +101,7 @@ impl Host {
             resolvers: o.resolvers,
             max_starting: o.max_starting,
             state_dir: o.state_dir,
+            volumes: o.volumes,
             tags: Mutex::new(o.tags),
             inner: Mutex::new(Inner::default()),
             events,
@@ -116,6 +120,30 @@ impl Host {
 
     pub fn needs_image(&self) -> bool {
         self.runtime.needs_image()
+    }
+
+    pub fn volumes(&self) -> &Volumes {
+        &self.volumes
+    }
+
+    /// `DELETE /storage/volumes/:id`: 409 while a starting or running job binds it.
+    pub async fn delete_volume(&self, id: &str) -> Result<(), ApiError> {
+        let path = {
+            let inner = self.lock();
+            if let Some(job) = volumes::holder(&inner.table, id, "") {
+                return Err(ApiError::conflict(format!(
+                    "volume {id} is in use by job {job}"
+                )));
+            }
+            self.volumes.detach(id).map_err(|e| {
+                tracing::error!(volume = %id, error = ?e, "deleting volume failed");
+                ApiError::unknown()
+            })?
+        };
+        let path = path.ok_or_else(|| ApiError::object_not_found("volume not found"))?;
+        let vols = self.volumes.clone();
+        let _ = tokio::task::spawn_blocking(move || vols.purge(&path)).await;
+        Ok(())
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
@@ -279,6 +307,9 @@ impl Host {
                     .with_retry(true));
                 }
             }
+            if inner.table.get(&job.id).is_none() {
+                volumes::check_free(&inner.table, &job)?;
+            }
             let aj = inner.table.add(job, &self.id, now_rfc3339())?.clone();
             self.publish(EventKind::Create, &aj);
         }
@@ -291,6 +322,7 @@ impl Host {
         tracing::warn!(job = %id, reason = %reason, "job failed to start");
         let mut inner = self.lock();
         if let Some(j) = inner.table.failed(id, reason, now_rfc3339()).cloned() {
+            self.volumes.release(&j.job);
             let kind = if j.status == JobStatus::Failed {
                 EventKind::Error
             } else {
@@ -314,6 +346,10 @@ impl Host {
         let t0 = std::time::Instant::now();
         let ports = match job::bind_ports(&job) {
             Ok(p) => p,
+            Err(reason) => return self.fail(&id, reason),
+        };
+        let volume_mounts = match self.volumes.mounts(&job) {
+            Ok(m) => m,
             Err(reason) => return self.fail(&id, reason),
         };
         let mut layers = Vec::new();
@@ -360,6 +396,7 @@ impl Host {
                 readonly: !m.writeable,
             })
             .collect();
+        mounts.extend(volume_mounts);
         if netns.is_some() && !self.resolvers.is_empty() {
             match self.write_resolv_conf(&id) {
                 Ok(path) => mounts.push(BindMount {
@@ -561,6 +598,7 @@ impl Host {
             ),
         };
         if let Some(j) = j {
+            self.volumes.release(&j.job);
             tracing::info!(job = %id, status = j.status.as_str(), exit = ?j.exit_status, "job ended");
             self.publish(kind, &j);
             self.gc(&mut inner, &j);

@@ -26,6 +26,8 @@ struct Fake {
     signals: Arc<Mutex<Vec<(String, i32)>>>,
     /// Jobs [`Runtime::cleanup`] was called for.
     cleaned: Mutex<Vec<String>>,
+    /// The bind mounts each started job was given.
+    mounts: Mutex<BTreeMap<String, Vec<crate::runtime::BindMount>>>,
 }
 
 impl Fake {
@@ -63,6 +65,10 @@ impl Runtime for Fake {
         if l.args[0] == "fail" {
             return Err(RuntimeError::Start("no such binary".into()));
         }
+        self.mounts
+            .lock()
+            .unwrap()
+            .insert(l.id.clone(), l.mounts.clone());
         let (tx, rx) = mpsc::channel(16);
         let _ = tx.try_send(ProcEvent::Started { pid: 42 });
         self.jobs.lock().unwrap().insert(l.id.clone(), tx);
@@ -99,6 +105,12 @@ fn host(rt: Arc<Fake>, dir: &Path, max_starting: usize) -> Arc<Host> {
         resolvers: Vec::new(),
         state_dir: dir.to_path_buf(),
         max_starting,
+        volumes: crate::volumes::Volumes::open(
+            &dir.join("volumes"),
+            "h",
+            crate::syncer::Syncer::start(),
+        )
+        .unwrap(),
     })
 }
 
@@ -216,4 +228,106 @@ async fn stop_while_starting_then_lifecycle() {
         .load();
     assert_eq!(stored.len(), 3);
     assert!(stored.iter().all(|j| j.status.is_terminal()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_are_exclusive_mounted_and_deleted_on_stop() {
+    use crate::runtime::BindMount;
+    use flynn_api::host::{VolumeBinding, VolumeCreate};
+
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    rt.open();
+    let h = host(rt.clone(), d.path(), 0);
+    let vols = h.volumes().clone();
+    let keep = vols.create(VolumeCreate::default(), "t".into()).unwrap();
+    let temp = vols.create(VolumeCreate::default(), "t".into()).unwrap();
+    let bind = |vol: &str, target: &str, writeable: bool, delete_on_stop: bool| VolumeBinding {
+        target: target.into(),
+        volume: vol.into(),
+        writeable,
+        delete_on_stop,
+    };
+    let mut a = job("a", "x");
+    a.config.volumes = vec![
+        bind(&keep.id, "/data", true, false),
+        bind(&temp.id, "/scratch", false, true),
+    ];
+    h.add_job(a).unwrap();
+    wait_status(&h, "a", JobStatus::Running).await;
+    assert_eq!(
+        rt.mounts.lock().unwrap()["a"],
+        [
+            BindMount {
+                source: vols.data_path(&keep.id).unwrap(),
+                target: "/data".into(),
+                readonly: false,
+            },
+            BindMount {
+                source: vols.data_path(&temp.id).unwrap(),
+                target: "/scratch".into(),
+                readonly: true,
+            },
+        ]
+    );
+
+    // Held by a running job: another job and a deletion are refused.
+    let mut b = job("b", "x");
+    b.config.volumes = vec![bind(&keep.id, "/data", false, false)];
+    let e = h.add_job(b.clone()).unwrap_err();
+    assert_eq!(
+        (e.code, e.message.clone()),
+        (
+            ErrorCode::Conflict,
+            format!("volume {} is in use by job a", keep.id)
+        )
+    );
+    assert!(h.get("b").is_none());
+    let e = h.delete_volume(&keep.id).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::Conflict);
+    let e = h
+        .delete_volume("11111111-2222-4333-8444-555555555555")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::ObjectNotFound);
+
+    // The job ends: its delete_on_stop volume goes, the other stays and is free again.
+    rt.events("a")
+        .send(ProcEvent::Exited {
+            code: 0,
+            signal: None,
+            oom_killed: false,
+        })
+        .await
+        .unwrap();
+    wait_status(&h, "a", JobStatus::Done).await;
+    assert!(vols.get(&temp.id).is_none());
+    assert_eq!(vols.list(), vec![keep.clone()]);
+    h.add_job(b).unwrap();
+    wait_status(&h, "b", JobStatus::Running).await;
+
+    // A job naming a volume that does not exist fails before the runtime is asked.
+    let mut c = job("c", "x");
+    c.config.volumes = vec![bind(&temp.id, "/data", true, false)];
+    h.add_job(c).unwrap();
+    wait_status(&h, "c", JobStatus::Failed).await;
+    assert_eq!(
+        h.get("c").unwrap().error,
+        Some(format!("volume: unknown volume {}", temp.id))
+    );
+    assert!(!rt.mounts.lock().unwrap().contains_key("c"));
+
+    // Deleting a free volume.
+    rt.events("b")
+        .send(ProcEvent::Exited {
+            code: 0,
+            signal: None,
+            oom_killed: false,
+        })
+        .await
+        .unwrap();
+    wait_status(&h, "b", JobStatus::Done).await;
+    h.delete_volume(&keep.id).await.unwrap();
+    assert!(vols.list().is_empty());
+    assert!(!d.path().join("volumes").join(&keep.id).exists());
 }

@@ -95,6 +95,7 @@ fn validate(job: &Job, needs_image: bool) -> Result<(), ApiError> {
             ));
         }
     }
+    crate::volumes::validate_bindings(job)?;
     for (i, p) in job.config.ports.iter().enumerate() {
         if let Some(s) = &p.service {
             if s.name.is_empty()
@@ -457,6 +458,10 @@ mod tests {
                 "config.ports[0].service.name",
             ),
             (r#","stop_timeout":0"#, "config.stop_timeout"),
+            (
+                r#","volumes":[{"target":"/d","volume":"v"}]"#,
+                "config.volumes[0].volume",
+            ),
         ];
         for (extra, field) in more {
             // `args` given twice is a duplicate-field syntax error; replace it instead.

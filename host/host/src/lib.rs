@@ -5,7 +5,8 @@
 //! namespace and address from flynn-network, the spec's environment (`PORT`, `PORT_n`,
 //! `EXTERNAL_IP`, `FLYNN_*`), ships its output to the log aggregator as RFC 5424 over
 //! TCP, registers its services in discoverd while it runs, and persists its jobs so a
-//! restarted daemon re-adopts the ones still running. Used by the scheduler and the
+//! restarted daemon re-adopts the ones still running. Host volumes (directories kept
+//! across jobs, bind-mounted at a job's `config.volumes`) are served on the same port. Used by the scheduler and the
 //! controller through flynn-client's `host` module.
 
 pub mod api;
@@ -18,6 +19,8 @@ pub mod net;
 pub mod runtime;
 pub mod store;
 pub mod syncer;
+pub mod volume_api;
+pub mod volumes;
 
 #[cfg(test)]
 mod host_tests;
@@ -56,6 +59,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let tags = cfg.tag_map().map_err(anyhow::Error::msg)?;
     let sync = syncer::Syncer::start();
     let store = store::Store::open(&cfg.state_dir, sync.clone())?;
+    let volume_dir = cfg
+        .volume_dir
+        .clone()
+        .unwrap_or_else(|| cfg.state_dir.join("volumes"));
+    let vols = volumes::Volumes::open(&volume_dir, &id, sync.clone())?;
     let rt: Arc<dyn runtime::Runtime> = match cfg.runtime {
         config::RuntimeKind::Process => Arc::new(runtime::ProcessRuntime),
         config::RuntimeKind::Container => {
@@ -109,6 +117,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         resolvers: cfg.resolvers.clone(),
         state_dir: cfg.state_dir.clone(),
         max_starting: cfg.max_job_concurrency,
+        volumes: vols,
     });
     host.set_url(format!("http://{addr}"));
     host.restore().await;
