@@ -12,6 +12,9 @@ use flynn_client::host::{Job, JobStatus, MountSpec, Port};
 
 use crate::support::*;
 
+/// Volumes in containers (a child module: it shares the helpers below).
+mod volumes;
+
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }

@@ -8,3 +8,4 @@
 mod containers;
 mod process;
 mod support;
+mod volumes;
