@@ -415,6 +415,38 @@ fn cross_host_encap_in_bpf(mode: AttachMode) -> Result<()> {
         "full-size UDP datagram lost or altered"
     );
 
+    // A restarted loader swaps its programs into the underlay attachment (and the others) while
+    // a ping stream runs through encapsulation and decapsulation in BPF: nothing is lost.
+    const PINGS: u32 = 40;
+    let ids_before = programs_on(mode, &t.h1, "ul0")?;
+    let (j1, ip2) = (t.j1.ns.clone(), t.j2.ip);
+    let pinger = std::thread::spawn(move || ping_count(&j1, ip2, PINGS));
+    std::thread::sleep(Duration::from_millis(400));
+    let counted = counters(&fp1)?;
+    drop(fp1);
+    let mut fp1 = in_ns(&t.h1, || Ok(FastPath::load_with(&pin1, mode)?))?;
+    ensure!(
+        !pinger.is_finished(),
+        "the ping stream ended before the restart; the check proved nothing"
+    );
+    let ids_after = programs_on(mode, &t.h1, "ul0")?;
+    ensure!(
+        ids_after.len() == 1 && ids_after != ids_before,
+        "underlay program not swapped: {ids_before:?} -> {ids_after:?}"
+    );
+    let answered = pinger
+        .join()
+        .map_err(|_| anyhow::anyhow!("pinger panicked"))?;
+    ensure!(
+        answered == PINGS,
+        "{answered}/{PINGS} pings answered across the restart"
+    );
+    let end = counters(&fp1)?;
+    ensure!(
+        end.encapsulated > counted.encapsulated && end.decapsulated > counted.decapsulated,
+        "restarted programs not in BPF VXLAN: {counted:?} -> {end:?}"
+    );
+
     // Without the tunnel entry, host 1 goes through its VXLAN device again.
     fp1.remove_tunnel(BLOCK2)?;
     fp1.remove_tunnel(BLOCK2)?; // idempotent
