@@ -712,6 +712,16 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
     // VXLAN in BPF on host 1's underlay device (eth0), which the agent attached and
     // configured: requests encapsulated towards host 2 (its tunnel entry comes from the lease),
     // replies decapsulated.
+    let pin = pin1.clone();
+    let tunnels = in_netns(&ns1, async move || {
+        Ok(flynn_ebpf::FastPath::load(&pin)?.tunnels()?)
+    })?;
+    ensure!(
+        tunnels.len() == 1
+            && tunnels[0].0 == a2.subnet.addr()
+            && tunnels[0].1.remote_ip.to_string() == c.hosts[h2].ip,
+        "tunnel entries: {tunnels:?}"
+    );
     ensure!(
         after.decapsulated >= before.decapsulated + 3
             && after.encapsulated >= before.encapsulated + 3,
@@ -751,6 +761,14 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
     a2.stop()?;
     eventually(10, "host 1 to drop host 2's route", || {
         Ok(!routes(&ns1)?.contains(&a2.subnet.to_string()))
+    })?;
+    // ... and its tunnel entry (peer underlay IP + VTEP MAC), in the same reconcile.
+    eventually(5, "host 1 to drop host 2's tunnel entry", || {
+        let pin = pin1.clone();
+        let tunnels = in_netns(&ns1, async move || {
+            Ok(flynn_ebpf::FastPath::load(&pin)?.tunnels()?)
+        })?;
+        Ok(tunnels.is_empty())
     })?;
     let left = counters(&ns1, &pin1)?;
     ensure!(!can_ping(&j1a, &j2), "departed host still reachable");
