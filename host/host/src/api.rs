@@ -308,5 +308,9 @@ async fn metrics(State(host): State<Arc<Host>>) -> Response {
     for (status, n) in &st.jobs {
         out.push_str(&format!("flynn_host_jobs{{status=\"{status}\"}} {n}\n"));
     }
+    out.push_str(&format!(
+        "# HELP flynn_host_volumes Volumes on this host.\n# TYPE flynn_host_volumes gauge\nflynn_host_volumes {}\n",
+        host.volumes().list().len()
+    ));
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }

@@ -129,13 +129,16 @@ impl Volumes {
     /// Opens (creating) `dir`, removes deletions a previous daemon left half done and
     /// loads every volume with a readable record.
     pub fn open(dir: &Path, host_id: &str, sync: Syncer) -> Result<Volumes, VolumeError> {
-        std::fs::create_dir_all(dir).map_err(|source| VolumeError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        // Absolute: the data directories are bind-mount sources.
+        let dir = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::canonicalize(dir))
+            .map_err(|source| VolumeError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         let v = Volumes {
             shared: Arc::new(Shared {
-                dir: dir.to_path_buf(),
+                dir,
                 host_id: host_id.to_string(),
                 sync,
                 vols: Mutex::new(BTreeMap::new()),

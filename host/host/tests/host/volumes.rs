@@ -153,6 +153,8 @@ async fn storage_api_and_exclusive_use() {
     let e = h.client.create_volume(&req).await.unwrap_err();
     assert_eq!(e.api().unwrap().code, flynn_api::ErrorCode::ObjectExists);
     assert_eq!(h.client.list_volumes().await.unwrap().len(), 3);
+    let (_, metrics) = http(a, "GET", "/metrics", "", "");
+    assert!(metrics.contains("\nflynn_host_volumes 3\n"), "{metrics}");
 
     // A job binding a volume with a bad id or target is a 400.
     let mut bad = sh_job(&h.job_id("badvol"), "true");
