@@ -79,6 +79,13 @@ pub struct Config {
     #[arg(long, env = "FLYNN_IDLE_TIMEOUT", default_value_t = 300)]
     pub idle_timeout_secs: u64,
 
+    /// Milliseconds a plain-HTTP keep-alive connection that just got its response waits
+    /// for the next request with a receive already posted and its buffer held (one
+    /// operation per request instead of a readiness poll plus a receive); after that it
+    /// idles without a buffer. 0 turns this off.
+    #[arg(long, env = "FLYNN_HOT_IDLE_MS", default_value_t = 10)]
+    pub hot_idle_ms: u64,
+
     /// Accept PROXY protocol v1/v2 prefixes on HTTP listeners (connections without one
     /// are served normally; a malformed one closes the connection).
     #[arg(long, env = "PROXY_PROTOCOL", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]

@@ -311,6 +311,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             tcp_ip: cfg.tcp_ip,
             header_timeout: cfg.header_timeout(),
             idle_timeout: cfg.idle_timeout(),
+            hot_idle: Duration::from_millis(cfg.hot_idle_ms),
             pool_idle_per_backend: cfg.pool_idle_per_backend,
             max_conns_per_core: cfg.max_conns_per_core,
             proxy_protocol: cfg.proxy_protocol,

@@ -18,6 +18,8 @@ pub struct Settings {
     pub tcp_ip: IpAddr,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Hot wait for the next request on a keep-alive connection (zero: off).
+    pub hot_idle: Duration,
     pub pool_idle_per_backend: usize,
     pub max_conns_per_core: usize,
     pub proxy_protocol: bool,

@@ -33,6 +33,18 @@ const MAX_ATTEMPTS: usize = 4;
 /// How long a response may take before the proxy starts watching for the client
 /// leaving (499); keeps the common fast response free of an extra poll.
 const CLIENT_WATCH_GRACE: Duration = Duration::from_millis(20);
+/// Linux `ECANCELED` (what a cancelled io_uring operation completes with).
+const ECANCELED: i32 = 125;
+
+/// What a [`Client::hot_read`] got.
+pub enum HotRead {
+    /// Bytes of the next request are in the buffer.
+    Data,
+    /// The client closed the connection (or it failed).
+    Closed,
+    /// Nothing within the window (or the stream does not do hot reads): idle as usual.
+    Cold,
+}
 
 /// How a request ended for the client connection.
 enum Next {
@@ -115,6 +127,11 @@ pub trait Client: AsyncReadRent + AsyncWriteRent + Split + 'static {
     /// Resolves when the client has closed its side, if the stream can tell without
     /// reading (plain TCP); never otherwise.
     async fn gone(&self);
+    /// Right after a keep-alive response: reads the next request's first bytes into `buf`
+    /// (empty, with capacity) if they arrive within `window`. Never loses bytes: a read
+    /// cut short by the window is cancelled and then awaited, so data that raced the
+    /// cancel is kept.
+    async fn hot_read(&mut self, buf: Vec<u8>, window: Duration) -> (HotRead, Vec<u8>);
 }
 
 impl Client for TcpStream {
@@ -148,6 +165,29 @@ impl Client for TcpStream {
     async fn gone(&self) {
         client_gone_after(self, CLIENT_WATCH_GRACE).await
     }
+
+    async fn hot_read(&mut self, buf: Vec<u8>, window: Duration) -> (HotRead, Vec<u8>) {
+        use monoio::io::CancelableAsyncReadRent;
+        let canceller = monoio::io::Canceller::new();
+        let read = self.cancelable_read(buf, canceller.handle());
+        let mut read = std::pin::pin!(read);
+        let (res, buf) = monoio::select! {
+            r = &mut read => r,
+            _ = monoio::time::sleep(window) => {
+                canceller.cancel();
+                read.await
+            }
+        };
+        let r = match res {
+            Ok(0) => HotRead::Closed,
+            Ok(_) => HotRead::Data,
+            // ECANCELED: the window closed first.
+            Err(e) if e.raw_os_error() == Some(ECANCELED) => HotRead::Cold,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => HotRead::Cold,
+            Err(_) => HotRead::Closed,
+        };
+        (r, buf)
+    }
 }
 
 impl Client for monoio_rustls::ServerTlsStream<TcpStream> {
@@ -163,6 +203,11 @@ impl Client for monoio_rustls::ServerTlsStream<TcpStream> {
 
     async fn gone(&self) {
         std::future::pending().await
+    }
+
+    async fn hot_read(&mut self, buf: Vec<u8>, _window: Duration) -> (HotRead, Vec<u8>) {
+        // rustls may already hold decrypted bytes; the head read waits instead.
+        (HotRead::Cold, buf)
     }
 }
 
@@ -182,8 +227,24 @@ pub async fn serve_conn<S: Client>(
         core.conn_opened();
     }
     let mut guard = ConnGuard(core.clone(), true);
+    // Set after a keep-alive response with nothing pipelined: try a hot read first.
+    let mut hot = false;
     loop {
-        if bufs.as_ref().is_none_or(|b| b.buf.is_empty()) {
+        if std::mem::take(&mut hot) {
+            if let Some(b) = bufs.as_mut() {
+                core.ensure_buf(&mut b.buf);
+                let taken = std::mem::take(&mut b.buf);
+                let (r, buf) = conn.hot_read(taken, core.settings().hot_idle).await;
+                b.buf = buf;
+                match r {
+                    HotRead::Data => {}
+                    HotRead::Closed => break,
+                    // Back to the top: the empty buffer is released and the
+                    // connection idles without one.
+                    HotRead::Cold => continue,
+                }
+            }
+        } else if bufs.as_ref().is_none_or(|b| b.buf.is_empty()) {
             // Idle between requests: hold no buffer (boxed so an idle connection holds
             // one pointer, not three empty Vecs).
             if let Some(mut b) = bufs.take() {
@@ -215,7 +276,10 @@ pub async fn serve_conn<S: Client>(
         }
         let b = bufs.get_or_insert_with(|| core.take_bufs());
         match Recycled::new(one_request(&core, conn, b, peer, l)).await {
-            Some(c) => conn = c,
+            Some(c) => {
+                conn = c;
+                hot = b.buf.is_empty() && !core.settings().hot_idle.is_zero() && !core.draining();
+            }
             None => break,
         }
     }

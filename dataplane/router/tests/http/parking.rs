@@ -102,3 +102,39 @@ fn parking_works_on_the_epoll_driver_too() {
     }
     assert_eq!(metric(&router, "connections_active"), 1);
 }
+
+/// Requests that arrive inside, at the edge of and after the hot-read window after a
+/// response: the posted receive is cancelled when the window closes, and bytes that
+/// raced that cancel must still be served (a lost request would hang the client).
+fn requests_around_the_hot_window(hot_ms: &str) {
+    let (router, _b) = router_with_backend(&["--hot-idle-ms", hot_ms]);
+    let mut c = Conn::connect(router.http_addr);
+    c.set_read_timeout(Duration::from_secs(5));
+    let gaps_us = [0u64, 1_000, 3_500, 4_500, 5_000, 5_500, 6_500, 12_000];
+    for i in 0..120usize {
+        std::thread::sleep(Duration::from_micros(gaps_us[i % gaps_us.len()]));
+        if i % 10 == 9 {
+            // A head split across the window: the first half wakes the hot read.
+            c.send(b"GET /split HTTP/1.1\r\nHost: park.exa");
+            std::thread::sleep(Duration::from_millis(8));
+            c.send(b"mple.com\r\n\r\n");
+            assert_eq!(c.response().seen().uri, "/split", "request {i}");
+            continue;
+        }
+        let r = c.get("park.example.com", &format!("/r{i}"));
+        assert_eq!(r.status, 200, "request {i}");
+        assert_eq!(r.seen().uri, format!("/r{i}"));
+    }
+    // Still one client connection the whole time.
+    assert_eq!(metric(&router, "connections_active"), 1);
+}
+
+#[test]
+fn requests_around_the_hot_read_window_are_all_served() {
+    requests_around_the_hot_window("5");
+}
+
+#[test]
+fn requests_are_served_with_hot_reads_off() {
+    requests_around_the_hot_window("0");
+}
