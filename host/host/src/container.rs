@@ -154,13 +154,6 @@ impl Runtime for ContainerRuntime {
             &self.state_dir,
             &spec,
         ));
-        if self
-            .spare
-            .enabled
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            self.refill();
-        }
         let conn = conn.map_err(|e| RuntimeError::Start(chain(&e)))?;
         Ok(follow(conn))
     }
@@ -170,6 +163,16 @@ impl Runtime for ContainerRuntime {
             .enabled
             .store(true, std::sync::atomic::Ordering::Relaxed);
         self.refill();
+    }
+
+    fn prepare(&self) {
+        if self
+            .spare
+            .enabled
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.refill();
+        }
     }
 
     fn adopt(&self) -> Vec<(String, Handle)> {

@@ -155,6 +155,15 @@ impl Host {
         self.runtime.warm();
     }
 
+    /// A start is over (running or failed): replace the spare shim and pooled namespace it
+    /// may have used, in the background.
+    fn prepare_next(&self) {
+        self.runtime.prepare();
+        if let Some(n) = &self.network {
+            n.fill_pool();
+        }
+    }
+
     pub fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
@@ -320,6 +329,7 @@ impl Host {
 
     fn fail(&self, id: &str, reason: String) {
         tracing::warn!(job = %id, reason = %reason, "job failed to start");
+        self.prepare_next();
         let mut inner = self.lock();
         if let Some(j) = inner.table.failed(id, reason, now_rfc3339()).cloned() {
             self.volumes.release(&j.job);
@@ -528,6 +538,7 @@ impl Host {
         let src = Source::new(job.app_id(), job.process_type(), &id);
         let log = !job.config.disable_log;
         let mut end: Option<Result<Exit, String>> = None;
+        let mut started = false;
         while let Some(ev) = handle.events.recv().await {
             match ev {
                 ProcEvent::Started { pid } => {
@@ -541,6 +552,10 @@ impl Host {
                             None => false,
                         }
                     };
+                    if !r.adopted {
+                        started = true;
+                        self.prepare_next();
+                    }
                     // A job asked to stop while starting is not announced at all.
                     if !r.adopted && !stop_now {
                         self.register_services(&id, &r);
@@ -574,6 +589,9 @@ impl Host {
                     break;
                 }
             }
+        }
+        if !r.adopted && !started {
+            self.prepare_next();
         }
         let t0 = std::time::Instant::now();
         self.deregister(&id).await;

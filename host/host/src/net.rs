@@ -185,8 +185,9 @@ impl Network {
         Ok(())
     }
 
-    /// The job's address and network namespace: a pooled one if there is one ready (then
-    /// the pool is refilled in the background), else made now. Nothing is left behind on
+    /// The job's address and network namespace: a pooled one if there is one ready, else
+    /// made now (the caller refills the pool with [`Network::fill_pool`] once the job's
+    /// start is over, so the refill does not compete with it). Nothing is left behind on
     /// failure.
     pub async fn setup(&self, id: &str) -> Result<(IpAddr, PathBuf), String> {
         let taken = {
@@ -211,10 +212,8 @@ impl Network {
             }
         };
         if let Some(r) = taken {
-            self.fill_pool();
             return Ok((IpAddr::V4(r.ip), r.netns));
         }
-        self.fill_pool();
         let (ip, ns) = self.create(id).await?;
         Ok((IpAddr::V4(ip), ns))
     }

@@ -105,8 +105,12 @@ pub trait Runtime: Send + Sync + 'static {
     fn spawn(&self, launch: Launch) -> Result<Handle, RuntimeError>;
     /// Jobs still running from a previous daemon, re-attached.
     fn adopt(&self) -> Vec<(String, Handle)>;
-    /// Prepares what makes the next start faster (a spare shim). Needs a tokio runtime.
+    /// Turns on and prepares what makes the next start faster (a spare shim). Needs a
+    /// tokio runtime.
     fn warm(&self) {}
+    /// Replaces what the last start used up (if [`Runtime::warm`] turned it on). Called
+    /// once a start is over, so the refill does not compete with it for the CPU.
+    fn prepare(&self) {}
     /// Removes what is left of a finished job (state, rootfs, cgroup).
     fn cleanup(&self, id: &str);
 }
