@@ -354,6 +354,7 @@ impl Host {
             return;
         };
         let t0 = std::time::Instant::now();
+        self.runtime.starting();
         let ports = match job::bind_ports(&job) {
             Ok(p) => p,
             Err(reason) => return self.fail(&id, reason),

@@ -108,6 +108,9 @@ pub trait Runtime: Send + Sync + 'static {
     /// Turns on and prepares what makes the next start faster (a spare shim). Needs a
     /// tokio runtime.
     fn warm(&self) {}
+    /// A job's start begins (before its image and network): for work that should run in
+    /// parallel with them. Needs a tokio runtime.
+    fn starting(&self) {}
     /// Replaces what the last start used up (if [`Runtime::warm`] turned it on). Called
     /// once a start is over, so the refill does not compete with it for the CPU.
     fn prepare(&self) {}

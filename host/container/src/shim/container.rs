@@ -56,7 +56,9 @@ fn c_path(p: &Path) -> CString {
     CString::new(p.as_os_str().as_encoded_bytes()).expect("paths have no NUL")
 }
 
-fn mount_overlay(spec: &ContainerSpec, layout: &Layout) -> Result<(), String> {
+/// Gives the shim a private mount namespace whose mounts do not propagate back to the host
+/// (they go away with the shim). Job-independent: a spare shim does it before it has a job.
+pub(super) fn private_mount_ns() -> Result<(), String> {
     // SAFETY: unshare takes no pointers.
     if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
         return Err(format!("unshare(CLONE_NEWNS): {}", errno()));
@@ -74,6 +76,13 @@ fn mount_overlay(spec: &ContainerSpec, layout: &Layout) -> Result<(), String> {
     };
     if rc != 0 {
         return Err(format!("making / a slave mount: {}", errno()));
+    }
+    Ok(())
+}
+
+fn mount_overlay(spec: &ContainerSpec, layout: &Layout, ns_ready: bool) -> Result<(), String> {
+    if !ns_ready {
+        private_mount_ns()?;
     }
     for layer in &spec.layers {
         if !layer.is_dir() {
@@ -117,9 +126,14 @@ fn mount_overlay(spec: &ContainerSpec, layout: &Layout) -> Result<(), String> {
     Ok(())
 }
 
-pub(super) fn create(spec: &ContainerSpec, layout: &Layout) -> Result<Running, String> {
+/// `ns_ready`: [`private_mount_ns`] was already done (a spare shim).
+pub(super) fn create(
+    spec: &ContainerSpec,
+    layout: &Layout,
+    ns_ready: bool,
+) -> Result<Running, String> {
     let t0 = std::time::Instant::now();
-    mount_overlay(spec, layout)?;
+    mount_overlay(spec, layout, ns_ready)?;
     let t_mount = t0.elapsed();
     let bundle = layout.bundle();
     fs::create_dir_all(&bundle).map_err(|e| format!("creating {}: {e}", bundle.display()))?;

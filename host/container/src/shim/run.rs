@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::cgroups;
-use super::container::{create, errno, pipe, reap, teardown, Running};
+use super::container::{create, errno, pipe, private_mount_ns, reap, teardown, Running};
 use super::layout::{Layout, SHIM_ARG, SPARE_ARG};
 use crate::outbox::{Outbox, DEFAULT_CAPACITY};
 use crate::spec::{valid_id, ContainerSpec};
@@ -118,7 +118,7 @@ fn run(state_dir: &Path, id: &str) -> Result<(), String> {
     drop(ready_r);
     // Nothing of the daemon's working directory stays busy.
     let _ = std::env::set_current_dir("/");
-    serve(&layout, ready_w)
+    serve(&layout, ready_w, false)
 }
 
 /// A spare shim: started before any job (so a job's start does not wait for an exec and the
@@ -160,6 +160,8 @@ fn run_spare(state_dir: &Path) -> Result<(), String> {
         return Ok(());
     }
     let _ = std::env::set_current_dir("/");
+    // The job-independent part of the job's set-up, done while waiting.
+    private_mount_ns()?;
     let mut sock = std::os::unix::net::UnixStream::from(sock);
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
@@ -194,10 +196,11 @@ fn run_spare(state_dir: &Path) -> Result<(), String> {
     // SAFETY: dup2 onto stderr of a descriptor this process owns.
     unsafe { libc::dup2(log.as_raw_fd(), 2) };
     drop(log);
-    serve(&layout, OwnedFd::from(sock))
+    serve(&layout, OwnedFd::from(sock), true)
 }
 
-fn serve(layout: &Layout, ready: OwnedFd) -> Result<(), String> {
+/// `ns_ready`: the private mount namespace is already there (a spare shim).
+fn serve(layout: &Layout, ready: OwnedFd, ns_ready: bool) -> Result<(), String> {
     // SAFETY: getpid has no preconditions.
     let my_pid = unsafe { libc::getpid() };
     fs::write(layout.shim_pid(), my_pid.to_string())
@@ -225,7 +228,7 @@ fn serve(layout: &Layout, ready: OwnedFd) -> Result<(), String> {
         pid: 0,
         signals: Vec::new(),
     };
-    match create(&shim.spec, layout) {
+    match create(&shim.spec, layout, ns_ready) {
         Ok(running) => {
             shim.pid = running.pid as u32;
             shim.outbox.push(ShimEvent::Started {
