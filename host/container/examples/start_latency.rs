@@ -38,6 +38,7 @@ fn spec(id: &str, layer: &Path, args: &[&str]) -> ContainerSpec {
         cwd: String::new(),
         hostname: None,
         netns: None,
+        host_network: false,
         mounts: vec![],
         resources: Resources::default(),
         cgroup_parent: "flynn-perf".into(),

@@ -25,8 +25,12 @@ pub struct ContainerSpec {
     /// Working directory; `/` if empty.
     pub cwd: String,
     pub hostname: Option<String>,
-    /// Join this pre-created network namespace; `None` gives a new one with only `lo`.
+    /// Join this pre-created network namespace; `None` gives a new one with only `lo`
+    /// (unless `host_network`).
     pub netns: Option<PathBuf>,
+    /// Share the host's network namespace (no namespace of its own; `netns` must be `None`).
+    #[serde(default)]
+    pub host_network: bool,
     pub mounts: Vec<BindMount>,
     pub resources: Resources,
     /// Cgroup parent, e.g. `flynn`: the job's cgroup is `<parent>/<id>` under every controller.
@@ -122,6 +126,11 @@ impl ContainerSpec {
         if let Some(ns) = &self.netns {
             if !ns.is_absolute() {
                 return Err(ContainerError::invalid("netns path must be absolute"));
+            }
+            if self.host_network {
+                return Err(ContainerError::invalid(
+                    "a job on the host network cannot also join a network namespace",
+                ));
             }
         }
         for m in &self.mounts {
@@ -224,6 +233,7 @@ impl ContainerSpec {
         ];
         match &self.netns {
             Some(path) => namespaces.push(json!({"type": "network", "path": path})),
+            None if self.host_network => {}
             None => namespaces.push(json!({"type": "network"})),
         }
 
@@ -302,6 +312,7 @@ mod tests {
             cwd: String::new(),
             hostname: Some("job-1".into()),
             netns: None,
+            host_network: false,
             mounts: vec![],
             resources: Resources::default(),
             cgroup_parent: "flynn".into(),
@@ -344,6 +355,13 @@ mod tests {
             ("zero cpu", Box::new(|s| s.resources.cpu_millis = Some(0))),
             ("zero pids", Box::new(|s| s.resources.pids = Some(0))),
             ("bad parent", Box::new(|s| s.cgroup_parent = "../x".into())),
+            (
+                "host network and a netns",
+                Box::new(|s| {
+                    s.host_network = true;
+                    s.netns = Some("/run/netns/x".into());
+                }),
+            ),
             (
                 "empty parent",
                 Box::new(|s| s.cgroup_parent = String::new()),
@@ -400,5 +418,33 @@ mod tests {
             .any(|e| e.as_str().unwrap().starts_with("PATH=")));
         // The config parses as an OCI spec.
         let _: libcontainer::oci_spec::runtime::Spec = serde_json::from_value(c).unwrap();
+    }
+
+    #[test]
+    fn network_namespace_choices() {
+        let types = |s: &ContainerSpec| -> Vec<serde_json::Value> {
+            s.oci_config(Path::new("/r"))["linux"]["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["type"] == "network")
+                .cloned()
+                .collect()
+        };
+        // A new, empty one by default.
+        let mut s = sample();
+        assert_eq!(types(&s), vec![json!({"type": "network"})]);
+        // The host's: no network namespace entry at all.
+        s.host_network = true;
+        assert!(s.validate().is_ok());
+        assert!(types(&s).is_empty());
+        // Old spec files without the field still parse (as not host network).
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v.as_object_mut().unwrap().remove("host_network");
+        assert!(
+            !serde_json::from_value::<ContainerSpec>(v)
+                .unwrap()
+                .host_network
+        );
     }
 }

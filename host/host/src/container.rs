@@ -128,6 +128,8 @@ impl Runtime for ContainerRuntime {
             env: l.env,
             cwd: l.cwd,
             hostname: l.hostname,
+            // No namespace of its own: the host's (a `host_network` job, or no job networking).
+            host_network: l.netns.is_none(),
             netns: l.netns,
             mounts: l
                 .mounts
@@ -328,6 +330,9 @@ mod tests {
         super::prime_cgroup_migration();
         super::prime_cgroup_migration();
         assert!(t0.elapsed() < std::time::Duration::from_secs(5));
-        assert_eq!(std::fs::read_to_string("/proc/self/cgroup").unwrap(), before);
+        assert_eq!(
+            std::fs::read_to_string("/proc/self/cgroup").unwrap(),
+            before
+        );
     }
 }

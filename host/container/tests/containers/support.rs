@@ -80,6 +80,7 @@ impl Env {
             cwd: String::new(),
             hostname: None,
             netns: None,
+            host_network: false,
             mounts: vec![],
             resources: Resources::default(),
             cgroup_parent: self.cgroup_parent(),

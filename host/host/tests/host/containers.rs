@@ -328,6 +328,33 @@ fn busybox_job_output_env_and_failures() {
         );
         assert!(!netns_exists(&id), "job netns left behind");
 
+        // A `host_network` job shares the host's network namespace: it sees the host's
+        // bridge and gets no address of its own.
+        let hn = h.job_id("hostnet");
+        let hn_app = unique("app");
+        let mut job = bb_job(&hn, "grep -c flynntest0 /proc/net/dev");
+        job.config.host_network = true;
+        job.config.env.insert("FLYNN_APP_ID".into(), hn_app.clone());
+        c.add_job(&job).await.unwrap();
+        let j = wait_ended(c, &hn, Duration::from_secs(30)).await;
+        assert_eq!(
+            (j.status, j.exit_status),
+            (JobStatus::Done, Some(0)),
+            "{j:?}"
+        );
+        assert!(j.internal_ip.is_empty(), "{j:?}");
+        let mut lines = Vec::new();
+        eventually(
+            Duration::from_secs(10),
+            "the host_network job's line",
+            || {
+                lines = log_lines(&api, &hn_app);
+                !lines.is_empty()
+            },
+        )
+        .await;
+        assert_eq!(lines[0]["msg"], "1");
+
         // An image that does not exist fails the job (a layer this host does not have, at a
         // URL with nothing behind it; a layer the host has is used without its URL).
         let missing = h.job_id("noimage");
