@@ -9,7 +9,8 @@
 //!
 //! A job's root file system is an overlay of read-only image layers ([`ImageStore`]) plus a
 //! per-job writable dir. Namespaces: pid, mount, uts, ipc, and either a pre-created network
-//! namespace (made by `flynn-network`) or a new one with only `lo`. Cgroup `<parent>/<id>` with
+//! namespace (made by `flynn-network`), the host's (`host_network`) or a new one with only `lo`.
+//! Cgroup `<parent>/<id>` with
 //! memory, CPU quota and pids limits; Docker's default capability set; a default seccomp
 //! profile; no new privileges.
 //!
