@@ -210,6 +210,12 @@ fn percentile(mut xs: Vec<f64>, p: f64) -> f64 {
     xs[i.min(xs.len() - 1)]
 }
 
+/// The `error` of an iperf3 JSON report, if it has one.
+fn json_error(json: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    v["error"].as_str().map(str::to_string)
+}
+
 /// One iperf3 run from `src` to `dst_ip` (server in `dst`); returns (Gbit/s, UDP loss %).
 fn iperf(
     tmp: &TempDir,
@@ -239,6 +245,14 @@ fn iperf(
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(100));
         match run(&client) {
+            // iperf3 -J reports a refused connect (server not listening yet) as JSON with
+            // an `error`: that is a failed attempt too.
+            Ok(json) if json_error(&json).is_some() => {
+                last = Some(Err(anyhow::anyhow!(
+                    "iperf3 ({src} -> {dst_ip}): {}",
+                    json_error(&json).unwrap_or_default()
+                )))
+            }
             Ok(json) => {
                 last = Some(Ok(json));
                 break;
