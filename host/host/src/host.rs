@@ -598,30 +598,36 @@ impl Host {
         self.deregister(&id).await;
         self.lock().ctl.remove(&id);
         let t_dereg = t0.elapsed();
-        self.teardown(&id, r.ip.is_some()).await;
-        let t_net = t0.elapsed();
         let rt = self.runtime.clone();
         let cid = id.clone();
         let _ = tokio::task::spawn_blocking(move || rt.cleanup(&cid)).await;
-        tracing::debug!(job = %id, deregister = ?t_dereg, network = ?(t_net - t_dereg), cleanup = ?(t0.elapsed() - t_net), "job end phases");
+        let t_cleanup = t0.elapsed();
         let end = end.unwrap_or_else(|| Err("lost contact with the job".into()));
-        let mut inner = self.lock();
-        let (kind, j) = match end {
-            Ok(exit) => (
-                EventKind::Stop,
-                inner.table.exited(&id, exit, now_rfc3339()).cloned(),
-            ),
-            Err(reason) => (
-                EventKind::Error,
-                inner.table.failed(&id, reason, now_rfc3339()).cloned(),
-            ),
-        };
-        if let Some(j) = j {
-            self.volumes.release(&j.job);
-            tracing::info!(job = %id, status = j.status.as_str(), exit = ?j.exit_status, "job ended");
-            self.publish(kind, &j);
-            self.gc(&mut inner, &j);
+        {
+            let mut inner = self.lock();
+            let (kind, j) = match end {
+                Ok(exit) => (
+                    EventKind::Stop,
+                    inner.table.exited(&id, exit, now_rfc3339()).cloned(),
+                ),
+                Err(reason) => (
+                    EventKind::Error,
+                    inner.table.failed(&id, reason, now_rfc3339()).cloned(),
+                ),
+            };
+            if let Some(j) = j {
+                self.volumes.release(&j.job);
+                tracing::info!(job = %id, status = j.status.as_str(), exit = ?j.exit_status, "job ended");
+                self.publish(kind, &j);
+                self.gc(&mut inner, &j);
+            }
         }
+        // The job's processes, mounts and cgroups are gone: it is announced as ended before
+        // its namespace and veth are removed (the kernel's teardown of those takes ~10–20
+        // ms). Its address stays allocated until then; a daemon that dies in between removes
+        // them when it restores the job (see `restore`).
+        self.teardown(&id, r.ip.is_some()).await;
+        tracing::debug!(job = %id, deregister = ?t_dereg, cleanup = ?(t_cleanup - t_dereg), network = ?(t0.elapsed() - t_cleanup), "job end phases");
     }
 
     fn register_services(self: &Arc<Self>, id: &str, r: &Running) {
@@ -832,7 +838,16 @@ impl Host {
                         .is_some_and(|n| n.address_of(&id).is_some());
                     self.teardown(&id, had_net).await;
                 }
-                None => {}
+                None => {
+                    // Ended, but the network teardown that follows the end may not have run.
+                    if self
+                        .network
+                        .as_ref()
+                        .is_some_and(|n| n.address_of(&id).is_some())
+                    {
+                        self.teardown(&id, true).await;
+                    }
+                }
             }
         }
         for (id, h) in adopted {

@@ -498,16 +498,23 @@ fn twenty_jobs_at_once_and_jobs_reach_each_other() {
             flynn_container::Shim::list(&containers).is_empty()
         })
         .await;
-        for key in taken.values() {
-            assert!(!netns_exists(key), "pooled netns {key} left");
-        }
-        assert!(taken_netns(h.dir.path()).is_empty());
+        // A job is announced as ended before its namespace and veth are removed: they go
+        // right after.
+        eventually(Duration::from_secs(10), "job namespaces removed", || {
+            taken.values().all(|key| !netns_exists(key)) && taken_netns(h.dir.path()).is_empty()
+        })
+        .await;
         // What is left in the allocator is the refilled pool, nothing of a job.
-        let owners = ip_owners(h.dir.path());
-        assert!(
-            owners.len() <= 2 && owners.iter().all(|o| o.starts_with("pool/")),
-            "{owners:?}"
-        );
+        let mut owners = Vec::new();
+        eventually(
+            Duration::from_secs(10),
+            "only the pool in the allocator",
+            || {
+                owners = ip_owners(h.dir.path());
+                owners.len() <= 2 && owners.iter().all(|o| o.starts_with("pool/"))
+            },
+        )
+        .await;
         for id in &ids {
             assert!(!netns_exists(id), "netns of {id} left");
             assert_eq!(
@@ -658,9 +665,14 @@ fn restarted_daemon_readopts_running_jobs() {
         let j = wait_ended(c, &id, Duration::from_secs(15)).await;
         assert_eq!(j.status, JobStatus::Done);
         assert!(!netns_exists(&id));
-        // The new daemon knew which pooled namespace was the job's.
-        assert!(!netns_exists(&key), "the job's pooled netns was left");
-        assert!(!taken_netns(&state).contains_key(&id));
+        // The new daemon knew which pooled namespace was the job's (removed right after the
+        // end is announced).
+        eventually(
+            Duration::from_secs(10),
+            "the job's pooled netns removed",
+            || !netns_exists(&key) && !taken_netns(&state).contains_key(&id),
+        )
+        .await;
     });
 }
 
