@@ -19,7 +19,7 @@ use flynn_http::{
     BodyReader, Forward, Framing, RequestInfo, ResponseOpts,
 };
 use flynn_routes::HttpRoute;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, Split};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, Canceller, Split};
 use monoio::net::TcpStream;
 
 use crate::balance::pick;
@@ -130,8 +130,14 @@ pub trait Client: AsyncReadRent + AsyncWriteRent + Split + 'static {
     /// Right after a keep-alive response: reads the next request's first bytes into `buf`
     /// (empty, with capacity) if they arrive within `window`. Never loses bytes: a read
     /// cut short by the window is cancelled and then awaited, so data that raced the
-    /// cancel is kept.
-    async fn hot_read(&mut self, buf: Vec<u8>, window: Duration) -> (HotRead, Vec<u8>);
+    /// cancel is kept. `canceller` is the connection's own, reused from request to request
+    /// (a new one costs an allocation; only a cancel replaces it).
+    async fn hot_read(
+        &mut self,
+        buf: Vec<u8>,
+        window: Duration,
+        canceller: &mut Canceller,
+    ) -> (HotRead, Vec<u8>);
 }
 
 impl Client for TcpStream {
@@ -166,15 +172,20 @@ impl Client for TcpStream {
         client_gone_after(self, CLIENT_WATCH_GRACE).await
     }
 
-    async fn hot_read(&mut self, buf: Vec<u8>, window: Duration) -> (HotRead, Vec<u8>) {
+    async fn hot_read(
+        &mut self,
+        buf: Vec<u8>,
+        window: Duration,
+        canceller: &mut Canceller,
+    ) -> (HotRead, Vec<u8>) {
         use monoio::io::CancelableAsyncReadRent;
-        let canceller = monoio::io::Canceller::new();
         let read = self.cancelable_read(buf, canceller.handle());
         let mut read = std::pin::pin!(read);
         let (res, buf) = monoio::select! {
             r = &mut read => r,
             _ = monoio::time::sleep(window) => {
-                canceller.cancel();
+                // `cancel` consumes it and hands back a fresh one for the next request.
+                *canceller = std::mem::take(canceller).cancel();
                 read.await
             }
         };
@@ -205,7 +216,12 @@ impl Client for monoio_rustls::ServerTlsStream<TcpStream> {
         std::future::pending().await
     }
 
-    async fn hot_read(&mut self, buf: Vec<u8>, _window: Duration) -> (HotRead, Vec<u8>) {
+    async fn hot_read(
+        &mut self,
+        buf: Vec<u8>,
+        _window: Duration,
+        _canceller: &mut Canceller,
+    ) -> (HotRead, Vec<u8>) {
         // rustls may already hold decrypted bytes; the head read waits instead.
         (HotRead::Cold, buf)
     }
@@ -229,12 +245,15 @@ pub async fn serve_conn<S: Client>(
     let mut guard = ConnGuard(core.clone(), true);
     // Set after a keep-alive response with nothing pipelined: try a hot read first.
     let mut hot = false;
+    // Made at the first hot read, then reused by every later one.
+    let mut canceller: Option<Canceller> = None;
     loop {
         if std::mem::take(&mut hot) {
             if let Some(b) = bufs.as_mut() {
                 core.ensure_buf(&mut b.buf);
                 let taken = std::mem::take(&mut b.buf);
-                let (r, buf) = conn.hot_read(taken, core.settings().hot_idle).await;
+                let c = canceller.get_or_insert_with(Canceller::new);
+                let (r, buf) = conn.hot_read(taken, core.settings().hot_idle, c).await;
                 b.buf = buf;
                 match r {
                     HotRead::Data => {}
