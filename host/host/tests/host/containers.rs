@@ -13,6 +13,16 @@ use flynn_client::host::{Job, JobStatus, MountSpec, Port};
 use crate::support::*;
 
 /// Volumes in containers (a child module: it shares the helpers below).
+/// Skips the calling test (with a note) unless running as root.
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+    };
+}
+
 mod volumes;
 
 fn is_root() -> bool {
@@ -272,10 +282,7 @@ fn job_netns_exists(state: &std::path::Path, id: &str) -> bool {
 
 #[test]
 fn busybox_job_output_env_and_failures() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     busybox();
     in_netns(|_| async {
         let (_agg, syslog, api) = logagg();
@@ -411,10 +418,7 @@ fn busybox_job_output_env_and_failures() {
 
 #[test]
 fn twenty_jobs_at_once_and_jobs_reach_each_other() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     busybox();
     in_netns(|_| async {
         let ch = CHost::start(&[]);
@@ -554,10 +558,7 @@ fn twenty_jobs_at_once_and_jobs_reach_each_other() {
 
 #[test]
 fn restarted_daemon_readopts_running_jobs() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     busybox();
     in_netns(|_| async {
         let (_agg, syslog, api) = logagg();
@@ -694,10 +695,7 @@ impl TapPorts for Job {
 
 #[test]
 fn memory_limit_kills_with_137_and_the_job_reports_it() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     busybox();
     in_netns(|_| async {
         let ch = CHost::start(&[]);

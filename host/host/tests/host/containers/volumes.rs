@@ -29,10 +29,7 @@ async fn run_ok(c: &flynn_client::host::Client, job: &Job) {
 
 #[test]
 fn volume_data_persists_read_only_binding_and_delete_on_stop() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     busybox();
     in_netns(|_| async {
         let ch = CHost::start(&[]);
@@ -125,10 +122,7 @@ fn volume_data_persists_read_only_binding_and_delete_on_stop() {
 
 #[test]
 fn a_running_job_holds_its_volume_across_a_daemon_restart() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     busybox();
     in_netns(|_| async {
         let mut ch = CHost::start(&[]);
