@@ -64,6 +64,11 @@ pub struct Config {
     /// and from the listed peers (see `fault`). Never set in production.
     #[arg(long, env = "FLYNN_ENABLE_FAULT_INJECTION")]
     pub enable_fault_injection: bool,
+
+    /// Runtime worker threads (1–64). The Raft log's fsyncs run on a thread of their own
+    /// either way.
+    #[arg(long, env = "FLYNN_THREADS", default_value_t = 2)]
+    pub threads: usize,
 }
 
 fn parse_recursor(s: &str) -> Result<SocketAddr, String> {
@@ -83,6 +88,9 @@ impl Config {
         }
         if self.election_timeout < Duration::from_millis(50) {
             return Err("--election-timeout must be at least 50ms".into());
+        }
+        if !(1..=64).contains(&self.threads) {
+            return Err(format!("--threads must be 1–64, not {}", self.threads));
         }
         if let Some(n) = &self.notify {
             if crate::notify::host_base(n).is_none() {

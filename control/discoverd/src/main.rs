@@ -17,7 +17,7 @@ fn main() {
         std::process::exit(2);
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(cfg.threads)
         .enable_all()
         .build()
     {

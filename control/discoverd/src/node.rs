@@ -191,7 +191,9 @@ impl Node {
 /// told about its removal and would otherwise stand for election forever. Re-adding it
 /// (promote) lets it campaign again.
 async fn track_leadership(node: Arc<Node>) {
-    let mut rx = node.raft.metrics();
+    // The server metrics change with the state, leader and membership only; the full
+    // metrics change with every write, which would wake this task once per write.
+    let mut rx = node.raft.server_metrics();
     let mut electable = true;
     loop {
         let (leading, voter) = {
