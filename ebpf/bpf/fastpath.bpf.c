@@ -326,6 +326,23 @@ static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
 	return diff == 0;
 }
 
+/* Whether a GSO packet (a TSO burst that crossed a veth, or a GRO packet of the underlay device)
+ * may be decapsulated here. Only inner TCP (bpf_skb_adjust_room shrinks TCP GSO packets, and
+ * the TCP receive path takes a GSO packet as it is) and only with a checksum state the job's
+ * stack accepts for a merged packet: CHECKSUM_PARTIAL (a local sender, or GRO, which leaves its
+ * packets so) stays trusted through the shrink. CHECKSUM_UNNECESSARY (hardware LRO) would be
+ * reset by adjust_room, and the job would then verify one header checksum against the whole
+ * merged payload: those go to the kernel. The skb keeps its tunnel GSO type and encapsulation
+ * bit (6.18 has no adjust_room flag to clear them); its inner header offsets then describe the
+ * decapsulated packet itself (the outer Ethernet header moves onto the inner one), so a job
+ * that forwards it still segments it correctly. */
+static __always_inline int gso_decap_ok(struct __sk_buff *skb, const struct iphdr *inner)
+{
+	return inner->protocol == IPPROTO_TCP && inner->ihl == 5 &&
+	       !(inner->frag_off & bpf_htons(IP_MF | IP_OFFSET)) &&
+	       bpf_csum_level(skb, BPF_CSUM_LEVEL_QUERY) < 0;
+}
+
 SEC("classifier")
 int flynn_from_underlay(struct __sk_buff *skb)
 {
@@ -389,10 +406,7 @@ int flynn_from_underlay(struct __sk_buff *skb)
 	ep = bpf_map_lookup_elem(&flynn_endpoints, &daddr);
 	if (!ep)
 		return pass();
-	/* GSO packets (a TSO burst that crossed a veth, or GRO on the NIC) keep their tunnel GSO
-	 * type and encapsulation mark through bpf_skb_adjust_room, which only the kernel's VXLAN
-	 * receive clears: leave them to it. */
-	if (skb->gso_size)
+	if (skb->gso_size && !gso_decap_ok(skb, inner))
 		return pass();
 	/* Pops outer IPv4 + UDP + VXLAN + inner Ethernet after the outer Ethernet header. Inner
 	 * checksums are untouched (end to end); CHECKSUM_UNNECESSARY (which covered the outer
@@ -410,6 +424,8 @@ int flynn_from_underlay(struct __sk_buff *skb)
 	__builtin_memcpy(eth->h_dest, ep->mac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, ep->gateway_mac, ETH_ALEN);
 	count(FLYNN_CTR_DECAP);
+	if (skb->gso_size)
+		count(FLYNN_CTR_DECAP_GSO);
 	return bpf_redirect_peer(ep->ifindex, 0);
 }
 

@@ -50,7 +50,8 @@ enum flynn_counter {
 	FLYNN_CTR_PASSED = 2,  /* left to the kernel path */
 	FLYNN_CTR_DECAP = 3,   /* VXLAN decapsulated on the underlay and delivered to a local job */
 	FLYNN_CTR_ENCAP = 4,   /* VXLAN encapsulated in BPF and sent out of the underlay device */
-	FLYNN_CTR_MAX = 5,
+	FLYNN_CTR_DECAP_GSO = 5, /* of FLYNN_CTR_DECAP: GSO packets (TSO bursts, GRO packets) */
+	FLYNN_CTR_MAX = 6,
 };
 
 #endif

@@ -33,6 +33,7 @@ int main(void)
 	FIELD(flynn_tunnel, vtep_mac);
 	printf("pub const FLYNN_CTR_ENCAP: u32 = %d;\n", FLYNN_CTR_ENCAP);
 	printf("pub const FLYNN_CTR_DECAP: u32 = %d;\n", FLYNN_CTR_DECAP);
+	printf("pub const FLYNN_CTR_DECAP_GSO: u32 = %d;\n", FLYNN_CTR_DECAP_GSO);
 	printf("pub const FLYNN_CTR_PASSED: u32 = %d;\n", FLYNN_CTR_PASSED);
 	printf("pub const FLYNN_CTR_MAX: u32 = %d;\n", FLYNN_CTR_MAX);
 	return 0;

@@ -96,8 +96,13 @@ fn main() -> Result<()> {
         ["counters"] => {
             let c = fp.counters()?;
             println!(
-                "redirected_local {}\nredirected_remote {}\nencapsulated {}\ndecapsulated {}\npassed {}",
-                c.redirected_local, c.redirected_remote, c.encapsulated, c.decapsulated, c.passed
+                "redirected_local {}\nredirected_remote {}\nencapsulated {}\ndecapsulated {}\ndecapsulated_gso {}\npassed {}",
+                c.redirected_local,
+                c.redirected_remote,
+                c.encapsulated,
+                c.decapsulated,
+                c.decapsulated_gso,
+                c.passed
             );
         }
         ["unpin"] => fp.unpin()?,

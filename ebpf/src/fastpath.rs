@@ -20,8 +20,8 @@ use aya::{Ebpf, EbpfLoader};
 
 use crate::attach::{self, AttachMode, Kind, Record};
 use crate::maps::{
-    be_word, RawHop, RawTunnel, RawUnderlay, CTR_DECAP, CTR_ENCAP, CTR_LOCAL, CTR_MAX, CTR_PASSED,
-    CTR_REMOTE,
+    be_word, RawHop, RawTunnel, RawUnderlay, CTR_DECAP, CTR_DECAP_GSO, CTR_ENCAP, CTR_LOCAL,
+    CTR_MAX, CTR_PASSED, CTR_REMOTE,
 };
 use crate::object::{
     FASTPATH, MAP_COUNTERS, MAP_ENDPOINTS, MAP_PREFIXES, MAP_TUNNELS, MAP_UNDERLAY, PROG_FROM_JOB,
@@ -455,6 +455,7 @@ impl FastPath {
             redirected_local: sum(CTR_LOCAL)?,
             redirected_remote: sum(CTR_REMOTE)?,
             decapsulated: sum(CTR_DECAP)?,
+            decapsulated_gso: sum(CTR_DECAP_GSO)?,
             encapsulated: sum(CTR_ENCAP)?,
             passed: sum(CTR_PASSED)?,
         })

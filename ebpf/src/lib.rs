@@ -13,7 +13,8 @@
 //! - on the host's underlay device (ingress, [`Role::Underlay`]): VXLAN packets for local jobs
 //!   ([`FastPath::set_underlay`] says which: address, port, VNI, VTEP MAC) are decapsulated in
 //!   BPF and delivered with `bpf_redirect_peer`, skipping the kernel's UDP and VXLAN receive.
-//!   GSO packets and anything unexpected are left to the kernel.
+//!   TCP GSO packets (TSO bursts, GRO packets) too when their checksum state allows (see
+//!   `docs/ARCHITECTURE.md`); other GSO packets and anything unexpected are left to the kernel.
 //!
 //! Anything the maps do not know falls through to the kernel path (`TC_ACT_OK`), so empty maps are
 //! safe and the kernel VXLAN path of `flynn-network` stays the source of truth. Maps and

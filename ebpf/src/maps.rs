@@ -160,11 +160,14 @@ pub struct Counters {
     /// VXLAN packets for a job on this host decapsulated on the underlay device and delivered
     /// with `bpf_redirect_peer`.
     pub decapsulated: u64,
+    /// Of `decapsulated`: GSO packets (a TSO burst of a sender on the peer, a GRO packet of the
+    /// underlay device), each carrying several segments.
+    pub decapsulated_gso: u64,
     /// Of `redirected_remote`: encapsulated in BPF and sent out of the underlay device (the
     /// rest went through the VXLAN device).
     pub encapsulated: u64,
     /// Left to the kernel path (not IPv4, no map entry, TTL expiring, hairpin; on the underlay
-    /// only VXLAN packets for this host are counted, e.g. GSO ones).
+    /// only VXLAN packets for this host are counted, e.g. ones with an outer checksum).
     pub passed: u64,
 }
 
@@ -178,11 +181,13 @@ impl Counters {
              flynn_fastpath_packets_total{{result=\"redirected_remote\"}} {}\n\
              flynn_fastpath_packets_total{{result=\"encapsulated\"}} {}\n\
              flynn_fastpath_packets_total{{result=\"decapsulated\"}} {}\n\
+             flynn_fastpath_packets_total{{result=\"decapsulated_gso\"}} {}\n\
              flynn_fastpath_packets_total{{result=\"passed\"}} {}\n",
             self.redirected_local,
             self.redirected_remote,
             self.encapsulated,
             self.decapsulated,
+            self.decapsulated_gso,
             self.passed
         )
     }
@@ -194,7 +199,8 @@ pub(crate) const CTR_REMOTE: u32 = 1;
 pub(crate) const CTR_PASSED: u32 = 2;
 pub(crate) const CTR_DECAP: u32 = 3;
 pub(crate) const CTR_ENCAP: u32 = 4;
-pub(crate) const CTR_MAX: u32 = 5;
+pub(crate) const CTR_DECAP_GSO: u32 = 5;
+pub(crate) const CTR_MAX: u32 = 6;
 
 #[cfg(test)]
 mod layout {
@@ -253,13 +259,22 @@ mod tests {
             layout::flynn_tunnel_vtep_mac
         );
         assert_eq!(
-            (CTR_LOCAL, CTR_REMOTE, CTR_PASSED, CTR_DECAP, CTR_ENCAP, CTR_MAX),
+            (
+                CTR_LOCAL,
+                CTR_REMOTE,
+                CTR_PASSED,
+                CTR_DECAP,
+                CTR_ENCAP,
+                CTR_DECAP_GSO,
+                CTR_MAX
+            ),
             (
                 layout::FLYNN_CTR_LOCAL,
                 layout::FLYNN_CTR_REMOTE,
                 layout::FLYNN_CTR_PASSED,
                 layout::FLYNN_CTR_DECAP,
                 layout::FLYNN_CTR_ENCAP,
+                layout::FLYNN_CTR_DECAP_GSO,
                 layout::FLYNN_CTR_MAX
             )
         );
@@ -271,6 +286,7 @@ mod tests {
             redirected_local: 3,
             redirected_remote: 2,
             decapsulated: 4,
+            decapsulated_gso: 6,
             encapsulated: 5,
             passed: 1,
         }
@@ -282,7 +298,8 @@ mod tests {
         assert!(text.contains("flynn_fastpath_packets_total{result=\"decapsulated\"} 4\n"));
         assert!(text.ends_with("flynn_fastpath_packets_total{result=\"passed\"} 1\n"));
         assert!(text.contains("flynn_fastpath_packets_total{result=\"encapsulated\"} 5\n"));
-        assert_eq!(text.lines().count(), 7);
+        assert!(text.contains("flynn_fastpath_packets_total{result=\"decapsulated_gso\"} 6\n"));
+        assert_eq!(text.lines().count(), 8);
     }
 
     #[test]
