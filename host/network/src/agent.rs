@@ -191,6 +191,9 @@ impl<S: LeaseStore> Agent<S> {
                     .fast_decap
                     .store(c.decapsulated, Ordering::Relaxed);
                 self.stats
+                    .fast_decap_gso
+                    .store(c.decapsulated_gso, Ordering::Relaxed);
+                self.stats
                     .fast_encap
                     .store(c.encapsulated, Ordering::Relaxed);
                 self.stats.fast_passed.store(c.passed, Ordering::Relaxed);

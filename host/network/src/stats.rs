@@ -21,6 +21,7 @@ pub struct Stats {
     pub fast_local: AtomicU64,
     pub fast_remote: AtomicU64,
     pub fast_decap: AtomicU64,
+    pub fast_decap_gso: AtomicU64,
     pub fast_encap: AtomicU64,
     pub fast_passed: AtomicU64,
 }
@@ -85,6 +86,7 @@ impl Stats {
                     ("{outcome=\"redirected_remote\"}", get(&self.fast_remote)),
                     ("{outcome=\"encapsulated\"}", get(&self.fast_encap)),
                     ("{outcome=\"decapsulated\"}", get(&self.fast_decap)),
+                    ("{outcome=\"decapsulated_gso\"}", get(&self.fast_decap_gso)),
                     ("{outcome=\"passed\"}", get(&self.fast_passed)),
                 ],
             );
@@ -111,11 +113,14 @@ mod tests {
         s.fast_path.store(true, Ordering::Relaxed);
         s.fast_remote.store(9, Ordering::Relaxed);
         s.fast_decap.store(4, Ordering::Relaxed);
+        s.fast_decap_gso.store(2, Ordering::Relaxed);
         let text = s.prometheus();
         assert!(text
             .contains("flynn_network_fast_path_packets_total{outcome=\"redirected_remote\"} 9\n"));
         assert!(
             text.contains("flynn_network_fast_path_packets_total{outcome=\"decapsulated\"} 4\n")
         );
+        assert!(text
+            .contains("flynn_network_fast_path_packets_total{outcome=\"decapsulated_gso\"} 2\n"));
     }
 }

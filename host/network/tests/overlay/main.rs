@@ -727,6 +727,12 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
             && after.encapsulated >= before.encapsulated + 3,
         "no VXLAN in BPF on the underlay: {before:?} -> {after:?}"
     );
+    // The 64 KiB echo from host 2 leaves its job in TSO bursts, which host 2's BPF
+    // encapsulates as GSO packets: host 1 decapsulates those in BPF too.
+    ensure!(
+        after.decapsulated_gso > before.decapsulated_gso,
+        "no GSO packet decapsulated in BPF: {before:?} -> {after:?}"
+    );
 
     // The agent exports the counters (refreshed on every reconcile, each second here).
     eventually(5, "fast-path counters in /metrics", || {
