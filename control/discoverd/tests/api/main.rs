@@ -23,6 +23,19 @@ async fn node() -> (tempfile::TempDir, Discoverd, reqwest::Client) {
     (dir, d, c)
 }
 
+/// `PUT` (register) or `DELETE` one instance of `svc`.
+async fn instance(
+    c: &reqwest::Client,
+    d: &Discoverd,
+    method: &str,
+    svc: &str,
+    id: &str,
+    body: Option<&str>,
+) -> Reply {
+    let url = d.url(&format!("/services/{svc}/instances/{id}"));
+    call(c, method, &url, body).await
+}
+
 #[tokio::test]
 async fn service_create_conflict_and_name_validation() {
     let (_dir, d, c) = node().await;
@@ -78,23 +91,19 @@ async fn instance_validation_and_listing() {
     call(&c, "PUT", &d.url("/services/web"), Some("{}")).await;
     let (id, body) = instance_json("127.0.0.1:5000");
     // Unknown service.
-    let r = call(
-        &c,
-        "PUT",
-        &d.url(&format!("/services/nope/instances/{id}")),
-        Some(&body),
-    )
-    .await;
+    let r = instance(&c, &d, "PUT", "nope", &id, Some(&body)).await;
     assert_eq!(r.status, 404);
     // Zero instances: 404 with the quirky message.
     let r = call(&c, "GET", &d.url("/services/web/instances"), None).await;
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["message"], r#"service not found: "web""#);
     // Missing proto.
-    let r = call(
+    let r = instance(
         &c,
+        &d,
         "PUT",
-        &d.url(&format!("/services/web/instances/{id}")),
+        "web",
+        &id,
         Some(r#"{"id":"x","addr":"127.0.0.1:5000"}"#),
     )
     .await;
@@ -115,24 +124,12 @@ async fn instance_validation_and_listing() {
     );
     // Register twice (heartbeat), then a second instance: sorted by index, index kept.
     for _ in 0..2 {
-        let r = call(
-            &c,
-            "PUT",
-            &d.url(&format!("/services/web/instances/{id}")),
-            Some(&body),
-        )
-        .await;
+        let r = instance(&c, &d, "PUT", "web", &id, Some(&body)).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.body, "");
     }
     let (id2, body2) = instance_json("127.0.0.1:5001");
-    call(
-        &c,
-        "PUT",
-        &d.url(&format!("/services/web/instances/{id2}")),
-        Some(&body2),
-    )
-    .await;
+    instance(&c, &d, "PUT", "web", &id2, Some(&body2)).await;
     let list = call(&c, "GET", &d.url("/services/web/instances"), None)
         .await
         .json();
@@ -233,20 +230,8 @@ async fn oldest_and_manual_leaders() {
     assert_eq!(r.json()["message"], "no leader found");
     let (a, ba) = instance_json("127.0.0.1:6000");
     let (b, bb) = instance_json("127.0.0.1:6001");
-    call(
-        &c,
-        "PUT",
-        &d.url(&format!("/services/old/instances/{a}")),
-        Some(&ba),
-    )
-    .await;
-    call(
-        &c,
-        "PUT",
-        &d.url(&format!("/services/old/instances/{b}")),
-        Some(&bb),
-    )
-    .await;
+    instance(&c, &d, "PUT", "old", &a, Some(&ba)).await;
+    instance(&c, &d, "PUT", "old", &b, Some(&bb)).await;
     let l = call(&c, "GET", &d.url("/services/old/leader"), None)
         .await
         .json();
@@ -269,13 +254,7 @@ async fn oldest_and_manual_leaders() {
         "service leader election type is not manual"
     );
     // Removing the oldest makes the next one leader.
-    call(
-        &c,
-        "DELETE",
-        &d.url(&format!("/services/old/instances/{a}")),
-        None,
-    )
-    .await;
+    instance(&c, &d, "DELETE", "old", &a, None).await;
     let l = call(&c, "GET", &d.url("/services/old/leader"), None)
         .await
         .json();
@@ -289,20 +268,8 @@ async fn oldest_and_manual_leaders() {
         Some(r#"{"leader_type":"manual"}"#),
     )
     .await;
-    call(
-        &c,
-        "PUT",
-        &d.url(&format!("/services/man/instances/{a}")),
-        Some(&ba),
-    )
-    .await;
-    call(
-        &c,
-        "PUT",
-        &d.url(&format!("/services/man/instances/{b}")),
-        Some(&bb),
-    )
-    .await;
+    instance(&c, &d, "PUT", "man", &a, Some(&ba)).await;
+    instance(&c, &d, "PUT", "man", &b, Some(&bb)).await;
     let r = call(&c, "GET", &d.url("/services/man/leader"), None).await;
     assert_eq!(
         r.status, 404,
@@ -351,20 +318,8 @@ async fn stream_replays_up_leader_meta_then_current_and_goes_live() {
     call(&c, "PUT", &d.url("/services/s"), Some("{}")).await;
     let (a, ba) = instance_json("127.0.0.1:7000");
     let (b, bb) = instance_json("127.0.0.1:7001");
-    call(
-        &c,
-        "PUT",
-        &d.url(&format!("/services/s/instances/{a}")),
-        Some(&ba),
-    )
-    .await;
-    call(
-        &c,
-        "PUT",
-        &d.url(&format!("/services/s/instances/{b}")),
-        Some(&bb),
-    )
-    .await;
+    instance(&c, &d, "PUT", "s", &a, Some(&ba)).await;
+    instance(&c, &d, "PUT", "s", &b, Some(&bb)).await;
     call(
         &c,
         "PUT",
@@ -385,26 +340,14 @@ async fn stream_replays_up_leader_meta_then_current_and_goes_live() {
     assert_eq!(evs[1]["instance"]["id"], b.as_str());
     assert_eq!(evs[2]["instance"]["id"], a.as_str());
     // Live: removing the leader gives down then leader(b).
-    call(
-        &c,
-        "DELETE",
-        &d.url(&format!("/services/s/instances/{a}")),
-        None,
-    )
-    .await;
+    instance(&c, &d, "DELETE", "s", &a, None).await;
     let evs = read_events(&mut resp, 2, Duration::from_secs(5)).await;
     let kinds: Vec<&str> = evs.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, vec!["down", "leader"]);
     assert_eq!(evs[1]["instance"]["id"], b.as_str());
     // Changed meta of an instance: update, same index.
     let upd = format!(r#"{{"id":"{b}","addr":"127.0.0.1:7001","proto":"tcp","meta":{{"x":"1"}}}}"#);
-    call(
-        &c,
-        "PUT",
-        &d.url(&format!("/services/s/instances/{b}")),
-        Some(&upd),
-    )
-    .await;
+    instance(&c, &d, "PUT", "s", &b, Some(&upd)).await;
     let evs = read_events(&mut resp, 1, Duration::from_secs(5)).await;
     assert_eq!(evs[0]["kind"], "update");
     assert_eq!(evs[0]["instance"]["meta"]["x"], "1");
@@ -447,21 +390,9 @@ async fn instances_expire_only_after_heartbeats_stop() {
     let mut resp = c.get(d.url("/services/hb")).send().await.unwrap();
     let _ = read_events(&mut resp, 1, Duration::from_secs(2)).await; // current
                                                                      // Keep `a` alive for 4 s with 300 ms heartbeats; register `b` once.
-    call(
-        &c,
-        "PUT",
-        &d.url(&format!("/services/hb/instances/{b}")),
-        Some(&bb),
-    )
-    .await;
+    instance(&c, &d, "PUT", "hb", &b, Some(&bb)).await;
     for _ in 0..14 {
-        let r = call(
-            &c,
-            "PUT",
-            &d.url(&format!("/services/hb/instances/{a}")),
-            Some(&ba),
-        )
-        .await;
+        let r = instance(&c, &d, "PUT", "hb", &a, Some(&ba)).await;
         assert_eq!(r.status, 200);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -520,13 +451,7 @@ async fn state_survives_restart() {
     .await
     .json();
     let (a, ba) = instance_json("127.0.0.1:9000");
-    call(
-        &c,
-        "PUT",
-        &d.url(&format!("/services/keep/instances/{a}")),
-        Some(&ba),
-    )
-    .await;
+    instance(&c, &d, "PUT", "keep", &a, Some(&ba)).await;
     d.kill();
     d.start();
     up(&d).await;
