@@ -35,6 +35,18 @@ async fn append(log: &mut LogStore, entries: Vec<EntryOf<C>>) {
     rx.await.unwrap().unwrap();
 }
 
+/// The log's segment files, in index order.
+fn segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut segs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segs.sort();
+    segs
+}
+
 async fn indexes(log: &mut LogStore) -> Vec<u64> {
     log.try_get_log_entries(0..u64::MAX)
         .await
@@ -68,12 +80,7 @@ async fn torn_tail_is_cut_off() {
         let mut log = LogStore::open(dir.path()).unwrap();
         append(&mut log, (1..=3).map(|i| entry(1, i)).collect()).await;
     }
-    let seg = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .find(|e| e.path().extension().is_some_and(|x| x == "seg"))
-        .unwrap()
-        .path();
+    let seg = segments(dir.path()).remove(0);
     // A half-written record: a header promising more bytes than follow.
     let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
     f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, b'{']).unwrap();
@@ -93,12 +100,7 @@ async fn corrupt_middle_record_is_an_error() {
         let mut log = LogStore::open(dir.path()).unwrap();
         append(&mut log, (1..=3).map(|i| entry(1, i)).collect()).await;
     }
-    let seg = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .find(|e| e.path().extension().is_some_and(|x| x == "seg"))
-        .unwrap()
-        .path();
+    let seg = segments(dir.path()).remove(0);
     let mut bytes = std::fs::read(&seg).unwrap();
     bytes[12] ^= 0xff;
     std::fs::write(&seg, &bytes).unwrap();
@@ -142,12 +144,7 @@ async fn preallocated_segment_tail_is_not_a_record() {
         let mut log = LogStore::open(dir.path()).unwrap();
         append(&mut log, (1..=3).map(|i| entry(1, i)).collect()).await;
     }
-    let seg = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .find(|e| e.path().extension().is_some_and(|x| x == "seg"))
-        .unwrap()
-        .path();
+    let seg = segments(dir.path()).remove(0);
     let bytes = std::fs::read(&seg).unwrap();
     assert!(bytes.len() >= 1 << 20, "segment zero-filled ahead");
     assert_eq!(*bytes.last().unwrap(), 0);
@@ -172,13 +169,7 @@ async fn closed_segment_keeps_no_preallocated_tail() {
         // new segment and closes the first.
         append(&mut log, (7..=8).map(|i| entry(1, i)).collect()).await;
     }
-    let mut segs: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-        .collect();
-    segs.sort();
+    let segs = segments(dir.path());
     assert_eq!(segs.len(), 2);
     let first = std::fs::read(&segs[0]).unwrap();
     assert!(
