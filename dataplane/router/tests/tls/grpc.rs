@@ -186,8 +186,13 @@ fn rapid_reset_flood_ends_the_connection_and_is_counted() {
         )
     });
     assert!(closed, "connection still open after the flood");
-    // The router counts the GOAWAY once its accept loop sees the error: poll for it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    wait_for_h2_connection_error(&router, Duration::from_secs(15));
+}
+
+/// Polls the router's metrics until an HTTP/2 connection error is counted (the router
+/// counts one once its accept loop sees the error); panics after `within`.
+fn wait_for_h2_connection_error(router: &Router, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
     loop {
         let (_, metrics) = router.api("GET", "/metrics", None);
         let text = metrics.as_str().unwrap_or_default().to_string();
@@ -197,11 +202,11 @@ fn rapid_reset_flood_ends_the_connection_and_is_counted() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum();
         if errors >= 1 {
-            break;
+            return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "flood not counted:\n{text}"
+            "connection error not counted:\n{text}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -404,22 +409,5 @@ fn continuation_flood_is_cut_off_with_bounded_cost() {
         "the router kept reading a header block of {sent} bytes"
     );
     // The router itself is fine and counted the abuse.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, metrics) = router.api("GET", "/metrics", None);
-        let text = metrics.as_str().unwrap_or_default().to_string();
-        let errors: u64 = text
-            .lines()
-            .filter(|l| l.starts_with("flynn_router_h2_connection_errors_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum();
-        if errors >= 1 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "flood not counted:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_h2_connection_error(&router, Duration::from_secs(10));
 }
