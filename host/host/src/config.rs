@@ -99,6 +99,11 @@ pub struct Config {
     #[arg(long, env = "FLYNN_NO_SPARE_SHIM")]
     pub no_spare_shim: bool,
 
+    /// TEST ONLY: exit right after a job's end is recorded and announced, before its
+    /// network is torn down, as a crash in that window would.
+    #[arg(long, hide = true)]
+    pub fault_exit_before_teardown: bool,
+
     /// Host tags, `key=value`; repeatable or comma separated.
     #[arg(long = "tag", env = "FLYNN_TAGS", value_delimiter = ',')]
     pub tags: Vec<String>,

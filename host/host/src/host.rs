@@ -42,6 +42,9 @@ pub struct Options {
     /// Jobs allowed in `starting` at once; more are refused with 429 (0 = no limit).
     pub max_starting: usize,
     pub volumes: Volumes,
+    /// TEST ONLY: exit the process right after a job's end is recorded and announced,
+    /// before its network teardown (the window `restore` repairs).
+    pub fault_exit_before_teardown: bool,
 }
 
 /// Per-job control state of a job with a live process.
@@ -74,6 +77,7 @@ pub struct Host {
     state_dir: PathBuf,
     max_starting: usize,
     volumes: Volumes,
+    fault_exit_before_teardown: bool,
     tags: Mutex<BTreeMap<String, String>>,
     inner: Mutex<Inner>,
     events: broadcast::Sender<Event>,
@@ -102,6 +106,7 @@ impl Host {
             max_starting: o.max_starting,
             state_dir: o.state_dir,
             volumes: o.volumes,
+            fault_exit_before_teardown: o.fault_exit_before_teardown,
             tags: Mutex::new(o.tags),
             inner: Mutex::new(Inner::default()),
             events,
@@ -626,6 +631,10 @@ impl Host {
         // its namespace and veth are removed (the kernel's teardown of those takes ~10–20
         // ms). Its address stays allocated until then; a daemon that dies in between removes
         // them when it restores the job (see `restore`).
+        if self.fault_exit_before_teardown {
+            tracing::warn!(job = %id, "fault injection: exiting before the network teardown");
+            std::process::exit(3);
+        }
         self.teardown(&id, r.ip.is_some()).await;
         tracing::debug!(job = %id, deregister = ?t_dereg, cleanup = ?(t_cleanup - t_dereg), network = ?(t0.elapsed() - t_cleanup), "job end phases");
     }

@@ -111,6 +111,7 @@ fn host(rt: Arc<Fake>, dir: &Path, max_starting: usize) -> Arc<Host> {
             crate::syncer::Syncer::start(),
         )
         .unwrap(),
+        fault_exit_before_teardown: false,
     })
 }
 

@@ -118,6 +118,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         state_dir: cfg.state_dir.clone(),
         max_starting: cfg.max_job_concurrency,
         volumes: vols,
+        fault_exit_before_teardown: cfg.fault_exit_before_teardown,
     });
     host.set_url(format!("http://{addr}"));
     host.restore().await;

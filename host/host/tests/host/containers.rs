@@ -677,6 +677,72 @@ fn restarted_daemon_readopts_running_jobs() {
     });
 }
 
+#[test]
+fn a_daemon_dead_before_the_network_teardown_does_it_on_restart() {
+    require_root!();
+    busybox();
+    in_netns(|_| async {
+        // This daemon exits right after it records and announces a job's end, before the
+        // job's namespace, veth and address are released: a crash in that window.
+        let mut ch = CHost::start(&["--fault-exit-before-teardown"]);
+        let state = ch.host.dir.path().to_path_buf();
+        let id = ch.host.job_id("short");
+        ch.host
+            .client
+            .add_job(&bb_job(&id, "exec sleep 60"))
+            .await
+            .unwrap();
+        wait_running(&ch.host.client, &id).await;
+        let key = taken_netns(&state).get(&id).cloned().unwrap_or(id.clone());
+        assert!(netns_exists(&key));
+        ch.host.client.stop_job(&id).await.unwrap();
+        let mut proc = ch.host.proc.take().unwrap();
+        let t0 = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = proc.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "daemon did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(status.code(), Some(3), "daemon exit");
+        // The window is real: the job's network is still there.
+        assert!(netns_exists(&key), "namespace already gone");
+        assert!(ip_owners(&state).contains(&key), "address already released");
+        let veth = flynn_network::job::host_veth_name(&key);
+        assert!(link_exists(&veth), "veth {veth} already gone");
+
+        // A new daemon on the same state finds the job ended and removes what is left.
+        let host_id = ch.host.id.clone();
+        let dir = std::mem::replace(&mut ch.host.dir, tempfile::tempdir().unwrap());
+        let args = CHost::args(&ch.cgroup_parent, &[]);
+        ch.host = Host::start_in(dir, &host_id, &args);
+        let j = ch.host.client.get_job(&id).await.unwrap();
+        assert_eq!(j.status, JobStatus::Done, "{j:?}");
+        eventually(Duration::from_secs(10), "leftover network removed", || {
+            !netns_exists(&key)
+                && !ip_owners(&state).contains(&key)
+                && !taken_netns(&state).contains_key(&id)
+                && !link_exists(&veth)
+        })
+        .await;
+    });
+}
+
+/// Whether link `name` exists in this thread's network namespace (`/sys/class/net` shows
+/// the namespace sysfs was mounted in, not this one).
+fn link_exists(name: &str) -> bool {
+    Command::new("ip")
+        .args(["link", "show", "dev", name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 trait TapPorts {
     fn tap_ports(self) -> Self;
 }
