@@ -137,6 +137,12 @@ mod tests {
         c.validate().unwrap();
         let bad = Config::try_parse_from(["d", "--data-dir", "x", "--peers", "nope"]).unwrap();
         assert!(bad.validate().is_err());
+        assert_eq!(c.threads, 2);
+        let zero = Config::try_parse_from(["d", "--data-dir", "x", "--threads", "0"]).unwrap();
+        assert_eq!(
+            zero.validate().unwrap_err(),
+            "--threads must be 1–64, not 0"
+        );
     }
 
     #[test]
