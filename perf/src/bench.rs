@@ -321,7 +321,7 @@ pub fn run(opts: Options) -> Result<String> {
         "origin up on 127.0.0.1:{origin_port} (pid {})",
         origin.pid()
     );
-    let router_bin = targets::resolve_router_bin(&opts.router_bin);
+    let router_bin = crate::procs::resolve_bin(&opts.router_bin, "flynn-router");
     let want_tls = opts.scenarios.iter().any(|s| s.is_tls());
     let want_h2 = opts.scenarios.contains(&Scenario::H2C64);
     let tls_files = if want_tls {

@@ -217,3 +217,16 @@ impl Drop for TempDir {
         }
     }
 }
+
+/// A binary of ours: `arg` as given when it exists (relative to the current dir) or is
+/// absolute, else `name` next to this executable (`target/release/`), else `arg` as is.
+pub fn resolve_bin(arg: &Path, name: &str) -> PathBuf {
+    if arg.exists() || arg.is_absolute() {
+        return arg.to_path_buf();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| arg.to_path_buf())
+}

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -464,16 +464,4 @@ pub fn check_response(port: u16) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Path of the router binary relative to the current dir, else next to this executable.
-pub fn resolve_router_bin(arg: &Path) -> PathBuf {
-    if arg.exists() || arg.is_absolute() {
-        return arg.to_path_buf();
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("flynn-router")))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| arg.to_path_buf())
 }

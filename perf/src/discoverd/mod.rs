@@ -178,7 +178,7 @@ pub fn run(opts: Options) -> Result<String> {
         .context("building the tokio runtime")?;
     let h = Http::new()?;
     let dir = TempDir::new("flynn-perf-discoverd")?;
-    let bin = resolve_bin(&opts.discoverd_bin);
+    let bin = crate::procs::resolve_bin(&opts.discoverd_bin, "flynn-discoverd");
     let want = |s: &str| opts.scenarios.iter().any(|x| x == s);
 
     let mut scenarios = Vec::new();
@@ -511,17 +511,4 @@ fn failover(
         new_leader,
         note,
     })
-}
-
-/// The flynn-discoverd binary: `arg` relative to the current dir, else next to this
-/// executable.
-fn resolve_bin(arg: &std::path::Path) -> PathBuf {
-    if arg.exists() || arg.is_absolute() {
-        return arg.to_path_buf();
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("flynn-discoverd")))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| arg.to_path_buf())
 }

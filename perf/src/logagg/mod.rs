@@ -192,7 +192,7 @@ pub fn run(opts: Options) -> Result<String> {
         sample_frame: load.sample(),
         ..Session::default()
     };
-    let logagg_bin = resolve_bin(&opts.logagg_bin);
+    let logagg_bin = crate::procs::resolve_bin(&opts.logagg_bin, "flynn-logagg");
 
     let mut running: Vec<Target> = Vec::new();
     for id in session.ids.clone() {
@@ -435,16 +435,4 @@ fn run_one(target: &mut Target, load: &Load, conns: usize, opts: &Options) -> Re
             note,
         })
     })
-}
-
-/// The flynn-logagg binary: `arg` relative to the current dir, else next to this executable.
-fn resolve_bin(arg: &std::path::Path) -> PathBuf {
-    if arg.exists() || arg.is_absolute() {
-        return arg.to_path_buf();
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("flynn-logagg")))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| arg.to_path_buf())
 }
