@@ -113,6 +113,25 @@ fn cell(samples: &[Sample]) -> Cell {
     }
 }
 
+/// The "Failed runs" list of a report (nothing when every run succeeded).
+pub fn failures_section(out: &mut String, failures: &[String]) {
+    if failures.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "## Failed runs\n");
+    for f in failures {
+        let _ = writeln!(out, "- {}", f.replace('\n', " "));
+    }
+    let _ = writeln!(out);
+}
+
+/// Opens the collapsed "Every run" table: the header row and its alignment row.
+pub fn every_run_head(out: &mut String, header: &str, align: &str) {
+    let _ = writeln!(out, "<details><summary>Every run</summary>\n");
+    let _ = writeln!(out, "{header}");
+    let _ = writeln!(out, "{align}");
+}
+
 pub fn render(s: &Session) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# flynn-perf proxy\n");
@@ -233,22 +252,12 @@ pub fn render(s: &Session) -> String {
         let _ = writeln!(out);
     }
 
-    if !s.failures.is_empty() {
-        let _ = writeln!(out, "## Failed runs\n");
-        for f in &s.failures {
-            let _ = writeln!(out, "- {}", f.replace('\n', " "));
-        }
-        let _ = writeln!(out);
-    }
+    failures_section(&mut out, &s.failures);
 
-    let _ = writeln!(out, "<details><summary>Every run</summary>\n");
-    let _ = writeln!(
-        out,
-        "| round | scenario | target | workers | req/s | p50 | p99 | requests | CPU s | req/CPU-s | RSS MiB | errors |"
-    );
-    let _ = writeln!(
-        out,
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    every_run_head(
+        &mut out,
+        "| round | scenario | target | workers | req/s | p50 | p99 | requests | CPU s | req/CPU-s | RSS MiB | errors |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     );
     let mut all: Vec<(&(String, Id), &Sample)> = s
         .samples

@@ -289,22 +289,12 @@ pub fn render(s: &Session) -> String {
         let _ = writeln!(out);
     }
 
-    if !s.failures.is_empty() {
-        let _ = writeln!(out, "## Failed runs\n");
-        for f in &s.failures {
-            let _ = writeln!(out, "- {}", f.replace('\n', " "));
-        }
-        let _ = writeln!(out);
-    }
+    crate::report::failures_section(&mut out, &s.failures);
 
-    let _ = writeln!(out, "<details><summary>Every run</summary>\n");
-    let _ = writeln!(
-        out,
-        "| round | scenario | target | nodes | ops | errors | s | ops/s | p50 | p99 | CPU s | CPU-µs/op | 2nd phase ops | errors | ops/s | p50 | p99 | CPU-µs/op | RSS MiB | first error |"
-    );
-    let _ = writeln!(
-        out,
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    crate::report::every_run_head(
+        &mut out,
+        "| round | scenario | target | nodes | ops | errors | s | ops/s | p50 | p99 | CPU s | CPU-µs/op | 2nd phase ops | errors | ops/s | p50 | p99 | CPU-µs/op | RSS MiB | first error |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     );
     let mut all: Vec<(&(Scenario, Id), &Sample)> = s
         .samples

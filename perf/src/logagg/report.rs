@@ -137,13 +137,7 @@ pub fn render(s: &Session) -> String {
         let _ = writeln!(out);
     }
 
-    if !s.failures.is_empty() {
-        let _ = writeln!(out, "## Failed runs\n");
-        for f in &s.failures {
-            let _ = writeln!(out, "- {}", f.replace('\n', " "));
-        }
-        let _ = writeln!(out);
-    }
+    crate::report::failures_section(&mut out, &s.failures);
 
     let _ = writeln!(
         out,
@@ -162,14 +156,10 @@ pub fn render(s: &Session) -> String {
     }
     let _ = writeln!(out, "</details>\n");
 
-    let _ = writeln!(out, "<details><summary>Every run</summary>\n");
-    let _ = writeln!(
-        out,
-        "| round | conns | target | threads | sent | processed | send s | elapsed s | msgs/s | CPU s | CPU-µs/msg | RSS MiB | buffered MiB | follow p50 | follow p99 | markers | note |"
-    );
-    let _ = writeln!(
-        out,
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    crate::report::every_run_head(
+        &mut out,
+        "| round | conns | target | threads | sent | processed | send s | elapsed s | msgs/s | CPU s | CPU-µs/msg | RSS MiB | buffered MiB | follow p50 | follow p99 | markers | note |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     );
     let mut all: Vec<(&(usize, Id), &Sample)> = s
         .samples
