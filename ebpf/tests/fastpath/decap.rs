@@ -13,7 +13,8 @@ use flynn_ebpf::{AttachMode, FastPath, Role, Underlay};
 
 use super::lab::{self, ifindex, in_ns, ping, ping_count, ping_df, ping_ttl, tcp_roundtrip};
 use super::{
-    counters, fast_path_on, programs_on, two_hosts, Lab, BLOCK1, BLOCK2, MTU, VTEP1, VTEP2,
+    counters, endpoint, fast_path_on, programs_on, two_hosts, Lab, BLOCK1, BLOCK2, MTU, VTEP1,
+    VTEP2,
 };
 
 const UL1: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 1);
@@ -432,6 +433,25 @@ fn cross_host_encap_in_bpf(mode: AttachMode) -> Result<()> {
     ensure!(
         got.as_deref() == Some(&big[..]),
         "full-size UDP datagram lost or altered"
+    );
+
+    // A miss (job 2's endpoint gone on host 2): TSO bursts to it go the kernel way (UDP socket,
+    // VXLAN device, bridge) and arrive intact; none is decapsulated in BPF. Back in: BPF again.
+    fp2.remove_endpoint(t.j2.ip)?;
+    let before = counters(&fp2)?;
+    tcp_roundtrip(&t.j1.ns, &t.j2.ns, t.j2.ip, 7305, 4 << 20).context("TCP, endpoint missing")?;
+    let after = counters(&fp2)?;
+    ensure!(
+        after.decapsulated_gso == before.decapsulated_gso && after.passed > before.passed + 10,
+        "endpoint missing: TSO bursts not left to the kernel: {before:?} -> {after:?}"
+    );
+    let ep2 = in_ns(&t.h2, || endpoint(&t.h2, &t.j2))?;
+    fp2.upsert_endpoint(t.j2.ip, ep2)?;
+    tcp_roundtrip(&t.j1.ns, &t.j2.ns, t.j2.ip, 7306, 4 << 20).context("TCP, endpoint back")?;
+    let back = counters(&fp2)?;
+    ensure!(
+        back.decapsulated_gso > after.decapsulated_gso,
+        "endpoint back: TSO bursts not decapsulated in BPF: {after:?} -> {back:?}"
     );
 
     // A restarted loader swaps its programs into the underlay attachment (and the others) while
