@@ -351,6 +351,25 @@ pub struct NetworkInfo {
     pub mtu: u32,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub bridge: String,
+    /// Upstream nameservers the overlay agent reported (discoverd's `--wait-net-dns`
+    /// takes them as its recursors).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resolvers: Vec<String>,
+}
+
+/// `POST /host/network`: the overlay agent (flannel's role) tells the host its block.
+/// `subnet` is the block's first host address with the prefix length
+/// (`100.100.3.1/24`): the bridge takes that address.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    #[serde(default)]
+    pub job_id: String,
+    pub subnet: String,
+    /// 0 = the host's `--mtu`.
+    #[serde(default)]
+    pub mtu: u32,
+    #[serde(default)]
+    pub resolvers: Vec<String>,
 }
 
 /// Log shipping counters.

@@ -10,7 +10,8 @@ use crate::json_http::JsonHttp;
 
 pub use flynn_api::host::{
     ActiveJob, CheckPort, ContainerConfig, Event, EventKind, HostStatus, Job, JobStatus, Mount,
-    MountSpec, Port, ResourceCheck, Resources, Service, Spec, Volume, VolumeBinding, VolumeCreate,
+    MountSpec, NetworkConfig, Port, ResourceCheck, Resources, Service, Spec, Volume, VolumeBinding,
+    VolumeCreate,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +131,14 @@ impl Client {
     pub async fn resource_check(&self, check: &ResourceCheck) -> Result<(), Error> {
         let body = serde_json::to_vec(check).unwrap_or_default();
         self.send(reqwest::Method::POST, "/host/resource-check", Some(body))
+            .await
+            .map(drop)
+    }
+
+    /// `POST /host/network`: hands the host its job block (the overlay agent's notify).
+    pub async fn configure_network(&self, cfg: &NetworkConfig) -> Result<(), Error> {
+        let body = serde_json::to_vec(cfg).unwrap_or_default();
+        self.send(reqwest::Method::POST, "/host/network", Some(body))
             .await
             .map(drop)
     }

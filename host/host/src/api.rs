@@ -75,6 +75,7 @@ pub fn router(host: Arc<Host>) -> Router {
         .route("/host/status", get(status))
         .route("/host/tags", post(set_tags))
         .route("/host/resource-check", post(resource_check))
+        .route("/host/network", post(configure_network))
         .merge(crate::volume_api::router())
         .route("/.well-known/status", get(health))
         .route("/metrics", get(metrics))
@@ -228,6 +229,15 @@ async fn set_tags(
     }
     host.set_tags(tags);
     Ok(Json(serde_json::json!({})))
+}
+
+async fn configure_network(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+    b: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Json<flynn_api::host::NetworkInfo>> {
+    let cfg: flynn_api::host::NetworkConfig = json_body(&headers, &body(b)?)?;
+    Ok(Json(host.configure_network(&cfg).await?))
 }
 
 async fn resource_check(

@@ -69,9 +69,16 @@ pub struct Config {
     #[arg(long, env = "FLYNN_BRIDGE_NAME", default_value = "flynnbr0")]
     pub bridge_name: String,
 
-    /// This host's job address block; the bridge takes its first address.
+    /// This host's job address block; the bridge takes its first address. Not used with
+    /// `--network-from-agent`.
     #[arg(long, env = "FLYNN_BLOCK", default_value = "100.100.0.0/24")]
     pub block: String,
+
+    /// Take the job block from the overlay agent (`POST /host/network`, flannel's notify)
+    /// instead of `--block`: jobs with a network of their own wait for it (up to 60 s).
+    /// The last one received is kept in `network.json` and applied again at start-up.
+    #[arg(long, env = "FLYNN_NETWORK_FROM_AGENT")]
+    pub network_from_agent: bool,
 
     /// Job cgroups are `<cgroup-parent>/<job id>` under every controller.
     #[arg(long, env = "FLYNN_CGROUP_PARENT", default_value = "flynn")]

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flynn_api::host::{ActiveJob, Event, EventKind, HostStatus, Job, JobStatus, LogStats};
+use flynn_api::host::{
+    ActiveJob, Event, EventKind, HostStatus, Job, JobStatus, LogStats, NetworkConfig, NetworkInfo,
+};
 use flynn_api::ApiError;
 use flynn_client::discoverd::{self, Heartbeater, Instance};
 use tokio::sync::broadcast;
@@ -31,7 +33,11 @@ pub struct Options {
     pub store: Store,
     pub logs: Shipper,
     pub discoverd: Option<String>,
+    /// The job network when it is configured at start-up (`--block`).
     pub network: Option<Network>,
+    /// How to make the job network when `POST /host/network` brings the block
+    /// (`--network-from-agent`).
+    pub net_setup: Option<crate::net::Setup>,
     /// The address used for jobs without their own network namespace.
     pub external_ip: IpAddr,
     pub tags: BTreeMap<String, String>,
@@ -42,6 +48,8 @@ pub struct Options {
     /// Jobs allowed in `starting` at once; more are refused with 429 (0 = no limit).
     pub max_starting: usize,
     pub volumes: Volumes,
+    /// Upstream nameservers the overlay agent reported before (from `network.json`).
+    pub net_resolvers: Vec<String>,
     /// TEST ONLY: exit the process right after a job's end is recorded and announced,
     /// before its network teardown (the window `restore` repairs).
     pub fault_exit_before_teardown: bool,
@@ -71,7 +79,15 @@ pub struct Host {
     logs: Shipper,
     discoverd_url: Option<String>,
     discoverd: Option<discoverd::Client>,
-    network: Option<Network>,
+    /// Set once: at start-up from `--block`, or by `POST /host/network`.
+    network: std::sync::OnceLock<Network>,
+    net_setup: Option<crate::net::Setup>,
+    /// `true` once `network` is set (starting jobs wait on it).
+    net_ready: tokio::sync::watch::Sender<bool>,
+    /// Serializes `POST /host/network`.
+    net_config: tokio::sync::Mutex<()>,
+    /// Upstream nameservers reported by the overlay agent.
+    net_resolvers: Mutex<Vec<String>>,
     external_ip: IpAddr,
     resolvers: Vec<IpAddr>,
     state_dir: PathBuf,
@@ -85,6 +101,9 @@ pub struct Host {
     /// This host's own registration in discoverd (service `flynn-host`).
     self_registration: tokio::sync::Mutex<Option<Heartbeater>>,
 }
+
+/// How long a starting job waits for `POST /host/network` under `--network-from-agent`.
+pub const NETWORK_WAIT: Duration = Duration::from_secs(60);
 
 /// The discoverd service hosts register in.
 pub const HOST_SERVICE: &str = "flynn-host";
@@ -100,7 +119,11 @@ impl Host {
             logs: o.logs,
             discoverd: o.discoverd.as_deref().map(discoverd::Client::new),
             discoverd_url: o.discoverd,
-            network: o.network,
+            net_ready: tokio::sync::watch::Sender::new(o.network.is_some()),
+            network: o.network.map(std::sync::OnceLock::from).unwrap_or_default(),
+            net_setup: o.net_setup,
+            net_config: tokio::sync::Mutex::new(()),
+            net_resolvers: Mutex::new(o.net_resolvers),
             external_ip: o.external_ip,
             resolvers: o.resolvers,
             max_starting: o.max_starting,
@@ -164,13 +187,88 @@ impl Host {
     /// may have used, in the background.
     fn prepare_next(&self) {
         self.runtime.prepare();
-        if let Some(n) = &self.network {
+        if let Some(n) = self.network.get() {
             n.fill_pool();
         }
     }
 
     pub fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// The job network, once configured.
+    pub fn network(&self) -> Option<&Network> {
+        self.network.get()
+    }
+
+    /// The job network, if this host has one. Under `--network-from-agent` a start waits
+    /// up to [`NETWORK_WAIT`] for `POST /host/network`.
+    async fn wait_network(&self) -> Result<Option<Network>, String> {
+        if let Some(n) = self.network.get() {
+            return Ok(Some(n.clone()));
+        }
+        if self.net_setup.is_none() {
+            return Ok(None);
+        }
+        let mut ready = self.net_ready.subscribe();
+        let came =
+            tokio::time::timeout(NETWORK_WAIT, async { ready.wait_for(|r| *r).await.is_ok() })
+                .await
+                .unwrap_or(false);
+        match self.network.get() {
+            Some(n) if came => Ok(Some(n.clone())),
+            _ => Err(format!(
+                "host: no network after {} s (waiting for POST /host/network from the overlay agent)",
+                NETWORK_WAIT.as_secs()
+            )),
+        }
+    }
+
+    /// `POST /host/network`: the overlay agent hands this host its block. The first one
+    /// makes the bridge and the allocator; the same block again only updates the
+    /// resolvers; another block is refused (jobs hold addresses in this one).
+    pub async fn configure_network(&self, cfg: &NetworkConfig) -> Result<NetworkInfo, ApiError> {
+        let default_mtu = match (&self.net_setup, self.network.get()) {
+            (Some(s), _) => s.mtu,
+            (None, Some(n)) => n.info().mtu,
+            (None, None) => 1500,
+        };
+        let (block, mtu, resolvers) = crate::net::parse_config(cfg, default_mtu)?;
+        let _one_at_a_time = self.net_config.lock().await;
+        match (self.network.get(), &self.net_setup) {
+            (Some(n), _) => {
+                let info = n.info();
+                if info.subnet != block.to_string() || info.mtu != mtu {
+                    return Err(ApiError::conflict(format!(
+                        "host: network already configured for {} (mtu {})",
+                        info.subnet, info.mtu
+                    )));
+                }
+            }
+            (None, None) => {
+                return Err(ApiError::conflict(
+                    "host: jobs on this host have no network of their own (--no-network or the process runtime)",
+                ));
+            }
+            (None, Some(setup)) => {
+                let n = setup.open(block, mtu).await.map_err(|e| {
+                    tracing::warn!(%block, error = %format!("{e:#}"), "configuring the job network failed");
+                    ApiError::unknown()
+                })?;
+                let _ = self.network.set(n.clone());
+                n.fill_pool();
+                tracing::info!(%block, mtu, job = %cfg.job_id, "job network configured by the overlay agent");
+            }
+        }
+        if let Some(setup) = &self.net_setup {
+            setup.save(block, mtu, &resolvers).map_err(|e| {
+                tracing::warn!(error = %e, "saving network.json failed");
+                ApiError::unknown()
+            })?;
+        }
+        *self.net_resolvers.lock().unwrap_or_else(|e| e.into_inner()) = resolvers;
+        self.net_ready.send_replace(true);
+        Ok(self.status().network.unwrap_or_default())
     }
 
     /// Persists and publishes a transition.
@@ -216,7 +314,15 @@ impl Host {
                 .discoverd_url
                 .as_ref()
                 .map(|u| flynn_api::host::DiscoverdInfo { url: u.clone() }),
-            network: self.network.as_ref().map(Network::info),
+            network: self.network.get().map(|n| {
+                let mut info = n.info();
+                info.resolvers = self
+                    .net_resolvers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                info
+            }),
             version: env!("CARGO_PKG_VERSION").to_string(),
             log: self.logs.stats(),
             jobs,
@@ -388,7 +494,15 @@ impl Host {
         }
         let t_image = t0.elapsed();
         let own_net = self.runtime.isolates_network() && !job.config.host_network;
-        let (ip, netns) = match (&self.network, own_net) {
+        let net = if own_net {
+            match self.wait_network().await {
+                Ok(n) => n,
+                Err(e) => return self.fail(&id, e),
+            }
+        } else {
+            None
+        };
+        let (ip, netns) = match (net, own_net) {
             (Some(net), true) => match net.setup(&id).await {
                 Ok((ip, ns)) => (Some(ip), Some(ns)),
                 Err(e) => return self.fail(&id, format!("network: {e}")),
@@ -511,7 +625,7 @@ impl Host {
     async fn teardown(&self, id: &str, had_net: bool) {
         let _ = std::fs::remove_file(self.resolv_conf_path(id));
         if had_net {
-            if let Some(net) = &self.network {
+            if let Some(net) = self.network.get() {
                 if let Err(e) = net.teardown(id).await {
                     tracing::warn!(job = %id, error = %e, "removing job network failed");
                 }
@@ -817,7 +931,7 @@ impl Host {
                         .internal_ip
                         .parse()
                         .ok()
-                        .or_else(|| self.network.as_ref().and_then(|n| n.address_of(&id)));
+                        .or_else(|| self.network.get().and_then(|n| n.address_of(&id)));
                     let env_ip = ip.unwrap_or(self.external_ip);
                     let env =
                         job::job_env(&j.job, &ports, Some(env_ip), self.discoverd_url.as_deref());
@@ -843,7 +957,7 @@ impl Host {
                     self.fail(&id, "host: job lost across a daemon restart".into());
                     let had_net = self
                         .network
-                        .as_ref()
+                        .get()
                         .is_some_and(|n| n.address_of(&id).is_some());
                     self.teardown(&id, had_net).await;
                 }
@@ -851,7 +965,7 @@ impl Host {
                     // Ended, but the network teardown that follows the end may not have run.
                     if self
                         .network
-                        .as_ref()
+                        .get()
                         .is_some_and(|n| n.address_of(&id).is_some())
                     {
                         self.teardown(&id, true).await;

@@ -100,6 +100,8 @@ fn host(rt: Arc<Fake>, dir: &Path, max_starting: usize) -> Arc<Host> {
         logs: Shipper::start("h", Vec::new(), 10),
         discoverd: None,
         network: None,
+        net_setup: None,
+        net_resolvers: Vec::new(),
         external_ip: "127.0.0.1".parse().unwrap(),
         tags: BTreeMap::new(),
         resolvers: Vec::new(),

@@ -78,7 +78,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             )?)
         }
     };
-    let network = if rt.isolates_network() && !cfg.no_network {
+    let own_networks = rt.isolates_network() && !cfg.no_network;
+    let net_setup = (own_networks && cfg.network_from_agent).then(|| net::Setup {
+        state_dir: cfg.state_dir.clone(),
+        bridge: cfg.bridge_name.clone(),
+        mtu: cfg.mtu,
+        sync: sync.clone(),
+        pool_size: cfg.netns_pool,
+    });
+    let mut net_resolvers = Vec::new();
+    let network = if let Some(setup) = &net_setup {
+        // What the agent sent before: applied now, so restored and new jobs need not wait
+        // for its next notification.
+        match setup.load()? {
+            Some((block, mtu, resolvers)) => {
+                net_resolvers = resolvers;
+                Some(setup.open(block, mtu).await?)
+            }
+            None => None,
+        }
+    } else if own_networks {
         let block = cfg
             .block
             .parse()
@@ -112,6 +131,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         logs,
         discoverd: cfg.discoverd.clone(),
         network: network.clone(),
+        net_setup,
+        net_resolvers,
         external_ip: cfg.external_ip,
         tags,
         resolvers: cfg.resolvers.clone(),
@@ -148,7 +169,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         } => {}
     }
-    if let Some(n) = &network {
+    if let Some(n) = host.network() {
         n.drain_pool().await;
     }
     // Whatever the last changes were, on disk before the daemon goes.

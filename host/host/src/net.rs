@@ -17,7 +17,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use flynn_api::host::NetworkInfo;
+use flynn_api::host::{NetworkConfig, NetworkInfo};
+use flynn_api::ApiError;
 use flynn_network::job::{self, IpAllocator, JobNetConfig};
 use flynn_network::{KernelNetlink, Subnet};
 
@@ -299,6 +300,7 @@ impl Network {
             subnet: self.inner.cfg.block.to_string(),
             mtu: self.inner.cfg.mtu,
             bridge: self.inner.cfg.bridge.clone(),
+            resolvers: Vec::new(),
         }
     }
 }
@@ -317,4 +319,165 @@ fn chain(e: impl std::error::Error) -> String {
         src = c.source();
     }
     s
+}
+
+/// What the daemon needs to make the job network once the overlay agent hands out the
+/// block (`--network-from-agent`, `POST /host/network`).
+#[derive(Clone)]
+pub struct Setup {
+    pub state_dir: PathBuf,
+    pub bridge: String,
+    /// Used when the agent's notification has no MTU.
+    pub mtu: u32,
+    pub sync: Syncer,
+    pub pool_size: usize,
+}
+
+/// The configuration the agent last sent (`network.json`), reapplied at start-up so jobs
+/// do not wait for the agent's next notification after a daemon restart.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Saved {
+    pub subnet: String,
+    pub mtu: u32,
+    #[serde(default)]
+    pub resolvers: Vec<String>,
+}
+
+impl Setup {
+    fn saved_path(&self) -> PathBuf {
+        self.state_dir.join("network.json")
+    }
+
+    /// Creates (or adopts) the bridge for `block` and opens the allocator.
+    pub async fn open(&self, block: Subnet, mtu: u32) -> anyhow::Result<Network> {
+        Network::open(
+            &self.state_dir,
+            &self.bridge,
+            block,
+            mtu,
+            Some(self.sync.clone()),
+            self.pool_size,
+        )
+        .await
+    }
+
+    /// The saved configuration, if the agent configured this host before.
+    pub fn load(&self) -> anyhow::Result<Option<(Subnet, u32, Vec<String>)>> {
+        use anyhow::Context;
+        let path = self.saved_path();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let saved: Saved = serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        let block = saved
+            .subnet
+            .parse()
+            .with_context(|| format!("{}: subnet {:?}", path.display(), saved.subnet))?;
+        Ok(Some((block, saved.mtu, saved.resolvers)))
+    }
+
+    /// Writes `network.json` (renamed into place, fsynced by the syncer).
+    pub fn save(&self, block: Subnet, mtu: u32, resolvers: &[String]) -> std::io::Result<()> {
+        let path = self.saved_path();
+        let tmp = self.state_dir.join(".network.json.tmp");
+        let saved = Saved {
+            subnet: block.to_string(),
+            mtu,
+            resolvers: resolvers.to_vec(),
+        };
+        std::fs::write(&tmp, serde_json::to_vec(&saved).unwrap_or_default())?;
+        std::fs::rename(&tmp, &path)?;
+        self.sync.file(&path);
+        Ok(())
+    }
+}
+
+/// Checks a `POST /host/network` body: the block (given by its first host address or its
+/// network address, `/8`–`/30`), the MTU (0 = `default_mtu`) and the resolvers (`ip` or
+/// `ip:port`).
+pub fn parse_config(
+    cfg: &NetworkConfig,
+    default_mtu: u32,
+) -> Result<(Subnet, u32, Vec<String>), ApiError> {
+    let bad_subnet = || {
+        ApiError::validation(
+            Some("subnet"),
+            "must be the block's first address and prefix length, e.g. 100.100.3.1/24",
+        )
+    };
+    let block: Subnet = cfg.subnet.parse().map_err(|_| bad_subnet())?;
+    let given: Ipv4Addr = cfg
+        .subnet
+        .split_once('/')
+        .and_then(|(a, _)| a.parse().ok())
+        .ok_or_else(bad_subnet)?;
+    if !(8..=30).contains(&block.prefix_len())
+        || (given != block.first_host() && given != block.addr())
+    {
+        return Err(bad_subnet());
+    }
+    let mtu = if cfg.mtu == 0 { default_mtu } else { cfg.mtu };
+    if !(576..=65_535).contains(&mtu) {
+        return Err(ApiError::validation(
+            Some("mtu"),
+            "must be between 576 and 65535",
+        ));
+    }
+    for r in &cfg.resolvers {
+        let ok = r.parse::<IpAddr>().is_ok() || r.parse::<std::net::SocketAddr>().is_ok();
+        if !ok {
+            return Err(ApiError::validation(
+                Some("resolvers"),
+                "each must be an IP address or ip:port",
+            ));
+        }
+    }
+    Ok((block, mtu, cfg.resolvers.clone()))
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    fn cfg(subnet: &str, mtu: u32, resolvers: &[&str]) -> NetworkConfig {
+        NetworkConfig {
+            job_id: "flannel".into(),
+            subnet: subnet.into(),
+            mtu,
+            resolvers: resolvers.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn accepts_the_first_address_or_the_network_address() {
+        let (b, mtu, r) = parse_config(&cfg("100.100.3.1/24", 1450, &["10.0.0.2"]), 1500).unwrap();
+        assert_eq!(
+            (b.to_string(), mtu, r),
+            ("100.100.3.0/24".into(), 1450, vec!["10.0.0.2".into()])
+        );
+        let (b, mtu, _) = parse_config(&cfg("100.100.3.0/24", 0, &[]), 1500).unwrap();
+        assert_eq!((b.to_string(), mtu), ("100.100.3.0/24".into(), 1500));
+    }
+
+    #[test]
+    fn rejects_bad_subnets_mtus_and_resolvers() {
+        for (s, field) in [
+            ("nope", "subnet"),
+            ("100.100.3.7/24", "subnet"),
+            ("100.100.3.1/31", "subnet"),
+            ("10.0.0.1/4", "subnet"),
+            ("100.100.3.1", "subnet"),
+        ] {
+            let e = parse_config(&cfg(s, 0, &[]), 1500).unwrap_err();
+            assert_eq!(e.code, flynn_api::ErrorCode::ValidationError, "{s}");
+            assert!(e.message.starts_with(field), "{s}: {}", e.message);
+        }
+        let e = parse_config(&cfg("100.100.3.1/24", 100, &[]), 1500).unwrap_err();
+        assert!(e.message.starts_with("mtu"), "{}", e.message);
+        let e = parse_config(&cfg("100.100.3.1/24", 0, &["dns.example"]), 1500).unwrap_err();
+        assert!(e.message.starts_with("resolvers"), "{}", e.message);
+    }
 }

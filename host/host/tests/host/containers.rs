@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use flynn_client::host::{Job, JobStatus, MountSpec, Port};
+use flynn_client::host::{Job, JobStatus, MountSpec, NetworkConfig, Port};
 
 use crate::support::*;
 
@@ -729,6 +729,112 @@ fn a_daemon_dead_before_the_network_teardown_does_it_on_restart() {
                 && !link_exists(&veth)
         })
         .await;
+    });
+}
+
+#[test]
+fn the_overlay_agent_hands_the_host_its_block() {
+    require_root!();
+    busybox();
+    in_netns(|_| async {
+        // (CHost's `--block` is ignored: the block comes from `POST /host/network`.)
+        let mut ch = CHost::start(&["--network-from-agent", "--netns-pool", "1"]);
+        let state = ch.host.dir.path().to_path_buf();
+        let c = &ch.host.client;
+        assert_eq!(c.status().await.unwrap().network, None);
+        // A job with a network of its own waits for the block.
+        let id = ch.host.job_id("waits");
+        c.add_job(&bb_job(&id, "exec sleep 60")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(c.get_job(&id).await.unwrap().status, JobStatus::Starting);
+
+        let notify = |subnet: &str, mtu: u32, resolvers: &[&str]| NetworkConfig {
+            job_id: "flannel".into(),
+            subnet: subnet.into(),
+            mtu,
+            resolvers: resolvers.iter().map(|r| r.to_string()).collect(),
+        };
+        // Bad notifications are refused with the field named and change nothing.
+        for (cfg, field) in [
+            (notify("100.100.9.7/24", 0, &[]), "subnet"),
+            (notify("bogus", 0, &[]), "subnet"),
+            (notify("100.100.9.1/24", 99, &[]), "mtu"),
+            (notify("100.100.9.1/24", 0, &["dns.example"]), "resolvers"),
+        ] {
+            let e = c.configure_network(&cfg).await.unwrap_err();
+            let api = e.api().unwrap_or_else(|| panic!("{cfg:?}: {e}"));
+            assert_eq!(api.code, flynn_api::ErrorCode::ValidationError, "{cfg:?}");
+            assert!(api.message.starts_with(field), "{cfg:?}: {}", api.message);
+        }
+        assert_eq!(c.status().await.unwrap().network, None);
+        assert!(!state.join("network.json").exists());
+
+        c.configure_network(&notify("100.100.9.1/24", 1450, &["10.0.0.2"]))
+            .await
+            .unwrap();
+        let net = c
+            .status()
+            .await
+            .unwrap()
+            .network
+            .expect("network in status");
+        assert_eq!(
+            (net.subnet.as_str(), net.mtu, net.resolvers.clone()),
+            ("100.100.9.0/24", 1450, vec!["10.0.0.2".to_string()])
+        );
+        let j = wait_running(c, &id).await;
+        assert!(j.internal_ip.starts_with("100.100.9."), "{}", j.internal_ip);
+        // The same block again is fine (new resolvers); another one is refused.
+        c.configure_network(&notify("100.100.9.0/24", 1450, &["10.0.0.3"]))
+            .await
+            .unwrap();
+        let e = c
+            .configure_network(&notify("100.100.10.1/24", 1450, &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.api().map(|a| a.status()), Some(409), "{e}");
+        let e = c
+            .configure_network(&notify("100.100.9.1/24", 1400, &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.api().map(|a| a.status()), Some(409), "{e}");
+
+        // A restarted daemon applies the saved block at once: the job is re-adopted with
+        // its address and new jobs start without a new notification.
+        drop(ch.host.proc.take());
+        let host_id = ch.host.id.clone();
+        let dir = std::mem::replace(&mut ch.host.dir, tempfile::tempdir().unwrap());
+        let args = CHost::args(&ch.cgroup_parent, &["--network-from-agent"]);
+        ch.host = Host::start_in(dir, &host_id, &args);
+        let c = &ch.host.client;
+        let net = c
+            .status()
+            .await
+            .unwrap()
+            .network
+            .expect("network after restart");
+        assert_eq!(
+            (net.subnet.as_str(), net.resolvers.clone()),
+            ("100.100.9.0/24", vec!["10.0.0.3".to_string()])
+        );
+        let again = c.get_job(&id).await.unwrap();
+        assert_eq!(
+            (again.status, again.internal_ip.as_str()),
+            (JobStatus::Running, j.internal_ip.as_str())
+        );
+        let id2 = ch.host.job_id("after");
+        c.add_job(&bb_job(&id2, "exec sleep 60")).await.unwrap();
+        let j2 = wait_running(c, &id2).await;
+        assert!(
+            j2.internal_ip.starts_with("100.100.9."),
+            "{}",
+            j2.internal_ip
+        );
+        assert_ne!(j2.internal_ip, j.internal_ip);
+        for id in [&id, &id2] {
+            c.stop_job(id).await.unwrap();
+            wait_ended(c, id, Duration::from_secs(15)).await;
+        }
     });
 }
 
