@@ -71,6 +71,13 @@ struct Config {
     /// HTTP endpoint: `/ping`, `/.well-known/status`, `/metrics`.
     #[arg(long, env = "FLYNN_HTTP_ADDR", default_value = "0.0.0.0:5001")]
     http_addr: SocketAddr,
+    /// The host daemon to tell its block once the overlay is up (`POST /host/network`,
+    /// flannel's notify), e.g. `http://10.0.0.1:1113`.
+    #[arg(long, env = "FLYNN_NOTIFY")]
+    notify: Option<String>,
+    /// Where the host's upstream nameservers are read from for the notification.
+    #[arg(long, env = "FLYNN_RESOLV_CONF", default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
     /// Lease lifetime; renewed an hour (or a tenth of it, if shorter) before expiry.
     #[arg(long, env = "FLYNN_LEASE_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     lease_ttl: Duration,
@@ -93,6 +100,11 @@ impl Config {
             }
         }
         Layout::with_defaults(self.network, self.subnet_len).context("--network/--subnet-len")?;
+        if let Some(n) = &self.notify {
+            if flynn_network::notify::host_base(n).is_none() {
+                bail!("--notify {n:?}: expected an http:// URL");
+            }
+        }
         Ok(())
     }
 }
@@ -296,6 +308,17 @@ async fn run(mut cfg: Config) -> Result<()> {
     *status.subnet.lock().unwrap_or_else(|e| e.into_inner()) =
         Some(started.lease.subnet.to_string());
     tracing::info!(subnet = %started.lease.subnet, mtu = started.devices.mtu, "overlay up");
+    if let Some(url) = &cfg.notify {
+        use flynn_network::notify;
+        let base = notify::host_base(url).context("--notify")?;
+        let body = notify::network_config(
+            &std::env::var("FLYNN_JOB_ID").unwrap_or_default(),
+            &started.lease.subnet,
+            started.devices.mtu,
+            notify::nameservers(&cfg.resolv_conf),
+        );
+        tokio::spawn(notify::notify_host(base, body));
+    }
 
     let shutdown = async {
         use tokio::signal::unix::{signal, SignalKind};

@@ -1114,3 +1114,80 @@ fn leases_outside_the_cluster_network_never_become_routes() -> Result<()> {
     drop((a1, a2));
     Ok(())
 }
+
+#[test]
+fn agent_tells_the_host_daemon_its_block() -> Result<()> {
+    if !lab::should_run("agent_tells_the_host_daemon_its_block") {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    let h1 = c.add_host(1)?;
+    // A stand-in for flynn-host in the underlay namespace: it takes one request, answers 200
+    // and hands over what it got.
+    let ul = c.lab.ns("ul");
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || -> Result<(String, String)> {
+        flynn_netlab::in_ns(&ul, || {
+            let l = TcpListener::bind("10.240.0.254:0")?;
+            port_tx.send(l.local_addr()?.port())?;
+            l.set_nonblocking(true)?;
+            let t0 = Instant::now();
+            let mut s = loop {
+                match l.accept() {
+                    Ok((s, _)) => break s,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        ensure!(t0.elapsed() < Duration::from_secs(30), "no notification");
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            s.set_nonblocking(false)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut r = BufReader::new(s.try_clone()?);
+            let mut head = String::new();
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                r.read_line(&mut line)?;
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse()?;
+                }
+                head.push_str(&line);
+            }
+            let mut body = vec![0; len];
+            r.read_exact(&mut body)?;
+            s.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+            )?;
+            Ok((head, String::from_utf8(body)?))
+        })
+    });
+    let port = port_rx.recv_timeout(Duration::from_secs(10))?;
+    let resolv = c.hosts[h1].dir.join("resolv.conf");
+    std::fs::write(&resolv, "search lab\nnameserver 10.240.0.53\n")?;
+    let a1 = c.agent(
+        h1,
+        &[
+            "--fast-path",
+            "off",
+            "--notify",
+            &format!("http://10.240.0.254:{port}/host/network"),
+            "--resolv-conf",
+            resolv.to_str().context("path")?,
+        ],
+    )?;
+    let (head, body) = receiver.join().expect("receiver thread")?;
+    ensure!(head.starts_with("POST /host/network HTTP/1.1"), "{head}");
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    ensure!(
+        v["subnet"] == format!("{}/24", a1.subnet.first_host()).as_str(),
+        "{v}"
+    );
+    ensure!(v["mtu"] == MTU, "{v}");
+    ensure!(v["resolvers"] == serde_json::json!(["10.240.0.53"]), "{v}");
+    Ok(())
+}

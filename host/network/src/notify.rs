@@ -1,0 +1,118 @@
+//! Telling the host daemon its block (flannel's notify, spec §6): once the overlay is up the
+//! agent sends `POST /host/network {job_id, subnet: "<first address>/<len>", mtu, resolvers}`
+//! to flynn-host, which makes its job bridge from it (`--network-from-agent`).
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use flynn_api::host::NetworkConfig;
+
+use crate::Subnet;
+
+/// Attempts before giving up (one a second): the host daemon may start after the agent.
+pub const NOTIFY_ATTEMPTS: u32 = 60;
+
+/// The notification for a host holding `subnet` with job MTU `mtu`.
+pub fn network_config(
+    job_id: &str,
+    subnet: &Subnet,
+    mtu: u32,
+    resolvers: Vec<String>,
+) -> NetworkConfig {
+    NetworkConfig {
+        job_id: job_id.to_string(),
+        subnet: format!("{}/{}", subnet.first_host(), subnet.prefix_len()),
+        mtu,
+        resolvers,
+    }
+}
+
+/// The `nameserver` addresses of a resolv.conf (the host's upstream DNS, which discoverd
+/// takes as its recursors); none when the file is missing or unreadable.
+pub fn nameservers(path: &Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("nameserver"))
+                .then(|| words.next())
+                .flatten()
+        })
+        .filter(|a| a.parse::<IpAddr>().is_ok())
+        .map(str::to_string)
+        .collect()
+}
+
+/// `base` of a notify URL: `http://host:1113` or `http://host:1113/host/network`.
+pub fn host_base(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let authority = rest.split('/').next().filter(|a| !a.is_empty())?;
+    Some(format!("{scheme}://{authority}"))
+}
+
+/// Sends `cfg` to the host daemon at `base` until it answers 2xx (once a second, at most
+/// [`NOTIFY_ATTEMPTS`]); a 4xx is final (the host refused the block) and is logged.
+pub async fn notify_host(base: String, cfg: NetworkConfig) -> bool {
+    let client = flynn_client::host::Client::new(&base);
+    for attempt in 1..=NOTIFY_ATTEMPTS {
+        match client.configure_network(&cfg).await {
+            Ok(()) => {
+                tracing::info!(host = %base, subnet = %cfg.subnet, "host notified of its block");
+                return true;
+            }
+            Err(e) => match e.api() {
+                Some(api) if (400..500).contains(&api.status()) => {
+                    tracing::warn!(host = %base, error = %e, "host refused the block");
+                    return false;
+                }
+                _ => tracing::debug!(host = %base, error = %e, attempt, "notify failed"),
+            },
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tracing::warn!(host = %base, "gave up notifying the host");
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_names_the_first_address() {
+        let s: Subnet = "100.100.3.0/24".parse().unwrap();
+        let c = network_config("flannel-1", &s, 1450, vec!["10.0.0.2".into()]);
+        assert_eq!(c.subnet, "100.100.3.1/24");
+        assert_eq!((c.mtu, c.job_id.as_str()), (1450, "flannel-1"));
+    }
+
+    #[test]
+    fn nameservers_from_resolv_conf() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("resolv.conf");
+        std::fs::write(
+            &p,
+            "# comment\nsearch example\nnameserver 10.0.0.2\nnameserver  fd00::53 \nnameserver bogus\noptions ndots:2\n",
+        )
+        .unwrap();
+        assert_eq!(nameservers(&p), ["10.0.0.2", "fd00::53"]);
+        assert!(nameservers(&dir.path().join("missing")).is_empty());
+    }
+
+    #[test]
+    fn base_of_notify_urls() {
+        assert_eq!(
+            host_base("http://10.0.0.1:1113/host/network").as_deref(),
+            Some("http://10.0.0.1:1113")
+        );
+        assert_eq!(host_base("http://h:1113").as_deref(), Some("http://h:1113"));
+        assert_eq!(host_base("ftp://h/x"), None);
+        assert_eq!(host_base("nonsense"), None);
+    }
+}
