@@ -340,6 +340,19 @@ pub struct Event {
 pub struct DiscoverdInfo {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub url: String,
+    /// discoverd's DNS address (`ip:port`), when it announced one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dns: String,
+}
+
+/// `POST /host/discoverd`: a discoverd node tells its host where it listens.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct DiscoverdNotify {
+    #[serde(default)]
+    pub job_id: String,
+    pub url: String,
+    #[serde(default)]
+    pub dns: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

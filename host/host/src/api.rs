@@ -76,6 +76,7 @@ pub fn router(host: Arc<Host>) -> Router {
         .route("/host/tags", post(set_tags))
         .route("/host/resource-check", post(resource_check))
         .route("/host/network", post(configure_network))
+        .route("/host/discoverd", post(set_discoverd))
         .merge(crate::volume_api::router())
         .route("/.well-known/status", get(health))
         .route("/metrics", get(metrics))
@@ -238,6 +239,16 @@ async fn configure_network(
 ) -> Result<Json<flynn_api::host::NetworkInfo>> {
     let cfg: flynn_api::host::NetworkConfig = json_body(&headers, &body(b)?)?;
     Ok(Json(host.configure_network(&cfg).await?))
+}
+
+async fn set_discoverd(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+    b: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>> {
+    let n: flynn_api::host::DiscoverdNotify = json_body(&headers, &body(b)?)?;
+    host.set_discoverd(&n)?;
+    Ok(Json(serde_json::json!({})))
 }
 
 async fn resource_check(

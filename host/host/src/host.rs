@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flynn_api::host::{
-    ActiveJob, Event, EventKind, HostStatus, Job, JobStatus, LogStats, NetworkConfig, NetworkInfo,
+    ActiveJob, DiscoverdNotify, Event, EventKind, HostStatus, Job, JobStatus, LogStats,
+    NetworkConfig, NetworkInfo,
 };
 use flynn_api::ApiError;
 use flynn_client::discoverd::{self, Heartbeater, Instance};
@@ -77,8 +78,10 @@ pub struct Host {
     runtime: Arc<dyn Runtime>,
     store: Store,
     logs: Shipper,
-    discoverd_url: Option<String>,
-    discoverd: Option<discoverd::Client>,
+    /// discoverd's URL and a client for it: `--discoverd`, or what discoverd's own
+    /// `POST /host/discoverd` said (kept in `discoverd.json`).
+    discoverd: Mutex<Option<(String, discoverd::Client)>>,
+    discoverd_dns: Mutex<String>,
     /// Set once: at start-up from `--block`, or by `POST /host/network`.
     network: std::sync::OnceLock<Network>,
     net_setup: Option<crate::net::Setup>,
@@ -117,8 +120,8 @@ impl Host {
             runtime: o.runtime,
             store: o.store,
             logs: o.logs,
-            discoverd: o.discoverd.as_deref().map(discoverd::Client::new),
-            discoverd_url: o.discoverd,
+            discoverd: Mutex::new(o.discoverd.map(|u| (u.clone(), discoverd::Client::new(&u)))),
+            discoverd_dns: Mutex::new(String::new()),
             net_ready: tokio::sync::watch::Sender::new(o.network.is_some()),
             network: o.network.map(std::sync::OnceLock::from).unwrap_or_default(),
             net_setup: o.net_setup,
@@ -311,9 +314,15 @@ impl Host {
             pid: std::process::id(),
             url: self.url.lock().map(|u| u.clone()).unwrap_or_default(),
             discoverd: self
-                .discoverd_url
-                .as_ref()
-                .map(|u| flynn_api::host::DiscoverdInfo { url: u.clone() }),
+                .discoverd_url()
+                .map(|url| flynn_api::host::DiscoverdInfo {
+                    url,
+                    dns: self
+                        .discoverd_dns
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone(),
+                }),
             network: self.network.get().map(|n| {
                 let mut info = n.info();
                 info.resolvers = self
@@ -329,6 +338,71 @@ impl Host {
         }
     }
 
+    fn discoverd_client(&self) -> Option<discoverd::Client> {
+        let d = self.discoverd.lock().unwrap_or_else(|e| e.into_inner());
+        d.as_ref().map(|(_, c)| c.clone())
+    }
+
+    fn discoverd_url(&self) -> Option<String> {
+        let d = self.discoverd.lock().unwrap_or_else(|e| e.into_inner());
+        d.as_ref().map(|(u, _)| u.clone())
+    }
+
+    /// `POST /host/discoverd`: discoverd tells the host where it listens (its `--notify`).
+    /// Jobs started from now on get `DISCOVERD` and register there, and the host
+    /// (re-)registers itself. Kept in `discoverd.json` for a restarted daemon.
+    pub fn set_discoverd(self: &Arc<Self>, n: &DiscoverdNotify) -> Result<(), ApiError> {
+        let url = n.url.trim_end_matches('/').to_string();
+        let authority = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+            .filter(|a| !a.is_empty() && !a.contains('/'));
+        if authority.is_none() {
+            return Err(ApiError::validation(
+                Some("url"),
+                "must be discoverd's http:// URL, e.g. http://10.0.0.1:1111",
+            ));
+        }
+        if !n.dns.is_empty() && n.dns.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ApiError::validation(Some("dns"), "must be ip:port"));
+        }
+        let saved = serde_json::json!({"url": url, "dns": n.dns});
+        let path = self.state_dir.join("discoverd.json");
+        let tmp = self.state_dir.join(".discoverd.json.tmp");
+        std::fs::write(&tmp, saved.to_string())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| {
+                tracing::warn!(error = %e, "saving discoverd.json failed");
+                ApiError::unknown()
+            })?;
+        self.store.sync_file(&path);
+        *self.discoverd_dns.lock().unwrap_or_else(|e| e.into_inner()) = n.dns.clone();
+        let changed = {
+            let mut d = self.discoverd.lock().unwrap_or_else(|e| e.into_inner());
+            let changed = d.as_ref().is_none_or(|(u, _)| *u != url);
+            if changed {
+                *d = Some((url.clone(), discoverd::Client::new(&url)));
+            }
+            changed
+        };
+        if changed {
+            tracing::info!(%url, job = %n.job_id, "discoverd announced itself");
+            let host = self.clone();
+            tokio::spawn(async move { host.register_host().await });
+        }
+        Ok(())
+    }
+
+    pub fn set_discoverd_dns(&self, dns: &str) {
+        *self.discoverd_dns.lock().unwrap_or_else(|e| e.into_inner()) = dns.to_string();
+    }
+
+    /// The discoverd a previous daemon was told about (`discoverd.json`), if any.
+    pub fn load_discoverd(state_dir: &std::path::Path) -> Option<DiscoverdNotify> {
+        let bytes = std::fs::read(state_dir.join("discoverd.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
     /// Replaces the tags and re-registers the host with them.
     pub fn set_tags(self: &Arc<Self>, tags: BTreeMap<String, String>) {
         *self.tags.lock().unwrap_or_else(|e| e.into_inner()) = tags;
@@ -340,7 +414,7 @@ impl Host {
     /// meta `id` and `tag:<key>` per tag, heartbeating until replaced. The address is the
     /// API's port on the external IP. No-op without `--discoverd`.
     pub async fn register_host(&self) {
-        let Some(client) = &self.discoverd else {
+        let Some(client) = self.discoverd_client() else {
             return;
         };
         let port = self
@@ -511,7 +585,8 @@ impl Host {
         };
         let t_net = t0.elapsed();
         let env_ip = ip.unwrap_or(self.external_ip);
-        let env = job::job_env(&job, &ports, Some(env_ip), self.discoverd_url.as_deref());
+        let durl = self.discoverd_url();
+        let env = job::job_env(&job, &ports, Some(env_ip), durl.as_deref());
         let r = &job.resources;
         let lim = |s: Option<flynn_api::host::Spec>| {
             s.and_then(|s| s.limit).and_then(|l| u64::try_from(l).ok())
@@ -754,7 +829,7 @@ impl Host {
     }
 
     fn register_services(self: &Arc<Self>, id: &str, r: &Running) {
-        let Some(client) = self.discoverd.clone() else {
+        let Some(client) = self.discoverd_client() else {
             return;
         };
         let meta = job::instance_meta(&r.env);
@@ -933,8 +1008,8 @@ impl Host {
                         .ok()
                         .or_else(|| self.network.get().and_then(|n| n.address_of(&id)));
                     let env_ip = ip.unwrap_or(self.external_ip);
-                    let env =
-                        job::job_env(&j.job, &ports, Some(env_ip), self.discoverd_url.as_deref());
+                    let durl = self.discoverd_url();
+                    let env = job::job_env(&j.job, &ports, Some(env_ip), durl.as_deref());
                     let stop_timeout = Duration::from_secs(
                         j.job
                             .config

@@ -124,12 +124,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tracing::warn!("no --logagg: job output is not shipped anywhere");
     }
     let logs = logship::Shipper::start(&id, cfg.logagg.clone(), cfg.log_buffer);
+    // `--discoverd`, else what discoverd announced to a previous daemon.
+    let announced = match &cfg.discoverd {
+        Some(_) => None,
+        None => host::Host::load_discoverd(&cfg.state_dir),
+    };
+    let discoverd = cfg
+        .discoverd
+        .clone()
+        .or_else(|| announced.as_ref().map(|n| n.url.clone()));
     let host = host::Host::new(host::Options {
         id: id.clone(),
         runtime: rt,
         store,
         logs,
-        discoverd: cfg.discoverd.clone(),
+        discoverd,
         network: network.clone(),
         net_setup,
         net_resolvers,
@@ -142,6 +151,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         fault_exit_before_teardown: cfg.fault_exit_before_teardown,
     });
     host.set_url(format!("http://{addr}"));
+    if let Some(n) = &announced {
+        host.set_discoverd_dns(&n.dns);
+    }
     host.restore().await;
     if !cfg.no_spare_shim {
         host.warm();

@@ -67,6 +67,12 @@ impl Store {
         }
     }
 
+    /// Has the syncer fsync `path` (a file of the daemon's, written and renamed into place)
+    /// in its next pass.
+    pub fn sync_file(&self, path: &Path) {
+        self.sync.file(path);
+    }
+
     /// Waits until every save and removal so far is on disk.
     pub fn flush(&self) {
         self.sync.flush();

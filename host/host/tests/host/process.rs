@@ -467,6 +467,84 @@ async fn service_registration_in_discoverd() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discoverd_announces_itself_to_the_host() {
+    let mut h = Host::start(PROC);
+    assert_eq!(h.client.status().await.unwrap().discoverd, None);
+    let json = "application/json";
+    // Bad announcements are refused, naming the field.
+    for (body, field) in [
+        (r#"{"url":"ftp://x:1"}"#, "url"),
+        (r#"{"url":"http://"}"#, "url"),
+        (r#"{"url":"http://127.0.0.1:1111","dns":"nope"}"#, "dns"),
+    ] {
+        let (code, text) = http(&h.addr, "POST", "/host/discoverd", json, body);
+        assert_eq!(code, 400, "{body}: {text}");
+        assert!(text.contains(&format!(r#""field":"{field}""#)), "{text}");
+    }
+    // A real discoverd started with --notify tells the host where it is.
+    let ddir = tempfile::tempdir().unwrap();
+    let notify = format!("http://{}/host/discoverd", h.addr);
+    let (_disc, kv) = start(
+        &bin("flynn-discoverd", "flynn-discoverd"),
+        &[
+            "--data-dir",
+            ddir.path().to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+            "--dns-addr",
+            "127.0.0.1:0",
+            "--notify",
+            &notify,
+        ],
+    );
+    let durl = format!("http://{}", get(&kv, "http"));
+    let dns = get(&kv, "dns");
+    let t0 = Instant::now();
+    loop {
+        let st = h.client.status().await.unwrap();
+        if let Some(d) = st.discoverd {
+            assert_eq!(
+                (d.url.as_str(), d.dns.as_str()),
+                (durl.as_str(), dns.as_str())
+            );
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "no announcement");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The host registers itself there, and new jobs are told where discoverd is.
+    let d = flynn_client::discoverd::Client::new(&durl);
+    let t0 = Instant::now();
+    while !d
+        .instances("flynn-host")
+        .await
+        .unwrap_or_default()
+        .iter()
+        .any(|i| i.meta.get("id") == Some(&h.id))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "host not registered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = h.dir.path().join("discoverd-env");
+    let id = h.job_id("env");
+    let job = sh_job(&id, &format!("echo \"$DISCOVERD\" > {}", out.display()));
+    h.client.add_job(&job).await.unwrap();
+    wait_ended(&h.client, &id, Duration::from_secs(10)).await;
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), durl);
+
+    // A restarted daemon remembers it.
+    drop(h.proc.take());
+    let host_id = h.id.clone();
+    let dir = std::mem::replace(&mut h.dir, tempfile::tempdir().unwrap());
+    let h = Host::start_in(dir, &host_id, PROC);
+    let d = h.client.status().await.unwrap().discoverd;
+    assert_eq!(d.map(|d| (d.url, d.dns)), Some((durl, dns)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_persists_across_restarts() {
     let mut h = Host::start(PROC);
     let done = h.job_id("done");
