@@ -20,12 +20,7 @@ pub const NOTIFY_ATTEMPTS: u32 = 60;
 
 /// `scheme://authority` of an http(s) URL.
 pub fn host_base(url: &str) -> Option<String> {
-    let (scheme, rest) = url.split_once("://")?;
-    if scheme != "http" && scheme != "https" {
-        return None;
-    }
-    let authority = rest.split('/').next().filter(|a| !a.is_empty())?;
-    Some(format!("{scheme}://{authority}"))
+    flynn_client::http_base(url)
 }
 
 /// POSTs `body` to `url` until a 2xx answer, once a second, at most [`NOTIFY_ATTEMPTS`].
@@ -92,17 +87,6 @@ fn resolvers(v: &serde_json::Value) -> Vec<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn host_base_keeps_scheme_and_authority() {
-        assert_eq!(
-            host_base("http://10.0.0.1:1113/host/discoverd").as_deref(),
-            Some("http://10.0.0.1:1113")
-        );
-        assert_eq!(host_base("ftp://x/y"), None);
-        assert_eq!(host_base("http:///y"), None);
-        assert_eq!(host_base("nonsense"), None);
-    }
 
     #[test]
     fn resolvers_default_to_port_53_and_skip_junk() {

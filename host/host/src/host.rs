@@ -353,11 +353,7 @@ impl Host {
     /// (re-)registers itself. Kept in `discoverd.json` for a restarted daemon.
     pub fn set_discoverd(self: &Arc<Self>, n: &DiscoverdNotify) -> Result<(), ApiError> {
         let url = n.url.trim_end_matches('/').to_string();
-        let authority = url
-            .strip_prefix("http://")
-            .or_else(|| url.strip_prefix("https://"))
-            .filter(|a| !a.is_empty() && !a.contains('/'));
-        if authority.is_none() {
+        if flynn_client::http_base(&url).as_ref() != Some(&url) {
             return Err(ApiError::validation(
                 Some("url"),
                 "must be discoverd's http:// URL, e.g. http://10.0.0.1:1111",

@@ -48,12 +48,7 @@ pub fn nameservers(path: &Path) -> Vec<String> {
 
 /// `base` of a notify URL: `http://host:1113` or `http://host:1113/host/network`.
 pub fn host_base(url: &str) -> Option<String> {
-    let (scheme, rest) = url.split_once("://")?;
-    if scheme != "http" && scheme != "https" {
-        return None;
-    }
-    let authority = rest.split('/').next().filter(|a| !a.is_empty())?;
-    Some(format!("{scheme}://{authority}"))
+    flynn_client::http_base(url)
 }
 
 /// Sends `cfg` to the host daemon at `base` until it answers 2xx (once a second, at most
@@ -103,16 +98,5 @@ mod tests {
         .unwrap();
         assert_eq!(nameservers(&p), ["10.0.0.2", "fd00::53"]);
         assert!(nameservers(&dir.path().join("missing")).is_empty());
-    }
-
-    #[test]
-    fn base_of_notify_urls() {
-        assert_eq!(
-            host_base("http://10.0.0.1:1113/host/network").as_deref(),
-            Some("http://10.0.0.1:1113")
-        );
-        assert_eq!(host_base("http://h:1113").as_deref(), Some("http://h:1113"));
-        assert_eq!(host_base("ftp://h/x"), None);
-        assert_eq!(host_base("nonsense"), None);
     }
 }

@@ -375,18 +375,20 @@ async fn unreachable_aggregator_buffers_and_counts_drops() {
     );
 }
 
+/// A single-node flynn-discoverd on a loopback port with its data dir, and the words of
+/// its `listening` line.
+fn discoverd(extra: &[&str]) -> (tempfile::TempDir, Proc, Vec<(String, String)>) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_string();
+    let mut args = vec!["--data-dir", data.as_str(), "--addr", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let (p, kv) = start(&bin("flynn-discoverd", "flynn-discoverd"), &args);
+    (dir, p, kv)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_registration_in_discoverd() {
-    let ddir = tempfile::tempdir().unwrap();
-    let (_disc, kv) = start(
-        &bin("flynn-discoverd", "flynn-discoverd"),
-        &[
-            "--data-dir",
-            ddir.path().to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:0",
-        ],
-    );
+    let (_ddir, _disc, kv) = discoverd(&[]);
     let durl = format!("http://{}", get(&kv, "http"));
     let d = flynn_client::discoverd::Client::new(&durl);
     let h = Host::start(&["--runtime", "process", "--discoverd", &durl]);
@@ -482,21 +484,8 @@ async fn discoverd_announces_itself_to_the_host() {
         assert!(text.contains(&format!(r#""field":"{field}""#)), "{text}");
     }
     // A real discoverd started with --notify tells the host where it is.
-    let ddir = tempfile::tempdir().unwrap();
     let notify = format!("http://{}/host/discoverd", h.addr);
-    let (_disc, kv) = start(
-        &bin("flynn-discoverd", "flynn-discoverd"),
-        &[
-            "--data-dir",
-            ddir.path().to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:0",
-            "--dns-addr",
-            "127.0.0.1:0",
-            "--notify",
-            &notify,
-        ],
-    );
+    let (_ddir, _disc, kv) = discoverd(&["--dns-addr", "127.0.0.1:0", "--notify", &notify]);
     let durl = format!("http://{}", get(&kv, "http"));
     let dns = get(&kv, "dns");
     let t0 = Instant::now();
