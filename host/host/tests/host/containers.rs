@@ -838,6 +838,101 @@ fn the_overlay_agent_hands_the_host_its_block() {
     });
 }
 
+#[test]
+fn the_real_overlay_agent_configures_the_host() {
+    require_root!();
+    busybox();
+    in_netns(|_| async {
+        // An underlay address for the agent, a single-node discoverd for its lease.
+        for args in [
+            // (A veth pair: this kernel has no dummy driver.)
+            &["link", "add", "ul0", "type", "veth", "peer", "name", "ul1"][..],
+            &["addr", "add", "10.99.0.1/24", "dev", "ul0"],
+            &["link", "set", "ul0", "up"],
+            &["link", "set", "ul1", "up"],
+        ] {
+            assert!(Command::new("ip").args(args).status().unwrap().success());
+        }
+        let ddir = tempfile::tempdir().unwrap();
+        let (_disc, kv) = start(
+            &bin("flynn-discoverd", "flynn-discoverd"),
+            &[
+                "--data-dir",
+                ddir.path().to_str().unwrap(),
+                "--addr",
+                "127.0.0.1:0",
+            ],
+        );
+        let durl = format!("http://{}", get(&kv, "http"));
+        let ch = CHost::start(&["--network-from-agent"]);
+        let c = &ch.host.client;
+        let state = ddir.path().join("agent");
+        let mut agent = Command::new(bin("flynn-network", "flynn-network"));
+        agent
+            .args(["--discoverd", &durl, "--public-ip", "10.99.0.1"])
+            .args(["--fast-path", "off", "--http-addr", "127.0.0.1:0"])
+            .args(["--bridge", "flynntest0", "--vxlan-name", "flynnvx0"])
+            .args(["--notify", &format!("http://{}", ch.host.addr)])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--pin-dir")
+            .arg(ddir.path().join("no-bpf"))
+            .env("FLYNN_JOB_ID", "flannel-e2e")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        let mut child = agent.spawn().unwrap();
+        let out = child.stdout.take().unwrap();
+        let _agent = Proc(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("ready ") {
+                    let _ = tx.send(rest.to_string());
+                }
+            }
+        });
+        let ready = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("agent never ready");
+        let field = |k: &str| {
+            ready
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{k}=")).map(str::to_string))
+                .unwrap_or_else(|| panic!("no {k} in {ready:?}"))
+        };
+        let (subnet, mtu) = (field("subnet"), field("mtu"));
+        // The agent's notification configures the host: the same block and MTU.
+        let t0 = Instant::now();
+        let net = loop {
+            if let Some(n) = c.status().await.ok().and_then(|s| s.network) {
+                break n;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the agent never configured the host"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(
+            (net.subnet.as_str(), net.mtu.to_string()),
+            (subnet.as_str(), mtu)
+        );
+        // A job gets an address in the agent's block.
+        let id = ch.host.job_id("overlaid");
+        c.add_job(&bb_job(&id, "exec sleep 60")).await.unwrap();
+        let j = wait_running(c, &id).await;
+        let block: flynn_network::Subnet = subnet.parse().unwrap();
+        assert!(
+            block.contains(j.internal_ip.parse().unwrap()),
+            "{} not in {subnet}",
+            j.internal_ip
+        );
+        c.stop_job(&id).await.unwrap();
+        wait_ended(c, &id, Duration::from_secs(15)).await;
+    });
+}
+
 /// Whether link `name` exists in this thread's network namespace (`/sys/class/net` shows
 /// the namespace sysfs was mounted in, not this one).
 fn link_exists(name: &str) -> bool {
