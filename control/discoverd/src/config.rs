@@ -93,7 +93,7 @@ impl Config {
             return Err(format!("--threads must be 1–64, not {}", self.threads));
         }
         if let Some(n) = &self.notify {
-            if crate::notify::host_base(n).is_none() {
+            if flynn_client::http_base(n).is_none() {
                 return Err(format!("bad --notify {n:?}: expected an http:// URL"));
             }
         }

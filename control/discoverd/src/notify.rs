@@ -18,11 +18,6 @@ pub struct Notification {
 /// Attempts before giving up on `--notify` (one per second).
 pub const NOTIFY_ATTEMPTS: u32 = 60;
 
-/// `scheme://authority` of an http(s) URL.
-pub fn host_base(url: &str) -> Option<String> {
-    flynn_client::http_base(url)
-}
-
 /// POSTs `body` to `url` until a 2xx answer, once a second, at most [`NOTIFY_ATTEMPTS`].
 pub async fn notify(url: String, body: Notification) {
     let client = reqwest::Client::builder()
@@ -47,7 +42,7 @@ pub async fn notify(url: String, body: Notification) {
 /// network; returns its resolvers (port 53 unless given). Waits as long as it takes,
 /// logging every 10 s.
 pub async fn wait_for_host_network(notify_url: &str) -> Vec<SocketAddr> {
-    let base = host_base(notify_url).expect("validated");
+    let base = flynn_client::http_base(notify_url).expect("validated");
     let url = format!("{base}/host/status");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))

@@ -33,7 +33,8 @@ pub struct Options {
     pub runtime: Arc<dyn Runtime>,
     pub store: Store,
     pub logs: Shipper,
-    pub discoverd: Option<String>,
+    /// `--discoverd`, or what discoverd announced to a previous daemon.
+    pub discoverd: Option<DiscoverdNotify>,
     /// The job network when it is configured at start-up (`--block`).
     pub network: Option<Network>,
     /// How to make the job network when `POST /host/network` brings the block
@@ -78,10 +79,9 @@ pub struct Host {
     runtime: Arc<dyn Runtime>,
     store: Store,
     logs: Shipper,
-    /// discoverd's URL and a client for it: `--discoverd`, or what discoverd's own
-    /// `POST /host/discoverd` said (kept in `discoverd.json`).
-    discoverd: Mutex<Option<(String, discoverd::Client)>>,
-    discoverd_dns: Mutex<String>,
+    /// Where discoverd is: `--discoverd`, or what discoverd's own `POST /host/discoverd`
+    /// said (kept in `discoverd.json`).
+    discoverd: Mutex<Option<DiscoverdConn>>,
     /// Set once: at start-up from `--block`, or by `POST /host/network`.
     network: std::sync::OnceLock<Network>,
     net_setup: Option<crate::net::Setup>,
@@ -105,6 +105,24 @@ pub struct Host {
     self_registration: tokio::sync::Mutex<Option<Heartbeater>>,
 }
 
+/// discoverd's address and a client for it.
+struct DiscoverdConn {
+    url: String,
+    /// Its DNS address (`ip:port`), when it announced one.
+    dns: String,
+    client: discoverd::Client,
+}
+
+impl DiscoverdConn {
+    fn new(n: &DiscoverdNotify) -> DiscoverdConn {
+        DiscoverdConn {
+            url: n.url.clone(),
+            dns: n.dns.clone(),
+            client: discoverd::Client::new(&n.url),
+        }
+    }
+}
+
 /// How long a starting job waits for `POST /host/network` under `--network-from-agent`.
 pub const NETWORK_WAIT: Duration = Duration::from_secs(60);
 
@@ -120,8 +138,7 @@ impl Host {
             runtime: o.runtime,
             store: o.store,
             logs: o.logs,
-            discoverd: Mutex::new(o.discoverd.map(|u| (u.clone(), discoverd::Client::new(&u)))),
-            discoverd_dns: Mutex::new(String::new()),
+            discoverd: Mutex::new(o.discoverd.as_ref().map(DiscoverdConn::new)),
             net_ready: tokio::sync::watch::Sender::new(o.network.is_some()),
             network: o.network.map(std::sync::OnceLock::from).unwrap_or_default(),
             net_setup: o.net_setup,
@@ -314,14 +331,11 @@ impl Host {
             pid: std::process::id(),
             url: self.url.lock().map(|u| u.clone()).unwrap_or_default(),
             discoverd: self
-                .discoverd_url()
-                .map(|url| flynn_api::host::DiscoverdInfo {
-                    url,
-                    dns: self
-                        .discoverd_dns
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .clone(),
+                .discoverd()
+                .as_ref()
+                .map(|d| flynn_api::host::DiscoverdInfo {
+                    url: d.url.clone(),
+                    dns: d.dns.clone(),
                 }),
             network: self.network.get().map(|n| {
                 let mut info = n.info();
@@ -338,14 +352,16 @@ impl Host {
         }
     }
 
+    fn discoverd(&self) -> std::sync::MutexGuard<'_, Option<DiscoverdConn>> {
+        self.discoverd.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn discoverd_client(&self) -> Option<discoverd::Client> {
-        let d = self.discoverd.lock().unwrap_or_else(|e| e.into_inner());
-        d.as_ref().map(|(_, c)| c.clone())
+        self.discoverd().as_ref().map(|d| d.client.clone())
     }
 
     fn discoverd_url(&self) -> Option<String> {
-        let d = self.discoverd.lock().unwrap_or_else(|e| e.into_inner());
-        d.as_ref().map(|(u, _)| u.clone())
+        self.discoverd().as_ref().map(|d| d.url.clone())
     }
 
     /// `POST /host/discoverd`: discoverd tells the host where it listens (its `--notify`).
@@ -362,22 +378,22 @@ impl Host {
         if !n.dns.is_empty() && n.dns.parse::<std::net::SocketAddr>().is_err() {
             return Err(ApiError::validation(Some("dns"), "must be ip:port"));
         }
-        let saved = serde_json::json!({"url": url, "dns": n.dns});
+        let n = DiscoverdNotify {
+            url: url.clone(),
+            ..n.clone()
+        };
+        let bytes = serde_json::to_vec(&n).unwrap_or_default();
         let path = self.state_dir.join("discoverd.json");
-        let tmp = self.state_dir.join(".discoverd.json.tmp");
-        std::fs::write(&tmp, saved.to_string())
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| {
-                tracing::warn!(error = %e, "saving discoverd.json failed");
-                ApiError::unknown()
-            })?;
-        self.store.sync_file(&path);
-        *self.discoverd_dns.lock().unwrap_or_else(|e| e.into_inner()) = n.dns.clone();
+        self.store.syncer().write(&path, &bytes).map_err(|e| {
+            tracing::warn!(error = %e, "saving discoverd.json failed");
+            ApiError::unknown()
+        })?;
         let changed = {
-            let mut d = self.discoverd.lock().unwrap_or_else(|e| e.into_inner());
-            let changed = d.as_ref().is_none_or(|(u, _)| *u != url);
-            if changed {
-                *d = Some((url.clone(), discoverd::Client::new(&url)));
+            let mut d = self.discoverd();
+            let changed = d.as_ref().is_none_or(|d| d.url != url);
+            match d.as_mut() {
+                Some(d) if !changed => d.dns = n.dns.clone(),
+                _ => *d = Some(DiscoverdConn::new(&n)),
             }
             changed
         };
@@ -387,10 +403,6 @@ impl Host {
             tokio::spawn(async move { host.register_host().await });
         }
         Ok(())
-    }
-
-    pub fn set_discoverd_dns(&self, dns: &str) {
-        *self.discoverd_dns.lock().unwrap_or_else(|e| e.into_inner()) = dns.to_string();
     }
 
     /// The discoverd a previous daemon was told about (`discoverd.json`), if any.

@@ -125,14 +125,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let logs = logship::Shipper::start(&id, cfg.logagg.clone(), cfg.log_buffer);
     // `--discoverd`, else what discoverd announced to a previous daemon.
-    let announced = match &cfg.discoverd {
-        Some(_) => None,
+    let discoverd = match &cfg.discoverd {
+        Some(url) => Some(flynn_api::host::DiscoverdNotify {
+            url: url.clone(),
+            ..Default::default()
+        }),
         None => host::Host::load_discoverd(&cfg.state_dir),
     };
-    let discoverd = cfg
-        .discoverd
-        .clone()
-        .or_else(|| announced.as_ref().map(|n| n.url.clone()));
     let host = host::Host::new(host::Options {
         id: id.clone(),
         runtime: rt,
@@ -151,9 +150,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         fault_exit_before_teardown: cfg.fault_exit_before_teardown,
     });
     host.set_url(format!("http://{addr}"));
-    if let Some(n) = &announced {
-        host.set_discoverd_dns(&n.dns);
-    }
     host.restore().await;
     if !cfg.no_spare_shim {
         host.warm();

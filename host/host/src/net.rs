@@ -169,21 +169,22 @@ impl Network {
     /// Writes `job-netns.json` (before the change is relied on).
     fn save_taken(&self, taken: &BTreeMap<String, String>) -> Result<(), String> {
         let path = &self.inner.taken_path;
-        let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec(taken).expect("maps serialize");
-        std::fs::write(&tmp, bytes)
-            .and_then(|_| std::fs::rename(&tmp, path))
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        let err = |e: std::io::Error| format!("writing {}: {e}", path.display());
         match &self.inner.sync {
-            Some(s) => s.file(path),
+            Some(s) => s.write(path, &bytes).map_err(err),
             None => {
+                let tmp = path.with_extension("json.tmp");
+                std::fs::write(&tmp, bytes)
+                    .and_then(|_| std::fs::rename(&tmp, path))
+                    .map_err(err)?;
                 let _ = std::fs::File::open(path).and_then(|f| f.sync_all());
                 if let Some(d) = path.parent() {
                     let _ = std::fs::File::open(d).and_then(|f| f.sync_all());
                 }
+                Ok(())
             }
         }
-        Ok(())
     }
 
     /// The job's address and network namespace: a pooled one if there is one ready, else
@@ -379,19 +380,15 @@ impl Setup {
         Ok(Some((block, saved.mtu, saved.resolvers)))
     }
 
-    /// Writes `network.json` (renamed into place, fsynced by the syncer).
+    /// Writes `network.json` (in place now, fsynced by the syncer).
     pub fn save(&self, block: Subnet, mtu: u32, resolvers: &[String]) -> std::io::Result<()> {
-        let path = self.saved_path();
-        let tmp = self.state_dir.join(".network.json.tmp");
         let saved = Saved {
             subnet: block.to_string(),
             mtu,
             resolvers: resolvers.to_vec(),
         };
-        std::fs::write(&tmp, serde_json::to_vec(&saved).unwrap_or_default())?;
-        std::fs::rename(&tmp, &path)?;
-        self.sync.file(&path);
-        Ok(())
+        let bytes = serde_json::to_vec(&saved).unwrap_or_default();
+        self.sync.write(&self.saved_path(), &bytes)
     }
 }
 

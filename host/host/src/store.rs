@@ -40,25 +40,11 @@ impl Store {
 
     pub fn save(&self, job: &ActiveJob) -> Result<(), StoreError> {
         let path = self.path(&job.job.id);
-        let tmp = self.dir.join(format!(".{}.tmp", job.job.id));
         let data = serde_json::to_vec(job).unwrap_or_default();
-        let io = |source| StoreError::Io {
-            path: path.clone(),
-            source,
-        };
-        // Written and renamed into place now (a crash of the daemon finds the old state or
-        // the new one, never a torn file); the file and the directory are fsynced by the
-        // syncer's next pass.
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&data)?;
-            drop(f);
-            std::fs::rename(&tmp, &path)
-        };
-        write().map_err(io)?;
-        self.sync.file(&path);
-        Ok(())
+        // In place now; fsynced by the syncer's next pass.
+        self.sync
+            .write(&path, &data)
+            .map_err(|source| StoreError::Io { path, source })
     }
 
     pub fn remove(&self, id: &str) {
@@ -67,10 +53,9 @@ impl Store {
         }
     }
 
-    /// Has the syncer fsync `path` (a file of the daemon's, written and renamed into place)
-    /// in its next pass.
-    pub fn sync_file(&self, path: &Path) {
-        self.sync.file(path);
+    /// The syncer the store's files go through (for the daemon's other state files).
+    pub fn syncer(&self) -> &Syncer {
+        &self.sync
     }
 
     /// Waits until every save and removal so far is on disk.

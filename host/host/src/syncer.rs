@@ -84,6 +84,21 @@ impl Syncer {
         &self.owner.shared
     }
 
+    /// Writes `bytes` to `path` through a temp file renamed into place (a crash finds the
+    /// old content or the new, never a torn file), then has the file and its directory
+    /// fsynced in the next pass.
+    pub fn write(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
+        let tmp = path.with_file_name(format!(".{name}.tmp"));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, path)?;
+        self.file(path);
+        Ok(())
+    }
+
     /// `path` was just written and renamed into place: fsync it and its directory.
     pub fn file(&self, path: &Path) {
         let mut st = self.shared().lock();

@@ -101,7 +101,7 @@ impl Config {
         }
         Layout::with_defaults(self.network, self.subnet_len).context("--network/--subnet-len")?;
         if let Some(n) = &self.notify {
-            if flynn_network::notify::host_base(n).is_none() {
+            if flynn_client::http_base(n).is_none() {
                 bail!("--notify {n:?}: expected an http:// URL");
             }
         }
@@ -310,7 +310,7 @@ async fn run(mut cfg: Config) -> Result<()> {
     tracing::info!(subnet = %started.lease.subnet, mtu = started.devices.mtu, "overlay up");
     if let Some(url) = &cfg.notify {
         use flynn_network::notify;
-        let base = notify::host_base(url).context("--notify")?;
+        let base = flynn_client::http_base(url).context("--notify")?;
         let body = notify::network_config(
             &std::env::var("FLYNN_JOB_ID").unwrap_or_default(),
             &started.lease.subnet,

@@ -46,11 +46,6 @@ pub fn nameservers(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// `base` of a notify URL: `http://host:1113` or `http://host:1113/host/network`.
-pub fn host_base(url: &str) -> Option<String> {
-    flynn_client::http_base(url)
-}
-
 /// Sends `cfg` to the host daemon at `base` until it answers 2xx (once a second, at most
 /// [`NOTIFY_ATTEMPTS`]); a 4xx is final (the host refused the block) and is logged.
 pub async fn notify_host(base: String, cfg: NetworkConfig) -> bool {
