@@ -79,7 +79,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     let own_networks = rt.isolates_network() && !cfg.no_network;
-    let net_setup = (own_networks && cfg.network_from_agent).then(|| net::Setup {
+    let setup = own_networks.then(|| net::Setup {
         state_dir: cfg.state_dir.clone(),
         bridge: cfg.bridge_name.clone(),
         mtu: cfg.mtu,
@@ -87,35 +87,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         pool_size: cfg.netns_pool,
     });
     let mut net_resolvers = Vec::new();
-    let network = if let Some(setup) = &net_setup {
+    let network = match &setup {
+        None => None,
         // What the agent sent before: applied now, so restored and new jobs need not wait
         // for its next notification.
-        match setup.load()? {
+        Some(setup) if cfg.network_from_agent => match setup.load()? {
             Some((block, mtu, resolvers)) => {
                 net_resolvers = resolvers;
                 Some(setup.open(block, mtu).await?)
             }
             None => None,
+        },
+        Some(setup) => {
+            let block = cfg
+                .block
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--block {:?}: {e}", cfg.block))?;
+            Some(setup.open(block, cfg.mtu).await?)
         }
-    } else if own_networks {
-        let block = cfg
-            .block
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--block {:?}: {e}", cfg.block))?;
-        Some(
-            net::Network::open(
-                &cfg.state_dir,
-                &cfg.bridge_name,
-                block,
-                cfg.mtu,
-                Some(sync.clone()),
-                cfg.netns_pool,
-            )
-            .await?,
-        )
-    } else {
-        None
     };
+    let net_setup = setup.filter(|_| cfg.network_from_agent);
     let listener = tokio::net::TcpListener::bind(cfg.addr)
         .await
         .with_context(|| format!("listening on {}", cfg.addr))?;

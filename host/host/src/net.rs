@@ -37,8 +37,8 @@ struct Inner {
     nl: KernelNetlink,
     cfg: JobNetConfig,
     alloc: Mutex<IpAllocator>,
-    /// Group commit of the allocation file; `None` = fsynced on every change.
-    sync: Option<Syncer>,
+    /// Group commit of the allocation and `job-netns.json` files.
+    sync: Syncer,
     pool: Mutex<Pool>,
     pool_size: usize,
     /// `job-netns.json`: job id → pool key of the namespace it took.
@@ -68,7 +68,7 @@ impl Network {
         bridge: &str,
         block: Subnet,
         mtu: u32,
-        sync: Option<Syncer>,
+        sync: Syncer,
         pool_size: usize,
     ) -> anyhow::Result<Network> {
         use anyhow::Context;
@@ -80,9 +80,7 @@ impl Network {
         let gateway = block.first_host();
         let mut alloc = IpAllocator::open(&path, block, &[])
             .with_context(|| format!("opening {}", path.display()))?;
-        if sync.is_some() {
-            alloc = alloc.deferred_sync();
-        }
+        alloc = alloc.deferred_sync();
         let taken_path = state_dir.join("job-netns.json");
         let taken: BTreeMap<String, String> = match std::fs::read(&taken_path) {
             Ok(b) => serde_json::from_slice(&b)
@@ -131,9 +129,7 @@ impl Network {
     }
 
     fn synced<T>(&self, a: &IpAllocator, r: T) -> T {
-        if let Some(s) = &self.inner.sync {
-            s.file(a.path());
-        }
+        self.inner.sync.file(a.path());
         r
     }
 
@@ -170,21 +166,10 @@ impl Network {
     fn save_taken(&self, taken: &BTreeMap<String, String>) -> Result<(), String> {
         let path = &self.inner.taken_path;
         let bytes = serde_json::to_vec(taken).expect("maps serialize");
-        let err = |e: std::io::Error| format!("writing {}: {e}", path.display());
-        match &self.inner.sync {
-            Some(s) => s.write(path, &bytes).map_err(err),
-            None => {
-                let tmp = path.with_extension("json.tmp");
-                std::fs::write(&tmp, bytes)
-                    .and_then(|_| std::fs::rename(&tmp, path))
-                    .map_err(err)?;
-                let _ = std::fs::File::open(path).and_then(|f| f.sync_all());
-                if let Some(d) = path.parent() {
-                    let _ = std::fs::File::open(d).and_then(|f| f.sync_all());
-                }
-                Ok(())
-            }
-        }
+        self.inner
+            .sync
+            .write(path, &bytes)
+            .map_err(|e| format!("writing {}: {e}", path.display()))
     }
 
     /// The job's address and network namespace: a pooled one if there is one ready, else
@@ -356,7 +341,7 @@ impl Setup {
             &self.bridge,
             block,
             mtu,
-            Some(self.sync.clone()),
+            self.sync.clone(),
             self.pool_size,
         )
         .await
