@@ -163,6 +163,12 @@ impl CHost {
         args
     }
 
+    /// [`Host::restart`] with this host's container flags.
+    fn restart(&mut self, extra: &[&str]) {
+        let parent = self.cgroup_parent.clone();
+        self.host.restart(&CHost::args(&parent, extra));
+    }
+
     fn start(extra: &[&str]) -> CHost {
         let cgroup_parent = unique("flynn-host-test");
         let host = Host::start(&Self::args(&cgroup_parent, extra));
@@ -623,11 +629,7 @@ fn restarted_daemon_readopts_running_jobs() {
         })
         .await;
         assert!(std::path::Path::new(&format!("/proc/{shim_pid}")).exists());
-        let host_id = ch.host.id.clone();
-        let dir = std::mem::replace(&mut ch.host.dir, tempfile::tempdir().unwrap());
-        let parent = ch.cgroup_parent.clone();
-        let args = CHost::args(&parent, &["--logagg", syslog.as_str()]);
-        ch.host = Host::start_in(dir, &host_id, &args);
+        ch.restart(&["--logagg", syslog.as_str()]);
         let c = &ch.host.client;
         let after = c.get_job(&id).await.unwrap();
         assert_eq!(after.status, JobStatus::Running, "{after:?}");
@@ -697,17 +699,7 @@ fn a_daemon_dead_before_the_network_teardown_does_it_on_restart() {
         assert!(netns_exists(&key));
         ch.host.client.stop_job(&id).await.unwrap();
         let mut proc = ch.host.proc.take().unwrap();
-        let t0 = std::time::Instant::now();
-        let status = loop {
-            if let Some(s) = proc.0.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "daemon did not exit"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let status = wait_exit(&mut proc, Duration::from_secs(30)).await;
         assert_eq!(status.code(), Some(3), "daemon exit");
         // The window is real: the job's network is still there.
         assert!(netns_exists(&key), "namespace already gone");
@@ -716,10 +708,7 @@ fn a_daemon_dead_before_the_network_teardown_does_it_on_restart() {
         assert!(link_exists(&veth), "veth {veth} already gone");
 
         // A new daemon on the same state finds the job ended and removes what is left.
-        let host_id = ch.host.id.clone();
-        let dir = std::mem::replace(&mut ch.host.dir, tempfile::tempdir().unwrap());
-        let args = CHost::args(&ch.cgroup_parent, &[]);
-        ch.host = Host::start_in(dir, &host_id, &args);
+        ch.restart(&[]);
         let j = ch.host.client.get_job(&id).await.unwrap();
         assert_eq!(j.status, JobStatus::Done, "{j:?}");
         eventually(Duration::from_secs(10), "leftover network removed", || {
@@ -801,11 +790,7 @@ fn the_overlay_agent_hands_the_host_its_block() {
 
         // A restarted daemon applies the saved block at once: the job is re-adopted with
         // its address and new jobs start without a new notification.
-        drop(ch.host.proc.take());
-        let host_id = ch.host.id.clone();
-        let dir = std::mem::replace(&mut ch.host.dir, tempfile::tempdir().unwrap());
-        let args = CHost::args(&ch.cgroup_parent, &["--network-from-agent"]);
-        ch.host = Host::start_in(dir, &host_id, &args);
+        ch.restart(&["--network-from-agent"]);
         let c = &ch.host.client;
         let net = c
             .status()

@@ -525,10 +525,7 @@ async fn discoverd_announces_itself_to_the_host() {
     assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), durl);
 
     // A restarted daemon remembers it.
-    drop(h.proc.take());
-    let host_id = h.id.clone();
-    let dir = std::mem::replace(&mut h.dir, tempfile::tempdir().unwrap());
-    let h = Host::start_in(dir, &host_id, PROC);
+    h.restart(PROC);
     let d = h.client.status().await.unwrap().discoverd;
     assert_eq!(d.map(|d| (d.url, d.dns)), Some((durl, dns)));
 }
@@ -590,16 +587,6 @@ async fn sigterm_stops_the_daemon_despite_open_event_streams() {
     let mut proc = h.proc.take().unwrap();
     let pid = nix::unistd::Pid::from_raw(proc.0.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = proc.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(6),
-            "daemon still running"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = wait_exit(&mut proc, Duration::from_secs(6)).await;
     assert!(status.success(), "{status:?}");
 }

@@ -19,6 +19,21 @@ impl Drop for Proc {
     }
 }
 
+/// Waits for `proc` to exit on its own; panics after `within`.
+pub async fn wait_exit(proc: &mut Proc, within: Duration) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = proc.0.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "process still running after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// `target/<profile>/<name>`, built with `cargo build -p <package>` when missing.
 pub fn bin(name: &str, package: &str) -> PathBuf {
     let dir = std::env::current_exe()
@@ -166,6 +181,15 @@ impl Host {
             dir,
             id: id.to_string(),
         }
+    }
+
+    /// Kills the daemon (if it still runs) and starts a new one with the same id on the
+    /// same state directory.
+    pub fn restart(&mut self, extra: &[&str]) {
+        drop(self.proc.take());
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let id = self.id.clone();
+        *self = Host::start_in(dir, &id, extra);
     }
 
     pub fn job_id(&self, name: &str) -> String {

@@ -205,10 +205,8 @@ async fn storage_api_and_exclusive_use() {
     let _ = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status();
-    let dir = std::mem::replace(&mut h.dir, tempfile::tempdir().unwrap());
-    let host_id = h.id.clone();
-    let h2 = Host::start_in(dir, &host_id, PROC);
-    let after = h2.client.list_volumes().await.unwrap();
+    h.restart(PROC);
+    let after = h.client.list_volumes().await.unwrap();
     assert_eq!(
         after.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(),
         [id1.as_str(), v2.id.as_str(), named]
@@ -216,13 +214,13 @@ async fn storage_api_and_exclusive_use() {
     assert_eq!(after[1], v2);
     // (The process runtime does not re-adopt jobs: the holder is failed, and the volume
     // free again.)
-    let j = wait_ended(&h2.client, &holder, Duration::from_secs(10)).await;
+    let j = wait_ended(&h.client, &holder, Duration::from_secs(10)).await;
     assert_eq!(j.status, JobStatus::Failed);
-    h2.client.delete_volume(&v2.id).await.unwrap();
-    let e = h2.client.get_volume(&v2.id).await.unwrap_err();
+    h.client.delete_volume(&v2.id).await.unwrap();
+    let e = h.client.get_volume(&v2.id).await.unwrap_err();
     assert_eq!(e.api().unwrap().code, flynn_api::ErrorCode::ObjectNotFound);
-    assert!(!h2.dir.path().join("volumes").join(&v2.id).exists());
-    let e = h2.client.delete_volume(&v2.id).await.unwrap_err();
+    assert!(!h.dir.path().join("volumes").join(&v2.id).exists());
+    let e = h.client.delete_volume(&v2.id).await.unwrap_err();
     assert_eq!(e.api().unwrap().status(), 404);
-    assert_eq!(h2.client.list_volumes().await.unwrap().len(), 2);
+    assert_eq!(h.client.list_volumes().await.unwrap().len(), 2);
 }

@@ -154,11 +154,7 @@ fn a_running_job_holds_its_volume_across_a_daemon_restart() {
 
         // Kill the daemon outright; a new one on the same state re-adopts the job, which
         // still holds the volume.
-        drop(ch.host.proc.take());
-        let host_id = ch.host.id.clone();
-        let dir = std::mem::replace(&mut ch.host.dir, tempfile::tempdir().unwrap());
-        let parent = ch.cgroup_parent.clone();
-        ch.host = Host::start_in(dir, &host_id, &CHost::args(&parent, &[]));
+        ch.restart(&[]);
         let c = ch.host.client.clone();
         let after = c.get_job(&holder).await.unwrap();
         assert_eq!((after.status, after.pid), (JobStatus::Running, before.pid));
