@@ -63,6 +63,8 @@ pub struct SnapshotRequest {
 #[derive(Clone)]
 pub struct Network {
     http: reqwest::Client,
+    /// Idle replication-stream connections, shared by every session to a peer.
+    pool: stream::Pool,
     /// This node's advertised address, sent with every RPC (see `fault::FROM_HEADER`).
     host: String,
     faults: Arc<Faults>,
@@ -76,7 +78,12 @@ impl Network {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
-        Network { http, host, faults }
+        Network {
+            http,
+            pool: stream::Pool::default(),
+            host,
+            faults,
+        }
     }
 }
 
@@ -86,6 +93,7 @@ impl RaftNetworkFactory<C> for Network {
     async fn new_client(&mut self, _target: u64, node: &BasicNode) -> Conn {
         Conn {
             http: self.http.clone(),
+            pool: self.pool.clone(),
             addr: node.addr.clone(),
             host: self.host.clone(),
             faults: self.faults.clone(),
@@ -95,6 +103,7 @@ impl RaftNetworkFactory<C> for Network {
 
 pub struct Conn {
     http: reqwest::Client,
+    pool: stream::Pool,
     addr: String,
     host: String,
     faults: Arc<Faults>,
@@ -157,15 +166,15 @@ impl RaftNetworkV2<C> for Conn {
     where
         S: Stream<Item = AppendEntriesRequest<C>> + OptionalSend + Unpin + 'static,
     {
-        stream::open(
-            self.http.clone(),
-            self.addr.clone(),
-            self.host.clone(),
-            self.faults.clone(),
-            input,
-            option,
-            APPEND_TIMEOUT,
-        )
+        let target = stream::Target {
+            http: self.http.clone(),
+            pool: self.pool.clone(),
+            addr: self.addr.clone(),
+            host: self.host.clone(),
+            faults: self.faults.clone(),
+            timeout: APPEND_TIMEOUT,
+        };
+        stream::open(target, input, option)
     }
 
     async fn vote(

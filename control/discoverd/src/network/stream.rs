@@ -16,18 +16,31 @@
 //! acknowledges anything on its own: a result is whatever the follower's Raft answered,
 //! after its fsync. A closed or stalled connection ends the session with an error and
 //! openraft starts another.
+//!
+//! Connections outlive sessions. openraft sends every heartbeat as a session of its own
+//! (one request), so opening a connection per session meant a TCP handshake, an HTTP
+//! upgrade and a close (and a `TIME_WAIT` socket) per heartbeat per follower, dozens a
+//! second on an idle cluster. A session now ends with an empty frame (`len` 0) from the
+//! leader once its requests are done; the follower answers what it owes, sends an empty
+//! frame back and waits for the next session on the same connection, and the leader
+//! keeps the connection in a [`Pool`] for the next session to the same peer. Only a
+//! session that ended that way is pooled: an error, a timeout or a rejected request
+//! (the follower's Raft ends its results at the first error) drops the connection. A
+//! leader that just closes its half at the end (as before) still works: the follower
+//! answers and closes.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{NetworkError, RPCError, Unreachable};
 use openraft::network::RPCOption;
 use openraft::raft::{AppendEntriesRequest, StreamAppendResult};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::fault::{Faults, FROM_HEADER};
 use crate::node::Node;
@@ -45,6 +58,46 @@ const MAX_FRAME: usize = 64 << 20;
 /// host vanished without closing its connections does not keep a task and a socket here
 /// forever. A live leader whose stream was only idle reopens it on its next write.
 const IDLE: Duration = Duration::from_secs(60);
+/// A pooled connection idle longer than this is closed rather than reused, well before
+/// the follower's [`IDLE`] could close it under a new session.
+const POOL_IDLE: Duration = Duration::from_secs(20);
+/// Idle connections kept per peer (a heartbeat session and a replication session can
+/// overlap, so one is not always enough).
+const POOL_PER_PEER: usize = 4;
+
+/// Idle upgraded connections to followers, by peer address, each left by a session that
+/// ended cleanly (see the module docs).
+#[derive(Clone, Default)]
+pub struct Pool(Arc<Mutex<HashMap<String, Vec<(reqwest::Upgraded, Instant)>>>>);
+
+impl Pool {
+    /// A live idle connection to `addr`, if there is one. Stale ones are dropped, and so
+    /// is any the follower closed (or wrote to) while it sat here.
+    fn take(&self, addr: &str) -> Option<reqwest::Upgraded> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = map.get_mut(addr)?;
+        while let Some((mut io, since)) = idle.pop() {
+            if since.elapsed() > POOL_IDLE {
+                continue;
+            }
+            let mut probe = [0u8; 1];
+            // Pending = nothing to read and not closed: the connection is usable.
+            if io.read(&mut probe).now_or_never().is_none() {
+                return Some(io);
+            }
+        }
+        None
+    }
+
+    fn put(&self, addr: &str, io: reqwest::Upgraded) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = map.entry(addr.to_string()).or_default();
+        idle.retain(|(_, since)| since.elapsed() <= POOL_IDLE);
+        if idle.len() < POOL_PER_PEER {
+            idle.push((io, Instant::now()));
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -68,18 +121,36 @@ async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     w.flush().await
 }
 
-/// Reads one frame; `Ok(None)` at a clean end of stream (EOF before a frame starts).
+/// Ends a session: an empty frame.
+async fn write_end<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<()> {
+    w.write_all(&0u32.to_le_bytes()).await?;
+    w.flush().await
+}
+
+/// One read from the connection.
+enum Frame<T> {
+    Item(T),
+    /// The empty frame that ends a session.
+    End,
+    /// EOF before a frame started.
+    Closed,
+}
+
+/// Reads one frame.
 async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
     r: &mut R,
     buf: &mut Vec<u8>,
-) -> std::io::Result<Option<T>> {
+) -> std::io::Result<Frame<T>> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Frame::Closed),
         Err(e) => return Err(e),
     }
     let len = u32::from_le_bytes(len) as usize;
+    if len == 0 {
+        return Ok(Frame::End);
+    }
     if len > MAX_FRAME {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -89,16 +160,18 @@ async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
     buf.resize(len, 0);
     r.read_exact(buf).await?;
     serde_json::from_slice(buf)
-        .map(Some)
+        .map(Frame::Item)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// Aborts the request writer when the response stream is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop(Option<tokio::task::JoinHandle<Option<WriteHalf<reqwest::Upgraded>>>>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
     }
 }
 
@@ -106,99 +179,118 @@ impl Drop for AbortOnDrop {
 pub type Opened<'s> =
     BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<C>, RPCError<C>>>, RPCError<C>>>;
 
-/// The leader's side: opens the stream to `addr` and returns the results in order.
-/// `timeout` bounds the upgrade and each wait for a result that is owed.
-pub fn open<'s, S>(
-    http: reqwest::Client,
-    addr: String,
-    host: String,
-    faults: Arc<Faults>,
-    input: S,
-    option: RPCOption,
-    timeout: Duration,
-) -> Opened<'s>
+/// Where a session goes and how long it may wait.
+pub struct Target {
+    pub http: reqwest::Client,
+    pub pool: Pool,
+    pub addr: String,
+    /// This node's advertised address (`FROM_HEADER`).
+    pub host: String,
+    pub faults: Arc<Faults>,
+    /// Bounds the upgrade and each wait for a result that is owed.
+    pub timeout: Duration,
+}
+
+/// Opens a fresh upgraded connection to `t.addr`.
+async fn connect(t: &Target, option: &RPCOption) -> Result<reqwest::Upgraded, RPCError<C>> {
+    let addr = &t.addr;
+    let setup = option.hard_ttl().max(t.timeout);
+    let send = t
+        .http
+        .post(format!("http://{addr}{PATH}"))
+        .header(FROM_HEADER, &t.host)
+        .header(reqwest::header::CONNECTION, "upgrade")
+        .header(reqwest::header::UPGRADE, PROTOCOL)
+        .send();
+    let resp = match tokio::time::timeout(setup, send).await {
+        Err(_) => {
+            let msg = format!("{addr}: stream upgrade timed out");
+            return Err(RPCError::Network(NetworkError::new(&failure(msg))));
+        }
+        Ok(Err(e)) if e.is_connect() => {
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        }
+        Ok(Err(e)) => return Err(RPCError::Network(NetworkError::new(&e))),
+        Ok(Ok(r)) => r,
+    };
+    if resp.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+        let msg = format!("{addr} answered {} to the stream upgrade", resp.status());
+        return Err(RPCError::Unreachable(Unreachable::new(&failure(msg))));
+    }
+    resp.upgrade()
+        .await
+        .map_err(|e| RPCError::Network(NetworkError::new(&e)))
+}
+
+/// The leader's side of one session: sends `input` to `t.addr` over a pooled or new
+/// connection and returns the results in order.
+pub fn open<'s, S>(t: Target, input: S, option: RPCOption) -> Opened<'s>
 where
     S: Stream<Item = AppendEntriesRequest<C>> + Send + Unpin + 'static,
 {
     Box::pin(async move {
-        if faults.is_cut(&addr) {
-            let msg = format!("{addr} is partitioned away (fault injection)");
+        if t.faults.is_cut(&t.addr) {
+            let msg = format!("{} is partitioned away (fault injection)", t.addr);
             return Err(RPCError::Unreachable(Unreachable::new(&failure(msg))));
         }
-        let setup = option.hard_ttl().max(timeout);
-        let send = http
-            .post(format!("http://{addr}{PATH}"))
-            .header(FROM_HEADER, &host)
-            .header(reqwest::header::CONNECTION, "upgrade")
-            .header(reqwest::header::UPGRADE, PROTOCOL)
-            .send();
-        let resp = match tokio::time::timeout(setup, send).await {
-            Err(_) => {
-                let msg = format!("{addr}: stream upgrade timed out");
-                return Err(RPCError::Network(NetworkError::new(&failure(msg))));
-            }
-            Ok(Err(e)) if e.is_connect() => {
-                return Err(RPCError::Unreachable(Unreachable::new(&e)));
-            }
-            Ok(Err(e)) => return Err(RPCError::Network(NetworkError::new(&e))),
-            Ok(Ok(r)) => r,
+        let io = match t.pool.take(&t.addr) {
+            Some(io) => io,
+            None => connect(&t, &option).await?,
         };
-        if resp.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
-            let msg = format!("{addr} answered {} to the stream upgrade", resp.status());
-            return Err(RPCError::Unreachable(Unreachable::new(&failure(msg))));
-        }
-        let io = resp
-            .upgrade()
-            .await
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let (rd, mut wr) = tokio::io::split(io);
 
         // One token per request written; the reader owes one result per token.
         let (sent_tx, sent_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         let mut input = input;
+        let (addr, faults) = (t.addr.clone(), t.faults.clone());
         let writer = tokio::spawn(async move {
             let mut buf = Vec::new();
             while let Some(req) = input.next().await {
                 if faults.is_cut(&addr) {
-                    break;
+                    return None;
                 }
                 if let Err(e) = write_frame(&mut wr, &mut buf, &req).await {
                     tracing::debug!(peer = %addr, error = %e, "raft stream write failed");
-                    break;
+                    return None;
                 }
                 if sent_tx.send(()).is_err() {
-                    break;
+                    return None;
                 }
             }
-            // No more requests: the follower answers what it has and closes.
-            let _ = wr.shutdown().await;
+            // No more requests: the follower answers what it owes, then ends too.
+            write_end(&mut wr).await.ok().map(|_| wr)
         });
-        let guard = AbortOnDrop(writer);
 
-        struct Reader<R> {
-            rd: R,
+        struct Reader {
+            rd: ReadHalf<reqwest::Upgraded>,
             sent: tokio::sync::mpsc::UnboundedReceiver<()>,
             buf: Vec<u8>,
-            _writer: AbortOnDrop,
+            writer: AbortOnDrop,
+            target: Target,
         }
         let state = Reader {
             rd,
             sent: sent_rx,
             buf: Vec::new(),
-            _writer: guard,
+            writer: AbortOnDrop(Some(writer)),
+            target: t,
         };
+        let timeout = state.target.timeout;
         let results = futures_util::stream::unfold(Some(state), move |state| async move {
             let mut st = state?;
-            // The writer ended (input exhausted or a write failed) and every result
-            // owed has been read: the session is over.
-            st.sent.recv().await?;
+            if st.sent.recv().await.is_none() {
+                // The writer ended and every result owed has been read: the session
+                // is over. Pool the connection if both sides ended it cleanly.
+                finish(st.rd, &mut st.writer, &mut st.buf, &st.target).await;
+                return None;
+            }
             let read = read_frame::<_, StreamAppendResult<C>>(&mut st.rd, &mut st.buf);
             let item = match tokio::time::timeout(timeout, read).await {
-                Ok(Ok(Some(r))) => {
+                Ok(Ok(Frame::Item(r))) => {
                     let go_on = r.is_ok();
                     return Some((Ok(r), go_on.then_some(st)));
                 }
-                Ok(Ok(None)) => failure("stream closed by the follower"),
+                Ok(Ok(_)) => failure("stream closed by the follower"),
                 Ok(Err(e)) => failure(format!("stream read: {e}")),
                 Err(_) => failure("no AppendEntries result within the timeout"),
             };
@@ -209,48 +301,121 @@ where
     })
 }
 
-/// The follower's side of an upgraded connection from `from`: requests in, results out,
-/// both in order, until either side closes, Raft stops or `from` is partitioned away.
+/// After a session: takes the write half back from the writer and, when the follower
+/// answers the leader's end frame with its own, pools the whole connection.
+async fn finish(
+    rd: ReadHalf<reqwest::Upgraded>,
+    writer: &mut AbortOnDrop,
+    buf: &mut Vec<u8>,
+    t: &Target,
+) {
+    let Some(handle) = writer.0.take() else {
+        return;
+    };
+    let Ok(Some(wr)) = handle.await else {
+        return;
+    };
+    let mut rd = rd;
+    let end = read_frame::<_, StreamAppendResult<C>>(&mut rd, buf);
+    if let Ok(Ok(Frame::End)) = tokio::time::timeout(t.timeout, end).await {
+        if !t.faults.is_cut(&t.addr) {
+            t.pool.put(&t.addr, rd.unsplit(wr));
+        }
+    }
+}
+
+/// The follower's side of an upgraded connection from `from`: sessions one after another,
+/// each with requests in and results out in order, until either side closes, a session
+/// ends other than cleanly, Raft stops or `from` is partitioned away.
 pub async fn serve<IO>(node: Arc<Node>, from: String, io: IO)
 where
     IO: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (rd, mut wr) = tokio::io::split(io);
-    let faults = node.faults.clone();
-    let from_in = from.clone();
-    let requests = futures_util::stream::unfold((rd, Vec::new()), move |(mut rd, mut buf)| {
-        let faults = faults.clone();
-        let from = from_in.clone();
-        async move {
-            let read = read_frame::<_, AppendEntriesRequest<C>>(&mut rd, &mut buf);
-            match tokio::time::timeout(IDLE, read).await {
-                Ok(Ok(Some(req))) if !faults.is_cut(&from) => Some((req, (rd, buf))),
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %from, error = %e, "raft stream read failed");
-                    None
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let mut rbuf = Vec::new();
+    let mut wbuf = Vec::new();
+    loop {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<AppendEntriesRequest<C>>(64);
+        let requests = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let results = node.raft.stream_append(requests);
+        let clean = {
+            let reader = read_session(&node, &from, &mut rd, &mut rbuf, tx);
+            let writer = write_results(&node, &from, &mut wr, &mut wbuf, results);
+            futures_util::pin_mut!(reader, writer);
+            tokio::select! {
+                biased;
+                ended = &mut reader => {
+                    // Raft's results end once the requests do (a dropped sender).
+                    let answered = writer.await;
+                    ended && answered
                 }
-                Err(_) => {
-                    tracing::debug!(peer = %from, "raft stream idle, closing");
-                    None
-                }
+                // Raft ended the results while the leader still had requests to send:
+                // it rejected one (the leader stops at that result) or stopped.
+                _ = &mut writer => false,
             }
-        }
-    });
-    let results = node.raft.stream_append(requests);
-    futures_util::pin_mut!(results);
-    let mut buf = Vec::new();
-    while let Some(r) = results.next().await {
-        let Ok(r) = r else {
-            break; // Raft stopped: closing tells the leader.
         };
-        if node.faults.is_cut(&from) {
-            break;
-        }
-        if let Err(e) = write_frame(&mut wr, &mut buf, &r).await {
-            tracing::debug!(peer = %from, error = %e, "raft stream write failed");
+        if !clean || write_end(&mut wr).await.is_err() {
             break;
         }
     }
     let _ = wr.shutdown().await;
+}
+
+/// Feeds one session's requests to `tx`; true when the leader ended the session with an
+/// empty frame, false on EOF, an error, idleness or a partition.
+async fn read_session<R: AsyncRead + Unpin>(
+    node: &Node,
+    from: &str,
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+    tx: tokio::sync::mpsc::Sender<AppendEntriesRequest<C>>,
+) -> bool {
+    loop {
+        let read = read_frame::<_, AppendEntriesRequest<C>>(rd, buf);
+        match tokio::time::timeout(IDLE, read).await {
+            Ok(Ok(Frame::Item(req))) if !node.faults.is_cut(from) => {
+                if tx.send(req).await.is_err() {
+                    return false;
+                }
+            }
+            Ok(Ok(Frame::End)) => return true,
+            Ok(Ok(_)) => return false,
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %from, error = %e, "raft stream read failed");
+                return false;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %from, "raft stream idle, closing");
+                return false;
+            }
+        }
+    }
+}
+
+/// Writes every result of one session; true when all were written and Raft did not stop.
+async fn write_results<W, S>(
+    node: &Node,
+    from: &str,
+    wr: &mut W,
+    buf: &mut Vec<u8>,
+    results: S,
+) -> bool
+where
+    W: AsyncWrite + Unpin,
+    S: Stream<Item = Result<StreamAppendResult<C>, openraft::errors::Fatal<C>>>,
+{
+    futures_util::pin_mut!(results);
+    while let Some(r) = results.next().await {
+        let Ok(r) = r else {
+            return false; // Raft stopped: closing tells the leader.
+        };
+        if node.faults.is_cut(from) {
+            return false;
+        }
+        if let Err(e) = write_frame(wr, buf, &r).await {
+            tracing::debug!(peer = %from, error = %e, "raft stream write failed");
+            return false;
+        }
+    }
+    true
 }

@@ -523,6 +523,69 @@ async fn raft_stream_needs_the_upgrade_and_answers_in_frames() {
         "{res:?}"
     );
 
+    // Sessions one after another on one connection: each ends with an empty frame
+    // from the leader, answered by the follower's results and then an empty frame.
+    async fn read_result(io: &mut reqwest::Upgraded) -> Option<StreamAppendResult<TypeConfig>> {
+        let mut len = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut len))
+            .await
+            .expect("a frame")
+            .unwrap();
+        let n = u32::from_le_bytes(len) as usize;
+        if n == 0 {
+            return None;
+        }
+        let mut buf = vec![0; n];
+        io.read_exact(&mut buf).await.unwrap();
+        Some(serde_json::from_slice(&buf).unwrap())
+    }
+    let mut io = open().await;
+    for session in 0..3u64 {
+        // A higher term each session, in case the node called an election in between.
+        let leader = AppendEntriesRequest::<TypeConfig> {
+            vote: openraft::alias::VoteOf::<TypeConfig>::new_committed(1000 * (session + 1), 9),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: vec![],
+        };
+        let body = serde_json::to_vec(&leader).unwrap();
+        for _ in 0..=session {
+            io.write_all(&(body.len() as u32).to_le_bytes())
+                .await
+                .unwrap();
+            io.write_all(&body).await.unwrap();
+        }
+        io.write_all(&0u32.to_le_bytes()).await.unwrap();
+        io.flush().await.unwrap();
+        for _ in 0..=session {
+            let res = read_result(&mut io).await.expect("a result before the end");
+            assert!(res.is_ok(), "session {session}: {res:?}");
+        }
+        assert!(
+            read_result(&mut io).await.is_none(),
+            "session {session} end"
+        );
+    }
+    // A rejected request (the stale leader again) ends the session and the connection.
+    let stale = serde_json::to_vec(&req).unwrap();
+    io.write_all(&(stale.len() as u32).to_le_bytes())
+        .await
+        .unwrap();
+    io.write_all(&stale).await.unwrap();
+    io.flush().await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut rest))
+        .await
+        .expect("stream closed after the rejection");
+    n.unwrap();
+    let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+    assert_eq!(rest.len(), 4 + len, "one result, no end frame: {rest:?}");
+    let res: StreamAppendResult<TypeConfig> = serde_json::from_slice(&rest[4..]).unwrap();
+    assert!(
+        matches!(res, Err(StreamAppendError::HigherVote(_))),
+        "{res:?}"
+    );
+
     // Garbage closes the stream; the node carries on.
     let mut io = open().await;
     io.write_all(&5u32.to_le_bytes()).await.unwrap();
