@@ -61,6 +61,13 @@ pub struct Options {
 #[derive(Default)]
 struct Ctl {
     signal: Option<Signaller>,
+    /// What the job announces in discoverd, once it has started (or was adopted) and
+    /// was not asked to stop meanwhile; kept so a discoverd that announces itself later
+    /// (or moves) gets the job's instances too.
+    announce: Option<Arc<Announce>>,
+    /// Bumped when the job is registered anew with another discoverd, so a registration
+    /// still in flight for the old one is dropped rather than kept.
+    generation: u64,
     heartbeaters: Vec<Heartbeater>,
     registering: Vec<tokio::task::JoinHandle<()>>,
     deregistered: bool,
@@ -399,6 +406,7 @@ impl Host {
         };
         if changed {
             tracing::info!(%url, job = %n.job_id, "discoverd announced itself");
+            self.reannounce_jobs();
             let host = self.clone();
             tokio::spawn(async move { host.register_host().await });
         }
@@ -836,20 +844,64 @@ impl Host {
         tracing::debug!(job = %id, deregister = ?t_dereg, cleanup = ?(t_cleanup - t_dereg), network = ?(t0.elapsed() - t_cleanup), "job end phases");
     }
 
+    /// Notes what the job announces and registers it in discoverd, if there is one yet.
     fn register_services(self: &Arc<Self>, id: &str, r: &Running) {
+        let a = Arc::new(Announce {
+            ip: r.ip.unwrap_or(r.env_ip),
+            ports: r.ports.clone(),
+            meta: job::instance_meta(&r.env),
+        });
+        match self.lock().ctl.get_mut(id) {
+            Some(c) => c.announce = Some(a.clone()),
+            None => return,
+        }
+        if let Some(client) = self.discoverd_client() {
+            self.announce(id, &a, &client);
+        }
+    }
+
+    /// Registers every running job that has something to announce with the discoverd
+    /// just announced (after it moved: instead of the old one, whose heartbeats stop).
+    fn reannounce_jobs(self: &Arc<Self>) {
         let Some(client) = self.discoverd_client() else {
             return;
         };
-        let meta = job::instance_meta(&r.env);
-        let ip = r.ip.unwrap_or(r.env_ip);
-        for p in &r.ports {
+        let jobs: Vec<(String, Arc<Announce>)> = {
+            let mut inner = self.lock();
+            inner
+                .ctl
+                .iter_mut()
+                .filter(|(_, c)| !c.deregistered)
+                .filter_map(|(id, c)| {
+                    let a = c.announce.clone()?;
+                    for t in c.registering.drain(..) {
+                        t.abort();
+                    }
+                    c.generation += 1;
+                    // Dropping a heartbeater unregisters its instance (in the background).
+                    c.heartbeaters.clear();
+                    Some((id.clone(), a))
+                })
+                .collect()
+        };
+        for (id, a) in jobs {
+            tracing::info!(job = %id, "registering a running job with the new discoverd");
+            self.announce(&id, &a, &client);
+        }
+    }
+
+    fn announce(self: &Arc<Self>, id: &str, a: &Announce, client: &discoverd::Client) {
+        let Some(generation) = self.lock().ctl.get(id).map(|c| c.generation) else {
+            return;
+        };
+        for p in &a.ports {
             let Some(svc) = p.service.clone() else {
                 continue;
             };
             let inst = Instance {
-                addr: std::net::SocketAddr::new(ip, p.port).to_string(),
+                addr: std::net::SocketAddr::new(a.ip, p.port).to_string(),
                 proto: p.proto.clone(),
-                meta: meta.clone(),
+                meta: a.meta.clone(),
                 ..Instance::default()
             };
             let host = self.clone();
@@ -883,8 +935,11 @@ impl Host {
                     Ok(hb) => {
                         let mut inner = host.lock();
                         match inner.ctl.get_mut(&jid) {
-                            Some(c) if !c.deregistered => c.heartbeaters.push(hb),
-                            // Deregistered or ended meanwhile: dropping unregisters.
+                            Some(c) if !c.deregistered && c.generation == generation => {
+                                c.heartbeaters.push(hb)
+                            }
+                            // Deregistered, ended or registered anew meanwhile: dropping
+                            // unregisters.
                             _ => drop(hb),
                         }
                     }
@@ -1067,6 +1122,14 @@ impl Host {
             });
         }
     }
+}
+
+/// What a job registers in discoverd: an instance per port that names a service, at the
+/// job's address, with the job's app metadata.
+struct Announce {
+    ip: IpAddr,
+    ports: Vec<BoundPort>,
+    meta: BTreeMap<String, String>,
 }
 
 /// What the supervisor knows about a started job.

@@ -530,6 +530,74 @@ async fn discoverd_announces_itself_to_the_host() {
     assert_eq!(d.map(|d| (d.url, d.dns)), Some((durl, dns)));
 }
 
+/// Polls `svc` in the discoverd at `d` until `want` holds for its instance addresses.
+async fn wait_instances(
+    d: &flynn_client::discoverd::Client,
+    svc: &str,
+    what: &str,
+    want: impl Fn(&[String]) -> bool,
+) {
+    let t0 = Instant::now();
+    loop {
+        let addrs: Vec<String> = d
+            .instances(svc)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| i.addr)
+            .collect();
+        if want(&addrs) {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(8), "{what}: {addrs:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A job that was already running when discoverd announced itself is registered there
+/// too, and moves to a discoverd that announces itself later at another address
+/// (unregistered from the first well before its instance TTL of 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_jobs_register_with_a_discoverd_that_announces_itself_later() {
+    let h = Host::start(PROC);
+    let svc = unique("late");
+    let id = h.job_id("web");
+    let mut job = sh_job(&id, "exec sleep 60");
+    job.config.ports = vec![Port {
+        port: 0,
+        proto: "tcp".into(),
+        service: Some(Service {
+            name: svc.clone(),
+            create: true,
+        }),
+    }];
+    h.client.add_job(&job).await.unwrap();
+    wait_running(&h.client, &id).await;
+
+    let notify = format!("http://{}/host/discoverd", h.addr);
+    let (_adir, _a, kv) = discoverd(&["--notify", &notify]);
+    let a = flynn_client::discoverd::Client::new(&format!("http://{}", get(&kv, "http")));
+    wait_instances(&a, &svc, "registered with the first discoverd", |l| {
+        l == ["127.0.0.1:5000"]
+    })
+    .await;
+
+    let (_bdir, _b, kv) = discoverd(&["--notify", &notify]);
+    let b = flynn_client::discoverd::Client::new(&format!("http://{}", get(&kv, "http")));
+    wait_instances(&b, &svc, "registered with the second discoverd", |l| {
+        l == ["127.0.0.1:5000"]
+    })
+    .await;
+    wait_instances(&a, &svc, "unregistered from the first", |l| l.is_empty()).await;
+
+    h.client.stop_job(&id).await.unwrap();
+    wait_ended(&h.client, &id, Duration::from_secs(10)).await;
+    wait_instances(&b, &svc, "unregistered when the job ended", |l| {
+        l.is_empty()
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_persists_across_restarts() {
     let mut h = Host::start(PROC);
