@@ -496,35 +496,16 @@ async fn raft_stream_needs_the_upgrade_and_answers_in_frames() {
         resp.upgrade().await.unwrap()
     };
 
-    // A request from a stale leader (term 0) is answered with the node's higher vote.
-    let mut io = open().await;
-    let req = AppendEntriesRequest::<TypeConfig> {
-        vote: openraft::alias::VoteOf::<TypeConfig>::new(0, 9),
-        prev_log_id: None,
-        leader_commit: None,
-        entries: vec![],
-    };
-    let body = serde_json::to_vec(&req).unwrap();
-    io.write_all(&(body.len() as u32).to_le_bytes())
-        .await
-        .unwrap();
-    io.write_all(&body).await.unwrap();
-    io.flush().await.unwrap();
-    let mut len = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut len))
-        .await
-        .expect("a result frame")
-        .unwrap();
-    let mut buf = vec![0; u32::from_le_bytes(len) as usize];
-    io.read_exact(&mut buf).await.unwrap();
-    let res: StreamAppendResult<TypeConfig> = serde_json::from_slice(&buf).unwrap();
-    assert!(
-        matches!(res, Err(StreamAppendError::HigherVote(_))),
-        "{res:?}"
-    );
-
-    // Sessions one after another on one connection: each ends with an empty frame
-    // from the leader, answered by the follower's results and then an empty frame.
+    /// Writes one request frame (`len: u32 LE | JSON`).
+    async fn send(io: &mut reqwest::Upgraded, req: &AppendEntriesRequest<TypeConfig>) {
+        let body = serde_json::to_vec(req).unwrap();
+        io.write_all(&(body.len() as u32).to_le_bytes())
+            .await
+            .unwrap();
+        io.write_all(&body).await.unwrap();
+        io.flush().await.unwrap();
+    }
+    /// Reads one result frame; `None` for the empty frame that ends a session.
     async fn read_result(io: &mut reqwest::Upgraded) -> Option<StreamAppendResult<TypeConfig>> {
         let mut len = [0u8; 4];
         tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut len))
@@ -539,21 +520,35 @@ async fn raft_stream_needs_the_upgrade_and_answers_in_frames() {
         io.read_exact(&mut buf).await.unwrap();
         Some(serde_json::from_slice(&buf).unwrap())
     }
+    let request = |term: u64, committed: bool| AppendEntriesRequest::<TypeConfig> {
+        vote: if committed {
+            openraft::alias::VoteOf::<TypeConfig>::new_committed(term, 9)
+        } else {
+            openraft::alias::VoteOf::<TypeConfig>::new(term, 9)
+        },
+        prev_log_id: None,
+        leader_commit: None,
+        entries: vec![],
+    };
+
+    // A request from a stale leader (term 0) is answered with the node's higher vote.
+    let mut io = open().await;
+    let stale = request(0, false);
+    send(&mut io, &stale).await;
+    let res = read_result(&mut io).await.expect("a result frame");
+    assert!(
+        matches!(res, Err(StreamAppendError::HigherVote(_))),
+        "{res:?}"
+    );
+
+    // Sessions one after another on one connection: each ends with an empty frame
+    // from the leader, answered by the follower's results and then an empty frame.
     let mut io = open().await;
     for session in 0..3u64 {
         // A higher term each session, in case the node called an election in between.
-        let leader = AppendEntriesRequest::<TypeConfig> {
-            vote: openraft::alias::VoteOf::<TypeConfig>::new_committed(1000 * (session + 1), 9),
-            prev_log_id: None,
-            leader_commit: None,
-            entries: vec![],
-        };
-        let body = serde_json::to_vec(&leader).unwrap();
+        let leader = request(1000 * (session + 1), true);
         for _ in 0..=session {
-            io.write_all(&(body.len() as u32).to_le_bytes())
-                .await
-                .unwrap();
-            io.write_all(&body).await.unwrap();
+            send(&mut io, &leader).await;
         }
         io.write_all(&0u32.to_le_bytes()).await.unwrap();
         io.flush().await.unwrap();
@@ -566,25 +561,20 @@ async fn raft_stream_needs_the_upgrade_and_answers_in_frames() {
             "session {session} end"
         );
     }
-    // A rejected request (the stale leader again) ends the session and the connection.
-    let stale = serde_json::to_vec(&req).unwrap();
-    io.write_all(&(stale.len() as u32).to_le_bytes())
-        .await
-        .unwrap();
-    io.write_all(&stale).await.unwrap();
-    io.flush().await.unwrap();
-    let mut rest = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut rest))
-        .await
-        .expect("stream closed after the rejection");
-    n.unwrap();
-    let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
-    assert_eq!(rest.len(), 4 + len, "one result, no end frame: {rest:?}");
-    let res: StreamAppendResult<TypeConfig> = serde_json::from_slice(&rest[4..]).unwrap();
+    // A rejected request (the stale leader again) ends the session and the connection:
+    // its result, then EOF with no end frame.
+    send(&mut io, &stale).await;
+    let res = read_result(&mut io).await.expect("the rejection");
     assert!(
         matches!(res, Err(StreamAppendError::HigherVote(_))),
         "{res:?}"
     );
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut rest))
+        .await
+        .expect("stream closed after the rejection")
+        .unwrap();
+    assert!(rest.is_empty(), "after the rejection: {rest:?}");
 
     // Garbage closes the stream; the node carries on.
     let mut io = open().await;

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use flynn_client::host::{EventKind, JobStatus, Port, ResourceCheck, Service};
+use flynn_client::host::{EventKind, Job, JobStatus, Port, ResourceCheck, Service};
 
 use crate::support::*;
 
@@ -386,6 +386,20 @@ fn discoverd(extra: &[&str]) -> (tempfile::TempDir, Proc, Vec<(String, String)>)
     (dir, p, kv)
 }
 
+/// A shell job with one TCP port (5000) registered as `svc`, created if missing.
+fn service_job(id: &str, svc: &str, script: &str) -> Job {
+    let mut job = sh_job(id, script);
+    job.config.ports = vec![Port {
+        port: 0,
+        proto: "tcp".into(),
+        service: Some(Service {
+            name: svc.to_string(),
+            create: true,
+        }),
+    }];
+    job
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_registration_in_discoverd() {
     let (_ddir, _disc, kv) = discoverd(&[]);
@@ -394,16 +408,8 @@ async fn service_registration_in_discoverd() {
     let h = Host::start(&["--runtime", "process", "--discoverd", &durl]);
     let svc = unique("svc");
     let id = h.job_id("web");
-    let mut job = sh_job(&id, "exec sleep 30");
+    let mut job = service_job(&id, &svc, "exec sleep 30");
     job.config.env.insert("FLYNN_APP_ID".into(), "app1".into());
-    job.config.ports = vec![Port {
-        port: 0,
-        proto: "tcp".into(),
-        service: Some(Service {
-            name: svc.clone(),
-            create: true,
-        }),
-    }];
     h.client.add_job(&job).await.unwrap();
     wait_running(&h.client, &id).await;
 
@@ -562,15 +568,7 @@ async fn running_jobs_register_with_a_discoverd_that_announces_itself_later() {
     let h = Host::start(PROC);
     let svc = unique("late");
     let id = h.job_id("web");
-    let mut job = sh_job(&id, "exec sleep 60");
-    job.config.ports = vec![Port {
-        port: 0,
-        proto: "tcp".into(),
-        service: Some(Service {
-            name: svc.clone(),
-            create: true,
-        }),
-    }];
+    let job = service_job(&id, &svc, "exec sleep 60");
     h.client.add_job(&job).await.unwrap();
     wait_running(&h.client, &id).await;
 
