@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use discoverd::Discoverd;
-use flynn_netlab::{in_ns_path, Bpffs};
+use flynn_netlab::{in_ns_path, run_stdout, Bpffs};
 use flynn_network::job::{create_job_net, netns_path, JobNet, JobNetConfig};
 use flynn_network::{KernelNetlink, Subnet};
 use lab::{in_netns, ping, run, Lab};
@@ -255,6 +255,25 @@ fn ns_of(job: &JobNet) -> String {
         .into_owned()
 }
 
+/// MTU across the overlay: 1450 - 28 bytes of headers is the largest ICMP payload that fits
+/// unfragmented across the VXLAN (1500 on the underlay); one more byte with DF set does not go.
+fn check_mtu(from: &JobNet, to: &JobNet) -> Result<()> {
+    ensure!(
+        ping_df(from, to, 1422),
+        "largest unfragmented packet failed"
+    );
+    ensure!(
+        !ping_df(from, to, 1423),
+        "one byte over the MTU went through with DF"
+    );
+    Ok(())
+}
+
+/// The FDB of the VXLAN device `flynn.1` in namespace `ns`, as `bridge fdb show` prints it.
+fn vxlan_fdb(ns: &str) -> Result<String> {
+    run_stdout(&["bridge", "-n", ns, "fdb", "show", "dev", "flynn.1"])
+}
+
 fn can_ping(from: &JobNet, to: &JobNet) -> bool {
     ping(&ns_of(from), to.ip, 3)
 }
@@ -274,9 +293,7 @@ fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> Result<bool>) -> Res
 }
 
 fn routes(ns: &str) -> Result<String> {
-    Ok(String::from_utf8(
-        run(&["ip", "-n", ns, "route", "show"])?.stdout,
-    )?)
+    Ok(run_stdout(&["ip", "-n", ns, "route", "show"])?)
 }
 
 /// A request/response over TCP from `from` to a listener in `to`.
@@ -356,8 +373,7 @@ fn three_hosts_talk_and_follow_hosts_joining_and_leaving() -> Result<()> {
     let ns1 = c.hosts[0].ns.clone();
     let route2 = subnets[1].to_string();
     run(&["ip", "-n", &ns1, "route", "del", &route2])?;
-    let fdb =
-        String::from_utf8(run(&["bridge", "-n", &ns1, "fdb", "show", "dev", "flynn.1"])?.stdout)?;
+    let fdb = vxlan_fdb(&ns1)?;
     let mac2 = flynn_network::Mac::for_subnet(&subnets[1]).to_string();
     ensure!(fdb.contains(&mac2), "no FDB entry for host 2: {fdb}");
     run(&[
@@ -373,9 +389,7 @@ fn three_hosts_talk_and_follow_hosts_joining_and_leaving() -> Result<()> {
         "10.240.0.2",
     ])?;
     eventually(10, "the agent to restore the removed entries", || {
-        let fdb = String::from_utf8(
-            run(&["bridge", "-n", &ns1, "fdb", "show", "dev", "flynn.1"])?.stdout,
-        )?;
+        let fdb = vxlan_fdb(&ns1)?;
         Ok(routes(&ns1)?.contains(&route2) && fdb.contains(&mac2))
     })?;
     ensure!(can_ping(&j1a, &j2), "no traffic after the repair");
@@ -414,16 +428,7 @@ fn three_hosts_talk_and_follow_hosts_joining_and_leaving() -> Result<()> {
     );
     tcp_roundtrip(&j1a, &j1b).context("tcp same host")?;
 
-    // MTU: 1450 - 28 bytes of headers is the largest ICMP payload that fits unfragmented across
-    // the VXLAN (1500 on the underlay); one more byte with DF set does not go.
-    ensure!(
-        ping_df(&j1a, &j2, 1422),
-        "largest unfragmented packet failed"
-    );
-    ensure!(
-        !ping_df(&j1a, &j2, 1423),
-        "one byte over the MTU went through with DF"
-    );
+    check_mtu(&j1a, &j2).context("kernel path")?;
 
     // Host 3 leaves cleanly: its lease is released and both peers drop its block.
     agents[2].stop()?;
@@ -443,9 +448,7 @@ fn three_hosts_talk_and_follow_hosts_joining_and_leaving() -> Result<()> {
         h4,
         &["--fast-path", "off", "--vni", "7", "--vxlan-port", "4789"],
     )?;
-    let vx = String::from_utf8(
-        run(&["ip", "-n", &c.hosts[h4].ns, "-d", "link", "show", "flynn.1"])?.stdout,
-    )?;
+    let vx = run_stdout(&["ip", "-n", &c.hosts[h4].ns, "-d", "link", "show", "flynn.1"])?;
     ensure!(
         vx.contains("vxlan id 1 ") && vx.contains("dstport 8472"),
         "new host did not adopt the cluster's VXLAN settings: {vx}"
@@ -534,18 +537,7 @@ fn agents_killed_or_restarted_keep_traffic_and_macs() -> Result<()> {
     // nobody can repair host 2's entries: they must still be right afterwards.
     a2.sigkill();
     a1.sigkill();
-    let fdb_before = String::from_utf8(
-        run(&[
-            "bridge",
-            "-n",
-            &c.hosts[h2].ns,
-            "fdb",
-            "show",
-            "dev",
-            "flynn.1",
-        ])?
-        .stdout,
-    )?;
+    let fdb_before = vxlan_fdb(&c.hosts[h2].ns)?;
     ensure!(
         fdb_before.contains(&mac1),
         "host 2 has no FDB entry for host 1: {fdb_before}"
@@ -559,18 +551,7 @@ fn agents_killed_or_restarted_keep_traffic_and_macs() -> Result<()> {
         can_ping(&j2, &j1),
         "host 2 cannot reach host 1 after its reboot"
     );
-    let fdb_after = String::from_utf8(
-        run(&[
-            "bridge",
-            "-n",
-            &c.hosts[h2].ns,
-            "fdb",
-            "show",
-            "dev",
-            "flynn.1",
-        ])?
-        .stdout,
-    )?;
+    let fdb_after = vxlan_fdb(&c.hosts[h2].ns)?;
     ensure!(
         fdb_before == fdb_after,
         "host 2's FDB changed:\n{fdb_before}\n{fdb_after}"
@@ -690,14 +671,7 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
     ensure!(can_ping(&j1a, &j1b), "same-host ping");
     tcp_roundtrip(&j1a, &j2).context("tcp cross-host")?;
     tcp_roundtrip(&j1b, &j1a).context("tcp same host")?;
-    ensure!(
-        ping_df(&j1a, &j2, 1422),
-        "largest unfragmented packet failed"
-    );
-    ensure!(
-        !ping_df(&j1a, &j2, 1423),
-        "one byte over the MTU went through"
-    );
+    check_mtu(&j1a, &j2).context("fast path")?;
     let after = counters(&ns1, &pin1)?;
     // Remote traffic used the prefix the agent installed for host 2's block; local traffic the
     // endpoint map.
@@ -793,17 +767,14 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
         .map(|s| s.parse().unwrap())
         .find(|s| *s != a1.subnet && *s != a2.subnet)
         .unwrap();
-    let vx: u32 = String::from_utf8(
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns1,
-            "cat",
-            "/sys/class/net/flynn.1/ifindex",
-        ])?
-        .stdout,
-    )?
+    let vx: u32 = run_stdout(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns1,
+        "cat",
+        "/sys/class/net/flynn.1/ifindex",
+    ])?
     .trim()
     .parse()?;
     let pin = pin1.clone();
