@@ -21,8 +21,97 @@ pub fn http_base(url: &str) -> Option<String> {
     Some(format!("{scheme}://{authority}"))
 }
 
+/// What one attempt at a notification got.
+#[derive(Debug)]
+pub enum Attempt {
+    Accepted,
+    /// A 4xx: the receiver understood and said no; trying again would not change that.
+    Refused(String),
+    /// Unreachable, a 5xx or a timeout: worth another try.
+    Failed(String),
+}
+
+impl Attempt {
+    /// The outcome of a plain HTTP exchange.
+    pub fn of_response(r: Result<reqwest::Response, reqwest::Error>) -> Attempt {
+        match r {
+            Ok(r) if r.status().is_success() => Attempt::Accepted,
+            Ok(r) if r.status().is_client_error() => Attempt::Refused(r.status().to_string()),
+            Ok(r) => Attempt::Failed(r.status().to_string()),
+            Err(e) => Attempt::Failed(e.to_string()),
+        }
+    }
+}
+
+/// A service telling its host daemon about itself (discoverd's and the overlay agent's
+/// `--notify`): `attempt` once a second until it is accepted or refused, at most `attempts`
+/// times. True when accepted; refusals and giving up are logged as warnings naming `what`.
+pub async fn notify_until_accepted<F, Fut>(what: &str, attempts: u32, mut attempt: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Attempt>,
+{
+    for n in 1..=attempts {
+        match attempt().await {
+            Attempt::Accepted => {
+                tracing::info!("{what}: done");
+                return true;
+            }
+            Attempt::Refused(why) => {
+                tracing::warn!(%why, "{what}: refused");
+                return false;
+            }
+            Attempt::Failed(why) => tracing::debug!(%why, attempt = n, "{what}: failed"),
+        }
+        if n < attempts {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    }
+    tracing::warn!("{what}: gave up after {attempts} attempts");
+    false
+}
+
 #[cfg(test)]
 mod tests {
+    use super::{notify_until_accepted, Attempt};
+
+    #[tokio::test(start_paused = true)]
+    async fn notify_retries_failures_and_stops_at_a_refusal() {
+        let mut calls = 0;
+        let ok = notify_until_accepted("test", 5, || {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < 3 {
+                    Attempt::Failed("down".into())
+                } else {
+                    Attempt::Accepted
+                }
+            }
+        })
+        .await;
+        assert!(ok);
+        assert_eq!(calls, 3);
+
+        let mut calls = 0;
+        let ok = notify_until_accepted("test", 5, || {
+            calls += 1;
+            async { Attempt::Refused("400 Bad Request".into()) }
+        })
+        .await;
+        assert!(!ok);
+        assert_eq!(calls, 1, "a refusal is final");
+
+        let mut calls = 0;
+        let ok = notify_until_accepted("test", 4, || {
+            calls += 1;
+            async { Attempt::Failed("down".into()) }
+        })
+        .await;
+        assert!(!ok);
+        assert_eq!(calls, 4, "gives up after the attempts");
+    }
+
     #[test]
     fn http_base_keeps_scheme_and_authority() {
         use super::http_base;

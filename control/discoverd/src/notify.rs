@@ -18,24 +18,19 @@ pub struct Notification {
 /// Attempts before giving up on `--notify` (one per second).
 pub const NOTIFY_ATTEMPTS: u32 = 60;
 
-/// POSTs `body` to `url` until a 2xx answer, once a second, at most [`NOTIFY_ATTEMPTS`].
-pub async fn notify(url: String, body: Notification) {
+/// POSTs `body` to `url` once a second until the host accepts it (2xx) or refuses it (4xx,
+/// final), at most [`NOTIFY_ATTEMPTS`] times.
+pub async fn notify(url: String, body: Notification) -> bool {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
         .expect("http client");
-    for attempt in 1..=NOTIFY_ATTEMPTS {
-        match client.post(&url).json(&body).send().await {
-            Ok(r) if r.status().is_success() => {
-                tracing::info!(%url, "notified host");
-                return;
-            }
-            Ok(r) => tracing::debug!(%url, status = %r.status(), attempt, "notify refused"),
-            Err(e) => tracing::debug!(%url, error = %e, attempt, "notify failed"),
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    tracing::warn!(%url, "gave up notifying the host");
+    let what = format!("notifying the host at {url}");
+    flynn_client::notify_until_accepted(&what, NOTIFY_ATTEMPTS, || {
+        let send = client.post(&url).json(&body).send();
+        async move { flynn_client::Attempt::of_response(send.await) }
+    })
+    .await
 }
 
 /// Polls `GET /host/status` on the notify URL's host until it reports a configured

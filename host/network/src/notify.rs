@@ -4,7 +4,6 @@
 
 use std::net::IpAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use flynn_api::host::NetworkConfig;
 
@@ -50,24 +49,22 @@ pub fn nameservers(path: &Path) -> Vec<String> {
 /// [`NOTIFY_ATTEMPTS`]); a 4xx is final (the host refused the block) and is logged.
 pub async fn notify_host(base: String, cfg: NetworkConfig) -> bool {
     let client = flynn_client::host::Client::new(&base);
-    for attempt in 1..=NOTIFY_ATTEMPTS {
-        match client.configure_network(&cfg).await {
-            Ok(()) => {
-                tracing::info!(host = %base, subnet = %cfg.subnet, "host notified of its block");
-                return true;
+    let what = format!("telling the host at {base} its block {}", cfg.subnet);
+    flynn_client::notify_until_accepted(&what, NOTIFY_ATTEMPTS, || {
+        let (client, cfg) = (&client, &cfg);
+        async move {
+            match client.configure_network(cfg).await {
+                Ok(()) => flynn_client::Attempt::Accepted,
+                Err(e) => match e.api() {
+                    Some(api) if (400..500).contains(&api.status()) => {
+                        flynn_client::Attempt::Refused(e.to_string())
+                    }
+                    _ => flynn_client::Attempt::Failed(e.to_string()),
+                },
             }
-            Err(e) => match e.api() {
-                Some(api) if (400..500).contains(&api.status()) => {
-                    tracing::warn!(host = %base, error = %e, "host refused the block");
-                    return false;
-                }
-                _ => tracing::debug!(host = %base, error = %e, attempt, "notify failed"),
-            },
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    tracing::warn!(host = %base, "gave up notifying the host");
-    false
+    })
+    .await
 }
 
 #[cfg(test)]

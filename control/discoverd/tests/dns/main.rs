@@ -495,3 +495,61 @@ fn wait_net_dns_without_notify_is_refused_at_startup() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--wait-net-dns needs --notify"), "{err}");
 }
+
+/// `--notify` retries a host that is not ready (5xx) once a second and stops at a refusal
+/// (4xx): the host said no, and asking again for a minute would not change it.
+#[tokio::test]
+async fn notify_retries_until_refused_and_then_stops() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let posts = Arc::new(AtomicUsize::new(0));
+    let app = {
+        let posts = posts.clone();
+        axum::Router::new().route(
+            "/host/discoverd",
+            axum::routing::post(move || {
+                let n = posts.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n < 2 {
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        axum::http::StatusCode::BAD_REQUEST
+                    }
+                }
+            }),
+        )
+    };
+    let host = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host_addr = host.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(host, app).await.unwrap() });
+    let dir = tempfile::tempdir().unwrap();
+    let _d = tokio::task::spawn_blocking({
+        let path = dir.path().to_path_buf();
+        move || {
+            Discoverd::spawn(
+                &path,
+                vec![
+                    "--addr".into(),
+                    "127.0.0.1:0".into(),
+                    "--notify".into(),
+                    format!("http://{host_addr}/host/discoverd"),
+                ],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(10), || async {
+        (posts.load(Ordering::SeqCst) >= 3).then_some(())
+    })
+    .await
+    .expect("two failures retried, then the refusal");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        posts.load(Ordering::SeqCst),
+        3,
+        "asked again after a refusal"
+    );
+    server.abort();
+}
