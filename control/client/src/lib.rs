@@ -75,41 +75,33 @@ where
 mod tests {
     use super::{notify_until_accepted, Attempt};
 
+    /// Runs the loop with `outcome(n)` as the n-th attempt's result: (accepted, attempts made).
+    async fn notify(attempts: u32, outcome: impl Fn(u32) -> Attempt) -> (bool, u32) {
+        let calls = std::cell::Cell::new(0);
+        let ok = notify_until_accepted("test", attempts, || {
+            calls.set(calls.get() + 1);
+            let a = outcome(calls.get());
+            async move { a }
+        })
+        .await;
+        (ok, calls.get())
+    }
+
     #[tokio::test(start_paused = true)]
     async fn notify_retries_failures_and_stops_at_a_refusal() {
-        let mut calls = 0;
-        let ok = notify_until_accepted("test", 5, || {
-            calls += 1;
-            let n = calls;
-            async move {
-                if n < 3 {
-                    Attempt::Failed("down".into())
-                } else {
-                    Attempt::Accepted
-                }
-            }
-        })
-        .await;
-        assert!(ok);
-        assert_eq!(calls, 3);
-
-        let mut calls = 0;
-        let ok = notify_until_accepted("test", 5, || {
-            calls += 1;
-            async { Attempt::Refused("400 Bad Request".into()) }
-        })
-        .await;
-        assert!(!ok);
-        assert_eq!(calls, 1, "a refusal is final");
-
-        let mut calls = 0;
-        let ok = notify_until_accepted("test", 4, || {
-            calls += 1;
-            async { Attempt::Failed("down".into()) }
-        })
-        .await;
-        assert!(!ok);
-        assert_eq!(calls, 4, "gives up after the attempts");
+        let flaky = |n| match n {
+            1 | 2 => Attempt::Failed("down".into()),
+            _ => Attempt::Accepted,
+        };
+        assert_eq!(notify(5, flaky).await, (true, 3));
+        let refused = |_| Attempt::Refused("400 Bad Request".into());
+        assert_eq!(notify(5, refused).await, (false, 1), "a refusal is final");
+        let down = |_| Attempt::Failed("down".into());
+        assert_eq!(
+            notify(4, down).await,
+            (false, 4),
+            "gives up after the attempts"
+        );
     }
 
     #[test]

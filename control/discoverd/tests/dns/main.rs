@@ -435,30 +435,19 @@ async fn wait_net_dns_uses_the_host_resolvers_and_notify_reaches_the_host() {
                 }),
             )
     };
-    let host = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let host_addr = host.local_addr().unwrap();
-    let server = tokio::spawn(async move { axum::serve(host, app).await.unwrap() });
-
+    let (host_addr, server) = stand_in_host(app).await;
     let dir = tempfile::tempdir().unwrap();
-    let d = tokio::task::spawn_blocking({
-        let path = dir.path().to_path_buf();
-        move || {
-            Discoverd::spawn(
-                &path,
-                vec![
-                    "--addr".into(),
-                    "127.0.0.1:0".into(),
-                    "--dns-addr".into(),
-                    "127.0.0.1:0".into(),
-                    "--notify".into(),
-                    format!("http://{host_addr}/host/discoverd"),
-                    "--wait-net-dns".into(),
-                ],
-            )
-        }
-    })
-    .await
-    .unwrap();
+    let d = spawn_async(
+        dir.path(),
+        &[
+            "--dns-addr",
+            "127.0.0.1:0",
+            "--notify",
+            &format!("http://{host_addr}/host/discoverd"),
+            "--wait-net-dns",
+        ],
+    )
+    .await;
     assert!(
         polls.load(Ordering::SeqCst) >= 4,
         "DNS came up before the host network did"
@@ -520,26 +509,13 @@ async fn notify_retries_until_refused_and_then_stops() {
             }),
         )
     };
-    let host = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let host_addr = host.local_addr().unwrap();
-    let server = tokio::spawn(async move { axum::serve(host, app).await.unwrap() });
+    let (host_addr, server) = stand_in_host(app).await;
     let dir = tempfile::tempdir().unwrap();
-    let _d = tokio::task::spawn_blocking({
-        let path = dir.path().to_path_buf();
-        move || {
-            Discoverd::spawn(
-                &path,
-                vec![
-                    "--addr".into(),
-                    "127.0.0.1:0".into(),
-                    "--notify".into(),
-                    format!("http://{host_addr}/host/discoverd"),
-                ],
-            )
-        }
-    })
-    .await
-    .unwrap();
+    let _d = spawn_async(
+        dir.path(),
+        &["--notify", &format!("http://{host_addr}/host/discoverd")],
+    )
+    .await;
     eventually(Duration::from_secs(10), || async {
         (posts.load(Ordering::SeqCst) >= 3).then_some(())
     })
@@ -552,4 +528,25 @@ async fn notify_retries_until_refused_and_then_stops() {
         "asked again after a refusal"
     );
     server.abort();
+}
+
+/// Serves `app` on a free loopback port: a stand-in for the host daemon.
+async fn stand_in_host(app: axum::Router) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let host = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = host.local_addr().unwrap();
+    (
+        addr,
+        tokio::spawn(async move { axum::serve(host, app).await.unwrap() }),
+    )
+}
+
+/// A single node on a free loopback port with `extra` flags, started off the runtime (the
+/// start waits for the node to listen, which `--wait-net-dns` may hold back).
+async fn spawn_async(dir: &std::path::Path, extra: &[&str]) -> Discoverd {
+    let mut args: Vec<String> = vec!["--addr".into(), "127.0.0.1:0".into()];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || Discoverd::spawn(&dir, args))
+        .await
+        .unwrap()
 }
