@@ -13,8 +13,8 @@ use flynn_ebpf::{AttachMode, FastPath, Role, Underlay};
 
 use super::lab::{self, ifindex, in_ns, ping, ping_count, ping_df, ping_ttl, tcp_roundtrip};
 use super::{
-    counters, endpoint, fast_path_on, programs_on, two_hosts, Lab, BLOCK1, BLOCK2, MTU, VTEP1,
-    VTEP2,
+    counters, endpoint, fast_path_on, ping_across, programs_on, two_hosts, Lab, BLOCK1, BLOCK2,
+    MTU, VTEP1, VTEP2,
 };
 
 const UL1: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 1);
@@ -181,22 +181,10 @@ fn cross_host_decap_on_the_underlay(mode: AttachMode) -> Result<()> {
     );
 
     // Pings: requests decapsulated on host 2, replies on host 1, none through the VXLAN device.
-    let (b1, b2) = (counters(&fp1)?, counters(&fp2)?);
-    ensure!(ping_count(&t.j1.ns, t.j2.ip, 10) == 10, "decap: ping lost");
-    let (a1, a2) = (counters(&fp1)?, counters(&fp2)?);
-    for (name, b, a) in [("h1", b1, a1), ("h2", b2, a2)] {
-        ensure!(
-            a.decapsulated >= b.decapsulated + 10
-                && a.redirected_remote >= b.redirected_remote + 10,
-            "{name}: not decapsulated on the underlay: {b:?} -> {a:?}"
-        );
-    }
-    // One routing hop on the receiving host, as on the kernel path (checksum updated).
-    let fast_ttl = ping_ttl(&t.j1.ns, t.j2.ip).context("no reply with decap")?;
-    ensure!(
-        fast_ttl == kernel_ttl,
-        "reply TTL {fast_ttl} with decap, {kernel_ttl} on the kernel path"
-    );
+    let what = "decapsulated on the underlay";
+    let (a1, a2) = ping_across(&t, (&fp1, &fp2), kernel_ttl, what, |b, a| {
+        a.decapsulated >= b.decapsulated + 10 && a.redirected_remote >= b.redirected_remote + 10
+    })?;
 
     // Bulk TCP both ways, content checked. The peer's VXLAN device sends TSO bursts as GSO
     // packets (the underlay veth takes UDP tunnel GSO unsegmented): those are decapsulated in
@@ -386,23 +374,9 @@ fn cross_host_encap_in_bpf(mode: AttachMode) -> Result<()> {
             vtep_mac: parse_mac(VTEP1),
         },
     )?;
-    let (b1, b2) = (counters(&fp1)?, counters(&fp2)?);
-    ensure!(
-        ping_count(&t.j1.ns, t.j2.ip, 10) == 10,
-        "encap + decap: ping lost"
-    );
-    let (a1, a2) = (counters(&fp1)?, counters(&fp2)?);
-    for (name, b, a) in [("h1", b1, a1), ("h2", b2, a2)] {
-        ensure!(
-            a.encapsulated >= b.encapsulated + 10 && a.decapsulated >= b.decapsulated + 10,
-            "{name}: {b:?} -> {a:?}"
-        );
-    }
-    let fast_ttl = ping_ttl(&t.j1.ns, t.j2.ip).context("no reply in BPF")?;
-    ensure!(
-        fast_ttl == kernel_ttl,
-        "reply TTL {fast_ttl} in BPF, {kernel_ttl} on the kernel path"
-    );
+    ping_across(&t, (&fp1, &fp2), kernel_ttl, "encap + decap", |b, a| {
+        a.encapsulated >= b.encapsulated + 10 && a.decapsulated >= b.decapsulated + 10
+    })?;
     // Bulk TCP, content checked: TSO bursts are encapsulated as GSO packets (UDP tunnel GSO,
     // unsegmented over the underlay veth) and decapsulated as such on the other side.
     let (b1, b2) = (counters(&fp1)?, counters(&fp2)?);

@@ -233,6 +233,31 @@ fn fast_path_on(
     })
 }
 
+/// Ten pings from `t.j1` to `t.j2`, all answered, with `moved(before, after)` holding for both
+/// hosts' counters (`what` names the check), then a reply TTL equal to the kernel path's
+/// (`kernel_ttl`: the BPF paths must decrement it like the routing hops they replace). Returns
+/// the counters after the pings.
+fn ping_across(
+    t: &TwoHosts,
+    (fp1, fp2): (&FastPath, &FastPath),
+    kernel_ttl: u8,
+    what: &str,
+    moved: impl Fn(&Counters, &Counters) -> bool,
+) -> Result<(Counters, Counters)> {
+    let (b1, b2) = (counters(fp1)?, counters(fp2)?);
+    ensure!(ping_count(&t.j1.ns, t.j2.ip, 10) == 10, "{what}: ping lost");
+    let (a1, a2) = (counters(fp1)?, counters(fp2)?);
+    for (name, b, a) in [("h1", b1, a1), ("h2", b2, a2)] {
+        ensure!(moved(&b, &a), "{what}: {name}: {b:?} -> {a:?}");
+    }
+    let ttl = ping_ttl(&t.j1.ns, t.j2.ip).with_context(|| format!("{what}: no reply"))?;
+    ensure!(
+        ttl == kernel_ttl,
+        "{what}: reply TTL {ttl}, {kernel_ttl} on the kernel path"
+    );
+    Ok((a1, a2))
+}
+
 const BLOCK1: Ipv4Addr = Ipv4Addr::new(100, 100, 1, 0);
 const BLOCK2: Ipv4Addr = Ipv4Addr::new(100, 100, 2, 0);
 
@@ -257,27 +282,12 @@ fn cross_host_redirect_neigh_over_vxlan(mode: AttachMode) -> Result<()> {
     let mut fp1 = fast_path_on(mode, &t.h1, &bpffs.pin_dir("h1"), &t.j1, BLOCK2)?;
     let mut fp2 = fast_path_on(mode, &t.h2, &bpffs.pin_dir("h2"), &t.j2, BLOCK1)?;
 
-    let (b1, b2) = (counters(&fp1)?, counters(&fp2)?);
-    ensure!(
-        ping_count(&t.j1.ns, t.j2.ip, 10) == 10,
-        "fast path: ping lost"
-    );
-    let (a1, a2) = (counters(&fp1)?, counters(&fp2)?);
     // Requests leave host 1 by redirect_neigh and arrive on host 2 by redirect_peer; replies the
     // other way round.
-    for (name, b, a) in [("h1", b1, a1), ("h2", b2, a2)] {
-        ensure!(
-            a.redirected_remote >= b.redirected_remote + 10
-                && a.redirected_local >= b.redirected_local + 10,
-            "{name}: {b:?} -> {a:?}"
-        );
-    }
-    // The fast path decrements TTL like the two routing hops it replaces (checksum updated).
-    let fast_ttl = ping_ttl(&t.j1.ns, t.j2.ip).context("no reply on the fast path")?;
-    ensure!(
-        fast_ttl == kernel_ttl,
-        "reply TTL {fast_ttl} on the fast path, {kernel_ttl} on the kernel path"
-    );
+    let (a1, _) = ping_across(&t, (&fp1, &fp2), kernel_ttl, "fast path", |b, a| {
+        a.redirected_remote >= b.redirected_remote + 10
+            && a.redirected_local >= b.redirected_local + 10
+    })?;
     tcp_roundtrip(&t.j1.ns, &t.j2.ns, t.j2.ip, 7101, 4 << 20).context("TCP j1 -> j2")?;
     tcp_roundtrip(&t.j2.ns, &t.j1.ns, t.j1.ip, 7102, 4 << 20).context("TCP j2 -> j1")?;
     let c1 = counters(&fp1)?;
