@@ -68,7 +68,10 @@ const POOL_PER_PEER: usize = 4;
 /// Idle upgraded connections to followers, by peer address, each left by a session that
 /// ended cleanly (see the module docs).
 #[derive(Clone, Default)]
-pub struct Pool(Arc<Mutex<HashMap<String, Vec<(reqwest::Upgraded, Instant)>>>>);
+pub struct Pool(Arc<Mutex<HashMap<String, Vec<Idle>>>>);
+
+/// A pooled connection and since when it is idle.
+type Idle = (reqwest::Upgraded, Instant);
 
 impl Pool {
     /// A live idle connection to `addr`, if there is one. Stale ones are dropped, and so
