@@ -187,6 +187,8 @@ struct TwoHosts {
     h2: String,
     j1: Job,
     j2: Job,
+    /// TTL of j2's reply to j1's ping on the kernel path (the BPF paths must match it).
+    kernel_ttl: u8,
 }
 
 const VTEP1: &str = "0e:46:4c:01:00:00";
@@ -203,7 +205,14 @@ fn two_hosts(lab: &mut Lab) -> Result<TwoHosts> {
     let j1 = lab.add_job("j1", &h1, "vj1", "100.100.1.10", "100.100.1.1", MTU)?;
     let j2 = lab.add_job("j2", &h2, "vj2", "100.100.2.10", "100.100.2.1", MTU)?;
     ensure!(ping(&j1.ns, j2.ip, 3), "kernel path: j1 cannot reach j2");
-    Ok(TwoHosts { h1, h2, j1, j2 })
+    let kernel_ttl = ping_ttl(&j1.ns, j2.ip).context("no reply on the kernel path")?;
+    Ok(TwoHosts {
+        h1,
+        h2,
+        j1,
+        j2,
+        kernel_ttl,
+    })
 }
 
 /// Loads the fast path in `host`, attaches the job veth and the VXLAN device, and fills the maps:
@@ -235,12 +244,11 @@ fn fast_path_on(
 
 /// Ten pings from `t.j1` to `t.j2`, all answered, with `moved(before, after)` holding for both
 /// hosts' counters (`what` names the check), then a reply TTL equal to the kernel path's
-/// (`kernel_ttl`: the BPF paths must decrement it like the routing hops they replace). Returns
+/// (`t.kernel_ttl`: the BPF paths must decrement it like the routing hops they replace). Returns
 /// the counters after the pings.
 fn ping_across(
     t: &TwoHosts,
     (fp1, fp2): (&FastPath, &FastPath),
-    kernel_ttl: u8,
     what: &str,
     moved: impl Fn(&Counters, &Counters) -> bool,
 ) -> Result<(Counters, Counters)> {
@@ -252,8 +260,9 @@ fn ping_across(
     }
     let ttl = ping_ttl(&t.j1.ns, t.j2.ip).with_context(|| format!("{what}: no reply"))?;
     ensure!(
-        ttl == kernel_ttl,
-        "{what}: reply TTL {ttl}, {kernel_ttl} on the kernel path"
+        ttl == t.kernel_ttl,
+        "{what}: reply TTL {ttl}, {} on the kernel path",
+        t.kernel_ttl
     );
     Ok((a1, a2))
 }
@@ -278,13 +287,12 @@ fn cross_host_redirect_neigh_over_vxlan(mode: AttachMode) -> Result<()> {
     let bpffs = Bpffs::mount("flynn-bpffs")?;
     let mut lab = Lab::new();
     let t = two_hosts(&mut lab)?;
-    let kernel_ttl = ping_ttl(&t.j1.ns, t.j2.ip).context("no reply on the kernel path")?;
     let mut fp1 = fast_path_on(mode, &t.h1, &bpffs.pin_dir("h1"), &t.j1, BLOCK2)?;
     let mut fp2 = fast_path_on(mode, &t.h2, &bpffs.pin_dir("h2"), &t.j2, BLOCK1)?;
 
     // Requests leave host 1 by redirect_neigh and arrive on host 2 by redirect_peer; replies the
     // other way round.
-    let (a1, _) = ping_across(&t, (&fp1, &fp2), kernel_ttl, "fast path", |b, a| {
+    let (a1, _) = ping_across(&t, (&fp1, &fp2), "fast path", |b, a| {
         a.redirected_remote >= b.redirected_remote + 10
             && a.redirected_local >= b.redirected_local + 10
     })?;
