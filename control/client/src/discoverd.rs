@@ -249,6 +249,21 @@ impl Heartbeater {
     }
 }
 
+impl Heartbeater {
+    /// Stops heartbeating *without* deleting the instance: for handing the instance over to
+    /// another heartbeater of the same id (a new registration of it, possibly through another
+    /// discoverd node of the same cluster), whose entry a delete would remove. An instance
+    /// nobody heartbeats any more expires after the TTL.
+    pub async fn abandon(mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+        // The loop is gone: dropping its stop signal now deletes nothing.
+        self.stop.take();
+    }
+}
+
 impl Drop for Heartbeater {
     fn drop(&mut self) {
         if let Some(s) = self.stop.take() {

@@ -851,24 +851,35 @@ impl Host {
             ports: r.ports.clone(),
             meta: job::instance_meta(&r.env),
         });
-        match self.lock().ctl.get_mut(id) {
-            Some(c) => c.announce = Some(a.clone()),
-            None => return,
-        }
-        if let Some(client) = self.discoverd_client() {
-            self.announce(id, &a, &client);
+        // The generation and the discoverd are read under the job lock, like
+        // `reannounce_jobs` bumps and reads them, so whichever registers last for a move is
+        // the one kept.
+        let (generation, client) = {
+            let mut inner = self.lock();
+            let Some(c) = inner.ctl.get_mut(id) else {
+                return;
+            };
+            c.announce = Some(a.clone());
+            (c.generation, self.discoverd_client())
+        };
+        if let Some(client) = client {
+            self.announce(id, &a, &client, generation);
         }
     }
 
     /// Registers every running job that has something to announce with the discoverd
-    /// just announced (after it moved: instead of the old one, whose heartbeats stop).
+    /// just announced. After a move the old heartbeats stop without deleting the instances:
+    /// the new registration has the same instance ids, and where the old address is another
+    /// node of the same cluster a delete would remove the new entry; where it is not, the old
+    /// entries expire after the TTL.
     fn reannounce_jobs(self: &Arc<Self>) {
-        let Some(client) = self.discoverd_client() else {
-            return;
-        };
-        let jobs: Vec<(String, Arc<Announce>)> = {
+        let (client, jobs, old) = {
             let mut inner = self.lock();
-            inner
+            let Some(client) = self.discoverd_client() else {
+                return;
+            };
+            let mut old = Vec::new();
+            let jobs: Vec<(String, Arc<Announce>, u64)> = inner
                 .ctl
                 .iter_mut()
                 .filter(|(_, c)| !c.deregistered)
@@ -878,22 +889,31 @@ impl Host {
                         t.abort();
                     }
                     c.generation += 1;
-                    // Dropping a heartbeater unregisters its instance (in the background).
-                    c.heartbeaters.clear();
-                    Some((id.clone(), a))
+                    old.append(&mut c.heartbeaters);
+                    Some((id.clone(), a, c.generation))
                 })
-                .collect()
+                .collect();
+            (client, jobs, old)
         };
-        for (id, a) in jobs {
+        tokio::spawn(async move {
+            for hb in old {
+                hb.abandon().await;
+            }
+        });
+        for (id, a, generation) in jobs {
             tracing::info!(job = %id, "registering a running job with the new discoverd");
-            self.announce(&id, &a, &client);
+            self.announce(&id, &a, &client, generation);
         }
     }
 
-    fn announce(self: &Arc<Self>, id: &str, a: &Announce, client: &discoverd::Client) {
-        let Some(generation) = self.lock().ctl.get(id).map(|c| c.generation) else {
-            return;
-        };
+    /// Registers `a`'s instances with `client` for registration `generation` of job `id`.
+    fn announce(
+        self: &Arc<Self>,
+        id: &str,
+        a: &Announce,
+        client: &discoverd::Client,
+        generation: u64,
+    ) {
         for p in &a.ports {
             let Some(svc) = p.service.clone() else {
                 continue;
@@ -933,14 +953,25 @@ impl Host {
                 }
                 match client.heartbeat(&svc.name, inst).await {
                     Ok(hb) => {
-                        let mut inner = host.lock();
-                        match inner.ctl.get_mut(&jid) {
-                            Some(c) if !c.deregistered && c.generation == generation => {
-                                c.heartbeaters.push(hb)
+                        let superseded = {
+                            let mut inner = host.lock();
+                            match inner.ctl.get_mut(&jid) {
+                                Some(c) if !c.deregistered && c.generation == generation => {
+                                    c.heartbeaters.push(hb);
+                                    None
+                                }
+                                // Registered anew meanwhile: the newer registration owns the
+                                // instance (same id), so this one stops without deleting it.
+                                Some(c) if !c.deregistered => Some(hb),
+                                // Deregistered or ended meanwhile: dropping unregisters.
+                                _ => {
+                                    drop(hb);
+                                    None
+                                }
                             }
-                            // Deregistered, ended or registered anew meanwhile: dropping
-                            // unregisters.
-                            _ => drop(hb),
+                        };
+                        if let Some(hb) = superseded {
+                            hb.abandon().await;
                         }
                     }
                     Err(e) => {

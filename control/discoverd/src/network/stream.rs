@@ -94,8 +94,13 @@ impl Pool {
 
     fn put(&self, addr: &str, io: reqwest::Upgraded) {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Stale connections go for every peer, so none lingers for a peer no longer used
+        // (a removed member, or after this node stepped down).
+        map.retain(|_, idle| {
+            idle.retain(|(_, since)| since.elapsed() <= POOL_IDLE);
+            !idle.is_empty()
+        });
         let idle = map.entry(addr.to_string()).or_default();
-        idle.retain(|(_, since)| since.elapsed() <= POOL_IDLE);
         if idle.len() < POOL_PER_PEER {
             idle.push((io, Instant::now()));
         }
@@ -183,6 +188,7 @@ pub type Opened<'s> =
     BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<C>, RPCError<C>>>, RPCError<C>>>;
 
 /// Where a session goes and how long it may wait.
+#[derive(Clone)]
 pub struct Target {
     pub http: reqwest::Client,
     pub pool: Pool,
@@ -283,8 +289,12 @@ where
             let mut st = state?;
             if st.sent.recv().await.is_none() {
                 // The writer ended and every result owed has been read: the session
-                // is over. Pool the connection if both sides ended it cleanly.
-                finish(st.rd, &mut st.writer, &mut st.buf, &st.target).await;
+                // is over. Its end is reported now (openraft times a heartbeat's whole
+                // session: 33 ms); the connection is pooled in the background once the
+                // follower's end frame shows both sides ended it cleanly.
+                if let Some(handle) = st.writer.0.take() {
+                    tokio::spawn(finish(st.rd, handle, st.target.clone()));
+                }
                 return None;
             }
             let read = read_frame::<_, StreamAppendResult<C>>(&mut st.rd, &mut st.buf);
@@ -307,19 +317,15 @@ where
 /// After a session: takes the write half back from the writer and, when the follower
 /// answers the leader's end frame with its own, pools the whole connection.
 async fn finish(
-    rd: ReadHalf<reqwest::Upgraded>,
-    writer: &mut AbortOnDrop,
-    buf: &mut Vec<u8>,
-    t: &Target,
+    mut rd: ReadHalf<reqwest::Upgraded>,
+    writer: tokio::task::JoinHandle<Option<WriteHalf<reqwest::Upgraded>>>,
+    t: Target,
 ) {
-    let Some(handle) = writer.0.take() else {
+    let Ok(Some(wr)) = writer.await else {
         return;
     };
-    let Ok(Some(wr)) = handle.await else {
-        return;
-    };
-    let mut rd = rd;
-    let end = read_frame::<_, StreamAppendResult<C>>(&mut rd, buf);
+    let mut buf = Vec::new();
+    let end = read_frame::<_, StreamAppendResult<C>>(&mut rd, &mut buf);
     if let Ok(Ok(Frame::End)) = tokio::time::timeout(t.timeout, end).await {
         if !t.faults.is_cut(&t.addr) {
             t.pool.put(&t.addr, rd.unsplit(wr));

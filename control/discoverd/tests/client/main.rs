@@ -72,3 +72,43 @@ async fn heartbeater_and_resuming_watch() {
         (EventKind::Down, Some("127.0.0.1:4000"))
     );
 }
+
+/// `Heartbeater::abandon` hands an instance over: the heartbeats stop but the instance
+/// stays (a second heartbeater of the same instance keeps it alive), where dropping would
+/// delete it.
+#[tokio::test]
+async fn abandoned_heartbeater_leaves_the_instance_to_its_successor() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Discoverd::single_fixed(dir.path(), "10s");
+    let c = Client::new(&d.url(""));
+    eventually(Duration::from_secs(10), || async {
+        c.add_service("handover", "oldest").await.ok()
+    })
+    .await
+    .expect("service created");
+    let inst = Instance {
+        addr: "127.0.0.1:4100".into(),
+        ..Instance::default()
+    };
+    let old = c.heartbeat("handover", inst.clone()).await.unwrap();
+    let new = c.heartbeat("handover", inst).await.unwrap();
+    assert_eq!(old.id, new.id);
+    old.abandon().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        c.instances("handover").await.unwrap().len(),
+        1,
+        "abandoning deleted the instance"
+    );
+    // Dropping, by contrast, deletes it (in the background).
+    drop(new);
+    let gone = eventually(Duration::from_secs(5), || async {
+        c.instances("handover")
+            .await
+            .ok()
+            .filter(|l| l.is_empty())
+            .map(drop)
+    })
+    .await;
+    assert!(gone.is_some(), "dropping did not delete the instance");
+}

@@ -561,8 +561,10 @@ async fn wait_instances(
 }
 
 /// A job that was already running when discoverd announced itself is registered there
-/// too, and moves to a discoverd that announces itself later at another address
-/// (unregistered from the first well before its instance TTL of 10 s).
+/// too, and moves to a discoverd that announces itself later at another address. The old
+/// heartbeats stop without a delete (the new registration has the same instance id, and
+/// the old address may be another node of the same cluster), so in the first discoverd the
+/// instance expires (its TTL is 2 s here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_jobs_register_with_a_discoverd_that_announces_itself_later() {
     let h = Host::start(PROC);
@@ -573,7 +575,7 @@ async fn running_jobs_register_with_a_discoverd_that_announces_itself_later() {
     wait_running(&h.client, &id).await;
 
     let notify = format!("http://{}/host/discoverd", h.addr);
-    let (_adir, _a, kv) = discoverd(&["--notify", &notify]);
+    let (_adir, _a, kv) = discoverd(&["--notify", &notify, "--instance-ttl", "2s"]);
     let a = flynn_client::discoverd::Client::new(&format!("http://{}", get(&kv, "http")));
     wait_instances(&a, &svc, "registered with the first discoverd", |l| {
         l == ["127.0.0.1:5000"]
@@ -586,7 +588,7 @@ async fn running_jobs_register_with_a_discoverd_that_announces_itself_later() {
         l == ["127.0.0.1:5000"]
     })
     .await;
-    wait_instances(&a, &svc, "unregistered from the first", |l| l.is_empty()).await;
+    wait_instances(&a, &svc, "expired in the first", |l| l.is_empty()).await;
 
     h.client.stop_job(&id).await.unwrap();
     wait_ended(&h.client, &id, Duration::from_secs(10)).await;
