@@ -247,9 +247,7 @@ impl Heartbeater {
             let _ = t.await;
         }
     }
-}
 
-impl Heartbeater {
     /// Stops heartbeating *without* deleting the instance: for handing the instance over to
     /// another heartbeater of the same id (a new registration of it, possibly through another
     /// discoverd node of the same cluster), whose entry a delete would remove. An instance

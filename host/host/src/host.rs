@@ -66,7 +66,8 @@ struct Ctl {
     /// (or moves) gets the job's instances too.
     announce: Option<Arc<Announce>>,
     /// Bumped when the job is registered anew with another discoverd, so a registration
-    /// still in flight for the old one is dropped rather than kept.
+    /// still in flight for the old one is not kept (it stops without deleting the instance,
+    /// which the newer registration owns).
     generation: u64,
     heartbeaters: Vec<Heartbeater>,
     registering: Vec<tokio::task::JoinHandle<()>>,
