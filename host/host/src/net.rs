@@ -73,7 +73,7 @@ impl Network {
     ) -> anyhow::Result<Network> {
         use anyhow::Context;
         let nl = KernelNetlink::connect().context("opening rtnetlink")?;
-        job::setup_local_bridge(&nl, bridge, block, mtu)
+        job::setup_local_bridge(&nl, bridge, block, job::LOCAL_MTU)
             .await
             .with_context(|| format!("setting up bridge {bridge} for {block}"))?;
         let path = state_dir.join("job-ips.json");
@@ -101,6 +101,7 @@ impl Network {
                     block,
                     gateway,
                     mtu,
+                    local_mtu: job::LOCAL_MTU,
                 },
                 alloc: Mutex::new(alloc),
                 sync,

@@ -202,7 +202,8 @@ pub fn plan(actual: &KernelState, remote: &[&Lease]) -> Vec<Op> {
 pub struct Devices {
     pub vxlan: u32,
     pub bridge: u32,
-    /// MTU of the overlay (underlay − [`VXLAN_OVERHEAD`]); jobs' veths must use it.
+    /// MTU of the overlay (underlay − [`VXLAN_OVERHEAD`]): jobs' routes beyond their block carry
+    /// it. The bridge and the jobs' veths run at [`crate::job::LOCAL_MTU`].
     pub mtu: u32,
 }
 
@@ -250,7 +251,7 @@ pub async fn setup<N: Netlink>(
             name: config.bridge_name.clone(),
             address: lease.subnet.first_host(),
             prefix_len: lease.subnet.prefix_len(),
-            mtu,
+            mtu: crate::job::LOCAL_MTU,
         })
         .await?;
     Ok(Devices { vxlan, bridge, mtu })
@@ -448,7 +449,7 @@ mod tests {
         assert_eq!((vx.local, vx.mac), (l.public_ip, l.vtep_mac));
         let br = nl.bridge.unwrap();
         assert_eq!(br.address, Ipv4Addr::new(100, 100, 4, 1));
-        assert_eq!(br.prefix_len, 24);
+        assert_eq!((br.prefix_len, br.mtu), (24, crate::job::LOCAL_MTU));
     }
 
     impl KernelState {

@@ -14,7 +14,7 @@ use anyhow::{ensure, Context, Result};
 use flynn_netlab::{in_ns_path, ping_df, Bpffs};
 use flynn_network::job::{
     attach_fast_path, create_job_net, destroy_job_net, detach_fast_path, host_veth_name, link_mac,
-    links_with_prefix, netns_path, setup_local_bridge, IpAllocator, JobNet, JobNetConfig,
+    links_with_prefix, netns_path, setup_local_bridge, IpAllocator, JobNet, JobNetConfig, LOCAL_MTU,
     JobNetError,
 };
 use flynn_network::{KernelNetlink, Subnet};
@@ -100,15 +100,16 @@ fn jobs_on_one_bridge_talk_and_leave_nothing_behind() -> Result<()> {
         block,
         gateway: block.first_host(),
         mtu: 1400,
+        local_mtu: LOCAL_MTU,
     };
     let alloc_path = dir.path().join("ips.json");
 
     let (ids2, cfg2, path2) = (ids.0.clone(), cfg.clone(), alloc_path.clone());
     let jobs = in_netns(&host, async move || {
         let nl = KernelNetlink::connect()?;
-        let br = setup_local_bridge(&nl, &cfg2.bridge, cfg2.block, cfg2.mtu).await?;
+        let br = setup_local_bridge(&nl, &cfg2.bridge, cfg2.block, LOCAL_MTU).await?;
         ensure!(
-            setup_local_bridge(&nl, &cfg2.bridge, cfg2.block, cfg2.mtu).await? == br,
+            setup_local_bridge(&nl, &cfg2.bridge, cfg2.block, LOCAL_MTU).await? == br,
             "bridge setup is not idempotent"
         );
         let mut alloc = IpAllocator::open(&path2, cfg2.block, &[cfg2.gateway])?;
@@ -130,7 +131,8 @@ fn jobs_on_one_bridge_talk_and_leave_nothing_behind() -> Result<()> {
         b.mac
     );
 
-    // Job side: eth0 with the address, the MTU, lo up, default route via the bridge.
+    // Job side: eth0 with the address, the local MTU, lo up, default route via the bridge with
+    // the MTU for everything beyond the block.
     let (na, nb) = (ns_name(a), ns_name(b));
     let addr =
         String::from_utf8(run(&["ip", "-n", &na, "-o", "addr", "show", "dev", "eth0"])?.stdout)?;
@@ -140,20 +142,20 @@ fn jobs_on_one_bridge_talk_and_leave_nothing_behind() -> Result<()> {
     );
     let link = String::from_utf8(run(&["ip", "-n", &na, "link", "show", "eth0"])?.stdout)?;
     ensure!(
-        link.contains("mtu 1400") && link.contains("UP"),
+        link.contains("mtu 65520") && link.contains("UP"),
         "eth0: {link}"
     );
     let lo = String::from_utf8(run(&["ip", "-n", &na, "link", "show", "lo"])?.stdout)?;
     ensure!(lo.contains("UP"), "lo: {lo}");
     let routes = String::from_utf8(run(&["ip", "-n", &na, "route", "show", "default"])?.stdout)?;
     ensure!(
-        routes.contains("via 100.100.7.1 dev eth0"),
+        routes.contains("via 100.100.7.1 dev eth0") && routes.contains("mtu 1400"),
         "routes: {routes}"
     );
-    // Host side: the veth is a bridge port with the MTU.
+    // Host side: the veth is a bridge port with the local MTU.
     let hv = String::from_utf8(run(&["ip", "-n", &host, "link", "show", &a.host_veth])?.stdout)?;
     ensure!(
-        hv.contains("master flynnbr0") && hv.contains("mtu 1400") && hv.contains("UP"),
+        hv.contains("master flynnbr0") && hv.contains("mtu 65520") && hv.contains("UP"),
         "host veth: {hv}"
     );
 
@@ -165,11 +167,19 @@ fn jobs_on_one_bridge_talk_and_leave_nothing_behind() -> Result<()> {
     tcp_roundtrip(a, b).context("tcp a->b")?;
     tcp_roundtrip(b, a).context("tcp b->a")?;
 
-    // MTU: 1400 - 28 bytes of IP+ICMP headers fits with DF, one more byte does not.
-    ensure!(ping_df(&na, b.ip, 1372), "1400-byte packet with DF failed");
+    // MTU within the block: 65520 - 28 bytes of IP+ICMP headers fits with DF, one more byte
+    // does not; the host end and the bridge carry it too.
+    ensure!(ping_df(&na, b.ip, 65492), "65520-byte packet with DF failed");
     ensure!(
-        !ping_df(&na, b.ip, 1373),
-        "1401-byte packet with DF went through"
+        !ping_df(&na, b.ip, 65493),
+        "65521-byte packet with DF went through"
+    );
+    ensure!(ping_df(&host, a.ip, 65492), "host to job at 65520 bytes failed");
+    // Beyond the block (the host's underlay address, via the default route): 1400.
+    ensure!(ping_df(&na, "10.232.0.1", 1372), "1400-byte packet with DF failed");
+    ensure!(
+        !ping_df(&na, "10.232.0.1", 1373),
+        "1401-byte packet beyond the block went through with DF"
     );
 
     // Destroy both (twice: idempotent); nothing is left.
@@ -216,6 +226,7 @@ fn failed_creation_undoes_and_bad_input_is_refused() -> Result<()> {
         block,
         gateway: block.first_host(),
         mtu: 1450,
+        local_mtu: LOCAL_MTU,
     };
     let ids2 = ids.0.clone();
     in_netns(&host, async move || {
@@ -224,7 +235,7 @@ fn failed_creation_undoes_and_bad_input_is_refused() -> Result<()> {
         // No bridge yet.
         let err = create_job_net(&nl, &ids2[0], ip, &cfg).await.unwrap_err();
         ensure!(matches!(err, JobNetError::NoBridge { .. }), "{err:?}");
-        setup_local_bridge(&nl, &cfg.bridge, cfg.block, cfg.mtu).await?;
+        setup_local_bridge(&nl, &cfg.bridge, cfg.block, LOCAL_MTU).await?;
         // Addresses outside the block, the gateway and broadcast are refused.
         for bad in ["100.100.9.5", "100.100.8.1", "100.100.8.255", "100.100.8.0"] {
             let err = create_job_net(&nl, &ids2[0], bad.parse()?, &cfg)
@@ -238,7 +249,7 @@ fn failed_creation_undoes_and_bad_input_is_refused() -> Result<()> {
         // A failure after the namespace was made (the address already taken on this host's
         // bridge would not fail, so use an MTU the kernel rejects) removes it again.
         let huge = JobNetConfig {
-            mtu: 1_000_000,
+            local_mtu: 1_000_000,
             ..cfg.clone()
         };
         ensure!(create_job_net(&nl, &ids2[1], ip, &huge).await.is_err());
@@ -283,11 +294,12 @@ fn fast_path_endpoints_follow_jobs() -> Result<()> {
         block,
         gateway: block.first_host(),
         mtu: 1450,
+        local_mtu: LOCAL_MTU,
     };
     let (ids2, cfg2, pin2) = (ids.0.clone(), cfg.clone(), pin.clone());
     let (jobs, before) = in_netns(&host, async move || {
         let nl = KernelNetlink::connect()?;
-        setup_local_bridge(&nl, &cfg2.bridge, cfg2.block, cfg2.mtu).await?;
+        setup_local_bridge(&nl, &cfg2.bridge, cfg2.block, LOCAL_MTU).await?;
         let mut fp = flynn_ebpf::FastPath::load(&pin2)?;
         let mut jobs = Vec::new();
         for (i, id) in ids2.iter().enumerate() {

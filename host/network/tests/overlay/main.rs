@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use discoverd::Discoverd;
 use flynn_netlab::{in_ns_path, run_stdout, Bpffs};
-use flynn_network::job::{create_job_net, netns_path, JobNet, JobNetConfig};
+use flynn_network::job::{create_job_net, netns_path, JobNet, JobNetConfig, LOCAL_MTU};
 use flynn_network::{KernelNetlink, Subnet};
 use lab::{in_netns, ping, run, Lab};
 
@@ -238,6 +238,7 @@ impl Cluster {
             block: subnet,
             gateway: subnet.first_host(),
             mtu: MTU,
+            local_mtu: LOCAL_MTU,
         };
         let ip = subnet.nth(nth).context("address in block")?;
         in_netns(&self.hosts[host].ns, async move || {
@@ -255,16 +256,26 @@ fn ns_of(job: &JobNet) -> String {
         .into_owned()
 }
 
-/// MTU across the overlay: 1450 - 28 bytes of headers is the largest ICMP payload that fits
-/// unfragmented across the VXLAN (1500 on the underlay); one more byte with DF set does not go.
-fn check_mtu(from: &JobNet, to: &JobNet) -> Result<()> {
+/// MTU from `from` to `remote` on another host, across the overlay: 1450 - 28 bytes of headers
+/// is the largest ICMP payload that fits unfragmented across the VXLAN (1500 on the underlay);
+/// one more byte with DF set does not go. To `local`, a job on the same host, the local MTU
+/// (65520) holds the same way.
+fn check_mtu(from: &JobNet, local: &JobNet, remote: &JobNet) -> Result<()> {
     ensure!(
-        ping_df(from, to, 1422),
+        ping_df(from, remote, 1422),
         "largest unfragmented packet failed"
     );
     ensure!(
-        !ping_df(from, to, 1423),
+        !ping_df(from, remote, 1423),
         "one byte over the MTU went through with DF"
+    );
+    ensure!(
+        ping_df(from, local, LOCAL_MTU - 28),
+        "largest unfragmented same-host packet failed"
+    );
+    ensure!(
+        !ping_df(from, local, LOCAL_MTU - 27),
+        "one byte over the local MTU went through with DF"
     );
     Ok(())
 }
@@ -428,7 +439,7 @@ fn three_hosts_talk_and_follow_hosts_joining_and_leaving() -> Result<()> {
     );
     tcp_roundtrip(&j1a, &j1b).context("tcp same host")?;
 
-    check_mtu(&j1a, &j2).context("kernel path")?;
+    check_mtu(&j1a, &j1b, &j2).context("kernel path")?;
 
     // Host 3 leaves cleanly: its lease is released and both peers drop its block.
     agents[2].stop()?;
@@ -671,7 +682,7 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
     ensure!(can_ping(&j1a, &j1b), "same-host ping");
     tcp_roundtrip(&j1a, &j2).context("tcp cross-host")?;
     tcp_roundtrip(&j1b, &j1a).context("tcp same host")?;
-    check_mtu(&j1a, &j2).context("fast path")?;
+    check_mtu(&j1a, &j1b, &j2).context("fast path")?;
     let after = counters(&ns1, &pin1)?;
     // Remote traffic used the prefix the agent installed for host 2's block; local traffic the
     // endpoint map.
