@@ -277,9 +277,14 @@ fn iperf(
         &tmp.path().join("iperf3-server.log"),
     )?;
     let secs_s = secs.to_string();
+    // Client on CPU 0, server on CPU 1 (`-A`): unpinned, where the scheduler puts the two
+    // processes and the softirq work moves single-stream results by ±30% run to run.
     let mut client = vec![
         "ip", "netns", "exec", src, "iperf3", "-c", dst_ip, "-p", port, "-t", &secs_s, "-J",
     ];
+    if std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2) {
+        client.extend_from_slice(&["-A", "0,1"]);
+    }
     if udp {
         client.extend_from_slice(&["-u", "-b", "0", "-l", "1400"]);
     }
@@ -443,7 +448,7 @@ pub fn run_harness(opts: Options) -> Result<String> {
         opts.duration_s,
         opts.pings,
     ));
-    md.push_str("Medians across rounds. RTT from per-packet ping times (p50 and p99 within a run). UDP: iperf3 `-u -b 0 -l 1400`, received rate.\n\n");
+    md.push_str("Medians across rounds. RTT from per-packet ping times (p50 and p99 within a run). iperf3 client pinned to CPU 0, server to CPU 1 (`-A 0,1`). UDP: iperf3 `-u -b 0 -l 1400`, received rate.\n\n");
     md.push_str("| pair | path | RTT p50 | RTT p99 | TCP Gbit/s | UDP Gbit/s | UDP loss % |\n|---|---|---:|---:|---:|---:|---:|\n");
     let row = |pair: &str, path: &str, s: &Samples| -> String {
         let f = |v: &Vec<f64>| median(v.clone()).unwrap_or(f64::NAN);
@@ -459,6 +464,21 @@ pub fn run_harness(opts: Options) -> Result<String> {
     md.push_str(&row("underlay", "no encapsulation", &underlay));
     for (name, mode, s) in &samples {
         md.push_str(&row(name, mode.label(), s));
+    }
+    md.push_str("\nTCP Gbit/s per round:\n\n");
+    let rounds = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.1}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    md.push_str(&format!("- underlay: {}\n", rounds(&underlay.tcp_gbps)));
+    for (name, mode, s) in &samples {
+        md.push_str(&format!(
+            "- {name}, {}: {}\n",
+            mode.label(),
+            rounds(&s.tcp_gbps)
+        ));
     }
     let get = |name: &str, mode: Mode| -> &Samples {
         &samples

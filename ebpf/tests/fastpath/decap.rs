@@ -13,8 +13,8 @@ use flynn_ebpf::{AttachMode, FastPath, Role, Underlay};
 
 use super::lab::{self, ifindex, in_ns, ping, ping_count, ping_df, tcp_roundtrip};
 use super::{
-    counters, endpoint, fast_path_on, ping_across, programs_on, two_hosts, Lab, BLOCK1, BLOCK2,
-    MTU, VTEP1, VTEP2,
+    counters, endpoint, fast_path_on, ping_across, programs_on, two_hosts, BLOCK1, BLOCK2, MTU,
+    VTEP1, VTEP2,
 };
 
 const UL1: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 1);
@@ -162,11 +162,8 @@ fn cross_host_decap_on_the_underlay(mode: AttachMode) -> Result<()> {
     if !lab::should_run(&format!("cross_host_decap_on_the_underlay {mode:?}")) {
         return Ok(());
     }
-    let bpffs = lab::Bpffs::mount("flynn-bpffs")?;
-    let mut lab = Lab::new();
-    let t = two_hosts(&mut lab)?;
-    let pin1 = bpffs.pin_dir("h1");
-    let pin2 = bpffs.pin_dir("h2");
+    let t = two_hosts()?;
+    let (pin1, pin2) = (t.pin1.clone(), t.pin2.clone());
     // Decapsulation only: packets leave through the VXLAN device as before.
     let mut fp1 = decap_on(mode, &t.h1, &pin1, &t.j1, BLOCK2, UL1, VTEP1, false)?;
     let mut fp2 = decap_on(mode, &t.h2, &pin2, &t.j2, BLOCK1, UL2, VTEP2, false)?;
@@ -333,11 +330,8 @@ fn cross_host_encap_in_bpf(mode: AttachMode) -> Result<()> {
     if !lab::should_run(&format!("cross_host_encap_in_bpf {mode:?}")) {
         return Ok(());
     }
-    let bpffs = lab::Bpffs::mount("flynn-bpffs")?;
-    let mut lab = Lab::new();
-    let t = two_hosts(&mut lab)?;
-    let pin1 = bpffs.pin_dir("h1");
-    let pin2 = bpffs.pin_dir("h2");
+    let t = two_hosts()?;
+    let (pin1, pin2) = (t.pin1.clone(), t.pin2.clone());
     let mut fp1 = decap_on(mode, &t.h1, &pin1, &t.j1, BLOCK2, UL1, VTEP1, true)?;
     let peer2 = flynn_ebpf::Tunnel {
         remote_ip: UL2,

@@ -181,8 +181,13 @@ fn same_host_redirect_peer_and_fallback(mode: AttachMode) -> Result<()> {
 }
 
 /// Two hosts on an underlay, each with a VXLAN device, a bridge and one job; the kernel path
-/// configured flannel-style (neighbour, FDB, route per remote block).
+/// configured flannel-style (neighbour, FDB, route per remote block). Owns its namespaces and a
+/// BPF filesystem with a pin directory per host; the namespaces go first on drop.
 struct TwoHosts {
+    lab: Lab,
+    _bpffs: Bpffs,
+    pin1: std::path::PathBuf,
+    pin2: std::path::PathBuf,
     h1: String,
     h2: String,
     j1: Job,
@@ -194,7 +199,9 @@ struct TwoHosts {
 const VTEP1: &str = "0e:46:4c:01:00:00";
 const VTEP2: &str = "0e:46:4c:02:00:00";
 
-fn two_hosts(lab: &mut Lab) -> Result<TwoHosts> {
+fn two_hosts() -> Result<TwoHosts> {
+    let bpffs = Bpffs::mount("flynn-bpffs")?;
+    let mut lab = Lab::new();
     let h1 = lab.add_host("h1", "100.100.1.1")?;
     let h2 = lab.add_host("h2", "100.100.2.1")?;
     lab.underlay(&h1, "10.231.0.1", &h2, "10.231.0.2")?;
@@ -207,6 +214,10 @@ fn two_hosts(lab: &mut Lab) -> Result<TwoHosts> {
     ensure!(ping(&j1.ns, j2.ip, 3), "kernel path: j1 cannot reach j2");
     let kernel_ttl = ping_ttl(&j1.ns, j2.ip).context("no reply on the kernel path")?;
     Ok(TwoHosts {
+        lab,
+        pin1: bpffs.pin_dir("h1"),
+        pin2: bpffs.pin_dir("h2"),
+        _bpffs: bpffs,
         h1,
         h2,
         j1,
@@ -284,11 +295,9 @@ fn cross_host_redirect_neigh_over_vxlan(mode: AttachMode) -> Result<()> {
     if !lab::should_run(&format!("cross_host_redirect_neigh_over_vxlan {mode:?}")) {
         return Ok(());
     }
-    let bpffs = Bpffs::mount("flynn-bpffs")?;
-    let mut lab = Lab::new();
-    let t = two_hosts(&mut lab)?;
-    let mut fp1 = fast_path_on(mode, &t.h1, &bpffs.pin_dir("h1"), &t.j1, BLOCK2)?;
-    let mut fp2 = fast_path_on(mode, &t.h2, &bpffs.pin_dir("h2"), &t.j2, BLOCK1)?;
+    let t = two_hosts()?;
+    let mut fp1 = fast_path_on(mode, &t.h1, &t.pin1, &t.j1, BLOCK2)?;
+    let mut fp2 = fast_path_on(mode, &t.h2, &t.pin2, &t.j2, BLOCK1)?;
 
     // Requests leave host 1 by redirect_neigh and arrive on host 2 by redirect_peer; replies the
     // other way round.
@@ -353,12 +362,10 @@ fn restart_swaps_programs_keeps_maps_and_traffic(mode: AttachMode) -> Result<()>
     )) {
         return Ok(());
     }
-    let bpffs = Bpffs::mount("flynn-bpffs")?;
-    let mut lab = Lab::new();
-    let t = two_hosts(&mut lab)?;
-    let pin1 = bpffs.pin_dir("h1");
+    let mut t = two_hosts()?;
+    let pin1 = t.pin1.clone();
     let fp1 = fast_path_on(mode, &t.h1, &pin1, &t.j1, BLOCK2)?;
-    let fp2 = fast_path_on(mode, &t.h2, &bpffs.pin_dir("h2"), &t.j2, BLOCK1)?;
+    let fp2 = fast_path_on(mode, &t.h2, &t.pin2, &t.j2, BLOCK1)?;
     ensure!(ping_count(&t.j1.ns, t.j2.ip, 3) == 3, "before restart");
     let ids_before = (
         programs_on(mode, &t.h1, "vj1")?,
@@ -424,7 +431,7 @@ fn restart_swaps_programs_keeps_maps_and_traffic(mode: AttachMode) -> Result<()>
     let vj1 = ifindex(&t.h1, "vj1")?;
     let j1_ip = t.j1.ip;
     drop(fp1);
-    lab.del_ns(&t.j1.ns)?;
+    t.lab.del_ns(&t.j1.ns)?;
     // Namespace teardown is asynchronous: wait (bounded) until the host-side veth is gone.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while ifindex(&t.h1, "vj1").is_ok() {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use flynn_ebpf::{AttachMode, FastPath};
 
-use crate::lab::{self, in_ns, ping_count, Bpffs, Job, Lab};
+use crate::lab::{self, in_ns, ping_count, Job};
 use crate::{counters, fast_path_on, programs_on, two_hosts, BLOCK1, BLOCK2};
 
 const AGENT_ENV: &str = "FLYNN_EBPF_TEST_AGENT";
@@ -97,11 +97,9 @@ fn sigkill_agent(mode: AttachMode) -> Result<()> {
     if !lab::should_run(&format!("sigkill_agent {mode:?}")) {
         return Ok(());
     }
-    let bpffs = Bpffs::mount("flynn-bpffs")?;
-    let mut lab = Lab::new();
-    let t = two_hosts(&mut lab)?;
-    let fp2 = fast_path_on(mode, &t.h2, &bpffs.pin_dir("h2"), &t.j2, BLOCK1)?;
-    let pin1 = bpffs.pin_dir("h1");
+    let t = two_hosts()?;
+    let fp2 = fast_path_on(mode, &t.h2, &t.pin2, &t.j2, BLOCK1)?;
+    let pin1 = t.pin1.clone();
     let spec = format!(
         "{}|{}|{}|{}|{}|{}|{}",
         if mode == AttachMode::Netlink {

@@ -14,8 +14,8 @@ use anyhow::{ensure, Context, Result};
 use flynn_netlab::{in_ns_path, ping_df, Bpffs};
 use flynn_network::job::{
     attach_fast_path, create_job_net, destroy_job_net, detach_fast_path, host_veth_name, link_mac,
-    links_with_prefix, netns_path, setup_local_bridge, IpAllocator, JobNet, JobNetConfig, LOCAL_MTU,
-    JobNetError,
+    links_with_prefix, netns_path, setup_local_bridge, IpAllocator, JobNet, JobNetConfig,
+    JobNetError, LOCAL_MTU,
 };
 use flynn_network::{KernelNetlink, Subnet};
 use lab::{in_netns, ping, run, Lab};
@@ -169,14 +169,23 @@ fn jobs_on_one_bridge_talk_and_leave_nothing_behind() -> Result<()> {
 
     // MTU within the block: 65520 - 28 bytes of IP+ICMP headers fits with DF, one more byte
     // does not; the host end and the bridge carry it too.
-    ensure!(ping_df(&na, b.ip, 65492), "65520-byte packet with DF failed");
+    ensure!(
+        ping_df(&na, b.ip, 65492),
+        "65520-byte packet with DF failed"
+    );
     ensure!(
         !ping_df(&na, b.ip, 65493),
         "65521-byte packet with DF went through"
     );
-    ensure!(ping_df(&host, a.ip, 65492), "host to job at 65520 bytes failed");
+    ensure!(
+        ping_df(&host, a.ip, 65492),
+        "host to job at 65520 bytes failed"
+    );
     // Beyond the block (the host's underlay address, via the default route): 1400.
-    ensure!(ping_df(&na, "10.232.0.1", 1372), "1400-byte packet with DF failed");
+    ensure!(
+        ping_df(&na, "10.232.0.1", 1372),
+        "1400-byte packet with DF failed"
+    );
     ensure!(
         !ping_df(&na, "10.232.0.1", 1373),
         "1401-byte packet beyond the block went through with DF"
