@@ -92,7 +92,8 @@ pub struct JobNetConfig {
 
 /// MTU of job veths and the bridge: the largest a veth takes, less 15 so an IPv4 packet's
 /// total length (16 bits) always fits. Local traffic in 64 KiB packets costs a fraction of
-/// the per-packet work at the overlay MTU (same-host TCP 1.3–1.5× faster on the bridge, perf/RESULTS.md).
+/// the per-packet work at the overlay MTU (same-host TCP 1.3–1.5× faster on the bridge; see
+/// perf/RESULTS.md).
 pub const LOCAL_MTU: u32 = 65520;
 
 /// A job's network, as created by [`create_job_net`].
