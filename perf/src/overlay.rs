@@ -497,39 +497,52 @@ pub fn run_harness(opts: Options) -> Result<String> {
         get("cross-host", Mode::Kernel),
         get("cross-host", Mode::Fast),
     );
+    let ratios = [
+        (
+            "cross-host RTT p50, fast ÷ kernel",
+            m(&cf.rtt_p50_us) / m(&ck.rtt_p50_us),
+            "≤ 0.75",
+        ),
+        (
+            "same-host RTT p50, fast ÷ kernel",
+            m(&sf.rtt_p50_us) / m(&sk.rtt_p50_us),
+            "—",
+        ),
+        (
+            "same-host TCP, fast path (local MTU) ÷ bridge (overlay MTU)",
+            m(&sf.tcp_gbps) / m(&sb.tcp_gbps),
+            "≥ 1.2",
+        ),
+        (
+            "same-host TCP, bridge (local MTU) ÷ bridge (overlay MTU): the MTU's share",
+            m(&sk.tcp_gbps) / m(&sb.tcp_gbps),
+            "—",
+        ),
+        (
+            "same-host TCP, fast ÷ bridge, both at the local MTU: the program's share",
+            m(&sf.tcp_gbps) / m(&sk.tcp_gbps),
+            "—",
+        ),
+        (
+            "cross-host TCP, fast ÷ kernel",
+            m(&cf.tcp_gbps) / m(&ck.tcp_gbps),
+            "—",
+        ),
+        (
+            "cross-host TCP, fast ÷ underlay",
+            m(&cf.tcp_gbps) / m(&underlay.tcp_gbps),
+            "≥ 0.8",
+        ),
+        (
+            "cross-host UDP, fast ÷ kernel",
+            m(&cf.udp_gbps) / m(&ck.udp_gbps),
+            "—",
+        ),
+    ];
     md.push_str("\n| ratio | measured | target |\n|---|---:|---|\n");
-    md.push_str(&format!(
-        "| cross-host RTT p50, fast ÷ kernel | {:.2} | ≤ 0.75 |\n",
-        m(&cf.rtt_p50_us) / m(&ck.rtt_p50_us)
-    ));
-    md.push_str(&format!(
-        "| same-host RTT p50, fast ÷ kernel | {:.2} | — |\n",
-        m(&sf.rtt_p50_us) / m(&sk.rtt_p50_us)
-    ));
-    md.push_str(&format!(
-        "| same-host TCP, fast path (local MTU) ÷ bridge (overlay MTU) | {:.2} | ≥ 1.2 |\n",
-        m(&sf.tcp_gbps) / m(&sb.tcp_gbps)
-    ));
-    md.push_str(&format!(
-        "| same-host TCP, bridge (local MTU) ÷ bridge (overlay MTU): the MTU's share | {:.2} | — |\n",
-        m(&sk.tcp_gbps) / m(&sb.tcp_gbps)
-    ));
-    md.push_str(&format!(
-        "| same-host TCP, fast ÷ bridge, both at the local MTU: the program's share | {:.2} | — |\n",
-        m(&sf.tcp_gbps) / m(&sk.tcp_gbps)
-    ));
-    md.push_str(&format!(
-        "| cross-host TCP, fast ÷ kernel | {:.2} | — |\n",
-        m(&cf.tcp_gbps) / m(&ck.tcp_gbps)
-    ));
-    md.push_str(&format!(
-        "| cross-host TCP, fast ÷ underlay | {:.2} | ≥ 0.8 |\n",
-        m(&cf.tcp_gbps) / m(&underlay.tcp_gbps)
-    ));
-    md.push_str(&format!(
-        "| cross-host UDP, fast ÷ kernel | {:.2} | — |\n",
-        m(&cf.udp_gbps) / m(&ck.udp_gbps)
-    ));
+    for (what, value, target) in ratios {
+        md.push_str(&format!("| {what} | {value:.2} | {target} |\n"));
+    }
     if let Some(out) = &opts.out {
         std::fs::write(out, &md).with_context(|| format!("writing {}", out.display()))?;
     }
