@@ -18,7 +18,9 @@
  * - Anything else, or a miss: TC_ACT_OK, i.e. the normal kernel path. Empty maps are safe.
  *
  * Routed packets (remote out, VXLAN in) get their TTL decremented like the kernel's forwarding
- * path would; a TTL that would expire goes to the kernel so it can answer with ICMP. */
+ * path would; a TTL that would expire goes to the kernel so it can answer with ICMP, and so does
+ * a remote-bound packet too big for the hop's device (bpf_check_mtu), so the kernel fragments it
+ * or answers with ICMP. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -228,7 +230,7 @@ int flynn_from_job(struct __sk_buff *skb)
 	struct bpf_redir_neigh nh = {};
 	struct flynn_underlay *ul;
 	struct flynn_tunnel *tun;
-	__u32 daddr, ifindex, zero = 0;
+	__u32 daddr, ifindex, mtu_len, zero = 0;
 
 	if (!ip)
 		return pass();
@@ -246,6 +248,13 @@ int flynn_from_job(struct __sk_buff *skb)
 	key.addr = daddr;
 	hop = bpf_map_lookup_elem(&flynn_prefixes, &key);
 	if (!hop || ip->ttl <= 1)
+		return pass();
+	/* The job's veth runs at the local MTU and only its route carries the overlay MTU, which
+	 * sockets that ignore the path MTU (IP_PMTUDISC_PROBE/INTERFACE/OMIT, raw, packet) do not
+	 * follow. A packet (or, for GSO, a segment) too big for the hop's device goes to the kernel,
+	 * which fragments it or answers with ICMP; the tunnel would only drop it. */
+	mtu_len = 0;
+	if (bpf_check_mtu(skb, hop->ifindex, &mtu_len, 0, BPF_MTU_CHK_SEGS))
 		return pass();
 	ifindex = hop->ifindex;
 	nh.nh_family = AF_INET;

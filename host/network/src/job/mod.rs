@@ -8,6 +8,9 @@
 //! the default route carries the overlay MTU as a route metric, so everything else (other
 //! hosts' blocks over VXLAN, the outside world) is sized for the overlay. TCP takes its MSS and
 //! UDP/ICMP their fragmentation from the route, so the path MTU is right for each destination.
+//! Sockets that ignore the path MTU (`IP_PMTUDISC_PROBE`/`INTERFACE`/`OMIT`, raw) send up to
+//! 65520 bytes; the host fragments those at the VXLAN device, and the fast path leaves them to
+//! it.
 //!
 //! Names are derived from the job id: the namespace is `/run/netns/flynn-<short>` and the host end
 //! of the veth `flv<short>`, where `<short>` is 12 hex digits of a hash of the job id (job ids are

@@ -10,7 +10,7 @@ mod discoverd;
 mod lab;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -340,6 +340,53 @@ fn tcp_roundtrip(from: &JobNet, to: &JobNet) -> Result<()> {
     Ok(())
 }
 
+/// A 3000-byte UDP datagram from a socket that ignores the path MTU (`IP_PMTUDISC_OMIT`, as DNS
+/// servers set it) leaves the job unfragmented, sized by its 65520-byte `eth0` rather than by the
+/// route; it must still reach `to` on another host. The kernel path fragments it at the VXLAN
+/// device; the fast path must leave such a packet to the kernel rather than push it into a
+/// tunnel it does not fit.
+fn big_udp_arrives(from: &JobNet, to: &JobNet) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let ip = to.ip;
+    let rx = in_ns_path(&to.netns_path, move || {
+        Ok(UdpSocket::bind(SocketAddr::from((ip, 0)))?)
+    })?;
+    rx.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let dst = rx.local_addr()?;
+    let payload: Vec<u8> = (0..3000).map(|i| (i % 253) as u8).collect();
+    let sent = payload.clone();
+    in_ns_path(&from.netns_path, move || {
+        let tx = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+        let omit: libc::c_int = libc::IP_PMTUDISC_OMIT;
+        // SAFETY: a valid socket and a c_int option value of the size passed.
+        let r = unsafe {
+            libc::setsockopt(
+                tx.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&omit as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        ensure!(
+            r == 0,
+            "IP_MTU_DISCOVER: {}",
+            std::io::Error::last_os_error()
+        );
+        tx.send_to(&sent, dst)?;
+        Ok(())
+    })?;
+    let mut buf = vec![0u8; 4096];
+    let (n, _) = rx
+        .recv_from(&mut buf)
+        .context("the 3000-byte datagram did not arrive")?;
+    ensure!(
+        buf[..n] == payload[..],
+        "a datagram of {n} bytes arrived, not the one sent"
+    );
+    Ok(())
+}
+
 fn ping_df(from: &JobNet, to: &JobNet, size: u32) -> bool {
     flynn_netlab::ping_df(&ns_of(from), to.ip, size)
 }
@@ -440,6 +487,8 @@ fn three_hosts_talk_and_follow_hosts_joining_and_leaving() -> Result<()> {
     tcp_roundtrip(&j1a, &j1b).context("tcp same host")?;
 
     check_mtu(&j1a, &j1b, &j2).context("kernel path")?;
+    big_udp_arrives(&j1a, &j2).context("kernel path")?;
+    big_udp_arrives(&j2, &j1a).context("kernel path")?;
 
     // Host 3 leaves cleanly: its lease is released and both peers drop its block.
     agents[2].stop()?;
@@ -683,6 +732,8 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
     tcp_roundtrip(&j1a, &j2).context("tcp cross-host")?;
     tcp_roundtrip(&j1b, &j1a).context("tcp same host")?;
     check_mtu(&j1a, &j1b, &j2).context("fast path")?;
+    big_udp_arrives(&j1a, &j2).context("fast path")?;
+    big_udp_arrives(&j2, &j1a).context("fast path")?;
     let after = counters(&ns1, &pin1)?;
     // Remote traffic used the prefix the agent installed for host 2's block; local traffic the
     // endpoint map.
