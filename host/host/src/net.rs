@@ -93,16 +93,21 @@ impl Network {
             .map(|(o, _)| o.to_string())
             .filter(|o| o.starts_with(POOL_PREFIX) && !taken.values().any(|k| k == o))
             .collect();
+        let cfg = JobNetConfig {
+            bridge: bridge.to_string(),
+            block,
+            gateway,
+            mtu,
+            local_mtu: job::LOCAL_MTU,
+        };
+        // Jobs that outlived a daemon from before the local MTU.
+        job::raise_to_local_mtu(&nl, &cfg)
+            .await
+            .context("raising running jobs' veths to the local MTU")?;
         let net = Network {
             inner: Arc::new(Inner {
                 nl,
-                cfg: JobNetConfig {
-                    bridge: bridge.to_string(),
-                    block,
-                    gateway,
-                    mtu,
-                    local_mtu: job::LOCAL_MTU,
-                },
+                cfg,
                 alloc: Mutex::new(alloc),
                 sync,
                 pool: Mutex::new(Pool {

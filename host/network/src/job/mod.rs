@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 use futures_util::stream::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
-use rtnetlink::packet_route::route::{RouteAttribute, RouteMetric};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteMetric};
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 pub use alloc::IpAllocator;
@@ -303,19 +303,24 @@ async fn build(
         .execute()
         .await
         .map_err(req("set eth0 up"))?;
-    let mut default = RouteMessageBuilder::<Ipv4Addr>::new()
-        .gateway(cfg.gateway)
-        .output_interface(idx)
-        .build();
-    default
-        .attributes
-        .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(cfg.mtu)]));
     h.route()
-        .add(default)
+        .add(default_route(cfg, idx))
         .execute()
         .await
         .map_err(req("add default route"))?;
     Ok((host_ifindex, mac))
+}
+
+/// The job's default route: via the gateway on `eth0`, with the overlay MTU as its metric.
+fn default_route(cfg: &JobNetConfig, eth0: u32) -> RouteMessage {
+    let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .gateway(cfg.gateway)
+        .output_interface(eth0)
+        .build();
+    route
+        .attributes
+        .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(cfg.mtu)]));
+    route
 }
 
 /// Removes the job's veth pair and namespace file. Idempotent: whatever is already gone is
@@ -352,6 +357,99 @@ pub async fn setup_local_bridge(
         })
         .await?;
     Ok(index)
+}
+
+/// Brings jobs made before the local MTU (veths at the overlay MTU, a default route without an
+/// MTU) up to `cfg`: for every `flv…` port of `cfg.bridge` below `cfg.local_mtu`, the job's
+/// default route gets `cfg.mtu` as its metric, then its `eth0` and the host end get the local
+/// MTU. Without this, jobs started before an upgrade would keep 1450-byte ports on a bridge where
+/// new jobs send 64 KiB packets, and UDP or ICMP above 1450 bytes to them would be dropped. A job
+/// whose namespace is gone is skipped; one that fails is logged and left as it is. Returns the
+/// number of jobs changed.
+pub async fn raise_to_local_mtu(
+    nl: &KernelNetlink,
+    cfg: &JobNetConfig,
+) -> Result<usize, JobNetError> {
+    let want = cfg.local_mtu.max(cfg.mtu);
+    let Some(bridge) = nl.link_by_name(&cfg.bridge).await? else {
+        return Ok(0);
+    };
+    let bridge = bridge.header.index;
+    let mut low = Vec::new();
+    let mut links = nl.handle().link().get().execute();
+    while let Some(l) = links.try_next().await.map_err(req("get links"))? {
+        let (mut name, mut mtu, mut controller) = (None, None, None);
+        for a in &l.attributes {
+            match a {
+                LinkAttribute::IfName(n) => name = Some(n.clone()),
+                LinkAttribute::Mtu(m) => mtu = Some(*m),
+                LinkAttribute::Controller(c) => controller = Some(*c),
+                _ => {}
+            }
+        }
+        if let (Some(name), Some(mtu), Some(c)) = (name, mtu, controller) {
+            if c == bridge && mtu < want && name.starts_with("flv") {
+                low.push((name, l.header.index));
+            }
+        }
+    }
+    let mut changed = 0;
+    for (name, index) in low {
+        let path = Path::new(NETNS_RUN_DIR).join(format!("flynn-{}", &name[3..]));
+        if !path.exists() {
+            continue;
+        }
+        match raise_one(nl, cfg, &path, index, want).await {
+            Ok(()) => {
+                tracing::info!(veth = %name, mtu = want, "job network raised to the local MTU");
+                changed += 1;
+            }
+            // One job's odd namespace must not keep the host from starting; that job keeps
+            // its old MTU (TCP still works across the mix).
+            Err(e) => tracing::warn!(veth = %name, error = %e, "could not raise a job's MTU"),
+        }
+    }
+    Ok(changed)
+}
+
+async fn raise_one(
+    nl: &KernelNetlink,
+    cfg: &JobNetConfig,
+    path: &Path,
+    host_index: u32,
+    want: u32,
+) -> Result<(), JobNetError> {
+    let inner = KernelNetlink::connect_in(path)?;
+    let eth0 = inner
+        .link_by_name("eth0")
+        .await?
+        .ok_or_else(|| NetlinkError::Missing {
+            name: "eth0".into(),
+        })?
+        .header
+        .index;
+    inner
+        .handle()
+        .route()
+        .add(default_route(cfg, eth0))
+        .replace()
+        .execute()
+        .await
+        .map_err(req("replace default route"))?;
+    inner
+        .handle()
+        .link()
+        .set(LinkUnspec::new_with_index(eth0).mtu(want).build())
+        .execute()
+        .await
+        .map_err(req("raise eth0 MTU"))?;
+    nl.handle()
+        .link()
+        .set(LinkUnspec::new_with_index(host_index).mtu(want).build())
+        .execute()
+        .await
+        .map_err(req("raise host veth MTU"))?;
+    Ok(())
 }
 
 /// The names of links in the current namespace starting with `prefix` (used to check for leaks).

@@ -14,8 +14,8 @@ use anyhow::{ensure, Context, Result};
 use flynn_netlab::{in_ns_path, ping_df, Bpffs};
 use flynn_network::job::{
     attach_fast_path, create_job_net, destroy_job_net, detach_fast_path, host_veth_name, link_mac,
-    links_with_prefix, netns_path, setup_local_bridge, IpAllocator, JobNet, JobNetConfig,
-    JobNetError, LOCAL_MTU,
+    links_with_prefix, netns_path, raise_to_local_mtu, setup_local_bridge, IpAllocator, JobNet,
+    JobNetConfig, JobNetError, LOCAL_MTU,
 };
 use flynn_network::{KernelNetlink, Subnet};
 use lab::{in_netns, ping, run, Lab};
@@ -218,6 +218,64 @@ fn jobs_on_one_bridge_talk_and_leave_nothing_behind() -> Result<()> {
         "namespaces left: {named}"
     );
     ensure!(!ping(&host, a.ip, 1), "destroyed job still answers");
+    Ok(())
+}
+
+/// Jobs made at the overlay MTU (as before the local MTU) are raised when the host opens its
+/// network again: both veth ends to 65520, the default route keeps the overlay MTU as a metric,
+/// and 64 KiB packets pass between them; a second pass finds nothing to do.
+#[test]
+fn jobs_from_before_the_local_mtu_are_raised() -> Result<()> {
+    if !lab::should_run("jobs_from_before_the_local_mtu_are_raised") {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    let host = lab.add_host("h", "u1", "10.232.3.1")?;
+    let ids = job_ids(2);
+    let block: Subnet = "100.100.10.0/24".parse()?;
+    let old = JobNetConfig {
+        bridge: "flynnbr0".into(),
+        block,
+        gateway: block.first_host(),
+        mtu: 1450,
+        local_mtu: 1450,
+    };
+    let new = JobNetConfig {
+        local_mtu: LOCAL_MTU,
+        ..old.clone()
+    };
+    let ids2 = ids.0.clone();
+    let (jobs, raised, again) = in_netns(&host, async move || {
+        let nl = KernelNetlink::connect()?;
+        setup_local_bridge(&nl, &old.bridge, old.block, 1450).await?;
+        let mut jobs = Vec::new();
+        for (i, id) in ids2.iter().enumerate() {
+            let ip = old.block.nth(10 + i as u32).context("address")?;
+            jobs.push(create_job_net(&nl, id, ip, &old).await?);
+        }
+        setup_local_bridge(&nl, &new.bridge, new.block, LOCAL_MTU).await?;
+        let raised = raise_to_local_mtu(&nl, &new).await?;
+        let again = raise_to_local_mtu(&nl, &new).await?;
+        Ok((jobs, raised, again))
+    })?;
+    ensure!((raised, again) == (2, 0), "raised {raised}, then {again}");
+    let (a, b) = (&jobs[0], &jobs[1]);
+    let na = ns_name(a);
+    let link = String::from_utf8(run(&["ip", "-n", &na, "link", "show", "eth0"])?.stdout)?;
+    ensure!(link.contains("mtu 65520"), "eth0: {link}");
+    let hv = String::from_utf8(run(&["ip", "-n", &host, "link", "show", &b.host_veth])?.stdout)?;
+    ensure!(hv.contains("mtu 65520"), "host veth: {hv}");
+    let routes = String::from_utf8(run(&["ip", "-n", &na, "route", "show", "default"])?.stdout)?;
+    ensure!(
+        routes.contains("via 100.100.10.1") && routes.contains("mtu 1450"),
+        "default route: {routes}"
+    );
+    ensure!(
+        ping_df(&na, b.ip, 65492),
+        "65520-byte packet between raised jobs"
+    );
+    tcp_roundtrip(a, b)?;
+    drop(ids);
     Ok(())
 }
 
