@@ -158,8 +158,8 @@ impl KernelNetlink {
 
 /// Creates the job's namespace and veth pair and configures the job side: `eth0` with `ip` (the
 /// block's prefix length), MTU `cfg.local_mtu`, `lo` up, default route via `cfg.gateway` with
-/// MTU `cfg.mtu`. The host end
-/// is enslaved to `cfg.bridge` and up. Anything made is removed again when a step fails.
+/// MTU `cfg.mtu`. The host end is enslaved to `cfg.bridge` and up. Anything made is removed
+/// again when a step fails.
 pub async fn create_job_net(
     nl: &KernelNetlink,
     job_id: &str,
