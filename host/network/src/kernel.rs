@@ -82,9 +82,16 @@ fn link_mac(link: &LinkMessage) -> Option<Mac> {
     })
 }
 
-fn link_mtu(link: &LinkMessage) -> Option<u32> {
+pub(crate) fn link_mtu(link: &LinkMessage) -> Option<u32> {
     link.attributes.iter().find_map(|a| match a {
         LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    })
+}
+
+pub(crate) fn link_name(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
         _ => None,
     })
 }

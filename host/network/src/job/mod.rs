@@ -34,7 +34,7 @@ pub use alloc::IpAllocator;
 pub use fast::{attach_fast_path, detach_fast_path, link_mac};
 pub use netns::NETNS_RUN_DIR;
 
-use crate::kernel::KernelNetlink;
+use crate::kernel::{link_mtu, link_name, KernelNetlink};
 use crate::reconcile::{BridgeSpec, Netlink, NetlinkError};
 use crate::subnet::Subnet;
 
@@ -93,6 +93,13 @@ pub struct JobNetConfig {
     pub local_mtu: u32,
 }
 
+impl JobNetConfig {
+    /// MTU of both veth ends: `local_mtu`, never below `mtu`.
+    pub fn link_mtu(&self) -> u32 {
+        self.local_mtu.max(self.mtu)
+    }
+}
+
 /// MTU of job veths and the bridge: the largest a veth takes, less 15 so an IPv4 packet's
 /// total length (16 bits) always fits. Local traffic in 64 KiB packets costs a fraction of
 /// the per-packet work at the overlay MTU (same-host TCP 1.3–1.5× faster on the bridge; see
@@ -125,7 +132,11 @@ pub fn short_id(job_id: &str) -> String {
 
 /// Path of the job's named network namespace: `/run/netns/flynn-<short id>`.
 pub fn netns_path(job_id: &str) -> PathBuf {
-    Path::new(NETNS_RUN_DIR).join(format!("flynn-{}", short_id(job_id)))
+    netns_path_of_short(&short_id(job_id))
+}
+
+fn netns_path_of_short(short: &str) -> PathBuf {
+    Path::new(NETNS_RUN_DIR).join(format!("flynn-{short}"))
 }
 
 /// Name of the host end of the job's veth pair: `flv<short id>` (15 characters, the kernel's limit).
@@ -229,7 +240,7 @@ async fn build(
     cfg: &JobNetConfig,
 ) -> Result<(u32, [u8; 6]), JobNetError> {
     let ns = File::open(path).map_err(io("open network namespace", path))?;
-    let link_mtu = cfg.local_mtu.max(cfg.mtu);
+    let link_mtu = cfg.link_mtu();
     // The peer is created directly inside the job's namespace as eth0.
     let peer = LinkUnspec::new_with_name("eth0")
         .mtu(link_mtu)
@@ -370,7 +381,7 @@ pub async fn raise_to_local_mtu(
     nl: &KernelNetlink,
     cfg: &JobNetConfig,
 ) -> Result<usize, JobNetError> {
-    let want = cfg.local_mtu.max(cfg.mtu);
+    let want = cfg.link_mtu();
     let Some(bridge) = nl.link_by_name(&cfg.bridge).await? else {
         return Ok(0);
     };
@@ -378,24 +389,20 @@ pub async fn raise_to_local_mtu(
     let mut low = Vec::new();
     let mut links = nl.handle().link().get().execute();
     while let Some(l) = links.try_next().await.map_err(req("get links"))? {
-        let (mut name, mut mtu, mut controller) = (None, None, None);
-        for a in &l.attributes {
-            match a {
-                LinkAttribute::IfName(n) => name = Some(n.clone()),
-                LinkAttribute::Mtu(m) => mtu = Some(*m),
-                LinkAttribute::Controller(c) => controller = Some(*c),
-                _ => {}
+        let port = l.attributes.contains(&LinkAttribute::Controller(bridge));
+        match link_name(&l) {
+            Some(name)
+                if port && name.starts_with("flv") && link_mtu(&l).is_some_and(|m| m < want) =>
+            {
+                low.push((name.to_string(), l.header.index))
             }
-        }
-        if let (Some(name), Some(mtu), Some(c)) = (name, mtu, controller) {
-            if c == bridge && mtu < want && name.starts_with("flv") {
-                low.push((name, l.header.index));
-            }
+            _ => {}
         }
     }
     let mut changed = 0;
     for (name, index) in low {
-        let path = Path::new(NETNS_RUN_DIR).join(format!("flynn-{}", &name[3..]));
+        // `flv<short>` is the host end of the job whose namespace is `flynn-<short>`.
+        let path = netns_path_of_short(&name[3..]);
         if !path.exists() {
             continue;
         }
@@ -460,12 +467,8 @@ pub async fn links_with_prefix(
     let mut out = Vec::new();
     let mut links = nl.handle().link().get().execute();
     while let Some(l) = links.try_next().await.map_err(req("get links"))? {
-        for a in &l.attributes {
-            if let LinkAttribute::IfName(n) = a {
-                if n.starts_with(prefix) {
-                    out.push(n.clone());
-                }
-            }
+        if let Some(n) = link_name(&l).filter(|n| n.starts_with(prefix)) {
+            out.push(n.to_string());
         }
     }
     Ok(out)
