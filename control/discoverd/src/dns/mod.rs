@@ -6,7 +6,7 @@
 //! ([`forward`]; SERVFAIL when all fail) or, with none configured, REFUSED.
 
 mod forward;
-mod zone;
+pub mod zone;
 
 pub use zone::{lookup, soa, Lookup, UDP_INSTANCE_LIMIT};
 

@@ -53,7 +53,7 @@ pub const PROTOCOL: &str = "flynn-raft-append";
 /// The path the stream is opened on.
 pub const PATH: &str = "/raft/rpc/stream";
 /// Frames larger than this end the stream (a bad peer, not a batch of entries).
-const MAX_FRAME: usize = 64 << 20;
+pub const MAX_FRAME: usize = 64 << 20;
 /// The follower closes a stream that brought no request for this long, so a leader whose
 /// host vanished without closing its connections does not keep a task and a socket here
 /// forever. A live leader whose stream was only idle reopens it on its next write.
@@ -115,7 +115,8 @@ fn failure(msg: impl Into<String>) -> StreamFailure {
     StreamFailure(msg.into())
 }
 
-async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
+/// Writes `value` as one frame (`buf` is scratch space, reused across frames).
+pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     w: &mut W,
     buf: &mut Vec<u8>,
     value: &T,
@@ -136,7 +137,8 @@ async fn write_end<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<()> {
 }
 
 /// One read from the connection.
-enum Frame<T> {
+#[derive(Debug)]
+pub enum Frame<T> {
     Item(T),
     /// The empty frame that ends a session.
     End,
@@ -144,8 +146,9 @@ enum Frame<T> {
     Closed,
 }
 
-/// Reads one frame.
-async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
+/// Reads one frame (`buf` is scratch space, reused across frames). A frame over
+/// [`MAX_FRAME`] or one that does not decode as `T` is an `InvalidData` error.
+pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
     r: &mut R,
     buf: &mut Vec<u8>,
 ) -> std::io::Result<Frame<T>> {

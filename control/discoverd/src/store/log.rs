@@ -173,7 +173,8 @@ pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T
     }
 }
 
-fn encode(entry: &EntryOf<C>) -> io::Result<Vec<u8>> {
+/// One entry as a log record: `len | crc32 | JSON`.
+pub fn encode(entry: &EntryOf<C>) -> io::Result<Vec<u8>> {
     let payload = serde_json::to_vec(entry).map_err(io::Error::other)?;
     let mut rec = Vec::with_capacity(HEADER + payload.len());
     rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -200,11 +201,24 @@ fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("{first:020}.seg"))
 }
 
-/// Reads a segment; returns its entries and segment description. A bad record at the
-/// tail is cut off when `last` (the file is truncated there), an error otherwise.
-fn read_segment(path: &Path, first: u64, last: bool) -> io::Result<(Segment, Vec<EntryOf<C>>)> {
-    let mut buf = Vec::new();
-    File::open(path)?.read_to_end(&mut buf)?;
+/// What [`parse_segment`] found in a segment's bytes.
+#[derive(Debug)]
+pub struct ParsedSegment {
+    /// The good records' entries, in order; entry `i` has index `first + i`.
+    pub entries: Vec<EntryOf<C>>,
+    /// Byte offset of each good record.
+    pub offsets: Vec<u64>,
+    /// Where the good records end.
+    pub end: usize,
+    /// Why parsing stopped short of the end of the bytes; `None` when it reached the end
+    /// or preallocated zeros.
+    pub bad: Option<&'static str>,
+}
+
+/// Parses a segment's bytes (records of indexes `first`, `first + 1`, ...). Never fails:
+/// it stops at the first record that is short, fails its checksum, does not decode or is
+/// out of sequence, and says why. Pure, so the fuzz target drives it directly.
+pub fn parse_segment(buf: &[u8], first: u64) -> ParsedSegment {
     let mut pos = 0usize;
     let mut offsets = Vec::new();
     let mut entries = Vec::new();
@@ -232,13 +246,32 @@ fn read_segment(path: &Path, first: u64, last: bool) -> io::Result<(Segment, Vec
             Ok(e) => e,
             Err(_) => break Some("undecodable record"),
         };
-        if entry.index() != first + offsets.len() as u64 {
+        if entry.index() != first.wrapping_add(offsets.len() as u64) {
             break Some("index out of sequence");
         }
         offsets.push(pos as u64);
         entries.push(entry);
         pos += HEADER + len;
     };
+    ParsedSegment {
+        entries,
+        offsets,
+        end: pos,
+        bad,
+    }
+}
+
+/// Reads a segment; returns its entries and segment description. A bad record at the
+/// tail is cut off when `last` (the file is truncated there), an error otherwise.
+fn read_segment(path: &Path, first: u64, last: bool) -> io::Result<(Segment, Vec<EntryOf<C>>)> {
+    let mut buf = Vec::new();
+    File::open(path)?.read_to_end(&mut buf)?;
+    let ParsedSegment {
+        entries,
+        offsets,
+        end: pos,
+        bad,
+    } = parse_segment(&buf, first);
     if let Some(why) = bad {
         if !last {
             return Err(io::Error::new(

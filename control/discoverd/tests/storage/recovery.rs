@@ -180,3 +180,58 @@ async fn closed_segment_keeps_no_preallocated_tail() {
     let mut log = LogStore::open(dir.path()).unwrap();
     assert_eq!(indexes(&mut log).await, vec![1, 2, 3, 7, 8]);
 }
+
+#[test]
+fn segment_parser_stops_at_the_first_bad_record_and_says_why() {
+    use flynn_discoverd::store::log::{encode, parse_segment};
+    let recs: Vec<Vec<u8>> = (5..8).map(|i| encode(&entry(1, i)).unwrap()).collect();
+    let good: Vec<u8> = recs.concat();
+    let second = recs[0].len();
+    let third = second + recs[1].len();
+
+    let p = parse_segment(&good, 5);
+    assert_eq!((p.bad, p.end, p.offsets.len()), (None, good.len(), 3));
+    assert_eq!(p.offsets, vec![0, second as u64, third as u64]);
+    assert_eq!(p.entries.last().map(|e| e.index()), Some(7));
+
+    // Preallocated zeros after the records are not a record.
+    let zeros = [good.clone(), vec![0; 4096]].concat();
+    let p = parse_segment(&zeros, 5);
+    assert_eq!((p.bad, p.end, p.entries.len()), (None, good.len(), 3));
+
+    // A torn third record: short header, then short payload.
+    let p = parse_segment(&good[..third + 5], 5);
+    assert_eq!(
+        (p.bad, p.end, p.entries.len()),
+        (Some("short header"), third, 2)
+    );
+    let p = parse_segment(&good[..good.len() - 1], 5);
+    assert_eq!(
+        (p.bad, p.end, p.entries.len()),
+        (Some("short record"), third, 2)
+    );
+
+    // A flipped payload byte in the second record.
+    let mut flipped = good.clone();
+    flipped[second + 20] ^= 0x01;
+    let p = parse_segment(&flipped, 5);
+    assert_eq!(
+        (p.bad, p.end, p.entries.len()),
+        (Some("checksum mismatch"), second, 1)
+    );
+
+    // A record whose checksum is right but whose payload is not an entry.
+    let mut junk = good[..third].to_vec();
+    junk.extend_from_slice(&3u32.to_le_bytes());
+    junk.extend_from_slice(&crc32fast::hash(b"{}x").to_le_bytes());
+    junk.extend_from_slice(b"{}x");
+    let p = parse_segment(&junk, 5);
+    assert_eq!((p.bad, p.end), (Some("undecodable record"), third));
+
+    // The segment claims to start at 4, but its first record is index 5.
+    let p = parse_segment(&good, 4);
+    assert_eq!(
+        (p.bad, p.end, p.entries.len()),
+        (Some("index out of sequence"), 0, 0)
+    );
+}
