@@ -69,9 +69,14 @@ fn not_found(e: &ClientError) -> bool {
     e.api().is_some_and(|a| a.status() == 404)
 }
 
-/// The lease in `attrs` stored under `key`, if both parse.
+/// The lease in `attrs` stored under `key`, if both parse. The key must be the block's
+/// own key (`a.b.c.d-len`, host bits clear): a key like `100.100.3.9-24` would otherwise
+/// name, and shadow, the lease stored under `100.100.3.0-24`.
 fn parse_lease(key: &str, attrs: &Value) -> Option<Lease> {
     let subnet: Subnet = key.parse().ok()?;
+    if subnet.key() != key {
+        return None;
+    }
     let public_ip = attrs.get("PublicIP")?.as_str()?.parse().ok()?;
     let vtep_mac = attrs
         .get("BackendData")
@@ -96,7 +101,7 @@ fn parse_lease(key: &str, attrs: &Value) -> Option<Lease> {
 }
 
 /// Every lease in a metadata document at `index`; entries that do not parse are skipped.
-fn snapshot(data: &Value, index: u64) -> Snapshot {
+pub fn snapshot(data: &Value, index: u64) -> Snapshot {
     let mut leases: Vec<Lease> = data
         .get("subnets")
         .and_then(Value::as_object)
@@ -430,6 +435,22 @@ mod tests {
         let doc = json!({"subnets": {"100.100.9.0-24": attrs, "junk": {}, "100.100.1.0-24": 3}});
         let snap = snapshot(&doc, 12);
         assert_eq!((snap.revision, snap.leases.len()), (12, 1));
+    }
+
+    #[test]
+    fn only_a_blocks_own_key_holds_its_lease() {
+        // Other spellings of 100.100.9.0/24 would shadow the real lease (the fuzz target
+        // found `-024`); they are skipped, so the block has one lease, from its own key.
+        let real = json!({"PublicIP": "10.0.0.9"});
+        let doc = json!({"subnets": {
+            "100.100.9.0-24": real,
+            "100.100.9.7-24": {"PublicIP": "10.0.0.66"},
+            "100.100.9.0-024": {"PublicIP": "10.0.0.66"},
+            "100.100.9.0/24": {"PublicIP": "10.0.0.66"},
+        }});
+        let snap = snapshot(&doc, 3);
+        assert_eq!(snap.leases.len(), 1);
+        assert_eq!(snap.leases[0].public_ip, Ipv4Addr::new(10, 0, 0, 9));
     }
 
     #[test]

@@ -34,6 +34,9 @@ mod subnet;
 
 pub use agent::{error_chain, Agent, AgentConfig, AgentError, Started};
 pub use direct::{direct_routes, Segment, DIRECT_PROTO};
+/// Leases from a `flannel` metadata document as discoverd stores it (for the fuzz target).
+#[doc(hidden)]
+pub use discoverd::snapshot as leases_from_document;
 pub use discoverd::{
     config_json, layout_from_config, DiscoverdStore, SERVICE as DISCOVERD_SERVICE,
 };

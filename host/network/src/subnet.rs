@@ -94,6 +94,14 @@ impl FromStr for Subnet {
         let err = || ParseError::Subnet { input: s.into() };
         let (addr, len) = s.split_once(['/', '-']).ok_or_else(err)?;
         let addr: Ipv4Addr = addr.parse().map_err(|_| err())?;
+        // Plain decimal only: `u8::from_str` also takes `+8` and `008`, which would let two
+        // different lease keys name one block.
+        let canonical = !len.is_empty()
+            && len.bytes().all(|b| b.is_ascii_digit())
+            && (len == "0" || !len.starts_with('0'));
+        if !canonical {
+            return Err(err());
+        }
         let len: u8 = len.parse().map_err(|_| err())?;
         if len > 32 {
             return Err(err());
@@ -150,7 +158,8 @@ impl FromStr for Mac {
         let mut parts = s.split(':');
         for byte in &mut out {
             let part = parts.next().ok_or_else(err)?;
-            if part.len() != 2 {
+            // Two hex digits (`from_str_radix` alone would also take `+f`).
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(err());
             }
             *byte = u8::from_str_radix(part, 16).map_err(|_| err())?;
@@ -271,7 +280,17 @@ mod tests {
             assert_eq!(s.key(), key);
             assert_eq!(s.key().parse::<Subnet>().unwrap(), s);
         }
-        for bad in ["", "100.100.3.0", "100.100.3.0/33", "1.2.3/24", "x/24"] {
+        for bad in [
+            "",
+            "100.100.3.0",
+            "100.100.3.0/33",
+            "1.2.3/24",
+            "x/24",
+            "100.100.3.0/024",
+            "100.100.3.0/+24",
+            "100.100.3.0/",
+            "100.100.3.0/ 24",
+        ] {
             assert!(bad.parse::<Subnet>().is_err(), "{bad}");
         }
     }
