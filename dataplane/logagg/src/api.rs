@@ -47,15 +47,15 @@ fn pct_decode(s: &str) -> String {
     while i < b.len() {
         match b[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-                {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
+            // `%` and two hex digits; anything else stays as it is (`from_str_radix` alone
+            // would also take `%+f`).
+            b'%' if i + 2 < b.len()
+                && b[i + 1].is_ascii_hexdigit()
+                && b[i + 2].is_ascii_hexdigit() =>
+            {
+                let hex = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
+                out.push(hex(b[i + 1]) << 4 | hex(b[i + 2]));
+                i += 2;
             }
             c => out.push(c),
         }
@@ -347,6 +347,25 @@ pub fn router(sh: Arc<Shared>) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        for (raw, want) in [
+            ("a%20b", "a b"),
+            ("a+b", "a b"),
+            ("%2fx%2F", "/x/"),
+            ("%e2%9c%93", "\u{2713}"),
+            ("%", "%"),
+            ("%4", "%4"),
+            ("x%4", "x%4"),
+            ("%zz", "%zz"),
+            ("%+f", "% f"),
+            ("%-1", "%-1"),
+            ("%ff", "\u{fffd}"),
+        ] {
+            assert_eq!(pct_decode(raw), want, "{raw}");
+        }
+    }
 
     #[test]
     fn log_query_table() {
