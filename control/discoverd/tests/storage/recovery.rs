@@ -235,3 +235,33 @@ fn segment_parser_stops_at_the_first_bad_record_and_says_why() {
         (Some("index out of sequence"), 0, 0)
     );
 }
+
+#[test]
+fn metadata_floats_come_back_from_the_log_bit_for_bit() {
+    use flynn_discoverd::store::log::{encode, parse_segment};
+    // Without serde_json's `float_roundtrip`, 1e-307 came back as 1.0000000000000001e-307:
+    // a follower (or a node replaying its log) would hold other metadata than the leader.
+    for x in [
+        "1e-307",
+        "0.1",
+        "2.2250738585072014e-308",
+        "1.7976931348623157e308",
+        "3.14159",
+    ] {
+        let cmd: Command = serde_json::from_str(&format!(
+            r#"{{"op":"set_meta","service":"s","meta":{{"data":{{"x":{x}}},"index":0}}}}"#
+        ))
+        .unwrap();
+        let e = EntryOf::<C>::new(log_id(1, 1), EntryPayload::Normal(cmd));
+        let p = parse_segment(&encode(&e).unwrap(), 1);
+        assert_eq!(p.bad, None);
+        let (before, after) = (
+            serde_json::to_string(&e).unwrap(),
+            serde_json::to_string(&p.entries[0]).unwrap(),
+        );
+        assert_eq!(before, after, "{x}");
+        let json = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
+        let num = |v: serde_json::Value| v["payload"]["Normal"]["meta"]["data"]["x"].as_f64();
+        assert_eq!(num(json(&after)), x.parse::<f64>().ok(), "{x}");
+    }
+}
