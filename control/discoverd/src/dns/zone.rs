@@ -34,11 +34,11 @@ enum Target<'a> {
     Leader(&'a str),
 }
 
-/// Parses a lower-cased name without the trailing dot; `Err(true)` = in the zone but
-/// not a known form, `Err(false)` = not in the zone.
-fn parse(name: &str) -> Result<Target<'_>, bool> {
-    let labels: Vec<&str> = name.split('.').collect();
-    match labels.as_slice() {
+/// Parses a lower-cased name's labels (the root excluded); `Err(true)` = in the zone
+/// but not a known form, `Err(false)` = not in the zone. Labels, not the name's text: a
+/// label may itself hold a dot (`a\.discoverd.` is one label, a top-level name).
+fn parse<'a>(labels: &[&'a str]) -> Result<Target<'a>, bool> {
+    match labels {
         ["discoverd"] => Err(true),
         ["leader", svc, "discoverd"] => Ok(Target::Leader(svc)),
         [id, svc, "_i", "discoverd"] => Ok(Target::Instance(svc, id)),
@@ -94,9 +94,20 @@ pub fn soa(serial: u32) -> Record {
 
 /// Answers `qname` (as asked, any case) of type `qtype` from `reg`.
 pub fn lookup(reg: &Registry, qname: &Name, qtype: RecordType, tcp: bool) -> Lookup {
-    let lower = qname.to_lowercase().to_ascii();
-    let lower = lower.trim_end_matches('.');
-    let target = match parse(lower) {
+    let lower = qname.to_lowercase();
+    let raw: Vec<&[u8]> = lower.iter().collect();
+    if raw.last() != Some(&&b"discoverd"[..]) {
+        return Lookup::NotOurs;
+    }
+    // Service names and instance ids are ASCII; a label that is not UTF-8 names nothing.
+    let Ok(labels) = raw
+        .iter()
+        .map(|l| std::str::from_utf8(l))
+        .collect::<Result<Vec<&str>, _>>()
+    else {
+        return nxdomain();
+    };
+    let target = match parse(&labels) {
         Ok(t) => t,
         Err(true) => return nxdomain(),
         Err(false) => return Lookup::NotOurs,
@@ -224,6 +235,10 @@ mod tests {
         }
     }
 
+    fn parse(name: &str) -> Result<Target<'_>, bool> {
+        super::parse(&name.split('.').collect::<Vec<_>>())
+    }
+
     #[test]
     fn names_parse_into_targets() {
         assert_eq!(parse("web.discoverd"), Ok(Target::Service("web")));
@@ -240,6 +255,25 @@ mod tests {
         assert_eq!(parse("web.tcp.discoverd"), Err(true));
         assert_eq!(parse("discoverd"), Err(true));
         assert_eq!(parse("example.com"), Err(false));
+    }
+
+    #[test]
+    fn the_zone_is_decided_by_labels_not_text() {
+        let reg = registry();
+        let ask = |n: &str| lookup(&reg, &Name::from_ascii(n).unwrap(), RecordType::A, false);
+        // One label that holds a dot: a top-level name, not ours.
+        assert_eq!(ask("a\\.discoverd."), Lookup::NotOurs);
+        assert_eq!(ask("discoverd.com."), Lookup::NotOurs);
+        assert_eq!(ask("DISCOVERD."), nxdomain());
+        // A dotted label inside the zone names no service.
+        assert_eq!(ask("web\\.x.discoverd."), nxdomain());
+        assert!(matches!(
+            ask("Web.Discoverd."),
+            Lookup::Answer {
+                code: ResponseCode::NoError,
+                ..
+            }
+        ));
     }
 
     #[test]
