@@ -168,8 +168,13 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
             format!("frame of {len} bytes"),
         ));
     }
-    buf.resize(len, 0);
-    r.read_exact(buf).await?;
+    // Grow with the bytes that arrive rather than to the declared length up front, so a
+    // peer that announces a large frame and sends little costs little memory.
+    buf.clear();
+    let got = (&mut *r).take(len as u64).read_to_end(buf).await?;
+    if got < len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     serde_json::from_slice(buf)
         .map(Frame::Item)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
@@ -430,4 +435,77 @@ where
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    type Req = AppendEntriesRequest<C>;
+
+    fn read(mut bytes: &[u8], buf: &mut Vec<u8>) -> std::io::Result<Frame<Req>> {
+        read_frame::<_, Req>(&mut bytes, buf)
+            .now_or_never()
+            .expect("reading a slice never waits")
+    }
+
+    #[test]
+    fn a_frame_announced_large_but_cut_short_costs_what_arrived() {
+        let mut input = ((MAX_FRAME - 1) as u32).to_le_bytes().to_vec();
+        input.extend_from_slice(&[b'x'; 1000]);
+        let mut buf = Vec::new();
+        let err = read(&input, &mut buf).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert!(
+            buf.capacity() < 64 << 10,
+            "buffer grew to {}",
+            buf.capacity()
+        );
+        // Over the limit: refused before reading anything.
+        let over = ((MAX_FRAME + 1) as u32).to_le_bytes();
+        assert_eq!(
+            read(&over, &mut buf).unwrap_err().kind(),
+            std::io::ErrorKind::InvalidData
+        );
+    }
+
+    #[test]
+    fn frames_read_back_what_was_written() {
+        let req: Req = serde_json::from_str(
+            r#"{"vote":{"leader_id":{"term":1,"node_id":7},"committed":true},"prev_log_id":null,"entries":[],"leader_commit":null}"#,
+        )
+        .unwrap();
+        let (mut wire, mut scratch) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            write_frame(&mut wire, &mut scratch, &req)
+                .now_or_never()
+                .unwrap()
+                .unwrap();
+        }
+        wire.extend_from_slice(&0u32.to_le_bytes());
+        let mut rest = &wire[..];
+        let mut buf = Vec::new();
+        for _ in 0..2 {
+            match read_frame::<_, Req>(&mut rest, &mut buf)
+                .now_or_never()
+                .unwrap()
+            {
+                Ok(Frame::Item(r)) => assert_eq!(r.to_string(), req.to_string()),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            read_frame::<_, Req>(&mut rest, &mut buf)
+                .now_or_never()
+                .unwrap(),
+            Ok(Frame::End)
+        ));
+        assert!(matches!(
+            read_frame::<_, Req>(&mut rest, &mut buf)
+                .now_or_never()
+                .unwrap(),
+            Ok(Frame::Closed)
+        ));
+    }
 }
