@@ -24,7 +24,9 @@ mod proxy;
 mod reload;
 mod shared;
 mod sticky;
-mod store;
+/// Route and backend state behind the admin API (public for the fuzz target).
+#[doc(hidden)]
+pub mod store;
 mod tcp;
 mod tls;
 mod upgrade;

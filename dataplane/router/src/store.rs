@@ -95,9 +95,12 @@ impl Store {
         })
     }
 
-    fn has_root(&self, r: &Route) -> bool {
+    /// Whether `r`'s domain and port have a `/` route other than the route `except` (the
+    /// one being updated: moving the only root elsewhere must not count it as its own root).
+    fn has_root(&self, r: &Route, except: Option<&str>) -> bool {
         self.routes.values().any(|s| {
             s.route.kind == RouteType::Http
+                && Some(s.route.id.as_str()) != except
                 && s.route.domain.eq_ignore_ascii_case(&r.domain)
                 && s.route.port == r.port
                 && s.route.path == "/"
@@ -147,7 +150,7 @@ impl Store {
                 if self.http_conflict(&r, None) {
                     return Err(ApiError::conflict("Duplicate route").with_detail(submitted));
                 }
-                if r.path != "/" && !self.has_root(&r) {
+                if r.path != "/" && !self.has_root(&r, None) {
                     return Err(invalid_route());
                 }
             }
@@ -232,7 +235,7 @@ impl Store {
                 if old.path == "/" && self.has_dependents(&old) {
                     return Err(ApiError::validation(None, "Route has dependent routes"));
                 }
-                if next.path != "/" && !self.has_root(&next) {
+                if next.path != "/" && !self.has_root(&next, Some(id)) {
                     return Err(invalid_route());
                 }
             }

@@ -45,6 +45,25 @@ fn invalid_paths_and_missing_root() {
 }
 
 #[test]
+fn the_only_root_cannot_move_off_slash() {
+    // Found by the admin_api fuzz target: moving the only `/` route to `/x/` passed the
+    // root check because the route still counted as its own root.
+    let mut s = store();
+    let root = s.add(http("a.com", "/")).unwrap();
+    let e = s
+        .update(RouteType::Http, &root.id, http("a.com", "/x/"))
+        .unwrap_err();
+    assert_eq!((e.status(), e.message.as_str()), (400, "Invalid route"));
+    assert_eq!(s.get(RouteType::Http, &root.id).unwrap().path, "/");
+    // A non-root route still moves freely while the root stays.
+    let other = s.add(http("a.com", "/y/")).unwrap();
+    let moved = s
+        .update(RouteType::Http, &other.id, http("a.com", "/z/"))
+        .unwrap();
+    assert_eq!(moved.path, "/z/");
+}
+
+#[test]
 fn delete_root_with_dependents() {
     let mut s = store();
     let root = s.add(http("a.com", "/")).unwrap();
