@@ -8,4 +8,4 @@
 
 mod table;
 
-pub use table::{normalize_path, Backends, HttpRoute, Table, TcpRoute, MAX_DOMAIN};
+pub use table::{normalize_path, strip_port, Backends, HttpRoute, Table, TcpRoute, MAX_DOMAIN};

@@ -261,8 +261,10 @@ impl Table {
     }
 }
 
-/// `example.com:80` → `example.com`; `[::1]:80` → `[::1]`.
-fn strip_port(host: &[u8]) -> &[u8] {
+/// The domain of a Host header: `example.com:80` → `example.com`; `[::1]:80` → `[::1]`
+/// (a colon followed by digits only, possibly none, is a port; a bracketed literal keeps
+/// its colons).
+pub fn strip_port(host: &[u8]) -> &[u8] {
     if host.last() == Some(&b']') {
         return host;
     }

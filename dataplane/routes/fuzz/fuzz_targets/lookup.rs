@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use flynn_api::{Route, RouteType};
-use flynn_routes::{normalize_path, Table, MAX_DOMAIN};
+use flynn_routes::{normalize_path, strip_port, Table, MAX_DOMAIN};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 
@@ -44,7 +44,8 @@ fn route(u: &mut Unstructured, i: usize) -> Result<Route> {
     Ok(serde_json::from_value(v).expect("a well-formed route"))
 }
 
-/// The documented rules, the slow way.
+/// The documented rules, the slow way. Port stripping is the crate's own `strip_port`
+/// (unit-tested in `table/tests.rs`): this target checks the table around it.
 fn model<'a>(routes: &'a [Route], host: &[u8], port: u16, path: &[u8]) -> Option<&'a str> {
     let domain = strip_port(host);
     let path = if path.is_empty() { b"/" as &[u8] } else { path };
@@ -88,16 +89,6 @@ fn model<'a>(routes: &'a [Route], host: &[u8], port: u16, path: &[u8]) -> Option
         return best.map(|(_, id)| id);
     }
     None
-}
-
-fn strip_port(host: &[u8]) -> &[u8] {
-    if host.last() == Some(&b']') {
-        return host;
-    }
-    match host.iter().rposition(|&b| b == b':') {
-        Some(i) if host[i + 1..].iter().all(u8::is_ascii_digit) => &host[..i],
-        _ => host,
-    }
 }
 
 fn run(u: &mut Unstructured) -> Result<()> {

@@ -163,3 +163,19 @@ fn tcp_routes_by_port() {
     assert!(t.tcp_route(3002).is_none());
     assert_eq!(t.tcp_ports().collect::<Vec<_>>(), vec![3001]);
 }
+
+#[test]
+fn host_header_ports_are_stripped() {
+    for (host, domain) in [
+        ("example.com:8080", "example.com"),
+        ("example.com", "example.com"),
+        ("example.com:", "example.com"),
+        ("a:b", "a:b"),
+        ("[::1]", "[::1]"),
+        ("[::1]:80", "[::1]"),
+        ("::1", ":"),
+        ("", ""),
+    ] {
+        assert_eq!(strip_port(host.as_bytes()), domain.as_bytes(), "{host}");
+    }
+}
