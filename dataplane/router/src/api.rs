@@ -84,12 +84,11 @@ impl Api {
         let (applied, v) = {
             let mut s = self.store();
             let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-            let applied = f.apply(&mut s, file);
-            // Whatever was applied before an error is valid and is published.
+            // All or nothing: on error neither the store nor the file state changed.
+            let applied = f.apply(&mut s, file)?;
             (applied, self.publish(&s))
         };
         self.shared.wait_applied(v, Duration::from_secs(10));
-        let applied = applied?;
         let counts = (applied.set.len(), applied.removed.len());
         for r in applied.removed {
             self.emit("remove", Some(r), None);

@@ -9,13 +9,14 @@ use rustls::sign::CertifiedKey;
 
 use crate::tls::{parse_keypair, Keypair};
 
+#[derive(Clone)]
 struct Stored {
     seq: u64,
     api: Certificate,
     keypair: Keypair,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Certs {
     by_id: BTreeMap<String, Stored>,
     seq: u64,

@@ -21,7 +21,8 @@ mod page;
 mod park;
 mod pool;
 mod proxy;
-mod reload;
+#[doc(hidden)]
+pub mod reload;
 mod shared;
 mod sticky;
 /// Route and backend state behind the admin API (public for the fuzz target).
@@ -88,7 +89,7 @@ pub struct Running {
 
 impl Running {
     /// Re-reads the routes file (`SIGHUP`) and applies the difference; a bad file
-    /// changes nothing it could not validate and is reported.
+    /// changes nothing and is reported.
     pub fn reload(&self) -> anyhow::Result<(usize, usize)> {
         let path = self
             .routes_file

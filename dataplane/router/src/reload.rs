@@ -2,7 +2,9 @@
 //! services it declares. A reload adds what is new, updates what changed in place (same
 //! route id, so nothing is torn down), and removes what the previous version declared
 //! and this one does not. Routes and services added through the API are left alone.
-//! Like every change, the result reaches the cores as one snapshot between requests.
+//! A reload is all or nothing: a file with any route or service the store refuses
+//! changes nothing (like `nginx -s reload` with a bad configuration). Like every
+//! change, the result reaches the cores as one snapshot between requests.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -29,7 +31,7 @@ fn key(r: &Route) -> Key {
 }
 
 /// What the routes file put into the store.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct FileRoutes {
     routes: BTreeMap<Key, String>,
     services: BTreeSet<String>,
@@ -47,7 +49,17 @@ fn err(what: &str, e: ApiError) -> String {
 }
 
 impl FileRoutes {
+    /// Applies `file` to `store` in full, or on error leaves both `store` and `self`
+    /// as they were. The work is done on copies (a reload is rare; the store is small
+    /// next to the cost of a half-applied file).
     pub fn apply(&mut self, store: &mut Store, file: RoutesFile) -> Result<Applied, String> {
+        let (mut s, mut f) = (store.clone(), self.clone());
+        let out = f.apply_in_place(&mut s, file)?;
+        (*store, *self) = (s, f);
+        Ok(out)
+    }
+
+    fn apply_in_place(&mut self, store: &mut Store, file: RoutesFile) -> Result<Applied, String> {
         let mut out = Applied {
             set: Vec::new(),
             removed: Vec::new(),
@@ -189,5 +201,47 @@ mod tests {
             file(r#"{"routes":[{"type":"http","domain":"c.com","path":"/sub/","service":"c"}]}"#),
         );
         assert!(e.unwrap_err().contains("c.com/sub/"));
+    }
+
+    #[test]
+    fn a_refused_reload_changes_nothing() {
+        let ports = Ports {
+            default_http: vec![8080],
+            additional_http: vec![],
+            tcp_range: (3000, 3010),
+        };
+        let mut store = Store::new(ports, false);
+        let mut f = FileRoutes::default();
+        let v1 = r#"{"routes":[{"type":"http","domain":"a.com","service":"a"},
+                               {"type":"http","domain":"a.com","path":"/x","service":"x"}],
+                     "services":{"a":[{"addr":"127.0.0.1:1"}]}}"#;
+        f.apply(&mut store, file(v1)).unwrap();
+        let snapshot = |s: &Store| {
+            (
+                serde_json::to_string(&s.list(None)).unwrap(),
+                s.services().clone(),
+            )
+        };
+        let before = snapshot(&store);
+        // Every step before the bad route would succeed on its own: /x/ removed, a.com
+        // updated, b.com and its service added, a's backends emptied. The last route
+        // has no root on its domain.
+        let bad = r#"{"routes":[{"type":"http","domain":"a.com","service":"a2"},
+                                {"type":"http","domain":"b.com","service":"b"},
+                                {"type":"http","domain":"c.com","path":"/sub/","service":"c"}],
+                      "services":{"b":[{"addr":"127.0.0.1:2"}]}}"#;
+        let e = f.apply(&mut store, file(bad)).unwrap_err();
+        assert!(e.contains("c.com/sub/"), "{e}");
+        assert_eq!(snapshot(&store), before, "a refused reload left changes");
+        // The file state is the old one too: a good reload after the bad one removes
+        // /x/ (which only v1 declared) and updates a.com in place.
+        let good = r#"{"routes":[{"type":"http","domain":"a.com","service":"a2"}]}"#;
+        let applied = f.apply(&mut store, file(good)).unwrap();
+        assert_eq!(applied.removed.len(), 1);
+        assert_eq!(applied.removed[0].path, "/x/");
+        let routes = store.list(None);
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0].service, "a2");
+        assert!(store.backends("a").is_empty());
     }
 }

@@ -32,12 +32,14 @@ impl Ports {
     }
 }
 
+#[derive(Clone)]
 struct Stored {
     seq: u64,
     route: Route,
 }
 
 /// All routes and service backends; every mutation bumps `version`.
+#[derive(Clone)]
 pub struct Store {
     ports: Ports,
     /// Whether COOKIE_KEY is set (sticky routes need it).
