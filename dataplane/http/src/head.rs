@@ -94,6 +94,16 @@ impl Method {
             _ => Method::Other,
         }
     }
+
+    /// Safe methods (RFC 9110 §9.2.1): GET, HEAD, OPTIONS, TRACE. A proxy may send such a
+    /// request again when a reused connection died before answering; anything else may
+    /// already have acted on the backend (RFC 9112 §9.3.1.1).
+    pub fn is_safe(self) -> bool {
+        matches!(
+            self,
+            Method::Get | Method::Head | Method::Options | Method::Trace
+        )
+    }
 }
 
 /// How the body after a head is delimited.

@@ -65,14 +65,40 @@ pub async fn tunnel<S: crate::proxy::Client>(
         l,
         start_ms,
     };
+    // Before the backend answers, only this request goes to it: its head and its body as
+    // framed. Bytes after that (early frames, or a pipelined request) wait in `buf` for
+    // the 101; without one they are dropped with the connection, so nothing reaches the
+    // backend that did not go through the router's request handling (RFC 9110 §7.8).
     let mut out = Vec::with_capacity(4096);
     write_request_head(&buf, info, &fwd.forward(false), &mut out);
-    // Everything the client sent after the head goes along (early frames, or a body).
-    out.extend_from_slice(&buf[info.head_len..]);
+    let mut body = BodyReader::new(info.framing);
+    let Ok(adv) = body.advance(&buf[info.head_len..]) else {
+        return;
+    };
+    out.extend_from_slice(&buf[info.head_len..info.head_len + adv.used]);
+    let mut buf = buf;
+    buf.drain(..info.head_len + adv.used);
     let len = out.len();
     let (res, _) = write_range(&mut up, out, 0, len).await;
     if res.is_err() {
         return fail(core, &mut c).await;
+    }
+    // A body longer than what came with the head: relay the rest as it arrives.
+    while !body.is_done() {
+        let (res, b) = read_append(&mut c, buf).await;
+        buf = b;
+        if !matches!(res, Ok(n) if n > 0) {
+            return;
+        }
+        let Ok(adv) = body.advance(&buf) else {
+            return;
+        };
+        let (res, b) = write_range(&mut up, buf, 0, adv.used).await;
+        buf = b;
+        if res.is_err() {
+            return fail(core, &mut c).await;
+        }
+        buf.drain(..adv.used);
     }
     let mut ubuf = Vec::with_capacity(16 * 1024);
     let resp = loop {
@@ -116,6 +142,14 @@ pub async fn tunnel<S: crate::proxy::Client>(
     }
     if upgraded {
         CoreMetrics::inc(&m.upgrades_total);
+        if !buf.is_empty() {
+            // What the client sent ahead of the 101 belongs to the new protocol.
+            let len = buf.len();
+            let (res, _) = write_range(&mut up, buf, 0, len).await;
+            if res.is_err() {
+                return;
+            }
+        }
         let (cr, cw) = c.into_split();
         let (ur, uw) = up.into_split();
         let a = pipe(cr, uw, Vec::with_capacity(16 * 1024));

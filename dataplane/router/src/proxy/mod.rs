@@ -564,7 +564,14 @@ async fn forward<S: Client>(
             }
             match exchange(c, &mut up, ubuf, info, sent_continue).await {
                 Exchange::Ok(r) => break 'send r,
-                Exchange::Stale => break 'attempt reused && info.framing == Framing::Empty,
+                // The request reached a reused connection that then died: the backend
+                // may have acted on it, so only a bodiless safe request goes again (as
+                // Go's transport does).
+                Exchange::Stale => {
+                    break 'attempt reused
+                        && info.framing == Framing::Empty
+                        && info.method.is_safe()
+                }
                 Exchange::Failed => break 'attempt false,
                 Exchange::ClientGone => {
                     CoreMetrics::inc(&m.client_aborts_total);
@@ -572,8 +579,9 @@ async fn forward<S: Client>(
                 }
             }
         };
-        // Only a reused connection that died before any response byte is retried: on a
-        // fresh dial to the same backend, or another backend if that dial fails.
+        // Only a reused connection that failed the write, or died before any response
+        // byte to a safe request, is retried: on a fresh dial to the same backend, or
+        // another backend if that dial fails.
         if !can_retry || retries >= MAX_ATTEMPTS {
             return upstream_failed(core, c, out).await;
         }

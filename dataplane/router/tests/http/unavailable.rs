@@ -143,3 +143,54 @@ fn local_404_and_503_answer_once_on_a_keep_alive_connection() {
         assert_eq!(resp.backend(), "b1");
     }
 }
+
+/// A backend that answers keep-alive, except that it closes without answering the first
+/// time it sees `/flaky` (any method): the reused pooled connection "dies" after the
+/// request reached the backend.
+fn flaky_backend() -> (Backend, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let b = Backend::with_handler("flaky", move |req, conn| {
+        let mut log = log.lock().unwrap();
+        log.push(format!("{} {}", req.method, req.uri));
+        if req.uri == "/flaky" && log.iter().filter(|l| l.ends_with(" /flaky")).count() == 1 {
+            return Reply::Close;
+        }
+        drop(log);
+        handlers::echo(req, conn)
+    });
+    (b, seen)
+}
+
+#[test]
+fn a_safe_request_on_a_pooled_connection_that_died_is_sent_again() {
+    let router = Router::start();
+    let (b, seen) = flaky_backend();
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let mut conn = Conn::connect(router.http_addr);
+    assert_eq!(conn.get("example.com", "/warm").status, 200);
+    let resp = conn.get("example.com", "/flaky");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["GET /warm", "GET /flaky", "GET /flaky"]
+    );
+}
+
+/// RFC 9112 §9.3.1.1: a proxy must not replay a non-idempotent request on its own; Go's
+/// transport replays only bodiless GET/HEAD/OPTIONS/TRACE. A DELETE that reached the
+/// backend on a reused connection that then died is a 503, not a second DELETE.
+#[test]
+fn an_unsafe_request_on_a_pooled_connection_that_died_is_not_replayed() {
+    let router = Router::start();
+    let (b, seen) = flaky_backend();
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let mut conn = Conn::connect(router.http_addr);
+    assert_eq!(conn.get("example.com", "/warm").status, 200);
+    let resp = conn.request("DELETE /flaky HTTP/1.1\r\nHost: example.com\r\n\r\n");
+    assert_503(&resp);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(*seen.lock().unwrap(), ["GET /warm", "DELETE /flaky"]);
+}

@@ -189,3 +189,66 @@ fn tunnel_carries_a_large_stream_both_ways() {
     assert_eq!(got.len(), payload.len());
     assert!(got == payload, "tunnelled bytes corrupted");
 }
+
+/// A request pipelined behind an upgrade request must not reach the backend unless the
+/// backend switched protocols: it never went through the router's own request handling
+/// (X-Forwarded-For, X-Request-Id), so relaying it would smuggle it past the router.
+#[test]
+fn a_request_pipelined_behind_a_refused_upgrade_never_reaches_the_backend() {
+    let router = Router::start();
+    let b = Backend::with_handler("refuser", |req, conn| {
+        respond(conn, "404 Not Found", &[], req.uri.as_bytes());
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let mut conn = Conn::connect(router.http_addr);
+    let smuggled =
+        "GET /smuggled HTTP/1.1\r\nHost: example.com\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n";
+    let resp = conn.request(&(ws_request("Upgrade", "websocket") + smuggled));
+    assert_eq!(resp.status, 404, "{resp:?}");
+    assert_eq!(resp.body, b"/ws");
+    assert!(resp.connection_has("close"), "{:?}", resp.headers);
+    conn.expect_closed();
+    std::thread::sleep(Duration::from_millis(100));
+    let uris: Vec<String> = b.requests().into_iter().map(|r| r.uri).collect();
+    assert_eq!(
+        uris,
+        ["/ws"],
+        "the backend saw a request the router never handled"
+    );
+}
+
+/// Bytes the client sends right behind the upgrade request (before the 101) belong to
+/// the new protocol and reach the backend after it switched.
+#[test]
+fn bytes_sent_ahead_of_the_101_reach_the_backend_after_it() {
+    let (router, b) = upgrade_router();
+    let mut conn = Conn::connect(router.http_addr);
+    let resp = conn.request(&(ws_request("Upgrade", "websocket") + "early"));
+    assert_eq!(resp.status, 101, "{resp:?}");
+    let mut got = resp.body.clone();
+    while got.len() < 5 {
+        got.extend(conn.read_some().expect("echo of the early bytes"));
+    }
+    assert_eq!(got, b"early");
+    echo_round_trips(&mut conn);
+    assert_eq!(b.request_count(), 1);
+}
+
+/// An upgrade request with a body: the whole body goes to the backend (also when it
+/// arrives after the head), and the bytes after it only once the backend switched.
+#[test]
+fn an_upgrade_request_body_is_forwarded_whole_before_the_answer() {
+    let (router, b) = upgrade_router();
+    let mut conn = Conn::connect(router.http_addr);
+    conn.send(
+        b"POST /ws HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Content-Length: 10\r\n\r\nhello",
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    let resp = conn.request("world");
+    assert_eq!(resp.status, 101, "{resp:?}");
+    assert_eq!(b.requests()[0].body, b"helloworld");
+    echo_round_trips(&mut conn);
+}
