@@ -66,6 +66,7 @@ fn response(c: &mut Criterion) {
     let opts = ResponseOpts {
         close: false,
         extra: &[],
+        http10: false,
     };
     let mut g = c.benchmark_group("response");
     g.throughput(Throughput::Bytes(RESPONSE.len() as u64));

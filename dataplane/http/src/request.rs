@@ -16,7 +16,7 @@ pub struct RequestInfo {
     /// The path of the URI without the query; empty means `/` (absolute-form without a path,
     /// `*`, authority-form).
     pub path: Span,
-    /// The Host header value, or the URI's authority when there is no Host header.
+    /// The authority of an absolute-form URI, else the Host header value.
     pub host: Option<Span>,
     /// `Empty`, `Length(n)` or `Chunked`; never `Close`.
     pub framing: Framing,
@@ -60,10 +60,11 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestInfo>, ParseError> {
     if version_minor >= 1 && scan.host_fields == 0 {
         return Err(ParseError::Malformed);
     }
+    // Absolute-form names its host in the target, which wins over the Host header
+    // (RFC 9112 §3.2.2; Go sets `req.Host` the same way, and Flynn routes on it).
     let host = match (scan.host, authority) {
-        (Some(h), _) => Some(h),
-        (None, Some(a)) if !a.is_empty() => Some(a),
-        (None, _) => None,
+        (_, Some(a)) if !a.is_empty() => Some(a),
+        (h, _) => h,
     };
     if let Some(h) = host {
         if !valid_host(h) {

@@ -85,6 +85,10 @@ pub struct ResponseOpts<'a> {
     pub close: bool,
     /// Appended verbatim (e.g. the sticky `Set-Cookie`).
     pub extra: &'a [(&'a [u8], &'a [u8])],
+    /// The client spoke HTTP/1.0: never `Transfer-Encoding` (RFC 9112 §6.1; a chunked body
+    /// goes out decoded and the connection's close ends it, so the caller sets `close`),
+    /// and `Connection: keep-alive` when the connection stays open.
+    pub http10: bool,
 }
 
 /// Appends to `out` the head to send to the client for the response whose head is at the
@@ -97,7 +101,7 @@ pub struct ResponseOpts<'a> {
 /// the fields listed in Connection are dropped unless the status is 101 or the response is
 /// HTTP/1.1 with a Connection token `upgrade` (as Flynn's `prepareResponseHeaders`).
 /// `Connection: close` is added when `opts.close` or when the body is close-delimited,
-/// never on a 101.
+/// never on a 101. For an HTTP/1.0 client (`opts.http10`) see [`ResponseOpts::http10`].
 pub fn write_response_head(
     buf: &[u8],
     resp: &ResponseInfo,
@@ -131,13 +135,16 @@ pub fn write_response_head(
 
     let describes_resource =
         resp.framing == Framing::Empty && !(100..200).contains(&resp.status) && resp.status != 204;
-    if resp.framing == Framing::Chunked
-        || (describes_resource && fields.has(Field::TransferEncoding))
+    if !opts.http10
+        && (resp.framing == Framing::Chunked
+            || (describes_resource && fields.has(Field::TransferEncoding)))
     {
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
     if (opts.close || resp.framing == Framing::Close) && !resp.upgrade {
         out.extend_from_slice(b"Connection: close\r\n");
+    } else if opts.http10 && !resp.upgrade {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
     }
     for (name, value) in opts.extra {
         put_header(out, name, value);

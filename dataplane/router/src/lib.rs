@@ -242,6 +242,8 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         default_http.push(first.port());
         additional_http.extend(rest.iter().map(|a| a.port()));
     }
+    // h2c listeners serve the default routes too; a TCP route must not share their port.
+    default_http.extend(h2c_addrs.iter().map(|a| a.port()));
     let ports = Ports {
         default_http,
         additional_http,

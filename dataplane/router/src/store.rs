@@ -16,7 +16,8 @@ use flynn_routes::{normalize_path, Backends, Table};
 /// Listener facts the validation rules need.
 #[derive(Debug, Clone)]
 pub struct Ports {
-    /// Ports of the default HTTP listener(s) (route port 0).
+    /// Ports of the default HTTP listener(s) (route port 0): the first HTTP, HTTPS and
+    /// every h2c listener.
     pub default_http: Vec<u16>,
     /// Additional HTTP listener ports a route may name.
     pub additional_http: Vec<u16>,
@@ -214,17 +215,6 @@ impl Store {
         next.disable_keep_alives = r.disable_keep_alives;
         next.grpc = r.grpc;
         next.drain_backends = r.drain_backends;
-        next.certificate = if kind == RouteType::Http {
-            let mut c = Route {
-                certificate: r.certificate,
-                tls_cert: r.tls_cert,
-                tls_key: r.tls_key,
-                ..old.clone()
-            };
-            self.resolve_certificate(&mut c)?
-        } else {
-            None
-        };
         if kind == RouteType::Http && !r.path.is_empty() {
             next.path = normalize_path(&r.path);
             if !valid_path(&next.path) {
@@ -242,6 +232,18 @@ impl Store {
                 }
             }
         }
+        // Last, once nothing else can refuse the update: resolving stores the certificate.
+        next.certificate = if kind == RouteType::Http {
+            let mut c = Route {
+                certificate: r.certificate,
+                tls_cert: r.tls_cert,
+                tls_key: r.tls_key,
+                ..old.clone()
+            };
+            self.resolve_certificate(&mut c)?
+        } else {
+            None
+        };
         next.updated_at = Some(now());
         self.version += 1;
         if let Some(s) = self.routes.get_mut(&key) {

@@ -131,6 +131,7 @@ pub async fn tunnel<S: crate::proxy::Client>(
         &ResponseOpts {
             close: !upgraded,
             extra: cookie_header.as_slice(),
+            http10: false,
         },
         &mut out,
     );

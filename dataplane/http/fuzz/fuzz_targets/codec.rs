@@ -62,6 +62,7 @@ fuzz_target!(|data: &[u8]| {
         let opts = ResponseOpts {
             close: ctl & 2 == 2,
             extra: &[(b"Set-Cookie", b"a=b")],
+            http10: ctl & 4 == 4,
         };
         write_response_head(data, &resp, &opts, &mut out);
         // The rewrite may add two headers; at the limits that can exceed them.

@@ -61,7 +61,16 @@ pub fn resp_to(raw: &[u8], method: Method) -> ResponseInfo {
 pub fn client_head(raw: &[u8], close: bool) -> String {
     let info = resp(raw);
     let mut out = Vec::new();
-    write_response_head(raw, &info, &ResponseOpts { close, extra: &[] }, &mut out);
+    write_response_head(
+        raw,
+        &info,
+        &ResponseOpts {
+            close,
+            extra: &[],
+            http10: false,
+        },
+        &mut out,
+    );
     String::from_utf8(out).expect("head is UTF-8 in these tests")
 }
 

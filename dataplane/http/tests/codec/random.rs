@@ -115,6 +115,7 @@ fn check_response(buf: &[u8], method: Method) -> bool {
     let opts = ResponseOpts {
         close: info.status % 2 == 0,
         extra: &[(b"Set-Cookie", b"a=b")],
+        http10: false,
     };
     write_response_head(buf, &info, &opts, &mut out);
     let re = match parse_response(&out, method) {

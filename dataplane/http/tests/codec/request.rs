@@ -111,12 +111,20 @@ fn targets_path_and_host() {
             Some("Example.COM:8080"),
         ),
         ("//foo/bar", Some("a"), "//foo/bar", "//foo/bar", Some("a")),
+        // RFC 9112 §3.2.2: the target's authority, not the Host header.
         (
             "http://h.example/p?q",
             Some("other"),
             "http://h.example/p?q",
             "/p",
+            Some("h.example"),
+        ),
+        (
+            "http://u@h.example:8080/p",
             Some("other"),
+            "http://u@h.example:8080/p",
+            "/p",
+            Some("h.example:8080"),
         ),
         (
             "http://h.example/p?q",

@@ -261,6 +261,7 @@ fn head_and_304_keep_their_transfer_encoding() {
         &ResponseOpts {
             close: false,
             extra: &[],
+            http10: false,
         },
         &mut out,
     );
@@ -281,7 +282,16 @@ fn switching_protocols_keeps_connection_and_upgrade() {
     let extra: &[(&[u8], &[u8])] = &[(b"Set-Cookie", b"_backend=x; Path=/")];
     let mut out = Vec::new();
     // Even if the router asks for close, a 101 never gets Connection: close.
-    write_response_head(raw, &info, &ResponseOpts { close: true, extra }, &mut out);
+    write_response_head(
+        raw,
+        &info,
+        &ResponseOpts {
+            close: true,
+            extra,
+            http10: false,
+        },
+        &mut out,
+    );
     assert_eq!(
         String::from_utf8(out).unwrap(),
         "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\

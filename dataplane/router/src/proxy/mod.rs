@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flynn_http::{
     parse_request, parse_response, simple_response, write_request_head, write_response_head,
-    BodyReader, Forward, Framing, RequestInfo, ResponseOpts,
+    BodyReader, Dechunker, Forward, Framing, RequestInfo, ResponseOpts,
 };
 use flynn_routes::HttpRoute;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Canceller, Split};
@@ -599,8 +599,12 @@ async fn forward<S: Client>(
         }
     };
 
-    // Response head and body.
-    let close_client = !info.keep_alive || resp.framing == Framing::Close || core.draining();
+    // Response head and body. An HTTP/1.0 client cannot take chunk framing: it gets the
+    // body decoded, ended by the close of the connection (RFC 9112 §6.1, as Go does).
+    let http10 = info.version_minor == 0;
+    let mut unchunk = (http10 && resp.framing == Framing::Chunked).then(Dechunker::new);
+    let close_client =
+        !info.keep_alive || resp.framing == Framing::Close || unchunk.is_some() || core.draining();
     // A new cookie only when the chosen backend differs from the cookie's.
     let cookie = match sealer {
         Some(s) if cookie_addr != Some(addr) => Some(crate::sticky::set_cookie(s, addr)),
@@ -624,10 +628,20 @@ async fn forward<S: Client>(
         &ResponseOpts {
             close: close_client,
             extra: cookie_header.as_slice(),
+            http10,
         },
         out,
     );
-    out.extend_from_slice(&ubuf[head_len..head_len + adv.used]);
+    let first = &ubuf[head_len..head_len + adv.used];
+    match &mut unchunk {
+        Some(d) => {
+            if d.feed(first, out).is_err() {
+                CoreMetrics::inc(&m.upstream_errors_total);
+                return Next::Close;
+            }
+        }
+        None => out.extend_from_slice(first),
+    }
     let mut clean = head_len + adv.used == ubuf.len();
     let o = std::mem::take(out);
     let len = o.len();
@@ -665,9 +679,27 @@ async fn forward<S: Client>(
             }
         };
         clean = adv.used == ubuf.len();
-        let taken = std::mem::take(ubuf);
-        let (res, b) = write_range(c, taken, 0, adv.used).await;
-        *ubuf = b;
+        let res = match &mut unchunk {
+            Some(d) => {
+                // Decoded into `out` (free once the head went out): no allocation.
+                out.clear();
+                if d.feed(&ubuf[..adv.used], out).is_err() {
+                    CoreMetrics::inc(&m.upstream_errors_total);
+                    return Next::Close;
+                }
+                let o = std::mem::take(out);
+                let len = o.len();
+                let (res, o) = write_range(c, o, 0, len).await;
+                *out = o;
+                res
+            }
+            None => {
+                let taken = std::mem::take(ubuf);
+                let (res, b) = write_range(c, taken, 0, adv.used).await;
+                *ubuf = b;
+                res
+            }
+        };
         if res.is_err() {
             CoreMetrics::inc(&m.client_aborts_total);
             return Next::Close;

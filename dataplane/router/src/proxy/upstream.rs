@@ -130,6 +130,15 @@ pub(super) async fn exchange<S: Client>(
                     ubuf.drain(..r.head_len);
                     continue;
                 }
+                // No 1xx to an HTTP/1.0 client (RFC 9110 §15.2).
+                Ok(Some(r))
+                    if (100..200).contains(&r.status)
+                        && r.status != 101
+                        && info.version_minor == 0 =>
+                {
+                    ubuf.drain(..r.head_len);
+                    continue;
+                }
                 Ok(Some(r)) if (100..200).contains(&r.status) && r.status != 101 => {
                     let mut interim = Vec::new();
                     write_response_head(
@@ -138,6 +147,7 @@ pub(super) async fn exchange<S: Client>(
                         &ResponseOpts {
                             close: false,
                             extra: &[],
+                            http10: false,
                         },
                         &mut interim,
                     );

@@ -64,6 +64,47 @@ fn the_only_root_cannot_move_off_slash() {
 }
 
 #[test]
+fn a_refused_update_stores_no_certificate() {
+    // Found in review: PUT with an inline certificate stored the certificate before the
+    // path checks refused the update, leaving it listed in GET /certificates.
+    let mut s = store();
+    s.add(http("a.com", "/")).unwrap();
+    let sub = s.add(http("a.com", "/x/")).unwrap();
+    let c = rcgen::generate_simple_self_signed(vec!["a.com".to_string()]).unwrap();
+    let with_cert = Route {
+        certificate: Some(Certificate {
+            id: String::new(),
+            routes: Vec::new(),
+            cert: c.cert.pem(),
+            key: c.key_pair.serialize_pem(),
+            created_at: None,
+            updated_at: None,
+        }),
+        ..http("a.com", "/")
+    };
+    let e = s
+        .update(RouteType::Http, &sub.id, with_cert.clone())
+        .unwrap_err();
+    assert_eq!(e.status(), 409, "{e:?}");
+    assert!(s.certs.list().is_empty(), "{:?}", s.certs.list());
+    assert_eq!(s.get(RouteType::Http, &sub.id).unwrap().certificate, None);
+    // Accepted, the same certificate is stored once and used by the route.
+    let ok = s
+        .update(
+            RouteType::Http,
+            &sub.id,
+            Route {
+                path: "/x/".into(),
+                ..with_cert
+            },
+        )
+        .unwrap();
+    let id = ok.certificate.unwrap().id;
+    assert_eq!(s.certs.list().len(), 1);
+    assert_eq!(s.certs.list()[0].id, id);
+}
+
+#[test]
 fn delete_root_with_dependents() {
     let mut s = store();
     let root = s.add(http("a.com", "/")).unwrap();

@@ -157,9 +157,14 @@ fn unknown_type_and_bad_json_are_rejected() {
 
 #[test]
 fn tcp_route_on_http_ports_is_reserved() {
-    let router = Router::builder().tcp().start();
+    let router = Router::builder()
+        .tcp()
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
     let http_port = router.http_addr.port();
-    for port in [80, 443, http_port] {
+    let h2c_port = router.h2c_addrs[0].port();
+    for port in [80, 443, http_port, h2c_port] {
         assert_error(
             &post(&router, tcp_route(port, "svc")),
             409,

@@ -299,3 +299,58 @@ fn close_delimited_and_http10_backend_responses_are_relayed() {
         assert!(resp.header("x-old").is_some());
     }
 }
+
+/// RFC 9112 §6.1: no Transfer-Encoding to an HTTP/1.0 client. A chunked backend body is
+/// sent decoded, delimited by the close of the connection (as Go's server does).
+#[test]
+fn chunked_response_to_an_http10_client_is_decoded_and_closes() {
+    let router = Router::start();
+    let b1 = Backend::with_handler("b1", |_req, conn| {
+        let _ = conn.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel");
+        std::thread::sleep(Duration::from_millis(30));
+        let _ = conn.write(b"lo\r\n7\r\n, world\r\n0\r\nX-Sum: 1\r\n\r\n");
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    let mut conn = Conn::connect(router.http_addr);
+    conn.send(b"GET / HTTP/1.0\r\nHost: example.com\r\nConnection: keep-alive\r\n\r\n");
+    let raw = String::from_utf8(conn.read_to_end().expect("the router closes")).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{raw:?}");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{raw:?}"
+    );
+    assert!(head.contains("\r\nConnection: close"), "{raw:?}");
+    assert_eq!(body, "hello, world");
+}
+
+/// An HTTP/1.0 client asking for keep-alive is told the connection stays open, and it
+/// does; an HTTP/1.1 client over the same router gets the body still chunked.
+#[test]
+fn http10_keep_alive_is_announced_and_http11_stays_chunked() {
+    let router = Router::start();
+    let b1 = Backend::with_handler("b1", |req, conn| {
+        if req.uri == "/chunked" {
+            let _ = conn.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            );
+        } else {
+            respond(conn, "200 OK", &[], b"fixed");
+        }
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    let mut conn = Conn::connect(router.http_addr);
+    for _ in 0..2 {
+        let resp =
+            conn.request("GET / HTTP/1.0\r\nHost: example.com\r\nConnection: keep-alive\r\n\r\n");
+        assert_eq!(resp.body, b"fixed");
+        assert_eq!(resp.header("connection"), Some("keep-alive"), "{resp:?}");
+    }
+    let resp = conn.request("GET /chunked HTTP/1.1\r\nHost: example.com\r\n\r\n");
+    assert!(resp.chunked, "{resp:?}");
+    assert_eq!(resp.body, b"ok");
+}
