@@ -64,14 +64,19 @@ fn simple(
     body: &'static [u8],
 ) {
     core.metrics().status(status);
+    // The configured 503 page, as HTTP/1.1 clients get it.
+    let (ctype, body) = match (&core.settings().page_503, status) {
+        (Some(page), 503) => ("text/html; charset=utf-8", Bytes::copy_from_slice(page)),
+        _ => ("text/plain; charset=utf-8", Bytes::from_static(body)),
+    };
     let resp = http::Response::builder()
         .status(status)
-        .header("content-type", "text/plain; charset=utf-8")
+        .header("content-type", ctype)
         .header("content-length", body.len())
         .body(())
         .unwrap_or_default();
     if let Ok(mut s) = respond.send_response(resp, false) {
-        let _ = s.send_data(Bytes::from_static(body), true);
+        let _ = s.send_data(body, true);
     }
 }
 
@@ -95,10 +100,22 @@ fn h1_head(parts: &http::request::Parts, end_stream: bool) -> (Vec<u8>, bool) {
     h.extend_from_slice(host);
     h.extend_from_slice(b"\r\n");
     let mut has_length = false;
+    // HTTP/2 clients may split Cookie into one field per cookie; HTTP/1.1 allows only one
+    // field, so they are joined with "; " (RFC 9113 §8.2.3).
+    let mut cookies = parts.headers.get_all("cookie").iter();
+    if let Some(first) = cookies.next() {
+        h.extend_from_slice(b"cookie: ");
+        h.extend_from_slice(first.as_bytes());
+        for v in cookies {
+            h.extend_from_slice(b"; ");
+            h.extend_from_slice(v.as_bytes());
+        }
+        h.extend_from_slice(b"\r\n");
+    }
     for (name, value) in &parts.headers {
         match name.as_str() {
             "host" | "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding"
-            | "upgrade" => continue,
+            | "upgrade" | "cookie" => continue,
             "te" => continue,
             "content-length" => has_length = true,
             _ => {}
@@ -187,7 +204,11 @@ async fn stream(
         )
         .await;
     }
-    let Some((mut up, addr, _)) = connect(&core, route, None, None).await else {
+    // Sticky sessions as on HTTP/1.1: the `_backend` cookie picks the backend first, and
+    // a new one is set when the request went elsewhere.
+    let sealer = core.settings().sticky.as_ref().filter(|_| route.sticky);
+    let cookie_addr = sealer.and_then(|s| crate::sticky::from_request(s, &head[..info.head_len]));
+    let Some((mut up, addr, _)) = connect(&core, route, cookie_addr, None).await else {
         CoreMetrics::inc(&core.metrics().unavailable_total);
         return simple(&mut respond, &core, 503, b"Service Unavailable\n");
     };
@@ -253,8 +274,13 @@ async fn stream(
     };
     core.metrics().status(resp.status);
     let end = resp.framing == Framing::Empty || matches!(resp.framing, Framing::Length(0));
-    let Ok(mut send) = respond.send_response(h2_response(&ubuf[..resp.head_len], resp.status), end)
-    else {
+    let mut response = h2_response(&ubuf[..resp.head_len], resp.status);
+    if let Some(s) = sealer.filter(|_| cookie_addr != Some(addr)) {
+        if let Ok(v) = http::HeaderValue::from_bytes(&crate::sticky::set_cookie(s, addr)) {
+            response.headers_mut().append(http::header::SET_COOKIE, v);
+        }
+    }
+    let Ok(mut send) = respond.send_response(response, end) else {
         return;
     };
     if end {

@@ -201,3 +201,37 @@ fn unreachable_page_url_or_missing_file_stops_the_router() {
     assert!(!status.success(), "missing file: exit {status}\n{out}");
     assert!(!out.contains("listening"), "{out}");
 }
+
+/// HTTP/2 clients get the same page for the router's own 503 (no backends).
+#[test]
+fn page_over_http2() {
+    let file = TempFile::new("page-h2.html", PAGE.as_bytes());
+    let router = Router::builder()
+        .arg("--error-503-page")
+        .arg(file.arg())
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
+    router.add_route(http_route(DOMAIN, "empty"));
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "--max-time",
+            "10",
+            "-D",
+            "-",
+        ])
+        .args(["-H", &format!("Host: {DOMAIN}")])
+        .arg(format!("http://{}/", router.h2c_addrs[0]))
+        .output()
+        .expect("curl is needed for the HTTP/2 tests (apt-get install curl)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/2 503"), "{text}");
+    assert!(
+        head.contains("content-type: text/html; charset=utf-8"),
+        "{text}"
+    );
+    assert_eq!(body, PAGE);
+}

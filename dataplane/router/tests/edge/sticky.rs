@@ -496,3 +496,79 @@ fn invalid_cookie_key_stops_the_router() {
         );
     }
 }
+
+/// curl over HTTP/2 with prior knowledge on the router's h2c listener: (response head
+/// lines, body).
+fn h2c_curl(addr: SocketAddr, headers: &[&str]) -> (Vec<String>, String) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--http2-prior-knowledge",
+        "--max-time",
+        "10",
+        "-D",
+        "-",
+    ])
+    .args(["-H", &format!("Host: {DOMAIN}")]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .arg(format!("http://{addr}/"))
+        .output()
+        .expect("curl is needed for the HTTP/2 tests (apt-get install curl)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    assert!(head.starts_with("HTTP/2 200"), "{text}");
+    (head.lines().map(str::to_string).collect(), body.to_string())
+}
+
+/// HTTP/2 requests stick like HTTP/1.1 ones (spec §1.7: HTTP/2 uses the same handler):
+/// the first answer sets the cookie, and requests carrying it, with the cookie split
+/// into several HTTP/2 fields as browsers send it, go to that backend.
+#[test]
+fn http2_requests_stick_and_split_cookies_are_joined() {
+    let router = Router::builder()
+        .env("COOKIE_KEY", key_b64())
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
+    let (b1, b2) = (Backend::start("b1"), Backend::start("b2"));
+    router.add_route(sticky_route(DOMAIN, "web"));
+    router.set_backends("web", &[&b1, &b2]);
+    let addr = router.h2c_addrs[0];
+    let (head, body) = h2c_curl(addr, &[]);
+    let cookie = head
+        .iter()
+        .find_map(|l| l.strip_prefix("set-cookie: _backend="))
+        .unwrap_or_else(|| panic!("no sticky cookie over HTTP/2: {head:?}"));
+    let value = cookie.strip_suffix("; Path=/").expect("Path=/");
+    let first: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let chosen = open(value);
+    let name = if chosen == b1.addr { "b1" } else { "b2" };
+    assert_eq!(first["backend"], name, "{body}");
+    for _ in 0..6 {
+        let (head, body) = h2c_curl(
+            addr,
+            &[
+                "cookie: a=1",
+                &format!("cookie: _backend={value}"),
+                "cookie: z=2",
+            ],
+        );
+        assert!(
+            !head.iter().any(|l| l.starts_with("set-cookie")),
+            "the cookie was honoured, no new one: {head:?}"
+        );
+        let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(seen["backend"], name, "{body}");
+        let cookies: Vec<String> = seen["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h[0].as_str().unwrap().eq_ignore_ascii_case("cookie"))
+            .map(|h| h[1].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(cookies, [format!("a=1; _backend={value}; z=2")]);
+    }
+}
