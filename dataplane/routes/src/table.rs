@@ -80,7 +80,7 @@ pub struct TcpRoute {
     pub backends: Arc<[SocketAddr]>,
 }
 
-/// Routes of one `domain:port` key, longest path first.
+/// Routes of one `domain:port` key, deepest path first.
 #[derive(Debug, Default)]
 struct Domain {
     routes: Vec<HttpRoute>,
@@ -92,13 +92,23 @@ impl Domain {
     }
 }
 
-/// `route` ends with `/`; `/x/` matches `/x`, `/x/` and `/x/...`.
+/// Whether the route's path segments are a prefix of the request path's, empty segments
+/// skipped on both sides as Flynn's route tree does: `/x/` matches `/x`, `/x/`, `/x/...`
+/// and `//x//...`, not `/xy`.
 fn path_matches(route: &[u8], path: &[u8]) -> bool {
-    if path.starts_with(route) {
-        return true;
-    }
-    let stem = &route[..route.len() - 1];
-    path == stem
+    let mut have = segments(path);
+    segments(route).all(|want| have.next() == Some(want))
+}
+
+/// The non-empty `/`-separated segments of a path.
+fn segments(path: &[u8]) -> impl Iterator<Item = &[u8]> {
+    path.split(|&b| b == b'/').filter(|s| !s.is_empty())
+}
+
+/// Deepest route first: most segments, then the longest path (routes whose segments are
+/// both a prefix of one request path differ in depth).
+fn depth_key(path: &[u8]) -> std::cmp::Reverse<(usize, usize)> {
+    std::cmp::Reverse((segments(path).count(), path.len()))
 }
 
 /// An immutable snapshot of all routes with their backends.
@@ -202,7 +212,7 @@ impl Table {
             }
         }
         for d in t.http.values_mut() {
-            d.routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
+            d.routes.sort_by_key(|r| depth_key(&r.path));
         }
         t
     }

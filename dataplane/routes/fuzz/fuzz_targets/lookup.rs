@@ -12,7 +12,7 @@ use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 
 const LABELS: [&str; 6] = ["a", "B", "c", "xn--d", "a-b", ""];
-const PATHS: [&str; 7] = ["", "/", "/a", "/a/", "/a/b", "/ab", "/A"];
+const PATHS: [&str; 9] = ["", "/", "/a", "/a/", "/a/b", "/ab", "/A", "//a//", "/a///"];
 const PORTS: [u16; 3] = [0, 80, 8080];
 
 fn domain(u: &mut Unstructured) -> Result<String> {
@@ -76,14 +76,22 @@ fn model<'a>(routes: &'a [Route], host: &[u8], port: u16, path: &[u8]) -> Option
         if here.is_empty() {
             continue;
         }
-        let mut best: Option<(usize, &str)> = None;
+        // Segments as Flynn's route tree: split on `/`, empty ones dropped; a route
+        // matches when its segments start the path's; the deepest wins, then the longest.
+        let split = |p: &[u8]| -> Vec<Vec<u8>> {
+            p.split(|&b| b == b'/')
+                .filter(|s| !s.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect()
+        };
+        let have = split(path);
+        let mut best: Option<((usize, usize), &str)> = None;
         for r in here {
             let p = normalize_path(&r.path);
-            let stem = &p.as_bytes()[..p.len() - 1];
-            if (path.starts_with(p.as_bytes()) || path == stem)
-                && best.is_none_or(|(len, _)| p.len() > len)
-            {
-                best = Some((p.len(), r.id.as_str()));
+            let want = split(p.as_bytes());
+            let depth = (want.len(), p.len());
+            if have.starts_with(&want) && best.is_none_or(|(d, _)| depth > d) {
+                best = Some((depth, r.id.as_str()));
             }
         }
         return best.map(|(_, id)| id);

@@ -179,3 +179,41 @@ fn host_header_ports_are_stripped() {
         assert_eq!(strip_port(host.as_bytes()), domain.as_bytes(), "{host}");
     }
 }
+
+#[test]
+fn path_segments_match_with_empty_segments_skipped() {
+    // As Flynn's route tree: paths are compared segment by segment, empty ones skipped.
+    let t = table(&[
+        route("a.com", "/", "s1"),
+        route("a.com", "/api/", "s2"),
+        route("a.com", "/api/v2/", "s3"),
+    ]);
+    let cases = [
+        ("/", "s1"),
+        ("/api", "s2"),
+        ("/api/", "s2"),
+        ("/api/x", "s2"),
+        ("//api/x", "s2"),
+        ("/api//x", "s2"),
+        ("/api//v2", "s3"),
+        ("//api//v2//x", "s3"),
+        ("/apix", "s1"),
+        ("/ap", "s1"),
+        ("/api/v23", "s2"),
+        ("", "s1"),
+    ];
+    for (path, want) in cases {
+        assert_eq!(svc(&t, "a.com", path), Some(want), "{path:?}");
+    }
+}
+
+#[test]
+fn the_deepest_route_wins_whatever_its_length_in_bytes() {
+    // "/x////" has one segment and is longer in bytes than "/x/y/", which has two.
+    let t = table(&[
+        route("a.com", "/x////", "s1"),
+        route("a.com", "/x/y/", "s2"),
+    ]);
+    assert_eq!(svc(&t, "a.com", "/x/y/z"), Some("s2"));
+    assert_eq!(svc(&t, "a.com", "/x/z"), Some("s1"));
+}
