@@ -14,7 +14,7 @@ use flynn_http::{
 
 use crate::io::{read_append, write_range};
 use crate::metrics::CoreMetrics;
-use crate::proxy::{connect, Fwd};
+use crate::proxy::{connect, redial, Fwd};
 use crate::worker::{Core, ListenerInfo};
 
 /// Serves HTTP/2 on `io`: a TLS stream that negotiated `h2`, or plain TCP on an h2c
@@ -174,6 +174,72 @@ fn h2_response(head: &[u8], status: u16) -> http::Response<()> {
     b.body(()).unwrap_or_default()
 }
 
+/// Why sending a request and reading its response head failed.
+enum Failure {
+    /// The connection failed before any response byte (the request may be replayed if
+    /// it is safe and bodiless and the connection was a reused one).
+    Stale,
+    /// The backend answered garbage or failed mid-response.
+    Failed,
+    /// The client's request body stream failed.
+    ClientGone,
+}
+
+/// Sends the request head `out` and the body (DATA frames, re-chunked when the length
+/// is unknown) on `up`, then reads the response head into `ubuf`, skipping 1xx.
+async fn exchange(
+    up: &mut monoio::net::TcpStream,
+    out: &[u8],
+    body: &mut h2::RecvStream,
+    chunked: bool,
+    ubuf: &mut Vec<u8>,
+    method: flynn_http::Method,
+) -> Result<flynn_http::ResponseInfo, Failure> {
+    let (res, _) = write_range(up, out.to_vec(), 0, out.len()).await;
+    res.map_err(|_| Failure::Stale)?;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|_| Failure::ClientGone)?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        let mut frame = Vec::with_capacity(chunk.len() + 16);
+        if chunked {
+            frame.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        }
+        frame.extend_from_slice(&chunk);
+        if chunked {
+            frame.extend_from_slice(b"\r\n");
+        }
+        let n = frame.len();
+        write_range(up, frame, 0, n)
+            .await
+            .0
+            .map_err(|_| Failure::Failed)?;
+    }
+    if chunked {
+        let end = b"0\r\n\r\n".to_vec();
+        write_range(up, end, 0, 5)
+            .await
+            .0
+            .map_err(|_| Failure::Failed)?;
+    }
+    loop {
+        let (res, b) = read_append(up, std::mem::take(ubuf)).await;
+        *ubuf = b;
+        match res {
+            Ok(n) if n > 0 => {}
+            _ if ubuf.is_empty() => return Err(Failure::Stale),
+            _ => return Err(Failure::Failed),
+        }
+        match parse_response(ubuf, method) {
+            Ok(Some(r)) if r.status < 200 => {
+                ubuf.drain(..r.head_len);
+            }
+            Ok(Some(r)) => return Ok(r),
+            Ok(None) => {}
+            Err(_) => return Err(Failure::Failed),
+        }
+    }
+}
+
 async fn stream(
     core: Rc<Core>,
     req: http::Request<h2::RecvStream>,
@@ -208,11 +274,12 @@ async fn stream(
     // a new one is set when the request went elsewhere.
     let sealer = core.settings().sticky.as_ref().filter(|_| route.sticky);
     let cookie_addr = sealer.and_then(|s| crate::sticky::from_request(s, &head[..info.head_len]));
-    let Some((mut up, addr, _)) = connect(&core, route, cookie_addr, None).await else {
+    let Some((mut up, mut addr, mut reused)) = connect(&core, route, cookie_addr, None).await
+    else {
         CoreMetrics::inc(&core.metrics().unavailable_total);
         return simple(&mut respond, &core, 503, b"Service Unavailable\n");
     };
-    let _inflight = core.start_request(addr);
+    let mut _inflight = core.start_request(addr);
     let fwd = Fwd {
         proto,
         peer,
@@ -226,50 +293,31 @@ async fn stream(
         &fwd.forward(route.disable_keep_alives),
         &mut out,
     );
-    let len = out.len();
-    let (res, _) = write_range(&mut up, out, 0, len).await;
-    if res.is_err() {
-        return simple(&mut respond, &core, 503, b"Service Unavailable\n");
-    }
-    // Request body: DATA frames, re-chunked when the length is unknown.
-    while let Some(chunk) = body.data().await {
-        let Ok(chunk) = chunk else { return };
-        let _ = body.flow_control().release_capacity(chunk.len());
-        let mut frame = Vec::with_capacity(chunk.len() + 16);
-        if chunked {
-            frame.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
-        }
-        frame.extend_from_slice(&chunk);
-        if chunked {
-            frame.extend_from_slice(b"\r\n");
-        }
-        let n = frame.len();
-        if write_range(&mut up, frame, 0, n).await.0.is_err() {
-            return simple(&mut respond, &core, 503, b"Service Unavailable\n");
-        }
-    }
-    if chunked {
-        let end = b"0\r\n\r\n".to_vec();
-        if write_range(&mut up, end, 0, 5).await.0.is_err() {
-            return simple(&mut respond, &core, 503, b"Service Unavailable\n");
-        }
-    }
-    // Response head.
+    // As on HTTP/1.1: a bodiless safe request whose reused pooled connection turns out
+    // dead before any response byte goes again on a fresh connection (spec §1.10).
+    let replayable = body.is_end_stream() && info.method.is_safe();
     let mut ubuf = Vec::with_capacity(16 * 1024);
+    let mut retries = 0;
     let resp = loop {
-        let (res, b) = read_append(&mut up, ubuf).await;
-        ubuf = b;
-        if !matches!(res, Ok(n) if n > 0) {
-            CoreMetrics::inc(&core.metrics().upstream_errors_total);
-            return simple(&mut respond, &core, 503, b"Service Unavailable\n");
-        }
-        match parse_response(&ubuf, info.method) {
-            Ok(Some(r)) if r.status < 200 => {
-                ubuf.drain(..r.head_len);
+        match exchange(&mut up, &out, &mut body, chunked, &mut ubuf, info.method).await {
+            Ok(r) => break r,
+            Err(Failure::Stale) if reused && replayable && retries < 2 => {
+                retries += 1;
+                ubuf.clear();
+                let Some((s, a, r)) = redial(&core, route, addr).await else {
+                    return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+                };
+                (up, reused) = (s, r);
+                if a != addr {
+                    addr = a;
+                    _inflight = core.start_request(a);
+                }
             }
-            Ok(Some(r)) => break r,
-            Ok(None) => {}
-            Err(_) => return simple(&mut respond, &core, 503, b"Service Unavailable\n"),
+            Err(Failure::ClientGone) => return,
+            Err(_) => {
+                CoreMetrics::inc(&core.metrics().upstream_errors_total);
+                return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+            }
         }
     };
     core.metrics().status(resp.status);

@@ -6,8 +6,9 @@ mod accept;
 mod upstream;
 
 pub use accept::{serve, serve_tls};
+pub(crate) use upstream::redial;
 pub use upstream::{connect, dial, Fwd};
-use upstream::{exchange, redial, Exchange};
+use upstream::{exchange, Exchange};
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};

@@ -63,7 +63,7 @@ pub async fn connect(
 
 /// A pooled connection to `addr` turned out dead before any response byte: dial `addr`
 /// afresh, and if that fails too, move on to another backend (a dial failure).
-pub(super) async fn redial(
+pub(crate) async fn redial(
     core: &Rc<Core>,
     route: &HttpRoute,
     addr: SocketAddr,

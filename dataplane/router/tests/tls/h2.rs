@@ -215,3 +215,37 @@ fn h2c_prior_knowledge_listener() {
         .unwrap();
     assert_ne!(String::from_utf8_lossy(&r.stdout), "200");
 }
+
+/// Spec §1.10: after a backend closes an idle pooled connection, the next request still
+/// succeeds, over HTTP/2 as over HTTP/1.1 (a bodiless GET goes again on a fresh one).
+#[test]
+fn http2_request_on_a_pooled_connection_the_backend_closed_still_succeeds() {
+    let router = crate::support::Router::builder()
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
+    let b = Backend::start("b1");
+    router.add_route(http_route("a.example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let addr = router.h2c_addrs[0];
+    let get = || {
+        let out = Command::new("curl")
+            .args(["-sS", "--http2-prior-knowledge", "--max-time", "10"])
+            .args(["-H", "Host: a.example.com", "-o", "/dev/null"])
+            .args(["-w", "%{http_code}"])
+            .arg(format!("http://{addr}/"))
+            .output()
+            .expect("curl is needed for the HTTP/2 tests");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    for round in 1..=3 {
+        assert_eq!(get(), "200", "round {round}");
+        b.close_connections();
+        assert!(crate::support::wait_until(
+            std::time::Duration::from_secs(5),
+            || b.closed() == round
+        ));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(get(), "200");
+}
