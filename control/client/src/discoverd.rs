@@ -19,6 +19,8 @@ pub enum Error {
     Http(#[source] reqwest::Error),
     #[error("discoverd answered {status}")]
     Status { status: u16 },
+    #[error("instance address {addr:?} has no host and EXTERNAL_IP is not set")]
+    NoExternalIp { addr: String },
 }
 
 impl Error {
@@ -38,6 +40,22 @@ pub fn instance_id(proto: &str, addr: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// Expands an instance address of the form `:port` with `external_ip` (the value of
+/// `EXTERNAL_IP`, spec §2.6); other addresses are returned as they are.
+pub fn expand_addr(addr: &str, external_ip: Option<&str>) -> Result<String, Error> {
+    if !addr.starts_with(':') {
+        return Ok(addr.to_string());
+    }
+    match external_ip.filter(|ip| !ip.is_empty()) {
+        // A bare IPv6 address needs brackets before the port.
+        Some(ip) if ip.contains(':') && !ip.starts_with('[') => Ok(format!("[{ip}]{addr}")),
+        Some(ip) => Ok(format!("{ip}{addr}")),
+        None => Err(Error::NoExternalIp {
+            addr: addr.to_string(),
+        }),
+    }
 }
 
 /// A discoverd client; follows 307 redirects to the leader (method, body and headers
@@ -185,9 +203,28 @@ impl Client {
     }
 
     /// Registers `inst` (retrying for up to 60 s, at least 5 attempts, 200 ms apart) and
-    /// keeps it registered until the [`Heartbeater`] is closed or dropped.
+    /// keeps it registered until the [`Heartbeater`] is closed or dropped. An address
+    /// `:port` is expanded with `$EXTERNAL_IP` (its id is then recomputed); without
+    /// `EXTERNAL_IP` that fails at once with [`Error::NoExternalIp`].
     pub async fn heartbeat(&self, service: &str, inst: Instance) -> Result<Heartbeater, Error> {
-        let mut inst = inst;
+        let external_ip = std::env::var("EXTERNAL_IP").ok();
+        self.heartbeat_with(service, inst, external_ip.as_deref())
+            .await
+    }
+
+    /// [`Client::heartbeat`] with the value of `EXTERNAL_IP` passed in.
+    async fn heartbeat_with(
+        &self,
+        service: &str,
+        mut inst: Instance,
+        external_ip: Option<&str>,
+    ) -> Result<Heartbeater, Error> {
+        let addr = expand_addr(&inst.addr, external_ip)?;
+        if addr != inst.addr {
+            // An id given for the bare `:port` names no registrable address.
+            inst.addr = addr;
+            inst.id.clear();
+        }
         if inst.proto.is_empty() {
             inst.proto = "tcp".into();
         }
@@ -307,7 +344,8 @@ fn next_heartbeat(ok: bool) -> Duration {
 /// A watch on one service. Delivers the server's replay (up…, leader, service_meta,
 /// current) and then live events; when the stream breaks it reconnects and turns the
 /// new replay into the events missed meanwhile (down for instances that vanished, up for
-/// new ones, update for changed ones, leader/meta when they changed), so a consumer
+/// new ones, update for changed ones, down and up for ones that came back with a new
+/// index, leader/meta when they changed), so a consumer
 /// that applies events in order always ends up with the server's state.
 pub struct Watch {
     rx: mpsc::Receiver<Event>,
@@ -329,7 +367,9 @@ impl Drop for Watch {
 #[derive(Default)]
 struct Known {
     instances: BTreeMap<String, Instance>,
-    leader: Option<String>,
+    /// The leader's id and index: an instance that went and came back under the same
+    /// id is a new leader.
+    leader: Option<(String, u64)>,
     meta_index: Option<u64>,
     synced: bool,
 }
@@ -420,7 +460,7 @@ fn track(known: &mut Known, ev: &Event) {
         (EventKind::Down, Some(i)) => {
             known.instances.remove(&i.id);
         }
-        (EventKind::Leader, l) => known.leader = l.as_ref().map(|i| i.id.clone()),
+        (EventKind::Leader, l) => known.leader = l.as_ref().map(|i| (i.id.clone(), i.index)),
         (EventKind::ServiceMeta, _) => {
             known.meta_index = ev.service_meta.as_ref().map(|m| m.index);
         }
@@ -453,6 +493,11 @@ fn reconcile(service: &str, known: &mut Known, replay: Vec<Event>) -> Vec<Event>
         let Some(i) = &e.instance else { continue };
         match known.instances.get(&i.id) {
             None => out.push(ev(EventKind::Up, Some(i.clone()), None)),
+            // Re-registered meanwhile: `update` would keep the old index (spec §2.3).
+            Some(old) if old.index != i.index => {
+                out.push(ev(EventKind::Down, Some(old.clone()), None));
+                out.push(ev(EventKind::Up, Some(i.clone()), None));
+            }
             Some(old) if old != i => out.push(ev(EventKind::Update, Some(i.clone()), None)),
             Some(_) => {}
         }
@@ -461,8 +506,8 @@ fn reconcile(service: &str, known: &mut Known, replay: Vec<Event>) -> Vec<Event>
         .iter()
         .find(|e| e.kind == EventKind::Leader)
         .and_then(|e| e.instance.clone());
-    if (leader.as_ref().map(|i| &i.id) != known.leader.as_ref() || !known.synced)
-        && (leader.is_some() || known.leader.is_some())
+    let now_leader = leader.as_ref().map(|i| (i.id.clone(), i.index));
+    if (now_leader != known.leader || !known.synced) && (leader.is_some() || known.leader.is_some())
     {
         out.push(ev(EventKind::Leader, leader, None));
     }
@@ -539,6 +584,63 @@ mod tests {
         );
         // Nothing changed: nothing to send.
         assert!(reconcile("s", &mut known, vec![up(inst("b", "x")), up(inst("c", ""))]).is_empty());
+    }
+
+    #[test]
+    fn a_leader_back_under_the_same_id_is_down_up_and_a_new_leader() {
+        let leader = |i: Instance| Event {
+            service: "s".into(),
+            kind: EventKind::Leader,
+            instance: Some(i),
+            service_meta: None,
+        };
+        let mut known = Known::default();
+        let a1 = inst("a", "");
+        reconcile("s", &mut known, vec![up(a1.clone()), leader(a1.clone())]);
+        // While the stream was down, a was deleted and registered again.
+        let a9 = Instance {
+            index: 9,
+            ..a1.clone()
+        };
+        let got = reconcile("s", &mut known, vec![up(a9.clone()), leader(a9.clone())]);
+        let got: Vec<(EventKind, Option<Instance>)> =
+            got.into_iter().map(|e| (e.kind, e.instance)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (EventKind::Down, Some(a1)),
+                (EventKind::Up, Some(a9.clone())),
+                (EventKind::Leader, Some(a9.clone())),
+            ]
+        );
+        assert!(reconcile("s", &mut known, vec![up(a9.clone()), leader(a9)]).is_empty());
+    }
+
+    #[test]
+    fn a_bare_port_is_expanded_with_external_ip() {
+        let ok = |addr, ip| expand_addr(addr, ip).unwrap();
+        assert_eq!(ok(":5000", Some("10.0.0.9")), "10.0.0.9:5000");
+        assert_eq!(ok(":5000", Some("fd00::9")), "[fd00::9]:5000");
+        assert_eq!(ok("10.0.0.1:5000", None), "10.0.0.1:5000");
+        for ip in [None, Some("")] {
+            let err = expand_addr(":5000", ip).unwrap_err();
+            assert!(matches!(err, Error::NoExternalIp { .. }), "{err:?}");
+            assert!(err.to_string().contains("EXTERNAL_IP"));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bare_port_without_external_ip_fails_at_once() {
+        // Nothing listens there: without the check this would retry for 60 s.
+        let c = Client::new("http://127.0.0.1:1");
+        let inst = Instance {
+            addr: ":5000".into(),
+            ..Instance::default()
+        };
+        let res = tokio::time::timeout(Duration::from_secs(5), c.heartbeat_with("s", inst, None))
+            .await
+            .expect("fails without retrying");
+        assert!(matches!(res, Err(Error::NoExternalIp { .. })));
     }
 
     #[test]

@@ -284,10 +284,8 @@ async fn get_meta(State(node): State<Arc<Node>>, Path(service): Path<String>, ur
     if wants_consistent(&uri) {
         linearize(&node, &uri).await?;
     }
+    // An unknown service has no meta either: the same 404 (spec §2.3).
     let st = node.shared.lock();
-    if !st.registry.data.services.contains_key(&service) {
-        return Err(e(ApiErr::from(Rejection::ServiceNotFound(service))));
-    }
     match st.registry.data.metas.get(&service) {
         Some(m) => Ok(Json(m.clone()).into_response()),
         None => Err(e(ApiErr(ApiError::object_not_found(

@@ -1,5 +1,5 @@
 //! Server-Sent Events (spec §0.3, §2.5): replay, live events, 30 s keep-alive comments,
-//! `event: error` when the subscriber is dropped.
+//! `event: error` when the subscriber is dropped or a snapshot replaces the state.
 
 use std::convert::Infallible;
 use std::time::Duration;

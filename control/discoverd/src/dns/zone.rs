@@ -122,7 +122,7 @@ pub fn lookup(reg: &Registry, qname: &Name, qtype: RecordType, tcp: bool) -> Loo
         return nxdomain();
     }
     // (instance, SRV target) pairs.
-    let mut found: Vec<(Instance, Name)> = match target {
+    let found: Vec<(Instance, Name)> = match target {
         Target::Service(_) | Target::ServiceProto(..) => {
             let proto = match target {
                 Target::ServiceProto(_, p) => Some(p),
@@ -146,30 +146,46 @@ pub fn lookup(reg: &Registry, qname: &Name, qtype: RecordType, tcp: bool) -> Loo
             None => return nxdomain(),
         },
     };
+    let want_v4 = matches!(qtype, RecordType::A | RecordType::ANY);
+    let want_v6 = matches!(qtype, RecordType::AAAA | RecordType::ANY);
+    let want_srv = matches!(qtype, RecordType::SRV | RecordType::ANY);
+    // Filter by address family and, except for SRV, deduplicate by IP before the
+    // shuffle and the UDP cut (as dns.go does): the limit counts answers, not instances
+    // that would give none.
+    let mut ips: Vec<IpAddr> = Vec::new();
+    let mut found: Vec<(IpAddr, u16, Name)> = found
+        .into_iter()
+        .filter_map(|(inst, srv_target)| {
+            let (ip, port) = host_port(&inst.addr)?;
+            let family = if ip.is_ipv4() { want_v4 } else { want_v6 };
+            if !family && !want_srv {
+                return None;
+            }
+            if qtype != RecordType::SRV {
+                if ips.contains(&ip) {
+                    return None;
+                }
+                ips.push(ip);
+            }
+            Some((ip, port, srv_target))
+        })
+        .collect();
     fastrand::shuffle(&mut found);
     if !tcp {
         found.truncate(UDP_INSTANCE_LIMIT);
     }
-    let want_v4 = matches!(qtype, RecordType::A | RecordType::ANY);
-    let want_v6 = matches!(qtype, RecordType::AAAA | RecordType::ANY);
-    let want_srv = matches!(qtype, RecordType::SRV | RecordType::ANY);
     let mut answers = Vec::new();
     let mut additionals = Vec::new();
-    let mut ips: Vec<IpAddr> = Vec::new();
-    for (inst, srv_target) in &found {
-        let Some((ip, port)) = host_port(&inst.addr) else {
-            continue;
-        };
-        if (ip.is_ipv4() && want_v4 || ip.is_ipv6() && want_v6) && !ips.contains(&ip) {
-            ips.push(ip);
+    for (ip, port, srv_target) in found {
+        if ip.is_ipv4() && want_v4 || ip.is_ipv6() && want_v6 {
             answers.push(addr_record(qname, ip));
         }
         if want_srv {
-            let srv = SRV::new(1, 1, port, srv_target.clone());
-            answers.push(Record::from_rdata(qname.clone(), 0, RData::SRV(srv)));
             if tcp {
-                additionals.push(addr_record(srv_target, ip));
+                additionals.push(addr_record(&srv_target, ip));
             }
+            let srv = SRV::new(1, 1, port, srv_target);
+            answers.push(Record::from_rdata(qname.clone(), 0, RData::SRV(srv)));
         }
     }
     Lookup::Answer {
@@ -184,23 +200,14 @@ mod tests {
     use super::*;
     use crate::store::types::{LeaderType, ServiceConfig};
 
-    fn registry() -> Registry {
-        let mut reg = Registry::default();
+    /// Adds service `svc` with instances at `addrs` (index order).
+    fn add(reg: &mut Registry, svc: &str, addrs: &[(String, &str)]) {
         let cfg = ServiceConfig {
             leader_type: LeaderType::Oldest,
         };
-        reg.data.services.insert("web".into(), cfg.clone());
-        reg.data.services.insert("empty".into(), cfg);
+        reg.data.services.insert(svc.into(), cfg);
         let mut insts = std::collections::BTreeMap::new();
-        for (n, (addr, proto)) in [
-            ("10.0.0.1:80", "tcp"),
-            ("10.0.0.1:81", "tcp"),
-            ("10.0.0.2:53", "udp"),
-            ("[fd00::1]:80", "tcp"),
-        ]
-        .iter()
-        .enumerate()
-        {
+        for (n, (addr, proto)) in addrs.iter().enumerate() {
             let id = crate::api::instance_id(proto, addr);
             let i = Instance {
                 id: id.clone(),
@@ -211,7 +218,19 @@ mod tests {
             };
             insts.insert(id, i);
         }
-        reg.data.instances.insert("web".into(), insts);
+        reg.data.instances.insert(svc.into(), insts);
+    }
+
+    fn registry() -> Registry {
+        let mut reg = Registry::default();
+        add(&mut reg, "empty", &[]);
+        let web = [
+            ("10.0.0.1:80", "tcp"),
+            ("10.0.0.1:81", "tcp"),
+            ("10.0.0.2:53", "udp"),
+            ("[fd00::1]:80", "tcp"),
+        ];
+        add(&mut reg, "web", &web.map(|(a, p)| (a.to_string(), p)));
         reg
     }
 
@@ -310,8 +329,9 @@ mod tests {
             [RData::SRV(s)] => assert_eq!(s.target.to_ascii(), name),
             other => panic!("{other:?}"),
         }
+        // ANY is deduplicated by IP too (dns.go): one A/AAAA and one SRV per IP.
         let (_, any, _) = answer(&reg, "web.discoverd.", RecordType::ANY, true);
-        assert_eq!(any.len(), 3 + 4);
+        assert_eq!(any.len(), 3 + 3);
         // Unknown service, instance, leader and forms: NXDOMAIN.
         assert_eq!(answer(&reg, "nope.discoverd.", RecordType::A, false).0, nx);
         assert_eq!(
@@ -336,5 +356,36 @@ mod tests {
             false,
         );
         assert_eq!(other, Lookup::NotOurs);
+    }
+
+    #[test]
+    fn the_udp_limit_counts_answers_after_family_filter_and_dedup() {
+        // Many instances on one IPv4 address, one on another, and five IPv6 ones.
+        let mut addrs: Vec<(String, &str)> =
+            (1..=6).map(|p| (format!("10.0.0.1:{p}"), "tcp")).collect();
+        addrs.push(("10.0.0.2:1".into(), "tcp"));
+        addrs.extend((1..=5).map(|n| (format!("[fd00::{n}]:80"), "tcp")));
+        let mut reg = Registry::default();
+        add(&mut reg, "many", &addrs);
+        let v4 = |s: &str| RData::A(A(s.parse().unwrap()));
+        // The cut is random: ask often enough that a cut before filtering would show.
+        for _ in 0..30 {
+            let (_, mut a, _) = answer(&reg, "many.discoverd.", RecordType::A, false);
+            a.sort_by_key(|r| r.to_string());
+            assert_eq!(a, vec![v4("10.0.0.1"), v4("10.0.0.2")]);
+            let (_, aaaa, _) = answer(&reg, "many.discoverd.", RecordType::AAAA, false);
+            assert_eq!(aaaa.len(), UDP_INSTANCE_LIMIT);
+            assert!(aaaa.iter().all(|r| matches!(r, RData::AAAA(_))));
+            let mut seen: Vec<String> = aaaa.iter().map(|r| r.to_string()).collect();
+            seen.sort();
+            seen.dedup();
+            assert_eq!(seen.len(), UDP_INSTANCE_LIMIT);
+            // SRV is neither filtered by family nor deduplicated, only cut.
+            let (_, srv, _) = answer(&reg, "many.discoverd.", RecordType::SRV, false);
+            assert_eq!(srv.len(), UDP_INSTANCE_LIMIT);
+        }
+        // TCP is unlimited: every distinct IPv6 address.
+        let (_, aaaa, _) = answer(&reg, "many.discoverd.", RecordType::AAAA, true);
+        assert_eq!(aaaa.len(), 5);
     }
 }

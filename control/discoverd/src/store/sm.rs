@@ -174,6 +174,7 @@ impl RaftStateMachine<C> for StateMachine {
         write_atomic(&self.path, &stored, true)?;
         {
             let mut st = self.shared.lock();
+            // Also ends every open watch: its client resubscribes and gets the new state.
             st.registry.restore(data);
             st.last_applied = meta.last_log_id;
             st.membership = meta.last_membership.clone();

@@ -16,6 +16,9 @@ pub const SUBSCRIBER_BUFFER: usize = 64;
 /// The error a lagging subscriber's stream ends with.
 pub const BLOCKED_RECEIVER: &str = "discoverd: channel send failed due to blocked receiver";
 
+/// The error a watch ends with when a snapshot replaces the state.
+pub const RESTORED: &str = "discoverd: state replaced by a snapshot, resubscribe";
+
 /// What a watcher receives: an event, or the error that ends its stream.
 pub type Item = Result<Event, String>;
 
@@ -184,19 +187,19 @@ impl Registry {
                 Ok(index)
             }
             Command::RemoveService { service } => {
-                if self.data.services.remove(&service).is_none() {
+                if !self.data.services.contains_key(&service) {
                     return Err(Rejection::ServiceNotFound(service));
                 }
-                let had_leader = self.leader_of_removed(&service);
+                let before = self.leader(&service);
                 for i in self.instances(&service) {
                     events.push(ev(&service, EventKind::Down, Some(i)));
                 }
-                if had_leader {
-                    events.push(ev(&service, EventKind::Leader, None));
-                }
+                self.data.services.remove(&service);
                 self.data.instances.remove(&service);
                 self.data.metas.remove(&service);
                 self.data.leaders.remove(&service);
+                // Only a service that had a leader tells its watchers it has none now.
+                self.leader_changed(&service, before, events);
                 Ok(index)
             }
             Command::SetMeta { service, mut meta } => {
@@ -212,12 +215,20 @@ impl Registry {
                     _ => {}
                 }
                 let before = self.leader(&service);
-                if let Some(id) = meta.leader_id.take() {
-                    self.data.leaders.insert(service.clone(), id);
+                let named = meta.leader_id.take();
+                if let Some(id) = &named {
+                    self.data.leaders.insert(service.clone(), id.clone());
                 }
                 meta.index = index;
                 self.data.metas.insert(service.clone(), meta.clone());
-                self.leader_changed(&service, before, events);
+                let after = self.leader(&service);
+                // Naming an existing instance emits `leader` even when it already led
+                // (spec §2.4); otherwise only a change does.
+                if named.is_some() && after.as_ref().map(|l| &l.id) == named.as_ref() {
+                    events.push(ev(&service, EventKind::Leader, after));
+                } else {
+                    self.leader_changed(&service, before, events);
+                }
                 events.push(Event {
                     service,
                     kind: EventKind::ServiceMeta,
@@ -283,13 +294,6 @@ impl Registry {
         }
     }
 
-    fn leader_of_removed(&self, service: &str) -> bool {
-        self.data
-            .instances
-            .get(service)
-            .is_some_and(|m| !m.is_empty())
-    }
-
     fn remove_instance(&mut self, service: &str, id: &str, events: &mut Vec<Event>) {
         let before = self.leader(service);
         let removed = self
@@ -325,10 +329,15 @@ impl Registry {
         }
     }
 
-    /// Replaces the state from a snapshot. Watchers are kept; they see no events for the
-    /// jump (like the original), but `current` replays on their next reconnect.
+    /// Replaces the state from a snapshot and ends every watch with [`RESTORED`]: the
+    /// jump has no events of its own, so watchers must resubscribe, and the replay of
+    /// their new subscription brings them up to date.
     pub fn restore(&mut self, data: Data) {
         self.data = data;
+        for s in self.subscribers.drain(..) {
+            // A full buffer still ends the stream: dropping `tx` closes it.
+            let _ = s.tx.try_send(Err(RESTORED.to_string()));
+        }
     }
 }
 

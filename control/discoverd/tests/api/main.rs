@@ -167,9 +167,13 @@ async fn instance_validation_and_listing() {
 async fn meta_compare_and_swap_table() {
     let (_dir, d, c) = node().await;
     let url = d.url("/services/db/meta");
-    // Unknown service.
+    // Unknown service: 404 to a write; a read finds no meta.
     let r = call(&c, "PUT", &url, Some(r#"{"data":{"a":1},"index":0}"#)).await;
     assert_eq!(r.status, 404);
+    let r = call(&c, "GET", &d.url("/services/nosuch/meta"), None).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["code"], "object_not_found");
+    assert_eq!(r.json()["message"], "service meta not found");
     call(&c, "PUT", &d.url("/services/db"), Some("{}")).await;
     let r = call(&c, "GET", &url, None).await;
     assert_eq!(r.status, 404);

@@ -71,6 +71,9 @@ impl Cluster {
                         "--instance-ttl".into(),
                         ttl.into(),
                         "--enable-fault-injection".into(),
+                        // For `has_service`.
+                        "--dns-addr".into(),
+                        format!("{}:0", a.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h)),
                     ],
                 )
             })
@@ -276,19 +279,27 @@ pub(crate) async fn writer(
     }
 }
 
-/// True when `node` has applied service `name` (its meta lookup finds the service).
+/// True when `node` has applied service `name`: its DNS knows `<name>.discoverd.` (an
+/// unknown service is NXDOMAIN). The HTTP API has no read that tells a service without
+/// meta or instances from an unknown one: both are 404 (spec §2.3).
 pub(crate) async fn has_service(node: &Discoverd, name: &str) -> Option<bool> {
-    let r = send(
-        &raw_client(),
-        "GET",
-        &node.url(&format!("/services/{name}/meta")),
-        None,
-    )
-    .await
-    .ok()?;
-    match r.status {
-        200 => Some(true),
-        404 => Some(r.json()["message"] == "service meta not found"),
+    use hickory_server::proto::op::{Message, Query, ResponseCode};
+    use hickory_server::proto::rr::{Name, RecordType};
+    let server = node.dns.as_deref()?;
+    let mut q = Message::query();
+    let qname = Name::from_ascii(format!("{name}.discoverd.")).ok()?;
+    q.add_query(Query::query(qname, RecordType::A));
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.ok()?;
+    sock.send_to(&q.to_vec().ok()?, server).await.ok()?;
+    let mut buf = vec![0u8; 4096];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let m = Message::from_vec(&buf[..n]).ok()?;
+    match m.metadata.response_code {
+        ResponseCode::NoError => Some(true),
+        ResponseCode::NXDomain => Some(false),
         _ => None,
     }
 }

@@ -146,10 +146,15 @@ async fn dns_answers_the_discoverd_zone_over_udp_and_tcp() {
         ]
     );
     assert!(m.answers.iter().all(|r| r.ttl == 0));
-    // Upper case works; UDP carries at most 3 instances.
-    let m = udp(&dns, "WEB.DISCOVERD.", RecordType::A).await;
-    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
-    assert!(!ips(&m).is_empty() && ips(&m).len() <= 3);
+    // Upper case works; UDP carries 3 instances, counted after deduplication (the
+    // cut is random, so ask a few times).
+    for _ in 0..10 {
+        let m = udp(&dns, "WEB.DISCOVERD.", RecordType::A).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        let mut got = ips(&m);
+        got.dedup();
+        assert_eq!(got.len(), 3, "{:?}", ips(&m));
+    }
 
     // _<svc>._<proto>.discoverd SRV, filtered by proto; over TCP with A glue.
     let m = tcp(&dns, "_web._tcp.discoverd.", RecordType::SRV).await;

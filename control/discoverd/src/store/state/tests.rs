@@ -130,3 +130,82 @@ async fn snapshot_restore_preserves_data() {
     assert_eq!(r2.data, r.data);
     assert_eq!(r2.leader("s").unwrap().id, "i1");
 }
+
+/// Applies `cmd` at `idx` and returns the kinds of the events a fresh watcher of `s`
+/// receives for it.
+fn kinds_of(r: &mut Registry, idx: u64, cmd: Command) -> Vec<EventKind> {
+    let mut rx = r.subscribe("s", Kinds::ALL, false);
+    assert_eq!(r.apply(idx, cmd).rejected, None);
+    let mut kinds = Vec::new();
+    while let Ok(Ok(e)) = rx.try_recv() {
+        kinds.push(e.kind);
+    }
+    kinds
+}
+
+#[tokio::test]
+async fn removing_a_service_emits_leader_only_if_it_had_one() {
+    use EventKind::*;
+    let remove = || Command::RemoveService {
+        service: "s".into(),
+    };
+    for (lt, want) in [
+        // Manual without a leader set: none → none is no change.
+        (LeaderType::Manual, vec![Down, Down]),
+        (LeaderType::Oldest, vec![Down, Down, Leader]),
+    ] {
+        let mut r = Registry::default();
+        add_service(&mut r, 1, "s", lt);
+        for (idx, port) in [(2, 1), (3, 2)] {
+            r.apply(
+                idx,
+                Command::AddInstance {
+                    service: "s".into(),
+                    instance: inst(port),
+                },
+            );
+        }
+        assert_eq!(kinds_of(&mut r, 4, remove()), want, "{lt:?}");
+    }
+}
+
+#[tokio::test]
+async fn meta_leader_id_naming_the_current_leader_emits_leader() {
+    use EventKind::{Leader, ServiceMeta as Meta};
+    let mut r = Registry::default();
+    add_service(&mut r, 1, "s", LeaderType::Manual);
+    r.apply(
+        2,
+        Command::AddInstance {
+            service: "s".into(),
+            instance: inst(1),
+        },
+    );
+    let meta = |index, leader: &str| Command::SetMeta {
+        service: "s".into(),
+        meta: ServiceMeta {
+            data: serde_json::json!(1),
+            leader_id: Some(leader.into()),
+            index,
+        },
+    };
+    assert_eq!(kinds_of(&mut r, 3, meta(0, "i1")), vec![Leader, Meta]);
+    // Same leader again: still announced (spec §2.4).
+    assert_eq!(kinds_of(&mut r, 4, meta(3, "i1")), vec![Leader, Meta]);
+    // An id that names no instance: the leader is gone.
+    assert_eq!(kinds_of(&mut r, 5, meta(4, "nope")), vec![Leader, Meta]);
+    assert_eq!(kinds_of(&mut r, 6, meta(5, "nope")), vec![Meta]);
+}
+
+#[tokio::test]
+async fn restore_ends_every_watch() {
+    let mut r = Registry::default();
+    add_service(&mut r, 1, "s", LeaderType::Oldest);
+    let mut rx = r.subscribe("s", Kinds::ALL, false);
+    let mut other = r.subscribe("t", Kinds::LEADER, false);
+    r.restore(Data::default());
+    for rx in [&mut rx, &mut other] {
+        assert_eq!(rx.try_recv(), Ok(Err(RESTORED.to_string())));
+        assert_eq!(rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected));
+    }
+}
