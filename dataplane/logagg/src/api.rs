@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -168,6 +169,13 @@ async fn next_chunk(mut f: Follower) -> Option<(Result<Bytes, Infallible>, Follo
             }
             return Some((Ok(Bytes::from(out)), f));
         }
+        if b.behind {
+            // Only lines the filter rejects so far, and more after them whose wake-up
+            // has already fired: keep reading (letting other tasks run between scans)
+            // until caught up, and only then wait.
+            tokio::task::yield_now().await;
+            continue;
+        }
         tokio::select! {
             _ = &mut notified => {}
             _ = tokio::time::sleep(SSE_KEEPALIVE) => {
@@ -181,10 +189,18 @@ async fn next_chunk(mut f: Follower) -> Option<(Result<Bytes, Infallible>, Follo
 
 async fn get_log(
     State(sh): State<Arc<Shared>>,
-    Path(app): Path<String>,
+    app: Result<Path<String>, PathRejection>,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiErr> {
+    // A channel id that does not percent-decode to UTF-8 gets the JSON envelope, not
+    // axum's plain-text rejection.
+    let Path(app) = app.map_err(|e| {
+        ApiErr(ApiError::validation(
+            Some("channel_id"),
+            &format!("is not a valid path segment: {}", e.body_text()),
+        ))
+    })?;
     let q = parse_log_query(q.as_deref()).map_err(ApiErr)?;
     let sse = headers
         .get_all(header::ACCEPT)
@@ -333,6 +349,17 @@ async fn not_found() -> ApiErr {
     ApiErr(ApiError::not_found("not found"))
 }
 
+/// A known path with a method it does not serve: 405 (axum still adds `Allow`) with the
+/// JSON envelope. Spec §0.1 has no code for 405, so the body says `validation_error`,
+/// the code for a request this server will not take as sent.
+async fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(ApiError::validation(None, "method not allowed")),
+    )
+        .into_response()
+}
+
 pub fn router(sh: Arc<Shared>) -> Router {
     Router::new()
         .route("/log/{app}", get(get_log))
@@ -340,6 +367,7 @@ pub fn router(sh: Arc<Shared>) -> Router {
         .route("/snapshot", get(snapshot))
         .route("/.well-known/status", get(status))
         .route("/metrics", get(metrics_text))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(sh)
 }
@@ -347,6 +375,52 @@ pub fn router(sh: Arc<Shared>) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Limits;
+    use flynn_syslog::{parse_fields, Timestamp};
+
+    #[tokio::test]
+    async fn filtered_follower_reads_past_a_long_run_of_other_lines() {
+        // The matching line sits behind far more than one scan's worth of other lines, and
+        // every insert's wake-up fired before the follower looked: it must keep reading
+        // while behind instead of waiting for the next wake-up (or the 30 s keep-alive).
+        let store = Arc::new(Store::new(Limits {
+            lines_per_app: 10_000,
+            max_memory: usize::MAX,
+        }));
+        let filter = Filter {
+            job_id: Some("want".into()),
+            ..Filter::default()
+        };
+        let (_, next, reg) = store.history(b"a", &filter, 0, true);
+        let put = |job: &str, i: i64| {
+            let ts = Timestamp(1_257_894_000_000_000_000 + i * 1000).to_rfc3339();
+            let frame = format!("<190>1 {ts} h a web.{job} ID1 [flynn seq=\"{i}\"] l{i}");
+            let f = parse_fields(frame.as_bytes()).unwrap();
+            store.insert(b"a", frame.as_bytes(), &f, f.ts.unwrap());
+        };
+        for i in 0..3_000 {
+            put("other", i);
+        }
+        put("want", 3_000);
+        let f = Follower {
+            store: store.clone(),
+            app: b"a".to_vec(),
+            filter,
+            sse: false,
+            first: None,
+            next,
+            reg: reg.unwrap(),
+        };
+        let (chunk, f) = tokio::time::timeout(Duration::from_secs(1), next_chunk(f))
+            .await
+            .expect("the follower stalled")
+            .unwrap();
+        let chunk = chunk.unwrap();
+        let text = String::from_utf8_lossy(&chunk);
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("\"msg\":\"l3000\""), "{text}");
+        assert_eq!(f.next, 3_002);
+    }
 
     #[test]
     fn percent_decoding() {

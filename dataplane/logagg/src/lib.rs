@@ -12,12 +12,17 @@
 //!   cost an `Arc` and a lookup more for no gain at our line rates; a lock-free ring was
 //!   rejected because readers need time-sorted history, dedupe and eviction accounting,
 //!   all of which are simple under a short lock. Each app keeps its last `N` lines in
-//!   insertion order, numbered by a per-app sequence; a global memory cap evicts from the
-//!   largest apps. Every eviction is counted per app and reason. Memory is counted per
+//!   insertion order, numbered by a per-app sequence, plus a time-sorted index so the
+//!   bound drops the oldest line by timestamp (spec §3.3); a global memory cap evicts from
+//!   the largest apps and, when many small apps fill it, takes their last lines too. An
+//!   app with no line and no follower is removed (a follow of an unknown channel leaves
+//!   nothing behind). Every eviction is counted per app and reason. Memory is counted per
 //!   shard and summed on read; inserts check the cap against a shared estimate each
 //!   shard updates only in steps of `cap / 2048` bytes (see [`store`]).
 //! - Followers are not fed through per-reader queues: a reader remembers the next
-//!   sequence number and pulls from the ring when the app's `Notify` fires. History and
+//!   sequence number and pulls from the ring when the app's `Notify` fires; a filtered
+//!   reader that has not reached the newest line keeps pulling (a bounded scan per shard
+//!   lock) without waiting, since the wake-up for those lines has already fired. History and
 //!   live are stitched at the sequence number read under the same lock as the
 //!   registration, so there is no gap and no duplicate, and a reader that falls more than
 //!   the ring behind gets a `skipped` marker instead of holding memory.

@@ -32,10 +32,17 @@ pub struct Limits {
 }
 
 /// One app's buffer. Lines are kept in insertion (`seq`) order so a reader's position is
-/// just a sequence number; readers sort by time when they return history.
+/// just a sequence number; readers sort by time when they return history. A second,
+/// time-sorted index of `(time, seq)` says which line is the oldest: the per-app bound and
+/// the memory cap evict by time (spec §3.3), so after out-of-order inserts the ring can
+/// have holes. Sequence numbers still only grow, a line is found by binary search on its
+/// `seq`, and a follower counts the holes it meets as skipped.
 pub struct App {
     ring: VecDeque<Line>,
-    /// Sequence number the next line gets (the first line is 1).
+    /// `(ts, seq)` of every line in `ring`, sorted: the front is the oldest line. In-order
+    /// lines are pushed at the back; a late one is inserted in place (usually near the back).
+    by_time: VecDeque<(Timestamp, u64)>,
+    /// Sequence number the next line gets (the first line of a shard's first app is 1).
     next_seq: u64,
     bytes: usize,
     /// Lines pushed out by the per-app bound / by the global memory cap / refused because
@@ -56,10 +63,11 @@ pub struct App {
 }
 
 impl App {
-    fn new() -> App {
+    fn new(next_seq: u64) -> App {
         App {
             ring: VecDeque::new(),
-            next_seq: 1,
+            by_time: VecDeque::new(),
+            next_seq: next_seq.max(1),
             bytes: 0,
             evicted_capacity: 0,
             evicted_memory: 0,
@@ -72,12 +80,41 @@ impl App {
         }
     }
 
-    fn first_seq(&self) -> u64 {
-        self.next_seq - self.ring.len() as u64
+    /// Index in `ring` of the first line with a sequence number of at least `seq`.
+    fn index_of(&self, seq: u64) -> usize {
+        match self.ring.front() {
+            Some(f) if f.seq >= seq => 0,
+            _ => self.ring.partition_point(|l| l.seq < seq),
+        }
     }
 
+    /// The buffered line numbered `seq`, if it is still there.
+    fn get(&self, seq: u64) -> Option<&Line> {
+        self.ring.get(self.index_of(seq)).filter(|l| l.seq == seq)
+    }
+
+    /// Time of the oldest buffered line.
+    fn oldest(&self) -> Option<Timestamp> {
+        self.by_time.front().map(|k| k.0)
+    }
+
+    /// Appends `line` (the highest `seq` so far) and files it by time.
+    fn push(&mut self, line: Line) {
+        let key = (line.ts, line.seq);
+        if self.by_time.back().is_none_or(|b| b.0 <= key.0) {
+            self.by_time.push_back(key);
+        } else {
+            let at = self.by_time.partition_point(|k| k.0 <= key.0);
+            self.by_time.insert(at, key);
+        }
+        self.ring.push_back(line);
+    }
+
+    /// Drops the oldest line by time (the lowest `seq` among equal times); its cost.
     fn pop_oldest(&mut self) -> Option<usize> {
-        let l = self.ring.pop_front()?;
+        let (_, seq) = self.by_time.pop_front()?;
+        let l = self.ring.remove(self.index_of(seq))?;
+        debug_assert_eq!(l.seq, seq);
         if let Some(d) = &mut self.dedupe {
             let h = l.hash();
             if d.get(&h) == Some(&l.seq) {
@@ -154,10 +191,28 @@ struct Shard {
     cursors: HashMap<Box<[u8]>, Cursor, FastBuild>,
     /// Per host: the sequence numbers stored in this shard ([`SeqSpans`]).
     seen: HashMap<Box<[u8]>, SeqSpans, FastBuild>,
+    /// The highest `next_seq` of an app removed from this shard: a re-created app starts
+    /// there, so its numbers keep growing for readers that remember a position in it.
+    seq_floor: u64,
     /// Exact bytes buffered by this shard's apps (sum of their `App::bytes`).
     bytes: usize,
     /// Change of `bytes` not yet folded into [`Store::estimate`].
     pending: isize,
+}
+
+impl Shard {
+    /// Removes `app` when it holds no line and no follower (under the shard lock, so no
+    /// insert or follower registration can race it): an app's entry, and its `/metrics`
+    /// series, live only as long as it has lines or readers.
+    fn remove_if_idle(&mut self, app: &[u8], apps: &AtomicUsize) {
+        if let Some(a) = self.apps.get(app) {
+            if a.ring.is_empty() && a.followers == 0 {
+                self.seq_floor = self.seq_floor.max(a.next_seq);
+                self.apps.remove(app);
+                apps.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// What happened to one inserted line.
@@ -181,6 +236,8 @@ pub struct Store {
     soft_limit: usize,
     apps: AtomicUsize,
     reclaiming: AtomicBool,
+    /// Shard the last reclaim sweep stopped at; the next one starts there.
+    reclaim_from: AtomicUsize,
     /// Whole-store followers (peers reading `/snapshot?follow=true`).
     any_followers: AtomicUsize,
     any_notify: Notify,
@@ -193,6 +250,8 @@ pub struct Batch {
     /// Lines that were evicted before this reader got to them.
     pub skipped: u64,
     pub next: u64,
+    /// The scan stopped before the newest line: read again without waiting for a wake-up.
+    pub behind: bool,
 }
 
 /// A follower's registration on one app; unregisters on drop.
@@ -208,6 +267,8 @@ impl Drop for Follow {
         if let Some(a) = s.apps.get_mut(&self.app) {
             a.followers = a.followers.saturating_sub(1);
         }
+        // A follow of a channel nobody logs to leaves nothing behind.
+        s.remove_if_idle(&self.app, &self.store.apps);
     }
 }
 
@@ -265,6 +326,7 @@ impl Store {
             soft_limit,
             apps: AtomicUsize::new(0),
             reclaiming: AtomicBool::new(false),
+            reclaim_from: AtomicUsize::new(0),
             any_followers: AtomicUsize::new(0),
             any_notify: Notify::new(),
         }
@@ -330,7 +392,8 @@ impl Store {
                 Some(a) => a,
                 None => {
                     self.apps.fetch_add(1, Ordering::Relaxed);
-                    shard.apps.entry(app.into()).or_insert_with(App::new)
+                    let a = App::new(shard.seq_floor);
+                    shard.apps.entry(app.into()).or_insert(a)
                 }
             };
             let host = fields.hostname.get(frame);
@@ -356,16 +419,13 @@ impl Store {
                 let h = content_hash(ts, frame, fields);
                 hash = Some(h);
                 if let Some(&seq) = index.get(&h) {
-                    let first = a.next_seq - a.ring.len() as u64;
-                    if seq >= first && a.ring[(seq - first) as usize].same_as(ts, frame, fields) {
+                    if a.get(seq).is_some_and(|l| l.same_as(ts, frame, fields)) {
                         a.duplicates += 1;
                         return Outcome::Duplicate;
                     }
                 }
             }
-            if a.ring.len() >= self.limits.lines_per_app
-                && a.ring.front().is_some_and(|f| ts < f.ts)
-            {
+            if a.ring.len() >= self.limits.lines_per_app && a.oldest().is_some_and(|o| ts < o) {
                 a.evicted_capacity += 1;
                 return Outcome::TooOld;
             }
@@ -379,7 +439,7 @@ impl Store {
             }
             a.next_seq += 1;
             a.bytes += cost;
-            a.ring.push_back(line);
+            a.push(line);
             let mut freed = 0usize;
             while a.ring.len() > self.limits.lines_per_app {
                 freed += a.pop_oldest().unwrap_or(0);
@@ -459,6 +519,13 @@ impl Store {
     /// at a time; down to 15/16 of the soft limit so it runs rarely). Each pass sums the
     /// exact per-shard counts and folds every shard's pending change, so the estimate is
     /// exact again afterwards and inserts do not keep calling in.
+    ///
+    /// A pass then sweeps the shards, from where the last sweep stopped, and makes every
+    /// app holding at least half as much as the largest one pay, oldest lines first, down
+    /// to below that level, until enough is freed; the next pass halves the level again.
+    /// This may take an app's last line: with many apps of a line or two each (which the
+    /// insert path leaves alone), whole apps go, round robin over the shards, and are
+    /// removed when no one follows them.
     fn reclaim(&self) {
         if self.reclaiming.swap(true, Ordering::Acquire) {
             return;
@@ -466,36 +533,47 @@ impl Store {
         let target = self.soft_limit / 16 * 15;
         for _ in 0..64 {
             let mut total = 0usize;
-            let mut best: Option<(usize, usize)> = None;
+            let mut big = 0usize;
             for i in 0..SHARDS {
                 let mut s = self.shard_at(i);
                 self.fold(&mut s.pending);
                 total += s.bytes;
-                let big = s.apps.values().map(|a| a.bytes).max().unwrap_or(0);
-                if big > best.map_or(0, |b| b.1) {
-                    best = Some((i, big));
+                big = big.max(s.apps.values().map(|a| a.bytes).max().unwrap_or(0));
+            }
+            if total <= target || big == 0 {
+                break;
+            }
+            let level = big / 2 + 1;
+            let mut want = total - target;
+            let from = self.reclaim_from.load(Ordering::Relaxed);
+            for k in 0..SHARDS {
+                let i = (from + k) % SHARDS;
+                let mut guard = self.shard_at(i);
+                let s = &mut *guard;
+                let mut freed = 0;
+                let mut removed = 0;
+                s.apps.retain(|_, a| {
+                    while freed < want && a.bytes >= level {
+                        let Some(c) = a.pop_oldest() else { break };
+                        a.evicted_memory += 1;
+                        freed += c;
+                    }
+                    let idle = a.ring.is_empty() && a.followers == 0;
+                    if idle {
+                        s.seq_floor = s.seq_floor.max(a.next_seq);
+                        removed += 1;
+                    }
+                    !idle
+                });
+                self.apps.fetch_sub(removed, Ordering::Relaxed);
+                s.bytes -= freed;
+                s.pending -= freed as isize;
+                self.fold(&mut s.pending);
+                want -= freed.min(want);
+                if want == 0 {
+                    self.reclaim_from.store(i, Ordering::Relaxed);
+                    break;
                 }
-            }
-            if total <= target {
-                break;
-            }
-            let Some((i, _)) = best else { break };
-            let mut guard = self.shard_at(i);
-            let s = &mut *guard;
-            let Some(a) = s.apps.values_mut().max_by_key(|a| a.bytes) else {
-                break;
-            };
-            let want = (total - target).max(1);
-            let mut freed = 0;
-            while freed < want && a.ring.len() > 1 {
-                freed += a.pop_oldest().unwrap_or(0);
-                a.evicted_memory += 1;
-            }
-            s.bytes -= freed;
-            s.pending -= freed as isize;
-            self.fold(&mut s.pending);
-            if freed == 0 {
-                break;
             }
         }
         self.reclaiming.store(false, Ordering::Release);
@@ -513,8 +591,10 @@ impl Store {
     ) -> (Vec<Line>, u64, Option<Follow>) {
         let mut s = self.shard(app);
         if follow && !s.apps.contains_key(app) {
+            // Removed again when its last follower leaves with no line buffered.
             self.apps.fetch_add(1, Ordering::Relaxed);
-            s.apps.insert(app.into(), App::new());
+            let a = App::new(s.seq_floor);
+            s.apps.insert(app.into(), a);
         }
         let Some(a) = s.apps.get_mut(app) else {
             return (Vec::new(), 1, None);
@@ -556,7 +636,11 @@ impl Store {
         (out, next, follow)
     }
 
-    /// Live reading: up to `max` lines with `seq >= from`, filtered.
+    /// Live reading: up to `max` lines with `seq >= from`, filtered, scanning at most
+    /// `4 × max` lines under the lock. Numbers from `from` up to `next` that are no longer
+    /// buffered were evicted and are counted in `skipped`. With `behind` set the scan
+    /// stopped short of the newest line and the caller should read again right away: the
+    /// wake-up for the lines after it has already fired.
     pub fn read_from(&self, app: &[u8], from: u64, filter: &Filter, max: usize) -> Batch {
         let s = self.shard(app);
         let Some(a) = s.apps.get(app) else {
@@ -565,16 +649,12 @@ impl Store {
                 ..Batch::default()
             };
         };
-        let first = a.first_seq();
-        let (start, skipped) = if from < first {
-            (first, first - from)
-        } else {
-            (from, 0)
-        };
         let mut lines = Vec::new();
-        let mut next = start;
-        let skip = (start - first) as usize;
-        for l in a.ring.iter().skip(skip).take(max * 4) {
+        let mut next = from;
+        let mut skipped = 0;
+        let mut rest = a.ring.range(a.index_of(from)..);
+        for l in rest.by_ref().take(max * 4) {
+            skipped += l.seq - next;
             next = l.seq + 1;
             if filter.matches(&l.msg) {
                 lines.push(l.clone());
@@ -583,10 +663,17 @@ impl Store {
                 }
             }
         }
+        let behind = rest.len() > 0;
+        if !behind && a.next_seq > next {
+            // The newest lines themselves were evicted.
+            skipped += a.next_seq - next;
+            next = a.next_seq;
+        }
         Batch {
             lines,
             skipped,
-            next: next.max(start),
+            next,
+            behind,
         }
     }
 
@@ -618,16 +705,18 @@ impl Store {
             let s = self.shard_at(i);
             for (app, a) in &s.apps {
                 let from = pos.get(app).copied().unwrap_or(1);
-                if a.next_seq <= from {
+                if a.next_seq <= from || a.ring.is_empty() {
                     continue;
                 }
-                let first = a.first_seq();
-                let start = from.max(first);
                 let take = max.saturating_sub(out.len()).max(1);
-                let mut next = start;
-                for l in a.ring.iter().skip((start - first) as usize).take(take) {
+                let mut next = from;
+                let mut rest = a.ring.range(a.index_of(from)..);
+                for l in rest.by_ref().take(take) {
                     out.push((app.clone(), l.clone()));
                     next = l.seq + 1;
+                }
+                if rest.len() == 0 {
+                    next = a.next_seq;
                 }
                 pos.insert(app.clone(), next);
             }

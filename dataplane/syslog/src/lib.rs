@@ -9,8 +9,9 @@
 //! - [`sd`] validates and iterates structured data (escapes `\"`, `\\`, `\]`, NILVALUE).
 //! - [`flynn`] adds Flynn's conventions: PROCID `<type>.<job>`, MSGID → [`Stream`],
 //!   `[flynn seq="N"]`.
-//! - [`Timestamp`] parses RFC 3339 into UTC nanoseconds and formats it like Go's
-//!   `RFC3339Nano`.
+//! - [`Timestamp`] parses RFC 3339 into UTC nanoseconds (clamping times outside
+//!   1677–2262 to the representable range, so such a message keeps its app) and formats
+//!   it like Go's `RFC3339Nano`.
 //!
 //! No I/O, no clock reads on the parse path, no allocation per message; errors are small
 //! `Copy` enums. Used by `flynn-logagg` (ingest and snapshots); fuzzed in `fuzz/`.

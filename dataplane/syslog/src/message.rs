@@ -316,6 +316,11 @@ mod tests {
                 Some(("2003-10-11T22:14:15.003Z", "mymachine.example.com", "evntslog", "", "ID47", "[exampleSDID@32473 iut=\"3\" eventSource=\"Application\" eventID=\"1011\"]", "An application event"))),
             ("<165>1 2003-10-11T22:14:15.003Z h a - ID47 [a x=\"q\\\"\\\\\\]\"][b]",
                 Some(("2003-10-11T22:14:15.003Z", "h", "a", "", "ID47", "[a x=\"q\\\"\\\\\\]\"][b]", ""))),
+            // Times i64 nanoseconds cannot hold are clamped, not a reason to go raw.
+            ("<190>1 2300-01-01T00:00:00Z h app1 web.1 ID1 [flynn seq=\"1\"] future",
+                Some(("2262-04-11T23:47:16.854775807Z", "h", "app1", "web.1", "ID1", "[flynn seq=\"1\"]", "future"))),
+            ("<190>1 0001-01-01T00:00:00Z h app1 web.1 ID1 [flynn seq=\"2\"] past",
+                Some(("1677-09-21T00:12:43.145224192Z", "h", "app1", "web.1", "ID1", "[flynn seq=\"2\"]", "past"))),
             ("<0>1 - - - - - -", Some(("", "", "", "", "", "", ""))),
             ("<0>1 - - - - - - ", Some(("", "", "", "", "", "", ""))),
             ("<191>1 - h a p m - line\nwith newline", Some(("", "h", "a", "p", "m", "", "line\nwith newline"))),

@@ -50,6 +50,8 @@ fn days_in_month(y: u32, m: u32) -> u32 {
 
 impl Timestamp {
     /// Parses `YYYY-MM-DDThh:mm:ss[.frac](Z|+hh:mm|-hh:mm)`; up to 9 fraction digits.
+    /// Times before 1677-09-21 or after 2262-04-11 (beyond i64 nanoseconds) are clamped
+    /// to the first or last representable instant.
     pub fn parse(s: &[u8]) -> Option<Timestamp> {
         if s.len() < 20 || s[4] != b'-' || s[7] != b'-' || (s[10] != b'T' && s[10] != b't') {
             return None;
@@ -111,9 +113,15 @@ impl Timestamp {
         let days = days_from_civil(i64::from(y), mo, d);
         let secs =
             days * 86_400 + i64::from(h) * 3600 + i64::from(mi) * 60 + i64::from(sec) - offset_secs;
-        secs.checked_mul(1_000_000_000)?
-            .checked_add(i64::from(nanos))
-            .map(Timestamp)
+        // i64 nanoseconds reach from 1677-09-21T00:12:43.145224192Z to
+        // 2262-04-11T23:47:16.854775807Z. A valid time outside that (a wrong clock, a
+        // placeholder like 0001-01-01) is clamped to the nearest end rather than refused:
+        // refusing would turn the whole message raw and lose its app. Clamped times sort
+        // at the edges and all compare equal at each end.
+        let n = i128::from(secs) * 1_000_000_000 + i128::from(nanos);
+        Some(Timestamp(
+            n.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64,
+        ))
     }
 
     /// Writes RFC 3339 in UTC with the fraction's trailing zeros trimmed, as Go's
@@ -212,6 +220,31 @@ mod tests {
             ("2009-11-10T23:00:00.Z", None),
             ("2009-11-10T23:00:00.1234567890Z", None),
             ("2009-11-10T23:00:00+0100", None),
+            // Outside what i64 nanoseconds can hold: clamped to the nearest end.
+            (
+                "2300-01-01T00:00:00Z",
+                Some("2262-04-11T23:47:16.854775807Z"),
+            ),
+            (
+                "9999-12-31T23:59:59.999999999Z",
+                Some("2262-04-11T23:47:16.854775807Z"),
+            ),
+            (
+                "0001-01-01T00:00:00Z",
+                Some("1677-09-21T00:12:43.145224192Z"),
+            ),
+            (
+                "1677-09-21T00:12:43.145224191Z",
+                Some("1677-09-21T00:12:43.145224192Z"),
+            ),
+            (
+                "1677-09-21T00:12:43.145224193Z",
+                Some("1677-09-21T00:12:43.145224193Z"),
+            ),
+            (
+                "2262-04-11T23:47:16.854775807Z",
+                Some("2262-04-11T23:47:16.854775807Z"),
+            ),
             ("-", None),
             ("", None),
         ];

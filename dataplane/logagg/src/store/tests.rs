@@ -413,3 +413,122 @@ fn one_host_split_over_senders_skips_the_replay_index_and_still_catches_replays(
         );
     }
 }
+
+#[test]
+fn eviction_and_too_old_go_by_timestamp_not_arrival() {
+    let s = store(3, usize::MAX);
+    // Arrival order b(20), c(30), a(10): `a` is the oldest line though it came last.
+    put(&s, "a", &msg("h", "web.1", "ID1", 1, 20, "b"));
+    put(&s, "a", &msg("h", "web.1", "ID1", 2, 30, "c"));
+    put(&s, "a", &msg("h", "web.1", "ID1", 3, 10, "a"));
+    let (_, next, f) = s.history(b"a", &Filter::default(), 0, true);
+    assert_eq!(next, 4);
+    // Older than everything buffered: refused. Older than `b` but not than `a`: stored,
+    // and the full ring drops `a`, the oldest by time.
+    assert_eq!(
+        put(&s, "a", &msg("h", "web.1", "ID1", 4, 5, "too old")),
+        Outcome::TooOld
+    );
+    assert_eq!(
+        put(&s, "a", &msg("h", "web.1", "ID1", 5, 15, "a2")),
+        Outcome::Stored
+    );
+    let (h, _, _) = s.history(b"a", &Filter::default(), 0, false);
+    assert_eq!(bodies(&h), ["a2", "b", "c"]);
+    assert_eq!(s.stats()[0].evicted_capacity, 2);
+    // Newer lines push out the oldest by time, wherever they sit in arrival order.
+    put(&s, "a", &msg("h", "web.1", "ID1", 6, 40, "d"));
+    let (h, _, _) = s.history(b"a", &Filter::default(), 0, false);
+    assert_eq!(bodies(&h), ["b", "c", "d"]);
+    // A follower sees the surviving lines in arrival order, and the lines evicted under
+    // it as skipped: lines plus skipped add up to everything stored after its start.
+    drop(f);
+    let b = s.read_from(b"a", 1, &Filter::default(), 100);
+    assert_eq!(bodies(&b.lines), ["b", "c", "d"]);
+    assert_eq!((b.skipped, b.next), (2, 6));
+    let b = s.read_from(b"a", 3, &Filter::default(), 100);
+    assert_eq!(bodies(&b.lines), ["d"]);
+    assert_eq!((b.skipped, b.next), (2, 6));
+}
+
+#[test]
+fn memory_cap_holds_with_many_one_line_apps() {
+    let cap = 1 << 20;
+    let s = store(10_000, cap);
+    let body = "z".repeat(100);
+    for i in 0..20_000u64 {
+        put(
+            &s,
+            &format!("app{i}"),
+            &msg("h", "web.1", "ID1", i, i, &body),
+        );
+        if i % 1000 == 0 {
+            assert!(s.memory() <= cap, "{} > {cap}", s.memory());
+        }
+    }
+    assert!(s.memory() <= cap, "{} > {cap}", s.memory());
+    let st = s.stats();
+    assert!(st.len() < 20_000, "some apps were dropped");
+    assert!(st.iter().all(|a| a.lines == 1), "no empty app is kept");
+    assert_eq!(s.apps.load(Ordering::Relaxed), st.len());
+    // The newest app is still there.
+    assert!(st.iter().any(|a| a.app == "app19999"));
+}
+
+#[test]
+fn follows_of_unknown_channels_leave_nothing_behind() {
+    let s = store(100, usize::MAX);
+    put(&s, "known", &msg("h", "web.1", "ID1", 1, 1, "x"));
+    let before = s.stats().len();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..1_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let app = format!("unknown-{x:016x}");
+        let (h, _, f) = s.history(app.as_bytes(), &Filter::default(), 10, true);
+        assert!(h.is_empty());
+        assert!(f.is_some());
+        drop(f);
+    }
+    assert_eq!(s.stats().len(), before);
+    assert_eq!(s.apps.load(Ordering::Relaxed), before);
+    // A follower still sees lines that arrive while it waits, and an app with lines
+    // stays when its follower goes.
+    let (_, next, f) = s.history(b"new", &Filter::default(), 0, true);
+    put(&s, "new", &msg("h", "web.1", "ID1", 2, 2, "y"));
+    assert_eq!(
+        bodies(&s.read_from(b"new", next, &Filter::default(), 10).lines),
+        ["y"]
+    );
+    drop(f);
+    assert_eq!(s.stats().len(), before + 1);
+}
+
+#[test]
+fn an_app_dropped_by_the_cap_and_back_keeps_counting_up() {
+    // A peer following the whole store remembers each app's position; an app dropped
+    // (its last line reclaimed) and re-created must not restart below it.
+    let s = store(10_000, 1 << 16);
+    put(&s, "a", &msg("h", "web.1", "ID1", 1, 1, "first"));
+    let mut pos = HashMap::new();
+    assert_eq!(s.read_all_since(&mut pos, 100).len(), 1);
+    for i in 0..2_000u64 {
+        put(
+            &s,
+            &format!("app{i}"),
+            &msg("h", "web.1", "ID1", i + 2, i + 2, "filler"),
+        );
+    }
+    assert!(s.stats().iter().all(|a| a.app != "a"), "`a` was reclaimed");
+    put(&s, "a", &msg("h", "web.1", "ID1", 9_999, 9_999, "again"));
+    let mut got = Vec::new();
+    loop {
+        let v = s.read_all_since(&mut pos, 1_000);
+        if v.is_empty() {
+            break;
+        }
+        got.extend(v.into_iter().filter(|(app, _)| &**app == b"a").map(|x| x.1));
+    }
+    assert_eq!(bodies(&got), ["again"]);
+}

@@ -219,3 +219,39 @@ fn live_latency_under_50ms() {
         "worst follow latency {worst:?}"
     );
 }
+
+#[test]
+fn method_and_path_errors_use_the_json_envelope() {
+    let l = Logagg::start(&[]);
+    let send = |req: &str| {
+        let mut s = std::net::TcpStream::connect(l.api).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut s, &mut buf).unwrap();
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        (head.to_string(), body.to_string())
+    };
+    for path in ["/log/app1", "/cursors", "/.well-known/status"] {
+        let (head, body) = send(&format!(
+            "POST {path} HTTP/1.0\r\nHost: t\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(head.starts_with("HTTP/1.0 405"), "{path}: {head}");
+        assert!(head.to_ascii_lowercase().contains("allow: get"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{head}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&body).expect(&body);
+        assert_eq!(v["code"], "validation_error", "{body}");
+        assert_eq!(v["retry"], false, "{body}");
+    }
+    // A channel id that is not UTF-8 once percent-decoded.
+    let (s, body) = l.get("/log/%ff%fe");
+    assert_eq!(s, 400, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect(&body);
+    assert_eq!(v["code"], "validation_error");
+    assert_eq!(v["detail"]["field"], "channel_id");
+}
