@@ -366,6 +366,11 @@ impl FastPath {
         })
     }
 
+    /// Every remote block in the prefix map, as (network, prefix length, hop).
+    pub fn prefixes(&self) -> Result<Vec<(Ipv4Addr, u8, Hop)>, EbpfError> {
+        list_prefixes(&self.prefixes)
+    }
+
     /// Adds or replaces the peer of a remote block, keyed by the block's [`Hop::next_hop`]:
     /// traffic to the block is then encapsulated in BPF (when [`FastPath::set_underlay`] gave
     /// an underlay device) instead of going through the VXLAN device.
@@ -515,6 +520,80 @@ pub fn detach_roles(pin_dir: &Path, roles: &[Role]) -> Result<usize, EbpfError> 
         }
     }
     Ok(n)
+}
+
+/// Empties the pinned prefix and tunnel maps and clears the underlay settings in `pin_dir`,
+/// without loading anything: for an agent started with the fast path off, whose previous run
+/// filled them. Programs still attached (the jobs' veths, which belong to the host daemon) then
+/// miss for every remote block and leave those packets to the kernel path; entries nobody keeps
+/// up to date any more can no longer send them to a departed peer. The endpoint map (the host
+/// daemon's) stays. Returns how many entries were removed; a missing directory or map is fine.
+pub fn clear_routes(pin_dir: &Path) -> Result<usize, EbpfError> {
+    let mut removed = 0;
+    let pinned = |name: &'static str| -> Result<Option<aya::maps::Map>, EbpfError> {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let data = MapData::from_pin(&path).map_err(|source| EbpfError::Map { name, source })?;
+        aya::maps::Map::from_map_data(data)
+            .map(Some)
+            .map_err(|source| EbpfError::Map { name, source })
+    };
+    let map_err = |name| move |source| EbpfError::Map { name, source };
+    if let Some(map) = pinned(MAP_PREFIXES)? {
+        let mut trie: LpmTrie<MapData, u32, RawHop> =
+            LpmTrie::try_from(map).map_err(map_err(MAP_PREFIXES))?;
+        let keys = trie
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(MAP_PREFIXES))?;
+        for k in keys {
+            ignore_missing(trie.remove(&k)).map_err(map_err(MAP_PREFIXES))?;
+            removed += 1;
+        }
+    }
+    if let Some(map) = pinned(MAP_TUNNELS)? {
+        let mut tunnels: HashMap<MapData, u32, RawTunnel> =
+            HashMap::try_from(map).map_err(map_err(MAP_TUNNELS))?;
+        let keys = tunnels
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(MAP_TUNNELS))?;
+        for k in keys {
+            ignore_missing(tunnels.remove(&k)).map_err(map_err(MAP_TUNNELS))?;
+            removed += 1;
+        }
+    }
+    if let Some(map) = pinned(MAP_UNDERLAY)? {
+        let mut underlay: Array<MapData, RawUnderlay> =
+            Array::try_from(map).map_err(map_err(MAP_UNDERLAY))?;
+        let cur = underlay.get(&0, 0).map_err(map_err(MAP_UNDERLAY))?;
+        if cur != RawUnderlay::default() {
+            underlay
+                .set(0, RawUnderlay::default(), 0)
+                .map_err(map_err(MAP_UNDERLAY))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+fn list_prefixes(
+    trie: &LpmTrie<MapData, u32, RawHop>,
+) -> Result<Vec<(Ipv4Addr, u8, Hop)>, EbpfError> {
+    trie.iter()
+        .map(|r| {
+            r.map(|(k, v)| {
+                let len = u8::try_from(k.prefix_len()).unwrap_or(u8::MAX);
+                (Ipv4Addr::from(k.data().to_ne_bytes()), len, Hop::from(v))
+            })
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|source| EbpfError::Map {
+            name: MAP_PREFIXES,
+            source,
+        })
 }
 
 fn program(ebpf: &mut Ebpf, role: Role) -> Result<&mut SchedClassifier, EbpfError> {

@@ -23,6 +23,10 @@
 //! flowing while the agent restarts; a restarted loader reuses the pinned maps and swaps its
 //! programs into the existing attachments atomically.
 //!
+//! An agent started with the fast path off undoes its predecessor's work without loading anything:
+//! [`detach_roles`] takes the device programs off and [`clear_routes`] empties the prefix and
+//! tunnel maps and the underlay settings.
+//!
 //! All calls resolve interface indexes in the calling thread's network namespace.
 //!
 //! Left to others: deciding what goes in the maps (the agent in `flynn-network`/`flynn-host`
@@ -84,6 +88,6 @@ mod switch;
 
 pub use attach::AttachMode;
 pub use error::EbpfError;
-pub use fastpath::{detach_roles, FastPath, Role, DEFAULT_PIN_DIR};
+pub use fastpath::{clear_routes, detach_roles, FastPath, Role, DEFAULT_PIN_DIR};
 pub use maps::{Counters, Endpoint, Hop, Tunnel, Underlay};
 pub use switch::Switch;

@@ -46,6 +46,15 @@ impl From<Hop> for RawHop {
     }
 }
 
+impl From<RawHop> for Hop {
+    fn from(h: RawHop) -> Hop {
+        Hop {
+            ifindex: h.ifindex,
+            next_hop: Ipv4Addr::from(h.next_hop.to_ne_bytes()),
+        }
+    }
+}
+
 /// This host's VXLAN settings: for decapsulation on the underlay device
 /// ([`crate::Role::Underlay`]) the outer destination address and UDP port, the VNI and the VXLAN
 /// device's MAC (the inner Ethernet destination the kernel's VXLAN device would accept); for

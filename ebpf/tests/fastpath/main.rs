@@ -562,3 +562,80 @@ fn bad_input_gets_clear_errors() -> Result<()> {
         Ok(())
     })
 }
+
+#[test]
+fn clear_routes_empties_the_routing_maps_and_keeps_endpoints() -> Result<()> {
+    if !lab::should_run("clear_routes_empties_the_routing_maps_and_keeps_endpoints") {
+        return Ok(());
+    }
+    // Nothing pinned yet: nothing to do.
+    let plain = tempfile::tempdir()?;
+    ensure!(flynn_ebpf::clear_routes(&plain.path().join("flynn"))? == 0);
+
+    let bpffs = Bpffs::mount("flynn-bpffs-clear")?;
+    let mut lab = Lab::new();
+    let host = lab.add_ns("h")?;
+    let pin_dir = bpffs.pin_dir("flynn");
+    in_ns(&host, || {
+        let mut fp = FastPath::load(&pin_dir)?;
+        let job = Ipv4Addr::new(100, 100, 1, 10);
+        fp.upsert_endpoint(
+            job,
+            Endpoint {
+                ifindex: 1,
+                mac: [2, 0, 0, 0, 0, 1],
+                gateway_mac: [2, 0, 0, 0, 0, 2],
+            },
+        )?;
+        for block in [BLOCK2, Ipv4Addr::new(100, 100, 3, 0)] {
+            fp.upsert_prefix(
+                block,
+                24,
+                Hop {
+                    ifindex: 1,
+                    next_hop: block,
+                },
+            )?;
+            fp.upsert_tunnel(
+                block,
+                flynn_ebpf::Tunnel {
+                    remote_ip: Ipv4Addr::new(10, 0, 0, 2),
+                    vtep_mac: [2, 0, 0, 0, 0, 3],
+                },
+            )?;
+        }
+        fp.set_underlay(flynn_ebpf::Underlay {
+            local_ip: Ipv4Addr::new(10, 0, 0, 1),
+            vni: 1,
+            port: 8472,
+            vtep_mac: [2, 0, 0, 0, 0, 4],
+            ifindex: 1,
+        })?;
+        let listed = fp.prefixes()?;
+        ensure!(
+            listed.len() == 2
+                && listed.contains(&(
+                    BLOCK2,
+                    24,
+                    Hop {
+                        ifindex: 1,
+                        next_hop: BLOCK2
+                    }
+                )),
+            "{listed:?}"
+        );
+
+        // Without loading anything (as an agent with the fast path off does).
+        ensure!(flynn_ebpf::clear_routes(&pin_dir)? == 5);
+        ensure!(fp.prefixes()?.is_empty(), "prefixes left");
+        ensure!(fp.tunnels()?.is_empty(), "tunnels left");
+        ensure!(fp.underlay()?.is_none(), "underlay left");
+        ensure!(
+            fp.endpoint_ips()? == [job],
+            "the endpoint map is the host's"
+        );
+        ensure!(flynn_ebpf::clear_routes(&pin_dir)? == 0);
+        fp.unpin()?;
+        Ok(())
+    })
+}

@@ -1,12 +1,13 @@
 //! [`Agent`]: the per-host overlay daemon loop (flanneld's role). It leases this host's block,
 //! sets up the VXLAN device and bridge, and then keeps the kernel (and, when enabled, the eBPF fast
 //! path's prefix map) in line with every lease: on each store event and on a timer. It renews the
-//! lease before it expires and releases it on clean shutdown.
+//! lease before it expires and releases it on clean shutdown; the next start asks for the same
+//! block again (remembered in `subnet.env`, as flannel does).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -33,7 +34,12 @@ pub struct AgentConfig {
     /// Full reconcile interval, in addition to reconciling on every store event.
     pub resync: Duration,
     /// Where `subnet.env` (flannel's format) is written for the host daemon; none when `None`.
+    /// The block it names is asked for again on the next start.
     pub state_dir: Option<PathBuf>,
+    /// Whether a fast path that fails to attach stops [`Agent::start`] (`--fast-path on`). When
+    /// `false` (`auto`) the agent logs a warning, turns the fast path off and runs the kernel
+    /// path only.
+    pub fast_path_required: bool,
 }
 
 /// Why the agent stopped.
@@ -60,6 +66,8 @@ pub enum AgentError {
 pub struct Started {
     pub lease: Lease,
     pub devices: Devices,
+    /// Whether the eBPF fast path is in use.
+    pub fast_path: bool,
 }
 
 /// The overlay agent of one host.
@@ -100,28 +108,30 @@ impl<S: LeaseStore> Agent<S> {
         }
     }
 
-    /// Leases a block (reusing this host's lease if the store has one), sets up the VXLAN device
-    /// and bridge, attaches the fast path and reconciles once.
+    /// Leases a block (reusing this host's lease if the store has one, else the block named in
+    /// `subnet.env` if it is free), sets up the VXLAN device and bridge, attaches the fast path
+    /// and reconciles once.
     pub async fn start(&mut self) -> Result<Started, AgentError> {
-        let lease = self.leaser.acquire(SystemTime::now()).await?;
+        let previous = self.cfg.state_dir.as_deref().and_then(previous_subnet);
+        let lease = self.leaser.acquire(SystemTime::now(), previous).await?;
+        if let Some(p) = previous.filter(|p| *p != lease.subnet) {
+            tracing::warn!(previous = %p, subnet = %lease.subnet, "the previous block is taken; this host's block changed");
+        }
         let mut nl = self.nl.clone();
         let devices = setup(&mut nl, &self.cfg.devices, &lease).await?;
         let segment = self.nl.segment(self.cfg.public_ip).await?;
         self.segment = Some(segment);
         if let Some(fp) = &mut self.fast {
-            fp.attach(devices.vxlan, Role::Vxlan)?;
-            // VXLAN in BPF on the device holding the public IP (the VXLAN device's lower
-            // device): packets for our jobs are decapsulated there, and packets to peers with a
-            // tunnel entry (see sync_fast_path) are encapsulated and leave by it. The settings
-            // go in before the program, which decapsulates nothing without them.
-            fp.set_underlay(Underlay {
-                local_ip: self.cfg.public_ip,
-                vni: self.cfg.devices.vni,
-                port: self.cfg.devices.port,
-                vtep_mac: lease.vtep_mac.octets(),
-                ifindex: segment.ifindex,
-            })?;
-            fp.attach(segment.ifindex, Role::Underlay)?;
+            if let Err(e) = attach_fast_path(fp, &self.cfg, &lease, devices.vxlan, segment) {
+                if self.cfg.fast_path_required {
+                    return Err(e.into());
+                }
+                tracing::warn!(error = %error_chain(&e), "cannot attach the eBPF fast path; kernel path only");
+                let pin_dir = fp.pin_dir().to_path_buf();
+                self.fast = None;
+                self.stats.fast_path.store(false, Ordering::Relaxed);
+                fast_path_off(&pin_dir);
+            }
         }
         self.lease = Some(lease.clone());
         self.devices = Some(devices);
@@ -130,7 +140,11 @@ impl<S: LeaseStore> Agent<S> {
         self.sync(&snap).await?;
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         self.stats.synced.store(true, Ordering::Relaxed);
-        Ok(Started { lease, devices })
+        Ok(Started {
+            lease,
+            devices,
+            fast_path: self.fast.is_some(),
+        })
     }
 
     /// Makes the kernel and the fast path match `snap`. Returns the number of changes.
@@ -258,10 +272,10 @@ impl<S: LeaseStore> Agent<S> {
         }
         if !self.swept {
             // The map is pinned and outlives agents: drop whatever a previous agent left for
-            // blocks that are not live now (the map cannot be listed, so try every block).
-            for b in self.cfg.lease.layout.blocks() {
-                if !want.contains_key(&b) {
-                    fp.remove_prefix(b.addr(), b.prefix_len())?;
+            // blocks that are not live now.
+            for (net, len, _) in fp.prefixes()? {
+                if !want.contains_key(&Subnet::new(net, len)) {
+                    fp.remove_prefix(net, len)?;
                 }
             }
             self.swept = true;
@@ -417,6 +431,64 @@ impl<S: LeaseStore> Agent<S> {
     }
 }
 
+/// Attaches the agent's programs to the VXLAN device and the underlay device.
+fn attach_fast_path(
+    fp: &mut FastPath,
+    cfg: &AgentConfig,
+    lease: &Lease,
+    vxlan: u32,
+    segment: Segment,
+) -> Result<(), flynn_ebpf::EbpfError> {
+    fp.attach(vxlan, Role::Vxlan)?;
+    // VXLAN in BPF on the device holding the public IP (the VXLAN device's lower device):
+    // packets for our jobs are decapsulated there, and packets to peers with a tunnel entry (see
+    // sync_fast_path) are encapsulated and leave by it. The settings go in before the program,
+    // which decapsulates nothing without them.
+    fp.set_underlay(Underlay {
+        local_ip: cfg.public_ip,
+        vni: cfg.devices.vni,
+        port: cfg.devices.port,
+        vtep_mac: lease.vtep_mac.octets(),
+        ifindex: segment.ifindex,
+    })?;
+    fp.attach(segment.ifindex, Role::Underlay)
+}
+
+/// Leaves the kernel path alone in charge of the overlay when the fast path is off (by flag, or
+/// because it failed to load or attach): detaches the programs a previous agent attached to its
+/// devices (they outlive it by design) and empties the pinned prefix and tunnel maps and the
+/// underlay settings, which nothing keeps up to date any more. The jobs' veths keep their
+/// programs and the endpoint map (both the host daemon's); with those maps empty, every remote
+/// destination misses and takes the kernel path. Best effort: failures are logged.
+pub fn fast_path_off(pin_dir: &Path) {
+    match flynn_ebpf::detach_roles(pin_dir, &[Role::Vxlan, Role::Underlay]) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(detached = n, "fast path off: device programs detached"),
+        Err(e) => tracing::warn!(
+            error = %error_chain(&e),
+            "fast path off: could not detach a previous agent's programs"
+        ),
+    }
+    match flynn_ebpf::clear_routes(pin_dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(removed = n, "fast path off: stale map entries removed"),
+        Err(e) => tracing::warn!(
+            error = %error_chain(&e),
+            "fast path off: could not empty the pinned prefix and tunnel maps"
+        ),
+    }
+}
+
+/// The block named in `dir/subnet.env` (`FLANNEL_SUBNET=<first address>/<len>`), if any.
+fn previous_subnet(dir: &Path) -> Option<Subnet> {
+    let body = std::fs::read_to_string(dir.join("subnet.env")).ok()?;
+    let value = body
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("FLANNEL_SUBNET="))?;
+    let (ip, len) = value.trim().split_once('/')?;
+    Some(Subnet::new(ip.parse().ok()?, len.parse().ok()?))
+}
+
 /// `e` and its sources, joined with ": ".
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -427,4 +499,27 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn previous_subnet_is_read_from_subnet_env() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(previous_subnet(dir.path()), None);
+        let env = dir.path().join("subnet.env");
+        std::fs::write(
+            &env,
+            "FLANNEL_NETWORK=100.100.0.0/16\nFLANNEL_SUBNET=100.100.7.1/24\nFLANNEL_MTU=1450\n",
+        )
+        .unwrap();
+        assert_eq!(
+            previous_subnet(dir.path()),
+            Some("100.100.7.0/24".parse().unwrap())
+        );
+        std::fs::write(&env, "FLANNEL_SUBNET=garbage\n").unwrap();
+        assert_eq!(previous_subnet(dir.path()), None);
+    }
 }

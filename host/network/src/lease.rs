@@ -1,5 +1,6 @@
-//! Subnet leases and the allocation logic: lease a free block for this host, renew it before it
-//! expires, release it on clean shutdown (flannel's `subnet.LocalManager`).
+//! Subnet leases and the allocation logic: lease a free block for this host (preferring the block
+//! it had before a restart), renew it before it expires, release it on clean shutdown (flannel's
+//! `subnet.LocalManager`).
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime};
@@ -87,19 +88,30 @@ impl<S: LeaseStore> Leaser<S> {
         &self.store
     }
 
-    /// Leases a block for this host, picking randomly among the first free ones.
-    pub async fn acquire(&self, now: SystemTime) -> Result<Lease, LeaseError> {
-        self.acquire_with(now, |n| fastrand::usize(..n)).await
+    /// Leases a block for this host: its own lease if the store still has one, else `previous`
+    /// (the block it held before, e.g. from `subnet.env`) when that is free, else one picked
+    /// randomly among the first free ones.
+    pub async fn acquire(
+        &self,
+        now: SystemTime,
+        previous: Option<Subnet>,
+    ) -> Result<Lease, LeaseError> {
+        self.acquire_with(now, previous, |n| fastrand::usize(..n))
+            .await
     }
 
     /// [`Leaser::acquire`] with the choice among `n` free blocks made by `pick` (returns `< n`).
     ///
     /// A lease already recorded for this host's underlay IP is reused (renewed), so a restarted
-    /// host keeps its block and MAC. An expired lease of another host counts as free and is taken
-    /// over with a compare-and-swap on its revision.
+    /// host keeps its block and MAC. Otherwise `previous` is taken when it is a block of the
+    /// layout that no live lease overlaps: a host that released its lease on a clean shutdown
+    /// gets the same block back on restart (flannel re-reads it from `subnet.env`), so its jobs
+    /// and the host daemon's address allocator stay valid. An expired lease of another host
+    /// counts as free and is taken over with a compare-and-swap on its revision.
     pub async fn acquire_with(
         &self,
         now: SystemTime,
+        previous: Option<Subnet>,
         mut pick: impl FnMut(usize) -> usize,
     ) -> Result<Lease, LeaseError> {
         let layout = &self.config.layout;
@@ -110,20 +122,27 @@ impl<S: LeaseStore> Leaser<S> {
                     && l.subnet.prefix_len() == layout.subnet_len
                     && layout.blocks().any(|b| b == l.subnet)
             });
+            let is_free = |b: &Subnet| !snap.live(now).any(|l| overlaps(&l.subnet, b));
             let result = if let Some(mine) = mine {
                 self.store.update(&self.refreshed(mine, now)).await
             } else {
-                let free: Vec<Subnet> = layout
-                    .blocks()
-                    .filter(|b| !snap.live(now).any(|l| overlaps(&l.subnet, b)))
-                    .take(self.config.candidates.max(1))
-                    .collect();
-                if free.is_empty() {
-                    return Err(LeaseError::Exhausted {
-                        network: layout.network,
-                    });
-                }
-                let subnet = free[pick(free.len()).min(free.len() - 1)];
+                let again = previous.filter(|p| is_free(p) && layout.blocks().any(|b| b == *p));
+                let subnet = match again {
+                    Some(p) => p,
+                    None => {
+                        let free: Vec<Subnet> = layout
+                            .blocks()
+                            .filter(is_free)
+                            .take(self.config.candidates.max(1))
+                            .collect();
+                        if free.is_empty() {
+                            return Err(LeaseError::Exhausted {
+                                network: layout.network,
+                            });
+                        }
+                        free[pick(free.len()).min(free.len() - 1)]
+                    }
+                };
                 let lease = Lease {
                     subnet,
                     public_ip: self.public_ip,
@@ -170,16 +189,36 @@ impl<S: LeaseStore> Leaser<S> {
 
     /// Extends `lease` to `now + ttl`. Fails with [`LeaseError::Lost`] when the record was changed
     /// or removed by someone else (its block may now belong to another host).
+    ///
+    /// A revision conflict alone does not mean the lease is lost: an earlier renewal may have been
+    /// committed although its answer never arrived (the caller then retries with the old
+    /// revision). So on a conflict the record is read again, and while it still names this host's
+    /// public IP for the same block its revision is adopted and the renewal repeated.
     pub async fn renew(&self, lease: &Lease, now: SystemTime) -> Result<Lease, LeaseError> {
-        match self.store.update(&self.refreshed(lease, now)).await {
-            Ok(l) => Ok(l),
-            Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
-                Err(LeaseError::Lost {
-                    subnet: lease.subnet,
-                })
+        let lost = || LeaseError::Lost {
+            subnet: lease.subnet,
+        };
+        let mut current = lease.clone();
+        for attempt in 1..=self.config.attempts.max(1) {
+            match self.store.update(&self.refreshed(&current, now)).await {
+                Ok(l) => return Ok(l),
+                Err(StoreError::NotFound { .. }) => return Err(lost()),
+                Err(StoreError::Conflict { key }) => {
+                    let snap = self.store.leases().await?;
+                    match snap.get(&lease.subnet) {
+                        Some(l) if l.public_ip == self.public_ip => {
+                            tracing::debug!(%key, attempt, revision = l.revision, "lease record moved on but is still ours; renewing at its revision");
+                            current.revision = l.revision;
+                        }
+                        _ => return Err(lost()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => Err(e.into()),
         }
+        Err(LeaseError::Contention {
+            attempts: self.config.attempts,
+        })
     }
 
     /// Removes `lease` on clean shutdown. A lease already gone or taken over is left alone.
@@ -238,14 +277,17 @@ mod tests {
         let mut got = Vec::new();
         // 10.9.0.0/22 in /24s, first skipped: three blocks.
         for i in 1..=3 {
-            let l = host(&store, i).acquire_with(now(), |_| 0).await.unwrap();
+            let l = host(&store, i)
+                .acquire_with(now(), None, |_| 0)
+                .await
+                .unwrap();
             assert_eq!(l.vtep_mac, Mac::for_subnet(&l.subnet));
             assert_eq!(l.expires_at, now() + Duration::from_secs(100));
             got.push(l.subnet.to_string());
         }
         assert_eq!(got, ["10.9.1.0/24", "10.9.2.0/24", "10.9.3.0/24"]);
         let err = host(&store, 4)
-            .acquire_with(now(), |_| 0)
+            .acquire_with(now(), None, |_| 0)
             .await
             .unwrap_err();
         assert!(matches!(err, LeaseError::Exhausted { .. }), "{err:?}");
@@ -255,15 +297,138 @@ mod tests {
     async fn same_host_reuses_its_lease_and_mac() {
         let store = MemoryStore::new();
         let a = host(&store, 1)
-            .acquire_with(now(), |n| n - 1)
+            .acquire_with(now(), None, |n| n - 1)
             .await
             .unwrap();
         let later = now() + Duration::from_secs(50);
-        let again = host(&store, 1).acquire_with(later, |_| 0).await.unwrap();
+        let again = host(&store, 1)
+            .acquire_with(later, None, |_| 0)
+            .await
+            .unwrap();
         assert_eq!(again.subnet, a.subnet);
         assert_eq!(again.vtep_mac, a.vtep_mac);
         assert!(again.expires_at > a.expires_at);
         assert_eq!(store.leases().await.unwrap().leases.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn restart_after_release_gets_the_previous_block_back() {
+        let store = MemoryStore::new();
+        let leaser = host(&store, 1);
+        // The last block: a pick of 0 would choose the first one.
+        let a = leaser.acquire_with(now(), None, |n| n - 1).await.unwrap();
+        assert_eq!(a.subnet.to_string(), "10.9.3.0/24");
+        // Clean shutdown: the record is gone.
+        leaser.release(&a).await.unwrap();
+        assert!(store.leases().await.unwrap().leases.is_empty());
+        // The next start remembers the block (subnet.env) and gets it again, same MAC.
+        let b = host(&store, 1)
+            .acquire_with(now(), Some(a.subnet), |_| 0)
+            .await
+            .unwrap();
+        assert_eq!(b.subnet, a.subnet);
+        assert_eq!(b.vtep_mac, a.vtep_mac);
+    }
+
+    #[tokio::test]
+    async fn previous_block_is_not_taken_from_another_host_or_outside_the_layout() {
+        let store = MemoryStore::new();
+        let a = host(&store, 1)
+            .acquire_with(now(), None, |_| 0)
+            .await
+            .unwrap();
+        // Host 2 used to have A's block: it now gets another one.
+        let b = host(&store, 2)
+            .acquire_with(now(), Some(a.subnet), |_| 0)
+            .await
+            .unwrap();
+        assert_ne!(b.subnet, a.subnet);
+        // A block outside the cluster network, of another size, or the skipped first block is
+        // ignored.
+        for prev in ["10.10.1.0/24", "10.9.3.0/25", "10.9.0.0/24"] {
+            let c = host(&store, 3)
+                .acquire_with(now(), Some(prev.parse().unwrap()), |_| 0)
+                .await
+                .unwrap();
+            assert_eq!(c.subnet.to_string(), "10.9.3.0/24", "previous {prev}");
+            host(&store, 3).release(&c).await.unwrap();
+        }
+        // An expired lease of another host on the previous block is taken over.
+        let later = now() + Duration::from_secs(101);
+        let a2 = host(&store, 3)
+            .acquire_with(later, Some(a.subnet), |_| 0)
+            .await
+            .unwrap();
+        assert_eq!(a2.subnet, a.subnet);
+        assert_eq!(a2.public_ip, Ipv4Addr::new(192, 0, 2, 3));
+    }
+
+    /// A store whose first update is committed but answered with an error (the answer was lost).
+    struct LostAnswer {
+        inner: MemoryStore,
+        failed: std::sync::atomic::AtomicBool,
+    }
+
+    impl LeaseStore for LostAnswer {
+        async fn leases(&self) -> Result<crate::store::Snapshot, StoreError> {
+            self.inner.leases().await
+        }
+        async fn create(&self, lease: &Lease) -> Result<Lease, StoreError> {
+            self.inner.create(lease).await
+        }
+        async fn update(&self, lease: &Lease) -> Result<Lease, StoreError> {
+            let stored = self.inner.update(lease).await?;
+            if !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Unavailable {
+                    reason: "connection reset".into(),
+                });
+            }
+            Ok(stored)
+        }
+        async fn delete(&self, lease: &Lease) -> Result<(), StoreError> {
+            self.inner.delete(lease).await
+        }
+        async fn watch(&self) -> Result<crate::store::LeaseWatch, StoreError> {
+            self.inner.watch().await
+        }
+    }
+
+    #[tokio::test]
+    async fn renewal_whose_answer_was_lost_is_retried_not_lost() {
+        let inner = MemoryStore::new();
+        let a = host(&inner, 1)
+            .acquire_with(now(), None, |_| 0)
+            .await
+            .unwrap();
+        let leaser = Leaser::new(
+            LostAnswer {
+                inner: inner.clone(),
+                failed: Default::default(),
+            },
+            small(),
+            Ipv4Addr::new(192, 0, 2, 1),
+        );
+        let t1 = now() + Duration::from_secs(90);
+        let err = leaser.renew(&a, t1).await.unwrap_err();
+        assert!(matches!(err, LeaseError::Store(_)), "{err:?}");
+        // The write went through: the stored revision moved past the one the agent holds.
+        assert!(inner.leases().await.unwrap().leases[0].revision > a.revision);
+        // The agent retries with what it has: the record is still ours, so it is renewed.
+        let t2 = t1 + Duration::from_secs(2);
+        let renewed = leaser.renew(&a, t2).await.unwrap();
+        assert_eq!(renewed.subnet, a.subnet);
+        assert_eq!(renewed.expires_at, t2 + Duration::from_secs(100));
+        assert_eq!(inner.leases().await.unwrap().leases, vec![renewed.clone()]);
+        // Once another host holds the record, a renewal is still refused.
+        inner
+            .update(&Lease {
+                public_ip: Ipv4Addr::new(192, 0, 2, 9),
+                ..renewed.clone()
+            })
+            .await
+            .unwrap();
+        let err = leaser.renew(&renewed, t2).await.unwrap_err();
+        assert!(matches!(err, LeaseError::Lost { .. }), "{err:?}");
     }
 
     /// A store whose first create loses a race to another host.
@@ -305,7 +470,7 @@ mod tests {
             raced: Default::default(),
         };
         let leaser = Leaser::new(racy, small(), Ipv4Addr::new(192, 0, 2, 1));
-        let l = leaser.acquire_with(now(), |_| 0).await.unwrap();
+        let l = leaser.acquire_with(now(), None, |_| 0).await.unwrap();
         assert_eq!(l.subnet.to_string(), "10.9.2.0/24");
         let snap = inner.leases().await.unwrap();
         let rival = snap.get(&"10.9.1.0/24".parse().unwrap()).unwrap();
@@ -328,7 +493,9 @@ mod tests {
                 Ipv4Addr::new(192, 0, 2, i),
             );
             tasks.push(tokio::spawn(async move {
-                leaser.acquire_with(now(), |n| usize::from(i) % n).await
+                leaser
+                    .acquire_with(now(), None, |n| usize::from(i) % n)
+                    .await
             }));
         }
         let mut subnets = std::collections::BTreeSet::new();
@@ -347,9 +514,9 @@ mod tests {
         };
         let a_leaser = Leaser::new(store.clone(), cfg.clone(), Ipv4Addr::new(192, 0, 2, 1));
         let b_leaser = Leaser::new(store.clone(), cfg, Ipv4Addr::new(192, 0, 2, 2));
-        let a = a_leaser.acquire_with(now(), |_| 0).await.unwrap();
+        let a = a_leaser.acquire_with(now(), None, |_| 0).await.unwrap();
         // Only one block: B cannot get it while A's lease lives.
-        let err = b_leaser.acquire_with(now(), |_| 0).await.unwrap_err();
+        let err = b_leaser.acquire_with(now(), None, |_| 0).await.unwrap_err();
         assert!(matches!(err, LeaseError::Exhausted { .. }));
         // Renewal before expiry keeps it.
         assert_eq!(a_leaser.renew_at(&a), now() + Duration::from_secs(90));
@@ -361,7 +528,7 @@ mod tests {
         // After expiry B takes it over.
         let after = now() + Duration::from_secs(191);
         assert!(a.is_expired(after));
-        let b = b_leaser.acquire_with(after, |_| 0).await.unwrap();
+        let b = b_leaser.acquire_with(after, None, |_| 0).await.unwrap();
         assert_eq!(b.subnet, a.subnet);
         assert_eq!(b.public_ip, Ipv4Addr::new(192, 0, 2, 2));
         // A's late renewal fails: it must not steal the block back.

@@ -17,13 +17,14 @@ use clap::{Parser, ValueEnum};
 use flynn_client::discoverd::Client;
 use flynn_ebpf::FastPath;
 use flynn_network::{
-    config_json, error_chain, layout_from_config, Agent, AgentConfig, DeviceConfig, DiscoverdStore,
-    KernelNetlink, Layout, LeaseConfig, Stats, Subnet,
+    config_json, error_chain, fast_path_off, layout_from_config, Agent, AgentConfig, DeviceConfig,
+    DiscoverdStore, KernelNetlink, Layout, LeaseConfig, Stats, Subnet,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum FastPathMode {
-    /// On when the kernel supports it.
+    /// On when the kernel supports it and it loads and attaches; otherwise a warning and the
+    /// kernel path only.
     Auto,
     /// Required: fail when unsupported.
     On,
@@ -240,29 +241,33 @@ async fn run(mut cfg: Config) -> Result<()> {
 
     let fast = match cfg.fast_path {
         FastPathMode::Off => {
-            // A previous agent may have left its device programs attached (they outlive it by
-            // design): take them off so the kernel path carries the overlay alone. Job veths
-            // belong to flynn-host and keep theirs.
-            match flynn_ebpf::detach_roles(
-                &cfg.pin_dir,
-                &[flynn_ebpf::Role::Vxlan, flynn_ebpf::Role::Underlay],
-            ) {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(detached = n, "fast path off: device programs detached"),
-                Err(e) => tracing::warn!(
-                    error = %error_chain(&e),
-                    "fast path off: could not detach a previous agent's programs"
-                ),
-            }
+            // A previous agent may have left its device programs attached and its entries in
+            // the pinned maps (they outlive it by design): take them off so the kernel path
+            // carries the overlay alone.
+            fast_path_off(&cfg.pin_dir);
             None
         }
         FastPathMode::Auto if !FastPath::supported() => {
             tracing::info!("eBPF fast path not supported here; kernel path only");
+            fast_path_off(&cfg.pin_dir);
             None
         }
-        _ => Some(FastPath::load(&cfg.pin_dir).context("loading the eBPF fast path")?),
+        FastPathMode::Auto => match FastPath::load(&cfg.pin_dir) {
+            Ok(fp) => Some(fp),
+            Err(e) => {
+                tracing::warn!(
+                    error = %error_chain(&e),
+                    pin_dir = %cfg.pin_dir.display(),
+                    "cannot load the eBPF fast path; kernel path only"
+                );
+                fast_path_off(&cfg.pin_dir);
+                None
+            }
+        },
+        FastPathMode::On => {
+            Some(FastPath::load(&cfg.pin_dir).context("loading the eBPF fast path")?)
+        }
     };
-    let fast_on = fast.is_some();
     let nl = KernelNetlink::connect()?;
     let ttl = cfg.lease_ttl;
     let agent_cfg = AgentConfig {
@@ -282,6 +287,7 @@ async fn run(mut cfg: Config) -> Result<()> {
         direct_routing: cfg.direct_routing,
         resync: cfg.resync_interval,
         state_dir: Some(cfg.state_dir.clone()),
+        fast_path_required: cfg.fast_path == FastPathMode::On,
     };
     let mut agent = Agent::new(store, nl, agent_cfg, fast);
     *status.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(agent.stats());
@@ -303,7 +309,7 @@ async fn run(mut cfg: Config) -> Result<()> {
         started.lease.subnet.first_host(),
         started.devices.mtu,
         started.lease.vtep_mac,
-        if fast_on { "on" } else { "off" }
+        if started.fast_path { "on" } else { "off" }
     );
     *status.subnet.lock().unwrap_or_else(|e| e.into_inner()) =
         Some(started.lease.subnet.to_string());

@@ -55,8 +55,8 @@ async fn hosts_get_distinct_subnets_and_see_each_other() -> Result<()> {
 
     let mut watch = s.watch().await?;
     ensure!(watch.current().leases.is_empty());
-    let a = leaser(&s, 1).acquire(SystemTime::now()).await?;
-    let b = leaser(&s, 2).acquire(SystemTime::now()).await?;
+    let a = leaser(&s, 1).acquire(SystemTime::now(), None).await?;
+    let b = leaser(&s, 2).acquire(SystemTime::now(), None).await?;
     ensure!(a.subnet != b.subnet, "both hosts got {}", a.subnet);
 
     // B's watch sees A's lease (and its own), with A's MAC and underlay address.
@@ -87,7 +87,7 @@ async fn hosts_get_distinct_subnets_and_see_each_other() -> Result<()> {
     ensure!(meta.data["config"]["Network"] == "10.60.0.0/16");
 
     // A restarted host gets its lease back.
-    let again = leaser(&s, 1).acquire(SystemTime::now()).await?;
+    let again = leaser(&s, 1).acquire(SystemTime::now(), None).await?;
     ensure!(again.subnet == a.subnet && again.vtep_mac == a.vtep_mac);
 
     // Release removes the lease; the watch sees it go.
@@ -121,9 +121,9 @@ async fn concurrent_hosts_retry_conflicts_and_never_share_a_block() -> Result<()
     let mut tasks = Vec::new();
     for i in 1..=8u8 {
         let l = Leaser::new(s.clone(), cfg.clone(), Ipv4Addr::new(192, 0, 2, i));
-        tasks.push(tokio::spawn(
-            async move { l.acquire(SystemTime::now()).await },
-        ));
+        tasks.push(tokio::spawn(async move {
+            l.acquire(SystemTime::now(), None).await
+        }));
     }
     let mut subnets = std::collections::BTreeSet::new();
     for t in tasks {

@@ -30,12 +30,15 @@ struct AgentProc {
     child: Option<Child>,
     subnet: Subnet,
     mac: String,
+    /// `fast_path=` of the ready line: `on` or `off`.
+    fast_path: String,
     log: PathBuf,
 }
 
 struct Ready {
     subnet: Subnet,
     mac: String,
+    fast_path: String,
 }
 
 impl AgentProc {
@@ -76,6 +79,7 @@ impl AgentProc {
             child: Some(child),
             subnet: "0.0.0.0/0".parse()?,
             mac: String::new(),
+            fast_path: String::new(),
             log,
         };
         let line = match rx.recv_timeout(Duration::from_secs(30)) {
@@ -89,15 +93,12 @@ impl AgentProc {
         let ready = parse_ready(&line)?;
         agent.subnet = ready.subnet;
         agent.mac = ready.mac;
+        agent.fast_path = ready.fast_path;
         Ok(agent)
     }
 
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
     }
 
     fn sigkill(&mut self) {
@@ -149,6 +150,7 @@ fn parse_ready(line: &str) -> Result<Ready> {
     Ok(Ready {
         subnet: get("subnet")?.parse()?,
         mac: get("mac")?,
+        fast_path: get("fast_path")?,
     })
 }
 
@@ -622,27 +624,63 @@ fn agents_killed_or_restarted_keep_traffic_and_macs() -> Result<()> {
         "host 2's FDB changed:\n{fdb_before}\n{fdb_after}"
     );
 
-    // Both agents back; clean shutdown releases both leases.
-    a2 = c.agent(h2, &["--fast-path", "off"])?;
-    ensure!(a2.pid() > 0);
+    // Host 2's agent back with the default `--fast-path auto`, whose pin directory (see
+    // AgentProc::start) is not on a BPF filesystem: the fast path cannot load, so the agent
+    // warns and runs the kernel path only instead of exiting.
+    a2 = c.agent(h2, &[])?;
+    ensure!(
+        a2.fast_path == "off",
+        "auto without a usable pin dir: fast_path={}",
+        a2.fast_path
+    );
+    ensure!(
+        a2.log_text().contains("cannot load the eBPF fast path"),
+        "no warning:\n{}",
+        a2.log_text()
+    );
+    eventually(10, "traffic with host 2 on the kernel path", || {
+        Ok(can_ping(&j1, &j2) && can_ping(&j2, &j1))
+    })?;
+
+    // A clean restart (SIGTERM) releases the lease, and the next start takes the same block
+    // again (remembered in subnet.env): the host's jobs keep working.
+    let leases = || -> Result<serde_json::Value> {
+        let meta = c
+            .discoverd
+            .command("curl")
+            .args([
+                "-s",
+                "-m",
+                "5",
+                &format!("{}/services/flannel/meta", c.url()),
+            ])
+            .output()?;
+        let meta: serde_json::Value = serde_json::from_slice(&meta.stdout)?;
+        Ok(meta["data"]["subnets"].clone())
+    };
+    a1.stop()?;
+    let left = leases()?;
+    ensure!(
+        left.get(subnet1.key()).is_none(),
+        "lease not released on SIGTERM: {left}"
+    );
+    a1 = c.agent(h1, &["--fast-path", "off"])?;
+    ensure!(
+        a1.subnet == subnet1 && a1.mac == mac1,
+        "block changed across a clean restart: {subnet1} -> {}",
+        a1.subnet
+    );
+    eventually(10, "traffic after the clean restart", || {
+        Ok(can_ping(&j1, &j2) && can_ping(&j2, &j1))
+    })?;
+
+    // Clean shutdown releases both leases.
     a1.stop()?;
     a2.stop()?;
-    let meta = c
-        .discoverd
-        .command("curl")
-        .args([
-            "-s",
-            "-m",
-            "5",
-            &format!("{}/services/flannel/meta", c.url()),
-        ])
-        .output()?;
-    let meta: serde_json::Value = serde_json::from_slice(&meta.stdout)?;
+    let left = leases()?;
     ensure!(
-        meta["data"]["subnets"]
-            .as_object()
-            .is_some_and(|s| s.is_empty()),
-        "leases left after clean shutdown: {meta}"
+        left.as_object().is_some_and(|s| s.is_empty()),
+        "leases left after clean shutdown: {left}"
     );
     Ok(())
 }
@@ -890,12 +928,51 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
         on.contains(&flynn_ebpf::Role::Underlay) && on.contains(&flynn_ebpf::Role::Vxlan),
         "agent attachments: {on:?}"
     );
+    // Host 2 back (same block: it remembers it): host 1's agent puts its prefix and tunnel
+    // entry in the pinned maps again.
+    let subnet2 = a2.subnet;
+    a2 = c.agent(h2, &["--fast-path", "on", "--pin-dir", &p2])?;
+    ensure!(a2.subnet == subnet2, "host 2 changed blocks");
+    /// Host 1's pinned prefixes, number of tunnel entries, and whether the underlay is set.
+    type Maps = (Vec<(std::net::Ipv4Addr, u8)>, usize, bool);
+    let maps = || -> Result<Maps> {
+        let pin = pin1.clone();
+        in_netns(&ns1, async move || {
+            let fp = flynn_ebpf::FastPath::load(&pin)?;
+            let prefixes = fp.prefixes()?.into_iter().map(|(n, l, _)| (n, l)).collect();
+            Ok((prefixes, fp.tunnels()?.len(), fp.underlay()?.is_some()))
+        })
+    };
+    let peer = (a2.subnet.addr(), a2.subnet.prefix_len());
+    eventually(10, "host 1 to route host 2's block in BPF again", || {
+        let (prefixes, tunnels, underlay) = maps()?;
+        Ok(prefixes == [peer] && tunnels == 1 && underlay)
+    })?;
+    ensure!(can_ping(&j1a, &j2), "no traffic with host 2 back");
     a1.sigkill();
-    let _a1 = c.agent(h1, &["--fast-path", "off", "--pin-dir", &p1])?;
+    a1 = c.agent(h1, &["--fast-path", "off", "--pin-dir", &p1])?;
+    ensure!(a1.fast_path == "off");
     let off = roles(&pin1)?;
     ensure!(
         off.iter().all(|r| *r == flynn_ebpf::Role::JobVeth) && off.len() == 2,
         "after --fast-path off: {off:?}"
+    );
+    // Nothing keeps the routing maps up to date any more: they are emptied, so the jobs'
+    // programs miss and every packet to another host takes the kernel path.
+    let (prefixes, tunnels, underlay) = maps()?;
+    ensure!(
+        prefixes.is_empty() && tunnels == 0 && !underlay,
+        "after --fast-path off: prefixes {prefixes:?}, {tunnels} tunnels, underlay set: {underlay}"
+    );
+    let before = counters(&ns1, &pin1)?;
+    ensure!(
+        can_ping(&j1a, &j2) && can_ping(&j2, &j1a),
+        "cross-host ping on the kernel path"
+    );
+    let after = counters(&ns1, &pin1)?;
+    ensure!(
+        after.redirected_remote == before.redirected_remote,
+        "remote traffic still redirected in BPF: {before:?} -> {after:?}"
     );
     Ok(())
 }

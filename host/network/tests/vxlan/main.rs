@@ -22,7 +22,7 @@ fn start_host(ns: &str, store: &MemoryStore, underlay: &str) -> Result<(Lease, u
     let ip = underlay.parse()?;
     in_netns(ns, async move || {
         let leaser = Leaser::new(store, LeaseConfig::default(), ip);
-        let lease = leaser.acquire(SystemTime::now()).await?;
+        let lease = leaser.acquire(SystemTime::now(), None).await?;
         let mut nl = KernelNetlink::connect()?;
         let dev = setup(&mut nl, &DeviceConfig::default(), &lease).await?;
         Ok((lease, dev.mtu))
