@@ -50,9 +50,6 @@ impl SpareShim {
     }
 }
 
-/// Longest unix socket path (`sun_path` minus the NUL).
-const MAX_SOCKET_PATH: usize = 107;
-
 fn check_id(id: &str) -> Result<(), ContainerError> {
     if valid_id(id) {
         Ok(())
@@ -170,12 +167,6 @@ impl Shim {
         let state_dir = fs::canonicalize(state_dir)
             .map_err(|e| ContainerError::io("resolving", state_dir, e))?;
         let layout = Layout::new(&state_dir, &spec.id);
-        if layout.socket().as_os_str().as_bytes().len() > MAX_SOCKET_PATH {
-            return Err(ContainerError::invalid(format!(
-                "state dir {} is too long for a unix socket path",
-                state_dir.display()
-            )));
-        }
         match fs::create_dir(&layout.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -285,7 +276,10 @@ impl Shim {
         if !layout.dir.is_dir() {
             return Err(ContainerError::NotFound { id: id.into() });
         }
-        let sock = match UnixStream::connect(layout.socket()).await {
+        let addr = layout
+            .socket_addr()
+            .map_err(|e| ContainerError::io("opening", &layout.dir, e))?;
+        let sock = match UnixStream::connect(&addr.path).await {
             Ok(s) => Some(s),
             Err(e) => {
                 if read_status(&layout).is_none() {

@@ -1,6 +1,17 @@
 //! Where a job's shim keeps its state: `<state_dir>/<id>/`.
 
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+/// Longest unix socket path (`sun_path` minus the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// A control socket path usable with bind/connect (see [`Layout::socket_addr`]).
+pub struct SocketAddr {
+    pub path: PathBuf,
+    _dir: Option<std::fs::File>,
+}
 
 /// Paths inside one job's state directory.
 #[derive(Debug, Clone)]
@@ -21,6 +32,25 @@ impl Layout {
     /// The control socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.join("control.sock")
+    }
+    /// A path to bind or connect the control socket with. A unix socket path holds at most
+    /// 107 bytes, so a longer one (a long state dir, a 64-byte job id) goes through
+    /// `/proc/self/fd/<fd>/control.sock` with the job's directory held open (`O_PATH`)
+    /// for as long as the returned value lives.
+    pub fn socket_addr(&self) -> std::io::Result<SocketAddr> {
+        let path = self.socket();
+        if path.as_os_str().len() <= MAX_SOCKET_PATH {
+            return Ok(SocketAddr { path, _dir: None });
+        }
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(&self.dir)?;
+        let path = PathBuf::from(format!("/proc/self/fd/{}/control.sock", dir.as_raw_fd()));
+        Ok(SocketAddr {
+            path,
+            _dir: Some(dir),
+        })
     }
     /// The shim's pid.
     pub fn shim_pid(&self) -> PathBuf {

@@ -211,7 +211,9 @@ fn serve(layout: &Layout, ready: OwnedFd, ns_ready: bool) -> Result<(), String> 
         .map_err(|e| format!("reading {}: {e}", layout.spec().display()))?;
     spec.validate().map_err(|e| e.to_string())?;
     let _ = fs::remove_file(layout.socket());
-    let listener = UnixListener::bind(layout.socket())
+    let listener = layout
+        .socket_addr()
+        .and_then(|a| UnixListener::bind(&a.path))
         .map_err(|e| format!("binding {}: {e}", layout.socket().display()))?;
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     File::from(ready)
@@ -529,6 +531,9 @@ impl ShimLoop {
             if fds[1].revents != 0 && status.is_none() {
                 // `None` inside: the init could not be waited for (never expected).
                 status = Some(reap(r.pid));
+                // What the job left running in its namespace goes with it, as it did when
+                // the job was the namespace's init.
+                r.pid_ns.end();
                 exited_at = Some(Instant::now());
             }
             self.write_client();
@@ -545,6 +550,7 @@ impl ShimLoop {
                 lines.flush(&mut self.outbox, true);
             }
         }
+        r.pid_ns.end();
         let oom_killed = cgroups::oom_killed(&self.spec);
         teardown(&self.spec, &self.layout, Some(&mut r.container));
         let (code, signal) = match status.flatten() {

@@ -124,13 +124,55 @@ async fn sigterm_reaches_a_trap() {
     env.cleanup_and_check(&spec);
 }
 
+/// A job that installs no handler still dies of SIGTERM at once (the daemon's stop): it is
+/// not its pid namespace's init, which the kernel shields from unhandled signals. What it
+/// left running in the background goes with it.
+#[tokio::test]
+async fn sigterm_kills_a_job_without_a_handler_and_its_leftovers() {
+    require_root!();
+    let env = Env::new("noh");
+    let spec = env.spec("sleeper", &["sleep", "600"]);
+    let mut conn = env.spawn(&spec).await;
+    assert!(matches!(
+        conn.next_event().await.unwrap(),
+        Some(ShimEvent::Started { .. })
+    ));
+    let t = std::time::Instant::now();
+    conn.signal(libc::SIGTERM).await.unwrap();
+    let run = collect(&mut conn, T).await;
+    assert_eq!(
+        run.last,
+        Some(ShimEvent::Exited {
+            code: None,
+            signal: Some(libc::SIGTERM),
+            oom_killed: false
+        })
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    env.cleanup_and_check(&spec);
+
+    // A background process holding the job's stdout does not outlive the job.
+    let spec = env.spec("bg", &["sh", "-c", "sleep 600 & echo started"]);
+    let mut conn = env.spawn(&spec).await;
+    let t = std::time::Instant::now();
+    let run = collect(&mut conn, T).await;
+    assert_eq!(run.stdout, vec!["started"]);
+    assert_eq!(run.exit_code(), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    env.cleanup_and_check(&spec);
+}
+
 #[tokio::test]
 async fn env_cwd_hostname_and_fd_limit() {
     require_root!();
     let env = Env::new("env");
     let mut spec = env.spec(
         "env",
-        &["sh", "-c", "echo $FOO; echo $PATH; pwd; hostname; ulimit -n; id -u; cat /proc/1/cmdline | tr '\\0' ' '; echo"],
+        &[
+            "sh",
+            "-c",
+            "echo $FOO; echo $PATH; pwd; hostname; ulimit -n; id -u; echo $$; cat /proc/1/comm",
+        ],
     );
     spec.env = vec!["FOO=bar baz".into()];
     spec.cwd = "/tmp".into();
@@ -150,8 +192,9 @@ async fn env_cwd_hostname_and_fd_limit() {
             "0"
         ]
     );
-    // Its own pid namespace: the job is pid 1.
-    assert!(run.stdout[6].starts_with("sh -c"), "{:?}", run.stdout);
+    // Its own pid namespace, whose init is the shim's minimal one: the job is pid 2, so
+    // signals from the host reach it by their default action.
+    assert_eq!(run.stdout[6..8], ["2", "flynn-init"], "{:?}", run.stdout);
     env.cleanup_and_check(&spec);
 }
 
@@ -362,4 +405,35 @@ async fn twenty_jobs_at_once() {
         done += 1;
     }
     assert_eq!(done, 20);
+}
+
+/// A job id of the longest valid length (64, e.g. `<host id>-<uuid>`) under a state dir that
+/// makes the control socket's path longer than a unix socket address can hold: the shim
+/// binds and the daemon connects through `/proc/self/fd`.
+#[tokio::test]
+async fn a_job_whose_socket_path_is_too_long_for_sun_path_runs() {
+    require_root!();
+    let env = Env::new("longid");
+    let mut spec = env.spec("x", &["sh", "-c", "sleep 0.3; echo hi"]);
+    spec.id = format!("{}-{}", env.tag, "x".repeat(64 - env.tag.len() - 1));
+    assert_eq!(spec.id.len(), 64);
+    let state = env.base.join("a-state-dir-of-an-ordinary-length");
+    let sock = state.join(&spec.id).join("control.sock");
+    assert!(sock.as_os_str().len() > 107, "{}", sock.display());
+    let conn = Shim::spawn(
+        std::path::Path::new(env!("CARGO_BIN_EXE_flynn-container-shim")),
+        &[],
+        &state,
+        &spec,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("spawning {}: {e}", spec.id));
+    // The daemon's reconnect path too, while the job runs.
+    drop(conn);
+    let mut conn = Shim::connect(&state, &spec.id).await.expect("reconnecting");
+    let run = collect(&mut conn, T).await;
+    assert_eq!(run.stdout, vec!["hi"]);
+    assert_eq!(run.exit_code(), Some(0));
+    Shim::cleanup(&state, &spec.id).unwrap();
+    assert!(!state.join(&spec.id).exists());
 }
