@@ -30,6 +30,10 @@ pub struct Job {
     pub config: ContainerConfig,
     #[serde(default)]
     pub resurrect: bool,
+    /// Flynn's job profiles (e.g. `kvm`, `zfs`: devices and mounts the job needs). Accepted
+    /// and kept (shown by `GET /host/jobs/:id`); no profile changes how a job is run here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub profiles: Vec<String>,
 }
 
 impl Job {
@@ -85,7 +89,7 @@ pub struct Spec {
     pub request: Option<i64>,
 }
 
-/// Resource limits enforced with cgroups and rlimits (spec §5.4).
+/// Resource limits enforced with cgroups and rlimits (spec §5.4), except `temp_disk`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
@@ -101,6 +105,10 @@ pub struct Resources {
     /// Processes (pids cgroup).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_procs: Option<Spec>,
+    /// Bytes of scratch disk (the container's writable layer). Accepted and kept, not
+    /// enforced: the writable layer is a directory on the host's file system, without a quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temp_disk: Option<Spec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -215,6 +223,39 @@ pub struct Service {
     /// Create the service in discoverd first.
     #[serde(default)]
     pub create: bool,
+    /// A health check for the instance. Accepted and kept (shown by `GET /host/jobs/:id`),
+    /// not run: the instance is registered while the job runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<HealthCheck>,
+}
+
+/// A service instance's health check (Flynn's `host.HealthCheck`); durations are
+/// nanoseconds, as Go encodes a `time.Duration`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// `tcp` or `http`.
+    #[serde(rename = "type", default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<i64>,
+    /// Consecutive results needed to change state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<i64>,
+    /// Stop the job when the check goes down.
+    #[serde(default)]
+    pub kill_down: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_timeout: Option<i64>,
+    /// HTTP checks: the request path, `Host` header, a body pattern and the wanted status.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    #[serde(rename = "match", default, skip_serializing_if = "String::is_empty")]
+    pub pattern: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<i64>,
 }
 
 /// Job status; a number on the wire (spec §5.2).
@@ -312,6 +353,7 @@ pub struct ActiveJob {
     /// The terminating signal, when there was one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
+    /// A process of the job was OOM-killed (the job may still have exited 0 and be done).
     #[serde(default)]
     pub oom_killed: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -492,6 +534,43 @@ mod tests {
         let c: VolumeCreate = serde_json::from_str("{}").unwrap();
         assert_eq!(c, VolumeCreate::default());
         assert!(serde_json::from_str::<VolumeCreate>(r#"{"size":1}"#).is_err());
+    }
+
+    #[test]
+    fn spec_fields_are_accepted_and_kept() {
+        let text = r#"{"id":"h-1","mountspecs":[],"metadata":{},
+            "resources":{"memory":{"limit":1048576},"temp_disk":{"limit":104857600,"request":1}},
+            "config":{"args":["sh"],"env":{},"mounts":[],"ports":[{"port":80,"proto":"tcp",
+              "service":{"name":"web","create":true,"check":{"type":"http","interval":1000000000,
+                "threshold":2,"kill_down":true,"start_timeout":30000000000,"path":"/ping",
+                "host":"example.com","match":"ok","status":200}}}],
+              "host_network":false,"disable_log":false},
+            "resurrect":false,"profiles":["zfs"]}"#;
+        let j: Job = serde_json::from_str(text).unwrap();
+        assert_eq!(j.resources.temp_disk.unwrap().limit, Some(104_857_600));
+        assert_eq!(j.profiles, ["zfs"]);
+        let check = j.config.ports[0].service.as_ref().unwrap().check.clone();
+        assert_eq!(
+            check,
+            Some(HealthCheck {
+                kind: "http".into(),
+                interval: Some(1_000_000_000),
+                threshold: Some(2),
+                kill_down: true,
+                start_timeout: Some(30_000_000_000),
+                path: "/ping".into(),
+                host: "example.com".into(),
+                pattern: "ok".into(),
+                status: Some(200),
+            })
+        );
+        // Written back as received.
+        let want: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(serde_json::to_value(&j).unwrap(), want);
+        assert!(serde_json::from_str::<Job>(
+            r#"{"config":{"ports":[{"service":{"name":"w","check":{"nope":1}}}]}}"#
+        )
+        .is_err());
     }
 
     #[test]

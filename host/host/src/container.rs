@@ -121,33 +121,7 @@ impl Runtime for ContainerRuntime {
     }
 
     fn spawn(&self, l: Launch) -> Result<Handle, RuntimeError> {
-        let spec = ContainerSpec {
-            id: l.id.clone(),
-            layers: l.layers,
-            args: l.args,
-            env: l.env,
-            cwd: l.cwd,
-            hostname: l.hostname,
-            // No namespace of its own: the host's (a `host_network` job, or no job networking).
-            host_network: l.netns.is_none(),
-            netns: l.netns,
-            mounts: l
-                .mounts
-                .into_iter()
-                .map(|m| BindMount {
-                    source: m.source,
-                    target: m.target.to_string_lossy().into_owned(),
-                    readonly: m.readonly,
-                })
-                .collect(),
-            resources: Resources {
-                memory_bytes: l.limits.memory_bytes,
-                cpu_millis: l.limits.cpu_millis,
-                pids: l.limits.pids,
-                max_fds: l.limits.max_fds,
-            },
-            cgroup_parent: self.cgroup_parent.clone(),
-        };
+        let spec = container_spec(l, &self.cgroup_parent);
         let spare = self.spare.take();
         let conn = Self::block_on(Shim::spawn_using(
             spare,
@@ -199,6 +173,37 @@ impl Runtime for ContainerRuntime {
         if let Err(e) = Shim::cleanup(&self.state_dir, id) {
             tracing::warn!(job = %id, error = %chain(&e), "container cleanup failed");
         }
+    }
+}
+
+/// The container of a job's [`Launch`], its cgroup under `cgroup_parent`.
+fn container_spec(l: Launch, cgroup_parent: &str) -> ContainerSpec {
+    ContainerSpec {
+        id: l.id.clone(),
+        layers: l.layers,
+        args: l.args,
+        env: l.env,
+        cwd: l.cwd,
+        hostname: l.hostname,
+        // No namespace of its own: the host's (a `host_network` job, or no job networking).
+        host_network: l.netns.is_none(),
+        netns: l.netns,
+        mounts: l
+            .mounts
+            .into_iter()
+            .map(|m| BindMount {
+                source: m.source,
+                target: m.target.to_string_lossy().into_owned(),
+                readonly: m.readonly,
+            })
+            .collect(),
+        resources: Resources {
+            memory_bytes: l.limits.memory_bytes,
+            cpu_millis: l.limits.cpu_millis,
+            pids: l.limits.pids,
+            max_fds: l.limits.max_fds,
+        },
+        cgroup_parent: cgroup_parent.to_string(),
     }
 }
 
@@ -322,6 +327,72 @@ pub fn prime_cgroup_migration() {
 
 #[cfg(test)]
 mod tests {
+    /// The job API refuses exactly what the container runtime would refuse at start: for
+    /// values at and just past each bound, `parse_job` and `ContainerSpec::validate` agree.
+    #[test]
+    fn api_validation_matches_the_container_spec() {
+        use crate::job;
+        use crate::runtime::{BindMount, Launch, Limits};
+
+        let (mem, cpu, fd) = (job::MEMORY_LIMIT, job::CPU_LIMIT, job::MAX_FD_LIMIT);
+        let mut cases: Vec<String> = Vec::new();
+        for (name, range) in [("memory", &mem), ("cpu", &cpu), ("max_fd", &fd)] {
+            let (lo, hi) = (*range.start(), *range.end());
+            for l in [lo - 1, lo, hi, hi.saturating_add(1)] {
+                cases.push(format!(r#""resources":{{"{name}":{{"limit":{l}}}}}"#));
+            }
+        }
+        for l in [0, 1, i64::MAX] {
+            cases.push(format!(r#""resources":{{"max_procs":{{"limit":{l}}}}}"#));
+        }
+        for wd in ["", "/", "/app", "app", "./app"] {
+            cases.push(format!(
+                r#""config":{{"args":["sh"],"working_dir":"{wd}"}}"#
+            ));
+        }
+        for t in ["/a", "/a/../b", "/..", "/a/..b", "/a/b..", "/a/./b", "a"] {
+            cases.push(format!(
+                r#""config":{{"args":["sh"],"mounts":[{{"location":"/h","target":"{t}"}}]}}"#
+            ));
+        }
+        for case in &cases {
+            let mut text = format!(
+                r#"{{"mountspecs":[{{"type":"tar","hashes":{{"sha256":"{}"}}}}],{case}"#,
+                "a".repeat(64)
+            );
+            if !case.contains(r#""config""#) {
+                text.push_str(r#","config":{"args":["sh"]}"#);
+            }
+            text.push('}');
+            let api = job::parse_job("j", text.as_bytes(), true);
+            let j: flynn_api::host::Job = serde_json::from_str(&text).unwrap();
+            let launch = Launch {
+                id: "j".into(),
+                layers: vec!["/layer".into()],
+                args: j.config.args.clone(),
+                cwd: j.config.working_dir.clone(),
+                mounts: j
+                    .config
+                    .mounts
+                    .iter()
+                    .map(|m| BindMount {
+                        source: m.location.clone().into(),
+                        target: m.target.clone().into(),
+                        readonly: !m.writeable,
+                    })
+                    .collect(),
+                limits: Limits::of(&j.resources),
+                ..Launch::default()
+            };
+            let runtime = super::container_spec(launch, "flynn").validate();
+            assert_eq!(
+                api.is_ok(),
+                runtime.is_ok(),
+                "{text}: api {api:?}, runtime {runtime:?}"
+            );
+        }
+    }
+
     /// The head start is a no-op migration: the process stays in the cgroups it was in.
     #[test]
     fn priming_the_migration_lock_moves_nothing() {

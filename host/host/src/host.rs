@@ -27,6 +27,9 @@ use crate::volumes::{self, Volumes};
 const SIGKILL: i32 = 9;
 const SIGTERM: i32 = 15;
 
+/// The `error` of a job stopped before its process existed (it ends as done).
+const STOPPED_BEFORE_START: &str = "stopped before it started";
+
 /// What the daemon was configured with.
 pub struct Options {
     pub id: String,
@@ -109,6 +112,8 @@ pub struct Host {
     inner: Mutex<Inner>,
     events: broadcast::Sender<Event>,
     shutting_down: AtomicBool,
+    /// Bumped by every stop request, so a start waiting (for the network) sees it.
+    stops: tokio::sync::watch::Sender<u64>,
     /// This host's own registration in discoverd (service `flynn-host`).
     self_registration: tokio::sync::Mutex<Option<Heartbeater>>,
 }
@@ -162,6 +167,7 @@ impl Host {
             inner: Mutex::new(Inner::default()),
             events,
             shutting_down: AtomicBool::new(false),
+            stops: tokio::sync::watch::Sender::new(0),
             self_registration: tokio::sync::Mutex::new(None),
         })
     }
@@ -229,9 +235,15 @@ impl Host {
         self.network.get()
     }
 
-    /// The job network, if this host has one. Under `--network-from-agent` a start waits
-    /// up to [`NETWORK_WAIT`] for `POST /host/network`.
-    async fn wait_network(&self) -> Result<Option<Network>, String> {
+    /// Whether job `id` was asked to stop.
+    fn stop_requested(&self, id: &str) -> bool {
+        self.lock().table.get(id).is_some_and(|j| j.force_stop)
+    }
+
+    /// The job network, if this host has one. Under `--network-from-agent` a start of job
+    /// `id` waits up to [`NETWORK_WAIT`] for `POST /host/network`, or until the job is
+    /// asked to stop.
+    async fn wait_network(&self, id: &str) -> Result<Option<Network>, String> {
         if let Some(n) = self.network.get() {
             return Ok(Some(n.clone()));
         }
@@ -239,12 +251,24 @@ impl Host {
             return Ok(None);
         }
         let mut ready = self.net_ready.subscribe();
-        let came =
-            tokio::time::timeout(NETWORK_WAIT, async { ready.wait_for(|r| *r).await.is_ok() })
-                .await
-                .unwrap_or(false);
+        // Subscribed before the job's flag is read: a stop after the read wakes the wait.
+        let mut stops = self.stops.subscribe();
+        let came = tokio::time::timeout(NETWORK_WAIT, async {
+            loop {
+                if self.stop_requested(id) {
+                    return false;
+                }
+                tokio::select! {
+                    r = ready.wait_for(|r| *r) => return r.is_ok(),
+                    r = stops.changed() => if r.is_err() { return false },
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
         match self.network.get() {
             Some(n) if came => Ok(Some(n.clone())),
+            _ if self.stop_requested(id) => Err(STOPPED_BEFORE_START.into()),
             _ => Err(format!(
                 "host: no network after {} s (waiting for POST /host/network from the overlay agent)",
                 NETWORK_WAIT.as_secs()
@@ -580,13 +604,16 @@ impl Host {
                 }
             }
         }
-        if self.get(&id).is_some_and(|j| j.force_stop) {
-            return self.fail(&id, "stopped before it started".into());
+        // A job stopped before its process exists ends as done (spec §5.3): checked after
+        // the image, after the network wait and right before the spawn. A stop after that
+        // is seen when the process reports it started.
+        if self.stop_requested(&id) {
+            return self.fail(&id, STOPPED_BEFORE_START.into());
         }
         let t_image = t0.elapsed();
         let own_net = self.runtime.isolates_network() && !job.config.host_network;
         let net = if own_net {
-            match self.wait_network().await {
+            match self.wait_network(&id).await {
                 Ok(n) => n,
                 Err(e) => return self.fail(&id, e),
             }
@@ -604,10 +631,6 @@ impl Host {
         let env_ip = ip.unwrap_or(self.external_ip);
         let durl = self.discoverd_url();
         let env = job::job_env(&job, &ports, Some(env_ip), durl.as_deref());
-        let r = &job.resources;
-        let lim = |s: Option<flynn_api::host::Spec>| {
-            s.and_then(|s| s.limit).and_then(|l| u64::try_from(l).ok())
-        };
         let mut mounts: Vec<BindMount> = job
             .config
             .mounts
@@ -641,13 +664,12 @@ impl Host {
             hostname: Some(id.chars().take(63).collect()),
             netns,
             mounts,
-            limits: Limits {
-                memory_bytes: lim(r.memory),
-                cpu_millis: lim(r.cpu),
-                pids: lim(r.max_procs),
-                max_fds: lim(r.max_fd),
-            },
+            limits: Limits::of(&job.resources),
         };
+        if self.stop_requested(&id) {
+            self.teardown(&id, ip.is_some()).await;
+            return self.fail(&id, STOPPED_BEFORE_START.into());
+        }
         let rt = self.runtime.clone();
         let handle = match tokio::task::spawn_blocking(move || {
             // The runtime may need a tokio context for its readers.
@@ -805,17 +827,18 @@ impl Host {
         if !r.adopted && !started {
             self.prepare_next();
         }
-        let t0 = std::time::Instant::now();
-        self.deregister(&id).await;
-        self.lock().ctl.remove(&id);
-        let t_dereg = t0.elapsed();
-        let rt = self.runtime.clone();
-        let cid = id.clone();
-        let _ = tokio::task::spawn_blocking(move || rt.cleanup(&cid)).await;
-        let t_cleanup = t0.elapsed();
         let end = end.unwrap_or_else(|| Err("lost contact with the job".into()));
+        // The end is recorded (persisted, then announced) before anything else: a daemon
+        // that dies during the cleanup below restores the job as ended (not as lost), and a
+        // slow discoverd or runtime cleanup does not hold back the stop event.
         {
             let mut inner = self.lock();
+            if let Some(c) = inner.ctl.get_mut(&id) {
+                // Nothing left to signal, and nothing to announce to a discoverd that
+                // turns up before the deregistration below.
+                c.signal = None;
+                c.announce = None;
+            }
             let (kind, j) = match end {
                 Ok(exit) => (
                     EventKind::Stop,
@@ -833,10 +856,19 @@ impl Host {
                 self.gc(&mut inner, &j);
             }
         }
-        // The job's processes, mounts and cgroups are gone: it is announced as ended before
-        // its namespace and veth are removed (the kernel's teardown of those takes ~10–20
-        // ms). Its address stays allocated until then; a daemon that dies in between removes
-        // them when it restores the job (see `restore`).
+        // Then its instances leave discoverd and the runtime removes what is left of the
+        // container (state, rootfs, cgroup), then its namespace and veth go (the kernel's
+        // teardown of those takes ~10–20 ms). Its address stays allocated until then; a
+        // daemon that dies in between finishes the cleanup when it restores the job (see
+        // `restore`).
+        let t0 = std::time::Instant::now();
+        self.deregister(&id).await;
+        self.lock().ctl.remove(&id);
+        let t_dereg = t0.elapsed();
+        let rt = self.runtime.clone();
+        let cid = id.clone();
+        let _ = tokio::task::spawn_blocking(move || rt.cleanup(&cid)).await;
+        let t_cleanup = t0.elapsed();
         if self.fault_exit_before_teardown {
             tracing::warn!(job = %id, "fault injection: exiting before the network teardown");
             std::process::exit(3);
@@ -1019,6 +1051,8 @@ impl Host {
             }
             a
         };
+        // Wakes a start waiting for the network.
+        self.stops.send_modify(|n| *n = n.wrapping_add(1));
         if action == StopAction::Signal {
             let host = self.clone();
             let id = id.to_string();
@@ -1089,10 +1123,10 @@ impl Host {
         for j in stored {
             let id = j.job.id.clone();
             let live = !j.status.is_terminal();
-            let handle = if live { adopted.remove(&id) } else { None };
+            let handle = adopted.remove(&id);
             self.lock().table.restore(j.clone());
             match handle {
-                Some(h) => {
+                Some(h) if live => {
                     tracing::info!(job = %id, "re-adopted running job");
                     let ports = job::bind_ports(&j.job).unwrap_or_default();
                     // A job that had not reported running yet has its address only in
@@ -1131,8 +1165,13 @@ impl Host {
                         .is_some_and(|n| n.address_of(&id).is_some());
                     self.teardown(&id, had_net).await;
                 }
-                None => {
-                    // Ended, but the network teardown that follows the end may not have run.
+                ended => {
+                    // Ended, but the cleanup that follows the recorded end may not have
+                    // run: the container's remains (in the background) and the network.
+                    if let Some(h) = ended {
+                        tracing::info!(job = %id, "removing what is left of an ended job's container");
+                        self.reap(id.clone(), h);
+                    }
                     if self
                         .network
                         .get()
@@ -1145,14 +1184,19 @@ impl Host {
         }
         for (id, h) in adopted {
             tracing::warn!(job = %id, "killing a running container the host has no state for");
-            let _ = (h.signal)(SIGKILL);
-            let rt = self.runtime.clone();
-            tokio::spawn(async move {
-                let mut h = h;
-                while h.events.recv().await.is_some() {}
-                let _ = tokio::task::spawn_blocking(move || rt.cleanup(&id)).await;
-            });
+            self.reap(id, h);
         }
+    }
+
+    /// Kills what may still run of a container the host will not supervise, waits for its
+    /// end and has the runtime remove it, in the background.
+    fn reap(&self, id: String, mut h: Handle) {
+        let _ = (h.signal)(SIGKILL);
+        let rt = self.runtime.clone();
+        tokio::spawn(async move {
+            while h.events.recv().await.is_some() {}
+            let _ = tokio::task::spawn_blocking(move || rt.cleanup(&id)).await;
+        });
     }
 }
 

@@ -28,6 +28,11 @@ struct Fake {
     cleaned: Mutex<Vec<String>>,
     /// The bind mounts each started job was given.
     mounts: Mutex<BTreeMap<String, Vec<crate::runtime::BindMount>>>,
+    /// Jobs get a network namespace of their own (they wait for the job network).
+    isolate: std::sync::atomic::AtomicBool,
+    /// While set, [`Runtime::cleanup`] hangs (after noting the job in `cleaned`).
+    hold_cleanup: Mutex<bool>,
+    cleanup_cv: Condvar,
 }
 
 impl Fake {
@@ -39,6 +44,11 @@ impl Fake {
     fn events(&self, id: &str) -> mpsc::Sender<ProcEvent> {
         self.jobs.lock().unwrap()[id].clone()
     }
+
+    fn hold_cleanup(&self, hold: bool) {
+        *self.hold_cleanup.lock().unwrap() = hold;
+        self.cleanup_cv.notify_all();
+    }
 }
 
 impl Runtime for Fake {
@@ -47,7 +57,7 @@ impl Runtime for Fake {
     }
 
     fn isolates_network(&self) -> bool {
-        false
+        self.isolate.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn layer(&self, _: Option<&Path>, _: &str) -> Result<PathBuf, RuntimeError> {
@@ -89,10 +99,24 @@ impl Runtime for Fake {
 
     fn cleanup(&self, id: &str) {
         self.cleaned.lock().unwrap().push(id.to_string());
+        let mut hold = self.hold_cleanup.lock().unwrap();
+        while *hold {
+            hold = self.cleanup_cv.wait(hold).unwrap();
+        }
     }
 }
 
 fn host(rt: Arc<Fake>, dir: &Path, max_starting: usize) -> Arc<Host> {
+    host_with(rt, dir, max_starting, None)
+}
+
+/// With `net_setup`, jobs of an isolating runtime wait for `POST /host/network`.
+fn host_with(
+    rt: Arc<Fake>,
+    dir: &Path,
+    max_starting: usize,
+    net_setup: Option<crate::net::Setup>,
+) -> Arc<Host> {
     Host::new(Options {
         id: "h".into(),
         runtime: rt,
@@ -100,7 +124,7 @@ fn host(rt: Arc<Fake>, dir: &Path, max_starting: usize) -> Arc<Host> {
         logs: Shipper::start("h", Vec::new(), 10),
         discoverd: None,
         network: None,
-        net_setup: None,
+        net_setup,
         net_resolvers: Vec::new(),
         external_ip: "127.0.0.1".parse().unwrap(),
         tags: BTreeMap::new(),
@@ -333,4 +357,105 @@ async fn volumes_are_exclusive_mounted_and_deleted_on_stop() {
     h.delete_volume(&keep.id).await.unwrap();
     assert!(vols.list().is_empty());
     assert!(!d.path().join("volumes").join(&keep.id).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_is_recorded_before_deregistration_and_cleanup() {
+    use flynn_api::host::EventKind;
+
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    rt.open();
+    let h = host(rt.clone(), d.path(), 0);
+    let mut events = h.subscribe();
+    h.add_job(job("a", "x")).unwrap();
+    wait_status(&h, "a", JobStatus::Running).await;
+
+    // The runtime's cleanup hangs: the end is persisted and announced all the same.
+    rt.hold_cleanup(true);
+    // Released however the test ends (a hung blocking task would keep the runtime alive).
+    struct Release(Arc<Fake>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.hold_cleanup(false);
+        }
+    }
+    let _release = Release(rt.clone());
+    rt.events("a")
+        .send(ProcEvent::Exited {
+            code: 0,
+            signal: None,
+            oom_killed: false,
+        })
+        .await
+        .unwrap();
+    let stop = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            let ev = events.recv().await.unwrap();
+            if ev.event == EventKind::Stop {
+                return ev;
+            }
+        }
+    })
+    .await
+    .expect("no stop event while the runtime cleanup hangs");
+    assert_eq!(
+        (stop.job_id.as_str(), stop.job.status),
+        ("a", JobStatus::Done)
+    );
+    let stored = Store::open(d.path(), crate::syncer::Syncer::start())
+        .unwrap()
+        .load();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].status, JobStatus::Done);
+    // An ended job cannot be signalled any more.
+    assert_eq!(h.signal("a", 1).unwrap_err().code, ErrorCode::Conflict);
+
+    // A daemon that dies now restores the job as done, not as lost.
+    let h2 = host(Arc::new(Fake::default()), d.path(), 0);
+    h2.restore().await;
+    let j = h2.get("a").unwrap();
+    assert_eq!((j.status, j.error), (JobStatus::Done, None));
+
+    // The cleanup still runs (it was entered, and finishes once released).
+    for _ in 0..200 {
+        if rt.cleaned.lock().unwrap().contains(&"a".to_string()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(rt.cleaned.lock().unwrap().contains(&"a".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_while_waiting_for_the_network_ends_done() {
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    rt.open();
+    rt.isolate.store(true, std::sync::atomic::Ordering::SeqCst);
+    let setup = crate::net::Setup {
+        state_dir: d.path().to_path_buf(),
+        bridge: "flynnbr-test".into(),
+        mtu: 1500,
+        sync: crate::syncer::Syncer::start(),
+        pool_size: 0,
+    };
+    let h = host_with(rt.clone(), d.path(), 0, Some(setup));
+    h.add_job(job("n", "x")).unwrap();
+    // No `POST /host/network` comes: the start waits (up to a minute).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.get("n").unwrap().status, JobStatus::Starting);
+
+    h.stop("n").await.unwrap();
+    // Done at once (spec §5.3: marked done when the container does not exist yet), and
+    // the runtime was never asked to start it.
+    wait_status(&h, "n", JobStatus::Done).await;
+    let j = h.get("n").unwrap();
+    assert_eq!(j.error.as_deref(), Some("stopped before it started"));
+    assert!(j.force_stop);
+    assert_eq!(rt.entered.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(
+        h.stop("n").await.unwrap_err().message,
+        "host: job is already stopped"
+    );
 }

@@ -26,6 +26,22 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+// The limits the container runtime accepts (flynn-container's `ContainerSpec::validate`),
+// checked here so that a job the runtime would refuse is a 400, not a failed start.
+
+/// `resources.memory.limit`: bytes, at least 1 MiB.
+pub const MEMORY_LIMIT: std::ops::RangeInclusive<i64> = 1 << 20..=i64::MAX;
+/// `resources.cpu.limit`: milli-CPUs, up to 1000 cores.
+pub const CPU_LIMIT: std::ops::RangeInclusive<i64> = 1..=1_000_000;
+/// `resources.max_fd.limit`: `RLIMIT_NOFILE`, room for stdin, stdout and stderr at least.
+pub const MAX_FD_LIMIT: std::ops::RangeInclusive<i64> = 3..=1 << 30;
+
+/// A bind mount target the container runtime accepts: absolute, without `/..` anywhere
+/// (the runtime's check, which also refuses names starting with `..`).
+pub fn valid_mount_target(target: &str) -> bool {
+    target.starts_with('/') && !target.contains("/..")
+}
+
 /// Parses and validates a `PUT /host/jobs/:id` body. `needs_image`: the runtime starts
 /// jobs from image layers, so `mountspecs` must be set.
 pub fn parse_job(path_id: &str, body: &[u8], needs_image: bool) -> Result<Job, ApiError> {
@@ -87,11 +103,29 @@ fn validate(job: &Job, needs_image: bool) -> Result<(), ApiError> {
             "values must not contain NUL",
         ));
     }
+    if job.config.args.iter().any(|a| a.contains('\0')) {
+        return Err(ApiError::validation(
+            Some("config.args"),
+            "must not contain NUL",
+        ));
+    }
+    if !job.config.working_dir.is_empty() && !job.config.working_dir.starts_with('/') {
+        return Err(ApiError::validation(
+            Some("config.working_dir"),
+            "must be an absolute path",
+        ));
+    }
     for (i, m) in job.config.mounts.iter().enumerate() {
         if !m.location.starts_with('/') || !m.target.starts_with('/') {
             return Err(ApiError::validation(
                 Some(&format!("config.mounts[{i}]")),
                 "location and target must be absolute paths",
+            ));
+        }
+        if !valid_mount_target(&m.target) {
+            return Err(ApiError::validation(
+                Some(&format!("config.mounts[{i}].target")),
+                "must not contain `/..`",
             ));
         }
     }
@@ -112,17 +146,23 @@ fn validate(job: &Job, needs_image: bool) -> Result<(), ApiError> {
         }
     }
     let r = &job.resources;
-    for (name, spec) in [
-        ("memory", r.memory),
-        ("cpu", r.cpu),
-        ("max_fd", r.max_fd),
-        ("max_procs", r.max_procs),
+    for (name, spec, range) in [
+        ("memory", r.memory, MEMORY_LIMIT),
+        ("cpu", r.cpu, CPU_LIMIT),
+        ("max_fd", r.max_fd, MAX_FD_LIMIT),
+        ("max_procs", r.max_procs, 1..=i64::MAX),
+        ("temp_disk", r.temp_disk, 1..=i64::MAX),
     ] {
         if let Some(l) = spec.and_then(|s| s.limit) {
-            if l <= 0 {
+            if !range.contains(&l) {
+                let message = match (*range.start(), *range.end()) {
+                    (1, i64::MAX) => "must be positive".to_string(),
+                    (min, i64::MAX) => format!("must be at least {min}"),
+                    (min, max) => format!("must be between {min} and {max}"),
+                };
                 return Err(ApiError::validation(
                     Some(&format!("resources.{name}.limit")),
-                    "must be positive",
+                    &message,
                 ));
             }
         }
@@ -312,13 +352,15 @@ impl Table {
         Some(j)
     }
 
-    /// starting|running → done (exit 0 or asked to stop) | crashed.
+    /// starting|running → done (exit 0, or asked to stop and not OOM-killed) | crashed.
+    /// A job that exits 0 is done even when some process of its cgroup was OOM-killed
+    /// (spec §5.2); `oom_killed` still says so.
     pub fn exited(&mut self, id: &str, exit: Exit, now: String) -> Option<&ActiveJob> {
         let j = self.jobs.get_mut(id)?;
         if j.status.is_terminal() {
             return None;
         }
-        let clean = exit.code == 0 && exit.signal.is_none() && !exit.oom_killed;
+        let clean = exit.code == 0 && exit.signal.is_none();
         j.status = if clean || (j.force_stop && !exit.oom_killed) {
             JobStatus::Done
         } else {
@@ -482,6 +524,88 @@ mod tests {
         assert_eq!(e.detail.unwrap()["field"], "resources.memory.limit");
     }
 
+    /// The bounds the container runtime would refuse at start are 400s naming the field;
+    /// the values at the bounds pass.
+    #[test]
+    fn runtime_bounds_are_validation_errors() {
+        let res =
+            |r: &str| body("").replace(r#""config""#, &format!(r#""resources":{r},"config""#));
+        let bad: &[(String, &str)] = &[
+            (
+                res(r#"{"memory":{"limit":1048575}}"#),
+                "resources.memory.limit",
+            ),
+            (res(r#"{"cpu":{"limit":1000001}}"#), "resources.cpu.limit"),
+            (res(r#"{"max_fd":{"limit":2}}"#), "resources.max_fd.limit"),
+            (
+                res(r#"{"max_fd":{"limit":1073741825}}"#),
+                "resources.max_fd.limit",
+            ),
+            (
+                res(r#"{"max_procs":{"limit":0}}"#),
+                "resources.max_procs.limit",
+            ),
+            (
+                res(r#"{"temp_disk":{"limit":-5}}"#),
+                "resources.temp_disk.limit",
+            ),
+            (body(r#","working_dir":"app""#), "config.working_dir"),
+            (
+                body(r#","mounts":[{"location":"/h","target":"/a/../etc"}]"#),
+                "config.mounts[0].target",
+            ),
+            (
+                body(
+                    r#","volumes":[{"target":"/a/..b","volume":"11111111-2222-4333-8444-555555555555"}]"#,
+                ),
+                "config.volumes[0].target",
+            ),
+            (
+                body("").replace(r#"["/bin/sh"]"#, r#"["/bin/sh","a\u0000b"]"#),
+                "config.args",
+            ),
+        ];
+        for (b, field) in bad {
+            let e = parse_job("j", b.as_bytes(), true).unwrap_err();
+            assert_eq!(e.code, ErrorCode::ValidationError, "{b}");
+            assert_eq!(e.status(), 400, "{b}");
+            assert_eq!(e.detail.as_ref().unwrap()["field"], *field, "{b}");
+            assert!(e.message.starts_with(field), "{b}: {}", e.message);
+        }
+        assert_eq!(
+            parse_job("j", bad[0].0.as_bytes(), true)
+                .unwrap_err()
+                .message,
+            "resources.memory.limit must be at least 1048576"
+        );
+        let ok = [
+            res(
+                r#"{"memory":{"limit":1048576},"cpu":{"limit":1000000},"max_fd":{"limit":3},"max_procs":{"limit":1},"temp_disk":{"limit":1}}"#,
+            ),
+            res(r#"{"cpu":{"limit":1},"max_fd":{"limit":1073741824}}"#),
+            body(r#","working_dir":"/app","mounts":[{"location":"/h","target":"/a/b..c"}]"#),
+        ];
+        for b in &ok {
+            parse_job("j", b.as_bytes(), true).unwrap_or_else(|e| panic!("{b}: {e:?}"));
+        }
+    }
+
+    #[test]
+    fn spec_fields_are_accepted() {
+        let b = body(
+            r#","ports":[{"port":80,"service":{"name":"web","check":{"type":"tcp","interval":1000000000}}}]"#,
+        )
+        .replace(
+            r#""config""#,
+            r#""profiles":["kvm"],"resources":{"temp_disk":{"limit":1073741824}},"config""#,
+        );
+        let j = parse_job("j", b.as_bytes(), true).unwrap();
+        assert_eq!(j.profiles, ["kvm"]);
+        assert_eq!(j.resources.temp_disk.unwrap().limit, Some(1 << 30));
+        let check = j.config.ports[0].service.as_ref().unwrap().check.as_ref();
+        assert_eq!(check.unwrap().kind, "tcp");
+    }
+
     #[test]
     fn ports_and_env() {
         let b = body(
@@ -604,6 +728,25 @@ mod tests {
         assert_eq!(
             t.failed("e", "stopped".into(), "t1".into()).unwrap().status,
             JobStatus::Done
+        );
+    }
+
+    /// Spec §5.2: done = exit 0, even when a process of the job was OOM-killed; the kill
+    /// is still reported.
+    #[test]
+    fn exit_zero_is_done_even_after_an_oom_kill() {
+        let mut t = Table::default();
+        t.add(job("z", "x"), "h", "t0".into()).unwrap();
+        t.started("z", 10, None, "t1".into()).unwrap();
+        let oom_child = Exit {
+            code: 0,
+            signal: None,
+            oom_killed: true,
+        };
+        let j = t.exited("z", oom_child, "t2".into()).unwrap();
+        assert_eq!(
+            (j.status, j.exit_status, j.oom_killed),
+            (JobStatus::Done, Some(0), true)
         );
     }
 

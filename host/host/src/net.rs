@@ -157,15 +157,16 @@ impl Network {
         }
     }
 
-    /// Removes the namespace and veth named after `owner` and frees its address.
+    /// Removes the namespace and veth named after `owner` and then frees its address.
+    /// When the removal fails the address stays allocated (it may still be configured on
+    /// the veth): the next start-up's restore or pool clean-up tries again.
     async fn destroy(&self, owner: &str) -> Result<(), String> {
-        let res = job::destroy_job_net(&self.inner.nl, owner)
+        let removed = job::destroy_job_net(&self.inner.nl, owner)
             .await
             .map_err(chain);
         let mut a = self.alloc();
-        let r = a.release(owner).map_err(chain);
-        self.synced(&a, r)?;
-        res
+        let r = release_if_removed(&mut a, owner, removed);
+        self.synced(&a, r)
     }
 
     /// Writes `job-netns.json` (before the change is relied on).
@@ -220,10 +221,12 @@ impl Network {
             .unwrap_or_else(|| id.to_string())
     }
 
-    /// Removes the job's veth and namespace and frees its address.
+    /// Removes the job's veth and namespace and frees its address. On failure the address
+    /// and the record of which pooled namespace the job took are kept, so a later
+    /// teardown (a restarted daemon's restore) finds them.
     pub async fn teardown(&self, id: &str) -> Result<(), String> {
         let owner = self.owner_of(id);
-        let res = self.destroy(&owner).await;
+        self.destroy(&owner).await?;
         if owner != id {
             let mut pool = self.pool();
             let mut map = pool.taken.clone();
@@ -231,7 +234,7 @@ impl Network {
             self.save_taken(&map)?;
             pool.taken = map;
         }
-        res
+        Ok(())
     }
 
     /// The address allocated to job `id`, if any.
@@ -295,6 +298,21 @@ impl Network {
             resolvers: Vec::new(),
         }
     }
+}
+
+/// Frees `owner`'s address once its namespace and veth are `removed`; after a failed
+/// removal the address stays allocated (and the failure is returned), so no other job is
+/// given an address still configured on a veth.
+fn release_if_removed(
+    a: &mut IpAllocator,
+    owner: &str,
+    removed: Result<(), String>,
+) -> Result<(), String> {
+    if let Err(e) = removed {
+        tracing::warn!(owner, error = %e, "job network not removed; its address stays allocated");
+        return Err(e);
+    }
+    a.release(owner).map_err(chain)
 }
 
 /// An error with its causes, `a: b: c`.
@@ -429,6 +447,21 @@ pub fn parse_config(
 #[cfg(test)]
 mod config_tests {
     use super::*;
+
+    #[test]
+    fn address_is_freed_only_after_the_network_is_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let block: Subnet = "100.100.0.0/24".parse().unwrap();
+        let mut a = IpAllocator::open(&d.path().join("ips.json"), block, &[]).unwrap();
+        let ip = a.allocate("job1").unwrap();
+        let e = release_if_removed(&mut a, "job1", Err("delete veth: busy".into())).unwrap_err();
+        assert_eq!(e, "delete veth: busy");
+        assert_eq!(a.get("job1"), Some(ip));
+        // The next job is not given the address still on job1's veth.
+        assert_ne!(a.allocate("job2").unwrap(), ip);
+        release_if_removed(&mut a, "job1", Ok(())).unwrap();
+        assert_eq!(a.get("job1"), None);
+    }
 
     fn cfg(subnet: &str, mtu: u32, resolvers: &[&str]) -> NetworkConfig {
         NetworkConfig {

@@ -24,6 +24,21 @@ pub struct Limits {
     pub max_fds: Option<u64>,
 }
 
+impl Limits {
+    /// The limits a job asks for (`temp_disk` is not enforced, see `Resources`).
+    pub fn of(r: &flynn_api::host::Resources) -> Limits {
+        let lim = |s: Option<flynn_api::host::Spec>| {
+            s.and_then(|s| s.limit).and_then(|l| u64::try_from(l).ok())
+        };
+        Limits {
+            memory_bytes: lim(r.memory),
+            cpu_millis: lim(r.cpu),
+            pids: lim(r.max_procs),
+            max_fds: lim(r.max_fd),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BindMount {
     pub source: PathBuf,

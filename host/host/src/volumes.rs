@@ -75,7 +75,7 @@ pub fn validate_bindings(job: &Job) -> Result<(), ApiError> {
             ));
         }
         let t = Path::new(&b.target);
-        let bad = !b.target.starts_with('/')
+        let bad = !crate::job::valid_mount_target(&b.target)
             || t.parent().is_none()
             || t.components()
                 .any(|c| matches!(c, std::path::Component::ParentDir));

@@ -395,6 +395,7 @@ fn service_job(id: &str, svc: &str, script: &str) -> Job {
         service: Some(Service {
             name: svc.to_string(),
             create: true,
+            check: None,
         }),
     }];
     job
