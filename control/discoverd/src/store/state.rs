@@ -242,8 +242,16 @@ impl Registry {
                 if self.data.services.get(&service).map(|c| c.leader_type)
                     == Some(LeaderType::Manual)
                 {
-                    self.data.leaders.insert(service.clone(), id);
-                    self.leader_changed(&service, before, events);
+                    self.data.leaders.insert(service.clone(), id.clone());
+                    let after = self.leader(&service);
+                    // A manual set naming an existing instance emits `leader` even when
+                    // it already led, as meta's `leader_id` does (spec §2.10 "on manual
+                    // set"); otherwise only a change does.
+                    if after.as_ref().is_some_and(|l| l.id == id) {
+                        events.push(ev(&service, EventKind::Leader, after));
+                    } else {
+                        self.leader_changed(&service, before, events);
+                    }
                 }
                 Ok(index)
             }

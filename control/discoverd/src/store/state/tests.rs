@@ -209,3 +209,27 @@ async fn restore_ends_every_watch() {
         assert_eq!(rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected));
     }
 }
+
+#[tokio::test]
+async fn a_manual_set_of_the_current_leader_emits_leader() {
+    // spec §2.10: `leader` "on manual set", also when that instance already leads.
+    use EventKind::Leader;
+    let mut r = Registry::default();
+    add_service(&mut r, 1, "s", LeaderType::Manual);
+    r.apply(
+        2,
+        Command::AddInstance {
+            service: "s".into(),
+            instance: inst(1),
+        },
+    );
+    let set = |id: &str| Command::SetLeader {
+        service: "s".into(),
+        id: id.into(),
+    };
+    assert_eq!(kinds_of(&mut r, 3, set("i1")), vec![Leader]);
+    assert_eq!(kinds_of(&mut r, 4, set("i1")), vec![Leader]);
+    // A missing instance: the leader is gone once, then nothing changes.
+    assert_eq!(kinds_of(&mut r, 5, set("nope")), vec![Leader]);
+    assert_eq!(kinds_of(&mut r, 6, set("nope")), Vec::<EventKind>::new());
+}
