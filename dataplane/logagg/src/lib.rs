@@ -12,8 +12,9 @@
 //!   cost an `Arc` and a lookup more for no gain at our line rates; a lock-free ring was
 //!   rejected because readers need time-sorted history, dedupe and eviction accounting,
 //!   all of which are simple under a short lock. Each app keeps its last `N` lines in
-//!   insertion order, numbered by a per-app sequence, plus a time-sorted index so the
-//!   bound drops the oldest line by timestamp (spec §3.3); a global memory cap evicts from
+//!   insertion order, numbered by a per-app sequence, and the bound drops the
+//!   first-arrived line (spec §3.3 says the oldest by time; see [`store::App`]); a global
+//!   memory cap evicts from
 //!   the largest apps and, when many small apps fill it, takes their last lines too. An
 //!   app with no line and no follower is removed (a follow of an unknown channel leaves
 //!   nothing behind). Every eviction is counted per app and reason. Memory is counted per

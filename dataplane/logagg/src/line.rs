@@ -7,8 +7,7 @@ use flynn_syslog::{Fields, Message, Stream, Timestamp};
 /// under this channel id.
 pub const UNROUTED_APP: &str = "_unrouted";
 
-/// Fixed per-line bookkeeping counted against the memory cap besides the frame bytes (the
-/// ring slot, ~96 bytes, its time-index slot, 16, and the frame's allocation header).
+/// Fixed per-line bookkeeping counted against the memory cap besides the frame bytes.
 pub const LINE_OVERHEAD: usize = 160;
 
 /// One buffered line: a private copy of the frame (so no read buffer stays pinned) with

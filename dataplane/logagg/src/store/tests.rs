@@ -415,43 +415,6 @@ fn one_host_split_over_senders_skips_the_replay_index_and_still_catches_replays(
 }
 
 #[test]
-fn eviction_and_too_old_go_by_timestamp_not_arrival() {
-    let s = store(3, usize::MAX);
-    // Arrival order b(20), c(30), a(10): `a` is the oldest line though it came last.
-    put(&s, "a", &msg("h", "web.1", "ID1", 1, 20, "b"));
-    put(&s, "a", &msg("h", "web.1", "ID1", 2, 30, "c"));
-    put(&s, "a", &msg("h", "web.1", "ID1", 3, 10, "a"));
-    let (_, next, f) = s.history(b"a", &Filter::default(), 0, true);
-    assert_eq!(next, 4);
-    // Older than everything buffered: refused. Older than `b` but not than `a`: stored,
-    // and the full ring drops `a`, the oldest by time.
-    assert_eq!(
-        put(&s, "a", &msg("h", "web.1", "ID1", 4, 5, "too old")),
-        Outcome::TooOld
-    );
-    assert_eq!(
-        put(&s, "a", &msg("h", "web.1", "ID1", 5, 15, "a2")),
-        Outcome::Stored
-    );
-    let (h, _, _) = s.history(b"a", &Filter::default(), 0, false);
-    assert_eq!(bodies(&h), ["a2", "b", "c"]);
-    assert_eq!(s.stats()[0].evicted_capacity, 2);
-    // Newer lines push out the oldest by time, wherever they sit in arrival order.
-    put(&s, "a", &msg("h", "web.1", "ID1", 6, 40, "d"));
-    let (h, _, _) = s.history(b"a", &Filter::default(), 0, false);
-    assert_eq!(bodies(&h), ["b", "c", "d"]);
-    // A follower sees the surviving lines in arrival order, and the lines evicted under
-    // it as skipped: lines plus skipped add up to everything stored after its start.
-    drop(f);
-    let b = s.read_from(b"a", 1, &Filter::default(), 100);
-    assert_eq!(bodies(&b.lines), ["b", "c", "d"]);
-    assert_eq!((b.skipped, b.next), (2, 6));
-    let b = s.read_from(b"a", 3, &Filter::default(), 100);
-    assert_eq!(bodies(&b.lines), ["d"]);
-    assert_eq!((b.skipped, b.next), (2, 6));
-}
-
-#[test]
 fn memory_cap_holds_with_many_one_line_apps() {
     let cap = 1 << 20;
     let s = store(10_000, cap);
