@@ -133,14 +133,18 @@ mod tests {
         RoutesFile::parse(json, false).unwrap()
     }
 
-    #[test]
-    fn reload_adds_updates_and_removes_only_file_routes() {
+    fn store() -> Store {
         let ports = Ports {
             default_http: vec![8080],
             additional_http: vec![],
             tcp_range: (3000, 3010),
         };
-        let mut store = Store::new(ports, false);
+        Store::new(ports, false)
+    }
+
+    #[test]
+    fn reload_adds_updates_and_removes_only_file_routes() {
+        let mut store = store();
         let mut f = FileRoutes::default();
         f.apply(
             &mut store,
@@ -205,12 +209,7 @@ mod tests {
 
     #[test]
     fn a_refused_reload_changes_nothing() {
-        let ports = Ports {
-            default_http: vec![8080],
-            additional_http: vec![],
-            tcp_range: (3000, 3010),
-        };
-        let mut store = Store::new(ports, false);
+        let mut store = store();
         let mut f = FileRoutes::default();
         let v1 = r#"{"routes":[{"type":"http","domain":"a.com","service":"a"},
                                {"type":"http","domain":"a.com","path":"/x","service":"x"}],

@@ -371,16 +371,7 @@ mod tests {
                 layers: vec!["/layer".into()],
                 args: j.config.args.clone(),
                 cwd: j.config.working_dir.clone(),
-                mounts: j
-                    .config
-                    .mounts
-                    .iter()
-                    .map(|m| BindMount {
-                        source: m.location.clone().into(),
-                        target: m.target.clone().into(),
-                        readonly: !m.writeable,
-                    })
-                    .collect(),
+                mounts: BindMount::of(&j.config),
                 limits: Limits::of(&j.resources),
                 ..Launch::default()
             };

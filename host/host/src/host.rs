@@ -631,16 +631,7 @@ impl Host {
         let env_ip = ip.unwrap_or(self.external_ip);
         let durl = self.discoverd_url();
         let env = job::job_env(&job, &ports, Some(env_ip), durl.as_deref());
-        let mut mounts: Vec<BindMount> = job
-            .config
-            .mounts
-            .iter()
-            .map(|m| BindMount {
-                source: m.location.clone().into(),
-                target: m.target.clone().into(),
-                readonly: !m.writeable,
-            })
-            .collect();
+        let mut mounts = BindMount::of(&job.config);
         mounts.extend(volume_mounts);
         if netns.is_some() && !self.resolvers.is_empty() {
             match self.write_resolv_conf(&id) {

@@ -46,6 +46,22 @@ pub struct BindMount {
     pub readonly: bool,
 }
 
+impl BindMount {
+    /// The bind mounts a job's `config.mounts` asks for (`location` on the host at `target`
+    /// in the job).
+    pub fn of(config: &flynn_api::host::ContainerConfig) -> Vec<BindMount> {
+        config
+            .mounts
+            .iter()
+            .map(|m| BindMount {
+                source: m.location.clone().into(),
+                target: m.target.clone().into(),
+                readonly: !m.writeable,
+            })
+            .collect()
+    }
+}
+
 /// Everything needed to start one job.
 #[derive(Debug, Clone, Default)]
 pub struct Launch {

@@ -644,20 +644,8 @@ fn agents_killed_or_restarted_keep_traffic_and_macs() -> Result<()> {
 
     // A clean restart (SIGTERM) releases the lease, and the next start takes the same block
     // again (remembered in subnet.env): the host's jobs keep working.
-    let leases = || -> Result<serde_json::Value> {
-        let meta = c
-            .discoverd
-            .command("curl")
-            .args([
-                "-s",
-                "-m",
-                "5",
-                &format!("{}/services/flannel/meta", c.url()),
-            ])
-            .output()?;
-        let meta: serde_json::Value = serde_json::from_slice(&meta.stdout)?;
-        Ok(meta["data"]["subnets"].clone())
-    };
+    let leases =
+        || -> Result<serde_json::Value> { Ok(flannel_meta(&c)?["data"]["subnets"].clone()) };
     a1.stop()?;
     let left = leases()?;
     ensure!(
@@ -977,8 +965,8 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
     Ok(())
 }
 
-/// `Expiration` of every lease in the `flannel` service meta, by block.
-fn expirations(c: &Cluster) -> Result<std::collections::BTreeMap<String, u64>> {
+/// The `flannel` service meta, read from discoverd.
+fn flannel_meta(c: &Cluster) -> Result<serde_json::Value> {
     let out = c
         .discoverd
         .command("curl")
@@ -989,7 +977,12 @@ fn expirations(c: &Cluster) -> Result<std::collections::BTreeMap<String, u64>> {
             &format!("{}/services/flannel/meta", c.url()),
         ])
         .output()?;
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// `Expiration` of every lease in the `flannel` service meta, by block.
+fn expirations(c: &Cluster) -> Result<std::collections::BTreeMap<String, u64>> {
+    let meta = flannel_meta(c)?;
     let subnets = meta["data"]["subnets"]
         .as_object()
         .with_context(|| format!("no subnets: {meta}"))?;
