@@ -213,21 +213,9 @@ fn page_over_http2() {
         .arg("127.0.0.1:0")
         .start();
     router.add_route(http_route(DOMAIN, "empty"));
-    let out = std::process::Command::new("curl")
-        .args([
-            "-sS",
-            "--http2-prior-knowledge",
-            "--max-time",
-            "10",
-            "-D",
-            "-",
-        ])
-        .args(["-H", &format!("Host: {DOMAIN}")])
-        .arg(format!("http://{}/", router.h2c_addrs[0]))
-        .output()
-        .expect("curl is needed for the HTTP/2 tests (apt-get install curl)");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let (head, body) = crate::support::h2c_curl(router.h2c_addrs[0], DOMAIN, "/", &[]);
+    let head = head.join("\r\n");
+    let text = format!("{head}\r\n\r\n{body}");
     assert!(head.starts_with("HTTP/2 503"), "{text}");
     assert!(
         head.contains("content-type: text/html; charset=utf-8"),

@@ -497,30 +497,10 @@ fn invalid_cookie_key_stops_the_router() {
     }
 }
 
-/// curl over HTTP/2 with prior knowledge on the router's h2c listener: (response head
-/// lines, body).
 fn h2c_curl(addr: SocketAddr, headers: &[&str]) -> (Vec<String>, String) {
-    let mut cmd = std::process::Command::new("curl");
-    cmd.args([
-        "-sS",
-        "--http2-prior-knowledge",
-        "--max-time",
-        "10",
-        "-D",
-        "-",
-    ])
-    .args(["-H", &format!("Host: {DOMAIN}")]);
-    for h in headers {
-        cmd.args(["-H", h]);
-    }
-    let out = cmd
-        .arg(format!("http://{addr}/"))
-        .output()
-        .expect("curl is needed for the HTTP/2 tests (apt-get install curl)");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    assert!(head.starts_with("HTTP/2 200"), "{text}");
-    (head.lines().map(str::to_string).collect(), body.to_string())
+    let (head, body) = crate::support::h2c_curl(addr, DOMAIN, "/", headers);
+    assert!(head[0].starts_with("HTTP/2 200"), "{head:?} {body}");
+    (head, body)
 }
 
 /// HTTP/2 requests stick like HTTP/1.1 ones (spec §1.7: HTTP/2 uses the same handler):

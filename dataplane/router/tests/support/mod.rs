@@ -59,3 +59,34 @@ pub fn is_uuid(s: &str) -> bool {
             .zip([8, 4, 4, 4, 12])
             .all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
+
+/// One request with curl over HTTP/2 with prior knowledge (an h2c listener) to
+/// `http://<addr><path>` with `Host: <host>` and the extra `headers`: (status line and
+/// header lines, body). Panics with a clear message when curl is missing.
+pub fn h2c_curl(
+    addr: std::net::SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[&str],
+) -> (Vec<String>, String) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--http2-prior-knowledge",
+        "--max-time",
+        "10",
+        "-D",
+        "-",
+    ])
+    .args(["-H", &format!("Host: {host}")]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .expect("curl is needed for the HTTP/2 tests (apt-get install curl)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.lines().map(str::to_string).collect(), body.to_string())
+}
