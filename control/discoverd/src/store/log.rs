@@ -57,7 +57,9 @@ struct Inner {
 /// rename each time (a new inode, writeback started by the rename, the old blocks freed
 /// and discarded) cost more CPU than the rest of a follower's append and slowed the log's
 /// fsyncs sharing the journal. A torn or stale record is harmless: it reads as "unknown"
-/// (or an older point) and the cluster tells the node the commit point again.
+/// (or an older point) and the cluster tells the node the commit point again. A record
+/// *ahead* of the durable log (saved before this node's own fsync of those entries) is
+/// clamped to the log's last entry when the log is opened.
 struct CommitFile {
     file: File,
     buf: Vec<u8>,
@@ -136,6 +138,14 @@ enum Op {
     },
     /// Delete whole segments with every index <= `upto`.
     Purge { upto: u64 },
+    /// Make every append queued before it durable (fsync, callbacks), then write the vote
+    /// durably. Votes go through the writer because openraft orders I/O by vote first: a
+    /// vote reported saved counts as flushing every earlier append of an older term, so
+    /// it must not be saved while such an append still waits for its fsync.
+    Vote {
+        vote: VoteOf<C>,
+        done: tokio::sync::oneshot::Sender<io::Result<()>>,
+    },
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -412,6 +422,12 @@ impl Writer {
                 continue;
             }
             if first_gone < seg.next_index() {
+                if changed_dir {
+                    // The removals first, durable before the kept segment is cut, so a
+                    // crash cannot bring back a later segment behind a shortened one.
+                    File::open(&self.dir)?.sync_all()?;
+                    changed_dir = false;
+                }
                 let n = (first_gone - seg.first) as usize;
                 let at = seg.offsets[n];
                 seg.offsets.truncate(n);
@@ -430,7 +446,10 @@ impl Writer {
 
     fn purge(&mut self, upto: u64) -> io::Result<()> {
         while let Some(s) = self.segments.first() {
-            if s.offsets.is_empty() || s.next_index() - 1 > upto {
+            // An empty segment (a crash right after it was created) goes too unless it is
+            // the open one: left in front it would stop every later purge.
+            let empty_behind = s.offsets.is_empty() && self.segments.len() > 1;
+            if !empty_behind && (s.offsets.is_empty() || s.next_index() - 1 > upto) {
                 break;
             }
             fs::remove_file(&s.path)?;
@@ -475,6 +494,14 @@ impl Writer {
                         if let Err(e) = self.purge(upto) {
                             tracing::warn!(error = %e, "log purge failed");
                         }
+                    }
+                    Op::Vote { vote, done } => {
+                        self.flush(&mut pending, &mut failed);
+                        let r = match &failed {
+                            Some(e) => Err(io::Error::other(e.clone())),
+                            None => write_atomic(&self.dir.join("vote.json"), &vote, true),
+                        };
+                        let _ = done.send(r);
                     }
                 }
             }
@@ -532,6 +559,21 @@ impl LogStore {
                 mem.entries.insert(e.index(), e);
             }
             segments.push(seg);
+        }
+        // The commit point is saved as soon as the cluster commits, possibly before this
+        // node's own fsync of those entries (openraft allows committed > flushed), so after
+        // a crash it may name entries that never reached the disk. The durable log is a
+        // prefix of the committed chain (truncations are durable before they return), so
+        // its last entry is committed: clamp there, or openraft refuses to start.
+        let last = mem
+            .entries
+            .values()
+            .next_back()
+            .map(|e| e.log_id())
+            .or(mem.purged);
+        if mem.committed.as_ref().map(|c| c.index) > last.as_ref().map(|l| l.index) {
+            tracing::warn!(committed = ?mem.committed, last = ?last, "commit point ahead of the durable log; clamped");
+            mem.committed = last;
         }
         let mut writer = Writer {
             dir: dir.to_path_buf(),
@@ -609,7 +651,14 @@ impl RaftLogStorage<C> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &VoteOf<C>) -> Result<(), io::Error> {
-        write_atomic(&self.inner.dir.join("vote.json"), vote, true)?;
+        // Through the writer, after the appends queued before it are durable (see Op::Vote).
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Op::Vote {
+            vote: *vote,
+            done: tx,
+        })?;
+        rx.await
+            .map_err(|_| io::Error::other("log writer stopped"))??;
         lock(&self.inner.mem).vote = Some(*vote);
         Ok(())
     }

@@ -108,8 +108,19 @@ impl RaftSnapshotBuilder<C> for StateMachine {
             meta: meta.clone(),
             data: data.clone(),
         };
-        write_atomic(&self.path, &stored, true)?;
-        *lock(&self.current) = Some(stored);
+        {
+            // openraft builds in a task of its own, so an installed snapshot may have
+            // replaced the state since it was read above: the file (under the same lock as
+            // every write of it) only ever moves forward.
+            let mut current = lock(&self.current);
+            let newer = current
+                .as_ref()
+                .is_none_or(|c| c.meta.last_log_id <= meta.last_log_id);
+            if newer {
+                write_atomic(&self.path, &stored, true)?;
+                *current = Some(stored);
+            }
+        }
         Ok(SnapshotOf::<C, Vec<u8>> {
             meta,
             snapshot: data,
@@ -171,6 +182,9 @@ impl RaftStateMachine<C> for StateMachine {
             meta: meta.clone(),
             data: snapshot,
         };
+        // Held until the state is swapped: a build running meanwhile cannot write an older
+        // snapshot over this one (see `build_snapshot`).
+        let mut current = lock(&self.current);
         write_atomic(&self.path, &stored, true)?;
         {
             let mut st = self.shared.lock();
@@ -181,7 +195,7 @@ impl RaftStateMachine<C> for StateMachine {
             let idx = meta.last_log_id.as_ref().map_or(0, |l| l.index);
             self.shared.applied.store(idx, Ordering::Release);
         }
-        *lock(&self.current) = Some(stored);
+        *current = Some(stored);
         Ok(())
     }
 

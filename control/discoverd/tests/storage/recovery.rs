@@ -114,6 +114,8 @@ async fn commit_point_survives_reopen_and_a_torn_record_reads_as_unknown() {
     let dir = tempfile::tempdir().unwrap();
     {
         let mut log = LogStore::open(dir.path()).unwrap();
+        // Commit points within the log (one ahead of it is clamped on open, see below).
+        append(&mut log, (1..=10).map(|i| entry(1, i)).collect()).await;
         log.save_committed(Some(log_id(3, 12345))).await.unwrap();
         // A shorter record overwrites a longer one in place.
         log.save_committed(Some(log_id(1, 7))).await.unwrap();
@@ -263,5 +265,117 @@ fn metadata_floats_come_back_from_the_log_bit_for_bit() {
         let json = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
         let num = |v: serde_json::Value| v["payload"]["Normal"]["meta"]["data"]["x"].as_f64();
         assert_eq!(num(json(&after)), x.parse::<f64>().ok(), "{x}");
+    }
+}
+
+/// openraft saves the commit point as soon as the cluster commits, which may be before
+/// this node's own fsync of those entries: after a crash the saved point can name entries
+/// the log never got. Opened again, it is clamped to the log's last entry (else openraft
+/// refuses to start: it cannot re-apply entries it does not have).
+#[tokio::test]
+async fn a_commit_point_ahead_of_the_durable_log_is_clamped_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = LogStore::open(dir.path()).unwrap();
+        append(&mut log, (1..=3).map(|i| entry(1, i)).collect()).await;
+        log.save_committed(Some(log_id(1, 5))).await.unwrap();
+    }
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 3)));
+    // A point within the log is kept as it is.
+    log.save_committed(Some(log_id(1, 2))).await.unwrap();
+    drop(log);
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 2)));
+}
+
+/// openraft orders I/O by vote first: once a vote is reported saved, every append of an
+/// older term queued before it counts as flushed. So `save_vote` returns only after those
+/// appends are durable (their callbacks have run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_vote_follows_the_appends_queued_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = LogStore::open(dir.path()).unwrap();
+    for round in 0..20u64 {
+        let first = round * 2000 + 1;
+        let (tx, mut rx) = C::oneshot();
+        log.append(
+            (first..first + 2000)
+                .map(|i| entry(1, i))
+                .collect::<Vec<_>>(),
+            IOFlushed::signal(tx),
+        )
+        .await
+        .unwrap();
+        let vote = openraft::alias::VoteOf::<C>::new(2 + round, 9);
+        log.save_vote(&vote).await.unwrap();
+        assert!(
+            matches!(rx.try_recv(), Ok(Ok(()))),
+            "round {round}: the vote was saved before the append queued ahead of it was flushed"
+        );
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+    }
+}
+
+/// An empty segment (a crash right after it was created) in front of later ones does not
+/// stop purging for good: it goes with the first purge that passes it.
+#[tokio::test]
+async fn an_empty_segment_does_not_stop_purging() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(format!("{:020}.seg", 5)), b"").unwrap();
+    let mut log = LogStore::open(dir.path()).unwrap();
+    // As after installing a snapshot at 9: purged up to it, the log goes on at 10.
+    log.purge(log_id(1, 9)).await.unwrap();
+    append(&mut log, (10..=12).map(|i| entry(1, i)).collect()).await;
+    log.purge(log_id(1, 11)).await.unwrap();
+    // The writer purges in the background: wait for the empty segment to go.
+    let empty = dir.path().join(format!("{:020}.seg", 5));
+    for _ in 0..200 {
+        if !empty.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(!empty.exists(), "{:?}", segments(dir.path()));
+    drop(log);
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&mut log).await, vec![12]);
+}
+
+/// openraft builds snapshots in a task of its own: a build that read the state before a
+/// snapshot was installed must not write its older snapshot over the installed one (a
+/// node restarted on it would find its log purged past its state and refuse to start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_built_during_an_install_never_replaces_it() {
+    use flynn_discoverd::store::state::Data;
+    use flynn_discoverd::store::StateMachine;
+    use openraft::alias::{SnapshotMetaOf, StoredMembershipOf};
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    for round in 0..100 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path()).unwrap();
+        let mut builder = sm.get_snapshot_builder().await;
+        let meta = SnapshotMetaOf::<C> {
+            last_log_id: Some(log_id(1, 20)),
+            last_membership: StoredMembershipOf::<C>::default(),
+        };
+        let data = serde_json::to_vec(&Data::default()).unwrap();
+        let build = tokio::spawn(async move { builder.build_snapshot().await.map(|_| ()) });
+        let install = tokio::spawn(async move {
+            sm.install_snapshot(&meta, data).await.unwrap();
+            sm
+        });
+        build.await.unwrap().unwrap();
+        let mut sm = install.await.unwrap();
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(
+            current.meta.last_log_id,
+            Some(log_id(1, 20)),
+            "round {round}"
+        );
+        drop(sm);
+        let mut again = StateMachine::open(dir.path()).unwrap();
+        let (applied, _) = again.applied_state().await.unwrap();
+        assert_eq!(applied, Some(log_id(1, 20)), "round {round}: reopened");
     }
 }
