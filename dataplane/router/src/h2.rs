@@ -342,12 +342,17 @@ async fn stream(
     let mut dechunk = (resp.framing == Framing::Chunked).then(Dechunker::new);
     let mut pending: Vec<u8> = ubuf[resp.head_len..].to_vec();
     let mut payload = Vec::with_capacity(16 * 1024);
+    // Bytes after the body's end (a backend sending more than it framed): the connection
+    // is then not reused, as on the HTTP/1.1 path, or they would be read as the next
+    // request's response.
+    let mut clean = true;
     loop {
         if !pending.is_empty() {
             let used = match framing.advance(&pending) {
                 Ok(a) => a.used,
                 Err(_) => return send.send_reset(h2::Reason::INTERNAL_ERROR),
             };
+            clean = used == pending.len();
             payload.clear();
             match dechunk.as_mut() {
                 Some(d) => {
@@ -364,7 +369,7 @@ async fn stream(
         }
         if framing.is_done() {
             let _ = send.send_data(Bytes::new(), true);
-            if resp.keep_alive && !route.disable_keep_alives {
+            if clean && resp.keep_alive && !route.disable_keep_alives {
                 core.pool.put(addr, up);
             }
             return;

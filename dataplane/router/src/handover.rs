@@ -72,13 +72,16 @@ pub fn serve(old: Old) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&old.path);
     let listener =
         UnixListener::bind(&old.path).with_context(|| format!("binding {}", old.path.display()))?;
+    // Which file is ours: a successor commonly binds the same path (one
+    // FLYNN_UPGRADE_SOCKET for every generation) before this process exits.
+    let ours = file_id(&old.path);
     std::thread::Builder::new()
         .name("router-handover".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
                 match hand_over(&old, conn) {
                     Ok(()) => {
-                        drain_and_exit(&old);
+                        drain_and_exit(&old, ours);
                     }
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "takeover attempt failed"),
                 }
@@ -138,7 +141,7 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn drain_and_exit(old: &Old) -> ! {
+fn drain_and_exit(old: &Old, ours: Option<(u64, u64)>) -> ! {
     tracing::info!("new process ready: draining");
     let _ = old.api_stop.send(true);
     for c in &old.api.shared.cores {
@@ -152,8 +155,17 @@ fn drain_and_exit(old: &Old) -> ! {
     }
     let left = old.api.shared.open_connections();
     tracing::info!(left, "drained; exiting");
-    let _ = std::fs::remove_file(&old.path);
+    // Only our own socket file: the successor's at the same path stays for the next upgrade.
+    if ours.is_some() && file_id(&old.path) == ours {
+        let _ = std::fs::remove_file(&old.path);
+    }
     std::process::exit(0);
+}
+
+/// Device and inode of the file at `path`.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// The new side: asks the running router for its sockets and state.

@@ -243,3 +243,36 @@ fn http2_request_on_a_pooled_connection_the_backend_closed_still_succeeds() {
     }
     assert!(get().starts_with("HTTP/2 200"));
 }
+
+/// A backend that sends more than its response framed: the connection is not pooled
+/// (as on HTTP/1.1), so the surplus is never read as the next request's response.
+#[test]
+fn http2_does_not_pool_a_backend_connection_with_bytes_past_the_body() {
+    let router = crate::support::Router::builder()
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
+    let b = Backend::with_handler("b1", |req, conn| {
+        if req.uri == "/dirty" {
+            let _ = conn.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Le",
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let _ = conn.write(b"ngth: 6\r\n\r\nforged");
+            return Reply::KeepAlive;
+        }
+        crate::support::handlers::echo(req, conn)
+    });
+    router.add_route(http_route("a.example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let addr = router.h2c_addrs[0];
+    let (head, body) = crate::support::h2c_curl(addr, "a.example.com", "/dirty", &[]);
+    assert!(head[0].starts_with("HTTP/2 200"), "{head:?}");
+    assert_eq!(body, "ok");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    for _ in 0..3 {
+        let (head, body) = crate::support::h2c_curl(addr, "a.example.com", "/next", &[]);
+        assert!(head[0].starts_with("HTTP/2 200"), "{head:?} {body}");
+        assert!(body.contains("\"uri\":\"/next\""), "{body}");
+    }
+}

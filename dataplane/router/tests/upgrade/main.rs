@@ -318,3 +318,40 @@ fn takeover_passes_tcp_route_listeners_and_drains_open_streams() {
     assert_eq!(routes.as_array().map(|a| a.len()), Some(1));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One `--upgrade-socket` path for every generation (as with FLYNN_UPGRADE_SOCKET set
+/// once): the exiting router must not remove the socket its successor bound there, so a
+/// third generation can take over from the second.
+#[test]
+fn three_generations_share_one_upgrade_socket_path() {
+    let dir = std::env::temp_dir().join(format!("flynn-upgrade3-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let sock = dir.join("upgrade.sock").display().to_string();
+    let b = Backend::start("b1");
+    let mut gen = Router::builder()
+        .arg("--upgrade-socket")
+        .arg(sock.clone())
+        .start();
+    gen.add_route(http_route("up.example.com", "web"));
+    gen.set_backends("web", &[&b]);
+    for n in 2..=3 {
+        let mut next = Router::builder()
+            .arg("--takeover")
+            .arg(sock.clone())
+            .arg("--upgrade-socket")
+            .arg(sock.clone())
+            .start();
+        let status = gen
+            .wait_exit(Duration::from_secs(15))
+            .expect("the previous router exits after draining");
+        assert!(status.success(), "generation {}: {status}", n - 1);
+        assert_eq!(
+            get(next.http_addr, "up.example.com", "/").status,
+            200,
+            "generation {n}"
+        );
+        std::mem::swap(&mut gen, &mut next);
+        drop(next);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
