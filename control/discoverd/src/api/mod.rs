@@ -263,8 +263,14 @@ fn wants_consistent(uri: &Uri) -> bool {
 }
 
 async fn linearize(node: &Node, uri: &Uri) -> Result<(), Response> {
+    linearize_with(node, uri, ReadPolicy::ReadIndex).await
+}
+
+/// Like [`linearize`] with `policy` (`LeaseRead`: the leader's lease, no round trip
+/// while it holds).
+async fn linearize_with(node: &Node, uri: &Uri, policy: ReadPolicy) -> Result<(), Response> {
     leader_only(node, uri)?;
-    match node.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+    match node.raft.ensure_linearizable(policy).await {
         Ok(_) => Ok(()),
         Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
             match f.leader_node.map(|n| n.addr) {
@@ -377,7 +383,16 @@ async fn add_instance(
             .instance(&service, &inst.id)
             .is_some_and(|old| old.same_as(&inst))
     };
-    // A heartbeat with nothing changed touches only the leader's memory.
+    // A heartbeat with nothing changed touches only the leader's memory, and only while
+    // this node's leader lease holds: a leader cut off from the others still thinks it
+    // leads until it hears a higher vote, and must not acknowledge heartbeats the
+    // majority's new leader never sees (it would expire the instance meanwhile).
+    if unchanged {
+        linearize_with(&node, &uri, ReadPolicy::LeaseRead).await?;
+    }
+    // Recorded before the write: the instance becomes visible (and subject to expiry)
+    // when the write applies, before the write returns here.
+    node.heartbeat(&service, &id);
     if !unchanged {
         write(
             &node,
@@ -389,7 +404,6 @@ async fn add_instance(
         )
         .await?;
     }
-    node.heartbeat(&service, &id);
     Ok(StatusCode::OK.into_response())
 }
 

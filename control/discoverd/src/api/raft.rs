@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -24,12 +24,24 @@ use crate::store::TypeConfig;
 
 type C = TypeConfig;
 
+/// Largest full-snapshot or AppendEntries body accepted from a peer (256 MiB: a discoverd
+/// state of tens of MiB as JSON, with room; the port is open to anyone, so not unbounded).
+pub const SNAPSHOT_BODY_LIMIT: usize = 256 << 20;
+
 pub fn routes(node: &Node) -> Router<Arc<Node>> {
     let r = Router::new()
-        .route("/raft/rpc/append", post(append))
         .route(stream::PATH, post(open_stream))
         .route("/raft/rpc/vote", post(vote))
-        .route("/raft/rpc/snapshot", post(snapshot))
+        // A full snapshot is the whole state as JSON (its bytes as numbers, ~4× the state):
+        // far past axum's default 2 MB body limit for any real cluster.
+        .route(
+            "/raft/rpc/snapshot",
+            post(snapshot).layer(DefaultBodyLimit::max(SNAPSHOT_BODY_LIMIT)),
+        )
+        .route(
+            "/raft/rpc/append",
+            post(append).layer(DefaultBodyLimit::max(SNAPSHOT_BODY_LIMIT)),
+        )
         .route("/raft/leader", get(leader))
         .route("/raft/peers", get(peers))
         .route("/raft/peers/{peer}", put(add_peer).delete(remove_peer))

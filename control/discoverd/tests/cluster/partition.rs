@@ -92,7 +92,32 @@ async fn isolated_leader_cannot_commit_and_majority_elects_a_new_one() {
     let cl = Cluster::start_with("10s");
     let old = cl.leader().await;
     let majority: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    // An instance heartbeating to the leader that is about to be cut off.
+    let (id, body) = instance_json("10.0.0.7:80");
+    let hb_url = cl.nodes[old].url(&format!("/services/hb/instances/{id}"));
+    let r = send(
+        &short_client(),
+        "PUT",
+        &cl.nodes[old].url("/services/hb"),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(r.unwrap().status, 200);
+    let r = send(&short_client(), "PUT", &hb_url, Some(&body)).await;
+    assert_eq!(r.unwrap().status, 200);
     cl.isolate(old).await;
+
+    // Its heartbeats stop being acknowledged once the old leader's lease runs out
+    // (within an election timeout): the majority never sees them and will expire it.
+    let refused = eventually(Duration::from_secs(5), || async {
+        let r = send(&short_client(), "PUT", &hb_url, Some(&body)).await;
+        r.map_or(true, |r| r.status != 200).then_some(())
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "an isolated leader kept acknowledging heartbeats"
+    );
 
     // A write sent to the old leader does not succeed: it cannot reach a quorum.
     let r = send(
