@@ -253,9 +253,12 @@ fn router_follows_discoverd_instances_and_leaders() {
         (0..6).all(|_| http(&r, "GET", "web.example.com", "/", None) == (200, "b2".into()))
     });
 
-    // Leader route follows the manual leader.
+    // Leader route follows the manual leader; with instances but no leader set it has no
+    // backend (spec §1.6), not an arbitrary instance.
     let l1 = register(&d, "lead", b1);
     let l2 = register(&d, "lead", b2);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(http(&r, "GET", "lead.example.com", "/", None).0, 503);
     for (id, want) in [(&l1, "b1"), (&l2, "b2"), (&l1, "b1")] {
         let body = format!(r#"{{"id":"{id}"}}"#);
         assert_eq!(

@@ -35,9 +35,9 @@ impl Backends {
             }
             addrs.push(addr);
         }
-        if leader.is_none() && !addrs.is_empty() {
-            leader = Some(0);
-        }
+        // No backend marked leader: a `leader: true` route has none (spec §1.6: only the
+        // discoverd leader), so it answers 503 rather than reach, say, a read-only standby
+        // while a database fails over.
         Ok(Backends { addrs, leader })
     }
 
