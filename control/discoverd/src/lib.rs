@@ -42,17 +42,23 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     let node = Node::start(cfg, addr).await?;
     let dns = match cfg.dns_addr {
-        Some(a) => {
-            let mut recursors = cfg.recursors.clone();
-            if cfg.wait_net_dns {
-                let notify = cfg.notify.as_deref().expect("validated");
-                let resolvers = notify::wait_for_host_network(notify).await;
+        Some(a) if cfg.wait_net_dns => {
+            // Only DNS waits for the host's network (and its resolvers): the API and Raft
+            // serve at once, since the overlay that brings the network up leases its block
+            // through this very API.
+            let recursors = cfg.recursors.clone();
+            let notify = cfg.notify.clone().expect("validated");
+            let after = async move {
+                let resolvers = notify::wait_for_host_network(&notify).await;
                 if recursors.is_empty() {
-                    recursors = resolvers;
+                    resolvers
+                } else {
+                    recursors
                 }
-            }
-            Some(dns::serve(a, node.clone(), recursors).await?)
+            };
+            Some(dns::serve_after(a, node.clone(), after).await?)
         }
+        Some(a) => Some(dns::serve(a, node.clone(), cfg.recursors.clone()).await?),
         None => None,
     };
     let app = api::router(node.clone());

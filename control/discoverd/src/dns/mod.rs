@@ -37,17 +37,37 @@ pub async fn serve(
     node: Arc<Node>,
     recursors: Vec<SocketAddr>,
 ) -> anyhow::Result<SocketAddr> {
+    serve_after(addr, node, async move { recursors }).await
+}
+
+/// Like [`serve`], but queries are answered only once `recursors` resolves (they wait in
+/// the sockets until then): the address is bound, and known, at once.
+pub async fn serve_after(
+    addr: SocketAddr,
+    node: Arc<Node>,
+    recursors: impl std::future::Future<Output = Vec<SocketAddr>> + Send + 'static,
+) -> anyhow::Result<SocketAddr> {
     let (udp, tcp, bound) = bind_pair(addr).await?;
+    tokio::spawn(async move {
+        let recursors = recursors.await;
+        run(udp, tcp, node, recursors).await;
+    });
+    Ok(bound)
+}
+
+async fn run(
+    udp: tokio::net::UdpSocket,
+    tcp: tokio::net::TcpListener,
+    node: Arc<Node>,
+    recursors: Vec<SocketAddr>,
+) {
     let mut server = Server::new(Handler { node, recursors });
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5), 64);
     // The server's tasks live as long as it does.
-    tokio::spawn(async move {
-        if let Err(e) = server.block_until_done().await {
-            tracing::error!(error = %e, "dns server stopped");
-        }
-    });
-    Ok(bound)
+    if let Err(e) = server.block_until_done().await {
+        tracing::error!(error = %e, "dns server stopped");
+    }
 }
 
 /// Binds a TCP listener and a UDP socket on one port. With port 0 the kernel picks the

@@ -402,28 +402,33 @@ async fn servfail_when_every_recursor_is_down() {
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
 }
 
-/// `--notify` + `--wait-net-dns` against a stand-in host daemon: DNS waits until the
-/// host reports its network, takes the host's resolvers as recursors, and the host is
-/// told where discoverd listens.
+/// `--notify` + `--wait-net-dns` against a stand-in host daemon: only DNS waits until the
+/// host reports its network (the API serves at once: the overlay that brings the network
+/// up leases its block through it), then takes the host's resolvers as recursors; the host
+/// is told where discoverd listens.
 #[tokio::test]
 async fn wait_net_dns_uses_the_host_resolvers_and_notify_reaches_the_host() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
+    use std::sync::atomic::AtomicBool;
     let up = upstream(1).await;
     let polls = Arc::new(AtomicUsize::new(0));
+    let network_up = Arc::new(AtomicBool::new(false));
     let notified: Arc<Mutex<Option<serde_json::Value>>> = Arc::default();
     let app = {
         let (polls, notified, resolver) = (polls.clone(), notified.clone(), up.addr.clone());
+        let network_up = network_up.clone();
         axum::Router::new()
             .route(
                 "/host/status",
                 axum::routing::get(move || {
-                    let n = polls.fetch_add(1, Ordering::SeqCst);
+                    polls.fetch_add(1, Ordering::SeqCst);
                     let resolver = resolver.clone();
+                    let is_up = network_up.load(Ordering::SeqCst);
                     async move {
-                        // The network comes up on the fourth poll.
-                        let network = if n < 3 {
+                        // The network comes up when the test says so.
+                        let network = if !is_up {
                             serde_json::Value::Null
                         } else {
                             serde_json::json!({"subnet": "100.100.3.1/24", "mtu": 1450, "resolvers": [resolver]})
@@ -453,12 +458,24 @@ async fn wait_net_dns_uses_the_host_resolvers_and_notify_reaches_the_host() {
         ],
     )
     .await;
-    assert!(
-        polls.load(Ordering::SeqCst) >= 4,
-        "DNS came up before the host network did"
-    );
+    // The API answers while the host has no network yet.
+    let ping = raw_client().get(d.url("/ping")).send().await.unwrap();
+    assert_eq!(ping.status(), 200);
+    assert!(!network_up.load(Ordering::SeqCst));
+    // DNS does not answer until the host reports its network.
     let dns = d.dns.clone().unwrap();
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let q = query("example.net.", RecordType::A);
+    sock.send_to(&q.to_vec().unwrap(), &dns).await.unwrap();
+    let mut buf = [0u8; 512];
+    let early = tokio::time::timeout(Duration::from_millis(700), sock.recv_from(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "DNS answered before the host network was up"
+    );
+    network_up.store(true, Ordering::SeqCst);
     let m = udp(&dns, "example.net.", RecordType::A).await;
+    assert!(polls.load(Ordering::SeqCst) >= 1);
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert_eq!(ips(&m).len(), 1, "answered by the host's resolver");
 
