@@ -321,7 +321,8 @@ fn takeover_passes_tcp_route_listeners_and_drains_open_streams() {
 
 /// One `--upgrade-socket` path for every generation (as with FLYNN_UPGRADE_SOCKET set
 /// once): the exiting router must not remove the socket its successor bound there, so a
-/// third generation can take over from the second.
+/// third generation can take over from the second. With 401 routes the handed-over state
+/// is past the handoff's former 64 KiB cap.
 #[test]
 fn three_generations_share_one_upgrade_socket_path() {
     let dir = std::env::temp_dir().join(format!("flynn-upgrade3-{}", std::process::id()));
@@ -334,6 +335,10 @@ fn three_generations_share_one_upgrade_socket_path() {
         .start();
     gen.add_route(http_route("up.example.com", "web"));
     gen.set_backends("web", &[&b]);
+    // Enough routes that the handed-over state is well past 64 KiB (the old cap).
+    for i in 0..400 {
+        gen.add_route(http_route(&format!("app-{i}.example.com"), "web"));
+    }
     for n in 2..=3 {
         let mut next = Router::builder()
             .arg("--takeover")
@@ -350,6 +355,9 @@ fn three_generations_share_one_upgrade_socket_path() {
             200,
             "generation {n}"
         );
+        let (st, routes) = next.api("GET", "/routes", None);
+        assert_eq!(st, 200);
+        assert_eq!(routes.as_array().map(|a| a.len()), Some(401), "generation {n}");
         std::mem::swap(&mut gen, &mut next);
         drop(next);
     }
