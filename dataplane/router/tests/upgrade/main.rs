@@ -357,7 +357,11 @@ fn three_generations_share_one_upgrade_socket_path() {
         );
         let (st, routes) = next.api("GET", "/routes", None);
         assert_eq!(st, 200);
-        assert_eq!(routes.as_array().map(|a| a.len()), Some(401), "generation {n}");
+        assert_eq!(
+            routes.as_array().map(|a| a.len()),
+            Some(401),
+            "generation {n}"
+        );
         std::mem::swap(&mut gen, &mut next);
         drop(next);
     }
