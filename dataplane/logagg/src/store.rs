@@ -36,8 +36,9 @@ pub struct Limits {
 /// bound and the memory cap evict the first-arrived line, and a full ring refuses a line
 /// older than that one (spec §3.3 evicts the oldest by time; the two differ only for late
 /// lines, and a time index that made eviction exact cost ~20× per message on the ingest
-/// path in `flynn-perf logagg`, so it was taken out). A line is found by binary search on
-/// its `seq`.
+/// path in `flynn-perf logagg`, so it was taken out). Lines leave only from the front, so
+/// the ring holds consecutive sequence numbers and a line is found by its offset from the
+/// first one.
 pub struct App {
     ring: VecDeque<Line>,
     /// Sequence number the next line gets (the first line of a shard's first app is 1).
@@ -77,11 +78,14 @@ impl App {
         }
     }
 
-    /// Index in `ring` of the first line with a sequence number of at least `seq`.
+    /// Index in `ring` of the first line with a sequence number of at least `seq` (the
+    /// ring's numbers are consecutive: lines leave only from the front).
     fn index_of(&self, seq: u64) -> usize {
         match self.ring.front() {
-            Some(f) if f.seq >= seq => 0,
-            _ => self.ring.partition_point(|l| l.seq < seq),
+            Some(f) => usize::try_from(seq.saturating_sub(f.seq))
+                .unwrap_or(usize::MAX)
+                .min(self.ring.len()),
+            None => 0,
         }
     }
 

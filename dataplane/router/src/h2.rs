@@ -189,13 +189,17 @@ enum Failure {
 /// is unknown) on `up`, then reads the response head into `ubuf`, skipping 1xx.
 async fn exchange(
     up: &mut monoio::net::TcpStream,
-    out: &[u8],
+    out: &mut Vec<u8>,
     body: &mut h2::RecvStream,
     chunked: bool,
     ubuf: &mut Vec<u8>,
     method: flynn_http::Method,
 ) -> Result<flynn_http::ResponseInfo, Failure> {
-    let (res, _) = write_range(up, out.to_vec(), 0, out.len()).await;
+    // `out` is lent to the write and handed back, kept for a retry.
+    let o = std::mem::take(out);
+    let len = o.len();
+    let (res, o) = write_range(up, o, 0, len).await;
+    *out = o;
     res.map_err(|_| Failure::Stale)?;
     while let Some(chunk) = body.data().await {
         let chunk = chunk.map_err(|_| Failure::ClientGone)?;
@@ -299,7 +303,16 @@ async fn stream(
     let mut ubuf = Vec::with_capacity(16 * 1024);
     let mut retries = 0;
     let resp = loop {
-        match exchange(&mut up, &out, &mut body, chunked, &mut ubuf, info.method).await {
+        match exchange(
+            &mut up,
+            &mut out,
+            &mut body,
+            chunked,
+            &mut ubuf,
+            info.method,
+        )
+        .await
+        {
             Ok(r) => break r,
             Err(Failure::Stale) if reused && replayable && retries < 2 => {
                 retries += 1;
