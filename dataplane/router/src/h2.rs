@@ -4,8 +4,10 @@
 //! Limits that protect the router: concurrent streams, header list size, and caps on
 //! reset streams (rapid reset) and pending resets, all from the `h2` crate's builder.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flynn_http::{
@@ -35,10 +37,26 @@ where
     let limit = core.settings().header_timeout;
     if let Ok(Ok(mut conn)) = monoio::time::timeout(limit, b.handshake::<_, Bytes>(io)).await {
         CoreMetrics::inc(&core.metrics().h2_connections_total);
+        let streams = Rc::new(Streams::default());
+        // Set once GOAWAY went out (idle, or this process is draining after a handover):
+        // the streams in flight finish, then the connection closes.
+        let mut closing = false;
         loop {
-            let (req, respond) = match conn.accept().await {
-                Some(Ok(x)) => x,
-                Some(Err(e)) => {
+            let wait = if closing {
+                // A client that never answers the GOAWAY's PING must not hold the
+                // connection once its streams are done.
+                core.settings().header_timeout
+            } else {
+                streams.idle_left(core.settings().idle_timeout)
+            };
+            let next = monoio::select! {
+                r = conn.accept() => Some(r),
+                _ = core.stop.wait(), if !closing => None,
+                _ = monoio::time::sleep(wait) => None,
+            };
+            let (req, respond) = match next {
+                Some(Some(Ok(x))) => x,
+                Some(Some(Err(e))) => {
                     tracing::debug!(error = %e, io = e.is_io(), reason = ?e.reason(), "h2 connection error");
                     // Floods (rapid resets, CONTINUATION, too many errors) end here with a
                     // GOAWAY: a bounded cost per connection.
@@ -47,14 +65,80 @@ where
                     }
                     break;
                 }
-                None => break,
+                Some(None) => break,
+                None if closing => {
+                    if streams.active.get() == 0 {
+                        break;
+                    }
+                    continue;
+                }
+                None => {
+                    let idle = streams.active.get() == 0
+                        && streams.idle_left(core.settings().idle_timeout).is_zero();
+                    if core.draining() || idle {
+                        conn.graceful_shutdown();
+                        closing = true;
+                    }
+                    continue;
+                }
             };
             CoreMetrics::inc(&core.metrics().h2_streams_total);
             let proto = if l.tls { "https" } else { "http" };
-            monoio::spawn(stream(core.clone(), req, respond, peer, l, proto));
+            let guard = StreamGuard::new(streams.clone());
+            let core = core.clone();
+            monoio::spawn(async move {
+                stream(core, req, respond, peer, l, proto).await;
+                drop(guard);
+            });
         }
     }
     core.conn_closed();
+}
+
+/// The streams in flight on one client connection, and since when it has none.
+struct Streams {
+    active: Cell<usize>,
+    quiet_since: Cell<Instant>,
+}
+
+impl Default for Streams {
+    fn default() -> Self {
+        Streams {
+            active: Cell::new(0),
+            quiet_since: Cell::new(Instant::now()),
+        }
+    }
+}
+
+impl Streams {
+    /// How long until the connection has been without streams for `limit` (the full
+    /// `limit` while streams are open: the check comes round again then).
+    fn idle_left(&self, limit: Duration) -> Duration {
+        if self.active.get() > 0 {
+            return limit;
+        }
+        limit.saturating_sub(self.quiet_since.get().elapsed())
+    }
+}
+
+/// Counts one stream as in flight until dropped.
+struct StreamGuard(Rc<Streams>);
+
+impl StreamGuard {
+    fn new(s: Rc<Streams>) -> Self {
+        s.active.set(s.active.get() + 1);
+        StreamGuard(s)
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let n = self.0.active.get() - 1;
+        self.0.active.set(n);
+        if n == 0 {
+            self.0.quiet_since.set(Instant::now());
+        }
+    }
 }
 
 fn simple(

@@ -407,17 +407,26 @@ fn spawn_conn(core: &Rc<Core>, stream: TcpStream, peer: std::net::SocketAddr, in
     }
 }
 
-/// A one-way signal for this core's tasks (accept loops stop on it).
+/// A one-way signal for this core's tasks: accept loops stop on it, and HTTP/2
+/// connections send GOAWAY. Every waiter holds a slot that it frees when dropped, so
+/// per-connection waits (one per HTTP/2 request accepted) never pile up wakers.
 #[derive(Default)]
 pub struct Stop {
     fired: Cell<bool>,
-    wakers: RefCell<Vec<std::task::Waker>>,
+    slots: RefCell<Vec<Option<std::task::Waker>>>,
+    free: RefCell<Vec<usize>>,
 }
 
 impl Stop {
     pub fn fire(&self) {
         self.fired.set(true);
-        for w in self.wakers.borrow_mut().drain(..) {
+        let wakers: Vec<_> = self
+            .slots
+            .borrow_mut()
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        for w in wakers {
             w.wake();
         }
     }
@@ -426,18 +435,65 @@ impl Stop {
         self.fired.get()
     }
 
-    pub async fn wait(&self) {
-        std::future::poll_fn(|cx| {
-            if self.fired.get() {
-                return std::task::Poll::Ready(());
+    /// Resolves once [`Stop::fire`] ran (at once if it already had).
+    pub fn wait(&self) -> StopWait<'_> {
+        StopWait {
+            stop: self,
+            slot: None,
+        }
+    }
+}
+
+/// The future of [`Stop::wait`].
+pub struct StopWait<'a> {
+    stop: &'a Stop,
+    slot: Option<usize>,
+}
+
+impl std::future::Future for StopWait<'_> {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let stop = self.stop;
+        if stop.fired.get() {
+            return std::task::Poll::Ready(());
+        }
+        let mut slots = stop.slots.borrow_mut();
+        match self.slot {
+            Some(i) => match &mut slots[i] {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                w => *w = Some(cx.waker().clone()),
+            },
+            None => {
+                let i = match stop.free.borrow_mut().pop() {
+                    Some(i) => {
+                        slots[i] = Some(cx.waker().clone());
+                        i
+                    }
+                    None => {
+                        slots.push(Some(cx.waker().clone()));
+                        slots.len() - 1
+                    }
+                };
+                drop(slots);
+                self.slot = Some(i);
             }
-            let mut w = self.wakers.borrow_mut();
-            if !w.iter().any(|x| x.will_wake(cx.waker())) {
-                w.push(cx.waker().clone());
+        }
+        std::task::Poll::Pending
+    }
+}
+
+impl Drop for StopWait<'_> {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot.take() {
+            if let Some(w) = self.stop.slots.borrow_mut().get_mut(i) {
+                *w = None;
             }
-            std::task::Poll::Pending
-        })
-        .await
+            self.stop.free.borrow_mut().push(i);
+        }
     }
 }
 

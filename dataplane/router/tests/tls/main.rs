@@ -11,6 +11,7 @@ mod certapi;
 mod certs;
 mod grpc;
 mod h2;
+mod h2_close;
 mod handshake;
 mod proxying;
 

@@ -1,0 +1,214 @@
+//! When the router ends HTTP/2 connections: after the idle timeout with no stream open,
+//! and at once (GOAWAY, then close once the streams are done) when a handover drains the
+//! old process. Driven by a raw h2c client so every frame the router sends is seen.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::support::{http_route, Backend, BackendConn, Reply, Router, SeenRequest};
+
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const HEADERS: u8 = 0x1;
+
+/// What a raw HTTP/2 client saw, with times from its connect.
+#[derive(Debug, Default)]
+struct Seen {
+    /// (stream id, when) of each response HEADERS frame.
+    responses: Vec<(u32, Duration)>,
+    /// When the first GOAWAY arrived.
+    goaway: Option<Duration>,
+    /// When the router closed the connection (EOF).
+    closed: Option<Duration>,
+}
+
+struct H2c {
+    s: TcpStream,
+    start: Instant,
+}
+
+impl H2c {
+    fn connect(addr: SocketAddr) -> H2c {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+        // An empty SETTINGS frame.
+        s.write_all(&frame(0x4, 0, 0, &[])).unwrap();
+        H2c {
+            s,
+            start: Instant::now(),
+        }
+    }
+
+    /// A GET of `/` for `host` on stream `id` (HPACK: indexed `:method GET`, `:scheme
+    /// http`, `:path /`, and a literal `:authority`).
+    fn get(&mut self, id: u32, host: &str) {
+        let mut block = vec![0x82, 0x86, 0x84, 0x41, host.len() as u8];
+        block.extend_from_slice(host.as_bytes());
+        // END_STREAM | END_HEADERS.
+        self.s.write_all(&frame(HEADERS, 0x5, id, &block)).unwrap();
+    }
+
+    /// Reads frames until the router closes the connection or `limit` passes, answering
+    /// PINGs (the router's GOAWAY sequence waits for one).
+    fn run(&mut self, limit: Duration) -> Seen {
+        let mut seen = Seen::default();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16384];
+        self.s
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        while self.start.elapsed() < limit {
+            match self.s.read(&mut chunk) {
+                Ok(0) => {
+                    seen.closed = Some(self.start.elapsed());
+                    return seen;
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => {
+                    seen.closed = Some(self.start.elapsed());
+                    return seen;
+                }
+            }
+            while buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let (ty, flags) = (buf[3], buf[4]);
+                let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+                let payload = buf[9..9 + len].to_vec();
+                buf.drain(..9 + len);
+                match ty {
+                    HEADERS => seen.responses.push((id, self.start.elapsed())),
+                    GOAWAY if seen.goaway.is_none() => seen.goaway = Some(self.start.elapsed()),
+                    PING if flags & 0x1 == 0 => {
+                        let _ = self.s.write_all(&frame(PING, 0x1, 0, &payload));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        seen
+    }
+}
+
+fn frame(ty: u8, flags: u8, id: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.push(ty);
+    f.push(flags);
+    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A backend that answers after `delay`.
+fn slow_backend(delay: Duration) -> Backend {
+    Backend::with_handler("slow", move |req: &SeenRequest, conn: &mut BackendConn| {
+        std::thread::sleep(delay);
+        crate::support::handlers::echo(req, conn);
+        Reply::KeepAlive
+    })
+}
+
+#[test]
+fn idle_http2_connection_gets_goaway_and_is_closed_but_not_while_a_stream_is_open() {
+    let router = Router::builder()
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .arg("--idle-timeout-secs")
+        .arg("1")
+        .start();
+    // The request takes longer than the idle timeout: an open stream keeps it alive.
+    let b = slow_backend(Duration::from_millis(2500));
+    router.add_route(http_route("idle.example.com", "web"));
+    router.set_backends("web", &[&b]);
+
+    let mut c = H2c::connect(router.h2c_addrs[0]);
+    c.get(1, "idle.example.com");
+    let seen = c.run(Duration::from_secs(10));
+    let (id, answered) = *seen
+        .responses
+        .first()
+        .unwrap_or_else(|| panic!("no response: {seen:?}"));
+    assert_eq!(id, 1);
+    assert!(answered >= Duration::from_millis(2400), "{seen:?}");
+    let goaway = seen.goaway.unwrap_or_else(|| panic!("no GOAWAY: {seen:?}"));
+    assert!(
+        goaway >= answered + Duration::from_millis(900),
+        "GOAWAY before the connection was idle for the timeout: {seen:?}"
+    );
+    assert!(
+        goaway <= answered + Duration::from_secs(4),
+        "GOAWAY late: {seen:?}"
+    );
+    let closed = seen
+        .closed
+        .unwrap_or_else(|| panic!("not closed: {seen:?}"));
+    assert!(closed >= goaway, "{seen:?}");
+}
+
+#[test]
+fn handover_sends_goaway_to_http2_clients_and_the_old_process_exits_without_the_drain_timeout() {
+    let dir = std::env::temp_dir().join(format!(
+        "flynn-h2-handover-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::create_dir_all(&dir);
+    let sock = dir.join("upgrade.sock");
+    let b = Backend::start("b1");
+    let mut old = Router::builder()
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .arg("--upgrade-socket")
+        .arg(sock.display().to_string())
+        .arg("--drain-grace-secs")
+        .arg("1")
+        .arg("--drain-timeout-secs")
+        .arg("60")
+        .start();
+    old.add_route(http_route("h2.example.com", "web"));
+    old.set_backends("web", &[&b]);
+
+    // One finished request, then the connection idles (well inside the idle timeout).
+    let mut c = H2c::connect(old.h2c_addrs[0]);
+    c.get(1, "h2.example.com");
+    let client = std::thread::spawn(move || c.run(Duration::from_secs(20)));
+    std::thread::sleep(Duration::from_millis(300));
+
+    let taken = Instant::now();
+    let new = Router::builder()
+        .arg("--takeover")
+        .arg(sock.display().to_string())
+        .arg("--upgrade-socket")
+        .arg(dir.join("next.sock").display().to_string())
+        .start();
+    let status = old.wait_exit(Duration::from_secs(15));
+    let exited = taken.elapsed();
+    let seen = client.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "old router did not exit within 15 s (drain timeout 60 s): {seen:?}"
+    );
+    assert!(exited < Duration::from_secs(15), "{exited:?}");
+    assert_eq!(seen.responses.len(), 1, "{seen:?}");
+    assert!(
+        seen.goaway.is_some(),
+        "no GOAWAY from the draining router: {seen:?}"
+    );
+    assert!(seen.closed.is_some(), "connection left open: {seen:?}");
+    // The new process serves HTTP/2 on the same address.
+    assert_eq!(new.h2c_addrs, old.h2c_addrs);
+    let mut c = H2c::connect(new.h2c_addrs[0]);
+    c.get(1, "h2.example.com");
+    let seen = c.run(Duration::from_secs(3));
+    assert_eq!(seen.responses.first().map(|r| r.0), Some(1), "{seen:?}");
+}
