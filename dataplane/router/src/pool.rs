@@ -52,4 +52,22 @@ impl Pool {
             list.push((s, Instant::now()));
         }
     }
+
+    /// Closes idle connections that are too old to reuse, and every one to an address
+    /// `keep` rejects (a backend that left every route); forgets empty entries. Runs from
+    /// the core's sweep and on route changes, never per request. Returns how many closed.
+    pub fn prune(&self, keep: impl Fn(&SocketAddr) -> bool) -> usize {
+        let mut closed = 0;
+        self.idle.borrow_mut().retain(|addr, list| {
+            let before = list.len();
+            if keep(addr) {
+                list.retain(|(_, since)| since.elapsed() < MAX_IDLE);
+            } else {
+                list.clear();
+            }
+            closed += before - list.len();
+            !list.is_empty()
+        });
+        closed
+    }
 }

@@ -254,6 +254,14 @@ pub async fn run(
             CoreMsg::Table => {
                 core.refresh();
                 tcp.reconcile(&core);
+                // Idle upstream connections to backends no route has any more are closed
+                // now, not kept until their address comes back.
+                let table = core.table();
+                let live: std::collections::HashSet<SocketAddr> = table
+                    .http_routes()
+                    .flat_map(|r| r.backends.iter().copied())
+                    .collect();
+                core.pool.prune(|a| live.contains(a));
                 slot.applied
                     .store(core.table().version(), Ordering::Release);
             }
@@ -278,10 +286,15 @@ async fn sweep_idle(core: Rc<Core>) {
         .clamp(1, u32::MAX as u64) as u32;
     // Parked count at the last heap trim.
     let mut trimmed_at = 0usize;
-    loop {
+    for tick in 1u64.. {
         monoio::time::sleep(std::time::Duration::from_secs(1)).await;
         core.idle
             .sweep(limit, core.parked.is_some() && !core.draining());
+        if tick % 5 == 0 {
+            // Upstream connections too old to reuse are closed (not kept open until a
+            // request happens to look at them).
+            core.pool.prune(|_| true);
+        }
         if let Some(p) = &core.parked {
             let n = p.expire(core.idle.now(), limit);
             core.parked_closed(n);

@@ -107,3 +107,30 @@ fn pipelined_requests_are_answered_in_order() {
         assert_eq!(String::from_utf8_lossy(&seen.body), body);
     }
 }
+
+#[test]
+fn idle_connections_to_a_backend_that_left_every_route_are_closed() {
+    let (router, b1) = setup("example.com");
+    let b2 = Backend::start("b2");
+    for i in 0..3 {
+        assert_eq!(
+            crate::support::get(router.http_addr, "example.com", &format!("/{i}")).status,
+            200
+        );
+    }
+    // The router holds its connection to b1 in the pool.
+    std::thread::sleep(Duration::from_millis(200));
+    let pooled = b1.accepted();
+    assert!(pooled >= 1);
+    assert_eq!(b1.closed(), 0, "pooled connection closed too early");
+    // b1 leaves the route: its idle connections go with it, not at their next use.
+    router.set_backends("web", &[&b2]);
+    assert!(
+        wait_until(Duration::from_secs(3), || b1.closed() == pooled),
+        "the pooled connection to the departed backend is still open"
+    );
+    assert_eq!(
+        crate::support::get(router.http_addr, "example.com", "/").backend(),
+        "b2"
+    );
+}
