@@ -8,25 +8,64 @@ use std::os::fd::AsRawFd;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-/// Most descriptors one message carries.
+/// Most descriptors one `sendmsg` carries (the kernel's `SCM_MAX_FD` is 253). More go in
+/// continuation messages (see [`send_with_fds`]).
 pub const MAX_FDS: usize = 250;
+
+/// Most descriptors one handoff carries in all: a router with thousands of TCP routes on
+/// several cores hands over one listener per route per core.
+pub const MAX_TOTAL_FDS: usize = 1 << 16;
 
 /// Most data one message carries. A router's handed-over state holds every route (with
 /// certificate chains and keys) and every backend: a few hundred bytes each, so a 64 KiB cap
 /// ended zero-downtime upgrades at about 85 apps.
 pub const MAX_DATA: usize = 64 << 20;
 
+/// Set in the length word when more than [`MAX_FDS`] descriptors follow in continuation
+/// messages. Lengths never reach this bit (`MAX_DATA` is far below it), and up to
+/// `MAX_FDS` descriptors go exactly as they always did, so a router hands over to, and
+/// takes over from, a build that predates continuations.
+const MORE_FDS: u32 = 1 << 31;
+
 /// Sends `data` (at most [`MAX_DATA`]) with `fds` attached, as one length-prefixed message
-/// (the descriptors go with its first bytes).
+/// (the descriptors go with its first bytes). Past [`MAX_FDS`] descriptors the message
+/// starts `len | MORE_FDS`, then the count of further descriptors (u32 LE), both with the
+/// first `MAX_FDS`; one-byte messages carry the rest, `MAX_FDS` at a time; the data
+/// follows.
 pub fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    if fds.len() > MAX_FDS || data.len() > MAX_DATA {
+    if fds.len() > MAX_TOTAL_FDS || data.len() > MAX_DATA {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "too many descriptors or too much data",
         ));
     }
-    let mut payload = (data.len() as u32).to_le_bytes().to_vec();
-    payload.extend_from_slice(data);
+    use std::io::Write;
+    let mut s = sock;
+    if fds.len() <= MAX_FDS {
+        let mut payload = (data.len() as u32).to_le_bytes().to_vec();
+        payload.extend_from_slice(data);
+        let n = sendmsg_fds(sock, &payload, fds)?;
+        // The descriptors went with the first bytes; send the rest plainly.
+        return s.write_all(&payload[n..]);
+    }
+    let (first, rest) = fds.split_at(MAX_FDS);
+    let mut head = (data.len() as u32 | MORE_FDS).to_le_bytes().to_vec();
+    head.extend_from_slice(&(rest.len() as u32).to_le_bytes());
+    let n = sendmsg_fds(sock, &head, first)?;
+    s.write_all(&head[n..])?;
+    for chunk in rest.chunks(MAX_FDS) {
+        if sendmsg_fds(sock, &[0], chunk)? != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "handoff: short send",
+            ));
+        }
+    }
+    s.write_all(data)
+}
+
+/// One `sendmsg` of (a prefix of) `payload` with `fds` attached; returns the bytes sent.
+fn sendmsg_fds(sock: &UnixStream, payload: &[u8], fds: &[RawFd]) -> io::Result<usize> {
     let space = cmsg_space(fds.len());
     let mut control = vec![0u8; space];
     let mut iov = libc::iovec {
@@ -57,15 +96,8 @@ pub fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Resul
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let n = n as usize;
-        if n < payload.len() {
-            // The descriptors went with the first bytes; send the rest plainly.
-            use std::io::Write;
-            let mut s = sock;
-            s.write_all(&payload[n..])?;
-        }
+        Ok(n as usize)
     }
-    Ok(())
 }
 
 fn cmsg_space(n: usize) -> usize {
@@ -76,19 +108,18 @@ fn cmsg_space(n: usize) -> usize {
     unsafe { libc::CMSG_SPACE((n * std::mem::size_of::<RawFd>()) as u32) as usize }
 }
 
-/// Receives one message sent by [`send_with_fds`]: its data and the descriptors.
-pub fn recv_with_fds(sock: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
-    let mut first = vec![0u8; 64 * 1024 + 4];
+/// One `recvmsg` into `buf`; the descriptors that came with it are appended to `fds`.
+/// Returns the bytes read (0 at end of stream).
+fn recvmsg_fds(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
     let space = cmsg_space(MAX_FDS);
     let mut control = vec![0u8; space];
     let mut iov = libc::iovec {
-        iov_base: first.as_mut_ptr().cast(),
-        iov_len: first.len(),
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
     };
-    let mut fds = Vec::new();
-    // SAFETY: as in `send_with_fds`; received descriptors are taken into `OwnedFd`s
+    // SAFETY: as in `sendmsg_fds`; received descriptors are taken into `OwnedFd`s
     // exactly once, straight from the kernel's SCM_RIGHTS payload.
-    let n = unsafe {
+    unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
@@ -110,26 +141,73 @@ pub fn recv_with_fds(sock: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
-        n as usize
-    };
-    if n < 4 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "short handoff message",
-        ));
+        Ok(n as usize)
     }
-    let len = u32::from_le_bytes([first[0], first[1], first[2], first[3]]) as usize;
+}
+
+fn eof(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, format!("handoff: {what}"))
+}
+
+/// Receives one message sent by [`send_with_fds`]: its data and the descriptors.
+pub fn recv_with_fds(sock: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    use std::io::Read;
+    let mut s = sock;
+    let mut first = vec![0u8; 64 * 1024 + 4];
+    let mut fds = Vec::new();
+    let mut n = recvmsg_fds(sock, &mut first, &mut fds)?;
+    // The length word can arrive split; its bytes carry no further descriptors.
+    while n < 4 {
+        let m = s.read(&mut first[n..4])?;
+        if m == 0 {
+            return Err(eof("short message"));
+        }
+        n += m;
+    }
+    let word = u32::from_le_bytes([first[0], first[1], first[2], first[3]]);
+    let len = (word & !MORE_FDS) as usize;
     if len > MAX_DATA {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "handoff message too large",
         ));
     }
-    let mut data = first[4..n].to_vec();
+    let mut at = 4;
+    if word & MORE_FDS != 0 {
+        // The count of further descriptors; then their one-byte messages.
+        while n < 8 {
+            let m = s.read(&mut first[n..8])?;
+            if m == 0 {
+                return Err(eof("short message"));
+            }
+            n += m;
+        }
+        let more = u32::from_le_bytes([first[4], first[5], first[6], first[7]]) as usize;
+        if more > MAX_TOTAL_FDS || n > 8 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "handoff: bad descriptor continuation",
+            ));
+        }
+        let want = fds.len() + more;
+        while fds.len() < want {
+            let before = fds.len();
+            let mut one = [0u8; 1];
+            if recvmsg_fds(sock, &mut one, &mut fds)? == 0 {
+                return Err(eof("descriptors missing"));
+            }
+            if fds.len() == before {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "handoff: continuation without descriptors",
+                ));
+            }
+        }
+        at = 8;
+    }
+    let mut data = first[at..n].to_vec();
     if data.len() < len {
-        use std::io::Read;
         let mut rest = vec![0u8; len - data.len()];
-        let mut s = sock;
         s.read_exact(&mut rest)?;
         data.extend_from_slice(&rest);
     }
@@ -239,5 +317,49 @@ mod tests {
         let (c, _d) = UnixStream::pair().unwrap();
         let err = send_with_fds(&c, &vec![0u8; MAX_DATA + 1], &[]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    /// More descriptors than one `sendmsg` can carry (a router with hundreds of TCP
+    /// routes): all arrive, in order, with the data intact.
+    #[test]
+    fn more_descriptors_than_one_message_carries_all_arrive_in_order() {
+        // Three listeners sent round-robin keep the test within a default fd limit.
+        let listeners: Vec<_> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        for count in [MAX_FDS, MAX_FDS + 1, 2 * MAX_FDS + 7] {
+            let (a, b) = UnixStream::pair().unwrap();
+            let raw: Vec<RawFd> = (0..count).map(|i| listeners[i % 3].as_raw_fd()).collect();
+            let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+            let sent = data.clone();
+            let w = std::thread::spawn(move || send_with_fds(&a, &sent, &raw));
+            let (got, fds) = recv_with_fds(&b).unwrap();
+            w.join().unwrap().unwrap();
+            assert!(got == data, "data corrupted with {count} descriptors");
+            assert_eq!(fds.len(), count);
+            for (i, fd) in fds.into_iter().enumerate() {
+                let r = listener_from_fd(fd).unwrap();
+                assert_eq!(
+                    r.local_addr().unwrap(),
+                    listeners[i % 3].local_addr().unwrap()
+                );
+            }
+        }
+    }
+
+    /// A message with at most `MAX_FDS` descriptors is framed exactly as before
+    /// continuations existed (`len | data`), so builds on either side of the change
+    /// still hand over to each other.
+    #[test]
+    fn up_to_max_fds_the_framing_is_unchanged() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        send_with_fds(&a, b"state", &[l.as_raw_fd()]).unwrap();
+        drop(a);
+        let mut fds = Vec::new();
+        let mut buf = [0u8; 64];
+        let n = recvmsg_fds(&b, &mut buf, &mut fds).unwrap();
+        assert_eq!(&buf[..n], b"\x05\0\0\0state");
+        assert_eq!(fds.len(), 1);
     }
 }

@@ -367,3 +367,56 @@ fn three_generations_share_one_upgrade_socket_path() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// 130 TCP routes on two cores are 260 listening sockets, past what one `sendmsg` can
+/// carry: they are handed over in continuation messages, and every port keeps working.
+#[test]
+fn takeover_with_more_listeners_than_one_message_carries() {
+    use std::io::{Read, Write};
+    let dir = std::env::temp_dir().join(format!(
+        "flynn-upgrade-many-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::create_dir_all(&dir);
+    let sock = dir.join("upgrade.sock");
+    let b = TcpBackend::start("t1");
+    let range = tcp_range(140);
+    let mut old = Router::builder()
+        .threads(2)
+        .tcp_ports(range)
+        .arg("--upgrade-socket")
+        .arg(sock.display().to_string())
+        .start();
+    let ports: Vec<u16> = (0..130)
+        .map(|_| {
+            let route = old.add_route(tcp_route(0, "tcpsvc"));
+            route["port"].as_u64().expect("tcp route port") as u16
+        })
+        .collect();
+    old.set_backend_addrs("tcpsvc", &[(b.addr.to_string(), false)]);
+
+    let new = Router::builder()
+        .threads(2)
+        .tcp_ports(range)
+        .arg("--takeover")
+        .arg(sock.display().to_string())
+        .start();
+    let status = old
+        .wait_exit(Duration::from_secs(15))
+        .expect("old router exits after the takeover");
+    assert!(status.success(), "old router: {status}");
+    for port in [ports[0], ports[64], ports[129]] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"ping").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"t1 ping", "port {port}");
+    }
+    let (st, routes) = new.api("GET", "/routes", None);
+    assert_eq!(st, 200);
+    assert_eq!(routes.as_array().map(|a| a.len()), Some(130));
+    let _ = std::fs::remove_dir_all(&dir);
+}
