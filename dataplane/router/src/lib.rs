@@ -248,6 +248,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         default_http,
         additional_http,
         tcp_range: cfg.tcp_ports,
+        tcp_ip: Some(cfg.tcp_ip),
     };
     if ports.additional_http.contains(&ports.default_http[0]) {
         bail!("--http-addr ports must differ");

@@ -138,6 +138,7 @@ mod tests {
             default_http: vec![8080],
             additional_http: vec![],
             tcp_range: (3000, 3010),
+            tcp_ip: None,
         };
         Store::new(ports, false)
     }

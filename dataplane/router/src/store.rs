@@ -22,9 +22,19 @@ pub struct Ports {
     /// Additional HTTP listener ports a route may name.
     pub additional_http: Vec<u16>,
     pub tcp_range: (u16, u16),
+    /// The address TCP route listeners bind. When set, a TCP route's port must be one a
+    /// listener can bind there now (another program may hold it); `None` skips the check
+    /// (tests, fuzzing, parsing a routes file without a running router).
+    pub tcp_ip: Option<std::net::IpAddr>,
 }
 
 impl Ports {
+    /// Why a TCP listener could not bind `port` now, if it could not.
+    fn unbindable(&self, port: u16) -> Option<std::io::Error> {
+        let ip = self.tcp_ip?;
+        flynn_runtime::check_reuseport_bind(std::net::SocketAddr::new(ip, port)).err()
+    }
+
     fn reserved_for_http(&self, port: u16) -> bool {
         port == 80
             || port == 443
@@ -160,13 +170,23 @@ impl Store {
             RouteType::Tcp => {
                 if r.port == 0 {
                     let (a, b) = self.ports.tcp_range;
+                    // Ports another program holds are skipped.
                     r.port = (a..=b)
-                        .find(|&p| !self.ports.reserved_for_http(p) && !self.tcp_port_used(p, None))
+                        .find(|&p| {
+                            !self.ports.reserved_for_http(p)
+                                && !self.tcp_port_used(p, None)
+                                && self.ports.unbindable(p).is_none()
+                        })
                         .ok_or_else(|| ApiError::conflict("No TCP ports available"))?;
                 } else if self.ports.reserved_for_http(r.port) {
                     return Err(ApiError::conflict("Port reserved for HTTP/HTTPS traffic"));
                 } else if self.tcp_port_used(r.port, None) {
                     return Err(ApiError::conflict("Duplicate route").with_detail(submitted));
+                } else if let Some(e) = self.ports.unbindable(r.port) {
+                    return Err(ApiError::conflict(format!(
+                        "Port {} cannot be listened on: {e}",
+                        r.port
+                    )));
                 }
                 r.domain.clear();
                 r.path.clear();

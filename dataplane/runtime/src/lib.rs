@@ -21,4 +21,6 @@ mod workers;
 
 pub use recycle::Recycled;
 pub use snapshot::{Local, Published};
-pub use workers::{core_count, reuseport_listener, spawn_workers, Driver, WorkerCtx};
+pub use workers::{
+    check_reuseport_bind, core_count, reuseport_listener, spawn_workers, Driver, WorkerCtx,
+};

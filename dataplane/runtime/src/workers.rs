@@ -173,9 +173,32 @@ pub fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener>
     Ok(s.into())
 }
 
+/// Whether a [`reuseport_listener`] on `addr` could be opened now: binds a socket with
+/// the same options but never listens, so no connection is ever steered to it.
+pub fn check_reuseport_bind(addr: SocketAddr) -> io::Result<()> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bind_check_sees_a_port_another_socket_listens_on() {
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = other.local_addr().unwrap();
+        assert_eq!(
+            check_reuseport_bind(taken).unwrap_err().kind(),
+            io::ErrorKind::AddrInUse
+        );
+        // A port our own listeners hold (SO_REUSEPORT) stays usable, and the check
+        // does not take a share of its connections.
+        let ours = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        check_reuseport_bind(ours.local_addr().unwrap()).unwrap();
+    }
 
     #[test]
     fn both_drivers_run_and_report() {

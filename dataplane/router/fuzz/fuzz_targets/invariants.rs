@@ -18,6 +18,7 @@ pub fn ports() -> Ports {
         default_http: vec![80],
         additional_http: vec![8080],
         tcp_range: (3000, 3002),
+        tcp_ip: None,
     }
 }
 

@@ -6,6 +6,7 @@ fn store() -> Store {
         default_http: vec![8080],
         additional_http: vec![8081],
         tcp_range: (3000, 3002),
+        tcp_ip: None,
     };
     Store::new(ports, true)
 }
@@ -237,6 +238,7 @@ fn sticky_needs_a_cookie_key() {
         default_http: vec![8080],
         additional_http: vec![],
         tcp_range: (3000, 3002),
+        tcp_ip: None,
     };
     let mut s = Store::new(ports, false);
     let mut r = http("a.com", "/");

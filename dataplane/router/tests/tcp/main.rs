@@ -244,3 +244,55 @@ fn tcp_routes_are_independent_per_port() {
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["code"], "conflict");
 }
+
+/// A port another program listens on is refused with a clear 409 when named, and skipped
+/// when the router picks one; the routes that were stored are served.
+#[test]
+fn ports_held_by_another_program_are_refused_or_skipped() {
+    let router = tcp_router();
+    let (lo, _) = router.tcp_ports.unwrap();
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", lo)).expect("bind the first port");
+
+    let (status, body) = router.api(
+        "POST",
+        "/routes",
+        Some(&tcp_route(lo, "tcpsvc").to_string()),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("Port {lo} cannot be listened on"))),
+        "{body}"
+    );
+    let (_, routes) = router.api("GET", "/routes", None);
+    assert_eq!(routes.as_array().map(|a| a.len()), Some(0), "{routes}");
+
+    // A route without a port gets the next free one, not the held one.
+    let b = TcpBackend::start("b1");
+    let route = router.add_route(tcp_route(0, "tcpsvc"));
+    assert_eq!(port_of(&route), lo + 1);
+    set_tcp_backends(&router, "tcpsvc", &[&b]);
+    assert_eq!(exchange(lo + 1, b"x"), b"b1 x");
+
+    // Once the other program lets go, the port can be routed.
+    drop(squatter);
+    let route = router.add_route(tcp_route(lo, "tcpsvc"));
+    assert_eq!(port_of(&route), lo);
+    assert!(
+        wait_for(|| std::net::TcpStream::connect(("127.0.0.1", lo)).is_ok()),
+        "port {lo} not served"
+    );
+    assert_eq!(exchange(lo, b"y"), b"b1 y");
+}
+
+fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
