@@ -93,6 +93,27 @@ pub fn peek_into(fd: RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
     }
 }
 
+/// Sets `SO_RCVLOWAT`: readiness (poll, epoll, io_uring poll) is reported only once at
+/// least `n` bytes are waiting, so a peeker can wait for more than it has already seen.
+pub fn set_rcvlowat(fd: RawFd, n: usize) -> std::io::Result<()> {
+    let v = n.clamp(1, i32::MAX as usize) as libc::c_int;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `&v`, a live local.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Reads and drops exactly `n` bytes that are known to be waiting (after a peek).
 pub fn discard(fd: RawFd, n: usize) -> Option<()> {
     let mut left = n;

@@ -60,8 +60,22 @@ pub async fn serve_tls(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: Lis
 /// Looks at a PROXY prefix without consuming the bytes after it (they are the TLS
 /// ClientHello), then consumes exactly the prefix.
 async fn peek_proxy_prefix(core: &Core, c: &TcpStream) -> Result<(Option<SocketAddr>, usize), ()> {
+    let fd = c.as_raw_fd();
+    let r = peek_prefix(core, c).await;
+    // Waiting for the rest of a split prefix raised the low-water mark.
+    if flynn_runtime::sock::set_rcvlowat(fd, 1).is_err() {
+        return Err(());
+    }
+    r
+}
+
+async fn peek_prefix(core: &Core, c: &TcpStream) -> Result<(Option<SocketAddr>, usize), ()> {
+    let fd = c.as_raw_fd();
     let deadline = std::time::Instant::now() + core.settings().header_timeout;
     let mut head = [0u8; 600];
+    // Bytes seen so far, and the pause before peeking again when a wake-up brought none.
+    let mut seen = 0;
+    let mut pause = std::time::Duration::from_millis(1);
     loop {
         if monoio::time::timeout(
             deadline.saturating_duration_since(std::time::Instant::now()),
@@ -73,7 +87,7 @@ async fn peek_proxy_prefix(core: &Core, c: &TcpStream) -> Result<(Option<SocketA
         {
             return Err(());
         }
-        let n = match flynn_runtime::sock::peek_into(c.as_raw_fd(), &mut head) {
+        let n = match flynn_runtime::sock::peek_into(fd, &mut head) {
             Ok(0) => return Err(()),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
@@ -82,7 +96,7 @@ async fn peek_proxy_prefix(core: &Core, c: &TcpStream) -> Result<(Option<SocketA
         match flynn_http::parse_proxy(&head[..n]) {
             Ok(Some((header, len))) => {
                 if len > 0 {
-                    flynn_runtime::sock::discard(c.as_raw_fd(), len).ok_or(())?;
+                    flynn_runtime::sock::discard(fd, len).ok_or(())?;
                 }
                 let src = match header {
                     flynn_http::ProxyHeader::Proxied { src, .. } => Some(src),
@@ -91,11 +105,20 @@ async fn peek_proxy_prefix(core: &Core, c: &TcpStream) -> Result<(Option<SocketA
                 return Ok((src, len));
             }
             Ok(None) => {
-                if std::time::Instant::now() >= deadline {
+                if std::time::Instant::now() >= deadline || n == head.len() {
                     return Err(());
                 }
-                // A prefix split across packets: wait a little for the rest.
-                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+                if n > seen {
+                    // A prefix split across packets: readiness now waits for a byte more
+                    // than is waiting, so a client that stalls mid-prefix costs no polling.
+                    seen = n;
+                    pause = std::time::Duration::from_millis(1);
+                    flynn_runtime::sock::set_rcvlowat(fd, n + 1).map_err(|_| ())?;
+                } else {
+                    // Woken without new bytes: back off rather than spin.
+                    monoio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_millis(100));
+                }
             }
             Err(_) => {
                 CoreMetrics::inc(&core.metrics().bad_requests_total);

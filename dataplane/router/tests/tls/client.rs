@@ -118,13 +118,27 @@ impl TlsConn {
         cfg: Arc<ClientConfig>,
         parts: &[&[u8]],
     ) -> io::Result<TlsConn> {
+        Self::connect_with_prefix_parts_between(addr, sni, cfg, parts, &mut || {
+            std::thread::sleep(std::time::Duration::from_millis(50))
+        })
+    }
+
+    /// Like [`TlsConn::connect_with_prefix_parts`], running `between` (instead of a
+    /// 50 ms pause) after each part but the last.
+    pub fn connect_with_prefix_parts_between(
+        addr: SocketAddr,
+        sni: &str,
+        cfg: Arc<ClientConfig>,
+        parts: &[&[u8]],
+        between: &mut dyn FnMut(),
+    ) -> io::Result<TlsConn> {
         let mut sock = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
         sock.set_read_timeout(Some(IO_TIMEOUT))?;
         sock.set_write_timeout(Some(IO_TIMEOUT))?;
         sock.set_nodelay(true)?;
         for (i, part) in parts.iter().filter(|p| !p.is_empty()).enumerate() {
             if i > 0 {
-                std::thread::sleep(std::time::Duration::from_millis(50));
+                between();
             }
             sock.write_all(part)?;
         }

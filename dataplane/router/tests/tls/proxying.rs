@@ -241,3 +241,68 @@ fn additional_https_listener_serves_routes_naming_its_port() {
     let port = first.port().to_string();
     assert_eq!(seen.header("x-forwarded-port"), Some(port.as_str()));
 }
+
+/// Voluntary context switches of every thread of process `pid` so far.
+fn context_switches(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// A client that stalls in the middle of its PROXY prefix costs the router no polling
+/// while it waits (the prefix is peeked, so the wait is for more bytes than are there),
+/// and the connection completes normally once the rest arrives.
+#[test]
+fn a_stalled_proxy_prefix_is_waited_for_without_polling() {
+    for driver in ["auto", "epoll"] {
+        stalled_prefix(driver);
+    }
+}
+
+fn stalled_prefix(driver: &str) {
+    let default = self_signed(&["a.example.com"]);
+    let router = https_builder()
+        .threads(1)
+        .io_driver(driver)
+        .arg("--proxy-protocol")
+        .env("TLSCERT", default.cert_pem.clone())
+        .env("TLSKEY", default.key_pem.clone())
+        .start();
+    let b1 = Backend::start("b1");
+    router.add_route(http_route("a.example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    let prefix = format!(
+        "PROXY TCP4 203.0.113.9 127.0.0.1 40000 {}\r\n",
+        https(&router).port()
+    );
+    let (p1, p2) = prefix.as_bytes().split_at(15);
+    let mut switches = None;
+    let mut conn = TlsConn::connect_with_prefix_parts_between(
+        https(&router),
+        "a.example.com",
+        client_config(&[&default], None),
+        &[p1, p2],
+        &mut || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let before = context_switches(router.pid());
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            switches = Some(context_switches(router.pid()) - before);
+        },
+    )
+    .expect("TLS after a stalled PROXY prefix");
+    let seen = conn.get("a.example.com", "/stalled").seen();
+    assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.9"));
+    // An idle router wakes a few times a second (timers); polling the stalled prefix
+    // every millisecond was ~1000.
+    let switches = switches.unwrap();
+    assert!(
+        switches < 100,
+        "{switches} context switches in 1 s while waiting ({driver})"
+    );
+}
