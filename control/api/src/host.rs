@@ -136,6 +136,18 @@ pub struct ContainerConfig {
     /// Host volumes (`POST /storage/providers/default/volumes`) bind-mounted into the job.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeBinding>,
+    /// User id the job runs as (root when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Group id the job runs as (0 when unset, as in Flynn and Docker); no supplementary
+    /// groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    /// Capabilities (`CAP_*` names) instead of the default set. A job running as a user
+    /// other than root has them in its bounding set only (as under Docker), so it gains
+    /// them only through file capabilities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linux_capabilities: Option<Vec<String>>,
 }
 
 /// A volume of this host mounted into a job. A volume is used by one starting or

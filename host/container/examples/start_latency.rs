@@ -42,6 +42,9 @@ fn spec(id: &str, layer: &Path, args: &[&str]) -> ContainerSpec {
         mounts: vec![],
         resources: Resources::default(),
         cgroup_parent: "flynn-perf".into(),
+        uid: 0,
+        gid: 0,
+        capabilities: None,
     }
 }
 

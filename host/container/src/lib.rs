@@ -28,5 +28,7 @@ mod wire;
 pub use error::ContainerError;
 pub use image::{ImageStore, Layer};
 pub use shim::{cgroup_dirs, shim_main, Layout, Shim, ShimConn, SpareShim, SHIM_ARG, SPARE_ARG};
-pub use spec::{valid_id, BindMount, ContainerSpec, Resources, CPU_PERIOD_US, DEFAULT_PATH};
+pub use spec::{
+    valid_capability, valid_id, BindMount, ContainerSpec, Resources, CPU_PERIOD_US, DEFAULT_PATH,
+};
 pub use wire::{ShimEvent, Stream, MAX_LINE};

@@ -35,6 +35,15 @@ pub struct ContainerSpec {
     pub resources: Resources,
     /// Cgroup parent, e.g. `flynn`: the job's cgroup is `<parent>/<id>` under every controller.
     pub cgroup_parent: String,
+    /// User and group the job runs as (root by default).
+    #[serde(default)]
+    pub uid: u32,
+    #[serde(default)]
+    pub gid: u32,
+    /// Capabilities instead of [`DEFAULT_CAPS`]; a job not running as root gets them in
+    /// its bounding set only.
+    #[serde(default)]
+    pub capabilities: Option<Vec<String>>,
 }
 
 /// A host path bind-mounted into the container.
@@ -155,6 +164,16 @@ impl ContainerSpec {
         if r.max_fds.is_some_and(|f| !(3..=1 << 30).contains(&f)) {
             return Err(ContainerError::invalid("max_fds must be 3..=2^30"));
         }
+        if let Some(bad) = self
+            .capabilities
+            .iter()
+            .flatten()
+            .find(|c| !valid_capability(c))
+        {
+            return Err(ContainerError::invalid(format!(
+                "unknown capability {bad:?}"
+            )));
+        }
         if !valid_cgroup_parent(&self.cgroup_parent) {
             return Err(ContainerError::invalid(format!(
                 "cgroup parent {:?} must be '/'-separated [A-Za-z0-9_.-] names",
@@ -185,15 +204,24 @@ impl ContainerSpec {
         if let Some(n) = self.resources.max_fds {
             rlimits.push(json!({"type": "RLIMIT_NOFILE", "hard": n, "soft": n}));
         }
-        let caps = json!(DEFAULT_CAPS);
+        let caps = match &self.capabilities {
+            Some(c) => json!(c),
+            None => json!(DEFAULT_CAPS),
+        };
+        // As under Docker: a user other than root keeps the set as a bound, not in effect.
+        let held = if self.uid == 0 {
+            caps.clone()
+        } else {
+            json!([])
+        };
         let mut process = json!({
             "terminal": false,
-            "user": {"uid": 0, "gid": 0},
+            "user": {"uid": self.uid, "gid": self.gid},
             "args": self.args,
             "env": self.effective_env(),
             "cwd": cwd,
             "capabilities": {
-                "bounding": caps, "effective": caps, "permitted": caps,
+                "bounding": caps, "effective": held, "permitted": held,
             },
             "noNewPrivileges": true,
         });
@@ -283,6 +311,56 @@ impl ContainerSpec {
 /// libcgroups (without its eBPF `cgroupsv2_devices` feature) installs no device filter, so a job
 /// that could mknod could open host block devices; the runtime creates the standard `/dev` nodes
 /// itself.
+/// Whether `name` is a Linux capability this kernel generation knows (`CAP_` and upper case).
+pub fn valid_capability(name: &str) -> bool {
+    ALL_CAPS.contains(&name)
+}
+
+/// Every capability up to `CAP_CHECKPOINT_RESTORE` (Linux 5.9).
+pub const ALL_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
 pub const DEFAULT_CAPS: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -316,6 +394,9 @@ mod tests {
             mounts: vec![],
             resources: Resources::default(),
             cgroup_parent: "flynn".into(),
+            uid: 0,
+            gid: 0,
+            capabilities: None,
         }
     }
 

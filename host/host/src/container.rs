@@ -204,6 +204,9 @@ fn container_spec(l: Launch, cgroup_parent: &str) -> ContainerSpec {
             max_fds: l.limits.max_fds,
         },
         cgroup_parent: cgroup_parent.to_string(),
+        uid: l.uid,
+        gid: l.gid,
+        capabilities: l.capabilities,
     }
 }
 
@@ -373,6 +376,7 @@ mod tests {
                 cwd: j.config.working_dir.clone(),
                 mounts: BindMount::of(&j.config),
                 limits: Limits::of(&j.resources),
+                capabilities: j.config.linux_capabilities.clone(),
                 ..Launch::default()
             };
             let runtime = super::container_spec(launch, "flynn").validate();

@@ -656,6 +656,9 @@ impl Host {
             netns,
             mounts,
             limits: Limits::of(&job.resources),
+            uid: job.config.uid.unwrap_or(0),
+            gid: job.config.gid.unwrap_or(0),
+            capabilities: job.config.linux_capabilities.clone(),
         };
         if self.stop_requested(&id) {
             self.teardown(&id, ip.is_some()).await;

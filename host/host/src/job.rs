@@ -129,6 +129,18 @@ fn validate(job: &Job, needs_image: bool) -> Result<(), ApiError> {
             ));
         }
     }
+    if let Some(bad) = job
+        .config
+        .linux_capabilities
+        .iter()
+        .flatten()
+        .find(|c| !flynn_container::valid_capability(c))
+    {
+        return Err(ApiError::validation(
+            Some("config.linux_capabilities"),
+            &format!("has an unknown capability {bad:?} (names are like CAP_NET_ADMIN)"),
+        ));
+    }
     crate::volumes::validate_bindings(job)?;
     for (i, p) in job.config.ports.iter().enumerate() {
         if let Some(s) = &p.service {
@@ -501,6 +513,10 @@ mod tests {
             ),
             (r#","stop_timeout":0"#, "config.stop_timeout"),
             (
+                r#","linux_capabilities":["NET_ADMIN"]"#,
+                "config.linux_capabilities",
+            ),
+            (
                 r#","volumes":[{"target":"/d","volume":"v"}]"#,
                 "config.volumes[0].volume",
             ),
@@ -604,6 +620,14 @@ mod tests {
         assert_eq!(j.resources.temp_disk.unwrap().limit, Some(1 << 30));
         let check = j.config.ports[0].service.as_ref().unwrap().check.as_ref();
         assert_eq!(check.unwrap().kind, "tcp");
+        let j = parse_job(
+            "j",
+            body(r#","uid":1000,"gid":50,"linux_capabilities":["CAP_NET_ADMIN"]"#).as_bytes(),
+            true,
+        )
+        .unwrap();
+        assert_eq!((j.config.uid, j.config.gid), (Some(1000), Some(50)));
+        assert_eq!(j.config.linux_capabilities.unwrap(), ["CAP_NET_ADMIN"]);
     }
 
     #[test]

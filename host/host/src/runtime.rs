@@ -77,6 +77,11 @@ pub struct Launch {
     pub netns: Option<PathBuf>,
     pub mounts: Vec<BindMount>,
     pub limits: Limits,
+    /// User and group to run as (root by default).
+    pub uid: u32,
+    pub gid: u32,
+    /// Capabilities instead of the runtime's default set.
+    pub capabilities: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,6 +190,11 @@ impl Runtime for ProcessRuntime {
             .process_group(0);
         if !launch.cwd.is_empty() {
             cmd.current_dir(&launch.cwd);
+        }
+        // No isolation here: the user is switched; capabilities are the container
+        // runtime's to confine.
+        if launch.uid != 0 || launch.gid != 0 {
+            cmd.uid(launch.uid).gid(launch.gid);
         }
         let mut child = cmd
             .spawn()

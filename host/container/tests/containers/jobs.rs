@@ -198,6 +198,41 @@ async fn env_cwd_hostname_and_fd_limit() {
     env.cleanup_and_check(&spec);
 }
 
+/// `uid`/`gid`: the job runs as that user with no supplementary groups, and holds no
+/// capability (the set stays its bound); named capabilities replace the default set.
+#[tokio::test]
+async fn user_group_and_capabilities() {
+    require_root!();
+    let env = Env::new("user");
+    let script = "id -u; id -g; id -G; grep -E '^Cap(Eff|Bnd)' /proc/self/status; \
+                  touch /etc/x 2>/dev/null && echo wrote || echo denied";
+    let mut spec = env.spec("user", &["sh", "-c", script]);
+    spec.uid = 1000;
+    spec.gid = 1001;
+    let mut conn = env.spawn(&spec).await;
+    let run = collect(&mut conn, T).await;
+    assert_eq!(run.exit_code(), Some(0), "{run:?}");
+    assert_eq!(run.stdout[..3], ["1000", "1001", "1001"], "{run:?}");
+    assert_eq!(run.stdout[3], "CapEff:\t0000000000000000", "{run:?}");
+    // The default set is still the bound.
+    assert_eq!(run.stdout[4], "CapBnd:\t00000000a00425fb", "{run:?}");
+    assert_eq!(run.stdout[5], "denied", "{run:?}");
+    env.cleanup_and_check(&spec);
+
+    // Root with only CAP_NET_ADMIN (bit 12): exactly that, effective and bounding.
+    let mut spec = env.spec("caps", &["sh", "-c", script]);
+    spec.capabilities = Some(vec!["CAP_NET_ADMIN".into()]);
+    let mut conn = env.spawn(&spec).await;
+    let run = collect(&mut conn, T).await;
+    assert_eq!(run.exit_code(), Some(0), "{run:?}");
+    assert_eq!(run.stdout[..2], ["0", "0"], "{run:?}");
+    assert_eq!(run.stdout[3], "CapEff:\t0000000000001000", "{run:?}");
+    assert_eq!(run.stdout[4], "CapBnd:\t0000000000001000", "{run:?}");
+    // Without CAP_DAC_OVERRIDE root still owns /etc, so this is allowed.
+    assert_eq!(run.stdout[5], "wrote", "{run:?}");
+    env.cleanup_and_check(&spec);
+}
+
 #[tokio::test]
 async fn seccomp_and_capabilities_confine_the_job() {
     require_root!();

@@ -84,6 +84,9 @@ impl Env {
             mounts: vec![],
             resources: Resources::default(),
             cgroup_parent: self.cgroup_parent(),
+            uid: 0,
+            gid: 0,
+            capabilities: None,
         }
     }
 

@@ -368,6 +368,35 @@ fn busybox_job_output_env_and_failures() {
         .await;
         assert_eq!(lines[0]["msg"], "1");
 
+        // `uid`, `gid` and `linux_capabilities` from the job's config reach the container.
+        let user = h.job_id("user");
+        let user_app = unique("app");
+        let mut job = bb_job(
+            &user,
+            "echo $(id -u):$(id -g) $(grep CapBnd /proc/self/status)",
+        );
+        job.config.uid = Some(1000);
+        job.config.gid = Some(1000);
+        job.config.linux_capabilities = Some(vec!["CAP_KILL".into()]);
+        job.config
+            .env
+            .insert("FLYNN_APP_ID".into(), user_app.clone());
+        c.add_job(&job).await.unwrap();
+        let j = wait_ended(c, &user, Duration::from_secs(30)).await;
+        assert_eq!(
+            (j.status, j.exit_status),
+            (JobStatus::Done, Some(0)),
+            "{j:?}"
+        );
+        let mut lines = Vec::new();
+        eventually(Duration::from_secs(10), "the user job's line", || {
+            lines = log_lines(&api, &user_app);
+            !lines.is_empty()
+        })
+        .await;
+        // CAP_KILL is bit 5.
+        assert_eq!(lines[0]["msg"], "1000:1000 CapBnd: 0000000000000020");
+
         // An image that does not exist fails the job (a layer this host does not have, at a
         // URL with nothing behind it; a layer the host has is used without its URL).
         let missing = h.job_id("noimage");
