@@ -55,6 +55,33 @@ impl Certs {
         Ok(api)
     }
 
+    /// Takes a certificate handed over by the process this one replaces, keeping its id
+    /// and creation time (clients hold on to ids). One already stored (same SHA-256)
+    /// stays as it is.
+    pub fn restore(&mut self, c: Certificate) -> Result<(), ApiError> {
+        let kp = parse_keypair(&c.cert, &c.key)
+            .map_err(|e| ApiError::validation(None, &format!("Certificate invalid: {e}")))?;
+        if c.id.is_empty() || self.by_id.values().any(|s| s.keypair.sha256 == kp.sha256) {
+            return Ok(());
+        }
+        let api = Certificate {
+            routes: Vec::new(),
+            cert: c.cert.trim().to_string(),
+            key: c.key.trim().to_string(),
+            ..c
+        };
+        self.seq += 1;
+        self.by_id.insert(
+            api.id.clone(),
+            Stored {
+                seq: self.seq,
+                api,
+                keypair: kp,
+            },
+        );
+        Ok(())
+    }
+
     pub fn get(&self, id: &str) -> Option<&Certificate> {
         self.by_id.get(id).map(|s| &s.api)
     }

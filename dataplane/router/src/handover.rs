@@ -50,6 +50,10 @@ pub struct State {
     pub tcp: Vec<u16>,
     pub routes: Vec<Route>,
     pub services: BTreeMap<String, Vec<BackendAddr>>,
+    /// Every stored certificate, oldest first, so ids survive the takeover (and so do
+    /// certificates no route uses yet). Absent from an older process: ids are then new.
+    #[serde(default)]
+    pub certificates: Vec<flynn_api::Certificate>,
 }
 
 /// The running side's view of its sockets.
@@ -98,13 +102,15 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
     if line.trim() != "takeover" {
         bail!("unexpected request {line:?}");
     }
-    let (routes, services) = {
+    let (routes, services, certificates) = {
         let s = old
             .api
             .store
             .lock()
             .map_err(|_| anyhow::anyhow!("store poisoned"))?;
-        (s.list(None), s.services().clone())
+        let mut certs = s.certs.list();
+        certs.reverse();
+        (s.list(None), s.services().clone(), certs)
     };
     let tcp = old.api.shared.dup_tcp_listeners()?;
     let state = State {
@@ -123,6 +129,7 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
         tcp: tcp.iter().map(|(port, _)| *port).collect(),
         routes,
         services,
+        certificates,
     };
     let mut fds: Vec<RawFd> = old.sockets.listeners.iter().map(|(fd, _, _)| *fd).collect();
     fds.extend(tcp.iter().map(|(_, fd)| fd.as_raw_fd()));

@@ -270,6 +270,12 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     let mut file_routes = reload::FileRoutes::default();
     match &handed {
         Some((state, _)) => {
+            for c in &state.certificates {
+                store
+                    .certs
+                    .restore(c.clone())
+                    .map_err(|e| anyhow::anyhow!("handed-over certificate {}: {e}", c.id))?;
+            }
             for (svc, list) in &state.services {
                 store
                     .set_backends(svc, list.clone())

@@ -228,3 +228,69 @@ fn bad_default_keypair_fails_start_without_printing_the_key() {
     assert!(!out.contains("PRIVATE KEY"), "{out}");
     assert!(!out.contains(&key_body(&other)), "{out}");
 }
+
+/// A zero-downtime upgrade keeps every certificate with its id and creation time: one
+/// that a route uses, and one that no route uses yet.
+#[test]
+fn certificates_keep_their_ids_across_a_takeover() {
+    let dir = std::env::temp_dir().join(format!(
+        "flynn-cert-handover-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::create_dir_all(&dir);
+    let sock = dir.join("upgrade.sock");
+    let mut old = https_builder()
+        .arg("--upgrade-socket")
+        .arg(sock.display().to_string())
+        .start();
+    let used = self_signed(&["used.example.com"]);
+    let spare = self_signed(&["spare.example.com"]);
+    let b1 = Backend::start("b1");
+    let route = old.add_route(cert_route("used.example.com", "web", &used));
+    old.set_backends("web", &[&b1]);
+    let (status, spare_cert) = post_cert(&old, &spare.json());
+    assert_eq!(status, 200, "{spare_cert}");
+    let (_, before) = old.api("GET", "/certificates", None);
+
+    let new = https_builder()
+        .arg("--takeover")
+        .arg(sock.display().to_string())
+        .start();
+    old.wait_exit(Duration::from_secs(15))
+        .expect("old router exits after the takeover");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let (status, after) = new.api("GET", "/certificates", None);
+    assert_eq!(status, 200);
+    let summary = |list: &serde_json::Value| -> Vec<(String, String, Vec<String>)> {
+        list.as_array()
+            .expect("array")
+            .iter()
+            .map(|c| {
+                (
+                    c["id"].as_str().unwrap().to_string(),
+                    c["created_at"].as_str().unwrap_or("").to_string(),
+                    c["routes"]
+                        .as_array()
+                        .map(|r| r.iter().map(|x| x.to_string()).collect())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(summary(&after), summary(&before), "{before}\n{after}");
+    assert_eq!(summary(&after).len(), 2);
+    let (status, got) = new.api(
+        "GET",
+        &format!("/certificates/{}", spare_cert["id"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(status, 200, "{got}");
+    // The route still presents its certificate.
+    let (st, r) = new.api("GET", &crate::support::router::route_path(&route), None);
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["certificate"]["id"], route["certificate"]["id"], "{r}");
+    let conn = tls_connect(&new, "used.example.com", &[&used]);
+    assert_eq!(conn.peer_cert(), used.der);
+}
