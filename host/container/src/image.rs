@@ -197,16 +197,18 @@ mod tests {
         path
     }
 
-    fn tmpdir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("flynn-images-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
-        d
+    /// A temp dir removed on drop, so a failing test leaves nothing behind.
+    fn tmpdir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("flynn-images-{name}-"))
+            .tempdir()
+            .unwrap()
     }
 
     #[test]
     fn import_is_content_addressed_and_idempotent() {
-        let d = tmpdir("idem");
+        let tmp = tmpdir("idem");
+        let d = tmp.path();
         let store = ImageStore::open(&d.join("store")).unwrap();
         let t = tarball(
             &d,
@@ -226,12 +228,12 @@ mod tests {
             .flatten()
             .collect();
         assert_eq!(names.len(), 1);
-        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
     fn checksum_mismatch_and_bad_tar_leave_nothing() {
-        let d = tmpdir("bad");
+        let tmp = tmpdir("bad");
+        let d = tmp.path();
         let store = ImageStore::open(&d.join("store")).unwrap();
         let t = tarball(&d, &[("a", b"1")]);
         let err = store.import_tar(&t, Some(&"ab".repeat(32))).unwrap_err();
@@ -262,12 +264,12 @@ mod tests {
             Err(ContainerError::InvalidSpec { .. })
         ));
         assert_eq!(fs::read_dir(d.join("store/layers")).unwrap().count(), 0);
-        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
     fn path_traversal_is_refused() {
-        let d = tmpdir("trav");
+        let tmp = tmpdir("trav");
+        let d = tmp.path();
         let store = ImageStore::open(&d.join("store")).unwrap();
         // Write a raw header naming ../escape (the builder refuses to create one).
         let path = d.join("evil.tar");
@@ -287,12 +289,12 @@ mod tests {
         let _ = store.import_tar(&path, None);
         assert!(!d.join("store/escape").exists());
         assert!(!d.join("store/layers/escape").exists());
-        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
     fn symlink_and_hardlink_escapes_are_refused() {
-        let d = tmpdir("links");
+        let tmp = tmpdir("links");
+        let d = tmp.path();
         let store = ImageStore::open(&d.join("store")).unwrap();
         let outside = d.join("outside");
         fs::create_dir_all(&outside).unwrap();
@@ -329,6 +331,5 @@ mod tests {
         assert_eq!(fs::read(outside.join("secret")).unwrap(), b"host file");
         // Nothing half-unpacked is left.
         assert_eq!(fs::read_dir(d.join("store/layers")).unwrap().count(), 0);
-        fs::remove_dir_all(&d).unwrap();
     }
 }

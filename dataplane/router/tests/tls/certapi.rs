@@ -233,12 +233,7 @@ fn bad_default_keypair_fails_start_without_printing_the_key() {
 /// that a route uses, and one that no route uses yet.
 #[test]
 fn certificates_keep_their_ids_across_a_takeover() {
-    let dir = std::env::temp_dir().join(format!(
-        "flynn-cert-handover-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let _ = std::fs::create_dir_all(&dir);
+    let dir = crate::support::TestDir::new("cert-handover");
     let sock = dir.join("upgrade.sock");
     let mut old = https_builder()
         .arg("--upgrade-socket")
@@ -259,7 +254,6 @@ fn certificates_keep_their_ids_across_a_takeover() {
         .start();
     old.wait_exit(Duration::from_secs(15))
         .expect("old router exits after the takeover");
-    let _ = std::fs::remove_dir_all(&dir);
 
     let (status, after) = new.api("GET", "/certificates", None);
     assert_eq!(status, 200);

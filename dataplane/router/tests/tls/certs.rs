@@ -248,8 +248,7 @@ fn deleting_a_route_removes_its_sni_name() {
 
 /// An RSA keypair made by the openssl CLI (rcgen here only makes ECDSA keys).
 fn rsa_pair(name: &str) -> crate::client::Pair {
-    let dir = std::env::temp_dir().join(format!("flynn-rsa-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::support::TestDir::new("rsa");
     let (key, cert) = (dir.join("k.pem"), dir.join("c.pem"));
     let st = std::process::Command::new("openssl")
         .args([
@@ -276,7 +275,6 @@ fn rsa_pair(name: &str) -> crate::client::Pair {
         .unwrap()
         .unwrap()
         .to_vec();
-    let _ = std::fs::remove_dir_all(&dir);
     crate::client::Pair {
         cert_pem,
         key_pem,

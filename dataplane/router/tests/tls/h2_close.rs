@@ -156,12 +156,7 @@ fn idle_http2_connection_gets_goaway_and_is_closed_but_not_while_a_stream_is_ope
 
 #[test]
 fn handover_sends_goaway_to_http2_clients_and_the_old_process_exits_without_the_drain_timeout() {
-    let dir = std::env::temp_dir().join(format!(
-        "flynn-h2-handover-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let _ = std::fs::create_dir_all(&dir);
+    let dir = crate::support::TestDir::new("h2-handover");
     let sock = dir.join("upgrade.sock");
     let b = Backend::start("b1");
     let mut old = Router::builder()
@@ -193,7 +188,6 @@ fn handover_sends_goaway_to_http2_clients_and_the_old_process_exits_without_the_
     let status = old.wait_exit(Duration::from_secs(15));
     let exited = taken.elapsed();
     let seen = client.join().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         status.is_some_and(|s| s.success()),
         "old router did not exit within 15 s (drain timeout 60 s): {seen:?}"

@@ -55,12 +55,7 @@ fn client(addr: std::net::SocketAddr, stop: Arc<AtomicBool>, failures: Arc<Atomi
 
 #[test]
 fn takeover_under_load_loses_nothing() {
-    let dir = std::env::temp_dir().join(format!(
-        "flynn-upgrade-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let _ = std::fs::create_dir_all(&dir);
+    let dir = crate::support::TestDir::new("upgrade");
     let sock = dir.join("upgrade.sock");
     let b = Backend::start("b1");
     let mut old = Router::builder()
@@ -113,13 +108,11 @@ fn takeover_under_load_loses_nothing() {
     let r = get(new.http_addr, "up.example.com", "/");
     assert_eq!(r.status, 200);
     assert!(b.accepted() > before || b.accepted() > 0);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn takeover_refused_without_a_running_router() {
-    let dir = std::env::temp_dir().join(format!("flynn-upgrade-none-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(&dir);
+    let dir = crate::support::TestDir::new("upgrade-none");
     let (status, out) = Router::builder()
         .arg("--takeover")
         .arg(dir.join("nobody.sock").display().to_string())
@@ -127,13 +120,11 @@ fn takeover_refused_without_a_running_router() {
     let status = status.expect("router exits");
     assert!(!status.success());
     assert!(out.contains("nobody.sock"), "{out}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn sighup_reload_under_load_loses_nothing() {
-    let dir = std::env::temp_dir().join(format!("flynn-reload-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(&dir);
+    let dir = crate::support::TestDir::new("reload");
     let file = dir.join("routes.json");
     let (b1, b2) = (Backend::start("b1"), Backend::start("b2"));
     let write = |svc_addr: std::net::SocketAddr, extra: bool| {
@@ -200,7 +191,6 @@ fn sighup_reload_under_load_loses_nothing() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(get(router.http_addr, "up.example.com", "/").backend(), "b2");
     assert!(router.log().contains("reload failed"), "{}", router.log());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// One TCP route client thread: connect, send, half-close, expect the backend's echo;
@@ -238,12 +228,7 @@ fn tcp_client(port: u16, stop: Arc<AtomicBool>, failures: Arc<AtomicUsize>) -> u
 #[test]
 fn takeover_passes_tcp_route_listeners_and_drains_open_streams() {
     use std::io::{Read, Write};
-    let dir = std::env::temp_dir().join(format!(
-        "flynn-upgrade-tcp-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let _ = std::fs::create_dir_all(&dir);
+    let dir = crate::support::TestDir::new("upgrade-tcp");
     let sock = dir.join("upgrade.sock");
     let b = TcpBackend::start("t1");
     let range = tcp_range(20);
@@ -316,7 +301,6 @@ fn takeover_passes_tcp_route_listeners_and_drains_open_streams() {
     let (st, routes) = new.api("GET", "/routes", None);
     assert_eq!(st, 200);
     assert_eq!(routes.as_array().map(|a| a.len()), Some(1));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// One `--upgrade-socket` path for every generation (as with FLYNN_UPGRADE_SOCKET set
@@ -325,8 +309,7 @@ fn takeover_passes_tcp_route_listeners_and_drains_open_streams() {
 /// is past the handoff's former 64 KiB cap.
 #[test]
 fn three_generations_share_one_upgrade_socket_path() {
-    let dir = std::env::temp_dir().join(format!("flynn-upgrade3-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(&dir);
+    let dir = crate::support::TestDir::new("upgrade3");
     let sock = dir.join("upgrade.sock").display().to_string();
     let b = Backend::start("b1");
     let mut gen = Router::builder()
@@ -365,7 +348,6 @@ fn three_generations_share_one_upgrade_socket_path() {
         std::mem::swap(&mut gen, &mut next);
         drop(next);
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// 130 TCP routes on two cores are 260 listening sockets, past what one `sendmsg` can
@@ -373,12 +355,7 @@ fn three_generations_share_one_upgrade_socket_path() {
 #[test]
 fn takeover_with_more_listeners_than_one_message_carries() {
     use std::io::{Read, Write};
-    let dir = std::env::temp_dir().join(format!(
-        "flynn-upgrade-many-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let _ = std::fs::create_dir_all(&dir);
+    let dir = crate::support::TestDir::new("upgrade-many");
     let sock = dir.join("upgrade.sock");
     let b = TcpBackend::start("t1");
     let range = tcp_range(140);
@@ -418,5 +395,4 @@ fn takeover_with_more_listeners_than_one_message_carries() {
     let (st, routes) = new.api("GET", "/routes", None);
     assert_eq!(st, 200);
     assert_eq!(routes.as_array().map(|a| a.len()), Some(130));
-    let _ = std::fs::remove_dir_all(&dir);
 }
