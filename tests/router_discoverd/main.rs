@@ -176,9 +176,12 @@ fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn router_follows_discoverd_instances_and_leaders() {
-    let dir = std::env::temp_dir().join(format!("flynn-e2e-disc-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    // Removed on drop, after the processes (declared later) are gone.
+    let tmp = tempfile::Builder::new()
+        .prefix("flynn-e2e-disc-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
     let (_disc, kv) = start(
         "flynn-discoverd",
         &[
@@ -277,5 +280,4 @@ fn router_follows_discoverd_instances_and_leaders() {
     eventually(Duration::from_secs(15), "web backends expire", || {
         http(&r, "GET", "web.example.com", "/", None).0 == 503
     });
-    let _ = std::fs::remove_dir_all(&dir);
 }

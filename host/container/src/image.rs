@@ -211,7 +211,7 @@ mod tests {
         let d = tmp.path();
         let store = ImageStore::open(&d.join("store")).unwrap();
         let t = tarball(
-            &d,
+            d,
             &[("bin/hello", b"#!/bin/sh\necho hi\n"), ("etc/x", b"x")],
         );
         let l = store.import_tar(&t, None).unwrap();
@@ -235,7 +235,7 @@ mod tests {
         let tmp = tmpdir("bad");
         let d = tmp.path();
         let store = ImageStore::open(&d.join("store")).unwrap();
-        let t = tarball(&d, &[("a", b"1")]);
+        let t = tarball(d, &[("a", b"1")]);
         let err = store.import_tar(&t, Some(&"ab".repeat(32))).unwrap_err();
         assert!(matches!(err, ContainerError::Checksum { .. }), "{err}");
         assert!(matches!(
@@ -260,7 +260,7 @@ mod tests {
             "{r:?}"
         );
         assert!(matches!(
-            store.import_tar(&d, None),
+            store.import_tar(d, None),
             Err(ContainerError::InvalidSpec { .. })
         ));
         assert_eq!(fs::read_dir(d.join("store/layers")).unwrap().count(), 0);
