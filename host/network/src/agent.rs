@@ -40,6 +40,9 @@ pub struct AgentConfig {
     /// `false` (`auto`) the agent logs a warning, turns the fast path off and runs the kernel
     /// path only.
     pub fast_path_required: bool,
+    /// Masquerade traffic from the cluster network to the outside world (see [`crate::masq`]);
+    /// `false` takes such rules out.
+    pub ip_masq: bool,
 }
 
 /// Why the agent stopped.
@@ -53,6 +56,8 @@ pub enum AgentError {
     Netlink(#[from] NetlinkError),
     #[error("eBPF fast path")]
     FastPath(#[from] flynn_ebpf::EbpfError),
+    #[error("host networking")]
+    Masq(#[from] crate::masq::MasqError),
     #[error("writing {path}")]
     State {
         path: PathBuf,
@@ -119,6 +124,17 @@ impl<S: LeaseStore> Agent<S> {
         }
         let mut nl = self.nl.clone();
         let devices = setup(&mut nl, &self.cfg.devices, &lease).await?;
+        crate::masq::enable_forwarding()?;
+        let network = self.cfg.lease.layout.network;
+        let masq = if self.cfg.ip_masq {
+            crate::masq::install(&network)
+        } else {
+            crate::masq::remove()
+        };
+        // Jobs still reach each other without it: a warning, not a failed start.
+        if let Err(e) = masq {
+            tracing::warn!(error = %e, ip_masq = self.cfg.ip_masq, "outbound NAT for jobs not set up");
+        }
         let segment = self.nl.segment(self.cfg.public_ip).await?;
         self.segment = Some(segment);
         if let Some(fp) = &mut self.fast {

@@ -26,6 +26,7 @@ mod fake;
 pub mod job;
 mod kernel;
 mod lease;
+pub mod masq;
 pub mod notify;
 mod reconcile;
 mod stats;

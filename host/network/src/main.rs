@@ -82,6 +82,10 @@ struct Config {
     /// Lease lifetime; renewed an hour (or a tenth of it, if shorter) before expiry.
     #[arg(long, env = "FLYNN_LEASE_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     lease_ttl: Duration,
+    /// Masquerade jobs' traffic to addresses outside the cluster network (so jobs reach the
+    /// internet); `false` removes the rules. Traffic between jobs is never translated.
+    #[arg(long, env = "FLYNN_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
+    ip_masq: bool,
 }
 
 impl Config {
@@ -288,6 +292,7 @@ async fn run(mut cfg: Config) -> Result<()> {
         resync: cfg.resync_interval,
         state_dir: Some(cfg.state_dir.clone()),
         fast_path_required: cfg.fast_path == FastPathMode::On,
+        ip_masq: cfg.ip_masq,
     };
     let mut agent = Agent::new(store, nl, agent_cfg, fast);
     *status.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(agent.stats());

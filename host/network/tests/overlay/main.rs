@@ -1299,3 +1299,79 @@ fn agent_tells_the_host_daemon_its_block() -> Result<()> {
     ensure!(v["resolvers"] == serde_json::json!(["10.240.0.53"]), "{v}");
     Ok(())
 }
+
+/// Connects from `from` (a namespace path) to `listener` and returns the source address the
+/// listener saw, or the connect error.
+fn source_seen(from: &Path, listener: TcpListener) -> Result<std::net::IpAddr> {
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(false)?;
+    // The connection is kept open until the listener has accepted it.
+    let _conn = in_ns_path(from, move || {
+        Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(2))?)
+    })?;
+    let (_s, peer) = listener.accept()?;
+    Ok(peer.ip())
+}
+
+fn listen_in(ns: &str, ip: &str) -> Result<TcpListener> {
+    let ip = ip.to_string();
+    flynn_netlab::in_ns(ns, move || Ok(TcpListener::bind((ip.as_str(), 0))?))
+}
+
+fn listen_in_job(job: &JobNet) -> Result<TcpListener> {
+    let ip = job.ip;
+    in_ns_path(&job.netns_path, move || Ok(TcpListener::bind((ip, 0))?))
+}
+
+/// Jobs reach addresses outside the cluster through outbound NAT (as the host's own address),
+/// keep their own addresses towards each other, and the agent turns IP forwarding on; with
+/// `--ip-masq false` the rules are gone and the outside cannot answer.
+#[test]
+fn jobs_reach_the_outside_through_nat_and_each_other_untranslated() -> Result<()> {
+    if !lab::should_run("jobs_reach_the_outside_through_nat_and_each_other_untranslated") {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    let h1 = c.add_host(1)?;
+    let h2 = c.add_host(2)?;
+    let ns1 = c.hosts[h1].ns.clone();
+    // Forwarding off, as on a fresh Debian host: the agent must turn it on.
+    flynn_netlab::sysctl(&ns1, "net.ipv4.ip_forward=0")?;
+    let mut a1 = c.agent(h1, &["--fast-path", "off"])?;
+    let fwd = flynn_netlab::exec(&ns1, &["cat", "/proc/sys/net/ipv4/ip_forward"])?;
+    ensure!(
+        String::from_utf8_lossy(&fwd.stdout).trim() == "1",
+        "forwarding left off"
+    );
+    let a2 = c.agent(h2, &["--fast-path", "off"])?;
+    let j1 = c.job(h1, a1.subnet, 10)?;
+    let j2 = c.job(h2, a2.subnet, 10)?;
+
+    // The underlay namespace stands for the outside world: it has no route to the cluster
+    // network, so only a translated connection can be answered.
+    let ul = c.lab.ns("ul");
+    let seen = source_seen(&j1.netns_path, listen_in(&ul, "10.240.0.254")?)
+        .with_context(|| format!("job to the outside:\n{}", a1.log_text()))?;
+    ensure!(
+        seen.to_string() == "10.240.0.1",
+        "outside saw {seen}, not the host's address"
+    );
+
+    // Job to job across the overlay: no translation.
+    let seen = source_seen(&j1.netns_path, listen_in_job(&j2)?).context("job to job")?;
+    ensure!(
+        seen == std::net::IpAddr::V4(j1.ip),
+        "job saw {seen}, not {}",
+        j1.ip
+    );
+
+    // Without outbound NAT the outside's answer has nowhere to go.
+    a1.stop()?;
+    let _a1 = c.agent(h1, &["--fast-path", "off", "--ip-masq", "false"])?;
+    let r = source_seen(&j1.netns_path, listen_in(&ul, "10.240.0.254")?);
+    ensure!(r.is_err(), "connected without NAT: {r:?}");
+    // The overlay itself still works.
+    let seen = source_seen(&j1.netns_path, listen_in_job(&j2)?).context("job to job, no NAT")?;
+    ensure!(seen == std::net::IpAddr::V4(j1.ip), "job saw {seen}");
+    Ok(())
+}
