@@ -143,9 +143,9 @@ pub struct ContainerConfig {
     /// groups.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gid: Option<u32>,
-    /// Capabilities (`CAP_*` names) instead of the default set. A job running as a user
-    /// other than root has them in its bounding set only (as under Docker), so it gains
-    /// them only through file capabilities.
+    /// Capabilities (`CAP_*` names) instead of the default set, held by the job whatever its
+    /// user. Without it, a job running as a user other than root holds none (the default set
+    /// is only its bound), as under Docker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub linux_capabilities: Option<Vec<String>>,
 }

@@ -38,20 +38,19 @@ where
     if let Ok(Ok(mut conn)) = monoio::time::timeout(limit, b.handshake::<_, Bytes>(io)).await {
         CoreMetrics::inc(&core.metrics().h2_connections_total);
         let streams = Rc::new(Streams::default());
-        // Set once GOAWAY went out (idle, or this process is draining after a handover):
-        // the streams in flight finish, then the connection closes.
-        let mut closing = false;
+        // When GOAWAY went out (idle, or this process is draining after a handover): the
+        // streams in flight finish, then the connection closes.
+        let mut closing: Option<Instant> = None;
         loop {
-            let wait = if closing {
-                // A client that never answers the GOAWAY's PING must not hold the
-                // connection once its streams are done.
-                core.settings().header_timeout
-            } else {
-                streams.idle_left(core.settings().idle_timeout)
+            let wait = match closing {
+                // A client that never answers the GOAWAY's PING must not hold the connection
+                // longer than the header timeout once GOAWAY is out and its streams are done.
+                Some(at) => streams.closing_left(at, core.settings().header_timeout),
+                None => streams.idle_left(core.settings().idle_timeout),
             };
             let next = monoio::select! {
                 r = conn.accept() => Some(r),
-                _ = core.stop.wait(), if !closing => None,
+                _ = core.stop.wait(), if closing.is_none() => None,
                 _ = monoio::time::sleep(wait) => None,
             };
             let (req, respond) = match next {
@@ -66,8 +65,13 @@ where
                     break;
                 }
                 Some(None) => break,
-                None if closing => {
-                    if streams.active.get() == 0 {
+                None if closing.is_some() => {
+                    let at = closing.unwrap_or_else(Instant::now);
+                    if streams.active.get() == 0
+                        && streams
+                            .closing_left(at, core.settings().header_timeout)
+                            .is_zero()
+                    {
                         break;
                     }
                     continue;
@@ -77,7 +81,7 @@ where
                         && streams.idle_left(core.settings().idle_timeout).is_zero();
                     if core.draining() || idle {
                         conn.graceful_shutdown();
-                        closing = true;
+                        closing = Some(Instant::now());
                     }
                     continue;
                 }
@@ -118,6 +122,16 @@ impl Streams {
             return limit;
         }
         limit.saturating_sub(self.quiet_since.get().elapsed())
+    }
+
+    /// How long a connection that sent GOAWAY at `at` may still wait for its client: `limit`
+    /// after the later of that and its last stream's end (the full `limit` while streams are
+    /// open).
+    fn closing_left(&self, at: Instant, limit: Duration) -> Duration {
+        if self.active.get() > 0 {
+            return limit;
+        }
+        limit.saturating_sub(at.max(self.quiet_since.get()).elapsed())
     }
 }
 

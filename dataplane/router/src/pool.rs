@@ -53,6 +53,10 @@ impl Pool {
         }
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.idle.borrow().is_empty()
+    }
+
     /// Closes idle connections that are too old to reuse, and every one to an address
     /// `keep` rejects (a backend that left every route); forgets empty entries. Runs from
     /// the core's sweep and on route changes, never per request. Returns how many closed.

@@ -142,8 +142,20 @@ impl Store {
     }
 
     /// Adds a route (`POST /routes`), returning it as stored.
-    pub fn add(&mut self, mut r: Route) -> Result<Route, ApiError> {
+    pub fn add(&mut self, r: Route) -> Result<Route, ApiError> {
+        self.insert(r, true)
+    }
+
+    /// Adds `r`; `probe`: a TCP route's port must be bindable now (see [`Ports::tcp_ip`]).
+    fn insert(&mut self, mut r: Route, probe: bool) -> Result<Route, ApiError> {
         self.validate_common(&r)?;
+        let unbindable = |p: u16| {
+            if probe {
+                self.ports.unbindable(p)
+            } else {
+                None
+            }
+        };
         let submitted = serde_json::to_value(&r).unwrap_or_default();
         match r.kind {
             RouteType::Http => {
@@ -175,14 +187,14 @@ impl Store {
                         .find(|&p| {
                             !self.ports.reserved_for_http(p)
                                 && !self.tcp_port_used(p, None)
-                                && self.ports.unbindable(p).is_none()
+                                && unbindable(p).is_none()
                         })
                         .ok_or_else(|| ApiError::conflict("No TCP ports available"))?;
                 } else if self.ports.reserved_for_http(r.port) {
                     return Err(ApiError::conflict("Port reserved for HTTP/HTTPS traffic"));
                 } else if self.tcp_port_used(r.port, None) {
                     return Err(ApiError::conflict("Duplicate route").with_detail(submitted));
-                } else if let Some(e) = self.ports.unbindable(r.port) {
+                } else if let Some(e) = unbindable(r.port) {
                     return Err(ApiError::conflict(format!(
                         "Port {} cannot be listened on: {e}",
                         r.port
@@ -344,7 +356,9 @@ impl Store {
     /// Re-adds a route handed over by another process, keeping its id and timestamps.
     pub fn restore(&mut self, r: Route) -> Result<(), ApiError> {
         let (created, updated) = (r.created_at.clone(), r.updated_at.clone());
-        let added = self.add(r)?;
+        // A handed-over route keeps its port even if the port cannot be bound here now (its
+        // listener comes from the old process, or a build before the check stored it).
+        let added = self.insert(r, false)?;
         if let Some(s) = self.routes.get_mut(&(added.kind, added.id.clone())) {
             s.route.created_at = created;
             s.route.updated_at = updated;

@@ -255,13 +255,16 @@ pub async fn run(
                 core.refresh();
                 tcp.reconcile(&core);
                 // Idle upstream connections to backends no route has any more are closed
-                // now, not kept until their address comes back.
-                let table = core.table();
-                let live: std::collections::HashSet<SocketAddr> = table
-                    .http_routes()
-                    .flat_map(|r| r.backends.iter().copied())
-                    .collect();
-                core.pool.prune(|a| live.contains(a));
+                // now, not kept until their address comes back. (One in use now is pooled
+                // again after its response and goes with the 55 s age limit.)
+                if !core.pool.is_empty() {
+                    let table = core.table();
+                    let live: std::collections::HashSet<SocketAddr> = table
+                        .http_routes()
+                        .flat_map(|r| r.backends.iter().copied())
+                        .collect();
+                    core.pool.prune(|a| live.contains(a));
+                }
                 slot.applied
                     .store(core.table().version(), Ordering::Release);
             }

@@ -129,6 +129,8 @@ fn recvmsg_fds(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io:
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
+        // Descriptors the kernel could not install (our open-file limit) are dropped.
+        let truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
@@ -140,6 +142,11 @@ fn recvmsg_fds(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io:
                 }
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+        if truncated {
+            return Err(io::Error::other(
+                "handoff: descriptors were dropped (open-file limit reached?)",
+            ));
         }
         Ok(n as usize)
     }
@@ -183,7 +190,7 @@ pub fn recv_with_fds(sock: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
             n += m;
         }
         let more = u32::from_le_bytes([first[4], first[5], first[6], first[7]]) as usize;
-        if more > MAX_TOTAL_FDS || n > 8 {
+        if more > MAX_TOTAL_FDS || n > 8 || fds.len() != MAX_FDS {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "handoff: bad descriptor continuation",

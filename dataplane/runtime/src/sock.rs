@@ -93,6 +93,19 @@ pub fn peek_into(fd: RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
     }
 }
 
+/// Whether the peer has shut down its sending side (`POLLRDHUP`), even with bytes still
+/// waiting to be read.
+pub fn peer_closed(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 /// Sets `SO_RCVLOWAT`: readiness (poll, epoll, io_uring poll) is reported only once at
 /// least `n` bytes are waiting, so a peeker can wait for more than it has already seen.
 pub fn set_rcvlowat(fd: RawFd, n: usize) -> std::io::Result<()> {

@@ -194,8 +194,7 @@ mod tests {
             check_reuseport_bind(taken).unwrap_err().kind(),
             io::ErrorKind::AddrInUse
         );
-        // A port our own listeners hold (SO_REUSEPORT) stays usable, and the check
-        // does not take a share of its connections.
+        // A port our own listeners hold (SO_REUSEPORT) stays usable.
         let ours = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
         check_reuseport_bind(ours.local_addr().unwrap()).unwrap();
     }

@@ -164,6 +164,12 @@ impl ContainerSpec {
         if r.max_fds.is_some_and(|f| !(3..=1 << 30).contains(&f)) {
             return Err(ContainerError::invalid("max_fds must be 3..=2^30"));
         }
+        if self.uid == u32::MAX || self.gid == u32::MAX {
+            // -1 to setresuid/setresgid: "leave as is", i.e. root.
+            return Err(ContainerError::invalid(
+                "uid and gid must be below 4294967295",
+            ));
+        }
         if let Some(bad) = self
             .capabilities
             .iter()
@@ -204,24 +210,26 @@ impl ContainerSpec {
         if let Some(n) = self.resources.max_fds {
             rlimits.push(json!({"type": "RLIMIT_NOFILE", "hard": n, "soft": n}));
         }
-        let caps = match &self.capabilities {
-            Some(c) => json!(c),
-            None => json!(DEFAULT_CAPS),
-        };
-        // As under Docker: a user other than root keeps the set as a bound, not in effect.
-        let held = if self.uid == 0 {
-            caps.clone()
-        } else {
-            json!([])
+        // Root holds its set. Another user holds the capabilities the job named (ambient, so
+        // they survive the exec; with `noNewPrivileges` file capabilities cannot add any) and,
+        // by default, none: as under Docker, the default set is then only the bound.
+        let (caps, held, ambient) = match (&self.capabilities, self.uid) {
+            (Some(c), 0) => (json!(c), json!(c), json!([])),
+            (Some(c), _) => (json!(c), json!(c), json!(c)),
+            (None, 0) => (json!(DEFAULT_CAPS), json!(DEFAULT_CAPS), json!([])),
+            (None, _) => (json!(DEFAULT_CAPS), json!([]), json!([])),
         };
         let mut process = json!({
             "terminal": false,
-            "user": {"uid": self.uid, "gid": self.gid},
+            // The group is also the only supplementary group: libcontainer leaves the shim's
+            // groups in place when the list is empty.
+            "user": {"uid": self.uid, "gid": self.gid, "additionalGids": [self.gid]},
             "args": self.args,
             "env": self.effective_env(),
             "cwd": cwd,
             "capabilities": {
                 "bounding": caps, "effective": held, "permitted": held,
+                "inheritable": ambient, "ambient": ambient,
             },
             "noNewPrivileges": true,
         });
@@ -307,10 +315,6 @@ impl ContainerSpec {
     }
 }
 
-/// Capabilities every job keeps: Docker's default set without `CAP_MKNOD`. On a cgroup v2 host
-/// libcgroups (without its eBPF `cgroupsv2_devices` feature) installs no device filter, so a job
-/// that could mknod could open host block devices; the runtime creates the standard `/dev` nodes
-/// itself.
 /// Whether `name` is a Linux capability this kernel generation knows (`CAP_` and upper case).
 pub fn valid_capability(name: &str) -> bool {
     ALL_CAPS.contains(&name)
@@ -361,6 +365,10 @@ pub const ALL_CAPS: &[&str] = &[
     "CAP_CHECKPOINT_RESTORE",
 ];
 
+/// Capabilities every job keeps: Docker's default set without `CAP_MKNOD`. On a cgroup v2 host
+/// libcgroups (without its eBPF `cgroupsv2_devices` feature) installs no device filter, so a job
+/// that could mknod could open host block devices; the runtime creates the standard `/dev` nodes
+/// itself.
 pub const DEFAULT_CAPS: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",

@@ -129,6 +129,17 @@ fn validate(job: &Job, needs_image: bool) -> Result<(), ApiError> {
             ));
         }
     }
+    for (field, id) in [
+        ("config.uid", job.config.uid),
+        ("config.gid", job.config.gid),
+    ] {
+        if id == Some(u32::MAX) {
+            return Err(ApiError::validation(
+                Some(field),
+                "must be below 4294967295 (-1 would leave the job as root)",
+            ));
+        }
+    }
     if let Some(bad) = job
         .config
         .linux_capabilities
@@ -516,6 +527,8 @@ mod tests {
                 r#","linux_capabilities":["NET_ADMIN"]"#,
                 "config.linux_capabilities",
             ),
+            (r#","uid":4294967295"#, "config.uid"),
+            (r#","gid":4294967295"#, "config.gid"),
             (
                 r#","volumes":[{"target":"/d","volume":"v"}]"#,
                 "config.volumes[0].volume",

@@ -115,7 +115,11 @@ async fn peek_prefix(core: &Core, c: &TcpStream) -> Result<(Option<SocketAddr>, 
                     pause = std::time::Duration::from_millis(1);
                     flynn_runtime::sock::set_rcvlowat(fd, n + 1).map_err(|_| ())?;
                 } else {
-                    // Woken without new bytes: back off rather than spin.
+                    // Woken without new bytes: the client closed (it will send no more), or
+                    // a spurious wake-up; back off rather than spin.
+                    if flynn_runtime::sock::peer_closed(fd) {
+                        return Err(());
+                    }
                     monoio::time::sleep(pause).await;
                     pause = (pause * 2).min(std::time::Duration::from_millis(100));
                 }

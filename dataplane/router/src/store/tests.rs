@@ -250,3 +250,27 @@ fn sticky_needs_a_cookie_key() {
         "sticky routes need the router to be started with COOKIE_KEY"
     );
 }
+
+/// With a TCP address set, a port another socket listens on is refused when added (409; the
+/// router's tests check that automatic allocation skips it), and kept when a handed-over
+/// route is restored (its listener comes from the old process).
+#[test]
+fn tcp_ports_are_checked_by_a_bind_except_on_restore() {
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let held = squatter.local_addr().unwrap().port();
+    let mut s = Store::new(
+        Ports {
+            default_http: vec![8080],
+            additional_http: vec![],
+            tcp_range: (held, held.saturating_add(1)),
+            tcp_ip: Some([127, 0, 0, 1].into()),
+        },
+        false,
+    );
+    let e = s.add(Route::tcp(held, "db")).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Conflict, "{e:?}");
+    assert!(e.message.contains("cannot be listened on"), "{}", e.message);
+    assert!(s.list(None).is_empty());
+    s.restore(Route::tcp(held, "db")).unwrap();
+    assert_eq!(s.list(None)[0].port, held);
+}

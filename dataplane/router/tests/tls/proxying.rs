@@ -298,11 +298,11 @@ fn stalled_prefix(driver: &str) {
     .expect("TLS after a stalled PROXY prefix");
     let seen = conn.get("a.example.com", "/stalled").seen();
     assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.9"));
-    // An idle router wakes a few times a second (timers); polling the stalled prefix
-    // every millisecond was ~1000.
+    // An idle router wakes a couple of times a second (its timers); polling the stalled
+    // prefix every millisecond was ~500-1000, and backing off to 100 ms alone ~15.
     let switches = switches.unwrap();
     assert!(
-        switches < 100,
+        switches < 8,
         "{switches} context switches in 1 s while waiting ({driver})"
     );
 }

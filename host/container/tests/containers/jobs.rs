@@ -231,6 +231,35 @@ async fn user_group_and_capabilities() {
     // Without CAP_DAC_OVERRIDE root still owns /etc, so this is allowed.
     assert_eq!(run.stdout[5], "wrote", "{run:?}");
     env.cleanup_and_check(&spec);
+
+    // A user with named capabilities holds them across the exec (ambient): CAP_NET_BIND_SERVICE
+    // (bit 10) lets uid 1000 listen on port 80.
+    let mut spec = env.spec(
+        "usercaps",
+        &[
+            "sh",
+            "-c",
+            "grep -E '^Cap(Eff|Amb)' /proc/self/status; \
+             nc -l -p 80 </dev/null 2>/dev/null & sleep 0.3; \
+             cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q ':0050 ' && echo bound || echo not-bound",
+        ],
+    );
+    spec.uid = 1000;
+    spec.gid = 1000;
+    spec.capabilities = Some(vec!["CAP_NET_BIND_SERVICE".into()]);
+    let mut conn = env.spawn(&spec).await;
+    let run = collect(&mut conn, T).await;
+    assert_eq!(run.exit_code(), Some(0), "{run:?}");
+    assert_eq!(
+        run.stdout,
+        [
+            "CapEff:\t0000000000000400",
+            "CapAmb:\t0000000000000400",
+            "bound"
+        ],
+        "{run:?}"
+    );
+    env.cleanup_and_check(&spec);
 }
 
 #[tokio::test]
