@@ -89,6 +89,8 @@ pub struct Agent<S> {
     /// Whether prefixes a previous agent left in the pinned map have been swept.
     swept: bool,
     stats: Arc<Stats>,
+    /// Whether the outbound NAT rules went in at start (only then are they kept in place).
+    masq_ok: bool,
 }
 
 impl<S: LeaseStore> Agent<S> {
@@ -106,6 +108,7 @@ impl<S: LeaseStore> Agent<S> {
             segment: None,
             prefixes: BTreeMap::new(),
             swept: false,
+            masq_ok: false,
             stats: Arc::new(Stats {
                 fast_path: fast_on.into(),
                 ..Stats::default()
@@ -132,9 +135,10 @@ impl<S: LeaseStore> Agent<S> {
             crate::masq::remove()
         };
         // Jobs still reach each other without it: a warning, not a failed start.
-        if let Err(e) = masq {
+        if let Err(e) = &masq {
             tracing::warn!(error = %e, ip_masq = self.cfg.ip_masq, "outbound NAT for jobs not set up");
         }
+        self.masq_ok = masq.is_ok();
         let segment = self.nl.segment(self.cfg.public_ip).await?;
         self.segment = Some(segment);
         if let Some(fp) = &mut self.fast {
@@ -368,6 +372,7 @@ impl<S: LeaseStore> Agent<S> {
                 }
                 _ = retry_watch, if watch.is_none() => {}
                 _ = tick.tick() => {
+                    self.keep_host_routing();
                     match self.leaser.store().leases().await {
                         Ok(s) => self.sync_logged(&s).await,
                         Err(e) => {
@@ -396,6 +401,30 @@ impl<S: LeaseStore> Agent<S> {
                     }
                 }
             }
+        }
+    }
+
+    /// Puts IP forwarding and the outbound NAT table back if something took them away since
+    /// the last check.
+    fn keep_host_routing(&mut self) {
+        if let Err(e) = crate::masq::enable_forwarding() {
+            tracing::warn!(error = %e, "IP forwarding is off and cannot be turned on");
+        }
+        if !(self.cfg.ip_masq && self.masq_ok) {
+            return;
+        }
+        match crate::masq::present() {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    table = crate::masq::TABLE,
+                    "outbound NAT rules were removed; putting them back"
+                );
+                if let Err(e) = crate::masq::install(&self.cfg.lease.layout.network) {
+                    tracing::warn!(error = %e, "cannot restore the outbound NAT rules");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot list nftables tables"),
         }
     }
 

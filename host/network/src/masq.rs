@@ -8,7 +8,8 @@
 //! `ip flynn-masq`, written over netlink in one transaction that replaces whatever the table held
 //! (so a restarted agent, or one on a different cluster network, never stacks rules), and stay
 //! when the agent exits: connections keep their NAT while the agent restarts, as the overlay's
-//! routes and pinned maps do. `--ip-masq false` takes the table out.
+//! routes and pinned maps do. `--ip-masq false` takes the table out. The agent checks on every
+//! periodic resync that the table is still there and puts it back if not.
 //!
 //! ```text
 //! table ip flynn-masq {
@@ -113,6 +114,15 @@ pub fn install(network: &Subnet) -> Result<(), MasqError> {
     install_batch(network)?
         .send()
         .map_err(|e| MasqError::Send(e.to_string()))
+}
+
+/// Whether the table is there (an operator's `nft flush ruleset`, or a firewall manager
+/// reloading, takes it out behind the agent's back).
+pub fn present() -> Result<bool, MasqError> {
+    let tables = rustables::list_tables().map_err(|e| MasqError::Send(e.to_string()))?;
+    Ok(tables
+        .iter()
+        .any(|t| t.get_name().is_some_and(|n| n == TABLE)))
 }
 
 /// Takes the rules out (nothing to do when there are none).

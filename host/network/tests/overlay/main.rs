@@ -1357,6 +1357,20 @@ fn jobs_reach_the_outside_through_nat_and_each_other_untranslated() -> Result<()
         "outside saw {seen}, not the host's address"
     );
 
+    // Rules flushed behind the agent's back come back with its next resync (1 s here).
+    flynn_netlab::in_ns(&ns1, || Ok(flynn_network::masq::remove()?))?;
+    eventually(10, "the agent putting the NAT table back", || {
+        Ok(a1
+            .log_text()
+            .contains("outbound NAT rules were removed; putting them back"))
+    })?;
+    ensure!(flynn_netlab::in_ns(&ns1, || Ok(
+        flynn_network::masq::present()?
+    ))?);
+    let seen = source_seen(&j1.netns_path, listen_in(&ul, "10.240.0.254")?)
+        .context("job to the outside after the rules came back")?;
+    ensure!(seen.to_string() == "10.240.0.1", "outside saw {seen}");
+
     // Job to job across the overlay: no translation.
     let seen = source_seen(&j1.netns_path, listen_in_job(&j2)?).context("job to job")?;
     ensure!(
