@@ -71,6 +71,13 @@ struct OverlayArgs {
     /// The fast path control tool (`cargo build --release -p flynn-ebpf --example fastpathctl`).
     #[arg(long, default_value = "target/release/examples/fastpathctl")]
     ctl_bin: PathBuf,
+    /// The outbound NAT tool (`cargo build --release -p flynn-network --example masqctl`), run
+    /// in both host namespaces so they carry the NAT table a deployed host has.
+    #[arg(long, default_value = "target/release/examples/masqctl")]
+    masq_bin: PathBuf,
+    /// Leave the outbound NAT table out (hosts without conntrack on routed traffic).
+    #[arg(long)]
+    no_masq: bool,
     /// Also write the markdown report here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -305,6 +312,7 @@ fn main() -> Result<()> {
                 ctl_bin: a.ctl_bin,
                 out: a.out,
                 command: command_line(),
+                masq_bin: (!a.no_masq).then_some(a.masq_bin),
             })?;
             println!("{text}");
             Ok(())

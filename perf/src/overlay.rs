@@ -38,6 +38,10 @@ pub struct Options {
     pub ctl_bin: PathBuf,
     pub out: Option<PathBuf>,
     pub command: String,
+    /// `masqctl` (`cargo build --release -p flynn-network --example masqctl`): when given, both
+    /// host namespaces get the outbound NAT table `flynn-network` installs by default (so their
+    /// routed traffic goes through conntrack, as on a deployed host).
+    pub masq_bin: Option<PathBuf>,
 }
 
 /// The namespaces and the BPF filesystem; removed on drop (namespaces first).
@@ -354,6 +358,20 @@ pub fn run_harness(opts: Options) -> Result<String> {
     );
     let started = run(&["date", "-u"])?.trim().to_string();
     let t = build()?;
+    let masq = match &opts.masq_bin {
+        Some(bin) => {
+            let bin = bin.to_str().context("masqctl path")?;
+            ensure!(
+                std::path::Path::new(bin).exists(),
+                "{bin} not found: cargo build --release -p flynn-network --example masqctl"
+            );
+            for h in [&t.h1, &t.h2] {
+                run(&["ip", "netns", "exec", h, bin, "install", "100.100.0.0/16"])?;
+            }
+            "outbound NAT table installed in both hosts (as `flynn-network --ip-masq true`, the default)"
+        }
+        None => "no outbound NAT table (`--no-masq`)",
+    };
     let tmp = TempDir::new("flynn-perf-overlay")?;
     let bpffs = t.lab.bpffs.path().to_path_buf();
     let fp1 = FastPath {
@@ -442,7 +460,7 @@ pub fn run_harness(opts: Options) -> Result<String> {
         opts.command
     ));
     md.push_str(&format!(
-        "- Host: {} CPUs, Linux {kernel}; {iperf_v}; {} round(s), iperf3 {} s per run, {} pings at 10 ms per RTT run, modes alternating per round\n\n",
+        "- Host: {} CPUs, Linux {kernel}; {iperf_v}; {} round(s), iperf3 {} s per run, {} pings at 10 ms per RTT run, modes alternating per round\n- Hosts: {masq}\n\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         opts.rounds,
         opts.duration_s,

@@ -130,7 +130,7 @@ impl<S: LeaseStore> Agent<S> {
         crate::masq::enable_forwarding()?;
         let network = self.cfg.lease.layout.network;
         let masq = if self.cfg.ip_masq {
-            crate::masq::install(&network)
+            crate::masq::install(&network, self.cfg.devices.port)
         } else {
             crate::masq::remove()
         };
@@ -420,7 +420,9 @@ impl<S: LeaseStore> Agent<S> {
                     table = crate::masq::TABLE,
                     "outbound NAT rules were removed; putting them back"
                 );
-                if let Err(e) = crate::masq::install(&self.cfg.lease.layout.network) {
+                if let Err(e) =
+                    crate::masq::install(&self.cfg.lease.layout.network, self.cfg.devices.port)
+                {
                     tracing::warn!(error = %e, "cannot restore the outbound NAT rules");
                 }
             }

@@ -11,8 +11,19 @@
 //! routes and pinned maps do. `--ip-masq false` takes the table out. The agent checks on every
 //! periodic resync that the table is still there and puts it back if not.
 //!
+//! A NAT chain registers netfilter hooks and turns connection tracking on for the namespace:
+//! the overlay's kernel path then pays ~20% on its cross-host round trip (the eBPF fast path
+//! passes no hook and does not move; `perf/RESULTS.md`). Packets that NAT never touches are kept
+//! out of conntrack: job to job (the inner packets) and the VXLAN packets themselves are marked
+//! `notrack` before conntrack sees them, so overlay flows never fill the conntrack table.
+//!
 //! ```text
 //! table ip flynn-masq {
+//!   chain prerouting { type filter hook prerouting priority raw;
+//!     ip saddr 100.100.0.0/16 ip daddr 100.100.0.0/16 notrack
+//!     udp dport 8472 notrack }
+//!   chain output { type filter hook output priority raw;
+//!     (the same two rules) }
 //!   chain postrouting {
 //!     type nat hook postrouting priority srcnat; policy accept;
 //!     ip saddr 100.100.0.0/16 ip daddr 100.100.0.0/16 accept
@@ -25,7 +36,7 @@ use std::net::Ipv4Addr;
 
 use rustables::expr::{
     Bitwise, Cmp, CmpOp, HighLevelPayload, IPv4HeaderField, Immediate, Masquerade,
-    NetworkHeaderField, VerdictKind,
+    NetworkHeaderField, RawExpression, VerdictKind,
 };
 use rustables::{Batch, Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily};
 use rustables::{Rule, Table};
@@ -37,6 +48,8 @@ pub const TABLE: &str = "flynn-masq";
 const CHAIN: &str = "postrouting";
 /// `srcnat`, the priority of source NAT in the postrouting hook.
 const SRCNAT: i32 = 100;
+/// `raw`: before connection tracking (-200).
+const RAW: i32 = -300;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MasqError {
@@ -75,22 +88,45 @@ fn in_net(
         .with_expr(Cmp::new(op, base.to_be_bytes())))
 }
 
-/// The transaction that makes the table exactly the rules for `network`: adding the table first
-/// makes the delete that follows valid whether or not it existed.
-fn install_batch(network: &Subnet) -> Result<Batch, MasqError> {
+/// The transaction that makes the table exactly the rules for `network` (VXLAN on UDP
+/// `vxlan_port`): adding the table first makes the delete that follows valid whether or not it
+/// existed.
+fn install_batch(network: &Subnet, vxlan_port: u16) -> Result<Batch, MasqError> {
     let net = (network.addr(), network.prefix_len());
     let table = table();
     let mut batch = Batch::new();
     batch.add(&table, MsgType::Add);
     batch.add(&table, MsgType::Del);
     batch.add(&table, MsgType::Add);
+    let build = |e: rustables::error::BuilderError| MasqError::Build(e.to_string());
+    // Untracked: job to job, and the tunnel's own packets (`notrack` has no attributes).
+    for (name, hook) in [
+        ("prerouting", HookClass::PreRouting),
+        ("output", HookClass::Out),
+    ] {
+        let chain = Chain::new(&table)
+            .with_name(name)
+            .with_hook(Hook::new(hook, RAW))
+            .with_type(ChainType::Filter)
+            .with_policy(ChainPolicy::Accept);
+        batch.add(&chain, MsgType::Add);
+        let notrack = || RawExpression::default().with_name("notrack");
+        let inner = Rule::new(&chain).map_err(build)?;
+        let inner = in_net(inner, IPv4HeaderField::Saddr, net, false)?;
+        let inner = in_net(inner, IPv4HeaderField::Daddr, net, false)?.with_expr(notrack());
+        batch.add(&inner, MsgType::Add);
+        let tunnel = Rule::new(&chain)
+            .map_err(build)?
+            .dport(vxlan_port, rustables::Protocol::UDP)
+            .with_expr(notrack());
+        batch.add(&tunnel, MsgType::Add);
+    }
     let chain = Chain::new(&table)
         .with_name(CHAIN)
         .with_hook(Hook::new(HookClass::PostRouting, SRCNAT))
         .with_type(ChainType::Nat)
         .with_policy(ChainPolicy::Accept);
     batch.add(&chain, MsgType::Add);
-    let build = |e: rustables::error::BuilderError| MasqError::Build(e.to_string());
     let inside = Rule::new(&chain).map_err(build)?;
     let inside = in_net(inside, IPv4HeaderField::Saddr, net, false)?;
     let inside = in_net(inside, IPv4HeaderField::Daddr, net, false)?
@@ -109,9 +145,10 @@ fn install_batch(network: &Subnet) -> Result<Batch, MasqError> {
     Ok(batch)
 }
 
-/// Masquerades traffic from `network` to the world outside it (replacing earlier rules).
-pub fn install(network: &Subnet) -> Result<(), MasqError> {
-    install_batch(network)?
+/// Masquerades traffic from `network` to the world outside it, and keeps job-to-job and VXLAN
+/// (UDP `vxlan_port`) packets out of connection tracking (replacing earlier rules).
+pub fn install(network: &Subnet, vxlan_port: u16) -> Result<(), MasqError> {
+    install_batch(network, vxlan_port)?
         .send()
         .map_err(|e| MasqError::Send(e.to_string()))
 }

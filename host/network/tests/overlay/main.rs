@@ -1378,6 +1378,20 @@ fn jobs_reach_the_outside_through_nat_and_each_other_untranslated() -> Result<()
         "job saw {seen}, not {}",
         j1.ip
     );
+    // Only the translated connections are tracked: job-to-job packets and the VXLAN packets
+    // carrying them skip conntrack.
+    let tracked = String::from_utf8_lossy(
+        &flynn_netlab::exec(&ns1, &["cat", "/proc/net/nf_conntrack"])?.stdout,
+    )
+    .into_owned();
+    ensure!(
+        tracked.contains("dst=10.240.0.254"),
+        "NATed connection not tracked:\n{tracked}"
+    );
+    ensure!(
+        !tracked.contains(&format!("dst={}", j2.ip)) && !tracked.contains("dport=8472"),
+        "overlay traffic tracked:\n{tracked}"
+    );
 
     // Without outbound NAT the outside's answer has nowhere to go.
     a1.stop()?;
