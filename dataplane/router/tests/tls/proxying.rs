@@ -118,10 +118,13 @@ fn upgrade_echoes_over_tls() {
     );
 }
 
-#[test]
-fn proxy_v1_prefix_before_the_client_hello_sets_x_forwarded_for() {
+/// A router from `b` with `--proxy-protocol` and a default keypair for `a.example.com`,
+/// routing `a.example.com` to an echo backend.
+fn pp_router(
+    b: crate::support::RouterBuilder,
+) -> (crate::support::Router, Backend, crate::client::Pair) {
     let default = self_signed(&["a.example.com"]);
-    let router = https_builder()
+    let router = b
         .arg("--proxy-protocol")
         .env("TLSCERT", default.cert_pem.clone())
         .env("TLSKEY", default.key_pem.clone())
@@ -129,6 +132,12 @@ fn proxy_v1_prefix_before_the_client_hello_sets_x_forwarded_for() {
     let b1 = Backend::start("b1");
     router.add_route(http_route("a.example.com", "web"));
     router.set_backends("web", &[&b1]);
+    (router, b1, default)
+}
+
+#[test]
+fn proxy_v1_prefix_before_the_client_hello_sets_x_forwarded_for() {
+    let (router, _b1, default) = pp_router(https_builder());
     let cfg = || client_config(&[&default], None);
 
     let prefix = format!(
@@ -266,17 +275,7 @@ fn a_stalled_proxy_prefix_is_waited_for_without_polling() {
 }
 
 fn stalled_prefix(driver: &str) {
-    let default = self_signed(&["a.example.com"]);
-    let router = https_builder()
-        .threads(1)
-        .io_driver(driver)
-        .arg("--proxy-protocol")
-        .env("TLSCERT", default.cert_pem.clone())
-        .env("TLSKEY", default.key_pem.clone())
-        .start();
-    let b1 = Backend::start("b1");
-    router.add_route(http_route("a.example.com", "web"));
-    router.set_backends("web", &[&b1]);
+    let (router, _b1, default) = pp_router(https_builder().threads(1).io_driver(driver));
     let prefix = format!(
         "PROXY TCP4 203.0.113.9 127.0.0.1 40000 {}\r\n",
         https(&router).port()

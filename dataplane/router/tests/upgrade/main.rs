@@ -195,21 +195,24 @@ fn sighup_reload_under_load_loses_nothing() {
 
 /// One TCP route client thread: connect, send, half-close, expect the backend's echo;
 /// counts refused/reset connections and wrong answers as failures.
-fn tcp_client(port: u16, stop: Arc<AtomicBool>, failures: Arc<AtomicUsize>) -> usize {
+/// Sends `ping` to the TCP route on `port`, half-closes, and returns the whole answer.
+fn tcp_ping(port: u16) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"ping")?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+fn tcp_client(port: u16, stop: Arc<AtomicBool>, failures: Arc<AtomicUsize>) -> usize {
     let mut ok = 0;
     let deadline = Instant::now() + Duration::from_secs(20);
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && ok < 5_000 {
-        let res = (|| -> std::io::Result<Vec<u8>> {
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(b"ping")?;
-            s.shutdown(std::net::Shutdown::Write)?;
-            let mut out = Vec::new();
-            s.read_to_end(&mut out)?;
-            Ok(out)
-        })();
+        let res = tcp_ping(port);
         match res {
             Ok(out) if out == b"t1 ping" => ok += 1,
             Ok(out) => {
@@ -290,13 +293,7 @@ fn takeover_passes_tcp_route_listeners_and_drains_open_streams() {
     assert!(ok > 50, "only {ok} TCP exchanges went through");
     // The new process (one core, two handed-over sockets) serves the port alone now.
     for _ in 0..20 {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"ping").unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).unwrap();
-        assert_eq!(out, b"t1 ping");
+        assert_eq!(tcp_ping(port).unwrap(), b"t1 ping");
     }
     let (st, routes) = new.api("GET", "/routes", None);
     assert_eq!(st, 200);
@@ -354,7 +351,6 @@ fn three_generations_share_one_upgrade_socket_path() {
 /// carry: they are handed over in continuation messages, and every port keeps working.
 #[test]
 fn takeover_with_more_listeners_than_one_message_carries() {
-    use std::io::{Read, Write};
     let dir = crate::support::TestDir::new("upgrade-many");
     let sock = dir.join("upgrade.sock");
     let b = TcpBackend::start("t1");
@@ -384,13 +380,7 @@ fn takeover_with_more_listeners_than_one_message_carries() {
         .expect("old router exits after the takeover");
     assert!(status.success(), "old router: {status}");
     for port in [ports[0], ports[64], ports[129]] {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"ping").unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).unwrap();
-        assert_eq!(out, b"t1 ping", "port {port}");
+        assert_eq!(tcp_ping(port).unwrap(), b"t1 ping", "port {port}");
     }
     let (st, routes) = new.api("GET", "/routes", None);
     assert_eq!(st, 200);
