@@ -138,7 +138,7 @@ impl Owed {
             .entries
             .last()
             .map(|e| e.log_id())
-            .or(req.prev_log_id.clone());
+            .or(req.prev_log_id);
         let owed = !req.entries.is_empty() || self.last.as_ref() != Some(&req.prev_log_id);
         self.last = Some(end);
         owed
