@@ -1,7 +1,7 @@
 //! Hot path: per-core idle upstream connections, keyed by backend address.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -15,6 +15,10 @@ const MAX_IDLE: Duration = Duration::from_secs(55);
 /// Connections idle for less than this are reused without a liveness peek.
 const RECENT: Duration = Duration::from_millis(500);
 
+/// Connections are pooled only for the backends the routing table has: there is an entry
+/// (possibly empty) for each of them and [`Pool::put`] never makes one, so a connection
+/// that was in use while its backend left every route is closed when it comes back
+/// instead of waiting out [`MAX_IDLE`], and pooling never allocates a map entry.
 pub struct Pool {
     idle: RefCell<HashMap<SocketAddr, Vec<(TcpStream, Instant)>>>,
     max_per_backend: usize,
@@ -45,33 +49,46 @@ impl Pool {
         None
     }
 
+    /// Keeps `s` for reuse, or closes it (drops it) when `addr` is not a backend of the
+    /// table (see [`Pool::set_backends`]) or its list is full.
     pub fn put(&self, addr: SocketAddr, s: TcpStream) {
         let mut idle = self.idle.borrow_mut();
-        let list = idle.entry(addr).or_default();
-        if list.len() < self.max_per_backend {
-            list.push((s, Instant::now()));
+        if let Some(list) = idle.get_mut(&addr) {
+            if list.len() < self.max_per_backend {
+                list.push((s, Instant::now()));
+            }
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.idle.borrow().is_empty()
+    /// Makes `backends` (the routing table's, on every table change) the addresses
+    /// connections are pooled for: idle connections to any other address are closed now,
+    /// and ones in use now are closed when they come back. Returns how many closed.
+    pub fn set_backends(&self, backends: impl IntoIterator<Item = SocketAddr>) -> usize {
+        let live: HashSet<SocketAddr> = backends.into_iter().collect();
+        let mut idle = self.idle.borrow_mut();
+        let mut closed = 0;
+        idle.retain(|addr, list| {
+            let keep = live.contains(addr);
+            if !keep {
+                closed += list.len();
+            }
+            keep
+        });
+        for addr in live {
+            idle.entry(addr).or_default();
+        }
+        closed
     }
 
-    /// Closes idle connections that are too old to reuse, and every one to an address
-    /// `keep` rejects (a backend that left every route); forgets empty entries. Runs from
-    /// the core's sweep and on route changes, never per request. Returns how many closed.
-    pub fn prune(&self, keep: impl Fn(&SocketAddr) -> bool) -> usize {
+    /// Closes idle connections too old to reuse. Runs from the core's sweep, never per
+    /// request. Returns how many closed.
+    pub fn prune(&self) -> usize {
         let mut closed = 0;
-        self.idle.borrow_mut().retain(|addr, list| {
+        for list in self.idle.borrow_mut().values_mut() {
             let before = list.len();
-            if keep(addr) {
-                list.retain(|(_, since)| since.elapsed() < MAX_IDLE);
-            } else {
-                list.clear();
-            }
+            list.retain(|(_, since)| since.elapsed() < MAX_IDLE);
             closed += before - list.len();
-            !list.is_empty()
-        });
+        }
         closed
     }
 }

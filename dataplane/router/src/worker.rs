@@ -246,6 +246,7 @@ pub async fn run(
     monoio::spawn(unpark(core.clone()));
     let mut tcp = crate::tcp::Listeners::default();
     tcp.reconcile(&core);
+    set_pool_backends(&core);
     slot.applied
         .store(core.table().version(), Ordering::Release);
     let Some(inbox) = inbox else { return };
@@ -254,17 +255,10 @@ pub async fn run(
             CoreMsg::Table => {
                 core.refresh();
                 tcp.reconcile(&core);
-                // Idle upstream connections to backends no route has any more are closed
-                // now, not kept until their address comes back. (One in use now is pooled
-                // again after its response and goes with the 55 s age limit.)
-                if !core.pool.is_empty() {
-                    let table = core.table();
-                    let live: std::collections::HashSet<SocketAddr> = table
-                        .http_routes()
-                        .flat_map(|r| r.backends.iter().copied())
-                        .collect();
-                    core.pool.prune(|a| live.contains(a));
-                }
+                // Connections to backends no route has any more are closed now (idle
+                // ones) or when their response is done (ones in use), not kept until
+                // their address comes back.
+                set_pool_backends(&core);
                 slot.applied
                     .store(core.table().version(), Ordering::Release);
             }
@@ -276,6 +270,14 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Tells the upstream pool which backends the table has (HTTP routes' backends: TCP
+/// routes do not pool).
+fn set_pool_backends(core: &Core) {
+    let table = core.table();
+    core.pool
+        .set_backends(table.http_routes().flat_map(|r| r.backends.iter().copied()));
 }
 
 /// Newly parked connections (since the last trim) that make the sweep trim the heap.
@@ -296,7 +298,7 @@ async fn sweep_idle(core: Rc<Core>) {
         if tick % 5 == 0 {
             // Upstream connections too old to reuse are closed (not kept open until a
             // request happens to look at them).
-            core.pool.prune(|_| true);
+            core.pool.prune();
         }
         if let Some(p) = &core.parked {
             let n = p.expire(core.idle.now(), limit);

@@ -134,11 +134,7 @@ pub struct Owed {
 impl Owed {
     /// Whether `req` is owed a result when the follower accepts it.
     pub fn next(&mut self, req: &AppendEntriesRequest<C>) -> bool {
-        let end = req
-            .entries
-            .last()
-            .map(|e| e.log_id())
-            .or(req.prev_log_id);
+        let end = req.entries.last().map(|e| e.log_id()).or(req.prev_log_id);
         let owed = !req.entries.is_empty() || self.last.as_ref() != Some(&req.prev_log_id);
         self.last = Some(end);
         owed

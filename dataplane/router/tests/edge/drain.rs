@@ -292,6 +292,13 @@ fn removed_backend_drains_after_its_in_flight_request_completes() {
         drained.at >= released_at,
         "drained reported before the response was released"
     );
+    // The connection that carried it is closed, not pooled for a backend no route has.
+    assert!(
+        crate::support::wait_until(Duration::from_secs(2), || slow.closed() == slow.accepted()),
+        "the removed backend's connection stayed open after its response: {} accepted, {} closed",
+        slow.accepted(),
+        slow.closed()
+    );
     events.expect_none(Duration::from_millis(200), "nothing else");
 }
 
