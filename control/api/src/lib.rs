@@ -4,6 +4,7 @@
 //! table (spec §0.1). It performs no I/O and depends on no other `flynn-*` crate, so
 //! both the data plane (router, log aggregator) and the control plane may use it.
 
+pub mod attach;
 pub mod discoverd;
 mod error;
 pub mod host;

@@ -8,6 +8,8 @@ use tokio::sync::mpsc;
 
 use crate::json_http::JsonHttp;
 
+pub use flynn_api::attach::{self, AttachRequest, Frame};
+
 pub use flynn_api::host::{
     ActiveJob, CheckPort, ContainerConfig, Event, EventKind, HostStatus, Job, JobStatus, Mount,
     MountSpec, NetworkConfig, Port, ResourceCheck, Resources, Service, Spec, Volume, VolumeBinding,
@@ -22,6 +24,9 @@ pub enum Error {
     Http(#[source] reqwest::Error),
     #[error("host answered {status}")]
     Status { status: u16 },
+    /// The attach connection failed or carried something that is not a frame.
+    #[error("attach: {0}")]
+    Attach(String),
 }
 
 impl Error {
@@ -192,6 +197,31 @@ impl Client {
 
     /// Job events (SSE) for one job (`Some(id)`) or all jobs. The stream ends when the
     /// connection does; the receiver then yields `None`.
+    /// `POST /attach` (spec §5.5): the job's output, signals to it and its exit status over
+    /// an upgraded connection. A refused attach is the API error.
+    pub async fn attach(&self, req: &AttachRequest) -> Result<Attached, Error> {
+        let body = serde_json::to_vec(req).map_err(|e| Error::Attach(e.to_string()))?;
+        let resp = self
+            .http
+            .request(reqwest::Method::POST, "/attach")
+            .header("content-type", "application/json")
+            .header("connection", "upgrade")
+            .header("upgrade", attach::PROTOCOL)
+            .body(body)
+            .send()
+            .await
+            .map_err(Error::Http)?;
+        if resp.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+            crate::json_http::check(resp).await?;
+            return Err(Error::Attach("the host did not switch protocols".into()));
+        }
+        let io = resp.upgrade().await.map_err(Error::Http)?;
+        Ok(Attached {
+            io,
+            buf: Vec::new(),
+        })
+    }
+
     pub async fn events(&self, job: Option<&str>) -> Result<mpsc::Receiver<Event>, Error> {
         let path = match job {
             Some(id) => format!("/host/jobs/{id}"),
@@ -208,6 +238,57 @@ impl Client {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(read_events(resp, tx));
         Ok(rx)
+    }
+}
+
+/// An attached job (see [`Client::attach`]).
+pub struct Attached {
+    io: reqwest::Upgraded,
+    buf: Vec<u8>,
+}
+
+impl Attached {
+    /// The next frame from the host; `None` once the host closed the connection.
+    pub async fn next(&mut self) -> Result<Option<Frame>, Error> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            match Frame::decode(&self.buf) {
+                Ok(Some((f, n))) => {
+                    self.buf.drain(..n);
+                    return Ok(Some(f));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Error::Attach(e.to_string())),
+            }
+            let mut chunk = [0u8; 8192];
+            let n = self
+                .io
+                .read(&mut chunk)
+                .await
+                .map_err(|e| Error::Attach(e.to_string()))?;
+            if n == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(Error::Attach("connection closed inside a frame".into()));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Sends a frame to the host (a signal, a resize).
+    pub async fn send(&mut self, f: &Frame) -> Result<(), Error> {
+        use tokio::io::AsyncWriteExt;
+        let mut out = Vec::new();
+        f.encode(&mut out);
+        self.io
+            .write_all(&out)
+            .await
+            .map_err(|e| Error::Attach(e.to_string()))?;
+        self.io
+            .flush()
+            .await
+            .map_err(|e| Error::Attach(e.to_string()))
     }
 }
 

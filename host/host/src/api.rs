@@ -60,6 +60,46 @@ pub(crate) fn body(b: std::result::Result<Bytes, BytesRejection>) -> Result<Byte
     })
 }
 
+/// `POST /attach` with `Upgrade: flynn-attach/0` (spec §5.5): errors before the upgrade are
+/// the JSON envelope; after `101` the connection is `crate::attach::serve`'s.
+async fn attach(State(host): State<Arc<Host>>, req: axum::extract::Request) -> Result<Response> {
+    use flynn_api::attach::{AttachRequest, PROTOCOL};
+    let wants = req
+        .headers()
+        .get(axum::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(PROTOCOL));
+    if !wants {
+        return Err(ApiError::validation(None, "attach: Upgrade: flynn-attach/0 required").into());
+    }
+    let (parts, b) = req.into_parts();
+    let b = axum::body::to_bytes(b, 64 << 10).await.map_err(|_| {
+        ApiError::new(
+            flynn_api::ErrorCode::RequestBodyTooBig,
+            "attach request body over 64 KiB",
+        )
+    })?;
+    let ar: AttachRequest = serde_json::from_slice(&b).map_err(|_| ApiError::syntax())?;
+    let sub = host.attach(&ar)?;
+    let mut req = axum::extract::Request::from_parts(parts, axum::body::Body::empty());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let flags = ar.flags;
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(up) => {
+                crate::attach::serve(host, sub, flags, hyper_util::rt::TokioIo::new(up)).await
+            }
+            Err(e) => tracing::debug!(error = %e, "attach upgrade failed"),
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(axum::http::header::CONNECTION, "upgrade")
+        .header(axum::http::header::UPGRADE, PROTOCOL)
+        .body(axum::body::Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
 pub fn router(host: Arc<Host>) -> Router {
     Router::new()
         .route("/host/jobs", get(list_jobs))
@@ -77,6 +117,7 @@ pub fn router(host: Arc<Host>) -> Router {
         .route("/host/resource-check", post(resource_check))
         .route("/host/network", post(configure_network))
         .route("/host/discoverd", post(set_discoverd))
+        .route("/attach", post(attach))
         .merge(crate::volume_api::router())
         .route("/.well-known/status", get(health))
         .route("/metrics", get(metrics))

@@ -116,6 +116,8 @@ pub struct Host {
     stops: tokio::sync::watch::Sender<u64>,
     /// This host's own registration in discoverd (service `flynn-host`).
     self_registration: tokio::sync::Mutex<Option<Heartbeater>>,
+    /// Clients attached to jobs (`POST /attach`).
+    attach: Arc<crate::attach::Attachments>,
 }
 
 /// discoverd's address and a client for it.
@@ -169,7 +171,22 @@ impl Host {
             shutting_down: AtomicBool::new(false),
             stops: tokio::sync::watch::Sender::new(0),
             self_registration: tokio::sync::Mutex::new(None),
+            attach: Arc::default(),
         })
+    }
+
+    /// Attaches a client to a job (`POST /attach`); the connection is then served by
+    /// [`crate::attach::serve`].
+    pub fn attach(
+        &self,
+        req: &flynn_api::attach::AttachRequest,
+    ) -> Result<crate::attach::Subscription, ApiError> {
+        crate::attach::check_flags(req.flags)?;
+        let job = self
+            .get(&req.job_id)
+            .ok_or_else(|| ApiError::object_not_found("host: unknown job"))?;
+        self.attach
+            .subscribe(&req.job_id, job.job.config.disable_log)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -333,6 +350,11 @@ impl Host {
             job_id: job.job.id.clone(),
             job: job.clone(),
         });
+        // However the job ended (exited, failed to start, stopped before it started), its
+        // attached clients learn it here, after the table has it.
+        if job.status.is_terminal() {
+            self.attach.ended(&job.job.id);
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<ActiveJob> {
@@ -780,6 +802,7 @@ impl Host {
                             None => false,
                         }
                     };
+                    self.attach.started(&id);
                     if !r.adopted {
                         started = true;
                         self.prepare_next();
@@ -798,6 +821,7 @@ impl Host {
                     if log {
                         self.logs.push(&src, stream, &line);
                     }
+                    self.attach.output(&id, stream, &line);
                 }
                 ProcEvent::Dropped { count } => self.logs.count_dropped(count),
                 ProcEvent::Exited {

@@ -10,6 +10,7 @@
 //! controller through flynn-client's `host` module.
 
 pub mod api;
+pub mod attach;
 pub mod config;
 pub mod container;
 pub mod host;

@@ -1010,3 +1010,53 @@ fn memory_limit_kills_with_137_and_the_job_reports_it() {
         );
     });
 }
+
+#[test]
+fn attach_to_a_container_job() {
+    use flynn_client::host::attach::{STDERR, STDOUT, STREAM};
+    use flynn_client::host::{AttachRequest, Frame};
+    require_root!();
+    busybox();
+    in_netns(|_| async {
+        let ch = CHost::start(&[]);
+        let h = &ch.host;
+        let id = h.job_id("attached");
+        h.client
+            .add_job(&bb_job(&id, "sleep 0.5; echo hi; echo oops >&2; exit 5"))
+            .await
+            .unwrap();
+        let mut a = h
+            .client
+            .attach(&AttachRequest {
+                job_id: id.clone(),
+                flags: STDOUT | STDERR | STREAM,
+                ..AttachRequest::default()
+            })
+            .await
+            .unwrap();
+        let mut frames = Vec::new();
+        while let Some(f) = tokio::time::timeout(Duration::from_secs(30), a.next())
+            .await
+            .expect("a frame within 30 s")
+            .unwrap()
+        {
+            frames.push(f);
+        }
+        // `Waiting` first when the attach beat the container's start.
+        if frames.first() == Some(&Frame::Waiting) {
+            frames.remove(0);
+        }
+        let data = |stream: u8, s: &str| Frame::Data {
+            stream,
+            data: s.as_bytes().to_vec(),
+        };
+        // Output order between the two streams is the shim's; each stream's own is kept.
+        assert_eq!(frames.first(), Some(&Frame::Success), "{frames:?}");
+        assert_eq!(frames.last(), Some(&Frame::Exit(5)), "{frames:?}");
+        let mut middle = frames[1..frames.len() - 1].to_vec();
+        middle.sort_by_key(|f| format!("{f:?}"));
+        let mut want = vec![data(1, "hi\n"), data(2, "oops\n"), data(1, ""), data(2, "")];
+        want.sort_by_key(|f| format!("{f:?}"));
+        assert_eq!(middle, want, "{frames:?}");
+    });
+}

@@ -5,6 +5,7 @@
 //! a network namespace it creates. `process` tests use the plain-process runtime (no root needed): API validation, the
 //! job lifecycle, environment, log shipping, discoverd registration, persistence.
 
+mod attach;
 mod containers;
 mod process;
 mod support;

@@ -1,0 +1,366 @@
+//! Attaching to a job (spec §5.5, protocol in [`flynn_api::attach`]): its output as it is
+//! written, signals to it, and its exit status at the end.
+//!
+//! The job's supervisor hands every output line to [`Attachments`] besides the log shipper;
+//! each attached client has a bounded queue, and a client that falls that far behind is
+//! detached with an error frame rather than holding the job's output in memory. Output is
+//! line-based, as the shim reads it: each line is sent with its `\n`.
+//!
+//! Not supported (refused with a 400 before the upgrade, so the client gets an error, not a
+//! silent gap): `stdin` (jobs are not created with one: `config.stdin` is refused) and `logs`
+//! (the host does not keep output; history is the log aggregator's). `init_log` is accepted
+//! and has nothing to send; a resize frame is ignored (no TTY jobs).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use flynn_api::attach::{self, Frame};
+use flynn_api::host::{ActiveJob, JobStatus};
+use flynn_api::ApiError;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::host::Host;
+use crate::logship::Stream;
+
+/// Output lines queued per attached client before it counts as too slow.
+const QUEUE: usize = 4096;
+
+/// What the supervisor tells an attached client.
+#[derive(Debug)]
+pub enum Msg {
+    Started,
+    Output(Stream, Vec<u8>),
+    /// The job's end is recorded in the table.
+    Ended,
+}
+
+type Subscribers = HashMap<String, Vec<(u64, mpsc::Sender<Msg>)>>;
+
+/// The attached clients of every job.
+#[derive(Default)]
+pub struct Attachments {
+    subs: Mutex<Subscribers>,
+    /// Clients attached to any job: output skips the lock when there are none.
+    count: AtomicUsize,
+    next: AtomicU64,
+}
+
+impl Attachments {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Subscribers> {
+        self.subs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attaches a client to job `id`; `exclusive` refuses a second client (jobs with
+    /// `disable_log`, whose output goes nowhere else).
+    pub fn subscribe(
+        self: &Arc<Self>,
+        id: &str,
+        exclusive: bool,
+    ) -> Result<Subscription, ApiError> {
+        let mut subs = self.lock();
+        let list = subs.entry(id.to_string()).or_default();
+        if exclusive && !list.is_empty() {
+            return Err(ApiError::conflict("host: job is attached"));
+        }
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(QUEUE);
+        list.push((token, tx));
+        self.count.fetch_add(1, Ordering::Relaxed);
+        Ok(Subscription {
+            attachments: self.clone(),
+            id: id.to_string(),
+            token,
+            rx,
+        })
+    }
+
+    fn unsubscribe(&self, id: &str, token: u64) {
+        let mut subs = self.lock();
+        if let Some(list) = subs.get_mut(id) {
+            let before = list.len();
+            list.retain(|(t, _)| *t != token);
+            self.count.fetch_sub(before - list.len(), Ordering::Relaxed);
+            if list.is_empty() {
+                subs.remove(id);
+            }
+        }
+    }
+
+    fn send(&self, id: &str, msg: impl Fn() -> Msg) {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut subs = self.lock();
+        let Some(list) = subs.get_mut(id) else {
+            return;
+        };
+        let before = list.len();
+        // A full queue detaches that client: its task sees the channel closed.
+        list.retain(|(_, tx)| tx.try_send(msg()).is_ok());
+        self.count.fetch_sub(before - list.len(), Ordering::Relaxed);
+        if list.is_empty() {
+            subs.remove(id);
+        }
+    }
+
+    pub fn started(&self, id: &str) {
+        self.send(id, || Msg::Started);
+    }
+
+    pub fn output(&self, id: &str, stream: Stream, line: &[u8]) {
+        self.send(id, || Msg::Output(stream, line.to_vec()));
+    }
+
+    /// Called once the job's end is in the table; detaches every client of the job.
+    pub fn ended(&self, id: &str) {
+        let list = self.lock().remove(id).unwrap_or_default();
+        self.count.fetch_sub(list.len(), Ordering::Relaxed);
+        for (_, tx) in list {
+            let _ = tx.try_send(Msg::Ended);
+        }
+    }
+}
+
+/// One attached client; detaches when dropped.
+pub struct Subscription {
+    attachments: Arc<Attachments>,
+    id: String,
+    token: u64,
+    rx: mpsc::Receiver<Msg>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.attachments.unsubscribe(&self.id, self.token);
+    }
+}
+
+/// Checks `flags` for what this host can do.
+pub fn check_flags(flags: u32) -> Result<(), ApiError> {
+    if flags & !attach::ALL_FLAGS != 0 {
+        return Err(ApiError::validation(
+            Some("flags"),
+            &format!("has unknown bits {:#x}", flags & !attach::ALL_FLAGS),
+        ));
+    }
+    if flags & attach::STDIN != 0 {
+        return Err(ApiError::validation(
+            Some("flags"),
+            "stdin: the job was not created with stdin",
+        ));
+    }
+    if flags & attach::LOGS != 0 {
+        return Err(ApiError::validation(
+            Some("flags"),
+            "logs: this host does not keep job output; read it from the log aggregator",
+        ));
+    }
+    if flags & attach::STREAM == 0 {
+        return Err(ApiError::validation(
+            Some("flags"),
+            "must include stream (16): without logs there is nothing else to send",
+        ));
+    }
+    Ok(())
+}
+
+/// The exit status sent at the end: the exit code, or 128 + the signal that ended it.
+fn exit_status(j: &ActiveJob) -> u32 {
+    match (j.exit_status, j.signal) {
+        (Some(code), _) => code as u32,
+        (None, Some(sig)) => 128 + sig as u32,
+        (None, None) => 0,
+    }
+}
+
+/// Serves one attached client over `io` until the job ends, the client leaves, or it falls
+/// behind.
+pub async fn serve<IO>(host: Arc<Host>, mut sub: Subscription, flags: u32, io: IO)
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let id = sub.id.clone();
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let mut out = Vec::new();
+    let wants = |s: Stream| match s {
+        Stream::Stdout => flags & attach::STDOUT != 0,
+        Stream::Stderr => flags & attach::STDERR != 0,
+    };
+    // Subscribed before this read: whatever happens after it arrives as a message.
+    let Some(job) = host.get(&id) else {
+        return;
+    };
+    let mut announced = job.status != JobStatus::Starting;
+    let first = if announced {
+        Frame::Success
+    } else {
+        Frame::Waiting
+    };
+    if write(&mut wr, &mut out, &first).await.is_err() {
+        return;
+    }
+    let mut ended = job.status.is_terminal();
+    let mut inbuf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !ended {
+        tokio::select! {
+            msg = sub.rx.recv() => {
+                let frame = match msg {
+                    Some(Msg::Ended) => {
+                        ended = true;
+                        continue;
+                    }
+                    None => {
+                        let e = "host: attach client too slow, output dropped".to_string();
+                        let _ = write(&mut wr, &mut out, &Frame::Error(e)).await;
+                        return;
+                    }
+                    Some(Msg::Started) => None,
+                    Some(Msg::Output(stream, mut line)) => wants(stream).then(|| {
+                        line.push(b'\n');
+                        Frame::Data { stream: stream_id(stream), data: line }
+                    }),
+                };
+                if !announced {
+                    announced = true;
+                    if write(&mut wr, &mut out, &Frame::Success).await.is_err() {
+                        return;
+                    }
+                }
+                if let Some(f) = frame {
+                    if write(&mut wr, &mut out, &f).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            n = rd.read(&mut chunk) => {
+                // EOF or an error: the client left.
+                let Ok(n @ 1..) = n else { return };
+                inbuf.extend_from_slice(&chunk[..n]);
+                loop {
+                    match Frame::decode(&inbuf) {
+                        Ok(None) => break,
+                        Ok(Some((frame, used))) => {
+                            inbuf.drain(..used);
+                            match frame {
+                                Frame::Signal(sig) => {
+                                    if let Err(e) = host.signal(&id, sig as i32) {
+                                        tracing::debug!(job = %id, sig, error = %e.message, "attach: signal not sent");
+                                    }
+                                }
+                                // No TTY jobs: nothing to resize.
+                                Frame::Resize { .. } => {}
+                                // stdin was refused at attach; anything else is not a
+                                // client's frame.
+                                _ => return,
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            }
+        }
+    }
+    let Some(job) = host.get(&id) else {
+        return;
+    };
+    if job.status == JobStatus::Failed {
+        let reason = job.error.unwrap_or_else(|| "job failed".into());
+        let _ = write(&mut wr, &mut out, &Frame::Error(reason)).await;
+        return;
+    }
+    if !announced && write(&mut wr, &mut out, &Frame::Success).await.is_err() {
+        return;
+    }
+    for s in [Stream::Stdout, Stream::Stderr] {
+        if wants(s) {
+            let eof = Frame::Data {
+                stream: stream_id(s),
+                data: Vec::new(),
+            };
+            if write(&mut wr, &mut out, &eof).await.is_err() {
+                return;
+            }
+        }
+    }
+    let _ = write(&mut wr, &mut out, &Frame::Exit(exit_status(&job))).await;
+    let _ = wr.shutdown().await;
+}
+
+fn stream_id(s: Stream) -> u8 {
+    match s {
+        Stream::Stdout => attach::STREAM_STDOUT,
+        Stream::Stderr => attach::STREAM_STDERR,
+    }
+}
+
+async fn write<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &mut Vec<u8>,
+    f: &Frame,
+) -> std::io::Result<()> {
+    buf.clear();
+    f.encode(buf);
+    w.write_all(buf).await?;
+    w.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_this_host_cannot_serve_are_refused_by_name() {
+        use attach::*;
+        assert!(check_flags(STDOUT | STDERR | STREAM).is_ok());
+        assert!(check_flags(STDOUT | STREAM | INIT_LOG).is_ok());
+        for (flags, says) in [
+            (STDOUT | STDIN | STREAM, "stdin"),
+            (STDOUT | LOGS | STREAM, "logs"),
+            (STDOUT, "must include stream"),
+            (STDOUT | STREAM | 64, "unknown bits 0x40"),
+        ] {
+            let e = check_flags(flags).unwrap_err();
+            assert_eq!(e.status(), 400, "{flags}");
+            assert!(e.message.contains(says), "{flags}: {}", e.message);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_falls_behind_is_detached_and_others_are_not() {
+        let a = Arc::new(Attachments::default());
+        let mut slow = a.subscribe("j", false).unwrap();
+        let mut fast = a.subscribe("j", false).unwrap();
+        assert!(
+            a.subscribe("j", true).is_err(),
+            "exclusive refuses a second"
+        );
+        for i in 0..QUEUE {
+            a.output("j", Stream::Stdout, format!("{i}").as_bytes());
+            // The fast client keeps up.
+            assert!(matches!(fast.rx.recv().await, Some(Msg::Output(..))));
+        }
+        assert_eq!(a.count.load(Ordering::Relaxed), 2);
+        a.output("j", Stream::Stdout, b"one too many");
+        assert_eq!(a.count.load(Ordering::Relaxed), 1, "the slow one is gone");
+        let mut n = 0;
+        while let Some(m) = slow.rx.recv().await {
+            assert!(matches!(m, Msg::Output(..)));
+            n += 1;
+        }
+        assert_eq!(
+            n, QUEUE,
+            "it keeps what was queued, then sees the channel closed"
+        );
+        assert!(matches!(fast.rx.recv().await, Some(Msg::Output(..))));
+        a.ended("j");
+        assert!(matches!(fast.rx.recv().await, Some(Msg::Ended)));
+        assert_eq!(a.count.load(Ordering::Relaxed), 0);
+        drop(fast);
+        drop(slow);
+        assert_eq!(a.count.load(Ordering::Relaxed), 0);
+        assert!(a.lock().is_empty());
+    }
+}

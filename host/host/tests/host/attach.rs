@@ -1,0 +1,236 @@
+//! `POST /attach` (spec §5.5) against the daemon with `--runtime process`.
+
+use std::time::Duration;
+
+use flynn_client::host::attach::{STDERR, STDOUT, STREAM};
+use flynn_client::host::{AttachRequest, Attached, Frame};
+
+use crate::support::*;
+
+const PROC: &[&str] = &["--runtime", "process"];
+
+fn req(id: &str, flags: u32) -> AttachRequest {
+    AttachRequest {
+        job_id: id.to_string(),
+        flags,
+        ..AttachRequest::default()
+    }
+}
+
+/// What an attached client saw, frame by frame, until the host closed the connection.
+#[derive(Debug, Default)]
+struct Seen {
+    /// `Waiting` / `Success` / `Error` frames, in order.
+    status: Vec<Frame>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    /// Streams whose EOF frame arrived.
+    eof: Vec<u8>,
+    exit: Option<u32>,
+}
+
+impl Seen {
+    /// Takes one frame into account; false once the connection ended.
+    fn take(&mut self, f: Option<Frame>) -> bool {
+        let Some(f) = f else { return false };
+        assert!(self.exit.is_none(), "{f:?} after the exit frame");
+        match f {
+            Frame::Data { stream, data } if data.is_empty() => self.eof.push(stream),
+            Frame::Data { stream, data } => {
+                assert!(!self.eof.contains(&stream), "data after EOF on {stream}");
+                match stream {
+                    1 => self.stdout.extend_from_slice(&data),
+                    2 => self.stderr.extend_from_slice(&data),
+                    s => panic!("stream {s}"),
+                }
+            }
+            Frame::Exit(s) => self.exit = Some(s),
+            other => self.status.push(other),
+        }
+        true
+    }
+
+    /// The opening is `Success`, or `Waiting` then `Success`.
+    fn attached(&self) -> bool {
+        matches!(
+            &self.status[..],
+            [Frame::Success] | [Frame::Waiting, Frame::Success]
+        )
+    }
+}
+
+async fn next(a: &mut Attached) -> Option<Frame> {
+    tokio::time::timeout(Duration::from_secs(10), a.next())
+        .await
+        .expect("a frame within 10 s")
+        .expect("a well-formed frame")
+}
+
+async fn read_all(a: &mut Attached) -> Seen {
+    let mut seen = Seen::default();
+    while seen.take(next(a).await) {}
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_streams_output_and_the_exit_status() {
+    let h = Host::start(PROC);
+    let c = &h.client;
+
+    // The job waits before writing, so the attach (right after the PUT) sees all of it.
+    let id = h.job_id("att");
+    c.add_job(&sh_job(
+        &id,
+        "sleep 0.5; echo out1; echo err1 >&2; printf 'no newline'; exit 3",
+    ))
+    .await
+    .unwrap();
+    let mut a = c.attach(&req(&id, STDOUT | STDERR | STREAM)).await.unwrap();
+    let seen = read_all(&mut a).await;
+    assert!(seen.attached(), "{seen:?}");
+    assert_eq!(String::from_utf8_lossy(&seen.stdout), "out1\nno newline\n");
+    assert_eq!(String::from_utf8_lossy(&seen.stderr), "err1\n");
+    assert_eq!(seen.eof, [1, 2]);
+    assert_eq!(seen.exit, Some(3));
+
+    // Attaching to a job that already ended: attached, no output, the exit status.
+    let mut a = c.attach(&req(&id, STDOUT | STREAM)).await.unwrap();
+    let seen = read_all(&mut a).await;
+    assert_eq!(seen.status, [Frame::Success]);
+    assert!(seen.stdout.is_empty() && seen.stderr.is_empty(), "{seen:?}");
+    assert_eq!((seen.eof, seen.exit), (vec![1], Some(3)));
+
+    // Only the streams asked for.
+    let id = h.job_id("erronly");
+    c.add_job(&sh_job(&id, "sleep 0.5; echo out; echo err >&2"))
+        .await
+        .unwrap();
+    let mut a = c.attach(&req(&id, STDERR | STREAM)).await.unwrap();
+    let seen = read_all(&mut a).await;
+    assert!(seen.attached(), "{seen:?}");
+    assert!(seen.stdout.is_empty(), "{seen:?}");
+    assert_eq!(String::from_utf8_lossy(&seen.stderr), "err\n");
+    assert_eq!((seen.eof, seen.exit), (vec![2], Some(0)));
+
+    // A job that cannot start: the reason as an error frame.
+    let id = h.job_id("noexec");
+    let mut job = sh_job(&id, "");
+    job.config.args = vec!["/nonexistent/binary".into()];
+    c.add_job(&job).await.unwrap();
+    let mut a = c.attach(&req(&id, STDOUT | STREAM)).await.unwrap();
+    let seen = read_all(&mut a).await;
+    match seen.status.last() {
+        Some(Frame::Error(msg)) => assert!(msg.contains("/nonexistent/binary"), "{msg}"),
+        other => panic!("{other:?} in {seen:?}"),
+    }
+    assert_eq!(seen.exit, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_forwards_signals_and_reports_a_stop() {
+    let h = Host::start(PROC);
+    let c = &h.client;
+
+    let id = h.job_id("trap");
+    c.add_job(&sh_job(
+        &id,
+        "trap 'echo got; exit 7' USR1; sleep 0.5; echo ready; while true; do sleep 0.05; done",
+    ))
+    .await
+    .unwrap();
+    let mut a = c.attach(&req(&id, STDOUT | STREAM)).await.unwrap();
+    let mut seen = Seen::default();
+    while !seen.stdout.ends_with(b"ready\n") {
+        assert!(seen.take(next(&mut a).await), "ended early: {seen:?}");
+    }
+    // A resize is ignored (no TTY); the signal reaches the job's trap.
+    a.send(&Frame::Resize {
+        height: 20,
+        width: 10,
+    })
+    .await
+    .unwrap();
+    a.send(&Frame::Signal(10)).await.unwrap();
+    while seen.take(next(&mut a).await) {}
+    assert!(seen.attached(), "{seen:?}");
+    assert_eq!(String::from_utf8_lossy(&seen.stdout), "ready\ngot\n");
+    assert_eq!(seen.exit, Some(7));
+
+    // Stopped through the API while attached: 128 + SIGTERM.
+    let id = h.job_id("stopped");
+    c.add_job(&sh_job(&id, "exec sleep 30")).await.unwrap();
+    wait_running(c, &id).await;
+    let mut a = c.attach(&req(&id, STDOUT | STREAM)).await.unwrap();
+    assert_eq!(next(&mut a).await, Some(Frame::Success));
+    c.stop_job(&id).await.unwrap();
+    let seen = read_all(&mut a).await;
+    assert_eq!(seen.exit, Some(128 + 15), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_refusals_are_json_errors() {
+    let h = Host::start(PROC);
+    let c = &h.client;
+
+    let e = c
+        .attach(&req(&h.job_id("nope"), STDOUT | STREAM))
+        .await
+        .err()
+        .expect("unknown job refused");
+    let e = e.api().expect("the JSON envelope");
+    assert_eq!((e.status(), e.message.as_str()), (404, "host: unknown job"));
+
+    // A job whose output goes nowhere else takes one client at a time.
+    let id = h.job_id("quiet");
+    let mut job = sh_job(&id, "exec sleep 30");
+    job.config.disable_log = true;
+    c.add_job(&job).await.unwrap();
+    wait_running(c, &id).await;
+    let mut first = c.attach(&req(&id, STDOUT | STREAM)).await.unwrap();
+    assert_eq!(next(&mut first).await, Some(Frame::Success));
+    let e = c.attach(&req(&id, STDOUT | STREAM)).await.err().unwrap();
+    let e = e.api().expect("the JSON envelope");
+    assert_eq!(
+        (e.status(), e.message.as_str()),
+        (409, "host: job is attached")
+    );
+    // Once the first leaves (the host notices its connection close), another may attach.
+    drop(first);
+    let mut second = None;
+    for _ in 0..50 {
+        match c.attach(&req(&id, STDOUT | STREAM)).await {
+            Ok(a) => {
+                second = Some(a);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let mut second = second.expect("a second client after the first left");
+    assert_eq!(next(&mut second).await, Some(Frame::Success));
+
+    // Flags this host cannot serve.
+    for (flags, says) in [
+        (STDOUT | STREAM | 4, "stdin"),
+        (STDOUT | STREAM | 8, "logs"),
+        (STDOUT, "stream"),
+    ] {
+        let e = c.attach(&req(&id, flags)).await.err().unwrap();
+        let e = e.api().expect("the JSON envelope");
+        assert_eq!(e.status(), 400, "{flags}");
+        assert!(e.message.contains(says), "{flags}: {}", e.message);
+    }
+
+    // Without the upgrade.
+    let a = h.addr.as_str();
+    let (st, body) = http(
+        a,
+        "POST",
+        "/attach",
+        "application/json",
+        r#"{"job_id":"x"}"#,
+    );
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("flynn-attach/0"), "{body}");
+    c.stop_job(&id).await.unwrap();
+}
