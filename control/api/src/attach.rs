@@ -54,7 +54,7 @@ pub enum Frame {
     Success,
     /// `1`: the job has not started yet; `Success` follows when it does.
     Waiting,
-    /// `2`, `u32` length, message.
+    /// `2`, `u32` length, message (decoded lossily when it is not UTF-8).
     Error(String),
     /// `3`, stream id, `u32` length, bytes.
     Data { stream: u8, data: Vec<u8> },
