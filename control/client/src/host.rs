@@ -195,8 +195,6 @@ impl Client {
         .map(drop)
     }
 
-    /// Job events (SSE) for one job (`Some(id)`) or all jobs. The stream ends when the
-    /// connection does; the receiver then yields `None`.
     /// `POST /attach` (spec §5.5): the job's output, signals to it and its exit status over
     /// an upgraded connection. A refused attach is the API error.
     pub async fn attach(&self, req: &AttachRequest) -> Result<Attached, Error> {
@@ -219,9 +217,12 @@ impl Client {
         Ok(Attached {
             io,
             buf: Vec::new(),
+            ended: false,
         })
     }
 
+    /// Job events (SSE) for one job (`Some(id)`) or all jobs. The stream ends when the
+    /// connection does; the receiver then yields `None`.
     pub async fn events(&self, job: Option<&str>) -> Result<mpsc::Receiver<Event>, Error> {
         let path = match job {
             Some(id) => format!("/host/jobs/{id}"),
@@ -245,16 +246,23 @@ impl Client {
 pub struct Attached {
     io: reqwest::Upgraded,
     buf: Vec<u8>,
+    /// An exit status or an error frame came: the host may close after it.
+    ended: bool,
 }
 
 impl Attached {
-    /// The next frame from the host; `None` once the host closed the connection.
+    /// The next frame from the host; `None` once the host closed the connection after
+    /// the exit status or an error frame. A connection that ends before either (the
+    /// daemon went away) is an error.
     pub async fn next(&mut self) -> Result<Option<Frame>, Error> {
         use tokio::io::AsyncReadExt;
         loop {
             match Frame::decode(&self.buf) {
                 Ok(Some((f, n))) => {
                     self.buf.drain(..n);
+                    if matches!(f, Frame::Exit(_) | Frame::Error(_)) {
+                        self.ended = true;
+                    }
                     return Ok(Some(f));
                 }
                 Ok(None) => {}
@@ -267,10 +275,15 @@ impl Attached {
                 .await
                 .map_err(|e| Error::Attach(e.to_string()))?;
             if n == 0 {
-                if self.buf.is_empty() {
-                    return Ok(None);
+                if !self.buf.is_empty() {
+                    return Err(Error::Attach("connection closed inside a frame".into()));
                 }
-                return Err(Error::Attach("connection closed inside a frame".into()));
+                if !self.ended {
+                    return Err(Error::Attach(
+                        "connection closed before the exit status".into(),
+                    ));
+                }
+                return Ok(None);
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }

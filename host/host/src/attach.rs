@@ -26,14 +26,17 @@ use crate::logship::Stream;
 
 /// Output lines queued per attached client before it counts as too slow.
 const QUEUE: usize = 4096;
+/// A client that takes longer than this to take one frame is dropped.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the supervisor tells an attached client.
 #[derive(Debug)]
 pub enum Msg {
     Started,
+    /// One line with its `\n`.
     Output(Stream, Vec<u8>),
-    /// The job's end is recorded in the table.
-    Ended,
+    /// The job ended (as recorded in the table).
+    Ended(Box<ActiveJob>),
 }
 
 type Subscribers = HashMap<String, Vec<(u64, mpsc::Sender<Msg>)>>;
@@ -65,7 +68,8 @@ impl Attachments {
             return Err(ApiError::conflict("host: job is attached"));
         }
         let token = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(QUEUE);
+        // One slot more than the output may take, so the end always fits.
+        let (tx, rx) = mpsc::channel(QUEUE + 1);
         list.push((token, tx));
         self.count.fetch_add(1, Ordering::Relaxed);
         Ok(Subscription {
@@ -97,8 +101,9 @@ impl Attachments {
             return;
         };
         let before = list.len();
-        // A full queue detaches that client: its task sees the channel closed.
-        list.retain(|(_, tx)| tx.try_send(msg()).is_ok());
+        // A client whose queue holds `QUEUE` messages is detached (its task sees the
+        // channel closed); the last slot is kept for `Ended`.
+        list.retain(|(_, tx)| tx.capacity() > 1 && tx.try_send(msg()).is_ok());
         self.count.fetch_sub(before - list.len(), Ordering::Relaxed);
         if list.is_empty() {
             subs.remove(id);
@@ -110,15 +115,21 @@ impl Attachments {
     }
 
     pub fn output(&self, id: &str, stream: Stream, line: &[u8]) {
-        self.send(id, || Msg::Output(stream, line.to_vec()));
+        self.send(id, || {
+            let mut l = Vec::with_capacity(line.len() + 1);
+            l.extend_from_slice(line);
+            l.push(b'\n');
+            Msg::Output(stream, l)
+        });
     }
 
-    /// Called once the job's end is in the table; detaches every client of the job.
-    pub fn ended(&self, id: &str) {
-        let list = self.lock().remove(id).unwrap_or_default();
+    /// Called once the job's end is in the table (`job` is what it says); detaches
+    /// every client of the job.
+    pub fn ended(&self, job: &ActiveJob) {
+        let list = self.lock().remove(&job.job.id).unwrap_or_default();
         self.count.fetch_sub(list.len(), Ordering::Relaxed);
         for (_, tx) in list {
-            let _ = tx.try_send(Msg::Ended);
+            let _ = tx.try_send(Msg::Ended(Box::new(job.clone())));
         }
     }
 }
@@ -181,97 +192,96 @@ pub async fn serve<IO>(host: Arc<Host>, mut sub: Subscription, flags: u32, io: I
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin,
 {
-    let id = sub.id.clone();
-    let (mut rd, mut wr) = tokio::io::split(io);
-    let mut out = Vec::new();
+    let (mut rd, wr) = tokio::io::split(io);
+    let mut w = Writer {
+        wr,
+        buf: Vec::new(),
+    };
     let wants = |s: Stream| match s {
         Stream::Stdout => flags & attach::STDOUT != 0,
         Stream::Stderr => flags & attach::STDERR != 0,
     };
-    // Subscribed before this read: whatever happens after it arrives as a message.
-    let Some(job) = host.get(&id) else {
+    // Subscribed before this read: whatever happens after it arrives as a message. A job
+    // that ended before it has all its output (and maybe its `Ended`) queued already: the
+    // end is published under the lock this read takes.
+    let Some(job) = host.get(&sub.id) else {
+        let _ = w.send(&Frame::Error("host: unknown job".into())).await;
         return;
     };
+    if job.status == JobStatus::Failed {
+        let _ = w.send(&Frame::Error(failure(&job))).await;
+        return;
+    }
     let mut announced = job.status != JobStatus::Starting;
     let first = if announced {
         Frame::Success
     } else {
         Frame::Waiting
     };
-    if write(&mut wr, &mut out, &first).await.is_err() {
+    if w.send(&first).await.is_err() {
         return;
     }
-    let mut ended = job.status.is_terminal();
+    let mut end = job.status.is_terminal().then(|| Box::new(job));
     let mut inbuf: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 4096];
-    while !ended {
-        tokio::select! {
-            msg = sub.rx.recv() => {
-                let frame = match msg {
-                    Some(Msg::Ended) => {
-                        ended = true;
-                        continue;
-                    }
-                    None => {
-                        let e = "host: attach client too slow, output dropped".to_string();
-                        let _ = write(&mut wr, &mut out, &Frame::Error(e)).await;
+    loop {
+        let msg = if end.is_some() {
+            // Ended before the read above: take what is queued, without waiting.
+            match sub.rx.try_recv() {
+                Ok(m) => Some(m),
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                msg = sub.rx.recv() => msg,
+                n = rd.read(&mut chunk) => {
+                    // EOF or an error: the client left. (The protocol closes stdin with
+                    // an empty data frame, not a half-close, and a client that went
+                    // away must not hold a `disable_log` job's one attachment until the
+                    // job next writes.)
+                    let Ok(n @ 1..) = n else { return };
+                    inbuf.extend_from_slice(&chunk[..n]);
+                    if !client_frames(&host, &sub.id, &mut inbuf) {
                         return;
                     }
-                    Some(Msg::Started) => None,
-                    Some(Msg::Output(stream, mut line)) => wants(stream).then(|| {
-                        line.push(b'\n');
-                        Frame::Data { stream: stream_id(stream), data: line }
-                    }),
-                };
-                if !announced {
-                    announced = true;
-                    if write(&mut wr, &mut out, &Frame::Success).await.is_err() {
-                        return;
-                    }
-                }
-                if let Some(f) = frame {
-                    if write(&mut wr, &mut out, &f).await.is_err() {
-                        return;
-                    }
+                    continue;
                 }
             }
-            n = rd.read(&mut chunk) => {
-                // EOF or an error: the client left.
-                let Ok(n @ 1..) = n else { return };
-                inbuf.extend_from_slice(&chunk[..n]);
-                loop {
-                    match Frame::decode(&inbuf) {
-                        Ok(None) => break,
-                        Ok(Some((frame, used))) => {
-                            inbuf.drain(..used);
-                            match frame {
-                                Frame::Signal(sig) => {
-                                    if let Err(e) = host.signal(&id, sig as i32) {
-                                        tracing::debug!(job = %id, sig, error = %e.message, "attach: signal not sent");
-                                    }
-                                }
-                                // No TTY jobs: nothing to resize.
-                                Frame::Resize { .. } => {}
-                                // stdin was refused at attach; anything else is not a
-                                // client's frame.
-                                _ => return,
-                            }
-                        }
-                        Err(_) => return,
-                    }
-                }
+        };
+        let frame = match msg {
+            Some(Msg::Ended(job)) => {
+                end.get_or_insert(job);
+                continue;
+            }
+            None => {
+                let e = "host: attach client too slow, output dropped".to_string();
+                let _ = w.send(&Frame::Error(e)).await;
+                return;
+            }
+            Some(Msg::Started) => None,
+            Some(Msg::Output(stream, line)) => wants(stream).then(|| Frame::Data {
+                stream: stream_id(stream),
+                data: line,
+            }),
+        };
+        if !announced {
+            announced = true;
+            if w.send(&Frame::Success).await.is_err() {
+                return;
+            }
+        }
+        if let Some(f) = frame {
+            if w.send(&f).await.is_err() {
+                return;
             }
         }
     }
-    let Some(job) = host.get(&id) else {
-        return;
-    };
+    let Some(job) = end else { return };
     if job.status == JobStatus::Failed {
-        let reason = job.error.unwrap_or_else(|| "job failed".into());
-        let _ = write(&mut wr, &mut out, &Frame::Error(reason)).await;
+        let _ = w.send(&Frame::Error(failure(&job))).await;
         return;
     }
-    if !announced && write(&mut wr, &mut out, &Frame::Success).await.is_err() {
+    if !announced && w.send(&Frame::Success).await.is_err() {
         return;
     }
     for s in [Stream::Stdout, Stream::Stderr] {
@@ -280,13 +290,66 @@ where
                 stream: stream_id(s),
                 data: Vec::new(),
             };
-            if write(&mut wr, &mut out, &eof).await.is_err() {
+            if w.send(&eof).await.is_err() {
                 return;
             }
         }
     }
-    let _ = write(&mut wr, &mut out, &Frame::Exit(exit_status(&job))).await;
-    let _ = wr.shutdown().await;
+    let _ = w.send(&Frame::Exit(exit_status(&job))).await;
+    let _ = w.wr.shutdown().await;
+}
+
+fn failure(job: &ActiveJob) -> String {
+    job.error.clone().unwrap_or_else(|| "job failed".into())
+}
+
+/// Acts on the complete frames at the front of `inbuf` (the client's); false when the
+/// client sent something it may not (stdin data: refused at attach; a server's frame;
+/// garbage), which closes the connection.
+fn client_frames(host: &Host, id: &str, inbuf: &mut Vec<u8>) -> bool {
+    loop {
+        // Data (stdin) is refused from its first byte, not buffered up to a payload.
+        if inbuf.first() == Some(&3) {
+            return false;
+        }
+        match Frame::decode(inbuf) {
+            Ok(None) => return true,
+            Ok(Some((frame, used))) => {
+                inbuf.drain(..used);
+                match frame {
+                    Frame::Signal(sig) => {
+                        if let Err(e) = host.signal(id, sig as i32) {
+                            tracing::debug!(job = %id, sig, error = %e.message, "attach: signal not sent");
+                        }
+                    }
+                    // No TTY jobs: nothing to resize.
+                    Frame::Resize { .. } => {}
+                    _ => return false,
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The client's side of the connection, with a bound on how long one frame may take.
+struct Writer<W> {
+    wr: W,
+    buf: Vec<u8>,
+}
+
+impl<W: AsyncWrite + Unpin> Writer<W> {
+    async fn send(&mut self, f: &Frame) -> std::io::Result<()> {
+        self.buf.clear();
+        f.encode(&mut self.buf);
+        let write = async {
+            self.wr.write_all(&self.buf).await?;
+            self.wr.flush().await
+        };
+        tokio::time::timeout(WRITE_TIMEOUT, write)
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    }
 }
 
 fn stream_id(s: Stream) -> u8 {
@@ -294,17 +357,6 @@ fn stream_id(s: Stream) -> u8 {
         Stream::Stdout => attach::STREAM_STDOUT,
         Stream::Stderr => attach::STREAM_STDERR,
     }
-}
-
-async fn write<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    buf: &mut Vec<u8>,
-    f: &Frame,
-) -> std::io::Result<()> {
-    buf.clear();
-    f.encode(buf);
-    w.write_all(buf).await?;
-    w.flush().await
 }
 
 #[cfg(test)]
@@ -355,8 +407,23 @@ mod tests {
             "it keeps what was queued, then sees the channel closed"
         );
         assert!(matches!(fast.rx.recv().await, Some(Msg::Output(..))));
-        a.ended("j");
-        assert!(matches!(fast.rx.recv().await, Some(Msg::Ended)));
+        // The end always fits: a client with a full queue (one line short of being
+        // detached) still gets it.
+        let mut full = a.subscribe("j", false).unwrap();
+        for i in 0..QUEUE {
+            a.output("j", Stream::Stderr, format!("{i}").as_bytes());
+            assert!(matches!(fast.rx.recv().await, Some(Msg::Output(..))));
+        }
+        assert_eq!(a.count.load(Ordering::Relaxed), 2, "full, not detached");
+        let mut job = ActiveJob::default();
+        job.job.id = "j".into();
+        a.ended(&job);
+        assert!(matches!(fast.rx.recv().await, Some(Msg::Ended(_))));
+        for _ in 0..QUEUE {
+            assert!(matches!(full.rx.recv().await, Some(Msg::Output(_, l)) if l.ends_with(b"\n")));
+        }
+        assert!(matches!(full.rx.recv().await, Some(Msg::Ended(_))));
+        drop(full);
         assert_eq!(a.count.load(Ordering::Relaxed), 0);
         drop(fast);
         drop(slow);

@@ -353,7 +353,7 @@ impl Host {
         // However the job ended (exited, failed to start, stopped before it started), its
         // attached clients learn it here, after the table has it.
         if job.status.is_terminal() {
-            self.attach.ended(&job.job.id);
+            self.attach.ended(job);
         }
     }
 

@@ -36,12 +36,14 @@
 //! request left unanswered is acknowledged by the next result that covers it). Both
 //! sides apply one rule, [`Owed`]: a request with no entries whose `prev_log_id` is
 //! where the session's previous request ended is not answered when the follower's Raft
-//! accepts it. A rejection (a higher vote) is always written; the leader reads it as
-//! the next result it waits for, or, when it waits for none, drops the connection
-//! instead of pooling it and meets the rejection again in its next session. The first
-//! request of a session (a heartbeat, a probe) is always answered. This saves each
-//! follower a write and the leader a read, a wake-up and a pass through its Raft core
-//! per write.
+//! accepts it. The first request of a session (a heartbeat, a probe) is always
+//! answered, and so is the last: when a session ends on an unanswered request, the
+//! leader asks for one more result and the follower writes the one it held back, so
+//! openraft never sees a session end with requests it cannot account for (it would
+//! back off before the next one). A rejection (a higher vote) is always written; the
+//! leader reads it as the next result it waits for, at the latest at the session's end.
+//! This saves each follower a write and the leader a read, a wake-up and a pass through
+//! its Raft core per write.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -290,34 +292,41 @@ where
         };
         let (rd, mut wr) = tokio::io::split(io);
 
-        // One token per request written that is owed a result; the reader reads one
-        // result per token.
-        let (sent_tx, sent_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        // `true` per result owed (the reader reads one per token); `false` when the
+        // writer failed, which ends the results with an error.
+        let (sent_tx, sent_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
         let mut input = input;
         let (addr, faults) = (t.addr.clone(), t.faults.clone());
         let writer = tokio::spawn(async move {
             let mut buf = Vec::new();
             let mut owed = Owed::default();
+            let mut last_answered = true;
             while let Some(req) = input.next().await {
                 if faults.is_cut(&addr) {
+                    let _ = sent_tx.send(false);
                     return None;
                 }
-                let answered = owed.next(&req);
+                last_answered = owed.next(&req);
                 if let Err(e) = write_frame(&mut wr, &mut buf, &req).await {
                     tracing::debug!(peer = %addr, error = %e, "raft stream write failed");
+                    let _ = sent_tx.send(false);
                     return None;
                 }
-                if answered && sent_tx.send(()).is_err() {
+                if last_answered && sent_tx.send(true).is_err() {
                     return None;
                 }
             }
-            // No more requests: the follower answers what it owes, then ends too.
+            // No more requests: the follower answers what it owes (and the result it
+            // held back for an unanswered last request), then ends too.
+            if !last_answered && sent_tx.send(true).is_err() {
+                return None;
+            }
             write_end(&mut wr).await.ok().map(|_| wr)
         });
 
         struct Reader {
             rd: ReadHalf<reqwest::Upgraded>,
-            sent: tokio::sync::mpsc::UnboundedReceiver<()>,
+            sent: tokio::sync::mpsc::UnboundedReceiver<bool>,
             buf: Vec<u8>,
             writer: AbortOnDrop,
             target: Target,
@@ -332,7 +341,12 @@ where
         let timeout = state.target.timeout;
         let results = futures_util::stream::unfold(Some(state), move |state| async move {
             let mut st = state?;
-            if st.sent.recv().await.is_none() {
+            let token = st.sent.recv().await;
+            if token == Some(false) {
+                let e = failure("stream write failed");
+                return Some((Err(RPCError::Network(NetworkError::new(&e))), None));
+            }
+            if token.is_none() {
                 // The writer ended and every result owed has been read: the session
                 // is over. Its end is reported now (openraft times a heartbeat's whole
                 // session: 33 ms); the connection is pooled in the background once the
@@ -466,6 +480,9 @@ where
     S: Stream<Item = Result<StreamAppendResult<C>, openraft::errors::Fatal<C>>>,
 {
     futures_util::pin_mut!(results);
+    // The result of the last request when it was not answered: the leader asks for it
+    // at the session's end.
+    let mut held = None;
     while let Some(r) = results.next().await {
         let Ok(r) = r else {
             return false; // Raft stopped: closing tells the leader.
@@ -476,8 +493,16 @@ where
         // The flag was sent before its request, so it is there.
         let answered = owed.try_recv().unwrap_or(true);
         if !answered && r.is_ok() {
+            held = Some(r);
             continue;
         }
+        held = None;
+        if let Err(e) = write_frame(wr, buf, &r).await {
+            tracing::debug!(peer = %from, error = %e, "raft stream write failed");
+            return false;
+        }
+    }
+    if let Some(r) = held {
         if let Err(e) = write_frame(wr, buf, &r).await {
             tracing::debug!(peer = %from, error = %e, "raft stream write failed");
             return false;

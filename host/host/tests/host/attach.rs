@@ -203,7 +203,11 @@ async fn attach_refusals_are_json_errors() {
                 second = Some(a);
                 break;
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            // Still attached until the host sees the first connection close.
+            Err(e) if e.api().is_some_and(|e| e.status() == 409) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e}"),
         }
     }
     let mut second = second.expect("a second client after the first left");
@@ -220,6 +224,28 @@ async fn attach_refusals_are_json_errors() {
         assert_eq!(e.status(), 400, "{flags}");
         assert!(e.message.contains(says), "{flags}: {}", e.message);
     }
+
+    // Stdin data from a client is not accepted (it was not asked for, and cannot be):
+    // the host closes the connection, which the client reports as an error, not an end.
+    let talk = h.job_id("talk");
+    c.add_job(&sh_job(&talk, "exec sleep 30")).await.unwrap();
+    wait_running(c, &talk).await;
+    let mut a = c.attach(&req(&talk, STDOUT | STREAM)).await.unwrap();
+    assert_eq!(next(&mut a).await, Some(Frame::Success));
+    a.send(&Frame::Data {
+        stream: 0,
+        data: b"input".to_vec(),
+    })
+    .await
+    .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), a.next())
+        .await
+        .expect("closed within 10 s");
+    assert!(
+        matches!(&end, Err(e) if e.to_string().contains("before the exit status")),
+        "{end:?}"
+    );
+    c.stop_job(&talk).await.unwrap();
 
     // Without the upgrade.
     let a = h.addr.as_str();
