@@ -20,21 +20,26 @@ fn short_client() -> reqwest::Client {
 #[tokio::test]
 async fn isolated_follower_cannot_write_and_catches_up_after_healing() {
     let cl = Cluster::start_with("10s");
+    // A fresh cluster on a loaded machine may still change leaders once (a node that was
+    // slow to start campaigns), so the first write is retried on whoever leads, and the
+    // follower to cut off is picked from the leader after it.
+    let first = eventually(Duration::from_secs(15), || async {
+        let l = cl.leader().await;
+        let r = call(
+            &client(),
+            "PUT",
+            &cl.nodes[l].url("/services/before"),
+            Some("{}"),
+        )
+        .await;
+        (r.status == 200).then_some(())
+    })
+    .await;
+    assert!(first.is_some(), "no write succeeded on the new cluster");
     let l = cl.leader().await;
     let f = (l + 1) % 3;
     let majority: Vec<usize> = (0..3).filter(|i| *i != f).collect();
     let raw = raw_client();
-    assert_eq!(
-        call(
-            &client(),
-            "PUT",
-            &cl.nodes[l].url("/services/before"),
-            Some("{}")
-        )
-        .await
-        .status,
-        200
-    );
     cl.isolate(f).await;
 
     // The isolated node loses its leader (it times out and keeps campaigning alone)...
