@@ -69,7 +69,8 @@ pub enum Frame {
 const SUCCESS: u8 = 0;
 const WAITING: u8 = 1;
 const ERROR: u8 = 2;
-const DATA: u8 = 3;
+/// The first byte of a [`Frame::Data`] (a receiver that refuses data can tell from it).
+pub const DATA: u8 = 3;
 const SIGNAL: u8 = 4;
 const EXIT: u8 = 5;
 const RESIZE: u8 = 6;

@@ -81,29 +81,33 @@ impl Attachments {
     }
 
     fn unsubscribe(&self, id: &str, token: u64) {
-        let mut subs = self.lock();
-        if let Some(list) = subs.get_mut(id) {
-            let before = list.len();
-            list.retain(|(t, _)| *t != token);
-            self.count.fetch_sub(before - list.len(), Ordering::Relaxed);
-            if list.is_empty() {
-                subs.remove(id);
-            }
-        }
+        self.retain(&mut self.lock(), id, |(t, _)| *t != token);
     }
 
     fn send(&self, id: &str, msg: impl Fn() -> Msg) {
         if self.count.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let mut subs = self.lock();
+        // A client whose queue holds `QUEUE` messages is detached (its task sees the
+        // channel closed); the last slot is kept for `Ended`.
+        self.retain(&mut self.lock(), id, |(_, tx)| {
+            tx.capacity() > 1 && tx.try_send(msg()).is_ok()
+        });
+    }
+
+    /// Keeps the clients of job `id` for which `keep` holds, keeping `count` in step and
+    /// forgetting the job once it has none.
+    fn retain(
+        &self,
+        subs: &mut Subscribers,
+        id: &str,
+        keep: impl FnMut(&(u64, mpsc::Sender<Msg>)) -> bool,
+    ) {
         let Some(list) = subs.get_mut(id) else {
             return;
         };
         let before = list.len();
-        // A client whose queue holds `QUEUE` messages is detached (its task sees the
-        // channel closed); the last slot is kept for `Ended`.
-        list.retain(|(_, tx)| tx.capacity() > 1 && tx.try_send(msg()).is_ok());
+        list.retain(keep);
         self.count.fetch_sub(before - list.len(), Ordering::Relaxed);
         if list.is_empty() {
             subs.remove(id);
@@ -208,18 +212,21 @@ where
         let _ = w.send(&Frame::Error("host: unknown job".into())).await;
         return;
     };
-    if job.status == JobStatus::Failed {
-        let _ = w.send(&Frame::Error(failure(&job))).await;
-        return;
-    }
-    let mut announced = job.status != JobStatus::Starting;
-    let first = if announced {
-        Frame::Success
-    } else {
-        Frame::Waiting
+    // A job that already ended gets its opening with its end (below): `Success`, or only
+    // an error for one that could not start.
+    let mut announced = false;
+    let first = match job.status {
+        JobStatus::Starting => Some(Frame::Waiting),
+        s if s.is_terminal() => None,
+        _ => {
+            announced = true;
+            Some(Frame::Success)
+        }
     };
-    if w.send(&first).await.is_err() {
-        return;
+    if let Some(f) = first {
+        if w.send(&f).await.is_err() {
+            return;
+        }
     }
     let mut end = job.status.is_terminal().then(|| Box::new(job));
     let mut inbuf: Vec<u8> = Vec::new();
@@ -309,7 +316,7 @@ fn failure(job: &ActiveJob) -> String {
 fn client_frames(host: &Host, id: &str, inbuf: &mut Vec<u8>) -> bool {
     loop {
         // Data (stdin) is refused from its first byte, not buffered up to a payload.
-        if inbuf.first() == Some(&3) {
+        if inbuf.first() == Some(&attach::DATA) {
             return false;
         }
         match Frame::decode(inbuf) {

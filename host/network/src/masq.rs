@@ -48,7 +48,7 @@ pub const TABLE: &str = "flynn-masq";
 const CHAIN: &str = "postrouting";
 /// `srcnat`, the priority of source NAT in the postrouting hook.
 const SRCNAT: i32 = 100;
-/// `raw`: before connection tracking (-200).
+/// `raw` (-300): ahead of connection tracking, which hooks in at -200.
 const RAW: i32 = -300;
 
 #[derive(Debug, thiserror::Error)]

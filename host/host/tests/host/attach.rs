@@ -123,6 +123,8 @@ async fn attach_streams_output_and_the_exit_status() {
         Some(Frame::Error(msg)) => assert!(msg.contains("/nonexistent/binary"), "{msg}"),
         other => panic!("{other:?} in {seen:?}"),
     }
+    // The opening is `0` (success) or `2` (error), never both.
+    assert!(!seen.status.contains(&Frame::Success), "{seen:?}");
     assert_eq!(seen.exit, None);
 }
 
