@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use flynn_client::host::attach::{STDERR, STDOUT, STREAM};
-use flynn_client::host::{AttachRequest, Attached, Frame};
+use flynn_client::host::{AttachRequest, Attached, Client, Frame};
 
 use crate::support::*;
 
@@ -66,6 +66,12 @@ async fn next(a: &mut Attached) -> Option<Frame> {
         .expect("a well-formed frame")
 }
 
+/// Adds a process job running `script` and attaches to it at once with `flags`.
+async fn run_attached(c: &Client, id: &str, script: &str, flags: u32) -> Attached {
+    c.add_job(&sh_job(id, script)).await.unwrap();
+    c.attach(&req(id, flags)).await.unwrap()
+}
+
 async fn read_all(a: &mut Attached) -> Seen {
     let mut seen = Seen::default();
     while seen.take(next(a).await) {}
@@ -79,13 +85,8 @@ async fn attach_streams_output_and_the_exit_status() {
 
     // The job waits before writing, so the attach (right after the PUT) sees all of it.
     let id = h.job_id("att");
-    c.add_job(&sh_job(
-        &id,
-        "sleep 0.5; echo out1; echo err1 >&2; printf 'no newline'; exit 3",
-    ))
-    .await
-    .unwrap();
-    let mut a = c.attach(&req(&id, STDOUT | STDERR | STREAM)).await.unwrap();
+    let script = "sleep 0.5; echo out1; echo err1 >&2; printf 'no newline'; exit 3";
+    let mut a = run_attached(c, &id, script, STDOUT | STDERR | STREAM).await;
     let seen = read_all(&mut a).await;
     assert!(seen.attached(), "{seen:?}");
     assert_eq!(String::from_utf8_lossy(&seen.stdout), "out1\nno newline\n");
@@ -102,10 +103,8 @@ async fn attach_streams_output_and_the_exit_status() {
 
     // Only the streams asked for.
     let id = h.job_id("erronly");
-    c.add_job(&sh_job(&id, "sleep 0.5; echo out; echo err >&2"))
-        .await
-        .unwrap();
-    let mut a = c.attach(&req(&id, STDERR | STREAM)).await.unwrap();
+    let script = "sleep 0.5; echo out; echo err >&2";
+    let mut a = run_attached(c, &id, script, STDERR | STREAM).await;
     let seen = read_all(&mut a).await;
     assert!(seen.attached(), "{seen:?}");
     assert!(seen.stdout.is_empty(), "{seen:?}");
@@ -134,13 +133,9 @@ async fn attach_forwards_signals_and_reports_a_stop() {
     let c = &h.client;
 
     let id = h.job_id("trap");
-    c.add_job(&sh_job(
-        &id,
-        "trap 'echo got; exit 7' USR1; sleep 0.5; echo ready; while true; do sleep 0.05; done",
-    ))
-    .await
-    .unwrap();
-    let mut a = c.attach(&req(&id, STDOUT | STREAM)).await.unwrap();
+    let script =
+        "trap 'echo got; exit 7' USR1; sleep 0.5; echo ready; while true; do sleep 0.05; done";
+    let mut a = run_attached(c, &id, script, STDOUT | STREAM).await;
     let mut seen = Seen::default();
     while !seen.stdout.ends_with(b"ready\n") {
         assert!(seen.take(next(&mut a).await), "ended early: {seen:?}");
