@@ -130,6 +130,14 @@ pub struct ContainerConfig {
     /// Do not ship the job's output to the log aggregator.
     #[serde(default)]
     pub disable_log: bool,
+    /// The job's stdin is a pipe that attached clients write to (`POST /attach` with the
+    /// stdin flag); it stays open until a client closes it, so a job reading it waits for
+    /// one. Without it the job's stdin is `/dev/null`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
+    /// A terminal for the job. Not supported by this host: refused when set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
     /// Seconds between SIGTERM and SIGKILL when the job is stopped (default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout: Option<u64>,

@@ -214,8 +214,10 @@ impl Client {
             return Err(Error::Attach("the host did not switch protocols".into()));
         }
         let io = resp.upgrade().await.map_err(Error::Http)?;
+        let (rd, wr) = tokio::io::split(io);
         Ok(Attached {
-            io,
+            rd,
+            input: Some(AttachInput { wr }),
             buf: Vec::new(),
             ended: false,
         })
@@ -244,7 +246,9 @@ impl Client {
 
 /// An attached job (see [`Client::attach`]).
 pub struct Attached {
-    io: reqwest::Upgraded,
+    rd: tokio::io::ReadHalf<reqwest::Upgraded>,
+    /// `None` once taken by [`Attached::take_input`].
+    input: Option<AttachInput>,
     buf: Vec<u8>,
     /// An exit status or an error frame came: the host may close after it.
     ended: bool,
@@ -270,7 +274,7 @@ impl Attached {
             }
             let mut chunk = [0u8; 8192];
             let n = self
-                .io
+                .rd
                 .read(&mut chunk)
                 .await
                 .map_err(|e| Error::Attach(e.to_string()))?;
@@ -289,16 +293,59 @@ impl Attached {
         }
     }
 
-    /// Sends a frame to the host (a signal, a resize).
+    /// Sends a frame to the host (stdin data, a signal, a resize).
+    pub async fn send(&mut self, f: &Frame) -> Result<(), Error> {
+        match &mut self.input {
+            Some(input) => input.send(f).await,
+            None => Err(Error::Attach("the input side was taken".into())),
+        }
+    }
+
+    /// The sending side, to write from another task while this one reads: a job that does
+    /// not read its stdin holds the sender back, and its output must still be read.
+    pub fn take_input(&mut self) -> Option<AttachInput> {
+        self.input.take()
+    }
+}
+
+/// The sending side of an [`Attached`] job.
+pub struct AttachInput {
+    wr: tokio::io::WriteHalf<reqwest::Upgraded>,
+}
+
+impl AttachInput {
+    /// Writes `data` to the job's stdin (attached with the stdin flag); the host takes at
+    /// most [`attach::MAX_PAYLOAD`] bytes a frame, so longer data goes in several.
+    pub async fn stdin(&mut self, data: &[u8]) -> Result<(), Error> {
+        for chunk in data.chunks(attach::MAX_PAYLOAD) {
+            self.send(&Frame::Data {
+                stream: attach::STREAM_STDIN,
+                data: chunk.to_vec(),
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the job's stdin: it reads end-of-file after what was written.
+    pub async fn close_stdin(&mut self) -> Result<(), Error> {
+        self.send(&Frame::Data {
+            stream: attach::STREAM_STDIN,
+            data: Vec::new(),
+        })
+        .await
+    }
+
+    /// Sends a frame to the host.
     pub async fn send(&mut self, f: &Frame) -> Result<(), Error> {
         use tokio::io::AsyncWriteExt;
         let mut out = Vec::new();
         f.encode(&mut out);
-        self.io
+        self.wr
             .write_all(&out)
             .await
             .map_err(|e| Error::Attach(e.to_string()))?;
-        self.io
+        self.wr
             .flush()
             .await
             .map_err(|e| Error::Attach(e.to_string()))

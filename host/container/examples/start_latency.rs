@@ -45,6 +45,7 @@ fn spec(id: &str, layer: &Path, args: &[&str]) -> ContainerSpec {
         uid: 0,
         gid: 0,
         capabilities: None,
+        stdin: false,
     }
 }
 

@@ -44,6 +44,11 @@ pub struct ContainerSpec {
     /// its bounding set only.
     #[serde(default)]
     pub capabilities: Option<Vec<String>>,
+    /// The job's stdin is the FIFO [`Layout::stdin`](crate::Layout::stdin), which the daemon
+    /// writes; it reaches end-of-file once the daemon closed it (`close_stdin`). Without it
+    /// stdin is `/dev/null`.
+    #[serde(default)]
+    pub stdin: bool,
 }
 
 /// A host path bind-mounted into the container.
@@ -405,6 +410,7 @@ mod tests {
             uid: 0,
             gid: 0,
             capabilities: None,
+            stdin: false,
         }
     }
 

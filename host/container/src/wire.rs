@@ -4,8 +4,10 @@
 //! number of the next event frame; u32 BE: the job's pid, 0 before it started), `EVENT` (JSON of a non-output [`ShimEvent`]), `STDOUT` and
 //! `STDERR` (one raw output line). Each frame after `HELLO` carries the next sequence number
 //! implicitly. Daemon → shim: `ACK` (u64 BE: every event below this sequence number was
-//! received, the shim may forget it) and `SIGNAL` (i32 BE). A reconnecting daemon is sent every
-//! event it has not acknowledged again, so nothing is lost between connections.
+//! received, the shim may forget it), `SIGNAL` (i32 BE) and `CLOSE_STDIN` (empty: the shim lets
+//! go of its end of the job's stdin FIFO, so the job reads end-of-file once the daemon closed
+//! its own). A reconnecting daemon is sent every event it has not acknowledged again, so
+//! nothing is lost between connections.
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +64,7 @@ pub const STDOUT: u8 = 2;
 pub const STDERR: u8 = 3;
 pub const ACK: u8 = 10;
 pub const SIGNAL: u8 = 11;
+pub const CLOSE_STDIN: u8 = 12;
 
 pub const HEADER: usize = 5;
 
@@ -108,6 +111,11 @@ pub fn encode_signal(sig: i32, out: &mut Vec<u8>) {
     out.extend_from_slice(&sig.to_be_bytes());
 }
 
+/// Appends a `CLOSE_STDIN` frame.
+pub fn encode_close_stdin(out: &mut Vec<u8>) {
+    header(out, CLOSE_STDIN, 0);
+}
+
 /// A decoded frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -115,6 +123,7 @@ pub enum Frame {
     Event(ShimEvent),
     Ack(u64),
     Signal(i32),
+    CloseStdin,
 }
 
 /// Takes one complete frame off the front of `buf`; `Ok(None)` when more bytes are needed.
@@ -148,6 +157,10 @@ pub fn decode(buf: &mut Vec<u8>) -> Result<Option<Frame>, String> {
         }
         ACK => Frame::Ack(u64::from_be_bytes(fixed(8)?.try_into().unwrap())),
         SIGNAL => Frame::Signal(i32::from_be_bytes(fixed(4)?.try_into().unwrap())),
+        CLOSE_STDIN => {
+            fixed(0)?;
+            Frame::CloseStdin
+        }
         STDOUT | STDERR => Frame::Event(ShimEvent::Output {
             stream: if kind == STDOUT {
                 Stream::Stdout
@@ -206,6 +219,7 @@ mod tests {
         }
         encode_u64(ACK, 9, &mut bytes);
         encode_signal(15, &mut bytes);
+        encode_close_stdin(&mut bytes);
         // Feed one byte at a time: frames only come out once complete.
         let mut buf = Vec::new();
         let mut got = Vec::new();
@@ -220,6 +234,7 @@ mod tests {
         want.extend(events.into_iter().map(Frame::Event));
         want.push(Frame::Ack(9));
         want.push(Frame::Signal(15));
+        want.push(Frame::CloseStdin);
         assert_eq!(got, want);
     }
 
@@ -231,7 +246,7 @@ mod tests {
             let mut buf: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
             // Plausible headers more often than chance would give.
             if len >= HEADER && rng.bool() {
-                buf[0] = [HELLO, EVENT, STDOUT, STDERR, ACK, SIGNAL][rng.usize(0..6)];
+                buf[0] = [HELLO, EVENT, STDOUT, STDERR, ACK, SIGNAL, CLOSE_STDIN][rng.usize(0..7)];
                 let plen = rng.usize(0..len.saturating_sub(HEADER) + 2) as u32;
                 buf[1..5].copy_from_slice(&plen.to_be_bytes());
             }
@@ -246,6 +261,7 @@ mod tests {
         for bytes in [
             vec![99, 0, 0, 0, 0],
             vec![ACK, 0, 0, 0, 1, 0],
+            vec![CLOSE_STDIN, 0, 0, 0, 1, 0],
             vec![EVENT, 0, 0, 0, 2, b'{', b'}'],
             vec![STDOUT, 0xff, 0xff, 0xff, 0xff],
         ] {

@@ -1,15 +1,21 @@
 //! Attaching to a job (spec §5.5, protocol in [`flynn_api::attach`]): its output as it is
-//! written, signals to it, and its exit status at the end.
+//! written, input to its stdin, signals to it, and its exit status at the end.
 //!
 //! The job's supervisor hands every output line to [`Attachments`] besides the log shipper;
 //! each attached client has a bounded queue, and a client that falls that far behind is
 //! detached with an error frame rather than holding the job's output in memory. Output is
 //! line-based, as the shim reads it: each line is sent with its `\n`.
 //!
+//! Stdin (the `stdin` flag, for jobs created with `config.stdin`): the client's data frames
+//! are written to the job's stdin in order, and an empty one closes it for the job. A job
+//! that does not read holds the client's input back (its frames are not read) while its
+//! output keeps flowing to the client. Any number of clients may write; a client that leaves
+//! without closing stdin leaves it open for the next.
+//!
 //! Not supported (refused with a 400 before the upgrade, so the client gets an error, not a
-//! silent gap): `stdin` (jobs are not created with one: `config.stdin` is refused) and `logs`
-//! (the host does not keep output; history is the log aggregator's). `init_log` is accepted
-//! and has nothing to send; a resize frame is ignored (no TTY jobs).
+//! silent gap): `stdin` for a job created without it, and `logs` (the host does not keep
+//! output; history is the log aggregator's). `init_log` is accepted and has nothing to send;
+//! a resize frame is ignored (no TTY jobs).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -23,6 +29,7 @@ use tokio::sync::mpsc;
 
 use crate::host::Host;
 use crate::logship::Stream;
+use crate::runtime::{Stdin, StdinMsg};
 
 /// Output lines queued per attached client before it counts as too slow.
 const QUEUE: usize = 4096;
@@ -152,15 +159,15 @@ impl Drop for Subscription {
     }
 }
 
-/// Checks `flags` for what this host can do.
-pub fn check_flags(flags: u32) -> Result<(), ApiError> {
+/// Checks `flags` for what this host can do for a job (`has_stdin`: created with one).
+pub fn check_flags(flags: u32, has_stdin: bool) -> Result<(), ApiError> {
     if flags & !attach::ALL_FLAGS != 0 {
         return Err(ApiError::validation(
             Some("flags"),
             &format!("has unknown bits {:#x}", flags & !attach::ALL_FLAGS),
         ));
     }
-    if flags & attach::STDIN != 0 {
+    if flags & attach::STDIN != 0 && !has_stdin {
         return Err(ApiError::validation(
             Some("flags"),
             "stdin: the job was not created with stdin",
@@ -228,7 +235,17 @@ where
             return;
         }
     }
+    let running = job.status == JobStatus::Running;
     let mut end = job.status.is_terminal().then(|| Box::new(job));
+    let mut input = Input {
+        wants: flags & attach::STDIN != 0,
+        stdin: None,
+        pending: None,
+    };
+    // A job's stdin is there once its process is (input before that waits for it).
+    if input.wants && running {
+        input.stdin = host.stdin(&sub.id);
+    }
     let mut inbuf: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -241,14 +258,25 @@ where
         } else {
             tokio::select! {
                 msg = sub.rx.recv() => msg,
-                n = rd.read(&mut chunk) => {
+                permit = input.reserve(), if input.pending.is_some() => {
+                    // A closed stdin discards the input.
+                    if let (Some(p), Some(m)) = (permit, input.pending.take()) {
+                        p.send(m);
+                    }
+                    if !client_frames(&host, &sub.id, &mut inbuf, &mut input) {
+                        return;
+                    }
+                    continue;
+                }
+                // The client's next frames wait while its input does.
+                n = rd.read(&mut chunk), if input.pending.is_none() => {
                     // EOF or an error: the client left. (The protocol closes stdin with
                     // an empty data frame, not a half-close, and a client that went
                     // away must not hold a `disable_log` job's one attachment until the
                     // job next writes.)
                     let Ok(n @ 1..) = n else { return };
                     inbuf.extend_from_slice(&chunk[..n]);
-                    if !client_frames(&host, &sub.id, &mut inbuf) {
+                    if !client_frames(&host, &sub.id, &mut inbuf, &mut input) {
                         return;
                     }
                     continue;
@@ -265,7 +293,12 @@ where
                 let _ = w.send(&Frame::Error(e)).await;
                 return;
             }
-            Some(Msg::Started) => None,
+            Some(Msg::Started) => {
+                if input.wants {
+                    input.stdin = host.stdin(&sub.id);
+                }
+                None
+            }
             Some(Msg::Output(stream, line)) => wants(stream).then(|| Frame::Data {
                 stream: stream_id(stream),
                 data: line,
@@ -310,13 +343,44 @@ fn failure(job: &ActiveJob) -> String {
     job.error.clone().unwrap_or_else(|| "job failed".into())
 }
 
-/// Acts on the complete frames at the front of `inbuf` (the client's); false when the
-/// client sent something it may not (stdin data: refused at attach; a server's frame;
-/// garbage), which closes the connection.
-fn client_frames(host: &Host, id: &str, inbuf: &mut Vec<u8>) -> bool {
-    loop {
-        // Data (stdin) is refused from its first byte, not buffered up to a payload.
-        if inbuf.first() == Some(&attach::DATA) {
+/// A client's way to the job's stdin.
+struct Input {
+    /// The client asked for stdin (allowed only for jobs created with it).
+    wants: bool,
+    /// The job's stdin, once its process runs (`None` before: input waits for it, or for
+    /// the job's end, which discards it).
+    stdin: Option<Stdin>,
+    /// Input read from the client and not yet queued to the job.
+    pending: Option<StdinMsg>,
+}
+
+impl Input {
+    /// Room for the pending input in the job's queue (`None`: stdin was closed); never
+    /// ready while the job has no stdin yet. The sender is cloned only while input is
+    /// pending.
+    fn reserve(&self) -> impl std::future::Future<Output = Option<mpsc::OwnedPermit<StdinMsg>>> {
+        let tx = match (&self.pending, &self.stdin) {
+            (Some(_), Some(s)) => Some(s.clone()),
+            _ => None,
+        };
+        async move {
+            match tx {
+                Some(tx) => tx.reserve_owned().await.ok(),
+                None => std::future::pending().await,
+            }
+        }
+    }
+}
+
+/// Acts on the complete frames at the front of `inbuf` (the client's), up to the first
+/// stdin data, which it leaves in `input.pending`; false when the client sent something it
+/// may not (stdin data without the stdin flag; a server's frame; garbage), which closes the
+/// connection.
+fn client_frames(host: &Host, id: &str, inbuf: &mut Vec<u8>, input: &mut Input) -> bool {
+    while input.pending.is_none() {
+        // Data (stdin) without the flag is refused from its first byte, not buffered up to
+        // a payload.
+        if !input.wants && inbuf.first() == Some(&attach::DATA) {
             return false;
         }
         match Frame::decode(inbuf) {
@@ -324,6 +388,16 @@ fn client_frames(host: &Host, id: &str, inbuf: &mut Vec<u8>) -> bool {
             Ok(Some((frame, used))) => {
                 inbuf.drain(..used);
                 match frame {
+                    Frame::Data {
+                        stream: attach::STREAM_STDIN,
+                        data,
+                    } => {
+                        input.pending = Some(if data.is_empty() {
+                            StdinMsg::Close
+                        } else {
+                            StdinMsg::Data(data)
+                        });
+                    }
                     Frame::Signal(sig) => {
                         if let Err(e) = host.signal(id, sig as i32) {
                             tracing::debug!(job = %id, sig, error = %e.message, "attach: signal not sent");
@@ -337,6 +411,7 @@ fn client_frames(host: &Host, id: &str, inbuf: &mut Vec<u8>) -> bool {
             Err(_) => return false,
         }
     }
+    true
 }
 
 /// The client's side of the connection, with a bound on how long one frame may take.
@@ -373,15 +448,16 @@ mod tests {
     #[test]
     fn flags_this_host_cannot_serve_are_refused_by_name() {
         use attach::*;
-        assert!(check_flags(STDOUT | STDERR | STREAM).is_ok());
-        assert!(check_flags(STDOUT | STREAM | INIT_LOG).is_ok());
+        assert!(check_flags(STDOUT | STDERR | STREAM, false).is_ok());
+        assert!(check_flags(STDOUT | STREAM | INIT_LOG, false).is_ok());
+        assert!(check_flags(STDOUT | STDIN | STREAM, true).is_ok());
         for (flags, says) in [
             (STDOUT | STDIN | STREAM, "stdin"),
             (STDOUT | LOGS | STREAM, "logs"),
             (STDOUT, "must include stream"),
             (STDOUT | STREAM | 64, "unknown bits 0x40"),
         ] {
-            let e = check_flags(flags).unwrap_err();
+            let e = check_flags(flags, false).unwrap_err();
             assert_eq!(e.status(), 400, "{flags}");
             assert!(e.message.contains(says), "{flags}: {}", e.message);
         }

@@ -207,13 +207,30 @@ fn container_spec(l: Launch, cgroup_parent: &str) -> ContainerSpec {
         uid: l.uid,
         gid: l.gid,
         capabilities: l.capabilities,
+        stdin: l.stdin,
     }
 }
 
-/// One task owns the shim connection: it forwards events and sends the signals asked for.
+/// What the daemon asks of a job's shim.
+enum ToShim {
+    Signal(i32),
+    CloseStdin,
+}
+
+/// One task owns the shim connection: it forwards events, and sends the signals asked for
+/// and the close of stdin. The job's stdin (a FIFO the shim made) is written directly.
 fn follow(mut conn: ShimConn) -> Handle {
     let (tx, rx) = mpsc::channel(1024);
-    let (sig_tx, mut sig_rx) = mpsc::unbounded_channel::<i32>();
+    let (sig_tx, mut sig_rx) = mpsc::unbounded_channel::<ToShim>();
+    let stdin = conn.stdin_path().map(|path| {
+        let close = sig_tx.clone();
+        crate::runtime::stdin_writer(
+            move || tokio::net::unix::pipe::OpenOptions::new().open_sender(path),
+            move || {
+                let _ = close.send(ToShim::CloseStdin);
+            },
+        )
+    });
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -231,20 +248,31 @@ fn follow(mut conn: ShimConn) -> Handle {
                         break;
                     }
                 }
-                Some(sig) = sig_rx.recv() => {
-                    if let Err(e) = conn.signal(sig).await {
-                        tracing::debug!(job = %conn.id(), sig, error = %chain(&e), "signal failed");
+                Some(msg) = sig_rx.recv() => match msg {
+                    ToShim::Signal(sig) => {
+                        if let Err(e) = conn.signal(sig).await {
+                            tracing::debug!(job = %conn.id(), sig, error = %chain(&e), "signal failed");
+                        }
                     }
-                }
+                    ToShim::CloseStdin => {
+                        if let Err(e) = conn.close_stdin().await {
+                            tracing::debug!(job = %conn.id(), error = %chain(&e), "closing stdin failed");
+                        }
+                    }
+                },
             }
         }
     });
     let signal: Signaller = Arc::new(move |sig| {
         sig_tx
-            .send(sig)
+            .send(ToShim::Signal(sig))
             .map_err(|_| std::io::Error::other("the job has ended"))
     });
-    Handle { events: rx, signal }
+    Handle {
+        events: rx,
+        signal,
+        stdin,
+    }
 }
 
 fn convert(ev: ShimEvent) -> ProcEvent {

@@ -20,7 +20,7 @@ use tokio::sync::broadcast;
 use crate::job::{self, BoundPort, Exit, StopAction, Table};
 use crate::logship::{now_rfc3339, Shipper, Source};
 use crate::net::Network;
-use crate::runtime::{BindMount, Handle, Launch, Limits, ProcEvent, Runtime, Signaller};
+use crate::runtime::{BindMount, Handle, Launch, Limits, ProcEvent, Runtime, Signaller, Stdin};
 use crate::store::Store;
 use crate::volumes::{self, Volumes};
 
@@ -64,6 +64,8 @@ pub struct Options {
 #[derive(Default)]
 struct Ctl {
     signal: Option<Signaller>,
+    /// The job's stdin (jobs created with `config.stdin`), while its process lives.
+    stdin: Option<Stdin>,
     /// What the job announces in discoverd, once it has started (or was adopted) and
     /// was not asked to stop meanwhile; kept so a discoverd that announces itself later
     /// (or moves) gets the job's instances too.
@@ -181,10 +183,10 @@ impl Host {
         &self,
         req: &flynn_api::attach::AttachRequest,
     ) -> Result<crate::attach::Subscription, ApiError> {
-        crate::attach::check_flags(req.flags)?;
         let job = self
             .get(&req.job_id)
             .ok_or_else(|| ApiError::object_not_found("host: unknown job"))?;
+        crate::attach::check_flags(req.flags, job.job.config.stdin)?;
         self.attach
             .subscribe(&req.job_id, job.job.config.disable_log)
     }
@@ -681,6 +683,7 @@ impl Host {
             uid: job.config.uid.unwrap_or(0),
             gid: job.config.gid.unwrap_or(0),
             capabilities: job.config.linux_capabilities.clone(),
+            stdin: job.config.stdin,
         };
         if self.stop_requested(&id) {
             self.teardown(&id, ip.is_some()).await;
@@ -772,6 +775,7 @@ impl Host {
                 id.clone(),
                 Ctl {
                     signal: Some(handle.signal.clone()),
+                    stdin: handle.stdin.take(),
                     stop_timeout: r.stop_timeout,
                     ..Ctl::default()
                 },
@@ -855,6 +859,7 @@ impl Host {
                 // Nothing left to signal, and nothing to announce to a discoverd that
                 // turns up before the deregistration below.
                 c.signal = None;
+                c.stdin = None;
                 c.announce = None;
             }
             let (kind, j) = match end {
@@ -1110,6 +1115,11 @@ impl Host {
                 tracing::debug!(job = %id, error = %e, "SIGKILL failed");
             }
         }
+    }
+
+    /// The stdin of job `id`, while its process lives and if it was created with one.
+    pub fn stdin(&self, id: &str) -> Option<Stdin> {
+        self.lock().ctl.get(id).and_then(|c| c.stdin.clone())
     }
 
     /// `PUT /host/jobs/:id/signal/:sig`.

@@ -90,6 +90,7 @@ impl Runtime for Fake {
                 signals.lock().unwrap().push((id.clone(), sig));
                 Ok(())
             }),
+            stdin: None,
         })
     }
 

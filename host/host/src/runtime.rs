@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
 use crate::logship::{Stream, MAX_LINE};
@@ -82,6 +82,8 @@ pub struct Launch {
     pub gid: u32,
     /// Capabilities instead of the runtime's default set.
     pub capabilities: Option<Vec<String>>,
+    /// The job gets a stdin to write to ([`Handle::stdin`]) instead of `/dev/null`.
+    pub stdin: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,11 +112,64 @@ pub enum ProcEvent {
 /// Sends a signal to the job's process.
 pub type Signaller = Arc<dyn Fn(i32) -> std::io::Result<()> + Send + Sync>;
 
-/// A started (or re-adopted) job: its events, ending after `Exited` or `Failed`, and a
-/// way to signal it.
+/// A started (or re-adopted) job: its events, ending after `Exited` or `Failed`, a
+/// way to signal it, and its stdin if it has one.
 pub struct Handle {
     pub events: mpsc::Receiver<ProcEvent>,
     pub signal: Signaller,
+    pub stdin: Option<Stdin>,
+}
+
+/// What is sent to a job's stdin.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StdinMsg {
+    Data(Vec<u8>),
+    /// End of input: the job reads end-of-file after what was sent before.
+    Close,
+}
+
+/// A job's stdin: messages are written in the order they are sent, and a job that does not
+/// read holds its senders back (the queue is short), so input is never dropped for being
+/// fast. Dropping every sender closes stdin as [`StdinMsg::Close`] does. Data sent after the
+/// close, or once the job stopped reading for good, is discarded.
+pub type Stdin = mpsc::Sender<StdinMsg>;
+
+/// Messages (each up to an attach frame, 1 MiB) queued per job beyond what its pipe holds.
+const STDIN_QUEUE: usize = 4;
+
+/// Starts the task that owns a job's stdin. `open` gives the writer, on the first data (a
+/// FIFO opens only while the job holds its read end); `closed` runs once stdin is closed.
+pub fn stdin_writer<W, O, C>(open: O, closed: C) -> Stdin
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+    O: FnOnce() -> std::io::Result<W> + Send + 'static,
+    C: FnOnce() + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel(STDIN_QUEUE);
+    tokio::spawn(async move {
+        let mut open = Some(open);
+        let mut w: Option<W> = None;
+        while let Some(msg) = rx.recv().await {
+            let StdinMsg::Data(data) = msg else { break };
+            if w.is_none() {
+                match open.take().map(|o| o()) {
+                    Some(Ok(opened)) => w = Some(opened),
+                    Some(Err(e)) => tracing::debug!(error = %e, "job stdin: cannot open"),
+                    // It could not be opened or broke: the job reads no more.
+                    None => {}
+                }
+            }
+            if let Some(writer) = w.as_mut() {
+                if let Err(e) = writer.write_all(&data).await {
+                    tracing::debug!(error = %e, "job stdin: write failed");
+                    w = None;
+                }
+            }
+        }
+        drop(w);
+        closed();
+    });
+    tx
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +238,11 @@ impl Runtime for ProcessRuntime {
         cmd.args(&launch.args[1..])
             .env_clear()
             .envs(launch.env.iter().filter_map(|kv| kv.split_once('=')))
-            .stdin(Stdio::null())
+            .stdin(if launch.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -200,6 +259,11 @@ impl Runtime for ProcessRuntime {
             .spawn()
             .map_err(|e| RuntimeError::Start(format!("exec {:?}: {e}", launch.args[0])))?;
         let pid = child.id().unwrap_or(0);
+        // Taken before `wait`, which would close it.
+        let stdin = child
+            .stdin
+            .take()
+            .map(|s| stdin_writer(move || Ok(s), || {}));
         let (tx, rx) = mpsc::channel(1024);
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
@@ -236,7 +300,11 @@ impl Runtime for ProcessRuntime {
         });
         // The job is its own process group: signals reach everything it started.
         let signal: Signaller = Arc::new(move |sig| send_signal_group(pid, sig));
-        Ok(Handle { events: rx, signal })
+        Ok(Handle {
+            events: rx,
+            signal,
+            stdin,
+        })
     }
 
     fn adopt(&self) -> Vec<(String, Handle)> {

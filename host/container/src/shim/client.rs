@@ -33,6 +33,9 @@ pub struct ShimConn {
     acked: u64,
     hello: bool,
     finished: bool,
+    /// Whether the job has a stdin FIFO (from its spec; read from the state dir when
+    /// unknown, after a reconnect).
+    stdin: Option<bool>,
 }
 
 /// A shim started ahead of any job ([`Shim::spawn_spare`]), waiting for one
@@ -191,7 +194,9 @@ impl Shim {
             let _ = fs::remove_dir_all(&layout.dir);
             return Err(e);
         }
-        Self::connect(&state_dir, &spec.id).await
+        let mut conn = Self::connect(&state_dir, &spec.id).await?;
+        conn.stdin = Some(spec.stdin);
+        Ok(conn)
     }
 
     /// Writes the spec, names the job to the spare and waits for it to be ready (its control
@@ -298,6 +303,7 @@ impl Shim {
             acked: 0,
             hello: false,
             finished: false,
+            stdin: None,
         })
     }
 
@@ -526,6 +532,28 @@ impl ShimConn {
         }
         let mut b = Vec::new();
         wire::encode_signal(sig, &mut b);
+        self.send(Some(&b)).await
+    }
+
+    /// The job's stdin FIFO, for a job started with [`ContainerSpec::stdin`] (`None`
+    /// otherwise). The shim makes it before the job starts (before its `Started` event).
+    /// Open it to write with a non-blocking open: that fails (`ENXIO`) once the job has no
+    /// reader left.
+    pub fn stdin_path(&self) -> Option<std::path::PathBuf> {
+        let stdin = self.stdin.unwrap_or_else(|| {
+            fs::read(self.layout.spec())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<ContainerSpec>(&b).ok())
+                .is_some_and(|s| s.stdin)
+        });
+        stdin.then(|| self.layout.stdin())
+    }
+
+    /// Tells the shim to let go of its end of the job's stdin: the job reads end-of-file
+    /// once every writer the daemon opened is closed too.
+    pub async fn close_stdin(&self) -> Result<(), ContainerError> {
+        let mut b = Vec::new();
+        wire::encode_close_stdin(&mut b);
         self.send(Some(&b)).await
     }
 }

@@ -38,6 +38,9 @@ pub(super) struct Running {
     pub pidfd: OwnedFd,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+    /// The shim's write end of the job's stdin FIFO (jobs with stdin): held so the job does
+    /// not read end-of-file before the daemon closes stdin.
+    pub stdin_hold: Option<OwnedFd>,
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -236,6 +239,7 @@ pub(super) fn create(
             pidfd: s.pidfd,
             stdout: s.stdout,
             stderr: s.stderr,
+            stdin_hold: s.stdin_hold,
         }),
         Err(e) => {
             pid_ns.end();
@@ -251,6 +255,38 @@ struct Started {
     pidfd: OwnedFd,
     stdout: OwnedFd,
     stderr: OwnedFd,
+    stdin_hold: Option<OwnedFd>,
+}
+
+/// The job's stdin FIFO at `path`, made anew: its read end (blocking, for the job) and a
+/// write end for the shim to hold.
+fn stdin_fifo(path: &Path) -> Result<(OwnedFd, OwnedFd), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let _ = fs::remove_file(path);
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| format!("{} has a NUL", path.display()))?;
+    let open = |flags: libc::c_int| -> Result<OwnedFd, String> {
+        // SAFETY: `c` is a valid NUL-terminated path.
+        let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!("opening {}: {}", path.display(), errno()));
+        }
+        // SAFETY: open returned a new fd that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    // SAFETY: `c` is a valid NUL-terminated path.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        return Err(format!("mkfifo {}: {}", path.display(), errno()));
+    }
+    // Non-blocking so the open does not wait for a writer; the job gets it blocking.
+    let read = open(libc::O_RDONLY | libc::O_NONBLOCK)?;
+    let hold = open(libc::O_WRONLY)?;
+    // SAFETY: fcntl on an fd we own.
+    unsafe {
+        let fl = libc::fcntl(read.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(read.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+    }
+    Ok((read, hold))
 }
 
 /// Builds and starts the container with its pid namespace at `pid_ns` (a path).
@@ -279,12 +315,18 @@ fn start(
 
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let devnull = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    let (stdin, stdin_hold): (OwnedFd, _) = if spec.stdin {
+        let (read, hold) = stdin_fifo(&layout.stdin())?;
+        (read, Some(hold))
+    } else {
+        let devnull = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+        (devnull.into(), None)
+    };
     let mut container = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
         .with_executor(DefaultExecutor {})
         .with_root_path(layout.runtime_root())
         .map_err(|e| error_chain(&e))?
-        .with_stdin(devnull)
+        .with_stdin(stdin)
         .with_stdout(out_w)
         .with_stderr(err_w)
         .validate_id()
@@ -328,6 +370,7 @@ fn start(
         pidfd,
         stdout: out_r,
         stderr: err_r,
+        stdin_hold,
     })
 }
 

@@ -52,6 +52,11 @@ impl Layout {
             _dir: Some(dir),
         })
     }
+    /// The job's stdin, a FIFO (jobs with [`ContainerSpec::stdin`](crate::ContainerSpec)
+    /// only): the daemon opens it to write, the job reads it.
+    pub fn stdin(&self) -> PathBuf {
+        self.dir.join("stdin")
+    }
     /// The shim's pid.
     pub fn shim_pid(&self) -> PathBuf {
         self.dir.join("shim.pid")

@@ -229,10 +229,12 @@ fn serve(layout: &Layout, ready: OwnedFd, ns_ready: bool) -> Result<(), String> 
         final_queued: false,
         pid: 0,
         signals: Vec::new(),
+        stdin_hold: None,
     };
     match create(&shim.spec, layout, ns_ready) {
-        Ok(running) => {
+        Ok(mut running) => {
             shim.pid = running.pid as u32;
+            shim.stdin_hold = running.stdin_hold.take();
             shim.outbox.push(ShimEvent::Started {
                 pid: running.pid as u32,
             });
@@ -299,6 +301,8 @@ struct ShimLoop {
     pid: u32,
     /// Signals received and not yet delivered.
     signals: Vec<i32>,
+    /// The shim's write end of the job's stdin FIFO, until the daemon closes stdin.
+    stdin_hold: Option<OwnedFd>,
 }
 
 /// How long after the init exited the shim waits for the pipes to reach end-of-file.
@@ -370,6 +374,7 @@ impl ShimLoop {
             match wire::decode(&mut c.rbuf) {
                 Ok(Some(Frame::Ack(seq))) => self.outbox.ack(seq),
                 Ok(Some(Frame::Signal(s))) => self.signals.push(s),
+                Ok(Some(Frame::CloseStdin)) => self.stdin_hold = None,
                 Ok(Some(_)) | Err(_) => {
                     drop_client = true;
                     break;

@@ -87,6 +87,7 @@ impl Env {
             uid: 0,
             gid: 0,
             capabilities: None,
+            stdin: false,
         }
     }
 

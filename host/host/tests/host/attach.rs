@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use flynn_client::host::attach::{STDERR, STDOUT, STREAM};
+use flynn_client::host::attach::{STDERR, STDIN, STDOUT, STREAM};
 use flynn_client::host::{AttachRequest, Attached, Client, Frame};
 
 use crate::support::*;
@@ -127,6 +127,100 @@ async fn attach_streams_output_and_the_exit_status() {
     assert_eq!(seen.exit, None);
 }
 
+/// Adds a process job with stdin running `script`.
+async fn add_stdin_job(c: &Client, id: &str, script: &str) {
+    let mut job = sh_job(id, script);
+    job.config.stdin = true;
+    c.add_job(&job).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_writes_stdin_and_closes_it() {
+    let h = Host::start(PROC);
+    let c = &h.client;
+
+    // Input from two clients in turn: the first leaves without closing stdin, so the job
+    // still reads the second's; the second's empty frame ends it.
+    let id = h.job_id("cat");
+    add_stdin_job(c, &id, "cat; echo done").await;
+    let mut first = c.attach(&req(&id, STDOUT | STDIN | STREAM)).await.unwrap();
+    let mut seen = Seen::default();
+    let mut input = first.take_input().unwrap();
+    input.stdin(b"one\n").await.unwrap();
+    while !seen.stdout.ends_with(b"one\n") {
+        assert!(seen.take(next(&mut first).await), "ended early: {seen:?}");
+    }
+    assert!(seen.attached(), "{seen:?}");
+    assert!(
+        first.send(&Frame::Signal(1)).await.is_err(),
+        "the input side was taken"
+    );
+    drop((first, input));
+    let mut second = c.attach(&req(&id, STDOUT | STDIN | STREAM)).await.unwrap();
+    second
+        .send(&Frame::Data {
+            stream: 0,
+            data: b"two\nthree".to_vec(),
+        })
+        .await
+        .unwrap();
+    second
+        .send(&Frame::Data {
+            stream: 0,
+            data: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let seen = read_all(&mut second).await;
+    assert_eq!(seen.status, [Frame::Success], "{seen:?}");
+    // `three` had no newline: `cat` ended with it, then `echo` wrote on the same line.
+    assert_eq!(String::from_utf8_lossy(&seen.stdout), "two\nthreedone\n");
+    assert_eq!(seen.exit, Some(0));
+
+    // A job that does not read yet holds the client's input back, and its output still
+    // reaches the client meanwhile; nothing is lost once it reads.
+    let id = h.job_id("slow");
+    add_stdin_job(c, &id, "echo ready; sleep 1; wc -c | tr -d ' '").await;
+    let mut a = c.attach(&req(&id, STDOUT | STDIN | STREAM)).await.unwrap();
+    let mut input = a.take_input().unwrap();
+    const LEN: usize = 32 << 20;
+    let writer = tokio::spawn(async move {
+        let data = vec![b'x'; LEN];
+        input.stdin(&data).await.unwrap();
+        input.stdin(b"tail").await.unwrap();
+        input.close_stdin().await.unwrap();
+        std::time::Instant::now()
+    });
+    let mut seen = Seen::default();
+    while !seen.stdout.ends_with(b"ready\n") {
+        assert!(seen.take(next(&mut a).await), "ended early: {seen:?}");
+    }
+    let ready = std::time::Instant::now();
+    while seen.take(next(&mut a).await) {}
+    let sent = writer.await.unwrap();
+    assert!(
+        ready < sent,
+        "the job's output came while its input was held back"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&seen.stdout),
+        format!("ready\n{}\n", LEN + 4)
+    );
+    assert_eq!(seen.exit, Some(0));
+
+    // Input after the close, and input to a job that has ended, are discarded.
+    let id = h.job_id("closed");
+    add_stdin_job(c, &id, "cat; sleep 0.3; echo done").await;
+    let mut a = c.attach(&req(&id, STDOUT | STDIN | STREAM)).await.unwrap();
+    let mut input = a.take_input().unwrap();
+    input.stdin(b"a\n").await.unwrap();
+    input.close_stdin().await.unwrap();
+    input.stdin(b"late\n").await.unwrap();
+    let seen = read_all(&mut a).await;
+    assert_eq!(String::from_utf8_lossy(&seen.stdout), "a\ndone\n");
+    assert_eq!(seen.exit, Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_forwards_signals_and_reports_a_stop() {
     let h = Host::start(PROC);
@@ -210,9 +304,9 @@ async fn attach_refusals_are_json_errors() {
     let mut second = second.expect("a second client after the first left");
     assert_eq!(next(&mut second).await, Some(Frame::Success));
 
-    // Flags this host cannot serve.
+    // Flags this host cannot serve (stdin: the job was created without it).
     for (flags, says) in [
-        (STDOUT | STREAM | 4, "stdin"),
+        (STDOUT | STREAM | STDIN, "stdin"),
         (STDOUT | STREAM | 8, "logs"),
         (STDOUT, "stream"),
     ] {
@@ -243,6 +337,14 @@ async fn attach_refusals_are_json_errors() {
         "{end:?}"
     );
     c.stop_job(&talk).await.unwrap();
+
+    // A terminal is refused when the job is added.
+    let mut job = sh_job(&h.job_id("tty"), "true");
+    job.config.tty = true;
+    let e = c.add_job(&job).await.expect_err("tty refused");
+    let e = e.api().expect("the JSON envelope");
+    assert_eq!(e.status(), 400);
+    assert!(e.message.contains("not supported"), "{}", e.message);
 
     // Without the upgrade.
     let a = h.addr.as_str();

@@ -1060,3 +1060,76 @@ fn attach_to_a_container_job() {
         assert_eq!(middle, want, "{frames:?}");
     });
 }
+
+#[test]
+fn a_container_jobs_stdin_survives_a_daemon_restart() {
+    use flynn_client::host::attach::{STDIN, STDOUT, STREAM};
+    use flynn_client::host::{AttachRequest, Attached, Frame};
+    require_root!();
+    busybox();
+    async fn attach(c: &flynn_client::host::Client, id: &str) -> Attached {
+        c.attach(&AttachRequest {
+            job_id: id.to_string(),
+            flags: STDOUT | STDIN | STREAM,
+            ..AttachRequest::default()
+        })
+        .await
+        .unwrap()
+    }
+    /// Output of `a` up to and including a line ending in `until` (or the end).
+    async fn read_until(a: &mut Attached, out: &mut String, until: &str) -> Option<u32> {
+        while !out.ends_with(until) {
+            let f = tokio::time::timeout(Duration::from_secs(30), a.next())
+                .await
+                .unwrap_or_else(|_| panic!("no frame within 30 s, output so far {out:?}"))
+                .unwrap();
+            match f {
+                Some(Frame::Data { stream: 1, data }) => {
+                    out.push_str(&String::from_utf8_lossy(&data))
+                }
+                Some(Frame::Exit(s)) => return Some(s),
+                Some(_) => {}
+                None => panic!("ended without an exit status: {out:?}"),
+            }
+        }
+        None
+    }
+    in_netns(|_| async {
+        let mut ch = CHost::start(&[]);
+        let id = ch.host.job_id("stdin");
+        // Not root in the container: the job reads a FIFO the shim opened for it.
+        let mut job = bb_job(&id, "while read l; do echo \"got $l\"; done; echo eof");
+        job.config.stdin = true;
+        job.config.uid = Some(1000);
+        ch.host.client.add_job(&job).await.unwrap();
+        // Attached (and input sent) while the container is still starting: the input waits
+        // for the job's stdin.
+        let mut a = attach(&ch.host.client, &id).await;
+        a.take_input().unwrap().stdin(b"one\n").await.unwrap();
+        let mut out = String::new();
+        assert_eq!(read_until(&mut a, &mut out, "got one\n").await, None);
+        drop(a);
+
+        // A new daemon on the same state finds the job's stdin again.
+        drop(ch.host.proc.take());
+        ch.restart(&[]);
+        let mut a = attach(&ch.host.client, &id).await;
+        let mut input = a.take_input().unwrap();
+        input.stdin(b"two\n").await.unwrap();
+        input.close_stdin().await.unwrap();
+        let mut out = String::new();
+        let exit = read_until(&mut a, &mut out, "eof\n").await;
+        assert_eq!(out, "got two\neof\n");
+        let exit = match exit {
+            Some(s) => s,
+            None => loop {
+                match a.next().await.unwrap() {
+                    Some(Frame::Exit(s)) => break s,
+                    Some(_) => {}
+                    None => panic!("no exit status"),
+                }
+            },
+        };
+        assert_eq!(exit, 0);
+    });
+}
