@@ -83,7 +83,9 @@ impl Dechunker {
                         // chunk extensions are ignored
                     } else if let Some(d) = (b as char).to_digit(16) {
                         *value = value.checked_mul(16).ok_or(BodyError::ChunkTooLarge)? + d as u64;
-                        *digits += 1;
+                        // Leading zeros are allowed without bound (the head's length is what
+                        // limits them): count up to "some", never wrap.
+                        *digits = digits.saturating_add(1);
                         if *value > crate::MAX_CHUNK_SIZE {
                             return Err(BodyError::ChunkTooLarge);
                         }
@@ -172,6 +174,21 @@ mod tests {
             assert_eq!(out, b"hello, world", "step {step}");
             assert!(done);
             assert_eq!(&body[used..], b"NEXT");
+        }
+    }
+
+    #[test]
+    fn any_number_of_leading_zeros() {
+        for zeros in [255, 256, 300, 1000] {
+            let mut body = vec![b'0'; zeros];
+            body.extend_from_slice(b"5\r\nhello\r\n");
+            body.extend(std::iter::repeat_n(b'0', zeros));
+            body.extend_from_slice(b"\r\n\r\n");
+            let (out, used, done) = decode_split(&body, 7).unwrap();
+            assert_eq!(
+                (out.as_slice(), used, done),
+                (&b"hello"[..], body.len(), true)
+            );
         }
     }
 

@@ -51,11 +51,19 @@ pub fn write_request_head(buf: &[u8], req: &RequestInfo, fwd: &Forward, out: &mu
     out.extend_from_slice(uri.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
-    // HTTP/1.0 absolute-form without Host: the backend gets HTTP/1.1, which needs one.
-    if !fields.has(Field::Host) {
-        if let Some(host) = req.host {
-            put_header(out, b"Host", host.get(buf));
-        }
+    // The backend's Host is the host the request was routed by. They differ only for the
+    // absolute form, whose target names the host (RFC 9112 §3.2.2: a proxy generates Host
+    // from it rather than forwarding the client's), and an HTTP/1.0 request without Host
+    // still needs one as HTTP/1.1.
+    let routed = req.host.map(|h| h.get(buf));
+    let new_host = routed.filter(|r| {
+        !fields.has(Field::Host)
+            || fields
+                .values(Field::Host)
+                .any(|v| !v.eq_ignore_ascii_case(r))
+    });
+    if let Some(host) = new_host {
+        put_header(out, b"Host", host);
     }
 
     fields.copy_end_to_end(
@@ -67,7 +75,7 @@ pub fn write_request_head(buf: &[u8], req: &RequestInfo, fwd: &Forward, out: &mu
                     | Field::XForwardedPort
                     | Field::XRequestStart
                     | Field::XRequestId
-            )
+            ) || (f == Field::Host && new_host.is_some())
         },
         out,
     );

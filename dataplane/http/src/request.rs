@@ -96,7 +96,8 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestInfo>, ParseError> {
         framing,
         keep_alive,
         upgrade: version_minor >= 1 && scan.conn_upgrade,
-        expect_continue: scan.expect_continue,
+        // An HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1).
+        expect_continue: version_minor >= 1 && scan.expect_continue,
     }))
 }
 

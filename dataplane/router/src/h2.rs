@@ -2,7 +2,10 @@
 //! routing, balancing, pools and header rewriting as HTTP/1.1: each HTTP/2 request is
 //! turned into an HTTP/1.1 request head that goes through `flynn-http` like any other.
 //! Limits that protect the router: concurrent streams, header list size, and caps on
-//! reset streams (rapid reset) and pending resets, all from the `h2` crate's builder.
+//! reset streams (rapid reset) and pending resets, all from the `h2` crate's builder. A
+//! stream the client resets ends its backend exchange at once (the backend connection is
+//! closed, not pooled), so resetting accepted streams cannot pile up backend work; waits
+//! on a backend are bounded as on HTTP/1.1 (response head, then idle time between reads).
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -302,6 +305,11 @@ async fn exchange(
     while let Some(chunk) = body.data().await {
         let chunk = chunk.map_err(|_| Failure::ClientGone)?;
         let _ = body.flow_control().release_capacity(chunk.len());
+        // An empty DATA frame (often the one that carries END_STREAM) is no chunk: written
+        // as one, its `0` would end the body before the terminator below.
+        if chunk.is_empty() {
+            continue;
+        }
         let mut frame = Vec::with_capacity(chunk.len() + 16);
         if chunked {
             frame.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
@@ -401,16 +409,29 @@ async fn stream(
     let mut ubuf = Vec::with_capacity(16 * 1024);
     let mut retries = 0;
     let resp = loop {
-        match exchange(
-            &mut up,
-            &mut out,
-            &mut body,
-            chunked,
-            &mut ubuf,
-            info.method,
-        )
-        .await
-        {
+        let ex = monoio::time::timeout(
+            crate::proxy::RESPONSE_HEADER_TIMEOUT,
+            exchange(
+                &mut up,
+                &mut out,
+                &mut body,
+                chunked,
+                &mut ubuf,
+                info.method,
+            ),
+        );
+        let res = monoio::select! {
+            r = ex => r,
+            // The client gave up on the stream: so does the backend exchange (its
+            // connection is dropped with it).
+            _ = client_reset(&mut respond) => return,
+        };
+        // No response head within the limit: as on HTTP/1.1, the backend failed.
+        let Ok(res) = res else {
+            CoreMetrics::inc(&core.metrics().upstream_errors_total);
+            return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+        };
+        match res {
             Ok(r) => break r,
             Err(Failure::Stale) if reused && replayable && retries < 2 => {
                 retries += 1;
@@ -485,7 +506,17 @@ async fn stream(
             }
             return;
         }
-        let (res, b) = read_append(&mut up, std::mem::take(&mut pending)).await;
+        let read = monoio::time::timeout(
+            core.settings().idle_timeout,
+            read_append(&mut up, std::mem::take(&mut pending)),
+        );
+        let (res, b) = monoio::select! {
+            r = read => match r {
+                Ok(r) => r,
+                Err(_) => return send.send_reset(h2::Reason::INTERNAL_ERROR),
+            },
+            _ = std::future::poll_fn(|cx| send.poll_reset(cx)) => return,
+        };
         pending = b;
         match res {
             Ok(n) if n > 0 => {}
@@ -611,7 +642,12 @@ async fn passthrough(
         }
     };
     let down = async move {
-        let Ok(resp) = resp.await else {
+        // A client that resets the stream drops the backend's too.
+        let resp = monoio::select! {
+            r = resp => r,
+            _ = client_reset(&mut respond) => return,
+        };
+        let Ok(resp) = resp else {
             return simple(&mut respond, &core, 503, b"Service Unavailable\n");
         };
         core.metrics().status(resp.status().as_u16());
@@ -677,8 +713,19 @@ async fn grpc_backend(
 }
 
 /// Copies DATA frames (as the receiver's window allows) and then trailers.
+/// Resolves when the client resets the stream `respond` answers.
+async fn client_reset(respond: &mut h2::server::SendResponse<Bytes>) {
+    let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+}
+
 async fn pump(mut from: h2::RecvStream, mut to: h2::SendStream<Bytes>) {
-    while let Some(chunk) = from.data().await {
+    loop {
+        // Waiting for the sender, the receiver may go away: then so does this pump.
+        let next = monoio::select! {
+            d = from.data() => d,
+            _ = std::future::poll_fn(|cx| to.poll_reset(cx)) => return,
+        };
+        let Some(chunk) = next else { break };
         let Ok(mut chunk) = chunk else {
             to.send_reset(h2::Reason::CANCEL);
             return;

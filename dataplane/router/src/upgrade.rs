@@ -83,9 +83,11 @@ pub async fn tunnel<S: crate::proxy::Client>(
     if res.is_err() {
         return fail(core, &mut c).await;
     }
-    // A body longer than what came with the head: relay the rest as it arrives.
+    // A body longer than what came with the head: relay the rest as it arrives (a client
+    // that stops sending it is given up on after the idle timeout).
     while !body.is_done() {
-        let (res, b) = read_append(&mut c, buf).await;
+        let read = monoio::time::timeout(core.settings().idle_timeout, read_append(&mut c, buf));
+        let Ok((res, b)) = read.await else { return };
         buf = b;
         if !matches!(res, Ok(n) if n > 0) {
             return;
@@ -102,7 +104,13 @@ pub async fn tunnel<S: crate::proxy::Client>(
     }
     let mut ubuf = Vec::with_capacity(16 * 1024);
     let resp = loop {
-        let (res, b) = read_append(&mut up, ubuf).await;
+        let read = monoio::time::timeout(
+            crate::proxy::RESPONSE_HEADER_TIMEOUT,
+            read_append(&mut up, ubuf),
+        );
+        let Ok((res, b)) = read.await else {
+            return fail(core, &mut c).await;
+        };
         ubuf = b;
         match res {
             Ok(n) if n > 0 => {}

@@ -223,6 +223,9 @@ fn framing_and_expect() {
         assert_eq!(info.framing, framing, "{raw:?}");
         assert_eq!(info.expect_continue, expect, "{raw:?}");
     }
+    // An HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1).
+    let info = req(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
+    assert!(!info.expect_continue);
 }
 
 #[test]

@@ -354,6 +354,23 @@ fn http10_absolute_form_gets_a_host() {
 }
 
 #[test]
+fn absolute_form_host_replaces_the_clients_host() {
+    // Routed by the target's host, so that is the Host the backend sees (RFC 9112 §3.2.2).
+    let head = rewrite(b"GET http://victim.app/x HTTP/1.1\r\nHost: evil.com\r\nA: b\r\n\r\n");
+    assert!(
+        head.starts_with("GET http://victim.app/x HTTP/1.1\r\nHost: victim.app\r\nA: b\r\n"),
+        "{head}"
+    );
+    assert!(!head.contains("evil.com"), "{head}");
+    // The same host in both: the client's field is kept as it is.
+    let head = rewrite(b"GET http://a.app/x HTTP/1.1\r\nhost: A.app\r\n\r\n");
+    assert!(
+        head.starts_with("GET http://a.app/x HTTP/1.1\r\nhost: A.app\r\n"),
+        "{head}"
+    );
+}
+
+#[test]
 fn extra_headers_come_last_and_output_is_appended() {
     let raw = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
     let info = req(raw);

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flynn_http::{
     parse_request, parse_response, simple_response, write_request_head, write_response_head,
-    BodyReader, Dechunker, Forward, Framing, RequestInfo, ResponseOpts,
+    BodyReader, Dechunker, Forward, Framing, Method, RequestInfo, ResponseOpts,
 };
 use flynn_routes::HttpRoute;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Canceller, Split};
@@ -29,7 +29,7 @@ use crate::metrics::CoreMetrics;
 use crate::worker::{Core, ListenerInfo, BUF};
 use flynn_runtime::Recycled;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-const RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(600);
+pub(crate) const RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(600);
 const MAX_ATTEMPTS: usize = 4;
 /// How long a response may take before the proxy starts watching for the client
 /// leaving (499); keeps the common fast response free of an extra poll.
@@ -328,6 +328,8 @@ async fn one_request<S: Client>(
                 core,
                 &mut c,
                 &mut bufs.out,
+                // The head could not be read: its method is unknown.
+                Method::Get,
                 status,
                 reason_body(status),
                 true,
@@ -349,10 +351,10 @@ async fn one_request<S: Client>(
             CoreMetrics::inc(&core.metrics().not_found_total);
             let close = !info.keep_alive || info.framing != Framing::Empty;
             if close {
-                respond(core, &mut c, out, 404, b"Not Found\n", true).await
+                respond(core, &mut c, out, info.method, 404, b"Not Found\n", true).await
             } else {
                 buf.drain(..info.head_len);
-                respond(core, &mut c, out, 404, b"Not Found\n", false).await
+                respond(core, &mut c, out, info.method, 404, b"Not Found\n", false).await
             }
         }
         Some(r) if r.backends.is_empty() => {
@@ -433,10 +435,14 @@ async fn read_head<S: Client>(
     }
 }
 
+/// The router's own response to a request (`method`: a `HEAD` gets the head only, with the
+/// length a `GET` would have had).
+#[allow(clippy::too_many_arguments)]
 async fn respond<S: Client>(
     core: &Core,
     c: &mut S,
     out: &mut Vec<u8>,
+    method: Method,
     status: u16,
     body: &[u8],
     close: bool,
@@ -445,11 +451,18 @@ async fn respond<S: Client>(
     // A draining process closes every connection after its current response.
     let close = close || core.draining();
     out.clear();
-    match (status, &core.settings().page_503) {
+    let body_len = match (status, &core.settings().page_503) {
         (503, Some(page)) => {
-            flynn_http::typed_response(503, b"text/html; charset=utf-8", page, close, out)
+            flynn_http::typed_response(503, b"text/html; charset=utf-8", page, close, out);
+            page.len()
         }
-        _ => simple_response(status, body, close, out),
+        _ => {
+            simple_response(status, body, close, out);
+            body.len()
+        }
+    };
+    if method == Method::Head {
+        out.truncate(out.len() - body_len);
     }
     let o = std::mem::take(out);
     let len = o.len();
@@ -470,7 +483,16 @@ async fn unavailable<S: Client>(
 ) -> Next {
     CoreMetrics::inc(&core.metrics().unavailable_total);
     let close = !info.keep_alive || info.framing != Framing::Empty;
-    respond(core, c, out, 503, b"Service Unavailable\n", close).await
+    respond(
+        core,
+        c,
+        out,
+        info.method,
+        503,
+        b"Service Unavailable\n",
+        close,
+    )
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -504,7 +526,7 @@ async fn forward<S: Client>(
     let mut body = BodyReader::new(info.framing);
     let adv = match body.advance(&buf[info.head_len..]) {
         Ok(a) => a,
-        Err(_) => return respond(core, c, out, 400, b"Bad Request\n", true).await,
+        Err(_) => return respond(core, c, out, info.method, 400, b"Bad Request\n", true).await,
     };
     out.extend_from_slice(&buf[info.head_len..info.head_len + adv.used]);
     let mut consumed = info.head_len + adv.used;
@@ -553,14 +575,17 @@ async fn forward<S: Client>(
                 }
                 let adv = match body.advance(&buf[consumed..]) {
                     Ok(a) => a,
-                    Err(_) => return respond(core, c, out, 400, b"Bad Request\n", true).await,
+                    Err(_) => {
+                        return respond(core, c, out, info.method, 400, b"Bad Request\n", true)
+                            .await
+                    }
                 };
                 let taken = std::mem::take(buf);
                 let (res, b) = write_range(&mut up, taken, consumed, consumed + adv.used).await;
                 *buf = b;
                 consumed += adv.used;
                 if res.is_err() {
-                    return upstream_failed(core, c, out).await;
+                    return upstream_failed(core, c, out, info.method).await;
                 }
             }
             match exchange(c, &mut up, ubuf, info, sent_continue).await {
@@ -584,7 +609,7 @@ async fn forward<S: Client>(
         // byte to a safe request, is retried: on a fresh dial to the same backend, or
         // another backend if that dial fails.
         if !can_retry || retries >= MAX_ATTEMPTS {
-            return upstream_failed(core, c, out).await;
+            return upstream_failed(core, c, out, info.method).await;
         }
         retries += 1;
         ubuf.clear();
@@ -596,7 +621,7 @@ async fn forward<S: Client>(
                     _inflight = core.start_request(a);
                 }
             }
-            None => return upstream_failed(core, c, out).await,
+            None => return upstream_failed(core, c, out, info.method).await,
         }
     };
 
@@ -620,7 +645,7 @@ async fn forward<S: Client>(
     let mut rbody = BodyReader::new(resp.framing);
     let adv = match rbody.advance(&ubuf[head_len..]) {
         Ok(a) => a,
-        Err(_) => return upstream_failed(core, c, out).await,
+        Err(_) => return upstream_failed(core, c, out, info.method).await,
     };
     out.clear();
     write_response_head(
@@ -718,8 +743,13 @@ async fn forward<S: Client>(
     }
 }
 
-async fn upstream_failed<S: Client>(core: &Core, c: &mut S, out: &mut Vec<u8>) -> Next {
+async fn upstream_failed<S: Client>(
+    core: &Core,
+    c: &mut S,
+    out: &mut Vec<u8>,
+    method: Method,
+) -> Next {
     CoreMetrics::inc(&core.metrics().upstream_errors_total);
     CoreMetrics::inc(&core.metrics().unavailable_total);
-    respond(core, c, out, 503, b"Service Unavailable\n", true).await
+    respond(core, c, out, method, 503, b"Service Unavailable\n", true).await
 }

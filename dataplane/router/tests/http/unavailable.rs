@@ -144,6 +144,37 @@ fn local_404_and_503_answer_once_on_a_keep_alive_connection() {
     }
 }
 
+#[test]
+fn local_404_and_503_to_head_have_no_body() {
+    let router = Router::start();
+    let b1 = Backend::start("b1");
+    router.add_route(http_route("example.com", "web"));
+    router.add_route(http_route("empty.example.com", "none"));
+    router.set_backends("web", &[&b1]);
+    let mut conn = Conn::connect(router.http_addr);
+    for (host, status) in [("nope.example.com", 404), ("empty.example.com", 503)] {
+        conn.send(format!("HEAD / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes());
+        let head = conn.read_head().unwrap();
+        assert_eq!(head.status, status, "{host}");
+        // The length a GET would get, and no body: the next response comes next.
+        let len = head
+            .header("content-length")
+            .and_then(|v| v.parse::<u64>().ok());
+        assert!(len.is_some_and(|n| n > 0), "{host}: {head:?}");
+        if head
+            .header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+        {
+            conn.expect_closed();
+            conn = Conn::connect(router.http_addr);
+            continue;
+        }
+        let resp = conn.get("example.com", "/");
+        assert_eq!(resp.status, 200, "after the HEAD {status}: {resp:?}");
+        assert_eq!(resp.backend(), "b1");
+    }
+}
+
 /// A backend that answers keep-alive, except that it closes without answering the first
 /// time it sees `/flaky` (any method): the reused pooled connection "dies" after the
 /// request reached the backend.

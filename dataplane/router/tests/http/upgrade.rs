@@ -252,3 +252,43 @@ fn an_upgrade_request_body_is_forwarded_whole_before_the_answer() {
     assert_eq!(b.requests()[0].body, b"helloworld");
     echo_round_trips(&mut conn);
 }
+
+#[test]
+fn an_upgrade_whose_body_never_comes_is_given_up_after_the_idle_timeout() {
+    let router = Router::builder()
+        .arg("--idle-timeout-secs")
+        .arg("1")
+        .start();
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    router.add_route(http_route("example.com", "web"));
+    router.set_backend_addrs("web", &[(backend.local_addr().unwrap().to_string(), false)]);
+    let mut conn = Conn::connect(router.http_addr);
+    // One body byte is announced and never sent.
+    conn.send(
+        b"POST /ws HTTP/1.1\r\nHost: example.com\r\nConnection: upgrade\r\nUpgrade: x\r\n\
+          Content-Length: 1\r\n\r\n",
+    );
+    let (mut up, _) = backend.accept().unwrap();
+    let start = std::time::Instant::now();
+    up.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    loop {
+        match up.read(&mut b) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(e) => panic!("backend connection still open after 10 s: {e}"),
+        }
+    }
+    assert!(
+        got.starts_with(b"POST /ws HTTP/1.1\r\n"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    conn.expect_closed();
+}

@@ -206,3 +206,99 @@ fn handover_sends_goaway_to_http2_clients_and_the_old_process_exits_without_the_
     let seen = c.run(Duration::from_secs(3));
     assert_eq!(seen.responses.first().map(|r| r.0), Some(1), "{seen:?}");
 }
+
+const DATA: u8 = 0x0;
+const RST_STREAM: u8 = 0x3;
+
+/// A raw HTTP/1.1 backend: the one connection the router makes to it.
+fn raw_backend() -> (std::net::TcpListener, String) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    (l, addr)
+}
+
+/// Reads from `s` until `needle` has arrived (or panics after 10 s).
+fn read_until(s: &mut TcpStream, got: &mut Vec<u8>, needle: &[u8]) {
+    let start = Instant::now();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut chunk = [0u8; 4096];
+    while !got.windows(needle.len()).any(|w| w == needle) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no {needle:?} in {got:?}"
+        );
+        match s.read(&mut chunk) {
+            Ok(0) => panic!("closed before {needle:?}: {got:?}"),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(_) => {}
+        }
+    }
+}
+
+#[test]
+fn a_stream_the_client_resets_drops_its_backend_request() {
+    let router = Router::builder()
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
+    let (backend, addr) = raw_backend();
+    router.add_route(http_route("reset.example.com", "web"));
+    router.set_backend_addrs("web", &[(addr, false)]);
+
+    let mut c = H2c::connect(router.h2c_addrs[0]);
+    c.get(1, "reset.example.com");
+    // The backend has the request and does not answer; the client gives up on it.
+    let (mut up, _) = backend.accept().unwrap();
+    read_until(&mut up, &mut Vec::new(), b"\r\n\r\n");
+    c.s.write_all(&frame(RST_STREAM, 0, 1, &8u32.to_be_bytes()))
+        .unwrap();
+    // The router closes its backend connection then, not after the response timeout.
+    up.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 64];
+    match up.read(&mut b) {
+        Ok(0) => {}
+        other => panic!("backend connection still open 5 s after the reset: {other:?}"),
+    }
+}
+
+#[test]
+fn an_empty_final_data_frame_is_not_sent_as_a_second_last_chunk() {
+    let router = Router::builder()
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
+    let (backend, addr) = raw_backend();
+    router.add_route(http_route("post.example.com", "web"));
+    router.set_backend_addrs("web", &[(addr, false)]);
+
+    let mut c = H2c::connect(router.h2c_addrs[0]);
+    // POST without a length (HPACK: indexed `:method POST`, `:scheme http`, `:path /`,
+    // literal `:authority`), END_HEADERS only; the body "abc", then an empty DATA frame
+    // with END_STREAM (as Go's client ends a body of unknown length).
+    let host = "post.example.com";
+    let mut block = vec![0x83, 0x86, 0x84, 0x41, host.len() as u8];
+    block.extend_from_slice(host.as_bytes());
+    c.s.write_all(&frame(HEADERS, 0x4, 1, &block)).unwrap();
+    c.s.write_all(&frame(DATA, 0, 1, b"abc")).unwrap();
+    c.s.write_all(&frame(DATA, 0x1, 1, b"")).unwrap();
+
+    let (mut up, _) = backend.accept().unwrap();
+    let mut got = Vec::new();
+    read_until(&mut up, &mut got, b"0\r\n\r\n");
+    up.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        .unwrap();
+    // Nothing follows the body's one terminator.
+    std::thread::sleep(Duration::from_millis(300));
+    up.set_nonblocking(true).unwrap();
+    let mut rest = [0u8; 64];
+    if let Ok(n) = up.read(&mut rest) {
+        got.extend_from_slice(&rest[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    assert!(text.contains("Transfer-Encoding: chunked"), "{text}");
+    assert_eq!(body, "3\r\nabc\r\n0\r\n\r\n", "{text}");
+    let seen = c.run(Duration::from_secs(2));
+    assert_eq!(seen.responses.first().map(|r| r.0), Some(1), "{seen:?}");
+}
