@@ -404,8 +404,18 @@ async fn read_head<S: Client>(
     // The whole head must arrive within the header timeout of its first byte, however
     // slowly it trickles in (slowloris costs a connection, never a core).
     let mut deadline: Option<std::time::Instant> = None;
+    // Bytes already parsed as an incomplete head: after the first attempt (which parses a
+    // head that came whole in one read, the usual case), the head is parsed again only once
+    // its end may be in, so a head trickling in costs one pass over its bytes, not one per
+    // read.
+    let mut scanned: Option<usize> = None;
     loop {
-        if !buf.is_empty() {
+        let parse = match scanned {
+            None => !buf.is_empty(),
+            Some(from) => buf.len() >= flynn_http::MAX_HEAD || may_end_head(buf, from),
+        };
+        if parse {
+            scanned = Some(buf.len());
             match parse_request(buf) {
                 Ok(Some(info)) => return Ok(Some(info)),
                 Ok(None) => {}
@@ -433,6 +443,13 @@ async fn read_head<S: Client>(
             Ok(_) => {}
         }
     }
+}
+
+/// Whether a head's end (an empty line, `\n\n` or `\n\r\n`) may be in `buf` after the
+/// first `from` bytes.
+fn may_end_head(buf: &[u8], from: usize) -> bool {
+    let tail = &buf[from.saturating_sub(2)..];
+    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
 }
 
 /// The router's own response to a request (`method`: a `HEAD` gets the head only, with the
@@ -752,4 +769,22 @@ async fn upstream_failed<S: Client>(
     CoreMetrics::inc(&core.metrics().upstream_errors_total);
     CoreMetrics::inc(&core.metrics().unavailable_total);
     respond(core, c, out, method, 503, b"Service Unavailable\n", true).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_end_head;
+
+    #[test]
+    fn a_head_end_is_found_across_the_boundary_of_what_was_scanned() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        // Wherever the earlier reads stopped, the end is seen once all of it is in.
+        for from in 0..head.len() {
+            assert!(may_end_head(head, from), "from {from}");
+        }
+        assert!(may_end_head(b"GET / HTTP/1.1\nHost: a\n\n", 23));
+        assert!(!may_end_head(b"GET / HTTP/1.1\r\nHost: a\r\n", 0));
+        // A line end already scanned is not taken for the end again.
+        assert!(!may_end_head(b"GET / HTTP/1.1\r\nHost: a\r\nX", 26));
+    }
 }

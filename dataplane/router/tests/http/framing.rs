@@ -22,6 +22,48 @@ fn request_head_over_64k_is_431() {
 }
 
 #[test]
+fn a_head_in_pieces_is_parsed_at_its_end_and_limits_still_hold() {
+    let (router, b1) = setup("example.com");
+    // Split everywhere, including inside the final empty line; a pipelined request follows.
+    let head = "GET /one HTTP/1.1\r\nHost: example.com\r\nX-A: 1\r\n\r\n";
+    let mut conn = Conn::connect(router.http_addr);
+    for piece in head.as_bytes().chunks(3) {
+        conn.send(piece);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let resp = conn.response();
+    assert_eq!((resp.status, resp.seen().uri.as_str()), (200, "/one"));
+    for piece in [&b"GET /two HTTP/1.1\r\nHost: example.com\n"[..], b"\n"] {
+        conn.send(piece);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let resp = conn.response();
+    assert_eq!((resp.status, resp.seen().uri.as_str()), (200, "/two"));
+    assert_eq!(b1.request_count(), 2);
+
+    // Malformed after the first read: answered once the head is complete.
+    let mut conn = Conn::connect(router.http_addr);
+    conn.send(b"GET / HTTP/1.1\r\nHost: example.com\r\n");
+    std::thread::sleep(Duration::from_millis(20));
+    conn.send(b"Bad Header\r\n");
+    std::thread::sleep(Duration::from_millis(20));
+    conn.send(b"\r\n");
+    assert_eq!(conn.response().status, 400);
+
+    // A head that trickles past the limit without ending is still 431.
+    let mut conn = Conn::connect(router.http_addr);
+    conn.send(b"GET / HTTP/1.1\r\nHost: example.com\r\n");
+    let line = format!("X-Big: {}\r\n", "a".repeat(1000));
+    for _ in 0..70 {
+        if conn.try_send(line.as_bytes()).is_err() {
+            break;
+        }
+    }
+    assert_eq!(conn.try_response().expect("a 431").status, 431);
+    assert_eq!(b1.request_count(), 2);
+}
+
+#[test]
 fn request_head_just_under_limit_is_proxied() {
     let (router, b1) = setup("example.com");
     let big = "a".repeat(60 * 1024);
