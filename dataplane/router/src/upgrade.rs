@@ -104,6 +104,21 @@ pub async fn tunnel<S: crate::proxy::Client>(
     }
     let mut ubuf = Vec::with_capacity(16 * 1024);
     let resp = loop {
+        match parse_response(&ubuf, info.method) {
+            // Interim responses (100, 103) go to the client as they are; the answer to
+            // the upgrade comes after them.
+            Ok(Some(r)) if (100..200).contains(&r.status) && r.status != 101 => {
+                let interim: Vec<u8> = ubuf.drain(..r.head_len).collect();
+                let n = interim.len();
+                if write_range(&mut c, interim, 0, n).await.0.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(Some(r)) => break r,
+            Ok(None) => {}
+            Err(_) => return fail(core, &mut c).await,
+        }
         let read = monoio::time::timeout(
             crate::proxy::RESPONSE_HEADER_TIMEOUT,
             read_append(&mut up, ubuf),
@@ -115,11 +130,6 @@ pub async fn tunnel<S: crate::proxy::Client>(
         match res {
             Ok(n) if n > 0 => {}
             _ => return fail(core, &mut c).await,
-        }
-        match parse_response(&ubuf, info.method) {
-            Ok(Some(r)) => break r,
-            Ok(None) => {}
-            Err(_) => return fail(core, &mut c).await,
         }
     };
     m.status(resp.status);

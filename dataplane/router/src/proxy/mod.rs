@@ -642,6 +642,11 @@ async fn forward<S: Client>(
         }
     };
 
+    // A switch of protocols nobody asked for: the client's connection would go on as
+    // HTTP while the backend's does not (Go's proxy refuses it too).
+    if resp.status == 101 {
+        return upstream_failed(core, c, out, info.method).await;
+    }
     // Response head and body. An HTTP/1.0 client cannot take chunk framing: it gets the
     // body decoded, ended by the close of the connection (RFC 9112 §6.1, as Go does).
     let http10 = info.version_minor == 0;

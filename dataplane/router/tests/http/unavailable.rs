@@ -77,6 +77,20 @@ fn backend_closing_after_reading_request_is_503_without_retry() {
 }
 
 #[test]
+fn a_101_to_a_request_that_did_not_ask_to_upgrade_is_503() {
+    let router = Router::start();
+    let b = Backend::with_handler("switcher", |_req, conn| {
+        let _ = conn.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\nraw bytes");
+        Reply::Close
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let resp = Conn::connect(router.http_addr).get("example.com", "/");
+    assert_503(&resp);
+    assert!(!resp.text().contains("raw bytes"), "{resp:?}");
+}
+
+#[test]
 fn dead_backend_is_skipped_for_a_live_one() {
     let router = Router::start();
     let live = Backend::with_handler("live", handlers::upgrade_echo);

@@ -292,3 +292,30 @@ fn an_upgrade_whose_body_never_comes_is_given_up_after_the_idle_timeout() {
     );
     conn.expect_closed();
 }
+
+#[test]
+fn interim_responses_before_the_101_are_relayed_and_the_tunnel_opens() {
+    let router = Router::start();
+    let b = Backend::with_handler("hinter", |req, conn| {
+        if !req.is_upgrade() {
+            return handlers::echo(req, conn);
+        }
+        // A 103 and the 101 in one write: the router must not wait for more.
+        let _ = conn.write(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+              HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\nhello",
+        );
+        Reply::Close
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let mut conn = Conn::connect(router.http_addr);
+    let hint = conn.request(
+        "GET / HTTP/1.1\r\nHost: example.com\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n",
+    );
+    assert_eq!(hint.status, 103);
+    assert_eq!(hint.header("link"), Some("</a.css>"));
+    assert_eq!(conn.response().status, 101);
+    assert_eq!(conn.read_exact_n(5).unwrap(), b"hello");
+    conn.expect_closed();
+}
