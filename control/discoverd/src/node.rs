@@ -1,7 +1,9 @@
 //! One discoverd node: Raft, the shared registry, leadership tracking, heartbeat
-//! bookkeeping (leader memory only) and the expiry loop.
+//! bookkeeping (leader memory only, `leadership`) and the expiry loop.
 
-use std::collections::{BTreeMap, HashMap};
+mod leadership;
+
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -10,12 +12,15 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, ServerState};
+use tokio::sync::futures::Notified;
+use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::fault::Faults;
 use crate::network::{node_id, Network};
 use crate::store::types::Command;
 use crate::store::{LogStore, Raft, Shared, StateMachine};
+use leadership::{Expired, Leadership};
 
 pub struct Node {
     pub raft: Raft,
@@ -31,15 +36,9 @@ pub struct Node {
     /// Test-only Raft RPC partitions (`--enable-fault-injection`).
     pub faults: Arc<Faults>,
     leader: Mutex<Leadership>,
+    /// Woken when an expiry write returns (heartbeats held back by it look again).
+    expiry_done: Notify,
     pub http: reqwest::Client,
-}
-
-#[derive(Default)]
-struct Leadership {
-    /// When this node last became Raft leader; `None` when it is not leader.
-    since: Option<Instant>,
-    /// Last heartbeat per (service, instance id); only meaningful on the leader.
-    heartbeats: HashMap<(String, String), Instant>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -96,6 +95,7 @@ impl Node {
             shutting_down: AtomicBool::new(false),
             faults,
             leader: Mutex::new(Leadership::default()),
+            expiry_done: Notify::new(),
             http,
         });
         tokio::spawn(track_leadership(node.clone()));
@@ -146,43 +146,37 @@ impl Node {
         self.peer_addrs().contains(&self.host)
     }
 
-    /// Records a heartbeat (leader only).
-    pub fn heartbeat(&self, service: &str, id: &str) {
-        lock(&self.leader)
-            .heartbeats
-            .insert((service.to_string(), id.to_string()), Instant::now());
+    /// Records a heartbeat (leader only). While an expiry naming the instance is in
+    /// flight nothing is recorded: the error resolves once that expiry's write has
+    /// returned, and the caller tries again and then reads the state (the instance may be
+    /// gone).
+    pub fn heartbeat(&self, service: &str, id: &str) -> Result<(), Notified<'_>> {
+        let mut l = lock(&self.leader);
+        if l.heartbeat(service, id, Instant::now()) {
+            Ok(())
+        } else {
+            // Made under the lock `end_expiry` takes before it notifies: no wake-up lost.
+            Err(self.expiry_done.notified())
+        }
     }
 
     pub fn forget(&self, service: &str, id: &str) {
-        lock(&self.leader)
-            .heartbeats
-            .remove(&(service.to_string(), id.to_string()));
+        lock(&self.leader).forget(service, id);
     }
 
-    /// Instances whose heartbeats stopped, or `None` while expiry is suppressed (not
-    /// leader, or leader for less than 2×TTL).
-    fn expired(&self) -> Option<Vec<(String, String, u64)>> {
-        let now = Instant::now();
-        let lead = lock(&self.leader);
-        let since = lead.since?;
-        if now.duration_since(since) < self.ttl * 2 {
-            return None;
-        }
+    /// Instances whose heartbeats stopped, held in flight until [`Node::end_expiry`];
+    /// `None` while expiry is suppressed (not leader, or leader for less than 2×TTL) or
+    /// nothing is due.
+    fn begin_expiry(&self) -> Option<Vec<Expired>> {
+        let mut lead = lock(&self.leader);
         let st = self.shared.lock();
-        let mut out = Vec::new();
-        for (svc, insts) in &st.registry.data.instances {
-            for (id, inst) in insts {
-                let key = (svc.clone(), id.clone());
-                let fresh = lead
-                    .heartbeats
-                    .get(&key)
-                    .is_some_and(|t| now.duration_since(*t) <= self.ttl);
-                if !fresh {
-                    out.push((svc.clone(), id.clone(), inst.index));
-                }
-            }
-        }
-        Some(out)
+        let batch = lead.begin_expiry(Instant::now(), self.ttl, &st.registry.data)?;
+        (!batch.is_empty()).then_some(batch)
+    }
+
+    fn end_expiry(&self, batch: &[Expired]) {
+        lock(&self.leader).end_expiry(batch);
+        self.expiry_done.notify_waiters();
     }
 }
 
@@ -213,16 +207,12 @@ async fn track_leadership(node: Arc<Node>) {
         }
         {
             let mut l = lock(&node.leader);
-            match (leading, l.since.is_some()) {
+            match (leading, l.is_leading()) {
                 (true, false) => {
-                    l.since = Some(Instant::now());
-                    l.heartbeats.clear();
+                    l.set_leading(Some(Instant::now()));
                     tracing::info!(host = %node.host, "became raft leader");
                 }
-                (false, true) => {
-                    l.since = None;
-                    l.heartbeats.clear();
-                }
+                (false, true) => l.set_leading(None),
                 _ => {}
             }
         }
@@ -240,21 +230,20 @@ async fn expiry_loop(node: Arc<Node>) {
         if node.shutting_down.load(Ordering::Relaxed) {
             continue;
         }
-        let Some(expired) = node.expired() else {
+        let Some(batch) = node.begin_expiry() else {
             continue;
         };
-        if expired.is_empty() {
-            continue;
-        }
-        tracing::info!(count = expired.len(), "expiring instances");
-        for (s, id, _) in &expired {
-            node.forget(s, id);
-        }
-        if let Err(e) = node
+        tracing::info!(count = batch.len(), "expiring instances");
+        let res = node
             .raft
-            .client_write(Command::ExpireInstances { instances: expired })
-            .await
-        {
+            .client_write(Command::ExpireInstances {
+                instances: batch.clone(),
+            })
+            .await;
+        // Applied once the write returns (or it failed): heartbeats of these instances
+        // that waited find the state as it now is.
+        node.end_expiry(&batch);
+        if let Err(e) = res {
             tracing::warn!(error = %e, "expire instances");
         }
     }

@@ -6,14 +6,15 @@
 #![allow(clippy::result_large_err)]
 
 mod error;
+mod extract;
 mod raft;
 mod sse;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
-use axum::extract::{Path, Request, State};
+use axum::body::Body;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -29,6 +30,7 @@ use crate::store::types::{
     Command, Instance, Kinds, LeaderType, Rejection, ServiceConfig, ServiceMeta,
 };
 pub use error::ApiErr;
+use extract::{decode, ApiBody, ApiPath};
 
 type Res<T> = Result<T, ApiErr>;
 
@@ -162,34 +164,6 @@ fn check_service(name: &str) -> Res<()> {
     Ok(())
 }
 
-/// Decodes a JSON body; `check_type` requires an `application/json` content type.
-fn decode<T: serde::de::DeserializeOwned>(
-    headers: &HeaderMap,
-    body: &[u8],
-    check_type: bool,
-) -> Res<T> {
-    if check_type {
-        let ok = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.contains("application/json"));
-        if !ok {
-            return Err(ApiErr(ApiError::validation(
-                None,
-                "Content-Type must be application/json",
-            )));
-        }
-    }
-    serde_json::from_slice(body).map_err(|e| {
-        if e.is_eof() {
-            // Go reports a truncated body as an unclassified error (spec §0.1).
-            ApiErr(ApiError::unknown())
-        } else {
-            ApiErr(ApiError::syntax())
-        }
-    })
-}
-
 type Resp = Result<Response, Response>;
 
 fn e(err: ApiErr) -> Response {
@@ -198,10 +172,10 @@ fn e(err: ApiErr) -> Response {
 
 async fn add_service(
     State(node): State<Arc<Node>>,
-    Path(service): Path<String>,
+    ApiPath(service): ApiPath<String>,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> Resp {
     check_service(&service).map_err(e)?;
     let config: ServiceConfig = decode(&headers, &body, true).map_err(e)?;
@@ -212,7 +186,7 @@ async fn add_service(
 
 async fn remove_service(
     State(node): State<Arc<Node>>,
-    Path(service): Path<String>,
+    ApiPath(service): ApiPath<String>,
     uri: Uri,
 ) -> Resp {
     check_service(&service).map_err(e)?;
@@ -221,16 +195,19 @@ async fn remove_service(
     Ok(StatusCode::OK.into_response())
 }
 
-async fn watch_service(State(node): State<Arc<Node>>, Path(service): Path<String>) -> Response {
+async fn watch_service(
+    State(node): State<Arc<Node>>,
+    ApiPath(service): ApiPath<String>,
+) -> Response {
     sse::stream(&node, &service, Kinds::ALL)
 }
 
 async fn set_meta(
     State(node): State<Arc<Node>>,
-    Path(service): Path<String>,
+    ApiPath(service): ApiPath<String>,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> Resp {
     check_service(&service).map_err(e)?;
     let meta: ServiceMeta = decode(&headers, &body, true).map_err(e)?;
@@ -285,7 +262,11 @@ async fn linearize_with(node: &Node, uri: &Uri, policy: ReadPolicy) -> Result<()
     }
 }
 
-async fn get_meta(State(node): State<Arc<Node>>, Path(service): Path<String>, uri: Uri) -> Resp {
+async fn get_meta(
+    State(node): State<Arc<Node>>,
+    ApiPath(service): ApiPath<String>,
+    uri: Uri,
+) -> Resp {
     check_service(&service).map_err(e)?;
     if wants_consistent(&uri) {
         linearize(&node, &uri).await?;
@@ -309,7 +290,7 @@ fn wants_sse(headers: &HeaderMap) -> bool {
 
 async fn list_instances(
     State(node): State<Arc<Node>>,
-    Path(service): Path<String>,
+    ApiPath(service): ApiPath<String>,
     headers: HeaderMap,
 ) -> Resp {
     check_service(&service).map_err(e)?;
@@ -364,36 +345,49 @@ fn check_instance(inst: &Instance, path_id: &str) -> Res<()> {
 
 async fn add_instance(
     State(node): State<Arc<Node>>,
-    Path((service, id)): Path<(String, String)>,
+    ApiPath((service, id)): ApiPath<(String, String)>,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> Resp {
     check_service(&service).map_err(e)?;
     let mut inst: Instance = decode(&headers, &body, false).map_err(e)?;
     check_instance(&inst, &id).map_err(e)?;
     leader_only(&node, &uri)?;
     inst.index = 0;
-    let unchanged = {
-        let st = node.shared.lock();
-        if !st.registry.data.services.contains_key(&service) {
-            return Err(e(ApiErr::from(Rejection::ServiceNotFound(service))));
-        }
-        st.registry
-            .instance(&service, &inst.id)
-            .is_some_and(|old| old.same_as(&inst))
-    };
-    // A heartbeat with nothing changed touches only the leader's memory, and only while
-    // this node's leader lease holds: a leader cut off from the others still thinks it
-    // leads until it hears a higher vote, and must not acknowledge heartbeats the
-    // majority's new leader never sees (it would expire the instance meanwhile).
-    if unchanged {
-        linearize_with(&node, &uri, ReadPolicy::LeaseRead).await?;
+    if !node
+        .shared
+        .lock()
+        .registry
+        .data
+        .services
+        .contains_key(&service)
+    {
+        return Err(e(ApiErr::from(Rejection::ServiceNotFound(service))));
     }
-    // Recorded before the write: the instance becomes visible (and subject to expiry)
-    // when the write applies, before the write returns here.
-    node.heartbeat(&service, &id);
-    if !unchanged {
+    // Recorded before the state is read: an expiry decided from now on sees the instance
+    // alive, and one decided earlier has been applied, so the state read below is the
+    // one to answer from (an instance expired meanwhile is registered again). A heartbeat
+    // is held while an expiry naming the instance is being written. Recorded before the
+    // write, too: a new instance becomes visible (and subject to expiry) when the write
+    // applies, before the write returns here.
+    while let Err(expiry_applied) = node.heartbeat(&service, &id) {
+        expiry_applied.await;
+    }
+    let unchanged = node
+        .shared
+        .lock()
+        .registry
+        .instance(&service, &inst.id)
+        .is_some_and(|old| old.same_as(&inst));
+    if unchanged {
+        // A heartbeat with nothing changed touches only the leader's memory, and only
+        // while this node's leader lease holds: a leader cut off from the others still
+        // thinks it leads until it hears a higher vote, and must not acknowledge
+        // heartbeats the majority's new leader never sees (it would expire the instance
+        // meanwhile).
+        linearize_with(&node, &uri, ReadPolicy::LeaseRead).await?;
+    } else {
         write(
             &node,
             &uri,
@@ -409,7 +403,7 @@ async fn add_instance(
 
 async fn remove_instance(
     State(node): State<Arc<Node>>,
-    Path((service, id)): Path<(String, String)>,
+    ApiPath((service, id)): ApiPath<(String, String)>,
     uri: Uri,
 ) -> Resp {
     check_service(&service).map_err(e)?;
@@ -435,10 +429,10 @@ struct LeaderBody {
 
 async fn set_leader(
     State(node): State<Arc<Node>>,
-    Path(service): Path<String>,
+    ApiPath(service): ApiPath<String>,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> Resp {
     check_service(&service).map_err(e)?;
     let b: LeaderBody = decode(&headers, &body, true).map_err(e)?;
@@ -451,7 +445,8 @@ async fn set_leader(
         .services
         .get(&service)
         .map(|c| c.leader_type);
-    if kind.is_some_and(|k| k != LeaderType::Manual) {
+    // A missing service is refused too (Flynn: `config == nil || not manual`).
+    if kind != Some(LeaderType::Manual) {
         return Err(e(ApiErr(ApiError::validation(
             None,
             "service leader election type is not manual",
@@ -463,7 +458,7 @@ async fn set_leader(
 
 async fn get_leader(
     State(node): State<Arc<Node>>,
-    Path(service): Path<String>,
+    ApiPath(service): ApiPath<String>,
     headers: HeaderMap,
 ) -> Resp {
     check_service(&service).map_err(e)?;

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -16,6 +16,7 @@ use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::{BasicNode, ChangeMembers};
 use serde_json::json;
 
+use super::extract::{ApiJson, ApiPath};
 use super::{leader_only, no_leader, ApiErr};
 use crate::fault::FROM_HEADER;
 use crate::network::{node_id, stream, SnapshotRequest};
@@ -70,7 +71,7 @@ struct Partition {
 
 /// `POST /debug/partition` (only with `--enable-fault-injection`): cut Raft RPCs to and
 /// from `peers`; an empty list heals.
-async fn partition(State(node): State<Arc<Node>>, Json(p): Json<Partition>) -> Response {
+async fn partition(State(node): State<Arc<Node>>, ApiJson(p): ApiJson<Partition>) -> Response {
     tracing::warn!(peers = ?p.peers, "fault injection: raft partition set");
     node.faults.partition(p.peers);
     Json(json!({ "peers": node.faults.cut_peers() })).into_response()
@@ -88,7 +89,7 @@ fn internal(e: impl std::fmt::Display) -> Response {
 async fn append(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
-    Json(req): Json<AppendEntriesRequest<C>>,
+    ApiJson(req): ApiJson<AppendEntriesRequest<C>>,
 ) -> Response {
     if dropped(&node, &headers) {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
@@ -140,7 +141,7 @@ async fn open_stream(State(node): State<Arc<Node>>, mut req: axum::extract::Requ
 async fn vote(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
-    Json(req): Json<VoteRequest<C>>,
+    ApiJson(req): ApiJson<VoteRequest<C>>,
 ) -> Response {
     if dropped(&node, &headers) {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
@@ -154,7 +155,7 @@ async fn vote(
 async fn snapshot(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
-    Json(req): Json<SnapshotRequest>,
+    ApiJson(req): ApiJson<SnapshotRequest>,
 ) -> Response {
     if dropped(&node, &headers) {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
@@ -185,7 +186,11 @@ fn failed(e: impl std::fmt::Display) -> Response {
     ApiErr(ApiError::unknown().with_retry(true)).into_response()
 }
 
-async fn add_peer(State(node): State<Arc<Node>>, Path(peer): Path<String>, uri: Uri) -> Response {
+async fn add_peer(
+    State(node): State<Arc<Node>>,
+    ApiPath(peer): ApiPath<String>,
+    uri: Uri,
+) -> Response {
     if let Err(r) = leader_only(&node, &uri) {
         return r;
     }
@@ -209,7 +214,7 @@ async fn add_peer(State(node): State<Arc<Node>>, Path(peer): Path<String>, uri: 
 
 async fn remove_peer(
     State(node): State<Arc<Node>>,
-    Path(peer): Path<String>,
+    ApiPath(peer): ApiPath<String>,
     uri: Uri,
 ) -> Response {
     if let Err(r) = leader_only(&node, &uri) {

@@ -215,7 +215,8 @@ impl Registry {
                     _ => {}
                 }
                 let before = self.leader(&service);
-                let named = meta.leader_id.take();
+                // An empty `leader_id` names no leader (Flynn sets it only when non-empty).
+                let named = meta.leader_id.take().filter(|id| !id.is_empty());
                 if let Some(id) = &named {
                     self.data.leaders.insert(service.clone(), id.clone());
                 }

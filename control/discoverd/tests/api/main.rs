@@ -85,6 +85,105 @@ async fn service_create_conflict_and_name_validation() {
     assert_eq!(r.json()["message"], r#"discoverd: service "abc" not found"#);
 }
 
+/// `method path` declaring a 3 MB JSON body but sending only its first 2 MB + 1 byte
+/// (just past axum's default limit), over a raw connection; reads the answer until the
+/// server closes. Sending no more than the server reads before it refuses keeps its
+/// close clean: bytes left unread would turn it into a reset that can lose the answer.
+async fn oversized(addr: &str, method: &str, path: &str) -> Reply {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        3 << 20
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&vec![b' '; (2 << 20) + 1]).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("answer within 10 s")
+        .unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a complete head");
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut headers = reqwest::header::HeaderMap::new();
+    for l in lines {
+        let (k, v) = l.split_once(':').unwrap();
+        let k = reqwest::header::HeaderName::from_bytes(k.trim().as_bytes()).unwrap();
+        headers.append(k, v.trim().parse().unwrap());
+    }
+    Reply {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// Input that axum's extractors refuse gets the JSON envelope too (spec §0.1): a path
+/// segment that is not UTF-8, on every route with a path; a body over the 2 MB limit
+/// (`request_body_too_big`, 400) and a raft RPC body that is not JSON, on routes with a
+/// body.
+#[tokio::test]
+async fn refused_paths_and_bodies_get_the_json_envelope() {
+    let (_dir, d, c) = node().await;
+    call(&c, "PUT", &d.url("/services/web"), Some("{}")).await;
+    let envelope = |r: &Reply, status: u16, code: &str, what: &str| {
+        assert_eq!(r.status, status, "{what}: {}", r.body);
+        assert!(
+            r.header("content-type")
+                .is_some_and(|t| t.starts_with("application/json")),
+            "{what}: {:?}",
+            r.header("content-type")
+        );
+        let v = r.json();
+        assert_eq!(v["code"], code, "{what}");
+        assert!(v["message"].is_string(), "{what}");
+        assert_eq!(v["retry"], false, "{what}");
+    };
+    for (method, path) in [
+        ("PUT", "/services/%FF"),
+        ("DELETE", "/services/%FF"),
+        ("GET", "/services/%FF"),
+        ("PUT", "/services/%FF/meta"),
+        ("GET", "/services/%FF/meta"),
+        ("GET", "/services/%FF/instances"),
+        ("PUT", "/services/web/instances/%FF"),
+        ("DELETE", "/services/web/instances/%FF"),
+        ("PUT", "/services/%FF/leader"),
+        ("GET", "/services/%FF/leader"),
+        ("PUT", "/raft/peers/%FF"),
+        ("DELETE", "/raft/peers/%FF"),
+    ] {
+        let r = call(&c, method, &d.url(path), Some("{}")).await;
+        envelope(&r, 400, "validation_error", &format!("{method} {path}"));
+    }
+    let (id, _) = instance_json("127.0.0.1:5000");
+    for (method, path) in [
+        ("PUT", "/services/big".to_string()),
+        ("PUT", "/services/web/meta".to_string()),
+        ("PUT", format!("/services/web/instances/{id}")),
+        ("PUT", "/services/web/leader".to_string()),
+        ("POST", "/raft/rpc/vote".to_string()),
+    ] {
+        let r = oversized(&d.addr, method, &path).await;
+        envelope(&r, 400, "request_body_too_big", &format!("{method} {path}"));
+    }
+    let r = call(&c, "POST", &d.url("/raft/rpc/vote"), Some("{]")).await;
+    envelope(&r, 400, "syntax_error", "vote with bad JSON");
+    // Nothing above was written.
+    let r = call(&c, "GET", &d.url("/services/web/meta"), None).await;
+    assert_eq!(r.status, 404);
+}
+
 #[tokio::test]
 async fn instance_validation_and_listing() {
     let (_dir, d, c) = node().await;
@@ -291,7 +390,18 @@ async fn oldest_and_manual_leaders() {
         .await
         .json();
     assert_eq!(l["id"], b.as_str());
-    // Leader for a missing service or instance is no error.
+    // A leader naming no instance is no error (spec §2.6).
+    let r = call(
+        &c,
+        "PUT",
+        &d.url("/services/man/leader"),
+        Some(r#"{"id":"x"}"#),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // A missing service has no manual election: 400 as for an oldest service, as Flynn's
+    // handler answers for a nil config, and nothing is written.
+    let before = call(&c, "GET", &d.url("/ping"), None).await;
     let r = call(
         &c,
         "PUT",
@@ -299,7 +409,17 @@ async fn oldest_and_manual_leaders() {
         Some(r#"{"id":"x"}"#),
     )
     .await;
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["code"], "validation_error");
+    assert_eq!(
+        r.json()["message"],
+        "service leader election type is not manual"
+    );
+    assert_eq!(
+        r.header("discoverd-index"),
+        before.header("discoverd-index"),
+        "no raft entry for a refused leader"
+    );
     // Meta with leader_id sets the leader.
     let r = call(
         &c,

@@ -233,3 +233,36 @@ async fn a_manual_set_of_the_current_leader_emits_leader() {
     assert_eq!(kinds_of(&mut r, 5, set("nope")), vec![Leader]);
     assert_eq!(kinds_of(&mut r, 6, set("nope")), Vec::<EventKind>::new());
 }
+
+#[tokio::test]
+async fn meta_with_an_empty_leader_id_leaves_the_leader_alone() {
+    // Flynn sets the leader only for a non-empty `leader_id` (spec §2.4).
+    let mut r = Registry::default();
+    add_service(&mut r, 1, "s", LeaderType::Manual);
+    r.apply(
+        2,
+        Command::AddInstance {
+            service: "s".into(),
+            instance: inst(1),
+        },
+    );
+    r.apply(
+        3,
+        Command::SetLeader {
+            service: "s".into(),
+            id: "i1".into(),
+        },
+    );
+    let meta = Command::SetMeta {
+        service: "s".into(),
+        meta: ServiceMeta {
+            data: serde_json::json!(1),
+            leader_id: Some(String::new()),
+            index: 0,
+        },
+    };
+    assert_eq!(kinds_of(&mut r, 4, meta), vec![EventKind::ServiceMeta]);
+    assert_eq!(r.leader("s").map(|l| l.id), Some("i1".to_string()));
+    assert_eq!(r.data.leaders["s"], "i1");
+    assert_eq!(r.data.metas["s"].leader_id, None);
+}
