@@ -3,7 +3,8 @@
 //! (SRV), `<id>.<svc>._i.discoverd` (one instance), `leader.<svc>.discoverd`.
 //! Answers are authoritative with TTL 0, read from this node's applied state; an empty
 //! answer carries the zone's SOA. Names outside the zone are forwarded to `--recursors`
-//! ([`forward`]; SERVFAIL when all fail) or, with none configured, REFUSED.
+//! ([`forward`]; SERVFAIL when all fail) or, with none configured, REFUSED. A node that was
+//! shut down (`POST /shutdown`) answers SERVFAIL to everything.
 
 mod forward;
 pub mod zone;
@@ -110,6 +111,17 @@ impl RequestHandler for Handler {
         let sent = match request.request_info() {
             Err(_) => {
                 let msg = builder.error_msg(&request.metadata, ResponseCode::FormErr);
+                response.send_response(msg).await
+            }
+            // After `POST /shutdown` this node's registry no longer follows the cluster:
+            // SERVFAIL sends resolvers to their next server instead of a frozen answer.
+            Ok(_)
+                if self
+                    .node
+                    .shutting_down
+                    .load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                let msg = builder.error_msg(&request.metadata, ResponseCode::ServFail);
                 response.send_response(msg).await
             }
             Ok(info) => {

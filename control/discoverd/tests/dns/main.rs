@@ -572,3 +572,32 @@ async fn spawn_async(dir: &std::path::Path, extra: &[&str]) -> Discoverd {
         .await
         .unwrap()
 }
+
+#[tokio::test]
+async fn a_shut_down_node_answers_servfail_instead_of_a_frozen_registry() {
+    let (_dir, d) = start();
+    let dns = d.dns.clone().unwrap();
+    let c = client();
+    eventually(Duration::from_secs(10), || async {
+        let r = send(&c, "PUT", &d.url("/services/web"), Some("{}"))
+            .await
+            .ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await
+    .expect("create service");
+    register(&c, &d, "web", "10.0.0.1:80", "tcp").await;
+    let m = udp(&dns, "web.discoverd.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(ips(&m).len(), 1);
+
+    let r = call(&c, "POST", &d.url("/shutdown"), None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for m in [
+        udp(&dns, "web.discoverd.", RecordType::A).await,
+        tcp(&dns, "web.discoverd.", RecordType::A).await,
+    ] {
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        assert!(m.answers.is_empty(), "{m:?}");
+    }
+}
