@@ -191,6 +191,9 @@ async fn add_peer(
     ApiPath(peer): ApiPath<String>,
     uri: Uri,
 ) -> Response {
+    if let Err(e) = check_peer(&peer) {
+        return ApiErr(e).into_response();
+    }
     if let Err(r) = leader_only(&node, &uri) {
         return r;
     }
@@ -228,6 +231,22 @@ async fn remove_peer(
     {
         Ok(r) => Json(json!({ "last_index": r.log_id.index })).into_response(),
         Err(e) => failed(e),
+    }
+}
+
+/// A peer is `host:port`, as `--peers` names them.
+fn check_peer(peer: &str) -> Result<(), ApiError> {
+    let ok = peer.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && port.parse::<u16>().is_ok_and(|p| p != 0)
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::validation(Some("peer"), "must be host:port"))
     }
 }
 

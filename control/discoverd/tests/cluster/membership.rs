@@ -317,3 +317,25 @@ async fn demoting_the_raft_leader_leaves_a_working_cluster() {
     assert_all_present(&cl.nodes[nl], &third).await;
     assert_eq!(has_service(&cl.nodes[nl], "third-2").await, Some(true));
 }
+
+#[tokio::test]
+async fn a_peer_that_is_not_host_port_is_refused() {
+    let cl = Cluster::start_nodes("10s", 3, 0);
+    let l = cl.leader_of(&PEERS).await;
+    let c = client();
+    for bad in ["typo", "host:", ":1111", "host:0", "host:99999", "a%20b:1"] {
+        let r = call(
+            &c,
+            "PUT",
+            &cl.nodes[l].url(&format!("/raft/peers/{bad}")),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        assert_eq!(r.json()["code"], "validation_error", "{bad}: {}", r.body);
+    }
+    let three = addrs(&cl, &PEERS);
+    for i in PEERS {
+        wait_peers(&cl.nodes[i], &three).await;
+    }
+}
