@@ -223,6 +223,14 @@ impl Registry {
                 meta.index = index;
                 self.data.metas.insert(service.clone(), meta.clone());
                 let after = self.leader(&service);
+                // The new meta is announced first (as Flynn does), so a watcher acting on
+                // the `leader` event that follows already has the meta that named it.
+                events.push(Event {
+                    service: service.clone(),
+                    kind: EventKind::ServiceMeta,
+                    instance: None,
+                    service_meta: Some(meta),
+                });
                 // Naming an existing instance emits `leader` even when it already led
                 // (spec §2.4); otherwise only a change does.
                 if named.is_some() && after.as_ref().map(|l| &l.id) == named.as_ref() {
@@ -230,12 +238,6 @@ impl Registry {
                 } else {
                     self.leader_changed(&service, before, events);
                 }
-                events.push(Event {
-                    service,
-                    kind: EventKind::ServiceMeta,
-                    instance: None,
-                    service_meta: Some(meta),
-                });
                 Ok(index)
             }
             Command::SetLeader { service, id } => {

@@ -79,6 +79,24 @@ async fn write_all(urls: Vec<String>, prefix: &str, count: usize) -> Vec<String>
     names
 }
 
+/// `call`, tried again (for up to 10 s) while the answer is 503: the cluster has no
+/// leader that moment.
+async fn call_unless_503(
+    c: &reqwest::Client,
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+) -> Reply {
+    let start = std::time::Instant::now();
+    loop {
+        let r = call(c, method, url, body).await;
+        if r.status != 503 || start.elapsed() > Duration::from_secs(10) {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn proxy_redirects_api_calls_to_a_random_peer() {
     let cl = Cluster::start_nodes("10s", 3, 1);
@@ -121,10 +139,11 @@ async fn proxy_redirects_api_calls_to_a_random_peer() {
     assert_eq!(call(&raw, "GET", &px.url("/ping"), None).await.status, 200);
 
     // A client that follows redirects (body included) gets its writes and reads done.
+    // (A busy machine can leave the cluster a moment without a leader: 503, tried again.)
     let c = client();
-    let r = call(&c, "PUT", &px.url("/services/px"), Some("{}")).await;
+    let r = call_unless_503(&c, "PUT", &px.url("/services/px"), Some("{}")).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let m = call(
+    let m = call_unless_503(
         &c,
         "PUT",
         &px.url("/services/px/meta"),

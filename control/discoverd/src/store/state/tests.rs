@@ -189,11 +189,12 @@ async fn meta_leader_id_naming_the_current_leader_emits_leader() {
             index,
         },
     };
-    assert_eq!(kinds_of(&mut r, 3, meta(0, "i1")), vec![Leader, Meta]);
+    // The meta comes first (as in Flynn): a watcher reacting to `leader` has it already.
+    assert_eq!(kinds_of(&mut r, 3, meta(0, "i1")), vec![Meta, Leader]);
     // Same leader again: still announced (spec §2.4).
-    assert_eq!(kinds_of(&mut r, 4, meta(3, "i1")), vec![Leader, Meta]);
+    assert_eq!(kinds_of(&mut r, 4, meta(3, "i1")), vec![Meta, Leader]);
     // An id that names no instance: the leader is gone.
-    assert_eq!(kinds_of(&mut r, 5, meta(4, "nope")), vec![Leader, Meta]);
+    assert_eq!(kinds_of(&mut r, 5, meta(4, "nope")), vec![Meta, Leader]);
     assert_eq!(kinds_of(&mut r, 6, meta(5, "nope")), vec![Meta]);
 }
 
