@@ -243,6 +243,12 @@ impl FastPath {
         Ok(fp)
     }
 
+    /// Whether a fast path was loaded with `pin_dir` before (by the overlay agent): its maps
+    /// are pinned there. The host daemon, which attaches the jobs' veths, loads it only then.
+    pub fn is_set_up(pin_dir: &Path) -> bool {
+        pin_dir.join(MAP_ENDPOINTS).exists()
+    }
+
     /// The pin directory this fast path lives in.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir

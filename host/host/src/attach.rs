@@ -8,9 +8,12 @@
 //!
 //! Stdin (the `stdin` flag, for jobs created with `config.stdin`): the client's data frames
 //! are written to the job's stdin in order, and an empty one closes it for the job. A job
-//! that does not read holds the client's input back (its frames are not read) while its
-//! output keeps flowing to the client. Any number of clients may write; a client that leaves
-//! without closing stdin leaves it open for the next.
+//! that does not read holds the client's input back (its frames are not read beyond a 64 KiB
+//! read-ahead) while its output keeps flowing to the client. A client that leaves is seen
+//! when its close comes within that read-ahead; one that left more input in flight is seen
+//! once the job has read up to its close (its input is still delivered). Any number of
+//! clients may write; a client that leaves without closing stdin leaves it open for the next.
+//! Each client's output queue is bounded by lines (4,096) and bytes (4 MiB).
 //!
 //! Not supported (refused with a 400 before the upgrade, so the client gets an error, not a
 //! silent gap): `stdin` for a job created without it, and `logs` (the host does not keep
@@ -33,6 +36,13 @@ use crate::runtime::{Stdin, StdinMsg};
 
 /// Output lines queued per attached client before it counts as too slow.
 const QUEUE: usize = 4096;
+/// Output bytes queued per attached client before it counts as too slow (lines are up to
+/// 64 KiB: the line count alone would let one client hold 256 MiB).
+const QUEUE_BYTES: usize = 4 << 20;
+/// Client bytes read ahead of stdin input the job has not taken yet: enough to see the
+/// client leave (end of file) behind a little more input, bounded so a job that does not
+/// read holds the client back.
+const READ_AHEAD: usize = 64 * 1024;
 /// A client that takes longer than this to take one frame is dropped.
 const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -46,7 +56,14 @@ pub enum Msg {
     Ended(Box<ActiveJob>),
 }
 
-type Subscribers = HashMap<String, Vec<(u64, mpsc::Sender<Msg>)>>;
+/// One attached client as the sending side sees it: its token, queue and queued bytes.
+struct Sub {
+    token: u64,
+    tx: mpsc::Sender<Msg>,
+    bytes: Arc<AtomicUsize>,
+}
+
+type Subscribers = HashMap<String, Vec<Sub>>;
 
 /// The attached clients of every job.
 #[derive(Default)]
@@ -77,39 +94,47 @@ impl Attachments {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         // One slot more than the output may take, so the end always fits.
         let (tx, rx) = mpsc::channel(QUEUE + 1);
-        list.push((token, tx));
+        let bytes = Arc::new(AtomicUsize::new(0));
+        list.push(Sub {
+            token,
+            tx,
+            bytes: bytes.clone(),
+        });
         self.count.fetch_add(1, Ordering::Relaxed);
         Ok(Subscription {
             attachments: self.clone(),
             id: id.to_string(),
             token,
             rx,
+            bytes,
         })
     }
 
     fn unsubscribe(&self, id: &str, token: u64) {
-        self.retain(&mut self.lock(), id, |(t, _)| *t != token);
+        self.retain(&mut self.lock(), id, |s| s.token != token);
     }
 
-    fn send(&self, id: &str, msg: impl Fn() -> Msg) {
+    /// Queues `msg` (of `len` output bytes) to every client of job `id`.
+    fn send(&self, id: &str, len: usize, msg: impl Fn() -> Msg) {
         if self.count.load(Ordering::Relaxed) == 0 {
             return;
         }
-        // A client whose queue holds `QUEUE` messages is detached (its task sees the
-        // channel closed); the last slot is kept for `Ended`.
-        self.retain(&mut self.lock(), id, |(_, tx)| {
-            tx.capacity() > 1 && tx.try_send(msg()).is_ok()
+        // A client whose queue holds `QUEUE` messages or `QUEUE_BYTES` bytes is detached
+        // (its task sees the channel closed); the last slot is kept for `Ended`.
+        self.retain(&mut self.lock(), id, |s| {
+            let room = s.tx.capacity() > 1
+                && s.bytes.load(Ordering::Relaxed) + len <= QUEUE_BYTES
+                && s.tx.try_send(msg()).is_ok();
+            if room {
+                s.bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            room
         });
     }
 
     /// Keeps the clients of job `id` for which `keep` holds, keeping `count` in step and
     /// forgetting the job once it has none.
-    fn retain(
-        &self,
-        subs: &mut Subscribers,
-        id: &str,
-        keep: impl FnMut(&(u64, mpsc::Sender<Msg>)) -> bool,
-    ) {
+    fn retain(&self, subs: &mut Subscribers, id: &str, keep: impl FnMut(&Sub) -> bool) {
         let Some(list) = subs.get_mut(id) else {
             return;
         };
@@ -122,11 +147,11 @@ impl Attachments {
     }
 
     pub fn started(&self, id: &str) {
-        self.send(id, || Msg::Started);
+        self.send(id, 0, || Msg::Started);
     }
 
     pub fn output(&self, id: &str, stream: Stream, line: &[u8]) {
-        self.send(id, || {
+        self.send(id, line.len() + 1, || {
             let mut l = Vec::with_capacity(line.len() + 1);
             l.extend_from_slice(line);
             l.push(b'\n');
@@ -139,8 +164,8 @@ impl Attachments {
     pub fn ended(&self, job: &ActiveJob) {
         let list = self.lock().remove(&job.job.id).unwrap_or_default();
         self.count.fetch_sub(list.len(), Ordering::Relaxed);
-        for (_, tx) in list {
-            let _ = tx.try_send(Msg::Ended(Box::new(job.clone())));
+        for s in list {
+            let _ = s.tx.try_send(Msg::Ended(Box::new(job.clone())));
         }
     }
 }
@@ -151,6 +176,17 @@ pub struct Subscription {
     id: String,
     token: u64,
     rx: mpsc::Receiver<Msg>,
+    /// Output bytes queued in `rx`.
+    bytes: Arc<AtomicUsize>,
+}
+
+impl Subscription {
+    /// Accounts for a message taken off the queue.
+    fn took(&self, m: &Option<Msg>) {
+        if let Some(Msg::Output(_, line)) = m {
+            self.bytes.fetch_sub(line.len(), Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for Subscription {
@@ -257,7 +293,10 @@ where
             }
         } else {
             tokio::select! {
-                msg = sub.rx.recv() => msg,
+                msg = sub.rx.recv() => {
+                    sub.took(&msg);
+                    msg
+                }
                 permit = input.reserve(), if input.pending.is_some() => {
                     // A closed stdin discards the input.
                     if let (Some(p), Some(m)) = (permit, input.pending.take()) {
@@ -268,15 +307,16 @@ where
                     }
                     continue;
                 }
-                // The client's next frames wait while its input does.
-                n = rd.read(&mut chunk), if input.pending.is_none() => {
+                // While input waits for the job, the client's next frames wait too (up to
+                // a read-ahead, which still shows a client that left).
+                n = rd.read(&mut chunk), if input.pending.is_none() || inbuf.len() < READ_AHEAD => {
                     // EOF or an error: the client left. (The protocol closes stdin with
                     // an empty data frame, not a half-close, and a client that went
                     // away must not hold a `disable_log` job's one attachment until the
                     // job next writes.)
                     let Ok(n @ 1..) = n else { return };
                     inbuf.extend_from_slice(&chunk[..n]);
-                    if !client_frames(&host, &sub.id, &mut inbuf, &mut input) {
+                    if input.pending.is_none() && !client_frames(&host, &sub.id, &mut inbuf, &mut input) {
                         return;
                     }
                     continue;
@@ -461,6 +501,25 @@ mod tests {
             assert_eq!(e.status(), 400, "{flags}");
             assert!(e.message.contains(says), "{flags}: {}", e.message);
         }
+    }
+
+    #[tokio::test]
+    async fn queued_bytes_are_bounded_as_well_as_lines() {
+        let a = Arc::new(Attachments::default());
+        let mut sub = a.subscribe("j", false).unwrap();
+        let line = vec![b'x'; 64 * 1024 - 1];
+        let fit = QUEUE_BYTES / (64 * 1024);
+        for _ in 0..fit {
+            a.output("j", Stream::Stdout, &line);
+        }
+        assert_eq!(a.count.load(Ordering::Relaxed), 1, "{fit} lines fit");
+        // Taking one off the queue makes room for one more.
+        let m = sub.rx.recv().await;
+        sub.took(&m);
+        a.output("j", Stream::Stdout, &line);
+        assert_eq!(a.count.load(Ordering::Relaxed), 1);
+        a.output("j", Stream::Stdout, &line);
+        assert_eq!(a.count.load(Ordering::Relaxed), 0, "over the byte bound");
     }
 
     #[tokio::test]

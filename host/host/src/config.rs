@@ -96,6 +96,16 @@ pub struct Config {
     #[arg(long, env = "FLYNN_NO_NETWORK")]
     pub no_network: bool,
 
+    /// The overlay's eBPF fast path for jobs (`auto`: each job's veth gets the job program
+    /// and an endpoint entry whenever the overlay agent has the fast path set up in
+    /// `--bpf-pin-dir`; `off`: never).
+    #[arg(long, env = "FLYNN_FAST_PATH", default_value = "auto", value_parser = ["auto", "off"])]
+    pub fast_path: String,
+
+    /// Where the overlay agent pins the fast path's maps and programs.
+    #[arg(long, env = "FLYNN_BPF_PIN_DIR", default_value = flynn_ebpf::DEFAULT_PIN_DIR)]
+    pub bpf_pin_dir: PathBuf,
+
     /// Network namespaces (with veth and address) kept ready for starting jobs (0 = made
     /// on each job's start path).
     #[arg(long, env = "FLYNN_NETNS_POOL", default_value_t = 2)]

@@ -266,7 +266,8 @@ fn follow(mut conn: ShimConn) -> Handle {
     let signal: Signaller = Arc::new(move |sig| {
         sig_tx
             .send(ToShim::Signal(sig))
-            .map_err(|_| std::io::Error::other("the job has ended"))
+            // The shim's connection ended with the job: no such process.
+            .map_err(|_| std::io::Error::from_raw_os_error(nix::libc::ESRCH))
     });
     Handle {
         events: rx,

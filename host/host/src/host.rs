@@ -27,6 +27,10 @@ use crate::volumes::{self, Volumes};
 const SIGKILL: i32 = 9;
 const SIGTERM: i32 = 15;
 
+/// How long a stop (or a job's end) waits for discoverd to confirm that the job's instances
+/// are gone before it goes on.
+const DEREGISTER_WAIT: Duration = Duration::from_secs(2);
+
 /// The `error` of a job stopped before its process existed (it ends as done).
 const STOPPED_BEFORE_START: &str = "stopped before it started";
 
@@ -1058,8 +1062,18 @@ impl Host {
         for t in tasks {
             t.abort();
         }
-        for hb in hbs {
-            hb.close().await;
+        // All at once, and for a bounded time: a discoverd that stopped answering must not
+        // hold back the job's SIGTERM (or its cleanup) for a request timeout per port. The
+        // heartbeaters left behind still delete their instances when it answers; an
+        // instance nobody deletes expires after the TTL.
+        let closing: Vec<_> = hbs.into_iter().map(|hb| tokio::spawn(hb.close())).collect();
+        let all = async {
+            for c in closing {
+                let _ = c.await;
+            }
+        };
+        if tokio::time::timeout(DEREGISTER_WAIT, all).await.is_err() {
+            tracing::warn!(job = %id, "discoverd did not confirm the deregistration in time; going on");
         }
         true
     }
@@ -1135,6 +1149,13 @@ impl Host {
             .ok_or_else(|| ApiError::conflict("host: job is not running"))?;
         drop(inner);
         signal(sig).map_err(|e| {
+            // The job ended between the check above and the signal (its shim is gone, or
+            // its process group): the same answer as a moment later.
+            if e.raw_os_error() == Some(nix::libc::ESRCH)
+                || self.get(id).is_none_or(|j| j.status.is_terminal())
+            {
+                return ApiError::conflict("host: job is not running");
+            }
             tracing::warn!(job = %id, sig, error = %e, "signal failed");
             ApiError::validation(Some("signal"), &format!("could not be sent: {e}"))
         })

@@ -24,6 +24,8 @@ struct Fake {
     entered: std::sync::atomic::AtomicUsize,
     jobs: Mutex<BTreeMap<String, mpsc::Sender<ProcEvent>>>,
     signals: Arc<Mutex<Vec<(String, i32)>>>,
+    /// While set, signals fail as for a process that is gone (`ESRCH`).
+    gone: Arc<std::sync::atomic::AtomicBool>,
     /// Jobs [`Runtime::cleanup`] was called for.
     cleaned: Mutex<Vec<String>>,
     /// The bind mounts each started job was given.
@@ -83,10 +85,14 @@ impl Runtime for Fake {
         let _ = tx.try_send(ProcEvent::Started { pid: 42 });
         self.jobs.lock().unwrap().insert(l.id.clone(), tx);
         let signals = self.signals.clone();
+        let gone = self.gone.clone();
         let id = l.id;
         Ok(Handle {
             events: rx,
             signal: Arc::new(move |sig| {
+                if gone.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+                }
                 signals.lock().unwrap().push((id.clone(), sig));
                 Ok(())
             }),
@@ -361,6 +367,24 @@ async fn volumes_are_exclusive_mounted_and_deleted_on_stop() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_that_finds_the_process_gone_is_a_conflict() {
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    rt.open();
+    let h = host(rt.clone(), d.path(), 0);
+    h.add_job(job("a", "x")).unwrap();
+    wait_status(&h, "a", JobStatus::Running).await;
+    h.signal("a", 10).unwrap();
+    // The process ended, and its end is not recorded yet: as a moment later, 409.
+    rt.gone.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = h.signal("a", 10).unwrap_err();
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (ErrorCode::Conflict, "host: job is not running")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_is_recorded_before_deregistration_and_cleanup() {
     use flynn_api::host::EventKind;
 
@@ -440,6 +464,7 @@ async fn stop_while_waiting_for_the_network_ends_done() {
         mtu: 1500,
         sync: crate::syncer::Syncer::start(),
         pool_size: 0,
+        fast_path: None,
     };
     let h = host_with(rt.clone(), d.path(), 0, Some(setup));
     h.add_job(job("n", "x")).unwrap();

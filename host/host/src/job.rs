@@ -42,6 +42,9 @@ pub fn valid_mount_target(target: &str) -> bool {
     target.starts_with('/') && !target.contains("/..")
 }
 
+/// The longest `config.stop_timeout` (seconds) a job may ask for.
+pub const MAX_STOP_TIMEOUT: u64 = 86_400;
+
 /// Parses and validates a `PUT /host/jobs/:id` body. `needs_image`: the runtime starts
 /// jobs from image layers, so `mountspecs` must be set.
 pub fn parse_job(path_id: &str, body: &[u8], needs_image: bool) -> Result<Job, ApiError> {
@@ -200,6 +203,12 @@ fn validate(job: &Job, needs_image: bool) -> Result<(), ApiError> {
         return Err(ApiError::validation(
             Some("config.stop_timeout"),
             "must be at least 1 second",
+        ));
+    }
+    if job.config.stop_timeout > Some(MAX_STOP_TIMEOUT) {
+        return Err(ApiError::validation(
+            Some("config.stop_timeout"),
+            &format!("must be at most {MAX_STOP_TIMEOUT} seconds (a day)"),
         ));
     }
     Ok(())
@@ -529,6 +538,10 @@ mod tests {
                 "config.ports[0].service.name",
             ),
             (r#","stop_timeout":0"#, "config.stop_timeout"),
+            (
+                r#","stop_timeout":18446744073709551615"#,
+                "config.stop_timeout",
+            ),
             (
                 r#","linux_capabilities":["NET_ADMIN"]"#,
                 "config.linux_capabilities",

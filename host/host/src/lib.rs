@@ -86,6 +86,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         mtu: cfg.mtu,
         sync: sync.clone(),
         pool_size: cfg.netns_pool,
+        fast_path: (cfg.fast_path == "auto").then(|| cfg.bpf_pin_dir.clone()),
     });
     let mut net_resolvers = Vec::new();
     let network = match &setup {

@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use flynn_api::host::{NetworkConfig, NetworkInfo};
 use flynn_api::ApiError;
-use flynn_network::job::{self, IpAllocator, JobNetConfig};
+use flynn_ebpf::{Endpoint, FastPath, Role};
+use flynn_network::job::{self, IpAllocator, JobNet, JobNetConfig};
 use flynn_network::{KernelNetlink, Subnet};
 
 use crate::syncer::Syncer;
@@ -43,6 +44,42 @@ struct Inner {
     pool_size: usize,
     /// `job-netns.json`: job id → pool key of the namespace it took.
     taken_path: PathBuf,
+    fast: Mutex<Fast>,
+}
+
+/// The overlay's eBPF fast path, as far as jobs are concerned: each job's host-side veth
+/// gets the job program and the endpoint map an entry (job IP → veth, job MAC, bridge MAC),
+/// so traffic to a job on this host is handed to its namespace directly and traffic to a
+/// remote block is encapsulated by the program. The overlay agent loads it and keeps the
+/// route maps; this daemon loads the same programs once the agent's maps are pinned (so a
+/// daemon started before the agent picks it up with its next job) and only touches the
+/// jobs' attachments and endpoints. Any failure leaves the job on the kernel path: a miss
+/// in the maps always falls through to it.
+struct Fast {
+    /// The pin directory; `None` when off, or after a load failed (not tried again).
+    dir: Option<PathBuf>,
+    fp: Option<FastPath>,
+    gateway_mac: [u8; 6],
+}
+
+impl Fast {
+    /// The fast path, loaded on first use once the agent has set it up.
+    fn get(&mut self) -> Option<&mut FastPath> {
+        if self.fp.is_none() {
+            let dir = self.dir.as_ref()?;
+            if !FastPath::is_set_up(dir) {
+                return None;
+            }
+            match FastPath::load(dir) {
+                Ok(fp) => self.fp = Some(fp),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %chain(e), "cannot load the overlay fast path; jobs use the kernel path");
+                    self.dir = None;
+                }
+            }
+        }
+        self.fp.as_mut()
+    }
 }
 
 #[derive(Default)]
@@ -54,8 +91,9 @@ struct Pool {
 
 struct Ready {
     key: String,
-    ip: Ipv4Addr,
-    netns: PathBuf,
+    net: JobNet,
+    /// It has its fast path entry (the fast path was set up when it was made).
+    fast: bool,
 }
 
 impl Network {
@@ -70,12 +108,16 @@ impl Network {
         mtu: u32,
         sync: Syncer,
         pool_size: usize,
+        fast_path: Option<PathBuf>,
     ) -> anyhow::Result<Network> {
         use anyhow::Context;
         let nl = KernelNetlink::connect().context("opening rtnetlink")?;
         job::setup_local_bridge(&nl, bridge, block, job::LOCAL_MTU)
             .await
             .with_context(|| format!("setting up bridge {bridge} for {block}"))?;
+        let gateway_mac = job::link_mac(&nl, bridge)
+            .await
+            .with_context(|| format!("reading the MAC of {bridge}"))?;
         let path = state_dir.join("job-ips.json");
         let gateway = block.first_host();
         let mut alloc = IpAllocator::open(&path, block, &[])
@@ -116,6 +158,11 @@ impl Network {
                 }),
                 pool_size,
                 taken_path,
+                fast: Mutex::new(Fast {
+                    dir: fast_path,
+                    fp: None,
+                    gateway_mac,
+                }),
             }),
         };
         for key in leftovers {
@@ -139,15 +186,19 @@ impl Network {
         r
     }
 
-    /// Allocates an address for `owner` and creates the namespace and veth named after it.
-    async fn create(&self, owner: &str) -> Result<(Ipv4Addr, PathBuf), String> {
+    /// Allocates an address for `owner` and creates the namespace and veth named after it;
+    /// true when it got its fast path entry.
+    async fn create(&self, owner: &str) -> Result<(JobNet, bool), String> {
         let ip = {
             let mut a = self.alloc();
             let r = a.allocate(owner).map_err(chain);
             self.synced(&a, r)?
         };
         match job::create_job_net(&self.inner.nl, owner, ip, &self.inner.cfg).await {
-            Ok(n) => Ok((n.ip, n.netns_path)),
+            Ok(n) => {
+                let fast = self.attach_fast_path(&n);
+                Ok((n, fast))
+            }
             Err(e) => {
                 let mut a = self.alloc();
                 let r = a.release(owner);
@@ -161,12 +212,71 @@ impl Network {
     /// When the removal fails the address stays allocated (it may still be configured on
     /// the veth): the next start-up's restore or pool clean-up tries again.
     async fn destroy(&self, owner: &str) -> Result<(), String> {
+        self.detach_fast_path(owner).await;
         let removed = job::destroy_job_net(&self.inner.nl, owner)
             .await
             .map_err(chain);
         let mut a = self.alloc();
         let r = release_if_removed(&mut a, owner, removed);
         self.synced(&a, r)
+    }
+
+    fn fast(&self) -> MutexGuard<'_, Fast> {
+        self.inner.fast.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives a job network its fast path entry (see [`Fast`]); failures are logged. True
+    /// when it has it.
+    fn attach_fast_path(&self, n: &JobNet) -> bool {
+        let mut fast = self.fast();
+        let gateway_mac = fast.gateway_mac;
+        let Some(fp) = fast.get() else { return false };
+        let ep = Endpoint {
+            ifindex: n.host_ifindex,
+            mac: n.mac,
+            gateway_mac,
+        };
+        let r = fp
+            .attach(n.host_ifindex, Role::JobVeth)
+            .and_then(|()| fp.upsert_endpoint(n.ip, ep));
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(veth = %n.host_veth, error = %chain(e), "fast path not attached; the job uses the kernel path");
+                false
+            }
+        }
+    }
+
+    /// Takes `owner`'s endpoint out of the fast path and detaches its veth, before the
+    /// address can go to another job (a stale entry would send that job's traffic to a
+    /// veth that is gone).
+    async fn detach_fast_path(&self, owner: &str) {
+        if self.fast().dir.is_none() {
+            return;
+        }
+        let ip = self.alloc().get(owner);
+        let ifindex = match self
+            .inner
+            .nl
+            .link_by_name(&job::host_veth_name(owner))
+            .await
+        {
+            Ok(link) => link.map(|l| l.header.index),
+            Err(_) => None,
+        };
+        let mut fast = self.fast();
+        let Some(fp) = fast.get() else { return };
+        if let Some(ip) = ip {
+            if let Err(e) = fp.remove_endpoint(ip) {
+                tracing::warn!(%ip, error = %chain(e), "removing a fast path endpoint failed");
+            }
+        }
+        if let Some(ifindex) = ifindex {
+            if let Err(e) = fp.detach(ifindex) {
+                tracing::warn!(ifindex, error = %chain(e), "detaching a job veth failed");
+            }
+        }
     }
 
     /// Writes `job-netns.json` (before the change is relied on).
@@ -206,10 +316,14 @@ impl Network {
             }
         };
         if let Some(r) = taken {
-            return Ok((IpAddr::V4(r.ip), r.netns));
+            // Made before the agent set the fast path up: the job gets it now.
+            if !r.fast {
+                self.attach_fast_path(&r.net);
+            }
+            return Ok((IpAddr::V4(r.net.ip), r.net.netns_path));
         }
-        let (ip, ns) = self.create(id).await?;
-        Ok((IpAddr::V4(ip), ns))
+        let (n, _) = self.create(id).await?;
+        Ok((IpAddr::V4(n.ip), n.netns_path))
     }
 
     /// The allocator owner (and name seed) of job `id`'s network.
@@ -264,7 +378,7 @@ impl Network {
                 }
                 let key = format!("{POOL_PREFIX}{}", uuid::Uuid::new_v4().simple());
                 match net.create(&key).await {
-                    Ok((ip, netns)) => net.pool().ready.push_back(Ready { key, ip, netns }),
+                    Ok((n, fast)) => net.pool().ready.push_back(Ready { key, net: n, fast }),
                     Err(e) => {
                         tracing::warn!(error = %e, "making a pooled network namespace failed");
                         break;
@@ -341,6 +455,8 @@ pub struct Setup {
     pub mtu: u32,
     pub sync: Syncer,
     pub pool_size: usize,
+    /// The fast path's pin directory (`None`: `--fast-path off`).
+    pub fast_path: Option<PathBuf>,
 }
 
 /// The configuration the agent last sent (`network.json`), reapplied at start-up so jobs
@@ -367,6 +483,7 @@ impl Setup {
             mtu,
             self.sync.clone(),
             self.pool_size,
+            self.fast_path.clone(),
         )
         .await
     }

@@ -222,6 +222,47 @@ async fn attach_writes_stdin_and_closes_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_its_input_waits_is_detached() {
+    let h = Host::start(PROC);
+    let c = &h.client;
+    // A job whose output goes nowhere else (one client at a time) and that never reads.
+    let id = h.job_id("deaf");
+    let mut job = sh_job(&id, "exec sleep 30");
+    job.config.stdin = true;
+    job.config.disable_log = true;
+    c.add_job(&job).await.unwrap();
+    wait_running(c, &id).await;
+    let mut a = c.attach(&req(&id, STDOUT | STDIN | STREAM)).await.unwrap();
+    assert_eq!(next(&mut a).await, Some(Frame::Success));
+    let mut input = a.take_input().unwrap();
+    // Six 1 MiB frames: the pipe takes 64 KiB of the first, the job's queue the next four,
+    // the sixth waits in the host for room. (Input beyond what the host reads ahead would
+    // sit in TCP buffers in front of the client's close, which the host sees once the job
+    // reads that input.)
+    input.stdin(&vec![b'x'; 6 << 20]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The client goes away with its input still waiting.
+    drop((a, input));
+    // The host notices, so the job takes another client.
+    let mut again = None;
+    for _ in 0..50 {
+        match c.attach(&req(&id, STDOUT | STREAM)).await {
+            Ok(a) => {
+                again = Some(a);
+                break;
+            }
+            Err(e) if e.api().is_some_and(|e| e.status() == 409) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let mut again = again.expect("the job is still held by the client that left");
+    assert_eq!(next(&mut again).await, Some(Frame::Success));
+    c.stop_job(&id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_forwards_signals_and_reports_a_stop() {
     let h = Host::start(PROC);
     let c = &h.client;

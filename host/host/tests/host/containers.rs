@@ -1133,3 +1133,128 @@ fn a_container_jobs_stdin_survives_a_daemon_restart() {
         assert_eq!(exit, 0);
     });
 }
+
+/// A bpffs mounted on a temporary directory (the fast path's pins must be on one), unmounted
+/// on drop.
+struct TestBpffs(tempfile::TempDir);
+
+impl TestBpffs {
+    fn mount() -> TestBpffs {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mounting a bpffs on {}", dir.path().display());
+        TestBpffs(dir)
+    }
+}
+
+impl Drop for TestBpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+/// The index of interface `name` in this thread's network namespace (`/sys/class/net`
+/// shows the namespace sysfs was mounted in).
+fn ifindex(name: &str) -> u32 {
+    let out = Command::new("ip")
+        .args(["-o", "link", "show", "dev", name])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no index for {name}: {text:?}"))
+}
+
+#[test]
+fn jobs_get_the_overlay_fast_path_once_the_agent_has_set_it_up() {
+    use flynn_ebpf::{FastPath, Role};
+    require_root!();
+    busybox();
+    if let Err(e) = FastPath::probe() {
+        panic!("this kernel cannot run the eBPF fast path: {e}");
+    }
+    in_netns(|_| async {
+        let bpf = TestBpffs::mount();
+        let pin = bpf.0.path().join("fp");
+        let pin_arg = pin.to_str().unwrap().to_string();
+        // One pooled namespace is made at start, before any agent.
+        let ch = CHost::start(&["--bpf-pin-dir", &pin_arg, "--netns-pool", "1"]);
+        let c = &ch.host.client;
+        eventually(Duration::from_secs(10), "a pooled namespace", || {
+            std::fs::read_dir("/run/netns")
+                .map(|d| d.count() > 1)
+                .unwrap_or(false)
+        })
+        .await;
+        // The agent sets the fast path up (its maps are pinned from now on).
+        let fp = FastPath::load(&pin).unwrap();
+        assert!(fp.endpoint_ips().unwrap().is_empty());
+
+        // A server and a client: the first takes the pooled namespace (made before the
+        // fast path) and gets its entry as it starts, the second a new one.
+        let srv = ch.host.job_id("srv");
+        c.add_job(&bb_job(&srv, "exec sleep 60")).await.unwrap();
+        let s = wait_running(c, &srv).await;
+        let srv_ip: std::net::Ipv4Addr = s.internal_ip.parse().unwrap();
+        let cli = ch.host.job_id("cli");
+        c.add_job(&bb_job(&cli, &format!("ping -c 3 -W 2 {srv_ip}")))
+            .await
+            .unwrap();
+        let before = fp.counters().unwrap();
+        let j = wait_ended(c, &cli, Duration::from_secs(30)).await;
+        assert_eq!(
+            (j.status, j.exit_status),
+            (JobStatus::Done, Some(0)),
+            "{j:?}"
+        );
+        let after = fp.counters().unwrap();
+        assert!(
+            after.redirected_local > before.redirected_local,
+            "nothing went the fast way: {before:?} -> {after:?}"
+        );
+
+        // The server's endpoint names its host veth; its veth carries the job program.
+        let ep = fp.endpoint(srv_ip).unwrap().expect("the server's endpoint");
+        // (It took the pooled namespace: its veth is named after the pool key.)
+        let owner = taken_netns(ch.host.dir.path())
+            .get(&srv)
+            .cloned()
+            .expect("the server took the pooled namespace");
+        let veth = flynn_network::job::host_veth_name(&owner);
+        assert_eq!(ep.ifindex, ifindex(&veth));
+        assert!(
+            fp.attached()
+                .unwrap()
+                .contains(&(ep.ifindex, Role::JobVeth)),
+            "{:?}",
+            fp.attached()
+        );
+
+        // Stopped: its endpoint and attachment go before its address can be reused.
+        c.stop_job(&srv).await.unwrap();
+        wait_ended(c, &srv, Duration::from_secs(30)).await;
+        let mut left = Vec::new();
+        eventually(
+            Duration::from_secs(10),
+            "the server's entry removed",
+            || {
+                left = fp.endpoint_ips().unwrap();
+                !left.contains(&srv_ip)
+            },
+        )
+        .await;
+        assert!(
+            fp.attached().unwrap().iter().all(|(i, _)| *i != ep.ifindex),
+            "{:?}",
+            fp.attached()
+        );
+        drop(ch);
+        drop(bpf);
+    });
+}

@@ -476,6 +476,42 @@ async fn service_registration_in_discoverd() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_does_not_wait_for_a_discoverd_that_stopped_answering() {
+    let (_ddir, disc, kv) = discoverd(&[]);
+    let durl = format!("http://{}", get(&kv, "http"));
+    let d = flynn_client::discoverd::Client::new(&durl);
+    let h = Host::start(&["--runtime", "process", "--discoverd", &durl]);
+    let svc = unique("svc");
+    let id = h.job_id("frozen");
+    let job = service_job(
+        &id,
+        &svc,
+        "trap 'exit 0' TERM; while true; do sleep 0.05; done",
+    );
+    h.client.add_job(&job).await.unwrap();
+    wait_running(&h.client, &id).await;
+    let t0 = Instant::now();
+    while d.instances(&svc).await.unwrap_or_default().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no instance of {svc}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // discoverd still accepts connections (the kernel does) but answers nothing.
+    let pid = nix::unistd::Pid::from_raw(disc.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let t0 = Instant::now();
+    h.client.stop_job(&id).await.unwrap();
+    let j = wait_ended(&h.client, &id, Duration::from_secs(20)).await;
+    let took = t0.elapsed();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(j.status, JobStatus::Done, "{j:?}");
+    // The SIGTERM went after the bounded wait for discoverd, not after its request timeout.
+    assert!(took < Duration::from_secs(8), "stopped after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discoverd_announces_itself_to_the_host() {
     let mut h = Host::start(PROC);
     assert_eq!(h.client.status().await.unwrap().discoverd, None);
