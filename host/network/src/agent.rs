@@ -203,9 +203,15 @@ impl<S: LeaseStore> Agent<S> {
         // Tunnel entries first: that removes the VXLAN route of a block going direct before the
         // direct route for the same prefix is added.
         let mut nl = self.nl.clone();
-        let ops = reconcile(&mut nl, devices.vxlan, &lease.subnet, &tunneled, now).await?;
-        let direct_changes = self.nl.sync_direct_routes(segment.ifindex, &direct).await?;
-        let fast_changes = self.sync_fast_path(&tunneled, &direct, devices.vxlan, segment)?;
+        // Each part runs even when an earlier one failed (a failure is for one peer's
+        // entry; the others, and the fast path maps, must still follow the leases); the
+        // first failure is returned at the end.
+        let reconciled = reconcile(&mut nl, devices.vxlan, &lease.subnet, &tunneled, now).await;
+        let direct_changes = self.nl.sync_direct_routes(segment.ifindex, &direct).await;
+        let fast_changes = self.sync_fast_path(&tunneled, &direct, devices.vxlan, segment);
+        let ops = reconciled?;
+        let direct_changes = direct_changes?;
+        let fast_changes = fast_changes?;
         let changes = ops.len() + direct_changes + fast_changes;
         self.stats
             .peers
@@ -342,7 +348,9 @@ impl<S: LeaseStore> Agent<S> {
                 match self.leaser.store().watch().await {
                     Ok(mut w) => {
                         let snap = w.current();
-                        self.sync_logged(&snap).await;
+                        if self.sync_logged(&snap).await {
+                            renew_retry = Some(tokio::time::Instant::now());
+                        }
                         watch = Some(w);
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot watch leases; retrying"),
@@ -366,7 +374,11 @@ impl<S: LeaseStore> Agent<S> {
                 }
                 snap = async { watch.as_mut().expect("checked").changed().await }, if watch.is_some() => {
                     match snap {
-                        Some(s) => self.sync_logged(&s).await,
+                        Some(s) => {
+                            if self.sync_logged(&s).await {
+                                renew_retry = Some(tokio::time::Instant::now());
+                            }
+                        }
                         None => watch = None,
                     }
                 }
@@ -374,7 +386,11 @@ impl<S: LeaseStore> Agent<S> {
                 _ = tick.tick() => {
                     self.keep_host_routing();
                     match self.leaser.store().leases().await {
-                        Ok(s) => self.sync_logged(&s).await,
+                        Ok(s) => {
+                            if self.sync_logged(&s).await {
+                                renew_retry = Some(tokio::time::Instant::now());
+                            }
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot read leases; reconciling the last known set");
                             if let Some(w) = &mut watch {
@@ -430,7 +446,19 @@ impl<S: LeaseStore> Agent<S> {
         }
     }
 
-    async fn sync_logged(&mut self, snap: &Snapshot) {
+    /// [`Agent::sync`], logging a failure; true when `snap` no longer shows this host's
+    /// lease as its own (deleted, or held by another host): the caller renews at once,
+    /// which finds out whether it is lost, instead of at its renewal time, hours away.
+    async fn sync_logged(&mut self, snap: &Snapshot) -> bool {
+        let gone = self.lease.as_ref().is_some_and(|l| {
+            !snap
+                .leases
+                .iter()
+                .any(|s| s.subnet == l.subnet && s.public_ip == l.public_ip)
+        });
+        if gone {
+            tracing::warn!("this host's lease is not in the lease set as its own; checking it now");
+        }
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         match self.sync(snap).await {
             Ok(_) => self.stats.synced.store(true, Ordering::Relaxed),
@@ -440,6 +468,7 @@ impl<S: LeaseStore> Agent<S> {
                 tracing::warn!(error = %error_chain(&e), "reconcile failed; will retry");
             }
         }
+        gone
     }
 
     /// Counters for metrics and status, updated as the agent works.

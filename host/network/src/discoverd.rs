@@ -83,6 +83,9 @@ fn parse_lease(key: &str, attrs: &Value) -> Option<Lease> {
         .and_then(|b| b.get("VtepMAC"))
         .and_then(Value::as_str)
         .and_then(|m| m.parse::<Mac>().ok())
+        // A MAC no FDB entry can name (multicast, all zeros) would fail that peer's entry
+        // on every reconcile: the derived one stands in, as for a missing one.
+        .filter(Mac::is_unicast)
         .unwrap_or_else(|| Mac::for_subnet(&subnet));
     // An expiry past what `SystemTime` can hold (it came over the network) is "never".
     let expires_at = attrs
@@ -435,6 +438,21 @@ mod tests {
         let doc = json!({"subnets": {"100.100.9.0-24": attrs, "junk": {}, "100.100.1.0-24": 3}});
         let snap = snapshot(&doc, 12);
         assert_eq!((snap.revision, snap.leases.len()), (12, 1));
+    }
+
+    #[test]
+    fn a_vtep_mac_no_fdb_entry_can_name_gives_way_to_the_derived_one() {
+        let subnet: Subnet = "100.100.9.0/24".parse().unwrap();
+        for bad in [
+            "00:00:00:00:00:00",
+            "01:00:5e:00:00:01",
+            "ff:ff:ff:ff:ff:ff",
+        ] {
+            let attrs = json!({"PublicIP": "10.0.0.9", "BackendData": {"VtepMAC": bad}});
+            let l = parse_lease("100.100.9.0-24", &attrs).unwrap();
+            assert_eq!(l.vtep_mac, Mac::for_subnet(&subnet), "{bad}");
+        }
+        assert!(Mac::for_subnet(&subnet).is_unicast());
     }
 
     #[test]

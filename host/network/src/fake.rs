@@ -3,6 +3,8 @@
 
 use std::net::Ipv4Addr;
 
+use crate::subnet::Mac;
+
 use crate::reconcile::{
     BridgeSpec, Fdb, KernelState, Neigh, Netlink, NetlinkError, Op, Route, Underlay, VxlanSpec,
 };
@@ -17,6 +19,8 @@ pub struct FakeNetlink {
     pub bridge: Option<BridgeSpec>,
     pub underlay: Underlay,
     pub underlay_addr: Option<Ipv4Addr>,
+    /// An FDB entry for this MAC is refused (as the kernel refuses some).
+    pub refuse_fdb: Option<Mac>,
 }
 
 /// Index the fake gives the VXLAN device.
@@ -36,6 +40,7 @@ impl Default for FakeNetlink {
                 mtu: 1500,
             },
             underlay_addr: None,
+            refuse_fdb: None,
         }
     }
 }
@@ -75,6 +80,13 @@ impl Netlink for FakeNetlink {
     }
 
     async fn apply(&mut self, _vxlan: u32, op: &Op) -> Result<(), NetlinkError> {
+        if let Op::AddFdb(f) = op {
+            if Some(f.mac) == self.refuse_fdb {
+                return Err(NetlinkError::Missing {
+                    name: format!("fdb {} (refused by the fake)", f.mac),
+                });
+            }
+        }
         self.log.push(*op);
         let s = &mut self.state;
         match *op {

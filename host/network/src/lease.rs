@@ -115,6 +115,9 @@ impl<S: LeaseStore> Leaser<S> {
         mut pick: impl FnMut(usize) -> usize,
     ) -> Result<Lease, LeaseError> {
         let layout = &self.config.layout;
+        // Blocks whose create was refused although no lease we could read holds them (a
+        // record that does not parse): not tried again.
+        let mut refused: Vec<Subnet> = Vec::new();
         for attempt in 1..=self.config.attempts {
             let snap = self.store.leases().await?;
             let mine = snap.leases.iter().find(|l| {
@@ -122,7 +125,16 @@ impl<S: LeaseStore> Leaser<S> {
                     && l.subnet.prefix_len() == layout.subnet_len
                     && layout.blocks().any(|b| b == l.subnet)
             });
-            let is_free = |b: &Subnet| !snap.live(now).any(|l| overlaps(&l.subnet, b));
+            // Only blocks of the layout hold blocks: a foreign or corrupt record (say
+            // `0.0.0.0-0`) would otherwise overlap, and block, every one.
+            let is_free = |b: &Subnet| {
+                !refused.contains(b)
+                    && !snap.live(now).any(|l| {
+                        l.subnet.prefix_len() == layout.subnet_len
+                            && layout.network.contains_subnet(&l.subnet)
+                            && overlaps(&l.subnet, b)
+                    })
+            };
             let result = if let Some(mine) = mine {
                 self.store.update(&self.refreshed(mine, now)).await
             } else {
@@ -160,7 +172,13 @@ impl<S: LeaseStore> Leaser<S> {
                             })
                             .await
                     }
-                    None => self.store.create(&lease).await,
+                    None => {
+                        let r = self.store.create(&lease).await;
+                        if matches!(r, Err(StoreError::Conflict { .. })) {
+                            refused.push(subnet);
+                        }
+                        r
+                    }
                 }
             };
             match result {
@@ -361,6 +379,73 @@ mod tests {
             .unwrap();
         assert_eq!(a2.subnet, a.subnet);
         assert_eq!(a2.public_ip, Ipv4Addr::new(192, 0, 2, 3));
+    }
+
+    #[tokio::test]
+    async fn a_foreign_record_overlapping_everything_blocks_nothing() {
+        let store = MemoryStore::new();
+        store
+            .create(&Lease {
+                subnet: "0.0.0.0/0".parse().unwrap(),
+                public_ip: Ipv4Addr::new(1, 2, 3, 4),
+                vtep_mac: Mac([2, 0, 0, 0, 0, 1]),
+                expires_at: now() + Duration::from_secs(1 << 30),
+                revision: 0,
+            })
+            .await
+            .unwrap();
+        let l = host(&store, 1)
+            .acquire_with(now(), None, |_| 0)
+            .await
+            .unwrap();
+        assert_eq!(l.subnet.to_string(), "10.9.1.0/24");
+    }
+
+    /// A store that does not show the lease of `hidden` (as a record that does not parse is
+    /// skipped), though it is there.
+    struct Hiding {
+        inner: MemoryStore,
+        hidden: Subnet,
+    }
+
+    impl LeaseStore for Hiding {
+        async fn leases(&self) -> Result<crate::store::Snapshot, StoreError> {
+            let mut snap = self.inner.leases().await?;
+            snap.leases.retain(|l| l.subnet != self.hidden);
+            Ok(snap)
+        }
+        async fn create(&self, lease: &Lease) -> Result<Lease, StoreError> {
+            self.inner.create(lease).await
+        }
+        async fn update(&self, lease: &Lease) -> Result<Lease, StoreError> {
+            self.inner.update(lease).await
+        }
+        async fn delete(&self, lease: &Lease) -> Result<(), StoreError> {
+            self.inner.delete(lease).await
+        }
+        async fn watch(&self) -> Result<crate::store::LeaseWatch, StoreError> {
+            self.inner.watch().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_block_whose_record_cannot_be_read_is_given_up_for_another() {
+        let inner = MemoryStore::new();
+        // Someone holds 10.9.1.0/24, in a record this host cannot read; it was this host's
+        // block before a clean shutdown.
+        let held = host(&inner, 9)
+            .acquire_with(now(), None, |_| 0)
+            .await
+            .unwrap();
+        let store = Hiding {
+            inner,
+            hidden: held.subnet,
+        };
+        let l = Leaser::new(store, small(), Ipv4Addr::new(192, 0, 2, 1))
+            .acquire_with(now(), Some(held.subnet), |_| 0)
+            .await
+            .unwrap();
+        assert_eq!(l.subnet.to_string(), "10.9.2.0/24");
     }
 
     /// A store whose first update is committed but answered with an error (the answer was lost).

@@ -272,9 +272,18 @@ pub async fn reconcile<N: Netlink>(
         .collect();
     let actual = nl.dump(vxlan).await?;
     let ops = plan(&actual, &remote);
+    // A change the kernel refuses (one peer's bad record) does not hold back the others';
+    // the first failure is reported once all were tried, and the next pass tries it again.
+    let mut failed = None;
     for op in &ops {
         tracing::debug!(?op, "overlay change");
-        nl.apply(vxlan, op).await?;
+        if let Err(e) = nl.apply(vxlan, op).await {
+            tracing::warn!(?op, error = %e, "overlay change failed");
+            failed.get_or_insert(e);
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     if !ops.is_empty() {
         tracing::info!(
@@ -333,6 +342,32 @@ mod tests {
                 gateway: gw,
             },
         )
+    }
+
+    #[tokio::test]
+    async fn a_refused_entry_does_not_hold_back_the_other_peers() {
+        let mut nl = FakeNetlink::default();
+        let (bad, good) = (lease(2, 2), lease(3, 3));
+        nl.refuse_fdb = Some(bad.vtep_mac);
+        let r = reconcile(
+            &mut nl,
+            FAKE_VXLAN_INDEX,
+            &own(),
+            &[bad.clone(), good.clone()],
+            now(),
+        )
+        .await;
+        assert!(r.is_err(), "the failure is still reported");
+        let (n, f, route) = entries(&good);
+        assert!(nl.state.neighs.contains(&n));
+        assert!(nl.state.fdbs.contains(&f));
+        assert!(nl.state.routes.contains(&route));
+        // The refused peer's FDB entry is missing; the next pass tries it again.
+        let (_, bad_fdb, _) = entries(&bad);
+        assert!(!nl.state.fdbs.contains(&bad_fdb));
+        nl.refuse_fdb = None;
+        run(&mut nl, &[bad.clone(), good]).await;
+        assert!(nl.state.fdbs.contains(&bad_fdb));
     }
 
     #[tokio::test]

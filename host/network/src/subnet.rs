@@ -133,6 +133,13 @@ impl Mac {
         Mac([0x0e, 0x62, a, b, c, d])
     }
 
+    /// A unicast address other than all zeros: one a VXLAN FDB entry can name (the kernel
+    /// refuses to replace an entry with a multicast one, and all zeros means "default
+    /// destination" to it).
+    pub fn is_unicast(&self) -> bool {
+        self.0[0] & 1 == 0 && self.0 != [0; 6]
+    }
+
     pub fn octets(&self) -> [u8; 6] {
         self.0
     }

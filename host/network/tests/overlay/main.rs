@@ -1023,9 +1023,16 @@ fn lease_is_renewed_before_it_expires() -> Result<()> {
     );
 
     // Another host takes the block over (as if ours had expired): the next renewal finds the
-    // record changed and the agent exits with an error instead of stealing it back. The write is a
-    // CAS on the document, which the agent's own renewals may win first: retry.
-    let mut took_over = false;
+    // record changed and the agent exits with an error instead of stealing it back.
+    take_over(&c, &key, now)?;
+    expect_lost(&c, &mut a1, &key, Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// Rewrites the lease record `key` as another host's (public IP 10.240.0.99, an hour to
+/// live). The write is a CAS on the document, which the agent's own renewals may win first:
+/// retried.
+fn take_over(c: &Cluster, key: &str, now: u64) -> Result<()> {
     for _ in 0..10 {
         let out = c
             .discoverd
@@ -1038,7 +1045,7 @@ fn lease_is_renewed_before_it_expires() -> Result<()> {
             ])
             .output()?;
         let mut meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        let rec = &mut meta["data"]["subnets"][&key];
+        let rec = &mut meta["data"]["subnets"][key];
         rec["PublicIP"] = "10.240.0.99".into();
         rec["Revision"] = 1_000_000_000u64.into();
         rec["Expiration"] = (now + 3600).into();
@@ -1061,8 +1068,7 @@ fn lease_is_renewed_before_it_expires() -> Result<()> {
             .arg(format!("{}/services/flannel/meta", c.url()))
             .output()?;
         if put.stdout == b"200" {
-            took_over = true;
-            break;
+            return Ok(());
         }
         ensure!(
             put.stdout == b"412",
@@ -1070,9 +1076,14 @@ fn lease_is_renewed_before_it_expires() -> Result<()> {
             String::from_utf8_lossy(&put.stdout)
         );
     }
-    ensure!(took_over, "the takeover write kept losing to renewals");
-    let mut child = a1.child.take().context("agent running")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    bail!("the takeover write kept losing to renewals")
+}
+
+/// The agent exits with an error within `limit`, saying its lease is no longer its own, and
+/// leaves the new owner's record alone.
+fn expect_lost(c: &Cluster, a: &mut AgentProc, key: &str, limit: Duration) -> Result<()> {
+    let mut child = a.child.take().context("agent running")?;
+    let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(s) = child.try_wait()? {
             break s;
@@ -1082,7 +1093,7 @@ fn lease_is_renewed_before_it_expires() -> Result<()> {
             let _ = child.wait();
             bail!(
                 "agent kept running after losing its lease:\n{}",
-                a1.log_text()
+                a.log_text()
             );
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -1092,15 +1103,32 @@ fn lease_is_renewed_before_it_expires() -> Result<()> {
         "agent exited cleanly after losing its lease"
     );
     ensure!(
-        a1.log_text().contains("no longer ours"),
+        a.log_text().contains("no longer ours"),
         "agent log does not say why:\n{}",
-        a1.log_text()
+        a.log_text()
     );
     ensure!(
-        expirations(&c)?.contains_key(&key),
+        expirations(c)?.contains_key(key),
         "the new owner's lease was removed"
     );
     Ok(())
+}
+
+#[test]
+fn a_lease_taken_over_is_noticed_at_once_not_at_renewal() -> Result<()> {
+    if !lab::should_run("a_lease_taken_over_is_noticed_at_once_not_at_renewal") {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    let h1 = c.add_host(1)?;
+    // An hour to live: renewal is far away, the watch is what notices.
+    let mut a1 = c.agent(h1, &["--fast-path", "off", "--lease-ttl", "1h"])?;
+    let key = a1.subnet.to_string().replace('/', "-");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    take_over(&c, &key, now)?;
+    expect_lost(&c, &mut a1, &key, Duration::from_secs(10))
 }
 
 #[test]
