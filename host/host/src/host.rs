@@ -585,6 +585,8 @@ impl Host {
         tracing::warn!(job = %id, reason = %reason, "job failed to start");
         self.prepare_next();
         let mut inner = self.lock();
+        // A deregistration that came while it was starting left an entry: nothing runs.
+        inner.ctl.remove(id);
         if let Some(j) = inner.table.failed(id, reason, now_rfc3339()).cloned() {
             self.volumes.release(&j.job);
             let kind = if j.status == JobStatus::Failed {
@@ -775,12 +777,15 @@ impl Host {
         let id = job.id.clone();
         {
             let mut inner = self.lock();
+            // `discoverd-deregister` may have come while the job was starting.
+            let deregistered = inner.ctl.get(&id).is_some_and(|c| c.deregistered);
             inner.ctl.insert(
                 id.clone(),
                 Ctl {
                     signal: Some(handle.signal.clone()),
                     stdin: handle.stdin.take(),
                     stop_timeout: r.stop_timeout,
+                    deregistered,
                     ..Ctl::default()
                 },
             );
@@ -919,6 +924,10 @@ impl Host {
             let Some(c) = inner.ctl.get_mut(id) else {
                 return;
             };
+            // Asked not to be in discoverd (possibly while it was starting).
+            if c.deregistered {
+                return;
+            }
             c.announce = Some(a.clone());
             (c.generation, self.discoverd_client())
         };
@@ -1050,9 +1059,12 @@ impl Host {
     pub async fn deregister(&self, id: &str) -> bool {
         let (hbs, tasks) = {
             let mut inner = self.lock();
-            let Some(c) = inner.ctl.get_mut(id) else {
-                return inner.table.get(id).is_some();
-            };
+            if inner.table.get(id).is_none() {
+                return false;
+            }
+            // A job still starting has no control entry yet: this one, kept by the
+            // supervisor, makes its start skip the registration.
+            let c = inner.ctl.entry(id.to_string()).or_default();
             c.deregistered = true;
             (
                 std::mem::take(&mut c.heartbeaters),
@@ -1129,6 +1141,12 @@ impl Host {
                 tracing::debug!(job = %id, error = %e, "SIGKILL failed");
             }
         }
+    }
+
+    /// TEST ONLY: whether job `id` has instances to announce in discoverd.
+    #[cfg(test)]
+    pub(crate) fn announced(&self, id: &str) -> bool {
+        self.lock().ctl.get(id).is_some_and(|c| c.announce.is_some())
     }
 
     /// The stdin of job `id`, while its process lives and if it was created with one.
