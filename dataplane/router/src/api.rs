@@ -32,6 +32,10 @@ pub struct Api {
     /// The version of the last published table; discovery wakes on it to follow the set
     /// of routed services.
     pub published: tokio::sync::watch::Sender<u64>,
+    /// Set while this process hands its state over to a new one: both serve the API
+    /// socket until the new one is ready, and a change made here after the copy would be
+    /// lost, so changes are refused (503, retry) meanwhile.
+    pub frozen: std::sync::atomic::AtomicBool,
 }
 
 /// An [`ApiError`] as an HTTP response: status from the code table, JSON envelope.
@@ -62,7 +66,32 @@ impl Api {
             shared,
             events,
             published: tokio::sync::watch::Sender::new(0),
+            frozen: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// What the routes file put in the store (for a handover).
+    pub fn file_record(&self) -> crate::reload::FileRecord {
+        self.file.lock().unwrap_or_else(|p| p.into_inner()).record()
+    }
+
+    fn frozen(&self) -> bool {
+        self.frozen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The store, to change it: refused while the state is handed over. Checked under the
+    /// store's lock, which the handover holds while it sets `frozen` and copies, so a change
+    /// is either in the copy or refused.
+    fn store_for_change(&self) -> Result<std::sync::MutexGuard<'_, Store>, ApiError> {
+        let s = self.store();
+        if self.frozen() {
+            return Err(ApiError::new(
+                flynn_api::ErrorCode::ServiceUnavailable,
+                "the router is handing over to a new process; retry",
+            )
+            .with_retry(true));
+        }
+        Ok(s)
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
@@ -83,6 +112,9 @@ impl Api {
     pub fn reload_file(&self, file: crate::RoutesFile) -> Result<(usize, usize), String> {
         let (applied, v) = {
             let mut s = self.store();
+            if self.frozen() {
+                return Err("the router is handing over to a new process".into());
+            }
             let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
             // All or nothing: on error neither the store nor the file state changed.
             let applied = f.apply(&mut s, file)?;
@@ -128,7 +160,7 @@ fn parse_kind(s: &str) -> Res<RouteType> {
 async fn add_route(State(api): State<Arc<Api>>, body: Bytes) -> Res<Json<Route>> {
     let r = Store::parse_route(&body)?;
     let (r, v) = {
-        let mut s = api.store();
+        let mut s = api.store_for_change()?;
         let r = s.add(r)?;
         (r, api.publish(&s))
     };
@@ -166,7 +198,7 @@ async fn update_route(
     let kind = parse_kind(&kind)?;
     let r = Store::parse_route(&body)?;
     let (r, v) = {
-        let mut s = api.store();
+        let mut s = api.store_for_change()?;
         let r = s.update(kind, &id, r)?;
         (r, api.publish(&s))
     };
@@ -181,7 +213,7 @@ async fn delete_route(
 ) -> Res<StatusCode> {
     let kind = parse_kind(&kind)?;
     let (r, v) = {
-        let mut s = api.store();
+        let mut s = api.store_for_change()?;
         let r = s.remove(kind, &id)?;
         (r, api.publish(&s))
     };
@@ -209,7 +241,7 @@ impl Api {
         list: Vec<BackendAddr>,
     ) -> Result<Vec<BackendAddr>, ApiError> {
         let (added, removed, v) = {
-            let mut s = self.store();
+            let mut s = self.store_for_change()?;
             let (a, r) = s.set_backends(service, list)?;
             (a, r, self.publish(&s))
         };
@@ -273,7 +305,7 @@ struct CertBody {
 
 async fn add_certificate(State(api): State<Arc<Api>>, body: Bytes) -> Res<Json<Certificate>> {
     let b: CertBody = serde_json::from_slice(&body).map_err(|_| ApiError::syntax())?;
-    let mut s = api.store();
+    let mut s = api.store_for_change()?;
     let c = s.certs.add(&b.cert, &b.key)?;
     Ok(Json(s.certificate(&c.id).unwrap_or(c)))
 }
@@ -311,7 +343,7 @@ async fn delete_certificate(
     State(api): State<Arc<Api>>,
     Path(id): Path<String>,
 ) -> Res<StatusCode> {
-    let mut s = api.store();
+    let mut s = api.store_for_change()?;
     s.certs.get(&id).ok_or_else(cert_not_found)?;
     if !s.certificate_routes(&id).is_empty() {
         return Err(ApiErr(ApiError::conflict(

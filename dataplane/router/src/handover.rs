@@ -50,6 +50,9 @@ pub struct State {
     pub tcp: Vec<u16>,
     pub routes: Vec<Route>,
     pub services: BTreeMap<String, Vec<BackendAddr>>,
+    /// What the routes file put there, so the new process's reloads diff against it.
+    #[serde(default)]
+    pub file: crate::reload::FileRecord,
     /// Every stored certificate, oldest first, so ids survive the takeover (and so do
     /// certificates no route uses yet). Absent from an older process: ids are then new.
     #[serde(default)]
@@ -102,15 +105,27 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
     if line.trim() != "takeover" {
         bail!("unexpected request {line:?}");
     }
-    let (routes, services, certificates) = {
+    // From the copy on, this process refuses changes (the new one serves the same API
+    // socket once it runs, and changes made here would be lost with this process); they
+    // are accepted again if the handover fails.
+    let thaw = Thaw(&old.api);
+    let (routes, services, certificates, file) = {
         let s = old
             .api
             .store
             .lock()
             .map_err(|_| anyhow::anyhow!("store poisoned"))?;
+        old.api
+            .frozen
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut certs = s.certs.list();
         certs.reverse();
-        (s.list(None), s.services().clone(), certs)
+        (
+            s.list(None),
+            s.services().clone(),
+            certs,
+            old.api.file_record(),
+        )
     };
     let tcp = old.api.shared.dup_tcp_listeners()?;
     let state = State {
@@ -130,6 +145,7 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
         routes,
         services,
         certificates,
+        file,
     };
     let mut fds: Vec<RawFd> = old.sockets.listeners.iter().map(|(fd, _, _)| *fd).collect();
     fds.extend(tcp.iter().map(|(_, fd)| fd.as_raw_fd()));
@@ -145,7 +161,20 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
     if line.trim() != "ready" {
         bail!("the new process did not become ready ({line:?}); still serving");
     }
+    // Handed over: this process only drains now.
+    std::mem::forget(thaw);
     Ok(())
+}
+
+/// Accepts API changes again when dropped (a handover that failed).
+struct Thaw<'a>(&'a crate::api::Api);
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        self.0
+            .frozen
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn drain_and_exit(old: &Old, ours: Option<(u64, u64)>) -> ! {

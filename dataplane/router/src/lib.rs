@@ -270,6 +270,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     let mut file_routes = reload::FileRoutes::default();
     match &handed {
         Some((state, _)) => {
+            file_routes = reload::FileRoutes::from_record(state.file.clone());
             for c in &state.certificates {
                 store
                     .certs

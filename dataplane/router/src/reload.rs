@@ -37,6 +37,38 @@ pub struct FileRoutes {
     services: BTreeSet<String>,
 }
 
+/// [`FileRoutes`] as plain data, handed to a new process in a takeover so its reloads
+/// know what the file put there (route key parts and the route id; service names).
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FileRecord {
+    pub routes: Vec<(RouteType, String, u16, String, String)>,
+    pub services: Vec<String>,
+}
+
+impl FileRoutes {
+    pub fn record(&self) -> FileRecord {
+        FileRecord {
+            routes: self
+                .routes
+                .iter()
+                .map(|((t, d, p, path), id)| (*t, d.clone(), *p, path.clone(), id.clone()))
+                .collect(),
+            services: self.services.iter().cloned().collect(),
+        }
+    }
+
+    pub fn from_record(r: FileRecord) -> FileRoutes {
+        FileRoutes {
+            routes: r
+                .routes
+                .into_iter()
+                .map(|(t, d, p, path, id)| ((t, d, p, path), id))
+                .collect(),
+            services: r.services.into_iter().collect(),
+        }
+    }
+}
+
 /// Changes to announce on `/events`.
 #[derive(Debug)]
 pub struct Applied {

@@ -162,6 +162,13 @@ impl Store {
                 if r.domain.is_empty() {
                     return Err(ApiError::validation(Some("domain"), "must not be blank"));
                 }
+                // The routing table has no room for longer names (and DNS none either).
+                if r.domain.len() > flynn_routes::MAX_DOMAIN {
+                    return Err(ApiError::validation(
+                        Some("domain"),
+                        &format!("must be at most {} characters", flynn_routes::MAX_DOMAIN),
+                    ));
+                }
                 if r.port != 0 && !self.ports.additional_http.contains(&r.port) {
                     return Err(ApiError::validation(
                         None,
@@ -413,14 +420,19 @@ impl Store {
         Some(c)
     }
 
-    /// The SNI certificate map for the cores.
+    /// The SNI certificate map for the cores: a domain's certificate is its `/` route's
+    /// (spec §1.7: the route lookup with path `/`), else the default keypair. Sub-path
+    /// routes' certificates are not used for the handshake. A domain with `/` routes on
+    /// several ports takes the default port's first.
     pub fn cert_store(&self, default: Option<Arc<CertifiedKey>>) -> CertStore {
         let mut store = CertStore::new(default);
-        for s in self
+        let mut roots: Vec<&Stored> = self
             .routes
             .values()
-            .filter(|s| s.route.kind == RouteType::Http)
-        {
+            .filter(|s| s.route.kind == RouteType::Http && s.route.path == "/")
+            .collect();
+        roots.sort_by_key(|s| (s.route.port != 0, s.route.port));
+        for s in roots {
             let key = s
                 .route
                 .certificate

@@ -335,14 +335,16 @@ impl Host {
                 tracing::info!(%block, mtu, job = %cfg.job_id, "job network configured by the overlay agent");
             }
         }
+        // Jobs waiting for the network go on as soon as it exists, even if it cannot be
+        // saved below (that failure is answered, so the agent sends it again).
+        *self.net_resolvers.lock().unwrap_or_else(|e| e.into_inner()) = resolvers.clone();
+        self.net_ready.send_replace(true);
         if let Some(setup) = &self.net_setup {
             setup.save(block, mtu, &resolvers).map_err(|e| {
                 tracing::warn!(error = %e, "saving network.json failed");
                 ApiError::unknown()
             })?;
         }
-        *self.net_resolvers.lock().unwrap_or_else(|e| e.into_inner()) = resolvers;
-        self.net_ready.send_replace(true);
         Ok(self.status().network.unwrap_or_default())
     }
 
@@ -1146,7 +1148,10 @@ impl Host {
     /// TEST ONLY: whether job `id` has instances to announce in discoverd.
     #[cfg(test)]
     pub(crate) fn announced(&self, id: &str) -> bool {
-        self.lock().ctl.get(id).is_some_and(|c| c.announce.is_some())
+        self.lock()
+            .ctl
+            .get(id)
+            .is_some_and(|c| c.announce.is_some())
     }
 
     /// The stdin of job `id`, while its process lives and if it was created with one.

@@ -3,8 +3,27 @@
 
 use super::*;
 
+/// Counts a connection still in its PROXY prefix or TLS handshake as open (for the
+/// per-core limit and a handover's drain) until dropped, right before the connection is
+/// served (which counts it from then on).
+struct Entering(Rc<Core>);
+
+impl Entering {
+    fn new(core: &Rc<Core>) -> Entering {
+        core.conn_opened();
+        Entering(core.clone())
+    }
+}
+
+impl Drop for Entering {
+    fn drop(&mut self) {
+        self.0.conn_closed();
+    }
+}
+
 /// Serves one plain-HTTP client connection (reading a PROXY prefix first if enabled).
 pub async fn serve(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: ListenerInfo) {
+    let entering = Entering::new(&core);
     let _ = conn.set_nodelay(true);
     let fd = conn.as_raw_fd();
     let mut conn = conn;
@@ -24,12 +43,15 @@ pub async fn serve(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: Listene
             }
         }
     }
+    // `serve_conn` counts it again before its first await: no gap.
+    drop(entering);
     serve_conn(core, conn, fd, bufs, peer, l, false).await
 }
 
 /// Serves one HTTPS client connection: PROXY prefix (peeked, so the TLS bytes stay in
 /// the socket), TLS handshake within the header timeout, then HTTP/1.1 as usual.
 pub async fn serve_tls(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: ListenerInfo) {
+    let entering = Entering::new(&core);
     let _ = conn.set_nodelay(true);
     let fd = conn.as_raw_fd();
     let mut peer = peer;
@@ -51,6 +73,8 @@ pub async fn serve_tls(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: Lis
             return;
         }
     };
+    // Both count it again before their first await: no gap.
+    drop(entering);
     if tls.alpn_protocol().as_deref() == Some(b"h2") {
         return crate::h2::serve(core, tls, peer, l).await;
     }

@@ -274,3 +274,56 @@ fn tcp_ports_are_checked_by_a_bind_except_on_restore() {
     s.restore(Route::tcp(held, "db")).unwrap();
     assert_eq!(s.list(None)[0].port, held);
 }
+
+#[test]
+fn a_domains_certificate_is_its_root_routes() {
+    let cert = |name: &str| {
+        let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        Certificate {
+            id: String::new(),
+            routes: Vec::new(),
+            cert: c.cert.pem(),
+            key: c.key_pair.serialize_pem(),
+            created_at: None,
+            updated_at: None,
+        }
+    };
+    let (a, b) = (cert("a.com"), cert("a.com"));
+    // Many sub-path routes with certificate A (their ids sort anywhere), the root with B.
+    let mut s = store();
+    let root = s
+        .add(Route {
+            certificate: Some(b.clone()),
+            ..http("a.com", "/")
+        })
+        .unwrap();
+    for i in 0..8 {
+        s.add(Route {
+            certificate: Some(a.clone()),
+            ..http("a.com", &format!("/p{i}/"))
+        })
+        .unwrap();
+    }
+    let root_key = s.certs.key(&root.certificate.unwrap().id).unwrap();
+    let got = s.cert_store(None).lookup("a.com").unwrap();
+    assert!(Arc::ptr_eq(&got, &root_key), "the root route's certificate");
+
+    // A root without a certificate: the default keypair, not a sub-path route's.
+    let mut s = store();
+    s.add(http("c.com", "/")).unwrap();
+    s.add(Route {
+        certificate: Some(cert("c.com")),
+        ..http("c.com", "/x/")
+    })
+    .unwrap();
+    assert!(s.cert_store(None).lookup("c.com").is_none());
+}
+
+#[test]
+fn a_domain_too_long_to_route_is_refused() {
+    let mut s = store();
+    let long = format!("{}.com", "a".repeat(flynn_routes::MAX_DOMAIN));
+    let e = s.add(http(&long, "/")).unwrap_err();
+    assert_eq!(e.code, ErrorCode::ValidationError);
+    assert!(e.message.contains("at most"), "{}", e.message);
+}

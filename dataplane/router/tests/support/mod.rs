@@ -14,7 +14,7 @@ pub mod router;
 
 pub use backend::{dead_addr, handlers, Backend, BackendConn, Reply, SeenRequest, TcpBackend};
 pub use client::{get, Conn, Response};
-pub use router::{tcp_range, Router, RouterBuilder};
+pub use router::{api_call, tcp_range, Router, RouterBuilder};
 
 use std::time::{Duration, Instant};
 

@@ -315,23 +315,8 @@ impl Router {
     /// One admin API call. The body (if any) is sent as `application/json`. The response
     /// body is parsed as JSON when possible, else returned as a JSON string.
     pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        let mut conn = Conn::connect(self.api_addr);
-        let body = body.unwrap_or("");
-        let mut req =
-            format!("{method} {path} HTTP/1.1\r\nHost: router-api\r\nConnection: close\r\n");
-        if !body.is_empty() || matches!(method, "POST" | "PUT") {
-            req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                body.len()
-            ));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        conn.send(req.as_bytes());
-        let resp = conn.response();
-        let value =
-            serde_json::from_slice(&resp.body).unwrap_or_else(|_| Value::String(resp.text()));
-        (resp.status, value)
+        api_call(self.api_addr, method, path, body)
+            .unwrap_or_else(|| panic!("{method} {path}: no answer from the admin API"))
     }
 
     /// `POST /routes`, asserting 200; returns the stored route.
@@ -450,3 +435,28 @@ pub fn tcp_range(len: u16) -> (u16, u16) {
 
 /// How long tests wait for things that should happen "immediately".
 pub const SOON: Duration = IO_TIMEOUT;
+
+/// One admin API call to `addr` (see [`Router::api`]); `None` when the connection failed
+/// or closed without an answer.
+pub fn api_call(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Option<(u16, Value)> {
+    let mut conn = Conn::try_connect(addr).ok()?;
+    let body = body.unwrap_or("");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: router-api\r\nConnection: close\r\n");
+    if !body.is_empty() || matches!(method, "POST" | "PUT") {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    conn.try_send(req.as_bytes()).ok()?;
+    let resp = conn.try_response().ok()?;
+    let value = serde_json::from_slice(&resp.body).unwrap_or_else(|_| Value::String(resp.text()));
+    Some((resp.status, value))
+}

@@ -264,3 +264,34 @@ fn parallel_tls_clients() {
     }
     assert_eq!(b1.request_count(), 40);
 }
+
+#[test]
+fn connections_still_in_their_handshake_count_against_the_connection_limit() {
+    let default = self_signed(&["a.example.com"]);
+    let router = https_builder()
+        .threads(1)
+        .arg("--max-conns-per-core")
+        .arg("3")
+        .env("TLSCERT", default.cert_pem.clone())
+        .env("TLSKEY", default.key_pem.clone())
+        .start();
+    let b1 = Backend::start("b1");
+    router.add_route(http_route("a.example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    // Three connections that never send a ClientHello fill the core.
+    let silent: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| std::net::TcpStream::connect(https(&router)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = TlsConn::connect(
+        https(&router),
+        "a.example.com",
+        client_config(&[&default], None),
+    );
+    assert!(refused.is_err(), "a fourth connection was served");
+    // Once they go, handshakes are served again.
+    drop(silent);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut conn = tls_connect(&router, "a.example.com", &[&default]);
+    assert_eq!(conn.get("a.example.com", "/").seen().backend, "b1");
+}

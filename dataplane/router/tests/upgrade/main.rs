@@ -386,3 +386,127 @@ fn takeover_with_more_listeners_than_one_message_carries() {
     assert_eq!(st, 200);
     assert_eq!(routes.as_array().map(|a| a.len()), Some(130));
 }
+
+#[test]
+fn a_routes_file_still_reloads_after_a_takeover() {
+    let dir = crate::support::TestDir::new("reload-takeover");
+    let file = dir.join("routes.json");
+    let sock = dir.join("upgrade.sock");
+    let b = Backend::start("b1");
+    let write = |domains: &[&str]| {
+        let routes: Vec<String> = domains
+            .iter()
+            .map(|d| format!(r#"{{"type":"http","domain":"{d}","service":"web"}}"#))
+            .collect();
+        let json = format!(
+            r#"{{"routes":[{}],"services":{{"web":[{{"addr":"{}"}}]}}}}"#,
+            routes.join(","),
+            b.addr
+        );
+        std::fs::write(&file, json).unwrap();
+    };
+    write(&["up.example.com"]);
+    let mut old = Router::builder()
+        .routes_file(file.clone())
+        .arg("--upgrade-socket")
+        .arg(sock.display().to_string())
+        .start();
+    assert_eq!(get(old.http_addr, "up.example.com", "/").status, 200);
+    let new = Router::builder()
+        .routes_file(file.clone())
+        .arg("--takeover")
+        .arg(sock.display().to_string())
+        .start();
+    old.wait_exit(Duration::from_secs(15))
+        .expect("old router exits after the takeover");
+    let hup = |r: &Router| {
+        let st = std::process::Command::new("kill")
+            .args(["-HUP", &r.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    let wait_status = |host: &str, want: u16| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while get(new.http_addr, host, "/").status != want {
+            assert!(
+                Instant::now() < deadline,
+                "{host} never {want}: {}",
+                new.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // The new process knows the file's routes as the file's: a route added to the file is
+    // added, one taken out is removed.
+    write(&["up.example.com", "more.example.com"]);
+    hup(&new);
+    wait_status("more.example.com", 200);
+    assert_eq!(get(new.http_addr, "up.example.com", "/").status, 200);
+    write(&["more.example.com"]);
+    hup(&new);
+    wait_status("up.example.com", 404);
+    assert!(!new.log().contains("reload failed"), "{}", new.log());
+}
+
+#[test]
+fn route_changes_during_a_takeover_are_kept_or_refused_never_lost() {
+    let dir = crate::support::TestDir::new("takeover-writes");
+    let sock = dir.join("upgrade.sock");
+    let mut old = Router::builder()
+        .arg("--upgrade-socket")
+        .arg(sock.display().to_string())
+        .start();
+    // Routes are added without pause through the shared API address while the new process
+    // takes over; every one answered 200 must be in the new process.
+    let api = old.api_addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut ok = Vec::new();
+            let mut refused = 0;
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let domain = format!("w{i}.example.com");
+                i += 1;
+                let body = format!(r#"{{"type":"http","domain":"{domain}","service":"web"}}"#);
+                match crate::support::api_call(api, "POST", "/routes", Some(&body)) {
+                    Some((200, _)) => ok.push(domain),
+                    Some((503, v)) => {
+                        assert_eq!(v["retry"], true, "{v}");
+                        refused += 1;
+                    }
+                    other => panic!("POST /routes: {other:?}"),
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (ok, refused)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let new = Router::builder()
+        .arg("--takeover")
+        .arg(sock.display().to_string())
+        .start();
+    old.wait_exit(Duration::from_secs(15))
+        .expect("old router exits after the takeover");
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, refused) = writer.join().unwrap();
+    let (st, routes) = new.api("GET", "/routes", None);
+    assert_eq!(st, 200);
+    let have: std::collections::BTreeSet<String> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["domain"].as_str().unwrap().to_string())
+        .collect();
+    let lost: Vec<&String> = ok.iter().filter(|d| !have.contains(*d)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged routes lost ({refused} refused): {lost:?}",
+        lost.len()
+    );
+    assert!(ok.len() > 50, "only {} routes added", ok.len());
+}

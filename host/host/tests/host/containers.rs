@@ -787,6 +787,18 @@ fn the_overlay_agent_hands_the_host_its_block() {
         assert_eq!(c.status().await.unwrap().network, None);
         assert!(!state.join("network.json").exists());
 
+        // The network cannot be saved (a directory is in the way): the call fails, so the
+        // agent tries again, but the network exists and the waiting job starts on it.
+        std::fs::create_dir(state.join("network.json")).unwrap();
+        let e = c
+            .configure_network(&notify("100.100.9.1/24", 1450, &["10.0.0.2"]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.api().map(|a| a.status()), Some(500), "{e}");
+        let j = wait_running(c, &id).await;
+        assert!(j.internal_ip.starts_with("100.100.9."), "{}", j.internal_ip);
+        std::fs::remove_dir(state.join("network.json")).unwrap();
+
         c.configure_network(&notify("100.100.9.1/24", 1450, &["10.0.0.2"]))
             .await
             .unwrap();
