@@ -138,6 +138,11 @@ struct SeqSpans {
 
 /// Ranges kept per host and shard; beyond this the two closest are merged.
 const MAX_SPANS: usize = 64;
+/// Hosts whose cursor and sequence ranges a shard keeps. Host names come from senders, so
+/// without a bound a sender inventing one per line would grow these maps without end
+/// (outside the memory cap). Lines of hosts beyond it are still stored: they are checked
+/// for duplicates by content, as lines without a sequence are, and have no cursor.
+const MAX_HOSTS_PER_SHARD: usize = 256;
 /// How far above a range a number may land and still grow it.
 const SPAN_GAP: u64 = 1 << 16;
 
@@ -389,13 +394,19 @@ impl Store {
                 }
             };
             let host = fields.hostname.get(frame);
+            // A host missing from a full map may have been seen untracked: its lines are
+            // not provably new by their sequence.
             let fresh = ts > a.max_ts
                 || seq_cursor.is_some_and(|c| {
-                    shard
-                        .cursors
-                        .get(host)
-                        .is_none_or(|cur| (c.time, c.seq) > (cur.time, cur.seq))
-                        || shard.seen.get(host).is_none_or(|s| !s.covers(c.seq))
+                    let cursor_new = match shard.cursors.get(host) {
+                        Some(cur) => (c.time, c.seq) > (cur.time, cur.seq),
+                        None => shard.cursors.len() < MAX_HOSTS_PER_SHARD,
+                    };
+                    let seen_new = match shard.seen.get(host) {
+                        Some(s) => !s.covers(c.seq),
+                        None => shard.seen.len() < MAX_HOSTS_PER_SHARD,
+                    };
+                    cursor_new || seen_new
                 });
             let mut hash = None;
             if fresh {
@@ -473,13 +484,18 @@ impl Store {
             let wake = (a.followers > 0).then(|| a.notify.clone());
             {
                 if let Some(c) = seq_cursor {
+                    let (seen_room, cursor_room) = (
+                        shard.seen.len() < MAX_HOSTS_PER_SHARD,
+                        shard.cursors.len() < MAX_HOSTS_PER_SHARD,
+                    );
                     match shard.seen.get_mut(host) {
                         Some(spans) => spans.add(c.seq),
-                        None => {
+                        None if seen_room => {
                             let mut spans = SeqSpans::default();
                             spans.add(c.seq);
                             shard.seen.insert(host.into(), spans);
                         }
+                        None => {}
                     }
                     match shard.cursors.get_mut(host) {
                         Some(cur) => {
@@ -487,9 +503,10 @@ impl Store {
                                 *cur = c;
                             }
                         }
-                        None => {
+                        None if cursor_room => {
                             shard.cursors.insert(host.into(), c);
                         }
+                        None => {}
                     }
                 }
             }
