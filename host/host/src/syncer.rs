@@ -92,7 +92,12 @@ impl Syncer {
             .file_name()
             .map(|n| n.to_string_lossy())
             .unwrap_or_default();
-        let tmp = path.with_file_name(format!(".{name}.tmp"));
+        // A temporary name of this write's own: two writers of one file (two API calls at
+        // once) must not rename each other's half-written file, or fail on a rename of a
+        // name the other already moved.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_file_name(format!(".{name}.{n}.tmp"));
         std::fs::write(&tmp, bytes)?;
         std::fs::rename(&tmp, path)?;
         self.file(path);
@@ -189,6 +194,31 @@ fn run(sh: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writers_of_one_file_at_once_never_fail_or_mix() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Syncer::start();
+        let p = d.path().join("x.json");
+        std::thread::scope(|sc| {
+            for t in 0..4u8 {
+                let (s, p) = (&s, &p);
+                sc.spawn(move || {
+                    for _ in 0..200 {
+                        s.write(p, &[t; 4096]).unwrap();
+                    }
+                });
+            }
+        });
+        let got = std::fs::read(&p).unwrap();
+        assert!(got.len() == 4096 && got.iter().all(|b| *b == got[0]));
+        let left: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n != "x.json")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 
     #[test]
     fn flush_waits_for_marked_files_and_the_thread_ends_on_drop() {
