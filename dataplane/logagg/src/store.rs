@@ -498,11 +498,8 @@ impl Store {
                         None => {}
                     }
                     match shard.cursors.get_mut(host) {
-                        Some(cur) => {
-                            if (c.time, c.seq) > (cur.time, cur.seq) {
-                                *cur = c;
-                            }
-                        }
+                        Some(cur) if (c.time, c.seq) > (cur.time, cur.seq) => *cur = c,
+                        Some(_) => {}
                         None if cursor_room => {
                             shard.cursors.insert(host.into(), c);
                         }

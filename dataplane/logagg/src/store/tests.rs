@@ -506,7 +506,14 @@ fn hosts_tracked_per_shard_are_bounded_and_later_ones_still_deduplicated() {
     }
     assert_eq!(s.cursors().len(), MAX_HOSTS_PER_SHARD);
     // A host past the bound: stored, and a replay of its line is still a duplicate.
-    let late = msg(&format!("h{}", n - 1), "web.1", "ID1", 1, (n - 1) as u64, "x");
+    let late = msg(
+        &format!("h{}", n - 1),
+        "web.1",
+        "ID1",
+        1,
+        (n - 1) as u64,
+        "x",
+    );
     assert_eq!(put(&s, "a", &late), Outcome::Duplicate);
     let (h, _, _) = s.history(b"a", &Filter::default(), 0, false);
     assert_eq!(h.len(), n);
