@@ -366,13 +366,10 @@ async fn volumes_are_exclusive_mounted_and_deleted_on_stop() {
     assert!(!d.path().join("volumes").join(&keep.id).exists());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deregistration_while_starting_keeps_the_job_out_of_discoverd() {
-    let d = tempfile::tempdir().unwrap();
-    let rt = Arc::new(Fake::default());
-    let h = host(rt.clone(), d.path(), 0);
-    let mut a = job("a", "x");
-    a.config.ports = vec![flynn_api::host::Port {
+/// A job with one TCP port registered as service `web`.
+fn web_job(id: &str) -> Job {
+    let mut j = job(id, "x");
+    j.config.ports = vec![flynn_api::host::Port {
         port: 0,
         proto: "tcp".into(),
         service: Some(flynn_api::host::Service {
@@ -381,7 +378,15 @@ async fn a_deregistration_while_starting_keeps_the_job_out_of_discoverd() {
             check: None,
         }),
     }];
-    h.add_job(a).unwrap();
+    j
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deregistration_while_starting_keeps_the_job_out_of_discoverd() {
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    let h = host(rt.clone(), d.path(), 0);
+    h.add_job(web_job("a")).unwrap();
     // Held in the runtime's start.
     while rt.entered.load(std::sync::atomic::Ordering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -391,17 +396,7 @@ async fn a_deregistration_while_starting_keeps_the_job_out_of_discoverd() {
     wait_status(&h, "a", JobStatus::Running).await;
     assert!(!h.announced("a"), "registered after being deregistered");
     // A job that starts without it has its instances to announce.
-    let mut b = job("b", "x");
-    b.config.ports = vec![flynn_api::host::Port {
-        port: 0,
-        proto: "tcp".into(),
-        service: Some(flynn_api::host::Service {
-            name: "web".into(),
-            create: true,
-            check: None,
-        }),
-    }];
-    h.add_job(b).unwrap();
+    h.add_job(web_job("b")).unwrap();
     wait_status(&h, "b", JobStatus::Running).await;
     assert!(h.announced("b"));
 }

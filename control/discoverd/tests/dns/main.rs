@@ -93,6 +93,18 @@ fn srv_ports(m: &Message) -> Vec<u16> {
     v
 }
 
+/// Creates service `web`, trying again while the new node elects itself.
+async fn create_web(c: &reqwest::Client, d: &Discoverd) {
+    eventually(Duration::from_secs(10), || async {
+        let r = send(c, "PUT", &d.url("/services/web"), Some("{}"))
+            .await
+            .ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await
+    .expect("create service");
+}
+
 async fn register(c: &reqwest::Client, d: &Discoverd, svc: &str, addr: &str, proto: &str) {
     let id = flynn_discoverd::api::instance_id(proto, addr);
     let body = format!(r#"{{"id":"{id}","addr":"{addr}","proto":"{proto}"}}"#);
@@ -111,14 +123,7 @@ async fn dns_answers_the_discoverd_zone_over_udp_and_tcp() {
     let (_dir, d) = start();
     let dns = d.dns.clone().expect("dns= in the listening line");
     let c = client();
-    eventually(Duration::from_secs(10), || async {
-        let r = send(&c, "PUT", &d.url("/services/web"), Some("{}"))
-            .await
-            .ok()?;
-        (r.status == 200).then_some(())
-    })
-    .await
-    .expect("create service");
+    create_web(&c, &d).await;
     call(&c, "PUT", &d.url("/services/idle"), Some("{}")).await;
     for (addr, proto) in [
         ("10.0.0.1:80", "tcp"),
@@ -578,14 +583,7 @@ async fn a_shut_down_node_answers_servfail_instead_of_a_frozen_registry() {
     let (_dir, d) = start();
     let dns = d.dns.clone().unwrap();
     let c = client();
-    eventually(Duration::from_secs(10), || async {
-        let r = send(&c, "PUT", &d.url("/services/web"), Some("{}"))
-            .await
-            .ok()?;
-        (r.status == 200).then_some(())
-    })
-    .await
-    .expect("create service");
+    create_web(&c, &d).await;
     register(&c, &d, "web", "10.0.0.1:80", "tcp").await;
     let m = udp(&dns, "web.discoverd.", RecordType::A).await;
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);

@@ -11,6 +11,19 @@ fn store() -> Store {
     Store::new(ports, true)
 }
 
+/// A new self-signed certificate for `name`, as a route carries it.
+fn cert(name: &str) -> Certificate {
+    let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    Certificate {
+        id: String::new(),
+        routes: Vec::new(),
+        cert: c.cert.pem(),
+        key: c.key_pair.serialize_pem(),
+        created_at: None,
+        updated_at: None,
+    }
+}
+
 fn http(domain: &str, path: &str) -> Route {
     Route {
         path: path.into(),
@@ -71,16 +84,8 @@ fn a_refused_update_stores_no_certificate() {
     let mut s = store();
     s.add(http("a.com", "/")).unwrap();
     let sub = s.add(http("a.com", "/x/")).unwrap();
-    let c = rcgen::generate_simple_self_signed(vec!["a.com".to_string()]).unwrap();
     let with_cert = Route {
-        certificate: Some(Certificate {
-            id: String::new(),
-            routes: Vec::new(),
-            cert: c.cert.pem(),
-            key: c.key_pair.serialize_pem(),
-            created_at: None,
-            updated_at: None,
-        }),
+        certificate: Some(cert("a.com")),
         ..http("a.com", "/")
     };
     let e = s
@@ -277,17 +282,6 @@ fn tcp_ports_are_checked_by_a_bind_except_on_restore() {
 
 #[test]
 fn a_domains_certificate_is_its_root_routes() {
-    let cert = |name: &str| {
-        let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
-        Certificate {
-            id: String::new(),
-            routes: Vec::new(),
-            cert: c.cert.pem(),
-            key: c.key_pair.serialize_pem(),
-            created_at: None,
-            updated_at: None,
-        }
-    };
     let (a, b) = (cert("a.com"), cert("a.com"));
     // Many sub-path routes with certificate A (their ids sort anywhere), the root with B.
     let mut s = store();

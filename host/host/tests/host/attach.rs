@@ -72,6 +72,21 @@ async fn run_attached(c: &Client, id: &str, script: &str, flags: u32) -> Attache
     c.attach(&req(id, flags)).await.unwrap()
 }
 
+/// Attaches to `disable_log` job `id` (stdout), trying again for up to 5 s while it is
+/// still held by a client the host has not yet seen leave (409).
+async fn attach_once_free(c: &Client, id: &str) -> Option<Attached> {
+    for _ in 0..50 {
+        match c.attach(&req(id, STDOUT | STREAM)).await {
+            Ok(a) => return Some(a),
+            Err(e) if e.api().is_some_and(|e| e.status() == 409) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    None
+}
+
 async fn read_all(a: &mut Attached) -> Seen {
     let mut seen = Seen::default();
     while seen.take(next(a).await) {}
@@ -244,20 +259,9 @@ async fn a_client_that_leaves_while_its_input_waits_is_detached() {
     // The client goes away with its input still waiting.
     drop((a, input));
     // The host notices, so the job takes another client.
-    let mut again = None;
-    for _ in 0..50 {
-        match c.attach(&req(&id, STDOUT | STREAM)).await {
-            Ok(a) => {
-                again = Some(a);
-                break;
-            }
-            Err(e) if e.api().is_some_and(|e| e.status() == 409) => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
-    let mut again = again.expect("the job is still held by the client that left");
+    let mut again = attach_once_free(c, &id)
+        .await
+        .expect("the job is still held by the client that left");
     assert_eq!(next(&mut again).await, Some(Frame::Success));
     c.stop_job(&id).await.unwrap();
 }
@@ -328,21 +332,9 @@ async fn attach_refusals_are_json_errors() {
     );
     // Once the first leaves (the host notices its connection close), another may attach.
     drop(first);
-    let mut second = None;
-    for _ in 0..50 {
-        match c.attach(&req(&id, STDOUT | STREAM)).await {
-            Ok(a) => {
-                second = Some(a);
-                break;
-            }
-            // Still attached until the host sees the first connection close.
-            Err(e) if e.api().is_some_and(|e| e.status() == 409) => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
-    let mut second = second.expect("a second client after the first left");
+    let mut second = attach_once_free(c, &id)
+        .await
+        .expect("a second client after the first left");
     assert_eq!(next(&mut second).await, Some(Frame::Success));
 
     // Flags this host cannot serve (stdin: the job was created without it).

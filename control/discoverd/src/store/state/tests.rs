@@ -106,8 +106,8 @@ async fn blocked_subscriber_is_dropped_with_an_error() {
     assert_eq!(last, Some(Err(BLOCKED_RECEIVER.to_string())));
 }
 
-#[tokio::test]
-async fn snapshot_restore_preserves_data() {
+/// A manual service `s` whose instance `i1` (index 2) was made its leader (index 3).
+fn manual_led_by_i1() -> Registry {
     let mut r = Registry::default();
     add_service(&mut r, 1, "s", LeaderType::Manual);
     r.apply(
@@ -124,6 +124,12 @@ async fn snapshot_restore_preserves_data() {
             id: "i1".into(),
         },
     );
+    r
+}
+
+#[tokio::test]
+async fn snapshot_restore_preserves_data() {
+    let mut r = manual_led_by_i1();
     let json = serde_json::to_vec(&r.data).unwrap();
     let mut r2 = Registry::default();
     r2.restore(serde_json::from_slice(&json).unwrap());
@@ -238,22 +244,7 @@ async fn a_manual_set_of_the_current_leader_emits_leader() {
 #[tokio::test]
 async fn meta_with_an_empty_leader_id_leaves_the_leader_alone() {
     // Flynn sets the leader only for a non-empty `leader_id` (spec §2.4).
-    let mut r = Registry::default();
-    add_service(&mut r, 1, "s", LeaderType::Manual);
-    r.apply(
-        2,
-        Command::AddInstance {
-            service: "s".into(),
-            instance: inst(1),
-        },
-    );
-    r.apply(
-        3,
-        Command::SetLeader {
-            service: "s".into(),
-            id: "i1".into(),
-        },
-    );
+    let mut r = manual_led_by_i1();
     let meta = Command::SetMeta {
         service: "s".into(),
         meta: ServiceMeta {
