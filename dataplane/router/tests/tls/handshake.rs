@@ -267,17 +267,12 @@ fn parallel_tls_clients() {
 
 #[test]
 fn connections_still_in_their_handshake_count_against_the_connection_limit() {
-    let default = self_signed(&["a.example.com"]);
-    let router = https_builder()
-        .threads(1)
-        .arg("--max-conns-per-core")
-        .arg("3")
-        .env("TLSCERT", default.cert_pem.clone())
-        .env("TLSKEY", default.key_pem.clone())
-        .start();
-    let b1 = Backend::start("b1");
-    router.add_route(http_route("a.example.com", "web"));
-    router.set_backends("web", &[&b1]);
+    let (router, _b1, default) = crate::setup_with(
+        https_builder()
+            .threads(1)
+            .arg("--max-conns-per-core")
+            .arg("3"),
+    );
     // Three connections that never send a ClientHello fill the core.
     let silent: Vec<std::net::TcpStream> = (0..3)
         .map(|_| std::net::TcpStream::connect(https(&router)).unwrap())

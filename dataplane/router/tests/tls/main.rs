@@ -82,8 +82,17 @@ pub fn cert_route(domain: &str, service: &str, pair: &Pair) -> serde_json::Value
 
 /// Default keypair `default`, route `a.example.com` → `web` → echo backend `b1`.
 pub fn setup() -> (Router, Backend, Pair) {
+    setup_with(https_builder())
+}
+
+/// A router from `b` with a default keypair for `a.example.com`, routing `a.example.com`
+/// to an echo backend.
+pub fn setup_with(b: crate::support::RouterBuilder) -> (Router, Backend, Pair) {
     let default = self_signed(&["a.example.com"]);
-    let router = router_with_default(&default);
+    let router = b
+        .env("TLSCERT", default.cert_pem.clone())
+        .env("TLSKEY", default.key_pem.clone())
+        .start();
     let b1 = Backend::start("b1");
     router.add_route(http_route("a.example.com", "web"));
     router.set_backends("web", &[&b1]);

@@ -118,21 +118,11 @@ fn upgrade_echoes_over_tls() {
     );
 }
 
-/// A router from `b` with `--proxy-protocol` and a default keypair for `a.example.com`,
-/// routing `a.example.com` to an echo backend.
+/// A router from `b` with `--proxy-protocol` (see [`crate::setup_with`]).
 fn pp_router(
     b: crate::support::RouterBuilder,
 ) -> (crate::support::Router, Backend, crate::client::Pair) {
-    let default = self_signed(&["a.example.com"]);
-    let router = b
-        .arg("--proxy-protocol")
-        .env("TLSCERT", default.cert_pem.clone())
-        .env("TLSKEY", default.key_pem.clone())
-        .start();
-    let b1 = Backend::start("b1");
-    router.add_route(http_route("a.example.com", "web"));
-    router.set_backends("web", &[&b1]);
-    (router, b1, default)
+    crate::setup_with(b.arg("--proxy-protocol"))
 }
 
 #[test]

@@ -129,7 +129,7 @@ fn manual_led_by_i1() -> Registry {
 
 #[tokio::test]
 async fn snapshot_restore_preserves_data() {
-    let mut r = manual_led_by_i1();
+    let r = manual_led_by_i1();
     let json = serde_json::to_vec(&r.data).unwrap();
     let mut r2 = Registry::default();
     r2.restore(serde_json::from_slice(&json).unwrap());
