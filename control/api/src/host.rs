@@ -400,6 +400,9 @@ pub struct Event {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct DiscoverdInfo {
+    /// The job that runs this discoverd (from its `POST /host/discoverd`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub job_id: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub url: String,
     /// discoverd's DNS address (`ip:port`), when it announced one.
@@ -419,6 +422,10 @@ pub struct DiscoverdNotify {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct NetworkInfo {
+    /// The job that configured the network (the overlay agent's, from its
+    /// `POST /host/network`); empty for a block given by flag.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub job_id: String,
     /// The host's job block, e.g. `100.100.0.0/24`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub subnet: String,

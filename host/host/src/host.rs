@@ -59,6 +59,8 @@ pub struct Options {
     pub volumes: Volumes,
     /// Upstream nameservers the overlay agent reported before (from `network.json`).
     pub net_resolvers: Vec<String>,
+    /// The overlay agent's job id from that notification.
+    pub net_job_id: String,
     /// TEST ONLY: exit the process right after a job's end is recorded and announced,
     /// before its network teardown (the window `restore` repairs).
     pub fault_exit_before_teardown: bool,
@@ -108,6 +110,8 @@ pub struct Host {
     net_config: tokio::sync::Mutex<()>,
     /// Upstream nameservers reported by the overlay agent.
     net_resolvers: Mutex<Vec<String>>,
+    /// The job that configured the network (`POST /host/network`'s `job_id`).
+    net_job_id: Mutex<String>,
     external_ip: IpAddr,
     resolvers: Vec<IpAddr>,
     state_dir: PathBuf,
@@ -128,6 +132,8 @@ pub struct Host {
 
 /// discoverd's address and a client for it.
 struct DiscoverdConn {
+    /// The job running it, as it said.
+    job_id: String,
     url: String,
     /// Its DNS address (`ip:port`), when it announced one.
     dns: String,
@@ -137,6 +143,7 @@ struct DiscoverdConn {
 impl DiscoverdConn {
     fn new(n: &DiscoverdNotify) -> DiscoverdConn {
         DiscoverdConn {
+            job_id: n.job_id.clone(),
             url: n.url.clone(),
             dns: n.dns.clone(),
             client: discoverd::Client::new(&n.url),
@@ -165,6 +172,7 @@ impl Host {
             net_setup: o.net_setup,
             net_config: tokio::sync::Mutex::new(()),
             net_resolvers: Mutex::new(o.net_resolvers),
+            net_job_id: Mutex::new(o.net_job_id),
             external_ip: o.external_ip,
             resolvers: o.resolvers,
             max_starting: o.max_starting,
@@ -338,12 +346,15 @@ impl Host {
         // Jobs waiting for the network go on as soon as it exists, even if it cannot be
         // saved below (that failure is answered, so the agent sends it again).
         *self.net_resolvers.lock().unwrap_or_else(|e| e.into_inner()) = resolvers.clone();
+        *self.net_job_id.lock().unwrap_or_else(|e| e.into_inner()) = cfg.job_id.clone();
         self.net_ready.send_replace(true);
         if let Some(setup) = &self.net_setup {
-            setup.save(block, mtu, &resolvers).map_err(|e| {
-                tracing::warn!(error = %e, "saving network.json failed");
-                ApiError::unknown()
-            })?;
+            setup
+                .save(block, mtu, &resolvers, &cfg.job_id)
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "saving network.json failed");
+                    ApiError::unknown()
+                })?;
         }
         Ok(self.status().network.unwrap_or_default())
     }
@@ -396,6 +407,7 @@ impl Host {
                 .discoverd()
                 .as_ref()
                 .map(|d| flynn_api::host::DiscoverdInfo {
+                    job_id: d.job_id.clone(),
                     url: d.url.clone(),
                     dns: d.dns.clone(),
                 }),
@@ -403,6 +415,11 @@ impl Host {
                 let mut info = n.info();
                 info.resolvers = self
                     .net_resolvers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                info.job_id = self
+                    .net_job_id
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
@@ -454,7 +471,10 @@ impl Host {
             let mut d = self.discoverd();
             let changed = d.as_ref().is_none_or(|d| d.url != url);
             match d.as_mut() {
-                Some(d) if !changed => d.dns = n.dns.clone(),
+                Some(d) if !changed => {
+                    d.dns = n.dns.clone();
+                    d.job_id = n.job_id.clone();
+                }
                 _ => *d = Some(DiscoverdConn::new(&n)),
             }
             changed

@@ -133,6 +133,7 @@ fn host_with(
         network: None,
         net_setup,
         net_resolvers: Vec::new(),
+        net_job_id: String::new(),
         external_ip: "127.0.0.1".parse().unwrap(),
         tags: BTreeMap::new(),
         resolvers: Vec::new(),

@@ -89,14 +89,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         fast_path: (cfg.fast_path == "auto").then(|| cfg.bpf_pin_dir.clone()),
     });
     let mut net_resolvers = Vec::new();
+    let mut net_job_id = String::new();
     let network = match &setup {
         None => None,
         // What the agent sent before: applied now, so restored and new jobs need not wait
         // for its next notification.
         Some(setup) if cfg.network_from_agent => match setup.load()? {
-            Some((block, mtu, resolvers)) => {
-                net_resolvers = resolvers;
-                Some(setup.open(block, mtu).await?)
+            Some(saved) => {
+                net_resolvers = saved.resolvers;
+                net_job_id = saved.job_id;
+                Some(setup.open(saved.block, saved.mtu).await?)
             }
             None => None,
         },
@@ -134,6 +136,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         network: network.clone(),
         net_setup,
         net_resolvers,
+        net_job_id,
         external_ip: cfg.external_ip,
         tags,
         resolvers: cfg.resolvers.clone(),

@@ -406,6 +406,7 @@ impl Network {
 
     pub fn info(&self) -> NetworkInfo {
         NetworkInfo {
+            job_id: String::new(),
             subnet: self.inner.cfg.block.to_string(),
             mtu: self.inner.cfg.mtu,
             bridge: self.inner.cfg.bridge.clone(),
@@ -459,6 +460,14 @@ pub struct Setup {
     pub fast_path: Option<PathBuf>,
 }
 
+/// [`Setup::load`]'s answer: the block, MTU, resolvers and job id the agent last sent.
+pub struct Loaded {
+    pub block: Subnet,
+    pub mtu: u32,
+    pub resolvers: Vec<String>,
+    pub job_id: String,
+}
+
 /// The configuration the agent last sent (`network.json`), reapplied at start-up so jobs
 /// do not wait for the agent's next notification after a daemon restart.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -467,6 +476,9 @@ pub struct Saved {
     pub mtu: u32,
     #[serde(default)]
     pub resolvers: Vec<String>,
+    /// The agent's job id (from its notification).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub job_id: String,
 }
 
 impl Setup {
@@ -489,7 +501,8 @@ impl Setup {
     }
 
     /// The saved configuration, if the agent configured this host before.
-    pub fn load(&self) -> anyhow::Result<Option<(Subnet, u32, Vec<String>)>> {
+    /// The configuration saved last, if the agent configured this host before.
+    pub fn load(&self) -> anyhow::Result<Option<Loaded>> {
         use anyhow::Context;
         let path = self.saved_path();
         let bytes = match std::fs::read(&path) {
@@ -503,15 +516,27 @@ impl Setup {
             .subnet
             .parse()
             .with_context(|| format!("{}: subnet {:?}", path.display(), saved.subnet))?;
-        Ok(Some((block, saved.mtu, saved.resolvers)))
+        Ok(Some(Loaded {
+            block,
+            mtu: saved.mtu,
+            resolvers: saved.resolvers,
+            job_id: saved.job_id,
+        }))
     }
 
     /// Writes `network.json` (in place now, fsynced by the syncer).
-    pub fn save(&self, block: Subnet, mtu: u32, resolvers: &[String]) -> std::io::Result<()> {
+    pub fn save(
+        &self,
+        block: Subnet,
+        mtu: u32,
+        resolvers: &[String],
+        job_id: &str,
+    ) -> std::io::Result<()> {
         let saved = Saved {
             subnet: block.to_string(),
             mtu,
             resolvers: resolvers.to_vec(),
+            job_id: job_id.to_string(),
         };
         let bytes = serde_json::to_vec(&saved).unwrap_or_default();
         self.sync.write(&self.saved_path(), &bytes)

@@ -812,6 +812,10 @@ fn the_overlay_agent_hands_the_host_its_block() {
             (net.subnet.as_str(), net.mtu, net.resolvers.clone()),
             ("100.100.9.0/24", 1450, vec!["10.0.0.2".to_string()])
         );
+        assert_eq!(
+            net.job_id, "flannel",
+            "the agent's job (spec §5.2 HostStatus)"
+        );
         let j = wait_running(c, &id).await;
         assert!(j.internal_ip.starts_with("100.100.9."), "{}", j.internal_ip);
         // The same block again is fine (new resolvers); another one is refused.
@@ -840,8 +844,12 @@ fn the_overlay_agent_hands_the_host_its_block() {
             .network
             .expect("network after restart");
         assert_eq!(
-            (net.subnet.as_str(), net.resolvers.clone()),
-            ("100.100.9.0/24", vec!["10.0.0.3".to_string()])
+            (
+                net.subnet.as_str(),
+                net.resolvers.clone(),
+                net.job_id.as_str()
+            ),
+            ("100.100.9.0/24", vec!["10.0.0.3".to_string()], "flannel")
         );
         let again = c.get_job(&id).await.unwrap();
         assert_eq!(

@@ -544,6 +544,15 @@ async fn discoverd_announces_itself_to_the_host() {
         assert!(t0.elapsed() < Duration::from_secs(30), "no announcement");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The job running it is reported as it names itself (spec §5.2 HostStatus).
+    let body = format!(r#"{{"job_id":"disc-job","url":"{durl}","dns":"{dns}"}}"#);
+    let (code, text) = http(&h.addr, "POST", "/host/discoverd", json, &body);
+    assert_eq!(code, 200, "{text}");
+    let d = h.client.status().await.unwrap().discoverd.unwrap();
+    assert_eq!(
+        (d.job_id.as_str(), d.url.as_str()),
+        ("disc-job", durl.as_str())
+    );
     // The host registers itself there, and new jobs are told where discoverd is.
     let d = flynn_client::discoverd::Client::new(&durl);
     let t0 = Instant::now();
