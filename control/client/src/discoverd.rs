@@ -307,6 +307,9 @@ impl Drop for Heartbeater {
     }
 }
 
+/// How long one heartbeat may take (the instance TTL is 10 s).
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+
 async fn heartbeat_loop(
     c: Client,
     service: String,
@@ -319,10 +322,17 @@ async fn heartbeat_loop(
             _ = &mut stop => break,
             _ = tokio::time::sleep(delay) => {}
         }
-        let ok = match c.register(&service, &inst).await {
-            Ok(()) => true,
-            Err(e) => {
+        // A request stuck on a dead peer (a kept-alive connection to a leader that lost
+        // power) must not hold the heartbeats past the instance TTL: it is given up and
+        // the fast retry takes over.
+        let ok = match tokio::time::timeout(HEARTBEAT_TIMEOUT, c.register(&service, &inst)).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, service = %service, "heartbeat failed");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(service = %service, "heartbeat timed out");
                 false
             }
         };
@@ -402,6 +412,13 @@ async fn watch_loop(c: Client, service: String, tx: mpsc::Sender<Event>) {
     }
 }
 
+/// Takes one complete SSE item (up to its blank line) off the front of `buf`, decoded.
+fn take_item(buf: &mut Vec<u8>) -> Option<String> {
+    let i = buf.windows(2).position(|w| w == b"\n\n")?;
+    let raw: Vec<u8> = buf.drain(..i + 2).collect();
+    Some(String::from_utf8_lossy(&raw).into_owned())
+}
+
 /// Reads one connection. Before `current` the replay is buffered; at `current` it is
 /// diffed against what the consumer already knows.
 async fn read_stream(
@@ -410,7 +427,9 @@ async fn read_stream(
     known: &mut Known,
     tx: &mpsc::Sender<Event>,
 ) -> Result<(), ()> {
-    let mut buf = String::new();
+    // Bytes, not text, until an item is complete: a chunk may end inside a UTF-8
+    // character (decoding each chunk alone would corrupt it).
+    let mut buf: Vec<u8> = Vec::new();
     let mut replay: Vec<Event> = Vec::new();
     let mut in_replay = true;
     loop {
@@ -418,9 +437,8 @@ async fn read_stream(
             Ok(Some(c)) => c,
             _ => return Ok(()),
         };
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(i) = buf.find("\n\n") {
-            let item: String = buf.drain(..i + 2).collect();
+        buf.extend_from_slice(&chunk);
+        while let Some(item) = take_item(&mut buf) {
             if item.lines().any(|l| l.starts_with("event: error")) {
                 return Ok(());
             }
@@ -557,6 +575,94 @@ mod tests {
             instance: Some(i),
             service_meta: None,
         }
+    }
+
+    #[test]
+    fn sse_items_split_inside_a_character_decode_intact() {
+        let wire = "data: {\"k\":\"d\u{e9}j\u{e0} vu\"}\n\ndata: x\n\n".as_bytes();
+        // Cut right after the first byte of the two-byte 'é'.
+        let cut = wire.iter().position(|b| *b == 0xc3).unwrap() + 1;
+        let mut buf = wire[..cut].to_vec();
+        assert_eq!(take_item(&mut buf), None);
+        buf.extend_from_slice(&wire[cut..]);
+        assert_eq!(
+            take_item(&mut buf).as_deref(),
+            Some("data: {\"k\":\"d\u{e9}j\u{e0} vu\"}\n\n")
+        );
+        assert_eq!(take_item(&mut buf).as_deref(), Some("data: x\n\n"));
+        assert!(buf.is_empty());
+    }
+
+    /// A discoverd stand-in that answers the first request and never any later one.
+    async fn answers_once() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let seen = std::sync::Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // One request: its head, then its body.
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match s.read(&mut chunk).await {
+                                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                                _ => return,
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        while buf.len() < end + 4 + len {
+                            match s.read(&mut chunk).await {
+                                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                                _ => return,
+                            }
+                        }
+                        buf.drain(..end + 4 + len);
+                        if count.fetch_add(1, Ordering::SeqCst) > 0 {
+                            // Later requests hang (a peer that stopped answering).
+                            std::future::pending::<()>().await;
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_that_gets_no_answer_is_given_up_and_retried() {
+        let (url, seen) = answers_once().await;
+        let c = Client::new(&url);
+        let hb = c
+            .heartbeat_with("s", inst("", ""), None)
+            .await
+            .expect("the first registration is answered");
+        // The next heartbeat (3–5 s later) hangs; it is given up after its timeout and
+        // tried again at once, instead of waiting out the 30 s request timeout.
+        let t0 = std::time::Instant::now();
+        while seen.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(12),
+                "heartbeats stuck behind a request that gets no answer"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        hb.abandon().await;
     }
 
     #[test]
