@@ -25,9 +25,8 @@ use crate::store::TypeConfig;
 
 type C = TypeConfig;
 
-/// Largest full-snapshot or AppendEntries body accepted from a peer (256 MiB: a discoverd
-/// state of tens of MiB as JSON, with room; the port is open to anyone, so not unbounded).
-pub const SNAPSHOT_BODY_LIMIT: usize = 256 << 20;
+/// Largest full-snapshot or AppendEntries body accepted from a peer.
+pub const SNAPSHOT_BODY_LIMIT: usize = crate::network::MAX_RPC_BODY;
 
 pub fn routes(node: &Node) -> Router<Arc<Node>> {
     let r = Router::new()

@@ -51,6 +51,9 @@ pub fn node_id(addr: &str) -> u64 {
 /// A follower that is really gone is found by its refused connection, its partition or
 /// the missing heartbeat answers, not by this timeout.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(1);
+/// Largest Raft RPC body or stream frame accepted from a peer (256 MiB: a discoverd state of
+/// tens of MiB as JSON, with room; the port is open to anyone, so not unbounded).
+pub const MAX_RPC_BODY: usize = 256 << 20;
 
 /// The body of a full-snapshot RPC.
 #[derive(Serialize, Deserialize)]

@@ -70,8 +70,10 @@ type C = TypeConfig;
 pub const PROTOCOL: &str = "flynn-raft-append";
 /// The path the stream is opened on.
 pub const PATH: &str = "/raft/rpc/stream";
-/// Frames larger than this end the stream (a bad peer, not a batch of entries).
-pub const MAX_FRAME: usize = 64 << 20;
+/// Frames larger than this end the stream (a bad peer, not a batch of entries). The same
+/// bound as a unary AppendEntries body ([`super::MAX_RPC_BODY`]): a batch of large entries
+/// the leader sends one way must not be refused the other way.
+pub const MAX_FRAME: usize = super::MAX_RPC_BODY;
 /// The follower closes a stream that brought no request for this long, so a leader whose
 /// host vanished without closing its connections does not keep a task and a socket here
 /// forever. A live leader whose stream was only idle reopens it on its next write.
@@ -622,5 +624,24 @@ mod tests {
                 .unwrap(),
             Ok(Frame::Closed)
         ));
+    }
+
+    #[test]
+    fn frames_up_to_the_unary_body_limit_are_read_and_larger_ones_refused() {
+        // A frame as large as a unary AppendEntries may be (65 MiB here, over the old
+        // 64 MiB bound) is read, not refused; this one is cut short, so it ends in EOF.
+        let mut wire = ((65usize << 20) as u32).to_le_bytes().to_vec();
+        wire.extend_from_slice(b"{}");
+        let mut buf = Vec::new();
+        let r = read_frame::<_, Req>(&mut &wire[..], &mut buf)
+            .now_or_never()
+            .unwrap();
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
+        // Past the limit: refused at the header.
+        let wire = ((MAX_FRAME + 1) as u32).to_le_bytes();
+        let r = read_frame::<_, Req>(&mut &wire[..], &mut buf)
+            .now_or_never()
+            .unwrap();
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::InvalidData);
     }
 }
