@@ -195,7 +195,8 @@ async fn attach_writes_stdin_and_closes_it() {
     // A job that does not read yet holds the client's input back, and its output still
     // reaches the client meanwhile; nothing is lost once it reads.
     let id = h.job_id("slow");
-    add_stdin_job(c, &id, "echo ready; sleep 1; wc -c | tr -d ' '").await;
+    // (It waits before writing, so the attach right after the PUT sees all of it.)
+    add_stdin_job(c, &id, "sleep 0.5; echo ready; sleep 1; wc -c | tr -d ' '").await;
     let mut a = c.attach(&req(&id, STDOUT | STDIN | STREAM)).await.unwrap();
     let mut input = a.take_input().unwrap();
     const LEN: usize = 32 << 20;

@@ -1206,12 +1206,13 @@ fn jobs_get_the_overlay_fast_path_once_the_agent_has_set_it_up() {
         // One pooled namespace is made at start, before any agent.
         let ch = CHost::start(&["--bpf-pin-dir", &pin_arg, "--netns-pool", "1"]);
         let c = &ch.host.client;
+        let state = ch.host.dir.path().to_path_buf();
         eventually(Duration::from_secs(10), "a pooled namespace", || {
-            std::fs::read_dir("/run/netns")
-                .map(|d| d.count() > 1)
-                .unwrap_or(false)
+            ip_owners(&state).iter().any(|o| o.starts_with("pool/"))
         })
         .await;
+        // (Its address is recorded before its namespace is made: give that a moment.)
+        tokio::time::sleep(Duration::from_millis(300)).await;
         // The agent sets the fast path up (its maps are pinned from now on).
         let fp = FastPath::load(&pin).unwrap();
         assert!(fp.endpoint_ips().unwrap().is_empty());
