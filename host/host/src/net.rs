@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use flynn_api::host::{NetworkConfig, NetworkInfo};
 use flynn_api::ApiError;
-use flynn_ebpf::{Endpoint, FastPath, Role};
+use flynn_ebpf::FastPath;
 use flynn_network::job::{self, IpAllocator, JobNet, JobNetConfig};
 use flynn_network::{KernelNetlink, Subnet};
 
@@ -231,15 +231,7 @@ impl Network {
         let mut fast = self.fast();
         let gateway_mac = fast.gateway_mac;
         let Some(fp) = fast.get() else { return false };
-        let ep = Endpoint {
-            ifindex: n.host_ifindex,
-            mac: n.mac,
-            gateway_mac,
-        };
-        let r = fp
-            .attach(n.host_ifindex, Role::JobVeth)
-            .and_then(|()| fp.upsert_endpoint(n.ip, ep));
-        match r {
+        match job::register_job(fp, n, gateway_mac) {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(veth = %n.host_veth, error = %chain(e), "fast path not attached; the job uses the kernel path");
@@ -267,15 +259,8 @@ impl Network {
         };
         let mut fast = self.fast();
         let Some(fp) = fast.get() else { return };
-        if let Some(ip) = ip {
-            if let Err(e) = fp.remove_endpoint(ip) {
-                tracing::warn!(%ip, error = %chain(e), "removing a fast path endpoint failed");
-            }
-        }
-        if let Some(ifindex) = ifindex {
-            if let Err(e) = fp.detach(ifindex) {
-                tracing::warn!(ifindex, error = %chain(e), "detaching a job veth failed");
-            }
+        if let Err(e) = job::unregister_job(fp, ip, ifindex) {
+            tracing::warn!(owner, error = %chain(e), "removing a job from the fast path failed");
         }
     }
 

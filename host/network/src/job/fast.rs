@@ -38,6 +38,16 @@ pub async fn attach_fast_path(
     bridge: &str,
 ) -> Result<(), JobNetError> {
     let gateway_mac = link_mac(nl, bridge).await?;
+    register_job(fp, job, gateway_mac)
+}
+
+/// [`attach_fast_path`] with the bridge's MAC already known (no netlink; for callers that
+/// hold the fast path under a lock).
+pub fn register_job(
+    fp: &mut FastPath,
+    job: &JobNet,
+    gateway_mac: [u8; 6],
+) -> Result<(), JobNetError> {
     fp.attach(job.host_ifindex, Role::JobVeth)?;
     fp.upsert_endpoint(
         job.ip,
@@ -52,7 +62,21 @@ pub async fn attach_fast_path(
 
 /// Removes the job's endpoint and detaches its veth; a no-op for what is already gone.
 pub fn detach_fast_path(fp: &mut FastPath, job: &JobNet) -> Result<(), JobNetError> {
-    fp.remove_endpoint(job.ip)?;
-    fp.detach(job.host_ifindex)?;
+    unregister_job(fp, Some(job.ip), Some(job.host_ifindex))
+}
+
+/// [`detach_fast_path`] for what is known of the job: its address and its host veth's index
+/// (either may be gone already).
+pub fn unregister_job(
+    fp: &mut FastPath,
+    ip: Option<std::net::Ipv4Addr>,
+    ifindex: Option<u32>,
+) -> Result<(), JobNetError> {
+    if let Some(ip) = ip {
+        fp.remove_endpoint(ip)?;
+    }
+    if let Some(ifindex) = ifindex {
+        fp.detach(ifindex)?;
+    }
     Ok(())
 }
