@@ -65,6 +65,12 @@ pub struct Config {
     #[arg(long, env = "FLYNN_ENABLE_FAULT_INJECTION")]
     pub enable_fault_injection: bool,
 
+    /// Raft log entries applied between state-machine snapshots (like etcd's
+    /// `--snapshot-count`). After a snapshot the log keeps at most this many (up to 1000)
+    /// of the entries it covers; a follower that lags further gets the snapshot.
+    #[arg(long, env = "FLYNN_SNAPSHOT_COUNT", default_value_t = 5000)]
+    pub snapshot_count: u64,
+
     /// Runtime worker threads (1–64). The Raft log's fsyncs run on a thread of their own
     /// either way.
     #[arg(long, env = "FLYNN_THREADS", default_value_t = 2)]
@@ -88,6 +94,12 @@ impl Config {
         }
         if self.election_timeout < Duration::from_millis(50) {
             return Err("--election-timeout must be at least 50ms".into());
+        }
+        if self.snapshot_count < 10 {
+            return Err(format!(
+                "--snapshot-count must be at least 10, not {}",
+                self.snapshot_count
+            ));
         }
         if !(1..=64).contains(&self.threads) {
             return Err(format!("--threads must be 1–64, not {}", self.threads));

@@ -63,6 +63,8 @@ impl Node {
             heartbeat_interval: (et / 3).max(20),
             election_timeout_min: et,
             election_timeout_max: et * 2,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_count),
+            max_in_snapshot_log_to_keep: cfg.snapshot_count.min(1000),
             ..Default::default()
         };
         let raft_cfg = Arc::new(raft_cfg.validate().context("raft config")?);

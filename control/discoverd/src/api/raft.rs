@@ -32,8 +32,8 @@ pub fn routes(node: &Node) -> Router<Arc<Node>> {
     let r = Router::new()
         .route(stream::PATH, post(open_stream))
         .route("/raft/rpc/vote", post(vote))
-        // A full snapshot is the whole state as JSON (its bytes as numbers, ~4× the state):
-        // far past axum's default 2 MB body limit for any real cluster.
+        // A full snapshot is the whole state as JSON: past axum's default 2 MB body limit
+        // for any real cluster.
         .route(
             "/raft/rpc/snapshot",
             post(snapshot).layer(DefaultBodyLimit::max(SNAPSHOT_BODY_LIMIT)),

@@ -55,11 +55,22 @@ const APPEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// tens of MiB as JSON, with room; the port is open to anyone, so not unbounded).
 pub const MAX_RPC_BODY: usize = 256 << 20;
 
+/// How long a full-snapshot RPC of `len` bytes may take: at least 10 s, and 1 s more per
+/// 4 MiB, since the follower parses, installs and fsyncs the whole state before it answers
+/// (a fixed limit would time a large state out on every attempt, and that follower would
+/// never catch up).
+fn snapshot_timeout(ttl: Duration, len: usize) -> Duration {
+    let per_size = Duration::from_secs((len >> 22) as u64);
+    ttl.max(Duration::from_secs(10)) + per_size
+}
+
 /// The body of a full-snapshot RPC.
 #[derive(Serialize, Deserialize)]
 pub struct SnapshotRequest {
     pub vote: VoteOf<C>,
     pub meta: SnapshotMetaOf<C>,
+    /// The registry as JSON, embedded as a JSON value (see `store::json_bytes`).
+    #[serde(with = "crate::store::json_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -195,12 +206,12 @@ impl RaftNetworkV2<C> for Conn {
         _cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
+        let timeout = snapshot_timeout(option.hard_ttl(), snapshot.snapshot.len());
         let req = SnapshotRequest {
             vote,
             meta: snapshot.meta,
             data: snapshot.snapshot,
         };
-        let timeout = option.hard_ttl().max(Duration::from_secs(10));
         Ok(self.call("snapshot", &req, timeout).await?)
     }
 }
@@ -208,6 +219,22 @@ impl RaftNetworkV2<C> for Conn {
 #[cfg(test)]
 mod tests {
     use super::node_id;
+
+    #[test]
+    fn a_large_snapshot_is_given_time_for_its_size() {
+        use std::time::Duration;
+        let ttl = Duration::from_millis(50);
+        assert_eq!(super::snapshot_timeout(ttl, 1000), Duration::from_secs(10));
+        assert_eq!(
+            super::snapshot_timeout(ttl, 200 << 20),
+            Duration::from_secs(60)
+        );
+        let long = Duration::from_secs(30);
+        assert_eq!(
+            super::snapshot_timeout(long, 8 << 20),
+            Duration::from_secs(32)
+        );
+    }
 
     #[test]
     fn node_ids_are_distinct_per_address() {

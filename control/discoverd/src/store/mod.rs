@@ -1,5 +1,6 @@
 //! Storage: the registry state machine, its openraft wrapper, and the file-backed log.
 
+pub mod json_bytes;
 pub mod log;
 pub mod sm;
 pub mod state;

@@ -1,5 +1,5 @@
 //! The openraft state machine around [`Registry`]: applies committed commands, builds
-//! and installs snapshots (JSON, persisted to `snapshot.json`).
+//! and installs snapshots (JSON, persisted to `snapshot.json` with the registry embedded).
 
 use std::io;
 use std::path::PathBuf;
@@ -46,6 +46,7 @@ impl Shared {
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMetaOf<C>,
+    #[serde(with = "super::json_bytes")]
     data: Vec<u8>,
 }
 

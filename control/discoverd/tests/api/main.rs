@@ -740,7 +740,7 @@ async fn a_snapshot_rpc_over_two_megabytes_is_accepted() {
             last_log_id: None,
             last_membership: Default::default(),
         },
-        data: vec![7u8; 1 << 20],
+        data: serde_json::to_vec(&"x".repeat(3 << 20)).unwrap(),
     };
     let body = serde_json::to_string(&req).unwrap();
     assert!(body.len() > 2 << 20, "{}", body.len());

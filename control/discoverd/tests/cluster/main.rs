@@ -41,6 +41,16 @@ impl Cluster {
     /// that are started with the same `--peers` list (so without themselves: proxies).
     /// All share one probed port.
     pub(crate) fn start_nodes(ttl: &str, peers: usize, proxies: usize) -> Cluster {
+        Cluster::start_nodes_with(ttl, peers, proxies, &[])
+    }
+
+    /// As `start_nodes`, with `extra` flags for every node.
+    pub(crate) fn start_nodes_with(
+        ttl: &str,
+        peers: usize,
+        proxies: usize,
+        extra: &[&str],
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ips: Vec<String> = (1..=peers + proxies)
             .map(|i| format!("127.0.0.{i}"))
@@ -59,23 +69,22 @@ impl Cluster {
             .iter()
             .enumerate()
             .map(|(i, a)| {
-                Discoverd::spawn(
-                    &dir.path().join(format!("n{i}")),
-                    vec![
-                        "--addr".into(),
-                        a.clone(),
-                        "--host".into(),
-                        a.clone(),
-                        "--peers".into(),
-                        peer_list.clone(),
-                        "--instance-ttl".into(),
-                        ttl.into(),
-                        "--enable-fault-injection".into(),
-                        // For `has_service`.
-                        "--dns-addr".into(),
-                        format!("{}:0", a.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h)),
-                    ],
-                )
+                let mut args: Vec<String> = vec![
+                    "--addr".into(),
+                    a.clone(),
+                    "--host".into(),
+                    a.clone(),
+                    "--peers".into(),
+                    peer_list.clone(),
+                    "--instance-ttl".into(),
+                    ttl.into(),
+                    "--enable-fault-injection".into(),
+                    // For `has_service`.
+                    "--dns-addr".into(),
+                    format!("{}:0", a.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h)),
+                ];
+                args.extend(extra.iter().map(|s| s.to_string()));
+                Discoverd::spawn(&dir.path().join(format!("n{i}")), args)
             })
             .collect();
         Cluster { _dir: dir, nodes }

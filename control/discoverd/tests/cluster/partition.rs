@@ -162,3 +162,83 @@ async fn isolated_leader_cannot_commit_and_majority_elects_a_new_one() {
     assert_eq!(has_service(&cl.nodes[l], "minority").await, Some(false));
     assert_eq!(has_service(&cl.nodes[old], "minority").await, Some(false));
 }
+
+/// The index in `purged.json` of a node's Raft log (0 when nothing is purged).
+fn purged_index(node: &Discoverd) -> u64 {
+    let path = node.data_dir.join("log").join("purged.json");
+    std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["index"].as_u64())
+        .unwrap_or(0)
+}
+
+/// A follower cut off for longer than the leader keeps its log (here `--snapshot-count
+/// 10`: a snapshot every 10 entries, 10 kept behind it) can only catch up from a full
+/// snapshot. It does, with everything acknowledged meanwhile; the snapshot it installed
+/// is stored as embedded JSON, not as an array of byte numbers four times its size.
+#[tokio::test]
+async fn a_follower_behind_the_purged_log_catches_up_from_a_snapshot() {
+    let cl = Cluster::start_nodes_with("10s", 3, 0, &["--snapshot-count", "10"]);
+    let l = cl.leader().await;
+    let r = call(
+        &client(),
+        "PUT",
+        &cl.nodes[l].url("/services/before"),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let f = (l + 1) % 3;
+    let majority: Vec<usize> = (0..3).filter(|i| *i != f).collect();
+    cl.isolate(f).await;
+    let r = call(
+        &raw_client(),
+        "GET",
+        &cl.nodes[f].url("/services/before/instances"),
+        None,
+    )
+    .await;
+    let behind: u64 = r
+        .header("Discoverd-Index")
+        .and_then(|v| v.parse().ok())
+        .expect("Discoverd-Index");
+
+    let ml = cl.leader_of(&majority).await;
+    let urls = vec![cl.nodes[ml].url("")];
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    writer(urls, "snap".into(), 60, acked.clone()).await;
+    let names = acked.lock().unwrap().clone();
+    assert_eq!(names.len(), 60, "the majority keeps writing");
+    // The leader has dropped log entries the cut-off follower still needs.
+    let purged = eventually(Duration::from_secs(10), || async {
+        let p = purged_index(&cl.nodes[cl.leader_of(&majority).await]);
+        (p > behind + 1).then_some(p)
+    })
+    .await;
+    assert!(
+        purged.is_some(),
+        "the leader never purged past index {behind}"
+    );
+    assert_eq!(has_service(&cl.nodes[f], "snap-0").await, Some(false));
+
+    cl.heal().await;
+    assert_all_present(&cl.nodes[f], &names).await;
+    assert_eq!(has_service(&cl.nodes[f], "before").await, Some(true));
+    let snap = std::fs::read_to_string(cl.nodes[f].data_dir.join("sm").join("snapshot.json"))
+        .expect("the follower stored the snapshot");
+    assert!(
+        !snap.contains("\"data\":["),
+        "snapshot data stored as numbers"
+    );
+    assert!(snap.contains("snap-"), "snapshot data is not readable JSON");
+    // It serves writes again as a member.
+    let r = call(
+        &client(),
+        "PUT",
+        &cl.nodes[f].url("/services/after"),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
