@@ -71,6 +71,11 @@ pub struct Config {
     #[arg(long, env = "FLYNN_SNAPSHOT_COUNT", default_value_t = 5000)]
     pub snapshot_count: u64,
 
+    /// How long a follower keeps a Raft replication stream that brings no request (a
+    /// leader whose host vanished leaves nothing behind). Shorter only for tests.
+    #[arg(long, env = "FLYNN_RAFT_STREAM_IDLE", default_value = "60s", value_parser = humantime::parse_duration, hide = true)]
+    pub raft_stream_idle: Duration,
+
     /// Runtime worker threads (1–64). The Raft log's fsyncs run on a thread of their own
     /// either way.
     #[arg(long, env = "FLYNN_THREADS", default_value_t = 2)]
@@ -100,6 +105,9 @@ impl Config {
                 "--snapshot-count must be at least 10, not {}",
                 self.snapshot_count
             ));
+        }
+        if self.raft_stream_idle < Duration::from_secs(1) {
+            return Err("--raft-stream-idle must be at least 1s".into());
         }
         if !(1..=64).contains(&self.threads) {
             return Err(format!("--threads must be 1–64, not {}", self.threads));

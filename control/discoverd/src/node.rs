@@ -35,6 +35,8 @@ pub struct Node {
     pub shutting_down: AtomicBool,
     /// Test-only Raft RPC partitions (`--enable-fault-injection`).
     pub faults: Arc<Faults>,
+    /// How long a replication stream from a leader may bring nothing (`--raft-stream-idle`).
+    pub stream_idle: Duration,
     leader: Mutex<Leadership>,
     /// Woken when an expiry write returns (heartbeats held back by it look again).
     expiry_done: Notify,
@@ -96,6 +98,7 @@ impl Node {
             ttl: cfg.instance_ttl,
             shutting_down: AtomicBool::new(false),
             faults,
+            stream_idle: cfg.raft_stream_idle,
             leader: Mutex::new(Leadership::default()),
             expiry_done: Notify::new(),
             http,

@@ -43,7 +43,11 @@
 //! back off before the next one). A rejection (a higher vote) is always written; the
 //! leader reads it as the next result it waits for, at the latest at the session's end.
 //! This saves each follower a write and the leader a read, a wake-up and a pass through
-//! its Raft core per write.
+//! its Raft core per write. The held-back result is written only when the leader ends the
+//! session; a session that ends otherwise (idle, EOF) gets nothing more. The leader checks
+//! that every acceptance names where the owed request ended, so a session out of step is
+//! an error at once (openraft opens a new one) rather than a write waiting for a result
+//! that never comes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -74,12 +78,9 @@ pub const PATH: &str = "/raft/rpc/stream";
 /// bound as a unary AppendEntries body ([`super::MAX_RPC_BODY`]): a batch of large entries
 /// the leader sends one way must not be refused the other way.
 pub const MAX_FRAME: usize = super::MAX_RPC_BODY;
-/// The follower closes a stream that brought no request for this long, so a leader whose
-/// host vanished without closing its connections does not keep a task and a socket here
-/// forever. A live leader whose stream was only idle reopens it on its next write.
-const IDLE: Duration = Duration::from_secs(60);
 /// A pooled connection idle longer than this is closed rather than reused, well before
-/// the follower's [`IDLE`] could close it under a new session.
+/// the follower closes it as idle (`Node::stream_idle`, 60 s by default: a leader whose
+/// host vanished without closing its connections leaves nothing behind).
 const POOL_IDLE: Duration = Duration::from_secs(20);
 /// Idle connections kept per peer (a heartbeat session and a replication session can
 /// overlap, so one is not always enough).
@@ -143,6 +144,20 @@ impl Owed {
         self.last = Some(end);
         owed
     }
+
+    /// Where the last request passed to [`Owed::next`] ends: what a follower that accepts
+    /// it answers (`Ok(end)`).
+    pub fn end(&self) -> Option<LogIdOf<C>> {
+        self.last.flatten()
+    }
+}
+
+/// From the leader's request writer to its result reader, one per result to read.
+enum Sent {
+    /// A result is owed; a follower that accepted the request answers `Ok` with this.
+    Owed(Option<LogIdOf<C>>),
+    /// The write failed: the results end with an error.
+    Failed,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -294,9 +309,9 @@ where
         };
         let (rd, mut wr) = tokio::io::split(io);
 
-        // `true` per result owed (the reader reads one per token); `false` when the
-        // writer failed, which ends the results with an error.
-        let (sent_tx, sent_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+        // One token per result owed (the reader reads one per token), or the writer's
+        // failure, which ends the results with an error.
+        let (sent_tx, sent_rx) = tokio::sync::mpsc::unbounded_channel::<Sent>();
         let mut input = input;
         let (addr, faults) = (t.addr.clone(), t.faults.clone());
         let writer = tokio::spawn(async move {
@@ -305,22 +320,22 @@ where
             let mut last_answered = true;
             while let Some(req) = input.next().await {
                 if faults.is_cut(&addr) {
-                    let _ = sent_tx.send(false);
+                    let _ = sent_tx.send(Sent::Failed);
                     return None;
                 }
                 last_answered = owed.next(&req);
                 if let Err(e) = write_frame(&mut wr, &mut buf, &req).await {
                     tracing::debug!(peer = %addr, error = %e, "raft stream write failed");
-                    let _ = sent_tx.send(false);
+                    let _ = sent_tx.send(Sent::Failed);
                     return None;
                 }
-                if last_answered && sent_tx.send(true).is_err() {
+                if last_answered && sent_tx.send(Sent::Owed(owed.end())).is_err() {
                     return None;
                 }
             }
             // No more requests: the follower answers what it owes (and the result it
             // held back for an unanswered last request), then ends too.
-            if !last_answered && sent_tx.send(true).is_err() {
+            if !last_answered && sent_tx.send(Sent::Owed(owed.end())).is_err() {
                 return None;
             }
             write_end(&mut wr).await.ok().map(|_| wr)
@@ -328,7 +343,7 @@ where
 
         struct Reader {
             rd: ReadHalf<reqwest::Upgraded>,
-            sent: tokio::sync::mpsc::UnboundedReceiver<bool>,
+            sent: tokio::sync::mpsc::UnboundedReceiver<Sent>,
             buf: Vec<u8>,
             writer: AbortOnDrop,
             target: Target,
@@ -343,23 +358,33 @@ where
         let timeout = state.target.timeout;
         let results = futures_util::stream::unfold(Some(state), move |state| async move {
             let mut st = state?;
-            let token = st.sent.recv().await;
-            if token == Some(false) {
-                let e = failure("stream write failed");
-                return Some((Err(RPCError::Network(NetworkError::new(&e))), None));
-            }
-            if token.is_none() {
-                // The writer ended and every result owed has been read: the session
-                // is over. Its end is reported now (openraft times a heartbeat's whole
-                // session: 33 ms); the connection is pooled in the background once the
-                // follower's end frame shows both sides ended it cleanly.
-                if let Some(handle) = st.writer.0.take() {
-                    tokio::spawn(finish(st.rd, handle, st.target.clone()));
+            let expected = match st.sent.recv().await {
+                Some(Sent::Owed(end)) => end,
+                Some(Sent::Failed) => {
+                    let e = failure("stream write failed");
+                    return Some((Err(RPCError::Network(NetworkError::new(&e))), None));
                 }
-                return None;
-            }
+                None => {
+                    // The writer ended and every result owed has been read: the session
+                    // is over. Its end is reported now (openraft times a heartbeat's whole
+                    // session: 33 ms); the connection is pooled in the background once the
+                    // follower's end frame shows both sides ended it cleanly.
+                    if let Some(handle) = st.writer.0.take() {
+                        tokio::spawn(finish(st.rd, handle, st.target.clone()));
+                    }
+                    return None;
+                }
+            };
             let read = read_frame::<_, StreamAppendResult<C>>(&mut st.rd, &mut st.buf);
             let item = match tokio::time::timeout(timeout, read).await {
+                // An acceptance must name where the owed request ended: anything else is a
+                // result of some other request (the session is out of step, and openraft
+                // would wait for ever for the result it was really owed).
+                Ok(Ok(Frame::Item(Ok(m)))) if m != expected => failure(format!(
+                    "the follower answered {} where {} was owed",
+                    m.map_or("-".into(), |l| l.to_string()),
+                    expected.map_or("-".into(), |l| l.to_string()),
+                )),
                 Ok(Ok(Frame::Item(r))) => {
                     let go_on = r.is_ok();
                     return Some((Ok(r), go_on.then_some(st)));
@@ -411,7 +436,7 @@ where
         let (owed_tx, owed_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
         let requests = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
         let results = node.raft.stream_append(requests);
-        let clean = {
+        let (clean, held) = {
             let reader = read_session(&node, &from, &mut rd, &mut rbuf, tx, owed_tx);
             let writer = write_results(&node, &from, &mut wr, &mut wbuf, results, owed_rx);
             futures_util::pin_mut!(reader, writer);
@@ -419,13 +444,27 @@ where
                 biased;
                 ended = &mut reader => {
                     // Raft's results end once the requests do (a dropped sender).
-                    let answered = writer.await;
-                    ended && answered
+                    let (answered, held) = writer.await;
+                    (ended && answered, held)
                 }
                 // Raft ended the results while the leader still had requests to send:
                 // it rejected one (the leader stops at that result) or stopped.
-                _ = &mut writer => false,
+                _ = &mut writer => (false, None),
             }
+        };
+        // The result held back for an unanswered last request is asked for only by a
+        // leader that ends the session. A session that ended otherwise (idle, EOF) must
+        // not get it: a leader still in that session would read it as the result of its
+        // next request.
+        let clean = match (clean, held) {
+            (true, Some(r)) => match write_frame(&mut wr, &mut wbuf, &r).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(peer = %from, error = %e, "raft stream write failed");
+                    false
+                }
+            },
+            (clean, _) => clean,
         };
         if !clean || write_end(&mut wr).await.is_err() {
             break;
@@ -447,7 +486,7 @@ async fn read_session<R: AsyncRead + Unpin>(
     let mut owed = Owed::default();
     loop {
         let read = read_frame::<_, AppendEntriesRequest<C>>(rd, buf);
-        match tokio::time::timeout(IDLE, read).await {
+        match tokio::time::timeout(node.stream_idle, read).await {
             Ok(Ok(Frame::Item(req))) if !node.faults.is_cut(from) => {
                 if owed_tx.send(owed.next(&req)).is_err() || tx.send(req).await.is_err() {
                     return false;
@@ -468,7 +507,8 @@ async fn read_session<R: AsyncRead + Unpin>(
 }
 
 /// Writes the results of one session that are owed (see [`Owed`]); true when all were
-/// written and Raft did not stop.
+/// written and Raft did not stop. Also returns the result of the last request when it was
+/// not answered (the caller writes it if the leader ended the session).
 async fn write_results<W, S>(
     node: &Node,
     from: &str,
@@ -476,7 +516,7 @@ async fn write_results<W, S>(
     buf: &mut Vec<u8>,
     results: S,
     mut owed: tokio::sync::mpsc::UnboundedReceiver<bool>,
-) -> bool
+) -> (bool, Option<StreamAppendResult<C>>)
 where
     W: AsyncWrite + Unpin,
     S: Stream<Item = Result<StreamAppendResult<C>, openraft::errors::Fatal<C>>>,
@@ -487,10 +527,10 @@ where
     let mut held = None;
     while let Some(r) = results.next().await {
         let Ok(r) = r else {
-            return false; // Raft stopped: closing tells the leader.
+            return (false, None); // Raft stopped: closing tells the leader.
         };
         if node.faults.is_cut(from) {
-            return false;
+            return (false, None);
         }
         // The flag was sent before its request, so it is there.
         let answered = owed.try_recv().unwrap_or(true);
@@ -501,16 +541,10 @@ where
         held = None;
         if let Err(e) = write_frame(wr, buf, &r).await {
             tracing::debug!(peer = %from, error = %e, "raft stream write failed");
-            return false;
+            return (false, None);
         }
     }
-    if let Some(r) = held {
-        if let Err(e) = write_frame(wr, buf, &r).await {
-            tracing::debug!(peer = %from, error = %e, "raft stream write failed");
-            return false;
-        }
-    }
-    true
+    (true, held)
 }
 
 #[cfg(test)]

@@ -426,3 +426,43 @@ async fn sigkill_mid_writes_then_restart_keeps_every_acknowledged_write() {
     eprintln!("{} acknowledged writes", names.len());
     assert_all_present(&cl.nodes[l], &names).await;
 }
+
+/// A follower closes a replication stream that brought nothing for `--raft-stream-idle`.
+/// It used to write the result it held back for the session's last (unanswered) request
+/// as it closed; the leader, still in that session, read it as the result of its next
+/// write, and that write then hung until yet another write came (53 s in one run by hand).
+/// Each write after an idle period must commit at once.
+#[tokio::test]
+async fn a_write_after_the_replication_streams_went_idle_commits_at_once() {
+    let cl = Cluster::start_nodes_with("10s", 3, 0, &["--raft-stream-idle", "1s"]);
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let l = cl.leader().await;
+    let url = |p: &str| cl.nodes[l].url(p);
+    for i in 0..3 {
+        let r = call(&c, "PUT", &url(&format!("/services/warm{i}")), Some("{}")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    for round in 0..2 {
+        // Idle past the follower's limit (heartbeats keep flowing meanwhile).
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(cl.leader().await, l, "the leader changed while idle");
+        let start = std::time::Instant::now();
+        let r = send(
+            &c,
+            "PUT",
+            &url(&format!("/services/idle{round}")),
+            Some("{}"),
+        )
+        .await;
+        let took = start.elapsed();
+        let r = r.unwrap_or_else(|e| panic!("write after idle round {round}: {e} after {took:?}"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(
+            took < Duration::from_secs(2),
+            "write after idle took {took:?}"
+        );
+    }
+}
