@@ -209,6 +209,15 @@ async fn track_leadership(node: Arc<Node>) {
             electable = voter;
             tracing::info!(host = %node.host, voter, "raft membership changed");
             node.raft.runtime_config().elect(voter);
+            if !voter {
+                // Removed from the peers, this node gets no more entries: its watches
+                // would freeze (keep-alives still flowing), so they end and their
+                // clients reconnect, redirected to a peer.
+                node.shared
+                    .lock()
+                    .registry
+                    .end_watches(crate::store::state::LEFT);
+            }
         }
         {
             let mut l = lock(&node.leader);

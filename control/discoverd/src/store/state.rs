@@ -18,6 +18,9 @@ pub const BLOCKED_RECEIVER: &str = "discoverd: channel send failed due to blocke
 
 /// The error a watch ends with when a snapshot replaces the state.
 pub const RESTORED: &str = "discoverd: state replaced by a snapshot, resubscribe";
+/// Ends the watches of a node that stops following the cluster: removed from the peers,
+/// or shut down. Its state no longer changes, so a watch on it would go quiet for good.
+pub const LEFT: &str = "discoverd: this node no longer follows the cluster, resubscribe";
 
 /// What a watcher receives: an event, or the error that ends its stream.
 pub type Item = Result<Event, String>;
@@ -345,9 +348,15 @@ impl Registry {
     /// their new subscription brings them up to date.
     pub fn restore(&mut self, data: Data) {
         self.data = data;
+        self.end_watches(RESTORED);
+    }
+
+    /// Ends every watch with an `error` event carrying `msg` (its subscriber reconnects,
+    /// to where the state is current).
+    pub fn end_watches(&mut self, msg: &str) {
         for s in self.subscribers.drain(..) {
             // A full buffer still ends the stream: dropping `tx` closes it.
-            let _ = s.tx.try_send(Err(RESTORED.to_string()));
+            let _ = s.tx.try_send(Err(msg.to_string()));
         }
     }
 }

@@ -276,9 +276,24 @@ async fn promote_turns_a_proxy_into_a_peer_and_demote_turns_it_back() {
     // Writes through it (a follower: redirected to the leader) are replicated back.
     let during = write_all(vec![px.url("")], "during", 5).await;
     assert_all_present(px, &during).await;
+    // A watch on it while it is a peer (the client sees its own state).
+    let mut watch = raw
+        .get(px.url("/services/during-0"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(watch.status(), 200);
+    let current = read_events(&mut watch, 1, Duration::from_secs(5)).await;
+    assert_eq!(current.first().map(|e| &e["kind"]), Some(&"current".into()));
 
     let r = call(&raw, "POST", &px.url("/raft/demote"), None).await;
     assert_eq!(r.status, 200, "{}", r.body);
+    // Out of the peers it gets no more entries: the watch ends with an error (its client
+    // reconnects, to a peer) instead of staying open on a state that no longer changes.
+    let (rest, ended) = read_to_end(&mut watch, Duration::from_secs(10)).await;
+    assert!(ended, "the watch on the demoted node stayed open: {rest:?}");
+    assert!(rest.contains("event: error"), "{rest:?}");
     wait_proxy(px, &three, "/services/before-0/meta").await;
     for i in PEERS {
         wait_peers(&cl.nodes[i], &three).await;

@@ -270,6 +270,20 @@ pub async fn read_events(resp: &mut reqwest::Response, n: usize, limit: Duration
     out
 }
 
+/// Reads a streaming response to its end (or `limit`): its text, and whether it ended.
+pub async fn read_to_end(resp: &mut reqwest::Response, limit: Duration) -> (String, bool) {
+    let mut text = String::new();
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, resp.chunk()).await {
+            Ok(Ok(Some(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            Ok(_) => return (text, true),
+            Err(_) => return (text, false),
+        }
+    }
+}
+
 /// A port that is free on `ip` right now (probed by binding port 0).
 pub fn free_port(ip: &str) -> u16 {
     std::net::TcpListener::bind((ip, 0))
