@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flynn_api::ApiError;
+use flynn_api::{ApiError, ErrorCode};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -307,6 +307,100 @@ impl Drop for Heartbeater {
     }
 }
 
+impl Client {
+    /// Keeps `inst` registered in `service` for as long as the returned [`Heartbeater`]
+    /// lives, however long discoverd is unreachable. Unlike [`Client::heartbeat`] (which
+    /// gives up after 60 s) it returns at once and keeps trying, 200 ms apart at first and
+    /// then up to [`KEEP_RETRY_MAX`], until the first registration succeeds; then it
+    /// heartbeats as usual. With `create` (a leader type) the service is created first (one
+    /// that exists is fine). `inst.addr` is used as given (no `EXTERNAL_IP` expansion).
+    /// For daemons whose instances must come back by themselves after an outage.
+    pub fn keep_registered(
+        &self,
+        service: &str,
+        mut inst: Instance,
+        create: Option<&str>,
+    ) -> Heartbeater {
+        if inst.proto.is_empty() {
+            inst.proto = "tcp".into();
+        }
+        if inst.id.is_empty() {
+            inst.id = instance_id(&inst.proto, &inst.addr);
+        }
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(keep_loop(
+            self.clone(),
+            service.to_string(),
+            inst.clone(),
+            create.map(str::to_string),
+            stop_rx,
+        ));
+        Heartbeater {
+            stop: Some(stop_tx),
+            task: Some(task),
+            id: inst.id,
+        }
+    }
+}
+
+/// The longest pause between attempts of [`Client::keep_registered`]'s first registration.
+pub const KEEP_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// [`Client::keep_registered`]'s task: the first registration (and service creation),
+/// retried until it succeeds or the heartbeater stops, then [`heartbeat_loop`].
+async fn keep_loop(
+    c: Client,
+    service: String,
+    inst: Instance,
+    mut create: Option<String>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut pause = Duration::from_millis(200);
+    let mut failures: u32 = 0;
+    loop {
+        let attempt = async {
+            if let Some(kind) = &create {
+                match c.add_service(&service, kind).await {
+                    Ok(()) => {}
+                    Err(e) if e.api().map(|a| a.code) == Some(ErrorCode::ObjectExists) => {}
+                    Err(e) => return Err((e, true)),
+                }
+            }
+            c.register(&service, &inst).await.map_err(|e| (e, false))
+        };
+        let res = tokio::select! {
+            // Stopped before the first registration: anything an attempt cut short may
+            // have registered is deleted (best effort).
+            _ = &mut stop => {
+                let _ = tokio::time::timeout(HEARTBEAT_TIMEOUT, c.unregister(&service, &inst.id)).await;
+                return;
+            }
+            r = tokio::time::timeout(HEARTBEAT_TIMEOUT, attempt) => r,
+        };
+        let err = match res {
+            Ok(Ok(())) => break,
+            Ok(Err((e, creating))) => {
+                if !creating {
+                    create = None;
+                }
+                e.to_string()
+            }
+            Err(_) => "timed out".to_string(),
+        };
+        failures += 1;
+        // The first failure and then about once a minute: an outage is not a log flood.
+        if failures == 1 || failures.is_multiple_of(12) {
+            tracing::warn!(service = %service, error = %err, failures, "discoverd registration failed; retrying");
+        }
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(KEEP_RETRY_MAX);
+    }
+    heartbeat_loop(c, service, inst, stop).await
+}
+
 /// How long one heartbeat may take (the instance TTL is 10 s).
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -366,6 +460,11 @@ impl Watch {
     pub async fn next(&mut self) -> Option<Event> {
         self.rx.recv().await
     }
+
+    /// The next event if one is already waiting (for applying a burst as one change).
+    pub fn try_next(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
 }
 
 impl Drop for Watch {
@@ -396,9 +495,12 @@ async fn watch_loop(c: Client, service: String, tx: mpsc::Sender<Event>) {
             .await;
         match resp {
             Ok(r) if r.status().is_success() => {
-                backoff = Duration::from_millis(100);
-                if read_stream(r, &service, &mut known, &tx).await.is_err() {
-                    return; // receiver gone
+                match read_stream(r, &service, &mut known, &tx).await {
+                    Err(()) => return, // receiver gone
+                    // Only a stream that got as far as `current` was a working one: a
+                    // server that answers 200 and ends at once is retried with backoff.
+                    Ok(true) => backoff = Duration::from_millis(100),
+                    Ok(false) => {}
                 }
             }
             Ok(r) => tracing::debug!(status = %r.status(), "watch refused"),
@@ -420,13 +522,14 @@ fn take_item(buf: &mut Vec<u8>) -> Option<String> {
 }
 
 /// Reads one connection. Before `current` the replay is buffered; at `current` it is
-/// diffed against what the consumer already knows.
+/// diffed against what the consumer already knows. `Ok(true)` when the stream got as far
+/// as `current`; `Err` when the consumer is gone.
 async fn read_stream(
     mut r: reqwest::Response,
     service: &str,
     known: &mut Known,
     tx: &mpsc::Sender<Event>,
-) -> Result<(), ()> {
+) -> Result<bool, ()> {
     // Bytes, not text, until an item is complete: a chunk may end inside a UTF-8
     // character (decoding each chunk alone would corrupt it).
     let mut buf: Vec<u8> = Vec::new();
@@ -435,12 +538,12 @@ async fn read_stream(
     loop {
         let chunk = match r.chunk().await {
             Ok(Some(c)) => c,
-            _ => return Ok(()),
+            _ => return Ok(!in_replay),
         };
         buf.extend_from_slice(&chunk);
         while let Some(item) = take_item(&mut buf) {
             if item.lines().any(|l| l.starts_with("event: error")) {
-                return Ok(());
+                return Ok(!in_replay);
             }
             let data: String = item
                 .lines()
@@ -502,11 +605,9 @@ fn reconcile(service: &str, known: &mut Known, replay: Vec<Event>) -> Vec<Event>
         .filter_map(|e| e.instance.clone())
         .map(|i| (i.id.clone(), i))
         .collect();
-    for (id, old) in &known.instances {
-        if !now.contains_key(id) {
-            out.push(ev(EventKind::Down, Some(old.clone()), None));
-        }
-    }
+    // New and changed instances first, vanished ones after: a consumer that applies each
+    // event at once (the router publishes a backend set per event) never passes through
+    // an empty set while the service has instances.
     for e in replay.iter().filter(|e| e.kind == EventKind::Up) {
         let Some(i) = &e.instance else { continue };
         match known.instances.get(&i.id) {
@@ -518,6 +619,11 @@ fn reconcile(service: &str, known: &mut Known, replay: Vec<Event>) -> Vec<Event>
             }
             Some(old) if old != i => out.push(ev(EventKind::Update, Some(i.clone()), None)),
             Some(_) => {}
+        }
+    }
+    for (id, old) in &known.instances {
+        if !now.contains_key(id) {
+            out.push(ev(EventKind::Down, Some(old.clone()), None));
         }
     }
     let leader = replay
@@ -680,16 +786,32 @@ mod tests {
             .iter()
             .map(|e| (e.kind, e.instance.as_ref().unwrap().id.clone()))
             .collect();
+        // New and changed first, vanished last: applied one by one, the set is never
+        // emptier than both the old and the new one.
         assert_eq!(
             got,
             vec![
-                (EventKind::Down, "a".into()),
                 (EventKind::Update, "b".into()),
                 (EventKind::Up, "c".into()),
+                (EventKind::Down, "a".into()),
             ]
         );
         // Nothing changed: nothing to send.
         assert!(reconcile("s", &mut known, vec![up(inst("b", "x")), up(inst("c", ""))]).is_empty());
+        // Every instance replaced (a deploy during the disconnect): applied in order, the
+        // set never goes empty.
+        let third = reconcile("s", &mut known, vec![up(inst("d", "")), up(inst("e", ""))]);
+        let mut live: BTreeMap<String, ()> = [("b".into(), ()), ("c".into(), ())].into();
+        for e in &third {
+            let id = e.instance.as_ref().unwrap().id.clone();
+            match e.kind {
+                EventKind::Up | EventKind::Update => live.insert(id.clone(), ()),
+                EventKind::Down => live.remove(&id),
+                _ => None,
+            };
+            assert!(!live.is_empty(), "emptied at {:?} {id}", e.kind);
+        }
+        assert_eq!(live.keys().collect::<Vec<_>>(), ["d", "e"]);
     }
 
     #[test]
@@ -747,6 +869,36 @@ mod tests {
             .await
             .expect("fails without retrying");
         assert!(matches!(res, Err(Error::NoExternalIp { .. })));
+    }
+
+    /// A server that answers every watch 200 and ends the stream at once (before
+    /// `current`) is not a working stream: the watch backs off instead of reconnecting
+    /// ten times a second for ever.
+    #[tokio::test]
+    async fn a_watch_ended_before_current_backs_off() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let seen = std::sync::Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut b = [0u8; 4096];
+                let _ = s.read(&mut b).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            }
+        });
+        let c = Client::new(&url);
+        let w = c.watch("s");
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        drop(w);
+        // 100, 200, 400, 800 ms apart: about 5 in 2 s (a reset every time: about 20).
+        let n = seen.load(Ordering::SeqCst);
+        assert!((2..=7).contains(&n), "{n} connections in 2 s");
     }
 
     #[test]

@@ -81,7 +81,6 @@ struct Ctl {
     /// which the newer registration owns).
     generation: u64,
     heartbeaters: Vec<Heartbeater>,
-    registering: Vec<tokio::task::JoinHandle<()>>,
     deregistered: bool,
     stop_timeout: Duration,
 }
@@ -531,28 +530,13 @@ impl Host {
         };
         // One registration at a time; the new one replaces the old (same instance id).
         let mut slot = self.self_registration.lock().await;
-        let t0 = tokio::time::Instant::now();
-        loop {
-            match client.add_service(HOST_SERVICE, "oldest").await {
-                Err(e)
-                    if e.api().map(|a| a.code) != Some(flynn_api::ErrorCode::ObjectExists)
-                        && t0.elapsed() < Duration::from_secs(60) =>
-                {
-                    tracing::debug!(error = %e, "creating the flynn-host service failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                _ => break,
-            }
-        }
         if let Some(old) = slot.take() {
             // Same instance id: the old heartbeater must be gone (it unregisters on close)
             // before the new registration, or its removal would follow the new one.
             old.close().await;
         }
-        match client.heartbeat(HOST_SERVICE, inst).await {
-            Ok(hb) => *slot = Some(hb),
-            Err(e) => tracing::warn!(error = %e, "registering the host in discoverd failed"),
-        }
+        // Kept registered however long discoverd is away (it used to give up after 60 s).
+        *slot = Some(client.keep_registered(HOST_SERVICE, inst, Some("oldest")));
     }
 
     /// Ports (by proto) used by starting or running jobs, for the resource check.
@@ -976,9 +960,6 @@ impl Host {
                 .filter(|(_, c)| !c.deregistered)
                 .filter_map(|(id, c)| {
                     let a = c.announce.clone()?;
-                    for t in c.registering.drain(..) {
-                        t.abort();
-                    }
                     c.generation += 1;
                     old.append(&mut c.heartbeaters);
                     Some((id.clone(), a, c.generation))
@@ -1015,63 +996,20 @@ impl Host {
                 meta: a.meta.clone(),
                 ..Instance::default()
             };
-            let host = self.clone();
-            let client = client.clone();
-            let jid = id.to_string();
-            let task = tokio::spawn(async move {
-                if svc.create {
-                    // Retried like registration: discoverd may be electing a leader.
-                    let t0 = tokio::time::Instant::now();
-                    loop {
-                        match client.add_service(&svc.name, "oldest").await {
-                            Ok(()) => break,
-                            Err(e)
-                                if e.api().map(|a| a.code)
-                                    == Some(flynn_api::ErrorCode::ObjectExists) =>
-                            {
-                                break
-                            }
-                            Err(e) if t0.elapsed() < Duration::from_secs(60) => {
-                                tracing::debug!(service = %svc.name, error = %e, "creating service failed; retrying");
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                            }
-                            Err(e) => {
-                                tracing::warn!(service = %svc.name, error = %e, "creating service failed");
-                                break;
-                            }
-                        }
-                    }
+            // Kept registered however long discoverd is away (a job started during an
+            // outage used to be left out of its service for good after 60 s).
+            let hb = client.keep_registered(&svc.name, inst, svc.create.then_some("oldest"));
+            let mut inner = self.lock();
+            match inner.ctl.get_mut(id) {
+                Some(c) if !c.deregistered && c.generation == generation => c.heartbeaters.push(hb),
+                // Registered anew meanwhile: the newer registration owns the instance
+                // (same id), so this one stops without deleting it.
+                Some(c) if !c.deregistered => {
+                    drop(inner);
+                    tokio::spawn(hb.abandon());
                 }
-                match client.heartbeat(&svc.name, inst).await {
-                    Ok(hb) => {
-                        let superseded = {
-                            let mut inner = host.lock();
-                            match inner.ctl.get_mut(&jid) {
-                                Some(c) if !c.deregistered && c.generation == generation => {
-                                    c.heartbeaters.push(hb);
-                                    None
-                                }
-                                // Registered anew meanwhile: the newer registration owns the
-                                // instance (same id), so this one stops without deleting it.
-                                Some(c) if !c.deregistered => Some(hb),
-                                // Deregistered or ended meanwhile: dropping unregisters.
-                                _ => {
-                                    drop(hb);
-                                    None
-                                }
-                            }
-                        };
-                        if let Some(hb) = superseded {
-                            hb.abandon().await;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(job = %jid, service = %svc.name, error = %e, "discoverd registration failed")
-                    }
-                }
-            });
-            if let Some(c) = self.lock().ctl.get_mut(id) {
-                c.registering.push(task);
+                // Deregistered or ended meanwhile: dropping it deletes what it registered.
+                _ => drop(hb),
             }
         }
     }
@@ -1079,7 +1017,7 @@ impl Host {
     /// Stops the job's discoverd heartbeats and removes its instances. `false` for an
     /// unknown job.
     pub async fn deregister(&self, id: &str) -> bool {
-        let (hbs, tasks) = {
+        let hbs = {
             let mut inner = self.lock();
             if inner.table.get(id).is_none() {
                 return false;
@@ -1088,14 +1026,8 @@ impl Host {
             // supervisor, makes its start skip the registration.
             let c = inner.ctl.entry(id.to_string()).or_default();
             c.deregistered = true;
-            (
-                std::mem::take(&mut c.heartbeaters),
-                std::mem::take(&mut c.registering),
-            )
+            std::mem::take(&mut c.heartbeaters)
         };
-        for t in tasks {
-            t.abort();
-        }
         // All at once, and for a bounded time: a discoverd that stopped answering must not
         // hold back the job's SIGTERM (or its cleanup) for a request timeout per port. The
         // heartbeaters left behind still delete their instances when it answers; an

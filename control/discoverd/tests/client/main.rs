@@ -73,6 +73,47 @@ async fn heartbeater_and_resuming_watch() {
     );
 }
 
+/// `keep_registered` returns at once and keeps trying while discoverd is away (here it
+/// is not even started yet), creating the service and registering once it is up; dropping
+/// the heartbeater then deletes the instance.
+#[tokio::test]
+async fn keep_registered_waits_out_an_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let c = Client::new(&format!("http://{addr}"));
+    let inst = Instance {
+        addr: "127.0.0.1:4200".into(),
+        ..Instance::default()
+    };
+    let started = std::time::Instant::now();
+    let hb = c.keep_registered("late", inst, Some("oldest"));
+    assert!(started.elapsed() < Duration::from_millis(100), "it waited");
+    // Several attempts fail meanwhile (200, 400, 800 ms apart...).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let _d = Discoverd::spawn(
+        dir.path(),
+        vec![
+            "--addr".into(),
+            addr.clone(),
+            "--host".into(),
+            addr.clone(),
+            "--instance-ttl".into(),
+            "10s".into(),
+        ],
+    );
+    let up = eventually(Duration::from_secs(15), || async {
+        c.instances("late").await.ok().filter(|l| l.len() == 1)
+    })
+    .await;
+    assert!(up.is_some(), "not registered after discoverd came up");
+    drop(hb);
+    let gone = eventually(Duration::from_secs(5), || async {
+        c.instances("late").await.ok().filter(|l| l.is_empty())
+    })
+    .await;
+    assert!(gone.is_some(), "dropping the heartbeater left the instance");
+}
+
 /// `Heartbeater::abandon` hands an instance over: the heartbeats stop but the instance
 /// stays (a second heartbeater of the same instance keeps it alive), where dropping would
 /// delete it.
