@@ -281,3 +281,70 @@ fn router_follows_discoverd_instances_and_leaders() {
         http(&r, "GET", "web.example.com", "/", None).0 == 503
     });
 }
+
+/// An instance whose address the router cannot route (a host name, as discoverd accepts
+/// any `host:port`) is left out; it used to make the router refuse the service's whole
+/// list, so that service's backends froze until the instance went away.
+#[test]
+fn an_unroutable_instance_does_not_freeze_the_others() {
+    let tmp = tempfile::Builder::new()
+        .prefix("flynn-e2e-disc-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
+    let (_disc, kv) = start(
+        "flynn-discoverd",
+        &[
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+            "--instance-ttl",
+            "60s",
+        ],
+    );
+    let d = get(&kv, "http");
+    eventually(Duration::from_secs(10), "discoverd leader", || {
+        http(&d, "GET", &d, "/raft/leader", None).0 == 200
+    });
+    assert_eq!(http(&d, "PUT", &d, "/services/web", Some("{}")).0, 200);
+    let url = format!("http://{d}");
+    let (_router, rkv) = start(
+        "flynn-router",
+        &[
+            "--http-addr",
+            "127.0.0.1:0",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--discoverd",
+            &url,
+        ],
+    );
+    let (r, api) = (get(&rkv, "http"), get(&rkv, "api"));
+    let route = r#"{"type":"http","domain":"web.example.com","service":"web"}"#;
+    assert_eq!(http(&api, "POST", &api, "/routes", Some(route)).0, 200);
+
+    let (b1, b2) = (backend("b1"), backend("b2"));
+    let id1 = register(&d, "web", b1);
+    eventually(Duration::from_secs(5), "b1 serves web", || {
+        http(&r, "GET", "web.example.com", "/", None) == (200, "b1".into())
+    });
+    let named = {
+        use md5::{Digest, Md5};
+        let d = Md5::digest(b"tcp-localhost:1");
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let body = format!(r#"{{"id":"{named}","addr":"localhost:1","proto":"tcp"}}"#);
+    let path = format!("/services/web/instances/{named}");
+    let (st, b) = http(&d, "PUT", &d, &path, Some(&body));
+    assert_eq!(st, 200, "{b}");
+    // Changes after it still reach the router: b2 in, b1 out.
+    register(&d, "web", b2);
+    let path = format!("/services/web/instances/{id1}");
+    assert_eq!(http(&d, "DELETE", &d, &path, None).0, 200);
+    eventually(Duration::from_secs(5), "only b2 serves web", || {
+        (0..6).all(|_| http(&r, "GET", "web.example.com", "/", None) == (200, "b2".into()))
+    });
+}

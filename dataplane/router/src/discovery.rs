@@ -4,11 +4,13 @@
 //! resume after disconnects without losing events (`flynn-client`), and services are
 //! watched or dropped as routes come and go (woken by each published table, no polling).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use flynn_api::BackendAddr;
-use flynn_client::discoverd::{Client, EventKind, Instance};
+use flynn_client::discoverd::{Client, Event, EventKind, Instance};
 
 use crate::api::Api;
 
@@ -36,41 +38,243 @@ pub async fn run(api: Arc<Api>, url: String) {
     }
 }
 
-async fn watch(api: Arc<Api>, client: Client, service: String) {
-    let mut w = client.watch(&service);
-    let mut instances: BTreeMap<String, Instance> = BTreeMap::new();
-    let mut leader: Option<String> = None;
-    let mut synced = false;
-    while let Some(ev) = w.next().await {
+/// How soon backends the API refused (a handover in progress) are offered again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// One service's instances as the watch reported them.
+#[derive(Default)]
+struct Seen {
+    instances: BTreeMap<String, Instance>,
+    leader: Option<String>,
+    synced: bool,
+    /// Instances whose address the router cannot route, already warned about.
+    warned: HashSet<String>,
+}
+
+impl Seen {
+    /// Applies one event; true when the backends may have changed.
+    fn apply(&mut self, ev: Event) -> bool {
         match ev.kind {
             EventKind::Up | EventKind::Update => {
                 if let Some(i) = ev.instance {
-                    instances.insert(i.id.clone(), i);
+                    self.instances.insert(i.id.clone(), i);
                 }
             }
             EventKind::Down => {
                 if let Some(i) = ev.instance {
-                    instances.remove(&i.id);
+                    self.instances.remove(&i.id);
+                    self.warned.remove(&i.id);
                 }
             }
-            EventKind::Leader => leader = ev.instance.map(|i| i.id),
-            EventKind::Current => synced = true,
-            EventKind::ServiceMeta => continue,
+            EventKind::Leader => self.leader = ev.instance.map(|i| i.id),
+            EventKind::Current => self.synced = true,
+            EventKind::ServiceMeta => return false,
         }
-        if !synced {
-            continue;
-        }
-        let list: Vec<BackendAddr> = instances
-            .values()
-            .map(|i| BackendAddr {
+        true
+    }
+
+    /// The backends: every instance with an address the router can route (`ip:port`).
+    /// discoverd takes any `host:port`; one the router cannot use is left out (and warned
+    /// about once) rather than failing the whole list.
+    fn backends(&mut self, service: &str) -> Vec<BackendAddr> {
+        let mut out = Vec::with_capacity(self.instances.len());
+        for i in self.instances.values() {
+            if i.addr.parse::<SocketAddr>().is_err() {
+                if self.warned.insert(i.id.clone()) {
+                    tracing::warn!(service = %service, addr = %i.addr, "instance address is not ip:port; not routed");
+                }
+                continue;
+            }
+            out.push(BackendAddr {
                 addr: i.addr.clone(),
-                leader: leader.as_deref() == Some(i.id.as_str()),
+                leader: self.leader.as_deref() == Some(i.id.as_str()),
                 app: i.meta.get("FLYNN_APP_NAME").cloned().unwrap_or_default(),
                 job_id: i.meta.get("FLYNN_JOB_ID").cloned().unwrap_or_default(),
-            })
-            .collect();
-        if let Err(e) = api.set_backends(&service, list).await {
-            tracing::warn!(service = %service, error = %e, "discoverd backends rejected");
+            });
         }
+        out
+    }
+}
+
+enum Wake {
+    Event(Event),
+    Retry,
+    Closed,
+}
+
+/// Where a service's events come from: a discoverd watch (or a channel in tests).
+trait Source: Send {
+    fn next(&mut self) -> impl std::future::Future<Output = Option<Event>> + Send;
+    fn try_next(&mut self) -> Option<Event>;
+}
+
+impl Source for flynn_client::discoverd::Watch {
+    async fn next(&mut self) -> Option<Event> {
+        flynn_client::discoverd::Watch::next(self).await
+    }
+    fn try_next(&mut self) -> Option<Event> {
+        flynn_client::discoverd::Watch::try_next(self)
+    }
+}
+
+async fn watch(api: Arc<Api>, client: Client, service: String) {
+    follow(api, client.watch(&service), service).await
+}
+
+/// Applies `w`'s events to `service`'s backends until the source ends.
+async fn follow(api: Arc<Api>, mut w: impl Source, service: String) {
+    let mut seen = Seen::default();
+    // Backends the API refused (it does while a handover is in progress): offered again
+    // after `RETRY`, or with the next event.
+    let mut refused = false;
+    loop {
+        let wake = if refused {
+            tokio::select! {
+                ev = w.next() => ev.map_or(Wake::Closed, Wake::Event),
+                _ = tokio::time::sleep(RETRY) => Wake::Retry,
+            }
+        } else {
+            w.next().await.map_or(Wake::Closed, Wake::Event)
+        };
+        let mut changed = refused;
+        match wake {
+            Wake::Event(ev) => changed |= seen.apply(ev),
+            Wake::Retry => {}
+            Wake::Closed => return,
+        }
+        // Events already waiting (a reconnect's replay) go in the same change.
+        while let Some(ev) = w.try_next() {
+            changed |= seen.apply(ev);
+        }
+        if !seen.synced || !changed {
+            continue;
+        }
+        let list = seen.backends(&service);
+        refused = match api.set_backends(&service, list).await {
+            Ok(_) => false,
+            // A handover in progress: offered again (lost, they would stay out of date
+            // until the service's next event if the handover fails).
+            Err(e) if e.code == flynn_api::ErrorCode::ServiceUnavailable => {
+                if !refused {
+                    tracing::info!(service = %service, error = %e, "discoverd backends refused for now; retrying");
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(service = %service, error = %e, "discoverd backends rejected");
+                false
+            }
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    impl Source for tokio::sync::mpsc::UnboundedReceiver<Event> {
+        async fn next(&mut self) -> Option<Event> {
+            self.recv().await
+        }
+        fn try_next(&mut self) -> Option<Event> {
+            self.try_recv().ok()
+        }
+    }
+
+    fn api() -> Arc<Api> {
+        let ports = crate::store::Ports {
+            default_http: vec![8080],
+            additional_http: vec![],
+            tcp_range: (3000, 3002),
+            tcp_ip: None,
+        };
+        let settings = crate::shared::Settings {
+            tcp_ip: "127.0.0.1".parse().unwrap(),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(10),
+            hot_idle: Duration::ZERO,
+            pool_idle_per_backend: 1,
+            max_conns_per_core: 10,
+            proxy_protocol: false,
+            sticky: None,
+            page_503: None,
+            tls: None,
+        };
+        let certs = Arc::new(flynn_runtime::Published::new(crate::tls::CertStore::new(
+            None,
+        )));
+        // No cores: every published table counts as applied.
+        let shared = Arc::new(crate::shared::Shared::new(0, settings, certs, None));
+        let store = crate::store::Store::new(ports, false);
+        Arc::new(Api::new(store, shared, Default::default()))
+    }
+
+    fn ev(kind: EventKind, id: &str, addr: &str) -> Event {
+        Event {
+            service: "web".into(),
+            kind,
+            instance: Some(Instance {
+                id: id.into(),
+                addr: addr.into(),
+                ..Instance::default()
+            }),
+            service_meta: None,
+        }
+    }
+
+    fn current() -> Event {
+        Event {
+            service: "web".into(),
+            kind: EventKind::Current,
+            instance: None,
+            service_meta: None,
+        }
+    }
+
+    fn addrs(api: &Api) -> Vec<String> {
+        let s = api.store.lock().unwrap();
+        s.backends("web").into_iter().map(|b| b.addr).collect()
+    }
+
+    async fn until(api: &Api, want: &[&str]) {
+        for _ in 0..300 {
+            if addrs(api) == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("backends {:?}, wanted {want:?}", addrs(api));
+    }
+
+    #[tokio::test]
+    async fn an_address_that_is_not_ip_port_is_left_out_not_the_whole_list() {
+        let api = api();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(follow(api.clone(), rx, "web".into()));
+        tx.send(ev(EventKind::Up, "a", "127.0.0.1:1")).unwrap();
+        tx.send(current()).unwrap();
+        until(&api, &["127.0.0.1:1"]).await;
+        tx.send(ev(EventKind::Up, "n", "localhost:2")).unwrap();
+        tx.send(ev(EventKind::Up, "b", "127.0.0.1:3")).unwrap();
+        tx.send(ev(EventKind::Down, "a", "127.0.0.1:1")).unwrap();
+        until(&api, &["127.0.0.1:3"]).await;
+    }
+
+    /// Backends refused while a handover holds the API are offered again: if the handover
+    /// fails, this process goes on with them instead of waiting for the next event.
+    #[tokio::test]
+    async fn backends_refused_during_a_handover_are_offered_again() {
+        let api = api();
+        api.frozen.store(true, Ordering::SeqCst);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(follow(api.clone(), rx, "web".into()));
+        tx.send(ev(EventKind::Up, "a", "127.0.0.1:1")).unwrap();
+        tx.send(current()).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(addrs(&api).is_empty(), "changed while frozen");
+        api.frozen.store(false, Ordering::SeqCst);
+        // No further event: the retry alone brings them in.
+        until(&api, &["127.0.0.1:1"]).await;
     }
 }
