@@ -6,7 +6,8 @@
 //! stderr). Lines longer than [`MAX_LINE`] are split. The buffer holds at most
 //! `capacity` frames; when it is full the oldest frame is dropped and counted, the count
 //! is logged and exported in `/host/status` and `/metrics`. A batch whose write fails is
-//! put back at the front and sent again after reconnecting.
+//! put back at the front and sent again after reconnecting, and the last frames written
+//! before a connection was lost are written again on the next one (see [`RECENT_FRAMES`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -303,8 +304,59 @@ impl Dest {
     }
 }
 
+/// The last frames written to an aggregator are kept and written again first on the
+/// next connection: a write only reached the local socket, and an aggregator that went
+/// away meanwhile (a restart, a lost host) never read the lines still in flight. The
+/// aggregator ignores a message it already has (same timestamp and structured data, and
+/// `seq` is in it), so what did arrive is not doubled.
+const RECENT_FRAMES: usize = 4096;
+/// ...and at most this many bytes of them.
+const RECENT_BYTES: usize = 4 << 20;
+
+/// Frames written on the current connection (or the last one), oldest first.
+#[derive(Default)]
+struct Recent {
+    frames: VecDeque<Frame>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn push(&mut self, f: Frame) {
+        self.bytes += f.1.len();
+        self.frames.push_back(f);
+        while self.frames.len() > RECENT_FRAMES || self.bytes > RECENT_BYTES {
+            match self.frames.pop_front() {
+                Some(old) => self.bytes -= old.1.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(self.bytes);
+        for (_, f) in &self.frames {
+            buf.extend_from_slice(f);
+        }
+        buf
+    }
+}
+
+/// Sets TCP keepalive and `TCP_USER_TIMEOUT` on the aggregator connection, so one whose
+/// peer vanished (a host that lost power) fails within about half a minute instead of
+/// taking writes into its buffer for many minutes.
+fn set_timeouts(conn: &tokio::net::TcpStream) {
+    let sock = socket2::SockRef::from(conn);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    let _ = sock.set_tcp_keepalive(&ka);
+    let _ = sock.set_tcp_user_timeout(Some(Duration::from_secs(30)));
+}
+
 async fn run(s: Arc<Dest>, addr: String) {
     let mut backoff = Duration::from_millis(100);
+    let mut recent = Recent::default();
     loop {
         let conn = tokio::time::timeout(
             Duration::from_secs(2),
@@ -322,7 +374,17 @@ async fn run(s: Arc<Dest>, addr: String) {
             Err(_) => continue,
         };
         let _ = conn.set_nodelay(true);
+        set_timeouts(&conn);
         backoff = Duration::from_millis(100);
+        if !recent.frames.is_empty() {
+            let again = recent.bytes();
+            let res = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&again)).await;
+            if !matches!(res, Ok(Ok(()))) {
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+            tracing::debug!(frames = recent.frames.len(), "wrote the last frames again");
+        }
         s.connected.store(true, Ordering::Relaxed);
         tracing::info!(addr = %addr, "connected to the log aggregator");
         loop {
@@ -354,6 +416,9 @@ async fn run(s: Arc<Dest>, addr: String) {
             let res = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&buf)).await;
             if matches!(res, Ok(Ok(()))) {
                 s.shipped.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for f in batch {
+                    recent.push(f);
+                }
                 continue;
             }
             // Put the batch back (oldest first), within capacity.
@@ -423,6 +488,67 @@ mod tests {
 
         let src = Source::new(None, None, "j2");
         assert_eq!((src.app.as_str(), src.procid.as_str()), ("j2", "j2"));
+    }
+
+    /// Reads framed messages from `c` until `want` is among them (or 10 s): their texts.
+    async fn read_until(c: &mut tokio::net::TcpStream, want: &[u8]) -> Vec<Vec<u8>> {
+        let framer = flynn_syslog::Framer::new(20_000);
+        let mut got = Vec::new();
+        let mut msgs = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !msgs.iter().any(|m: &Vec<u8>| m == want) && tokio::time::Instant::now() < deadline {
+            let mut b = [0u8; 4096];
+            let n = match tokio::time::timeout(Duration::from_secs(10), c.read(&mut b)).await {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => break,
+            };
+            got.extend_from_slice(&b[..n]);
+            let mut buf = bytes::BytesMut::from(&got[..]);
+            msgs.clear();
+            while let Ok(Some(f)) = framer.next_frame(&mut buf) {
+                msgs.push(flynn_syslog::Message::parse(f).msg().to_vec());
+            }
+        }
+        msgs
+    }
+
+    /// A line written just after the aggregator went away reached only the local socket;
+    /// it is written again on the next connection (with the lines before it, which the
+    /// aggregator ignores as duplicates).
+    #[tokio::test]
+    async fn lines_in_flight_when_the_aggregator_went_away_are_sent_again() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sh = Shipper::start("h", vec![addr.to_string()], 100);
+        let src = Source::new(Some("a"), None, "j");
+        let (mut c, _) = listener.accept().await.unwrap();
+        sh.push(&src, Stream::Stdout, b"line1");
+        let got = read_until(&mut c, b"line1").await;
+        assert_eq!(got, [b"line1".to_vec()]);
+        // The aggregator goes away; a line is written before the shipper notices.
+        drop(c);
+        drop(listener);
+        sh.push(&src, Stream::Stdout, b"line2");
+        let t0 = std::time::Instant::now();
+        while sh.stats().shipped < 2 && t0.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            sh.stats().shipped,
+            2,
+            "line2 was not written to the dead connection"
+        );
+        // It comes back on the same address.
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        sh.push(&src, Stream::Stdout, b"line3");
+        let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let got = read_until(&mut c, b"line3").await;
+        assert!(got.contains(&b"line2".to_vec()), "line2 lost: {got:?}");
+        let pos = |l: &[u8]| got.iter().position(|m| m == l).unwrap();
+        assert!(pos(b"line2") < pos(b"line3"), "{got:?}");
     }
 
     #[tokio::test]
