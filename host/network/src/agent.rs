@@ -91,6 +91,11 @@ pub struct Agent<S> {
     stats: Arc<Stats>,
     /// Whether the outbound NAT rules went in at start (only then are they kept in place).
     masq_ok: bool,
+    /// When the lease set was last read from the store (or came from its watch). Leases are
+    /// judged live or expired at this time, not now: while the store cannot be reached,
+    /// the peers' leases cannot be renewed either, and expiring them from a copy that
+    /// cannot be refreshed would take every route to every peer down in an outage.
+    fresh_at: Option<SystemTime>,
 }
 
 impl<S: LeaseStore> Agent<S> {
@@ -109,6 +114,7 @@ impl<S: LeaseStore> Agent<S> {
             prefixes: BTreeMap::new(),
             swept: false,
             masq_ok: false,
+            fresh_at: None,
             stats: Arc::new(Stats {
                 fast_path: fast_on.into(),
                 ..Stats::default()
@@ -157,6 +163,7 @@ impl<S: LeaseStore> Agent<S> {
         self.devices = Some(devices);
         self.write_state()?;
         let snap = self.leaser.store().leases().await?;
+        self.fresh_at = Some(SystemTime::now());
         self.sync(&snap).await?;
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         self.stats.synced.store(true, Ordering::Relaxed);
@@ -173,7 +180,8 @@ impl<S: LeaseStore> Agent<S> {
         else {
             return Ok(0);
         };
-        let now = SystemTime::now();
+        // Judged as of the last read (see `fresh_at`).
+        let now = self.fresh_at.unwrap_or_else(SystemTime::now);
         // Only blocks of the cluster network, of its block size, are routed: a corrupt or
         // foreign record (say `0.0.0.0-0`) must never become a route over the overlay.
         let layout = &self.cfg.lease.layout;
@@ -348,6 +356,7 @@ impl<S: LeaseStore> Agent<S> {
                 match self.leaser.store().watch().await {
                     Ok(mut w) => {
                         let snap = w.current();
+                        self.fresh_at = Some(SystemTime::now());
                         if self.sync_logged(&snap).await {
                             renew_retry = Some(tokio::time::Instant::now());
                         }
@@ -375,6 +384,7 @@ impl<S: LeaseStore> Agent<S> {
                 snap = async { watch.as_mut().expect("checked").changed().await }, if watch.is_some() => {
                     match snap {
                         Some(s) => {
+                            self.fresh_at = Some(SystemTime::now());
                             if self.sync_logged(&s).await {
                                 renew_retry = Some(tokio::time::Instant::now());
                             }
@@ -387,12 +397,13 @@ impl<S: LeaseStore> Agent<S> {
                     self.keep_host_routing();
                     match self.leaser.store().leases().await {
                         Ok(s) => {
+                            self.fresh_at = Some(SystemTime::now());
                             if self.sync_logged(&s).await {
                                 renew_retry = Some(tokio::time::Instant::now());
                             }
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "cannot read leases; reconciling the last known set");
+                            tracing::warn!(error = %e, "cannot read leases; reconciling the last known set as it was then");
                             if let Some(w) = &mut watch {
                                 let s = w.current();
                                 self.sync_logged(&s).await;

@@ -992,6 +992,39 @@ fn expirations(c: &Cluster) -> Result<std::collections::BTreeMap<String, u64>> {
         .collect())
 }
 
+/// While discoverd is down nobody can renew a lease, so the leases an agent last read
+/// run out on paper; it keeps the routes to its peers rather than expire them from a copy
+/// it cannot refresh (it used to take every route down once the peers' leases passed their
+/// expiry during an outage).
+#[test]
+fn an_outage_of_the_lease_store_keeps_the_routes_to_peers() -> Result<()> {
+    if !lab::should_run("an_outage_of_the_lease_store_keeps_the_routes_to_peers") {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    let (h1, h2) = (c.add_host(1)?, c.add_host(2)?);
+    let opts = ["--fast-path", "off", "--lease-ttl", "3s"];
+    let a1 = c.agent(h1, &opts)?;
+    let a2 = c.agent(h2, &opts)?;
+    let j1 = c.job(h1, a1.subnet, 10)?;
+    let j2 = c.job(h2, a2.subnet, 10)?;
+    let route2 = a2.subnet.to_string();
+    eventually(10, "host 1 to route to host 2's block", || {
+        Ok(routes(&c.hosts[h1].ns)?.contains(&route2))
+    })?;
+    ensure!(can_ping(&j1, &j2), "no traffic before the outage");
+    c.discoverd.kill();
+    // Past every lease's expiry (3 s), with resyncs every second meanwhile.
+    std::thread::sleep(Duration::from_secs(6));
+    let r = routes(&c.hosts[h1].ns)?;
+    ensure!(
+        r.contains(&route2),
+        "the route to host 2 went with the outage: {r}"
+    );
+    ensure!(can_ping(&j1, &j2), "no traffic during the outage");
+    Ok(())
+}
+
 #[test]
 fn lease_is_renewed_before_it_expires() -> Result<()> {
     if !lab::should_run("lease_is_renewed_before_it_expires") {

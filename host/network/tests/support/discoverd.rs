@@ -158,6 +158,15 @@ impl Discoverd {
     }
 }
 
+impl Discoverd {
+    /// Stops it (SIGKILL), as in an outage.
+    #[allow(dead_code)] // not every test binary that includes this module uses it
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Discoverd {
     fn drop(&mut self) {
         let _ = self.child.kill();
