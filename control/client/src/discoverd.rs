@@ -262,7 +262,11 @@ impl Client {
     pub fn watch(&self, service: &str) -> Watch {
         let (tx, rx) = mpsc::channel(256);
         let task = tokio::spawn(watch_loop(self.clone(), service.to_string(), tx));
-        Watch { rx, task }
+        Watch {
+            rx,
+            pending: std::collections::VecDeque::new(),
+            task,
+        }
     }
 }
 
@@ -379,6 +383,11 @@ async fn keep_loop(
         };
         let err = match res {
             Ok(Ok(())) => break,
+            // Refused as invalid (a bad service name or instance): no retry makes it valid.
+            Ok(Err((e, _))) if e.api().map(|a| a.code) == Some(ErrorCode::ValidationError) => {
+                tracing::warn!(service = %service, error = %e, "discoverd registration refused; giving up");
+                return;
+            }
             Ok(Err((e, creating))) => {
                 if !creating {
                     create = None;
@@ -393,7 +402,11 @@ async fn keep_loop(
             tracing::warn!(service = %service, error = %err, failures, "discoverd registration failed; retrying");
         }
         tokio::select! {
-            _ = &mut stop => return,
+            // As above: an attempt that timed out here may have registered the instance.
+            _ = &mut stop => {
+                let _ = tokio::time::timeout(HEARTBEAT_TIMEOUT, c.unregister(&service, &inst.id)).await;
+                return;
+            }
             _ = tokio::time::sleep(pause) => {}
         }
         pause = (pause * 2).min(KEEP_RETRY_MAX);
@@ -452,18 +465,30 @@ fn next_heartbeat(ok: bool) -> Duration {
 /// index, leader/meta when they changed), so a consumer
 /// that applies events in order always ends up with the server's state.
 pub struct Watch {
-    rx: mpsc::Receiver<Event>,
+    /// Events come in batches: one live event, or all the events of one reconnect, so a
+    /// reconnect's events are all there as soon as the first is (see [`Watch::try_next`]).
+    rx: mpsc::Receiver<Vec<Event>>,
+    pending: std::collections::VecDeque<Event>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Watch {
     pub async fn next(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        while self.pending.is_empty() {
+            self.pending.extend(self.rx.recv().await?);
+        }
+        self.pending.pop_front()
     }
 
-    /// The next event if one is already waiting (for applying a burst as one change).
+    /// The next event if one is already waiting. The events of one reconnect are
+    /// delivered together, so a consumer that takes what is waiting after each event and
+    /// then applies it all sees the reconnect as one change (a re-registered instance's
+    /// `down` and `up` included).
     pub fn try_next(&mut self) -> Option<Event> {
-        self.rx.try_recv().ok()
+        while self.pending.is_empty() {
+            self.pending.extend(self.rx.try_recv().ok()?);
+        }
+        self.pending.pop_front()
     }
 }
 
@@ -483,7 +508,7 @@ struct Known {
     synced: bool,
 }
 
-async fn watch_loop(c: Client, service: String, tx: mpsc::Sender<Event>) {
+async fn watch_loop(c: Client, service: String, tx: mpsc::Sender<Vec<Event>>) {
     let mut known = Known::default();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -528,7 +553,7 @@ async fn read_stream(
     mut r: reqwest::Response,
     service: &str,
     known: &mut Known,
-    tx: &mpsc::Sender<Event>,
+    tx: &mpsc::Sender<Vec<Event>>,
 ) -> Result<bool, ()> {
     // Bytes, not text, until an item is complete: a chunk may end inside a UTF-8
     // character (decoding each chunk alone would corrupt it).
@@ -559,8 +584,9 @@ async fn read_stream(
             if in_replay {
                 if ev.kind == EventKind::Current {
                     in_replay = false;
-                    for e in reconcile(service, known, std::mem::take(&mut replay)) {
-                        tx.send(e).await.map_err(drop)?;
+                    let missed = reconcile(service, known, std::mem::take(&mut replay));
+                    if !missed.is_empty() {
+                        tx.send(missed).await.map_err(drop)?;
                     }
                 } else {
                     replay.push(ev);
@@ -568,7 +594,7 @@ async fn read_stream(
                 continue;
             }
             track(known, &ev);
-            tx.send(ev).await.map_err(drop)?;
+            tx.send(vec![ev]).await.map_err(drop)?;
         }
     }
 }
@@ -606,8 +632,8 @@ fn reconcile(service: &str, known: &mut Known, replay: Vec<Event>) -> Vec<Event>
         .map(|i| (i.id.clone(), i))
         .collect();
     // New and changed instances first, vanished ones after: a consumer that applies each
-    // event at once (the router publishes a backend set per event) never passes through
-    // an empty set while the service has instances.
+    // event at once passes through an empty set only for a re-registered instance (its
+    // `down` then `up`). The router applies a reconnect's events as one change.
     for e in replay.iter().filter(|e| e.kind == EventKind::Up) {
         let Some(i) = &e.instance else { continue };
         match known.instances.get(&i.id) {
@@ -798,8 +824,8 @@ mod tests {
         );
         // Nothing changed: nothing to send.
         assert!(reconcile("s", &mut known, vec![up(inst("b", "x")), up(inst("c", ""))]).is_empty());
-        // Every instance replaced (a deploy during the disconnect): applied in order, the
-        // set never goes empty.
+        // Every instance replaced by new ones (a deploy during the disconnect): applied in
+        // order, the set never goes empty.
         let third = reconcile("s", &mut known, vec![up(inst("d", "")), up(inst("e", ""))]);
         let mut live: BTreeMap<String, ()> = [("b".into(), ()), ("c".into(), ())].into();
         for e in &third {
@@ -812,6 +838,35 @@ mod tests {
             assert!(!live.is_empty(), "emptied at {:?} {id}", e.kind);
         }
         assert_eq!(live.keys().collect::<Vec<_>>(), ["d", "e"]);
+    }
+
+    /// A reconnect's events arrive together: once the first is taken, the rest are
+    /// already waiting (a consumer applying what waits as one change never sees half).
+    #[tokio::test]
+    async fn a_reconnects_events_are_all_waiting_once_the_first_arrives() {
+        let (tx, rx) = mpsc::channel(4);
+        let mut w = Watch {
+            rx,
+            pending: std::collections::VecDeque::new(),
+            task: tokio::spawn(async {}),
+        };
+        let ev = |id: &str, kind| Event {
+            service: "s".into(),
+            kind,
+            instance: Some(inst(id, "")),
+            service_meta: None,
+        };
+        assert!(w.try_next().is_none());
+        tx.send(vec![ev("a", EventKind::Down), ev("a", EventKind::Up)])
+            .await
+            .unwrap();
+        tx.send(vec![ev("b", EventKind::Up)]).await.unwrap();
+        assert_eq!(w.next().await.unwrap().kind, EventKind::Down);
+        assert_eq!(w.try_next().unwrap().kind, EventKind::Up);
+        assert_eq!(w.try_next().unwrap().instance.unwrap().id, "b");
+        assert!(w.try_next().is_none());
+        drop(tx);
+        assert!(w.next().await.is_none());
     }
 
     #[test]
@@ -899,6 +954,54 @@ mod tests {
         // 100, 200, 400, 800 ms apart: about 5 in 2 s (a reset every time: about 20).
         let n = seen.load(Ordering::SeqCst);
         assert!((2..=7).contains(&n), "{n} connections in 2 s");
+    }
+
+    /// `keep_registered` retries an unreachable or failing discoverd for ever, but not a
+    /// registration refused as invalid: that one is given up after its first answer.
+    #[tokio::test]
+    async fn keep_registered_gives_up_on_a_validation_error() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let seen = std::sync::Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let body = r#"{"code":"validation_error","message":"bad name","retry":false}"#;
+                    let resp = format!(
+                        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let mut b = vec![0u8; 8192];
+                    // One answer per request head (bodies are small and come with it).
+                    while let Ok(n) = s.read(&mut b).await {
+                        if n == 0 {
+                            break;
+                        }
+                        count.fetch_add(1, Ordering::SeqCst);
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let c = Client::new(&url);
+        let inst = Instance {
+            addr: "127.0.0.1:4300".into(),
+            ..Instance::default()
+        };
+        let hb = c.keep_registered("Bad_Name", inst, Some("oldest"));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            1,
+            "retried a refused registration"
+        );
+        drop(hb);
     }
 
     #[test]
