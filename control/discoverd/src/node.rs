@@ -209,14 +209,14 @@ async fn track_leadership(node: Arc<Node>) {
             electable = voter;
             tracing::info!(host = %node.host, voter, "raft membership changed");
             node.raft.runtime_config().elect(voter);
-            if !voter {
-                // Removed from the peers, this node gets no more entries: its watches
-                // would freeze (keep-alives still flowing), so they end and their
-                // clients reconnect, redirected to a peer.
-                node.shared
-                    .lock()
-                    .registry
-                    .end_watches(crate::store::state::LEFT);
+            // Removed from the peers, this node gets no more entries: its watches would
+            // freeze (keep-alives still flowing), so they end and their clients reconnect,
+            // redirected to a peer.
+            let mut st = node.shared.lock();
+            if voter {
+                st.registry.follow_again();
+            } else {
+                st.registry.stop_following();
             }
         }
         {

@@ -305,11 +305,8 @@ pub async fn shutdown(State(node): State<Arc<Node>>) -> Response {
     if let Err(e) = node.raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }
-    // The state stops here: open watches end rather than go quiet for good.
-    node.shared
-        .lock()
-        .registry
-        .end_watches(crate::store::state::LEFT);
+    // The state stops here: open watches (and new ones) end rather than go quiet for good.
+    node.shared.lock().registry.stop_following();
     let last = node.log.last_index();
     Json(json!({ "last_index": last })).into_response()
 }

@@ -49,6 +49,9 @@ struct Subscriber {
 pub struct Registry {
     pub data: Data,
     subscribers: Vec<Subscriber>,
+    /// Set while this node does not follow the cluster (shut down, or out of the voters):
+    /// a new watch ends at once with [`LEFT`], like the ones open when it stopped.
+    left: bool,
 }
 
 impl Registry {
@@ -91,6 +94,11 @@ impl Registry {
             0
         };
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER + replay_len);
+        if self.left {
+            // A watch that raced the node's leaving would stay open on a frozen state.
+            let _ = tx.try_send(Err(LEFT.to_string()));
+            return rx;
+        }
         if send_current {
             let ev = |kind, instance, service_meta| Event {
                 service: service.to_string(),
@@ -351,9 +359,21 @@ impl Registry {
         self.end_watches(RESTORED);
     }
 
+    /// This node stops following the cluster: every watch, open or new, ends with [`LEFT`]
+    /// until [`Registry::follow_again`].
+    pub fn stop_following(&mut self) {
+        self.left = true;
+        self.end_watches(LEFT);
+    }
+
+    /// Back among the voters (promoted again): watches are served again.
+    pub fn follow_again(&mut self) {
+        self.left = false;
+    }
+
     /// Ends every watch with an `error` event carrying `msg` (its subscriber reconnects,
     /// to where the state is current).
-    pub fn end_watches(&mut self, msg: &str) {
+    fn end_watches(&mut self, msg: &str) {
         for s in self.subscribers.drain(..) {
             // A full buffer still ends the stream: dropping `tx` closes it.
             let _ = s.tx.try_send(Err(msg.to_string()));

@@ -727,7 +727,7 @@ async fn raft_stream_needs_the_upgrade_and_answers_in_frames() {
 
 /// A full snapshot from a peer is the whole state as JSON: a state of a few MB is far
 /// past axum's default 2 MB body limit, which answered 413 and left a lagging follower
-/// unable ever to catch up. A 4 MB snapshot RPC is taken (here from a stale term: the
+/// unable ever to catch up. A 3 MB snapshot RPC is taken (here from a stale term: the
 /// answer is the node's vote, not an error).
 #[tokio::test]
 async fn a_snapshot_rpc_over_two_megabytes_is_accepted() {
