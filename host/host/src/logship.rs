@@ -310,31 +310,46 @@ impl Dest {
 /// aggregator ignores a message it already has (same timestamp and structured data, and
 /// `seq` is in it), so what did arrive is not doubled.
 const RECENT_FRAMES: usize = 4096;
-/// ...and at most this many bytes of them.
+/// ...and at most this many bytes of them...
 const RECENT_BYTES: usize = 4 << 20;
+/// ...written at most this long ago: a connection that took writes for longer than this
+/// was alive (a dead peer fails it within its keepalive and `TCP_USER_TIMEOUT`), so its
+/// older frames arrived and are not sent again.
+const RECENT_AGE: Duration = Duration::from_secs(45);
 
 /// Frames written on the current connection (or the last one), oldest first.
 #[derive(Default)]
 struct Recent {
-    frames: VecDeque<Frame>,
+    frames: VecDeque<(tokio::time::Instant, Frame)>,
     bytes: usize,
 }
 
 impl Recent {
-    fn push(&mut self, f: Frame) {
+    fn push(&mut self, f: Frame, now: tokio::time::Instant) {
         self.bytes += f.1.len();
-        self.frames.push_back(f);
+        self.frames.push_back((now, f));
         while self.frames.len() > RECENT_FRAMES || self.bytes > RECENT_BYTES {
-            match self.frames.pop_front() {
-                Some(old) => self.bytes -= old.1.len(),
-                None => break,
-            }
+            self.pop();
         }
     }
 
-    fn bytes(&self) -> Vec<u8> {
+    fn pop(&mut self) {
+        if let Some((_, old)) = self.frames.pop_front() {
+            self.bytes -= old.1.len();
+        }
+    }
+
+    /// Drops the frames older than [`RECENT_AGE`]; the rest, as one buffer.
+    fn take_bytes(&mut self, now: tokio::time::Instant) -> Vec<u8> {
+        while self
+            .frames
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > RECENT_AGE)
+        {
+            self.pop();
+        }
         let mut buf = Vec::with_capacity(self.bytes);
-        for (_, f) in &self.frames {
+        for (_, (_, f)) in &self.frames {
             buf.extend_from_slice(f);
         }
         buf
@@ -375,16 +390,18 @@ async fn run(s: Arc<Dest>, addr: String) {
         };
         let _ = conn.set_nodelay(true);
         set_timeouts(&conn);
-        backoff = Duration::from_millis(100);
-        if !recent.frames.is_empty() {
-            let again = recent.bytes();
+        let again = recent.take_bytes(tokio::time::Instant::now());
+        if !again.is_empty() {
             let res = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&again)).await;
             if !matches!(res, Ok(Ok(()))) {
+                // An aggregator that takes connections and drops them: not a fast loop.
                 tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
             tracing::debug!(frames = recent.frames.len(), "wrote the last frames again");
         }
+        let connected_at = tokio::time::Instant::now();
         s.connected.store(true, Ordering::Relaxed);
         tracing::info!(addr = %addr, "connected to the log aggregator");
         loop {
@@ -416,8 +433,9 @@ async fn run(s: Arc<Dest>, addr: String) {
             let res = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&buf)).await;
             if matches!(res, Ok(Ok(()))) {
                 s.shipped.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                let now = tokio::time::Instant::now();
                 for f in batch {
-                    recent.push(f);
+                    recent.push(f, now);
                 }
                 continue;
             }
@@ -444,6 +462,14 @@ async fn run(s: Arc<Dest>, addr: String) {
         }
         s.connected.store(false, Ordering::Relaxed);
         tracing::warn!(addr = %addr, "lost the log aggregator connection; buffering");
+        // A connection that lasted is followed by a quick reconnect; one the aggregator
+        // dropped at once (overloaded, misconfigured) by a growing pause.
+        if connected_at.elapsed() >= Duration::from_secs(5) {
+            backoff = Duration::from_millis(100);
+        } else {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
     }
 }
 
