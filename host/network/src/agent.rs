@@ -91,11 +91,50 @@ pub struct Agent<S> {
     stats: Arc<Stats>,
     /// Whether the outbound NAT rules went in at start (only then are they kept in place).
     masq_ok: bool,
-    /// When the lease set was last read from the store (or came from its watch). Leases are
-    /// judged live or expired at this time, not now: while the store cannot be reached,
-    /// the peers' leases cannot be renewed either, and expiring them from a copy that
-    /// cannot be refreshed would take every route to every peer down in an outage.
-    fresh_at: Option<SystemTime>,
+    /// How current the lease set is: see [`Freshness`].
+    fresh: Freshness,
+}
+
+/// After the store comes back from an outage, leases are still judged as of its start for
+/// this long: they all ran out on paper meanwhile, and their owners need a renewal round
+/// (retried every 2 s) before they are current again.
+const RECOVERY_GRACE: Duration = Duration::from_secs(10);
+
+/// When the lease set was last read from the store, and whether reads fail now. Leases are
+/// judged live or expired at [`Freshness::judge_at`], not simply now: while the store cannot
+/// be reached, the peers' leases cannot be renewed either, and expiring them from a copy
+/// that cannot be refreshed took every route to every peer down in an outage.
+#[derive(Default)]
+struct Freshness {
+    /// The last successful read.
+    last_ok: Option<SystemTime>,
+    /// While reads fail: the last successful read before the first failure.
+    stale_since: Option<SystemTime>,
+    /// After an outage: its start, and until when it is still the time leases are judged at.
+    recovering: Option<(SystemTime, SystemTime)>,
+}
+
+impl Freshness {
+    fn read(&mut self, ok: bool, now: SystemTime) {
+        if ok {
+            if let Some(t) = self.stale_since.take() {
+                self.recovering = Some((t, now + RECOVERY_GRACE));
+            }
+            self.last_ok = Some(now);
+        } else if self.stale_since.is_none() {
+            self.stale_since = Some(self.last_ok.unwrap_or(now));
+        }
+    }
+
+    fn judge_at(&self, now: SystemTime) -> SystemTime {
+        if let Some(t) = self.stale_since {
+            return t;
+        }
+        match self.recovering {
+            Some((t, until)) if now < until => t,
+            _ => now,
+        }
+    }
 }
 
 impl<S: LeaseStore> Agent<S> {
@@ -114,7 +153,7 @@ impl<S: LeaseStore> Agent<S> {
             prefixes: BTreeMap::new(),
             swept: false,
             masq_ok: false,
-            fresh_at: None,
+            fresh: Freshness::default(),
             stats: Arc::new(Stats {
                 fast_path: fast_on.into(),
                 ..Stats::default()
@@ -163,7 +202,7 @@ impl<S: LeaseStore> Agent<S> {
         self.devices = Some(devices);
         self.write_state()?;
         let snap = self.leaser.store().leases().await?;
-        self.fresh_at = Some(SystemTime::now());
+        self.fresh.read(true, SystemTime::now());
         self.sync(&snap).await?;
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         self.stats.synced.store(true, Ordering::Relaxed);
@@ -180,8 +219,8 @@ impl<S: LeaseStore> Agent<S> {
         else {
             return Ok(0);
         };
-        // Judged as of the last read (see `fresh_at`).
-        let now = self.fresh_at.unwrap_or_else(SystemTime::now);
+        // Judged as of the last read while the store is away (see `Freshness`).
+        let now = self.fresh.judge_at(SystemTime::now());
         // Only blocks of the cluster network, of its block size, are routed: a corrupt or
         // foreign record (say `0.0.0.0-0`) must never become a route over the overlay.
         let layout = &self.cfg.lease.layout;
@@ -356,13 +395,16 @@ impl<S: LeaseStore> Agent<S> {
                 match self.leaser.store().watch().await {
                     Ok(mut w) => {
                         let snap = w.current();
-                        self.fresh_at = Some(SystemTime::now());
+                        self.fresh.read(true, SystemTime::now());
                         if self.sync_logged(&snap).await {
                             renew_retry = Some(tokio::time::Instant::now());
                         }
                         watch = Some(w);
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot watch leases; retrying"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot watch leases; retrying");
+                        self.fresh.read(false, SystemTime::now());
+                    }
                 }
             }
             let lease = self.lease.clone().expect("started");
@@ -384,7 +426,7 @@ impl<S: LeaseStore> Agent<S> {
                 snap = async { watch.as_mut().expect("checked").changed().await }, if watch.is_some() => {
                     match snap {
                         Some(s) => {
-                            self.fresh_at = Some(SystemTime::now());
+                            self.fresh.read(true, SystemTime::now());
                             if self.sync_logged(&s).await {
                                 renew_retry = Some(tokio::time::Instant::now());
                             }
@@ -397,13 +439,14 @@ impl<S: LeaseStore> Agent<S> {
                     self.keep_host_routing();
                     match self.leaser.store().leases().await {
                         Ok(s) => {
-                            self.fresh_at = Some(SystemTime::now());
+                            self.fresh.read(true, SystemTime::now());
                             if self.sync_logged(&s).await {
                                 renew_retry = Some(tokio::time::Instant::now());
                             }
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot read leases; reconciling the last known set as it was then");
+                            self.fresh.read(false, SystemTime::now());
                             if let Some(w) = &mut watch {
                                 let s = w.current();
                                 self.sync_logged(&s).await;
@@ -608,5 +651,25 @@ mod tests {
         );
         std::fs::write(&env, "FLANNEL_SUBNET=garbage\n").unwrap();
         assert_eq!(previous_subnet(dir.path()), None);
+    }
+
+    #[test]
+    fn leases_are_judged_as_of_the_outage_until_a_renewal_round_after_it() {
+        use super::{Freshness, RECOVERY_GRACE};
+        use std::time::{Duration, UNIX_EPOCH};
+        let t = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        let mut f = Freshness::default();
+        f.read(true, t(100));
+        assert_eq!(f.judge_at(t(101)), t(101), "current while reads work");
+        f.read(false, t(130));
+        f.read(false, t(160));
+        assert_eq!(f.judge_at(t(5000)), t(100), "as of the last good read");
+        // Back: still the outage's start for a renewal round, then current again.
+        f.read(true, t(6000));
+        assert_eq!(f.judge_at(t(6001)), t(100));
+        let after = t(6000) + RECOVERY_GRACE;
+        assert_eq!(f.judge_at(after), after);
+        f.read(true, t(7000));
+        assert_eq!(f.judge_at(t(7000)), t(7000));
     }
 }

@@ -1022,6 +1022,20 @@ fn an_outage_of_the_lease_store_keeps_the_routes_to_peers() -> Result<()> {
         "the route to host 2 went with the outage: {r}"
     );
     ensure!(can_ping(&j1, &j2), "no traffic during the outage");
+    // discoverd comes back with the leases as they were, all past their expiry: the
+    // first read after the outage must not drop the peers before they renew (each
+    // retries its renewal every 2 s).
+    c.discoverd.restart()?;
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < until {
+        let r = routes(&c.hosts[h1].ns)?;
+        ensure!(
+            r.contains(&route2),
+            "the route to host 2 went when discoverd came back: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(can_ping(&j1, &j2), "no traffic after the outage");
     Ok(())
 }
 

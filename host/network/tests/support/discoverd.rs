@@ -46,59 +46,85 @@ pub struct Discoverd {
     _dir: tempfile::TempDir,
 }
 
+/// Spawns flynn-discoverd on `listen` with data in `dir`; returns it and its HTTP address.
+fn spawn(dir: &std::path::Path, listen: &str, netns: Option<&str>) -> Result<(Child, String)> {
+    let bin = workspace_bin("flynn-discoverd", "flynn-discoverd")?;
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&bin);
+            c
+        }
+        None => Command::new(&bin),
+    };
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("FLYNN_") && k != "FLYNN_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--addr", listen, "--instance-ttl", "5s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn flynn-discoverd")?;
+    let out = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(out).lines();
+        if let Some(Ok(l)) = lines.next() {
+            let _ = tx.send(l);
+        }
+        for _ in lines {}
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(l) => l,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("discoverd printed no listening line");
+        }
+    };
+    match line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http="))
+    {
+        Some(addr) => Ok((child, addr.to_string())),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("no http= in {line:?}")
+        }
+    }
+}
+
 impl Discoverd {
     /// A single-node discoverd listening on `listen` (e.g. `127.0.0.1:0`), inside network
     /// namespace `netns` when given.
     pub fn start(listen: &str, netns: Option<&str>) -> Result<Discoverd> {
-        let bin = workspace_bin("flynn-discoverd", "flynn-discoverd")?;
         let dir = tempfile::tempdir()?;
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&bin);
-                c
-            }
-            None => Command::new(&bin),
-        };
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("FLYNN_") && k != "FLYNN_LOG" {
-                cmd.env_remove(k);
-            }
-        }
-        let mut child = cmd
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--addr", listen, "--instance-ttl", "5s"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawn flynn-discoverd")?;
-        let out = child.stdout.take().context("stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(out).lines();
-            if let Some(Ok(l)) = lines.next() {
-                let _ = tx.send(l);
-            }
-            for _ in lines {}
-        });
-        let mut d = Discoverd {
+        let (child, addr) = spawn(dir.path(), listen, netns)?;
+        let d = Discoverd {
             child,
-            addr: String::new(),
+            addr,
             netns: netns.map(String::from),
             _dir: dir,
         };
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .context("discoverd printed no listening line")?;
-        d.addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("http="))
-            .with_context(|| format!("no http= in {line:?}"))?
-            .to_string();
         d.wait_for_leader()?;
         Ok(d)
+    }
+
+    /// Starts it again on the same address and data directory (after [`Discoverd::kill`]).
+    #[allow(dead_code)] // not every test binary that includes this module uses it
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let (child, addr) = spawn(self._dir.path(), &self.addr, self.netns.as_deref())?;
+        self.child = child;
+        self.addr = addr;
+        self.wait_for_leader()
     }
 
     /// Waits (up to 20 s) until writes are accepted: a fresh node has no Raft leader for a moment.
