@@ -34,7 +34,7 @@ pub struct Limits {
 /// One app's buffer. Lines are kept in insertion (`seq`) order so a reader's position is
 /// just a sequence number; readers sort by time when they return history. The per-app
 /// bound and the memory cap evict the first-arrived line, and a full ring refuses a line
-/// older than that one (spec §3.3 evicts the oldest by time; the two differ only for late
+/// older than every line in it (spec §3.3 evicts the oldest by time; the two differ only for late
 /// lines, and a time index that made eviction exact cost ~20× per message on the ingest
 /// path in `flynn-perf logagg`, so it was taken out). Lines leave only from the front, so
 /// the ring holds consecutive sequence numbers and a line is found by its offset from the
@@ -59,6 +59,9 @@ pub struct App {
     max_ts: Timestamp,
     /// Consecutive provably-new lines while the index exists.
     fresh_run: usize,
+    /// The earliest timestamp in `ring`, when known: worked out only for a line earlier
+    /// than the first-arrived one into a full ring, and kept until that line leaves.
+    min_ts: Option<Timestamp>,
 }
 
 impl App {
@@ -75,7 +78,16 @@ impl App {
             dedupe: None,
             max_ts: Timestamp(i64::MIN),
             fresh_run: 0,
+            min_ts: None,
         }
+    }
+
+    /// The earliest timestamp in the ring (scanned once, then kept up to date).
+    fn earliest(&mut self) -> Option<Timestamp> {
+        if self.min_ts.is_none() {
+            self.min_ts = self.ring.iter().map(|l| l.ts).min();
+        }
+        self.min_ts
     }
 
     /// Index in `ring` of the first line with a sequence number of at least `seq` (the
@@ -101,12 +113,18 @@ impl App {
 
     /// Appends `line` (the highest `seq` so far).
     fn push(&mut self, line: Line) {
+        if self.min_ts.is_some_and(|m| line.ts < m) {
+            self.min_ts = Some(line.ts);
+        }
         self.ring.push_back(line);
     }
 
     /// Drops the first-arrived line; its cost.
     fn pop_oldest(&mut self) -> Option<usize> {
         let l = self.ring.pop_front()?;
+        if self.min_ts == Some(l.ts) {
+            self.min_ts = None;
+        }
         if let Some(d) = &mut self.dedupe {
             let h = l.hash();
             if d.get(&h) == Some(&l.seq) {
@@ -428,7 +446,13 @@ impl Store {
                     }
                 }
             }
-            if a.ring.len() >= self.limits.lines_per_app && a.oldest().is_some_and(|o| ts < o) {
+            // Earlier than the first-arrived line, and then than every line (not only
+            // that one: a single line stamped in the future at the front would refuse
+            // every later line until the clock caught up with it).
+            if a.ring.len() >= self.limits.lines_per_app
+                && a.oldest().is_some_and(|o| ts < o)
+                && a.earliest().is_some_and(|m| ts < m)
+            {
                 a.evicted_capacity += 1;
                 return Outcome::TooOld;
             }

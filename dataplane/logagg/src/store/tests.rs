@@ -46,6 +46,36 @@ fn ring_bound_counts_evictions() {
     assert_eq!(s.stats()[0].evicted_capacity, 3);
 }
 
+/// A line stamped far in the future at the front of a full ring (a host clock that ran
+/// ahead, then was corrected) does not make every later line "too old": only a line older
+/// than every buffered line is refused.
+#[test]
+fn a_future_line_at_the_front_does_not_block_the_app() {
+    let s = store(3, usize::MAX);
+    put(
+        &s,
+        "a",
+        &msg("h", "web.1", "ID1", 1, 1_000_000_000, "future"),
+    );
+    put(&s, "a", &msg("h", "web.1", "ID1", 2, 1, "one"));
+    put(&s, "a", &msg("h", "web.1", "ID1", 3, 2, "two"));
+    assert_eq!(
+        put(&s, "a", &msg("h", "web.1", "ID1", 4, 3, "three")),
+        Outcome::Stored
+    );
+    let (h, _, _) = s.history(b"a", &Filter::default(), 0, false);
+    assert_eq!(bodies(&h), ["one", "two", "three"]);
+    // Older than everything now buffered: refused.
+    assert_eq!(
+        put(&s, "a", &msg("h", "web.1", "ID1", 5, 0, "old")),
+        Outcome::TooOld
+    );
+    assert_eq!(
+        put(&s, "a", &msg("h", "web.1", "ID1", 6, 4, "four")),
+        Outcome::Stored
+    );
+}
+
 #[test]
 fn duplicates_ignored_and_out_of_order_sorted() {
     let s = store(10, usize::MAX);
