@@ -105,6 +105,9 @@ pub async fn run(ctx: WorkerCtx, shared: Arc<Shared>, listener: Option<std::net:
 }
 
 async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream) {
+    // A sender that vanished without a FIN (a host that lost power) is noticed: its
+    // connection and buffer are not kept for good.
+    let _ = flynn_runtime::sock::set_keepalive(std::os::fd::AsRawFd::as_raw_fd(&stream));
     let c = &shared.counters[core];
     Counters::inc(&c.connections_active);
     let mut buf = BytesMut::with_capacity(READ_BUF);

@@ -178,6 +178,9 @@ async fn proxy(core: Rc<Core>, c: TcpStream, port: u16) {
     };
     let _inflight = core.start_request(addr);
     let _ = c.set_nodelay(true);
+    // Long-lived: a peer on either side that vanishes without a FIN is noticed.
+    let _ = flynn_runtime::sock::set_keepalive(c.as_raw_fd());
+    let _ = flynn_runtime::sock::set_keepalive(up.as_raw_fd());
     let (cr, cw) = c.into_split();
     let (ur, uw) = up.into_split();
     let a = pipe(cr, uw, Vec::with_capacity(16 * 1024));

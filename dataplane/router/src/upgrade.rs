@@ -12,6 +12,8 @@ use monoio::io::Splitable;
 
 use crate::balance::shuffled;
 use crate::io::{pipe, read_append, write_range};
+use std::os::fd::AsRawFd;
+
 use crate::metrics::CoreMetrics;
 use crate::proxy::{dial, Fwd};
 use crate::worker::{Core, ListenerInfo};
@@ -20,6 +22,7 @@ use crate::worker::{Core, ListenerInfo};
 pub async fn tunnel<S: crate::proxy::Client>(
     core: &Rc<Core>,
     mut c: S,
+    fd: std::os::fd::RawFd,
     buf: Vec<u8>,
     info: &RequestInfo,
     route: &HttpRoute,
@@ -169,6 +172,9 @@ pub async fn tunnel<S: crate::proxy::Client>(
                 return;
             }
         }
+        // Long-lived: a peer on either side that vanishes without a FIN is noticed.
+        let _ = flynn_runtime::sock::set_keepalive(fd);
+        let _ = flynn_runtime::sock::set_keepalive(up.as_raw_fd());
         let (cr, cw) = c.into_split();
         let (ur, uw) = up.into_split();
         let a = pipe(cr, uw, Vec::with_capacity(16 * 1024));

@@ -118,6 +118,9 @@ impl Bufs {
 pub trait Client: AsyncReadRent + AsyncWriteRent + Split + 'static {
     /// `X-Forwarded-Proto`.
     const PROTO: &'static str;
+    /// Whether a keep-alive connection waits for its next request inside the read (TLS:
+    /// see [`Client::idle`]) rather than in the core's idle sweep, which a drain closes.
+    const IDLES_IN_READ: bool = true;
     /// Waits, while idle between requests, until a request may have arrived. Plain TCP
     /// waits for readability without holding any buffer (registered with the core's idle
     /// sweep); TLS may already hold decrypted bytes, so it returns at once and the next
@@ -204,6 +207,7 @@ impl Client for TcpStream {
 
 impl Client for monoio_rustls::ServerTlsStream<TcpStream> {
     const PROTO: &'static str = "https";
+    const IDLES_IN_READ: bool = true;
 
     async fn idle(&self, _core: &Core, _fd: RawFd) -> Idle {
         Idle::Ready
@@ -295,7 +299,7 @@ pub async fn serve_conn<S: Client>(
             }
         }
         let b = bufs.get_or_insert_with(|| core.take_bufs());
-        match Recycled::new(one_request(&core, conn, b, peer, l)).await {
+        match Recycled::new(one_request(&core, conn, fd, b, peer, l)).await {
             Some(c) => {
                 conn = c;
                 hot = b.buf.is_empty() && !core.settings().hot_idle.is_zero() && !core.draining();
@@ -313,6 +317,7 @@ pub async fn serve_conn<S: Client>(
 async fn one_request<S: Client>(
     core: &Rc<Core>,
     mut c: S,
+    fd: RawFd,
     bufs: &mut Bufs,
     peer: SocketAddr,
     l: ListenerInfo,
@@ -366,7 +371,7 @@ async fn one_request<S: Client>(
         }
         Some(r) if info.upgrade => {
             let b = std::mem::take(buf);
-            crate::upgrade::tunnel(core, c, b, &info, r, peer, l, start_ms).await;
+            crate::upgrade::tunnel(core, c, fd, b, &info, r, peer, l, start_ms).await;
             return None;
         }
         Some(r) => {
@@ -432,7 +437,19 @@ async fn read_head<S: Client>(
             d.saturating_duration_since(now)
         };
         let taken = std::mem::take(buf);
-        let (res, b) = match monoio::time::timeout(limit, read_append(c, taken)).await {
+        let read = monoio::time::timeout(limit, read_append(c, taken));
+        let res = if idle && S::IDLES_IN_READ {
+            // A draining router (handover, shutdown) closes its idle keep-alive connections:
+            // this one idles here, out of the idle sweep's reach, and would otherwise hold
+            // the drain to its timeout. Nothing of a request is buffered yet.
+            monoio::select! {
+                r = read => r,
+                _ = core.stop.wait() => return Ok(None),
+            }
+        } else {
+            read.await
+        };
+        let (res, b) = match res {
             Ok(x) => x,
             Err(_) if idle => return Ok(None),
             Err(_) => return Err(408),

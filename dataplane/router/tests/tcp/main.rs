@@ -296,3 +296,31 @@ fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// A TCP route connection is long-lived: the router turns TCP keepalive on for it (its side
+/// of the client connection here), so a client that vanishes without a FIN is noticed
+/// instead of holding the connection and its backend's for good.
+#[test]
+fn tcp_route_connections_have_keepalive() {
+    let router = tcp_router();
+    let b1 = TcpBackend::start("b1");
+    let route = router.add_route(tcp_route(0, "kasvc"));
+    let port = port_of(&route);
+    set_tcp_backends(&router, "kasvc", &[&b1]);
+    let mut s = connect(port);
+    s.write_all(b"x").unwrap();
+    let filter = format!("( sport = :{port} )");
+    let mut last = String::new();
+    for _ in 0..40 {
+        let out = std::process::Command::new("ss")
+            .args(["-tnoH", "state", "established", &filter])
+            .output()
+            .expect("ss (iproute2)");
+        last = String::from_utf8_lossy(&out.stdout).into_owned();
+        if last.contains("keepalive") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no keepalive timer on the router's side of the connection: {last:?}");
+}

@@ -295,3 +295,37 @@ fn stalled_prefix(driver: &str) {
         "{switches} context switches in 1 s while waiting ({driver})"
     );
 }
+
+/// A handover drains the old process: an HTTPS keep-alive connection idle between requests
+/// is closed like a plain one (it waits inside its TLS read, out of the idle sweep's reach,
+/// and used to hold the old process to the whole drain timeout).
+#[test]
+fn handover_closes_idle_https_keep_alive_connections_without_the_drain_timeout() {
+    let dir = crate::support::TestDir::new("tls-handover");
+    let sock = dir.join("upgrade.sock");
+    let (mut old, _b1, default) = crate::setup_with(
+        https_builder()
+            .arg("--upgrade-socket")
+            .arg(sock.display().to_string())
+            .arg("--drain-grace-secs")
+            .arg("1")
+            .arg("--drain-timeout-secs")
+            .arg("60"),
+    );
+    let mut conn = tls_connect(&old, "a.example.com", &[&default]);
+    assert_eq!(conn.get("a.example.com", "/").status, 200);
+    let taken = std::time::Instant::now();
+    let _new = crate::support::Router::builder()
+        .arg("--takeover")
+        .arg(sock.display().to_string())
+        .arg("--upgrade-socket")
+        .arg(dir.join("next.sock").display().to_string())
+        .start();
+    let status = old.wait_exit(std::time::Duration::from_secs(15));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "old router did not exit within 15 s (drain timeout 60 s) after {:?}",
+        taken.elapsed()
+    );
+    drop(conn);
+}
