@@ -44,8 +44,16 @@ impl Attempt {
 }
 
 /// A service telling its host daemon about itself (discoverd's and the overlay agent's
-/// `--notify`): `attempt` once a second until it is accepted or refused, at most `attempts`
-/// times. True when accepted; refusals and giving up are logged as warnings naming `what`.
+/// `--notify`): `attempt` once a second for the first minute, then every
+/// [`NOTIFY_SLOW_PAUSE`], until it is accepted or refused, at most `attempts` times (callers
+/// pass [`NOTIFY_FOREVER`]: a host daemon down for more than a minute used to miss the
+/// notice for good). True when accepted; refusals and giving up are logged as warnings
+/// naming `what`.
+/// [`notify_until_accepted`]'s pause between attempts after the first minute.
+pub const NOTIFY_SLOW_PAUSE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Attempts for [`notify_until_accepted`] that in practice never run out.
+pub const NOTIFY_FOREVER: u32 = u32::MAX;
+
 pub async fn notify_until_accepted<F, Fut>(what: &str, attempts: u32, mut attempt: F) -> bool
 where
     F: FnMut() -> Fut,
@@ -64,7 +72,15 @@ where
             Attempt::Failed(why) => tracing::debug!(%why, attempt = n, "{what}: failed"),
         }
         if n < attempts {
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let pause = if n < 60 {
+                std::time::Duration::from_secs(1)
+            } else {
+                if n == 60 {
+                    tracing::warn!("{what}: no answer for a minute; still trying");
+                }
+                NOTIFY_SLOW_PAUSE
+            };
+            tokio::time::sleep(pause).await;
         }
     }
     tracing::warn!("{what}: gave up after {attempts} attempts");
@@ -101,6 +117,15 @@ mod tests {
             notify(4, down).await,
             (false, 4),
             "gives up after the attempts"
+        );
+        // A minute of one a second (59 pauses), then one every 10 s.
+        let t0 = tokio::time::Instant::now();
+        let down = |_| Attempt::Failed("down".into());
+        assert_eq!(notify(70, down).await, (false, 70));
+        assert_eq!(
+            t0.elapsed(),
+            std::time::Duration::from_secs(59 + 10 * 10),
+            "pauses"
         );
     }
 

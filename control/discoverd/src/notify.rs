@@ -15,11 +15,11 @@ pub struct Notification {
     pub dns: String,
 }
 
-/// Attempts before giving up on `--notify` (one per second).
-pub const NOTIFY_ATTEMPTS: u32 = 60;
+/// Attempts before giving up on `--notify`: none (once a second, then every 10 s).
+pub const NOTIFY_ATTEMPTS: u32 = flynn_client::NOTIFY_FOREVER;
 
 /// POSTs `body` to `url` once a second until the host accepts it (2xx) or refuses it (4xx,
-/// final), at most [`NOTIFY_ATTEMPTS`] times.
+/// final) (see [`NOTIFY_ATTEMPTS`]).
 pub async fn notify(url: String, body: Notification) -> bool {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))

@@ -9,8 +9,9 @@ use flynn_api::host::NetworkConfig;
 
 use crate::Subnet;
 
-/// Attempts before giving up (one a second): the host daemon may start after the agent.
-pub const NOTIFY_ATTEMPTS: u32 = 60;
+/// Attempts before giving up: none (once a second, then every 10 s): the host daemon may
+/// start after the agent, or be down for a while.
+pub const NOTIFY_ATTEMPTS: u32 = flynn_client::NOTIFY_FOREVER;
 
 /// The notification for a host holding `subnet` with job MTU `mtu`.
 pub fn network_config(
