@@ -194,8 +194,11 @@ async fn track_leadership(node: Arc<Node>) {
     // metrics change with every write, which would wake this task once per write.
     let mut rx = node.raft.server_metrics();
     let mut electable = true;
+    let mut following = true;
+    // Since when no leader is known (None while one is).
+    let mut leaderless: Option<tokio::time::Instant> = None;
     loop {
-        let (leading, voter) = {
+        let (leading, voter, has_leader) = {
             let m = rx.borrow_and_update();
             let mem = m.membership_config.membership();
             let joint = mem.get_joint_config();
@@ -203,17 +206,34 @@ async fn track_leadership(node: Arc<Node>) {
             let voter = joint
                 .last()
                 .is_none_or(|c| c.is_empty() || c.contains(&node.id));
-            (m.state == ServerState::Leader, voter)
+            (
+                m.state == ServerState::Leader,
+                voter,
+                m.current_leader.is_some(),
+            )
         };
         if voter != electable {
             electable = voter;
             tracing::info!(host = %node.host, voter, "raft membership changed");
             node.raft.runtime_config().elect(voter);
-            // Removed from the peers, this node gets no more entries: its watches would
-            // freeze (keep-alives still flowing), so they end and their clients reconnect,
-            // redirected to a peer.
+        }
+        leaderless = match (has_leader, leaderless) {
+            (true, _) => None,
+            (false, None) => Some(tokio::time::Instant::now()),
+            (false, since) => since,
+        };
+        // A node out of the voters gets no more entries, and one without a leader for a
+        // while (cut off, or removed while it was down and never told) gets none either:
+        // its watches would freeze (keep-alives still flowing) and its DNS answer from a
+        // state that no longer changes. They end, and DNS answers SERVFAIL, until it
+        // follows a leader again.
+        let lost = leaderless.is_some_and(|t| t.elapsed() >= LEADERLESS_LIMIT);
+        let now_following = voter && !lost;
+        if now_following != following {
+            following = now_following;
+            tracing::info!(host = %node.host, following, "following the cluster");
             let mut st = node.shared.lock();
-            if voter {
+            if following {
                 st.registry.follow_again();
             } else {
                 st.registry.stop_following();
@@ -230,11 +250,25 @@ async fn track_leadership(node: Arc<Node>) {
                 _ => {}
             }
         }
-        if rx.changed().await.is_err() {
-            return;
+        // Woken by a change, or when a leaderless spell reaches the limit.
+        let limit = match leaderless {
+            Some(t) if following => t + LEADERLESS_LIMIT,
+            _ => tokio::time::Instant::now() + Duration::from_secs(3600),
+        };
+        tokio::select! {
+            r = rx.changed() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep_until(limit) => {}
         }
     }
 }
+
+/// How long a node may know no leader before it counts as not following the cluster
+/// (elections take well under a second).
+pub const LEADERLESS_LIMIT: Duration = Duration::from_secs(5);
 
 async fn expiry_loop(node: Arc<Node>) {
     let every = (node.ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));

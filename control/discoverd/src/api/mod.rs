@@ -387,17 +387,28 @@ async fn add_instance(
         // heartbeats the majority's new leader never sees (it would expire the instance
         // meanwhile).
         linearize_with(&node, &uri, ReadPolicy::LeaseRead).await?;
-    } else {
-        write(
-            &node,
-            &uri,
-            Command::AddInstance {
-                service: service.clone(),
-                instance: inst,
-            },
-        )
-        .await?;
+        // That read may have waited for this leader's first commit, which also applies
+        // what the previous leader left (an expiry of this instance among it): answer
+        // only if the instance is still there, else register it again below.
+        let still = node
+            .shared
+            .lock()
+            .registry
+            .instance(&service, &inst.id)
+            .is_some_and(|old| old.same_as(&inst));
+        if still {
+            return Ok(StatusCode::OK.into_response());
+        }
     }
+    write(
+        &node,
+        &uri,
+        Command::AddInstance {
+            service: service.clone(),
+            instance: inst,
+        },
+    )
+    .await?;
     Ok(StatusCode::OK.into_response())
 }
 

@@ -127,9 +127,10 @@ impl RequestHandler for Handler {
             Ok(info) => {
                 let tcp = request.protocol() == Protocol::Tcp;
                 let q = info.query.original();
-                let found = {
+                let (found, following) = {
                     let st = self.node.shared.lock();
-                    lookup(&st.registry, q.name(), q.query_type(), tcp)
+                    let found = lookup(&st.registry, q.name(), q.query_type(), tcp);
+                    (found, st.registry.following())
                 };
                 match found {
                     Lookup::NotOurs if self.recursors.is_empty() => {
@@ -155,6 +156,13 @@ impl RequestHandler for Handler {
                             response.send_response(msg).await
                         }
                     },
+                    // Out of the voters, or without a leader for a while, this node's
+                    // state no longer follows the cluster: names of its zone get SERVFAIL
+                    // (resolvers try their next server), not a frozen answer.
+                    Lookup::Answer { .. } if !following => {
+                        let msg = builder.error_msg(&request.metadata, ResponseCode::ServFail);
+                        response.send_response(msg).await
+                    }
                     Lookup::Answer {
                         code,
                         answers,

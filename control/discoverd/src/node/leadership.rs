@@ -74,6 +74,13 @@ impl Leadership {
         if now.saturating_duration_since(since) < ttl * 2 {
             return None;
         }
+        // Heartbeats of instances that are gone (a removed service, a registration whose
+        // write failed) would otherwise stay for as long as this node leads: a fresh one
+        // may belong to a write still in flight and stays.
+        self.heartbeats.retain(|(svc, id), t| {
+            now.saturating_duration_since(*t) <= ttl
+                || data.instances.get(svc).is_some_and(|m| m.contains_key(id))
+        });
         let mut out = Vec::new();
         for (svc, insts) in &data.instances {
             for (id, inst) in insts {
@@ -103,6 +110,26 @@ impl Leadership {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Heartbeats of instances that are gone are dropped once stale (they used to stay for
+    /// as long as the node led).
+    #[test]
+    fn heartbeats_of_gone_instances_are_dropped() {
+        let mut l = Leadership::default();
+        let t0 = Instant::now();
+        l.set_leading(Some(t0));
+        assert!(l.heartbeat("gone", "i1", t0));
+        let data = Data::default();
+        let later = t0 + TTL * 3;
+        assert!(l.heartbeat("gone", "fresh", later));
+        assert_eq!(l.begin_expiry(later, TTL, &data), Some(vec![]));
+        assert!(!l
+            .heartbeats
+            .contains_key(&("gone".to_string(), "i1".to_string())));
+        assert!(l
+            .heartbeats
+            .contains_key(&("gone".to_string(), "fresh".to_string())));
+    }
     use crate::store::types::{Command, Instance, LeaderType, ServiceConfig};
     use crate::store::Registry;
 

@@ -49,8 +49,9 @@ struct Subscriber {
 pub struct Registry {
     pub data: Data,
     subscribers: Vec<Subscriber>,
-    /// Set while this node does not follow the cluster (shut down, or out of the voters):
-    /// a new watch ends at once with [`LEFT`], like the ones open when it stopped.
+    /// Set while this node does not follow the cluster (shut down, out of the voters, or
+    /// without a leader for a while): a new watch ends at once with [`LEFT`], like the
+    /// ones open when it stopped, and DNS answers SERVFAIL.
     left: bool,
 }
 
@@ -366,9 +367,14 @@ impl Registry {
         self.end_watches(LEFT);
     }
 
-    /// Back among the voters (promoted again): watches are served again.
+    /// Back among the voters with a leader: watches are served again.
     pub fn follow_again(&mut self) {
         self.left = false;
+    }
+
+    /// Whether this node's state follows the cluster (see [`Registry::stop_following`]).
+    pub fn following(&self) -> bool {
+        !self.left
     }
 
     /// Ends every watch with an `error` event carrying `msg` (its subscriber reconnects,

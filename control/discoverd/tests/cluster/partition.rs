@@ -74,8 +74,9 @@ async fn isolated_follower_cannot_write_and_catches_up_after_healing() {
     assert_eq!(names.len(), 10, "the majority keeps writing");
     // The isolated node does not see them while cut off.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(has_service(&cl.nodes[f], "maj-0").await, Some(false));
-    assert_eq!(has_service(&cl.nodes[f], "iso").await, Some(false));
+    // (Cut off for long, it would answer SERVFAIL rather than from its frozen state.)
+    assert_ne!(has_service(&cl.nodes[f], "maj-0").await, Some(true));
+    assert_ne!(has_service(&cl.nodes[f], "iso").await, Some(true));
 
     // After healing it catches up, and the cluster agrees on one leader again.
     cl.heal().await;
@@ -220,7 +221,8 @@ async fn a_follower_behind_the_purged_log_catches_up_from_a_snapshot() {
         purged.is_some(),
         "the leader never purged past index {behind}"
     );
-    assert_eq!(has_service(&cl.nodes[f], "snap-0").await, Some(false));
+    // (Not served from its frozen state: cut off for this long, it answers SERVFAIL.)
+    assert_ne!(has_service(&cl.nodes[f], "snap-0").await, Some(true));
 
     cl.heal().await;
     assert_all_present(&cl.nodes[f], &names).await;
@@ -241,4 +243,50 @@ async fn a_follower_behind_the_purged_log_catches_up_from_a_snapshot() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// A node that knows no leader for a while (cut off here; also one removed from the peers
+/// while it was down, which nobody tells) gets no more entries: its watches end and its DNS
+/// answers SERVFAIL for the zone instead of serving a state that no longer changes. Once
+/// it follows a leader again, both work again.
+#[tokio::test]
+async fn a_node_without_a_leader_for_a_while_stops_serving_its_frozen_state() {
+    let cl = Cluster::start_with("10s");
+    let l = cl.leader().await;
+    let r = call(
+        &client(),
+        "PUT",
+        &cl.nodes[l].url("/services/w"),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let f = (l + 1) % 3;
+    assert_all_present(&cl.nodes[f], &["w".to_string()]).await;
+    // No overall request timeout: the watch must end from the server's side.
+    let mut watch = reqwest::Client::new()
+        .get(cl.nodes[f].url("/services/w"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let current = read_events(&mut watch, 1, Duration::from_secs(5)).await;
+    assert_eq!(current.first().map(|e| &e["kind"]), Some(&"current".into()));
+
+    cl.isolate(f).await;
+    let (rest, ended) = read_to_end(&mut watch, Duration::from_secs(20)).await;
+    assert!(ended, "the watch on the cut-off node stayed open: {rest:?}");
+    assert!(rest.contains("event: error"), "{rest:?}");
+    assert_eq!(
+        has_service(&cl.nodes[f], "w").await,
+        None,
+        "DNS answered from a frozen state"
+    );
+
+    cl.heal().await;
+    let back = eventually(Duration::from_secs(20), || async {
+        has_service(&cl.nodes[f], "w").await.filter(|p| *p)
+    })
+    .await;
+    assert!(back.is_some(), "DNS did not come back after healing");
 }
