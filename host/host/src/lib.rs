@@ -50,12 +50,53 @@ fn host_id(cfg: &Config) -> anyhow::Result<String> {
     Ok(id)
 }
 
+/// Holds `<state-dir>/lock` (`flock`, released when the process ends) for the daemon's
+/// life: a second daemon on the same state directory stops here, before it touches
+/// anything (it would remove the first one's image unpacks and pooled namespaces as
+/// leftovers of a crash). The file is opened close-on-exec, so jobs and shims never hold it.
+fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another flynn-host uses --state-dir {} (it holds {})",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
+/// Raises the soft open-files limit to the hard one: every running job holds descriptors
+/// here (its shim socket, stdin, attach clients), and a restart that adopts many jobs must
+/// not run out (an adoption that fails is taken for a dead shim, and its job is cleaned up).
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-files limit");
+            }
+        }
+    }
+}
+
 /// Runs the daemon until SIGINT or SIGTERM. Running jobs are left running: the next
 /// daemon re-adopts them.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    let _lock = lock_state_dir(&cfg.state_dir)?;
+    raise_nofile_limit();
     let id = host_id(&cfg)?;
     let tags = cfg.tag_map().map_err(anyhow::Error::msg)?;
     let sync = syncer::Syncer::start();

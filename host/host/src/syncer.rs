@@ -84,9 +84,9 @@ impl Syncer {
         &self.owner.shared
     }
 
-    /// Writes `bytes` to `path` through a temp file renamed into place (a crash finds the
-    /// old content or the new, never a torn file), then has the file and its directory
-    /// fsynced in the next pass.
+    /// Writes `bytes` to `path` through a temp file, fsynced, renamed into place (a crash
+    /// finds the old content or the new, never a torn or empty file), then has the
+    /// directory (and the file again) fsynced in the next pass.
     pub fn write(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let name = path
             .file_name()
@@ -98,7 +98,15 @@ impl Syncer {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = path.with_file_name(format!(".{name}.{n}.tmp"));
-        std::fs::write(&tmp, bytes)?;
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(bytes)?;
+            // The data reaches the disk before the rename can: a rename whose file data was
+            // never written can leave an empty file after a power cut (XFS; ext4 mounted
+            // `noauto_da_alloc`), and an empty state file stops the daemon's next start.
+            f.sync_data()?;
+        }
         std::fs::rename(&tmp, path)?;
         self.file(path);
         Ok(())

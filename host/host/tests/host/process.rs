@@ -704,3 +704,44 @@ async fn sigterm_stops_the_daemon_despite_open_event_streams() {
     let status = wait_exit(&mut proc, Duration::from_secs(6)).await;
     assert!(status.success(), "{status:?}");
 }
+
+/// A second daemon on the same state directory stops before it touches anything (it would
+/// clear the first one's pooled namespaces and image unpacks as crash leftovers), with a
+/// message naming the directory; the first one keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_state_dir_is_refused() {
+    let h = Host::start(&[]);
+    let state = h.dir.path().to_str().unwrap().to_string();
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_flynn-host"))
+        .args([
+            "--addr",
+            "127.0.0.1:0",
+            "--state-dir",
+            &state,
+            "--id",
+            &h.id,
+        ])
+        .env("FLYNN_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = second.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("the second daemon kept running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("another flynn-host uses --state-dir"), "{err}");
+    // The first one still answers.
+    h.client.status().await.expect("first daemon still serving");
+}
