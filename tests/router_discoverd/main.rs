@@ -142,7 +142,7 @@ fn backend(name: &'static str) -> SocketAddr {
     addr
 }
 
-fn instance_id(addr: SocketAddr) -> String {
+fn instance_id(addr: impl std::fmt::Display) -> String {
     use md5::{Digest, Md5};
     let d = Md5::digest(format!("tcp-{addr}").as_bytes());
     d.iter().map(|b| format!("{b:02x}")).collect()
@@ -174,15 +174,10 @@ fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for: {what}");
 }
 
-#[test]
-fn router_follows_discoverd_instances_and_leaders() {
-    // Removed on drop, after the processes (declared later) are gone.
-    let tmp = tempfile::Builder::new()
-        .prefix("flynn-e2e-disc-")
-        .tempdir()
-        .unwrap();
-    let dir = tmp.path();
-    let (_disc, kv) = start(
+/// A single-node discoverd with data in `dir` and instance TTL `ttl`, once it has a
+/// leader: the process and its HTTP address.
+fn discoverd(dir: &std::path::Path, ttl: &str) -> (Proc, String) {
+    let (p, kv) = start(
         "flynn-discoverd",
         &[
             "--data-dir",
@@ -190,13 +185,44 @@ fn router_follows_discoverd_instances_and_leaders() {
             "--addr",
             "127.0.0.1:0",
             "--instance-ttl",
-            "1s",
+            ttl,
         ],
     );
     let d = get(&kv, "http");
     eventually(Duration::from_secs(10), "discoverd leader", || {
         http(&d, "GET", &d, "/raft/leader", None).0 == 200
     });
+    (p, d)
+}
+
+/// A router on `threads` cores following discoverd at `d`: the process, its HTTP and API
+/// addresses.
+fn router(d: &str, threads: &str) -> (Proc, String, String) {
+    let url = format!("http://{d}");
+    let (p, rkv) = start(
+        "flynn-router",
+        &[
+            "--http-addr",
+            "127.0.0.1:0",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--threads",
+            threads,
+            "--discoverd",
+            &url,
+        ],
+    );
+    (p, get(&rkv, "http"), get(&rkv, "api"))
+}
+
+#[test]
+fn router_follows_discoverd_instances_and_leaders() {
+    // Removed on drop, after the processes (declared later) are gone.
+    let tmp = tempfile::Builder::new()
+        .prefix("flynn-e2e-disc-")
+        .tempdir()
+        .unwrap();
+    let (_disc, d) = discoverd(tmp.path(), "1s");
     assert_eq!(http(&d, "PUT", &d, "/services/web", Some("{}")).0, 200);
     assert_eq!(
         http(
@@ -210,21 +236,7 @@ fn router_follows_discoverd_instances_and_leaders() {
         200
     );
 
-    let url = format!("http://{d}");
-    let (_router, rkv) = start(
-        "flynn-router",
-        &[
-            "--http-addr",
-            "127.0.0.1:0",
-            "--api-addr",
-            "127.0.0.1:0",
-            "--threads",
-            "2",
-            "--discoverd",
-            &url,
-        ],
-    );
-    let (r, api) = (get(&rkv, "http"), get(&rkv, "api"));
+    let (_router, r, api) = router(&d, "2");
     let route = r#"{"type":"http","domain":"web.example.com","service":"web"}"#;
     assert_eq!(http(&api, "POST", &api, "/routes", Some(route)).0, 200);
     let route = r#"{"type":"http","domain":"lead.example.com","service":"lead","leader":true}"#;
@@ -291,38 +303,9 @@ fn an_unroutable_instance_does_not_freeze_the_others() {
         .prefix("flynn-e2e-disc-")
         .tempdir()
         .unwrap();
-    let dir = tmp.path();
-    let (_disc, kv) = start(
-        "flynn-discoverd",
-        &[
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:0",
-            "--instance-ttl",
-            "60s",
-        ],
-    );
-    let d = get(&kv, "http");
-    eventually(Duration::from_secs(10), "discoverd leader", || {
-        http(&d, "GET", &d, "/raft/leader", None).0 == 200
-    });
+    let (_disc, d) = discoverd(tmp.path(), "60s");
     assert_eq!(http(&d, "PUT", &d, "/services/web", Some("{}")).0, 200);
-    let url = format!("http://{d}");
-    let (_router, rkv) = start(
-        "flynn-router",
-        &[
-            "--http-addr",
-            "127.0.0.1:0",
-            "--api-addr",
-            "127.0.0.1:0",
-            "--threads",
-            "1",
-            "--discoverd",
-            &url,
-        ],
-    );
-    let (r, api) = (get(&rkv, "http"), get(&rkv, "api"));
+    let (_router, r, api) = router(&d, "1");
     let route = r#"{"type":"http","domain":"web.example.com","service":"web"}"#;
     assert_eq!(http(&api, "POST", &api, "/routes", Some(route)).0, 200);
 
@@ -331,11 +314,7 @@ fn an_unroutable_instance_does_not_freeze_the_others() {
     eventually(Duration::from_secs(5), "b1 serves web", || {
         http(&r, "GET", "web.example.com", "/", None) == (200, "b1".into())
     });
-    let named = {
-        use md5::{Digest, Md5};
-        let d = Md5::digest(b"tcp-localhost:1");
-        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    };
+    let named = instance_id("localhost:1");
     let body = format!(r#"{{"id":"{named}","addr":"localhost:1","proto":"tcp"}}"#);
     let path = format!("/services/web/instances/{named}");
     let (st, b) = http(&d, "PUT", &d, &path, Some(&body));

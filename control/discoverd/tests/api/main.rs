@@ -755,14 +755,7 @@ async fn a_snapshot_rpc_over_two_megabytes_is_accepted() {
 async fn shutdown_ends_open_watches() {
     let (_dir, d, c) = node().await;
     call(&c, "PUT", &d.url("/services/w"), Some("{}")).await;
-    let mut watch = c
-        .get(d.url("/services/w"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
-    let current = read_events(&mut watch, 1, Duration::from_secs(5)).await;
-    assert_eq!(current.first().map(|e| &e["kind"]), Some(&"current".into()));
+    let mut watch = watch_empty_service(&c, &d.url("/services/w")).await;
     let r = call(&c, "POST", &d.url("/shutdown"), None).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let (rest, ended) = read_to_end(&mut watch, Duration::from_secs(5)).await;

@@ -264,14 +264,8 @@ async fn a_node_without_a_leader_for_a_while_stops_serving_its_frozen_state() {
     let f = (l + 1) % 3;
     assert_all_present(&cl.nodes[f], &["w".to_string()]).await;
     // No overall request timeout: the watch must end from the server's side.
-    let mut watch = reqwest::Client::new()
-        .get(cl.nodes[f].url("/services/w"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
-    let current = read_events(&mut watch, 1, Duration::from_secs(5)).await;
-    assert_eq!(current.first().map(|e| &e["kind"]), Some(&"current".into()));
+    let mut watch =
+        watch_empty_service(&reqwest::Client::new(), &cl.nodes[f].url("/services/w")).await;
 
     cl.isolate(f).await;
     let (rest, ended) = read_to_end(&mut watch, Duration::from_secs(20)).await;

@@ -270,6 +270,21 @@ pub async fn read_events(resp: &mut reqwest::Response, n: usize, limit: Duration
     out
 }
 
+/// Opens a watch (SSE) of a service that has no instances and reads its replay, which is
+/// just `current`.
+pub async fn watch_empty_service(c: &reqwest::Client, url: &str) -> reqwest::Response {
+    let mut watch = c
+        .get(url)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(watch.status(), 200);
+    let current = read_events(&mut watch, 1, Duration::from_secs(5)).await;
+    assert_eq!(current.first().map(|e| &e["kind"]), Some(&"current".into()));
+    watch
+}
+
 /// Reads a streaming response to its end (or `limit`): its text, and whether it ended.
 pub async fn read_to_end(resp: &mut reqwest::Response, limit: Duration) -> (String, bool) {
     let mut text = String::new();
