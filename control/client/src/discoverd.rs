@@ -926,11 +926,11 @@ mod tests {
         assert!(matches!(res, Err(Error::NoExternalIp { .. })));
     }
 
-    /// A server that answers every watch 200 and ends the stream at once (before
-    /// `current`) is not a working stream: the watch backs off instead of reconnecting
-    /// ten times a second for ever.
-    #[tokio::test]
-    async fn a_watch_ended_before_current_backs_off() {
+    /// A stand-in server that answers every request it reads with `resp` (one read, one
+    /// answer; requests here fit in one read) and counts them.
+    async fn answers_always(
+        resp: String,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -939,14 +939,32 @@ mod tests {
         let count = seen.clone();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                let mut b = [0u8; 4096];
-                let _ = s.read(&mut b).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                    .await;
+                let (count, resp) = (count.clone(), resp.clone());
+                tokio::spawn(async move {
+                    let mut b = vec![0u8; 8192];
+                    while let Ok(n) = s.read(&mut b).await {
+                        if n == 0 {
+                            break;
+                        }
+                        count.fetch_add(1, Ordering::SeqCst);
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
             }
         });
+        (url, seen)
+    }
+
+    /// A server that answers every watch 200 and ends the stream at once (before
+    /// `current`) is not a working stream: the watch backs off instead of reconnecting
+    /// ten times a second for ever.
+    #[tokio::test]
+    async fn a_watch_ended_before_current_backs_off() {
+        use std::sync::atomic::Ordering;
+        let resp = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let (url, seen) = answers_always(resp.to_string()).await;
         let c = Client::new(&url);
         let w = c.watch("s");
         tokio::time::sleep(Duration::from_millis(2000)).await;
@@ -960,35 +978,13 @@ mod tests {
     /// registration refused as invalid: that one is given up after its first answer.
     #[tokio::test]
     async fn keep_registered_gives_up_on_a_validation_error() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", l.local_addr().unwrap());
-        let seen = std::sync::Arc::new(AtomicUsize::new(0));
-        let count = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                let count = count.clone();
-                tokio::spawn(async move {
-                    let body = r#"{"code":"validation_error","message":"bad name","retry":false}"#;
-                    let resp = format!(
-                        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let mut b = vec![0u8; 8192];
-                    // One answer per request head (bodies are small and come with it).
-                    while let Ok(n) = s.read(&mut b).await {
-                        if n == 0 {
-                            break;
-                        }
-                        count.fetch_add(1, Ordering::SeqCst);
-                        if s.write_all(resp.as_bytes()).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
+        use std::sync::atomic::Ordering;
+        let body = r#"{"code":"validation_error","message":"bad name","retry":false}"#;
+        let resp = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (url, seen) = answers_always(resp).await;
         let c = Client::new(&url);
         let inst = Instance {
             addr: "127.0.0.1:4300".into(),

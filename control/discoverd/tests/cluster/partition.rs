@@ -181,16 +181,7 @@ fn purged_index(node: &Discoverd) -> u64 {
 #[tokio::test]
 async fn a_follower_behind_the_purged_log_catches_up_from_a_snapshot() {
     let cl = Cluster::start_nodes_with("10s", 3, 0, &["--snapshot-count", "10"]);
-    let l = cl.leader().await;
-    let r = call(
-        &client(),
-        "PUT",
-        &cl.nodes[l].url("/services/before"),
-        Some("{}"),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let f = (l + 1) % 3;
+    let f = follower_with_service(&cl, "before").await;
     let majority: Vec<usize> = (0..3).filter(|i| *i != f).collect();
     cl.isolate(f).await;
     let r = call(
@@ -252,16 +243,7 @@ async fn a_follower_behind_the_purged_log_catches_up_from_a_snapshot() {
 #[tokio::test]
 async fn a_node_without_a_leader_for_a_while_stops_serving_its_frozen_state() {
     let cl = Cluster::start_with("10s");
-    let l = cl.leader().await;
-    let r = call(
-        &client(),
-        "PUT",
-        &cl.nodes[l].url("/services/w"),
-        Some("{}"),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let f = (l + 1) % 3;
+    let f = follower_with_service(&cl, "w").await;
     assert_all_present(&cl.nodes[f], &["w".to_string()]).await;
     // No overall request timeout: the watch must end from the server's side.
     let mut watch =
@@ -283,4 +265,13 @@ async fn a_node_without_a_leader_for_a_while_stops_serving_its_frozen_state() {
     })
     .await;
     assert!(back.is_some(), "DNS did not come back after healing");
+}
+
+/// Creates service `name` through the leader; returns a follower.
+async fn follower_with_service(cl: &Cluster, name: &str) -> usize {
+    let l = cl.leader().await;
+    let path = format!("/services/{name}");
+    let r = call(&client(), "PUT", &cl.nodes[l].url(&path), Some("{}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    (l + 1) % 3
 }
