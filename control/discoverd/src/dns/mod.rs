@@ -4,7 +4,10 @@
 //! Answers are authoritative with TTL 0, read from this node's applied state; an empty
 //! answer carries the zone's SOA. Names outside the zone are forwarded to `--recursors`
 //! ([`forward`]; SERVFAIL when all fail) or, with none configured, REFUSED. A node that was
-//! shut down (`POST /shutdown`) answers SERVFAIL to everything.
+//! shut down (`POST /shutdown`) answers SERVFAIL to everything. A proxy (a node outside the
+//! peers, with no state of its own) answers names of the zone from what a peer's HTTP API
+//! says about the service ([`from_peer`]), as Flynn's proxy store does; a peer that does not
+//! follow the cluster (no leader for a while) answers SERVFAIL for them.
 
 mod forward;
 pub mod zone;
@@ -25,6 +28,57 @@ use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::Server;
 
 use crate::node::Node;
+
+/// How long a proxy waits for a peer's answer about a service.
+const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A registry holding only `service`, as a peer reports it (instances and leader), for a
+/// proxy to answer from. `None` when no peer answered.
+async fn from_peer(node: &Node, service: &str) -> Option<crate::store::state::Registry> {
+    use crate::store::types::{Instance, LeaderType, ServiceConfig};
+    let peers = node.peer_addrs();
+    if peers.is_empty() {
+        return None;
+    }
+    let peer = &peers[fastrand::usize(..peers.len())];
+    let base = format!("http://{peer}/services/{service}");
+    let get = |path: &'static str| {
+        node.http
+            .get(format!("{base}{path}"))
+            .timeout(PEER_TIMEOUT)
+            .send()
+    };
+    // 404 from either: no instances (or no service) / no leader.
+    let insts: Vec<Instance> = match get("/instances").await.ok()? {
+        r if r.status() == reqwest::StatusCode::NOT_FOUND => Vec::new(),
+        r if r.status().is_success() => r.json().await.ok()?,
+        _ => return None,
+    };
+    let leader: Option<Instance> = match get("/leader").await.ok()? {
+        r if r.status() == reqwest::StatusCode::NOT_FOUND => None,
+        r if r.status().is_success() => Some(r.json().await.ok()?),
+        _ => return None,
+    };
+    let mut reg = crate::store::state::Registry::default();
+    // A service without instances reads as unknown here (the API answers 404 for both).
+    if insts.is_empty() && leader.is_none() {
+        return Some(reg);
+    }
+    reg.data.services.insert(
+        service.to_string(),
+        ServiceConfig {
+            leader_type: LeaderType::Manual,
+        },
+    );
+    if let Some(l) = leader {
+        reg.data.leaders.insert(service.to_string(), l.id);
+    }
+    reg.data.instances.insert(
+        service.to_string(),
+        insts.into_iter().map(|i| (i.id.clone(), i)).collect(),
+    );
+    Some(reg)
+}
 
 struct Handler {
     node: Arc<Node>,
@@ -127,10 +181,19 @@ impl RequestHandler for Handler {
             Ok(info) => {
                 let tcp = request.protocol() == Protocol::Tcp;
                 let q = info.query.original();
-                let (found, following) = {
-                    let st = self.node.shared.lock();
-                    let found = lookup(&st.registry, q.name(), q.query_type(), tcp);
-                    (found, st.registry.following())
+                let proxied = match zone::service_of(q.name()) {
+                    Some(svc) if !self.node.is_peer() => Some(from_peer(&self.node, &svc).await),
+                    _ => None,
+                };
+                let (found, following) = match &proxied {
+                    // A proxy answers from a peer's view; no peer answering is SERVFAIL.
+                    Some(Some(reg)) => (lookup(reg, q.name(), q.query_type(), tcp), true),
+                    Some(None) => (zone::servfail(), false),
+                    None => {
+                        let st = self.node.shared.lock();
+                        let found = lookup(&st.registry, q.name(), q.query_type(), tcp);
+                        (found, st.registry.following())
+                    }
                 };
                 match found {
                     Lookup::NotOurs if self.recursors.is_empty() => {

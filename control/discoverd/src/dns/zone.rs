@@ -52,6 +52,15 @@ fn parse<'a>(labels: &[&'a str]) -> Result<Target<'a>, bool> {
     }
 }
 
+/// An answer in the zone with SERVFAIL (nothing to say from here).
+pub fn servfail() -> Lookup {
+    Lookup::Answer {
+        code: ResponseCode::ServFail,
+        answers: Vec::new(),
+        additionals: Vec::new(),
+    }
+}
+
 fn nxdomain() -> Lookup {
     Lookup::Answer {
         code: ResponseCode::NXDomain,
@@ -93,6 +102,26 @@ pub fn soa(serial: u32) -> Record {
 }
 
 /// Answers `qname` (as asked, any case) of type `qtype` from `reg`.
+/// The service a name of the zone is about (`None` for names outside it or malformed).
+pub fn service_of(qname: &Name) -> Option<String> {
+    let lower = qname.to_lowercase();
+    let raw: Vec<&[u8]> = lower.iter().collect();
+    if raw.last() != Some(&&b"discoverd"[..]) {
+        return None;
+    }
+    let labels = raw
+        .iter()
+        .map(|l| std::str::from_utf8(l))
+        .collect::<Result<Vec<&str>, _>>()
+        .ok()?;
+    match parse(&labels).ok()? {
+        Target::Service(s)
+        | Target::ServiceProto(s, _)
+        | Target::Instance(s, _)
+        | Target::Leader(s) => Some(s.to_string()),
+    }
+}
+
 pub fn lookup(reg: &Registry, qname: &Name, qtype: RecordType, tcp: bool) -> Lookup {
     let lower = qname.to_lowercase();
     let raw: Vec<&[u8]> = lower.iter().collect();

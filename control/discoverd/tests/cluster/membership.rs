@@ -365,3 +365,37 @@ async fn a_peer_that_is_not_host_port_is_refused() {
         wait_peers(&cl.nodes[i], &three).await;
     }
 }
+
+/// A proxy has no state of its own: its DNS answers names of the zone from what a peer
+/// says (it answered NXDOMAIN for everything from its empty state, so jobs on hosts that
+/// run a proxy could resolve nothing), and it follows changes as the peers see them.
+#[tokio::test]
+async fn proxy_dns_answers_from_the_peers() {
+    let cl = Cluster::start_nodes("10s", 3, 1);
+    let l = cl.leader_of(&PEERS).await;
+    let px = &cl.nodes[3];
+    let c = client();
+    let r = call(&c, "PUT", &cl.nodes[l].url("/services/pxdns"), Some("{}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (id, body) = instance_json("10.0.0.9:80");
+    let path = format!("/services/pxdns/instances/{id}");
+    let r = call(&c, "PUT", &cl.nodes[l].url(&path), Some(&body)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let found = eventually(Duration::from_secs(10), || async {
+        has_service(px, "pxdns").await.filter(|p| *p)
+    })
+    .await;
+    assert!(
+        found.is_some(),
+        "the proxy's DNS does not know a registered service"
+    );
+    assert_eq!(has_service(px, "nosuch").await, Some(false));
+    // Gone from the peers, gone from the proxy's answers.
+    let r = call(&c, "DELETE", &cl.nodes[l].url(&path), None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let gone = eventually(Duration::from_secs(10), || async {
+        has_service(px, "pxdns").await.filter(|p| !*p)
+    })
+    .await;
+    assert!(gone.is_some(), "the proxy's DNS kept a removed instance");
+}
