@@ -120,7 +120,7 @@ pub trait Client: AsyncReadRent + AsyncWriteRent + Split + 'static {
     const PROTO: &'static str;
     /// Whether a keep-alive connection waits for its next request inside the read (TLS:
     /// see [`Client::idle`]) rather than in the core's idle sweep, which a drain closes.
-    const IDLES_IN_READ: bool = true;
+    const IDLES_IN_READ: bool = false;
     /// Waits, while idle between requests, until a request may have arrived. Plain TCP
     /// waits for readability without holding any buffer (registered with the core's idle
     /// sweep); TLS may already hold decrypted bytes, so it returns at once and the next
