@@ -361,6 +361,10 @@ async fn keep_loop(
 ) {
     let mut pause = Duration::from_millis(200);
     let mut failures: u32 = 0;
+    // Best effort, when stopped before the first registration returned.
+    let unregister = || async {
+        let _ = tokio::time::timeout(HEARTBEAT_TIMEOUT, c.unregister(&service, &inst.id)).await;
+    };
     loop {
         let attempt = async {
             if let Some(kind) = &create {
@@ -376,7 +380,7 @@ async fn keep_loop(
             // Stopped before the first registration: anything an attempt cut short may
             // have registered is deleted (best effort).
             _ = &mut stop => {
-                let _ = tokio::time::timeout(HEARTBEAT_TIMEOUT, c.unregister(&service, &inst.id)).await;
+                unregister().await;
                 return;
             }
             r = tokio::time::timeout(HEARTBEAT_TIMEOUT, attempt) => r,
@@ -404,7 +408,7 @@ async fn keep_loop(
         tokio::select! {
             // As above: an attempt that timed out here may have registered the instance.
             _ = &mut stop => {
-                let _ = tokio::time::timeout(HEARTBEAT_TIMEOUT, c.unregister(&service, &inst.id)).await;
+                unregister().await;
                 return;
             }
             _ = tokio::time::sleep(pause) => {}
@@ -725,17 +729,21 @@ mod tests {
         assert!(buf.is_empty());
     }
 
-    /// A discoverd stand-in that answers the first request and never any later one.
-    async fn answers_once() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    /// A discoverd stand-in: reads whole requests (head and body) and answers the n-th
+    /// (from 0) with `answer(n)`, or never when that is `None`. Counts the requests.
+    async fn stand_in(
+        answer: impl Fn(usize) -> Option<Vec<u8>> + Send + Sync + 'static,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());
         let seen = std::sync::Arc::new(AtomicUsize::new(0));
         let count = seen.clone();
+        let answer = std::sync::Arc::new(answer);
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
-                let count = count.clone();
+                let (count, answer) = (count.clone(), answer.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
@@ -761,12 +769,12 @@ mod tests {
                             }
                         }
                         buf.drain(..end + 4 + len);
-                        if count.fetch_add(1, Ordering::SeqCst) > 0 {
-                            // Later requests hang (a peer that stopped answering).
+                        let Some(resp) = answer(count.fetch_add(1, Ordering::SeqCst)) else {
+                            // A peer that stopped answering.
                             std::future::pending::<()>().await;
-                        }
-                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
-                        if s.write_all(ok).await.is_err() {
+                            return;
+                        };
+                        if s.write_all(&resp).await.is_err() {
                             return;
                         }
                     }
@@ -774,6 +782,12 @@ mod tests {
             }
         });
         (url, seen)
+    }
+
+    /// A discoverd stand-in that answers the first request and never any later one.
+    async fn answers_once() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        stand_in(|n| (n == 0).then(|| b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".to_vec()))
+            .await
     }
 
     #[tokio::test]
@@ -926,37 +940,6 @@ mod tests {
         assert!(matches!(res, Err(Error::NoExternalIp { .. })));
     }
 
-    /// A stand-in server that answers every request it reads with `resp` (one read, one
-    /// answer; requests here fit in one read) and counts them.
-    async fn answers_always(
-        resp: String,
-    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", l.local_addr().unwrap());
-        let seen = std::sync::Arc::new(AtomicUsize::new(0));
-        let count = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                let (count, resp) = (count.clone(), resp.clone());
-                tokio::spawn(async move {
-                    let mut b = vec![0u8; 8192];
-                    while let Ok(n) = s.read(&mut b).await {
-                        if n == 0 {
-                            break;
-                        }
-                        count.fetch_add(1, Ordering::SeqCst);
-                        if s.write_all(resp.as_bytes()).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        (url, seen)
-    }
-
     /// A server that answers every watch 200 and ends the stream at once (before
     /// `current`) is not a working stream: the watch backs off instead of reconnecting
     /// ten times a second for ever.
@@ -964,7 +947,7 @@ mod tests {
     async fn a_watch_ended_before_current_backs_off() {
         use std::sync::atomic::Ordering;
         let resp = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
-        let (url, seen) = answers_always(resp.to_string()).await;
+        let (url, seen) = stand_in(move |_| Some(resp.as_bytes().to_vec())).await;
         let c = Client::new(&url);
         let w = c.watch("s");
         tokio::time::sleep(Duration::from_millis(2000)).await;
@@ -984,7 +967,7 @@ mod tests {
             "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
-        let (url, seen) = answers_always(resp).await;
+        let (url, seen) = stand_in(move |_| Some(resp.clone().into_bytes())).await;
         let c = Client::new(&url);
         let inst = Instance {
             addr: "127.0.0.1:4300".into(),

@@ -374,13 +374,14 @@ async fn add_instance(
     while let Err(expiry_applied) = node.heartbeat(&service, &id) {
         expiry_applied.await;
     }
-    let unchanged = node
-        .shared
-        .lock()
-        .registry
-        .instance(&service, &inst.id)
-        .is_some_and(|old| old.same_as(&inst));
-    if unchanged {
+    let unchanged = || {
+        node.shared
+            .lock()
+            .registry
+            .instance(&service, &inst.id)
+            .is_some_and(|old| old.same_as(&inst))
+    };
+    if unchanged() {
         // A heartbeat with nothing changed touches only the leader's memory, and only
         // while this node's leader lease holds: a leader cut off from the others still
         // thinks it leads until it hears a higher vote, and must not acknowledge
@@ -390,13 +391,7 @@ async fn add_instance(
         // That read may have waited for this leader's first commit, which also applies
         // what the previous leader left (an expiry of this instance among it): answer
         // only if the instance is still there, else register it again below.
-        let still = node
-            .shared
-            .lock()
-            .registry
-            .instance(&service, &inst.id)
-            .is_some_and(|old| old.same_as(&inst));
-        if still {
+        if unchanged() {
             return Ok(StatusCode::OK.into_response());
         }
     }
