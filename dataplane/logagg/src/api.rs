@@ -28,7 +28,6 @@ use crate::store::{Follow, Store};
 pub const MAX_LINES: usize = 10_000;
 /// Lines per live chunk (a follower holds at most one chunk).
 const CHUNK_LINES: usize = 512;
-const SSE_KEEPALIVE: Duration = Duration::from_secs(30);
 const PEER_KEEPALIVE: Duration = Duration::from_secs(10);
 
 pub struct ApiErr(pub ApiError);
@@ -138,9 +137,18 @@ struct Follower {
     app: Vec<u8>,
     filter: Filter,
     sse: bool,
+    keepalive: Duration,
     first: Option<Bytes>,
     next: u64,
     reg: Follow,
+}
+
+/// Written when a follow stream has been quiet for a while, so that a proxy's read
+/// timeout (nginx's 60 s, the router's idle timeout on HTTP/2) does not cut a quiet
+/// follow: a comment in SSE, a blank line in NDJSON (readers skip blank lines; Go's
+/// `json.Decoder` skips whitespace).
+fn keepalive(sse: bool) -> Bytes {
+    Bytes::from_static(if sse { b":\n" } else { b"\n" })
 }
 
 async fn next_chunk(mut f: Follower) -> Option<(Result<Bytes, Infallible>, Follower)> {
@@ -153,6 +161,8 @@ async fn next_chunk(mut f: Follower) -> Option<(Result<Bytes, Infallible>, Follo
     // chunks) before any other follower on this thread is woken.
     tokio::task::yield_now().await;
     let notify = f.reg.notify.clone();
+    // From the last chunk written: lines the filter rejects do not put it off.
+    let quiet_until = tokio::time::Instant::now() + f.keepalive;
     loop {
         let notified = notify.notified();
         tokio::pin!(notified);
@@ -173,16 +183,15 @@ async fn next_chunk(mut f: Follower) -> Option<(Result<Bytes, Infallible>, Follo
             // Only lines the filter rejects so far, and more after them whose wake-up
             // has already fired: keep reading (letting other tasks run between scans)
             // until caught up, and only then wait.
+            if tokio::time::Instant::now() >= quiet_until {
+                return Some((Ok(keepalive(f.sse)), f));
+            }
             tokio::task::yield_now().await;
             continue;
         }
         tokio::select! {
             _ = &mut notified => {}
-            _ = tokio::time::sleep(SSE_KEEPALIVE) => {
-                if f.sse {
-                    return Some((Ok(Bytes::from_static(b":\n")), f));
-                }
-            }
+            _ = tokio::time::sleep_until(quiet_until) => return Some((Ok(keepalive(f.sse)), f)),
         }
     }
 }
@@ -232,6 +241,7 @@ async fn get_log(
                 app: app.into_bytes(),
                 filter: q.filter,
                 sse,
+                keepalive: sh.stream_keepalive,
                 first: Some(Bytes::from(out)),
                 next,
                 reg,

@@ -45,6 +45,12 @@ pub struct Config {
     /// Do not listen for syslog over UDP.
     #[arg(long, env = "FLYNN_NO_UDP")]
     pub no_udp: bool,
+
+    /// Seconds a follow stream may go without a line before a keep-alive is written (a
+    /// blank line in NDJSON, a `:` comment in SSE), so proxies with a read timeout do not
+    /// cut a quiet `log -f`. Hidden: tests shorten it.
+    #[arg(long, hide = true, default_value_t = 30)]
+    pub stream_keepalive: u64,
 }
 
 impl Config {
@@ -57,6 +63,9 @@ impl Config {
         }
         if !(64..=65_535).contains(&self.max_frame) {
             return Err("--max-frame must be between 64 and 65535".into());
+        }
+        if self.stream_keepalive == 0 {
+            return Err("--stream-keepalive must be at least 1".into());
         }
         if self.max_memory < 1 << 20 {
             return Err("--max-memory must be at least 1048576".into());

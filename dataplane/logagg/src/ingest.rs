@@ -27,6 +27,8 @@ pub struct Shared {
     /// One slot per worker, then UDP, then peer loading.
     pub counters: Vec<Counters>,
     pub drivers: Vec<OnceLock<&'static str>>,
+    /// Quiet time after which a follow stream gets a keep-alive (API only).
+    pub stream_keepalive: std::time::Duration,
 }
 
 impl Shared {
@@ -36,6 +38,7 @@ impl Shared {
             framer,
             counters: (0..threads + 2).map(|_| Counters::default()).collect(),
             drivers: (0..threads).map(|_| OnceLock::new()).collect(),
+            stream_keepalive: std::time::Duration::from_secs(30),
         }
     }
     pub fn udp_counters(&self) -> &Counters {

@@ -69,7 +69,9 @@ pub fn start(cfg: &Config) -> anyhow::Result<Running> {
         lines_per_app: cfg.lines_per_app,
         max_memory: cfg.max_memory,
     }));
-    let shared = Arc::new(Shared::new(store, Framer::new(cfg.max_frame), threads));
+    let mut shared = Shared::new(store, Framer::new(cfg.max_frame), threads);
+    shared.stream_keepalive = std::time::Duration::from_secs(cfg.stream_keepalive);
+    let shared = Arc::new(shared);
 
     // API thread: restore from peers first, then serve once main hands over the listener.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();

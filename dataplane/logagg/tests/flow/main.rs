@@ -505,3 +505,40 @@ fn follower_disconnect_noticed_without_new_lines() {
     // No line was ever written to the app.
     assert_eq!(l.metric("flynn_logagg_app_lines{app=\"idle\"}"), 0);
 }
+
+/// A quiet follow stream gets a keep-alive (a blank line in NDJSON, a `:` comment in SSE)
+/// once nothing was written for `--stream-keepalive`, also while its app's lines keep
+/// arriving but its filter rejects them all; lines written after keep-alives still come.
+#[test]
+fn quiet_follow_streams_get_keepalives() {
+    let _g = serial();
+    let l = Logagg::start(&["--stream-keepalive", "1"]);
+    let ndjson = Follower::open(l.api, "/log/ka?follow=true&job_id=wanted", &[]);
+    let sse = Follower::open(
+        l.api,
+        "/log/ka?follow=true&job_id=wanted",
+        &[("Accept", "text/event-stream")],
+    );
+    let gauge = "flynn_logagg_app_followers{app=\"ka\"}";
+    assert_eq!(l.wait_metric(gauge, T, |v| v == 2), 2);
+    // Lines for another job of the same app, for 2.5 s: they wake both followers and
+    // must not put the keep-alive off.
+    let start = Instant::now();
+    let mut i = 0u64;
+    while start.elapsed() < Duration::from_millis(2500) && i < 1000 {
+        i += 1;
+        l.send(oc(&msg("ka", "h", "web.other", "ID1", i, i, "noise")).as_bytes());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (name, f, want) in [("ndjson", &ndjson, ""), ("sse", &sse, ":")] {
+        let first = f.next(Duration::from_millis(500));
+        assert_eq!(first.as_deref(), Some(want), "{name}: keep-alive");
+    }
+    i += 1;
+    l.send(oc(&msg("ka", "h", "web.wanted", "ID1", i, i, "hello")).as_bytes());
+    for (name, f) in [("ndjson", &ndjson), ("sse", &sse)] {
+        let v = f.next_json(T).unwrap_or_else(|| panic!("{name}: no line"));
+        assert_eq!(v["msg"], "hello", "{name}");
+        assert_eq!(v["job_id"], "wanted", "{name}");
+    }
+}
