@@ -417,6 +417,7 @@ mod tests {
             app: b"a".to_vec(),
             filter,
             sse: false,
+            keepalive: Duration::from_secs(30),
             first: None,
             next,
             reg: reg.unwrap(),
