@@ -704,9 +704,9 @@ async fn grpc_backend(
                 pool.remove(&a);
             }
         });
-        let mut pool = core.grpc.borrow_mut();
-        pool.retain(|a, _| backends.contains(a));
-        pool.insert(*addr, (id, client.clone()));
+        // Connections to backends no route has any more are dropped at the table change
+        // that removed them (`worker::forget_gone_backends`).
+        core.grpc.borrow_mut().insert(*addr, (id, client.clone()));
         return Some((client, *addr));
     }
     None

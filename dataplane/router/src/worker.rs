@@ -41,7 +41,7 @@ pub struct Core {
     #[allow(clippy::redundant_allocation)]
     table: RefCell<Rc<Arc<Table>>>,
     local: RefCell<Local<Table>>,
-    inflight: RefCell<HashMap<SocketAddr, u32>>,
+    inflight: InflightMap,
     pub pool: Pool,
     /// HTTP/2 connections to gRPC backends, shared by this core's streams (id, handle).
     pub grpc: RefCell<HashMap<SocketAddr, (u64, h2::client::SendRequest<bytes::Bytes>)>>,
@@ -176,16 +176,44 @@ impl Core {
     }
 
     pub fn inflight(&self, addr: &SocketAddr) -> u32 {
-        self.inflight.borrow().get(addr).copied().unwrap_or(0)
+        self.inflight.get(addr)
     }
 
     /// Counts a request in flight to `addr` until the guard drops.
     pub fn start_request(self: &Rc<Self>, addr: SocketAddr) -> InFlight {
-        *self.inflight.borrow_mut().entry(addr).or_insert(0) += 1;
+        self.inflight.start(addr);
         InFlight {
             core: self.clone(),
             addr,
         }
+    }
+}
+
+/// Requests in flight per backend address on one core. An address's entry stays at zero
+/// between requests (no map insert per request) and is dropped at the next table change,
+/// so backends that came and went (autoscaling, deploys) do not accumulate.
+#[derive(Default)]
+struct InflightMap(RefCell<HashMap<SocketAddr, u32>>);
+
+impl InflightMap {
+    fn get(&self, addr: &SocketAddr) -> u32 {
+        self.0.borrow().get(addr).copied().unwrap_or(0)
+    }
+    fn start(&self, addr: SocketAddr) {
+        *self.0.borrow_mut().entry(addr).or_insert(0) += 1;
+    }
+    fn end(&self, addr: &SocketAddr) {
+        if let Some(n) = self.0.borrow_mut().get_mut(addr) {
+            *n = n.saturating_sub(1);
+        }
+    }
+    /// Forgets the addresses with nothing in flight.
+    fn prune(&self) {
+        self.0.borrow_mut().retain(|_, n| *n > 0);
+    }
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.borrow().len()
     }
 }
 
@@ -196,9 +224,7 @@ pub struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(n) = self.core.inflight.borrow_mut().get_mut(&self.addr) {
-            *n = n.saturating_sub(1);
-        }
+        self.core.inflight.end(&self.addr);
     }
 }
 
@@ -217,7 +243,7 @@ pub async fn run(
         index: ctx.index,
         table: RefCell::new(Rc::new(local.get().clone())),
         local: RefCell::new(local),
-        inflight: RefCell::new(HashMap::new()),
+        inflight: InflightMap::default(),
         pool: Pool::new(shared.settings.pool_idle_per_backend),
         grpc: RefCell::new(HashMap::new()),
         conns: Cell::new(0),
@@ -259,6 +285,7 @@ pub async fn run(
                 // ones) or when their response is done (ones in use), not kept until
                 // their address comes back.
                 set_pool_backends(&core);
+                forget_gone_backends(&core);
                 slot.applied
                     .store(core.table().version(), Ordering::Release);
             }
@@ -278,6 +305,21 @@ fn set_pool_backends(core: &Core) {
     let table = core.table();
     core.pool
         .set_backends(table.http_routes().flat_map(|r| r.backends.iter().copied()));
+}
+
+/// After a table change: in-flight counts at zero are dropped, and so are pooled gRPC
+/// connections to backends no HTTP route has any more.
+fn forget_gone_backends(core: &Core) {
+    core.inflight.prune();
+    let mut grpc = core.grpc.borrow_mut();
+    if !grpc.is_empty() {
+        let table = core.table();
+        let live: std::collections::HashSet<SocketAddr> = table
+            .http_routes()
+            .flat_map(|r| r.backends.iter().copied())
+            .collect();
+        grpc.retain(|a, _| live.contains(a));
+    }
 }
 
 /// Newly parked connections (since the last trim) that make the sweep trim the heap.
@@ -524,5 +566,37 @@ async fn drain(core: Rc<Core>, grace: std::time::Duration) {
     if let Some(p) = &core.parked {
         let n = p.expire(core.idle.now(), 0);
         core.parked_closed(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InflightMap;
+
+    #[test]
+    fn inflight_counts_and_prunes_idle_addresses() {
+        let m = InflightMap::default();
+        let (a, b) = (
+            "10.0.0.1:80".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        m.start(a);
+        m.start(a);
+        m.start(b);
+        m.end(&a);
+        assert_eq!((m.get(&a), m.get(&b)), (1, 1));
+        m.end(&b);
+        m.end(&b); // an extra end never goes below zero
+        assert_eq!(m.get(&b), 0);
+        m.prune();
+        assert_eq!(
+            m.len(),
+            1,
+            "only the address with a request in flight is kept"
+        );
+        assert_eq!(m.get(&a), 1);
+        m.end(&a);
+        m.prune();
+        assert_eq!(m.len(), 0);
     }
 }

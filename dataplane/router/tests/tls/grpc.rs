@@ -17,14 +17,31 @@ async fn backend() -> std::net::SocketAddr {
 
 /// The echo backend, with a count of the TCP connections it accepted.
 async fn counting_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let (addr, accepted, _) = tracking_backend().await;
+    (addr, accepted)
+}
+
+/// The echo backend, with counts of the TCP connections it accepted and of those still
+/// open.
+async fn tracking_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
+    let open = Arc::new(AtomicUsize::new(0));
+    let (counter, open2) = (accepted.clone(), open.clone());
     tokio::spawn(async move {
         while let Ok((sock, _)) = l.accept().await {
             counter.fetch_add(1, Ordering::SeqCst);
+            open2.fetch_add(1, Ordering::SeqCst);
+            let open = open2.clone();
             tokio::spawn(async move {
+                struct Closed(Arc<AtomicUsize>);
+                impl Drop for Closed {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                let _closed = Closed(open);
                 let mut conn = h2::server::handshake(sock).await.unwrap();
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
                     tokio::spawn(async move {
@@ -53,7 +70,7 @@ async fn counting_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
             });
         }
     });
-    (addr, accepted)
+    (addr, accepted, open)
 }
 
 #[test]
@@ -214,6 +231,11 @@ fn wait_for_h2_connection_error(router: &Router, within: Duration) {
 
 /// One unary-style call on a fresh client connection: returns the echoed body.
 async fn call_once(router: std::net::SocketAddr, msg: &'static [u8]) -> Bytes {
+    call_domain(router, "grpc.example.com", msg).await
+}
+
+/// [`call_once`] for the route of `domain`.
+async fn call_domain(router: std::net::SocketAddr, domain: &str, msg: &'static [u8]) -> Bytes {
     let sock = tokio::net::TcpStream::connect(router).await.unwrap();
     let (client, conn) = h2::client::handshake(sock).await.unwrap();
     tokio::spawn(async move {
@@ -222,7 +244,7 @@ async fn call_once(router: std::net::SocketAddr, msg: &'static [u8]) -> Bytes {
     let mut client = client.ready().await.unwrap();
     let req = http::Request::builder()
         .method("POST")
-        .uri("http://grpc.example.com/echo.Echo/Say")
+        .uri(format!("http://{domain}/echo.Echo/Say"))
         .header("content-type", "application/grpc")
         .body(())
         .unwrap();
@@ -283,6 +305,80 @@ fn grpc_streams_share_one_backend_connection_per_core() {
             assert_eq!(&c.await.unwrap()[..], b"many");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    });
+}
+
+/// Two gRPC services on one core keep one backend connection each: a call to one does
+/// not drop the other's pooled connection.
+#[test]
+fn grpc_routes_keep_their_own_backend_connections() {
+    let router = Router::builder()
+        .threads(1)
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut accepted = Vec::new();
+        for svc in ["a", "b"] {
+            let (b, n) = counting_backend().await;
+            let route = json!({"type":"http","domain":format!("{svc}.example.com"),"service":svc,"grpc":true});
+            assert_eq!(
+                router.api("POST", "/routes", Some(&route.to_string())).0,
+                200
+            );
+            router.set_backend_addrs(svc, &[(b.to_string(), false)]);
+            accepted.push(n);
+        }
+        let h2c = router.h2c_addrs[0];
+        for i in 0..4 {
+            for svc in ["a", "b"] {
+                let got = call_domain(h2c, &format!("{svc}.example.com"), b"x").await;
+                assert_eq!(&got[..], b"x", "call {i} to {svc}");
+            }
+        }
+        let n: Vec<_> = accepted.iter().map(|a| a.load(Ordering::SeqCst)).collect();
+        assert_eq!(n, [1, 1], "backend connections dialled per service");
+    });
+}
+
+/// A backend taken out of its route loses its pooled connection at that table change,
+/// without waiting for another call.
+#[test]
+fn grpc_connection_to_a_removed_backend_is_closed() {
+    let router = Router::builder()
+        .threads(1)
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (old, _, open) = tracking_backend().await;
+        let new = backend().await;
+        let route = json!({"type":"http","domain":"grpc.example.com","service":"g","grpc":true});
+        assert_eq!(
+            router.api("POST", "/routes", Some(&route.to_string())).0,
+            200
+        );
+        router.set_backend_addrs("g", &[(old.to_string(), false)]);
+        assert_eq!(&call_once(router.h2c_addrs[0], b"one").await[..], b"one");
+        assert_eq!(open.load(Ordering::SeqCst), 1);
+        router.set_backend_addrs("g", &[(new.to_string(), false)]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while open.load(Ordering::SeqCst) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the removed backend's connection is still open"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(&call_once(router.h2c_addrs[0], b"two").await[..], b"two");
     });
 }
 
