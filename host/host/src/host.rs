@@ -100,8 +100,9 @@ pub struct Host {
     /// Where discoverd is: `--discoverd`, or what discoverd's own `POST /host/discoverd`
     /// said (kept in `discoverd.json`).
     discoverd: Mutex<Option<DiscoverdConn>>,
-    /// Set once: at start-up from `--block`, or by `POST /host/network`.
-    network: std::sync::OnceLock<Network>,
+    /// Set at start-up from `--block` or `network.json`, or by `POST /host/network`;
+    /// replaced when the agent hands out another block while no job holds an address.
+    network: std::sync::RwLock<Option<Network>>,
     net_setup: Option<crate::net::Setup>,
     /// `true` once `network` is set (starting jobs wait on it).
     net_ready: tokio::sync::watch::Sender<bool>,
@@ -167,7 +168,7 @@ impl Host {
             logs: o.logs,
             discoverd: Mutex::new(o.discoverd.as_ref().map(DiscoverdConn::new)),
             net_ready: tokio::sync::watch::Sender::new(o.network.is_some()),
-            network: o.network.map(std::sync::OnceLock::from).unwrap_or_default(),
+            network: std::sync::RwLock::new(o.network),
             net_setup: o.net_setup,
             net_config: tokio::sync::Mutex::new(()),
             net_resolvers: Mutex::new(o.net_resolvers),
@@ -251,7 +252,7 @@ impl Host {
     /// may have used, in the background.
     fn prepare_next(&self) {
         self.runtime.prepare();
-        if let Some(n) = self.network.get() {
+        if let Some(n) = self.network() {
             n.fill_pool();
         }
     }
@@ -261,8 +262,15 @@ impl Host {
     }
 
     /// The job network, once configured.
-    pub fn network(&self) -> Option<&Network> {
-        self.network.get()
+    pub fn network(&self) -> Option<Network> {
+        self.network
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_network(&self, n: Option<Network>) {
+        *self.network.write().unwrap_or_else(|e| e.into_inner()) = n;
     }
 
     /// Whether job `id` was asked to stop.
@@ -274,8 +282,8 @@ impl Host {
     /// `id` waits up to [`NETWORK_WAIT`] for `POST /host/network`, or until the job is
     /// asked to stop.
     async fn wait_network(&self, id: &str) -> Result<Option<Network>, String> {
-        if let Some(n) = self.network.get() {
-            return Ok(Some(n.clone()));
+        if let Some(n) = self.network() {
+            return Ok(Some(n));
         }
         if self.net_setup.is_none() {
             return Ok(None);
@@ -296,8 +304,8 @@ impl Host {
         })
         .await
         .unwrap_or(false);
-        match self.network.get() {
-            Some(n) if came => Ok(Some(n.clone())),
+        match self.network() {
+            Some(n) if came => Ok(Some(n)),
             _ if self.stop_requested(id) => Err(STOPPED_BEFORE_START.into()),
             _ => Err(format!(
                 "host: no network after {} s (waiting for POST /host/network from the overlay agent)",
@@ -308,23 +316,46 @@ impl Host {
 
     /// `POST /host/network`: the overlay agent hands this host its block. The first one
     /// makes the bridge and the allocator; the same block again only updates the
-    /// resolvers; another block is refused (jobs hold addresses in this one).
+    /// resolvers. Another block (or MTU) replaces the network when no job holds an address
+    /// in it: the agent lost this host's lease (down past its TTL, the block taken) and
+    /// leased another, and keeping the old block would give jobs addresses another host
+    /// now routes. While jobs hold addresses it is refused (409, `retry: true`: the agent
+    /// offers it again until the jobs are gone).
     pub async fn configure_network(&self, cfg: &NetworkConfig) -> Result<NetworkInfo, ApiError> {
-        let default_mtu = match (&self.net_setup, self.network.get()) {
+        let default_mtu = match (&self.net_setup, self.network()) {
             (Some(s), _) => s.mtu,
             (None, Some(n)) => n.info().mtu,
             (None, None) => 1500,
         };
         let (block, mtu, resolvers) = crate::net::parse_config(cfg, default_mtu)?;
         let _one_at_a_time = self.net_config.lock().await;
-        match (self.network.get(), &self.net_setup) {
-            (Some(n), _) => {
+        match (self.network(), &self.net_setup) {
+            (Some(n), setup) => {
                 let info = n.info();
                 if info.subnet != block.to_string() || info.mtu != mtu {
-                    return Err(ApiError::conflict(format!(
-                        "host: network already configured for {} (mtu {})",
-                        info.subnet, info.mtu
-                    )));
+                    let refuse = |why: String| {
+                        ApiError::conflict(format!(
+                            "host: network already configured for {} (mtu {}): {why}",
+                            info.subnet, info.mtu
+                        ))
+                    };
+                    let Some(setup) = setup else {
+                        return Err(refuse("set by --block".into()));
+                    };
+                    // Retryable: the agent keeps offering the block, and the host moves
+                    // once its jobs are gone.
+                    n.retire().await.map_err(|e| refuse(e).with_retry(true))?;
+                    // The old one is out of service from here on, whatever happens next:
+                    // when the new one cannot be made, the agent's retry (it gets a 500)
+                    // finds no network and makes it.
+                    self.set_network(None);
+                    let n = setup.open(block, mtu).await.map_err(|e| {
+                        tracing::warn!(%block, error = %format!("{e:#}"), "configuring the job network failed");
+                        ApiError::unknown()
+                    })?;
+                    self.set_network(Some(n.clone()));
+                    n.fill_pool();
+                    tracing::warn!(old = %info.subnet, %block, mtu, "job network moved to another block");
                 }
             }
             (None, None) => {
@@ -337,7 +368,7 @@ impl Host {
                     tracing::warn!(%block, error = %format!("{e:#}"), "configuring the job network failed");
                     ApiError::unknown()
                 })?;
-                let _ = self.network.set(n.clone());
+                self.set_network(Some(n.clone()));
                 n.fill_pool();
                 tracing::info!(%block, mtu, job = %cfg.job_id, "job network configured by the overlay agent");
             }
@@ -410,7 +441,7 @@ impl Host {
                     url: d.url.clone(),
                     dns: d.dns.clone(),
                 }),
-            network: self.network.get().map(|n| {
+            network: self.network().map(|n| {
                 let mut info = n.info();
                 info.resolvers = self
                     .net_resolvers
@@ -770,7 +801,7 @@ impl Host {
     async fn teardown(&self, id: &str, had_net: bool) {
         let _ = std::fs::remove_file(self.resolv_conf_path(id));
         if had_net {
-            if let Some(net) = self.network.get() {
+            if let Some(net) = self.network() {
                 if let Err(e) = net.teardown(id).await {
                     tracing::warn!(job = %id, error = %e, "removing job network failed");
                 }
@@ -1159,7 +1190,7 @@ impl Host {
                         .internal_ip
                         .parse()
                         .ok()
-                        .or_else(|| self.network.get().and_then(|n| n.address_of(&id)));
+                        .or_else(|| self.network().and_then(|n| n.address_of(&id)));
                     let env_ip = ip.unwrap_or(self.external_ip);
                     let durl = self.discoverd_url();
                     let env = job::job_env(&j.job, &ports, Some(env_ip), durl.as_deref());
@@ -1183,10 +1214,7 @@ impl Host {
                 None if live => {
                     tracing::warn!(job = %id, "job was not found after a restart");
                     self.fail(&id, "host: job lost across a daemon restart".into());
-                    let had_net = self
-                        .network
-                        .get()
-                        .is_some_and(|n| n.address_of(&id).is_some());
+                    let had_net = self.network().is_some_and(|n| n.address_of(&id).is_some());
                     self.teardown(&id, had_net).await;
                 }
                 ended => {
@@ -1196,11 +1224,7 @@ impl Host {
                         tracing::info!(job = %id, "removing what is left of an ended job's container");
                         self.reap(id.clone(), h);
                     }
-                    if self
-                        .network
-                        .get()
-                        .is_some_and(|n| n.address_of(&id).is_some())
-                    {
+                    if self.network().is_some_and(|n| n.address_of(&id).is_some()) {
                         self.teardown(&id, true).await;
                     }
                 }

@@ -28,6 +28,8 @@ use crate::syncer::Syncer;
 /// Allocator owners (and namespace/veth name seeds) of pooled namespaces. Job ids cannot
 /// start with it (they may not contain `/`).
 const POOL_PREFIX: &str = "pool/";
+/// A start that comes after the network was retired (the host is switching blocks).
+const RETIRED: &str = "the host's job network is being replaced (the overlay agent handed out another block); start the job again";
 
 #[derive(Clone)]
 pub struct Network {
@@ -87,6 +89,8 @@ struct Pool {
     ready: VecDeque<Ready>,
     taken: BTreeMap<String, String>,
     refilling: bool,
+    /// Set by [`Network::retire`]: no address is handed out any more.
+    retired: bool,
 }
 
 struct Ready {
@@ -190,8 +194,15 @@ impl Network {
     /// true when it got its fast path entry.
     async fn create(&self, owner: &str) -> Result<(JobNet, bool), String> {
         let ip = {
+            // The pool's lock first (as `retire` takes them): no address is allocated
+            // once the network is retired.
+            let pool = self.pool();
+            if pool.retired {
+                return Err(RETIRED.into());
+            }
             let mut a = self.alloc();
             let r = a.allocate(owner).map_err(chain);
+            drop(pool);
             self.synced(&a, r)?
         };
         match job::create_job_net(&self.inner.nl, owner, ip, &self.inner.cfg).await {
@@ -281,6 +292,9 @@ impl Network {
     pub async fn setup(&self, id: &str) -> Result<(IpAddr, PathBuf), String> {
         let taken = {
             let mut pool = self.pool();
+            if pool.retired {
+                return Err(RETIRED.into());
+            }
             match pool.ready.pop_front() {
                 Some(r) => {
                     let mut map = pool.taken.clone();
@@ -350,7 +364,7 @@ impl Network {
         }
         {
             let mut pool = self.pool();
-            if pool.refilling || pool.ready.len() >= self.inner.pool_size {
+            if pool.retired || pool.refilling || pool.ready.len() >= self.inner.pool_size {
                 return;
             }
             pool.refilling = true;
@@ -363,9 +377,30 @@ impl Network {
                 }
                 let key = format!("{POOL_PREFIX}{}", uuid::Uuid::new_v4().simple());
                 match net.create(&key).await {
-                    Ok((n, fast)) => net.pool().ready.push_back(Ready { key, net: n, fast }),
+                    Ok((n, fast)) => {
+                        let kept = {
+                            let mut pool = net.pool();
+                            if !pool.retired {
+                                pool.ready.push_back(Ready {
+                                    key: key.clone(),
+                                    net: n,
+                                    fast,
+                                });
+                            }
+                            !pool.retired
+                        };
+                        if !kept {
+                            // Retired while it was being made: it goes, not into the pool.
+                            if let Err(e) = net.destroy(&key).await {
+                                tracing::warn!(key, error = %e, "removing a pooled namespace failed");
+                            }
+                            break;
+                        }
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "making a pooled network namespace failed");
+                        if e != RETIRED {
+                            tracing::warn!(error = %e, "making a pooled network namespace failed");
+                        }
                         break;
                     }
                 }
@@ -377,6 +412,43 @@ impl Network {
     /// Pooled namespaces ready now.
     pub fn pooled(&self) -> usize {
         self.pool().ready.len()
+    }
+
+    /// Gives up this network so that the host can take another block: only when no job
+    /// holds an address in it (job ids and pooled namespaces jobs took own addresses; the
+    /// pool's own do not). Then no address is handed out any more, the pooled namespaces
+    /// are removed and the allocator is left empty, so [`Setup::open`] can start the new
+    /// block on the same files. Errors (jobs hold addresses, a namespace not removed)
+    /// leave the network in use and say why.
+    pub async fn retire(&self) -> Result<(), String> {
+        {
+            let mut pool = self.pool();
+            let a = self.alloc();
+            let held: Vec<String> = a
+                .allocations()
+                .map(|(o, _)| o.to_string())
+                .filter(|o| !o.starts_with(POOL_PREFIX) || pool.taken.values().any(|k| k == o))
+                .collect();
+            if !held.is_empty() || !pool.taken.is_empty() {
+                return Err(format!(
+                    "{} job(s) hold addresses in it",
+                    held.len().max(pool.taken.len())
+                ));
+            }
+            pool.retired = true;
+        }
+        // A refill in progress sees `retired` and removes what it made; wait for it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.pool().refilling && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        self.drain_pool().await;
+        let left = self.alloc().allocations().count();
+        if left > 0 || self.pool().refilling {
+            self.pool().retired = false;
+            return Err(format!("{left} pooled namespace(s) could not be removed"));
+        }
+        Ok(())
     }
 
     /// Removes every pooled namespace no job took (clean shutdown).

@@ -46,31 +46,57 @@ pub fn nameservers(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Sends `cfg` to the host daemon at `base` until it answers 2xx (once a second, at most
-/// [`NOTIFY_ATTEMPTS`]); a 4xx is final (the host refused the block) and is logged.
+/// Sends `cfg` to the host daemon at `base` until it answers 2xx (as
+/// `flynn_client::notify_until_accepted` paces it, for as long as it takes); a 4xx is final (the host refused the block) and is logged, unless
+/// it says to retry (another block while the host's jobs hold addresses in the old one:
+/// the host moves once they are gone).
 pub async fn notify_host(base: String, cfg: NetworkConfig) -> bool {
     let client = flynn_client::host::Client::new(&base);
     let what = format!("telling the host at {base} its block {}", cfg.subnet);
     flynn_client::notify_until_accepted(&what, NOTIFY_ATTEMPTS, || {
         let (client, cfg) = (&client, &cfg);
-        async move {
-            match client.configure_network(cfg).await {
-                Ok(()) => flynn_client::Attempt::Accepted,
-                Err(e) => match e.api() {
-                    Some(api) if (400..500).contains(&api.status()) => {
-                        flynn_client::Attempt::Refused(e.to_string())
-                    }
-                    _ => flynn_client::Attempt::Failed(e.to_string()),
-                },
-            }
-        }
+        async move { attempt(client.configure_network(cfg).await) }
     })
     .await
+}
+
+/// What one answer of the host means for [`notify_host`].
+fn attempt(r: Result<(), flynn_client::host::Error>) -> flynn_client::Attempt {
+    match r {
+        Ok(()) => flynn_client::Attempt::Accepted,
+        Err(e) => match e.api() {
+            Some(api) if (400..500).contains(&api.status()) && !api.retry => {
+                flynn_client::Attempt::Refused(e.to_string())
+            }
+            _ => flynn_client::Attempt::Failed(e.to_string()),
+        },
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_is_final_unless_it_says_to_retry() {
+        use flynn_api::ApiError;
+        use flynn_client::host::Error;
+        use flynn_client::Attempt;
+        assert!(matches!(attempt(Ok(())), Attempt::Accepted));
+        let busy = ApiError::conflict("jobs hold addresses").with_retry(true);
+        assert!(matches!(attempt(Err(Error::Api(busy))), Attempt::Failed(_)));
+        let final_ = ApiError::conflict("set by --block");
+        assert!(matches!(
+            attempt(Err(Error::Api(final_))),
+            Attempt::Refused(_)
+        ));
+        let bad = ApiError::validation(Some("subnet"), "bad");
+        assert!(matches!(attempt(Err(Error::Api(bad))), Attempt::Refused(_)));
+        assert!(matches!(
+            attempt(Err(Error::Api(ApiError::unknown()))),
+            Attempt::Failed(_)
+        ));
+    }
 
     #[test]
     fn config_names_the_first_address() {

@@ -865,10 +865,70 @@ fn the_overlay_agent_hands_the_host_its_block() {
             j2.internal_ip
         );
         assert_ne!(j2.internal_ip, j.internal_ip);
+        // Another block while jobs hold addresses: refused, and it says why.
+        let e = c
+            .configure_network(&notify("100.100.10.1/24", 1450, &[]))
+            .await
+            .unwrap_err();
+        let api = e.api().unwrap_or_else(|| panic!("{e}"));
+        assert_eq!(api.status(), 409, "{e}");
+        assert!(api.message.contains("hold addresses"), "{}", api.message);
+        assert!(api.retry, "the agent is to offer it again");
         for id in [&id, &id2] {
             c.stop_job(id).await.unwrap();
             wait_ended(c, id, Duration::from_secs(15)).await;
         }
+
+        // No job holds an address any more (once their teardown, which follows their end,
+        // is done): the agent lost this host's lease and leased another block; the host
+        // moves to it (bridge, allocator, pool, saved file).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Err(e) = c
+            .configure_network(&notify("100.100.10.1/24", 1450, &["10.0.0.3"]))
+            .await
+        {
+            let api = e.api().unwrap_or_else(|| panic!("{e}"));
+            assert!(api.status() == 409 && api.retry, "{e}");
+            assert!(std::time::Instant::now() < deadline, "still refused: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let net = c.status().await.unwrap().network.expect("network");
+        assert_eq!(net.subnet, "100.100.10.0/24");
+        let addrs = Command::new("ip")
+            .args(["-4", "-o", "addr", "show", "dev", "flynntest0"])
+            .output()
+            .unwrap();
+        let addrs = String::from_utf8_lossy(&addrs.stdout).to_string();
+        assert!(addrs.contains("100.100.10.1/24"), "{addrs}");
+        assert!(!addrs.contains("100.100.9."), "{addrs}");
+        let saved = std::fs::read_to_string(state.join("network.json")).unwrap();
+        assert!(saved.contains("100.100.10.0/24"), "{saved}");
+        let id3 = ch.host.job_id("moved");
+        c.add_job(&bb_job(&id3, "exec sleep 60")).await.unwrap();
+        let j3 = wait_running(c, &id3).await;
+        assert!(
+            j3.internal_ip.starts_with("100.100.10."),
+            "{}",
+            j3.internal_ip
+        );
+        // The allocator is the new block's, and the pool refilled in it (the job took one
+        // pooled namespace, or made its own when none was ready).
+        let ips: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(state.join("job-ips.json")).unwrap()).unwrap();
+        assert_eq!(ips["block"], "100.100.10.0/24");
+        eventually(
+            Duration::from_secs(10),
+            "the pool refilled in the new block",
+            || {
+                let taken = taken_netns(&state);
+                ip_owners(&state)
+                    .iter()
+                    .any(|o| o.starts_with("pool/") && !taken.values().any(|k| k == o))
+            },
+        )
+        .await;
+        c.stop_job(&id3).await.unwrap();
+        wait_ended(c, &id3, Duration::from_secs(15)).await;
     });
 }
 

@@ -44,7 +44,8 @@ pub struct IpAllocator {
 
 impl IpAllocator {
     /// Opens (or creates) the allocation file at `path` for `block`. An existing file for another
-    /// block, or one that cannot be parsed, is an error and is left untouched.
+    /// block in which some address is allocated, or one that cannot be parsed, is an error and is
+    /// left untouched; one for another block with nothing allocated starts over for `block`.
     pub fn open(
         path: &Path,
         block: Subnet,
@@ -58,11 +59,15 @@ impl IpAllocator {
                         source,
                     })?;
                 if state.block != block.to_string() {
-                    return Err(JobNetError::BlockChanged {
-                        path: path.to_path_buf(),
-                        stored: state.block,
-                        block,
-                    });
+                    if !state.owners.is_empty() {
+                        return Err(JobNetError::BlockChanged {
+                            path: path.to_path_buf(),
+                            stored: state.block,
+                            block,
+                        });
+                    }
+                    // Nothing allocated in the old block: start over in the new one.
+                    return Self::open_fresh(path, block, reserved);
                 }
                 if let Some((owner, ip)) = state.owners.iter().find(|(_, ip)| !block.contains(**ip))
                 {
@@ -75,11 +80,9 @@ impl IpAllocator {
                 }
                 state
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State {
-                block: block.to_string(),
-                owners: BTreeMap::new(),
-                next: 0,
-            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Self::open_fresh(path, block, reserved)
+            }
             Err(source) => {
                 return Err(JobNetError::Io {
                     op: "read allocation file",
@@ -93,6 +96,27 @@ impl IpAllocator {
             block,
             reserved: reserved.to_vec(),
             state,
+            sync: true,
+        };
+        alloc.persist()?;
+        Ok(alloc)
+    }
+
+    /// An allocator for `block` with nothing allocated, written to `path`.
+    fn open_fresh(
+        path: &Path,
+        block: Subnet,
+        reserved: &[Ipv4Addr],
+    ) -> Result<IpAllocator, JobNetError> {
+        let alloc = IpAllocator {
+            path: path.to_path_buf(),
+            block,
+            reserved: reserved.to_vec(),
+            state: State {
+                block: block.to_string(),
+                owners: BTreeMap::new(),
+                next: 0,
+            },
             sync: true,
         };
         alloc.persist()?;
@@ -301,5 +325,16 @@ mod tests {
         let err = IpAllocator::open(&path, other, &[]).unwrap_err();
         assert!(matches!(err, JobNetError::BlockChanged { .. }), "{err:?}");
         assert_eq!(fs::read(&path).unwrap(), before);
+
+        // With nothing allocated any more, the file starts over for the other block.
+        let mut a = IpAllocator::open(&path, block(), &[]).unwrap();
+        a.release("a").unwrap();
+        drop(a);
+        let mut a = IpAllocator::open(&path, other, &[]).unwrap();
+        assert_eq!(a.allocations().count(), 0);
+        let ip = a.allocate("b").unwrap();
+        assert!(other.contains(ip), "{ip} outside {other}");
+        let a = IpAllocator::open(&path, other, &[]).unwrap();
+        assert_eq!(a.get("b"), Some(ip));
     }
 }
