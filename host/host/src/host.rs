@@ -1234,6 +1234,10 @@ impl Host {
             tracing::warn!(job = %id, "killing a running container the host has no state for");
             self.reap(id, h);
         }
+        if let Some(n) = self.network() {
+            n.release_strays(|id| self.lock().table.get(id).is_some())
+                .await;
+        }
     }
 
     /// Kills what may still run of a container the host will not supervise, waits for its

@@ -451,6 +451,54 @@ impl Network {
         Ok(())
     }
 
+    /// Removes the networks of owners that belong to no job `known` says the host has (an
+    /// address allocated for a job whose state was never saved, or whose record is gone
+    /// while its teardown had failed): their addresses would otherwise stay taken for good.
+    /// Pooled namespaces no job took are [`Network::open`]'s. Returns how many were removed.
+    pub async fn release_strays(&self, known: impl Fn(&str) -> bool) -> usize {
+        let strays: Vec<(String, Option<String>)> = {
+            let pool = self.pool();
+            let a = self.alloc();
+            let job_of = |key: &str| {
+                pool.taken
+                    .iter()
+                    .find(|(_, k)| k.as_str() == key)
+                    .map(|(j, _)| j.clone())
+            };
+            a.allocations()
+                .filter_map(|(o, _)| match o.strip_prefix(POOL_PREFIX) {
+                    // A pooled namespace a job took: a stray when that job is unknown.
+                    Some(_) => job_of(o)
+                        .filter(|j| !known(j))
+                        .map(|j| (o.to_string(), Some(j))),
+                    None => (!known(o)).then(|| (o.to_string(), None)),
+                })
+                .collect()
+        };
+        let mut removed = 0;
+        for (owner, job) in strays {
+            tracing::warn!(
+                owner,
+                job = job.as_deref().unwrap_or(&owner),
+                "removing the network of a job the host has no record of"
+            );
+            if let Err(e) = self.destroy(&owner).await {
+                tracing::warn!(owner, error = %e, "removing a stray job network failed");
+                continue;
+            }
+            if let Some(job) = job {
+                let mut pool = self.pool();
+                let mut map = pool.taken.clone();
+                map.remove(&job);
+                if self.save_taken(&map).is_ok() {
+                    pool.taken = map;
+                }
+            }
+            removed += 1;
+        }
+        removed
+    }
+
     /// Removes every pooled namespace no job took (clean shutdown).
     pub async fn drain_pool(&self) {
         let ready: Vec<Ready> = self.pool().ready.drain(..).collect();

@@ -750,6 +750,63 @@ fn a_daemon_dead_before_the_network_teardown_does_it_on_restart() {
     });
 }
 
+/// Addresses held for jobs the host has no record of (a job whose state was never saved,
+/// or whose record went while its teardown had failed) are released at start-up; those of
+/// jobs it re-adopts are kept.
+#[test]
+fn restart_releases_addresses_of_unknown_jobs() {
+    require_root!();
+    busybox();
+    in_netns(|_| async {
+        let mut ch = CHost::start(&["--netns-pool", "0"]);
+        let state = ch.host.dir.path().to_path_buf();
+        let id = ch.host.job_id("kept");
+        ch.host
+            .client
+            .add_job(&bb_job(&id, "exec sleep 60"))
+            .await
+            .unwrap();
+        let j = wait_running(&ch.host.client, &id).await;
+        drop(ch.host.proc.take());
+
+        // Strays, written while the daemon is down: a job id and a pooled namespace
+        // recorded as taken by a job, neither of which the job table knows.
+        let path = state.join("job-ips.json");
+        let mut ips: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        ips["owners"]["ghost"] = "100.100.7.200".into();
+        ips["owners"]["pool/0123"] = "100.100.7.201".into();
+        std::fs::write(&path, serde_json::to_vec(&ips).unwrap()).unwrap();
+        let taken = state.join("job-netns.json");
+        let mut t: serde_json::Value = std::fs::read(&taken)
+            .ok()
+            .map(|b| serde_json::from_slice(&b).unwrap())
+            .unwrap_or_else(|| serde_json::json!({}));
+        t["ghost-job"] = "pool/0123".into();
+        std::fs::write(&taken, serde_json::to_vec(&t).unwrap()).unwrap();
+
+        ch.restart(&["--netns-pool", "0"]);
+        let c = &ch.host.client;
+        eventually(Duration::from_secs(10), "stray addresses released", || {
+            let owners = ip_owners(&state);
+            !owners.iter().any(|o| o == "ghost" || o == "pool/0123")
+                && !taken_netns(&state).contains_key("ghost-job")
+        })
+        .await;
+        assert!(
+            ip_owners(&state).contains(&id),
+            "the re-adopted job keeps its address"
+        );
+        let again = c.get_job(&id).await.unwrap();
+        assert_eq!(
+            (again.status, again.internal_ip.as_str()),
+            (JobStatus::Running, j.internal_ip.as_str())
+        );
+        c.stop_job(&id).await.unwrap();
+        wait_ended(c, &id, Duration::from_secs(15)).await;
+    });
+}
+
 #[test]
 fn the_overlay_agent_hands_the_host_its_block() {
     require_root!();
