@@ -287,12 +287,25 @@ impl<'h, 'b> Fields<'h, 'b> {
     /// kinds for which `replaced` is true. Unless Connection fields are kept: Connection,
     /// Upgrade and every field named by a Connection token, except Host and Content-Length,
     /// which carry routing and framing and are never dropped.
+    ///
+    /// Content-Length goes out once, as a single value: a list of equal values (`5, 5`) or a
+    /// repeated field (the parser refused unequal ones) is valid but some next hops reject
+    /// it (RFC 9110 §8.6 lets a recipient replace it with the single value).
     pub(crate) fn copy_end_to_end(&self, replaced: impl Fn(Field) -> bool, out: &mut Vec<u8>) {
+        let mut length_done = false;
         for (i, (h, kind)) in self.iter().enumerate() {
             let keep = match kind {
                 Field::Te | Field::Trailers | Field::TransferEncoding => false,
                 _ if replaced(kind) => false,
-                Field::Host | Field::ContentLength => true,
+                Field::ContentLength => {
+                    if !length_done {
+                        length_done = true;
+                        let first = h.value.split(|&b| b == b',').next().unwrap_or(b"");
+                        put_header(out, h.name.as_bytes(), trim_ows(first));
+                    }
+                    false
+                }
+                Field::Host => true,
                 Field::Connection | Field::Upgrade => self.keep_conn,
                 _ => !self.listed[i],
             };

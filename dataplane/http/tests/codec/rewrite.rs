@@ -396,3 +396,30 @@ fn full_rewrite_exact_bytes() {
          X-Request-Id: 01234567-89ab-4def-8123-456789abcdef\r\n\r\n"
     );
 }
+
+/// A Content-Length list of equal values, or the field repeated, goes on as one field with
+/// one value, both ways.
+#[test]
+fn content_length_lists_go_out_as_one_value() {
+    for fields in [
+        "Content-Length: 5, 5\r\n",
+        "Content-Length: 5\r\nContent-Length: 5\r\n",
+        "Content-Length:  5 ,5\r\nContent-Length: 5\r\n",
+        "Content-Length: 5\r\n",
+    ] {
+        let raw = format!("POST / HTTP/1.1\r\nHost: a\r\n{fields}\r\nhello");
+        let head = rewrite(raw.as_bytes());
+        assert_eq!(
+            values(&head, "Content-Length"),
+            ["5"],
+            "{fields:?}: {head:?}"
+        );
+        let raw = format!("HTTP/1.1 200 OK\r\n{fields}\r\nhello");
+        let head = client_head(raw.as_bytes(), false);
+        assert_eq!(
+            values(&head, "Content-Length"),
+            ["5"],
+            "{fields:?}: {head:?}"
+        );
+    }
+}
