@@ -395,6 +395,8 @@ async fn stream(
         peer,
         l,
         start_ms,
+        // Streams learn of a client leaving from their reset, not from the socket.
+        fd: -1,
     };
     let mut out = Vec::with_capacity(head.len() + 256);
     write_request_head(

@@ -61,6 +61,23 @@ pub async fn client_gone(c: &TcpStream) {
     }
 }
 
+/// Resolves once the peer of `fd` has shut its sending side (FIN, reset or error),
+/// whatever unread bytes precede that: a TLS client's close_notify is an encrypted record
+/// no peek can tell from a pipelined request, but the FIN after it is plain. Starts after
+/// `grace` (fast responses pay nothing), then checks with one non-blocking `poll` at
+/// intervals growing from 50 ms to 1 s while the wait lasts.
+pub async fn peer_shut_after(fd: std::os::fd::RawFd, grace: std::time::Duration) {
+    monoio::time::sleep(grace).await;
+    let mut every = std::time::Duration::from_millis(50);
+    loop {
+        if flynn_runtime::sock::peer_shut(fd) {
+            return;
+        }
+        monoio::time::sleep(every).await;
+        every = (every * 2).min(std::time::Duration::from_secs(1));
+    }
+}
+
 /// Copies bytes from `r` to `w` until EOF, then half-closes `w`.
 pub async fn pipe<R: AsyncReadRent, W: AsyncWriteRentExt + monoio::io::AsyncWriteRent>(
     mut r: R,

@@ -67,6 +67,7 @@ pub async fn tunnel<S: crate::proxy::Client>(
         peer,
         l,
         start_ms,
+        fd,
     };
     // Before the backend answers, only this request goes to it: its head and its body as
     // framed. Bytes after that (early frames, or a pipelined request) wait in `buf` for

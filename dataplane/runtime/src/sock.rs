@@ -39,6 +39,21 @@ pub fn peek(fd: RawFd) -> Peek {
     }
 }
 
+/// Whether the peer of connected socket `fd` has shut its sending side (FIN), reset it, or
+/// the socket has an error, even with unread bytes still queued before that: a
+/// non-blocking `poll` for `POLLRDHUP`.
+pub fn peer_shut(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd for the duration of the call; a zero timeout never
+    // blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
 /// Shuts a socket down in both directions. On a listening socket this wakes any
 /// pending accept and stops the kernel from queueing new connections.
 pub fn shutdown(fd: RawFd) {

@@ -128,9 +128,9 @@ pub trait Client: AsyncReadRent + AsyncWriteRent + Split + 'static {
     async fn idle(&self, core: &Core, fd: RawFd) -> Idle;
     /// A duplicate of the socket to park the connection with (plain TCP only).
     fn park_fd(&self, fd: RawFd) -> Option<std::os::fd::OwnedFd>;
-    /// Resolves when the client has closed its side, if the stream can tell without
-    /// reading (plain TCP); never otherwise.
-    async fn gone(&self);
+    /// Resolves when the client has closed its side (`fd` is the client socket): plain TCP
+    /// peeks for EOF; TLS, whose close_notify is data, watches for the peer's FIN.
+    async fn gone(&self, fd: RawFd);
     /// Right after a keep-alive response: reads the next request's first bytes into `buf`
     /// (empty, with capacity) if they arrive within `window`. Never loses bytes: a read
     /// cut short by the window is cancelled and then awaited, so data that raced the
@@ -172,7 +172,7 @@ impl Client for TcpStream {
         flynn_runtime::handoff::dup(fd).ok()
     }
 
-    async fn gone(&self) {
+    async fn gone(&self, _fd: RawFd) {
         client_gone_after(self, CLIENT_WATCH_GRACE).await
     }
 
@@ -217,8 +217,8 @@ impl Client for monoio_rustls::ServerTlsStream<TcpStream> {
         None
     }
 
-    async fn gone(&self) {
-        std::future::pending().await
+    async fn gone(&self, fd: RawFd) {
+        crate::io::peer_shut_after(fd, CLIENT_WATCH_GRACE).await
     }
 
     async fn hot_read(
@@ -380,6 +380,7 @@ async fn one_request<S: Client>(
                 peer,
                 l,
                 start_ms,
+                fd,
             };
             forward(core, &mut c, buf, ubuf, out, &info, r, fwd).await
         }
@@ -622,7 +623,7 @@ async fn forward<S: Client>(
                     return upstream_failed(core, c, out, info.method).await;
                 }
             }
-            match exchange(c, &mut up, ubuf, info, sent_continue).await {
+            match exchange(c, fwd.fd, &mut up, ubuf, info, sent_continue).await {
                 Exchange::Ok(r) => break 'send r,
                 // The request reached a reused connection that then died: the backend
                 // may have acted on it, so only a bodiless safe request goes again (as

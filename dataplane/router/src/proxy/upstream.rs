@@ -86,6 +86,8 @@ pub struct Fwd {
     pub peer: SocketAddr,
     pub l: ListenerInfo,
     pub start_ms: u64,
+    /// The client socket (watched for the client leaving).
+    pub fd: std::os::fd::RawFd,
 }
 
 impl Fwd {
@@ -116,6 +118,7 @@ pub(super) enum Exchange {
 /// client), watching for the client going away meanwhile.
 pub(super) async fn exchange<S: Client>(
     c: &mut S,
+    fd: std::os::fd::RawFd,
     up: &mut TcpStream,
     ubuf: &mut Vec<u8>,
     info: &RequestInfo,
@@ -183,7 +186,7 @@ pub(super) async fn exchange<S: Client>(
                     }
                 }
             }
-            _ = c.gone() => {
+            _ = c.gone(fd) => {
                 *ubuf = Vec::with_capacity(BUF);
                 return Exchange::ClientGone;
             }

@@ -329,3 +329,47 @@ fn handover_closes_idle_https_keep_alive_connections_without_the_drain_timeout()
     );
     drop(conn);
 }
+
+/// A TLS client that leaves while the backend has not answered yet is noticed: the
+/// backend connection is closed (and the request counted as abandoned) instead of being
+/// held until the backend answers. Both ways of leaving: close_notify then FIN, and a bare
+/// FIN.
+#[test]
+fn a_tls_client_leaving_during_a_slow_backend_wait_frees_the_backend() {
+    use crate::support::handlers::{hold, HoldEvent};
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let default = self_signed(&["a.example.com"]);
+    let router = crate::router_with_default(&default);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let slow = Backend::with_handler("slow", hold(tx));
+    router.add_route(http_route("a.example.com", "slow"));
+    router.set_backends("slow", &[&slow]);
+    for notify in [true, false] {
+        let mut conn = crate::tls_connect(&router, "a.example.com", &[&default]);
+        conn.send(b"GET /wait HTTP/1.1\r\nHost: a.example.com\r\n\r\n");
+        let held = match rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("request held")
+        {
+            HoldEvent::Request(c, _) => c,
+            other => panic!("{other:?}"),
+        };
+        // Well past the router's grace before it starts watching.
+        std::thread::sleep(Duration::from_millis(200));
+        if notify {
+            conn.tls.conn.send_close_notify();
+            conn.tls.flush().unwrap();
+        }
+        conn.tls.sock.shutdown(std::net::Shutdown::Write).unwrap();
+        let left = Instant::now();
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(HoldEvent::Closed(c, _)) => assert_eq!(c, held),
+            other => panic!("close_notify {notify}: backend connection not closed: {other:?}"),
+        }
+        eprintln!(
+            "close_notify {notify}: backend freed after {:?}",
+            left.elapsed()
+        );
+    }
+}
