@@ -8,6 +8,7 @@ pub mod attach;
 pub mod discoverd;
 mod error;
 pub mod host;
+pub mod logagg;
 mod route;
 mod status;
 

@@ -261,14 +261,16 @@ async fn get_log(
 }
 
 async fn cursors(State(sh): State<Arc<Shared>>) -> Response {
-    let mut m = serde_json::Map::new();
-    for (host, c) in sh.store.cursors() {
-        m.insert(
-            host,
-            serde_json::json!({ "time": c.time.to_rfc3339(), "seq": c.seq }),
-        );
-    }
-    Json(serde_json::Value::Object(m)).into_response()
+    let m: flynn_api::logagg::Cursors = sh
+        .store
+        .cursors()
+        .into_iter()
+        .map(|(host, c)| {
+            let time = c.time.to_rfc3339();
+            (host, flynn_api::logagg::Cursor { time, seq: c.seq })
+        })
+        .collect();
+    Json(m).into_response()
 }
 
 struct SnapshotState {

@@ -47,6 +47,18 @@ pub struct Config {
     #[arg(long, env = "FLYNN_LOGAGG", value_delimiter = ',')]
     pub logagg: Vec<String>,
 
+    /// Log aggregator HTTP API address (`host:port` or URL), one per `--logagg` in the same
+    /// order. On each new connection the host asks it for its cursor and sends again what
+    /// its disk log holds after it (spec §3.5). Without it, only the last lines sent before
+    /// a connection broke are sent again.
+    #[arg(long, env = "FLYNN_LOGAGG_API", value_delimiter = ',')]
+    pub logagg_api: Vec<String>,
+
+    /// Bytes of job output kept on disk (`<state-dir>/logs`) for resending to aggregators
+    /// after their cursor; 0 keeps none.
+    #[arg(long, env = "FLYNN_LOG_DISK_BYTES", default_value_t = 64 << 20)]
+    pub log_disk_bytes: u64,
+
     /// Lines buffered while the log aggregator is unreachable; beyond it the oldest are
     /// dropped and counted.
     #[arg(long, env = "FLYNN_LOG_BUFFER", default_value_t = 10_000)]
@@ -132,6 +144,13 @@ impl Config {
             if !valid_host_id(id) {
                 return Err(format!("--id {id:?}: must be 1-27 letters or digits (job ids `<host id>-<uuid>` stay within 64)"));
             }
+        }
+        if !self.logagg_api.is_empty() && self.logagg_api.len() != self.logagg.len() {
+            return Err(format!(
+                "--logagg-api: {} given for {} --logagg address(es); give one per --logagg, in the same order",
+                self.logagg_api.len(),
+                self.logagg.len()
+            ));
         }
         if self.log_buffer == 0 {
             return Err("--log-buffer must be at least 1".into());

@@ -15,6 +15,7 @@ pub mod config;
 pub mod container;
 pub mod host;
 pub mod job;
+pub mod logdisk;
 pub mod logship;
 pub mod net;
 pub mod runtime;
@@ -159,7 +160,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if cfg.logagg.is_empty() {
         tracing::warn!("no --logagg: job output is not shipped anywhere");
     }
-    let logs = logship::Shipper::start(&id, cfg.logagg.clone(), cfg.log_buffer);
+    let disk = if cfg.log_disk_bytes > 0 && !cfg.logagg.is_empty() {
+        let dir = cfg.state_dir.join("logs");
+        let log = logdisk::DiskLog::open(&dir, cfg.log_disk_bytes)
+            .with_context(|| format!("opening the host's log in {}", dir.display()))?;
+        Some(std::sync::Arc::new(log))
+    } else {
+        None
+    };
+    let apis = cfg
+        .logagg_api
+        .iter()
+        .map(|a| {
+            if a.contains("://") {
+                a.clone()
+            } else {
+                format!("http://{a}")
+            }
+        })
+        .collect();
+    let logs = logship::Shipper::start_with(&id, cfg.logagg.clone(), apis, cfg.log_buffer, disk);
     // `--discoverd`, else what discoverd announced to a previous daemon.
     let discoverd = match &cfg.discoverd {
         Some(url) => Some(flynn_api::host::DiscoverdNotify {

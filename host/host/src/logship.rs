@@ -6,8 +6,11 @@
 //! stderr). Lines longer than [`MAX_LINE`] are split. The buffer holds at most
 //! `capacity` frames; when it is full the oldest frame is dropped and counted, the count
 //! is logged and exported in `/host/status` and `/metrics`. A batch whose write fails is
-//! put back at the front and sent again after reconnecting, and the last frames written
-//! before a connection was lost are written again on the next one (see [`RECENT_FRAMES`]).
+//! put back at the front and sent again after reconnecting. With the host's disk log
+//! ([`crate::logdisk`]) and the aggregator's API address, a new connection first sends what
+//! the disk holds after the aggregator's cursor for this host (spec §3.5); without them,
+//! the last frames written before a connection was lost are written again on the next
+//! one (see [`RECENT_FRAMES`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -107,6 +110,9 @@ type Frame = (Arc<str>, Arc<[u8]>);
 /// One aggregator: its queue and counters.
 struct Dest {
     host: String,
+    /// The aggregator's HTTP API (for `/cursors`), if known.
+    api: Option<String>,
+    disk: Option<Arc<crate::logdisk::DiskLog>>,
     seq: Arc<AtomicU64>,
     capacity: usize,
     queue: Mutex<VecDeque<Frame>>,
@@ -125,6 +131,7 @@ struct Shared {
     /// Lines lost before they reached the daemon.
     lost_upstream: AtomicU64,
     dests: Vec<Arc<Dest>>,
+    disk: Option<Arc<crate::logdisk::DiskLog>>,
 }
 
 /// Cheap to clone; lines pushed are shipped to every configured aggregator (spec §3.1)
@@ -136,14 +143,30 @@ pub struct Shipper {
 }
 
 impl Shipper {
-    /// Starts one shipping task per address (needs a tokio runtime).
+    /// Starts one shipping task per address (needs a tokio runtime), without a disk log.
     pub fn start(host: &str, addrs: Vec<String>, capacity: usize) -> Shipper {
+        Self::start_with(host, addrs, Vec::new(), capacity, None)
+    }
+
+    /// Starts one shipping task per syslog address; `apis[i]`, when given, is the HTTP API
+    /// of aggregator `i`, asked for its cursor on every new connection so that `disk`'s
+    /// frames after it are sent again.
+    pub fn start_with(
+        host: &str,
+        addrs: Vec<String>,
+        apis: Vec<String>,
+        capacity: usize,
+        disk: Option<Arc<crate::logdisk::DiskLog>>,
+    ) -> Shipper {
         let seq = Arc::new(AtomicU64::new(0));
         let dests: Vec<Arc<Dest>> = addrs
             .iter()
-            .map(|_| {
+            .enumerate()
+            .map(|(i, _)| {
                 Arc::new(Dest {
                     host: host.to_string(),
+                    api: apis.get(i).cloned(),
+                    disk: disk.clone(),
                     seq: seq.clone(),
                     capacity: capacity.max(1),
                     queue: Mutex::new(VecDeque::new()),
@@ -165,6 +188,7 @@ impl Shipper {
                 lines: AtomicU64::new(0),
                 lost_upstream: AtomicU64::new(0),
                 dests,
+                disk,
             }),
         }
     }
@@ -199,6 +223,11 @@ impl Shipper {
                 Arc::from(frame)
             })
             .collect();
+        if let Some(disk) = &self.shared.disk {
+            if let Err(e) = disk.append(frames.iter().map(|f| &f[..])) {
+                tracing::warn!(error = %e, "writing the host's log to disk failed");
+            }
+        }
         for d in &self.shared.dests {
             let mut dropped = 0;
             {
@@ -369,6 +398,85 @@ fn set_timeouts(conn: &tokio::net::TcpStream) {
     let _ = sock.set_tcp_user_timeout(Some(Duration::from_secs(30)));
 }
 
+enum Resend {
+    /// What the disk held after the aggregator's cursor was written.
+    Done,
+    /// No disk log, no API address, or the cursor could not be had.
+    NotAvailable,
+    WriteFailed,
+}
+
+/// On a new connection: asks the aggregator for this host's cursor and writes what the
+/// disk log holds after it, up to where the send queue starts (the queue follows). When
+/// the log reaches back to the cursor, nothing was lost after all: the drop notices
+/// pending for this aggregator are withdrawn.
+async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream) -> Resend {
+    let (Some(disk), Some(api)) = (s.disk.clone(), s.api.as_deref()) else {
+        return Resend::NotAvailable;
+    };
+    let client = flynn_client::logagg::Client::new(api);
+    let cursors = match tokio::time::timeout(Duration::from_secs(3), client.cursors()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::warn!(api, error = %e, "cannot read the log aggregator's cursors; resending the last lines only");
+            return Resend::NotAvailable;
+        }
+        Err(_) => {
+            tracing::warn!(
+                api,
+                "the log aggregator's cursors timed out; resending the last lines only"
+            );
+            return Resend::NotAvailable;
+        }
+    };
+    let cursor = cursors.get(&s.host).and_then(|c| {
+        let t = flynn_syslog::Timestamp::parse(c.time.as_bytes())?;
+        Some((t, c.seq))
+    });
+    let until = {
+        let q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.front().and_then(|(_, f)| crate::logdisk::key_of_frame(f))
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
+    let reader = tokio::task::spawn_blocking(move || {
+        let (from, reaches) = disk.resume_point(cursor)?;
+        disk.read_from(from, until, |chunk| {
+            tx.blocking_send(chunk.to_vec()).is_ok()
+        })?;
+        Ok::<bool, std::io::Error>(reaches)
+    });
+    let mut sent = 0usize;
+    while let Some(chunk) = rx.recv().await {
+        let res = tokio::time::timeout(Duration::from_secs(30), conn.write_all(&chunk)).await;
+        if !matches!(res, Ok(Ok(()))) {
+            return Resend::WriteFailed;
+        }
+        sent += chunk.len();
+    }
+    match reader.await {
+        Ok(Ok(reaches)) => {
+            if reaches {
+                s.lost_by_app
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
+            }
+            if sent > 0 {
+                tracing::info!(
+                    bytes = sent,
+                    "resent the host's log after the aggregator's cursor"
+                );
+            }
+            Resend::Done
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "reading the host's log from disk failed");
+            Resend::NotAvailable
+        }
+        Err(_) => Resend::NotAvailable,
+    }
+}
+
 async fn run(s: Arc<Dest>, addr: String) {
     let mut backoff = Duration::from_millis(100);
     let mut recent = Recent::default();
@@ -390,7 +498,19 @@ async fn run(s: Arc<Dest>, addr: String) {
         };
         let _ = conn.set_nodelay(true);
         set_timeouts(&conn);
-        let again = recent.take_bytes(tokio::time::Instant::now());
+        let again = match resend_from_disk(&s, &mut conn).await {
+            Resend::Done => {
+                // The disk covered what `recent` holds.
+                recent = Recent::default();
+                Vec::new()
+            }
+            Resend::NotAvailable => recent.take_bytes(tokio::time::Instant::now()),
+            Resend::WriteFailed => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
         if !again.is_empty() {
             let res = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&again)).await;
             if !matches!(res, Ok(Ok(()))) {

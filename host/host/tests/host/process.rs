@@ -129,6 +129,73 @@ async fn api_errors_and_validation() {
     assert_eq!(e.api().unwrap().status(), 409);
 }
 
+/// Spec §3.5: job output is kept on the host's disk, and a new connection to an aggregator
+/// first sends what the disk holds after the aggregator's cursor. An aggregator restarted
+/// empty gets back the lines it had; lines written while it was down, beyond the send
+/// queue (`--log-buffer 30`) and across a host daemon restart, arrive too, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_aggregator_gets_the_host_log_after_its_cursor() {
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let (syslog, api) = (free(), free());
+    let agg = logagg_on(&syslog, &api);
+    let args = [
+        "--runtime",
+        "process",
+        "--logagg",
+        syslog.as_str(),
+        "--logagg-api",
+        api.as_str(),
+        "--log-buffer",
+        "30",
+    ];
+    let mut h = Host::start(&args);
+    let app = unique("app");
+    let run = |name: &str, n: usize| {
+        let mut job = sh_job(
+            &h.job_id(name),
+            &format!("for i in $(seq 1 {n}); do echo {name}-$i; done"),
+        );
+        job.config.env.insert("FLYNN_APP_ID".into(), app.clone());
+        job
+    };
+    let first = run("first", 20);
+    h.client.add_job(&first).await.unwrap();
+    wait_ended(&h.client, &first.id, Duration::from_secs(20)).await;
+    eventually(
+        Duration::from_secs(10),
+        "20 lines in the aggregator",
+        || log_lines(&api, &app).len() >= 20,
+    )
+    .await;
+
+    drop(agg);
+    let second = run("second", 60);
+    h.client.add_job(&second).await.unwrap();
+    wait_ended(&h.client, &second.id, Duration::from_secs(20)).await;
+    // The daemon goes too (its send queue with it), and comes back on the same state.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.restart(&args);
+    let _agg = logagg_on(&syslog, &api);
+
+    let want: Vec<String> = (1..=20)
+        .map(|i| format!("first-{i}"))
+        .chain((1..=60).map(|i| format!("second-{i}")))
+        .collect();
+    let mut got = Vec::new();
+    eventually(Duration::from_secs(15), "all 80 lines back", || {
+        got = log_lines(&api, &app)
+            .iter()
+            .map(|l| l["msg"].as_str().unwrap_or_default().to_string())
+            .collect();
+        got.len() >= want.len()
+    })
+    .await;
+    assert_eq!(got, want, "every line once, in order, and no drop notice");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_env_and_ports_reach_the_aggregator() {
     let (_agg, syslog, api) = logagg();

@@ -268,6 +268,23 @@ pub fn logagg() -> (Proc, String, String) {
     (p, get(&kv, "syslog"), get(&kv, "api"))
 }
 
+/// A log aggregator on the given syslog and API addresses (to restart one in place).
+pub fn logagg_on(syslog: &str, api: &str) -> Proc {
+    let (p, _) = start(
+        &bin("flynn-logagg", "flynn-logagg"),
+        &[
+            "--syslog-addr",
+            syslog,
+            "--api-addr",
+            api,
+            "--threads",
+            "1",
+            "--no-udp",
+        ],
+    );
+    p
+}
+
 /// The aggregator's lines of `app` as JSON objects.
 pub fn log_lines(api: &str, app: &str) -> Vec<serde_json::Value> {
     let (status, body) = http(api, "GET", &format!("/log/{app}"), "text/plain", "");
