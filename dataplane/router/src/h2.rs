@@ -667,8 +667,8 @@ async fn passthrough(
 
 /// An HTTP/2 connection to one of `backends`: this core's open connection to a backend
 /// (tried in shuffled order) if it is still up, else a new one dialled and kept for the
-/// next streams. Connections to backends no longer listed are dropped when a new one is
-/// made.
+/// next streams. Connections to backends no route lists any more are dropped at the table
+/// change that removed them.
 async fn grpc_backend(
     core: &Rc<Core>,
     backends: &[SocketAddr],
@@ -707,8 +707,15 @@ async fn grpc_backend(
             }
         });
         // Connections to backends no route has any more are dropped at the table change
-        // that removed them (`worker::forget_gone_backends`).
-        core.grpc.borrow_mut().insert(*addr, (id, client.clone()));
+        // that removed them (`worker::forget_gone_backends`); one dialled across such a
+        // change serves this call and is not pooled.
+        if core
+            .table()
+            .http_routes()
+            .any(|r| r.backends.contains(addr))
+        {
+            core.grpc.borrow_mut().insert(*addr, (id, client.clone()));
+        }
         return Some((client, *addr));
     }
     None

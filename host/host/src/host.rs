@@ -347,7 +347,8 @@ impl Host {
                     n.retire().await.map_err(|e| refuse(e).with_retry(true))?;
                     // The old one is out of service from here on, whatever happens next:
                     // when the new one cannot be made, the agent's retry (it gets a 500)
-                    // finds no network and makes it.
+                    // finds no network and makes it. Starting jobs wait meanwhile.
+                    self.net_ready.send_replace(false);
                     self.set_network(None);
                     let n = setup.open(block, mtu).await.map_err(|e| {
                         tracing::warn!(%block, error = %format!("{e:#}"), "configuring the job network failed");

@@ -162,9 +162,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let disk = if cfg.log_disk_bytes > 0 && !cfg.logagg.is_empty() {
         let dir = cfg.state_dir.join("logs");
-        let log = logdisk::DiskLog::open(&dir, cfg.log_disk_bytes)
-            .with_context(|| format!("opening the host's log in {}", dir.display()))?;
-        Some(std::sync::Arc::new(log))
+        match logdisk::DiskLog::open(&dir, cfg.log_disk_bytes) {
+            Ok(log) => Some(std::sync::Arc::new(log)),
+            // Best effort: without it, shipping works as before (recent lines resent).
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot open the host's log on disk; lines are not kept there");
+                None
+            }
+        }
     } else {
         None
     };

@@ -24,6 +24,8 @@ const SEGMENT_BYTES: u64 = 4 << 20;
 
 /// A frame's identity as aggregators see it: its timestamp and the host's sequence number.
 pub type Key = (Timestamp, u64);
+/// An aggregator's cursor for this host (`None`: it has none).
+pub type CursorKey = Option<Key>;
 
 /// Where resending starts: segment number and byte offset in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -56,7 +58,8 @@ fn seg_path(dir: &Path, n: u64) -> PathBuf {
 /// The `(message start, message end, frame end)` of each complete frame in `buf`,
 /// stopping at the first incomplete or unreadable one.
 fn frames(buf: &[u8]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
-    let framer = Framer::new(flynn_syslog::DEFAULT_MAX_FRAME);
+    // Any length the octet count can state: frames here are ours, not a peer's.
+    let framer = Framer::new(99_999);
     let mut at = 0;
     std::iter::from_fn(move || {
         let l = framer.locate(&buf[at..]).ok()??;
@@ -71,12 +74,6 @@ pub fn key_of(msg: &[u8]) -> Option<Key> {
     let m = flynn_syslog::Message::parse(bytes::Bytes::copy_from_slice(msg));
     let seq = flynn_syslog::flynn::flynn_seq(m.structured_data())?;
     Some((m.timestamp()?, seq))
-}
-
-/// The key of the first message of framed `frame` (as queued).
-pub fn key_of_frame(frame: &[u8]) -> Option<Key> {
-    let (ms, me, _) = frames(frame).next()?;
-    key_of(&frame[ms..me])
 }
 
 impl DiskLog {
@@ -129,8 +126,13 @@ impl DiskLog {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends framed messages (in queue order). Errors are logged by the caller.
-    pub fn append<'a>(&self, frames: impl IntoIterator<Item = &'a [u8]>) -> io::Result<()> {
+    /// Appends framed messages (in queue order) with one `write`; each one's position is
+    /// pushed onto `at`. Errors are logged by the caller.
+    pub fn append<'a>(
+        &self,
+        frames: impl IntoIterator<Item = &'a [u8]>,
+        at: &mut Vec<Pos>,
+    ) -> io::Result<()> {
         let mut g = self.lock();
         for f in frames {
             let need_new = match g.segs.back() {
@@ -142,10 +144,19 @@ impl DiskLog {
             }
             g.out.as_mut().expect("open segment").write_all(f)?;
             let last = g.segs.back_mut().expect("a segment");
+            at.push(Pos {
+                seg: last.n,
+                offset: last.len,
+            });
             last.len += f.len() as u64;
             g.total += f.len() as u64;
         }
         Self::flush_locked(&mut g)
+    }
+
+    /// Whether the frame at `p` is still in the log (its segment was not dropped).
+    pub fn holds(&self, p: Pos) -> bool {
+        self.lock().segs.front().is_some_and(|s| s.n <= p.seg)
     }
 
     /// Continues the last segment if it has room (after a restart), else starts the next
@@ -180,11 +191,6 @@ impl DiskLog {
             Some(w) => w.flush(),
             None => Ok(()),
         }
-    }
-
-    /// Writes out what is buffered.
-    pub fn flush(&self) -> io::Result<()> {
-        Self::flush_locked(&mut self.lock())
     }
 
     /// The segments now, oldest first (flushed first, so they can be read).
@@ -254,38 +260,38 @@ impl DiskLog {
         Ok((pos, reaches))
     }
 
-    /// The frames from `from` on, segment by segment, up to (not including) the first
-    /// frame whose key is `until` (where the send queue starts). Calls `each` with the
+    /// The frames from `from` up to `to` (the position of the first frame not to send: where
+    /// the send queue starts; `None`: to the end), segment by segment. Calls `each` with the
     /// bytes of each segment's part; stops early when it returns false.
-    pub fn read_from(
+    pub fn read_range(
         &self,
         from: Pos,
-        until: Option<Key>,
+        to: Option<Pos>,
         mut each: impl FnMut(&[u8]) -> bool,
     ) -> io::Result<()> {
+        if to.is_some_and(|t| t <= from) {
+            return Ok(());
+        }
         for n in self.segments()? {
             if n < from.seg {
                 continue;
             }
+            if to.is_some_and(|t| n > t.seg) {
+                break;
+            }
             let buf = self.read_seg(n)?;
-            let begin = if n == from.seg {
-                (from.offset.min(buf.len() as u64)) as usize
-            } else {
-                0
+            let lo = if n == from.seg { from.offset } else { 0 };
+            let hi = match to {
+                Some(t) if t.seg == n => t.offset,
+                _ => u64::MAX,
             };
-            let mut end = begin;
-            let mut stop = false;
-            for (ms, me, fend) in frames(&buf[begin..]) {
-                if until.is_some() && key_of(&buf[begin + ms..begin + me]) == until {
-                    stop = true;
-                    break;
-                }
-                end = begin + fend;
-            }
-            if end > begin && !each(&buf[begin..end]) {
-                return Ok(());
-            }
-            if stop {
+            let (lo, hi) = (
+                lo.min(buf.len() as u64) as usize,
+                hi.min(buf.len() as u64) as usize,
+            );
+            // Whole frames only (a segment being written may end mid-frame for a reader).
+            let end = frames(&buf[lo..hi]).last().map_or(lo, |(_, _, e)| lo + e);
+            if end > lo && !each(&buf[lo..end]) {
                 return Ok(());
             }
         }
@@ -320,12 +326,13 @@ mod tests {
 
     fn key(seq: u64, secs: u64) -> Key {
         let f = frame(seq, secs, "");
-        key_of_frame(&f).unwrap()
+        let (ms, me, _) = frames(&f).next().unwrap();
+        key_of(&f[ms..me]).unwrap()
     }
 
-    fn texts(log: &DiskLog, from: Pos, until: Option<Key>) -> Vec<String> {
+    fn texts(log: &DiskLog, from: Pos, to: Option<Pos>) -> Vec<String> {
         let mut out = Vec::new();
-        log.read_from(from, until, |b| {
+        log.read_range(from, to, |b| {
             for (ms, me, _) in frames(b) {
                 let m = flynn_syslog::Message::parse(bytes::Bytes::copy_from_slice(&b[ms..me]));
                 out.push(String::from_utf8_lossy(m.msg()).into_owned());
@@ -341,7 +348,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = DiskLog::open(dir.path(), 64 << 20).unwrap();
         let fs: Vec<Vec<u8>> = (1..=5).map(|i| frame(i, i, &format!("l{i}"))).collect();
-        log.append(fs.iter().map(|f| f.as_slice())).unwrap();
+        let mut at = Vec::new();
+        log.append(fs.iter().map(|f| f.as_slice()), &mut at)
+            .unwrap();
+        assert_eq!(at.len(), 5);
+        assert!(at.windows(2).all(|w| w[0] < w[1]));
+        assert!(at.iter().all(|&p| log.holds(p)));
 
         // No cursor: everything (nothing was ever removed, so nothing is missing).
         let (p, reaches) = log.resume_point(None).unwrap();
@@ -350,7 +362,11 @@ mod tests {
         // After line 2, up to the queue's first frame (line 5).
         let (p, reaches) = log.resume_point(Some(key(2, 2))).unwrap();
         assert!(reaches);
-        assert_eq!(texts(&log, p, Some(key(5, 5))), ["l3", "l4"]);
+        assert_eq!(texts(&log, p, Some(at[4])), ["l3", "l4"]);
+        // The queue starts before the resume point: nothing.
+        assert!(texts(&log, p, Some(at[1])).is_empty());
+        // From a position (a dropped frame) on.
+        assert_eq!(texts(&log, at[1], Some(at[3])), ["l2", "l3"]);
         // A cursor the log has not got but is within it: the first later frame.
         let (p, reaches) = log.resume_point(Some(key(9, 3))).unwrap();
         assert!(reaches);
@@ -369,11 +385,14 @@ mod tests {
     #[test]
     fn survives_reopening_cuts_torn_tails_and_keeps_to_its_budget() {
         let dir = tempfile::tempdir().unwrap();
+        let mut at = Vec::new();
         {
             let log = DiskLog::open(dir.path(), 0).unwrap();
-            log.append([frame(1, 1, "a").as_slice(), frame(2, 2, "b").as_slice()])
-                .unwrap();
-            log.flush().unwrap();
+            log.append(
+                [frame(1, 1, "a").as_slice(), frame(2, 2, "b").as_slice()],
+                &mut at,
+            )
+            .unwrap();
         }
         // A crash mid-write left half a frame.
         let seg = seg_path(dir.path(), 0);
@@ -382,7 +401,7 @@ mod tests {
         f.write_all(&half[..half.len() / 2]).unwrap();
         drop(f);
         let log = DiskLog::open(dir.path(), 0).unwrap();
-        log.append([frame(4, 4, "c").as_slice()]).unwrap();
+        log.append([frame(4, 4, "c").as_slice()], &mut at).unwrap();
         let (p, _) = log.resume_point(None).unwrap();
         assert_eq!(texts(&log, p, None), ["a", "b", "c"]);
 
@@ -390,11 +409,12 @@ mod tests {
         let big = "x".repeat(9_000);
         let f = frame(10, 10, &big);
         for _ in 0..((2 * SEGMENT_BYTES) / f.len() as u64 + 2) {
-            log.append([f.as_slice()]).unwrap();
+            log.append([f.as_slice()], &mut at).unwrap();
         }
-        log.flush().unwrap();
         assert!(log.bytes() <= 2 * SEGMENT_BYTES, "{}", log.bytes());
         assert!(!seg.exists(), "the oldest segment was removed");
+        assert!(!log.holds(at[0]), "a position in a removed segment");
+        assert!(log.holds(*at.last().unwrap()));
         let (p, reaches) = log.resume_point(None).unwrap();
         assert!(texts(&log, p, None).iter().all(|t| t == &big));
         assert!(

@@ -104,8 +104,28 @@ impl Source {
     }
 }
 
-/// A framed message and the app it belongs to.
-type Frame = (Arc<str>, Arc<[u8]>);
+/// A framed message, the app it belongs to, and where the disk log has it.
+type Frame = (Arc<str>, Arc<[u8]>, Stored);
+
+/// Where a queued frame is kept besides the queue.
+#[derive(Debug, Clone, Copy)]
+enum Stored {
+    /// In the disk log, there.
+    Disk(crate::logdisk::Pos),
+    /// Nowhere else (the disk log is off, or its write failed).
+    Nowhere,
+    /// A drop notice, made when sent: never on disk.
+    Notice,
+}
+
+impl Stored {
+    fn pos(self) -> Option<crate::logdisk::Pos> {
+        match self {
+            Stored::Disk(p) => Some(p),
+            _ => None,
+        }
+    }
+}
 
 /// One aggregator: its queue and counters.
 struct Dest {
@@ -122,6 +142,11 @@ struct Dest {
     shipped: AtomicU64,
     dropped: AtomicU64,
     connected: AtomicBool,
+    /// The queue dropped frames that the disk log has: once the queue is drained, they
+    /// are sent from the disk (see `dropped_from`).
+    resync: AtomicBool,
+    /// The disk position of the earliest frame the queue dropped since the last resend.
+    dropped_from: Mutex<Option<crate::logdisk::Pos>>,
 }
 
 struct Shared {
@@ -132,6 +157,7 @@ struct Shared {
     lost_upstream: AtomicU64,
     dests: Vec<Arc<Dest>>,
     disk: Option<Arc<crate::logdisk::DiskLog>>,
+    disk_errors: AtomicU64,
 }
 
 /// Cheap to clone; lines pushed are shipped to every configured aggregator (spec §3.1)
@@ -175,6 +201,8 @@ impl Shipper {
                     shipped: AtomicU64::new(0),
                     dropped: AtomicU64::new(0),
                     connected: AtomicBool::new(false),
+                    resync: AtomicBool::new(false),
+                    dropped_from: Mutex::new(None),
                 })
             })
             .collect();
@@ -189,6 +217,7 @@ impl Shipper {
                 lost_upstream: AtomicU64::new(0),
                 dests,
                 disk,
+                disk_errors: AtomicU64::new(0),
             }),
         }
     }
@@ -223,23 +252,29 @@ impl Shipper {
                 Arc::from(frame)
             })
             .collect();
+        let mut at = Vec::with_capacity(frames.len());
         if let Some(disk) = &self.shared.disk {
-            if let Err(e) = disk.append(frames.iter().map(|f| &f[..])) {
-                tracing::warn!(error = %e, "writing the host's log to disk failed");
+            if let Err(e) = disk.append(frames.iter().map(|f| &f[..]), &mut at) {
+                let n = self.shared.disk_errors.fetch_add(1, Ordering::Relaxed);
+                // The first failure, then one in 10,000 (a full disk fails every line).
+                if n.is_multiple_of(10_000) {
+                    tracing::warn!(error = %e, failures = n + 1, "writing the host's log to disk failed");
+                }
             }
         }
         for d in &self.shared.dests {
             let mut dropped = 0;
             {
                 let mut q = d.queue.lock().unwrap_or_else(|e| e.into_inner());
-                for f in &frames {
+                for (i, f) in frames.iter().enumerate() {
                     if q.len() >= d.capacity {
-                        if let Some((lost_app, _)) = q.pop_front() {
-                            d.note_lost(lost_app, 1);
+                        if let Some(lost) = q.pop_front() {
+                            d.lost(lost);
                         }
                         dropped += 1;
                     }
-                    q.push_back((app.clone(), f.clone()));
+                    let stored = at.get(i).map_or(Stored::Nowhere, |&p| Stored::Disk(p));
+                    q.push_back((app.clone(), f.clone(), stored));
                 }
             }
             if dropped > 0 {
@@ -298,6 +333,19 @@ impl Shipper {
 }
 
 impl Dest {
+    /// A frame the queue could not keep: counted for its app's notice, and when the disk
+    /// log has it, sent from there once the queue is drained.
+    fn lost(&self, f: Frame) {
+        if let Some(p) = f.2.pos() {
+            let mut from = self.dropped_from.lock().unwrap_or_else(|e| e.into_inner());
+            if from.is_none_or(|q| p < q) {
+                *from = Some(p);
+            }
+            self.resync.store(true, Ordering::Relaxed);
+        }
+        self.note_lost(f.0, 1);
+    }
+
     fn note_lost(&self, app: Arc<str>, n: u64) {
         *self
             .lost_by_app
@@ -327,7 +375,7 @@ impl Dest {
                     "flynn-host: {n} log lines were dropped while the log aggregator was unreachable"
                 );
                 encode(&mut frame, &h, msg.as_bytes());
-                (app, Arc::from(frame))
+                (app, Arc::from(frame), Stored::Notice)
             })
             .collect()
     }
@@ -378,10 +426,34 @@ impl Recent {
             self.pop();
         }
         let mut buf = Vec::with_capacity(self.bytes);
-        for (_, (_, f)) in &self.frames {
+        for (_, (_, f, _)) in &self.frames {
             buf.extend_from_slice(f);
         }
         buf
+    }
+
+    /// Drops the frames older than [`RECENT_AGE`]; then the disk position of the first of
+    /// the rest (`Some(None)`: there are none), or `None` when a line among them is not on
+    /// disk (its write failed). Drop notices are never on disk and do not count.
+    fn first_pos(&mut self, now: tokio::time::Instant) -> Option<Option<crate::logdisk::Pos>> {
+        while self
+            .frames
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > RECENT_AGE)
+        {
+            self.pop();
+        }
+        let mut first = None;
+        for (_, (_, _, stored)) in &self.frames {
+            match stored {
+                Stored::Disk(p) => {
+                    first.get_or_insert(*p);
+                }
+                Stored::Notice => {}
+                Stored::Nowhere => return None,
+            }
+        }
+        Some(first)
     }
 }
 
@@ -399,51 +471,80 @@ fn set_timeouts(conn: &tokio::net::TcpStream) {
 }
 
 enum Resend {
-    /// What the disk held after the aggregator's cursor was written.
+    /// What the disk held from the resend point was written (maybe nothing).
     Done,
-    /// No disk log, no API address, or the cursor could not be had.
+    /// No disk log.
     NotAvailable,
     WriteFailed,
 }
 
-/// On a new connection: asks the aggregator for this host's cursor and writes what the
-/// disk log holds after it, up to where the send queue starts (the queue follows). When
-/// the log reaches back to the cursor, nothing was lost after all: the drop notices
-/// pending for this aggregator are withdrawn.
-async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream) -> Resend {
-    let (Some(disk), Some(api)) = (s.disk.clone(), s.api.as_deref()) else {
+/// Why [`resend_from_disk`] runs.
+enum Start {
+    /// A new connection, with the disk position of the first recent frame, if they are
+    /// to come from the disk.
+    Connect(Option<crate::logdisk::Pos>),
+    /// The queue dropped frames while connected, now drained.
+    Resync,
+}
+
+/// Writes frames from the disk log, up to where the send queue starts (the queue follows):
+/// from the earliest frame the queue dropped, and on a new connection also from just after
+/// the aggregator's cursor for this host (`GET /cursors`, with `--logagg-api`), or else
+/// from the first recent frame. When everything lost is still on disk the pending drop
+/// notices are withdrawn: nothing was lost after all.
+async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start: Start) -> Resend {
+    use crate::logdisk::Pos;
+    let Some(disk) = s.disk.clone() else {
         return Resend::NotAvailable;
     };
-    let client = flynn_client::logagg::Client::new(api);
-    let cursors = match tokio::time::timeout(Duration::from_secs(3), client.cursors()).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            tracing::warn!(api, error = %e, "cannot read the log aggregator's cursors; resending the last lines only");
-            return Resend::NotAvailable;
-        }
-        Err(_) => {
-            tracing::warn!(
-                api,
-                "the log aggregator's cursors timed out; resending the last lines only"
-            );
-            return Resend::NotAvailable;
-        }
+    let connect = match start {
+        Start::Connect(recent) => Some(recent),
+        Start::Resync => None,
     };
-    let cursor = cursors.get(&s.host).and_then(|c| {
-        let t = flynn_syslog::Timestamp::parse(c.time.as_bytes())?;
-        Some((t, c.seq))
-    });
-    let until = {
+    let cursor = match (&connect, s.api.as_deref()) {
+        (Some(_), Some(api)) => cursor_of(api, &s.host).await,
+        _ => None,
+    };
+    let disk2 = disk.clone();
+    let point = match cursor {
+        Some(c) => match tokio::task::spawn_blocking(move || disk2.resume_point(c)).await {
+            Ok(Ok(p)) => Some(p),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading the host's log from disk failed");
+                None
+            }
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let dropped = s
+        .dropped_from
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    // Where to start: the earliest of what applies.
+    let mut from: Option<Pos> = dropped;
+    let mut covered = dropped.is_none_or(|d| disk.holds(d));
+    match (connect, point) {
+        (Some(_), Some((p, reaches))) => {
+            from = Some(from.map_or(p, |f| f.min(p)));
+            covered &= reaches;
+        }
+        (Some(Some(p)), None) => from = Some(from.map_or(p, |f| f.min(p))),
+        _ => {}
+    }
+    let Some(from) = from else {
+        return Resend::Done;
+    };
+    let until: Option<Pos> = {
         let q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.front().and_then(|(_, f)| crate::logdisk::key_of_frame(f))
+        q.iter().find_map(|(_, _, stored)| stored.pos())
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
     let reader = tokio::task::spawn_blocking(move || {
-        let (from, reaches) = disk.resume_point(cursor)?;
-        disk.read_from(from, until, |chunk| {
+        disk.read_range(from, until, |chunk| {
             tx.blocking_send(chunk.to_vec()).is_ok()
-        })?;
-        Ok::<bool, std::io::Error>(reaches)
+        })
     });
     let mut sent = 0usize;
     while let Some(chunk) = rx.recv().await {
@@ -453,27 +554,41 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream) -> Re
         }
         sent += chunk.len();
     }
-    match reader.await {
-        Ok(Ok(reaches)) => {
-            if reaches {
-                s.lost_by_app
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clear();
-            }
-            if sent > 0 {
-                tracing::info!(
-                    bytes = sent,
-                    "resent the host's log after the aggregator's cursor"
-                );
-            }
-            Resend::Done
-        }
+    if !matches!(reader.await, Ok(Ok(()))) {
+        tracing::warn!("reading the host's log from disk failed; some lines were not resent");
+        covered = false;
+    }
+    if covered {
+        s.lost_by_app
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+    if sent > 0 {
+        tracing::info!(bytes = sent, "resent lines from the host's log");
+    }
+    Resend::Done
+}
+
+/// This host's cursor in the aggregator at `api`; `None` when it has none or cannot say.
+async fn cursor_of(api: &str, host: &str) -> Option<crate::logdisk::CursorKey> {
+    let client = flynn_client::logagg::Client::new(api);
+    match tokio::time::timeout(Duration::from_secs(3), client.cursors()).await {
+        Ok(Ok(c)) => Some(c.get(host).and_then(|c| {
+            let t = flynn_syslog::Timestamp::parse(c.time.as_bytes())?;
+            Some((t, c.seq))
+        })),
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "reading the host's log from disk failed");
-            Resend::NotAvailable
+            tracing::warn!(api, error = %e, "cannot read the log aggregator's cursors; resending the recent lines only");
+            None
         }
-        Err(_) => Resend::NotAvailable,
+        Err(_) => {
+            tracing::warn!(
+                api,
+                "the log aggregator's cursors timed out; resending the recent lines only"
+            );
+            None
+        }
     }
 }
 
@@ -498,19 +613,23 @@ async fn run(s: Arc<Dest>, addr: String) {
         };
         let _ = conn.set_nodelay(true);
         set_timeouts(&conn);
-        let again = match resend_from_disk(&s, &mut conn).await {
-            Resend::Done => {
-                // The disk covered what `recent` holds.
+        // The recent frames come from the disk log when it has them all, else as kept.
+        let now = tokio::time::Instant::now();
+        let recent_from = match (&s.disk, recent.first_pos(now)) {
+            (Some(_), Some(p)) => {
                 recent = Recent::default();
-                Vec::new()
+                p
             }
-            Resend::NotAvailable => recent.take_bytes(tokio::time::Instant::now()),
-            Resend::WriteFailed => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
-            }
+            _ => None,
         };
+        let again = recent.take_bytes(now);
+        if let Resend::WriteFailed =
+            resend_from_disk(&s, &mut conn, Start::Connect(recent_from)).await
+        {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+            continue;
+        }
         if !again.is_empty() {
             let res = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&again)).await;
             if !matches!(res, Ok(Ok(()))) {
@@ -525,11 +644,24 @@ async fn run(s: Arc<Dest>, addr: String) {
         s.connected.store(true, Ordering::Relaxed);
         tracing::info!(addr = %addr, "connected to the log aggregator");
         loop {
-            let mut batch: Vec<Frame> = s.take_notices();
+            // Drop notices wait while a resync is due: it may bring the lines back.
+            let mut batch: Vec<Frame> = if s.resync.load(Ordering::Relaxed) {
+                Vec::new()
+            } else {
+                s.take_notices()
+            };
             {
                 let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
                 let n = q.len().min(256);
                 batch.extend(q.drain(..n));
+            }
+            if batch.is_empty() && s.resync.swap(false, Ordering::Relaxed) {
+                // The queue overflowed while connected (an output burst faster than the
+                // aggregator takes it): what it dropped is on the disk log.
+                match resend_from_disk(&s, &mut conn, Start::Resync).await {
+                    Resend::WriteFailed => break,
+                    Resend::Done | Resend::NotAvailable => continue,
+                }
             }
             if batch.is_empty() {
                 // Wake on new lines; poll now and then to notice a closed connection.
@@ -546,8 +678,8 @@ async fn run(s: Arc<Dest>, addr: String) {
                 }
                 continue;
             }
-            let mut buf = Vec::with_capacity(batch.iter().map(|(_, f)| f.len()).sum());
-            for (_, f) in &batch {
+            let mut buf = Vec::with_capacity(batch.iter().map(|(_, f, _)| f.len()).sum());
+            for (_, f, _) in &batch {
                 buf.extend_from_slice(f);
             }
             let res = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&buf)).await;
@@ -562,18 +694,18 @@ async fn run(s: Arc<Dest>, addr: String) {
             // Put the batch back (oldest first), within capacity.
             let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
             let mut lost = 0u64;
-            let mut lost_apps = Vec::new();
+            let mut lost_frames = Vec::new();
             for f in batch.into_iter().rev() {
                 if q.len() >= s.capacity {
                     lost += 1;
-                    lost_apps.push(f.0);
+                    lost_frames.push(f);
                     continue;
                 }
                 q.push_front(f);
             }
             drop(q);
-            for app in lost_apps {
-                s.note_lost(app, 1);
+            for f in lost_frames {
+                s.lost(f);
             }
             if lost > 0 {
                 s.dropped.fetch_add(lost, Ordering::Relaxed);

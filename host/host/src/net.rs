@@ -424,16 +424,18 @@ impl Network {
         {
             let mut pool = self.pool();
             let a = self.alloc();
-            let held: Vec<String> = a
+            let held = a
                 .allocations()
-                .map(|(o, _)| o.to_string())
-                .filter(|o| !o.starts_with(POOL_PREFIX) || pool.taken.values().any(|k| k == o))
-                .collect();
-            if !held.is_empty() || !pool.taken.is_empty() {
-                return Err(format!(
-                    "{} job(s) hold addresses in it",
-                    held.len().max(pool.taken.len())
-                ));
+                .filter(|(o, _)| !o.starts_with(POOL_PREFIX) || pool.taken.values().any(|k| k == o))
+                .count();
+            if held > 0 {
+                return Err(format!("{held} job(s) hold addresses in it"));
+            }
+            // What `job-netns.json` still records has no address behind it (a teardown
+            // that freed the address and then could not save the record): stale.
+            if !pool.taken.is_empty() {
+                self.save_taken(&BTreeMap::new())?;
+                pool.taken.clear();
             }
             pool.retired = true;
         }
@@ -443,6 +445,17 @@ impl Network {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         self.drain_pool().await;
+        // Pooled namespaces that left the pool without being removed (a failed removal).
+        let leftovers: Vec<String> = self
+            .alloc()
+            .allocations()
+            .map(|(o, _)| o.to_string())
+            .collect();
+        for key in leftovers {
+            if let Err(e) = self.destroy(&key).await {
+                tracing::warn!(key, error = %e, "removing a pooled namespace failed");
+            }
+        }
         let left = self.alloc().allocations().count();
         if left > 0 || self.pool().refilling {
             self.pool().retired = false;

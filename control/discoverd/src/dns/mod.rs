@@ -32,10 +32,17 @@ use crate::node::Node;
 /// How long a proxy waits for a peer's answer about a service.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A registry holding only `service`, as a peer reports it (instances and leader), for a
-/// proxy to answer from. `None` when no peer answered.
-async fn from_peer(node: &Node, service: &str) -> Option<crate::store::state::Registry> {
-    use crate::store::types::{Instance, LeaderType, ServiceConfig};
+/// What a peer says about one service: its instances and its leader.
+#[derive(Clone)]
+struct PeerView {
+    insts: Vec<crate::store::types::Instance>,
+    leader: Option<crate::store::types::Instance>,
+}
+
+/// Asks a random peer's HTTP API about `service` (both requests at once). `None` when no
+/// peer answered.
+async fn peer_view(node: &Node, service: &str) -> Option<PeerView> {
+    use crate::store::types::Instance;
     let peers = node.peer_addrs();
     if peers.is_empty() {
         return None;
@@ -48,21 +55,28 @@ async fn from_peer(node: &Node, service: &str) -> Option<crate::store::state::Re
             .timeout(PEER_TIMEOUT)
             .send()
     };
+    let (insts, leader) = tokio::join!(get("/instances"), get("/leader"));
     // 404 from either: no instances (or no service) / no leader.
-    let insts: Vec<Instance> = match get("/instances").await.ok()? {
+    let insts: Vec<Instance> = match insts.ok()? {
         r if r.status() == reqwest::StatusCode::NOT_FOUND => Vec::new(),
         r if r.status().is_success() => r.json().await.ok()?,
         _ => return None,
     };
-    let leader: Option<Instance> = match get("/leader").await.ok()? {
+    let leader: Option<Instance> = match leader.ok()? {
         r if r.status() == reqwest::StatusCode::NOT_FOUND => None,
         r if r.status().is_success() => Some(r.json().await.ok()?),
         _ => return None,
     };
+    Some(PeerView { insts, leader })
+}
+
+/// A registry holding only `service` as `view` has it, for a proxy to answer from.
+fn registry_of(service: &str, view: PeerView) -> crate::store::state::Registry {
+    use crate::store::types::{LeaderType, ServiceConfig};
     let mut reg = crate::store::state::Registry::default();
     // A service without instances reads as unknown here (the API answers 404 for both).
-    if insts.is_empty() && leader.is_none() {
-        return Some(reg);
+    if view.insts.is_empty() && view.leader.is_none() {
+        return reg;
     }
     reg.data.services.insert(
         service.to_string(),
@@ -70,19 +84,76 @@ async fn from_peer(node: &Node, service: &str) -> Option<crate::store::state::Re
             leader_type: LeaderType::Manual,
         },
     );
-    if let Some(l) = leader {
+    if let Some(l) = view.leader {
         reg.data.leaders.insert(service.to_string(), l.id);
     }
     reg.data.instances.insert(
         service.to_string(),
-        insts.into_iter().map(|i| (i.id.clone(), i)).collect(),
+        view.insts.into_iter().map(|i| (i.id.clone(), i)).collect(),
     );
-    Some(reg)
+    reg
+}
+
+/// A proxy's recent peer answers, per service, kept for [`PeerCache::FOR`]: a job resolving
+/// the same name again and again (every connection, or every lookup of a resolver without a
+/// cache) costs the peers one request pair a second at most, and a hit answers at once.
+/// Failures are not kept.
+#[derive(Default)]
+struct PeerCache {
+    views: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, PeerView)>>,
+}
+
+impl PeerCache {
+    const FOR: Duration = Duration::from_secs(1);
+    /// Services kept at most; past it, stale entries go, then all.
+    const MAX: usize = 4096;
+
+    fn get(&self, service: &str, now: std::time::Instant) -> Option<PeerView> {
+        let m = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(service)
+            .filter(|(at, _)| now.saturating_duration_since(*at) < Self::FOR)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn put(&self, service: &str, view: PeerView, now: std::time::Instant) {
+        let mut m = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= Self::MAX && !m.contains_key(service) {
+            m.retain(|_, (at, _)| now.saturating_duration_since(*at) < Self::FOR);
+            if m.len() >= Self::MAX {
+                m.clear();
+            }
+        }
+        m.insert(service.to_string(), (now, view));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.views.lock().unwrap().len()
+    }
+}
+
+/// The registry a proxy answers `service` from: the cached peer view, or a fresh one.
+async fn from_peer(
+    node: &Node,
+    cache: &PeerCache,
+    service: &str,
+) -> Option<crate::store::state::Registry> {
+    let now = std::time::Instant::now();
+    let view = match cache.get(service, now) {
+        Some(v) => v,
+        None => {
+            let v = peer_view(node, service).await?;
+            cache.put(service, v.clone(), now);
+            v
+        }
+    };
+    Some(registry_of(service, view))
 }
 
 struct Handler {
     node: Arc<Node>,
     recursors: Vec<SocketAddr>,
+    peer_cache: PeerCache,
 }
 
 /// Binds UDP and TCP on `addr` (the same port for both; port 0 picks one) and serves in
@@ -116,7 +187,11 @@ async fn run(
     node: Arc<Node>,
     recursors: Vec<SocketAddr>,
 ) {
-    let mut server = Server::new(Handler { node, recursors });
+    let mut server = Server::new(Handler {
+        node,
+        recursors,
+        peer_cache: PeerCache::default(),
+    });
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5), 64);
     // The server's tasks live as long as it does.
@@ -182,7 +257,9 @@ impl RequestHandler for Handler {
                 let tcp = request.protocol() == Protocol::Tcp;
                 let q = info.query.original();
                 let proxied = match zone::service_of(q.name()) {
-                    Some(svc) if !self.node.is_peer() => Some(from_peer(&self.node, &svc).await),
+                    Some(svc) if !self.node.is_peer() => {
+                        Some(from_peer(&self.node, &self.peer_cache, &svc).await)
+                    }
                     _ => None,
                 };
                 let (found, following) = match &proxied {
@@ -263,5 +340,90 @@ impl RequestHandler for Handler {
                 .into()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn view(n: usize) -> PeerView {
+        let insts = (0..n)
+            .map(|i| crate::store::types::Instance {
+                id: format!("i{i}"),
+                addr: format!("10.0.0.{i}:80"),
+                ..Default::default()
+            })
+            .collect();
+        PeerView {
+            insts,
+            leader: None,
+        }
+    }
+
+    #[test]
+    fn peer_answers_are_kept_for_a_second_and_bounded() {
+        let c = PeerCache::default();
+        let t0 = Instant::now();
+        assert!(c.get("a", t0).is_none());
+        c.put("a", view(2), t0);
+        assert_eq!(
+            c.get("a", t0 + Duration::from_millis(900))
+                .unwrap()
+                .insts
+                .len(),
+            2
+        );
+        assert!(
+            c.get("a", t0 + PeerCache::FOR).is_none(),
+            "kept past its second"
+        );
+        // A newer answer replaces it.
+        c.put("a", view(1), t0 + Duration::from_secs(2));
+        assert_eq!(
+            c.get("a", t0 + Duration::from_secs(2)).unwrap().insts.len(),
+            1
+        );
+
+        // Bounded: at the limit, stale entries go first, then all.
+        let c = PeerCache::default();
+        for i in 0..PeerCache::MAX {
+            c.put(&format!("s{i}"), view(0), t0);
+        }
+        assert_eq!(c.len(), PeerCache::MAX);
+        let soon = t0 + Duration::from_millis(500);
+        c.put("s0", view(1), soon);
+        assert_eq!(
+            c.len(),
+            PeerCache::MAX,
+            "a service already kept is replaced in place"
+        );
+        c.put("fresh", view(0), soon);
+        assert_eq!(c.len(), 1, "all fresh: everything dropped to make room");
+        let c = PeerCache::default();
+        for i in 0..PeerCache::MAX - 1 {
+            c.put(&format!("s{i}"), view(0), t0);
+        }
+        let later = t0 + Duration::from_secs(5);
+        c.put("kept", view(0), later);
+        c.put("new", view(0), later);
+        assert_eq!(
+            c.len(),
+            2,
+            "every stale entry dropped to make room, fresh ones kept"
+        );
+        assert!(c.get("kept", later).is_some() && c.get("new", later).is_some());
+    }
+
+    #[test]
+    fn a_peer_view_becomes_a_registry_of_that_service() {
+        let mut v = view(2);
+        v.leader = Some(v.insts[1].clone());
+        let reg = registry_of("web", v);
+        assert_eq!(reg.data.instances["web"].len(), 2);
+        assert_eq!(reg.data.leaders["web"], "i1");
+        let empty = registry_of("web", view(0));
+        assert!(!empty.data.services.contains_key("web"));
     }
 }

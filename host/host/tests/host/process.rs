@@ -196,6 +196,45 @@ async fn a_restarted_aggregator_gets_the_host_log_after_its_cursor() {
     assert_eq!(got, want, "every line once, in order, and no drop notice");
 }
 
+/// An output burst larger than the send queue while the aggregator is up: the lines the
+/// queue dropped are on disk and are sent again once the queue is drained, so all arrive
+/// and no drop notice is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_the_send_queue_is_resent_from_disk() {
+    let (_agg, syslog, api) = logagg();
+    let h = Host::start(&[
+        "--runtime",
+        "process",
+        "--logagg",
+        &syslog,
+        "--logagg-api",
+        &api,
+        "--log-buffer",
+        "5",
+    ]);
+    let app = unique("app");
+    let mut job = sh_job(
+        &h.job_id("burst"),
+        "i=0; while [ $i -lt 300 ]; do i=$((i+1)); echo burst-$i; done",
+    );
+    job.config.env.insert("FLYNN_APP_ID".into(), app.clone());
+    h.client.add_job(&job).await.unwrap();
+    wait_ended(&h.client, &job.id, Duration::from_secs(20)).await;
+    let want: Vec<String> = (1..=300).map(|i| format!("burst-{i}")).collect();
+    let mut got = Vec::new();
+    eventually(Duration::from_secs(15), "all 300 lines", || {
+        got = log_lines(&api, &app)
+            .iter()
+            .map(|l| l["msg"].as_str().unwrap_or_default().to_string())
+            .collect();
+        got.len() >= want.len()
+    })
+    .await;
+    assert_eq!(got, want, "every line once, in order, and no drop notice");
+    // The queue did overflow (so the disk is what brought the lines).
+    assert!(h.client.status().await.unwrap().log.dropped > 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_env_and_ports_reach_the_aggregator() {
     let (_agg, syslog, api) = logagg();
