@@ -395,6 +395,11 @@ impl Host {
         if let Err(e) = self.store.save(job) {
             tracing::error!(job = %job.job.id, error = ?e, "persisting job state failed");
         }
+        self.broadcast(kind, job);
+    }
+
+    /// Publishes a transition already persisted.
+    fn broadcast(&self, kind: EventKind, job: &ActiveJob) {
         let _ = self.events.send(Event {
             event: kind,
             job_id: job.job.id.clone(),
@@ -612,7 +617,18 @@ impl Host {
                 volumes::check_free(&inner.table, &job)?;
             }
             let aj = inner.table.add(job, &self.id, now_rfc3339())?.clone();
-            self.publish(EventKind::Create, &aj);
+            // Recorded before anything runs: a job whose state cannot be saved would be
+            // unknown to the next daemon, which kills what it finds of it.
+            if let Err(e) = self.store.save(&aj) {
+                inner.table.unadd(&id);
+                tracing::error!(job = %id, error = ?e, "persisting a new job failed; not starting it");
+                return Err(ApiError::new(
+                    flynn_api::ErrorCode::UnknownError,
+                    format!("host: cannot record the job: {e}"),
+                )
+                .with_retry(true));
+            }
+            self.broadcast(EventKind::Create, &aj);
         }
         let host = self.clone();
         tokio::spawn(async move { host.start(id).await });

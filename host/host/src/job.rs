@@ -353,6 +353,17 @@ impl Table {
         self.jobs.insert(job.job.id.clone(), job);
     }
 
+    /// Takes back a job [`Table::add`] just made (its state could not be recorded).
+    pub fn unadd(&mut self, id: &str) {
+        if self
+            .jobs
+            .get(id)
+            .is_some_and(|j| j.status == JobStatus::Starting && j.pid.is_none())
+        {
+            self.jobs.remove(id);
+        }
+    }
+
     /// A new job in `starting`; 409 when the id is taken.
     pub fn add(&mut self, job: Job, host_id: &str, now: String) -> Result<&ActiveJob, ApiError> {
         if self.jobs.contains_key(&job.id) {

@@ -196,6 +196,36 @@ async fn a_restarted_aggregator_gets_the_host_log_after_its_cursor() {
     assert_eq!(got, want, "every line once, in order, and no drop notice");
 }
 
+/// A job whose state cannot be recorded is refused (500, retry) and never started: the
+/// next daemon would not know it and would kill what it found of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_cannot_be_recorded_is_not_started() {
+    let h = Host::start(&["--runtime", "process"]);
+    let id = h.job_id("unrecorded");
+    let marker = h.dir.path().join("ran");
+    // A directory where the job's state file goes: its write fails.
+    std::fs::create_dir_all(h.dir.path().join("jobs").join(format!("{id}.json"))).unwrap();
+    let job = sh_job(&id, &format!("touch {}", marker.display()));
+    let e = h.client.add_job(&job).await.unwrap_err();
+    let api = e.api().unwrap_or_else(|| panic!("{e}"));
+    assert_eq!(api.status(), 500, "{e}");
+    assert!(
+        api.message.contains("cannot record the job"),
+        "{}",
+        api.message
+    );
+    assert!(api.retry);
+    let e = h.client.get_job(&id).await.unwrap_err();
+    assert_eq!(e.api().map(|a| a.status()), Some(404), "{e}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!marker.exists(), "the job ran");
+    // Once the state can be written, the same id starts.
+    std::fs::remove_dir(h.dir.path().join("jobs").join(format!("{id}.json"))).unwrap();
+    h.client.add_job(&job).await.unwrap();
+    wait_ended(&h.client, &id, Duration::from_secs(10)).await;
+    assert!(marker.exists());
+}
+
 /// An output burst larger than the send queue while the aggregator is up: the lines the
 /// queue dropped are on disk and are sent again once the queue is drained, so all arrive
 /// and no drop notice is written.
