@@ -276,6 +276,11 @@ async fn cursors(State(sh): State<Arc<Shared>>) -> Response {
 struct SnapshotState {
     store: Arc<Store>,
     pos: HashMap<Box<[u8]>, u64>,
+    /// Every app's next sequence number when the snapshot began: the end marker goes out
+    /// once `pos` reaches it, however fast lines keep arriving after.
+    horizon: HashMap<Box<[u8]>, u64>,
+    /// Where the next read starts (see [`Store::read_all_fair`]).
+    next_shard: usize,
     live: bool,
     follow: Option<crate::store::FollowAll>,
     done: bool,
@@ -287,10 +292,15 @@ async fn next_snapshot(mut s: SnapshotState) -> Option<(Result<Bytes, Infallible
     }
     let store = s.store.clone();
     loop {
+        if !s.live && store.reached(&s.pos, &s.horizon) {
+            s.live = true;
+            s.done = s.follow.is_none();
+            return Some((Ok(Bytes::from_static(peer::END)), s));
+        }
         let notified = store.any_notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let batch = store.read_all_since(&mut s.pos, 1000);
+        let batch = store.read_all_fair(&mut s.pos, &mut s.next_shard, 1000);
         if !batch.is_empty() {
             let mut out = Vec::with_capacity(batch.len() * 256);
             for (app, l) in &batch {
@@ -314,11 +324,16 @@ async fn snapshot(State(sh): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Respo
     let follow = query_map(q.as_deref())
         .get("follow")
         .is_some_and(|f| f == "true");
+    // Followers first, so no line arrives between the horizon and the registration unseen
+    // (lines are read by position anyway; the registration only wakes the stream).
+    let follow = follow.then(|| sh.store.follow_all());
     let st = SnapshotState {
         store: sh.store.clone(),
         pos: HashMap::new(),
+        horizon: sh.store.heads(),
+        next_shard: 0,
         live: false,
-        follow: follow.then(|| sh.store.follow_all()),
+        follow,
         done: false,
     };
     (
@@ -389,6 +404,70 @@ mod tests {
     use super::*;
     use crate::store::Limits;
     use flynn_syslog::{parse_fields, Timestamp};
+
+    /// A snapshot's end marker comes once every line stored when it began was sent, even
+    /// while one app takes more lines per read than a read returns (it used to come only
+    /// when a read found nothing new, so a starting peer could wait for good).
+    #[tokio::test]
+    async fn snapshot_ends_under_ingest_faster_than_it_reads() {
+        let store = Arc::new(Store::new(Limits {
+            lines_per_app: 100_000,
+            max_memory: usize::MAX,
+        }));
+        let seq = std::cell::Cell::new(0i64);
+        let put = |app: &str| {
+            let i = seq.get() + 1;
+            seq.set(i);
+            let ts = Timestamp(1_257_894_000_000_000_000 + i * 1000).to_rfc3339();
+            let frame = format!("<190>1 {ts} h {app} web.j ID1 [flynn seq=\"{i}\"] l{i}");
+            let f = parse_fields(frame.as_bytes()).unwrap();
+            store.insert(app.as_bytes(), frame.as_bytes(), &f, f.ts.unwrap());
+        };
+        let quiet: Vec<String> = (0..20).map(|i| format!("quiet{i}")).collect();
+        for q in &quiet {
+            for _ in 0..50 {
+                put(q);
+            }
+        }
+        for _ in 0..2_000 {
+            put("busy");
+        }
+        let mut st = SnapshotState {
+            store: store.clone(),
+            pos: HashMap::new(),
+            horizon: store.heads(),
+            next_shard: 0,
+            live: false,
+            follow: Some(store.follow_all()),
+            done: false,
+        };
+        let mut quiet_lines = 0;
+        let mut ended = false;
+        for _ in 0..200 {
+            // More new lines for the busy app than one read returns.
+            for _ in 0..1_500 {
+                put("busy");
+            }
+            let (chunk, next) = tokio::time::timeout(Duration::from_secs(1), next_snapshot(st))
+                .await
+                .expect("snapshot stalled")
+                .unwrap();
+            st = next;
+            let chunk = chunk.unwrap();
+            if &chunk[..] == peer::END {
+                ended = true;
+                break;
+            }
+            quiet_lines += chunk
+                .windows(b" quiet".len())
+                .filter(|w| w == b" quiet")
+                .count();
+        }
+        assert!(ended, "no end marker while the busy app kept growing");
+        // Each quiet line's record names its app once (the record's app field) and once in
+        // its frame's APP-NAME: every one of them was sent before the end marker.
+        assert_eq!(quiet_lines, 2 * 20 * 50);
+    }
 
     #[tokio::test]
     async fn filtered_follower_reads_past_a_long_run_of_other_lines() {

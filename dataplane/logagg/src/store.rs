@@ -316,6 +316,9 @@ fn shard_of(app: &[u8]) -> usize {
     (h.finish() >> 32) as usize % SHARDS
 }
 
+/// Lines of one app that one [`Store::read_all_fair`] call takes at most.
+pub const READ_ALL_PER_APP: usize = 256;
+
 /// Per-app figures for metrics.
 #[derive(Debug, Clone)]
 pub struct AppStats {
@@ -727,10 +730,25 @@ impl Store {
         pos: &mut HashMap<Box<[u8]>, u64>,
         max: usize,
     ) -> Vec<(Box<[u8]>, Line)> {
+        self.read_all_fair(pos, &mut 0, max)
+    }
+
+    /// [`Store::read_all_since`] that starts at shard `next_shard` and leaves it where the
+    /// next call should start, taking at most [`READ_ALL_PER_APP`] lines of an app per call:
+    /// a busy app (or shard) cannot keep a reader from ever reaching the others.
+    pub fn read_all_fair(
+        &self,
+        pos: &mut HashMap<Box<[u8]>, u64>,
+        next_shard: &mut usize,
+        max: usize,
+    ) -> Vec<(Box<[u8]>, Line)> {
         let mut out = Vec::new();
-        for i in 0..SHARDS {
+        let first = *next_shard % SHARDS;
+        for k in 0..SHARDS {
+            let i = (first + k) % SHARDS;
             if out.len() >= max {
-                break;
+                *next_shard = i;
+                return out;
             }
             let s = self.shard_at(i);
             for (app, a) in &s.apps {
@@ -738,7 +756,7 @@ impl Store {
                 if a.next_seq <= from || a.ring.is_empty() {
                     continue;
                 }
-                let take = max.saturating_sub(out.len()).max(1);
+                let take = max.saturating_sub(out.len()).clamp(1, READ_ALL_PER_APP);
                 let mut next = from;
                 let mut rest = a.ring.range(a.index_of(from)..);
                 for l in rest.by_ref().take(take) {
@@ -751,7 +769,37 @@ impl Store {
                 pos.insert(app.clone(), next);
             }
         }
+        *next_shard = (first + 1) % SHARDS;
         out
+    }
+
+    /// Every app's next sequence number now: what a reader that started now has to reach
+    /// to have read everything stored before it started.
+    pub fn heads(&self) -> HashMap<Box<[u8]>, u64> {
+        let mut out = HashMap::new();
+        for i in 0..SHARDS {
+            let s = self.shard_at(i);
+            for (app, a) in &s.apps {
+                out.insert(app.clone(), a.next_seq);
+            }
+        }
+        out
+    }
+
+    /// Whether `pos` (as [`Store::read_all_since`] advances it) has reached `heads` (as
+    /// [`Store::heads`] returned them) for every app still stored.
+    pub fn reached(&self, pos: &HashMap<Box<[u8]>, u64>, heads: &HashMap<Box<[u8]>, u64>) -> bool {
+        heads.iter().all(|(app, &head)| {
+            if pos.get(app).copied().unwrap_or(1) >= head {
+                return true;
+            }
+            // An app gone from the store (evicted whole) has nothing left to read; one
+            // whose ring holds nothing before `head` neither.
+            let s = self.shard_at(shard_of(app));
+            s.apps
+                .get(app)
+                .is_none_or(|a| a.ring.is_empty() || a.ring.front().is_none_or(|l| l.seq >= head))
+        })
     }
 
     /// Host cursors merged across shards.
