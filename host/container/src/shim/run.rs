@@ -299,7 +299,7 @@ struct ShimLoop {
     final_queued: bool,
     /// The job's pid once started (sent in every `HELLO`).
     pid: u32,
-    /// Signals received and not yet delivered.
+    /// Signals received and not yet delivered, each at most once.
     signals: Vec<i32>,
     /// The shim's write end of the job's stdin FIFO, until the daemon closes stdin.
     stdin_hold: Option<OwnedFd>,
@@ -373,7 +373,11 @@ impl ShimLoop {
         loop {
             match wire::decode(&mut c.rbuf) {
                 Ok(Some(Frame::Ack(seq))) => self.outbox.ack(seq),
-                Ok(Some(Frame::Signal(s))) => self.signals.push(s),
+                // A signal already waiting is not queued twice (standard signals do not
+                // queue in the kernel either): at most one of each, however many come
+                // before the job starts.
+                Ok(Some(Frame::Signal(s))) if !self.signals.contains(&s) => self.signals.push(s),
+                Ok(Some(Frame::Signal(_))) => {}
                 Ok(Some(Frame::CloseStdin)) => self.stdin_hold = None,
                 Ok(Some(_)) | Err(_) => {
                     drop_client = true;
