@@ -461,11 +461,16 @@ pub struct LogStats {
     pub lines: u64,
     /// Lines written to the aggregator.
     pub shipped: u64,
-    /// Lines dropped because the buffer was full while the aggregator was unreachable.
+    /// Lines lost: dropped from the full buffer while the aggregator was unreachable and
+    /// not in the host's disk log any more (or it is off), or lost in the job's pipe.
     pub dropped: u64,
     /// Lines waiting in the buffer now.
     pub buffered: u64,
     pub connected: bool,
+    /// Lines the full buffer dropped that were (or will be) sent again from the host's
+    /// disk log.
+    #[serde(default)]
+    pub requeued: u64,
 }
 
 /// `GET /host/status`.

@@ -352,8 +352,13 @@ async fn metrics(State(host): State<Arc<Host>>) -> Response {
         ),
         (
             "flynn_host_log_lines_dropped_total",
-            "Lines dropped (buffer full while the aggregator was unreachable, or lost in the job's pipe).",
+            "Lines lost (buffer full while the aggregator was unreachable and not kept in the host's disk log, or lost in the job's pipe).",
             l.dropped,
+        ),
+        (
+            "flynn_host_log_lines_requeued_total",
+            "Lines the full buffer dropped that the host's disk log sends again.",
+            l.requeued,
         ),
         (
             "flynn_host_log_lines_buffered",

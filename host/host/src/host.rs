@@ -342,14 +342,20 @@ impl Host {
                     let Some(setup) = setup else {
                         return Err(refuse("set by --block".into()));
                     };
-                    // Retryable: the agent keeps offering the block, and the host moves
-                    // once its jobs are gone.
-                    n.retire().await.map_err(|e| refuse(e).with_retry(true))?;
-                    // The old one is out of service from here on, whatever happens next:
-                    // when the new one cannot be made, the agent's retry (it gets a 500)
-                    // finds no network and makes it. Starting jobs wait meanwhile.
+                    // Jobs starting meanwhile wait for the new network instead of taking
+                    // the old one.
                     self.net_ready.send_replace(false);
                     self.set_network(None);
+                    if let Err(e) = n.retire().await {
+                        self.set_network(Some(n.clone()));
+                        self.net_ready.send_replace(true);
+                        // Retryable: the agent keeps offering the block, and the host
+                        // moves once its jobs are gone.
+                        return Err(refuse(e).with_retry(true));
+                    }
+                    // The old one is out of service from here on, whatever happens next:
+                    // when the new one cannot be made, the agent's retry (it gets a 500)
+                    // finds no network and makes it.
                     let n = setup.open(block, mtu).await.map_err(|e| {
                         tracing::warn!(%block, error = %format!("{e:#}"), "configuring the job network failed");
                         ApiError::unknown()

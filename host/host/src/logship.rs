@@ -141,12 +141,42 @@ struct Dest {
     notify: Notify,
     shipped: AtomicU64,
     dropped: AtomicU64,
+    requeued: AtomicU64,
     connected: AtomicBool,
     /// The queue dropped frames that the disk log has: once the queue is drained, they
-    /// are sent from the disk (see `dropped_from`).
+    /// are sent from the disk (see [`Dropped`]).
     resync: AtomicBool,
-    /// The disk position of the earliest frame the queue dropped since the last resend.
-    dropped_from: Mutex<Option<crate::logdisk::Pos>>,
+    due: Mutex<Dropped>,
+}
+
+/// Frames the queue dropped that the disk log has, not sent again yet. Their lines are
+/// counted per app here, not in `lost_by_app`: a notice goes out for them only if the
+/// disk can no longer give them back.
+#[derive(Default)]
+struct Dropped {
+    /// From the first one's position to the end of the last one (the queue drops its
+    /// oldest, and is in disk order, so every frame between was sent).
+    range: Option<(crate::logdisk::Pos, crate::logdisk::Pos)>,
+    by_app: std::collections::BTreeMap<Arc<str>, u64>,
+}
+
+impl Dropped {
+    fn add_range(&mut self, from: crate::logdisk::Pos, to: crate::logdisk::Pos) {
+        self.range = Some(match self.range {
+            Some((a, b)) => (a.min(from), b.max(to)),
+            None => (from, to),
+        });
+    }
+
+    /// Puts back what [`std::mem::take`] took (a resend that failed).
+    fn merge(&mut self, other: Dropped) {
+        if let Some((a, b)) = other.range {
+            self.add_range(a, b);
+        }
+        for (app, n) in other.by_app {
+            *self.by_app.entry(app).or_default() += n;
+        }
+    }
 }
 
 struct Shared {
@@ -158,6 +188,9 @@ struct Shared {
     dests: Vec<Arc<Dest>>,
     disk: Option<Arc<crate::logdisk::DiskLog>>,
     disk_errors: AtomicU64,
+    /// Held across a push's disk write and its queue inserts, so every queue is in disk
+    /// order (a resend relies on it: what a queue dropped lies before what it holds).
+    order: Mutex<()>,
 }
 
 /// Cheap to clone; lines pushed are shipped to every configured aggregator (spec §3.1)
@@ -200,9 +233,10 @@ impl Shipper {
                     notify: Notify::new(),
                     shipped: AtomicU64::new(0),
                     dropped: AtomicU64::new(0),
+                    requeued: AtomicU64::new(0),
                     connected: AtomicBool::new(false),
                     resync: AtomicBool::new(false),
-                    dropped_from: Mutex::new(None),
+                    due: Mutex::new(Dropped::default()),
                 })
             })
             .collect();
@@ -218,6 +252,7 @@ impl Shipper {
                 dests,
                 disk,
                 disk_errors: AtomicU64::new(0),
+                order: Mutex::new(()),
             }),
         }
     }
@@ -253,6 +288,7 @@ impl Shipper {
             })
             .collect();
         let mut at = Vec::with_capacity(frames.len());
+        let _order = self.shared.order.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(disk) = &self.shared.disk {
             if let Err(e) = disk.append(frames.iter().map(|f| &f[..]), &mut at) {
                 let n = self.shared.disk_errors.fetch_add(1, Ordering::Relaxed);
@@ -269,9 +305,10 @@ impl Shipper {
                 for (i, f) in frames.iter().enumerate() {
                     if q.len() >= d.capacity {
                         if let Some(lost) = q.pop_front() {
-                            d.lost(lost);
+                            if !d.lost(lost) {
+                                dropped += 1;
+                            }
                         }
-                        dropped += 1;
                     }
                     let stored = at.get(i).map_or(Stored::Nowhere, |&p| Stored::Disk(p));
                     q.push_back((app.clone(), f.clone(), stored));
@@ -328,22 +365,43 @@ impl Shipper {
                 .max()
                 .unwrap_or(0),
             connected: !d.is_empty() && d.iter().all(|d| d.connected.load(Ordering::Relaxed)),
+            requeued: d
+                .iter()
+                .map(|d| d.requeued.load(Ordering::Relaxed))
+                .max()
+                .unwrap_or(0),
         }
     }
 }
 
 impl Dest {
-    /// A frame the queue could not keep: counted for its app's notice, and when the disk
-    /// log has it, sent from there once the queue is drained.
-    fn lost(&self, f: Frame) {
-        if let Some(p) = f.2.pos() {
-            let mut from = self.dropped_from.lock().unwrap_or_else(|e| e.into_inner());
-            if from.is_none_or(|q| p < q) {
-                *from = Some(p);
+    /// A frame the queue could not keep: when the disk log has it, sent from there once
+    /// the queue is drained (true); otherwise counted for its app's notice (false).
+    fn lost(&self, f: Frame) -> bool {
+        match f.2 {
+            Stored::Disk(p) => {
+                let end = crate::logdisk::Pos {
+                    seg: p.seg,
+                    offset: p.offset + f.1.len() as u64,
+                };
+                let mut d = self.due.lock().unwrap_or_else(|e| e.into_inner());
+                d.add_range(p, end);
+                *d.by_app.entry(f.0).or_default() += 1;
+                self.resync.store(true, Ordering::Relaxed);
+                let n = self.requeued.fetch_add(1, Ordering::Relaxed) + 1;
+                if n == 1 || n.is_multiple_of(10_000) {
+                    tracing::info!(
+                        requeued_total = n,
+                        "log buffer full: the oldest lines will be sent again from the host's disk log"
+                    );
+                }
+                true
             }
-            self.resync.store(true, Ordering::Relaxed);
+            Stored::Nowhere | Stored::Notice => {
+                self.note_lost(f.0, 1);
+                false
+            }
         }
-        self.note_lost(f.0, 1);
     }
 
     fn note_lost(&self, app: Arc<str>, n: u64) {
@@ -399,6 +457,9 @@ const RECENT_AGE: Duration = Duration::from_secs(45);
 struct Recent {
     frames: VecDeque<(tokio::time::Instant, Frame)>,
     bytes: usize,
+    /// Where the last resend from the disk log started, and when it was written: those
+    /// frames may have been in flight too.
+    resent: Option<(tokio::time::Instant, crate::logdisk::Pos)>,
 }
 
 impl Recent {
@@ -432,9 +493,9 @@ impl Recent {
         buf
     }
 
-    /// Drops the frames older than [`RECENT_AGE`]; then the disk position of the first of
-    /// the rest (`Some(None)`: there are none), or `None` when a line among them is not on
-    /// disk (its write failed). Drop notices are never on disk and do not count.
+    /// Drops what is older than [`RECENT_AGE`]; then the lowest disk position of the rest
+    /// (`Some(None)`: there is nothing), or `None` when a line among them is not on disk
+    /// (its write failed). Drop notices are never on disk and do not count.
     fn first_pos(&mut self, now: tokio::time::Instant) -> Option<Option<crate::logdisk::Pos>> {
         while self
             .frames
@@ -443,11 +504,14 @@ impl Recent {
         {
             self.pop();
         }
-        let mut first = None;
+        let mut first = self
+            .resent
+            .filter(|(at, _)| now.duration_since(*at) <= RECENT_AGE)
+            .map(|(_, p)| p);
         for (_, (_, _, stored)) in &self.frames {
             match stored {
                 Stored::Disk(p) => {
-                    first.get_or_insert(*p);
+                    first = Some(first.map_or(*p, |f: crate::logdisk::Pos| f.min(*p)))
                 }
                 Stored::Notice => {}
                 Stored::Nowhere => return None,
@@ -471,8 +535,8 @@ fn set_timeouts(conn: &tokio::net::TcpStream) {
 }
 
 enum Resend {
-    /// What the disk held from the resend point was written (maybe nothing).
-    Done,
+    /// What was due was written; from there on the disk log, if anything.
+    Done(Option<crate::logdisk::Pos>),
     /// No disk log.
     NotAvailable,
     WriteFailed,
@@ -480,18 +544,18 @@ enum Resend {
 
 /// Why [`resend_from_disk`] runs.
 enum Start {
-    /// A new connection, with the disk position of the first recent frame, if they are
+    /// A new connection, with the lowest disk position of the recent frames, if they are
     /// to come from the disk.
     Connect(Option<crate::logdisk::Pos>),
     /// The queue dropped frames while connected, now drained.
     Resync,
 }
 
-/// Writes frames from the disk log, up to where the send queue starts (the queue follows):
-/// from the earliest frame the queue dropped, and on a new connection also from just after
-/// the aggregator's cursor for this host (`GET /cursors`, with `--logagg-api`), or else
-/// from the first recent frame. When everything lost is still on disk the pending drop
-/// notices are withdrawn: nothing was lost after all.
+/// Writes frames from the disk log: the range the queue dropped (see [`Dropped`]), and on a
+/// new connection also what follows the aggregator's cursor for this host (`GET /cursors`,
+/// with `--logagg-api`) or else the recent frames, up to where the send queue starts (the
+/// queue follows). Dropped lines the disk no longer has get their notice. A failed write
+/// leaves the dropped range due for the next attempt.
 async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start: Start) -> Resend {
     use crate::logdisk::Pos;
     let Some(disk) = s.disk.clone() else {
@@ -508,7 +572,7 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
     let disk2 = disk.clone();
     let point = match cursor {
         Some(c) => match tokio::task::spawn_blocking(move || disk2.resume_point(c)).await {
-            Ok(Ok(p)) => Some(p),
+            Ok(Ok((p, _))) => Some(p),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "reading the host's log from disk failed");
                 None
@@ -517,57 +581,61 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
         },
         None => None,
     };
-    let dropped = s
-        .dropped_from
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    // Where to start: the earliest of what applies.
-    let mut from: Option<Pos> = dropped;
-    let mut covered = dropped.is_none_or(|d| disk.holds(d));
-    match (connect, point) {
-        (Some(_), Some((p, reaches))) => {
-            from = Some(from.map_or(p, |f| f.min(p)));
-            covered &= reaches;
-        }
-        (Some(Some(p)), None) => from = Some(from.map_or(p, |f| f.min(p))),
-        _ => {}
-    }
-    let Some(from) = from else {
-        return Resend::Done;
+    let dropped = std::mem::take(&mut *s.due.lock().unwrap_or_else(|e| e.into_inner()));
+    let min = |a: Option<Pos>, b: Option<Pos>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     };
-    let until: Option<Pos> = {
-        let q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.iter().find_map(|(_, _, stored)| stored.pos())
+    let (from, to) = match connect {
+        // Up to the queue: the queue is in disk order, so everything dropped lies before.
+        Some(recent) => {
+            let from = min(min(dropped.range.map(|r| r.0), point), recent);
+            let until = {
+                let q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
+                q.iter().find_map(|(_, _, stored)| stored.pos())
+            };
+            (from, until)
+        }
+        None => (dropped.range.map(|r| r.0), dropped.range.map(|r| r.1)),
+    };
+    let Some(from) = from else {
+        return Resend::Done(None);
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
+    let disk2 = disk.clone();
     let reader = tokio::task::spawn_blocking(move || {
-        disk.read_range(from, until, |chunk| {
-            tx.blocking_send(chunk.to_vec()).is_ok()
-        })
+        disk2.read_range(from, to, |chunk| tx.blocking_send(chunk.to_vec()).is_ok())
     });
     let mut sent = 0usize;
     while let Some(chunk) = rx.recv().await {
         let res = tokio::time::timeout(Duration::from_secs(30), conn.write_all(&chunk)).await;
         if !matches!(res, Ok(Ok(()))) {
+            // Due again on the next connection.
+            s.due
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .merge(dropped);
+            s.resync.store(true, Ordering::Relaxed);
             return Resend::WriteFailed;
         }
         sent += chunk.len();
     }
-    if !matches!(reader.await, Ok(Ok(()))) {
-        tracing::warn!("reading the host's log from disk failed; some lines were not resent");
-        covered = false;
-    }
-    if covered {
-        s.lost_by_app
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+    let read_ok = matches!(reader.await, Ok(Ok(())));
+    // Checked after the read: a segment dropped meanwhile was read as empty.
+    let covered = read_ok && dropped.range.is_none_or(|(a, _)| disk.holds(a));
+    if !covered {
+        tracing::warn!(
+            "some dropped lines had left the host's log before they could be sent again"
+        );
+        for (app, n) in dropped.by_app {
+            s.dropped.fetch_add(n, Ordering::Relaxed);
+            s.note_lost(app, n);
+        }
     }
     if sent > 0 {
         tracing::info!(bytes = sent, "resent lines from the host's log");
     }
-    Resend::Done
+    Resend::Done(Some(from))
 }
 
 /// This host's cursor in the aggregator at `api`; `None` when it has none or cannot say.
@@ -615,20 +683,23 @@ async fn run(s: Arc<Dest>, addr: String) {
         set_timeouts(&conn);
         // The recent frames come from the disk log when it has them all, else as kept.
         let now = tokio::time::Instant::now();
-        let recent_from = match (&s.disk, recent.first_pos(now)) {
-            (Some(_), Some(p)) => {
-                recent = Recent::default();
-                p
-            }
-            _ => None,
+        let recent_from = if s.disk.is_some() {
+            recent.first_pos(now)
+        } else {
+            None
         };
-        let again = recent.take_bytes(now);
-        if let Resend::WriteFailed =
-            resend_from_disk(&s, &mut conn, Start::Connect(recent_from)).await
-        {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-            continue;
+        let again = match recent_from {
+            Some(_) => Vec::new(),
+            None => recent.take_bytes(now),
+        };
+        match resend_from_disk(&s, &mut conn, Start::Connect(recent_from.flatten())).await {
+            Resend::WriteFailed => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            Resend::Done(Some(from)) => recent.resent = Some((now, from)),
+            Resend::Done(None) | Resend::NotAvailable => {}
         }
         if !again.is_empty() {
             let res = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&again)).await;
@@ -644,12 +715,7 @@ async fn run(s: Arc<Dest>, addr: String) {
         s.connected.store(true, Ordering::Relaxed);
         tracing::info!(addr = %addr, "connected to the log aggregator");
         loop {
-            // Drop notices wait while a resync is due: it may bring the lines back.
-            let mut batch: Vec<Frame> = if s.resync.load(Ordering::Relaxed) {
-                Vec::new()
-            } else {
-                s.take_notices()
-            };
+            let mut batch: Vec<Frame> = s.take_notices();
             {
                 let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
                 let n = q.len().min(256);
@@ -660,7 +726,11 @@ async fn run(s: Arc<Dest>, addr: String) {
                 // aggregator takes it): what it dropped is on the disk log.
                 match resend_from_disk(&s, &mut conn, Start::Resync).await {
                     Resend::WriteFailed => break,
-                    Resend::Done | Resend::NotAvailable => continue,
+                    Resend::Done(Some(from)) => {
+                        recent.resent = Some((tokio::time::Instant::now(), from));
+                        continue;
+                    }
+                    Resend::Done(None) | Resend::NotAvailable => continue,
                 }
             }
             if batch.is_empty() {
@@ -705,7 +775,9 @@ async fn run(s: Arc<Dest>, addr: String) {
             }
             drop(q);
             for f in lost_frames {
-                s.lost(f);
+                if s.lost(f) {
+                    lost -= 1;
+                }
             }
             if lost > 0 {
                 s.dropped.fetch_add(lost, Ordering::Relaxed);

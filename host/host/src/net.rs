@@ -444,6 +444,10 @@ impl Network {
         while self.pool().refilling && std::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        if self.pool().refilling {
+            self.pool().retired = false;
+            return Err("a pooled namespace is still being made".into());
+        }
         self.drain_pool().await;
         // Pooled namespaces that left the pool without being removed (a failed removal).
         let leftovers: Vec<String> = self
@@ -457,7 +461,7 @@ impl Network {
             }
         }
         let left = self.alloc().allocations().count();
-        if left > 0 || self.pool().refilling {
+        if left > 0 {
             self.pool().retired = false;
             return Err(format!("{left} pooled namespace(s) could not be removed"));
         }

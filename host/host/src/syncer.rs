@@ -98,7 +98,7 @@ impl Syncer {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = path.with_file_name(format!(".{name}.{n}.tmp"));
-        {
+        let written = (|| {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(bytes)?;
@@ -106,8 +106,13 @@ impl Syncer {
             // never written can leave an empty file after a power cut (XFS; ext4 mounted
             // `noauto_da_alloc`), and an empty state file stops the daemon's next start.
             f.sync_data()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if let Err(e) = written {
+            // No temporary file left behind per failed write (a full disk, retried).
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
-        std::fs::rename(&tmp, path)?;
         self.file(path);
         Ok(())
     }

@@ -96,8 +96,8 @@ fn registry_of(service: &str, view: PeerView) -> crate::store::state::Registry {
 
 /// A proxy's recent peer answers, per service, kept for [`PeerCache::FOR`]: a job resolving
 /// the same name again and again (every connection, or every lookup of a resolver without a
-/// cache) costs the peers one request pair a second at most, and a hit answers at once.
-/// Failures are not kept.
+/// cache) mostly hits the cache (misses at the same moment each ask a peer), and a hit
+/// answers at once. Failures are not kept; an answer never replaces a newer one.
 #[derive(Default)]
 struct PeerCache {
     views: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, PeerView)>>,
@@ -123,7 +123,13 @@ impl PeerCache {
                 m.clear();
             }
         }
-        m.insert(service.to_string(), (now, view));
+        match m.get(service) {
+            // A slow answer to an older question does not replace a newer one.
+            Some((at, _)) if *at > now => {}
+            _ => {
+                m.insert(service.to_string(), (now, view));
+            }
+        }
     }
 
     #[cfg(test)]
