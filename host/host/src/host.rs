@@ -356,12 +356,7 @@ impl Host {
                     // The old one is out of service from here on, whatever happens next:
                     // when the new one cannot be made, the agent's retry (it gets a 500)
                     // finds no network and makes it.
-                    let n = setup.open(block, mtu).await.map_err(|e| {
-                        tracing::warn!(%block, error = %format!("{e:#}"), "configuring the job network failed");
-                        ApiError::unknown()
-                    })?;
-                    self.set_network(Some(n.clone()));
-                    n.fill_pool();
+                    self.open_network(setup, block, mtu).await?;
                     tracing::warn!(old = %info.subnet, %block, mtu, "job network moved to another block");
                 }
             }
@@ -371,12 +366,7 @@ impl Host {
                 ));
             }
             (None, Some(setup)) => {
-                let n = setup.open(block, mtu).await.map_err(|e| {
-                    tracing::warn!(%block, error = %format!("{e:#}"), "configuring the job network failed");
-                    ApiError::unknown()
-                })?;
-                self.set_network(Some(n.clone()));
-                n.fill_pool();
+                self.open_network(setup, block, mtu).await?;
                 tracing::info!(%block, mtu, job = %cfg.job_id, "job network configured by the overlay agent");
             }
         }
@@ -394,6 +384,23 @@ impl Host {
                 })?;
         }
         Ok(self.status().network.unwrap_or_default())
+    }
+
+    /// Makes the job network for `block` (bridge, allocator), puts it in service and starts
+    /// filling its namespace pool.
+    async fn open_network(
+        &self,
+        setup: &crate::net::Setup,
+        block: flynn_network::Subnet,
+        mtu: u32,
+    ) -> Result<(), ApiError> {
+        let n = setup.open(block, mtu).await.map_err(|e| {
+            tracing::warn!(%block, error = %format!("{e:#}"), "configuring the job network failed");
+            ApiError::unknown()
+        })?;
+        self.set_network(Some(n.clone()));
+        n.fill_pool();
+        Ok(())
     }
 
     /// Persists and publishes a transition.

@@ -6,21 +6,28 @@
 //! queue dropped while it was away, and everything before the daemon restarted.
 //!
 //! Files are `seg-<n>.log` with `n` increasing, each a run of RFC 6587 octet-counted
-//! frames exactly as sent. Each append is one `write` (a crash of the daemon loses nothing
-//! it returned from), not fsynced (a power cut loses what the page cache held). A torn
-//! frame at the end of the last segment (a crash mid-write) is cut off when the log is
-//! opened.
+//! frames exactly as sent. An append only reserves positions (in memory) and hands the
+//! bytes to the log's writer thread, so a slow disk never holds up a job's output or the
+//! daemon's runtime; readers first wait until the writer has caught up with what was
+//! reserved. Not fsynced: a crash loses what the writer had not written yet, a power cut
+//! what the page cache held. A torn frame at the end of the last segment (a crash
+//! mid-write) is cut off when the log is opened. While the writer is more than
+//! [`MAX_PENDING`] bytes behind (a stalled disk), appends are refused rather than queued.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use flynn_syslog::{Framer, Timestamp};
 
 /// A segment is closed and the next one started past this size.
 const SEGMENT_BYTES: u64 = 4 << 20;
+/// Bytes handed to the writer thread and not written yet beyond which appends are refused.
+pub const MAX_PENDING: u64 = 16 << 20;
 
 /// A frame's identity as aggregators see it: its timestamp and the host's sequence number.
 pub type Key = (Timestamp, u64);
@@ -39,16 +46,35 @@ struct Seg {
     len: u64,
 }
 
+/// What is reserved: the segments as they will be once the writer has caught up.
 struct Inner {
     segs: VecDeque<Seg>,
-    out: Option<BufWriter<File>>,
     total: u64,
+    tx: mpsc::Sender<Op>,
+}
+
+enum Op {
+    /// Append `bytes` to segment `seg`; it then ends at `end`.
+    Write {
+        seg: u64,
+        bytes: Vec<u8>,
+        end: Pos,
+    },
+    Remove(u64),
+}
+
+/// How far the writer has got.
+struct Progress {
+    written: Mutex<(Pos, bool)>,
+    moved: Condvar,
+    pending: AtomicU64,
 }
 
 pub struct DiskLog {
     dir: PathBuf,
     max_bytes: u64,
     inner: Mutex<Inner>,
+    progress: Arc<Progress>,
 }
 
 fn seg_path(dir: &Path, n: u64) -> PathBuf {
@@ -74,6 +100,48 @@ pub fn key_of(msg: &[u8]) -> Option<Key> {
     let m = flynn_syslog::Message::parse(bytes::Bytes::copy_from_slice(msg));
     let seq = flynn_syslog::flynn::flynn_seq(m.structured_data())?;
     Some((m.timestamp()?, seq))
+}
+
+/// The writer thread: performs the reserved writes and removals in order, until the log is
+/// dropped. A failed write stops it (later appends are refused, reads fail).
+fn writer(dir: PathBuf, rx: mpsc::Receiver<Op>, progress: Arc<Progress>) {
+    let mut file: Option<(u64, File)> = None;
+    for op in rx {
+        match op {
+            Op::Write { seg, bytes, end } => {
+                let res = (|| {
+                    if file.as_ref().is_none_or(|(n, _)| *n != seg) {
+                        let f = OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(seg_path(&dir, seg))?;
+                        file = Some((seg, f));
+                    }
+                    file.as_mut().expect("opened").1.write_all(&bytes)
+                })();
+                progress
+                    .pending
+                    .fetch_sub(bytes.len() as u64, Ordering::Relaxed);
+                let mut w = progress.written.lock().unwrap_or_else(|e| e.into_inner());
+                match res {
+                    Ok(()) => w.0 = w.0.max(end),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "writing the host's log failed; it is not kept any more");
+                        w.1 = true;
+                    }
+                }
+                progress.moved.notify_all();
+            }
+            Op::Remove(n) => {
+                if file.as_ref().is_some_and(|(m, _)| *m == n) {
+                    file = None;
+                }
+                if let Err(e) = fs::remove_file(seg_path(&dir, n)) {
+                    tracing::warn!(error = %e, "removing an old segment of the host's log failed");
+                }
+            }
+        }
+    }
 }
 
 impl DiskLog {
@@ -110,14 +178,26 @@ impl DiskLog {
                 last.len = good;
             }
         }
+        let end = segs.back().map_or(Pos { seg: 0, offset: 0 }, |s| Pos {
+            seg: s.n,
+            offset: s.len,
+        });
+        let progress = Arc::new(Progress {
+            written: Mutex::new((end, false)),
+            moved: Condvar::new(),
+            pending: AtomicU64::new(0),
+        });
+        let (tx, rx) = mpsc::channel();
+        let (d, p) = (dir.to_path_buf(), progress.clone());
+        std::thread::Builder::new()
+            .name("host-log-writer".into())
+            .spawn(move || writer(d, rx, p))?;
         let log = DiskLog {
             dir: dir.to_path_buf(),
-            max_bytes: max_bytes.max(SEGMENT_BYTES),
-            inner: Mutex::new(Inner {
-                segs,
-                out: None,
-                total,
-            }),
+            // At least two segments: at a rotation the one just closed stays.
+            max_bytes: max_bytes.max(2 * SEGMENT_BYTES),
+            inner: Mutex::new(Inner { segs, total, tx }),
+            progress,
         };
         Ok(log)
     }
@@ -126,32 +206,101 @@ impl DiskLog {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends framed messages (in queue order) with one `write`; each one's position is
-    /// pushed onto `at`. Errors are logged by the caller.
+    /// Appends framed messages (in queue order): reserves their positions, pushed onto `at`,
+    /// and hands the bytes to the writer thread. Refused (nothing reserved) while the writer
+    /// is more than [`MAX_PENDING`] bytes behind, or after it stopped on an error.
     pub fn append<'a>(
         &self,
         frames: impl IntoIterator<Item = &'a [u8]>,
         at: &mut Vec<Pos>,
     ) -> io::Result<()> {
+        if self.progress.pending.load(Ordering::Relaxed) > MAX_PENDING {
+            return Err(io::Error::other(
+                "the host's log writer is behind (a slow disk)",
+            ));
+        }
+        if self
+            .progress
+            .written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+        {
+            return Err(io::Error::other(
+                "the host's log writer stopped on an error",
+            ));
+        }
         let mut g = self.lock();
+        let mut ops = Vec::new();
+        let mut cur: Option<(u64, Vec<u8>)> = None;
         for f in frames {
-            let need_new = match g.segs.back() {
+            let rotate = match g.segs.back() {
                 None => true,
-                Some(s) => s.len >= SEGMENT_BYTES || g.out.is_none(),
+                Some(s) => s.len >= SEGMENT_BYTES,
             };
-            if need_new {
-                self.rotate(&mut g)?;
+            if rotate {
+                let n = g.segs.back().map_or(0, |s| s.n + 1);
+                g.segs.push_back(Seg { n, len: 0 });
+                while g.total > self.max_bytes && g.segs.len() > 1 {
+                    let old = g.segs.pop_front().expect("more than one");
+                    g.total -= old.len;
+                    ops.push(Op::Remove(old.n));
+                }
             }
-            g.out.as_mut().expect("open segment").write_all(f)?;
             let last = g.segs.back_mut().expect("a segment");
-            at.push(Pos {
+            let p = Pos {
                 seg: last.n,
                 offset: last.len,
-            });
+            };
+            at.push(p);
             last.len += f.len() as u64;
             g.total += f.len() as u64;
+            match &mut cur {
+                Some((seg, bytes)) if *seg == p.seg => bytes.extend_from_slice(f),
+                _ => {
+                    if let Some((seg, bytes)) = cur.take() {
+                        ops.push(Self::write_op(seg, bytes, &g));
+                    }
+                    cur = Some((p.seg, f.to_vec()));
+                }
+            }
         }
-        Self::flush_locked(&mut g)
+        if let Some((seg, bytes)) = cur.take() {
+            ops.push(Self::write_op(seg, bytes, &g));
+        }
+        for op in ops {
+            if let Op::Write { bytes, .. } = &op {
+                self.progress
+                    .pending
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            }
+            if g.tx.send(op).is_err() {
+                return Err(io::Error::other("the host's log writer is gone"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A write of `bytes` to segment `seg`, ending where that segment's reservation ends.
+    fn write_op(seg: u64, bytes: Vec<u8>, g: &Inner) -> Op {
+        let len = g.segs.iter().find(|s| s.n == seg).map_or(0, |s| s.len);
+        Op::Write {
+            seg,
+            bytes,
+            end: Pos { seg, offset: len },
+        }
+    }
+
+    /// Where the next frame will go (or the end of the last segment).
+    pub fn end(&self) -> Pos {
+        let g = self.lock();
+        match g.segs.back() {
+            Some(s) => Pos {
+                seg: s.n,
+                offset: s.len,
+            },
+            None => Pos { seg: 0, offset: 0 },
+        }
     }
 
     /// Whether the frame at `p` is still in the log (its segment was not dropped).
@@ -159,45 +308,43 @@ impl DiskLog {
         self.lock().segs.front().is_some_and(|s| s.n <= p.seg)
     }
 
-    /// Continues the last segment if it has room (after a restart), else starts the next
-    /// one; then drops the oldest segments beyond the budget.
-    fn rotate(&self, g: &mut Inner) -> io::Result<()> {
-        Self::flush_locked(g)?;
-        let n = match g.segs.back() {
-            Some(s) if g.out.is_none() && s.len < SEGMENT_BYTES => s.n,
-            Some(s) => s.n + 1,
-            None => 0,
+    /// The segments now, oldest first, once the writer has written all that was reserved
+    /// (at most 10 s; a writer that stopped or is stuck leaves reads short).
+    fn segments(&self) -> io::Result<Vec<u64>> {
+        let (segs, target) = {
+            let g = self.lock();
+            let target = g.segs.back().map(|s| Pos {
+                seg: s.n,
+                offset: s.len,
+            });
+            (g.segs.iter().map(|s| s.n).collect::<Vec<_>>(), target)
         };
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(seg_path(&self.dir, n))?;
-        if g.segs.back().is_none_or(|s| s.n != n) {
-            g.segs.push_back(Seg { n, len: 0 });
-        }
-        g.out = Some(BufWriter::with_capacity(64 << 10, file));
-        while g.total > self.max_bytes && g.segs.len() > 1 {
-            let old = g.segs.pop_front().expect("more than one");
-            g.total -= old.len;
-            if let Err(e) = fs::remove_file(seg_path(&self.dir, old.n)) {
-                tracing::warn!(error = %e, "removing an old segment of the host's log failed");
+        if let Some(target) = target {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let mut w = self
+                .progress
+                .written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            while w.0 < target && !w.1 {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::other("the host's log writer is behind"));
+                }
+                w = self
+                    .progress
+                    .moved
+                    .wait_timeout(w, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            if w.1 {
+                return Err(io::Error::other(
+                    "the host's log writer stopped on an error",
+                ));
             }
         }
-        Ok(())
-    }
-
-    fn flush_locked(g: &mut Inner) -> io::Result<()> {
-        match g.out.as_mut() {
-            Some(w) => w.flush(),
-            None => Ok(()),
-        }
-    }
-
-    /// The segments now, oldest first (flushed first, so they can be read).
-    fn segments(&self) -> io::Result<Vec<u64>> {
-        let mut g = self.lock();
-        Self::flush_locked(&mut g)?;
-        Ok(g.segs.iter().map(|s| s.n).collect())
+        Ok(segs)
     }
 
     /// Reads segment `n` (empty if it was removed meanwhile).
@@ -298,6 +445,11 @@ impl DiskLog {
         Ok(())
     }
 
+    /// Waits until the writer has written everything appended so far (at most 10 s).
+    pub fn sync(&self) -> io::Result<()> {
+        self.segments().map(drop)
+    }
+
     /// Bytes held now.
     pub fn bytes(&self) -> u64 {
         self.lock().total
@@ -393,6 +545,7 @@ mod tests {
                 &mut at,
             )
             .unwrap();
+            log.sync().unwrap();
         }
         // A crash mid-write left half a frame.
         let seg = seg_path(dir.path(), 0);
@@ -405,13 +558,16 @@ mod tests {
         let (p, _) = log.resume_point(None).unwrap();
         assert_eq!(texts(&log, p, None), ["a", "b", "c"]);
 
-        // Past the budget (one segment's worth, the least it keeps) the oldest segments go.
+        // Past the budget (two segments' worth, the least it keeps) the oldest segments go.
         let big = "x".repeat(9_000);
         let f = frame(10, 10, &big);
-        for _ in 0..((2 * SEGMENT_BYTES) / f.len() as u64 + 2) {
+        for _ in 0..((3 * SEGMENT_BYTES) / f.len() as u64 + 2) {
             log.append([f.as_slice()], &mut at).unwrap();
         }
-        assert!(log.bytes() <= 2 * SEGMENT_BYTES, "{}", log.bytes());
+        log.sync().unwrap();
+        // Two segments' worth (the least it keeps), each closed one frame past its size.
+        let most = 2 * SEGMENT_BYTES + 2 * f.len() as u64;
+        assert!(log.bytes() <= most, "{} > {most}", log.bytes());
         assert!(!seg.exists(), "the oldest segment was removed");
         assert!(!log.holds(at[0]), "a position in a removed segment");
         assert!(log.holds(*at.last().unwrap()));

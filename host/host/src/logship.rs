@@ -58,21 +58,32 @@ pub struct Header<'a> {
     pub seq: u64,
 }
 
-/// Encodes one framed syslog message (`<len> <msg>`). Empty fields become `-`.
+/// RFC 5424's longest HOSTNAME, APP-NAME and PROCID, which the aggregator enforces (with
+/// printable ASCII only): header fields are made to fit, so every line parses there,
+/// whatever app id, job id or process type a job brings.
+const MAX_HOST: usize = 255;
+const MAX_APP: usize = 48;
+const MAX_PROCID: usize = 128;
+
+/// Encodes one framed syslog message (`<len> <msg>`). Empty header fields become `-`;
+/// characters other than printable ASCII become `_`, and long fields are cut to RFC 5424's
+/// limits.
 pub fn encode(out: &mut Vec<u8>, h: &Header<'_>, line: &[u8]) {
-    let nil = |s: &str| {
+    let nil = |s: &str, max: usize| {
         if s.is_empty() {
-            "-".to_string()
-        } else {
-            s.to_string()
+            return "-".to_string();
         }
+        s.chars()
+            .take(max)
+            .map(|c| if ('!'..='~').contains(&c) { c } else { '_' })
+            .collect::<String>()
     };
     let head = format!(
         "<190>1 {} {} {} {} {} [flynn seq=\"{}\"] ",
         h.timestamp,
-        nil(h.host),
-        nil(h.app),
-        nil(h.procid),
+        nil(h.host, MAX_HOST),
+        nil(h.app, MAX_APP),
+        nil(h.procid, MAX_PROCID),
         h.stream.msgid(),
         h.seq
     );
@@ -114,8 +125,8 @@ enum Stored {
     Disk(crate::logdisk::Pos),
     /// Nowhere else (the disk log is off, or its write failed).
     Nowhere,
-    /// A drop notice, made when sent: never on disk.
-    Notice,
+    /// A drop notice for this many lines, made when sent: never on disk.
+    Notice(u64),
 }
 
 impl Stored {
@@ -147,6 +158,8 @@ struct Dest {
     /// are sent from the disk (see [`Dropped`]).
     resync: AtomicBool,
     due: Mutex<Dropped>,
+    /// The shipper's push lock (see `Shared::order`).
+    order: Arc<Mutex<()>>,
 }
 
 /// Frames the queue dropped that the disk log has, not sent again yet. Their lines are
@@ -190,7 +203,7 @@ struct Shared {
     disk_errors: AtomicU64,
     /// Held across a push's disk write and its queue inserts, so every queue is in disk
     /// order (a resend relies on it: what a queue dropped lies before what it holds).
-    order: Mutex<()>,
+    order: Arc<Mutex<()>>,
 }
 
 /// Cheap to clone; lines pushed are shipped to every configured aggregator (spec §3.1)
@@ -218,6 +231,7 @@ impl Shipper {
         disk: Option<Arc<crate::logdisk::DiskLog>>,
     ) -> Shipper {
         let seq = Arc::new(AtomicU64::new(0));
+        let order = Arc::new(Mutex::new(()));
         let dests: Vec<Arc<Dest>> = addrs
             .iter()
             .enumerate()
@@ -237,6 +251,7 @@ impl Shipper {
                     connected: AtomicBool::new(false),
                     resync: AtomicBool::new(false),
                     due: Mutex::new(Dropped::default()),
+                    order: order.clone(),
                 })
             })
             .collect();
@@ -252,7 +267,7 @@ impl Shipper {
                 dests,
                 disk,
                 disk_errors: AtomicU64::new(0),
-                order: Mutex::new(()),
+                order,
             }),
         }
     }
@@ -305,7 +320,7 @@ impl Shipper {
                 for (i, f) in frames.iter().enumerate() {
                     if q.len() >= d.capacity {
                         if let Some(lost) = q.pop_front() {
-                            if !d.lost(lost) {
+                            if d.lost(lost) {
                                 dropped += 1;
                             }
                         }
@@ -375,8 +390,9 @@ impl Shipper {
 }
 
 impl Dest {
-    /// A frame the queue could not keep: when the disk log has it, sent from there once
-    /// the queue is drained (true); otherwise counted for its app's notice (false).
+    /// A frame the queue could not keep. When the disk log has it, it is due: sent from
+    /// there once the queue is drained. Otherwise its line is lost and counted for its app's
+    /// notice (true); a lost notice puts its count back for the next one.
     fn lost(&self, f: Frame) -> bool {
         match f.2 {
             Stored::Disk(p) => {
@@ -395,10 +411,14 @@ impl Dest {
                         "log buffer full: the oldest lines will be sent again from the host's disk log"
                     );
                 }
+                false
+            }
+            Stored::Nowhere => {
+                self.note_lost(f.0, 1);
                 true
             }
-            Stored::Nowhere | Stored::Notice => {
-                self.note_lost(f.0, 1);
+            Stored::Notice(n) => {
+                self.note_lost(f.0, n);
                 false
             }
         }
@@ -433,7 +453,7 @@ impl Dest {
                     "flynn-host: {n} log lines were dropped while the log aggregator was unreachable"
                 );
                 encode(&mut frame, &h, msg.as_bytes());
-                (app, Arc::from(frame), Stored::Notice)
+                (app, Arc::from(frame), Stored::Notice(n))
             })
             .collect()
     }
@@ -457,8 +477,8 @@ const RECENT_AGE: Duration = Duration::from_secs(45);
 struct Recent {
     frames: VecDeque<(tokio::time::Instant, Frame)>,
     bytes: usize,
-    /// Where the last resend from the disk log started, and when it was written: those
-    /// frames may have been in flight too.
+    /// Where the last resend of due frames started, and when: they were sent after newer
+    /// frames, so an aggregator's cursor can be past them while they were still in flight.
     resent: Option<(tokio::time::Instant, crate::logdisk::Pos)>,
 }
 
@@ -493,8 +513,8 @@ impl Recent {
         buf
     }
 
-    /// Drops what is older than [`RECENT_AGE`]; then the lowest disk position of the rest
-    /// (`Some(None)`: there is nothing), or `None` when a line among them is not on disk
+    /// Drops what is older than [`RECENT_AGE`]; then the lowest disk position of the frames
+    /// left (`Some(None)`: there are none), or `None` when a line among them is not on disk
     /// (its write failed). Drop notices are never on disk and do not count.
     fn first_pos(&mut self, now: tokio::time::Instant) -> Option<Option<crate::logdisk::Pos>> {
         while self
@@ -504,16 +524,13 @@ impl Recent {
         {
             self.pop();
         }
-        let mut first = self
-            .resent
-            .filter(|(at, _)| now.duration_since(*at) <= RECENT_AGE)
-            .map(|(_, p)| p);
+        let mut first = None;
         for (_, (_, _, stored)) in &self.frames {
             match stored {
                 Stored::Disk(p) => {
                     first = Some(first.map_or(*p, |f: crate::logdisk::Pos| f.min(*p)))
                 }
-                Stored::Notice => {}
+                Stored::Notice(_) => {}
                 Stored::Nowhere => return None,
             }
         }
@@ -535,7 +552,7 @@ fn set_timeouts(conn: &tokio::net::TcpStream) {
 }
 
 enum Resend {
-    /// What was due was written; from there on the disk log, if anything.
+    /// What was due was written; where the due frames among it started, if any.
     Done(Option<crate::logdisk::Pos>),
     /// No disk log.
     NotAvailable,
@@ -544,9 +561,13 @@ enum Resend {
 
 /// Why [`resend_from_disk`] runs.
 enum Start {
-    /// A new connection, with the lowest disk position of the recent frames, if they are
-    /// to come from the disk.
-    Connect(Option<crate::logdisk::Pos>),
+    /// A new connection, with the lowest disk position of the recent frames (if they are to
+    /// come from the disk; used only without a cursor) and where the last resend of due
+    /// frames started (if within [`RECENT_AGE`]).
+    Connect {
+        recent: Option<crate::logdisk::Pos>,
+        resent: Option<crate::logdisk::Pos>,
+    },
     /// The queue dropped frames while connected, now drained.
     Resync,
 }
@@ -562,7 +583,7 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
         return Resend::NotAvailable;
     };
     let connect = match start {
-        Start::Connect(recent) => Some(recent),
+        Start::Connect { recent, resent } => Some((recent, resent)),
         Start::Resync => None,
     };
     let cursor = match (&connect, s.api.as_deref()) {
@@ -586,17 +607,29 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
+    let due_from = dropped.range.map(|r| r.0);
     let (from, to) = match connect {
         // Up to the queue: the queue is in disk order, so everything dropped lies before.
-        Some(recent) => {
-            let from = min(min(dropped.range.map(|r| r.0), point), recent);
+        // With a cursor, what precedes it arrived (except due frames resent lately, which
+        // went out after newer ones); without one, the recent frames may not have.
+        Some((recent, resent)) => {
+            let from = match point {
+                Some(p) => min(min(due_from, Some(p)), resent),
+                None => min(min(due_from, recent), resent),
+            };
+            // The queue's first frame, or with an empty queue the disk's end now: frames
+            // pushed after this go out through the queue. Read under the push lock, so
+            // the two agree.
             let until = {
+                let _order = s.order.lock().unwrap_or_else(|e| e.into_inner());
                 let q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
-                q.iter().find_map(|(_, _, stored)| stored.pos())
+                q.iter()
+                    .find_map(|(_, _, stored)| stored.pos())
+                    .or_else(|| Some(disk.end()))
             };
             (from, until)
         }
-        None => (dropped.range.map(|r| r.0), dropped.range.map(|r| r.1)),
+        None => (due_from, dropped.range.map(|r| r.1)),
     };
     let Some(from) = from else {
         return Resend::Done(None);
@@ -635,7 +668,7 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
     if sent > 0 {
         tracing::info!(bytes = sent, "resent lines from the host's log");
     }
-    Resend::Done(Some(from))
+    Resend::Done(due_from)
 }
 
 /// This host's cursor in the aggregator at `api`; `None` when it has none or cannot say.
@@ -692,7 +725,15 @@ async fn run(s: Arc<Dest>, addr: String) {
             Some(_) => Vec::new(),
             None => recent.take_bytes(now),
         };
-        match resend_from_disk(&s, &mut conn, Start::Connect(recent_from.flatten())).await {
+        let resent = recent
+            .resent
+            .filter(|(at, _)| now.duration_since(*at) <= RECENT_AGE)
+            .map(|(_, p)| p);
+        let start = Start::Connect {
+            recent: recent_from.flatten(),
+            resent,
+        };
+        match resend_from_disk(&s, &mut conn, start).await {
             Resend::WriteFailed => {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -775,7 +816,7 @@ async fn run(s: Arc<Dest>, addr: String) {
             }
             drop(q);
             for f in lost_frames {
-                if s.lost(f) {
+                if !s.lost(f) {
                     lost -= 1;
                 }
             }
@@ -801,6 +842,30 @@ async fn run(s: Arc<Dest>, addr: String) {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn long_header_fields_are_cut() {
+        let long = format!("a b\u{e9}{}", "x".repeat(300));
+        let h = Header {
+            timestamp: "2009-11-10T23:00:00.123456Z",
+            host: "h",
+            app: &long,
+            procid: &long,
+            stream: Stream::Stdout,
+            seq: 1,
+        };
+        let mut out = Vec::new();
+        encode(&mut out, &h, b"x");
+        let framer = flynn_syslog::Framer::new(flynn_syslog::DEFAULT_MAX_FRAME);
+        let mut buf = bytes::BytesMut::from(&out[..]);
+        let frame = framer.next_frame(&mut buf).unwrap().unwrap();
+        let (m, err) = flynn_syslog::Message::parse_checked(frame);
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(m.app_name().len(), MAX_APP);
+        assert_eq!(m.procid().len(), MAX_PROCID);
+        assert!(m.app_name().starts_with(b"a_b_xxx"), "{:?}", m.app_name());
+        assert_eq!(m.msg(), b"x");
+    }
 
     #[test]
     fn encodes_what_the_aggregator_parses() {

@@ -129,6 +129,29 @@ async fn api_errors_and_validation() {
     assert_eq!(e.api().unwrap().status(), 409);
 }
 
+/// Waits (15 s at most) until the aggregator at `api` has as many lines of `app` as `want`,
+/// then checks they are `want`, each once, in any order (lines sent again later are placed
+/// by the aggregator by timestamp, equal ones by arrival), and nothing else (no notice).
+async fn assert_same_lines(api: &str, app: &str, mut want: Vec<String>) {
+    let mut got = Vec::new();
+    eventually(
+        Duration::from_secs(15),
+        "all lines in the aggregator",
+        || {
+            got = log_lines(api, app)
+                .iter()
+                .map(|l| l["msg"].as_str().unwrap_or_default().to_string())
+                .collect();
+            got.len() >= want.len()
+        },
+    )
+    .await;
+    let mut sorted = got.clone();
+    sorted.sort();
+    want.sort();
+    assert_eq!(sorted, want, "as received: {got:?}");
+}
+
 /// Spec §3.5: job output is kept on the host's disk, and a new connection to an aggregator
 /// first sends what the disk holds after the aggregator's cursor. An aggregator restarted
 /// empty gets back the lines it had; lines written while it was down, beyond the send
@@ -184,23 +207,8 @@ async fn a_restarted_aggregator_gets_the_host_log_after_its_cursor() {
         .map(|i| format!("first-{i}"))
         .chain((1..=60).map(|i| format!("second-{i}")))
         .collect();
-    let mut got = Vec::new();
-    eventually(Duration::from_secs(15), "all 80 lines back", || {
-        got = log_lines(&api, &app)
-            .iter()
-            .map(|l| l["msg"].as_str().unwrap_or_default().to_string())
-            .collect();
-        got.len() >= want.len()
-    })
-    .await;
-    let mut sorted = got.clone();
-    sorted.sort();
-    let mut wanted = want.clone();
-    wanted.sort();
-    assert_eq!(
-        sorted, wanted,
-        "every line once and no drop notice: {got:?}"
-    );
+    // Every line once and no drop notice.
+    assert_same_lines(&api, &app, want).await;
 }
 
 /// A job whose state cannot be recorded is refused (500, retry) and never started: the
@@ -265,20 +273,8 @@ async fn a_burst_beyond_the_send_queue_is_resent_from_disk() {
     h.client.add_job(&job).await.unwrap();
     wait_ended(&h.client, &job.id, Duration::from_secs(20)).await;
     let want: Vec<String> = (1..=300).map(|i| format!("burst-{i}")).collect();
-    let mut got = Vec::new();
-    eventually(Duration::from_secs(15), "all 300 lines", || {
-        got = log_lines(&api, &app)
-            .iter()
-            .map(|l| l["msg"].as_str().unwrap_or_default().to_string())
-            .collect();
-        got.len() >= want.len()
-    })
-    .await;
-    // Every line once and no drop notice (order among lines resent later is the
-    // aggregator's: it sorts by timestamp, and equal ones by arrival).
-    let mut sorted = got.clone();
-    sorted.sort_by_key(|m| m.trim_start_matches("burst-").parse::<u32>().unwrap_or(0));
-    assert_eq!(sorted, want, "{got:?}");
+    // Every line once and no drop notice.
+    assert_same_lines(&api, &app, want).await;
     // The queue did overflow (so the disk is what brought the lines), and nothing counts
     // as lost.
     let log = h.client.status().await.unwrap().log;
