@@ -966,6 +966,99 @@ mod tests {
         assert!(pos(b"line2") < pos(b"line3"), "{got:?}");
     }
 
+    /// Reads framed messages from `c` until every one of `want` has come (or 10 s): the
+    /// texts, in arrival order.
+    async fn read_all_of(c: &mut tokio::net::TcpStream, want: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let framer = flynn_syslog::Framer::new(20_000);
+        let mut buf = bytes::BytesMut::new();
+        let mut msgs: Vec<Vec<u8>> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !want.iter().all(|w| seen.contains(w)) && tokio::time::Instant::now() < deadline {
+            let mut b = vec![0u8; 1 << 20];
+            let n = match tokio::time::timeout(Duration::from_secs(10), c.read(&mut b)).await {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => break,
+            };
+            buf.extend_from_slice(&b[..n]);
+            while let Ok(Some(f)) = framer.next_frame(&mut buf) {
+                let m = flynn_syslog::Message::parse(f).msg().to_vec();
+                seen.insert(m.clone());
+                msgs.push(m);
+            }
+        }
+        msgs
+    }
+
+    /// Lines the full queue dropped while the connection is up come again from the disk
+    /// log once the queue is drained: all arrive, none counts as dropped, no notice.
+    #[tokio::test]
+    async fn lines_the_full_queue_drops_come_again_from_the_disk_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(crate::logdisk::DiskLog::open(dir.path(), 0).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sh = Shipper::start_with("h", vec![addr.to_string()], Vec::new(), 5, Some(disk));
+        let src = Source::new(Some("a"), None, "j");
+        let (mut c, _) = listener.accept().await.unwrap();
+        // Pushed with no await in between: the shipper cannot drain, the queue keeps 5.
+        let want: Vec<Vec<u8>> = (0..100).map(|i| format!("line{i}").into_bytes()).collect();
+        for w in &want {
+            sh.push(&src, Stream::Stdout, w);
+        }
+        let st = sh.stats();
+        assert_eq!((st.lines, st.requeued, st.dropped), (100, 95, 0));
+        let got = read_all_of(&mut c, &want).await;
+        for w in &want {
+            assert!(got.contains(w), "{} missing", String::from_utf8_lossy(w));
+        }
+        assert!(
+            !got.iter().any(|m| m.starts_with(b"flynn-host:")),
+            "a drop notice for lines that came back"
+        );
+        assert_eq!(sh.stats().dropped, 0);
+    }
+
+    /// A connection that breaks while due lines are being resent leaves them due: the next
+    /// connection sends them.
+    #[tokio::test]
+    async fn due_lines_stay_due_when_their_resend_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(crate::logdisk::DiskLog::open(dir.path(), 64 << 20).unwrap());
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let sh = Shipper::start_with("h", vec![addr.to_string()], Vec::new(), 5, Some(disk));
+        let src = Source::new(Some("a"), None, "j");
+        // ~22 MB of lines, so the due resend is more than the sockets take unread.
+        let big = "x".repeat(9_000);
+        let want: Vec<Vec<u8>> = (0..2_500)
+            .map(|i| format!("{i} {big}").into_bytes())
+            .collect();
+        for w in &want {
+            sh.push(&src, Stream::Stdout, w);
+        }
+        assert_eq!(sh.stats().requeued, 2_495);
+        // First connection: accepted, never read, then reset mid-resend.
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let (c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(c);
+        // Second connection: everything arrives.
+        let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let got = read_all_of(&mut c, &want).await;
+        let missing = want.iter().filter(|w| !got.contains(w)).count();
+        assert_eq!(missing, 0, "{missing} lines never came");
+        assert_eq!(sh.stats().dropped, 0);
+    }
+
     #[tokio::test]
     async fn buffers_while_down_then_ships_and_counts_drops() {
         // Reserve a port, then close it: the aggregator is "down".
