@@ -1001,6 +1001,12 @@ mod tests {
         let sh = Shipper::start_with("h", vec![addr.to_string()], Vec::new(), 5, Some(disk));
         let src = Source::new(Some("a"), None, "j");
         let (mut c, _) = listener.accept().await.unwrap();
+        // Connected (its connect-time resend done), so what comes back comes by resync.
+        let t0 = std::time::Instant::now();
+        while !sh.stats().connected && t0.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(sh.stats().connected);
         // Pushed with no await in between: the shipper cannot drain, the queue keeps 5.
         let want: Vec<Vec<u8>> = (0..100).map(|i| format!("line{i}").into_bytes()).collect();
         for w in &want {
@@ -1046,7 +1052,9 @@ mod tests {
             .unwrap()
             .unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        c.set_linger(Some(Duration::ZERO)).unwrap();
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
         drop(c);
         // Second connection: everything arrives.
         let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
