@@ -184,6 +184,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         })
         .collect();
+    let log_disk = disk.clone();
     let logs = logship::Shipper::start_with(&id, cfg.logagg.clone(), apis, cfg.log_buffer, disk);
     // `--discoverd`, else what discoverd announced to a previous daemon.
     let discoverd = match &cfg.discoverd {
@@ -242,7 +243,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(n) = host.network() {
         n.drain_pool().await;
     }
-    // Whatever the last changes were, on disk before the daemon goes.
+    // Whatever the last changes were, on disk before the daemon goes: the state files, and
+    // the job output the log's writer thread has not written yet (the next daemon resends
+    // it from there).
+    if let Some(d) = log_disk {
+        tokio::task::spawn_blocking(move || d.sync()).await.ok();
+    }
     tokio::task::spawn_blocking(move || sync.flush()).await.ok();
     Ok(())
 }

@@ -103,11 +103,20 @@ pub fn key_of(msg: &[u8]) -> Option<Key> {
 }
 
 /// The writer thread: performs the reserved writes and removals in order, until the log is
-/// dropped. A failed write stops it (later appends are refused, reads fail).
+/// dropped. After a failed write it writes nothing more (a segment never has bytes after a
+/// torn fragment): later appends are refused and reads fail, until the daemon restarts
+/// (which cuts the torn tail).
 fn writer(dir: PathBuf, rx: mpsc::Receiver<Op>, progress: Arc<Progress>) {
     let mut file: Option<(u64, File)> = None;
+    let mut failed = false;
     for op in rx {
         match op {
+            Op::Write { bytes, .. } if failed => {
+                progress
+                    .pending
+                    .fetch_sub(bytes.len() as u64, Ordering::Relaxed);
+                progress.moved.notify_all();
+            }
             Op::Write { seg, bytes, end } => {
                 let res = (|| {
                     if file.as_ref().is_none_or(|(n, _)| *n != seg) {
@@ -128,6 +137,7 @@ fn writer(dir: PathBuf, rx: mpsc::Receiver<Op>, progress: Arc<Progress>) {
                     Err(e) => {
                         tracing::warn!(error = %e, "writing the host's log failed; it is not kept any more");
                         w.1 = true;
+                        failed = true;
                     }
                 }
                 progress.moved.notify_all();
@@ -230,6 +240,7 @@ impl DiskLog {
                 "the host's log writer stopped on an error",
             ));
         }
+        let first = at.len();
         let mut g = self.lock();
         let mut ops = Vec::new();
         let mut cur: Option<(u64, Vec<u8>)> = None;
@@ -275,6 +286,8 @@ impl DiskLog {
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             }
             if g.tx.send(op).is_err() {
+                // Nothing of this append will be written: its positions are not handed out.
+                at.truncate(first);
                 return Err(io::Error::other("the host's log writer is gone"));
             }
         }

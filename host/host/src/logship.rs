@@ -69,6 +69,11 @@ const MAX_PROCID: usize = 128;
 /// characters other than printable ASCII become `_`, and long fields are cut to RFC 5424's
 /// limits.
 pub fn encode(out: &mut Vec<u8>, h: &Header<'_>, line: &[u8]) {
+    encode_with(out, h, line, true)
+}
+
+/// [`encode`], with the `[flynn seq]` structured data or without it (`-`).
+fn encode_with(out: &mut Vec<u8>, h: &Header<'_>, line: &[u8], with_seq: bool) {
     let nil = |s: &str, max: usize| {
         if s.is_empty() {
             return "-".to_string();
@@ -78,14 +83,18 @@ pub fn encode(out: &mut Vec<u8>, h: &Header<'_>, line: &[u8]) {
             .map(|c| if ('!'..='~').contains(&c) { c } else { '_' })
             .collect::<String>()
     };
+    let sd = if with_seq {
+        format!("[flynn seq=\"{}\"]", h.seq)
+    } else {
+        "-".to_string()
+    };
     let head = format!(
-        "<190>1 {} {} {} {} {} [flynn seq=\"{}\"] ",
+        "<190>1 {} {} {} {} {} {sd} ",
         h.timestamp,
         nil(h.host, MAX_HOST),
         nil(h.app, MAX_APP),
         nil(h.procid, MAX_PROCID),
         h.stream.msgid(),
-        h.seq
     );
     let len = head.len() + line.len();
     out.extend_from_slice(len.to_string().as_bytes());
@@ -144,7 +153,6 @@ struct Dest {
     /// The aggregator's HTTP API (for `/cursors`), if known.
     api: Option<String>,
     disk: Option<Arc<crate::logdisk::DiskLog>>,
-    seq: Arc<AtomicU64>,
     capacity: usize,
     queue: Mutex<VecDeque<Frame>>,
     /// Lines dropped per app since the last notice was queued.
@@ -240,7 +248,6 @@ impl Shipper {
                     host: host.to_string(),
                     api: apis.get(i).cloned(),
                     disk: disk.clone(),
-                    seq: seq.clone(),
                     capacity: capacity.max(1),
                     queue: Mutex::new(VecDeque::new()),
                     lost_by_app: Mutex::new(Default::default()),
@@ -277,6 +284,8 @@ impl Shipper {
         if self.shared.dests.is_empty() {
             return;
         }
+        // Time and sequence are taken under the push lock, so disk order is key order.
+        let _order = self.shared.order.lock().unwrap_or_else(|e| e.into_inner());
         let ts = now_rfc3339();
         let chunks: Vec<&[u8]> = if line.is_empty() {
             vec![line]
@@ -303,7 +312,6 @@ impl Shipper {
             })
             .collect();
         let mut at = Vec::with_capacity(frames.len());
-        let _order = self.shared.order.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(disk) = &self.shared.disk {
             if let Err(e) = disk.append(frames.iter().map(|f| &f[..]), &mut at) {
                 let n = self.shared.disk_errors.fetch_add(1, Ordering::Relaxed);
@@ -447,12 +455,14 @@ impl Dest {
                     app: &app,
                     procid: "flynn-host",
                     stream: Stream::Stderr,
-                    seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+                    seq: 0,
                 };
                 let msg = format!(
                     "flynn-host: {n} log lines were dropped while the log aggregator was unreachable"
                 );
-                encode(&mut frame, &h, msg.as_bytes());
+                // No `seq`: a notice is sent ahead of older queued lines and would move the
+                // aggregator's cursor past them.
+                encode_with(&mut frame, &h, msg.as_bytes(), false);
                 (app, Arc::from(frame), Stored::Notice(n))
             })
             .collect()
@@ -477,9 +487,10 @@ const RECENT_AGE: Duration = Duration::from_secs(45);
 struct Recent {
     frames: VecDeque<(tokio::time::Instant, Frame)>,
     bytes: usize,
-    /// Where the last resend of due frames started, and when: they were sent after newer
+    /// Where recent resends of due frames started, and when: they were sent after newer
     /// frames, so an aggregator's cursor can be past them while they were still in flight.
-    resent: Option<(tokio::time::Instant, crate::logdisk::Pos)>,
+    /// Each is forgotten [`RECENT_AGE`] after it was sent.
+    resent: VecDeque<(tokio::time::Instant, crate::logdisk::Pos)>,
 }
 
 impl Recent {
@@ -511,6 +522,16 @@ impl Recent {
             buf.extend_from_slice(f);
         }
         buf
+    }
+
+    /// Remembers a resend of due frames from `from`, sent at `now`.
+    fn note_resent(&mut self, now: tokio::time::Instant, from: crate::logdisk::Pos) {
+        self.resent
+            .retain(|(at, _)| now.duration_since(*at) <= RECENT_AGE);
+        if self.resent.len() >= 1024 {
+            self.resent.pop_front();
+        }
+        self.resent.push_back((now, from));
     }
 
     /// Drops what is older than [`RECENT_AGE`]; then the lowest disk position of the frames
@@ -557,6 +578,9 @@ enum Resend {
     /// No disk log.
     NotAvailable,
     WriteFailed,
+    /// The disk log could not be read (its writer failed or is far behind): due frames
+    /// stay due, recent frames go from memory.
+    ReadFailed,
 }
 
 /// Why [`resend_from_disk`] runs.
@@ -653,9 +677,16 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
         }
         sent += chunk.len();
     }
-    let read_ok = matches!(reader.await, Ok(Ok(())));
+    if !matches!(reader.await, Ok(Ok(()))) {
+        tracing::warn!("reading the host's log from disk failed; due lines stay due");
+        s.due
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .merge(dropped);
+        return Resend::ReadFailed;
+    }
     // Checked after the read: a segment dropped meanwhile was read as empty.
-    let covered = read_ok && dropped.range.is_none_or(|(a, _)| disk.holds(a));
+    let covered = dropped.range.is_none_or(|(a, _)| disk.holds(a));
     if !covered {
         tracing::warn!(
             "some dropped lines had left the host's log before they could be sent again"
@@ -725,23 +756,29 @@ async fn run(s: Arc<Dest>, addr: String) {
             Some(_) => Vec::new(),
             None => recent.take_bytes(now),
         };
-        let resent = recent
+        recent
             .resent
-            .filter(|(at, _)| now.duration_since(*at) <= RECENT_AGE)
-            .map(|(_, p)| p);
+            .retain(|(at, _)| now.duration_since(*at) <= RECENT_AGE);
+        let resent = recent.resent.iter().map(|(_, p)| *p).min();
         let start = Start::Connect {
             recent: recent_from.flatten(),
             resent,
         };
-        match resend_from_disk(&s, &mut conn, start).await {
+        let again = match resend_from_disk(&s, &mut conn, start).await {
             Resend::WriteFailed => {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
-            Resend::Done(Some(from)) => recent.resent = Some((now, from)),
-            Resend::Done(None) | Resend::NotAvailable => {}
-        }
+            Resend::Done(Some(from)) => {
+                recent.note_resent(now, from);
+                again
+            }
+            Resend::Done(None) | Resend::NotAvailable => again,
+            // The disk could not give the recent frames: from memory then.
+            Resend::ReadFailed if again.is_empty() => recent.take_bytes(now),
+            Resend::ReadFailed => again,
+        };
         if !again.is_empty() {
             let res = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&again)).await;
             if !matches!(res, Ok(Ok(()))) {
@@ -768,10 +805,10 @@ async fn run(s: Arc<Dest>, addr: String) {
                 match resend_from_disk(&s, &mut conn, Start::Resync).await {
                     Resend::WriteFailed => break,
                     Resend::Done(Some(from)) => {
-                        recent.resent = Some((tokio::time::Instant::now(), from));
+                        recent.note_resent(tokio::time::Instant::now(), from);
                         continue;
                     }
-                    Resend::Done(None) | Resend::NotAvailable => continue,
+                    Resend::Done(None) | Resend::NotAvailable | Resend::ReadFailed => continue,
                 }
             }
             if batch.is_empty() {
@@ -842,6 +879,29 @@ async fn run(s: Arc<Dest>, addr: String) {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    /// A drop notice carries no `seq`: it goes out ahead of older queued lines and must not
+    /// move the aggregator's cursor past them.
+    #[tokio::test]
+    async fn drop_notices_carry_no_sequence() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let sh = Shipper::start("h", vec![addr.to_string()], 1);
+        let src = Source::new(Some("a"), None, "j");
+        for i in 0..3 {
+            sh.push(&src, Stream::Stdout, format!("line{i}").as_bytes());
+        }
+        let notices = sh.shared.dests[0].take_notices();
+        assert_eq!(notices.len(), 1);
+        let framer = flynn_syslog::Framer::new(flynn_syslog::DEFAULT_MAX_FRAME);
+        let mut buf = bytes::BytesMut::from(&notices[0].1[..]);
+        let frame = framer.next_frame(&mut buf).unwrap().unwrap();
+        let (m, err) = flynn_syslog::Message::parse_checked(frame);
+        assert!(err.is_none(), "{err:?}");
+        assert!(m.msg().starts_with(b"flynn-host: 2 log lines were dropped"));
+        assert_eq!(flynn_syslog::flynn::flynn_seq(m.structured_data()), None);
+    }
 
     #[test]
     fn long_header_fields_are_cut() {
