@@ -705,23 +705,27 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
 /// This host's cursor in the aggregator at `api`; `None` when it has none or cannot say.
 async fn cursor_of(api: &str, host: &str) -> Option<crate::logdisk::CursorKey> {
     let client = flynn_client::logagg::Client::new(api);
-    match tokio::time::timeout(Duration::from_secs(3), client.cursors()).await {
-        Ok(Ok(c)) => Some(c.get(host).and_then(|c| {
-            let t = flynn_syslog::Timestamp::parse(c.time.as_bytes())?;
-            Some((t, c.seq))
-        })),
-        Ok(Err(e)) => {
-            tracing::warn!(api, error = %e, "cannot read the log aggregator's cursors; resending the recent lines only");
-            None
-        }
-        Err(_) => {
-            tracing::warn!(
-                api,
-                "the log aggregator's cursors timed out; resending the recent lines only"
-            );
-            None
+    // Three tries a second apart: an aggregator that just came back may take its syslog
+    // connections a moment before its API answers, and without the cursor a restarted
+    // daemon has no recent lines to fall back on.
+    for attempt in 1..=3 {
+        let why = match tokio::time::timeout(Duration::from_secs(3), client.cursors()).await {
+            Ok(Ok(c)) => {
+                return Some(c.get(host).and_then(|c| {
+                    let t = flynn_syslog::Timestamp::parse(c.time.as_bytes())?;
+                    Some((t, c.seq))
+                }))
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_string(),
+        };
+        if attempt == 3 {
+            tracing::warn!(api, error = %why, "cannot read the log aggregator's cursors; resending the recent lines only");
+        } else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
+    None
 }
 
 async fn run(s: Arc<Dest>, addr: String) {

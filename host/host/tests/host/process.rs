@@ -272,19 +272,22 @@ fn received(api: &str) -> u64 {
 /// Spec §3.5 with a real cursor: the aggregator stays up while the host cannot reach it,
 /// the host daemon is killed with lines queued and restarted; the new daemon asks the
 /// aggregator's cursor and sends from the disk only what follows it: every line arrives,
-/// and the lines the aggregator already had are not sent again.
+/// and the lines the aggregator already had are not sent again. The aggregator's API
+/// answers only 1.5 s after its syslog port is back: the cursor is asked again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_daemon_resends_only_what_follows_the_cursor() {
     let (_agg, syslog, api) = logagg();
     let mut relay = Relay::start(&syslog).await;
+    let mut api_relay = Relay::start(&api).await;
     let relay_addr = relay.addr.clone();
+    let api_addr = api_relay.addr.clone();
     let args = [
         "--runtime",
         "process",
         "--logagg",
         relay_addr.as_str(),
         "--logagg-api",
-        api.as_str(),
+        api_addr.as_str(),
     ];
     let mut h = Host::start(&args);
     let app = unique("app");
@@ -308,6 +311,7 @@ async fn a_restarted_daemon_resends_only_what_follows_the_cursor() {
     let before = received(&api);
 
     relay.cut();
+    api_relay.cut();
     let t0 = std::time::Instant::now();
     while h.client.status().await.unwrap().log.connected && t0.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -318,6 +322,8 @@ async fn a_restarted_daemon_resends_only_what_follows_the_cursor() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     h.restart(&args);
     relay.restore().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    api_relay.restore().await;
 
     let want: Vec<String> = (1..=40)
         .map(|i| format!("first-{i}"))
