@@ -11,6 +11,31 @@ use serde_json::json;
 
 use crate::support::Router;
 
+/// A one-core router (every stream on the same core's pool) with an h2c listener, and a
+/// current-thread runtime for the test's client and backends.
+fn one_core_h2c() -> (Router, tokio::runtime::Runtime) {
+    let router = Router::builder()
+        .threads(1)
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (router, rt)
+}
+
+/// Adds a `grpc: true` route `domain` → `service` with `backend` as its one backend.
+fn grpc_route(router: &Router, domain: &str, service: &str, backend: std::net::SocketAddr) {
+    let route = json!({"type":"http","domain":domain,"service":service,"grpc":true});
+    assert_eq!(
+        router.api("POST", "/routes", Some(&route.to_string())).0,
+        200
+    );
+    router.set_backend_addrs(service, &[(backend.to_string(), false)]);
+}
+
 async fn backend() -> std::net::SocketAddr {
     counting_backend().await.0
 }
@@ -164,12 +189,7 @@ fn rapid_reset_flood_ends_the_connection_and_is_counted() {
         .unwrap();
     let closed = rt.block_on(async {
         let b = backend().await;
-        let route = json!({"type":"http","domain":"grpc.example.com","service":"g","grpc":true});
-        assert_eq!(
-            router.api("POST", "/routes", Some(&route.to_string())).0,
-            200
-        );
-        router.set_backend_addrs("g", &[(b.to_string(), false)]);
+        grpc_route(&router, "grpc.example.com", "g", b);
         let sock = tokio::net::TcpStream::connect(router.h2c_addrs[0])
             .await
             .unwrap();
@@ -271,23 +291,10 @@ async fn call_domain(router: std::net::SocketAddr, domain: &str, msg: &'static [
 #[test]
 fn grpc_streams_share_one_backend_connection_per_core() {
     // One core, so every stream is on the same core's pool.
-    let router = Router::builder()
-        .threads(1)
-        .arg("--h2c-addr")
-        .arg("127.0.0.1:0")
-        .start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (router, rt) = one_core_h2c();
     rt.block_on(async {
         let (b, accepted) = counting_backend().await;
-        let route = json!({"type":"http","domain":"grpc.example.com","service":"g","grpc":true});
-        assert_eq!(
-            router.api("POST", "/routes", Some(&route.to_string())).0,
-            200
-        );
-        router.set_backend_addrs("g", &[(b.to_string(), false)]);
+        grpc_route(&router, "grpc.example.com", "g", b);
         for i in 0..5 {
             assert_eq!(
                 &call_once(router.h2c_addrs[0], b"hi").await[..],
@@ -312,25 +319,12 @@ fn grpc_streams_share_one_backend_connection_per_core() {
 /// not drop the other's pooled connection.
 #[test]
 fn grpc_routes_keep_their_own_backend_connections() {
-    let router = Router::builder()
-        .threads(1)
-        .arg("--h2c-addr")
-        .arg("127.0.0.1:0")
-        .start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (router, rt) = one_core_h2c();
     rt.block_on(async {
         let mut accepted = Vec::new();
         for svc in ["a", "b"] {
             let (b, n) = counting_backend().await;
-            let route = json!({"type":"http","domain":format!("{svc}.example.com"),"service":svc,"grpc":true});
-            assert_eq!(
-                router.api("POST", "/routes", Some(&route.to_string())).0,
-                200
-            );
-            router.set_backend_addrs(svc, &[(b.to_string(), false)]);
+            grpc_route(&router, &format!("{svc}.example.com"), svc, b);
             accepted.push(n);
         }
         let h2c = router.h2c_addrs[0];
@@ -349,24 +343,11 @@ fn grpc_routes_keep_their_own_backend_connections() {
 /// without waiting for another call.
 #[test]
 fn grpc_connection_to_a_removed_backend_is_closed() {
-    let router = Router::builder()
-        .threads(1)
-        .arg("--h2c-addr")
-        .arg("127.0.0.1:0")
-        .start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (router, rt) = one_core_h2c();
     rt.block_on(async {
         let (old, _, open) = tracking_backend().await;
         let new = backend().await;
-        let route = json!({"type":"http","domain":"grpc.example.com","service":"g","grpc":true});
-        assert_eq!(
-            router.api("POST", "/routes", Some(&route.to_string())).0,
-            200
-        );
-        router.set_backend_addrs("g", &[(old.to_string(), false)]);
+        grpc_route(&router, "grpc.example.com", "g", old);
         assert_eq!(&call_once(router.h2c_addrs[0], b"one").await[..], b"one");
         assert_eq!(open.load(Ordering::SeqCst), 1);
         router.set_backend_addrs("g", &[(new.to_string(), false)]);
@@ -384,15 +365,7 @@ fn grpc_connection_to_a_removed_backend_is_closed() {
 
 #[test]
 fn a_dead_grpc_backend_connection_is_replaced() {
-    let router = Router::builder()
-        .threads(1)
-        .arg("--h2c-addr")
-        .arg("127.0.0.1:0")
-        .start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (router, rt) = one_core_h2c();
     rt.block_on(async {
         // A backend that serves one stream per connection, then closes it.
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -420,12 +393,7 @@ fn a_dead_grpc_backend_connection_is_replaced() {
                 });
             }
         });
-        let route = json!({"type":"http","domain":"grpc.example.com","service":"g","grpc":true});
-        assert_eq!(
-            router.api("POST", "/routes", Some(&route.to_string())).0,
-            200
-        );
-        router.set_backend_addrs("g", &[(b.to_string(), false)]);
+        grpc_route(&router, "grpc.example.com", "g", b);
         assert_eq!(&call_once(router.h2c_addrs[0], b"one").await[..], b"one");
         tokio::time::sleep(Duration::from_millis(300)).await;
         // The pooled connection is gone: the router notices and dials again.
