@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -65,7 +65,9 @@ enum Op {
 
 /// How far the writer has got.
 struct Progress {
-    written: Mutex<(Pos, bool)>,
+    written: Mutex<Pos>,
+    /// A write failed: nothing more is written (see [`writer`]).
+    failed: AtomicBool,
     moved: Condvar,
     pending: AtomicU64,
 }
@@ -108,10 +110,9 @@ pub fn key_of(msg: &[u8]) -> Option<Key> {
 /// (which cuts the torn tail).
 fn writer(dir: PathBuf, rx: mpsc::Receiver<Op>, progress: Arc<Progress>) {
     let mut file: Option<(u64, File)> = None;
-    let mut failed = false;
     for op in rx {
         match op {
-            Op::Write { bytes, .. } if failed => {
+            Op::Write { bytes, .. } if progress.failed.load(Ordering::Relaxed) => {
                 progress
                     .pending
                     .fetch_sub(bytes.len() as u64, Ordering::Relaxed);
@@ -133,11 +134,10 @@ fn writer(dir: PathBuf, rx: mpsc::Receiver<Op>, progress: Arc<Progress>) {
                     .fetch_sub(bytes.len() as u64, Ordering::Relaxed);
                 let mut w = progress.written.lock().unwrap_or_else(|e| e.into_inner());
                 match res {
-                    Ok(()) => w.0 = w.0.max(end),
+                    Ok(()) => *w = (*w).max(end),
                     Err(e) => {
                         tracing::warn!(error = %e, "writing the host's log failed; it is not kept any more");
-                        w.1 = true;
-                        failed = true;
+                        progress.failed.store(true, Ordering::Relaxed);
                     }
                 }
                 progress.moved.notify_all();
@@ -193,7 +193,8 @@ impl DiskLog {
             offset: s.len,
         });
         let progress = Arc::new(Progress {
-            written: Mutex::new((end, false)),
+            written: Mutex::new(end),
+            failed: AtomicBool::new(false),
             moved: Condvar::new(),
             pending: AtomicU64::new(0),
         });
@@ -229,13 +230,7 @@ impl DiskLog {
                 "the host's log writer is behind (a slow disk)",
             ));
         }
-        if self
-            .progress
-            .written
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .1
-        {
+        if self.progress.failed.load(Ordering::Relaxed) {
             return Err(io::Error::other(
                 "the host's log writer stopped on an error",
             ));
@@ -339,7 +334,8 @@ impl DiskLog {
                 .written
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            while w.0 < target && !w.1 {
+            let failed = || self.progress.failed.load(Ordering::Relaxed);
+            while *w < target && !failed() {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
                 if left.is_zero() {
                     return Err(io::Error::other("the host's log writer is behind"));
@@ -351,7 +347,7 @@ impl DiskLog {
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
-            if w.1 {
+            if failed() {
                 return Err(io::Error::other(
                     "the host's log writer stopped on an error",
                 ));
@@ -464,7 +460,8 @@ impl DiskLog {
     }
 
     /// Bytes held now.
-    pub fn bytes(&self) -> u64 {
+    #[cfg(test)]
+    fn bytes(&self) -> u64 {
         self.lock().total
     }
 }

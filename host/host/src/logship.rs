@@ -508,8 +508,8 @@ impl Recent {
         }
     }
 
-    /// Drops the frames older than [`RECENT_AGE`]; the rest, as one buffer.
-    fn take_bytes(&mut self, now: tokio::time::Instant) -> Vec<u8> {
+    /// Forgets frames and resends older than [`RECENT_AGE`].
+    fn prune(&mut self, now: tokio::time::Instant) {
         while self
             .frames
             .front()
@@ -517,6 +517,18 @@ impl Recent {
         {
             self.pop();
         }
+        self.resent
+            .retain(|(at, _)| now.duration_since(*at) <= RECENT_AGE);
+    }
+
+    /// Where the earliest resend of due frames still remembered started.
+    fn resent_from(&self) -> Option<crate::logdisk::Pos> {
+        self.resent.iter().map(|(_, p)| *p).min()
+    }
+
+    /// The frames not older than [`RECENT_AGE`], as one buffer.
+    fn take_bytes(&mut self, now: tokio::time::Instant) -> Vec<u8> {
+        self.prune(now);
         let mut buf = Vec::with_capacity(self.bytes);
         for (_, (_, f, _)) in &self.frames {
             buf.extend_from_slice(f);
@@ -526,8 +538,7 @@ impl Recent {
 
     /// Remembers a resend of due frames from `from`, sent at `now`.
     fn note_resent(&mut self, now: tokio::time::Instant, from: crate::logdisk::Pos) {
-        self.resent
-            .retain(|(at, _)| now.duration_since(*at) <= RECENT_AGE);
+        self.prune(now);
         if self.resent.len() >= 1024 {
             self.resent.pop_front();
         }
@@ -538,13 +549,7 @@ impl Recent {
     /// left (`Some(None)`: there are none), or `None` when a line among them is not on disk
     /// (its write failed). Drop notices are never on disk and do not count.
     fn first_pos(&mut self, now: tokio::time::Instant) -> Option<Option<crate::logdisk::Pos>> {
-        while self
-            .frames
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > RECENT_AGE)
-        {
-            self.pop();
-        }
+        self.prune(now);
         let mut first = None;
         for (_, (_, _, stored)) in &self.frames {
             match stored {
@@ -617,7 +622,13 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
     let disk2 = disk.clone();
     let point = match cursor {
         Some(c) => match tokio::task::spawn_blocking(move || disk2.resume_point(c)).await {
-            Ok(Ok((p, _))) => Some(p),
+            Ok(Ok((p, reaches))) => {
+                if !reaches {
+                    // Per app it is not known which lines those were: no notice, a warning.
+                    tracing::warn!(api = s.api.as_deref().unwrap_or(""), "lines between the aggregator's cursor and the start of the host's log are gone");
+                }
+                Some(p)
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "reading the host's log from disk failed");
                 None
@@ -760,10 +771,8 @@ async fn run(s: Arc<Dest>, addr: String) {
             Some(_) => Vec::new(),
             None => recent.take_bytes(now),
         };
-        recent
-            .resent
-            .retain(|(at, _)| now.duration_since(*at) <= RECENT_AGE);
-        let resent = recent.resent.iter().map(|(_, p)| *p).min();
+        recent.prune(now);
+        let resent = recent.resent_from();
         let start = Start::Connect {
             recent: recent_from.flatten(),
             resent,

@@ -170,9 +170,7 @@ impl Network {
             }),
         };
         for key in leftovers {
-            if let Err(e) = net.destroy(&key).await {
-                tracing::warn!(key, error = %e, "removing an unused pooled namespace failed");
-            }
+            net.destroy_pooled(&key).await;
         }
         Ok(net)
     }
@@ -341,11 +339,7 @@ impl Network {
         let owner = self.owner_of(id);
         self.destroy(&owner).await?;
         if owner != id {
-            let mut pool = self.pool();
-            let mut map = pool.taken.clone();
-            map.remove(id);
-            self.save_taken(&map)?;
-            pool.taken = map;
+            self.forget_taken(id)?;
         }
         Ok(())
     }
@@ -391,9 +385,7 @@ impl Network {
                         };
                         if !kept {
                             // Retired while it was being made: it goes, not into the pool.
-                            if let Err(e) = net.destroy(&key).await {
-                                tracing::warn!(key, error = %e, "removing a pooled namespace failed");
-                            }
+                            net.destroy_pooled(&key).await;
                             break;
                         }
                     }
@@ -456,9 +448,7 @@ impl Network {
             .map(|(o, _)| o.to_string())
             .collect();
         for key in leftovers {
-            if let Err(e) = self.destroy(&key).await {
-                tracing::warn!(key, error = %e, "removing a pooled namespace failed");
-            }
+            self.destroy_pooled(&key).await;
         }
         let left = self.alloc().allocations().count();
         if left > 0 {
@@ -504,12 +494,7 @@ impl Network {
                 continue;
             }
             if let Some(job) = job {
-                let mut pool = self.pool();
-                let mut map = pool.taken.clone();
-                map.remove(&job);
-                if self.save_taken(&map).is_ok() {
-                    pool.taken = map;
-                }
+                let _ = self.forget_taken(&job);
             }
             removed += 1;
         }
@@ -520,10 +505,26 @@ impl Network {
     pub async fn drain_pool(&self) {
         let ready: Vec<Ready> = self.pool().ready.drain(..).collect();
         for r in ready {
-            if let Err(e) = self.destroy(&r.key).await {
-                tracing::warn!(key = %r.key, error = %e, "removing a pooled namespace failed");
-            }
+            self.destroy_pooled(&r.key).await;
         }
+    }
+
+    /// [`Network::destroy`] for a pooled namespace no job holds; a failure is logged (its
+    /// address stays allocated until a later clean-up).
+    async fn destroy_pooled(&self, key: &str) {
+        if let Err(e) = self.destroy(key).await {
+            tracing::warn!(key, error = %e, "removing a pooled namespace failed");
+        }
+    }
+
+    /// Removes job `id`'s record of the pooled namespace it took, and saves the change.
+    fn forget_taken(&self, id: &str) -> Result<(), String> {
+        let mut pool = self.pool();
+        let mut map = pool.taken.clone();
+        map.remove(id);
+        self.save_taken(&map)?;
+        pool.taken = map;
+        Ok(())
     }
 
     pub fn info(&self) -> NetworkInfo {

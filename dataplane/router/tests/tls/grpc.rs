@@ -11,11 +11,11 @@ use serde_json::json;
 
 use crate::support::Router;
 
-/// A one-core router (every stream on the same core's pool) with an h2c listener, and a
-/// current-thread runtime for the test's client and backends.
-fn one_core_h2c() -> (Router, tokio::runtime::Runtime) {
+/// A router with `threads` cores (one: every stream on the same core's pool) and an h2c
+/// listener, and a current-thread runtime for the test's client and backends.
+fn h2c_router(threads: u32) -> (Router, tokio::runtime::Runtime) {
     let router = Router::builder()
-        .threads(1)
+        .threads(threads)
         .arg("--h2c-addr")
         .arg("127.0.0.1:0")
         .start();
@@ -100,14 +100,7 @@ async fn tracking_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<Atom
 
 #[test]
 fn grpc_bidirectional_stream_with_trailers() {
-    let router = Router::builder()
-        .arg("--h2c-addr")
-        .arg("127.0.0.1:0")
-        .start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (router, rt) = h2c_router(2);
     rt.block_on(async {
         let b = backend().await;
         let (st, _) = router.api(
@@ -179,14 +172,7 @@ fn grpc_bidirectional_stream_with_trailers() {
 
 #[test]
 fn rapid_reset_flood_ends_the_connection_and_is_counted() {
-    let router = Router::builder()
-        .arg("--h2c-addr")
-        .arg("127.0.0.1:0")
-        .start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (router, rt) = h2c_router(2);
     let closed = rt.block_on(async {
         let b = backend().await;
         grpc_route(&router, "grpc.example.com", "g", b);
@@ -291,7 +277,7 @@ async fn call_domain(router: std::net::SocketAddr, domain: &str, msg: &'static [
 #[test]
 fn grpc_streams_share_one_backend_connection_per_core() {
     // One core, so every stream is on the same core's pool.
-    let (router, rt) = one_core_h2c();
+    let (router, rt) = h2c_router(1);
     rt.block_on(async {
         let (b, accepted) = counting_backend().await;
         grpc_route(&router, "grpc.example.com", "g", b);
@@ -319,7 +305,7 @@ fn grpc_streams_share_one_backend_connection_per_core() {
 /// not drop the other's pooled connection.
 #[test]
 fn grpc_routes_keep_their_own_backend_connections() {
-    let (router, rt) = one_core_h2c();
+    let (router, rt) = h2c_router(1);
     rt.block_on(async {
         let mut accepted = Vec::new();
         for svc in ["a", "b"] {
@@ -343,7 +329,7 @@ fn grpc_routes_keep_their_own_backend_connections() {
 /// without waiting for another call.
 #[test]
 fn grpc_connection_to_a_removed_backend_is_closed() {
-    let (router, rt) = one_core_h2c();
+    let (router, rt) = h2c_router(1);
     rt.block_on(async {
         let (old, _, open) = tracking_backend().await;
         let new = backend().await;
@@ -365,7 +351,7 @@ fn grpc_connection_to_a_removed_backend_is_closed() {
 
 #[test]
 fn a_dead_grpc_backend_connection_is_replaced() {
-    let (router, rt) = one_core_h2c();
+    let (router, rt) = h2c_router(1);
     rt.block_on(async {
         // A backend that serves one stream per connection, then closes it.
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
