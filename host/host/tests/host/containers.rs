@@ -1396,3 +1396,68 @@ fn jobs_get_the_overlay_fast_path_once_the_agent_has_set_it_up() {
         drop(bpf);
     });
 }
+
+/// A second daemon on the same state directory stops before it touches anything (it would
+/// clear the first one's pooled namespaces and image unpacks as crash leftovers), with a
+/// message naming the directory; the first one keeps serving and keeps its pool.
+#[test]
+fn a_second_daemon_on_the_same_state_dir_is_refused() {
+    require_root!();
+    in_netns(|_| async {
+        let ch = CHost::start(&["--netns-pool", "1"]);
+        let state_dir = ch.host.dir.path().to_path_buf();
+        eventually(Duration::from_secs(10), "a pooled namespace", || {
+            ip_owners(&state_dir).iter().any(|o| o.starts_with("pool/"))
+        })
+        .await;
+        let pooled: Vec<String> = ip_owners(&state_dir)
+            .into_iter()
+            .filter(|o| o.starts_with("pool/"))
+            .collect();
+        let state = state_dir.to_str().unwrap().to_string();
+        let mut args = vec![
+            "--addr",
+            "127.0.0.1:0",
+            "--state-dir",
+            &state,
+            "--id",
+            &ch.host.id,
+        ];
+        args.extend(CHost::args(&ch.cgroup_parent, &[]));
+        let mut second = Command::new(env!("CARGO_BIN_EXE_flynn-host"))
+            .args(&args)
+            .env("FLYNN_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = second.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = second.kill();
+                let _ = second.wait();
+                panic!("the second daemon kept running");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{err}");
+        assert!(err.contains("another flynn-host uses --state-dir"), "{err}");
+        // The first one still answers, and its pooled namespace is still there.
+        ch.host
+            .client
+            .status()
+            .await
+            .expect("first daemon still serving");
+        for o in &pooled {
+            assert!(
+                netns_exists(o),
+                "pooled namespace {o} removed by the second daemon"
+            );
+        }
+    });
+}
