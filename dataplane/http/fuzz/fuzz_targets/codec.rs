@@ -72,7 +72,14 @@ fuzz_target!(|data: &[u8]| {
                 let re = other
                     .expect("rewritten response parses")
                     .expect("rewritten response is complete");
-                assert_eq!((re.status, re.framing), (resp.status, resp.framing));
+                // An HTTP/1.0 client never gets Transfer-Encoding: a chunked body goes
+                // out decoded, ended by the close.
+                let want = if opts.http10 && resp.framing == Framing::Chunked {
+                    Framing::Close
+                } else {
+                    resp.framing
+                };
+                assert_eq!((re.status, re.framing), (resp.status, want));
             }
         }
     }
