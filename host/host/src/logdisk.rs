@@ -459,6 +459,33 @@ impl DiskLog {
         self.segments().map(drop)
     }
 
+    /// Saves `p` beside the log as `<dir>/<name>.pos` (replaced whole, by a rename), or
+    /// removes it for `None`. Not fsynced, like the log's own writes: it outlives the
+    /// process, which is what it is for.
+    pub fn save_mark(&self, name: &str, p: Option<Pos>) -> io::Result<()> {
+        let path = self.dir.join(format!("{name}.pos"));
+        match p {
+            None => match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+            Some(p) => {
+                let tmp = self.dir.join(format!("{name}.pos.tmp"));
+                fs::write(&tmp, format!("{} {}\n", p.seg, p.offset))?;
+                fs::rename(&tmp, &path)
+            }
+        }
+    }
+
+    /// The position [`DiskLog::save_mark`] saved as `name`, if there is one and it reads.
+    pub fn load_mark(&self, name: &str) -> Option<Pos> {
+        let text = fs::read_to_string(self.dir.join(format!("{name}.pos"))).ok()?;
+        let mut it = text.split_whitespace();
+        let seg = it.next()?.parse().ok()?;
+        let offset = it.next()?.parse().ok()?;
+        Some(Pos { seg, offset })
+    }
+
     /// Bytes held now.
     #[cfg(test)]
     fn bytes(&self) -> u64 {

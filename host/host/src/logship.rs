@@ -165,7 +165,9 @@ struct Dest {
     /// The queue dropped frames that the disk log has: once the queue is drained, they
     /// are sent from the disk (see [`Dropped`]).
     resync: AtomicBool,
-    due: Mutex<Dropped>,
+    due: Mutex<Due>,
+    /// This aggregator's place among `--logagg`: the name of its due mark.
+    index: usize,
     /// The shipper's push lock (see `Shared::order`).
     order: Arc<Mutex<()>>,
 }
@@ -179,6 +181,13 @@ struct Dropped {
     /// oldest, and is in disk order, so every frame between was sent).
     range: Option<(crate::logdisk::Pos, crate::logdisk::Pos)>,
     by_app: std::collections::BTreeMap<Arc<str>, u64>,
+}
+
+/// What is due, and where its range starts as last saved beside the disk log.
+#[derive(Default)]
+struct Due {
+    dropped: Dropped,
+    saved: Option<crate::logdisk::Pos>,
 }
 
 impl Dropped {
@@ -257,11 +266,15 @@ impl Shipper {
                     requeued: AtomicU64::new(0),
                     connected: AtomicBool::new(false),
                     resync: AtomicBool::new(false),
-                    due: Mutex::new(Dropped::default()),
+                    due: Mutex::new(Due::default()),
+                    index: i,
                     order: order.clone(),
                 })
             })
             .collect();
+        for d in &dests {
+            d.load_due();
+        }
         for (d, a) in dests.iter().zip(addrs) {
             tokio::spawn(run(d.clone(), a));
         }
@@ -409,8 +422,9 @@ impl Dest {
                     offset: p.offset + f.1.len() as u64,
                 };
                 let mut d = self.due.lock().unwrap_or_else(|e| e.into_inner());
-                d.add_range(p, end);
-                *d.by_app.entry(f.0).or_default() += 1;
+                d.dropped.add_range(p, end);
+                *d.dropped.by_app.entry(f.0).or_default() += 1;
+                self.save_due(&mut d);
                 self.resync.store(true, Ordering::Relaxed);
                 let n = self.requeued.fetch_add(1, Ordering::Relaxed) + 1;
                 if n == 1 || n.is_multiple_of(10_000) {
@@ -430,6 +444,63 @@ impl Dest {
                 false
             }
         }
+    }
+
+    fn due_mark(&self) -> String {
+        format!("due-{}", self.index)
+    }
+
+    /// Saves where the due range starts beside the disk log (`due-<i>.pos`), or removes
+    /// the mark once nothing is due: a daemon restarted before the resend then still
+    /// sends those lines, although the aggregator's cursor is past them. Written only when
+    /// the start changes (an overflow begins, its resend is done or failed), under the
+    /// `due` lock. Per-app counts are not saved: after a restart, due lines that already
+    /// left the disk log get a warning, not a notice.
+    fn save_due(&self, due: &mut Due) {
+        let start = due.dropped.range.map(|r| r.0);
+        let Some(disk) = self.disk.as_ref().filter(|_| start != due.saved) else {
+            return;
+        };
+        match disk.save_mark(&self.due_mark(), start) {
+            Ok(()) => due.saved = start,
+            Err(e) => tracing::warn!(error = %e, "saving the host log's due range failed"),
+        }
+    }
+
+    /// Takes up the due range a previous daemon saved (see [`Dest::save_due`]): due up to
+    /// the log's end, sent on the first connection.
+    fn load_due(&self) {
+        let Some(disk) = &self.disk else { return };
+        let Some(from) = disk.load_mark(&self.due_mark()) else {
+            return;
+        };
+        let end = disk.end();
+        let mut d = self.due.lock().unwrap_or_else(|e| e.into_inner());
+        d.saved = Some(from);
+        if from < end && disk.holds(from) {
+            tracing::info!(
+                "lines dropped from the log buffer before the restart will be sent again"
+            );
+            d.dropped.add_range(from, end);
+            self.resync.store(true, Ordering::Relaxed);
+        } else if from < end {
+            tracing::warn!(
+                "lines dropped from the log buffer before the restart had left the host's log"
+            );
+        }
+        self.save_due(&mut d);
+    }
+
+    /// Puts back what a failed resend took.
+    fn due_again(&self, dropped: Dropped) {
+        let mut d = self.due.lock().unwrap_or_else(|e| e.into_inner());
+        d.dropped.merge(dropped);
+        self.save_due(&mut d);
+    }
+
+    /// After a resend: the mark follows what is due now (drops since it began, or none).
+    fn settle_due(&self) {
+        self.save_due(&mut self.due.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     fn note_lost(&self, app: Arc<str>, n: u64) {
@@ -637,7 +708,7 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
         },
         None => None,
     };
-    let dropped = std::mem::take(&mut *s.due.lock().unwrap_or_else(|e| e.into_inner()));
+    let dropped = std::mem::take(&mut s.due.lock().unwrap_or_else(|e| e.into_inner()).dropped);
     let min = |a: Option<Pos>, b: Option<Pos>| match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -667,6 +738,7 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
         None => (due_from, dropped.range.map(|r| r.1)),
     };
     let Some(from) = from else {
+        s.settle_due();
         return Resend::Done(None);
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
@@ -679,10 +751,7 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
         let res = tokio::time::timeout(Duration::from_secs(30), conn.write_all(&chunk)).await;
         if !matches!(res, Ok(Ok(()))) {
             // Due again on the next connection.
-            s.due
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .merge(dropped);
+            s.due_again(dropped);
             s.resync.store(true, Ordering::Relaxed);
             return Resend::WriteFailed;
         }
@@ -690,10 +759,7 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
     }
     if !matches!(reader.await, Ok(Ok(()))) {
         tracing::warn!("reading the host's log from disk failed; due lines stay due");
-        s.due
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .merge(dropped);
+        s.due_again(dropped);
         return Resend::ReadFailed;
     }
     // Checked after the read: a segment dropped meanwhile was read as empty.
@@ -710,6 +776,7 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
     if sent > 0 {
         tracing::info!(bytes = sent, "resent lines from the host's log");
     }
+    s.settle_due();
     Resend::Done(due_from)
 }
 
@@ -1137,6 +1204,69 @@ mod tests {
         let got = read_all_of(&mut c, &want).await;
         let missing = want.iter().filter(|w| !got.contains(w)).count();
         assert_eq!(missing, 0, "{missing} lines never came");
+        assert_eq!(sh.stats().dropped, 0);
+    }
+
+    /// Lines the full queue dropped are sent after a daemon restart that came before their
+    /// resend (the aggregator's cursor would be past them): the due range is kept beside
+    /// the disk log, and removed once sent.
+    #[tokio::test]
+    async fn due_lines_are_sent_after_a_restart_before_their_resend() {
+        let dir = tempfile::tempdir().unwrap();
+        let want: Vec<Vec<u8>> = (0..100).map(|i| format!("line{i}").into_bytes()).collect();
+        let path = dir.path().to_path_buf();
+        let w = want.clone();
+        // The first daemon, on a runtime of its own that is then dropped (its tasks die
+        // with it): its aggregator is down, the queue keeps 5 and the rest is due.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let disk = Arc::new(crate::logdisk::DiskLog::open(&path, 0).unwrap());
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let down = l.local_addr().unwrap();
+                drop(l);
+                let sh = Shipper::start_with(
+                    "h",
+                    vec![down.to_string()],
+                    Vec::new(),
+                    5,
+                    Some(disk.clone()),
+                );
+                let src = Source::new(Some("a"), None, "j");
+                for line in &w {
+                    sh.push(&src, Stream::Stdout, line);
+                }
+                assert_eq!(sh.stats().requeued, 95);
+                disk.sync().unwrap();
+            });
+        })
+        .join()
+        .unwrap();
+        assert!(dir.path().join("due-0.pos").exists());
+        // The restarted daemon: same log, its aggregator up. Without a cursor and with no
+        // recent lines of its own, only the saved due range brings the 95 back.
+        let disk = Arc::new(crate::logdisk::DiskLog::open(dir.path(), 0).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sh = Shipper::start_with("h", vec![addr.to_string()], Vec::new(), 5, Some(disk));
+        let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let got = read_all_of(&mut c, &want[..95]).await;
+        let missing = want[..95].iter().filter(|w| !got.contains(w)).count();
+        assert_eq!(missing, 0, "{missing} due lines never came");
+        let t0 = std::time::Instant::now();
+        while dir.path().join("due-0.pos").exists() && t0.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            !dir.path().join("due-0.pos").exists(),
+            "due mark kept after the resend"
+        );
         assert_eq!(sh.stats().dropped, 0);
     }
 
