@@ -166,8 +166,13 @@ struct Dest {
     /// are sent from the disk (see [`Dropped`]).
     resync: AtomicBool,
     due: Mutex<Due>,
-    /// This aggregator's place among `--logagg`: the name of its due mark.
+    /// This aggregator's place among `--logagg`: the name of its marks.
     index: usize,
+    /// The unacknowledged mark as last saved (see [`Dest::save_unacked`]).
+    unacked: Mutex<Option<crate::logdisk::Pos>>,
+    /// The previous daemon's mark, taken by the first connection (see
+    /// [`Dest::load_unacked`]).
+    restart_from: Mutex<Option<crate::logdisk::Pos>>,
     /// The shipper's push lock (see `Shared::order`).
     order: Arc<Mutex<()>>,
 }
@@ -268,12 +273,17 @@ impl Shipper {
                     resync: AtomicBool::new(false),
                     due: Mutex::new(Due::default()),
                     index: i,
+                    unacked: Mutex::new(None),
+                    restart_from: Mutex::new(None),
                     order: order.clone(),
                 })
             })
             .collect();
+        // Before any line is pushed: the marks' "log's end now" must not include one.
         for d in &dests {
             d.load_due();
+            let from = d.load_unacked();
+            *d.restart_from.lock().unwrap_or_else(|e| e.into_inner()) = from;
         }
         for (d, a) in dests.iter().zip(addrs) {
             tokio::spawn(run(d.clone(), a));
@@ -489,6 +499,61 @@ impl Dest {
             );
         }
         self.save_due(&mut d);
+    }
+
+    /// Where the previous daemon's unacknowledged frames began (see
+    /// [`Dest::save_unacked`]), to be sent again on the first connection when the
+    /// aggregator's cursor is not known. With no mark yet (a first start), everything in
+    /// the log so far counts as sent: the mark is set to its end now.
+    fn load_unacked(&self) -> Option<crate::logdisk::Pos> {
+        let disk = self.disk.as_ref()?;
+        let name = format!("unacked-{}", self.index);
+        let end = disk.end();
+        let from = disk.load_mark(&name);
+        let saved = from.unwrap_or(end);
+        match disk.save_mark(&name, Some(saved)) {
+            Ok(()) => *self.unacked.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved),
+            Err(e) => {
+                tracing::warn!(error = %e, "saving the host log's unacknowledged mark failed")
+            }
+        }
+        from.filter(|p| *p < end && disk.holds(*p))
+    }
+
+    /// Saves where the frames that may not have reached this aggregator begin
+    /// (`unacked-<i>.pos`): the oldest frame written to it in the last 45 s or resent in
+    /// that time, else the queue's first frame, else the log's end. A restarted daemon
+    /// that cannot get the aggregator's cursor sends the log again from there: what was in
+    /// flight, queued in memory or due when the previous one was killed. Called at most
+    /// once a second while connected (the mark does not move while disconnected: what is
+    /// queued then lies after it); rewritten only when it moved.
+    fn save_unacked(&self, recent: &mut Recent, now: tokio::time::Instant) {
+        let Some(disk) = &self.disk else { return };
+        // A recent frame that is not on disk: its place is not known, keep the mark.
+        let Some(written) = recent.first_pos(now) else {
+            return;
+        };
+        let queued = {
+            let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+            let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.iter()
+                .find_map(|(_, _, stored)| stored.pos())
+                .unwrap_or_else(|| disk.end())
+        };
+        let from = [written, recent.resent_from(), Some(queued)]
+            .into_iter()
+            .flatten()
+            .min();
+        let mut saved = self.unacked.lock().unwrap_or_else(|e| e.into_inner());
+        if from == *saved {
+            return;
+        }
+        match disk.save_mark(&format!("unacked-{}", self.index), from) {
+            Ok(()) => *saved = from,
+            Err(e) => {
+                tracing::warn!(error = %e, "saving the host log's unacknowledged mark failed")
+            }
+        }
     }
 
     /// Puts back what a failed resend took.
@@ -809,6 +874,13 @@ async fn cursor_of(api: &str, host: &str) -> Option<crate::logdisk::CursorKey> {
 async fn run(s: Arc<Dest>, addr: String) {
     let mut backoff = Duration::from_millis(100);
     let mut recent = Recent::default();
+    // Sent again on the first connection that has no cursor (see `Dest::load_unacked`).
+    let mut restart_from = s
+        .restart_from
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    let mut unacked_at = tokio::time::Instant::now();
     loop {
         let conn = tokio::time::timeout(
             Duration::from_secs(2),
@@ -841,7 +913,10 @@ async fn run(s: Arc<Dest>, addr: String) {
         recent.prune(now);
         let resent = recent.resent_from();
         let start = Start::Connect {
-            recent: recent_from.flatten(),
+            recent: [recent_from.flatten(), restart_from]
+                .into_iter()
+                .flatten()
+                .min(),
             resent,
         };
         let again = match resend_from_disk(&s, &mut conn, start).await {
@@ -851,10 +926,14 @@ async fn run(s: Arc<Dest>, addr: String) {
                 continue;
             }
             Resend::Done(Some(from)) => {
+                restart_from = None;
                 recent.note_resent(now, from);
                 again
             }
-            Resend::Done(None) | Resend::NotAvailable => again,
+            Resend::Done(None) | Resend::NotAvailable => {
+                restart_from = None;
+                again
+            }
             // The disk could not give the recent frames: from memory then.
             Resend::ReadFailed if again.is_empty() => recent.take_bytes(now),
             Resend::ReadFailed => again,
@@ -896,6 +975,11 @@ async fn run(s: Arc<Dest>, addr: String) {
                 tokio::select! {
                     _ = s.notify.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        let now = tokio::time::Instant::now();
+                        if now.duration_since(unacked_at) >= Duration::from_secs(1) {
+                            unacked_at = now;
+                            s.save_unacked(&mut recent, now);
+                        }
                         let mut probe = [0u8; 1];
                         match conn.try_read(&mut probe) {
                             Ok(0) => break,
@@ -916,6 +1000,10 @@ async fn run(s: Arc<Dest>, addr: String) {
                 let now = tokio::time::Instant::now();
                 for f in batch {
                     recent.push(f, now);
+                }
+                if now.duration_since(unacked_at) >= Duration::from_secs(1) {
+                    unacked_at = now;
+                    s.save_unacked(&mut recent, now);
                 }
                 continue;
             }
@@ -1268,6 +1356,101 @@ mod tests {
             "due mark kept after the resend"
         );
         assert_eq!(sh.stats().dropped, 0);
+    }
+
+    /// Runs `body` with a shipper on a runtime of its own, then drops the runtime: its
+    /// tasks die as with a killed daemon.
+    fn in_killed_daemon<F, Fut>(body: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(body());
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Pushes `lines` with a shipper whose aggregator is down, on a daemon that is then
+    /// killed: they stay queued in its memory.
+    fn queue_in_killed_daemon(path: &std::path::Path, lines: &'static [&'static str]) {
+        let path = path.to_path_buf();
+        in_killed_daemon(move || async move {
+            let disk = Arc::new(crate::logdisk::DiskLog::open(&path, 0).unwrap());
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let down = l.local_addr().unwrap();
+            drop(l);
+            let sh = Shipper::start_with(
+                "h",
+                vec![down.to_string()],
+                Vec::new(),
+                5,
+                Some(disk.clone()),
+            );
+            let src = Source::new(Some("a"), None, "j");
+            for line in lines {
+                sh.push(&src, Stream::Stdout, line.as_bytes());
+            }
+            assert_eq!(sh.stats().buffered, lines.len() as u64);
+            disk.sync().unwrap();
+        });
+    }
+
+    /// Starts a shipper on the log at `path` and returns what its aggregator gets once
+    /// `want` came (or 10 s passed).
+    async fn restarted_daemon_sends(path: &std::path::Path, want: &[&str]) -> Vec<Vec<u8>> {
+        let disk = Arc::new(crate::logdisk::DiskLog::open(path, 0).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sh = Shipper::start_with("h", vec![addr.to_string()], Vec::new(), 5, Some(disk));
+        let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let src = Source::new(Some("a"), None, "j");
+        sh.push(&src, Stream::Stdout, b"new");
+        let mut want: Vec<Vec<u8>> = want.iter().map(|l| l.as_bytes().to_vec()).collect();
+        want.push(b"new".to_vec());
+        read_all_of(&mut c, &want).await
+    }
+
+    /// A daemon killed with lines queued and restarted, with no cursor from the
+    /// aggregator, sends the log again from where its unacknowledged frames began, so
+    /// the queued lines are not lost.
+    #[tokio::test]
+    async fn queued_lines_are_sent_after_a_restart_without_a_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        queue_in_killed_daemon(dir.path(), &["q1", "q2", "q3"]);
+        let killed_end = crate::logdisk::DiskLog::open(dir.path(), 0).unwrap().end();
+        let got = restarted_daemon_sends(dir.path(), &["q1", "q2", "q3"]).await;
+        for w in ["q1", "q2", "q3", "new"] {
+            assert!(got.contains(&w.as_bytes().to_vec()), "{w} missing: {got:?}");
+        }
+        // Once they were sent, the mark moves past them (to "new", still recent): a
+        // second restart would not send them again.
+        let t0 = std::time::Instant::now();
+        let disk = crate::logdisk::DiskLog::open(dir.path(), 0).unwrap();
+        let mark = || disk.load_mark("unacked-0").unwrap();
+        while mark() < killed_end && t0.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(mark(), killed_end);
+    }
+
+    /// A log without the mark (written before marks existed) counts as sent: a restart
+    /// does not send the host's whole history again.
+    #[tokio::test]
+    async fn a_log_without_a_mark_is_not_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        queue_in_killed_daemon(dir.path(), &["old1", "old2"]);
+        std::fs::remove_file(dir.path().join("unacked-0.pos")).unwrap();
+        let got = restarted_daemon_sends(dir.path(), &[]).await;
+        assert_eq!(got, vec![b"new".to_vec()]);
     }
 
     #[tokio::test]
