@@ -66,10 +66,15 @@ enum Op {
 /// How far the writer has got.
 struct Progress {
     written: Mutex<Pos>,
-    /// A write failed: nothing more is written (see [`writer`]).
+    /// A write failed and is being tried again (see [`writer`]).
     failed: AtomicBool,
     moved: Condvar,
     pending: AtomicU64,
+    /// The log was dropped: a writer stuck retrying gives up.
+    closed: AtomicBool,
+    /// Writes still to fail (tests).
+    #[cfg(test)]
+    fail_writes: std::sync::atomic::AtomicU32,
 }
 
 pub struct DiskLog {
@@ -77,6 +82,12 @@ pub struct DiskLog {
     max_bytes: u64,
     inner: Mutex<Inner>,
     progress: Arc<Progress>,
+}
+
+impl Drop for DiskLog {
+    fn drop(&mut self) {
+        self.progress.closed.store(true, Ordering::Relaxed);
+    }
 }
 
 fn seg_path(dir: &Path, n: u64) -> PathBuf {
@@ -105,41 +116,54 @@ pub fn key_of(msg: &[u8]) -> Option<Key> {
 }
 
 /// The writer thread: performs the reserved writes and removals in order, until the log is
-/// dropped. After a failed write it writes nothing more (a segment never has bytes after a
-/// torn fragment): later appends are refused and reads fail, until the daemon restarts
-/// (which cuts the torn tail).
+/// dropped. A failed write (a full disk, say) is taken back (the segment cut to where it
+/// started, so no torn fragment stays) and tried again, at growing intervals up to 5 s, until
+/// it succeeds: every reserved position stays valid and the log has no holes. Meanwhile
+/// appends are refused (their lines are kept in memory only) and reads fail at once.
 fn writer(dir: PathBuf, rx: mpsc::Receiver<Op>, progress: Arc<Progress>) {
     let mut file: Option<(u64, File)> = None;
     for op in rx {
         match op {
-            Op::Write { bytes, .. } if progress.failed.load(Ordering::Relaxed) => {
-                progress
-                    .pending
-                    .fetch_sub(bytes.len() as u64, Ordering::Relaxed);
-                progress.moved.notify_all();
-            }
             Op::Write { seg, bytes, end } => {
-                let res = (|| {
-                    if file.as_ref().is_none_or(|(n, _)| *n != seg) {
-                        let f = OpenOptions::new()
-                            .create(true)
-                            .append(true)
-                            .open(seg_path(&dir, seg))?;
-                        file = Some((seg, f));
+                let mut pause = Duration::from_millis(100);
+                let mut failures = 0u64;
+                while let Err(e) = write_seg(&dir, &mut file, seg, &bytes, &progress) {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(100) {
+                        tracing::warn!(error = %e, failures, "writing the host's log failed; trying again (lines are kept in memory only meanwhile)");
                     }
-                    file.as_mut().expect("opened").1.write_all(&bytes)
-                })();
+                    if !progress.failed.swap(true, Ordering::Relaxed) {
+                        progress.moved.notify_all();
+                    }
+                    // Take back what part of it was written, so the retry does not repeat it.
+                    file = None;
+                    let start = end.offset - bytes.len() as u64;
+                    match OpenOptions::new().write(true).open(seg_path(&dir, seg)) {
+                        Ok(f) => {
+                            if let Err(e) = f.set_len(start) {
+                                tracing::warn!(error = %e, "cutting a failed write off the host's log failed");
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cutting a failed write off the host's log failed")
+                        }
+                    }
+                    if progress.closed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                if failures > 0 {
+                    tracing::info!(failures, "writing the host's log works again");
+                }
                 progress
                     .pending
                     .fetch_sub(bytes.len() as u64, Ordering::Relaxed);
                 let mut w = progress.written.lock().unwrap_or_else(|e| e.into_inner());
-                match res {
-                    Ok(()) => *w = (*w).max(end),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "writing the host's log failed; it is not kept any more");
-                        progress.failed.store(true, Ordering::Relaxed);
-                    }
-                }
+                *w = (*w).max(end);
+                progress.failed.store(false, Ordering::Relaxed);
                 progress.moved.notify_all();
             }
             Op::Remove(n) => {
@@ -152,6 +176,37 @@ fn writer(dir: PathBuf, rx: mpsc::Receiver<Op>, progress: Arc<Progress>) {
             }
         }
     }
+}
+
+/// Appends `bytes` to segment `seg`, opening it (kept in `file`) if needed.
+fn write_seg(
+    dir: &Path,
+    file: &mut Option<(u64, File)>,
+    seg: u64,
+    bytes: &[u8],
+    progress: &Progress,
+) -> io::Result<()> {
+    if file.as_ref().is_none_or(|(n, _)| *n != seg) {
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(seg_path(dir, seg))?;
+        *file = Some((seg, f));
+    }
+    let f = &mut file.as_mut().expect("opened").1;
+    #[cfg(test)]
+    if progress
+        .fail_writes
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        // Half of it reaches the file, as with a disk that filled up mid-write.
+        f.write_all(&bytes[..bytes.len() / 2])?;
+        return Err(io::Error::other("injected write failure"));
+    }
+    #[cfg(not(test))]
+    let _ = progress;
+    f.write_all(bytes)
 }
 
 impl DiskLog {
@@ -197,6 +252,9 @@ impl DiskLog {
             failed: AtomicBool::new(false),
             moved: Condvar::new(),
             pending: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_writes: Default::default(),
         });
         let (tx, rx) = mpsc::channel();
         let (d, p) = (dir.to_path_buf(), progress.clone());
@@ -219,7 +277,7 @@ impl DiskLog {
 
     /// Appends framed messages (in queue order): reserves their positions, pushed onto `at`,
     /// and hands the bytes to the writer thread. Refused (nothing reserved) while the writer
-    /// is more than [`MAX_PENDING`] bytes behind, or after it stopped on an error.
+    /// is more than [`MAX_PENDING`] bytes behind, or while a failed write is being retried.
     pub fn append<'a>(
         &self,
         frames: impl IntoIterator<Item = &'a [u8]>,
@@ -232,7 +290,7 @@ impl DiskLog {
         }
         if self.progress.failed.load(Ordering::Relaxed) {
             return Err(io::Error::other(
-                "the host's log writer stopped on an error",
+                "the host's log writer is retrying a failed write",
             ));
         }
         let first = at.len();
@@ -349,7 +407,7 @@ impl DiskLog {
             }
             if failed() {
                 return Err(io::Error::other(
-                    "the host's log writer stopped on an error",
+                    "the host's log writer is retrying a failed write",
                 ));
             }
         }
@@ -530,6 +588,47 @@ mod tests {
         })
         .unwrap();
         out
+    }
+
+    /// A failed write (half of it on disk, as when the disk fills up mid-write) is taken
+    /// back and tried again: while it fails, appends are refused and reads fail; once it
+    /// succeeds, the log holds every reserved frame once, in order, and takes appends again.
+    #[test]
+    fn a_failed_write_is_taken_back_and_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DiskLog::open(dir.path(), 0).unwrap();
+        let start = log.end();
+        let mut at = Vec::new();
+        log.append([&frame(1, 1, "one")[..]], &mut at).unwrap();
+        log.sync().unwrap();
+        log.progress.fail_writes.store(3, Ordering::Relaxed);
+        // Reserved before the writer noticed: written once it works again.
+        log.append(
+            [&frame(2, 2, "two")[..], &frame(3, 3, "three")[..]],
+            &mut at,
+        )
+        .unwrap();
+        let t0 = std::time::Instant::now();
+        while !log.progress.failed.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(log.append([&frame(4, 4, "refused")[..]], &mut at).is_err());
+        assert!(log.sync().is_err(), "a read while the write fails");
+        assert_eq!(at.len(), 3);
+        // Three failures: 0.1 + 0.2 + 0.4 s of pauses.
+        while log.progress.failed.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        log.sync().unwrap();
+        log.append([&frame(5, 5, "five")[..]], &mut at).unwrap();
+        assert_eq!(texts(&log, start, None), ["one", "two", "three", "five"]);
+        assert_eq!(texts(&log, at[1], Some(at[2])), ["two"]);
+        drop(log);
+        // And the file itself has no fragment: a reopen keeps it whole.
+        let log = DiskLog::open(dir.path(), 0).unwrap();
+        assert_eq!(texts(&log, start, None), ["one", "two", "three", "five"]);
     }
 
     #[test]
