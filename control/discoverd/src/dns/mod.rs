@@ -96,11 +96,34 @@ fn registry_of(service: &str, view: PeerView) -> crate::store::state::Registry {
 
 /// A proxy's recent peer answers, per service, kept for [`PeerCache::FOR`]: a job resolving
 /// the same name again and again (every connection, or every lookup of a resolver without a
-/// cache) mostly hits the cache (misses at the same moment each ask a peer), and a hit
-/// answers at once. Failures are not kept; an answer never replaces a newer one.
+/// cache) mostly hits the cache, and a hit answers at once. Misses for one service at the
+/// same moment share one peer request. Failures are not kept; an answer never replaces a
+/// newer one.
 #[derive(Default)]
 struct PeerCache {
     views: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, PeerView)>>,
+    /// Peer requests under way, per service.
+    inflight: std::sync::Mutex<std::collections::HashMap<String, PeerFetch>>,
+}
+
+type PeerFetch =
+    futures_util::future::Shared<futures_util::future::BoxFuture<'static, Option<PeerView>>>;
+
+/// Removes a service's in-flight entry when the request that made it ends or is dropped
+/// (a cancelled lookup must not leave its finished answer there for good).
+struct InflightGuard<'a> {
+    cache: &'a PeerCache,
+    service: &'a str,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.cache
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.service);
+    }
 }
 
 impl PeerCache {
@@ -113,6 +136,48 @@ impl PeerCache {
         m.get(service)
             .filter(|(at, _)| now.saturating_duration_since(*at) < Self::FOR)
             .map(|(_, v)| v.clone())
+    }
+
+    /// The cached view of `service`, or the answer of the peer request for it under way,
+    /// or of a new one made with `fetch` (whose answer is then cached).
+    async fn get_or_fetch<Fut>(
+        &self,
+        service: &str,
+        fetch: impl FnOnce() -> Fut,
+    ) -> Option<PeerView>
+    where
+        Fut: std::future::Future<Output = Option<PeerView>> + Send + 'static,
+    {
+        use futures_util::FutureExt;
+        let now = std::time::Instant::now();
+        if let Some(v) = self.get(service, now) {
+            return Some(v);
+        }
+        let (shared, guard) = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            match inflight.get(service) {
+                Some(f) => (f.clone(), None),
+                None => {
+                    let f = fetch().boxed().shared();
+                    inflight.insert(service.to_string(), f.clone());
+                    (
+                        f,
+                        Some(InflightGuard {
+                            cache: self,
+                            service,
+                        }),
+                    )
+                }
+            }
+        };
+        let v = shared.await;
+        if let Some(guard) = guard {
+            drop(guard);
+            if let Some(v) = &v {
+                self.put(service, v.clone(), now);
+            }
+        }
+        v
     }
 
     fn put(&self, service: &str, view: PeerView, now: std::time::Instant) {
@@ -140,19 +205,14 @@ impl PeerCache {
 
 /// The registry a proxy answers `service` from: the cached peer view, or a fresh one.
 async fn from_peer(
-    node: &Node,
+    node: &Arc<Node>,
     cache: &PeerCache,
     service: &str,
 ) -> Option<crate::store::state::Registry> {
-    let now = std::time::Instant::now();
-    let view = match cache.get(service, now) {
-        Some(v) => v,
-        None => {
-            let v = peer_view(node, service).await?;
-            cache.put(service, v.clone(), now);
-            v
-        }
-    };
+    let (n, svc) = (node.clone(), service.to_string());
+    let view = cache
+        .get_or_fetch(service, move || async move { peer_view(&n, &svc).await })
+        .await?;
     Some(registry_of(service, view))
 }
 
@@ -366,6 +426,47 @@ mod tests {
             insts,
             leader: None,
         }
+    }
+
+    /// Lookups of one service that miss at the same moment share one peer request, and
+    /// the next one after it is answered from the cache.
+    #[tokio::test]
+    async fn concurrent_misses_share_one_peer_request() {
+        let c = Arc::new(PeerCache::default());
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let (c, asked) = (c.clone(), asked.clone());
+            tasks.push(tokio::spawn(async move {
+                c.get_or_fetch("web", move || async move {
+                    asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Some(view(3))
+                })
+                .await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().insts.len(), 3);
+        }
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(c.inflight.lock().unwrap().is_empty());
+        let again = c.get_or_fetch("web", || async { None }).await;
+        assert_eq!(again.unwrap().insts.len(), 3, "not from the cache");
+
+        // A lookup dropped while its request is under way leaves no entry behind: the
+        // next miss asks again.
+        let c = PeerCache::default();
+        let slow = c.get_or_fetch("db", || async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Some(view(1))
+        });
+        assert!(tokio::time::timeout(Duration::from_millis(20), slow)
+            .await
+            .is_err());
+        assert!(c.inflight.lock().unwrap().is_empty());
+        let got = c.get_or_fetch("db", || async { Some(view(2)) }).await;
+        assert_eq!(got.unwrap().insts.len(), 2);
     }
 
     #[test]
