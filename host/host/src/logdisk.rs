@@ -61,6 +61,11 @@ enum Op {
         end: Pos,
     },
     Remove(u64),
+    /// Write (or remove) a mark file (see [`DiskLog::set_mark`]).
+    Mark {
+        name: String,
+        pos: Option<Pos>,
+    },
 }
 
 /// How far the writer has got.
@@ -125,28 +130,39 @@ fn writer(dir: PathBuf, rx: mpsc::Receiver<Op>, progress: Arc<Progress>) {
     for op in rx {
         match op {
             Op::Write { seg, bytes, end } => {
+                let start = end.offset - bytes.len() as u64;
                 let mut pause = Duration::from_millis(100);
                 let mut failures = 0u64;
-                while let Err(e) = write_seg(&dir, &mut file, seg, &bytes, &progress) {
+                // Whether the segment may hold part of a failed attempt: cut before retrying
+                // (a write after a fragment would shift every later frame's position).
+                let mut cut = false;
+                loop {
+                    let res = if cut {
+                        cut_to(&dir, seg, start)
+                    } else {
+                        write_seg(&dir, &mut file, seg, &bytes, &progress)
+                    };
+                    let e = match res {
+                        Ok(()) if cut => {
+                            cut = false;
+                            continue;
+                        }
+                        Ok(()) => break,
+                        Err(e) => e,
+                    };
+                    if !cut {
+                        cut = true;
+                        file = None;
+                    }
                     failures += 1;
                     if failures == 1 || failures.is_multiple_of(100) {
                         tracing::warn!(error = %e, failures, "writing the host's log failed; trying again (lines are kept in memory only meanwhile)");
                     }
-                    if !progress.failed.swap(true, Ordering::Relaxed) {
-                        progress.moved.notify_all();
-                    }
-                    // Take back what part of it was written, so the retry does not repeat it.
-                    file = None;
-                    let start = end.offset - bytes.len() as u64;
-                    match OpenOptions::new().write(true).open(seg_path(&dir, seg)) {
-                        Ok(f) => {
-                            if let Err(e) = f.set_len(start) {
-                                tracing::warn!(error = %e, "cutting a failed write off the host's log failed");
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cutting a failed write off the host's log failed")
+                    {
+                        // Under the lock readers wait with, so none misses the wake-up.
+                        let _w = progress.written.lock().unwrap_or_else(|e| e.into_inner());
+                        if !progress.failed.swap(true, Ordering::Relaxed) {
+                            progress.moved.notify_all();
                         }
                     }
                     if progress.closed.load(Ordering::Relaxed) {
@@ -174,8 +190,49 @@ fn writer(dir: PathBuf, rx: mpsc::Receiver<Op>, progress: Arc<Progress>) {
                     tracing::warn!(error = %e, "removing an old segment of the host's log failed");
                 }
             }
+            Op::Mark { name, pos } => {
+                if let Err(e) = write_mark(&dir, &name, pos) {
+                    tracing::warn!(error = %e, mark = %name, "saving a mark of the host's log failed");
+                }
+            }
         }
     }
+}
+
+/// Cuts segment `seg` to `len` bytes (a missing file is fine: nothing to take back).
+fn cut_to(dir: &Path, seg: u64, len: u64) -> io::Result<()> {
+    match OpenOptions::new().write(true).open(seg_path(dir, seg)) {
+        Ok(f) => f.set_len(len),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes mark `name` (`<dir>/<name>.pos`, replaced whole by a rename), or removes it.
+/// Not fsynced, like the log's own writes: it outlives the process, which is what it is
+/// for.
+fn write_mark(dir: &Path, name: &str, pos: Option<Pos>) -> io::Result<()> {
+    let path = dir.join(format!("{name}.pos"));
+    match pos {
+        None => match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+        Some(p) => {
+            let tmp = dir.join(format!("{name}.pos.tmp"));
+            fs::write(&tmp, format!("{} {}\n", p.seg, p.offset))?;
+            fs::rename(&tmp, &path)
+        }
+    }
+}
+
+/// The mark `name` in `dir`, if there is one and it reads.
+pub fn read_mark(dir: &Path, name: &str) -> Option<Pos> {
+    let text = fs::read_to_string(dir.join(format!("{name}.pos"))).ok()?;
+    let mut it = text.split_whitespace();
+    let seg = it.next()?.parse().ok()?;
+    let offset = it.next()?.parse().ok()?;
+    Some(Pos { seg, offset })
 }
 
 /// Appends `bytes` to segment `seg`, opening it (kept in `file`) if needed.
@@ -393,7 +450,12 @@ impl DiskLog {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             let failed = || self.progress.failed.load(Ordering::Relaxed);
-            while *w < target && !failed() {
+            while *w < target {
+                if failed() {
+                    return Err(io::Error::other(
+                        "the host's log writer is retrying a failed write",
+                    ));
+                }
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
                 if left.is_zero() {
                     return Err(io::Error::other("the host's log writer is behind"));
@@ -404,11 +466,6 @@ impl DiskLog {
                     .wait_timeout(w, left)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
-            }
-            if failed() {
-                return Err(io::Error::other(
-                    "the host's log writer is retrying a failed write",
-                ));
             }
         }
         Ok(segs)
@@ -517,31 +574,47 @@ impl DiskLog {
         self.segments().map(drop)
     }
 
-    /// Saves `p` beside the log as `<dir>/<name>.pos` (replaced whole, by a rename), or
-    /// removes it for `None`. Not fsynced, like the log's own writes: it outlives the
-    /// process, which is what it is for.
-    pub fn save_mark(&self, name: &str, p: Option<Pos>) -> io::Result<()> {
-        let path = self.dir.join(format!("{name}.pos"));
-        match p {
-            None => match fs::remove_file(&path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            },
-            Some(p) => {
-                let tmp = self.dir.join(format!("{name}.pos.tmp"));
-                fs::write(&tmp, format!("{} {}\n", p.seg, p.offset))?;
-                fs::rename(&tmp, &path)
+    /// Saves mark `name` (a position, or none) beside the log: handed to the writer thread,
+    /// written after everything appended before it. Mark names are the shipper's.
+    pub fn set_mark(&self, name: &str, pos: Option<Pos>) {
+        let g = self.lock();
+        let _ = g.tx.send(Op::Mark {
+            name: name.to_string(),
+            pos,
+        });
+    }
+
+    /// The mark `name` as written so far (see [`DiskLog::set_mark`]).
+    pub fn load_mark(&self, name: &str) -> Option<Pos> {
+        read_mark(&self.dir, name)
+    }
+
+    /// Removes every mark whose name starts with one of `prefixes` and is not in `keep`
+    /// (marks of aggregators no longer configured).
+    pub fn remove_marks_except(&self, prefixes: &[&str], keep: &[String]) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Ok(file) = e.file_name().into_string() else {
+                continue;
+            };
+            let Some(name) = file.strip_suffix(".pos") else {
+                continue;
+            };
+            if prefixes.iter().any(|p| name.starts_with(p)) && !keep.iter().any(|k| k == name) {
+                let _ = fs::remove_file(e.path());
             }
         }
     }
 
-    /// The position [`DiskLog::save_mark`] saved as `name`, if there is one and it reads.
-    pub fn load_mark(&self, name: &str) -> Option<Pos> {
-        let text = fs::read_to_string(self.dir.join(format!("{name}.pos"))).ok()?;
-        let mut it = text.split_whitespace();
-        let seg = it.next()?.parse().ok()?;
-        let offset = it.next()?.parse().ok()?;
-        Some(Pos { seg, offset })
+    /// Where the oldest frame still held starts.
+    pub fn start(&self) -> Pos {
+        let g = self.lock();
+        Pos {
+            seg: g.segs.front().map_or(0, |s| s.n),
+            offset: 0,
+        }
     }
 
     /// Bytes held now.

@@ -166,9 +166,9 @@ struct Dest {
     /// are sent from the disk (see [`Dropped`]).
     resync: AtomicBool,
     due: Mutex<Due>,
-    /// This aggregator's place among `--logagg`: the name of its marks.
-    index: usize,
-    /// The unacknowledged mark as last saved (see [`Dest::save_unacked`]).
+    /// This aggregator's address as a file name: the name of its marks.
+    mark: String,
+    /// The unacknowledged mark as last saved (see [`Dest::tick_marks`]).
     unacked: Mutex<Option<crate::logdisk::Pos>>,
     /// The previous daemon's mark, taken by the first connection (see
     /// [`Dest::load_unacked`]).
@@ -188,11 +188,36 @@ struct Dropped {
     by_app: std::collections::BTreeMap<Arc<str>, u64>,
 }
 
-/// What is due, and where its range starts as last saved beside the disk log.
+/// What is due; where due lines resent lately start (see [`Dest::save_due`]); and the due
+/// mark as last saved.
 #[derive(Default)]
 struct Due {
     dropped: Dropped,
+    floor: Option<crate::logdisk::Pos>,
     saved: Option<crate::logdisk::Pos>,
+}
+
+fn min_pos(
+    a: Option<crate::logdisk::Pos>,
+    b: Option<crate::logdisk::Pos>,
+) -> Option<crate::logdisk::Pos> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `addr` as a file name (anything but ASCII letters, digits, `.` and `-` becomes `_`).
+fn mark_name(addr: &str) -> String {
+    addr.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 impl Dropped {
@@ -257,7 +282,7 @@ impl Shipper {
         let dests: Vec<Arc<Dest>> = addrs
             .iter()
             .enumerate()
-            .map(|(i, _)| {
+            .map(|(i, addr)| {
                 Arc::new(Dest {
                     host: host.to_string(),
                     api: apis.get(i).cloned(),
@@ -272,7 +297,7 @@ impl Shipper {
                     connected: AtomicBool::new(false),
                     resync: AtomicBool::new(false),
                     due: Mutex::new(Due::default()),
-                    index: i,
+                    mark: mark_name(addr),
                     unacked: Mutex::new(None),
                     restart_from: Mutex::new(None),
                     order: order.clone(),
@@ -280,6 +305,13 @@ impl Shipper {
             })
             .collect();
         // Before any line is pushed: the marks' "log's end now" must not include one.
+        if let Some(disk) = &disk {
+            let keep: Vec<String> = dests
+                .iter()
+                .flat_map(|d| [d.due_mark(), d.unacked_mark()])
+                .collect();
+            disk.remove_marks_except(&["due-", "unacked-"], &keep);
+        }
         for d in &dests {
             d.load_due();
             let from = d.load_unacked();
@@ -457,80 +489,107 @@ impl Dest {
     }
 
     fn due_mark(&self) -> String {
-        format!("due-{}", self.index)
+        format!("due-{}", self.mark)
     }
 
-    /// Saves where the due range starts beside the disk log (`due-<i>.pos`), or removes
-    /// the mark once nothing is due: a daemon restarted before the resend then still
-    /// sends those lines, although the aggregator's cursor is past them. Written only when
-    /// the start changes (an overflow begins, its resend is done or failed), under the
-    /// `due` lock. Per-app counts are not saved: after a restart, due lines that already
-    /// left the disk log get a warning, not a notice.
+    fn unacked_mark(&self) -> String {
+        format!("unacked-{}", self.mark)
+    }
+
+    /// Keeps `due-<aggregator>.pos` beside the disk log at the lowest position that must be
+    /// sent again even to an aggregator whose cursor is known: the start of the due range,
+    /// and of due lines resent in the last 45 s (`floor`: sent after newer frames, so the
+    /// cursor can be past them while they are still in flight). Removed when there is none.
+    /// A daemon restarted before those lines arrived then still sends them. Handed to the
+    /// disk log's writer (no file I/O here), only when it changes, under the `due` lock.
+    /// Per-app counts are not kept: after a restart, due lines that already left the disk
+    /// log get a warning, not a notice.
     fn save_due(&self, due: &mut Due) {
-        let start = due.dropped.range.map(|r| r.0);
-        let Some(disk) = self.disk.as_ref().filter(|_| start != due.saved) else {
-            return;
-        };
-        match disk.save_mark(&self.due_mark(), start) {
-            Ok(()) => due.saved = start,
-            Err(e) => tracing::warn!(error = %e, "saving the host log's due range failed"),
+        let want = min_pos(due.dropped.range.map(|r| r.0), due.floor);
+        if let Some(disk) = self.disk.as_ref().filter(|_| want != due.saved) {
+            disk.set_mark(&self.due_mark(), want);
+            due.saved = want;
         }
     }
 
-    /// Takes up the due range a previous daemon saved (see [`Dest::save_due`]): due up to
-    /// the log's end, sent on the first connection.
+    /// Takes up the due mark a previous daemon left (see [`Dest::save_due`]): due up to the
+    /// log's end, sent on the first connection.
     fn load_due(&self) {
         let Some(disk) = &self.disk else { return };
-        let Some(from) = disk.load_mark(&self.due_mark()) else {
+        let Some(mut from) = disk.load_mark(&self.due_mark()) else {
             return;
         };
         let end = disk.end();
         let mut d = self.due.lock().unwrap_or_else(|e| e.into_inner());
         d.saved = Some(from);
-        if from < end && disk.holds(from) {
+        if from < end {
+            if !disk.holds(from) {
+                tracing::warn!(
+                    "some lines dropped from the log buffer before the restart had left the host's log"
+                );
+                from = disk.start();
+            }
             tracing::info!(
                 "lines dropped from the log buffer before the restart will be sent again"
             );
             d.dropped.add_range(from, end);
             self.resync.store(true, Ordering::Relaxed);
-        } else if from < end {
-            tracing::warn!(
-                "lines dropped from the log buffer before the restart had left the host's log"
-            );
         }
         self.save_due(&mut d);
     }
 
     /// Where the previous daemon's unacknowledged frames began (see
-    /// [`Dest::save_unacked`]), to be sent again on the first connection when the
-    /// aggregator's cursor is not known. With no mark yet (a first start), everything in
-    /// the log so far counts as sent: the mark is set to its end now.
+    /// [`Dest::tick_marks`]), to be sent again on the first connection when the
+    /// aggregator's cursor is not known. With no mark (a first start), or one past the
+    /// log's end (its last writes were lost with the daemon: all it holds was sent),
+    /// nothing: the mark is set to the log's end now, before any line is pushed.
     fn load_unacked(&self) -> Option<crate::logdisk::Pos> {
         let disk = self.disk.as_ref()?;
-        let name = format!("unacked-{}", self.index);
         let end = disk.end();
-        let from = disk.load_mark(&name);
-        let saved = from.unwrap_or(end);
-        match disk.save_mark(&name, Some(saved)) {
-            Ok(()) => *self.unacked.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved),
-            Err(e) => {
-                tracing::warn!(error = %e, "saving the host log's unacknowledged mark failed")
+        let from = disk.load_mark(&self.unacked_mark()).filter(|p| *p < end);
+        let from = from.map(|p| {
+            if disk.holds(p) {
+                p
+            } else {
+                tracing::warn!("some lines not known to have reached the log aggregator before the restart had left the host's log");
+                disk.start()
             }
-        }
-        from.filter(|p| *p < end && disk.holds(*p))
+        });
+        let saved = from.unwrap_or(end);
+        disk.set_mark(&self.unacked_mark(), Some(saved));
+        *self.unacked.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        from
     }
 
-    /// Saves where the frames that may not have reached this aggregator begin
-    /// (`unacked-<i>.pos`): the oldest frame written to it in the last 45 s or resent in
-    /// that time, else the queue's first frame, else the log's end. A restarted daemon
-    /// that cannot get the aggregator's cursor sends the log again from there: what was in
-    /// flight, queued in memory or due when the previous one was killed. Called at most
-    /// once a second while connected (the mark does not move while disconnected: what is
-    /// queued then lies after it); rewritten only when it moved.
-    fn save_unacked(&self, recent: &mut Recent, now: tokio::time::Instant) {
+    /// Brings both marks up to date (at most once a second while connected; rewritten only
+    /// when they moved). `restart_from`: the previous daemon's unacknowledged start while it
+    /// has not been sent yet.
+    ///
+    /// The due mark's floor (see [`Dest::save_due`]) becomes where due lines resent in the
+    /// last 45 s start. `unacked-<aggregator>.pos` becomes where the frames that may not
+    /// have reached the aggregator begin: the oldest frame written to it (or resent) in the
+    /// last 45 s, the due range, `restart_from`, else the queue's first frame, else the
+    /// log's end. A restarted daemon that cannot get the aggregator's cursor sends the log
+    /// again from there: what was in flight, queued in memory or due when the previous one
+    /// was killed. While disconnected the marks do not move: what is queued then lies
+    /// after them.
+    fn tick_marks(
+        &self,
+        recent: &mut Recent,
+        restart_from: Option<crate::logdisk::Pos>,
+        now: tokio::time::Instant,
+    ) {
         let Some(disk) = &self.disk else { return };
+        let written = recent.first_pos(now);
+        let resent = recent.resent_from();
+        let due_from = {
+            let mut d = self.due.lock().unwrap_or_else(|e| e.into_inner());
+            d.floor = resent;
+            self.save_due(&mut d);
+            d.dropped.range.map(|r| r.0)
+        };
         // A recent frame that is not on disk: its place is not known, keep the mark.
-        let Some(written) = recent.first_pos(now) else {
+        let Some(written) = written else {
             return;
         };
         let queued = {
@@ -540,19 +599,14 @@ impl Dest {
                 .find_map(|(_, _, stored)| stored.pos())
                 .unwrap_or_else(|| disk.end())
         };
-        let from = [written, recent.resent_from(), Some(queued)]
+        let from = [written, resent, due_from, restart_from, Some(queued)]
             .into_iter()
             .flatten()
             .min();
         let mut saved = self.unacked.lock().unwrap_or_else(|e| e.into_inner());
-        if from == *saved {
-            return;
-        }
-        match disk.save_mark(&format!("unacked-{}", self.index), from) {
-            Ok(()) => *saved = from,
-            Err(e) => {
-                tracing::warn!(error = %e, "saving the host log's unacknowledged mark failed")
-            }
+        if from != *saved {
+            disk.set_mark(&self.unacked_mark(), from);
+            *saved = from;
         }
     }
 
@@ -563,9 +617,12 @@ impl Dest {
         self.save_due(&mut d);
     }
 
-    /// After a resend: the mark follows what is due now (drops since it began, or none).
-    fn settle_due(&self) {
-        self.save_due(&mut self.due.lock().unwrap_or_else(|e| e.into_inner()));
+    /// After a resend of due frames from `from`: they count as resent (the floor) until the
+    /// next [`Dest::tick_marks`] takes that over from the recent resends; the mark follows.
+    fn settle_due(&self, from: Option<crate::logdisk::Pos>) {
+        let mut d = self.due.lock().unwrap_or_else(|e| e.into_inner());
+        d.floor = min_pos(d.floor, from);
+        self.save_due(&mut d);
     }
 
     fn note_lost(&self, app: Arc<str>, n: u64) {
@@ -743,7 +800,6 @@ enum Start {
 /// queue follows). Dropped lines the disk no longer has get their notice. A failed write
 /// leaves the dropped range due for the next attempt.
 async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start: Start) -> Resend {
-    use crate::logdisk::Pos;
     let Some(disk) = s.disk.clone() else {
         return Resend::NotAvailable;
     };
@@ -774,10 +830,7 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
         None => None,
     };
     let dropped = std::mem::take(&mut s.due.lock().unwrap_or_else(|e| e.into_inner()).dropped);
-    let min = |a: Option<Pos>, b: Option<Pos>| match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
+    let min = min_pos;
     let due_from = dropped.range.map(|r| r.0);
     let (from, to) = match connect {
         // Up to the queue: the queue is in disk order, so everything dropped lies before.
@@ -803,7 +856,6 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
         None => (due_from, dropped.range.map(|r| r.1)),
     };
     let Some(from) = from else {
-        s.settle_due();
         return Resend::Done(None);
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
@@ -841,7 +893,7 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
     if sent > 0 {
         tracing::info!(bytes = sent, "resent lines from the host's log");
     }
-    s.settle_due();
+    s.settle_due(due_from);
     Resend::Done(due_from)
 }
 
@@ -880,7 +932,9 @@ async fn run(s: Arc<Dest>, addr: String) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take();
-    let mut unacked_at = tokio::time::Instant::now();
+    let mut marks_at = tokio::time::Instant::now();
+    // A resync whose disk read failed is tried again after a pause, not at once.
+    let mut resync_after = tokio::time::Instant::now();
     loop {
         let conn = tokio::time::timeout(
             Duration::from_secs(2),
@@ -925,15 +979,14 @@ async fn run(s: Arc<Dest>, addr: String) {
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
-            Resend::Done(Some(from)) => {
-                restart_from = None;
-                recent.note_resent(now, from);
+            Resend::Done(due_from) => {
+                // What was resent may still be in flight: the marks keep it for 45 s.
+                for from in [due_from, restart_from.take()].into_iter().flatten() {
+                    recent.note_resent(now, from);
+                }
                 again
             }
-            Resend::Done(None) | Resend::NotAvailable => {
-                restart_from = None;
-                again
-            }
+            Resend::NotAvailable => again,
             // The disk could not give the recent frames: from memory then.
             Resend::ReadFailed if again.is_empty() => recent.take_bytes(now),
             Resend::ReadFailed => again,
@@ -958,7 +1011,10 @@ async fn run(s: Arc<Dest>, addr: String) {
                 let n = q.len().min(256);
                 batch.extend(q.drain(..n));
             }
-            if batch.is_empty() && s.resync.swap(false, Ordering::Relaxed) {
+            if batch.is_empty()
+                && tokio::time::Instant::now() >= resync_after
+                && s.resync.swap(false, Ordering::Relaxed)
+            {
                 // The queue overflowed while connected (an output burst faster than the
                 // aggregator takes it): what it dropped is on the disk log.
                 match resend_from_disk(&s, &mut conn, Start::Resync).await {
@@ -967,7 +1023,12 @@ async fn run(s: Arc<Dest>, addr: String) {
                         recent.note_resent(tokio::time::Instant::now(), from);
                         continue;
                     }
-                    Resend::Done(None) | Resend::NotAvailable | Resend::ReadFailed => continue,
+                    Resend::ReadFailed => {
+                        s.resync.store(true, Ordering::Relaxed);
+                        resync_after = tokio::time::Instant::now() + Duration::from_secs(5);
+                        continue;
+                    }
+                    Resend::Done(None) | Resend::NotAvailable => continue,
                 }
             }
             if batch.is_empty() {
@@ -976,9 +1037,9 @@ async fn run(s: Arc<Dest>, addr: String) {
                     _ = s.notify.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {
                         let now = tokio::time::Instant::now();
-                        if now.duration_since(unacked_at) >= Duration::from_secs(1) {
-                            unacked_at = now;
-                            s.save_unacked(&mut recent, now);
+                        if now.duration_since(marks_at) >= Duration::from_secs(1) {
+                            marks_at = now;
+                            s.tick_marks(&mut recent, restart_from, now);
                         }
                         let mut probe = [0u8; 1];
                         match conn.try_read(&mut probe) {
@@ -1001,9 +1062,9 @@ async fn run(s: Arc<Dest>, addr: String) {
                 for f in batch {
                     recent.push(f, now);
                 }
-                if now.duration_since(unacked_at) >= Duration::from_secs(1) {
-                    unacked_at = now;
-                    s.save_unacked(&mut recent, now);
+                if now.duration_since(marks_at) >= Duration::from_secs(1) {
+                    marks_at = now;
+                    s.tick_marks(&mut recent, restart_from, now);
                 }
                 continue;
             }
@@ -1295,71 +1356,8 @@ mod tests {
         assert_eq!(sh.stats().dropped, 0);
     }
 
-    /// Lines the full queue dropped are sent after a daemon restart that came before their
-    /// resend (the aggregator's cursor would be past them): the due range is kept beside
-    /// the disk log, and removed once sent.
-    #[tokio::test]
-    async fn due_lines_are_sent_after_a_restart_before_their_resend() {
-        let dir = tempfile::tempdir().unwrap();
-        let want: Vec<Vec<u8>> = (0..100).map(|i| format!("line{i}").into_bytes()).collect();
-        let path = dir.path().to_path_buf();
-        let w = want.clone();
-        // The first daemon, on a runtime of its own that is then dropped (its tasks die
-        // with it): its aggregator is down, the queue keeps 5 and the rest is due.
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let disk = Arc::new(crate::logdisk::DiskLog::open(&path, 0).unwrap());
-                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                let down = l.local_addr().unwrap();
-                drop(l);
-                let sh = Shipper::start_with(
-                    "h",
-                    vec![down.to_string()],
-                    Vec::new(),
-                    5,
-                    Some(disk.clone()),
-                );
-                let src = Source::new(Some("a"), None, "j");
-                for line in &w {
-                    sh.push(&src, Stream::Stdout, line);
-                }
-                assert_eq!(sh.stats().requeued, 95);
-                disk.sync().unwrap();
-            });
-        })
-        .join()
-        .unwrap();
-        assert!(dir.path().join("due-0.pos").exists());
-        // The restarted daemon: same log, its aggregator up. Without a cursor and with no
-        // recent lines of its own, only the saved due range brings the 95 back.
-        let disk = Arc::new(crate::logdisk::DiskLog::open(dir.path(), 0).unwrap());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let sh = Shipper::start_with("h", vec![addr.to_string()], Vec::new(), 5, Some(disk));
-        let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
-            .await
-            .unwrap()
-            .unwrap();
-        let got = read_all_of(&mut c, &want[..95]).await;
-        let missing = want[..95].iter().filter(|w| !got.contains(w)).count();
-        assert_eq!(missing, 0, "{missing} due lines never came");
-        let t0 = std::time::Instant::now();
-        while dir.path().join("due-0.pos").exists() && t0.elapsed() < Duration::from_secs(5) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(
-            !dir.path().join("due-0.pos").exists(),
-            "due mark kept after the resend"
-        );
-        assert_eq!(sh.stats().dropped, 0);
-    }
-
-    /// Runs `body` with a shipper on a runtime of its own, then drops the runtime: its
-    /// tasks die as with a killed daemon.
+    /// Runs `body` on a runtime of its own, then drops the runtime: its tasks die as with a
+    /// killed daemon.
     fn in_killed_daemon<F, Fut>(body: F)
     where
         F: FnOnce() -> Fut + Send + 'static,
@@ -1376,70 +1374,159 @@ mod tests {
         .unwrap();
     }
 
-    /// Pushes `lines` with a shipper whose aggregator is down, on a daemon that is then
-    /// killed: they stay queued in its memory.
-    fn queue_in_killed_daemon(path: &std::path::Path, lines: &'static [&'static str]) {
+    /// An address nothing listens on now (bound, then closed): an aggregator that is down,
+    /// and that a later step of the test brings up on the same address.
+    fn down_addr() -> std::net::SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    /// Pushes `lines` on a daemon (queue of 5) whose aggregator at `addr` is down, with its
+    /// disk log at `path`, then kills it.
+    fn push_in_killed_daemon(
+        path: &std::path::Path,
+        addr: std::net::SocketAddr,
+        lines: Vec<Vec<u8>>,
+    ) {
         let path = path.to_path_buf();
         in_killed_daemon(move || async move {
             let disk = Arc::new(crate::logdisk::DiskLog::open(&path, 0).unwrap());
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let down = l.local_addr().unwrap();
-            drop(l);
             let sh = Shipper::start_with(
                 "h",
-                vec![down.to_string()],
+                vec![addr.to_string()],
                 Vec::new(),
                 5,
                 Some(disk.clone()),
             );
             let src = Source::new(Some("a"), None, "j");
-            for line in lines {
-                sh.push(&src, Stream::Stdout, line.as_bytes());
+            for line in &lines {
+                sh.push(&src, Stream::Stdout, line);
             }
-            assert_eq!(sh.stats().buffered, lines.len() as u64);
+            let st = sh.stats();
+            assert_eq!(st.requeued + st.buffered, lines.len() as u64);
             disk.sync().unwrap();
         });
     }
 
-    /// Starts a shipper on the log at `path` and returns what its aggregator gets once
-    /// `want` came (or 10 s passed).
-    async fn restarted_daemon_sends(path: &std::path::Path, want: &[&str]) -> Vec<Vec<u8>> {
+    /// Starts a shipper on the log at `path` with its aggregator at `addr` (and its API at
+    /// `api`), and returns what the aggregator gets until `want` came (or 10 s passed).
+    async fn restarted_daemon_sends(
+        path: &std::path::Path,
+        addr: std::net::SocketAddr,
+        api: Option<String>,
+        want: &[Vec<u8>],
+    ) -> Vec<Vec<u8>> {
         let disk = Arc::new(crate::logdisk::DiskLog::open(path, 0).unwrap());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let sh = Shipper::start_with("h", vec![addr.to_string()], Vec::new(), 5, Some(disk));
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let _sh = Shipper::start_with(
+            "h",
+            vec![addr.to_string()],
+            api.into_iter().collect(),
+            5,
+            Some(disk),
+        );
         let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
             .await
             .unwrap()
             .unwrap();
-        let src = Source::new(Some("a"), None, "j");
-        sh.push(&src, Stream::Stdout, b"new");
-        let mut want: Vec<Vec<u8>> = want.iter().map(|l| l.as_bytes().to_vec()).collect();
-        want.push(b"new".to_vec());
-        read_all_of(&mut c, &want).await
+        read_all_of(&mut c, want).await
+    }
+
+    fn lines(prefix: &str, n: usize) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| format!("{prefix}{i}").into_bytes())
+            .collect()
+    }
+
+    /// Lines the full queue dropped are sent after a daemon restart that came before their
+    /// resend, although the aggregator's cursor is past them: the due range is kept beside
+    /// the disk log.
+    #[tokio::test]
+    async fn due_lines_are_sent_after_a_restart_before_their_resend() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = down_addr();
+        let want = lines("line", 100);
+        // The queue keeps the last 5; the other 95 are due.
+        push_in_killed_daemon(dir.path(), addr, want.clone());
+        // The aggregator has the last line (the 5 queued ones got there before the
+        // restart, say): its cursor is past the 95.
+        let mut last = None;
+        let log = crate::logdisk::DiskLog::open(dir.path(), 0).unwrap();
+        log.read_range(log.start(), None, |chunk| {
+            let mut buf = bytes::BytesMut::from(chunk);
+            while let Ok(Some(f)) = flynn_syslog::Framer::new(20_000).next_frame(&mut buf) {
+                last = Some(f.to_vec());
+            }
+            true
+        })
+        .unwrap();
+        drop(log);
+        let last = last.unwrap();
+        let time = String::from_utf8(last.split(|b| *b == b' ').nth(1).unwrap().to_vec()).unwrap();
+        let seq = crate::logdisk::key_of(&last).unwrap().1;
+        let cursors: flynn_api::logagg::Cursors =
+            [("h".to_string(), flynn_api::logagg::Cursor { time, seq })].into();
+        let app = axum::Router::new().route(
+            "/cursors",
+            axum::routing::get(move || async move { axum::Json(cursors.clone()) }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await });
+        let got = restarted_daemon_sends(dir.path(), addr, Some(api), &want[..95]).await;
+        let missing = want[..95].iter().filter(|w| !got.contains(w)).count();
+        assert_eq!(missing, 0, "{missing} due lines never came");
     }
 
     /// A daemon killed with lines queued and restarted, with no cursor from the
     /// aggregator, sends the log again from where its unacknowledged frames began, so
-    /// the queued lines are not lost.
+    /// the queued lines are not lost; and a daemon killed again soon after it sent them
+    /// (they may still have been in flight) leaves them to be sent once more.
     #[tokio::test]
     async fn queued_lines_are_sent_after_a_restart_without_a_cursor() {
         let dir = tempfile::tempdir().unwrap();
-        queue_in_killed_daemon(dir.path(), &["q1", "q2", "q3"]);
-        let killed_end = crate::logdisk::DiskLog::open(dir.path(), 0).unwrap().end();
-        let got = restarted_daemon_sends(dir.path(), &["q1", "q2", "q3"]).await;
-        for w in ["q1", "q2", "q3", "new"] {
-            assert!(got.contains(&w.as_bytes().to_vec()), "{w} missing: {got:?}");
+        let addr = down_addr();
+        let queued = lines("q", 3);
+        push_in_killed_daemon(dir.path(), addr, queued.clone());
+        // Restarted: the queued lines come, a new line goes out after them, a second
+        // passes (the marks are saved), and this daemon is killed too.
+        let (path, want) = (dir.path().to_path_buf(), queued.clone());
+        in_killed_daemon(move || async move {
+            let disk = Arc::new(crate::logdisk::DiskLog::open(&path, 0).unwrap());
+            let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+            let sh = Shipper::start_with(
+                "h",
+                vec![addr.to_string()],
+                Vec::new(),
+                5,
+                Some(disk.clone()),
+            );
+            let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+                .await
+                .unwrap()
+                .unwrap();
+            sh.push(&Source::new(Some("a"), None, "j"), Stream::Stdout, b"new");
+            let mut all = want.clone();
+            all.push(b"new".to_vec());
+            let got = read_all_of(&mut c, &all).await;
+            for w in &all {
+                assert!(
+                    got.contains(w),
+                    "{} missing: {got:?}",
+                    String::from_utf8_lossy(w)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            disk.sync().unwrap();
+        });
+        let got = restarted_daemon_sends(dir.path(), addr, None, &queued).await;
+        for w in &queued {
+            assert!(
+                got.contains(w),
+                "{} not sent again: {got:?}",
+                String::from_utf8_lossy(w)
+            );
         }
-        // Once they were sent, the mark moves past them (to "new", still recent): a
-        // second restart would not send them again.
-        let t0 = std::time::Instant::now();
-        let disk = crate::logdisk::DiskLog::open(dir.path(), 0).unwrap();
-        let mark = || disk.load_mark("unacked-0").unwrap();
-        while mark() < killed_end && t0.elapsed() < Duration::from_secs(5) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(mark(), killed_end);
     }
 
     /// A log without the mark (written before marks existed) counts as sent: a restart
@@ -1447,9 +1534,19 @@ mod tests {
     #[tokio::test]
     async fn a_log_without_a_mark_is_not_sent_again() {
         let dir = tempfile::tempdir().unwrap();
-        queue_in_killed_daemon(dir.path(), &["old1", "old2"]);
-        std::fs::remove_file(dir.path().join("unacked-0.pos")).unwrap();
-        let got = restarted_daemon_sends(dir.path(), &[]).await;
+        let addr = down_addr();
+        push_in_killed_daemon(dir.path(), addr, lines("old", 2));
+        let mark = format!("unacked-{}.pos", mark_name(&addr.to_string()));
+        std::fs::remove_file(dir.path().join(mark)).unwrap();
+        let disk = Arc::new(crate::logdisk::DiskLog::open(dir.path(), 0).unwrap());
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let sh = Shipper::start_with("h", vec![addr.to_string()], Vec::new(), 5, Some(disk));
+        let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        sh.push(&Source::new(Some("a"), None, "j"), Stream::Stdout, b"new");
+        let got = read_all_of(&mut c, &[b"new".to_vec()]).await;
         assert_eq!(got, vec![b"new".to_vec()]);
     }
 
