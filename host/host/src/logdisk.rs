@@ -77,6 +77,8 @@ struct Progress {
     pending: AtomicU64,
     /// The log was dropped: a writer stuck retrying gives up.
     closed: AtomicBool,
+    /// The last mark write failed (see [`DiskLog::mark_failed`]).
+    mark_failed: AtomicBool,
     /// Writes still to fail (tests).
     #[cfg(test)]
     fail_writes: std::sync::atomic::AtomicU32,
@@ -190,11 +192,14 @@ fn writer(dir: PathBuf, rx: mpsc::Receiver<Op>, progress: Arc<Progress>) {
                     tracing::warn!(error = %e, "removing an old segment of the host's log failed");
                 }
             }
-            Op::Mark { name, pos } => {
-                if let Err(e) = write_mark(&dir, &name, pos) {
-                    tracing::warn!(error = %e, mark = %name, "saving a mark of the host's log failed");
+            Op::Mark { name, pos } => match write_mark(&dir, &name, pos) {
+                Ok(()) => progress.mark_failed.store(false, Ordering::Relaxed),
+                Err(e) => {
+                    if !progress.mark_failed.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, mark = %name, "saving a mark of the host's log failed");
+                    }
                 }
-            }
+            },
         }
     }
 }
@@ -310,6 +315,7 @@ impl DiskLog {
             moved: Condvar::new(),
             pending: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            mark_failed: AtomicBool::new(false),
             #[cfg(test)]
             fail_writes: Default::default(),
         });
@@ -584,6 +590,11 @@ impl DiskLog {
         });
     }
 
+    /// Whether the last mark write failed: the caller sends its marks again.
+    pub fn mark_failed(&self) -> bool {
+        self.progress.mark_failed.load(Ordering::Relaxed)
+    }
+
     /// The mark `name` as written so far (see [`DiskLog::set_mark`]).
     pub fn load_mark(&self, name: &str) -> Option<Pos> {
         read_mark(&self.dir, name)
@@ -674,7 +685,7 @@ mod tests {
         let mut at = Vec::new();
         log.append([&frame(1, 1, "one")[..]], &mut at).unwrap();
         log.sync().unwrap();
-        log.progress.fail_writes.store(3, Ordering::Relaxed);
+        log.progress.fail_writes.store(5, Ordering::Relaxed);
         // Reserved before the writer noticed: written once it works again.
         log.append(
             [&frame(2, 2, "two")[..], &frame(3, 3, "three")[..]],
@@ -689,7 +700,7 @@ mod tests {
         assert!(log.append([&frame(4, 4, "refused")[..]], &mut at).is_err());
         assert!(log.sync().is_err(), "a read while the write fails");
         assert_eq!(at.len(), 3);
-        // Three failures: 0.1 + 0.2 + 0.4 s of pauses.
+        // Five failures: 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s of pauses.
         while log.progress.failed.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(10)
         {
             std::thread::sleep(Duration::from_millis(20));

@@ -582,9 +582,18 @@ impl Dest {
         let Some(disk) = &self.disk else { return };
         let written = recent.first_pos(now);
         let resent = recent.resent_from();
+        // A mark write that failed (a full disk) is sent again until one succeeds.
+        let rewrite = disk.mark_failed();
         let due_from = {
             let mut d = self.due.lock().unwrap_or_else(|e| e.into_inner());
             d.floor = resent;
+            if rewrite {
+                // No real position: the next save writes whatever it is.
+                d.saved = Some(crate::logdisk::Pos {
+                    seg: u64::MAX,
+                    offset: u64::MAX,
+                });
+            }
             self.save_due(&mut d);
             d.dropped.range.map(|r| r.0)
         };
@@ -604,7 +613,7 @@ impl Dest {
             .flatten()
             .min();
         let mut saved = self.unacked.lock().unwrap_or_else(|e| e.into_inner());
-        if from != *saved {
+        if from != *saved || rewrite {
             disk.set_mark(&self.unacked_mark(), from);
             *saved = from;
         }
@@ -829,7 +838,13 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
         },
         None => None,
     };
-    let dropped = std::mem::take(&mut s.due.lock().unwrap_or_else(|e| e.into_inner()).dropped);
+    let dropped = {
+        let mut d = s.due.lock().unwrap_or_else(|e| e.into_inner());
+        let dropped = std::mem::take(&mut d.dropped);
+        // Being resent: the due mark keeps them (a drop meanwhile must not move it past).
+        d.floor = min_pos(d.floor, dropped.range.map(|r| r.0));
+        dropped
+    };
     let min = min_pos;
     let due_from = dropped.range.map(|r| r.0);
     let (from, to) = match connect {
@@ -980,16 +995,34 @@ async fn run(s: Arc<Dest>, addr: String) {
                 continue;
             }
             Resend::Done(due_from) => {
-                // What was resent may still be in flight: the marks keep it for 45 s.
-                for from in [due_from, restart_from.take()].into_iter().flatten() {
-                    recent.note_resent(now, from);
+                // What was resent may still be in flight: the marks keep it for 45 s
+                // from now.
+                let done = tokio::time::Instant::now();
+                let resent = [due_from, restart_from.take(), recent_from.flatten()];
+                for from in resent.into_iter().flatten() {
+                    recent.note_resent(done, from);
                 }
                 again
             }
             Resend::NotAvailable => again,
-            // The disk could not give the recent frames: from memory then.
-            Resend::ReadFailed if again.is_empty() => recent.take_bytes(now),
-            Resend::ReadFailed => again,
+            Resend::ReadFailed => {
+                // The previous daemon's range becomes due: the resync sends it once the disk
+                // reads again (the marks keep it meanwhile).
+                if let Some(from) = restart_from.take() {
+                    s.due_again(Dropped {
+                        range: Some((from, s.disk.as_ref().map_or(from, |d| d.end()))),
+                        by_app: Default::default(),
+                    });
+                    s.resync.store(true, Ordering::Relaxed);
+                    resync_after = tokio::time::Instant::now() + Duration::from_secs(5);
+                }
+                // The disk could not give the recent frames: from memory then.
+                if again.is_empty() {
+                    recent.take_bytes(now)
+                } else {
+                    again
+                }
+            }
         };
         if !again.is_empty() {
             let res = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&again)).await;
@@ -1466,16 +1499,30 @@ mod tests {
         let seq = crate::logdisk::key_of(&last).unwrap().1;
         let cursors: flynn_api::logagg::Cursors =
             [("h".to_string(), flynn_api::logagg::Cursor { time, seq })].into();
+        let asked = Arc::new(AtomicU64::new(0));
+        let asked2 = asked.clone();
         let app = axum::Router::new().route(
             "/cursors",
-            axum::routing::get(move || async move { axum::Json(cursors.clone()) }),
+            axum::routing::get(move || async move {
+                asked2.fetch_add(1, Ordering::SeqCst);
+                axum::Json(cursors.clone())
+            }),
         );
+        // Without the unacknowledged mark, a restart without the cursor sends nothing old:
+        // only the due mark can bring the 95 back.
+        let unacked = format!("unacked-{}.pos", mark_name(&addr.to_string()));
+        std::fs::remove_file(dir.path().join(unacked)).unwrap();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api = format!("http://{}", l.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(l, app).await });
         let got = restarted_daemon_sends(dir.path(), addr, Some(api), &want[..95]).await;
         let missing = want[..95].iter().filter(|w| !got.contains(w)).count();
         assert_eq!(missing, 0, "{missing} due lines never came");
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            1,
+            "the cursor was asked for once"
+        );
     }
 
     /// A daemon killed with lines queued and restarted, with no cursor from the
