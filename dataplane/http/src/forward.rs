@@ -76,6 +76,9 @@ pub fn write_request_head(buf: &[u8], req: &RequestInfo, fwd: &Forward, out: &mu
                     | Field::XRequestStart
                     | Field::XRequestId
             ) || (f == Field::Host && new_host.is_some())
+                // The router answers `100-continue` itself (as nginx does): a backend that
+                // acted on it too could answer before reading a body that is sent anyway.
+                || (f == Field::Expect && req.expect_continue)
         },
         out,
     );

@@ -12,8 +12,6 @@ use monoio::net::TcpStream;
 /// Idle connections older than this are closed rather than reused (backends commonly
 /// close idle connections after 60–120 s).
 const MAX_IDLE: Duration = Duration::from_secs(55);
-/// Connections idle for less than this are reused without a liveness peek.
-const RECENT: Duration = Duration::from_millis(500);
 
 /// Connections are pooled only for the backends the routing table has: there is an entry
 /// (possibly empty) for each of them and [`Pool::put`] never makes one, so a connection
@@ -39,10 +37,11 @@ impl Pool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         while let Some((s, since)) = list.pop() {
-            let idle = since.elapsed();
-            // A connection used moments ago is taken without a syscall; if the backend
-            // closed it in between, the proxy retries bodyless requests on a fresh one.
-            if idle < RECENT || (idle < MAX_IDLE && peek(s.as_raw_fd()) == Peek::Idle) {
+            // Always peeked (one non-blocking syscall), however recently it was used:
+            // bytes that came after its response (a body on a HEAD or 304 reply, more than
+            // Content-Length said, a second response) would otherwise be read as the next
+            // client's response.
+            if since.elapsed() < MAX_IDLE && peek(s.as_raw_fd()) == Peek::Idle {
                 return Some(s);
             }
         }

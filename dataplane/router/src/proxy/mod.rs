@@ -352,6 +352,21 @@ async fn one_request<S: Client>(
     let host = info.host.map(|s| s.get(buf)).unwrap_or(b"");
     let route = table.lookup_http(host, l.route_port, info.path.get(buf));
     let next = match route {
+        // A reverse proxy does not tunnel CONNECT (nginx answers 405 as well): a backend's
+        // 2xx would make its connection a tunnel, then pooled for the next client.
+        _ if info.method == Method::Connect => {
+            CoreMetrics::inc(&core.metrics().bad_requests_total);
+            respond(
+                core,
+                &mut c,
+                out,
+                info.method,
+                405,
+                b"Method Not Allowed\n",
+                true,
+            )
+            .await
+        }
         None => {
             CoreMetrics::inc(&core.metrics().not_found_total);
             let close = !info.keep_alive || info.framing != Framing::Empty;

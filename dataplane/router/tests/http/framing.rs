@@ -315,7 +315,41 @@ fn expect_100_continue_is_relayed_before_the_body() {
     let resp = conn.response();
     assert_eq!(resp.status, 200, "{resp:?}");
     assert_eq!(resp.body, b"hello");
-    assert_eq!(b1.requests()[0].header("expect"), Some("100-continue"));
+    // The router fulfils the expectation itself: the backend does not see it.
+    assert_eq!(b1.requests()[0].header("expect"), None);
+}
+
+/// Bytes a backend sends after a complete response (here a body on a HEAD reply, in a later
+/// write, shaped like a response) keep that connection out of the pool, however soon the
+/// next request comes: it would read them as its own response.
+#[test]
+fn stray_bytes_after_a_response_keep_the_connection_out_of_the_pool() {
+    let router = Router::start();
+    let b1 = Backend::raw("b1", |req, conn| {
+        if req.method == "HEAD" {
+            let _ = conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 44\r\n\r\n");
+            std::thread::sleep(Duration::from_millis(30));
+            let _ = conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray");
+            return Reply::KeepAlive;
+        }
+        respond(conn, "200 OK", &[], b"right");
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    let mut conn = Conn::connect(router.http_addr);
+    conn.set_read_timeout(Duration::from_secs(3));
+    conn.send(b"HEAD / HTTP/1.1\r\nHost: example.com\r\n\r\n");
+    let head = conn.read_head().expect("HEAD response");
+    assert_eq!(head.status, 200);
+    // The stray bytes reach the router's idle backend connection meanwhile.
+    std::thread::sleep(Duration::from_millis(100));
+    let resp = conn.request("GET / HTTP/1.1\r\nHost: example.com\r\n\r\n");
+    assert_eq!(
+        (resp.status, &resp.body[..]),
+        (200, &b"right"[..]),
+        "{resp:?}"
+    );
 }
 
 #[test]
@@ -395,4 +429,20 @@ fn http10_keep_alive_is_announced_and_http11_stays_chunked() {
     let resp = conn.request("GET /chunked HTTP/1.1\r\nHost: example.com\r\n\r\n");
     assert!(resp.chunked, "{resp:?}");
     assert_eq!(resp.body, b"ok");
+}
+
+/// CONNECT is refused with 405 and the connection closed (a reverse proxy does not tunnel
+/// it, as nginx does not); the backend never sees it.
+#[test]
+fn connect_is_refused() {
+    let router = Router::start();
+    let b1 = Backend::start("b1");
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    let mut conn = Conn::connect(router.http_addr);
+    conn.set_read_timeout(Duration::from_secs(3));
+    let resp = conn.request("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n");
+    assert_eq!(resp.status, 405, "{resp:?}");
+    assert_eq!(resp.header("connection"), Some("close"));
+    assert!(b1.requests().is_empty());
 }
