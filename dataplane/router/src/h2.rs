@@ -466,8 +466,10 @@ async fn stream(
         return;
     };
     if end {
-        if resp.keep_alive && ubuf.len() == resp.head_len && !route.disable_keep_alives {
-            core.pool.put(addr, up);
+        if ubuf.len() != resp.head_len {
+            core.pool.note_strays(addr);
+        } else if resp.keep_alive && !route.disable_keep_alives {
+            core.pool.put(addr, up, resp.framing == Framing::Empty);
         }
         return;
     }
@@ -503,8 +505,10 @@ async fn stream(
         }
         if framing.is_done() {
             let _ = send.send_data(Bytes::new(), true);
-            if clean && resp.keep_alive && !route.disable_keep_alives {
-                core.pool.put(addr, up);
+            if !clean {
+                core.pool.note_strays(addr);
+            } else if resp.keep_alive && !route.disable_keep_alives {
+                core.pool.put(addr, up, false);
             }
             return;
         }

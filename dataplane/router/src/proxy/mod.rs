@@ -630,8 +630,17 @@ async fn forward<S: Client>(
                             .await
                     }
                 };
+                // A backend that stops reading the body (without closing) is given up
+                // after the idle timeout, as a client that stops sending it is.
                 let taken = std::mem::take(buf);
-                let (res, b) = write_range(&mut up, taken, consumed, consumed + adv.used).await;
+                let write = write_range(&mut up, taken, consumed, consumed + adv.used);
+                let (res, b) = match monoio::time::timeout(limit, write).await {
+                    Ok(x) => x,
+                    Err(_) => (
+                        Err(std::io::ErrorKind::TimedOut.into()),
+                        Vec::with_capacity(BUF),
+                    ),
+                };
                 *buf = b;
                 consumed += adv.used;
                 if res.is_err() {
@@ -787,8 +796,10 @@ async fn forward<S: Client>(
         }
     }
     ubuf.clear();
-    if resp.keep_alive && clean && !route.disable_keep_alives {
-        core.pool.put(addr, up);
+    if !clean {
+        core.pool.note_strays(addr);
+    } else if resp.keep_alive && !route.disable_keep_alives {
+        core.pool.put(addr, up, resp.framing == Framing::Empty);
     }
     compact(buf, consumed, BUF);
     if close_client {

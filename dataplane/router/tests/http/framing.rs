@@ -319,15 +319,22 @@ fn expect_100_continue_is_relayed_before_the_body() {
     assert_eq!(b1.requests()[0].header("expect"), None);
 }
 
-/// Bytes a backend sends after a complete response (here a body on a HEAD reply, in a later
-/// write, shaped like a response) keep that connection out of the pool, however soon the
-/// next request comes: it would read them as its own response.
+/// Bytes a backend sends after a complete response (a body on a HEAD reply, in a later write,
+/// shaped like a response) keep that connection out of the pool, however soon the next
+/// request comes: it would read them as its own response. Once a backend has done so, the
+/// same holds after its responses with a body too.
 #[test]
 fn stray_bytes_after_a_response_keep_the_connection_out_of_the_pool() {
     let router = Router::start();
     let b1 = Backend::raw("b1", |req, conn| {
         if req.method == "HEAD" {
             let _ = conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 44\r\n\r\n");
+            std::thread::sleep(Duration::from_millis(30));
+            let _ = conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray");
+            return Reply::KeepAlive;
+        }
+        if req.uri == "/extra" {
+            respond(conn, "200 OK", &[], b"extra");
             std::thread::sleep(Duration::from_millis(30));
             let _ = conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray");
             return Reply::KeepAlive;
@@ -343,6 +350,16 @@ fn stray_bytes_after_a_response_keep_the_connection_out_of_the_pool() {
     let head = conn.read_head().expect("HEAD response");
     assert_eq!(head.status, 200);
     // The stray bytes reach the router's idle backend connection meanwhile.
+    std::thread::sleep(Duration::from_millis(100));
+    let resp = conn.request("GET / HTTP/1.1\r\nHost: example.com\r\n\r\n");
+    assert_eq!(
+        (resp.status, &resp.body[..]),
+        (200, &b"right"[..]),
+        "{resp:?}"
+    );
+    // Now known for it: a response with a body, stray bytes after it, a quick next request.
+    let resp = conn.request("GET /extra HTTP/1.1\r\nHost: example.com\r\n\r\n");
+    assert_eq!(resp.body, b"extra");
     std::thread::sleep(Duration::from_millis(100));
     let resp = conn.request("GET / HTTP/1.1\r\nHost: example.com\r\n\r\n");
     assert_eq!(
@@ -445,4 +462,46 @@ fn connect_is_refused() {
     assert_eq!(resp.status, 405, "{resp:?}");
     assert_eq!(resp.header("connection"), Some("close"));
     assert!(b1.requests().is_empty());
+}
+
+/// A backend that accepts a request and never reads its body (nor closes) is given up
+/// after the idle timeout: the client is not held for good.
+#[test]
+fn a_backend_that_stops_reading_the_body_is_given_up_after_the_idle_timeout() {
+    let router = Router::builder()
+        .arg("--idle-timeout-secs")
+        .arg("1")
+        .start();
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    router.add_route(http_route("example.com", "web"));
+    router.set_backend_addrs("web", &[(backend.local_addr().unwrap().to_string(), false)]);
+    let total: usize = 512 << 20;
+    let mut conn = std::net::TcpStream::connect(router.http_addr).unwrap();
+    conn.write_all(
+        format!("POST /up HTTP/1.1\r\nHost: example.com\r\nContent-Length: {total}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    // Accepted, never read.
+    let (_up, _) = backend.accept().unwrap();
+    conn.set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let chunk = vec![b'x'; 1 << 20];
+    let mut sent = 0;
+    while sent < total {
+        match conn.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    assert!(
+        sent < total,
+        "the whole body went through a backend that reads nothing"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "the client was held {:?}",
+        start.elapsed()
+    );
 }
