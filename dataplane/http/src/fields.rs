@@ -28,8 +28,18 @@ pub(crate) enum Field {
 }
 
 /// Classifies a header name case-insensitively (dispatching on length first).
+///
+/// The router's own `X-` fields also match with `_` for `-`: CGI-style backends (PHP, WSGI,
+/// Rack) read `X_Forwarded_For` and `X-Forwarded-For` as one variable, so a field spelt with
+/// underscores must be rewritten with the real one, not passed by it (nginx drops every
+/// field with an underscore for the same reason).
 pub(crate) fn classify(name: &[u8]) -> Field {
     let is = |lit: &[u8]| name.eq_ignore_ascii_case(lit);
+    let xs = |lit: &[u8]| {
+        name.iter()
+            .zip(lit)
+            .all(|(&a, &b)| a.eq_ignore_ascii_case(&b) || (a == b'_' && b == b'-'))
+    };
     match name.len() {
         2 if is(b"te") => Field::Te,
         4 if is(b"host") => Field::Host,
@@ -37,13 +47,13 @@ pub(crate) fn classify(name: &[u8]) -> Field {
         7 if is(b"upgrade") => Field::Upgrade,
         8 if is(b"trailers") => Field::Trailers,
         10 if is(b"connection") => Field::Connection,
-        12 if is(b"x-request-id") => Field::XRequestId,
+        12 if xs(b"x-request-id") => Field::XRequestId,
         14 if is(b"content-length") => Field::ContentLength,
-        15 if is(b"x-forwarded-for") => Field::XForwardedFor,
-        15 if is(b"x-request-start") => Field::XRequestStart,
-        16 if is(b"x-forwarded-port") => Field::XForwardedPort,
+        15 if xs(b"x-forwarded-for") => Field::XForwardedFor,
+        15 if xs(b"x-request-start") => Field::XRequestStart,
+        16 if xs(b"x-forwarded-port") => Field::XForwardedPort,
         17 if is(b"transfer-encoding") => Field::TransferEncoding,
-        17 if is(b"x-forwarded-proto") => Field::XForwardedProto,
+        17 if xs(b"x-forwarded-proto") => Field::XForwardedProto,
         _ => Field::Other,
     }
 }

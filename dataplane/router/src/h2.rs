@@ -288,6 +288,10 @@ enum Failure {
 
 /// Sends the request head `out` and the body (DATA frames, re-chunked when the length
 /// is unknown) on `up`, then reads the response head into `ubuf`, skipping 1xx.
+///
+/// Limits are per step, as on HTTP/1.1, so a long upload is not cut off: each wait for
+/// the client's next DATA frame and each write to the backend at most `idle`, then the
+/// response head within [`crate::proxy::RESPONSE_HEADER_TIMEOUT`].
 async fn exchange(
     up: &mut monoio::net::TcpStream,
     out: &mut Vec<u8>,
@@ -295,14 +299,22 @@ async fn exchange(
     chunked: bool,
     ubuf: &mut Vec<u8>,
     method: flynn_http::Method,
+    idle: std::time::Duration,
 ) -> Result<flynn_http::ResponseInfo, Failure> {
     // `out` is lent to the write and handed back, kept for a retry.
     let o = std::mem::take(out);
     let len = o.len();
-    let (res, o) = write_range(up, o, 0, len).await;
+    let (res, o) = match monoio::time::timeout(idle, write_range(up, o, 0, len)).await {
+        Ok(x) => x,
+        Err(_) => return Err(Failure::Failed),
+    };
     *out = o;
     res.map_err(|_| Failure::Stale)?;
-    while let Some(chunk) = body.data().await {
+    loop {
+        let Ok(next) = monoio::time::timeout(idle, body.data()).await else {
+            return Err(Failure::ClientGone);
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|_| Failure::ClientGone)?;
         let _ = body.flow_control().release_capacity(chunk.len());
         // An empty DATA frame (often the one that carries END_STREAM) is no chunk: written
@@ -319,18 +331,32 @@ async fn exchange(
             frame.extend_from_slice(b"\r\n");
         }
         let n = frame.len();
-        write_range(up, frame, 0, n)
-            .await
-            .0
-            .map_err(|_| Failure::Failed)?;
+        match monoio::time::timeout(idle, write_range(up, frame, 0, n)).await {
+            Ok((Ok(()), _)) => {}
+            _ => return Err(Failure::Failed),
+        }
     }
     if chunked {
         let end = b"0\r\n\r\n".to_vec();
-        write_range(up, end, 0, 5)
-            .await
-            .0
-            .map_err(|_| Failure::Failed)?;
+        match monoio::time::timeout(idle, write_range(up, end, 0, 5)).await {
+            Ok((Ok(()), _)) => {}
+            _ => return Err(Failure::Failed),
+        }
     }
+    monoio::time::timeout(
+        crate::proxy::RESPONSE_HEADER_TIMEOUT,
+        read_head(up, ubuf, method),
+    )
+    .await
+    .unwrap_or(Err(Failure::Failed))
+}
+
+/// Reads the response head into `ubuf`, skipping 1xx.
+async fn read_head(
+    up: &mut monoio::net::TcpStream,
+    ubuf: &mut Vec<u8>,
+    method: flynn_http::Method,
+) -> Result<flynn_http::ResponseInfo, Failure> {
     loop {
         let (res, b) = read_append(up, std::mem::take(ubuf)).await;
         *ubuf = b;
@@ -361,6 +387,12 @@ async fn stream(
     let start_ms = crate::proxy::now_ms();
     CoreMetrics::inc(&core.metrics().requests_total);
     let (parts, mut body) = req.into_parts();
+    // Not tunnelled, as on HTTP/1.1: the client would wait for a 2xx before sending data
+    // while the backend exchange waited for the end of the stream.
+    if parts.method == http::Method::CONNECT {
+        CoreMetrics::inc(&core.metrics().bad_requests_total);
+        return simple(&mut respond, &core, 405, b"Method Not Allowed\n");
+    }
     let (head, chunked) = h1_head(&parts, body.is_end_stream());
     let Ok(Some(info)) = parse_request(&head) else {
         CoreMetrics::inc(&core.metrics().bad_requests_total);
@@ -411,27 +443,20 @@ async fn stream(
     let mut ubuf = Vec::with_capacity(16 * 1024);
     let mut retries = 0;
     let resp = loop {
-        let ex = monoio::time::timeout(
-            crate::proxy::RESPONSE_HEADER_TIMEOUT,
-            exchange(
-                &mut up,
-                &mut out,
-                &mut body,
-                chunked,
-                &mut ubuf,
-                info.method,
-            ),
+        let ex = exchange(
+            &mut up,
+            &mut out,
+            &mut body,
+            chunked,
+            &mut ubuf,
+            info.method,
+            core.settings().idle_timeout,
         );
         let res = monoio::select! {
             r = ex => r,
             // The client gave up on the stream: so does the backend exchange (its
             // connection is dropped with it).
             _ = client_reset(&mut respond) => return,
-        };
-        // No response head within the limit: as on HTTP/1.1, the backend failed.
-        let Ok(res) = res else {
-            CoreMetrics::inc(&core.metrics().upstream_errors_total);
-            return simple(&mut respond, &core, 503, b"Service Unavailable\n");
         };
         match res {
             Ok(r) => break r,
@@ -695,8 +720,15 @@ async fn grpc_backend(
             CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
             continue;
         };
-        let Ok((client, conn)) = h2::client::handshake(monoio_compat::StreamWrapper::new(s)).await
-        else {
+        // Windows far above h2's 64 KiB default: a stream whose client reads slowly keeps
+        // its unread data (up to the stream window) charged to the connection, which every
+        // other gRPC stream to this backend on this core shares; at the default, one such
+        // stream stalled them all.
+        let handshake = h2::client::Builder::new()
+            .initial_window_size(GRPC_STREAM_WINDOW)
+            .initial_connection_window_size(GRPC_CONNECTION_WINDOW)
+            .handshake::<_, Bytes>(monoio_compat::StreamWrapper::new(s));
+        let Ok((client, conn)) = handshake.await else {
             CoreMetrics::inc(&core.metrics().upstream_errors_total);
             continue;
         };
@@ -724,6 +756,11 @@ async fn grpc_backend(
     }
     None
 }
+
+/// A gRPC backend connection's receive window per stream, and for the connection: 256
+/// streams whose clients stopped reading can hold it before the others wait.
+const GRPC_STREAM_WINDOW: u32 = 256 << 10;
+const GRPC_CONNECTION_WINDOW: u32 = 64 << 20;
 
 /// Copies DATA frames (as the receiver's window allows) and then trailers.
 /// Resolves when the client resets the stream `respond` answers.

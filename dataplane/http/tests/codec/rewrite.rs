@@ -78,6 +78,21 @@ fn forwarded_headers_append() {
     }
 }
 
+/// The router's X- fields spelt with underscores (one variable with the real ones for
+/// CGI-style backends) are taken as those fields: rewritten, never passed on as sent.
+#[test]
+fn forwarded_fields_spelt_with_underscores_are_not_passed_by() {
+    let head = rewrite(
+        b"GET / HTTP/1.1\r\nHost: a\r\nX_Forwarded_For: 6.6.6.6\r\nx_forwarded-proto: gopher\r\n\
+          X_Request_Start: 1\r\nX_FORWARDED_PORT: 1\r\n\r\n",
+    );
+    assert!(!head.contains('_'), "{head:?}");
+    assert_eq!(value(&head, "X-Forwarded-For"), Some("6.6.6.6, 127.0.0.1"));
+    assert_eq!(value(&head, "X-Forwarded-Proto"), Some("gopher, http"));
+    assert_eq!(value(&head, "X-Forwarded-Port"), Some("1, 8080"));
+    assert_eq!(value(&head, "X-Request-Start"), Some("1700000000123"));
+}
+
 #[test]
 fn forwarded_for_ipv6_and_https() {
     let f = Forward {

@@ -301,6 +301,51 @@ fn grpc_streams_share_one_backend_connection_per_core() {
     });
 }
 
+/// A gRPC client that stops reading its responses does not stall other calls to the same
+/// backend, although they share the core's one backend connection.
+#[test]
+fn a_client_that_stops_reading_does_not_stall_other_grpc_calls() {
+    let (router, rt) = h2c_router(1);
+    rt.block_on(async {
+        let b = backend().await;
+        grpc_route(&router, "grpc.example.com", "g", b);
+        // A call whose 2 MB come back echoed and are never read (more than the router
+        // buffers toward one client stream).
+        let sock = tokio::net::TcpStream::connect(router.h2c_addrs[0])
+            .await
+            .unwrap();
+        let (client, conn) = h2::client::handshake(sock).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("http://grpc.example.com/echo.Echo/Say")
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let (resp, mut send) = client.send_request(req, false).unwrap();
+        send.send_data(Bytes::from(vec![b'x'; 2_000_000]), false)
+            .unwrap();
+        let _slow = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("response headers")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Another client's calls (with more than a sliver of data each) still go through.
+        static MSG: [u8; 40_000] = [b'y'; 40_000];
+        for i in 0..3 {
+            assert_eq!(
+                call_once(router.h2c_addrs[0], &MSG).await.len(),
+                MSG.len(),
+                "call {i}"
+            );
+        }
+        drop(send);
+    });
+}
+
 /// Two gRPC services on one core keep one backend connection each: a call to one does
 /// not drop the other's pooled connection.
 #[test]
@@ -460,4 +505,96 @@ fn continuation_flood_is_cut_off_with_bounded_cost() {
     );
     // The router itself is fine and counted the abuse.
     wait_for_h2_connection_error(&router, Duration::from_secs(10));
+}
+
+/// An HTTP/2 client connected to the router's h2c listener.
+async fn h2_client(router: std::net::SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let sock = tokio::net::TcpStream::connect(router).await.unwrap();
+    let (client, conn) = h2::client::handshake(sock).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client.ready().await.unwrap()
+}
+
+/// CONNECT over HTTP/2 is refused with 405, as on HTTP/1.1 (it used to go to the backend as
+/// `CONNECT /`, and client and router then waited on each other).
+#[test]
+fn connect_over_http2_is_refused() {
+    let (router, rt) = h2c_router(1);
+    let b = crate::support::Backend::start("b1");
+    router.add_route(crate::support::http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    rt.block_on(async {
+        let mut client = h2_client(router.h2c_addrs[0]).await;
+        let req = http::Request::builder()
+            .method("CONNECT")
+            .uri("example.com:443")
+            .body(())
+            .unwrap();
+        let (resp, _send) = client.send_request(req, false).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert_eq!(resp.status(), 405);
+    });
+    assert!(b.requests().is_empty());
+}
+
+/// An HTTP/2 upload that stalls is given up after the idle timeout (the stream is reset),
+/// not held until the response-head limit (600 s) as before; the limits are per step, so
+/// a long upload that keeps moving is not cut off.
+#[test]
+fn a_stalled_http2_upload_is_given_up_after_the_idle_timeout() {
+    let router = Router::builder()
+        .threads(1)
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .arg("--idle-timeout-secs")
+        .arg("1")
+        .start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let b = crate::support::Backend::start("b1");
+    router.add_route(crate::support::http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    rt.block_on(async {
+        let mut client = h2_client(router.h2c_addrs[0]).await;
+        // A body that keeps moving for 2.5 s (longer than the idle timeout) goes through.
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("http://example.com/up")
+            .body(())
+            .unwrap();
+        let (resp, mut send) = client.send_request(req, false).unwrap();
+        for _ in 0..5 {
+            send.send_data(Bytes::from_static(b"part "), false).unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        send.send_data(Bytes::from_static(b"end"), true).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        // One that stops is reset.
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("http://example.com/up")
+            .body(())
+            .unwrap();
+        let (resp, mut send) = client.send_request(req, false).unwrap();
+        send.send_data(Bytes::from_static(b"start"), false).unwrap();
+        let t0 = std::time::Instant::now();
+        let got = tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .expect("the stalled stream was not given up within 10 s");
+        assert!(got.is_err(), "{got:?}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        drop(send);
+    });
+    assert_eq!(b.requests()[0].body, b"part part part part part end");
 }
