@@ -91,6 +91,13 @@ pub struct Config {
     #[arg(long, env = "PROXY_PROTOCOL", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub proxy_protocol: bool,
 
+    /// With `--proxy-protocol`: take PROXY prefixes only from these networks (comma-separated
+    /// CIDRs or addresses, e.g. the load balancers'); anyone else's connection is served as
+    /// if the option were off, so a prefix it sends is a bad request and cannot fake its
+    /// address. Empty (the default): from anyone, as Flynn's router.
+    #[arg(long, env = "PROXY_PROTOCOL_FROM", value_delimiter = ',', value_parser = parse_cidr)]
+    pub proxy_protocol_from: Vec<Cidr>,
+
     /// Key for sticky-session cookies: base64 of exactly 32 bytes. Required when any
     /// route is sticky.
     #[arg(long, env = "COOKIE_KEY", hide_env_values = true)]
@@ -134,6 +141,60 @@ pub struct Config {
     pub demo: bool,
 }
 
+/// An address block: `10.0.0.0/8`, `2001:db8::/32`, or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        // An IPv4 client on a dual-stack socket shows as ::ffff:a.b.c.d.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    let s = s.trim();
+    let (addr, prefix) = match s.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    let net: std::net::IpAddr = addr
+        .parse()
+        .map_err(|_| format!("bad address {addr:?} in {s:?}"))?;
+    let max = if net.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        Some(p) => p
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("bad prefix length in {s:?}"))?,
+        None => max,
+    };
+    Ok(Cidr { net, prefix })
+}
+
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s
         .split_once('-')
@@ -165,6 +226,9 @@ impl Config {
         }
         if self.error_503_page.is_some() && self.error_503_page_url.is_some() {
             return Err("give either --error-503-page or ERROR_503_PAGE_URL, not both".into());
+        }
+        if !self.proxy_protocol_from.is_empty() && !self.proxy_protocol {
+            return Err("--proxy-protocol-from needs --proxy-protocol".into());
         }
         if self.header_timeout_secs == 0 || self.idle_timeout_secs == 0 {
             return Err("timeouts must be at least 1 second".into());
@@ -226,6 +290,44 @@ mod tests {
         assert_eq!(c.threads(), 2);
         assert_eq!(c.io_driver, Driver::Epoll);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn proxy_protocol_sources() {
+        let c = Config::try_parse_from([
+            "r",
+            "--proxy-protocol",
+            "--proxy-protocol-from",
+            "10.0.0.0/8, 192.168.1.7,2001:db8::/32",
+        ])
+        .unwrap();
+        c.validate().unwrap();
+        let from = &c.proxy_protocol_from;
+        let trusted = |ip: &str| from.iter().any(|n| n.contains(ip.parse().unwrap()));
+        assert!(trusted("10.1.2.3"));
+        assert!(trusted("::ffff:10.1.2.3"));
+        assert!(trusted("192.168.1.7"));
+        assert!(!trusted("192.168.1.8"));
+        assert!(trusted("2001:db8::9"));
+        assert!(!trusted("11.0.0.1"));
+        assert!(!trusted("2001:db9::1"));
+        let all = Config::try_parse_from([
+            "r",
+            "--proxy-protocol",
+            "--proxy-protocol-from",
+            "0.0.0.0/0",
+        ])
+        .unwrap();
+        assert!(all.proxy_protocol_from[0].contains("8.8.8.8".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "10.0.0/8", "x", "::/129", "10.0.0.0/"] {
+            assert!(
+                Config::try_parse_from(["r", "--proxy-protocol", "--proxy-protocol-from", bad])
+                    .is_err(),
+                "{bad}"
+            );
+        }
+        let c = Config::try_parse_from(["r", "--proxy-protocol-from", "10.0.0.0/8"]).unwrap();
+        assert!(c.validate().is_err(), "without --proxy-protocol");
     }
 
     #[test]

@@ -197,6 +197,7 @@ mod tests {
             pool_idle_per_backend: 1,
             max_conns_per_core: 10,
             proxy_protocol: false,
+            proxy_protocol_from: Vec::new(),
             sticky: None,
             page_503: None,
             tls: None,

@@ -328,6 +328,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             pool_idle_per_backend: cfg.pool_idle_per_backend,
             max_conns_per_core: cfg.max_conns_per_core,
             proxy_protocol: cfg.proxy_protocol,
+            proxy_protocol_from: cfg.proxy_protocol_from.clone(),
             sticky: cookie_key.as_ref().map(sticky::Sealer::new),
             page_503,
             tls: tls_config.map(monoio_rustls::TlsAcceptor::from),

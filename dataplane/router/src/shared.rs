@@ -23,12 +23,23 @@ pub struct Settings {
     pub pool_idle_per_backend: usize,
     pub max_conns_per_core: usize,
     pub proxy_protocol: bool,
+    /// Where PROXY prefixes are taken from (empty: anyone).
+    pub proxy_protocol_from: Vec<crate::config::Cidr>,
     /// Seals and opens `_backend` cookies (None: no COOKIE_KEY, sticky routes refused).
     pub sticky: Option<crate::sticky::Sealer>,
     /// Body of the router's own 503 responses (HTML), if configured.
     pub page_503: Option<Vec<u8>>,
     /// TLS acceptor shared by all cores (None: no HTTPS listeners).
     pub tls: Option<monoio_rustls::TlsAcceptor>,
+}
+
+impl Settings {
+    /// Whether a connection from `peer` is read for a PROXY prefix.
+    pub fn proxy_protocol_for(&self, peer: IpAddr) -> bool {
+        self.proxy_protocol
+            && (self.proxy_protocol_from.is_empty()
+                || self.proxy_protocol_from.iter().any(|n| n.contains(peer)))
+    }
 }
 
 /// What the control thread asks of a core.

@@ -448,7 +448,7 @@ fn spawn_conn(core: &Rc<Core>, stream: TcpStream, peer: std::net::SocketAddr, in
         monoio::spawn(crate::h2::serve(core.clone(), stream, peer, info));
     } else if info.tls {
         monoio::spawn(crate::proxy::serve_tls(core.clone(), stream, peer, info));
-    } else if core.settings().proxy_protocol {
+    } else if core.settings().proxy_protocol_for(peer.ip()) {
         monoio::spawn(crate::proxy::serve(core.clone(), stream, peer, info));
     } else {
         // The common case spawns the connection loop itself: no wrapper state, so an

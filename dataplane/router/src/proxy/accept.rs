@@ -29,7 +29,7 @@ pub async fn serve(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: Listene
     let mut conn = conn;
     let mut bufs: Option<Box<Bufs>> = None;
     let mut peer = peer;
-    if core.settings().proxy_protocol {
+    if core.settings().proxy_protocol_for(peer.ip()) {
         let b = bufs.get_or_insert_with(|| core.take_bufs());
         match Recycled::new(read_proxy_prefix(&core, &mut conn, &mut b.buf)).await {
             Ok(Some(src)) => peer = src,
@@ -55,7 +55,7 @@ pub async fn serve_tls(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: Lis
     let _ = conn.set_nodelay(true);
     let fd = conn.as_raw_fd();
     let mut peer = peer;
-    if core.settings().proxy_protocol {
+    if core.settings().proxy_protocol_for(peer.ip()) {
         match Recycled::new(peek_proxy_prefix(&core, &conn)).await {
             Ok((Some(src), _)) => peer = src,
             Ok((None, _)) => {}

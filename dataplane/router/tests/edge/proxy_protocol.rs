@@ -260,3 +260,32 @@ fn proxy_line_without_the_flag_is_exactly_400() {
     assert_eq!(resp.status, 400, "{resp:?}");
     assert_eq!(resp.body, b"Bad Request\n");
 }
+
+/// With `--proxy-protocol-from`, only those sources' prefixes are taken: from anyone else a
+/// PROXY line is a bad request (it cannot fake the client address), and their plain
+/// requests are served with their own address.
+#[test]
+fn prefixes_are_taken_only_from_trusted_sources() {
+    let (router, _b) = pp_router_with(
+        Router::builder()
+            .arg("--proxy-protocol")
+            .arg("--proxy-protocol-from")
+            .arg("10.0.0.0/8,192.0.2.1"),
+    );
+    let mut conn = Conn::connect(router.http_addr);
+    conn.send(b"PROXY TCP4 1.1.1.123 2.2.2.2 1234 80\r\n");
+    let resp = conn.request(&get_req("/"));
+    assert_eq!(resp.status, 400, "{resp:?}");
+    assert_eq!(xff_after(&router, b""), "127.0.0.1");
+    // Loopback trusted: taken again.
+    let (router, _b) = pp_router_with(
+        Router::builder()
+            .arg("--proxy-protocol")
+            .arg("--proxy-protocol-from")
+            .arg("127.0.0.0/8"),
+    );
+    assert_eq!(
+        xff_after(&router, b"PROXY TCP4 1.1.1.123 2.2.2.2 1234 80\r\n"),
+        "1.1.1.123"
+    );
+}
