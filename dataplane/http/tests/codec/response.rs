@@ -308,3 +308,29 @@ fn failed_upgrade_is_relayed_with_close() {
         "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
     );
 }
+
+/// Regression (fuzz `codec`): a chunked response rewritten for an HTTP/1.0 client has no
+/// Transfer-Encoding and reads back as close-delimited (the body goes out decoded).
+#[test]
+fn chunked_response_for_an_http10_client_is_close_delimited() {
+    let raw = b"HTTP/1.1 200 ...............O\r\nTransfer-Encoding: chunked\r\n\r\n2";
+    let info = resp_to(raw, Method::Post);
+    assert_eq!(info.framing, Framing::Chunked);
+    let mut out = Vec::new();
+    write_response_head(
+        raw,
+        &info,
+        &ResponseOpts {
+            close: true,
+            extra: &[],
+            http10: true,
+        },
+        &mut out,
+    );
+    let re = parse_response(&out, Method::Post).unwrap().unwrap();
+    assert_eq!((re.status, re.framing), (200, Framing::Close));
+    assert_eq!(
+        value(std::str::from_utf8(&out).unwrap(), "Transfer-Encoding"),
+        None
+    );
+}
