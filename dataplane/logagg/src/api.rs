@@ -138,9 +138,23 @@ struct Follower {
     filter: Filter,
     sse: bool,
     keepalive: Duration,
-    first: Option<Bytes>,
+    /// History still to send, rendered a chunk at a time; `None` once the first chunk
+    /// went out and nothing is left.
+    hist: Option<std::vec::IntoIter<Line>>,
     next: u64,
     reg: Follow,
+}
+
+/// Renders the next [`CHUNK_LINES`] lines of `hist`, if any are left. History goes out a
+/// chunk at a time like live lines: rendered whole it was a second, larger copy of every
+/// line (JSON escaping can make a line several times longer) held until a slow reader took
+/// it, and the API thread rendered it all before serving anyone else.
+fn history_chunk(hist: &mut std::vec::IntoIter<Line>, sse: bool) -> Option<Bytes> {
+    let mut out = Vec::new();
+    for l in hist.by_ref().take(CHUNK_LINES) {
+        render(&mut out, sse, &l);
+    }
+    (!out.is_empty()).then(|| Bytes::from(out))
 }
 
 /// Written when a follow stream has been quiet for a while, so that a proxy's read
@@ -152,8 +166,11 @@ fn keepalive(sse: bool) -> Bytes {
 }
 
 async fn next_chunk(mut f: Follower) -> Option<(Result<Bytes, Infallible>, Follower)> {
-    if let Some(h) = f.first.take() {
-        return Some((Ok(h), f));
+    if let Some(hist) = f.hist.as_mut() {
+        match history_chunk(hist, f.sse) {
+            Some(h) => return Some((Ok(h), f)),
+            None => f.hist = None,
+        }
     }
     // Let the API thread's other tasks run between chunks: while an app floods, a
     // follower that reads fast always has a chunk ready and a writable socket, and hyper
@@ -223,17 +240,7 @@ async fn get_log(
     let (hist, next, reg) = sh
         .store
         .history(app.as_bytes(), &q.filter, q.lines, q.follow);
-    // Follow with lines=0 means live lines only (spec §3.4).
-    let hist = if q.follow && q.lines == 0 {
-        Vec::new()
-    } else {
-        hist
-    };
-    let mut out = Vec::with_capacity(hist.len() * 256);
-    for l in &hist {
-        render(&mut out, sse, l);
-    }
-    drop(hist);
+    // Follow with lines=0 means live lines only (spec §3.4): the store copies none.
     let body = match reg {
         Some(reg) => {
             let f = Follower {
@@ -242,13 +249,17 @@ async fn get_log(
                 filter: q.filter,
                 sse,
                 keepalive: sh.stream_keepalive,
-                first: Some(Bytes::from(out)),
+                hist: Some(hist.into_iter()),
                 next,
                 reg,
             };
             Body::from_stream(stream::unfold(f, next_chunk))
         }
-        None => Body::from(out),
+        None => Body::from_stream(stream::unfold(hist.into_iter(), move |mut h| async move {
+            // Other requests on the API thread get a turn between chunks.
+            tokio::task::yield_now().await;
+            history_chunk(&mut h, sse).map(|b| (Ok::<_, Infallible>(b), h))
+        })),
     };
     Ok((
         [
@@ -499,7 +510,7 @@ mod tests {
             filter,
             sse: false,
             keepalive: Duration::from_secs(30),
-            first: None,
+            hist: None,
             next,
             reg: reg.unwrap(),
         };

@@ -114,6 +114,11 @@ async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream) {
     let c = &shared.counters[core];
     Counters::inc(&c.connections_active);
     let mut buf = BytesMut::with_capacity(READ_BUF);
+    // The next receive stamp for a line without a timestamp of its own: each such line gets
+    // its own instant, so two equal ones are two lines, not one line and its replay.
+    let mut next_stamp = Timestamp(i64::MIN);
+    // Bytes taken since this task last let the core's other tasks run.
+    let mut since_yield = 0usize;
     'conn: loop {
         if buf.capacity() - buf.len() < READ_BUF / 4 {
             // Reclaims the front in place once every frame split off it was dropped.
@@ -125,14 +130,17 @@ async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream) {
         buf = slice.into_inner();
         match res {
             Ok(0) | Err(_) => break,
-            Ok(_) => {}
+            Ok(n) => since_yield += n,
         }
-        let now = Timestamp::now();
+        let mut now = Timestamp::now().max(next_stamp);
         loop {
             match shared.framer.next_frame(&mut buf) {
                 Ok(Some(frame)) => {
                     let m = Message::parse(frame);
                     ingest(&shared.store, c, m.frame(), m.fields(), now);
+                    if m.fields().ts.is_none() {
+                        now.0 = now.0.saturating_add(1);
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -142,8 +150,31 @@ async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream) {
                 }
             }
         }
+        next_stamp = now;
+        // On the epoll driver a read of a socket that still has data returns at once, so a
+        // sender that never lets its socket empty would keep the core from its other
+        // connections and its listener: every 1 MiB this task goes to the back of the queue.
+        if since_yield >= 1 << 20 {
+            since_yield = 0;
+            yield_now().await;
+        }
     }
     Counters::dec(&c.connections_active);
+}
+
+/// Lets the core's other tasks run: pending once, having woken itself (the runtime queues
+/// it behind the tasks already ready).
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Serves UDP syslog on `sock` forever (run on its own thread).

@@ -641,6 +641,10 @@ impl Store {
                 notify: a.notify.clone(),
             }
         });
+        // Following with no history asked for: nothing to copy (spec §3.4: live lines only).
+        if follow.is_some() && n == 0 {
+            return (Vec::new(), next, follow);
+        }
         let sorted = a
             .ring
             .iter()

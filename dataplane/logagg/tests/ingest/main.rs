@@ -55,6 +55,22 @@ fn udp_and_raw_lines() {
     assert_eq!(l.metric("flynn_logagg_raw_total{"), 1);
 }
 
+/// Equal lines without a timestamp of their own that arrive in one read are two lines (each
+/// is stamped on arrival with its own instant), not a line and its replay.
+#[test]
+fn equal_lines_without_a_timestamp_are_all_kept() {
+    let l = Logagg::start(&[]);
+    let mut s = l.connect();
+    let line = oc("<14>1 - h nots web.1 - - same");
+    s.write_all(format!("{line}{line}{line}").as_bytes())
+        .unwrap();
+    let v = l.wait_lines("nots", 3);
+    assert!(v.iter().all(|j| j["msg"] == "same"), "{v:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(l.log("nots", "").len(), 3);
+    assert_eq!(l.metric("flynn_logagg_duplicates_total{"), 0);
+}
+
 /// Returns true when the server closed the connection within the timeout.
 fn closed_by_server(s: &mut std::net::TcpStream) -> bool {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -255,3 +255,24 @@ fn method_and_path_errors_use_the_json_envelope() {
     assert_eq!(v["code"], "validation_error");
     assert_eq!(v["detail"]["field"], "channel_id");
 }
+
+/// History longer than one chunk (512 lines) goes out a chunk at a time, whole and in order,
+/// with and without follow; follow then goes on with live lines.
+#[test]
+fn history_of_many_chunks_is_whole_and_in_order() {
+    let l = Logagg::start(&["--lines-per-app", "2000"]);
+    let all: String = (1..=1300)
+        .map(|i| oc(&msg("big", "h", "web.1", "ID1", i, i, &format!("m{i}"))))
+        .collect();
+    l.send(all.as_bytes());
+    assert_eq!(l.wait_lines("big", 1300).len(), 1300);
+    let want: Vec<String> = (1..=1300).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies(&l.log("big", "")), want);
+    assert_eq!(bodies(&l.log("big", "lines=1100")), want[200..]);
+    let f = Follower::open(l.api, "/log/big?follow=true&lines=1200", &[]);
+    for w in &want[100..] {
+        assert_eq!(f.next_json(T).unwrap()["msg"], w.as_str());
+    }
+    l.send(oc(&msg("big", "h", "web.1", "ID1", 1301, 1301, "live")).as_bytes());
+    assert_eq!(f.next_json(T).unwrap()["msg"], "live");
+}
