@@ -114,14 +114,7 @@ fn grpc_bidirectional_stream_with_trailers() {
         assert_eq!(st, 200);
         router.set_backend_addrs("g", &[(b.to_string(), false)]);
 
-        let sock = tokio::net::TcpStream::connect(router.h2c_addrs[0])
-            .await
-            .unwrap();
-        let (client, conn) = h2::client::handshake(sock).await.unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut client = client.ready().await.unwrap();
+        let mut client = h2_client(router.h2c_addrs[0]).await;
         let req = http::Request::builder()
             .method("POST")
             .uri("http://grpc.example.com/echo.Echo/Chat")
@@ -242,12 +235,7 @@ async fn call_once(router: std::net::SocketAddr, msg: &'static [u8]) -> Bytes {
 
 /// [`call_once`] for the route of `domain`.
 async fn call_domain(router: std::net::SocketAddr, domain: &str, msg: &'static [u8]) -> Bytes {
-    let sock = tokio::net::TcpStream::connect(router).await.unwrap();
-    let (client, conn) = h2::client::handshake(sock).await.unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_client(router).await;
     let req = http::Request::builder()
         .method("POST")
         .uri(format!("http://{domain}/echo.Echo/Say"))
@@ -311,14 +299,7 @@ fn a_client_that_stops_reading_does_not_stall_other_grpc_calls() {
         grpc_route(&router, "grpc.example.com", "g", b);
         // A call whose 2 MB come back echoed and are never read (more than the router
         // buffers toward one client stream).
-        let sock = tokio::net::TcpStream::connect(router.h2c_addrs[0])
-            .await
-            .unwrap();
-        let (client, conn) = h2::client::handshake(sock).await.unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut client = client.ready().await.unwrap();
+        let mut client = h2_client(router.h2c_addrs[0]).await;
         let req = http::Request::builder()
             .method("POST")
             .uri("http://grpc.example.com/echo.Echo/Say")
