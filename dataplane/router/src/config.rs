@@ -192,6 +192,16 @@ fn parse_cidr(s: &str) -> Result<Cidr, String> {
             .ok_or_else(|| format!("bad prefix length in {s:?}"))?,
         None => max,
     };
+    // An IPv4-mapped block (`::ffff:10.0.0.0/104`) is the IPv4 block: clients are compared
+    // as IPv4 (see [`Cidr::contains`]).
+    if let std::net::IpAddr::V6(v6) = net {
+        if let Some(v4) = v6.to_ipv4_mapped().filter(|_| prefix >= 96) {
+            return Ok(Cidr {
+                net: std::net::IpAddr::V4(v4),
+                prefix: prefix - 96,
+            });
+        }
+    }
     Ok(Cidr { net, prefix })
 }
 
@@ -311,6 +321,16 @@ mod tests {
         assert!(trusted("2001:db8::9"));
         assert!(!trusted("11.0.0.1"));
         assert!(!trusted("2001:db9::1"));
+        let mapped = Config::try_parse_from([
+            "r",
+            "--proxy-protocol",
+            "--proxy-protocol-from",
+            "::ffff:10.0.0.0/104",
+        ])
+        .unwrap();
+        assert!(mapped.proxy_protocol_from[0].contains("10.9.9.9".parse().unwrap()));
+        assert!(mapped.proxy_protocol_from[0].contains("::ffff:10.9.9.9".parse().unwrap()));
+        assert!(!mapped.proxy_protocol_from[0].contains("11.0.0.1".parse().unwrap()));
         let all = Config::try_parse_from([
             "r",
             "--proxy-protocol",

@@ -667,9 +667,10 @@ async fn passthrough(
     let Ok((resp, upload)) = client.send_request(req, end) else {
         return simple(&mut respond, &core, 503, b"Service Unavailable\n");
     };
+    let idle = core.settings().idle_timeout;
     let up_pump = async move {
         if !end {
-            pump(body, upload).await;
+            pump(body, upload, idle).await;
         }
     };
     let down = async move {
@@ -688,7 +689,7 @@ async fn passthrough(
             return;
         };
         if !end {
-            pump(rbody, send).await;
+            pump(rbody, send, idle).await;
         }
     };
     monoio::join!(up_pump, down);
@@ -757,10 +758,11 @@ async fn grpc_backend(
     None
 }
 
-/// A gRPC backend connection's receive window per stream, and for the connection: 256
-/// streams whose clients stopped reading can hold it before the others wait.
+/// A gRPC backend connection's receive window per stream, and for the connection: 4,096
+/// streams whose clients stopped reading (16 client connections' worth) can hold it before
+/// the others wait, and a stalled one is reset after the idle timeout (see [`pump`]).
 const GRPC_STREAM_WINDOW: u32 = 256 << 10;
-const GRPC_CONNECTION_WINDOW: u32 = 64 << 20;
+const GRPC_CONNECTION_WINDOW: u32 = 1 << 30;
 
 /// Copies DATA frames (as the receiver's window allows) and then trailers.
 /// Resolves when the client resets the stream `respond` answers.
@@ -768,7 +770,10 @@ async fn client_reset(respond: &mut h2::server::SendResponse<Bytes>) {
     let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
 }
 
-async fn pump(mut from: h2::RecvStream, mut to: h2::SendStream<Bytes>) {
+/// A receiver that grants no window for `idle` (a client that stopped reading) has its
+/// stream reset: what the pump holds for it is freed, and it stops holding its share of the
+/// backend connection's window, which the core's other calls to that backend need.
+async fn pump(mut from: h2::RecvStream, mut to: h2::SendStream<Bytes>, idle: Duration) {
     loop {
         // Waiting for the sender, the receiver may go away: then so does this pump.
         let next = monoio::select! {
@@ -783,10 +788,15 @@ async fn pump(mut from: h2::RecvStream, mut to: h2::SendStream<Bytes>) {
         let _ = from.flow_control().release_capacity(chunk.len());
         while !chunk.is_empty() {
             to.reserve_capacity(chunk.len());
-            let cap = match std::future::poll_fn(|cx| to.poll_capacity(cx)).await {
-                Some(Ok(c)) if c > 0 => c,
-                Some(Ok(_)) => continue,
-                _ => return,
+            let wait = std::future::poll_fn(|cx| to.poll_capacity(cx));
+            let cap = match monoio::time::timeout(idle, wait).await {
+                Ok(Some(Ok(c))) if c > 0 => c,
+                Ok(Some(Ok(_))) => continue,
+                Ok(_) => return,
+                Err(_) => {
+                    to.send_reset(h2::Reason::CANCEL);
+                    return;
+                }
             };
             let part = chunk.split_to(cap.min(chunk.len()));
             if to.send_data(part, false).is_err() {

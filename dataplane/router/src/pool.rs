@@ -64,8 +64,10 @@ impl Pool {
             }
             match peek(s.as_raw_fd()) {
                 Peek::Idle => return Some(s),
-                Peek::Data => backend.strays = true,
-                Peek::Closed => {}
+                // Data soon after a response is stray; on a connection idle longer it is
+                // more likely the backend's own goodbye (a 408 before it closes).
+                Peek::Data if idle < RECENT => backend.strays = true,
+                Peek::Data | Peek::Closed => {}
             }
         }
         None

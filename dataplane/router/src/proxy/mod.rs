@@ -657,7 +657,14 @@ async fn forward<S: Client>(
                         && info.framing == Framing::Empty
                         && info.method.is_safe()
                 }
-                Exchange::Failed => break 'attempt false,
+                Exchange::Failed => {
+                    // A reused connection that answered garbage may have held bytes from
+                    // after its last response: peek this backend's connections from now on.
+                    if reused {
+                        core.pool.note_strays(addr);
+                    }
+                    break 'attempt false;
+                }
                 Exchange::ClientGone => {
                     CoreMetrics::inc(&m.client_aborts_total);
                     return Next::Close;

@@ -579,3 +579,57 @@ fn a_stalled_http2_upload_is_given_up_after_the_idle_timeout() {
     });
     assert_eq!(b.requests()[0].body, b"part part part part part end");
 }
+
+/// A gRPC client that grants no window for the idle timeout has its stream reset, which
+/// frees what the router held for it (and its share of the backend connection's window).
+#[test]
+fn a_grpc_client_that_stops_reading_is_reset_after_the_idle_timeout() {
+    let router = Router::builder()
+        .threads(1)
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .arg("--idle-timeout-secs")
+        .arg("1")
+        .start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let b = backend().await;
+        grpc_route(&router, "grpc.example.com", "g", b);
+        let mut client = h2_client(router.h2c_addrs[0]).await;
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("http://grpc.example.com/echo.Echo/Say")
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let (resp, mut send) = client.send_request(req, false).unwrap();
+        send.send_data(Bytes::from(vec![b'x'; 1_000_000]), false)
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("response headers")
+            .unwrap();
+        // Not reading for longer than the idle timeout.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut body = resp.into_body();
+        let mut got = 0;
+        let err = loop {
+            match tokio::time::timeout(Duration::from_secs(5), body.data()).await {
+                Ok(Some(Ok(chunk))) => {
+                    got += chunk.len();
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                }
+                Ok(Some(Err(e))) => break Some(e),
+                Ok(None) => break None,
+                Err(_) => panic!("neither data nor a reset after {got} bytes"),
+            }
+        };
+        let err = err.unwrap_or_else(|| panic!("the stream ended normally after {got} bytes"));
+        assert!(err.is_reset(), "{err:?}");
+        assert!(got < 1_000_000, "{got}");
+        drop(send);
+    });
+}
