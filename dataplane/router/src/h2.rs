@@ -627,7 +627,15 @@ async fn passthrough(
     let mut xff = String::new();
     let mut request_id = None;
     for (name, value) in &parts.headers {
-        match name.as_str() {
+        // The router's own fields spelt with `_` for `-` count as those fields, as on the
+        // HTTP/1.1 path (CGI-style backends read both spellings as one variable).
+        let spelt = name.as_str();
+        let key = if spelt.starts_with("x_") || (spelt.starts_with("x-") && spelt.contains('_')) {
+            std::borrow::Cow::Owned(spelt.replace('_', "-"))
+        } else {
+            std::borrow::Cow::Borrowed(spelt)
+        };
+        match &*key {
             "x-forwarded-for" => {
                 xff.push_str(value.to_str().unwrap_or(""));
                 xff.push_str(", ");

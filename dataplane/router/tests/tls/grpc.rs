@@ -71,6 +71,7 @@ async fn tracking_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<Atom
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
                     tokio::spawn(async move {
                         let xff = req.headers().get("x-forwarded-for").cloned();
+                        let underscore = req.headers().contains_key("x_forwarded_for");
                         let path = req.uri().path().to_string();
                         let mut body = req.into_body();
                         let resp = http::Response::builder()
@@ -88,6 +89,9 @@ async fn tracking_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<Atom
                         trailers.insert("grpc-status", "0".parse().unwrap());
                         if let Some(x) = xff {
                             trailers.insert("x-seen-xff", x);
+                        }
+                        if underscore {
+                            trailers.insert("x-seen-underscore", "1".parse().unwrap());
                         }
                         send.send_trailers(trailers).unwrap();
                     });
@@ -119,6 +123,8 @@ fn grpc_bidirectional_stream_with_trailers() {
             .method("POST")
             .uri("http://grpc.example.com/echo.Echo/Chat")
             .header("content-type", "application/grpc")
+            // Taken as X-Forwarded-For (one variable with it on CGI-style backends).
+            .header("x_forwarded_for", "6.6.6.6")
             .body(())
             .unwrap();
         let (resp, mut send) = client.send_request(req, false).unwrap();
@@ -159,7 +165,8 @@ fn grpc_bidirectional_stream_with_trailers() {
             .unwrap()
             .expect("trailers");
         assert_eq!(trailers["grpc-status"], "0");
-        assert_eq!(trailers["x-seen-xff"], "127.0.0.1");
+        assert_eq!(trailers["x-seen-xff"], "6.6.6.6, 127.0.0.1");
+        assert!(!trailers.contains_key("x-seen-underscore"));
     });
 }
 
