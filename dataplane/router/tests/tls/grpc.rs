@@ -296,6 +296,28 @@ fn grpc_streams_share_one_backend_connection_per_core() {
     });
 }
 
+/// Starts an echo call that sends `len` bytes and leaves the stream open: its response
+/// (head received, body not read) and the request stream to drop when done.
+async fn unread_call(
+    router: std::net::SocketAddr,
+    len: usize,
+) -> (http::Response<h2::RecvStream>, h2::SendStream<Bytes>) {
+    let mut client = h2_client(router).await;
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("http://grpc.example.com/echo.Echo/Say")
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (resp, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(Bytes::from(vec![b'x'; len]), false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("response headers")
+        .unwrap();
+    (resp, send)
+}
+
 /// A gRPC client that stops reading its responses does not stall other calls to the same
 /// backend, although they share the core's one backend connection.
 #[test]
@@ -306,20 +328,7 @@ fn a_client_that_stops_reading_does_not_stall_other_grpc_calls() {
         grpc_route(&router, "grpc.example.com", "g", b);
         // A call whose 2 MB come back echoed and are never read (more than the router
         // buffers toward one client stream).
-        let mut client = h2_client(router.h2c_addrs[0]).await;
-        let req = http::Request::builder()
-            .method("POST")
-            .uri("http://grpc.example.com/echo.Echo/Say")
-            .header("content-type", "application/grpc")
-            .body(())
-            .unwrap();
-        let (resp, mut send) = client.send_request(req, false).unwrap();
-        send.send_data(Bytes::from(vec![b'x'; 2_000_000]), false)
-            .unwrap();
-        let _slow = tokio::time::timeout(Duration::from_secs(5), resp)
-            .await
-            .expect("response headers")
-            .unwrap();
+        let (_slow, send) = unread_call(router.h2c_addrs[0], 2_000_000).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         // Another client's calls (with more than a sliver of data each) still go through.
         static MSG: [u8; 40_000] = [b'y'; 40_000];
@@ -605,20 +614,7 @@ fn a_grpc_client_that_stops_reading_is_reset_after_the_idle_timeout() {
     rt.block_on(async {
         let b = backend().await;
         grpc_route(&router, "grpc.example.com", "g", b);
-        let mut client = h2_client(router.h2c_addrs[0]).await;
-        let req = http::Request::builder()
-            .method("POST")
-            .uri("http://grpc.example.com/echo.Echo/Say")
-            .header("content-type", "application/grpc")
-            .body(())
-            .unwrap();
-        let (resp, mut send) = client.send_request(req, false).unwrap();
-        send.send_data(Bytes::from(vec![b'x'; 1_000_000]), false)
-            .unwrap();
-        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
-            .await
-            .expect("response headers")
-            .unwrap();
+        let (resp, send) = unread_call(router.h2c_addrs[0], 1_000_000).await;
         // Not reading for longer than the idle timeout.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let mut body = resp.into_body();
