@@ -14,11 +14,19 @@ use crate::support::Router;
 /// A router with `threads` cores (one: every stream on the same core's pool) and an h2c
 /// listener, and a current-thread runtime for the test's client and backends.
 fn h2c_router(threads: u32) -> (Router, tokio::runtime::Runtime) {
-    let router = Router::builder()
+    h2c_router_with(threads, &[])
+}
+
+/// [`h2c_router`] with further router arguments.
+fn h2c_router_with(threads: u32, args: &[&str]) -> (Router, tokio::runtime::Runtime) {
+    let mut b = Router::builder()
         .threads(threads)
         .arg("--h2c-addr")
-        .arg("127.0.0.1:0")
-        .start();
+        .arg("127.0.0.1:0");
+    for a in args {
+        b = b.arg(*a);
+    }
+    let router = b.start();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -544,17 +552,7 @@ fn connect_over_http2_is_refused() {
 /// a long upload that keeps moving is not cut off.
 #[test]
 fn a_stalled_http2_upload_is_given_up_after_the_idle_timeout() {
-    let router = Router::builder()
-        .threads(1)
-        .arg("--h2c-addr")
-        .arg("127.0.0.1:0")
-        .arg("--idle-timeout-secs")
-        .arg("1")
-        .start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (router, rt) = h2c_router_with(1, &["--idle-timeout-secs", "1"]);
     let b = crate::support::Backend::start("b1");
     router.add_route(crate::support::http_route("example.com", "web"));
     router.set_backends("web", &[&b]);
@@ -600,17 +598,7 @@ fn a_stalled_http2_upload_is_given_up_after_the_idle_timeout() {
 /// frees what the router held for it (and its share of the backend connection's window).
 #[test]
 fn a_grpc_client_that_stops_reading_is_reset_after_the_idle_timeout() {
-    let router = Router::builder()
-        .threads(1)
-        .arg("--h2c-addr")
-        .arg("127.0.0.1:0")
-        .arg("--idle-timeout-secs")
-        .arg("1")
-        .start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (router, rt) = h2c_router_with(1, &["--idle-timeout-secs", "1"]);
     rt.block_on(async {
         let b = backend().await;
         grpc_route(&router, "grpc.example.com", "g", b);
