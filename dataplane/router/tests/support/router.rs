@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -414,13 +414,15 @@ impl Drop for Router {
 /// Ranges come from a per-process counter starting at a pid-derived offset so that parallel
 /// tests and test binaries rarely collide; each candidate is probed by binding every port.
 pub fn tcp_range(len: u16) -> (u16, u16) {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    // Below the kernel's ephemeral range (32768+), so outgoing connections never hold them.
+    // Offsets handed out so far in this process: ranges of different lengths never overlap.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Below the kernel's default ephemeral range (32768+), so outgoing connections do not
+    // hold them.
     let base = (std::process::id() % 200) * 100;
     let mut last_err = None;
     for _ in 0..200 {
-        let k = NEXT.fetch_add(1, Ordering::Relaxed) as u32;
-        let start = (10000 + (base + k * (len as u32 + 5)) % 22000) as u16;
+        let off = NEXT.fetch_add(len as u32 + 5, Ordering::Relaxed);
+        let start = (10000 + (base + off) % (22000 - len as u32)) as u16;
         let end = start + len;
         let probes: Vec<_> = (start..=end)
             .map(|p| TcpListener::bind(("127.0.0.1", p)))

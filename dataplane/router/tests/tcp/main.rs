@@ -275,15 +275,40 @@ fn ports_held_by_another_program_are_refused_or_skipped() {
     set_tcp_backends(&router, "tcpsvc", &[&b]);
     assert_eq!(exchange(lo + 1, b"x"), b"b1 x");
 
-    // Once the other program lets go, the port can be routed.
+    // Once the other program lets go, the port can be routed. Where the machine's
+    // ephemeral port range reaches this low, another program's connection may hold the
+    // port for a moment, so a refusal is tried again for a while.
     drop(squatter);
-    let route = router.add_route(tcp_route(lo, "tcpsvc"));
-    assert_eq!(port_of(&route), lo);
+    let mut last = serde_json::Value::Null;
+    let routed = wait_for(|| {
+        let (status, body) = router.api(
+            "POST",
+            "/routes",
+            Some(&tcp_route(lo, "tcpsvc").to_string()),
+        );
+        last = body;
+        status == 200
+    });
+    assert!(
+        routed,
+        "port {lo} not routable: {last}\n{}",
+        port_holders(lo)
+    );
+    assert_eq!(port_of(&last), lo);
     assert!(
         wait_for(|| std::net::TcpStream::connect(("127.0.0.1", lo)).is_ok()),
         "port {lo} not served"
     );
     assert_eq!(exchange(lo, b"y"), b"b1 y");
+}
+
+/// What `ss` says holds TCP `port` (for failure messages).
+fn port_holders(port: u16) -> String {
+    std::process::Command::new("ss")
+        .args(["-tanp", &format!("( sport = :{port} )")])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|e| format!("ss: {e}"))
 }
 
 fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
