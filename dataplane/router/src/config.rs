@@ -79,6 +79,17 @@ pub struct Config {
     #[arg(long, env = "FLYNN_IDLE_TIMEOUT", default_value_t = 300)]
     pub idle_timeout_secs: u64,
 
+    /// Seconds a TCP route connection or an upgraded (WebSocket) connection may go without
+    /// a byte either way before the router closes it (as HAProxy's `timeout tunnel`,
+    /// nginx's stream `proxy_timeout`). 0: never.
+    #[arg(long, env = "FLYNN_TUNNEL_TIMEOUT", default_value_t = 3600)]
+    pub tunnel_timeout_secs: u64,
+
+    /// Seconds such a connection may go without a byte once one side has finished sending
+    /// (half-closed; HAProxy's `timeout client-fin`). 0: only the tunnel timeout applies.
+    #[arg(long, env = "FLYNN_TUNNEL_FIN_TIMEOUT", default_value_t = 60)]
+    pub tunnel_fin_timeout_secs: u64,
+
     /// Milliseconds a plain-HTTP keep-alive connection that just got its response waits
     /// for the next request with a receive already posted and its buffer held (one
     /// operation per request instead of a readiness poll plus a receive); after that it

@@ -193,6 +193,8 @@ mod tests {
             tcp_ip: "127.0.0.1".parse().unwrap(),
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(10),
+            tunnel_timeout: Duration::from_secs(10),
+            tunnel_fin_timeout: Duration::from_secs(10),
             hot_idle: Duration::ZERO,
             pool_idle_per_backend: 1,
             max_conns_per_core: 10,

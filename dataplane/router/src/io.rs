@@ -78,11 +78,13 @@ pub async fn peer_shut_after(fd: std::os::fd::RawFd, grace: std::time::Duration)
     }
 }
 
-/// Copies bytes from `r` to `w` until EOF, then half-closes `w`.
+/// Copies bytes from `r` to `w` until EOF, then half-closes `w`; reads count as the
+/// tunnel's activity.
 pub async fn pipe<R: AsyncReadRent, W: AsyncWriteRentExt + monoio::io::AsyncWriteRent>(
     mut r: R,
     mut w: W,
     mut buf: Vec<u8>,
+    tunnel: &crate::tunnels::Tunnel<'_>,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
@@ -91,11 +93,13 @@ pub async fn pipe<R: AsyncReadRent, W: AsyncWriteRentExt + monoio::io::AsyncWrit
         buf = b;
         let n = match res {
             Ok(0) | Err(_) => {
+                tunnel.half_closed();
                 let _ = w.shutdown().await;
                 return Ok(total);
             }
             Ok(n) => n,
         };
+        tunnel.touch();
         total += n as u64;
         let (res, b) = write_range(&mut w, buf, 0, n).await;
         buf = b;

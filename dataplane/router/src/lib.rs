@@ -30,6 +30,7 @@ mod sticky;
 pub mod store;
 mod tcp;
 mod tls;
+mod tunnels;
 mod upgrade;
 mod worker;
 
@@ -324,6 +325,8 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             tcp_ip: cfg.tcp_ip,
             header_timeout: cfg.header_timeout(),
             idle_timeout: cfg.idle_timeout(),
+            tunnel_timeout: Duration::from_secs(cfg.tunnel_timeout_secs),
+            tunnel_fin_timeout: Duration::from_secs(cfg.tunnel_fin_timeout_secs),
             hot_idle: Duration::from_millis(cfg.hot_idle_ms),
             pool_idle_per_backend: cfg.pool_idle_per_backend,
             max_conns_per_core: cfg.max_conns_per_core,

@@ -18,6 +18,11 @@ pub struct Settings {
     pub tcp_ip: IpAddr,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// TCP route and upgraded connections are closed after this long without a byte either
+    /// way (zero: never).
+    pub tunnel_timeout: Duration,
+    /// ... or this long once one side has finished sending (zero: only `tunnel_timeout`).
+    pub tunnel_fin_timeout: Duration,
     /// Hot wait for the next request on a keep-alive connection (zero: off).
     pub hot_idle: Duration,
     pub pool_idle_per_backend: usize,

@@ -181,9 +181,10 @@ async fn proxy(core: Rc<Core>, c: TcpStream, port: u16) {
     // Long-lived: a peer on either side that vanishes without a FIN is noticed.
     let _ = flynn_runtime::sock::set_keepalive(c.as_raw_fd());
     let _ = flynn_runtime::sock::set_keepalive(up.as_raw_fd());
+    let tunnel = core.tunnels.open(c.as_raw_fd(), up.as_raw_fd());
     let (cr, cw) = c.into_split();
     let (ur, uw) = up.into_split();
-    let a = pipe(cr, uw, Vec::with_capacity(16 * 1024));
-    let b = pipe(ur, cw, Vec::with_capacity(16 * 1024));
+    let a = pipe(cr, uw, Vec::with_capacity(16 * 1024), &tunnel);
+    let b = pipe(ur, cw, Vec::with_capacity(16 * 1024), &tunnel);
     let _ = monoio::join!(a, b);
 }

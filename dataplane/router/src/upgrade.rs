@@ -176,10 +176,11 @@ pub async fn tunnel<S: crate::proxy::Client>(
         // Long-lived: a peer on either side that vanishes without a FIN is noticed.
         let _ = flynn_runtime::sock::set_keepalive(fd);
         let _ = flynn_runtime::sock::set_keepalive(up.as_raw_fd());
+        let tunnel = core.tunnels.open(fd, up.as_raw_fd());
         let (cr, cw) = c.into_split();
         let (ur, uw) = up.into_split();
-        let a = pipe(cr, uw, Vec::with_capacity(16 * 1024));
-        let b = pipe(ur, cw, Vec::with_capacity(16 * 1024));
+        let a = pipe(cr, uw, Vec::with_capacity(16 * 1024), &tunnel);
+        let b = pipe(ur, cw, Vec::with_capacity(16 * 1024), &tunnel);
         let _ = monoio::join!(a, b);
         return;
     }
@@ -190,7 +191,8 @@ pub async fn tunnel<S: crate::proxy::Client>(
     }
     while !body.is_done() {
         ubuf.clear();
-        let (res, b) = read_append(&mut up, ubuf).await;
+        let read = monoio::time::timeout(core.settings().idle_timeout, read_append(&mut up, ubuf));
+        let Ok((res, b)) = read.await else { return };
         ubuf = b;
         let n = match res {
             Ok(n) if n > 0 => n,

@@ -48,6 +48,8 @@ pub struct Core {
     pub conns: Cell<usize>,
     /// Idle keep-alive client connections, expired by a sweep.
     pub idle: IdleSet,
+    /// Open tunnels (TCP routes, upgrades), closed by the same sweep when idle.
+    pub tunnels: crate::tunnels::Tunnels,
     /// Fired when this process hands its listeners over: stop accepting, drain.
     pub stop: Stop,
     /// Idle connections parked without a task (None: epoll unavailable, never park).
@@ -250,6 +252,7 @@ pub async fn run(
         bufs: RefCell::new(Vec::new()),
         bufsets: RefCell::new(Vec::new()),
         idle: IdleSet::default(),
+        tunnels: Default::default(),
         stop: Stop::default(),
         parked: match crate::park::Parked::new() {
             Ok(p) => Some(p),
@@ -331,12 +334,19 @@ async fn sweep_idle(core: Rc<Core>) {
         .idle_timeout
         .as_secs()
         .clamp(1, u32::MAX as u64) as u32;
+    let secs = |d: std::time::Duration| d.as_secs().min(u32::MAX as u64) as u32;
+    let tunnel_limit = secs(core.settings().tunnel_timeout);
+    let fin_limit = secs(core.settings().tunnel_fin_timeout);
     // Parked count at the last heap trim.
     let mut trimmed_at = 0usize;
     for tick in 1u64.. {
         monoio::time::sleep(std::time::Duration::from_secs(1)).await;
         core.idle
             .sweep(limit, core.parked.is_some() && !core.draining());
+        let closed = core.tunnels.sweep(tunnel_limit, fin_limit);
+        for _ in 0..closed {
+            CoreMetrics::inc(&core.metrics().tunnel_timeouts_total);
+        }
         if tick % 5 == 0 {
             // Upstream connections too old to reuse are closed (not kept open until a
             // request happens to look at them).

@@ -319,3 +319,33 @@ fn interim_responses_before_the_101_are_relayed_and_the_tunnel_opens() {
     assert_eq!(conn.read_exact_n(5).unwrap(), b"hello");
     conn.expect_closed();
 }
+
+/// An upgraded connection with no bytes either way for `FLYNN_TUNNEL_TIMEOUT` is closed
+/// (as HAProxy's `timeout tunnel`); one in use is not.
+#[test]
+fn idle_upgraded_connections_are_closed_after_the_tunnel_timeout() {
+    let router = Router::builder().env("FLYNN_TUNNEL_TIMEOUT", "2").start();
+    let b = Backend::with_handler("ws", handlers::upgrade_echo);
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let mut conn = Conn::connect(router.http_addr);
+    let resp = conn.request(&ws_request("Upgrade", "websocket"));
+    assert_eq!(resp.status, 101, "{resp:?}");
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(3500) {
+        conn.send(b"ping");
+        assert_eq!(conn.read_exact_n(4).expect("echo while active"), b"ping");
+        if start.elapsed() >= Duration::from_millis(3500) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    // The router's last read was just before the echo came back.
+    let idle_from = std::time::Instant::now();
+    assert_eq!(conn.read_to_end().expect("closed by the router"), b"");
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_millis(1900) && idle <= Duration::from_secs(6),
+        "closed after {idle:?} idle, timeout 2 s"
+    );
+}

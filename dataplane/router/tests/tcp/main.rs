@@ -349,3 +349,155 @@ fn tcp_route_connections_have_keepalive() {
     }
     panic!("no keepalive timer on the router's side of the connection: {last:?}");
 }
+
+/// A backend that echoes every chunk at once and reports (on the returned channel) when
+/// the router ends its connection. Once the client's side has ended it sends `t`
+/// `after_eof` times 300 ms apart, then stays silent with the connection open: the router
+/// has already finished sending, so only a write can tell whether it still holds its end.
+/// The test asks for that write by sending on `probe` (it reports once writes fail).
+fn echo_backend(
+    after_eof: usize,
+) -> (
+    SocketAddr,
+    std::sync::mpsc::Receiver<std::time::Instant>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (probe_tx, probe) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = l.accept() else { return };
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) if s.write_all(&buf[..n]).is_ok() => {}
+                // Reset, or the router shut the connection down while it was open.
+                _ => {
+                    let _ = tx.send(std::time::Instant::now());
+                    return;
+                }
+            }
+        }
+        if after_eof == 0 {
+            // Ended by the router with both directions open (not by a half-close).
+            let _ = tx.send(std::time::Instant::now());
+            return;
+        }
+        for _ in 0..after_eof {
+            std::thread::sleep(Duration::from_millis(300));
+            if s.write_all(b"t").is_err() {
+                return;
+            }
+        }
+        if probe.recv_timeout(Duration::from_secs(30)).is_err() {
+            return;
+        }
+        // The first write to a closed peer draws a reset, the next fails.
+        for _ in 0..20 {
+            if s.write_all(b"z").is_err() {
+                let _ = tx.send(std::time::Instant::now());
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    (addr, rx, probe_tx)
+}
+
+fn tunnel_router(idle_secs: u32, fin_secs: u32, backend: SocketAddr) -> (Router, u16) {
+    let router = Router::builder()
+        .tcp()
+        .env("FLYNN_TUNNEL_TIMEOUT", idle_secs.to_string())
+        .env("FLYNN_TUNNEL_FIN_TIMEOUT", fin_secs.to_string())
+        .start();
+    let port = port_of(&router.add_route(tcp_route(0, "tunsvc")));
+    router.set_backend_addrs("tunsvc", &[(backend.to_string(), false)]);
+    (router, port)
+}
+
+/// Reads until the router closes the connection; returns what came and when it closed.
+fn read_until_closed(s: &mut TcpStream) -> (Vec<u8>, std::time::Instant) {
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (out, std::time::Instant::now()),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                return (out, std::time::Instant::now())
+            }
+            Err(e) => panic!("connection not closed by the router: {e} (got {out:?})"),
+        }
+    }
+}
+
+/// `FLYNN_TUNNEL_TIMEOUT`: a TCP route connection that moves bytes stays open past the
+/// timeout; once nothing moves either way for that long, the router closes both sides.
+#[test]
+fn idle_tcp_route_connections_are_closed_after_the_tunnel_timeout() {
+    let (addr, closed, _probe) = echo_backend(0);
+    let (router, port) = tunnel_router(2, 0, addr);
+    let mut s = connect(port);
+    let start = std::time::Instant::now();
+    // 3.5 s of traffic every 400 ms: longer than the timeout, never idle that long.
+    while start.elapsed() < Duration::from_millis(3500) {
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).expect("echo while active");
+        if start.elapsed() >= Duration::from_millis(3500) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    // The router's last read was just before the echo came back.
+    let idle_from = std::time::Instant::now();
+    let (rest, at) = read_until_closed(&mut s);
+    assert!(rest.is_empty(), "{rest:?}");
+    let idle = at - idle_from;
+    assert!(
+        idle >= Duration::from_millis(1900) && idle <= Duration::from_secs(6),
+        "closed after {idle:?} idle, timeout 2 s"
+    );
+    let backend_closed = closed
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the backend's side closed too");
+    assert!(backend_closed - idle_from >= Duration::from_millis(1900));
+    let (_, m) = router.api("GET", "/metrics", None);
+    let text = m.as_str().unwrap_or_default();
+    let timeouts: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("flynn_router_tunnel_timeouts_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(timeouts, 1, "{text}");
+}
+
+/// `FLYNN_TUNNEL_FIN_TIMEOUT`: once the client has finished sending, the connection is
+/// closed after the shorter half-close timeout without bytes, not the tunnel timeout;
+/// a backend still sending keeps it open.
+#[test]
+fn half_closed_tcp_route_connections_get_the_fin_timeout() {
+    let (addr, closed, probe) = echo_backend(8);
+    let (_router, port) = tunnel_router(60, 1, addr);
+    let mut s = connect(port);
+    s.write_all(b"q").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let sent = std::time::Instant::now();
+    let (got, at) = read_until_closed(&mut s);
+    // The echo, then 8 ticks 300 ms apart (2.4 s of a half-closed connection, longer than
+    // the 1 s limit but never idle that long), then closed 1–2 s after the last.
+    assert_eq!(got, b"qtttttttt");
+    let took = at - sent;
+    assert!(
+        took >= Duration::from_millis(2400 + 900) && took <= Duration::from_secs(8),
+        "closed after {took:?}"
+    );
+    probe.send(()).unwrap();
+    closed
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the backend's side closed too");
+}
