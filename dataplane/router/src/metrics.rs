@@ -49,6 +49,7 @@ counters! {
     h2_streams_total: "HTTP/2 streams accepted",
     h2_connection_errors_total: "HTTP/2 connections ended by a protocol error or abuse limit (GOAWAY)",
     tcp_connect_errors_total: "TCP route connections with no reachable backend",
+    client_send_timeouts_total: "HTTP/1 client connections closed for taking no response bytes for the idle timeout",
     tunnel_timeouts_total: "TCP route and upgraded connections closed by the tunnel or half-close timeout",
 }
 

@@ -15,7 +15,7 @@ use crate::io::{pipe, read_append, write_range};
 use std::os::fd::AsRawFd;
 
 use crate::metrics::CoreMetrics;
-use crate::proxy::{dial, Fwd};
+use crate::proxy::{dial, to_client, Fwd};
 use crate::worker::{Core, ListenerInfo};
 
 #[allow(clippy::too_many_arguments)]
@@ -59,7 +59,7 @@ pub async fn tunnel<S: crate::proxy::Client>(
         }
     }
     let Some((mut up, addr)) = up else {
-        return fail(core, &mut c).await;
+        return fail(core, &mut c, fd).await;
     };
     let _inflight = core.start_request(addr);
     let fwd = Fwd {
@@ -85,7 +85,7 @@ pub async fn tunnel<S: crate::proxy::Client>(
     let len = out.len();
     let (res, _) = write_range(&mut up, out, 0, len).await;
     if res.is_err() {
-        return fail(core, &mut c).await;
+        return fail(core, &mut c, fd).await;
     }
     // A body longer than what came with the head: relay the rest as it arrives (a client
     // that stops sending it is given up on after the idle timeout).
@@ -102,7 +102,7 @@ pub async fn tunnel<S: crate::proxy::Client>(
         let (res, b) = write_range(&mut up, buf, 0, adv.used).await;
         buf = b;
         if res.is_err() {
-            return fail(core, &mut c).await;
+            return fail(core, &mut c, fd).await;
         }
         buf.drain(..adv.used);
     }
@@ -114,26 +114,26 @@ pub async fn tunnel<S: crate::proxy::Client>(
             Ok(Some(r)) if (100..200).contains(&r.status) && r.status != 101 => {
                 let interim: Vec<u8> = ubuf.drain(..r.head_len).collect();
                 let n = interim.len();
-                if write_range(&mut c, interim, 0, n).await.0.is_err() {
+                if to_client(core, &mut c, fd, interim, n).await.0.is_err() {
                     return;
                 }
                 continue;
             }
             Ok(Some(r)) => break r,
             Ok(None) => {}
-            Err(_) => return fail(core, &mut c).await,
+            Err(_) => return fail(core, &mut c, fd).await,
         }
         let read = monoio::time::timeout(
             crate::proxy::RESPONSE_HEADER_TIMEOUT,
             read_append(&mut up, ubuf),
         );
         let Ok((res, b)) = read.await else {
-            return fail(core, &mut c).await;
+            return fail(core, &mut c, fd).await;
         };
         ubuf = b;
         match res {
             Ok(n) if n > 0 => {}
-            _ => return fail(core, &mut c).await,
+            _ => return fail(core, &mut c, fd).await,
         }
     };
     m.status(resp.status);
@@ -159,7 +159,7 @@ pub async fn tunnel<S: crate::proxy::Client>(
     );
     out.extend_from_slice(&ubuf[resp.head_len..]);
     let len = out.len();
-    let (res, _) = write_range(&mut c, out, 0, len).await;
+    let (res, _) = to_client(core, &mut c, fd, out, len).await;
     if res.is_err() {
         return;
     }
@@ -201,7 +201,7 @@ pub async fn tunnel<S: crate::proxy::Client>(
         let Ok(adv) = body.advance(&ubuf[..n]) else {
             return;
         };
-        let (res, b) = write_range(&mut c, ubuf, 0, adv.used).await;
+        let (res, b) = to_client(core, &mut c, fd, ubuf, adv.used).await;
         ubuf = b;
         if res.is_err() {
             return;
@@ -209,7 +209,7 @@ pub async fn tunnel<S: crate::proxy::Client>(
     }
 }
 
-async fn fail<S: crate::proxy::Client>(core: &Core, c: &mut S) {
+async fn fail<S: crate::proxy::Client>(core: &Core, c: &mut S, fd: std::os::fd::RawFd) {
     CoreMetrics::inc(&core.metrics().unavailable_total);
     core.metrics().status(503);
     let mut out = Vec::with_capacity(128);
@@ -220,5 +220,5 @@ async fn fail<S: crate::proxy::Client>(core: &Core, c: &mut S) {
         None => flynn_http::simple_response(503, b"Service Unavailable\n", true, &mut out),
     }
     let len = out.len();
-    let _ = write_range(c, out, 0, len).await;
+    let _ = to_client(core, c, fd, out, len).await;
 }

@@ -50,6 +50,9 @@ pub struct Core {
     pub idle: IdleSet,
     /// Open tunnels (TCP routes, upgrades), closed by the same sweep when idle.
     pub tunnels: crate::tunnels::Tunnels,
+    /// Writes to HTTP/1 clients in progress, shut down by the sweep when one makes no
+    /// progress for the idle timeout.
+    pub sends: crate::tunnels::Tunnels,
     /// Fired when this process hands its listeners over: stop accepting, drain.
     pub stop: Stop,
     /// Idle connections parked without a task (None: epoll unavailable, never park).
@@ -253,6 +256,7 @@ pub async fn run(
         bufsets: RefCell::new(Vec::new()),
         idle: IdleSet::default(),
         tunnels: Default::default(),
+        sends: Default::default(),
         stop: Stop::default(),
         parked: match crate::park::Parked::new() {
             Ok(p) => Some(p),
@@ -346,6 +350,9 @@ async fn sweep_idle(core: Rc<Core>) {
         let closed = core.tunnels.sweep(tunnel_limit, fin_limit);
         for _ in 0..closed {
             CoreMetrics::inc(&core.metrics().tunnel_timeouts_total);
+        }
+        for _ in 0..core.sends.sweep(limit, 0) {
+            CoreMetrics::inc(&core.metrics().client_send_timeouts_total);
         }
         if tick % 5 == 0 {
             // Upstream connections too old to reuse are closed (not kept open until a

@@ -332,6 +332,7 @@ async fn one_request<S: Client>(
             let _ = respond(
                 core,
                 &mut c,
+                fd,
                 &mut bufs.out,
                 // The head could not be read: its method is unknown.
                 Method::Get,
@@ -359,6 +360,7 @@ async fn one_request<S: Client>(
             respond(
                 core,
                 &mut c,
+                fd,
                 out,
                 info.method,
                 405,
@@ -371,14 +373,34 @@ async fn one_request<S: Client>(
             CoreMetrics::inc(&core.metrics().not_found_total);
             let close = !info.keep_alive || info.framing != Framing::Empty;
             if close {
-                respond(core, &mut c, out, info.method, 404, b"Not Found\n", true).await
+                respond(
+                    core,
+                    &mut c,
+                    fd,
+                    out,
+                    info.method,
+                    404,
+                    b"Not Found\n",
+                    true,
+                )
+                .await
             } else {
                 buf.drain(..info.head_len);
-                respond(core, &mut c, out, info.method, 404, b"Not Found\n", false).await
+                respond(
+                    core,
+                    &mut c,
+                    fd,
+                    out,
+                    info.method,
+                    404,
+                    b"Not Found\n",
+                    false,
+                )
+                .await
             }
         }
         Some(r) if r.backends.is_empty() => {
-            let n = unavailable(core, &mut c, out, &info).await;
+            let n = unavailable(core, &mut c, fd, out, &info).await;
             if matches!(n, Next::KeepAlive) {
                 buf.drain(..info.head_len);
             }
@@ -491,6 +513,7 @@ fn may_end_head(buf: &[u8], from: usize) -> bool {
 async fn respond<S: Client>(
     core: &Core,
     c: &mut S,
+    fd: RawFd,
     out: &mut Vec<u8>,
     method: Method,
     status: u16,
@@ -516,7 +539,7 @@ async fn respond<S: Client>(
     }
     let o = std::mem::take(out);
     let len = o.len();
-    let (res, o) = write_range(c, o, 0, len).await;
+    let (res, o) = to_client(core, c, fd, o, len).await;
     *out = o;
     if res.is_err() || close {
         Next::Close
@@ -528,6 +551,7 @@ async fn respond<S: Client>(
 async fn unavailable<S: Client>(
     core: &Core,
     c: &mut S,
+    fd: RawFd,
     out: &mut Vec<u8>,
     info: &RequestInfo,
 ) -> Next {
@@ -536,6 +560,7 @@ async fn unavailable<S: Client>(
     respond(
         core,
         c,
+        fd,
         out,
         info.method,
         503,
@@ -557,10 +582,11 @@ async fn forward<S: Client>(
     fwd: Fwd,
 ) -> Next {
     let m = core.metrics();
+    let fd = fwd.fd;
     let sealer = core.settings().sticky.as_ref().filter(|_| route.sticky);
     let cookie_addr = sealer.and_then(|s| crate::sticky::from_request(s, &buf[..info.head_len]));
     let Some((mut up, addr, mut reused)) = connect(core, route, cookie_addr, None).await else {
-        let next = unavailable(core, c, out, info).await;
+        let next = unavailable(core, c, fd, out, info).await;
         if matches!(next, Next::KeepAlive) {
             buf.drain(..info.head_len);
         }
@@ -576,14 +602,14 @@ async fn forward<S: Client>(
     let mut body = BodyReader::new(info.framing);
     let adv = match body.advance(&buf[info.head_len..]) {
         Ok(a) => a,
-        Err(_) => return respond(core, c, out, info.method, 400, b"Bad Request\n", true).await,
+        Err(_) => return respond(core, c, fd, out, info.method, 400, b"Bad Request\n", true).await,
     };
     out.extend_from_slice(&buf[info.head_len..info.head_len + adv.used]);
     let mut consumed = info.head_len + adv.used;
 
     let sent_continue = info.expect_continue && !body.is_done();
     if sent_continue {
-        let (res, _) = write_range(c, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), 0, 25).await;
+        let (res, _) = to_client(core, c, fd, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), 25).await;
         if res.is_err() {
             CoreMetrics::inc(&m.client_aborts_total);
             return Next::Close;
@@ -626,7 +652,7 @@ async fn forward<S: Client>(
                 let adv = match body.advance(&buf[consumed..]) {
                     Ok(a) => a,
                     Err(_) => {
-                        return respond(core, c, out, info.method, 400, b"Bad Request\n", true)
+                        return respond(core, c, fd, out, info.method, 400, b"Bad Request\n", true)
                             .await
                     }
                 };
@@ -644,7 +670,7 @@ async fn forward<S: Client>(
                 *buf = b;
                 consumed += adv.used;
                 if res.is_err() {
-                    return upstream_failed(core, c, out, info.method).await;
+                    return upstream_failed(core, c, fd, out, info.method).await;
                 }
             }
             match exchange(c, fwd.fd, &mut up, ubuf, info, sent_continue).await {
@@ -675,7 +701,7 @@ async fn forward<S: Client>(
         // byte to a safe request, is retried: on a fresh dial to the same backend, or
         // another backend if that dial fails.
         if !can_retry || retries >= MAX_ATTEMPTS {
-            return upstream_failed(core, c, out, info.method).await;
+            return upstream_failed(core, c, fd, out, info.method).await;
         }
         retries += 1;
         ubuf.clear();
@@ -687,14 +713,14 @@ async fn forward<S: Client>(
                     _inflight = core.start_request(a);
                 }
             }
-            None => return upstream_failed(core, c, out, info.method).await,
+            None => return upstream_failed(core, c, fd, out, info.method).await,
         }
     };
 
     // A switch of protocols nobody asked for: the client's connection would go on as
     // HTTP while the backend's does not (Go's proxy refuses it too).
     if resp.status == 101 {
-        return upstream_failed(core, c, out, info.method).await;
+        return upstream_failed(core, c, fd, out, info.method).await;
     }
     // Response head and body. An HTTP/1.0 client cannot take chunk framing: it gets the
     // body decoded, ended by the close of the connection (RFC 9112 §6.1, as Go does).
@@ -716,7 +742,7 @@ async fn forward<S: Client>(
     let mut rbody = BodyReader::new(resp.framing);
     let adv = match rbody.advance(&ubuf[head_len..]) {
         Ok(a) => a,
-        Err(_) => return upstream_failed(core, c, out, info.method).await,
+        Err(_) => return upstream_failed(core, c, fd, out, info.method).await,
     };
     out.clear();
     write_response_head(
@@ -742,7 +768,7 @@ async fn forward<S: Client>(
     let mut clean = head_len + adv.used == ubuf.len();
     let o = std::mem::take(out);
     let len = o.len();
-    let (res, o) = write_range(c, o, 0, len).await;
+    let (res, o) = to_client(core, c, fd, o, len).await;
     *out = o;
     if res.is_err() {
         CoreMetrics::inc(&m.client_aborts_total);
@@ -786,13 +812,13 @@ async fn forward<S: Client>(
                 }
                 let o = std::mem::take(out);
                 let len = o.len();
-                let (res, o) = write_range(c, o, 0, len).await;
+                let (res, o) = to_client(core, c, fd, o, len).await;
                 *out = o;
                 res
             }
             None => {
                 let taken = std::mem::take(ubuf);
-                let (res, b) = write_range(c, taken, 0, adv.used).await;
+                let (res, b) = to_client(core, c, fd, taken, adv.used).await;
                 *ubuf = b;
                 res
             }
@@ -816,15 +842,41 @@ async fn forward<S: Client>(
     }
 }
 
+/// Writes `o[..len]` to the client. One the client does not take within the idle timeout
+/// (it stopped reading) has the connection shut down by the core's sweep, so a client that
+/// never reads cannot hold the request's backend connection and buffers for good (nginx's
+/// `send_timeout`). No timer: the write holds a slot in the core's `sends` set meanwhile.
+pub(crate) async fn to_client<S: Client>(
+    core: &Core,
+    c: &mut S,
+    fd: RawFd,
+    o: Vec<u8>,
+    len: usize,
+) -> (std::io::Result<()>, Vec<u8>) {
+    let _stall = core.sends.open(fd, -1);
+    write_range(c, o, 0, len).await
+}
+
 async fn upstream_failed<S: Client>(
     core: &Core,
     c: &mut S,
+    fd: RawFd,
     out: &mut Vec<u8>,
     method: Method,
 ) -> Next {
     CoreMetrics::inc(&core.metrics().upstream_errors_total);
     CoreMetrics::inc(&core.metrics().unavailable_total);
-    respond(core, c, out, method, 503, b"Service Unavailable\n", true).await
+    respond(
+        core,
+        c,
+        fd,
+        out,
+        method,
+        503,
+        b"Service Unavailable\n",
+        true,
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 use crate::setup;
 use crate::support::backend::respond;
 use crate::support::{http_route, Backend, Conn, Reply, Router};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -503,5 +503,69 @@ fn a_backend_that_stops_reading_the_body_is_given_up_after_the_idle_timeout() {
         start.elapsed() < Duration::from_secs(10),
         "the client was held {:?}",
         start.elapsed()
+    );
+}
+
+/// A client that stops reading a response is given up after the idle timeout (nginx's
+/// `send_timeout`): its connection is closed and the backend's with it, instead of both
+/// being held for good by a write that never completes.
+#[test]
+fn a_client_that_stops_reading_the_response_is_given_up_after_the_idle_timeout() {
+    let router = Router::builder()
+        .arg("--idle-timeout-secs")
+        .arg("1")
+        .start();
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    router.add_route(http_route("example.com", "web"));
+    router.set_backend_addrs("web", &[(backend.local_addr().unwrap().to_string(), false)]);
+    let total: usize = 512 << 20;
+    let mut conn = std::net::TcpStream::connect(router.http_addr).unwrap();
+    conn.write_all(b"GET /big HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        .unwrap();
+    let (mut up, _) = backend.accept().unwrap();
+    let mut head = [0u8; 1024];
+    let _ = up.read(&mut head).unwrap();
+    // The client reads nothing from here on; the backend streams as fast as it is taken.
+    up.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n").as_bytes())
+        .unwrap();
+    up.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    let start = std::time::Instant::now();
+    let chunk = vec![b'x'; 1 << 20];
+    let mut sent = 0;
+    while sent < total {
+        match up.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    assert!(
+        sent < total,
+        "the whole body went out to a client that reads nothing"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "the backend was held {:?}",
+        start.elapsed()
+    );
+    // The client's connection was closed too: what was buffered for it, then EOF.
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("client connection still open after {got} bytes: {e}"),
+        }
+    }
+    assert!(got < total, "{got}");
+    let (_, m) = router.api("GET", "/metrics", None);
+    let text = m.as_str().unwrap_or_default();
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("flynn_router_client_send_timeouts_total{") && !l.ends_with(" 0")
+        ),
+        "{text}"
     );
 }
