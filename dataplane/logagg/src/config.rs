@@ -42,6 +42,12 @@ pub struct Config {
     #[arg(long, env = "FLYNN_IO_DRIVER", default_value = "auto")]
     pub io_driver: Driver,
 
+    /// Most syslog TCP connections open at once (all cores together); a connection beyond
+    /// it is closed at once and counted (`connections_rejected_total`), as rsyslog's
+    /// `MaxSessions`. Each open connection can hold a 64 KiB read buffer.
+    #[arg(long, env = "FLYNN_MAX_CONNS", default_value_t = 4096)]
+    pub max_conns: usize,
+
     /// Do not listen for syslog over UDP.
     #[arg(long, env = "FLYNN_NO_UDP")]
     pub no_udp: bool,
@@ -57,6 +63,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.threads == Some(0) {
             return Err("--threads must be at least 1".into());
+        }
+        if self.max_conns == 0 {
+            return Err("--max-conns must be at least 1".into());
         }
         if self.lines_per_app == 0 {
             return Err("--lines-per-app must be at least 1".into());
@@ -119,6 +128,7 @@ mod tests {
         for args in [
             &["l", "--threads", "0"][..],
             &["l", "--lines-per-app", "0"],
+            &["l", "--max-conns", "0"],
             &["l", "--max-frame", "70000"],
             &["l", "--max-memory", "10"],
             &["l", "--peer", "ftp://x"],

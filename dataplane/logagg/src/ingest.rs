@@ -4,6 +4,7 @@
 //! read buffer is reused as soon as its frames are copied, so a quiet app never pins it.
 //! UDP (one datagram = one message) is served by one plain thread.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::BytesMut;
@@ -29,6 +30,10 @@ pub struct Shared {
     pub drivers: Vec<OnceLock<&'static str>>,
     /// Quiet time after which a follow stream gets a keep-alive (API only).
     pub stream_keepalive: std::time::Duration,
+    /// Most TCP connections open at once, all cores together.
+    pub max_conns: usize,
+    /// TCP connections open now, all cores together (changed per connection, not per read).
+    pub open_conns: AtomicUsize,
 }
 
 impl Shared {
@@ -39,6 +44,8 @@ impl Shared {
             counters: (0..threads + 2).map(|_| Counters::default()).collect(),
             drivers: (0..threads).map(|_| OnceLock::new()).collect(),
             stream_keepalive: std::time::Duration::from_secs(30),
+            max_conns: usize::MAX,
+            open_conns: AtomicUsize::new(0),
         }
     }
     pub fn udp_counters(&self) -> &Counters {
@@ -93,11 +100,23 @@ pub async fn run(ctx: WorkerCtx, shared: Arc<Shared>, listener: Option<std::net:
             return;
         }
     };
+    let c = &shared.counters[ctx.index];
+    // When this core last logged a refused connection (at most one line per 10 s).
+    let mut warned: Option<std::time::Instant> = None;
     loop {
         match listener.accept().await {
-            Ok((stream, _peer)) => {
-                Counters::inc(&shared.counters[ctx.index].connections_total);
-                monoio::spawn(serve(shared.clone(), ctx.index, stream));
+            Ok((stream, peer)) => {
+                Counters::inc(&c.connections_total);
+                let Some(slot) = ConnSlot::take(&shared) else {
+                    // Over the cap: closed unread (dropping it), counted.
+                    Counters::inc(&c.connections_rejected_total);
+                    if warned.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10)) {
+                        warned = Some(std::time::Instant::now());
+                        tracing::warn!(%peer, max = shared.max_conns, "syslog connection refused: too many open (--max-conns)");
+                    }
+                    continue;
+                };
+                monoio::spawn(serve(shared.clone(), ctx.index, stream, slot));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -107,7 +126,27 @@ pub async fn run(ctx: WorkerCtx, shared: Arc<Shared>, listener: Option<std::net:
     }
 }
 
-async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream) {
+/// One of the `max_conns` connection slots, given back on drop.
+struct ConnSlot(Arc<Shared>);
+
+impl ConnSlot {
+    fn take(shared: &Arc<Shared>) -> Option<ConnSlot> {
+        let open = shared.open_conns.fetch_add(1, Ordering::Relaxed);
+        if open >= shared.max_conns {
+            shared.open_conns.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ConnSlot(shared.clone()))
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.open_conns.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream, _slot: ConnSlot) {
     // A sender that vanished without a FIN (a host that lost power) is noticed: its
     // connection and buffer are not kept for good.
     let _ = flynn_runtime::sock::set_keepalive(std::os::fd::AsRawFd::as_raw_fd(&stream));

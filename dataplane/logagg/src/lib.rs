@@ -71,6 +71,7 @@ pub fn start(cfg: &Config) -> anyhow::Result<Running> {
     }));
     let mut shared = Shared::new(store, Framer::new(cfg.max_frame), threads);
     shared.stream_keepalive = std::time::Duration::from_secs(cfg.stream_keepalive);
+    shared.max_conns = cfg.max_conns;
     let shared = Arc::new(shared);
 
     // API thread: restore from peers first, then serve once main hands over the listener.

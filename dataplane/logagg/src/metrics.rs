@@ -29,6 +29,7 @@ counters! {
     duplicates_total: "messages ignored as replays of a buffered line",
     connections_total: "syslog TCP connections accepted",
     connections_active: "syslog TCP connections open now",
+    connections_rejected_total: "syslog TCP connections closed at once for being over --max-conns",
     frame_too_long_total: "connections closed for an oversized frame",
     frame_bad_length_total: "connections closed for a non-numeric or malformed octet count",
     frame_zero_length_total: "connections closed for a zero octet count",

@@ -523,7 +523,9 @@ async fn stream(
                 }
                 None => payload.extend_from_slice(&pending[..used]),
             }
-            if !payload.is_empty() && !send_flow_controlled(&mut send, &payload).await {
+            if !payload.is_empty()
+                && !send_flow_controlled(&mut send, &payload, core.settings().idle_timeout).await
+            {
                 return;
             }
             pending.clear();
@@ -560,15 +562,26 @@ async fn stream(
     }
 }
 
-/// Sends `data` as DATA frames as the client's flow-control window allows.
-async fn send_flow_controlled(send: &mut h2::SendStream<Bytes>, data: &[u8]) -> bool {
+/// Sends `data` as DATA frames as the client's flow-control window allows. A client that
+/// grants no window for `idle` (it stopped reading) has the stream reset, which frees its
+/// backend connection and the connection-level window it held (as gRPC's [`pump`]).
+async fn send_flow_controlled(
+    send: &mut h2::SendStream<Bytes>,
+    data: &[u8],
+    idle: Duration,
+) -> bool {
     let mut rest = data;
     while !rest.is_empty() {
         send.reserve_capacity(rest.len());
-        let cap = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
-            Some(Ok(c)) if c > 0 => c,
-            Some(Ok(_)) => continue,
-            _ => return false,
+        let wait = std::future::poll_fn(|cx| send.poll_capacity(cx));
+        let cap = match monoio::time::timeout(idle, wait).await {
+            Ok(Some(Ok(c))) if c > 0 => c,
+            Ok(Some(Ok(_))) => continue,
+            Ok(_) => return false,
+            Err(_) => {
+                send.send_reset(h2::Reason::CANCEL);
+                return false;
+            }
         };
         let n = cap.min(rest.len());
         if send

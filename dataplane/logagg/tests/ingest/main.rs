@@ -178,3 +178,54 @@ fn ring_bound_and_eviction_counters() {
     assert_eq!(l.metric("flynn_logagg_app_evicted_total{app=\"other\""), 0);
     assert_eq!(l.metric("flynn_logagg_app_lines{app=\"ring\"}"), 100);
 }
+
+/// `--max-conns`: a connection beyond the cap is closed at once, unread, and counted; the
+/// open ones keep working, and a slot freed by a close is usable again.
+#[test]
+fn connections_over_the_cap_are_refused_until_one_closes() {
+    let l = Logagg::start(&["--max-conns", "2"]);
+    let mut a = l.connect();
+    let mut b = l.connect();
+    a.write_all(oc(&msg("cap", "h", "web.1", "ID1", 1, 1, "a1")).as_bytes())
+        .unwrap();
+    b.write_all(oc(&msg("cap", "h", "web.1", "ID1", 2, 2, "b1")).as_bytes())
+        .unwrap();
+    assert_eq!(l.wait_lines("cap", 2).len(), 2);
+    assert_eq!(l.metric("flynn_logagg_connections_active{"), 2);
+
+    let mut over = l.connect();
+    let _ = over.write_all(oc(&msg("cap", "h", "web.1", "ID1", 3, 3, "over")).as_bytes());
+    assert!(closed_by_server(&mut over), "a third connection was kept");
+    assert_eq!(l.metric("flynn_logagg_connections_rejected_total{"), 1);
+
+    // The two open connections still deliver.
+    a.write_all(oc(&msg("cap", "h", "web.1", "ID1", 4, 4, "a2")).as_bytes())
+        .unwrap();
+    assert!(l.wait_last("cap", "a2"));
+
+    // One closes: its slot goes to the next connection.
+    drop(b);
+    assert_eq!(
+        l.wait_metric(
+            "flynn_logagg_connections_active{",
+            Duration::from_secs(5),
+            |v| v == 1
+        ),
+        1
+    );
+    let mut c = l.connect();
+    c.write_all(oc(&msg("cap", "h", "web.1", "ID1", 5, 5, "c1")).as_bytes())
+        .unwrap();
+    assert!(l.wait_last("cap", "c1"));
+    let got: Vec<_> = l
+        .log("cap", "")
+        .iter()
+        .map(|j| j["msg"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        got,
+        ["a1", "b1", "a2", "c1"],
+        "the refused line was not stored"
+    );
+    assert_eq!(l.metric("flynn_logagg_connections_rejected_total{"), 1);
+}

@@ -624,3 +624,74 @@ fn a_grpc_client_that_stops_reading_is_reset_after_the_idle_timeout() {
         drop(send);
     });
 }
+
+/// The same for a plain HTTP/2 route (HTTP/1.1 backend): a client that grants no window
+/// for the idle timeout has its stream reset, and the backend connection streaming to it
+/// is closed instead of being held for good.
+#[test]
+fn an_http2_client_that_stops_reading_is_reset_after_the_idle_timeout() {
+    use std::io::{Read, Write};
+    let (router, rt) = h2c_router_with(1, &["--idle-timeout-secs", "1"]);
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    router.add_route(crate::support::http_route("example.com", "web"));
+    router.set_backend_addrs("web", &[(backend.local_addr().unwrap().to_string(), false)]);
+    let total: usize = 256 << 20;
+    let streamer = std::thread::spawn(move || {
+        let (mut up, _) = backend.accept().unwrap();
+        let mut head = [0u8; 2048];
+        let _ = up.read(&mut head).unwrap();
+        up.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n").as_bytes())
+            .unwrap();
+        up.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        let chunk = vec![b'x'; 1 << 20];
+        let t0 = std::time::Instant::now();
+        let mut sent = 0;
+        while sent < total {
+            match up.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        (sent, t0.elapsed())
+    });
+    rt.block_on(async {
+        let mut client = h2_client(router.h2c_addrs[0]).await;
+        let req = http::Request::builder()
+            .uri("http://example.com/big")
+            .body(())
+            .unwrap();
+        let (resp, _send) = client.send_request(req, true).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("a response head")
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        // Not reading (no window granted) for longer than the idle timeout.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut body = resp.into_body();
+        let mut got = 0;
+        let err = loop {
+            match tokio::time::timeout(Duration::from_secs(5), body.data()).await {
+                Ok(Some(Ok(chunk))) => {
+                    got += chunk.len();
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                }
+                Ok(Some(Err(e))) => break Some(e),
+                Ok(None) => break None,
+                Err(_) => panic!("neither data nor a reset after {got} bytes"),
+            }
+        };
+        let err = err.unwrap_or_else(|| panic!("the stream ended normally after {got} bytes"));
+        assert!(err.is_reset(), "{err:?}");
+        assert!(got < total, "{got}");
+    });
+    let (sent, took) = streamer.join().unwrap();
+    assert!(
+        sent < total,
+        "the whole body went out to a client that reads nothing"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the backend was held {took:?}"
+    );
+}
