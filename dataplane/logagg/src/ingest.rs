@@ -146,7 +146,7 @@ impl Drop for ConnSlot {
     }
 }
 
-async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream, _slot: ConnSlot) {
+async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream, slot: ConnSlot) {
     // A sender that vanished without a FIN (a host that lost power) is noticed: its
     // connection and buffer are not kept for good.
     let _ = flynn_runtime::sock::set_keepalive(std::os::fd::AsRawFd::as_raw_fd(&stream));
@@ -198,6 +198,8 @@ async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream, _slot: C
             yield_now().await;
         }
     }
+    // The slot first: once the gauge shows the connection gone, its slot is free.
+    drop(slot);
     Counters::dec(&c.connections_active);
 }
 

@@ -80,14 +80,16 @@ pub struct Config {
     pub idle_timeout_secs: u64,
 
     /// Seconds a TCP route connection or an upgraded (WebSocket) connection may go without
-    /// a byte either way before the router closes it (as HAProxy's `timeout tunnel`,
+    /// a byte read from either side before the router closes it (as HAProxy's `timeout tunnel`,
     /// nginx's stream `proxy_timeout`). 0: never.
     #[arg(long, env = "FLYNN_TUNNEL_TIMEOUT", default_value_t = 3600)]
     pub tunnel_timeout_secs: u64,
 
-    /// Seconds such a connection may go without a byte once one side has finished sending
-    /// (half-closed; HAProxy's `timeout client-fin`). 0: only the tunnel timeout applies.
-    #[arg(long, env = "FLYNN_TUNNEL_FIN_TIMEOUT", default_value_t = 60)]
+    /// Seconds such a connection may go without a byte read from either side once one side
+    /// has finished sending (half-closed; like HAProxy's `timeout client-fin` and
+    /// `server-fin` together). 0 (the default): only the tunnel timeout applies, since a
+    /// client may half-close and then wait long for a silent backend.
+    #[arg(long, env = "FLYNN_TUNNEL_FIN_TIMEOUT", default_value_t = 0)]
     pub tunnel_fin_timeout_secs: u64,
 
     /// Milliseconds a plain-HTTP keep-alive connection that just got its response waits

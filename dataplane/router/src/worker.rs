@@ -460,7 +460,9 @@ fn spawn_conn(core: &Rc<Core>, stream: TcpStream, peer: std::net::SocketAddr, in
         return;
     }
     CoreMetrics::inc(&m.connections_total);
-    if info.h2c {
+    if info.h2c && core.settings().proxy_protocol_for(peer.ip()) {
+        monoio::spawn(crate::proxy::serve_h2c(core.clone(), stream, peer, info));
+    } else if info.h2c {
         let _ = stream.set_nodelay(true);
         monoio::spawn(crate::h2::serve(core.clone(), stream, peer, info));
     } else if info.tls {

@@ -81,6 +81,21 @@ pub async fn serve_tls(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: Lis
     serve_conn(core, tls, fd, None, peer, l, false).await
 }
 
+/// An `--h2c-addr` connection: its PROXY prefix first (when `--proxy-protocol` takes one
+/// from this peer; a connection without one is served as it is), then HTTP/2.
+pub async fn serve_h2c(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: ListenerInfo) {
+    let entering = Entering::new(&core);
+    let _ = conn.set_nodelay(true);
+    let mut peer = peer;
+    match Recycled::new(peek_proxy_prefix(&core, &conn)).await {
+        Ok((Some(src), _)) => peer = src,
+        Ok((None, _)) => {}
+        Err(()) => return,
+    }
+    drop(entering);
+    crate::h2::serve(core, conn, peer, l).await
+}
+
 /// Looks at a PROXY prefix without consuming the bytes after it (they are the TLS
 /// ClientHello), then consumes exactly the prefix.
 async fn peek_proxy_prefix(core: &Core, c: &TcpStream) -> Result<(Option<SocketAddr>, usize), ()> {

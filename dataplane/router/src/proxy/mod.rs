@@ -5,7 +5,7 @@
 mod accept;
 mod upstream;
 
-pub use accept::{serve, serve_tls};
+pub use accept::{serve, serve_h2c, serve_tls};
 pub(crate) use upstream::redial;
 pub use upstream::{connect, dial, Fwd};
 use upstream::{exchange, Exchange};
@@ -673,7 +673,7 @@ async fn forward<S: Client>(
                     return upstream_failed(core, c, fd, out, info.method).await;
                 }
             }
-            match exchange(c, fwd.fd, &mut up, ubuf, info, sent_continue).await {
+            match exchange(core, c, fwd.fd, &mut up, ubuf, info, sent_continue).await {
                 Exchange::Ok(r) => break 'send r,
                 // The request reached a reused connection that then died: the backend
                 // may have acted on it, so only a bodiless safe request goes again (as
@@ -842,10 +842,11 @@ async fn forward<S: Client>(
     }
 }
 
-/// Writes `o[..len]` to the client. One the client does not take within the idle timeout
-/// (it stopped reading) has the connection shut down by the core's sweep, so a client that
-/// never reads cannot hold the request's backend connection and buffers for good (nginx's
-/// `send_timeout`). No timer: the write holds a slot in the core's `sends` set meanwhile.
+/// Writes `o[..len]` to the client. If the client takes no byte of it for the idle timeout
+/// (it stopped reading), the core's sweep shuts the connection down, so a client that never
+/// reads cannot hold the request's backend connection and buffers for good (nginx's
+/// `send_timeout`). No timer: the write holds a slot in the core's `sends` set, touched at
+/// each partial write.
 pub(crate) async fn to_client<S: Client>(
     core: &Core,
     c: &mut S,
@@ -853,8 +854,21 @@ pub(crate) async fn to_client<S: Client>(
     o: Vec<u8>,
     len: usize,
 ) -> (std::io::Result<()>, Vec<u8>) {
-    let _stall = core.sends.open(fd, -1);
-    write_range(c, o, 0, len).await
+    use monoio::buf::IoBuf;
+    let stall = core.sends.open(fd, -1);
+    let mut o = o;
+    let mut at = 0;
+    while at < len {
+        let (res, slice) = c.write(o.slice(at..len)).await;
+        o = slice.into_inner();
+        match res {
+            Ok(0) => return (Err(std::io::ErrorKind::WriteZero.into()), o),
+            Ok(n) => at += n,
+            Err(e) => return (Err(e), o),
+        }
+        stall.touch();
+    }
+    (Ok(()), o)
 }
 
 async fn upstream_failed<S: Client>(

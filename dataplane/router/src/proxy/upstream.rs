@@ -117,6 +117,7 @@ pub(super) enum Exchange {
 /// Reads the response head from `up` (forwarding any 1xx other than 101 to the
 /// client), watching for the client going away meanwhile.
 pub(super) async fn exchange<S: Client>(
+    core: &Core,
     c: &mut S,
     fd: std::os::fd::RawFd,
     up: &mut TcpStream,
@@ -155,7 +156,7 @@ pub(super) async fn exchange<S: Client>(
                         &mut interim,
                     );
                     let len = interim.len();
-                    let (res, _) = write_range(c, interim, 0, len).await;
+                    let (res, _) = to_client(core, c, fd, interim, len).await;
                     if res.is_err() {
                         return Exchange::ClientGone;
                     }

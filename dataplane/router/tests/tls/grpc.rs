@@ -695,3 +695,45 @@ fn an_http2_client_that_stops_reading_is_reset_after_the_idle_timeout() {
         "the backend was held {took:?}"
     );
 }
+
+/// `--proxy-protocol` on an `--h2c-addr` listener: a PROXY prefix before the HTTP/2
+/// preface gives the client address the backend sees; a connection without one is served
+/// as it is.
+#[test]
+fn h2c_listeners_take_proxy_prefixes() {
+    use tokio::io::AsyncWriteExt;
+    let (router, rt) = h2c_router_with(1, &["--proxy-protocol"]);
+    let b = crate::support::Backend::start("b1");
+    router.add_route(crate::support::http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    rt.block_on(async {
+        for prefix in [
+            &b"PROXY TCP4 203.0.113.7 127.0.0.1 4444 80\r\n"[..],
+            &b""[..],
+        ] {
+            let mut sock = tokio::net::TcpStream::connect(router.h2c_addrs[0])
+                .await
+                .unwrap();
+            sock.write_all(prefix).await.unwrap();
+            let (client, conn) = h2::client::handshake(sock).await.unwrap();
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let mut client = client.ready().await.unwrap();
+            let req = http::Request::builder()
+                .uri("http://example.com/pp")
+                .body(())
+                .unwrap();
+            let (resp, _send) = client.send_request(req, true).unwrap();
+            let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+    });
+    let seen = b.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].header("x-forwarded-for"), Some("203.0.113.7"));
+    assert_eq!(seen[1].header("x-forwarded-for"), Some("127.0.0.1"));
+}
