@@ -79,6 +79,17 @@ pub struct Config {
     #[arg(long, env = "FLYNN_IDLE_TIMEOUT", default_value_t = 300)]
     pub idle_timeout_secs: u64,
 
+    /// TLS session-ticket key file (48 or 80 random bytes, e.g. `openssl rand 80 > FILE`);
+    /// repeatable, the first encrypts and all decrypt (rotate by putting a new file first).
+    /// Routers given the same files resume each other's TLS sessions. Without any, the keys
+    /// are random, rotate every 6 h, and are handed to the new process in a takeover.
+    #[arg(
+        long = "tls-ticket-key",
+        env = "FLYNN_TLS_TICKET_KEYS",
+        value_delimiter = ','
+    )]
+    pub tls_ticket_keys: Vec<PathBuf>,
+
     /// Seconds a TCP route connection or an upgraded (WebSocket) connection may go without
     /// a byte read from either side before the router closes it (as HAProxy's `timeout tunnel`,
     /// nginx's stream `proxy_timeout`). 0: never.

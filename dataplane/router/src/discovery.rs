@@ -195,6 +195,7 @@ mod tests {
             idle_timeout: Duration::from_secs(10),
             tunnel_timeout: Duration::from_secs(10),
             tunnel_fin_timeout: Duration::from_secs(10),
+            tickets: Arc::new(crate::tickets::TicketKeys::random().unwrap()),
             hot_idle: Duration::ZERO,
             pool_idle_per_backend: 1,
             max_conns_per_core: 10,

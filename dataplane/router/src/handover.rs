@@ -57,6 +57,10 @@ pub struct State {
     /// certificates no route uses yet). Absent from an older process: ids are then new.
     #[serde(default)]
     pub certificates: Vec<flynn_api::Certificate>,
+    /// TLS session-ticket keys (base64), the encrypting one first, so clients resume
+    /// across the takeover. Absent from an older process: new keys.
+    #[serde(default)]
+    pub ticket_keys: Vec<String>,
 }
 
 /// The running side's view of its sockets.
@@ -146,6 +150,7 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
         services,
         certificates,
         file,
+        ticket_keys: old.api.shared.settings.tickets.export(),
     };
     let mut fds: Vec<RawFd> = old.sockets.listeners.iter().map(|(fd, _, _)| *fd).collect();
     fds.extend(tcp.iter().map(|(_, fd)| fd.as_raw_fd()));

@@ -29,6 +29,7 @@ mod sticky;
 #[doc(hidden)]
 pub mod store;
 mod tcp;
+mod tickets;
 mod tls;
 mod tunnels;
 mod upgrade;
@@ -141,8 +142,10 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     let mut h2c_addrs = Vec::new();
     let mut handed = None;
     let mut inherited_tcp = Vec::new();
+    let mut handed_tickets: Vec<String> = Vec::new();
     let api_listener = if let Some(path) = &cfg.takeover {
         let (state, fds, conn) = handover::take(path)?;
+        handed_tickets = state.ticket_keys.clone();
         let mut fds = fds.into_iter();
         let mut groups: Vec<(handover::ListenerMeta, Vec<std::net::TcpListener>)> = Vec::new();
         for meta in &state.listeners {
@@ -314,10 +317,17 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     let certs = Arc::new(flynn_runtime::Published::new(tls::CertStore::new(
         default_cert.clone(),
     )));
+    // Ticket keys: from files, else the previous process's (a takeover), else random.
+    let tickets = if cfg.tls_ticket_keys.is_empty() {
+        tickets::TicketKeys::handed_over(&handed_tickets)
+    } else {
+        tickets::TicketKeys::from_files(&cfg.tls_ticket_keys)
+    };
+    let tickets = Arc::new(tickets.map_err(anyhow::Error::msg)?);
     let tls_config = if https_addrs.is_empty() {
         None
     } else {
-        Some(tls::server_config(certs.clone()).map_err(anyhow::Error::msg)?)
+        Some(tls::server_config(certs.clone(), tickets.clone()).map_err(anyhow::Error::msg)?)
     };
     let shared = Arc::new(Shared::new(
         threads,
@@ -327,6 +337,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             idle_timeout: cfg.idle_timeout(),
             tunnel_timeout: Duration::from_secs(cfg.tunnel_timeout_secs),
             tunnel_fin_timeout: Duration::from_secs(cfg.tunnel_fin_timeout_secs),
+            tickets,
             hot_idle: Duration::from_millis(cfg.hot_idle_ms),
             pool_idle_per_backend: cfg.pool_idle_per_backend,
             max_conns_per_core: cfg.max_conns_per_core,

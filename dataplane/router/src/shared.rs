@@ -34,6 +34,8 @@ pub struct Settings {
     pub sticky: Option<crate::sticky::Sealer>,
     /// Body of the router's own 503 responses (HTML), if configured.
     pub page_503: Option<Vec<u8>>,
+    /// TLS session-ticket keys (exported in a takeover).
+    pub tickets: std::sync::Arc<crate::tickets::TicketKeys>,
     /// TLS acceptor shared by all cores (None: no HTTPS listeners).
     pub tls: Option<monoio_rustls::TlsAcceptor>,
 }

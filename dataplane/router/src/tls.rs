@@ -127,9 +127,13 @@ impl ResolvesServerCert for Resolver {
     }
 }
 
-/// The one server config all cores share (session cache and rotating ticket keys
-/// included, so resumption works across cores). TLS 1.2 and 1.3 only.
-pub fn server_config(store: Arc<Published<CertStore>>) -> Result<Arc<ServerConfig>, String> {
+/// The one server config all cores share (session cache and ticket keys included, so
+/// resumption works across cores; the keys also across processes, see `tickets.rs`).
+/// TLS 1.2 and 1.3 only.
+pub fn server_config(
+    store: Arc<Published<CertStore>>,
+    tickets: Arc<crate::tickets::TicketKeys>,
+) -> Result<Arc<ServerConfig>, String> {
     // aws-lc-rs measured faster than ring here: RSA-2048 handshakes 1.50× nginx per CPU-second
     // (ring 0.81×), ECDSA 2.41× (ring ~2.0×), TLS keep-alive 1.96× (ring 1.70×); perf/RESULTS.md.
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -139,7 +143,7 @@ pub fn server_config(store: Arc<Published<CertStore>>) -> Result<Arc<ServerConfi
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Resolver { store }));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    cfg.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
+    cfg.ticketer = tickets;
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(64 * 1024);
     Ok(Arc::new(cfg))
 }

@@ -303,3 +303,122 @@ fn connections_still_in_their_handshake_count_against_the_connection_limit() {
     };
     assert_eq!(conn.get("a.example.com", "/").seen().backend, "b1");
 }
+
+/// A router with `default` as its keypair, `extra` flags, and `a.example.com` → `backend`.
+fn ticket_router(
+    default: &crate::client::Pair,
+    extra: &[String],
+    backend: &Backend,
+) -> crate::support::Router {
+    let mut b = https_builder()
+        .env("TLSCERT", default.cert_pem.clone())
+        .env("TLSKEY", default.key_pem.clone());
+    for a in extra {
+        b = b.arg(a.clone());
+    }
+    let router = b.start();
+    router.add_route(http_route("a.example.com", "web"));
+    router.set_backends("web", &[backend]);
+    router
+}
+
+/// Whether a second connection to `to`, with the session `from` gave the client, resumes.
+fn resumes(
+    from: SocketAddr,
+    to: SocketAddr,
+    v: &'static rustls::SupportedProtocolVersion,
+    roots: &crate::client::Pair,
+) -> bool {
+    // One config = one client session cache.
+    let cfg = client_config(&[roots], Some(&[v]));
+    let mut first = TlsConn::connect(from, "a.example.com", cfg.clone()).unwrap();
+    // Reading a response also processes the session tickets sent after the handshake.
+    assert_eq!(first.get("a.example.com", "/").status, 200);
+    drop(first);
+    let mut c = TlsConn::connect(to, "a.example.com", cfg).unwrap();
+    assert_eq!(c.get("a.example.com", "/again").status, 200);
+    c.tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+}
+
+/// `--tls-ticket-key FILE`: routers given the same key file resume each other's sessions
+/// (TLS 1.3 and 1.2 tickets); a router with its own random keys does not.
+#[test]
+fn routers_sharing_a_ticket_key_file_resume_each_others_sessions() {
+    let dir = crate::support::TestDir::new("tickets");
+    let key = dir.join("ticket.key");
+    let bytes: Vec<u8> = (0..80u32)
+        .map(|i| (i.wrapping_mul(73) ^ std::process::id()) as u8)
+        .collect();
+    std::fs::write(&key, bytes).unwrap();
+    let default = self_signed(&["a.example.com"]);
+    let backend = Backend::start("b1");
+    let flag = vec!["--tls-ticket-key".to_string(), key.display().to_string()];
+    let a = ticket_router(&default, &flag, &backend);
+    let b = ticket_router(&default, &flag, &backend);
+    let own = ticket_router(&default, &[], &backend);
+    for v in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        assert!(
+            resumes(https(&a), https(&b), v, &default),
+            "{:?} a → b",
+            v.version
+        );
+        assert!(
+            resumes(https(&b), https(&a), v, &default),
+            "{:?} b → a",
+            v.version
+        );
+        assert!(
+            !resumes(https(&a), https(&own), v, &default),
+            "{:?} a → own keys",
+            v.version
+        );
+    }
+    // A key file of the wrong size stops the router at start, saying why.
+    std::fs::write(&key, [0u8; 20]).unwrap();
+    let (status, out) = https_builder()
+        .env("TLSCERT", default.cert_pem.clone())
+        .env("TLSKEY", default.key_pem.clone())
+        .arg("--tls-ticket-key")
+        .arg(key.display().to_string())
+        .run_to_exit(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| !s.success()), "{status:?} {out}");
+    assert!(out.contains("48 or 80"), "{out}");
+}
+
+/// Without key files the random ticket keys go to the new process in a takeover: a client
+/// resumes with the session the old process gave it.
+#[test]
+fn sessions_resume_across_a_takeover() {
+    let dir = crate::support::TestDir::new("tickets-takeover");
+    let sock = dir.join("upgrade.sock");
+    let default = self_signed(&["a.example.com"]);
+    let backend = Backend::start("b1");
+    let mut old = ticket_router(
+        &default,
+        &["--upgrade-socket".into(), sock.display().to_string()],
+        &backend,
+    );
+    let addr = https(&old);
+    let cfg13 = client_config(&[&default], Some(&[&rustls::version::TLS13]));
+    let mut first = TlsConn::connect(addr, "a.example.com", cfg13.clone()).unwrap();
+    assert_eq!(first.get("a.example.com", "/").status, 200);
+    drop(first);
+    let new = https_builder()
+        .env("TLSCERT", default.cert_pem.clone())
+        .env("TLSKEY", default.key_pem.clone())
+        .arg("--takeover")
+        .arg(sock.display().to_string())
+        .start();
+    assert_eq!(https(&new), addr);
+    let status = old
+        .wait_exit(Duration::from_secs(15))
+        .expect("old router exits after draining");
+    assert!(status.success(), "old router: {status}");
+    // Only the new process serves now.
+    let mut c = TlsConn::connect(addr, "a.example.com", cfg13).unwrap();
+    assert_eq!(c.get("a.example.com", "/after").status, 200);
+    assert_eq!(
+        c.tls.conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+}
