@@ -61,6 +61,9 @@ pub struct State {
     /// across the takeover. Absent from an older process: new keys.
     #[serde(default)]
     pub ticket_keys: Vec<String>,
+    /// How long the first of them has been encrypting (so rotation keeps its schedule).
+    #[serde(default)]
+    pub ticket_key_age_secs: u64,
 }
 
 /// The running side's view of its sockets.
@@ -132,6 +135,7 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
         )
     };
     let tcp = old.api.shared.dup_tcp_listeners()?;
+    let (ticket_keys, ticket_age) = old.api.shared.settings.tickets.export();
     let state = State {
         listeners: old
             .sockets
@@ -150,7 +154,8 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
         services,
         certificates,
         file,
-        ticket_keys: old.api.shared.settings.tickets.export(),
+        ticket_keys,
+        ticket_key_age_secs: ticket_age.as_secs(),
     };
     let mut fds: Vec<RawFd> = old.sockets.listeners.iter().map(|(fd, _, _)| *fd).collect();
     fds.extend(tcp.iter().map(|(_, fd)| fd.as_raw_fd()));

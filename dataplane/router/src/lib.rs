@@ -142,10 +142,13 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     let mut h2c_addrs = Vec::new();
     let mut handed = None;
     let mut inherited_tcp = Vec::new();
-    let mut handed_tickets: Vec<String> = Vec::new();
+    let mut handed_tickets: (Vec<String>, Duration) = (Vec::new(), Duration::ZERO);
     let api_listener = if let Some(path) = &cfg.takeover {
         let (state, fds, conn) = handover::take(path)?;
-        handed_tickets = state.ticket_keys.clone();
+        handed_tickets = (
+            state.ticket_keys.clone(),
+            Duration::from_secs(state.ticket_key_age_secs),
+        );
         let mut fds = fds.into_iter();
         let mut groups: Vec<(handover::ListenerMeta, Vec<std::net::TcpListener>)> = Vec::new();
         for meta in &state.listeners {
@@ -319,7 +322,12 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     )));
     // Ticket keys: from files, else the previous process's (a takeover), else random.
     let tickets = if cfg.tls_ticket_keys.is_empty() {
-        tickets::TicketKeys::handed_over(&handed_tickets)
+        let (keys, age) = &handed_tickets;
+        tickets::TicketKeys::handed_over(keys, *age).or_else(|e| {
+            // Not worth failing the takeover: clients then make full handshakes once.
+            tracing::warn!(error = %e, "handed-over TLS ticket keys unusable; new ones");
+            tickets::TicketKeys::random()
+        })
     } else {
         tickets::TicketKeys::from_files(&cfg.tls_ticket_keys)
     };

@@ -1,12 +1,16 @@
 //! TLS session-ticket keys (RFC 5077 / RFC 8446 tickets), ours rather than rustls's random
 //! ones so they can outlive the process: `--tls-ticket-key FILE` shares keys between
-//! routers (and restarts), as nginx's `ssl_session_ticket_key` and HAProxy's
-//! `tls-ticket-keys`; without it the random keys are handed over in a takeover, so clients
-//! resume across a zero-downtime upgrade too.
+//! routers (and restarts), as nginx's `ssl_session_ticket_key` does; without it the random
+//! keys are handed over in a takeover, so clients resume across a zero-downtime upgrade.
 //!
-//! A ticket is `name (16) ‖ nonce (12) ‖ AES-256-GCM(state) ‖ tag (16)`, the name as AAD.
-//! The first key encrypts; every key decrypts (found by name). Random keys rotate every
-//! [`ROTATE`], the previous one kept for decryption; keys from files never rotate.
+//! A ticket is `name (16) ‖ issued (8, Unix seconds) ‖ salt (16) ‖ AES-256-GCM(state) ‖
+//! tag (16)`, name and issue time as AAD. Each ticket is sealed under its own key,
+//! HKDF-expanded from the key's secret with the random salt, so no (key, nonce) pair ever
+//! repeats however many tickets a long-lived shared file key seals, and a file's bytes are
+//! never used as an AES key directly. A ticket older than [`LIFETIME`] is refused (rustls
+//! itself does not check ticket age). The first key encrypts; every key decrypts (found by
+//! name). Random keys rotate every [`ROTATE`], the previous one kept for decryption; keys
+//! from files never rotate (rotate them by putting a new file first).
 
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
@@ -14,29 +18,34 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::hkdf::{Prk, Salt, HKDF_SHA256};
 use ring::rand::{SecureRandom, SystemRandom};
 
 /// How long a random key encrypts before a new one takes over (the old one still decrypts
 /// for as long again).
 pub const ROTATE: Duration = Duration::from_secs(6 * 3600);
-/// Ticket lifetime announced to clients (seconds): a ticket is issued under a key that
-/// decrypts for at least this long.
-const LIFETIME: u32 = 6 * 3600;
+/// Ticket lifetime (seconds), announced to clients and enforced; a little under
+/// [`ROTATE`], so a ticket's key always outlives it.
+const LIFETIME: u32 = 6 * 3600 - 300;
 const NAME: usize = 16;
+const ISSUED: usize = 8;
+const SALT: usize = 16;
+const HEAD: usize = NAME + ISSUED + SALT;
 const TAG: usize = 16;
+/// HKDF salt and info label: what the derived keys are for.
+const LABEL: &[u8] = b"flynn-router tls ticket v1";
 
 struct Key {
     name: [u8; NAME],
     raw: [u8; 32],
-    aead: LessSafeKey,
+    /// Extracted from `raw`; each ticket's key is expanded from it with the ticket's salt.
+    prk: Prk,
 }
 
 impl Key {
     fn new(name: [u8; NAME], raw: [u8; 32]) -> Key {
-        let aead = LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, &raw).expect("a 32-byte AES-256 key is valid"),
-        );
-        Key { name, raw, aead }
+        let prk = Salt::new(HKDF_SHA256, LABEL).extract(&raw);
+        Key { name, raw, prk }
     }
 
     fn random(rng: &SystemRandom) -> Result<Key, String> {
@@ -46,13 +55,20 @@ impl Key {
         Ok(Self::from_bytes(&b))
     }
 
-    /// `name (16) ‖ AES key (32)`.
+    /// `name (16) ‖ secret (32)`.
     fn from_bytes(b: &[u8; NAME + 32]) -> Key {
         let mut name = [0u8; NAME];
         let mut raw = [0u8; 32];
         name.copy_from_slice(&b[..NAME]);
         raw.copy_from_slice(&b[NAME..]);
         Key::new(name, raw)
+    }
+
+    /// The AES-256-GCM key of the ticket with `salt`.
+    fn sealing(&self, salt: &[u8]) -> Option<LessSafeKey> {
+        let info = [LABEL, salt];
+        let okm = self.prk.expand(&info, &AES_256_GCM).ok()?;
+        Some(LessSafeKey::new(UnboundKey::from(okm)))
     }
 }
 
@@ -65,7 +81,7 @@ struct Keys {
 
 pub struct TicketKeys {
     keys: RwLock<Keys>,
-    /// Keys from files: never rotated.
+    /// Keys from files: never rotated, never handed over.
     fixed: bool,
     rng: SystemRandom,
 }
@@ -86,9 +102,10 @@ impl TicketKeys {
         Ok(Self::with(vec![key], false, rng))
     }
 
-    /// Keys handed over by the process this one took over from (see [`TicketKeys::export`]);
-    /// they go on rotating here. Malformed entries are an error.
-    pub fn handed_over(exported: &[String]) -> Result<TicketKeys, String> {
+    /// Keys handed over by the process this one took over from (see [`TicketKeys::export`]),
+    /// the encrypting one `age` old; they go on rotating here. Malformed entries are an
+    /// error; none at all (an older process, or one with key files) gives a random key.
+    pub fn handed_over(exported: &[String], age: Duration) -> Result<TicketKeys, String> {
         let mut list = Vec::new();
         for e in exported {
             let b = B64
@@ -102,32 +119,37 @@ impl TicketKeys {
         if list.is_empty() {
             return Self::random();
         }
-        Ok(Self::with(list, false, SystemRandom::new()))
+        let keys = Self::with(list, false, SystemRandom::new());
+        {
+            let mut k = keys.keys.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(t) = Instant::now().checked_sub(age.min(ROTATE)) {
+                k.since = t;
+            }
+        }
+        Ok(keys)
     }
 
-    /// Keys from `--tls-ticket-key` files, the first one encrypting. Each file holds 48
-    /// bytes (name 16, AES key 32) or 80 (name 16, HMAC key 32, AES key 32: nginx's and
-    /// HAProxy's layout; the HMAC key is unused under AES-GCM), e.g. `openssl rand 80`.
+    /// Keys from `--tls-ticket-key` files, the first one encrypting. Each file holds 48 or
+    /// 80 random bytes (nginx's sizes, e.g. `openssl rand 80`; the tickets themselves are
+    /// ours, not interchangeable with nginx's): the first 16 name the key, the last 32 are
+    /// its secret.
     pub fn from_files(paths: &[std::path::PathBuf]) -> Result<TicketKeys, String> {
         let mut list = Vec::new();
         for p in paths {
             let b = std::fs::read(p)
                 .map_err(|e| format!("reading TLS ticket key {}: {e}", p.display()))?;
-            let key = match b.len() {
-                48 => Key::from_bytes(b[..48].try_into().expect("48 bytes")),
-                80 => {
-                    let mut k = [0u8; NAME + 32];
-                    k[..NAME].copy_from_slice(&b[..NAME]);
-                    k[NAME..].copy_from_slice(&b[48..80]);
-                    Key::from_bytes(&k)
-                }
-                n => {
-                    return Err(format!(
-                        "TLS ticket key {} has {n} bytes; it must have 48 or 80 (openssl rand 80)",
-                        p.display()
-                    ))
-                }
-            };
+            if b.len() != 48 && b.len() != 80 {
+                return Err(format!(
+                    "TLS ticket key {} has {} bytes; it must have 48 or 80 raw bytes \
+                     (openssl rand 80 > FILE; not base64)",
+                    p.display(),
+                    b.len()
+                ));
+            }
+            let mut k = [0u8; NAME + 32];
+            k[..NAME].copy_from_slice(&b[..NAME]);
+            k[NAME..].copy_from_slice(&b[b.len() - 32..]);
+            let key = Key::from_bytes(&k);
             if list.iter().any(|k: &Key| k.name == key.name) {
                 return Err(format!(
                     "TLS ticket key {} has the same name (first 16 bytes) as an earlier one",
@@ -153,17 +175,24 @@ impl TicketKeys {
         }
     }
 
-    /// The keys as base64 (`name ‖ key`), the encrypting one first, for a takeover.
-    pub fn export(&self) -> Vec<String> {
+    /// The random keys as base64 (`name ‖ secret`), the encrypting one first, and its age,
+    /// for a takeover. Keys from files are not handed over: the new process has its own
+    /// flags, and without the files it must not go on using them.
+    pub fn export(&self) -> (Vec<String>, Duration) {
+        if self.fixed {
+            return (Vec::new(), Duration::ZERO);
+        }
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
-        keys.list
+        let list = keys
+            .list
             .iter()
             .map(|k| {
                 let mut b = k.name.to_vec();
                 b.extend_from_slice(&k.raw);
                 B64.encode(b)
             })
-            .collect()
+            .collect();
+        (list, keys.since.elapsed())
     }
 
     /// A random key that has encrypted for [`ROTATE`] gives way to a new one; the old one
@@ -195,6 +224,28 @@ impl TicketKeys {
         let mut keys = self.keys.write().unwrap();
         keys.since = keys.since.checked_sub(d).unwrap();
     }
+
+    /// Seals `plain` under the encrypting key as issued at `issued` (Unix seconds).
+    fn seal(&self, plain: &[u8], issued: u64) -> Option<Vec<u8>> {
+        let mut salt = [0u8; SALT];
+        self.rng.fill(&mut salt).ok()?;
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+        let key = keys.list.first()?;
+        let sealing = key.sealing(&salt)?;
+        let mut out = Vec::with_capacity(HEAD + plain.len() + TAG);
+        out.extend_from_slice(&key.name);
+        out.extend_from_slice(&issued.to_be_bytes());
+        out.extend_from_slice(&salt);
+        drop(keys);
+        let mut body = Vec::with_capacity(plain.len() + TAG);
+        body.extend_from_slice(plain);
+        // A fresh key per ticket: its one nonce may be all zeros.
+        sealing
+            .seal_in_place_append_tag(zero_nonce(), Aad::from(&out[..NAME + ISSUED]), &mut body)
+            .ok()?;
+        out.extend_from_slice(&body);
+        Some(out)
+    }
 }
 
 impl rustls::server::ProducesTickets for TicketKeys {
@@ -208,44 +259,44 @@ impl rustls::server::ProducesTickets for TicketKeys {
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
         self.rotate_if_due();
-        let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill(&mut nonce).ok()?;
-        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
-        let key = keys.list.first()?;
-        let mut out = Vec::with_capacity(NAME + NONCE_LEN + plain.len() + TAG);
-        out.extend_from_slice(&key.name);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(plain);
-        let mut body = out.split_off(NAME + NONCE_LEN);
-        key.aead
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(&key.name),
-                &mut body,
-            )
-            .ok()?;
-        out.extend_from_slice(&body);
-        Some(out)
+        self.seal(plain, unix_now())
     }
 
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
-        if cipher.len() < NAME + NONCE_LEN + TAG {
+        if cipher.len() < HEAD + TAG {
             return None;
         }
-        let (name, rest) = cipher.split_at(NAME);
-        let (nonce, sealed) = rest.split_at(NONCE_LEN);
-        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
-        let key = keys.list.iter().find(|k| k.name == name)?;
+        let (head, sealed) = cipher.split_at(HEAD);
+        let issued = u64::from_be_bytes(head[NAME..NAME + ISSUED].try_into().ok()?);
+        let now = unix_now();
+        // Older than its lifetime, or from the future (a minute of clock skew between
+        // routers sharing a key file is allowed).
+        if now.saturating_sub(issued) > LIFETIME as u64 || issued > now + 60 {
+            return None;
+        }
+        let opening = {
+            let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+            let key = keys.list.iter().find(|k| k.name == head[..NAME])?;
+            key.sealing(&head[NAME + ISSUED..])?
+        };
         let mut body = sealed.to_vec();
-        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
-        let plain = key
-            .aead
-            .open_in_place(nonce, Aad::from(&key.name), &mut body)
-            .ok()?;
-        let n = plain.len();
+        let n = opening
+            .open_in_place(zero_nonce(), Aad::from(&head[..NAME + ISSUED]), &mut body)
+            .ok()?
+            .len();
         body.truncate(n);
         Some(body)
     }
+}
+
+fn zero_nonce() -> Nonce {
+    Nonce::assume_unique_for_key([0u8; NONCE_LEN])
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -257,28 +308,43 @@ mod tests {
     fn tickets_round_trip_and_tampering_is_refused() {
         let k = TicketKeys::random().unwrap();
         let t = k.encrypt(b"session state").unwrap();
-        assert_eq!(t.len(), NAME + NONCE_LEN + 13 + TAG);
+        assert_eq!(t.len(), HEAD + 13 + TAG);
         assert_eq!(k.decrypt(&t).as_deref(), Some(&b"session state"[..]));
-        // Two tickets of one state differ (fresh nonce).
-        assert_ne!(k.encrypt(b"session state").unwrap(), t);
-        for i in [0, NAME, NAME + NONCE_LEN, t.len() - 1] {
+        // Two tickets of one state differ (a fresh salt, so a fresh key).
+        assert_ne!(k.encrypt(b"session state").unwrap()[HEAD..], t[HEAD..]);
+        // Name (lookup), issue time (AAD), salt (key), body, tag.
+        for i in [0, NAME + ISSUED - 1, NAME + ISSUED, HEAD, t.len() - 1] {
             let mut bad = t.clone();
             bad[i] ^= 1;
             assert_eq!(k.decrypt(&bad), None, "flipped byte {i}");
         }
-        assert_eq!(k.decrypt(&t[..NAME + NONCE_LEN + TAG - 1]), None);
+        assert_eq!(k.decrypt(&t[..HEAD + TAG - 1]), None);
         // Another process's random key cannot open it.
         assert_eq!(TicketKeys::random().unwrap().decrypt(&t), None);
+    }
+
+    #[test]
+    fn expired_and_future_tickets_are_refused() {
+        let k = TicketKeys::random().unwrap();
+        let now = unix_now();
+        let at = |issued: u64| k.decrypt(&k.seal(b"state", issued).unwrap());
+        assert!(at(now - 60).is_some());
+        assert!(at(now - LIFETIME as u64 + 60).is_some());
+        assert_eq!(at(now - LIFETIME as u64 - 60), None, "expired");
+        assert_eq!(at(now + 3600), None, "from the future");
     }
 
     #[test]
     fn exported_keys_open_earlier_tickets_and_rotation_keeps_one_generation() {
         let k = TicketKeys::random().unwrap();
         let t0 = k.encrypt(b"zero").unwrap();
-        let next = TicketKeys::handed_over(&k.export()).unwrap();
+        k.age_by(Duration::from_secs(3600));
+        let (list, age) = k.export();
+        assert!(age >= Duration::from_secs(3600));
+        let next = TicketKeys::handed_over(&list, age).unwrap();
         assert_eq!(next.decrypt(&t0).as_deref(), Some(&b"zero"[..]));
-
-        next.age_by(ROTATE);
+        // The key's age came along: it rotates 5 h from here, not 6.
+        next.age_by(ROTATE - Duration::from_secs(3600));
         let t1 = next.encrypt(b"one").unwrap();
         assert_ne!(t1[..NAME], t0[..NAME], "rotated to a new key");
         assert_eq!(next.decrypt(&t0).as_deref(), Some(&b"zero"[..]));
@@ -288,12 +354,12 @@ mod tests {
         assert_eq!(next.decrypt(&t0), None, "two generations back");
         assert_eq!(next.decrypt(&t1).as_deref(), Some(&b"one"[..]));
 
-        assert!(TicketKeys::handed_over(&["not base64!".into()]).is_err());
-        assert!(TicketKeys::handed_over(&["AAAA".into()]).is_err());
+        assert!(TicketKeys::handed_over(&["not base64!".into()], age).is_err());
+        assert!(TicketKeys::handed_over(&["AAAA".into()], age).is_err());
     }
 
     #[test]
-    fn key_files_of_48_or_80_bytes_are_shared_and_never_rotate() {
+    fn key_files_of_48_or_80_bytes_are_shared_and_never_rotate_or_hand_over() {
         let dir = std::env::temp_dir().join(format!("flynn-tickets-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (a, b, bad, dup) = (
@@ -316,6 +382,7 @@ mod tests {
         one.age_by(ROTATE * 2);
         let t2 = one.encrypt(b"later").unwrap();
         assert_eq!(&t2[..NAME], &ka[..NAME], "file keys do not rotate");
+        assert!(one.export().0.is_empty(), "file keys are not handed over");
 
         let e = TicketKeys::from_files(std::slice::from_ref(&bad)).unwrap_err();
         assert!(e.contains("48 or 80"), "{e}");

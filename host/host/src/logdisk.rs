@@ -82,6 +82,9 @@ struct Progress {
     /// Writes still to fail (tests).
     #[cfg(test)]
     fail_writes: std::sync::atomic::AtomicU32,
+    /// Segment reads still to fail (tests).
+    #[cfg(test)]
+    fail_reads: std::sync::atomic::AtomicU32,
 }
 
 pub struct DiskLog {
@@ -318,6 +321,8 @@ impl DiskLog {
             mark_failed: AtomicBool::new(false),
             #[cfg(test)]
             fail_writes: Default::default(),
+            #[cfg(test)]
+            fail_reads: Default::default(),
         });
         let (tx, rx) = mpsc::channel();
         let (d, p) = (dir.to_path_buf(), progress.clone());
@@ -477,8 +482,23 @@ impl DiskLog {
         Ok(segs)
     }
 
+    /// Makes the next `n` segment reads fail, as a disk that returns I/O errors (tests).
+    #[cfg(test)]
+    pub(crate) fn fail_reads(&self, n: u32) {
+        self.progress.fail_reads.store(n, Ordering::Relaxed);
+    }
+
     /// Reads segment `n` (empty if it was removed meanwhile).
     fn read_seg(&self, n: u64) -> io::Result<Vec<u8>> {
+        #[cfg(test)]
+        if self
+            .progress
+            .fail_reads
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(io::Error::other("injected read failure"));
+        }
         match fs::read(seg_path(&self.dir, n)) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
             r => r,

@@ -1347,6 +1347,45 @@ mod tests {
         assert_eq!(sh.stats().dropped, 0);
     }
 
+    /// A resync whose disk read fails is tried again after a pause (5 s), without waiting
+    /// for another drop: the dropped lines still all arrive, none counts as dropped.
+    #[tokio::test]
+    async fn a_resync_whose_disk_read_failed_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(crate::logdisk::DiskLog::open(dir.path(), 0).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sh = Shipper::start_with(
+            "h",
+            vec![addr.to_string()],
+            Vec::new(),
+            5,
+            Some(disk.clone()),
+        );
+        let src = Source::new(Some("a"), None, "j");
+        let (mut c, _) = listener.accept().await.unwrap();
+        let t0 = std::time::Instant::now();
+        while !sh.stats().connected && t0.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(sh.stats().connected);
+        // The first resync's read fails.
+        disk.fail_reads(1);
+        let want: Vec<Vec<u8>> = (0..100).map(|i| format!("line{i}").into_bytes()).collect();
+        for w in &want {
+            sh.push(&src, Stream::Stdout, w);
+        }
+        assert_eq!(sh.stats().requeued, 95);
+        let got = read_all_of(&mut c, &want).await;
+        let missing = want.iter().filter(|w| !got.contains(w)).count();
+        assert_eq!(missing, 0, "{missing} lines never came");
+        assert!(
+            t0.elapsed() >= Duration::from_secs(4),
+            "came before the retry pause: the read did not fail"
+        );
+        assert_eq!(sh.stats().dropped, 0);
+    }
+
     /// A connection that breaks while due lines are being resent leaves them due: the next
     /// connection sends them.
     #[tokio::test]
@@ -1574,6 +1613,44 @@ mod tests {
                 String::from_utf8_lossy(w)
             );
         }
+    }
+
+    /// A restarted daemon whose disk cannot be read at its first connection keeps the
+    /// previous daemon's unacknowledged lines due: they go out once the disk reads again
+    /// (the resync retry, 5 s later), not never.
+    #[tokio::test]
+    async fn a_restart_range_the_disk_could_not_read_is_sent_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = down_addr();
+        let queued = lines("q", 3);
+        push_in_killed_daemon(dir.path(), addr, queued.clone());
+        let disk = Arc::new(crate::logdisk::DiskLog::open(dir.path(), 0).unwrap());
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        disk.fail_reads(1);
+        let t0 = std::time::Instant::now();
+        let _sh = Shipper::start_with(
+            "h",
+            vec![addr.to_string()],
+            Vec::new(),
+            5,
+            Some(disk.clone()),
+        );
+        let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let got = read_all_of(&mut c, &queued).await;
+        for w in &queued {
+            assert!(
+                got.contains(w),
+                "{} never sent: {got:?}",
+                String::from_utf8_lossy(w)
+            );
+        }
+        assert!(
+            t0.elapsed() >= Duration::from_secs(4),
+            "sent before the retry pause: the read did not fail"
+        );
     }
 
     /// A log without the mark (written before marks existed) counts as sent: a restart

@@ -96,8 +96,8 @@ pub async fn serve_h2c(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: Lis
     crate::h2::serve(core, conn, peer, l).await
 }
 
-/// Looks at a PROXY prefix without consuming the bytes after it (they are the TLS
-/// ClientHello), then consumes exactly the prefix.
+/// Looks at a PROXY prefix without consuming the bytes after it (the TLS ClientHello, or
+/// the HTTP/2 preface), then consumes exactly the prefix.
 async fn peek_proxy_prefix(core: &Core, c: &TcpStream) -> Result<(Option<SocketAddr>, usize), ()> {
     let fd = c.as_raw_fd();
     let r = peek_prefix(core, c).await;

@@ -399,10 +399,15 @@ fn sessions_resume_across_a_takeover() {
         &backend,
     );
     let addr = https(&old);
-    let cfg13 = client_config(&[&default], Some(&[&rustls::version::TLS13]));
-    let mut first = TlsConn::connect(addr, "a.example.com", cfg13.clone()).unwrap();
-    assert_eq!(first.get("a.example.com", "/").status, 200);
-    drop(first);
+    // One client session cache per protocol version.
+    let cfgs: Vec<_> = [&rustls::version::TLS13, &rustls::version::TLS12]
+        .into_iter()
+        .map(|v| client_config(&[&default], Some(&[v])))
+        .collect();
+    for cfg in &cfgs {
+        let mut first = TlsConn::connect(addr, "a.example.com", cfg.clone()).unwrap();
+        assert_eq!(first.get("a.example.com", "/").status, 200);
+    }
     let new = https_builder()
         .env("TLSCERT", default.cert_pem.clone())
         .env("TLSKEY", default.key_pem.clone())
@@ -415,10 +420,14 @@ fn sessions_resume_across_a_takeover() {
         .expect("old router exits after draining");
     assert!(status.success(), "old router: {status}");
     // Only the new process serves now.
-    let mut c = TlsConn::connect(addr, "a.example.com", cfg13).unwrap();
-    assert_eq!(c.get("a.example.com", "/after").status, 200);
-    assert_eq!(
-        c.tls.conn.handshake_kind(),
-        Some(rustls::HandshakeKind::Resumed)
-    );
+    for cfg in cfgs {
+        let mut c = TlsConn::connect(addr, "a.example.com", cfg).unwrap();
+        assert_eq!(c.get("a.example.com", "/after").status, 200);
+        assert_eq!(
+            c.tls.conn.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "{:?}",
+            c.tls.conn.protocol_version()
+        );
+    }
 }
