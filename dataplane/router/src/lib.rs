@@ -29,7 +29,7 @@ mod sticky;
 #[doc(hidden)]
 pub mod store;
 mod tcp;
-mod tickets;
+pub mod tickets;
 mod tls;
 mod tunnels;
 mod upgrade;

@@ -258,11 +258,24 @@ impl rustls::server::ProducesTickets for TicketKeys {
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.issue(plain)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        self.open(cipher)
+    }
+}
+
+impl TicketKeys {
+    /// A ticket for the session state `plain` (rustls's `encrypt`).
+    pub fn issue(&self, plain: &[u8]) -> Option<Vec<u8>> {
         self.rotate_if_due();
         self.seal(plain, unix_now())
     }
 
-    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+    /// The session state in ticket `cipher`, if one of our keys sealed it within its
+    /// lifetime (rustls's `decrypt`); anything else (a client's bytes) is `None`.
+    pub fn open(&self, cipher: &[u8]) -> Option<Vec<u8>> {
         if cipher.len() < HEAD + TAG {
             return None;
         }
