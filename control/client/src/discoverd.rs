@@ -543,13 +543,6 @@ async fn watch_loop(c: Client, service: String, tx: mpsc::Sender<Vec<Event>>) {
     }
 }
 
-/// Takes one complete SSE item (up to its blank line) off the front of `buf`, decoded.
-fn take_item(buf: &mut Vec<u8>) -> Option<String> {
-    let i = buf.windows(2).position(|w| w == b"\n\n")?;
-    let raw: Vec<u8> = buf.drain(..i + 2).collect();
-    Some(String::from_utf8_lossy(&raw).into_owned())
-}
-
 /// Reads one connection. Before `current` the replay is buffered; at `current` it is
 /// diffed against what the consumer already knows. `Ok(true)` when the stream got as far
 /// as `current`; `Err` when the consumer is gone.
@@ -559,9 +552,7 @@ async fn read_stream(
     known: &mut Known,
     tx: &mpsc::Sender<Vec<Event>>,
 ) -> Result<bool, ()> {
-    // Bytes, not text, until an item is complete: a chunk may end inside a UTF-8
-    // character (decoding each chunk alone would corrupt it).
-    let mut buf: Vec<u8> = Vec::new();
+    let mut buf = crate::sse::SseBuf::default();
     let mut replay: Vec<Event> = Vec::new();
     let mut in_replay = true;
     loop {
@@ -569,8 +560,12 @@ async fn read_stream(
             Ok(Some(c)) => c,
             _ => return Ok(!in_replay),
         };
-        buf.extend_from_slice(&chunk);
-        while let Some(item) = take_item(&mut buf) {
+        if buf.push(&chunk).is_err() {
+            tracing::debug!(service, "watch stream item too long; reconnecting");
+            return Ok(!in_replay);
+        }
+        while let Some(raw) = buf.next_item() {
+            let item = String::from_utf8_lossy(raw).into_owned();
             if item.lines().any(|l| l.starts_with("event: error")) {
                 return Ok(!in_replay);
             }
@@ -711,22 +706,6 @@ mod tests {
             instance: Some(i),
             service_meta: None,
         }
-    }
-
-    #[test]
-    fn sse_items_split_inside_a_character_decode_intact() {
-        let wire = "data: {\"k\":\"d\u{e9}j\u{e0} vu\"}\n\ndata: x\n\n".as_bytes();
-        // Cut right after the first byte of the two-byte 'é'.
-        let cut = wire.iter().position(|b| *b == 0xc3).unwrap() + 1;
-        let mut buf = wire[..cut].to_vec();
-        assert_eq!(take_item(&mut buf), None);
-        buf.extend_from_slice(&wire[cut..]);
-        assert_eq!(
-            take_item(&mut buf).as_deref(),
-            Some("data: {\"k\":\"d\u{e9}j\u{e0} vu\"}\n\n")
-        );
-        assert_eq!(take_item(&mut buf).as_deref(), Some("data: x\n\n"));
-        assert!(buf.is_empty());
     }
 
     /// A discoverd stand-in: reads whole requests (head and body) and answers the n-th

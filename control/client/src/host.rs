@@ -353,11 +353,13 @@ impl AttachInput {
 }
 
 async fn read_events(mut r: reqwest::Response, tx: mpsc::Sender<Event>) {
-    // Bytes, not text, until an item is complete: a chunk may end inside a UTF-8 character.
-    let mut buf: Vec<u8> = Vec::new();
+    let mut buf = crate::sse::SseBuf::default();
     while let Ok(Some(chunk)) = r.chunk().await {
-        buf.extend_from_slice(&chunk);
-        while let Some(item) = next_item(&mut buf) {
+        if buf.push(&chunk).is_err() {
+            tracing::debug!("host event stream item too long; ending the stream");
+            return;
+        }
+        while let Some(item) = buf.next_item().map(decode_item) {
             match item {
                 Item::End => return,
                 Item::Event(ev) => {
@@ -379,13 +381,11 @@ enum Item {
     Skip,
 }
 
-/// Takes the next complete SSE item (ending in a blank line) off the front of `buf`.
-fn next_item(buf: &mut Vec<u8>) -> Option<Item> {
-    let i = buf.windows(2).position(|w| w == b"\n\n")?;
-    let raw: Vec<u8> = buf.drain(..i + 2).collect();
-    let item = String::from_utf8_lossy(&raw);
+/// Decodes one complete SSE item (ending in a blank line).
+fn decode_item(raw: &[u8]) -> Item {
+    let item = String::from_utf8_lossy(raw);
     if item.lines().any(|l| l.starts_with("event: error")) {
-        return Some(Item::End);
+        return Item::End;
     }
     let data: String = item
         .lines()
@@ -393,15 +393,15 @@ fn next_item(buf: &mut Vec<u8>) -> Option<Item> {
         .collect::<Vec<_>>()
         .join("\n");
     if data.is_empty() {
-        return Some(Item::Skip);
+        return Item::Skip;
     }
-    Some(match serde_json::from_str::<Event>(&data) {
+    match serde_json::from_str::<Event>(&data) {
         Ok(ev) => Item::Event(Box::new(ev)),
         Err(e) => {
             tracing::debug!(error = %e, "undecodable host event");
             Item::Skip
         }
-    })
+    }
 }
 
 #[cfg(test)]
@@ -423,15 +423,16 @@ mod tests {
         let bytes = wire.as_bytes();
         // Split right after the first byte of the two-byte 'é'.
         let cut = wire.find('é').unwrap() + 1;
-        let mut buf = bytes[..cut].to_vec();
-        assert!(next_item(&mut buf).is_none());
-        buf.extend_from_slice(&bytes[cut..]);
-        match next_item(&mut buf) {
+        let mut buf = crate::sse::SseBuf::default();
+        buf.push(&bytes[..cut]).unwrap();
+        assert!(buf.next_item().is_none());
+        buf.push(&bytes[cut..]).unwrap();
+        match buf.next_item().map(decode_item) {
             Some(Item::Event(got)) => assert_eq!(*got, ev),
             _ => panic!("no event"),
         }
-        assert!(matches!(next_item(&mut buf), Some(Item::Skip)));
-        assert!(matches!(next_item(&mut buf), Some(Item::End)));
-        assert!(next_item(&mut buf).is_none() && buf.is_empty());
+        assert!(matches!(buf.next_item().map(decode_item), Some(Item::Skip)));
+        assert!(matches!(buf.next_item().map(decode_item), Some(Item::End)));
+        assert!(buf.next_item().is_none());
     }
 }
