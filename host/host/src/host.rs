@@ -89,6 +89,9 @@ struct Ctl {
 struct Inner {
     table: Table,
     ctl: HashMap<String, Ctl>,
+    /// Jobs whose latest state could not be saved (a full or failing disk): saved again by
+    /// [`Host::retry_saves`] until it works or the job leaves the table.
+    unsaved: std::collections::BTreeSet<String>,
 }
 
 pub struct Host {
@@ -128,6 +131,8 @@ pub struct Host {
     self_registration: tokio::sync::Mutex<Option<Heartbeater>>,
     /// Clients attached to jobs (`POST /attach`).
     attach: Arc<crate::attach::Attachments>,
+    /// Wakes the task that saves `Inner::unsaved` again.
+    save_retry: Arc<tokio::sync::Notify>,
 }
 
 /// discoverd's address and a client for it.
@@ -160,7 +165,8 @@ pub const HOST_SERVICE: &str = "flynn-host";
 impl Host {
     pub fn new(o: Options) -> Arc<Host> {
         let (events, _) = broadcast::channel(1024);
-        Arc::new(Host {
+        let save_retry = Arc::new(tokio::sync::Notify::new());
+        let host = Arc::new(Host {
             id: o.id,
             url: Mutex::new(String::new()),
             runtime: o.runtime,
@@ -186,7 +192,51 @@ impl Host {
             stops: tokio::sync::watch::Sender::new(0),
             self_registration: tokio::sync::Mutex::new(None),
             attach: Arc::default(),
-        })
+            save_retry: save_retry.clone(),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(Self::retry_saves(Arc::downgrade(&host), save_retry));
+        }
+        host
+    }
+
+    /// Saves again, with pauses growing from 1 s to 10 s, the job states that could not be
+    /// saved, until all are (or their jobs are gone). Ends with the host.
+    async fn retry_saves(host: std::sync::Weak<Host>, wake: Arc<tokio::sync::Notify>) {
+        loop {
+            wake.notified().await;
+            let mut pause = Duration::from_secs(1);
+            loop {
+                tokio::time::sleep(pause).await;
+                let Some(h) = host.upgrade() else { return };
+                if h.save_unsaved() {
+                    break;
+                }
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+
+    /// One pass over the unsaved job states, under the table lock (as every save is, so
+    /// the current state goes out and a newer one can never be overwritten by an older);
+    /// true when none is left.
+    fn save_unsaved(&self) -> bool {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let table = &inner.table;
+        inner.unsaved.retain(|id| {
+            let Some(j) = table.get(id) else {
+                return false;
+            };
+            match self.store.save(j) {
+                Ok(()) => {
+                    tracing::info!(job = %id, "job state saved after an earlier failure");
+                    false
+                }
+                Err(_) => true,
+            }
+        });
+        inner.unsaved.is_empty()
     }
 
     /// Attaches a client to a job (`POST /attach`); the connection is then served by
@@ -403,10 +453,19 @@ impl Host {
         Ok(())
     }
 
-    /// Persists and publishes a transition.
-    fn publish(&self, kind: EventKind, job: &ActiveJob) {
-        if let Err(e) = self.store.save(job) {
-            tracing::error!(job = %job.job.id, error = ?e, "persisting job state failed");
+    /// Persists and publishes a transition (under the table lock, `inner`). A state that
+    /// cannot be saved is saved again later (a restarted daemon would otherwise find the
+    /// job as it was before this transition).
+    fn publish(&self, inner: &mut Inner, kind: EventKind, job: &ActiveJob) {
+        match self.store.save(job) {
+            Ok(()) => {
+                inner.unsaved.remove(&job.job.id);
+            }
+            Err(e) => {
+                tracing::error!(job = %job.job.id, error = ?e, "persisting job state failed; trying again");
+                inner.unsaved.insert(job.job.id.clone());
+                self.save_retry.notify_one();
+            }
         }
         self.broadcast(kind, job);
     }
@@ -661,7 +720,7 @@ impl Host {
             } else {
                 EventKind::Stop
             };
-            self.publish(kind, &j);
+            self.publish(&mut inner, kind, &j);
             self.gc(&mut inner, &j);
         }
     }
@@ -876,7 +935,7 @@ impl Host {
                         let mut inner = self.lock();
                         match inner.table.started(&id, pid, r.ip, now_rfc3339()).cloned() {
                             Some(j) => {
-                                self.publish(EventKind::Start, &j);
+                                self.publish(&mut inner, EventKind::Start, &j);
                                 j.force_stop
                             }
                             None => false,
@@ -951,7 +1010,7 @@ impl Host {
             if let Some(j) = j {
                 self.volumes.release(&j.job);
                 tracing::info!(job = %id, status = j.status.as_str(), exit = ?j.exit_status, "job ended");
-                self.publish(kind, &j);
+                self.publish(&mut inner, kind, &j);
                 self.gc(&mut inner, &j);
             }
         }

@@ -124,10 +124,22 @@ fn host_with(
     max_starting: usize,
     net_setup: Option<crate::net::Setup>,
 ) -> Arc<Host> {
+    let store = Store::open(dir, crate::syncer::Syncer::start()).unwrap();
+    host_on(rt, dir, max_starting, net_setup, store)
+}
+
+/// As [`host_with`], on a given store.
+fn host_on(
+    rt: Arc<Fake>,
+    dir: &Path,
+    max_starting: usize,
+    net_setup: Option<crate::net::Setup>,
+    store: Store,
+) -> Arc<Host> {
     Host::new(Options {
         id: "h".into(),
         runtime: rt,
-        store: Store::open(dir, crate::syncer::Syncer::start()).unwrap(),
+        store,
         logs: Shipper::start("h", Vec::new(), 10),
         discoverd: None,
         network: None,
@@ -520,4 +532,54 @@ async fn stop_while_waiting_for_the_network_ends_done() {
         h.stop("n").await.unwrap_err().message,
         "host: job is already stopped"
     );
+}
+
+/// A job state that cannot be saved (a full or failing disk) is saved again later: the file
+/// a restarted daemon reads catches up with the job instead of staying at the state before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_state_that_could_not_be_saved_is_saved_again() {
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    let store = Store::open(d.path(), crate::syncer::Syncer::start()).unwrap();
+    let h = host_on(rt.clone(), d.path(), 0, None, store.clone());
+    let on_disk = || -> JobStatus {
+        let bytes = std::fs::read(d.path().join("jobs").join("j.json")).unwrap();
+        serde_json::from_slice::<flynn_api::host::ActiveJob>(&bytes)
+            .unwrap()
+            .status
+    };
+    h.add_job(job("j", "x")).unwrap();
+    assert_eq!(on_disk(), JobStatus::Starting);
+    // The save of `running` fails, and so does the first retry.
+    store
+        .fail_saves
+        .store(2, std::sync::atomic::Ordering::Relaxed);
+    rt.open();
+    wait_status(&h, "j", JobStatus::Running).await;
+    assert_eq!(
+        on_disk(),
+        JobStatus::Starting,
+        "the failed save wrote nothing"
+    );
+    let t0 = std::time::Instant::now();
+    while on_disk() != JobStatus::Running && t0.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(on_disk(), JobStatus::Running, "not saved again within 10 s");
+    assert_eq!(
+        store.fail_saves.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "both failures were used"
+    );
+    // Later transitions save as usual.
+    rt.events("j")
+        .send(ProcEvent::Exited {
+            code: 0,
+            signal: None,
+            oom_killed: false,
+        })
+        .await
+        .unwrap();
+    wait_status(&h, "j", JobStatus::Done).await;
+    assert_eq!(on_disk(), JobStatus::Done);
 }

@@ -22,6 +22,9 @@ pub enum StoreError {
 pub struct Store {
     dir: PathBuf,
     sync: Syncer,
+    /// Saves still to fail (tests).
+    #[cfg(test)]
+    pub(crate) fail_saves: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Store {
@@ -31,7 +34,12 @@ impl Store {
             path: dir.clone(),
             source,
         })?;
-        Ok(Store { dir, sync })
+        Ok(Store {
+            dir,
+            sync,
+            #[cfg(test)]
+            fail_saves: Default::default(),
+        })
     }
 
     fn path(&self, id: &str) -> PathBuf {
@@ -40,6 +48,21 @@ impl Store {
 
     pub fn save(&self, job: &ActiveJob) -> Result<(), StoreError> {
         let path = self.path(&job.job.id);
+        #[cfg(test)]
+        if self
+            .fail_saves
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+        {
+            return Err(StoreError::Io {
+                path,
+                source: std::io::Error::other("injected save failure"),
+            });
+        }
         let data = serde_json::to_vec(job).unwrap_or_default();
         // In place now; fsynced by the syncer's next pass.
         self.sync
