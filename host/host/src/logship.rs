@@ -1312,23 +1312,31 @@ mod tests {
         msgs
     }
 
+    /// A shipper (queue of 5) on `disk`, connected to an aggregator stand-in, its
+    /// connect-time resend done (so what comes back later comes by resync).
+    async fn connected_shipper(
+        disk: Arc<crate::logdisk::DiskLog>,
+    ) -> (Shipper, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sh = Shipper::start_with("h", vec![addr.to_string()], Vec::new(), 5, Some(disk));
+        let (c, _) = listener.accept().await.unwrap();
+        let t0 = std::time::Instant::now();
+        while !sh.stats().connected && t0.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(sh.stats().connected);
+        (sh, c)
+    }
+
     /// Lines the full queue dropped while the connection is up come again from the disk
     /// log once the queue is drained: all arrive, none counts as dropped, no notice.
     #[tokio::test]
     async fn lines_the_full_queue_drops_come_again_from_the_disk_log() {
         let dir = tempfile::tempdir().unwrap();
         let disk = Arc::new(crate::logdisk::DiskLog::open(dir.path(), 0).unwrap());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let sh = Shipper::start_with("h", vec![addr.to_string()], Vec::new(), 5, Some(disk));
+        let (sh, mut c) = connected_shipper(disk).await;
         let src = Source::new(Some("a"), None, "j");
-        let (mut c, _) = listener.accept().await.unwrap();
-        // Connected (its connect-time resend done), so what comes back comes by resync.
-        let t0 = std::time::Instant::now();
-        while !sh.stats().connected && t0.elapsed() < Duration::from_secs(5) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert!(sh.stats().connected);
         // Pushed with no await in between: the shipper cannot drain, the queue keeps 5.
         let want: Vec<Vec<u8>> = (0..100).map(|i| format!("line{i}").into_bytes()).collect();
         for w in &want {
@@ -1353,22 +1361,9 @@ mod tests {
     async fn a_resync_whose_disk_read_failed_is_tried_again() {
         let dir = tempfile::tempdir().unwrap();
         let disk = Arc::new(crate::logdisk::DiskLog::open(dir.path(), 0).unwrap());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let sh = Shipper::start_with(
-            "h",
-            vec![addr.to_string()],
-            Vec::new(),
-            5,
-            Some(disk.clone()),
-        );
-        let src = Source::new(Some("a"), None, "j");
-        let (mut c, _) = listener.accept().await.unwrap();
         let t0 = std::time::Instant::now();
-        while !sh.stats().connected && t0.elapsed() < Duration::from_secs(5) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert!(sh.stats().connected);
+        let (sh, mut c) = connected_shipper(disk.clone()).await;
+        let src = Source::new(Some("a"), None, "j");
         // The first resync's read fails.
         disk.fail_reads(1);
         let want: Vec<Vec<u8>> = (0..100).map(|i| format!("line{i}").into_bytes()).collect();
@@ -1481,14 +1476,17 @@ mod tests {
     }
 
     /// Starts a shipper on the log at `path` with its aggregator at `addr` (and its API at
-    /// `api`), and returns what the aggregator gets until `want` came (or 10 s passed).
+    /// `api`), the first `fail_reads` disk reads failing, and returns what the aggregator
+    /// gets until `want` came (or 10 s passed).
     async fn restarted_daemon_sends(
         path: &std::path::Path,
         addr: std::net::SocketAddr,
         api: Option<String>,
         want: &[Vec<u8>],
+        fail_reads: u32,
     ) -> Vec<Vec<u8>> {
         let disk = Arc::new(crate::logdisk::DiskLog::open(path, 0).unwrap());
+        disk.fail_reads(fail_reads);
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let _sh = Shipper::start_with(
             "h",
@@ -1554,7 +1552,7 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api = format!("http://{}", l.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(l, app).await });
-        let got = restarted_daemon_sends(dir.path(), addr, Some(api), &want[..95]).await;
+        let got = restarted_daemon_sends(dir.path(), addr, Some(api), &want[..95], 0).await;
         let missing = want[..95].iter().filter(|w| !got.contains(w)).count();
         assert_eq!(missing, 0, "{missing} due lines never came");
         assert_eq!(
@@ -1605,7 +1603,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(2500)).await;
             disk.sync().unwrap();
         });
-        let got = restarted_daemon_sends(dir.path(), addr, None, &queued).await;
+        let got = restarted_daemon_sends(dir.path(), addr, None, &queued, 0).await;
         for w in &queued {
             assert!(
                 got.contains(w),
@@ -1624,22 +1622,8 @@ mod tests {
         let addr = down_addr();
         let queued = lines("q", 3);
         push_in_killed_daemon(dir.path(), addr, queued.clone());
-        let disk = Arc::new(crate::logdisk::DiskLog::open(dir.path(), 0).unwrap());
-        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        disk.fail_reads(1);
         let t0 = std::time::Instant::now();
-        let _sh = Shipper::start_with(
-            "h",
-            vec![addr.to_string()],
-            Vec::new(),
-            5,
-            Some(disk.clone()),
-        );
-        let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
-            .await
-            .unwrap()
-            .unwrap();
-        let got = read_all_of(&mut c, &queued).await;
+        let got = restarted_daemon_sends(dir.path(), addr, None, &queued, 1).await;
         for w in &queued {
             assert!(
                 got.contains(w),

@@ -122,3 +122,24 @@ pub fn h2c_curl(
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     (head.lines().map(str::to_string).collect(), body.to_string())
 }
+
+/// Writes up to `total` bytes to `s` in 1 MiB writes (each may block up to 20 s) until a
+/// write fails: what a peer that stops reading lets through, and how long that took.
+pub fn write_until_refused(
+    s: &mut std::net::TcpStream,
+    total: usize,
+) -> (usize, std::time::Duration) {
+    use std::io::Write;
+    s.set_write_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let chunk = vec![b'x'; 1 << 20];
+    let mut sent = 0;
+    while sent < total {
+        match s.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    (sent, start.elapsed())
+}

@@ -594,6 +594,26 @@ fn a_stalled_http2_upload_is_given_up_after_the_idle_timeout() {
     assert_eq!(b.requests()[0].body, b"part part part part part end");
 }
 
+/// Reads `body` (granting window as it goes) until the stream is reset; returns how many
+/// bytes came first. Panics if it ends normally or stalls for 5 s.
+async fn read_until_reset(mut body: h2::RecvStream) -> usize {
+    let mut got = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), body.data()).await {
+            Ok(Some(Ok(chunk))) => {
+                got += chunk.len();
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            Ok(Some(Err(e))) => {
+                assert!(e.is_reset(), "{e:?}");
+                return got;
+            }
+            Ok(None) => panic!("the stream ended normally after {got} bytes"),
+            Err(_) => panic!("neither data nor a reset after {got} bytes"),
+        }
+    }
+}
+
 /// A gRPC client that grants no window for the idle timeout has its stream reset, which
 /// frees what the router held for it (and its share of the backend connection's window).
 #[test]
@@ -605,21 +625,7 @@ fn a_grpc_client_that_stops_reading_is_reset_after_the_idle_timeout() {
         let (resp, send) = unread_call(router.h2c_addrs[0], 1_000_000).await;
         // Not reading for longer than the idle timeout.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let mut body = resp.into_body();
-        let mut got = 0;
-        let err = loop {
-            match tokio::time::timeout(Duration::from_secs(5), body.data()).await {
-                Ok(Some(Ok(chunk))) => {
-                    got += chunk.len();
-                    let _ = body.flow_control().release_capacity(chunk.len());
-                }
-                Ok(Some(Err(e))) => break Some(e),
-                Ok(None) => break None,
-                Err(_) => panic!("neither data nor a reset after {got} bytes"),
-            }
-        };
-        let err = err.unwrap_or_else(|| panic!("the stream ended normally after {got} bytes"));
-        assert!(err.is_reset(), "{err:?}");
+        let got = read_until_reset(resp.into_body()).await;
         assert!(got < 1_000_000, "{got}");
         drop(send);
     });
@@ -642,17 +648,7 @@ fn an_http2_client_that_stops_reading_is_reset_after_the_idle_timeout() {
         let _ = up.read(&mut head).unwrap();
         up.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n").as_bytes())
             .unwrap();
-        up.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
-        let chunk = vec![b'x'; 1 << 20];
-        let t0 = std::time::Instant::now();
-        let mut sent = 0;
-        while sent < total {
-            match up.write(&chunk) {
-                Ok(n) => sent += n,
-                Err(_) => break,
-            }
-        }
-        (sent, t0.elapsed())
+        crate::support::write_until_refused(&mut up, total)
     });
     rt.block_on(async {
         let mut client = h2_client(router.h2c_addrs[0]).await;
@@ -668,21 +664,7 @@ fn an_http2_client_that_stops_reading_is_reset_after_the_idle_timeout() {
         assert_eq!(resp.status(), 200);
         // Not reading (no window granted) for longer than the idle timeout.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let mut body = resp.into_body();
-        let mut got = 0;
-        let err = loop {
-            match tokio::time::timeout(Duration::from_secs(5), body.data()).await {
-                Ok(Some(Ok(chunk))) => {
-                    got += chunk.len();
-                    let _ = body.flow_control().release_capacity(chunk.len());
-                }
-                Ok(Some(Err(e))) => break Some(e),
-                Ok(None) => break None,
-                Err(_) => panic!("neither data nor a reset after {got} bytes"),
-            }
-        };
-        let err = err.unwrap_or_else(|| panic!("the stream ended normally after {got} bytes"));
-        assert!(err.is_reset(), "{err:?}");
+        let got = read_until_reset(resp.into_body()).await;
         assert!(got < total, "{got}");
     });
     let (sent, took) = streamer.join().unwrap();
