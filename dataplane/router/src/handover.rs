@@ -184,6 +184,7 @@ impl Drop for Thaw<'_> {
         self.0
             .frozen
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.0.shared.settings.tickets.thaw();
     }
 }
 

@@ -83,6 +83,9 @@ pub struct TicketKeys {
     keys: RwLock<Keys>,
     /// Keys from files: never rotated, never handed over.
     fixed: bool,
+    /// Exported for a takeover: no rotation from then on, so every ticket this process
+    /// issues while it drains opens in the new one (undone if the takeover fails).
+    frozen: std::sync::atomic::AtomicBool,
     rng: SystemRandom,
 }
 
@@ -171,8 +174,15 @@ impl TicketKeys {
                 since: Instant::now(),
             }),
             fixed,
+            frozen: std::sync::atomic::AtomicBool::new(false),
             rng,
         }
+    }
+
+    /// Rotation goes on again (a takeover that failed).
+    pub fn thaw(&self) {
+        self.frozen
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The random keys as base64 (`name ‖ secret`), the encrypting one first, and its age,
@@ -182,6 +192,8 @@ impl TicketKeys {
         if self.fixed {
             return (Vec::new(), Duration::ZERO);
         }
+        self.frozen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
         let list = keys
             .list
@@ -198,7 +210,7 @@ impl TicketKeys {
     /// A random key that has encrypted for [`ROTATE`] gives way to a new one; the old one
     /// is kept to decrypt (one generation back).
     fn rotate_if_due(&self) {
-        if self.fixed {
+        if self.fixed || self.frozen.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         let due = {
@@ -209,7 +221,9 @@ impl TicketKeys {
             return;
         }
         let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
-        if keys.since.elapsed() < ROTATE {
+        // Checked again under the lock: an export (which reads under it) may have come in
+        // between, and what it handed over must stay the encrypting key.
+        if keys.since.elapsed() < ROTATE || self.frozen.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         if let Ok(k) = Key::random(&self.rng) {
@@ -366,6 +380,17 @@ mod tests {
         let _ = next.encrypt(b"two").unwrap();
         assert_eq!(next.decrypt(&t0), None, "two generations back");
         assert_eq!(next.decrypt(&t1).as_deref(), Some(&b"one"[..]));
+
+        // Once exported (a takeover), the old process stops rotating until thawed.
+        let old = TicketKeys::random().unwrap();
+        let (exported, _) = old.export();
+        old.age_by(ROTATE);
+        let t = old.encrypt(b"draining").unwrap();
+        let new = TicketKeys::handed_over(&exported, Duration::ZERO).unwrap();
+        assert_eq!(new.decrypt(&t).as_deref(), Some(&b"draining"[..]));
+        old.thaw();
+        let t = old.encrypt(b"rotated").unwrap();
+        assert_eq!(new.decrypt(&t), None, "rotated after the thaw");
 
         assert!(TicketKeys::handed_over(&["not base64!".into()], age).is_err());
         assert!(TicketKeys::handed_over(&["AAAA".into()], age).is_err());

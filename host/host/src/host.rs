@@ -204,7 +204,16 @@ impl Host {
     /// saved, until all are (or their jobs are gone). Ends with the host.
     async fn retry_saves(host: std::sync::Weak<Host>, wake: Arc<tokio::sync::Notify>) {
         loop {
-            wake.notified().await;
+            // Woken by a failed save; a minute's wait also notices the host is gone.
+            if tokio::time::timeout(Duration::from_secs(60), wake.notified())
+                .await
+                .is_err()
+            {
+                if host.strong_count() == 0 {
+                    return;
+                }
+                continue;
+            }
             let mut pause = Duration::from_secs(1);
             loop {
                 tokio::time::sleep(pause).await;
@@ -219,8 +228,8 @@ impl Host {
 
     /// One pass over the unsaved job states, under the table lock (as every save is, so
     /// the current state goes out and a newer one can never be overwritten by an older);
-    /// true when none is left.
-    fn save_unsaved(&self) -> bool {
+    /// true when none is left. Also the last try at shutdown, which names what is left.
+    pub fn save_unsaved(&self) -> bool {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let table = &inner.table;
@@ -457,6 +466,13 @@ impl Host {
     /// cannot be saved is saved again later (a restarted daemon would otherwise find the
     /// job as it was before this transition).
     fn publish(&self, inner: &mut Inner, kind: EventKind, job: &ActiveJob) {
+        self.persist(inner, job);
+        self.broadcast(kind, job);
+    }
+
+    /// Saves a job's state (under the table lock, `inner`); one that cannot be saved is
+    /// saved again later.
+    fn persist(&self, inner: &mut Inner, job: &ActiveJob) {
         match self.store.save(job) {
             Ok(()) => {
                 inner.unsaved.remove(&job.job.id);
@@ -467,7 +483,6 @@ impl Host {
                 self.save_retry.notify_one();
             }
         }
-        self.broadcast(kind, job);
     }
 
     /// Publishes a transition already persisted.
@@ -1169,8 +1184,8 @@ impl Host {
         let action = {
             let mut inner = self.lock();
             let a = inner.table.request_stop(id)?;
-            if let Some(j) = inner.table.get(id) {
-                let _ = self.store.save(j);
+            if let Some(j) = inner.table.get(id).cloned() {
+                self.persist(&mut inner, &j);
             }
             a
         };

@@ -243,6 +243,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(n) = host.network() {
         n.drain_pool().await;
     }
+    if !host.save_unsaved() {
+        tracing::error!(
+            "some job states could not be saved; the next daemon finds them as last saved"
+        );
+    }
     // Whatever the last changes were, on disk before the daemon goes: the state files, and
     // the job output the log's writer thread has not written yet (the next daemon resends
     // it from there).
