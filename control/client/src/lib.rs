@@ -10,7 +10,8 @@ pub mod discoverd;
 pub mod host;
 mod json_http;
 pub mod logagg;
-mod sse;
+#[doc(hidden)]
+pub mod sse;
 
 /// `scheme://authority` of an `http`/`https` URL (the path dropped), `None` for anything
 /// else: what a service takes from a `--notify`-style URL to build its client.

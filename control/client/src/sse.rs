@@ -6,10 +6,10 @@
 
 /// Largest item kept while incomplete: a server that never ends one is cut off instead of
 /// growing the buffer without bound.
-pub(crate) const MAX_ITEM: usize = 16 << 20;
+pub const MAX_ITEM: usize = 16 << 20;
 
 #[derive(Debug, Default)]
-pub(crate) struct SseBuf {
+pub struct SseBuf {
     buf: Vec<u8>,
     /// Where the next item starts.
     start: usize,
@@ -19,7 +19,7 @@ pub(crate) struct SseBuf {
 
 /// An incomplete item grew past [`MAX_ITEM`].
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct TooLong;
+pub struct TooLong;
 
 impl SseBuf {
     /// Appends a chunk of the stream.
