@@ -75,8 +75,18 @@ impl Key {
 struct Keys {
     /// `[0]` encrypts; all decrypt.
     list: Vec<Key>,
-    /// When `list[0]` started encrypting (random keys only rotate).
+    /// When `list[0]` started encrypting here (random keys only rotate), ...
     since: Instant,
+    /// ... plus how long it had encrypted before (in the process it was handed over from).
+    /// Kept apart from `since`: an `Instant` cannot go back further than the machine's boot.
+    before: Duration,
+}
+
+impl Keys {
+    /// How long `list[0]` has been encrypting.
+    fn age(&self) -> Duration {
+        self.since.elapsed() + self.before
+    }
 }
 
 pub struct TicketKeys {
@@ -125,9 +135,7 @@ impl TicketKeys {
         let keys = Self::with(list, false, SystemRandom::new());
         {
             let mut k = keys.keys.write().unwrap_or_else(|p| p.into_inner());
-            if let Some(t) = Instant::now().checked_sub(age.min(ROTATE)) {
-                k.since = t;
-            }
+            k.before = age.min(ROTATE);
         }
         Ok(keys)
     }
@@ -172,6 +180,7 @@ impl TicketKeys {
             keys: RwLock::new(Keys {
                 list,
                 since: Instant::now(),
+                before: Duration::ZERO,
             }),
             fixed,
             frozen: std::sync::atomic::AtomicBool::new(false),
@@ -204,7 +213,7 @@ impl TicketKeys {
                 B64.encode(b)
             })
             .collect();
-        (list, keys.since.elapsed())
+        (list, keys.age())
     }
 
     /// A random key that has encrypted for [`ROTATE`] gives way to a new one; the old one
@@ -215,7 +224,7 @@ impl TicketKeys {
         }
         let due = {
             let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
-            keys.since.elapsed() >= ROTATE
+            keys.age() >= ROTATE
         };
         if !due {
             return;
@@ -223,20 +232,21 @@ impl TicketKeys {
         let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
         // Checked again under the lock: an export (which reads under it) may have come in
         // between, and what it handed over must stay the encrypting key.
-        if keys.since.elapsed() < ROTATE || self.frozen.load(std::sync::atomic::Ordering::Relaxed) {
+        if keys.age() < ROTATE || self.frozen.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         if let Ok(k) = Key::random(&self.rng) {
             keys.list.insert(0, k);
             keys.list.truncate(2);
             keys.since = Instant::now();
+            keys.before = Duration::ZERO;
         }
     }
 
     #[cfg(test)]
     fn age_by(&self, d: Duration) {
         let mut keys = self.keys.write().unwrap();
-        keys.since = keys.since.checked_sub(d).unwrap();
+        keys.before += d;
     }
 
     /// Seals `plain` under the encrypting key as issued at `issued` (Unix seconds).

@@ -1295,7 +1295,7 @@ mod tests {
         let mut buf = bytes::BytesMut::new();
         let mut msgs: Vec<Vec<u8>> = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while !want.iter().all(|w| seen.contains(w)) && tokio::time::Instant::now() < deadline {
             let mut b = vec![0u8; 1 << 20];
             let n = match tokio::time::timeout(Duration::from_secs(10), c.read(&mut b)).await {

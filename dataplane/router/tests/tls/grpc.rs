@@ -662,8 +662,8 @@ fn an_http2_client_that_stops_reading_is_reset_after_the_idle_timeout() {
             .expect("a response head")
             .unwrap();
         assert_eq!(resp.status(), 200);
-        // Not reading (no window granted) for longer than the idle timeout.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Not reading (no window granted) for well over the idle timeout.
+        tokio::time::sleep(Duration::from_secs(5)).await;
         let got = read_until_reset(resp.into_body()).await;
         assert!(got < total, "{got}");
     });
