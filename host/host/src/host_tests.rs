@@ -171,6 +171,18 @@ fn job(id: &str, arg: &str) -> Job {
     j
 }
 
+/// The job's process exits with status 0.
+async fn exit_cleanly(rt: &Fake, id: &str) {
+    rt.events(id)
+        .send(ProcEvent::Exited {
+            code: 0,
+            signal: None,
+            oom_killed: false,
+        })
+        .await
+        .unwrap();
+}
+
 async fn wait_status(h: &Host, id: &str, want: JobStatus) {
     for _ in 0..500 {
         if h.get(id).map(|j| j.status) == Some(want) {
@@ -339,14 +351,7 @@ async fn volumes_are_exclusive_mounted_and_deleted_on_stop() {
     assert_eq!(e.code, ErrorCode::ObjectNotFound);
 
     // The job ends: its delete_on_stop volume goes, the other stays and is free again.
-    rt.events("a")
-        .send(ProcEvent::Exited {
-            code: 0,
-            signal: None,
-            oom_killed: false,
-        })
-        .await
-        .unwrap();
+    exit_cleanly(&rt, "a").await;
     wait_status(&h, "a", JobStatus::Done).await;
     assert!(vols.get(&temp.id).is_none());
     assert_eq!(vols.list(), vec![keep.clone()]);
@@ -365,14 +370,7 @@ async fn volumes_are_exclusive_mounted_and_deleted_on_stop() {
     assert!(!rt.mounts.lock().unwrap().contains_key("c"));
 
     // Deleting a free volume.
-    rt.events("b")
-        .send(ProcEvent::Exited {
-            code: 0,
-            signal: None,
-            oom_killed: false,
-        })
-        .await
-        .unwrap();
+    exit_cleanly(&rt, "b").await;
     wait_status(&h, "b", JobStatus::Done).await;
     h.delete_volume(&keep.id).await.unwrap();
     assert!(vols.list().is_empty());
@@ -454,14 +452,7 @@ async fn exit_is_recorded_before_deregistration_and_cleanup() {
         }
     }
     let _release = Release(rt.clone());
-    rt.events("a")
-        .send(ProcEvent::Exited {
-            code: 0,
-            signal: None,
-            oom_killed: false,
-        })
-        .await
-        .unwrap();
+    exit_cleanly(&rt, "a").await;
     let stop = tokio::time::timeout(Duration::from_secs(3), async {
         loop {
             let ev = events.recv().await.unwrap();
@@ -572,14 +563,7 @@ async fn a_job_state_that_could_not_be_saved_is_saved_again() {
         "both failures were used"
     );
     // Later transitions save as usual.
-    rt.events("j")
-        .send(ProcEvent::Exited {
-            code: 0,
-            signal: None,
-            oom_killed: false,
-        })
-        .await
-        .unwrap();
+    exit_cleanly(&rt, "j").await;
     wait_status(&h, "j", JobStatus::Done).await;
     assert_eq!(on_disk(), JobStatus::Done);
 }

@@ -372,32 +372,20 @@ async fn one_request<S: Client>(
         None => {
             CoreMetrics::inc(&core.metrics().not_found_total);
             let close = !info.keep_alive || info.framing != Framing::Empty;
-            if close {
-                respond(
-                    core,
-                    &mut c,
-                    fd,
-                    out,
-                    info.method,
-                    404,
-                    b"Not Found\n",
-                    true,
-                )
-                .await
-            } else {
+            if !close {
                 buf.drain(..info.head_len);
-                respond(
-                    core,
-                    &mut c,
-                    fd,
-                    out,
-                    info.method,
-                    404,
-                    b"Not Found\n",
-                    false,
-                )
-                .await
             }
+            respond(
+                core,
+                &mut c,
+                fd,
+                out,
+                info.method,
+                404,
+                b"Not Found\n",
+                close,
+            )
+            .await
         }
         Some(r) if r.backends.is_empty() => {
             let n = unavailable(core, &mut c, fd, out, &info).await;
