@@ -464,10 +464,9 @@ fn connect_is_refused() {
     assert!(b1.requests().is_empty());
 }
 
-/// A backend that accepts a request and never reads its body (nor closes) is given up
-/// after the idle timeout: the client is not held for good.
-#[test]
-fn a_backend_that_stops_reading_the_body_is_given_up_after_the_idle_timeout() {
+/// A router with a 1 s idle timeout routing `example.com` to a listener the test drives by
+/// hand.
+fn one_second_idle_router_with_raw_backend() -> (Router, std::net::TcpListener) {
     let router = Router::builder()
         .arg("--idle-timeout-secs")
         .arg("1")
@@ -475,6 +474,14 @@ fn a_backend_that_stops_reading_the_body_is_given_up_after_the_idle_timeout() {
     let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     router.add_route(http_route("example.com", "web"));
     router.set_backend_addrs("web", &[(backend.local_addr().unwrap().to_string(), false)]);
+    (router, backend)
+}
+
+/// A backend that accepts a request and never reads its body (nor closes) is given up
+/// after the idle timeout: the client is not held for good.
+#[test]
+fn a_backend_that_stops_reading_the_body_is_given_up_after_the_idle_timeout() {
+    let (router, backend) = one_second_idle_router_with_raw_backend();
     let total: usize = 512 << 20;
     let mut conn = std::net::TcpStream::connect(router.http_addr).unwrap();
     conn.write_all(
@@ -500,13 +507,7 @@ fn a_backend_that_stops_reading_the_body_is_given_up_after_the_idle_timeout() {
 /// being held for good by a write that never completes.
 #[test]
 fn a_client_that_stops_reading_the_response_is_given_up_after_the_idle_timeout() {
-    let router = Router::builder()
-        .arg("--idle-timeout-secs")
-        .arg("1")
-        .start();
-    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    router.add_route(http_route("example.com", "web"));
-    router.set_backend_addrs("web", &[(backend.local_addr().unwrap().to_string(), false)]);
+    let (router, backend) = one_second_idle_router_with_raw_backend();
     let total: usize = 512 << 20;
     let mut conn = std::net::TcpStream::connect(router.http_addr).unwrap();
     conn.write_all(b"GET /big HTTP/1.1\r\nHost: example.com\r\n\r\n")
