@@ -78,6 +78,16 @@ struct OverlayArgs {
     /// Leave the outbound NAT table out (hosts without conntrack on routed traffic).
     #[arg(long)]
     no_masq: bool,
+    /// Measure through what a deployed host runs (discoverd, a `flynn-network` agent per
+    /// host, jobs made with flynn-host's calls) instead of the lab's `ip` commands.
+    #[arg(long)]
+    deployed: bool,
+    /// `--deployed`: the discoverd binary (`cargo build --release -p flynn-discoverd`).
+    #[arg(long, default_value = "target/release/flynn-discoverd")]
+    discoverd_bin: PathBuf,
+    /// `--deployed`: the agent binary (`cargo build --release -p flynn-network`).
+    #[arg(long, default_value = "target/release/flynn-network")]
+    network_bin: PathBuf,
     /// Also write the markdown report here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -313,6 +323,10 @@ fn main() -> Result<()> {
                 out: a.out,
                 command: command_line(),
                 masq_bin: (!a.no_masq).then_some(a.masq_bin),
+                deployed: a.deployed.then(|| flynn_perf::overlay::DeployedBins {
+                    discoverd: flynn_perf::procs::resolve_bin(&a.discoverd_bin, "flynn-discoverd"),
+                    network: flynn_perf::procs::resolve_bin(&a.network_bin, "flynn-network"),
+                }),
             })?;
             println!("{text}");
             Ok(())

@@ -3,27 +3,36 @@
 //!
 //! Topology (all namespaces carry the harness's pid and are deleted on exit): two hosts joined by
 //! an underlay veth pair (`10.231.0.1`/`.2`), each with a VXLAN device (VNI 1, port 8472, MTU
-//! 1450, learning off) configured flannel-style (permanent neighbour + FDB entry + route per
-//! remote block) and a bridge; jobs `a` and `b` on host 1, job `c` on host 2. Pairs: same-host
-//! (a → b), cross-host (a → c) and underlay (host 1 → host 2 on the underlay addresses). Jobs
-//! are set up as `flynn-network` sets them up: veths and bridge at the local MTU (65520), the
-//! overlay MTU (1450) on each job's default route.
+//! 1450, learning off) and a bridge; jobs `a` and `b` on host 1, job `c` on host 2. Pairs:
+//! same-host (a → b), cross-host (a → c) and underlay (host 1 → host 2 on the underlay
+//! addresses). Jobs' veths and bridge are at the local MTU (65520), the overlay MTU (1450) on
+//! each job's default route, as `flynn-network` and `flynn-host` set them up.
+//!
+//! Two ways to build it ([`Setup`]):
+//! - the lab ([`lab`], the default): hosts, VXLAN entries (flannel-style: permanent neighbour +
+//!   FDB entry + route per remote block) and jobs made with `ip`; the fast path switched on and
+//!   off with the `fastpathctl` example of `flynn-ebpf`;
+//! - `--deployed` ([`deployed`]): discoverd, a `flynn-network` agent per host and jobs made with
+//!   the calls `flynn-host` makes, so the numbers are those of the shipped configuration.
 //!
 //! Three modes: `flannel` (the kernel path with the job side at the overlay MTU too, as flannel
 //! and the issue's "bridge path" configure it), `kernel` (the kernel path as flynn-network
-//! configures it) and `fast` (the eBPF fast path on top of that). Per round, for each mode in
-//! rotating order: ping RTT (per-packet median and p99), iperf3 TCP and UDP throughput per pair. The fast path is switched on and off with the `fastpathctl`
-//! example of `flynn-ebpf` (run inside the host namespaces): job veths, VXLAN device, and VXLAN
-//! encapsulation and decapsulation in BPF on the underlay veth `ul0`. Its counters are checked
-//! (same-host: local redirects; cross-host: encapsulations and decapsulations in BPF) so a
-//! "fast" number is never silently a kernel-path number. Medians across rounds; nothing passes or fails.
+//! configures it) and `fast` (the eBPF fast path on top of that: job veths, VXLAN device, and
+//! VXLAN encapsulation and decapsulation in BPF on the underlay veth `ul0`). Per round, for each
+//! mode in rotating order: ping RTT (per-packet median and p99), iperf3 TCP and UDP throughput
+//! per pair. The fast path's counters are checked (same-host: local redirects; cross-host:
+//! encapsulations and decapsulations in BPF) so a "fast" number is never silently a kernel-path
+//! number. Medians across rounds; nothing passes or fails.
+
+mod deployed;
+mod lab;
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use flynn_netlab::{run_stdout as run, sys_attr, Bpffs};
+use flynn_netlab::run_stdout as run;
 
 use crate::procs::{Proc, TempDir};
 use crate::report::median;
@@ -42,161 +51,42 @@ pub struct Options {
     /// host namespaces get the outbound NAT table `flynn-network` installs by default (so their
     /// routed traffic goes through conntrack, as on a deployed host).
     pub masq_bin: Option<PathBuf>,
+    /// Instead of the lab: what a deployed host runs (see [`deployed`]).
+    pub deployed: Option<DeployedBins>,
 }
 
-/// The namespaces and the BPF filesystem; removed on drop (namespaces first).
-struct Lab {
-    net: flynn_netlab::Lab,
-    bpffs: Bpffs,
+/// The binaries of `--deployed`.
+pub struct DeployedBins {
+    pub discoverd: PathBuf,
+    pub network: PathBuf,
 }
-
-struct Job {
-    ns: String,
-    port: &'static str,
-    ip: &'static str,
-}
-
-const VTEP1: &str = "0e:46:4c:01:00:00";
-const VTEP2: &str = "0e:46:4c:02:00:00";
 
 /// The overlay MTU (underlay 1500 − VXLAN's 50) and the local MTU of job veths and bridges
 /// (`flynn_network::job::LOCAL_MTU`).
 const OVERLAY_MTU: u32 = 1450;
-const LOCAL_MTU: u32 = 65520;
+const LOCAL_MTU: u32 = flynn_network::job::LOCAL_MTU;
 
-/// A job namespace whose `eth0` is peered with `port` on `flbr` in `host`; the default route
-/// carries the overlay MTU.
-fn job(
-    lab: &mut flynn_netlab::Lab,
-    short: &str,
-    host: &str,
-    port: &'static str,
-    ip: &'static str,
-    gw: &str,
-) -> Result<Job> {
-    let ns = lab.add_ns(short)?;
-    flynn_netlab::veth(host, port, Some(LOCAL_MTU), &ns, "eth0")?;
-    flynn_netlab::enslave(host, port, "flbr")?;
-    flynn_netlab::addr(&ns, "eth0", &format!("{ip}/24"))?;
-    flynn_netlab::link_up(&ns, "eth0", Some(LOCAL_MTU))?;
-    flynn_netlab::default_route(&ns, gw)?;
-    let mtu = OVERLAY_MTU.to_string();
-    run(&[
-        "ip", "-n", &ns, "route", "change", "default", "via", gw, "mtu", &mtu,
-    ])?;
-    Ok(Job { ns, port, ip })
+/// Who talks to whom: `src` and `dst` are network namespaces, `ip` is `dst`'s address.
+struct Pair {
+    name: &'static str,
+    src: String,
+    dst: String,
+    ip: String,
 }
 
-/// Sets the MTU of every job's `eth0`, its host end and both bridges.
-fn set_job_mtu(t: &Topology, mtu: u32) -> Result<()> {
-    let mtu = mtu.to_string();
-    for (host, jobs) in [(&t.h1, vec![&t.a, &t.b]), (&t.h2, vec![&t.c])] {
-        for j in jobs {
-            run(&["ip", "-n", host, "link", "set", j.port, "mtu", &mtu])?;
-            run(&["ip", "-n", &j.ns, "link", "set", "eth0", "mtu", &mtu])?;
-        }
-        run(&["ip", "-n", host, "link", "set", "flbr", "mtu", &mtu])?;
-    }
-    Ok(())
-}
-
-struct Topology {
-    lab: Lab,
-    h1: String,
-    h2: String,
-    a: Job,
-    b: Job,
-    c: Job,
-}
-
-fn build() -> Result<Topology> {
-    let mut lab = Lab {
-        net: flynn_netlab::Lab::new("fpo"),
-        bpffs: Bpffs::mount("flynn-perf-bpffs")?,
-    };
-    let net = &mut lab.net;
-    let h1 = net.add_host("h1", "100.100.1.1")?;
-    let h2 = net.add_host("h2", "100.100.2.1")?;
-    net.underlay(&h1, "10.231.0.1", &h2, "10.231.0.2")?;
-    net.vxlan(&h1, "10.231.0.1", "100.100.1.0", VTEP1)?;
-    net.vxlan(&h2, "10.231.0.2", "100.100.2.0", VTEP2)?;
-    net.peer(&h1, "100.100.2.0", VTEP2, "10.231.0.2")?;
-    net.peer(&h2, "100.100.1.0", VTEP1, "10.231.0.1")?;
-    let a = job(net, "a", &h1, "vja", "100.100.1.10", "100.100.1.1")?;
-    let b = job(net, "b", &h1, "vjb", "100.100.1.11", "100.100.1.1")?;
-    let c = job(net, "c", &h2, "vjc", "100.100.2.10", "100.100.2.1")?;
-    Ok(Topology {
-        lab,
-        h1,
-        h2,
-        a,
-        b,
-        c,
-    })
-}
-
-struct FastPath<'a> {
-    ctl: &'a str,
-    pin: String,
-    host: String,
-    /// This host's underlay address and VTEP MAC, for VXLAN in BPF on `ul0`.
-    underlay_ip: &'static str,
-    vtep: &'static str,
-    /// The peer's underlay address and VTEP MAC (encapsulation towards the remote block).
-    peer_ip: &'static str,
-    peer_vtep: &'static str,
-}
-
-impl FastPath<'_> {
-    fn ctl(&self, args: &[&str]) -> Result<String> {
-        let mut all = vec!["ip", "netns", "exec", &self.host, self.ctl, &self.pin];
-        all.extend_from_slice(args);
-        run(&all)
-    }
-
-    /// Attaches the programs and fills the maps: local jobs, the remote block and its peer, the
-    /// VXLAN settings for encapsulation and decapsulation on the underlay device.
-    fn on(&self, jobs: &[&Job], remote_block: &str) -> Result<()> {
-        self.ctl(&["attach", "flvx", "vxlan"])?;
-        self.ctl(&["underlay", self.underlay_ip, "1", "8472", self.vtep, "ul0"])?;
-        self.ctl(&["attach", "ul0", "underlay"])?;
-        self.ctl(&["tunnel", remote_block, self.peer_ip, self.peer_vtep])?;
-        let gw = sys_attr(&self.host, "flbr", "address")?;
-        for j in jobs {
-            self.ctl(&["attach", j.port, "job"])?;
-            let mac = sys_attr(&j.ns, "eth0", "address")?;
-            self.ctl(&["endpoint", j.ip, j.port, &mac, &gw])?;
-        }
-        self.ctl(&[
-            "prefix",
-            &format!("{remote_block}/24"),
-            "flvx",
-            remote_block,
-        ])?;
-        Ok(())
-    }
-
-    fn off(&self) -> Result<()> {
-        self.ctl(&["unpin"]).map(|_| ())
-    }
-
-    /// (redirected local, encapsulated in BPF, decapsulated in BPF).
-    fn counters(&self) -> Result<(u64, u64, u64)> {
-        let text = self.ctl(&["counters"])?;
-        let get = |k: &str| -> Result<u64> {
-            text.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .context("counter missing")?
-                .trim()
-                .parse()
-                .context("counter value")
-        };
-        Ok((
-            get("redirected_local ")?,
-            get("encapsulated ")?,
-            get("decapsulated ")?,
-        ))
-    }
+/// How the hosts and jobs are made and the modes switched.
+trait Setup {
+    /// One line for the report.
+    fn describe(&self) -> String;
+    /// Host 1 to host 2 on the underlay addresses.
+    fn underlay(&self) -> Pair;
+    /// Puts the hosts in `mode`; returns the same-host and cross-host pairs.
+    fn enter(&mut self, mode: Mode) -> Result<[Pair; 2]>;
+    /// Host 1's fast path counters: (redirected locally, encapsulated in BPF, decapsulated in
+    /// BPF). Only asked for in [`Mode::Fast`].
+    fn counters(&self) -> Result<(u64, u64, u64)>;
+    /// Undoes what `enter` did for `mode`.
+    fn leave(&mut self, mode: Mode) -> Result<()>;
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -351,103 +241,82 @@ fn measure(
 }
 
 pub fn run_harness(opts: Options) -> Result<String> {
-    let ctl = opts.ctl_bin.to_str().context("ctl path")?.to_string();
-    ensure!(
-        opts.ctl_bin.exists(),
-        "{ctl} not found: cargo build --release -p flynn-ebpf --example fastpathctl"
-    );
     let started = run(&["date", "-u"])?.trim().to_string();
-    let t = build()?;
-    let masq = match &opts.masq_bin {
-        Some(bin) => {
-            let bin = bin.to_str().context("masqctl path")?;
-            ensure!(
-                std::path::Path::new(bin).exists(),
-                "{bin} not found: cargo build --release -p flynn-network --example masqctl"
-            );
-            for h in [&t.h1, &t.h2] {
-                run(&["ip", "netns", "exec", h, bin, "install", "100.100.0.0/16"])?;
-            }
-            "outbound NAT table installed in both hosts (as `flynn-network --ip-masq true`, the default)"
-        }
-        None => "no outbound NAT table (`--no-masq`)",
+    let mut setup: Box<dyn Setup> = match &opts.deployed {
+        Some(bins) => Box::new(deployed::Deployed::new(bins)?),
+        None => Box::new(lab::LabSetup::new(&opts.ctl_bin, opts.masq_bin.as_deref())?),
     };
+    let res = bench(&opts, setup.as_mut());
+    if res.is_err() {
+        crate::procs::wait_if_stopping();
+    }
+    let (underlay, samples) = res?;
+    let md = report(&opts, &started, &setup.describe(), &underlay, &samples)?;
+    drop(setup);
+    if let Some(out) = &opts.out {
+        std::fs::write(out, &md).with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(md)
+}
+
+type Sampled = Vec<(&'static str, Mode, Samples)>;
+
+fn bench(opts: &Options, setup: &mut dyn Setup) -> Result<(Samples, Sampled)> {
     let tmp = TempDir::new("flynn-perf-overlay")?;
-    let bpffs = t.lab.bpffs.path().to_path_buf();
-    let fp1 = FastPath {
-        ctl: &ctl,
-        pin: bpffs.join("h1").to_string_lossy().into_owned(),
-        host: t.h1.clone(),
-        underlay_ip: "10.231.0.1",
-        vtep: VTEP1,
-        peer_ip: "10.231.0.2",
-        peer_vtep: VTEP2,
-    };
-    let fp2 = FastPath {
-        ctl: &ctl,
-        pin: bpffs.join("h2").to_string_lossy().into_owned(),
-        host: t.h2.clone(),
-        underlay_ip: "10.231.0.2",
-        vtep: VTEP2,
-        peer_ip: "10.231.0.1",
-        peer_vtep: VTEP1,
-    };
-    let pairs = [("same-host", &t.a, &t.b), ("cross-host", &t.a, &t.c)];
-    let mut samples: Vec<(&str, Mode, Samples)> = Vec::new();
-    for (name, _, _) in &pairs {
+    let mut samples: Sampled = Vec::new();
+    for name in ["same-host", "cross-host"] {
         for mode in Mode::ALL {
             samples.push((name, mode, Samples::default()));
         }
     }
     let mut underlay = Samples::default();
+    let ul = setup.underlay();
     for round in 0..opts.rounds {
         eprintln!("round {}/{}", round + 1, opts.rounds);
-        measure(&opts, &tmp, &t.h1, &t.h2, "10.231.0.2", &mut underlay)?;
+        measure(opts, &tmp, &ul.src, &ul.dst, &ul.ip, &mut underlay)?;
         let mut modes = Mode::ALL;
         modes.rotate_left(round % Mode::ALL.len());
         if round % 2 == 1 {
             modes.reverse();
         }
         for mode in modes {
-            set_job_mtu(
-                &t,
-                if mode == Mode::Flannel {
-                    OVERLAY_MTU
+            let pairs = setup.enter(mode)?;
+            for p in &pairs {
+                let before = if mode == Mode::Fast {
+                    Some(setup.counters()?)
                 } else {
-                    LOCAL_MTU
-                },
-            )?;
-            if mode == Mode::Fast {
-                fp1.on(&[&t.a, &t.b], "100.100.2.0")?;
-                fp2.on(&[&t.c], "100.100.1.0")?;
-            }
-            for (name, src, dst) in &pairs {
-                let before = fp1.counters().ok();
+                    None
+                };
                 let s = &mut samples
                     .iter_mut()
-                    .find(|(n, m, _)| n == name && *m == mode)
+                    .find(|(n, m, _)| *n == p.name && *m == mode)
                     .context("samples")?
                     .2;
-                measure(&opts, &tmp, &src.ns, &dst.ns, dst.ip, s)?;
-                if mode == Mode::Fast {
-                    let (l0, r0, d0) = before.context("counters")?;
-                    let (l1, r1, d1) = fp1.counters()?;
+                measure(opts, &tmp, &p.src, &p.dst, &p.ip, s)?;
+                if let Some((l0, r0, d0)) = before {
+                    let (l1, r1, d1) = setup.counters()?;
                     // Cross-host: requests encapsulated in BPF, replies decapsulated in BPF.
-                    let moved = if *name == "same-host" {
+                    let moved = if p.name == "same-host" {
                         l1 > l0
                     } else {
                         r1 > r0 && d1 > d0
                     };
-                    ensure!(moved, "{name}: fast path counters did not move");
+                    ensure!(moved, "{}: fast path counters did not move", p.name);
                 }
             }
-            if mode == Mode::Fast {
-                fp1.off()?;
-                fp2.off()?;
-            }
+            setup.leave(mode)?;
         }
     }
+    Ok((underlay, samples))
+}
 
+fn report(
+    opts: &Options,
+    started: &str,
+    setup: &str,
+    underlay: &Samples,
+    samples: &Sampled,
+) -> Result<String> {
     let kernel = run(&["uname", "-r"])?.trim().to_string();
     let iperf_v = run(&["iperf3", "--version"])?
         .lines()
@@ -460,7 +329,7 @@ pub fn run_harness(opts: Options) -> Result<String> {
         opts.command
     ));
     md.push_str(&format!(
-        "- Host: {} CPUs, Linux {kernel}; {iperf_v}; {} round(s), iperf3 {} s per run, {} pings at 10 ms per RTT run, modes alternating per round\n- Hosts: {masq}\n\n",
+        "- Host: {} CPUs, Linux {kernel}; {iperf_v}; {} round(s), iperf3 {} s per run, {} pings at 10 ms per RTT run, modes alternating per round\n- Hosts: {setup}\n\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         opts.rounds,
         opts.duration_s,
@@ -479,8 +348,8 @@ pub fn run_harness(opts: Options) -> Result<String> {
             f(&s.udp_loss_pct)
         )
     };
-    md.push_str(&row("underlay", "no encapsulation", &underlay));
-    for (name, mode, s) in &samples {
+    md.push_str(&row("underlay", "no encapsulation", underlay));
+    for (name, mode, s) in samples {
         md.push_str(&row(name, mode.label(), s));
     }
     md.push_str("\nTCP Gbit/s per round:\n\n");
@@ -491,7 +360,7 @@ pub fn run_harness(opts: Options) -> Result<String> {
             .join(" / ")
     };
     md.push_str(&format!("- underlay: {}\n", rounds(&underlay.tcp_gbps)));
-    for (name, mode, s) in &samples {
+    for (name, mode, s) in samples {
         md.push_str(&format!(
             "- {name}, {}: {}\n",
             mode.label(),
@@ -561,9 +430,5 @@ pub fn run_harness(opts: Options) -> Result<String> {
     for (what, value, target) in ratios {
         md.push_str(&format!("| {what} | {value:.2} | {target} |\n"));
     }
-    if let Some(out) = &opts.out {
-        std::fs::write(out, &md).with_context(|| format!("writing {}", out.display()))?;
-    }
-    drop(t);
     Ok(md)
 }

@@ -1,0 +1,440 @@
+//! `flynn-perf overlay --deployed`: the harness's pairs and modes through what a deployed host
+//! runs instead of the lab's `ip` commands. Host 1 runs a single-node `flynn-discoverd` on its
+//! underlay address; each host runs the `flynn-network` agent (lease from discoverd, VXLAN
+//! device, bridge, peers' entries, outbound NAT table, and with `--fast-path on` the programs on
+//! the VXLAN and underlay devices and the prefix map); jobs are made with the calls `flynn-host`
+//! makes: [`raise_to_local_mtu`] when it opens the bridge, [`create_job_net`] per job and, when
+//! the agent's fast path is pinned, [`attach_fast_path`] (program on the job's veth, endpoint
+//! entry).
+//!
+//! Per mode the agents start with that mode's `--fast-path` (the previous ones are SIGKILLed,
+//! as in an agent crash: the new agent adopts the lease and the devices) and the jobs are made
+//! afresh; `flannel` lowers the jobs' veths and the bridge to the overlay MTU after they are
+//! made. Everything lives in namespaces and a BPF filesystem of the harness's own, removed on
+//! exit.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use flynn_ebpf::FastPath;
+use flynn_netlab::{in_ns, in_ns_path, run_stdout as run, sysctl, Bpffs};
+use flynn_network::job::{
+    attach_fast_path, create_job_net, destroy_job_net, detach_fast_path, raise_to_local_mtu,
+    JobNet, JobNetConfig,
+};
+use flynn_network::{KernelNetlink, Subnet};
+
+use super::{DeployedBins, Mode, Pair, Setup, LOCAL_MTU, OVERLAY_MTU};
+use crate::procs::{Proc, TempDir};
+
+const DISCOVERD: &str = "10.231.0.1:1111";
+const BRIDGE: &str = "flynnbr0";
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Host {
+    ns: String,
+    ip: &'static str,
+    pin_dir: PathBuf,
+    state_dir: PathBuf,
+    agent: Option<Proc>,
+    /// From the agent's ready line.
+    subnet: Option<Subnet>,
+    cfg: Option<JobNetConfig>,
+    /// Job id and network.
+    jobs: Vec<(String, JobNet)>,
+    /// Host 1's fast path, loaded while in [`Mode::Fast`] (for the counters).
+    fp: Option<FastPath>,
+}
+
+pub(super) struct Deployed {
+    network_bin: PathBuf,
+    dir: TempDir,
+    discoverd: Option<Proc>,
+    hosts: Vec<Host>,
+    next_job: u32,
+    bpffs: Option<Bpffs>,
+    net: Option<flynn_netlab::Lab>,
+}
+
+/// Runs `f` with a current-thread tokio runtime on a thread inside namespace `ns`.
+fn in_ns_async<R: Send>(ns: &str, f: impl AsyncFnOnce() -> Result<R> + Send) -> Result<R> {
+    in_ns(ns, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(f())
+    })
+}
+
+impl Deployed {
+    pub(super) fn new(bins: &DeployedBins) -> Result<Deployed> {
+        for (bin, pkg) in [
+            (&bins.discoverd, "flynn-discoverd"),
+            (&bins.network, "flynn-network"),
+        ] {
+            ensure!(
+                bin.exists(),
+                "{} not found: cargo build --release -p {pkg}",
+                bin.display()
+            );
+        }
+        let dir = TempDir::new("flynn-perf-overlay-deployed")?;
+        let bpffs = Bpffs::mount("flynn-perf-bpffs")?;
+        let mut net = flynn_netlab::Lab::new("fpd");
+        let mut hosts = Vec::new();
+        for (i, ip) in [(1, "10.231.0.1"), (2, "10.231.0.2")] {
+            let ns = net.add_ns(&format!("h{i}"))?;
+            sysctl(&ns, "net.ipv4.ip_forward=1")?;
+            hosts.push(Host {
+                ns,
+                ip,
+                pin_dir: bpffs.pin_dir(&format!("h{i}")),
+                state_dir: dir.path().join(format!("h{i}")),
+                agent: None,
+                subnet: None,
+                cfg: None,
+                jobs: Vec::new(),
+                fp: None,
+            });
+        }
+        net.underlay(&hosts[0].ns, hosts[0].ip, &hosts[1].ns, hosts[1].ip)?;
+        let mut d = Deployed {
+            network_bin: bins.network.clone(),
+            dir,
+            discoverd: None,
+            hosts,
+            next_job: 0,
+            bpffs: Some(bpffs),
+            net: Some(net),
+        };
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &d.hosts[0].ns])
+            .arg(&bins.discoverd)
+            .arg("--data-dir")
+            .arg(d.dir.path().join("discoverd"))
+            .args(["--addr", DISCOVERD])
+            .env("FLYNN_LOG", "warn");
+        let log = d.dir.path().join("discoverd.log");
+        d.discoverd = Some(Proc::spawn("flynn-discoverd", cmd, &log)?);
+        d.wait_for_discoverd()?;
+        Ok(d)
+    }
+
+    /// Until discoverd accepts a write (a fresh node elects itself first).
+    fn wait_for_discoverd(&self) -> Result<()> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let status = in_ns(&self.hosts[0].ns, || {
+                put_status(
+                    DISCOVERD,
+                    "/services/perf-ready-probe",
+                    r#"{"leader_type":"oldest"}"#,
+                )
+            });
+            let last = match status {
+                Ok(200) | Ok(409) => return Ok(()),
+                Ok(s) => format!("status {s}"),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() > deadline {
+                let tail = self
+                    .discoverd
+                    .as_ref()
+                    .map(|p| p.log_tail(10))
+                    .unwrap_or_default();
+                bail!("discoverd never accepted a write ({last}):\n{tail}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts host `i`'s agent with `--fast-path on|off` and waits for its ready line.
+    fn start_agent(&mut self, i: usize, fast: bool) -> Result<()> {
+        let h = &mut self.hosts[i];
+        h.agent = None;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &h.ns])
+            .arg(&self.network_bin)
+            .args(["--discoverd", &format!("http://{DISCOVERD}")])
+            .args(["--public-ip", h.ip])
+            .arg("--state-dir")
+            .arg(&h.state_dir)
+            .arg("--pin-dir")
+            .arg(&h.pin_dir)
+            .args(["--fast-path", if fast { "on" } else { "off" }])
+            .args(["--http-addr", "127.0.0.1:5001"])
+            .env("FLYNN_LOG", "warn");
+        let log = self.dir.path().join(format!(
+            "agent-h{}-{}.log",
+            i + 1,
+            if fast { "on" } else { "off" }
+        ));
+        let mut proc = Proc::spawn("flynn-network", cmd, &log)?;
+        let deadline = Instant::now() + WAIT;
+        let line = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(l) = text.lines().find(|l| l.starts_with("ready ")) {
+                break l.to_string();
+            }
+            if let Some(status) = proc.exited() {
+                bail!("flynn-network exited ({status}): {}", proc.log_tail(20));
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "flynn-network printed no ready line in 30 s: {}",
+                proc.log_tail(20)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let get = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .with_context(|| format!("no {k} in {line:?}"))
+        };
+        let subnet: Subnet = get("subnet=")?.parse()?;
+        let gateway: Ipv4Addr = get("gateway=")?.parse()?;
+        let mtu: u32 = get("mtu=")?.parse()?;
+        let want = if fast { "on" } else { "off" };
+        ensure!(
+            get("fast_path=")? == want,
+            "agent started with --fast-path {want} reports {line:?}"
+        );
+        h.subnet = Some(subnet);
+        h.cfg = Some(JobNetConfig {
+            bridge: BRIDGE.into(),
+            block: subnet,
+            gateway,
+            mtu,
+            local_mtu: LOCAL_MTU,
+        });
+        h.agent = Some(proc);
+        Ok(())
+    }
+
+    /// Until each host routes the other's block (the agents saw each other's leases).
+    fn wait_for_peers(&self) -> Result<()> {
+        let deadline = Instant::now() + WAIT;
+        for (i, h) in self.hosts.iter().enumerate() {
+            let other = self.hosts[1 - i].subnet.context("peer subnet")?.to_string();
+            loop {
+                let routes = run(&["ip", "-n", &h.ns, "route", "show"])?;
+                if routes.lines().any(|l| l.starts_with(&other)) {
+                    break;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "{} has no route to {other} after 30 s:\n{routes}",
+                    h.ns
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `n` jobs on host `i` as flynn-host does, with the fast path when `fast`.
+    fn add_jobs(&mut self, i: usize, n: u32, fast: bool) -> Result<()> {
+        let pid = std::process::id();
+        let ids: Vec<String> = (0..n)
+            .map(|k| format!("fpd-{pid}-{}", self.next_job + k))
+            .collect();
+        self.next_job += n;
+        let h = &mut self.hosts[i];
+        let cfg = h.cfg.clone().context("agent not started")?;
+        let subnet = h.subnet.context("agent not started")?;
+        let pin_dir = h.pin_dir.clone();
+        let made = in_ns_async(&h.ns, async || {
+            let nl = KernelNetlink::connect()?;
+            raise_to_local_mtu(&nl, &cfg).await?;
+            let mut fp = if fast {
+                ensure!(
+                    FastPath::is_set_up(&pin_dir),
+                    "the agent pinned no fast path in {}",
+                    pin_dir.display()
+                );
+                Some(FastPath::load(&pin_dir)?)
+            } else {
+                None
+            };
+            let mut jobs = Vec::new();
+            for (k, id) in ids.iter().enumerate() {
+                let ip = subnet.nth(10 + k as u32).context("address in block")?;
+                let job = create_job_net(&nl, id, ip, &cfg).await?;
+                jobs.push((id.clone(), job.clone()));
+                if let Some(fp) = fp.as_mut() {
+                    attach_fast_path(&nl, fp, &job, BRIDGE).await?;
+                }
+            }
+            Ok((jobs, fp))
+        });
+        let (jobs, fp) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                // What was made before the failure is not known here; remove by id.
+                h.jobs
+                    .extend(ids.iter().map(|id| (id.clone(), placeholder(id))));
+                return Err(e);
+            }
+        };
+        h.jobs.extend(jobs);
+        if i == 0 {
+            h.fp = fp;
+        }
+        Ok(())
+    }
+
+    /// Detaches and removes host `i`'s jobs (best effort on the way out).
+    fn remove_jobs(&mut self, i: usize) -> Result<()> {
+        let h = &mut self.hosts[i];
+        let jobs = std::mem::take(&mut h.jobs);
+        let fp = h.fp.take();
+        let pin_dir = h.pin_dir.clone();
+        in_ns_async(&h.ns, async || {
+            let nl = KernelNetlink::connect()?;
+            let mut fp = match fp {
+                Some(fp) => Some(fp),
+                None if FastPath::is_set_up(&pin_dir) => FastPath::load(&pin_dir).ok(),
+                None => None,
+            };
+            for (id, job) in &jobs {
+                if let Some(fp) = fp.as_mut() {
+                    if job.host_ifindex != 0 {
+                        detach_fast_path(fp, job)?;
+                    }
+                }
+                destroy_job_net(&nl, id).await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The name `ip netns exec` takes for a job's namespace (its file under `/run/netns`).
+fn ns_name(job: &JobNet) -> String {
+    job.netns_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// A job whose creation may have failed half way: only its id is known, which is all
+/// [`destroy_job_net`] needs (`host_ifindex` 0: nothing to detach).
+fn placeholder(id: &str) -> JobNet {
+    JobNet {
+        netns_path: flynn_network::job::netns_path(id),
+        ip: Ipv4Addr::UNSPECIFIED,
+        prefix_len: 0,
+        host_veth: flynn_network::job::host_veth_name(id),
+        host_ifindex: 0,
+        mac: [0; 6],
+    }
+}
+
+/// `PUT path` with a JSON body over plain HTTP/1.1; the response's status code.
+fn put_status(addr: &str, path: &str, body: &str) -> Result<u16> {
+    let addr: SocketAddr = addr.parse()?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "PUT {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)?;
+    let text = std::str::from_utf8(&head)?;
+    text.get(9..12)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad status line {text:?}"))
+}
+
+/// Lowers both ends of every job veth on `h`, and the bridge, to `mtu`.
+fn set_job_mtu(h: &Host, mtu: u32) -> Result<()> {
+    let mtu = mtu.to_string();
+    for (_, j) in &h.jobs {
+        run(&["ip", "-n", &h.ns, "link", "set", &j.host_veth, "mtu", &mtu])?;
+        let path = j.netns_path.to_string_lossy().into_owned();
+        in_ns_path(Path::new(&path), || {
+            run(&["ip", "link", "set", "eth0", "mtu", &mtu])?;
+            Ok(())
+        })?;
+    }
+    run(&["ip", "-n", &h.ns, "link", "set", BRIDGE, "mtu", &mtu])?;
+    Ok(())
+}
+
+impl Setup for Deployed {
+    fn describe(&self) -> String {
+        "deployed: single-node flynn-discoverd on host 1, a `flynn-network` agent per host (defaults: outbound NAT table on), jobs made with flynn-host's calls (`raise_to_local_mtu`, `create_job_net`, `attach_fast_path`); agents restarted with `--fast-path on|off` per mode".into()
+    }
+
+    fn underlay(&self) -> Pair {
+        Pair {
+            name: "underlay",
+            src: self.hosts[0].ns.clone(),
+            dst: self.hosts[1].ns.clone(),
+            ip: self.hosts[1].ip.into(),
+        }
+    }
+
+    fn enter(&mut self, mode: Mode) -> Result<[Pair; 2]> {
+        let fast = mode == Mode::Fast;
+        for i in 0..self.hosts.len() {
+            self.start_agent(i, fast)?;
+        }
+        self.wait_for_peers()?;
+        self.add_jobs(0, 2, fast)?;
+        self.add_jobs(1, 1, fast)?;
+        if mode == Mode::Flannel {
+            for h in &self.hosts {
+                set_job_mtu(h, OVERLAY_MTU)?;
+            }
+        }
+        let (h1, h2) = (&self.hosts[0], &self.hosts[1]);
+        let pair = |name, src: &(String, JobNet), dst: &(String, JobNet)| Pair {
+            name,
+            src: ns_name(&src.1),
+            dst: ns_name(&dst.1),
+            ip: dst.1.ip.to_string(),
+        };
+        Ok([
+            pair("same-host", &h1.jobs[0], &h1.jobs[1]),
+            pair("cross-host", &h1.jobs[0], &h2.jobs[0]),
+        ])
+    }
+
+    fn counters(&self) -> Result<(u64, u64, u64)> {
+        let c = self.hosts[0]
+            .fp
+            .as_ref()
+            .context("no fast path loaded on host 1")?
+            .counters()?;
+        Ok((c.redirected_local, c.encapsulated, c.decapsulated))
+    }
+
+    fn leave(&mut self, _mode: Mode) -> Result<()> {
+        for i in 0..self.hosts.len() {
+            self.remove_jobs(i)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Deployed {
+    fn drop(&mut self) {
+        for i in 0..self.hosts.len() {
+            if let Err(e) = self.remove_jobs(i) {
+                eprintln!("cleanup: removing jobs: {e:#}");
+            }
+            self.hosts[i].agent = None;
+        }
+        self.discoverd = None;
+        // Namespaces (and with them every device) before the BPF filesystem.
+        self.net = None;
+        self.bpffs = None;
+    }
+}
