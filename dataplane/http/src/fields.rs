@@ -24,6 +24,12 @@ pub(crate) enum Field {
     XForwardedPort,
     XRequestStart,
     XRequestId,
+    /// Content-Length or Transfer-Encoding spelt with `_` for a `-`: not framing here, but
+    /// CGI-style backends (the Mongrel parser family: Unicorn, Puma, Thin) read it as the
+    /// real field, so passing it on would let a client frame the body one way for the router
+    /// and another for the backend (request smuggling). Always dropped, as nginx drops every
+    /// field with an underscore by default.
+    UnderscoredFraming,
     Other,
 }
 
@@ -49,10 +55,12 @@ pub(crate) fn classify(name: &[u8]) -> Field {
         10 if is(b"connection") => Field::Connection,
         12 if xs(b"x-request-id") => Field::XRequestId,
         14 if is(b"content-length") => Field::ContentLength,
+        14 if xs(b"content-length") => Field::UnderscoredFraming,
         15 if xs(b"x-forwarded-for") => Field::XForwardedFor,
         15 if xs(b"x-request-start") => Field::XRequestStart,
         16 if xs(b"x-forwarded-port") => Field::XForwardedPort,
         17 if is(b"transfer-encoding") => Field::TransferEncoding,
+        17 if xs(b"transfer-encoding") => Field::UnderscoredFraming,
         17 if xs(b"x-forwarded-proto") => Field::XForwardedProto,
         _ => Field::Other,
     }
@@ -249,16 +257,22 @@ impl<'h, 'b> Fields<'h, 'b> {
         f
     }
 
-    /// Marks every field whose name is a token of a Connection field. Cost is bounded by
-    /// tokens × fields, with a length check first.
+    /// Marks every field whose name is a token of a Connection field, except Host and
+    /// Content-Length, which carry routing and framing and are never hop-by-hop (a client's
+    /// `Connection: host` must not hide its Host from the absolute-form rewrite). Cost is
+    /// bounded by tokens × fields, with a length check first.
     fn mark_connection_listed(&mut self) {
         let headers = self.headers;
-        for (h, &k) in headers.iter().zip(self.kinds.iter()) {
+        let kinds = self.kinds;
+        for (h, &k) in headers.iter().zip(kinds.iter()) {
             if k != Field::Connection {
                 continue;
             }
             for t in tokens(h.value) {
                 for (i, other) in headers.iter().enumerate() {
+                    if matches!(kinds[i], Field::Host | Field::ContentLength) {
+                        continue;
+                    }
                     let n = other.name.as_bytes();
                     if n.len() == t.len() && n.eq_ignore_ascii_case(t) {
                         self.listed[i] = true;
@@ -305,7 +319,10 @@ impl<'h, 'b> Fields<'h, 'b> {
         let mut length_done = false;
         for (i, (h, kind)) in self.iter().enumerate() {
             let keep = match kind {
-                Field::Te | Field::Trailers | Field::TransferEncoding => false,
+                Field::Te
+                | Field::Trailers
+                | Field::TransferEncoding
+                | Field::UnderscoredFraming => false,
                 _ if replaced(kind) => false,
                 Field::ContentLength => {
                     if !length_done {
@@ -382,6 +399,9 @@ mod tests {
             (b"X-Request-Start", Field::XRequestStart),
             (b"X-Forwarded-For", Field::XForwardedFor),
             (b"Content-Type", Field::Other),
+            (b"Content_Length", Field::UnderscoredFraming),
+            (b"transfer_ENCODING", Field::UnderscoredFraming),
+            (b"Transfer-Encodinh", Field::Other),
             (b"", Field::Other),
         ];
         for &(name, want) in table {

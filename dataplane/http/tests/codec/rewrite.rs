@@ -385,6 +385,34 @@ fn absolute_form_host_replaces_the_clients_host() {
     );
 }
 
+/// Naming Host in Connection does not make the client's Host survive the absolute-form
+/// rewrite: the backend sees the host the request was routed by.
+#[test]
+fn connection_naming_host_does_not_keep_the_clients_host() {
+    let head =
+        rewrite(b"GET http://victim.app/x HTTP/1.1\r\nHost: evil.com\r\nConnection: host\r\n\r\n");
+    assert!(
+        head.starts_with("GET http://victim.app/x HTTP/1.1\r\nHost: victim.app\r\n"),
+        "{head}"
+    );
+    assert!(!head.contains("evil.com"), "{head}");
+}
+
+/// Content-Length and Transfer-Encoding spelt with underscores are dropped: CGI-style
+/// backends would read them as the real fields and frame the body differently.
+#[test]
+fn framing_fields_spelt_with_underscores_are_dropped() {
+    let head = rewrite(
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer_Encoding: chunked\r\n\
+          content_length: 99\r\nA_b: c\r\n\r\n",
+    );
+    assert!(!head.to_ascii_lowercase().contains("transfer"), "{head:?}");
+    assert!(!head.contains("99"), "{head:?}");
+    assert_eq!(value(&head, "Content-Length"), Some("5"));
+    // Other fields with underscores pass as they are.
+    assert_eq!(value(&head, "A_b"), Some("c"));
+}
+
 #[test]
 fn extra_headers_come_last_and_output_is_appended() {
     let raw = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
