@@ -156,11 +156,16 @@ struct SeqSpans {
 
 /// Ranges kept per host and shard; beyond this the two closest are merged.
 const MAX_SPANS: usize = 64;
-/// Hosts whose cursor and sequence ranges a shard keeps. Host names come from senders, so
-/// without a bound a sender inventing one per line would grow these maps without end
-/// (outside the memory cap). Lines of hosts beyond it are still stored: they are checked
-/// for duplicates by content, as lines without a sequence are, and have no cursor.
-const MAX_HOSTS_PER_SHARD: usize = 256;
+/// Hosts whose sequence ranges a shard keeps (up to [`MAX_SPANS`] ranges each). Host names
+/// come from senders, so without a bound a sender inventing one per line would grow these
+/// maps without end (outside the memory cap). Lines of hosts beyond it are still stored:
+/// they are checked for duplicates by content, as lines without a sequence are.
+const MAX_SEEN_HOSTS_PER_SHARD: usize = 256;
+/// Hosts whose cursor a shard keeps (a name and 16 bytes each, ~6 MiB per 1000 hosts over
+/// all shards at worst). Every shard sees nearly every host, so this is the cluster size
+/// up to which `/cursors` has every host; a host missing from it resends its whole disk
+/// log whenever it reconnects.
+const MAX_CURSOR_HOSTS_PER_SHARD: usize = 4096;
 /// How far above a range a number may land and still grow it.
 const SPAN_GAP: u64 = 1 << 16;
 
@@ -421,11 +426,11 @@ impl Store {
                 || seq_cursor.is_some_and(|c| {
                     let cursor_new = match shard.cursors.get(host) {
                         Some(cur) => (c.time, c.seq) > (cur.time, cur.seq),
-                        None => shard.cursors.len() < MAX_HOSTS_PER_SHARD,
+                        None => shard.cursors.len() < MAX_CURSOR_HOSTS_PER_SHARD,
                     };
                     let seen_new = match shard.seen.get(host) {
                         Some(s) => !s.covers(c.seq),
-                        None => shard.seen.len() < MAX_HOSTS_PER_SHARD,
+                        None => shard.seen.len() < MAX_SEEN_HOSTS_PER_SHARD,
                     };
                     cursor_new || seen_new
                 });
@@ -512,8 +517,8 @@ impl Store {
             {
                 if let Some(c) = seq_cursor {
                     let (seen_room, cursor_room) = (
-                        shard.seen.len() < MAX_HOSTS_PER_SHARD,
-                        shard.cursors.len() < MAX_HOSTS_PER_SHARD,
+                        shard.seen.len() < MAX_SEEN_HOSTS_PER_SHARD,
+                        shard.cursors.len() < MAX_CURSOR_HOSTS_PER_SHARD,
                     );
                     match shard.seen.get_mut(host) {
                         Some(spans) => spans.add(c.seq),

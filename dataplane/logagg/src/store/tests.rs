@@ -533,13 +533,36 @@ fn an_app_dropped_by_the_cap_and_back_keeps_counting_up() {
 #[test]
 fn hosts_tracked_per_shard_are_bounded_and_later_ones_still_deduplicated() {
     let s = store(10_000, usize::MAX);
-    let n = MAX_HOSTS_PER_SHARD + 20;
+    // Past the sequence-range bound, within the cursor bound: every host has its cursor.
+    let n = MAX_SEEN_HOSTS_PER_SHARD + 20;
     for i in 0..n {
         let line = msg(&format!("h{i}"), "web.1", "ID1", 1, i as u64, "x");
         assert_eq!(put(&s, "a", &line), Outcome::Stored);
     }
-    assert_eq!(s.cursors().len(), MAX_HOSTS_PER_SHARD);
-    // A host past the bound: stored, and a replay of its line is still a duplicate.
+    assert_eq!(s.cursors().len(), n, "a cursor for every host");
+    // A host without sequence ranges: a replay of its line is still a duplicate.
+    let late = msg(
+        &format!("h{}", n - 1),
+        "web.1",
+        "ID1",
+        1,
+        (n - 1) as u64,
+        "x",
+    );
+    assert_eq!(put(&s, "a", &late), Outcome::Duplicate);
+    let (h, _, _) = s.history(b"a", &Filter::default(), 0, false);
+    assert_eq!(h.len(), n);
+}
+
+#[test]
+fn host_cursors_are_bounded_per_shard_and_later_hosts_still_deduplicated() {
+    let s = store(10_000, usize::MAX);
+    let n = MAX_CURSOR_HOSTS_PER_SHARD + 5;
+    for i in 0..n {
+        let line = msg(&format!("h{i}"), "web.1", "ID1", 1, i as u64, "x");
+        assert_eq!(put(&s, "a", &line), Outcome::Stored);
+    }
+    assert_eq!(s.cursors().len(), MAX_CURSOR_HOSTS_PER_SHARD);
     let late = msg(
         &format!("h{}", n - 1),
         "web.1",
