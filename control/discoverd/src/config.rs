@@ -120,6 +120,14 @@ impl Config {
         if self.wait_net_dns && (self.notify.is_none() || self.dns_addr.is_none()) {
             return Err("--wait-net-dns needs --notify and --dns-addr".into());
         }
+        if self.host.is_none() && !self.peers.is_empty() && self.addr.ip().is_unspecified() {
+            // The advertised address would be the wildcard, which is in no peer list: the
+            // node would run as a proxy without saying so.
+            return Err(format!(
+                "--host is required with --peers when --addr is a wildcard address ({}): give the address peers reach this node at",
+                self.addr
+            ));
+        }
         for p in &self.peers {
             if p.rsplit_once(':')
                 .and_then(|(_, port)| port.parse::<u16>().ok())
@@ -157,6 +165,28 @@ mod tests {
         c.validate().unwrap();
         let bad = Config::try_parse_from(["d", "--data-dir", "x", "--peers", "nope"]).unwrap();
         assert!(bad.validate().is_err());
+        // Peers but no --host, listening on the wildcard: refused, not a silent proxy.
+        let peers = ["d", "--data-dir", "x", "--peers", "10.0.0.1:1111"];
+        let no_host = Config::try_parse_from(peers).unwrap();
+        assert!(
+            no_host
+                .validate()
+                .unwrap_err()
+                .contains("--host is required"),
+            "{:?}",
+            no_host.validate()
+        );
+        let with_host =
+            Config::try_parse_from(peers.iter().chain(&["--host", "10.0.0.1:1111"])).unwrap();
+        with_host.validate().unwrap();
+        let bound =
+            Config::try_parse_from(peers.iter().chain(&["--addr", "10.0.0.1:1111"])).unwrap();
+        bound.validate().unwrap();
+        // A single node may listen on the wildcard without --host, as before.
+        Config::try_parse_from(["d", "--data-dir", "x"])
+            .unwrap()
+            .validate()
+            .unwrap();
         assert_eq!(c.threads, 2);
         let zero = Config::try_parse_from(["d", "--data-dir", "x", "--threads", "0"]).unwrap();
         assert_eq!(

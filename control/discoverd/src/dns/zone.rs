@@ -38,6 +38,26 @@ enum Target<'a> {
 /// but not a known form, `Err(false)` = not in the zone. Labels, not the name's text: a
 /// label may itself hold a dot (`a\.discoverd.` is one label, a top-level name).
 fn parse<'a>(labels: &[&'a str]) -> Result<Target<'a>, bool> {
+    let target = parse_labels(labels)?;
+    let (Target::Service(svc)
+    | Target::ServiceProto(svc, _)
+    | Target::Instance(svc, _)
+    | Target::Leader(svc)) = target;
+    if !service_name(svc) {
+        return Err(true);
+    }
+    Ok(target)
+}
+
+/// A service name as the API accepts it (`[a-z0-9-]+`, the name already lower-cased):
+/// anything else names no service here, and a proxy never puts it into a peer's URL.
+fn service_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn parse_labels<'a>(labels: &[&'a str]) -> Result<Target<'a>, bool> {
     match labels {
         ["discoverd"] => Err(true),
         ["leader", svc, "discoverd"] => Ok(Target::Leader(svc)),
@@ -303,6 +323,22 @@ mod tests {
         assert_eq!(parse("web.tcp.discoverd"), Err(true));
         assert_eq!(parse("discoverd"), Err(true));
         assert_eq!(parse("example.com"), Err(false));
+        // Names no service could have: in the zone, answered NXDOMAIN, never proxied.
+        for bad in [
+            "x#.discoverd",
+            "a?b.discoverd",
+            "leader.a/b.discoverd",
+            "_x%2f._tcp.discoverd",
+            "abc.w_b._i.discoverd",
+        ] {
+            assert_eq!(parse(bad), Err(true), "{bad}");
+            let name = Name::from_labels(bad.split('.').map(str::as_bytes)).unwrap();
+            assert_eq!(service_of(&name), None, "{bad}");
+        }
+        assert_eq!(
+            service_of(&Name::from_ascii("leader.web-1.discoverd.").unwrap()),
+            Some("web-1".into())
+        );
     }
 
     #[test]

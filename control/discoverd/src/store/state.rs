@@ -307,10 +307,22 @@ impl Registry {
                 Ok(index)
             }
             Command::ExpireInstances { instances } => {
+                // All of a service's expired instances go first, then its leader is
+                // recomputed once (one expiry command, one recompute, as in Flynn): removing
+                // them one by one could announce as leader an instance that expires in the
+                // same batch.
+                let mut leaders: Vec<(String, Option<Instance>)> = Vec::new();
                 for (service, id, idx) in instances {
                     if self.instance(&service, &id).map(|i| i.index) == Some(idx) {
-                        self.remove_instance(&service, &id, events);
+                        if !leaders.iter().any(|(s, _)| *s == service) {
+                            let before = self.leader(&service);
+                            leaders.push((service.clone(), before));
+                        }
+                        self.take_instance(&service, &id, events);
                     }
+                }
+                for (service, before) in leaders {
+                    self.leader_changed(&service, before, events);
                 }
                 Ok(index)
             }
@@ -319,20 +331,26 @@ impl Registry {
 
     fn remove_instance(&mut self, service: &str, id: &str, events: &mut Vec<Event>) {
         let before = self.leader(service);
+        if self.take_instance(service, id, events) {
+            self.leader_changed(service, before, events);
+        }
+    }
+
+    /// Removes one instance with its `down` event, leaving the leader to the caller.
+    fn take_instance(&mut self, service: &str, id: &str, events: &mut Vec<Event>) -> bool {
         let removed = self
             .data
             .instances
             .get_mut(service)
             .and_then(|m| m.remove(id));
-        if let Some(i) = removed {
-            events.push(Event {
-                service: service.to_string(),
-                kind: EventKind::Down,
-                instance: Some(i),
-                service_meta: None,
-            });
-            self.leader_changed(service, before, events);
-        }
+        let Some(i) = removed else { return false };
+        events.push(Event {
+            service: service.to_string(),
+            kind: EventKind::Down,
+            instance: Some(i),
+            service_meta: None,
+        });
+        true
     }
 
     fn leader_changed(&self, service: &str, before: Option<Instance>, events: &mut Vec<Event>) {

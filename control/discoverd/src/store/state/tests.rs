@@ -82,6 +82,43 @@ async fn events_up_update_leader_down() {
     assert_eq!(r.leader("s").unwrap().id, "i2");
 }
 
+/// Two instances expiring in one batch, the leader and the next oldest: watchers see both go
+/// down and then one leader, the instance that stays, whatever order the batch lists them in.
+#[tokio::test]
+async fn an_expiry_batch_announces_one_leader_that_survives_it() {
+    for order in [[1u16, 2], [2, 1]] {
+        let mut r = Registry::default();
+        add_service(&mut r, 1, "s", LeaderType::Oldest);
+        for (k, port) in [1u16, 2, 3].into_iter().enumerate() {
+            r.apply(
+                2 + k as u64,
+                Command::AddInstance {
+                    service: "s".into(),
+                    instance: inst(port),
+                },
+            );
+        }
+        let mut rx = r.subscribe("s", Kinds::ALL, false);
+        let expire = order
+            .iter()
+            .map(|&p| ("s".to_string(), format!("i{p}"), 1 + u64::from(p)))
+            .collect();
+        r.apply(5, Command::ExpireInstances { instances: expire });
+        let mut seen = Vec::new();
+        while let Ok(Ok(e)) = rx.try_recv() {
+            seen.push((e.kind, e.instance.map(|i| i.id)));
+        }
+        use EventKind::*;
+        let down = |p: u16| (Down, Some(format!("i{p}")));
+        assert_eq!(
+            seen,
+            vec![down(order[0]), down(order[1]), (Leader, Some("i3".into()))],
+            "batch order {order:?}"
+        );
+        assert_eq!(r.leader("s").unwrap().id, "i3");
+    }
+}
+
 #[tokio::test]
 async fn blocked_subscriber_is_dropped_with_an_error() {
     let mut r = Registry::default();
