@@ -234,29 +234,41 @@ fn h1_head(parts: &http::request::Parts, end_stream: bool) -> (Vec<u8>, bool) {
     (h, chunked)
 }
 
-/// The response headers to pass to an HTTP/2 client (hop-by-hop ones removed).
+/// The response headers to pass to an HTTP/2 client (hop-by-hop ones removed, the fields a
+/// Connection field names matched case-insensitively). Content-Length goes out once, as a
+/// single value: a list of equal values or a repeated field (the parser refused unequal
+/// ones) is valid HTTP/1 but not a valid HTTP/2 `content-length`, and clients reset the
+/// stream over it.
 fn h2_response(head: &[u8], status: u16) -> http::Response<()> {
     let mut b = http::Response::builder().status(status);
+    let fields = || {
+        head.split(|&c| c == b'\n').skip(1).filter_map(|line| {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let colon = line.iter().position(|&c| c == b':')?;
+            Some((&line[..colon], line[colon + 1..].trim_ascii()))
+        })
+    };
     let mut listed: Vec<Vec<u8>> = Vec::new();
-    for line in head.split(|&c| c == b'\n').skip(1) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(v) = line
-            .strip_prefix(b"Connection:")
-            .or_else(|| line.strip_prefix(b"connection:"))
-        {
+    for (name, value) in fields() {
+        if name.eq_ignore_ascii_case(b"connection") {
             listed.extend(
-                v.split(|&c| c == b',')
+                value
+                    .split(|&c| c == b',')
                     .map(|t| t.trim_ascii().to_ascii_lowercase()),
             );
         }
     }
-    for line in head.split(|&c| c == b'\n').skip(1) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(colon) = line.iter().position(|&c| c == b':') else {
+    let mut length_done = false;
+    for (name, value) in fields() {
+        let name = name.to_ascii_lowercase();
+        if name == b"content-length" {
+            if !length_done {
+                length_done = true;
+                let first = value.split(|&c| c == b',').next().unwrap_or(b"");
+                b = b.header(name.as_slice(), first.trim_ascii());
+            }
             continue;
-        };
-        let name = line[..colon].to_ascii_lowercase();
-        let value = line[colon + 1..].trim_ascii();
+        }
         let hop = matches!(
             name.as_slice(),
             b"connection"
@@ -351,27 +363,37 @@ async fn exchange(
     .unwrap_or(Err(Failure::Failed))
 }
 
-/// Reads the response head into `ubuf`, skipping 1xx.
+/// Reads the response head into `ubuf`, skipping interim 1xx heads. What a read brought is
+/// parsed to the end before the next read: a final head often arrives in the same read as
+/// a 100 or 103 before it. A 101 is a failure (an HTTP/2 stream cannot switch protocols;
+/// the HTTP/1 path answers 503 too), and so is a close after an interim head (the request
+/// was answered in part, so it is not replayed).
 async fn read_head(
     up: &mut monoio::net::TcpStream,
     ubuf: &mut Vec<u8>,
     method: flynn_http::Method,
 ) -> Result<flynn_http::ResponseInfo, Failure> {
+    let mut interim = false;
     loop {
+        if !ubuf.is_empty() {
+            match parse_response(ubuf, method) {
+                Ok(Some(r)) if r.status == 101 => return Err(Failure::Failed),
+                Ok(Some(r)) if r.status < 200 => {
+                    ubuf.drain(..r.head_len);
+                    interim = true;
+                    continue;
+                }
+                Ok(Some(r)) => return Ok(r),
+                Ok(None) => {}
+                Err(_) => return Err(Failure::Failed),
+            }
+        }
         let (res, b) = read_append(up, std::mem::take(ubuf)).await;
         *ubuf = b;
         match res {
             Ok(n) if n > 0 => {}
-            _ if ubuf.is_empty() => return Err(Failure::Stale),
+            _ if ubuf.is_empty() && !interim => return Err(Failure::Stale),
             _ => return Err(Failure::Failed),
-        }
-        match parse_response(ubuf, method) {
-            Ok(Some(r)) if r.status < 200 => {
-                ubuf.drain(..r.head_len);
-            }
-            Ok(Some(r)) => return Ok(r),
-            Ok(None) => {}
-            Err(_) => return Err(Failure::Failed),
         }
     }
 }

@@ -678,6 +678,60 @@ fn an_http2_client_that_stops_reading_is_reset_after_the_idle_timeout() {
     );
 }
 
+/// An HTTP/1 backend that sends an interim `103` and its final response in one write, the
+/// final one with a Content-Length list and a hop-by-hop field named in an upper-case
+/// Connection field: the HTTP/2 client gets the final response at once (it used to wait
+/// for a read that never came, up to the 600 s response-head limit), with one
+/// `content-length` value and without the hop-by-hop field.
+#[test]
+fn an_interim_and_a_final_response_in_one_read_reach_an_http2_client() {
+    use std::io::{Read, Write};
+    let (router, rt) = h2c_router(1);
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    router.add_route(crate::support::http_route("example.com", "web"));
+    router.set_backend_addrs("web", &[(backend.local_addr().unwrap().to_string(), false)]);
+    let answer = std::thread::spawn(move || {
+        let (mut up, _) = backend.accept().unwrap();
+        let mut head = [0u8; 2048];
+        let _ = up.read(&mut head).unwrap();
+        up.write_all(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+              HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nCONNECTION: x-internal\r\n\
+              X-Internal: secret\r\nX-Kept: yes\r\n\r\nhello",
+        )
+        .unwrap();
+        // Held open: the response must not depend on the backend closing.
+        std::thread::sleep(Duration::from_secs(6));
+    });
+    rt.block_on(async {
+        let mut client = h2_client(router.h2c_addrs[0]).await;
+        let req = http::Request::builder()
+            .uri("http://example.com/hints")
+            .body(())
+            .unwrap();
+        let (resp, _send) = client.send_request(req, true).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("the final response at once")
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let h = resp.headers();
+        assert_eq!(h.get("content-length").unwrap(), "5");
+        assert_eq!(h.get("x-kept").unwrap(), "yes");
+        assert!(h.get("x-internal").is_none(), "{h:?}");
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), body.data())
+            .await
+            .expect("the body")
+        {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(got, b"hello");
+    });
+    answer.join().unwrap();
+}
+
 /// `--proxy-protocol` on an `--h2c-addr` listener: a PROXY prefix before the HTTP/2
 /// preface gives the client address the backend sees; a connection without one is served
 /// as it is.
