@@ -11,6 +11,22 @@ use crate::ContainerError;
 /// Default `PATH` put into a job's environment when it has none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// CPU limits the kernel takes: the quota is `millis × 100 µs` per 100 ms period, and a CFS
+/// quota below 1 ms is refused (`EINVAL`), so 10 milli-CPUs is the least.
+pub const CPU_MILLIS: std::ops::RangeInclusive<u64> = 10..=1_000_000;
+/// `pids.max` above `PID_MAX_LIMIT` (4194304 on 64-bit) is refused.
+pub const PIDS: std::ops::RangeInclusive<u64> = 1..=4_194_304;
+
+/// The largest `RLIMIT_NOFILE` a job may be given: `fs.nr_open` (a larger limit fails the
+/// job's start with `EPERM`), and never above 2^30.
+pub fn max_fds_allowed() -> u64 {
+    std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20)
+        .min(1 << 30)
+}
+
 /// One job's container.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContainerSpec {
@@ -160,14 +176,24 @@ impl ContainerSpec {
         if r.memory_bytes.is_some_and(|m| m < 1 << 20) {
             return Err(ContainerError::invalid("memory limit below 1 MiB"));
         }
-        if r.cpu_millis.is_some_and(|c| c == 0 || c > 1_000_000) {
-            return Err(ContainerError::invalid("cpu_millis must be 1..=1000000"));
+        if r.cpu_millis.is_some_and(|c| !CPU_MILLIS.contains(&c)) {
+            return Err(ContainerError::invalid(format!(
+                "cpu_millis must be {}..={} (the kernel's smallest CFS quota is 1 ms per 100 ms)",
+                CPU_MILLIS.start(),
+                CPU_MILLIS.end()
+            )));
         }
-        if r.pids.is_some_and(|p| p == 0 || p > i64::MAX as u64) {
-            return Err(ContainerError::invalid("pids limit must be positive"));
+        if r.pids.is_some_and(|p| !PIDS.contains(&p)) {
+            return Err(ContainerError::invalid(format!(
+                "pids limit must be 1..={} (the kernel's largest pids.max)",
+                PIDS.end()
+            )));
         }
-        if r.max_fds.is_some_and(|f| !(3..=1 << 30).contains(&f)) {
-            return Err(ContainerError::invalid("max_fds must be 3..=2^30"));
+        let fds = max_fds_allowed();
+        if r.max_fds.is_some_and(|f| !(3..=fds).contains(&f)) {
+            return Err(ContainerError::invalid(format!(
+                "max_fds must be 3..={fds} (fs.nr_open on this machine)"
+            )));
         }
         if self.uid == u32::MAX || self.gid == u32::MAX {
             // -1 to setresuid/setresgid: "leave as is", i.e. root.
@@ -448,7 +474,19 @@ mod tests {
                 Box::new(|s| s.resources.memory_bytes = Some(10)),
             ),
             ("zero cpu", Box::new(|s| s.resources.cpu_millis = Some(0))),
+            (
+                "cpu quota below 1 ms",
+                Box::new(|s| s.resources.cpu_millis = Some(9)),
+            ),
             ("zero pids", Box::new(|s| s.resources.pids = Some(0))),
+            (
+                "pids above PID_MAX_LIMIT",
+                Box::new(|s| s.resources.pids = Some(4_194_305)),
+            ),
+            (
+                "max_fds above fs.nr_open",
+                Box::new(|s| s.resources.max_fds = Some(max_fds_allowed() + 1)),
+            ),
             ("bad parent", Box::new(|s| s.cgroup_parent = "../x".into())),
             (
                 "host network and a netns",

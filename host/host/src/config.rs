@@ -133,6 +133,11 @@ pub struct Config {
     #[arg(long, hide = true)]
     pub fault_exit_before_teardown: bool,
 
+    /// TEST ONLY: milliseconds taken over each job output line, so lines queue up inside
+    /// the daemon (what a restart must not lose).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub fault_slow_output_ms: u64,
+
     /// Host tags, `key=value`; repeatable or comma separated.
     #[arg(long = "tag", env = "FLYNN_TAGS", value_delimiter = ',')]
     pub tags: Vec<String>,

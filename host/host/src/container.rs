@@ -12,7 +12,7 @@ use flynn_container::{
 use tokio::sync::mpsc;
 
 use crate::logship::Stream;
-use crate::runtime::{Handle, Launch, ProcEvent, Runtime, RuntimeError, Signaller};
+use crate::runtime::{Handle, Handled, Launch, ProcEvent, Runtime, RuntimeError, Signaller};
 
 /// The first argument that makes `flynn-host` act as a shim.
 pub const SHIM_COMMAND: &str = "shim";
@@ -219,9 +219,15 @@ enum ToShim {
 
 /// One task owns the shim connection: it forwards events, and sends the signals asked for
 /// and the close of stdin. The job's stdin (a FIFO the shim made) is written directly.
+///
+/// The shim keeps every event until it is acknowledged and sends the unacknowledged ones
+/// again to the next daemon. So an event is acknowledged only once the daemon has dealt with
+/// it ([`Handled`]: output written to the host's log), not when it enters the queue: a daemon
+/// that dies (or restarts) with output queued would otherwise lose those lines.
 fn follow(mut conn: ShimConn) -> Handle {
     let (tx, rx) = mpsc::channel(1024);
     let (sig_tx, mut sig_rx) = mpsc::unbounded_channel::<ToShim>();
+    let handled = Handled::default();
     let stdin = conn.stdin_path().map(|path| {
         let close = sig_tx.clone();
         crate::runtime::stdin_writer(
@@ -231,7 +237,12 @@ fn follow(mut conn: ShimConn) -> Handle {
             },
         )
     });
+    let done = handled.clone();
     tokio::spawn(async move {
+        // The ack point after each event forwarded and not yet dealt with, oldest first.
+        let mut marks: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
+        let mut counted = 0u64;
+        conn.limit_acks(conn.ack_point());
         loop {
             tokio::select! {
                 ev = conn.next_event() => {
@@ -244,10 +255,24 @@ fn follow(mut conn: ShimConn) -> Handle {
                         }
                     };
                     let last = ev.is_final();
-                    if tx.send(convert(ev)).await.is_err() || last {
+                    marks.push_back(conn.ack_point());
+                    if tx.send(convert(ev)).await.is_err() {
+                        break;
+                    }
+                    if last {
+                        // The shim exits once its final event is acknowledged: wait until
+                        // the daemon has dealt with everything (or stopped listening).
+                        while !marks.is_empty() {
+                            tokio::select! {
+                                _ = done.changed() => {}
+                                _ = tx.closed() => break,
+                            }
+                            ack_handled(&mut conn, &done, &mut marks, &mut counted).await;
+                        }
                         break;
                     }
                 }
+                _ = done.changed() => ack_handled(&mut conn, &done, &mut marks, &mut counted).await,
                 Some(msg) = sig_rx.recv() => match msg {
                     ToShim::Signal(sig) => {
                         if let Err(e) = conn.signal(sig).await {
@@ -259,7 +284,7 @@ fn follow(mut conn: ShimConn) -> Handle {
                             tracing::debug!(job = %conn.id(), error = %chain(&e), "closing stdin failed");
                         }
                     }
-                },
+                }
             }
         }
     });
@@ -273,6 +298,32 @@ fn follow(mut conn: ShimConn) -> Handle {
         events: rx,
         signal,
         stdin,
+        handled,
+    }
+}
+
+/// Raises the shim connection's ack limit past the events the daemon has dealt with since
+/// the last call, and sends the acks that allows.
+async fn ack_handled(
+    conn: &mut ShimConn,
+    handled: &Handled,
+    marks: &mut std::collections::VecDeque<u64>,
+    counted: &mut u64,
+) {
+    let now = handled.count();
+    let mut upto = None;
+    while *counted < now {
+        match marks.pop_front() {
+            Some(m) => upto = Some(m),
+            None => break,
+        }
+        *counted += 1;
+    }
+    if let Some(m) = upto {
+        conn.limit_acks(m);
+        if let Err(e) = conn.flush_acks().await {
+            tracing::debug!(job = %conn.id(), error = %chain(&e), "acknowledging events failed");
+        }
     }
 }
 
@@ -366,17 +417,25 @@ mod tests {
         use crate::job;
         use crate::runtime::{BindMount, Launch, Limits};
 
-        let (mem, cpu, fd) = (job::MEMORY_LIMIT, job::CPU_LIMIT, job::MAX_FD_LIMIT);
+        let (mem, cpu, fd, procs) = (
+            job::MEMORY_LIMIT,
+            job::CPU_LIMIT,
+            job::max_fd_limit(),
+            job::MAX_PROCS_LIMIT,
+        );
         let mut cases: Vec<String> = Vec::new();
-        for (name, range) in [("memory", &mem), ("cpu", &cpu), ("max_fd", &fd)] {
+        for (name, range) in [
+            ("memory", &mem),
+            ("cpu", &cpu),
+            ("max_fd", &fd),
+            ("max_procs", &procs),
+        ] {
             let (lo, hi) = (*range.start(), *range.end());
             for l in [lo - 1, lo, hi, hi.saturating_add(1)] {
                 cases.push(format!(r#""resources":{{"{name}":{{"limit":{l}}}}}"#));
             }
         }
-        for l in [0, 1, i64::MAX] {
-            cases.push(format!(r#""resources":{{"max_procs":{{"limit":{l}}}}}"#));
-        }
+        cases.push(r#""resources":{"max_procs":{"limit":9223372036854775807}}"#.to_string());
         for wd in ["", "/", "/app", "app", "./app"] {
             cases.push(format!(
                 r#""config":{{"args":["sh"],"working_dir":"{wd}"}}"#

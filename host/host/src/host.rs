@@ -64,6 +64,9 @@ pub struct Options {
     /// TEST ONLY: exit the process right after a job's end is recorded and announced,
     /// before its network teardown (the window `restore` repairs).
     pub fault_exit_before_teardown: bool,
+    /// TEST ONLY: time taken over each output line, so lines queue up between the runtime
+    /// and the daemon (what a restart must not lose).
+    pub fault_slow_output: std::time::Duration,
 }
 
 /// Per-job control state of a job with a live process.
@@ -121,6 +124,7 @@ pub struct Host {
     max_starting: usize,
     volumes: Volumes,
     fault_exit_before_teardown: bool,
+    fault_slow_output: std::time::Duration,
     tags: Mutex<BTreeMap<String, String>>,
     inner: Mutex<Inner>,
     events: broadcast::Sender<Event>,
@@ -185,6 +189,7 @@ impl Host {
             state_dir: o.state_dir,
             volumes: o.volumes,
             fault_exit_before_teardown: o.fault_exit_before_teardown,
+            fault_slow_output: o.fault_slow_output,
             tags: Mutex::new(o.tags),
             inner: Mutex::new(Inner::default()),
             events,
@@ -752,6 +757,9 @@ impl Host {
         };
         let t0 = std::time::Instant::now();
         self.runtime.starting();
+        if let Err(reason) = job::check_partition(&job) {
+            return self.fail(&id, reason);
+        }
         let ports = match job::bind_ports(&job) {
             Ok(p) => p,
             Err(reason) => return self.fail(&id, reason),
@@ -944,6 +952,7 @@ impl Host {
         let mut end: Option<Result<Exit, String>> = None;
         let mut started = false;
         while let Some(ev) = handle.events.recv().await {
+            let last = matches!(ev, ProcEvent::Exited { .. } | ProcEvent::Failed { .. });
             match ev {
                 ProcEvent::Started { pid } => {
                     let stop_now = {
@@ -972,6 +981,9 @@ impl Host {
                     }
                 }
                 ProcEvent::Output { stream, line } => {
+                    if !self.fault_slow_output.is_zero() {
+                        tokio::time::sleep(self.fault_slow_output).await;
+                    }
                     if log {
                         self.logs.push(&src, stream, &line);
                     }
@@ -988,12 +1000,13 @@ impl Host {
                         signal,
                         oom_killed,
                     }));
-                    break;
                 }
-                ProcEvent::Failed { reason } => {
-                    end = Some(Err(reason));
-                    break;
-                }
+                ProcEvent::Failed { reason } => end = Some(Err(reason)),
+            }
+            // Dealt with (its output is in the host's log): the runtime may acknowledge it.
+            handle.handled.mark();
+            if last {
+                break;
             }
         }
         if !r.adopted && !started {
@@ -1350,7 +1363,9 @@ impl Host {
         let _ = (h.signal)(SIGKILL);
         let rt = self.runtime.clone();
         tokio::spawn(async move {
-            while h.events.recv().await.is_some() {}
+            while h.events.recv().await.is_some() {
+                h.handled.mark();
+            }
             let _ = tokio::task::spawn_blocking(move || rt.cleanup(&id)).await;
         });
     }

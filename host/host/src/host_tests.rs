@@ -97,6 +97,7 @@ impl Runtime for Fake {
                 Ok(())
             }),
             stdin: None,
+            handled: Default::default(),
         })
     }
 
@@ -158,6 +159,7 @@ fn host_on(
         )
         .unwrap(),
         fault_exit_before_teardown: false,
+        fault_slow_output: std::time::Duration::ZERO,
     })
 }
 
@@ -566,4 +568,50 @@ async fn a_job_state_that_could_not_be_saved_is_saved_again() {
     exit_cleanly(&rt, "j").await;
     wait_status(&h, "j", JobStatus::Done).await;
     assert_eq!(on_disk(), JobStatus::Done);
+}
+
+/// A job in a partition that does not exist is created, then fails with Flynn's message in
+/// an `error` event (spec §5.3, §5.6); the known partitions start.
+#[tokio::test]
+async fn a_job_in_an_unknown_partition_fails_with_an_error_event() {
+    use flynn_api::host::EventKind;
+
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    rt.open();
+    let h = host(rt.clone(), d.path(), 0);
+    let mut events = h.subscribe();
+    let mut bad = job("p", "x");
+    bad.partition = Some("x".into());
+    h.add_job(bad).unwrap();
+    let mut seen = Vec::new();
+    let err = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            let ev = events.recv().await.unwrap();
+            seen.push(ev.event);
+            if ev.event == EventKind::Error {
+                return ev;
+            }
+        }
+    })
+    .await
+    .expect("an error event");
+    assert_eq!(seen.first(), Some(&EventKind::Create), "{seen:?}");
+    assert_eq!(err.job.status, JobStatus::Failed);
+    assert_eq!(
+        err.job.error.as_deref(),
+        Some(r#"host: invalid job partition "x""#)
+    );
+    wait_status(&h, "p", JobStatus::Failed).await;
+    for (id, p) in [
+        ("s", "system"),
+        ("b", "background"),
+        ("u", "user"),
+        ("e", ""),
+    ] {
+        let mut ok = job(id, "x");
+        ok.partition = Some(p.into());
+        h.add_job(ok).unwrap();
+        wait_status(&h, id, JobStatus::Running).await;
+    }
 }

@@ -31,10 +31,32 @@ pub fn valid_id(id: &str) -> bool {
 
 /// `resources.memory.limit`: bytes, at least 1 MiB.
 pub const MEMORY_LIMIT: std::ops::RangeInclusive<i64> = 1 << 20..=i64::MAX;
-/// `resources.cpu.limit`: milli-CPUs, up to 1000 cores.
-pub const CPU_LIMIT: std::ops::RangeInclusive<i64> = 1..=1_000_000;
-/// `resources.max_fd.limit`: `RLIMIT_NOFILE`, room for stdin, stdout and stderr at least.
-pub const MAX_FD_LIMIT: std::ops::RangeInclusive<i64> = 3..=1 << 30;
+/// `resources.cpu.limit`: milli-CPUs, 10 (the kernel's smallest CFS quota, 1 ms per 100 ms)
+/// up to 1000 cores.
+pub const CPU_LIMIT: std::ops::RangeInclusive<i64> = 10..=1_000_000;
+/// `resources.max_procs.limit`: `pids.max`, at most the kernel's `PID_MAX_LIMIT`.
+pub const MAX_PROCS_LIMIT: std::ops::RangeInclusive<i64> = 1..=4_194_304;
+
+/// `resources.max_fd.limit`: `RLIMIT_NOFILE`, room for stdin, stdout and stderr at least,
+/// and at most `fs.nr_open` (a larger limit fails the start).
+pub fn max_fd_limit() -> std::ops::RangeInclusive<i64> {
+    3..=i64::try_from(flynn_container::max_fds_allowed()).unwrap_or(1 << 30)
+}
+
+/// The partitions a job may name (Flynn's); none or an empty one is `user`. They carry no
+/// resource weights here (Flynn gave each its own cgroup with CPU shares, see
+/// docs/ARCHITECTURE.md).
+pub const PARTITIONS: [&str; 3] = ["system", "background", "user"];
+
+/// A job in an unknown partition fails to start, with Flynn's message (spec §5.3: created,
+/// then an `error` event).
+pub fn check_partition(job: &Job) -> Result<(), String> {
+    match job.partition.as_deref() {
+        None | Some("") => Ok(()),
+        Some(p) if PARTITIONS.contains(&p) => Ok(()),
+        Some(p) => Err(format!("host: invalid job partition {p:?}")),
+    }
+}
 
 /// A bind mount target the container runtime accepts: absolute, without `/..` anywhere
 /// (the runtime's check, which also refuses names starting with `..`).
@@ -181,8 +203,8 @@ fn validate(job: &Job, needs_image: bool) -> Result<(), ApiError> {
     for (name, spec, range) in [
         ("memory", r.memory, MEMORY_LIMIT),
         ("cpu", r.cpu, CPU_LIMIT),
-        ("max_fd", r.max_fd, MAX_FD_LIMIT),
-        ("max_procs", r.max_procs, 1..=i64::MAX),
+        ("max_fd", r.max_fd, max_fd_limit()),
+        ("max_procs", r.max_procs, MAX_PROCS_LIMIT),
         ("temp_disk", r.temp_disk, 1..=i64::MAX),
     ] {
         if let Some(l) = spec.and_then(|s| s.limit) {
@@ -595,13 +617,26 @@ mod tests {
                 "resources.memory.limit",
             ),
             (res(r#"{"cpu":{"limit":1000001}}"#), "resources.cpu.limit"),
+            // A quota below the kernel's 1 ms: refused by the cgroup write at start.
+            (res(r#"{"cpu":{"limit":9}}"#), "resources.cpu.limit"),
             (res(r#"{"max_fd":{"limit":2}}"#), "resources.max_fd.limit"),
             (
                 res(r#"{"max_fd":{"limit":1073741825}}"#),
                 "resources.max_fd.limit",
             ),
             (
+                res(&format!(
+                    r#"{{"max_fd":{{"limit":{}}}}}"#,
+                    flynn_container::max_fds_allowed() + 1
+                )),
+                "resources.max_fd.limit",
+            ),
+            (
                 res(r#"{"max_procs":{"limit":0}}"#),
+                "resources.max_procs.limit",
+            ),
+            (
+                res(r#"{"max_procs":{"limit":4194305}}"#),
                 "resources.max_procs.limit",
             ),
             (
@@ -641,7 +676,10 @@ mod tests {
             res(
                 r#"{"memory":{"limit":1048576},"cpu":{"limit":1000000},"max_fd":{"limit":3},"max_procs":{"limit":1},"temp_disk":{"limit":1}}"#,
             ),
-            res(r#"{"cpu":{"limit":1},"max_fd":{"limit":1073741824}}"#),
+            res(&format!(
+                r#"{{"cpu":{{"limit":10}},"max_fd":{{"limit":{}}},"max_procs":{{"limit":4194304}}}}"#,
+                flynn_container::max_fds_allowed()
+            )),
             body(r#","working_dir":"/app","mounts":[{"location":"/h","target":"/a/b..c"}]"#),
         ];
         for b in &ok {

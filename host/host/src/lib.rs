@@ -211,6 +211,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         max_starting: cfg.max_job_concurrency,
         volumes: vols,
         fault_exit_before_teardown: cfg.fault_exit_before_teardown,
+        fault_slow_output: std::time::Duration::from_millis(cfg.fault_slow_output_ms),
     });
     host.set_url(format!("http://{addr}"));
     host.restore().await;

@@ -113,11 +113,46 @@ pub enum ProcEvent {
 pub type Signaller = Arc<dyn Fn(i32) -> std::io::Result<()> + Send + Sync>;
 
 /// A started (or re-adopted) job: its events, ending after `Exited` or `Failed`, a
-/// way to signal it, and its stdin if it has one.
+/// way to signal it, and its stdin if it has one. The receiver marks each event in
+/// `handled` once it has dealt with it (output written to the host's log), in order.
 pub struct Handle {
     pub events: mpsc::Receiver<ProcEvent>,
     pub signal: Signaller,
     pub stdin: Option<Stdin>,
+    pub handled: Handled,
+}
+
+/// How many of a job's events the daemon has dealt with. A runtime that acknowledges
+/// events to a process outside the daemon (the container shim, which keeps unacknowledged
+/// events for the next daemon) acknowledges only these: an event still queued when the
+/// daemon dies is sent again, not lost. At least once: one handled just before the daemon
+/// died, its acknowledgement not yet out, comes again.
+#[derive(Clone, Default)]
+pub struct Handled(Arc<HandledInner>);
+
+#[derive(Default)]
+struct HandledInner {
+    count: std::sync::atomic::AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl Handled {
+    /// One more event dealt with.
+    pub fn mark(&self) {
+        self.0
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        self.0.changed.notify_one();
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves after a [`Handled::mark`] (one since the last wait counts too).
+    pub async fn changed(&self) {
+        self.0.changed.notified().await
+    }
 }
 
 /// What is sent to a job's stdin.
@@ -304,6 +339,7 @@ impl Runtime for ProcessRuntime {
             events: rx,
             signal,
             stdin,
+            handled: Handled::default(),
         })
     }
 

@@ -31,6 +31,9 @@ pub struct ShimConn {
     /// Sequence number of the next event frame.
     next_seq: u64,
     acked: u64,
+    /// Acknowledge no further than this (see [`ShimConn::limit_acks`]); `None`: everything
+    /// returned is acknowledged.
+    ack_limit: Option<u64>,
     hello: bool,
     finished: bool,
     /// Whether the job has a stdin FIFO (from its spec; read from the state dir when
@@ -301,6 +304,7 @@ impl Shim {
             wbuf: std::sync::Mutex::new(Vec::new()),
             next_seq: 0,
             acked: 0,
+            ack_limit: None,
             hello: false,
             finished: false,
             stdin: None,
@@ -436,19 +440,37 @@ impl ShimConn {
         }
     }
 
-    fn ack_frame(&self) -> Vec<u8> {
-        let mut b = Vec::new();
-        wire::encode_u64(wire::ACK, self.next_seq, &mut b);
-        b
+    /// Queues an ack for everything returned so far, up to the limit (no await).
+    fn queue_ack(&mut self) {
+        let upto = self.next_seq.min(self.ack_limit.unwrap_or(u64::MAX));
+        if self.hello && upto > self.acked && self.sock.is_some() {
+            let mut b = Vec::new();
+            wire::encode_u64(wire::ACK, upto, &mut b);
+            self.wbuf.lock().unwrap().extend_from_slice(&b);
+            self.acked = upto;
+        }
     }
 
-    /// Queues an ack for everything returned so far (no await).
-    fn queue_ack(&mut self) {
-        if self.hello && self.next_seq > self.acked && self.sock.is_some() {
-            let frame = self.ack_frame();
-            self.wbuf.lock().unwrap().extend_from_slice(&frame);
-            self.acked = self.next_seq;
+    /// What to pass to [`ShimConn::limit_acks`] once every event returned so far has been
+    /// dealt with.
+    pub fn ack_point(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// From now on acknowledge only events below `upto` (an [`ShimConn::ack_point`]), also
+    /// when dropped: the caller raises it as it deals with the events, so one still queued
+    /// when the daemon dies is sent to the next daemon. Never lowers what was acknowledged.
+    pub fn limit_acks(&mut self, upto: u64) {
+        self.ack_limit = Some(upto);
+    }
+
+    /// Sends the acks the limit now allows.
+    pub async fn flush_acks(&mut self) -> Result<(), ContainerError> {
+        self.queue_ack();
+        if self.sock.is_some() {
+            self.send(None).await?;
         }
+        Ok(())
     }
 
     /// The next event; `None` once the shim finished (after `Exited` or `Failed`).
