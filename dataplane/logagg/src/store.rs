@@ -161,11 +161,11 @@ const MAX_SPANS: usize = 64;
 /// maps without end (outside the memory cap). Lines of hosts beyond it are still stored:
 /// they are checked for duplicates by content, as lines without a sequence are.
 const MAX_SEEN_HOSTS_PER_SHARD: usize = 256;
-/// Hosts whose cursor a shard keeps (a name and 16 bytes each, ~6 MiB per 1000 hosts over
-/// all shards at worst). Every shard sees nearly every host, so this is the cluster size
-/// up to which `/cursors` has every host; a host missing from it resends its whole disk
-/// log whenever it reconnects.
-const MAX_CURSOR_HOSTS_PER_SHARD: usize = 4096;
+/// Hosts whose cursor a shard keeps: a name (up to 255 bytes) and 16 bytes each, so at
+/// most ~20 MiB over all shards when a sender invents names. Every shard sees nearly every
+/// host, so this is the cluster size up to which `/cursors` has every host; a host missing
+/// from it resends its whole disk log whenever it reconnects.
+const MAX_CURSOR_HOSTS_PER_SHARD: usize = 1024;
 /// How far above a range a number may land and still grow it.
 const SPAN_GAP: u64 = 1 << 16;
 

@@ -1003,7 +1003,7 @@ impl Host {
                 }
                 ProcEvent::Failed { reason } => end = Some(Err(reason)),
             }
-            // Dealt with (its output is in the host's log): the runtime may acknowledge it.
+            // Dealt with (its output handed to the host's log): the runtime may acknowledge it.
             handle.handled.mark();
             if last {
                 break;
