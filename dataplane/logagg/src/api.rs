@@ -64,12 +64,17 @@ fn pct_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Query pairs; the last value of a repeated key wins (as Go's `FormValue` for ours).
+/// Query pairs. A repeated key keeps its first value (Go's `FormValue`, as Flynn reads
+/// `lines`, `follow`, `job_id` and `stream_types`), except `process_type`, whose last value
+/// wins (spec §3.4).
 fn query_map(q: Option<&str>) -> HashMap<String, String> {
     let mut m = HashMap::new();
     for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        m.insert(pct_decode(k), pct_decode(v));
+        let k = pct_decode(k);
+        if k == "process_type" || !m.contains_key(&k) {
+            m.insert(k, pct_decode(v));
+        }
     }
     m
 }
@@ -567,6 +572,10 @@ mod tests {
                 .as_deref(),
             Some("worker")
         );
+        // Other repeated keys keep their first value, as Go's `FormValue`.
+        let q = ok("lines=2&lines=x&job_id=a&job_id=b&follow=true&follow=false");
+        assert_eq!((q.lines, q.follow), (2, true));
+        assert_eq!(q.filter.job_id.as_deref(), Some("a"));
         assert_eq!(ok("job_id=a%2Db+c").filter.job_id.as_deref(), Some("a-b c"));
         assert_eq!(ok("lines=10000").lines, 10_000);
         for bad in ["lines=10001", "lines=-1", "lines=x", "lines=1.5"] {
