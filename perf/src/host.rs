@@ -382,26 +382,12 @@ impl Lab {
             ])
             .env("FLYNN_LOG", "warn");
         let mut proc = Proc::spawn("flynn-host", cmd, &log)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(addr) = text.lines().find_map(|l| l.strip_prefix("listening api=")) {
-                break addr
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
-            }
-            if let Some(status) = proc.exited() {
-                bail!("flynn-host exited ({status}): {}", proc.log_tail(20));
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "flynn-host printed no listening line in 30 s: {}",
-                proc.log_tail(20)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let line = proc.wait_for_line("listening api=", Duration::from_secs(30))?;
+        let addr = line["listening api=".len()..]
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
         self.api = format!("http://{addr}");
         self.daemon = Some(proc);
         Ok(())

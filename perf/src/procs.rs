@@ -163,6 +163,28 @@ impl Proc {
         }
     }
 
+    /// Waits up to `timeout` for a line of its log that starts with `prefix` and returns it;
+    /// an error (with the log's tail) when the process exits or the time runs out first.
+    pub fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(l) = text.lines().find(|l| l.starts_with(prefix)) {
+                return Ok(l.to_string());
+            }
+            if let Some(status) = self.exited() {
+                anyhow::bail!("{} exited ({status}): {}", self.name, self.log_tail(20));
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} printed no {prefix:?} line in {timeout:?}: {}",
+                self.name,
+                self.log_tail(20)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The log's last `lines` lines, for error messages.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

@@ -185,6 +185,26 @@ async fn exit_cleanly(rt: &Fake, id: &str) {
         .unwrap();
 }
 
+/// The next event of `kind` within 3 s, with the kinds seen up to it (`None` on timeout).
+async fn next_event(
+    events: &mut tokio::sync::broadcast::Receiver<flynn_api::host::Event>,
+    kind: flynn_api::host::EventKind,
+) -> Option<(flynn_api::host::Event, Vec<flynn_api::host::EventKind>)> {
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            let ev = events.recv().await.unwrap();
+            seen.push(ev.event);
+            if ev.event == kind {
+                return ev;
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|ev| (ev, seen))
+}
+
 async fn wait_status(h: &Host, id: &str, want: JobStatus) {
     for _ in 0..500 {
         if h.get(id).map(|j| j.status) == Some(want) {
@@ -455,16 +475,9 @@ async fn exit_is_recorded_before_deregistration_and_cleanup() {
     }
     let _release = Release(rt.clone());
     exit_cleanly(&rt, "a").await;
-    let stop = tokio::time::timeout(Duration::from_secs(3), async {
-        loop {
-            let ev = events.recv().await.unwrap();
-            if ev.event == EventKind::Stop {
-                return ev;
-            }
-        }
-    })
-    .await
-    .expect("no stop event while the runtime cleanup hangs");
+    let (stop, _) = next_event(&mut events, EventKind::Stop)
+        .await
+        .expect("no stop event while the runtime cleanup hangs");
     assert_eq!(
         (stop.job_id.as_str(), stop.job.status),
         ("a", JobStatus::Done)
@@ -584,18 +597,9 @@ async fn a_job_in_an_unknown_partition_fails_with_an_error_event() {
     let mut bad = job("p", "x");
     bad.partition = Some("x".into());
     h.add_job(bad).unwrap();
-    let mut seen = Vec::new();
-    let err = tokio::time::timeout(Duration::from_secs(3), async {
-        loop {
-            let ev = events.recv().await.unwrap();
-            seen.push(ev.event);
-            if ev.event == EventKind::Error {
-                return ev;
-            }
-        }
-    })
-    .await
-    .expect("an error event");
+    let (err, seen) = next_event(&mut events, EventKind::Error)
+        .await
+        .expect("an error event");
     assert_eq!(seen.first(), Some(&EventKind::Create), "{seen:?}");
     assert_eq!(err.job.status, JobStatus::Failed);
     assert_eq!(

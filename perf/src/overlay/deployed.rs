@@ -174,22 +174,7 @@ impl Deployed {
             if fast { "on" } else { "off" }
         ));
         let mut proc = Proc::spawn("flynn-network", cmd, &log)?;
-        let deadline = Instant::now() + WAIT;
-        let line = loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(l) = text.lines().find(|l| l.starts_with("ready ")) {
-                break l.to_string();
-            }
-            if let Some(status) = proc.exited() {
-                bail!("flynn-network exited ({status}): {}", proc.log_tail(20));
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "flynn-network printed no ready line in 30 s: {}",
-                proc.log_tail(20)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let line = proc.wait_for_line("ready ", WAIT)?;
         let get = |k: &str| {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(k))

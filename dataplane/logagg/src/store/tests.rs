@@ -530,48 +530,39 @@ fn an_app_dropped_by_the_cap_and_back_keeps_counting_up() {
     assert_eq!(bodies(&got), ["again"]);
 }
 
-#[test]
-fn hosts_tracked_per_shard_are_bounded_and_later_ones_still_deduplicated() {
+/// One line each from hosts `h0`…`h{n-1}`, then the last host's line again; returns the
+/// store, how many hosts `/cursors` names and what the replay was taken as.
+fn hosts_then_a_replay(n: usize) -> (Arc<Store>, usize, Outcome) {
     let s = store(10_000, usize::MAX);
-    // Past the sequence-range bound, within the cursor bound: every host has its cursor.
-    let n = MAX_SEEN_HOSTS_PER_SHARD + 20;
     for i in 0..n {
         let line = msg(&format!("h{i}"), "web.1", "ID1", 1, i as u64, "x");
         assert_eq!(put(&s, "a", &line), Outcome::Stored);
     }
-    assert_eq!(s.cursors().len(), n, "a cursor for every host");
-    // A host without sequence ranges: a replay of its line is still a duplicate.
-    let late = msg(
-        &format!("h{}", n - 1),
-        "web.1",
-        "ID1",
-        1,
-        (n - 1) as u64,
-        "x",
+    let cursors = s.cursors().len();
+    let last = n - 1;
+    let replay = put(
+        &s,
+        "a",
+        &msg(&format!("h{last}"), "web.1", "ID1", 1, last as u64, "x"),
     );
-    assert_eq!(put(&s, "a", &late), Outcome::Duplicate);
     let (h, _, _) = s.history(b"a", &Filter::default(), 0, false);
-    assert_eq!(h.len(), n);
+    assert_eq!(h.len(), n, "every host's line stored once");
+    (s, cursors, replay)
+}
+
+#[test]
+fn hosts_tracked_per_shard_are_bounded_and_later_ones_still_deduplicated() {
+    // Past the sequence-range bound, within the cursor bound: every host has its cursor,
+    // and a host without sequence ranges still has its replay taken as a duplicate.
+    let n = MAX_SEEN_HOSTS_PER_SHARD + 20;
+    let (_, cursors, replay) = hosts_then_a_replay(n);
+    assert_eq!(cursors, n, "a cursor for every host");
+    assert_eq!(replay, Outcome::Duplicate);
 }
 
 #[test]
 fn host_cursors_are_bounded_per_shard_and_later_hosts_still_deduplicated() {
-    let s = store(10_000, usize::MAX);
-    let n = MAX_CURSOR_HOSTS_PER_SHARD + 5;
-    for i in 0..n {
-        let line = msg(&format!("h{i}"), "web.1", "ID1", 1, i as u64, "x");
-        assert_eq!(put(&s, "a", &line), Outcome::Stored);
-    }
-    assert_eq!(s.cursors().len(), MAX_CURSOR_HOSTS_PER_SHARD);
-    let late = msg(
-        &format!("h{}", n - 1),
-        "web.1",
-        "ID1",
-        1,
-        (n - 1) as u64,
-        "x",
-    );
-    assert_eq!(put(&s, "a", &late), Outcome::Duplicate);
-    let (h, _, _) = s.history(b"a", &Filter::default(), 0, false);
-    assert_eq!(h.len(), n);
+    let (_, cursors, replay) = hosts_then_a_replay(MAX_CURSOR_HOSTS_PER_SHARD + 5);
+    assert_eq!(cursors, MAX_CURSOR_HOSTS_PER_SHARD);
+    assert_eq!(replay, Outcome::Duplicate);
 }

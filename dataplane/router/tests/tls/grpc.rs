@@ -522,6 +522,39 @@ async fn h2_client(router: std::net::SocketAddr) -> h2::client::SendRequest<Byte
     client.ready().await.unwrap()
 }
 
+/// A raw HTTP/1 backend for route `example.com` → `web`: a thread that accepts one
+/// connection, reads the request head and hands the connection to `answer`.
+fn raw_backend<T: Send + 'static>(
+    router: &Router,
+    answer: impl FnOnce(std::net::TcpStream) -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    use std::io::Read;
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    router.add_route(crate::support::http_route("example.com", "web"));
+    router.set_backend_addrs("web", &[(backend.local_addr().unwrap().to_string(), false)]);
+    std::thread::spawn(move || {
+        let (mut up, _) = backend.accept().unwrap();
+        let mut head = [0u8; 2048];
+        let _ = up.read(&mut head).unwrap();
+        answer(up)
+    })
+}
+
+/// `GET http://example.com{path}` over HTTP/2 through the router's h2c listener; the
+/// response head, expected within 5 s (`what` names it in the failure).
+async fn get_head(router: &Router, path: &str, what: &str) -> http::Response<h2::RecvStream> {
+    let mut client = h2_client(router.h2c_addrs[0]).await;
+    let req = http::Request::builder()
+        .uri(format!("http://example.com{path}"))
+        .body(())
+        .unwrap();
+    let (resp, _send) = client.send_request(req, true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect(what)
+        .unwrap()
+}
+
 /// CONNECT over HTTP/2 is refused with 405, as on HTTP/1.1 (it used to go to the backend as
 /// `CONNECT /`, and client and router then waited on each other).
 #[test]
@@ -636,31 +669,16 @@ fn a_grpc_client_that_stops_reading_is_reset_after_the_idle_timeout() {
 /// is closed instead of being held for good.
 #[test]
 fn an_http2_client_that_stops_reading_is_reset_after_the_idle_timeout() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let (router, rt) = h2c_router_with(1, &["--idle-timeout-secs", "1"]);
-    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    router.add_route(crate::support::http_route("example.com", "web"));
-    router.set_backend_addrs("web", &[(backend.local_addr().unwrap().to_string(), false)]);
     let total: usize = 256 << 20;
-    let streamer = std::thread::spawn(move || {
-        let (mut up, _) = backend.accept().unwrap();
-        let mut head = [0u8; 2048];
-        let _ = up.read(&mut head).unwrap();
+    let streamer = raw_backend(&router, move |mut up| {
         up.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n").as_bytes())
             .unwrap();
         crate::support::write_until_refused(&mut up, total)
     });
     rt.block_on(async {
-        let mut client = h2_client(router.h2c_addrs[0]).await;
-        let req = http::Request::builder()
-            .uri("http://example.com/big")
-            .body(())
-            .unwrap();
-        let (resp, _send) = client.send_request(req, true).unwrap();
-        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
-            .await
-            .expect("a response head")
-            .unwrap();
+        let resp = get_head(&router, "/big", "a response head").await;
         assert_eq!(resp.status(), 200);
         // Not reading (no window granted) for well over the idle timeout.
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -685,15 +703,9 @@ fn an_http2_client_that_stops_reading_is_reset_after_the_idle_timeout() {
 /// `content-length` value and without the hop-by-hop field.
 #[test]
 fn an_interim_and_a_final_response_in_one_read_reach_an_http2_client() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let (router, rt) = h2c_router(1);
-    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    router.add_route(crate::support::http_route("example.com", "web"));
-    router.set_backend_addrs("web", &[(backend.local_addr().unwrap().to_string(), false)]);
-    let answer = std::thread::spawn(move || {
-        let (mut up, _) = backend.accept().unwrap();
-        let mut head = [0u8; 2048];
-        let _ = up.read(&mut head).unwrap();
+    let answer = raw_backend(&router, |mut up| {
         up.write_all(
             b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
               HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nCONNECTION: x-internal\r\n\
@@ -704,16 +716,7 @@ fn an_interim_and_a_final_response_in_one_read_reach_an_http2_client() {
         std::thread::sleep(Duration::from_secs(6));
     });
     rt.block_on(async {
-        let mut client = h2_client(router.h2c_addrs[0]).await;
-        let req = http::Request::builder()
-            .uri("http://example.com/hints")
-            .body(())
-            .unwrap();
-        let (resp, _send) = client.send_request(req, true).unwrap();
-        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
-            .await
-            .expect("the final response at once")
-            .unwrap();
+        let resp = get_head(&router, "/hints", "the final response at once").await;
         assert_eq!(resp.status(), 200);
         let h = resp.headers();
         assert_eq!(h.get("content-length").unwrap(), "5");
