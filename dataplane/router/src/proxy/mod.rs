@@ -371,7 +371,7 @@ async fn one_request<S: Client>(
         }
         None => {
             CoreMetrics::inc(&core.metrics().not_found_total);
-            let close = !info.keep_alive || info.framing != Framing::Empty;
+            let close = own_answer_closes(&info);
             if !close {
                 buf.drain(..info.head_len);
             }
@@ -536,6 +536,14 @@ async fn respond<S: Client>(
     }
 }
 
+/// Whether the router's own answer to a request (404, 503) ends the connection: the client
+/// asked for that, a body may follow unread, or it speaks HTTP/1.0, which keeps only a
+/// connection whose response says `Connection: keep-alive` (these answers do not, so a
+/// client reading to the end would wait for the idle timeout).
+fn own_answer_closes(info: &RequestInfo) -> bool {
+    !info.keep_alive || info.version_minor == 0 || info.framing != Framing::Empty
+}
+
 async fn unavailable<S: Client>(
     core: &Core,
     c: &mut S,
@@ -544,7 +552,7 @@ async fn unavailable<S: Client>(
     info: &RequestInfo,
 ) -> Next {
     CoreMetrics::inc(&core.metrics().unavailable_total);
-    let close = !info.keep_alive || info.framing != Framing::Empty;
+    let close = own_answer_closes(info);
     respond(
         core,
         c,

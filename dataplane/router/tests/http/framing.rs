@@ -448,6 +448,35 @@ fn http10_keep_alive_is_announced_and_http11_stays_chunked() {
     assert_eq!(resp.body, b"ok");
 }
 
+/// The router's own answers (no route: 404; no backend: 503) to an HTTP/1.0 client that
+/// asked for keep-alive say `Connection: close` and close: without `Connection:
+/// keep-alive` in them, such a client reads to the end of the connection, which the router
+/// used to keep open until the idle timeout.
+#[test]
+fn own_answers_to_http10_keep_alive_clients_close() {
+    let router = Router::start();
+    router.add_route(http_route("nobackend.example.com", "empty"));
+    for host in ["unknown.example.com", "nobackend.example.com"] {
+        let mut conn = Conn::connect(router.http_addr);
+        conn.set_read_timeout(Duration::from_secs(3));
+        conn.send(
+            format!("GET / HTTP/1.0\r\nHost: {host}\r\nConnection: keep-alive\r\n\r\n").as_bytes(),
+        );
+        let all = String::from_utf8(conn.read_to_end().expect("EOF, not a timeout")).unwrap();
+        let status = if host.starts_with("unknown") {
+            "404"
+        } else {
+            "503"
+        };
+        assert!(all.starts_with(&format!("HTTP/1.1 {status} ")), "{all}");
+        assert!(
+            all.to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{all}"
+        );
+    }
+}
+
 /// CONNECT is refused with 405 and the connection closed (a reverse proxy does not tunnel
 /// it, as nginx does not); the backend never sees it.
 #[test]
