@@ -733,6 +733,7 @@ impl Host {
         let mut inner = self.lock();
         // A deregistration that came while it was starting left an entry: nothing runs.
         inner.ctl.remove(id);
+        self.forget_deregistration(id);
         if let Some(j) = inner.table.failed(id, reason, now_rfc3339()).cloned() {
             self.volumes.release(&j.job);
             let kind = if j.status == JobStatus::Failed {
@@ -940,7 +941,11 @@ impl Host {
             );
         }
         if r.adopted {
-            self.register_services(&id, &r);
+            // A job being stopped before the restart is not put back into discoverd: its
+            // stop deregistered it (or was about to).
+            if !self.get(&id).is_some_and(|j| j.force_stop) {
+                self.register_services(&id, &r);
+            }
             if self.get(&id).is_some_and(|j| j.force_stop) {
                 let host = self.clone();
                 let id = id.clone();
@@ -1021,6 +1026,7 @@ impl Host {
             if let Some(c) = inner.ctl.get_mut(&id) {
                 // Nothing left to signal, and nothing to announce to a discoverd that
                 // turns up before the deregistration below.
+                self.forget_deregistration(&id);
                 c.signal = None;
                 c.stdin = None;
                 c.announce = None;
@@ -1173,8 +1179,22 @@ impl Host {
             // A job still starting has no control entry yet: this one, kept by the
             // supervisor, makes its start skip the registration.
             let c = inner.ctl.entry(id.to_string()).or_default();
+            let first = !c.deregistered;
             c.deregistered = true;
-            std::mem::take(&mut c.heartbeaters)
+            let hbs = std::mem::take(&mut c.heartbeaters);
+            if first {
+                // Kept across a daemon restart, which would otherwise register the job
+                // again (an empty file per job, removed when the job ends).
+                let marker = self.deregistered_marker(id);
+                let saved = marker
+                    .parent()
+                    .map_or(Ok(()), std::fs::create_dir_all)
+                    .and_then(|()| std::fs::write(&marker, b""));
+                if let Err(e) = saved {
+                    tracing::warn!(job = %id, error = %e, "recording the deregistration failed; a daemon restart registers the job again");
+                }
+            }
+            hbs
         };
         // All at once, and for a bounded time: a discoverd that stopped answering must not
         // hold back the job's SIGTERM (or its cleanup) for a request timeout per port. The
@@ -1245,6 +1265,21 @@ impl Host {
         }
     }
 
+    /// The file whose presence says job `id` was taken out of discoverd.
+    fn deregistered_marker(&self, id: &str) -> PathBuf {
+        self.state_dir.join("deregistered").join(id)
+    }
+
+    /// The job ended: its deregistration need not be remembered.
+    fn forget_deregistration(&self, id: &str) {
+        match std::fs::remove_file(self.deregistered_marker(id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(job = %id, error = %e, "removing a deregistration record failed")
+            }
+            _ => {}
+        }
+    }
+
     /// TEST ONLY: whether job `id` has instances to announce in discoverd.
     #[cfg(test)]
     pub(crate) fn announced(&self, id: &str) -> bool {
@@ -1287,6 +1322,18 @@ impl Host {
     /// Loads persisted jobs and re-attaches to the ones still running.
     pub async fn restore(self: &Arc<Self>) {
         let stored = self.store.load();
+        // Deregistrations of jobs that ended (or vanished) while no daemon ran.
+        if let Ok(dir) = std::fs::read_dir(self.state_dir.join("deregistered")) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let live = stored
+                    .iter()
+                    .any(|j| j.job.id == name && !j.status.is_terminal());
+                if !live {
+                    self.forget_deregistration(&name);
+                }
+            }
+        }
         let rt = self.runtime.clone();
         let mut adopted: HashMap<String, Handle> =
             tokio::task::spawn_blocking(move || rt.adopt().into_iter().collect())
@@ -1300,6 +1347,10 @@ impl Host {
             match handle {
                 Some(h) if live => {
                     tracing::info!(job = %id, "re-adopted running job");
+                    if self.deregistered_marker(&id).exists() {
+                        // Taken out of discoverd before the restart: kept out.
+                        self.lock().ctl.entry(id.clone()).or_default().deregistered = true;
+                    }
                     let ports = job::bind_ports(&j.job).unwrap_or_default();
                     // A job that had not reported running yet has its address only in
                     // the allocator.

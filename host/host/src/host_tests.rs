@@ -35,6 +35,11 @@ struct Fake {
     /// While set, [`Runtime::cleanup`] hangs (after noting the job in `cleaned`).
     hold_cleanup: Mutex<bool>,
     cleanup_cv: Condvar,
+    /// Jobs [`Runtime::adopt`] finds still running (a daemon restart).
+    survivors: Mutex<Vec<String>>,
+    /// The previous daemon's ends of adopted jobs, kept open so its supervisors never see
+    /// their jobs end (and record or clean up anything).
+    retired: Mutex<Vec<mpsc::Sender<ProcEvent>>>,
 }
 
 impl Fake {
@@ -102,7 +107,23 @@ impl Runtime for Fake {
     }
 
     fn adopt(&self) -> Vec<(String, Handle)> {
-        Vec::new()
+        let survivors = std::mem::take(&mut *self.survivors.lock().unwrap());
+        survivors
+            .into_iter()
+            .map(|id| {
+                let (tx, rx) = mpsc::channel(16);
+                if let Some(old) = self.jobs.lock().unwrap().insert(id.clone(), tx) {
+                    self.retired.lock().unwrap().push(old);
+                }
+                let h = Handle {
+                    events: rx,
+                    signal: Arc::new(|_| Ok(())),
+                    stdin: None,
+                    handled: Default::default(),
+                };
+                (id, h)
+            })
+            .collect()
     }
 
     fn cleanup(&self, id: &str) {
@@ -618,4 +639,46 @@ async fn a_job_in_an_unknown_partition_fails_with_an_error_event() {
         h.add_job(ok).unwrap();
         wait_status(&h, id, JobStatus::Running).await;
     }
+}
+
+/// A job taken out of discoverd (`discoverd-deregister`, e.g. to drain it before a stop)
+/// stays out when a new daemon re-adopts it; a job that was not is registered again. The
+/// deregistration used to live in memory only, so a restart put the job back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deregistered_job_stays_out_of_discoverd_across_a_restart() {
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    rt.open();
+    let h = host(rt.clone(), d.path(), 0);
+    for id in ["a", "b"] {
+        h.add_job(web_job(id)).unwrap();
+        wait_status(&h, id, JobStatus::Running).await;
+        assert!(h.announced(id));
+    }
+    assert!(h.deregister("a").await);
+    // A new daemon on the same state finds both jobs still running.
+    *rt.survivors.lock().unwrap() = vec!["a".into(), "b".into()];
+    let h2 = host(rt.clone(), d.path(), 0);
+    h2.restore().await;
+    for id in ["a", "b"] {
+        wait_status(&h2, id, JobStatus::Running).await;
+    }
+    for _ in 0..100 {
+        if h2.announced("b") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        h2.announced("b"),
+        "a job not deregistered is announced again"
+    );
+    assert!(
+        !h2.announced("a"),
+        "the deregistered job was registered again"
+    );
+    // Once it ends, nothing of the deregistration is left for the next job of that id.
+    exit_cleanly(&rt, "a").await;
+    wait_status(&h2, "a", JobStatus::Done).await;
+    assert!(!d.path().join("deregistered").join("a").exists());
 }
