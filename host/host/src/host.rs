@@ -1026,7 +1026,6 @@ impl Host {
             if let Some(c) = inner.ctl.get_mut(&id) {
                 // Nothing left to signal, and nothing to announce to a discoverd that
                 // turns up before the deregistration below.
-                self.forget_deregistration(&id);
                 c.signal = None;
                 c.stdin = None;
                 c.announce = None;
@@ -1056,6 +1055,8 @@ impl Host {
         let t0 = std::time::Instant::now();
         self.deregister(&id).await;
         self.lock().ctl.remove(&id);
+        // After the deregistration above, so nothing it does is left behind.
+        self.forget_deregistration(&id);
         let t_dereg = t0.elapsed();
         let rt = self.runtime.clone();
         let cid = id.clone();
@@ -1173,18 +1174,19 @@ impl Host {
     pub async fn deregister(&self, id: &str) -> bool {
         let hbs = {
             let mut inner = self.lock();
-            if inner.table.get(id).is_none() {
+            let Some(ended) = inner.table.get(id).map(|j| j.status.is_terminal()) else {
                 return false;
-            }
+            };
             // A job still starting has no control entry yet: this one, kept by the
             // supervisor, makes its start skip the registration.
             let c = inner.ctl.entry(id.to_string()).or_default();
             let first = !c.deregistered;
             c.deregistered = true;
             let hbs = std::mem::take(&mut c.heartbeaters);
-            if first {
+            if first && !ended {
                 // Kept across a daemon restart, which would otherwise register the job
-                // again (an empty file per job, removed when the job ends).
+                // again (an empty file per job, removed when the job ends; an ended job
+                // is never re-adopted, so its own end's deregistration needs none).
                 let marker = self.deregistered_marker(id);
                 let saved = marker
                     .parent()
