@@ -222,7 +222,7 @@ enum ToShim {
 ///
 /// The shim keeps every event until it is acknowledged and sends the unacknowledged ones
 /// again to the next daemon. So an event is acknowledged only once the daemon has dealt with
-/// it ([`Handled`]: output written to the host's disk log), not when it enters the queue: a daemon
+/// it ([`Handled`]: output handed to the host's log), not when it enters the queue: a daemon
 /// that dies (or restarts) with output queued would otherwise lose those lines.
 fn follow(mut conn: ShimConn) -> Handle {
     let (tx, rx) = mpsc::channel(1024);

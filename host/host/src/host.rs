@@ -2,7 +2,7 @@
 //! events, ships their output, registers their services in discoverd, stops them, and
 //! keeps the job table persisted and published as events.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -956,33 +956,8 @@ impl Host {
         let log = !job.config.disable_log;
         let mut end: Option<Result<Exit, String>> = None;
         let mut started = false;
-        // Events dealt with and not yet marked handled, in order: output whose disk-log
-        // write is still with the log's writer thread carries where it ends, and is marked
-        // (so the runtime may acknowledge it) once that is written.
-        let mut unmarked: VecDeque<Option<crate::logdisk::Pos>> = VecDeque::new();
-        loop {
-            let progress = self.logs.disk_progress();
-            let mut progress = std::pin::pin!(progress);
-            if let Some(n) = progress.as_mut().as_pin_mut() {
-                n.enable();
-            }
-            mark_on_disk(&self.logs, &mut unmarked, &handle.handled);
-            let ev = if unmarked.is_empty() {
-                handle.events.recv().await
-            } else {
-                tokio::select! {
-                    ev = handle.events.recv() => ev,
-                    () = async {
-                        match progress.as_mut().as_pin_mut() {
-                            Some(n) => n.await,
-                            None => std::future::pending().await,
-                        }
-                    } => continue,
-                }
-            };
-            let Some(ev) = ev else { break };
+        while let Some(ev) = handle.events.recv().await {
             let last = matches!(ev, ProcEvent::Exited { .. } | ProcEvent::Failed { .. });
-            let mut on_disk = None;
             match ev {
                 ProcEvent::Started { pid } => {
                     let stop_now = {
@@ -1015,7 +990,7 @@ impl Host {
                         tokio::time::sleep(self.fault_slow_output).await;
                     }
                     if log {
-                        on_disk = self.logs.push(&src, stream, &line);
+                        self.logs.push(&src, stream, &line);
                     }
                     self.attach.output(&id, stream, &line);
                 }
@@ -1033,37 +1008,11 @@ impl Host {
                 }
                 ProcEvent::Failed { reason } => end = Some(Err(reason)),
             }
-            unmarked.push_back(on_disk);
+            // Dealt with (its output handed to the host's log): the runtime may acknowledge it.
+            handle.handled.mark();
             if last {
                 break;
             }
-        }
-        // What is left (normally written by now) is marked once on disk, in the background
-        // so the end below is not held up; after 10 s of a stuck writer, marked anyway
-        // (those lines are in the send queues only).
-        if !unmarked.is_empty() {
-            let logs = self.logs.clone();
-            let handled = handle.handled.clone();
-            tokio::spawn(async move {
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-                loop {
-                    let progress = logs.disk_progress();
-                    let mut progress = std::pin::pin!(progress);
-                    if let Some(n) = progress.as_mut().as_pin_mut() {
-                        n.enable();
-                    }
-                    mark_on_disk(&logs, &mut unmarked, &handled);
-                    let Some(n) = progress.as_pin_mut().filter(|_| !unmarked.is_empty()) else {
-                        break;
-                    };
-                    if tokio::time::timeout_at(deadline, n).await.is_err() {
-                        for _ in unmarked.drain(..) {
-                            handled.mark();
-                        }
-                        break;
-                    }
-                }
-            });
         }
         if !r.adopted && !started {
             self.prepare_next();
@@ -1472,22 +1421,6 @@ impl Host {
             }
             let _ = tokio::task::spawn_blocking(move || rt.cleanup(&id)).await;
         });
-    }
-}
-
-/// Marks handled, in order, the events at the front of `unmarked` whose output is on disk
-/// (or had none to write).
-fn mark_on_disk(
-    logs: &Shipper,
-    unmarked: &mut VecDeque<Option<crate::logdisk::Pos>>,
-    handled: &crate::runtime::Handled,
-) {
-    while let Some(&front) = unmarked.front() {
-        if front.is_some_and(|end| !logs.on_disk(end)) {
-            break;
-        }
-        unmarked.pop_front();
-        handled.mark();
     }
 }
 

@@ -40,8 +40,6 @@ struct Fake {
     /// The previous daemon's ends of adopted jobs, kept open so its supervisors never see
     /// their jobs end (and record or clean up anything).
     retired: Mutex<Vec<mpsc::Sender<ProcEvent>>>,
-    /// Each started job's count of events the daemon has dealt with.
-    handled: Mutex<BTreeMap<String, crate::runtime::Handled>>,
 }
 
 impl Fake {
@@ -94,11 +92,6 @@ impl Runtime for Fake {
         let signals = self.signals.clone();
         let gone = self.gone.clone();
         let id = l.id;
-        let handled = crate::runtime::Handled::default();
-        self.handled
-            .lock()
-            .unwrap()
-            .insert(id.clone(), handled.clone());
         Ok(Handle {
             events: rx,
             signal: Arc::new(move |sig| {
@@ -109,7 +102,7 @@ impl Runtime for Fake {
                 Ok(())
             }),
             stdin: None,
-            handled,
+            handled: Default::default(),
         })
     }
 
@@ -174,30 +167,11 @@ fn host_on(
     net_setup: Option<crate::net::Setup>,
     store: Store,
 ) -> Arc<Host> {
-    host_logging(
-        rt,
-        dir,
-        max_starting,
-        net_setup,
-        store,
-        Shipper::start("h", Vec::new(), 10),
-    )
-}
-
-/// As [`host_on`], shipping job output with `logs`.
-fn host_logging(
-    rt: Arc<Fake>,
-    dir: &Path,
-    max_starting: usize,
-    net_setup: Option<crate::net::Setup>,
-    store: Store,
-    logs: Shipper,
-) -> Arc<Host> {
     Host::new(Options {
         id: "h".into(),
         runtime: rt,
         store,
-        logs,
+        logs: Shipper::start("h", Vec::new(), 10),
         discoverd: None,
         network: None,
         net_setup,
@@ -718,59 +692,4 @@ async fn a_deregistered_job_stays_out_of_discoverd_across_a_restart() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(left().is_empty(), "{:?}", left());
-}
-
-/// An output line is marked handled (so the container runtime may acknowledge it to the
-/// job's shim, which then forgets it) only once the host's disk log has written it: while
-/// the log's writer is held, a daemon killed would have the line in memory only. Events
-/// with nothing to write are marked at once, but never ahead of output before them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn output_is_marked_handled_once_the_disk_log_has_it() {
-    let d = tempfile::tempdir().unwrap();
-    let rt = Arc::new(Fake::default());
-    rt.open();
-    let disk = Arc::new(crate::logdisk::DiskLog::open(&d.path().join("logs"), 1 << 20).unwrap());
-    // An aggregator address nothing listens on: lines queue, and go to the disk log.
-    let logs = Shipper::start_with(
-        "h",
-        vec!["127.0.0.1:1".into()],
-        Vec::new(),
-        100,
-        Some(disk.clone()),
-    );
-    let store = Store::open(d.path(), crate::syncer::Syncer::start()).unwrap();
-    let h = host_logging(rt.clone(), d.path(), 0, None, store, logs);
-    let mut j = job("a", "x");
-    j.config.env.insert("FLYNN_APP_ID".into(), "app".into());
-    h.add_job(j).unwrap();
-    wait_status(&h, "a", JobStatus::Running).await;
-    let handled = rt.handled.lock().unwrap()["a"].clone();
-    let settle = |want: u64| {
-        let handled = handled.clone();
-        async move {
-            for _ in 0..300 {
-                if handled.count() >= want {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            handled.count()
-        }
-    };
-    assert_eq!(settle(1).await, 1, "the start event");
-    disk.hold_writes(true);
-    let tx = rt.events("a");
-    for i in 0..3 {
-        tx.send(ProcEvent::Output {
-            stream: Stream::Stdout,
-            line: format!("line{i}").into_bytes(),
-        })
-        .await
-        .unwrap();
-    }
-    tx.send(ProcEvent::Dropped { count: 1 }).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(handled.count(), 1, "marked before the disk log wrote it");
-    disk.hold_writes(false);
-    assert_eq!(settle(5).await, 5, "all marked once written");
 }

@@ -79,15 +79,9 @@ struct Progress {
     closed: AtomicBool,
     /// The last mark write failed (see [`DiskLog::mark_failed`]).
     mark_failed: AtomicBool,
-    /// Woken (all waiters) whenever `written` moves or a write fails, for async waiters
-    /// (see [`DiskLog::progress_changed`]).
-    wake: tokio::sync::Notify,
     /// Writes still to fail (tests).
     #[cfg(test)]
     fail_writes: std::sync::atomic::AtomicU32,
-    /// While set, the writer waits before each write (tests: a disk that has not caught up).
-    #[cfg(test)]
-    hold_writes: (Mutex<bool>, Condvar),
     /// Segment reads still to fail (tests).
     #[cfg(test)]
     fail_reads: std::sync::atomic::AtomicU32,
@@ -174,7 +168,6 @@ fn writer(dir: PathBuf, rx: mpsc::Receiver<Op>, progress: Arc<Progress>) {
                         let _w = progress.written.lock().unwrap_or_else(|e| e.into_inner());
                         if !progress.failed.swap(true, Ordering::Relaxed) {
                             progress.moved.notify_all();
-                            progress.wake.notify_waiters();
                         }
                     }
                     if progress.closed.load(Ordering::Relaxed) {
@@ -193,7 +186,6 @@ fn writer(dir: PathBuf, rx: mpsc::Receiver<Op>, progress: Arc<Progress>) {
                 *w = (*w).max(end);
                 progress.failed.store(false, Ordering::Relaxed);
                 progress.moved.notify_all();
-                progress.wake.notify_waiters();
             }
             Op::Remove(n) => {
                 if file.as_ref().is_some_and(|(m, _)| *m == n) {
@@ -268,14 +260,6 @@ fn write_seg(
     }
     let f = &mut file.as_mut().expect("opened").1;
     #[cfg(test)]
-    {
-        let (held, cv) = &progress.hold_writes;
-        let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
-        while *held {
-            held = cv.wait(held).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-    #[cfg(test)]
     if progress
         .fail_writes
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
@@ -335,11 +319,8 @@ impl DiskLog {
             pending: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             mark_failed: AtomicBool::new(false),
-            wake: tokio::sync::Notify::new(),
             #[cfg(test)]
             fail_writes: Default::default(),
-            #[cfg(test)]
-            hold_writes: Default::default(),
             #[cfg(test)]
             fail_reads: Default::default(),
         });
@@ -612,35 +593,6 @@ impl DiskLog {
             }
         }
         Ok(())
-    }
-
-    /// Whether the writer has written everything up to `end` (the end of an append), or is
-    /// failing: appends are refused then, and what it has not written lives in memory only,
-    /// as those refused lines do.
-    pub fn written_or_failing(&self, end: Pos) -> bool {
-        if self.progress.failed.load(Ordering::Relaxed) {
-            return true;
-        }
-        *self
-            .progress
-            .written
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            >= end
-    }
-
-    /// Resolves at the writer's next step (a write done, or a write failing). `enable` it
-    /// before checking [`DiskLog::written_or_failing`] so no step is missed in between.
-    pub fn progress_changed(&self) -> tokio::sync::futures::Notified<'_> {
-        self.progress.wake.notified()
-    }
-
-    /// TEST ONLY: holds the writer before its next write (`true`) or lets it go on.
-    #[cfg(test)]
-    pub(crate) fn hold_writes(&self, hold: bool) {
-        let (held, cv) = &self.progress.hold_writes;
-        *held.lock().unwrap_or_else(|e| e.into_inner()) = hold;
-        cv.notify_all();
     }
 
     /// Waits until the writer has written everything appended so far (at most 10 s).

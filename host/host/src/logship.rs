@@ -334,11 +334,10 @@ impl Shipper {
         }
     }
 
-    /// Queues one output line (without its newline); long lines are split. Returns where
-    /// its last frame ends in the disk log, when it went there (see [`Shipper::on_disk`]).
-    pub fn push(&self, src: &Source, stream: Stream, line: &[u8]) -> Option<crate::logdisk::Pos> {
+    /// Queues one output line (without its newline); long lines are split.
+    pub fn push(&self, src: &Source, stream: Stream, line: &[u8]) {
         if self.shared.dests.is_empty() {
-            return None;
+            return;
         }
         // Time and sequence are taken under the push lock, so disk order is key order.
         let _order = self.shared.order.lock().unwrap_or_else(|e| e.into_inner());
@@ -368,24 +367,12 @@ impl Shipper {
             })
             .collect();
         let mut at = Vec::with_capacity(frames.len());
-        let mut on_disk = None;
         if let Some(disk) = &self.shared.disk {
-            match disk.append(frames.iter().map(|f| &f[..]), &mut at) {
-                Ok(()) => {
-                    on_disk = at
-                        .last()
-                        .zip(frames.last())
-                        .map(|(p, f)| crate::logdisk::Pos {
-                            seg: p.seg,
-                            offset: p.offset + f.len() as u64,
-                        })
-                }
-                Err(e) => {
-                    let n = self.shared.disk_errors.fetch_add(1, Ordering::Relaxed);
-                    // The first failure, then one in 10,000 (a full disk fails every line).
-                    if n.is_multiple_of(10_000) {
-                        tracing::warn!(error = %e, failures = n + 1, "writing the host's log to disk failed");
-                    }
+            if let Err(e) = disk.append(frames.iter().map(|f| &f[..]), &mut at) {
+                let n = self.shared.disk_errors.fetch_add(1, Ordering::Relaxed);
+                // The first failure, then one in 10,000 (a full disk fails every line).
+                if n.is_multiple_of(10_000) {
+                    tracing::warn!(error = %e, failures = n + 1, "writing the host's log to disk failed");
                 }
             }
         }
@@ -417,22 +404,6 @@ impl Shipper {
             }
             d.notify.notify_one();
         }
-        on_disk
-    }
-
-    /// Whether the disk log has written everything up to `end` (a [`Shipper::push`] result),
-    /// or is failing (its lines then live in the send queues only).
-    pub fn on_disk(&self, end: crate::logdisk::Pos) -> bool {
-        self.shared
-            .disk
-            .as_ref()
-            .is_none_or(|d| d.written_or_failing(end))
-    }
-
-    /// Resolves at the disk log writer's next step (`None` without a disk log). `enable` it
-    /// before checking [`Shipper::on_disk`].
-    pub fn disk_progress(&self) -> Option<tokio::sync::futures::Notified<'_>> {
-        self.shared.disk.as_ref().map(|d| d.progress_changed())
     }
 
     /// Counts `count` lines lost before they reached the host (the job's own pipe overflowed).

@@ -122,12 +122,13 @@ pub struct Handle {
     pub handled: Handled,
 }
 
-/// How many of a job's events the daemon has dealt with (output written to the host's disk
-/// log, in order). A runtime that acknowledges events to a process outside the daemon (the
-/// container shim, which keeps unacknowledged events for the next daemon) acknowledges only
-/// these: an event still queued, or not yet on disk, when the daemon dies is sent again, not
-/// lost. At least once: one handled just before the daemon died, its acknowledgement not yet
-/// out, comes again.
+/// How many of a job's events the daemon has dealt with (output handed to the host's log:
+/// the disk log's writer thread and the ship queues). A runtime that acknowledges events to
+/// a process outside the daemon (the container shim, which keeps unacknowledged events for
+/// the next daemon) acknowledges only these: an event still queued when the daemon dies is
+/// sent again, not lost. At least once: one handled just before the daemon died, its
+/// acknowledgement not yet out, comes again. What the disk log's writer had not written when
+/// the daemon died is not covered (see `logdisk`).
 #[derive(Clone, Default)]
 pub struct Handled(Arc<HandledInner>);
 
