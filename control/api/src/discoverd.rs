@@ -3,20 +3,31 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
-/// How a service's leader is chosen.
+/// How a service's leader is chosen (`""` is the default, `oldest`, as in Flynn).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LeaderType {
     #[default]
+    #[serde(alias = "")]
     Oldest,
     Manual,
 }
 
+/// `null` read as the field's default, as Go's `encoding/json` leaves a field as it is for
+/// `null` (Flynn's clients send `"meta": null`).
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub leader_type: LeaderType,
 }
 
@@ -24,15 +35,23 @@ pub struct ServiceConfig {
 /// doubles as the fencing token of a leader.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub addr: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub proto: String,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub meta: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "is_zero"
+    )]
     pub index: u64,
 }
 
@@ -54,7 +73,7 @@ pub struct ServiceMeta {
     pub data: serde_json::Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub index: u64,
 }
 
@@ -77,4 +96,32 @@ pub struct Event {
     pub instance: Option<Instance>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_meta: Option<ServiceMeta>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What Go clients send is read as Flynn reads it: an empty leader type is `oldest`, and
+    /// `null` fields are their defaults (they used to be 400 `syntax_error`s); a leader type
+    /// that is neither is still refused.
+    #[test]
+    fn empty_and_null_fields_read_as_their_defaults() {
+        for body in [r#"{"leader_type":""}"#, r#"{"leader_type":null}"#, "{}"] {
+            let c: ServiceConfig = serde_json::from_str(body).unwrap();
+            assert_eq!(c.leader_type, LeaderType::Oldest, "{body}");
+        }
+        let c: ServiceConfig = serde_json::from_str(r#"{"leader_type":"manual"}"#).unwrap();
+        assert_eq!(c.leader_type, LeaderType::Manual);
+        assert!(serde_json::from_str::<ServiceConfig>(r#"{"leader_type":"newest"}"#).is_err());
+        let i: Instance = serde_json::from_str(
+            r#"{"id":null,"addr":"10.0.0.1:80","proto":"tcp","meta":null,"index":null}"#,
+        )
+        .unwrap();
+        assert_eq!((i.id.as_str(), i.index), ("", 0));
+        assert!(i.meta.is_empty());
+        let m: ServiceMeta = serde_json::from_str(r#"{"data":{"a":1},"index":null}"#).unwrap();
+        assert_eq!(m.index, 0);
+        assert!(serde_json::from_str::<Instance>(r#"{"meta":{"a":1}}"#).is_err());
+    }
 }
