@@ -114,7 +114,7 @@ pub type Signaller = Arc<dyn Fn(i32) -> std::io::Result<()> + Send + Sync>;
 
 /// A started (or re-adopted) job: its events, ending after `Exited` or `Failed`, a
 /// way to signal it, and its stdin if it has one. The receiver marks each event in
-/// `handled` once it has dealt with it (output written to the host's log), in order.
+/// `handled` once it has dealt with it (output handed to the host's log), in order.
 pub struct Handle {
     pub events: mpsc::Receiver<ProcEvent>,
     pub signal: Signaller,
