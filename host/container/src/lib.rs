@@ -30,6 +30,6 @@ pub use image::{ImageStore, Layer};
 pub use shim::{cgroup_dirs, shim_main, Layout, Shim, ShimConn, SpareShim, SHIM_ARG, SPARE_ARG};
 pub use spec::{
     max_fds_allowed, valid_capability, valid_id, BindMount, ContainerSpec, Resources, CPU_MILLIS,
-    CPU_PERIOD_US, DEFAULT_PATH, PIDS,
+    CPU_PERIOD_US, CPU_SHARES, DEFAULT_PATH, PIDS,
 };
 pub use wire::{ShimEvent, Stream, MAX_LINE};

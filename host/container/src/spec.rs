@@ -14,6 +14,8 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// CPU limits the kernel takes: the quota is `millis × 100 µs` per 100 ms period, and a CFS
 /// quota below 1 ms is refused (`EINVAL`), so 10 milli-CPUs is the least.
 pub const CPU_MILLIS: std::ops::RangeInclusive<u64> = 10..=1_000_000;
+/// CPU weights the kernel takes: cgroup v1 `cpu.shares` is 2 up to `MAX_SHARES` (2^18).
+pub const CPU_SHARES: std::ops::RangeInclusive<u64> = 2..=262_144;
 /// `pids.max` above `PID_MAX_LIMIT` (4194304 on 64-bit) is refused.
 pub const PIDS: std::ops::RangeInclusive<u64> = 1..=4_194_304;
 
@@ -79,8 +81,13 @@ pub struct BindMount {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Resources {
     pub memory_bytes: Option<u64>,
-    /// CPU quota in thousandths of a core (1000 = one core).
+    /// CPU quota in thousandths of a core (1000 = one core): a hard cap, enforced with a CFS
+    /// quota (and shares in proportion).
     pub cpu_millis: Option<u64>,
+    /// CPU weight only (`cpu.shares`, 1024 = one default process): a job may use every idle
+    /// core and gets its share under contention. Ignored when `cpu_millis` is set.
+    #[serde(default)]
+    pub cpu_shares: Option<u64>,
     pub pids: Option<u64>,
     /// `RLIMIT_NOFILE` (soft and hard).
     pub max_fds: Option<u64>,
@@ -181,6 +188,13 @@ impl ContainerSpec {
                 "cpu_millis must be {}..={} (the kernel's smallest CFS quota is 1 ms per 100 ms)",
                 CPU_MILLIS.start(),
                 CPU_MILLIS.end()
+            )));
+        }
+        if r.cpu_shares.is_some_and(|c| !CPU_SHARES.contains(&c)) {
+            return Err(ContainerError::invalid(format!(
+                "cpu_shares must be {}..={}",
+                CPU_SHARES.start(),
+                CPU_SHARES.end()
             )));
         }
         if r.pids.is_some_and(|p| !PIDS.contains(&p)) {
@@ -312,8 +326,10 @@ impl ContainerSpec {
             resources["cpu"] = json!({
                 "quota": c * CPU_PERIOD_US / 1000,
                 "period": CPU_PERIOD_US,
-                "shares": (c * 1024 / 1000).max(2),
+                "shares": (c * 1024 / 1000).clamp(*CPU_SHARES.start(), *CPU_SHARES.end()),
             });
+        } else if let Some(shares) = self.resources.cpu_shares {
+            resources["cpu"] = json!({"shares": shares});
         }
         if let Some(p) = self.resources.pids {
             resources["pids"] = json!({"limit": p});
@@ -478,6 +494,11 @@ mod tests {
                 "cpu quota below 1 ms",
                 Box::new(|s| s.resources.cpu_millis = Some(9)),
             ),
+            ("one share", Box::new(|s| s.resources.cpu_shares = Some(1))),
+            (
+                "shares above MAX_SHARES",
+                Box::new(|s| s.resources.cpu_shares = Some(262_145)),
+            ),
             ("zero pids", Box::new(|s| s.resources.pids = Some(0))),
             (
                 "pids above PID_MAX_LIMIT",
@@ -527,6 +548,7 @@ mod tests {
         s.resources = Resources {
             memory_bytes: Some(64 << 20),
             cpu_millis: Some(250),
+            cpu_shares: None,
             pids: Some(20),
             max_fds: Some(100),
         };
@@ -536,6 +558,7 @@ mod tests {
         assert_eq!(c["linux"]["resources"]["memory"]["limit"], 64 << 20);
         assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 25_000);
         assert_eq!(c["linux"]["resources"]["cpu"]["period"], 100_000);
+        assert_eq!(c["linux"]["resources"]["cpu"]["shares"], 256);
         assert_eq!(c["linux"]["resources"]["pids"]["limit"], 20);
         assert_eq!(c["process"]["rlimits"][0]["hard"], 100);
         assert_eq!(c["process"]["cwd"], "/");
@@ -551,6 +574,21 @@ mod tests {
             .any(|e| e.as_str().unwrap().starts_with("PATH=")));
         // The config parses as an OCI spec.
         let _: libcontainer::oci_spec::runtime::Spec = serde_json::from_value(c).unwrap();
+    }
+
+    /// A weight alone sets `cpu.shares` and no CFS quota, so the job may use idle cores.
+    #[test]
+    fn oci_config_cpu_shares_only() {
+        let mut s = sample();
+        s.resources.cpu_shares = Some(512);
+        let c = s.oci_config(Path::new("/r"));
+        assert_eq!(c["linux"]["resources"]["cpu"], json!({"shares": 512}));
+        let _: libcontainer::oci_spec::runtime::Spec = serde_json::from_value(c).unwrap();
+        // A quota wins over a weight given with it.
+        s.resources.cpu_millis = Some(2000);
+        let c = s.oci_config(Path::new("/r"));
+        assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 200_000);
+        assert_eq!(c["linux"]["resources"]["cpu"]["shares"], 2048);
     }
 
     #[test]

@@ -199,7 +199,9 @@ fn container_spec(l: Launch, cgroup_parent: &str) -> ContainerSpec {
             .collect(),
         resources: Resources {
             memory_bytes: l.limits.memory_bytes,
-            cpu_millis: l.limits.cpu_millis,
+            // Flynn's CPU limit is a weight: shares only, no CFS quota.
+            cpu_millis: None,
+            cpu_shares: l.limits.cpu_millis.map(|m| m.saturating_mul(1024) / 1000),
             pids: l.limits.pids,
             max_fds: l.limits.max_fds,
         },
@@ -474,6 +476,30 @@ mod tests {
                 "{text}: api {api:?}, runtime {runtime:?}"
             );
         }
+    }
+
+    /// A job's `cpu` limit is a weight, as in Flynn: `cpu.shares` = limit × 1.024, no quota.
+    #[test]
+    fn cpu_limit_is_shares_only() {
+        use crate::runtime::{Launch, Limits};
+        let launch = Launch {
+            id: "j".into(),
+            layers: vec!["/layer".into()],
+            args: vec!["sh".into()],
+            limits: Limits {
+                cpu_millis: Some(500),
+                ..Limits::default()
+            },
+            ..Launch::default()
+        };
+        let spec = super::container_spec(launch, "flynn");
+        assert_eq!(spec.resources.cpu_millis, None);
+        assert_eq!(spec.resources.cpu_shares, Some(512));
+        let c = spec.oci_config(std::path::Path::new("/r"));
+        assert_eq!(
+            c["linux"]["resources"]["cpu"],
+            serde_json::json!({"shares": 512})
+        );
     }
 
     /// The head start is a no-op migration: the process stays in the cgroups it was in.

@@ -31,9 +31,10 @@ pub fn valid_id(id: &str) -> bool {
 
 /// `resources.memory.limit`: bytes, at least 1 MiB.
 pub const MEMORY_LIMIT: std::ops::RangeInclusive<i64> = 1 << 20..=i64::MAX;
-/// `resources.cpu.limit`: milli-CPUs, 10 (the kernel's smallest CFS quota, 1 ms per 100 ms)
-/// up to 1000 cores.
-pub const CPU_LIMIT: std::ops::RangeInclusive<i64> = 10..=1_000_000;
+/// `resources.cpu.limit`: milli-CPUs, a weight as in Flynn (`cpu.shares` = limit × 1.024, no
+/// quota: a job may use idle cores), so within the kernel's shares, 2 up to 2^18: 2 up to 256
+/// cores.
+pub const CPU_LIMIT: std::ops::RangeInclusive<i64> = 2..=256_000;
 /// `resources.max_procs.limit`: `pids.max`, at most the kernel's `PID_MAX_LIMIT`.
 pub const MAX_PROCS_LIMIT: std::ops::RangeInclusive<i64> = 1..=4_194_304;
 
@@ -616,9 +617,9 @@ mod tests {
                 res(r#"{"memory":{"limit":1048575}}"#),
                 "resources.memory.limit",
             ),
-            (res(r#"{"cpu":{"limit":1000001}}"#), "resources.cpu.limit"),
-            // A quota below the kernel's 1 ms: refused by the cgroup write at start.
-            (res(r#"{"cpu":{"limit":9}}"#), "resources.cpu.limit"),
+            (res(r#"{"cpu":{"limit":256001}}"#), "resources.cpu.limit"),
+            // One share is below the kernel's least (2): refused by the container spec.
+            (res(r#"{"cpu":{"limit":1}}"#), "resources.cpu.limit"),
             (res(r#"{"max_fd":{"limit":2}}"#), "resources.max_fd.limit"),
             (
                 res(r#"{"max_fd":{"limit":1073741825}}"#),
@@ -674,10 +675,10 @@ mod tests {
         );
         let ok = [
             res(
-                r#"{"memory":{"limit":1048576},"cpu":{"limit":1000000},"max_fd":{"limit":3},"max_procs":{"limit":1},"temp_disk":{"limit":1}}"#,
+                r#"{"memory":{"limit":1048576},"cpu":{"limit":256000},"max_fd":{"limit":3},"max_procs":{"limit":1},"temp_disk":{"limit":1}}"#,
             ),
             res(&format!(
-                r#"{{"cpu":{{"limit":10}},"max_fd":{{"limit":{}}},"max_procs":{{"limit":4194304}}}}"#,
+                r#"{{"cpu":{{"limit":2}},"max_fd":{{"limit":{}}},"max_procs":{{"limit":4194304}}}}"#,
                 flynn_container::max_fds_allowed()
             )),
             body(r#","working_dir":"/app","mounts":[{"location":"/h","target":"/a/b..c"}]"#),

@@ -19,6 +19,7 @@ use crate::logship::{Stream, MAX_LINE};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {
     pub memory_bytes: Option<u64>,
+    /// The job's `cpu` limit in milli-CPUs: a weight (`cpu.shares` = millis × 1.024), not a cap.
     pub cpu_millis: Option<u64>,
     pub pids: Option<u64>,
     pub max_fds: Option<u64>,

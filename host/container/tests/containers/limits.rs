@@ -105,6 +105,46 @@ async fn cpu_quota_holds() {
     env.cleanup_and_check(&spec);
 }
 
+/// A weight alone (what flynn-host gives a job's `cpu` limit) sets `cpu.shares` and leaves the
+/// CFS quota off, so the job may use idle cores.
+#[tokio::test]
+async fn cpu_shares_set_the_weight_and_no_quota() {
+    require_root!();
+    let env = Env::new("shares");
+    let mut spec = env.spec("shares", &["sh", "-c", "echo up; sleep 30"]);
+    spec.resources.cpu_shares = Some(512);
+    let mut conn = env.spawn(&spec).await;
+    let mut run = Run::default();
+    wait_line(&mut conn, &mut run, "up", T).await;
+    let read = |file: &str| -> Option<String> {
+        flynn_container::cgroup_dirs(&spec)
+            .iter()
+            .find_map(|d| std::fs::read_to_string(d.join(file)).ok())
+            .map(|s| s.trim().to_string())
+    };
+    let (shares, quota, max, weight) = (
+        read("cpu.shares"),
+        read("cpu.cfs_quota_us"),
+        read("cpu.max"),
+        read("cpu.weight"),
+    );
+    conn.signal(9).await.unwrap();
+    crate::support::collect_into(&mut conn, &mut run, T).await;
+    if let Some(shares) = shares {
+        // cgroup v1
+        assert_eq!(shares, "512");
+        assert_eq!(quota.as_deref(), Some("-1"), "a quota was set");
+    } else {
+        // cgroup v2: shares are converted to a weight; `max` means no quota.
+        assert!(weight.is_some_and(|w| w != "100"), "no weight set");
+        assert!(
+            max.is_some_and(|m| m.starts_with("max ")),
+            "a quota was set"
+        );
+    }
+    env.cleanup_and_check(&spec);
+}
+
 #[tokio::test]
 async fn pids_limit_holds() {
     require_root!();
