@@ -113,6 +113,12 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiErr> {
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiErr> {
+    // Go decodes `null` into a struct as a no-op, leaving every field at its zero value: the
+    // same as `{}`.
+    let body = match body.trim_ascii() {
+        b"null" => b"{}",
+        _ => body,
+    };
     serde_json::from_slice(body).map_err(|e| {
         if e.is_eof() {
             // Go reports a truncated body as an unclassified error (spec §0.1).

@@ -69,6 +69,11 @@ async fn service_create_conflict_and_name_validation() {
     let r = call(&c, "PUT", &d.url("/services/t1"), Some("{]")).await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["code"], "syntax_error");
+    // `null` is the default config (an oldest-leader service), as Go decodes it.
+    let r = call(&c, "PUT", &d.url("/services/tnull"), Some(" null\n")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = call(&c, "PUT", &d.url("/services/tnull"), Some("{}")).await;
+    assert_eq!(r.status, 409, "{}", r.body);
     let r = c
         .put(d.url("/services/t2"))
         .header("content-type", "text/plain")
