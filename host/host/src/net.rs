@@ -210,7 +210,7 @@ impl Network {
             }
             Err(e) => {
                 let mut a = self.alloc();
-                let r = a.release(owner);
+                let r = release_unless_left(&mut a, owner, &e);
                 let _ = self.synced(&a, r);
                 Err(chain(e))
             }
@@ -554,6 +554,21 @@ fn release_if_removed(
 }
 
 /// An error with its causes, `a: b: c`.
+/// After a failed `create_job_net`: frees the address, unless what was made could not be
+/// removed (it may still carry the address). Such an address is freed by the job's teardown
+/// at the next start-up (an ended job whose address is still allocated).
+fn release_unless_left(
+    a: &mut IpAllocator,
+    owner: &str,
+    e: &job::JobNetError,
+) -> Result<(), String> {
+    if matches!(e, job::JobNetError::NotUndone { .. }) {
+        tracing::warn!(owner, error = %chain(e), "failed job network not removed; its address stays allocated");
+        return Ok(());
+    }
+    a.release(owner).map_err(chain)
+}
+
 fn chain(e: impl std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
@@ -726,6 +741,33 @@ mod config_tests {
         assert_ne!(a.allocate("job2").unwrap(), ip);
         release_if_removed(&mut a, "job1", Ok(())).unwrap();
         assert_eq!(a.get("job1"), None);
+    }
+
+    #[test]
+    fn a_failed_setup_left_in_place_keeps_its_address() {
+        use flynn_network::job::JobNetError;
+        let d = tempfile::tempdir().unwrap();
+        let block: Subnet = "100.100.0.0/24".parse().unwrap();
+        let mut a = IpAllocator::open(&d.path().join("ips.json"), block, &[]).unwrap();
+        let busy = || JobNetError::VethExists { name: "x".into() };
+        // Undone: the address is free again.
+        a.allocate("job1").unwrap();
+        release_unless_left(&mut a, "job1", &busy()).unwrap();
+        assert_eq!(a.get("job1"), None);
+        // Not undone: the namespace may still carry it, so no other job gets it.
+        let ip2 = a.allocate("job2").unwrap();
+        let left = JobNetError::NotUndone {
+            error: Box::new(busy()),
+            undo: Box::new(busy()),
+        };
+        release_unless_left(&mut a, "job2", &left).unwrap();
+        assert_eq!(a.get("job2"), Some(ip2));
+        for i in 3..300 {
+            match a.allocate(&format!("job{i}")) {
+                Ok(ip) => assert_ne!(ip, ip2),
+                Err(_) => break,
+            }
+        }
     }
 
     fn cfg(subnet: &str, mtu: u32, resolvers: &[&str]) -> NetworkConfig {

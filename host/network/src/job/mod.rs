@@ -74,6 +74,14 @@ pub enum JobNetError {
     Netlink(#[from] NetlinkError),
     #[error("eBPF fast path")]
     FastPath(#[from] flynn_ebpf::EbpfError),
+    /// A step failed and removing what had been made failed too: the namespace or veth may
+    /// still hold the address.
+    #[error("{error}; and undoing it failed ({undo})")]
+    NotUndone {
+        #[source]
+        error: Box<JobNetError>,
+        undo: Box<JobNetError>,
+    },
 }
 
 /// How jobs attach to this host's network.
@@ -170,7 +178,8 @@ impl KernelNetlink {
 /// Creates the job's namespace and veth pair and configures the job side: `eth0` with `ip` (the
 /// block's prefix length), MTU `cfg.local_mtu`, `lo` up, default route via `cfg.gateway` with
 /// MTU `cfg.mtu`. The host end is enslaved to `cfg.bridge` and up. Anything made is removed
-/// again when a step fails.
+/// again when a step fails; when that removal fails too the error is
+/// [`JobNetError::NotUndone`], and `ip` must stay allocated.
 pub async fn create_job_net(
     nl: &KernelNetlink,
     job_id: &str,
@@ -222,12 +231,16 @@ pub async fn create_job_net(
                 mac,
             })
         }
-        Err(e) => {
-            if let Err(undo) = destroy_job_net(nl, job_id).await {
+        Err(e) => match destroy_job_net(nl, job_id).await {
+            Ok(()) => Err(e),
+            Err(undo) => {
                 tracing::warn!(job_id, error = %undo, "could not undo a failed job network");
+                Err(JobNetError::NotUndone {
+                    error: Box::new(e),
+                    undo: Box::new(undo),
+                })
             }
-            Err(e)
-        }
+        },
     }
 }
 
