@@ -15,7 +15,9 @@
  *   VXLAN packets look like): the outer IPv4/UDP/VXLAN and inner Ethernet headers are removed with
  *   bpf_skb_adjust_room and the inner packet goes straight to the job (bpf_redirect_peer), without
  *   the kernel's UDP socket, VXLAN receive and GRO cell.
- * - Anything else, or a miss: TC_ACT_OK, i.e. the normal kernel path. Empty maps are safe.
+ * - Anything else, or a miss: TC_ACT_UNSPEC, i.e. on to whatever else is attached (later TCX
+ *   programs, then the device's tc filters) and the normal kernel path. Empty maps are safe.
+ *   (TC_ACT_OK would end the chain there: other users' tc filters would stop running.)
  *
  * Routed packets (remote out, VXLAN in) get their TTL decremented like the kernel's forwarding
  * path would; a TTL that would expire goes to the kernel so it can answer with ICMP, and so does
@@ -83,7 +85,7 @@ static __always_inline void count(__u32 idx)
 static __always_inline int pass(void)
 {
 	count(FLYNN_CTR_PASSED);
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC;
 }
 
 /* Finds the Ethernet and IPv4 headers; NULL when the packet is not plain IPv4. */
@@ -368,10 +370,10 @@ int flynn_from_underlay(struct __sk_buff *skb)
 	/* Everything arriving on the host's underlay passes here: leave non-candidates quickly and
 	 * without counting them. */
 	if (skb->protocol != bpf_htons(ETH_P_IP) || skb->len < HEADERS_LEN)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	ul = bpf_map_lookup_elem(&flynn_underlay, &zero);
 	if (!ul || !ul->port)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	data = (void *)(long)skb->data;
 	end = (void *)(long)skb->data_end;
 	if (data + HEADERS_LEN > end) {
@@ -383,9 +385,9 @@ int flynn_from_underlay(struct __sk_buff *skb)
 		if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &oip, sizeof(oip)) ||
 		    bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + sizeof(oip), &oudp,
 				       sizeof(oudp)))
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		if (!vxlan_to_us(skb, &oip, &oudp, ul))
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		if (bpf_skb_pull_data(skb, HEADERS_LEN))
 			return pass();
 		data = (void *)(long)skb->data;
@@ -397,7 +399,7 @@ int flynn_from_underlay(struct __sk_buff *skb)
 	ip = data + sizeof(struct ethhdr);
 	udp = (void *)ip + sizeof(struct iphdr);
 	if (eth->h_proto != bpf_htons(ETH_P_IP) || !vxlan_to_us(skb, ip, udp, ul))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 
 	/* From here on it is VXLAN for us: what is not delivered here is counted as passed. */
 	vx = (void *)udp + sizeof(struct udphdr);

@@ -16,7 +16,8 @@
 //!   TCP GSO packets (TSO bursts, GRO packets) too when their checksum state allows (see
 //!   `docs/ARCHITECTURE.md`); other GSO packets and anything unexpected are left to the kernel.
 //!
-//! Anything the maps do not know falls through to the kernel path (`TC_ACT_OK`), so empty maps are
+//! Anything the maps do not know falls through to the kernel path (`TC_ACT_UNSPEC`, so tc
+//! programs and filters attached after ours still run), so empty maps are
 //! safe and the kernel VXLAN path of `flynn-network` stays the source of truth. Maps and
 //! attachments (TCX links on kernels ≥ 6.6, cls_bpf netlink filters before, see [`AttachMode`])
 //! are pinned or recorded under a pin directory (default [`DEFAULT_PIN_DIR`]) so traffic keeps

@@ -13,7 +13,7 @@ use anyhow::{ensure, Context, Result};
 use aya::programs::{SchedClassifier, TcAttachType};
 use flynn_ebpf::{AttachMode, Counters, Endpoint, FastPath, Hop, Role};
 use lab::{
-    ifindex, in_ns, mac, ping, ping_count, ping_df, ping_ttl, tcp_roundtrip, Bpffs, Job, Lab,
+    ifindex, in_ns, mac, ping, ping_count, ping_df, ping_ttl, run, tcp_roundtrip, Bpffs, Job, Lab,
 };
 
 const MTU: u32 = 1450;
@@ -177,6 +177,103 @@ fn same_host_redirect_peer_and_fallback(mode: AttachMode) -> Result<()> {
         "unpin left vj2 attached"
     );
     ensure!(ping(&j1.ns, j2.ip, 3), "traffic after uninstall");
+    Ok(())
+}
+
+#[test]
+fn later_tc_filters_still_run_tcx() -> Result<()> {
+    later_tc_filters_still_run(AttachMode::Tcx)
+}
+
+#[test]
+fn later_tc_filters_still_run_netlink() -> Result<()> {
+    later_tc_filters_still_run(AttachMode::Netlink)
+}
+
+/// A packet the fast path does not handle goes on to what else is attached to the device: a
+/// tc filter someone added after ours (here one that drops everything, built with clang as
+/// the fast path is) still sees it. Returning `TC_ACT_OK` ended the chain at our program.
+fn later_tc_filters_still_run(mode: AttachMode) -> Result<()> {
+    if !lab::should_run(&format!("later_tc_filters_still_run {mode:?}")) {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let src = dir.path().join("drop.bpf.c");
+    let obj = dir.path().join("drop.o");
+    std::fs::write(
+        &src,
+        "#include <linux/bpf.h>\n#include <linux/pkt_cls.h>\n#include <bpf/bpf_helpers.h>\n\
+         SEC(\"classifier\") int drop_all(struct __sk_buff *skb) { return TC_ACT_SHOT; }\n\
+         char _license[] SEC(\"license\") = \"GPL\";\n",
+    )?;
+    let multiarch = run(&["gcc", "-print-multiarch"])?;
+    let include = format!(
+        "-I/usr/include/{}",
+        String::from_utf8_lossy(&multiarch.stdout).trim()
+    );
+    run(&[
+        "clang",
+        "-O2",
+        "-target",
+        "bpf",
+        &include,
+        "-c",
+        src.to_str().unwrap(),
+        "-o",
+        obj.to_str().unwrap(),
+    ])?;
+
+    let bpffs = Bpffs::mount("flynn-bpffs")?;
+    let mut lab = Lab::new();
+    let host = lab.add_host("h", "100.100.1.1")?;
+    let j1 = lab.add_job("j1", &host, "vj1", "100.100.1.10", "100.100.1.1", MTU)?;
+    let j2 = lab.add_job("j2", &host, "vj2", "100.100.1.11", "100.100.1.1", MTU)?;
+    let pin_dir = bpffs.pin_dir("flynn");
+    let fp = in_ns(&host, || {
+        let mut fp = FastPath::load_with(&pin_dir, mode)?;
+        fp.attach(ifindex(&host, "vj1")?, Role::JobVeth)?;
+        Ok(fp)
+    })?;
+    ensure!(ping(&j1.ns, j2.ip, 3), "empty maps broke traffic");
+    // In netlink mode our filter made the clsact qdisc already.
+    let _ = run(&[
+        "ip", "netns", "exec", &host, "tc", "qdisc", "add", "dev", "vj1", "clsact",
+    ]);
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &host,
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        "vj1",
+        "ingress",
+        "prio",
+        "60000",
+        "bpf",
+        "obj",
+        obj.to_str().unwrap(),
+        "sec",
+        "classifier",
+        "da",
+    ])?;
+    let passed = counters(&fp)?.passed;
+    ensure!(
+        ping_count(&j1.ns, j2.ip, 3) == 0,
+        "the later filter did not run: traffic still flows"
+    );
+    ensure!(
+        counters(&fp)?.passed > passed,
+        "our program did not run first"
+    );
+    run(&[
+        "ip", "netns", "exec", &host, "tc", "filter", "del", "dev", "vj1", "ingress", "prio",
+        "60000",
+    ])?;
+    ensure!(ping(&j1.ns, j2.ip, 3), "traffic after the filter went");
+    in_ns(&host, || Ok(fp.unpin()?))?;
     Ok(())
 }
 
