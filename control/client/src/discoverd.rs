@@ -249,6 +249,7 @@ impl Client {
             self.clone(),
             service.to_string(),
             inst.clone(),
+            None,
             stop_rx,
         ));
         Ok(Heartbeater {
@@ -361,6 +362,8 @@ async fn keep_loop(
 ) {
     let mut pause = Duration::from_millis(200);
     let mut failures: u32 = 0;
+    // Created again if it goes away later (deleted, or the cluster's state lost).
+    let kind = create.clone();
     // Best effort, when stopped before the first registration returned.
     let unregister = || async {
         let _ = tokio::time::timeout(HEARTBEAT_TIMEOUT, c.unregister(&service, &inst.id)).await;
@@ -415,38 +418,68 @@ async fn keep_loop(
         }
         pause = (pause * 2).min(KEEP_RETRY_MAX);
     }
-    heartbeat_loop(c, service, inst, stop).await
+    heartbeat_loop(c, service, inst, kind, stop).await
 }
 
 /// How long one heartbeat may take (the instance TTL is 10 s).
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Heartbeats `inst` until stopped. `create`: the service's leader type, to create the
+/// service again when a heartbeat finds it gone (404), as [`Client::keep_registered`]
+/// promises its instance comes back by itself.
 async fn heartbeat_loop(
     c: Client,
     service: String,
     inst: Instance,
+    create: Option<String>,
     mut stop: oneshot::Receiver<()>,
 ) {
     let mut delay = next_heartbeat(true);
+    let mut failures: u32 = 0;
     loop {
         tokio::select! {
             _ = &mut stop => break,
             _ = tokio::time::sleep(delay) => {}
         }
+        let beat = async {
+            match c.register(&service, &inst).await {
+                Err(e) if e.api().map(|a| a.code) == Some(ErrorCode::ObjectNotFound) => {
+                    let Some(kind) = &create else { return Err(e) };
+                    match c.add_service(&service, kind).await {
+                        Ok(()) => {}
+                        Err(e) if e.api().map(|a| a.code) == Some(ErrorCode::ObjectExists) => {}
+                        Err(e) => return Err(e),
+                    }
+                    c.register(&service, &inst).await
+                }
+                r => r,
+            }
+        };
         // A request stuck on a dead peer (a kept-alive connection to a leader that lost
         // power) must not hold the heartbeats past the instance TTL: it is given up and
         // the fast retry takes over.
-        let ok = match tokio::time::timeout(HEARTBEAT_TIMEOUT, c.register(&service, &inst)).await {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, service = %service, "heartbeat failed");
-                false
-            }
-            Err(_) => {
-                tracing::warn!(service = %service, "heartbeat timed out");
-                false
-            }
+        let err = match tokio::time::timeout(HEARTBEAT_TIMEOUT, beat).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("timed out".to_string()),
         };
+        let ok = err.is_none();
+        match err {
+            None => {
+                if failures > 0 {
+                    tracing::info!(service = %service, failures, "heartbeats succeed again");
+                }
+                failures = 0;
+            }
+            Some(error) => {
+                failures += 1;
+                // The first failure and then every 20th (about every 5 s at the fast
+                // retry): an outage is not a log flood.
+                if failures == 1 || failures.is_multiple_of(20) {
+                    tracing::warn!(service = %service, error = %error, failures, "heartbeat failed");
+                }
+            }
+        }
         delay = next_heartbeat(ok);
     }
     if let Err(e) = c.unregister(&service, &inst.id).await {
@@ -543,6 +576,10 @@ async fn watch_loop(c: Client, service: String, tx: mpsc::Sender<Vec<Event>>) {
     }
 }
 
+/// How long a watch stream may be silent (no event, no keep-alive) before it is dropped
+/// and reconnected: two of the server's 30 s keep-alive intervals and some.
+const WATCH_IDLE: Duration = Duration::from_secs(70);
+
 /// Reads one connection. Before `current` the replay is buffered; at `current` it is
 /// diffed against what the consumer already knows. `Ok(true)` when the stream got as far
 /// as `current`; `Err` when the consumer is gone.
@@ -556,9 +593,18 @@ async fn read_stream(
     let mut replay: Vec<Event> = Vec::new();
     let mut in_replay = true;
     loop {
-        let chunk = match r.chunk().await {
-            Ok(Some(c)) => c,
-            _ => return Ok(!in_replay),
+        // The server writes a keep-alive after 30 s without an event: a stream silent for
+        // much longer has a hung server or a peer gone without a FIN behind it.
+        let chunk = match tokio::time::timeout(WATCH_IDLE, r.chunk()).await {
+            Ok(Ok(Some(c))) => c,
+            Ok(_) => return Ok(!in_replay),
+            Err(_) => {
+                tracing::debug!(
+                    service,
+                    "watch stream silent for {WATCH_IDLE:?}; reconnecting"
+                );
+                return Ok(!in_replay);
+            }
         };
         if buf.push(&chunk).is_err() {
             tracing::debug!(service, "watch stream item too long; reconnecting");
@@ -664,10 +710,10 @@ fn reconcile(service: &str, known: &mut Known, replay: Vec<Event>) -> Vec<Event>
         .iter()
         .find(|e| e.kind == EventKind::ServiceMeta)
         .and_then(|e| e.service_meta.clone());
-    if meta.as_ref().map(|m| m.index) != known.meta_index {
-        if let Some(m) = meta {
-            out.push(ev(EventKind::ServiceMeta, None, Some(m)));
-        }
+    // Only newer metadata: a reconnect to a peer that lags behind must not take the consumer
+    // back to an older version (indexes only grow).
+    if let Some(m) = meta.filter(|m| known.meta_index.is_none_or(|k| m.index > k)) {
+        out.push(ev(EventKind::ServiceMeta, None, Some(m)));
     }
     let first = !known.synced;
     for e in &out {
@@ -831,6 +877,32 @@ mod tests {
             assert!(!live.is_empty(), "emptied at {:?} {id}", e.kind);
         }
         assert_eq!(live.keys().collect::<Vec<_>>(), ["d", "e"]);
+    }
+
+    /// A reconnect to a peer behind the one before replays older metadata: not passed on.
+    #[test]
+    fn a_replay_with_older_metadata_is_not_passed_on() {
+        let meta = |index| Event {
+            service: "s".into(),
+            kind: EventKind::ServiceMeta,
+            instance: None,
+            service_meta: Some(ServiceMeta {
+                data: serde_json::Value::Null,
+                leader_id: None,
+                index,
+            }),
+        };
+        let mut known = Known::default();
+        let first = reconcile("s", &mut known, vec![meta(5)]);
+        assert_eq!(first[0].kind, EventKind::ServiceMeta);
+        assert!(
+            reconcile("s", &mut known, vec![meta(3)]).is_empty(),
+            "went back"
+        );
+        assert_eq!(known.meta_index, Some(5));
+        let newer = reconcile("s", &mut known, vec![meta(7)]);
+        assert_eq!(newer.len(), 1);
+        assert_eq!(newer[0].service_meta.as_ref().unwrap().index, 7);
     }
 
     /// A reconnect's events arrive together: once the first is taken, the rest are

@@ -114,6 +114,33 @@ async fn keep_registered_waits_out_an_outage() {
     assert!(gone.is_some(), "dropping the heartbeater left the instance");
 }
 
+/// A kept registration whose service is deleted later comes back by itself: the heartbeat
+/// that finds the service gone (404) creates it again and registers.
+#[tokio::test]
+async fn keep_registered_recreates_a_deleted_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Discoverd::single_fixed(dir.path(), "10s");
+    let c = Client::new(&d.url(""));
+    let inst = Instance {
+        addr: "127.0.0.1:4300".into(),
+        ..Instance::default()
+    };
+    let hb = c.keep_registered("phoenix", inst, Some("oldest"));
+    let up = eventually(Duration::from_secs(15), || async {
+        c.instances("phoenix").await.ok().filter(|l| l.len() == 1)
+    })
+    .await;
+    assert!(up.is_some(), "not registered");
+    c.remove_service("phoenix").await.expect("service deleted");
+    // The next heartbeat (3 to 5 s) finds it gone.
+    let back = eventually(Duration::from_secs(12), || async {
+        c.instances("phoenix").await.ok().filter(|l| l.len() == 1)
+    })
+    .await;
+    assert!(back.is_some(), "the instance did not come back");
+    drop(hb);
+}
+
 /// `Heartbeater::abandon` hands an instance over: the heartbeats stop but the instance
 /// stays (a second heartbeater of the same instance keeps it alive), where dropping would
 /// delete it.
