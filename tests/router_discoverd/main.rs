@@ -327,3 +327,45 @@ fn an_unroutable_instance_does_not_freeze_the_others() {
         (0..6).all(|_| http(&r, "GET", "web.example.com", "/", None) == (200, "b2".into()))
     });
 }
+
+/// Deleting the last route that names a service drops the backends discoverd gave it (each
+/// reported `backend-down`, spec §1.4): kept, a route added for the service later routed to
+/// the old instances until its new watch caught up, and for good while discoverd was
+/// unreachable.
+#[test]
+fn a_service_no_route_names_loses_its_backends() {
+    let tmp = tempfile::Builder::new()
+        .prefix("flynn-e2e-disc-")
+        .tempdir()
+        .unwrap();
+    let (disc, d) = discoverd(tmp.path(), "60s");
+    assert_eq!(http(&d, "PUT", &d, "/services/web", Some("{}")).0, 200);
+    let (_router, r, api) = router(&d, "1");
+    let route = r#"{"type":"http","domain":"web.example.com","service":"web"}"#;
+    let (st, body) = http(&api, "POST", &api, "/routes", Some(route));
+    assert_eq!(st, 200, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b1 = backend("b1");
+    register(&d, "web", b1);
+    eventually(Duration::from_secs(5), "b1 serves web", || {
+        http(&r, "GET", "web.example.com", "/", None) == (200, "b1".into())
+    });
+
+    assert_eq!(
+        http(&api, "DELETE", &api, &format!("/routes/http/{id}"), None).0,
+        200
+    );
+    eventually(Duration::from_secs(5), "web's backends cleared", || {
+        http(&api, "GET", &api, "/services/web/backends", None) == (200, "[]".into())
+    });
+
+    // discoverd goes away; a new route for the service has no backend to send to.
+    drop(disc);
+    let (st, body) = http(&api, "POST", &api, "/routes", Some(route));
+    assert_eq!(st, 200, "{body}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(http(&r, "GET", "web.example.com", "/", None).0, 503);
+}

@@ -2,7 +2,7 @@
 //! events, status and metrics. Runs on its own thread with a small tokio runtime; it
 //! reaches the cores only by publishing table snapshots.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +36,9 @@ pub struct Api {
     /// socket until the new one is ready, and a change made here after the copy would be
     /// lost, so changes are refused (503, retry) meanwhile.
     pub frozen: std::sync::atomic::AtomicBool,
+    /// Drains in progress by (service, address): one at a time per backend, cancelled when
+    /// the backend comes back before it drained.
+    drains: Mutex<HashMap<(String, String), tokio::task::AbortHandle>>,
 }
 
 /// An [`ApiError`] as an HTTP response: status from the code table, JSON envelope.
@@ -67,6 +70,7 @@ impl Api {
             events,
             published: tokio::sync::watch::Sender::new(0),
             frozen: std::sync::atomic::AtomicBool::new(false),
+            drains: Mutex::new(HashMap::new()),
         }
     }
 
@@ -94,7 +98,7 @@ impl Api {
         Ok(s)
     }
 
-    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+    pub(crate) fn store(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -261,11 +265,28 @@ impl Api {
             let b = backend(b);
             self.emit("backend-down", None, Some(b.clone()));
             if tracked {
-                tokio::spawn(drain(self.clone(), b));
+                let mut drains = self.drains.lock().unwrap_or_else(|p| p.into_inner());
+                drains.retain(|_, t| !t.is_finished());
+                let key = (b.service.clone(), b.addr.clone());
+                if drains.get(&key).is_none_or(|t| t.is_finished()) {
+                    let task = tokio::spawn(drain(self.clone(), b));
+                    drains.insert(key, task.abort_handle());
+                }
             }
         }
         for b in added {
-            self.emit("backend-up", None, Some(backend(b)));
+            let b = backend(b);
+            // Back before it drained: that drain would report a live backend.
+            let key = (b.service.clone(), b.addr.clone());
+            if let Some(t) = self
+                .drains
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key)
+            {
+                t.abort();
+            }
+            self.emit("backend-up", None, Some(b));
         }
         Ok(self.store().backends(service))
     }
@@ -285,12 +306,16 @@ impl Api {
 async fn drain(api: Arc<Api>, b: Backend) {
     let Ok(addr) = b.addr.parse() else { return };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    // Polled every 10 ms at first (short requests drain at once), backing off to every
+    // 200 ms (long ones: streams and tunnels hold a backend for minutes).
+    let mut every = Duration::from_millis(10);
     while api.shared.inflight(addr).await > 0 {
         if tokio::time::Instant::now() >= deadline {
             tracing::warn!(addr = %b.addr, "backend still busy after 10 minutes; not reporting drained");
             return;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(every).await;
+        every = (every * 2).min(Duration::from_millis(200));
     }
     api.emit("backend-drained", None, Some(b));
 }

@@ -2,9 +2,10 @@
 //! route names is watched, and its instances (with the service leader marked) become
 //! that service's backends, applied like `PUT /services/:service/backends`. Watches
 //! resume after disconnects without losing events (`flynn-client`), and services are
-//! watched or dropped as routes come and go (woken by each published table, no polling).
+//! watched or dropped as routes come and go (woken by each published table, no polling); a
+//! dropped service's backends are cleared, each reported `backend-down`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,25 +18,65 @@ use crate::api::Api;
 pub async fn run(api: Arc<Api>, url: String) {
     let client = Client::new(&url);
     let mut watches: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    // Services no route names any more whose backends are still to be cleared.
+    let mut unrouted: BTreeSet<String> = BTreeSet::new();
     let mut published = api.published.subscribe();
     loop {
         let wanted = api.routed_services();
-        watches.retain(|svc, task| {
-            let keep = wanted.contains(svc);
-            if !keep {
+        let dropped: Vec<String> = watches
+            .keys()
+            .filter(|svc| !wanted.contains(*svc))
+            .cloned()
+            .collect();
+        for svc in dropped {
+            if let Some(task) = watches.remove(&svc) {
                 task.abort();
+                // Ended before its backends are cleared: a watch mid-update must not
+                // put them back afterwards.
+                let _ = task.await;
             }
-            keep
-        });
+            unrouted.insert(svc);
+        }
+        // Their backends go (each reported `backend-down`, spec §1.4): kept, they would be
+        // routed again as they were if a route named the service later, until its new watch
+        // caught up (for good while discoverd is unreachable).
+        unrouted = clear(&api, std::mem::take(&mut unrouted)).await;
         for svc in wanted {
+            if unrouted.contains(&svc) {
+                continue; // its watch starts once the old backends are gone
+            }
             watches
                 .entry(svc.clone())
                 .or_insert_with(|| tokio::spawn(watch(api.clone(), client.clone(), svc)));
         }
-        if published.changed().await.is_err() {
-            return;
+        tokio::select! {
+            r = published.changed() => if r.is_err() {
+                return;
+            },
+            _ = tokio::time::sleep(RETRY), if !unrouted.is_empty() => {}
         }
     }
+}
+
+/// Empties the backends of `services`; returns those the API refused for now (a handover
+/// in progress), to be tried again.
+async fn clear(api: &Arc<Api>, services: BTreeSet<String>) -> BTreeSet<String> {
+    let mut left = BTreeSet::new();
+    for svc in services {
+        if api.store().backends(&svc).is_empty() {
+            continue;
+        }
+        match api.set_backends(&svc, Vec::new()).await {
+            Ok(_) => {}
+            Err(e) if e.code == flynn_api::ErrorCode::ServiceUnavailable => {
+                left.insert(svc);
+            }
+            Err(e) => {
+                tracing::warn!(service = %svc, error = %e, "clearing an unrouted service's backends failed")
+            }
+        }
+    }
+    left
 }
 
 /// How soon backends the API refused (a handover in progress) are offered again.

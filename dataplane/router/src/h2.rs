@@ -760,7 +760,7 @@ async fn grpc_backend(
         }
     }
     for addr in &order[..n] {
-        let Ok(s) = crate::proxy::dial(*addr).await else {
+        let Ok(s) = crate::proxy::dial_counted(core, *addr).await else {
             CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
             continue;
         };

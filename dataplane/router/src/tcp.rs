@@ -12,7 +12,7 @@ use monoio::net::{TcpListener, TcpStream};
 use crate::balance::shuffled;
 use crate::io::pipe;
 use crate::metrics::CoreMetrics;
-use crate::proxy::dial;
+use crate::proxy::dial_counted;
 use crate::worker::{Core, Stop};
 
 struct Running {
@@ -166,7 +166,7 @@ async fn proxy(core: Rc<Core>, c: TcpStream, port: u16) {
     let n = shuffled(&route.backends, &mut order);
     let mut up = None;
     for addr in &order[..n] {
-        if let Ok(s) = dial(*addr).await {
+        if let Ok(s) = dial_counted(&core, *addr).await {
             up = Some((s, *addr));
             break;
         }

@@ -15,7 +15,7 @@ use crate::io::{pipe, read_append, write_range};
 use std::os::fd::AsRawFd;
 
 use crate::metrics::CoreMetrics;
-use crate::proxy::{dial, to_client, Fwd};
+use crate::proxy::{dial_counted, to_client, Fwd};
 use crate::worker::{Core, ListenerInfo};
 
 #[allow(clippy::too_many_arguments)]
@@ -49,7 +49,7 @@ pub async fn tunnel<S: crate::proxy::Client>(
     }
     let mut up = None;
     for addr in &order[..n] {
-        match dial(*addr).await {
+        match dial_counted(core, *addr).await {
             Ok(s) => {
                 CoreMetrics::inc(&m.upstream_connects_total);
                 up = Some((s, *addr));

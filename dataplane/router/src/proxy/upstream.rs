@@ -16,6 +16,14 @@ pub async fn dial(addr: SocketAddr) -> std::io::Result<TcpStream> {
     }
 }
 
+/// Dials `addr` counting a request in flight to it meanwhile, so a drain that polls while
+/// the dial is pending does not report the backend drained. The caller counts its own
+/// request from when this returns, with no await in between.
+pub async fn dial_counted(core: &Rc<Core>, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let _dialing = core.start_request(addr);
+    dial(addr).await
+}
+
 /// Picks a backend and gets a connection to it: pooled first, else dialled; dial
 /// failures move on to another backend, up to four attempts.
 pub async fn connect(
@@ -41,13 +49,19 @@ pub async fn connect(
             Some(a) if attempt == 0 => a,
             _ => pick(core, &route.backends, &tried[..attempt])?,
         };
+        // After a failed dial, `route` may be from a table that has since dropped this
+        // backend (and a drain may have reported it drained): not tried.
+        if attempt > 0 && !core.pool.has_backend(addr) {
+            tried[attempt] = Some(addr);
+            continue;
+        }
         if !route.disable_keep_alives {
             if let Some(s) = core.pool.take(addr) {
                 CoreMetrics::inc(&core.metrics().upstream_reuses_total);
                 return Some((s, addr, true));
             }
         }
-        match dial(addr).await {
+        match dial_counted(core, addr).await {
             Ok(s) => {
                 CoreMetrics::inc(&core.metrics().upstream_connects_total);
                 return Some((s, addr, false));
@@ -68,7 +82,7 @@ pub(crate) async fn redial(
     route: &HttpRoute,
     addr: SocketAddr,
 ) -> Option<(TcpStream, SocketAddr, bool)> {
-    match dial(addr).await {
+    match dial_counted(core, addr).await {
         Ok(s) => {
             CoreMetrics::inc(&core.metrics().upstream_connects_total);
             Some((s, addr, false))

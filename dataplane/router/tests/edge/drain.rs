@@ -382,3 +382,94 @@ fn idle_backend_drains_immediately_and_filter_applies() {
     assert_eq!(pair(&d.event, &d.addr), pair("backend-drained", a.addr));
     only_drained.expect_none(Duration::from_millis(200), "the filter drops other types");
 }
+
+/// A loopback address whose connects hang: a listener with a backlog of 0 whose queue is
+/// already full (the returned stream), so the kernel drops further SYNs.
+fn black_hole() -> (socket2::Socket, TcpStream, std::net::SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let l = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    l.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    l.listen(0).expect("listen");
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    let filler = TcpStream::connect(addr).expect("the one queued connection");
+    (l, filler, addr)
+}
+
+/// A request still dialling a backend counts as in flight: the backend is not reported
+/// drained until the dial has ended, so a scheduler does not stop a job a request is about to
+/// reach.
+#[test]
+fn a_backend_being_dialled_is_not_drained_until_the_dial_ends() {
+    let router = Router::start();
+    let (_hole, _filler, hole) = black_hole();
+    router.add_route(drain_route(DOMAIN, "web"));
+    router.set_backend_addrs("web", &[(hole.to_string(), false)]);
+    let events = Events::subscribe(&router, TYPES);
+    let up = events.expect(Duration::from_secs(5), "replayed backend-up");
+    assert_eq!(pair(&up.event, &up.addr), pair("backend-up", hole));
+
+    // The router's dial hangs (its connect timeout is 1 s).
+    let started = Instant::now();
+    let pending = start_request(&router, "/dialling");
+    std::thread::sleep(Duration::from_millis(200));
+    router.set_backends("web", &[]);
+    let down = events.expect(Duration::from_secs(2), "backend-down");
+    assert_eq!(pair(&down.event, &down.addr), pair("backend-down", hole));
+    let drained = events.expect(Duration::from_secs(5), "backend-drained");
+    assert_eq!(
+        pair(&drained.event, &drained.addr),
+        pair("backend-drained", hole)
+    );
+    assert!(
+        drained.at.duration_since(started) >= Duration::from_millis(900),
+        "drained {:?} after the request started, while its dial was pending",
+        drained.at.duration_since(started)
+    );
+    // The dial timed out and no other backend is left: 503.
+    let resp = pending
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the request ends")
+        .expect("a response");
+    assert_eq!(resp.status, 503, "{resp:?}");
+}
+
+/// A backend that comes back before it drained is live: the drain that was waiting for it
+/// ends without reporting it drained (a scheduler would stop a job that serves again).
+#[test]
+fn a_backend_back_before_it_drained_is_not_reported_drained() {
+    let router = Router::start();
+    let (slow, arrived, release) = slow_backend("slow");
+    router.add_route(drain_route(DOMAIN, "web"));
+    router.set_backends("web", &[&slow]);
+    let events = Events::subscribe(&router, TYPES);
+    assert_eq!(
+        events.expect(Duration::from_secs(5), "replay").event,
+        "backend-up"
+    );
+
+    let in_flight = start_request(&router, "/slow");
+    arrived
+        .recv_timeout(Duration::from_secs(5))
+        .expect("slow request arrives");
+    router.set_backends("web", &[]);
+    let down = events.expect(Duration::from_secs(2), "backend-down");
+    assert_eq!(
+        pair(&down.event, &down.addr),
+        pair("backend-down", slow.addr)
+    );
+    router.set_backends("web", &[&slow]);
+    let up = events.expect(Duration::from_secs(2), "backend-up");
+    assert_eq!(pair(&up.event, &up.addr), pair("backend-up", slow.addr));
+
+    release.send(()).unwrap();
+    let resp = in_flight
+        .recv_timeout(Duration::from_secs(10))
+        .expect("in-flight request finishes")
+        .expect("in-flight response");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    events.expect_none(
+        Duration::from_millis(700),
+        "the backend is live again: no backend-drained",
+    );
+}
