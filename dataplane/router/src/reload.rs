@@ -14,8 +14,9 @@ use flynn_routes::normalize_path;
 use crate::store::Store;
 use crate::RoutesFile;
 
-/// Identity of a route in the file: type, domain, port and path (for TCP the port as
-/// written, so `port: 0` routes keep their allocated port across reloads).
+/// Identity of a route in the file: type, domain, port and path. For TCP the port as
+/// written, so `port: 0` routes keep their allocated port across reloads, and for `port: 0`
+/// routes also the service, so that several of them are several routes.
 type Key = (RouteType, String, u16, String);
 
 fn key(r: &Route) -> Key {
@@ -26,7 +27,17 @@ fn key(r: &Route) -> Key {
             r.port,
             normalize_path(&r.path),
         ),
+        RouteType::Tcp if r.port == 0 => (r.kind, r.service.clone(), 0, String::new()),
         RouteType::Tcp => (r.kind, String::new(), r.port, String::new()),
+    }
+}
+
+/// How a route is named in errors.
+fn what(r: &Route) -> String {
+    match r.kind {
+        RouteType::Tcp if r.port == 0 => format!("tcp route for service {}", r.service),
+        RouteType::Tcp => format!("tcp port {}", r.port),
+        RouteType::Http => format!("{}{}", r.domain, r.path),
     }
 }
 
@@ -112,7 +123,13 @@ impl FileRoutes {
         // Root routes before sub-paths (spec §1.4).
         let mut routes = file.routes;
         routes.sort_by_key(|r| (r.domain.to_ascii_lowercase(), normalize_path(&r.path).len()));
-        let wanted: BTreeSet<Key> = routes.iter().map(key).collect();
+        let mut wanted: BTreeSet<Key> = BTreeSet::new();
+        for r in &routes {
+            // Applied one after the other, the second would replace the first.
+            if !wanted.insert(key(r)) {
+                return Err(format!("route {}: declared twice", what(r)));
+            }
+        }
 
         // Removed first (sub-paths before their roots), so a replaced root can come back.
         let mut gone: Vec<(Key, String)> = self
@@ -132,11 +149,7 @@ impl FileRoutes {
         }
         for r in routes {
             let k = key(&r);
-            let what = if r.kind == RouteType::Tcp {
-                format!("tcp port {}", r.port)
-            } else {
-                format!("{}{}", r.domain, r.path)
-            };
+            let what = what(&r);
             let existing = self
                 .routes
                 .get(&k)
@@ -275,5 +288,37 @@ mod tests {
         assert_eq!(routes.len(), 1);
         assert_eq!(routes[0].service, "a2");
         assert!(store.backends("a").is_empty());
+    }
+
+    /// Several `port: 0` TCP routes are several routes, each with its own port kept across
+    /// reloads; a route declared twice is refused, not merged into one.
+    #[test]
+    fn port_zero_tcp_routes_are_distinct_and_duplicates_refused() {
+        let mut store = store();
+        let mut f = FileRoutes::default();
+        let two = r#"{"routes":[{"type":"tcp","port":0,"service":"db"},
+                                {"type":"tcp","port":0,"service":"cache"}]}"#;
+        f.apply(&mut store, file(two)).unwrap();
+        let ports = |s: &Store| -> BTreeMap<String, u16> {
+            s.list(None)
+                .into_iter()
+                .map(|r| (r.service.clone(), r.port))
+                .collect()
+        };
+        let first = ports(&store);
+        assert_eq!(first.len(), 2, "{first:?}");
+        assert_ne!(first["db"], first["cache"]);
+        f.apply(&mut store, file(two)).unwrap();
+        assert_eq!(ports(&store), first, "ports kept across a reload");
+
+        for dup in [
+            r#"{"routes":[{"type":"tcp","port":0,"service":"db"},{"type":"tcp","port":0,"service":"db"}]}"#,
+            r#"{"routes":[{"type":"tcp","port":3005,"service":"db"},{"type":"tcp","port":3005,"service":"x"}]}"#,
+            r#"{"routes":[{"type":"http","domain":"a.com","service":"a"},{"type":"http","domain":"A.com","service":"b"}]}"#,
+        ] {
+            let e = f.apply(&mut store, file(dup)).unwrap_err();
+            assert!(e.contains("declared twice"), "{dup}: {e}");
+            assert_eq!(ports(&store), first, "{dup}: a refused reload left changes");
+        }
     }
 }

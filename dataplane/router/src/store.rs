@@ -75,6 +75,13 @@ fn valid_path(p: &str) -> bool {
     p.starts_with('/') && p.ends_with('/')
 }
 
+/// A path with an empty segment: matching skips them, so `//` would be a second root (ahead
+/// of `/`) and `/a//b/` the same place as `/a/b/`. Refused for new and updated routes;
+/// a handed-over route that has one is kept as it is.
+fn empty_segment(p: &str) -> bool {
+    p != "/" && p.contains("//")
+}
+
 impl Store {
     pub fn new(ports: Ports, sticky_ok: bool) -> Self {
         Store {
@@ -176,7 +183,7 @@ impl Store {
                     ));
                 }
                 r.path = normalize_path(&r.path);
-                if !valid_path(&r.path) {
+                if !valid_path(&r.path) || (probe && empty_segment(&r.path)) {
                     return Err(invalid_route());
                 }
                 if self.http_conflict(&r, None) {
@@ -256,7 +263,7 @@ impl Store {
         next.drain_backends = r.drain_backends;
         if kind == RouteType::Http && !r.path.is_empty() {
             next.path = normalize_path(&r.path);
-            if !valid_path(&next.path) {
+            if !valid_path(&next.path) || (next.path != old.path && empty_segment(&next.path)) {
                 return Err(invalid_route());
             }
             if next.path != old.path {
@@ -325,7 +332,10 @@ impl Store {
             .values()
             .filter(|s| parent_ref.is_none_or(|p| s.route.parent_ref == p))
             .collect();
-        v.sort_by_key(|s| std::cmp::Reverse(s.seq));
+        // Newest first by creation time (a handover re-adds routes in another order), then
+        // by arrival. The times are RFC 3339 in UTC with nine fractional digits, so they
+        // sort as text.
+        v.sort_by(|a, b| (&b.route.created_at, b.seq).cmp(&(&a.route.created_at, a.seq)));
         v.into_iter().map(|s| s.route.clone()).collect()
     }
 

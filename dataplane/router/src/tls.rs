@@ -87,10 +87,13 @@ impl CertStore {
     pub fn lookup(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
         let name = sni.to_ascii_lowercase();
         let hit = self.domains.get(&name).or_else(|| {
+            // As route lookup: `*.<name>` first, at most five candidates.
             let mut rest = name.as_str();
-            for _ in 0..5 {
-                let dot = rest.find('.')?;
-                rest = &rest[dot + 1..];
+            for i in 0..5 {
+                if i > 0 {
+                    let dot = rest.find('.')?;
+                    rest = &rest[dot + 1..];
+                }
                 if let Some(h) = self.domains.get(&format!("*.{rest}")) {
                     return Some(h);
                 }

@@ -27,13 +27,18 @@ impl Backends {
                 .addr
                 .parse()
                 .map_err(|_| format!("invalid backend address {:?}", b.addr))?;
-            if addrs.contains(&addr) {
-                continue;
-            }
+            // One entry per address; a repeat still carries its leader mark (two discoverd
+            // instances of one address, e.g. its tcp and udp registrations).
+            let i = match addrs.iter().position(|a| *a == addr) {
+                Some(i) => i,
+                None => {
+                    addrs.push(addr);
+                    addrs.len() - 1
+                }
+            };
             if b.leader && leader.is_none() {
-                leader = Some(addrs.len());
+                leader = Some(i);
             }
-            addrs.push(addr);
         }
         // No backend marked leader: a `leader: true` route has none (spec §1.6: only the
         // discoverd leader), so it answers 503 rather than reach, say, a read-only standby
@@ -232,14 +237,18 @@ impl Table {
         if let Some(d) = key_into(&mut kb, domain, port).and_then(|k| self.http.get(k)) {
             return d.lookup(path);
         }
-        // Wildcards: "*.b.c.d", "*.c.d", "*.d" for "a.b.c.d" (at most 5 labels).
+        // Wildcards: "*.a.b.c.d", "*.b.c.d", "*.c.d", "*.d" for "a.b.c.d", at most five (as
+        // Flynn splits the host into at most 5 labels: `*.example.com` also covers
+        // `example.com`).
         let mut wb = [0u8; MAX_DOMAIN + 2];
         let mut rest = domain;
-        for _ in 0..5 {
-            let Some(dot) = rest.iter().position(|&b| b == b'.') else {
-                break;
-            };
-            rest = &rest[dot + 1..];
+        for i in 0..5 {
+            if i > 0 {
+                let Some(dot) = rest.iter().position(|&b| b == b'.') else {
+                    break;
+                };
+                rest = &rest[dot + 1..];
+            }
             if rest.is_empty() || rest.len() + 2 > wb.len() {
                 break;
             }

@@ -173,6 +173,48 @@ fn list_newest_first_and_filter() {
     assert_eq!(ids, vec![a.id]);
 }
 
+/// A handover re-adds routes sorted by domain and path: the list stays newest first.
+#[test]
+fn handed_over_routes_list_newest_first() {
+    let mut s = store();
+    let made: Vec<Route> = ["z.com", "a.com", "m.com"]
+        .into_iter()
+        .map(|d| s.add(http(d, "/")).unwrap())
+        .collect();
+    let before: Vec<_> = s.list(None).into_iter().map(|r| r.id).collect();
+    assert_eq!(
+        before,
+        vec![made[2].id.clone(), made[1].id.clone(), made[0].id.clone()]
+    );
+    let mut next = store();
+    let mut handed = s.list(None);
+    handed.sort_by_key(|r| r.domain.clone());
+    for r in handed {
+        next.restore(r).unwrap();
+    }
+    let after: Vec<_> = next.list(None).into_iter().map(|r| r.id).collect();
+    assert_eq!(after, before);
+}
+
+/// New and moved routes may not have empty path segments; a handed-over one is kept.
+#[test]
+fn empty_path_segments_are_refused_but_restored() {
+    let mut s = store();
+    s.add(http("a.com", "/")).unwrap();
+    for p in ["//", "/a//b/"] {
+        let e = s.add(http("a.com", p)).unwrap_err();
+        assert_eq!(e.message, "Invalid route", "{p}");
+    }
+    let sub = s.add(http("a.com", "/a/")).unwrap();
+    let mut moved = sub.clone();
+    moved.path = "/a//".into();
+    assert!(s.update(RouteType::Http, &sub.id, moved).is_err());
+    let mut old = http("a.com", "/b//");
+    old.id = "handed".into();
+    s.restore(old).unwrap();
+    assert_eq!(s.get(RouteType::Http, "handed").unwrap().path, "/b//");
+}
+
 #[test]
 fn update_replaces_mutable_fields() {
     let mut s = store();

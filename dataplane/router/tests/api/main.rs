@@ -135,6 +135,15 @@ fn invalid_paths_and_missing_root_are_rejected() {
         "Invalid route",
     );
     router.add_route(http_path_route("example.com", "/sub/", "web"));
+    // Empty segments: matching skips them, so these would shadow `/` and `/a/b/`.
+    for p in ["//", "/a//b/", "//x"] {
+        assert_error(
+            &post(&router, http_path_route("example.com", p, "web")),
+            400,
+            "validation_error",
+            "Invalid route",
+        );
+    }
 }
 
 #[test]

@@ -74,6 +74,11 @@ fn wildcard_domains_exact_beats_wildcard() {
     }
     assert_eq!(get(router.http_addr, "bar", "/").status, 404);
     assert_eq!(get(router.http_addr, "xfoo.bar", "/").status, 404);
+    // As in Flynn (`*.` + the whole host is the first wildcard tried), a wildcard also
+    // covers its bare domain when no exact route has it.
+    router.add_route(http_route("*.only.bar", "s2"));
+    assert_eq!(get(router.http_addr, "only.bar", "/").backend(), "b2");
+    assert_eq!(get(router.http_addr, "x.only.bar", "/").backend(), "b2");
 }
 
 #[test]

@@ -103,7 +103,7 @@ fn two_routes_share_a_wildcard_certificate() {
 #[test]
 fn wildcard_route_domain_selects_its_certificate_by_sni() {
     let (router, _b1, default) = setup();
-    let wild = self_signed(&["*.apps.test"]);
+    let wild = self_signed(&["*.apps.test", "apps.test"]);
     let exact = self_signed(&["special.apps.test"]);
     let bw = Backend::start("bw");
     let bx = Backend::start("bx");
@@ -118,6 +118,10 @@ fn wildcard_route_domain_selects_its_certificate_by_sni() {
     let mut conn = tls_connect(&router, "special.apps.test", &roots);
     assert_eq!(conn.peer_cert(), exact.der, "exact beats wildcard");
     assert_eq!(conn.get("special.apps.test", "/").seen().backend, "bx");
+    // As in Flynn, `*.apps.test` also covers `apps.test`.
+    let mut conn = tls_connect(&router, "apps.test", &roots);
+    assert_eq!(conn.peer_cert(), wild.der, "the bare domain");
+    assert_eq!(conn.get("apps.test", "/").seen().backend, "bw");
 }
 
 #[test]

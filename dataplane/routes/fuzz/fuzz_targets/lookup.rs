@@ -50,16 +50,15 @@ fn model<'a>(routes: &'a [Route], host: &[u8], port: u16, path: &[u8]) -> Option
     let domain = strip_port(host);
     let path = if path.is_empty() { b"/" as &[u8] } else { path };
     let mut candidates: Vec<Vec<u8>> = vec![domain.to_vec()];
-    let mut rest = domain;
-    for _ in 0..5 {
-        let Some(dot) = rest.iter().position(|&b| b == b'.') else {
-            break;
-        };
-        rest = &rest[dot + 1..];
-        if rest.is_empty() || rest.len() > MAX_DOMAIN {
+    // Wildcards as Flynn's router: the host split into at most 5 parts on `.`, then `*.` and
+    // the last i parts, from all of them down to one.
+    let parts: Vec<&[u8]> = domain.splitn(5, |&b| b == b'.').collect();
+    for i in (1..=parts.len()).rev() {
+        let suffix = parts[parts.len() - i..].join(&b'.');
+        if suffix.is_empty() || suffix.len() > MAX_DOMAIN {
             break;
         }
-        candidates.push([b"*.", rest].concat());
+        candidates.push([b"*.", &suffix[..]].concat());
     }
     candidates.push(b"*".to_vec());
     for cand in candidates {

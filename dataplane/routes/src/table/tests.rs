@@ -140,6 +140,22 @@ fn leader_routes_only_get_the_leader() {
     assert_eq!(t.lookup_http(b"e", 0, b"/").unwrap().backends.len(), 2);
 }
 
+/// Two entries of one address (a job's tcp and udp instances) are one backend, and it
+/// leads when either entry is the leader, whichever comes first.
+#[test]
+fn a_repeated_address_keeps_its_leader_mark() {
+    let entry = |leader| BackendAddr {
+        addr: "127.0.0.1:1".into(),
+        leader,
+        ..blank()
+    };
+    for list in [[entry(false), entry(true)], [entry(true), entry(false)]] {
+        let b = Backends::from_api(&list).unwrap();
+        assert_eq!(b.addrs.len(), 1);
+        assert_eq!(b.for_route(true), &["127.0.0.1:1".parse().unwrap()]);
+    }
+}
+
 #[test]
 fn overlong_and_odd_hosts_do_not_match_or_panic() {
     let t = table(&[route("*", "/", "s1")]);
