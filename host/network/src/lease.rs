@@ -240,15 +240,32 @@ impl<S: LeaseStore> Leaser<S> {
     }
 
     /// Removes `lease` on clean shutdown. A lease already gone or taken over is left alone.
+    ///
+    /// As in [`Leaser::renew`], a revision conflict may be this host's own renewal that was
+    /// committed although its answer was lost: while the record still names this host's public
+    /// IP for the block it is removed at its current revision.
     pub async fn release(&self, lease: &Lease) -> Result<(), LeaseError> {
-        match self.store.delete(lease).await {
-            Ok(()) => Ok(()),
-            Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
-                tracing::warn!(subnet = %lease.subnet, "lease changed by someone else; not released");
-                Ok(())
+        let mut current = lease.clone();
+        for _ in 1..=self.config.attempts.max(1) {
+            match self.store.delete(&current).await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::NotFound { .. }) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => {
+                    match self.store.leases().await?.get(&lease.subnet) {
+                        Some(l) if l.public_ip == self.public_ip => current.revision = l.revision,
+                        Some(_) => {
+                            tracing::warn!(subnet = %lease.subnet, "lease taken over by another host; not released");
+                            return Ok(());
+                        }
+                        None => return Ok(()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => Err(e.into()),
         }
+        Err(LeaseError::Contention {
+            attempts: self.config.attempts,
+        })
     }
 
     fn refreshed(&self, lease: &Lease, now: SystemTime) -> Lease {
@@ -514,6 +531,48 @@ mod tests {
             .unwrap();
         let err = leaser.renew(&renewed, t2).await.unwrap_err();
         assert!(matches!(err, LeaseError::Lost { .. }), "{err:?}");
+    }
+
+    /// A clean shutdown right after a renewal whose answer was lost still releases the
+    /// lease (the record moved on but is still this host's); one another host took is left.
+    #[tokio::test]
+    async fn release_after_a_lost_renewal_answer_removes_the_record() {
+        let inner = MemoryStore::new();
+        let a = host(&inner, 1)
+            .acquire_with(now(), None, |_| 0)
+            .await
+            .unwrap();
+        let leaser = Leaser::new(
+            LostAnswer {
+                inner: inner.clone(),
+                failed: Default::default(),
+            },
+            small(),
+            Ipv4Addr::new(192, 0, 2, 1),
+        );
+        leaser
+            .renew(&a, now() + Duration::from_secs(90))
+            .await
+            .unwrap_err();
+        leaser.release(&a).await.unwrap();
+        assert!(
+            inner.leases().await.unwrap().leases.is_empty(),
+            "not released"
+        );
+
+        let b = host(&inner, 1)
+            .acquire_with(now(), None, |_| 0)
+            .await
+            .unwrap();
+        let taken = inner
+            .update(&Lease {
+                public_ip: Ipv4Addr::new(192, 0, 2, 9),
+                ..b.clone()
+            })
+            .await
+            .unwrap();
+        leaser.release(&b).await.unwrap();
+        assert_eq!(inner.leases().await.unwrap().leases, vec![taken]);
     }
 
     /// A store whose first create loses a race to another host.
