@@ -255,7 +255,25 @@ impl<S: LeaseStore> Agent<S> {
         // first failure is returned at the end.
         let reconciled = reconcile(&mut nl, devices.vxlan, &lease.subnet, &tunneled, now).await;
         let direct_changes = self.nl.sync_direct_routes(segment.ifindex, &direct).await;
-        let fast_changes = self.sync_fast_path(&tunneled, &direct, devices.vxlan, segment);
+        // Peers encapsulated in BPF leave by the device holding the public IP; a peer the kernel
+        // reaches by another device (the address on a dummy or `lo` of a routed host, a second
+        // NIC) is encapsulated by the VXLAN device instead, which follows the routing table.
+        let mut via_segment: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        if self.fast.is_some() {
+            for l in &tunneled {
+                match self.nl.egress_of(l.public_ip).await {
+                    Ok(Some(i)) if i == segment.ifindex => {
+                        via_segment.insert(l.public_ip);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(peer = %l.public_ip, error = %e, "no route lookup; encapsulated by the kernel")
+                    }
+                }
+            }
+        }
+        let fast_changes =
+            self.sync_fast_path(&tunneled, &via_segment, &direct, devices.vxlan, segment);
         let ops = reconciled?;
         let direct_changes = direct_changes?;
         let fast_changes = fast_changes?;
@@ -295,6 +313,7 @@ impl<S: LeaseStore> Agent<S> {
     fn sync_fast_path(
         &mut self,
         tunneled: &[Lease],
+        via_segment: &BTreeSet<Ipv4Addr>,
         direct: &BTreeSet<crate::reconcile::Route>,
         vxlan: u32,
         segment: Segment,
@@ -328,6 +347,7 @@ impl<S: LeaseStore> Agent<S> {
         // pinned but can be listed, so it is simply made equal to the leases every time.
         let tunnels: BTreeMap<Ipv4Addr, Tunnel> = tunneled
             .iter()
+            .filter(|l| via_segment.contains(&l.public_ip))
             .map(|l| {
                 (
                     l.subnet.addr(),

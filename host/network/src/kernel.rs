@@ -139,6 +139,25 @@ impl KernelNetlink {
         &self.handle
     }
 
+    /// The device the kernel sends packets for `dst` out of (`ip route get`), if it has a
+    /// route to it.
+    pub async fn egress_of(&self, dst: Ipv4Addr) -> Result<Option<u32>, NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .build();
+        let mut answer = self.handle.route().get(msg).execute();
+        match answer.try_next().await {
+            Ok(Some(r)) => Ok(r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            })),
+            Ok(None) => Ok(None),
+            // No route: ENETUNREACH / EHOSTUNREACH.
+            Err(e) if matches!(errno(&e), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) => Ok(None),
+            Err(e) => Err(req("get route")(e)),
+        }
+    }
+
     /// The link called `name`, if any.
     pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>, NetlinkError> {
         let mut links = self

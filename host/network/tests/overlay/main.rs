@@ -965,6 +965,74 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
     Ok(())
 }
 
+/// A routed host: its public IP on `lo`, its peers reached through its NIC. The fast path
+/// leaves that host's encapsulation to the VXLAN device, which follows the routing table (in
+/// BPF it would leave by `lo` and be lost); a host whose peers are behind the device holding
+/// its address still encapsulates in BPF. (Small packets only: the VXLAN MTU still comes
+/// from the device holding the address.)
+#[test]
+fn a_routed_host_leaves_encapsulation_to_the_kernel() -> Result<()> {
+    if !lab::should_run("a_routed_host_leaves_encapsulation_to_the_kernel") {
+        return Ok(());
+    }
+    if let Err(e) = flynn_ebpf::FastPath::probe() {
+        panic!("this kernel cannot run the eBPF fast path: {e}");
+    }
+    let bpf = Bpffs::mount("flynn-net-bpf")?;
+    let mut c = Cluster::new()?;
+    let h1 = c.add_host(1)?;
+    let h3 = c.add_host(3)?;
+    let (ns1, ns3) = (c.hosts[h1].ns.clone(), c.hosts[h3].ns.clone());
+    run(&[
+        "ip",
+        "-n",
+        &ns3,
+        "addr",
+        "add",
+        "10.241.0.3/32",
+        "dev",
+        "lo",
+    ])?;
+    run(&[
+        "ip",
+        "-n",
+        &ns1,
+        "route",
+        "add",
+        "10.241.0.3/32",
+        "via",
+        "10.240.0.3",
+    ])?;
+    c.hosts[h3].ip = "10.241.0.3".into();
+    let (pin1, pin3) = (bpf.pin_dir("h1"), bpf.pin_dir("h3"));
+    let arg = |p: &Path| p.to_string_lossy().into_owned();
+    let (p1, p3) = (arg(&pin1), arg(&pin3));
+    let a1 = c.agent(h1, &["--fast-path", "on", "--pin-dir", &p1])?;
+    let a3 = c.agent(h3, &["--fast-path", "on", "--pin-dir", &p3])?;
+    let j1 = c.job(h1, a1.subnet, 10)?;
+    let j3 = c.job(h3, a3.subnet, 10)?;
+    register_jobs(&ns1, &pin1, &[&j1])?;
+    register_jobs(&ns3, &pin3, &[&j3])?;
+    eventually(10, "ping between the routed host and its peer", || {
+        Ok(can_ping(&j3, &j1) && can_ping(&j1, &j3))
+    })?;
+    let tunnels = |ns: &str, pin: &Path| {
+        let pin = pin.to_path_buf();
+        in_netns(ns, async move || {
+            Ok(flynn_ebpf::FastPath::load(&pin)?.tunnels()?)
+        })
+    };
+    let t3 = tunnels(&ns3, &pin3)?;
+    ensure!(t3.is_empty(), "the routed host encapsulates in BPF: {t3:?}");
+    let t1 = tunnels(&ns1, &pin1)?;
+    ensure!(
+        t1.len() == 1 && t1[0].1.remote_ip.to_string() == "10.241.0.3",
+        "the other host's tunnel entries: {t1:?}"
+    );
+    drop((a1, a3));
+    Ok(())
+}
+
 /// The `flannel` service meta, read from discoverd.
 fn flannel_meta(c: &Cluster) -> Result<serde_json::Value> {
     let out = c
