@@ -3,6 +3,7 @@
 //! reaches the cores only by publishing table snapshots.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -268,7 +269,14 @@ impl Api {
                 let mut drains = self.drains.lock().unwrap_or_else(|p| p.into_inner());
                 drains.retain(|_, t| !t.is_finished());
                 let key = (b.service.clone(), b.addr.clone());
-                if drains.get(&key).is_none_or(|t| t.is_finished()) {
+                // Checked under the drains lock: a concurrent change that put it back either
+                // did so before this (no drain) or cancels this drain after.
+                let back = self
+                    .store()
+                    .backends(service)
+                    .iter()
+                    .any(|x| x.addr == b.addr);
+                if !back && drains.get(&key).is_none_or(|t| t.is_finished()) {
                     let task = tokio::spawn(drain(self.clone(), b));
                     drains.insert(key, task.abort_handle());
                 }
@@ -515,20 +523,123 @@ pub fn serve(
         if let Some(url) = discoverd {
             tokio::spawn(crate::discovery::run(api.clone(), url));
         }
-        use axum::serve::ListenerExt;
-        // SSE events must not wait for Nagle/delayed-ACK.
-        let l = tokio::net::TcpListener::from_std(listener)?.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        // After a handover the new process serves the API: stop accepting here.
-        let stopped = async move {
+        let inflight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let app = router(api).layer(axum::middleware::from_fn_with_state(
+            inflight.clone(),
+            count_inflight,
+        ));
+        let listener = UntilHandover {
+            inner: Some(tokio::net::TcpListener::from_std(listener)?),
+            stop: Some(stop.clone()),
+        };
+        // After a handover the new process serves the API: this one stops accepting (its
+        // listener stops), while connections it accepted are still served. Closing them
+        // (as a graceful shutdown does) would reset one whose request had arrived but was
+        // not read yet. They get a moment for such requests to arrive and finish; SSE
+        // streams do not count (their handlers return at once) and end when the process
+        // exits.
+        let handed_over = async move {
             if stop.wait_for(|s| *s).await.is_err() {
                 // No handover configured: serve forever.
                 std::future::pending::<()>().await
             }
+            let start = tokio::time::Instant::now();
+            tokio::time::sleep(API_SETTLE).await;
+            while inflight.load(std::sync::atomic::Ordering::SeqCst) > 0
+                && start.elapsed() < API_FINISH
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         };
-        axum::serve(l, router(api))
-            .with_graceful_shutdown(stopped)
-            .await
+        // Both ends of `stop` are dropped on return: the handover thread takes that as the
+        // end of this API.
+        tokio::select! {
+            r = axum::serve(listener, app).into_future() => r,
+            _ = handed_over => Ok(()),
+        }
     })
+}
+
+/// The API's listener: accepts (with `TCP_NODELAY`: SSE events must not wait for Nagle and
+/// delayed ACKs) until a handover, then closes its descriptor (the new process has its own)
+/// and accepts nothing more.
+struct UntilHandover {
+    inner: Option<tokio::net::TcpListener>,
+    /// `None` once it can no longer fire (no handover configured).
+    stop: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl axum::serve::Listener for UntilHandover {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Some(l) = &self.inner else {
+                return std::future::pending().await;
+            };
+            let stopped = async {
+                match &mut self.stop {
+                    Some(s) => s.wait_for(|v| *v).await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = l.accept() => match r {
+                    Ok((s, a)) => {
+                        let _ = s.set_nodelay(true);
+                        return (s, a);
+                    }
+                    // As axum's own listener: a connection gone before it was accepted is
+                    // nothing; anything else (out of descriptors) is retried after a pause.
+                    Err(e) if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                    ) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin API accept failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                },
+                handed = stopped => {
+                    if handed {
+                        self.inner = None;
+                    } else {
+                        self.stop = None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        match &self.inner {
+            Some(l) => l.local_addr(),
+            None => Err(std::io::Error::other("handed over")),
+        }
+    }
+}
+
+/// After a handover: how long requests on already accepted connections may take to arrive,
+/// and the most this process waits for them to finish.
+const API_SETTLE: Duration = Duration::from_millis(200);
+const API_FINISH: Duration = Duration::from_secs(3);
+
+/// Counts API requests being handled (for the wait after a handover).
+async fn count_inflight(
+    State(n): State<Arc<std::sync::atomic::AtomicUsize>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    struct Guard(Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let _g = Guard(n);
+    next.run(req).await
 }

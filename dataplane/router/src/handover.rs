@@ -201,6 +201,12 @@ fn drain_and_exit(old: &Old, ours: Option<(u64, u64)>) -> ! {
         std::thread::sleep(Duration::from_millis(20));
     }
     let left = old.api.shared.open_connections();
+    // API requests accepted before the switch are answered first (the API thread drops its
+    // end of `api_stop` once they are done; it waits at most a few seconds for them).
+    let api_deadline = Instant::now() + Duration::from_secs(5);
+    while !old.api_stop.is_closed() && Instant::now() < api_deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     tracing::info!(left, "drained; exiting");
     // Only our own socket file: the successor's at the same path stays for the next upgrade.
     if ours.is_some() && file_id(&old.path) == ours {
