@@ -759,8 +759,16 @@ async fn grpc_backend(
             core.grpc.borrow_mut().remove(addr);
         }
     }
-    for addr in &order[..n] {
-        let Ok(s) = crate::proxy::dial_counted(core, *addr).await else {
+    for (i, addr) in order[..n].iter().enumerate() {
+        // After a failed attempt the table may have dropped this one (and a drain reported
+        // it drained).
+        if i > 0 && !core.pool.has_backend(*addr) {
+            continue;
+        }
+        // Counted in flight through the dial and the handshake (the caller counts its
+        // request from when this returns, with no await in between).
+        let _dialing = core.start_request(*addr);
+        let Ok(s) = crate::proxy::dial(*addr).await else {
             CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
             continue;
         };

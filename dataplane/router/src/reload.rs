@@ -16,7 +16,8 @@ use crate::RoutesFile;
 
 /// Identity of a route in the file: type, domain, port and path. For TCP the port as
 /// written, so `port: 0` routes keep their allocated port across reloads, and for `port: 0`
-/// routes also the service, so that several of them are several routes.
+/// routes also the service and whether it goes to the leader (a database's write and read
+/// ports), so that several of them are several routes.
 type Key = (RouteType, String, u16, String);
 
 fn key(r: &Route) -> Key {
@@ -27,9 +28,15 @@ fn key(r: &Route) -> Key {
             r.port,
             normalize_path(&r.path),
         ),
-        RouteType::Tcp if r.port == 0 => (r.kind, r.service.clone(), 0, String::new()),
+        RouteType::Tcp if r.port == 0 => any_port_key(r),
         RouteType::Tcp => (r.kind, String::new(), r.port, String::new()),
     }
+}
+
+/// The key of a `port: 0` TCP route (`r.port` may be the port it was given).
+fn any_port_key(r: &Route) -> Key {
+    let who = format!("{}\n{}", r.service, if r.leader { "leader" } else { "any" });
+    (RouteType::Tcp, who, 0, String::new())
 }
 
 /// How a route is named in errors.
@@ -107,6 +114,20 @@ impl FileRoutes {
             set: Vec::new(),
             removed: Vec::new(),
         };
+        // A record handed over by a build that keyed every `port: 0` TCP route alike: such
+        // entries are keyed by the route they point at, so it keeps its port.
+        let legacy: Vec<(Key, String)> = self
+            .routes
+            .iter()
+            .filter(|(k, _)| k.0 == RouteType::Tcp && k.1.is_empty() && k.2 == 0)
+            .map(|(k, id)| (k.clone(), id.clone()))
+            .collect();
+        for (k, id) in legacy {
+            self.routes.remove(&k);
+            if let Some(r) = store.get(RouteType::Tcp, &id) {
+                self.routes.insert(any_port_key(r), id);
+            }
+        }
         let new_services: BTreeSet<String> = file.services.keys().cloned().collect();
         for (svc, list) in file.services {
             store
@@ -313,6 +334,7 @@ mod tests {
 
         for dup in [
             r#"{"routes":[{"type":"tcp","port":0,"service":"db"},{"type":"tcp","port":0,"service":"db"}]}"#,
+            r#"{"routes":[{"type":"tcp","port":0,"service":"db","leader":true},{"type":"tcp","port":0,"service":"db","leader":true}]}"#,
             r#"{"routes":[{"type":"tcp","port":3005,"service":"db"},{"type":"tcp","port":3005,"service":"x"}]}"#,
             r#"{"routes":[{"type":"http","domain":"a.com","service":"a"},{"type":"http","domain":"A.com","service":"b"}]}"#,
         ] {
@@ -320,5 +342,43 @@ mod tests {
             assert!(e.contains("declared twice"), "{dup}: {e}");
             assert_eq!(ports(&store), first, "{dup}: a refused reload left changes");
         }
+    }
+
+    /// A database's write (leader) and read ports: two `port: 0` routes of one service.
+    #[test]
+    fn leader_and_any_port_zero_routes_of_one_service_are_two() {
+        let mut store = store();
+        let mut f = FileRoutes::default();
+        let both = r#"{"routes":[{"type":"tcp","port":0,"service":"pg","leader":true},
+                                 {"type":"tcp","port":0,"service":"pg"}]}"#;
+        f.apply(&mut store, file(both)).unwrap();
+        let routes = store.list(None);
+        assert_eq!(routes.len(), 2);
+        assert_ne!(routes[0].port, routes[1].port);
+    }
+
+    /// A record from a build that keyed all `port: 0` TCP routes as `(tcp, "", 0, "")`: the
+    /// first reload after the takeover keeps the route, its id and its port.
+    #[test]
+    fn a_handed_over_record_with_the_old_key_keeps_the_route() {
+        let mut store = store();
+        let mut f = FileRoutes::default();
+        // Another route takes the first port, so a re-added route would get a different one.
+        let one = r#"{"routes":[{"type":"tcp","port":0,"service":"db"}]}"#;
+        f.apply(&mut store, file(one)).unwrap();
+        let before = store.list(None)[0].clone();
+        let mut rec = f.record();
+        for r in &mut rec.routes {
+            r.1 = String::new();
+        }
+        let mut old = FileRoutes::from_record(rec);
+        let applied = old.apply(&mut store, file(one)).unwrap();
+        assert!(applied.removed.is_empty(), "{:?}", applied.removed);
+        let after = store.list(None);
+        assert_eq!(after.len(), 1);
+        assert_eq!(
+            (after[0].id.clone(), after[0].port),
+            (before.id, before.port)
+        );
     }
 }

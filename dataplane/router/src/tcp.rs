@@ -165,7 +165,17 @@ async fn proxy(core: Rc<Core>, c: TcpStream, port: u16) {
     let mut order = [SocketAddr::from(([0, 0, 0, 0], 0)); 16];
     let n = shuffled(&route.backends, &mut order);
     let mut up = None;
-    for addr in &order[..n] {
+    for (i, addr) in order[..n].iter().enumerate() {
+        // After a failed dial the table may have dropped this one (and a drain reported it
+        // drained).
+        if i > 0
+            && !core
+                .table()
+                .tcp_route(port)
+                .is_some_and(|r| r.backends.contains(addr))
+        {
+            continue;
+        }
         if let Ok(s) = dial_counted(&core, *addr).await {
             up = Some((s, *addr));
             break;

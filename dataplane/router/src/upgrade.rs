@@ -48,7 +48,12 @@ pub async fn tunnel<S: crate::proxy::Client>(
         }
     }
     let mut up = None;
-    for addr in &order[..n] {
+    for (i, addr) in order[..n].iter().enumerate() {
+        // After a failed dial the table may have dropped this one (and a drain reported it
+        // drained).
+        if i > 0 && !core.pool.has_backend(*addr) {
+            continue;
+        }
         match dial_counted(core, *addr).await {
             Ok(s) => {
                 CoreMetrics::inc(&m.upstream_connects_total);

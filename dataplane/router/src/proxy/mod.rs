@@ -7,7 +7,7 @@ mod upstream;
 
 pub use accept::{serve, serve_h2c, serve_tls};
 pub(crate) use upstream::redial;
-pub use upstream::{connect, dial_counted, Fwd};
+pub use upstream::{connect, dial, dial_counted, Fwd};
 use upstream::{exchange, Exchange};
 
 use std::net::{IpAddr, SocketAddr};

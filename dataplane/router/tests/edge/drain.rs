@@ -412,7 +412,8 @@ fn a_backend_being_dialled_is_not_drained_until_the_dial_ends() {
     // The router's dial hangs (its connect timeout is 1 s).
     let started = Instant::now();
     let pending = start_request(&router, "/dialling");
-    std::thread::sleep(Duration::from_millis(200));
+    // Well within the dial's second: the request is dialling when the backend goes.
+    std::thread::sleep(Duration::from_millis(400));
     router.set_backends("web", &[]);
     let down = events.expect(Duration::from_secs(2), "backend-down");
     assert_eq!(pair(&down.event, &down.addr), pair("backend-down", hole));
@@ -426,12 +427,18 @@ fn a_backend_being_dialled_is_not_drained_until_the_dial_ends() {
         "drained {:?} after the request started, while its dial was pending",
         drained.at.duration_since(started)
     );
-    // The dial timed out and no other backend is left: 503.
+    // The dial timed out and no other backend is left: 503, after the dial's second (sooner
+    // would mean the request came after the removal and never dialled).
     let resp = pending
         .recv_timeout(Duration::from_secs(10))
         .expect("the request ends")
         .expect("a response");
     assert_eq!(resp.status, 503, "{resp:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "answered in {:?}: the request never dialled",
+        started.elapsed()
+    );
 }
 
 /// A backend that comes back before it drained is live: the drain that was waiting for it
