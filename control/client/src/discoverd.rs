@@ -710,9 +710,10 @@ fn reconcile(service: &str, known: &mut Known, replay: Vec<Event>) -> Vec<Event>
         .iter()
         .find(|e| e.kind == EventKind::ServiceMeta)
         .and_then(|e| e.service_meta.clone());
-    // Only newer metadata: a reconnect to a peer that lags behind must not take the consumer
-    // back to an older version (indexes only grow).
-    if let Some(m) = meta.filter(|m| known.meta_index.is_none_or(|k| m.index > k)) {
+    // Any other version, older ones too: a peer that lags behind sends the newer one live
+    // once it has it, while a cluster rebuilt from scratch starts its indexes again (ignoring
+    // lower ones would drop its metadata until they caught up).
+    if let Some(m) = meta.filter(|m| Some(m.index) != known.meta_index) {
         out.push(ev(EventKind::ServiceMeta, None, Some(m)));
     }
     let first = !known.synced;
@@ -877,32 +878,6 @@ mod tests {
             assert!(!live.is_empty(), "emptied at {:?} {id}", e.kind);
         }
         assert_eq!(live.keys().collect::<Vec<_>>(), ["d", "e"]);
-    }
-
-    /// A reconnect to a peer behind the one before replays older metadata: not passed on.
-    #[test]
-    fn a_replay_with_older_metadata_is_not_passed_on() {
-        let meta = |index| Event {
-            service: "s".into(),
-            kind: EventKind::ServiceMeta,
-            instance: None,
-            service_meta: Some(ServiceMeta {
-                data: serde_json::Value::Null,
-                leader_id: None,
-                index,
-            }),
-        };
-        let mut known = Known::default();
-        let first = reconcile("s", &mut known, vec![meta(5)]);
-        assert_eq!(first[0].kind, EventKind::ServiceMeta);
-        assert!(
-            reconcile("s", &mut known, vec![meta(3)]).is_empty(),
-            "went back"
-        );
-        assert_eq!(known.meta_index, Some(5));
-        let newer = reconcile("s", &mut known, vec![meta(7)]);
-        assert_eq!(newer.len(), 1);
-        assert_eq!(newer[0].service_meta.as_ref().unwrap().index, 7);
     }
 
     /// A reconnect's events arrive together: once the first is taken, the rest are
