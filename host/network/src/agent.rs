@@ -457,6 +457,7 @@ impl<S: LeaseStore> Agent<S> {
                 _ = retry_watch, if watch.is_none() => {}
                 _ = tick.tick() => {
                     self.keep_host_routing();
+                    self.keep_devices().await;
                     match self.leaser.store().leases().await {
                         Ok(s) => {
                             self.fresh.read(true, SystemTime::now());
@@ -491,6 +492,55 @@ impl<S: LeaseStore> Agent<S> {
                     }
                 }
             }
+        }
+    }
+
+    /// Puts the VXLAN device and the bridge back if they went, or follows them if they moved:
+    /// the kernel deletes a VXLAN device together with its lower device (a bond or VLAN that
+    /// network tooling re-creates), and every entry on it with it. On a change the fast path
+    /// is attached to the new devices and its prefixes are rewritten; the reconcile that
+    /// follows on the same tick puts the neighbour, FDB and route entries back.
+    async fn keep_devices(&mut self) {
+        let Some(lease) = self.lease.clone() else {
+            return;
+        };
+        let mut nl = self.nl.clone();
+        let devices = match setup(&mut nl, &self.cfg.devices, &lease).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "cannot check the overlay devices");
+                return;
+            }
+        };
+        let segment = match self.nl.segment(self.cfg.public_ip).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "cannot find the underlay device");
+                return;
+            }
+        };
+        if self.devices == Some(devices) && self.segment == Some(segment) {
+            return;
+        }
+        tracing::warn!(
+            before = ?self.devices,
+            after = ?devices,
+            underlay_before = ?self.segment,
+            underlay_after = ?segment,
+            "overlay devices were re-created; following them"
+        );
+        self.devices = Some(devices);
+        self.segment = Some(segment);
+        if let Some(fp) = &mut self.fast {
+            if let Err(e) = attach_fast_path(fp, &self.cfg, &lease, devices.vxlan, segment) {
+                tracing::warn!(error = %error_chain(&e), "cannot attach the eBPF fast path to the new devices");
+            }
+            // Every hop names the old VXLAN ifindex: all rewritten.
+            self.prefixes.clear();
+            self.swept = false;
+        }
+        if let Err(e) = self.write_state() {
+            tracing::warn!(error = %error_chain(&e), "cannot write the state file");
         }
     }
 

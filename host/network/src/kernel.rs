@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures_util::stream::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage,
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -158,6 +158,30 @@ impl KernelNetlink {
         }
     }
 
+    /// The device of the main table's IPv4 default route (a single path), if there is one.
+    async fn default_route_link(&self) -> Result<Option<LinkMessage>, NetlinkError> {
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        let mut oif = None;
+        while let Some(r) = routes.try_next().await.map_err(req("get routes"))? {
+            if r.header.destination_prefix_length != 0
+                || r.header.table != RouteHeader::RT_TABLE_MAIN
+            {
+                continue;
+            }
+            oif = oif.or(r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            }));
+        }
+        let Some(oif) = oif else { return Ok(None) };
+        let mut links = self.handle.link().get().match_index(oif).execute();
+        links.try_next().await.map_err(req("get link"))
+    }
+
     /// The link called `name`, if any.
     pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>, NetlinkError> {
         let mut links = self
@@ -209,6 +233,16 @@ impl Netlink for KernelNetlink {
             .await
             .map_err(req("get link"))?
             .ok_or(NetlinkError::NoUnderlay { addr: local })?;
+        // A routed host keeps its address on `lo`, whose MTU (64 KiB) says nothing about the
+        // network: as flannel does, the device of the default route is the underlay then.
+        if link.header.flags.contains(LinkFlags::Loopback) {
+            if let Some(l) = self.default_route_link().await? {
+                return Ok(Underlay {
+                    ifindex: l.header.index,
+                    mtu: link_mtu(&l).unwrap_or(1500),
+                });
+            }
+        }
         Ok(Underlay {
             ifindex,
             mtu: link_mtu(&link).unwrap_or(1500),

@@ -965,11 +965,43 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
     Ok(())
 }
 
-/// A routed host: its public IP on `lo`, its peers reached through its NIC. The fast path
-/// leaves that host's encapsulation to the VXLAN device, which follows the routing table (in
-/// BPF it would leave by `lo` and be lost); a host whose peers are behind the device holding
-/// its address still encapsulates in BPF. (Small packets only: the VXLAN MTU still comes
-/// from the device holding the address.)
+/// The kernel deletes a VXLAN device with its lower device (a bond or VLAN re-created by
+/// network tooling), and every peer entry with it. The agent puts it back on its next check
+/// and the overlay works again, without a restart.
+#[test]
+fn a_deleted_vxlan_device_is_put_back() -> Result<()> {
+    if !lab::should_run("a_deleted_vxlan_device_is_put_back") {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    let h1 = c.add_host(1)?;
+    let h2 = c.add_host(2)?;
+    let a1 = c.agent(h1, &["--fast-path", "off"])?;
+    let a2 = c.agent(h2, &["--fast-path", "off"])?;
+    let j1 = c.job(h1, a1.subnet, 10)?;
+    let j2 = c.job(h2, a2.subnet, 10)?;
+    eventually(10, "cross-host ping", || Ok(can_ping(&j1, &j2)))?;
+    let ns1 = c.hosts[h1].ns.clone();
+    run(&["ip", "-n", &ns1, "link", "del", "flynn.1"])?;
+    ensure!(!can_ping(&j1, &j2), "ping without the VXLAN device");
+    // Checked every second here (`--resync-interval 1s`).
+    eventually(10, "the VXLAN device and its peer entries back", || {
+        Ok(vxlan_fdb(&ns1).is_ok_and(|f| f.contains("10.240.0.2"))
+            && routes(&ns1)?.contains(&a2.subnet.to_string()))
+    })?;
+    eventually(10, "cross-host ping again", || {
+        Ok(can_ping(&j1, &j2) && can_ping(&j2, &j1))
+    })?;
+    tcp_roundtrip(&j1, &j2).context("tcp after the repair")?;
+    drop((a1, a2));
+    Ok(())
+}
+
+/// A routed host: its public IP on `lo`, its peers reached through its NIC (the default
+/// route's). Its VXLAN device sits on that NIC with the NIC's MTU less 50 (not `lo`'s 64 KiB),
+/// and the fast path leaves its encapsulation to the VXLAN device, which follows the routing
+/// table (in BPF it would leave by `lo` and be lost); a host whose peers are behind the device
+/// holding its address still encapsulates in BPF.
 #[test]
 fn a_routed_host_leaves_encapsulation_to_the_kernel() -> Result<()> {
     if !lab::should_run("a_routed_host_leaves_encapsulation_to_the_kernel") {
@@ -1003,6 +1035,16 @@ fn a_routed_host_leaves_encapsulation_to_the_kernel() -> Result<()> {
         "via",
         "10.240.0.3",
     ])?;
+    run(&[
+        "ip",
+        "-n",
+        &ns3,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.240.0.254",
+    ])?;
     c.hosts[h3].ip = "10.241.0.3".into();
     let (pin1, pin3) = (bpf.pin_dir("h1"), bpf.pin_dir("h3"));
     let arg = |p: &Path| p.to_string_lossy().into_owned();
@@ -1016,6 +1058,12 @@ fn a_routed_host_leaves_encapsulation_to_the_kernel() -> Result<()> {
     eventually(10, "ping between the routed host and its peer", || {
         Ok(can_ping(&j3, &j1) && can_ping(&j1, &j3))
     })?;
+    let vxlan = run_stdout(&["ip", "-n", &ns3, "-d", "link", "show", "flynn.1"])?;
+    ensure!(
+        vxlan.contains("mtu 1450") && vxlan.contains("dev eth0"),
+        "the routed host's VXLAN device: {vxlan}"
+    );
+    tcp_roundtrip(&j3, &j1).context("tcp from the routed host")?;
     let tunnels = |ns: &str, pin: &Path| {
         let pin = pin.to_path_buf();
         in_netns(ns, async move || {
