@@ -553,7 +553,6 @@ fn release_if_removed(
     a.release(owner).map_err(chain)
 }
 
-/// An error with its causes, `a: b: c`.
 /// After a failed `create_job_net`: frees the address, unless what was made could not be
 /// removed (it may still carry the address). Such an address is freed by the job's teardown
 /// at the next start-up (an ended job whose address is still allocated).
@@ -569,6 +568,7 @@ fn release_unless_left(
     a.release(owner).map_err(chain)
 }
 
+/// An error with its causes, `a: b: c`.
 fn chain(e: impl std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
