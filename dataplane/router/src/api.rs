@@ -523,41 +523,125 @@ pub fn serve(
         if let Some(url) = discoverd {
             tokio::spawn(crate::discovery::run(api.clone(), url));
         }
-        let inflight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        // Set at a handover: every answer then says `Connection: close`, so keep-alive
+        // clients move to the new process.
+        let handed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let app = router(api).layer(axum::middleware::from_fn_with_state(
-            inflight.clone(),
-            count_inflight,
+            handed.clone(),
+            close_after_handover,
         ));
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let listener = UntilHandover {
             inner: Some(tokio::net::TcpListener::from_std(listener)?),
             stop: Some(stop.clone()),
+            open: open.clone(),
         };
-        // After a handover the new process serves the API: this one stops accepting (its
-        // listener stops), while connections it accepted are still served. Closing them
-        // (as a graceful shutdown does) would reset one whose request had arrived but was
-        // not read yet. They get a moment for such requests to arrive and finish; SSE
-        // streams do not count (their handlers return at once) and end when the process
-        // exits.
-        let handed_over = async move {
-            if stop.wait_for(|s| *s).await.is_err() {
-                // No handover configured: serve forever.
-                std::future::pending::<()>().await
-            }
-            let start = tokio::time::Instant::now();
-            tokio::time::sleep(API_SETTLE).await;
-            while inflight.load(std::sync::atomic::Ordering::SeqCst) > 0
-                && start.elapsed() < API_FINISH
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
+        let mut server = Box::pin(axum::serve(listener, app).into_future());
         // Both ends of `stop` are dropped on return: the handover thread takes that as the
         // end of this API.
         tokio::select! {
-            r = axum::serve(listener, app).into_future() => r,
-            _ = handed_over => Ok(()),
+            r = &mut server => return r,
+            stopped = stop.wait_for(|s| *s) => {
+                if stopped.is_err() {
+                    // No handover configured: serve for good.
+                    return server.await;
+                }
+            }
         }
+        // Handed over: this process stops accepting (the listener closes its descriptor; the
+        // new process has its own) but answers what its accepted connections send. Closing
+        // them at once (a graceful shutdown does) would reset one whose request had arrived
+        // unread. First a moment for such requests, answered with `Connection: close`; then a
+        // graceful shutdown ends the idle connections and lets responses under way finish,
+        // for at most `API_FINISH` (an SSE stream is cut then).
+        handed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let start = tokio::time::Instant::now();
+        tokio::select! {
+            r = &mut server => return r,
+            _ = tokio::time::sleep(API_SETTLE) => {}
+        }
+        drop(server);
+        while open.load(std::sync::atomic::Ordering::SeqCst) > 0 && start.elapsed() < API_FINISH {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(stop);
+        Ok(())
     })
+}
+
+/// After a handover: how long requests on already accepted connections may take to arrive,
+/// and the most this process waits for its connections to end.
+const API_SETTLE: Duration = Duration::from_millis(200);
+const API_FINISH: Duration = Duration::from_secs(3);
+
+/// Adds `Connection: close` to every answer once the API was handed over.
+async fn close_after_handover(
+    State(handed): State<Arc<std::sync::atomic::AtomicBool>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mut r = next.run(req).await;
+    if handed.load(std::sync::atomic::Ordering::SeqCst) {
+        r.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    r
+}
+
+/// An accepted API connection, counted in `open` until it is dropped.
+struct Counted {
+    inner: tokio::net::TcpStream,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// The API's listener: accepts (with `TCP_NODELAY`: SSE events must not wait for Nagle and
@@ -567,10 +651,12 @@ struct UntilHandover {
     inner: Option<tokio::net::TcpListener>,
     /// `None` once it can no longer fire (no handover configured).
     stop: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Accepted connections not closed yet.
+    open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl axum::serve::Listener for UntilHandover {
-    type Io = tokio::net::TcpStream;
+    type Io = Counted;
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -588,6 +674,11 @@ impl axum::serve::Listener for UntilHandover {
                 r = l.accept() => match r {
                     Ok((s, a)) => {
                         let _ = s.set_nodelay(true);
+                        self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let s = Counted {
+                            inner: s,
+                            open: self.open.clone(),
+                        };
                         return (s, a);
                     }
                     // As axum's own listener: a connection gone before it was accepted is
@@ -620,26 +711,4 @@ impl axum::serve::Listener for UntilHandover {
             None => Err(std::io::Error::other("handed over")),
         }
     }
-}
-
-/// After a handover: how long requests on already accepted connections may take to arrive,
-/// and the most this process waits for them to finish.
-const API_SETTLE: Duration = Duration::from_millis(200);
-const API_FINISH: Duration = Duration::from_secs(3);
-
-/// Counts API requests being handled (for the wait after a handover).
-async fn count_inflight(
-    State(n): State<Arc<std::sync::atomic::AtomicUsize>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    struct Guard(Arc<std::sync::atomic::AtomicUsize>);
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
-    n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let _g = Guard(n);
-    next.run(req).await
 }

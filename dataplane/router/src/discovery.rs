@@ -18,18 +18,8 @@ use crate::api::Api;
 pub async fn run(api: Arc<Api>, url: String) {
     let client = Client::new(&url);
     let mut watches: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
-    // Services no route names any more whose backends are still to be cleared: at start,
-    // those handed over with backends but no route (a clear the old process still owed),
-    // except what the routes file declares.
-    let mut unrouted: BTreeSet<String> = {
-        let routed = api.routed_services();
-        let file = api.file_record().services;
-        let services: Vec<String> = api.store().services().keys().cloned().collect();
-        services
-            .into_iter()
-            .filter(|s| !routed.contains(s) && !file.contains(s))
-            .collect()
-    };
+    // Services no route names any more whose backends are still to be cleared.
+    let mut unrouted: BTreeSet<String> = BTreeSet::new();
     let mut published = api.published.subscribe();
     loop {
         let wanted = api.routed_services();

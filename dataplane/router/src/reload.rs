@@ -114,12 +114,13 @@ impl FileRoutes {
             set: Vec::new(),
             removed: Vec::new(),
         };
-        // A record handed over by a build that keyed every `port: 0` TCP route alike: such
-        // entries are keyed by the route they point at, so it keeps its port.
+        // A record handed over by a build that keyed `port: 0` TCP routes otherwise (all
+        // alike, or by service alone): such entries are keyed again from the route they point
+        // at, so it keeps its id and port.
         let legacy: Vec<(Key, String)> = self
             .routes
             .iter()
-            .filter(|(k, _)| k.0 == RouteType::Tcp && k.1.is_empty() && k.2 == 0)
+            .filter(|(k, _)| k.0 == RouteType::Tcp && k.2 == 0 && !k.1.contains('\n'))
             .map(|(k, id)| (k.clone(), id.clone()))
             .collect();
         for (k, id) in legacy {

@@ -4,6 +4,7 @@
 //! lease before it expires and releases it on clean shutdown; the next start asks for the same
 //! block again (remembered in `subnet.env`, as flannel does).
 
+use rtnetlink::packet_route::link::LinkMessage;
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::Ipv4Addr;
@@ -501,39 +502,64 @@ impl<S: LeaseStore> Agent<S> {
     /// is attached to the new devices and its prefixes are rewritten; the reconcile that
     /// follows on the same tick puts the neighbour, FDB and route entries back.
     async fn keep_devices(&mut self) {
-        let Some(lease) = self.lease.clone() else {
+        let (Some(lease), Some(old), Some(old_segment)) =
+            (self.lease.clone(), self.devices, self.segment)
+        else {
             return;
         };
+        // Looked up only (setting them up again each time would rewrite the bridge's MAC,
+        // which flushes its neighbour table).
+        let names = (&self.cfg.devices.vxlan_name, &self.cfg.devices.bridge_name);
+        let (vxlan, bridge, segment) = (
+            self.nl.link_by_name(names.0).await,
+            self.nl.link_by_name(names.1).await,
+            self.nl.segment(self.cfg.public_ip).await,
+        );
+        let (Ok(vxlan), Ok(bridge), Ok(segment)) = (vxlan, bridge, segment) else {
+            tracing::debug!("cannot look the overlay devices up; checked again at the next resync");
+            return;
+        };
+        let index = |l: Option<LinkMessage>| l.map(|l| l.header.index);
+        if index(vxlan) == Some(old.vxlan)
+            && index(bridge) == Some(old.bridge)
+            && segment == old_segment
+        {
+            return;
+        }
         let mut nl = self.nl.clone();
         let devices = match setup(&mut nl, &self.cfg.devices, &lease).await {
             Ok(d) => d,
             Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "cannot check the overlay devices");
+                tracing::warn!(error = %error_chain(&e), "cannot put the overlay devices back");
                 return;
             }
         };
-        let segment = match self.nl.segment(self.cfg.public_ip).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "cannot find the underlay device");
-                return;
-            }
-        };
-        if self.devices == Some(devices) && self.segment == Some(segment) {
-            return;
-        }
         tracing::warn!(
-            before = ?self.devices,
+            before = ?old,
             after = ?devices,
-            underlay_before = ?self.segment,
+            underlay_before = ?old_segment,
             underlay_after = ?segment,
             "overlay devices were re-created; following them"
         );
         self.devices = Some(devices);
         self.segment = Some(segment);
         if let Some(fp) = &mut self.fast {
+            for (was, now) in [
+                (old.vxlan, devices.vxlan),
+                (old_segment.ifindex, segment.ifindex),
+            ] {
+                if was != now {
+                    // Gone with its device, or left on a device we no longer use.
+                    let _ = fp.detach(was);
+                }
+            }
             if let Err(e) = attach_fast_path(fp, &self.cfg, &lease, devices.vxlan, segment) {
-                tracing::warn!(error = %error_chain(&e), "cannot attach the eBPF fast path to the new devices");
+                // As at start: the kernel path alone, rather than maps naming dead devices.
+                tracing::warn!(error = %error_chain(&e), "cannot attach the eBPF fast path to the new devices; kernel path only");
+                let pin_dir = fp.pin_dir().to_path_buf();
+                self.fast = None;
+                self.stats.fast_path.store(false, Ordering::Relaxed);
+                fast_path_off(&pin_dir);
             }
             // Every hop names the old VXLAN ifindex: all rewritten.
             self.prefixes.clear();

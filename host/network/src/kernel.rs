@@ -158,7 +158,7 @@ impl KernelNetlink {
         }
     }
 
-    /// The device of the main table's IPv4 default route (a single path), if there is one.
+    /// The device of the main table's IPv4 default route (of its first path), if there is one.
     async fn default_route_link(&self) -> Result<Option<LinkMessage>, NetlinkError> {
         let mut routes = self
             .handle
@@ -172,8 +172,10 @@ impl KernelNetlink {
             {
                 continue;
             }
+            // One path, or the first of several (ECMP uplinks share an MTU as a rule).
             oif = oif.or(r.attributes.iter().find_map(|a| match a {
                 RouteAttribute::Oif(i) => Some(*i),
+                RouteAttribute::MultiPath(hops) => hops.first().map(|h| h.interface_index),
                 _ => None,
             }));
         }
