@@ -495,8 +495,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn renewal_whose_answer_was_lost_is_retried_not_lost() {
+    /// A store, host 1's lease in it, and a leaser for host 1 whose first update's answer
+    /// is lost (the write goes through).
+    async fn leased_then_answers_lost() -> (MemoryStore, Lease, Leaser<LostAnswer>) {
         let inner = MemoryStore::new();
         let a = host(&inner, 1)
             .acquire_with(now(), None, |_| 0)
@@ -510,6 +511,12 @@ mod tests {
             small(),
             Ipv4Addr::new(192, 0, 2, 1),
         );
+        (inner, a, leaser)
+    }
+
+    #[tokio::test]
+    async fn renewal_whose_answer_was_lost_is_retried_not_lost() {
+        let (inner, a, leaser) = leased_then_answers_lost().await;
         let t1 = now() + Duration::from_secs(90);
         let err = leaser.renew(&a, t1).await.unwrap_err();
         assert!(matches!(err, LeaseError::Store(_)), "{err:?}");
@@ -537,19 +544,7 @@ mod tests {
     /// lease (the record moved on but is still this host's); one another host took is left.
     #[tokio::test]
     async fn release_after_a_lost_renewal_answer_removes_the_record() {
-        let inner = MemoryStore::new();
-        let a = host(&inner, 1)
-            .acquire_with(now(), None, |_| 0)
-            .await
-            .unwrap();
-        let leaser = Leaser::new(
-            LostAnswer {
-                inner: inner.clone(),
-                failed: Default::default(),
-            },
-            small(),
-            Ipv4Addr::new(192, 0, 2, 1),
-        );
+        let (inner, a, leaser) = leased_then_answers_lost().await;
         leaser
             .renew(&a, now() + Duration::from_secs(90))
             .await

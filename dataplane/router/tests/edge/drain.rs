@@ -302,19 +302,21 @@ fn removed_backend_drains_after_its_in_flight_request_completes() {
     events.expect_none(Duration::from_millis(200), "nothing else");
 }
 
-#[test]
-fn removing_the_last_backend_gives_503_while_in_flight_request_completes() {
-    let router = Router::start();
+/// A drain-tracked service whose only backend (`slow_backend`) is removed while a request
+/// to it is in flight: the backend, its release, the subscription (replay and
+/// `backend-down` taken) and the pending request.
+fn removed_while_in_flight(
+    router: &Router,
+) -> (Backend, Sender<()>, Events, Receiver<io::Result<Response>>) {
     let (slow, arrived, release) = slow_backend("slow");
     router.add_route(drain_route(DOMAIN, "web"));
     router.set_backends("web", &[&slow]);
-    let events = Events::subscribe(&router, TYPES);
+    let events = Events::subscribe(router, TYPES);
     assert_eq!(
         events.expect(Duration::from_secs(5), "replay").event,
         "backend-up"
     );
-
-    let in_flight = start_request(&router, "/slow");
+    let in_flight = start_request(router, "/slow");
     arrived
         .recv_timeout(Duration::from_secs(5))
         .expect("slow request arrives");
@@ -324,6 +326,13 @@ fn removing_the_last_backend_gives_503_while_in_flight_request_completes() {
         pair(&down.event, &down.addr),
         pair("backend-down", slow.addr)
     );
+    (slow, release, events, in_flight)
+}
+
+#[test]
+fn removing_the_last_backend_gives_503_while_in_flight_request_completes() {
+    let router = Router::start();
+    let (slow, release, events, in_flight) = removed_while_in_flight(&router);
 
     let resp = crate::support::get(router.http_addr, DOMAIN, "/after");
     assert_eq!(resp.status, 503, "{resp:?}");
@@ -446,25 +455,7 @@ fn a_backend_being_dialled_is_not_drained_until_the_dial_ends() {
 #[test]
 fn a_backend_back_before_it_drained_is_not_reported_drained() {
     let router = Router::start();
-    let (slow, arrived, release) = slow_backend("slow");
-    router.add_route(drain_route(DOMAIN, "web"));
-    router.set_backends("web", &[&slow]);
-    let events = Events::subscribe(&router, TYPES);
-    assert_eq!(
-        events.expect(Duration::from_secs(5), "replay").event,
-        "backend-up"
-    );
-
-    let in_flight = start_request(&router, "/slow");
-    arrived
-        .recv_timeout(Duration::from_secs(5))
-        .expect("slow request arrives");
-    router.set_backends("web", &[]);
-    let down = events.expect(Duration::from_secs(2), "backend-down");
-    assert_eq!(
-        pair(&down.event, &down.addr),
-        pair("backend-down", slow.addr)
-    );
+    let (slow, release, events, in_flight) = removed_while_in_flight(&router);
     router.set_backends("web", &[&slow]);
     let up = events.expect(Duration::from_secs(2), "backend-up");
     assert_eq!(pair(&up.event, &up.addr), pair("backend-up", slow.addr));
