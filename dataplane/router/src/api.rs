@@ -40,6 +40,9 @@ pub struct Api {
     /// Drains in progress by (service, address): one at a time per backend, cancelled when
     /// the backend comes back before it drained.
     drains: Mutex<HashMap<(String, String), tokio::task::AbortHandle>>,
+    /// Open `/events` streams (each holds its connection open for good: not waited for
+    /// after a handover).
+    sse_streams: std::sync::atomic::AtomicUsize,
 }
 
 /// An [`ApiError`] as an HTTP response: status from the code table, JSON envelope.
@@ -72,6 +75,7 @@ impl Api {
             published: tokio::sync::watch::Sender::new(0),
             frozen: std::sync::atomic::AtomicBool::new(false),
             drains: Mutex::new(HashMap::new()),
+            sse_streams: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -442,11 +446,23 @@ async fn events(State(api): State<Arc<Api>>, Query(q): Query<EventsQuery>) -> im
             }
         }
     });
+    struct Open(Arc<Api>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0
+                .sse_streams
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    api.sse_streams
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let open = Open(api.clone());
     use futures_util::StreamExt;
     let stream = replay
         .chain(live)
         .filter(move |e| std::future::ready(wanted(e)))
-        .map(|e| {
+        .map(move |e| {
+            let _ = &open;
             Ok::<_, std::convert::Infallible>(
                 Event::default().data(serde_json::to_string(&e).unwrap_or_default()),
             )
@@ -526,6 +542,7 @@ pub fn serve(
         // Set at a handover: every answer then says `Connection: close`, so keep-alive
         // clients move to the new process.
         let handed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let api2 = api.clone();
         let app = router(api).layer(axum::middleware::from_fn_with_state(
             handed.clone(),
             close_after_handover,
@@ -553,7 +570,7 @@ pub fn serve(
         // them at once (a graceful shutdown does) would reset one whose request had arrived
         // unread. First a moment for such requests, answered with `Connection: close`; then a
         // graceful shutdown ends the idle connections and lets responses under way finish,
-        // for at most `API_FINISH` (an SSE stream is cut then).
+        // for at most `API_FINISH`.
         handed.store(true, std::sync::atomic::Ordering::SeqCst);
         let start = tokio::time::Instant::now();
         tokio::select! {
@@ -561,7 +578,13 @@ pub fn serve(
             _ = tokio::time::sleep(API_SETTLE) => {}
         }
         drop(server);
-        while open.load(std::sync::atomic::Ordering::SeqCst) > 0 && start.elapsed() < API_FINISH {
+        // `/events` streams never end by themselves: they are cut when this returns (their
+        // clients reconnect, to the new process).
+        let busy = || {
+            open.load(std::sync::atomic::Ordering::SeqCst)
+                > api2.sse_streams.load(std::sync::atomic::Ordering::SeqCst)
+        };
+        while busy() && start.elapsed() < API_FINISH {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         drop(stop);

@@ -4,7 +4,6 @@
 //! lease before it expires and releases it on clean shutdown; the next start asks for the same
 //! block again (remembered in `subnet.env`, as flannel does).
 
-use rtnetlink::packet_route::link::LinkMessage;
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::Ipv4Addr;
@@ -458,7 +457,7 @@ impl<S: LeaseStore> Agent<S> {
                 _ = retry_watch, if watch.is_none() => {}
                 _ = tick.tick() => {
                     self.keep_host_routing();
-                    self.keep_devices().await;
+                    self.keep_devices().await?;
                     match self.leaser.store().leases().await {
                         Ok(s) => {
                             self.fresh.read(true, SystemTime::now());
@@ -501,45 +500,38 @@ impl<S: LeaseStore> Agent<S> {
     /// network tooling re-creates), and every entry on it with it. On a change the fast path
     /// is attached to the new devices and its prefixes are rewritten; the reconcile that
     /// follows on the same tick puts the neighbour, FDB and route entries back.
-    async fn keep_devices(&mut self) {
+    async fn keep_devices(&mut self) -> Result<(), AgentError> {
         let (Some(lease), Some(old), Some(old_segment)) =
             (self.lease.clone(), self.devices, self.segment)
         else {
-            return;
+            return Ok(());
         };
-        // Looked up only (setting them up again each time would rewrite the bridge's MAC,
-        // which flushes its neighbour table).
-        let names = (&self.cfg.devices.vxlan_name, &self.cfg.devices.bridge_name);
-        let (vxlan, bridge, segment) = (
-            self.nl.link_by_name(names.0).await,
-            self.nl.link_by_name(names.1).await,
-            self.nl.segment(self.cfg.public_ip).await,
-        );
-        let (Ok(vxlan), Ok(bridge), Ok(segment)) = (vxlan, bridge, segment) else {
-            tracing::debug!("cannot look the overlay devices up; checked again at the next resync");
-            return;
-        };
-        let index = |l: Option<LinkMessage>| l.map(|l| l.header.index);
-        if index(vxlan) == Some(old.vxlan)
-            && index(bridge) == Some(old.bridge)
-            && segment == old_segment
-        {
-            return;
-        }
+        // Set up again every time (it sets only what differs): a device set down, a lost
+        // bridge address or a changed underlay MTU is repaired too.
         let mut nl = self.nl.clone();
-        let devices = match setup(&mut nl, &self.cfg.devices, &lease).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "cannot put the overlay devices back");
-                return;
+        let (devices, segment) = match (
+            setup(&mut nl, &self.cfg.devices, &lease).await,
+            self.nl.segment(self.cfg.public_ip).await,
+        ) {
+            (Ok(d), Ok(s)) => (d, s),
+            (Err(e), _) => {
+                tracing::warn!(error = %error_chain(&e), "cannot check the overlay devices");
+                return Ok(());
+            }
+            (_, Err(e)) => {
+                tracing::warn!(error = %error_chain(&e), "cannot find the underlay device");
+                return Ok(());
             }
         };
+        if devices == old && segment == old_segment {
+            return Ok(());
+        }
         tracing::warn!(
             before = ?old,
             after = ?devices,
             underlay_before = ?old_segment,
             underlay_after = ?segment,
-            "overlay devices were re-created; following them"
+            "overlay devices changed; following them"
         );
         self.devices = Some(devices);
         self.segment = Some(segment);
@@ -554,7 +546,12 @@ impl<S: LeaseStore> Agent<S> {
                 }
             }
             if let Err(e) = attach_fast_path(fp, &self.cfg, &lease, devices.vxlan, segment) {
-                // As at start: the kernel path alone, rather than maps naming dead devices.
+                // As at start: an error when the fast path is required (the agent exits and
+                // its supervisor starts it again), else the kernel path alone rather than
+                // maps naming devices that are gone.
+                if self.cfg.fast_path_required {
+                    return Err(e.into());
+                }
                 tracing::warn!(error = %error_chain(&e), "cannot attach the eBPF fast path to the new devices; kernel path only");
                 let pin_dir = fp.pin_dir().to_path_buf();
                 self.fast = None;
@@ -568,6 +565,7 @@ impl<S: LeaseStore> Agent<S> {
         if let Err(e) = self.write_state() {
             tracing::warn!(error = %error_chain(&e), "cannot write the state file");
         }
+        Ok(())
     }
 
     /// Puts IP forwarding and the outbound NAT table back if something took them away since

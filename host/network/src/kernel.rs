@@ -282,8 +282,8 @@ impl Netlink for KernelNetlink {
     }
 
     async fn ensure_bridge(&mut self, spec: &BridgeSpec) -> Result<u32, NetlinkError> {
-        let index = match self.link_by_name(&spec.name).await? {
-            Some(link) if link_kind(&link) == Some(&InfoKind::Bridge) => link.header.index,
+        let link = match self.link_by_name(&spec.name).await? {
+            Some(link) if link_kind(&link) == Some(&InfoKind::Bridge) => link,
             Some(_) => {
                 return Err(NetlinkError::WrongKind {
                     name: spec.name.clone(),
@@ -297,24 +297,37 @@ impl Netlink for KernelNetlink {
                     .execute()
                     .await
                     .map_err(req("add bridge"))?;
-                self.must_link(&spec.name).await?.header.index
+                self.must_link(&spec.name).await?
             }
         };
+        let index = link.header.index;
         // A fixed MAC: a bridge without one takes the lowest MAC of its ports and changes it as
         // jobs come and go, which would leave the fast path's gateway MAC (and jobs' ARP caches)
-        // stale.
-        self.handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .mtu(spec.mtu)
-                    .address(Mac::for_bridge(spec.address).octets().to_vec())
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(req("set bridge"))?;
+        // stale. Only what differs is set: setting even the same MAC again flushes the bridge's
+        // neighbour table (this runs on every resync).
+        let mac = Mac::for_bridge(spec.address);
+        let mut set = LinkUnspec::new_with_index(index);
+        let mut change = false;
+        if link_mtu(&link) != Some(spec.mtu) {
+            set = set.mtu(spec.mtu);
+            change = true;
+        }
+        if link_mac(&link) != Some(mac) {
+            set = set.address(mac.octets().to_vec());
+            change = true;
+        }
+        if !link.header.flags.contains(LinkFlags::Up) {
+            set = set.up();
+            change = true;
+        }
+        if change {
+            self.handle
+                .link()
+                .set(set.build())
+                .execute()
+                .await
+                .map_err(req("set bridge"))?;
+        }
 
         let want = IpAddr::V4(spec.address);
         let mut present = false;

@@ -510,3 +510,45 @@ fn route_changes_during_a_takeover_are_kept_or_refused_never_lost() {
     );
     assert!(ok.len() > 10, "only {} routes added", ok.len());
 }
+
+/// After a takeover the old process answers what its accepted API connections send, with
+/// `Connection: close`, and then exits: a request on a kept-alive connection sent just after
+/// the switch gets an answer, and an open `/events` stream (which never ends by itself) does
+/// not hold the old process for the whole shutdown wait.
+#[test]
+fn the_old_api_answers_its_connections_then_exits() {
+    let dir = crate::support::TestDir::new("takeover-api");
+    let sock = dir.join("upgrade.sock");
+    let mut old = Router::builder()
+        .arg("--upgrade-socket")
+        .arg(sock.display().to_string())
+        .start();
+    let get_routes = b"GET /routes HTTP/1.1\r\nHost: router-api\r\n\r\n";
+    let mut kept = Conn::connect(old.api_addr);
+    kept.send(get_routes);
+    let first = kept.try_response().expect("an answer before the takeover");
+    assert_eq!(first.status, 200);
+    let mut sse = Conn::connect(old.api_addr);
+    sse.send(b"GET /events HTTP/1.1\r\nHost: router-api\r\nAccept: text/event-stream\r\n\r\n");
+    assert_eq!(sse.read_head().expect("events head").status, 200);
+
+    let _new = Router::builder()
+        .arg("--takeover")
+        .arg(sock.display().to_string())
+        .start();
+    let switched = Instant::now();
+    // The old process still owns this connection: it answers, and says it closes.
+    kept.send(get_routes);
+    let resp = kept
+        .try_response()
+        .expect("the old process answers its kept-alive connection");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.header("connection"), Some("close"), "{resp:?}");
+    old.wait_exit(Duration::from_secs(15))
+        .expect("the old router exits");
+    assert!(
+        switched.elapsed() < Duration::from_millis(2500),
+        "the old router took {:?} to exit with an events stream open",
+        switched.elapsed()
+    );
+}

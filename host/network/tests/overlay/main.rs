@@ -965,12 +965,14 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
     Ok(())
 }
 
-/// The kernel deletes a VXLAN device with its lower device (a bond or VLAN re-created by
-/// network tooling), and every peer entry with it. The agent puts it back on its next check
-/// and the overlay works again, without a restart.
+/// The resync repairs the overlay devices. The kernel deletes a VXLAN device with its lower
+/// device (a bond or VLAN re-created by network tooling), and every peer entry with it: it is
+/// put back and the overlay works again, without a restart. A bridge set down comes back up.
+/// And nothing is set that did not change: setting the bridge's MAC again, even the same one,
+/// flushes its neighbour table, permanent entries included.
 #[test]
-fn a_deleted_vxlan_device_is_put_back() -> Result<()> {
-    if !lab::should_run("a_deleted_vxlan_device_is_put_back") {
+fn the_resync_repairs_the_overlay_devices() -> Result<()> {
+    if !lab::should_run("the_resync_repairs_the_overlay_devices") {
         return Ok(());
     }
     let mut c = Cluster::new()?;
@@ -982,9 +984,37 @@ fn a_deleted_vxlan_device_is_put_back() -> Result<()> {
     let j2 = c.job(h2, a2.subnet, 10)?;
     eventually(10, "cross-host ping", || Ok(can_ping(&j1, &j2)))?;
     let ns1 = c.hosts[h1].ns.clone();
+
+    // A permanent neighbour on the bridge outlives several resyncs (one a second here).
+    let extra = a1.subnet.nth(99).context("address in block")?.to_string();
+    run(&[
+        "ip",
+        "-n",
+        &ns1,
+        "neigh",
+        "add",
+        &extra,
+        "lladdr",
+        "0e:00:00:00:00:99",
+        "dev",
+        "flynnbr0",
+        "nud",
+        "permanent",
+    ])?;
+    std::thread::sleep(Duration::from_millis(3500));
+    let neigh = run_stdout(&["ip", "-n", &ns1, "neigh", "show", "dev", "flynnbr0"])?;
+    ensure!(
+        neigh.contains(&extra),
+        "the bridge's neighbours were flushed: {neigh}"
+    );
+
+    run(&["ip", "-n", &ns1, "link", "set", "flynnbr0", "down"])?;
+    eventually(10, "the bridge up again", || {
+        Ok(run_stdout(&["ip", "-n", &ns1, "link", "show", "flynnbr0"])?.contains(",UP"))
+    })?;
+
     run(&["ip", "-n", &ns1, "link", "del", "flynn.1"])?;
     ensure!(!can_ping(&j1, &j2), "ping without the VXLAN device");
-    // Checked every second here (`--resync-interval 1s`).
     eventually(10, "the VXLAN device and its peer entries back", || {
         Ok(vxlan_fdb(&ns1).is_ok_and(|f| f.contains("10.240.0.2"))
             && routes(&ns1)?.contains(&a2.subnet.to_string()))
