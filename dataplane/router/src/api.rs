@@ -568,7 +568,7 @@ pub fn serve(
         // Handed over: this process stops accepting (the listener closes its descriptor; the
         // new process has its own) but answers what its accepted connections send. Closing
         // them at once (a graceful shutdown does) would reset one whose request had arrived
-        // unread. First a moment for such requests, answered with `Connection: close`; then a
+        // unread. First a second for such requests, answered with `Connection: close`; then a
         // graceful shutdown ends the idle connections and lets responses under way finish,
         // for at most `API_FINISH`.
         handed.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -594,7 +594,7 @@ pub fn serve(
 
 /// After a handover: how long requests on already accepted connections may take to arrive,
 /// and the most this process waits for its connections to end.
-const API_SETTLE: Duration = Duration::from_millis(200);
+const API_SETTLE: Duration = Duration::from_secs(1);
 const API_FINISH: Duration = Duration::from_secs(3);
 
 /// Adds `Connection: close` to every answer once the API was handed over.
