@@ -186,18 +186,7 @@ impl<S: LeaseStore> Agent<S> {
         self.masq_ok = masq.is_ok();
         let segment = self.nl.segment(self.cfg.public_ip).await?;
         self.segment = Some(segment);
-        if let Some(fp) = &mut self.fast {
-            if let Err(e) = attach_fast_path(fp, &self.cfg, &lease, devices.vxlan, segment) {
-                if self.cfg.fast_path_required {
-                    return Err(e.into());
-                }
-                tracing::warn!(error = %error_chain(&e), "cannot attach the eBPF fast path; kernel path only");
-                let pin_dir = fp.pin_dir().to_path_buf();
-                self.fast = None;
-                self.stats.fast_path.store(false, Ordering::Relaxed);
-                fast_path_off(&pin_dir);
-            }
-        }
+        self.attach_or_fall_back(&lease, devices.vxlan, segment)?;
         self.lease = Some(lease.clone());
         self.devices = Some(devices);
         self.write_state()?;
@@ -495,6 +484,31 @@ impl<S: LeaseStore> Agent<S> {
         }
     }
 
+    /// Attaches the fast path (if any) to `vxlan` and the underlay `segment`. On failure: an
+    /// error when the fast path is required, else the kernel path alone (programs detached,
+    /// maps emptied).
+    fn attach_or_fall_back(
+        &mut self,
+        lease: &Lease,
+        vxlan: u32,
+        segment: Segment,
+    ) -> Result<(), AgentError> {
+        let Some(fp) = &mut self.fast else {
+            return Ok(());
+        };
+        if let Err(e) = attach_fast_path(fp, &self.cfg, lease, vxlan, segment) {
+            if self.cfg.fast_path_required {
+                return Err(e.into());
+            }
+            tracing::warn!(error = %error_chain(&e), "cannot attach the eBPF fast path; kernel path only");
+            let pin_dir = fp.pin_dir().to_path_buf();
+            self.fast = None;
+            self.stats.fast_path.store(false, Ordering::Relaxed);
+            fast_path_off(&pin_dir);
+        }
+        Ok(())
+    }
+
     /// Puts the VXLAN device and the bridge back if they went, or follows them if they moved:
     /// the kernel deletes a VXLAN device together with its lower device (a bond or VLAN that
     /// network tooling re-creates), and every entry on it with it. On a change the fast path
@@ -545,23 +559,13 @@ impl<S: LeaseStore> Agent<S> {
                     let _ = fp.detach(was);
                 }
             }
-            if let Err(e) = attach_fast_path(fp, &self.cfg, &lease, devices.vxlan, segment) {
-                // As at start: an error when the fast path is required (the agent exits and
-                // its supervisor starts it again), else the kernel path alone rather than
-                // maps naming devices that are gone.
-                if self.cfg.fast_path_required {
-                    return Err(e.into());
-                }
-                tracing::warn!(error = %error_chain(&e), "cannot attach the eBPF fast path to the new devices; kernel path only");
-                let pin_dir = fp.pin_dir().to_path_buf();
-                self.fast = None;
-                self.stats.fast_path.store(false, Ordering::Relaxed);
-                fast_path_off(&pin_dir);
-            }
             // Every hop names the old VXLAN ifindex: all rewritten.
             self.prefixes.clear();
             self.swept = false;
         }
+        // As at start: the agent exits if the fast path is required (its supervisor starts it
+        // again), else the kernel path alone rather than maps naming devices that are gone.
+        self.attach_or_fall_back(&lease, devices.vxlan, segment)?;
         if let Err(e) = self.write_state() {
             tracing::warn!(error = %error_chain(&e), "cannot write the state file");
         }

@@ -275,12 +275,7 @@ fn removed_backend_drains_after_its_in_flight_request_completes() {
 
     // Release it: the request completes normally, then drained follows.
     let released_at = Instant::now();
-    release.send(()).unwrap();
-    let resp = in_flight
-        .recv_timeout(Duration::from_secs(10))
-        .expect("in-flight request finishes")
-        .expect("in-flight response");
-    assert_eq!(resp.status, 200, "{resp:?}");
+    let resp = release_and_answer(&release, &in_flight);
     assert_eq!(resp.backend(), "slow");
     let drained = events.expect(Duration::from_secs(2), "backend-drained");
     assert_eq!(
@@ -300,6 +295,20 @@ fn removed_backend_drains_after_its_in_flight_request_completes() {
         slow.closed()
     );
     events.expect_none(Duration::from_millis(200), "nothing else");
+}
+
+/// Lets the slow backend answer the request in flight; the response, a 200.
+fn release_and_answer(
+    release: &Sender<()>,
+    in_flight: &Receiver<io::Result<Response>>,
+) -> Response {
+    release.send(()).unwrap();
+    let resp = in_flight
+        .recv_timeout(Duration::from_secs(10))
+        .expect("in-flight request finishes")
+        .expect("in-flight response");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    resp
 }
 
 /// A drain-tracked service whose only backend (`slow_backend`) is removed while a request
@@ -340,12 +349,7 @@ fn removing_the_last_backend_gives_503_while_in_flight_request_completes() {
 
     events.expect_none(Duration::from_millis(500), "still in flight");
     let released_at = Instant::now();
-    release.send(()).unwrap();
-    let resp = in_flight
-        .recv_timeout(Duration::from_secs(10))
-        .expect("in-flight request finishes")
-        .expect("in-flight response");
-    assert_eq!(resp.status, 200, "{resp:?}");
+    release_and_answer(&release, &in_flight);
     let drained = events.expect(Duration::from_secs(2), "backend-drained");
     assert_eq!(
         pair(&drained.event, &drained.addr),
@@ -460,12 +464,7 @@ fn a_backend_back_before_it_drained_is_not_reported_drained() {
     let up = events.expect(Duration::from_secs(2), "backend-up");
     assert_eq!(pair(&up.event, &up.addr), pair("backend-up", slow.addr));
 
-    release.send(()).unwrap();
-    let resp = in_flight
-        .recv_timeout(Duration::from_secs(10))
-        .expect("in-flight request finishes")
-        .expect("in-flight response");
-    assert_eq!(resp.status, 200, "{resp:?}");
+    release_and_answer(&release, &in_flight);
     events.expect_none(
         Duration::from_millis(700),
         "the backend is live again: no backend-drained",
