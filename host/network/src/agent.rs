@@ -89,7 +89,8 @@ pub struct Agent<S> {
     /// Whether prefixes a previous agent left in the pinned map have been swept.
     swept: bool,
     stats: Arc<Stats>,
-    /// Whether the outbound NAT rules went in at start (only then are they kept in place).
+    /// Whether the outbound NAT rules are in place as far as the agent knows (installed, and
+    /// present at the last check); while false they are installed again every resync.
     masq_ok: bool,
     /// How current the lease set is: see [`Freshness`].
     fresh: Freshness,
@@ -172,6 +173,10 @@ impl<S: LeaseStore> Agent<S> {
         }
         let mut nl = self.nl.clone();
         let devices = setup(&mut nl, &self.cfg.devices, &lease).await?;
+        // The bridge may be new while jobs run (deleted while no agent ran).
+        if let Err(e) = crate::job::adopt_job_veths(&self.nl, devices.bridge).await {
+            tracing::warn!(error = %error_chain(&e), "cannot check the jobs' veths");
+        }
         crate::masq::enable_forwarding()?;
         let network = self.cfg.lease.layout.network;
         let masq = if self.cfg.ip_masq {
@@ -537,6 +542,10 @@ impl<S: LeaseStore> Agent<S> {
                 return Ok(());
             }
         };
+        // A bridge deleted and made again has lost its ports: the jobs' veths go back on it.
+        if let Err(e) = crate::job::adopt_job_veths(&self.nl, devices.bridge).await {
+            tracing::warn!(error = %error_chain(&e), "cannot check the jobs' veths");
+        }
         if devices == old && segment == old_segment {
             return Ok(());
         }
@@ -573,28 +582,41 @@ impl<S: LeaseStore> Agent<S> {
     }
 
     /// Puts IP forwarding and the outbound NAT table back if something took them away since
-    /// the last check.
+    /// the last check, and tries again to install the table if that failed so far (at start,
+    /// for example while the nftables module was not loaded yet).
     fn keep_host_routing(&mut self) {
         if let Err(e) = crate::masq::enable_forwarding() {
             tracing::warn!(error = %e, "IP forwarding is off and cannot be turned on");
         }
-        if !(self.cfg.ip_masq && self.masq_ok) {
+        if !self.cfg.ip_masq {
             return;
         }
-        match crate::masq::present() {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(
+        if self.masq_ok {
+            match crate::masq::present() {
+                Ok(true) => return,
+                Ok(false) => tracing::warn!(
                     table = crate::masq::TABLE,
                     "outbound NAT rules were removed; putting them back"
-                );
-                if let Err(e) =
-                    crate::masq::install(&self.cfg.lease.layout.network, self.cfg.devices.port)
-                {
-                    tracing::warn!(error = %e, "cannot restore the outbound NAT rules");
+                ),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot list nftables tables");
+                    return;
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "cannot list nftables tables"),
+        }
+        let network = self.cfg.lease.layout.network;
+        match crate::masq::install(&network, self.cfg.devices.port) {
+            Ok(()) if !self.masq_ok => {
+                tracing::info!(table = crate::masq::TABLE, "outbound NAT for jobs set up");
+                self.masq_ok = true;
+            }
+            Ok(()) => {}
+            // Warned about once (at start, or when it went); tried again every resync.
+            Err(e) if self.masq_ok => {
+                tracing::warn!(error = %e, "cannot restore the outbound NAT rules");
+                self.masq_ok = false;
+            }
+            Err(e) => tracing::debug!(error = %e, "outbound NAT for jobs still not set up"),
         }
     }
 

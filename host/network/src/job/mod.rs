@@ -383,6 +383,42 @@ pub async fn setup_local_bridge(
     Ok(index)
 }
 
+/// Puts jobs' host-side veths (`flv…`) that are no port of any bridge back on `bridge` (an
+/// index), up. The kernel takes every port off a bridge that is deleted; when the overlay agent
+/// creates the bridge again, the jobs on this host stay cut off until their veths are ports of
+/// the new one. Only veths whose job namespace still exists are taken (one being removed is
+/// left alone); a veth that went meanwhile is skipped. Returns the number of veths attached.
+pub async fn adopt_job_veths(nl: &KernelNetlink, bridge: u32) -> Result<usize, JobNetError> {
+    let mut loose = Vec::new();
+    let mut links = nl.handle().link().get().execute();
+    while let Some(l) = links.try_next().await.map_err(req("get links"))? {
+        let on_bridge = l
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::Controller(_)));
+        if let Some(name) = link_name(&l).filter(|n| n.starts_with("flv") && !on_bridge) {
+            if netns_path_of_short(&name[3..]).exists() {
+                loose.push((name.to_string(), l.header.index));
+            }
+        }
+    }
+    let mut adopted = 0;
+    for (name, index) in loose {
+        let set = LinkUnspec::new_with_index(index).controller(bridge).up();
+        match nl.handle().link().set(set.build()).execute().await {
+            Ok(()) => {
+                tracing::warn!(veth = %name, "a job's veth was on no bridge; attached it again");
+                adopted += 1;
+            }
+            Err(rtnetlink::Error::NetlinkError(m)) if -m.raw_code() == libc::ENODEV => {}
+            Err(e) => {
+                tracing::warn!(veth = %name, error = %e, "cannot attach a job's veth to the bridge")
+            }
+        }
+    }
+    Ok(adopted)
+}
+
 /// Brings jobs made before the local MTU (veths at the overlay MTU, a default route without an
 /// MTU) up to `cfg`: for every `flv…` port of `cfg.bridge` below `cfg.local_mtu`, the job's
 /// default route gets `cfg.mtu` as its metric, then its `eth0` and the host end get the local

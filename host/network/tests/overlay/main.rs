@@ -1013,6 +1013,13 @@ fn the_resync_repairs_the_overlay_devices() -> Result<()> {
         Ok(run_stdout(&["ip", "-n", &ns1, "link", "show", "flynnbr0"])?.contains(",UP"))
     })?;
 
+    // A bridge deleted is made again, and the job's veth is put back on it.
+    // (Not checked without the bridge: the ping's wait outlasts the 1 s resync.)
+    run(&["ip", "-n", &ns1, "link", "del", "flynnbr0"])?;
+    eventually(10, "the bridge and its job port back", || {
+        Ok(a1.log_text().contains("attached it again") && can_ping(&j1, &j2) && can_ping(&j2, &j1))
+    })?;
+
     run(&["ip", "-n", &ns1, "link", "del", "flynn.1"])?;
     ensure!(!can_ping(&j1, &j2), "ping without the VXLAN device");
     eventually(10, "the VXLAN device and its peer entries back", || {
@@ -1544,6 +1551,29 @@ fn listen_in_job(job: &JobNet) -> Result<TcpListener> {
     in_ns_path(&job.netns_path, move || Ok(TcpListener::bind((ip, 0))?))
 }
 
+/// Creates the agent's nftables table with the `owner` flag on a netlink socket of its own:
+/// until that socket closes (dropped), the kernel refuses every other socket's change to it.
+fn own_nat_table() -> Result<socket2::Socket> {
+    use rustables::{Batch, MsgType, ProtocolFamily, Table};
+    const NFT_TABLE_F_OWNER: u32 = 2;
+    let sock = socket2::Socket::new(
+        socket2::Domain::from(libc::AF_NETLINK),
+        socket2::Type::RAW,
+        Some(socket2::Protocol::from(libc::NETLINK_NETFILTER)),
+    )?;
+    let mut batch = Batch::new();
+    let table = Table::new(ProtocolFamily::Ipv4)
+        .with_name(flynn_network::masq::TABLE)
+        .with_flags(NFT_TABLE_F_OWNER);
+    batch.add(&table, MsgType::Add);
+    sock.send(&batch.finalize())?;
+    ensure!(
+        flynn_network::masq::present()?,
+        "the owned table was not created"
+    );
+    Ok(sock)
+}
+
 /// Jobs reach addresses outside the cluster through outbound NAT (as the host's own address),
 /// keep their own addresses towards each other, and the agent turns IP forwarding on; with
 /// `--ip-masq false` the rules are gone and the outside cannot answer.
@@ -1558,7 +1588,17 @@ fn jobs_reach_the_outside_through_nat_and_each_other_untranslated() -> Result<()
     let ns1 = c.hosts[h1].ns.clone();
     // Forwarding off, as on a fresh Debian host: the agent must turn it on.
     flynn_netlab::sysctl(&ns1, "net.ipv4.ip_forward=0")?;
+    // The first install fails: another socket owns a table of that name. The agent starts
+    // anyway and installs the rules at a later resync, once the table is gone.
+    let owner = flynn_netlab::in_ns(&ns1, own_nat_table)?;
     let mut a1 = c.agent(h1, &["--fast-path", "off"])?;
+    eventually(10, "the failed first install logged", || {
+        Ok(a1.log_text().contains("outbound NAT for jobs not set up"))
+    })?;
+    drop(owner);
+    eventually(10, "the agent installing the NAT table later", || {
+        Ok(a1.log_text().contains("outbound NAT for jobs set up"))
+    })?;
     let fwd = flynn_netlab::exec(&ns1, &["cat", "/proc/sys/net/ipv4/ip_forward"])?;
     ensure!(
         String::from_utf8_lossy(&fwd.stdout).trim() == "1",
