@@ -177,10 +177,13 @@ fn wait_trap(rel: &str) -> Result<Instant> {
 }
 
 /// What has to go when the harness ends: [`Leftovers::remove`] runs from [`Lab::teardown`]
-/// (also on drop) and from the signal hook.
-struct Leftovers {
+/// (also on drop) and from the signal hook. Also used by `overlay --deployed --via-host` for
+/// its daemons (one per host namespace, no bridge of their own to remove).
+pub(crate) struct Leftovers {
+    /// The daemon's state directory is `<dir>/state`.
     dir: PathBuf,
-    bridge: String,
+    /// The bridge to delete in the harness's network namespace, if it made one there.
+    bridge: Option<String>,
     cgroup_parent: String,
     /// Every job id submitted to the daemon.
     jobs: Vec<String>,
@@ -190,8 +193,26 @@ struct Leftovers {
 }
 
 impl Leftovers {
+    /// Nothing to remove yet: a daemon with state directory `<dir>/state` and cgroup parent
+    /// `cgroup_parent`.
+    pub(crate) fn new(dir: PathBuf, bridge: Option<String>, cgroup_parent: String) -> Leftovers {
+        Leftovers {
+            dir,
+            bridge,
+            cgroup_parent,
+            jobs: Vec::new(),
+            runc_ids: Vec::new(),
+            removed: false,
+        }
+    }
+
+    /// Job `id` was (or is about to be) submitted to the daemon.
+    pub(crate) fn add_job(&mut self, id: &str) {
+        self.jobs.push(id.to_string());
+    }
+
     /// Removes everything the harness made (the daemon is already dead); never fails.
-    fn remove(&mut self) {
+    pub(crate) fn remove(&mut self) {
         if self.removed {
             return;
         }
@@ -266,10 +287,10 @@ impl Leftovers {
                     .status();
             }
         }
-        if Path::new("/sys/class/net").join(&self.bridge).exists() {
-            let _ = Command::new("ip")
-                .args(["link", "del", &self.bridge])
-                .status();
+        if let Some(bridge) = &self.bridge {
+            if Path::new("/sys/class/net").join(bridge).exists() {
+                let _ = Command::new("ip").args(["link", "del", bridge]).status();
+            }
         }
         // Cgroups: the jobs' (normally already gone), then the parent, in every hierarchy.
         for ctrl in std::fs::read_dir("/sys/fs/cgroup")
@@ -313,14 +334,11 @@ impl Lab {
         let tmp = TempDir::new("flynn-perf-host")?;
         let bridge = format!("fpb{pid}");
         let cgroup_parent = format!("flynn-perf-{pid}");
-        let left = Arc::new(Mutex::new(Leftovers {
-            dir: tmp.path().to_path_buf(),
-            bridge: bridge.clone(),
-            cgroup_parent: cgroup_parent.clone(),
-            jobs: Vec::new(),
-            runc_ids: Vec::new(),
-            removed: false,
-        }));
+        let left = Arc::new(Mutex::new(Leftovers::new(
+            tmp.path().to_path_buf(),
+            Some(bridge.clone()),
+            cgroup_parent.clone(),
+        )));
         let on_signal = left.clone();
         let hook = crate::procs::add_hook(Box::new(move || lock(&on_signal).remove()));
         Ok(Lab {
@@ -354,7 +372,7 @@ impl Lab {
 
     fn job_id(&self, name: &str) -> String {
         let id = format!("{}-{name}", self.host_id);
-        lock(&self.left).jobs.push(id.clone());
+        lock(&self.left).add_job(&id);
         id
     }
 
@@ -542,12 +560,14 @@ struct Sample {
     stop: Duration,
 }
 
-struct Image {
+/// The busybox layer tarball and its checksum.
+pub(crate) struct Image {
     tar: PathBuf,
     sha256: String,
 }
 
-fn build_image(dir: &Path) -> Result<Image> {
+/// Builds the busybox image into `dir` with `host/images/build-busybox.sh`.
+pub(crate) fn build_image(dir: &Path) -> Result<Image> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../host/images/build-busybox.sh");
     ensure!(
         script.exists(),
@@ -565,7 +585,8 @@ fn build_image(dir: &Path) -> Result<Image> {
     Ok(Image { tar, sha256 })
 }
 
-fn job_body(
+/// The `PUT /host/jobs/:id` body of a busybox job running `sh -c script`.
+pub(crate) fn job_body(
     id: &str,
     img: &Image,
     script: &str,
@@ -594,10 +615,15 @@ struct Ctx<'a> {
     img: &'a Image,
 }
 
-async fn put_job(ctx: &Ctx<'_>, lab: &Lab, id: &str, body: String) -> Result<()> {
-    let resp = ctx
-        .http
-        .put(format!("{}/host/jobs/{id}", lab.api))
+/// `PUT /host/jobs/:id` to the daemon at `api` (`http://host:port`).
+pub(crate) async fn put_job(
+    http: &reqwest::Client,
+    api: &str,
+    id: &str,
+    body: String,
+) -> Result<()> {
+    let resp = http
+        .put(format!("{api}/host/jobs/{id}"))
         .header("content-type", "application/json")
         .body(body)
         .send()
@@ -611,10 +637,10 @@ async fn put_job(ctx: &Ctx<'_>, lab: &Lab, id: &str, body: String) -> Result<()>
     Ok(())
 }
 
-async fn delete_job(ctx: &Ctx<'_>, lab: &Lab, id: &str) -> Result<()> {
-    let resp = ctx
-        .http
-        .delete(format!("{}/host/jobs/{id}", lab.api))
+/// `DELETE /host/jobs/:id` (stop) to the daemon at `api`.
+pub(crate) async fn delete_job(http: &reqwest::Client, api: &str, id: &str) -> Result<()> {
+    let resp = http
+        .delete(format!("{api}/host/jobs/{id}"))
         .send()
         .await?;
     let status = resp.status();
@@ -643,7 +669,7 @@ async fn flynn_once(
     };
     let body = job_body(&id, ctx.img, script, timeout, host_network);
     let t0 = Instant::now();
-    put_job(ctx, lab, &id, body).await?;
+    put_job(&ctx.http, &lab.api, &id, body).await?;
     let (at, _) = ctx.events.wait_for(&id, "start").await?;
     let running = at - t0;
     let trap_at = if trap {
@@ -654,7 +680,7 @@ async fn flynn_once(
         None
     };
     let t1 = Instant::now();
-    delete_job(ctx, lab, &id).await?;
+    delete_job(&ctx.http, &lab.api, &id).await?;
     let (at, ev) = ctx.events.wait_for(&id, "stop").await?;
     ensure!(
         ev["job"]["status"] == json!(2),
@@ -854,8 +880,8 @@ async fn memory(ctx: &mut Ctx<'_>, lab: &Lab, n: usize) -> Result<Memory> {
     let t0 = Instant::now();
     for id in &ids {
         put_job(
-            ctx,
-            lab,
+            &ctx.http,
+            &lab.api,
             id,
             job_body(id, ctx.img, TRAP_SCRIPT, None, false),
         )
@@ -898,7 +924,7 @@ async fn memory(ctx: &mut Ctx<'_>, lab: &Lab, n: usize) -> Result<Memory> {
     }
     let t1 = Instant::now();
     for id in &ids {
-        delete_job(ctx, lab, id).await?;
+        delete_job(&ctx.http, &lab.api, id).await?;
     }
     let mut pending: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -946,10 +972,16 @@ async fn bench(opts: &Options, lab: &mut Lab, img: &Image) -> Result<Results> {
 
     // Warm-up (unrecorded): the first job imports the layer; its bundle is runc's template.
     let id = lab.job_id("warm");
-    put_job(&ctx, lab, &id, job_body(&id, img, TRAP_SCRIPT, None, false)).await?;
+    put_job(
+        &ctx.http,
+        &lab.api,
+        &id,
+        job_body(&id, img, TRAP_SCRIPT, None, false),
+    )
+    .await?;
     ctx.events.wait_for(&id, "start").await?;
     let template = prepare_runc(lab, img, &id)?;
-    delete_job(&ctx, lab, &id).await?;
+    delete_job(&ctx.http, &lab.api, &id).await?;
     ctx.events.wait_for(&id, "stop").await?;
     runc_once(lab, &template, "warm", true)?;
 

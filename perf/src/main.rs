@@ -88,6 +88,14 @@ struct OverlayArgs {
     /// `--deployed`: the agent binary (`cargo build --release -p flynn-network`).
     #[arg(long, default_value = "target/release/flynn-network")]
     network_bin: PathBuf,
+    /// `--deployed`: the jobs are containers started through the job API of a `flynn-host`
+    /// daemon per host (which gets its block from the agent) instead of networks the harness
+    /// makes with flynn-host's calls.
+    #[arg(long, requires = "deployed")]
+    via_host: bool,
+    /// `--via-host`: the host daemon binary (`cargo build --release -p flynn-host`).
+    #[arg(long, default_value = "target/release/flynn-host")]
+    host_bin: PathBuf,
     /// Also write the markdown report here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -326,6 +334,9 @@ fn main() -> Result<()> {
                 deployed: a.deployed.then(|| flynn_perf::overlay::DeployedBins {
                     discoverd: flynn_perf::procs::resolve_bin(&a.discoverd_bin, "flynn-discoverd"),
                     network: flynn_perf::procs::resolve_bin(&a.network_bin, "flynn-network"),
+                    host: a
+                        .via_host
+                        .then(|| flynn_perf::procs::resolve_bin(&a.host_bin, "flynn-host")),
                 }),
             })?;
             println!("{text}");

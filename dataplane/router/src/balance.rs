@@ -59,3 +59,155 @@ pub fn shuffled(backends: &[SocketAddr], out: &mut [SocketAddr; 16]) -> usize {
     fastrand::shuffle(&mut out[..n]);
     n
 }
+
+/// The order in which a request dials backends one after another (WebSocket upgrades, gRPC,
+/// TCP routes): the route's backends as the request found them, shuffled; after a failed
+/// dial, only those the current table still has; once they are used up, the backends the
+/// current table has that were not tried yet (a deploy may have replaced them all while
+/// the request dialled), once. At most 16 of each.
+pub struct DialOrder {
+    order: [SocketAddr; 16],
+    n: usize,
+    next: usize,
+    tried: [SocketAddr; 32],
+    ntried: usize,
+    refilled: bool,
+}
+
+impl DialOrder {
+    /// `first`, if given, goes first (a sticky backend).
+    pub fn new(backends: &[SocketAddr], first: Option<SocketAddr>) -> DialOrder {
+        let unset = SocketAddr::from(([0, 0, 0, 0], 0));
+        let mut order = [unset; 16];
+        let mut n = shuffled(backends, &mut order);
+        if let Some(a) = first {
+            if let Some(i) = order[..n].iter().position(|x| *x == a) {
+                order[..=i].rotate_right(1);
+            } else if n < order.len() {
+                order[..=n].rotate_right(1);
+                order[0] = a;
+                n += 1;
+            }
+        }
+        DialOrder {
+            order,
+            n,
+            next: 0,
+            tried: [unset; 32],
+            ntried: 0,
+            refilled: false,
+        }
+    }
+
+    /// The next backend to dial. `now` gives the route's backends in the current table
+    /// (`None`: the route is gone from it, and nothing more is dialled after a failure).
+    pub fn next<F, B>(&mut self, now: F) -> Option<SocketAddr>
+    where
+        F: Fn() -> Option<B>,
+        B: AsRef<[SocketAddr]>,
+    {
+        loop {
+            if self.next == self.n {
+                if self.refilled || self.ntried == 0 {
+                    return None;
+                }
+                self.refilled = true;
+                let current = now()?;
+                let tried = &self.tried[..self.ntried];
+                let mut n = 0;
+                for a in current.as_ref() {
+                    if n < self.order.len() && !tried.contains(a) {
+                        self.order[n] = *a;
+                        n += 1;
+                    }
+                }
+                fastrand::shuffle(&mut self.order[..n]);
+                (self.n, self.next) = (n, 0);
+                continue;
+            }
+            let addr = self.order[self.next];
+            self.next += 1;
+            if self.ntried > 0 && !now().is_some_and(|b| b.as_ref().contains(&addr)) {
+                continue;
+            }
+            if self.ntried < self.tried.len() {
+                self.tried[self.ntried] = addr;
+                self.ntried += 1;
+            }
+            return Some(addr);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(ports: &[u16]) -> Vec<SocketAddr> {
+        ports
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+            .collect()
+    }
+
+    /// Drives `order` as a caller whose every dial fails, with `now` the current table's
+    /// backends of the route; the backends it was given, in order.
+    fn all_dials(order: &mut DialOrder, now: &[SocketAddr]) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        while let Some(a) = order.next(|| Some(now)) {
+            out.push(a);
+            assert!(out.len() <= 64, "no end: {out:?}");
+        }
+        out
+    }
+
+    #[test]
+    fn the_first_goes_first_then_each_backend_once() {
+        let b = addrs(&[1, 2, 3, 4]);
+        for _ in 0..20 {
+            let mut o = DialOrder::new(&b, Some(b[2]));
+            let got = all_dials(&mut o, &b);
+            assert_eq!(got[0], b[2]);
+            let mut sorted = got.clone();
+            sorted.sort();
+            assert_eq!(sorted, b, "each once: {got:?}");
+        }
+    }
+
+    #[test]
+    fn after_a_failure_only_backends_still_routed_are_dialled_then_the_new_ones() {
+        let old = addrs(&[1, 2, 3]);
+        let now = addrs(&[3, 7, 8]);
+        for _ in 0..20 {
+            let mut o = DialOrder::new(&old, None);
+            let got = all_dials(&mut o, &now);
+            // The first dial comes from the request's own table; after it fails only 3 of
+            // the old ones is still routed; then 7 and 8, once each.
+            let after: Vec<_> = got[1..].to_vec();
+            assert!(old.contains(&got[0]), "{got:?}");
+            assert!(after.iter().all(|a| now.contains(a)), "{got:?}");
+            let mut rest = after.clone();
+            rest.sort();
+            rest.dedup();
+            assert_eq!(rest.len(), after.len(), "one dial each: {got:?}");
+            for a in &now {
+                assert!(got.contains(a), "{a} never dialled: {got:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_route_gone_from_the_table_ends_the_dials_after_a_failure() {
+        let old = addrs(&[1, 2]);
+        let mut o = DialOrder::new(&old, None);
+        let first = o.next(|| None::<&[SocketAddr]>);
+        assert!(first.is_some());
+        assert_eq!(o.next(|| None::<&[SocketAddr]>), None);
+        let mut empty = DialOrder::new(&[], None);
+        assert_eq!(
+            empty.next(|| Some(&old[..])),
+            None,
+            "nothing to dial at first"
+        );
+    }
+}

@@ -427,10 +427,10 @@ async fn stream(
         return simple(&mut respond, &core, 404, b"Not Found\n");
     };
     if route.grpc {
-        let backends = route.backends.clone();
+        let (backends, id) = (route.backends.clone(), route.id.clone());
         drop(table);
         return passthrough(
-            core, parts, body, respond, &backends, peer, l, proto, start_ms,
+            core, parts, body, respond, &backends, &id, peer, l, proto, start_ms,
         )
         .await;
     }
@@ -627,12 +627,13 @@ async fn passthrough(
     body: h2::RecvStream,
     mut respond: h2::server::SendResponse<Bytes>,
     backends: &[SocketAddr],
+    route_id: &str,
     peer: SocketAddr,
     l: ListenerInfo,
     proto: &'static str,
     start_ms: u64,
 ) {
-    let Some((mut client, addr)) = grpc_backend(&core, backends).await else {
+    let Some((mut client, addr)) = grpc_backend(&core, backends, route_id).await else {
         CoreMetrics::inc(&core.metrics().unavailable_total);
         return simple(&mut respond, &core, 503, b"Service Unavailable\n");
     };
@@ -745,6 +746,7 @@ async fn passthrough(
 async fn grpc_backend(
     core: &Rc<Core>,
     backends: &[SocketAddr],
+    route_id: &str,
 ) -> Option<(h2::client::SendRequest<Bytes>, SocketAddr)> {
     let mut order = [SocketAddr::from(([0, 0, 0, 0], 0)); 16];
     let n = crate::balance::shuffled(backends, &mut order);
@@ -759,12 +761,10 @@ async fn grpc_backend(
             core.grpc.borrow_mut().remove(addr);
         }
     }
-    for (i, addr) in order[..n].iter().enumerate() {
-        // After a failed attempt the table may have dropped this one (and a drain reported
-        // it drained).
-        if i > 0 && !core.pool.has_backend(*addr) {
-            continue;
-        }
+    let mut dials = crate::balance::DialOrder::new(backends, None);
+    let now = || core.table().backends_of(route_id).cloned();
+    while let Some(a) = dials.next(now) {
+        let addr = &a;
         // Counted in flight through the dial and the handshake (the caller counts its
         // request from when this returns, with no await in between).
         let _dialing = core.start_request(*addr);

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use monoio::io::Splitable;
 use monoio::net::{TcpListener, TcpStream};
 
-use crate::balance::shuffled;
+use crate::balance::DialOrder;
 use crate::io::pipe;
 use crate::metrics::CoreMetrics;
 use crate::proxy::dial_counted;
@@ -162,22 +162,12 @@ async fn proxy(core: Rc<Core>, c: TcpStream, port: u16) {
     let Some(route) = table.tcp_route(port) else {
         return;
     };
-    let mut order = [SocketAddr::from(([0, 0, 0, 0], 0)); 16];
-    let n = shuffled(&route.backends, &mut order);
+    let mut order = DialOrder::new(&route.backends, None);
+    let now = || core.table().tcp_route(port).map(|r| r.backends.clone());
     let mut up = None;
-    for (i, addr) in order[..n].iter().enumerate() {
-        // After a failed dial the table may have dropped this one (and a drain reported it
-        // drained).
-        if i > 0
-            && !core
-                .table()
-                .tcp_route(port)
-                .is_some_and(|r| r.backends.contains(addr))
-        {
-            continue;
-        }
-        if let Ok(s) = dial_counted(&core, *addr).await {
-            up = Some((s, *addr));
+    while let Some(addr) = order.next(now) {
+        if let Ok(s) = dial_counted(&core, addr).await {
+            up = Some((s, addr));
             break;
         }
     }

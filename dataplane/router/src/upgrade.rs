@@ -10,7 +10,7 @@ use flynn_http::{
 use flynn_routes::HttpRoute;
 use monoio::io::Splitable;
 
-use crate::balance::shuffled;
+use crate::balance::DialOrder;
 use crate::io::{pipe, read_append, write_range};
 use std::os::fd::AsRawFd;
 
@@ -31,33 +31,19 @@ pub async fn tunnel<S: crate::proxy::Client>(
     start_ms: u64,
 ) {
     let m = core.metrics();
-    let mut order = [SocketAddr::from(([0, 0, 0, 0], 0)); 16];
-    let mut n = shuffled(&route.backends, &mut order);
     // The sticky backend (if its cookie is valid and it is still live) goes first.
     let sealer = core.settings().sticky.as_ref().filter(|_| route.sticky);
     let cookie_addr = sealer
         .and_then(|s| crate::sticky::from_request(s, &buf[..info.head_len]))
         .filter(|a| route.backends.contains(a));
-    if let Some(a) = cookie_addr {
-        if let Some(i) = order[..n].iter().position(|x| *x == a) {
-            order[..=i].rotate_right(1);
-        } else if n < order.len() {
-            order[..=n].rotate_right(1);
-            order[0] = a;
-            n += 1;
-        }
-    }
+    let mut order = DialOrder::new(&route.backends, cookie_addr);
+    let now = || core.table().backends_of(&route.id).cloned();
     let mut up = None;
-    for (i, addr) in order[..n].iter().enumerate() {
-        // After a failed dial the table may have dropped this one (and a drain reported it
-        // drained).
-        if i > 0 && !core.pool.has_backend(*addr) {
-            continue;
-        }
-        match dial_counted(core, *addr).await {
+    while let Some(addr) = order.next(now) {
+        match dial_counted(core, addr).await {
             Ok(s) => {
                 CoreMetrics::inc(&m.upstream_connects_total);
-                up = Some((s, *addr));
+                up = Some((s, addr));
                 break;
             }
             Err(_) => CoreMetrics::inc(&m.upstream_connect_errors_total),

@@ -122,6 +122,9 @@ pub struct Table {
     /// Key: lowercase domain, `:`, port (0 = the default HTTP/HTTPS ports).
     http: HashMap<Box<[u8]>, Domain>,
     tcp: HashMap<u16, TcpRoute>,
+    /// Route id → its backends (for a retry that looks up the route's backends as they are
+    /// now, in a newer table than the request started with).
+    by_id: HashMap<Arc<str>, Arc<[SocketAddr]>>,
     version: u64,
 }
 
@@ -179,6 +182,7 @@ impl Table {
         for r in routes {
             let svc = backends.get(&r.service).unwrap_or(&empty);
             let addrs: Arc<[SocketAddr]> = Arc::from(svc.for_route(r.leader));
+            t.by_id.insert(r.id.as_str().into(), addrs.clone());
             match r.kind {
                 RouteType::Http => {
                     let path = normalize_path(&r.path);
@@ -220,6 +224,11 @@ impl Table {
             d.routes.sort_by_key(|r| depth_key(&r.path));
         }
         t
+    }
+
+    /// The backends of the route with id `id` in this table, if it has that route.
+    pub fn backends_of(&self, id: &str) -> Option<&Arc<[SocketAddr]>> {
+        self.by_id.get(id)
     }
 
     /// Monotonic version of this snapshot (set by the builder).

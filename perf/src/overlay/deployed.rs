@@ -12,6 +12,12 @@
 //! afresh; `flannel` lowers the jobs' veths and the bridge to the overlay MTU after they are
 //! made. Everything lives in namespaces and a BPF filesystem of the harness's own, removed on
 //! exit.
+//!
+//! With `--via-host` ([`super::via_host`]) the jobs come from a `flynn-host` daemon per host
+//! instead, through its job API: the agents notify their daemon of the block, and per mode the
+//! jobs are stopped, the agents and the daemons restarted (daemons with `--fast-path auto` in
+//! the fast mode, `off` otherwise, so the kernel modes' jobs get no program) and new jobs
+//! started.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -28,7 +34,9 @@ use flynn_network::job::{
 };
 use flynn_network::{KernelNetlink, Subnet};
 
+use super::via_host::{self, HostDaemon};
 use super::{DeployedBins, Mode, Pair, Setup, LOCAL_MTU, OVERLAY_MTU};
+use crate::host::Image;
 use crate::procs::{Proc, TempDir};
 
 const DISCOVERD: &str = "10.231.0.1:1111";
@@ -48,6 +56,8 @@ struct Host {
     jobs: Vec<(String, JobNet)>,
     /// Host 1's fast path, loaded while in [`Mode::Fast`] (for the counters).
     fp: Option<FastPath>,
+    /// `--via-host`: the host's `flynn-host` daemon, which makes the jobs.
+    daemon: Option<HostDaemon>,
 }
 
 pub(super) struct Deployed {
@@ -58,10 +68,12 @@ pub(super) struct Deployed {
     next_job: u32,
     bpffs: Option<Bpffs>,
     net: Option<flynn_netlab::Lab>,
+    /// `--via-host`: the `flynn-host` binary and the jobs' busybox image.
+    via_host: Option<(PathBuf, Image)>,
 }
 
 /// Runs `f` with a current-thread tokio runtime on a thread inside namespace `ns`.
-fn in_ns_async<R: Send>(ns: &str, f: impl AsyncFnOnce() -> Result<R> + Send) -> Result<R> {
+pub(super) fn in_ns_async<R: Send>(ns: &str, f: impl AsyncFnOnce() -> Result<R> + Send) -> Result<R> {
     in_ns(ns, || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -75,7 +87,10 @@ impl Deployed {
         for (bin, pkg) in [
             (&bins.discoverd, "flynn-discoverd"),
             (&bins.network, "flynn-network"),
-        ] {
+        ]
+        .into_iter()
+        .chain(bins.host.as_ref().map(|b| (b, "flynn-host")))
+        {
             ensure!(
                 bin.exists(),
                 "{} not found: cargo build --release -p {pkg}",
@@ -99,6 +114,7 @@ impl Deployed {
                 cfg: None,
                 jobs: Vec::new(),
                 fp: None,
+                daemon: None,
             });
         }
         net.underlay(&hosts[0].ns, hosts[0].ip, &hosts[1].ns, hosts[1].ip)?;
@@ -110,7 +126,18 @@ impl Deployed {
             next_job: 0,
             bpffs: Some(bpffs),
             net: Some(net),
+            via_host: None,
         };
+        if let Some(bin) = &bins.host {
+            let img = crate::host::build_image(d.dir.path())?;
+            for (i, h) in d.hosts.iter_mut().enumerate() {
+                let dir = d.dir.path().join(format!("h{}-host", i + 1));
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                h.daemon = Some(HostDaemon::new(&h.ns, i + 1, dir, h.pin_dir.clone(), BRIDGE));
+            }
+            d.via_host = Some((bin.clone(), img));
+        }
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &d.hosts[0].ns])
             .arg(&bins.discoverd)
@@ -168,6 +195,11 @@ impl Deployed {
             .args(["--fast-path", if fast { "on" } else { "off" }])
             .args(["--http-addr", "127.0.0.1:5001"])
             .env("FLYNN_LOG", "warn");
+        if self.via_host.is_some() {
+            // Hand the host's daemon its block, as flanneld's notify does.
+            cmd.args(["--notify", &format!("http://{}", via_host::API_ADDR)])
+                .env("FLYNN_JOB_ID", format!("fpd-agent-h{}", i + 1));
+        }
         let log = self.dir.path().join(format!(
             "agent-h{}-{}.log",
             i + 1,
@@ -277,6 +309,9 @@ impl Deployed {
         let h = &mut self.hosts[i];
         let jobs = std::mem::take(&mut h.jobs);
         let fp = h.fp.take();
+        if jobs.is_empty() {
+            return Ok(());
+        }
         let pin_dir = h.pin_dir.clone();
         in_ns_async(&h.ns, async || {
             let nl = KernelNetlink::connect()?;
@@ -295,6 +330,46 @@ impl Deployed {
             }
             Ok(())
         })
+    }
+
+    /// `--via-host`: starts the daemons (fast path `auto` when `fast`, else `off`) and the
+    /// jobs through their API, two on host 1 and one on host 2.
+    fn start_via_host(&mut self, fast: bool) -> Result<()> {
+        let (bin, img) = self.via_host.as_ref().context("not --via-host")?;
+        if fast {
+            // Host 1's counters (shared by every loader of the pin directory). Loaded before the
+            // daemons, whose own load then swaps their programs into every attachment.
+            let h = &mut self.hosts[0];
+            ensure!(
+                FastPath::is_set_up(&h.pin_dir),
+                "the agent pinned no fast path in {}",
+                h.pin_dir.display()
+            );
+            let pin_dir = h.pin_dir.clone();
+            h.fp = Some(in_ns(&h.ns, || Ok(FastPath::load(&pin_dir)?))?);
+        }
+        for (i, n) in [(0, 2), (1, 1)] {
+            let h = &mut self.hosts[i];
+            let subnet = h.subnet.context("agent not started")?;
+            let daemon = h.daemon.as_mut().context("no flynn-host daemon")?;
+            daemon.start(bin, fast, subnet)?;
+            let jobs = daemon.start_jobs(img, n, subnet.prefix_len())?;
+            h.jobs.extend(jobs);
+        }
+        Ok(())
+    }
+
+    /// `--via-host`: stops the jobs through the API (until their namespaces are gone) and the
+    /// daemons.
+    fn stop_via_host(&mut self) -> Result<()> {
+        for h in &mut self.hosts {
+            h.fp = None;
+            let jobs = std::mem::take(&mut h.jobs);
+            let daemon = h.daemon.as_mut().context("no flynn-host daemon")?;
+            daemon.stop_jobs(&jobs)?;
+            daemon.stop()?;
+        }
+        Ok(())
     }
 }
 
@@ -354,6 +429,9 @@ fn set_job_mtu(h: &Host, mtu: u32) -> Result<()> {
 
 impl Setup for Deployed {
     fn describe(&self) -> String {
+        if self.via_host.is_some() {
+            return "deployed, jobs from flynn-host's job API: single-node flynn-discoverd on host 1, a `flynn-network` agent per host (defaults: outbound NAT table on; `--notify` to its host) and a `flynn-host` daemon per host (`--network-from-agent`, container runtime); each job a busybox container started with `PUT /host/jobs/:id` (address from the API's `internal_ip`), stopped with `DELETE`; per mode the jobs are stopped, agents restarted with `--fast-path on|off` and daemons with `--fast-path auto|off`, and new jobs started".into();
+        }
         "deployed: single-node flynn-discoverd on host 1, a `flynn-network` agent per host (defaults: outbound NAT table on), jobs made with flynn-host's calls (`raise_to_local_mtu`, `create_job_net`, `attach_fast_path`); agents restarted with `--fast-path on|off` per mode".into()
     }
 
@@ -372,11 +450,29 @@ impl Setup for Deployed {
             self.start_agent(i, fast)?;
         }
         self.wait_for_peers()?;
-        self.add_jobs(0, 2, fast)?;
-        self.add_jobs(1, 1, fast)?;
+        if self.via_host.is_some() {
+            self.start_via_host(fast)?;
+        } else {
+            self.add_jobs(0, 2, fast)?;
+            self.add_jobs(1, 1, fast)?;
+        }
         if mode == Mode::Flannel {
             for h in &self.hosts {
                 set_job_mtu(h, OVERLAY_MTU)?;
+            }
+        } else if self.via_host.is_some() {
+            // The daemon made the jobs: check they are at the local MTU the mode is named for.
+            for h in &self.hosts {
+                for (id, j) in &h.jobs {
+                    let mtus = (
+                        via_host::link_mtu(&h.ns, &j.host_veth)?,
+                        via_host::link_mtu(&ns_name(j), "eth0")?,
+                    );
+                    ensure!(
+                        mtus == (u64::from(LOCAL_MTU), u64::from(LOCAL_MTU)),
+                        "job {id}: veth and eth0 MTU {mtus:?}, expected {LOCAL_MTU}"
+                    );
+                }
             }
         }
         let (h1, h2) = (&self.hosts[0], &self.hosts[1]);
@@ -402,6 +498,9 @@ impl Setup for Deployed {
     }
 
     fn leave(&mut self, _mode: Mode) -> Result<()> {
+        if self.via_host.is_some() {
+            return self.stop_via_host();
+        }
         for i in 0..self.hosts.len() {
             self.remove_jobs(i)?;
         }
@@ -411,6 +510,15 @@ impl Setup for Deployed {
 
 impl Drop for Deployed {
     fn drop(&mut self) {
+        // Daemons first, while the agents and namespaces are still there: their jobs are
+        // stopped through the API, then what is left is removed (their networks are the
+        // daemons', not for `remove_jobs`).
+        for h in &mut self.hosts {
+            if let Some(mut daemon) = h.daemon.take() {
+                daemon.teardown();
+                h.jobs.clear();
+            }
+        }
         for i in 0..self.hosts.len() {
             if let Err(e) = self.remove_jobs(i) {
                 eprintln!("cleanup: removing jobs: {e:#}");

@@ -13,7 +13,9 @@
 //!   FDB entry + route per remote block) and jobs made with `ip`; the fast path switched on and
 //!   off with the `fastpathctl` example of `flynn-ebpf`;
 //! - `--deployed` ([`deployed`]): discoverd, a `flynn-network` agent per host and jobs made with
-//!   the calls `flynn-host` makes, so the numbers are those of the shipped configuration.
+//!   the calls `flynn-host` makes, so the numbers are those of the shipped configuration;
+//!   with `--via-host` ([`via_host`]) the jobs are containers of a `flynn-host` daemon per host,
+//!   started through its job API, so the overlay is measured end to end through flynn-host.
 //!
 //! Three modes: `flannel` (the kernel path with the job side at the overlay MTU too, as flannel
 //! and the "bridge path" configure it), `kernel` (the kernel path as flynn-network
@@ -26,6 +28,7 @@
 
 mod deployed;
 mod lab;
+mod via_host;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -59,6 +62,9 @@ pub struct Options {
 pub struct DeployedBins {
     pub discoverd: PathBuf,
     pub network: PathBuf,
+    /// `--via-host`: the `flynn-host` daemon (`cargo build --release -p flynn-host`) that
+    /// makes the jobs, one per host; without it the harness makes the jobs' networks itself.
+    pub host: Option<PathBuf>,
 }
 
 /// The overlay MTU (underlay 1500 − VXLAN's 50) and the local MTU of job veths and bridges

@@ -25,34 +25,44 @@ pub async fn dial_counted(core: &Rc<Core>, addr: SocketAddr) -> std::io::Result<
 }
 
 /// Picks a backend and gets a connection to it: pooled first, else dialled; dial
-/// failures move on to another backend, up to four attempts.
+/// failures move on to another backend, up to four dials. After a failure the backends
+/// are the route's in the current table (a deploy may have replaced them all since the
+/// request started); one the current table no longer has is skipped without a dial.
 pub async fn connect(
     core: &Rc<Core>,
     route: &HttpRoute,
     sticky: Option<SocketAddr>,
     failed: Option<SocketAddr>,
 ) -> Option<(TcpStream, SocketAddr, bool)> {
-    let mut tried = [None; MAX_ATTEMPTS];
+    // Every backend picked so far (dialled and failed, or skipped), never picked again.
+    let mut tried = [None; 2 * MAX_ATTEMPTS];
+    let mut picked = 0;
     // A backend that just failed (e.g. a dead pooled connection and a refused redial)
-    // counts as the first attempt.
-    let first = match failed {
-        Some(a) => {
-            tried[0] = Some(a);
-            1
-        }
-        None => 0,
-    };
+    // counts as the first dial.
+    let mut dials = 0;
+    if let Some(a) = failed {
+        tried[0] = Some(a);
+        picked = 1;
+        dials = 1;
+    }
     // A valid sticky cookie whose backend is still live is tried first.
     let sticky = sticky.filter(|a| route.backends.contains(a));
-    for attempt in first..MAX_ATTEMPTS {
+    let mut current: Option<std::sync::Arc<[SocketAddr]>> = None;
+    while dials < MAX_ATTEMPTS && picked < tried.len() {
+        let retry = picked > 0;
+        if retry {
+            current = core.table().backends_of(&route.id).cloned();
+        }
+        let backends = current.as_deref().unwrap_or(&route.backends);
         let addr = match sticky {
-            Some(a) if attempt == 0 => a,
-            _ => pick(core, &route.backends, &tried[..attempt])?,
+            Some(a) if !retry => a,
+            _ => pick(core, backends, &tried[..picked])?,
         };
-        // After a failed dial, `route` may be from a table that has since dropped this
-        // backend (and a drain may have reported it drained): not tried.
-        if attempt > 0 && !core.pool.has_backend(addr) {
-            tried[attempt] = Some(addr);
+        tried[picked] = Some(addr);
+        picked += 1;
+        // Not in the current table (the route itself is gone from it, or the pool has not
+        // caught up yet): a drain may already have reported it drained.
+        if retry && !core.pool.has_backend(addr) {
             continue;
         }
         if !route.disable_keep_alives {
@@ -68,7 +78,7 @@ pub async fn connect(
             }
             Err(_) => {
                 CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
-                tried[attempt] = Some(addr);
+                dials += 1;
             }
         }
     }

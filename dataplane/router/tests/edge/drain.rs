@@ -3,7 +3,7 @@
 //! `backend-drained` on its `/events` stream.
 
 use crate::support::backend::respond;
-use crate::support::{http_route, Backend, Conn, Reply, Response, Router};
+use crate::support::{black_hole, http_route, Backend, Conn, Reply, Response, Router};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::io;
@@ -396,19 +396,6 @@ fn idle_backend_drains_immediately_and_filter_applies() {
     only_drained.expect_none(Duration::from_millis(200), "the filter drops other types");
 }
 
-/// A loopback address whose connects hang: a listener with a backlog of 0 whose queue is
-/// already full (the returned stream), so the kernel drops further SYNs.
-fn black_hole() -> (socket2::Socket, TcpStream, std::net::SocketAddr) {
-    use socket2::{Domain, Socket, Type};
-    let l = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    l.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .expect("bind");
-    l.listen(0).expect("listen");
-    let addr = l.local_addr().unwrap().as_socket().unwrap();
-    let filler = TcpStream::connect(addr).expect("the one queued connection");
-    (l, filler, addr)
-}
-
 /// A request still dialling a backend counts as in flight: the backend is not reported
 /// drained until the dial has ended, so a scheduler does not stop a job a request is about to
 /// reach.
@@ -450,6 +437,37 @@ fn a_backend_being_dialled_is_not_drained_until_the_dial_ends() {
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "answered in {:?}: the request never dialled",
+        started.elapsed()
+    );
+}
+
+/// A deploy that replaces every backend while a request dials an old one: the dial fails
+/// and the retry goes to the new backend, taken from the route as it is now, not from the
+/// table the request started with (which has nothing left to try: 503).
+#[test]
+fn a_retry_after_a_failed_dial_takes_the_backends_of_now() {
+    let router = Router::start();
+    let (_hole, _filler, hole) = black_hole();
+    let fresh = Backend::start("fresh");
+    router.add_route(drain_route(DOMAIN, "web"));
+    router.set_backend_addrs("web", &[(hole.to_string(), false)]);
+    let events = Events::subscribe(&router, TYPES);
+    let up = events.expect(Duration::from_secs(5), "replayed backend-up");
+    assert_eq!(pair(&up.event, &up.addr), pair("backend-up", hole));
+
+    let started = Instant::now();
+    let pending = start_request(&router, "/deploying");
+    // Well within the dial's second (the connect timeout).
+    std::thread::sleep(Duration::from_millis(400));
+    router.set_backends("web", &[&fresh]);
+    let resp = pending
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the request ends")
+        .expect("a response");
+    assert_eq!(resp.backend(), "fresh", "{resp:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "answered in {:?}: the request never dialled the old backend",
         started.elapsed()
     );
 }

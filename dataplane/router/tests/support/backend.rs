@@ -440,6 +440,19 @@ pub fn dead_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// A loopback address whose connects hang: a listener with a backlog of 0 whose queue is
+/// already full (the returned stream), so the kernel drops further SYNs.
+pub fn black_hole() -> (socket2::Socket, TcpStream, std::net::SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let l = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    l.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    l.listen(0).expect("listen");
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    let filler = TcpStream::connect(addr).expect("the one queued connection");
+    (l, filler, addr)
+}
+
 /// Writes a complete response with `Content-Length`.
 pub fn respond(conn: &mut BackendConn, status: &str, headers: &[(&str, &str)], body: &[u8]) {
     let mut out = format!("HTTP/1.1 {status}\r\n");

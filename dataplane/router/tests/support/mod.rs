@@ -12,7 +12,9 @@ pub mod backend;
 pub mod client;
 pub mod router;
 
-pub use backend::{dead_addr, handlers, Backend, BackendConn, Reply, SeenRequest, TcpBackend};
+pub use backend::{
+    black_hole, dead_addr, handlers, Backend, BackendConn, Reply, SeenRequest, TcpBackend,
+};
 pub use client::{get, Conn, Response};
 pub use router::{api_call, tcp_range, Router, RouterBuilder};
 
