@@ -639,10 +639,7 @@ pub(crate) async fn put_job(
 
 /// `DELETE /host/jobs/:id` (stop) to the daemon at `api`.
 pub(crate) async fn delete_job(http: &reqwest::Client, api: &str, id: &str) -> Result<()> {
-    let resp = http
-        .delete(format!("{api}/host/jobs/{id}"))
-        .send()
-        .await?;
+    let resp = http.delete(format!("{api}/host/jobs/{id}")).send().await?;
     let status = resp.status();
     ensure!(
         status.is_success(),

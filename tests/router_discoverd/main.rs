@@ -369,3 +369,79 @@ fn a_service_no_route_names_loses_its_backends() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(http(&r, "GET", "web.example.com", "/", None).0, 503);
 }
+
+/// Which services' backends came from discoverd is handed over at a takeover, so a clear is
+/// never lost between processes: here the route goes while a router without `--discoverd`
+/// runs (nothing clears its service's backends then), and the next router that follows
+/// discoverd clears them, with discoverd unreachable. Backends set through the API for a
+/// service no route names yet are not touched.
+#[test]
+fn discovered_backends_are_cleared_after_takeovers() {
+    let tmp = tempfile::Builder::new()
+        .prefix("flynn-e2e-disc-")
+        .tempdir()
+        .unwrap();
+    let sock = tmp.path().join("upgrade.sock").display().to_string();
+    let (disc, d) = discoverd(&tmp.path().join("d"), "60s");
+    assert_eq!(http(&d, "PUT", &d, "/services/web", Some("{}")).0, 200);
+    let url = format!("http://{d}");
+    let common = ["--http-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0"];
+    let mut args = common.to_vec();
+    args.extend([
+        "--threads",
+        "1",
+        "--discoverd",
+        &url,
+        "--upgrade-socket",
+        &sock,
+    ]);
+    let (_gen1, kv) = start("flynn-router", &args);
+    let (r, api) = (get(&kv, "http"), get(&kv, "api"));
+    let route = r#"{"type":"http","domain":"web.example.com","service":"web"}"#;
+    let (st, body) = http(&api, "POST", &api, "/routes", Some(route));
+    assert_eq!(st, 200, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b1 = backend("b1");
+    register(&d, "web", b1);
+    eventually(Duration::from_secs(5), "b1 serves web", || {
+        http(&r, "GET", "web.example.com", "/", None) == (200, "b1".into())
+    });
+    let staged = format!(r#"[{{"addr":"{b1}"}}]"#);
+    let path = "/services/staged/backends";
+    assert_eq!(http(&api, "PUT", &api, path, Some(&staged)).0, 200);
+
+    // Generation 2 follows no discoverd: deleting the route leaves web's backends.
+    let mut args = common.to_vec();
+    args.extend([
+        "--threads",
+        "1",
+        "--takeover",
+        &sock,
+        "--upgrade-socket",
+        &sock,
+    ]);
+    let (_gen2, _) = start("flynn-router", &args);
+    // Until the old process stops answering the API socket, it refuses changes (503).
+    eventually(Duration::from_secs(5), "the route deleted", || {
+        http(&api, "DELETE", &api, &format!("/routes/http/{id}"), None).0 == 200
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let web = "/services/web/backends";
+    let (st, body) = http(&api, "GET", &api, web, None);
+    assert!(st == 200 && body.contains(&b1.to_string()), "{st} {body}");
+
+    // Generation 3 follows discoverd, which is gone: web is cleared from what was handed
+    // over, the staged service is not.
+    drop(disc);
+    let mut args = common.to_vec();
+    args.extend(["--threads", "1", "--takeover", &sock, "--discoverd", &url]);
+    let (_gen3, _) = start("flynn-router", &args);
+    eventually(Duration::from_secs(5), "web's backends cleared", || {
+        http(&api, "GET", &api, web, None) == (200, "[]".into())
+    });
+    let (st, body) = http(&api, "GET", &api, path, None);
+    assert!(st == 200 && body.contains(&b1.to_string()), "{st} {body}");
+}

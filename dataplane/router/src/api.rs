@@ -43,6 +43,10 @@ pub struct Api {
     /// Open `/events` streams (each holds its connection open for good: not waited for
     /// after a handover).
     sse_streams: std::sync::atomic::AtomicUsize,
+    /// Services whose backends discovery manages (watched, or dropped with backends still
+    /// to clear): handed over, so the new process clears those no route names any more
+    /// (a clear this process owed, or a drop it had not seen yet at the copy).
+    pub discovered: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// An [`ApiError`] as an HTTP response: status from the code table, JSON envelope.
@@ -76,6 +80,7 @@ impl Api {
             frozen: std::sync::atomic::AtomicBool::new(false),
             drains: Mutex::new(HashMap::new()),
             sse_streams: std::sync::atomic::AtomicUsize::new(0),
+            discovered: Mutex::new(std::collections::BTreeSet::new()),
         }
     }
 

@@ -20,9 +20,17 @@ pub async fn run(api: Arc<Api>, url: String) {
     let mut watches: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     // Services no route names any more whose backends are still to be cleared.
     let mut unrouted: BTreeSet<String> = BTreeSet::new();
+    // Handed over by the process before: the services whose backends it took from
+    // discoverd. Those no route names now are cleared as if this process had dropped them.
+    let mut handed: BTreeSet<String> = api.discovered.lock().map(|d| d.clone()).unwrap_or_default();
     let mut published = api.published.subscribe();
     loop {
         let wanted = api.routed_services();
+        for svc in std::mem::take(&mut handed) {
+            if !wanted.contains(&svc) {
+                unrouted.insert(svc);
+            }
+        }
         let dropped: Vec<String> = watches
             .keys()
             .filter(|svc| !wanted.contains(*svc))
@@ -48,6 +56,9 @@ pub async fn run(api: Arc<Api>, url: String) {
             watches
                 .entry(svc.clone())
                 .or_insert_with(|| tokio::spawn(watch(api.clone(), client.clone(), svc)));
+        }
+        if let Ok(mut d) = api.discovered.lock() {
+            *d = watches.keys().chain(&unrouted).cloned().collect();
         }
         tokio::select! {
             r = published.changed() => if r.is_err() {

@@ -64,6 +64,10 @@ pub struct State {
     /// How long the first of them has been encrypting (so rotation keeps its schedule).
     #[serde(default)]
     pub ticket_key_age_secs: u64,
+    /// Services whose backends came from discoverd ([`Api::discovered`]). Absent from an
+    /// older process: none (clears it owed are not made).
+    #[serde(default)]
+    pub discovered: Vec<String>,
 }
 
 /// The running side's view of its sockets.
@@ -134,6 +138,14 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
             old.api.file_record(),
         )
     };
+    // After the freeze: routes no longer change, and a service dropped by a change just
+    // before it is still listed (discovery updates the set only once it has cleared it).
+    let discovered = old
+        .api
+        .discovered
+        .lock()
+        .map(|d| d.iter().cloned().collect())
+        .unwrap_or_default();
     let tcp = old.api.shared.dup_tcp_listeners()?;
     let (ticket_keys, ticket_age) = old.api.shared.settings.tickets.export();
     let state = State {
@@ -156,6 +168,7 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
         file,
         ticket_keys,
         ticket_key_age_secs: ticket_age.as_secs(),
+        discovered,
     };
     let mut fds: Vec<RawFd> = old.sockets.listeners.iter().map(|(fd, _, _)| *fd).collect();
     fds.extend(tcp.iter().map(|(_, fd)| fd.as_raw_fd()));

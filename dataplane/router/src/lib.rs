@@ -360,6 +360,11 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     ));
     shared.inherit_tcp(inherited_tcp);
     let api = Arc::new(api::Api::new(store, shared.clone(), file_routes));
+    if let Some((state, _)) = &handed {
+        if let Ok(mut d) = api.discovered.lock() {
+            d.extend(state.discovered.iter().cloned());
+        }
+    }
     let v = {
         let s = api
             .store

@@ -73,7 +73,10 @@ pub(super) struct Deployed {
 }
 
 /// Runs `f` with a current-thread tokio runtime on a thread inside namespace `ns`.
-pub(super) fn in_ns_async<R: Send>(ns: &str, f: impl AsyncFnOnce() -> Result<R> + Send) -> Result<R> {
+pub(super) fn in_ns_async<R: Send>(
+    ns: &str,
+    f: impl AsyncFnOnce() -> Result<R> + Send,
+) -> Result<R> {
     in_ns(ns, || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -134,7 +137,13 @@ impl Deployed {
                 let dir = d.dir.path().join(format!("h{}-host", i + 1));
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
-                h.daemon = Some(HostDaemon::new(&h.ns, i + 1, dir, h.pin_dir.clone(), BRIDGE));
+                h.daemon = Some(HostDaemon::new(
+                    &h.ns,
+                    i + 1,
+                    dir,
+                    h.pin_dir.clone(),
+                    BRIDGE,
+                ));
             }
             d.via_host = Some((bin.clone(), img));
         }

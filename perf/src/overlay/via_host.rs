@@ -117,7 +117,11 @@ impl HostDaemon {
     /// Starts the daemon (`--fast-path auto` when `fast`, else `off`) and waits until it
     /// serves its API with the agent's block `subnet` as its network.
     pub(super) fn start(&mut self, bin: &Path, fast: bool, subnet: Subnet) -> Result<()> {
-        ensure!(self.proc.is_none(), "flynn-host in {} already running", self.ns);
+        ensure!(
+            self.proc.is_none(),
+            "flynn-host in {} already running",
+            self.ns
+        );
         self.starts += 1;
         let log = self.dir.join(format!("flynn-host-{}.log", self.starts));
         let mut cmd = Command::new("nsenter");

@@ -561,3 +561,72 @@ fn the_old_api_answers_its_connections_then_exits() {
         switched.elapsed()
     );
 }
+
+/// A process that hands over backends it took from discoverd for a service no route names
+/// any more (a clear it owed when the handover froze its API, or a route deleted just before
+/// the copy) has the new process clear them; backends set through the API for a service no
+/// route names yet are kept. The old process is played by the test: it hands over a state
+/// and two listening sockets as a router would.
+#[test]
+fn takeover_clears_discovered_backends_no_route_names() {
+    use std::io::{BufRead, BufReader};
+    use std::os::fd::AsRawFd;
+    let dir = crate::support::TestDir::new("upgrade-owed");
+    let sock = dir.join("old.sock");
+    // As a router's: SO_REUSEPORT, so the new process adds a socket per core beside it.
+    let http = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    http.set_reuse_port(true).unwrap();
+    http.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    http.listen(128).unwrap();
+    let http: std::net::TcpListener = http.into();
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b1 = Backend::start("b1");
+    let state = serde_json::json!({
+        "listeners": [{"addr": http.local_addr().unwrap(), "tls": false, "route_port": 0}],
+        "api": api.local_addr().unwrap(),
+        "routes": [],
+        "services": {
+            "web": [{"addr": b1.addr.to_string()}],
+            "staged": [{"addr": b1.addr.to_string()}],
+        },
+        "discovered": ["web"],
+    });
+    let unix = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let old = std::thread::spawn(move || {
+        let (conn, _) = unix.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut r = BufReader::new(conn.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "takeover");
+        let data = serde_json::to_vec(&state).unwrap();
+        flynn_runtime::handoff::send_with_fds(&conn, &data, &[http.as_raw_fd(), api.as_raw_fd()])
+            .unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        line
+    });
+    // discoverd is unreachable: what is cleared comes from the handed-over state alone.
+    let router = Router::builder()
+        .arg("--takeover")
+        .arg(sock.display().to_string())
+        .arg("--discoverd")
+        .arg(format!("http://{}", dead_addr()))
+        .start();
+    assert_eq!(old.join().unwrap().trim(), "ready");
+    let backends = |svc: &str| router.api("GET", &format!("/services/{svc}/backends"), None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while backends("web").1 != serde_json::json!([]) {
+        assert!(
+            Instant::now() < deadline,
+            "web's discovered backends kept: {:?}",
+            backends("web")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (st, staged) = backends("staged");
+    assert_eq!(st, 200);
+    assert_eq!(staged[0]["addr"], b1.addr.to_string(), "{staged}");
+}
