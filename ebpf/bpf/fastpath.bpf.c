@@ -131,6 +131,44 @@ static __always_inline int to_local(struct __sk_buff *skb, struct ethhdr *eth,
 	return bpf_redirect_peer(ep->ifindex, 0);
 }
 
+/* ECN codepoints (the low two bits of the IPv4 TOS byte). */
+#define ECN_MASK 3
+#define ECN_NOT_ECT 0
+#define ECN_ECT_1 1
+#define ECN_ECT_0 2
+#define ECN_CE 3
+
+/* Sets the TOS byte, updating the header checksum incrementally (RFC 1624, eqn. 3) over the
+ * 16-bit word that holds it. */
+static __always_inline void set_tos(struct iphdr *ip, __u8 tos)
+{
+	__u16 *word = (__u16 *)ip;
+	__u32 sum = (__u16)~ip->check;
+
+	sum += (__u16)~*word;
+	ip->tos = tos;
+	sum += *word;
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	ip->check = (__u16)~sum;
+}
+
+/* RFC 6040 decapsulation, as the kernel's VXLAN receive does it (INET_ECN_decapsulate): the inner
+ * TOS the job should see, or -1 when the packet must be dropped (a congestion mark on a packet
+ * whose sender does not do ECN), which is left to the kernel (it drops and counts it). */
+static __always_inline int ecn_decap(__u8 outer, __u8 inner)
+{
+	__u8 o = outer & ECN_MASK, i = inner & ECN_MASK;
+
+	if (i == ECN_NOT_ECT)
+		return o == ECN_CE ? -1 : inner;
+	if (o == ECN_CE)
+		return inner | ECN_CE;
+	if (o == ECN_ECT_1 && i == ECN_ECT_0)
+		return (inner & ~ECN_MASK) | ECN_ECT_1;
+	return inner;
+}
+
 /* RFC 7348 header: flags (only I, "VNI valid", for plain VXLAN), then the VNI in the top 24 bits. */
 struct vxlanhdr {
 	__be32 flags;
@@ -163,12 +201,13 @@ struct vxlanhdr {
 
 /* Wraps the (inner) packet in outer IPv4 + UDP + VXLAN + inner Ethernet, as the kernel's VXLAN
  * device would: outer TTL 64, DF clear, no outer UDP checksum, source port from the flow hash
- * (udp_flow_src_port). bpf_skb_adjust_room marks the skb as UDP-tunnelled (inner headers, GSO
+ * (udp_flow_src_port), outer DSCP 0 and the inner ECN field copied out (a CE mark as ECT(0):
+ * RFC 6040 normal mode, INET_ECN_encapsulate) so routers on the underlay can mark congestion. bpf_skb_adjust_room marks the skb as UDP-tunnelled (inner headers, GSO
  * type), so GSO packets are segmented (or offloaded) correctly downstream; gso_size stays (the
  * inner MSS already fits the overlay MTU). Returns 0 when the packet is now encapsulated, -1
  * when it is unchanged (then the caller takes the VXLAN device). */
 static __always_inline int encap(struct __sk_buff *skb, const struct flynn_underlay *ul,
-				 const struct flynn_tunnel *tun)
+				 const struct flynn_tunnel *tun, __u8 inner_tos)
 {
 	struct iphdr outer = {};
 	struct udphdr *udp;
@@ -192,6 +231,7 @@ static __always_inline int encap(struct __sk_buff *skb, const struct flynn_under
 
 	outer.version = 4;
 	outer.ihl = 5;
+	outer.tos = (inner_tos & ECN_MASK) == ECN_CE ? ECN_ECT_0 : inner_tos & ECN_MASK;
 	outer.tot_len = bpf_htons(len - sizeof(struct ethhdr));
 	outer.id = (__u16)bpf_get_prandom_u32();
 	outer.ttl = 64;
@@ -233,10 +273,12 @@ int flynn_from_job(struct __sk_buff *skb)
 	struct flynn_underlay *ul;
 	struct flynn_tunnel *tun;
 	__u32 daddr, ifindex, mtu_len, zero = 0;
+	__u8 tos;
 
 	if (!ip)
 		return pass();
 	daddr = ip->daddr;
+	tos = ip->tos;
 
 	ep = bpf_map_lookup_elem(&flynn_endpoints, &daddr);
 	if (ep) {
@@ -266,7 +308,7 @@ int flynn_from_job(struct __sk_buff *skb)
 	ul = bpf_map_lookup_elem(&flynn_underlay, &zero);
 	tun = bpf_map_lookup_elem(&flynn_tunnels, &nh.ipv4_nh);
 	if (ul && ul->port && ul->ifindex && tun) {
-		int r = encap(skb, ul, tun);
+		int r = encap(skb, ul, tun, tos);
 
 		if (r == 0) {
 			count(FLYNN_CTR_ENCAP);
@@ -366,6 +408,7 @@ int flynn_from_underlay(struct __sk_buff *skb)
 	struct vxlanhdr *vx;
 	void *data, *end;
 	__u32 daddr;
+	int tos;
 
 	/* Everything arriving on the host's underlay passes here: leave non-candidates quickly and
 	 * without counting them. */
@@ -419,6 +462,9 @@ int flynn_from_underlay(struct __sk_buff *skb)
 		return pass();
 	if (skb->gso_size && !gso_decap_ok(skb, inner))
 		return pass();
+	tos = ecn_decap(ip->tos, inner->tos);
+	if (tos < 0)
+		return pass();
 	/* Pops outer IPv4 + UDP + VXLAN + inner Ethernet after the outer Ethernet header. Inner
 	 * checksums are untouched (end to end); CHECKSUM_UNNECESSARY (which covered the outer
 	 * headers only) is reset so the job's stack verifies them. */
@@ -432,6 +478,8 @@ int flynn_from_underlay(struct __sk_buff *skb)
 	inner = data + sizeof(struct ethhdr);
 	/* The kernel path routes the inner packet once (VXLAN device -> bridge). */
 	decrease_ttl(inner);
+	if (tos != inner->tos)
+		set_tos(inner, tos);
 	__builtin_memcpy(eth->h_dest, ep->mac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, ep->gateway_mac, ETH_ALEN);
 	count(FLYNN_CTR_DECAP);

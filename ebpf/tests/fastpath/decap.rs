@@ -67,10 +67,12 @@ fn ip_checksum(h: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// A VXLAN payload (VXLAN header, inner Ethernet, IPv4, UDP without checksum) carrying `payload`
-/// from `src` to `dst:dport`, as a UDP datagram to port 8472 would hold it.
+/// A VXLAN payload (VXLAN header, inner Ethernet, IPv4 with TOS `tos`, UDP without checksum)
+/// carrying `payload` from `src` to `dst:dport`, as a UDP datagram to port 8472 would hold it.
+#[allow(clippy::too_many_arguments)]
 fn vxlan_frame(
     vni: u32,
+    tos: u8,
     inner_dst_mac: [u8; 6],
     src: Ipv4Addr,
     dst: Ipv4Addr,
@@ -84,7 +86,7 @@ fn vxlan_frame(
     f.extend_from_slice(&[0x0e, 0x46, 0x4c, 0x09, 0x09, 0x09]);
     f.extend_from_slice(&0x0800u16.to_be_bytes());
     let total = (20 + 8 + payload.len()) as u16;
-    let mut ip = vec![0x45, 0];
+    let mut ip = vec![0x45, tos];
     ip.extend_from_slice(&total.to_be_bytes());
     ip.extend_from_slice(&[0, 1, 0x40, 0, 64, 17, 0, 0]);
     ip.extend_from_slice(&src.octets());
@@ -102,8 +104,22 @@ fn vxlan_frame(
 
 /// Sends `data` from `ns` (bound to `from`) to `to`, with or without a UDP checksum.
 fn send_udp(ns: &str, from: Ipv4Addr, to: SocketAddr, data: &[u8], checksum: bool) -> Result<()> {
+    send_udp_tos(ns, from, to, data, checksum, 0)
+}
+
+/// [`send_udp`] with the IPv4 TOS byte `tos`.
+fn send_udp_tos(
+    ns: &str,
+    from: Ipv4Addr,
+    to: SocketAddr,
+    data: &[u8],
+    checksum: bool,
+    tos: u8,
+) -> Result<()> {
     in_ns(ns, || {
-        let s = UdpSocket::bind((from, 0))?;
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        s.bind(&SocketAddr::from((from, 0)).into())?;
+        s.set_tos_v4(u32::from(tos))?;
         if !checksum {
             let one: libc::c_int = 1;
             // SAFETY: a valid socket fd and a c_int option value of the size passed.
@@ -118,7 +134,7 @@ fn send_udp(ns: &str, from: Ipv4Addr, to: SocketAddr, data: &[u8], checksum: boo
             };
             ensure!(rc == 0, "SO_NO_CHECK: {}", std::io::Error::last_os_error());
         }
-        s.send_to(data, to)?;
+        s.send_to(data, &to.into())?;
         Ok(())
     })
 }
@@ -213,7 +229,7 @@ fn cross_host_decap_on_the_underlay(mode: AttachMode) -> Result<()> {
     let vxlan = SocketAddr::from((UL2, 8472));
     let to_job = SocketAddr::from((t.j2.ip, 7210));
     let payload = b"decapsulated in BPF";
-    let frame = |vni| vxlan_frame(vni, parse_mac(VTEP2), t.j1.ip, t.j2.ip, 7210, payload);
+    let frame = |vni| vxlan_frame(vni, 0, parse_mac(VTEP2), t.j1.ip, t.j2.ip, 7210, payload);
     // Ours (VNI 1, no outer checksum): decapsulated, delivered intact.
     let before = counters(&fp2)?;
     let got = receives(&t.j2.ns, to_job, || {
@@ -470,4 +486,164 @@ fn cross_host_encap_in_bpf(mode: AttachMode) -> Result<()> {
     in_ns(&t.h2, || Ok(fp2.unpin()?))?;
     ensure!(ping(&t.j1.ns, t.j2.ip, 3), "traffic after uninstall");
     Ok(())
+}
+
+/// ECN across the tunnel as the kernel's VXLAN device does it (RFC 6040, normal mode). BPF
+/// encapsulation copies the inner ECN field to the outer header (a CE mark as ECT(0)), so
+/// routers on the underlay can signal congestion; BPF decapsulation carries a CE mark of the
+/// outer header into the inner one (and ECT(1) over ECT(0)), and leaves a CE mark on a packet
+/// whose sender does not do ECN to the kernel, which drops it.
+#[test]
+fn ecn_crosses_the_tunnel_as_rfc_6040_says() -> Result<()> {
+    if !lab::should_run("ecn_crosses_the_tunnel_as_rfc_6040_says") {
+        return Ok(());
+    }
+    let t = two_hosts()?;
+    let mode = AttachMode::Tcx;
+    let (pin1, pin2) = (t.pin1.clone(), t.pin2.clone());
+    let mut fp1 = decap_on(mode, &t.h1, &pin1, &t.j1, BLOCK2, UL1, VTEP1, true)?;
+    fp1.upsert_tunnel(
+        BLOCK2,
+        flynn_ebpf::Tunnel {
+            remote_ip: UL2,
+            vtep_mac: parse_mac(VTEP2),
+        },
+    )?;
+    let fp2 = decap_on(mode, &t.h2, &pin2, &t.j2, BLOCK1, UL2, VTEP2, false)?;
+
+    // Encapsulation on host 1: the outer TOS as host 2's underlay device receives it.
+    let capture = in_ns(&t.h2, || {
+        let proto = socket2::Protocol::from(i32::from((libc::ETH_P_ALL as u16).to_be()));
+        let s = socket2::Socket::new(socket2::Domain::PACKET, socket2::Type::RAW, Some(proto))?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        Ok(s)
+    })?;
+    for (port, inner, outer) in [
+        (7401u16, 0u8, 0u8),
+        (7402, 0x02, 0x02),
+        (7403, 0x01, 0x01),
+        (7404, 0x03, 0x02),
+        (7405, 0xb8 | 0x02, 0x02),
+    ] {
+        let before = counters(&fp1)?;
+        let to = SocketAddr::from((t.j2.ip, port));
+        in_ns(&t.j1.ns, || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+            s.set_tos_v4(u32::from(inner))?;
+            s.send_to(b"ecn", &to.into())?;
+            Ok(())
+        })?;
+        let seen = outer_tos_of(&capture, t.j2.ip, port)
+            .with_context(|| format!("no VXLAN packet to port {port} seen on host 2"))?;
+        ensure!(
+            counters(&fp1)?.encapsulated > before.encapsulated,
+            "inner TOS {inner:#x}: not encapsulated in BPF"
+        );
+        ensure!(
+            seen == outer,
+            "inner TOS {inner:#x}: outer TOS {seen:#x}, want {outer:#x}"
+        );
+    }
+
+    // Decapsulation on host 2: hand-made VXLAN datagrams with an outer TOS.
+    let vxlan = SocketAddr::from((UL2, 8472));
+    for (k, (outer, inner, want)) in [
+        (0x03u8, 0x02u8, Some(0x03u8)),
+        (0x03, 0x01, Some(0x03)),
+        (0x01, 0x02, Some(0x01)),
+        (0x02, 0x01, Some(0x01)),
+        (0x00, 0xb8 | 0x02, Some(0xb8 | 0x02)),
+        (0x02, 0x00, Some(0x00)),
+        (0x03, 0x00, None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let port = 7410 + k as u16;
+        let to_job = SocketAddr::from((t.j2.ip, port));
+        let frame = vxlan_frame(1, inner, parse_mac(VTEP2), t.j1.ip, t.j2.ip, port, b"ecn");
+        let before = counters(&fp2)?;
+        let got = receives_tos(&t.j2.ns, to_job, || {
+            send_udp_tos(&t.h1, UL1, vxlan, &frame, false, outer)
+        })?;
+        let after = counters(&fp2)?;
+        let case = format!("outer {outer:#x}, inner {inner:#x}");
+        ensure!(
+            got == want,
+            "{case}: the job saw TOS {got:?}, want {want:?}"
+        );
+        match want {
+            Some(_) => ensure!(
+                after.decapsulated == before.decapsulated + 1,
+                "{case}: not decapsulated in BPF: {before:?} -> {after:?}"
+            ),
+            None => ensure!(
+                after.decapsulated == before.decapsulated && after.passed > before.passed,
+                "{case}: not left to the kernel: {before:?} -> {after:?}"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// The outer TOS of the first VXLAN packet `capture` (a packet socket) sees carrying a datagram
+/// to `dst:dport`, within 2 s.
+fn outer_tos_of(capture: &socket2::Socket, dst: Ipv4Addr, dport: u16) -> Option<u8> {
+    use std::io::Read;
+    // Outer Ethernet (14), IPv4 (20), UDP (8), VXLAN (8), inner Ethernet (14), inner IPv4.
+    const INNER_IP: usize = 14 + 20 + 8 + 8 + 14;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut buf = [0u8; 2048];
+    let mut sock = capture;
+    while std::time::Instant::now() < deadline {
+        let Ok(n) = sock.read(&mut buf) else { continue };
+        let f = &buf[..n];
+        if n < INNER_IP + 24
+            || f[12..14] != [0x08, 0x00]
+            || f[23] != 17
+            || f[36..38] != 8472u16.to_be_bytes()
+        {
+            continue;
+        }
+        let inner = &f[INNER_IP..];
+        if inner[16..20] == dst.octets() && inner[22..24] == dport.to_be_bytes() {
+            return Some(f[15]);
+        }
+    }
+    None
+}
+
+/// A UDP socket in `ns` at `addr` that reports the TOS of what it receives: the TOS of the one
+/// datagram that arrives within a second after `send`, or None.
+fn receives_tos(
+    ns: &str,
+    addr: SocketAddr,
+    send: impl FnOnce() -> Result<()>,
+) -> Result<Option<u8>> {
+    use nix::sys::socket::{
+        recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn,
+    };
+    let sock = in_ns(ns, || Ok(UdpSocket::bind(addr)?))?;
+    sock.set_read_timeout(Some(Duration::from_millis(1000)))?;
+    setsockopt(&sock, sockopt::IpRecvTos, &true)?;
+    send()?;
+    let mut buf = [0u8; 2048];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut cmsg = nix::cmsg_space!(u8);
+    let msg = match recvmsg::<SockaddrIn>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    ) {
+        Ok(m) => m,
+        Err(nix::errno::Errno::EAGAIN) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::Ipv4Tos(tos) = c {
+            return Ok(Some(tos));
+        }
+    }
+    anyhow::bail!("a datagram without its TOS")
 }
