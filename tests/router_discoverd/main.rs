@@ -373,8 +373,9 @@ fn a_service_no_route_names_loses_its_backends() {
 /// Which services' backends came from discoverd is handed over at a takeover, so a clear is
 /// never lost between processes: here the route goes while a router without `--discoverd`
 /// runs (nothing clears its service's backends then), and the next router that follows
-/// discoverd clears them, with discoverd unreachable. Backends set through the API for a
-/// service no route names yet are not touched.
+/// discoverd clears them, with discoverd unreachable. Backends set through the API are not
+/// touched: those of a service no route names yet, and those an operator set for a service
+/// whose backends had come from discoverd.
 #[test]
 fn discovered_backends_are_cleared_after_takeovers() {
     let tmp = tempfile::Builder::new()
@@ -383,7 +384,12 @@ fn discovered_backends_are_cleared_after_takeovers() {
         .unwrap();
     let sock = tmp.path().join("upgrade.sock").display().to_string();
     let (disc, d) = discoverd(&tmp.path().join("d"), "60s");
-    assert_eq!(http(&d, "PUT", &d, "/services/web", Some("{}")).0, 200);
+    for svc in ["web", "ops"] {
+        assert_eq!(
+            http(&d, "PUT", &d, &format!("/services/{svc}"), Some("{}")).0,
+            200
+        );
+    }
     let url = format!("http://{d}");
     let common = ["--http-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0"];
     let mut args = common.to_vec();
@@ -404,10 +410,19 @@ fn discovered_backends_are_cleared_after_takeovers() {
         .as_str()
         .unwrap()
         .to_string();
+    let ops_route = r#"{"type":"http","domain":"ops.example.com","service":"ops"}"#;
+    let (st, body) = http(&api, "POST", &api, "/routes", Some(ops_route));
+    assert_eq!(st, 200, "{body}");
+    let ops_id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let b1 = backend("b1");
     register(&d, "web", b1);
-    eventually(Duration::from_secs(5), "b1 serves web", || {
+    register(&d, "ops", b1);
+    eventually(Duration::from_secs(5), "b1 serves web and ops", || {
         http(&r, "GET", "web.example.com", "/", None) == (200, "b1".into())
+            && http(&r, "GET", "ops.example.com", "/", None) == (200, "b1".into())
     });
     let staged = format!(r#"[{{"addr":"{b1}"}}]"#);
     let path = "/services/staged/backends";
@@ -428,6 +443,20 @@ fn discovered_backends_are_cleared_after_takeovers() {
     eventually(Duration::from_secs(5), "the route deleted", || {
         http(&api, "DELETE", &api, &format!("/routes/http/{id}"), None).0 == 200
     });
+    // ops loses its route too, and an operator sets its backends through the API.
+    assert_eq!(
+        http(
+            &api,
+            "DELETE",
+            &api,
+            &format!("/routes/http/{ops_id}"),
+            None
+        )
+        .0,
+        200
+    );
+    let ops = "/services/ops/backends";
+    assert_eq!(http(&api, "PUT", &api, ops, Some(&staged)).0, 200);
     std::thread::sleep(Duration::from_millis(300));
     let web = "/services/web/backends";
     let (st, body) = http(&api, "GET", &api, web, None);
@@ -442,6 +471,11 @@ fn discovered_backends_are_cleared_after_takeovers() {
     eventually(Duration::from_secs(5), "web's backends cleared", || {
         http(&api, "GET", &api, web, None) == (200, "[]".into())
     });
-    let (st, body) = http(&api, "GET", &api, path, None);
-    assert!(st == 200 && body.contains(&b1.to_string()), "{st} {body}");
+    for kept in [path, ops] {
+        let (st, body) = http(&api, "GET", &api, kept, None);
+        assert!(
+            st == 200 && body.contains(&b1.to_string()),
+            "{kept}: {st} {body}"
+        );
+    }
 }

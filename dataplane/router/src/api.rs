@@ -45,8 +45,13 @@ pub struct Api {
     sse_streams: std::sync::atomic::AtomicUsize,
     /// Services whose backends discovery manages (watched, or dropped with backends still
     /// to clear): handed over, so the new process clears those no route names any more
-    /// (a clear this process owed, or a drop it had not seen yet at the copy).
+    /// (a drop this process had not seen yet at the copy). Setting a service's backends
+    /// through the API takes it out (they are the operator's then).
     pub discovered: Mutex<std::collections::BTreeSet<String>>,
+    /// Of those, the ones dropped whose clear has not been made yet (refused while the API
+    /// was frozen): handed over, and cleared by the new process before it watches them
+    /// again, even if a route names them again by then.
+    pub owed: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// An [`ApiError`] as an HTTP response: status from the code table, JSON envelope.
@@ -81,6 +86,7 @@ impl Api {
             drains: Mutex::new(HashMap::new()),
             sse_streams: std::sync::atomic::AtomicUsize::new(0),
             discovered: Mutex::new(std::collections::BTreeSet::new()),
+            owed: Mutex::new(std::collections::BTreeSet::new()),
         }
     }
 
@@ -242,7 +248,13 @@ async fn put_backends(
     body: Bytes,
 ) -> Res<Json<Vec<BackendAddr>>> {
     let list: Vec<BackendAddr> = serde_json::from_slice(&body).map_err(|_| ApiError::syntax())?;
-    Ok(Json(api.set_backends(&service, list).await?))
+    let set = api.set_backends(&service, list).await?;
+    // The operator's now: not cleared as discoverd's when no route names the service (a
+    // routed service that discovery watches is put back in the set by its next pass).
+    if let Ok(mut d) = api.discovered.lock() {
+        d.remove(&service);
+    }
+    Ok(Json(set))
 }
 
 impl Api {

@@ -63,38 +63,42 @@ pub fn shuffled(backends: &[SocketAddr], out: &mut [SocketAddr; 16]) -> usize {
 /// The order in which a request dials backends one after another (WebSocket upgrades, gRPC,
 /// TCP routes): the route's backends as the request found them, shuffled; after a failed
 /// dial, only those the current table still has; once they are used up, the backends the
-/// current table has that were not tried yet (a deploy may have replaced them all while
-/// the request dialled), once. At most 16 of each.
+/// current table has that were not dialled yet (a deploy may have replaced them all while
+/// the request dialled), once. At most 16 of each. As small as the plain shuffled list it
+/// replaced (it lives in the connection's future for as long as the connection).
 pub struct DialOrder {
     order: [SocketAddr; 16],
-    n: usize,
-    next: usize,
-    tried: [SocketAddr; 32],
-    ntried: usize,
+    n: u8,
+    next: u8,
+    /// Which of `order` were handed out to be dialled (bit per position); cleared by the
+    /// refill, which keeps them out of the new list.
+    dialled: u16,
+    /// Whether a backend was handed out: the caller asks again only after its dial failed.
+    handed: bool,
     refilled: bool,
 }
 
 impl DialOrder {
     /// `first`, if given, goes first (a sticky backend).
     pub fn new(backends: &[SocketAddr], first: Option<SocketAddr>) -> DialOrder {
-        let unset = SocketAddr::from(([0, 0, 0, 0], 0));
-        let mut order = [unset; 16];
+        let mut order = [SocketAddr::from(([0, 0, 0, 0], 0)); 16];
         let mut n = shuffled(backends, &mut order);
         if let Some(a) = first {
             if let Some(i) = order[..n].iter().position(|x| *x == a) {
                 order[..=i].rotate_right(1);
-            } else if n < order.len() {
-                order[..=n].rotate_right(1);
+            } else {
+                // Not among the (at most 16) taken: it replaces the last one if full.
+                n = (n + 1).min(order.len());
+                order[..n].rotate_right(1);
                 order[0] = a;
-                n += 1;
             }
         }
         DialOrder {
             order,
-            n,
+            n: n as u8,
             next: 0,
-            tried: [unset; 32],
-            ntried: 0,
+            dialled: 0,
+            handed: false,
             refilled: false,
         }
     }
@@ -108,34 +112,43 @@ impl DialOrder {
     {
         loop {
             if self.next == self.n {
-                if self.refilled || self.ntried == 0 {
+                if self.refilled || !self.handed {
                     return None;
                 }
-                self.refilled = true;
-                let current = now()?;
-                let tried = &self.tried[..self.ntried];
-                let mut n = 0;
-                for a in current.as_ref() {
-                    if n < self.order.len() && !tried.contains(a) {
-                        self.order[n] = *a;
-                        n += 1;
-                    }
-                }
-                fastrand::shuffle(&mut self.order[..n]);
-                (self.n, self.next) = (n, 0);
+                self.refill(now()?.as_ref());
                 continue;
             }
-            let addr = self.order[self.next];
+            let i = usize::from(self.next);
+            let addr = self.order[i];
             self.next += 1;
-            if self.ntried > 0 && !now().is_some_and(|b| b.as_ref().contains(&addr)) {
+            if self.handed && !now().is_some_and(|b| b.as_ref().contains(&addr)) {
                 continue;
             }
-            if self.ntried < self.tried.len() {
-                self.tried[self.ntried] = addr;
-                self.ntried += 1;
-            }
+            self.dialled |= 1 << i;
+            self.handed = true;
             return Some(addr);
         }
+    }
+
+    /// Replaces the list with `current` less the backends dialled so far, shuffled.
+    fn refill(&mut self, current: &[SocketAddr]) {
+        let mut done = [SocketAddr::from(([0, 0, 0, 0], 0)); 16];
+        let mut k = 0;
+        for i in 0..usize::from(self.n) {
+            if self.dialled & (1 << i) != 0 {
+                done[k] = self.order[i];
+                k += 1;
+            }
+        }
+        let mut n = 0;
+        for a in current {
+            if n < self.order.len() && !done[..k].contains(a) {
+                self.order[n] = *a;
+                n += 1;
+            }
+        }
+        fastrand::shuffle(&mut self.order[..n]);
+        (self.n, self.next, self.dialled, self.refilled) = (n as u8, 0, 0, true);
     }
 }
 
@@ -193,6 +206,17 @@ mod tests {
             for a in &now {
                 assert!(got.contains(a), "{a} never dialled: {got:?}");
             }
+        }
+    }
+
+    #[test]
+    fn a_sticky_backend_beyond_the_first_sixteen_still_goes_first() {
+        let b = addrs(&(1..=40).collect::<Vec<u16>>());
+        let sticky = SocketAddr::from(([127, 0, 0, 1], 99));
+        for _ in 0..20 {
+            let mut o = DialOrder::new(&b, Some(sticky));
+            let got = all_dials(&mut o, &b);
+            assert_eq!(got[0], sticky, "{got:?}");
         }
     }
 

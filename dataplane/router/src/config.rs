@@ -103,6 +103,12 @@ pub struct Config {
     #[arg(long, env = "FLYNN_TUNNEL_FIN_TIMEOUT", default_value_t = 0)]
     pub tunnel_fin_timeout_secs: u64,
 
+    /// Milliseconds a dial to a backend may take before it counts as failed and the next
+    /// backend is tried (nginx's `proxy_connect_timeout`, HAProxy's `timeout connect`).
+    #[arg(long, env = "FLYNN_CONNECT_TIMEOUT_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub connect_timeout_ms: u64,
+
     /// Milliseconds a plain-HTTP keep-alive connection that just got its response waits
     /// for the next request with a receive already posted and its buffer held (one
     /// operation per request instead of a readiness poll plus a receive); after that it

@@ -18,10 +18,12 @@ use crate::api::Api;
 pub async fn run(api: Arc<Api>, url: String) {
     let client = Client::new(&url);
     let mut watches: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
-    // Services no route names any more whose backends are still to be cleared.
-    let mut unrouted: BTreeSet<String> = BTreeSet::new();
-    // Handed over by the process before: the services whose backends it took from
-    // discoverd. Those no route names now are cleared as if this process had dropped them.
+    // Services dropped whose backends are still to be cleared. Handed over by the process
+    // before: the clears it owed, made before anything else, whether a route names the
+    // service again or not.
+    let mut unrouted: BTreeSet<String> = api.owed.lock().map(|o| o.clone()).unwrap_or_default();
+    // Also handed over: the services whose backends it took from discoverd; those no route
+    // names now are cleared as if this process had dropped them.
     let mut handed: BTreeSet<String> = api.discovered.lock().map(|d| d.clone()).unwrap_or_default();
     let mut published = api.published.subscribe();
     loop {
@@ -59,6 +61,9 @@ pub async fn run(api: Arc<Api>, url: String) {
         }
         if let Ok(mut d) = api.discovered.lock() {
             *d = watches.keys().chain(&unrouted).cloned().collect();
+        }
+        if let Ok(mut o) = api.owed.lock() {
+            o.clone_from(&unrouted);
         }
         tokio::select! {
             r = published.changed() => if r.is_err() {
@@ -247,6 +252,7 @@ mod tests {
             idle_timeout: Duration::from_secs(10),
             tunnel_timeout: Duration::from_secs(10),
             tunnel_fin_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(1),
             tickets: Arc::new(crate::tickets::TicketKeys::random().unwrap()),
             hot_idle: Duration::ZERO,
             pool_idle_per_backend: 1,

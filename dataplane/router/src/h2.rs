@@ -768,7 +768,7 @@ async fn grpc_backend(
         // Counted in flight through the dial and the handshake (the caller counts its
         // request from when this returns, with no await in between).
         let _dialing = core.start_request(*addr);
-        let Ok(s) = crate::proxy::dial(*addr).await else {
+        let Ok(s) = crate::proxy::dial(core, *addr).await else {
             CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
             continue;
         };

@@ -68,6 +68,9 @@ pub struct State {
     /// older process: none (clears it owed are not made).
     #[serde(default)]
     pub discovered: Vec<String>,
+    /// Of those, the ones whose clear was still owed ([`Api::owed`]).
+    #[serde(default)]
+    pub owed: Vec<String>,
 }
 
 /// The running side's view of its sockets.
@@ -146,6 +149,12 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
         .lock()
         .map(|d| d.iter().cloned().collect())
         .unwrap_or_default();
+    let owed = old
+        .api
+        .owed
+        .lock()
+        .map(|d| d.iter().cloned().collect())
+        .unwrap_or_default();
     let tcp = old.api.shared.dup_tcp_listeners()?;
     let (ticket_keys, ticket_age) = old.api.shared.settings.tickets.export();
     let state = State {
@@ -169,6 +178,7 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
         ticket_keys,
         ticket_key_age_secs: ticket_age.as_secs(),
         discovered,
+        owed,
     };
     let mut fds: Vec<RawFd> = old.sockets.listeners.iter().map(|(fd, _, _)| *fd).collect();
     fds.extend(tcp.iter().map(|(_, fd)| fd.as_raw_fd()));

@@ -345,6 +345,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             idle_timeout: cfg.idle_timeout(),
             tunnel_timeout: Duration::from_secs(cfg.tunnel_timeout_secs),
             tunnel_fin_timeout: Duration::from_secs(cfg.tunnel_fin_timeout_secs),
+            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             tickets,
             hot_idle: Duration::from_millis(cfg.hot_idle_ms),
             pool_idle_per_backend: cfg.pool_idle_per_backend,
@@ -363,6 +364,9 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     if let Some((state, _)) = &handed {
         if let Ok(mut d) = api.discovered.lock() {
             d.extend(state.discovered.iter().cloned());
+        }
+        if let Ok(mut o) = api.owed.lock() {
+            o.extend(state.owed.iter().cloned());
         }
     }
     let v = {

@@ -93,11 +93,6 @@ impl Pool {
         }
     }
 
-    /// Is `addr` a backend of the current table's HTTP routes?
-    pub fn has_backend(&self, addr: SocketAddr) -> bool {
-        self.idle.borrow().contains_key(&addr)
-    }
-
     /// Makes `backends` (the routing table's, on every table change) the addresses
     /// connections are pooled for: idle connections to any other address are closed now,
     /// and ones in use now are closed when they come back. Returns how many closed.

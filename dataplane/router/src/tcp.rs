@@ -163,7 +163,13 @@ async fn proxy(core: Rc<Core>, c: TcpStream, port: u16) {
         return;
     };
     let mut order = DialOrder::new(&route.backends, None);
-    let now = || core.table().tcp_route(port).map(|r| r.backends.clone());
+    // The same route (not another one that took its port meanwhile).
+    let now = || {
+        core.table()
+            .tcp_route(port)
+            .filter(|r| r.id == route.id)
+            .map(|r| r.backends.clone())
+    };
     let mut up = None;
     while let Some(addr) = order.next(now) {
         if let Ok(s) = dial_counted(&core, addr).await {

@@ -122,8 +122,9 @@ pub struct Table {
     /// Key: lowercase domain, `:`, port (0 = the default HTTP/HTTPS ports).
     http: HashMap<Box<[u8]>, Domain>,
     tcp: HashMap<u16, TcpRoute>,
-    /// Route id → its backends (for a retry that looks up the route's backends as they are
-    /// now, in a newer table than the request started with).
+    /// HTTP route id → its backends (for a retry that looks up the route's backends as they
+    /// are now, in a newer table than the request started with). HTTP only: a TCP route may
+    /// have the same id as an HTTP one, and TCP routes are found by port.
     by_id: HashMap<Arc<str>, Arc<[SocketAddr]>>,
     version: u64,
 }
@@ -182,7 +183,6 @@ impl Table {
         for r in routes {
             let svc = backends.get(&r.service).unwrap_or(&empty);
             let addrs: Arc<[SocketAddr]> = Arc::from(svc.for_route(r.leader));
-            t.by_id.insert(r.id.as_str().into(), addrs.clone());
             match r.kind {
                 RouteType::Http => {
                     let path = normalize_path(&r.path);
@@ -190,6 +190,7 @@ impl Table {
                     let Some(key) = key_into(&mut kb, r.domain.as_bytes(), r.port) else {
                         continue;
                     };
+                    t.by_id.insert(r.id.as_str().into(), addrs.clone());
                     t.http
                         .entry(key.into())
                         .or_default()
@@ -226,7 +227,7 @@ impl Table {
         t
     }
 
-    /// The backends of the route with id `id` in this table, if it has that route.
+    /// The backends of the HTTP route with id `id` in this table, if it has that route.
     pub fn backends_of(&self, id: &str) -> Option<&Arc<[SocketAddr]>> {
         self.by_id.get(id)
     }

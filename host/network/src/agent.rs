@@ -542,9 +542,12 @@ impl<S: LeaseStore> Agent<S> {
                 return Ok(());
             }
         };
-        // A bridge deleted and made again has lost its ports: the jobs' veths go back on it.
-        if let Err(e) = crate::job::adopt_job_veths(&self.nl, devices.bridge).await {
-            tracing::warn!(error = %error_chain(&e), "cannot check the jobs' veths");
+        // A bridge deleted and made again (a new index) has lost its ports: the jobs' veths
+        // go back on it. Only then: flynn-host makes veths and attaches them itself.
+        if devices.bridge != old.bridge {
+            if let Err(e) = crate::job::adopt_job_veths(&self.nl, devices.bridge).await {
+                tracing::warn!(error = %error_chain(&e), "cannot check the jobs' veths");
+            }
         }
         if devices == old && segment == old_segment {
             return Ok(());

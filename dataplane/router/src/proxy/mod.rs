@@ -28,7 +28,6 @@ use crate::io::{client_gone_after, compact, read_append, write_range};
 use crate::metrics::CoreMetrics;
 use crate::worker::{Core, ListenerInfo, BUF};
 use flynn_runtime::Recycled;
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub(crate) const RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(600);
 const MAX_ATTEMPTS: usize = 4;
 /// How long a response may take before the proxy starts watching for the client

@@ -5,8 +5,9 @@
 use super::*;
 
 /// Dials `addr` with the connect timeout.
-pub async fn dial(addr: SocketAddr) -> std::io::Result<TcpStream> {
-    match monoio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect_addr(addr)).await {
+pub async fn dial(core: &Core, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let limit = core.settings().connect_timeout;
+    match monoio::time::timeout(limit, TcpStream::connect_addr(addr)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Ok(s)
@@ -21,50 +22,41 @@ pub async fn dial(addr: SocketAddr) -> std::io::Result<TcpStream> {
 /// request from when this returns, with no await in between.
 pub async fn dial_counted(core: &Rc<Core>, addr: SocketAddr) -> std::io::Result<TcpStream> {
     let _dialing = core.start_request(addr);
-    dial(addr).await
+    dial(core, addr).await
 }
 
 /// Picks a backend and gets a connection to it: pooled first, else dialled; dial
 /// failures move on to another backend, up to four dials. After a failure the backends
 /// are the route's in the current table (a deploy may have replaced them all since the
-/// request started); one the current table no longer has is skipped without a dial.
+/// request started, and a drain may have reported the old ones drained).
 pub async fn connect(
     core: &Rc<Core>,
     route: &HttpRoute,
     sticky: Option<SocketAddr>,
     failed: Option<SocketAddr>,
 ) -> Option<(TcpStream, SocketAddr, bool)> {
-    // Every backend picked so far (dialled and failed, or skipped), never picked again.
-    let mut tried = [None; 2 * MAX_ATTEMPTS];
-    let mut picked = 0;
-    // A backend that just failed (e.g. a dead pooled connection and a refused redial)
-    // counts as the first dial.
+    // Every backend dialled so far, never picked again; a backend that just failed (e.g. a
+    // dead pooled connection and a refused redial) counts as the first dial.
+    let mut tried = [None; MAX_ATTEMPTS];
     let mut dials = 0;
     if let Some(a) = failed {
         tried[0] = Some(a);
-        picked = 1;
         dials = 1;
     }
     // A valid sticky cookie whose backend is still live is tried first.
     let sticky = sticky.filter(|a| route.backends.contains(a));
     let mut current: Option<std::sync::Arc<[SocketAddr]>> = None;
-    while dials < MAX_ATTEMPTS && picked < tried.len() {
-        let retry = picked > 0;
+    while dials < MAX_ATTEMPTS {
+        let retry = dials > 0;
         if retry {
-            current = core.table().backends_of(&route.id).cloned();
+            // The route gone from the table: nothing more is dialled for it.
+            current = Some(core.table().backends_of(&route.id)?.clone());
         }
         let backends = current.as_deref().unwrap_or(&route.backends);
         let addr = match sticky {
             Some(a) if !retry => a,
-            _ => pick(core, backends, &tried[..picked])?,
+            _ => pick(core, backends, &tried[..dials])?,
         };
-        tried[picked] = Some(addr);
-        picked += 1;
-        // Not in the current table (the route itself is gone from it, or the pool has not
-        // caught up yet): a drain may already have reported it drained.
-        if retry && !core.pool.has_backend(addr) {
-            continue;
-        }
         if !route.disable_keep_alives {
             if let Some(s) = core.pool.take(addr) {
                 CoreMetrics::inc(&core.metrics().upstream_reuses_total);
@@ -78,6 +70,7 @@ pub async fn connect(
             }
             Err(_) => {
                 CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
+                tried[dials] = Some(addr);
                 dials += 1;
             }
         }

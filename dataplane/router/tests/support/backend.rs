@@ -453,6 +453,26 @@ pub fn black_hole() -> (socket2::Socket, TcpStream, std::net::SocketAddr) {
     (l, filler, addr)
 }
 
+/// Waits (up to 5 s) until a socket on this machine is connecting to `addr` (`SYN-SENT`), such
+/// as the router dialling a [`black_hole`].
+pub fn wait_connecting_to(addr: SocketAddr) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = std::process::Command::new("ss")
+            .args(["-Htn", "state", "syn-sent", "dst", &addr.to_string()])
+            .output()
+            .expect("ss (iproute2)");
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing dialled {addr} within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Writes a complete response with `Content-Length`.
 pub fn respond(conn: &mut BackendConn, status: &str, headers: &[(&str, &str)], body: &[u8]) {
     let mut out = format!("HTTP/1.1 {status}\r\n");

@@ -563,10 +563,11 @@ fn the_old_api_answers_its_connections_then_exits() {
 }
 
 /// A process that hands over backends it took from discoverd for a service no route names
-/// any more (a clear it owed when the handover froze its API, or a route deleted just before
-/// the copy) has the new process clear them; backends set through the API for a service no
-/// route names yet are kept. The old process is played by the test: it hands over a state
-/// and two listening sockets as a router would.
+/// any more (a route deleted just before the copy) has the new process clear them, and so
+/// are those of a clear it owed (refused while the handover froze its API) although a route
+/// names that service again; backends set through the API for a service no route names yet
+/// are kept. The old process is played by the test: it hands over a state and two listening
+/// sockets as a router would.
 #[test]
 fn takeover_clears_discovered_backends_no_route_names() {
     use std::io::{BufRead, BufReader};
@@ -585,12 +586,15 @@ fn takeover_clears_discovered_backends_no_route_names() {
     let state = serde_json::json!({
         "listeners": [{"addr": http.local_addr().unwrap(), "tls": false, "route_port": 0}],
         "api": api.local_addr().unwrap(),
-        "routes": [],
+        "routes": [{"id": "again", "type": "http", "domain": "again.example.com",
+                    "service": "again", "created_at": "2026-11-28T00:00:00Z"}],
         "services": {
             "web": [{"addr": b1.addr.to_string()}],
+            "again": [{"addr": b1.addr.to_string()}],
             "staged": [{"addr": b1.addr.to_string()}],
         },
-        "discovered": ["web"],
+        "discovered": ["web", "again"],
+        "owed": ["again"],
     });
     let unix = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let old = std::thread::spawn(move || {
@@ -618,14 +622,18 @@ fn takeover_clears_discovered_backends_no_route_names() {
     assert_eq!(old.join().unwrap().trim(), "ready");
     let backends = |svc: &str| router.api("GET", &format!("/services/{svc}/backends"), None);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while backends("web").1 != serde_json::json!([]) {
-        assert!(
-            Instant::now() < deadline,
-            "web's discovered backends kept: {:?}",
-            backends("web")
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    for svc in ["web", "again"] {
+        while backends(svc).1 != serde_json::json!([]) {
+            assert!(
+                Instant::now() < deadline,
+                "{svc}'s discovered backends kept: {:?}",
+                backends(svc)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
+    let routes = router.api("GET", "/routes", None).1;
+    assert_eq!(routes[0]["id"], "again", "the handed-over route: {routes}");
     let (st, staged) = backends("staged");
     assert_eq!(st, 200);
     assert_eq!(staged[0]["addr"], b1.addr.to_string(), "{staged}");

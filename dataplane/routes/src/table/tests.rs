@@ -233,3 +233,26 @@ fn the_deepest_route_wins_whatever_its_length_in_bytes() {
     assert_eq!(svc(&t, "a.com", "/x/y/z"), Some("s2"));
     assert_eq!(svc(&t, "a.com", "/x/z"), Some("s1"));
 }
+
+/// A retry looks an HTTP route's backends up by id; a TCP route with the same id (ids are
+/// unique per kind only) is not what it finds.
+#[test]
+fn backends_by_id_are_the_http_routes_even_when_a_tcp_route_shares_the_id() {
+    let http = Route {
+        id: "same".into(),
+        ..Route::http("a.example.com", "s1")
+    };
+    let tcp = Route {
+        id: "same".into(),
+        ..Route::tcp(3001, "s2")
+    };
+    for routes in [[http.clone(), tcp.clone()], [tcp, http]] {
+        let t = table(&routes);
+        let addrs: Vec<String> = t
+            .backends_of("same")
+            .map(|b| b.iter().map(|a| a.to_string()).collect())
+            .unwrap_or_default();
+        assert_eq!(addrs, ["127.0.0.1:9001"]);
+        assert!(t.backends_of("other").is_none());
+    }
+}
