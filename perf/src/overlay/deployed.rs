@@ -70,6 +70,9 @@ pub(super) struct Deployed {
     net: Option<flynn_netlab::Lab>,
     /// `--via-host`: the `flynn-host` binary and the jobs' busybox image.
     via_host: Option<(PathBuf, Image)>,
+    /// Signal hook removing the host namespaces and the BPF filesystem (`Drop` does it
+    /// otherwise).
+    hook: u64,
 }
 
 /// Runs `f` with a current-thread tokio runtime on a thread inside namespace `ns`.
@@ -121,6 +124,15 @@ impl Deployed {
             });
         }
         net.underlay(&hosts[0].ns, hosts[0].ip, &hosts[1].ns, hosts[1].ip)?;
+        let names: Vec<String> = hosts.iter().map(|h| h.ns.clone()).collect();
+        let bpf_dir = bpffs.path().to_path_buf();
+        let hook = crate::procs::add_hook(Box::new(move || {
+            for ns in &names {
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+            let _ = Command::new("umount").arg("-l").arg(&bpf_dir).status();
+            let _ = std::fs::remove_dir(&bpf_dir);
+        }));
         let mut d = Deployed {
             network_bin: bins.network.clone(),
             dir,
@@ -130,6 +142,7 @@ impl Deployed {
             bpffs: Some(bpffs),
             net: Some(net),
             via_host: None,
+            hook,
         };
         if let Some(bin) = &bins.host {
             let img = crate::host::build_image(d.dir.path())?;
@@ -538,5 +551,6 @@ impl Drop for Deployed {
         // Namespaces (and with them every device) before the BPF filesystem.
         self.net = None;
         self.bpffs = None;
+        crate::procs::remove_hook(self.hook);
     }
 }
