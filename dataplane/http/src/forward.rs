@@ -34,11 +34,16 @@ pub fn write_request_head(buf: &[u8], req: &RequestInfo, fwd: &Forward, out: &mu
     let mut store = header_store();
     let mut parsed = httparse::Request::new(&mut []);
     let config = httparse::ParserConfig::default();
-    if !matches!(
-        config.parse_request_with_uninit_headers(&mut parsed, head, &mut store),
-        Ok(httparse::Status::Complete(_))
-    ) {
-        return;
+    match config.parse_request_with_uninit_headers(&mut parsed, head, &mut store) {
+        Ok(httparse::Status::Complete(_)) => {}
+        // HTTP/1.2 to 1.9, read as HTTP/1.1 by `parse_request`: the same head with the digit
+        // lowered (the request line goes out as HTTP/1.1 anyway).
+        Err(httparse::Error::Version) if let Some(at) = crate::request::newer_minor(head) => {
+            let mut copy = head.to_vec();
+            copy[at] = b'1';
+            return write_request_head(&copy, req, fwd, out);
+        }
+        _ => return,
     }
     let (Some(method), Some(uri)) = (parsed.method, parsed.path) else {
         return;

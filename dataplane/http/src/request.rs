@@ -37,9 +37,21 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestInfo>, ParseError> {
     let mut store = header_store();
     let mut req = httparse::Request::new(&mut []);
     let config = httparse::ParserConfig::default();
-    let parsed = config
-        .parse_request_with_uninit_headers(&mut req, limited, &mut store)
-        .map_err(|e| version_or_malformed(e, limited))?;
+    let parsed = match config.parse_request_with_uninit_headers(&mut req, limited, &mut store) {
+        Ok(p) => p,
+        // HTTP/1.2 to HTTP/1.9 is read as HTTP/1.1, the highest minor version we speak
+        // (RFC 9112 §2.3; Go and nginx do so): the same head with the digit lowered, whose
+        // spans are the same offsets into `buf`. Forwarded requests always say HTTP/1.1.
+        Err(httparse::Error::Version) if let Some(at) = newer_minor(limited) => {
+            let mut copy = limited.to_vec();
+            copy[at] = b'1';
+            return match parse_request(&copy) {
+                Ok(None) if buf.len() >= MAX_HEAD => Err(ParseError::HeadTooLarge),
+                r => r,
+            };
+        }
+        Err(e) => return Err(version_or_malformed(e, limited)),
+    };
     let head_len = match parsed {
         httparse::Status::Complete(n) => n,
         httparse::Status::Partial if buf.len() >= MAX_HEAD => return Err(ParseError::HeadTooLarge),
@@ -174,6 +186,22 @@ mod tests {
     }
 }
 
+/// Where the minor digit of a request line's `HTTP/1.<2..=9>` is (httparse takes 1.0 and
+/// 1.1 only).
+pub(crate) fn newer_minor(buf: &[u8]) -> Option<usize> {
+    let line_end = buf.iter().position(|&b| b == b'\r' || b == b'\n')?;
+    let line = &buf[..line_end];
+    if line.split(|&b| b == b' ').count() != 3 {
+        return None;
+    }
+    match line.get(line.len().checked_sub(8)?..)? {
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor] if (b'2'..=b'9').contains(minor) => {
+            Some(line_end - 1)
+        }
+        _ => None,
+    }
+}
+
 /// httparse reports any bad version token as a version error; like Go, only a well-formed
 /// `HTTP/<digit>.<digit>` that we do not speak is 505, anything else is a malformed 400.
 fn version_or_malformed(e: httparse::Error, buf: &[u8]) -> ParseError {
@@ -212,6 +240,7 @@ mod version_tests {
                 ParseError::Malformed,
             ),
             (b"GET / HTTP/1.x\r\nHost: a\r\n\r\n", ParseError::Malformed),
+            (b"GET / HTTP/1.10\r\nHost: a\r\n\r\n", ParseError::Malformed),
             (b"GET / FTP/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
         ];
         for (input, want) in cases {
@@ -224,5 +253,21 @@ mod version_tests {
         }
         assert_eq!(ParseError::Malformed.status(), 400);
         assert_eq!(ParseError::BadVersion.status(), 505);
+    }
+
+    /// A newer HTTP/1 minor version is read as HTTP/1.1 (RFC 9112 §2.3), spans and all; a
+    /// head cut short is still incomplete.
+    #[test]
+    fn newer_http1_minor_versions_are_read_as_1_1() {
+        let head = b"POST /x?y HTTP/1.2\r\nHost: a.example\r\nContent-Length: 3\r\n\r\nabc";
+        let info = parse_request(head).unwrap().unwrap();
+        assert_eq!(info.version_minor, 1);
+        assert_eq!(info.head_len, head.len() - 3);
+        assert_eq!(info.path.get(head), b"/x");
+        assert_eq!(info.host.map(|h| h.get(head)), Some(&b"a.example"[..]));
+        assert_eq!(info.framing, Framing::Length(3));
+        assert!(parse_request(b"GET / HTTP/1.9\r\nHost: a\r\n")
+            .unwrap()
+            .is_none());
     }
 }

@@ -578,3 +578,23 @@ fn a_client_that_stops_reading_the_response_is_given_up_after_the_idle_timeout()
         "{text}"
     );
 }
+
+/// A newer HTTP/1 minor version is served as HTTP/1.1 (RFC 9112 §2.3, as Go and nginx do),
+/// and goes to the backend as HTTP/1.1.
+#[test]
+fn an_http12_request_is_served_as_http11() {
+    let router = Router::start();
+    let b1 = Backend::start("b1");
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    let mut conn = Conn::connect(router.http_addr);
+    let resp = conn.request("GET /new HTTP/1.2\r\nHost: example.com\r\n\r\n");
+    let seen = resp.seen();
+    assert_eq!(
+        (seen.uri.as_str(), seen.version.as_str()),
+        ("/new", "HTTP/1.1")
+    );
+    // Kept alive, as HTTP/1.1.
+    let again = conn.request("GET /again HTTP/1.2\r\nHost: example.com\r\n\r\n");
+    assert_eq!(again.seen().conn, seen.conn);
+}
