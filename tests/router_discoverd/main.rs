@@ -162,6 +162,17 @@ fn register(d: &str, svc: &str, addr: SocketAddr) -> String {
     id
 }
 
+/// Adds an HTTP route for `domain` to `service` through the router's API at `api`; its id.
+fn add_route(api: &str, domain: &str, service: &str) -> String {
+    let route = format!(r#"{{"type":"http","domain":"{domain}","service":"{service}"}}"#);
+    let (st, body) = http(api, "POST", api, "/routes", Some(&route));
+    assert_eq!(st, 200, "{body}");
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// Polls until `f` holds, for at most `limit`.
 fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -342,12 +353,7 @@ fn a_service_no_route_names_loses_its_backends() {
     assert_eq!(http(&d, "PUT", &d, "/services/web", Some("{}")).0, 200);
     let (_router, r, api) = router(&d, "1");
     let route = r#"{"type":"http","domain":"web.example.com","service":"web"}"#;
-    let (st, body) = http(&api, "POST", &api, "/routes", Some(route));
-    assert_eq!(st, 200, "{body}");
-    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = add_route(&api, "web.example.com", "web");
     let b1 = backend("b1");
     register(&d, "web", b1);
     eventually(Duration::from_secs(5), "b1 serves web", || {
@@ -403,20 +409,8 @@ fn discovered_backends_are_cleared_after_takeovers() {
     ]);
     let (_gen1, kv) = start("flynn-router", &args);
     let (r, api) = (get(&kv, "http"), get(&kv, "api"));
-    let route = r#"{"type":"http","domain":"web.example.com","service":"web"}"#;
-    let (st, body) = http(&api, "POST", &api, "/routes", Some(route));
-    assert_eq!(st, 200, "{body}");
-    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let ops_route = r#"{"type":"http","domain":"ops.example.com","service":"ops"}"#;
-    let (st, body) = http(&api, "POST", &api, "/routes", Some(ops_route));
-    assert_eq!(st, 200, "{body}");
-    let ops_id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = add_route(&api, "web.example.com", "web");
+    let ops_id = add_route(&api, "ops.example.com", "ops");
     let b1 = backend("b1");
     register(&d, "web", b1);
     register(&d, "ops", b1);
