@@ -34,6 +34,17 @@ const DEREGISTER_WAIT: Duration = Duration::from_secs(2);
 /// The `error` of a job stopped before its process existed (it ends as done).
 const STOPPED_BEFORE_START: &str = "stopped before it started";
 
+/// The event announcing a job's end with `status`: `error` for a job that could not start
+/// (failed, spec §5.3), `stop` for one that ran and ended (done or crashed), whether its
+/// end came with an exit status or not.
+fn end_event(status: JobStatus) -> EventKind {
+    if status == JobStatus::Failed {
+        EventKind::Error
+    } else {
+        EventKind::Stop
+    }
+}
+
 /// What the daemon was configured with.
 pub struct Options {
     pub id: String,
@@ -736,12 +747,7 @@ impl Host {
         self.forget_deregistration(id);
         if let Some(j) = inner.table.failed(id, reason, now_rfc3339()).cloned() {
             self.volumes.release(&j.job);
-            let kind = if j.status == JobStatus::Failed {
-                EventKind::Error
-            } else {
-                EventKind::Stop
-            };
-            self.publish(&mut inner, kind, &j);
+            self.publish(&mut inner, end_event(j.status), &j);
             self.gc(&mut inner, &j);
         }
     }
@@ -1030,20 +1036,16 @@ impl Host {
                 c.stdin = None;
                 c.announce = None;
             }
-            let (kind, j) = match end {
-                Ok(exit) => (
-                    EventKind::Stop,
-                    inner.table.exited(&id, exit, now_rfc3339()).cloned(),
-                ),
-                Err(reason) => (
-                    EventKind::Error,
-                    inner.table.failed(&id, reason, now_rfc3339()).cloned(),
-                ),
+            // Without an exit (the runtime lost the job): failed if it never ran, crashed
+            // if it did, done if it was being stopped.
+            let j = match end {
+                Ok(exit) => inner.table.exited(&id, exit, now_rfc3339()).cloned(),
+                Err(reason) => inner.table.failed(&id, reason, now_rfc3339()).cloned(),
             };
             if let Some(j) = j {
                 self.volumes.release(&j.job);
-                tracing::info!(job = %id, status = j.status.as_str(), exit = ?j.exit_status, "job ended");
-                self.publish(&mut inner, kind, &j);
+                tracing::info!(job = %id, status = j.status.as_str(), exit = ?j.exit_status, error = ?j.error, "job ended");
+                self.publish(&mut inner, end_event(j.status), &j);
                 self.gc(&mut inner, &j);
             }
         }
@@ -1177,9 +1179,18 @@ impl Host {
             let Some(ended) = inner.table.get(id).map(|j| j.status.is_terminal()) else {
                 return false;
             };
-            // A job still starting has no control entry yet: this one, kept by the
-            // supervisor, makes its start skip the registration.
-            let c = inner.ctl.entry(id.to_string()).or_default();
+            let c = if ended {
+                // Nothing will register it again, and nothing would remove a new entry:
+                // only what its supervisor still holds (its end's cleanup) is closed.
+                match inner.ctl.get_mut(id) {
+                    Some(c) => c,
+                    None => return true,
+                }
+            } else {
+                // A job still starting has no control entry yet: this one, kept by the
+                // supervisor, makes its start skip the registration.
+                inner.ctl.entry(id.to_string()).or_default()
+            };
             let first = !c.deregistered;
             c.deregistered = true;
             let hbs = std::mem::take(&mut c.heartbeaters);
@@ -1219,6 +1230,10 @@ impl Host {
         let action = {
             let mut inner = self.lock();
             let a = inner.table.request_stop(id)?;
+            // Asked before: that stop is under way (and recorded); this one answers 200.
+            if a == StopAction::None {
+                return Ok(());
+            }
             if let Some(j) = inner.table.get(id).cloned() {
                 self.persist(&mut inner, &j);
             }
@@ -1289,6 +1304,12 @@ impl Host {
             .ctl
             .get(id)
             .is_some_and(|c| c.announce.is_some())
+    }
+
+    /// TEST ONLY: whether job `id` has a control entry.
+    #[cfg(test)]
+    pub(crate) fn has_control(&self, id: &str) -> bool {
+        self.lock().ctl.contains_key(id)
     }
 
     /// The stdin of job `id`, while its process lives and if it was created with one.

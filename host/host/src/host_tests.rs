@@ -323,10 +323,11 @@ async fn stop_while_starting_then_lifecycle() {
     .await
     .unwrap();
     tx.send(ProcEvent::Dropped { count: 3 }).await.unwrap();
-    // The runtime going away without an exit is an error.
+    // The runtime going away without an exit: the job ran, so it crashed (it did not fail
+    // to start), with the reason.
     drop(tx);
     rt.jobs.lock().unwrap().remove("o");
-    wait_status(&h, "o", JobStatus::Failed).await;
+    wait_status(&h, "o", JobStatus::Crashed).await;
     assert_eq!(
         h.get("o").unwrap().error.as_deref(),
         Some("lost contact with the job")
@@ -692,4 +693,105 @@ async fn a_deregistered_job_stays_out_of_discoverd_across_a_restart() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(left().is_empty(), "{:?}", left());
+}
+
+/// A running job the runtime loses (its shim's connection breaks: an end without an exit
+/// status) ran: it ends crashed with the reason and a `stop` event, not failed ("could not
+/// start", spec §5.2) with an `error` event. One being stopped ends done, also with `stop`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_the_runtime_loses_ends_crashed_with_a_stop_event() {
+    use flynn_api::host::EventKind;
+
+    let (_d, rt, h) = open_host();
+    let lost = "lost the job's shim: connection reset by peer";
+    for (id, stop, want) in [
+        ("a", false, JobStatus::Crashed),
+        ("b", true, JobStatus::Done),
+    ] {
+        let mut events = h.subscribe();
+        h.add_job(job(id, "x")).unwrap();
+        wait_status(&h, id, JobStatus::Running).await;
+        if stop {
+            h.stop(id).await.unwrap();
+        }
+        rt.events(id)
+            .send(ProcEvent::Failed {
+                reason: lost.into(),
+            })
+            .await
+            .unwrap();
+        let (ev, seen) = next_event(&mut events, EventKind::Stop)
+            .await
+            .unwrap_or_else(|| panic!("{id}: no stop event"));
+        assert!(!seen.contains(&EventKind::Error), "{id}: {seen:?}");
+        assert_eq!(
+            (
+                ev.job_id.as_str(),
+                ev.job.status,
+                ev.job.exit_status,
+                ev.job.error.as_deref()
+            ),
+            (id, want, None, Some(lost))
+        );
+        assert_eq!(h.get(id).unwrap().status, want);
+    }
+}
+
+/// A second stop of a job being stopped answers like the first and sends nothing more: no
+/// second SIGTERM, no second SIGKILL after the stop timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_sends_no_more_signals() {
+    let (_d, rt, h) = open_host();
+    h.add_job(job("a", "x")).unwrap();
+    wait_status(&h, "a", JobStatus::Running).await;
+    let signals = || rt.signals.lock().unwrap().clone();
+    h.stop("a").await.unwrap();
+    for _ in 0..200 {
+        if !signals().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.stop("a").await.unwrap();
+    // Past the job's 1 s stop timeout (from either stop): one SIGTERM, one SIGKILL.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let a = |sig| ("a".to_string(), sig);
+    assert_eq!(signals(), [a(15), a(9)]);
+    exit_cleanly(&rt, "a").await;
+    wait_status(&h, "a", JobStatus::Done).await;
+    assert_eq!(
+        h.stop("a").await.unwrap_err().message,
+        "host: job is already stopped"
+    );
+}
+
+/// `discoverd-deregister` of a job that ended (or failed to start) leaves nothing behind:
+/// it used to make a control entry for the job that nothing removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deregistering_an_ended_job_leaves_no_control_entry() {
+    let (d, rt, h) = open_host();
+    h.add_job(web_job("a")).unwrap();
+    wait_status(&h, "a", JobStatus::Running).await;
+    assert!(h.has_control("a"));
+    exit_cleanly(&rt, "a").await;
+    wait_status(&h, "a", JobStatus::Done).await;
+    h.add_job(job("f", "fail")).unwrap();
+    wait_status(&h, "f", JobStatus::Failed).await;
+    for id in ["a", "f"] {
+        // The end's cleanup removes the job's entry (after the end is recorded).
+        for _ in 0..200 {
+            if !h.has_control(id) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!h.has_control(id), "{id}: kept after its end");
+        assert!(h.deregister(id).await, "{id} is known");
+        assert!(
+            !h.has_control(id),
+            "{id}: an entry left by the deregistration"
+        );
+        assert!(!d.path().join("deregistered").join(id).exists());
+    }
+    assert!(!h.deregister("zz").await);
 }

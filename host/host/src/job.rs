@@ -345,6 +345,8 @@ pub enum StopAction {
     Signal,
     /// Still starting: the starter sees `force_stop` and stops it once it exists.
     Flagged,
+    /// Asked to stop before: that stop goes on, nothing more to do.
+    None,
 }
 
 /// All jobs the host knows, keyed by id, with the state machine:
@@ -446,7 +448,9 @@ impl Table {
         Some(j)
     }
 
-    /// starting → failed with `reason`; a job stopped while starting is done instead.
+    /// The job ended without an exit status, for `reason`: starting → failed (spec §5.2:
+    /// it could not start); running → crashed (it ran, and its end is not known: the
+    /// runtime lost it); a job asked to stop is done instead. `error` says why.
     pub fn failed(&mut self, id: &str, reason: String, now: String) -> Option<&ActiveJob> {
         let j = self.jobs.get_mut(id)?;
         if j.status.is_terminal() {
@@ -454,6 +458,8 @@ impl Table {
         }
         j.status = if j.force_stop {
             JobStatus::Done
+        } else if j.status == JobStatus::Running {
+            JobStatus::Crashed
         } else {
             JobStatus::Failed
         };
@@ -463,7 +469,9 @@ impl Table {
         Some(j)
     }
 
-    /// Marks a stop request.
+    /// Marks a stop request. A job already asked to stop is left to that stop
+    /// ([`StopAction::None`]): no second SIGTERM (which a job handling it would see twice)
+    /// and no second SIGKILL timer.
     pub fn request_stop(&mut self, id: &str) -> Result<StopAction, ApiError> {
         let j = self
             .jobs
@@ -471,6 +479,7 @@ impl Table {
             .ok_or_else(|| ApiError::object_not_found("host: unknown job"))?;
         match j.status {
             s if s.is_terminal() => Err(ApiError::conflict("host: job is already stopped")),
+            _ if j.force_stop => Ok(StopAction::None),
             JobStatus::Starting => {
                 j.force_stop = true;
                 Ok(StopAction::Flagged)
@@ -801,6 +810,8 @@ mod tests {
         t.add(job("b", "x"), "h", "t0".into()).unwrap();
         t.started("b", 9, None, "t1".into()).unwrap();
         assert_eq!(t.request_stop("b").unwrap(), StopAction::Signal);
+        // Asked again: the first stop goes on, nothing more is sent.
+        assert_eq!(t.request_stop("b").unwrap(), StopAction::None);
         let term = Exit {
             code: 143,
             signal: Some(15),
@@ -821,6 +832,26 @@ mod tests {
         let j = t.exited("c", oom, "t2".into()).unwrap();
         assert_eq!((j.status, j.oom_killed), (JobStatus::Crashed, true));
 
+        // Lost by the runtime while running (no exit status): crashed, not failed
+        // ("could not start"); while being stopped: done.
+        for (id, stop, want) in [
+            ("r", false, JobStatus::Crashed),
+            ("s", true, JobStatus::Done),
+        ] {
+            t.add(job(id, "x"), "h", "t0".into()).unwrap();
+            t.started(id, 11, None, "t1".into()).unwrap();
+            if stop {
+                t.request_stop(id).unwrap();
+            }
+            let j = t
+                .failed(id, "lost the job's shim".into(), "t2".into())
+                .unwrap();
+            assert_eq!(
+                (j.status, j.exit_status, j.error.as_deref(), j.pid),
+                (want, None, Some("lost the job's shim"), None)
+            );
+        }
+
         // Failing to start.
         t.add(job("d", "x"), "h", "t0".into()).unwrap();
         let j = t.failed("d", "no image".into(), "t1".into()).unwrap();
@@ -831,6 +862,7 @@ mod tests {
         // Stopped while starting, then the start fails: done.
         t.add(job("e", "x"), "h", "t0".into()).unwrap();
         assert_eq!(t.request_stop("e").unwrap(), StopAction::Flagged);
+        assert_eq!(t.request_stop("e").unwrap(), StopAction::None);
         assert_eq!(
             t.failed("e", "stopped".into(), "t1".into()).unwrap().status,
             JobStatus::Done

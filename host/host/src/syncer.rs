@@ -24,6 +24,9 @@ struct State {
     closed: bool,
     /// fsyncs that failed (a failing disk: logged once per pass, counted for tests).
     errors: u64,
+    /// Paths written through [`Syncer::write`] (tests: which files take the fsynced path).
+    #[cfg(test)]
+    written: Vec<PathBuf>,
 }
 
 struct Shared {
@@ -113,6 +116,8 @@ impl Syncer {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
+        #[cfg(test)]
+        self.shared().lock().written.push(path.to_path_buf());
         self.file(path);
         Ok(())
     }
@@ -151,6 +156,12 @@ impl Syncer {
     /// fsyncs that failed so far.
     pub fn errors(&self) -> u64 {
         self.shared().lock().errors
+    }
+
+    /// TEST ONLY: the paths written through [`Syncer::write`] so far, in order.
+    #[cfg(test)]
+    pub(crate) fn written(&self) -> Vec<PathBuf> {
+        self.shared().lock().written.clone()
     }
 }
 

@@ -211,19 +211,21 @@ impl Volumes {
             Err(source) => return Err(VolumeError::Io { path: root, source }),
         }
         let record = root.join(RECORD);
+        // As the job records are written: data fsynced before the rename (a power cut
+        // finds the record or no record, never an empty one), the file and `root` fsynced
+        // again in the syncer's next pass.
         let write = || -> std::io::Result<()> {
             std::fs::create_dir(root.join(DATA_DIR))?;
-            let tmp = root.join(format!(".{RECORD}.tmp"));
-            std::fs::write(&tmp, serde_json::to_vec(&vol).unwrap_or_default())?;
-            std::fs::rename(&tmp, &record)
+            self.shared
+                .sync
+                .write(&record, &serde_json::to_vec(&vol).unwrap_or_default())
         };
         if let Err(source) = write() {
             // Only what was made just now.
             let _ = std::fs::remove_dir_all(&root);
             return Err(VolumeError::Io { path: root, source });
         }
-        self.shared.sync.file(&record);
-        self.shared.sync.dir(&root);
+        // The new volume's name in the volume directory.
         self.shared.sync.dir(self.dir());
         vols.insert(id, vol.clone());
         Ok(vol)
@@ -410,6 +412,29 @@ mod tests {
         third.purge(&p);
         assert!(!p.exists() && !d.path().join(&b.id).exists());
         assert!(open(d.path()).list().is_empty());
+    }
+
+    /// The record is written the way job records are ([`Syncer::write`]: its data fsynced
+    /// before the rename, then file and directory fsynced by the syncer), not with a plain
+    /// write and rename that a power cut can leave as an empty record.
+    #[test]
+    fn records_are_written_through_the_syncer() {
+        let d = tempfile::tempdir().unwrap();
+        let sync = Syncer::start();
+        let v = Volumes::open(d.path(), "h1", sync.clone()).unwrap();
+        let a = v.create(VolumeCreate::default(), "t".into()).unwrap();
+        let root = v.dir().join(&a.id);
+        assert_eq!(sync.written(), [root.join(RECORD)]);
+        // No temporary file left behind.
+        let mut names: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, [DATA_DIR, RECORD]);
+        v.flush();
+        assert_eq!(sync.errors(), 0);
+        assert_eq!(open(d.path()).list(), [a]);
     }
 
     #[test]

@@ -562,6 +562,53 @@ async fn exit_status_signals_and_stop_timing() {
     assert_eq!(j.error.as_deref(), Some("unknown port proto \"sctp\""));
 }
 
+/// A second `DELETE` of a job being stopped answers 200 and sends nothing more: the job's
+/// SIGTERM handler runs once, and the SIGKILL comes after the stop timeout of the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_of_a_stopping_job_sends_no_second_sigterm() {
+    let h = Host::start(PROC);
+    let c = &h.client;
+    let dir = tempfile::tempdir().unwrap();
+    let terms = dir.path().join("terms");
+    let id = h.job_id("twice");
+    let mut job = sh_job(
+        &id,
+        &format!(
+            "trap 'echo term >> {}' TERM; while true; do sleep 0.05; done",
+            terms.display()
+        ),
+    );
+    job.config.stop_timeout = Some(2);
+    c.add_job(&job).await.unwrap();
+    wait_running(c, &id).await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // let the trap be installed
+    let handled = || {
+        std::fs::read_to_string(&terms)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let t0 = Instant::now();
+    c.stop_job(&id).await.unwrap();
+    eventually(Duration::from_secs(5), "the SIGTERM handled", || {
+        handled() == 1
+    })
+    .await;
+    c.stop_job(&id).await.unwrap();
+    // Time for a second SIGTERM to be handled (the job ignores them).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(handled(), 1, "a second SIGTERM was sent");
+    let j = wait_ended(c, &id, Duration::from_secs(10)).await;
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert_eq!((j.status, j.signal), (JobStatus::Done, Some(9)));
+    assert_eq!(handled(), 1);
+    let e = c.stop_job(&id).await.unwrap_err();
+    assert_eq!(e.api().unwrap().message, "host: job is already stopped");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_and_retention_of_stopped_jobs() {
     let h = Host::start(PROC);
@@ -958,8 +1005,10 @@ async fn state_persists_across_restarts() {
     let h2 = Host::start_in(h.dir, &id, PROC);
     let j = h2.client.get_job(&done).await.unwrap();
     assert_eq!((j.status, j.exit_status), (JobStatus::Done, Some(0)));
+    // It ran, and its end is not known: crashed (not failed, "could not start"), without an
+    // exit status, with the reason.
     let j = h2.client.get_job(&live).await.unwrap();
-    assert_eq!(j.status, JobStatus::Failed);
+    assert_eq!((j.status, j.exit_status), (JobStatus::Crashed, None));
     assert!(j.error.unwrap().contains("restart"));
 }
 

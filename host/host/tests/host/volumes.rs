@@ -212,10 +212,10 @@ async fn storage_api_and_exclusive_use() {
         [id1.as_str(), v2.id.as_str(), named]
     );
     assert_eq!(after[1], v2);
-    // (The process runtime does not re-adopt jobs: the holder is failed, and the volume
-    // free again.)
+    // (The process runtime does not re-adopt jobs: the holder, which was running, is
+    // crashed, and the volume free again.)
     let j = wait_ended(&h.client, &holder, Duration::from_secs(10)).await;
-    assert_eq!(j.status, JobStatus::Failed);
+    assert_eq!(j.status, JobStatus::Crashed);
     h.client.delete_volume(&v2.id).await.unwrap();
     let e = h.client.get_volume(&v2.id).await.unwrap_err();
     assert_eq!(e.api().unwrap().code, flynn_api::ErrorCode::ObjectNotFound);
