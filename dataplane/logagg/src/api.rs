@@ -22,12 +22,16 @@ use futures_util::stream;
 use crate::ingest::Shared;
 use crate::line::{stream_bit, write_json, write_skip_marker, Filter, Line};
 use crate::peer;
-use crate::store::{Follow, Store};
+use crate::store::{Follow, Positions, Store};
 
 /// Largest `lines` a reader may ask for (spec §3.4).
 pub const MAX_LINES: usize = 10_000;
-/// Lines per live chunk (a follower holds at most one chunk).
+/// Lines per chunk (a follower holds at most one rendered chunk).
 const CHUNK_LINES: usize = 512;
+/// A chunk ends with the line that takes it to this many bytes or past: 512 lines of
+/// 11,000-byte frames, escaped (a control byte renders as six), would be tens of MB held
+/// per follower that stops reading. One line (JSON-escaped frame) may go past it.
+const CHUNK_BYTES: usize = 256 * 1024;
 const PEER_KEEPALIVE: Duration = Duration::from_secs(10);
 
 pub struct ApiErr(pub ApiError);
@@ -150,14 +154,18 @@ struct Follower {
     reg: Follow,
 }
 
-/// Renders the next [`CHUNK_LINES`] lines of `hist`, if any are left. History goes out a
-/// chunk at a time like live lines: rendered whole it was a second, larger copy of every
-/// line (JSON escaping can make a line several times longer) held until a slow reader took
-/// it, and the API thread rendered it all before serving anyone else.
+/// Renders the next lines of `hist` (up to [`CHUNK_LINES`] and [`CHUNK_BYTES`]), if any
+/// are left. History goes out a chunk at a time like live lines: rendered whole it was a
+/// second, larger copy of every line (JSON escaping can make a line several times longer)
+/// held until a slow reader took it, and the API thread rendered it all before serving
+/// anyone else.
 fn history_chunk(hist: &mut std::vec::IntoIter<Line>, sse: bool) -> Option<Bytes> {
     let mut out = Vec::new();
     for l in hist.by_ref().take(CHUNK_LINES) {
         render(&mut out, sse, &l);
+        if out.len() >= CHUNK_BYTES {
+            break;
+        }
     }
     (!out.is_empty()).then(|| Bytes::from(out))
 }
@@ -192,11 +200,18 @@ async fn next_chunk(mut f: Follower) -> Option<(Result<Bytes, Infallible>, Follo
         let b = f.store.read_from(&f.app, f.next, &f.filter, CHUNK_LINES);
         f.next = b.next;
         if !b.lines.is_empty() || b.skipped > 0 {
-            let mut out = Vec::with_capacity(b.lines.len() * 256);
+            let mut out = Vec::with_capacity((b.lines.len() * 256).min(CHUNK_BYTES));
             if b.skipped > 0 {
                 render_skip(&mut out, f.sse, b.skipped);
             }
             for l in &b.lines {
+                if out.len() >= CHUNK_BYTES {
+                    // Full: the rest is read again for the next chunk (the ring's numbers
+                    // are consecutive, so `skipped` counted only numbers before the first
+                    // line, and a line evicted meanwhile is counted as skipped then).
+                    f.next = l.seq;
+                    break;
+                }
                 render(&mut out, f.sse, l);
             }
             return Some((Ok(Bytes::from(out)), f));
@@ -291,7 +306,7 @@ async fn cursors(State(sh): State<Arc<Shared>>) -> Response {
 
 struct SnapshotState {
     store: Arc<Store>,
-    pos: HashMap<Box<[u8]>, u64>,
+    pos: Positions,
     /// Every app's next sequence number when the snapshot began: the end marker goes out
     /// once `pos` reaches it, however fast lines keep arriving after.
     horizon: HashMap<Box<[u8]>, u64>,
@@ -345,7 +360,7 @@ async fn snapshot(State(sh): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Respo
     let follow = follow.then(|| sh.store.follow_all());
     let st = SnapshotState {
         store: sh.store.clone(),
-        pos: HashMap::new(),
+        pos: Positions::default(),
         horizon: sh.store.heads(),
         next_shard: 0,
         live: false,
@@ -450,7 +465,7 @@ mod tests {
         }
         let mut st = SnapshotState {
             store: store.clone(),
-            pos: HashMap::new(),
+            pos: Positions::default(),
             horizon: store.heads(),
             next_shard: 0,
             live: false,
@@ -528,6 +543,64 @@ mod tests {
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(text.contains("\"msg\":\"l3000\""), "{text}");
         assert_eq!(f.next, 3_002);
+    }
+
+    /// A follower that stops reading holds one rendered chunk: at most [`CHUNK_BYTES`] plus
+    /// one line, however long and escape-heavy the lines, for history and live lines alike;
+    /// the chunks together still carry every line once, in order.
+    #[tokio::test]
+    async fn follow_chunks_are_bounded_in_bytes() {
+        let store = Arc::new(Store::new(Limits {
+            lines_per_app: 10_000,
+            max_memory: usize::MAX,
+        }));
+        // 10,000 control bytes: each renders as six (`\u0001`).
+        let body = "\u{1}".repeat(10_000);
+        let put = |i: i64| {
+            let ts = Timestamp(1_257_894_000_000_000_000 + i * 1000).to_rfc3339();
+            let frame = format!("<190>1 {ts} h a web.j ID1 [flynn seq=\"{i}\"] {i} {body}");
+            let f = parse_fields(frame.as_bytes()).unwrap();
+            store.insert(b"a", frame.as_bytes(), &f, f.ts.unwrap());
+        };
+        let one_line = 6 * 10_000 + 256;
+        for i in 0..100 {
+            put(i);
+        }
+        let all = Filter::default();
+        let (hist, next, reg) = store.history(b"a", &all, 100, true);
+        let mut f = Follower {
+            store: store.clone(),
+            app: b"a".to_vec(),
+            filter: all,
+            sse: false,
+            keepalive: Duration::from_secs(30),
+            hist: Some(hist.into_iter()),
+            next,
+            reg: reg.unwrap(),
+        };
+        for i in 100..200 {
+            put(i);
+        }
+        let mut got = Vec::new();
+        while got.len() < 200 {
+            let (chunk, next) = tokio::time::timeout(Duration::from_secs(1), next_chunk(f))
+                .await
+                .expect("the follower stalled")
+                .unwrap();
+            f = next;
+            let chunk = chunk.unwrap();
+            assert!(
+                chunk.len() <= CHUNK_BYTES + one_line,
+                "a chunk of {} bytes",
+                chunk.len()
+            );
+            for l in String::from_utf8_lossy(&chunk).lines() {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let msg = v["msg"].as_str().unwrap();
+                got.push(msg.split_once(' ').unwrap().0.parse::<u32>().unwrap());
+            }
+        }
+        assert_eq!(got, (0..200).collect::<Vec<_>>());
     }
 
     #[test]

@@ -168,7 +168,17 @@ async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream, slot: Co
         let (res, slice) = stream.read(buf.slice_mut(len..cap)).await;
         buf = slice.into_inner();
         match res {
-            Ok(0) | Err(_) => break,
+            Ok(0) => {
+                // The sender closed: a last LF-framed message without its LF is kept, as
+                // rsyslog keeps it (an incomplete octet-counted frame is dropped).
+                if let Some(frame) = shared.framer.finish(&mut buf) {
+                    let m = Message::parse(frame);
+                    let now = Timestamp::now().max(next_stamp);
+                    ingest(&shared.store, c, m.frame(), m.fields(), now);
+                }
+                break;
+            }
+            Err(_) => break,
             Ok(n) => since_yield += n,
         }
         let mut now = Timestamp::now().max(next_stamp);

@@ -26,7 +26,8 @@
 //!   lock) without waiting, since the wake-up for those lines has already fired. History and
 //!   live are stitched at the sequence number read under the same lock as the
 //!   registration, so there is no gap and no duplicate, and a reader that falls more than
-//!   the ring behind gets a `skipped` marker instead of holding memory.
+//!   the ring behind gets a `skipped` marker instead of holding memory (a reader that stops
+//!   reading holds one rendered chunk: ≤ 512 lines, ending once past 256 KiB).
 //! - API ([`api`]) on its own thread (axum on a current-thread tokio runtime).
 //! - Peers ([`peer`]): `/snapshot?follow=true` streams every buffered line then live
 //!   lines; a starting aggregator loads each `--peer` before it serves, then follows.

@@ -8,7 +8,10 @@
 //!
 //! A starting aggregator loads every peer's snapshot before it serves, then keeps
 //! following; replays are ignored by the store's dedupe (same time and content), so two
-//! aggregators following each other converge without loops.
+//! aggregators following each other converge without loops. Every (re)connect starts with
+//! the peer's whole buffer: a line no later than the latest one its app has evicted here is
+//! refused ([`crate::store::Store::insert_from_peer`]), so lines this instance dropped do
+//! not come back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -160,7 +163,7 @@ async fn pass(shared: &Shared, url: &str, on_end: &mut (dyn FnMut() + Send)) -> 
                 }) => {
                     Counters::inc(&c.messages_total);
                     Counters::add(&c.bytes_total, frame.len() as u64);
-                    if shared.store.insert(app, frame, &fields, ts)
+                    if shared.store.insert_from_peer(app, frame, &fields, ts)
                         == crate::store::Outcome::Duplicate
                     {
                         Counters::inc(&c.duplicates_total);

@@ -62,6 +62,9 @@ pub struct App {
     /// The earliest timestamp in `ring`, when known: worked out only for a line earlier
     /// than the first-arrived one into a full ring, and kept until that line leaves.
     min_ts: Option<Timestamp>,
+    /// The latest timestamp of a line evicted from `ring` (by either bound), once one was:
+    /// a peer's copy of a line this old is refused ([`Store::insert_from_peer`]).
+    evicted_ts: Option<Timestamp>,
 }
 
 impl App {
@@ -79,6 +82,7 @@ impl App {
             max_ts: Timestamp(i64::MIN),
             fresh_run: 0,
             min_ts: None,
+            evicted_ts: None,
         }
     }
 
@@ -125,6 +129,7 @@ impl App {
         if self.min_ts == Some(l.ts) {
             self.min_ts = None;
         }
+        self.evicted_ts = self.evicted_ts.max(Some(l.ts));
         if let Some(d) = &mut self.dedupe {
             let h = l.hash();
             if d.get(&h) == Some(&l.seq) {
@@ -242,6 +247,9 @@ pub enum Outcome {
     Duplicate,
     /// Older than every line of a full ring: it would be the first evicted (counted).
     TooOld,
+    /// A peer's copy of a line no later than the latest line this app has evicted: most
+    /// likely one this instance had and dropped ([`Store::insert_from_peer`]; not counted).
+    Evicted,
 }
 
 pub struct Store {
@@ -324,6 +332,42 @@ fn shard_of(app: &[u8]) -> usize {
 /// Lines of one app that one [`Store::read_all_fair`] call takes at most.
 pub const READ_ALL_PER_APP: usize = 256;
 
+/// A whole-store reader's next sequence number in each app it has read (absent = from the
+/// start), kept per shard: a visit of a shard that leaves it more positions than the shard
+/// has apps drops the positions of the apps the store no longer has, so a reader that stays
+/// connected (a peer's `/snapshot?follow=true`) holds at most as many positions as the
+/// store has apps, not one for every app it ever saw (and no extra work while no app goes).
+/// A position left for a gone app is harmless: an app created again starts at its shard's
+/// `seq_floor`, above any position in the app it replaces, so it is read from its start.
+#[derive(Debug)]
+pub struct Positions {
+    shards: Box<[HashMap<Box<[u8]>, u64>]>,
+}
+
+impl Default for Positions {
+    fn default() -> Positions {
+        Positions {
+            shards: (0..SHARDS).map(|_| HashMap::new()).collect(),
+        }
+    }
+}
+
+impl Positions {
+    /// The next sequence number to read in `app`, if it was read.
+    pub fn get(&self, app: &[u8]) -> Option<u64> {
+        self.shards[shard_of(app)].get(app).copied()
+    }
+
+    /// Apps with a position.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(HashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Per-app figures for metrics.
 #[derive(Debug, Clone)]
 pub struct AppStats {
@@ -403,6 +447,35 @@ impl Store {
     /// covered). Only other lines need the content index, which is built from the ring on
     /// first need and dropped after `2 × lines_per_app` provably-new lines in a row.
     pub fn insert(&self, app: &[u8], frame: &[u8], fields: &Fields, ts: Timestamp) -> Outcome {
+        self.insert_line(app, frame, fields, ts, false)
+    }
+
+    /// [`Store::insert`] for a line read from a peer's `/snapshot`, which is refused
+    /// ([`Outcome::Evicted`]) when `app` has evicted a line at least as late: a peer stream
+    /// starts with the peer's whole buffer on every (re)connect, and the dedupe finds only
+    /// lines still buffered, so lines this instance dropped would otherwise come back with
+    /// new sequence numbers (reaching live followers a second time). A line a host sends
+    /// itself is never refused this way (a host resends from its cursor, spec §3.5); an app
+    /// removed whole (no line, no follower left) starts afresh, like a store at start-up.
+    pub fn insert_from_peer(
+        &self,
+        app: &[u8],
+        frame: &[u8],
+        fields: &Fields,
+        ts: Timestamp,
+    ) -> Outcome {
+        self.insert_line(app, frame, fields, ts, true)
+    }
+
+    #[inline]
+    fn insert_line(
+        &self,
+        app: &[u8],
+        frame: &[u8],
+        fields: &Fields,
+        ts: Timestamp,
+        from_peer: bool,
+    ) -> Outcome {
         let mut over_cap = false;
         let seq_cursor = (!fields.raw)
             .then(|| flynn::flynn_seq(fields.sd.get(frame)))
@@ -419,6 +492,10 @@ impl Store {
                     shard.apps.entry(app.into()).or_insert(a)
                 }
             };
+            // (A new app has evicted nothing: no empty app is left behind by this return.)
+            if from_peer && a.evicted_ts.is_some_and(|e| ts <= e) {
+                return Outcome::Evicted;
+            }
             let host = fields.hostname.get(frame);
             // A host missing from a full map may have been seen untracked: its lines are
             // not provably new by their sequence.
@@ -734,11 +811,7 @@ impl Store {
 
     /// Every app's lines after its position in `pos` (absent = from the start), at most
     /// about `max` lines per call; advances `pos`.
-    pub fn read_all_since(
-        &self,
-        pos: &mut HashMap<Box<[u8]>, u64>,
-        max: usize,
-    ) -> Vec<(Box<[u8]>, Line)> {
+    pub fn read_all_since(&self, pos: &mut Positions, max: usize) -> Vec<(Box<[u8]>, Line)> {
         self.read_all_fair(pos, &mut 0, max)
     }
 
@@ -747,7 +820,7 @@ impl Store {
     /// a busy app (or shard) cannot keep a reader from ever reaching the others.
     pub fn read_all_fair(
         &self,
-        pos: &mut HashMap<Box<[u8]>, u64>,
+        positions: &mut Positions,
         next_shard: &mut usize,
         max: usize,
     ) -> Vec<(Box<[u8]>, Line)> {
@@ -760,6 +833,7 @@ impl Store {
                 return out;
             }
             let s = self.shard_at(i);
+            let pos = &mut positions.shards[i];
             for (app, a) in &s.apps {
                 let from = pos.get(app).copied().unwrap_or(1);
                 if a.next_seq <= from || a.ring.is_empty() {
@@ -776,6 +850,10 @@ impl Store {
                     next = a.next_seq;
                 }
                 pos.insert(app.clone(), next);
+            }
+            if pos.len() > s.apps.len() {
+                // Some of these apps are gone from the store: forget them (see [`Positions`]).
+                pos.retain(|app, _| s.apps.contains_key(app));
             }
         }
         *next_shard = (first + 1) % SHARDS;
@@ -797,9 +875,9 @@ impl Store {
 
     /// Whether `pos` (as [`Store::read_all_since`] advances it) has reached `heads` (as
     /// [`Store::heads`] returned them) for every app still stored.
-    pub fn reached(&self, pos: &HashMap<Box<[u8]>, u64>, heads: &HashMap<Box<[u8]>, u64>) -> bool {
+    pub fn reached(&self, pos: &Positions, heads: &HashMap<Box<[u8]>, u64>) -> bool {
         heads.iter().all(|(app, &head)| {
-            if pos.get(app).copied().unwrap_or(1) >= head {
+            if pos.get(app).unwrap_or(1) >= head {
                 return true;
             }
             // An app gone from the store (evicted whole) has nothing left to read; one

@@ -7,7 +7,8 @@
 //!
 //! CR/LF bytes between frames are skipped (some senders end octet-counted frames with a
 //! newline). Anything else where a frame should start is [`FrameError::Garbage`]. Errors
-//! are final for the stream: the caller closes the connection.
+//! are final for the stream: the caller closes the connection. When the sender closes, a
+//! last non-transparent frame without its LF is still a frame ([`Framer::finish`]).
 
 use bytes::{Bytes, BytesMut};
 
@@ -189,6 +190,23 @@ impl Framer {
             }
         }
     }
+
+    /// At the end of the stream, once [`Framer::next_frame`] has taken every complete
+    /// frame: the bytes left as a last frame if they are a non-transparent frame whose LF
+    /// never came (starting with `<`, at most the limit once a trailing CR is dropped), as
+    /// rsyslog keeps it; `None` for anything else (an incomplete octet-counted frame cannot
+    /// be told from a cut one). Empties `buf`.
+    pub fn finish(&self, buf: &mut BytesMut) -> Option<Bytes> {
+        let mut rest = buf.split();
+        let _ = rest.split_to(Self::skip_blank(&rest));
+        if rest.first() != Some(&b'<') || rest.contains(&b'\n') {
+            return None;
+        }
+        if rest.last() == Some(&b'\r') {
+            rest.truncate(rest.len() - 1);
+        }
+        (rest.len() <= self.max_frame).then(|| rest.freeze())
+    }
 }
 
 #[cfg(test)]
@@ -349,6 +367,26 @@ mod tests {
         let f = Framer::new(10);
         assert_eq!(f.locate(b"11 x"), Err(FrameError::TooLong));
         assert!(f.locate(b"10 0123456789").unwrap().is_some());
+    }
+
+    #[test]
+    fn last_lf_frame_without_its_lf_is_a_frame_at_the_end() {
+        let f = Framer::new(10);
+        let end = |input: &[u8]| {
+            let mut buf = BytesMut::from(input);
+            while let Ok(Some(_)) = f.next_frame(&mut buf) {}
+            let last = f.finish(&mut buf).map(|b| b.to_vec());
+            assert!(buf.is_empty());
+            last
+        };
+        assert_eq!(end(b"<1>a\n<2>last"), Some(b"<2>last".to_vec()));
+        assert_eq!(end(b"<1>a\n\r\n<2>cr\r"), Some(b"<2>cr".to_vec()));
+        assert_eq!(end(b"<2>ten byte"), None, "over the limit");
+        assert_eq!(end(b"<2>ten byt\r"), Some(b"<2>ten byt".to_vec()));
+        assert_eq!(end(b"<1>a\n"), None, "nothing left");
+        assert_eq!(end(b"<1>a\n\r\n"), None, "only blank bytes left");
+        assert_eq!(end(b"9 <1>cut"), None, "incomplete octet-counted frame");
+        assert_eq!(end(b"3 <1>"), None, "complete frames are not left");
     }
 
     #[test]

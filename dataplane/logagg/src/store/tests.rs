@@ -201,7 +201,7 @@ fn read_all_since_walks_every_app() {
     let s = store(100, usize::MAX);
     put(&s, "a", &msg("h", "web.1", "ID1", 1, 1, "a1"));
     put(&s, "b", &msg("h", "web.1", "ID1", 2, 2, "b1"));
-    let mut pos = HashMap::new();
+    let mut pos = Positions::default();
     assert_eq!(s.read_all_since(&mut pos, 100).len(), 2);
     assert!(s.read_all_since(&mut pos, 100).is_empty());
     put(&s, "a", &msg("h", "web.1", "ID1", 3, 3, "a2"));
@@ -508,7 +508,7 @@ fn an_app_dropped_by_the_cap_and_back_keeps_counting_up() {
     // (its last line reclaimed) and re-created must not restart below it.
     let s = store(10_000, 1 << 16);
     put(&s, "a", &msg("h", "web.1", "ID1", 1, 1, "first"));
-    let mut pos = HashMap::new();
+    let mut pos = Positions::default();
     assert_eq!(s.read_all_since(&mut pos, 100).len(), 1);
     for i in 0..2_000u64 {
         put(
@@ -565,4 +565,81 @@ fn host_cursors_are_bounded_per_shard_and_later_hosts_still_deduplicated() {
     let (_, cursors, replay) = hosts_then_a_replay(MAX_CURSOR_HOSTS_PER_SHARD + 5);
     assert_eq!(cursors, MAX_CURSOR_HOSTS_PER_SHARD);
     assert_eq!(replay, Outcome::Duplicate);
+}
+
+#[test]
+fn a_whole_store_reader_forgets_the_apps_the_store_dropped() {
+    // A sender inventing an app per line, under the memory cap: the store keeps a bounded
+    // number of apps, and a peer following the whole store must not remember them all.
+    let s = store(10_000, 1 << 16);
+    let mut pos = Positions::default();
+    let mut next_shard = 0;
+    let mut read = 0;
+    for i in 0..5_000u64 {
+        put(&s, &format!("app{i}"), &msg("h", "web.1", "ID1", i, i, "x"));
+        // As the `/snapshot?follow=true` stream does after each wake-up.
+        read += s.read_all_fair(&mut pos, &mut next_shard, 1_000).len();
+    }
+    // (A few lines go in the reclaim their own insert runs, before any read.)
+    assert!((4_900..=5_000).contains(&read), "{read} lines read");
+    let apps = s.stats().len();
+    assert!(apps < 1_000, "the cap dropped apps ({apps} left)");
+    // The last read visited every shard: only apps still stored have a position.
+    assert!(
+        pos.len() <= apps,
+        "{} positions for {apps} stored apps",
+        pos.len()
+    );
+}
+
+#[test]
+fn a_peers_copies_of_evicted_lines_do_not_come_back() {
+    // The memory cap evicts (the ring is far from full by count); a live follower reads
+    // every line. Then the peer stream reconnects and replays the peer's whole buffer,
+    // which still holds every line: none of the evicted ones may be stored again.
+    let body = "x".repeat(800);
+    let one = msg("h", "web.1", "ID1", 0, 0, &body).len() + crate::line::LINE_OVERHEAD;
+    let s = store(10_000, one * 20);
+    let all = Filter::default();
+    let (_, mut next, f) = s.history(b"busy", &all, 0, true);
+    let line = |i: u64| msg("h", "web.1", "ID1", i, i, &format!("{i} {body}"));
+    for i in 1..200 {
+        assert_eq!(put(&s, "busy", &line(i)), Outcome::Stored);
+        let b = s.read_from(b"busy", next, &all, 1_000);
+        assert_eq!((b.lines.len(), b.skipped), (1, 0));
+        next = b.next;
+    }
+    let evicted = s.stats()[0].evicted_memory;
+    assert!(evicted > 0);
+    let peer = |i: u64| {
+        let frame = line(i);
+        let f = parse_fields(frame.as_bytes()).unwrap();
+        s.insert_from_peer(b"busy", frame.as_bytes(), &f, f.ts.unwrap())
+    };
+    for i in 1..200 {
+        let want = if i <= evicted {
+            Outcome::Evicted
+        } else {
+            Outcome::Duplicate
+        };
+        assert_eq!(peer(i), want, "line {i}");
+    }
+    let again = s.read_from(b"busy", next, &all, 1_000);
+    assert!(
+        again.lines.is_empty() && again.skipped == 0,
+        "{} evicted lines came back",
+        again.lines.len()
+    );
+    // A peer's line later than every evicted one is still taken, and a host's own line as
+    // old as an evicted one too (hosts resend from their cursor, spec §3.5).
+    assert_eq!(peer(200), Outcome::Stored);
+    assert_eq!(
+        put(
+            &s,
+            "busy",
+            &msg("h2", "web.1", "ID1", 1, 1, "resent by its host")
+        ),
+        Outcome::Stored
+    );
+    drop(f);
 }

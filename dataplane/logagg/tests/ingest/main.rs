@@ -71,6 +71,30 @@ fn equal_lines_without_a_timestamp_are_all_kept() {
     assert_eq!(l.metric("flynn_logagg_duplicates_total{"), 0);
 }
 
+/// A last LF-framed message without its LF is stored when the sender closes (rsyslog keeps
+/// it too); an incomplete octet-counted frame is not.
+#[test]
+fn last_lf_frame_without_its_newline_is_kept_when_the_sender_closes() {
+    let l = Logagg::start(&[]);
+    l.send(
+        format!(
+            "{}\n{}",
+            msg("eof", "h", "web.1", "ID1", 1, 1, "first"),
+            msg("eof", "h", "web.1", "ID1", 2, 2, "last, no LF")
+        )
+        .as_bytes(),
+    );
+    l.send(b"500 <190>1 - h eof - - - cut octet-counted frame");
+    let v = l.wait_lines("eof", 2);
+    let got: Vec<_> = v
+        .iter()
+        .map(|j| j["msg"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, ["first", "last, no LF"]);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(l.log("eof", "").len(), 2);
+}
+
 /// Returns true when the server closed the connection within the timeout (EOF or a
 /// reset; a read that times out means it is still open).
 fn closed_by_server(s: &mut std::net::TcpStream) -> bool {

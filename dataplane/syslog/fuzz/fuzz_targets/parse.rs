@@ -38,4 +38,11 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
+    // The sender closes: what is left may be a last frame without its LF.
+    if let Some(f) = framer.finish(&mut buf) {
+        assert!(f.len() <= framer.max_frame() && f.first() == Some(&b'<'));
+        assert!(!f.contains(&b'\n'));
+        let _ = Message::parse(f);
+    }
+    assert!(buf.is_empty());
 });
