@@ -197,7 +197,9 @@ async fn next_chunk(mut f: Follower) -> Option<(Result<Bytes, Infallible>, Follo
         let notified = notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let b = f.store.read_from(&f.app, f.next, &f.filter, CHUNK_LINES);
+        let b = f
+            .store
+            .read_from_within(&f.app, f.next, &f.filter, CHUNK_LINES, CHUNK_BYTES);
         f.next = b.next;
         if !b.lines.is_empty() || b.skipped > 0 {
             let mut out = Vec::with_capacity((b.lines.len() * 256).min(CHUNK_BYTES));

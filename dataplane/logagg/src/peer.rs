@@ -9,9 +9,9 @@
 //! A starting aggregator loads every peer's snapshot before it serves, then keeps
 //! following; replays are ignored by the store's dedupe (same time and content), so two
 //! aggregators following each other converge without loops. Every (re)connect starts with
-//! the peer's whole buffer: a line no later than the latest one its app has evicted here is
-//! refused ([`crate::store::Store::insert_from_peer`]), so lines this instance dropped do
-//! not come back.
+//! the peer's whole buffer: once an app has evicted lines here, a replayed line older than
+//! every line it still buffers is refused ([`crate::store::Store::insert_from_peer`]), so
+//! lines this instance dropped do not come back; live lines after the end marker are not.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,6 +148,8 @@ async fn pass(shared: &Shared, url: &str, on_end: &mut (dyn FnMut() + Send)) -> 
     }
     let _ = buf.split_to(head_end);
     let framer = Framer::new(65_535 + 256);
+    // The peer's buffer, up to its end marker; live lines after it.
+    let mut replaying = true;
     let c: &Counters = shared.peer_counters();
     loop {
         while let Some(rec) = framer
@@ -163,13 +165,19 @@ async fn pass(shared: &Shared, url: &str, on_end: &mut (dyn FnMut() + Send)) -> 
                 }) => {
                     Counters::inc(&c.messages_total);
                     Counters::add(&c.bytes_total, frame.len() as u64);
-                    if shared.store.insert_from_peer(app, frame, &fields, ts)
-                        == crate::store::Outcome::Duplicate
-                    {
+                    let outcome = if replaying {
+                        shared.store.insert_from_peer(app, frame, &fields, ts)
+                    } else {
+                        shared.store.insert(app, frame, &fields, ts)
+                    };
+                    if outcome == crate::store::Outcome::Duplicate {
                         Counters::inc(&c.duplicates_total);
                     }
                 }
-                Some(Record::End) => on_end(),
+                Some(Record::End) => {
+                    replaying = false;
+                    on_end();
+                }
                 Some(Record::KeepAlive) => {}
                 None => bail!("bad snapshot record"),
             }

@@ -62,9 +62,9 @@ pub struct App {
     /// The earliest timestamp in `ring`, when known: worked out only for a line earlier
     /// than the first-arrived one into a full ring, and kept until that line leaves.
     min_ts: Option<Timestamp>,
-    /// The latest timestamp of a line evicted from `ring` (by either bound), once one was:
-    /// a peer's copy of a line this old is refused ([`Store::insert_from_peer`]).
-    evicted_ts: Option<Timestamp>,
+    /// Whether a line was ever evicted from `ring` (by either bound): from then on a peer's
+    /// replayed line older than every buffered one is refused ([`Store::insert_from_peer`]).
+    evicted_any: bool,
 }
 
 impl App {
@@ -82,7 +82,7 @@ impl App {
             max_ts: Timestamp(i64::MIN),
             fresh_run: 0,
             min_ts: None,
-            evicted_ts: None,
+            evicted_any: false,
         }
     }
 
@@ -129,7 +129,7 @@ impl App {
         if self.min_ts == Some(l.ts) {
             self.min_ts = None;
         }
-        self.evicted_ts = self.evicted_ts.max(Some(l.ts));
+        self.evicted_any = true;
         if let Some(d) = &mut self.dedupe {
             let h = l.hash();
             if d.get(&h) == Some(&l.seq) {
@@ -247,8 +247,9 @@ pub enum Outcome {
     Duplicate,
     /// Older than every line of a full ring: it would be the first evicted (counted).
     TooOld,
-    /// A peer's copy of a line no later than the latest line this app has evicted: most
-    /// likely one this instance had and dropped ([`Store::insert_from_peer`]; not counted).
+    /// A peer's replayed line older than every line of an app that has evicted lines: most
+    /// likely one this instance had and dropped ([`Store::insert_from_peer`]; counted with
+    /// the capacity refusals).
     Evicted,
 }
 
@@ -450,13 +451,15 @@ impl Store {
         self.insert_line(app, frame, fields, ts, false)
     }
 
-    /// [`Store::insert`] for a line read from a peer's `/snapshot`, which is refused
-    /// ([`Outcome::Evicted`]) when `app` has evicted a line at least as late: a peer stream
-    /// starts with the peer's whole buffer on every (re)connect, and the dedupe finds only
-    /// lines still buffered, so lines this instance dropped would otherwise come back with
-    /// new sequence numbers (reaching live followers a second time). A line a host sends
-    /// itself is never refused this way (a host resends from its cursor, spec §3.5); an app
-    /// removed whole (no line, no follower left) starts afresh, like a store at start-up.
+    /// [`Store::insert`] for a line of a peer's `/snapshot` replay (the peer's buffer, sent
+    /// again on every (re)connect; not its live lines after the end marker). Dedupe finds
+    /// only lines still buffered, so the lines this instance evicted would come back with
+    /// new sequence numbers (to its live followers a second time). Once `app` has evicted
+    /// a line, a replayed line older than every line it still buffers is refused
+    /// ([`Outcome::Evicted`]), as a line older than a full ring is ([`Outcome::TooOld`]): it
+    /// lies before what this instance keeps. A line a host sends itself is never refused
+    /// this way (a host resends from its cursor, spec §3.5), and neither is a peer's live
+    /// line; an app removed whole (no line, no follower) takes a replay again, as at start.
     pub fn insert_from_peer(
         &self,
         app: &[u8],
@@ -493,7 +496,12 @@ impl Store {
                 }
             };
             // (A new app has evicted nothing: no empty app is left behind by this return.)
-            if from_peer && a.evicted_ts.is_some_and(|e| ts <= e) {
+            if from_peer
+                && a.evicted_any
+                && a.oldest().is_some_and(|o| ts < o)
+                && a.earliest().is_some_and(|m| ts < m)
+            {
+                a.evicted_capacity += 1;
                 return Outcome::Evicted;
             }
             let host = fields.hostname.get(frame);
@@ -761,6 +769,20 @@ impl Store {
     /// stopped short of the newest line and the caller should read again right away: the
     /// wake-up for the lines after it has already fired.
     pub fn read_from(&self, app: &[u8], from: u64, filter: &Filter, max: usize) -> Batch {
+        self.read_from_within(app, from, filter, max, usize::MAX)
+    }
+
+    /// [`Store::read_from`] that also stops once the lines taken hold `max_bytes` of frames
+    /// (at least one line is taken): a chunk ends at a byte size, and lines copied out past
+    /// it under the shard's lock would only be dropped and read again.
+    pub fn read_from_within(
+        &self,
+        app: &[u8],
+        from: u64,
+        filter: &Filter,
+        max: usize,
+        max_bytes: usize,
+    ) -> Batch {
         let s = self.shard(app);
         let Some(a) = s.apps.get(app) else {
             return Batch {
@@ -771,13 +793,15 @@ impl Store {
         let mut lines = Vec::new();
         let mut next = from;
         let mut skipped = 0;
+        let mut bytes = 0usize;
         let mut rest = a.ring.range(a.index_of(from)..);
         for l in rest.by_ref().take(max * 4) {
             skipped += l.seq - next;
             next = l.seq + 1;
             if filter.matches(&l.msg) {
                 lines.push(l.clone());
-                if lines.len() >= max {
+                bytes += l.msg.frame().len();
+                if lines.len() >= max || bytes >= max_bytes {
                     break;
                 }
             }

@@ -643,3 +643,51 @@ fn a_peers_copies_of_evicted_lines_do_not_come_back() {
     );
     drop(f);
 }
+
+#[test]
+fn a_far_future_line_evicted_once_does_not_refuse_a_peers_later_lines() {
+    // One line stamped far ahead (a bad clock) arrives first and is evicted by the memory
+    // cap. A peer's replayed lines newer than what is still buffered are not older than
+    // the buffer, so they are taken; one older than the whole buffer is refused.
+    let body = "y".repeat(800);
+    let one = msg("h", "web.1", "ID1", 0, 0, &body).len() + crate::line::LINE_OVERHEAD;
+    let s = store(10_000, one * 20);
+    assert_eq!(
+        put(
+            &s,
+            "app",
+            &msg("h", "web.1", "ID1", 1, 4_000_000_000_000, &body)
+        ),
+        Outcome::Stored
+    );
+    for i in 100..200 {
+        put(&s, "app", &msg("h", "web.1", "ID1", i, i, &body));
+    }
+    assert!(s.stats()[0].evicted_memory > 0);
+    let peer = |ts: u64, text: &str| {
+        let frame = msg("p", "web.1", "ID2", ts, ts, text);
+        let f = parse_fields(frame.as_bytes()).unwrap();
+        s.insert_from_peer(b"app", frame.as_bytes(), &f, f.ts.unwrap())
+    };
+    assert_eq!(peer(250, "newer than the buffer"), Outcome::Stored);
+    assert_eq!(peer(10, "older than the buffer"), Outcome::Evicted);
+}
+
+#[test]
+fn a_read_within_a_byte_budget_stops_after_the_line_that_reaches_it() {
+    let s = store(10_000, 1 << 30);
+    let body = "z".repeat(1_000);
+    for i in 1..=50 {
+        put(&s, "app", &msg("h", "web.1", "ID1", i, i, &body));
+    }
+    let all = Filter::default();
+    let one = msg("h", "web.1", "ID1", 1, 1, &body).len();
+    let b = s.read_from_within(b"app", 0, &all, 512, one * 3);
+    assert_eq!(b.lines.len(), 3);
+    assert!(b.behind, "more lines are waiting");
+    let rest = s.read_from_within(b"app", b.next, &all, 512, usize::MAX);
+    assert_eq!(rest.lines.len(), 47);
+    assert_eq!(rest.lines[0].seq, b.lines[2].seq + 1);
+    // At least one line, however small the budget.
+    assert_eq!(s.read_from_within(b"app", 0, &all, 512, 1).lines.len(), 1);
+}
