@@ -357,8 +357,8 @@ where
         }
     }
     let Some(job) = end else { return };
-    if job.status == JobStatus::Failed {
-        let _ = w.send(&Frame::Error(failure(&job))).await;
+    if let Some(e) = failure_of(&job) {
+        let _ = w.send(&Frame::Error(e)).await;
         return;
     }
     if !announced && w.send(&Frame::Success).await.is_err() {
@@ -381,6 +381,14 @@ where
 
 fn failure(job: &ActiveJob) -> String {
     job.error.clone().unwrap_or_else(|| "job failed".into())
+}
+
+/// What an attached client is told instead of an exit status: why the job failed to start,
+/// or why it ended with no exit status known (its runtime lost it, e.g. its shim); `None`
+/// when it exited (or was stopped) and has an exit status to send.
+fn failure_of(job: &ActiveJob) -> Option<String> {
+    let lost = job.exit_status.is_none() && job.signal.is_none() && job.error.is_some();
+    (job.status == JobStatus::Failed || lost).then(|| failure(job))
 }
 
 /// A client's way to the job's stdin.
@@ -484,6 +492,32 @@ fn stream_id(s: Stream) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_that_ended_without_an_exit_status_is_an_error_not_exit_0() {
+        let end = |status, exit_status, signal, error: Option<&str>| ActiveJob {
+            status,
+            exit_status,
+            signal,
+            error: error.map(str::to_string),
+            ..ActiveJob::default()
+        };
+        let lost = Some("lost the job's shim");
+        for (job, want) in [
+            (
+                end(JobStatus::Failed, None, None, Some("no image")),
+                Some("no image"),
+            ),
+            (end(JobStatus::Failed, None, None, None), Some("job failed")),
+            (end(JobStatus::Crashed, None, None, lost), lost),
+            (end(JobStatus::Done, None, None, lost), lost),
+            (end(JobStatus::Done, Some(0), None, None), None),
+            (end(JobStatus::Crashed, Some(3), None, None), None),
+            (end(JobStatus::Crashed, None, Some(9), None), None),
+        ] {
+            assert_eq!(failure_of(&job).as_deref(), want, "{job:?}");
+        }
+    }
 
     #[test]
     fn flags_this_host_cannot_serve_are_refused_by_name() {

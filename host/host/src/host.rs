@@ -739,7 +739,7 @@ impl Host {
     }
 
     fn fail(&self, id: &str, reason: String) {
-        tracing::warn!(job = %id, reason = %reason, "job failed to start");
+        tracing::warn!(job = %id, reason = %reason, "job failed, or was lost by its runtime");
         self.prepare_next();
         let mut inner = self.lock();
         // A deregistration that came while it was starting left an entry: nothing runs.

@@ -753,8 +753,15 @@ async fn a_second_stop_sends_no_more_signals() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     h.stop("a").await.unwrap();
-    // Past the job's 1 s stop timeout (from either stop): one SIGTERM, one SIGKILL.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The job's 1 s stop timeout: the first two signals (a second stop would make them two
+    // SIGTERMs), then a while for anything more.
+    for _ in 0..1000 {
+        if signals().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let a = |sig| ("a".to_string(), sig);
     assert_eq!(signals(), [a(15), a(9)]);
     exit_cleanly(&rt, "a").await;

@@ -570,18 +570,23 @@ async fn a_second_stop_of_a_stopping_job_sends_no_second_sigterm() {
     let c = &h.client;
     let dir = tempfile::tempdir().unwrap();
     let terms = dir.path().join("terms");
+    let ready = dir.path().join("ready");
     let id = h.job_id("twice");
     let mut job = sh_job(
         &id,
         &format!(
-            "trap 'echo term >> {}' TERM; while true; do sleep 0.05; done",
-            terms.display()
+            "trap 'echo term >> {}' TERM; touch {}; while true; do sleep 0.05; done",
+            terms.display(),
+            ready.display()
         ),
     );
     job.config.stop_timeout = Some(2);
     c.add_job(&job).await.unwrap();
     wait_running(c, &id).await;
-    tokio::time::sleep(Duration::from_millis(200)).await; // let the trap be installed
+    eventually(Duration::from_secs(10), "the trap installed", || {
+        ready.exists()
+    })
+    .await;
     let handled = || {
         std::fs::read_to_string(&terms)
             .map(|s| s.lines().count())
