@@ -38,10 +38,13 @@ pub fn write_request_head(buf: &[u8], req: &RequestInfo, fwd: &Forward, out: &mu
         Ok(httparse::Status::Complete(_)) => {}
         // HTTP/1.2 to 1.9, read as HTTP/1.1 by `parse_request`: the same head with the digit
         // lowered (the request line goes out as HTTP/1.1 anyway).
-        Err(httparse::Error::Version) if let Some(at) = crate::request::newer_minor(head) => {
-            let mut copy = head.to_vec();
-            copy[at] = b'1';
-            return write_request_head(&copy, req, fwd, out);
+        Err(httparse::Error::Version) => {
+            if let Some(at) = crate::request::newer_minor(head) {
+                let mut copy = head.to_vec();
+                copy[at] = b'1';
+                write_request_head(&copy, req, fwd, out);
+            }
+            return;
         }
         _ => return,
     }

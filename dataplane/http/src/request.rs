@@ -39,10 +39,17 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestInfo>, ParseError> {
     let config = httparse::ParserConfig::default();
     let parsed = match config.parse_request_with_uninit_headers(&mut req, limited, &mut store) {
         Ok(p) => p,
-        // HTTP/1.2 to HTTP/1.9 is read as HTTP/1.1, the highest minor version we speak
-        // (RFC 9112 §2.3; Go and nginx do so): the same head with the digit lowered, whose
-        // spans are the same offsets into `buf`. Forwarded requests always say HTTP/1.1.
-        Err(httparse::Error::Version) if let Some(at) = newer_minor(limited) => {
+        Err(e) => {
+            // HTTP/1.2 to HTTP/1.9 is read as HTTP/1.1, the highest minor version we speak
+            // (RFC 9112 §2.3; Go and nginx do so): the same head with the digit lowered,
+            // whose spans are the same offsets into `buf`. Forwarded requests always say
+            // HTTP/1.1.
+            let newer = (e == httparse::Error::Version)
+                .then(|| newer_minor(limited))
+                .flatten();
+            let Some(at) = newer else {
+                return Err(version_or_malformed(e, limited));
+            };
             let mut copy = limited.to_vec();
             copy[at] = b'1';
             return match parse_request(&copy) {
@@ -50,7 +57,6 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestInfo>, ParseError> {
                 r => r,
             };
         }
-        Err(e) => return Err(version_or_malformed(e, limited)),
     };
     let head_len = match parsed {
         httparse::Status::Complete(n) => n,
@@ -189,14 +195,21 @@ mod tests {
 /// Where the minor digit of a request line's `HTTP/1.<2..=9>` is (httparse takes 1.0 and
 /// 1.1 only).
 pub(crate) fn newer_minor(buf: &[u8]) -> Option<usize> {
-    let line_end = buf.iter().position(|&b| b == b'\r' || b == b'\n')?;
-    let line = &buf[..line_end];
+    // httparse skips empty lines before the request line, and reports the version as soon
+    // as its 8 bytes are in (the line's end may not be yet).
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
+    let rest = &buf[start..];
+    let len = rest
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .unwrap_or(rest.len());
+    let line = &rest[..len];
     if line.split(|&b| b == b' ').count() != 3 {
         return None;
     }
     match line.get(line.len().checked_sub(8)?..)? {
         [b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor] if (b'2'..=b'9').contains(minor) => {
-            Some(line_end - 1)
+            Some(start + len - 1)
         }
         _ => None,
     }
@@ -269,5 +282,9 @@ mod version_tests {
         assert!(parse_request(b"GET / HTTP/1.9\r\nHost: a\r\n")
             .unwrap()
             .is_none());
+        // Cut right after the version, and after empty lines before the request line.
+        assert!(parse_request(b"GET / HTTP/1.2").unwrap().is_none());
+        let lead = b"\r\nGET / HTTP/1.3\r\nHost: a\r\n\r\n";
+        assert_eq!(parse_request(lead).unwrap().unwrap().version_minor, 1);
     }
 }
