@@ -254,6 +254,9 @@ async fn put_backends(
     if let Ok(mut d) = api.discovered.lock() {
         d.remove(&service);
     }
+    if let Ok(mut o) = api.owed.lock() {
+        o.remove(&service);
+    }
     Ok(Json(set))
 }
 

@@ -79,7 +79,10 @@ pub async fn run(api: Arc<Api>, url: String) {
 async fn clear(api: &Arc<Api>, services: BTreeSet<String>) -> BTreeSet<String> {
     let mut left = BTreeSet::new();
     for svc in services {
-        if api.store().backends(&svc).is_empty() {
+        // Empty already, or an operator set its backends through the API since it was
+        // dropped (which takes it out of the discovered set): theirs, not cleared.
+        let operators = api.discovered.lock().is_ok_and(|d| !d.contains(&svc));
+        if operators || api.store().backends(&svc).is_empty() {
             continue;
         }
         match api.set_backends(&svc, Vec::new()).await {
