@@ -224,9 +224,16 @@ impl Leftovers {
             .flatten()
             .flatten()
         {
+            // Only a shim (its command line says so): a stale pid file may name a pid reused
+            // by something else since.
+            let shim = |pid: &i32| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a.starts_with(b"--flynn-shim")))
+            };
             if let Some(pid) = std::fs::read_to_string(entry.path().join("shim.pid"))
                 .ok()
                 .and_then(|s| s.trim().parse::<i32>().ok())
+                .filter(shim)
             {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
@@ -397,8 +404,8 @@ impl Lab {
                 &self.block,
                 "--cgroup-parent",
                 &self.cgroup_parent,
-            ])
-            .env("FLYNN_LOG", "warn");
+            ]);
+        clean_env(&mut cmd);
         let mut proc = Proc::spawn("flynn-host", cmd, &log)?;
         let line = proc.wait_for_line("listening api=", Duration::from_secs(30))?;
         let addr = line["listening api=".len()..]
@@ -456,6 +463,20 @@ impl Lab {
         lock(&self.left).remove();
         crate::procs::remove_hook(self.hook);
     }
+}
+
+/// A daemon the harness starts takes nothing from the caller's environment that would send
+/// its jobs elsewhere (a real discoverd, log aggregator, image or volume directory, when
+/// run on a Flynn host): every `FLYNN_*` variable and `DISCOVERD` go; logging is `warn`.
+pub(crate) fn clean_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        if k.to_str()
+            .is_some_and(|k| k.starts_with("FLYNN_") || k == "DISCOVERD")
+        {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.env("FLYNN_LOG", "warn");
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -249,13 +249,15 @@ async fn put_backends(
 ) -> Res<Json<Vec<BackendAddr>>> {
     let list: Vec<BackendAddr> = serde_json::from_slice(&body).map_err(|_| ApiError::syntax())?;
     let set = api.set_backends(&service, list).await?;
-    // The operator's now: not cleared as discoverd's when no route names the service (a
-    // routed service that discovery watches is put back in the set by its next pass).
-    if let Ok(mut d) = api.discovered.lock() {
-        d.remove(&service);
-    }
-    if let Ok(mut o) = api.owed.lock() {
-        o.remove(&service);
+    // Unrouted, the operator's now: not cleared as discoverd's later. A routed service
+    // stays discoverd's (its watch keeps setting its backends).
+    if !api.routed_services().contains(&service) {
+        if let Ok(mut d) = api.discovered.lock() {
+            d.remove(&service);
+        }
+        if let Ok(mut o) = api.owed.lock() {
+            o.remove(&service);
+        }
     }
     Ok(Json(set))
 }

@@ -143,18 +143,12 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
     };
     // After the freeze: routes no longer change, and a service dropped by a change just
     // before it is still listed (discovery updates the set only once it has cleared it).
-    let discovered = old
-        .api
-        .discovered
-        .lock()
-        .map(|d| d.iter().cloned().collect())
-        .unwrap_or_default();
-    let owed = old
-        .api
-        .owed
-        .lock()
-        .map(|d| d.iter().cloned().collect())
-        .unwrap_or_default();
+    let listed = |set: &std::sync::Mutex<std::collections::BTreeSet<String>>| -> Vec<String> {
+        set.lock()
+            .map(|d| d.iter().cloned().collect())
+            .unwrap_or_default()
+    };
+    let (discovered, owed) = (listed(&old.api.discovered), listed(&old.api.owed));
     let tcp = old.api.shared.dup_tcp_listeners()?;
     let (ticket_keys, ticket_age) = old.api.shared.settings.tickets.export();
     let state = State {

@@ -384,10 +384,12 @@ fn failure(job: &ActiveJob) -> String {
 }
 
 /// What an attached client is told instead of an exit status: why the job failed to start,
-/// or why it ended with no exit status known (its runtime lost it, e.g. its shim); `None`
-/// when it exited (or was stopped) and has an exit status to send.
+/// or why it crashed with no exit status known (its runtime lost it while it ran, e.g. its
+/// shim); `None` when it exited, or was stopped (even before it started, or lost while
+/// being stopped: exit 0, as for any stopped job).
 fn failure_of(job: &ActiveJob) -> Option<String> {
-    let lost = job.exit_status.is_none() && job.signal.is_none() && job.error.is_some();
+    let lost =
+        job.status == JobStatus::Crashed && job.exit_status.is_none() && job.signal.is_none();
     (job.status == JobStatus::Failed || lost).then(|| failure(job))
 }
 
@@ -510,7 +512,16 @@ mod tests {
             ),
             (end(JobStatus::Failed, None, None, None), Some("job failed")),
             (end(JobStatus::Crashed, None, None, lost), lost),
-            (end(JobStatus::Done, None, None, lost), lost),
+            (end(JobStatus::Done, None, None, lost), None),
+            (
+                end(
+                    JobStatus::Done,
+                    None,
+                    None,
+                    Some("stopped before it started"),
+                ),
+                None,
+            ),
             (end(JobStatus::Done, Some(0), None, None), None),
             (end(JobStatus::Crashed, Some(3), None, None), None),
             (end(JobStatus::Crashed, None, Some(9), None), None),

@@ -70,9 +70,12 @@ pub(super) struct Deployed {
     net: Option<flynn_netlab::Lab>,
     /// `--via-host`: the `flynn-host` binary and the jobs' busybox image.
     via_host: Option<(PathBuf, Image)>,
-    /// Signal hook removing the host namespaces and the BPF filesystem (`Drop` does it
-    /// otherwise).
+    /// Signal hook removing the jobs' and hosts' namespaces and the BPF filesystem (`Drop`
+    /// does it otherwise).
     hook: u64,
+    /// Ids of the jobs made with flynn-host's calls (their namespaces are machine-wide
+    /// `/run/netns/flynn-…` files), for the signal hook.
+    made: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// Runs `f` with a current-thread tokio runtime on a thread inside namespace `ns`.
@@ -126,7 +129,15 @@ impl Deployed {
         net.underlay(&hosts[0].ns, hosts[0].ip, &hosts[1].ns, hosts[1].ip)?;
         let names: Vec<String> = hosts.iter().map(|h| h.ns.clone()).collect();
         let bpf_dir = bpffs.path().to_path_buf();
+        let made = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let made_jobs = made.clone();
         let hook = crate::procs::add_hook(Box::new(move || {
+            for id in made_jobs.lock().map(|m| m.clone()).unwrap_or_default() {
+                let path = flynn_network::job::netns_path(&id);
+                if let Some(name) = path.file_name().filter(|_| path.exists()) {
+                    let _ = Command::new("ip").args(["netns", "del"]).arg(name).status();
+                }
+            }
             for ns in &names {
                 let _ = Command::new("ip").args(["netns", "del", ns]).status();
             }
@@ -143,6 +154,7 @@ impl Deployed {
             net: Some(net),
             via_host: None,
             hook,
+            made,
         };
         if let Some(bin) = &bins.host {
             let img = crate::host::build_image(d.dir.path())?;
@@ -282,6 +294,9 @@ impl Deployed {
             .map(|k| format!("fpd-{pid}-{}", self.next_job + k))
             .collect();
         self.next_job += n;
+        if let Ok(mut m) = self.made.lock() {
+            m.extend(ids.iter().cloned());
+        }
         let h = &mut self.hosts[i];
         let cfg = h.cfg.clone().context("agent not started")?;
         let subnet = h.subnet.context("agent not started")?;

@@ -137,8 +137,8 @@ impl HostDaemon {
             .arg("--network-from-agent")
             .arg("--bpf-pin-dir")
             .arg(&self.pin_dir)
-            .args(["--fast-path", if fast { "auto" } else { "off" }])
-            .env("FLYNN_LOG", "warn");
+            .args(["--fast-path", if fast { "auto" } else { "off" }]);
+        crate::host::clean_env(&mut cmd);
         let mut proc = Proc::spawn("flynn-host", cmd, &log)?;
         let listening = proc.wait_for_line("listening api=", WAIT);
         self.proc = Some(proc);
