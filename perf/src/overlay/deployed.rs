@@ -54,7 +54,7 @@ struct Host {
     cfg: Option<JobNetConfig>,
     /// Job id and network.
     jobs: Vec<(String, JobNet)>,
-    /// Host 1's fast path, loaded while in [`Mode::Fast`] (for the counters).
+    /// This host's fast path, loaded while in [`Mode::Fast`] (for the counters).
     fp: Option<FastPath>,
     /// `--via-host`: the host's `flynn-host` daemon, which makes the jobs.
     daemon: Option<HostDaemon>,
@@ -335,9 +335,7 @@ impl Deployed {
             }
         };
         h.jobs.extend(jobs);
-        if i == 0 {
-            h.fp = fp;
-        }
+        h.fp = fp;
         Ok(())
     }
 
@@ -374,16 +372,17 @@ impl Deployed {
     fn start_via_host(&mut self, fast: bool) -> Result<()> {
         let (bin, img) = self.via_host.as_ref().context("not --via-host")?;
         if fast {
-            // Host 1's counters (shared by every loader of the pin directory). Loaded before the
-            // daemons, whose own load then swaps their programs into every attachment.
-            let h = &mut self.hosts[0];
-            ensure!(
-                FastPath::is_set_up(&h.pin_dir),
-                "the agent pinned no fast path in {}",
-                h.pin_dir.display()
-            );
-            let pin_dir = h.pin_dir.clone();
-            h.fp = Some(in_ns(&h.ns, || Ok(FastPath::load(&pin_dir)?))?);
+            // The hosts' counters (shared by every loader of the pin directory). Loaded before
+            // the daemons, whose own load then swaps their programs into every attachment.
+            for h in &mut self.hosts {
+                ensure!(
+                    FastPath::is_set_up(&h.pin_dir),
+                    "the agent pinned no fast path in {}",
+                    h.pin_dir.display()
+                );
+                let pin_dir = h.pin_dir.clone();
+                h.fp = Some(in_ns(&h.ns, || Ok(FastPath::load(&pin_dir)?))?);
+            }
         }
         for (i, n) in [(0, 2), (1, 1)] {
             let h = &mut self.hosts[i];
@@ -532,6 +531,13 @@ impl Setup for Deployed {
             .context("no fast path loaded on host 1")?
             .counters()?;
         Ok((c.redirected_local, c.encapsulated, c.decapsulated))
+    }
+
+    fn peer_encapsulated(&self) -> Result<Option<u64>> {
+        match &self.hosts[1].fp {
+            Some(fp) => Ok(Some(fp.counters()?.encapsulated)),
+            None => Ok(None),
+        }
     }
 
     fn leave(&mut self, _mode: Mode) -> Result<()> {
