@@ -247,8 +247,9 @@ pub trait Runtime: Send + Sync + 'static {
     fn cleanup(&self, id: &str);
 }
 
-/// Runs jobs as plain host processes (no isolation). Processes die with the daemon's
-/// process group only if they choose to; they are not re-adopted after a restart.
+/// Runs jobs as plain host processes (no isolation), for development. A clean daemon exit
+/// kills each job's leader process (`kill_on_drop`; the rest of its process group is left);
+/// jobs are not re-adopted after a restart.
 #[derive(Debug, Default)]
 pub struct ProcessRuntime;
 
