@@ -206,6 +206,9 @@ impl SeqSpans {
                 .unwrap_or(0);
             self.spans[j].1 = self.spans[j + 1].1;
             self.spans.remove(j + 1);
+            // Growing past 64 doubled the capacity to 128 ranges (2 KiB per host and shard,
+            // ~32 MiB over every shard's bounded hosts); one more than the bound is enough.
+            self.spans.shrink_to(MAX_SPANS + 1);
         }
     }
 }

@@ -389,6 +389,18 @@ fn seq_spans_cover_every_added_number_and_stay_few() {
         t.spans.windows(2).all(|w| w[0].1 < w[1].0),
         "sorted, disjoint"
     );
+    // Far-apart numbers: merged down to the bound, and the memory held stays near it (the
+    // vector does not keep the doubled capacity it grew to past the bound).
+    let mut u = SeqSpans::default();
+    for i in 0..200u64 {
+        u.add(i * 1_000_000);
+    }
+    assert_eq!(u.spans.len(), MAX_SPANS);
+    assert!(
+        u.spans.capacity() <= MAX_SPANS + 1,
+        "capacity {}",
+        u.spans.capacity()
+    );
 }
 
 #[test]
