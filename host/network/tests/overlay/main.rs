@@ -226,6 +226,16 @@ impl Cluster {
         AgentProc::start(&self.hosts[host], &self.url(), extra)
     }
 
+    /// A cluster of hosts 1 and 2, each with an agent started with `extra`: the cluster,
+    /// the hosts' indexes and their agents.
+    fn two_hosts(extra: &[&str]) -> Result<(Cluster, usize, usize, AgentProc, AgentProc)> {
+        let mut c = Cluster::new()?;
+        let (h1, h2) = (c.add_host(1)?, c.add_host(2)?);
+        let a1 = c.agent(h1, extra)?;
+        let a2 = c.agent(h2, extra)?;
+        Ok((c, h1, h2, a1, a2))
+    }
+
     /// A job on `host` with address `nth` of the host's block.
     fn job(&mut self, host: usize, subnet: Subnet, nth: u32) -> Result<JobNet> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -576,11 +586,7 @@ fn agents_killed_or_restarted_keep_traffic_and_macs() -> Result<()> {
     if !lab::should_run("agents_killed_or_restarted_keep_traffic_and_macs") {
         return Ok(());
     }
-    let mut c = Cluster::new()?;
-    let h1 = c.add_host(1)?;
-    let h2 = c.add_host(2)?;
-    let mut a1 = c.agent(h1, &["--fast-path", "off"])?;
-    let mut a2 = c.agent(h2, &["--fast-path", "off"])?;
+    let (mut c, h1, h2, mut a1, mut a2) = Cluster::two_hosts(&["--fast-path", "off"])?;
     let j1 = c.job(h1, a1.subnet, 10)?;
     let j2 = c.job(h2, a2.subnet, 10)?;
     ensure!(can_ping(&j1, &j2), "no connectivity to begin with");
@@ -678,11 +684,7 @@ fn direct_routing_uses_plain_routes_on_one_segment() -> Result<()> {
     if !lab::should_run("direct_routing_uses_plain_routes_on_one_segment") {
         return Ok(());
     }
-    let mut c = Cluster::new()?;
-    let h1 = c.add_host(1)?;
-    let h2 = c.add_host(2)?;
-    let a1 = c.agent(h1, &["--fast-path", "off", "--direct-routing"])?;
-    let a2 = c.agent(h2, &["--fast-path", "off", "--direct-routing"])?;
+    let (mut c, h1, h2, a1, a2) = Cluster::two_hosts(&["--fast-path", "off", "--direct-routing"])?;
     let j1 = c.job(h1, a1.subnet, 10)?;
     let j2 = c.job(h2, a2.subnet, 10)?;
     let want = format!("{} via 10.240.0.2 dev eth0 proto 102", a2.subnet);
@@ -975,11 +977,7 @@ fn the_resync_repairs_the_overlay_devices() -> Result<()> {
     if !lab::should_run("the_resync_repairs_the_overlay_devices") {
         return Ok(());
     }
-    let mut c = Cluster::new()?;
-    let h1 = c.add_host(1)?;
-    let h2 = c.add_host(2)?;
-    let a1 = c.agent(h1, &["--fast-path", "off"])?;
-    let a2 = c.agent(h2, &["--fast-path", "off"])?;
+    let (mut c, h1, h2, a1, a2) = Cluster::two_hosts(&["--fast-path", "off"])?;
     let j1 = c.job(h1, a1.subnet, 10)?;
     let j2 = c.job(h2, a2.subnet, 10)?;
     eventually(10, "cross-host ping", || Ok(can_ping(&j1, &j2)))?;
@@ -1154,11 +1152,7 @@ fn an_outage_of_the_lease_store_keeps_the_routes_to_peers() -> Result<()> {
     if !lab::should_run("an_outage_of_the_lease_store_keeps_the_routes_to_peers") {
         return Ok(());
     }
-    let mut c = Cluster::new()?;
-    let (h1, h2) = (c.add_host(1)?, c.add_host(2)?);
-    let opts = ["--fast-path", "off", "--lease-ttl", "3s"];
-    let a1 = c.agent(h1, &opts)?;
-    let a2 = c.agent(h2, &opts)?;
+    let (mut c, h1, h2, a1, a2) = Cluster::two_hosts(&["--fast-path", "off", "--lease-ttl", "3s"])?;
     let j1 = c.job(h1, a1.subnet, 10)?;
     let j2 = c.job(h2, a2.subnet, 10)?;
     let route2 = a2.subnet.to_string();
@@ -1381,11 +1375,7 @@ fn leases_outside_the_cluster_network_never_become_routes() -> Result<()> {
     if !lab::should_run("leases_outside_the_cluster_network_never_become_routes") {
         return Ok(());
     }
-    let mut c = Cluster::new()?;
-    let h1 = c.add_host(1)?;
-    let h2 = c.add_host(2)?;
-    let a1 = c.agent(h1, &["--fast-path", "off"])?;
-    let a2 = c.agent(h2, &["--fast-path", "off"])?;
+    let (c, h1, _h2, a1, a2) = Cluster::two_hosts(&["--fast-path", "off"])?;
     let ns1 = c.hosts[h1].ns.clone();
     let peer = format!("{} via", a2.subnet);
     eventually(10, "the peer's route", || Ok(routes(&ns1)?.contains(&peer)))?;
