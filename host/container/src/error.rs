@@ -34,6 +34,9 @@ pub enum ContainerError {
     /// The layer's sha256 is not the expected one.
     #[error("layer checksum mismatch: expected {expected}, got {actual}")]
     Checksum { expected: String, actual: String },
+    /// The import was given up because its caller asked (a job stopped while starting).
+    #[error("layer import cancelled")]
+    Cancelled,
 }
 
 impl ContainerError {

@@ -55,6 +55,18 @@ impl ImageStore {
         tar: &Path,
         expected_sha256: Option<&str>,
     ) -> Result<Layer, ContainerError> {
+        self.import_tar_until(tar, expected_sha256, &|| false)
+    }
+
+    /// As [`ImageStore::import_tar`], giving up with [`ContainerError::Cancelled`] (and
+    /// removing the partial unpack) once `cancelled` returns true. It is asked before each
+    /// read of the tarball, so a stop during a long import takes effect within one read.
+    pub fn import_tar_until(
+        &self,
+        tar: &Path,
+        expected_sha256: Option<&str>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Layer, ContainerError> {
         if let Some(exp) = expected_sha256 {
             if !valid_sha(exp) {
                 return Err(ContainerError::invalid(format!(
@@ -71,8 +83,12 @@ impl ImageStore {
                 tar.display()
             )));
         }
-        let mut file = File::open(tar).map_err(|e| ContainerError::io("opening", tar, e))?;
-        let sha256 = hash(&mut file).map_err(|e| ContainerError::io("reading", tar, e))?;
+        let file = File::open(tar).map_err(|e| ContainerError::io("opening", tar, e))?;
+        let mut file = Until {
+            inner: file,
+            cancelled,
+        };
+        let sha256 = hash(&mut file).map_err(|e| cancel_or(&file, e, tar))?;
         if let Some(exp) = expected_sha256 {
             if exp != sha256 {
                 return Err(ContainerError::Checksum {
@@ -91,9 +107,13 @@ impl ImageStore {
         ));
         let result = (|| {
             fs::create_dir(&tmp).map_err(|e| ContainerError::io("creating", &tmp, e))?;
-            file.seek(SeekFrom::Start(0))
+            file.inner
+                .seek(SeekFrom::Start(0))
                 .map_err(|e| ContainerError::io("reading", tar, e))?;
-            unpack(BufReader::new(file), &tmp).map_err(|e| {
+            unpack(BufReader::new(&mut file), &tmp).map_err(|e| {
+                if cancelled() {
+                    return ContainerError::Cancelled;
+                }
                 let mut reason = e.to_string();
                 let mut src = std::error::Error::source(&e);
                 while let Some(s) = src {
@@ -139,6 +159,29 @@ impl ImageStore {
     }
 }
 
+/// A reader that fails once `cancelled` says so.
+struct Until<'a> {
+    inner: File,
+    cancelled: &'a dyn Fn() -> bool,
+}
+
+impl Read for Until<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if (self.cancelled)() {
+            return Err(std::io::Error::other("layer import cancelled"));
+        }
+        self.inner.read(buf)
+    }
+}
+
+fn cancel_or(file: &Until<'_>, e: std::io::Error, tar: &Path) -> ContainerError {
+    if (file.cancelled)() {
+        ContainerError::Cancelled
+    } else {
+        ContainerError::io("reading", tar, e)
+    }
+}
+
 fn fastish_nonce() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
@@ -158,10 +201,10 @@ fn hash(r: &mut impl Read) -> std::io::Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn unpack(mut r: BufReader<File>, dest: &Path) -> std::io::Result<()> {
+fn unpack<R: Read>(mut r: BufReader<R>, dest: &Path) -> std::io::Result<()> {
     use std::io::BufRead;
     let gz = r.fill_buf()?.starts_with(&[0x1f, 0x8b]);
-    let reader: Box<dyn Read> = if gz {
+    let reader: Box<dyn Read + '_> = if gz {
         Box::new(flate2::read::GzDecoder::new(r))
     } else {
         Box::new(r)
@@ -228,6 +271,39 @@ mod tests {
             .flatten()
             .collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn a_cancelled_import_stops_mid_unpack_and_leaves_nothing() {
+        let tmp = tmpdir("cancel");
+        let d = tmp.path();
+        let store = ImageStore::open(&d.join("store")).unwrap();
+        // Several files, so the unpack reads many times after the hash's reads.
+        let big = vec![5u8; 64 * 1024];
+        let files: Vec<(String, &[u8])> =
+            (0..8).map(|i| (format!("f{i}"), big.as_slice())).collect();
+        let files: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), *b)).collect();
+        let t = tarball(d, &files);
+        let sha = hash(&mut File::open(&t).unwrap()).unwrap();
+        // Cancelled only once the unpack has begun: the temporary dir exists by then.
+        let layers = d.join("store/layers");
+        let asked = std::cell::Cell::new(0u32);
+        let cancelled = || {
+            asked.set(asked.get() + 1);
+            fs::read_dir(&layers).unwrap().count() > 0
+        };
+        let err = store
+            .import_tar_until(&t, Some(&sha), &cancelled)
+            .unwrap_err();
+        assert!(matches!(err, ContainerError::Cancelled), "{err}");
+        assert!(asked.get() >= 2, "asked {} times", asked.get());
+        assert_eq!(fs::read_dir(&layers).unwrap().count(), 0);
+        assert_eq!(store.layer(&sha), None);
+        // Cancelled before anything is read: the hash itself gives up.
+        let err = store.import_tar_until(&t, None, &|| true).unwrap_err();
+        assert!(matches!(err, ContainerError::Cancelled), "{err}");
+        // Not cancelled: the same tarball imports.
+        assert_eq!(store.import_tar(&t, Some(&sha)).unwrap().sha256, sha);
     }
 
     #[test]

@@ -101,7 +101,12 @@ impl Runtime for ContainerRuntime {
         true
     }
 
-    fn layer(&self, url_path: Option<&Path>, sha256: &str) -> Result<PathBuf, RuntimeError> {
+    fn layer(
+        &self,
+        url_path: Option<&Path>,
+        sha256: &str,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<PathBuf, RuntimeError> {
         // Content-addressed: a layer already unpacked (and verified when it was imported)
         // is used as it is, without reading or re-hashing the tarball (as Flynn skips the
         // pull of a layer the host already has).
@@ -111,8 +116,11 @@ impl Runtime for ContainerRuntime {
         let layer = match url_path {
             Some(p) => self
                 .images
-                .import_tar(p, Some(sha256))
-                .map_err(|e| RuntimeError::Image(chain(&e)))?,
+                .import_tar_until(p, Some(sha256), cancelled)
+                .map_err(|e| match e {
+                    flynn_container::ContainerError::Cancelled => RuntimeError::Cancelled,
+                    e => RuntimeError::Image(chain(&e)),
+                })?,
             None => self.images.layer(sha256).ok_or_else(|| {
                 RuntimeError::Image(format!("layer {sha256} is not on this host"))
             })?,

@@ -20,7 +20,9 @@ use tokio::sync::broadcast;
 use crate::job::{self, BoundPort, Exit, StopAction, Table};
 use crate::logship::{now_rfc3339, Shipper, Source};
 use crate::net::Network;
-use crate::runtime::{BindMount, Handle, Launch, Limits, ProcEvent, Runtime, Signaller, Stdin};
+use crate::runtime::{
+    BindMount, Handle, Launch, Limits, ProcEvent, Runtime, RuntimeError, Signaller, Stdin,
+};
 use crate::store::Store;
 use crate::volumes::{self, Volumes};
 
@@ -781,12 +783,24 @@ impl Host {
                 let sha = m.hashes.get("sha256").cloned().unwrap_or_default();
                 let path = m.url.strip_prefix("file://").map(PathBuf::from);
                 let rt = self.runtime.clone();
-                let res =
-                    tokio::task::spawn_blocking(move || rt.layer(path.as_deref(), &sha)).await;
+                // A stop while a layer imports gives the import up (at its next read of
+                // the tarball) instead of waiting for it.
+                let host = self.clone();
+                let jid = id.clone();
+                let res = tokio::task::spawn_blocking(move || {
+                    rt.layer(path.as_deref(), &sha, &|| host.stop_requested(&jid))
+                })
+                .await;
                 match res {
                     Ok(Ok(p)) => layers.push(p),
+                    Ok(Err(RuntimeError::Cancelled)) => {
+                        return self.fail(&id, STOPPED_BEFORE_START.into())
+                    }
                     Ok(Err(e)) => return self.fail(&id, e.to_string()),
                     Err(e) => return self.fail(&id, format!("image: {e}")),
+                }
+                if self.stop_requested(&id) {
+                    return self.fail(&id, STOPPED_BEFORE_START.into());
                 }
             }
         }

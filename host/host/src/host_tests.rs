@@ -40,6 +40,12 @@ struct Fake {
     /// The previous daemon's ends of adopted jobs, kept open so its supervisors never see
     /// their jobs end (and record or clean up anything).
     retired: Mutex<Vec<mpsc::Sender<ProcEvent>>>,
+    /// Jobs need image layers, and each layer import runs until it is cancelled (at most
+    /// 20 s), as a large import would.
+    images: std::sync::atomic::AtomicBool,
+    /// Layer imports begun, and those given up because they were cancelled.
+    imports: std::sync::atomic::AtomicUsize,
+    imports_cancelled: std::sync::atomic::AtomicUsize,
 }
 
 impl Fake {
@@ -60,15 +66,30 @@ impl Fake {
 
 impl Runtime for Fake {
     fn needs_image(&self) -> bool {
-        false
+        self.images.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn isolates_network(&self) -> bool {
         self.isolate.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    fn layer(&self, _: Option<&Path>, _: &str) -> Result<PathBuf, RuntimeError> {
-        Err(RuntimeError::Image("none".into()))
+    fn layer(
+        &self,
+        _: Option<&Path>,
+        _: &str,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<PathBuf, RuntimeError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.imports.fetch_add(1, SeqCst);
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < until {
+            if cancelled() {
+                self.imports_cancelled.fetch_add(1, SeqCst);
+                return Err(RuntimeError::Cancelled);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Err(RuntimeError::Image("import took 20 s".into()))
     }
 
     fn spawn(&self, l: Launch) -> Result<Handle, RuntimeError> {
@@ -243,6 +264,42 @@ async fn wait_status(h: &Host, id: &str, want: JobStatus) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("{id}: not {want:?}: {:?}", h.get(id));
+}
+
+/// A stop while a job's image layer imports gives the import up: the job ends at once as
+/// stopped (done), without waiting for the import, and nothing is started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_the_layer_import_cancels_it() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    rt.images.store(true, SeqCst);
+    rt.open();
+    let h = host(rt.clone(), d.path(), 0);
+    let mut j = job("img", "x");
+    j.mountspecs = vec![flynn_api::host::MountSpec {
+        kind: "tar".into(),
+        url: "file:///layers/big.tar".into(),
+        hashes: [("sha256".to_string(), "ab".repeat(32))].into(),
+        ..Default::default()
+    }];
+    h.add_job(j).unwrap();
+    for _ in 0..500 {
+        if rt.imports.load(SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(rt.imports.load(SeqCst), 1, "the import began");
+    let t0 = std::time::Instant::now();
+    h.stop("img").await.unwrap();
+    // wait_status gives up after 5 s; the import alone would take 20 s.
+    wait_status(&h, "img", JobStatus::Done).await;
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert_eq!(rt.imports_cancelled.load(SeqCst), 1);
+    let ended = h.get("img").unwrap();
+    assert_eq!(ended.error.as_deref(), Some("stopped before it started"));
+    assert_eq!(rt.entered.load(SeqCst), 0, "nothing was started");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

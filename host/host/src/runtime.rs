@@ -216,6 +216,9 @@ pub enum RuntimeError {
     Start(String),
     #[error("image: {0}")]
     Image(String),
+    /// A layer import given up because the job was asked to stop.
+    #[error("image: layer import cancelled")]
+    Cancelled,
 }
 
 pub trait Runtime: Send + Sync + 'static {
@@ -224,11 +227,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// Whether jobs get their own network namespace.
     fn isolates_network(&self) -> bool;
     /// Imports a layer tarball (verifying its sha256) or finds it already imported;
-    /// returns its unpacked path. Blocking.
+    /// returns its unpacked path. Blocking. Gives up with [`RuntimeError::Cancelled`] once
+    /// `cancelled` returns true (the job was asked to stop).
     fn layer(
         &self,
         url_path: Option<&std::path::Path>,
         sha256: &str,
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<PathBuf, RuntimeError>;
     /// Starts a job. Must be called within a tokio runtime; may block briefly.
     fn spawn(&self, launch: Launch) -> Result<Handle, RuntimeError>;
@@ -266,6 +271,7 @@ impl Runtime for ProcessRuntime {
         &self,
         _url_path: Option<&std::path::Path>,
         _sha256: &str,
+        _cancelled: &dyn Fn() -> bool,
     ) -> Result<PathBuf, RuntimeError> {
         Err(RuntimeError::Image(
             "the process runtime does not run images".into(),
