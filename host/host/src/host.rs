@@ -126,7 +126,7 @@ pub struct Host {
     /// `true` once `network` is set (starting jobs wait on it).
     net_ready: tokio::sync::watch::Sender<bool>,
     /// Serializes `POST /host/network`.
-    net_config: tokio::sync::Mutex<()>,
+    pub(crate) net_config: tokio::sync::Mutex<()>,
     /// Upstream nameservers reported by the overlay agent.
     net_resolvers: Mutex<Vec<String>>,
     /// The job that configured the network (`POST /host/network`'s `job_id`).
@@ -346,7 +346,7 @@ impl Host {
             .clone()
     }
 
-    fn set_network(&self, n: Option<Network>) {
+    pub(crate) fn set_network(&self, n: Option<Network>) {
         *self.network.write().unwrap_or_else(|e| e.into_inner()) = n;
     }
 
@@ -934,7 +934,18 @@ impl Host {
     async fn teardown(&self, id: &str, had_net: bool) {
         let _ = std::fs::remove_file(self.resolv_conf_path(id));
         if had_net {
-            if let Some(net) = self.network() {
+            // A network move (`configure_network`) takes the network out of service while
+            // it checks that no job holds an address, under `net_config`; this job still
+            // holds one, so the move puts the old network back. Waiting for it keeps the
+            // job's namespace and address from being left behind.
+            let net = match self.network() {
+                Some(n) => Some(n),
+                None => {
+                    let _move_done = self.net_config.lock().await;
+                    self.network()
+                }
+            };
+            if let Some(net) = net {
                 if let Err(e) = net.teardown(id).await {
                     tracing::warn!(job = %id, error = %e, "removing job network failed");
                 }

@@ -620,6 +620,101 @@ async fn stop_while_waiting_for_the_network_ends_done() {
     );
 }
 
+/// A job that ends while a network move (`POST /host/network` with another block) has the
+/// network out of service still gets its namespace removed: the teardown waits for the move,
+/// which puts the old network back since the job still held an address. Root: the job
+/// network is real, made inside a namespace of the test's own.
+#[test]
+fn a_job_ending_during_a_network_move_is_still_torn_down() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let ns = format!("flynn-hosttest-{}", std::process::id());
+    let ok = std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let ns2 = ns.clone();
+    let res = std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/run/netns/{ns2}")).unwrap();
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(network_move_window())
+    })
+    .join();
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &ns])
+        .status();
+    if let Err(p) = res {
+        std::panic::resume_unwind(p);
+    }
+}
+
+async fn network_move_window() {
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    rt.open();
+    rt.isolate.store(true, std::sync::atomic::Ordering::SeqCst);
+    let setup = crate::net::Setup {
+        state_dir: d.path().to_path_buf(),
+        bridge: "flynnbr-mv".into(),
+        mtu: 1500,
+        sync: crate::syncer::Syncer::start(),
+        pool_size: 0,
+        fast_path: None,
+    };
+    let h = host_with(rt.clone(), d.path(), 0, Some(setup));
+    h.configure_network(&flynn_api::host::NetworkConfig {
+        subnet: "100.100.9.0/24".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let id = format!("mv{}", std::process::id());
+    h.add_job(job(&id, "x")).unwrap();
+    wait_status(&h, &id, JobStatus::Running).await;
+    let netns = flynn_network::job::netns_path(&id);
+    // Whatever happens below, the job's namespace goes with the test.
+    struct Gone(PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            if let Some(n) = self.0.file_name().and_then(|n| n.to_str()) {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", n])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+        }
+    }
+    let _gone = Gone(netns.clone());
+    assert!(netns.exists(), "{netns:?}");
+
+    // The move's window, held open: out of service under `net_config`.
+    let old = h.network().unwrap();
+    let guard = h.net_config.lock().await;
+    h.set_network(None);
+    exit_cleanly(&rt, &id).await;
+    wait_status(&h, &id, JobStatus::Done).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(netns.exists(), "torn down while the move was under way");
+    // The move finds the job's address and puts the old network back.
+    h.set_network(Some(old.clone()));
+    drop(guard);
+    for _ in 0..300 {
+        if !netns.exists() && old.address_of(&id).is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!netns.exists(), "the job's namespace was left behind");
+    assert_eq!(old.address_of(&id), None, "its address was left allocated");
+}
+
 /// A job state that cannot be saved (a full or failing disk) is saved again later: the file
 /// a restarted daemon reads catches up with the job instead of staying at the state before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
