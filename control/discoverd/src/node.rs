@@ -40,6 +40,10 @@ pub struct Node {
     leader: Mutex<Leadership>,
     /// Woken when an expiry write returns (heartbeats held back by it look again).
     expiry_done: Notify,
+    /// This node leads, but no quorum has acknowledged it for [`LEADERLESS_LIMIT`]: it is
+    /// cut off from the others (openraft keeps such a leader until it hears a higher vote).
+    /// It answers as a node without a leader until a quorum acknowledges it again.
+    cut_off: AtomicBool,
     pub http: reqwest::Client,
 }
 
@@ -101,6 +105,7 @@ impl Node {
             stream_idle: cfg.raft_stream_idle,
             leader: Mutex::new(Leadership::default()),
             expiry_done: Notify::new(),
+            cut_off: AtomicBool::new(false),
             http,
         });
         tokio::spawn(track_leadership(node.clone()));
@@ -108,8 +113,12 @@ impl Node {
         Ok(node)
     }
 
-    /// The leader's advertised address, if one is known.
+    /// The leader's advertised address, if one is known (a leader cut off from the
+    /// others knows none).
     pub fn leader_addr(&self) -> Option<String> {
+        if self.cut_off.load(Ordering::Acquire) {
+            return None;
+        }
         let m = self.raft.metrics();
         let m = m.borrow_watched();
         let id = m.current_leader?;
@@ -119,8 +128,9 @@ impl Node {
             .map(|n| n.addr.clone())
     }
 
+    /// Whether this node leads and a quorum acknowledged it within [`LEADERLESS_LIMIT`].
     pub fn is_leader(&self) -> bool {
-        self.raft.is_leader()
+        self.raft.is_leader() && !self.cut_off.load(Ordering::Acquire)
     }
 
     /// Voter addresses of the membership this node knows, or the configured peers before
@@ -197,8 +207,10 @@ async fn track_leadership(node: Arc<Node>) {
     let mut following = true;
     // Since when no leader is known (None while one is).
     let mut leaderless: Option<tokio::time::Instant> = None;
+    // Since when this node leads (None while it does not).
+    let mut leading_since: Option<tokio::time::Instant> = None;
     loop {
-        let (leading, voter, has_leader) = {
+        let (raft_leading, voter, has_leader, sole_voter) = {
             let m = rx.borrow_and_update();
             let mem = m.membership_config.membership();
             let joint = mem.get_joint_config();
@@ -206,12 +218,39 @@ async fn track_leadership(node: Arc<Node>) {
             let voter = joint
                 .last()
                 .is_none_or(|c| c.is_empty() || c.contains(&node.id));
+            let sole_voter = joint.len() == 1 && joint[0].len() == 1 && joint[0].contains(&node.id);
             (
                 m.state == ServerState::Leader,
                 voter,
                 m.current_leader.is_some(),
+                sole_voter,
             )
         };
+        leading_since = match (raft_leading, leading_since) {
+            (false, _) => None,
+            (true, None) => Some(tokio::time::Instant::now()),
+            (true, since) => since,
+        };
+        // A leader counts its quorum's acknowledgements (heartbeat answers): a leader cut
+        // off from the others keeps its role in openraft until it hears a higher vote,
+        // and would serve a frozen state as the cluster's (watches, DNS, its own
+        // address as the leader's) while the majority has elected another.
+        let cut_off = match leading_since {
+            Some(since) if !sole_voter => {
+                let acked = node.raft.metrics().borrow_watched().last_quorum_acked;
+                // Counted from the later of the last acknowledgement and the election.
+                let age = acked.map_or(since.elapsed(), |t| {
+                    openraft::Instant::elapsed(&t.into_inner()).min(since.elapsed())
+                });
+                age >= LEADERLESS_LIMIT
+            }
+            _ => false,
+        };
+        if node.cut_off.swap(cut_off, Ordering::AcqRel) != cut_off {
+            tracing::warn!(host = %node.host, cut_off, "raft leader without a quorum's acknowledgement");
+        }
+        let leading = raft_leading && !cut_off;
+        let has_leader = has_leader && !cut_off;
         if voter != electable {
             electable = voter;
             tracing::info!(host = %node.host, voter, "raft membership changed");
@@ -250,10 +289,15 @@ async fn track_leadership(node: Arc<Node>) {
                 _ => {}
             }
         }
-        // Woken by a change, or when a leaderless spell reaches the limit.
+        // Woken by a change, when a leaderless spell reaches the limit, or (leading with
+        // other voters) to look at the quorum's acknowledgements again.
         let limit = match leaderless {
             Some(t) if following => t + LEADERLESS_LIMIT,
             _ => tokio::time::Instant::now() + Duration::from_secs(3600),
+        };
+        let limit = match leading_since {
+            Some(_) if !sole_voter => limit.min(tokio::time::Instant::now() + QUORUM_CHECK),
+            _ => limit,
         };
         tokio::select! {
             r = rx.changed() => {
@@ -270,6 +314,13 @@ async fn track_leadership(node: Arc<Node>) {
 /// (elections take well under a second).
 pub const LEADERLESS_LIMIT: Duration = Duration::from_secs(5);
 
+/// How often a leader with other voters looks at its quorum's acknowledgements.
+const QUORUM_CHECK: Duration = Duration::from_millis(500);
+
+/// How long a write may wait to be applied (spec §2.7) before it is answered 503: a
+/// leader that cannot reach a quorum never commits it.
+pub const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
 async fn expiry_loop(node: Arc<Node>) {
     let every = (node.ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut tick = tokio::time::interval(every);
@@ -282,17 +333,20 @@ async fn expiry_loop(node: Arc<Node>) {
             continue;
         };
         tracing::info!(count = batch.len(), "expiring instances");
-        let res = node
-            .raft
-            .client_write(Command::ExpireInstances {
+        let res = tokio::time::timeout(
+            APPLY_TIMEOUT,
+            node.raft.client_write(Command::ExpireInstances {
                 instances: batch.clone(),
-            })
-            .await;
-        // Applied once the write returns (or it failed): heartbeats of these instances
-        // that waited find the state as it now is.
+            }),
+        )
+        .await;
+        // Applied once the write returns (or it failed, or timed out): heartbeats of these
+        // instances that waited find the state as it now is.
         node.end_expiry(&batch);
-        if let Err(e) = res {
-            tracing::warn!(error = %e, "expire instances");
+        match res {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "expire instances"),
+            Err(_) => tracing::warn!("expire instances: not applied within {APPLY_TIMEOUT:?}"),
         }
     }
 }

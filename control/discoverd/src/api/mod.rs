@@ -127,7 +127,24 @@ fn leader_only(node: &Node, uri: &Uri) -> Result<(), Response> {
 
 /// Proposes a command; maps rejections and leader changes to responses.
 async fn write(node: &Node, uri: &Uri, cmd: Command) -> Result<u64, Response> {
-    match node.raft.client_write(cmd).await {
+    let res = tokio::time::timeout(crate::node::APPLY_TIMEOUT, node.raft.client_write(cmd)).await;
+    let Ok(res) = res else {
+        // Not committed in time (a leader cut off from the others): it may still commit
+        // later, so the client is told to retry, as for any unknown outcome.
+        tracing::warn!(
+            "raft write not applied within {:?}",
+            crate::node::APPLY_TIMEOUT
+        );
+        return Err(ApiErr(
+            ApiError::new(
+                flynn_api::ErrorCode::ServiceUnavailable,
+                "discoverd: write not applied in time",
+            )
+            .with_retry(true),
+        )
+        .into_response());
+    };
+    match res {
         Ok(r) => match r.data.rejected {
             None => Ok(r.data.index),
             Some(rej) => Err(ApiErr::from(rej).into_response()),

@@ -267,6 +267,73 @@ async fn a_node_without_a_leader_for_a_while_stops_serving_its_frozen_state() {
     assert!(back.is_some(), "DNS did not come back after healing");
 }
 
+/// The same for a leader cut off from the others: openraft keeps it leading until it hears
+/// a higher vote, so it is the quorum's acknowledgements that tell. Its watches end, its DNS
+/// answers SERVFAIL, it names no leader and refuses writes at once (503) instead of holding
+/// them; an idle leader that its followers do acknowledge stays leader.
+#[tokio::test]
+async fn a_leader_cut_off_from_the_others_stops_serving_its_frozen_state() {
+    let cl = Cluster::start_with("10s");
+    let l = cl.leader().await;
+    let r = call(
+        &client(),
+        "PUT",
+        &cl.nodes[l].url("/services/w"),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_all_present(&cl.nodes[l], &["w".to_string()]).await;
+    let raw = raw_client();
+
+    // Idle for longer than the limit: the followers' heartbeat answers keep it leading.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let r = call(&raw, "GET", &cl.nodes[l].url("/raft/leader"), None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["host"], cl.nodes[l].addr.as_str());
+    assert_eq!(has_service(&cl.nodes[l], "w").await, Some(true));
+    let r = call(&raw, "PUT", &cl.nodes[l].url("/services/idle"), Some("{}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let mut watch =
+        watch_empty_service(&reqwest::Client::new(), &cl.nodes[l].url("/services/w")).await;
+    cl.isolate(l).await;
+    let (rest, ended) = read_to_end(&mut watch, Duration::from_secs(20)).await;
+    assert!(
+        ended,
+        "the watch on the cut-off leader stayed open: {rest:?}"
+    );
+    assert!(rest.contains("event: error"), "{rest:?}");
+    assert_eq!(
+        has_service(&cl.nodes[l], "w").await,
+        None,
+        "DNS answered from a frozen state"
+    );
+    let r = call(&raw, "GET", &cl.nodes[l].url("/raft/leader"), None).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    let t0 = std::time::Instant::now();
+    let r = call(&raw, "PUT", &cl.nodes[l].url("/services/cut"), Some("{}")).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["message"], "discoverd: no known leader");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+
+    cl.heal().await;
+    let back = eventually(Duration::from_secs(20), || async {
+        has_service(&cl.nodes[l], "w").await.filter(|p| *p)
+    })
+    .await;
+    assert!(back.is_some(), "DNS did not come back after healing");
+    let nl = cl.leader().await;
+    let r = call(
+        &raw,
+        "PUT",
+        &cl.nodes[nl].url("/services/after"),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 /// Creates service `name` through the leader; returns a follower.
 async fn follower_with_service(cl: &Cluster, name: &str) -> usize {
     let l = cl.leader().await;
