@@ -298,6 +298,20 @@ async fn a_leader_cut_off_from_the_others_stops_serving_its_frozen_state() {
     let mut watch =
         watch_empty_service(&reqwest::Client::new(), &cl.nodes[l].url("/services/w")).await;
     cl.isolate(l).await;
+    // A write that reaches it before it knows it is cut off cannot commit: it is answered
+    // 503 (retry) after the 30 s apply timeout, not held for good.
+    let early = {
+        let url = cl.nodes[l].url("/services/early");
+        tokio::spawn(async move {
+            let no_timeout = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap();
+            let t0 = std::time::Instant::now();
+            let r = call(&no_timeout, "PUT", &url, Some("{}")).await;
+            (r, t0.elapsed())
+        })
+    };
     let (rest, ended) = read_to_end(&mut watch, Duration::from_secs(20)).await;
     assert!(
         ended,
@@ -316,6 +330,13 @@ async fn a_leader_cut_off_from_the_others_stops_serving_its_frozen_state() {
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.json()["message"], "discoverd: no known leader");
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    let (r, took) = tokio::time::timeout(Duration::from_secs(45), early)
+        .await
+        .expect("the early write was answered within 45 s")
+        .unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["retry"], true, "{}", r.body);
+    assert!(took >= Duration::from_secs(25), "{took:?}");
 
     cl.heal().await;
     let back = eventually(Duration::from_secs(20), || async {
