@@ -446,8 +446,9 @@ async fn remove_instance(
 
 #[derive(serde::Deserialize)]
 struct LeaderBody {
+    /// `null` as missing: the empty id.
     #[serde(default)]
-    id: String,
+    id: Option<String>,
 }
 
 async fn set_leader(
@@ -475,7 +476,8 @@ async fn set_leader(
             "service leader election type is not manual",
         ))));
     }
-    write(&node, &uri, Command::SetLeader { service, id: b.id }).await?;
+    let id = b.id.unwrap_or_default();
+    write(&node, &uri, Command::SetLeader { service, id }).await?;
     Ok(StatusCode::OK.into_response())
 }
 

@@ -404,6 +404,11 @@ async fn oldest_and_manual_leaders() {
     )
     .await;
     assert_eq!(r.status, 200);
+    // A null id is the empty id, as a missing one (null fields decode as their defaults).
+    for body in [r#"{"id":null}"#, "{}"] {
+        let r = call(&c, "PUT", &d.url("/services/man/leader"), Some(body)).await;
+        assert_eq!(r.status, 200, "{body}: {}", r.body);
+    }
     // A missing service has no manual election: 400 as for an oldest service, as Flynn's
     // handler answers for a nil config, and nothing is written.
     let before = call(&c, "GET", &d.url("/ping"), None).await;
