@@ -2,6 +2,8 @@
 //! watchers it notifies. Pure: commands in, state and events out; no I/O, no clock.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -11,7 +13,9 @@ use super::types::{
     ServiceMeta,
 };
 
-/// Buffered events per subscriber before it is dropped (spec §2.5).
+/// Unread events per subscriber (besides its replay) before it is dropped (spec §2.5). A
+/// subscriber under the bound takes a command's events whole, however many: one removal or
+/// expiry of many instances is not a reason to drop a watcher that keeps up.
 pub const SUBSCRIBER_BUFFER: usize = 64;
 /// The error a lagging subscriber's stream ends with.
 pub const BLOCKED_RECEIVER: &str = "discoverd: channel send failed due to blocked receiver";
@@ -40,7 +44,42 @@ pub struct Data {
 struct Subscriber {
     service: String,
     kinds: Kinds,
-    tx: mpsc::Sender<Item>,
+    tx: mpsc::UnboundedSender<Item>,
+    /// Sent and not yet received (shared with the [`Watch`]).
+    unread: Arc<AtomicUsize>,
+    /// Unread events it may have before a command's events: [`SUBSCRIBER_BUFFER`] plus
+    /// its replay.
+    allowance: usize,
+}
+
+impl Subscriber {
+    fn send(&self, item: Item) -> bool {
+        self.unread.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(item).is_ok()
+    }
+}
+
+/// A watcher's end: the events of one subscription, then possibly the error that ends it.
+pub struct Watch {
+    rx: mpsc::UnboundedReceiver<Item>,
+    unread: Arc<AtomicUsize>,
+}
+
+impl Watch {
+    pub async fn recv(&mut self) -> Option<Item> {
+        let item = self.rx.recv().await;
+        if item.is_some() {
+            self.unread.fetch_sub(1, Ordering::Relaxed);
+        }
+        item
+    }
+
+    /// An event already there, without waiting.
+    pub fn try_recv(&mut self) -> Result<Item, mpsc::error::TryRecvError> {
+        let item = self.rx.try_recv()?;
+        self.unread.fetch_sub(1, Ordering::Relaxed);
+        Ok(item)
+    }
 }
 
 /// State plus subscribers; one lock guards both so a subscription's replay and the live
@@ -82,23 +121,27 @@ impl Registry {
     }
 
     /// Registers a watcher. Replays current state (spec §2.5 order) when `current` is set.
-    pub fn subscribe(
-        &mut self,
-        service: &str,
-        kinds: Kinds,
-        send_current: bool,
-    ) -> mpsc::Receiver<Item> {
+    pub fn subscribe(&mut self, service: &str, kinds: Kinds, send_current: bool) -> Watch {
         // Room for the replay plus the live buffer.
         let replay_len = if send_current {
             self.data.instances.get(service).map_or(0, |m| m.len()) + 3
         } else {
             0
         };
-        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER + replay_len);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let unread = Arc::new(AtomicUsize::new(0));
+        let sub = Subscriber {
+            service: service.to_string(),
+            kinds,
+            tx,
+            unread: unread.clone(),
+            allowance: SUBSCRIBER_BUFFER + replay_len,
+        };
+        let watch = Watch { rx, unread };
         if self.left {
             // A watch that raced the node's leaving would stay open on a frozen state.
-            let _ = tx.try_send(Err(LEFT.to_string()));
-            return rx;
+            sub.send(Err(LEFT.to_string()));
+            return watch;
         }
         if send_current {
             let ev = |kind, instance, service_meta| Event {
@@ -109,30 +152,26 @@ impl Registry {
             };
             if kinds.has(EventKind::Up) {
                 for i in self.instances(service) {
-                    let _ = tx.try_send(Ok(ev(EventKind::Up, Some(i), None)));
+                    sub.send(Ok(ev(EventKind::Up, Some(i), None)));
                 }
             }
             if kinds.has(EventKind::Leader) {
                 if let Some(l) = self.leader(service) {
-                    let _ = tx.try_send(Ok(ev(EventKind::Leader, Some(l), None)));
+                    sub.send(Ok(ev(EventKind::Leader, Some(l), None)));
                 }
             }
             if kinds.has(EventKind::ServiceMeta) {
                 if let Some(m) = self.data.metas.get(service) {
-                    let _ = tx.try_send(Ok(ev(EventKind::ServiceMeta, None, Some(m.clone()))));
+                    sub.send(Ok(ev(EventKind::ServiceMeta, None, Some(m.clone()))));
                 }
             }
             if kinds.has(EventKind::Current) {
-                let _ = tx.try_send(Ok(ev(EventKind::Current, None, None)));
+                sub.send(Ok(ev(EventKind::Current, None, None)));
             }
         }
         self.subscribers.retain(|s| !s.tx.is_closed());
-        self.subscribers.push(Subscriber {
-            service: service.to_string(),
-            kinds,
-            tx,
-        });
-        rx
+        self.subscribers.push(sub);
+        watch
     }
 
     fn broadcast(&mut self, events: Vec<Event>) {
@@ -140,21 +179,22 @@ impl Registry {
             return;
         }
         self.subscribers.retain(|s| {
+            let mut checked = false;
             for e in &events {
                 if e.service != s.service || !s.kinds.has(e.kind) {
                     continue;
                 }
-                match s.tx.try_send(Ok(e.clone())) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
+                // Judged once per command, on what it left unread before it.
+                if !checked {
+                    checked = true;
+                    if s.unread.load(Ordering::Relaxed) >= s.allowance {
                         // The stream ends with an error; the receiver drains what it has.
-                        let tx = s.tx.clone();
-                        tokio::spawn(async move {
-                            let _ = tx.send(Err(BLOCKED_RECEIVER.to_string())).await;
-                        });
+                        s.send(Err(BLOCKED_RECEIVER.to_string()));
                         return false;
                     }
+                }
+                if !s.send(Ok(e.clone())) {
+                    return false;
                 }
             }
             true
@@ -399,8 +439,7 @@ impl Registry {
     /// to where the state is current).
     fn end_watches(&mut self, msg: &str) {
         for s in self.subscribers.drain(..) {
-            // A full buffer still ends the stream: dropping `tx` closes it.
-            let _ = s.tx.try_send(Err(msg.to_string()));
+            s.send(Err(msg.to_string()));
         }
     }
 }

@@ -143,6 +143,49 @@ async fn blocked_subscriber_is_dropped_with_an_error() {
     assert_eq!(last, Some(Err(BLOCKED_RECEIVER.to_string())));
 }
 
+/// A watcher that keeps up takes one command's events whole, however many: removing a
+/// service of 100 instances sends 100 `down` events at once, more than the buffer, to a
+/// watcher that subscribed when the service was empty.
+#[tokio::test]
+async fn a_burst_from_one_command_does_not_drop_a_watcher_that_keeps_up() {
+    let mut r = Registry::default();
+    add_service(&mut r, 1, "s", LeaderType::Oldest);
+    let mut rx = r.subscribe("s", Kinds::ALL, true);
+    assert_eq!(rx.recv().await.unwrap().unwrap().kind, EventKind::Current);
+    let mut ups = 0;
+    for i in 0..100u16 {
+        r.apply(
+            2 + u64::from(i),
+            Command::AddInstance {
+                service: "s".into(),
+                instance: inst(1000 + i),
+            },
+        );
+        // Read as they come (the first also makes a leader event).
+        while let Ok(item) = rx.try_recv() {
+            if item.unwrap().kind == EventKind::Up {
+                ups += 1;
+            }
+        }
+    }
+    assert_eq!(ups, 100);
+    r.apply(
+        200,
+        Command::RemoveService {
+            service: "s".into(),
+        },
+    );
+    let mut downs = 0;
+    while let Ok(item) = rx.try_recv() {
+        match item {
+            Ok(ev) if ev.kind == EventKind::Down => downs += 1,
+            Ok(_) => {}
+            Err(e) => panic!("the watcher was dropped: {e}"),
+        }
+    }
+    assert_eq!(downs, 100);
+}
+
 /// A manual service `s` whose instance `i1` (index 2) was made its leader (index 3).
 fn manual_led_by_i1() -> Registry {
     let mut r = Registry::default();
