@@ -12,6 +12,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use flynn_api::ApiError;
 use openraft::alias::SnapshotOf;
+use openraft::async_runtime::WatchReceiver;
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::{BasicNode, ChangeMembers};
 use serde_json::json;
@@ -197,12 +198,48 @@ async fn add_peer(
         return r;
     }
     let id = node_id(&peer);
-    if let Err(e) = node
+    let known = {
+        let m = node.raft.metrics();
+        let m = m.borrow_watched();
+        m.membership_config.membership().get_node(&id).is_some()
+    };
+    let added = match node
         .raft
-        .add_learner(id, BasicNode { addr: peer.clone() }, true)
+        .add_learner(id, BasicNode { addr: peer.clone() }, false)
         .await
     {
-        return failed(e);
+        Ok(r) => r.log_id.index,
+        Err(e) => return failed(e),
+    };
+    // Caught up to the membership that adds it before it may vote. A peer that never
+    // answers (a mistyped address) would be waited for forever and stay a learner that
+    // the leader keeps replicating to: it is taken out again, unless it was there before.
+    let answered = wait_for_learner(&node, id, PEER_ANSWER, |_| true).await;
+    let caught_up =
+        answered && wait_for_learner(&node, id, PEER_CATCH_UP, |matched| matched >= added).await;
+    if !caught_up {
+        if !known {
+            let gone = node
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await;
+            if let Err(e) = gone {
+                tracing::warn!(%peer, error = %e, "removing a learner that did not catch up");
+            }
+        }
+        let why = if answered {
+            format!("did not catch up within {} s", PEER_CATCH_UP.as_secs())
+        } else {
+            format!("did not answer within {} s", PEER_ANSWER.as_secs())
+        };
+        return ApiErr(
+            ApiError::new(
+                flynn_api::ErrorCode::ServiceUnavailable,
+                format!("discoverd: peer {peer} {why}; not added"),
+            )
+            .with_retry(true),
+        )
+        .into_response();
     }
     match node
         .raft
@@ -231,6 +268,35 @@ async fn remove_peer(
         Ok(r) => Json(json!({ "last_index": r.log_id.index })).into_response(),
         Err(e) => failed(e),
     }
+}
+
+/// How long a peer being added has to answer the leader's replication at all.
+const PEER_ANSWER: std::time::Duration = std::time::Duration::from_secs(10);
+/// And then to catch up to the membership entry that adds it.
+const PEER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether the leader's replication to learner `id` reaches a matched index for which
+/// `enough` holds within `limit`.
+async fn wait_for_learner(
+    node: &Node,
+    id: u64,
+    limit: std::time::Duration,
+    enough: impl Fn(u64) -> bool + Send + Sync,
+) -> bool {
+    node.raft
+        .wait(Some(limit))
+        .metrics(
+            |m| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id))
+                    .and_then(|matched| matched.as_ref())
+                    .is_some_and(|l| enough(l.index))
+            },
+            "learner replication",
+        )
+        .await
+        .is_ok()
 }
 
 /// A peer is `host:port`, as `--peers` names them.

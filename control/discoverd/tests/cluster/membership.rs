@@ -360,10 +360,34 @@ async fn a_peer_that_is_not_host_port_is_refused() {
         assert_eq!(r.status, 400, "{bad}: {}", r.body);
         assert_eq!(r.json()["code"], "validation_error", "{bad}: {}", r.body);
     }
+    // Well formed, but nobody answers there: refused after the 10 s it has to answer
+    // (it used to be waited for forever), and not left in the membership.
+    let no_timeout = reqwest::Client::new();
+    let t0 = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(40),
+        call(
+            &no_timeout,
+            "PUT",
+            &cl.nodes[l].url("/raft/peers/127.0.0.254:1"),
+            None,
+        ),
+    )
+    .await
+    .expect("answered within 40 s");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(
+        r.json()["message"],
+        "discoverd: peer 127.0.0.254:1 did not answer within 10 s; not added"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
     let three = addrs(&cl, &PEERS);
     for i in PEERS {
         wait_peers(&cl.nodes[i], &three).await;
     }
+    // The cluster writes as before.
+    let after = write_all(urls(&cl, &PEERS), "after", 3).await;
+    assert_eq!(after.len(), 3);
 }
 
 /// A proxy has no state of its own: its DNS answers names of the zone from what a peer
