@@ -62,14 +62,16 @@ pub fn write_request_head(buf: &[u8], req: &RequestInfo, fwd: &Forward, out: &mu
     // The backend's Host is the host the request was routed by. They differ only for the
     // absolute form, whose target names the host (RFC 9112 §3.2.2: a proxy generates Host
     // from it rather than forwarding the client's), and an HTTP/1.0 request without Host
-    // still needs one as HTTP/1.1.
-    let routed = req.host.map(|h| h.get(buf));
-    let new_host = routed.filter(|r| {
-        !fields.has(Field::Host)
-            || fields
-                .values(Field::Host)
-                .any(|v| !v.eq_ignore_ascii_case(r))
-    });
+    // still needs one as HTTP/1.1 (backends and `parse_request` refuse it without): with no
+    // authority to name, an empty one (RFC 9112 §3.2). Not the backend's address, as nginx
+    // sends: this head is written before it is sure which backend takes it (a retry sends
+    // it unchanged to another), and the backend's address is no name the client used.
+    let routed = req.host.map_or(&b""[..], |h| h.get(buf));
+    let new_host = (!fields.has(Field::Host)
+        || fields
+            .values(Field::Host)
+            .any(|v| !v.eq_ignore_ascii_case(routed)))
+    .then_some(routed);
     if let Some(host) = new_host {
         put_header(out, b"Host", host);
     }

@@ -158,9 +158,11 @@ impl Drop for StreamGuard {
     }
 }
 
+/// The router's own answer; to a HEAD request (`head`) without its body.
 fn simple(
     respond: &mut h2::server::SendResponse<Bytes>,
     core: &Core,
+    head: bool,
     status: u16,
     body: &'static [u8],
 ) {
@@ -176,8 +178,12 @@ fn simple(
         .header("content-length", body.len())
         .body(())
         .unwrap_or_default();
-    if let Ok(mut s) = respond.send_response(resp, false) {
-        let _ = s.send_data(body, true);
+    // A HEAD response has the length a GET would get and no body (RFC 9110 §9.3.2): a DATA
+    // frame on it is a protocol error to the client, which resets the stream.
+    if let Ok(mut s) = respond.send_response(resp, head) {
+        if !head {
+            let _ = s.send_data(body, true);
+        }
     }
 }
 
@@ -409,22 +415,23 @@ async fn stream(
     let start_ms = crate::proxy::now_ms();
     CoreMetrics::inc(&core.metrics().requests_total);
     let (parts, mut body) = req.into_parts();
+    let is_head = parts.method == http::Method::HEAD;
     // Not tunnelled, as on HTTP/1.1: the client would wait for a 2xx before sending data
     // while the backend exchange waited for the end of the stream.
     if parts.method == http::Method::CONNECT {
         CoreMetrics::inc(&core.metrics().bad_requests_total);
-        return simple(&mut respond, &core, 405, b"Method Not Allowed\n");
+        return simple(&mut respond, &core, is_head, 405, b"Method Not Allowed\n");
     }
     let (head, chunked) = h1_head(&parts, body.is_end_stream());
     let Ok(Some(info)) = parse_request(&head) else {
         CoreMetrics::inc(&core.metrics().bad_requests_total);
-        return simple(&mut respond, &core, 400, b"Bad Request\n");
+        return simple(&mut respond, &core, is_head, 400, b"Bad Request\n");
     };
     let table = core.table();
     let host = info.host.map(|s| s.get(&head)).unwrap_or(b"");
     let Some(route) = table.lookup_http(host, l.route_port, info.path.get(&head)) else {
         CoreMetrics::inc(&core.metrics().not_found_total);
-        return simple(&mut respond, &core, 404, b"Not Found\n");
+        return simple(&mut respond, &core, is_head, 404, b"Not Found\n");
     };
     if route.grpc {
         let (backends, id) = (route.backends.clone(), route.id.clone());
@@ -441,7 +448,7 @@ async fn stream(
     let Some((mut up, mut addr, mut reused)) = connect(&core, route, cookie_addr, None).await
     else {
         CoreMetrics::inc(&core.metrics().unavailable_total);
-        return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+        return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n");
     };
     let mut _inflight = core.start_request(addr);
     let fwd = Fwd {
@@ -486,7 +493,7 @@ async fn stream(
                 retries += 1;
                 ubuf.clear();
                 let Some((s, a, r)) = redial(&core, route, addr).await else {
-                    return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+                    return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n");
                 };
                 (up, reused) = (s, r);
                 if a != addr {
@@ -497,7 +504,7 @@ async fn stream(
             Err(Failure::ClientGone) => return,
             Err(_) => {
                 CoreMetrics::inc(&core.metrics().upstream_errors_total);
-                return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+                return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n");
             }
         }
     };
@@ -633,9 +640,10 @@ async fn passthrough(
     proto: &'static str,
     start_ms: u64,
 ) {
+    let is_head = parts.method == http::Method::HEAD;
     let Some((mut client, addr)) = grpc_backend(&core, backends, route_id).await else {
         CoreMetrics::inc(&core.metrics().unavailable_total);
-        return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+        return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n");
     };
     let _inflight = core.start_request(addr);
     // Waits for a free stream slot under the backend's SETTINGS_MAX_CONCURRENT_STREAMS.
@@ -643,7 +651,7 @@ async fn passthrough(
         Ok(c) => c,
         Err(_) => {
             core.grpc.borrow_mut().remove(&addr);
-            return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+            return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n");
         }
     };
 
@@ -705,11 +713,11 @@ async fn passthrough(
         .header("x-request-id", request_id)
         .body(());
     let Ok(req) = req else {
-        return simple(&mut respond, &core, 400, b"Bad Request\n");
+        return simple(&mut respond, &core, is_head, 400, b"Bad Request\n");
     };
     let end = body.is_end_stream();
     let Ok((resp, upload)) = client.send_request(req, end) else {
-        return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+        return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n");
     };
     let idle = core.settings().idle_timeout;
     let up_pump = async move {
@@ -724,7 +732,7 @@ async fn passthrough(
             _ = client_reset(&mut respond) => return,
         };
         let Ok(resp) = resp else {
-            return simple(&mut respond, &core, 503, b"Service Unavailable\n");
+            return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n");
         };
         core.metrics().status(resp.status().as_u16());
         let (rparts, rbody) = resp.into_parts();

@@ -25,6 +25,7 @@ macro_rules! counters {
 
 counters! {
     requests_total: "HTTP requests received",
+    responses_1xx: "responses with a 1xx status (the 101 of an upgrade; interim 100 and 103 are not counted)",
     responses_2xx: "responses with a 2xx status",
     responses_3xx: "responses with a 3xx status",
     responses_4xx: "responses with a 4xx status",
@@ -70,6 +71,7 @@ impl CoreMetrics {
     #[inline]
     pub fn status(&self, status: u16) {
         let c = match status {
+            100..=199 => &self.responses_1xx,
             200..=299 => &self.responses_2xx,
             300..=399 => &self.responses_3xx,
             400..=499 => &self.responses_4xx,

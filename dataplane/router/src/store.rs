@@ -433,7 +433,9 @@ impl Store {
     /// The SNI certificate map for the cores: a domain's certificate is its `/` route's
     /// (spec §1.7: the route lookup with path `/`), else the default keypair. Sub-path
     /// routes' certificates are not used for the handshake. A domain with `/` routes on
-    /// several ports takes the default port's first.
+    /// several ports has one certificate for all of them (the handshake does not know the
+    /// listener's port): the default port's route's, else the lowest port's; that route
+    /// having none means the default keypair, even if a route on another port has one.
     pub fn cert_store(&self, default: Option<Arc<CertifiedKey>>) -> CertStore {
         let mut store = CertStore::new(default);
         let mut roots: Vec<&Stored> = self

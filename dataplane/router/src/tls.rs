@@ -72,15 +72,11 @@ impl CertStore {
     }
 
     /// Records a routed domain and its certificate (`None`: default keypair). A domain
-    /// with several routes keeps the first certificate given.
+    /// added again keeps its first entry, a `None` too: the first route given decides.
     pub fn add(&mut self, domain: &str, cert: Option<Arc<CertifiedKey>>) {
-        let slot = self
-            .domains
+        self.domains
             .entry(domain.to_ascii_lowercase())
-            .or_insert(None);
-        if slot.is_none() {
-            *slot = cert;
-        }
+            .or_insert(cert);
     }
 
     /// The certificate for an SNI name (None: no route, or no certificate at all).
@@ -203,5 +199,23 @@ mod tests {
         assert!(Arc::ptr_eq(&s.lookup("unknown.org").unwrap(), &default));
         let no_default = CertStore::new(None);
         assert!(no_default.lookup("plain.com").is_none());
+    }
+
+    /// A domain added again keeps its first entry, also when that is the default keypair.
+    #[test]
+    fn a_domains_first_entry_wins() {
+        let k = |n: &str| {
+            let (c, key) = keypair(&[n]);
+            parse_keypair(&c, &key).unwrap().key
+        };
+        let (default, first, second) = (k("default"), k("a.com"), k("a.com"));
+        let mut s = CertStore::new(Some(default.clone()));
+        s.add("a.com", Some(first.clone()));
+        s.add("A.com", Some(second.clone()));
+        s.add("a.com", None);
+        assert!(Arc::ptr_eq(&s.lookup("a.com").unwrap(), &first));
+        s.add("b.com", None);
+        s.add("b.com", Some(second));
+        assert!(Arc::ptr_eq(&s.lookup("b.com").unwrap(), &default));
     }
 }

@@ -85,9 +85,6 @@ fn check_request(buf: &[u8]) -> bool {
     let mut out = Vec::new();
     write_request_head(buf, &info, &fwd(), &mut out);
     assert!(out.ends_with(b"\r\n\r\n"));
-    if info.host.is_none() {
-        return false; // an HTTP/1.0 request without any host stays host-less
-    }
     let re = match parse_request(&out) {
         Ok(Some(re)) => re,
         other => panic!(
@@ -101,7 +98,9 @@ fn check_request(buf: &[u8]) -> bool {
     assert_eq!(re.upgrade, info.upgrade);
     assert_eq!(re.method, info.method);
     assert_eq!(re.uri.get(&out), info.uri.get(buf));
-    assert_eq!(re.host.map(|h| h.get(&out)), info.host.map(|h| h.get(buf)));
+    // An HTTP/1.0 request without any host gets an empty one.
+    let host = info.host.map_or(&b""[..], |h| h.get(buf));
+    assert_eq!(re.host.map(|h| h.get(&out)), Some(host));
     true
 }
 

@@ -368,6 +368,19 @@ fn http10_absolute_form_gets_a_host() {
     assert!(head.starts_with("GET http://example.com/x HTTP/1.1\r\nHost: example.com\r\n"));
 }
 
+/// An HTTP/1.0 request without any host (routed by a catch-all route) goes out as HTTP/1.1
+/// with an empty Host (RFC 9112 §3.2: no authority), which HTTP/1.1 parsers take; without
+/// one, backends (Go: 400) and `parse_request` refused it.
+#[test]
+fn http10_without_host_gets_an_empty_host() {
+    let raw = b"GET / HTTP/1.0\r\n\r\n";
+    let head = rewrite(raw);
+    assert!(head.starts_with("GET / HTTP/1.1\r\nHost: \r\n"), "{head:?}");
+    let re = req(head.as_bytes());
+    assert_eq!(re.version_minor, 1);
+    assert_eq!(re.host.map(|h| h.get(head.as_bytes())), Some(&b""[..]));
+}
+
 #[test]
 fn absolute_form_host_replaces_the_clients_host() {
     // Routed by the target's host, so that is the Host the backend sees (RFC 9112 §3.2.2).

@@ -355,6 +355,35 @@ fn a_domains_certificate_is_its_root_routes() {
     assert!(s.cert_store(None).lookup("c.com").is_none());
 }
 
+/// A domain with `/` routes on several ports has the default port's route's certificate
+/// for every handshake: the default keypair when that route has none, not another port's.
+#[test]
+fn a_domains_certificate_is_its_default_port_roots() {
+    let d = cert("default");
+    let default = crate::tls::parse_keypair(&d.cert, &d.key).unwrap().key;
+    let other_port = || Route {
+        port: 8081,
+        certificate: Some(cert("a.com")),
+        ..http("a.com", "/")
+    };
+    // The other port's root is added first (and its id may sort first): it does not count.
+    let mut s = store();
+    s.add(other_port()).unwrap();
+    s.add(http("a.com", "/")).unwrap();
+    let got = s.cert_store(Some(default.clone())).lookup("a.com").unwrap();
+    assert!(
+        Arc::ptr_eq(&got, &default),
+        "the default port's root has none"
+    );
+
+    // Without a root on the default port, the other port's.
+    let mut s = store();
+    let other = s.add(other_port()).unwrap();
+    let key = s.certs.key(&other.certificate.unwrap().id).unwrap();
+    let got = s.cert_store(Some(default)).lookup("a.com").unwrap();
+    assert!(Arc::ptr_eq(&got, &key));
+}
+
 #[test]
 fn a_domain_too_long_to_route_is_refused() {
     let mut s = store();

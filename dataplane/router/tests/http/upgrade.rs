@@ -350,3 +350,50 @@ fn idle_upgraded_connections_are_closed_after_the_tunnel_timeout() {
         "closed after {idle:?} idle, timeout 2 s"
     );
 }
+
+/// A switched upgrade's 101 counts as a 1xx response, not as a 5xx (every WebSocket
+/// connection used to show up as a server error).
+#[test]
+fn an_upgrade_counts_as_1xx_not_5xx() {
+    let (router, _b) = upgrade_router();
+    let mut conn = Conn::connect(router.http_addr);
+    let resp = conn.request(&ws_request("Upgrade", "websocket"));
+    assert_eq!(resp.status, 101, "{resp:?}");
+    echo_round_trips(&mut conn);
+    let (_, m) = router.api("GET", "/metrics", None);
+    let text = m.as_str().unwrap_or_default();
+    let sum = |name: &str| -> u64 {
+        let prefix = format!("flynn_router_{name}{{");
+        text.lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(sum("responses_5xx"), 0, "{text}");
+    assert_eq!(sum("responses_1xx"), 1, "{text}");
+    assert_eq!(sum("upgrades_total"), 1, "{text}");
+}
+
+/// An upgrade request with `Expect: 100-continue` and a body gets the router's
+/// `100 Continue` once a backend is dialled (the expectation is not forwarded), then its
+/// body goes through and the upgrade proceeds; client and router used to wait for each
+/// other until the idle timeout.
+#[test]
+fn an_upgrade_expecting_100_continue_gets_it_and_proceeds() {
+    let (router, b) = upgrade_router();
+    let mut conn = Conn::connect(router.http_addr);
+    conn.send(
+        b"POST /ws HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Expect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+    );
+    conn.set_read_timeout(Duration::from_secs(2));
+    let interim = conn.read_exact_n(25).expect("100 Continue within 2 s");
+    assert_eq!(interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    conn.set_read_timeout(Duration::from_secs(10));
+    let resp = conn.request("hello");
+    assert_eq!(resp.status, 101, "{resp:?}");
+    let seen = &b.requests()[0];
+    assert_eq!(seen.body, b"hello");
+    assert_eq!(seen.header("expect"), None, "{:?}", seen.headers);
+    echo_round_trips(&mut conn);
+}

@@ -580,6 +580,42 @@ fn connect_over_http2_is_refused() {
     assert!(b.requests().is_empty());
 }
 
+/// The router's own answers to HEAD over HTTP/2 (404 for an unknown host, 503 for a route
+/// without backends) end the stream with their headers: the length a GET would get and no
+/// DATA frame (RFC 9110 §9.3.2; h2 clients reset a stream whose HEAD response has data).
+#[test]
+fn local_answers_to_head_over_http2_have_no_body() {
+    let (router, rt) = h2c_router(1);
+    router.add_route(crate::support::http_route("empty.example.com", "none"));
+    rt.block_on(async {
+        let mut client = h2_client(router.h2c_addrs[0]).await;
+        for (host, status) in [("nope.example.com", 404), ("empty.example.com", 503)] {
+            let req = http::Request::builder()
+                .method("HEAD")
+                .uri(format!("http://{host}/"))
+                .body(())
+                .unwrap();
+            let (resp, _send) = client.send_request(req, true).unwrap();
+            let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+                .await
+                .expect(host)
+                .unwrap();
+            assert_eq!(resp.status(), status, "{host}");
+            let len = resp
+                .headers()
+                .get("content-length")
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            assert!(len.is_some_and(|n| n > 0), "{host}: {resp:?}");
+            let mut body = resp.into_body();
+            assert!(body.is_end_stream(), "{host}: the headers end the stream");
+            let data = tokio::time::timeout(Duration::from_secs(5), body.data())
+                .await
+                .expect(host);
+            assert!(data.is_none(), "{host}: {data:?}");
+        }
+    });
+}
+
 /// An HTTP/2 upload that stalls is given up after the idle timeout (the stream is reset),
 /// not held until the response-head limit (600 s) as before; the limits are per step, so
 /// a long upload that keeps moving is not cut off.
