@@ -586,20 +586,27 @@ async fn exit_is_recorded_before_deregistration_and_cleanup() {
     assert!(rt.cleaned.lock().unwrap().contains(&"a".to_string()));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stop_while_waiting_for_the_network_ends_done() {
-    let d = tempfile::tempdir().unwrap();
+/// An open fake runtime whose jobs get a network of their own, and the job network setup
+/// (bridge `bridge`, state under `dir`) a host waits for `POST /host/network` with.
+fn isolating(dir: &Path, bridge: &str) -> (Arc<Fake>, crate::net::Setup) {
     let rt = Arc::new(Fake::default());
     rt.open();
     rt.isolate.store(true, std::sync::atomic::Ordering::SeqCst);
     let setup = crate::net::Setup {
-        state_dir: d.path().to_path_buf(),
-        bridge: "flynnbr-test".into(),
+        state_dir: dir.to_path_buf(),
+        bridge: bridge.into(),
         mtu: 1500,
         sync: crate::syncer::Syncer::start(),
         pool_size: 0,
         fast_path: None,
     };
+    (rt, setup)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_while_waiting_for_the_network_ends_done() {
+    let d = tempfile::tempdir().unwrap();
+    let (rt, setup) = isolating(d.path(), "flynnbr-test");
     let h = host_with(rt.clone(), d.path(), 0, Some(setup));
     h.add_job(job("n", "x")).unwrap();
     // No `POST /host/network` comes: the start waits (up to a minute).
@@ -657,17 +664,7 @@ fn a_job_ending_during_a_network_move_is_still_torn_down() {
 
 async fn network_move_window() {
     let d = tempfile::tempdir().unwrap();
-    let rt = Arc::new(Fake::default());
-    rt.open();
-    rt.isolate.store(true, std::sync::atomic::Ordering::SeqCst);
-    let setup = crate::net::Setup {
-        state_dir: d.path().to_path_buf(),
-        bridge: "flynnbr-mv".into(),
-        mtu: 1500,
-        sync: crate::syncer::Syncer::start(),
-        pool_size: 0,
-        fast_path: None,
-    };
+    let (rt, setup) = isolating(d.path(), "flynnbr-mv");
     let h = host_with(rt.clone(), d.path(), 0, Some(setup));
     h.configure_network(&flynn_api::host::NetworkConfig {
         subnet: "100.100.9.0/24".into(),
