@@ -231,7 +231,7 @@ impl<S: LeaseStore> Agent<S> {
             })
             .collect();
         let direct: BTreeSet<crate::reconcile::Route> = if self.cfg.direct_routing {
-            direct_routes(&segment, &remote)
+            direct_routes(&segment, &remote, lease.subnet.first_host())
         } else {
             BTreeSet::new()
         };

@@ -33,25 +33,31 @@ pub struct Segment {
     pub net: Subnet,
 }
 
-/// Direct routes `remote` leases call for: those whose public IP lies in `segment`.
-pub fn direct_routes(segment: &Segment, remote: &[&Lease]) -> BTreeSet<Route> {
+/// Direct routes `remote` leases call for: those whose public IP lies in `segment`, with
+/// preferred source `src` (this host's bridge address, as for tunnelled routes).
+pub fn direct_routes(segment: &Segment, remote: &[&Lease], src: Ipv4Addr) -> BTreeSet<Route> {
     remote
         .iter()
         .filter(|l| segment.net.contains(l.public_ip))
         .map(|l| Route {
             subnet: l.subnet,
             gateway: l.public_ip,
+            src: Some(src),
         })
         .collect()
 }
 
 fn message(ifindex: u32, r: &Route) -> RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
+    let b = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(r.subnet.addr(), r.subnet.prefix_len())
         .gateway(r.gateway)
         .output_interface(ifindex)
-        .protocol(RouteProtocol::Other(DIRECT_PROTO))
-        .build()
+        .protocol(RouteProtocol::Other(DIRECT_PROTO));
+    match r.src {
+        Some(src) => b.pref_source(src),
+        None => b,
+    }
+    .build()
 }
 
 impl KernelNetlink {
@@ -104,6 +110,7 @@ impl KernelNetlink {
                     out.insert(Route {
                         subnet: Subnet::new(dst, r.header.destination_prefix_length),
                         gateway: gw,
+                        src: crate::kernel::pref_source(&r),
                     });
                 }
             }
@@ -172,10 +179,12 @@ mod tests {
         };
         let near = lease("100.100.2.0/24", "10.0.0.2");
         let far = lease("100.100.3.0/24", "10.0.1.3");
-        let got = direct_routes(&seg, &[&near, &far]);
+        let src = "100.100.1.1".parse().unwrap();
+        let got = direct_routes(&seg, &[&near, &far], src);
         let want: BTreeSet<Route> = [Route {
             subnet: near.subnet,
             gateway: near.public_ip,
+            src: Some(src),
         }]
         .into();
         assert_eq!(got, want);

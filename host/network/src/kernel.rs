@@ -118,12 +118,24 @@ fn neigh_message(vxlan: u32, family: AddressFamily) -> NeighbourMessage {
 }
 
 fn route_message(vxlan: u32, r: &Route) -> RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
+    let b = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(r.subnet.addr(), r.subnet.prefix_len())
         .gateway(r.gateway)
         .output_interface(vxlan)
-        .onlink()
-        .build()
+        .onlink();
+    match r.src {
+        Some(src) => b.pref_source(src),
+        None => b,
+    }
+    .build()
+}
+
+/// A route message's preferred source (`src`), if any.
+pub(crate) fn pref_source(r: &RouteMessage) -> Option<Ipv4Addr> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    })
 }
 
 impl KernelNetlink {
@@ -507,5 +519,6 @@ fn vxlan_route(r: &RouteMessage, vxlan: u32) -> Option<Route> {
     Some(Route {
         subnet: Subnet::new(dst?, r.header.destination_prefix_length),
         gateway: gw?,
+        src: pref_source(r),
     })
 }

@@ -30,11 +30,18 @@ pub struct Fdb {
     pub dst: Ipv4Addr,
 }
 
-/// A route to a remote block through the VXLAN device, `via gateway onlink`.
+/// A route to a remote block through the VXLAN device, `via gateway onlink src src` (a
+/// direct route: through the underlay device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Route {
     pub subnet: Subnet,
     pub gateway: Ipv4Addr,
+    /// The preferred source: this host's bridge address. Without it the host's own traffic
+    /// to other hosts' jobs (the router's, flynn-host's) would leave with its underlay
+    /// address, and the replies would not come back through the overlay: a job's reply to a
+    /// non-overlay address is masqueraded, and with the fast path the request never passed
+    /// that host's conntrack, so the reply is a new flow to it.
+    pub src: Option<Ipv4Addr>,
 }
 
 /// The overlay entries currently on the VXLAN device.
@@ -140,8 +147,8 @@ pub trait Netlink: Send {
     ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
 }
 
-/// The entries a set of remote leases calls for.
-pub fn desired(remote: &[&Lease]) -> KernelState {
+/// The entries a set of remote leases calls for; routes prefer source `src`.
+pub fn desired(remote: &[&Lease], src: Ipv4Addr) -> KernelState {
     let mut state = KernelState::default();
     for l in remote {
         let gw = l.subnet.addr();
@@ -156,6 +163,7 @@ pub fn desired(remote: &[&Lease]) -> KernelState {
         state.routes.push(Route {
             subnet: l.subnet,
             gateway: gw,
+            src: Some(src),
         });
     }
     state
@@ -170,8 +178,8 @@ fn set<T: Ord + Copy>(v: &[T]) -> BTreeSet<T> {
 /// Removals come first, routes then FDB then neighbours; then, lease by lease in address order,
 /// missing neighbour, FDB and route entries are added. An entry that differs (a peer's MAC or
 /// underlay IP changed) is removed and re-added.
-pub fn plan(actual: &KernelState, remote: &[&Lease]) -> Vec<Op> {
-    let want = desired(remote);
+pub fn plan(actual: &KernelState, remote: &[&Lease], src: Ipv4Addr) -> Vec<Op> {
+    let want = desired(remote, src);
     let (want_n, want_f, want_r) = (set(&want.neighs), set(&want.fdbs), set(&want.routes));
     let (have_n, have_f, have_r) = (set(&actual.neighs), set(&actual.fdbs), set(&actual.routes));
 
@@ -271,7 +279,7 @@ pub async fn reconcile<N: Netlink>(
         .filter(|l| l.subnet != *own && !l.is_expired(now))
         .collect();
     let actual = nl.dump(vxlan).await?;
-    let ops = plan(&actual, &remote);
+    let ops = plan(&actual, &remote, own.first_host());
     // A change the kernel refuses (one peer's bad record) does not hold back the others';
     // the first failure is reported once all were tried, and the next pass tries it again.
     let mut failed = None;
@@ -340,6 +348,7 @@ mod tests {
             Route {
                 subnet: l.subnet,
                 gateway: gw,
+                src: Some(own().first_host()),
             },
         )
     }
@@ -396,7 +405,10 @@ mod tests {
         let leases = [lease(1, 1), lease(2, 2), lease(3, 3)];
         assert_eq!(run(&mut nl, &leases).await.len(), 6);
         assert!(run(&mut nl, &leases).await.is_empty());
-        assert_eq!(nl.state, desired(&[&leases[1], &leases[2]]).sorted());
+        assert_eq!(
+            nl.state,
+            desired(&[&leases[1], &leases[2]], own().first_host()).sorted()
+        );
     }
 
     #[tokio::test]

@@ -24,6 +24,10 @@ use flynn_network::{KernelNetlink, Subnet};
 use lab::{in_netns, ping, run, Lab};
 
 const MTU: u32 = 1450;
+/// The agents' cluster network (their default).
+fn network() -> Subnet {
+    Subnet::new(std::net::Ipv4Addr::new(100, 100, 0, 0), 16)
+}
 
 /// An agent process in a host namespace; SIGKILLed and reaped on drop.
 struct AgentProc {
@@ -352,6 +356,48 @@ fn tcp_roundtrip(from: &JobNet, to: &JobNet) -> Result<()> {
     Ok(())
 }
 
+/// A request/response over TCP from host `host_ns` itself (not a job: the router, flynn-host)
+/// to a listener in `to` on another host. The host's traffic must use its overlay address (its
+/// bridge's) as the source, so the job's reply comes back through the overlay untranslated;
+/// checks that and returns the source the job saw.
+fn host_to_job(host_ns: &str, to: &JobNet, network: Subnet) -> Result<std::net::Ipv4Addr> {
+    let ip = to.ip;
+    let listener = in_ns_path(&to.netns_path, move || {
+        Ok(TcpListener::bind(SocketAddr::from((ip, 0)))?)
+    })?;
+    let addr = listener.local_addr()?;
+    let server = std::thread::spawn(move || -> Result<SocketAddr> {
+        let (mut s, peer) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf)?;
+        s.write_all(&buf)?;
+        Ok(peer)
+    });
+    let ns = PathBuf::from(format!("/run/netns/{host_ns}"));
+    let got = in_ns_path(&ns, move || {
+        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(b"hello")?;
+        let mut back = [0u8; 5];
+        c.read_exact(&mut back)?;
+        Ok(back)
+    });
+    let peer = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))?;
+    let peer = peer?;
+    ensure!(got? == *b"hello", "echoed data differs");
+    let std::net::IpAddr::V4(src) = peer.ip() else {
+        bail!("source {peer}");
+    };
+    ensure!(
+        network.contains(src),
+        "the host's traffic reached the job from {src}, not from its overlay address"
+    );
+    Ok(src)
+}
+
 /// A 3000-byte UDP datagram from a socket that ignores the path MTU (`IP_PMTUDISC_OMIT`, as DNS
 /// servers set it) leaves the job unfragmented, sized by its 65520-byte `eth0` rather than by the
 /// route; it must still reach `to` on another host. The kernel path fragments it at the VXLAN
@@ -442,6 +488,8 @@ fn three_hosts_talk_and_follow_hosts_joining_and_leaving() -> Result<()> {
     }
     tcp_roundtrip(&j1a, &j2).context("tcp cross-host")?;
     tcp_roundtrip(&j3, &j1b).context("tcp cross-host")?;
+    let src = host_to_job(&c.hosts[0].ns, &j2, network()).context("host 1 to a job on host 2")?;
+    ensure!(src == subnets[0].first_host(), "source {src}");
 
     // Drift is repaired by the periodic reconcile (no store event involved): remove host 2's
     // route and FDB entry on host 1 behind the agent's back.
@@ -697,6 +745,7 @@ fn direct_routing_uses_plain_routes_on_one_segment() -> Result<()> {
     );
     ensure!(can_ping(&j1, &j2) && can_ping(&j2, &j1), "no connectivity");
     tcp_roundtrip(&j1, &j2)?;
+    host_to_job(&ns1, &j2, network()).context("host 1 to a job on host 2, direct")?;
     // No encapsulation: packets up to the underlay MTU minus nothing pass between the hosts, but
     // jobs keep the overlay MTU so they can move to tunnelled peers.
     ensure!(ping_df(&j1, &j2, 1422));
@@ -764,6 +813,8 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
     ensure!(can_ping(&j1a, &j1b), "same-host ping");
     tcp_roundtrip(&j1a, &j2).context("tcp cross-host")?;
     tcp_roundtrip(&j1b, &j1a).context("tcp same host")?;
+    host_to_job(&ns1, &j2, network()).context("host 1 to a job on host 2, fast path")?;
+    host_to_job(&ns2, &j1a, network()).context("host 2 to a job on host 1, fast path")?;
     check_mtu(&j1a, &j1b, &j2).context("fast path")?;
     big_udp_arrives(&j1a, &j2).context("fast path")?;
     big_udp_arrives(&j2, &j1a).context("fast path")?;
