@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{
     qdisc_add_clsact, qdisc_detach_program, NlOptions, SchedClassifierLink, TcAttachOptions,
     TcError, TcHandle,
@@ -201,7 +201,11 @@ pub(crate) fn swap(
                 path: path.clone(),
                 source,
             };
-            let pinned = PinnedLink::from_pin(&path).map_err(link_err)?;
+            // Gone since the listing (flynn-host unpinned a job's link meanwhile): nothing
+            // to swap into, which is no failure of the load.
+            let Some(pinned) = open_pin(&path)? else {
+                return Ok(false);
+            };
             let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
             match prog.attach_to_link(link) {
                 Ok(id) => {
@@ -239,10 +243,10 @@ pub(crate) fn remove(rec: Record, ifname: Option<&str>, pin_dir: &Path) -> Resul
     let path = rec.path(pin_dir);
     match rec.kind {
         Kind::Tcx => {
-            let pinned = PinnedLink::from_pin(&path).map_err(|source| EbpfError::Link {
-                path: path.clone(),
-                source,
-            })?;
+            // Already unpinned by someone else: detached, nothing to do.
+            let Some(pinned) = open_pin(&path)? else {
+                return Ok(());
+            };
             // Removing the pin drops the last reference once our fd closes: the link detaches.
             let fd = pinned.unpin().map_err(|source| EbpfError::Io {
                 op: "unpin link",
@@ -321,6 +325,22 @@ fn keep_filter(
     Ok(())
 }
 
+/// The link pinned at `path`; `None` when the pin is gone.
+fn open_pin(path: &Path) -> Result<Option<PinnedLink>, EbpfError> {
+    match PinnedLink::from_pin(path) {
+        Ok(p) => Ok(Some(p)),
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(None)
+        }
+        Err(source) => Err(EbpfError::Link {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 fn remove_record(path: &Path) -> Result<(), EbpfError> {
     let r = if path.is_dir() {
         std::fs::remove_dir(path)
@@ -352,6 +372,23 @@ fn os_error(e: &ProgramError) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A record listed by a load whose pin another process removed before it was opened
+    /// (flynn-host tearing a job down while the agent starts) is gone, not a failure.
+    #[test]
+    fn a_record_whose_pin_went_meanwhile_is_no_failure() {
+        let dir = std::env::temp_dir().join(format!("flynn-ebpf-gone-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rec = Record {
+            ifindex: 7,
+            role: Role::JobVeth,
+            kind: Kind::Tcx,
+        };
+        assert!(matches!(open_pin(&rec.path(&dir)), Ok(None)));
+        let r = remove(rec, None, &dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(r.is_ok(), "{r:?}");
+    }
 
     #[test]
     fn record_names_round_trip() {
