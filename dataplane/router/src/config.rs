@@ -79,6 +79,14 @@ pub struct Config {
     #[arg(long, env = "FLYNN_IDLE_TIMEOUT", default_value_t = 300)]
     pub idle_timeout_secs: u64,
 
+    /// Seconds the router keeps reading (and discarding) a request body it did not read
+    /// after answering it itself (404, 503, 400) or relaying a backend's early answer,
+    /// before closing: the client can finish sending and read the answer instead of
+    /// getting a reset (nginx's `lingering_time`). It stops sooner when the client closes,
+    /// sends nothing for 5 s or has sent 64 MiB. 0: close at once.
+    #[arg(long, env = "FLYNN_LINGERING_TIME", default_value_t = 30)]
+    pub lingering_time_secs: u64,
+
     /// TLS session-ticket key file (48 or 80 random bytes, e.g. `openssl rand 80 > FILE`);
     /// repeatable, the first encrypts and all decrypt (rotate by putting a new file first).
     /// Routers given the same files resume each other's TLS sessions. Without any, the keys

@@ -255,6 +255,7 @@ mod tests {
             idle_timeout: Duration::from_secs(10),
             tunnel_timeout: Duration::from_secs(10),
             tunnel_fin_timeout: Duration::from_secs(10),
+            lingering_time: Duration::ZERO,
             connect_timeout: Duration::from_secs(1),
             tickets: Arc::new(crate::tickets::TicketKeys::random().unwrap()),
             hot_idle: Duration::ZERO,

@@ -345,6 +345,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             idle_timeout: cfg.idle_timeout(),
             tunnel_timeout: Duration::from_secs(cfg.tunnel_timeout_secs),
             tunnel_fin_timeout: Duration::from_secs(cfg.tunnel_fin_timeout_secs),
+            lingering_time: Duration::from_secs(cfg.lingering_time_secs),
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             tickets,
             hot_idle: Duration::from_millis(cfg.hot_idle_ms),

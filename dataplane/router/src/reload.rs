@@ -312,6 +312,22 @@ mod tests {
         assert!(store.backends("a").is_empty());
     }
 
+    /// A routes file's domains are checked as the API's are: one that can never match a
+    /// request refuses the file.
+    #[test]
+    fn a_file_route_whose_domain_can_never_match_is_refused() {
+        let mut store = store();
+        let mut f = FileRoutes::default();
+        let bad = r#"{"routes":[{"type":"http","domain":"a.com","service":"a"},
+                                {"type":"http","domain":"b.com:8080","service":"b"}]}"#;
+        let e = f.apply(&mut store, file(bad)).unwrap_err();
+        assert!(e.contains("b.com:8080") && e.contains("port"), "{e}");
+        assert!(store.list(None).is_empty());
+        let good = r#"{"routes":[{"type":"http","domain":"b.com.","service":"b"}]}"#;
+        f.apply(&mut store, file(good)).unwrap();
+        assert_eq!(store.list(None)[0].domain, "b.com");
+    }
+
     /// Several `port: 0` TCP routes are several routes, each with its own port kept across
     /// reloads; a route declared twice is refused, not merged into one.
     #[test]

@@ -23,6 +23,9 @@ pub struct Settings {
     pub tunnel_timeout: Duration,
     /// ... or this long once one side has finished sending (zero: only `tunnel_timeout`).
     pub tunnel_fin_timeout: Duration,
+    /// How long a connection closed after an answer given before its request body was
+    /// read may go on discarding that body (zero: closed at once).
+    pub lingering_time: Duration,
     /// How long a dial to a backend may take.
     pub connect_timeout: Duration,
     /// Hot wait for the next request on a keep-alive connection (zero: off).

@@ -75,6 +75,39 @@ fn valid_path(p: &str) -> bool {
     p.starts_with('/') && p.ends_with('/')
 }
 
+/// Why `d` can never match a request's host, if it cannot: a route's domain is a host name
+/// (dot-separated labels of 1 to 63 letters, digits, `-` or `_`), optionally after a `*.`
+/// wildcard label, `*` alone (the catch-all) or a bracketed IPv6 address, as lookups see a
+/// `Host` (its port and a trailing dot dropped). An IPv4 address is labels of digits.
+fn bad_domain(d: &str) -> Option<&'static str> {
+    if d == "*" {
+        return None;
+    }
+    if let Some(ip) = d.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+        return match ip.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => None,
+            Err(_) => Some("must be a host name or a bracketed IPv6 address"),
+        };
+    }
+    if d.contains(':') {
+        return Some("must not have a port (a route on another listener names it in port)");
+    }
+    let name = d.strip_prefix("*.").unwrap_or(d);
+    let label = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.split('.').all(label) {
+        None
+    } else {
+        Some(
+            "must be a host name: dot-separated labels of 1 to 63 letters, digits, '-' or '_', \
+             optionally after '*.'",
+        )
+    }
+}
+
 /// A path with an empty segment: matching skips them, so `//` would be a second root (ahead
 /// of `/`) and `/a//b/` the same place as `/a/b/`. Refused for new and updated routes;
 /// a handed-over route that has one is kept as it is.
@@ -166,6 +199,11 @@ impl Store {
         let submitted = serde_json::to_value(&r).unwrap_or_default();
         match r.kind {
             RouteType::Http => {
+                // A fully qualified name's trailing dot is dropped, as lookups drop the
+                // `Host`'s (nginx does the same).
+                if r.domain.ends_with('.') && !r.domain.ends_with("*.") {
+                    r.domain.pop();
+                }
                 if r.domain.is_empty() {
                     return Err(ApiError::validation(Some("domain"), "must not be blank"));
                 }
@@ -175,6 +213,11 @@ impl Store {
                         Some("domain"),
                         &format!("must be at most {} characters", flynn_routes::MAX_DOMAIN),
                     ));
+                }
+                // Checked for new routes only: a takeover never fails on what an older
+                // build stored.
+                if let Some(e) = bad_domain(&r.domain).filter(|_| probe) {
+                    return Err(ApiError::validation(Some("domain"), e));
                 }
                 if r.port != 0 && !self.ports.additional_http.contains(&r.port) {
                     return Err(ApiError::validation(

@@ -237,11 +237,13 @@ impl Table {
         self.version
     }
 
-    /// Finds the route for a request. `host` is the Host header (any `:port` suffix is
-    /// ignored), `port` the route port key (0 for the default listeners), `path` the
-    /// request path. Exact domain, then wildcards from most to least specific, then `*`.
+    /// Finds the route for a request. `host` is the Host header (any `:port` suffix and
+    /// a fully qualified name's trailing dot are ignored, as nginx does), `port` the route
+    /// port key (0 for the default listeners), `path` the request path. Exact domain, then
+    /// wildcards from most to least specific, then `*`.
     pub fn lookup_http(&self, host: &[u8], port: u16, path: &[u8]) -> Option<&HttpRoute> {
         let domain = strip_port(host);
+        let domain = domain.strip_suffix(b".").unwrap_or(domain);
         let path = if path.is_empty() { b"/" as &[u8] } else { path };
         let mut kb = [0u8; MAX_DOMAIN + 8];
         if let Some(d) = key_into(&mut kb, domain, port).and_then(|k| self.http.get(k)) {

@@ -35,6 +35,15 @@ const MAX_ATTEMPTS: usize = 4;
 const CLIENT_WATCH_GRACE: Duration = Duration::from_millis(20);
 /// Linux `ECANCELED` (what a cancelled io_uring operation completes with).
 const ECANCELED: i32 = 125;
+/// A lingering close ([`linger`]) ends when the client sends nothing for this long
+/// (nginx's `lingering_timeout`) ...
+const LINGER_QUIET: Duration = Duration::from_secs(5);
+/// ... or once it has discarded this much of what the client sent.
+const LINGER_MAX_BYTES: usize = 64 << 20;
+/// How long a backend whose connection failed while the request body was being sent has
+/// for its answer to be read: it may have answered early and closed (a 413 or 401 without
+/// reading the body), and that answer is usually in the socket already.
+const EARLY_ANSWER_WAIT: Duration = Duration::from_millis(200);
 
 /// What a [`Client::hot_read`] got.
 pub enum HotRead {
@@ -47,9 +56,13 @@ pub enum HotRead {
 }
 
 /// How a request ended for the client connection.
+#[derive(Clone, Copy)]
 enum Next {
     KeepAlive,
     Close,
+    /// Close in stages ([`linger`]): the client was answered while it may still be sending
+    /// a request body that was not read.
+    Linger,
 }
 
 /// Counts the connection as open until dropped, unless it was parked (a parked
@@ -328,7 +341,14 @@ async fn one_request<S: Client>(
         Err(status) => {
             core.ensure_buf(&mut bufs.out);
             CoreMetrics::inc(&core.metrics().bad_requests_total);
-            let _ = respond(
+            // What follows the bad head is unknown and unread (but a client too slow to
+            // send a head in time gets no more time).
+            let then = if status == 408 {
+                Next::Close
+            } else {
+                Next::Linger
+            };
+            let next = respond(
                 core,
                 &mut c,
                 fd,
@@ -337,9 +357,12 @@ async fn one_request<S: Client>(
                 Method::Get,
                 status,
                 reason_body(status),
-                true,
+                then,
             )
             .await;
+            if matches!(next, Next::Linger) {
+                linger(core, &mut c, &mut bufs.buf).await;
+            }
             return None;
         }
     };
@@ -356,6 +379,10 @@ async fn one_request<S: Client>(
         // 2xx would make its connection a tunnel, then pooled for the next client.
         _ if info.method == Method::Connect => {
             CoreMetrics::inc(&core.metrics().bad_requests_total);
+            let then = match after_own_answer(&info, buf) {
+                Next::KeepAlive => Next::Close,
+                then => then,
+            };
             respond(
                 core,
                 &mut c,
@@ -364,14 +391,14 @@ async fn one_request<S: Client>(
                 info.method,
                 405,
                 b"Method Not Allowed\n",
-                true,
+                then,
             )
             .await
         }
         None => {
             CoreMetrics::inc(&core.metrics().not_found_total);
-            let close = own_answer_closes(&info);
-            if !close {
+            let then = after_own_answer(&info, buf);
+            if matches!(then, Next::KeepAlive) {
                 buf.drain(..info.head_len);
             }
             respond(
@@ -382,12 +409,12 @@ async fn one_request<S: Client>(
                 info.method,
                 404,
                 b"Not Found\n",
-                close,
+                then,
             )
             .await
         }
         Some(r) if r.backends.is_empty() => {
-            let n = unavailable(core, &mut c, fd, out, &info).await;
+            let n = unavailable(core, &mut c, fd, out, &info, buf).await;
             if matches!(n, Next::KeepAlive) {
                 buf.drain(..info.head_len);
             }
@@ -412,6 +439,10 @@ async fn one_request<S: Client>(
     match next {
         Next::KeepAlive => Some(c),
         Next::Close => None,
+        Next::Linger => {
+            linger(core, &mut c, buf).await;
+            None
+        }
     }
 }
 
@@ -495,7 +526,8 @@ fn may_end_head(buf: &[u8], from: usize) -> bool {
 }
 
 /// The router's own response to a request (`method`: a `HEAD` gets the head only, with the
-/// length a `GET` would have had).
+/// length a `GET` would have had); `then`: what follows once it is written (any but
+/// `KeepAlive` says `Connection: close`).
 #[allow(clippy::too_many_arguments)]
 async fn respond<S: Client>(
     core: &Core,
@@ -505,11 +537,15 @@ async fn respond<S: Client>(
     method: Method,
     status: u16,
     body: &[u8],
-    close: bool,
+    then: Next,
 ) -> Next {
     core.metrics().status(status);
     // A draining process closes every connection after its current response.
-    let close = close || core.draining();
+    let then = match then {
+        Next::KeepAlive if core.draining() => Next::Close,
+        then => then,
+    };
+    let close = !matches!(then, Next::KeepAlive);
     out.clear();
     let body_len = match (status, &core.settings().page_503) {
         (503, Some(page)) => {
@@ -528,19 +564,32 @@ async fn respond<S: Client>(
     let len = o.len();
     let (res, o) = to_client(core, c, fd, o, len).await;
     *out = o;
-    if res.is_err() || close {
+    if res.is_err() {
+        Next::Close
+    } else {
+        then
+    }
+}
+
+/// What follows the router's own answer to a request (404, 503) in `buf`: a body not all
+/// received yet is left unread, so the connection closes in stages ([`linger`]); one that
+/// is all in `buf`, a client that asked to close, or an HTTP/1.0 one, which keeps only a
+/// connection whose response says `Connection: keep-alive` (these answers do not, so a
+/// client reading to the end would wait for the idle timeout), is closed.
+fn after_own_answer(info: &RequestInfo, buf: &[u8]) -> Next {
+    if info.framing != Framing::Empty {
+        let mut body = BodyReader::new(info.framing);
+        let whole = body.advance(&buf[info.head_len..]).is_ok() && body.is_done();
+        if whole {
+            Next::Close
+        } else {
+            Next::Linger
+        }
+    } else if !info.keep_alive || info.version_minor == 0 {
         Next::Close
     } else {
         Next::KeepAlive
     }
-}
-
-/// Whether the router's own answer to a request (404, 503) ends the connection: the client
-/// asked for that, a body may follow unread, or it speaks HTTP/1.0, which keeps only a
-/// connection whose response says `Connection: keep-alive` (these answers do not, so a
-/// client reading to the end would wait for the idle timeout).
-fn own_answer_closes(info: &RequestInfo) -> bool {
-    !info.keep_alive || info.version_minor == 0 || info.framing != Framing::Empty
 }
 
 async fn unavailable<S: Client>(
@@ -549,9 +598,10 @@ async fn unavailable<S: Client>(
     fd: RawFd,
     out: &mut Vec<u8>,
     info: &RequestInfo,
+    buf: &[u8],
 ) -> Next {
     CoreMetrics::inc(&core.metrics().unavailable_total);
-    let close = own_answer_closes(info);
+    let then = after_own_answer(info, buf);
     respond(
         core,
         c,
@@ -560,9 +610,44 @@ async fn unavailable<S: Client>(
         info.method,
         503,
         b"Service Unavailable\n",
-        close,
+        then,
     )
     .await
+}
+
+/// Closes a connection in stages after an answer given before the client finished sending
+/// its request body (RFC 9112 §9.6): shuts the sending side down once the answer is out,
+/// then reads and discards what the client still sends until it closes, sends nothing for
+/// [`LINGER_QUIET`], has sent [`LINGER_MAX_BYTES`] or the lingering time is up. Closing at
+/// once with unread input makes the kernel reset the connection, and a client still
+/// writing its body gets the reset instead of the answer (nginx's `lingering_close`, Go's
+/// `closeWriteAndWait`). Error paths only; reads into the connection's own buffer.
+async fn linger<S: Client>(core: &Core, c: &mut S, buf: &mut Vec<u8>) {
+    let time = core.settings().lingering_time;
+    if time.is_zero() {
+        return;
+    }
+    let discard = async {
+        if c.shutdown().await.is_err() {
+            return;
+        }
+        let mut left = LINGER_MAX_BYTES;
+        loop {
+            buf.clear();
+            let taken = std::mem::take(buf);
+            let Ok((res, b)) = monoio::time::timeout(LINGER_QUIET, read_append(c, taken)).await
+            else {
+                return;
+            };
+            *buf = b;
+            match res {
+                Ok(n) if n > 0 && n < left => left -= n,
+                _ => return,
+            }
+        }
+    };
+    let _ = monoio::time::timeout(time, discard).await;
+    buf.clear();
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -581,7 +666,7 @@ async fn forward<S: Client>(
     let sealer = core.settings().sticky.as_ref().filter(|_| route.sticky);
     let cookie_addr = sealer.and_then(|s| crate::sticky::from_request(s, &buf[..info.head_len]));
     let Some((mut up, addr, mut reused)) = connect(core, route, cookie_addr, None).await else {
-        let next = unavailable(core, c, fd, out, info).await;
+        let next = unavailable(core, c, fd, out, info, buf).await;
         if matches!(next, Next::KeepAlive) {
             buf.drain(..info.head_len);
         }
@@ -597,7 +682,10 @@ async fn forward<S: Client>(
     let mut body = BodyReader::new(info.framing);
     let adv = match body.advance(&buf[info.head_len..]) {
         Ok(a) => a,
-        Err(_) => return respond(core, c, fd, out, info.method, 400, b"Bad Request\n", true).await,
+        Err(_) => {
+            let bad = b"Bad Request\n";
+            return respond(core, c, fd, out, info.method, 400, bad, Next::Linger).await;
+        }
     };
     out.extend_from_slice(&buf[info.head_len..info.head_len + adv.used]);
     let mut consumed = info.head_len + adv.used;
@@ -611,6 +699,9 @@ async fn forward<S: Client>(
         }
     }
 
+    // Set when the backend answered before taking the whole body: the answer is relayed,
+    // and the client's connection then closes with the rest of its body unread.
+    let mut early = false;
     // `out` keeps the request head, so a stale pooled connection can be retried.
     let resp = 'send: loop {
         let can_retry = 'attempt: {
@@ -647,8 +738,9 @@ async fn forward<S: Client>(
                 let adv = match body.advance(&buf[consumed..]) {
                     Ok(a) => a,
                     Err(_) => {
-                        return respond(core, c, fd, out, info.method, 400, b"Bad Request\n", true)
-                            .await
+                        let bad = b"Bad Request\n";
+                        return respond(core, c, fd, out, info.method, 400, bad, Next::Linger)
+                            .await;
                     }
                 };
                 // A backend that stops reading the body (without closing) is given up
@@ -665,7 +757,23 @@ async fn forward<S: Client>(
                 *buf = b;
                 consumed += adv.used;
                 if res.is_err() {
-                    return upstream_failed(core, c, fd, out, info.method).await;
+                    // The backend may have answered without reading the body and closed
+                    // (a 413, a 401): that answer is relayed, not a 503. Never retried.
+                    let answer = exchange(core, c, fwd.fd, &mut up, ubuf, info, sent_continue);
+                    match monoio::time::timeout(EARLY_ANSWER_WAIT, answer).await {
+                        Ok(Exchange::Ok(r)) => {
+                            early = true;
+                            break 'send r;
+                        }
+                        Ok(Exchange::ClientGone) => {
+                            CoreMetrics::inc(&m.client_aborts_total);
+                            return Next::Close;
+                        }
+                        _ => {
+                            return upstream_failed(core, c, fd, out, info.method, Next::Linger)
+                                .await
+                        }
+                    }
                 }
             }
             match exchange(core, c, fwd.fd, &mut up, ubuf, info, sent_continue).await {
@@ -696,7 +804,12 @@ async fn forward<S: Client>(
         // byte to a safe request, is retried: on a fresh dial to the same backend, or
         // another backend if that dial fails.
         if !can_retry || retries >= MAX_ATTEMPTS {
-            return upstream_failed(core, c, fd, out, info.method).await;
+            let then = if body.is_done() {
+                Next::Close
+            } else {
+                Next::Linger
+            };
+            return upstream_failed(core, c, fd, out, info.method, then).await;
         }
         retries += 1;
         ubuf.clear();
@@ -708,21 +821,26 @@ async fn forward<S: Client>(
                     _inflight = core.start_request(a);
                 }
             }
-            None => return upstream_failed(core, c, fd, out, info.method).await,
+            None => return upstream_failed(core, c, fd, out, info.method, Next::Close).await,
         }
     };
+    // How the client's connection ends when the response fails.
+    let failed = if early { Next::Linger } else { Next::Close };
 
     // A switch of protocols nobody asked for: the client's connection would go on as
     // HTTP while the backend's does not (Go's proxy refuses it too).
     if resp.status == 101 {
-        return upstream_failed(core, c, fd, out, info.method).await;
+        return upstream_failed(core, c, fd, out, info.method, failed).await;
     }
     // Response head and body. An HTTP/1.0 client cannot take chunk framing: it gets the
     // body decoded, ended by the close of the connection (RFC 9112 §6.1, as Go does).
     let http10 = info.version_minor == 0;
     let mut unchunk = (http10 && resp.framing == Framing::Chunked).then(Dechunker::new);
-    let close_client =
-        !info.keep_alive || resp.framing == Framing::Close || unchunk.is_some() || core.draining();
+    let close_client = !info.keep_alive
+        || resp.framing == Framing::Close
+        || unchunk.is_some()
+        || early
+        || core.draining();
     // A new cookie only when the chosen backend differs from the cookie's.
     let cookie = match sealer {
         Some(s) if cookie_addr != Some(addr) => Some(crate::sticky::set_cookie(s, addr)),
@@ -737,7 +855,7 @@ async fn forward<S: Client>(
     let mut rbody = BodyReader::new(resp.framing);
     let adv = match rbody.advance(&ubuf[head_len..]) {
         Ok(a) => a,
-        Err(_) => return upstream_failed(core, c, fd, out, info.method).await,
+        Err(_) => return upstream_failed(core, c, fd, out, info.method, failed).await,
     };
     out.clear();
     write_response_head(
@@ -826,11 +944,13 @@ async fn forward<S: Client>(
     ubuf.clear();
     if !clean {
         core.pool.note_strays(addr);
-    } else if resp.keep_alive && !route.disable_keep_alives {
+    } else if resp.keep_alive && !route.disable_keep_alives && !early {
         core.pool.put(addr, up, resp.framing == Framing::Empty);
     }
     compact(buf, consumed, BUF);
-    if close_client {
+    if early {
+        Next::Linger
+    } else if close_client {
         Next::Close
     } else {
         Next::KeepAlive
@@ -866,12 +986,15 @@ pub(crate) async fn to_client<S: Client>(
     (Ok(()), o)
 }
 
+/// The 503 for a backend that failed; `then`: `Linger` when the request body was not all
+/// read.
 async fn upstream_failed<S: Client>(
     core: &Core,
     c: &mut S,
     fd: RawFd,
     out: &mut Vec<u8>,
     method: Method,
+    then: Next,
 ) -> Next {
     CoreMetrics::inc(&core.metrics().upstream_errors_total);
     CoreMetrics::inc(&core.metrics().unavailable_total);
@@ -883,7 +1006,7 @@ async fn upstream_failed<S: Client>(
         method,
         503,
         b"Service Unavailable\n",
-        true,
+        then,
     )
     .await
 }

@@ -392,3 +392,68 @@ fn a_domain_too_long_to_route_is_refused() {
     assert_eq!(e.code, ErrorCode::ValidationError);
     assert!(e.message.contains("at most"), "{}", e.message);
 }
+
+/// A domain is a host name a request can have: no port, scheme, spaces or empty labels.
+/// Everything a lookup can match is kept: wildcards, the catch-all, IP addresses,
+/// underscores; a fully qualified name's trailing dot is dropped (lookups drop the
+/// `Host`'s).
+#[test]
+fn domains_that_can_never_match_are_refused() {
+    let mut s = store();
+    for (given, stored) in [
+        ("example.com", "example.com"),
+        ("EXAMPLE.org", "EXAMPLE.org"),
+        ("example.net.", "example.net"),
+        ("*.example.com", "*.example.com"),
+        ("*.example.org.", "*.example.org"),
+        ("*", "*"),
+        ("localhost", "localhost"),
+        ("my_app-1.example.com", "my_app-1.example.com"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("[::1]", "[::1]"),
+        ("[2001:db8::1]", "[2001:db8::1]"),
+    ] {
+        let r = s
+            .add(http(given, "/"))
+            .unwrap_or_else(|e| panic!("{given:?}: {}", e.message));
+        assert_eq!(r.domain, stored);
+    }
+    let long_label = format!("{}.com", "a".repeat(64));
+    for bad in [
+        "example.com:8080",
+        " example.com",
+        "example.com ",
+        "http://x",
+        "x/y",
+        "example..com",
+        ".example.com",
+        "example.com..",
+        "a.*.com",
+        "*.*.com",
+        "*example.com",
+        "*.",
+        "[::1",
+        "[nope]",
+        "::1",
+        "ex ample.com",
+        "é.com",
+        &long_label,
+    ] {
+        let e = s.add(http(bad, "/")).unwrap_err();
+        assert_eq!(e.code, ErrorCode::ValidationError, "{bad:?}: {}", e.message);
+        assert!(e.message.starts_with("domain "), "{bad:?}: {}", e.message);
+        assert_eq!(e.detail, Some(serde_json::json!({"field": "domain"})));
+    }
+    // 63 characters is a label's most.
+    s.add(http(&format!("{}.com", "a".repeat(63)), "/"))
+        .unwrap();
+}
+
+/// A handed-over route is kept as it is, whatever its domain (a takeover never fails on
+/// what an older build stored).
+#[test]
+fn a_handed_over_route_with_an_unmatchable_domain_is_kept() {
+    let mut s = store();
+    s.restore(http("example.com:8080", "/")).unwrap();
+    assert_eq!(s.list(None)[0].domain, "example.com:8080");
+}

@@ -146,6 +146,38 @@ fn invalid_paths_and_missing_root_are_rejected() {
     }
 }
 
+/// A domain no request's host can ever match is a 400 naming the field; a fully qualified
+/// one is stored without its trailing dot and routes hosts written either way.
+#[test]
+fn domains_that_can_never_match_are_rejected() {
+    let router = Router::start();
+    for bad in [
+        "example.com:8080",
+        " example.com",
+        "http://example.com",
+        "example..com",
+        "a.*.com",
+    ] {
+        let resp = post(&router, http_route(bad, "web"));
+        assert_error(&resp, 400, "validation_error", "");
+        assert_eq!(resp.1["detail"], json!({"field": "domain"}), "{bad:?}");
+        assert!(
+            resp.1["message"].as_str().unwrap().starts_with("domain "),
+            "{bad:?}: {}",
+            resp.1
+        );
+    }
+    let (status, routes) = router.api("GET", "/routes", None);
+    assert_eq!((status, routes), (200, json!([])));
+    let b = Backend::start("b1");
+    let stored = router.add_route(http_route("Example.com.", "web"));
+    assert_eq!(stored["domain"], "Example.com");
+    router.set_backends("web", &[&b]);
+    for host in ["example.com", "example.com.", "example.com.:80"] {
+        assert_eq!(get(router.http_addr, host, "/").backend(), "b1", "{host}");
+    }
+}
+
 #[test]
 fn unknown_type_and_bad_json_are_rejected() {
     let router = Router::start();

@@ -14,6 +14,7 @@ mod parking;
 mod routing;
 mod streaming;
 mod unavailable;
+mod unread_body;
 mod upgrade;
 
 use support::{http_route, Backend, Router};

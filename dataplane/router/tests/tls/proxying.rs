@@ -373,3 +373,32 @@ fn a_tls_client_leaving_during_a_slow_backend_wait_frees_the_backend() {
         );
     }
 }
+
+/// The router's own answer to an upload it does not read (a 404) reaches a TLS client that
+/// writes its whole body first: the router sends close_notify and reads on (a lingering
+/// close) instead of resetting the connection under the client's writes.
+#[test]
+fn an_own_answer_to_an_unread_upload_reaches_a_tls_client() {
+    use std::io::Write;
+    let (router, _b1, default) = setup();
+    let mut conn = tls_connect(&router, "a.example.com", &[&default]);
+    conn.tls
+        .sock
+        .set_write_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let body = vec![b'x'; 8 << 20];
+    conn.send(
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: nope.example.com\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    conn.tls
+        .write_all(&body)
+        .and_then(|_| conn.tls.flush())
+        .unwrap_or_else(|e| panic!("upload refused: {e}"));
+    let resp = conn.response();
+    assert_eq!(resp.status, 404, "{resp:?}");
+    assert!(conn.read_to_end().unwrap().is_empty());
+}

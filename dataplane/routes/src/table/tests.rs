@@ -196,6 +196,20 @@ fn host_header_ports_are_stripped() {
     }
 }
 
+/// A fully qualified `Host` (trailing dot) is the same host, for exact and wildcard
+/// domains (as nginx takes it).
+#[test]
+fn a_hosts_trailing_dot_is_ignored() {
+    let t = table(&[
+        route("example.com", "/", "s1"),
+        route("*.foo.bar", "/", "s2"),
+    ]);
+    assert_eq!(svc(&t, "example.com.", "/"), Some("s1"));
+    assert_eq!(svc(&t, "EXAMPLE.com.:8080", "/"), Some("s1"));
+    assert_eq!(svc(&t, "a.foo.bar.", "/"), Some("s2"));
+    assert_eq!(svc(&t, "example.com..", "/"), None);
+}
+
 #[test]
 fn path_segments_match_with_empty_segments_skipped() {
     // As Flynn's route tree: paths are compared segment by segment, empty ones skipped.
