@@ -52,6 +52,13 @@ impl IpAllocator {
         reserved: &[Ipv4Addr],
     ) -> Result<IpAllocator, JobNetError> {
         let state = match fs::read(path) {
+            // An empty file is what a power cut can leave of one renamed into place before
+            // its data was synced (`deferred_sync`; XFS, ext4 with `noauto_da_alloc`). The
+            // same power cut ended every job that held an address: start over.
+            Ok(bytes) if bytes.is_empty() => {
+                tracing::warn!(path = %path.display(), "allocation file is empty (power loss?); starting over");
+                return Self::open_fresh(path, block, reserved);
+            }
             Ok(bytes) => {
                 let state: State =
                     serde_json::from_slice(&bytes).map_err(|source| JobNetError::Corrupt {
@@ -304,6 +311,23 @@ mod tests {
         let c = IpAllocator::open(&path, block(), &[]).unwrap();
         let owners: Vec<&str> = c.allocations().map(|(o, _)| o).collect();
         assert_eq!(owners, ["more0", "more1", "y", "z"]);
+    }
+
+    /// What a power cut can leave of a file renamed into place before its data was synced:
+    /// no job survived it, so the allocator starts over rather than refusing to open.
+    #[test]
+    fn an_empty_file_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ips.json");
+        fs::write(&path, b"").unwrap();
+        let mut a = IpAllocator::open(&path, block(), &[]).unwrap();
+        assert_eq!(a.allocations().count(), 0);
+        let ip = a.allocate("a").unwrap();
+        drop(a);
+        assert_eq!(
+            IpAllocator::open(&path, block(), &[]).unwrap().get("a"),
+            Some(ip)
+        );
     }
 
     #[test]
