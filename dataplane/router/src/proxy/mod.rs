@@ -747,15 +747,18 @@ async fn forward<S: Client>(
                 // after the idle timeout, as a client that stops sending it is.
                 let taken = std::mem::take(buf);
                 let write = write_range(&mut up, taken, consumed, consumed + adv.used);
-                let (res, b) = match monoio::time::timeout(limit, write).await {
-                    Ok(x) => x,
+                let (res, b, lost) = match monoio::time::timeout(limit, write).await {
+                    Ok((res, b)) => (res, b, false),
                     Err(_) => (
                         Err(std::io::ErrorKind::TimedOut.into()),
                         Vec::with_capacity(BUF),
+                        true,
                     ),
                 };
                 *buf = b;
-                consumed += adv.used;
+                // A timed-out write took the buffer with it: nothing of it is left to skip
+                // (the body is not read any further after a failed write).
+                consumed = if lost { 0 } else { consumed + adv.used };
                 if res.is_err() {
                     // The backend may have answered without reading the body and closed
                     // (a 413, a 401): that answer is relayed, not a 503. Never retried.

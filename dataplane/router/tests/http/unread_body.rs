@@ -175,6 +175,32 @@ fn a_backends_early_answer_to_an_upload_is_relayed() {
     assert_eq!(b.request_count(), 1, "an early answer is not a retry");
 }
 
+/// A backend that answers early and then neither reads nor closes: the body write times out
+/// (here after the 1 s idle timeout), the answer is relayed, and the core goes on serving
+/// (the timed-out write took the buffer with it; the router used to panic on it).
+#[test]
+fn an_early_answer_after_a_timed_out_body_write_is_relayed() {
+    let router = Router::builder().arg("--idle-timeout-secs=1").start();
+    let b = Backend::raw("stalls", |_req, conn| {
+        let _ = conn.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n");
+        std::thread::sleep(Duration::from_secs(4));
+        Reply::Close
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let (mut conn, resp) = upload(&router, "example.com");
+    assert_eq!(resp.status, 401, "{resp:?}");
+    assert!(resp.connection_has("close"), "{resp:?}");
+    conn.expect_closed();
+    // Every core still answers.
+    for _ in 0..8 {
+        let mut c = Conn::connect(router.http_addr);
+        c.set_read_timeout(Duration::from_secs(5));
+        c.send(b"GET / HTTP/1.1\r\nHost: nope.example.com\r\n\r\n");
+        assert_eq!(c.response().status, 404);
+    }
+}
+
 /// A backend that answers at once and then reads the body is served as before: the answer
 /// is relayed once the body is sent, and the connection stays open.
 #[test]
