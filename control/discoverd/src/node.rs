@@ -266,7 +266,8 @@ async fn track_leadership(node: Arc<Node>) {
         // its watches would freeze (keep-alives still flowing) and its DNS answer from a
         // state that no longer changes. They end, and DNS answers SERVFAIL, until it
         // follows a leader again.
-        let lost = leaderless.is_some_and(|t| t.elapsed() >= LEADERLESS_LIMIT);
+        // A cut-off leader has already gone LEADERLESS_LIMIT without its quorum.
+        let lost = cut_off || leaderless.is_some_and(|t| t.elapsed() >= LEADERLESS_LIMIT);
         let now_following = voter && !lost;
         if now_following != following {
             following = now_following;

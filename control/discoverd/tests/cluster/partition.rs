@@ -273,7 +273,9 @@ async fn a_node_without_a_leader_for_a_while_stops_serving_its_frozen_state() {
 /// them; an idle leader that its followers do acknowledge stays leader.
 #[tokio::test]
 async fn a_leader_cut_off_from_the_others_stops_serving_its_frozen_state() {
-    let cl = Cluster::start_with("10s");
+    // A 1 s election timeout: openraft's own leader lease (2 s) then leaves a wide window in
+    // which a write proposed after the partition is accepted and cannot commit.
+    let cl = Cluster::start_nodes_with("10s", 3, 0, &["--election-timeout", "1s"]);
     let l = cl.leader().await;
     let r = call(
         &client(),
@@ -297,22 +299,31 @@ async fn a_leader_cut_off_from_the_others_stops_serving_its_frozen_state() {
 
     let mut watch =
         watch_empty_service(&reqwest::Client::new(), &cl.nodes[l].url("/services/w")).await;
-    cl.isolate(l).await;
-    // A write that reaches it before it knows it is cut off cannot commit: it is answered
-    // 503 (retry) after the 30 s apply timeout, not held for good.
+    // Writes one after another, from before the partition: the first one proposed after it
+    // cannot commit, and is answered 503 (retry) after the 30 s apply timeout, not held for
+    // good. Its answer is the first that is not a 200.
     let early = {
-        let url = cl.nodes[l].url("/services/early");
+        let base = cl.nodes[l].url("/services/early");
         tokio::spawn(async move {
             let no_timeout = reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap();
-            let t0 = std::time::Instant::now();
-            let r = call(&no_timeout, "PUT", &url, Some("{}")).await;
-            (r, t0.elapsed())
+            for i in 0.. {
+                let t0 = std::time::Instant::now();
+                let r = call(&no_timeout, "PUT", &format!("{base}-{i}"), Some("{}")).await;
+                if r.status != 200 {
+                    return (r, t0.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            unreachable!()
         })
     };
-    let (rest, ended) = read_to_end(&mut watch, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cl.isolate(l).await;
+    // Cut off after 5 s without its quorum (9 s allowed on a loaded machine).
+    let (rest, ended) = read_to_end(&mut watch, Duration::from_secs(9)).await;
     assert!(
         ended,
         "the watch on the cut-off leader stayed open: {rest:?}"
