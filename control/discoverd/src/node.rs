@@ -133,6 +133,19 @@ impl Node {
         self.raft.is_leader() && !self.cut_off.load(Ordering::Acquire)
     }
 
+    /// Addresses of the nodes the membership has as learners: replicated to, not voting (a
+    /// peer being added).
+    pub fn learner_addrs(&self) -> Vec<String> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let mem = m.membership_config.membership();
+        let addrs = mem
+            .learner_ids()
+            .filter_map(|id| mem.get_node(&id).map(|n| n.addr.clone()))
+            .collect();
+        addrs
+    }
+
     /// Voter addresses of the membership this node knows, or the configured peers before
     /// there is one. Of a joint membership only the last (incoming) config counts: a
     /// node being removed never sees the final uniform config (openraft stops

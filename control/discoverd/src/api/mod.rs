@@ -497,10 +497,12 @@ async fn get_leader(
 }
 
 async fn status(State(node): State<Arc<Node>>) -> Response {
+    let learners = node.learner_addrs();
     let detail = serde_json::json!({
         "host": node.host,
         "leader": node.leader_addr(),
         "index": node.shared.applied_index(),
+        "learners": learners,
     });
     let body = flynn_api::Status::healthy(env!("CARGO_PKG_VERSION"), Some(detail));
     let mut text = serde_json::to_string_pretty(&body).unwrap_or_default();

@@ -197,11 +197,28 @@ async fn add_peer(
     if let Err(r) = leader_only(&node, &uri) {
         return r;
     }
+    // Run to its end even if the client goes away meanwhile (hyper drops a handler whose
+    // client closed): otherwise a peer added as a learner would neither be promoted nor
+    // taken out again.
+    match tokio::spawn(add_voter(node, peer)).await {
+        Ok(r) => r,
+        Err(e) => failed(e),
+    }
+}
+
+async fn add_voter(node: Arc<Node>, peer: String) -> Response {
     let id = node_id(&peer);
-    let known = {
+    // A voter already: adding it again changes nothing. A learner left from an attempt
+    // that did not finish counts as new (it is taken out again if it does not catch up).
+    let voter = {
         let m = node.raft.metrics();
         let m = m.borrow_watched();
-        m.membership_config.membership().get_node(&id).is_some()
+        let is_voter = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == id);
+        is_voter
     };
     let added = match node
         .raft
@@ -218,7 +235,7 @@ async fn add_peer(
     let caught_up =
         answered && wait_for_learner(&node, id, PEER_CATCH_UP, |matched| matched >= added).await;
     if !caught_up {
-        if !known {
+        if !voter {
             let gone = node
                 .raft
                 .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
@@ -328,7 +345,9 @@ async fn ask_leader(node: &Node, method: reqwest::Method) -> Response {
         return no_leader().into_response();
     };
     let url = format!("http://{via}/raft/peers/{}", node.host);
-    match node.http.request(method, url).send().await {
+    // Longer than the leader's own wait for a new peer (10 s to answer, 60 s to catch up).
+    let wait = PEER_ANSWER + PEER_CATCH_UP + std::time::Duration::from_secs(10);
+    match node.http.request(method, url).timeout(wait).send().await {
         Ok(r) => {
             let status = StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::OK);
             let body = r.bytes().await.unwrap_or_default();

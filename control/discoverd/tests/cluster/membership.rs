@@ -385,6 +385,59 @@ async fn a_peer_that_is_not_host_port_is_refused() {
     for i in PEERS {
         wait_peers(&cl.nodes[i], &three).await;
     }
+    // Not left as a learner either (the leader would replicate to it for good).
+    let r = call(
+        &client(),
+        "GET",
+        &cl.nodes[l].url("/.well-known/status"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json()["data"]["detail"]["learners"],
+        serde_json::json!([]),
+        "{}",
+        r.body
+    );
+    // A client that gives up before the leader does: the learner still goes.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let url = cl.nodes[l].url("/raft/peers/127.0.0.253:1");
+    assert!(
+        impatient.put(&url).send().await.is_err(),
+        "answered within 2 s"
+    );
+    let r = call(
+        &client(),
+        "GET",
+        &cl.nodes[l].url("/.well-known/status"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        r.json()["data"]["detail"]["learners"],
+        serde_json::json!(["127.0.0.253:1"]),
+        "{}",
+        r.body
+    );
+    let gone = eventually(Duration::from_secs(20), || async {
+        let r = call(
+            &client(),
+            "GET",
+            &cl.nodes[l].url("/.well-known/status"),
+            None,
+        )
+        .await;
+        (r.json()["data"]["detail"]["learners"] == serde_json::json!([])).then_some(())
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "a learner was left after its client went away"
+    );
     // The cluster writes as before.
     let after = write_all(urls(&cl, &PEERS), "after", 3).await;
     assert_eq!(after.len(), 3);
