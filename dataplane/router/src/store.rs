@@ -416,9 +416,21 @@ impl Store {
     /// Re-adds a route handed over by another process, keeping its id and timestamps.
     pub fn restore(&mut self, r: Route) -> Result<(), ApiError> {
         let (created, updated) = (r.created_at.clone(), r.updated_at.clone());
+        // An older build kept a trailing dot, so `a.com.` could sit beside `a.com` (or be
+        // `.` alone). Dropped, such a route repeats another one, or is blank: it is left out
+        // (the other serves its requests) rather than failing the takeover.
+        let dotted = (r.kind == RouteType::Http && r.domain.ends_with('.'))
+            .then(|| (r.id.clone(), r.domain.clone()));
         // A handed-over route keeps its port even if the port cannot be bound here now (its
         // listener comes from the old process, or a build before the check stored it).
-        let added = self.insert(r, false)?;
+        let added = match (self.insert(r, false), dotted) {
+            (Ok(a), _) => a,
+            (Err(e), Some((id, domain))) => {
+                tracing::warn!(%id, %domain, error = %e.message, "handed-over route left out: its domain without the trailing dot is taken");
+                return Ok(());
+            }
+            (Err(e), None) => return Err(e),
+        };
         if let Some(s) = self.routes.get_mut(&(added.kind, added.id.clone())) {
             s.route.created_at = created;
             s.route.updated_at = updated;

@@ -126,7 +126,10 @@ impl KernelNetlink {
     ) -> Result<usize, NetlinkError> {
         let have = self.direct_routes(ifindex).await?;
         let mut changes = 0;
-        for r in have.difference(want) {
+        // One to a block still wanted is replaced in place by its add below, not removed
+        // first (as for tunnelled routes).
+        let wanted = |r: &Route| want.iter().any(|w| w.subnet == r.subnet);
+        for r in have.difference(want).filter(|r| !wanted(r)) {
             match self
                 .handle()
                 .route()

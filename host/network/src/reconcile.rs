@@ -184,7 +184,16 @@ pub fn plan(actual: &KernelState, remote: &[&Lease], src: Ipv4Addr) -> Vec<Op> {
     let (have_n, have_f, have_r) = (set(&actual.neighs), set(&actual.fdbs), set(&actual.routes));
 
     let mut ops = Vec::new();
-    ops.extend(have_r.difference(&want_r).map(|r| Op::DelRoute(*r)));
+    // A route to a block still wanted is replaced in place by its add (`NLM_F_REPLACE`:
+    // the kernel keys it by prefix), not removed first: removing it would send the block's
+    // traffic to the default route until the add.
+    let wanted = |r: &Route| want_r.iter().any(|w| w.subnet == r.subnet);
+    ops.extend(
+        have_r
+            .difference(&want_r)
+            .filter(|r| !wanted(r))
+            .map(|r| Op::DelRoute(*r)),
+    );
     ops.extend(have_f.difference(&want_f).map(|f| Op::DelFdb(*f)));
     ops.extend(have_n.difference(&want_n).map(|n| Op::DelNeigh(*n)));
 
@@ -351,6 +360,25 @@ mod tests {
                 src: Some(own().first_host()),
             },
         )
+    }
+
+    /// A route that differs only in its attributes (an agent from before routes had a
+    /// `src`) is replaced by the add, never removed first (the block would be unreachable
+    /// in between).
+    #[test]
+    fn a_changed_route_is_replaced_not_removed() {
+        let l = lease(2, 2);
+        let (n, f, r) = entries(&l);
+        let old = Route { src: None, ..r };
+        let actual = KernelState {
+            neighs: vec![n],
+            fdbs: vec![f],
+            routes: vec![old],
+        };
+        assert_eq!(
+            plan(&actual, &[&l], own().first_host()),
+            vec![Op::AddRoute(r)]
+        );
     }
 
     #[tokio::test]

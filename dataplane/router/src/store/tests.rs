@@ -457,3 +457,19 @@ fn a_handed_over_route_with_an_unmatchable_domain_is_kept() {
     s.restore(http("example.com:8080", "/")).unwrap();
     assert_eq!(s.list(None)[0].domain, "example.com:8080");
 }
+
+/// An older build stored `a.com.` beside `a.com`, and `.` alone: without the dot they repeat
+/// a route or are blank, and are left out of a takeover instead of failing it.
+#[test]
+fn handed_over_dotted_duplicates_are_left_out() {
+    let mut s = store();
+    s.restore(http("a.com", "/")).unwrap();
+    s.restore(http("a.com.", "/")).unwrap();
+    s.restore(http(".", "/")).unwrap();
+    s.restore(http("b.com.", "/")).unwrap();
+    let mut domains: Vec<String> = s.list(None).into_iter().map(|r| r.domain).collect();
+    domains.sort();
+    assert_eq!(domains, ["a.com", "b.com"]);
+    // Other refusals still fail it.
+    assert!(s.restore(http("a.com", "/")).is_err());
+}
