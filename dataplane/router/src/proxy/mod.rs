@@ -646,7 +646,11 @@ async fn linger<S: Client>(core: &Core, c: &mut S, buf: &mut Vec<u8>) {
             }
         }
     };
-    let _ = monoio::time::timeout(time, discard).await;
+    // A draining router (handover, shutdown) does not wait for lingering clients.
+    monoio::select! {
+        _ = monoio::time::timeout(time, discard) => {}
+        _ = core.stop.wait() => {}
+    }
     buf.clear();
 }
 
