@@ -309,6 +309,13 @@ async fn promote_turns_a_proxy_into_a_peer_and_demote_turns_it_back() {
     assert_all_present(px, &again).await;
 }
 
+/// The learners `node`'s status lists.
+async fn learners(node: &Discoverd) -> serde_json::Value {
+    let r = call(&client(), "GET", &node.url("/.well-known/status"), None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["data"]["detail"]["learners"].clone()
+}
+
 #[tokio::test]
 async fn demoting_the_raft_leader_leaves_a_working_cluster() {
     let cl = Cluster::start_nodes("10s", 3, 0);
@@ -386,20 +393,7 @@ async fn a_peer_that_is_not_host_port_is_refused() {
         wait_peers(&cl.nodes[i], &three).await;
     }
     // Not left as a learner either (the leader would replicate to it for good).
-    let r = call(
-        &client(),
-        "GET",
-        &cl.nodes[l].url("/.well-known/status"),
-        None,
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(
-        r.json()["data"]["detail"]["learners"],
-        serde_json::json!([]),
-        "{}",
-        r.body
-    );
+    assert_eq!(learners(&cl.nodes[l]).await, serde_json::json!([]));
     // A client that gives up before the leader does: the learner still goes.
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
@@ -410,28 +404,12 @@ async fn a_peer_that_is_not_host_port_is_refused() {
         impatient.put(&url).send().await.is_err(),
         "answered within 2 s"
     );
-    let r = call(
-        &client(),
-        "GET",
-        &cl.nodes[l].url("/.well-known/status"),
-        None,
-    )
-    .await;
     assert_eq!(
-        r.json()["data"]["detail"]["learners"],
-        serde_json::json!(["127.0.0.253:1"]),
-        "{}",
-        r.body
+        learners(&cl.nodes[l]).await,
+        serde_json::json!(["127.0.0.253:1"])
     );
     let gone = eventually(Duration::from_secs(20), || async {
-        let r = call(
-            &client(),
-            "GET",
-            &cl.nodes[l].url("/.well-known/status"),
-            None,
-        )
-        .await;
-        (r.json()["data"]["detail"]["learners"] == serde_json::json!([])).then_some(())
+        (learners(&cl.nodes[l]).await == serde_json::json!([])).then_some(())
     })
     .await;
     assert!(
