@@ -15,7 +15,7 @@ use crate::io::{pipe, read_append, write_range};
 use std::os::fd::AsRawFd;
 
 use crate::metrics::CoreMetrics;
-use crate::proxy::{dial_counted, to_client, Fwd};
+use crate::proxy::{dial_counted, send_continue, to_client, Fwd};
 use crate::worker::{Core, ListenerInfo};
 
 #[allow(clippy::too_many_arguments)]
@@ -74,19 +74,17 @@ pub async fn tunnel<S: crate::proxy::Client>(
     let mut buf = buf;
     buf.drain(..info.head_len + adv.used);
     let len = out.len();
-    let (res, mut out) = write_range(&mut up, out, 0, len).await;
+    let (res, out) = write_range(&mut up, out, 0, len).await;
     if res.is_err() {
         return fail(core, &mut c, fd).await;
     }
     // The expectation was not forwarded (the router answers it, as for other requests):
     // without this the client would wait for it before sending the body the tunnel waits for.
-    if info.expect_continue && !body.is_done() {
-        out.clear();
-        out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-        let len = out.len();
-        if to_client(core, &mut c, fd, out, len).await.0.is_err() {
-            return;
-        }
+    if info.expect_continue
+        && !body.is_done()
+        && send_continue(core, &mut c, fd, out).await.0.is_err()
+    {
+        return;
     }
     // A body longer than what came with the head: relay the rest as it arrives (a client
     // that stops sending it is given up on after the idle timeout).

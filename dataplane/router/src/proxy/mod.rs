@@ -696,7 +696,9 @@ async fn forward<S: Client>(
 
     let sent_continue = info.expect_continue && !body.is_done();
     if sent_continue {
-        let (res, _) = to_client(core, c, fd, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), 25).await;
+        // Through the response buffer, empty until the backend answers.
+        let (res, b) = send_continue(core, c, fd, std::mem::take(ubuf)).await;
+        *ubuf = b;
         if res.is_err() {
             CoreMetrics::inc(&m.client_aborts_total);
             return Next::Close;
@@ -969,6 +971,22 @@ async fn forward<S: Client>(
 /// reads cannot hold the request's backend connection and buffers for good (nginx's
 /// `send_timeout`). No timer: the write holds a slot in the core's `sends` set, touched at
 /// each partial write.
+/// Answers a client's `Expect: 100-continue` with `100 Continue`, written through `buf`
+/// (cleared before and after: no allocation once it has room).
+pub(crate) async fn send_continue<S: Client>(
+    core: &Core,
+    c: &mut S,
+    fd: RawFd,
+    mut buf: Vec<u8>,
+) -> (std::io::Result<()>, Vec<u8>) {
+    buf.clear();
+    buf.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+    let len = buf.len();
+    let (res, mut buf) = to_client(core, c, fd, buf, len).await;
+    buf.clear();
+    (res, buf)
+}
+
 pub(crate) async fn to_client<S: Client>(
     core: &Core,
     c: &mut S,
