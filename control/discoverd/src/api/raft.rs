@@ -12,7 +12,6 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use flynn_api::ApiError;
 use openraft::alias::SnapshotOf;
-use openraft::async_runtime::WatchReceiver;
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::{BasicNode, ChangeMembers};
 use serde_json::json;
@@ -210,16 +209,7 @@ async fn add_voter(node: Arc<Node>, peer: String) -> Response {
     let id = node_id(&peer);
     // A voter already: adding it again changes nothing. A learner left from an attempt
     // that did not finish counts as new (it is taken out again if it does not catch up).
-    let voter = {
-        let m = node.raft.metrics();
-        let m = m.borrow_watched();
-        let is_voter = m
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == id);
-        is_voter
-    };
+    let voter = node.peer_addrs().contains(&peer);
     let added = match node
         .raft
         .add_learner(id, BasicNode { addr: peer.clone() }, false)
