@@ -799,9 +799,6 @@ impl Host {
                     Ok(Err(e)) => return self.fail(&id, e.to_string()),
                     Err(e) => return self.fail(&id, format!("image: {e}")),
                 }
-                if self.stop_requested(&id) {
-                    return self.fail(&id, STOPPED_BEFORE_START.into());
-                }
             }
         }
         // A job stopped before its process exists ends as done (spec §5.3): checked after
