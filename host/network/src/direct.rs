@@ -53,11 +53,7 @@ fn message(ifindex: u32, r: &Route) -> RouteMessage {
         .gateway(r.gateway)
         .output_interface(ifindex)
         .protocol(RouteProtocol::Other(DIRECT_PROTO));
-    match r.src {
-        Some(src) => b.pref_source(src),
-        None => b,
-    }
-    .build()
+    crate::kernel::with_src(b, r.src).build()
 }
 
 impl KernelNetlink {

@@ -123,11 +123,18 @@ fn route_message(vxlan: u32, r: &Route) -> RouteMessage {
         .gateway(r.gateway)
         .output_interface(vxlan)
         .onlink();
-    match r.src {
+    with_src(b, r.src).build()
+}
+
+/// `b` with the preferred source `src`, if any.
+pub(crate) fn with_src(
+    b: RouteMessageBuilder<Ipv4Addr>,
+    src: Option<Ipv4Addr>,
+) -> RouteMessageBuilder<Ipv4Addr> {
+    match src {
         Some(src) => b.pref_source(src),
         None => b,
     }
-    .build()
 }
 
 /// A route message's preferred source (`src`), if any.
