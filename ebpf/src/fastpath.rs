@@ -528,6 +528,51 @@ pub fn detach_roles(pin_dir: &Path, roles: &[Role]) -> Result<usize, EbpfError> 
     Ok(n)
 }
 
+/// Removes `ip`'s entry from the endpoint map pinned in `pin_dir` without loading anything: for
+/// a host daemon that does not load the fast path itself (off, or its load failed) while entries
+/// an earlier run of it made are still there. A missing directory, map or entry is fine.
+/// Returns whether an entry was removed.
+pub fn remove_pinned_endpoint(pin_dir: &Path, ip: Ipv4Addr) -> Result<bool, EbpfError> {
+    let path = pin_dir.join(MAP_ENDPOINTS);
+    if !path.exists() {
+        return Ok(false);
+    }
+    let map_err = |source| EbpfError::Map {
+        name: MAP_ENDPOINTS,
+        source,
+    };
+    check_pinned(&path, 4, size_of::<Endpoint>() as u32, None)?;
+    let data = MapData::from_pin(&path).map_err(map_err)?;
+    let map = aya::maps::Map::from_map_data(data).map_err(map_err)?;
+    let mut endpoints: HashMap<MapData, u32, Endpoint> = HashMap::try_from(map).map_err(map_err)?;
+    let key = be_word(ip);
+    match endpoints.get(&key, 0) {
+        Ok(_) => {}
+        Err(MapError::KeyNotFound) => return Ok(false),
+        Err(source) => return Err(map_err(source)),
+    }
+    ignore_missing(endpoints.remove(&key)).map_err(map_err)?;
+    Ok(true)
+}
+
+/// Detaches whatever is recorded for `ifindex` in `pin_dir` without loading anything (what
+/// [`FastPath::detach`] does, for a caller that has not loaded the fast path). A pin directory
+/// that does not exist is fine. Returns how many attachments were removed.
+pub fn detach_pinned(pin_dir: &Path, ifindex: u32) -> Result<usize, EbpfError> {
+    if !pin_dir.exists() {
+        return Ok(0);
+    }
+    let mut n = 0;
+    for rec in attach::records(pin_dir)? {
+        if rec.ifindex == ifindex {
+            let name = ifname(rec.ifindex).ok();
+            attach::remove(rec, name.as_deref(), pin_dir)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Empties the pinned prefix and tunnel maps and clears the underlay settings in `pin_dir`,
 /// without loading anything: for an agent started with the fast path off, whose previous run
 /// filled them. Programs still attached (the jobs' veths, which belong to the host daemon) then

@@ -26,7 +26,9 @@
 //!
 //! An agent started with the fast path off undoes its predecessor's work without loading anything:
 //! [`detach_roles`] takes the device programs off and [`clear_routes`] empties the prefix and
-//! tunnel maps and the underlay settings.
+//! tunnel maps and the underlay settings. A host daemon that does not load the fast path still
+//! removes the entries and attachments an earlier run of it made for a job when the job goes:
+//! [`remove_pinned_endpoint`] and [`detach_pinned`].
 //!
 //! All calls resolve interface indexes in the calling thread's network namespace.
 //!
@@ -89,6 +91,9 @@ mod switch;
 
 pub use attach::AttachMode;
 pub use error::EbpfError;
-pub use fastpath::{clear_routes, detach_roles, FastPath, Role, DEFAULT_PIN_DIR};
+pub use fastpath::{
+    clear_routes, detach_pinned, detach_roles, remove_pinned_endpoint, FastPath, Role,
+    DEFAULT_PIN_DIR,
+};
 pub use maps::{Counters, Endpoint, Hop, Tunnel, Underlay};
 pub use switch::Switch;

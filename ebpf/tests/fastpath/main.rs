@@ -736,3 +736,46 @@ fn clear_routes_empties_the_routing_maps_and_keeps_endpoints() -> Result<()> {
         Ok(())
     })
 }
+
+#[test]
+fn one_endpoint_is_removed_from_the_pins_without_loading() -> Result<()> {
+    if !lab::should_run("one_endpoint_is_removed_from_the_pins_without_loading") {
+        return Ok(());
+    }
+    let (a, b) = (
+        Ipv4Addr::new(100, 100, 1, 10),
+        Ipv4Addr::new(100, 100, 1, 11),
+    );
+    // Nothing pinned yet: nothing to do.
+    let plain = tempfile::tempdir()?;
+    ensure!(!flynn_ebpf::remove_pinned_endpoint(
+        &plain.path().join("flynn"),
+        a
+    )?);
+    ensure!(flynn_ebpf::detach_pinned(&plain.path().join("flynn"), 1)? == 0);
+
+    let bpffs = Bpffs::mount("flynn-bpffs-forget")?;
+    let mut lab = Lab::new();
+    let host = lab.add_ns("h")?;
+    let pin_dir = bpffs.pin_dir("flynn");
+    in_ns(&host, || {
+        let mut fp = FastPath::load(&pin_dir)?;
+        for ip in [a, b] {
+            fp.upsert_endpoint(
+                ip,
+                Endpoint {
+                    ifindex: 1,
+                    mac: [2, 0, 0, 0, 0, 1],
+                    gateway_mac: [2, 0, 0, 0, 0, 2],
+                },
+            )?;
+        }
+        // As a host daemon that does not load the fast path does when a job goes.
+        ensure!(flynn_ebpf::remove_pinned_endpoint(&pin_dir, a)?);
+        ensure!(!flynn_ebpf::remove_pinned_endpoint(&pin_dir, a)?);
+        ensure!(fp.endpoint_ips()? == [b], "{:?}", fp.endpoint_ips()?);
+        ensure!(flynn_ebpf::detach_pinned(&pin_dir, 1)? == 0);
+        fp.unpin()?;
+        Ok(())
+    })
+}

@@ -74,6 +74,14 @@ pub struct Options {
     pub net_resolvers: Vec<String>,
     /// The overlay agent's job id from that notification.
     pub net_job_id: String,
+    /// `network` is the block `network.json` saved before the machine's last reboot. The
+    /// agent releases its lease at a clean shutdown and, with its state on tmpfs, has no
+    /// record of the block after the reboot, so it may lease another one. No job survives a
+    /// reboot: once [`Host::restore`] has removed what the lost jobs had, the network is set
+    /// aside (retired, as for a move) and starting jobs wait for the block the agent
+    /// reports, instead of taking addresses in a block it may no longer hold (which would
+    /// then keep the host from moving to the agent's block while those jobs run).
+    pub net_before_reboot: bool,
     /// TEST ONLY: exit the process right after a job's end is recorded and announced,
     /// before its network teardown (the window `restore` repairs).
     pub fault_exit_before_teardown: bool,
@@ -131,6 +139,8 @@ pub struct Host {
     net_resolvers: Mutex<Vec<String>>,
     /// The job that configured the network (`POST /host/network`'s `job_id`).
     net_job_id: Mutex<String>,
+    /// [`Options::net_before_reboot`], until `restore` has acted on it.
+    net_before_reboot: AtomicBool,
     external_ip: IpAddr,
     resolvers: Vec<IpAddr>,
     state_dir: PathBuf,
@@ -196,6 +206,7 @@ impl Host {
             net_config: tokio::sync::Mutex::new(()),
             net_resolvers: Mutex::new(o.net_resolvers),
             net_job_id: Mutex::new(o.net_job_id),
+            net_before_reboot: AtomicBool::new(o.net_before_reboot),
             external_ip: o.external_ip,
             resolvers: o.resolvers,
             max_starting: o.max_starting,
@@ -419,13 +430,7 @@ impl Host {
                     let Some(setup) = setup else {
                         return Err(refuse("set by --block".into()));
                     };
-                    // Jobs starting meanwhile wait for the new network instead of taking
-                    // the old one.
-                    self.net_ready.send_replace(false);
-                    self.set_network(None);
-                    if let Err(e) = n.retire().await {
-                        self.set_network(Some(n.clone()));
-                        self.net_ready.send_replace(true);
+                    if let Err(e) = self.set_aside(&n).await {
                         // Retryable: the agent keeps offering the block, and the host
                         // moves once its jobs are gone.
                         return Err(refuse(e).with_retry(true));
@@ -461,6 +466,39 @@ impl Host {
                 })?;
         }
         Ok(self.status().network.unwrap_or_default())
+    }
+
+    /// Takes network `n` out of service and retires it ([`Network::retire`]), under
+    /// `net_config`. Jobs starting meanwhile wait for the next network instead of taking
+    /// this one. When it cannot be retired (jobs hold addresses in it) it is put back.
+    async fn set_aside(&self, n: &Network) -> Result<(), String> {
+        self.net_ready.send_replace(false);
+        self.set_network(None);
+        if let Err(e) = n.retire().await {
+            self.set_network(Some(n.clone()));
+            self.net_ready.send_replace(true);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// [`Options::net_before_reboot`]: sets the saved network aside until the agent
+    /// reports its block (`POST /host/network` then makes the network for it, the same
+    /// block or another).
+    async fn await_agent_block(&self) {
+        if !self.net_before_reboot.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let _one_at_a_time = self.net_config.lock().await;
+        let Some(n) = self.network() else { return };
+        match self.set_aside(&n).await {
+            Ok(()) => {
+                tracing::info!(block = %n.info().subnet, "rebooted since the overlay agent reported this block; jobs wait for the block it reports now")
+            }
+            Err(e) => {
+                tracing::warn!(block = %n.info().subnet, error = %e, "rebooted since the overlay agent reported this block, but it cannot be set aside; keeping it")
+            }
+        }
     }
 
     /// Makes the job network for `block` (bridge, allocator), puts it in service and starts
@@ -1451,6 +1489,7 @@ impl Host {
             n.release_strays(|id| self.lock().table.get(id).is_some())
                 .await;
         }
+        self.await_agent_block().await;
     }
 
     /// Kills what may still run of a container the host will not supervise, waits for its

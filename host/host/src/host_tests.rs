@@ -14,6 +14,8 @@ use crate::logship::{Shipper, Stream};
 use crate::runtime::{Handle, Launch, ProcEvent, Runtime, RuntimeError};
 use crate::store::Store;
 
+mod network;
+
 /// Starts block until the gate opens; each started job gets an event channel the test
 /// drives.
 #[derive(Default)]
@@ -188,7 +190,18 @@ fn host_on(
     net_setup: Option<crate::net::Setup>,
     store: Store,
 ) -> Arc<Host> {
-    Host::new(Options {
+    Host::new(options(rt, dir, max_starting, net_setup, store))
+}
+
+/// The options [`host_on`] starts a host with.
+fn options(
+    rt: Arc<Fake>,
+    dir: &Path,
+    max_starting: usize,
+    net_setup: Option<crate::net::Setup>,
+    store: Store,
+) -> Options {
+    Options {
         id: "h".into(),
         runtime: rt,
         store,
@@ -198,6 +211,7 @@ fn host_on(
         net_setup,
         net_resolvers: Vec::new(),
         net_job_id: String::new(),
+        net_before_reboot: false,
         external_ip: "127.0.0.1".parse().unwrap(),
         tags: BTreeMap::new(),
         resolvers: Vec::new(),
@@ -211,7 +225,7 @@ fn host_on(
         .unwrap(),
         fault_exit_before_teardown: false,
         fault_slow_output: std::time::Duration::ZERO,
-    })
+    }
 }
 
 fn job(id: &str, arg: &str) -> Job {
@@ -599,6 +613,7 @@ fn isolating(dir: &Path, bridge: &str) -> (Arc<Fake>, crate::net::Setup) {
         sync: crate::syncer::Syncer::start(),
         pool_size: 0,
         fast_path: None,
+        boot_id: "boot-1".into(),
     };
     (rt, setup)
 }

@@ -13,6 +13,7 @@ pub mod api;
 pub mod attach;
 pub mod config;
 pub mod container;
+pub mod fastpath;
 pub mod host;
 pub mod job;
 pub mod logdisk;
@@ -128,19 +129,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         mtu: cfg.mtu,
         sync: sync.clone(),
         pool_size: cfg.netns_pool,
-        fast_path: (cfg.fast_path == "auto").then(|| cfg.bpf_pin_dir.clone()),
+        fast_path: Some(fastpath::Config {
+            pin_dir: cfg.bpf_pin_dir.clone(),
+            attach: cfg.fast_path == "auto",
+        }),
+        boot_id: net::boot_id(),
     });
     let mut net_resolvers = Vec::new();
     let mut net_job_id = String::new();
+    let mut net_before_reboot = false;
     let network = match &setup {
         None => None,
         // What the agent sent before: applied now, so restored and new jobs need not wait
         // for its next notification.
-        Some(setup) if cfg.network_from_agent => match setup.load()? {
-            Some(saved) => {
+        Some(setup) if cfg.network_from_agent => match setup.open_saved().await? {
+            Some((n, saved)) => {
                 net_resolvers = saved.resolvers;
                 net_job_id = saved.job_id;
-                Some(setup.open(saved.block, saved.mtu).await?)
+                net_before_reboot = saved.rebooted;
+                Some(n)
             }
             None => None,
         },
@@ -200,10 +207,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         store,
         logs,
         discoverd,
-        network: network.clone(),
+        network,
         net_setup,
         net_resolvers,
         net_job_id,
+        net_before_reboot,
         external_ip: cfg.external_ip,
         tags,
         resolvers: cfg.resolvers.clone(),
@@ -218,7 +226,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if !cfg.no_spare_shim {
         host.warm();
     }
-    if let Some(n) = &network {
+    if let Some(n) = host.network() {
         n.fill_pool();
     }
     let h = host.clone();

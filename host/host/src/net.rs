@@ -19,10 +19,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use flynn_api::host::{NetworkConfig, NetworkInfo};
 use flynn_api::ApiError;
-use flynn_ebpf::FastPath;
 use flynn_network::job::{self, IpAllocator, JobNet, JobNetConfig};
 use flynn_network::{KernelNetlink, Subnet};
 
+use crate::fastpath::{self, Fast};
 use crate::syncer::Syncer;
 
 /// Allocator owners (and namespace/veth name seeds) of pooled namespaces. Job ids cannot
@@ -46,42 +46,8 @@ struct Inner {
     pool_size: usize,
     /// `job-netns.json`: job id → pool key of the namespace it took.
     taken_path: PathBuf,
+    /// The overlay's eBPF fast path (see [`crate::fastpath`]).
     fast: Mutex<Fast>,
-}
-
-/// The overlay's eBPF fast path, as far as jobs are concerned: each job's host-side veth
-/// gets the job program and the endpoint map an entry (job IP → veth, job MAC, bridge MAC),
-/// so traffic to a job on this host is handed to its namespace directly and traffic to a
-/// remote block is encapsulated by the program. The overlay agent loads it and keeps the
-/// route maps; this daemon loads the same programs once the agent's maps are pinned (so a
-/// daemon started before the agent picks it up with its next job) and only touches the
-/// jobs' attachments and endpoints. Any failure leaves the job on the kernel path: a miss
-/// in the maps always falls through to it.
-struct Fast {
-    /// The pin directory; `None` when off, or after a load failed (not tried again).
-    dir: Option<PathBuf>,
-    fp: Option<FastPath>,
-    gateway_mac: [u8; 6],
-}
-
-impl Fast {
-    /// The fast path, loaded on first use once the agent has set it up.
-    fn get(&mut self) -> Option<&mut FastPath> {
-        if self.fp.is_none() {
-            let dir = self.dir.as_ref()?;
-            if !FastPath::is_set_up(dir) {
-                return None;
-            }
-            match FastPath::load(dir) {
-                Ok(fp) => self.fp = Some(fp),
-                Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %chain(e), "cannot load the overlay fast path; jobs use the kernel path");
-                    self.dir = None;
-                }
-            }
-        }
-        self.fp.as_mut()
-    }
 }
 
 #[derive(Default)]
@@ -112,7 +78,7 @@ impl Network {
         mtu: u32,
         sync: Syncer,
         pool_size: usize,
-        fast_path: Option<PathBuf>,
+        fast_path: Option<fastpath::Config>,
     ) -> anyhow::Result<Network> {
         use anyhow::Context;
         let nl = KernelNetlink::connect().context("opening rtnetlink")?;
@@ -162,11 +128,7 @@ impl Network {
                 }),
                 pool_size,
                 taken_path,
-                fast: Mutex::new(Fast {
-                    dir: fast_path,
-                    fp: None,
-                    gateway_mac,
-                }),
+                fast: Mutex::new(Fast::new(fast_path, gateway_mac)),
             }),
         };
         for key in leftovers {
@@ -234,26 +196,18 @@ impl Network {
         self.inner.fast.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Gives a job network its fast path entry (see [`Fast`]); failures are logged. True
-    /// when it has it.
+    /// Gives a job network its fast path entry, or, without one, makes sure no stale entry
+    /// holds its address (see [`crate::fastpath`]). True when it has it.
     fn attach_fast_path(&self, n: &JobNet) -> bool {
-        let mut fast = self.fast();
-        let gateway_mac = fast.gateway_mac;
-        let Some(fp) = fast.get() else { return false };
-        match job::register_job(fp, n, gateway_mac) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(veth = %n.host_veth, error = %chain(e), "fast path not attached; the job uses the kernel path");
-                false
-            }
-        }
+        self.fast().attach(n)
     }
 
     /// Takes `owner`'s endpoint out of the fast path and detaches its veth, before the
     /// address can go to another job (a stale entry would send that job's traffic to a
-    /// veth that is gone).
+    /// veth that is gone). Done whatever this daemon's fast path setting: an earlier
+    /// daemon may have attached the job.
     async fn detach_fast_path(&self, owner: &str) {
-        if self.fast().dir.is_none() {
+        if !self.fast().has_pins() {
             return;
         }
         let ip = self.alloc().get(owner);
@@ -266,9 +220,7 @@ impl Network {
             Ok(link) => link.map(|l| l.header.index),
             Err(_) => None,
         };
-        let mut fast = self.fast();
-        let Some(fp) = fast.get() else { return };
-        if let Err(e) = job::unregister_job(fp, ip, ifindex) {
+        if let Err(e) = self.fast().forget(ip, ifindex) {
             tracing::warn!(owner, error = %chain(e), "removing a job from the fast path failed");
         }
     }
@@ -569,7 +521,7 @@ fn release_unless_left(
 }
 
 /// An error with its causes, `a: b: c`.
-fn chain(e: impl std::error::Error) -> String {
+pub(crate) fn chain(e: impl std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {
@@ -594,8 +546,11 @@ pub struct Setup {
     pub mtu: u32,
     pub sync: Syncer,
     pub pool_size: usize,
-    /// The fast path's pin directory (`None`: `--fast-path off`).
-    pub fast_path: Option<PathBuf>,
+    /// The overlay agent's fast path (`None`: no pin directory is ever looked at).
+    pub fast_path: Option<fastpath::Config>,
+    /// This boot's id (`/proc/sys/kernel/random/boot_id`), saved with the agent's block so
+    /// a start-up can tell a reboot since; empty when unknown.
+    pub boot_id: String,
 }
 
 /// [`Setup::load`]'s answer: the block, MTU, resolvers and job id the agent last sent.
@@ -604,6 +559,9 @@ pub struct Loaded {
     pub mtu: u32,
     pub resolvers: Vec<String>,
     pub job_id: String,
+    /// The machine rebooted since (the saved boot id is another one): the agent may hold
+    /// another block now (see [`crate::host::Options::net_before_reboot`]).
+    pub rebooted: bool,
 }
 
 /// The configuration the agent last sent (`network.json`), reapplied at start-up so jobs
@@ -617,6 +575,9 @@ pub struct Saved {
     /// The agent's job id (from its notification).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub job_id: String,
+    /// The boot it was received in ([`Setup::boot_id`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub boot_id: String,
 }
 
 impl Setup {
@@ -638,7 +599,30 @@ impl Setup {
         .await
     }
 
-    /// The saved configuration, if the agent configured this host before.
+    /// Start-up: the network of the configuration saved last, if the agent configured this
+    /// host before. Its block is `network.json`'s, unless addresses are held in another
+    /// block (`job-ips.json`): a move to the agent's new block writes the allocator file
+    /// for it before `network.json`, and a crash in between (or a `network.json` that could
+    /// not be written) leaves `network.json` naming the old block while jobs or pooled
+    /// namespaces hold addresses in the new one. That block is then used (opening the old
+    /// one would be refused, [`job::JobNetError::BlockChanged`]); the agent, which was not
+    /// answered, offers its block again and `network.json` is written then.
+    pub async fn open_saved(&self) -> anyhow::Result<Option<(Network, Loaded)>> {
+        let Some(mut saved) = self.load()? else {
+            return Ok(None);
+        };
+        let ips = self.state_dir.join("job-ips.json");
+        // A file that cannot be read is reported by the open below.
+        if let Ok(Some(held)) = IpAllocator::held_block(&ips) {
+            if held != saved.block {
+                tracing::warn!(saved = %saved.block, %held, "network.json names another block than the addresses in use; opening theirs");
+                saved.block = held;
+            }
+        }
+        let n = self.open(saved.block, saved.mtu).await?;
+        Ok(Some((n, saved)))
+    }
+
     /// The configuration saved last, if the agent configured this host before.
     pub fn load(&self) -> anyhow::Result<Option<Loaded>> {
         use anyhow::Context;
@@ -659,6 +643,9 @@ impl Setup {
             mtu: saved.mtu,
             resolvers: saved.resolvers,
             job_id: saved.job_id,
+            rebooted: !saved.boot_id.is_empty()
+                && !self.boot_id.is_empty()
+                && saved.boot_id != self.boot_id,
         }))
     }
 
@@ -675,10 +662,18 @@ impl Setup {
             mtu,
             resolvers: resolvers.to_vec(),
             job_id: job_id.to_string(),
+            boot_id: self.boot_id.clone(),
         };
         let bytes = serde_json::to_vec(&saved).unwrap_or_default();
         self.sync.write(&self.saved_path(), &bytes)
     }
+}
+
+/// This boot's id, empty when it cannot be read.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Checks a `POST /host/network` body: the block (given by its first host address or its

@@ -109,6 +109,43 @@ impl IpAllocator {
         Ok(alloc)
     }
 
+    /// The block of the allocation file at `path` when some address is allocated in it;
+    /// `None` when there is no file, an empty one, or nothing allocated. A caller that keeps
+    /// the block elsewhere too can tell from it which block the addresses in use belong to:
+    /// [`IpAllocator::open`] refuses any other block ([`JobNetError::BlockChanged`]) while
+    /// they are held.
+    pub fn held_block(path: &Path) -> Result<Option<Subnet>, JobNetError> {
+        let bytes = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(JobNetError::Io {
+                    op: "read allocation file",
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        let corrupt = |source| JobNetError::Corrupt {
+            path: path.to_path_buf(),
+            source,
+        };
+        let state: State = serde_json::from_slice(&bytes).map_err(corrupt)?;
+        if state.owners.is_empty() {
+            return Ok(None);
+        }
+        let block = state.block.parse().map_err(|e| {
+            corrupt(serde::de::Error::custom(format!(
+                "block {:?}: {e}",
+                state.block
+            )))
+        })?;
+        Ok(Some(block))
+    }
+
     /// An allocator for `block` with nothing allocated, written to `path`.
     fn open_fresh(
         path: &Path,
@@ -328,6 +365,26 @@ mod tests {
             IpAllocator::open(&path, block(), &[]).unwrap().get("a"),
             Some(ip)
         );
+    }
+
+    #[test]
+    fn held_block_names_the_block_only_while_addresses_are_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ips.json");
+        assert_eq!(IpAllocator::held_block(&path).unwrap(), None);
+        fs::write(&path, b"").unwrap();
+        assert_eq!(IpAllocator::held_block(&path).unwrap(), None);
+        let mut a = IpAllocator::open(&path, block(), &[]).unwrap();
+        assert_eq!(IpAllocator::held_block(&path).unwrap(), None);
+        a.allocate("x").unwrap();
+        assert_eq!(IpAllocator::held_block(&path).unwrap(), Some(block()));
+        a.release("x").unwrap();
+        assert_eq!(IpAllocator::held_block(&path).unwrap(), None);
+        fs::write(&path, b"{not json").unwrap();
+        assert!(matches!(
+            IpAllocator::held_block(&path),
+            Err(JobNetError::Corrupt { .. })
+        ));
     }
 
     #[test]

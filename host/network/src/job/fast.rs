@@ -80,3 +80,22 @@ pub fn unregister_job(
     }
     Ok(())
 }
+
+/// [`unregister_job`] without a loaded fast path: the entry and the attachment are removed
+/// straight from what is pinned in `pin_dir`, and nothing is loaded or attached. For a caller
+/// that does not run the fast path itself (off, or its load failed) while entries and
+/// attachments made by an earlier run of it may still be there. A pin directory without the
+/// fast path's maps is fine.
+pub fn unregister_pinned(
+    pin_dir: &std::path::Path,
+    ip: Option<std::net::Ipv4Addr>,
+    ifindex: Option<u32>,
+) -> Result<(), JobNetError> {
+    if let Some(ip) = ip {
+        flynn_ebpf::remove_pinned_endpoint(pin_dir, ip)?;
+    }
+    if let Some(ifindex) = ifindex {
+        flynn_ebpf::detach_pinned(pin_dir, ifindex)?;
+    }
+    Ok(())
+}

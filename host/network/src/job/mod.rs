@@ -31,7 +31,9 @@ use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteMetric};
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 pub use alloc::IpAllocator;
-pub use fast::{attach_fast_path, detach_fast_path, link_mac, register_job, unregister_job};
+pub use fast::{
+    attach_fast_path, detach_fast_path, link_mac, register_job, unregister_job, unregister_pinned,
+};
 pub use netns::NETNS_RUN_DIR;
 
 use crate::kernel::{link_mtu, link_name, KernelNetlink};
