@@ -80,8 +80,8 @@ pub struct Config {
     pub idle_timeout_secs: u64,
 
     /// Seconds the router keeps reading (and discarding) a request body it did not read
-    /// after answering it itself (404, 503, 400) or relaying a backend's early answer,
-    /// before closing: the client can finish sending and read the answer instead of
+    /// after answering it itself (404, 503, 400) or relaying a backend's early answer, or
+    /// the bytes sent behind a refused upgrade request, before closing: the client can finish sending and read the answer instead of
     /// getting a reset (nginx's `lingering_time`). It stops sooner when the client closes,
     /// sends nothing for 5 s or has sent 64 MiB. 0: close at once.
     #[arg(long, env = "FLYNN_LINGERING_TIME", default_value_t = 30)]

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 
 use flynn_http::{
-    parse_response, write_request_head, write_response_head, BodyReader, RequestInfo, ResponseOpts,
+    parse_response, write_request_head, write_response_head, BodyReader, Framing, RequestInfo,
+    ResponseOpts,
 };
 use flynn_routes::HttpRoute;
 use monoio::io::Splitable;
@@ -15,21 +16,75 @@ use crate::io::{pipe, read_append, write_range};
 use std::os::fd::AsRawFd;
 
 use crate::metrics::CoreMetrics;
-use crate::proxy::{dial_counted, send_continue, to_client, Fwd};
-use crate::worker::{Core, ListenerInfo};
+use crate::proxy::{dial_counted, linger, send_continue, to_client, Fwd};
+use crate::worker::{Core, InFlight, ListenerInfo};
+
+/// How the backend side of an upgrade request ended.
+enum Outcome {
+    /// A 101, relayed: the connection becomes a tunnel to this backend connection (its
+    /// request still counted in flight).
+    Upgraded(monoio::net::TcpStream, InFlight),
+    /// Refused (the backend's other answer, relayed, or the router's 503): what the client
+    /// sent behind the request is unread, so the connection closes in stages.
+    Refused,
+    /// Nothing more to do with the client (gone, too slow, a bad body): it closes at once.
+    Close,
+}
 
 #[allow(clippy::too_many_arguments)]
 pub async fn tunnel<S: crate::proxy::Client>(
     core: &Rc<Core>,
     mut c: S,
     fd: std::os::fd::RawFd,
-    buf: Vec<u8>,
+    mut buf: Vec<u8>,
     info: &RequestInfo,
     route: &HttpRoute,
     peer: SocketAddr,
     l: ListenerInfo,
     start_ms: u64,
 ) {
+    let outcome = answer(core, &mut c, fd, &mut buf, info, route, peer, l, start_ms).await;
+    let (mut up, _inflight) = match outcome {
+        Outcome::Upgraded(up, inflight) => (up, inflight),
+        // The backend connection is closed and the request no longer counts in flight.
+        Outcome::Refused => return linger(core, &mut c, &mut buf).await,
+        Outcome::Close => return,
+    };
+    CoreMetrics::inc(&core.metrics().upgrades_total);
+    if !buf.is_empty() {
+        // What the client sent ahead of the 101 belongs to the new protocol.
+        let len = buf.len();
+        let (res, _) = write_range(&mut up, buf, 0, len).await;
+        if res.is_err() {
+            return;
+        }
+    }
+    // Long-lived: a peer on either side that vanishes without a FIN is noticed.
+    let _ = flynn_runtime::sock::set_keepalive(fd);
+    let _ = flynn_runtime::sock::set_keepalive(up.as_raw_fd());
+    let tunnel = core.tunnels.open(fd, up.as_raw_fd());
+    let (cr, cw) = c.into_split();
+    let (ur, uw) = up.into_split();
+    let a = pipe(cr, uw, Vec::with_capacity(16 * 1024), &tunnel);
+    let b = pipe(ur, cw, Vec::with_capacity(16 * 1024), &tunnel);
+    let _ = monoio::join!(a, b);
+}
+
+/// Dials a backend, sends it the request (head and body as framed) and relays its answer
+/// (interim responses, then the 101 or another answer with its body); `buf` keeps what the
+/// client sent behind the request.
+#[allow(clippy::too_many_arguments)]
+async fn answer<S: crate::proxy::Client>(
+    core: &Rc<Core>,
+    c: &mut S,
+    fd: std::os::fd::RawFd,
+    buf: &mut Vec<u8>,
+    info: &RequestInfo,
+    route: &HttpRoute,
+    peer: SocketAddr,
+    l: ListenerInfo,
+    start_ms: u64,
+) -> Outcome {
     let m = core.metrics();
     // The sticky backend (if its cookie is valid and it is still live) goes first.
     let sealer = core.settings().sticky.as_ref().filter(|_| route.sticky);
@@ -50,9 +105,9 @@ pub async fn tunnel<S: crate::proxy::Client>(
         }
     }
     let Some((mut up, addr)) = up else {
-        return fail(core, &mut c, fd).await;
+        return refuse(core, c, fd).await;
     };
-    let _inflight = core.start_request(addr);
+    let inflight = core.start_request(addr);
     let fwd = Fwd {
         proto: S::PROTO,
         peer,
@@ -62,46 +117,46 @@ pub async fn tunnel<S: crate::proxy::Client>(
     };
     // Before the backend answers, only this request goes to it: its head and its body as
     // framed. Bytes after that (early frames, or a pipelined request) wait in `buf` for
-    // the 101; without one they are dropped with the connection, so nothing reaches the
-    // backend that did not go through the router's request handling (RFC 9110 §7.8).
+    // the 101; without one they are never forwarded (the connection closes in stages,
+    // reading and discarding them), so nothing reaches the backend that did not go through
+    // the router's request handling (RFC 9110 §7.8).
     let mut out = Vec::with_capacity(4096);
-    write_request_head(&buf, info, &fwd.forward(false), &mut out);
+    write_request_head(buf, info, &fwd.forward(false), &mut out);
     let mut body = BodyReader::new(info.framing);
     let Ok(adv) = body.advance(&buf[info.head_len..]) else {
-        return;
+        return Outcome::Close;
     };
     out.extend_from_slice(&buf[info.head_len..info.head_len + adv.used]);
-    let mut buf = buf;
     buf.drain(..info.head_len + adv.used);
     let len = out.len();
     let (res, out) = write_range(&mut up, out, 0, len).await;
     if res.is_err() {
-        return fail(core, &mut c, fd).await;
+        return refuse(core, c, fd).await;
     }
     // The expectation was not forwarded (the router answers it, as for other requests):
     // without this the client would wait for it before sending the body the tunnel waits for.
-    if info.expect_continue
-        && !body.is_done()
-        && send_continue(core, &mut c, fd, out).await.0.is_err()
-    {
-        return;
+    if info.expect_continue && !body.is_done() && send_continue(core, c, fd, out).await.0.is_err() {
+        return Outcome::Close;
     }
     // A body longer than what came with the head: relay the rest as it arrives (a client
     // that stops sending it is given up on after the idle timeout).
     while !body.is_done() {
-        let read = monoio::time::timeout(core.settings().idle_timeout, read_append(&mut c, buf));
-        let Ok((res, b)) = read.await else { return };
-        buf = b;
-        if !matches!(res, Ok(n) if n > 0) {
-            return;
-        }
-        let Ok(adv) = body.advance(&buf) else {
-            return;
+        let taken = std::mem::take(buf);
+        let read = monoio::time::timeout(core.settings().idle_timeout, read_append(c, taken));
+        let Ok((res, b)) = read.await else {
+            return Outcome::Close;
         };
-        let (res, b) = write_range(&mut up, buf, 0, adv.used).await;
-        buf = b;
+        *buf = b;
+        if !matches!(res, Ok(n) if n > 0) {
+            return Outcome::Close;
+        }
+        let Ok(adv) = body.advance(buf) else {
+            return Outcome::Close;
+        };
+        let (res, b) = write_range(&mut up, std::mem::take(buf), 0, adv.used).await;
+        *buf = b;
         if res.is_err() {
-            return fail(core, &mut c, fd).await;
+            return refuse(core, c, fd).await;
         }
         buf.drain(..adv.used);
     }
@@ -113,26 +168,26 @@ pub async fn tunnel<S: crate::proxy::Client>(
             Ok(Some(r)) if (100..200).contains(&r.status) && r.status != 101 => {
                 let interim: Vec<u8> = ubuf.drain(..r.head_len).collect();
                 let n = interim.len();
-                if to_client(core, &mut c, fd, interim, n).await.0.is_err() {
-                    return;
+                if to_client(core, c, fd, interim, n).await.0.is_err() {
+                    return Outcome::Close;
                 }
                 continue;
             }
             Ok(Some(r)) => break r,
             Ok(None) => {}
-            Err(_) => return fail(core, &mut c, fd).await,
+            Err(_) => return refuse(core, c, fd).await,
         }
         let read = monoio::time::timeout(
             crate::proxy::RESPONSE_HEADER_TIMEOUT,
             read_append(&mut up, ubuf),
         );
         let Ok((res, b)) = read.await else {
-            return fail(core, &mut c, fd).await;
+            return refuse(core, c, fd).await;
         };
         ubuf = b;
         match res {
             Ok(n) if n > 0 => {}
-            _ => return fail(core, &mut c, fd).await,
+            _ => return refuse(core, c, fd).await,
         }
     };
     m.status(resp.status);
@@ -158,57 +213,50 @@ pub async fn tunnel<S: crate::proxy::Client>(
     );
     out.extend_from_slice(&ubuf[resp.head_len..]);
     let len = out.len();
-    let (res, _) = to_client(core, &mut c, fd, out, len).await;
+    let (res, _) = to_client(core, c, fd, out, len).await;
     if res.is_err() {
-        return;
+        return Outcome::Close;
     }
     if upgraded {
-        CoreMetrics::inc(&m.upgrades_total);
-        if !buf.is_empty() {
-            // What the client sent ahead of the 101 belongs to the new protocol.
-            let len = buf.len();
-            let (res, _) = write_range(&mut up, buf, 0, len).await;
-            if res.is_err() {
-                return;
-            }
-        }
-        // Long-lived: a peer on either side that vanishes without a FIN is noticed.
-        let _ = flynn_runtime::sock::set_keepalive(fd);
-        let _ = flynn_runtime::sock::set_keepalive(up.as_raw_fd());
-        let tunnel = core.tunnels.open(fd, up.as_raw_fd());
-        let (cr, cw) = c.into_split();
-        let (ur, uw) = up.into_split();
-        let a = pipe(cr, uw, Vec::with_capacity(16 * 1024), &tunnel);
-        let b = pipe(ur, cw, Vec::with_capacity(16 * 1024), &tunnel);
-        let _ = monoio::join!(a, b);
-        return;
+        return Outcome::Upgraded(up, inflight);
     }
-    // Not upgraded: relay the body as framed, then close.
+    // Not upgraded: relay the body as framed; then the connection closes in stages.
     let mut body = BodyReader::new(resp.framing);
     if body.advance(&ubuf[resp.head_len..]).is_err() {
-        return;
+        return Outcome::Close;
     }
     while !body.is_done() {
         ubuf.clear();
         let read = monoio::time::timeout(core.settings().idle_timeout, read_append(&mut up, ubuf));
-        let Ok((res, b)) = read.await else { return };
+        let Ok((res, b)) = read.await else {
+            return Outcome::Close;
+        };
         ubuf = b;
         let n = match res {
             Ok(n) if n > 0 => n,
-            _ => return,
+            // A body delimited by the backend's close is complete.
+            Ok(_) if resp.framing == Framing::Close => break,
+            _ => return Outcome::Close,
         };
         let Ok(adv) = body.advance(&ubuf[..n]) else {
-            return;
+            return Outcome::Close;
         };
-        let (res, b) = to_client(core, &mut c, fd, ubuf, adv.used).await;
+        let (res, b) = to_client(core, c, fd, ubuf, adv.used).await;
         ubuf = b;
         if res.is_err() {
-            return;
+            return Outcome::Close;
         }
     }
+    Outcome::Refused
 }
 
-async fn fail<S: crate::proxy::Client>(core: &Core, c: &mut S, fd: std::os::fd::RawFd) {
+/// The router's 503 to an upgrade request it could not take to a backend: then the
+/// connection closes in stages, or at once if the client could not take the answer.
+async fn refuse<S: crate::proxy::Client>(
+    core: &Core,
+    c: &mut S,
+    fd: std::os::fd::RawFd,
+) -> Outcome {
     CoreMetrics::inc(&core.metrics().unavailable_total);
     core.metrics().status(503);
     let mut out = Vec::with_capacity(128);
@@ -219,5 +267,8 @@ async fn fail<S: crate::proxy::Client>(core: &Core, c: &mut S, fd: std::os::fd::
         None => flynn_http::simple_response(503, b"Service Unavailable\n", true, &mut out),
     }
     let len = out.len();
-    let _ = to_client(core, c, fd, out, len).await;
+    match to_client(core, c, fd, out, len).await.0 {
+        Ok(()) => Outcome::Refused,
+        Err(_) => Outcome::Close,
+    }
 }

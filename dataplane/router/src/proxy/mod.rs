@@ -616,13 +616,14 @@ async fn unavailable<S: Client>(
 }
 
 /// Closes a connection in stages after an answer given before the client finished sending
-/// its request body (RFC 9112 §9.6): shuts the sending side down once the answer is out,
+/// its request body (RFC 9112 §9.6), or a refused upgrade (`upgrade.rs`: the bytes behind
+/// the request are never read): shuts the sending side down once the answer is out,
 /// then reads and discards what the client still sends until it closes, sends nothing for
 /// [`LINGER_QUIET`], has sent [`LINGER_MAX_BYTES`] or the lingering time is up. Closing at
 /// once with unread input makes the kernel reset the connection, and a client still
 /// writing its body gets the reset instead of the answer (nginx's `lingering_close`, Go's
 /// `closeWriteAndWait`). Error paths only; reads into the connection's own buffer.
-async fn linger<S: Client>(core: &Core, c: &mut S, buf: &mut Vec<u8>) {
+pub(crate) async fn linger<S: Client>(core: &Core, c: &mut S, buf: &mut Vec<u8>) {
     let time = core.settings().lingering_time;
     if time.is_zero() {
         return;
@@ -713,7 +714,7 @@ async fn forward<S: Client>(
         let can_retry = 'attempt: {
             let o = std::mem::take(out);
             let len = o.len();
-            let (res, o) = write_range(&mut up, o, 0, len).await;
+            let (res, o) = write_range(&mut *up, o, 0, len).await;
             *out = o;
             if res.is_err() {
                 break 'attempt reused && body.is_done();
@@ -752,7 +753,7 @@ async fn forward<S: Client>(
                 // A backend that stops reading the body (without closing) is given up
                 // after the idle timeout, as a client that stops sending it is.
                 let taken = std::mem::take(buf);
-                let write = write_range(&mut up, taken, consumed, consumed + adv.used);
+                let write = write_range(&mut *up, taken, consumed, consumed + adv.used);
                 let (res, b, lost) = match monoio::time::timeout(limit, write).await {
                     Ok((res, b)) => (res, b, false),
                     Err(_) => (
@@ -900,7 +901,7 @@ async fn forward<S: Client>(
         ubuf.clear();
         let taken = std::mem::take(ubuf);
         let limit = core.settings().idle_timeout;
-        let (res, b) = match monoio::time::timeout(limit, read_append(&mut up, taken)).await {
+        let (res, b) = match monoio::time::timeout(limit, read_append(&mut *up, taken)).await {
             Ok(x) => x,
             Err(_) => (
                 Err(std::io::ErrorKind::TimedOut.into()),

@@ -3,6 +3,7 @@
 //! response head while watching for the client leaving.
 
 use super::*;
+use crate::pool::Conn;
 
 /// Dials `addr` with the connect timeout.
 pub async fn dial(core: &Core, addr: SocketAddr) -> std::io::Result<TcpStream> {
@@ -34,7 +35,7 @@ pub async fn connect(
     route: &HttpRoute,
     sticky: Option<SocketAddr>,
     failed: Option<SocketAddr>,
-) -> Option<(TcpStream, SocketAddr, bool)> {
+) -> Option<(Conn, SocketAddr, bool)> {
     // Every backend dialled so far, never picked again; a backend that just failed (e.g. a
     // dead pooled connection and a refused redial) counts as the first dial.
     let mut tried = [None; MAX_ATTEMPTS];
@@ -66,7 +67,7 @@ pub async fn connect(
         match dial_counted(core, addr).await {
             Ok(s) => {
                 CoreMetrics::inc(&core.metrics().upstream_connects_total);
-                return Some((s, addr, false));
+                return Some((s.into(), addr, false));
             }
             Err(_) => {
                 CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
@@ -84,11 +85,11 @@ pub(crate) async fn redial(
     core: &Rc<Core>,
     route: &HttpRoute,
     addr: SocketAddr,
-) -> Option<(TcpStream, SocketAddr, bool)> {
+) -> Option<(Conn, SocketAddr, bool)> {
     match dial_counted(core, addr).await {
         Ok(s) => {
             CoreMetrics::inc(&core.metrics().upstream_connects_total);
-            Some((s, addr, false))
+            Some((s.into(), addr, false))
         }
         Err(_) => {
             CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);

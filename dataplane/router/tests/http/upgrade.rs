@@ -397,3 +397,43 @@ fn an_upgrade_expecting_100_continue_gets_it_and_proceeds() {
     assert_eq!(seen.header("expect"), None, "{:?}", seen.headers);
     echo_round_trips(&mut conn);
 }
+
+/// A refused upgrade closes in stages, as other answers given with input unread do: bytes a
+/// client sent behind its upgrade request (the new protocol's, never read without a 101) are
+/// read and discarded after the answer, so a client still writing them gets the whole
+/// answer, not a reset. Both the backend's non-101 and the router's own 503 (no backend
+/// could be dialled).
+#[test]
+fn a_refused_upgrade_with_bytes_behind_it_reaches_the_client() {
+    let router = Router::start();
+    let b = Backend::with_handler("refuser", |_req, conn| {
+        respond(conn, "403 Forbidden", &[], b"nope");
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    router.add_route(http_route("dead.example.com", "dead"));
+    router.set_backend_addrs("dead", &[(crate::support::dead_addr().to_string(), false)]);
+    for (host, status) in [("example.com", 403), ("dead.example.com", 503)] {
+        let mut conn = Conn::connect(router.http_addr);
+        conn.stream
+            .set_write_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let head = ws_request("Upgrade", "websocket").replace("example.com", host);
+        conn.send(head.as_bytes());
+        // More than the socket buffers hold: the write ends only if the router reads it.
+        conn.stream
+            .write_all(&vec![b'x'; 8 << 20])
+            .unwrap_or_else(|e| panic!("{host}: the bytes behind the upgrade refused: {e}"));
+        conn.set_read_timeout(Duration::from_secs(10));
+        let resp = conn.response();
+        assert_eq!(resp.status, status, "{host}: {resp:?}");
+        assert!(resp.connection_has("close"), "{host}: {resp:?}");
+        conn.expect_closed();
+        // The router lingers on the client's connection only: the backend's is closed.
+        assert!(
+            crate::support::wait_until(Duration::from_secs(3), || b.closed() == 1),
+            "{host}: the backend connection is held while the client lingers"
+        );
+    }
+}

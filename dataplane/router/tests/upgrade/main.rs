@@ -638,3 +638,50 @@ fn takeover_clears_discovered_backends_no_route_names() {
     assert_eq!(st, 200);
     assert_eq!(staged[0]["addr"], b1.addr.to_string(), "{staged}");
 }
+
+/// A draining process does not wait for connections it is closing in stages: a client
+/// answered (404) before its body was read that keeps trickling the body would hold one
+/// for the lingering time (here 120 s, past the drain timeout too). The drain ends the
+/// lingering at once and the old process exits.
+#[test]
+fn a_draining_router_stops_lingering_connections() {
+    use std::io::Write;
+    let dir = crate::support::TestDir::new("upgrade-linger");
+    let sock = dir.join("upgrade.sock").display().to_string();
+    let mut old = Router::builder()
+        .arg("--upgrade-socket")
+        .arg(sock.clone())
+        .arg("--lingering-time-secs=120")
+        .arg("--drain-timeout-secs=60")
+        .start();
+    let mut conn = Conn::connect(old.http_addr);
+    conn.send(b"POST / HTTP/1.1\r\nHost: nope.example.com\r\nContent-Length: 100000000\r\n\r\n");
+    assert_eq!(conn.response().status, 404);
+    // A byte every 200 ms: the lingering read never goes 5 s without one.
+    let mut w = conn.stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if w.write_all(b"x").is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        false
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let _new = Router::builder()
+        .arg("--takeover")
+        .arg(sock)
+        .arg("--upgrade-socket")
+        .arg(dir.join("next.sock").display().to_string())
+        .start();
+    let status = old
+        .wait_exit(Duration::from_secs(10))
+        .expect("the old router exits while a client still lingers");
+    assert!(status.success(), "old router: {status}");
+    assert!(
+        writer.join().unwrap(),
+        "the lingering connection stayed open"
+    );
+}
