@@ -570,7 +570,7 @@ async fn stream(
         }
         let read = monoio::time::timeout(
             core.settings().idle_timeout,
-            read_append(&mut *up, std::mem::take(&mut pending)),
+            read_append(&mut up, std::mem::take(&mut pending)),
         );
         let (res, b) = monoio::select! {
             r = read => match r {

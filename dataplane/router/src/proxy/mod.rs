@@ -714,7 +714,7 @@ async fn forward<S: Client>(
         let can_retry = 'attempt: {
             let o = std::mem::take(out);
             let len = o.len();
-            let (res, o) = write_range(&mut *up, o, 0, len).await;
+            let (res, o) = write_range(&mut up, o, 0, len).await;
             *out = o;
             if res.is_err() {
                 break 'attempt reused && body.is_done();
@@ -753,7 +753,7 @@ async fn forward<S: Client>(
                 // A backend that stops reading the body (without closing) is given up
                 // after the idle timeout, as a client that stops sending it is.
                 let taken = std::mem::take(buf);
-                let write = write_range(&mut *up, taken, consumed, consumed + adv.used);
+                let write = write_range(&mut up, taken, consumed, consumed + adv.used);
                 let (res, b, lost) = match monoio::time::timeout(limit, write).await {
                     Ok((res, b)) => (res, b, false),
                     Err(_) => (
@@ -901,7 +901,7 @@ async fn forward<S: Client>(
         ubuf.clear();
         let taken = std::mem::take(ubuf);
         let limit = core.settings().idle_timeout;
-        let (res, b) = match monoio::time::timeout(limit, read_append(&mut *up, taken)).await {
+        let (res, b) = match monoio::time::timeout(limit, read_append(&mut up, taken)).await {
             Ok(x) => x,
             Err(_) => (
                 Err(std::io::ErrorKind::TimedOut.into()),

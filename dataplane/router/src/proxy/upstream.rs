@@ -3,7 +3,6 @@
 //! response head while watching for the client leaving.
 
 use super::*;
-use crate::pool::Conn;
 
 /// Dials `addr` with the connect timeout.
 pub async fn dial(core: &Core, addr: SocketAddr) -> std::io::Result<TcpStream> {
@@ -35,7 +34,7 @@ pub async fn connect(
     route: &HttpRoute,
     sticky: Option<SocketAddr>,
     failed: Option<SocketAddr>,
-) -> Option<(Conn, SocketAddr, bool)> {
+) -> Option<(TcpStream, SocketAddr, bool)> {
     // Every backend dialled so far, never picked again; a backend that just failed (e.g. a
     // dead pooled connection and a refused redial) counts as the first dial.
     let mut tried = [None; MAX_ATTEMPTS];
@@ -67,7 +66,7 @@ pub async fn connect(
         match dial_counted(core, addr).await {
             Ok(s) => {
                 CoreMetrics::inc(&core.metrics().upstream_connects_total);
-                return Some((s.into(), addr, false));
+                return Some((s, addr, false));
             }
             Err(_) => {
                 CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
@@ -85,11 +84,11 @@ pub(crate) async fn redial(
     core: &Rc<Core>,
     route: &HttpRoute,
     addr: SocketAddr,
-) -> Option<(Conn, SocketAddr, bool)> {
+) -> Option<(TcpStream, SocketAddr, bool)> {
     match dial_counted(core, addr).await {
         Ok(s) => {
             CoreMetrics::inc(&core.metrics().upstream_connects_total);
-            Some((s.into(), addr, false))
+            Some((s, addr, false))
         }
         Err(_) => {
             CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
