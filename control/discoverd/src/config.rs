@@ -77,8 +77,11 @@ pub struct Config {
     pub raft_stream_idle: Duration,
 
     /// Runtime worker threads (1–64). The Raft log's fsyncs run on a thread of their own
-    /// either way.
-    #[arg(long, env = "FLYNN_THREADS", default_value_t = 2)]
+    /// and snapshots on tokio's blocking pool either way. One worker wakes fewer threads
+    /// per write (tokio wakes an idle second worker on every hand-off): it measured faster
+    /// at one client and the same at 16 and 64 on two cores (perf/RESULTS.md). More may
+    /// pay on many-core hosts under heavy write load.
+    #[arg(long, env = "FLYNN_THREADS", default_value_t = 1)]
     pub threads: usize,
 }
 
@@ -187,7 +190,7 @@ mod tests {
             .unwrap()
             .validate()
             .unwrap();
-        assert_eq!(c.threads, 2);
+        assert_eq!(c.threads, 1);
         let zero = Config::try_parse_from(["d", "--data-dir", "x", "--threads", "0"]).unwrap();
         assert_eq!(
             zero.validate().unwrap_err(),

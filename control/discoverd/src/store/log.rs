@@ -45,11 +45,43 @@ struct Mem {
 }
 
 struct Inner {
-    dir: PathBuf,
     mem: Mutex<Mem>,
-    writer: Mutex<mpsc::Sender<Op>>,
+    /// `None` once dropping (see `Drop for Inner`).
+    writer: Mutex<Option<mpsc::Sender<Op>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The commit point, one record overwritten in place (see [`CommitFile`]).
-    committed: Mutex<CommitFile>,
+    committed: Arc<Mutex<CommitPoint>>,
+}
+
+/// The commit point's file and the point waiting to be written to it.
+struct CommitPoint {
+    file: CommitFile,
+    pending: Option<Option<LogIdOf<C>>>,
+}
+
+impl CommitPoint {
+    /// Writes the pending point, if any. Errors are logged: a commit point that is not
+    /// saved is one the cluster tells the node again.
+    fn write_pending(&mut self) {
+        if let Some(c) = self.pending.take() {
+            if let Err(e) = self.file.save(&c) {
+                tracing::warn!(error = %e, "saving the commit point failed");
+            }
+        }
+    }
+}
+
+/// The last handle's drop closes the writer's queue, waits for the writer to finish what
+/// was queued (appends, a purge) and exit, and writes a pending commit point: a log opened
+/// again on the same directory finds everything the dropped one was given.
+impl Drop for Inner {
+    fn drop(&mut self) {
+        lock(&self.writer).take();
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+        lock(&self.committed).write_pending();
+    }
 }
 
 /// The commit point as one checksummed record at offset 0 of `committed`, overwritten in
@@ -60,6 +92,12 @@ struct Inner {
 /// (or an older point) and the cluster tells the node the commit point again. A record
 /// *ahead* of the durable log (saved before this node's own fsync of those entries) is
 /// clamped to the log's last entry when the log is opened.
+///
+/// `save_committed` only records the point ([`CommitPoint::pending`]); the log writer
+/// writes it after its next batch's fsync and callbacks, and the last handle's drop
+/// writes what is still pending. The write used to run in openraft's core between the
+/// commit and the answer to the client, one `pwrite` on every write's path on every
+/// node; now a commit point is on disk one batch later, which staleness already allows.
 struct CommitFile {
     file: File,
     buf: Vec<u8>,
@@ -136,8 +174,10 @@ enum Op {
         keep: Option<u64>,
         done: tokio::sync::oneshot::Sender<io::Result<()>>,
     },
-    /// Delete whole segments with every index <= `upto`.
-    Purge { upto: u64 },
+    /// Record the purge point durably, then delete whole segments with every index <= it
+    /// (on the writer: `purge` is called from openraft's core, whose thread must not wait
+    /// for an fsync).
+    Purge { log_id: LogIdOf<C> },
     /// Make every append queued before it durable (fsync, callbacks), then write the vote
     /// durably. Votes go through the writer because openraft orders I/O by vote first: a
     /// vote reported saved counts as flushing every earlier append of an older term, so
@@ -305,6 +345,7 @@ fn read_segment(path: &Path, first: u64, last: bool) -> io::Result<(Segment, Vec
 
 struct Writer {
     dir: PathBuf,
+    committed: Arc<Mutex<CommitPoint>>,
     segments: Vec<Segment>,
     /// The last segment, open for writing.
     file: Option<File>,
@@ -490,8 +531,12 @@ impl Writer {
                         };
                         let _ = done.send(r);
                     }
-                    Op::Purge { upto } => {
-                        if let Err(e) = self.purge(upto) {
+                    Op::Purge { log_id } => {
+                        // Segments go only once the point is durable: a crash in between
+                        // leaves entries the point says are purged, never the reverse.
+                        let r = write_atomic(&self.dir.join("purged.json"), &log_id, true)
+                            .and_then(|()| self.purge(log_id.index));
+                        if let Err(e) = r {
                             tracing::warn!(error = %e, "log purge failed");
                         }
                     }
@@ -506,6 +551,8 @@ impl Writer {
                 }
             }
             self.flush(&mut pending, &mut failed);
+            // After the batch's callbacks: off the path of the appends just made durable.
+            lock(&self.committed).write_pending();
         }
     }
 
@@ -575,8 +622,13 @@ impl LogStore {
             tracing::warn!(committed = ?mem.committed, last = ?last, "commit point ahead of the durable log; clamped");
             mem.committed = last;
         }
+        let committed = Arc::new(Mutex::new(CommitPoint {
+            file: commit_file,
+            pending: None,
+        }));
         let mut writer = Writer {
             dir: dir.to_path_buf(),
+            committed: committed.clone(),
             segments,
             file: None,
             allocated: 0,
@@ -584,21 +636,23 @@ impl LogStore {
         };
         writer.open_last()?;
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
             .spawn(move || writer.run(rx))?;
         Ok(LogStore {
             inner: Arc::new(Inner {
-                dir: dir.to_path_buf(),
                 mem: Mutex::new(mem),
-                writer: Mutex::new(tx),
-                committed: Mutex::new(commit_file),
+                writer: Mutex::new(Some(tx)),
+                thread: Mutex::new(Some(thread)),
+                committed,
             }),
         })
     }
 
     fn send(&self, op: Op) -> io::Result<()> {
         lock(&self.inner.writer)
+            .as_ref()
+            .ok_or_else(|| io::Error::other("log writer stopped"))?
             .send(op)
             .map_err(|_| io::Error::other("log writer stopped"))
     }
@@ -664,8 +718,9 @@ impl RaftLogStorage<C> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
-        // Not fsynced: a lost commit point is recomputed by the cluster.
-        lock(&self.inner.committed).save(&committed)?;
+        // Written by the log writer after its next batch (see [`CommitFile`]); never
+        // fsynced: a lost commit point is recomputed by the cluster.
+        lock(&self.inner.committed).pending = Some(committed);
         lock(&self.inner.mem).committed = committed;
         Ok(())
     }
@@ -707,13 +762,12 @@ impl RaftLogStorage<C> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogIdOf<C>) -> Result<(), io::Error> {
-        write_atomic(&self.inner.dir.join("purged.json"), &log_id, true)?;
         {
             let mut mem = lock(&self.inner.mem);
             let rest = mem.entries.split_off(&(log_id.index + 1));
             mem.entries = rest;
             mem.purged = Some(log_id);
         }
-        self.send(Op::Purge { upto: log_id.index })
+        self.send(Op::Purge { log_id })
     }
 }

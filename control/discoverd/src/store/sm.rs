@@ -62,6 +62,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Runs `f` (a snapshot's serialization, file writes and fsyncs) on tokio's blocking pool:
+/// the runtime has one worker by default (`--threads`), which would otherwise stop serving
+/// the API, DNS and Raft for as long as a snapshot takes.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io::Error::other(format!("blocking task: {e}")))?
+}
+
 impl StateMachine {
     /// Opens the state machine in `dir`, restoring the last snapshot if there is one.
     pub fn open(dir: &std::path::Path) -> io::Result<StateMachine> {
@@ -90,12 +101,9 @@ impl StateMachine {
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
     }
-}
 
-impl RaftSnapshotBuilder<C> for StateMachine {
-    type SnapshotData = Vec<u8>;
-
-    async fn build_snapshot(&mut self) -> Result<SnapshotOf<C, Vec<u8>>, io::Error> {
+    /// [`RaftSnapshotBuilder::build_snapshot`]: the state serialized and written (blocking).
+    fn build(&self) -> io::Result<SnapshotOf<C, Vec<u8>>> {
         let (meta, data) = {
             let st = self.shared.lock();
             let data = serde_json::to_vec(&st.registry.data).map_err(io::Error::other)?;
@@ -126,6 +134,35 @@ impl RaftSnapshotBuilder<C> for StateMachine {
             meta,
             snapshot: data,
         })
+    }
+
+    /// [`RaftStateMachine::install_snapshot`]'s file write and state swap (blocking).
+    fn install(&self, stored: StoredSnapshot, data: Data) -> io::Result<()> {
+        let meta = &stored.meta;
+        // Held until the state is swapped: a build running meanwhile cannot write an older
+        // snapshot over this one (see `build_snapshot`).
+        let mut current = lock(&self.current);
+        write_atomic(&self.path, &stored, true)?;
+        {
+            let mut st = self.shared.lock();
+            // Also ends every open watch: its client resubscribes and gets the new state.
+            st.registry.restore(data);
+            st.last_applied = meta.last_log_id;
+            st.membership = meta.last_membership.clone();
+            let idx = meta.last_log_id.as_ref().map_or(0, |l| l.index);
+            self.shared.applied.store(idx, Ordering::Release);
+        }
+        *current = Some(stored);
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<C> for StateMachine {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<C, Vec<u8>>, io::Error> {
+        let this = self.clone();
+        blocking(move || this.build()).await
     }
 }
 
@@ -183,21 +220,8 @@ impl RaftStateMachine<C> for StateMachine {
             meta: meta.clone(),
             data: snapshot,
         };
-        // Held until the state is swapped: a build running meanwhile cannot write an older
-        // snapshot over this one (see `build_snapshot`).
-        let mut current = lock(&self.current);
-        write_atomic(&self.path, &stored, true)?;
-        {
-            let mut st = self.shared.lock();
-            // Also ends every open watch: its client resubscribes and gets the new state.
-            st.registry.restore(data);
-            st.last_applied = meta.last_log_id;
-            st.membership = meta.last_membership.clone();
-            let idx = meta.last_log_id.as_ref().map_or(0, |l| l.index);
-            self.shared.applied.store(idx, Ordering::Release);
-        }
-        *current = Some(stored);
-        Ok(())
+        let this = self.clone();
+        blocking(move || this.install(stored, data)).await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<C, Vec<u8>>>, io::Error> {

@@ -139,6 +139,41 @@ async fn commit_point_survives_reopen_and_a_torn_record_reads_as_unknown() {
     assert_eq!(log.read_committed().await.unwrap(), None);
 }
 
+/// `save_committed` leaves the point to the log writer, which writes it after its next
+/// batch: a node killed outright (no destructor runs) still finds it on disk.
+#[tokio::test]
+async fn a_commit_point_is_on_disk_after_the_next_batch_without_a_drop() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = LogStore::open(dir.path()).unwrap();
+    append(&mut log, (1..=5).map(|i| entry(1, i)).collect()).await;
+    log.save_committed(Some(log_id(1, 4))).await.unwrap();
+    append(&mut log, vec![entry(1, 6)]).await;
+    // What a SIGKILL would leave: the files as they are, the live store not dropped.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let copy = tempfile::tempdir().unwrap();
+        for f in std::fs::read_dir(dir.path()).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), copy.path().join(f.file_name())).unwrap();
+        }
+        let got = LogStore::open(copy.path())
+            .unwrap()
+            .read_committed()
+            .await
+            .unwrap();
+        if got == Some(log_id(1, 4)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "commit point not on disk: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(log);
+}
+
 #[tokio::test]
 async fn preallocated_segment_tail_is_not_a_record() {
     let dir = tempfile::tempdir().unwrap();
