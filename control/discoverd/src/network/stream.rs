@@ -48,6 +48,12 @@
 //! that every acceptance names where the owed request ended, so a session out of step is
 //! an error at once (openraft opens a new one) rather than a write waiting for a result
 //! that never comes.
+//!
+//! Such a commit-only request is written after one `yield_now`: openraft sends it while the
+//! write it commits is being applied, and the yield lets that write's answer to its client
+//! go out first (the answer is on the client's path, the follower's copy of the commit
+//! point is not). It is a turn of the runtime, not a timer: followers still learn the
+//! commit point microseconds later, so their watchers' events are not held back.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -324,6 +330,11 @@ where
                     return None;
                 }
                 last_answered = owed.next(&req);
+                if !last_answered {
+                    // Only a new commit point, sent as the write it commits is applied
+                    // and answered: that answer goes out first (see the module docs).
+                    tokio::task::yield_now().await;
+                }
                 if let Err(e) = write_frame(&mut wr, &mut buf, &req).await {
                     tracing::debug!(peer = %addr, error = %e, "raft stream write failed");
                     let _ = sent_tx.send(Sent::Failed);
