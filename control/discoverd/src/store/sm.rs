@@ -55,16 +55,22 @@ struct StoredSnapshot {
 pub struct StateMachine {
     shared: Arc<Shared>,
     path: PathBuf,
+    /// The last snapshot; locked only to read it or swap it, never across a file write
+    /// (`get_current_snapshot` runs on the runtime's worker).
     current: Arc<Mutex<Option<StoredSnapshot>>>,
+    /// Held across every write of the snapshot file and the swap of `current` after it.
+    writing: Arc<Mutex<()>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Runs `f` (a snapshot's serialization, file writes and fsyncs) on tokio's blocking pool:
-/// the runtime has one worker by default (`--threads`), which would otherwise stop serving
-/// the API, DNS and Raft for as long as a snapshot takes.
+/// Runs `f` (a snapshot's serialization or decoding, file writes and fsyncs) on tokio's
+/// blocking pool: the runtime has one worker by default (`--threads`), which would
+/// otherwise stop serving the API, DNS and Raft for as long as a snapshot takes. (Building
+/// still holds the state's lock while it serializes, as before: reads and applies wait
+/// for that part.)
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> io::Result<T> {
@@ -95,6 +101,7 @@ impl StateMachine {
             }),
             path,
             current: Arc::new(Mutex::new(snap)),
+            writing: Arc::new(Mutex::new(())),
         })
     }
 
@@ -121,13 +128,13 @@ impl StateMachine {
             // openraft builds in a task of its own, so an installed snapshot may have
             // replaced the state since it was read above: the file (under the same lock as
             // every write of it) only ever moves forward.
-            let mut current = lock(&self.current);
-            let newer = current
+            let _writing = lock(&self.writing);
+            let newer = lock(&self.current)
                 .as_ref()
                 .is_none_or(|c| c.meta.last_log_id <= meta.last_log_id);
             if newer {
                 write_atomic(&self.path, &stored, true)?;
-                *current = Some(stored);
+                *lock(&self.current) = Some(stored);
             }
         }
         Ok(SnapshotOf::<C, Vec<u8>> {
@@ -137,11 +144,13 @@ impl StateMachine {
     }
 
     /// [`RaftStateMachine::install_snapshot`]'s file write and state swap (blocking).
-    fn install(&self, stored: StoredSnapshot, data: Data) -> io::Result<()> {
+    fn install(&self, stored: StoredSnapshot) -> io::Result<()> {
+        let data: Data = serde_json::from_slice(&stored.data)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let meta = &stored.meta;
         // Held until the state is swapped: a build running meanwhile cannot write an older
-        // snapshot over this one (see `build_snapshot`).
-        let mut current = lock(&self.current);
+        // snapshot over this one (see `build`).
+        let _writing = lock(&self.writing);
         write_atomic(&self.path, &stored, true)?;
         {
             let mut st = self.shared.lock();
@@ -152,7 +161,7 @@ impl StateMachine {
             let idx = meta.last_log_id.as_ref().map_or(0, |l| l.index);
             self.shared.applied.store(idx, Ordering::Release);
         }
-        *current = Some(stored);
+        *lock(&self.current) = Some(stored);
         Ok(())
     }
 }
@@ -214,14 +223,12 @@ impl RaftStateMachine<C> for StateMachine {
         meta: &SnapshotMetaOf<C>,
         snapshot: Vec<u8>,
     ) -> Result<(), io::Error> {
-        let data: Data = serde_json::from_slice(&snapshot)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data: snapshot,
         };
         let this = self.clone();
-        blocking(move || this.install(stored, data)).await
+        blocking(move || this.install(stored)).await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<C, Vec<u8>>>, io::Error> {

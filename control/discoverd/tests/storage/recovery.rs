@@ -140,15 +140,15 @@ async fn commit_point_survives_reopen_and_a_torn_record_reads_as_unknown() {
 }
 
 /// `save_committed` leaves the point to the log writer, which writes it after its next
-/// batch: a node killed outright (no destructor runs) still finds it on disk.
+/// batch or, with no write after it (a quiet cluster), after a short idle time: a node
+/// killed outright (no destructor runs) still finds it on disk.
 #[tokio::test]
-async fn a_commit_point_is_on_disk_after_the_next_batch_without_a_drop() {
+async fn a_commit_point_reaches_the_disk_without_a_drop_or_a_later_write() {
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
     let mut log = LogStore::open(dir.path()).unwrap();
     append(&mut log, (1..=5).map(|i| entry(1, i)).collect()).await;
     log.save_committed(Some(log_id(1, 4))).await.unwrap();
-    append(&mut log, vec![entry(1, 6)]).await;
     // What a SIGKILL would leave: the files as they are, the live store not dropped.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -413,4 +413,59 @@ async fn a_snapshot_built_during_an_install_never_replaces_it() {
         let (applied, _) = again.applied_state().await.unwrap();
         assert_eq!(applied, Some(log_id(1, 20)), "round {round}: reopened");
     }
+}
+
+/// The log writer runs under `SCHED_BATCH`, so the Raft core that wakes it with a new entry
+/// is not preempted before it sends the entry to the followers.
+#[tokio::test]
+async fn the_log_writer_runs_under_sched_batch() {
+    use std::time::{Duration, Instant};
+    const SCHED_BATCH: u32 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let _log = LogStore::open(dir.path()).unwrap();
+    // Writers of other tests in this process may be starting too: any one will do.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut policies = Vec::new();
+        for t in std::fs::read_dir("/proc/self/task").unwrap() {
+            let t = t.unwrap().path();
+            let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+            if comm.trim() != "raft-log-writer" {
+                continue;
+            }
+            let stat = std::fs::read_to_string(t.join("stat")).unwrap_or_default();
+            // Fields after the command's closing parenthesis start at field 3; the
+            // scheduling policy is field 41.
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            if let Some(p) = rest.split_whitespace().nth(41 - 3) {
+                policies.push(p.parse::<u32>().unwrap());
+            }
+        }
+        if policies.contains(&SCHED_BATCH) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log writer under SCHED_BATCH: {policies:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A purge point that cannot be saved fails every later append: openraft was told the
+/// purge is done, and a log appended past it with the old point on disk could have a hole.
+#[tokio::test]
+async fn a_purge_point_that_cannot_be_saved_fails_later_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = LogStore::open(dir.path()).unwrap();
+    append(&mut log, (1..=5).map(|i| entry(1, i)).collect()).await;
+    // A non-empty directory where the point's file goes: the rename onto it fails.
+    std::fs::create_dir_all(dir.path().join("purged.json").join("x")).unwrap();
+    log.purge(log_id(1, 3)).await.unwrap();
+    let (tx, rx) = C::oneshot();
+    log.append(vec![entry(1, 6)], IOFlushed::signal(tx))
+        .await
+        .unwrap();
+    let flushed = rx.await.unwrap();
+    assert!(flushed.is_err(), "append after a failed purge: {flushed:?}");
 }
