@@ -380,7 +380,9 @@ fn a_body_longer_than_its_length_is_not_the_next_requests_response() {
     for uri in ["/same", "/later"] {
         // A router of its own for each: nothing known about the backend.
         let router = Router::start();
-        let b1 = Backend::raw("b1", |req, conn| {
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let w = written.clone();
+        let b1 = Backend::raw("b1", move |req, conn| {
             let stray = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray";
             match req.uri.as_str() {
                 "/same" => {
@@ -392,6 +394,7 @@ fn a_body_longer_than_its_length_is_not_the_next_requests_response() {
                     respond(conn, "200 OK", &[], b"extra");
                     std::thread::sleep(Duration::from_millis(30));
                     let _ = conn.write(stray);
+                    w.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
                 _ => respond(conn, "200 OK", &[], b"right"),
             }
@@ -404,7 +407,14 @@ fn a_body_longer_than_its_length_is_not_the_next_requests_response() {
         let resp = conn.request(&format!("GET {uri} HTTP/1.1\r\nHost: example.com\r\n\r\n"));
         assert_eq!(resp.body, b"extra", "{uri}: {resp:?}");
         // The extra bytes reach the router's idle backend connection meanwhile.
-        std::thread::sleep(Duration::from_millis(100));
+        if uri == "/later" {
+            assert!(
+                crate::support::wait_until(Duration::from_secs(5), || written
+                    .load(std::sync::atomic::Ordering::SeqCst)),
+                "the backend never wrote the stray bytes"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
         let resp = conn.request("GET / HTTP/1.1\r\nHost: example.com\r\n\r\n");
         assert_eq!(
             (resp.status, &resp.body[..]),
@@ -413,6 +423,40 @@ fn a_body_longer_than_its_length_is_not_the_next_requests_response() {
         );
         assert_eq!(b1.accepted(), 2, "{uri}: the connection was reused");
     }
+}
+
+/// A pooled connection that passes the check before reuse but dies on the request (the
+/// backend closes it unanswered, as one whose keep-alive timeout fires just then): a
+/// bodiless GET goes again on a fresh connection.
+#[test]
+fn a_get_on_a_reused_connection_that_dies_unanswered_goes_again_on_a_fresh_one() {
+    let router = Router::start();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = seen.clone();
+    let b1 = Backend::raw("b1", move |_, conn| {
+        // The second request overall is the first on the reused connection.
+        if n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            return Reply::Close;
+        }
+        respond(conn, "200 OK", &[], b"right");
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    let mut conn = Conn::connect(router.http_addr);
+    conn.set_read_timeout(Duration::from_secs(3));
+    let resp = conn.request("GET /a HTTP/1.1\r\nHost: example.com\r\n\r\n");
+    assert_eq!((resp.status, &resp.body[..]), (200, &b"right"[..]));
+    // Idle past the reuse-without-a-peek window: the peek finds it open.
+    std::thread::sleep(Duration::from_millis(20));
+    let resp = conn.request("GET /b HTTP/1.1\r\nHost: example.com\r\n\r\n");
+    assert_eq!(
+        (resp.status, &resp.body[..]),
+        (200, &b"right"[..]),
+        "{resp:?}"
+    );
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(b1.accepted(), 2, "the retry dialled a fresh connection");
 }
 
 #[test]
