@@ -652,29 +652,7 @@ fn a_job_ending_during_a_network_move_is_still_torn_down() {
         eprintln!("skipped: needs root");
         return;
     }
-    let ns = format!("flynn-hosttest-{}", std::process::id());
-    let ok = std::process::Command::new("ip")
-        .args(["netns", "add", &ns])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let ns2 = ns.clone();
-    let res = std::thread::spawn(move || {
-        let f = std::fs::File::open(format!("/run/netns/{ns2}")).unwrap();
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(network_move_window())
-    })
-    .join();
-    let _ = std::process::Command::new("ip")
-        .args(["netns", "del", &ns])
-        .status();
-    if let Err(p) = res {
-        std::panic::resume_unwind(p);
-    }
+    network::in_netns("move", network_move_window);
 }
 
 async fn network_move_window() {

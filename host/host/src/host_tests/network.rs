@@ -26,7 +26,7 @@ fn root() -> bool {
 
 /// Runs `body` on a thread inside a network namespace made for it (deleted afterwards),
 /// with a runtime of its own.
-fn in_netns<F, Fut>(tag: &str, body: F)
+pub(super) fn in_netns<F, Fut>(tag: &str, body: F)
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
