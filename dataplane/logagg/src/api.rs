@@ -26,7 +26,7 @@ use crate::store::{Follow, Positions, Store};
 
 /// Largest `lines` a reader may ask for (spec §3.4).
 pub const MAX_LINES: usize = 10_000;
-/// Lines per chunk (a follower holds at most one rendered chunk).
+/// Lines per chunk (a stalled follower holds the chunks hyper has queued, two at most).
 const CHUNK_LINES: usize = 512;
 /// A chunk ends with the line that takes it to this many bytes or past: 512 lines of
 /// 11,000-byte frames, escaped (a control byte renders as six), would be tens of MB held

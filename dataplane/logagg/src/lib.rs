@@ -27,7 +27,8 @@
 //!   live are stitched at the sequence number read under the same lock as the
 //!   registration, so there is no gap and no duplicate, and a reader that falls more than
 //!   the ring behind gets a `skipped` marker instead of holding memory (a reader that stops
-//!   reading holds one rendered chunk: ≤ 512 lines, ending once past 256 KiB).
+//!   reading holds the rendered chunks the HTTP server has queued, two at most, each ≤ 512
+//!   lines and ending once past 256 KiB, plus the socket's send buffer).
 //! - API ([`api`]) on its own thread (axum on a current-thread tokio runtime).
 //! - Peers ([`peer`]): `/snapshot?follow=true` streams every buffered line then live
 //!   lines; a starting aggregator loads each `--peer` before it serves, then follows.

@@ -46,6 +46,7 @@ impl Line {
             && m.is_raw() == fields.raw
             && m.hostname() == fields.hostname.get(frame)
             && m.procid() == fields.procid.get(frame)
+            && m.msgid() == fields.msgid.get(frame)
             && m.structured_data() == fields.sd.get(frame)
             && m.msg() == fields.msg.get(frame)
     }
@@ -85,13 +86,15 @@ impl std::hash::Hasher for FastHasher {
 
 pub type FastBuild = std::hash::BuildHasherDefault<FastHasher>;
 
-/// Content hash used for dedupe: time, host, procid, structured data and body.
+/// Content hash used for dedupe: time, host, procid, msgid (the stream: a stdout and a
+/// stderr line with the same text and time are two lines), structured data and body.
 pub fn content_hash(ts: Timestamp, frame: &[u8], f: &Fields) -> u64 {
     use std::hash::Hasher;
     let mut h = FastHasher::default();
     h.write_u64(ts.0 as u64);
     h.write(f.hostname.get(frame));
     h.write(f.procid.get(frame));
+    h.write(f.msgid.get(frame));
     h.write(f.sd.get(frame));
     h.write(f.msg.get(frame));
     h.finish()

@@ -105,6 +105,17 @@ pub fn render(sources: &[(String, &Counters)], store: &Store) -> String {
         "# TYPE flynn_logagg_memory_limit_bytes gauge\nflynn_logagg_memory_limit_bytes {}",
         store.limits().max_memory
     );
+    let t = store.totals();
+    let _ = writeln!(
+        out,
+        "# HELP flynn_logagg_evicted_total Lines dropped from app buffers, by reason, over every app since start (removed apps included)\n# TYPE flynn_logagg_evicted_total counter\nflynn_logagg_evicted_total{{reason=\"lines_per_app\"}} {}\nflynn_logagg_evicted_total{{reason=\"max_memory\"}} {}",
+        t.evicted_capacity, t.evicted_memory
+    );
+    let _ = writeln!(
+        out,
+        "# HELP flynn_logagg_duplicates_total Replayed lines ignored, over every app since start\n# TYPE flynn_logagg_duplicates_total counter\nflynn_logagg_duplicates_total {}",
+        t.duplicates
+    );
     let stats = store.stats();
     type Get = fn(&crate::store::AppStats) -> u64;
     let per_app: [(&str, &str, &str, Get); 5] = [

@@ -226,6 +226,26 @@ struct Shard {
     bytes: usize,
     /// Change of `bytes` not yet folded into [`Store::estimate`].
     pending: isize,
+    /// The counts of apps removed from this shard, so [`Store::totals`] keeps them.
+    gone: Totals,
+}
+
+/// Store-wide line counts (`/metrics`): those of the apps there are, plus those of every
+/// app removed since start (an app goes with its last line and reader, often right after
+/// the cap evicted that line).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    pub evicted_capacity: u64,
+    pub evicted_memory: u64,
+    pub duplicates: u64,
+}
+
+impl Totals {
+    fn add(&mut self, a: &App) {
+        self.evicted_capacity += a.evicted_capacity;
+        self.evicted_memory += a.evicted_memory;
+        self.duplicates += a.duplicates;
+    }
 }
 
 impl Shard {
@@ -236,6 +256,7 @@ impl Shard {
         if let Some(a) = self.apps.get(app) {
             if a.ring.is_empty() && a.followers == 0 {
                 self.seq_floor = self.seq_floor.max(a.next_seq);
+                self.gone.add(a);
                 self.apps.remove(app);
                 apps.fetch_sub(1, Ordering::Relaxed);
             }
@@ -687,6 +708,7 @@ impl Store {
                     let idle = a.ring.is_empty() && a.followers == 0;
                     if idle {
                         s.seq_floor = s.seq_floor.max(a.next_seq);
+                        s.gone.add(a);
                         removed += 1;
                     }
                     !idle
@@ -934,6 +956,21 @@ impl Store {
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
+    }
+
+    /// Eviction and duplicate counts over the whole store, removed apps included.
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for i in 0..SHARDS {
+            let s = self.shard_at(i);
+            t.evicted_capacity += s.gone.evicted_capacity;
+            t.evicted_memory += s.gone.evicted_memory;
+            t.duplicates += s.gone.duplicates;
+            for a in s.apps.values() {
+                t.add(a);
+            }
+        }
+        t
     }
 
     pub fn stats(&self) -> Vec<AppStats> {

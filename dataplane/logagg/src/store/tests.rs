@@ -350,6 +350,10 @@ fn raw_lines_without_seq_are_deduplicated_by_time_and_content() {
     assert_eq!(put(&s, "a", &raw(299, "r299")), Outcome::Duplicate);
     assert_eq!(put(&s, "a", &raw(250, "r250")), Outcome::Duplicate);
     assert_eq!(put(&s, "a", &raw(250, "other")), Outcome::Stored);
+    // The same text at the same time on the other stream (MSGID) is another line.
+    let stderr = raw(250, "r250").replace(" ID1 ", " ID2 ");
+    assert_eq!(put(&s, "a", &stderr), Outcome::Stored);
+    assert_eq!(put(&s, "a", &stderr), Outcome::Duplicate);
 }
 
 #[test]
@@ -702,4 +706,37 @@ fn a_read_within_a_byte_budget_stops_after_the_line_that_reaches_it() {
     assert_eq!(rest.lines[0].seq, b.lines[2].seq + 1);
     // At least one line, however small the budget.
     assert_eq!(s.read_from_within(b"app", 0, &all, 512, 1).lines.len(), 1);
+}
+
+#[test]
+fn evictions_of_apps_the_store_removed_still_count() {
+    // One-line apps past the memory cap: the cap evicts whole apps' only lines and the
+    // apps go with them; the store-wide totals keep what their counts said.
+    let cap = 64 << 10;
+    let s = store(10_000, cap);
+    let body = "z".repeat(100);
+    let n = 5_000u64;
+    for i in 0..n {
+        put(
+            &s,
+            &format!("app{i}"),
+            &msg("h", "web.1", "ID1", i, i, &body),
+        );
+    }
+    let live: usize = s.stats().iter().map(|a| a.lines).sum();
+    let t = s.totals();
+    assert!(s.stats().len() < n as usize, "apps were removed");
+    assert_eq!(
+        live as u64 + t.evicted_memory + t.evicted_capacity,
+        n,
+        "every line is buffered or counted as evicted: {t:?}"
+    );
+    let text = crate::metrics::render(&[], &s);
+    assert!(
+        text.contains(&format!(
+            "flynn_logagg_evicted_total{{reason=\"max_memory\"}} {}",
+            t.evicted_memory
+        )),
+        "{text}"
+    );
 }
