@@ -67,12 +67,18 @@ pub struct App {
     evicted_any: bool,
 }
 
+/// What an app costs beyond its lines, charged against `--max-memory` from its creation to
+/// its removal: its map entry and key, this struct, its `Notify`, and the first
+/// allocations of its ring and replay index. Without it a sender inventing an app per line
+/// used several times the cap.
+pub const APP_OVERHEAD: usize = 1024;
+
 impl App {
     fn new(next_seq: u64) -> App {
         App {
             ring: VecDeque::new(),
             next_seq: next_seq.max(1),
-            bytes: 0,
+            bytes: APP_OVERHEAD,
             evicted_capacity: 0,
             evicted_memory: 0,
             duplicates: 0,
@@ -138,6 +144,16 @@ impl App {
         }
         let c = l.cost();
         self.bytes -= c;
+        // A ring (and index) the bounds have drained gives its memory back: an app that
+        // once held many lines would otherwise keep their slots for good, uncharged.
+        if self.ring.capacity() > 64 && self.ring.len() < self.ring.capacity() / 4 {
+            self.ring.shrink_to(self.ring.len() * 2);
+        }
+        if let Some(d) = &mut self.dedupe {
+            if d.capacity() > 64 && d.len() < d.capacity() / 4 {
+                d.shrink_to(d.len() * 2);
+            }
+        }
         Some(c)
     }
 }
@@ -257,6 +273,8 @@ impl Shard {
             if a.ring.is_empty() && a.followers == 0 {
                 self.seq_floor = self.seq_floor.max(a.next_seq);
                 self.gone.add(a);
+                self.bytes -= a.bytes;
+                self.pending -= a.bytes as isize;
                 self.apps.remove(app);
                 apps.fetch_sub(1, Ordering::Relaxed);
             }
@@ -516,6 +534,8 @@ impl Store {
                 None => {
                     self.apps.fetch_add(1, Ordering::Relaxed);
                     let a = App::new(shard.seq_floor);
+                    shard.bytes += a.bytes;
+                    shard.pending += a.bytes as isize;
                     shard.apps.entry(app.into()).or_insert(a)
                 }
             };
@@ -709,6 +729,7 @@ impl Store {
                     if idle {
                         s.seq_floor = s.seq_floor.max(a.next_seq);
                         s.gone.add(a);
+                        freed += a.bytes;
                         removed += 1;
                     }
                     !idle
@@ -742,6 +763,11 @@ impl Store {
             // Removed again when its last follower leaves with no line buffered.
             self.apps.fetch_add(1, Ordering::Relaxed);
             let a = App::new(s.seq_floor);
+            s.bytes += a.bytes;
+            s.pending += a.bytes as isize;
+            if s.pending.unsigned_abs() >= self.flush_every {
+                self.fold(&mut s.pending);
+            }
             s.apps.insert(app.into(), a);
         }
         let Some(a) = s.apps.get_mut(app) else {

@@ -587,7 +587,8 @@ fn host_cursors_are_bounded_per_shard_and_later_hosts_still_deduplicated() {
 fn a_whole_store_reader_forgets_the_apps_the_store_dropped() {
     // A sender inventing an app per line, under the memory cap: the store keeps a bounded
     // number of apps, and a peer following the whole store must not remember them all.
-    let s = store(10_000, 1 << 16);
+    // (Room for ~200 one-line apps at `APP_OVERHEAD` each.)
+    let s = store(10_000, 1 << 18);
     let mut pos = Positions::default();
     let mut next_shard = 0;
     let mut read = 0;
@@ -738,5 +739,55 @@ fn evictions_of_apps_the_store_removed_still_count() {
             t.evicted_memory
         )),
         "{text}"
+    );
+}
+
+#[test]
+fn apps_are_charged_for_themselves_and_drained_rings_give_memory_back() {
+    // Followed channels with no line still cost: each is charged APP_OVERHEAD until its
+    // follower leaves.
+    let s = store(10_000, usize::MAX);
+    let follows: Vec<_> = (0..100)
+        .map(|i| {
+            s.history(format!("f{i}").as_bytes(), &Filter::default(), 0, true)
+                .2
+        })
+        .collect();
+    assert_eq!(s.memory(), 100 * APP_OVERHEAD);
+    drop(follows);
+    assert_eq!(s.memory(), 0);
+
+    // An app squeezed from thousands of lines to a few by the memory cap gives back its
+    // ring's slots.
+    let body = "y".repeat(200);
+    let one = msg("h", "web.1", "ID1", 0, 0, &body).len() + crate::line::LINE_OVERHEAD;
+    let s = store(10_000, 3_000 * one);
+    for i in 0..2_000u64 {
+        put(&s, "big", &msg("h", "web.1", "ID1", i, i, &body));
+    }
+    let cap_before = s
+        .shard(b"big")
+        .apps
+        .get(&b"big"[..])
+        .unwrap()
+        .ring
+        .capacity();
+    assert!(cap_before >= 2_000);
+    // A reader keeps the app even if the cap takes every line.
+    let (_, _, _reader) = s.history(b"big", &Filter::default(), 0, true);
+    for i in 0..20_000u64 {
+        put(
+            &s,
+            &format!("small{i}"),
+            &msg("h2", "web.1", "ID1", i, i, &body),
+        );
+    }
+    let g = s.shard(b"big");
+    let a = g.apps.get(&b"big"[..]).expect("followed, so still there");
+    assert!(
+        a.ring.len() < 500 && a.ring.capacity() <= 4 * a.ring.len().max(64),
+        "{} lines in a ring of {}",
+        a.ring.len(),
+        a.ring.capacity()
     );
 }
