@@ -333,6 +333,7 @@ async fn next_snapshot(mut s: SnapshotState) -> Option<(Result<Bytes, Infallible
         let notified = store.any_notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        store.any_read_begins();
         let batch = store.read_all_fair(&mut s.pos, &mut s.next_shard, 1000);
         if !batch.is_empty() {
             let mut out = Vec::with_capacity(batch.len() * 256);

@@ -312,6 +312,10 @@ pub struct Store {
     /// Whole-store followers (peers reading `/snapshot?follow=true`).
     any_followers: AtomicUsize,
     any_notify: Notify,
+    /// Set by the first insert after a whole-store reader's [`Store::any_read_begins`]:
+    /// only that insert wakes the readers, so a busy store does not take the `Notify`'s
+    /// lock on every line while a peer follows it.
+    any_dirty: std::sync::atomic::AtomicBool,
 }
 
 /// Lines read for a follower plus how far it got.
@@ -439,6 +443,7 @@ impl Store {
             reclaim_from: AtomicUsize::new(0),
             any_followers: AtomicUsize::new(0),
             any_notify: Notify::new(),
+            any_dirty: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -673,7 +678,10 @@ impl Store {
             }
             Outcome::Stored
         };
-        if self.any_followers.load(Ordering::Relaxed) > 0 {
+        if self.any_followers.load(Ordering::Relaxed) > 0
+            && !self.any_dirty.load(Ordering::Acquire)
+            && !self.any_dirty.swap(true, Ordering::AcqRel)
+        {
             self.any_notify.notify_waiters();
         }
         if over_cap {
@@ -879,9 +887,17 @@ impl Store {
         }
     }
 
-    /// Future that resolves at the next insert anywhere (after [`Store::follow_all`]).
+    /// Future that resolves at the next insert anywhere (after [`Store::follow_all`]) once
+    /// enabled and followed by [`Store::any_read_begins`].
     pub fn any_notified(&self) -> tokio::sync::futures::Notified<'_> {
         self.any_notify.notified()
+    }
+
+    /// A whole-store reader is about to read, its [`Store::any_notified`] enabled: the next
+    /// insert wakes the readers again. Every insert after this either wakes them or finds
+    /// that an insert since did, after this point, so no line goes unannounced.
+    pub fn any_read_begins(&self) {
+        self.any_dirty.store(false, Ordering::Release);
     }
 
     /// Every app's lines after its position in `pos` (absent = from the start), at most

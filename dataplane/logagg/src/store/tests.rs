@@ -791,3 +791,34 @@ fn apps_are_charged_for_themselves_and_drained_rings_give_memory_back() {
         a.ring.capacity()
     );
 }
+
+#[test]
+fn whole_store_readers_are_woken_once_per_read_not_per_line() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+    let ready = |n: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>| {
+        n.poll(&mut Context::from_waker(Waker::noop())).is_ready()
+    };
+    let s = store(10_000, usize::MAX);
+    let _reader = s.follow_all();
+    // A reader about to read: the next insert wakes it.
+    let n = s.any_notified();
+    let mut n = std::pin::pin!(n);
+    n.as_mut().enable();
+    s.any_read_begins();
+    put(&s, "a", &msg("h", "web.1", "ID1", 1, 1, "one"));
+    assert!(
+        ready(n.as_mut()),
+        "the first line after a read wakes the reader"
+    );
+    // Lines before its next read do not notify again (that insert already did).
+    let m = s.any_notified();
+    let mut m = std::pin::pin!(m);
+    m.as_mut().enable();
+    put(&s, "a", &msg("h", "web.1", "ID1", 2, 2, "two"));
+    assert!(!ready(m.as_mut()), "no wake-up per line");
+    // Its next read re-arms: the next line wakes it.
+    s.any_read_begins();
+    put(&s, "b", &msg("h", "web.1", "ID1", 3, 3, "three"));
+    assert!(ready(m.as_mut()), "a line after the next read wakes it");
+}
