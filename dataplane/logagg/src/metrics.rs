@@ -116,6 +116,11 @@ pub fn render(sources: &[(String, &Counters)], store: &Store) -> String {
         "# HELP flynn_logagg_duplicates_total Replayed lines ignored, over every app since start\n# TYPE flynn_logagg_duplicates_total counter\nflynn_logagg_duplicates_total {}",
         t.duplicates
     );
+    let _ = writeln!(
+        out,
+        "# HELP flynn_logagg_reclaim_passes_total Passes over the shards to bring memory back under --max-memory\n# TYPE flynn_logagg_reclaim_passes_total counter\nflynn_logagg_reclaim_passes_total {}",
+        store.reclaim_passes()
+    );
     let stats = store.stats();
     type Get = fn(&crate::store::AppStats) -> u64;
     let per_app: [(&str, &str, &str, Get); 5] = [

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hasher;
-use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use flynn_syslog::{flynn, Fields, Timestamp};
@@ -127,6 +127,11 @@ impl App {
             self.min_ts = Some(line.ts);
         }
         self.ring.push_back(line);
+    }
+
+    /// Bytes of its lines (its own [`APP_OVERHEAD`] left out).
+    fn line_bytes(&self) -> usize {
+        self.bytes - APP_OVERHEAD
     }
 
     /// Drops the first-arrived line; its cost.
@@ -309,6 +314,8 @@ pub struct Store {
     reclaiming: AtomicBool,
     /// Shard the last reclaim sweep stopped at; the next one starts there.
     reclaim_from: AtomicUsize,
+    /// Reclaim passes run since start (`/metrics`: how often the cap is being enforced).
+    reclaim_passes: AtomicU64,
     /// Whole-store followers (peers reading `/snapshot?follow=true`).
     any_followers: AtomicUsize,
     any_notify: Notify,
@@ -344,6 +351,10 @@ impl Drop for Follow {
         }
         // A follow of a channel nobody logs to leaves nothing behind.
         s.remove_if_idle(&self.app, &self.store.apps);
+        // Keep the estimate within its slack of the exact total (the app's charge left).
+        if s.pending.unsigned_abs() >= self.store.flush_every {
+            self.store.fold(&mut s.pending);
+        }
     }
 }
 
@@ -441,6 +452,7 @@ impl Store {
             apps: AtomicUsize::new(0),
             reclaiming: AtomicBool::new(false),
             reclaim_from: AtomicUsize::new(0),
+            reclaim_passes: AtomicU64::new(0),
             any_followers: AtomicUsize::new(0),
             any_notify: Notify::new(),
             any_dirty: std::sync::atomic::AtomicBool::new(false),
@@ -713,11 +725,14 @@ impl Store {
                 let mut s = self.shard_at(i);
                 self.fold(&mut s.pending);
                 total += s.bytes;
-                big = big.max(s.apps.values().map(|a| a.bytes).max().unwrap_or(0));
+                // Line bytes: an app's own charge is freed only with the app.
+                big = big.max(s.apps.values().map(|a| a.line_bytes()).max().unwrap_or(0));
             }
             if total <= target || big == 0 {
                 break;
             }
+            self.reclaim_passes.fetch_add(1, Ordering::Relaxed);
+            let mut freed_in_pass = 0usize;
             let level = big / 2 + 1;
             let mut want = total - target;
             let from = self.reclaim_from.load(Ordering::Relaxed);
@@ -728,7 +743,7 @@ impl Store {
                 let mut freed = 0;
                 let mut removed = 0;
                 s.apps.retain(|_, a| {
-                    while freed < want && a.bytes >= level {
+                    while freed < want && a.line_bytes() >= level {
                         let Some(c) = a.pop_oldest() else { break };
                         a.evicted_memory += 1;
                         freed += c;
@@ -746,11 +761,17 @@ impl Store {
                 s.bytes -= freed;
                 s.pending -= freed as isize;
                 self.fold(&mut s.pending);
+                freed_in_pass += freed;
                 want -= freed.min(want);
                 if want == 0 {
                     self.reclaim_from.store(i, Ordering::Relaxed);
                     break;
                 }
+            }
+            // Nothing left to take (apps a reader keeps, each down to its own charge):
+            // another pass would only walk every shard again.
+            if freed_in_pass == 0 {
+                break;
             }
         }
         self.reclaiming.store(false, Ordering::Release);
@@ -998,6 +1019,11 @@ impl Store {
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
+    }
+
+    /// Reclaim passes run since start.
+    pub fn reclaim_passes(&self) -> u64 {
+        self.reclaim_passes.load(Ordering::Relaxed)
     }
 
     /// Eviction and duplicate counts over the whole store, removed apps included.

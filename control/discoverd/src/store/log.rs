@@ -52,23 +52,26 @@ struct Inner {
     writer: Mutex<Option<mpsc::Sender<Op>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The commit point, one record overwritten in place (see [`CommitFile`]).
-    committed: Arc<Mutex<CommitPoint>>,
+    committed: Arc<CommitPoint>,
 }
 
 /// The commit point's file and the point waiting to be written to it.
+/// Two locks: `save_committed` (on openraft's core) only ever takes `pending`, never one
+/// held across the file write.
 struct CommitPoint {
-    file: CommitFile,
-    pending: Option<Option<LogIdOf<C>>>,
+    file: Mutex<CommitFile>,
+    pending: Mutex<Option<Option<LogIdOf<C>>>>,
 }
 
 impl CommitPoint {
     /// Writes the pending point, if any. Errors are logged: a commit point that is not
     /// saved is one the cluster tells the node again.
-    fn write_pending(&mut self) {
-        if let Some(c) = self.pending.take() {
-            if let Err(e) = self.file.save(&c) {
-                tracing::warn!(error = %e, "saving the commit point failed");
-            }
+    fn write_pending(&self) {
+        let Some(c) = lock(&self.pending).take() else {
+            return;
+        };
+        if let Err(e) = lock(&self.file).save(&c) {
+            tracing::warn!(error = %e, "saving the commit point failed");
         }
     }
 }
@@ -82,7 +85,7 @@ impl Drop for Inner {
         if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();
         }
-        lock(&self.committed).write_pending();
+        self.committed.write_pending();
     }
 }
 
@@ -163,7 +166,7 @@ fn decode_record<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
     serde_json::from_slice(payload).ok()
 }
 
-/// Puts the calling thread (the log writer) under `SCHED_BATCH` (nice 0), so waking it
+/// Puts the calling thread (the log writer) under `SCHED_BATCH` (when not niced), so waking it
 /// does not preempt the thread that woke it. A leader's Raft core wakes the writer with a
 /// new entry and then sends that entry to the followers; on a busy CPU the writer took the
 /// CPU at once and the sends waited for its `pwrite` and the start of its `fdatasync`,
@@ -176,11 +179,25 @@ fn batch_scheduling() {
         ThreadSchedulePolicy,
     };
     use thread_priority::{ThreadPriority, ThreadPriorityOsValue};
+    // The call also sets the thread's nice value (to 0 here): under a niced service
+    // manager that would raise the writer above the rest of the node, so a niced process
+    // keeps the default policy.
+    if thread_nice() != Some(0) {
+        return;
+    }
     let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
     let nice_0 = ThreadPriority::Os(ThreadPriorityOsValue::default());
     if let Err(e) = set_thread_priority_and_policy(thread_native_id(), nice_0, policy) {
-        tracing::debug!(error = ?e, "log writer left under the default scheduling policy");
+        tracing::debug!(error = ?e, "the log writer's scheduling policy was not changed");
     }
+}
+
+/// The calling thread's nice value (`/proc/thread-self/stat`, field 19).
+fn thread_nice() -> Option<i32> {
+    let stat = fs::read_to_string("/proc/thread-self/stat").ok()?;
+    // Fields after the command's closing parenthesis start at field 3.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19 - 3)?.parse().ok()
 }
 
 /// The log store handle; cheap to clone (it is also its own reader).
@@ -370,7 +387,7 @@ fn read_segment(path: &Path, first: u64, last: bool) -> io::Result<(Segment, Vec
 
 struct Writer {
     dir: PathBuf,
-    committed: Arc<Mutex<CommitPoint>>,
+    committed: Arc<CommitPoint>,
     segments: Vec<Segment>,
     /// The last segment, open for writing.
     file: Option<File>,
@@ -536,7 +553,7 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // No batch since: a commit point recorded after the last one (the
                     // write that ended a burst) is written now.
-                    lock(&self.committed).write_pending();
+                    self.committed.write_pending();
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -598,7 +615,7 @@ impl Writer {
             }
             self.flush(&mut pending, &mut failed);
             // After the batch's callbacks: off the path of the appends just made durable.
-            lock(&self.committed).write_pending();
+            self.committed.write_pending();
         }
     }
 
@@ -668,10 +685,10 @@ impl LogStore {
             tracing::warn!(committed = ?mem.committed, last = ?last, "commit point ahead of the durable log; clamped");
             mem.committed = last;
         }
-        let committed = Arc::new(Mutex::new(CommitPoint {
-            file: commit_file,
-            pending: None,
-        }));
+        let committed = Arc::new(CommitPoint {
+            file: Mutex::new(commit_file),
+            pending: Mutex::new(None),
+        });
         let mut writer = Writer {
             dir: dir.to_path_buf(),
             committed: committed.clone(),
@@ -769,7 +786,7 @@ impl RaftLogStorage<C> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
         // Written by the log writer after its next batch (see [`CommitFile`]); never
         // fsynced: a lost commit point is recomputed by the cluster.
-        lock(&self.inner.committed).pending = Some(committed);
+        *lock(&self.inner.committed.pending) = Some(committed);
         lock(&self.inner.mem).committed = committed;
         Ok(())
     }
