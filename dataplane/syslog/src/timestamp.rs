@@ -70,7 +70,9 @@ impl Timestamp {
             || d > days_in_month(y, mo)
             || h > 23
             || mi > 59
-            || sec > 60
+            // RFC 5424 §6.2.3.1: leap seconds MUST NOT be used (a 60 would roll into the
+            // next minute and sort the line after the ones that follow it).
+            || sec > 59
         {
             return None;
         }
@@ -214,6 +216,8 @@ mod tests {
                 Some("2000-02-29T12:00:00.123456789Z"),
             ),
             ("2001-02-29T12:00:00Z", None),
+            ("2016-12-31T23:59:60Z", None),
+            ("2016-12-31T23:59:59.999Z", Some("2016-12-31T23:59:59.999Z")),
             ("2009-13-10T23:00:00Z", None),
             ("2009-11-10 23:00:00Z", None),
             ("2009-11-10T23:00:00", None),
