@@ -27,7 +27,7 @@ enum Outcome {
     /// Refused (the backend's other answer, relayed, or the router's 503): what the client
     /// sent behind the request is unread, so the connection closes in stages.
     Refused,
-    /// Nothing more to do with the client (gone, too slow, a bad body): it closes at once.
+    /// Nothing more to do with the client (gone, too slow): it closes at once.
     Close,
 }
 
@@ -124,7 +124,7 @@ async fn answer<S: crate::proxy::Client>(
     write_request_head(buf, info, &fwd.forward(false), &mut out);
     let mut body = BodyReader::new(info.framing);
     let Ok(adv) = body.advance(&buf[info.head_len..]) else {
-        return Outcome::Close;
+        return bad_body(core, c, fd).await;
     };
     out.extend_from_slice(&buf[info.head_len..info.head_len + adv.used]);
     buf.drain(..info.head_len + adv.used);
@@ -151,7 +151,7 @@ async fn answer<S: crate::proxy::Client>(
             return Outcome::Close;
         }
         let Ok(adv) = body.advance(buf) else {
-            return Outcome::Close;
+            return bad_body(core, c, fd).await;
         };
         let (res, b) = write_range(&mut up, std::mem::take(buf), 0, adv.used).await;
         *buf = b;
@@ -248,6 +248,24 @@ async fn answer<S: crate::proxy::Client>(
         }
     }
     Outcome::Refused
+}
+
+/// The router's 400 to an upgrade request whose body is malformed (a bad chunk), as for
+/// other requests; the backend connection, which may hold part of the request, is
+/// dropped by the caller. Then the connection closes in stages.
+async fn bad_body<S: crate::proxy::Client>(
+    core: &Core,
+    c: &mut S,
+    fd: std::os::fd::RawFd,
+) -> Outcome {
+    core.metrics().status(400);
+    let mut out = Vec::with_capacity(128);
+    flynn_http::simple_response(400, b"Bad Request\n", true, &mut out);
+    let len = out.len();
+    match to_client(core, c, fd, out, len).await.0 {
+        Ok(()) => Outcome::Refused,
+        Err(_) => Outcome::Close,
+    }
 }
 
 /// The router's 503 to an upgrade request it could not take to a backend: then the

@@ -437,3 +437,34 @@ fn a_refused_upgrade_with_bytes_behind_it_reaches_the_client() {
         );
     }
 }
+
+/// An upgrade request whose chunked body is malformed gets a 400 (as other requests do),
+/// whether the bad chunk came with the head or after it, and the backend connection that
+/// got part of the request is closed.
+#[test]
+fn an_upgrade_with_a_malformed_chunked_body_gets_a_400() {
+    let router = Router::start();
+    let b = Backend::raw("b", |_req, _conn| Reply::KeepAlive);
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    for (n, late) in [(1, false), (2, true)] {
+        let mut conn = Conn::connect(router.http_addr);
+        conn.set_read_timeout(Duration::from_secs(10));
+        let head = ws_request("Upgrade", "websocket")
+            .replace("\r\n\r\n", "\r\nTransfer-Encoding: chunked\r\n\r\n");
+        if late {
+            conn.send(format!("{head}5\r\nhello\r\n").as_bytes());
+            std::thread::sleep(Duration::from_millis(100));
+            conn.send(b"zz\r\n");
+        } else {
+            conn.send(format!("{head}zz\r\n").as_bytes());
+        }
+        let resp = conn.response();
+        assert_eq!(resp.status, 400, "late={late}: {resp:?}");
+        assert!(resp.connection_has("close"), "late={late}: {resp:?}");
+        assert!(
+            crate::support::wait_until(Duration::from_secs(3), || b.closed() == n),
+            "late={late}: the backend connection is closed"
+        );
+    }
+}
