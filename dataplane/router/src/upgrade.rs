@@ -252,31 +252,24 @@ async fn answer<S: crate::proxy::Client>(
 
 /// The router's 400 to an upgrade request whose body is malformed (a bad chunk), as for
 /// other requests; the backend connection, which may hold part of the request, is
-/// dropped by the caller. Then the connection closes in stages.
+/// dropped by the caller.
 async fn bad_body<S: crate::proxy::Client>(
     core: &Core,
     c: &mut S,
     fd: std::os::fd::RawFd,
 ) -> Outcome {
-    core.metrics().status(400);
     let mut out = Vec::with_capacity(128);
     flynn_http::simple_response(400, b"Bad Request\n", true, &mut out);
-    let len = out.len();
-    match to_client(core, c, fd, out, len).await.0 {
-        Ok(()) => Outcome::Refused,
-        Err(_) => Outcome::Close,
-    }
+    own_answer(core, c, fd, 400, out).await
 }
 
-/// The router's 503 to an upgrade request it could not take to a backend: then the
-/// connection closes in stages, or at once if the client could not take the answer.
+/// The router's 503 to an upgrade request it could not take to a backend.
 async fn refuse<S: crate::proxy::Client>(
     core: &Core,
     c: &mut S,
     fd: std::os::fd::RawFd,
 ) -> Outcome {
     CoreMetrics::inc(&core.metrics().unavailable_total);
-    core.metrics().status(503);
     let mut out = Vec::with_capacity(128);
     match &core.settings().page_503 {
         Some(page) => {
@@ -284,6 +277,19 @@ async fn refuse<S: crate::proxy::Client>(
         }
         None => flynn_http::simple_response(503, b"Service Unavailable\n", true, &mut out),
     }
+    own_answer(core, c, fd, 503, out).await
+}
+
+/// Sends the router's own answer `out` (status `status`): then the connection closes in
+/// stages, or at once if the client could not take the answer.
+async fn own_answer<S: crate::proxy::Client>(
+    core: &Core,
+    c: &mut S,
+    fd: std::os::fd::RawFd,
+    status: u16,
+    out: Vec<u8>,
+) -> Outcome {
+    core.metrics().status(status);
     let len = out.len();
     match to_client(core, c, fd, out, len).await.0 {
         Ok(()) => Outcome::Refused,
