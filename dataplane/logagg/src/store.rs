@@ -129,6 +129,14 @@ impl App {
         self.ring.push_back(line);
     }
 
+    fn counts(&self) -> Totals {
+        Totals {
+            evicted_capacity: self.evicted_capacity,
+            evicted_memory: self.evicted_memory,
+            duplicates: self.duplicates,
+        }
+    }
+
     /// Bytes of its lines (its own [`APP_OVERHEAD`] left out).
     fn line_bytes(&self) -> usize {
         self.bytes - APP_OVERHEAD
@@ -261,15 +269,25 @@ pub struct Totals {
     pub duplicates: u64,
 }
 
-impl Totals {
-    fn add(&mut self, a: &App) {
-        self.evicted_capacity += a.evicted_capacity;
-        self.evicted_memory += a.evicted_memory;
-        self.duplicates += a.duplicates;
+impl std::ops::AddAssign for Totals {
+    fn add_assign(&mut self, o: Totals) {
+        self.evicted_capacity += o.evicted_capacity;
+        self.evicted_memory += o.evicted_memory;
+        self.duplicates += o.duplicates;
     }
 }
 
 impl Shard {
+    /// A new app for this shard, its [`APP_OVERHEAD`] charged and counted in `apps`; the
+    /// caller puts it in `self.apps`.
+    fn new_app(&mut self, apps: &AtomicUsize) -> App {
+        apps.fetch_add(1, Ordering::Relaxed);
+        let a = App::new(self.seq_floor);
+        self.bytes += a.bytes;
+        self.pending += a.bytes as isize;
+        a
+    }
+
     /// Removes `app` when it holds no line and no follower (under the shard lock, so no
     /// insert or follower registration can race it): an app's entry, and its `/metrics`
     /// series, live only as long as it has lines or readers.
@@ -277,7 +295,7 @@ impl Shard {
         if let Some(a) = self.apps.get(app) {
             if a.ring.is_empty() && a.followers == 0 {
                 self.seq_floor = self.seq_floor.max(a.next_seq);
-                self.gone.add(a);
+                self.gone += a.counts();
                 self.bytes -= a.bytes;
                 self.pending -= a.bytes as isize;
                 self.apps.remove(app);
@@ -322,7 +340,7 @@ pub struct Store {
     /// Set by the first insert after a whole-store reader's [`Store::any_read_begins`]:
     /// only that insert wakes the readers, so a busy store does not take the `Notify`'s
     /// lock on every line while a peer follows it.
-    any_dirty: std::sync::atomic::AtomicBool,
+    any_dirty: AtomicBool,
 }
 
 /// Lines read for a follower plus how far it got.
@@ -455,7 +473,7 @@ impl Store {
             reclaim_passes: AtomicU64::new(0),
             any_followers: AtomicUsize::new(0),
             any_notify: Notify::new(),
-            any_dirty: std::sync::atomic::AtomicBool::new(false),
+            any_dirty: AtomicBool::new(false),
         }
     }
 
@@ -549,10 +567,7 @@ impl Store {
             let a = match shard.apps.get_mut(app) {
                 Some(a) => a,
                 None => {
-                    self.apps.fetch_add(1, Ordering::Relaxed);
-                    let a = App::new(shard.seq_floor);
-                    shard.bytes += a.bytes;
-                    shard.pending += a.bytes as isize;
+                    let a = shard.new_app(&self.apps);
                     shard.apps.entry(app.into()).or_insert(a)
                 }
             };
@@ -751,7 +766,7 @@ impl Store {
                     let idle = a.ring.is_empty() && a.followers == 0;
                     if idle {
                         s.seq_floor = s.seq_floor.max(a.next_seq);
-                        s.gone.add(a);
+                        s.gone += a.counts();
                         freed += a.bytes;
                         removed += 1;
                     }
@@ -790,14 +805,11 @@ impl Store {
         let mut s = self.shard(app);
         if follow && !s.apps.contains_key(app) {
             // Removed again when its last follower leaves with no line buffered.
-            self.apps.fetch_add(1, Ordering::Relaxed);
-            let a = App::new(s.seq_floor);
-            s.bytes += a.bytes;
-            s.pending += a.bytes as isize;
+            let a = s.new_app(&self.apps);
+            s.apps.insert(app.into(), a);
             if s.pending.unsigned_abs() >= self.flush_every {
                 self.fold(&mut s.pending);
             }
-            s.apps.insert(app.into(), a);
         }
         let Some(a) = s.apps.get_mut(app) else {
             return (Vec::new(), 1, None);
@@ -1031,11 +1043,9 @@ impl Store {
         let mut t = Totals::default();
         for i in 0..SHARDS {
             let s = self.shard_at(i);
-            t.evicted_capacity += s.gone.evicted_capacity;
-            t.evicted_memory += s.gone.evicted_memory;
-            t.duplicates += s.gone.duplicates;
+            t += s.gone;
             for a in s.apps.values() {
-                t.add(a);
+                t += a.counts();
             }
         }
         t
