@@ -90,29 +90,6 @@ fn delete_netns(owner: &str) {
     }
 }
 
-/// A bpffs mounted on a temporary directory (the fast path's pins must be on one),
-/// unmounted on drop.
-struct TestBpffs(tempfile::TempDir);
-
-impl TestBpffs {
-    fn mount() -> TestBpffs {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "mounting a bpffs on {}", dir.path().display());
-        TestBpffs(dir)
-    }
-}
-
-impl Drop for TestBpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
-}
-
 /// The job network a daemon opens on `state`, with its fast path setting.
 async fn open(state: &Path, block: Subnet, fast: Option<fastpath::Config>) -> Network {
     Network::open(
@@ -152,8 +129,8 @@ fn fast_path_off_still_removes_an_earlier_daemons_entry() {
     }
     probe_fast_path();
     in_netns("fpoff", || async {
-        let bpf = TestBpffs::mount();
-        let pin = bpf.0.path().join("fp");
+        let bpf = flynn_netlab::Bpffs::mount("flynn-hosttest-bpf").expect("mounting a bpffs");
+        let pin = bpf.pin_dir("fp");
         // The agent has set the fast path up.
         let fp = FastPath::load(&pin).unwrap();
         let d = tempfile::tempdir().unwrap();
@@ -205,8 +182,8 @@ fn a_stale_entry_at_a_new_jobs_address_is_removed() {
     }
     probe_fast_path();
     in_netns("fpstale", || async {
-        let bpf = TestBpffs::mount();
-        let pin = bpf.0.path().join("fp");
+        let bpf = flynn_netlab::Bpffs::mount("flynn-hosttest-bpf").expect("mounting a bpffs");
+        let pin = bpf.pin_dir("fp");
         let mut fp = FastPath::load(&pin).unwrap();
         let d = tempfile::tempdir().unwrap();
         // A small block, so every address it can hand out gets a stale entry.

@@ -1326,29 +1326,6 @@ fn a_container_jobs_stdin_survives_a_daemon_restart() {
     });
 }
 
-/// A bpffs mounted on a temporary directory (the fast path's pins must be on one), unmounted
-/// on drop.
-struct TestBpffs(tempfile::TempDir);
-
-impl TestBpffs {
-    fn mount() -> TestBpffs {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "mounting a bpffs on {}", dir.path().display());
-        TestBpffs(dir)
-    }
-}
-
-impl Drop for TestBpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
-}
-
 /// The index of interface `name` in this thread's network namespace (`/sys/class/net`
 /// shows the namespace sysfs was mounted in).
 fn ifindex(name: &str) -> u32 {
@@ -1372,8 +1349,8 @@ fn jobs_get_the_overlay_fast_path_once_the_agent_has_set_it_up() {
         panic!("this kernel cannot run the eBPF fast path: {e}");
     }
     in_netns(|_| async {
-        let bpf = TestBpffs::mount();
-        let pin = bpf.0.path().join("fp");
+        let bpf = flynn_netlab::Bpffs::mount("flynn-hosttest-bpf").expect("mounting a bpffs");
+        let pin = bpf.pin_dir("fp");
         let pin_arg = pin.to_str().unwrap().to_string();
         // One pooled namespace is made at start, before any agent.
         let ch = CHost::start(&["--bpf-pin-dir", &pin_arg, "--netns-pool", "1"]);
