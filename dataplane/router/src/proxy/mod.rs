@@ -44,6 +44,9 @@ const LINGER_MAX_BYTES: usize = 64 << 20;
 /// for its answer to be read: it may have answered early and closed (a 413 or 401 without
 /// reading the body), and that answer is usually in the socket already.
 const EARLY_ANSWER_WAIT: Duration = Duration::from_millis(200);
+/// How long a clean TLS close waits to hand its close_notify to a client that is not
+/// reading.
+const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
 
 /// What a [`Client::hot_read`] got.
 pub enum HotRead {
@@ -59,7 +62,12 @@ pub enum HotRead {
 #[derive(Clone, Copy)]
 enum Next {
     KeepAlive,
+    /// The response is complete: close cleanly (TLS: with a close_notify, so a body ended
+    /// by the close is not taken for a truncated one).
     Close,
+    /// The exchange failed (client gone, response cut short): close without a
+    /// close_notify, so a TLS client can tell a truncated body from a whole one.
+    Abort,
     /// Close in stages ([`linger`]): the client was answered while it may still be sending
     /// a request body that was not read.
     Linger,
@@ -138,6 +146,9 @@ pub trait Client: AsyncReadRent + AsyncWriteRent + Split + 'static {
     /// sweep); TLS may already hold decrypted bytes, so it returns at once and the next
     /// read waits instead.
     async fn idle(&self, core: &Core, fd: RawFd) -> Idle;
+    /// Ends a connection whose last response is complete: TLS sends its close_notify
+    /// (bounded by [`CLOSE_NOTIFY_WAIT`]); plain TCP has nothing to send before the close.
+    async fn close(&mut self) {}
     /// A duplicate of the socket to park the connection with (plain TCP only).
     fn park_fd(&self, fd: RawFd) -> Option<std::os::fd::OwnedFd>;
     /// Resolves when the client has closed its side (`fd` is the client socket): plain TCP
@@ -223,6 +234,10 @@ impl Client for monoio_rustls::ServerTlsStream<TcpStream> {
 
     async fn idle(&self, _core: &Core, _fd: RawFd) -> Idle {
         Idle::Ready
+    }
+
+    async fn close(&mut self) {
+        let _ = monoio::time::timeout(CLOSE_NOTIFY_WAIT, self.shutdown()).await;
     }
 
     fn park_fd(&self, _fd: RawFd) -> Option<std::os::fd::OwnedFd> {
@@ -360,8 +375,10 @@ async fn one_request<S: Client>(
                 then,
             )
             .await;
-            if matches!(next, Next::Linger) {
-                linger(core, &mut c, &mut bufs.buf).await;
+            match next {
+                Next::Linger => linger(core, &mut c, &mut bufs.buf).await,
+                Next::Close => c.close().await,
+                Next::KeepAlive | Next::Abort => {}
             }
             return None;
         }
@@ -438,7 +455,21 @@ async fn one_request<S: Client>(
     };
     match next {
         Next::KeepAlive => Some(c),
-        Next::Close => None,
+        Next::Close => {
+            // Client bytes still unread in the socket would turn the close into a reset,
+            // which can discard the response's tail before the client reads it: linger
+            // over them instead (nginx checks the same).
+            if matches!(
+                flynn_runtime::sock::peek(fd),
+                flynn_runtime::sock::Peek::Data
+            ) {
+                linger(core, &mut c, buf).await;
+            } else {
+                c.close().await;
+            }
+            None
+        }
+        Next::Abort => None,
         Next::Linger => {
             linger(core, &mut c, buf).await;
             None
@@ -565,7 +596,7 @@ async fn respond<S: Client>(
     let (res, o) = to_client(core, c, fd, o, len).await;
     *out = o;
     if res.is_err() {
-        Next::Close
+        Next::Abort
     } else {
         then
     }
@@ -702,7 +733,7 @@ async fn forward<S: Client>(
         *ubuf = b;
         if res.is_err() {
             CoreMetrics::inc(&m.client_aborts_total);
-            return Next::Close;
+            return Next::Abort;
         }
     }
 
@@ -739,7 +770,7 @@ async fn forward<S: Client>(
                     Ok(n) if n > 0 => {}
                     _ => {
                         CoreMetrics::inc(&m.client_aborts_total);
-                        return Next::Close;
+                        return Next::Abort;
                     }
                 }
                 let adv = match body.advance(&buf[consumed..]) {
@@ -777,7 +808,7 @@ async fn forward<S: Client>(
                         }
                         Ok(Exchange::ClientGone) => {
                             CoreMetrics::inc(&m.client_aborts_total);
-                            return Next::Close;
+                            return Next::Abort;
                         }
                         _ => {
                             return upstream_failed(core, c, fd, out, info.method, Next::Linger)
@@ -806,7 +837,7 @@ async fn forward<S: Client>(
                 }
                 Exchange::ClientGone => {
                     CoreMetrics::inc(&m.client_aborts_total);
-                    return Next::Close;
+                    return Next::Abort;
                 }
             }
         };
@@ -883,7 +914,7 @@ async fn forward<S: Client>(
         Some(d) => {
             if d.feed(first, out).is_err() {
                 CoreMetrics::inc(&m.upstream_errors_total);
-                return Next::Close;
+                return Next::Abort;
             }
         }
         None => out.extend_from_slice(first),
@@ -895,7 +926,7 @@ async fn forward<S: Client>(
     *out = o;
     if res.is_err() {
         CoreMetrics::inc(&m.client_aborts_total);
-        return Next::Close;
+        return Next::Abort;
     }
     while !rbody.is_done() {
         ubuf.clear();
@@ -909,19 +940,25 @@ async fn forward<S: Client>(
             ),
         };
         *ubuf = b;
-        let n = res.unwrap_or_default();
-        if n == 0 {
-            if resp.framing != Framing::Close {
-                // Truncated response: the client cannot be told any more.
-                CoreMetrics::inc(&m.upstream_errors_total);
+        match res {
+            Ok(n) if n > 0 => {}
+            // The backend's close ends a close-delimited body (and that alone).
+            Ok(_) if resp.framing == Framing::Close => {
+                compact(buf, consumed, BUF);
+                return close_after_response(buf);
             }
-            return Next::Close;
+            // Truncated response (EOF, reset, idle timeout): the client cannot be told
+            // any more, and gets no clean close either.
+            _ => {
+                CoreMetrics::inc(&m.upstream_errors_total);
+                return Next::Abort;
+            }
         }
         let adv = match rbody.advance(ubuf) {
             Ok(a) => a,
             Err(_) => {
                 CoreMetrics::inc(&m.upstream_errors_total);
-                return Next::Close;
+                return Next::Abort;
             }
         };
         clean = adv.used == ubuf.len();
@@ -931,7 +968,7 @@ async fn forward<S: Client>(
                 out.clear();
                 if d.feed(&ubuf[..adv.used], out).is_err() {
                     CoreMetrics::inc(&m.upstream_errors_total);
-                    return Next::Close;
+                    return Next::Abort;
                 }
                 let o = std::mem::take(out);
                 let len = o.len();
@@ -948,7 +985,7 @@ async fn forward<S: Client>(
         };
         if res.is_err() {
             CoreMetrics::inc(&m.client_aborts_total);
-            return Next::Close;
+            return Next::Abort;
         }
     }
     ubuf.clear();
@@ -961,9 +998,21 @@ async fn forward<S: Client>(
     if early {
         Next::Linger
     } else if close_client {
-        Next::Close
+        close_after_response(buf)
     } else {
         Next::KeepAlive
+    }
+}
+
+/// How a client connection closes after a complete response. `buf` holds what the
+/// client sent after the request: a client that pipelined may still be sending, and a
+/// close over its unread bytes would reset the connection, which can discard the
+/// response's tail before the client reads it, so it is lingered on (nginx does the same).
+fn close_after_response(buf: &[u8]) -> Next {
+    if buf.is_empty() {
+        Next::Close
+    } else {
+        Next::Linger
     }
 }
 

@@ -232,3 +232,34 @@ fn a_backend_that_answers_early_and_reads_the_body_keeps_the_connection() {
     let resp = conn.request("GET / HTTP/1.1\r\nHost: example.com\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(resp.status, 201);
 }
+
+/// A client that asked to close, and sends more (a pipelined request the router will not
+/// serve) while its response is still coming, reads the whole response: the router lingers
+/// over the bytes it leaves unread instead of closing over them, which would make the
+/// kernel reset the connection and drop the response's unsent tail.
+#[test]
+fn bytes_sent_after_a_closing_request_do_not_reset_its_response() {
+    const BIG: usize = 32 << 20;
+    let router = Router::start();
+    let big = Backend::with_handler("big", |_req, conn| {
+        crate::support::backend::respond(conn, "200 OK", &[], &vec![b'y'; BIG]);
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("big.example.com", "big"));
+    router.set_backends("big", &[&big]);
+    let mut conn = Conn::connect(router.http_addr);
+    conn.send(b"GET /big HTTP/1.1\r\nHost: big.example.com\r\nConnection: close\r\n\r\n");
+    // The response fills both socket buffers while the client does not read; what the
+    // client sends now waits in the router's socket, unread.
+    std::thread::sleep(Duration::from_millis(300));
+    conn.send(b"GET /more HTTP/1.1\r\nHost: big.example.com\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(200));
+    conn.set_read_timeout(Duration::from_secs(10));
+    let resp = conn
+        .try_response()
+        .unwrap_or_else(|e| panic!("response cut short: {e}"));
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body.len(), BIG);
+    assert!(resp.body.iter().all(|&b| b == b'y'));
+    conn.expect_closed();
+}

@@ -402,3 +402,90 @@ fn an_own_answer_to_an_unread_upload_reaches_a_tls_client() {
     assert_eq!(resp.status, 404, "{resp:?}");
     assert!(conn.read_to_end().unwrap().is_empty());
 }
+
+/// Reads the TLS stream to its end: `Ok` only for a clean end (close_notify, then EOF);
+/// a bare EOF is rustls' `UnexpectedEof`.
+fn read_tls_to_end(conn: &mut TlsConn) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut all = Vec::new();
+    let mut b = [0u8; 16 << 10];
+    loop {
+        match conn.tls.read(&mut b)? {
+            0 => return Ok(all),
+            n => all.extend_from_slice(&b[..n]),
+        }
+    }
+}
+
+/// A backend's response whose body ends with its connection (no length, no chunks) reaches
+/// a TLS client as a whole: the router ends the connection with a close_notify, without
+/// which the client cannot tell the body's end from a truncation (RFC 9112 §9.8; OpenSSL 3
+/// clients report "unexpected eof"). The router's own answers that close do the same.
+#[test]
+fn a_body_ended_by_the_close_ends_with_a_close_notify() {
+    let default = self_signed(&["a.example.com"]);
+    let router = crate::router_with_default(&default);
+    let eof = Backend::with_handler("eof", |_req, conn| {
+        let _ = conn.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nended by the close\n");
+        crate::support::Reply::Close
+    });
+    router.add_route(http_route("a.example.com", "eof"));
+    router.set_backends("eof", &[&eof]);
+    let mut conn = tls_connect(&router, "a.example.com", &[&default]);
+    conn.send(b"GET / HTTP/1.1\r\nHost: a.example.com\r\n\r\n");
+    let all = read_tls_to_end(&mut conn).unwrap_or_else(|e| panic!("no clean end: {e}"));
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\nended by the close\n"), "{text}");
+
+    // The router's own 404 to a client that asked to close.
+    let mut conn = tls_connect(&router, "a.example.com", &[&default]);
+    conn.send(b"GET / HTTP/1.1\r\nHost: nope.example.com\r\nConnection: close\r\n\r\n");
+    let all = read_tls_to_end(&mut conn).unwrap_or_else(|e| panic!("404: no clean end: {e}"));
+    assert!(
+        all.starts_with(b"HTTP/1.1 404 "),
+        "{}",
+        String::from_utf8_lossy(&all)
+    );
+}
+
+/// A close-delimited body cut short by the backend's reset is not ended with a
+/// close_notify: the client must be able to tell it was truncated.
+#[test]
+fn a_body_cut_short_by_a_backend_reset_gets_no_close_notify() {
+    let default = self_signed(&["a.example.com"]);
+    let router = crate::router_with_default(&default);
+    // A backend of its own: the test backends end connections with a FIN.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backend = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut b) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&b[..n]),
+            }
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart of it")
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // SO_LINGER 0: the close sends a reset, not a FIN.
+        socket2::SockRef::from(&s)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+    });
+    router.add_route(http_route("a.example.com", "reset"));
+    router.set_backend_addrs("reset", &[(addr.to_string(), false)]);
+    let mut conn = tls_connect(&router, "a.example.com", &[&default]);
+    conn.send(b"GET / HTTP/1.1\r\nHost: a.example.com\r\n\r\n");
+    match read_tls_to_end(&mut conn) {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        other => panic!("a truncated body ended cleanly: {other:?}"),
+    }
+    backend.join().unwrap();
+}
