@@ -310,6 +310,11 @@ enum Failure {
 /// Limits are per step, as on HTTP/1.1, so a long upload is not cut off: each wait for
 /// the client's next DATA frame and each write to the backend at most `idle`, then the
 /// response head within [`crate::proxy::RESPONSE_HEADER_TIMEOUT`].
+///
+/// A backend may answer before taking the whole body (a 413, a 401) and close or stop
+/// reading: when a body write fails or times out, its answer is read for
+/// [`crate::proxy::EARLY_ANSWER_WAIT`] and relayed, as on HTTP/1.1, instead of a 503. The
+/// request body is then not finished, so the connection is not pooled.
 async fn exchange(
     up: &mut monoio::net::TcpStream,
     out: &mut Vec<u8>,
@@ -351,7 +356,13 @@ async fn exchange(
         let n = frame.len();
         match monoio::time::timeout(idle, write_range(up, frame, 0, n)).await {
             Ok((Ok(()), _)) => {}
-            _ => return Err(Failure::Failed),
+            _ => {
+                let early = read_head(up, ubuf, method);
+                return match monoio::time::timeout(crate::proxy::EARLY_ANSWER_WAIT, early).await {
+                    Ok(Ok(r)) => Ok(r),
+                    _ => Err(Failure::Failed),
+                };
+            }
         }
     }
     if chunked {
@@ -451,6 +462,17 @@ async fn stream(
         return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n");
     };
     let mut _inflight = core.start_request(addr);
+    // `Expect: 100-continue` is the router's to answer, as on HTTP/1.1 (the field is not
+    // forwarded): a client waiting for the 100 would otherwise stall until its own timeout.
+    if info.expect_continue && !body.is_end_stream() {
+        let go_on = http::Response::builder()
+            .status(100)
+            .body(())
+            .unwrap_or_default();
+        if respond.send_informational(go_on).is_err() {
+            return;
+        }
+    }
     let fwd = Fwd {
         proto,
         peer,
@@ -519,10 +541,13 @@ async fn stream(
     let Ok(mut send) = respond.send_response(response, end) else {
         return;
     };
+    // A backend that answered before taking the whole body (see `exchange`) is not
+    // reused: the rest of the body was never sent.
+    let whole = body.is_end_stream();
     if end {
         if ubuf.len() != resp.head_len {
             core.pool.note_strays(addr);
-        } else if resp.keep_alive && !route.disable_keep_alives {
+        } else if resp.keep_alive && !route.disable_keep_alives && whole {
             core.pool.put(addr, up, resp.framing == Framing::Empty);
         }
         return;
@@ -563,7 +588,7 @@ async fn stream(
             let _ = send.send_data(Bytes::new(), true);
             if !clean {
                 core.pool.note_strays(addr);
-            } else if resp.keep_alive && !route.disable_keep_alives {
+            } else if resp.keep_alive && !route.disable_keep_alives && whole {
                 core.pool.put(addr, up, false);
             }
             return;

@@ -43,7 +43,7 @@ const LINGER_MAX_BYTES: usize = 64 << 20;
 /// How long a backend whose connection failed while the request body was being sent has
 /// for its answer to be read: it may have answered early and closed (a 413 or 401 without
 /// reading the body), and that answer is usually in the socket already.
-const EARLY_ANSWER_WAIT: Duration = Duration::from_millis(200);
+pub(crate) const EARLY_ANSWER_WAIT: Duration = Duration::from_millis(200);
 /// How long a clean TLS close waits to hand its close_notify to a client that is not
 /// reading.
 const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
@@ -329,6 +329,14 @@ pub async fn serve_conn<S: Client>(
         match Recycled::new(one_request(&core, conn, fd, b, peer, l)).await {
             Some(c) => {
                 conn = c;
+                // Empty lines before a request are skipped (RFC 9112 §2.2): a stray CRLF
+                // some clients send after a body must not make the wait for the next
+                // request a head read under the header timeout (and its 408).
+                let blank = b.buf.iter().take_while(|&&x| x == b'\r' || x == b'\n');
+                let blank = blank.count();
+                if blank > 0 {
+                    b.buf.drain(..blank);
+                }
                 hot = b.buf.is_empty() && !core.settings().hot_idle.is_zero() && !core.draining();
             }
             None => break,

@@ -134,3 +134,24 @@ fn idle_connections_to_a_backend_that_left_every_route_are_closed() {
         "b2"
     );
 }
+
+/// A stray CRLF after a request body (some old clients send one; RFC 9112 §2.2 says to
+/// ignore empty lines before a request) leaves the connection waiting for its next
+/// request as any idle one does: no header timeout, no unsolicited 408.
+#[test]
+fn a_stray_crlf_after_a_body_is_not_a_request_head() {
+    let router = Router::builder()
+        .arg("--header-timeout-secs")
+        .arg("1")
+        .start();
+    let b1 = Backend::start("b1");
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    let mut conn = Conn::connect(router.http_addr);
+    conn.send(b"POST /a HTTP/1.1\r\nHost: example.com\r\nContent-Length: 5\r\n\r\nhello\r\n");
+    let seen = conn.response().seen();
+    assert_eq!(seen.body, b"hello");
+    // Past the header timeout: nothing arrives and the connection stays open.
+    conn.expect_quiet(Duration::from_millis(2500));
+    assert_eq!(conn.get("example.com", "/b").seen().uri, "/b");
+}

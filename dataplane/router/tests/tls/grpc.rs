@@ -812,3 +812,59 @@ fn h2c_listeners_take_proxy_prefixes() {
     assert_eq!(seen[0].header("x-forwarded-for"), Some("203.0.113.7"));
     assert_eq!(seen[1].header("x-forwarded-for"), Some("127.0.0.1"));
 }
+
+/// A backend answering an HTTP/2 upload before reading it (a 413) and closing has its
+/// answer relayed, as on HTTP/1.1, not replaced by a 503; the client's upload is then
+/// stopped without an error (RST_STREAM NO_ERROR).
+#[test]
+fn an_http2_upload_gets_the_backends_early_answer() {
+    let (router, rt) = h2c_router(1);
+    let backend = raw_backend(&router, |mut up| {
+        use std::io::Write;
+        up.write_all(
+            b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Length: 9\r\n\r\ntoo large",
+        )
+        .unwrap();
+        // Dropped with the upload unread: the backend's kernel resets the connection.
+    });
+    rt.block_on(async {
+        let mut client = h2_client(router.h2c_addrs[0]).await;
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("http://example.com/upload")
+            .header("content-length", (16 << 20).to_string())
+            .body(())
+            .unwrap();
+        let (resp, mut send) = client.send_request(req, false).unwrap();
+        // The upload goes as the window allows; the answer comes before it is done.
+        let upload = tokio::spawn(async move {
+            let chunk = Bytes::from(vec![b'u'; 64 << 10]);
+            for _ in 0..256 {
+                send.reserve_capacity(chunk.len());
+                match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                    Some(Ok(_)) => {}
+                    _ => return,
+                }
+                if send.send_data(chunk.clone(), false).is_err() {
+                    return;
+                }
+            }
+        });
+        let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .expect("an answer within 10 s")
+            .expect("a response, not a reset");
+        assert_eq!(resp.status(), 413);
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(d) = tokio::time::timeout(Duration::from_secs(5), body.data())
+            .await
+            .expect("the body within 5 s")
+        {
+            got.extend_from_slice(&d.expect("body data"));
+        }
+        assert_eq!(got, b"too large");
+        upload.abort();
+    });
+    backend.join().unwrap();
+}

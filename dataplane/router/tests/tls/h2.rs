@@ -276,3 +276,40 @@ fn http2_does_not_pool_a_backend_connection_with_bytes_past_the_body() {
         assert!(body.contains("\"uri\":\"/next\""), "{body}");
     }
 }
+
+/// An HTTP/2 upload with `Expect: 100-continue` is answered with a 100 by the router (which
+/// drops the field, as on HTTP/1.1), so the client sends its body at once instead of after
+/// its own expect timeout.
+#[test]
+fn http2_expect_100_continue_is_answered() {
+    let pair = self_signed(&["a.example.com"]);
+    let ca = PemFiles::write(&pair);
+    let router = router_with_default(&pair);
+    let b = Backend::start("b1");
+    router.add_route(http_route("a.example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let body = vec![b'u'; 100 << 10];
+    let started = std::time::Instant::now();
+    let (v, code, out) = curl(
+        &ca,
+        https(&router),
+        "a.example.com",
+        &[
+            "-H",
+            "Expect: 100-continue",
+            "--expect100-timeout",
+            "8",
+            "--data-binary",
+            "@-",
+        ],
+        Some(&body),
+    );
+    let took = started.elapsed();
+    assert_eq!((v.as_str(), code), ("2", 200), "{out}");
+    let seen: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(seen["body"].as_str().map(str::len), Some(body.len()));
+    assert!(
+        took < std::time::Duration::from_secs(4),
+        "the client waited for its expect timeout: {took:?}"
+    );
+}
