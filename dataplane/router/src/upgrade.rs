@@ -52,12 +52,14 @@ pub async fn tunnel<S: crate::proxy::Client>(
     };
     CoreMetrics::inc(&core.metrics().upgrades_total);
     if !buf.is_empty() {
-        // What the client sent ahead of the 101 belongs to the new protocol.
+        // What the client sent ahead of the 101 belongs to the new protocol (a backend
+        // that does not take it is given up on after the idle timeout).
         let len = buf.len();
-        let (res, _) = write_range(&mut up, buf, 0, len).await;
-        if res.is_err() {
+        let write = write_range(&mut up, buf, 0, len);
+        let Ok((Ok(()), _)) = monoio::time::timeout(core.settings().idle_timeout, write).await
+        else {
             return;
-        }
+        };
     }
     // Long-lived: a peer on either side that vanishes without a FIN is noticed.
     let _ = flynn_runtime::sock::set_keepalive(fd);
@@ -153,7 +155,11 @@ async fn answer<S: crate::proxy::Client>(
         let Ok(adv) = body.advance(buf) else {
             return bad_body(core, c, fd).await;
         };
-        let (res, b) = write_range(&mut up, std::mem::take(buf), 0, adv.used).await;
+        // A backend that stops reading the body is given up on after the idle timeout.
+        let write = write_range(&mut up, std::mem::take(buf), 0, adv.used);
+        let Ok((res, b)) = monoio::time::timeout(core.settings().idle_timeout, write).await else {
+            return refuse(core, c, fd).await;
+        };
         *buf = b;
         if res.is_err() {
             return refuse(core, c, fd).await;
@@ -181,7 +187,13 @@ async fn answer<S: crate::proxy::Client>(
             crate::proxy::RESPONSE_HEADER_TIMEOUT,
             read_append(&mut up, ubuf),
         );
-        let Ok((res, b)) = read.await else {
+        // A client that leaves while the backend has not answered frees the backend
+        // connection at once, as on the plain request path (the read is dropped with it).
+        let read = monoio::select! {
+            r = read => r,
+            _ = c.gone(fd) => return Outcome::Close,
+        };
+        let Ok((res, b)) = read else {
             return refuse(core, c, fd).await;
         };
         ubuf = b;

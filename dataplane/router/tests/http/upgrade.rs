@@ -468,3 +468,97 @@ fn an_upgrade_with_a_malformed_chunked_body_gets_a_400() {
         );
     }
 }
+
+/// A client that leaves while the backend has not answered its upgrade frees the backend
+/// connection at once, as a plain request does, instead of holding it until the response
+/// timeout (10 minutes).
+#[test]
+fn a_client_leaving_before_the_upgrade_answer_frees_the_backend() {
+    use crate::support::handlers::{hold, HoldEvent};
+    let router = Router::start();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = Backend::with_handler("hold", hold(tx));
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let mut conn = Conn::connect(router.http_addr);
+    conn.send(ws_request("Upgrade", "websocket").as_bytes());
+    let held = match rx.recv_timeout(Duration::from_secs(5)) {
+        Ok(HoldEvent::Request(c, _)) => c,
+        other => panic!("backend did not get the upgrade request: {other:?}"),
+    };
+    let left = std::time::Instant::now();
+    drop(conn);
+    match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(HoldEvent::Closed(c, at)) => {
+            assert_eq!(c, held);
+            let after = at.duration_since(left);
+            assert!(after < Duration::from_secs(5), "freed after {after:?}");
+        }
+        other => panic!("backend connection held after the client left: {other:?}"),
+    }
+}
+
+/// A backend that never reads an upgrade request's body is given up on after the idle
+/// timeout (a 503), instead of holding the client's and its own connection for good.
+#[test]
+fn a_backend_not_reading_an_upgrade_body_is_given_up_after_the_idle_timeout() {
+    let router = Router::builder()
+        .arg("--idle-timeout-secs")
+        .arg("1")
+        .start();
+    // A backend that reads nothing until told to, then reads to EOF.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    router.add_route(http_route("example.com", "web"));
+    router.set_backend_addrs(
+        "web",
+        &[(listener.local_addr().unwrap().to_string(), false)],
+    );
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let backend = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = wait.recv_timeout(Duration::from_secs(20));
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = vec![0u8; 1 << 20];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    });
+    const BODY: usize = 64 << 20;
+    let mut conn = Conn::connect(router.http_addr);
+    let head = format!(
+        "POST /ws HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: x-stream\r\n\
+         Content-Length: {BODY}\r\n\r\n"
+    );
+    conn.send(head.as_bytes());
+    let mut writer = conn.stream.try_clone().unwrap();
+    // The client keeps sending for as long as the router reads (after its answer the
+    // router lingers, reading and discarding).
+    let sender = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..BODY >> 20 {
+            if writer.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    conn.set_read_timeout(Duration::from_secs(15));
+    let resp = conn.response();
+    assert_eq!(resp.status, 503, "{resp:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    go.send(()).unwrap();
+    assert!(
+        backend.join().unwrap(),
+        "the backend connection was not closed"
+    );
+    drop(conn);
+    let _ = sender.join();
+}
