@@ -5,7 +5,7 @@
 //! - TCX links (kernel ≥ 6.6): the link is pinned as `link_<role>_<ifindex>`; it keeps the
 //!   program attached while no loader runs, and a new loader swaps its program in with
 //!   `BPF_LINK_UPDATE`.
-//! - Legacy cls_bpf filters on a clsact qdisc via netlink (kernels 5.10–6.5, no TCX): filters
+//! - Legacy cls_bpf filters on a clsact qdisc via netlink (kernels 5.12–6.5, no TCX): filters
 //!   outlive the loader by themselves; ours sit at a fixed priority and handle, a new loader
 //!   replaces the program in place (one netlink change, atomic per packet), and an empty
 //!   directory `tc_<role>_<ifindex>` records the attachment (bpffs holds only BPF objects and
@@ -227,7 +227,12 @@ pub(crate) fn swap(
             }
         }
         Kind::Netlink => match ifname {
-            Some(ifname) => replace_filter(prog, rec, ifname)?,
+            // The interface went since its name was looked up (a job's veth deleted while
+            // the loader starts): like ENOLINK above.
+            Some(ifname) => match replace_filter(prog, rec, ifname) {
+                Err(EbpfError::NoSuchInterface { .. }) => false,
+                r => r?,
+            },
             None => false,
         },
     };
@@ -279,7 +284,8 @@ pub(crate) fn remove(rec: Record, ifname: Option<&str>, pin_dir: &Path) -> Resul
     }
 }
 
-/// Replaces the program of our netlink filter on `ifname`; false when there is no such filter.
+/// Replaces the program of our netlink filter on `ifname`; false when there is no such filter,
+/// [`EbpfError::NoSuchInterface`] when there is no such interface (any more).
 fn replace_filter(
     prog: &mut SchedClassifier,
     rec: Record,
@@ -302,6 +308,9 @@ fn replace_filter(
             Ok(true)
         }
         Err(e) if matches!(os_error(&e), Some(libc::ENOENT) | Some(libc::EINVAL)) => Ok(false),
+        Err(e) if os_error(&e) == Some(libc::ENODEV) => Err(EbpfError::NoSuchInterface {
+            ifindex: rec.ifindex,
+        }),
         Err(source) => Err(EbpfError::Program {
             name: role.program(),
             source,

@@ -93,9 +93,23 @@ impl std::fmt::Debug for FastPath {
     }
 }
 
-/// Minimum kernel: `bpf_redirect_peer` and `bpf_redirect_neigh` (with a next hop) are in 5.10.
-/// TCX links need 6.6; older kernels get netlink filters ([`AttachMode::Auto`]).
-const MIN_KERNEL: (u8, u8) = (5, 10);
+/// Minimum kernel: `bpf_check_mtu` is in 5.12 (`bpf_redirect_peer` and `bpf_redirect_neigh`
+/// with a next hop in 5.10). TCX links need 6.6; older kernels get netlink filters
+/// ([`AttachMode::Auto`]).
+const MIN_KERNEL: (u8, u8) = (5, 12);
+
+/// Refuses a kernel older than [`MIN_KERNEL`].
+fn check_kernel(current: KernelVersion) -> Result<(), EbpfError> {
+    let (major, minor) = MIN_KERNEL;
+    if current < KernelVersion::new(major, minor, 0) {
+        return Err(EbpfError::Unsupported {
+            why: format!(
+                "kernel {current:?} is older than {major}.{minor} (bpf_redirect_peer/neigh, bpf_check_mtu)"
+            ),
+        });
+    }
+    Ok(())
+}
 
 impl FastPath {
     /// Whether this kernel and these privileges can run the fast path (for `--fast-path auto`).
@@ -110,20 +124,13 @@ impl FastPath {
     }
 
     /// [`FastPath::supported`] with the reason: kernel version, then the verifier accepting both
-    /// programs (which fails on kernels without `bpf_redirect_peer`/`bpf_redirect_neigh`). Loads
+    /// programs (which fails on kernels without the helpers they call). Loads
     /// nothing persistent: maps are not pinned and vanish with the probe.
     pub fn probe() -> Result<(), EbpfError> {
         let current = KernelVersion::current().map_err(|e| EbpfError::Unsupported {
             why: format!("cannot read the kernel version: {e}"),
         })?;
-        let (major, minor) = MIN_KERNEL;
-        if current < KernelVersion::new(major, minor, 0) {
-            return Err(EbpfError::Unsupported {
-                why: format!(
-                    "kernel {current:?} is older than {major}.{minor} (bpf_redirect_peer/neigh)"
-                ),
-            });
-        }
+        check_kernel(current)?;
         let mut ebpf = EbpfLoader::new().load(FASTPATH).map_err(EbpfError::Load)?;
         for role in Role::ALL {
             program(&mut ebpf, role)?
@@ -771,6 +778,63 @@ mod tests {
             prefix_key(net, 33),
             Err(EbpfError::InvalidPrefix { .. })
         ));
+    }
+
+    #[test]
+    fn kernels_before_5_12_are_refused() {
+        // bpf_check_mtu came in 5.12.
+        for (major, minor, patch) in [(4, 4, 0), (5, 10, 200), (5, 11, 22)] {
+            let r = check_kernel(KernelVersion::new(major, minor, patch));
+            assert!(
+                matches!(r, Err(EbpfError::Unsupported { .. })),
+                "{major}.{minor}.{patch}: {r:?}"
+            );
+        }
+        for (major, minor, patch) in [(5, 12, 0), (5, 15, 1), (6, 18, 0)] {
+            let r = check_kernel(KernelVersion::new(major, minor, patch));
+            assert!(r.is_ok(), "{major}.{minor}.{patch}: {r:?}");
+        }
+    }
+
+    /// A job's veth deleted between the listing of the attachment records and the swap
+    /// (flynn-host tearing a job down while the loader starts) is gone, not a failure of the
+    /// load, which would leave the host without the fast path for its lifetime.
+    #[test]
+    fn an_interface_gone_between_listing_and_swap_is_dropped() {
+        let test = "an_interface_gone_between_listing_and_swap_is_dropped";
+        if !flynn_netlab::should_run(test, &[("ip", "iproute2")]) {
+            return;
+        }
+        FastPath::probe().expect("this kernel cannot run the fast path");
+        for mode in [AttachMode::Netlink, AttachMode::Tcx] {
+            let bpffs = flynn_netlab::Bpffs::mount("flynn-gone").unwrap();
+            let mut lab = flynn_netlab::Lab::new("fgone");
+            let host = lab.add_ns("h").unwrap();
+            let job = lab.add_ns("j").unwrap();
+            flynn_netlab::veth(&host, "vgone", None, &job, "eth0").unwrap();
+            let pin_dir = bpffs.pin_dir("flynn");
+            flynn_netlab::in_ns(&host, || {
+                let index = flynn_netlab::ifindex(&host, "vgone")?;
+                let mut fp = FastPath::load_with(&pin_dir, mode)?;
+                fp.attach(index, Role::JobVeth)?;
+                // What a load listed and looked up, before the veth went.
+                let [rec] = attach::records(&pin_dir)?[..] else {
+                    anyhow::bail!("records: {:?}", attach::records(&pin_dir)?);
+                };
+                let name = ifname(rec.ifindex)?;
+                flynn_netlab::run(&["ip", "-n", &host, "link", "del", "vgone"])?;
+                let prog = program(&mut fp.ebpf, rec.role)?;
+                let swapped = attach::swap(prog, rec, Some(&name), &pin_dir);
+                assert!(matches!(swapped, Ok(false)), "{mode:?}: {swapped:?}");
+                assert!(
+                    attach::records(&pin_dir)?.is_empty(),
+                    "{mode:?}: record kept"
+                );
+                FastPath::load_with(&pin_dir, mode)?;
+                Ok(())
+            })
+            .unwrap();
+        }
     }
 
     #[test]

@@ -165,11 +165,26 @@ impl Client {
         r.json().await.map_err(Error::Http)
     }
 
+    /// The service's metadata as the node asked has it (possibly a lagging follower's copy).
     pub async fn get_meta(&self, service: &str) -> Result<ServiceMeta, Error> {
         let r = self
             .send(
                 reqwest::Method::GET,
                 &format!("/services/{service}/meta"),
+                None,
+            )
+            .await?;
+        r.json().await.map_err(Error::Http)
+    }
+
+    /// [`Client::get_meta`] as a linearizable read (`?consistent=true`): served by the Raft
+    /// leader (a follower redirects), it reflects every write acknowledged before it started,
+    /// so a 404 means the metadata really is not there.
+    pub async fn get_meta_consistent(&self, service: &str) -> Result<ServiceMeta, Error> {
+        let r = self
+            .send(
+                reqwest::Method::GET,
+                &format!("/services/{service}/meta?consistent=true"),
                 None,
             )
             .await?;

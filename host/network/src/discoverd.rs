@@ -12,7 +12,13 @@
 //! back at the index it read. When another host wrote in between (discoverd answers 409/412) the
 //! write is retried from a fresh read, a bounded number of times. Keys and fields this module does
 //! not know are carried over untouched.
+//!
+//! Writes, the config read and the checks behind "this lease is lost" read the document
+//! linearizably (`?consistent=true`, served by the Raft leader); the lease set for routing is
+//! read from the local node, which may lag. Once the document is known to exist, a 404 is a
+//! node that has not caught up (or lost it): the store is unavailable, never "no leases".
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -39,6 +45,9 @@ const NO_EXPIRY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 pub struct DiscoverdStore {
     client: Client,
     service: String,
+    /// Whether the document is known to exist (initialised, written or read here; shared by
+    /// clones): from then on a 404 is no empty lease set.
+    exists: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for DiscoverdStore {
@@ -222,6 +231,7 @@ impl DiscoverdStore {
         DiscoverdStore {
             client,
             service: service.to_string(),
+            exists: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -249,18 +259,37 @@ impl DiscoverdStore {
             Err(e) if cas_lost(&e) => {}
             Err(e) => return Err(unavailable(e)),
         }
-        let (data, _) = self.read().await?;
+        // Written now, or by another host before: the stored config is read from the leader
+        // (the local node may not have it yet), never replaced by this host's flags.
+        self.exists.store(true, Ordering::Relaxed);
+        let (data, _) = self.read(true).await?;
         match data.get("config") {
             Some(c) if !c.is_null() => Ok(c.clone()),
             _ => Ok(config),
         }
     }
 
-    /// The document and its index; an empty document at index 0 when there is none yet.
-    async fn read(&self) -> Result<(Value, u64), StoreError> {
-        match self.client.get_meta(&self.service).await {
-            Ok(m) => Ok((m.data, m.index)),
-            Err(e) if not_found(&e) => Ok((Value::Null, 0)),
+    /// The document and its index, from the leader when `consistent`, else from the local
+    /// node; an empty document at index 0 when there is none yet. A 404 once the document is
+    /// known to exist is [`StoreError::Unavailable`].
+    async fn read(&self, consistent: bool) -> Result<(Value, u64), StoreError> {
+        let meta = if consistent {
+            self.client.get_meta_consistent(&self.service).await
+        } else {
+            self.client.get_meta(&self.service).await
+        };
+        match meta {
+            Ok(m) => {
+                self.exists.store(true, Ordering::Relaxed);
+                Ok((m.data, m.index))
+            }
+            Err(e) if not_found(&e) && !self.exists.load(Ordering::Relaxed) => Ok((Value::Null, 0)),
+            Err(e) if not_found(&e) => Err(StoreError::Unavailable {
+                reason: format!(
+                    "the {:?} lease document is missing on the node read (not caught up?)",
+                    self.service
+                ),
+            }),
             Err(e) => Err(unavailable(e)),
         }
     }
@@ -273,7 +302,7 @@ impl DiscoverdStore {
         mut change: impl FnMut(&mut Map<String, Value>, u64) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         for attempt in 1..=WRITE_ATTEMPTS {
-            let (mut data, index) = self.read().await?;
+            let (mut data, index) = self.read(true).await?;
             if !data.is_object() {
                 data = json!({});
             }
@@ -298,7 +327,10 @@ impl DiscoverdStore {
                 }
             }
             match self.client.set_meta(&self.service, &meta).await {
-                Ok(_) => return Ok(out),
+                Ok(_) => {
+                    self.exists.store(true, Ordering::Relaxed);
+                    return Ok(out);
+                }
                 Err(e) if cas_lost(&e) => {
                     tracing::debug!(key, attempt, "lease document changed meanwhile; retrying");
                     tokio::time::sleep(Duration::from_millis(fastrand::u64(5..50))).await;
@@ -327,7 +359,12 @@ impl DiscoverdStore {
 
 impl LeaseStore for DiscoverdStore {
     async fn leases(&self) -> Result<Snapshot, StoreError> {
-        let (data, index) = self.read().await?;
+        let (data, index) = self.read(false).await?;
+        Ok(snapshot(&data, index))
+    }
+
+    async fn leases_consistent(&self) -> Result<Snapshot, StoreError> {
+        let (data, index) = self.read(true).await?;
         Ok(snapshot(&data, index))
     }
 
@@ -479,5 +516,138 @@ mod tests {
         let flannel = json!({"Network": "100.100.0.0/16", "Backend": {"Type": "vxlan"}});
         assert_eq!(layout_from_config(&flannel).unwrap(), Layout::default());
         assert!(layout_from_config(&json!({"Network": "nope"})).is_err());
+    }
+
+    /// A discoverd stand-in: one service's metadata with discoverd's compare-and-swap, read
+    /// linearizably with `?consistent=true`; while `lagging`, plain reads answer 404 as a
+    /// follower would that has not caught up with the service's metadata yet.
+    #[derive(Default)]
+    struct Fake {
+        meta: std::sync::Mutex<Option<ServiceMeta>>,
+        lagging: AtomicBool,
+    }
+
+    async fn fake() -> (Arc<Fake>, DiscoverdStore) {
+        use axum::extract::{Path, State};
+        use axum::http::{StatusCode, Uri};
+        use axum::response::{IntoResponse, Response};
+        use flynn_api::ApiError;
+
+        fn error(e: ApiError) -> Response {
+            let status = StatusCode::from_u16(e.status()).expect("status");
+            (status, axum::Json(e)).into_response()
+        }
+        async fn get(State(f): State<Arc<Fake>>, uri: Uri) -> Response {
+            let consistent = uri.query() == Some("consistent=true");
+            match f.meta.lock().unwrap().clone() {
+                Some(m) if consistent || !f.lagging.load(Ordering::SeqCst) => {
+                    axum::Json(m).into_response()
+                }
+                _ => error(ApiError::object_not_found("service meta not found")),
+            }
+        }
+        async fn put(
+            State(f): State<Arc<Fake>>,
+            axum::Json(new): axum::Json<ServiceMeta>,
+        ) -> Response {
+            let mut cur = f.meta.lock().unwrap();
+            let index = cur.as_ref().map_or(0, |m| m.index);
+            if new.index == 0 && cur.is_some() {
+                return error(ApiError::new(ErrorCode::ObjectExists, "meta exists"));
+            }
+            if new.index != index {
+                return error(ApiError::new(ErrorCode::PreconditionFailed, "index moved"));
+            }
+            let stored = ServiceMeta {
+                index: index + 1,
+                ..new
+            };
+            *cur = Some(stored.clone());
+            axum::Json(stored).into_response()
+        }
+        let f = Arc::new(Fake::default());
+        let app = axum::Router::new()
+            .route(
+                "/services/{s}",
+                axum::routing::put(|_: Path<String>| async {}),
+            )
+            .route("/services/{s}/meta", axum::routing::get(get).put(put))
+            .with_state(f.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (f, DiscoverdStore::new(Client::new(&url)))
+    }
+
+    fn lease(subnet: &str, last: u8) -> Lease {
+        let subnet: Subnet = subnet.parse().unwrap();
+        Lease {
+            subnet,
+            public_ip: Ipv4Addr::new(10, 0, 0, last),
+            vtep_mac: Mac::for_subnet(&subnet),
+            expires_at: SystemTime::now() + Duration::from_secs(3600),
+            revision: 0,
+        }
+    }
+
+    /// A 404 from a node that lags, once the network is set up, is no empty lease set:
+    /// taken as one, the agent removed every peer's routes and fast-path prefixes.
+    #[tokio::test]
+    async fn a_404_from_a_lagging_node_is_unavailable_not_an_empty_lease_set() {
+        let (f, store) = fake().await;
+        store
+            .init(config_json(&Layout::default(), 1, 8472))
+            .await
+            .unwrap();
+        store.create(&lease("100.100.1.0/24", 1)).await.unwrap();
+        store.create(&lease("100.100.2.0/24", 2)).await.unwrap();
+        assert_eq!(store.leases().await.unwrap().leases.len(), 2);
+        f.lagging.store(true, Ordering::SeqCst);
+        let r = store.leases().await;
+        assert!(matches!(r, Err(StoreError::Unavailable { .. })), "{r:?}");
+        assert!(store.watch().await.is_err());
+        // Writes read from the leader: they go on.
+        store.create(&lease("100.100.3.0/24", 3)).await.unwrap();
+        assert_eq!(store.leases_consistent().await.unwrap().leases.len(), 3);
+    }
+
+    /// The stored config wins over this host's flags even when the local node has not
+    /// caught up with it.
+    #[tokio::test]
+    async fn init_returns_the_stored_config_when_the_local_node_lags() {
+        let (f, store) = fake().await;
+        let first = Layout::with_defaults("10.60.0.0/16".parse().unwrap(), Some(24)).unwrap();
+        let stored = store.init(config_json(&first, 1, 8472)).await.unwrap();
+        f.lagging.store(true, Ordering::SeqCst);
+        // Another host starting with other flags.
+        let other_host = DiscoverdStore::with_service(store.client.clone(), SERVICE);
+        let cfg = other_host
+            .init(config_json(&Layout::default(), 1, 8472))
+            .await
+            .unwrap();
+        assert_eq!(cfg, stored);
+        assert_eq!(layout_from_config(&cfg).unwrap(), first);
+    }
+
+    /// A lease created a moment ago, renewed through a node that has not seen it yet: still
+    /// this host's (the agent used to exit with "lost" right after creating its lease).
+    #[tokio::test]
+    async fn renewal_through_a_lagging_node_is_not_lost() {
+        let (f, store) = fake().await;
+        store
+            .init(config_json(&Layout::default(), 1, 8472))
+            .await
+            .unwrap();
+        let leaser = crate::Leaser::new(
+            store.clone(),
+            crate::LeaseConfig::default(),
+            Ipv4Addr::new(10, 0, 0, 1),
+        );
+        let a = leaser.acquire(SystemTime::now(), None).await.unwrap();
+        f.lagging.store(true, Ordering::SeqCst);
+        let later = SystemTime::now() + Duration::from_secs(60);
+        let renewed = leaser.renew(&a, later).await.unwrap();
+        assert_eq!(renewed.subnet, a.subnet);
+        assert!(renewed.revision > a.revision);
     }
 }

@@ -106,8 +106,11 @@ impl<S: LeaseStore> Leaser<S> {
     /// host keeps its block and MAC. Otherwise `previous` is taken when it is a block of the
     /// layout that no live lease overlaps: a host that released its lease on a clean shutdown
     /// gets the same block back on restart (flannel re-reads it from `subnet.env`), so its jobs
-    /// and the host daemon's address allocator stay valid. An expired lease of another host
-    /// counts as free and is taken over with a compare-and-swap on its revision.
+    /// and the host daemon's address allocator stay valid. Blocks never leased are preferred; a
+    /// lease of another host counts as free only once it has been expired for longer than the
+    /// renew margin (after a store outage every lease looks expired until its owner's next
+    /// renewal, retried every 2 s), and is then taken over with a compare-and-swap on its
+    /// revision.
     pub async fn acquire_with(
         &self,
         now: SystemTime,
@@ -118,8 +121,15 @@ impl<S: LeaseStore> Leaser<S> {
         // Blocks whose create was refused although no lease we could read holds them (a
         // record that does not parse): not tried again.
         let mut refused: Vec<Subnet> = Vec::new();
+        // A lease holds its block until it has been expired for longer than the renew margin.
+        let holds = |l: &Lease| {
+            l.expires_at
+                .checked_add(self.config.renew_margin)
+                .is_none_or(|t| t >= now)
+        };
         for attempt in 1..=self.config.attempts {
-            let snap = self.store.leases().await?;
+            // Linearizable: taking a block over must not rest on a copy that lags.
+            let snap = self.store.leases_consistent().await?;
             let mine = snap.leases.iter().find(|l| {
                 l.public_ip == self.public_ip
                     && l.subnet.prefix_len() == layout.subnet_len
@@ -129,8 +139,9 @@ impl<S: LeaseStore> Leaser<S> {
             // `0.0.0.0-0`) would otherwise overlap, and block, every one.
             let is_free = |b: &Subnet| {
                 !refused.contains(b)
-                    && !snap.live(now).any(|l| {
-                        l.subnet.prefix_len() == layout.subnet_len
+                    && !snap.leases.iter().any(|l| {
+                        holds(l)
+                            && l.subnet.prefix_len() == layout.subnet_len
                             && layout.network.contains_subnet(&l.subnet)
                             && overlaps(&l.subnet, b)
                     })
@@ -142,11 +153,15 @@ impl<S: LeaseStore> Leaser<S> {
                 let subnet = match again {
                     Some(p) => p,
                     None => {
-                        let free: Vec<Subnet> = layout
+                        let n = self.config.candidates.max(1);
+                        let mut free: Vec<Subnet> = layout
                             .blocks()
-                            .filter(is_free)
-                            .take(self.config.candidates.max(1))
+                            .filter(|b| is_free(b) && snap.get(b).is_none())
+                            .take(n)
                             .collect();
+                        if free.is_empty() {
+                            free = layout.blocks().filter(is_free).take(n).collect();
+                        }
                         if free.is_empty() {
                             return Err(LeaseError::Exhausted {
                                 network: layout.network,
@@ -210,8 +225,9 @@ impl<S: LeaseStore> Leaser<S> {
     ///
     /// A revision conflict alone does not mean the lease is lost: an earlier renewal may have been
     /// committed although its answer never arrived (the caller then retries with the old
-    /// revision). So on a conflict the record is read again, and while it still names this host's
-    /// public IP for the same block its revision is adopted and the renewal repeated.
+    /// revision). Nor does a "not found" from a store node that lags. So on either the record is
+    /// read again, linearizably, and while it still names this host's public IP for the same
+    /// block its revision is adopted and the renewal repeated.
     pub async fn renew(&self, lease: &Lease, now: SystemTime) -> Result<Lease, LeaseError> {
         let lost = || LeaseError::Lost {
             subnet: lease.subnet,
@@ -220,9 +236,10 @@ impl<S: LeaseStore> Leaser<S> {
         for attempt in 1..=self.config.attempts.max(1) {
             match self.store.update(&self.refreshed(&current, now)).await {
                 Ok(l) => return Ok(l),
-                Err(StoreError::NotFound { .. }) => return Err(lost()),
-                Err(StoreError::Conflict { key }) => {
-                    let snap = self.store.leases().await?;
+                // Lost only if a linearizable read agrees: the answer may come from a copy
+                // that has not caught up with this host's own write.
+                Err(StoreError::Conflict { key } | StoreError::NotFound { key }) => {
+                    let snap = self.store.leases_consistent().await?;
                     match snap.get(&lease.subnet) {
                         Some(l) if l.public_ip == self.public_ip => {
                             tracing::debug!(%key, attempt, revision = l.revision, "lease record moved on but is still ours; renewing at its revision");
@@ -251,7 +268,7 @@ impl<S: LeaseStore> Leaser<S> {
                 Ok(()) => return Ok(()),
                 Err(StoreError::NotFound { .. }) => return Ok(()),
                 Err(StoreError::Conflict { .. }) => {
-                    match self.store.leases().await?.get(&lease.subnet) {
+                    match self.store.leases_consistent().await?.get(&lease.subnet) {
                         Some(l) if l.public_ip == self.public_ip => current.revision = l.revision,
                         Some(_) => {
                             tracing::warn!(subnet = %lease.subnet, "lease taken over by another host; not released");
@@ -388,8 +405,9 @@ mod tests {
             assert_eq!(c.subnet.to_string(), "10.9.3.0/24", "previous {prev}");
             host(&store, 3).release(&c).await.unwrap();
         }
-        // An expired lease of another host on the previous block is taken over.
-        let later = now() + Duration::from_secs(101);
+        // A lease of another host on the previous block, expired for longer than the renew
+        // margin, is taken over.
+        let later = now() + Duration::from_secs(111);
         let a2 = host(&store, 3)
             .acquire_with(later, Some(a.subnet), |_| 0)
             .await
@@ -664,8 +682,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(a.expires_at, now() + Duration::from_secs(190));
-        // After expiry B takes it over.
-        let after = now() + Duration::from_secs(191);
+        // Once expired for longer than the renew margin, B takes it over.
+        let after = now() + Duration::from_secs(201);
         assert!(a.is_expired(after));
         let b = b_leaser.acquire_with(after, None, |_| 0).await.unwrap();
         assert_eq!(b.subnet, a.subnet);
@@ -678,5 +696,123 @@ mod tests {
         assert_eq!(store.leases().await.unwrap().leases, vec![b.clone()]);
         b_leaser.release(&b).await.unwrap();
         assert!(store.leases().await.unwrap().leases.is_empty());
+    }
+
+    /// After a store outage every live lease looks expired; its owner renews within ~2 s
+    /// of the store coming back. A new host must not take such a block meanwhile: only a
+    /// lease expired for longer than the renew margin is free.
+    #[tokio::test]
+    async fn a_lease_just_past_its_expiry_is_not_taken_over() {
+        let store = MemoryStore::new();
+        let cfg = Config {
+            layout: Layout::with_defaults("10.9.0.0/23".parse().unwrap(), Some(24)).unwrap(),
+            ..small()
+        };
+        let a = Leaser::new(store.clone(), cfg.clone(), Ipv4Addr::new(192, 0, 2, 1))
+            .acquire_with(now(), None, |_| 0)
+            .await
+            .unwrap();
+        let b = Leaser::new(store.clone(), cfg, Ipv4Addr::new(192, 0, 2, 2));
+        // Expired 2 s and 10 s ago (the margin is 10 s): still A's.
+        for past in [2, 10] {
+            let t = a.expires_at + Duration::from_secs(past);
+            let err = b.acquire_with(t, None, |_| 0).await.unwrap_err();
+            assert!(
+                matches!(err, LeaseError::Exhausted { .. }),
+                "{past}: {err:?}"
+            );
+        }
+        let t = a.expires_at + Duration::from_secs(11);
+        assert_eq!(
+            b.acquire_with(t, None, |_| 0).await.unwrap().subnet,
+            a.subnet
+        );
+    }
+
+    /// A block never leased is taken before one whose lease ran out, whatever the pick.
+    #[tokio::test]
+    async fn never_leased_blocks_are_preferred_over_expired_ones() {
+        let store = MemoryStore::new();
+        // 10.9.1.0/24 and 10.9.2.0/24 leased, 10.9.3.0/24 never.
+        for i in 1..=2 {
+            host(&store, i)
+                .acquire_with(now(), None, |_| 0)
+                .await
+                .unwrap();
+        }
+        // Both leases long expired: a pick of the first free block still gets 10.9.3.0/24.
+        let later = now() + Duration::from_secs(1000);
+        let c = host(&store, 3)
+            .acquire_with(later, None, |_| 0)
+            .await
+            .unwrap();
+        assert_eq!(c.subnet.to_string(), "10.9.3.0/24");
+        // With no block left that was never leased, an expired one is taken.
+        let d = host(&store, 4)
+            .acquire_with(later, None, |_| 0)
+            .await
+            .unwrap();
+        assert_eq!(d.subnet.to_string(), "10.9.1.0/24");
+    }
+
+    /// A store node that has not caught up: its reads miss the lease and its first write
+    /// answers "not found"; a linearizable read has the truth.
+    struct Lagging {
+        inner: MemoryStore,
+        answered: std::sync::atomic::AtomicBool,
+    }
+
+    impl LeaseStore for Lagging {
+        async fn leases(&self) -> Result<crate::store::Snapshot, StoreError> {
+            Ok(crate::store::Snapshot::default())
+        }
+        async fn leases_consistent(&self) -> Result<crate::store::Snapshot, StoreError> {
+            self.inner.leases().await
+        }
+        async fn create(&self, lease: &Lease) -> Result<Lease, StoreError> {
+            self.inner.create(lease).await
+        }
+        async fn update(&self, lease: &Lease) -> Result<Lease, StoreError> {
+            if !self
+                .answered
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(StoreError::NotFound {
+                    key: lease.subnet.key(),
+                });
+            }
+            self.inner.update(lease).await
+        }
+        async fn delete(&self, lease: &Lease) -> Result<(), StoreError> {
+            self.inner.delete(lease).await
+        }
+        async fn watch(&self) -> Result<crate::store::LeaseWatch, StoreError> {
+            self.inner.watch().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_single_not_found_on_renewal_is_checked_before_the_lease_is_lost() {
+        let inner = MemoryStore::new();
+        let a = host(&inner, 1)
+            .acquire_with(now(), None, |_| 0)
+            .await
+            .unwrap();
+        let leaser = Leaser::new(
+            Lagging {
+                inner: inner.clone(),
+                answered: Default::default(),
+            },
+            small(),
+            Ipv4Addr::new(192, 0, 2, 1),
+        );
+        let t = now() + Duration::from_secs(90);
+        let renewed = leaser.renew(&a, t).await.unwrap();
+        assert_eq!(renewed.expires_at, t + Duration::from_secs(100));
+        assert_eq!(inner.leases().await.unwrap().leases, vec![renewed.clone()]);
+        // Really gone: lost.
+        inner.delete(&renewed).await.unwrap();
+        let err = leaser.renew(&renewed, t).await.unwrap_err();
+        assert!(matches!(err, LeaseError::Lost { .. }), "{err:?}");
     }
 }

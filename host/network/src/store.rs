@@ -79,6 +79,12 @@ impl LeaseWatch {
 /// writes return the lease with its new revision.
 pub trait LeaseStore: Send + Sync {
     fn leases(&self) -> impl Future<Output = Result<Snapshot, StoreError>> + Send;
+    /// [`LeaseStore::leases`] as a linearizable read: it reflects every write acknowledged
+    /// before the call. What decisions about ownership rest on (`leases` may be served from a
+    /// lagging copy); a store whose reads are always current keeps this default.
+    fn leases_consistent(&self) -> impl Future<Output = Result<Snapshot, StoreError>> + Send {
+        self.leases()
+    }
     fn create(&self, lease: &Lease) -> impl Future<Output = Result<Lease, StoreError>> + Send;
     fn update(&self, lease: &Lease) -> impl Future<Output = Result<Lease, StoreError>> + Send;
     fn delete(&self, lease: &Lease) -> impl Future<Output = Result<(), StoreError>> + Send;

@@ -1237,6 +1237,145 @@ fn an_outage_of_the_lease_store_keeps_the_routes_to_peers() -> Result<()> {
     Ok(())
 }
 
+/// A proxy in front of discoverd, in the underlay namespace, standing for a discoverd node
+/// that has not caught up: while `lagging` is set it answers plain reads of the `flannel`
+/// metadata 404; linearizable ones (`?consistent=true`) and everything else go through, one
+/// request per upstream connection. Stops accepting on drop.
+struct LaggingNode {
+    url: String,
+    lagging: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LaggingNode {
+    fn start(c: &Cluster) -> Result<LaggingNode> {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let upstream: SocketAddr = c.discoverd.addr.parse()?;
+        let lagging = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, done) = (lagging.clone(), stop.clone());
+        // Threads spawned in the namespace stay in it.
+        let url = flynn_netlab::in_ns(&c.lab.ns("ul"), move || {
+            let listener = TcpListener::bind("10.240.0.254:0")?;
+            listener.set_nonblocking(true)?;
+            let url = format!("http://{}", listener.local_addr()?);
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((conn, _)) => {
+                            let flag = flag.clone();
+                            std::thread::spawn(move || {
+                                let _ = conn
+                                    .set_nonblocking(false)
+                                    .map_err(anyhow::Error::from)
+                                    .and_then(|()| proxy_one(conn, upstream, &flag));
+                            });
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            });
+            Ok(url)
+        })?;
+        Ok(LaggingNode { url, lagging, stop })
+    }
+}
+
+impl Drop for LaggingNode {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn proxy_one(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    lagging: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if client.read(&mut byte)? == 0 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    if lagging.load(Ordering::SeqCst) && head.starts_with("GET /services/flannel/meta ") {
+        let body =
+            r#"{"code":"object_not_found","message":"service meta not found","retry":false}"#;
+        write!(
+            client,
+            "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        return Ok(());
+    }
+    let mut server = TcpStream::connect(upstream)?;
+    // discoverd closes the connection after its answer: the next request comes here again.
+    server.write_all(
+        head.replacen("\r\n", "\r\nconnection: close\r\n", 1)
+            .as_bytes(),
+    )?;
+    let (mut from_client, mut to_server) = (client.try_clone()?, server.try_clone()?);
+    let body = std::thread::spawn(move || std::io::copy(&mut from_client, &mut to_server));
+    let _ = std::io::copy(&mut server, &mut client);
+    let _ = client.shutdown(std::net::Shutdown::Both);
+    let _ = server.shutdown(std::net::Shutdown::Both);
+    let _ = body.join();
+    Ok(())
+}
+
+/// A discoverd node that lags answers plain reads of the lease document 404. That is no
+/// empty lease set and no lost lease: the agent keeps its routes to its peers (it used to
+/// remove them all) and renews its lease (it used to exit, taking the 404 for "lost").
+#[test]
+fn a_lagging_discoverd_node_neither_empties_the_routes_nor_loses_the_lease() -> Result<()> {
+    if !lab::should_run("a_lagging_discoverd_node_neither_empties_the_routes_nor_loses_the_lease") {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    let (h1, h2) = (c.add_host(1)?, c.add_host(2)?);
+    let node = LaggingNode::start(&c)?;
+    let extra = ["--fast-path", "off", "--lease-ttl", "3s"];
+    let mut a1 = AgentProc::start(&c.hosts[h1], &node.url, &extra)?;
+    let a2 = c.agent(h2, &extra)?;
+    let route2 = a2.subnet.to_string();
+    eventually(10, "host 1 to route to host 2's block", || {
+        Ok(routes(&c.hosts[h1].ns)?.contains(&route2))
+    })?;
+    node.lagging
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let key1 = a1.subnet.to_string().replace('/', "-");
+    let before = expirations(&c)?[&key1];
+    // Resyncs every second, renewals every 2.7 s.
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        let r = routes(&c.hosts[h1].ns)?;
+        ensure!(
+            r.contains(&route2),
+            "the route to host 2 went on a 404 from a lagging node: {r}\n{}",
+            a1.log_text()
+        );
+        let child = a1.child.as_mut().context("agent 1")?;
+        ensure!(
+            child.try_wait()?.is_none(),
+            "agent 1 exited on a 404 from a lagging node:\n{}",
+            a1.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = expirations(&c)?[&key1];
+    ensure!(after > before, "lease not renewed: {before} -> {after}");
+    a1.stop()?;
+    ensure!(
+        !expirations(&c)?.contains_key(&key1),
+        "lease not released through the lagging node"
+    );
+    Ok(())
+}
+
 #[test]
 fn lease_is_renewed_before_it_expires() -> Result<()> {
     if !lab::should_run("lease_is_renewed_before_it_expires") {
