@@ -100,6 +100,17 @@ async fn attach(State(host): State<Arc<Host>>, req: axum::extract::Request) -> R
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
 }
 
+/// A known path with a method it does not serve: 405 (axum still adds `Allow`) with the
+/// JSON envelope, as the log aggregator answers. Spec §0.1 has no code for 405, so the body
+/// says `validation_error`, the code for a request this server will not take as sent.
+async fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(ApiError::validation(None, "method not allowed")),
+    )
+        .into_response()
+}
+
 pub fn router(host: Arc<Host>) -> Router {
     Router::new()
         .route("/host/jobs", get(list_jobs))
@@ -121,6 +132,7 @@ pub fn router(host: Arc<Host>) -> Router {
         .merge(crate::volume_api::router())
         .route("/.well-known/status", get(health))
         .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(|| async { Error(ApiError::not_found("not found")) })
         .with_state(host)
 }

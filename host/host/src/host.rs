@@ -1405,6 +1405,10 @@ impl Host {
     /// Loads persisted jobs and re-attaches to the ones still running.
     pub async fn restore(self: &Arc<Self>) {
         let stored = self.store.load();
+        // A job whose record is on disk but could not be read (logged by `load`): nothing of
+        // it is touched, so a record fixed by hand brings it back with the next daemon.
+        let loaded: Vec<String> = stored.iter().map(|j| j.job.id.clone()).collect();
+        let unreadable = |id: &str| !loaded.iter().any(|l| l == id) && self.store.exists(id);
         // Deregistrations of jobs that ended (or vanished) while no daemon ran.
         if let Ok(dir) = std::fs::read_dir(self.state_dir.join("deregistered")) {
             for e in dir.flatten() {
@@ -1412,7 +1416,7 @@ impl Host {
                 let live = stored
                     .iter()
                     .any(|j| j.job.id == name && !j.status.is_terminal());
-                if !live {
+                if !live && !unreadable(&name) {
                     self.forget_deregistration(&name);
                 }
             }
@@ -1481,13 +1485,26 @@ impl Host {
                 }
             }
         }
+        let mut kept = Vec::new();
         for (id, h) in adopted {
+            if unreadable(&id) {
+                tracing::error!(job = %id, "leaving a running container alone: its stored record cannot be read");
+                // Held, not dropped, until the daemon exits: dropping it closes the job's stdin.
+                tokio::spawn(async move {
+                    let _untouched = h;
+                    std::future::pending::<()>().await
+                });
+                kept.push(id);
+                continue;
+            }
             tracing::warn!(job = %id, "killing a running container the host has no state for");
             self.reap(id, h);
         }
         if let Some(n) = self.network() {
-            n.release_strays(|id| self.lock().table.get(id).is_some())
-                .await;
+            n.release_strays(|id| {
+                self.lock().table.get(id).is_some() || kept.iter().any(|k| k == id)
+            })
+            .await;
         }
         self.await_agent_block().await;
     }

@@ -34,8 +34,10 @@ use anyhow::Context;
 
 pub use config::Config;
 
-/// The stored host id, or a new random one written to `<state-dir>/host-id`.
-fn host_id(cfg: &Config) -> anyhow::Result<String> {
+/// The stored host id, or a new random one written to `<state-dir>/host-id` (atomically
+/// and durably, before it is used). An empty file, which a crash of a version that wrote it
+/// in place could leave, counts as none.
+fn host_id(cfg: &Config, sync: &syncer::Syncer) -> anyhow::Result<String> {
     if let Some(id) = &cfg.id {
         return Ok(id.clone());
     }
@@ -45,11 +47,28 @@ fn host_id(cfg: &Config) -> anyhow::Result<String> {
         if config::valid_host_id(&s) {
             return Ok(s);
         }
-        anyhow::bail!("{} holds an invalid host id {s:?}", path.display());
+        if !s.is_empty() {
+            anyhow::bail!("{} holds an invalid host id {s:?}", path.display());
+        }
+        tracing::warn!(path = %path.display(), "empty host id file; choosing a new id");
     }
     let id = format!("host{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+    sync.write(&path, id.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    sync.flush();
     Ok(id)
+}
+
+/// Creates `dir` (and its parents) readable by its owner only, or makes an existing one so
+/// (a state directory of an older version): job records and output are not for every local
+/// user.
+pub(crate) fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Holds `<state-dir>/lock` (`flock`, released when the process ends) for the daemon's
@@ -95,13 +114,12 @@ fn raise_nofile_limit() {
 /// daemon re-adopts them.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate().map_err(anyhow::Error::msg)?;
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    private_dir(&cfg.state_dir).with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     let _lock = lock_state_dir(&cfg.state_dir)?;
     raise_nofile_limit();
-    let id = host_id(&cfg)?;
-    let tags = cfg.tag_map().map_err(anyhow::Error::msg)?;
     let sync = syncer::Syncer::start();
+    let id = host_id(&cfg, &sync)?;
+    let tags = cfg.tag_map().map_err(anyhow::Error::msg)?;
     let store = store::Store::open(&cfg.state_dir, sync.clone())?;
     let volume_dir = cfg
         .volume_dir
@@ -276,5 +294,40 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(dir: &std::path::Path) -> Config {
+        use clap::Parser;
+        Config::try_parse_from(["flynn-host", "--state-dir", dir.to_str().unwrap()]).unwrap()
+    }
+
+    #[test]
+    fn host_id_is_written_once_through_the_syncer_and_an_empty_file_is_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("host-id");
+        let sync = syncer::Syncer::start();
+        let id = host_id(&cfg(d.path()), &sync).unwrap();
+        assert!(config::valid_host_id(&id), "{id:?}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), id);
+        // Temp file, fsync, rename: the write that a crash cannot leave empty.
+        assert_eq!(sync.written(), vec![path.clone()]);
+        assert_eq!(host_id(&cfg(d.path()), &sync).unwrap(), id);
+
+        // What a crash of an older version could leave: a new id instead of a daemon that
+        // refuses to start.
+        for empty in ["", "\n"] {
+            std::fs::write(&path, empty).unwrap();
+            let again = host_id(&cfg(d.path()), &sync).unwrap();
+            assert!(config::valid_host_id(&again), "{again:?}");
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), again);
+        }
+        // Anything else that is not an id is still refused.
+        std::fs::write(&path, "not/an id").unwrap();
+        assert!(host_id(&cfg(d.path()), &sync).is_err());
     }
 }

@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
@@ -255,6 +256,7 @@ fn write_seg(
         let f = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(seg_path(dir, seg))?;
         *file = Some((seg, f));
     }
@@ -277,7 +279,7 @@ fn write_seg(
 impl DiskLog {
     /// Opens (or creates) the log in `dir`, keeping at most about `max_bytes`.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<DiskLog> {
-        fs::create_dir_all(dir)?;
+        crate::private_dir(dir)?;
         let mut ns: Vec<u64> = fs::read_dir(dir)?
             .filter_map(|e| e.ok())
             .filter_map(|e| {

@@ -30,7 +30,7 @@ pub struct Store {
 impl Store {
     pub fn open(state_dir: &Path, sync: Syncer) -> Result<Store, StoreError> {
         let dir = state_dir.join("jobs");
-        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+        crate::private_dir(&dir).map_err(|source| StoreError::Io {
             path: dir.clone(),
             source,
         })?;
@@ -68,6 +68,11 @@ impl Store {
         self.sync
             .write(&path, &data)
             .map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// Whether a record of job `id` is on disk, readable or not.
+    pub fn exists(&self, id: &str) -> bool {
+        self.path(id).exists()
     }
 
     pub fn remove(&self, id: &str) {

@@ -103,7 +103,14 @@ impl Syncer {
         let tmp = path.with_file_name(format!(".{name}.{n}.tmp"));
         let written = (|| {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
+            use std::os::unix::fs::OpenOptionsExt;
+            // Owner only: job records hold each job's environment, secrets among it.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
             f.write_all(bytes)?;
             // The data reaches the disk before the rename can: a rename whose file data was
             // never written can leave an empty file after a power cut (XFS; ext4 mounted

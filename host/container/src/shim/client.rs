@@ -19,6 +19,24 @@ use crate::ContainerError;
 /// Spawns, finds and cleans up per-job shims.
 pub struct Shim;
 
+/// Creates (or empties) `path`, readable by its owner only: a job's spec holds its
+/// environment (secrets among it), its log what the shim says about it.
+fn create_private(path: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// `bytes` in a new file at `path`, as [`create_private`] makes it.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    create_private(path)?.write_all(bytes)
+}
+
 /// A connection to one job's shim.
 pub struct ShimConn {
     id: String,
@@ -119,8 +137,8 @@ impl Shim {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| ContainerError::io("creating a socket pair for", program, e))?;
         let log_path = state_dir.join("spare.log");
-        let log = fs::File::create(&log_path)
-            .map_err(|e| ContainerError::io("creating", &log_path, e))?;
+        let log =
+            create_private(&log_path).map_err(|e| ContainerError::io("creating", &log_path, e))?;
         // The first process forks the spare and exits at once.
         let status = tokio::process::Command::new(program)
             .args(leading_args)
@@ -211,9 +229,9 @@ impl Shim {
     ) -> Result<(), ContainerError> {
         use tokio::io::AsyncWriteExt;
         let json = serde_json::to_vec_pretty(spec).expect("specs serialize");
-        fs::write(layout.spec(), json)
+        write_private(&layout.spec(), &json)
             .map_err(|e| ContainerError::io("writing", layout.spec(), e))?;
-        fs::File::create(layout.log())
+        create_private(&layout.log())
             .map_err(|e| ContainerError::io("creating", layout.log(), e))?;
         let mut msg = spec.id.clone().into_bytes();
         msg.push(b'\n');
@@ -246,9 +264,9 @@ impl Shim {
         spec: &ContainerSpec,
     ) -> Result<(), ContainerError> {
         let json = serde_json::to_vec_pretty(spec).expect("specs serialize");
-        fs::write(layout.spec(), json)
+        write_private(&layout.spec(), &json)
             .map_err(|e| ContainerError::io("writing", layout.spec(), e))?;
-        let log = fs::File::create(layout.log())
+        let log = create_private(&layout.log())
             .map_err(|e| ContainerError::io("creating", layout.log(), e))?;
         // The shim forks; this process exits as soon as the control socket is bound.
         let status = tokio::process::Command::new(program)

@@ -11,6 +11,7 @@ use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -191,6 +192,7 @@ fn run_spare(state_dir: &Path) -> Result<(), String> {
     let log = fs::OpenOptions::new()
         .append(true)
         .create(true)
+        .mode(0o600)
         .open(layout.log())
         .map_err(|e| format!("opening {}: {e}", layout.log().display()))?;
     // SAFETY: dup2 onto stderr of a descriptor this process owns.

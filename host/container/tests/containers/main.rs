@@ -1,5 +1,6 @@
 //! Real containers (busybox image) through the shim: run as root.
 
+mod clone;
 mod jobs;
 mod limits;
 mod reconnect;

@@ -862,6 +862,123 @@ fn restart_releases_addresses_of_unknown_jobs() {
     });
 }
 
+/// A job whose stored record cannot be read (here: a field this version does not know, as a
+/// newer daemon might write) is left alone by a restarted daemon: its container keeps
+/// running, with its address, and the record stays. It used to be killed as a container the
+/// host had no state for.
+#[test]
+fn restart_leaves_a_job_with_an_unreadable_record_running() {
+    require_root!();
+    busybox();
+    in_netns(|_| async {
+        let mut ch = CHost::start(&["--netns-pool", "0"]);
+        let state = ch.host.dir.path().to_path_buf();
+        let id = ch.host.job_id("unreadable");
+        ch.host
+            .client
+            .add_job(&bb_job(&id, "exec sleep 60"))
+            .await
+            .unwrap();
+        let j = wait_running(&ch.host.client, &id).await;
+        let pid = j.pid.expect("a running job's pid");
+        drop(ch.host.proc.take());
+
+        let record = state.join("jobs").join(format!("{id}.json"));
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+        v["job"]["from_a_newer_version"] = true.into();
+        let unreadable = serde_json::to_vec(&v).unwrap();
+        std::fs::write(&record, &unreadable).unwrap();
+
+        ch.restart(&["--netns-pool", "0"]);
+        // (A kill would be on its way as the daemon starts serving.)
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let alive = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, r)| !r.starts_with('Z'))
+            })
+        };
+        assert!(alive(pid), "the job's process was killed");
+        let shim_pid: u32 =
+            std::fs::read_to_string(state.join("containers").join(&id).join("shim.pid"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+        assert!(alive(shim_pid), "the job's shim was killed");
+        assert_eq!(std::fs::read(&record).unwrap(), unreadable);
+        assert!(
+            ip_owners(&state).contains(&id),
+            "the job's address was released"
+        );
+        // Not the daemon's to supervise, until its record is fixed.
+        assert!(ch.host.client.get_job(&id).await.is_err());
+    });
+}
+
+/// Job state and output are for root only: the state directory is 0700 (one an older
+/// version left 0755 too, from the next start on) and a job's record, spec, shim log and
+/// the host's log segments are 0600.
+#[test]
+fn job_state_and_output_are_private() {
+    require_root!();
+    busybox();
+    in_netns(|_| async {
+        use std::os::unix::fs::PermissionsExt;
+        // Nothing needs to listen: the host keeps job output on disk for its aggregators.
+        let args = ["--netns-pool", "0", "--logagg", "127.0.0.1:9"];
+        let mut ch = CHost::start(&args);
+        let state = ch.host.dir.path().to_path_buf();
+        let mode = |p: &std::path::Path| {
+            std::fs::metadata(p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        // As an older version left them.
+        for d in [state.clone(), state.join("jobs"), state.join("logs")] {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        ch.restart(&args);
+        let id = ch.host.job_id("private");
+        ch.host
+            .client
+            .add_job(&bb_job(&id, "echo secret-output; exec sleep 60"))
+            .await
+            .unwrap();
+        wait_running(&ch.host.client, &id).await;
+        let logs = state.join("logs");
+        let mut segs = Vec::new();
+        eventually(Duration::from_secs(10), "a log segment", || {
+            segs = std::fs::read_dir(&logs)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                .collect();
+            !segs.is_empty()
+        })
+        .await;
+        for d in [state.clone(), state.join("jobs"), logs] {
+            assert_eq!(mode(&d), 0o700, "{}", d.display());
+        }
+        let job_dir = state.join("containers").join(&id);
+        let mut files = vec![
+            state.join("jobs").join(format!("{id}.json")),
+            job_dir.join("spec.json"),
+            job_dir.join("shim.log"),
+        ];
+        files.extend(segs);
+        for f in files {
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+        }
+        ch.host.client.stop_job(&id).await.unwrap();
+        wait_ended(&ch.host.client, &id, Duration::from_secs(15)).await;
+    });
+}
+
 #[test]
 fn the_overlay_agent_hands_the_host_its_block() {
     require_root!();

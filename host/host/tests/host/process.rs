@@ -8,6 +8,30 @@ use crate::support::*;
 
 const PROC: &[&str] = &["--runtime", "process"];
 
+/// A path the API serves, asked with a method it does not serve: 405 with the JSON error
+/// envelope (was axum's empty plain response), on the job routes and the volume routes
+/// merged in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_method_gets_405_with_the_json_envelope() {
+    let h = Host::start(PROC);
+    for (method, p) in [
+        ("POST", "/host/jobs"),
+        ("POST", "/host/jobs/x"),
+        ("GET", "/host/tags"),
+        ("DELETE", "/storage/volumes"),
+    ] {
+        let (st, body) = http(&h.addr, method, p, "", "");
+        assert_eq!(st, 405, "{method} {p}: {body}");
+        let e: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|err| panic!("{method} {p}: {err}: {body:?}"));
+        assert_eq!(
+            (e["code"].as_str(), e["retry"].as_bool()),
+            (Some("validation_error"), Some(false)),
+            "{method} {p}: {body}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_errors_and_validation() {
     let h = Host::start(PROC);
