@@ -104,6 +104,25 @@ fn redirect(host: &str, uri: &Uri) -> Response {
     r
 }
 
+/// Plain reads from a node that has stopped following (no leader for a while; see
+/// `Registry::stop_following`) are refused as its DNS answers SERVFAIL and its watches end:
+/// its state no longer changes, and a stale leader or instance list read from it (by a
+/// client, or by a proxy's DNS) would be taken for the cluster's.
+fn check_following(node: &Node) -> Result<(), Response> {
+    if node.shared.lock().registry.following() {
+        Ok(())
+    } else {
+        Err(ApiErr(
+            ApiError::new(
+                flynn_api::ErrorCode::ServiceUnavailable,
+                "discoverd: this node follows no leader; its state is not current",
+            )
+            .with_retry(true),
+        )
+        .into_response())
+    }
+}
+
 fn no_leader() -> ApiErr {
     ApiErr(
         ApiError::new(
@@ -287,6 +306,8 @@ async fn get_meta(
     check_service(&service).map_err(e)?;
     if wants_consistent(&uri) {
         linearize(&node, &uri).await?;
+    } else {
+        check_following(&node)?;
     }
     // An unknown service has no meta either: the same 404 (spec §2.3).
     let st = node.shared.lock();
@@ -314,6 +335,7 @@ async fn list_instances(
     if wants_sse(&headers) {
         return Ok(sse::stream(&node, &service, Kinds::INSTANCES));
     }
+    check_following(&node)?;
     let list = node.shared.lock().registry.instances(&service);
     if list.is_empty() {
         return Err(e(ApiErr(ApiError::object_not_found(format!(
@@ -490,6 +512,7 @@ async fn get_leader(
     if wants_sse(&headers) {
         return Ok(sse::stream(&node, &service, Kinds::LEADER));
     }
+    check_following(&node)?;
     match node.shared.lock().registry.leader(&service) {
         Some(l) => Ok(Json(l).into_response()),
         None => Err(e(ApiErr(ApiError::object_not_found("no leader found")))),

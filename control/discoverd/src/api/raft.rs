@@ -263,8 +263,18 @@ async fn remove_peer(
     ApiPath(peer): ApiPath<String>,
     uri: Uri,
 ) -> Response {
+    if let Err(e) = check_peer(&peer) {
+        return ApiErr(e).into_response();
+    }
     if let Err(r) = leader_only(&node, &uri) {
         return r;
+    }
+    // Not a member: a 404, not openraft's membership error as a 500 to retry.
+    if !node.peer_addrs().contains(&peer) {
+        return ApiErr(ApiError::object_not_found(format!(
+            "discoverd: {peer} is not a peer"
+        )))
+        .into_response();
     }
     let id = node_id(&peer);
     match node

@@ -39,15 +39,26 @@ struct PeerView {
     leader: Option<crate::store::types::Instance>,
 }
 
-/// Asks a random peer's HTTP API about `service` (both requests at once). `None` when no
-/// peer answered.
+/// Asks a random peer's HTTP API about `service` (both requests at once), and a second
+/// one when the first does not answer (down, or following no leader: 503). `None` when
+/// neither answered.
 async fn peer_view(node: &Node, service: &str) -> Option<PeerView> {
-    use crate::store::types::Instance;
     let peers = node.peer_addrs();
     if peers.is_empty() {
         return None;
     }
-    let peer = &peers[fastrand::usize(..peers.len())];
+    let first = fastrand::usize(..peers.len());
+    for k in 0..peers.len().min(2) {
+        if let Some(v) = ask_peer(node, &peers[(first + k) % peers.len()], service).await {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// One peer's view of `service`; `None` unless both requests got an answer that counts.
+async fn ask_peer(node: &Node, peer: &str, service: &str) -> Option<PeerView> {
+    use crate::store::types::Instance;
     let base = format!("http://{peer}/services/{service}");
     let get = |path: &'static str| {
         node.http

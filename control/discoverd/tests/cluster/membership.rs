@@ -366,7 +366,25 @@ async fn a_peer_that_is_not_host_port_is_refused() {
         .await;
         assert_eq!(r.status, 400, "{bad}: {}", r.body);
         assert_eq!(r.json()["code"], "validation_error", "{bad}: {}", r.body);
+        let r = call(
+            &c,
+            "DELETE",
+            &cl.nodes[l].url(&format!("/raft/peers/{bad}")),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 400, "DELETE {bad}: {}", r.body);
     }
+    // Removing an address that is no peer: 404, and the membership is unchanged.
+    let r = call(
+        &c,
+        "DELETE",
+        &cl.nodes[l].url("/raft/peers/127.0.0.254:1"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(r.json()["code"], "object_not_found", "{}", r.body);
     // Well formed, but nobody answers there: refused after the 10 s it has to answer
     // (it used to be waited for forever), and not left in the membership.
     let no_timeout = reqwest::Client::new();

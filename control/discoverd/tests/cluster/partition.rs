@@ -258,6 +258,17 @@ async fn a_node_without_a_leader_for_a_while_stops_serving_its_frozen_state() {
         None,
         "DNS answered from a frozen state"
     );
+    // Nor do its plain HTTP reads (a proxy's DNS asks them): 503, retry.
+    let raw = raw_client();
+    for path in [
+        "/services/w/instances",
+        "/services/w/leader",
+        "/services/w/meta",
+    ] {
+        let r = call(&raw, "GET", &cl.nodes[f].url(path), None).await;
+        assert_eq!(r.status, 503, "{path}: {}", r.body);
+        assert_eq!(r.json()["retry"], true, "{path}: {}", r.body);
+    }
 
     cl.heal().await;
     let back = eventually(Duration::from_secs(20), || async {
@@ -265,6 +276,8 @@ async fn a_node_without_a_leader_for_a_while_stops_serving_its_frozen_state() {
     })
     .await;
     assert!(back.is_some(), "DNS did not come back after healing");
+    let r = call(&raw, "GET", &cl.nodes[f].url("/services/w/instances"), None).await;
+    assert_ne!(r.status, 503, "{}", r.body);
 }
 
 /// The same for a leader cut off from the others: openraft keeps it leading until it hears
