@@ -99,10 +99,45 @@ impl Domain {
 
 /// Whether the route's path segments are a prefix of the request path's, empty segments
 /// skipped on both sides as Flynn's route tree does: `/x/` matches `/x`, `/x/`, `/x/...`
-/// and `//x//...`, not `/xy`.
+/// and `//x//...`, not `/xy`. The request path is matched percent-decoded, as Flynn matched
+/// Go's `URL.Path` (and nginx its normalised URI): `/%61dmin/x` and `/api%2Fv2` are the
+/// `/admin/` and `/api/` routes' requests, not the root route's. Decoded on the fly, without
+/// a copy; a `%` not followed by two hex digits is itself.
 fn path_matches(route: &[u8], path: &[u8]) -> bool {
-    let mut have = segments(path);
-    segments(route).all(|want| have.next() == Some(want))
+    let mut have = Decoded { p: path, i: 0 }.peekable();
+    for want in segments(route) {
+        while have.next_if_eq(&b'/').is_some() {}
+        if !want.iter().all(|&w| have.next() == Some(w)) {
+            return false;
+        }
+        if !matches!(have.peek(), None | Some(b'/')) {
+            return false;
+        }
+    }
+    true
+}
+
+/// The bytes of a request path, percent-decoded.
+struct Decoded<'a> {
+    p: &'a [u8],
+    i: usize,
+}
+
+impl Iterator for Decoded<'_> {
+    type Item = u8;
+
+    fn next(&mut self) -> Option<u8> {
+        let b = *self.p.get(self.i)?;
+        if b == b'%' {
+            let hex = |i: usize| self.p.get(i).and_then(|&c| (c as char).to_digit(16));
+            if let (Some(h), Some(l)) = (hex(self.i + 1), hex(self.i + 2)) {
+                self.i += 3;
+                return Some((h * 16 + l) as u8);
+            }
+        }
+        self.i += 1;
+        Some(b)
+    }
 }
 
 /// The non-empty `/`-separated segments of a path.

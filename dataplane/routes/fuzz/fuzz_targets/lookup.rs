@@ -12,7 +12,9 @@ use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 
 const LABELS: [&str; 6] = ["a", "B", "c", "xn--d", "a-b", ""];
-const PATHS: [&str; 9] = ["", "/", "/a", "/a/", "/a/b", "/ab", "/A", "//a//", "/a///"];
+const PATHS: [&str; 12] = [
+    "", "/", "/a", "/a/", "/a/b", "/ab", "/A", "//a//", "/a///", "/%61", "/a%2Fb", "/a%2",
+];
 const PORTS: [u16; 3] = [0, 80, 8080];
 
 fn domain(u: &mut Unstructured) -> Result<String> {
@@ -83,7 +85,23 @@ fn model<'a>(routes: &'a [Route], host: &[u8], port: u16, path: &[u8]) -> Option
                 .map(<[u8]>::to_vec)
                 .collect()
         };
-        let have = split(path);
+        // The request path percent-decoded first (a `%` without two hex digits is itself).
+        let mut decoded = Vec::new();
+        let mut i = 0;
+        while i < path.len() {
+            let hex = |j: usize| path.get(j).and_then(|&c| (c as char).to_digit(16));
+            match (path[i], hex(i + 1), hex(i + 2)) {
+                (b'%', Some(h), Some(l)) => {
+                    decoded.push((h * 16 + l) as u8);
+                    i += 3;
+                }
+                (b, _, _) => {
+                    decoded.push(b);
+                    i += 1;
+                }
+            }
+        }
+        let have = split(&decoded);
         let mut best: Option<((usize, usize), &str)> = None;
         for r in here {
             let p = normalize_path(&r.path);

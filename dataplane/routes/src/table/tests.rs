@@ -270,3 +270,30 @@ fn backends_by_id_are_the_http_routes_even_when_a_tcp_route_shares_the_id() {
         assert!(t.backends_of("other").is_none());
     }
 }
+
+#[test]
+fn paths_match_percent_decoded() {
+    // As Flynn (Go's decoded `URL.Path`) and nginx: an encoded letter or slash does not
+    // move a request off its route.
+    let t = table(&[
+        route("a.com", "/", "s1"),
+        route("a.com", "/admin/", "s2"),
+        route("a.com", "/api/v2/", "s3"),
+    ]);
+    let cases = [
+        ("/%61dmin/users", "s2"),
+        ("/%61%64%6D%69%6e", "s2"),
+        ("/api%2Fv2/x", "s3"),
+        ("/api%2fv2", "s3"),
+        ("%2Fadmin", "s2"),
+        ("/admin%2F", "s2"),
+        ("/admin%20", "s1"),
+        ("/adm%", "s1"),
+        ("/admin%2", "s1"),
+        ("/admin%zz", "s1"),
+        ("/%", "s1"),
+    ];
+    for (path, want) in cases {
+        assert_eq!(svc(&t, "a.com", path), Some(want), "{path:?}");
+    }
+}
