@@ -125,9 +125,18 @@ impl ImageStore {
                     reason,
                 }
             })?;
+            // The layer is trusted by its name from the rename on, so its files reach the
+            // disk first: after a power cut `layers/<sha>` is whole or absent (then imported
+            // again), never present with empty or torn files.
+            flush_fs(&tmp).map_err(|e| ContainerError::io("flushing", &tmp, e))?;
             let dest = self.layers.join(&sha256);
             match fs::rename(&tmp, &dest) {
-                Ok(()) => Ok(()),
+                Ok(()) => {
+                    File::open(&self.layers)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| ContainerError::io("flushing", &self.layers, e))?;
+                    Ok(())
+                }
                 // Someone else unpacked the same layer meanwhile: theirs is as good.
                 Err(_) if dest.is_dir() => {
                     let _ = fs::remove_dir_all(&tmp);
@@ -157,6 +166,18 @@ impl ImageStore {
             path,
         })
     }
+}
+
+/// Flushes the filesystem holding `dir` (`syncfs(2)`): every file of a freshly unpacked
+/// layer, its directories and metadata, in one call rather than one fsync per file.
+fn flush_fs(dir: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = File::open(dir)?;
+    // SAFETY: `d` is an open descriptor for the duration of the call.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A reader that fails once `cancelled` says so.
