@@ -50,6 +50,8 @@ fn route(u: &mut Unstructured, i: usize) -> Result<Route> {
 /// (unit-tested in `table/tests.rs`): this target checks the table around it.
 fn model<'a>(routes: &'a [Route], host: &[u8], port: u16, path: &[u8]) -> Option<&'a str> {
     let domain = strip_port(host);
+    // A fully qualified name's trailing dot is ignored (one dot, as nginx).
+    let domain = domain.strip_suffix(b".").unwrap_or(domain);
     let path = if path.is_empty() { b"/" as &[u8] } else { path };
     let mut candidates: Vec<Vec<u8>> = vec![domain.to_vec()];
     // Wildcards as Flynn's router: the host split into at most 5 parts on `.`, then `*.` and
