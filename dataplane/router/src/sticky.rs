@@ -41,10 +41,16 @@ impl Sealer {
 
     /// The cookie value for `addr`.
     pub fn seal(&self, addr: SocketAddr) -> String {
+        // From the OS (getrandom(2)): a nonce repeated under the shared key would let
+        // cookies be forged, and a fast non-cryptographic generator's 64-bit state makes a
+        // repeat across routers sharing COOKIE_KEY a matter of ~2^32 cookies. Only a
+        // client's first request to a sticky route (or a move) seals a cookie.
         let mut nonce = [0u8; NONCE];
-        for chunk in nonce.chunks_mut(8) {
-            let r = fastrand::u64(..).to_le_bytes();
-            chunk.copy_from_slice(&r[..chunk.len()]);
+        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce).is_err() {
+            for chunk in nonce.chunks_mut(8) {
+                let r = fastrand::u64(..).to_le_bytes();
+                chunk.copy_from_slice(&r[..chunk.len()]);
+            }
         }
         let plain = addr.to_string();
         let sealed = self
