@@ -52,6 +52,25 @@ pub struct Api {
     /// was frozen): handed over, and cleared by the new process before it watches them
     /// again, even if a route names them again by then.
     pub owed: Mutex<std::collections::BTreeSet<String>>,
+    /// Orders what follows a change (events, drains): see [`Api::after_change`].
+    turns: Turns,
+}
+
+/// Turns for the part of a change that follows its commit: taken under the store's lock
+/// (so in the order of the changes), each turn waits for the one before it to finish.
+struct Turns {
+    taken: std::sync::atomic::AtomicU64,
+    done: tokio::sync::watch::Sender<u64>,
+}
+
+/// Ends a turn when dropped, however its task ends.
+struct Turn<'a>(&'a Turns, u64);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let n = self.1;
+        self.0.done.send_modify(|d| *d = (*d).max(n));
+    }
 }
 
 /// An [`ApiError`] as an HTTP response: status from the code table, JSON envelope.
@@ -87,6 +106,44 @@ impl Api {
             sse_streams: std::sync::atomic::AtomicUsize::new(0),
             discovered: Mutex::new(std::collections::BTreeSet::new()),
             owed: Mutex::new(std::collections::BTreeSet::new()),
+            turns: Turns {
+                taken: std::sync::atomic::AtomicU64::new(0),
+                done: tokio::sync::watch::Sender::new(0),
+            },
+        }
+    }
+
+    /// A turn for what follows a change; take it under the store's lock, right after the
+    /// change.
+    fn take_turn(&self) -> u64 {
+        self.turns
+            .taken
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1
+    }
+
+    /// Runs `then` once every core uses table version `v` and every earlier change's
+    /// `then` has run, on a task of its own: a handler dropped meanwhile (its client went
+    /// away) loses neither the events nor the drains of a change that was made, and two
+    /// changes' events go out in the order of the changes (a backend removed and put back
+    /// is reported down, then up). Resolves with `then`'s result.
+    async fn after_change<T: Send + 'static>(
+        self: &Arc<Self>,
+        turn: u64,
+        v: u64,
+        then: impl FnOnce(&Arc<Api>) -> T + Send + 'static,
+    ) -> T {
+        let api = self.clone();
+        let task = tokio::spawn(async move {
+            let mut done = api.turns.done.subscribe();
+            let _turn = Turn(&api.turns, turn);
+            api.applied(v).await;
+            let _ = done.wait_for(|d| *d + 1 >= turn).await;
+            then(&api)
+        });
+        match task.await {
+            Ok(t) => t,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }
 
@@ -179,13 +236,14 @@ fn parse_kind(s: &str) -> Res<RouteType> {
 
 async fn add_route(State(api): State<Arc<Api>>, body: Bytes) -> Res<Json<Route>> {
     let r = Store::parse_route(&body)?;
-    let (r, v) = {
+    let (r, v, turn) = {
         let mut s = api.store_for_change()?;
         let r = s.add(r)?;
-        (r, api.publish(&s))
+        (r, api.publish(&s), api.take_turn())
     };
-    api.applied(v).await;
-    api.emit("set", Some(r.clone()), None);
+    let set = r.clone();
+    api.after_change(turn, v, move |api| api.emit("set", Some(set), None))
+        .await;
     Ok(Json(r))
 }
 
@@ -217,13 +275,14 @@ async fn update_route(
 ) -> Res<Json<Route>> {
     let kind = parse_kind(&kind)?;
     let r = Store::parse_route(&body)?;
-    let (r, v) = {
+    let (r, v, turn) = {
         let mut s = api.store_for_change()?;
         let r = s.update(kind, &id, r)?;
-        (r, api.publish(&s))
+        (r, api.publish(&s), api.take_turn())
     };
-    api.applied(v).await;
-    api.emit("set", Some(r.clone()), None);
+    let set = r.clone();
+    api.after_change(turn, v, move |api| api.emit("set", Some(set), None))
+        .await;
     Ok(Json(r))
 }
 
@@ -232,13 +291,13 @@ async fn delete_route(
     Path((kind, id)): Path<(String, String)>,
 ) -> Res<StatusCode> {
     let kind = parse_kind(&kind)?;
-    let (r, v) = {
+    let (r, v, turn) = {
         let mut s = api.store_for_change()?;
         let r = s.remove(kind, &id)?;
-        (r, api.publish(&s))
+        (r, api.publish(&s), api.take_turn())
     };
-    api.applied(v).await;
-    api.emit("remove", Some(r), None);
+    api.after_change(turn, v, move |api| api.emit("remove", Some(r), None))
+        .await;
     Ok(StatusCode::OK)
 }
 
@@ -271,12 +330,29 @@ impl Api {
         service: &str,
         list: Vec<BackendAddr>,
     ) -> Result<Vec<BackendAddr>, ApiError> {
-        let (added, removed, v) = {
+        let (added, removed, v, turn) = {
             let mut s = self.store_for_change()?;
             let (a, r) = s.set_backends(service, list)?;
-            (a, r, self.publish(&s))
+            (a, r, self.publish(&s), self.take_turn())
         };
-        self.applied(v).await;
+        let service = service.to_string();
+        let set = self
+            .after_change(turn, v, move |api| {
+                api.backends_changed(&service, added, removed);
+                api.store().backends(&service)
+            })
+            .await;
+        Ok(set)
+    }
+
+    /// Emits `backend-up`/`backend-down` for a change of `service`'s backends, and starts
+    /// (or cancels) drains.
+    fn backends_changed(
+        self: &Arc<Self>,
+        service: &str,
+        added: Vec<BackendAddr>,
+        removed: Vec<BackendAddr>,
+    ) {
         let backend = |b: BackendAddr| Backend {
             service: service.to_string(),
             addr: b.addr,
@@ -322,7 +398,6 @@ impl Api {
             }
             self.emit("backend-up", None, Some(b));
         }
-        Ok(self.store().backends(service))
     }
 
     /// Services that routes refer to.

@@ -500,3 +500,42 @@ fn events_stream_backend_up_and_down() {
         ]
     );
 }
+
+/// Two changes of one service's backends at once (an operator's PUT and discovery, say)
+/// have their events sent in the order the changes were made: the last event about a
+/// backend always agrees with whether it is in the service's final set.
+#[test]
+fn concurrent_backend_changes_send_their_events_in_order() {
+    let router = Router::start();
+    let mut events = Events::open(&router, "backend-up,backend-down");
+    let addr = router.api_addr;
+    let put = move |body: &'static str| {
+        std::thread::spawn(move || {
+            let r = crate::support::api_call(addr, "PUT", "/services/web/backends", Some(body));
+            assert_eq!(r.map(|r| r.0), Some(200));
+        })
+    };
+    let mut up = false;
+    for round in 0..200 {
+        let a = put(r#"[{"addr":"127.0.0.1:9001"}]"#);
+        let b = put("[]");
+        a.join().unwrap();
+        b.join().unwrap();
+        let (status, now) = crate::support::api_call(addr, "GET", "/services/web/backends", None)
+            .expect("backends");
+        assert_eq!(status, 200);
+        let present = now.as_array().is_some_and(|a| !a.is_empty());
+        // Put in then taken out, or out then in: two events, the last saying where it
+        // ended; otherwise one of the changes changed nothing: one event.
+        let n = if present == up { 2 } else { 1 };
+        let mut last = up;
+        for _ in 0..n {
+            last = events.next()["event"] == "backend-up";
+        }
+        assert_eq!(
+            last, present,
+            "round {round}: the last event says up={last}, the set has it: {present}"
+        );
+        up = present;
+    }
+}
