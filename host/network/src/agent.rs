@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use flynn_ebpf::{FastPath, Hop, Role, Tunnel, Underlay};
 
 use crate::direct::{direct_routes, Segment};
+use crate::fastmaps::MapSync;
 use crate::kernel::KernelNetlink;
 use crate::lease::{Config as LeaseConfig, Lease, LeaseError, Leaser};
 use crate::reconcile::{reconcile, setup, DeviceConfig, Devices, NetlinkError};
@@ -84,16 +85,20 @@ pub struct Agent<S> {
     lease: Option<Lease>,
     devices: Option<Devices>,
     segment: Option<Segment>,
-    /// Prefixes this agent put in the fast path's map.
-    prefixes: BTreeMap<Subnet, Hop>,
-    /// Whether prefixes a previous agent left in the pinned map have been swept.
-    swept: bool,
+    /// What this agent put in the fast path's routing maps.
+    maps: MapSync,
     stats: Arc<Stats>,
     /// Whether the outbound NAT rules are in place as far as the agent knows (installed, and
     /// present at the last check); while false they are installed again every resync.
     masq_ok: bool,
     /// How current the lease set is: see [`Freshness`].
     fresh: Freshness,
+    /// Set while [`Agent::start`] acquires: a start cut short there may have leased a block
+    /// without learning it (see [`Agent::abandon_start`]).
+    acquiring: bool,
+    /// The overlay MTU ([`Devices::mtu`]): set by [`Agent::start`], changed when a resync
+    /// follows a changed underlay MTU (see [`Agent::mtu`]).
+    mtu: tokio::sync::watch::Sender<u32>,
 }
 
 /// After the store comes back from an outage, leases are still judged as of its start for
@@ -151,10 +156,11 @@ impl<S: LeaseStore> Agent<S> {
             lease: None,
             devices: None,
             segment: None,
-            prefixes: BTreeMap::new(),
-            swept: false,
+            maps: MapSync::default(),
             masq_ok: false,
             fresh: Freshness::default(),
+            acquiring: false,
+            mtu: tokio::sync::watch::Sender::new(0),
             stats: Arc::new(Stats {
                 fast_path: fast_on.into(),
                 ..Stats::default()
@@ -167,7 +173,11 @@ impl<S: LeaseStore> Agent<S> {
     /// and reconciles once.
     pub async fn start(&mut self) -> Result<Started, AgentError> {
         let previous = self.cfg.state_dir.as_deref().and_then(previous_subnet);
+        self.acquiring = true;
         let lease = self.leaser.acquire(SystemTime::now(), previous).await?;
+        // Known from here on, for a shutdown before the start finishes (`abandon_start`).
+        self.acquiring = false;
+        self.lease = Some(lease.clone());
         if let Some(p) = previous.filter(|p| *p != lease.subnet) {
             tracing::warn!(previous = %p, subnet = %lease.subnet, "the previous block is taken; this host's block changed");
         }
@@ -192,8 +202,8 @@ impl<S: LeaseStore> Agent<S> {
         let segment = self.nl.segment(self.cfg.public_ip).await?;
         self.segment = Some(segment);
         self.attach_or_fall_back(&lease, devices.vxlan, segment)?;
-        self.lease = Some(lease.clone());
         self.devices = Some(devices);
+        self.set_mtu(devices.mtu);
         self.write_state()?;
         let snap = self.leaser.store().leases().await?;
         self.fresh.read(true, SystemTime::now());
@@ -205,6 +215,36 @@ impl<S: LeaseStore> Agent<S> {
             devices,
             fast_path: self.fast.is_some(),
         })
+    }
+
+    /// For a shutdown while [`Agent::start`] has not finished (cut short, or failing and
+    /// retried): releases the lease it acquired, or, when it was cut short while acquiring
+    /// (the write may have gone through, its answer lost), this host's lease in the store.
+    /// Without this a SIGTERM during start-up left the lease live for its whole TTL.
+    pub async fn abandon_start(&mut self) -> Result<(), AgentError> {
+        let lease = match self.lease.take() {
+            Some(l) => Some(l),
+            None if self.acquiring => self.leaser.own().await?,
+            None => None,
+        };
+        self.acquiring = false;
+        if let Some(l) = lease {
+            tracing::info!(subnet = %l.subnet, "shutting down during start-up; releasing the lease");
+            self.leaser.release(&l).await?;
+        }
+        Ok(())
+    }
+
+    /// The overlay MTU, to follow: 0 until [`Agent::start`] set the devices up, then their
+    /// [`Devices::mtu`], changed when a resync finds the underlay's MTU changed (the VXLAN
+    /// device follows it, and so must the MTU the host daemon gives its jobs' routes).
+    pub fn mtu(&self) -> tokio::sync::watch::Receiver<u32> {
+        self.mtu.subscribe()
+    }
+
+    fn set_mtu(&self, mtu: u32) {
+        self.mtu
+            .send_if_modified(|m| std::mem::replace(m, mtu) != mtu);
     }
 
     /// Makes the kernel and the fast path match `snap`. Returns the number of changes.
@@ -336,7 +376,6 @@ impl<S: LeaseStore> Agent<S> {
                 },
             )
         }));
-        let mut changes = 0;
         // Peers of tunneled blocks, for encapsulation in BPF; keyed like the hops. The map is
         // pinned but can be listed, so it is simply made equal to the leases every time.
         let tunnels: BTreeMap<Ipv4Addr, Tunnel> = tunneled
@@ -352,48 +391,11 @@ impl<S: LeaseStore> Agent<S> {
                 )
             })
             .collect();
-        let have: BTreeMap<Ipv4Addr, Tunnel> = fp.tunnels()?.into_iter().collect();
-        for hop in have.keys().filter(|h| !tunnels.contains_key(h)) {
-            fp.remove_tunnel(*hop)?;
-            changes += 1;
-        }
-        if !self.swept {
-            // The map is pinned and outlives agents: drop whatever a previous agent left for
-            // blocks that are not live now.
-            for (net, len, _) in fp.prefixes()? {
-                if !want.contains_key(&Subnet::new(net, len)) {
-                    fp.remove_prefix(net, len)?;
-                }
-            }
-            self.swept = true;
-        }
-        let stale: Vec<Subnet> = self
-            .prefixes
-            .keys()
-            .filter(|s| !want.contains_key(s))
-            .copied()
-            .collect();
-        for s in stale {
-            fp.remove_prefix(s.addr(), s.prefix_len())?;
-            self.prefixes.remove(&s);
-            changes += 1;
-        }
-        // Tunnel entries before the prefixes that use them (the first packets of a new peer are
-        // then already encapsulated in BPF; either way they would be delivered).
-        for (hop, t) in &tunnels {
-            if have.get(hop) != Some(t) {
-                fp.upsert_tunnel(*hop, *t)?;
-                changes += 1;
-            }
-        }
-        for (s, hop) in want {
-            if self.prefixes.get(&s) != Some(&hop) {
-                fp.upsert_prefix(s.addr(), s.prefix_len(), hop)?;
-                self.prefixes.insert(s, hop);
-                changes += 1;
-            }
-        }
-        Ok(changes)
+        // A block the maps refuse (full: they hold 1024 entries) stays on the kernel path and
+        // is reported in the status; the pass and the agent's health go on.
+        let out = self.maps.sync(fp, &want, &tunnels)?;
+        self.stats.set_unmapped(out.unmapped);
+        Ok(out.changes)
     }
 
     /// Runs until `shutdown` completes (then releases the lease) or the lease is lost (an error:
@@ -509,6 +511,7 @@ impl<S: LeaseStore> Agent<S> {
             let pin_dir = fp.pin_dir().to_path_buf();
             self.fast = None;
             self.stats.fast_path.store(false, Ordering::Relaxed);
+            self.stats.set_unmapped(BTreeSet::new());
             fast_path_off(&pin_dir);
         }
         Ok(())
@@ -572,12 +575,15 @@ impl<S: LeaseStore> Agent<S> {
                 }
             }
             // Every hop names the old VXLAN ifindex: all rewritten.
-            self.prefixes.clear();
-            self.swept = false;
+            self.maps.reset();
         }
         // As at start: the agent exits if the fast path is required (its supervisor starts it
         // again), else the kernel path alone rather than maps naming devices that are gone.
         self.attach_or_fall_back(&lease, devices.vxlan, segment)?;
+        if devices.mtu != old.mtu {
+            tracing::info!(before = old.mtu, after = devices.mtu, "overlay MTU changed");
+            self.set_mtu(devices.mtu);
+        }
         if let Err(e) = self.write_state() {
             tracing::warn!(error = %error_chain(&e), "cannot write the state file");
         }

@@ -224,6 +224,29 @@ impl KernelNetlink {
             .ok_or_else(|| NetlinkError::Missing { name: name.into() })
     }
 
+    /// Deletes every main-table route on `vxlan` that reads as `r`, each with the message the
+    /// kernel dumped for it. The kernel matches a delete on the protocol, scope, type, TOS and
+    /// metric it names too: one built here (protocol static) misses a route another tool or
+    /// an older agent added (`ip route` adds protocol boot), gets ESRCH, which reads as
+    /// "already gone", and the route stayed for ever, planned for removal on every pass.
+    async fn del_route(&self, vxlan: u32, r: &Route) -> Result<(), NetlinkError> {
+        let mut found = Vec::new();
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        while let Some(m) = routes.try_next().await.map_err(req("get routes"))? {
+            if vxlan_route(&m, vxlan).as_ref() == Some(r) {
+                found.push(m);
+            }
+        }
+        for m in found {
+            gone_ok(self.handle.route().del(m).execute().await, "delete route")?;
+        }
+        Ok(())
+    }
+
     async fn set_mtu_up(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
         self.handle
             .link()
@@ -462,14 +485,7 @@ impl Netlink for KernelNetlink {
                 .execute()
                 .await
                 .map_err(req("add route")),
-            Op::DelRoute(r) => gone_ok(
-                self.handle
-                    .route()
-                    .del(route_message(vxlan, &r))
-                    .execute()
-                    .await,
-                "delete route",
-            ),
+            Op::DelRoute(r) => self.del_route(vxlan, &r).await,
             Op::DelFdb(f) => {
                 let mut m = neigh_message(vxlan, AddressFamily::Bridge);
                 m.header.flags = NeighbourFlags::Own;

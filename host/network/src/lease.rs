@@ -130,11 +130,7 @@ impl<S: LeaseStore> Leaser<S> {
         for attempt in 1..=self.config.attempts {
             // Linearizable: taking a block over must not rest on a copy that lags.
             let snap = self.store.leases_consistent().await?;
-            let mine = snap.leases.iter().find(|l| {
-                l.public_ip == self.public_ip
-                    && l.subnet.prefix_len() == layout.subnet_len
-                    && layout.blocks().any(|b| b == l.subnet)
-            });
+            let mine = snap.leases.iter().find(|l| self.is_own(l));
             // Only blocks of the layout hold blocks: a foreign or corrupt record (say
             // `0.0.0.0-0`) would otherwise overlap, and block, every one.
             let is_free = |b: &Subnet| {
@@ -210,6 +206,22 @@ impl<S: LeaseStore> Leaser<S> {
         Err(LeaseError::Contention {
             attempts: self.config.attempts,
         })
+    }
+
+    /// Whether `l` is this host's lease: its public IP, on a block of the layout.
+    fn is_own(&self, l: &Lease) -> bool {
+        let layout = &self.config.layout;
+        l.public_ip == self.public_ip
+            && l.subnet.prefix_len() == layout.subnet_len
+            && layout.blocks().any(|b| b == l.subnet)
+    }
+
+    /// This host's lease as the store holds it now (linearizable read), the one
+    /// [`Leaser::acquire`] would reuse: for a shutdown that cut an acquisition short, whose
+    /// write may have gone through with its answer lost.
+    pub async fn own(&self) -> Result<Option<Lease>, LeaseError> {
+        let snap = self.store.leases_consistent().await?;
+        Ok(snap.leases.into_iter().find(|l| self.is_own(l)))
     }
 
     /// When `lease` should be renewed.

@@ -23,6 +23,7 @@ mod agent;
 mod direct;
 mod discoverd;
 mod fake;
+mod fastmaps;
 pub mod job;
 mod kernel;
 mod lease;

@@ -6,6 +6,7 @@
 //! stdout once set up. Serves `GET /ping` (flannel's), `/.well-known/status` and `/metrics`
 //! (Prometheus text, including the fast path's packet counters) on `--http-addr`.
 
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -158,10 +159,19 @@ async fn serve(listener: tokio::net::TcpListener, status: Status) {
                 .as_ref()
                 .is_some_and(|s| s.synced.load(Ordering::Relaxed));
             let peers = stats.as_ref().map(|s| s.peers.load(Ordering::Relaxed));
+            let mut detail = serde_json::json!({"subnet": subnet, "peers": peers});
+            // Blocks the fast path's maps refused: the kernel path carries them, so they
+            // are reported without making the host unhealthy.
+            if let Some((n, first)) = stats.as_ref().map(|s| s.unmapped(16)) {
+                if n > 0 {
+                    let first: Vec<String> = first.iter().map(ToString::to_string).collect();
+                    detail["fast_path_unmapped"] = serde_json::json!({"count": n, "first": first});
+                }
+            }
             let body = serde_json::json!({"data": {
                 "status": if healthy { "healthy" } else { "unhealthy" },
                 "version": env!("CARGO_PKG_VERSION"),
-                "detail": {"subnet": subnet, "peers": peers},
+                "detail": detail,
             }});
             let code = if healthy {
                 StatusCode::OK
@@ -190,7 +200,80 @@ async fn serve(listener: tokio::net::TcpListener, status: Status) {
     }
 }
 
+/// How long a shutdown during start-up waits for the lease to be released.
+const ABANDON_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Completes on SIGTERM or SIGINT. The handlers are installed by this call, not when the
+/// future is first polled: a signal from then on is kept until it is awaited.
+fn shutdown_signal() -> Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+/// `work`, or `None` when `shutdown` completes first.
+async fn unless<T>(
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = shutdown => None,
+        r = work => Some(r),
+    }
+}
+
+/// Reads (or first writes) the cluster's network config; discoverd may still be electing a
+/// leader, so this retries for a while.
+async fn init_config(
+    store: &DiscoverdStore,
+    wanted: &Layout,
+    cfg: &Config,
+) -> Result<serde_json::Value> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match store
+            .init(config_json(wanted, cfg.vni, cfg.vxlan_port))
+            .await
+        {
+            Ok(c) => return Ok(c),
+            Err(e) if attempt < 60 => {
+                tracing::warn!(error = %e, attempt, "discoverd not ready");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).context("writing the network config to discoverd"),
+        }
+    }
+}
+
+/// [`Agent::start`], retried for a while (the underlay device may not be up yet).
+async fn start(agent: &mut Agent<DiscoverdStore>) -> Result<flynn_network::Started> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match agent.start().await {
+            Ok(s) => return Ok(s),
+            Err(e) if attempt < 30 => {
+                tracing::warn!(error = %error_chain(&e), attempt, "start failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("starting the agent")),
+        }
+    }
+}
+
 async fn run(mut cfg: Config) -> Result<()> {
+    // First: start-up can take half a minute of retries, and a SIGTERM meanwhile must still
+    // release what was leased (without a handler it killed the agent, and the lease stayed
+    // live for its TTL).
+    let mut shutdown = Box::pin(shutdown_signal()?);
     let listener = tokio::net::TcpListener::bind(cfg.http_addr)
         .await
         .with_context(|| format!("binding the HTTP endpoint {}", cfg.http_addr))?;
@@ -198,22 +281,11 @@ async fn run(mut cfg: Config) -> Result<()> {
     tokio::spawn(serve(listener, status.clone()));
     let store = DiscoverdStore::new(Client::new(&cfg.discoverd));
     let wanted = Layout::with_defaults(cfg.network, cfg.subnet_len)?;
-    // discoverd may still be electing a leader: retry for a while.
-    let mut attempt = 0;
-    let stored = loop {
-        attempt += 1;
-        match store
-            .init(config_json(&wanted, cfg.vni, cfg.vxlan_port))
-            .await
-        {
-            Ok(c) => break c,
-            Err(e) if attempt < 60 => {
-                tracing::warn!(error = %e, attempt, "discoverd not ready");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => return Err(e).context("writing the network config to discoverd"),
-        }
+    let Some(stored) = unless(&mut shutdown, init_config(&store, &wanted, &cfg)).await else {
+        tracing::info!("shutting down before the network config was read; nothing leased");
+        return Ok(());
     };
+    let stored = stored?;
     let layout = layout_from_config(&stored)?;
     if layout != wanted {
         tracing::info!(network = %layout.network, "using the cluster's stored network config");
@@ -296,18 +368,17 @@ async fn run(mut cfg: Config) -> Result<()> {
     };
     let mut agent = Agent::new(store, nl, agent_cfg, fast);
     *status.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(agent.stats());
-    let mut attempt = 0;
-    let started = loop {
-        attempt += 1;
-        match agent.start().await {
-            Ok(s) => break s,
-            Err(e) if attempt < 30 => {
-                tracing::warn!(error = %error_chain(&e), attempt, "start failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(anyhow::Error::new(e).context("starting the agent")),
-        }
+    let Some(started) = unless(&mut shutdown, start(&mut agent)).await else {
+        return match tokio::time::timeout(ABANDON_TIMEOUT, agent.abandon_start()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::anyhow!(error_chain(&e)))
+                .context("releasing the lease at a shutdown during start-up"),
+            Err(_) => bail!(
+                "releasing the lease at a shutdown during start-up: no answer in {ABANDON_TIMEOUT:?}"
+            ),
+        };
     };
+    let started = started?;
     println!(
         "ready subnet={} gateway={} mtu={} mac={} fast_path={}",
         started.lease.subnet,
@@ -320,26 +391,17 @@ async fn run(mut cfg: Config) -> Result<()> {
         Some(started.lease.subnet.to_string());
     tracing::info!(subnet = %started.lease.subnet, mtu = started.devices.mtu, "overlay up");
     if let Some(url) = &cfg.notify {
-        use flynn_network::notify;
+        // Sent now and again whenever the overlay MTU changes.
         let base = flynn_client::http_base(url).context("--notify")?;
-        let body = notify::network_config(
-            &std::env::var("FLYNN_JOB_ID").unwrap_or_default(),
-            &started.lease.subnet,
-            started.devices.mtu,
-            notify::nameservers(&cfg.resolv_conf),
-        );
-        tokio::spawn(notify::notify_host(base, body));
+        tokio::spawn(flynn_network::notify::follow_mtu(
+            base,
+            std::env::var("FLYNN_JOB_ID").unwrap_or_default(),
+            started.lease.subnet,
+            cfg.resolv_conf.clone(),
+            agent.mtu(),
+        ));
     }
 
-    let shutdown = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    };
     agent
         .run(shutdown)
         .await

@@ -1,9 +1,10 @@
 //! Telling the host daemon its block (flannel's notify, spec §6): once the overlay is up the
 //! agent sends `POST /host/network {job_id, subnet: "<first address>/<len>", mtu, resolvers}`
-//! to flynn-host, which makes its job bridge from it (`--network-from-agent`).
+//! to flynn-host, which makes its job bridge from it (`--network-from-agent`), and again when
+//! the overlay MTU changes ([`follow_mtu`]).
 
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use flynn_api::host::NetworkConfig;
 
@@ -58,6 +59,36 @@ pub async fn notify_host(base: String, cfg: NetworkConfig) -> bool {
         async move { attempt(client.configure_network(cfg).await) }
     })
     .await
+}
+
+/// [`notify_host`] with the overlay MTU `mtu` holds, and again each time it changes (the
+/// underlay's MTU changed and the VXLAN device followed it): without that, after a decrease
+/// the jobs' routes kept the old, larger MTU. A notification still being retried is dropped
+/// for the new one. The resolvers are read from `resolv_conf` for each. Ends when the agent
+/// (the sender of `mtu`) is gone.
+pub async fn follow_mtu(
+    base: String,
+    job_id: String,
+    subnet: Subnet,
+    resolv_conf: PathBuf,
+    mut mtu: tokio::sync::watch::Receiver<u32>,
+) {
+    loop {
+        let m = *mtu.borrow_and_update();
+        let cfg = network_config(&job_id, &subnet, m, nameservers(&resolv_conf));
+        let changed = tokio::select! {
+            _ = notify_host(base.clone(), cfg) => mtu.changed().await,
+            r = mtu.changed() => r,
+        };
+        if changed.is_err() {
+            return;
+        }
+        tracing::info!(
+            before = m,
+            after = *mtu.borrow(),
+            "overlay MTU changed; telling the host daemon"
+        );
+    }
 }
 
 /// What one answer of the host means for [`notify_host`].

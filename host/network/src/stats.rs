@@ -1,8 +1,12 @@
 //! [`Stats`]: what the agent has done, for `/metrics` (Prometheus text) and
 //! `/.well-known/status`.
 
+use std::collections::BTreeSet;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::subnet::Subnet;
 
 /// Counters and gauges updated by the [`crate::Agent`]; shared with the HTTP endpoint.
 #[derive(Debug, Default)]
@@ -24,9 +28,23 @@ pub struct Stats {
     pub fast_decap_gso: AtomicU64,
     pub fast_encap: AtomicU64,
     pub fast_passed: AtomicU64,
+    /// Remote blocks the fast path's maps refused (full) at the last reconcile: the kernel
+    /// path carries them. Not a failed reconcile.
+    pub fast_unmapped: Mutex<BTreeSet<Subnet>>,
 }
 
 impl Stats {
+    /// Records the blocks the fast path's maps refused at the last reconcile.
+    pub fn set_unmapped(&self, blocks: BTreeSet<Subnet>) {
+        *self.fast_unmapped.lock().unwrap_or_else(|e| e.into_inner()) = blocks;
+    }
+
+    /// [`Stats::fast_unmapped`]: how many, and the first `limit` of them.
+    pub fn unmapped(&self, limit: usize) -> (usize, Vec<Subnet>) {
+        let set = self.fast_unmapped.lock().unwrap_or_else(|e| e.into_inner());
+        (set.len(), set.iter().take(limit).copied().collect())
+    }
+
     /// Prometheus text exposition of every value.
     pub fn prometheus(&self) -> String {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -77,6 +95,12 @@ impl Stats {
             &[("", u64::from(self.fast_path.load(Ordering::Relaxed)))],
         );
         if self.fast_path.load(Ordering::Relaxed) {
+            metric(
+                "flynn_network_fast_path_unmapped_blocks",
+                "gauge",
+                "Remote blocks the fast path's maps refused (full); the kernel path carries them.",
+                &[("", self.unmapped(0).0 as u64)],
+            );
             metric(
                 "flynn_network_fast_path_packets_total",
                 "counter",

@@ -8,6 +8,7 @@ mod discoverd;
 #[path = "../vxlan/lab.rs"]
 #[allow(dead_code)]
 mod lab;
+mod lifecycle;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -47,6 +48,28 @@ struct Ready {
 
 impl AgentProc {
     fn start(host: &Host, discoverd: &str, extra: &[&str]) -> Result<AgentProc> {
+        let (mut agent, rx) = AgentProc::spawn(host, discoverd, extra)?;
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => l,
+            Err(_) => bail!(
+                "agent in {} never became ready:\n{}",
+                host.ns,
+                agent.log_text()
+            ),
+        };
+        let ready = parse_ready(&line)?;
+        agent.subnet = ready.subnet;
+        agent.mac = ready.mac;
+        agent.fast_path = ready.fast_path;
+        Ok(agent)
+    }
+
+    /// The agent process, started; its `ready` line comes on the channel.
+    fn spawn(
+        host: &Host,
+        discoverd: &str,
+        extra: &[&str],
+    ) -> Result<(AgentProc, std::sync::mpsc::Receiver<String>)> {
         let bin = env!("CARGO_BIN_EXE_flynn-network");
         let log = host.dir.join(format!(
             "agent-{}.log",
@@ -79,26 +102,14 @@ impl AgentProc {
                 }
             }
         });
-        let mut agent = AgentProc {
+        let agent = AgentProc {
             child: Some(child),
             subnet: "0.0.0.0/0".parse()?,
             mac: String::new(),
             fast_path: String::new(),
             log,
         };
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(l) => l,
-            Err(_) => bail!(
-                "agent in {} never became ready:\n{}",
-                host.ns,
-                agent.log_text()
-            ),
-        };
-        let ready = parse_ready(&line)?;
-        agent.subnet = ready.subnet;
-        agent.mac = ready.mac;
-        agent.fast_path = ready.fast_path;
-        Ok(agent)
+        Ok((agent, rx))
     }
 
     fn log_text(&self) -> String {

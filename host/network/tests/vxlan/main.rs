@@ -262,3 +262,61 @@ fn restarted_host_keeps_lease_and_mac() -> Result<()> {
     ensure!(ping(&j1, job_ip(&l2), 3), "no connectivity after restart");
     Ok(())
 }
+
+/// A route on the VXLAN device that no lease calls for is removed whatever protocol it was
+/// added with: `ip route` adds protocol boot (an operator, an older agent), and a delete
+/// naming the agent's own protocol (static) missed it (ESRCH, taken as already gone), so it
+/// stayed and was "removed" again on every pass.
+#[test]
+fn stale_route_of_another_protocol_is_removed() -> Result<()> {
+    if !lab::should_run("stale_route_of_another_protocol_is_removed") {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    let store = MemoryStore::new();
+    let ns = lab.add_host("h1", "u1", "10.231.2.1")?;
+    let (lease, _) = start_host(&ns, &store, "10.231.2.1")?;
+    let vxlan = DeviceConfig::default().vxlan_name;
+    let src = lease.subnet.first_host().to_string();
+    // Blocks no lease holds (leases are among the first 100 of 100.100.0.0/16): one with
+    // protocol boot, one with another protocol, a metric and a preferred source.
+    let stale = [
+        (
+            "100.100.250.0/24",
+            vec!["via", "100.100.250.0", "onlink", "proto", "boot"],
+        ),
+        (
+            "100.100.251.0/24",
+            vec![
+                "via",
+                "100.100.251.0",
+                "onlink",
+                "proto",
+                "42",
+                "metric",
+                "7",
+                "src",
+                &src,
+            ],
+        ),
+    ];
+    for (dst, extra) in &stale {
+        let mut cmd = vec!["ip", "-n", &ns, "route", "add", dst, "dev", &vxlan];
+        cmd.extend(extra.iter().copied());
+        run(&cmd)?;
+    }
+    let ops = reconcile_ops(&ns, &store, lease.subnet)?;
+    ensure!(
+        ops.iter().filter(|o| matches!(o, Op::DelRoute(_))).count() == 2,
+        "{ops:?}"
+    );
+    let routes = run(&["ip", "-n", &ns, "route", "show", "dev", &vxlan])?;
+    let routes = String::from_utf8_lossy(&routes.stdout);
+    for (dst, _) in &stale {
+        let net = dst.trim_end_matches("/24");
+        ensure!(!routes.contains(net), "{dst} is still there:\n{routes}");
+    }
+    let again = reconcile_ops(&ns, &store, lease.subnet)?;
+    ensure!(again.is_empty(), "second pass still changes: {again:?}");
+    Ok(())
+}
