@@ -143,7 +143,9 @@ impl Api {
         });
         match task.await {
             Ok(t) => t,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: the runtime is shutting down.
+            Err(_) => std::future::pending().await,
         }
     }
 
@@ -187,7 +189,7 @@ impl Api {
 
     /// Applies a new version of the routes file (blocking; for the signal handler).
     pub fn reload_file(&self, file: crate::RoutesFile) -> Result<(usize, usize), String> {
-        let (applied, v) = {
+        let (applied, v, turn) = {
             let mut s = self.store();
             if self.frozen() {
                 return Err("the router is handing over to a new process".into());
@@ -195,9 +197,15 @@ impl Api {
             let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
             // All or nothing: on error neither the store nor the file state changed.
             let applied = f.apply(&mut s, file)?;
-            (applied, self.publish(&s))
+            (applied, self.publish(&s), self.take_turn())
         };
+        // In turn with the API's changes (see `after_change`), from this blocking thread.
+        let _turn = Turn(&self.turns, turn);
         self.shared.wait_applied(v, Duration::from_secs(10));
+        let give_up = std::time::Instant::now() + Duration::from_secs(10);
+        while *self.turns.done.borrow() + 1 < turn && std::time::Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let counts = (applied.set.len(), applied.removed.len());
         for r in applied.removed {
             self.emit("remove", Some(r), None);

@@ -314,7 +314,8 @@ enum Failure {
 /// A backend may answer before taking the whole body (a 413, a 401) and close or stop
 /// reading: when a body write fails or times out, its answer is read for
 /// [`crate::proxy::EARLY_ANSWER_WAIT`] and relayed, as on HTTP/1.1, instead of a 503. The
-/// request body is then not finished, so the connection is not pooled.
+/// request body then did not all reach the backend (even when the client has sent all of
+/// it): the second value is `false`, and the connection must not be pooled.
 async fn exchange(
     up: &mut monoio::net::TcpStream,
     out: &mut Vec<u8>,
@@ -323,7 +324,7 @@ async fn exchange(
     ubuf: &mut Vec<u8>,
     method: flynn_http::Method,
     idle: std::time::Duration,
-) -> Result<flynn_http::ResponseInfo, Failure> {
+) -> Result<(flynn_http::ResponseInfo, bool), Failure> {
     // `out` is lent to the write and handed back, kept for a retry.
     let o = std::mem::take(out);
     let len = o.len();
@@ -359,7 +360,7 @@ async fn exchange(
             _ => {
                 let early = read_head(up, ubuf, method);
                 return match monoio::time::timeout(crate::proxy::EARLY_ANSWER_WAIT, early).await {
-                    Ok(Ok(r)) => Ok(r),
+                    Ok(Ok(r)) => Ok((r, false)),
                     _ => Err(Failure::Failed),
                 };
             }
@@ -378,6 +379,7 @@ async fn exchange(
     )
     .await
     .unwrap_or(Err(Failure::Failed))
+    .map(|r| (r, true))
 }
 
 /// Reads the response head into `ubuf`, skipping interim 1xx heads. What a read brought is
@@ -530,6 +532,9 @@ async fn stream(
             }
         }
     };
+    // A backend that answered before taking the whole body (see `exchange`) is not
+    // reused: the rest of the body never reached it.
+    let (resp, whole) = resp;
     core.metrics().status(resp.status);
     let end = resp.framing == Framing::Empty || matches!(resp.framing, Framing::Length(0));
     let mut response = h2_response(&ubuf[..resp.head_len], resp.status);
@@ -541,9 +546,7 @@ async fn stream(
     let Ok(mut send) = respond.send_response(response, end) else {
         return;
     };
-    // A backend that answered before taking the whole body (see `exchange`) is not
-    // reused: the rest of the body was never sent.
-    let whole = body.is_end_stream();
+
     if end {
         if ubuf.len() != resp.head_len {
             core.pool.note_strays(addr);

@@ -12,6 +12,42 @@ use crypto_secretbox::{Key, Nonce, XSalsa20Poly1305};
 pub const COOKIE: &[u8] = b"_backend";
 const NONCE: usize = 24;
 
+/// A nonce never used before under any key: XSalsa20 needs them unique (a repeat under the
+/// shared `COOKIE_KEY` would let cookies be forged), not unpredictable. Each thread draws a
+/// 128-bit prefix from the OS once (`getrandom(2)`, via ring) and counts up in the last 8
+/// bytes, so sealing costs no system call: routers sharing the key collide only if two
+/// threads draw the same 128 bits. A fast non-cryptographic generator (64-bit state, as
+/// before) made a repeat likely after ~2^32 cookies.
+fn next_nonce() -> [u8; NONCE] {
+    use std::cell::Cell;
+    thread_local! {
+        static PREFIX: [u8; 16] = {
+            let mut p = [0u8; 16];
+            if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut p).is_err() {
+                // getrandom(2) does not fail once the kernel's pool is ready; if it ever
+                // did, the thread id and time still keep threads and runs apart.
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos() as u64;
+                p[..8].copy_from_slice(&t.to_le_bytes());
+                p[8..].copy_from_slice(&fastrand::u64(..).to_le_bytes());
+            }
+            p
+        };
+        static COUNT: Cell<u64> = const { Cell::new(0) };
+    }
+    let mut nonce = [0u8; NONCE];
+    PREFIX.with(|p| nonce[..16].copy_from_slice(p));
+    let n = COUNT.with(|c| {
+        let n = c.get().wrapping_add(1);
+        c.set(n);
+        n
+    });
+    nonce[16..].copy_from_slice(&n.to_le_bytes());
+    nonce
+}
+
 /// Parses `COOKIE_KEY`: base64 of exactly 32 bytes.
 pub fn parse_key(b64: &str) -> Result<[u8; 32], String> {
     let raw = STANDARD
@@ -41,17 +77,7 @@ impl Sealer {
 
     /// The cookie value for `addr`.
     pub fn seal(&self, addr: SocketAddr) -> String {
-        // From the OS (getrandom(2)): a nonce repeated under the shared key would let
-        // cookies be forged, and a fast non-cryptographic generator's 64-bit state makes a
-        // repeat across routers sharing COOKIE_KEY a matter of ~2^32 cookies. Only a
-        // client's first request to a sticky route (or a move) seals a cookie.
-        let mut nonce = [0u8; NONCE];
-        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce).is_err() {
-            for chunk in nonce.chunks_mut(8) {
-                let r = fastrand::u64(..).to_le_bytes();
-                chunk.copy_from_slice(&r[..chunk.len()]);
-            }
-        }
+        let nonce = next_nonce();
         let plain = addr.to_string();
         let sealed = self
             .cipher
@@ -106,6 +132,21 @@ mod tests {
         assert_eq!(s.open(b"!!!"), None);
         let head = format!("GET / HTTP/1.1\r\nHost: a\r\nCookie: x=1; _backend={v}\r\n\r\n");
         assert_eq!(from_request(&s, head.as_bytes()), Some(addr));
+    }
+
+    #[test]
+    fn nonces_are_unique_within_and_across_threads() {
+        let here: Vec<_> = (0..1000).map(|_| next_nonce()).collect();
+        let there = std::thread::spawn(|| (0..1000).map(|_| next_nonce()).collect::<Vec<_>>())
+            .join()
+            .unwrap();
+        let all: std::collections::HashSet<_> = here.iter().chain(&there).collect();
+        assert_eq!(all.len(), 2000);
+        assert_ne!(
+            here[0][..16],
+            there[0][..16],
+            "each thread draws its own prefix"
+        );
     }
 
     #[test]

@@ -258,6 +258,12 @@ fn write_seg(
             .append(true)
             .mode(0o600)
             .open(seg_path(dir, seg))?;
+        // The mode applies to a segment it creates; one an older version left 0644 (the
+        // segment being appended to across an upgrade) is narrowed.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
         *file = Some((seg, f));
     }
     let f = &mut file.as_mut().expect("opened").1;

@@ -147,11 +147,25 @@ fn a_stray_crlf_after_a_body_is_not_a_request_head() {
     let b1 = Backend::start("b1");
     router.add_route(http_route("example.com", "web"));
     router.set_backends("web", &[&b1]);
-    let mut conn = Conn::connect(router.http_addr);
-    conn.send(b"POST /a HTTP/1.1\r\nHost: example.com\r\nContent-Length: 5\r\n\r\nhello\r\n");
-    let seen = conn.response().seen();
-    assert_eq!(seen.body, b"hello");
-    // Past the header timeout: nothing arrives and the connection stays open.
-    conn.expect_quiet(Duration::from_millis(2500));
-    assert_eq!(conn.get("example.com", "/b").seen().uri, "/b");
+    // The CRLF with the body, and on its own after the response.
+    for late in [false, true] {
+        let mut conn = Conn::connect(router.http_addr);
+        let post = b"POST /a HTTP/1.1\r\nHost: example.com\r\nContent-Length: 5\r\n\r\nhello";
+        conn.send(post);
+        if !late {
+            conn.send(b"\r\n");
+        }
+        let seen = conn.response().seen();
+        assert_eq!(seen.body, b"hello");
+        if late {
+            conn.send(b"\r\n");
+        }
+        // Past the header timeout: nothing arrives and the connection stays open.
+        conn.expect_quiet(Duration::from_millis(2500));
+        assert_eq!(
+            conn.get("example.com", "/b").seen().uri,
+            "/b",
+            "late {late}"
+        );
+    }
 }

@@ -233,22 +233,25 @@ fn a_backend_that_answers_early_and_reads_the_body_keeps_the_connection() {
     assert_eq!(resp.status, 201);
 }
 
-/// A client that asked to close, and sends more (a pipelined request the router will not
-/// serve) while its response is still coming, reads the whole response: the router lingers
-/// over the bytes it leaves unread instead of closing over them, which would make the
-/// kernel reset the connection and drop the response's unsent tail.
+/// A client whose response closes the connection (a body the backend ends by closing), and
+/// that has sent more meanwhile (a pipelined request the router will not serve), reads the
+/// whole response: the router lingers over the bytes it leaves unread instead of closing
+/// over them, which would make the kernel reset the connection and drop the response's
+/// unsent tail.
 #[test]
-fn bytes_sent_after_a_closing_request_do_not_reset_its_response() {
+fn bytes_sent_during_a_closing_response_do_not_reset_it() {
     const BIG: usize = 32 << 20;
     let router = Router::start();
+    // A body ended by the close (no length): the router closes the client's connection too.
     let big = Backend::with_handler("big", |_req, conn| {
-        crate::support::backend::respond(conn, "200 OK", &[], &vec![b'y'; BIG]);
-        Reply::KeepAlive
+        let _ = conn.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+        let _ = conn.write(&vec![b'y'; BIG]);
+        Reply::Close
     });
     router.add_route(http_route("big.example.com", "big"));
     router.set_backends("big", &[&big]);
     let mut conn = Conn::connect(router.http_addr);
-    conn.send(b"GET /big HTTP/1.1\r\nHost: big.example.com\r\nConnection: close\r\n\r\n");
+    conn.send(b"GET /big HTTP/1.1\r\nHost: big.example.com\r\n\r\n");
     // The response fills both socket buffers while the client does not read; what the
     // client sends now waits in the router's socket, unread.
     std::thread::sleep(Duration::from_millis(300));

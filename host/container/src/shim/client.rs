@@ -22,13 +22,16 @@ pub struct Shim;
 /// Creates (or empties) `path`, readable by its owner only: a job's spec holds its
 /// environment (secrets among it), its log what the shim says about it.
 fn create_private(path: &Path) -> std::io::Result<fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    fs::OpenOptions::new()
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)
+        .open(path)?;
+    // The mode applies to a file it creates; one an older version left 0644 is narrowed.
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    Ok(f)
 }
 
 /// `bytes` in a new file at `path`, as [`create_private`] makes it.
