@@ -389,6 +389,17 @@ impl Store {
         list: Vec<BackendAddr>,
     ) -> Result<(Vec<BackendAddr>, Vec<BackendAddr>), ApiError> {
         Backends::from_api(&list).map_err(|m| ApiError::validation(Some("addr"), &m))?;
+        // One spelling per address (`[0::1]:80` is `[::1]:80`), as the table parses them:
+        // re-spelling a live backend is no change (it was reported down and up, and a drain
+        // of it could report a live backend drained), and a repeat is one backend.
+        let mut list = list;
+        for b in &mut list {
+            if let Ok(a) = b.addr.parse::<std::net::SocketAddr>() {
+                b.addr = a.to_string();
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        list.retain(|b| seen.insert(b.addr.clone()));
         let old = self.services.get(service).cloned().unwrap_or_default();
         let added = list
             .iter()

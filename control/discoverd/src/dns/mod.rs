@@ -22,7 +22,7 @@ use anyhow::Context;
 use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::proto::op::{Metadata, ResponseCode};
-use hickory_server::proto::rr::Record;
+use hickory_server::proto::rr::{Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::Server;
@@ -387,10 +387,16 @@ impl RequestHandler for Handler {
                     } => {
                         meta.authoritative = true;
                         meta.response_code = code;
-                        let soa: Vec<Record> = if answers.is_empty() {
-                            vec![soa(serial())]
+                        let apex = q.name().num_labels() == 1;
+                        let (answers, soa): (Vec<Record>, Vec<Record>) = if answers.is_empty() {
+                            // An SOA query at the apex is answered with it.
+                            if apex && matches!(q.query_type(), RecordType::SOA | RecordType::ANY) {
+                                (vec![soa(serial())], Vec::new())
+                            } else {
+                                (answers, vec![soa(serial())])
+                            }
                         } else {
-                            Vec::new()
+                            (answers, Vec::new())
                         };
                         let msg = builder.build(
                             meta,

@@ -156,6 +156,17 @@ pub fn lookup(reg: &Registry, qname: &Name, qtype: RecordType, tcp: bool) -> Loo
     else {
         return nxdomain();
     };
+    // The zone's apex exists (it holds the SOA): NOERROR without records, the SOA then
+    // going in the authority section (or the answer, for an SOA query: see `dns::mod`).
+    // NXDOMAIN here would tell a resolver that minimises query names, or one that follows
+    // RFC 8020, that nothing below `discoverd.` exists.
+    if labels == ["discoverd"] {
+        return Lookup::Answer {
+            code: ResponseCode::NoError,
+            answers: Vec::new(),
+            additionals: Vec::new(),
+        };
+    }
     let target = match parse(&labels) {
         Ok(t) => t,
         Err(true) => return nxdomain(),
@@ -348,7 +359,11 @@ mod tests {
         // One label that holds a dot: a top-level name, not ours.
         assert_eq!(ask("a\\.discoverd."), Lookup::NotOurs);
         assert_eq!(ask("discoverd.com."), Lookup::NotOurs);
-        assert_eq!(ask("DISCOVERD."), nxdomain());
+        // The apex: in the zone, NOERROR without records (it holds the SOA).
+        assert!(matches!(
+            ask("DISCOVERD."),
+            Lookup::Answer { code: ResponseCode::NoError, ref answers, .. } if answers.is_empty()
+        ));
         // A dotted label inside the zone names no service.
         assert_eq!(ask("web\\.x.discoverd."), nxdomain());
         assert!(matches!(

@@ -202,6 +202,26 @@ async fn dns_answers_the_discoverd_zone_over_udp_and_tcp() {
             "{name}: SOA in authority"
         );
     }
+    // The apex exists (it holds the SOA): NOERROR, no records (NXDOMAIN would tell an
+    // RFC 8020 resolver that nothing below it exists); an SOA query gets the SOA.
+    for name in ["discoverd.", "DISCOVERD."] {
+        let m = udp(&dns, name, RecordType::A).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+        assert!(m.answers.is_empty(), "{name}: {:?}", m.answers);
+        assert!(
+            m.authorities
+                .iter()
+                .any(|r| matches!(r.data, RData::SOA(_))),
+            "{name}: SOA in authority"
+        );
+    }
+    let m = tcp(&dns, "discoverd.", RecordType::SOA).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(
+        m.answers.iter().any(|r| matches!(r.data, RData::SOA(_))),
+        "{:?}",
+        m.answers
+    );
     let m = udp(&dns, "idle.discoverd.", RecordType::A).await;
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert!(m.answers.is_empty());

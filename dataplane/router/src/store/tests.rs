@@ -277,6 +277,16 @@ fn backends_validated_and_diffed() {
         ("127.0.0.1:3", "127.0.0.1:1")
     );
     assert_eq!(s.backends("web").len(), 2);
+    // One spelling per address: a repeat is one backend, another spelling no change.
+    let (add, rm) = s
+        .set_backends("web", vec![b("[0:0::1]:9"), b("[::1]:9")])
+        .unwrap();
+    assert_eq!((add.len(), rm.len()), (1, 2), "{add:?} {rm:?}");
+    assert_eq!(s.backends("web").len(), 1);
+    assert_eq!(s.backends("web")[0].addr, "[::1]:9");
+    let (add, rm) = s.set_backends("web", vec![b("[0::1]:9")]).unwrap();
+    assert!(add.is_empty() && rm.is_empty(), "{add:?} {rm:?}");
+    assert_eq!(s.backends("web").len(), 1);
 }
 
 #[test]
