@@ -279,10 +279,11 @@ pub(crate) async fn writer(
     for i in 0..count {
         let name = format!("{prefix}-{i}");
         let url = &urls[i % urls.len()];
-        if let Ok(r) = send(&c, "PUT", &format!("{url}/services/{name}"), Some("{}")).await {
-            if r.status == 200 {
-                acked.lock().unwrap().push(name);
-            }
+        match send(&c, "PUT", &format!("{url}/services/{name}"), Some("{}")).await {
+            Ok(r) if r.status == 200 => acked.lock().unwrap().push(name),
+            // Shown with the test's output when it fails (a write the test expected).
+            Ok(r) => eprintln!("writer: {name} at {url}: {} {}", r.status, r.body),
+            Err(e) => eprintln!("writer: {name} at {url}: {e}"),
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
