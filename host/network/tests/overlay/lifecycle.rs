@@ -1,7 +1,6 @@
 //! The agent's life around the overlay: a shutdown while it is still starting, and the host
 //! daemon told again when the overlay MTU changes.
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
@@ -65,7 +64,7 @@ fn stand_in_host(c: &Cluster, secs: u64) -> Result<(u16, Receiver<serde_json::Va
     std::thread::spawn(move || -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         while Instant::now() < deadline {
-            let mut s = match listener.accept() {
+            let s = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(20));
@@ -73,25 +72,7 @@ fn stand_in_host(c: &Cluster, secs: u64) -> Result<(u16, Receiver<serde_json::Va
                 }
                 Err(e) => return Err(e.into()),
             };
-            s.set_nonblocking(false)?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            let mut r = BufReader::new(s.try_clone()?);
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                r.read_line(&mut line)?;
-                if line == "\r\n" || line.is_empty() {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse()?;
-                }
-            }
-            let mut body = vec![0; len];
-            r.read_exact(&mut body)?;
-            s.write_all(
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
-            )?;
+            let (_, body) = crate::answer_notification(s)?;
             if tx.send(serde_json::from_slice(&body)?).is_err() {
                 break;
             }

@@ -1659,7 +1659,7 @@ fn agent_tells_the_host_daemon_its_block() -> Result<()> {
             port_tx.send(l.local_addr()?.port())?;
             l.set_nonblocking(true)?;
             let t0 = Instant::now();
-            let mut s = loop {
+            let s = loop {
                 match l.accept() {
                     Ok((s, _)) => break s,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -1669,27 +1669,7 @@ fn agent_tells_the_host_daemon_its_block() -> Result<()> {
                     Err(e) => return Err(e.into()),
                 }
             };
-            s.set_nonblocking(false)?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            let mut r = BufReader::new(s.try_clone()?);
-            let mut head = String::new();
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                r.read_line(&mut line)?;
-                if line == "\r\n" || line.is_empty() {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse()?;
-                }
-                head.push_str(&line);
-            }
-            let mut body = vec![0; len];
-            r.read_exact(&mut body)?;
-            s.write_all(
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
-            )?;
+            let (head, body) = answer_notification(s)?;
             Ok((head, String::from_utf8(body)?))
         })
     });
@@ -1854,4 +1834,31 @@ fn jobs_reach_the_outside_through_nat_and_each_other_untranslated() -> Result<()
     let seen = source_seen(&j1.netns_path, listen_in_job(&j2)?).context("job to job, no NAT")?;
     ensure!(seen == std::net::IpAddr::V4(j1.ip), "job saw {seen}");
     Ok(())
+}
+
+/// Reads one request from a stand-in flynn-host's accepted connection and answers it 200
+/// with `{}`; returns the request's head lines and its body.
+pub(crate) fn answer_notification(mut s: TcpStream) -> Result<(String, Vec<u8>)> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut head = String::new();
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse()?;
+        }
+        head.push_str(&line);
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body)?;
+    s.write_all(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+    )?;
+    Ok((head, body))
 }
