@@ -332,11 +332,7 @@ pub async fn serve_conn<S: Client>(
                 // Empty lines before a request are skipped (RFC 9112 §2.2): a stray CRLF
                 // some clients send after a body must not make the wait for the next
                 // request a head read under the header timeout (and its 408).
-                let blank = b.buf.iter().take_while(|&&x| x == b'\r' || x == b'\n');
-                let blank = blank.count();
-                if blank > 0 {
-                    b.buf.drain(..blank);
-                }
+                skip_blank_lines(&mut b.buf);
                 hot = b.buf.is_empty() && !core.settings().hot_idle.is_zero() && !core.draining();
             }
             None => break,
@@ -491,6 +487,20 @@ async fn one_request<S: Client>(
     }
 }
 
+/// Drops the empty lines (CR and LF bytes) that may precede a request (RFC 9112 §2.2);
+/// true if there were any. One compare when there are none.
+fn skip_blank_lines(buf: &mut Vec<u8>) -> bool {
+    if !matches!(buf.first(), Some(b'\r' | b'\n')) {
+        return false;
+    }
+    let blank = buf
+        .iter()
+        .take_while(|&&x| x == b'\r' || x == b'\n')
+        .count();
+    buf.drain(..blank);
+    true
+}
+
 fn reason_body(status: u16) -> &'static [u8] {
     match status {
         431 => b"Request Header Fields Too Large\n",
@@ -531,12 +541,7 @@ async fn read_head<S: Client>(
         // Empty lines before a request are skipped (RFC 9112 §2.2), also when they arrive
         // on their own after a response (a client's stray CRLF after a body): waiting for
         // the next request they leave the connection idle, not under the header timeout.
-        if deadline.is_none() && matches!(buf.first(), Some(b'\r' | b'\n')) {
-            let blank = buf
-                .iter()
-                .take_while(|&&x| x == b'\r' || x == b'\n')
-                .count();
-            buf.drain(..blank);
+        if deadline.is_none() && skip_blank_lines(buf) {
             scanned = None;
         }
         let now = std::time::Instant::now();
