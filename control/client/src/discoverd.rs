@@ -411,8 +411,12 @@ async fn keep_loop(
                 return;
             }
             Ok(Err((e, creating))) => {
-                if !creating {
+                // Created: not again on the next try, unless the registration found the
+                // service gone (deleted, or the cluster's state lost, meanwhile).
+                if !creating && e.api().map(|a| a.code) != Some(ErrorCode::ObjectNotFound) {
                     create = None;
+                } else if !creating {
+                    create = kind.clone();
                 }
                 e.to_string()
             }
@@ -773,7 +777,7 @@ mod tests {
     /// A discoverd stand-in: reads whole requests (head and body) and answers the n-th
     /// (from 0) with `answer(n)`, or never when that is `None`. Counts the requests.
     async fn stand_in(
-        answer: impl Fn(usize) -> Option<Vec<u8>> + Send + Sync + 'static,
+        answer: impl Fn(usize, &str) -> Option<Vec<u8>> + Send + Sync + 'static,
     ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -810,7 +814,8 @@ mod tests {
                             }
                         }
                         buf.drain(..end + 4 + len);
-                        let Some(resp) = answer(count.fetch_add(1, Ordering::SeqCst)) else {
+                        let line = head.lines().next().unwrap_or("").to_string();
+                        let Some(resp) = answer(count.fetch_add(1, Ordering::SeqCst), &line) else {
                             // A peer that stopped answering.
                             std::future::pending::<()>().await;
                             return;
@@ -827,8 +832,10 @@ mod tests {
 
     /// A discoverd stand-in that answers the first request and never any later one.
     async fn answers_once() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-        stand_in(|n| (n == 0).then(|| b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".to_vec()))
-            .await
+        stand_in(|n, _| {
+            (n == 0).then(|| b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".to_vec())
+        })
+        .await
     }
 
     #[tokio::test]
@@ -988,7 +995,7 @@ mod tests {
     async fn a_watch_ended_before_current_backs_off() {
         use std::sync::atomic::Ordering;
         let resp = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
-        let (url, seen) = stand_in(move |_| Some(resp.as_bytes().to_vec())).await;
+        let (url, seen) = stand_in(move |_, _| Some(resp.as_bytes().to_vec())).await;
         let c = Client::new(&url);
         let w = c.watch("s");
         tokio::time::sleep(Duration::from_millis(2000)).await;
@@ -1008,7 +1015,7 @@ mod tests {
             "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
-        let (url, seen) = stand_in(move |_| Some(resp.clone().into_bytes())).await;
+        let (url, seen) = stand_in(move |_, _| Some(resp.clone().into_bytes())).await;
         let c = Client::new(&url);
         let inst = Instance {
             addr: "127.0.0.1:4300".into(),
@@ -1022,6 +1029,75 @@ mod tests {
             "retried a refused registration"
         );
         drop(hb);
+    }
+
+    /// `keep_registered` with a leader type creates the service again when a retried
+    /// first registration finds it gone, even after a try that created it and then
+    /// failed (it used to stop creating it, and retried a 404 for ever).
+    #[tokio::test]
+    async fn keep_registered_creates_the_service_again_when_it_is_gone() {
+        use std::sync::{Arc, Mutex};
+        let json = |status: &str, body: &str| {
+            format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
+        };
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let (url, _) = stand_in(move |_, line| {
+            let mut log = log.lock().unwrap();
+            log.push(line.to_string());
+            let registers = log.iter().filter(|l| l.contains("/instances/")).count();
+            Some(if !line.contains("/instances/") {
+                json("200 OK", "{}")
+            } else if registers == 1 {
+                json(
+                    "503 Service Unavailable",
+                    r#"{"code":"service_unavailable","message":"no leader","retry":true}"#,
+                )
+            } else if registers == 2 {
+                json(
+                    "404 Not Found",
+                    r#"{"code":"object_not_found","message":"service not found","retry":false}"#,
+                )
+            } else {
+                json("200 OK", "{}")
+            })
+        })
+        .await;
+        let c = Client::new(&url);
+        let inst = Instance {
+            addr: "127.0.0.1:4301".into(),
+            ..Instance::default()
+        };
+        let hb = c.keep_registered("s", inst, Some("oldest"));
+        let done = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let n = seen
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|l| l.contains("/instances/"))
+                    .count();
+                if n >= 3 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let log = seen.lock().unwrap().clone();
+        drop(hb);
+        assert!(done.is_ok(), "no third registration: {log:?}");
+        let creates: Vec<usize> = (0..log.len())
+            .filter(|i| !log[*i].contains("/instances/"))
+            .collect();
+        // create, register (503), register (404), create, register.
+        assert_eq!(creates.len(), 2, "{log:?}");
+        assert!(log[creates[1] + 1].contains("/instances/"), "{log:?}");
+        assert!(log[creates[0]].starts_with("put /services/s "), "{log:?}");
     }
 
     #[test]

@@ -192,6 +192,18 @@ impl Node {
         lock(&self.leader).forget(service, id);
     }
 
+    /// Marks a registration write of the instance in flight until the guard drops (the
+    /// write returned, or the request was dropped): the instance is not expired meanwhile,
+    /// and counts as heartbeating when it ends.
+    pub fn registering(&self, service: &str, id: &str) -> Registering<'_> {
+        lock(&self.leader).begin_register(service, id);
+        Registering {
+            node: self,
+            service: service.to_string(),
+            id: id.to_string(),
+        }
+    }
+
     /// Instances whose heartbeats stopped, held in flight until [`Node::end_expiry`];
     /// `None` while expiry is suppressed (not leader, or leader for less than 2×TTL) or
     /// nothing is due.
@@ -205,6 +217,19 @@ impl Node {
     fn end_expiry(&self, batch: &[Expired]) {
         lock(&self.leader).end_expiry(batch);
         self.expiry_done.notify_waiters();
+    }
+}
+
+/// A registration write in flight ([`Node::registering`]).
+pub struct Registering<'a> {
+    node: &'a Node,
+    service: String,
+    id: String,
+}
+
+impl Drop for Registering<'_> {
+    fn drop(&mut self) {
+        lock(&self.node.leader).end_register(&self.service, &self.id, Instant::now());
     }
 }
 

@@ -394,25 +394,33 @@ async fn add_instance(
     check_instance(&inst, &id).map_err(e)?;
     leader_only(&node, &uri)?;
     inst.index = 0;
-    if !node
-        .shared
-        .lock()
-        .registry
-        .data
-        .services
-        .contains_key(&service)
-    {
-        return Err(e(ApiErr::from(Rejection::ServiceNotFound(service))));
+    let known = || {
+        node.shared
+            .lock()
+            .registry
+            .data
+            .services
+            .contains_key(&service)
+    };
+    // A leader elected a moment ago may not have applied what its predecessor committed
+    // (the service's creation among it): a miss is only believed once it has.
+    if !known() {
+        linearize(&node, &uri).await?;
+        if !known() {
+            return Err(e(ApiErr::from(Rejection::ServiceNotFound(service))));
+        }
     }
     // Recorded before the state is read: an expiry decided from now on sees the instance
     // alive, and one decided earlier has been applied, so the state read below is the
     // one to answer from (an instance expired meanwhile is registered again). A heartbeat
     // is held while an expiry naming the instance is being written. Recorded before the
     // write, too: a new instance becomes visible (and subject to expiry) when the write
-    // applies, before the write returns here.
+    // applies, before the write returns here; and the write may take longer than the
+    // TTL, so the instance counts as alive until it returns (`registering`).
     while let Err(expiry_applied) = node.heartbeat(&service, &id) {
         expiry_applied.await;
     }
+    let _registering = node.registering(&service, &id);
     let unchanged = || {
         node.shared
             .lock()
@@ -483,20 +491,25 @@ async fn set_leader(
     check_service(&service).map_err(e)?;
     let b: LeaderBody = decode(&headers, &body, true).map_err(e)?;
     leader_only(&node, &uri)?;
-    let kind = node
-        .shared
-        .lock()
-        .registry
-        .data
-        .services
-        .get(&service)
-        .map(|c| c.leader_type);
-    // A missing service is refused too (Flynn: `config == nil || not manual`).
-    if kind != Some(LeaderType::Manual) {
-        return Err(e(ApiErr(ApiError::validation(
-            None,
-            "service leader election type is not manual",
-        ))));
+    let manual = || {
+        node.shared
+            .lock()
+            .registry
+            .data
+            .services
+            .get(&service)
+            .is_some_and(|c| c.leader_type == LeaderType::Manual)
+    };
+    // A missing service is refused too (Flynn: `config == nil || not manual`), once this
+    // leader has applied everything committed before it answers (as `add_instance`).
+    if !manual() {
+        linearize(&node, &uri).await?;
+        if !manual() {
+            return Err(e(ApiErr(ApiError::validation(
+                None,
+                "service leader election type is not manual",
+            ))));
+        }
     }
     let id = b.id.unwrap_or_default();
     write(&node, &uri, Command::SetLeader { service, id }).await?;

@@ -72,6 +72,23 @@ fn parse_labels<'a>(labels: &[&'a str]) -> Result<Target<'a>, bool> {
     }
 }
 
+/// True for a name that only exists because names below it do: `_i.discoverd.` and
+/// `<svc>._i.discoverd.` above instance names, `_<proto>.discoverd.` above every
+/// service's `_<svc>._<proto>.discoverd.`.
+fn empty_non_terminal(reg: &Registry, labels: &[&str]) -> bool {
+    let with_instances = |insts: &std::collections::BTreeMap<String, Instance>| !insts.is_empty();
+    match labels {
+        ["_i", "discoverd"] => reg.data.instances.values().any(with_instances),
+        [svc, "_i", "discoverd"] => reg.data.instances.get(*svc).is_some_and(with_instances),
+        [proto, "discoverd"] => {
+            proto.len() > 1
+                && proto.starts_with('_')
+                && reg.data.services.keys().any(|s| service_name(s))
+        }
+        _ => false,
+    }
+}
+
 /// An answer in the zone with SERVFAIL (nothing to say from here).
 pub fn servfail() -> Lookup {
     Lookup::Answer {
@@ -169,6 +186,14 @@ pub fn lookup(reg: &Registry, qname: &Name, qtype: RecordType, tcp: bool) -> Loo
     }
     let target = match parse(&labels) {
         Ok(t) => t,
+        // The same for an empty non-terminal: no records of its own, names below it.
+        Err(true) if empty_non_terminal(reg, &labels) => {
+            return Lookup::Answer {
+                code: ResponseCode::NoError,
+                answers: Vec::new(),
+                additionals: Vec::new(),
+            }
+        }
         Err(true) => return nxdomain(),
         Err(false) => return Lookup::NotOurs,
     };
@@ -429,6 +454,32 @@ mod tests {
         // A known service without instances: an empty answer.
         let (code, a, _) = answer(&reg, "empty.discoverd.", RecordType::A, false);
         assert_eq!((code, a.len()), (ResponseCode::NoError, 0));
+        // Empty non-terminals (names below them exist): NOERROR without records, not
+        // NXDOMAIN, which tells an RFC 8020 or query-name-minimising resolver that
+        // `_web._tcp.discoverd.` and the instance names do not exist.
+        for ent in [
+            "_tcp.discoverd.",
+            "_i.discoverd.",
+            "web._i.discoverd.",
+            "_I.Discoverd.",
+        ] {
+            let (code, a, _) = answer(&reg, ent, RecordType::A, false);
+            assert_eq!((code, a.len()), (ResponseCode::NoError, 0), "{ent}");
+        }
+        // ...but only while something is below them.
+        assert_eq!(
+            answer(&reg, "empty._i.discoverd.", RecordType::A, false).0,
+            nx
+        );
+        assert_eq!(
+            answer(&reg, "nope._i.discoverd.", RecordType::A, false).0,
+            nx
+        );
+        assert_eq!(answer(&reg, "_.discoverd.", RecordType::A, false).0, nx);
+        let none = Registry::default();
+        for gone in ["_tcp.discoverd.", "_i.discoverd."] {
+            assert_eq!(answer(&none, gone, RecordType::A, false).0, nx, "{gone}");
+        }
         let other = lookup(
             &reg,
             &Name::from_ascii("example.com.").unwrap(),

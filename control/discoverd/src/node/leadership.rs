@@ -31,6 +31,11 @@ pub struct Leadership {
     heartbeats: HashMap<Key, Instant>,
     /// The instances of the expiry entry being written.
     expiring: HashSet<Key>,
+    /// Registration writes in flight per instance. Such an instance is alive whatever its
+    /// last heartbeat says: the write may take longer than the TTL (a slow disk, a quorum
+    /// lost for a while) and land with the stamp taken before it, and would be expired
+    /// as it lands. Kept across terms: each count belongs to a request still running.
+    registering: HashMap<Key, usize>,
 }
 
 impl Leadership {
@@ -54,6 +59,29 @@ impl Leadership {
         }
         self.heartbeats.insert(key, now);
         true
+    }
+
+    /// A registration write of the instance begins.
+    pub fn begin_register(&mut self, service: &str, id: &str) {
+        *self
+            .registering
+            .entry((service.to_string(), id.to_string()))
+            .or_default() += 1;
+    }
+
+    /// A registration write of the instance has returned (applied, failed or given up) at
+    /// `now`: it counts as a heartbeat then, while this node leads.
+    pub fn end_register(&mut self, service: &str, id: &str, now: Instant) {
+        let key = (service.to_string(), id.to_string());
+        if let Some(n) = self.registering.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.registering.remove(&key);
+            }
+        }
+        if self.since.is_some() && !self.expiring.contains(&key) {
+            self.heartbeats.insert(key, now);
+        }
     }
 
     pub fn forget(&mut self, service: &str, id: &str) {
@@ -85,10 +113,11 @@ impl Leadership {
         for (svc, insts) in &data.instances {
             for (id, inst) in insts {
                 let key = (svc.clone(), id.clone());
-                let fresh = self
-                    .heartbeats
-                    .get(&key)
-                    .is_some_and(|t| now.saturating_duration_since(*t) <= ttl);
+                let fresh = self.registering.contains_key(&key)
+                    || self
+                        .heartbeats
+                        .get(&key)
+                        .is_some_and(|t| now.saturating_duration_since(*t) <= ttl);
                 if !fresh {
                     self.heartbeats.remove(&key);
                     self.expiring.insert(key);
@@ -187,6 +216,27 @@ mod tests {
         let t1 = t0 + TTL * 3;
         assert!(l.heartbeat("s", "i1", t1));
         assert_eq!(l.begin_expiry(t1, TTL, &r.data), Some(vec![]));
+        let t2 = t1 + TTL + Duration::from_millis(1);
+        assert_eq!(
+            l.begin_expiry(t2, TTL, &r.data),
+            Some(vec![("s".into(), "i1".into(), 2)])
+        );
+    }
+
+    /// A registration whose write takes longer than the TTL is not expired as it lands
+    /// (its heartbeat was stamped before the write): alive while the write is in flight,
+    /// and from its return on as if it had heartbeated then.
+    #[test]
+    fn a_registration_slower_than_the_ttl_is_not_expired_as_it_lands() {
+        let t0 = Instant::now();
+        let (r, mut l) = setup(t0);
+        l.begin_register("s", "i1");
+        // Applied (the instance is in the state), the write not returned yet.
+        let t1 = t0 + TTL * 3;
+        assert_eq!(l.begin_expiry(t1, TTL, &r.data), Some(vec![]));
+        l.end_register("s", "i1", t1);
+        assert_eq!(l.begin_expiry(t1 + TTL / 2, TTL, &r.data), Some(vec![]));
+        // Silent for a TTL after that: expired as usual.
         let t2 = t1 + TTL + Duration::from_millis(1);
         assert_eq!(
             l.begin_expiry(t2, TTL, &r.data),

@@ -4,11 +4,10 @@
 //! /raft/demote` turn a proxy into a peer and back.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::support::*;
-use crate::{assert_all_present, has_service, writer, Cluster};
+use crate::{assert_all_present, has_service, write_all, Cluster};
 
 const PEERS: [usize; 3] = [0, 1, 2];
 
@@ -64,19 +63,6 @@ fn addrs(cl: &Cluster, which: &[usize]) -> Vec<String> {
 
 fn urls(cl: &Cluster, which: &[usize]) -> Vec<String> {
     which.iter().map(|i| cl.nodes[*i].url("")).collect()
-}
-
-/// Runs `writer` and asserts every one of its `count` writes was acknowledged.
-async fn write_all(urls: Vec<String>, prefix: &str, count: usize) -> Vec<String> {
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    writer(urls, prefix.into(), count, acked.clone()).await;
-    let names = acked.lock().unwrap().clone();
-    assert_eq!(
-        names.len(),
-        count,
-        "{prefix}: not every write was acknowledged"
-    );
-    names
 }
 
 /// `call`, tried again (for up to 10 s) while the answer is 503: the cluster has no

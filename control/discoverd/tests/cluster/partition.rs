@@ -2,11 +2,10 @@
 //! drops the Raft RPCs to and from the other (the HTTP API stays reachable, so the tests
 //! can look at both sides).
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::support::*;
-use crate::{assert_all_present, has_service, writer, Cluster};
+use crate::{assert_all_present, has_service, write_acked, write_all, Cluster};
 
 /// A client that gives up quickly (a write stuck on a minority leader never commits).
 fn short_client() -> reqwest::Client {
@@ -68,10 +67,7 @@ async fn isolated_follower_cannot_write_and_catches_up_after_healing() {
     let ml = cl.leader_of(&majority).await;
     assert_ne!(ml, f);
     let urls: Vec<String> = majority.iter().map(|i| cl.nodes[*i].url("")).collect();
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    writer(urls, "maj".into(), 10, acked.clone()).await;
-    let names = acked.lock().unwrap().clone();
-    assert_eq!(names.len(), 10, "the majority keeps writing");
+    let names = write_all(urls, "maj", 10).await;
     // The isolated node does not see them while cut off.
     tokio::time::sleep(Duration::from_millis(300)).await;
     // (Cut off for long, it would answer SERVFAIL rather than from its frozen state.)
@@ -152,10 +148,8 @@ async fn isolated_leader_cannot_commit_and_majority_elects_a_new_one() {
     let nl = cl.leader_of(&majority).await;
     assert_ne!(nl, old);
     let urls: Vec<String> = majority.iter().map(|i| cl.nodes[*i].url("")).collect();
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    writer(urls, "new".into(), 10, acked.clone()).await;
-    let names = acked.lock().unwrap().clone();
-    assert_eq!(names.len(), 10);
+    // The majority keeps writing.
+    let names = write_all(urls, "new", 10).await;
 
     cl.heal().await;
     assert_all_present(&cl.nodes[old], &names).await;
@@ -198,10 +192,8 @@ async fn a_follower_behind_the_purged_log_catches_up_from_a_snapshot() {
 
     let ml = cl.leader_of(&majority).await;
     let urls = vec![cl.nodes[ml].url("")];
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    writer(urls, "snap".into(), 60, acked.clone()).await;
-    let names = acked.lock().unwrap().clone();
-    assert_eq!(names.len(), 60, "the majority keeps writing");
+    // The majority keeps writing.
+    let names = write_all(urls, "snap", 60).await;
     // The leader has dropped log entries the cut-off follower still needs.
     let purged = eventually(Duration::from_secs(10), || async {
         let p = purged_index(&cl.nodes[cl.leader_of(&majority).await]);
@@ -379,11 +371,10 @@ async fn a_leader_cut_off_from_the_others_stops_serving_its_frozen_state() {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
-/// Creates service `name` through the leader; returns a follower.
+/// Creates service `name` (retried while a fresh cluster on a loaded machine may still
+/// change leaders once); returns a follower of the leader after it.
 async fn follower_with_service(cl: &Cluster, name: &str) -> usize {
-    let l = cl.leader().await;
-    let path = format!("/services/{name}");
-    let r = call(&client(), "PUT", &cl.nodes[l].url(&path), Some("{}")).await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    (l + 1) % 3
+    let urls: Vec<String> = cl.nodes.iter().map(|n| n.url("")).collect();
+    write_acked(&client(), &urls, &mut 0, name).await;
+    (cl.leader().await + 1) % 3
 }

@@ -2,11 +2,10 @@
 //! last Raft log index, then refuses every API call with 503 "discoverd: shutting
 //! down"; the other peers keep working when they still have a quorum.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::support::*;
-use crate::{assert_all_present, has_service, writer, Cluster};
+use crate::{assert_all_present, has_service, write_all, Cluster};
 
 /// Asserts that `node` answers API calls with 503 "discoverd: shutting down".
 async fn assert_shut(node: &Discoverd) {
@@ -26,19 +25,6 @@ async fn assert_shut(node: &Discoverd) {
         assert_eq!(j["code"], "service_unavailable", "{method} {path}");
         assert_eq!(j["message"], "discoverd: shutting down", "{method} {path}");
     }
-}
-
-/// Writes `count` services through `urls`, all of which must be acknowledged.
-async fn write_all(urls: Vec<String>, prefix: &str, count: usize) -> Vec<String> {
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    writer(urls, prefix.into(), count, acked.clone()).await;
-    let names = acked.lock().unwrap().clone();
-    assert_eq!(
-        names.len(),
-        count,
-        "{prefix}: not every write was acknowledged"
-    );
-    names
 }
 
 /// `POST /shutdown` on `node`: 200 `{"last_index": n}`; returns n.
