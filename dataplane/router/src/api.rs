@@ -54,6 +54,9 @@ pub struct Api {
     pub owed: Mutex<std::collections::BTreeSet<String>>,
     /// Orders what follows a change (events, drains): see [`Api::after_change`].
     turns: Turns,
+    /// The API thread's runtime, where what follows a change runs (also for a reload,
+    /// which comes from the signal thread).
+    runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 /// Turns for the part of a change that follows its commit: taken under the store's lock
@@ -110,7 +113,18 @@ impl Api {
                 taken: std::sync::atomic::AtomicU64::new(0),
                 done: tokio::sync::watch::Sender::new(0),
             },
+            runtime: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Builds the runtime [`serve`] runs on and keeps its handle (before the API thread
+    /// starts, so a reload never finds it missing).
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let _ = self.runtime.set(rt.handle().clone());
+        Ok(rt)
     }
 
     /// A turn for what follows a change; take it under the store's lock, right after the
@@ -187,8 +201,20 @@ impl Api {
         v
     }
 
-    /// Applies a new version of the routes file (blocking; for the signal handler).
-    pub fn reload_file(&self, file: crate::RoutesFile) -> Result<(usize, usize), String> {
+    /// Applies a new version of the routes file (`SIGHUP`). What follows is what follows
+    /// an API change, through the same [`Api::after_change`] on the API's runtime and in
+    /// turn with the API's changes: `set`/`remove` for its routes, and for each service
+    /// whose backends it changed `backend-up`/`backend-down` and drains, as a
+    /// `PUT /services/:service/backends` would ([`Api::backends_changed`]).
+    pub async fn reload_file(
+        self: &Arc<Self>,
+        file: crate::RoutesFile,
+    ) -> Result<(usize, usize), String> {
+        let rt = self
+            .runtime
+            .get()
+            .cloned()
+            .ok_or("the admin API is not running")?;
         let (applied, v, turn) = {
             let mut s = self.store();
             if self.frozen() {
@@ -199,21 +225,32 @@ impl Api {
             let applied = f.apply(&mut s, file)?;
             (applied, self.publish(&s), self.take_turn())
         };
-        // In turn with the API's changes (see `after_change`), from this blocking thread.
-        let _turn = Turn(&self.turns, turn);
-        self.shared.wait_applied(v, Duration::from_secs(10));
-        let give_up = std::time::Instant::now() + Duration::from_secs(10);
-        while *self.turns.done.borrow() + 1 < turn && std::time::Instant::now() < give_up {
-            std::thread::sleep(Duration::from_millis(1));
-        }
         let counts = (applied.set.len(), applied.removed.len());
+        let api = self.clone();
+        let then = async move {
+            api.after_change(turn, v, move |api| api.file_applied(applied))
+                .await
+        };
+        if rt.spawn(then).await.is_err() {
+            // The API's runtime stopped (a handover): the turn ends here, if it had not.
+            drop(Turn(&self.turns, turn));
+            return Err("the admin API stopped".into());
+        }
+        Ok(counts)
+    }
+
+    /// Announces a reload's changes: backends first (the file sets its services before
+    /// its routes), then removed and set routes.
+    fn file_applied(self: &Arc<Self>, applied: crate::reload::Applied) {
+        for c in applied.backends {
+            self.backends_changed(&c.service, c.added, c.removed);
+        }
         for r in applied.removed {
             self.emit("remove", Some(r), None);
         }
         for r in applied.set {
             self.emit("set", Some(r), None);
         }
-        Ok(counts)
     }
 
     /// Waits until every core applied `v`, so a route is live when the API answers.
@@ -631,15 +668,14 @@ pub fn router(api: Arc<Api>) -> Router {
 }
 
 /// Serves the API on `listener` until the process exits (call on a dedicated thread).
+/// `rt` is [`Api::runtime`]'s.
 pub fn serve(
     api: Arc<Api>,
+    rt: tokio::runtime::Runtime,
     listener: std::net::TcpListener,
     discoverd: Option<String>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     rt.block_on(async move {
         if let Some(url) = discoverd {
             tokio::spawn(crate::discovery::run(api.clone(), url));

@@ -246,6 +246,7 @@ mod tests {
         let ports = crate::store::Ports {
             default_http: vec![8080],
             additional_http: vec![],
+            additional_tls: vec![],
             tcp_range: (3000, 3002),
             tcp_ip: None,
         };

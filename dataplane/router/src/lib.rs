@@ -92,13 +92,13 @@ pub struct Running {
 impl Running {
     /// Re-reads the routes file (`SIGHUP`) and applies the difference; a bad file
     /// changes nothing and is reported.
-    pub fn reload(&self) -> anyhow::Result<(usize, usize)> {
+    pub async fn reload(&self) -> anyhow::Result<(usize, usize)> {
         let path = self
             .routes_file
             .as_ref()
             .context("no --routes file to reload")?;
         let file = RoutesFile::load(path)?;
-        self.api.reload_file(file).map_err(anyhow::Error::msg)
+        self.api.reload_file(file).await.map_err(anyhow::Error::msg)
     }
 }
 
@@ -245,15 +245,18 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
 
     let mut default_http = vec![http_addrs[0].port()];
     let mut additional_http: Vec<u16> = http_addrs[1..].iter().map(|a| a.port()).collect();
+    let mut additional_tls = Vec::new();
     if let Some((first, rest)) = https_addrs.split_first() {
         default_http.push(first.port());
-        additional_http.extend(rest.iter().map(|a| a.port()));
+        additional_tls.extend(rest.iter().map(|a| a.port()));
+        additional_http.extend(&additional_tls);
     }
     // h2c listeners serve the default routes too; a TCP route must not share their port.
     default_http.extend(h2c_addrs.iter().map(|a| a.port()));
     let ports = Ports {
         default_http,
         additional_http,
+        additional_tls,
         tcp_range: cfg.tcp_ports,
         tcp_ip: Some(cfg.tcp_ip),
     };
@@ -393,13 +396,14 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     }
 
     let api2 = api.clone();
+    let api_rt = api.runtime()?;
     let discoverd = cfg.discoverd.clone();
     let api_fd = api_listener.as_raw_fd();
     let (api_stop, api_stop_rx) = tokio::sync::watch::channel(false);
     std::thread::Builder::new()
         .name("router-api".into())
         .spawn(move || {
-            if let Err(e) = api::serve(api2, api_listener, discoverd, api_stop_rx) {
+            if let Err(e) = api::serve(api2, api_rt, api_listener, discoverd, api_stop_rx) {
                 tracing::error!(error = %e, "admin API stopped");
             }
         })?;

@@ -87,7 +87,7 @@ fn wait_for_signal(running: &flynn_router::Running) {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break,
                 _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
-                    match running.reload() {
+                    match running.reload().await {
                         Ok((set, removed)) => tracing::info!(set, removed, "routes file reloaded"),
                         Err(e) => tracing::error!(error = %format!("{e:#}"), "routes file reload failed"),
                     }

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use flynn_api::{ApiError, Route, RouteType};
+use flynn_api::{ApiError, BackendAddr, Route, RouteType};
 use flynn_routes::normalize_path;
 
 use crate::store::Store;
@@ -92,6 +92,17 @@ impl FileRoutes {
 pub struct Applied {
     pub set: Vec<Route>,
     pub removed: Vec<Route>,
+    /// Services whose backends changed, with what came and went (as
+    /// [`Store::set_backends`] reports them): `backend-up`/`backend-down` and drains.
+    pub backends: Vec<BackendsChanged>,
+}
+
+/// A service's backend change made by a reload.
+#[derive(Debug)]
+pub struct BackendsChanged {
+    pub service: String,
+    pub added: Vec<BackendAddr>,
+    pub removed: Vec<BackendAddr>,
 }
 
 fn err(what: &str, e: ApiError) -> String {
@@ -113,6 +124,7 @@ impl FileRoutes {
         let mut out = Applied {
             set: Vec::new(),
             removed: Vec::new(),
+            backends: Vec::new(),
         };
         // A record handed over by a build that keyed `port: 0` TCP routes otherwise (all
         // alike, or by service alone): such entries are keyed again from the route they point
@@ -130,15 +142,22 @@ impl FileRoutes {
             }
         }
         let new_services: BTreeSet<String> = file.services.keys().cloned().collect();
-        for (svc, list) in file.services {
-            store
-                .set_backends(&svc, list)
-                .map_err(|e| err(&format!("service {svc}"), e))?;
-        }
-        for gone in self.services.difference(&new_services) {
-            store
-                .set_backends(gone, Vec::new())
-                .map_err(|e| err(&format!("service {gone}"), e))?;
+        let gone: Vec<(String, Vec<BackendAddr>)> = self
+            .services
+            .difference(&new_services)
+            .map(|s| (s.clone(), Vec::new()))
+            .collect();
+        for (service, list) in file.services.into_iter().chain(gone) {
+            let (added, removed) = store
+                .set_backends(&service, list)
+                .map_err(|e| err(&format!("service {service}"), e))?;
+            if !added.is_empty() || !removed.is_empty() {
+                out.backends.push(BackendsChanged {
+                    service,
+                    added,
+                    removed,
+                });
+            }
         }
         self.services = new_services;
 
@@ -204,6 +223,7 @@ mod tests {
         let ports = Ports {
             default_http: vec![8080],
             additional_http: vec![],
+            additional_tls: vec![],
             tcp_range: (3000, 3010),
             tcp_ip: None,
         };
@@ -243,6 +263,22 @@ mod tests {
             .unwrap();
         assert_eq!(applied.removed.len(), 1);
         assert_eq!(applied.removed[0].path, "/x/");
+        // What came and went per service, for `backend-up`/`backend-down` and drains.
+        fn addrs(l: &[BackendAddr]) -> Vec<&str> {
+            l.iter().map(|b| b.addr.as_str()).collect()
+        }
+        let changed: Vec<(&str, Vec<&str>, Vec<&str>)> = applied
+            .backends
+            .iter()
+            .map(|c| (c.service.as_str(), addrs(&c.added), addrs(&c.removed)))
+            .collect();
+        assert_eq!(
+            changed,
+            vec![
+                ("b", vec!["127.0.0.1:2"], vec![]),
+                ("a", vec![], vec!["127.0.0.1:1"])
+            ]
+        );
         let after = store.list(None);
         let a = after.iter().find(|r| r.domain == "a.com").unwrap();
         assert_eq!(a.service, "a2");
@@ -326,6 +362,37 @@ mod tests {
         let good = r#"{"routes":[{"type":"http","domain":"b.com.","service":"b"}]}"#;
         f.apply(&mut store, file(good)).unwrap();
         assert_eq!(store.list(None)[0].domain, "b.com");
+    }
+
+    /// A routes file cannot put a certificate on a plain listener's port either (as the
+    /// API cannot): the file is refused, naming the route and why, and changes nothing.
+    #[test]
+    fn a_file_route_with_a_certificate_on_a_plain_port_is_refused() {
+        let ports = Ports {
+            default_http: vec![8080],
+            additional_http: vec![8081, 8443],
+            additional_tls: vec![8443],
+            tcp_range: (3000, 3010),
+            tcp_ip: None,
+        };
+        let mut store = Store::new(ports, false);
+        let c = rcgen::generate_simple_self_signed(vec!["a.com".into()]).unwrap();
+        let (cert, key) = (c.cert.pem(), c.key_pair.serialize_pem());
+        let doc = |port: u16| {
+            serde_json::json!({"routes": [{"type": "http", "domain": "a.com", "service": "a",
+                "port": port, "certificate": {"cert": cert, "key": key}}]})
+            .to_string()
+        };
+        let mut f = FileRoutes::default();
+        let e = f.apply(&mut store, file(&doc(8081))).unwrap_err();
+        assert!(
+            e.contains("a.com") && e.contains("Port not reserved for HTTPS traffic"),
+            "{e}"
+        );
+        assert!(store.list(None).is_empty());
+        assert!(store.certs.list().is_empty());
+        f.apply(&mut store, file(&doc(8443))).unwrap();
+        assert_eq!(store.list(None)[0].port, 8443);
     }
 
     /// Several `port: 0` TCP routes are several routes, each with its own port kept across

@@ -19,8 +19,12 @@ pub struct Ports {
     /// Ports of the default HTTP listener(s) (route port 0): the first HTTP, HTTPS and
     /// every h2c listener.
     pub default_http: Vec<u16>,
-    /// Additional HTTP listener ports a route may name.
+    /// Additional HTTP listener ports a route may name (plain and TLS alike).
     pub additional_http: Vec<u16>,
+    /// Of those, the ports with a TLS listener (`--https-addr` after the first): the
+    /// only additional ports where a route's certificate is ever presented, so the only
+    /// ones a route carrying a certificate may name.
+    pub additional_tls: Vec<u16>,
     pub tcp_range: (u16, u16),
     /// The address TCP route listeners bind. When set, a TCP route's port must be one a
     /// listener can bind there now (another program may hold it); `None` skips the check
@@ -33,6 +37,19 @@ impl Ports {
     fn unbindable(&self, port: u16) -> Option<std::io::Error> {
         let ip = self.tcp_ip?;
         flynn_runtime::check_reuseport_bind(std::net::SocketAddr::new(ip, port)).err()
+    }
+
+    /// Why a route carrying a certificate cannot be on `port`, if it cannot: on a plain
+    /// listener no handshake ever presents it (spec §1.2's legacy rule).
+    fn refuses_tls(&self, port: u16) -> Option<ApiError> {
+        (!self.serves_tls(port))
+            .then(|| ApiError::validation(None, "Port not reserved for HTTPS traffic"))
+    }
+
+    /// Whether a route on `port` can be reached over TLS (the default ports include the
+    /// first HTTPS listener).
+    fn serves_tls(&self, port: u16) -> bool {
+        port == 0 || self.additional_tls.contains(&port)
     }
 
     fn reserved_for_http(&self, port: u16) -> bool {
@@ -68,6 +85,15 @@ fn now() -> String {
 
 fn invalid_route() -> ApiError {
     ApiError::validation(None, "Invalid route")
+}
+
+/// Whether `r` brings a certificate (as [`Store::resolve_certificate`] reads it).
+fn carries_certificate(r: &Route) -> bool {
+    r.certificate
+        .as_ref()
+        .is_some_and(|c| !c.cert.is_empty() || !c.key.is_empty() || !c.id.is_empty())
+        || !r.tls_cert.is_empty()
+        || !r.tls_key.is_empty()
 }
 
 fn valid_path(p: &str) -> bool {
@@ -225,6 +251,12 @@ impl Store {
                         "Port not reserved for HTTP traffic",
                     ));
                 }
+                // New routes only: a takeover keeps what an older build accepted.
+                if probe && carries_certificate(&r) {
+                    if let Some(e) = self.ports.refuses_tls(r.port) {
+                        return Err(e);
+                    }
+                }
                 r.path = normalize_path(&r.path);
                 if !valid_path(&r.path) || (probe && empty_segment(&r.path)) {
                     return Err(invalid_route());
@@ -296,6 +328,11 @@ impl Store {
         };
         if r.kind != kind {
             return Err(ApiError::validation(Some("type"), "Invalid route type"));
+        }
+        if kind == RouteType::Http && carries_certificate(&r) {
+            if let Some(e) = self.ports.refuses_tls(old.port) {
+                return Err(e);
+            }
         }
         let mut next = old.clone();
         next.service = r.service;
@@ -502,12 +539,19 @@ impl Store {
     /// several ports has one certificate for all of them (the handshake does not know the
     /// listener's port): the default port's route's, else the lowest port's; that route
     /// having none means the default keypair, even if a route on another port has one.
+    /// Only ports with a TLS listener count: a route on a plain additional port is never
+    /// reached through a handshake, so it neither decides a domain's certificate nor
+    /// makes a handshake for its domain succeed.
     pub fn cert_store(&self, default: Option<Arc<CertifiedKey>>) -> CertStore {
         let mut store = CertStore::new(default);
         let mut roots: Vec<&Stored> = self
             .routes
             .values()
-            .filter(|s| s.route.kind == RouteType::Http && s.route.path == "/")
+            .filter(|s| {
+                s.route.kind == RouteType::Http
+                    && s.route.path == "/"
+                    && self.ports.serves_tls(s.route.port)
+            })
             .collect();
         roots.sort_by_key(|s| (s.route.port != 0, s.route.port));
         for s in roots {

@@ -17,6 +17,7 @@ pub fn ports() -> Ports {
     Ports {
         default_http: vec![80],
         additional_http: vec![8080],
+        additional_tls: vec![],
         tcp_range: (3000, 3002),
         tcp_ip: None,
     }

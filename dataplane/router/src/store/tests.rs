@@ -4,7 +4,9 @@ use flynn_api::ErrorCode;
 fn store() -> Store {
     let ports = Ports {
         default_http: vec![8080],
-        additional_http: vec![8081],
+        // 8081 has a TLS listener, 8082 a plain one.
+        additional_http: vec![8081, 8082],
+        additional_tls: vec![8081],
         tcp_range: (3000, 3002),
         tcp_ip: None,
     };
@@ -160,6 +162,106 @@ fn http_ports_must_be_listeners() {
     s.add(r).unwrap();
 }
 
+/// A route carrying a certificate names a port with a TLS listener (or the default
+/// ports): on a plain listener no handshake would ever present it. Added, updated or
+/// brought by the legacy fields alike; refused before the certificate is stored.
+#[test]
+fn certificates_only_on_ports_with_a_tls_listener() {
+    let mut s = store();
+    let on = |port: u16, r: Route| Route { port, ..r };
+    let with_cert = |r: Route| Route {
+        certificate: Some(cert("a.com")),
+        ..r
+    };
+    let legacy = |r: Route| {
+        let c = cert("a.com");
+        Route {
+            tls_cert: c.cert,
+            tls_key: c.key,
+            ..r
+        }
+    };
+    let by_id = |r: Route, id: &str| Route {
+        certificate: Some(Certificate {
+            id: id.into(),
+            ..cert("a.com")
+        }),
+        ..r
+    };
+    let pem = cert("x.com");
+    let id = s.certs.add(&pem.cert, &pem.key).unwrap().id;
+    for r in [
+        with_cert(on(8082, http("a.com", "/"))),
+        legacy(on(8082, http("a.com", "/"))),
+        by_id(on(8082, http("a.com", "/")), &id),
+    ] {
+        let e = s.add(r).unwrap_err();
+        assert_eq!(
+            (e.code, e.status(), e.message.as_str()),
+            (
+                ErrorCode::ValidationError,
+                400,
+                "Port not reserved for HTTPS traffic"
+            )
+        );
+    }
+    assert!(s.list(None).is_empty());
+    assert_eq!(
+        s.certs.list().len(),
+        1,
+        "a refused route stores no certificate"
+    );
+    // Without a certificate the plain port is fine; with one, the TLS port and the
+    // default ports.
+    let plain = s.add(on(8082, http("a.com", "/"))).unwrap();
+    s.add(with_cert(on(8081, http("a.com", "/")))).unwrap();
+    s.add(with_cert(http("a.com", "/"))).unwrap();
+    // An update cannot bring one to the plain port either.
+    let e = s
+        .update(RouteType::Http, &plain.id, by_id(http("a.com", "/"), &id))
+        .unwrap_err();
+    assert_eq!(e.message, "Port not reserved for HTTPS traffic");
+    assert!(s
+        .get(RouteType::Http, &plain.id)
+        .unwrap()
+        .certificate
+        .is_none());
+    // A handed-over route keeps what an older build accepted.
+    s.restore(with_cert(on(8082, http("b.com", "/")))).unwrap();
+}
+
+/// Only routes on ports with a TLS listener decide a domain's certificate: a plain
+/// additional port's root (lower than the TLS port's) does not take the TLS port's
+/// certificate away, and a domain routed only on a plain port has no handshake.
+#[test]
+fn plain_port_routes_do_not_decide_certificates() {
+    let d = cert("default");
+    let default = crate::tls::parse_keypair(&d.cert, &d.key).unwrap().key;
+    let mut s = store();
+    s.add(Route {
+        port: 8082,
+        ..http("a.com", "/")
+    })
+    .unwrap();
+    let tls = s
+        .add(Route {
+            port: 8081,
+            certificate: Some(cert("a.com")),
+            ..http("a.com", "/")
+        })
+        .unwrap();
+    let key = s.certs.key(&tls.certificate.unwrap().id).unwrap();
+    let got = s.cert_store(Some(default.clone())).lookup("a.com").unwrap();
+    assert!(Arc::ptr_eq(&got, &key), "the TLS port's certificate");
+
+    s.add(Route {
+        port: 8082,
+        ..http("plain.com", "/")
+    })
+    .unwrap();
+    assert!(s.cert_store(Some(default)).lookup("plain.com").is_none());
+}
+
 #[test]
 fn list_newest_first_and_filter() {
     let mut s = store();
@@ -294,6 +396,7 @@ fn sticky_needs_a_cookie_key() {
     let ports = Ports {
         default_http: vec![8080],
         additional_http: vec![],
+        additional_tls: vec![],
         tcp_range: (3000, 3002),
         tcp_ip: None,
     };
@@ -319,6 +422,7 @@ fn tcp_ports_are_checked_by_a_bind_except_on_restore() {
         Ports {
             default_http: vec![8080],
             additional_http: vec![],
+            additional_tls: vec![],
             tcp_range: (held, held.saturating_add(1)),
             tcp_ip: Some([127, 0, 0, 1].into()),
         },

@@ -487,3 +487,72 @@ fn a_backend_back_before_it_drained_is_not_reported_drained() {
         "the backend is live again: no backend-drained",
     );
 }
+
+/// A routes-file reload (`SIGHUP`) that replaces a drain-tracked service's backend reports
+/// it as the equivalent `PUT /services/:service/backends` does: `backend-down` for the old
+/// backend and `backend-up` for the new one, then `backend-drained` once the request in
+/// flight to the old one is done.
+#[test]
+fn a_routes_file_reload_reports_backend_changes_and_drains() {
+    let dir = crate::support::TestDir::new("drain-reload");
+    let file = dir.join("routes.json");
+    let write = |b: &Backend| {
+        let doc = serde_json::json!({
+            "routes": [{"type": "http", "domain": DOMAIN, "service": "web",
+                        "drain_backends": true}],
+            "services": {"web": [{"addr": b.addr.to_string()}]},
+        });
+        std::fs::write(&file, doc.to_string()).unwrap();
+    };
+    let (slow, arrived, release) = slow_backend("slow");
+    let fast = Backend::start("fast");
+    write(&slow);
+    let router = Router::builder().routes_file(file.clone()).start();
+    let events = Events::subscribe(&router, TYPES);
+    let up = events.expect(Duration::from_secs(5), "replayed backend-up");
+    assert_eq!(pair(&up.event, &up.addr), pair("backend-up", slow.addr));
+    let in_flight = start_request(&router, "/slow");
+    arrived
+        .recv_timeout(Duration::from_secs(5))
+        .expect("slow request arrives");
+
+    write(&fast);
+    let st = std::process::Command::new("kill")
+        .args(["-HUP", &router.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(events.expect(Duration::from_secs(5), "backend-down and backend-up"));
+    }
+    assert_eq!(
+        set_of(&got),
+        [
+            pair("backend-down", slow.addr),
+            pair("backend-up", fast.addr)
+        ]
+        .into(),
+        "{got:?}\n{}",
+        router.log()
+    );
+    assert!(got.iter().all(|e| e.service == "web"), "{got:?}");
+    assert_eq!(
+        crate::support::get(router.http_addr, DOMAIN, "/new").backend(),
+        "fast"
+    );
+
+    events.expect_none(
+        Duration::from_millis(500),
+        "backend-drained must wait for the in-flight request",
+    );
+    let released_at = Instant::now();
+    release_and_answer(&release, &in_flight);
+    let drained = events.expect(Duration::from_secs(2), "backend-drained");
+    assert_eq!(
+        pair(&drained.event, &drained.addr),
+        pair("backend-drained", slow.addr)
+    );
+    assert!(drained.at >= released_at);
+    events.expect_none(Duration::from_millis(200), "nothing else");
+}

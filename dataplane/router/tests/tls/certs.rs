@@ -300,3 +300,124 @@ fn rsa_and_ecdsa_certificates_side_by_side() {
     let conn = tls_connect(&router, "a.example.com", &[&default, &rsa]);
     assert_eq!(conn.peer_cert(), default.der);
 }
+
+/// A router with a plain and a TLS listener beyond the default ones (a default keypair
+/// for `default`'s names): `(router, plain extra port, TLS extra address, default)`.
+fn extra_listeners(
+    b: crate::support::RouterBuilder,
+) -> (
+    crate::support::Router,
+    u16,
+    std::net::SocketAddr,
+    crate::client::Pair,
+) {
+    let default = self_signed(&["a.example.com"]);
+    let router = b
+        .http_addrs(2)
+        .arg("--https-addr")
+        .arg("127.0.0.1:0")
+        .env("TLSCERT", default.cert_pem.clone())
+        .env("TLSKEY", default.key_pem.clone())
+        .start();
+    assert_eq!((router.http_addrs.len(), router.https_addrs.len()), (2, 2));
+    let (plain, tls) = (router.http_addrs[1].port(), router.https_addrs[1]);
+    (router, plain, tls, default)
+}
+
+/// A route carrying a certificate on an additional plain-HTTP port would never have its
+/// certificate presented (no handshake happens there): a 400 `validation_error`, as the
+/// legacy API's "Port not reserved for HTTPS traffic", whether added or updated. On the
+/// additional HTTPS port it is accepted and served.
+#[test]
+fn a_certificate_on_a_plain_listeners_port_is_refused() {
+    let (router, plain, tls, default) = extra_listeners(https_builder());
+    let own = self_signed(&["p.example.com"]);
+    let b = Backend::start("b");
+    router.set_backends("extra", &[&b]);
+    let on = |port: u16| {
+        let mut r = cert_route("p.example.com", "extra", &own);
+        r["port"] = port.into();
+        r
+    };
+
+    let (status, body) = router.api("POST", "/routes", Some(&on(plain).to_string()));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "validation_error", "{body}");
+    assert_eq!(
+        body["message"], "Port not reserved for HTTPS traffic",
+        "{body}"
+    );
+    let (_, routes) = router.api("GET", "/routes", None);
+    assert_eq!(routes, serde_json::json!([]), "refused route stored");
+    let (_, certs) = router.api("GET", "/certificates", None);
+    assert_eq!(
+        certs,
+        serde_json::json!([]),
+        "refused route's certificate stored"
+    );
+
+    // Without a certificate the plain port is fine, but an update cannot add one.
+    let mut r = http_route("p.example.com", "extra");
+    r["port"] = plain.into();
+    let stored = router.add_route(r);
+    let mut with_cert = stored.clone();
+    with_cert["certificate"] = own.json();
+    let path = crate::support::router::route_path(&stored);
+    let (status, body) = router.api("PUT", &path, Some(&with_cert.to_string()));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        body["message"], "Port not reserved for HTTPS traffic",
+        "{body}"
+    );
+    let (_, now) = router.api("GET", &path, None);
+    assert!(now["certificate"].is_null(), "{now}");
+
+    // On the additional HTTPS port the route's certificate is presented.
+    router.add_route(on(tls.port()));
+    let roots = [&default, &own];
+    let mut conn = TlsConn::connect(tls, "p.example.com", client_config(&roots, None))
+        .unwrap_or_else(|e| panic!("handshake on the extra HTTPS port: {e}"));
+    assert_eq!(conn.peer_cert(), own.der);
+    assert_eq!(conn.get("p.example.com", "/").seen().backend, "b");
+}
+
+/// The routes file gets the same check: a reload naming a certificate on a plain
+/// listener's port is refused as a whole (logged), and changes nothing.
+#[test]
+fn a_routes_file_with_a_certificate_on_a_plain_port_is_refused() {
+    let dir = crate::support::TestDir::new("tls-plain-port");
+    let file = dir.join("routes.json");
+    std::fs::write(&file, r#"{"routes": []}"#).unwrap();
+    let (router, plain, _tls, _default) =
+        extra_listeners(https_builder().routes_file(file.clone()));
+    let own = self_signed(&["p.example.com"]);
+    let doc = serde_json::json!({"routes": [
+        {"type": "http", "domain": "ok.example.com", "service": "web"},
+        {"type": "http", "domain": "p.example.com", "service": "web", "port": plain,
+         "certificate": own.json()},
+    ]});
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let st = std::process::Command::new("kill")
+        .args(["-HUP", &router.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        crate::support::wait_until(std::time::Duration::from_secs(5), || router
+            .log()
+            .contains("reload failed")),
+        "{}",
+        router.log()
+    );
+    let log = router.log();
+    assert!(
+        log.contains("p.example.com") && log.contains("Port not reserved for HTTPS traffic"),
+        "{log}"
+    );
+    let (_, routes) = router.api("GET", "/routes", None);
+    assert_eq!(
+        routes,
+        serde_json::json!([]),
+        "a refused reload changed routes"
+    );
+}
