@@ -161,7 +161,7 @@ async fn add_job(
 ) -> Result<Json<serde_json::Value>> {
     let (id, b) = (path(id)?, body(b)?);
     let job = job::parse_job(&id, &b, host.needs_image())?;
-    host.add_job(job)?;
+    host.add_job(job).await?;
     Ok(Json(serde_json::json!({})))
 }
 

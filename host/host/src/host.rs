@@ -25,6 +25,7 @@ use crate::runtime::{
 };
 use crate::store::Store;
 use crate::volumes::{self, Volumes};
+use crate::writeback::Ticket;
 
 const SIGKILL: i32 = 9;
 const SIGTERM: i32 = 15;
@@ -111,11 +112,24 @@ struct Ctl {
 
 #[derive(Default)]
 struct Inner {
+    /// Every job's latest state, which the daemon acts on.
     table: Table,
+    /// Every job's state as last recorded (written to its record, or its write tried and
+    /// failed), with the number of its change: what the API shows ([`Host::get`],
+    /// [`Host::list`], attach). A change is in `table` first and here once written, so
+    /// nothing is shown before it is on disk.
+    recorded: HashMap<String, (u64, ActiveJob)>,
+    /// Changes queued for the records so far (their numbers).
+    changes: u64,
     ctl: HashMap<String, Ctl>,
-    /// Jobs whose latest state could not be saved (a full or failing disk): saved again by
-    /// [`Host::retry_saves`] until it works or the job leaves the table.
-    unsaved: std::collections::BTreeSet<String>,
+}
+
+/// A job's new state, queued for its record under the table lock ([`Host::record`]) and
+/// shown and announced once written ([`Host::settle`]).
+struct Change {
+    seq: u64,
+    job: ActiveJob,
+    ticket: Ticket,
 }
 
 pub struct Host {
@@ -158,8 +172,6 @@ pub struct Host {
     self_registration: tokio::sync::Mutex<Option<Heartbeater>>,
     /// Clients attached to jobs (`POST /attach`).
     attach: Arc<crate::attach::Attachments>,
-    /// Wakes the task that saves `Inner::unsaved` again.
-    save_retry: Arc<tokio::sync::Notify>,
 }
 
 /// discoverd's address and a client for it.
@@ -192,8 +204,7 @@ pub const HOST_SERVICE: &str = "flynn-host";
 impl Host {
     pub fn new(o: Options) -> Arc<Host> {
         let (events, _) = broadcast::channel(1024);
-        let save_retry = Arc::new(tokio::sync::Notify::new());
-        let host = Arc::new(Host {
+        Arc::new(Host {
             id: o.id,
             url: Mutex::new(String::new()),
             runtime: o.runtime,
@@ -221,60 +232,16 @@ impl Host {
             stops: tokio::sync::watch::Sender::new(0),
             self_registration: tokio::sync::Mutex::new(None),
             attach: Arc::default(),
-            save_retry: save_retry.clone(),
-        });
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(Self::retry_saves(Arc::downgrade(&host), save_retry));
-        }
-        host
+        })
     }
 
-    /// Saves again, with pauses growing from 1 s to 10 s, the job states that could not be
-    /// saved, until all are (or their jobs are gone). Ends with the host.
-    async fn retry_saves(host: std::sync::Weak<Host>, wake: Arc<tokio::sync::Notify>) {
-        loop {
-            // Woken by a failed save; a minute's wait also notices the host is gone.
-            if tokio::time::timeout(Duration::from_secs(60), wake.notified())
-                .await
-                .is_err()
-            {
-                if host.strong_count() == 0 {
-                    return;
-                }
-                continue;
-            }
-            let mut pause = Duration::from_secs(1);
-            loop {
-                tokio::time::sleep(pause).await;
-                let Some(h) = host.upgrade() else { return };
-                if h.save_unsaved() {
-                    break;
-                }
-                pause = (pause * 2).min(Duration::from_secs(10));
-            }
-        }
-    }
-
-    /// One pass over the unsaved job states, under the table lock (as every save is, so
-    /// the current state goes out and a newer one can never be overwritten by an older);
-    /// true when none is left. Also the last try at shutdown, which names what is left.
-    pub fn save_unsaved(&self) -> bool {
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        let table = &inner.table;
-        inner.unsaved.retain(|id| {
-            let Some(j) = table.get(id) else {
-                return false;
-            };
-            match self.store.save(j) {
-                Ok(()) => {
-                    tracing::info!(job = %id, "job state saved after an earlier failure");
-                    false
-                }
-                Err(_) => true,
-            }
-        });
-        inner.unsaved.is_empty()
+    /// Waits until every job record change so far is on disk, trying the failed ones once
+    /// more (shutdown); false when some could not be written.
+    pub async fn flush_records(&self) -> bool {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .unwrap_or(false)
     }
 
     /// Attaches a client to a job (`POST /attach`); the connection is then served by
@@ -518,30 +485,50 @@ impl Host {
         Ok(())
     }
 
-    /// Persists and publishes a transition (under the table lock, `inner`). A state that
-    /// cannot be saved is saved again later (a restarted daemon would otherwise find the
-    /// job as it was before this transition).
-    fn publish(&self, inner: &mut Inner, kind: EventKind, job: &ActiveJob) {
-        self.persist(inner, job);
-        self.broadcast(kind, job);
-    }
-
-    /// Saves a job's state (under the table lock, `inner`); one that cannot be saved is
-    /// saved again later.
-    fn persist(&self, inner: &mut Inner, job: &ActiveJob) {
-        match self.store.save(job) {
-            Ok(()) => {
-                inner.unsaved.remove(&job.job.id);
-            }
-            Err(e) => {
-                tracing::error!(job = %job.job.id, error = ?e, "persisting job state failed; trying again");
-                inner.unsaved.insert(job.job.id.clone());
-                self.save_retry.notify_one();
-            }
+    /// Queues a job's new state for its record (under the table lock, `inner`, so records
+    /// are written in the order of the table's changes and a newer state is never written
+    /// over by an older). Nothing is written here: the store's writer thread does it, off
+    /// the lock and the runtime, and [`Host::settle`] waits for it.
+    fn record(&self, inner: &mut Inner, job: &ActiveJob) -> Change {
+        inner.changes += 1;
+        Change {
+            seq: inner.changes,
+            job: job.clone(),
+            ticket: self.store.save(job),
         }
     }
 
-    /// Publishes a transition already persisted.
+    /// Waits (without the table lock) until a change is written, then shows it and
+    /// publishes `kind`: a restarted daemon finds every state the API or an event reported.
+    /// A write that fails is logged and announced anyway, as before, and the store tries
+    /// it again (1–10 s apart) until it works or the job's next change replaces it, so the
+    /// record catches up.
+    async fn settle(&self, c: Change, kind: Option<EventKind>) {
+        if let Err(e) = c.ticket.wait().await {
+            tracing::error!(job = %c.job.job.id, error = ?e, "persisting job state failed; trying again");
+        }
+        let mut inner = self.lock();
+        Self::show(&mut inner, c.seq, &c.job);
+        if let Some(kind) = kind {
+            self.broadcast(kind, &c.job);
+        }
+    }
+
+    /// Makes change `seq` (`job`) what the API shows, unless a newer change is shown
+    /// already (changes of one job settle in different tasks: a stop and the job's end) or
+    /// the job left the table.
+    fn show(inner: &mut Inner, seq: u64, job: &ActiveJob) {
+        let id = &job.job.id;
+        if inner.table.get(id).is_none() {
+            return;
+        }
+        if inner.recorded.get(id).is_none_or(|(s, _)| *s < seq) {
+            inner.recorded.insert(id.clone(), (seq, job.clone()));
+        }
+    }
+
+    /// Publishes a transition already recorded (under the table lock, so a reader of the
+    /// shown state that subscribed first misses nothing).
     fn broadcast(&self, kind: EventKind, job: &ActiveJob) {
         let _ = self.events.send(Event {
             event: kind,
@@ -555,14 +542,22 @@ impl Host {
         }
     }
 
+    /// Job `id` as last recorded (what the API reports).
     pub fn get(&self, id: &str) -> Option<ActiveJob> {
+        self.lock().recorded.get(id).map(|(_, j)| j.clone())
+    }
+
+    /// Job `id`'s latest state, which may still be being written.
+    fn current(&self, id: &str) -> Option<ActiveJob> {
         self.lock().table.get(id).cloned()
     }
 
+    /// Every job as last recorded (`active`: those not ended).
     pub fn list(&self, active: bool) -> BTreeMap<String, ActiveJob> {
         self.lock()
-            .table
-            .iter()
+            .recorded
+            .values()
+            .map(|(_, j)| j)
             .filter(|j| !active || !j.status.is_terminal())
             .map(|j| (j.job.id.clone(), j.clone()))
             .collect()
@@ -574,7 +569,7 @@ impl Host {
 
     pub fn status(&self) -> HostStatus {
         let mut jobs: BTreeMap<String, u64> = BTreeMap::new();
-        for j in self.lock().table.iter() {
+        for (_, j) in self.lock().recorded.values() {
             *jobs.entry(j.status.as_str().to_string()).or_default() += 1;
         }
         HostStatus {
@@ -732,7 +727,7 @@ impl Host {
     }
 
     /// `PUT /host/jobs/:id`: records the job and starts it in the background.
-    pub fn add_job(self: &Arc<Self>, job: Job) -> Result<(), ApiError> {
+    pub async fn add_job(self: &Arc<Self>, job: Job) -> Result<(), ApiError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::new(
                 flynn_api::ErrorCode::ServiceUnavailable,
@@ -740,7 +735,7 @@ impl Host {
             ));
         }
         let id = job.id.clone();
-        {
+        let change = {
             let mut inner = self.lock();
             if self.max_starting > 0 {
                 let starting = inner
@@ -760,17 +755,32 @@ impl Host {
                 volumes::check_free(&inner.table, &job)?;
             }
             let aj = inner.table.add(job, &self.id, now_rfc3339())?.clone();
-            // Recorded before anything runs: a job whose state cannot be saved would be
-            // unknown to the next daemon, which kills what it finds of it.
-            if let Err(e) = self.store.save(&aj) {
-                inner.table.unadd(&id);
-                tracing::error!(job = %id, error = ?e, "persisting a new job failed; not starting it");
-                return Err(ApiError::new(
-                    flynn_api::ErrorCode::UnknownError,
-                    format!("host: cannot record the job: {e}"),
-                )
-                .with_retry(true));
+            self.record(&mut inner, &aj)
+        };
+        // Recorded before anything runs: a job whose state cannot be saved would be
+        // unknown to the next daemon, which kills what it finds of it.
+        let Change {
+            seq,
+            job: aj,
+            ticket,
+        } = change;
+        if let Err(e) = ticket.wait().await {
+            let mut inner = self.lock();
+            inner.table.unadd(&id);
+            if inner.table.get(&id).is_none() {
+                // After the failed write, which is then not tried again.
+                self.store.remove(&id);
             }
+            tracing::error!(job = %id, error = ?e, "persisting a new job failed; not starting it");
+            return Err(ApiError::new(
+                flynn_api::ErrorCode::UnknownError,
+                format!("host: cannot record the job: {e}"),
+            )
+            .with_retry(true));
+        }
+        {
+            let mut inner = self.lock();
+            Self::show(&mut inner, seq, &aj);
             self.broadcast(EventKind::Create, &aj);
         }
         let host = self.clone();
@@ -778,42 +788,49 @@ impl Host {
         Ok(())
     }
 
-    fn fail(&self, id: &str, reason: String) {
+    async fn fail(&self, id: &str, reason: String) {
         tracing::warn!(job = %id, reason = %reason, "job failed, or was lost by its runtime");
         self.prepare_next();
-        let mut inner = self.lock();
-        // A deregistration that came while it was starting left an entry: nothing runs.
-        inner.ctl.remove(id);
-        self.forget_deregistration(id);
-        if let Some(j) = inner.table.failed(id, reason, now_rfc3339()).cloned() {
+        let change = {
+            let mut inner = self.lock();
+            // A deregistration that came while it was starting left an entry: nothing runs.
+            inner.ctl.remove(id);
+            self.forget_deregistration(id);
+            let Some(j) = inner.table.failed(id, reason, now_rfc3339()).cloned() else {
+                return;
+            };
             self.volumes.release(&j.job);
-            self.publish(&mut inner, end_event(j.status), &j);
+            let change = self.record(&mut inner, &j);
             self.gc(&mut inner, &j);
-        }
+            change
+        };
+        let kind = end_event(change.job.status);
+        self.settle(change, Some(kind)).await;
     }
 
     fn gc(&self, inner: &mut Inner, j: &ActiveJob) {
         for gone in inner.table.gc(j.job.app_id()) {
+            inner.recorded.remove(&gone);
             self.store.remove(&gone);
         }
     }
 
     async fn start(self: Arc<Self>, id: String) {
-        let Some(job) = self.get(&id).map(|j| j.job) else {
+        let Some(job) = self.current(&id).map(|j| j.job) else {
             return;
         };
         let t0 = std::time::Instant::now();
         self.runtime.starting();
         if let Err(reason) = job::check_partition(&job) {
-            return self.fail(&id, reason);
+            return self.fail(&id, reason).await;
         }
         let ports = match job::bind_ports(&job) {
             Ok(p) => p,
-            Err(reason) => return self.fail(&id, reason),
+            Err(reason) => return self.fail(&id, reason).await,
         };
         let volume_mounts = match self.volumes.mounts(&job) {
             Ok(m) => m,
-            Err(reason) => return self.fail(&id, reason),
+            Err(reason) => return self.fail(&id, reason).await,
         };
         let mut layers = Vec::new();
         if self.runtime.needs_image() {
@@ -832,10 +849,10 @@ impl Host {
                 match res {
                     Ok(Ok(p)) => layers.push(p),
                     Ok(Err(RuntimeError::Cancelled)) => {
-                        return self.fail(&id, STOPPED_BEFORE_START.into())
+                        return self.fail(&id, STOPPED_BEFORE_START.into()).await
                     }
-                    Ok(Err(e)) => return self.fail(&id, e.to_string()),
-                    Err(e) => return self.fail(&id, format!("image: {e}")),
+                    Ok(Err(e)) => return self.fail(&id, e.to_string()).await,
+                    Err(e) => return self.fail(&id, format!("image: {e}")).await,
                 }
             }
         }
@@ -843,14 +860,14 @@ impl Host {
         // the image, after the network wait and right before the spawn. A stop after that
         // is seen when the process reports it started.
         if self.stop_requested(&id) {
-            return self.fail(&id, STOPPED_BEFORE_START.into());
+            return self.fail(&id, STOPPED_BEFORE_START.into()).await;
         }
         let t_image = t0.elapsed();
         let own_net = self.runtime.isolates_network() && !job.config.host_network;
         let net = if own_net {
             match self.wait_network(&id).await {
                 Ok(n) => n,
-                Err(e) => return self.fail(&id, e),
+                Err(e) => return self.fail(&id, e).await,
             }
         } else {
             None
@@ -858,7 +875,7 @@ impl Host {
         let (ip, netns) = match (net, own_net) {
             (Some(net), true) => match net.setup(&id).await {
                 Ok((ip, ns)) => (Some(ip), Some(ns)),
-                Err(e) => return self.fail(&id, format!("network: {e}")),
+                Err(e) => return self.fail(&id, format!("network: {e}")).await,
             },
             _ => (None, None),
         };
@@ -877,7 +894,7 @@ impl Host {
                 }),
                 Err(e) => {
                     self.teardown(&id, true).await;
-                    return self.fail(&id, format!("resolv.conf: {e}"));
+                    return self.fail(&id, format!("resolv.conf: {e}")).await;
                 }
             }
         }
@@ -898,7 +915,7 @@ impl Host {
         };
         if self.stop_requested(&id) {
             self.teardown(&id, ip.is_some()).await;
-            return self.fail(&id, STOPPED_BEFORE_START.into());
+            return self.fail(&id, STOPPED_BEFORE_START.into()).await;
         }
         let rt = self.runtime.clone();
         let handle = match tokio::task::spawn_blocking(move || {
@@ -910,11 +927,11 @@ impl Host {
             Ok(Ok(h)) => h,
             Ok(Err(e)) => {
                 self.cleanup_failed_start(&id, ip.is_some()).await;
-                return self.fail(&id, e.to_string());
+                return self.fail(&id, e.to_string()).await;
             }
             Err(e) => {
                 self.cleanup_failed_start(&id, ip.is_some()).await;
-                return self.fail(&id, format!("start: {e}"));
+                return self.fail(&id, format!("start: {e}")).await;
             }
         };
         tracing::debug!(job = %id, image = ?t_image, network = ?(t_net - t_image), shim = ?(t0.elapsed() - t_net), "job start phases");
@@ -1006,17 +1023,13 @@ impl Host {
                 },
             );
         }
-        if r.adopted {
-            // A job being stopped before the restart is not put back into discoverd: its
-            // stop deregistered it (or was about to).
-            if !self.get(&id).is_some_and(|j| j.force_stop) {
-                self.register_services(&id, &r);
-            }
-            if self.get(&id).is_some_and(|j| j.force_stop) {
-                let host = self.clone();
-                let id = id.clone();
-                tokio::spawn(async move { host.stop_process(&id).await });
-            }
+        // A job being stopped before the restart is stopped again at once (its stop
+        // deregistered it, or was about to, so it is not put back into discoverd below).
+        let stopped_at_adoption = r.adopted && self.current(&id).is_some_and(|j| j.force_stop);
+        if stopped_at_adoption {
+            let host = self.clone();
+            let id = id.clone();
+            tokio::spawn(async move { host.stop_process(&id).await });
         }
         let src = Source::new(job.app_id(), job.process_type(), &id);
         let log = !job.config.disable_log;
@@ -1026,26 +1039,43 @@ impl Host {
             let last = matches!(ev, ProcEvent::Exited { .. } | ProcEvent::Failed { .. });
             match ev {
                 ProcEvent::Started { pid } => {
-                    let stop_now = {
+                    // An adopted job gets this too: its shim's first event, sent again to
+                    // the new daemon (or made from its greeting once an earlier daemon
+                    // acknowledged it). A job adopted as running stays as it is (no second
+                    // `start` event); one adopted while starting runs from here.
+                    // `stop_now`: asked to stop while starting, a stop that waited for the
+                    // process; `stopping`: asked to stop at all (then never registered).
+                    let (change, stop_now, stopping) = {
                         let mut inner = self.lock();
                         match inner.table.started(&id, pid, r.ip, now_rfc3339()).cloned() {
                             Some(j) => {
-                                self.publish(&mut inner, EventKind::Start, &j);
-                                j.force_stop
+                                let change = self.record(&mut inner, &j);
+                                (Some(change), j.force_stop, j.force_stop)
                             }
-                            None => false,
+                            None => {
+                                let stopping = inner.table.get(&id).is_some_and(|j| j.force_stop);
+                                (None, false, stopping)
+                            }
                         }
                     };
+                    if let Some(c) = change {
+                        self.settle(c, Some(EventKind::Start)).await;
+                    }
                     self.attach.started(&id);
-                    if !r.adopted {
-                        started = true;
+                    let first = !started;
+                    started = true;
+                    if !r.adopted && first {
                         self.prepare_next();
                     }
-                    // A job asked to stop while starting is not announced at all.
-                    if !r.adopted && !stop_now {
+                    // Registered once the job is recorded and announced as running, adopted
+                    // or not (an adopted job used to be registered before its shim had said
+                    // anything: one that had ended meanwhile, or never started, was put in
+                    // discoverd). A job asked to stop is not announced at all.
+                    if first && !stopping {
                         self.register_services(&id, &r);
                     }
-                    if stop_now {
+                    // Not twice for a job adopted while being stopped (stopped above).
+                    if stop_now && !stopped_at_adoption {
                         let host = self.clone();
                         let id = id.clone();
                         tokio::spawn(async move { host.stop_process(&id).await });
@@ -1087,7 +1117,7 @@ impl Host {
         // The end is recorded (persisted, then announced) before anything else: a daemon
         // that dies during the cleanup below restores the job as ended (not as lost), and a
         // slow discoverd or runtime cleanup does not hold back the stop event.
-        {
+        let change = {
             let mut inner = self.lock();
             if let Some(c) = inner.ctl.get_mut(&id) {
                 // Nothing left to signal, and nothing to announce to a discoverd that
@@ -1102,12 +1132,17 @@ impl Host {
                 Ok(exit) => inner.table.exited(&id, exit, now_rfc3339()).cloned(),
                 Err(reason) => inner.table.failed(&id, reason, now_rfc3339()).cloned(),
             };
-            if let Some(j) = j {
+            j.map(|j| {
                 self.volumes.release(&j.job);
                 tracing::info!(job = %id, status = j.status.as_str(), exit = ?j.exit_status, error = ?j.error, "job ended");
-                self.publish(&mut inner, end_event(j.status), &j);
+                let change = self.record(&mut inner, &j);
                 self.gc(&mut inner, &j);
-            }
+                change
+            })
+        };
+        if let Some(c) = change {
+            let kind = end_event(c.job.status);
+            self.settle(c, Some(kind)).await;
         }
         // Then its instances leave discoverd and the runtime removes what is left of the
         // container (state, rootfs, cgroup), then its namespace and veth go (the kernel's
@@ -1287,18 +1322,26 @@ impl Host {
 
     /// `DELETE /host/jobs/:id`.
     pub async fn stop(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
-        let action = {
+        let (action, change) = {
             let mut inner = self.lock();
             let a = inner.table.request_stop(id)?;
-            // Asked before: that stop is under way (and recorded); this one answers 200.
-            if a == StopAction::None {
-                return Ok(());
-            }
-            if let Some(j) = inner.table.get(id).cloned() {
-                self.persist(&mut inner, &j);
-            }
-            a
+            // Also when asked before (that stop is under way): the state is queued again
+            // only to answer once that stop is recorded too.
+            let change = inner
+                .table
+                .get(id)
+                .cloned()
+                .map(|j| self.record(&mut inner, &j));
+            (a, change)
         };
+        // Answered, and the job signalled, once the stop is on disk: a daemon restarted
+        // after the job's end then finds it asked to stop (done, not crashed).
+        if let Some(c) = change {
+            self.settle(c, None).await;
+        }
+        if action == StopAction::None {
+            return Ok(());
+        }
         // Wakes a start waiting for the network.
         self.stops.send_modify(|n| *n = n.wrapping_add(1));
         if action == StopAction::Signal {
@@ -1326,7 +1369,7 @@ impl Host {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut rx = self.events.subscribe();
         loop {
-            if self.get(id).is_none_or(|j| j.status.is_terminal()) {
+            if self.current(id).is_none_or(|j| j.status.is_terminal()) {
                 return;
             }
             tokio::select! {
@@ -1334,7 +1377,7 @@ impl Host {
                 r = rx.recv() => if matches!(r, Err(broadcast::error::RecvError::Closed)) { return },
             }
         }
-        if self.get(id).is_some_and(|j| !j.status.is_terminal()) {
+        if self.current(id).is_some_and(|j| !j.status.is_terminal()) {
             tracing::info!(job = %id, "stop timeout passed; sending SIGKILL");
             if let Err(e) = signal(SIGKILL) {
                 tracing::debug!(job = %id, error = %e, "SIGKILL failed");
@@ -1393,7 +1436,7 @@ impl Host {
             // The job ended between the check above and the signal (its shim is gone, or
             // its process group): the same answer as a moment later.
             if e.raw_os_error() == Some(nix::libc::ESRCH)
-                || self.get(id).is_none_or(|j| j.status.is_terminal())
+                || self.current(id).is_none_or(|j| j.status.is_terminal())
             {
                 return ApiError::conflict("host: job is not running");
             }
@@ -1430,7 +1473,14 @@ impl Host {
             let id = j.job.id.clone();
             let live = !j.status.is_terminal();
             let handle = adopted.remove(&id);
-            self.lock().table.restore(j.clone());
+            {
+                // On disk: shown as it is.
+                let mut inner = self.lock();
+                inner.table.restore(j.clone());
+                inner.changes += 1;
+                let seq = inner.changes;
+                inner.recorded.insert(id.clone(), (seq, j.clone()));
+            }
             match handle {
                 Some(h) if live => {
                     tracing::info!(job = %id, "re-adopted running job");
@@ -1468,7 +1518,8 @@ impl Host {
                 }
                 None if live => {
                     tracing::warn!(job = %id, "job was not found after a restart");
-                    self.fail(&id, "host: job lost across a daemon restart".into());
+                    self.fail(&id, "host: job lost across a daemon restart".into())
+                        .await;
                     let had_net = self.network().is_some_and(|n| n.address_of(&id).is_some());
                     self.teardown(&id, had_net).await;
                 }

@@ -37,7 +37,8 @@ struct Fake {
     /// While set, [`Runtime::cleanup`] hangs (after noting the job in `cleaned`).
     hold_cleanup: Mutex<bool>,
     cleanup_cv: Condvar,
-    /// Jobs [`Runtime::adopt`] finds still running (a daemon restart).
+    /// Jobs [`Runtime::adopt`] finds still running (a daemon restart). Their events are the
+    /// test's to send, `Started` first as a shim does for every new daemon.
     survivors: Mutex<Vec<String>>,
     /// The previous daemon's ends of adopted jobs, kept open so its supervisors never see
     /// their jobs end (and record or clean up anything).
@@ -138,9 +139,14 @@ impl Runtime for Fake {
                 if let Some(old) = self.jobs.lock().unwrap().insert(id.clone(), tx) {
                     self.retired.lock().unwrap().push(old);
                 }
+                let signals = self.signals.clone();
+                let jid = id.clone();
                 let h = Handle {
                     events: rx,
-                    signal: Arc::new(|_| Ok(())),
+                    signal: Arc::new(move |sig| {
+                        signals.lock().unwrap().push((jid.clone(), sig));
+                        Ok(())
+                    }),
                     stdin: None,
                     handled: Default::default(),
                 };
@@ -297,7 +303,7 @@ async fn a_stop_during_the_layer_import_cancels_it() {
         hashes: [("sha256".to_string(), "ab".repeat(32))].into(),
         ..Default::default()
     }];
-    h.add_job(j).unwrap();
+    h.add_job(j).await.unwrap();
     for _ in 0..500 {
         if rt.imports.load(SeqCst) == 1 {
             break;
@@ -321,20 +327,20 @@ async fn concurrent_start_limit_is_429_with_retry() {
     let d = tempfile::tempdir().unwrap();
     let rt = Arc::new(Fake::default());
     let h = host(rt.clone(), d.path(), 2);
-    h.add_job(job("a", "x")).unwrap();
-    h.add_job(job("b", "x")).unwrap();
-    let e = h.add_job(job("c", "x")).unwrap_err();
+    h.add_job(job("a", "x")).await.unwrap();
+    h.add_job(job("b", "x")).await.unwrap();
+    let e = h.add_job(job("c", "x")).await.unwrap_err();
     assert_eq!((e.code, e.retry), (ErrorCode::Ratelimited, true));
     assert_eq!(e.status(), 429);
     // A duplicate is still a conflict, not a rate limit.
     assert_eq!(
-        h.add_job(job("a", "x")).unwrap_err().code,
+        h.add_job(job("a", "x")).await.unwrap_err().code,
         ErrorCode::Conflict
     );
     rt.open();
     wait_status(&h, "a", JobStatus::Running).await;
     wait_status(&h, "b", JobStatus::Running).await;
-    h.add_job(job("c", "x")).unwrap();
+    h.add_job(job("c", "x")).await.unwrap();
     wait_status(&h, "c", JobStatus::Running).await;
 }
 
@@ -345,7 +351,7 @@ async fn stop_while_starting_then_lifecycle() {
     let h = host(rt.clone(), d.path(), 0);
 
     // Stopped while the runtime is still starting it: SIGTERM as soon as it runs.
-    h.add_job(job("s", "x")).unwrap();
+    h.add_job(job("s", "x")).await.unwrap();
     for _ in 0..500 {
         if rt.entered.load(std::sync::atomic::Ordering::SeqCst) == 1 {
             break;
@@ -377,14 +383,14 @@ async fn stop_while_starting_then_lifecycle() {
     wait_status(&h, "s", JobStatus::Done).await;
 
     // A start error fails the job with the reason.
-    h.add_job(job("f", "fail")).unwrap();
+    h.add_job(job("f", "fail")).await.unwrap();
     wait_status(&h, "f", JobStatus::Failed).await;
     assert_eq!(h.get("f").unwrap().error.as_deref(), Some("no such binary"));
     // What the runtime may have left of the failed start is cleaned up.
     assert!(rt.cleaned.lock().unwrap().contains(&"f".to_string()));
 
     // Output is accepted (no aggregator: nothing shipped, nothing counted as dropped).
-    h.add_job(job("o", "x")).unwrap();
+    h.add_job(job("o", "x")).await.unwrap();
     wait_status(&h, "o", JobStatus::Running).await;
     let tx = rt.events("o");
     tx.send(ProcEvent::Output {
@@ -433,7 +439,7 @@ async fn volumes_are_exclusive_mounted_and_deleted_on_stop() {
         bind(&keep.id, "/data", true, false),
         bind(&temp.id, "/scratch", false, true),
     ];
-    h.add_job(a).unwrap();
+    h.add_job(a).await.unwrap();
     wait_status(&h, "a", JobStatus::Running).await;
     assert_eq!(
         rt.mounts.lock().unwrap()["a"],
@@ -454,7 +460,7 @@ async fn volumes_are_exclusive_mounted_and_deleted_on_stop() {
     // Held by a running job: another job and a deletion are refused.
     let mut b = job("b", "x");
     b.config.volumes = vec![bind(&keep.id, "/data", false, false)];
-    let e = h.add_job(b.clone()).unwrap_err();
+    let e = h.add_job(b.clone()).await.unwrap_err();
     assert_eq!(
         (e.code, e.message.clone()),
         (
@@ -476,13 +482,13 @@ async fn volumes_are_exclusive_mounted_and_deleted_on_stop() {
     wait_status(&h, "a", JobStatus::Done).await;
     assert!(vols.get(&temp.id).is_none());
     assert_eq!(vols.list(), vec![keep.clone()]);
-    h.add_job(b).unwrap();
+    h.add_job(b).await.unwrap();
     wait_status(&h, "b", JobStatus::Running).await;
 
     // A job naming a volume that does not exist fails before the runtime is asked.
     let mut c = job("c", "x");
     c.config.volumes = vec![bind(&temp.id, "/data", true, false)];
-    h.add_job(c).unwrap();
+    h.add_job(c).await.unwrap();
     wait_status(&h, "c", JobStatus::Failed).await;
     assert_eq!(
         h.get("c").unwrap().error,
@@ -518,7 +524,7 @@ async fn a_deregistration_while_starting_keeps_the_job_out_of_discoverd() {
     let d = tempfile::tempdir().unwrap();
     let rt = Arc::new(Fake::default());
     let h = host(rt.clone(), d.path(), 0);
-    h.add_job(web_job("a")).unwrap();
+    h.add_job(web_job("a")).await.unwrap();
     // Held in the runtime's start.
     while rt.entered.load(std::sync::atomic::Ordering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -527,7 +533,7 @@ async fn a_deregistration_while_starting_keeps_the_job_out_of_discoverd() {
     rt.open();
     wait_status(&h, "a", JobStatus::Running).await;
     // A job that starts without it has its instances to announce.
-    h.add_job(web_job("b")).unwrap();
+    h.add_job(web_job("b")).await.unwrap();
     wait_status(&h, "b", JobStatus::Running).await;
     assert!(announced_soon(&h, "b").await, "b never announced");
     // By now a's registration would have happened too.
@@ -537,7 +543,7 @@ async fn a_deregistration_while_starting_keeps_the_job_out_of_discoverd() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_that_finds_the_process_gone_is_a_conflict() {
     let (_d, rt, h) = open_host();
-    h.add_job(job("a", "x")).unwrap();
+    h.add_job(job("a", "x")).await.unwrap();
     wait_status(&h, "a", JobStatus::Running).await;
     h.signal("a", 10).unwrap();
     // The process ended, and its end is not recorded yet: as a moment later, 409.
@@ -555,7 +561,7 @@ async fn exit_is_recorded_before_deregistration_and_cleanup() {
 
     let (d, rt, h) = open_host();
     let mut events = h.subscribe();
-    h.add_job(job("a", "x")).unwrap();
+    h.add_job(job("a", "x")).await.unwrap();
     wait_status(&h, "a", JobStatus::Running).await;
 
     // The runtime's cleanup hangs: the end is persisted and announced all the same.
@@ -623,7 +629,7 @@ async fn stop_while_waiting_for_the_network_ends_done() {
     let d = tempfile::tempdir().unwrap();
     let (rt, setup) = isolating(d.path(), "flynnbr-test");
     let h = host_with(rt.clone(), d.path(), 0, Some(setup));
-    h.add_job(job("n", "x")).unwrap();
+    h.add_job(job("n", "x")).await.unwrap();
     // No `POST /host/network` comes: the start waits (up to a minute).
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(h.get("n").unwrap().status, JobStatus::Starting);
@@ -666,7 +672,7 @@ async fn network_move_window() {
     .await
     .unwrap();
     let id = format!("mv{}", std::process::id());
-    h.add_job(job(&id, "x")).unwrap();
+    h.add_job(job(&id, "x")).await.unwrap();
     wait_status(&h, &id, JobStatus::Running).await;
     let netns = flynn_network::job::netns_path(&id);
     // Whatever happens below, the job's namespace goes with the test.
@@ -719,11 +725,12 @@ async fn a_job_state_that_could_not_be_saved_is_saved_again() {
             .unwrap()
             .status
     };
-    h.add_job(job("j", "x")).unwrap();
+    h.add_job(job("j", "x")).await.unwrap();
     assert_eq!(on_disk(), JobStatus::Starting);
     // The save of `running` fails, and so does the first retry.
     store
-        .fail_saves
+        .faults()
+        .fail
         .store(2, std::sync::atomic::Ordering::Relaxed);
     rt.open();
     wait_status(&h, "j", JobStatus::Running).await;
@@ -738,7 +745,10 @@ async fn a_job_state_that_could_not_be_saved_is_saved_again() {
     }
     assert_eq!(on_disk(), JobStatus::Running, "not saved again within 10 s");
     assert_eq!(
-        store.fail_saves.load(std::sync::atomic::Ordering::Relaxed),
+        store
+            .faults()
+            .fail
+            .load(std::sync::atomic::Ordering::Relaxed),
         0,
         "both failures were used"
     );
@@ -746,6 +756,100 @@ async fn a_job_state_that_could_not_be_saved_is_saved_again() {
     exit_cleanly(&rt, "j").await;
     wait_status(&h, "j", JobStatus::Done).await;
     assert_eq!(on_disk(), JobStatus::Done);
+}
+
+/// The status of job `id` in its record on disk.
+fn status_on_disk(dir: &Path, id: &str) -> flynn_api::host::ActiveJob {
+    let bytes = std::fs::read(dir.join("jobs").join(format!("{id}.json"))).unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// A record write that stalls (a slow or hung disk) holds up only what waits for that
+/// record: requests about another job are answered meanwhile, while the stalled change is
+/// neither shown nor announced, and a stop is neither answered nor sent before its record is
+/// written. Records used to be written and fsynced on a runtime thread under the job table's
+/// lock, so one slow fsync held up every request that looked at any job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_record_write_holds_up_no_other_job() {
+    use flynn_api::host::EventKind;
+    use std::sync::atomic::Ordering::SeqCst;
+
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    rt.open();
+    let store = Store::open(d.path(), crate::syncer::Syncer::start()).unwrap();
+    let h = host_on(rt.clone(), d.path(), 0, None, store.clone());
+    for id in ["a", "b"] {
+        h.add_job(job(id, "x")).await.unwrap();
+        wait_status(&h, id, JobStatus::Running).await;
+    }
+    let mut events = h.subscribe();
+    /// Lets the disk go again however the test ends (a failed assertion included).
+    struct Unstall(Store);
+    impl Drop for Unstall {
+        fn drop(&mut self) {
+            self.0.faults().hold(false);
+        }
+    }
+    let unstall = Unstall(store.clone());
+    store.faults().hold(true);
+    // a ends; the write of its end stalls on the disk.
+    exit_cleanly(&rt, "a").await;
+    for _ in 0..500 {
+        if store.faults().stalled.load(SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        store.faults().stalled.load(SeqCst),
+        1,
+        "a's end never written"
+    );
+    // Requests about b (and listings) from another thread: a held table lock would block
+    // it, however the runtime fares.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let other = h.clone();
+    std::thread::spawn(move || {
+        let b = other.get("b").map(|j| j.status);
+        let all = other.list(false).len();
+        let running = other.status().jobs.get("running").copied();
+        let signalled = other.signal("b", 1).is_ok();
+        let _ = tx.send((b, all, running, signalled));
+    });
+    let answered = rx
+        .recv_timeout(Duration::from_secs(2))
+        .expect("requests about another job held up by a stalled record write");
+    assert_eq!(
+        answered,
+        (Some(JobStatus::Running), 2, Some(2), true),
+        "a's end shown before it was written"
+    );
+    assert!(
+        events.try_recv().is_err(),
+        "a's end announced before it was written"
+    );
+    assert_eq!(status_on_disk(d.path(), "a").status, JobStatus::Running);
+    // A stop of b waits for its own record (queued behind a's), and so does its SIGTERM.
+    let stop = tokio::spawn({
+        let h = h.clone();
+        async move { h.stop("b").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!stop.is_finished(), "stop answered before it was recorded");
+    assert_eq!(rt.signals.lock().unwrap().clone(), [("b".to_string(), 1)]);
+    drop(unstall);
+    stop.await.unwrap().unwrap();
+    assert!(status_on_disk(d.path(), "b").force_stop);
+    let (ev, _) = next_event(&mut events, EventKind::Stop)
+        .await
+        .expect("a's stop event");
+    assert_eq!((ev.job_id.as_str(), ev.job.status), ("a", JobStatus::Done));
+    assert_eq!(status_on_disk(d.path(), "a").status, JobStatus::Done);
+    assert_eq!(h.get("a").unwrap().status, JobStatus::Done);
+    exit_cleanly(&rt, "b").await;
+    wait_status(&h, "b", JobStatus::Done).await;
+    assert_eq!(status_on_disk(d.path(), "b").status, JobStatus::Done);
 }
 
 /// A job in a partition that does not exist is created, then fails with Flynn's message in
@@ -758,7 +862,7 @@ async fn a_job_in_an_unknown_partition_fails_with_an_error_event() {
     let mut events = h.subscribe();
     let mut bad = job("p", "x");
     bad.partition = Some("x".into());
-    h.add_job(bad).unwrap();
+    h.add_job(bad).await.unwrap();
     let (err, seen) = next_event(&mut events, EventKind::Error)
         .await
         .expect("an error event");
@@ -777,7 +881,7 @@ async fn a_job_in_an_unknown_partition_fails_with_an_error_event() {
     ] {
         let mut ok = job(id, "x");
         ok.partition = Some(p.into());
-        h.add_job(ok).unwrap();
+        h.add_job(ok).await.unwrap();
         wait_status(&h, id, JobStatus::Running).await;
     }
 }
@@ -800,7 +904,7 @@ async fn announced_soon(h: &Host, id: &str) -> bool {
 async fn a_deregistered_job_stays_out_of_discoverd_across_a_restart() {
     let (d, rt, h) = open_host();
     for id in ["a", "b"] {
-        h.add_job(web_job(id)).unwrap();
+        h.add_job(web_job(id)).await.unwrap();
         wait_status(&h, id, JobStatus::Running).await;
         // Registered a moment after it is marked running (outside the job lock).
         assert!(announced_soon(&h, id).await, "{id} never announced");
@@ -811,6 +915,10 @@ async fn a_deregistered_job_stays_out_of_discoverd_across_a_restart() {
     let h2 = host(rt.clone(), d.path(), 0);
     h2.restore().await;
     for id in ["a", "b"] {
+        rt.events(id)
+            .send(ProcEvent::Started { pid: 42 })
+            .await
+            .unwrap();
         wait_status(&h2, id, JobStatus::Running).await;
     }
     assert!(
@@ -844,6 +952,137 @@ async fn a_deregistered_job_stays_out_of_discoverd_across_a_restart() {
     assert!(left().is_empty(), "{:?}", left());
 }
 
+/// A job a restarted daemon adopts is registered in discoverd only once its shim has said
+/// it runs (`Started`, the first event a shim sends every new daemon) and that is recorded
+/// and announced, as for a fresh job. It used to be registered as soon as its supervisor
+/// began, before the daemon had heard from it: a job that had never started (recorded as
+/// starting) was put in its service while starting, and one that had ended meanwhile was
+/// put in on its way out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_job_is_registered_after_its_first_event() {
+    use flynn_api::host::{ActiveJob, EventKind};
+
+    let (d, rt, h) = open_host();
+    h.add_job(web_job("r")).await.unwrap();
+    wait_status(&h, "r", JobStatus::Running).await;
+    assert!(announced_soon(&h, "r").await, "r never announced");
+    // "s" was spawned when the daemon died, and had not said it runs.
+    let s = ActiveJob {
+        job: web_job("s"),
+        host_id: "h".into(),
+        status: JobStatus::Starting,
+        ..ActiveJob::default()
+    };
+    std::fs::write(
+        d.path().join("jobs").join("s.json"),
+        serde_json::to_vec(&s).unwrap(),
+    )
+    .unwrap();
+    *rt.survivors.lock().unwrap() = vec!["r".into(), "s".into()];
+    let h2 = host(rt.clone(), d.path(), 0);
+    let mut events = h2.subscribe();
+    h2.restore().await;
+    // Both supervisors are under way (a control entry each, made before the registration
+    // used to be), and their shims have not said anything yet.
+    for _ in 0..500 {
+        if h2.has_control("r") && h2.has_control("s") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(h2.has_control("r") && h2.has_control("s"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for id in ["r", "s"] {
+        assert!(!h2.announced(id), "{id} registered before its first event");
+    }
+    // "s" starts: its `start` is recorded and announced, then it is registered.
+    rt.events("s")
+        .send(ProcEvent::Started { pid: 7 })
+        .await
+        .unwrap();
+    let (ev, _) = next_event(&mut events, EventKind::Start)
+        .await
+        .expect("a start event for s");
+    assert_eq!(
+        (ev.job_id.as_str(), ev.job.status),
+        ("s", JobStatus::Running)
+    );
+    assert!(announced_soon(&h2, "s").await, "s never announced");
+    // "r" was running: its shim's `Started` (from its greeting) registers it again, with no
+    // second `start` event.
+    rt.events("r")
+        .send(ProcEvent::Started { pid: 42 })
+        .await
+        .unwrap();
+    assert!(announced_soon(&h2, "r").await, "r never announced again");
+    assert!(
+        events.try_recv().is_err(),
+        "an event for a job adopted as running"
+    );
+    for id in ["r", "s"] {
+        exit_cleanly(&rt, id).await;
+        wait_status(&h2, id, JobStatus::Done).await;
+    }
+}
+
+/// Jobs a restarted daemon adopts while they are still starting are stopped once each:
+/// one being stopped before the restart gets its SIGTERM at adoption and no second one when
+/// its shim says it runs (it used to get two, as from two stops); one asked to stop after
+/// the adoption gets it when it runs. Neither is registered in discoverd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopted_starting_jobs_asked_to_stop_get_one_sigterm() {
+    use flynn_api::host::ActiveJob;
+
+    let (d, rt, _h) = open_host();
+    for (id, force_stop) in [("u", true), ("t", false)] {
+        let j = ActiveJob {
+            job: web_job(id),
+            host_id: "h".into(),
+            status: JobStatus::Starting,
+            force_stop,
+            ..ActiveJob::default()
+        };
+        std::fs::write(
+            d.path().join("jobs").join(format!("{id}.json")),
+            serde_json::to_vec(&j).unwrap(),
+        )
+        .unwrap();
+    }
+    *rt.survivors.lock().unwrap() = vec!["u".into(), "t".into()];
+    let h2 = host(rt.clone(), d.path(), 0);
+    h2.restore().await;
+    h2.stop("t").await.unwrap();
+    for id in ["u", "t"] {
+        rt.events(id)
+            .send(ProcEvent::Started { pid: 7 })
+            .await
+            .unwrap();
+        wait_status(&h2, id, JobStatus::Running).await;
+    }
+    let sigterms = |id: &str| {
+        rt.signals
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(j, s)| j == id && *s == 15)
+            .count()
+    };
+    for _ in 0..200 {
+        if sigterms("u") > 0 && sigterms("t") > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Time for a second one to come (the stop timeout, 1 s, brings the SIGKILL).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!((sigterms("u"), sigterms("t")), (1, 1));
+    for id in ["u", "t"] {
+        assert!(!h2.announced(id), "{id} registered while being stopped");
+        exit_cleanly(&rt, id).await;
+        wait_status(&h2, id, JobStatus::Done).await;
+    }
+}
+
 /// A running job the runtime loses (its shim's connection breaks: an end without an exit
 /// status) ran: it ends crashed with the reason and a `stop` event, not failed ("could not
 /// start", spec §5.2) with an `error` event. One being stopped ends done, also with `stop`.
@@ -858,7 +1097,7 @@ async fn a_running_job_the_runtime_loses_ends_crashed_with_a_stop_event() {
         ("b", true, JobStatus::Done),
     ] {
         let mut events = h.subscribe();
-        h.add_job(job(id, "x")).unwrap();
+        h.add_job(job(id, "x")).await.unwrap();
         wait_status(&h, id, JobStatus::Running).await;
         if stop {
             h.stop(id).await.unwrap();
@@ -891,7 +1130,7 @@ async fn a_running_job_the_runtime_loses_ends_crashed_with_a_stop_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_stop_sends_no_more_signals() {
     let (_d, rt, h) = open_host();
-    h.add_job(job("a", "x")).unwrap();
+    h.add_job(job("a", "x")).await.unwrap();
     wait_status(&h, "a", JobStatus::Running).await;
     let signals = || rt.signals.lock().unwrap().clone();
     h.stop("a").await.unwrap();
@@ -926,12 +1165,12 @@ async fn a_second_stop_sends_no_more_signals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deregistering_an_ended_job_leaves_no_control_entry() {
     let (d, rt, h) = open_host();
-    h.add_job(web_job("a")).unwrap();
+    h.add_job(web_job("a")).await.unwrap();
     wait_status(&h, "a", JobStatus::Running).await;
     assert!(h.has_control("a"));
     exit_cleanly(&rt, "a").await;
     wait_status(&h, "a", JobStatus::Done).await;
-    h.add_job(job("f", "fail")).unwrap();
+    h.add_job(job("f", "fail")).await.unwrap();
     wait_status(&h, "f", JobStatus::Failed).await;
     for id in ["a", "f"] {
         // The end's cleanup removes the job's entry (after the end is recorded).

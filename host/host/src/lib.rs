@@ -24,6 +24,7 @@ pub mod store;
 pub mod syncer;
 pub mod volume_api;
 pub mod volumes;
+pub mod writeback;
 
 #[cfg(test)]
 mod host_tests;
@@ -270,7 +271,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(n) = host.network() {
         n.drain_pool().await;
     }
-    if !host.save_unsaved() {
+    if !host.flush_records().await {
         tracing::error!(
             "some job states could not be saved; the next daemon finds them as last saved"
         );

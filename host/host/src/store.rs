@@ -1,12 +1,15 @@
-//! The daemon's persistent state: one JSON file per job under `<state-dir>/jobs/`,
-//! written atomically (temp file + rename) before the change is announced, so a restarted
-//! daemon knows its jobs; fsynced in group commits by the [`Syncer`] off the job's path.
+//! The daemon's persistent state: one JSON file per job under `<state-dir>/jobs/`, written
+//! atomically (temp file + `fdatasync` + rename) by the [`Writeback`] thread, off the
+//! runtime and the job table's lock; the job table waits for a change's [`Ticket`] before
+//! it announces the change, so a restarted daemon knows its jobs as announced. Directories
+//! are fsynced in group commits by the [`Syncer`].
 
 use std::path::{Path, PathBuf};
 
 use flynn_api::host::ActiveJob;
 
 use crate::syncer::Syncer;
+use crate::writeback::{Op, Ticket, Writeback};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -22,9 +25,7 @@ pub enum StoreError {
 pub struct Store {
     dir: PathBuf,
     sync: Syncer,
-    /// Saves still to fail (tests).
-    #[cfg(test)]
-    pub(crate) fail_saves: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    records: Writeback,
 }
 
 impl Store {
@@ -36,9 +37,8 @@ impl Store {
         })?;
         Ok(Store {
             dir,
+            records: Writeback::start(sync.clone()),
             sync,
-            #[cfg(test)]
-            fail_saves: Default::default(),
         })
     }
 
@@ -46,28 +46,13 @@ impl Store {
         self.dir.join(format!("{id}.json"))
     }
 
-    pub fn save(&self, job: &ActiveJob) -> Result<(), StoreError> {
-        let path = self.path(&job.job.id);
-        #[cfg(test)]
-        if self
-            .fail_saves
-            .fetch_update(
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-                |n| n.checked_sub(1),
-            )
-            .is_ok()
-        {
-            return Err(StoreError::Io {
-                path,
-                source: std::io::Error::other("injected save failure"),
-            });
-        }
+    /// Queues `job` to be written over its record; the ticket says when it is in place
+    /// (a failed write is tried again in the background until it works or a newer state
+    /// of the job replaces it). Call it under the job table's lock, so the records are
+    /// written in the table's order; wait for the ticket without it.
+    pub fn save(&self, job: &ActiveJob) -> Ticket {
         let data = serde_json::to_vec(job).unwrap_or_default();
-        // In place now; fsynced by the syncer's next pass.
-        self.sync
-            .write(&path, &data)
-            .map_err(|source| StoreError::Io { path, source })
+        self.records.queue(&self.path(&job.job.id), Op::Write(data))
     }
 
     /// Whether a record of job `id` is on disk, readable or not.
@@ -75,10 +60,11 @@ impl Store {
         self.path(id).exists()
     }
 
+    /// Queues the removal of job `id`'s record, after any write of it queued before.
     pub fn remove(&self, id: &str) {
-        if std::fs::remove_file(self.path(id)).is_ok() {
-            self.sync.dir(&self.dir);
-        }
+        // Nothing waits for it: a record left by a failed removal is an ended job's, which
+        // the next daemon loads as ended and collects again.
+        drop(self.records.queue(&self.path(id), Op::Remove));
     }
 
     /// The syncer the store's files go through (for the daemon's other state files).
@@ -86,9 +72,18 @@ impl Store {
         &self.sync
     }
 
-    /// Waits until every save and removal so far is on disk.
-    pub fn flush(&self) {
+    /// Waits until every save and removal so far is on disk (failed ones tried once more);
+    /// false when some could not be written. Blocks: not for a runtime thread.
+    pub fn flush(&self) -> bool {
+        let written = self.records.flush();
         self.sync.flush();
+        written
+    }
+
+    /// TEST ONLY: the record disk's faults (failing or stalled writes).
+    #[cfg(test)]
+    pub(crate) fn faults(&self) -> &crate::writeback::Faults {
+        self.records.faults()
     }
 
     /// Every stored job; unreadable files are logged and skipped (never deleted).
@@ -139,9 +134,9 @@ mod tests {
         let mut j = ActiveJob::default();
         j.job.id = "h-1".into();
         j.status = flynn_api::host::JobStatus::Running;
-        s.save(&j).unwrap();
-        // In place as soon as `save` returns (what a restarted daemon reads), before any
-        // fsync pass.
+        s.save(&j).wait_blocking().unwrap();
+        // In place as soon as its ticket says so (what a restarted daemon reads), before
+        // any fsync pass of its directory.
         assert_eq!(
             serde_json::from_slice::<ActiveJob>(
                 &std::fs::read(d.path().join("jobs/h-1.json")).unwrap()
@@ -149,7 +144,7 @@ mod tests {
             .unwrap(),
             j
         );
-        s.flush();
+        assert!(s.flush());
         std::fs::write(d.path().join("jobs/bad.json"), b"{nope").unwrap();
         let loaded = s.load();
         assert_eq!(loaded, vec![j.clone()]);
@@ -173,6 +168,7 @@ mod tests {
         std::fs::remove_file(d.path().join("jobs/h-3.json")).unwrap();
         assert!(!d.path().join("jobs/.h-1.tmp").exists());
         s.remove("h-1");
+        assert!(s.flush());
         assert!(s.load().is_empty());
     }
 }

@@ -101,6 +101,9 @@ pub struct Agent<S> {
     mtu: tokio::sync::watch::Sender<u32>,
 }
 
+/// How long releasing the lease of an abandoned start ([`Agent::abandon_start`]) may take.
+pub const ABANDON_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// After the store comes back from an outage, leases are still judged as of its start for
 /// this long: they all ran out on paper meanwhile, and their owners need a renewal round
 /// (retried every 2 s) before they are current again.
@@ -217,21 +220,62 @@ impl<S: LeaseStore> Agent<S> {
         })
     }
 
+    /// [`Agent::start`], tried up to `tries` times `pause` apart (the underlay device may not
+    /// be up yet, discoverd may still be electing a leader). When the last try fails too, the
+    /// lease a try took is released ([`Agent::abandon_start`], for at most
+    /// [`ABANDON_TIMEOUT`]) before the error is returned: the agent exits then, and the lease
+    /// used to stay live for its TTL (24 h by default), keeping the block from every other
+    /// host. A release that fails is logged; the start's error is the one returned.
+    pub async fn start_retrying(
+        &mut self,
+        tries: u32,
+        pause: Duration,
+    ) -> Result<Started, AgentError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.start().await {
+                Ok(s) => return Ok(s),
+                Err(e) if attempt < tries => {
+                    tracing::warn!(error = %error_chain(&e), attempt, "start failed; retrying");
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %error_chain(&e), attempt, "start failed; giving up");
+                    match tokio::time::timeout(ABANDON_TIMEOUT, self.abandon_start()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(r)) => {
+                            tracing::error!(error = %error_chain(&r), "releasing the lease after the failed start failed; it stays until it expires")
+                        }
+                        Err(_) => {
+                            tracing::error!(timeout = ?ABANDON_TIMEOUT, "releasing the lease after the failed start got no answer; it may stay until it expires")
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
     /// For a shutdown while [`Agent::start`] has not finished (cut short, or failing and
-    /// retried): releases the lease it acquired, or, when it was cut short while acquiring
-    /// (the write may have gone through, its answer lost), this host's lease in the store.
-    /// Without this a SIGTERM during start-up left the lease live for its whole TTL.
+    /// retried), and when [`Agent::start_retrying`] gives up: releases the lease it
+    /// acquired, or, when it was cut short while acquiring (the write may have gone through,
+    /// its answer lost), this host's lease in the store. Without this a SIGTERM during
+    /// start-up left the lease live for its whole TTL. The lease is forgotten only once
+    /// released, so a release cut short (a SIGTERM during the give-up's release) is tried
+    /// again by the next call.
     pub async fn abandon_start(&mut self) -> Result<(), AgentError> {
-        let lease = match self.lease.take() {
-            Some(l) => Some(l),
+        let lease = match &self.lease {
+            Some(l) => Some(l.clone()),
             None if self.acquiring => self.leaser.own().await?,
             None => None,
         };
-        self.acquiring = false;
-        if let Some(l) = lease {
-            tracing::info!(subnet = %l.subnet, "shutting down during start-up; releasing the lease");
-            self.leaser.release(&l).await?;
+        if let Some(l) = &lease {
+            tracing::info!(subnet = %l.subnet, "start-up abandoned; releasing the lease");
+            self.leaser.release(l).await?;
         }
+        self.lease = None;
+        self.acquiring = false;
         Ok(())
     }
 

@@ -34,7 +34,9 @@ mod stats;
 mod store;
 mod subnet;
 
-pub use agent::{error_chain, fast_path_off, Agent, AgentConfig, AgentError, Started};
+pub use agent::{
+    error_chain, fast_path_off, Agent, AgentConfig, AgentError, Started, ABANDON_TIMEOUT,
+};
 pub use direct::{direct_routes, Segment, DIRECT_PROTO};
 /// Leases from a `flannel` metadata document as discoverd stores it (for the fuzz target).
 #[doc(hidden)]

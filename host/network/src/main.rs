@@ -19,7 +19,7 @@ use flynn_client::discoverd::Client;
 use flynn_ebpf::FastPath;
 use flynn_network::{
     config_json, error_chain, fast_path_off, layout_from_config, Agent, AgentConfig, DeviceConfig,
-    DiscoverdStore, KernelNetlink, Layout, LeaseConfig, Stats, Subnet,
+    DiscoverdStore, KernelNetlink, Layout, LeaseConfig, Stats, Subnet, ABANDON_TIMEOUT,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -200,9 +200,6 @@ async fn serve(listener: tokio::net::TcpListener, status: Status) {
     }
 }
 
-/// How long a shutdown during start-up waits for the lease to be released.
-const ABANDON_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Completes on SIGTERM or SIGINT. The handlers are installed by this call, not when the
 /// future is first polled: a signal from then on is kept until it is awaited.
 fn shutdown_signal() -> Result<impl Future<Output = ()>> {
@@ -253,20 +250,16 @@ async fn init_config(
     }
 }
 
-/// [`Agent::start`], retried for a while (the underlay device may not be up yet).
+/// Tries of [`Agent::start`] before the agent gives up (and releases what it leased), a
+/// second apart: the underlay device may not be up yet.
+const START_TRIES: u32 = 30;
+
+/// [`Agent::start_retrying`]: [`START_TRIES`] tries, the lease released when all fail.
 async fn start(agent: &mut Agent<DiscoverdStore>) -> Result<flynn_network::Started> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match agent.start().await {
-            Ok(s) => return Ok(s),
-            Err(e) if attempt < 30 => {
-                tracing::warn!(error = %error_chain(&e), attempt, "start failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(anyhow::Error::new(e).context("starting the agent")),
-        }
-    }
+    agent
+        .start_retrying(START_TRIES, Duration::from_secs(1))
+        .await
+        .map_err(|e| anyhow::Error::new(e).context("starting the agent"))
 }
 
 async fn run(mut cfg: Config) -> Result<()> {

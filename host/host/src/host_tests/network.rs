@@ -254,7 +254,7 @@ fn a_crash_between_a_moved_allocator_and_network_json_is_recovered() {
         h.configure_network(&notify("100.100.14.1/24"))
             .await
             .unwrap();
-        h.add_job(job(&id, "x")).unwrap();
+        h.add_job(job(&id, "x")).await.unwrap();
         wait_status(&h, &id, JobStatus::Running).await;
         let ip = h.get(&id).unwrap().internal_ip;
         assert!(ip.starts_with("100.100.14."), "{ip}");
@@ -332,7 +332,7 @@ fn after_a_reboot_jobs_wait_for_the_block_the_agent_reports() {
         h.configure_network(&notify("100.100.15.1/24"))
             .await
             .unwrap();
-        h.add_job(job(&a, "x")).unwrap();
+        h.add_job(job(&a, "x")).await.unwrap();
         wait_status(&h, &a, JobStatus::Running).await;
         // A daemon restart within the same boot applies the saved block as it is.
         assert!(!setup.load().unwrap().unwrap().rebooted);
@@ -362,7 +362,7 @@ fn after_a_reboot_jobs_wait_for_the_block_the_agent_reports() {
         assert_eq!(h2.get(&a).unwrap().status, JobStatus::Crashed);
         assert_eq!(n.address_of(&a), None);
 
-        h2.add_job(job(&b, "x")).unwrap();
+        h2.add_job(job(&b, "x")).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
         let j = h2.get(&b).unwrap();
         assert_eq!(

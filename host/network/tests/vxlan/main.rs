@@ -5,12 +5,12 @@
 
 mod lab;
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
 use flynn_network::{
-    reconcile, setup, DeviceConfig, KernelNetlink, Lease, LeaseConfig, LeaseStore, Leaser, Mac,
-    MemoryStore, Netlink, Op, Subnet,
+    reconcile, setup, Agent, AgentConfig, AgentError, DeviceConfig, KernelNetlink, Lease,
+    LeaseConfig, LeaseStore, Leaser, Mac, MemoryStore, Netlink, NetlinkError, Op, Subnet,
 };
 use lab::{in_netns, ping, run, Lab};
 
@@ -319,4 +319,59 @@ fn stale_route_of_another_protocol_is_removed() -> Result<()> {
     let again = reconcile_ops(&ns, &store, lease.subnet)?;
     ensure!(again.is_empty(), "second pass still changes: {again:?}");
     Ok(())
+}
+
+/// An agent whose start fails on every try (here: its public IP is on no interface, so there
+/// is no underlay device, after the block was leased) gives up after its tries and releases
+/// the lease a try took: it used to exit with the lease live for its TTL (24 h by default),
+/// keeping the block from every other host.
+#[test]
+fn a_start_that_gives_up_releases_its_lease() -> Result<()> {
+    if !lab::should_run("a_start_that_gives_up_releases_its_lease") {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    let store = MemoryStore::new();
+    let ns = lab.add_host("h1", "u1", "10.231.3.1")?;
+    let s = store.clone();
+    in_netns(&ns, async move || {
+        let cfg = AgentConfig {
+            // Not the host's address (10.231.3.1): on no interface.
+            public_ip: "10.231.3.9".parse()?,
+            devices: DeviceConfig::default(),
+            lease: LeaseConfig::default(),
+            direct_routing: false,
+            resync: Duration::from_secs(30),
+            state_dir: None,
+            fast_path_required: false,
+            ip_masq: false,
+        };
+        let mut agent = Agent::new(s.clone(), KernelNetlink::connect()?, cfg, None);
+        // A first try leases the block, then finds no underlay.
+        let first = agent.start().await;
+        ensure!(
+            matches!(
+                first,
+                Err(AgentError::Netlink(NetlinkError::NoUnderlay { .. }))
+            ),
+            "{first:?}"
+        );
+        let held = s.leases().await?.leases;
+        ensure!(held.len() == 1, "the first try leased nothing: {held:?}");
+        // The retries fail the same way; the last gives up.
+        let last = agent.start_retrying(2, Duration::from_millis(20)).await;
+        ensure!(
+            matches!(
+                last,
+                Err(AgentError::Netlink(NetlinkError::NoUnderlay { .. }))
+            ),
+            "{last:?}"
+        );
+        let left = s.leases().await?.leases;
+        ensure!(
+            left.is_empty(),
+            "the lease outlived the start that gave up: {left:?}"
+        );
+        Ok(())
+    })
 }
