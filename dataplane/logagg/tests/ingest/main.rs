@@ -258,3 +258,68 @@ fn connections_over_the_cap_are_refused_until_one_closes() {
     );
     assert_eq!(l.metric("flynn_logagg_connections_rejected_total{"), 1);
 }
+
+/// The kernel's view of the TCP socket `local` → `remote` (IPv4, from `/proc/net/tcp`): its
+/// timer kind (`0` none, `1` retransmit, `2` keepalive on an established socket) and the
+/// time until that timer fires.
+fn tcp_timer(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Option<(u8, Duration)> {
+    let hex = |a: std::net::SocketAddr| {
+        let std::net::SocketAddr::V4(a) = a else {
+            panic!("IPv4 only: {a}")
+        };
+        // The address as the kernel prints it: the raw in-memory (network order) word.
+        let word = u32::from_ne_bytes(a.ip().octets());
+        format!("{word:08X}:{:04X}", a.port())
+    };
+    let (local, remote) = (hex(local), hex(remote));
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table.lines().skip(1).find_map(|row| {
+        let f: Vec<&str> = row.split_whitespace().collect();
+        if f.get(1) != Some(&local.as_str()) || f.get(2) != Some(&remote.as_str()) {
+            return None;
+        }
+        let (kind, when) = f.get(5)?.split_once(':')?;
+        // In clock ticks (USER_HZ, 100 on Linux).
+        let ticks = u64::from_str_radix(when, 16).ok()?;
+        Some((
+            u8::from_str_radix(kind, 16).ok()?,
+            Duration::from_millis(ticks * 10),
+        ))
+    })
+}
+
+/// A sender whose host vanished (no FIN, no RST) is noticed: the aggregator's side of an
+/// accepted syslog connection has TCP keepalive armed with a 60 s idle time (then probes
+/// every 15 s, 4 of them), not the kernel default of none (or 2 h idle once enabled). A
+/// quiet but live sender answers the probes and keeps its connection.
+#[test]
+fn accepted_syslog_connections_have_tcp_keepalive() {
+    let l = Logagg::start(&[]);
+    let mut s = l.connect();
+    s.write_all(oc(&msg("ka", "h", "web.1", "ID1", 1, 1, "hello")).as_bytes())
+        .unwrap();
+    // Stored: the connection was accepted and is being served.
+    assert_eq!(l.wait_lines("ka", 1).len(), 1);
+    let client = s.local_addr().unwrap();
+    let timer = tcp_timer(l.syslog, client).expect("the aggregator's side of the connection");
+    assert_eq!(
+        timer.0, 2,
+        "no keepalive timer on the accepted connection: {timer:?}"
+    );
+    assert!(
+        timer.1 > Duration::from_secs(30) && timer.1 <= Duration::from_secs(60),
+        "keepalive fires in {:?}, want within the 60 s idle time",
+        timer.1
+    );
+    // Our own side (no keepalive set) reads as no timer once its bytes are acknowledged:
+    // the check tells the two apart.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while tcp_timer(client, l.syslog).map(|t| t.0) != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "client side: {:?}",
+            tcp_timer(client, l.syslog)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
