@@ -96,9 +96,9 @@ pub fn start(cfg: &Config) -> anyhow::Result<Running> {
             };
             rt.block_on(async move {
                 let mut waits = Vec::new();
-                for (i, p) in peers.into_iter().enumerate() {
+                for p in peers {
                     let (tx, rx) = tokio::sync::oneshot::channel();
-                    tokio::spawn(peer::follow(sh.clone(), p, i, tx));
+                    tokio::spawn(peer::follow(sh.clone(), p, tx));
                     waits.push(rx);
                 }
                 let _ = tokio::time::timeout(

@@ -41,13 +41,9 @@ impl Line {
 
     /// Same content as `frame`/`fields` at the same time (replay dedupe, spec §3.3).
     pub fn same_as(&self, ts: Timestamp, frame: &[u8], fields: &Fields) -> bool {
-        self.ts == ts && self.same_content(frame, fields)
-    }
-
-    /// Same content as `frame`/`fields`, whatever the time (what [`content_key`] hashes).
-    pub fn same_content(&self, frame: &[u8], fields: &Fields) -> bool {
         let m = &self.msg;
-        m.is_raw() == fields.raw
+        self.ts == ts
+            && m.is_raw() == fields.raw
             && m.hostname() == fields.hostname.get(frame)
             && m.procid() == fields.procid.get(frame)
             && m.msgid() == fields.msgid.get(frame)
@@ -94,16 +90,8 @@ pub type FastBuild = std::hash::BuildHasherDefault<FastHasher>;
 /// stderr line with the same text and time are two lines), structured data and body.
 pub fn content_hash(ts: Timestamp, frame: &[u8], f: &Fields) -> u64 {
     use std::hash::Hasher;
-    let mut h = FastHasher(content_key(frame, f));
-    h.write_u64(ts.0 as u64);
-    h.finish()
-}
-
-/// [`content_hash`] without the time: what two instances' copies of a line without a
-/// timestamp of its own (each stamped on its own arrival) have in common.
-pub fn content_key(frame: &[u8], f: &Fields) -> u64 {
-    use std::hash::Hasher;
     let mut h = FastHasher::default();
+    h.write_u64(ts.0 as u64);
     h.write(f.hostname.get(frame));
     h.write(f.procid.get(frame));
     h.write(f.msgid.get(frame));

@@ -10,11 +10,8 @@
 //! following; replays are ignored by the store's dedupe (same time and content), so two
 //! aggregators following each other converge without loops. Every (re)connect starts with
 //! the peer's whole buffer: once an app has evicted lines here, a replayed line older than
-//! every line it still buffers is refused ([`crate::store::Store::insert_from`]), so
+//! every line it still buffers is refused ([`crate::store::Store::insert_from_peer`]), so
 //! lines this instance dropped do not come back; live lines after the end marker are not.
-//! A line without a timestamp of its own travels with the stamp it has there; the copy
-//! this instance stamped itself (a sender gives every instance its lines) is the same
-//! line, and the earlier of the two stamps is kept (see [`crate::store::Store::insert_from`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +24,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::ingest::Shared;
 use crate::line::Line;
 use crate::metrics::Counters;
-use crate::store::Source;
 
 pub const CONTENT_TYPE: &str = "application/vnd.flynn.logaggregator-snapshot";
 
@@ -114,14 +110,8 @@ pub fn parse_url(url: &str) -> Result<(String, String), String> {
 }
 
 /// One pass: connect, stream `/snapshot?follow=true` into the store. Calls `on_end` when
-/// the snapshot part is loaded. Returns when the peer closes the stream. `index` is the
-/// peer's place in `--peer`.
-async fn pass(
-    shared: &Shared,
-    url: &str,
-    index: usize,
-    on_end: &mut (dyn FnMut() + Send),
-) -> anyhow::Result<()> {
+/// the snapshot part is loaded. Returns when the peer closes the stream.
+async fn pass(shared: &Shared, url: &str, on_end: &mut (dyn FnMut() + Send)) -> anyhow::Result<()> {
     let (host, base) = parse_url(url).map_err(anyhow::Error::msg)?;
     let mut s = tokio::time::timeout(
         Duration::from_secs(5),
@@ -175,11 +165,11 @@ async fn pass(
                 }) => {
                     Counters::inc(&c.messages_total);
                     Counters::add(&c.bytes_total, frame.len() as u64);
-                    let src = Source::Peer {
-                        index,
-                        replay: replaying,
+                    let outcome = if replaying {
+                        shared.store.insert_from_peer(app, frame, &fields, ts)
+                    } else {
+                        shared.store.insert(app, frame, &fields, ts)
                     };
-                    let outcome = shared.store.insert_from(src, app, frame, &fields, ts);
                     if outcome == crate::store::Outcome::Duplicate {
                         Counters::inc(&c.duplicates_total);
                     }
@@ -203,15 +193,10 @@ async fn pass(
     }
 }
 
-/// Follows `url` (the `index`th `--peer`) forever, reconnecting with backoff. `ready` fires once: after the first
+/// Follows `url` forever, reconnecting with backoff. `ready` fires once: after the first
 /// snapshot is loaded, or after the first failed attempt (a dead peer does not block
 /// start-up).
-pub async fn follow(
-    shared: Arc<Shared>,
-    url: String,
-    index: usize,
-    ready: tokio::sync::oneshot::Sender<()>,
-) {
+pub async fn follow(shared: Arc<Shared>, url: String, ready: tokio::sync::oneshot::Sender<()>) {
     let mut ready = Some(ready);
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -220,7 +205,7 @@ pub async fn follow(
                 let _ = r.send(());
             }
         };
-        match pass(&shared, &url, index, &mut on_end).await {
+        match pass(&shared, &url, &mut on_end).await {
             Ok(()) => {
                 tracing::info!(peer = %url, "peer stream ended; reconnecting");
                 backoff = Duration::from_millis(100);

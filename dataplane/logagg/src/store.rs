@@ -20,23 +20,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use flynn_syslog::{flynn, Fields, Timestamp};
 use tokio::sync::Notify;
 
-use crate::line::{content_hash, content_key, FastBuild, FastHasher, Filter, Line};
-
-mod copies;
-
-pub use copies::COPY_WINDOW;
+use crate::line::{content_hash, FastBuild, FastHasher, Filter, Line};
 
 pub const SHARDS: usize = 64;
-
-/// Where an inserted line comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// A syslog sender (TCP or UDP ingest).
-    Sender,
-    /// The `index`th `--peer`'s stream; `replay` for its buffer, sent before the end marker
-    /// on every (re)connect, not for its live lines.
-    Peer { index: usize, replay: bool },
-}
 
 /// Store limits.
 #[derive(Debug, Clone, Copy)]
@@ -77,12 +63,8 @@ pub struct App {
     /// than the first-arrived one into a full ring, and kept until that line leaves.
     min_ts: Option<Timestamp>,
     /// Whether a line was ever evicted from `ring` (by either bound): from then on a peer's
-    /// replayed line older than every buffered one is refused ([`Store::insert_from`]).
+    /// replayed line older than every buffered one is refused ([`Store::insert_from_peer`]).
     evicted_any: bool,
-    /// Which sources gave each buffered line without a timestamp of its own, so that a
-    /// peer's copy of one (stamped at another instant) is taken for it ([`copies`]); made
-    /// when a peer first sends such a line, dropped after a long run without one.
-    copies: Option<copies::Copies>,
 }
 
 /// What an app costs beyond its lines, charged against `--max-memory` from its creation to
@@ -107,7 +89,6 @@ impl App {
             fresh_run: 0,
             min_ts: None,
             evicted_any: false,
-            copies: None,
         }
     }
 
@@ -173,9 +154,6 @@ impl App {
             if d.get(&h) == Some(&l.seq) {
                 d.remove(&h);
             }
-        }
-        if let Some(c) = &mut self.copies {
-            c.unlink(l.seq);
         }
         let c = l.cost();
         self.bytes -= c;
@@ -335,7 +313,7 @@ pub enum Outcome {
     /// Older than every line of a full ring: it would be the first evicted (counted).
     TooOld,
     /// A peer's replayed line older than every line of an app that has evicted lines: most
-    /// likely one this instance had and dropped ([`Store::insert_from`]; counted with
+    /// likely one this instance had and dropped ([`Store::insert_from_peer`]; counted with
     /// the capacity refusals).
     Evicted,
 }
@@ -546,44 +524,27 @@ impl Store {
     /// line would have the same host, time and seq, which the cursor has already
     /// covered). Only other lines need the content index, which is built from the ring on
     /// first need and dropped after `2 × lines_per_app` provably-new lines in a row.
-    ///
-    /// A line without a timestamp of its own (`fields.ts` is `None`, `ts` its arrival
-    /// stamp) is also a duplicate when it is another source's copy of a buffered one: see
-    /// [`Store::insert_from`].
     pub fn insert(&self, app: &[u8], frame: &[u8], fields: &Fields, ts: Timestamp) -> Outcome {
-        self.insert_from(Source::Sender, app, frame, fields, ts)
+        self.insert_line(app, frame, fields, ts, false)
     }
 
-    /// [`Store::insert`] for a line from `src`.
-    ///
-    /// A line of a peer's `/snapshot` replay (the peer's buffer, sent again on every
-    /// (re)connect; not its live lines after the end marker): dedupe finds only lines still
-    /// buffered, so the lines this instance evicted would come back with new sequence
-    /// numbers (to its live followers a second time). Once `app` has evicted a line, a
-    /// replayed line older than every line it still buffers is refused
+    /// [`Store::insert`] for a line of a peer's `/snapshot` replay (the peer's buffer, sent
+    /// again on every (re)connect; not its live lines after the end marker). Dedupe finds
+    /// only lines still buffered, so the lines this instance evicted would come back with
+    /// new sequence numbers (to its live followers a second time). Once `app` has evicted
+    /// a line, a replayed line older than every line it still buffers is refused
     /// ([`Outcome::Evicted`]), as a line older than a full ring is ([`Outcome::TooOld`]): it
     /// lies before what this instance keeps. A line a host sends itself is never refused
     /// this way (a host resends from its cursor, spec §3.5), and neither is a peer's live
     /// line; an app removed whole (no line, no follower) takes a replay again, as at start.
-    ///
-    /// A line without a timestamp of its own is stamped on arrival by every instance a
-    /// sender gives it to (spec §3.1: all of them), each at its own instant, so its copies
-    /// differ in time. A copy from one source (the senders, or one peer) of a buffered line
-    /// with the same content that this source has not given yet, stamped within
-    /// [`COPY_WINDOW`] of it, is that line (the earliest such one: equal lines pair up in
-    /// order) and is not stored again; a peer's earlier stamp replaces the buffered one, so
-    /// instances that follow each other end up with one line at one time. A replayed copy of
-    /// a line that its peer already gave is also a duplicate (its stamp there may not have
-    /// been lowered yet).
-    pub fn insert_from(
+    pub fn insert_from_peer(
         &self,
-        src: Source,
         app: &[u8],
         frame: &[u8],
         fields: &Fields,
         ts: Timestamp,
     ) -> Outcome {
-        self.insert_line(app, frame, fields, ts, src)
+        self.insert_line(app, frame, fields, ts, true)
     }
 
     #[inline]
@@ -593,9 +554,8 @@ impl Store {
         frame: &[u8],
         fields: &Fields,
         ts: Timestamp,
-        src: Source,
+        from_peer: bool,
     ) -> Outcome {
-        let from_peer = matches!(src, Source::Peer { replay: true, .. });
         let mut over_cap = false;
         let seq_cursor = (!fields.raw)
             .then(|| flynn::flynn_seq(fields.sd.get(frame)))
@@ -650,25 +610,10 @@ impl Store {
                 hash = Some(h);
                 if let Some(&seq) = index.get(&h) {
                     if a.get(seq).is_some_and(|l| l.same_as(ts, frame, fields)) {
-                        if let Some(c) = &mut a.copies {
-                            // This source has it now (a peer echoing this instance's line).
-                            c.mark(seq, src);
-                        }
                         a.duplicates += 1;
                         return Outcome::Duplicate;
                     }
                 }
-            }
-            // Without a timestamp of its own: maybe another source's copy of a buffered line
-            // (only once a peer has sent such lines: a sender's line alone costs one branch).
-            let mut copy_key = None;
-            if fields.ts.is_none() && (src != Source::Sender || a.copies.is_some()) {
-                let key = content_key(frame, fields);
-                if a.merge_copy(src, key, ts, frame, fields, self.limits.lines_per_app) {
-                    a.duplicates += 1;
-                    return Outcome::Duplicate;
-                }
-                copy_key = Some(key);
             }
             // Earlier than the first-arrived line, and then than every line (not only
             // that one: a single line stamped in the future at the front would refuse
@@ -684,9 +629,6 @@ impl Store {
             let cost = line.cost();
             if let Some(d) = &mut a.dedupe {
                 d.insert(hash.unwrap_or_else(|| line.hash()), a.next_seq);
-            }
-            if let (Some(c), Some(key)) = (&mut a.copies, copy_key) {
-                c.link(key, a.next_seq, src);
             }
             if ts > a.max_ts {
                 a.max_ts = ts;

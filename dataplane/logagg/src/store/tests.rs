@@ -11,12 +11,6 @@ fn put(s: &Store, app: &str, frame: &str) -> Outcome {
     s.insert(app.as_bytes(), frame.as_bytes(), &f, f.ts.unwrap())
 }
 
-/// A line of the first peer's replayed buffer.
-const REPLAY: Source = Source::Peer {
-    index: 0,
-    replay: true,
-};
-
 fn store(lines: usize, mem: usize) -> Arc<Store> {
     Arc::new(Store::new(Limits {
         lines_per_app: lines,
@@ -637,7 +631,7 @@ fn a_peers_copies_of_evicted_lines_do_not_come_back() {
     let peer = |i: u64| {
         let frame = line(i);
         let f = parse_fields(frame.as_bytes()).unwrap();
-        s.insert_from(REPLAY, b"busy", frame.as_bytes(), &f, f.ts.unwrap())
+        s.insert_from_peer(b"busy", frame.as_bytes(), &f, f.ts.unwrap())
     };
     for i in 1..200 {
         let want = if i <= evicted {
@@ -690,7 +684,7 @@ fn a_far_future_line_evicted_once_does_not_refuse_a_peers_later_lines() {
     let peer = |ts: u64, text: &str| {
         let frame = msg("p", "web.1", "ID2", ts, ts, text);
         let f = parse_fields(frame.as_bytes()).unwrap();
-        s.insert_from(REPLAY, b"app", frame.as_bytes(), &f, f.ts.unwrap())
+        s.insert_from_peer(b"app", frame.as_bytes(), &f, f.ts.unwrap())
     };
     assert_eq!(peer(250, "newer than the buffer"), Outcome::Stored);
     assert_eq!(peer(10, "older than the buffer"), Outcome::Evicted);
@@ -874,143 +868,4 @@ fn the_estimate_follows_apps_that_come_and_go_with_their_readers() {
     drop(follows);
     assert_eq!(s.memory(), 0);
     assert!(within(&s), "{} vs {}", s.memory_estimate(), s.memory());
-}
-
-/// A line without a timestamp of its own from `src`, stamped `ts` ns past a base time.
-fn stamped(s: &Store, src: Source, body: &str, ts: i64) -> Outcome {
-    let frame = format!("<190>1 - h app web.1 ID1 - {body}");
-    let f = parse_fields(frame.as_bytes()).unwrap();
-    assert!(f.ts.is_none());
-    s.insert_from(
-        src,
-        b"app",
-        frame.as_bytes(),
-        &f,
-        Timestamp(1_000_000_000_000 + ts),
-    )
-}
-
-/// A sender gives every instance its lines (spec §3.1); one without a timestamp of its own
-/// is stamped by each on arrival. A peer's copy (another stamp) is the buffered line, in
-/// either order of arrival, and the earlier stamp is kept; equal lines pair up in order.
-#[test]
-fn a_peers_copy_of_a_line_without_a_timestamp_is_that_line() {
-    use Outcome::{Duplicate, Stored};
-    let s = store(100, usize::MAX);
-    let (b, c) = (
-        Source::Peer {
-            index: 0,
-            replay: false,
-        },
-        Source::Peer {
-            index: 1,
-            replay: false,
-        },
-    );
-    let sender = Source::Sender;
-    // Ours first, the peer's later copy: one line at our stamp.
-    assert_eq!(stamped(&s, sender, "one", 0), Stored);
-    assert_eq!(stamped(&s, b, "one", 5_000_000), Duplicate);
-    // The peer's copy first, then ours: one line at the peer's stamp.
-    assert_eq!(stamped(&s, b, "two", 10_000_000), Stored);
-    assert_eq!(stamped(&s, sender, "two", 11_000_000), Duplicate);
-    // Ours first, the peer's copy stamped earlier: the earlier stamp is kept; a second
-    // peer's copy is the same line too.
-    assert_eq!(stamped(&s, sender, "three", 30_000_000), Stored);
-    assert_eq!(stamped(&s, b, "three", 20_000_000), Duplicate);
-    assert_eq!(stamped(&s, c, "three", 25_000_000), Duplicate);
-    // Equal lines twice from every source: two lines; a third from the peer alone (one
-    // this instance never got): a line of its own.
-    assert_eq!(stamped(&s, sender, "four", 40_000_000), Stored);
-    assert_eq!(stamped(&s, sender, "four", 40_000_001), Stored);
-    assert_eq!(stamped(&s, b, "four", 41_000_000), Duplicate);
-    assert_eq!(stamped(&s, b, "four", 41_000_001), Duplicate);
-    assert_eq!(stamped(&s, b, "four", 41_000_002), Stored);
-    // The peer's own equal lines are two lines.
-    assert_eq!(stamped(&s, b, "five", 50_000_000), Stored);
-    assert_eq!(stamped(&s, b, "five", 50_000_001), Stored);
-    // Farther apart than the window: not a copy.
-    assert_eq!(stamped(&s, b, "one", COPY_WINDOW + 1), Stored);
-    // A reconnect replays the peer's buffer with its own stamps: lines it gave already are
-    // duplicates, whatever their stamp there.
-    let replay = Source::Peer {
-        index: 0,
-        replay: true,
-    };
-    assert_eq!(stamped(&s, replay, "one", 5_000_000), Duplicate);
-    assert_eq!(stamped(&s, replay, "four", 41_000_001), Duplicate);
-    let (h, _, _) = s.history(b"app", &Filter::default(), 0, false);
-    let got: Vec<_> = h
-        .iter()
-        .map(|l| {
-            (
-                String::from_utf8_lossy(l.msg.msg()).into_owned(),
-                l.ts.0 - 1_000_000_000_000,
-            )
-        })
-        .collect();
-    let want: Vec<(String, i64)> = [
-        ("one", 0),
-        ("two", 10_000_000),
-        ("three", 20_000_000),
-        ("four", 40_000_000),
-        ("four", 40_000_001),
-        ("four", 41_000_002),
-        ("five", 50_000_000),
-        ("five", 50_000_001),
-        ("one", COPY_WINDOW + 1),
-    ]
-    .into_iter()
-    .map(|(b, t)| (b.to_string(), t))
-    .collect();
-    assert_eq!(got, want);
-    assert_eq!(s.stats()[0].duplicates, 8);
-    // The lowered stamp is what exact dedupe sees: the peer's copy sent again is one.
-    assert_eq!(stamped(&s, b, "three", 20_000_000), Duplicate);
-}
-
-/// Without peers nothing changes: equal lines from senders are all kept, and lines with a
-/// timestamp of their own are compared by it alone.
-#[test]
-fn lines_without_a_timestamp_from_senders_alone_are_all_kept() {
-    let s = store(100, usize::MAX);
-    for i in 0..3 {
-        assert_eq!(stamped(&s, Source::Sender, "same", i), Outcome::Stored);
-    }
-    let peer = Source::Peer {
-        index: 0,
-        replay: false,
-    };
-    let frame = msg("h", "web.1", "ID1", 1, 1, "timed");
-    let f = parse_fields(frame.as_bytes()).unwrap();
-    let t = f.ts.unwrap();
-    assert_eq!(put(&s, "app", &frame), Outcome::Stored);
-    assert_eq!(
-        s.insert_from(peer, b"app", frame.as_bytes(), &f, Timestamp(t.0 + 1)),
-        Outcome::Stored
-    );
-    assert_eq!(s.stats()[0].lines, 5);
-}
-
-/// The copies index follows the ring: an evicted line is no longer paired with, and the
-/// index of a long run of sender lines without a peer's goes away and comes back.
-#[test]
-fn copies_leave_with_their_lines() {
-    let s = store(2, usize::MAX);
-    let peer = Source::Peer {
-        index: 0,
-        replay: false,
-    };
-    assert_eq!(stamped(&s, Source::Sender, "a", 0), Outcome::Stored);
-    assert_eq!(stamped(&s, peer, "x", 1), Outcome::Stored);
-    assert_eq!(stamped(&s, Source::Sender, "y", 2), Outcome::Stored);
-    // "a" is evicted: the peer's copy of it is a line again.
-    assert_eq!(stamped(&s, peer, "a", 3), Outcome::Stored);
-    for i in 0..10 {
-        assert_eq!(stamped(&s, Source::Sender, "z", 10 + i), Outcome::Stored);
-    }
-    // Rebuilt from the ring: the sender's "z" lines pair with a peer's copies.
-    assert_eq!(stamped(&s, peer, "z", 30), Outcome::Duplicate);
-    assert_eq!(stamped(&s, peer, "z", 31), Outcome::Duplicate);
-    assert_eq!(stamped(&s, peer, "z", 32), Outcome::Stored);
 }
