@@ -72,19 +72,17 @@ fn parse_labels<'a>(labels: &[&'a str]) -> Result<Target<'a>, bool> {
     }
 }
 
-/// True for a name that only exists because names below it do: `_i.discoverd.` and
-/// `<svc>._i.discoverd.` above instance names, `_<proto>.discoverd.` above every
-/// service's `_<svc>._<proto>.discoverd.`.
+/// True for a name that only exists because names below it do, answered NOERROR without
+/// records: `<svc>._i.discoverd.` while the service has instances, and the two that may
+/// have names below them from any service, `_i.discoverd.` and `_<proto>.discoverd.`
+/// (above every `_<svc>._<proto>.discoverd.`), always: a proxy cannot tell without asking
+/// about every service, and a NOERROR for a name with nothing below misleads no resolver,
+/// where an NXDOMAIN hides everything below it (RFC 8020).
 fn empty_non_terminal(reg: &Registry, labels: &[&str]) -> bool {
-    let with_instances = |insts: &std::collections::BTreeMap<String, Instance>| !insts.is_empty();
     match labels {
-        ["_i", "discoverd"] => reg.data.instances.values().any(with_instances),
-        [svc, "_i", "discoverd"] => reg.data.instances.get(*svc).is_some_and(with_instances),
-        [proto, "discoverd"] => {
-            proto.len() > 1
-                && proto.starts_with('_')
-                && reg.data.services.keys().any(|s| service_name(s))
-        }
+        ["_i", "discoverd"] => true,
+        [svc, "_i", "discoverd"] => reg.data.instances.get(*svc).is_some_and(|m| !m.is_empty()),
+        [proto, "discoverd"] => proto.len() > 1 && proto.starts_with('_'),
         _ => false,
     }
 }
@@ -151,6 +149,10 @@ pub fn service_of(qname: &Name) -> Option<String> {
         .map(|l| std::str::from_utf8(l))
         .collect::<Result<Vec<&str>, _>>()
         .ok()?;
+    // `<svc>._i.discoverd.`: an empty non-terminal while the service has instances.
+    if let [svc, "_i", "discoverd"] = labels[..] {
+        return service_name(svc).then(|| svc.to_string());
+    }
     match parse(&labels).ok()? {
         Target::Service(s)
         | Target::ServiceProto(s, _)
@@ -466,7 +468,8 @@ mod tests {
             let (code, a, _) = answer(&reg, ent, RecordType::A, false);
             assert_eq!((code, a.len()), (ResponseCode::NoError, 0), "{ent}");
         }
-        // ...but only while something is below them.
+        // A service's instance level only while it has instances; the levels above any
+        // service's names whatever the registry holds (a proxy's is empty).
         assert_eq!(
             answer(&reg, "empty._i.discoverd.", RecordType::A, false).0,
             nx
@@ -477,9 +480,13 @@ mod tests {
         );
         assert_eq!(answer(&reg, "_.discoverd.", RecordType::A, false).0, nx);
         let none = Registry::default();
-        for gone in ["_tcp.discoverd.", "_i.discoverd."] {
-            assert_eq!(answer(&none, gone, RecordType::A, false).0, nx, "{gone}");
+        for ent in ["_tcp.discoverd.", "_i.discoverd."] {
+            let (code, a, _) = answer(&none, ent, RecordType::A, false);
+            assert_eq!((code, a.len()), (ResponseCode::NoError, 0), "{ent}");
         }
+        // A proxy asks a peer about the service of an instance level.
+        let web_i = Name::from_ascii("web._i.discoverd.").unwrap();
+        assert_eq!(service_of(&web_i), Some("web".into()));
         let other = lookup(
             &reg,
             &Name::from_ascii("example.com.").unwrap(),
