@@ -37,6 +37,19 @@ const DEREGISTER_WAIT: Duration = Duration::from_secs(2);
 /// The `error` of a job stopped before its process existed (it ends as done).
 const STOPPED_BEFORE_START: &str = "stopped before it started";
 
+/// Runs `f` as a task of its own and waits for it: what follows a change of the job table
+/// runs to its end even when the caller is dropped (an API handler whose client went away).
+async fn to_completion<T: Send + 'static>(
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    match tokio::spawn(f).await {
+        Ok(t) => t,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled: the runtime is shutting down.
+        Err(_) => std::future::pending().await,
+    }
+}
+
 /// The event announcing a job's end with `status`: `error` for a job that could not start
 /// (failed, spec §5.3), `stop` for one that ran and ended (done or crashed), whether its
 /// end came with an exit status or not.
@@ -757,6 +770,17 @@ impl Host {
             let aj = inner.table.add(job, &self.id, now_rfc3339())?.clone();
             self.record(&mut inner, &aj)
         };
+        // The job is in the table: the rest runs to its end whatever becomes of the request
+        // (a handler dropped when its client gives up). Cut short while the record was
+        // written, the job stayed starting for good, shown nowhere, counting against
+        // `max_starting`, and a retried `PUT` was refused.
+        let host = self.clone();
+        to_completion(async move { host.added(id, change).await }).await
+    }
+
+    /// What follows `add_job`'s table change: once the job is recorded, it is shown,
+    /// announced and started; a job whose record could not be written leaves the table.
+    async fn added(self: Arc<Self>, id: String, change: Change) -> Result<(), ApiError> {
         // Recorded before anything runs: a job whose state cannot be saved would be
         // unknown to the next daemon, which kills what it finds of it.
         let Change {
@@ -1334,22 +1358,32 @@ impl Host {
                 .map(|j| self.record(&mut inner, &j));
             (a, change)
         };
+        // The stop is in the table: the rest runs to its end whatever becomes of the request
+        // (a handler dropped when its client gives up). Cut short while the record was
+        // written, the job was never signalled, and every later `DELETE` found the stop
+        // under way and answered 200 doing nothing.
+        let host = self.clone();
+        let id = id.to_string();
+        to_completion(async move { host.stopped(id, action, change).await }).await;
+        Ok(())
+    }
+
+    /// What follows `stop`'s table change: once the stop is recorded, the job is signalled
+    /// (or a start waiting for the network is woken).
+    async fn stopped(self: Arc<Self>, id: String, action: StopAction, change: Option<Change>) {
         // Answered, and the job signalled, once the stop is on disk: a daemon restarted
         // after the job's end then finds it asked to stop (done, not crashed).
         if let Some(c) = change {
             self.settle(c, None).await;
         }
         if action == StopAction::None {
-            return Ok(());
+            return;
         }
         // Wakes a start waiting for the network.
         self.stops.send_modify(|n| *n = n.wrapping_add(1));
         if action == StopAction::Signal {
-            let host = self.clone();
-            let id = id.to_string();
-            tokio::spawn(async move { host.stop_process(&id).await });
+            tokio::spawn(async move { self.stop_process(&id).await });
         }
-        Ok(())
     }
 
     /// Deregisters, SIGTERMs, and SIGKILLs after the job's stop timeout.

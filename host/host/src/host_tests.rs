@@ -764,6 +764,15 @@ fn status_on_disk(dir: &Path, id: &str) -> flynn_api::host::ActiveJob {
     serde_json::from_slice(&bytes).unwrap()
 }
 
+/// Lets the record disk go again however a test ends (a failed assertion included).
+struct Unstall(Store);
+
+impl Drop for Unstall {
+    fn drop(&mut self) {
+        self.0.faults().hold(false);
+    }
+}
+
 /// A record write that stalls (a slow or hung disk) holds up only what waits for that
 /// record: requests about another job are answered meanwhile, while the stalled change is
 /// neither shown nor announced, and a stop is neither answered nor sent before its record is
@@ -784,13 +793,6 @@ async fn a_stalled_record_write_holds_up_no_other_job() {
         wait_status(&h, id, JobStatus::Running).await;
     }
     let mut events = h.subscribe();
-    /// Lets the disk go again however the test ends (a failed assertion included).
-    struct Unstall(Store);
-    impl Drop for Unstall {
-        fn drop(&mut self) {
-            self.0.faults().hold(false);
-        }
-    }
     let unstall = Unstall(store.clone());
     store.faults().hold(true);
     // a ends; the write of its end stalls on the disk.
@@ -850,6 +852,109 @@ async fn a_stalled_record_write_holds_up_no_other_job() {
     exit_cleanly(&rt, "b").await;
     wait_status(&h, "b", JobStatus::Done).await;
     assert_eq!(status_on_disk(d.path(), "b").status, JobStatus::Done);
+}
+
+/// Stalls the record disk and waits until `n` operations wait on it.
+async fn stall_records(store: &Store, n: usize) {
+    use std::sync::atomic::Ordering::SeqCst;
+    for _ in 0..500 {
+        if store.faults().stalled.load(SeqCst) >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{n} record writes never reached the disk");
+}
+
+/// A `DELETE` whose request is dropped while its record is written (the client gave up on
+/// a slow disk) still stops the job once the record is written: its SIGTERM used to come
+/// after that wait in the request's own future, so it was never sent, and every retried
+/// `DELETE` found the stop under way and answered 200 doing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_whose_request_is_dropped_still_stops_the_job() {
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    rt.open();
+    let store = Store::open(d.path(), crate::syncer::Syncer::start()).unwrap();
+    let h = host_on(rt.clone(), d.path(), 0, None, store.clone());
+    h.add_job(job("a", "x")).await.unwrap();
+    wait_status(&h, "a", JobStatus::Running).await;
+    let unstall = Unstall(store.clone());
+    store.faults().hold(true);
+    let cut = tokio::time::timeout(Duration::from_millis(200), h.stop("a")).await;
+    assert!(
+        cut.is_err(),
+        "the stop was answered before its record was written"
+    );
+    stall_records(&store, 1).await;
+    assert!(
+        rt.signals.lock().unwrap().is_empty(),
+        "signalled before recorded"
+    );
+    drop(unstall);
+    for _ in 0..300 {
+        if !rt.signals.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        rt.signals.lock().unwrap().first().cloned(),
+        Some(("a".to_string(), 15)),
+        "the dropped stop never sent its SIGTERM"
+    );
+    assert!(status_on_disk(d.path(), "a").force_stop);
+    exit_cleanly(&rt, "a").await;
+    wait_status(&h, "a", JobStatus::Done).await;
+}
+
+/// A `PUT` whose request is dropped while the new job's record is written still shows,
+/// announces and starts the job once it is written, or, when the write failed, takes it out
+/// of the table again, so a retried `PUT` works. It used to stay starting for good, shown
+/// nowhere and counted against `max_starting`, and a retried `PUT` got a 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_whose_request_is_dropped_still_starts_the_job() {
+    use flynn_api::host::EventKind;
+
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    rt.open();
+    let store = Store::open(d.path(), crate::syncer::Syncer::start()).unwrap();
+    let h = host_on(rt.clone(), d.path(), 1, None, store.clone());
+    let mut events = h.subscribe();
+    let unstall = Unstall(store.clone());
+    store.faults().hold(true);
+    let cut = tokio::time::timeout(Duration::from_millis(200), h.add_job(job("a", "x"))).await;
+    assert!(cut.is_err(), "the job was accepted before it was recorded");
+    stall_records(&store, 1).await;
+    assert!(h.get("a").is_none(), "shown before it was recorded");
+    drop(unstall);
+    let (ev, _) = next_event(&mut events, EventKind::Start)
+        .await
+        .expect("the dropped PUT's job never started");
+    assert_eq!(ev.job_id, "a");
+    wait_status(&h, "a", JobStatus::Running).await;
+    // Its write fails: the job leaves the table, and the retried PUT (max_starting 1) works.
+    let unstall = Unstall(store.clone());
+    store.faults().hold(true);
+    store
+        .faults()
+        .fail
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let cut = tokio::time::timeout(Duration::from_millis(200), h.add_job(job("b", "x"))).await;
+    assert!(cut.is_err(), "the job was accepted before it was recorded");
+    stall_records(&store, 1).await;
+    drop(unstall);
+    let mut again = Err(flynn_api::ApiError::conflict("not tried"));
+    for _ in 0..300 {
+        again = h.add_job(job("b", "x")).await;
+        if again.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    again.expect("the retried PUT after a dropped one whose record failed");
+    wait_status(&h, "b", JobStatus::Running).await;
 }
 
 /// A job in a partition that does not exist is created, then fails with Flynn's message in

@@ -14,6 +14,8 @@
 //! A write that fails (a full or failing disk) is reported to its tickets and kept: it is
 //! tried again 1 s, 2 s, 4 s, 8 s, then every 10 s later, until it works or a newer operation
 //! for the path replaces it, so the file a restarted daemon reads catches up with the job.
+//! A replacing operation's pauses start again from 1 s. A panic while an operation is done
+//! counts as its failure: the thread lives on, so every ticket is answered.
 //! A removal that fails is reported and logged, not tried again.
 //! [`Writeback::flush`] tries everything queued at once and waits for it (shutdown, tests).
 
@@ -126,6 +128,8 @@ impl Shared {
 pub(crate) struct Faults {
     /// Writes still to fail.
     pub(crate) fail: std::sync::atomic::AtomicU32,
+    /// Operations still to panic (a bug in the writer or the syncer).
+    pub(crate) panic: std::sync::atomic::AtomicU32,
     /// While set, every operation waits before it starts (a disk that stopped answering).
     hold: Mutex<bool>,
     held: Condvar,
@@ -142,6 +146,13 @@ impl Faults {
 
     fn apply(&self, op: &Op) -> std::io::Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
+        if self
+            .panic
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("injected writer panic");
+        }
         let mut hold = self.hold.lock().unwrap();
         if *hold {
             self.stalled.fetch_add(1, SeqCst);
@@ -219,8 +230,11 @@ impl Writeback {
         let mut st = self.shared().lock();
         match st.queue.get_mut(path) {
             Some(e) => {
+                // A new operation: tried at once, and its pauses after failures start
+                // again from 1 s (an older one's count made them up to 10 s from the first).
                 e.op = op;
                 e.waiters.push(tx);
+                e.failures = 0;
                 e.due = None;
             }
             None => {
@@ -291,6 +305,24 @@ fn apply(sh: &Shared, path: &Path, op: &Op) -> std::io::Result<()> {
     }
 }
 
+/// [`apply`], a panic in it (the writer's or the syncer's) turned into a failed operation:
+/// the thread lives on, so every ticket is answered. A writer that died used to leave every
+/// later ticket unanswered, and what waited for one (a new job, a stop) hung.
+fn apply_caught(sh: &Shared, path: &Path, op: &Op) -> std::io::Result<()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(sh, path, op))).unwrap_or_else(
+        |p| {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            Err(std::io::Error::other(format!(
+                "the state writer panicked: {what}"
+            )))
+        },
+    )
+}
+
 fn run(sh: &Shared) {
     loop {
         let batch: Vec<(PathBuf, Entry)> = {
@@ -330,7 +362,7 @@ fn run(sh: &Shared) {
         let done: Vec<_> = batch
             .into_iter()
             .map(|(path, e)| {
-                let r = apply(sh, &path, &e.op);
+                let r = apply_caught(sh, &path, &e.op);
                 (path, e, r)
             })
             .collect();
@@ -480,6 +512,74 @@ mod tests {
         assert!(!w.flush(), "failed again");
         assert!(w.flush());
         assert_eq!(std::fs::read(&p).unwrap(), b"3");
+    }
+
+    /// A panic while an operation is done fails that operation (tried again like any failed
+    /// write) and the writer lives on: a thread that died left every later ticket unanswered.
+    #[test]
+    fn a_panic_in_a_write_fails_it_and_the_writer_lives_on() {
+        let d = tempfile::tempdir().unwrap();
+        let w = Writeback::start(Syncer::start());
+        let p = d.path().join("j.json");
+        let other = d.path().join("k.json");
+        w.faults().panic.store(1, SeqCst);
+        let wait = |t: Ticket| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(t.wait_blocking());
+            });
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("a ticket never answered")
+        };
+        let e = wait(w.queue(&p, Op::Write(b"1".to_vec()))).unwrap_err();
+        assert!(
+            e.source.to_string().contains("injected writer panic"),
+            "{e:?}"
+        );
+        wait(w.queue(&other, Op::Write(b"k".to_vec()))).unwrap();
+        assert_eq!(std::fs::read(&other).unwrap(), b"k");
+        // The failed write is kept and tried again.
+        assert!(w.flush());
+        assert_eq!(std::fs::read(&p).unwrap(), b"1");
+    }
+
+    /// An operation that replaces a failed one waiting for its next try starts its pauses
+    /// afresh: it kept the older one's count, so its first retry could come 10 s later
+    /// rather than 1 s.
+    #[test]
+    fn a_replacing_operation_starts_its_backoff_afresh() {
+        let d = tempfile::tempdir().unwrap();
+        let w = Writeback::start(Syncer::start());
+        let p = d.path().join("j.json");
+        // Three failures: its next try would be 4 s away.
+        w.faults().fail.store(3, SeqCst);
+        assert!(w
+            .queue(&p, Op::Write(b"1".to_vec()))
+            .wait_blocking()
+            .is_err());
+        assert!(!w.flush());
+        assert!(!w.flush());
+        assert_eq!(w.shared().lock().queue[&p].failures, 3);
+        // Replaced, and failing once.
+        w.faults().fail.store(1, SeqCst);
+        let t0 = Instant::now();
+        assert!(w
+            .queue(&p, Op::Write(b"2".to_vec()))
+            .wait_blocking()
+            .is_err());
+        let (failures, due) = {
+            let st = w.shared().lock();
+            let e = &st.queue[&p];
+            (e.failures, e.due.expect("tried again later"))
+        };
+        assert_eq!(failures, 1);
+        assert!(
+            due <= t0 + Duration::from_millis(1500),
+            "next try in {:?}",
+            due - t0
+        );
+        assert!(w.flush());
+        assert_eq!(std::fs::read(&p).unwrap(), b"2");
     }
 
     #[test]

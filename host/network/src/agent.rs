@@ -96,6 +96,11 @@ pub struct Agent<S> {
     /// Set while [`Agent::start`] acquires: a start cut short there may have leased a block
     /// without learning it (see [`Agent::abandon_start`]).
     acquiring: bool,
+    /// The block a start of this process leased anew (created, or took over), set before
+    /// the write is sent ([`Leaser::acquire_noting`]); `None` when its starts only reused
+    /// this host's lease found in the store (the block of a previous run, whose jobs may
+    /// still hold addresses in it). What a start that gives up may release.
+    created: Option<Subnet>,
     /// The overlay MTU ([`Devices::mtu`]): set by [`Agent::start`], changed when a resync
     /// follows a changed underlay MTU (see [`Agent::mtu`]).
     mtu: tokio::sync::watch::Sender<u32>,
@@ -163,6 +168,7 @@ impl<S: LeaseStore> Agent<S> {
             masq_ok: false,
             fresh: Freshness::default(),
             acquiring: false,
+            created: None,
             mtu: tokio::sync::watch::Sender::new(0),
             stats: Arc::new(Stats {
                 fast_path: fast_on.into(),
@@ -177,7 +183,15 @@ impl<S: LeaseStore> Agent<S> {
     pub async fn start(&mut self) -> Result<Started, AgentError> {
         let previous = self.cfg.state_dir.as_deref().and_then(previous_subnet);
         self.acquiring = true;
-        let lease = self.leaser.acquire(SystemTime::now(), previous).await?;
+        let lease = self
+            .leaser
+            .acquire_noting(
+                SystemTime::now(),
+                previous,
+                |n| fastrand::usize(..n),
+                &mut self.created,
+            )
+            .await?;
         // Known from here on, for a shutdown before the start finishes (`abandon_start`).
         self.acquiring = false;
         self.lease = Some(lease.clone());
@@ -221,11 +235,13 @@ impl<S: LeaseStore> Agent<S> {
     }
 
     /// [`Agent::start`], tried up to `tries` times `pause` apart (the underlay device may not
-    /// be up yet, discoverd may still be electing a leader). When the last try fails too, the
-    /// lease a try took is released ([`Agent::abandon_start`], for at most
-    /// [`ABANDON_TIMEOUT`]) before the error is returned: the agent exits then, and the lease
-    /// used to stay live for its TTL (24 h by default), keeping the block from every other
-    /// host. A release that fails is logged; the start's error is the one returned.
+    /// be up yet, discoverd may still be electing a leader). When the last try fails too, a
+    /// lease the tries created is released (for at most [`ABANDON_TIMEOUT`]) before the error
+    /// is returned: the agent exits then, and the lease used to stay live for its TTL (24 h
+    /// by default), keeping the block from every other host. This host's lease that was in
+    /// the store before (a previous run's, reused) stays: its block may still hold this
+    /// host's jobs, and releasing it took the peers' routes to them down and let another
+    /// host lease it. A release that fails is logged; the start's error is the one returned.
     pub async fn start_retrying(
         &mut self,
         tries: u32,
@@ -242,7 +258,7 @@ impl<S: LeaseStore> Agent<S> {
                 }
                 Err(e) => {
                     tracing::error!(error = %error_chain(&e), attempt, "start failed; giving up");
-                    match tokio::time::timeout(ABANDON_TIMEOUT, self.abandon_start()).await {
+                    match tokio::time::timeout(ABANDON_TIMEOUT, self.release_start(true)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(r)) => {
                             tracing::error!(error = %error_chain(&r), "releasing the lease after the failed start failed; it stays until it expires")
@@ -258,24 +274,36 @@ impl<S: LeaseStore> Agent<S> {
     }
 
     /// For a shutdown while [`Agent::start`] has not finished (cut short, or failing and
-    /// retried), and when [`Agent::start_retrying`] gives up: releases the lease it
-    /// acquired, or, when it was cut short while acquiring (the write may have gone through,
-    /// its answer lost), this host's lease in the store. Without this a SIGTERM during
-    /// start-up left the lease live for its whole TTL. The lease is forgotten only once
-    /// released, so a release cut short (a SIGTERM during the give-up's release) is tried
-    /// again by the next call.
+    /// retried): releases the lease it acquired, or, when it was cut short while acquiring
+    /// (the write may have gone through, its answer lost), this host's lease in the store,
+    /// as a clean shutdown of a running agent releases its lease. Without this a SIGTERM
+    /// during start-up left the lease live for its whole TTL. The lease is forgotten only
+    /// once released, so a release cut short (a SIGTERM during the give-up's release in
+    /// [`Agent::start_retrying`]) is tried again by the next call.
     pub async fn abandon_start(&mut self) -> Result<(), AgentError> {
+        self.release_start(false).await
+    }
+
+    /// [`Agent::abandon_start`]; with `only_created` (a start that gave up, not a shutdown)
+    /// only a lease this process's starts created (its `created` block) is released, never
+    /// this host's lease they found in the store and reused.
+    async fn release_start(&mut self, only_created: bool) -> Result<(), AgentError> {
         let lease = match &self.lease {
             Some(l) => Some(l.clone()),
             None if self.acquiring => self.leaser.own().await?,
             None => None,
         };
         if let Some(l) = &lease {
+            if only_created && self.created != Some(l.subnet) {
+                tracing::warn!(subnet = %l.subnet, "start-up given up; keeping this host's lease, held before this start (its jobs may still use the block)");
+                return Ok(());
+            }
             tracing::info!(subnet = %l.subnet, "start-up abandoned; releasing the lease");
             self.leaser.release(l).await?;
         }
         self.lease = None;
         self.acquiring = false;
+        self.created = None;
         Ok(())
     }
 

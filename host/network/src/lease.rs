@@ -115,7 +115,22 @@ impl<S: LeaseStore> Leaser<S> {
         &self,
         now: SystemTime,
         previous: Option<Subnet>,
+        pick: impl FnMut(usize) -> usize,
+    ) -> Result<Lease, LeaseError> {
+        self.acquire_noting(now, previous, pick, &mut None).await
+    }
+
+    /// [`Leaser::acquire_with`], noting in `created` every block it writes a new lease of
+    /// this host for (a record created, or an expired one of another host taken over), set
+    /// before the write is sent: so a caller whose acquisition fails or is cut short (the
+    /// write may have gone through, its answer lost) knows whether a lease it finds was made
+    /// by this call or held before it. Reusing this host's lease (a renewal) notes nothing.
+    pub async fn acquire_noting(
+        &self,
+        now: SystemTime,
+        previous: Option<Subnet>,
         mut pick: impl FnMut(usize) -> usize,
+        created: &mut Option<Subnet>,
     ) -> Result<Lease, LeaseError> {
         let layout = &self.config.layout;
         // Blocks whose create was refused although no lease we could read holds them (a
@@ -173,6 +188,7 @@ impl<S: LeaseStore> Leaser<S> {
                     expires_at: now + self.config.ttl,
                     revision: 0,
                 };
+                *created = Some(subnet);
                 match snap.get(&subnet) {
                     // An expired record: take it over at its revision.
                     Some(old) => {
@@ -392,6 +408,33 @@ mod tests {
             .unwrap();
         assert_eq!(b.subnet, a.subnet);
         assert_eq!(b.vtep_mac, a.vtep_mac);
+    }
+
+    /// `acquire_noting` notes the blocks it leases anew (created or taken over), never one
+    /// it reuses: what a start that gives up may release.
+    #[tokio::test]
+    async fn acquire_notes_what_it_created_not_what_it_reused() {
+        let store = MemoryStore::new();
+        let mut created = None;
+        let a = host(&store, 1)
+            .acquire_noting(now(), None, |_| 0, &mut created)
+            .await
+            .unwrap();
+        assert_eq!(created, Some(a.subnet));
+        // Host 1 again (a restart): its lease is reused.
+        let mut created = None;
+        let again = host(&store, 1)
+            .acquire_noting(now(), None, |_| 0, &mut created)
+            .await
+            .unwrap();
+        assert_eq!((again.subnet, created), (a.subnet, None));
+        // Expired for longer than the renew margin: taken over by host 2, noted.
+        let later = now() + Duration::from_secs(111);
+        let b = host(&store, 2)
+            .acquire_noting(later, Some(a.subnet), |_| 0, &mut created)
+            .await
+            .unwrap();
+        assert_eq!((b.subnet, created), (a.subnet, Some(a.subnet)));
     }
 
     #[tokio::test]

@@ -250,11 +250,11 @@ async fn init_config(
     }
 }
 
-/// Tries of [`Agent::start`] before the agent gives up (and releases what it leased), a
+/// Tries of [`Agent::start`] before the agent gives up (and releases a lease it created), a
 /// second apart: the underlay device may not be up yet.
 const START_TRIES: u32 = 30;
 
-/// [`Agent::start_retrying`]: [`START_TRIES`] tries, the lease released when all fail.
+/// [`Agent::start_retrying`]: [`START_TRIES`] tries, a lease they created released when all fail.
 async fn start(agent: &mut Agent<DiscoverdStore>) -> Result<flynn_network::Started> {
     agent
         .start_retrying(START_TRIES, Duration::from_secs(1))

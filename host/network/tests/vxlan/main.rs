@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::{ensure, Context, Result};
 use flynn_network::{
     reconcile, setup, Agent, AgentConfig, AgentError, DeviceConfig, KernelNetlink, Lease,
-    LeaseConfig, LeaseStore, Leaser, Mac, MemoryStore, Netlink, NetlinkError, Op, Subnet,
+    LeaseConfig, LeaseError, LeaseStore, Leaser, Mac, MemoryStore, Netlink, NetlinkError, Op,
+    StoreError, Subnet,
 };
 use lab::{in_netns, ping, run, Lab};
 
@@ -321,6 +322,25 @@ fn stale_route_of_another_protocol_is_removed() -> Result<()> {
     Ok(())
 }
 
+/// The public IP of [`unreachable_agent`]: on no interface of its host (10.231.3.1).
+const UNREACHABLE_IP: &str = "10.231.3.9";
+
+/// An agent whose starts fail once their block is leased: its public IP is on no interface,
+/// so there is no underlay device.
+fn unreachable_agent<S: LeaseStore>(store: S) -> Result<Agent<S>> {
+    let cfg = AgentConfig {
+        public_ip: UNREACHABLE_IP.parse()?,
+        devices: DeviceConfig::default(),
+        lease: LeaseConfig::default(),
+        direct_routing: false,
+        resync: Duration::from_secs(30),
+        state_dir: None,
+        fast_path_required: false,
+        ip_masq: false,
+    };
+    Ok(Agent::new(store, KernelNetlink::connect()?, cfg, None))
+}
+
 /// An agent whose start fails on every try (here: its public IP is on no interface, so there
 /// is no underlay device, after the block was leased) gives up after its tries and releases
 /// the lease a try took: it used to exit with the lease live for its TTL (24 h by default),
@@ -335,18 +355,7 @@ fn a_start_that_gives_up_releases_its_lease() -> Result<()> {
     let ns = lab.add_host("h1", "u1", "10.231.3.1")?;
     let s = store.clone();
     in_netns(&ns, async move || {
-        let cfg = AgentConfig {
-            // Not the host's address (10.231.3.1): on no interface.
-            public_ip: "10.231.3.9".parse()?,
-            devices: DeviceConfig::default(),
-            lease: LeaseConfig::default(),
-            direct_routing: false,
-            resync: Duration::from_secs(30),
-            state_dir: None,
-            fast_path_required: false,
-            ip_masq: false,
-        };
-        let mut agent = Agent::new(s.clone(), KernelNetlink::connect()?, cfg, None);
+        let mut agent = unreachable_agent(s.clone())?;
         // A first try leases the block, then finds no underlay.
         let first = agent.start().await;
         ensure!(
@@ -371,6 +380,142 @@ fn a_start_that_gives_up_releases_its_lease() -> Result<()> {
         ensure!(
             left.is_empty(),
             "the lease outlived the start that gave up: {left:?}"
+        );
+        Ok(())
+    })
+}
+
+/// This host's lease in `store`, made as a previous run of its agent would have.
+async fn previous_run_lease<S: LeaseStore>(store: S) -> Result<Lease> {
+    Ok(
+        Leaser::new(store, LeaseConfig::default(), UNREACHABLE_IP.parse()?)
+            .acquire(SystemTime::now(), None)
+            .await?,
+    )
+}
+
+/// A start that gives up keeps this host's lease that it found in the store (a previous
+/// run's, whose block may still hold the host's jobs): it used to release it, so peers
+/// dropped their routes to the block and another host could lease it. A shutdown during
+/// start-up (`abandon_start`) still releases it, as a clean shutdown does.
+#[test]
+fn a_start_that_gives_up_keeps_the_lease_it_found() -> Result<()> {
+    if !lab::should_run("a_start_that_gives_up_keeps_the_lease_it_found") {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    let store = MemoryStore::new();
+    let ns = lab.add_host("h1", "u1", "10.231.3.1")?;
+    let s = store.clone();
+    in_netns(&ns, async move || {
+        let before = previous_run_lease(s.clone()).await?;
+        let mut agent = unreachable_agent(s.clone())?;
+        let last = agent.start_retrying(2, Duration::from_millis(20)).await;
+        ensure!(
+            matches!(
+                last,
+                Err(AgentError::Netlink(NetlinkError::NoUnderlay { .. }))
+            ),
+            "{last:?}"
+        );
+        let left = s.leases().await?.leases;
+        ensure!(
+            left.len() == 1 && left[0].subnet == before.subnet,
+            "the start that gave up released the lease it found: {left:?}"
+        );
+        agent.abandon_start().await?;
+        let left = s.leases().await?.leases;
+        ensure!(left.is_empty(), "not released at a shutdown: {left:?}");
+        Ok(())
+    })
+}
+
+/// A [`MemoryStore`] whose writes go through but, while `lose` is set, answer as if the
+/// store could not be reached (their answers lost).
+#[derive(Clone)]
+struct LostAnswers {
+    inner: MemoryStore,
+    lose: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LostAnswers {
+    fn answer<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        match r {
+            Ok(_) if self.lose.load(std::sync::atomic::Ordering::SeqCst) => {
+                Err(StoreError::Unavailable {
+                    reason: "answer lost".into(),
+                })
+            }
+            r => r,
+        }
+    }
+}
+
+impl LeaseStore for LostAnswers {
+    async fn leases(&self) -> Result<flynn_network::Snapshot, StoreError> {
+        self.inner.leases().await
+    }
+
+    async fn create(&self, lease: &Lease) -> Result<Lease, StoreError> {
+        self.answer(self.inner.create(lease).await)
+    }
+
+    async fn update(&self, lease: &Lease) -> Result<Lease, StoreError> {
+        self.answer(self.inner.update(lease).await)
+    }
+
+    async fn delete(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.inner.delete(lease).await
+    }
+
+    async fn watch(&self) -> Result<flynn_network::LeaseWatch, StoreError> {
+        self.inner.watch().await
+    }
+}
+
+/// A start that gives up while acquiring (every write's answer lost, so it never learns
+/// which lease it holds) releases the lease found in the store only when one of its tries
+/// created it, not when it was this host's lease before the start.
+#[test]
+fn a_start_that_gives_up_while_acquiring_releases_only_what_it_created() -> Result<()> {
+    if !lab::should_run("a_start_that_gives_up_while_acquiring_releases_only_what_it_created") {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    let ns = lab.add_host("h1", "u1", "10.231.3.1")?;
+    in_netns(&ns, async move || {
+        let lost = |inner: &MemoryStore| LostAnswers {
+            inner: inner.clone(),
+            lose: std::sync::Arc::new(true.into()),
+        };
+        let gave_up = |r: &Result<flynn_network::Started, AgentError>| {
+            matches!(
+                r,
+                Err(AgentError::Lease(LeaseError::Store(
+                    StoreError::Unavailable { .. }
+                )))
+            )
+        };
+        // Created by the first try (its answer lost), renewed by the second: released.
+        let store = MemoryStore::new();
+        let mut agent = unreachable_agent(lost(&store))?;
+        let last = agent.start_retrying(2, Duration::from_millis(20)).await;
+        ensure!(gave_up(&last), "{last:?}");
+        let left = store.leases().await?.leases;
+        ensure!(
+            left.is_empty(),
+            "the lease the start created outlived it: {left:?}"
+        );
+        // This host's lease before the start, renewed by both tries: kept.
+        let store = MemoryStore::new();
+        let before = previous_run_lease(store.clone()).await?;
+        let mut agent = unreachable_agent(lost(&store))?;
+        let last = agent.start_retrying(2, Duration::from_millis(20)).await;
+        ensure!(gave_up(&last), "{last:?}");
+        let left = store.leases().await?.leases;
+        ensure!(
+            left.len() == 1 && left[0].subnet == before.subnet,
+            "the start that gave up released the lease it found: {left:?}"
         );
         Ok(())
     })
