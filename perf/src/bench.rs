@@ -12,7 +12,7 @@ use crate::idle;
 use crate::procfs;
 use crate::procs::TempDir;
 use crate::report::{self, Sample, Session};
-use crate::targets::{self, Env, Id, Kind, Running, HOST};
+use crate::targets::{self, Env, Id, Kind, NginxStream, Running, HOST};
 use crate::wrk::{self, Load};
 use crate::{h2load, handshake, tls};
 
@@ -30,6 +30,8 @@ pub enum Scenario {
     TlsResumeC64,
     TlsNewconnC64,
     H2C64,
+    TcpC64,
+    TcpNewconnC64,
 }
 
 /// How one run of a scenario is driven.
@@ -41,7 +43,7 @@ enum Driver {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::SmallC64,
         Scenario::SmallC256,
         Scenario::Big64kC64,
@@ -51,6 +53,8 @@ impl Scenario {
         Scenario::TlsResumeC64,
         Scenario::TlsNewconnC64,
         Scenario::H2C64,
+        Scenario::TcpC64,
+        Scenario::TcpNewconnC64,
     ];
 
     /// The TLS scenarios (`--scenarios tls` expands to these).
@@ -61,14 +65,24 @@ impl Scenario {
         Scenario::H2C64,
     ];
 
+    /// The plain TCP proxy scenarios (`--scenarios tcp` expands to these).
+    pub const TCP: [Scenario; 2] = [Scenario::TcpC64, Scenario::TcpNewconnC64];
+
     pub fn is_tls(self) -> bool {
         Scenario::TLS.contains(&self)
     }
 
-    /// Parses a `--scenarios` entry: a scenario name, or `tls` for every TLS scenario.
+    pub fn is_tcp(self) -> bool {
+        Scenario::TCP.contains(&self)
+    }
+
+    /// Parses a `--scenarios` entry: a scenario name, `tls` for every TLS scenario or `tcp`
+    /// for every TCP proxy scenario.
     pub fn parse_group(s: &str) -> Result<Vec<Scenario>> {
-        if s == "tls" {
-            return Ok(Scenario::TLS.to_vec());
+        match s {
+            "tls" => return Ok(Scenario::TLS.to_vec()),
+            "tcp" => return Ok(Scenario::TCP.to_vec()),
+            _ => {}
         }
         Scenario::parse(s).map(|sc| vec![sc])
     }
@@ -92,6 +106,8 @@ impl Scenario {
             Scenario::TlsResumeC64 => "tls-resume-c64",
             Scenario::TlsNewconnC64 => "tls-newconn-c64",
             Scenario::H2C64 => "h2-c64",
+            Scenario::TcpC64 => "tcp-c64",
+            Scenario::TcpNewconnC64 => "tcp-newconn-c64",
         }
     }
 
@@ -139,6 +155,18 @@ impl Scenario {
                  streams per connection; the proxy speaks HTTP/1.1 to the origin. p50/p99 are \
                  per request, from h2load's request log."
             }
+            Scenario::TcpC64 => {
+                "Keep-alive `GET /` (13-byte body), 64 connections, through a plain TCP proxy \
+                 to the origin (flynn: a TCP route; nginx: `stream`; HAProxy: `mode tcp`): \
+                 bytes relayed both ways, no HTTP parsing. One upstream connection per client \
+                 connection. direct is the origin itself, as in small-c64."
+            }
+            Scenario::TcpNewconnC64 => {
+                "`GET /` with `Connection: close` through the plain TCP proxy, 64 at a time: \
+                 a new client connection per request and so a new upstream connection too (a \
+                 TCP proxy cannot pool); the origin closes, the proxy relays the FIN. direct \
+                 is the origin itself, as in newconn-c64."
+            }
         }
     }
 
@@ -150,6 +178,11 @@ impl Scenario {
             return Err(None);
         }
         let tls_port = || target.tls_port.ok_or(None);
+        let tcp_port = || match &target.tcp {
+            Some(Ok(port)) => Ok(*port),
+            Some(Err(why)) => Err(Some(why.clone())),
+            None => Err(None),
+        };
         let (scheme, port, path, connections, close) = match self {
             Scenario::SmallC64 => ("http", target.port, "/", 64, false),
             Scenario::SmallC256 => ("http", target.port, "/", 256, false),
@@ -158,6 +191,8 @@ impl Scenario {
             Scenario::Idle10k => return Err(None),
             Scenario::TlsC64 => ("https", tls_port()?, "/", 64, false),
             Scenario::TlsResumeC64 => ("https", tls_port()?, "/", 64, true),
+            Scenario::TcpC64 => ("http", tcp_port()?, "/", 64, false),
+            Scenario::TcpNewconnC64 => ("http", tcp_port()?, "/", 64, true),
             Scenario::TlsNewconnC64 => {
                 return Ok(Driver::Handshake(handshake::Load {
                     port: tls_port()?,
@@ -324,6 +359,22 @@ pub fn run(opts: Options) -> Result<String> {
     let router_bin = crate::procs::resolve_bin(&opts.router_bin, "flynn-router");
     let want_tls = opts.scenarios.iter().any(|s| s.is_tls());
     let want_h2 = opts.scenarios.contains(&Scenario::H2C64);
+    let nginx_stream = opts.scenarios.iter().any(|s| s.is_tcp()).then(|| {
+        let stream = if opts.targets.contains(&Kind::Nginx) && on_path("nginx") {
+            NginxStream::detect()
+        } else {
+            NginxStream::Missing("nginx not used".into())
+        };
+        let mut line = "TCP proxy: flynn: a `tcp` route on a fixed port (routes file, \
+                        `--tcp-ip 127.0.0.1`); haproxy: `mode tcp` frontend/backend in the same \
+                        process"
+            .to_string();
+        if opts.targets.contains(&Kind::Nginx) {
+            line.push_str(&format!("; nginx: `stream` server, {}", stream.describe()));
+        }
+        session.header.push(line);
+        stream
+    });
     let tls_files = if want_tls {
         let files = tls::generate(dir.path(), opts.key_type)?;
         session.header.push(format!(
@@ -348,6 +399,7 @@ pub fn run(opts: Options) -> Result<String> {
         router_bin: &router_bin,
         tls: tls_files.as_ref(),
         h2: want_h2 && on_path("h2load"),
+        tcp: nginx_stream.as_ref(),
     };
 
     let mut running: Vec<Running> = Vec::new();
@@ -556,4 +608,28 @@ pub fn run(opts: Options) -> Result<String> {
         eprintln!("report written to {}", out.display());
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scenario_names_parse_back() {
+        for sc in Scenario::ALL {
+            assert_eq!(Scenario::parse(sc.name()).unwrap(), sc);
+        }
+        assert_eq!(
+            Scenario::parse_group("tcp-c64").unwrap(),
+            vec![Scenario::TcpC64]
+        );
+        assert_eq!(
+            Scenario::parse_group("tcp").unwrap(),
+            Scenario::TCP.to_vec()
+        );
+        assert!(Scenario::TCP
+            .iter()
+            .all(|s| !s.is_tls() && s.unit() == "req"));
+        assert!(Scenario::parse("tcp-c65").is_err());
+    }
 }

@@ -206,7 +206,8 @@ struct ProxyArgs {
     /// Worker threads/processes for each proxy.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     workers: Vec<usize>,
-    /// Scenarios; `tls` = tls-c64,tls-resume-c64,tls-newconn-c64,h2-c64.
+    /// Scenarios; `tls` = tls-c64,tls-resume-c64,tls-newconn-c64,h2-c64; `tcp` =
+    /// tcp-c64,tcp-newconn-c64.
     #[arg(
         long,
         value_delimiter = ',',

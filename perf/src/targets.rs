@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,10 @@ pub struct Running {
     /// HTTP/2 over TLS listener (ALPN h2), when the session has HTTP/2 scenarios and the
     /// target speaks HTTP/2.
     pub h2_port: Option<u16>,
+    /// Plain TCP proxy listener to the origin (bytes relayed, no HTTP parsing), when the
+    /// session has TCP scenarios; `Err(why)` when the target cannot proxy TCP. For direct it
+    /// is the origin's own port.
+    pub tcp: Option<Result<u16, String>>,
 }
 
 impl Running {
@@ -103,6 +107,69 @@ pub struct Env<'a> {
     pub tls: Option<&'a tls::Files>,
     /// Also open an HTTP/2 (ALPN h2) TLS listener where the target supports it.
     pub h2: bool,
+    /// Also open a plain TCP proxy listener to the origin (TCP scenarios), with how nginx
+    /// gets its stream module; `None`: no TCP listeners.
+    pub tcp: Option<&'a NginxStream>,
+}
+
+/// How nginx gets the stream module (`stream {}`: its TCP proxy).
+#[derive(Clone, Debug)]
+pub enum NginxStream {
+    /// Compiled in (`--with-stream`).
+    Builtin,
+    /// A dynamic module (`--with-stream=dynamic`, Debian's libnginx-mod-stream) that the
+    /// config loads with `load_module`.
+    Module(PathBuf),
+    /// Not available, and why.
+    Missing(String),
+}
+
+impl NginxStream {
+    /// Reads `nginx -V`'s configure arguments and looks for the module file.
+    pub fn detect() -> NginxStream {
+        let out = match Command::new("nginx").arg("-V").output() {
+            Ok(o) => o,
+            Err(e) => return NginxStream::Missing(format!("cannot run `nginx -V`: {e}")),
+        };
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        NginxStream::from_configure(&text, |p| p.is_file())
+    }
+
+    fn from_configure(text: &str, exists: impl Fn(&Path) -> bool) -> NginxStream {
+        let args: Vec<&str> = text.split_whitespace().collect();
+        if args.contains(&"--with-stream") {
+            return NginxStream::Builtin;
+        }
+        if !args.contains(&"--with-stream=dynamic") {
+            return NginxStream::Missing("nginx is built without the stream module".into());
+        }
+        let value = |key: &str| args.iter().find_map(|a| a.strip_prefix(key));
+        let dir = match (value("--modules-path="), value("--prefix=")) {
+            (Some(m), _) => PathBuf::from(m),
+            (None, Some(p)) => Path::new(p).join("modules"),
+            (None, None) => PathBuf::from("/usr/local/nginx/modules"),
+        };
+        let module = dir.join("ngx_stream_module.so");
+        if exists(&module) {
+            NginxStream::Module(module)
+        } else {
+            NginxStream::Missing(format!(
+                "nginx builds the stream module dynamically and {} is not installed \
+                 (apt-get install -y libnginx-mod-stream)",
+                module.display()
+            ))
+        }
+    }
+
+    /// For the report header.
+    pub fn describe(&self) -> String {
+        match self {
+            NginxStream::Builtin => "stream module built in".into(),
+            NginxStream::Module(p) => format!("stream module loaded from {}", p.display()),
+            NginxStream::Missing(why) => format!("no stream module: {why}"),
+        }
+    }
 }
 
 /// The listeners a target was started with.
@@ -110,6 +177,8 @@ struct Ports {
     http: u16,
     tls: Option<u16>,
     h2: Option<u16>,
+    /// Plain TCP proxy to the origin.
+    tcp: Option<u16>,
 }
 
 impl Ports {
@@ -122,6 +191,7 @@ impl Ports {
             } else {
                 None
             },
+            tcp: env.tcp.map(|_| free_port()).transpose()?,
         })
     }
 }
@@ -166,6 +236,7 @@ pub fn start(id: Id, env: &Env) -> Result<Running> {
                 proc: None,
                 tls_port: None,
                 h2_port: None,
+                tcp: env.tcp.map(|_| Ok(env.origin_port)),
             });
         }
         Kind::Flynn => {
@@ -191,6 +262,18 @@ pub fn start(id: Id, env: &Env) -> Result<Running> {
     if let Some(h2_port) = ports.h2 {
         wait_ready(&mut proc, h2_port, None)?;
     }
+    if let Some(tcp_port) = ports.tcp {
+        wait_ready(&mut proc, tcp_port, None)?;
+        // The same HTTP request, relayed as bytes: the origin answers it.
+        check_response(tcp_port).with_context(|| format!("{id} TCP proxy sanity request"))?;
+    }
+    let tcp = env.tcp.map(|stream| match (ports.tcp, stream) {
+        (Some(p), _) => Ok(p),
+        (None, NginxStream::Missing(why)) if id.kind == Kind::Nginx => {
+            Err(format!("not supported: {why}"))
+        }
+        (None, _) => Err("no TCP proxy listener".to_string()),
+    });
     let mut h2_port = ports.h2;
     if let (Kind::Flynn, true, Some(tls_port)) = (id.kind, env.h2, ports.tls) {
         // The router serves HTTP/2 on its HTTPS listener once it selects ALPN h2 there.
@@ -205,6 +288,7 @@ pub fn start(id: Id, env: &Env) -> Result<Running> {
         proc: Some(proc),
         tls_port: ports.tls,
         h2_port,
+        tcp,
     })
 }
 
@@ -243,8 +327,14 @@ fn start_flynn(env: &Env, workers: usize) -> Result<(Proc, Ports)> {
     } else {
         ""
     };
+    // A TCP route on a fixed port (outside `--tcp-ports`, which only `port: 0` routes draw
+    // from) to the same service: the router relays its bytes to the origin.
+    let tcp_route = ports
+        .tcp
+        .map(|p| format!(r#",{{"type":"tcp","port":{p},"service":"origin"}}"#))
+        .unwrap_or_default();
     let json = format!(
-        r#"{{"routes":[{{"type":"http","domain":"{HOST}","service":"origin"}}{catch_all}],"services":{{"origin":[{{"addr":"127.0.0.1:{}"}}]}}}}"#,
+        r#"{{"routes":[{{"type":"http","domain":"{HOST}","service":"origin"}}{catch_all}{tcp_route}],"services":{{"origin":[{{"addr":"127.0.0.1:{}"}}]}}}}"#,
         env.origin_port
     );
     std::fs::write(&routes, json).context("writing routes file")?;
@@ -257,6 +347,10 @@ fn start_flynn(env: &Env, workers: usize) -> Result<(Proc, Ports)> {
         .arg(workers.to_string())
         .arg("--routes")
         .arg(&routes);
+    if ports.tcp.is_some() {
+        // TCP routes listen on 0.0.0.0 by default; everything here is on loopback.
+        cmd.arg("--tcp-ip").arg("127.0.0.1");
+    }
     if let (Some(files), Some(tls_port)) = (env.tls, ports.tls) {
         cmd.arg("--https-addr")
             .arg(addr(tls_port).to_string())
@@ -274,8 +368,32 @@ fn start_flynn(env: &Env, workers: usize) -> Result<(Proc, Ports)> {
 }
 
 fn start_nginx(env: &Env, workers: usize) -> Result<(Proc, Ports)> {
-    let ports = Ports::new(env, true)?;
+    let mut ports = Ports::new(env, true)?;
     let port = ports.http;
+    // The TCP proxy: a stream server relaying to the origin, in the same worker processes.
+    // Stream defaults otherwise: `tcp_nodelay on`, 16 KiB `proxy_buffer_size`, no access log.
+    let mut load_module = String::new();
+    let mut stream_conf = String::new();
+    match env.tcp {
+        Some(NginxStream::Builtin | NginxStream::Module(_)) => {
+            if let Some(NginxStream::Module(path)) = env.tcp {
+                load_module = format!("load_module {};\n", path.display());
+            }
+            stream_conf = format!(
+                "stream {{
+    server {{
+        listen 127.0.0.1:{tcp} reuseport backlog=4096;
+        proxy_pass 127.0.0.1:{origin};
+    }}
+}}
+",
+                tcp = ports.tcp.context("no TCP port")?,
+                origin = env.origin_port,
+            );
+        }
+        Some(NginxStream::Missing(_)) => ports.tcp = None,
+        None => {}
+    }
     // nginx's defaults otherwise: no session cache (`ssl_session_cache none`), session tickets
     // on, 16 KiB TLS records. The h2 listener is separate so the HTTP/1.1 one matches the
     // router's (no ALPN callback).
@@ -301,7 +419,7 @@ fn start_nginx(env: &Env, workers: usize) -> Result<(Proc, Ports)> {
     let p = prefix.display();
     let connections = env.nofile.saturating_sub(100).min(20_000);
     let conf = format!(
-        "worker_processes {workers};
+        "{load_module}worker_processes {workers};
 worker_rlimit_nofile {nofile};
 pid {p}/nginx.pid;
 error_log {p}/logs/error.log warn;
@@ -334,7 +452,7 @@ http {{
         }}
     }}
 }}
-",
+{stream_conf}",
         nofile = env.nofile,
         origin = env.origin_port,
     );
@@ -371,6 +489,26 @@ fn start_haproxy(env: &Env, workers: usize) -> Result<(Proc, Ports)> {
     // RLIMIT_NOFILE is below that; idle client connections hold one, so keep maxconn above 10k
     // and let `no strict-limits` turn the refusal into a warning.
     let maxconn = env.nofile.saturating_sub(500).clamp(1000, 30_000);
+    // The TCP proxy, in the same process and threads, after a `mode tcp` defaults section
+    // (the HTTP options above would only draw warnings there).
+    let tcp_conf = match ports.tcp {
+        Some(tcp) => format!(
+            "defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+frontend fe_tcp
+    bind 127.0.0.1:{tcp}
+    maxconn {maxconn}
+    default_backend be_tcp
+backend be_tcp
+    server origin 127.0.0.1:{origin}
+",
+            origin = env.origin_port,
+        ),
+        None => String::new(),
+    };
     let conf = format!(
         "global
     nbthread {workers}
@@ -391,7 +529,7 @@ frontend fe
     default_backend be
 backend be
     server origin 127.0.0.1:{origin}
-",
+{tcp_conf}",
         origin = env.origin_port,
     );
     let cfg = env.dir.join(format!("haproxy-{workers}.cfg"));
@@ -464,4 +602,44 @@ pub fn check_response(port: u16) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nginx_stream_module_detection() {
+        let debian = "nginx version: nginx/1.22.1\nconfigure arguments: --prefix=/usr/share/nginx \
+                      --modules-path=/usr/lib/nginx/modules --with-stream=dynamic --with-threads";
+        match NginxStream::from_configure(debian, |p| {
+            p == Path::new("/usr/lib/nginx/modules/ngx_stream_module.so")
+        }) {
+            NginxStream::Module(p) => {
+                assert_eq!(p, Path::new("/usr/lib/nginx/modules/ngx_stream_module.so"))
+            }
+            other => panic!("{other:?}"),
+        }
+        match NginxStream::from_configure(debian, |_| false) {
+            NginxStream::Missing(why) => assert!(why.contains("libnginx-mod-stream"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            NginxStream::from_configure(
+                "configure arguments: --with-stream --with-http_ssl_module",
+                |_| false
+            ),
+            NginxStream::Builtin
+        ));
+        assert!(matches!(
+            NginxStream::from_configure("configure arguments: --with-stream_ssl_module", |_| true),
+            NginxStream::Missing(_)
+        ));
+        match NginxStream::from_configure("--prefix=/opt/ngx --with-stream=dynamic", |_| true) {
+            NginxStream::Module(p) => {
+                assert_eq!(p, Path::new("/opt/ngx/modules/ngx_stream_module.so"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
