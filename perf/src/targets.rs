@@ -262,12 +262,18 @@ pub fn start(id: Id, env: &Env) -> Result<Running> {
     if let Some(h2_port) = ports.h2 {
         wait_ready(&mut proc, h2_port, None)?;
     }
-    if let Some(tcp_port) = ports.tcp {
-        wait_ready(&mut proc, tcp_port, None)?;
-        // The same HTTP request, relayed as bytes: the origin answers it.
-        check_response(tcp_port).with_context(|| format!("{id} TCP proxy sanity request"))?;
-    }
+    // A TCP listener that does not work costs this target its TCP rows only, not the
+    // HTTP scenarios (and their ratios) too.
+    let tcp_broken = ports.tcp.and_then(|tcp_port| {
+        wait_ready(&mut proc, tcp_port, None)
+            // The same HTTP request, relayed as bytes: the origin answers it.
+            .and_then(|()| check_response(tcp_port))
+            .with_context(|| format!("{id} TCP proxy sanity request"))
+            .err()
+            .map(|e| format!("not working: {e:#}"))
+    });
     let tcp = env.tcp.map(|stream| match (ports.tcp, stream) {
+        (Some(_), _) if tcp_broken.is_some() => Err(tcp_broken.clone().unwrap_or_default()),
         (Some(p), _) => Ok(p),
         (None, NginxStream::Missing(why)) if id.kind == Kind::Nginx => {
             Err(format!("not supported: {why}"))

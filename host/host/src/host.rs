@@ -792,7 +792,9 @@ impl Host {
             let mut inner = self.lock();
             inner.table.unadd(&id);
             if inner.table.get(&id).is_none() {
-                // After the failed write, which is then not tried again.
+                // After the failed write, which is then not tried again. A stop of the job
+                // whose record replaced this one's in the queue may have shown it already.
+                inner.recorded.remove(&id);
                 self.store.remove(&id);
             }
             tracing::error!(job = %id, error = ?e, "persisting a new job failed; not starting it");
@@ -806,6 +808,12 @@ impl Host {
             let mut inner = self.lock();
             Self::show(&mut inner, seq, &aj);
             self.broadcast(EventKind::Create, &aj);
+        }
+        // A shutdown that began while the record was written: this daemon starts nothing
+        // more (the job ends as failed, not started by a daemon on its way out).
+        if self.shutting_down.load(Ordering::SeqCst) {
+            self.fail(&id, "host: shutting down".into()).await;
+            return Ok(());
         }
         let host = self.clone();
         tokio::spawn(async move { host.start(id).await });

@@ -124,7 +124,9 @@ impl<S: LeaseStore> Leaser<S> {
     /// this host for (a record created, or an expired one of another host taken over), set
     /// before the write is sent: so a caller whose acquisition fails or is cut short (the
     /// write may have gone through, its answer lost) knows whether a lease it finds was made
-    /// by this call or held before it. Reusing this host's lease (a renewal) notes nothing.
+    /// by this call or held before it. Reusing this host's lease (a renewal) notes nothing,
+    /// and neither does leasing `previous` again when no record is on it (released by this
+    /// host's clean shutdown: the block its jobs may still use).
     pub async fn acquire_noting(
         &self,
         now: SystemTime,
@@ -188,7 +190,12 @@ impl<S: LeaseStore> Leaser<S> {
                     expires_at: now + self.config.ttl,
                     revision: 0,
                 };
-                *created = Some(subnet);
+                // This host's previous block (named in its state), free of any record (its
+                // lease released by a clean shutdown), counts as held before, like a lease
+                // found in the store: the host's jobs may still hold addresses in it, and a
+                // start that gives up keeps it rather than hand it to others.
+                let own_again = again.is_some() && snap.get(&subnet).is_none();
+                *created = (!own_again).then_some(subnet);
                 match snap.get(&subnet) {
                     // An expired record: take it over at its revision.
                     Some(old) => {
@@ -435,6 +442,15 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((b.subnet, created), (a.subnet, Some(a.subnet)));
+        // Host 2's clean shutdown releases it; its next start leases its previous block
+        // again: held before (its jobs may use it), not noted.
+        host(&store, 2).release(&b).await.unwrap();
+        let mut created = None;
+        let c = host(&store, 2)
+            .acquire_noting(later, Some(b.subnet), |_| 0, &mut created)
+            .await
+            .unwrap();
+        assert_eq!((c.subnet, created), (b.subnet, None));
     }
 
     #[tokio::test]
