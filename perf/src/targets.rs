@@ -272,13 +272,22 @@ pub fn start(id: Id, env: &Env) -> Result<Running> {
             .err()
             .map(|e| format!("not working: {e:#}"))
     });
-    let tcp = env.tcp.map(|stream| match (ports.tcp, stream) {
-        (Some(_), _) if tcp_broken.is_some() => Err(tcp_broken.clone().unwrap_or_default()),
-        (Some(p), _) => Ok(p),
-        (None, NginxStream::Missing(why)) if id.kind == Kind::Nginx => {
-            Err(format!("not supported: {why}"))
-        }
-        (None, _) => Err("no TCP proxy listener".to_string()),
+    // ...unless the process itself is gone: then the target is.
+    if let Some(status) = proc.exited() {
+        bail!(
+            "{id} exited during startup ({status}): {}",
+            tcp_broken.unwrap_or_default()
+        );
+    }
+    let tcp = env.tcp.map(|stream| match (ports.tcp, &tcp_broken) {
+        (Some(_), Some(broken)) => Err(broken.clone()),
+        (Some(p), None) => Ok(p),
+        (None, _) => match stream {
+            NginxStream::Missing(why) if id.kind == Kind::Nginx => {
+                Err(format!("not supported: {why}"))
+            }
+            _ => Err("no TCP proxy listener".to_string()),
+        },
     });
     let mut h2_port = ports.h2;
     if let (Kind::Flynn, true, Some(tls_port)) = (id.kind, env.h2, ports.tls) {

@@ -151,7 +151,9 @@ pub fn service_of(qname: &Name) -> Option<String> {
         .ok()?;
     // `<svc>._i.discoverd.`: an empty non-terminal while the service has instances.
     if let [svc, "_i", "discoverd"] = labels[..] {
-        return service_name(svc).then(|| svc.to_string());
+        if service_name(svc) {
+            return Some(svc.to_string());
+        }
     }
     match parse(&labels).ok()? {
         Target::Service(s)
@@ -487,6 +489,9 @@ mod tests {
         // A proxy asks a peer about the service of an instance level.
         let web_i = Name::from_ascii("web._i.discoverd.").unwrap();
         assert_eq!(service_of(&web_i), Some("web".into()));
+        // (`_web._i` is service `web`'s SRV name for proto `i`, as before.)
+        let web_proto_i = Name::from_ascii("_web._i.discoverd.").unwrap();
+        assert_eq!(service_of(&web_proto_i), Some("web".into()));
         let other = lookup(
             &reg,
             &Name::from_ascii("example.com.").unwrap(),

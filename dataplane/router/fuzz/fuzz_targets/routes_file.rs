@@ -19,7 +19,7 @@ use invariants::{body, check, ports, route, snapshot};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 
-const BACKENDS: [&str; 4] = ["127.0.0.1:1", "127.0.0.1:2", "[::1]:3", "nope"];
+const BACKENDS: [&str; 5] = ["127.0.0.1:1", "127.0.0.1:2", "[::1]:3", "[0::1]:3", "nope"];
 const FILE_SERVICES: [&str; 3] = ["s", "t", ""];
 
 /// A routes file's text and whether it is TOML.
