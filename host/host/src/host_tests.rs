@@ -957,6 +957,109 @@ async fn a_put_whose_request_is_dropped_still_starts_the_job() {
     wait_status(&h, "b", JobStatus::Running).await;
 }
 
+/// Polls `f` once, so what it does before its first wait is done (a request's change of the
+/// job table, its record queued); true when it is not finished.
+async fn poll_once<F: std::future::Future + Unpin>(f: &mut F) -> bool {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::pin::Pin::new(&mut *f).poll(cx).is_pending())
+    })
+    .await
+}
+
+/// A `DELETE` of a new job whose record is still queued replaces that record in the write
+/// queue, so the `PUT` and the `DELETE` share the write's outcome. When it fails, the job
+/// leaves the table and is shown nowhere, whichever of the two settles first: the stop used
+/// to show the job (still in the table) before the failed `PUT` took it out, and it stayed
+/// listed as starting for good. Done several times, as the order varies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_job_whose_record_failed_with_its_stop_is_shown_nowhere() {
+    use std::sync::atomic::Ordering::SeqCst;
+
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    rt.open();
+    let store = Store::open(d.path(), crate::syncer::Syncer::start()).unwrap();
+    let h = host_on(rt.clone(), d.path(), 0, None, store.clone());
+    for i in 0..20 {
+        let (z, a) = (format!("z{i}"), format!("a{i}"));
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.flush())
+            .await
+            .unwrap();
+        let unstall = Unstall(store.clone());
+        store.faults().hold(true);
+        // z's record stalls on the disk: a's records wait in the queue behind it.
+        let mut put_z = std::pin::pin!(h.add_job(job(&z, "x")));
+        assert!(poll_once(&mut put_z).await, "{z} recorded on a held disk");
+        stall_records(&store, 1).await;
+        let mut put = std::pin::pin!(h.add_job(job(&a, "x")));
+        assert!(poll_once(&mut put).await, "{a} recorded on a held disk");
+        let mut del = std::pin::pin!(h.stop(&a));
+        assert!(
+            poll_once(&mut del).await,
+            "{a}'s stop recorded on a held disk"
+        );
+        // z's write fails, then a's (its PUT's and its DELETE's state, one write).
+        store.faults().fail.store(2, SeqCst);
+        drop(unstall);
+        let (put_z, put, del) = tokio::join!(put_z, put, del);
+        assert!(put_z.is_err(), "{z}: {put_z:?}");
+        assert!(put.is_err(), "{a}'s PUT succeeded: {put:?}");
+        del.unwrap_or_else(|e| panic!("{a}'s DELETE: {e:?}"));
+        assert_eq!(store.faults().fail.load(SeqCst), 0, "a write did not fail");
+        assert!(h.get(&a).is_none(), "{a} shown: {:?}", h.get(&a));
+        assert!(!h.list(false).contains_key(&a), "{a} listed");
+        assert!(!h.status().jobs.contains_key("starting"), "{a} counted");
+    }
+    assert_eq!(
+        rt.entered.load(SeqCst),
+        0,
+        "a job whose record failed started"
+    );
+}
+
+/// A `PUT` already accepted when the daemon's shutdown begins (its record being written)
+/// is answered 200, and the job then fails with "host: shutting down" (an `error` event)
+/// instead of being started by a daemon on its way out; a later `PUT` is a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_accepted_before_the_shutdown_fails_the_job_unstarted() {
+    use flynn_api::host::EventKind;
+    use std::sync::atomic::Ordering::SeqCst;
+
+    let d = tempfile::tempdir().unwrap();
+    let rt = Arc::new(Fake::default());
+    rt.open();
+    let store = Store::open(d.path(), crate::syncer::Syncer::start()).unwrap();
+    let h = host_on(rt.clone(), d.path(), 0, None, store.clone());
+    let mut events = h.subscribe();
+    let unstall = Unstall(store.clone());
+    store.faults().hold(true);
+    let mut put = std::pin::pin!(h.add_job(job("a", "x")));
+    assert!(poll_once(&mut put).await, "recorded on a held disk");
+    stall_records(&store, 1).await;
+    // What the daemon does on SIGTERM, before it stops serving.
+    h.shutdown();
+    drop(unstall);
+    put.await
+        .expect("a PUT accepted before the shutdown is answered 200");
+    let (ev, seen) = next_event(&mut events, EventKind::Error)
+        .await
+        .expect("no error event for the job");
+    assert_eq!(seen.first(), Some(&EventKind::Create), "{seen:?}");
+    assert_eq!(ev.job_id, "a");
+    assert_eq!(ev.job.status, JobStatus::Failed);
+    assert_eq!(ev.job.error.as_deref(), Some("host: shutting down"));
+    wait_status(&h, "a", JobStatus::Failed).await;
+    assert_eq!(status_on_disk(d.path(), "a").status, JobStatus::Failed);
+    assert_eq!(
+        rt.entered.load(SeqCst),
+        0,
+        "started by a daemon shutting down"
+    );
+    let later = h.add_job(job("b", "x")).await.unwrap_err();
+    assert_eq!(later.code, ErrorCode::ServiceUnavailable);
+}
+
 /// A job in a partition that does not exist is created, then fails with Flynn's message in
 /// an `error` event (spec §5.3, §5.6); the known partitions start.
 #[tokio::test]

@@ -503,15 +503,42 @@ mod tests {
         w.queue(&p, Op::Remove).wait_blocking().unwrap();
         assert!(w.flush(), "the failed write was replaced");
         assert!(!p.exists());
-        // `flush` tries a failed write at once and says whether it worked.
-        w.faults().fail.store(2, SeqCst);
+        // `flush` tries a failed write at once and says whether it worked. The disk fails
+        // every write until it is healed: a timed retry that comes before the flush (1 s
+        // after the failure, when this thread is held up) fails too and changes nothing.
+        w.faults().fail.store(u32::MAX, SeqCst);
         assert!(w
             .queue(&p, Op::Write(b"3".to_vec()))
             .wait_blocking()
             .is_err());
         assert!(!w.flush(), "failed again");
-        assert!(w.flush());
+        assert!(!p.exists());
+        healed(&w);
+        assert!(w.flush(), "not tried at once");
         assert_eq!(std::fs::read(&p).unwrap(), b"3");
+    }
+
+    /// Makes writes work again, and waits until no try that may have seen the disk failing
+    /// is still under way (its failure would be queued for a later try, not flushed).
+    fn healed(w: &Writeback) {
+        w.faults().fail.store(0, SeqCst);
+        let t0 = Instant::now();
+        while w.shared().lock().busy {
+            assert!(t0.elapsed() < Duration::from_secs(5), "a try never ended");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The failures and next try of the operation queued for `p`, once it is not being tried.
+    fn queued(w: &Writeback, p: &Path) -> (u32, Instant) {
+        let t0 = Instant::now();
+        loop {
+            if let Some(e) = w.shared().lock().queue.get(p) {
+                return (e.failures, e.due.expect("tried again later"));
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "nothing queued");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// A panic while an operation is done fails that operation (tried again like any failed
@@ -551,33 +578,42 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let w = Writeback::start(Syncer::start());
         let p = d.path().join("j.json");
-        // Three failures: its next try would be 4 s away.
-        w.faults().fail.store(3, SeqCst);
+        // The disk fails every write until it is healed: a timed retry that comes between
+        // this thread's steps (when it is held up for a second or more) fails too.
+        w.faults().fail.store(u32::MAX, SeqCst);
         assert!(w
             .queue(&p, Op::Write(b"1".to_vec()))
             .wait_blocking()
             .is_err());
-        assert!(!w.flush());
-        assert!(!w.flush());
-        assert_eq!(w.shared().lock().queue[&p].failures, 3);
-        // Replaced, and failing once.
-        w.faults().fail.store(1, SeqCst);
-        let t0 = Instant::now();
+        for _ in 0..5 {
+            assert!(!w.flush());
+        }
+        // Six failures or more: its next try is 10 s away.
+        let (before, _) = queued(&w, &p);
+        assert!(before >= 6, "{before} failures");
+        // Replaced, and failing.
         assert!(w
             .queue(&p, Op::Write(b"2".to_vec()))
             .wait_blocking()
             .is_err());
-        let (failures, due) = {
-            let st = w.shared().lock();
-            let e = &st.queue[&p];
-            (e.failures, e.due.expect("tried again later"))
-        };
-        assert_eq!(failures, 1);
+        let answered = Instant::now();
+        let (failures, due) = queued(&w, &p);
+        // Counted afresh: one failure, or a few more when this thread was held up for
+        // seconds and timed retries (1 s, 3 s, 7 s … after the failure) failed meanwhile;
+        // the older count went on from `before`.
         assert!(
-            due <= t0 + Duration::from_millis(1500),
-            "next try in {:?}",
-            due - t0
+            failures < before,
+            "{failures} failures, {before} before the replacement"
         );
+        if failures == 1 {
+            // Its next try was set when it failed, before its ticket was answered.
+            assert!(
+                due <= answered + Duration::from_secs(1),
+                "next try in {:?}",
+                due.saturating_duration_since(answered)
+            );
+        }
+        healed(&w);
         assert!(w.flush());
         assert_eq!(std::fs::read(&p).unwrap(), b"2");
     }

@@ -97,10 +97,17 @@ pub struct Agent<S> {
     /// without learning it (see [`Agent::abandon_start`]).
     acquiring: bool,
     /// The block a start of this process leased anew (created, or took over), set before
-    /// the write is sent ([`Leaser::acquire_noting`]); `None` when its starts only reused
-    /// this host's lease found in the store (the block of a previous run, whose jobs may
-    /// still hold addresses in it). What a start that gives up may release.
+    /// the write is sent ([`Leaser::acquire_noting`]); `None` when its starts only leased
+    /// what this host held before: its lease found in the store (a previous run's, reused),
+    /// or its previous block (named in `subnet.env`) leased again after a clean shutdown
+    /// released it; the host's jobs may still hold addresses in either. What a start that
+    /// gives up may release.
     created: Option<Subnet>,
+    /// `subnet.env` as it was before this process first wrote it (`Some(None)`: there was
+    /// none, or none that could be read); `None` until then. Put back when the block a
+    /// start created is released before the start finished ([`Agent::release_start`]), so
+    /// the next run does not take that block for the one its jobs may use.
+    state_before: Option<Option<Vec<u8>>>,
     /// The overlay MTU ([`Devices::mtu`]): set by [`Agent::start`], changed when a resync
     /// follows a changed underlay MTU (see [`Agent::mtu`]).
     mtu: tokio::sync::watch::Sender<u32>,
@@ -169,6 +176,7 @@ impl<S: LeaseStore> Agent<S> {
             fresh: Freshness::default(),
             acquiring: false,
             created: None,
+            state_before: None,
             mtu: tokio::sync::watch::Sender::new(0),
             stats: Arc::new(Stats {
                 fast_path: fast_on.into(),
@@ -238,10 +246,14 @@ impl<S: LeaseStore> Agent<S> {
     /// be up yet, discoverd may still be electing a leader). When the last try fails too, a
     /// lease the tries created is released (for at most [`ABANDON_TIMEOUT`]) before the error
     /// is returned: the agent exits then, and the lease used to stay live for its TTL (24 h
-    /// by default), keeping the block from every other host. This host's lease that was in
-    /// the store before (a previous run's, reused) stays: its block may still hold this
-    /// host's jobs, and releasing it took the peers' routes to them down and let another
-    /// host lease it. A release that fails is logged; the start's error is the one returned.
+    /// by default), keeping the block from every other host. With it, `subnet.env` is put
+    /// back as it was before the start (its previous block, or no file), so the next run
+    /// does not ask for the released block as its own previous one (and, giving up too,
+    /// keep it). What this host held before the start stays: its lease in the store (a
+    /// previous run's, reused) or its previous block leased again after a clean shutdown
+    /// released it. Its block may still hold this host's jobs, and releasing it took the
+    /// peers' routes to them down and let another host lease it. A release that fails is
+    /// logged; the start's error is the one returned.
     pub async fn start_retrying(
         &mut self,
         tries: u32,
@@ -277,16 +289,21 @@ impl<S: LeaseStore> Agent<S> {
     /// retried): releases the lease it acquired, or, when it was cut short while acquiring
     /// (the write may have gone through, its answer lost), this host's lease in the store,
     /// as a clean shutdown of a running agent releases its lease. Without this a SIGTERM
-    /// during start-up left the lease live for its whole TTL. The lease is forgotten only
-    /// once released, so a release cut short (a SIGTERM during the give-up's release in
-    /// [`Agent::start_retrying`]) is tried again by the next call.
+    /// during start-up left the lease live for its whole TTL. A released block that the
+    /// start created leaves `subnet.env` as it was before the start, as in
+    /// [`Agent::start_retrying`]. The lease is forgotten only once released, so a release
+    /// cut short (a SIGTERM during the give-up's release in [`Agent::start_retrying`]) is
+    /// tried again by the next call.
     pub async fn abandon_start(&mut self) -> Result<(), AgentError> {
         self.release_start(false).await
     }
 
     /// [`Agent::abandon_start`]; with `only_created` (a start that gave up, not a shutdown)
     /// only a lease this process's starts created (its `created` block) is released, never
-    /// this host's lease they found in the store and reused.
+    /// what this host held before them. Once a created block is released, `subnet.env` is
+    /// put back as it was before this process wrote it: the start never finished, so no job
+    /// was given an address in that block, and naming it there made the next run lease it
+    /// as this host's previous block, held before (kept when that run gave up too).
     async fn release_start(&mut self, only_created: bool) -> Result<(), AgentError> {
         let lease = match &self.lease {
             Some(l) => Some(l.clone()),
@@ -300,11 +317,42 @@ impl<S: LeaseStore> Agent<S> {
             }
             tracing::info!(subnet = %l.subnet, "start-up abandoned; releasing the lease");
             self.leaser.release(l).await?;
+            if self.created == Some(l.subnet) {
+                self.restore_state();
+            }
         }
         self.lease = None;
         self.acquiring = false;
         self.created = None;
+        self.state_before = None;
         Ok(())
+    }
+
+    /// Puts `subnet.env` back as it was before this process wrote it (see
+    /// [`Agent::state_before`]); a failure is logged.
+    fn restore_state(&mut self) {
+        let (Some(dir), Some(before)) = (&self.cfg.state_dir, self.state_before.take()) else {
+            return;
+        };
+        let path = dir.join("subnet.env");
+        let put_back = match &before {
+            Some(body) => {
+                let tmp = dir.join(".subnet.env.tmp");
+                std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, &path))
+            }
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            },
+        };
+        match put_back {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), previous = before.is_some(), "state put back as it was before the start")
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot put the state back as it was before the start; the next start asks for the released block again")
+            }
+        }
     }
 
     /// The overlay MTU, to follow: 0 until [`Agent::start`] set the devices up, then their
@@ -737,12 +785,17 @@ impl<S: LeaseStore> Agent<S> {
     }
 
     /// Writes `subnet.env` (flannel's format: network, this host's first address and prefix, MTU).
-    fn write_state(&self) -> Result<(), AgentError> {
+    /// The first write notes what it replaces ([`Agent::state_before`]).
+    fn write_state(&mut self) -> Result<(), AgentError> {
         let (Some(dir), Some(lease), Some(dev)) = (&self.cfg.state_dir, &self.lease, self.devices)
         else {
             return Ok(());
         };
         let path = dir.join("subnet.env");
+        if self.state_before.is_none() {
+            // A file that cannot be read names no previous block either (`previous_subnet`).
+            self.state_before = Some(std::fs::read(&path).ok());
+        }
         let body = format!(
             "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ=false\n",
             self.cfg.lease.layout.network,

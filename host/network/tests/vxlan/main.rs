@@ -520,3 +520,174 @@ fn a_start_that_gives_up_while_acquiring_releases_only_what_it_created() -> Resu
         Ok(())
     })
 }
+
+/// A [`MemoryStore`] whose plain reads (the lease set a start reconciles) fail: a start
+/// gets as far as its lease, devices and `subnet.env`, then fails.
+#[derive(Clone)]
+struct PlainReadsFail(MemoryStore);
+
+impl LeaseStore for PlainReadsFail {
+    async fn leases(&self) -> Result<flynn_network::Snapshot, StoreError> {
+        Err(StoreError::Unavailable {
+            reason: "plain reads fail".into(),
+        })
+    }
+
+    async fn leases_consistent(&self) -> Result<flynn_network::Snapshot, StoreError> {
+        self.0.leases_consistent().await
+    }
+
+    async fn create(&self, lease: &Lease) -> Result<Lease, StoreError> {
+        self.0.create(lease).await
+    }
+
+    async fn update(&self, lease: &Lease) -> Result<Lease, StoreError> {
+        self.0.update(lease).await
+    }
+
+    async fn delete(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.0.delete(lease).await
+    }
+
+    async fn watch(&self) -> Result<flynn_network::LeaseWatch, StoreError> {
+        self.0.watch().await
+    }
+}
+
+/// The underlay address of the host in [`a_start_that_gives_up_puts_the_state_back`].
+const STATE_HOST_IP: &str = "10.231.4.1";
+
+/// The `FLANNEL_SUBNET` line of `dir/subnet.env`, `None` without the file.
+fn state_subnet(dir: &std::path::Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(dir.join("subnet.env")) {
+        Ok(body) => Ok(body
+            .lines()
+            .find(|l| l.starts_with("FLANNEL_SUBNET="))
+            .map(str::to_string)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A start that gives up after its tries wrote `subnet.env` (it fails reading the lease set,
+/// after the state is written) and releases the block they created puts the file back as it
+/// was before: naming the released block, it made the next run lease that block again as
+/// this host's previous one, held before, and keep it when that run gave up too, so an agent
+/// failing in a loop left the block leased for its TTL. What the host held before (its
+/// previous block, leased again after a clean shutdown released it) is kept, file and lease.
+/// A shutdown during start-up that releases a block the start created puts it back too.
+#[test]
+fn a_start_that_gives_up_puts_the_state_back() -> Result<()> {
+    if !lab::should_run("a_start_that_gives_up_puts_the_state_back") {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    let ns = lab.add_host("h1", "u1", STATE_HOST_IP)?;
+    in_netns(&ns, async move || {
+        let agent = |store: &MemoryStore, dir: &std::path::Path| -> Result<_> {
+            let cfg = AgentConfig {
+                public_ip: STATE_HOST_IP.parse()?,
+                devices: DeviceConfig::default(),
+                lease: LeaseConfig::default(),
+                direct_routing: false,
+                resync: Duration::from_secs(30),
+                state_dir: Some(dir.to_path_buf()),
+                fast_path_required: false,
+                ip_masq: false,
+            };
+            Ok(Agent::new(
+                PlainReadsFail(store.clone()),
+                KernelNetlink::connect()?,
+                cfg,
+                None,
+            ))
+        };
+        let gave_up = |r: &Result<flynn_network::Started, AgentError>| {
+            matches!(r, Err(AgentError::Store(StoreError::Unavailable { .. })))
+        };
+
+        // No state before: two runs in a row give up, and nothing stays leased.
+        let store = MemoryStore::new();
+        let dir = tempfile::tempdir()?;
+        for run in 1..=2 {
+            let last = agent(&store, dir.path())?
+                .start_retrying(2, Duration::from_millis(20))
+                .await;
+            ensure!(gave_up(&last), "run {run}: {last:?}");
+            let left = store.leases().await?.leases;
+            ensure!(
+                left.is_empty(),
+                "run {run}: a lease outlived the start that gave up: {left:?}"
+            );
+        }
+        let state = state_subnet(dir.path())?;
+        ensure!(state.is_none(), "subnet.env left behind: {state:?}");
+
+        // The previous block is another host's now: a new one is created, released, and the
+        // file names the previous block again, byte for byte.
+        let store = MemoryStore::new();
+        let dir = tempfile::tempdir()?;
+        let other = Leaser::new(store.clone(), LeaseConfig::default(), "10.231.4.2".parse()?)
+            .acquire(SystemTime::now(), None)
+            .await?;
+        let before = format!(
+            "FLANNEL_NETWORK=100.100.0.0/16\nFLANNEL_SUBNET={}/24\nFLANNEL_MTU=1450\n",
+            other.subnet.first_host()
+        );
+        std::fs::write(dir.path().join("subnet.env"), &before)?;
+        let last = agent(&store, dir.path())?
+            .start_retrying(2, Duration::from_millis(20))
+            .await;
+        ensure!(gave_up(&last), "{last:?}");
+        let left = store.leases().await?.leases;
+        ensure!(
+            left.len() == 1 && left[0].subnet == other.subnet,
+            "the start's own lease outlived it, or the other host's went: {left:?}"
+        );
+        let after = std::fs::read_to_string(dir.path().join("subnet.env"))?;
+        ensure!(after == before, "subnet.env not put back: {after:?}");
+
+        // The previous block, free after this host's clean shutdown: leased again, held
+        // before, so a start that gives up keeps both the lease and the file.
+        let store = MemoryStore::new();
+        let dir = tempfile::tempdir()?;
+        let previous: Subnet = "100.100.9.0/24".parse()?;
+        std::fs::write(
+            dir.path().join("subnet.env"),
+            format!("FLANNEL_SUBNET={}/24\n", previous.first_host()),
+        )?;
+        let last = agent(&store, dir.path())?
+            .start_retrying(2, Duration::from_millis(20))
+            .await;
+        ensure!(gave_up(&last), "{last:?}");
+        let left = store.leases().await?.leases;
+        ensure!(
+            left.len() == 1 && left[0].subnet == previous,
+            "the previous block's lease was not kept: {left:?}"
+        );
+        let state = state_subnet(dir.path())?;
+        let want = format!("FLANNEL_SUBNET={}/24", previous.first_host());
+        ensure!(state.as_deref() == Some(&*want), "{state:?}");
+
+        // A shutdown during start-up (`abandon_start`) that releases a block the start
+        // created puts the file back the same way.
+        let store = MemoryStore::new();
+        let dir = tempfile::tempdir()?;
+        let mut a = agent(&store, dir.path())?;
+        let first = a.start().await;
+        ensure!(gave_up(&first), "{first:?}");
+        ensure!(
+            state_subnet(dir.path())?.is_some(),
+            "the start wrote no state"
+        );
+        a.abandon_start().await?;
+        let left = store.leases().await?.leases;
+        ensure!(left.is_empty(), "not released at a shutdown: {left:?}");
+        let state = state_subnet(dir.path())?;
+        ensure!(
+            state.is_none(),
+            "subnet.env left behind at a shutdown: {state:?}"
+        );
+        Ok(())
+    })
+}
