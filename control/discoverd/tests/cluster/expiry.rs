@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::support::*;
-use crate::Cluster;
+use crate::{create_on_leader, Cluster};
 
 const TTL: Duration = Duration::from_secs(2);
 
@@ -60,11 +60,9 @@ async fn watch(url: String, seen: Arc<Mutex<Vec<(Instant, Value)>>>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_sigkill_expires_nothing_early() {
     let mut cl = Cluster::start_with("2s");
-    let l = cl.leader().await;
+    let l = create_on_leader(&cl, &[0, 1, 2], "hb").await;
     let f = (l + 1) % 3;
     let c = client();
-    let r = call(&c, "PUT", &cl.nodes[l].url("/services/hb"), Some("{}")).await;
-    assert_eq!(r.status, 200);
     let urls: Vec<String> = cl.nodes.iter().map(|n| n.url("")).collect();
     let (alive, alive_body) = instance_json("127.0.0.1:7001");
     let (quiet, quiet_body) = instance_json("127.0.0.1:7002");

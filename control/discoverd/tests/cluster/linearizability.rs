@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::lincheck::{check, Op, Outcome, Verdict};
 use crate::support::*;
-use crate::Cluster;
+use crate::{create_on_leader, Cluster};
 
 const CLIENTS: u64 = 4;
 /// Per-client operation cap: bounds the history (and so the search) size.
@@ -109,15 +109,7 @@ async fn client_loop(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_cas_history_under_faults_is_linearizable() {
     let mut cl = Cluster::start_with("10s");
-    let l = cl.leader().await;
-    let r = call(
-        &client(),
-        "PUT",
-        &cl.nodes[l].url("/services/lin"),
-        Some("{}"),
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    let l = create_on_leader(&cl, &[0, 1, 2], "lin").await;
 
     let urls: Vec<String> = cl.nodes.iter().map(|n| n.url("")).collect();
     let start = Instant::now();

@@ -305,6 +305,35 @@ pub(crate) async fn write_all(urls: Vec<String>, prefix: &str, count: usize) -> 
     acked
 }
 
+/// Creates service `name` through the leader of the nodes `among` (the peers) and returns
+/// that leader, asking
+/// again whoever leads when the write is refused as retryable (a fresh cluster on a loaded
+/// machine may still change leaders once): for tests that need the service on a node that
+/// led when it was created. Fails after 15 s.
+pub(crate) async fn create_on_leader(cl: &Cluster, among: &[usize], name: &str) -> usize {
+    let start = std::time::Instant::now();
+    let mut first = true;
+    loop {
+        let l = cl.leader_of(among).await;
+        let url = cl.nodes[l].url(&format!("/services/{name}"));
+        let r = send(&raw_client(), "PUT", &url, Some("{}")).await;
+        let status = r.as_ref().map_or(0, |r| r.status);
+        if status == 200 || (!first && status == 409) {
+            return l;
+        }
+        eprintln!(
+            "create_on_leader: {name} at {url}: {:?}",
+            r.map(|r| (r.status, r.body))
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "service {name} not created"
+        );
+        first = false;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Creates service `name` through `urls[*next]` (and on), asserting it is acknowledged. A
 /// write refused as retryable (503 `retry: true`, e.g. no leader known during an election,
 /// which the 100 ms election timeout makes likely on a loaded machine) or not answered is

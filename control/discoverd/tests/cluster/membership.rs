@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::support::*;
-use crate::{assert_all_present, has_service, write_all, Cluster};
+use crate::{assert_all_present, create_on_leader, has_service, write_all, Cluster};
 
 const PEERS: [usize; 3] = [0, 1, 2];
 
@@ -431,11 +431,9 @@ async fn a_peer_that_is_not_host_port_is_refused() {
 #[tokio::test]
 async fn proxy_dns_answers_from_the_peers() {
     let cl = Cluster::start_nodes("10s", 3, 1);
-    let l = cl.leader_of(&PEERS).await;
+    let l = create_on_leader(&cl, &PEERS, "pxdns").await;
     let px = &cl.nodes[3];
     let c = client();
-    let r = call(&c, "PUT", &cl.nodes[l].url("/services/pxdns"), Some("{}")).await;
-    assert_eq!(r.status, 200, "{}", r.body);
     let (id, body) = instance_json("10.0.0.9:80");
     let path = format!("/services/pxdns/instances/{id}");
     let r = call(&c, "PUT", &cl.nodes[l].url(&path), Some(&body)).await;
@@ -449,6 +447,12 @@ async fn proxy_dns_answers_from_the_peers() {
         "the proxy's DNS does not know a registered service"
     );
     assert_eq!(has_service(px, "nosuch").await, Some(false));
+    // The empty non-terminals above its names answer NOERROR, not NXDOMAIN (which tells an
+    // RFC 8020 or query-name-minimising resolver that nothing below exists): the service's
+    // instance level (asked of a peer) and the levels above every service's names.
+    for ent in ["pxdns._i", "_i", "_tcp"] {
+        assert_eq!(has_service(px, ent).await, Some(true), "{ent}.discoverd.");
+    }
     // Gone from the peers, gone from the proxy's answers.
     let r = call(&c, "DELETE", &cl.nodes[l].url(&path), None).await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -457,4 +461,6 @@ async fn proxy_dns_answers_from_the_peers() {
     })
     .await;
     assert!(gone.is_some(), "the proxy's DNS kept a removed instance");
+    // No instance left: nothing below the service's instance level.
+    assert_eq!(has_service(px, "pxdns._i").await, Some(false));
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::support::*;
-use crate::{assert_all_present, has_service, write_acked, write_all, Cluster};
+use crate::{assert_all_present, create_on_leader, has_service, write_acked, write_all, Cluster};
 
 /// A client that gives up quickly (a write stuck on a minority leader never commits).
 fn short_client() -> reqwest::Client {
@@ -92,19 +92,11 @@ async fn isolated_follower_cannot_write_and_catches_up_after_healing() {
 #[tokio::test]
 async fn isolated_leader_cannot_commit_and_majority_elects_a_new_one() {
     let cl = Cluster::start_with("10s");
-    let old = cl.leader().await;
+    let old = create_on_leader(&cl, &[0, 1, 2], "hb").await;
     let majority: Vec<usize> = (0..3).filter(|i| *i != old).collect();
     // An instance heartbeating to the leader that is about to be cut off.
     let (id, body) = instance_json("10.0.0.7:80");
     let hb_url = cl.nodes[old].url(&format!("/services/hb/instances/{id}"));
-    let r = send(
-        &short_client(),
-        "PUT",
-        &cl.nodes[old].url("/services/hb"),
-        Some("{}"),
-    )
-    .await;
-    assert_eq!(r.unwrap().status, 200);
     let r = send(&short_client(), "PUT", &hb_url, Some(&body)).await;
     assert_eq!(r.unwrap().status, 200);
     cl.isolate(old).await;
@@ -281,15 +273,7 @@ async fn a_leader_cut_off_from_the_others_stops_serving_its_frozen_state() {
     // A 1 s election timeout: openraft's own leader lease (2 s) then leaves a wide window in
     // which a write proposed after the partition is accepted and cannot commit.
     let cl = Cluster::start_nodes_with("10s", 3, 0, &["--election-timeout", "1s"]);
-    let l = cl.leader().await;
-    let r = call(
-        &client(),
-        "PUT",
-        &cl.nodes[l].url("/services/w"),
-        Some("{}"),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    let l = create_on_leader(&cl, &[0, 1, 2], "w").await;
     assert_all_present(&cl.nodes[l], &["w".to_string()]).await;
     let raw = raw_client();
 
