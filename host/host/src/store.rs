@@ -35,6 +35,7 @@ impl Store {
             path: dir.clone(),
             source,
         })?;
+        sweep_temporaries(&dir);
         Ok(Store {
             dir,
             records: Writeback::start(sync.clone()),
@@ -123,9 +124,41 @@ impl Store {
     }
 }
 
+/// Removes the temporary files of record writes that a crash (or a power cut) cut short
+/// (`.<id>.json.<n>.tmp`, see `Syncer::write`): nothing reads them, and each holds a job's
+/// environment, secrets among it. Only a daemon starting up calls this, before any write.
+fn sweep_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            if let Err(err) = std::fs::remove_file(e.path()) {
+                tracing::warn!(path = %e.path().display(), error = %err, "cannot remove a leftover temporary record");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A record write cut short by a crash leaves its temporary file (a job's environment
+    /// in it); the next daemon's store removes it, and only such files.
+    #[test]
+    fn leftover_temporary_records_are_removed_at_open() {
+        let d = tempfile::tempdir().unwrap();
+        let jobs = d.path().join("jobs");
+        std::fs::create_dir_all(&jobs).unwrap();
+        std::fs::write(jobs.join(".h-1.json.7.tmp"), b"{\"half").unwrap();
+        std::fs::write(jobs.join("h-2.json"), b"{}").unwrap();
+        let _s = Store::open(d.path(), Syncer::start()).unwrap();
+        assert!(!jobs.join(".h-1.json.7.tmp").exists(), "left behind");
+        assert!(jobs.join("h-2.json").exists(), "a record was removed");
+    }
 
     #[test]
     fn round_trip_and_bad_files() {
