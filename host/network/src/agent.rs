@@ -305,10 +305,18 @@ impl<S: LeaseStore> Agent<S> {
     /// was given an address in that block, and naming it there made the next run lease it
     /// as this host's previous block, held before (kept when that run gave up too).
     async fn release_start(&mut self, only_created: bool) -> Result<(), AgentError> {
-        let lease = match &self.lease {
-            Some(l) => Some(l.clone()),
-            None if self.acquiring => self.leaser.own().await?,
-            None => None,
+        // Cut short while acquiring, the store knows better than `self.lease`: that is an
+        // earlier try's, and the lease it names may have vanished (deleted, taken over)
+        // before this try wrote another, whose answer never came.
+        let lease = match (&self.lease, self.acquiring) {
+            (held, true) => match self.leaser.own().await {
+                Ok(l) => l,
+                Err(e) => match held {
+                    Some(l) => Some(l.clone()),
+                    None => return Err(e.into()),
+                },
+            },
+            (held, false) => held.clone(),
         };
         if let Some(l) = &lease {
             if only_created && self.created != Some(l.subnet) {

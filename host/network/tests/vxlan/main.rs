@@ -521,6 +521,42 @@ fn a_start_that_gives_up_while_acquiring_releases_only_what_it_created() -> Resu
     })
 }
 
+/// A start whose earlier try held a lease that then vanished (deleted, or taken over),
+/// and whose last try created another one without learning it (the answer lost), gives
+/// up releasing that new lease: it went by the vanished one it still held in memory, kept
+/// "this host's lease" and left the new one leased for its TTL.
+#[test]
+fn a_start_that_gives_up_releases_the_lease_a_later_try_created() -> Result<()> {
+    if !lab::should_run("a_start_that_gives_up_releases_the_lease_a_later_try_created") {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    let ns = lab.add_host("h1", "u1", "10.231.3.1")?;
+    in_netns(&ns, async move || {
+        let store = MemoryStore::new();
+        let lose = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut agent = unreachable_agent(LostAnswers {
+            inner: store.clone(),
+            lose: lose.clone(),
+        })?;
+        // The first try leases a block, then finds no underlay.
+        ensure!(agent.start().await.is_err(), "the first try started");
+        let first = store.leases().await?.leases;
+        ensure!(first.len() == 1, "{first:?}");
+        // That lease vanishes; the next try writes a new one and loses the answer.
+        store.delete(&first[0]).await?;
+        lose.store(true, std::sync::atomic::Ordering::SeqCst);
+        let last = agent.start_retrying(1, Duration::from_millis(20)).await;
+        ensure!(last.is_err(), "{last:?}");
+        let left = store.leases().await?.leases;
+        ensure!(
+            left.is_empty(),
+            "the lease the last try created outlived the start: {left:?}"
+        );
+        Ok(())
+    })
+}
+
 /// A [`MemoryStore`] whose plain reads (the lease set a start reconciles) fail: a start
 /// gets as far as its lease, devices and `subnet.env`, then fails.
 #[derive(Clone)]
