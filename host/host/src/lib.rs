@@ -24,6 +24,7 @@ pub mod store;
 pub mod syncer;
 pub mod volume_api;
 pub mod volumes;
+mod worker;
 pub mod writeback;
 
 #[cfg(test)]

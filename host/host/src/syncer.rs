@@ -10,6 +10,7 @@
 //! can lose the last few milliseconds of changes — and it also ends every job they describe.
 //! [`Syncer::flush`] waits until everything marked before it is durable (shutdown, tests).
 
+use crate::worker::{Closes, Worker};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -41,45 +42,28 @@ impl Shared {
     }
 }
 
+impl Closes for Shared {
+    fn close(&self) {
+        self.lock().closed = true;
+        self.work.notify_all();
+    }
+}
+
 /// Cheap to clone; the thread ends when the last clone is dropped (after a final pass).
 #[derive(Clone)]
 pub struct Syncer {
-    owner: Arc<Owner>,
-}
-
-/// Closes the thread on drop of the last [`Syncer`].
-struct Owner {
-    shared: Arc<Shared>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-impl Drop for Owner {
-    fn drop(&mut self) {
-        self.shared.lock().closed = true;
-        self.shared.work.notify_all();
-        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
-            let _ = t.join();
-        }
-    }
+    owner: Arc<Worker<Shared>>,
 }
 
 impl Syncer {
     pub fn start() -> Syncer {
-        let shared = Arc::new(Shared {
+        let shared = Shared {
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             finished: Condvar::new(),
-        });
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("state-sync".into())
-            .spawn(move || run(&s))
-            .expect("spawning the state sync thread");
+        };
         Syncer {
-            owner: Arc::new(Owner {
-                shared,
-                thread: Mutex::new(Some(thread)),
-            }),
+            owner: Worker::spawn("state-sync", shared, run),
         }
     }
 

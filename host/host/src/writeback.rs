@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::syncer::Syncer;
+use crate::worker::{Closes, Worker};
 
 /// Why a queued operation did not reach the disk.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -173,49 +174,33 @@ impl Faults {
     }
 }
 
+impl Closes for Shared {
+    fn close(&self) {
+        self.lock().closed = true;
+        self.work.notify_all();
+    }
+}
+
 /// Cheap to clone; the thread ends when the last clone is dropped, after one last try of
 /// everything still queued.
 #[derive(Clone)]
 pub struct Writeback {
-    owner: Arc<Owner>,
-}
-
-struct Owner {
-    shared: Arc<Shared>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-impl Drop for Owner {
-    fn drop(&mut self) {
-        self.shared.lock().closed = true;
-        self.shared.work.notify_all();
-        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
-            let _ = t.join();
-        }
-    }
+    owner: Arc<Worker<Shared>>,
 }
 
 impl Writeback {
     /// Writes go through `sync` (data fsynced before the rename, directories by its passes).
     pub fn start(sync: Syncer) -> Writeback {
-        let shared = Arc::new(Shared {
+        let shared = Shared {
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             idle: Condvar::new(),
             sync,
             #[cfg(test)]
             faults: Faults::default(),
-        });
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("state-write".into())
-            .spawn(move || run(&s))
-            .expect("spawning the state writer thread");
+        };
         Writeback {
-            owner: Arc::new(Owner {
-                shared,
-                thread: Mutex::new(Some(thread)),
-            }),
+            owner: Worker::spawn("state-write", shared, run),
         }
     }
 
