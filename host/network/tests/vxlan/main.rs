@@ -341,48 +341,57 @@ fn unreachable_agent<S: LeaseStore>(store: S) -> Result<Agent<S>> {
     Ok(Agent::new(store, KernelNetlink::connect()?, cfg, None))
 }
 
+/// Runs `f` in the one host namespace of a lab of its own, unless `test` is filtered out
+/// ([`lab::should_run`]): what the start-up tests need for the agent's netlink calls.
+fn in_lone_host(test: &str, f: impl AsyncFnOnce() -> Result<()> + Send) -> Result<()> {
+    if !lab::should_run(test) {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    let ns = lab.add_host("h1", "u1", "10.231.3.1")?;
+    in_netns(&ns, f)
+}
+
 /// An agent whose start fails on every try (here: its public IP is on no interface, so there
 /// is no underlay device, after the block was leased) gives up after its tries and releases
 /// the lease a try took: it used to exit with the lease live for its TTL (24 h by default),
 /// keeping the block from every other host.
 #[test]
 fn a_start_that_gives_up_releases_its_lease() -> Result<()> {
-    if !lab::should_run("a_start_that_gives_up_releases_its_lease") {
-        return Ok(());
-    }
-    let mut lab = Lab::new()?;
     let store = MemoryStore::new();
-    let ns = lab.add_host("h1", "u1", "10.231.3.1")?;
     let s = store.clone();
-    in_netns(&ns, async move || {
-        let mut agent = unreachable_agent(s.clone())?;
-        // A first try leases the block, then finds no underlay.
-        let first = agent.start().await;
-        ensure!(
-            matches!(
-                first,
-                Err(AgentError::Netlink(NetlinkError::NoUnderlay { .. }))
-            ),
-            "{first:?}"
-        );
-        let held = s.leases().await?.leases;
-        ensure!(held.len() == 1, "the first try leased nothing: {held:?}");
-        // The retries fail the same way; the last gives up.
-        let last = agent.start_retrying(2, Duration::from_millis(20)).await;
-        ensure!(
-            matches!(
-                last,
-                Err(AgentError::Netlink(NetlinkError::NoUnderlay { .. }))
-            ),
-            "{last:?}"
-        );
-        let left = s.leases().await?.leases;
-        ensure!(
-            left.is_empty(),
-            "the lease outlived the start that gave up: {left:?}"
-        );
-        Ok(())
-    })
+    in_lone_host(
+        "a_start_that_gives_up_releases_its_lease",
+        async move || {
+            let mut agent = unreachable_agent(s.clone())?;
+            // A first try leases the block, then finds no underlay.
+            let first = agent.start().await;
+            ensure!(
+                matches!(
+                    first,
+                    Err(AgentError::Netlink(NetlinkError::NoUnderlay { .. }))
+                ),
+                "{first:?}"
+            );
+            let held = s.leases().await?.leases;
+            ensure!(held.len() == 1, "the first try leased nothing: {held:?}");
+            // The retries fail the same way; the last gives up.
+            let last = agent.start_retrying(2, Duration::from_millis(20)).await;
+            ensure!(
+                matches!(
+                    last,
+                    Err(AgentError::Netlink(NetlinkError::NoUnderlay { .. }))
+                ),
+                "{last:?}"
+            );
+            let left = s.leases().await?.leases;
+            ensure!(
+                left.is_empty(),
+                "the lease outlived the start that gave up: {left:?}"
+            );
+            Ok(())
+        },
+    )
 }
 
 /// This host's lease in `store`, made as a previous run of its agent would have.
@@ -400,34 +409,32 @@ async fn previous_run_lease<S: LeaseStore>(store: S) -> Result<Lease> {
 /// start-up (`abandon_start`) still releases it, as a clean shutdown does.
 #[test]
 fn a_start_that_gives_up_keeps_the_lease_it_found() -> Result<()> {
-    if !lab::should_run("a_start_that_gives_up_keeps_the_lease_it_found") {
-        return Ok(());
-    }
-    let mut lab = Lab::new()?;
     let store = MemoryStore::new();
-    let ns = lab.add_host("h1", "u1", "10.231.3.1")?;
     let s = store.clone();
-    in_netns(&ns, async move || {
-        let before = previous_run_lease(s.clone()).await?;
-        let mut agent = unreachable_agent(s.clone())?;
-        let last = agent.start_retrying(2, Duration::from_millis(20)).await;
-        ensure!(
-            matches!(
-                last,
-                Err(AgentError::Netlink(NetlinkError::NoUnderlay { .. }))
-            ),
-            "{last:?}"
-        );
-        let left = s.leases().await?.leases;
-        ensure!(
-            left.len() == 1 && left[0].subnet == before.subnet,
-            "the start that gave up released the lease it found: {left:?}"
-        );
-        agent.abandon_start().await?;
-        let left = s.leases().await?.leases;
-        ensure!(left.is_empty(), "not released at a shutdown: {left:?}");
-        Ok(())
-    })
+    in_lone_host(
+        "a_start_that_gives_up_keeps_the_lease_it_found",
+        async move || {
+            let before = previous_run_lease(s.clone()).await?;
+            let mut agent = unreachable_agent(s.clone())?;
+            let last = agent.start_retrying(2, Duration::from_millis(20)).await;
+            ensure!(
+                matches!(
+                    last,
+                    Err(AgentError::Netlink(NetlinkError::NoUnderlay { .. }))
+                ),
+                "{last:?}"
+            );
+            let left = s.leases().await?.leases;
+            ensure!(
+                left.len() == 1 && left[0].subnet == before.subnet,
+                "the start that gave up released the lease it found: {left:?}"
+            );
+            agent.abandon_start().await?;
+            let left = s.leases().await?.leases;
+            ensure!(left.is_empty(), "not released at a shutdown: {left:?}");
+            Ok(())
+        },
+    )
 }
 
 /// A [`MemoryStore`] whose writes go through but, while `lose` is set, answer as if the
@@ -478,47 +485,45 @@ impl LeaseStore for LostAnswers {
 /// created it, not when it was this host's lease before the start.
 #[test]
 fn a_start_that_gives_up_while_acquiring_releases_only_what_it_created() -> Result<()> {
-    if !lab::should_run("a_start_that_gives_up_while_acquiring_releases_only_what_it_created") {
-        return Ok(());
-    }
-    let mut lab = Lab::new()?;
-    let ns = lab.add_host("h1", "u1", "10.231.3.1")?;
-    in_netns(&ns, async move || {
-        let lost = |inner: &MemoryStore| LostAnswers {
-            inner: inner.clone(),
-            lose: std::sync::Arc::new(true.into()),
-        };
-        let gave_up = |r: &Result<flynn_network::Started, AgentError>| {
-            matches!(
-                r,
-                Err(AgentError::Lease(LeaseError::Store(
-                    StoreError::Unavailable { .. }
-                )))
-            )
-        };
-        // Created by the first try (its answer lost), renewed by the second: released.
-        let store = MemoryStore::new();
-        let mut agent = unreachable_agent(lost(&store))?;
-        let last = agent.start_retrying(2, Duration::from_millis(20)).await;
-        ensure!(gave_up(&last), "{last:?}");
-        let left = store.leases().await?.leases;
-        ensure!(
-            left.is_empty(),
-            "the lease the start created outlived it: {left:?}"
-        );
-        // This host's lease before the start, renewed by both tries: kept.
-        let store = MemoryStore::new();
-        let before = previous_run_lease(store.clone()).await?;
-        let mut agent = unreachable_agent(lost(&store))?;
-        let last = agent.start_retrying(2, Duration::from_millis(20)).await;
-        ensure!(gave_up(&last), "{last:?}");
-        let left = store.leases().await?.leases;
-        ensure!(
-            left.len() == 1 && left[0].subnet == before.subnet,
-            "the start that gave up released the lease it found: {left:?}"
-        );
-        Ok(())
-    })
+    in_lone_host(
+        "a_start_that_gives_up_while_acquiring_releases_only_what_it_created",
+        async move || {
+            let lost = |inner: &MemoryStore| LostAnswers {
+                inner: inner.clone(),
+                lose: std::sync::Arc::new(true.into()),
+            };
+            let gave_up = |r: &Result<flynn_network::Started, AgentError>| {
+                matches!(
+                    r,
+                    Err(AgentError::Lease(LeaseError::Store(
+                        StoreError::Unavailable { .. }
+                    )))
+                )
+            };
+            // Created by the first try (its answer lost), renewed by the second: released.
+            let store = MemoryStore::new();
+            let mut agent = unreachable_agent(lost(&store))?;
+            let last = agent.start_retrying(2, Duration::from_millis(20)).await;
+            ensure!(gave_up(&last), "{last:?}");
+            let left = store.leases().await?.leases;
+            ensure!(
+                left.is_empty(),
+                "the lease the start created outlived it: {left:?}"
+            );
+            // This host's lease before the start, renewed by both tries: kept.
+            let store = MemoryStore::new();
+            let before = previous_run_lease(store.clone()).await?;
+            let mut agent = unreachable_agent(lost(&store))?;
+            let last = agent.start_retrying(2, Duration::from_millis(20)).await;
+            ensure!(gave_up(&last), "{last:?}");
+            let left = store.leases().await?.leases;
+            ensure!(
+                left.len() == 1 && left[0].subnet == before.subnet,
+                "the start that gave up released the lease it found: {left:?}"
+            );
+            Ok(())
+        },
+    )
 }
 
 /// A start whose earlier try held a lease that then vanished (deleted, or taken over),
@@ -527,34 +532,32 @@ fn a_start_that_gives_up_while_acquiring_releases_only_what_it_created() -> Resu
 /// "this host's lease" and left the new one leased for its TTL.
 #[test]
 fn a_start_that_gives_up_releases_the_lease_a_later_try_created() -> Result<()> {
-    if !lab::should_run("a_start_that_gives_up_releases_the_lease_a_later_try_created") {
-        return Ok(());
-    }
-    let mut lab = Lab::new()?;
-    let ns = lab.add_host("h1", "u1", "10.231.3.1")?;
-    in_netns(&ns, async move || {
-        let store = MemoryStore::new();
-        let lose = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut agent = unreachable_agent(LostAnswers {
-            inner: store.clone(),
-            lose: lose.clone(),
-        })?;
-        // The first try leases a block, then finds no underlay.
-        ensure!(agent.start().await.is_err(), "the first try started");
-        let first = store.leases().await?.leases;
-        ensure!(first.len() == 1, "{first:?}");
-        // That lease vanishes; the next try writes a new one and loses the answer.
-        store.delete(&first[0]).await?;
-        lose.store(true, std::sync::atomic::Ordering::SeqCst);
-        let last = agent.start_retrying(1, Duration::from_millis(20)).await;
-        ensure!(last.is_err(), "{last:?}");
-        let left = store.leases().await?.leases;
-        ensure!(
-            left.is_empty(),
-            "the lease the last try created outlived the start: {left:?}"
-        );
-        Ok(())
-    })
+    in_lone_host(
+        "a_start_that_gives_up_releases_the_lease_a_later_try_created",
+        async move || {
+            let store = MemoryStore::new();
+            let lose = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let mut agent = unreachable_agent(LostAnswers {
+                inner: store.clone(),
+                lose: lose.clone(),
+            })?;
+            // The first try leases a block, then finds no underlay.
+            ensure!(agent.start().await.is_err(), "the first try started");
+            let first = store.leases().await?.leases;
+            ensure!(first.len() == 1, "{first:?}");
+            // That lease vanishes; the next try writes a new one and loses the answer.
+            store.delete(&first[0]).await?;
+            lose.store(true, std::sync::atomic::Ordering::SeqCst);
+            let last = agent.start_retrying(1, Duration::from_millis(20)).await;
+            ensure!(last.is_err(), "{last:?}");
+            let left = store.leases().await?.leases;
+            ensure!(
+                left.is_empty(),
+                "the lease the last try created outlived the start: {left:?}"
+            );
+            Ok(())
+        },
+    )
 }
 
 /// A [`MemoryStore`] whose plain reads (the lease set a start reconciles) fail: a start
