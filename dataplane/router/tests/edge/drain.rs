@@ -517,11 +517,7 @@ fn a_routes_file_reload_reports_backend_changes_and_drains() {
         .expect("slow request arrives");
 
     write(&fast);
-    let st = std::process::Command::new("kill")
-        .args(["-HUP", &router.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    router.hup();
     let mut got = Vec::new();
     for _ in 0..2 {
         got.push(events.expect(Duration::from_secs(5), "backend-down and backend-up"));

@@ -278,10 +278,18 @@ impl Router {
         }
     }
 
-    /// The router's stderr so far.
-    /// The process id (e.g. to send it SIGHUP).
+    /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends the router `SIGHUP` (re-read the routes file).
+    pub fn hup(&self) {
+        let st = std::process::Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -HUP {}", self.pid());
     }
 
     /// Waits up to `timeout` for the process to exit on its own; dropping it afterwards
@@ -298,6 +306,7 @@ impl Router {
         None
     }
 
+    /// The router's stderr so far.
     pub fn log(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
     }

@@ -397,11 +397,7 @@ fn a_routes_file_with_a_certificate_on_a_plain_port_is_refused() {
          "certificate": own.json()},
     ]});
     std::fs::write(&file, doc.to_string()).unwrap();
-    let st = std::process::Command::new("kill")
-        .args(["-HUP", &router.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    router.hup();
     assert!(
         crate::support::wait_until(std::time::Duration::from_secs(5), || router
             .log()

@@ -157,11 +157,7 @@ fn sighup_reload_under_load_loses_nothing() {
         .collect();
     std::thread::sleep(Duration::from_millis(200));
     write(b2.addr, true);
-    let st = std::process::Command::new("kill")
-        .args(["-HUP", &router.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    router.hup();
     let deadline = Instant::now() + Duration::from_secs(5);
     while get(router.http_addr, "new.example.com", "/").status != 200 {
         assert!(
@@ -183,11 +179,7 @@ fn sighup_reload_under_load_loses_nothing() {
     assert_eq!(get(router.http_addr, "up.example.com", "/").backend(), "b2");
     // A broken file is refused and changes nothing.
     std::fs::write(&file, "{not json").unwrap();
-    let st = std::process::Command::new("kill")
-        .args(["-HUP", &router.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    router.hup();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(get(router.http_addr, "up.example.com", "/").backend(), "b2");
     assert!(router.log().contains("reload failed"), "{}", router.log());
@@ -419,13 +411,6 @@ fn a_routes_file_still_reloads_after_a_takeover() {
         .start();
     old.wait_exit(Duration::from_secs(15))
         .expect("old router exits after the takeover");
-    let hup = |r: &Router| {
-        let st = std::process::Command::new("kill")
-            .args(["-HUP", &r.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    };
     let wait_status = |host: &str, want: u16| {
         let deadline = Instant::now() + Duration::from_secs(5);
         while get(new.http_addr, host, "/").status != want {
@@ -440,11 +425,11 @@ fn a_routes_file_still_reloads_after_a_takeover() {
     // The new process knows the file's routes as the file's: a route added to the file is
     // added, one taken out is removed.
     write(&["up.example.com", "more.example.com"]);
-    hup(&new);
+    new.hup();
     wait_status("more.example.com", 200);
     assert_eq!(get(new.http_addr, "up.example.com", "/").status, 200);
     write(&["more.example.com"]);
-    hup(&new);
+    new.hup();
     wait_status("up.example.com", 404);
     assert!(!new.log().contains("reload failed"), "{}", new.log());
 }
