@@ -413,10 +413,9 @@ async fn keep_loop(
             Ok(Err((e, creating))) => {
                 // Created: not again on the next try, unless the registration found the
                 // service gone (deleted, or the cluster's state lost, meanwhile).
-                if !creating && e.api().map(|a| a.code) != Some(ErrorCode::ObjectNotFound) {
-                    create = None;
-                } else if !creating {
-                    create = kind.clone();
+                if !creating {
+                    let gone = e.api().map(|a| a.code) == Some(ErrorCode::ObjectNotFound);
+                    create = if gone { kind.clone() } else { None };
                 }
                 e.to_string()
             }

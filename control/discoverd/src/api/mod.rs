@@ -382,6 +382,22 @@ fn check_instance(inst: &Instance, path_id: &str) -> Res<()> {
     Ok(())
 }
 
+/// Whether `holds()` about the state, a `false` only once this leader has applied what was
+/// committed before it answers: a leader elected a moment ago may not have applied its
+/// predecessor's last writes (a service's creation among them). The ReadIndex round is paid
+/// by refusals only.
+async fn holds_when_applied(
+    node: &Node,
+    uri: &Uri,
+    holds: impl Fn() -> bool,
+) -> Result<bool, Response> {
+    if holds() {
+        return Ok(true);
+    }
+    linearize(node, uri).await?;
+    Ok(holds())
+}
+
 async fn add_instance(
     State(node): State<Arc<Node>>,
     ApiPath((service, id)): ApiPath<(String, String)>,
@@ -402,13 +418,8 @@ async fn add_instance(
             .services
             .contains_key(&service)
     };
-    // A leader elected a moment ago may not have applied what its predecessor committed
-    // (the service's creation among it): a miss is only believed once it has.
-    if !known() {
-        linearize(&node, &uri).await?;
-        if !known() {
-            return Err(e(ApiErr::from(Rejection::ServiceNotFound(service))));
-        }
+    if !holds_when_applied(&node, &uri, known).await? {
+        return Err(e(ApiErr::from(Rejection::ServiceNotFound(service))));
     }
     // Recorded before the state is read: an expiry decided from now on sees the instance
     // alive, and one decided earlier has been applied, so the state read below is the
@@ -500,16 +511,12 @@ async fn set_leader(
             .get(&service)
             .is_some_and(|c| c.leader_type == LeaderType::Manual)
     };
-    // A missing service is refused too (Flynn: `config == nil || not manual`), once this
-    // leader has applied everything committed before it answers (as `add_instance`).
-    if !manual() {
-        linearize(&node, &uri).await?;
-        if !manual() {
-            return Err(e(ApiErr(ApiError::validation(
-                None,
-                "service leader election type is not manual",
-            ))));
-        }
+    // A missing service is refused too (Flynn: `config == nil || not manual`).
+    if !holds_when_applied(&node, &uri, manual).await? {
+        return Err(e(ApiErr(ApiError::validation(
+            None,
+            "service leader election type is not manual",
+        ))));
     }
     let id = b.id.unwrap_or_default();
     write(&node, &uri, Command::SetLeader { service, id }).await?;
