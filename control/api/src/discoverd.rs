@@ -5,6 +5,15 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+/// The message of the 503 (`retry: true`) a node answers while it knows no Raft leader: the
+/// request was refused before anything was proposed, so sending it again is safe for every
+/// request, a compare-and-swap included.
+pub const NO_LEADER: &str = "discoverd: no known leader";
+
+/// The message of the 503 (`retry: true`) a node answers to a read while it follows no
+/// leader (its state is not current); nothing was changed.
+pub const NOT_FOLLOWING: &str = "discoverd: this node follows no leader; its state is not current";
+
 /// How a service's leader is chosen (`""` is the default, `oldest`, as in Flynn).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

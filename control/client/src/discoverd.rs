@@ -7,7 +7,7 @@ use flynn_api::{ApiError, ErrorCode};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::json_http::JsonHttp;
+use crate::json_http::{Failure, JsonHttp};
 
 pub use flynn_api::discoverd::{Event, EventKind, Instance, ServiceMeta};
 
@@ -31,6 +31,14 @@ impl Error {
             _ => None,
         }
     }
+}
+
+/// A refusal made before anything was proposed or read: the cluster has no leader.
+fn refused_for_want_of_leader(e: &ApiError) -> bool {
+    e.status() == 503
+        && e.retry
+        && (e.message == flynn_api::discoverd::NO_LEADER
+            || e.message == flynn_api::discoverd::NOT_FOLLOWING)
 }
 
 /// `md5hex(proto + "-" + addr)` (spec §0.5).
@@ -58,11 +66,23 @@ pub fn expand_addr(addr: &str, external_ip: Option<&str>) -> Result<String, Erro
     }
 }
 
+/// How long a request refused because the cluster has no leader is sent again by default
+/// (an election takes a few hundred milliseconds; see [`Client::with_leader_wait`]).
+pub const LEADER_WAIT: Duration = Duration::from_secs(5);
+
 /// A discoverd client; follows 307 redirects to the leader (method, body and headers
 /// such as `Accept` are preserved).
+///
+/// A request refused with the 503 a node answers while the cluster elects a leader
+/// ([`flynn_api::discoverd::NO_LEADER`], or [`flynn_api::discoverd::NOT_FOLLOWING`] for a
+/// read) is sent again, 50 ms to 500 ms apart, for up to [`LEADER_WAIT`]: such a refusal is
+/// made before anything is proposed, so this is safe for every request, a compare-and-swap
+/// included. Other errors, also a 503 whose write's outcome is unknown ("write not applied
+/// in time"), are returned as they come.
 #[derive(Clone)]
 pub struct Client {
     http: JsonHttp,
+    leader_wait: Duration,
 }
 
 crate::json_http::from_failure!(Error);
@@ -72,7 +92,14 @@ impl Client {
     pub fn new(url: &str) -> Client {
         Client {
             http: JsonHttp::new(url),
+            leader_wait: LEADER_WAIT,
         }
+    }
+
+    /// How long a request refused for want of a leader is sent again (zero: never).
+    pub fn with_leader_wait(mut self, wait: Duration) -> Client {
+        self.leader_wait = wait;
+        self
     }
 
     /// `$DISCOVERD` or `http://127.0.0.1:1111`.
@@ -86,7 +113,21 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<reqwest::Response, Error> {
-        Ok(self.http.send(method, path, body).await?)
+        let deadline = tokio::time::Instant::now() + self.leader_wait;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.http.send(method.clone(), path, body.clone()).await {
+                Err(Failure::Api(e))
+                    if refused_for_want_of_leader(&e)
+                        && tokio::time::Instant::now() + pause <= deadline =>
+                {
+                    tracing::debug!(path, error = %e.message, "discoverd has no leader; sending again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                r => return Ok(r?),
+            }
+        }
     }
 
     fn json<T: Serialize>(v: &T) -> Option<Vec<u8>> {
@@ -1030,19 +1071,92 @@ mod tests {
         drop(hb);
     }
 
+    /// An HTTP answer with a JSON body.
+    fn json(status: &str, body: &str) -> Vec<u8> {
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+
+    /// A 503 with `message`, `retry: true`.
+    fn unavailable(message: &str) -> Vec<u8> {
+        let body =
+            serde_json::json!({"code": "service_unavailable", "message": message, "retry": true});
+        json("503 Service Unavailable", &body.to_string())
+    }
+
+    /// A request refused because the cluster has no leader (an election under way) is sent
+    /// again until a leader answers, a compare-and-swap included (nothing was proposed).
+    #[tokio::test]
+    async fn a_request_refused_for_want_of_a_leader_is_sent_again() {
+        use std::sync::atomic::Ordering;
+        let (url, seen) = stand_in(|n, _| {
+            Some(match n {
+                0 => unavailable(flynn_api::discoverd::NO_LEADER),
+                1 => unavailable(flynn_api::discoverd::NOT_FOLLOWING),
+                _ => json("200 OK", r#"{"data":{"a":1},"index":7}"#),
+            })
+        })
+        .await;
+        let c = Client::new(&url);
+        let meta = ServiceMeta {
+            data: serde_json::json!({"a": 1}),
+            leader_id: None,
+            index: 0,
+        };
+        let stored = c
+            .set_meta("s", &meta)
+            .await
+            .expect("answered once a leader is there");
+        assert_eq!(stored.index, 7);
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+    }
+
+    /// Only that refusal: a write whose outcome is unknown (it may still commit) is not sent
+    /// again, and the wait for a leader is bounded.
+    #[tokio::test]
+    async fn only_refusals_for_want_of_a_leader_are_sent_again_for_a_bounded_time() {
+        use std::sync::atomic::Ordering;
+        let (url, seen) =
+            stand_in(|_, _| Some(unavailable("discoverd: write not applied in time"))).await;
+        let err = Client::new(&url).get_meta("s").await;
+        assert_eq!(err.unwrap_err().api().map(|e| e.status()), Some(503));
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            1,
+            "an unknown outcome was sent again"
+        );
+
+        let (url, seen) = stand_in(|_, _| Some(unavailable(flynn_api::discoverd::NO_LEADER))).await;
+        let start = std::time::Instant::now();
+        let c = Client::new(&url).with_leader_wait(Duration::from_millis(400));
+        let err = c.instances("s").await.unwrap_err();
+        assert_eq!(
+            err.api().map(|e| e.message.as_str()),
+            Some(flynn_api::discoverd::NO_LEADER)
+        );
+        // Sent at 0, 50, 150 and 350 ms; the next pause would end past the 400 ms.
+        assert_eq!(seen.load(Ordering::SeqCst), 4);
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+
+        let (url, seen) = stand_in(|_, _| Some(unavailable(flynn_api::discoverd::NO_LEADER))).await;
+        let c = Client::new(&url).with_leader_wait(Duration::ZERO);
+        assert!(c.instances("s").await.is_err());
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+    }
+
     /// `keep_registered` with a leader type creates the service again when a retried
     /// first registration finds it gone, even after a try that created it and then
     /// failed (it used to stop creating it, and retried a 404 for ever).
     #[tokio::test]
     async fn keep_registered_creates_the_service_again_when_it_is_gone() {
         use std::sync::{Arc, Mutex};
-        let json = |status: &str, body: &str| {
-            format!(
-                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .into_bytes()
-        };
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         let (url, _) = stand_in(move |_, line| {

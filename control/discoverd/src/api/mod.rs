@@ -115,7 +115,7 @@ fn check_following(node: &Node) -> Result<(), Response> {
         Err(ApiErr(
             ApiError::new(
                 flynn_api::ErrorCode::ServiceUnavailable,
-                "discoverd: this node follows no leader; its state is not current",
+                flynn_api::discoverd::NOT_FOLLOWING,
             )
             .with_retry(true),
         )
@@ -127,7 +127,7 @@ fn no_leader() -> ApiErr {
     ApiErr(
         ApiError::new(
             flynn_api::ErrorCode::ServiceUnavailable,
-            "discoverd: no known leader",
+            flynn_api::discoverd::NO_LEADER,
         )
         .with_retry(true),
     )
