@@ -5,7 +5,7 @@ mod leadership;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,13 @@ pub struct Node {
     /// cut off from the others (openraft keeps such a leader until it hears a higher vote).
     /// It answers as a node without a leader until a quorum acknowledges it again.
     cut_off: AtomicBool,
+    /// When this node last accepted an append (or heartbeat) from a leader: milliseconds
+    /// since `epoch`, plus one (0: never). See [`Node::hears_leader`].
+    leader_heard: AtomicU64,
+    epoch: std::time::Instant,
+    /// The longest election timeout: a follower that has not heard its leader for this
+    /// long would have stood for election itself.
+    leader_silence: Duration,
     pub http: reqwest::Client,
 }
 
@@ -71,6 +78,10 @@ impl Node {
             election_timeout_max: et * 2,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_count),
             max_in_snapshot_log_to_keep: cfg.snapshot_count.min(1000),
+            // A follower whose timer fired asks first whether the others would vote for it:
+            // one that was starved of CPU or cut off for a moment, while the others still
+            // hear the leader, neither raises its term nor unseats a working leader.
+            enable_pre_vote: Some(true),
             ..Default::default()
         };
         let raft_cfg = Arc::new(raft_cfg.validate().context("raft config")?);
@@ -106,6 +117,9 @@ impl Node {
             leader: Mutex::new(Leadership::default()),
             expiry_done: Notify::new(),
             cut_off: AtomicBool::new(false),
+            leader_heard: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+            leader_silence: Duration::from_millis(et * 2),
             http,
         });
         tokio::spawn(track_leadership(node.clone()));
@@ -113,8 +127,30 @@ impl Node {
         Ok(node)
     }
 
+    /// The Raft term this node is in (an election raises it).
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow_watched().current_term
+    }
+
+    /// A leader's append or heartbeat was accepted (see [`Node::hears_leader`]).
+    pub fn heard_from_leader(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.leader_heard.store(now, Ordering::Release);
+    }
+
+    /// Whether this node accepted an append or heartbeat from a leader within the longest
+    /// election timeout. With Pre-Vote a follower cut off from its leader stays a follower
+    /// of that leader (its pre-votes fail, so it never becomes a candidate and openraft
+    /// keeps naming the leader): past this silence it counts as knowing no leader, as it
+    /// did when it campaigned.
+    fn hears_leader(&self) -> bool {
+        let at = self.leader_heard.load(Ordering::Acquire);
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        at != 0 && now.saturating_sub(at) <= self.leader_silence.as_millis() as u64
+    }
+
     /// The leader's advertised address, if one is known (a leader cut off from the
-    /// others knows none).
+    /// others knows none, nor does a follower that no longer hears it).
     pub fn leader_addr(&self) -> Option<String> {
         if self.cut_off.load(Ordering::Acquire) {
             return None;
@@ -122,6 +158,9 @@ impl Node {
         let m = self.raft.metrics();
         let m = m.borrow_watched();
         let id = m.current_leader?;
+        if id != self.id && !self.hears_leader() {
+            return None;
+        }
         m.membership_config
             .membership()
             .get_node(&id)
@@ -248,7 +287,7 @@ async fn track_leadership(node: Arc<Node>) {
     // Since when this node leads (None while it does not).
     let mut leading_since: Option<tokio::time::Instant> = None;
     loop {
-        let (raft_leading, voter, has_leader, sole_voter) = {
+        let (raft_leading, voter, names_leader, has_leader, sole_voter) = {
             let m = rx.borrow_and_update();
             let mem = m.membership_config.membership();
             let joint = mem.get_joint_config();
@@ -257,10 +296,13 @@ async fn track_leadership(node: Arc<Node>) {
                 .last()
                 .is_none_or(|c| c.is_empty() || c.contains(&node.id));
             let sole_voter = joint.len() == 1 && joint[0].len() == 1 && joint[0].contains(&node.id);
+            let leading = m.state == ServerState::Leader;
+            let names_leader = m.current_leader.is_some();
             (
-                m.state == ServerState::Leader,
+                leading,
                 voter,
-                m.current_leader.is_some(),
+                names_leader,
+                names_leader && (leading || node.hears_leader()),
                 sole_voter,
             )
         };
@@ -336,6 +378,9 @@ async fn track_leadership(node: Arc<Node>) {
         };
         let limit = match leading_since {
             Some(_) if !sole_voter => limit.min(tokio::time::Instant::now() + QUORUM_CHECK),
+            // A follower: to see it stop hearing its leader, or hear it again (nothing in
+            // openraft's metrics changes then).
+            None if names_leader => limit.min(tokio::time::Instant::now() + node.leader_silence),
             _ => limit,
         };
         tokio::select! {

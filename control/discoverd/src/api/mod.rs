@@ -545,6 +545,7 @@ async fn status(State(node): State<Arc<Node>>) -> Response {
         "host": node.host,
         "leader": node.leader_addr(),
         "index": node.shared.applied_index(),
+        "term": node.term(),
         "learners": learners,
     });
     let body = flynn_api::Status::healthy(env!("CARGO_PKG_VERSION"), Some(detail));

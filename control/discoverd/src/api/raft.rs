@@ -32,6 +32,7 @@ pub fn routes(node: &Node) -> Router<Arc<Node>> {
     let r = Router::new()
         .route(stream::PATH, post(open_stream))
         .route("/raft/rpc/vote", post(vote))
+        .route("/raft/rpc/pre-vote", post(pre_vote))
         // A full snapshot is the whole state as JSON: past axum's default 2 MB body limit
         // for any real cluster.
         .route(
@@ -93,6 +94,7 @@ async fn append(
     if dropped(&node, &headers) {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
+    node.heard_from_leader();
     match node.raft.append_entries(req).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => internal(e),
@@ -151,6 +153,21 @@ async fn vote(
     }
 }
 
+/// Whether this node would grant a vote (Raft's Pre-Vote): nothing is changed here.
+async fn pre_vote(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<VoteRequest<C>>,
+) -> Response {
+    if dropped(&node, &headers) {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    match node.raft.pre_vote(req).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
 async fn snapshot(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
@@ -159,6 +176,7 @@ async fn snapshot(
     if dropped(&node, &headers) {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
+    node.heard_from_leader();
     let snap = SnapshotOf::<C, Vec<u8>> {
         meta: req.meta,
         snapshot: req.data,

@@ -134,6 +134,24 @@ impl Conn {
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, RPCError<C>> {
+        self.try_call(path, req, timeout)
+            .await?
+            .map_err(|status| self.refused(status))
+    }
+
+    /// A peer's answer other than 2xx, as an error.
+    fn refused(&self, status: reqwest::StatusCode) -> RPCError<C> {
+        let msg = format!("{} answered {status}", self.addr);
+        RPCError::Unreachable(Unreachable::new(&RpcFailure(msg)))
+    }
+
+    /// [`Conn::call`], with a status other than 2xx returned as it is.
+    async fn try_call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Result<Resp, reqwest::StatusCode>, RPCError<C>> {
         if self.faults.is_cut(&self.addr) {
             let msg = format!("{} is partitioned away (fault injection)", self.addr);
             return Err(RPCError::Unreachable(Unreachable::new(&RpcFailure(msg))));
@@ -155,11 +173,11 @@ impl Conn {
                 }
             })?;
         if !resp.status().is_success() {
-            let msg = format!("{} answered {}", self.addr, resp.status());
-            return Err(RPCError::Unreachable(Unreachable::new(&RpcFailure(msg))));
+            return Ok(Err(resp.status()));
         }
         resp.json()
             .await
+            .map(Ok)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
 }
@@ -199,6 +217,21 @@ impl RaftNetworkV2<C> for Conn {
         self.call("vote", &rpc, option.hard_ttl()).await
     }
 
+    /// Raft's Pre-Vote: would the peer grant a vote at the next term? A peer that does not
+    /// know the RPC (404: an older build, during a rolling upgrade) counts as granting, as
+    /// openraft does for a network without Pre-Vote, so such a cluster still elects.
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<C>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<C>, RPCError<C>> {
+        match self.try_call("pre-vote", &rpc, option.hard_ttl()).await? {
+            Ok(r) => Ok(r),
+            Err(reqwest::StatusCode::NOT_FOUND) => Ok(VoteResponse::new(rpc.vote, None, true)),
+            Err(status) => Err(self.refused(status)),
+        }
+    }
+
     async fn full_snapshot(
         &mut self,
         vote: VoteOf<C>,
@@ -234,6 +267,38 @@ mod tests {
             super::snapshot_timeout(long, 8 << 20),
             Duration::from_secs(32)
         );
+    }
+
+    /// A peer that does not know the Pre-Vote RPC (an older build during a rolling upgrade:
+    /// 404) counts as granting; any other refusal is an error, never a grant.
+    #[tokio::test]
+    async fn a_peer_without_pre_vote_counts_as_granting() {
+        use openraft::{BasicNode, RaftNetworkFactory, RaftNetworkV2};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            for status in ["404 Not Found", "500 Internal Server Error"] {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = vec![0u8; 1 << 16];
+                let _ = s.read(&mut buf).await;
+                let head =
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = s.write_all(head.as_bytes()).await;
+            }
+        });
+        let faults = std::sync::Arc::new(crate::fault::Faults::new(false));
+        let mut net = super::Network::new("127.0.0.1:1".into(), faults);
+        let mut conn = net.new_client(2, &BasicNode { addr }).await;
+        let vote = openraft::alias::VoteOf::<super::C>::new(3, 1);
+        let req = openraft::raft::VoteRequest::new(vote, None);
+        let opt = || openraft::network::RPCOption::new(std::time::Duration::from_secs(5));
+        let granted = conn
+            .pre_vote(req.clone(), opt())
+            .await
+            .expect("404 is a grant");
+        assert!(granted.vote_granted);
+        assert!(conn.pre_vote(req, opt()).await.is_err(), "500 is no grant");
     }
 
     #[test]

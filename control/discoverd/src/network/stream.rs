@@ -499,6 +499,7 @@ async fn read_session<R: AsyncRead + Unpin>(
         let read = read_frame::<_, AppendEntriesRequest<C>>(rd, buf);
         match tokio::time::timeout(node.stream_idle, read).await {
             Ok(Ok(Frame::Item(req))) if !node.faults.is_cut(from) => {
+                node.heard_from_leader();
                 if owed_tx.send(owed.next(&req)).is_err() || tx.send(req).await.is_err() {
                     return false;
                 }

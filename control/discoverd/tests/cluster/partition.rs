@@ -362,3 +362,55 @@ async fn follower_with_service(cl: &Cluster, name: &str) -> usize {
     write_acked(&client(), &urls, &mut 0, name).await;
     (cl.leader().await + 1) % 3
 }
+
+/// A follower that misses the leader's heartbeats for longer than the election timeout
+/// while the others still hear it (cut off for a moment, or a process stopped: starved of
+/// CPU, a stalled VM) does not unseat the working leader when it is back: with Pre-Vote it
+/// asks first whether the others would vote for it, they still hear the leader and say no,
+/// and its term stays where it was. Without Pre-Vote it raised its term on every timeout and
+/// the leader stepped down when it heard that term.
+#[tokio::test]
+async fn a_follower_back_from_a_stall_does_not_unseat_the_leader() {
+    // 300 ms: a loaded test machine alone does not start elections (the stalls are 1.5 s).
+    let cl = Cluster::start_nodes_with("10s", 3, 0, &["--election-timeout", "300ms"]);
+    let l = create_on_leader(&cl, &[0, 1, 2], "stall").await;
+    let raw = raw_client();
+    let term = |i: usize| {
+        let (raw, url) = (raw.clone(), cl.nodes[i].url("/.well-known/status"));
+        async move {
+            let r = call(&raw, "GET", &url, None).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["data"]["detail"]["term"]
+                .as_u64()
+                .expect("status has the term")
+        }
+    };
+    let before = term(l).await;
+    let f = (l + 1) % 3;
+    for round in 0..2 {
+        cl.isolate(f).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        cl.heal().await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        cl.nodes[f].signal("STOP");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        cl.nodes[f].signal("CONT");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(cl.leader().await, l, "round {round}: the leader changed");
+        assert_eq!(term(l).await, before, "round {round}: an election was held");
+    }
+    // The follower follows again, in the same term.
+    let back = eventually(Duration::from_secs(5), || async {
+        (term(f).await == before).then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "the follower is not back in term {before}");
+    let r = call(
+        &raw,
+        "PUT",
+        &cl.nodes[l].url("/services/after-stall"),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}

@@ -146,6 +146,17 @@ impl Discoverd {
         }
     }
 
+    /// Sends the process signal `name` (`STOP`, `CONT`, ...).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{name} {pid} failed");
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
