@@ -32,6 +32,8 @@ const CHUNK_LINES: usize = 512;
 /// 11,000-byte frames, escaped (a control byte renders as six), would be tens of MB held
 /// per follower that stops reading. One line (JSON-escaped frame) may go past it.
 const CHUNK_BYTES: usize = 256 * 1024;
+/// Records per `/snapshot` chunk at most (each chunk also ends once past [`CHUNK_BYTES`]).
+const SNAPSHOT_LINES: usize = 1000;
 const PEER_KEEPALIVE: Duration = Duration::from_secs(10);
 
 pub struct ApiErr(pub ApiError);
@@ -312,8 +314,6 @@ struct SnapshotState {
     /// Every app's next sequence number when the snapshot began: the end marker goes out
     /// once `pos` reaches it, however fast lines keep arriving after.
     horizon: HashMap<Box<[u8]>, u64>,
-    /// Where the next read starts (see [`Store::read_all_fair`]).
-    next_shard: usize,
     live: bool,
     follow: Option<crate::store::FollowAll>,
     done: bool,
@@ -334,7 +334,11 @@ async fn next_snapshot(mut s: SnapshotState) -> Option<(Result<Bytes, Infallible
         tokio::pin!(notified);
         notified.as_mut().enable();
         store.any_read_begins();
-        let batch = store.read_all_fair(&mut s.pos, &mut s.next_shard, 1000);
+        // A chunk ends at 1000 records or once its app names and frames pass `CHUNK_BYTES`
+        // (plus one record, and the records' headers), as a follower's does: a peer that
+        // stops reading pins one chunk, not 1000 frames. An empty batch means every app was
+        // read to its end (`read_all_fair` gives every app a turn unless a bound stops it).
+        let batch = store.read_all_fair(&mut s.pos, SNAPSHOT_LINES, CHUNK_BYTES);
         if !batch.is_empty() {
             let mut out = Vec::with_capacity(batch.len() * 256);
             for (app, l) in &batch {
@@ -365,7 +369,6 @@ async fn snapshot(State(sh): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Respo
         store: sh.store.clone(),
         pos: Positions::default(),
         horizon: sh.store.heads(),
-        next_shard: 0,
         live: false,
         follow,
         done: false,
@@ -470,7 +473,6 @@ mod tests {
             store: store.clone(),
             pos: Positions::default(),
             horizon: store.heads(),
-            next_shard: 0,
             live: false,
             follow: Some(store.follow_all()),
             done: false,
@@ -501,6 +503,70 @@ mod tests {
         // Each quiet line's record names its app once (the record's app field) and once in
         // its frame's APP-NAME: every one of them was sent before the end marker.
         assert_eq!(quiet_lines, 2 * 20 * 50);
+    }
+
+    /// A snapshot chunk ends once past [`CHUNK_BYTES`] (plus one record), however large
+    /// the frames; the chunks still carry every line once, and then the end marker.
+    #[tokio::test]
+    async fn snapshot_chunks_are_bounded_in_bytes() {
+        let store = Arc::new(Store::new(Limits {
+            lines_per_app: 10_000,
+            max_memory: usize::MAX,
+        }));
+        let body = "x".repeat(60_000);
+        let mut one_record = 0;
+        for i in 0..200i64 {
+            let app = format!("app{}", i % 5);
+            let ts = Timestamp(1_257_894_000_000_000_000 + i * 1000).to_rfc3339();
+            let frame = format!("<190>1 {ts} h {app} web.j ID1 - {i} {body}");
+            let f = parse_fields(frame.as_bytes()).unwrap();
+            store.insert(app.as_bytes(), frame.as_bytes(), &f, f.ts.unwrap());
+            let mut rec = Vec::new();
+            peer::encode_line(
+                &mut rec,
+                app.as_bytes(),
+                &Line::new(1, f.ts.unwrap(), frame.as_bytes(), &f),
+            );
+            one_record = one_record.max(rec.len());
+        }
+        let mut st = SnapshotState {
+            store: store.clone(),
+            pos: Positions::default(),
+            horizon: store.heads(),
+            live: false,
+            follow: None,
+            done: false,
+        };
+        let framer = flynn_syslog::Framer::new(65_535 + 256);
+        let mut got = Vec::new();
+        loop {
+            let (chunk, next) = tokio::time::timeout(Duration::from_secs(1), next_snapshot(st))
+                .await
+                .expect("snapshot stalled")
+                .unwrap();
+            st = next;
+            let chunk = chunk.unwrap();
+            if &chunk[..] == peer::END {
+                break;
+            }
+            assert!(
+                chunk.len() <= CHUNK_BYTES + one_record,
+                "a chunk of {} bytes",
+                chunk.len()
+            );
+            let mut buf = bytes::BytesMut::from(&chunk[..]);
+            while let Some(rec) = framer.next_frame(&mut buf).unwrap() {
+                let Some(peer::Record::Line { frame, .. }) = peer::decode(&rec) else {
+                    panic!("not a line record");
+                };
+                let msg = String::from_utf8_lossy(frame);
+                let i = msg.split(" - ").nth(1).unwrap().split(' ').next().unwrap();
+                got.push(i.parse::<u32>().unwrap());
+            }
+            assert!(buf.is_empty(), "a record split over two chunks");
+        }
+        got.sort_unstable();
+        assert_eq!(got, (0..200).collect::<Vec<_>>());
     }
 
     #[tokio::test]

@@ -18,7 +18,8 @@ use crate::line::UNROUTED_APP;
 use crate::metrics::Counters;
 use crate::store::{Outcome, Store};
 
-/// Read buffer size per connection (grown only while a frame is larger).
+/// Read buffer size per connection (grown only for a frame that cannot be moved to the
+/// front of it: see [`make_room`]).
 const READ_BUF: usize = 64 * 1024;
 
 /// What the ingest paths share.
@@ -159,10 +160,7 @@ async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream, slot: Co
     // Bytes taken since this task last let the core's other tasks run.
     let mut since_yield = 0usize;
     'conn: loop {
-        if buf.capacity() - buf.len() < READ_BUF / 4 {
-            // Reclaims the front in place once every frame split off it was dropped.
-            buf.reserve(READ_BUF);
-        }
+        make_room(&mut buf);
         // Append after any partial frame already buffered.
         let (len, cap) = (buf.len(), buf.capacity());
         let (res, slice) = stream.read(buf.slice_mut(len..cap)).await;
@@ -213,6 +211,24 @@ async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream, slot: Co
     Counters::dec(&c.connections_active);
 }
 
+/// Makes room for the next read once less than a quarter of [`READ_BUF`] is left after the
+/// buffered bytes (a partial frame): asks for `READ_BUF` in all, or the partial frame plus
+/// a quarter if that is more, so `bytes` moves the partial frame to the front of the same
+/// allocation (every frame split off it has been copied out and dropped by then). Asking
+/// for `READ_BUF` more than the partial frame, as this once did, could not fit in the
+/// allocation whenever a partial frame was buffered, and grew every busy connection's
+/// buffer to 128 KiB. `bytes` moves a partial frame only when at least as many bytes lie
+/// before it, which holds for every frame under 24 KiB (all of them with the default
+/// `--max-frame` of 11,000); a longer partial frame that started early in the buffer grows
+/// it instead, to 128 KiB and then at most 256 KiB (a partial frame is at most
+/// `--max-frame`, 65,535 bytes, plus its length prefix).
+fn make_room(buf: &mut BytesMut) {
+    let len = buf.len();
+    if buf.capacity() - len < READ_BUF / 4 {
+        buf.reserve(READ_BUF.max(len + READ_BUF / 4) - len);
+    }
+}
+
 /// Lets the core's other tasks run: pending once, having woken itself (the runtime queues
 /// it behind the tasks already ready).
 async fn yield_now() {
@@ -254,5 +270,59 @@ pub fn serve_udp(shared: Arc<Shared>, sock: std::net::UdpSocket) {
         }
         let fields = parse_fields(d).unwrap_or_else(|_| Fields::raw(d.len()));
         ingest(&shared.store, c, d, &fields, Timestamp::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` through a connection's buffer as reads of `read` bytes (each ending
+    /// in the middle of a frame, mostly), the frames copied out and dropped as `serve`
+    /// does; returns the frames and the largest capacity the buffer had.
+    fn feed(framer: &Framer, input: &[u8], read: usize) -> (Vec<Vec<u8>>, usize) {
+        let mut buf = BytesMut::with_capacity(READ_BUF);
+        let (mut frames, mut most, mut at) = (Vec::new(), 0, 0);
+        while at < input.len() {
+            make_room(&mut buf);
+            most = most.max(buf.capacity());
+            let n = read.min(buf.capacity() - buf.len()).min(input.len() - at);
+            buf.extend_from_slice(&input[at..at + n]);
+            at += n;
+            while let Some(frame) = framer.next_frame(&mut buf).unwrap() {
+                frames.push(frame.to_vec());
+            }
+        }
+        (frames, most)
+    }
+
+    /// A buffer that always holds a partial frame when it runs short of room stays in its
+    /// first 64 KiB allocation, for LF and octet-counted frames alike.
+    #[test]
+    fn read_buffer_stays_at_its_size_across_reads_ending_mid_frame() {
+        let framer = Framer::default();
+        for len in [100, 1_000, 5_000, 11_000] {
+            let mut input = Vec::new();
+            let mut want = Vec::new();
+            for i in 0..400 {
+                let body = "x".repeat(len - 60);
+                let frame = format!("<190>1 2009-11-10T23:00:00Z h app web.1 ID{i:05} - {body}");
+                if i % 2 == 0 {
+                    input.extend_from_slice(frame.as_bytes());
+                    input.push(b'\n');
+                } else {
+                    input.extend_from_slice(format!("{} {frame}", frame.len()).as_bytes());
+                }
+                want.push(frame.into_bytes());
+            }
+            for read in [4_093, 16_381, READ_BUF] {
+                let (frames, most) = feed(&framer, &input, read);
+                assert!(frames == want, "frames of {len} bytes, reads of {read}");
+                assert!(
+                    most <= READ_BUF,
+                    "frames of {len} bytes, reads of {read}: the buffer grew to {most}"
+                );
+            }
+        }
     }
 }

@@ -21,19 +21,21 @@
 //!   shard and summed on read; inserts check the cap against a shared estimate each
 //!   shard updates only in steps of `cap / 2048` bytes (see [`store`]).
 //! - Followers are not fed through per-reader queues: a reader remembers the next
-//!   sequence number and pulls from the ring when the app's `Notify` fires; a filtered
-//!   reader that has not reached the newest line keeps pulling (a bounded scan per shard
-//!   lock) without waiting, since the wake-up for those lines has already fired. History and
-//!   live are stitched at the sequence number read under the same lock as the
-//!   registration, so there is no gap and no duplicate, and a reader that falls more than
-//!   the ring behind gets a `skipped` marker instead of holding memory (a reader that stops
-//!   reading holds the rendered chunks the HTTP server has queued, two at most, each ≤ 512
-//!   lines and ending once past 256 KiB, plus the socket's send buffer).
+//!   sequence number and pulls from the ring when the app's `Notify` fires (an insert
+//!   fires it only when a reader caught up since the last time, after the shard lock is
+//!   released); a filtered reader that has not reached the newest line keeps pulling (a
+//!   bounded scan per shard lock) without waiting, since the wake-up for those lines has
+//!   already fired. History and live are stitched at the sequence number read under the
+//!   same lock as the registration, so there is no gap and no duplicate, and a reader
+//!   that falls more than the ring behind gets a `skipped` marker instead of holding
+//!   memory (a reader that stops reading holds the rendered chunks the HTTP server has
+//!   queued, two at most, each ≤ 512 lines and ending once past 256 KiB, plus the
+//!   socket's send buffer).
 //! - API ([`api`]) on its own thread (axum on a current-thread tokio runtime).
 //! - Peers ([`peer`]): `/snapshot?follow=true` streams every buffered line then live
 //!   lines; a starting aggregator loads each `--peer` before it serves, then follows.
 //!
-//! Hot files: `ingest.rs`, `store.rs`, `line.rs` (and `flynn-syslog`).
+//! Hot files: `ingest.rs`, `store.rs`, `store/earliest.rs`, `line.rs` (and `flynn-syslog`).
 
 pub mod api;
 pub mod config;

@@ -205,22 +205,25 @@ pub fn write_json(out: &mut Vec<u8>, line: &Line) {
     field(out, "source", b"app", &mut first);
     let stream = if m.is_raw() { "" } else { m.stream().as_str() };
     field(out, "stream", stream.as_bytes(), &mut first);
-    let mut ts = Vec::with_capacity(32);
-    line.ts.write_rfc3339(&mut ts);
-    field(out, "timestamp", &ts, &mut first);
-    out.push(b'}');
+    // Written in place: RFC 3339 text needs no JSON escaping, and is never empty.
+    if !first {
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"timestamp\":\"");
+    line.ts.write_rfc3339(out);
+    out.extend_from_slice(b"\"}");
 }
 
 /// The marker a follower gets when it fell behind and `n` lines were skipped.
 pub fn write_skip_marker(out: &mut Vec<u8>, n: u64) {
-    let mut ts = Vec::with_capacity(32);
-    Timestamp::now().write_rfc3339(&mut ts);
-    out.extend_from_slice(b"{\"msg\":\"logagg: reader too slow, ");
-    out.extend_from_slice(n.to_string().as_bytes());
-    out.extend_from_slice(b" lines skipped\",\"skipped\":");
-    out.extend_from_slice(n.to_string().as_bytes());
+    use std::io::Write;
+    // (Writing to a `Vec` cannot fail.)
+    let _ = write!(
+        out,
+        "{{\"msg\":\"logagg: reader too slow, {n} lines skipped\",\"skipped\":{n}"
+    );
     out.extend_from_slice(b",\"source\":\"logagg\",\"timestamp\":\"");
-    out.extend_from_slice(&ts);
+    Timestamp::now().write_rfc3339(out);
     out.extend_from_slice(b"\"}");
 }
 
@@ -257,6 +260,17 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["raw"], true);
         assert_eq!(v["msg"], "not syslog \u{ff}");
+    }
+
+    #[test]
+    fn skip_marker_format() {
+        let mut out = Vec::new();
+        write_skip_marker(&mut out, 42);
+        let text = String::from_utf8(out).unwrap();
+        let head = r#"{"msg":"logagg: reader too slow, 42 lines skipped","skipped":42,"source":"logagg","timestamp":""#;
+        assert!(text.starts_with(head), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(v["timestamp"].as_str().unwrap().ends_with('Z'), "{text}");
     }
 
     #[test]

@@ -27,21 +27,28 @@ use crate::metrics::Counters;
 
 pub const CONTENT_TYPE: &str = "application/vnd.flynn.logaggregator-snapshot";
 
-/// Appends one line as a snapshot record.
+/// Appends one line as a snapshot record (written straight into `out`: no string per
+/// record).
 pub fn encode_line(out: &mut Vec<u8>, app: &[u8], line: &Line) {
+    use std::io::Write;
     let frame = line.msg.frame();
-    let head = format!(
-        "M {} {} ",
-        line.ts.0,
-        if line.msg.is_raw() { 'r' } else { 'm' }
-    );
-    let len = head.len() + app.len() + 1 + frame.len();
-    out.extend_from_slice(len.to_string().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(head.as_bytes());
+    let kind = if line.msg.is_raw() { 'r' } else { 'm' };
+    // `M <nanos> <r|m> <app> <frame>`.
+    let len = 2 + decimal_len(line.ts.0) + 3 + app.len() + 1 + frame.len();
+    // Writing to a `Vec` cannot fail.
+    let _ = write!(out, "{len} M {} {kind} ", line.ts.0);
     out.extend_from_slice(app);
     out.push(b' ');
     out.extend_from_slice(frame);
+}
+
+/// Characters of `v` in decimal.
+fn decimal_len(v: i64) -> usize {
+    let digits = v
+        .unsigned_abs()
+        .checked_ilog10()
+        .map_or(1, |d| d as usize + 1);
+    digits + usize::from(v < 0)
 }
 
 pub const END: &[u8] = b"1 E";
@@ -256,6 +263,28 @@ mod tests {
             assert_eq!(
                 decode(&fr.next_frame(&mut buf).unwrap().unwrap()),
                 Some(Record::End)
+            );
+        }
+    }
+
+    /// Records are what `format!` made of them, at every number of digits and sign.
+    #[test]
+    fn records_are_written_in_place_as_before() {
+        let frame = "<190>1 2009-11-10T23:00:00Z h app web.1 ID1 - x";
+        let f = parse_fields(frame.as_bytes()).unwrap();
+        let mut times = vec![0, -1, i64::MIN, i64::MAX, 1_257_894_000_123_456_789];
+        for d in 0..19 {
+            let p = 10i64.pow(d);
+            times.extend([p - 1, p, -p, 1 - p]);
+        }
+        for ts in times {
+            let line = Line::new(1, Timestamp(ts), frame.as_bytes(), &f);
+            let mut out = Vec::new();
+            encode_line(&mut out, b"app", &line);
+            let body = format!("M {ts} m app {frame}");
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                format!("{} {body}", body.len())
             );
         }
     }

@@ -22,6 +22,9 @@ use tokio::sync::Notify;
 
 use crate::line::{content_hash, FastBuild, FastHasher, Filter, Line};
 
+mod earliest;
+use earliest::Earliest;
+
 pub const SHARDS: usize = 64;
 
 /// Store limits.
@@ -51,6 +54,13 @@ pub struct App {
     pub duplicates: u64,
     followers: usize,
     notify: Arc<Notify>,
+    /// A follower read up to the newest line and may be waiting on `notify` (set by
+    /// [`Store::read_from_within`], taken by the next insert, both under the shard lock):
+    /// an insert wakes readers only then, after the lock is released, so the lines of a
+    /// followed app do not each take the `Notify`'s lock (and an `Arc` clone) inside the
+    /// shard's. A follower enables its wake-up before it reads, so an insert after its read
+    /// finds the flag and wakes it, and one before is in what it read.
+    waiting: bool,
     /// Replay index (content hash → seq), built only when a line arrives that could be a
     /// replay and dropped again after a long run of lines that cannot be (see
     /// [`Store::insert`]): monotonic traffic pays no random access per line for it.
@@ -59,9 +69,11 @@ pub struct App {
     max_ts: Timestamp,
     /// Consecutive provably-new lines while the index exists.
     fresh_run: usize,
-    /// The earliest timestamp in `ring`, when known: worked out only for a line earlier
-    /// than the first-arrived one into a full ring, and kept until that line leaves.
-    min_ts: Option<Timestamp>,
+    /// The earliest timestamp in `ring` ([`Earliest`]): made on the first line earlier
+    /// than the first-arrived one into a full ring (or a peer's replayed line older than
+    /// the first-arrived one), then kept up to date, and dropped after a long run of lines
+    /// that did not need it.
+    min_ts: Option<Earliest>,
     /// Whether a line was ever evicted from `ring` (by either bound): from then on a peer's
     /// replayed line older than every buffered one is refused ([`Store::insert_from_peer`]).
     evicted_any: bool,
@@ -84,6 +96,7 @@ impl App {
             duplicates: 0,
             followers: 0,
             notify: Arc::new(Notify::new()),
+            waiting: false,
             dedupe: None,
             max_ts: Timestamp(i64::MIN),
             fresh_run: 0,
@@ -92,12 +105,11 @@ impl App {
         }
     }
 
-    /// The earliest timestamp in the ring (scanned once, then kept up to date).
+    /// The earliest timestamp in the ring (exact, O(1) amortized: see [`Earliest`]).
     fn earliest(&mut self) -> Option<Timestamp> {
-        if self.min_ts.is_none() {
-            self.min_ts = self.ring.iter().map(|l| l.ts).min();
-        }
         self.min_ts
+            .get_or_insert_with(Earliest::default)
+            .of(&self.ring, self.next_seq)
     }
 
     /// Index in `ring` of the first line with a sequence number of at least `seq` (the
@@ -123,8 +135,11 @@ impl App {
 
     /// Appends `line` (the highest `seq` so far).
     fn push(&mut self, line: Line) {
-        if self.min_ts.is_some_and(|m| line.ts < m) {
-            self.min_ts = Some(line.ts);
+        if let Some(e) = &mut self.min_ts {
+            // No late line for twice a ring's worth of lines: its memory goes back.
+            if e.pushed(line.ts) > 2 * self.ring.len().max(64) {
+                self.min_ts = None;
+            }
         }
         self.ring.push_back(line);
     }
@@ -145,9 +160,6 @@ impl App {
     /// Drops the first-arrived line; its cost.
     fn pop_oldest(&mut self) -> Option<usize> {
         let l = self.ring.pop_front()?;
-        if self.min_ts == Some(l.ts) {
-            self.min_ts = None;
-        }
         self.evicted_any = true;
         if let Some(d) = &mut self.dedupe {
             let h = l.hash();
@@ -166,6 +178,15 @@ impl App {
             if d.capacity() > 64 && d.len() < d.capacity() / 4 {
                 d.shrink_to(d.len() * 2);
             }
+        }
+        // The earliest-time index has a slot per line of the ring it last looked at: it
+        // goes too (the next lookup builds one of the ring's size).
+        if self
+            .min_ts
+            .as_ref()
+            .is_some_and(|e| e.oversized(self.ring.len()))
+        {
+            self.min_ts = None;
         }
         Some(c)
     }
@@ -366,6 +387,7 @@ impl Drop for Follow {
         let mut s = self.store.shard(&self.app);
         if let Some(a) = s.apps.get_mut(&self.app) {
             a.followers = a.followers.saturating_sub(1);
+            a.waiting &= a.followers > 0;
         }
         // A follow of a channel nobody logs to leaves nothing behind.
         s.remove_if_idle(&self.app, &self.store.apps);
@@ -415,15 +437,22 @@ pub const READ_ALL_PER_APP: usize = 256;
 /// store has apps, not one for every app it ever saw (and no extra work while no app goes).
 /// A position left for a gone app is harmless: an app created again starts at its shard's
 /// `seq_floor`, above any position in the app it replaces, so it is read from its start.
+/// It also keeps where the reader's next [`Store::read_all_fair`] starts.
 #[derive(Debug)]
 pub struct Positions {
     shards: Box<[HashMap<Box<[u8]>, u64>]>,
+    /// The shard the next read starts at, and how many of its apps (in the order its map
+    /// yields them) the last read took its turn from already.
+    next_shard: usize,
+    next_app: usize,
 }
 
 impl Default for Positions {
     fn default() -> Positions {
         Positions {
             shards: (0..SHARDS).map(|_| HashMap::new()).collect(),
+            next_shard: 0,
+            next_app: 0,
         }
     }
 }
@@ -561,7 +590,7 @@ impl Store {
             .then(|| flynn::flynn_seq(fields.sd.get(frame)))
             .flatten()
             .map(|seq| Cursor { time: ts, seq });
-        let outcome = {
+        let (outcome, wake) = {
             let mut guard = self.shard(app);
             let shard = &mut *guard;
             let a = match shard.apps.get_mut(app) {
@@ -673,8 +702,9 @@ impl Store {
                 }
                 over_cap = mem > self.soft_limit;
             }
-            // Only readers' apps pay for the wake-up (an Arc clone and a notify).
-            let wake = (a.followers > 0).then(|| a.notify.clone());
+            // Only a follower that caught up is woken, once per read it made (an `Arc`
+            // clone here, the notify once the lock is released).
+            let wake = std::mem::take(&mut a.waiting).then(|| a.notify.clone());
             {
                 if let Some(c) = seq_cursor {
                     let (seen_room, cursor_room) = (
@@ -700,11 +730,11 @@ impl Store {
                     }
                 }
             }
-            if let Some(n) = wake {
-                n.notify_waiters();
-            }
-            Outcome::Stored
+            (Outcome::Stored, wake)
         };
+        if let Some(n) = wake {
+            n.notify_waiters();
+        }
         if self.any_followers.load(Ordering::Relaxed) > 0
             && !self.any_dirty.load(Ordering::Acquire)
             && !self.any_dirty.swap(true, Ordering::AcqRel)
@@ -859,7 +889,9 @@ impl Store {
     /// `4 × max` lines under the lock. Numbers from `from` up to `next` that are no longer
     /// buffered were evicted and are counted in `skipped`. With `behind` set the scan
     /// stopped short of the newest line and the caller should read again right away: the
-    /// wake-up for the lines after it has already fired.
+    /// wake-up for the lines after it has already fired. Without it the reader caught up,
+    /// and the app's next line wakes its `notify` (enabled before this read, it is not
+    /// missed).
     pub fn read_from(&self, app: &[u8], from: u64, filter: &Filter, max: usize) -> Batch {
         self.read_from_within(app, from, filter, max, usize::MAX)
     }
@@ -875,8 +907,8 @@ impl Store {
         max: usize,
         max_bytes: usize,
     ) -> Batch {
-        let s = self.shard(app);
-        let Some(a) = s.apps.get(app) else {
+        let mut s = self.shard(app);
+        let Some(a) = s.apps.get_mut(app) else {
             return Batch {
                 next: from,
                 ..Batch::default()
@@ -899,10 +931,13 @@ impl Store {
             }
         }
         let behind = rest.len() > 0;
-        if !behind && a.next_seq > next {
-            // The newest lines themselves were evicted.
-            skipped += a.next_seq - next;
-            next = a.next_seq;
+        if !behind {
+            if a.next_seq > next {
+                // The newest lines themselves were evicted.
+                skipped += a.next_seq - next;
+                next = a.next_seq;
+            }
+            a.waiting = true;
         }
         Batch {
             lines,
@@ -936,29 +971,51 @@ impl Store {
     /// Every app's lines after its position in `pos` (absent = from the start), at most
     /// about `max` lines per call; advances `pos`.
     pub fn read_all_since(&self, pos: &mut Positions, max: usize) -> Vec<(Box<[u8]>, Line)> {
-        self.read_all_fair(pos, &mut 0, max)
+        self.read_all_fair(pos, max, usize::MAX)
     }
 
-    /// [`Store::read_all_since`] that starts at shard `next_shard` and leaves it where the
-    /// next call should start, taking at most [`READ_ALL_PER_APP`] lines of an app per call:
-    /// a busy app (or shard) cannot keep a reader from ever reaching the others.
+    /// [`Store::read_all_since`] that takes at most [`READ_ALL_PER_APP`] lines of an app
+    /// per call and ends once the lines taken hold `max_bytes` of app names and frames (at
+    /// least one line is taken; a snapshot chunk ends at a byte size, as a follower's
+    /// does). Each call starts where the last one stopped (kept in `positions`): at the
+    /// next shard, or within a shard at the first app the budget left without a turn. A
+    /// busy app (or shard) cannot keep a reader from ever reaching the others. (The apps of
+    /// a shard are counted in its map's order, which an app created or removed between two
+    /// calls may change: then an app may get a turn late or twice, and lose no line.)
     pub fn read_all_fair(
         &self,
         positions: &mut Positions,
-        next_shard: &mut usize,
         max: usize,
+        max_bytes: usize,
     ) -> Vec<(Box<[u8]>, Line)> {
         let mut out = Vec::new();
-        let first = *next_shard % SHARDS;
-        for k in 0..SHARDS {
+        let mut bytes = 0usize;
+        let first = positions.next_shard % SHARDS;
+        let skip = std::mem::take(&mut positions.next_app);
+        // A call that starts within a shard comes back to that shard's first apps last: a
+        // call that does not stop on a bound gives every app a turn, so an empty result
+        // means every app was read to its end (a snapshot takes it for "caught up").
+        let turns = SHARDS + usize::from(skip > 0);
+        for k in 0..turns {
             let i = (first + k) % SHARDS;
-            if out.len() >= max {
-                *next_shard = i;
+            if out.len() >= max || bytes >= max_bytes {
+                positions.next_shard = i;
                 return out;
             }
+            let (from_app, apps) = match k {
+                0 => (skip, usize::MAX),
+                k if k == SHARDS => (0, skip),
+                _ => (0, usize::MAX),
+            };
             let s = self.shard_at(i);
             let pos = &mut positions.shards[i];
-            for (app, a) in &s.apps {
+            for (n, (app, a)) in s.apps.iter().enumerate().skip(from_app).take(apps) {
+                if bytes >= max_bytes {
+                    // This shard's other apps come first next time.
+                    positions.next_shard = i;
+                    positions.next_app = n;
+                    return out;
+                }
                 let from = pos.get(app).copied().unwrap_or(1);
                 if a.next_seq <= from || a.ring.is_empty() {
                     continue;
@@ -969,6 +1026,10 @@ impl Store {
                 for l in rest.by_ref().take(take) {
                     out.push((app.clone(), l.clone()));
                     next = l.seq + 1;
+                    bytes += app.len() + l.msg.frame().len();
+                    if bytes >= max_bytes {
+                        break;
+                    }
                 }
                 if rest.len() == 0 {
                     next = a.next_seq;
@@ -980,7 +1041,7 @@ impl Store {
                 pos.retain(|app, _| s.apps.contains_key(app));
             }
         }
-        *next_shard = (first + 1) % SHARDS;
+        positions.next_shard = (first + 1) % SHARDS;
         out
     }
 
