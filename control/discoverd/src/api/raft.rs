@@ -12,7 +12,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use flynn_api::ApiError;
 use openraft::alias::SnapshotOf;
-use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::raft::{AppendEntriesRequest, VoteRequest, VoteResponse};
 use openraft::{BasicNode, ChangeMembers};
 use serde_json::json;
 
@@ -144,13 +144,7 @@ async fn vote(
     headers: HeaderMap,
     ApiJson(req): ApiJson<VoteRequest<C>>,
 ) -> Response {
-    if dropped(&node, &headers) {
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
-    }
-    match node.raft.vote(req).await {
-        Ok(r) => Json(r).into_response(),
-        Err(e) => internal(e),
-    }
+    ballot(&node, &headers, node.raft.vote(req)).await
 }
 
 /// Whether this node would grant a vote (Raft's Pre-Vote): nothing is changed here.
@@ -159,10 +153,20 @@ async fn pre_vote(
     headers: HeaderMap,
     ApiJson(req): ApiJson<VoteRequest<C>>,
 ) -> Response {
-    if dropped(&node, &headers) {
+    ballot(&node, &headers, node.raft.pre_vote(req)).await
+}
+
+/// A peer's vote or pre-vote request, answered by `answer` unless the peer is partitioned
+/// away (fault injection).
+async fn ballot(
+    node: &Node,
+    headers: &HeaderMap,
+    answer: impl std::future::Future<Output = Result<VoteResponse<C>, impl std::fmt::Display>>,
+) -> Response {
+    if dropped(node, headers) {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
-    match node.raft.pre_vote(req).await {
+    match answer.await {
         Ok(r) => Json(r).into_response(),
         Err(e) => internal(e),
     }
