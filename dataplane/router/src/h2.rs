@@ -1,13 +1,22 @@
-//! HTTP/2 to clients (TLS with ALPN `h2`), proxied to HTTP/1.1 backends with the same
-//! routing, balancing, pools and header rewriting as HTTP/1.1: each HTTP/2 request is
-//! turned into an HTTP/1.1 request head that goes through `flynn-http` like any other.
-//! Limits that protect the router: concurrent streams, header list size, and caps on
-//! reset streams (rapid reset) and pending resets, all from the `h2` crate's builder. A
-//! stream the client resets ends its backend exchange at once (the backend connection is
-//! closed, not pooled), so resetting accepted streams cannot pile up backend work; waits
-//! on a backend are bounded as on HTTP/1.1 (response head, then idle time between reads).
+//! HTTP/2 to clients (TLS with ALPN `h2`, or h2c with prior knowledge), proxied to
+//! HTTP/1.1 backends with the same routing, balancing, pools and header rewriting as
+//! HTTP/1.1: each HTTP/2 request is turned into an HTTP/1.1 request head that goes through
+//! `flynn-http` like any other (`grpc: true` routes go to their backends over HTTP/2:
+//! [`grpc`]).
+//!
+//! Limits that protect the router, per connection: 256 concurrent streams, and as many
+//! stream tasks (a stream opened while 256 still run, streams the client reset still
+//! winding down, is refused with REFUSED_STREAM and never dials); header list size; h2's
+//! caps on resets before acceptance and on locally-errored streams; and more than 512
+//! client resets of unanswered streams within 10 s get GOAWAY ENHANCE_YOUR_CALM (rapid
+//! reset, CVE-2023-44487). A stream the client resets ends whatever it waits on at once
+//! (a dial, a redial, the backend exchange: the backend connection is closed, not pooled),
+//! so resetting accepted streams cannot pile up backend work; waits on a backend are
+//! bounded as on HTTP/1.1 (response head, then idle time between reads). Every body the
+//! router sends, its own answers' included, goes out within the client's flow-control
+//! window, and a client that grants none for the idle timeout has the stream reset.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -19,8 +28,10 @@ use flynn_http::{
 
 use crate::io::{read_append, write_range};
 use crate::metrics::CoreMetrics;
-use crate::proxy::{connect, redial, Fwd};
+use crate::proxy::{connect, redial, Fwd, MAX_ATTEMPTS};
 use crate::worker::{Core, ListenerInfo};
+
+mod grpc;
 
 /// Serves HTTP/2 on `io`: a TLS stream that negotiated `h2`, or plain TCP on an h2c
 /// (prior knowledge) listener.
@@ -31,7 +42,7 @@ where
     core.conn_opened();
     let io = monoio_compat::StreamWrapper::new(tls);
     let mut b = h2::server::Builder::new();
-    b.max_concurrent_streams(256)
+    b.max_concurrent_streams(MAX_STREAMS as u32)
         .max_header_list_size(64 * 1024)
         .max_pending_accept_reset_streams(64)
         .max_local_error_reset_streams(Some(1024))
@@ -44,6 +55,8 @@ where
         // When GOAWAY went out (idle, or this process is draining after a handover): the
         // streams in flight finish, then the connection closes.
         let mut closing: Option<Instant> = None;
+        // Set once the connection is being ended for rapid resets.
+        let mut calmed = false;
         loop {
             let wait = match closing {
                 // A client that never answers the GOAWAY's PING must not hold the connection
@@ -56,7 +69,7 @@ where
                 _ = core.stop.wait(), if closing.is_none() => None,
                 _ = monoio::time::sleep(wait) => None,
             };
-            let (req, respond) = match next {
+            let (req, mut respond) = match next {
                 Some(Some(Ok(x))) => x,
                 Some(Some(Err(e))) => {
                     tracing::debug!(error = %e, io = e.is_io(), reason = ?e.reason(), "h2 connection error");
@@ -90,11 +103,32 @@ where
                 }
             };
             CoreMetrics::inc(&core.metrics().h2_streams_total);
+            if calmed {
+                // Going away: what the client still sends is not served.
+                continue;
+            }
+            if streams.resets_over_limit() {
+                // Rapid reset (CVE-2023-44487): streams opened and reset before their answer,
+                // over and over. Each costs a task and maybe a dial; the client is told to
+                // stop and the connection ends (its streams are ended with it).
+                CoreMetrics::inc(&core.metrics().h2_connection_errors_total);
+                conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                calmed = true;
+                closing = Some(Instant::now());
+                continue;
+            }
+            if streams.active.get() >= MAX_STREAMS {
+                // h2 frees a stream's slot as soon as the client resets it, while its task
+                // may still be winding down: tasks, and so dials, are capped here instead.
+                CoreMetrics::inc(&core.metrics().h2_streams_refused_total);
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                continue;
+            }
             let proto = if l.tls { "https" } else { "http" };
             let guard = StreamGuard::new(streams.clone());
             let core = core.clone();
             monoio::spawn(async move {
-                stream(core, req, respond, peer, l, proto).await;
+                stream(core, req, respond, peer, l, proto, &guard.0).await;
                 drop(guard);
             });
         }
@@ -102,22 +136,55 @@ where
     core.conn_closed();
 }
 
-/// The streams in flight on one client connection, and since when it has none.
+/// Streams in flight per connection: what the connection advertises (SETTINGS), and the
+/// most stream tasks it runs at once (see [`serve`]).
+const MAX_STREAMS: usize = 256;
+/// A connection whose client resets more than [`RESET_LIMIT`] streams before their answer
+/// within [`RESET_WINDOW`] is sent GOAWAY (ENHANCE_YOUR_CALM) and closed. A browser
+/// cancels a few requests when the user moves on; rapid reset does thousands a second.
+const RESET_LIMIT: u32 = 2 * MAX_STREAMS as u32;
+const RESET_WINDOW: Duration = Duration::from_secs(10);
+
+/// The streams in flight on one client connection, since when it has none, and how many
+/// the client reset before their answer lately.
 struct Streams {
     active: Cell<usize>,
     quiet_since: Cell<Instant>,
+    /// Client resets of streams not yet answered since `resets_since` (a fixed window of
+    /// [`RESET_WINDOW`], restarted by the first reset after it ends).
+    resets: Cell<u32>,
+    resets_since: Cell<Instant>,
 }
 
 impl Default for Streams {
     fn default() -> Self {
+        let now = Instant::now();
         Streams {
             active: Cell::new(0),
-            quiet_since: Cell::new(Instant::now()),
+            quiet_since: Cell::new(now),
+            resets: Cell::new(0),
+            resets_since: Cell::new(now),
         }
     }
 }
 
 impl Streams {
+    /// The client reset a stream the router had not answered yet.
+    fn note_reset(&self) {
+        let now = Instant::now();
+        if now.saturating_duration_since(self.resets_since.get()) >= RESET_WINDOW {
+            self.resets_since.set(now);
+            self.resets.set(0);
+        }
+        self.resets.set(self.resets.get().saturating_add(1));
+    }
+
+    /// Whether the client reset more than [`RESET_LIMIT`] unanswered streams in the
+    /// current window.
+    fn resets_over_limit(&self) -> bool {
+        self.resets.get() > RESET_LIMIT && self.resets_since.get().elapsed() < RESET_WINDOW
+    }
+
     /// How long until the connection has been without streams for `limit` (the full
     /// `limit` while streams are open: the check comes round again then).
     fn idle_left(&self, limit: Duration) -> Duration {
@@ -158,8 +225,12 @@ impl Drop for StreamGuard {
     }
 }
 
-/// The router's own answer; to a HEAD request (`head`) without its body.
-fn simple(
+/// The router's own answer; to a HEAD request (`head`) without its body. The body goes
+/// out within the client's flow-control window like a backend's (a client that grants
+/// none for the idle timeout has the stream reset), and the configured 503 page is the
+/// one shared copy in [`crate::shared::Settings`], never copied per stream: handed to h2
+/// whole, it would be buffered in full for a client that never grants window.
+async fn simple(
     respond: &mut h2::server::SendResponse<Bytes>,
     core: &Core,
     head: bool,
@@ -169,7 +240,7 @@ fn simple(
     core.metrics().status(status);
     // The configured 503 page, as HTTP/1.1 clients get it.
     let (ctype, body) = match (&core.settings().page_503, status) {
-        (Some(page), 503) => ("text/html; charset=utf-8", Bytes::copy_from_slice(page)),
+        (Some(page), 503) => ("text/html; charset=utf-8", page.clone()),
         _ => ("text/plain; charset=utf-8", Bytes::from_static(body)),
     };
     let resp = http::Response::builder()
@@ -182,7 +253,7 @@ fn simple(
     // frame on it is a protocol error to the client, which resets the stream.
     if let Ok(mut s) = respond.send_response(resp, head) {
         if !head {
-            let _ = s.send_data(body, true);
+            send_flow_controlled(&mut s, body, true, core.settings().idle_timeout).await;
         }
     }
 }
@@ -295,17 +366,29 @@ fn h2_response(head: &[u8], status: u16) -> http::Response<()> {
 
 /// Why sending a request and reading its response head failed.
 enum Failure {
+    /// The request head could not be written in full: the backend cannot have acted on it
+    /// and no body was taken from the client yet, so a reused connection's request goes
+    /// again whatever its method (as on HTTP/1.1).
+    Unsent,
     /// The connection failed before any response byte (the request may be replayed if
     /// it is safe and bodiless and the connection was a reused one).
     Stale,
+    /// A retry found no backend to dial.
+    NoBackend,
     /// The backend answered garbage or failed mid-response.
     Failed,
     /// The client's request body stream failed.
     ClientGone,
 }
 
+/// The client's side of a stream while its backend exchange runs: watched for a reset,
+/// and handed the interim responses (1xx) the backend sends. Each use borrows it only
+/// within one poll, and the two never run at once (one task).
+type Respond<'a> = RefCell<&'a mut h2::server::SendResponse<Bytes>>;
+
 /// Sends the request head `out` and the body (DATA frames, re-chunked when the length
-/// is unknown) on `up`, then reads the response head into `ubuf`, skipping 1xx.
+/// is unknown) on `up`, then reads the response head into `ubuf`, relaying 1xx (see
+/// [`read_head`]) to `respond`.
 ///
 /// Limits are per step, as on HTTP/1.1, so a long upload is not cut off: each wait for
 /// the client's next DATA frame and each write to the backend at most `idle`, then the
@@ -316,6 +399,7 @@ enum Failure {
 /// [`crate::proxy::EARLY_ANSWER_WAIT`] and relayed, as on HTTP/1.1, instead of a 503. The
 /// request body then did not all reach the backend (even when the client has sent all of
 /// it): the second value is `false`, and the connection must not be pooled.
+#[allow(clippy::too_many_arguments)]
 async fn exchange(
     up: &mut monoio::net::TcpStream,
     out: &mut Vec<u8>,
@@ -324,6 +408,7 @@ async fn exchange(
     ubuf: &mut Vec<u8>,
     method: flynn_http::Method,
     idle: std::time::Duration,
+    respond: &Respond<'_>,
 ) -> Result<(flynn_http::ResponseInfo, bool), Failure> {
     // `out` is lent to the write and handed back, kept for a retry.
     let o = std::mem::take(out);
@@ -333,7 +418,7 @@ async fn exchange(
         Err(_) => return Err(Failure::Failed),
     };
     *out = o;
-    res.map_err(|_| Failure::Stale)?;
+    res.map_err(|_| Failure::Unsent)?;
     loop {
         let Ok(next) = monoio::time::timeout(idle, body.data()).await else {
             return Err(Failure::ClientGone);
@@ -358,7 +443,7 @@ async fn exchange(
         match monoio::time::timeout(idle, write_range(up, frame, 0, n)).await {
             Ok((Ok(()), _)) => {}
             _ => {
-                let early = read_head(up, ubuf, method);
+                let early = read_head(up, ubuf, method, respond);
                 return match monoio::time::timeout(crate::proxy::EARLY_ANSWER_WAIT, early).await {
                     Ok(Ok(r)) => Ok((r, false)),
                     _ => Err(Failure::Failed),
@@ -375,22 +460,25 @@ async fn exchange(
     }
     monoio::time::timeout(
         crate::proxy::RESPONSE_HEADER_TIMEOUT,
-        read_head(up, ubuf, method),
+        read_head(up, ubuf, method, respond),
     )
     .await
     .unwrap_or(Err(Failure::Failed))
     .map(|r| (r, true))
 }
 
-/// Reads the response head into `ubuf`, skipping interim 1xx heads. What a read brought is
-/// parsed to the end before the next read: a final head often arrives in the same read as
-/// a 100 or 103 before it. A 101 is a failure (an HTTP/2 stream cannot switch protocols;
-/// the HTTP/1 path answers 503 too), and so is a close after an interim head (the request
-/// was answered in part, so it is not replayed).
+/// Reads the response head into `ubuf`, relaying interim 1xx heads to the client as
+/// HTTP/2 informational responses (103 Early Hints, as HTTP/1.1 clients get them) but for
+/// a 100 (the router answers `Expect` itself). What a read brought is parsed to the end
+/// before the next read: a final head often arrives in the same read as a 100 or 103
+/// before it. A 101 is a failure (an HTTP/2 stream cannot switch protocols; the HTTP/1
+/// path answers 503 too), and so is a close after an interim head (the request was
+/// answered in part, so it is not replayed).
 async fn read_head(
     up: &mut monoio::net::TcpStream,
     ubuf: &mut Vec<u8>,
     method: flynn_http::Method,
+    respond: &Respond<'_>,
 ) -> Result<flynn_http::ResponseInfo, Failure> {
     let mut interim = false;
     loop {
@@ -398,6 +486,11 @@ async fn read_head(
             match parse_response(ubuf, method) {
                 Ok(Some(r)) if r.status == 101 => return Err(Failure::Failed),
                 Ok(Some(r)) if r.status < 200 => {
+                    if r.status != 100 {
+                        let head = h2_response(&ubuf[..r.head_len], r.status);
+                        // A client gone meanwhile is seen by the reset watch.
+                        let _ = respond.borrow_mut().send_informational(head);
+                    }
                     ubuf.drain(..r.head_len);
                     interim = true;
                     continue;
@@ -417,6 +510,9 @@ async fn read_head(
     }
 }
 
+/// Serves one stream. A client that resets it before its answer is counted in `streams`
+/// (rapid-reset defence) and ends whatever is pending for it at once: a dial, a redial, a
+/// backend exchange.
 async fn stream(
     core: Rc<Core>,
     req: http::Request<h2::RecvStream>,
@@ -424,6 +520,7 @@ async fn stream(
     peer: SocketAddr,
     l: ListenerInfo,
     proto: &'static str,
+    streams: &Streams,
 ) {
     let start_ms = crate::proxy::now_ms();
     CoreMetrics::inc(&core.metrics().requests_total);
@@ -433,24 +530,24 @@ async fn stream(
     // while the backend exchange waited for the end of the stream.
     if parts.method == http::Method::CONNECT {
         CoreMetrics::inc(&core.metrics().bad_requests_total);
-        return simple(&mut respond, &core, is_head, 405, b"Method Not Allowed\n");
+        return simple(&mut respond, &core, is_head, 405, b"Method Not Allowed\n").await;
     }
     let (head, chunked) = h1_head(&parts, body.is_end_stream());
     let Ok(Some(info)) = parse_request(&head) else {
         CoreMetrics::inc(&core.metrics().bad_requests_total);
-        return simple(&mut respond, &core, is_head, 400, b"Bad Request\n");
+        return simple(&mut respond, &core, is_head, 400, b"Bad Request\n").await;
     };
     let table = core.table();
     let host = info.host.map(|s| s.get(&head)).unwrap_or(b"");
     let Some(route) = table.lookup_http(host, l.route_port, info.path.get(&head)) else {
         CoreMetrics::inc(&core.metrics().not_found_total);
-        return simple(&mut respond, &core, is_head, 404, b"Not Found\n");
+        return simple(&mut respond, &core, is_head, 404, b"Not Found\n").await;
     };
     if route.grpc {
         let (backends, id) = (route.backends.clone(), route.id.clone());
         drop(table);
-        return passthrough(
-            core, parts, body, respond, &backends, &id, peer, l, proto, start_ms,
+        return grpc::passthrough(
+            core, parts, body, respond, &backends, &id, peer, l, proto, start_ms, streams,
         )
         .await;
     }
@@ -458,10 +555,13 @@ async fn stream(
     // a new one is set when the request went elsewhere.
     let sealer = core.settings().sticky.as_ref().filter(|_| route.sticky);
     let cookie_addr = sealer.and_then(|s| crate::sticky::from_request(s, &head[..info.head_len]));
-    let Some((mut up, mut addr, mut reused)) = connect(&core, route, cookie_addr, None).await
-    else {
+    let dialled = monoio::select! {
+        c = connect(&core, route, cookie_addr, None) => c,
+        _ = client_reset(&mut respond) => return streams.note_reset(),
+    };
+    let Some((mut up, mut addr, mut reused)) = dialled else {
         CoreMetrics::inc(&core.metrics().unavailable_total);
-        return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n");
+        return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n").await;
     };
     let mut _inflight = core.start_request(addr);
     // `Expect: 100-continue` is the router's to answer, as on HTTP/1.1 (the field is not
@@ -490,46 +590,65 @@ async fn stream(
         &fwd.forward(route.disable_keep_alives),
         &mut out,
     );
-    // As on HTTP/1.1: a bodiless safe request whose reused pooled connection turns out
-    // dead before any response byte goes again on a fresh connection (spec §1.10).
+    // As on HTTP/1.1, a reused pooled connection that fails goes again on a fresh one when
+    // the request head could not be written (nothing reached the backend, and no body was
+    // read from the client yet), or when a bodiless safe request got no response byte
+    // (spec §1.10).
     let replayable = body.is_end_stream() && info.method.is_safe();
     let mut ubuf = Vec::with_capacity(16 * 1024);
-    let mut retries = 0;
-    let resp = loop {
-        let ex = exchange(
-            &mut up,
-            &mut out,
-            &mut body,
-            chunked,
-            &mut ubuf,
-            info.method,
-            core.settings().idle_timeout,
-        );
-        let res = monoio::select! {
-            r = ex => r,
-            // The client gave up on the stream: so does the backend exchange (its
-            // connection is dropped with it).
-            _ = client_reset(&mut respond) => return,
-        };
-        match res {
-            Ok(r) => break r,
-            Err(Failure::Stale) if reused && replayable && retries < 2 => {
-                retries += 1;
-                ubuf.clear();
-                let Some((s, a, r)) = redial(&core, route, addr).await else {
-                    return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n");
-                };
-                (up, reused) = (s, r);
-                if a != addr {
-                    addr = a;
-                    _inflight = core.start_request(a);
-                }
+    let idle = core.settings().idle_timeout;
+    let watched: Respond<'_> = RefCell::new(&mut respond);
+    let attempts = async {
+        let mut retries = 0;
+        loop {
+            let ex = exchange(
+                &mut up,
+                &mut out,
+                &mut body,
+                chunked,
+                &mut ubuf,
+                info.method,
+                idle,
+                &watched,
+            );
+            let again = match ex.await {
+                Ok(r) => return Ok(r),
+                Err(Failure::Unsent) => reused,
+                Err(Failure::Stale) => reused && replayable,
+                Err(f) => return Err(f),
+            };
+            if !again || retries >= MAX_ATTEMPTS {
+                return Err(Failure::Failed);
             }
-            Err(Failure::ClientGone) => return,
-            Err(_) => {
-                CoreMetrics::inc(&core.metrics().upstream_errors_total);
-                return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n");
+            retries += 1;
+            ubuf.clear();
+            let Some((s, a, r)) = redial(&core, route, addr).await else {
+                return Err(Failure::NoBackend);
+            };
+            (up, reused) = (s, r);
+            if a != addr {
+                addr = a;
+                _inflight = core.start_request(a);
             }
+        }
+    };
+    let resp = monoio::select! {
+        r = attempts => r,
+        // The client gave up on the stream: so does the backend exchange or dial (its
+        // connection is dropped with it).
+        _ = std::future::poll_fn(|cx| watched.borrow_mut().poll_reset(cx)) => {
+            return streams.note_reset()
+        }
+    };
+    let resp = match resp {
+        Ok(r) => r,
+        Err(Failure::ClientGone) => return,
+        Err(Failure::NoBackend) => {
+            return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n").await;
+        }
+        Err(_) => {
+            CoreMetrics::inc(&core.metrics().upstream_errors_total);
+            return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n").await;
         }
     };
     // A backend that answered before taking the whole body (see `exchange`) is not
@@ -580,10 +699,12 @@ async fn stream(
                 }
                 None => payload.extend_from_slice(&pending[..used]),
             }
-            if !payload.is_empty()
-                && !send_flow_controlled(&mut send, &payload, core.settings().idle_timeout).await
-            {
-                return;
+            if !payload.is_empty() {
+                let data = Bytes::copy_from_slice(&payload);
+                if !send_flow_controlled(&mut send, data, false, core.settings().idle_timeout).await
+                {
+                    return;
+                }
             }
             pending.clear();
         }
@@ -610,7 +731,9 @@ async fn stream(
         pending = b;
         match res {
             Ok(n) if n > 0 => {}
-            _ if resp.framing == Framing::Close => {
+            // The backend's close ends a close-delimited body, and that alone: a read error
+            // (a reset) cut it short, and the client must not take it as complete.
+            Ok(_) if resp.framing == Framing::Close => {
                 let _ = send.send_data(Bytes::new(), true);
                 return;
             }
@@ -619,17 +742,22 @@ async fn stream(
     }
 }
 
-/// Sends `data` as DATA frames as the client's flow-control window allows. A client that
-/// grants no window for `idle` (it stopped reading) has the stream reset, which frees its
-/// backend connection and the connection-level window it held (as gRPC's [`pump`]).
+/// Sends `data` as DATA frames as the client's flow-control window allows (slices of it:
+/// no copy), the last one with END_STREAM if `end`. A client that grants no window for
+/// `idle` (it stopped reading) has the stream reset, which frees its backend connection and
+/// the connection-level window it held (as [`grpc`]'s pump does). False when the stream ended
+/// before all was sent.
 async fn send_flow_controlled(
     send: &mut h2::SendStream<Bytes>,
-    data: &[u8],
+    mut data: Bytes,
+    end: bool,
     idle: Duration,
 ) -> bool {
-    let mut rest = data;
-    while !rest.is_empty() {
-        send.reserve_capacity(rest.len());
+    if data.is_empty() {
+        return !end || send.send_data(data, true).is_ok();
+    }
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
         let wait = std::future::poll_fn(|cx| send.poll_capacity(cx));
         let cap = match monoio::time::timeout(idle, wait).await {
             Ok(Some(Ok(c))) if c > 0 => c,
@@ -640,264 +768,15 @@ async fn send_flow_controlled(
                 return false;
             }
         };
-        let n = cap.min(rest.len());
-        if send
-            .send_data(Bytes::copy_from_slice(&rest[..n]), false)
-            .is_err()
-        {
+        let part = data.split_to(cap.min(data.len()));
+        if send.send_data(part, end && data.is_empty()).is_err() {
             return false;
         }
-        rest = &rest[n..];
     }
     true
 }
 
-/// gRPC routes: the stream goes to the backend over HTTP/2 as it is (headers, DATA in
-/// both directions at once, trailers), with the forwarding headers added. Streams share
-/// one HTTP/2 connection per backend per core ([`grpc_backend`]).
-#[allow(clippy::too_many_arguments)]
-async fn passthrough(
-    core: Rc<Core>,
-    parts: http::request::Parts,
-    body: h2::RecvStream,
-    mut respond: h2::server::SendResponse<Bytes>,
-    backends: &[SocketAddr],
-    route_id: &str,
-    peer: SocketAddr,
-    l: ListenerInfo,
-    proto: &'static str,
-    start_ms: u64,
-) {
-    let is_head = parts.method == http::Method::HEAD;
-    let Some((mut client, addr)) = grpc_backend(&core, backends, route_id).await else {
-        CoreMetrics::inc(&core.metrics().unavailable_total);
-        return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n");
-    };
-    let _inflight = core.start_request(addr);
-    // Waits for a free stream slot under the backend's SETTINGS_MAX_CONCURRENT_STREAMS.
-    client = match client.ready().await {
-        Ok(c) => c,
-        Err(_) => {
-            core.grpc.borrow_mut().remove(&addr);
-            return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n");
-        }
-    };
-
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .unwrap_or_default();
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let mut req = http::Request::builder()
-        .method(parts.method.clone())
-        .uri(format!("http://{authority}{pq}"));
-    let mut xff = String::new();
-    let mut request_id = None;
-    for (name, value) in &parts.headers {
-        // The router's own fields spelt with `_` for `-` count as those fields, as on the
-        // HTTP/1.1 path (CGI-style backends read both spellings as one variable).
-        let spelt = name.as_str();
-        let key = if spelt.starts_with("x_") || (spelt.starts_with("x-") && spelt.contains('_')) {
-            std::borrow::Cow::Owned(spelt.replace('_', "-"))
-        } else {
-            std::borrow::Cow::Borrowed(spelt)
-        };
-        match &*key {
-            "x-forwarded-for" => {
-                xff.push_str(value.to_str().unwrap_or(""));
-                xff.push_str(", ");
-                continue;
-            }
-            "x-forwarded-proto" | "x-forwarded-port" | "x-request-start" => continue,
-            "x-request-id" => {
-                if request_id.is_none() && flynn_http::valid_request_id(value.as_bytes()) {
-                    request_id = Some(value.clone());
-                }
-                continue;
-            }
-            _ => {}
-        }
-        req = req.header(name, value);
-    }
-    xff.push_str(&crate::proxy::client_ip(peer).to_string());
-    let request_id = request_id.unwrap_or_else(|| {
-        let mut id = [0u8; 36];
-        flynn_http::format_uuid_v4(
-            ((fastrand::u64(..) as u128) << 64) | fastrand::u64(..) as u128,
-            &mut id,
-        );
-        http::HeaderValue::from_bytes(&id).unwrap_or(http::HeaderValue::from_static("0"))
-    });
-    let req = req
-        .header("x-forwarded-for", xff)
-        .header("x-forwarded-proto", proto)
-        .header("x-forwarded-port", l.port)
-        .header("x-request-start", start_ms)
-        .header("x-request-id", request_id)
-        .body(());
-    let Ok(req) = req else {
-        return simple(&mut respond, &core, is_head, 400, b"Bad Request\n");
-    };
-    let end = body.is_end_stream();
-    let Ok((resp, upload)) = client.send_request(req, end) else {
-        return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n");
-    };
-    let idle = core.settings().idle_timeout;
-    let up_pump = async move {
-        if !end {
-            pump(body, upload, idle).await;
-        }
-    };
-    let down = async move {
-        // A client that resets the stream drops the backend's too.
-        let resp = monoio::select! {
-            r = resp => r,
-            _ = client_reset(&mut respond) => return,
-        };
-        let Ok(resp) = resp else {
-            return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n");
-        };
-        core.metrics().status(resp.status().as_u16());
-        let (rparts, rbody) = resp.into_parts();
-        let end = rbody.is_end_stream();
-        let Ok(send) = respond.send_response(http::Response::from_parts(rparts, ()), end) else {
-            return;
-        };
-        if !end {
-            pump(rbody, send, idle).await;
-        }
-    };
-    monoio::join!(up_pump, down);
-}
-
-/// An HTTP/2 connection to one of `backends`: this core's open connection to a backend
-/// (tried in shuffled order) if it is still up, else a new one dialled and kept for the
-/// next streams. Connections to backends no route lists any more are dropped at the table
-/// change that removed them.
-async fn grpc_backend(
-    core: &Rc<Core>,
-    backends: &[SocketAddr],
-    route_id: &str,
-) -> Option<(h2::client::SendRequest<Bytes>, SocketAddr)> {
-    let mut order = [SocketAddr::from(([0, 0, 0, 0], 0)); 16];
-    let n = crate::balance::shuffled(backends, &mut order);
-    for addr in &order[..n] {
-        let pooled = core.grpc.borrow().get(addr).map(|(_, c)| c.clone());
-        if let Some(mut c) = pooled {
-            // A connection whose task ended (GOAWAY, reset, backend gone) says so here.
-            if std::future::poll_fn(|cx| c.poll_ready(cx)).await.is_ok() {
-                CoreMetrics::inc(&core.metrics().upstream_reuses_total);
-                return Some((c, *addr));
-            }
-            core.grpc.borrow_mut().remove(addr);
-        }
-    }
-    let mut dials = crate::balance::DialOrder::new(backends, None);
-    let now = || core.table().backends_of(route_id).cloned();
-    while let Some(a) = dials.next(now) {
-        let addr = &a;
-        // Counted in flight through the dial and the handshake (the caller counts its
-        // request from when this returns, with no await in between).
-        let _dialing = core.start_request(*addr);
-        let Ok(s) = crate::proxy::dial(core, *addr).await else {
-            CoreMetrics::inc(&core.metrics().upstream_connect_errors_total);
-            continue;
-        };
-        // Windows far above h2's 64 KiB default: a stream whose client reads slowly keeps
-        // its unread data (up to the stream window) charged to the connection, which every
-        // other gRPC stream to this backend on this core shares; at the default, one such
-        // stream stalled them all.
-        let handshake = h2::client::Builder::new()
-            .initial_window_size(GRPC_STREAM_WINDOW)
-            .initial_connection_window_size(GRPC_CONNECTION_WINDOW)
-            .handshake::<_, Bytes>(monoio_compat::StreamWrapper::new(s));
-        let Ok((client, conn)) = handshake.await else {
-            CoreMetrics::inc(&core.metrics().upstream_errors_total);
-            continue;
-        };
-        CoreMetrics::inc(&core.metrics().upstream_connects_total);
-        let (core2, a, id) = (core.clone(), *addr, fastrand::u64(..));
-        monoio::spawn(async move {
-            let _ = conn.await;
-            // Forget the connection once it is gone (unless replaced meanwhile).
-            let mut pool = core2.grpc.borrow_mut();
-            if pool.get(&a).is_some_and(|(i, _)| *i == id) {
-                pool.remove(&a);
-            }
-        });
-        // Connections to backends no route has any more are dropped at the table change
-        // that removed them (`worker::forget_gone_backends`); one dialled across such a
-        // change serves this call and is not pooled.
-        if core
-            .table()
-            .http_routes()
-            .any(|r| r.backends.contains(addr))
-        {
-            core.grpc.borrow_mut().insert(*addr, (id, client.clone()));
-        }
-        return Some((client, *addr));
-    }
-    None
-}
-
-/// A gRPC backend connection's receive window per stream, and for the connection: 4,096
-/// streams whose clients stopped reading (16 client connections' worth) can hold it before
-/// the others wait, and a stalled one is reset after the idle timeout (see [`pump`]).
-const GRPC_STREAM_WINDOW: u32 = 256 << 10;
-const GRPC_CONNECTION_WINDOW: u32 = 1 << 30;
-
-/// Copies DATA frames (as the receiver's window allows) and then trailers.
 /// Resolves when the client resets the stream `respond` answers.
 async fn client_reset(respond: &mut h2::server::SendResponse<Bytes>) {
     let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
-}
-
-/// A receiver that grants no window for `idle` (a client that stopped reading) has its
-/// stream reset: what the pump holds for it is freed, and it stops holding its share of the
-/// backend connection's window, which the core's other calls to that backend need.
-async fn pump(mut from: h2::RecvStream, mut to: h2::SendStream<Bytes>, idle: Duration) {
-    loop {
-        // Waiting for the sender, the receiver may go away: then so does this pump.
-        let next = monoio::select! {
-            d = from.data() => d,
-            _ = std::future::poll_fn(|cx| to.poll_reset(cx)) => return,
-        };
-        let Some(chunk) = next else { break };
-        let Ok(mut chunk) = chunk else {
-            to.send_reset(h2::Reason::CANCEL);
-            return;
-        };
-        let _ = from.flow_control().release_capacity(chunk.len());
-        while !chunk.is_empty() {
-            to.reserve_capacity(chunk.len());
-            let wait = std::future::poll_fn(|cx| to.poll_capacity(cx));
-            let cap = match monoio::time::timeout(idle, wait).await {
-                Ok(Some(Ok(c))) if c > 0 => c,
-                Ok(Some(Ok(_))) => continue,
-                Ok(_) => return,
-                Err(_) => {
-                    to.send_reset(h2::Reason::CANCEL);
-                    return;
-                }
-            };
-            let part = chunk.split_to(cap.min(chunk.len()));
-            if to.send_data(part, false).is_err() {
-                return;
-            }
-        }
-    }
-    match from.trailers().await {
-        Ok(Some(t)) => {
-            let _ = to.send_trailers(t);
-        }
-        Ok(None) => {
-            let _ = to.send_data(Bytes::new(), true);
-        }
-        Err(_) => to.send_reset(h2::Reason::CANCEL),
-    }
 }

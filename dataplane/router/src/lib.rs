@@ -268,14 +268,13 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         None => None,
     };
     let page_503 = match (&cfg.error_503_page, &cfg.error_503_page_url) {
-        (Some(path), _) => {
-            Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
-        }
+        (Some(path), _) => Some(page::read_file(path)?),
         (None, Some(url)) => {
             Some(page::fetch(url).with_context(|| format!("fetching ERROR_503_PAGE_URL {url}"))?)
         }
         (None, None) => None,
-    };
+    }
+    .map(bytes::Bytes::from);
     let mut store = Store::new(ports, cookie_key.is_some());
     let mut file_routes = reload::FileRoutes::default();
     match &handed {

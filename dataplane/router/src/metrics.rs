@@ -49,6 +49,7 @@ counters! {
     h2_connections_total: "HTTP/2 client connections",
     h2_streams_total: "HTTP/2 streams accepted",
     h2_connection_errors_total: "HTTP/2 connections ended by a protocol error or abuse limit (GOAWAY)",
+    h2_streams_refused_total: "HTTP/2 streams refused (REFUSED_STREAM) while the connection still ran 256 stream tasks (streams the client reset still winding down)",
     tcp_connect_errors_total: "TCP route connections with no reachable backend",
     client_send_timeouts_total: "HTTP/1 client connections closed for taking no response bytes for the idle timeout",
     tunnel_timeouts_total: "TCP route and upgraded connections closed by the tunnel or half-close timeout",

@@ -1,13 +1,32 @@
-//! Fetches the custom 503 page once at start (`ERROR_503_PAGE_URL`, spec §1.1): plain
-//! HTTP/1.1 GET, must answer 200, body capped at 1,000,000 bytes.
+//! Loads the custom 503 page once at start (spec §1.1), capped at 1,000,000 bytes either
+//! way: from `--error-503-page FILE`, or fetched from `ERROR_503_PAGE_URL` (plain HTTP/1.1
+//! GET, must answer 200).
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 
 const MAX: usize = 1_000_000;
+
+/// Reads the page from `path`; a bigger file than [`MAX`] is refused (it would be held in
+/// memory and sent with every router 503).
+pub fn read_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut content = Vec::new();
+    f.take(MAX as u64 + 1)
+        .read_to_end(&mut content)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if content.len() > MAX {
+        bail!(
+            "--error-503-page {}: larger than {MAX} bytes",
+            path.display()
+        );
+    }
+    Ok(content)
+}
 
 pub fn fetch(url: &str) -> anyhow::Result<Vec<u8>> {
     let rest = url

@@ -37,8 +37,9 @@ pub struct Settings {
     pub proxy_protocol_from: Vec<crate::config::Cidr>,
     /// Seals and opens `_backend` cookies (None: no COOKIE_KEY, sticky routes refused).
     pub sticky: Option<crate::sticky::Sealer>,
-    /// Body of the router's own 503 responses (HTML), if configured.
-    pub page_503: Option<Vec<u8>>,
+    /// Body of the router's own 503 responses (HTML), if configured: one copy, shared by
+    /// every HTTP/2 stream that sends it.
+    pub page_503: Option<bytes::Bytes>,
     /// TLS session-ticket keys (exported in a takeover).
     pub tickets: std::sync::Arc<crate::tickets::TicketKeys>,
     /// TLS acceptor shared by all cores (None: no HTTPS listeners).

@@ -29,7 +29,9 @@ use crate::metrics::CoreMetrics;
 use crate::worker::{Core, ListenerInfo, BUF};
 use flynn_runtime::Recycled;
 pub(crate) const RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(600);
-const MAX_ATTEMPTS: usize = 4;
+/// How many times a request goes again after its pooled connection failed (HTTP/1.1 and
+/// HTTP/2 alike), and how many dials a request may make.
+pub(crate) const MAX_ATTEMPTS: usize = 4;
 /// How long a response may take before the proxy starts watching for the client
 /// leaving (499); keeps the common fast response free of an extra poll.
 const CLIENT_WATCH_GRACE: Duration = Duration::from_millis(20);

@@ -223,3 +223,36 @@ fn page_over_http2() {
     );
     assert_eq!(body, PAGE);
 }
+
+/// The page file is capped at 1,000,000 bytes, as the URL form is: a file of exactly that
+/// is served whole (over HTTP/1.1 and HTTP/2), one byte more stops the router at start
+/// with a message naming the limit.
+#[test]
+fn page_file_over_a_million_bytes_stops_the_router() {
+    let mut page = vec![b'a'; 1_000_000];
+    page[..6].copy_from_slice(b"<html>");
+    let file = TempFile::new("page-max.html", &page);
+    let router = Router::builder()
+        .arg("--error-503-page")
+        .arg(file.arg())
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
+    router.add_route(http_route(DOMAIN, "empty"));
+    let resp = crate::support::get(router.http_addr, DOMAIN, "/");
+    assert_page(&resp, &page);
+    let (head, body) = crate::support::h2c_curl(router.h2c_addrs[0], DOMAIN, "/", &[]);
+    assert!(head[0].starts_with("HTTP/2 503"), "{head:?}");
+    assert!(body.as_bytes() == page.as_slice(), "{} bytes", body.len());
+
+    page.push(b'a');
+    let big = TempFile::new("page-big.html", &page);
+    let (status, out) = Router::builder()
+        .arg("--error-503-page")
+        .arg(big.arg())
+        .run_to_exit(EXIT_TIMEOUT);
+    let status = status.unwrap_or_else(|| panic!("router kept running:\n{out}"));
+    assert!(!status.success(), "exit {status}\n{out}");
+    assert!(out.contains("larger than 1000000 bytes"), "{out}");
+    assert!(!out.contains("listening"), "{out}");
+}

@@ -313,3 +313,29 @@ fn http2_expect_100_continue_is_answered() {
         "the client waited for its expect timeout: {took:?}"
     );
 }
+
+/// A backend's 103 Early Hints reaches HTTP/2 clients (an informational HEADERS frame
+/// before the response), as it reaches HTTP/1.1 ones.
+#[test]
+fn http2_relays_103_early_hints() {
+    let router = crate::support::Router::builder()
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .start();
+    let b = Backend::with_handler("b1", |_req, conn| {
+        let _ = conn.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let _ = conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("a.example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let (head, rest) = crate::support::h2c_curl(router.h2c_addrs[0], "a.example.com", "/", &[]);
+    assert!(head[0].starts_with("HTTP/2 103"), "{head:?} {rest:?}");
+    assert!(
+        head.iter().any(|l| l == "link: </style.css>; rel=preload"),
+        "{head:?}"
+    );
+    assert!(rest.starts_with("HTTP/2 200"), "{rest:?}");
+    assert!(rest.ends_with("\r\n\r\nok"), "{rest:?}");
+}

@@ -3,110 +3,11 @@
 //! old process. Driven by a raw h2c client so every frame the router sends is seen.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use crate::h2_wire::{frame, H2c, DATA, HEADERS, RST_STREAM};
 use crate::support::{http_route, Backend, BackendConn, Reply, Router, SeenRequest};
-
-const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
-const HEADERS: u8 = 0x1;
-
-/// What a raw HTTP/2 client saw, with times from its connect.
-#[derive(Debug, Default)]
-struct Seen {
-    /// (stream id, when) of each response HEADERS frame.
-    responses: Vec<(u32, Duration)>,
-    /// When the first GOAWAY arrived.
-    goaway: Option<Duration>,
-    /// When the router closed the connection (EOF).
-    closed: Option<Duration>,
-}
-
-struct H2c {
-    s: TcpStream,
-    start: Instant,
-}
-
-impl H2c {
-    fn connect(addr: SocketAddr) -> H2c {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
-        // An empty SETTINGS frame.
-        s.write_all(&frame(0x4, 0, 0, &[])).unwrap();
-        H2c {
-            s,
-            start: Instant::now(),
-        }
-    }
-
-    /// A GET of `/` for `host` on stream `id` (HPACK: indexed `:method GET`, `:scheme
-    /// http`, `:path /`, and a literal `:authority`).
-    fn get(&mut self, id: u32, host: &str) {
-        let mut block = vec![0x82, 0x86, 0x84, 0x41, host.len() as u8];
-        block.extend_from_slice(host.as_bytes());
-        // END_STREAM | END_HEADERS.
-        self.s.write_all(&frame(HEADERS, 0x5, id, &block)).unwrap();
-    }
-
-    /// Reads frames until the router closes the connection or `limit` passes, answering
-    /// PINGs (the router's GOAWAY sequence waits for one).
-    fn run(&mut self, limit: Duration) -> Seen {
-        let mut seen = Seen::default();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 16384];
-        self.s
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        while self.start.elapsed() < limit {
-            match self.s.read(&mut chunk) {
-                Ok(0) => {
-                    seen.closed = Some(self.start.elapsed());
-                    return seen;
-                }
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => {
-                    seen.closed = Some(self.start.elapsed());
-                    return seen;
-                }
-            }
-            while buf.len() >= 9 {
-                let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
-                if buf.len() < 9 + len {
-                    break;
-                }
-                let (ty, flags) = (buf[3], buf[4]);
-                let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
-                let payload = buf[9..9 + len].to_vec();
-                buf.drain(..9 + len);
-                match ty {
-                    HEADERS => seen.responses.push((id, self.start.elapsed())),
-                    GOAWAY if seen.goaway.is_none() => seen.goaway = Some(self.start.elapsed()),
-                    PING if flags & 0x1 == 0 => {
-                        let _ = self.s.write_all(&frame(PING, 0x1, 0, &payload));
-                    }
-                    _ => {}
-                }
-            }
-        }
-        seen
-    }
-}
-
-fn frame(ty: u8, flags: u8, id: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut f = len.to_be_bytes()[1..].to_vec();
-    f.push(ty);
-    f.push(flags);
-    f.extend_from_slice(&id.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
 
 /// A backend that answers after `delay`.
 fn slow_backend(delay: Duration) -> Backend {
@@ -206,9 +107,6 @@ fn handover_sends_goaway_to_http2_clients_and_the_old_process_exits_without_the_
     let seen = c.run(Duration::from_secs(3));
     assert_eq!(seen.responses.first().map(|r| r.0), Some(1), "{seen:?}");
 }
-
-const DATA: u8 = 0x0;
-const RST_STREAM: u8 = 0x3;
 
 /// A raw HTTP/1.1 backend: the one connection the router makes to it.
 fn raw_backend() -> (std::net::TcpListener, String) {

@@ -12,6 +12,9 @@ mod certs;
 mod grpc;
 mod h2;
 mod h2_close;
+mod h2_limits;
+mod h2_upstream;
+mod h2_wire;
 mod handshake;
 mod proxying;
 
