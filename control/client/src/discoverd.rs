@@ -33,12 +33,12 @@ impl Error {
     }
 }
 
-/// A refusal made before anything was proposed or read: the cluster has no leader.
+/// A refusal made before anything was proposed: the cluster has no leader (an election
+/// under way). Not [`flynn_api::discoverd::NOT_FOLLOWING`]: a node says that only after
+/// 5 s without a leader (cut off from the others), which a few seconds more rarely mend;
+/// the caller hears it at once.
 fn refused_for_want_of_leader(e: &ApiError) -> bool {
-    e.status() == 503
-        && e.retry
-        && (e.message == flynn_api::discoverd::NO_LEADER
-            || e.message == flynn_api::discoverd::NOT_FOLLOWING)
+    e.status() == 503 && e.retry && e.message == flynn_api::discoverd::NO_LEADER
 }
 
 /// `md5hex(proto + "-" + addr)` (spec §0.5).
@@ -74,11 +74,11 @@ pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 /// such as `Accept` are preserved).
 ///
 /// A request refused with the 503 a node answers while the cluster elects a leader
-/// ([`flynn_api::discoverd::NO_LEADER`], or [`flynn_api::discoverd::NOT_FOLLOWING`] for a
-/// read) is sent again, 50 ms to 500 ms apart, for up to [`LEADER_WAIT`]: such a refusal is
-/// made before anything is proposed, so this is safe for every request, a compare-and-swap
-/// included. Other errors, also a 503 whose write's outcome is unknown ("write not applied
-/// in time"), are returned as they come.
+/// ([`flynn_api::discoverd::NO_LEADER`]) is sent again, 50 ms to 500 ms apart, for up to
+/// [`LEADER_WAIT`] (heartbeaters: 2.5 s): such a refusal is made before anything is
+/// proposed, so this is safe for every request, a compare-and-swap included. Other errors,
+/// also a 503 whose write's outcome is unknown ("write not applied in time") and a node's
+/// "follows no leader" (5 s without one), are returned as they come.
 #[derive(Clone)]
 pub struct Client {
     http: JsonHttp,
@@ -94,6 +94,14 @@ impl Client {
             http: JsonHttp::new(url),
             leader_wait: LEADER_WAIT,
         }
+    }
+
+    /// This client for a heartbeater, whose every request is cut at [`HEARTBEAT_TIMEOUT`]:
+    /// it waits for a leader a little less than that, so a spell without one is logged as
+    /// such (and retried by the heartbeater), not as a timeout.
+    fn for_heartbeats(&self) -> Client {
+        self.clone()
+            .with_leader_wait(HEARTBEAT_TIMEOUT.saturating_sub(Duration::from_millis(500)))
     }
 
     /// How long a request refused for want of a leader is sent again (zero: never).
@@ -302,7 +310,7 @@ impl Client {
         }
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = tokio::spawn(heartbeat_loop(
-            self.clone(),
+            self.for_heartbeats(),
             service.to_string(),
             inst.clone(),
             None,
@@ -390,7 +398,7 @@ impl Client {
         }
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = tokio::spawn(keep_loop(
-            self.clone(),
+            self.for_heartbeats(),
             service.to_string(),
             inst.clone(),
             create.map(str::to_string),
@@ -1094,8 +1102,7 @@ mod tests {
         use std::sync::atomic::Ordering;
         let (url, seen) = stand_in(|n, _| {
             Some(match n {
-                0 => unavailable(flynn_api::discoverd::NO_LEADER),
-                1 => unavailable(flynn_api::discoverd::NOT_FOLLOWING),
+                0 | 1 => unavailable(flynn_api::discoverd::NO_LEADER),
                 _ => json("200 OK", r#"{"data":{"a":1},"index":7}"#),
             })
         })
@@ -1137,8 +1144,10 @@ mod tests {
             err.api().map(|e| e.message.as_str()),
             Some(flynn_api::discoverd::NO_LEADER)
         );
-        // Sent at 0, 50, 150 and 350 ms; the next pause would end past the 400 ms.
-        assert_eq!(seen.load(Ordering::SeqCst), 4);
+        // Sent at 0, 50, 150 and 350 ms (the last one not when the earlier round trips
+        // and sleeps overran by 50 ms); the next pause would end past the 400 ms.
+        let sent = seen.load(Ordering::SeqCst);
+        assert!((3..=4).contains(&sent), "sent {sent} times");
         assert!(
             start.elapsed() < Duration::from_secs(2),
             "{:?}",
@@ -1149,6 +1158,16 @@ mod tests {
         let c = Client::new(&url).with_leader_wait(Duration::ZERO);
         assert!(c.instances("s").await.is_err());
         assert_eq!(seen.load(Ordering::SeqCst), 1);
+
+        // A node cut off for 5 s ("follows no leader"): said at once.
+        let (url, seen) =
+            stand_in(|_, _| Some(unavailable(flynn_api::discoverd::NOT_FOLLOWING))).await;
+        assert!(Client::new(&url).instances("s").await.is_err());
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            1,
+            "a cut-off node was asked again"
+        );
     }
 
     /// `keep_registered` with a leader type creates the service again when a retried

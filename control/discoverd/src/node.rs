@@ -48,8 +48,9 @@ pub struct Node {
     /// since `epoch`, plus one (0: never). See [`Node::hears_leader`].
     leader_heard: AtomicU64,
     epoch: std::time::Instant,
-    /// The longest election timeout: a follower that has not heard its leader for this
-    /// long would have stood for election itself.
+    /// openraft's leader lease plus the longest election timeout (4× the election timeout):
+    /// a follower that has not heard its leader for this long would stand for election
+    /// itself (openraft campaigns once the lease and then an election timeout have passed).
     leader_silence: Duration,
     pub http: reqwest::Client,
 }
@@ -119,7 +120,8 @@ impl Node {
             cut_off: AtomicBool::new(false),
             leader_heard: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
-            leader_silence: Duration::from_millis(et * 2),
+            // openraft's lease is `election_timeout_max` (2× `et`).
+            leader_silence: Duration::from_millis(et * 4),
             http,
         });
         tokio::spawn(track_leadership(node.clone()));
@@ -138,8 +140,8 @@ impl Node {
         self.leader_heard.store(now, Ordering::Release);
     }
 
-    /// Whether this node accepted an append or heartbeat from a leader within the longest
-    /// election timeout. With Pre-Vote a follower cut off from its leader stays a follower
+    /// Whether this node accepted an append or heartbeat from a leader within
+    /// `leader_silence` (lease and election timeout). With Pre-Vote a follower cut off from its leader stays a follower
     /// of that leader (its pre-votes fail, so it never becomes a candidate and openraft
     /// keeps naming the leader): past this silence it counts as knowing no leader, as it
     /// did when it campaigned.

@@ -390,6 +390,13 @@ async fn a_follower_back_from_a_stall_does_not_unseat_the_leader() {
     for round in 0..2 {
         cl.isolate(f).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Cut off, it asked and was refused (or could not ask): its term did not move.
+        // (The load on a test machine cannot make this one fail.)
+        assert_eq!(
+            term(f).await,
+            before,
+            "round {round}: the cut-off follower campaigned"
+        );
         cl.heal().await;
         tokio::time::sleep(Duration::from_millis(1000)).await;
         cl.nodes[f].signal("STOP");
@@ -399,12 +406,6 @@ async fn a_follower_back_from_a_stall_does_not_unseat_the_leader() {
         assert_eq!(cl.leader().await, l, "round {round}: the leader changed");
         assert_eq!(term(l).await, before, "round {round}: an election was held");
     }
-    // The follower follows again, in the same term.
-    let back = eventually(Duration::from_secs(5), || async {
-        (term(f).await == before).then_some(())
-    })
-    .await;
-    assert!(back.is_some(), "the follower is not back in term {before}");
     let r = call(
         &raw,
         "PUT",
