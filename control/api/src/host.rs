@@ -135,7 +135,11 @@ pub struct ContainerConfig {
     /// one. Without it the job's stdin is `/dev/null`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stdin: bool,
-    /// A terminal for the job. Not supported by this host: refused when set.
+    /// Run the job on a terminal: a pseudo-terminal is its stdin, stdout and stderr (its
+    /// controlling terminal, in a session of its own). Implies `stdin` (attach with the stdin
+    /// flag writes to the terminal; an empty stdin frame sends ^D); attached clients get its
+    /// output raw as stdout and set its size (`height`/`width`, resize frames). Container
+    /// runtime only (the process runtime refuses it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tty: bool,
     /// Seconds between SIGTERM and SIGKILL when the job is stopped (default 10).

@@ -46,6 +46,8 @@ fn spec(id: &str, layer: &Path, args: &[&str]) -> ContainerSpec {
         gid: 0,
         capabilities: None,
         stdin: false,
+        tty: false,
+        tty_size: None,
     }
 }
 

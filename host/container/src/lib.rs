@@ -7,6 +7,13 @@
 //! socket to the daemon ([`Shim`], [`ShimConn`]). The shim outlives daemon restarts; the daemon
 //! reconnects with [`Shim::connect`] and gets every event it has not acknowledged.
 //!
+//! A TTY job ([`ContainerSpec::tty`]) runs on a pseudo-terminal that libcontainer opens in the
+//! container (its stdin, stdout and stderr and controlling terminal, in a session of its own)
+//! and whose master it sends to the shim over a console socket. The shim holds the master, so
+//! the terminal survives the daemon as the pipes do: it sends the output raw
+//! ([`ShimEvent::Terminal`]), copies the job's stdin FIFO to the master (^D when the daemon
+//! closes stdin) and sets the window size ([`ShimConn::resize`]).
+//!
 //! A job's root file system is an overlay of read-only image layers ([`ImageStore`]) plus a
 //! per-job writable dir. Namespaces: pid, mount, uts, ipc, and either a pre-created network
 //! namespace (made by `flynn-network`), the host's (`host_network`) or a new one with only `lo`.

@@ -69,6 +69,16 @@ impl Outbox {
         }
     }
 
+    /// Queues a chunk of a TTY job's terminal output, as [`Outbox::push_output`] queues a
+    /// line (a dropped chunk counts as a dropped stdout line).
+    pub fn push_terminal(&mut self, data: Vec<u8>, may_drop: bool) {
+        if may_drop && self.full() {
+            self.dropped[idx(Stream::Stdout)] += 1;
+        } else {
+            self.push(ShimEvent::Terminal { data });
+        }
+    }
+
     /// Turns pending drop counts into `Dropped` events.
     pub fn flush_dropped(&mut self) {
         for stream in [Stream::Stdout, Stream::Stderr] {

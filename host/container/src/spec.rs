@@ -67,6 +67,20 @@ pub struct ContainerSpec {
     /// stdin is `/dev/null`.
     #[serde(default)]
     pub stdin: bool,
+    /// The job runs on a terminal: a pseudo-terminal from the container's own `devpts` is its
+    /// stdin, stdout and stderr and its controlling terminal, in a session of its own. The
+    /// shim holds the terminal's master side: output comes as [`ShimEvent::Terminal`] (raw,
+    /// stdout only), input is written through the stdin FIFO as for [`ContainerSpec::stdin`]
+    /// (implied: a TTY job always takes input), and [`ShimConn::resize`] sets the window size.
+    ///
+    /// [`ShimEvent::Terminal`]: crate::ShimEvent::Terminal
+    /// [`ShimConn::resize`]: crate::ShimConn::resize
+    #[serde(default)]
+    pub tty: bool,
+    /// The terminal's window size (rows, columns) when the job starts (TTY jobs only; both
+    /// non-zero). Without it the window is 0×0 until a resize.
+    #[serde(default)]
+    pub tty_size: Option<(u16, u16)>,
 }
 
 /// A host path bind-mounted into the container.
@@ -155,6 +169,16 @@ impl ContainerSpec {
         if !self.cwd.is_empty() && !self.cwd.starts_with('/') {
             return Err(ContainerError::invalid("cwd must be absolute"));
         }
+        if let Some((rows, cols)) = self.tty_size {
+            if !self.tty {
+                return Err(ContainerError::invalid("tty_size is for TTY jobs only"));
+            }
+            if rows == 0 || cols == 0 {
+                return Err(ContainerError::invalid(format!(
+                    "tty_size {rows}x{cols} must not be zero"
+                )));
+            }
+        }
         if let Some(h) = &self.hostname {
             if h.is_empty() || h.len() > 64 || h.contains(['\0', '/']) {
                 return Err(ContainerError::invalid(format!("bad hostname {h:?}")));
@@ -239,13 +263,23 @@ impl ContainerSpec {
         format!("/{}/{}", self.cgroup_parent, self.id)
     }
 
-    /// The environment as the container sees it: `PATH` added when missing.
+    /// The environment as the container sees it: `PATH` added when missing, and for a TTY
+    /// job `TERM=xterm` (as Flynn and Docker set it) when missing.
     pub fn effective_env(&self) -> Vec<String> {
         let mut env = self.env.clone();
         if !env.iter().any(|e| e.starts_with("PATH=")) {
             env.push(format!("PATH={DEFAULT_PATH}"));
         }
+        if self.tty && !env.iter().any(|e| e.starts_with("TERM=")) {
+            env.push("TERM=xterm".into());
+        }
         env
+    }
+
+    /// Whether the job has a stdin FIFO (a job with [`ContainerSpec::stdin`], or a TTY job,
+    /// whose input goes to its terminal).
+    pub fn has_input(&self) -> bool {
+        self.stdin || self.tty
     }
 
     /// The OCI runtime config (`config.json`) for this job with its root file system at `rootfs`.
@@ -265,7 +299,9 @@ impl ContainerSpec {
             (None, _) => (json!(DEFAULT_CAPS), json!([]), json!([])),
         };
         let mut process = json!({
-            "terminal": false,
+            // libcontainer makes the terminal in the container and sends its master to the
+            // shim's console socket.
+            "terminal": self.tty,
             // The group is also the only supplementary group: libcontainer leaves the shim's
             // groups in place when the list is empty.
             "user": {"uid": self.uid, "gid": self.gid, "additionalGids": [self.gid]},
@@ -453,6 +489,8 @@ mod tests {
             gid: 0,
             capabilities: None,
             stdin: false,
+            tty: false,
+            tty_size: None,
         }
     }
 
@@ -519,6 +557,17 @@ mod tests {
             (
                 "empty parent",
                 Box::new(|s| s.cgroup_parent = String::new()),
+            ),
+            (
+                "size without a tty",
+                Box::new(|s| s.tty_size = Some((20, 10))),
+            ),
+            (
+                "zero rows",
+                Box::new(|s| {
+                    s.tty = true;
+                    s.tty_size = Some((0, 10));
+                }),
             ),
             (
                 "relative mount",
@@ -589,6 +638,40 @@ mod tests {
         let c = s.oci_config(Path::new("/r"));
         assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 200_000);
         assert_eq!(c["linux"]["resources"]["cpu"]["shares"], 2048);
+    }
+
+    /// A TTY job: `process.terminal` (libcontainer then wants a console socket), `TERM` unless
+    /// the job set its own, and an input FIFO.
+    #[test]
+    fn oci_config_terminal() {
+        let mut s = sample();
+        let env = |s: &ContainerSpec| -> Vec<String> {
+            s.oci_config(Path::new("/r"))["process"]["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e.as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(s.oci_config(Path::new("/r"))["process"]["terminal"], false);
+        assert!(!env(&s).iter().any(|e| e.starts_with("TERM=")));
+        assert!(!s.has_input());
+        s.tty = true;
+        s.tty_size = Some((20, 10));
+        assert!(s.validate().is_ok());
+        assert!(s.has_input());
+        let c = s.oci_config(Path::new("/r"));
+        assert_eq!(c["process"]["terminal"], true);
+        assert!(env(&s).contains(&"TERM=xterm".to_string()));
+        s.env.push("TERM=vt100".into());
+        assert_eq!(env(&s).iter().filter(|e| e.starts_with("TERM=")).count(), 1);
+        let _: libcontainer::oci_spec::runtime::Spec = serde_json::from_value(c).unwrap();
+        // Old spec files without the fields still parse (as no terminal).
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v.as_object_mut().unwrap().remove("tty");
+        v.as_object_mut().unwrap().remove("tty_size");
+        let old: ContainerSpec = serde_json::from_value(v).unwrap();
+        assert!(!old.tty && old.tty_size.is_none());
     }
 
     #[test]

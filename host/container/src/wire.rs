@@ -2,12 +2,15 @@
 //!
 //! Every frame is `kind: u8, len: u32 BE, payload`. Shim → daemon: `HELLO` (u64 BE: sequence
 //! number of the next event frame; u32 BE: the job's pid, 0 before it started), `EVENT` (JSON of a non-output [`ShimEvent`]), `STDOUT` and
-//! `STDERR` (one raw output line). Each frame after `HELLO` carries the next sequence number
+//! `STDERR` (one raw output line), `TERMINAL` (raw bytes a TTY job wrote to its terminal, as
+//! read: no line structure). Each frame after `HELLO` carries the next sequence number
 //! implicitly. Daemon → shim: `ACK` (u64 BE: every event below this sequence number was
-//! received, the shim may forget it), `SIGNAL` (i32 BE) and `CLOSE_STDIN` (empty: the shim lets
+//! received, the shim may forget it), `SIGNAL` (i32 BE), `CLOSE_STDIN` (empty: the shim lets
 //! go of its end of the job's stdin FIFO, so the job reads end-of-file once the daemon closed
-//! its own). A reconnecting daemon is sent every event it has not acknowledged again, so
-//! nothing is lost between connections.
+//! its own; a TTY job gets its terminal's end-of-file character, ^D) and `RESIZE` (u16 BE rows,
+//! u16 BE columns: the window size of a TTY job's terminal; ignored for other jobs). A
+//! reconnecting daemon is sent every event it has not acknowledged again, so nothing is lost
+//! between connections.
 
 use serde::{Deserialize, Serialize};
 
@@ -25,7 +28,11 @@ pub enum ShimEvent {
     Started { pid: u32 },
     /// One output line without its newline (lines longer than [`MAX_LINE`] are split).
     Output { stream: Stream, line: Vec<u8> },
-    /// Lines dropped while no daemon was connected and the buffer was full.
+    /// Bytes a TTY job wrote to its terminal, as read (up to [`MAX_LINE`] at a time): raw,
+    /// not split into lines, so a prompt without a newline is not held back.
+    Terminal { data: Vec<u8> },
+    /// Lines (for a TTY job: `Terminal` chunks, counted as stdout) dropped while no daemon was
+    /// connected and the buffer was full.
     Dropped { stream: Stream, count: u64 },
     /// The job ended. A memory-limit kill is `signal: Some(9), oom_killed: true`.
     Exited {
@@ -47,6 +54,7 @@ impl ShimEvent {
     pub fn weight(&self) -> usize {
         match self {
             ShimEvent::Output { line, .. } => line.len() + 16,
+            ShimEvent::Terminal { data } => data.len() + 16,
             ShimEvent::Failed { reason } => reason.len() + 16,
             _ => 16,
         }
@@ -62,9 +70,11 @@ pub const HELLO: u8 = 0;
 pub const EVENT: u8 = 1;
 pub const STDOUT: u8 = 2;
 pub const STDERR: u8 = 3;
+pub const TERMINAL: u8 = 4;
 pub const ACK: u8 = 10;
 pub const SIGNAL: u8 = 11;
 pub const CLOSE_STDIN: u8 = 12;
+pub const RESIZE: u8 = 13;
 
 pub const HEADER: usize = 5;
 
@@ -83,6 +93,10 @@ pub fn encode_event(ev: &ShimEvent, out: &mut Vec<u8>) {
             };
             header(out, kind, line.len());
             out.extend_from_slice(line);
+        }
+        ShimEvent::Terminal { data } => {
+            header(out, TERMINAL, data.len());
+            out.extend_from_slice(data);
         }
         other => {
             let json = serde_json::to_vec(other).expect("events serialize");
@@ -116,6 +130,13 @@ pub fn encode_close_stdin(out: &mut Vec<u8>) {
     header(out, CLOSE_STDIN, 0);
 }
 
+/// Appends a `RESIZE` frame.
+pub fn encode_resize(rows: u16, cols: u16, out: &mut Vec<u8>) {
+    header(out, RESIZE, 4);
+    out.extend_from_slice(&rows.to_be_bytes());
+    out.extend_from_slice(&cols.to_be_bytes());
+}
+
 /// A decoded frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -124,6 +145,7 @@ pub enum Frame {
     Ack(u64),
     Signal(i32),
     CloseStdin,
+    Resize { rows: u16, cols: u16 },
 }
 
 /// Takes one complete frame off the front of `buf`; `Ok(None)` when more bytes are needed.
@@ -161,6 +183,16 @@ pub fn decode(buf: &mut Vec<u8>) -> Result<Option<Frame>, String> {
             fixed(0)?;
             Frame::CloseStdin
         }
+        RESIZE => {
+            let p = fixed(4)?;
+            Frame::Resize {
+                rows: u16::from_be_bytes([p[0], p[1]]),
+                cols: u16::from_be_bytes([p[2], p[3]]),
+            }
+        }
+        TERMINAL => Frame::Event(ShimEvent::Terminal {
+            data: payload.to_vec(),
+        }),
         STDOUT | STDERR => Frame::Event(ShimEvent::Output {
             stream: if kind == STDOUT {
                 Stream::Stdout
@@ -172,7 +204,7 @@ pub fn decode(buf: &mut Vec<u8>) -> Result<Option<Frame>, String> {
         EVENT => {
             let ev: ShimEvent =
                 serde_json::from_slice(payload).map_err(|e| format!("bad event: {e}"))?;
-            if matches!(ev, ShimEvent::Output { .. }) {
+            if matches!(ev, ShimEvent::Output { .. } | ShimEvent::Terminal { .. }) {
                 return Err("output sent as a JSON event".into());
             }
             Frame::Event(ev)
@@ -199,6 +231,12 @@ mod tests {
                 stream: Stream::Stderr,
                 line: vec![0xff, 0, b'\n'],
             },
+            ShimEvent::Terminal {
+                data: b"ready> ".to_vec(),
+            },
+            ShimEvent::Terminal {
+                data: b"a\r\nb".to_vec(),
+            },
             ShimEvent::Dropped {
                 stream: Stream::Stdout,
                 count: 7,
@@ -220,6 +258,8 @@ mod tests {
         encode_u64(ACK, 9, &mut bytes);
         encode_signal(15, &mut bytes);
         encode_close_stdin(&mut bytes);
+        encode_resize(20, 10, &mut bytes);
+        encode_resize(u16::MAX, 0, &mut bytes);
         // Feed one byte at a time: frames only come out once complete.
         let mut buf = Vec::new();
         let mut got = Vec::new();
@@ -235,6 +275,11 @@ mod tests {
         want.push(Frame::Ack(9));
         want.push(Frame::Signal(15));
         want.push(Frame::CloseStdin);
+        want.push(Frame::Resize { rows: 20, cols: 10 });
+        want.push(Frame::Resize {
+            rows: u16::MAX,
+            cols: 0,
+        });
         assert_eq!(got, want);
     }
 
@@ -246,7 +291,17 @@ mod tests {
             let mut buf: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
             // Plausible headers more often than chance would give.
             if len >= HEADER && rng.bool() {
-                buf[0] = [HELLO, EVENT, STDOUT, STDERR, ACK, SIGNAL, CLOSE_STDIN][rng.usize(0..7)];
+                buf[0] = [
+                    HELLO,
+                    EVENT,
+                    STDOUT,
+                    STDERR,
+                    TERMINAL,
+                    ACK,
+                    SIGNAL,
+                    CLOSE_STDIN,
+                    RESIZE,
+                ][rng.usize(0..9)];
                 let plen = rng.usize(0..len.saturating_sub(HEADER) + 2) as u32;
                 buf[1..5].copy_from_slice(&plen.to_be_bytes());
             }
@@ -264,6 +319,15 @@ mod tests {
             vec![CLOSE_STDIN, 0, 0, 0, 1, 0],
             vec![EVENT, 0, 0, 0, 2, b'{', b'}'],
             vec![STDOUT, 0xff, 0xff, 0xff, 0xff],
+            vec![RESIZE, 0, 0, 0, 2, 0, 20],
+            vec![RESIZE, 0, 0, 0, 5, 0, 20, 0, 10, 0],
+            // Terminal output is its own frame kind, never JSON.
+            {
+                let json = br#"{"Terminal":{"data":[104]}}"#;
+                let mut f = vec![EVENT, 0, 0, 0, json.len() as u8];
+                f.extend_from_slice(json);
+                f
+            },
         ] {
             let mut b = bytes.clone();
             assert!(decode(&mut b).is_err(), "{bytes:?}");

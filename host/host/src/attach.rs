@@ -1,27 +1,36 @@
 //! Attaching to a job (spec §5.5, protocol in [`flynn_api::attach`]): its output as it is
-//! written, input to its stdin, signals to it, and its exit status at the end.
+//! written, input to its stdin, signals to it, a TTY job's window size, and its exit status at
+//! the end.
 //!
 //! The job's supervisor hands every output line to [`Attachments`] besides the log shipper;
 //! each attached client has a bounded queue, and a client that falls that far behind is
 //! detached with an error frame rather than holding the job's output in memory. Output is
-//! line-based, as the shim reads it: each line is sent with its `\n`.
+//! line-based, as the shim reads it: each line is sent with its `\n`. A TTY job's output
+//! is a raw byte stream instead (its terminal's, as read: a prompt without a newline is sent
+//! at once), sent as stdout (stream 1).
 //!
-//! Stdin (the `stdin` flag, for jobs created with `config.stdin`): the client's data frames
-//! are written to the job's stdin in order, and an empty one closes it for the job. A job
-//! that does not read holds the client's input back (its frames are not read beyond a 64 KiB
-//! read-ahead) while its output keeps flowing to the client. A client that leaves is seen
-//! when its close comes within that read-ahead; one that left more input in flight is seen
-//! once the job has read up to its close (its input is still delivered). Any number of
+//! Stdin (the `stdin` flag, for jobs created with `config.stdin` or `config.tty`): the
+//! client's data frames are written to the job's stdin in order, and an empty one closes it
+//! for the job (a TTY job reads its terminal's end-of-file, ^D, as under Flynn and Docker).
+//! A job that does not read holds the client's input back (its frames are not read beyond a
+//! 64 KiB read-ahead) while its output keeps flowing to the client. A client that leaves is
+//! seen when its close comes within that read-ahead; one that left more input in flight is
+//! seen once the job has read up to its close (its input is still delivered). Any number of
 //! clients may write; a client that leaves without closing stdin leaves it open for the next.
 //! Each client's output queue is bounded by lines (4,096) and bytes (4 MiB).
 //!
+//! Window size (TTY jobs): the request's `height` and `width` set it when the client
+//! attaches (before the job runs when it attached while the job was starting), and each
+//! resize frame sets it again. Half a size (a dimension 0), in the request or a resize frame,
+//! is ignored, as both are for other jobs.
+//!
 //! Not supported (refused with a 400 before the upgrade, so the client gets an error, not a
-//! silent gap): `stdin` for a job created without it, and `logs` (the host does not keep
-//! output; history is the log aggregator's). `init_log` is accepted and has nothing to send;
-//! a resize frame is ignored (no TTY jobs).
+//! silent gap): `stdin` for a job created without it (or a terminal), and `logs` (the host
+//! does not keep output; history is the log aggregator's). `init_log` is accepted and has
+//! nothing to send.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use flynn_api::attach::{self, Frame};
@@ -61,6 +70,36 @@ struct Sub {
     token: u64,
     tx: mpsc::Sender<Msg>,
     bytes: Arc<AtomicUsize>,
+    /// The window size the client asked for last (TTY jobs).
+    size: Size,
+}
+
+/// A client's window size, shared by its connection (which sets it from resize frames) and
+/// the job's list of clients (where a starting job takes it): the latest the client asked
+/// for. `rows << 16 | cols`; 0 is none.
+#[derive(Clone, Default)]
+struct Size(Arc<AtomicU32>);
+
+impl Size {
+    fn new(size: Option<(u16, u16)>) -> Size {
+        let s = Size::default();
+        if let Some((rows, cols)) = size {
+            s.set(rows, cols);
+        }
+        s
+    }
+
+    fn set(&self, rows: u16, cols: u16) {
+        self.0
+            .store(u32::from(rows) << 16 | u32::from(cols), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<(u16, u16)> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(((v >> 16) as u16, v as u16)),
+        }
+    }
 }
 
 type Subscribers = HashMap<String, Vec<Sub>>;
@@ -80,11 +119,13 @@ impl Attachments {
     }
 
     /// Attaches a client to job `id`; `exclusive` refuses a second client (jobs with
-    /// `disable_log`, whose output goes nowhere else).
+    /// `disable_log`, whose output goes nowhere else); `size`: the window size it asked for
+    /// (a TTY job's).
     pub fn subscribe(
         self: &Arc<Self>,
         id: &str,
         exclusive: bool,
+        size: Option<(u16, u16)>,
     ) -> Result<Subscription, ApiError> {
         let mut subs = self.lock();
         let list = subs.entry(id.to_string()).or_default();
@@ -95,10 +136,12 @@ impl Attachments {
         // One slot more than the output may take, so the end always fits.
         let (tx, rx) = mpsc::channel(QUEUE + 1);
         let bytes = Arc::new(AtomicUsize::new(0));
+        let size = Size::new(size);
         list.push(Sub {
             token,
             tx,
             bytes: bytes.clone(),
+            size: size.clone(),
         });
         self.count.fetch_add(1, Ordering::Relaxed);
         Ok(Subscription {
@@ -107,7 +150,16 @@ impl Attachments {
             token,
             rx,
             bytes,
+            size,
         })
+    }
+
+    /// The window size the latest client attached to job `id` with a size asked for: the
+    /// size a TTY job starts with.
+    pub fn size(&self, id: &str) -> Option<(u16, u16)> {
+        self.lock()
+            .get(id)
+            .and_then(|l| l.iter().rev().find_map(|s| s.size.get()))
     }
 
     fn unsubscribe(&self, id: &str, token: u64) {
@@ -159,6 +211,13 @@ impl Attachments {
         });
     }
 
+    /// Output of a TTY job's terminal, as read: sent as stdout, as it is (no line structure).
+    pub fn terminal(&self, id: &str, data: &[u8]) {
+        self.send(id, data.len(), || {
+            Msg::Output(Stream::Stdout, data.to_vec())
+        });
+    }
+
     /// Called once the job's end is in the table (`job` is what it says); detaches
     /// every client of the job.
     pub fn ended(&self, job: &ActiveJob) {
@@ -178,6 +237,8 @@ pub struct Subscription {
     rx: mpsc::Receiver<Msg>,
     /// Output bytes queued in `rx`.
     bytes: Arc<AtomicUsize>,
+    /// The window size asked for (only for a TTY job).
+    size: Size,
 }
 
 impl Subscription {
@@ -222,6 +283,13 @@ pub fn check_flags(flags: u32, has_stdin: bool) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// The window size of an attach request: `None` unless both dimensions are given (0 = not
+/// given). Half a size is no size, as a resize frame with a 0 in it is: spec §5.5 does not ask
+/// for both, and Flynn sized a terminal only with both.
+pub fn window_size(height: u16, width: u16) -> Option<(u16, u16)> {
+    (height > 0 && width > 0).then_some((height, width))
 }
 
 /// The exit status sent at the end: the exit code, or 128 + the signal that ended it.
@@ -272,15 +340,19 @@ where
         }
     }
     let running = job.status == JobStatus::Running;
+    let tty = job.job.config.tty;
     let mut end = job.status.is_terminal().then(|| Box::new(job));
     let mut input = Input {
         wants: flags & attach::STDIN != 0,
         stdin: None,
         pending: None,
+        tty,
+        size: sub.size.clone(),
     };
-    // A job's stdin is there once its process is (input before that waits for it).
-    if input.wants && running {
-        input.stdin = host.stdin(&sub.id);
+    // A job's stdin is there once its process is (input before that waits for it); so is
+    // its terminal, which gets the client's size then.
+    if running {
+        input.started(&host, &sub.id);
     }
     let mut inbuf: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -334,9 +406,7 @@ where
                 return;
             }
             Some(Msg::Started) => {
-                if input.wants {
-                    input.stdin = host.stdin(&sub.id);
-                }
+                input.started(&host, &sub.id);
                 None
             }
             Some(Msg::Output(stream, line)) => wants(stream).then(|| Frame::Data {
@@ -402,9 +472,25 @@ struct Input {
     stdin: Option<Stdin>,
     /// Input read from the client and not yet queued to the job.
     pending: Option<StdinMsg>,
+    /// The job runs on a terminal.
+    tty: bool,
+    /// The window size the client asked for last (TTY jobs; shared with its entry in the
+    /// job's list of clients, so a job starting later starts with it).
+    size: Size,
 }
 
 impl Input {
+    /// The job's process runs: its stdin is there, and a TTY job's terminal gets the
+    /// client's size (again, if the job started with it: the same size changes nothing).
+    fn started(&mut self, host: &Host, id: &str) {
+        if self.wants {
+            self.stdin = host.stdin(id);
+        }
+        if let (true, Some((rows, cols))) = (self.tty, self.size.get()) {
+            host.resize(id, rows, cols);
+        }
+    }
+
     /// Room for the pending input in the job's queue (`None`: stdin was closed); never
     /// ready while the job has no stdin yet. The sender is cloned only while input is
     /// pending.
@@ -453,8 +539,13 @@ fn client_frames(host: &Host, id: &str, inbuf: &mut Vec<u8>, input: &mut Input) 
                             tracing::debug!(job = %id, sig, error = %e.message, "attach: signal not sent");
                         }
                     }
-                    // No TTY jobs: nothing to resize.
-                    Frame::Resize { .. } => {}
+                    // Ignored for a job without a terminal, and when a dimension is 0.
+                    Frame::Resize { height, width } => {
+                        if input.tty && height > 0 && width > 0 {
+                            input.size.set(height, width);
+                            host.resize(id, height, width);
+                        }
+                    }
                     _ => return false,
                 }
             }
@@ -535,6 +626,7 @@ mod tests {
         use attach::*;
         assert!(check_flags(STDOUT | STDERR | STREAM, false).is_ok());
         assert!(check_flags(STDOUT | STREAM | INIT_LOG, false).is_ok());
+        // `has_stdin`: created with `stdin`, or a TTY job (whose input is its terminal).
         assert!(check_flags(STDOUT | STDIN | STREAM, true).is_ok());
         for (flags, says) in [
             (STDOUT | STDIN | STREAM, "stdin"),
@@ -548,10 +640,48 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_window_size_is_both_dimensions_or_none() {
+        assert_eq!(window_size(0, 0), None);
+        assert_eq!(window_size(20, 10), Some((20, 10)));
+        assert_eq!(window_size(0, 10), None);
+        assert_eq!(window_size(20, 0), None);
+    }
+
+    /// A TTY job's output goes to clients as it came (no newline added), and the job starts
+    /// with the size of the latest client that asked for one (when attaching or since).
+    #[tokio::test]
+    async fn terminal_output_is_raw_and_the_size_is_the_latest_clients() {
+        let a = Arc::new(Attachments::default());
+        assert_eq!(a.size("j"), None);
+        let _first = a.subscribe("j", false, Some((20, 10))).unwrap();
+        let mut plain = a.subscribe("j", false, None).unwrap();
+        assert_eq!(a.size("j"), Some((20, 10)));
+        let last = a.subscribe("j", false, Some((30, 40))).unwrap();
+        assert_eq!(a.size("j"), Some((30, 40)));
+        drop(last);
+        assert_eq!(a.size("j"), Some((20, 10)));
+        // A client's resize frames change the size it stands for (the connection's copy
+        // is the list's): a job starting now takes the size asked for last.
+        let conn_side = plain.size.clone();
+        conn_side.set(25, 50);
+        assert_eq!(a.size("j"), Some((25, 50)));
+        a.terminal("j", b"ready> ");
+        a.output("j", Stream::Stdout, b"line");
+        match plain.rx.recv().await {
+            Some(Msg::Output(Stream::Stdout, d)) => assert_eq!(d, b"ready> "),
+            m => panic!("{m:?}"),
+        }
+        match plain.rx.recv().await {
+            Some(Msg::Output(Stream::Stdout, d)) => assert_eq!(d, b"line\n"),
+            m => panic!("{m:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn queued_bytes_are_bounded_as_well_as_lines() {
         let a = Arc::new(Attachments::default());
-        let mut sub = a.subscribe("j", false).unwrap();
+        let mut sub = a.subscribe("j", false, None).unwrap();
         let line = vec![b'x'; 64 * 1024 - 1];
         let fit = QUEUE_BYTES / (64 * 1024);
         for _ in 0..fit {
@@ -570,10 +700,10 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_falls_behind_is_detached_and_others_are_not() {
         let a = Arc::new(Attachments::default());
-        let mut slow = a.subscribe("j", false).unwrap();
-        let mut fast = a.subscribe("j", false).unwrap();
+        let mut slow = a.subscribe("j", false, None).unwrap();
+        let mut fast = a.subscribe("j", false, None).unwrap();
         assert!(
-            a.subscribe("j", true).is_err(),
+            a.subscribe("j", true, None).is_err(),
             "exclusive refuses a second"
         );
         for i in 0..QUEUE {
@@ -596,7 +726,7 @@ mod tests {
         assert!(matches!(fast.rx.recv().await, Some(Msg::Output(..))));
         // The end always fits: a client with a full queue (one line short of being
         // detached) still gets it.
-        let mut full = a.subscribe("j", false).unwrap();
+        let mut full = a.subscribe("j", false, None).unwrap();
         for i in 0..QUEUE {
             a.output("j", Stream::Stderr, format!("{i}").as_bytes());
             assert!(matches!(fast.rx.recv().await, Some(Msg::Output(..))));

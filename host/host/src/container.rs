@@ -12,7 +12,9 @@ use flynn_container::{
 use tokio::sync::mpsc;
 
 use crate::logship::Stream;
-use crate::runtime::{Handle, Handled, Launch, ProcEvent, Runtime, RuntimeError, Signaller};
+use crate::runtime::{
+    Handle, Handled, Launch, ProcEvent, Resizer, Runtime, RuntimeError, Signaller,
+};
 
 /// The first argument that makes `flynn-host` act as a shim.
 pub const SHIM_COMMAND: &str = "shim";
@@ -98,6 +100,10 @@ impl Runtime for ContainerRuntime {
     }
 
     fn isolates_network(&self) -> bool {
+        true
+    }
+
+    fn supports_tty(&self) -> bool {
         true
     }
 
@@ -218,6 +224,8 @@ fn container_spec(l: Launch, cgroup_parent: &str) -> ContainerSpec {
         gid: l.gid,
         capabilities: l.capabilities,
         stdin: l.stdin,
+        tty: l.tty,
+        tty_size: l.tty_size.filter(|_| l.tty),
     }
 }
 
@@ -227,8 +235,9 @@ enum ToShim {
     CloseStdin,
 }
 
-/// One task owns the shim connection: it forwards events, and sends the signals asked for
-/// and the close of stdin. The job's stdin (a FIFO the shim made) is written directly.
+/// One task owns the shim connection: it forwards events, and sends the signals asked for,
+/// the close of stdin and a TTY job's window sizes. The job's stdin (a FIFO the shim made; a
+/// TTY job's shim copies it to the terminal) is written directly.
 ///
 /// The shim keeps every event until it is acknowledged and sends the unacknowledged ones
 /// again to the next daemon. So an event is acknowledged only once the daemon has dealt with
@@ -246,6 +255,15 @@ fn follow(mut conn: ShimConn) -> Handle {
                 let _ = close.send(ToShim::CloseStdin);
             },
         )
+    });
+    // Window sizes go through a slot holding the latest (a client sending resizes faster
+    // than the shim takes them queues nothing: the shim gets the size that is current).
+    let (size_tx, mut size_rx) = tokio::sync::watch::channel(None::<(u16, u16)>);
+    let mut sizes = conn.is_tty();
+    let resize: Option<Resizer> = sizes.then(|| {
+        Arc::new(move |rows, cols| {
+            size_tx.send_replace(Some((rows, cols)));
+        }) as Resizer
     });
     let done = handled.clone();
     tokio::spawn(async move {
@@ -294,6 +312,18 @@ fn follow(mut conn: ShimConn) -> Handle {
                             tracing::debug!(job = %conn.id(), error = %chain(&e), "closing stdin failed");
                         }
                     }
+                },
+                r = size_rx.changed(), if sizes => match r {
+                    Ok(()) => {
+                        let size = *size_rx.borrow_and_update();
+                        if let Some((rows, cols)) = size {
+                            if let Err(e) = conn.resize(rows, cols).await {
+                                tracing::debug!(job = %conn.id(), error = %chain(&e), "resizing the terminal failed");
+                            }
+                        }
+                    }
+                    // The resizer is gone (the job ended): nothing more to wait for.
+                    Err(_) => sizes = false,
                 }
             }
         }
@@ -308,6 +338,7 @@ fn follow(mut conn: ShimConn) -> Handle {
         events: rx,
         signal,
         stdin,
+        resize,
         handled,
     }
 }
@@ -348,6 +379,7 @@ fn convert(ev: ShimEvent) -> ProcEvent {
             stream: stream(s),
             line,
         },
+        ShimEvent::Terminal { data } => ProcEvent::Terminal { data },
         ShimEvent::Dropped { count, .. } => ProcEvent::Dropped { count },
         ShimEvent::Exited {
             code,
@@ -508,6 +540,67 @@ mod tests {
             c["linux"]["resources"]["cpu"],
             serde_json::json!({"shares": 512})
         );
+    }
+
+    /// Resizes of a TTY job's terminal are coalesced to the latest size: a client flooding
+    /// them while the shim is not reading queues nothing in the daemon, and the shim gets
+    /// the size asked for last. (A fake shim: the control socket of a state dir holding a
+    /// TTY job's spec, never read until the flood is over.)
+    #[tokio::test]
+    async fn resizes_are_coalesced_to_the_latest() {
+        use tokio::io::AsyncReadExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let layout = flynn_container::Layout::new(dir.path(), "j");
+        std::fs::create_dir_all(&layout.dir).unwrap();
+        let launch = crate::runtime::Launch {
+            id: "j".into(),
+            layers: vec!["/layer".into()],
+            args: vec!["sh".into()],
+            tty: true,
+            ..crate::runtime::Launch::default()
+        };
+        let spec = super::container_spec(launch, "flynn");
+        std::fs::write(layout.spec(), serde_json::to_vec(&spec).unwrap()).unwrap();
+        let listener = tokio::net::UnixListener::bind(layout.socket()).unwrap();
+        let conn = flynn_container::Shim::connect(dir.path(), "j")
+            .await
+            .unwrap();
+        let (mut shim, _) = listener.accept().await.unwrap();
+        let handle = super::follow(conn);
+        let resize = handle.resize.clone().expect("a TTY job can be resized");
+        for i in 0..100_000u32 {
+            resize((i % 1000) as u16 + 1, 80);
+        }
+        resize(42, 43);
+        // Frames (kind, u32 length, payload) until the last size: RESIZE is kind 13.
+        let mut buf = Vec::new();
+        let mut sizes = Vec::new();
+        while sizes.last() != Some(&(42u16, 43u16)) {
+            let mut chunk = [0u8; 65536];
+            let n = tokio::time::timeout(std::time::Duration::from_secs(10), shim.read(&mut chunk))
+                .await
+                .expect("the last size within 10 s")
+                .unwrap();
+            assert!(n > 0, "the connection ended; sizes {sizes:?}");
+            buf.extend_from_slice(&chunk[..n]);
+            while buf.len() >= 5 {
+                let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                if buf.len() < 5 + len {
+                    break;
+                }
+                let f: Vec<u8> = buf.drain(..5 + len).collect();
+                if f[0] == 13 {
+                    let p = &f[5..];
+                    sizes.push((
+                        u16::from_be_bytes([p[0], p[1]]),
+                        u16::from_be_bytes([p[2], p[3]]),
+                    ));
+                }
+            }
+        }
+        assert!(sizes.len() <= 2, "{} sizes sent", sizes.len());
+        drop(handle);
     }
 
     /// The head start is a no-op migration: the process stays in the cgroups it was in.

@@ -18,10 +18,10 @@ use flynn_client::discoverd::{self, Heartbeater, Instance};
 use tokio::sync::broadcast;
 
 use crate::job::{self, BoundPort, Exit, StopAction, Table};
-use crate::logship::{now_rfc3339, Shipper, Source};
+use crate::logship::{now_rfc3339, Shipper, Source, Stream};
 use crate::net::Network;
 use crate::runtime::{
-    BindMount, Handle, Launch, Limits, ProcEvent, Runtime, RuntimeError, Signaller, Stdin,
+    BindMount, Handle, Launch, Limits, ProcEvent, Resizer, Runtime, RuntimeError, Signaller, Stdin,
 };
 use crate::store::Store;
 use crate::volumes::{self, Volumes};
@@ -108,8 +108,11 @@ pub struct Options {
 #[derive(Default)]
 struct Ctl {
     signal: Option<Signaller>,
-    /// The job's stdin (jobs created with `config.stdin`), while its process lives.
+    /// The job's stdin (jobs created with `config.stdin` or `config.tty`), while its
+    /// process lives.
     stdin: Option<Stdin>,
+    /// Sets a TTY job's window size, while its process lives.
+    resize: Option<Resizer>,
     /// What the job announces in discoverd, once it has started (or was adopted) and
     /// was not asked to stop meanwhile; kept so a discoverd that announces itself later
     /// (or moves) gets the job's instances too.
@@ -266,9 +269,10 @@ impl Host {
         let job = self
             .get(&req.job_id)
             .ok_or_else(|| ApiError::object_not_found("host: unknown job"))?;
-        crate::attach::check_flags(req.flags, job.job.config.stdin)?;
-        self.attach
-            .subscribe(&req.job_id, job.job.config.disable_log)
+        let config = &job.job.config;
+        crate::attach::check_flags(req.flags, config.stdin || config.tty)?;
+        let size = crate::attach::window_size(req.height, req.width).filter(|_| config.tty);
+        self.attach.subscribe(&req.job_id, config.disable_log, size)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -747,6 +751,12 @@ impl Host {
                 "host is shutting down",
             ));
         }
+        if job.config.tty && !self.runtime.supports_tty() {
+            return Err(ApiError::validation(
+                Some("config.tty"),
+                "is not supported by this host's runtime (no terminals without containers); use stdin",
+            ));
+        }
         let id = job.id.clone();
         let change = {
             let mut inner = self.lock();
@@ -944,6 +954,15 @@ impl Host {
             gid: job.config.gid.unwrap_or(0),
             capabilities: job.config.linux_capabilities.clone(),
             stdin: job.config.stdin,
+            tty: job.config.tty,
+            // The size of a client that attached while the job was starting (`flynn run`
+            // attaches right after adding the job): set before the job runs. One attaching
+            // later resizes the running job.
+            tty_size: if job.config.tty {
+                self.attach.size(&id)
+            } else {
+                None
+            },
         };
         if self.stop_requested(&id) {
             self.teardown(&id, ip.is_some()).await;
@@ -1049,6 +1068,7 @@ impl Host {
                 Ctl {
                     signal: Some(handle.signal.clone()),
                     stdin: handle.stdin.take(),
+                    resize: handle.resize.take(),
                     stop_timeout: r.stop_timeout,
                     deregistered,
                     ..Ctl::default()
@@ -1065,10 +1085,20 @@ impl Host {
         }
         let src = Source::new(job.app_id(), job.process_type(), &id);
         let log = !job.config.disable_log;
+        // A TTY job's output, cut into lines for its log (clients get it raw). The events
+        // holding an incomplete line (a prompt) are not marked dealt with until the line is
+        // complete (or cut, past `terminal::MAX_PARTIAL`), so the runtime does not
+        // acknowledge them: a daemon that dies meanwhile leaves them to the next one, and
+        // the log still gets the whole line.
+        let mut term_lines = crate::terminal::TermLines::default();
         let mut end: Option<Result<Exit, String>> = None;
         let mut started = false;
         while let Some(ev) = handle.events.recv().await {
             let last = matches!(ev, ProcEvent::Exited { .. } | ProcEvent::Failed { .. });
+            if last && log {
+                // The job's last line, if it had no newline, before its end.
+                term_lines.finish(|l| self.logs.push(&src, Stream::Stdout, l));
+            }
             match ev {
                 ProcEvent::Started { pid } => {
                     // An adopted job gets this too: its shim's first event, sent again to
@@ -1122,6 +1152,12 @@ impl Host {
                     }
                     self.attach.output(&id, stream, &line);
                 }
+                ProcEvent::Terminal { data } => {
+                    if log {
+                        term_lines.feed(&data, |l| self.logs.push(&src, Stream::Stdout, l));
+                    }
+                    self.attach.terminal(&id, &data);
+                }
                 ProcEvent::Dropped { count } => self.logs.count_dropped(count),
                 ProcEvent::Exited {
                     code,
@@ -1136,14 +1172,21 @@ impl Host {
                 }
                 ProcEvent::Failed { reason } => end = Some(Err(reason)),
             }
-            // Dealt with (its output handed to the host's log): the runtime may acknowledge it.
-            handle.handled.mark();
+            // Dealt with (its output handed to the host's log): the runtime may acknowledge it,
+            // and the events held back for a line that is now complete (or cut).
+            let done = if log { term_lines.release() } else { 1 };
+            for _ in 0..done {
+                handle.handled.mark();
+            }
             if last {
                 break;
             }
         }
         if !r.adopted && !started {
             self.prepare_next();
+        }
+        if log {
+            term_lines.finish(|l| self.logs.push(&src, Stream::Stdout, l));
         }
         let end = end.unwrap_or_else(|| Err("lost contact with the job".into()));
         // The end is recorded (persisted, then announced) before anything else: a daemon
@@ -1156,6 +1199,7 @@ impl Host {
                 // turns up before the deregistration below.
                 c.signal = None;
                 c.stdin = None;
+                c.resize = None;
                 c.announce = None;
             }
             // Without an exit (the runtime lost the job): failed if it never ran, crashed
@@ -1460,6 +1504,15 @@ impl Host {
     /// The stdin of job `id`, while its process lives and if it was created with one.
     pub fn stdin(&self, id: &str) -> Option<Stdin> {
         self.lock().ctl.get(id).and_then(|c| c.stdin.clone())
+    }
+
+    /// Sets the window size of TTY job `id`'s terminal, while its process lives; nothing
+    /// for other jobs (a resize is no error: attach clients send them whatever the job).
+    pub fn resize(&self, id: &str, rows: u16, cols: u16) {
+        let resize = self.lock().ctl.get(id).and_then(|c| c.resize.clone());
+        if let Some(r) = resize {
+            r(rows, cols);
+        }
     }
 
     /// `PUT /host/jobs/:id/signal/:sig`.

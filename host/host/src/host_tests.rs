@@ -126,6 +126,7 @@ impl Runtime for Fake {
                 Ok(())
             }),
             stdin: None,
+            resize: None,
             handled: Default::default(),
         })
     }
@@ -148,6 +149,7 @@ impl Runtime for Fake {
                         Ok(())
                     }),
                     stdin: None,
+                    resize: None,
                     handled: Default::default(),
                 };
                 (id, h)

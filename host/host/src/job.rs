@@ -112,12 +112,6 @@ fn validate(job: &Job, needs_image: bool) -> Result<(), ApiError> {
             ));
         }
     }
-    if job.config.tty {
-        return Err(ApiError::validation(
-            Some("config.tty"),
-            "is not supported by this host (no terminals); use stdin",
-        ));
-    }
     if job.config.args.is_empty() || job.config.args[0].is_empty() {
         return Err(ApiError::validation(Some("config.args"), "must be set"));
     }

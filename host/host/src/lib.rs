@@ -22,6 +22,7 @@ pub mod net;
 pub mod runtime;
 pub mod store;
 pub mod syncer;
+pub mod terminal;
 pub mod volume_api;
 pub mod volumes;
 mod worker;

@@ -85,6 +85,13 @@ pub struct Launch {
     pub capabilities: Option<Vec<String>>,
     /// The job gets a stdin to write to ([`Handle::stdin`]) instead of `/dev/null`.
     pub stdin: bool,
+    /// The job runs on a terminal (its stdin, stdout and stderr): its output comes as
+    /// [`ProcEvent::Terminal`], its input goes to [`Handle::stdin`] (a TTY job always has
+    /// one) and [`Handle::resize`] sets the window size. Only for runtimes that
+    /// [`Runtime::supports_tty`].
+    pub tty: bool,
+    /// The terminal's window size (rows, columns) at the start, if known then.
+    pub tty_size: Option<(u16, u16)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +102,10 @@ pub enum ProcEvent {
     Output {
         stream: Stream,
         line: Vec<u8>,
+    },
+    /// Bytes a TTY job wrote to its terminal, raw (no line structure).
+    Terminal {
+        data: Vec<u8>,
     },
     /// Lines lost before they reached the daemon.
     Dropped {
@@ -113,13 +124,18 @@ pub enum ProcEvent {
 /// Sends a signal to the job's process.
 pub type Signaller = Arc<dyn Fn(i32) -> std::io::Result<()> + Send + Sync>;
 
+/// Sets the window size (rows, columns) of a TTY job's terminal.
+pub type Resizer = Arc<dyn Fn(u16, u16) + Send + Sync>;
+
 /// A started (or re-adopted) job: its events, ending after `Exited` or `Failed`, a
-/// way to signal it, and its stdin if it has one. The receiver marks each event in
-/// `handled` once it has dealt with it (output handed to the host's log), in order.
+/// way to signal it, its stdin if it has one and a way to resize its terminal if it is a TTY
+/// job. The receiver marks each event in `handled` once it has dealt with it (output handed
+/// to the host's log), in order.
 pub struct Handle {
     pub events: mpsc::Receiver<ProcEvent>,
     pub signal: Signaller,
     pub stdin: Option<Stdin>,
+    pub resize: Option<Resizer>,
     pub handled: Handled,
 }
 
@@ -226,6 +242,10 @@ pub trait Runtime: Send + Sync + 'static {
     fn needs_image(&self) -> bool;
     /// Whether jobs get their own network namespace.
     fn isolates_network(&self) -> bool;
+    /// Whether jobs may run on a terminal ([`Launch::tty`]).
+    fn supports_tty(&self) -> bool {
+        false
+    }
     /// Imports a layer tarball (verifying its sha256) or finds it already imported;
     /// returns its unpacked path. Blocking. Gives up with [`RuntimeError::Cancelled`] once
     /// `cancelled` returns true (the job was asked to stop).
@@ -254,7 +274,8 @@ pub trait Runtime: Send + Sync + 'static {
 
 /// Runs jobs as plain host processes (no isolation), for development. A clean daemon exit
 /// kills each job's leader process (`kill_on_drop`; the rest of its process group is left);
-/// jobs are not re-adopted after a restart.
+/// jobs are not re-adopted after a restart. No terminals (TTY jobs are refused): the
+/// terminal's master would live in the daemon and die with it.
 #[derive(Debug, Default)]
 pub struct ProcessRuntime;
 
@@ -349,6 +370,7 @@ impl Runtime for ProcessRuntime {
             events: rx,
             signal,
             stdin,
+            resize: None,
             handled: Handled::default(),
         })
     }

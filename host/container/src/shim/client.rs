@@ -57,9 +57,9 @@ pub struct ShimConn {
     ack_limit: Option<u64>,
     hello: bool,
     finished: bool,
-    /// Whether the job has a stdin FIFO (from its spec; read from the state dir when
-    /// unknown, after a reconnect).
-    stdin: Option<bool>,
+    /// Whether the job has a stdin FIFO and whether it runs on a terminal (from its spec;
+    /// read from the state dir when unknown, after a reconnect).
+    io: std::sync::OnceLock<(bool, bool)>,
 }
 
 /// A shim started ahead of any job ([`Shim::spawn_spare`]), waiting for one
@@ -218,8 +218,8 @@ impl Shim {
             let _ = fs::remove_dir_all(&layout.dir);
             return Err(e);
         }
-        let mut conn = Self::connect(&state_dir, &spec.id).await?;
-        conn.stdin = Some(spec.stdin);
+        let conn = Self::connect(&state_dir, &spec.id).await?;
+        let _ = conn.io.set((spec.has_input(), spec.tty));
         Ok(conn)
     }
 
@@ -328,7 +328,7 @@ impl Shim {
             ack_limit: None,
             hello: false,
             finished: false,
-            stdin: None,
+            io: std::sync::OnceLock::new(),
         })
     }
 
@@ -578,22 +578,40 @@ impl ShimConn {
         self.send(Some(&b)).await
     }
 
-    /// The job's stdin FIFO, for a job started with [`ContainerSpec::stdin`] (`None`
-    /// otherwise). The shim makes it before the job starts (before its `Started` event).
-    /// Open it to write with a non-blocking open: that fails (`ENXIO`) once the job has no
-    /// reader left.
-    pub fn stdin_path(&self) -> Option<std::path::PathBuf> {
-        let stdin = self.stdin.unwrap_or_else(|| {
+    /// (has a stdin FIFO, runs on a terminal), from the spec in the state dir once.
+    fn io(&self) -> (bool, bool) {
+        *self.io.get_or_init(|| {
             fs::read(self.layout.spec())
                 .ok()
                 .and_then(|b| serde_json::from_slice::<ContainerSpec>(&b).ok())
-                .is_some_and(|s| s.stdin)
-        });
-        stdin.then(|| self.layout.stdin())
+                .map_or((false, false), |s| (s.has_input(), s.tty))
+        })
+    }
+
+    /// The job's stdin FIFO, for a job started with [`ContainerSpec::stdin`] or
+    /// [`ContainerSpec::tty`] (`None` otherwise). The shim makes it before the job starts
+    /// (before its `Started` event). Open it to write with a non-blocking open: that fails
+    /// (`ENXIO`) once nothing reads it any more.
+    pub fn stdin_path(&self) -> Option<std::path::PathBuf> {
+        self.io().0.then(|| self.layout.stdin())
+    }
+
+    /// Whether the job runs on a terminal ([`ContainerSpec::tty`]).
+    pub fn is_tty(&self) -> bool {
+        self.io().1
+    }
+
+    /// Sets the window size of a TTY job's terminal (`rows`, `cols`; the job gets
+    /// `SIGWINCH` when it changes). The shim ignores it for other jobs.
+    pub async fn resize(&self, rows: u16, cols: u16) -> Result<(), ContainerError> {
+        let mut b = Vec::new();
+        wire::encode_resize(rows, cols, &mut b);
+        self.send(Some(&b)).await
     }
 
     /// Tells the shim to let go of its end of the job's stdin: the job reads end-of-file
-    /// once every writer the daemon opened is closed too.
+    /// once every writer the daemon opened is closed too (a TTY job: the shim writes the
+    /// terminal's end-of-file character, ^D, after the input before it).
     pub async fn close_stdin(&self) -> Result<(), ContainerError> {
         let mut b = Vec::new();
         wire::encode_close_stdin(&mut b);

@@ -13,6 +13,7 @@ use libcontainer::workload::default::DefaultExecutor;
 
 use super::cgroups;
 use super::layout::Layout;
+use super::terminal::{own_terminal, set_window, Console};
 use crate::spec::ContainerSpec;
 
 pub(super) fn errno() -> std::io::Error {
@@ -36,11 +37,20 @@ pub(super) struct Running {
     pub pid_ns: PidNs,
     pub pid: libc::pid_t,
     pub pidfd: OwnedFd,
-    pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
-    /// The shim's write end of the job's stdin FIFO (jobs with stdin): held so the job does
-    /// not read end-of-file before the daemon closes stdin.
+    pub io: JobIo,
+    /// The shim's write end of the job's stdin FIFO (jobs with stdin, TTY jobs): held so the
+    /// job (or the shim, for a terminal) does not read end-of-file before the daemon closes
+    /// stdin.
     pub stdin_hold: Option<OwnedFd>,
+}
+
+/// How the shim talks to a started job (its ends non-blocking).
+pub(super) enum JobIo {
+    /// Read ends of the job's stdout and stderr pipes.
+    Pipes { stdout: OwnedFd, stderr: OwnedFd },
+    /// A TTY job: the master side of its terminal (output is read from it, input written to
+    /// it) and the read end of its stdin FIFO, which the shim copies to the master.
+    Terminal { master: OwnedFd, input: OwnedFd },
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -237,8 +247,7 @@ pub(super) fn create(
             pid_ns,
             pid: s.pid,
             pidfd: s.pidfd,
-            stdout: s.stdout,
-            stderr: s.stderr,
+            io: s.io,
             stdin_hold: s.stdin_hold,
         }),
         Err(e) => {
@@ -253,14 +262,13 @@ struct Started {
     container: Container,
     pid: libc::pid_t,
     pidfd: OwnedFd,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
+    io: JobIo,
     stdin_hold: Option<OwnedFd>,
 }
 
-/// The job's stdin FIFO at `path`, made anew: its read end (blocking, for the job) and a
-/// write end for the shim to hold.
-fn stdin_fifo(path: &Path) -> Result<(OwnedFd, OwnedFd), String> {
+/// The job's stdin FIFO at `path`, made anew: its read end (blocking for the job, or
+/// non-blocking for the shim with `nonblocking`) and a write end for the shim to hold.
+fn stdin_fifo(path: &Path, nonblocking: bool) -> Result<(OwnedFd, OwnedFd), String> {
     use std::os::unix::ffi::OsStrExt;
     let _ = fs::remove_file(path);
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
@@ -281,12 +289,20 @@ fn stdin_fifo(path: &Path) -> Result<(OwnedFd, OwnedFd), String> {
     // Non-blocking so the open does not wait for a writer; the job gets it blocking.
     let read = open(libc::O_RDONLY | libc::O_NONBLOCK)?;
     let hold = open(libc::O_WRONLY)?;
-    // SAFETY: fcntl on an fd we own.
-    unsafe {
-        let fl = libc::fcntl(read.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(read.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+    if !nonblocking {
+        // SAFETY: fcntl on an fd we own.
+        unsafe {
+            let fl = libc::fcntl(read.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(read.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
     }
     Ok((read, hold))
+}
+
+/// The job's output as [`start`] sets it up: pipes, or a terminal still to come.
+enum Plan {
+    Pipes(OwnedFd, OwnedFd),
+    Terminal(Console, OwnedFd),
 }
 
 /// Builds and starts the container with its pid namespace at `pid_ns` (a path).
@@ -313,22 +329,34 @@ fn start(
     let config = serde_json::to_vec_pretty(&config).unwrap();
     fs::write(bundle.join("config.json"), config).map_err(|e| format!("writing config: {e}"))?;
 
-    let (out_r, out_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
-    let (stdin, stdin_hold): (OwnedFd, _) = if spec.stdin {
-        let (read, hold) = stdin_fifo(&layout.stdin())?;
-        (read, Some(hold))
-    } else {
-        let devnull = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-        (devnull.into(), None)
-    };
-    let mut container = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
+    // A TTY job: its terminal comes over the console socket, its input through the FIFO
+    // (read by the shim). Otherwise pipes, and the FIFO (or /dev/null) as the job's stdin.
+    let mut builder = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
         .with_executor(DefaultExecutor {})
         .with_root_path(layout.runtime_root())
-        .map_err(|e| error_chain(&e))?
-        .with_stdin(stdin)
-        .with_stdout(out_w)
-        .with_stderr(err_w)
+        .map_err(|e| error_chain(&e))?;
+    let (plan, stdin_hold) = if spec.tty {
+        let console = Console::bind(layout)?;
+        builder = builder.with_console_socket(Some(&console.path));
+        let (input, hold) = stdin_fifo(&layout.stdin(), true)?;
+        (Plan::Terminal(console, input), Some(hold))
+    } else {
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let (stdin, stdin_hold): (OwnedFd, _) = if spec.stdin {
+            let (read, hold) = stdin_fifo(&layout.stdin(), false)?;
+            (read, Some(hold))
+        } else {
+            let devnull = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+            (devnull.into(), None)
+        };
+        builder = builder
+            .with_stdin(stdin)
+            .with_stdout(out_w)
+            .with_stderr(err_w);
+        (Plan::Pipes(out_r, err_r), stdin_hold)
+    };
+    let mut container = builder
         .validate_id()
         .map_err(|e| error_chain(&e))?
         .as_init(&bundle)
@@ -354,22 +382,49 @@ fn start(
     }
     // SAFETY: pidfd_open returned a new fd that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let io = match plan {
+        Plan::Terminal(console, input) => {
+            let master = console.master().and_then(|m| {
+                // The job's user owns its terminal (libcontainer opened it as root).
+                own_terminal(m.as_raw_fd(), spec.uid)
+                    .map_err(|e| format!("giving the terminal to uid {}: {e}", spec.uid))?;
+                // The first size, before the job runs (so it never sees 0x0).
+                if let Some((rows, cols)) = spec.tty_size {
+                    set_window(m.as_raw_fd(), rows, cols)
+                        .map_err(|e| format!("setting the terminal size: {e}"))?;
+                }
+                Ok(m)
+            });
+            match master {
+                Ok(master) => JobIo::Terminal { master, input },
+                Err(reason) => {
+                    let _ = container.delete(true);
+                    reap(pid);
+                    return Err(reason);
+                }
+            }
+        }
+        Plan::Pipes(stdout, stderr) => JobIo::Pipes { stdout, stderr },
+    };
     if let Err(e) = container.start() {
         let reason = error_chain(&e);
         let _ = container.delete(true);
         reap(pid);
         return Err(reason);
     }
-    for fd in [&out_r, &err_r] {
-        set_nonblocking(fd.as_raw_fd());
+    match &io {
+        JobIo::Pipes { stdout, stderr } => {
+            set_nonblocking(stdout.as_raw_fd());
+            set_nonblocking(stderr.as_raw_fd());
+        }
+        JobIo::Terminal { master, .. } => set_nonblocking(master.as_raw_fd()),
     }
     tracing::debug!(job = %spec.id, mount = ?t_mount, build = ?(t_build - t_mount), start = ?(t0.elapsed() - t_build), "container created");
     Ok(Started {
         container,
         pid,
         pidfd,
-        stdout: out_r,
-        stderr: err_r,
+        io,
         stdin_hold,
     })
 }

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 /// Longest unix socket path (`sun_path` minus the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
+const CONTROL_SOCKET: &str = "control.sock";
+const CONSOLE_SOCKET: &str = "console.sock";
+
 /// A control socket path usable with bind/connect (see [`Layout::socket_addr`]).
 pub struct SocketAddr {
     pub path: PathBuf,
@@ -31,14 +34,26 @@ impl Layout {
     }
     /// The control socket.
     pub fn socket(&self) -> PathBuf {
-        self.dir.join("control.sock")
+        self.dir.join(CONTROL_SOCKET)
     }
     /// A path to bind or connect the control socket with. A unix socket path holds at most
     /// 107 bytes, so a longer one (a long state dir, a 64-byte job id) goes through
     /// `/proc/self/fd/<fd>/control.sock` with the job's directory held open (`O_PATH`)
     /// for as long as the returned value lives.
     pub fn socket_addr(&self) -> std::io::Result<SocketAddr> {
-        let path = self.socket();
+        self.addr_of(CONTROL_SOCKET)
+    }
+    /// The socket a TTY job's terminal master comes over (libcontainer's console socket):
+    /// the shim listens on it while the container is created.
+    pub fn console(&self) -> PathBuf {
+        self.dir.join(CONSOLE_SOCKET)
+    }
+    /// [`Layout::console`] usable with bind (see [`Layout::socket_addr`]).
+    pub fn console_addr(&self) -> std::io::Result<SocketAddr> {
+        self.addr_of(CONSOLE_SOCKET)
+    }
+    fn addr_of(&self, name: &str) -> std::io::Result<SocketAddr> {
+        let path = self.dir.join(name);
         if path.as_os_str().len() <= MAX_SOCKET_PATH {
             return Ok(SocketAddr { path, _dir: None });
         }
@@ -46,14 +61,15 @@ impl Layout {
             .read(true)
             .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
             .open(&self.dir)?;
-        let path = PathBuf::from(format!("/proc/self/fd/{}/control.sock", dir.as_raw_fd()));
+        let path = PathBuf::from(format!("/proc/self/fd/{}/{name}", dir.as_raw_fd()));
         Ok(SocketAddr {
             path,
             _dir: Some(dir),
         })
     }
     /// The job's stdin, a FIFO (jobs with [`ContainerSpec::stdin`](crate::ContainerSpec)
-    /// only): the daemon opens it to write, the job reads it.
+    /// or a terminal): the daemon opens it to write, the job reads it (a TTY job's shim reads
+    /// it and writes what it reads to the terminal).
     pub fn stdin(&self) -> PathBuf {
         self.dir.join("stdin")
     }

@@ -6,6 +6,7 @@ mod client;
 mod container;
 mod layout;
 mod run;
+mod terminal;
 
 pub use client::{Shim, ShimConn, SpareShim};
 pub use layout::{Layout, SHIM_ARG, SPARE_ARG};

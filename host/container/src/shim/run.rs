@@ -3,7 +3,8 @@
 //! It daemonizes (setsid, fork; the parent exits once the control socket is bound), enters a
 //! private mount namespace (so the overlay root disappears with it), mounts the job's overlay
 //! root, creates and starts the container with libcontainer (whose init becomes the shim's
-//! child), then runs a `poll(2)` loop: the init's pidfd, the stdout/stderr pipes, the control
+//! child), then runs a `poll(2)` loop: the init's pidfd, the stdout/stderr pipes (for a TTY
+//! job: the terminal's master, and the stdin FIFO it copies to the master), the control
 //! socket. After the init exits and the pipes are drained it deletes the container (cgroups,
 //! runtime state), writes the final status, and exits once the daemon acknowledged it.
 
@@ -17,8 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::cgroups;
-use super::container::{create, errno, pipe, private_mount_ns, reap, teardown, Running};
+use super::container::{create, errno, pipe, private_mount_ns, reap, teardown, JobIo, Running};
 use super::layout::{Layout, SHIM_ARG, SPARE_ARG};
+use super::terminal::{end_of_input, read_input, set_window, write_input};
 use crate::outbox::{Outbox, DEFAULT_CAPACITY};
 use crate::spec::{valid_id, ContainerSpec};
 use crate::wire::{self, Frame, ShimEvent, Stream, MAX_LINE};
@@ -232,6 +234,7 @@ fn serve(layout: &Layout, ready: OwnedFd, ns_ready: bool) -> Result<(), String> 
         pid: 0,
         signals: Vec::new(),
         stdin_hold: None,
+        window: None,
     };
     match create(&shim.spec, layout, ns_ready) {
         Ok(mut running) => {
@@ -251,15 +254,33 @@ fn serve(layout: &Layout, ready: OwnedFd, ns_ready: bool) -> Result<(), String> 
     Ok(())
 }
 
-/// Splits a pipe's bytes into lines.
+/// Splits a pipe's bytes into lines; a terminal's (`raw`) go as they were read.
 struct Lines {
     stream: Stream,
     buf: Vec<u8>,
     open: bool,
+    raw: bool,
 }
 
 impl Lines {
     fn feed(&mut self, data: &[u8], out: &mut Outbox, may_drop: bool) {
+        if self.raw {
+            // Reads are at most MAX_LINE bytes: one event each, cut after its last newline
+            // (so a partial line, which the daemon holds unacknowledged until its newline,
+            // starts at an event: a daemon sent the held events again rebuilds it without
+            // logging the complete lines before it twice).
+            let cut = match data.iter().rposition(|&b| b == b'\n') {
+                Some(nl) if nl + 1 < data.len() => nl + 1,
+                _ => data.len(),
+            };
+            let (lines, partial) = data.split_at(cut);
+            for chunk in [lines, partial] {
+                if !chunk.is_empty() {
+                    out.push_terminal(chunk.to_vec(), may_drop);
+                }
+            }
+            return;
+        }
         self.buf.extend_from_slice(data);
         let mut start = 0;
         while let Some(nl) = self.buf[start..].iter().position(|&b| b == b'\n') {
@@ -305,6 +326,8 @@ struct ShimLoop {
     signals: Vec<i32>,
     /// The shim's write end of the job's stdin FIFO, until the daemon closes stdin.
     stdin_hold: Option<OwnedFd>,
+    /// The latest window size asked for (TTY jobs), not yet set.
+    window: Option<(u16, u16)>,
 }
 
 /// How long after the init exited the shim waits for the pipes to reach end-of-file.
@@ -381,6 +404,7 @@ impl ShimLoop {
                 Ok(Some(Frame::Signal(s))) if !self.signals.contains(&s) => self.signals.push(s),
                 Ok(Some(Frame::Signal(_))) => {}
                 Ok(Some(Frame::CloseStdin)) => self.stdin_hold = None,
+                Ok(Some(Frame::Resize { rows, cols })) => self.window = Some((rows, cols)),
                 Ok(Some(_)) | Err(_) => {
                     drop_client = true;
                     break;
@@ -464,16 +488,29 @@ impl ShimLoop {
     }
 
     fn run_job(&mut self, mut r: Running) {
+        // The job's output fds (a TTY job: its terminal's master, no stderr) and, for a TTY
+        // job, the read end of its stdin FIFO, whose bytes the shim writes to the master.
+        let (out_fd, err_fd, mut input) = match r.io {
+            JobIo::Pipes { stdout, stderr } => (stdout, Some(stderr), None),
+            JobIo::Terminal { master, input } => (master, None, Some(input)),
+        };
+        let tty = input.is_some();
         let mut out = Lines {
             stream: Stream::Stdout,
             buf: Vec::new(),
             open: true,
+            raw: tty,
         };
         let mut err = Lines {
             stream: Stream::Stderr,
             buf: Vec::new(),
-            open: true,
+            open: err_fd.is_some(),
+            raw: false,
         };
+        let err_raw = err_fd.as_ref().map_or(-1, |f| f.as_raw_fd());
+        // Input read from the FIFO and not yet taken by the terminal; the last byte read.
+        let mut pending: Vec<u8> = Vec::new();
+        let mut last_input: Option<u8> = None;
         let mut status: Option<Option<i32>> = None;
         let mut exited_at: Option<Instant> = None;
         loop {
@@ -483,6 +520,13 @@ impl ShimLoop {
                 }
             }
             let read_pipes = self.client.is_none() || !self.outbox.full();
+            let mut out_events = 0;
+            if out.open && read_pipes {
+                out_events |= libc::POLLIN;
+            }
+            if out.open && !pending.is_empty() {
+                out_events |= libc::POLLOUT;
+            }
             let mut fds = vec![
                 pollfd(self.listener.as_raw_fd(), libc::POLLIN),
                 pollfd(
@@ -494,18 +538,21 @@ impl ShimLoop {
                     libc::POLLIN,
                 ),
                 pollfd(
-                    if out.open && read_pipes {
-                        r.stdout.as_raw_fd()
+                    if out_events != 0 {
+                        out_fd.as_raw_fd()
                     } else {
                         -1
                     },
+                    out_events,
+                ),
+                pollfd(
+                    if err.open && read_pipes { err_raw } else { -1 },
                     libc::POLLIN,
                 ),
                 pollfd(
-                    if err.open && read_pipes {
-                        r.stderr.as_raw_fd()
-                    } else {
-                        -1
+                    match &input {
+                        Some(f) if pending.is_empty() && out.open => f.as_raw_fd(),
+                        _ => -1,
                     },
                     libc::POLLIN,
                 ),
@@ -524,7 +571,7 @@ impl ShimLoop {
             if fds[0].revents != 0 {
                 self.accept();
             }
-            if fds.len() > 4 && fds[4].revents != 0 {
+            if fds.len() > 5 && fds[5].revents != 0 {
                 self.read_client();
             }
             for sig in std::mem::take(&mut self.signals) {
@@ -533,11 +580,40 @@ impl ShimLoop {
                     unsafe { libc::kill(r.pid, sig) };
                 }
             }
-            if fds[2].revents != 0 {
-                self.read_pipe(r.stdout.as_raw_fd(), &mut out);
+            if let Some((rows, cols)) = self.window.take() {
+                if tty && out.open {
+                    if let Err(e) = set_window(out_fd.as_raw_fd(), rows, cols) {
+                        eprintln!("setting the terminal size: {e}");
+                    }
+                }
+            }
+            if let Some(f) = &input {
+                if fds[4].revents != 0 {
+                    // (Read only while nothing is pending: all before went to the terminal.)
+                    if read_input(f.as_raw_fd(), &mut pending) {
+                        last_input = pending.last().copied().or(last_input);
+                    } else {
+                        // End of input (the daemon closed stdin): the terminal's end-of-file
+                        // character, as Flynn and Docker send it (twice after a partial
+                        // line in canonical mode); the FIFO is done with.
+                        pending = end_of_input(out_fd.as_raw_fd(), last_input);
+                        input = None;
+                    }
+                }
+            }
+            if tty && out.open && !pending.is_empty() {
+                write_input(out_fd.as_raw_fd(), &mut pending);
+            }
+            if fds[2].revents & !libc::POLLOUT != 0 {
+                self.read_pipe(out_fd.as_raw_fd(), &mut out);
+                if !out.open {
+                    // The terminal is gone: nothing takes input any more.
+                    pending.clear();
+                    input = None;
+                }
             }
             if fds[3].revents != 0 {
-                self.read_pipe(r.stderr.as_raw_fd(), &mut err);
+                self.read_pipe(err_raw, &mut err);
             }
             if fds[1].revents != 0 && status.is_none() {
                 // `None` inside: the init could not be waited for (never expected).
@@ -549,11 +625,9 @@ impl ShimLoop {
             }
             self.write_client();
         }
+        drop(input);
         // Whatever is still in the pipes is read now (and counted as dropped if it cannot fit).
-        for (fd, lines) in [
-            (r.stdout.as_raw_fd(), &mut out),
-            (r.stderr.as_raw_fd(), &mut err),
-        ] {
+        for (fd, lines) in [(out_fd.as_raw_fd(), &mut out), (err_raw, &mut err)] {
             if lines.open {
                 let saved_client = self.client.take();
                 self.read_pipe(fd, lines);
@@ -596,8 +670,9 @@ impl ShimLoop {
             if fds.len() > 1 && fds[1].revents != 0 {
                 self.read_client();
             }
-            // The job is gone: nothing to signal.
+            // The job is gone: nothing to signal or resize.
             self.signals.clear();
+            self.window = None;
         }
         let _ = fs::remove_file(self.layout.socket());
     }
@@ -635,6 +710,7 @@ mod tests {
             stream: Stream::Stdout,
             buf: Vec::new(),
             open: true,
+            raw: false,
         };
         l.feed(b"he", &mut out, false);
         l.feed(b"llo\nwor", &mut out, false);
@@ -649,5 +725,51 @@ mod tests {
         assert_eq!(got[0], b"hello");
         assert_eq!(got[1], b"world");
         assert_eq!(got[6], b"tail");
+    }
+
+    /// A terminal's output goes as read: a prompt without a newline is not held back, and
+    /// `\r\n` and partial lines stay as they are; a read is cut after its last newline.
+    #[test]
+    fn terminal_output_is_raw() {
+        let mut out = Outbox::new(1 << 30);
+        let mut t = Lines {
+            stream: Stream::Stdout,
+            buf: Vec::new(),
+            open: true,
+            raw: true,
+        };
+        t.feed(b"ready> ", &mut out, false);
+        t.feed(b"abc\r\ngot:abc\r\n", &mut out, false);
+        // Cut after the last newline: the next partial line starts an event.
+        t.feed(b"a\r\nb\r\nnext> ", &mut out, false);
+        t.feed(b"1%\r2%\r", &mut out, false);
+        t.flush(&mut out, false);
+        out.reconnect();
+        let mut buf = Vec::new();
+        out.encode_unsent(&mut buf, usize::MAX);
+        let mut got = Vec::new();
+        while let Some(Frame::Event(ev)) = wire::decode(&mut buf).unwrap() {
+            got.push(ev);
+        }
+        assert_eq!(
+            got,
+            vec![
+                ShimEvent::Terminal {
+                    data: b"ready> ".to_vec()
+                },
+                ShimEvent::Terminal {
+                    data: b"abc\r\ngot:abc\r\n".to_vec()
+                },
+                ShimEvent::Terminal {
+                    data: b"a\r\nb\r\n".to_vec()
+                },
+                ShimEvent::Terminal {
+                    data: b"next> ".to_vec()
+                },
+                ShimEvent::Terminal {
+                    data: b"1%\r2%\r".to_vec()
+                },
+            ]
+        );
     }
 }

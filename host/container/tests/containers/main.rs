@@ -6,3 +6,4 @@ mod limits;
 mod reconnect;
 mod spare;
 mod support;
+mod tty;

@@ -88,6 +88,8 @@ impl Env {
             gid: 0,
             capabilities: None,
             stdin: false,
+            tty: false,
+            tty_size: None,
         }
     }
 
@@ -153,6 +155,8 @@ pub struct Run {
     pub pid: Option<u32>,
     pub stdout: Vec<String>,
     pub stderr: Vec<String>,
+    /// A TTY job's terminal output, as it came.
+    pub terminal: Vec<u8>,
     pub dropped: u64,
     pub last: Option<ShimEvent>,
 }
@@ -175,6 +179,7 @@ impl Run {
                     Stream::Stderr => self.stderr.push(line),
                 }
             }
+            ShimEvent::Terminal { data } => self.terminal.extend_from_slice(&data),
             ShimEvent::Dropped { count, .. } => self.dropped += count,
             ev => {
                 assert!(

@@ -370,15 +370,36 @@ async fn attach_refusals_are_json_errors() {
         matches!(&end, Err(e) if e.to_string().contains("before the exit status")),
         "{end:?}"
     );
+
+    // Half a window size is no size (as a resize frame with a 0 in it; spec §5.5 asks for
+    // neither): not refused, for any job (a TTY job's terminal keeps the size it has).
+    for (height, width) in [(20, 0), (0, 10)] {
+        let mut a = c
+            .attach(&AttachRequest {
+                job_id: talk.clone(),
+                flags: STDOUT | STREAM,
+                height,
+                width,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{height}x{width}: {e}"));
+        assert_eq!(next(&mut a).await, Some(Frame::Success), "{height}x{width}");
+    }
     c.stop_job(&talk).await.unwrap();
 
-    // A terminal is refused when the job is added.
+    // A terminal is refused when the job is added: the process runtime has none (the
+    // container runtime's are in `containers::tty`).
     let mut job = sh_job(&h.job_id("tty"), "true");
     job.config.tty = true;
     let e = c.add_job(&job).await.expect_err("tty refused");
     let e = e.api().expect("the JSON envelope");
     assert_eq!(e.status(), 400);
     assert!(e.message.contains("not supported"), "{}", e.message);
+    assert_eq!(
+        e.detail,
+        Some(serde_json::json!({"field": "config.tty"})),
+        "{e:?}"
+    );
 
     // Without the upgrade.
     let a = h.addr.as_str();

@@ -23,6 +23,7 @@ macro_rules! require_root {
     };
 }
 
+mod tty;
 mod volumes;
 
 fn is_root() -> bool {
