@@ -7,14 +7,18 @@
 //! Limits that protect the router, per connection: 256 concurrent streams, and as many
 //! stream tasks (a stream opened while 256 still run, streams the client reset still
 //! winding down, is refused with REFUSED_STREAM and never dials); header list size; h2's
-//! caps on resets before acceptance and on locally-errored streams; and more than 512
-//! client resets of unanswered streams within 10 s get GOAWAY ENHANCE_YOUR_CALM (rapid
-//! reset, CVE-2023-44487). A stream the client resets ends whatever it waits on at once
-//! (a dial, a redial, the backend exchange: the backend connection is closed, not pooled),
-//! so resetting accepted streams cannot pile up backend work; waits on a backend are
-//! bounded as on HTTP/1.1 (response head, then idle time between reads). Every body the
-//! router sends, its own answers' included, goes out within the client's flow-control
-//! window, and a client that grants none for the idle timeout has the stream reset.
+//! caps on resets before acceptance and on locally-errored streams; and a client whose
+//! premature resets (of unanswered streams, within 1 s of their start) within 10 s number
+//! more than 512 and more than half of the streams it opened then gets GOAWAY
+//! ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487, counted as Envoy does: busy clients
+//! whose deadlines cancel some calls are not cut off). A backend's interim responses are
+//! relayed up to 5 per request (HEADERS are not flow-controlled). A stream the client
+//! resets ends whatever it waits on at once (a dial, a redial, the backend exchange: the
+//! backend connection is closed, not pooled), so resetting accepted streams cannot pile
+//! up backend work; waits on a backend are bounded as on HTTP/1.1 (response head, then
+//! idle time between reads). Every body the router sends, its own answers' included, goes
+//! out within the client's flow-control window, and a client that grants none for the
+//! idle timeout has the stream reset.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -128,7 +132,7 @@ where
             let guard = StreamGuard::new(streams.clone());
             let core = core.clone();
             monoio::spawn(async move {
-                stream(core, req, respond, peer, l, proto, &guard.0).await;
+                stream(core, req, respond, peer, l, proto, &guard).await;
                 drop(guard);
             });
         }
@@ -139,21 +143,29 @@ where
 /// Streams in flight per connection: what the connection advertises (SETTINGS), and the
 /// most stream tasks it runs at once (see [`serve`]).
 const MAX_STREAMS: usize = 256;
-/// A connection whose client resets more than [`RESET_LIMIT`] streams before their answer
-/// within [`RESET_WINDOW`] is sent GOAWAY (ENHANCE_YOUR_CALM) and closed. A browser
-/// cancels a few requests when the user moves on; rapid reset does thousands a second.
+/// Rapid reset (CVE-2023-44487), counted as Envoy counts it: a *premature* reset is a
+/// client's reset of a stream not answered yet, within [`PREMATURE`] of the stream's
+/// start. A connection whose premature resets within one [`RESET_WINDOW`] number more than
+/// [`RESET_LIMIT`] and more than half of the streams it started in that window is sent
+/// GOAWAY (ENHANCE_YOUR_CALM) and closed. A browser cancels a few requests when the user
+/// moves on, and a busy gRPC channel whose deadlines cancel some calls resets many, late or
+/// few among many; rapid reset does thousands a second, almost all of its streams.
 const RESET_LIMIT: u32 = 2 * MAX_STREAMS as u32;
 const RESET_WINDOW: Duration = Duration::from_secs(10);
+const PREMATURE: Duration = Duration::from_secs(1);
 
 /// The streams in flight on one client connection, since when it has none, and how many
-/// the client reset before their answer lately.
+/// it started and reset prematurely lately: a few integers, touched once per stream.
 struct Streams {
     active: Cell<usize>,
     quiet_since: Cell<Instant>,
-    /// Client resets of streams not yet answered since `resets_since` (a fixed window of
-    /// [`RESET_WINDOW`], restarted by the first reset after it ends).
+    /// Start of the current window (a fixed [`RESET_WINDOW`], restarted by the first
+    /// stream started or reset after it ends).
+    window_since: Cell<Instant>,
+    /// Streams started (given a task) in the window.
+    started: Cell<u32>,
+    /// Premature resets in the window.
     resets: Cell<u32>,
-    resets_since: Cell<Instant>,
 }
 
 impl Default for Streams {
@@ -162,27 +174,30 @@ impl Default for Streams {
         Streams {
             active: Cell::new(0),
             quiet_since: Cell::new(now),
+            window_since: Cell::new(now),
+            started: Cell::new(0),
             resets: Cell::new(0),
-            resets_since: Cell::new(now),
         }
     }
 }
 
 impl Streams {
-    /// The client reset a stream the router had not answered yet.
-    fn note_reset(&self) {
-        let now = Instant::now();
-        if now.saturating_duration_since(self.resets_since.get()) >= RESET_WINDOW {
-            self.resets_since.set(now);
+    /// Starts a new window if the current one has ended at `now`.
+    fn roll_window(&self, now: Instant) {
+        if now.saturating_duration_since(self.window_since.get()) >= RESET_WINDOW {
+            self.window_since.set(now);
+            self.started.set(0);
             self.resets.set(0);
         }
-        self.resets.set(self.resets.get().saturating_add(1));
     }
 
-    /// Whether the client reset more than [`RESET_LIMIT`] unanswered streams in the
-    /// current window.
+    /// Whether the client's premature resets in the current window are over both
+    /// [`RESET_LIMIT`] and half of the streams started in it.
     fn resets_over_limit(&self) -> bool {
-        self.resets.get() > RESET_LIMIT && self.resets_since.get().elapsed() < RESET_WINDOW
+        let resets = self.resets.get();
+        resets > RESET_LIMIT
+            && u64::from(resets) * 2 > u64::from(self.started.get())
+            && self.window_since.get().elapsed() < RESET_WINDOW
     }
 
     /// How long until the connection has been without streams for `limit` (the full
@@ -205,22 +220,45 @@ impl Streams {
     }
 }
 
-/// Counts one stream as in flight until dropped.
-struct StreamGuard(Rc<Streams>);
+/// One stream of a connection's [`Streams`]: counted as started (in the reset window) when
+/// made, in flight until dropped, and knowing its start for [`StreamGuard::note_reset`].
+struct StreamGuard {
+    streams: Rc<Streams>,
+    started: Instant,
+}
 
 impl StreamGuard {
     fn new(s: Rc<Streams>) -> Self {
+        let now = Instant::now();
+        s.roll_window(now);
+        s.started.set(s.started.get().saturating_add(1));
         s.active.set(s.active.get() + 1);
-        StreamGuard(s)
+        StreamGuard {
+            streams: s,
+            started: now,
+        }
+    }
+
+    /// The client reset this stream before its answer: counted if that is premature
+    /// (within [`PREMATURE`] of the stream's start).
+    fn note_reset(&self) {
+        let now = Instant::now();
+        if now.saturating_duration_since(self.started) >= PREMATURE {
+            return;
+        }
+        let s = &self.streams;
+        s.roll_window(now);
+        s.resets.set(s.resets.get().saturating_add(1));
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        let n = self.0.active.get() - 1;
-        self.0.active.set(n);
+        let s = &self.streams;
+        let n = s.active.get() - 1;
+        s.active.set(n);
         if n == 0 {
-            self.0.quiet_since.set(Instant::now());
+            s.quiet_since.set(Instant::now());
         }
     }
 }
@@ -467,13 +505,24 @@ async fn exchange(
     .map(|r| (r, true))
 }
 
+/// Interim responses relayed per request: at most [`MAX_INTERIM`] heads and
+/// [`MAX_INTERIM_BYTES`] of them (as the backend sent them). HEADERS frames are not
+/// flow-controlled and h2 queues each one for a client that does not read, so a backend
+/// sending 1xx heads without end would otherwise have the router buffer them all until
+/// the response timeout. Heads past the cap are read and dropped, not relayed, and the
+/// final response still goes out: a backend that sends many only costs the reads, within
+/// the response timeout like any slow head (Go's client allows 5 and fails the request
+/// past that; dropping keeps the answer, which HTTP/1.1 clients get too).
+const MAX_INTERIM: u32 = 5;
+const MAX_INTERIM_BYTES: usize = 64 * 1024;
+
 /// Reads the response head into `ubuf`, relaying interim 1xx heads to the client as
-/// HTTP/2 informational responses (103 Early Hints, as HTTP/1.1 clients get them) but for
-/// a 100 (the router answers `Expect` itself). What a read brought is parsed to the end
-/// before the next read: a final head often arrives in the same read as a 100 or 103
-/// before it. A 101 is a failure (an HTTP/2 stream cannot switch protocols; the HTTP/1
-/// path answers 503 too), and so is a close after an interim head (the request was
-/// answered in part, so it is not replayed).
+/// HTTP/2 informational responses (103 Early Hints, as HTTP/1.1 clients get them, up to
+/// [`MAX_INTERIM`]) but for a 100 (the router answers `Expect` itself). What a read
+/// brought is parsed to the end before the next read: a final head often arrives in the
+/// same read as a 100 or 103 before it. A 101 is a failure (an HTTP/2 stream cannot
+/// switch protocols; the HTTP/1 path answers 503 too), and so is a close after an interim
+/// head (the request was answered in part, so it is not replayed).
 async fn read_head(
     up: &mut monoio::net::TcpStream,
     ubuf: &mut Vec<u8>,
@@ -481,12 +530,18 @@ async fn read_head(
     respond: &Respond<'_>,
 ) -> Result<flynn_http::ResponseInfo, Failure> {
     let mut interim = false;
+    // Interim heads relayed so far, and their bytes.
+    let (mut relayed, mut relayed_bytes) = (0, 0);
     loop {
         if !ubuf.is_empty() {
             match parse_response(ubuf, method) {
                 Ok(Some(r)) if r.status == 101 => return Err(Failure::Failed),
                 Ok(Some(r)) if r.status < 200 => {
-                    if r.status != 100 {
+                    let fits =
+                        relayed < MAX_INTERIM && relayed_bytes + r.head_len <= MAX_INTERIM_BYTES;
+                    if r.status != 100 && fits {
+                        relayed += 1;
+                        relayed_bytes += r.head_len;
                         let head = h2_response(&ubuf[..r.head_len], r.status);
                         // A client gone meanwhile is seen by the reset watch.
                         let _ = respond.borrow_mut().send_informational(head);
@@ -510,7 +565,7 @@ async fn read_head(
     }
 }
 
-/// Serves one stream. A client that resets it before its answer is counted in `streams`
+/// Serves one stream. A client that resets it before its answer is counted by `guard`
 /// (rapid-reset defence) and ends whatever is pending for it at once: a dial, a redial, a
 /// backend exchange.
 async fn stream(
@@ -520,7 +575,7 @@ async fn stream(
     peer: SocketAddr,
     l: ListenerInfo,
     proto: &'static str,
-    streams: &Streams,
+    guard: &StreamGuard,
 ) {
     let start_ms = crate::proxy::now_ms();
     CoreMetrics::inc(&core.metrics().requests_total);
@@ -547,7 +602,7 @@ async fn stream(
         let (backends, id) = (route.backends.clone(), route.id.clone());
         drop(table);
         return grpc::passthrough(
-            core, parts, body, respond, &backends, &id, peer, l, proto, start_ms, streams,
+            core, parts, body, respond, &backends, &id, peer, l, proto, start_ms, guard,
         )
         .await;
     }
@@ -557,7 +612,7 @@ async fn stream(
     let cookie_addr = sealer.and_then(|s| crate::sticky::from_request(s, &head[..info.head_len]));
     let dialled = monoio::select! {
         c = connect(&core, route, cookie_addr, None) => c,
-        _ = client_reset(&mut respond) => return streams.note_reset(),
+        _ = client_reset(&mut respond) => return guard.note_reset(),
     };
     let Some((mut up, mut addr, mut reused)) = dialled else {
         CoreMetrics::inc(&core.metrics().unavailable_total);
@@ -633,12 +688,15 @@ async fn stream(
         }
     };
     let resp = monoio::select! {
-        r = attempts => r,
+        // The reset watch first: a reset during an upload also fails the exchange's wait
+        // for the body (`ClientGone`), and must be counted whichever is seen first.
+        biased;
         // The client gave up on the stream: so does the backend exchange or dial (its
         // connection is dropped with it).
         _ = std::future::poll_fn(|cx| watched.borrow_mut().poll_reset(cx)) => {
-            return streams.note_reset()
+            return guard.note_reset()
         }
+        r = attempts => r,
     };
     let resp = match resp {
         Ok(r) => r,

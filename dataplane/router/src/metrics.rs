@@ -38,6 +38,7 @@ counters! {
     upstream_reuses_total: "requests sent on a pooled upstream connection",
     upstream_connect_errors_total: "failed upstream dials",
     upstream_errors_total: "upstream failures after connecting",
+    upstream_retries_total: "requests sent again on a fresh connection after a reused one failed (its head write, or before any response byte to a safe bodiless request)",
     upgrades_total: "upgraded (101) connections tunnelled",
     connections_total: "client connections accepted",
     connections_rejected_total: "client connections closed at the per-core cap",

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{client_reset, simple, Streams};
+use super::{client_reset, simple, StreamGuard};
 use crate::metrics::CoreMetrics;
 use crate::worker::{Core, ListenerInfo};
 
@@ -28,13 +28,13 @@ pub(super) async fn passthrough(
     l: ListenerInfo,
     proto: &'static str,
     start_ms: u64,
-    streams: &Streams,
+    guard: &StreamGuard,
 ) {
     let is_head = parts.method == http::Method::HEAD;
     // A client that resets the stream meanwhile ends the dial and the wait below.
     let picked = monoio::select! {
         b = grpc_backend(&core, backends, route_id) => b,
-        _ = client_reset(&mut respond) => return streams.note_reset(),
+        _ = client_reset(&mut respond) => return guard.note_reset(),
     };
     let Some((mut client, addr)) = picked else {
         CoreMetrics::inc(&core.metrics().unavailable_total);
@@ -44,7 +44,7 @@ pub(super) async fn passthrough(
     // Waits for a free stream slot under the backend's SETTINGS_MAX_CONCURRENT_STREAMS.
     let ready = monoio::select! {
         r = client.ready() => r,
-        _ = client_reset(&mut respond) => return streams.note_reset(),
+        _ = client_reset(&mut respond) => return guard.note_reset(),
     };
     client = match ready {
         Ok(c) => c,
@@ -125,10 +125,13 @@ pub(super) async fn passthrough(
         }
     };
     let down = async move {
-        // A client that resets the stream drops the backend's too.
+        // A client that resets the stream drops the backend's too. The reset watch comes
+        // first: the upload pump, seeing the same reset, resets the backend's stream, which
+        // fails `resp` at once, and the reset must be counted whichever is seen first.
         let resp = monoio::select! {
+            biased;
+            _ = client_reset(&mut respond) => return guard.note_reset(),
             r = resp => r,
-            _ = client_reset(&mut respond) => return streams.note_reset(),
         };
         let Ok(resp) = resp else {
             return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n").await;

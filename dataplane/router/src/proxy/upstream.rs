@@ -85,6 +85,7 @@ pub(crate) async fn redial(
     route: &HttpRoute,
     addr: SocketAddr,
 ) -> Option<(TcpStream, SocketAddr, bool)> {
+    CoreMetrics::inc(&core.metrics().upstream_retries_total);
     match dial_counted(core, addr).await {
         Ok(s) => {
             CoreMetrics::inc(&core.metrics().upstream_connects_total);

@@ -1,14 +1,14 @@
 //! What one HTTP/2 client connection can make the router hold: streams reset while their
 //! backend is dialled or waited on end at once; at most 256 stream tasks run per connection
 //! however fast the client resets; a client that keeps resetting unanswered streams (rapid
-//! reset, CVE-2023-44487) is sent GOAWAY ENHANCE_YOUR_CALM; a client that grants no window
-//! does not get the 503 page buffered for it. Driven with raw frames (`h2_wire`), every loop
-//! bounded in count and time.
+//! reset, CVE-2023-44487) is sent GOAWAY ENHANCE_YOUR_CALM (more in `h2_resets`); a client
+//! that grants no window does not get the 503 page buffered for it, nor a backend's endless
+//! 103s. Driven with raw frames (`h2_wire`), every loop bounded in count and time.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::h2_wire::{
@@ -19,15 +19,15 @@ use crate::support::{black_hole, http_route, wait_connecting_to, wait_until, Rou
 
 /// A backend that takes connections and requests and never answers: counts the
 /// connections it accepted and those still open (until the router closes them).
-struct Sink {
-    addr: SocketAddr,
+pub(crate) struct Sink {
+    pub(crate) addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     open: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
 impl Sink {
-    fn start() -> Sink {
+    pub(crate) fn start() -> Sink {
         // A backlog for 256 connections at once (std's 128 would drop SYNs, and the
         // router's dials would time out).
         let sock =
@@ -66,11 +66,11 @@ impl Sink {
         }
     }
 
-    fn accepted(&self) -> usize {
+    pub(crate) fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
 
-    fn open(&self) -> usize {
+    pub(crate) fn open(&self) -> usize {
         self.open.load(Ordering::SeqCst)
     }
 }
@@ -82,7 +82,7 @@ impl Drop for Sink {
     }
 }
 
-fn h2c_router(args: &[&str]) -> Router {
+pub(crate) fn h2c_router(args: &[&str]) -> Router {
     let mut b = Router::builder().arg("--h2c-addr").arg("127.0.0.1:0");
     for a in args {
         b = b.arg(*a);
@@ -144,8 +144,15 @@ fn stream_tasks_are_capped_at_the_advertised_concurrency() {
         sink.accepted()
     );
 
-    // All 256 reset, and 256 new streams, in one write (6.5 KB: one read for the router),
-    // so the new streams arrive before the reset streams' tasks have ended.
+    // All 256 reset, and 256 new streams, in one write, so the new streams arrive before the
+    // reset streams' tasks have ended. Why that holds: the batch is 6,656 bytes (512 frames
+    // of 13 bytes, the host indexed by HPACK since the first batch); one write of it on
+    // loopback is one segment (MSS ~64 KiB), nothing else is unread, and the router reads an
+    // h2c connection 8 KiB at a time (monoio-compat's `StreamWrapper` buffer), so h2 gets
+    // every frame in one read. The reset streams' tasks run only when the connection's task
+    // yields, and it does not between one read's streams: all 256 new ones find 256 tasks
+    // still running. Split over two reads (a batch over 8 KiB), the tasks could end in
+    // between and the second read's streams would rightly dial, failing the count below.
     let mut batch: Vec<u8> = first
         .iter()
         .flat_map(|&id| rst_stream(id, CANCEL))
@@ -154,6 +161,7 @@ fn stream_tasks_are_capped_at_the_advertised_concurrency() {
     for &id in &second {
         batch.extend(c.get_frame(id, "cap.example.com"));
     }
+    assert_eq!(batch.len(), 6656, "the batch must fit one 8 KiB read");
     c.s.write_all(&batch).unwrap();
     let mut refused = 0;
     c.read_frames(Duration::from_secs(3), |f| {
@@ -305,5 +313,88 @@ fn the_503_page_waits_for_window_and_a_client_granting_none_is_reset() {
     assert_eq!(
         cancelled, streams,
         "streams granting no window not reset after the idle timeout ({end:?})"
+    );
+}
+
+/// A backend that answers one GET with 60,000 103 Early Hints heads of 1 KB (at most 5 s of them)
+/// and then a 200: HEADERS frames are not flow-controlled, and h2 queues every head the
+/// router hands it for a client that does not read. The router relays at most 5 and drops
+/// the rest, so a client that reads nothing until the backend is done then gets at most 5
+/// interim heads and the 200, and the router's memory has not grown with the heads.
+#[test]
+fn a_backend_sending_endless_103s_has_at_most_five_relayed() {
+    let router = h2c_router(&[]);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    router.add_route(http_route("hints.example.com", "web"));
+    router.set_backend_addrs("web", &[(l.local_addr().unwrap().to_string(), false)]);
+    let (sent_tx, sent_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = l.accept() else { return };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut b) {
+                Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+                _ => return,
+            }
+        }
+        // Each head's Link differs (HPACK cannot index it away), about 1 KB on the wire:
+        // more than the sockets' buffers can take.
+        let pad = "p".repeat(1000);
+        let started = Instant::now();
+        let (mut sent, mut batch) = (0, Vec::new());
+        while sent < 60_000 && started.elapsed() < Duration::from_secs(5) {
+            batch.clear();
+            for i in sent..sent + 100 {
+                let hint = format!(
+                    "HTTP/1.1 103 Early Hints\r\nLink: </{i}.css?{pad}>; rel=preload\r\n\r\n"
+                );
+                batch.extend_from_slice(hint.as_bytes());
+            }
+            if s.write_all(&batch).is_err() {
+                return;
+            }
+            sent += 100;
+        }
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        let _ = sent_tx.send(sent);
+        // Held until the router closes it (or the timeout).
+        while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+    });
+
+    let before = rss_kib(&router);
+    let mut c = H2c::connect(router.h2c_addrs[0]);
+    c.get(1, "hints.example.com");
+    // Nothing is read until the backend has sent all its heads and the 200.
+    let sent = sent_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the backend did not get to send its 103s");
+    std::thread::sleep(Duration::from_millis(300));
+    let grown = rss_kib(&router).saturating_sub(before);
+    let (mut heads, mut body) = (0, Vec::new());
+    let end = c.read_frames(Duration::from_secs(10), |f| {
+        if f.id != 1 {
+            return false;
+        }
+        match f.ty {
+            HEADERS => heads += 1,
+            DATA => body.extend_from_slice(&f.payload),
+            _ => {}
+        }
+        // END_STREAM
+        f.flags & 0x1 != 0
+    });
+    assert_eq!(end, End::Done, "the stream did not end ({heads} HEADERS)");
+    assert_eq!(body, b"ok", "{heads} HEADERS");
+    // The 200's HEADERS and the interim ones before it.
+    let interim = heads - 1;
+    assert!(
+        grown < 16 << 10,
+        "RSS grew {grown} KiB for {sent} 103s to a client that did not read"
+    );
+    assert!(
+        (1..=5).contains(&interim),
+        "{interim} of {sent} 103s relayed"
     );
 }

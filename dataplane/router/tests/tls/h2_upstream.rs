@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -126,15 +126,29 @@ fn a_close_delimited_body_cut_by_a_reset_resets_the_stream() {
     assert!(got <= 1000, "{got}");
 }
 
+/// The sum over cores of the router's counter `flynn_router_{name}`.
+fn metric(router: &Router, name: &str) -> u64 {
+    let (_, m) = router.api("GET", "/metrics", None);
+    let prefix = format!("flynn_router_{name}{{");
+    m.as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// As on HTTP/1.1: a request whose head cannot be written to a reused pooled connection
 /// (the backend reset it while it idled) never reached the backend, so it goes again on a
 /// fresh connection whatever its method; a bodiless POST is answered by the backend, not
 /// with a 503.
 ///
 /// The backend resets its connection right after each `/warm` response and the POST
-/// follows within the pool's no-peek window (1 ms): then the router's write fails. A round
-/// that takes longer finds the connection closed by its liveness peek instead and dials
-/// afresh (it passes either way); a few rounds make a fast one all but certain.
+/// follows within the pool's no-peek window (1 ms): then the router's write fails and the
+/// POST goes again (`flynn_router_upstream_retries_total`). A round that takes longer finds
+/// the connection closed by its liveness peek instead and dials afresh, without a retry:
+/// rounds go on (at most 50, or 30 s) until one retry is counted, and the test fails if
+/// none is, as then it did not test the failed head write.
 #[test]
 fn a_post_whose_head_write_fails_on_a_reused_connection_goes_again() {
     let (router, rt) = h2c_router();
@@ -177,11 +191,11 @@ fn a_post_whose_head_write_fails_on_a_reused_connection_goes_again() {
             }
         });
     }
-    let rounds = 10;
-    let statuses = rt.block_on(async {
-        let mut client = h2_client(router.h2c_addrs[0]).await;
-        let mut statuses = Vec::new();
-        for _ in 0..rounds {
+    let mut client = rt.block_on(h2_client(router.h2c_addrs[0]));
+    let (mut statuses, mut retries) = (Vec::new(), 0);
+    let started = Instant::now();
+    while statuses.len() < 50 && started.elapsed() < Duration::from_secs(30) {
+        let status = rt.block_on(async {
             let resp = request(&mut client, "GET", "http://stale.example.com/warm").await;
             assert_eq!(resp.status(), 200);
             let mut body = resp.into_body();
@@ -191,10 +205,17 @@ fn a_post_whose_head_write_fails_on_a_reused_connection_goes_again() {
             // The backend has reset that connection (which the router pooled).
             closed_rx.recv_timeout(Duration::from_secs(5)).unwrap();
             let resp = request(&mut client, "POST", "http://stale.example.com/form").await;
-            statuses.push(resp.status().as_u16());
+            resp.status().as_u16()
+        });
+        statuses.push(status);
+        // Only a POST can fail on a reused connection here: each `/warm` reuses the last
+        // POST's connection, which the backend keeps open.
+        retries = metric(&router, "upstream_retries_total");
+        if retries > 0 && statuses.len() >= 3 {
+            break;
         }
-        statuses
-    });
+    }
+    let rounds = statuses.len();
     let posts = seen
         .lock()
         .unwrap()
@@ -210,4 +231,9 @@ fn a_post_whose_head_write_fails_on_a_reused_connection_goes_again() {
     assert_eq!(posts, rounds, "each POST reached the backend once");
     // Each round's POST on a fresh connection (its `/warm` reuses the last one).
     assert!(accepted.load(Ordering::SeqCst) <= rounds + 1);
+    assert!(
+        retries > 0,
+        "no POST went again after a failed head write on a reused connection in {rounds} \
+         rounds (each found its connection closed by the liveness peek)"
+    );
 }

@@ -115,6 +115,17 @@ impl H2c {
         frame(HEADERS, 0x5, id, &block)
     }
 
+    /// The HEADERS frame (END_HEADERS, no END_STREAM: a body follows) of a POST to `/` for
+    /// `host` on stream `id`, encoded as [`H2c::get_frame`]'s (`:method POST` indexed).
+    pub fn post_frame(&mut self, id: u32, host: &str) -> Vec<u8> {
+        let mut f = self.get_frame(id, host);
+        // Frame header (9 bytes), then `:method GET` (0x82) becomes `:method POST` (0x83);
+        // flags lose END_STREAM.
+        f[9] = 0x83;
+        f[4] = 0x4;
+        f
+    }
+
     /// Reads frames until `f` returns true for one, the router closes the connection or
     /// `limit` passes (from now), answering PINGs.
     pub fn read_frames(&mut self, limit: Duration, mut f: impl FnMut(&Frame) -> bool) -> End {

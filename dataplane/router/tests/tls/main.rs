@@ -13,6 +13,7 @@ mod grpc;
 mod h2;
 mod h2_close;
 mod h2_limits;
+mod h2_resets;
 mod h2_upstream;
 mod h2_wire;
 mod handshake;
