@@ -1094,9 +1094,11 @@ impl Host {
         let mut end: Option<Result<Exit, String>> = None;
         let mut started = false;
         while let Some(ev) = handle.events.recv().await {
+            // The job's last line, if it had no newline, before its end; and a terminal's
+            // partial line before output the shim dropped (its newline may have been in
+            // it): what comes after the gap starts a line of its own.
             let last = matches!(ev, ProcEvent::Exited { .. } | ProcEvent::Failed { .. });
-            if last && log {
-                // The job's last line, if it had no newline, before its end.
+            if (last || matches!(ev, ProcEvent::Dropped { .. })) && log {
                 term_lines.finish(|l| self.logs.push(&src, Stream::Stdout, l));
             }
             match ev {
