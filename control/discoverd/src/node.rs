@@ -44,7 +44,7 @@ pub struct Node {
     /// cut off from the others (openraft keeps such a leader until it hears a higher vote).
     /// It answers as a node without a leader until a quorum acknowledges it again.
     cut_off: AtomicBool,
-    /// When this node last accepted an append (or heartbeat) from a leader: milliseconds
+    /// When this node last received an append (or heartbeat) from a leader: milliseconds
     /// since `epoch`, plus one (0: never). See [`Node::hears_leader`].
     leader_heard: AtomicU64,
     epoch: std::time::Instant,
@@ -134,17 +134,18 @@ impl Node {
         self.raft.metrics().borrow_watched().current_term
     }
 
-    /// A leader's append or heartbeat was accepted (see [`Node::hears_leader`]).
+    /// An append, heartbeat or snapshot from a leader came in (see [`Node::hears_leader`];
+    /// recorded as it arrives: a deposed leader's, refused, steps it down at once).
     pub fn heard_from_leader(&self) {
         let now = self.epoch.elapsed().as_millis() as u64 + 1;
         self.leader_heard.store(now, Ordering::Release);
     }
 
-    /// Whether this node accepted an append or heartbeat from a leader within
-    /// `leader_silence` (lease and election timeout). With Pre-Vote a follower cut off from its leader stays a follower
-    /// of that leader (its pre-votes fail, so it never becomes a candidate and openraft
-    /// keeps naming the leader): past this silence it counts as knowing no leader, as it
-    /// did when it campaigned.
+    /// Whether an append, heartbeat or snapshot from a leader came in within
+    /// `leader_silence` (lease and election timeout). With Pre-Vote a follower cut off from
+    /// its leader stays a follower of that leader (its pre-votes fail, so it never becomes a
+    /// candidate and openraft keeps naming the leader): past this silence it counts as
+    /// knowing no leader, as it did when it campaigned.
     fn hears_leader(&self) -> bool {
         let at = self.leader_heard.load(Ordering::Acquire);
         let now = self.epoch.elapsed().as_millis() as u64 + 1;

@@ -969,16 +969,17 @@ impl Store {
     }
 
     /// Every app's lines after its position in `pos` (absent = from the start), at most
-    /// about `max` lines per call; advances `pos`.
+    /// `max` lines per call; advances `pos`.
     pub fn read_all_since(&self, pos: &mut Positions, max: usize) -> Vec<(Box<[u8]>, Line)> {
         self.read_all_fair(pos, max, usize::MAX)
     }
 
     /// [`Store::read_all_since`] that takes at most [`READ_ALL_PER_APP`] lines of an app
-    /// per call and ends once the lines taken hold `max_bytes` of app names and frames (at
-    /// least one line is taken; a snapshot chunk ends at a byte size, as a follower's
-    /// does). Each call starts where the last one stopped (kept in `positions`): at the
-    /// next shard, or within a shard at the first app the budget left without a turn. A
+    /// per call and ends once it has `max` lines or the lines taken hold `max_bytes` of app
+    /// names and frames (at least one line is taken; a snapshot chunk ends at a byte size,
+    /// as a follower's does). Each call starts where the last one stopped (kept in
+    /// `positions`): at the next shard, or within a shard at the first app a bound left
+    /// without a turn. A
     /// busy app (or shard) cannot keep a reader from ever reaching the others. (The apps of
     /// a shard are counted in its map's order, which an app created or removed between two
     /// calls may change: then an app may get a turn late or twice, and lose no line.)
@@ -1010,7 +1011,7 @@ impl Store {
             let s = self.shard_at(i);
             let pos = &mut positions.shards[i];
             for (n, (app, a)) in s.apps.iter().enumerate().skip(from_app).take(apps) {
-                if bytes >= max_bytes {
+                if bytes >= max_bytes || out.len() >= max {
                     // This shard's other apps come first next time.
                     positions.next_shard = i;
                     positions.next_app = n;

@@ -701,11 +701,14 @@ async fn stream(
     let resp = match resp {
         Ok(r) => r,
         Err(Failure::ClientGone) => return,
+        // Counted as HTTP/1.1 counts them (`proxy::upstream_failed`).
         Err(Failure::NoBackend) => {
+            CoreMetrics::inc(&core.metrics().unavailable_total);
             return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n").await;
         }
         Err(_) => {
             CoreMetrics::inc(&core.metrics().upstream_errors_total);
+            CoreMetrics::inc(&core.metrics().unavailable_total);
             return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n").await;
         }
     };
@@ -803,8 +806,8 @@ async fn stream(
 /// Sends `data` as DATA frames as the client's flow-control window allows (slices of it:
 /// no copy), the last one with END_STREAM if `end`. A client that grants no window for
 /// `idle` (it stopped reading) has the stream reset, which frees its backend connection and
-/// the connection-level window it held (as [`grpc`]'s pump does). False when the stream ended
-/// before all was sent.
+/// the connection-level window it held. [`grpc`]'s pump sends each chunk through this too.
+/// False when the stream ended before all was sent.
 async fn send_flow_controlled(
     send: &mut h2::SendStream<Bytes>,
     mut data: Bytes,

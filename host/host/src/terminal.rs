@@ -3,8 +3,9 @@
 //! Attached clients get a terminal's output raw, as the job wrote it (a prompt without a
 //! newline must show at once). The log aggregator takes lines, so the output shipped for a
 //! TTY job is cut at each `\n`, without the `\r` the terminal puts before it (`ONLCR`); a
-//! last line without a newline goes when the job ends ([`TermLines::finish`]). Used by the
-//! job's supervisor in `host.rs`.
+//! last line without a newline goes when the job ends, or where the shim dropped output
+//! (its newline may have been in the gap) ([`TermLines::finish`]). Used by the job's
+//! supervisor in `host.rs`.
 //!
 //! The events holding a partial line are held back (not marked dealt with, so the shim keeps
 //! them for a daemon that replaces this one): [`TermLines::release`] says which may go, those
@@ -60,6 +61,7 @@ impl TermLines {
     }
 
     /// Whether a line is incomplete (waiting for its newline).
+    #[cfg(test)]
     pub fn pending(&self) -> bool {
         !self.partial.is_empty()
     }
@@ -78,7 +80,7 @@ impl TermLines {
         n
     }
 
-    /// The job ended: its last line, if it had no newline.
+    /// The job ended, or the shim dropped output: the partial line, if any, goes as a line.
     pub fn finish(&mut self, mut line: impl FnMut(&[u8])) {
         if !self.partial.is_empty() {
             line(strip_cr(&self.partial));

@@ -887,6 +887,34 @@ fn reading_until_empty_on_a_byte_budget_gets_every_line() {
     }
 }
 
+/// A read ends at `max` lines also within a shard of many small apps (a snapshot chunk is
+/// at most 1000 records), and the reads after it get every line once.
+#[test]
+fn a_read_ends_at_its_line_bound_within_a_shard() {
+    let s = store(10_000, usize::MAX);
+    let apps: Vec<String> = (0..)
+        .map(|i| format!("small{i}"))
+        .filter(|a| shard_of(a.as_bytes()) == shard_of(b"small0"))
+        .take(50)
+        .collect();
+    for a in &apps {
+        put(&s, a, &msg("h", "web.1", "ID1", 1, 1, "one"));
+    }
+    let mut pos = Positions::default();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..100 {
+        let lines = s.read_all_fair(&mut pos, 10, usize::MAX);
+        if lines.is_empty() {
+            break;
+        }
+        assert!(lines.len() <= 10, "{} lines in one read", lines.len());
+        for (a, _) in lines {
+            assert!(seen.insert(a), "a line read twice");
+        }
+    }
+    assert_eq!(seen.len(), apps.len());
+}
+
 #[test]
 fn evictions_of_apps_the_store_removed_still_count() {
     // One-line apps past the memory cap: the cap evicts whole apps' only lines and the

@@ -238,27 +238,13 @@ async fn pump(mut from: h2::RecvStream, mut to: h2::SendStream<Bytes>, idle: Dur
             _ = std::future::poll_fn(|cx| to.poll_reset(cx)) => return,
         };
         let Some(chunk) = next else { break };
-        let Ok(mut chunk) = chunk else {
+        let Ok(chunk) = chunk else {
             to.send_reset(h2::Reason::CANCEL);
             return;
         };
         let _ = from.flow_control().release_capacity(chunk.len());
-        while !chunk.is_empty() {
-            to.reserve_capacity(chunk.len());
-            let wait = std::future::poll_fn(|cx| to.poll_capacity(cx));
-            let cap = match monoio::time::timeout(idle, wait).await {
-                Ok(Some(Ok(c))) if c > 0 => c,
-                Ok(Some(Ok(_))) => continue,
-                Ok(_) => return,
-                Err(_) => {
-                    to.send_reset(h2::Reason::CANCEL);
-                    return;
-                }
-            };
-            let part = chunk.split_to(cap.min(chunk.len()));
-            if to.send_data(part, false).is_err() {
-                return;
-            }
+        if !super::send_flow_controlled(&mut to, chunk, false, idle).await {
+            return;
         }
     }
     match from.trailers().await {

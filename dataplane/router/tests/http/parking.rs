@@ -6,16 +6,6 @@ use std::time::Duration;
 
 use crate::support::{handlers, http_route, wait_until, Backend, Conn, Router};
 
-fn metric(router: &Router, name: &str) -> u64 {
-    let (_, m) = router.api("GET", "/metrics", None);
-    let text = m.as_str().unwrap_or_default().to_string();
-    let prefix = format!("flynn_router_{name}{{");
-    text.lines()
-        .filter(|l| l.starts_with(&prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 fn router_with_backend(extra: &[&str]) -> (Router, Backend) {
     let mut b = Router::builder().threads(1);
     for a in extra {
@@ -36,25 +26,24 @@ fn an_idle_connection_parks_and_is_served_again() {
         assert_eq!(c.get("park.example.com", "/first").status, 200);
     }
     assert!(
-        wait_until(Duration::from_secs(8), || metric(
-            &router,
-            "connections_parked_active"
-        ) == 20),
+        wait_until(Duration::from_secs(8), || router
+            .metric("connections_parked_active")
+            == 20),
         "parked: {}",
-        metric(&router, "connections_parked_active")
+        router.metric("connections_parked_active")
     );
     // Parked connections are still open connections.
-    assert_eq!(metric(&router, "connections_active"), 20);
+    assert_eq!(router.metric("connections_active"), 20);
     for (i, c) in conns.iter_mut().enumerate() {
         let r = c.get("park.example.com", &format!("/again/{i}"));
         assert_eq!(r.status, 200, "request {i} on a parked connection");
         assert!(!r.connection_has("close"));
         assert_eq!(r.seen().uri, format!("/again/{i}"));
     }
-    assert_eq!(metric(&router, "connections_parked_active"), 0);
+    assert_eq!(router.metric("connections_parked_active"), 0);
     // They park again, and a request split across the wake-up still works.
     assert!(wait_until(Duration::from_secs(8), || {
-        metric(&router, "connections_parked_active") == 20
+        router.metric("connections_parked_active") == 20
     }));
     conns[0].send(b"GET /split HTTP/1.1\r\nHost: park.exa");
     std::thread::sleep(Duration::from_millis(100));
@@ -64,12 +53,11 @@ fn an_idle_connection_parks_and_is_served_again() {
     // A client that goes away while parked is noticed and no longer counted.
     conns.truncate(5);
     assert!(
-        wait_until(Duration::from_secs(5), || metric(
-            &router,
-            "connections_active"
-        ) == 5),
+        wait_until(Duration::from_secs(5), || router
+            .metric("connections_active")
+            == 5),
         "active: {}",
-        metric(&router, "connections_active")
+        router.metric("connections_active")
     );
 }
 
@@ -79,13 +67,12 @@ fn a_parked_connection_expires_at_the_idle_timeout() {
     let mut c = Conn::connect(router.http_addr);
     assert_eq!(c.get("park.example.com", "/").status, 200);
     assert!(wait_until(Duration::from_secs(6), || {
-        metric(&router, "connections_parked_active") == 1
+        router.metric("connections_parked_active") == 1
     }));
     c.set_read_timeout(Duration::from_secs(10));
     c.expect_closed();
     assert!(wait_until(Duration::from_secs(2), || {
-        metric(&router, "connections_active") == 0
-            && metric(&router, "connections_parked_active") == 0
+        router.metric("connections_active") == 0 && router.metric("connections_parked_active") == 0
     }));
 }
 
@@ -95,12 +82,12 @@ fn parking_works_on_the_epoll_driver_too() {
     let mut c = Conn::connect(router.http_addr);
     assert_eq!(c.get("park.example.com", "/").status, 200);
     assert!(wait_until(Duration::from_secs(8), || {
-        metric(&router, "connections_parked_active") == 1
+        router.metric("connections_parked_active") == 1
     }));
     for i in 0..3 {
         assert_eq!(c.get("park.example.com", &format!("/{i}")).status, 200);
     }
-    assert_eq!(metric(&router, "connections_active"), 1);
+    assert_eq!(router.metric("connections_active"), 1);
 }
 
 /// Requests that arrive inside, at the edge of and after the hot-read window after a
@@ -126,7 +113,7 @@ fn requests_around_the_hot_window(hot_ms: &str) {
         assert_eq!(r.seen().uri, format!("/r{i}"));
     }
     // Still one client connection the whole time.
-    assert_eq!(metric(&router, "connections_active"), 1);
+    assert_eq!(router.metric("connections_active"), 1);
 }
 
 #[test]

@@ -453,16 +453,21 @@ pub fn black_hole() -> (socket2::Socket, TcpStream, std::net::SocketAddr) {
     (l, filler, addr)
 }
 
+/// Whether a socket on this machine is connecting to `addr` (`SYN-SENT`).
+pub fn connecting_to(addr: SocketAddr) -> bool {
+    let out = std::process::Command::new("ss")
+        .args(["-Htn", "state", "syn-sent", "dst", &addr.to_string()])
+        .output()
+        .expect("ss (iproute2)");
+    !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+}
+
 /// Waits (up to 5 s) until a socket on this machine is connecting to `addr` (`SYN-SENT`), such
 /// as the router dialling a [`black_hole`].
 pub fn wait_connecting_to(addr: SocketAddr) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let out = std::process::Command::new("ss")
-            .args(["-Htn", "state", "syn-sent", "dst", &addr.to_string()])
-            .output()
-            .expect("ss (iproute2)");
-        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+        if connecting_to(addr) {
             return;
         }
         assert!(

@@ -13,8 +13,8 @@ pub mod client;
 pub mod router;
 
 pub use backend::{
-    black_hole, dead_addr, handlers, wait_connecting_to, Backend, BackendConn, Reply, SeenRequest,
-    TcpBackend,
+    black_hole, connecting_to, dead_addr, handlers, wait_connecting_to, Backend, BackendConn,
+    Reply, SeenRequest, TcpBackend,
 };
 pub use client::{get, Conn, Response};
 pub use router::{api_call, tcp_range, Router, RouterBuilder};

@@ -321,6 +321,18 @@ impl Router {
         }
     }
 
+    /// The sum over cores of the router's counter `flynn_router_{name}` (`/metrics`).
+    pub fn metric(&self, name: &str) -> u64 {
+        let (_, m) = self.api("GET", "/metrics", None);
+        let prefix = format!("flynn_router_{name}{{");
+        m.as_str()
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// One admin API call. The body (if any) is sent as `application/json`. The response
     /// body is parsed as JSON when possible, else returned as a JSON string.
     pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {

@@ -15,7 +15,9 @@ use crate::h2_wire::{
     rst_stream, End, H2c, CANCEL, DATA, ENHANCE_YOUR_CALM, GOAWAY, HEADERS, REFUSED_STREAM,
     RST_STREAM,
 };
-use crate::support::{black_hole, http_route, wait_connecting_to, wait_until, Router, TestDir};
+use crate::support::{
+    black_hole, connecting_to, http_route, wait_connecting_to, wait_until, Router, TestDir,
+};
 
 /// A backend that takes connections and requests and never answers: counts the
 /// connections it accepted and those still open (until the router closes them).
@@ -88,15 +90,6 @@ pub(crate) fn h2c_router(args: &[&str]) -> Router {
         b = b.arg(*a);
     }
     b.start()
-}
-
-/// Whether a socket on this machine is connecting to `addr` (`SYN-SENT`).
-fn connecting_to(addr: SocketAddr) -> bool {
-    let out = std::process::Command::new("ss")
-        .args(["-Htn", "state", "syn-sent", "dst", &addr.to_string()])
-        .output()
-        .expect("ss (iproute2)");
-    !String::from_utf8_lossy(&out.stdout).trim().is_empty()
 }
 
 /// A stream reset while its backend is still being dialled ends the dial at once, not

@@ -126,18 +126,6 @@ fn a_close_delimited_body_cut_by_a_reset_resets_the_stream() {
     assert!(got <= 1000, "{got}");
 }
 
-/// The sum over cores of the router's counter `flynn_router_{name}`.
-fn metric(router: &Router, name: &str) -> u64 {
-    let (_, m) = router.api("GET", "/metrics", None);
-    let prefix = format!("flynn_router_{name}{{");
-    m.as_str()
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with(&prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// As on HTTP/1.1: a request whose head cannot be written to a reused pooled connection
 /// (the backend reset it while it idled) never reached the backend, so it goes again on a
 /// fresh connection whatever its method; a bodiless POST is answered by the backend, not
@@ -210,7 +198,7 @@ fn a_post_whose_head_write_fails_on_a_reused_connection_goes_again() {
         statuses.push(status);
         // Only a POST can fail on a reused connection here: each `/warm` reuses the last
         // POST's connection, which the backend keeps open.
-        retries = metric(&router, "upstream_retries_total");
+        retries = router.metric("upstream_retries_total");
         if retries > 0 && statuses.len() >= 3 {
             break;
         }
