@@ -130,27 +130,34 @@ fn within_one_window(started: Instant) {
     );
 }
 
+/// On a fresh connection to `router`: three rounds of [`open_and_reset`] against `b`
+/// (reset after `wait`; uploads when `upload`), then `n` completed streams, all within
+/// one reset window. The GOAWAY error code if one came, and the streams reset.
+fn three_rounds_then(
+    router: &crate::support::Router,
+    b: &dyn Holding,
+    wait: Duration,
+    upload: bool,
+    n: u32,
+) -> (Option<u32>, usize) {
+    let mut c = H2c::connect(router.h2c_addrs[0]);
+    let started = Instant::now();
+    let (mut next_id, mut total) = (1, 0);
+    for _ in 0..3 {
+        open_and_reset(&mut c, b, &mut next_id, &mut total, wait, upload);
+    }
+    let goaway = completed(&mut c, &mut next_id, n);
+    within_one_window(started);
+    (goaway, total)
+}
+
 /// A busy client whose calls time out after more than 1 s: 600 streams reset unanswered
 /// within a few seconds, each over 1 s after it started, are not rapid reset, and the
 /// connection goes on serving.
 #[test]
 fn resets_later_than_a_second_do_not_get_goaway() {
     let (router, sink) = setup();
-    let mut c = H2c::connect(router.h2c_addrs[0]);
-    let started = Instant::now();
-    let (mut next_id, mut total) = (1, 0);
-    for _ in 0..3 {
-        open_and_reset(
-            &mut c,
-            &sink,
-            &mut next_id,
-            &mut total,
-            Duration::from_millis(1200),
-            false,
-        );
-    }
-    let goaway = completed(&mut c, &mut next_id, 10);
-    within_one_window(started);
+    let (goaway, total) = three_rounds_then(&router, &sink, Duration::from_millis(1200), false, 10);
     assert_eq!(goaway, None, "GOAWAY after {total} late resets");
 }
 
@@ -190,21 +197,7 @@ fn premature_resets_under_half_of_the_streams_do_not_get_goaway() {
 #[test]
 fn resets_during_uploads_are_all_counted() {
     let (router, sink) = setup();
-    let mut c = H2c::connect(router.h2c_addrs[0]);
-    let started = Instant::now();
-    let (mut next_id, mut total) = (1, 0);
-    for _ in 0..3 {
-        open_and_reset(
-            &mut c,
-            &sink,
-            &mut next_id,
-            &mut total,
-            Duration::from_millis(50),
-            true,
-        );
-    }
-    let goaway = completed(&mut c, &mut next_id, 1);
-    within_one_window(started);
+    let (goaway, total) = three_rounds_then(&router, &sink, Duration::from_millis(50), true, 1);
     assert_eq!(
         goaway,
         Some(ENHANCE_YOUR_CALM),
@@ -291,21 +284,7 @@ fn resets_during_grpc_uploads_are_all_counted() {
         200
     );
     router.set_backend_addrs("g", &[(b.addr.to_string(), false)]);
-    let mut c = H2c::connect(router.h2c_addrs[0]);
-    let started = Instant::now();
-    let (mut next_id, mut total) = (1, 0);
-    for _ in 0..3 {
-        open_and_reset(
-            &mut c,
-            &b,
-            &mut next_id,
-            &mut total,
-            Duration::from_millis(50),
-            true,
-        );
-    }
-    let goaway = completed(&mut c, &mut next_id, 1);
-    within_one_window(started);
+    let (goaway, total) = three_rounds_then(&router, &b, Duration::from_millis(50), true, 1);
     assert_eq!(
         goaway,
         Some(ENHANCE_YOUR_CALM),
