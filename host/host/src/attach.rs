@@ -352,7 +352,7 @@ where
     // A job's stdin is there once its process is (input before that waits for it); so is
     // its terminal, which gets the client's size then.
     if running {
-        input.started(&host, &sub.id);
+        input.started(&host, &sub.id, true);
     }
     let mut inbuf: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -406,7 +406,7 @@ where
                 return;
             }
             Some(Msg::Started) => {
-                input.started(&host, &sub.id);
+                input.started(&host, &sub.id, false);
                 None
             }
             Some(Msg::Output(stream, line)) => wants(stream).then(|| Frame::Data {
@@ -480,13 +480,15 @@ struct Input {
 }
 
 impl Input {
-    /// The job's process runs: its stdin is there, and a TTY job's terminal gets the
-    /// client's size (again, if the job started with it: the same size changes nothing).
-    fn started(&mut self, host: &Host, id: &str) {
+    /// The job's process runs: its stdin is there. A client attaching to a running TTY job
+    /// (`resize`) gives its terminal its size; when the job starts, the supervisor gives it
+    /// the latest client's size once (each client applying its own then, in no fixed
+    /// order, could leave an older client's size and a `SIGWINCH`).
+    fn started(&mut self, host: &Host, id: &str, resize: bool) {
         if self.wants {
             self.stdin = host.stdin(id);
         }
-        if let (true, Some((rows, cols))) = (self.tty, self.size.get()) {
+        if let (true, true, Some((rows, cols))) = (resize, self.tty, self.size.get()) {
             host.resize(id, rows, cols);
         }
     }

@@ -1126,6 +1126,12 @@ impl Host {
                         self.settle(c, Some(EventKind::Start)).await;
                     }
                     self.attach.started(&id);
+                    // A TTY job's terminal: the latest attached client's size, once (it
+                    // started with it, unless a client attached since: the same size
+                    // changes nothing).
+                    if let Some((rows, cols)) = self.attach.size(&id) {
+                        self.resize(&id, rows, cols);
+                    }
                     let first = !started;
                     started = true;
                     if !r.adopted && first {

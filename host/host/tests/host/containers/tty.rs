@@ -111,6 +111,32 @@ fn a_tty_job_runs_on_a_terminal_of_the_attached_clients_size() {
     });
 }
 
+/// Two clients attached while the job starts: it starts at the later one's size and keeps
+/// it (each client applied its own size when the job started, in no fixed order: a
+/// `SIGWINCH`, and at times the older client's size).
+#[test]
+fn a_tty_job_started_with_two_clients_keeps_the_later_ones_size() {
+    require_root!();
+    busybox();
+    in_netns(|_| async {
+        let ch = CHost::start(&HELD);
+        let c = &ch.host.client;
+        let id = ch.host.job_id("ttytwo");
+        let script = "trap 'echo winch' WINCH; stty size; sleep 1; stty size";
+        c.add_job(&tty_job(&id, script)).await.unwrap();
+        let mut older = attach(c, &id, (20, 10)).await;
+        let mut later = attach(c, &id, (30, 40)).await;
+        release_network(c).await;
+        let mut t = Term::default();
+        t.until(&mut later, None).await;
+        let text = t.text();
+        let lines: Vec<&str> = text.split("\r\n").map(str::trim_end).collect();
+        assert_eq!(lines, ["30 40", "30 40", ""], "{t:?}");
+        assert_eq!(t.exit, Some(0), "{t:?}");
+        Term::default().until(&mut older, None).await;
+    });
+}
+
 #[test]
 fn a_tty_job_gets_prompts_out_input_resizes_and_eof_in() {
     require_root!();
