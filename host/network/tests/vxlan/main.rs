@@ -366,24 +366,12 @@ fn a_start_that_gives_up_releases_its_lease() -> Result<()> {
             let mut agent = unreachable_agent(s.clone())?;
             // A first try leases the block, then finds no underlay.
             let first = agent.start().await;
-            ensure!(
-                matches!(
-                    first,
-                    Err(AgentError::Netlink(NetlinkError::NoUnderlay { .. }))
-                ),
-                "{first:?}"
-            );
+            ensure!(no_underlay(&first), "{first:?}");
             let held = s.leases().await?.leases;
             ensure!(held.len() == 1, "the first try leased nothing: {held:?}");
             // The retries fail the same way; the last gives up.
-            let last = agent.start_retrying(2, Duration::from_millis(20)).await;
-            ensure!(
-                matches!(
-                    last,
-                    Err(AgentError::Netlink(NetlinkError::NoUnderlay { .. }))
-                ),
-                "{last:?}"
-            );
+            let last = give_up(&mut agent).await;
+            ensure!(no_underlay(&last), "{last:?}");
             let left = s.leases().await?.leases;
             ensure!(
                 left.is_empty(),
@@ -392,6 +380,18 @@ fn a_start_that_gives_up_releases_its_lease() -> Result<()> {
             Ok(())
         },
     )
+}
+
+/// Whether a start failed for want of an underlay device (see [`unreachable_agent`]).
+fn no_underlay(r: &Result<flynn_network::Started, AgentError>) -> bool {
+    matches!(r, Err(AgentError::Netlink(NetlinkError::NoUnderlay { .. })))
+}
+
+/// Starts `agent` with two tries 20 ms apart: the start gives up.
+async fn give_up<S: LeaseStore>(
+    agent: &mut Agent<S>,
+) -> std::result::Result<flynn_network::Started, AgentError> {
+    agent.start_retrying(2, Duration::from_millis(20)).await
 }
 
 /// This host's lease in `store`, made as a previous run of its agent would have.
@@ -416,14 +416,8 @@ fn a_start_that_gives_up_keeps_the_lease_it_found() -> Result<()> {
         async move || {
             let before = previous_run_lease(s.clone()).await?;
             let mut agent = unreachable_agent(s.clone())?;
-            let last = agent.start_retrying(2, Duration::from_millis(20)).await;
-            ensure!(
-                matches!(
-                    last,
-                    Err(AgentError::Netlink(NetlinkError::NoUnderlay { .. }))
-                ),
-                "{last:?}"
-            );
+            let last = give_up(&mut agent).await;
+            ensure!(no_underlay(&last), "{last:?}");
             let left = s.leases().await?.leases;
             ensure!(
                 left.len() == 1 && left[0].subnet == before.subnet,
@@ -503,7 +497,7 @@ fn a_start_that_gives_up_while_acquiring_releases_only_what_it_created() -> Resu
             // Created by the first try (its answer lost), renewed by the second: released.
             let store = MemoryStore::new();
             let mut agent = unreachable_agent(lost(&store))?;
-            let last = agent.start_retrying(2, Duration::from_millis(20)).await;
+            let last = give_up(&mut agent).await;
             ensure!(gave_up(&last), "{last:?}");
             let left = store.leases().await?.leases;
             ensure!(
@@ -514,7 +508,7 @@ fn a_start_that_gives_up_while_acquiring_releases_only_what_it_created() -> Resu
             let store = MemoryStore::new();
             let before = previous_run_lease(store.clone()).await?;
             let mut agent = unreachable_agent(lost(&store))?;
-            let last = agent.start_retrying(2, Duration::from_millis(20)).await;
+            let last = give_up(&mut agent).await;
             ensure!(gave_up(&last), "{last:?}");
             let left = store.leases().await?.leases;
             ensure!(
@@ -649,9 +643,7 @@ fn a_start_that_gives_up_puts_the_state_back() -> Result<()> {
         let store = MemoryStore::new();
         let dir = tempfile::tempdir()?;
         for run in 1..=2 {
-            let last = agent(&store, dir.path())?
-                .start_retrying(2, Duration::from_millis(20))
-                .await;
+            let last = give_up(&mut agent(&store, dir.path())?).await;
             ensure!(gave_up(&last), "run {run}: {last:?}");
             let left = store.leases().await?.leases;
             ensure!(
@@ -674,9 +666,7 @@ fn a_start_that_gives_up_puts_the_state_back() -> Result<()> {
             other.subnet.first_host()
         );
         std::fs::write(dir.path().join("subnet.env"), &before)?;
-        let last = agent(&store, dir.path())?
-            .start_retrying(2, Duration::from_millis(20))
-            .await;
+        let last = give_up(&mut agent(&store, dir.path())?).await;
         ensure!(gave_up(&last), "{last:?}");
         let left = store.leases().await?.leases;
         ensure!(
@@ -695,9 +685,7 @@ fn a_start_that_gives_up_puts_the_state_back() -> Result<()> {
             dir.path().join("subnet.env"),
             format!("FLANNEL_SUBNET={}/24\n", previous.first_host()),
         )?;
-        let last = agent(&store, dir.path())?
-            .start_retrying(2, Duration::from_millis(20))
-            .await;
+        let last = give_up(&mut agent(&store, dir.path())?).await;
         ensure!(gave_up(&last), "{last:?}");
         let left = store.leases().await?.leases;
         ensure!(
