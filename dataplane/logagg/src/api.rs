@@ -442,15 +442,20 @@ mod tests {
     use crate::store::Limits;
     use flynn_syslog::{parse_fields, Timestamp};
 
+    /// A store of `lines_per_app` lines per app and no memory cap.
+    fn uncapped(lines_per_app: usize) -> Arc<Store> {
+        Arc::new(Store::new(Limits {
+            lines_per_app,
+            max_memory: usize::MAX,
+        }))
+    }
+
     /// A snapshot's end marker comes once every line stored when it began was sent, even
     /// while one app takes more lines per read than a read returns (it used to come only
     /// when a read found nothing new, so a starting peer could wait for good).
     #[tokio::test]
     async fn snapshot_ends_under_ingest_faster_than_it_reads() {
-        let store = Arc::new(Store::new(Limits {
-            lines_per_app: 100_000,
-            max_memory: usize::MAX,
-        }));
+        let store = uncapped(100_000);
         let seq = std::cell::Cell::new(0i64);
         let put = |app: &str| {
             let i = seq.get() + 1;
@@ -509,10 +514,7 @@ mod tests {
     /// the frames; the chunks still carry every line once, and then the end marker.
     #[tokio::test]
     async fn snapshot_chunks_are_bounded_in_bytes() {
-        let store = Arc::new(Store::new(Limits {
-            lines_per_app: 10_000,
-            max_memory: usize::MAX,
-        }));
+        let store = uncapped(10_000);
         let body = "x".repeat(60_000);
         let mut one_record = 0;
         for i in 0..200i64 {
@@ -574,10 +576,7 @@ mod tests {
         // The matching line sits behind far more than one scan's worth of other lines, and
         // every insert's wake-up fired before the follower looked: it must keep reading
         // while behind instead of waiting for the next wake-up (or the 30 s keep-alive).
-        let store = Arc::new(Store::new(Limits {
-            lines_per_app: 10_000,
-            max_memory: usize::MAX,
-        }));
+        let store = uncapped(10_000);
         let filter = Filter {
             job_id: Some("want".into()),
             ..Filter::default()
@@ -619,10 +618,7 @@ mod tests {
     /// the chunks together still carry every line once, in order.
     #[tokio::test]
     async fn follow_chunks_are_bounded_in_bytes() {
-        let store = Arc::new(Store::new(Limits {
-            lines_per_app: 10_000,
-            max_memory: usize::MAX,
-        }));
+        let store = uncapped(10_000);
         // 10,000 control bytes: each renders as six (`\u0001`).
         let body = "\u{1}".repeat(10_000);
         let put = |i: i64| {
