@@ -193,19 +193,25 @@ fn unreachable_page_url_or_missing_file_stops_the_router() {
         "flynn-router-edge-{}-does-not-exist.html",
         std::process::id()
     ));
-    let (status, out) = Router::builder()
-        .arg("--error-503-page")
-        .arg(missing.display().to_string())
-        .run_to_exit(EXIT_TIMEOUT);
-    let status = status.unwrap_or_else(|| panic!("router kept running:\n{out}"));
-    assert!(!status.success(), "missing file: exit {status}\n{out}");
-    assert!(!out.contains("listening"), "{out}");
+    refused_page_file(&missing.display().to_string());
 }
 
-/// HTTP/2 clients get the same page for the router's own 503 (no backends).
-#[test]
-fn page_over_http2() {
-    let file = TempFile::new("page-h2.html", PAGE.as_bytes());
+/// Starts the router with `--error-503-page <path>`, which must stop it before it listens;
+/// returns what it printed.
+fn refused_page_file(path: &str) -> String {
+    let (status, out) = Router::builder()
+        .arg("--error-503-page")
+        .arg(path)
+        .run_to_exit(EXIT_TIMEOUT);
+    let status = status.unwrap_or_else(|| panic!("router kept running:\n{out}"));
+    assert!(!status.success(), "{path}: exit {status}\n{out}");
+    assert!(!out.contains("listening"), "{out}");
+    out
+}
+
+/// A router with the 503 page `file`, an h2c listener, and a route to a service without
+/// backends (so every request to [`DOMAIN`] gets the router's own 503).
+fn h2c_page_router(file: &TempFile) -> Router {
     let router = Router::builder()
         .arg("--error-503-page")
         .arg(file.arg())
@@ -213,6 +219,14 @@ fn page_over_http2() {
         .arg("127.0.0.1:0")
         .start();
     router.add_route(http_route(DOMAIN, "empty"));
+    router
+}
+
+/// HTTP/2 clients get the same page for the router's own 503 (no backends).
+#[test]
+fn page_over_http2() {
+    let file = TempFile::new("page-h2.html", PAGE.as_bytes());
+    let router = h2c_page_router(&file);
     let (head, body) = crate::support::h2c_curl(router.h2c_addrs[0], DOMAIN, "/", &[]);
     let head = head.join("\r\n");
     let text = format!("{head}\r\n\r\n{body}");
@@ -232,13 +246,7 @@ fn page_file_over_a_million_bytes_stops_the_router() {
     let mut page = vec![b'a'; 1_000_000];
     page[..6].copy_from_slice(b"<html>");
     let file = TempFile::new("page-max.html", &page);
-    let router = Router::builder()
-        .arg("--error-503-page")
-        .arg(file.arg())
-        .arg("--h2c-addr")
-        .arg("127.0.0.1:0")
-        .start();
-    router.add_route(http_route(DOMAIN, "empty"));
+    let router = h2c_page_router(&file);
     let resp = crate::support::get(router.http_addr, DOMAIN, "/");
     assert_page(&resp, &page);
     let (head, body) = crate::support::h2c_curl(router.h2c_addrs[0], DOMAIN, "/", &[]);
@@ -247,12 +255,6 @@ fn page_file_over_a_million_bytes_stops_the_router() {
 
     page.push(b'a');
     let big = TempFile::new("page-big.html", &page);
-    let (status, out) = Router::builder()
-        .arg("--error-503-page")
-        .arg(big.arg())
-        .run_to_exit(EXIT_TIMEOUT);
-    let status = status.unwrap_or_else(|| panic!("router kept running:\n{out}"));
-    assert!(!status.success(), "exit {status}\n{out}");
+    let out = refused_page_file(&big.arg());
     assert!(out.contains("larger than 1000000 bytes"), "{out}");
-    assert!(!out.contains("listening"), "{out}");
 }
