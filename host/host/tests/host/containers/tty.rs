@@ -60,6 +60,11 @@ impl Term {
         String::from_utf8_lossy(&self.out).into_owned()
     }
 
+    /// The output's lines as the terminal ends them (`\r\n`).
+    fn lines(&self) -> Vec<String> {
+        self.text().split("\r\n").map(str::to_string).collect()
+    }
+
     /// Reads frames until the output holds `want` (or, with `None`, until the end).
     async fn until(&mut self, a: &mut Attached, want: Option<&str>) {
         loop {
@@ -103,7 +108,7 @@ fn a_tty_job_runs_on_a_terminal_of_the_attached_clients_size() {
         release_network(c).await;
         let mut t = Term::default();
         t.until(&mut a, None).await;
-        let lines: Vec<String> = t.text().split("\r\n").map(str::to_string).collect();
+        let lines = t.lines();
         assert!(lines[0].starts_with("/dev/pts/"), "{t:?}");
         assert_eq!(lines[1..], ["20 10", ""], "{t:?}");
         assert!(t.eof, "stdout's EOF frame: {t:?}");
@@ -129,8 +134,7 @@ fn a_tty_job_started_with_two_clients_keeps_the_later_ones_size() {
         release_network(c).await;
         let mut t = Term::default();
         t.until(&mut later, None).await;
-        let text = t.text();
-        let lines: Vec<&str> = text.split("\r\n").map(str::trim_end).collect();
+        let lines = t.lines();
         assert_eq!(lines, ["30 40", "30 40", ""], "{t:?}");
         assert_eq!(t.exit, Some(0), "{t:?}");
         Term::default().until(&mut older, None).await;
