@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::BytesMut;
 use flynn_runtime::WorkerCtx;
-use flynn_syslog::{parse_fields, Fields, Framer, Message, Timestamp};
+use flynn_syslog::{parse_fields, Fields, Framer, Message, Scan, Timestamp};
 use monoio::buf::IoBufMut;
 use monoio::io::AsyncReadRent;
 use monoio::net::{TcpListener, TcpStream};
@@ -154,6 +154,8 @@ async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream, slot: Co
     let c = &shared.counters[core];
     Counters::inc(&c.connections_active);
     let mut buf = BytesMut::with_capacity(READ_BUF);
+    // How far a partial LF-framed message in `buf` is known to hold no LF.
+    let mut scan = Scan::default();
     // The next receive stamp for a line without a timestamp of its own: each such line gets
     // its own instant, so two equal ones are two lines, not one line and its replay.
     let mut next_stamp = Timestamp(i64::MIN);
@@ -181,7 +183,7 @@ async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream, slot: Co
         }
         let mut now = Timestamp::now().max(next_stamp);
         loop {
-            match shared.framer.next_frame(&mut buf) {
+            match shared.framer.next_frame_scan(&mut buf, &mut scan) {
                 Ok(Some(frame)) => {
                     let m = Message::parse(frame);
                     ingest(&shared.store, c, m.frame(), m.fields(), now);
@@ -281,7 +283,7 @@ mod tests {
     /// in the middle of a frame, mostly), the frames copied out and dropped as `serve`
     /// does; returns the frames and the largest capacity the buffer had.
     fn feed(framer: &Framer, input: &[u8], read: usize) -> (Vec<Vec<u8>>, usize) {
-        let mut buf = BytesMut::with_capacity(READ_BUF);
+        let (mut buf, mut scan) = (BytesMut::with_capacity(READ_BUF), Scan::default());
         let (mut frames, mut most, mut at) = (Vec::new(), 0, 0);
         while at < input.len() {
             make_room(&mut buf);
@@ -289,7 +291,7 @@ mod tests {
             let n = read.min(buf.capacity() - buf.len()).min(input.len() - at);
             buf.extend_from_slice(&input[at..at + n]);
             at += n;
-            while let Some(frame) = framer.next_frame(&mut buf).unwrap() {
+            while let Some(frame) = framer.next_frame_scan(&mut buf, &mut scan).unwrap() {
                 frames.push(frame.to_vec());
             }
         }

@@ -59,10 +59,18 @@ pub struct Located {
     pub consumed: usize,
 }
 
-/// The per-connection framing state (just the limit: every decision is per frame).
+/// The framing rules (just the limit: every decision is per frame), shared by connections.
 #[derive(Debug, Clone, Copy)]
 pub struct Framer {
     max_frame: usize,
+}
+
+/// One connection's progress through a partial non-transparent frame: how many of its bytes
+/// are known to hold no LF. A frame that arrives a few bytes per read is then searched once
+/// in all, not again from its start on every read (up to the limit each time).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Scan {
+    lf_free: usize,
 }
 
 impl Default for Framer {
@@ -88,6 +96,13 @@ impl Framer {
     /// (or only inter-frame CR/LF were present; they are reported as consumed via
     /// [`Framer::skip_blank`]).
     pub fn locate(&self, buf: &[u8]) -> Result<Option<Located>, FrameError> {
+        self.locate_from(buf, &mut Scan::default())
+    }
+
+    /// [`Framer::locate`], resuming the LF search where `scan` says the last call left it.
+    /// `scan` counts from the first byte after any leading CR/LF, which
+    /// [`Framer::next_frame_scan`] drops whenever it finds no frame.
+    fn locate_from(&self, buf: &[u8], scan: &mut Scan) -> Result<Option<Located>, FrameError> {
         let skip = buf
             .iter()
             .take_while(|&&b| b == b'\n' || b == b'\r')
@@ -100,8 +115,10 @@ impl Framer {
             b'<' => {
                 // Look for LF no further than the limit (+1 for a CR before it).
                 let window = &rest[..rest.len().min(self.max_frame + 2)];
-                match window.iter().position(|&b| b == b'\n') {
+                let from = scan.lf_free.min(window.len());
+                match memchr::memchr(b'\n', &window[from..]).map(|at| from + at) {
                     Some(lf) => {
+                        *scan = Scan::default();
                         let end = if lf > 0 && rest[lf - 1] == b'\r' {
                             lf - 1
                         } else {
@@ -117,10 +134,14 @@ impl Framer {
                         }))
                     }
                     None if rest.len() > self.max_frame + 1 => Err(FrameError::TooLong),
-                    None => Ok(None),
+                    None => {
+                        scan.lf_free = window.len();
+                        Ok(None)
+                    }
                 }
             }
             b'0'..=b'9' => {
+                *scan = Scan::default();
                 let mut len = 0usize;
                 let mut i = 0;
                 loop {
@@ -176,7 +197,18 @@ impl Framer {
     /// Splits the next frame off `buf` without copying (the frame shares `buf`'s
     /// allocation). `Ok(None)`: need more bytes; blank bytes were dropped.
     pub fn next_frame(&self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
-        match self.locate(buf)? {
+        self.next_frame_scan(buf, &mut Scan::default())
+    }
+
+    /// [`Framer::next_frame`] for a connection that keeps its [`Scan`] between reads (the
+    /// same `Scan` for every call on the same buffer, which only ever grows at its end or
+    /// loses what these calls split off).
+    pub fn next_frame_scan(
+        &self,
+        buf: &mut BytesMut,
+        scan: &mut Scan,
+    ) -> Result<Option<Bytes>, FrameError> {
+        match self.locate_from(buf, scan)? {
             Some(loc) => {
                 let mut taken = buf.split_to(loc.consumed);
                 taken.truncate(loc.end);
@@ -213,20 +245,66 @@ impl Framer {
 mod tests {
     use super::*;
 
+    /// The frames of `input` read as the given chunks, and the error that ended them; the
+    /// same whether the connection keeps its [`Scan`] between reads or not.
     fn frames(f: &Framer, input: &[&[u8]]) -> (Vec<Vec<u8>>, Option<FrameError>) {
-        let mut buf = BytesMut::new();
+        let run = |keep: bool| {
+            let (mut buf, mut scan) = (BytesMut::new(), Scan::default());
+            let mut out = Vec::new();
+            for chunk in input {
+                buf.extend_from_slice(chunk);
+                loop {
+                    if !keep {
+                        scan = Scan::default();
+                    }
+                    match f.next_frame_scan(&mut buf, &mut scan) {
+                        Ok(Some(fr)) => out.push(fr.to_vec()),
+                        Ok(None) => break,
+                        Err(e) => return (out, Some(e)),
+                    }
+                }
+            }
+            (out, None)
+        };
+        let kept = run(true);
+        assert_eq!(kept, run(false), "{input:?}");
+        kept
+    }
+
+    /// An LF-framed message trickled in a byte per read is searched from where the last read
+    /// left off, never again from its start; frames, CR/LF between them, an octet-counted
+    /// frame after one and the limit come out as they do read whole.
+    #[test]
+    fn a_trickled_lf_frame_is_searched_once() {
+        let f = Framer::new(2_000);
+        let body = "x".repeat(1_990);
+        let input = format!("\r\n<1>{body}\r\n\n5 hello<2>{body}\n<3>{body}xxxxxxxxx");
+        let (mut buf, mut scan) = (BytesMut::new(), Scan::default());
         let mut out = Vec::new();
-        for chunk in input {
-            buf.extend_from_slice(chunk);
-            loop {
-                match f.next_frame(&mut buf) {
-                    Ok(Some(fr)) => out.push(fr.to_vec()),
-                    Ok(None) => break,
-                    Err(e) => return (out, Some(e)),
+        let mut err = None;
+        for b in input.as_bytes() {
+            buf.extend_from_slice(&[*b]);
+            match f.next_frame_scan(&mut buf, &mut scan) {
+                Ok(Some(fr)) => out.push(fr.to_vec()),
+                Ok(None) if buf.first() == Some(&b'<') => {
+                    assert_eq!(scan.lf_free, buf.len(), "searched up to the end already")
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    err = Some(e);
+                    break;
                 }
             }
         }
-        (out, None)
+        let want: Vec<Vec<u8>> = vec![
+            format!("<1>{body}").into(),
+            b"hello".to_vec(),
+            format!("<2>{body}").into(),
+        ];
+        assert_eq!(out, want);
+        assert_eq!(err, Some(FrameError::TooLong));
+        let whole: Vec<&[u8]> = vec![input.as_bytes()];
+        assert_eq!(frames(&f, &whole), (want, err));
     }
 
     #[test]

@@ -23,6 +23,6 @@ pub mod sd;
 mod timestamp;
 
 pub use flynn::{split_procid, Stream};
-pub use framing::{FrameError, Framer, Located, DEFAULT_MAX_FRAME, MAX_LEN_DIGITS};
+pub use framing::{FrameError, Framer, Located, Scan, DEFAULT_MAX_FRAME, MAX_LEN_DIGITS};
 pub use message::{parse_fields, Fields, Message, ParseError, Span};
 pub use timestamp::Timestamp;

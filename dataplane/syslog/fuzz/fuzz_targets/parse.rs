@@ -3,7 +3,7 @@
 #![no_main]
 
 use bytes::{Bytes, BytesMut};
-use flynn_syslog::{Framer, Message};
+use flynn_syslog::{Framer, Message, Scan};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -24,11 +24,18 @@ fuzz_target!(|data: &[u8]| {
     let Some((&first, rest)) = data.split_first() else { return };
     let framer = Framer::new(usize::from(first) * 8 + 1);
     let cut = usize::from(first) % (rest.len() + 1);
-    let mut buf = BytesMut::new();
+    // As a connection reads it (the LF search resuming between reads), and without that:
+    // the same frames and the same end.
+    let (mut buf, mut scan) = (BytesMut::new(), Scan::default());
+    let mut fresh = BytesMut::new();
     for piece in [&rest[..cut], &rest[cut..]] {
         buf.extend_from_slice(piece);
+        fresh.extend_from_slice(piece);
         loop {
-            match framer.next_frame(&mut buf) {
+            let got = framer.next_frame_scan(&mut buf, &mut scan);
+            assert_eq!(got, framer.next_frame(&mut fresh));
+            assert_eq!(buf, fresh);
+            match got {
                 Ok(Some(f)) => {
                     assert!(f.len() <= framer.max_frame());
                     let _ = Message::parse(f);
