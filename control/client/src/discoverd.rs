@@ -21,6 +21,48 @@ pub enum Error {
     Status { status: u16 },
     #[error("instance address {addr:?} has no host and EXTERNAL_IP is not set")]
     NoExternalIp { addr: String },
+    /// A service name or instance id that cannot be put in a request path as it is:
+    /// refused before anything is sent (`web?x` would have named `web`).
+    #[error("invalid {what} {value:?}: {why}")]
+    Invalid {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+/// A service name as discoverd takes it: lowercase ASCII letters, digits and `-`.
+fn check_service(service: &str) -> Result<(), Error> {
+    let ok = !service.is_empty()
+        && service
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid {
+            what: "service",
+            value: service.to_string(),
+            why: "must be lowercase alphanumeric plus dash",
+        })
+    }
+}
+
+/// An instance id (discoverd's are MD5 hex): ASCII letters, digits, `-` and `_`.
+fn check_id(id: &str) -> Result<(), Error> {
+    let ok = !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid {
+            what: "instance id",
+            value: id.to_string(),
+            why: "must be alphanumeric plus dash and underscore",
+        })
+    }
 }
 
 impl Error {
@@ -143,6 +185,7 @@ impl Client {
     }
 
     pub async fn add_service(&self, service: &str, leader_type: &str) -> Result<(), Error> {
+        check_service(service)?;
         let body = serde_json::json!({ "leader_type": leader_type });
         self.send(
             reqwest::Method::PUT,
@@ -154,6 +197,7 @@ impl Client {
     }
 
     pub async fn remove_service(&self, service: &str) -> Result<(), Error> {
+        check_service(service)?;
         self.send(
             reqwest::Method::DELETE,
             &format!("/services/{service}"),
@@ -172,6 +216,8 @@ impl Client {
         if inst.id.is_empty() {
             inst.id = instance_id(&inst.proto, &inst.addr);
         }
+        check_service(service)?;
+        check_id(&inst.id)?;
         let path = format!("/services/{service}/instances/{}", inst.id);
         self.send(reqwest::Method::PUT, &path, Self::json(&inst))
             .await
@@ -179,6 +225,8 @@ impl Client {
     }
 
     pub async fn unregister(&self, service: &str, id: &str) -> Result<(), Error> {
+        check_service(service)?;
+        check_id(id)?;
         let path = format!("/services/{service}/instances/{id}");
         self.send(reqwest::Method::DELETE, &path, None)
             .await
@@ -187,6 +235,7 @@ impl Client {
 
     /// Current instances; an empty list when discoverd says there are none (its 404).
     pub async fn instances(&self, service: &str) -> Result<Vec<Instance>, Error> {
+        check_service(service)?;
         match self
             .send(
                 reqwest::Method::GET,
@@ -204,6 +253,7 @@ impl Client {
     /// Compare-and-swap: `meta.index` 0 creates, otherwise must match. Returns the
     /// stored meta with its new index.
     pub async fn set_meta(&self, service: &str, meta: &ServiceMeta) -> Result<ServiceMeta, Error> {
+        check_service(service)?;
         let r = self
             .send(
                 reqwest::Method::PUT,
@@ -216,6 +266,7 @@ impl Client {
 
     /// The service's metadata as the node asked has it (possibly a lagging follower's copy).
     pub async fn get_meta(&self, service: &str) -> Result<ServiceMeta, Error> {
+        check_service(service)?;
         let r = self
             .send(
                 reqwest::Method::GET,
@@ -230,6 +281,7 @@ impl Client {
     /// leader (a follower redirects), it reflects every write acknowledged before it started,
     /// so a 404 means the metadata really is not there.
     pub async fn get_meta_consistent(&self, service: &str) -> Result<ServiceMeta, Error> {
+        check_service(service)?;
         let r = self
             .send(
                 reqwest::Method::GET,
@@ -241,6 +293,7 @@ impl Client {
     }
 
     pub async fn set_leader(&self, service: &str, id: &str) -> Result<(), Error> {
+        check_service(service)?;
         let body = serde_json::json!({ "id": id });
         self.send(
             reqwest::Method::PUT,
@@ -252,6 +305,7 @@ impl Client {
     }
 
     pub async fn leader(&self, service: &str) -> Result<Option<Instance>, Error> {
+        check_service(service)?;
         match self
             .send(
                 reqwest::Method::GET,
@@ -295,6 +349,9 @@ impl Client {
         if inst.id.is_empty() {
             inst.id = instance_id(&inst.proto, &inst.addr);
         }
+        // A name that can never be registered fails at once, not after a minute of retries.
+        check_service(service)?;
+        check_id(&inst.id)?;
         let start = tokio::time::Instant::now();
         let mut attempt = 0;
         loop {
@@ -455,7 +512,10 @@ async fn keep_loop(
         let err = match res {
             Ok(Ok(())) => break,
             // Refused as invalid (a bad service name or instance): no retry makes it valid.
-            Ok(Err((e, _))) if e.api().map(|a| a.code) == Some(ErrorCode::ValidationError) => {
+            Ok(Err((e, _)))
+                if matches!(e, Error::Invalid { .. })
+                    || e.api().map(|a| a.code) == Some(ErrorCode::ValidationError) =>
+            {
                 tracing::warn!(service = %service, error = %e, "discoverd registration refused; giving up");
                 return;
             }
@@ -822,6 +882,62 @@ mod tests {
         }
     }
 
+    /// Service names and instance ids that a path would not carry as they are (`web?x`
+    /// named `web`, `..` the parent) are refused before anything is sent.
+    #[tokio::test]
+    async fn invalid_names_are_refused_before_sending() {
+        use std::sync::atomic::Ordering;
+        let (url, seen) =
+            stand_in(|_, _| Some(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec())).await;
+        let c = Client::new(&url);
+        let invalid = |r: Result<(), Error>, what: &str| {
+            assert!(matches!(r, Err(Error::Invalid { .. })), "{what}: {r:?}");
+        };
+        for bad in [
+            "web?x",
+            "web/instances",
+            "",
+            "..",
+            "Web",
+            "web#x",
+            "we b",
+            "web%2f",
+        ] {
+            invalid(c.remove_service(bad).await, bad);
+            invalid(c.add_service(bad, "oldest").await, bad);
+            invalid(c.instances(bad).await.map(drop), bad);
+            invalid(c.get_meta(bad).await.map(drop), bad);
+            invalid(c.get_meta_consistent(bad).await.map(drop), bad);
+            let meta = ServiceMeta {
+                data: serde_json::Value::Null,
+                leader_id: None,
+                index: 0,
+            };
+            invalid(c.set_meta(bad, &meta).await.map(drop), bad);
+            invalid(c.set_leader(bad, "x").await, bad);
+            invalid(c.leader(bad).await.map(drop), bad);
+            invalid(c.unregister(bad, "abc").await, bad);
+        }
+        for bad in ["..", "a?b", "a/b", "", "a#b", "a%2f"] {
+            invalid(c.unregister("web", bad).await, bad);
+            let inst = Instance {
+                id: bad.to_string(),
+                addr: "127.0.0.1:80".into(),
+                proto: "tcp".into(),
+                ..Default::default()
+            };
+            if !bad.is_empty() {
+                invalid(c.register("web", &inst).await, bad);
+                invalid(c.heartbeat_with("web", inst, None).await.map(drop), bad);
+            }
+        }
+        assert_eq!(seen.load(Ordering::SeqCst), 0, "a request was sent");
+        // Valid names go through.
+        c.remove_service("web-1").await.unwrap();
+        c.unregister("web-1", "0123abcdef").await.unwrap();
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+    }
+
     /// A discoverd stand-in: reads whole requests (head and body) and answers the n-th
     /// (from 0) with `answer(n)`, or never when that is `None`. Counts the requests.
     async fn stand_in(
@@ -1069,13 +1185,18 @@ mod tests {
             addr: "127.0.0.1:4300".into(),
             ..Instance::default()
         };
-        let hb = c.keep_registered("Bad_Name", inst, Some("oldest"));
+        let hb = c.keep_registered("bad-name", inst.clone(), Some("oldest"));
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(
             seen.load(Ordering::SeqCst),
             1,
             "retried a refused registration"
         );
+        drop(hb);
+        // A name the client itself refuses is given up too, without a request.
+        let hb = c.keep_registered("Bad_Name", inst, Some("oldest"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "sent an invalid name");
         drop(hb);
     }
 

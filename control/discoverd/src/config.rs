@@ -76,6 +76,17 @@ pub struct Config {
     #[arg(long, env = "FLYNN_RAFT_STREAM_IDLE", default_value = "60s", value_parser = humantime::parse_duration, hide = true)]
     pub raft_stream_idle: Duration,
 
+    /// How long a client may take to send a request's head (request line and headers);
+    /// the connection is closed past it. Also how long an idle keep-alive connection is
+    /// kept. Shorter only for tests.
+    #[arg(long, env = "FLYNN_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, hide = true)]
+    pub header_read_timeout: Duration,
+
+    /// Most SSE watches (service, instance and leader streams) open at once on this node;
+    /// past it a watch is answered 503 (each holds a connection and a subscriber).
+    #[arg(long, env = "FLYNN_MAX_WATCHES", default_value_t = 10_000)]
+    pub max_watches: usize,
+
     /// Runtime worker threads (1–64). The Raft log's fsyncs run on a thread of their own
     /// and snapshots on tokio's blocking pool either way. One worker wakes fewer threads
     /// per write (tokio wakes an idle second worker on every hand-off): it measured faster
@@ -111,6 +122,12 @@ impl Config {
         }
         if self.raft_stream_idle < Duration::from_secs(1) {
             return Err("--raft-stream-idle must be at least 1s".into());
+        }
+        if self.header_read_timeout < Duration::from_millis(100) {
+            return Err("--header-read-timeout must be at least 100ms".into());
+        }
+        if self.max_watches == 0 {
+            return Err("--max-watches must be at least 1".into());
         }
         if !(1..=64).contains(&self.threads) {
             return Err(format!("--threads must be 1–64, not {}", self.threads));

@@ -62,16 +62,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         None => None,
     };
     let app = api::router(node.clone());
-    tokio::spawn(async move {
-        // Events must not wait for Nagle/delayed-ACK (~40 ms stalls on SSE streams).
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "http server stopped");
-        }
-    });
+    tokio::spawn(api::serve(listener, app, cfg.header_read_timeout));
     if let Some(url) = cfg.notify.clone() {
         let body = notify::Notification {
             job_id: std::env::var("FLYNN_JOB_ID").unwrap_or_default(),

@@ -16,6 +16,7 @@ fn main() {
         eprintln!("flynn-discoverd: {e}");
         std::process::exit(2);
     }
+    raise_nofile_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.threads)
         .enable_all()
@@ -53,4 +54,19 @@ fn main() {
         tracing::info!("shutting down");
         let _ = running.node.raft.shutdown().await;
     });
+}
+
+/// Raises the soft open-files limit to the hard one, as Go programs (Flynn's discoverd
+/// among them) do at startup: every watch, API and Raft connection and every forwarded DNS
+/// query holds a descriptor, and running out breaks the listener and the Raft log writer.
+/// The same as `flynn-host`'s.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-files limit");
+            }
+        }
+    }
 }

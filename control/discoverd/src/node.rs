@@ -22,6 +22,12 @@ use crate::store::types::Command;
 use crate::store::{LogStore, Raft, Shared, StateMachine};
 use leadership::{Expired, Leadership};
 
+/// Most entries in one AppendEntries request (openraft's default is 300). With API writes
+/// of up to `api::WRITE_BODY_LIMIT` bytes each, a batch stays well under the replication
+/// frame limit; a frame over it could never be delivered, and the follower behind would
+/// never catch up.
+pub const MAX_PAYLOAD_ENTRIES: u64 = 100;
+
 pub struct Node {
     pub raft: Raft,
     pub shared: Arc<Shared>,
@@ -53,6 +59,8 @@ pub struct Node {
     /// itself (openraft campaigns once the lease and then an election timeout have passed).
     leader_silence: Duration,
     pub http: reqwest::Client,
+    /// SSE watches open on this node (`--max-watches` permits).
+    pub watches: Arc<tokio::sync::Semaphore>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -83,6 +91,7 @@ impl Node {
             // one that was starved of CPU or cut off for a moment, while the others still
             // hear the leader, neither raises its term nor unseats a working leader.
             enable_pre_vote: Some(true),
+            max_payload_entries: MAX_PAYLOAD_ENTRIES,
             ..Default::default()
         };
         let raft_cfg = Arc::new(raft_cfg.validate().context("raft config")?);
@@ -123,6 +132,7 @@ impl Node {
             // openraft's lease is `election_timeout_max` (2× `et`).
             leader_silence: Duration::from_millis(et * 4),
             http,
+            watches: Arc::new(tokio::sync::Semaphore::new(cfg.max_watches)),
         });
         tokio::spawn(track_leadership(node.clone()));
         tokio::spawn(expiry_loop(node.clone()));

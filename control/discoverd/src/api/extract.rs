@@ -1,8 +1,8 @@
 //! Extractors whose rejections are the JSON error envelope (spec §0.1) rather than
 //! axum's plain-text bodies. Every handler takes its path parameters and its body
 //! through these: a path segment that does not decode to UTF-8 is a 400
-//! `validation_error`, a body over the route's limit (axum's default 2 MB, raised for
-//! the Raft RPCs) is a 400 `request_body_too_big`, and JSON is decoded by [`decode`].
+//! `validation_error`, a body over the route's limit (`WRITE_BODY_LIMIT` for API writes, axum's default
+//! 2 MB elsewhere, raised for the Raft RPCs) is a 400 `request_body_too_big`, and JSON is decoded by [`decode`].
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
@@ -41,16 +41,40 @@ impl From<PathRejection> for ApiErr {
 impl From<BytesRejection> for ApiErr {
     fn from(r: BytesRejection) -> Self {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiErr(ApiError::new(
-                ErrorCode::RequestBodyTooBig,
-                "discoverd: request body too big",
-            ))
+            too_big()
         } else {
             // The body could not be read (the client went away): unclassified, as a
             // failed read while decoding is in Flynn.
             tracing::debug!(error = %r.body_text(), "reading request body failed");
             ApiErr(ApiError::unknown())
         }
+    }
+}
+
+/// `request_body_too_big` (400).
+pub fn too_big() -> ApiErr {
+    ApiErr(ApiError::new(
+        ErrorCode::RequestBodyTooBig,
+        "discoverd: request body too big",
+    ))
+}
+
+/// The length of `v` as JSON, counted without building it.
+pub fn json_len(v: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    match serde_json::to_writer(&mut n, v) {
+        Ok(()) => n.0,
+        Err(_) => usize::MAX,
     }
 }
 

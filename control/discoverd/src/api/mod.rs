@@ -8,13 +8,16 @@
 mod error;
 mod extract;
 mod raft;
+mod serve;
 mod sse;
+
+pub use serve::serve;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -34,6 +37,16 @@ use extract::{decode, ApiBody, ApiPath};
 
 type Res<T> = Result<T, ApiErr>;
 
+/// Largest body of an API write (a registration, service config, metadata, leader): each
+/// becomes one Raft entry, and [`crate::node::MAX_PAYLOAD_ENTRIES`] of them must fit in one
+/// replication frame ([`crate::network::MAX_RPC_BODY`]) with room to spare, or a follower
+/// behind by that many large entries could never be sent them (see `tests` below).
+pub const WRITE_BODY_LIMIT: usize = 512 << 10;
+
+/// Largest request head (request line and headers; a service name in the path is part of
+/// an entry too). hyper's default, set explicitly for the bound above.
+pub const MAX_REQUEST_HEAD: usize = 8192 + 4096 * 100;
+
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route(
@@ -50,12 +63,27 @@ pub fn router(node: Arc<Node>) -> Router {
             "/services/{service}/leader",
             put(set_leader).get(get_leader),
         )
+        .layer(DefaultBodyLimit::max(WRITE_BODY_LIMIT))
         .route("/ping", get(|| async { StatusCode::OK }))
         .route("/.well-known/status", get(status))
         .route("/shutdown", post(raft::shutdown))
         .merge(raft::routes(&node))
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(|| async { ApiErr(ApiError::not_found("discoverd: not found")) })
         .layer(middleware::from_fn_with_state(node.clone(), edge))
         .with_state(node)
+}
+
+/// A known path with a method it does not serve: 405 (axum still adds `Allow`) with the
+/// JSON envelope, as the host and log aggregator answer. Spec §0.1 has no code for 405, so
+/// the body says `validation_error`, the code for a request this server will not take as
+/// sent.
+async fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(ApiError::validation(None, "discoverd: method not allowed")),
+    )
+        .into_response()
 }
 
 /// Proxy redirects, the shutting-down gate and the `Discoverd-*` headers.
@@ -231,10 +259,8 @@ async fn remove_service(
     Ok(StatusCode::OK.into_response())
 }
 
-async fn watch_service(
-    State(node): State<Arc<Node>>,
-    ApiPath(service): ApiPath<String>,
-) -> Response {
+async fn watch_service(State(node): State<Arc<Node>>, ApiPath(service): ApiPath<String>) -> Resp {
+    check_service(&service).map_err(e)?;
     sse::stream(&node, &service, Kinds::ALL)
 }
 
@@ -247,6 +273,11 @@ async fn set_meta(
 ) -> Resp {
     check_service(&service).map_err(e)?;
     let meta: ServiceMeta = decode(&headers, &body, true).map_err(e)?;
+    // Numbers may write longer than they were sent (`1e15` is `1000000000000000.0`): the
+    // entry, not only the body, stays within the limit.
+    if extract::json_len(&meta.data) > WRITE_BODY_LIMIT {
+        return Err(e(extract::too_big()));
+    }
     leader_only(&node, &uri)?;
     let index = write(
         &node,
@@ -333,7 +364,7 @@ async fn list_instances(
 ) -> Resp {
     check_service(&service).map_err(e)?;
     if wants_sse(&headers) {
-        return Ok(sse::stream(&node, &service, Kinds::INSTANCES));
+        return sse::stream(&node, &service, Kinds::INSTANCES);
     }
     check_following(&node)?;
     let list = node.shared.lock().registry.instances(&service);
@@ -351,6 +382,29 @@ pub fn instance_id(proto: &str, addr: &str) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `host:port` as Go's `net.SplitHostPort` splits it (Flynn's check), with a host and a
+/// port that is a number up to 65535: a host with colons (IPv6) must be in brackets
+/// (`[::1]:80`), so `::1` or `fd00::1:80` are refused rather than taken apart at their
+/// last colon.
+fn valid_addr(addr: &str) -> bool {
+    let bracketed = addr.starts_with('[');
+    let split = match addr.strip_prefix('[') {
+        Some(rest) => rest
+            .split_once(']')
+            .and_then(|(host, after)| Some((host, after.strip_prefix(':')?))),
+        None => addr.split_once(':'),
+    };
+    let Some((host, port)) = split else {
+        return false;
+    };
+    !host.is_empty()
+        && !host.contains(['[', ']'])
+        && (bracketed || !host.contains(':'))
+        && !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok()
+}
+
 fn check_instance(inst: &Instance, path_id: &str) -> Res<()> {
     let v = |m: &str| Err(ApiErr(ApiError::validation(None, m)));
     if inst.proto.is_empty() {
@@ -363,11 +417,7 @@ fn check_instance(inst: &Instance, path_id: &str) -> Res<()> {
     {
         return v("discoverd: proto must be lowercase alphanumeric");
     }
-    let addr_ok = inst
-        .addr
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-    if !addr_ok {
+    if !valid_addr(&inst.addr) {
         return v("discoverd: addr must be in the form host:port");
     }
     let expected = instance_id(&inst.proto, &inst.addr);
@@ -530,7 +580,7 @@ async fn get_leader(
 ) -> Resp {
     check_service(&service).map_err(e)?;
     if wants_sse(&headers) {
-        return Ok(sse::stream(&node, &service, Kinds::LEADER));
+        return sse::stream(&node, &service, Kinds::LEADER);
     }
     check_following(&node)?;
     match node.shared.lock().registry.leader(&service) {
@@ -556,4 +606,65 @@ async fn status(State(node): State<Arc<Node>>) -> Response {
         Body::from(text),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full AppendEntries batch of the largest entries the API can make fits in one
+    /// replication frame, twice over: the service name (path) and the instance or meta
+    /// body are each within their limit, plus the command's own fields.
+    #[test]
+    fn a_batch_of_the_largest_entries_fits_in_a_frame() {
+        const ENTRY_FIELDS: usize = 1024;
+        let entry = WRITE_BODY_LIMIT + MAX_REQUEST_HEAD + ENTRY_FIELDS;
+        let batch = crate::node::MAX_PAYLOAD_ENTRIES as usize * entry;
+        assert!(
+            2 * batch <= crate::network::stream::MAX_FRAME,
+            "{batch} bytes per batch"
+        );
+        assert_eq!(
+            crate::network::stream::MAX_FRAME,
+            crate::network::MAX_RPC_BODY
+        );
+    }
+
+    #[test]
+    fn instance_addresses_split_as_go_splits_them() {
+        for good in [
+            "127.0.0.1:80",
+            "10.0.0.1:0",
+            "web.example:65535",
+            "[::1]:80",
+            "[fd00::1]:8080",
+            "[fe80::1%eth0]:1",
+            "localhost:00080",
+        ] {
+            assert!(valid_addr(good), "{good} refused");
+        }
+        for bad in [
+            "::1",
+            "fd00::1:80",
+            "::1:80",
+            "[::1]",
+            "[::1]80",
+            "[::1]:",
+            "[]:80",
+            "[[::1]]:80",
+            "a]:80",
+            "[a:80",
+            ":80",
+            "127.0.0.1",
+            "127.0.0.1:",
+            "127.0.0.1:65536",
+            "127.0.0.1:+80",
+            "127.0.0.1:-1",
+            "127.0.0.1:8 0",
+            "127.0.0.1:80:90",
+            "",
+        ] {
+            assert!(!valid_addr(bad), "{bad} accepted");
+        }
+    }
 }

@@ -21,6 +21,7 @@ use super::{leader_only, no_leader, ApiErr};
 use crate::fault::FROM_HEADER;
 use crate::network::{node_id, stream, SnapshotRequest};
 use crate::node::Node;
+use crate::store::state::Data;
 use crate::store::TypeConfig;
 
 type C = TypeConfig;
@@ -180,6 +181,25 @@ async fn snapshot(
     if dropped(&node, &headers) {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
+    // openraft takes a state machine's failure to install a snapshot as a storage error
+    // and stops this node's Raft for good: data that does not decode is refused here.
+    let decoded = tokio::task::spawn_blocking(move || {
+        let ok = serde_json::from_slice::<Data>(&req.data).is_ok();
+        (req, ok)
+    })
+    .await;
+    let req = match decoded {
+        Ok((req, true)) => req,
+        Ok((_, false)) => {
+            tracing::warn!("snapshot rpc refused: its data does not decode");
+            return ApiErr(ApiError::validation(
+                None,
+                "raft snapshot: data does not decode as the registry",
+            ))
+            .into_response();
+        }
+        Err(e) => return internal(e),
+    };
     node.heard_from_leader();
     let snap = SnapshotOf::<C, Vec<u8>> {
         meta: req.meta,

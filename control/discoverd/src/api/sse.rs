@@ -8,6 +8,8 @@ use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
+use flynn_api::ApiError;
+
 use crate::node::Node;
 use crate::store::types::Kinds;
 
@@ -25,10 +27,22 @@ pub fn frame(json: &str) -> String {
     s
 }
 
-pub fn stream(node: &Node, service: &str, kinds: Kinds) -> Response {
+/// A watch of `service`, or 503 when `--max-watches` are open already.
+pub fn stream(node: &Node, service: &str, kinds: Kinds) -> Result<Response, Response> {
+    // Held by the body: released when the stream ends or its client goes away.
+    let Ok(permit) = node.watches.clone().try_acquire_owned() else {
+        return Err(super::ApiErr(
+            ApiError::new(
+                flynn_api::ErrorCode::ServiceUnavailable,
+                "discoverd: too many watches",
+            )
+            .with_retry(true),
+        )
+        .into_response());
+    };
     let rx = node.shared.lock().registry.subscribe(service, kinds, true);
-    let body = futures_util::stream::unfold(Some(rx), |rx| async move {
-        let mut rx = rx?;
+    let body = futures_util::stream::unfold(Some((rx, permit)), |rx| async move {
+        let (mut rx, permit) = rx?;
         let chunk = match tokio::time::timeout(KEEP_ALIVE, rx.recv()).await {
             Err(_) => ":\n".to_string(),
             Ok(None) => return None,
@@ -38,14 +52,14 @@ pub fn stream(node: &Node, service: &str, kinds: Kinds) -> Response {
                 return Some((Ok::<_, Infallible>(Bytes::from(chunk)), None));
             }
         };
-        Some((Ok(Bytes::from(chunk)), Some(rx)))
+        Some((Ok(Bytes::from(chunk)), Some((rx, permit))))
     });
-    (
+    Ok((
         [
             (header::CONTENT_TYPE, "text/event-stream; charset=utf-8"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
         Body::from_stream(body),
     )
-        .into_response()
+        .into_response())
 }

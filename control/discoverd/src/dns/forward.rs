@@ -1,25 +1,67 @@
 //! Forwarding of names outside `discoverd.` to the configured recursors (spec §2.8):
 //! tried in order, over TCP when the query came over TCP, UDP otherwise (falling back to
 //! TCP when a UDP answer is truncated). Every recursor failing → `None` (SERVFAIL).
+//!
+//! Every exchange holds a socket for up to [`RECURSOR_TIMEOUT`]: with recursors that stop
+//! answering, open sockets would grow with the query rate until the process runs out of
+//! descriptors (and its API, Raft listener and log with it). At most [`Forwarder`]'s
+//! bound of forwards run at once; a query past it fails at once (SERVFAIL), not queued.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use hickory_server::proto::op::{Message, Query};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
 
 /// Per-recursor deadline for one exchange.
 pub const RECURSOR_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The recursors and the bound on forwards under way (each holds one socket at a time).
+pub struct Forwarder {
+    recursors: Vec<SocketAddr>,
+    permits: Semaphore,
+    timeout: Duration,
+}
+
+impl Forwarder {
+    pub fn new(recursors: Vec<SocketAddr>, max: usize, timeout: Duration) -> Forwarder {
+        Forwarder {
+            recursors,
+            permits: Semaphore::new(max),
+            timeout,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.recursors.is_empty()
+    }
+
+    /// Asks each recursor in turn; the first answer wins. `None` at once when the bound
+    /// of forwards under way is reached.
+    pub async fn forward(&self, query: &Query, tcp: bool) -> Option<Message> {
+        let Ok(_permit) = self.permits.try_acquire() else {
+            tracing::debug!("too many forwarded queries under way");
+            return None;
+        };
+        forward(&self.recursors, query, tcp, self.timeout).await
+    }
+}
+
 /// Asks each recursor in turn; the first answer wins.
-pub async fn forward(recursors: &[SocketAddr], query: &Query, tcp: bool) -> Option<Message> {
+async fn forward(
+    recursors: &[SocketAddr],
+    query: &Query,
+    tcp: bool,
+    timeout: Duration,
+) -> Option<Message> {
     let mut msg = Message::query();
     msg.metadata.id = fastrand::u16(..);
     msg.metadata.recursion_desired = true;
     msg.add_query(query.clone());
     let bytes = msg.to_vec().ok()?;
     for r in recursors {
-        let got = tokio::time::timeout(RECURSOR_TIMEOUT, async {
+        let got = tokio::time::timeout(timeout, async {
             if tcp {
                 exchange_tcp(*r, &bytes).await
             } else {

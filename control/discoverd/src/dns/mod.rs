@@ -227,10 +227,36 @@ async fn from_peer(
     Some(registry_of(service, view))
 }
 
+/// Bounds on the work DNS takes on at once. hickory-server spawns a task per datagram and
+/// per TCP query, so without them a burst (or recursors that stopped answering, each
+/// forward holding a socket for [`forward::RECURSOR_TIMEOUT`]) grows tasks and sockets
+/// without end, until the process runs out of descriptors for its API and Raft.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Queries handled at once; past it a query is answered SERVFAIL at once.
+    pub requests: usize,
+    /// Queries being forwarded to recursors at once (one socket each); past it SERVFAIL.
+    pub forwards: usize,
+    /// Deadline of one exchange with one recursor.
+    pub recursor_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            requests: 1024,
+            forwards: 256,
+            recursor_timeout: forward::RECURSOR_TIMEOUT,
+        }
+    }
+}
+
 struct Handler {
     node: Arc<Node>,
-    recursors: Vec<SocketAddr>,
+    forwarder: forward::Forwarder,
     peer_cache: PeerCache,
+    /// Queries being handled ([`Limits::requests`]).
+    requests: tokio::sync::Semaphore,
 }
 
 /// Binds UDP and TCP on `addr` (the same port for both; port 0 picks one) and serves in
@@ -250,10 +276,20 @@ pub async fn serve_after(
     node: Arc<Node>,
     recursors: impl std::future::Future<Output = Vec<SocketAddr>> + Send + 'static,
 ) -> anyhow::Result<SocketAddr> {
+    serve_with(addr, node, recursors, Limits::default()).await
+}
+
+/// [`serve_after`] with the given [`Limits`].
+pub async fn serve_with(
+    addr: SocketAddr,
+    node: Arc<Node>,
+    recursors: impl std::future::Future<Output = Vec<SocketAddr>> + Send + 'static,
+    limits: Limits,
+) -> anyhow::Result<SocketAddr> {
     let (udp, tcp, bound) = bind_pair(addr).await?;
     tokio::spawn(async move {
         let recursors = recursors.await;
-        run(udp, tcp, node, recursors).await;
+        run(udp, tcp, node, recursors, limits).await;
     });
     Ok(bound)
 }
@@ -263,11 +299,13 @@ async fn run(
     tcp: tokio::net::TcpListener,
     node: Arc<Node>,
     recursors: Vec<SocketAddr>,
+    limits: Limits,
 ) {
     let mut server = Server::new(Handler {
         node,
-        recursors,
+        forwarder: forward::Forwarder::new(recursors, limits.forwards, limits.recursor_timeout),
         peer_cache: PeerCache::default(),
+        requests: tokio::sync::Semaphore::new(limits.requests),
     });
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5), 64);
@@ -314,7 +352,15 @@ impl RequestHandler for Handler {
     ) -> ResponseInfo {
         let builder = MessageResponseBuilder::from_message_request(request);
         let mut meta = Metadata::response_from_request(&request.metadata);
+        // Past the bound a query is answered at once (resolvers move on to their next
+        // server) rather than queued behind the ones being handled.
+        let permit = self.requests.try_acquire();
         let sent = match request.request_info() {
+            _ if permit.is_err() => {
+                tracing::debug!("too many dns queries under way");
+                let msg = builder.error_msg(&request.metadata, ResponseCode::ServFail);
+                response.send_response(msg).await
+            }
             Err(_) => {
                 let msg = builder.error_msg(&request.metadata, ResponseCode::FormErr);
                 response.send_response(msg).await
@@ -350,11 +396,11 @@ impl RequestHandler for Handler {
                     }
                 };
                 match found {
-                    Lookup::NotOurs if self.recursors.is_empty() => {
+                    Lookup::NotOurs if self.forwarder.is_empty() => {
                         let msg = builder.error_msg(&request.metadata, ResponseCode::Refused);
                         response.send_response(msg).await
                     }
-                    Lookup::NotOurs => match forward::forward(&self.recursors, q, tcp).await {
+                    Lookup::NotOurs => match self.forwarder.forward(q, tcp).await {
                         Some(m) => {
                             meta.response_code = m.metadata.response_code;
                             meta.recursion_available = true;
@@ -538,6 +584,90 @@ mod tests {
             "every stale entry dropped to make room, fresh ones kept"
         );
         assert!(c.get("kept", later).is_some() && c.get("new", later).is_some());
+    }
+
+    /// Recursors that never answer: the forwards under way stay at the bound (one socket
+    /// each), and the queries past it are answered SERVFAIL at once instead of each
+    /// holding a task and a socket.
+    #[tokio::test]
+    async fn forwards_to_a_silent_recursor_stay_bounded_and_the_rest_fail_at_once() {
+        use clap::Parser;
+        use hickory_server::proto::op::{Message, Query};
+        use hickory_server::proto::rr::Name;
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().to_str().unwrap();
+        let cfg = crate::Config::try_parse_from(["d", "--data-dir", data_dir]).unwrap();
+        let node = Node::start(&cfg, "127.0.0.1:1".parse().unwrap())
+            .await
+            .unwrap();
+        // The recursor reads every query and answers none.
+        let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let sink_addr = sink.local_addr().unwrap();
+        let received = Arc::new(AtomicUsize::new(0));
+        let counter = received.clone();
+        let sink_task = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while sink.recv_from(&mut buf).await.is_ok() {
+                counter.fetch_add(1, SeqCst);
+            }
+        });
+        let limits = Limits {
+            requests: 8,
+            forwards: 4,
+            recursor_timeout: Duration::from_secs(3600),
+        };
+        let dns = serve_with(
+            "127.0.0.1:0".parse().unwrap(),
+            node.clone(),
+            async move { vec![sink_addr] },
+            limits,
+        )
+        .await
+        .unwrap();
+
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        const QUERIES: u16 = 40;
+        for id in 0..QUERIES {
+            let mut m = Message::query();
+            m.metadata.id = id;
+            m.metadata.recursion_desired = true;
+            m.add_query(Query::query(
+                Name::from_ascii("example.com.").unwrap(),
+                RecordType::A,
+            ));
+            client.send_to(&m.to_vec().unwrap(), dns).await.unwrap();
+        }
+        // Every query past the bound gets its SERVFAIL while the others still wait on the
+        // recursor (whose deadline is an hour away).
+        let excess = usize::from(QUERIES) - limits.forwards;
+        let mut answered = std::collections::HashSet::new();
+        let mut buf = vec![0u8; 4096];
+        while answered.len() < excess {
+            let (n, _) = tokio::time::timeout(Duration::from_secs(20), client.recv_from(&mut buf))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{} of {excess} queries past the bound answered; recursor got {}",
+                        answered.len(),
+                        received.load(SeqCst)
+                    )
+                })
+                .unwrap();
+            let m = Message::from_vec(&buf[..n]).unwrap();
+            assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+            assert!(answered.insert(m.metadata.id), "answered twice");
+        }
+        // What was not answered is at the recursor: exactly the bound's worth of queries
+        // (sockets), and no more can come (every other query has been answered).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while received.load(SeqCst) < limits.forwards && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(received.load(SeqCst), limits.forwards);
+        sink_task.abort();
+        let _ = node.raft.shutdown().await;
     }
 
     #[test]

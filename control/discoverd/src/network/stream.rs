@@ -506,6 +506,12 @@ async fn read_session<R: AsyncRead + Unpin>(
             }
             Ok(Ok(Frame::End)) => return true,
             Ok(Ok(_)) => return false,
+            // A frame over the limit, or one that does not decode, is a bug or a version
+            // mismatch that retries cannot fix: the leader's next session fails the same.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                tracing::warn!(peer = %from, error = %e, "raft stream frame refused");
+                return false;
+            }
             Ok(Err(e)) => {
                 tracing::debug!(peer = %from, error = %e, "raft stream read failed");
                 return false;

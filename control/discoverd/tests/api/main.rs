@@ -90,11 +90,11 @@ async fn service_create_conflict_and_name_validation() {
     assert_eq!(r.json()["message"], r#"discoverd: service "abc" not found"#);
 }
 
-/// `method path` declaring a 3 MB JSON body but sending only its first 2 MB + 1 byte
-/// (just past axum's default limit), over a raw connection; reads the answer until the
+/// `method path` declaring a 3 MB JSON body but sending only its first `limit` + 1 bytes
+/// (just past the route's limit), over a raw connection; reads the answer until the
 /// server closes. Sending no more than the server reads before it refuses keeps its
 /// close clean: bytes left unread would turn it into a reset that can lose the answer.
-async fn oversized(addr: &str, method: &str, path: &str) -> Reply {
+async fn oversized(addr: &str, method: &str, path: &str, limit: usize) -> Reply {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
@@ -103,7 +103,7 @@ async fn oversized(addr: &str, method: &str, path: &str) -> Reply {
         3 << 20
     );
     s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(&vec![b' '; (2 << 20) + 1]).await.unwrap();
+    s.write_all(&vec![b' '; limit + 1]).await.unwrap();
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
         .await
@@ -134,8 +134,9 @@ async fn oversized(addr: &str, method: &str, path: &str) -> Reply {
 }
 
 /// Input that axum's extractors refuse gets the JSON envelope too (spec §0.1): a path
-/// segment that is not UTF-8, on every route with a path; a body over the 2 MB limit
-/// (`request_body_too_big`, 400) and a raft RPC body that is not JSON, on routes with a
+/// segment that is not UTF-8, on every route with a path; a body over the limit (512 KiB
+/// for API writes, each of which becomes a Raft entry; 2 MB for a vote) as
+/// `request_body_too_big`, 400, and a raft RPC body that is not JSON, on routes with a
 /// body.
 #[tokio::test]
 async fn refused_paths_and_bodies_get_the_json_envelope() {
@@ -172,21 +173,42 @@ async fn refused_paths_and_bodies_get_the_json_envelope() {
         envelope(&r, 400, "validation_error", &format!("{method} {path}"));
     }
     let (id, _) = instance_json("127.0.0.1:5000");
-    for (method, path) in [
-        ("PUT", "/services/big".to_string()),
-        ("PUT", "/services/web/meta".to_string()),
-        ("PUT", format!("/services/web/instances/{id}")),
-        ("PUT", "/services/web/leader".to_string()),
-        ("POST", "/raft/rpc/vote".to_string()),
+    let write_limit = flynn_discoverd::api::WRITE_BODY_LIMIT;
+    assert_eq!(write_limit, 512 << 10);
+    for (method, path, limit) in [
+        ("PUT", "/services/big".to_string(), write_limit),
+        ("PUT", "/services/web/meta".to_string(), write_limit),
+        ("PUT", format!("/services/web/instances/{id}"), write_limit),
+        ("PUT", "/services/web/leader".to_string(), write_limit),
+        ("POST", "/raft/rpc/vote".to_string(), 2 << 20),
     ] {
-        let r = oversized(&d.addr, method, &path).await;
+        let r = oversized(&d.addr, method, &path, limit).await;
         envelope(&r, 400, "request_body_too_big", &format!("{method} {path}"));
     }
     let r = call(&c, "POST", &d.url("/raft/rpc/vote"), Some("{]")).await;
     envelope(&r, 400, "syntax_error", "vote with bad JSON");
-    // Nothing above was written.
+    // Metadata within the body limit that writes longer than it (`1e15` is written as
+    // `1000000000000000.0`) would be an entry over it: refused too.
+    let nums = vec!["1e15"; write_limit / 6].join(",");
+    let body = format!(r#"{{"data":[{nums}]}}"#);
+    assert!(body.len() < write_limit);
+    let r = call(&c, "PUT", &d.url("/services/web/meta"), Some(&body)).await;
+    envelope(
+        &r,
+        400,
+        "request_body_too_big",
+        "meta that grows as an entry",
+    );
+    // Just under the limit is taken.
+    let big = format!(r#"{{"data":"{}"}}"#, "x".repeat(write_limit - 100));
+    let r = call(&c, "PUT", &d.url("/services/web/meta"), Some(&big)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Nothing refused above was written.
     let r = call(&c, "GET", &d.url("/services/web/meta"), None).await;
-    assert_eq!(r.status, 404);
+    assert_eq!(
+        r.json()["data"].as_str().map(str::len),
+        Some(write_limit - 100)
+    );
 }
 
 #[tokio::test]
@@ -750,13 +772,56 @@ async fn a_snapshot_rpc_over_two_megabytes_is_accepted() {
             last_log_id: None,
             last_membership: Default::default(),
         },
-        data: serde_json::to_vec(&"x".repeat(3 << 20)).unwrap(),
+        data: serde_json::to_vec(&serde_json::json!({
+            "services": {"big": {}},
+            "metas": {"big": {"data": "x".repeat(3 << 20), "index": 1}},
+            "leaders": {},
+            "instances": {},
+        }))
+        .unwrap(),
     };
     let body = serde_json::to_string(&req).unwrap();
     assert!(body.len() > 2 << 20, "{}", body.len());
     let r = call(&c, "POST", &d.url("/raft/rpc/snapshot"), Some(&body)).await;
     assert_ne!(r.status, 413, "snapshot refused as too large");
     assert_eq!(r.status, 200, "{:?}", r.json());
+}
+
+/// A snapshot RPC whose data does not decode as the registry is refused (400) before
+/// openraft sees it: a state machine failing to install it is a storage error to openraft,
+/// which stopped this node's Raft for good. The node goes on taking writes.
+#[tokio::test]
+async fn a_snapshot_rpc_that_does_not_decode_is_refused_and_the_node_goes_on() {
+    use flynn_discoverd::network::SnapshotRequest;
+    use flynn_discoverd::store::TypeConfig;
+    use openraft::alias::{CommittedLeaderIdOf, LogIdOf, SnapshotMetaOf, VoteOf};
+    let (_dir, d, c) = node().await;
+    for data in [&b"{}"[..], b"[1,2,3]", b"\"null\"", br#"{"services":7}"#] {
+        // From a higher term, past this node's log: openraft would install it.
+        let req = SnapshotRequest {
+            vote: VoteOf::<TypeConfig>::new_committed(100, 9),
+            meta: SnapshotMetaOf::<TypeConfig> {
+                last_log_id: Some(LogIdOf::<TypeConfig>::new(
+                    CommittedLeaderIdOf::<TypeConfig> {
+                        term: 100,
+                        node_id: 9,
+                    },
+                    1000,
+                )),
+                last_membership: Default::default(),
+            },
+            data: data.to_vec(),
+        };
+        let body = serde_json::to_string(&req).unwrap();
+        let r = call(&c, "POST", &d.url("/raft/rpc/snapshot"), Some(&body)).await;
+        let what = String::from_utf8_lossy(data);
+        assert_eq!(r.status, 400, "{what}: {}", r.body);
+        assert_eq!(r.json()["code"], "validation_error", "{what}");
+    }
+    let r = call(&c, "PUT", &d.url("/services/after"), Some("{}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = call(&c, "GET", &d.url("/raft/leader"), None).await;
+    assert_eq!(r.json()["host"], d.addr.as_str());
 }
 
 /// After `POST /shutdown` the state stops changing: open watches end with an error event
@@ -772,4 +837,171 @@ async fn shutdown_ends_open_watches() {
     assert!(ended, "the watch stayed open after shutdown: {rest:?}");
     assert!(rest.contains("event: error"), "{rest:?}");
     assert!(rest.contains("no longer follows the cluster"), "{rest:?}");
+}
+
+/// The process raises its soft open-files limit to the hard one at startup (as Go
+/// programs do): started with a low soft limit, it runs with the hard one.
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    use std::io::{BufRead, BufReader};
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4).map(String::from))
+        .expect("Max open files in /proc/self/limits");
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_flynn-discoverd");
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 256 && exec {bin} --data-dir {} --addr 127.0.0.1:0",
+            dir.path().display()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.starts_with("listening"), "{line:?}");
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3).map(String::from))
+        .unwrap();
+    assert_eq!(soft, hard, "{limits}");
+}
+
+/// A node started with `extra` flags, once it leads itself.
+async fn node_with(extra: &[&str]) -> (tempfile::TempDir, Discoverd, reqwest::Client) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args: Vec<String> = vec!["--addr".into(), "127.0.0.1:0".into()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let d = Discoverd::spawn(dir.path(), args);
+    let c = raw_client();
+    eventually(Duration::from_secs(10), || async {
+        let r = send(&c, "GET", &d.url("/raft/leader"), None).await.ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await
+    .expect("single node elects itself");
+    (dir, d, c)
+}
+
+/// A client that starts a request and never finishes its head is disconnected once
+/// `--header-read-timeout` has passed (it was kept for good); a watch, whose head was
+/// complete, goes on streaming past it.
+#[tokio::test]
+async fn a_request_head_not_finished_in_time_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_dir, d, c) = node_with(&["--header-read-timeout", "300ms"]).await;
+    let mut watch = c.get(d.url("/services/slow")).send().await.unwrap();
+    assert_eq!(watch.status(), 200);
+    let mut s = tokio::net::TcpStream::connect(&d.addr).await.unwrap();
+    s.write_all(b"GET /ping HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest))
+        .await
+        .expect("the connection is closed by the server");
+    // Closed (EOF) or reset, with no answer to the half-sent request.
+    if read.is_ok() {
+        assert!(
+            !String::from_utf8_lossy(&rest).contains(" 200 "),
+            "{rest:?}"
+        );
+    }
+    // The watch outlived the timeout: it still gets events.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = call(&c, "PUT", &d.url("/services/slow"), Some("{}")).await;
+    assert_eq!(r.status, 200);
+    let (a, ba) = instance_json("127.0.0.1:9100");
+    instance(&c, &d, "PUT", "slow", &a, Some(&ba)).await;
+    let evs = read_events(&mut watch, 2, Duration::from_secs(5)).await;
+    assert!(
+        evs.iter().any(|e| e["kind"] == "up"),
+        "the watch still streams: {evs:?}"
+    );
+}
+
+/// Past `--max-watches` open watches a new one (of any kind) is refused with a 503 JSON
+/// error and `retry`; plain reads still work.
+#[tokio::test]
+async fn watches_past_the_limit_get_503() {
+    let (_dir, d, c) = node_with(&["--max-watches", "2"]).await;
+    call(&c, "PUT", &d.url("/services/w"), Some("{}")).await;
+    let w1 = c.get(d.url("/services/w")).send().await.unwrap();
+    let w2 = c
+        .get(d.url("/services/w/leader"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((w1.status().as_u16(), w2.status().as_u16()), (200, 200));
+    for (path, sse) in [
+        ("/services/w", false),
+        ("/services/w/instances", true),
+        ("/services/w/leader", true),
+    ] {
+        let mut req = c.get(d.url(path));
+        if sse {
+            req = req.header("accept", "text/event-stream");
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 503, "{path}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["code"], "service_unavailable", "{path}");
+        assert_eq!(v["message"], "discoverd: too many watches", "{path}");
+        assert_eq!(v["retry"], true, "{path}");
+    }
+    let r = call(&c, "GET", &d.url("/services/w/leader"), None).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    drop((w1, w2));
+}
+
+/// Unknown paths and known paths with a method they do not serve get the JSON envelope
+/// (they were bare 404 and 405 with empty bodies); a watch of an invalid service name is
+/// refused like every other route (it was a 200 stream that never got an event).
+#[tokio::test]
+async fn unknown_paths_methods_and_watch_names_get_the_json_envelope() {
+    let (_dir, d, c) = node().await;
+    for (method, path) in [
+        ("GET", "/nope"),
+        ("PUT", "/services"),
+        ("GET", "/services/a/b/c/d"),
+    ] {
+        let r = call(&c, method, &d.url(path), None).await;
+        assert_eq!(r.status, 404, "{method} {path}: {}", r.body);
+        assert_eq!(r.json()["code"], "not_found", "{method} {path}");
+        assert!(r.json()["message"].is_string());
+    }
+    for (method, path) in [
+        ("POST", "/services/web"),
+        ("DELETE", "/services/web/meta"),
+        ("PUT", "/ping"),
+        ("GET", "/raft/rpc/vote"),
+    ] {
+        let r = call(&c, method, &d.url(path), None).await;
+        assert_eq!(r.status, 405, "{method} {path}: {}", r.body);
+        assert!(
+            r.header("content-type")
+                .is_some_and(|t| t.starts_with("application/json")),
+            "{method} {path}"
+        );
+        assert_eq!(r.json()["code"], "validation_error", "{method} {path}");
+        assert_eq!(r.json()["message"], "discoverd: method not allowed");
+        assert!(r.header("allow").is_some(), "{method} {path}: no Allow");
+    }
+    for bad in ["WEB", "a_b", "a.b"] {
+        let r = call(&c, "GET", &d.url(&format!("/services/{bad}")), None).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        assert_eq!(r.json()["code"], "validation_error", "{bad}");
+    }
 }
