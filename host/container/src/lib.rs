@@ -34,9 +34,11 @@ mod wire;
 
 pub use error::ContainerError;
 pub use image::{ImageStore, Layer};
-pub use shim::{cgroup_dirs, shim_main, Layout, Shim, ShimConn, SpareShim, SHIM_ARG, SPARE_ARG};
+pub use shim::{
+    cgroup_dirs, shim_main, Layout, Shim, ShimConn, SpareShim, SHIM_ARG, SPARE_ARG, SPARE_LOG,
+};
 pub use spec::{
-    max_fds_allowed, valid_capability, valid_id, BindMount, ContainerSpec, Resources, CPU_MILLIS,
-    CPU_PERIOD_US, CPU_SHARES, DEFAULT_PATH, PIDS,
+    max_fds_allowed, reserved_id, valid_capability, valid_id, BindMount, ContainerSpec, Resources,
+    CPU_MILLIS, CPU_PERIOD_US, CPU_SHARES, DEFAULT_PATH, PIDS, RESERVED_IDS,
 };
 pub use wire::{ShimEvent, Stream, MAX_LINE};

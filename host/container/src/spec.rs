@@ -110,6 +110,16 @@ pub struct Resources {
 /// CFS period used for the CPU quota, in microseconds.
 pub const CPU_PERIOD_US: u64 = 100_000;
 
+/// Names beside the jobs' directories in a shim state directory: the spare shim's log
+/// ([`Shim::spawn_spare`](crate::Shim::spawn_spare)). A job with one of them as its id
+/// could never start (its directory cannot be made there).
+pub const RESERVED_IDS: [&str; 1] = [crate::shim::SPARE_LOG];
+
+/// Is `id` one of the [`RESERVED_IDS`] (a job may not be called that)?
+pub fn reserved_id(id: &str) -> bool {
+    RESERVED_IDS.contains(&id)
+}
+
 /// Is `id` an acceptable job id (`[A-Za-z0-9_.-]{1,64}`, not `.` or `..`)?
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -135,6 +145,12 @@ impl ContainerSpec {
         if !valid_id(&self.id) {
             return Err(ContainerError::invalid(format!(
                 "job id {:?} must match [A-Za-z0-9_.-]{{1,64}}",
+                self.id
+            )));
+        }
+        if reserved_id(&self.id) {
+            return Err(ContainerError::invalid(format!(
+                "job id {:?} is reserved (a file in the shim state directory)",
                 self.id
             )));
         }

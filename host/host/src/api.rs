@@ -313,7 +313,9 @@ async fn resource_check(
     let used = host.used_ports();
     let mut conflicts = Vec::new();
     for p in &check.ports {
-        let in_job = used.iter().any(|(n, pr)| *n == p.port && *pr == p.proto);
+        let in_job = used
+            .iter()
+            .any(|(n, pr)| *n == p.port && pr.as_ref().is_none_or(|pr| *pr == p.proto));
         if in_job || !port_free(p.port, &p.proto) {
             conflicts.push(p.clone());
         }

@@ -48,6 +48,9 @@ const QUEUE: usize = 4096;
 /// Output bytes queued per attached client before it counts as too slow (lines are up to
 /// 64 KiB: the line count alone would let one client hold 256 MiB).
 const QUEUE_BYTES: usize = 4 << 20;
+/// Clients attached to one job at once: each may queue up to [`QUEUE_BYTES`], so this
+/// bounds what one job's clients hold (256 MiB); more are refused before the upgrade.
+pub const MAX_CLIENTS: usize = 64;
 /// Client bytes read ahead of stdin input the job has not taken yet: enough to see the
 /// client leave (end of file) behind a little more input, bounded so a job that does not
 /// read holds the client back.
@@ -131,6 +134,15 @@ impl Attachments {
         let list = subs.entry(id.to_string()).or_default();
         if exclusive && !list.is_empty() {
             return Err(ApiError::conflict("host: job is attached"));
+        }
+        if list.len() >= MAX_CLIENTS {
+            return Err(ApiError::new(
+                flynn_api::ErrorCode::Ratelimited,
+                format!(
+                    "host: {MAX_CLIENTS} clients are attached to the job already; try again later"
+                ),
+            )
+            .with_retry(true));
         }
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         // One slot more than the output may take, so the end always fits.
@@ -678,6 +690,32 @@ mod tests {
             Some(Msg::Output(Stream::Stdout, d)) => assert_eq!(d, b"line\n"),
             m => panic!("{m:?}"),
         }
+    }
+
+    /// The number of clients per job is bounded (each may queue 4 MiB): one over the bound
+    /// is refused with a 429 before the upgrade, the attached ones carry on, and a place
+    /// that frees up can be taken.
+    #[tokio::test]
+    async fn clients_per_job_are_bounded() {
+        let a = Arc::new(Attachments::default());
+        let mut subs: Vec<Subscription> = (0..MAX_CLIENTS)
+            .map(|_| a.subscribe("j", false, None).unwrap())
+            .collect();
+        let e = a.subscribe("j", false, None).err().expect("one too many");
+        assert_eq!(e.status(), 429, "{e:?}");
+        assert!(e.message.contains("clients are attached"), "{}", e.message);
+        assert!(e.retry);
+        // Other jobs are not affected.
+        let _other = a.subscribe("k", false, None).unwrap();
+        a.output("j", Stream::Stdout, b"still here");
+        for s in &mut subs {
+            match s.rx.recv().await {
+                Some(Msg::Output(Stream::Stdout, d)) => assert_eq!(d, b"still here\n"),
+                m => panic!("{m:?}"),
+            }
+        }
+        subs.pop();
+        subs.push(a.subscribe("j", false, None).unwrap());
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::logship::Stream;
 use crate::runtime::{
-    Handle, Handled, Launch, ProcEvent, Resizer, Runtime, RuntimeError, Signaller,
+    Described, Handle, Handled, Launch, ProcEvent, Resizer, Runtime, RuntimeError, Signaller,
 };
 
 /// The first argument that makes `flynn-host` act as a shim.
@@ -188,6 +188,19 @@ impl Runtime for ContainerRuntime {
             tracing::warn!(job = %id, error = %chain(&e), "container cleanup failed");
         }
     }
+
+    /// From the `spec.json` the daemon wrote for the job's shim.
+    fn describe(&self, id: &str) -> Option<Described> {
+        let path = flynn_container::Layout::new(&self.state_dir, id).spec();
+        let spec: ContainerSpec = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())?;
+        Some(Described {
+            env: spec.env,
+            mount_sources: spec.mounts.into_iter().map(|m| m.source).collect(),
+            host_network: spec.host_network,
+        })
+    }
 }
 
 /// The container of a job's [`Launch`], its cgroup under `cgroup_parent`.
@@ -229,10 +242,61 @@ fn container_spec(l: Launch, cgroup_parent: &str) -> ContainerSpec {
     }
 }
 
-/// What the daemon asks of a job's shim.
-enum ToShim {
-    Signal(i32),
-    CloseStdin,
+/// Signals waiting for a job's shim connection, at most [`SIGNAL_QUEUE`] different ones.
+const SIGNAL_QUEUE: usize = 64;
+
+/// The signals asked for a job and not yet sent to its shim: a bounded queue in which a
+/// signal already waiting is not queued again (it is delivered once, as the kernel merges a
+/// standard signal pending twice). A client sending signals faster than the shim takes
+/// them (attach frames, `PUT .../signal`) fills it to its bound and is then refused
+/// ([`std::io::ErrorKind::WouldBlock`]) instead of growing the daemon's memory.
+#[derive(Clone)]
+struct SignalQueue {
+    tx: mpsc::Sender<i32>,
+    pending: Arc<std::sync::Mutex<std::collections::HashSet<i32>>>,
+}
+
+impl SignalQueue {
+    fn new(capacity: usize) -> (SignalQueue, mpsc::Receiver<i32>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let q = SignalQueue {
+            tx,
+            pending: Arc::default(),
+        };
+        (q, rx)
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<i32>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `sig` unless it is waiting already. `ESRCH` once the job's connection has
+    /// ended, `WouldBlock` while the queue is full.
+    fn send(&self, sig: i32) -> std::io::Result<()> {
+        let mut pending = self.pending();
+        if pending.contains(&sig) {
+            return Ok(());
+        }
+        match self.tx.try_send(sig) {
+            Ok(()) => {
+                pending.insert(sig);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "too many signals waiting for the job",
+            )),
+            // The shim's connection ended with the job: no such process.
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH))
+            }
+        }
+    }
+
+    /// `sig` was taken off the queue: asking for it again queues it again.
+    fn taken(&self, sig: i32) {
+        self.pending().remove(&sig);
+    }
 }
 
 /// One task owns the shim connection: it forwards events, and sends the signals asked for,
@@ -245,14 +309,16 @@ enum ToShim {
 /// that dies (or restarts) with output queued would otherwise lose those lines.
 fn follow(mut conn: ShimConn) -> Handle {
     let (tx, rx) = mpsc::channel(1024);
-    let (sig_tx, mut sig_rx) = mpsc::unbounded_channel::<ToShim>();
+    let (signals, mut sig_rx) = SignalQueue::new(SIGNAL_QUEUE);
+    // Set once, when stdin is closed (a flag, not a queued message: nothing to bound).
+    let (close_tx, mut close_rx) = tokio::sync::watch::channel(false);
+    let mut closing = true;
     let handled = Handled::default();
     let stdin = conn.stdin_path().map(|path| {
-        let close = sig_tx.clone();
         crate::runtime::stdin_writer(
             move || tokio::net::unix::pipe::OpenOptions::new().open_sender(path),
             move || {
-                let _ = close.send(ToShim::CloseStdin);
+                close_tx.send_replace(true);
             },
         )
     });
@@ -266,6 +332,7 @@ fn follow(mut conn: ShimConn) -> Handle {
         }) as Resizer
     });
     let done = handled.clone();
+    let queue = signals.clone();
     tokio::spawn(async move {
         // The ack point after each event forwarded and not yet dealt with, oldest first.
         let mut marks: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
@@ -301,18 +368,21 @@ fn follow(mut conn: ShimConn) -> Handle {
                     }
                 }
                 _ = done.changed() => ack_handled(&mut conn, &done, &mut marks, &mut counted).await,
-                Some(msg) = sig_rx.recv() => match msg {
-                    ToShim::Signal(sig) => {
-                        if let Err(e) = conn.signal(sig).await {
-                            tracing::debug!(job = %conn.id(), sig, error = %chain(&e), "signal failed");
-                        }
+                Some(sig) = sig_rx.recv() => {
+                    queue.taken(sig);
+                    if let Err(e) = conn.signal(sig).await {
+                        tracing::debug!(job = %conn.id(), sig, error = %chain(&e), "signal failed");
                     }
-                    ToShim::CloseStdin => {
+                }
+                r = close_rx.changed(), if closing => {
+                    // Once: closed, or the writer is gone without closing (the job ended).
+                    closing = false;
+                    if r.is_ok() && *close_rx.borrow_and_update() {
                         if let Err(e) = conn.close_stdin().await {
                             tracing::debug!(job = %conn.id(), error = %chain(&e), "closing stdin failed");
                         }
                     }
-                },
+                }
                 r = size_rx.changed(), if sizes => match r {
                     Ok(()) => {
                         let size = *size_rx.borrow_and_update();
@@ -328,12 +398,7 @@ fn follow(mut conn: ShimConn) -> Handle {
             }
         }
     });
-    let signal: Signaller = Arc::new(move |sig| {
-        sig_tx
-            .send(ToShim::Signal(sig))
-            // The shim's connection ended with the job: no such process.
-            .map_err(|_| std::io::Error::from_raw_os_error(nix::libc::ESRCH))
-    });
+    let signal: Signaller = Arc::new(move |sig| signals.send(sig));
     Handle {
         events: rx,
         signal,
@@ -601,6 +666,36 @@ mod tests {
         }
         assert!(sizes.len() <= 2, "{} sizes sent", sizes.len());
         drop(handle);
+    }
+
+    /// Signals for a job's shim wait in a bounded queue: one already waiting is not queued
+    /// again, and a new one is refused (`WouldBlock`) while the queue is full, so a client
+    /// flooding signals grows nothing in the daemon. (It was an unbounded channel.)
+    #[tokio::test]
+    async fn signals_are_coalesced_and_bounded() {
+        let (q, mut rx) = super::SignalQueue::new(4);
+        for _ in 0..10_000 {
+            q.send(15).unwrap();
+        }
+        for sig in [1, 2, 10] {
+            q.send(sig).unwrap();
+        }
+        let e = q.send(12).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        // A signal already waiting is still fine while the queue is full.
+        q.send(2).unwrap();
+        let mut got = Vec::new();
+        while let Ok(sig) = rx.try_recv() {
+            q.taken(sig);
+            got.push(sig);
+        }
+        assert_eq!(got, [15, 1, 2, 10]);
+        // Taken off the queue: it may be asked for again.
+        q.send(15).unwrap();
+        assert_eq!(rx.try_recv().ok(), Some(15));
+        drop(rx);
+        let e = q.send(9).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(nix::libc::ESRCH));
     }
 
     /// The head start is a no-op migration: the process stays in the cgroups it was in.

@@ -138,6 +138,8 @@ struct Inner {
     /// Changes queued for the records so far (their numbers).
     changes: u64,
     ctl: HashMap<String, Ctl>,
+    /// Jobs left running at start-up because their records cannot be read.
+    kept: job::Kept,
 }
 
 /// A job's new state, queued for its record under the table lock ([`Host::record`]) and
@@ -295,7 +297,7 @@ impl Host {
     pub async fn delete_volume(&self, id: &str) -> Result<(), ApiError> {
         let path = {
             let inner = self.lock();
-            if let Some(job) = volumes::holder(&inner.table, id, "") {
+            if let Some(job) = volumes::holder(&inner.table, &inner.kept, id, "") {
                 return Err(ApiError::conflict(format!(
                     "volume {id} is in use by job {job}"
                 )));
@@ -723,24 +725,37 @@ impl Host {
         // One registration at a time; the new one replaces the old (same instance id).
         let mut slot = self.self_registration.lock().await;
         if let Some(old) = slot.take() {
-            // Same instance id: the old heartbeater must be gone (it unregisters on close)
-            // before the new registration, or its removal would follow the new one.
-            old.close().await;
+            // Same instance id: the new registration replaces the entry (discoverd sends
+            // watchers an `update`). The old heartbeater stops without deleting it: a
+            // delete first (`close`) took the host out of the service until the new one
+            // came, so watchers saw it go down and up, and it lost its place in the
+            // service's "oldest" leader election. Stopped before the new one starts, so
+            // no heartbeat of the old tags follows the new registration.
+            old.abandon().await;
         }
         // Kept registered however long discoverd is away (it used to give up after 60 s).
         *slot = Some(client.keep_registered(HOST_SERVICE, inst, Some("oldest")));
     }
 
-    /// Ports (by proto) used by starting or running jobs, for the resource check.
-    pub fn used_ports(&self) -> Vec<(u16, String)> {
+    /// Ports that starting or running jobs use in the host's network namespace, by proto
+    /// (`None`: any, for a job kept running with an unreadable record, whose container's
+    /// spec does not keep it), for the resource check. A job in a network namespace of its
+    /// own binds its ports there, where they take nothing from the host: only jobs without
+    /// one count (`host_network`, a host without job networking (`--no-network`), the
+    /// process runtime).
+    pub fn used_ports(&self) -> Vec<(u16, Option<String>)> {
+        let own_namespaces = self.runtime.isolates_network()
+            && (self.network().is_some() || self.net_setup.is_some());
         let inner = self.lock();
-        inner
+        let jobs = inner
             .table
             .iter()
             .filter(|j| !j.status.is_terminal())
+            .filter(|j| !own_namespaces || j.job.config.host_network)
             .flat_map(|j| job::bind_ports(&j.job).unwrap_or_default())
-            .map(|p| (p.port, p.proto))
-            .collect()
+            .map(|p| (p.port, Some(p.proto)));
+        let kept = inner.kept.host_ports().map(|p| (p, None));
+        jobs.chain(kept).collect()
     }
 
     /// `PUT /host/jobs/:id`: records the job and starts it in the background.
@@ -760,6 +775,9 @@ impl Host {
         let id = job.id.clone();
         let change = {
             let mut inner = self.lock();
+            if inner.kept.contains(&job.id) {
+                return Err(job::kept_conflict(&job.id));
+            }
             if self.max_starting > 0 {
                 let starting = inner
                     .table
@@ -775,7 +793,7 @@ impl Host {
                 }
             }
             if inner.table.get(&job.id).is_none() {
-                volumes::check_free(&inner.table, &job)?;
+                volumes::check_free(&inner.table, &inner.kept, &job)?;
             }
             let aj = inner.table.add(job, &self.id, now_rfc3339())?.clone();
             self.record(&mut inner, &aj)
@@ -1543,6 +1561,15 @@ impl Host {
             {
                 return ApiError::conflict("host: job is not running");
             }
+            // The job's queue of signals waiting for its runtime is full (a client
+            // sending them faster than they are delivered).
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                return ApiError::new(
+                    flynn_api::ErrorCode::Ratelimited,
+                    "host: too many signals waiting for the job; try again",
+                )
+                .with_retry(true);
+            }
             tracing::warn!(job = %id, sig, error = %e, "signal failed");
             ApiError::validation(Some("signal"), &format!("could not be sent: {e}"))
         })
@@ -1639,16 +1666,10 @@ impl Host {
                 }
             }
         }
-        let mut kept = Vec::new();
         for (id, h) in adopted {
             if unreadable(&id) {
                 tracing::error!(job = %id, "leaving a running container alone: its stored record cannot be read");
-                // Held, not dropped, until the daemon exits: dropping it closes the job's stdin.
-                tokio::spawn(async move {
-                    let _untouched = h;
-                    std::future::pending::<()>().await
-                });
-                kept.push(id);
+                self.keep(id, h);
                 continue;
             }
             tracing::warn!(job = %id, "killing a running container the host has no state for");
@@ -1656,11 +1677,74 @@ impl Host {
         }
         if let Some(n) = self.network() {
             n.release_strays(|id| {
-                self.lock().table.get(id).is_some() || kept.iter().any(|k| k == id)
+                let inner = self.lock();
+                inner.table.get(id).is_some() || inner.kept.contains(id)
             })
             .await;
         }
         self.await_agent_block().await;
+    }
+
+    /// Leaves job `id`, running with a record that cannot be read, as it is: its id stays
+    /// taken (a `PUT` of it is a 409), its address held, and the volumes and host ports its
+    /// container was started with (from the runtime's copy of its spec) count as in use
+    /// while it runs. Its events are taken and acknowledged, so the runtime keeps reading
+    /// its output (a shim whose unacknowledged events fill its buffer stops reading the
+    /// job's pipes and the job blocks): output lines go to the host's log under the app and
+    /// process type of its environment when the record still reads as JSON and does not say
+    /// `disable_log`, else they are dropped once acknowledged.
+    fn keep(self: &Arc<Self>, id: String, mut h: Handle) {
+        let described = self.runtime.describe(&id).unwrap_or_default();
+        let volumes = described
+            .mount_sources
+            .iter()
+            .filter_map(|s| self.volumes.volume_of(s))
+            .collect();
+        let host_ports = if described.host_network {
+            described.ports()
+        } else {
+            Vec::new()
+        };
+        self.lock().kept.insert(&id, volumes, host_ports);
+        let log = self.store.raw(&id).is_some_and(|r| {
+            r.pointer("/job/config/disable_log")
+                .and_then(serde_json::Value::as_bool)
+                != Some(true)
+        });
+        let src = Source::new(
+            described.env("FLYNN_APP_ID"),
+            described.env("FLYNN_PROCESS_TYPE"),
+            &id,
+        );
+        let host = self.clone();
+        tokio::spawn(async move {
+            let mut term_lines = crate::terminal::TermLines::default();
+            while let Some(ev) = h.events.recv().await {
+                let last = matches!(ev, ProcEvent::Exited { .. } | ProcEvent::Failed { .. });
+                match ev {
+                    ProcEvent::Output { stream, line } if log => {
+                        host.logs.push(&src, stream, &line)
+                    }
+                    ProcEvent::Terminal { data } if log => {
+                        term_lines.feed(&data, |l| host.logs.push(&src, Stream::Stdout, l))
+                    }
+                    ProcEvent::Dropped { count } => host.logs.count_dropped(count),
+                    _ => {}
+                }
+                if last && log {
+                    term_lines.finish(|l| host.logs.push(&src, Stream::Stdout, l));
+                }
+                h.handled.mark();
+                if last {
+                    tracing::info!(job = %id, "a job left running with an unreadable record ended");
+                    host.lock().kept.ended(&id);
+                    break;
+                }
+            }
+            // Held, not dropped, until the daemon exits: dropping it closes the job's stdin.
+            let _untouched = h;
+            std::future::pending::<()>().await
+        });
     }
 
     /// Kills what may still run of a container the host will not supervise, waits for its

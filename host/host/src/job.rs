@@ -78,6 +78,14 @@ pub fn parse_job(path_id: &str, body: &[u8], needs_image: bool) -> Result<Job, A
             "must be 1-64 characters of [A-Za-z0-9_.-]",
         ));
     }
+    if flynn_container::reserved_id(path_id) {
+        return Err(ApiError::validation(
+            Some("id"),
+            &format!(
+                "{path_id:?} is reserved (the name of a file in the host's container state directory); choose another id"
+            ),
+        ));
+    }
     if job.id.is_empty() {
         job.id = path_id.to_string();
     } else if job.id != path_id {
@@ -343,6 +351,71 @@ pub enum StopAction {
     None,
 }
 
+/// Jobs a restarted daemon found running whose stored record could not be read (a newer
+/// version's fields, a bad edit): left running and not in the [`Table`], so a fixed record
+/// brings them back with the next daemon. Their ids stay taken for this daemon's life (a
+/// `PUT` of one would overwrite the record and take the job's address and state), and
+/// while they run, the volumes and host ports their containers were started with count as
+/// in use.
+#[derive(Debug, Default)]
+pub struct Kept {
+    jobs: BTreeMap<String, KeptJob>,
+}
+
+#[derive(Debug)]
+struct KeptJob {
+    volumes: Vec<String>,
+    /// Ports in the host's network namespace (any protocol: the container's spec does not
+    /// keep it).
+    host_ports: Vec<u16>,
+    running: bool,
+}
+
+impl Kept {
+    pub fn insert(&mut self, id: &str, volumes: Vec<String>, host_ports: Vec<u16>) {
+        let job = KeptJob {
+            volumes,
+            host_ports,
+            running: true,
+        };
+        self.jobs.insert(id.to_string(), job);
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.jobs.contains_key(id)
+    }
+
+    /// The kept job's process ended: what it held is free (its id stays taken).
+    pub fn ended(&mut self, id: &str) {
+        if let Some(j) = self.jobs.get_mut(id) {
+            j.running = false;
+        }
+    }
+
+    /// The running kept job that binds `volume`.
+    pub fn holder(&self, volume: &str) -> Option<&str> {
+        self.jobs
+            .iter()
+            .find(|(_, j)| j.running && j.volumes.iter().any(|v| v == volume))
+            .map(|(id, _)| id.as_str())
+    }
+
+    /// Host ports of running kept jobs.
+    pub fn host_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.jobs
+            .values()
+            .filter(|j| j.running)
+            .flat_map(|j| j.host_ports.iter().copied())
+    }
+}
+
+/// 409 for a `PUT` of a kept job's id.
+pub fn kept_conflict(id: &str) -> ApiError {
+    ApiError::conflict(format!(
+        "host: a job with id {id} is still running from before the daemon restarted (or ended since), and its stored record (jobs/{id}.json) cannot be read; fix or remove the record and restart the daemon"
+    ))
+}
+
 /// All jobs the host knows, keyed by id, with the state machine:
 /// starting → running → done | crashed; starting → failed | done (stopped before it ran).
 #[derive(Debug, Default)]
@@ -531,6 +604,20 @@ mod tests {
         assert_eq!(e.code, ErrorCode::ValidationError);
         let e = parse_job("a b", body("").as_bytes(), true).unwrap_err();
         assert_eq!(e.detail.unwrap()["field"], "id");
+    }
+
+    /// An id that names a file beside the jobs' container state (the spare shim's log) is
+    /// refused: such a job was accepted and then could never start.
+    #[test]
+    fn reserved_ids_are_refused() {
+        for id in flynn_container::RESERVED_IDS {
+            let e = parse_job(id, body("").as_bytes(), true).unwrap_err();
+            assert_eq!(e.status(), 400, "{id}");
+            assert!(e.message.contains("is reserved"), "{id}: {}", e.message);
+            assert_eq!(e.detail.unwrap()["field"], "id");
+        }
+        assert!(flynn_container::RESERVED_IDS.contains(&"spare.log"));
+        parse_job("spare.log2", body("").as_bytes(), true).unwrap();
     }
 
     #[test]

@@ -270,6 +270,53 @@ pub trait Runtime: Send + Sync + 'static {
     fn prepare(&self) {}
     /// Removes what is left of a finished job (state, rootfs, cgroup).
     fn cleanup(&self, id: &str);
+    /// What job `id`'s running container was started with, read from the runtime's own
+    /// state (for a job whose record cannot be read, whose resources still count); `None`
+    /// when the runtime keeps nothing of the kind.
+    fn describe(&self, _id: &str) -> Option<Described> {
+        None
+    }
+}
+
+/// What a container was started with, as far as the host's accounting goes
+/// ([`Runtime::describe`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Described {
+    /// `K=V` (`FLYNN_APP_ID`, `PORT`, `PORT_n`, ...).
+    pub env: Vec<String>,
+    /// The host paths bind-mounted into it (volumes among them).
+    pub mount_sources: Vec<PathBuf>,
+    /// It runs in the host's network namespace: its ports are host ports.
+    pub host_network: bool,
+}
+
+impl Described {
+    /// The ports it was given (`PORT`, `PORT_n`; the protocol is not kept).
+    pub fn ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| {
+                *k == "PORT"
+                    || k.strip_prefix("PORT_")
+                        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .filter_map(|(_, v)| v.parse().ok())
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
+    /// The value of environment variable `key`.
+    pub fn env(&self, key: &str) -> Option<&str> {
+        self.env.iter().find_map(|kv| {
+            kv.split_once('=')
+                .filter(|(k, v)| *k == key && !v.is_empty())
+                .map(|(_, v)| v)
+        })
+    }
 }
 
 /// Runs jobs as plain host processes (no isolation), for development. A clean daemon exit

@@ -61,6 +61,13 @@ impl Store {
         self.path(id).exists()
     }
 
+    /// Job `id`'s record as plain JSON, for one that does not load as a job (fields from a
+    /// newer version): `None` when it is not JSON at all.
+    pub fn raw(&self, id: &str) -> Option<serde_json::Value> {
+        let bytes = std::fs::read(self.path(id)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
     /// Queues the removal of job `id`'s record, after any write of it queued before.
     pub fn remove(&self, id: &str) {
         // Nothing waits for it: a record left by a failed removal is an ended job's, which

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use flynn_api::host::{Job, Volume, VolumeCreate};
 use flynn_api::ApiError;
 
-use crate::job::Table;
+use crate::job::{Kept, Table};
 use crate::runtime::BindMount;
 use crate::syncer::Syncer;
 
@@ -89,20 +89,22 @@ pub fn validate_bindings(job: &Job) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The starting or running job (other than `except`) that binds `volume`.
-pub fn holder<'a>(table: &'a Table, volume: &str, except: &str) -> Option<&'a str> {
+/// The starting or running job (other than `except`) that binds `volume`: one in the
+/// table, or a job kept running with an unreadable record.
+pub fn holder(table: &Table, kept: &Kept, volume: &str, except: &str) -> Option<String> {
     table
         .iter()
         .filter(|j| !j.status.is_terminal() && j.job.id != except)
         .find(|j| j.job.config.volumes.iter().any(|b| b.volume == volume))
-        .map(|j| j.job.id.as_str())
+        .map(|j| j.job.id.clone())
+        .or_else(|| kept.holder(volume).map(str::to_string))
 }
 
 /// 409 when one of `job`'s volumes is held by another starting or running job (spec
 /// §5.3: "volumes already used by a starting/running job → error").
-pub fn check_free(table: &Table, job: &Job) -> Result<(), ApiError> {
+pub fn check_free(table: &Table, kept: &Kept, job: &Job) -> Result<(), ApiError> {
     for b in &job.config.volumes {
-        if let Some(other) = holder(table, &b.volume, &job.id) {
+        if let Some(other) = holder(table, kept, &b.volume, &job.id) {
             return Err(ApiError::conflict(format!(
                 "volume {} is in use by job {other}",
                 b.volume
@@ -240,6 +242,15 @@ impl Volumes {
         let mut v: Vec<Volume> = self.lock().values().cloned().collect();
         v.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
         v
+    }
+
+    /// The volume whose data directory is `source` (a bind mount's source), if it is one.
+    pub fn volume_of(&self, source: &Path) -> Option<String> {
+        let rest = source.strip_prefix(self.dir()).ok()?;
+        let mut parts = rest.components();
+        let id = parts.next()?.as_os_str().to_str()?.to_string();
+        let data = parts.next()?.as_os_str() == DATA_DIR;
+        (data && parts.next().is_none()).then_some(id)
     }
 
     /// Where volume `id`'s data is on the host.
@@ -555,9 +566,10 @@ mod tests {
             status: JobStatus::Done,
             ..ActiveJob::default()
         });
-        assert_eq!(holder(&t, vid, ""), Some("a"));
-        assert_eq!(holder(&t, vid, "a"), None);
-        let e = check_free(&t, &job("b")).unwrap_err();
+        let mut kept = Kept::default();
+        assert_eq!(holder(&t, &kept, vid, "").as_deref(), Some("a"));
+        assert_eq!(holder(&t, &kept, vid, "a"), None);
+        let e = check_free(&t, &kept, &job("b")).unwrap_err();
         assert_eq!(e.status(), 409);
         assert_eq!(e.message, format!("volume {vid} is in use by job a"));
         t.restore(ActiveJob {
@@ -565,7 +577,13 @@ mod tests {
             status: JobStatus::Crashed,
             ..ActiveJob::default()
         });
-        check_free(&t, &job("b")).unwrap();
+        check_free(&t, &kept, &job("b")).unwrap();
+        // A job kept running with an unreadable record holds what its container binds.
+        kept.insert("k", vec![vid.to_string()], Vec::new());
+        let e = check_free(&t, &kept, &job("b")).unwrap_err();
+        assert_eq!(e.message, format!("volume {vid} is in use by job k"));
+        kept.ended("k");
+        check_free(&t, &kept, &job("b")).unwrap();
     }
 
     #[test]

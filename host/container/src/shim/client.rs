@@ -139,7 +139,7 @@ impl Shim {
             .map_err(|e| ContainerError::io("resolving", state_dir, e))?;
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| ContainerError::io("creating a socket pair for", program, e))?;
-        let log_path = state_dir.join("spare.log");
+        let log_path = state_dir.join(super::SPARE_LOG);
         let log =
             create_private(&log_path).map_err(|e| ContainerError::io("creating", &log_path, e))?;
         // The first process forks the spare and exits at once.

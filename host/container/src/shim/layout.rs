@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 const MAX_SOCKET_PATH: usize = 107;
 
 const CONTROL_SOCKET: &str = "control.sock";
+/// The spare shim's log, beside the jobs' directories in the state directory.
+pub const SPARE_LOG: &str = "spare.log";
 const CONSOLE_SOCKET: &str = "console.sock";
 
 /// A control socket path usable with bind/connect (see [`Layout::socket_addr`]).

@@ -9,7 +9,7 @@ mod run;
 mod terminal;
 
 pub use client::{Shim, ShimConn, SpareShim};
-pub use layout::{Layout, SHIM_ARG, SPARE_ARG};
+pub use layout::{Layout, SHIM_ARG, SPARE_ARG, SPARE_LOG};
 pub use run::shim_main;
 
 /// Every existing cgroup directory of a job (for checks and accounting).

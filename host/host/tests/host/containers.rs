@@ -915,6 +915,71 @@ fn restart_leaves_a_job_with_an_unreadable_record_running() {
         );
         // Not the daemon's to supervise, until its record is fixed.
         assert!(ch.host.client.get_job(&id).await.is_err());
+
+        // Its id is taken: a new job with it is refused (it used to be accepted, its record
+        // overwritten and, with its start failing on the namespace the kept job holds, the
+        // kept container killed by the failed start's cleanup).
+        let e = ch
+            .host
+            .client
+            .add_job(&bb_job(&id, "exec sleep 60"))
+            .await
+            .expect_err("a PUT of a kept job's id");
+        let e = e.api().expect("the JSON error envelope");
+        assert_eq!(e.status(), 409, "{e:?}");
+        assert!(
+            e.message
+                .contains("still running from before the daemon restarted"),
+            "{}",
+            e.message
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(alive(pid), "the job's process was killed after the PUT");
+        assert!(alive(shim_pid), "the job's shim was killed after the PUT");
+        assert_eq!(std::fs::read(&record).unwrap(), unreadable);
+        assert!(
+            ip_owners(&state).contains(&id),
+            "the job's address was released"
+        );
+    });
+}
+
+/// A job left running with an unreadable record keeps running normally: its output is
+/// taken and acknowledged, so it can write far more than the shim buffers (4 MiB) for an
+/// absent reader. It used to stop there: nothing took its events, the shim's buffer filled,
+/// the shim stopped reading the job's pipes and the job blocked on its next write.
+#[test]
+fn a_job_kept_with_an_unreadable_record_keeps_writing() {
+    require_root!();
+    busybox();
+    in_netns(|_| async {
+        let mut ch = CHost::start(&["--netns-pool", "0"]);
+        let state = ch.host.dir.path().to_path_buf();
+        let id = ch.host.job_id("chatty");
+        // Waits for /go, then writes 20 MB (lines of 1,000 bytes), then marks /done.
+        let script = "l=xxxxxxxxxx; l=$l$l$l$l$l$l$l$l$l$l; l=$l$l$l$l$l$l$l$l$l$l; \
+            while [ ! -e /go ]; do sleep 0.1; done; \
+            i=0; while [ $i -lt 20000 ]; do echo $l; i=$((i+1)); done; \
+            touch /done; exec sleep 120";
+        ch.host.client.add_job(&bb_job(&id, script)).await.unwrap();
+        let j = wait_running(&ch.host.client, &id).await;
+        let pid = j.pid.expect("a running job's pid");
+        drop(ch.host.proc.take());
+
+        let record = state.join("jobs").join(format!("{id}.json"));
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+        v["job"]["from_a_newer_version"] = true.into();
+        std::fs::write(&record, serde_json::to_vec(&v).unwrap()).unwrap();
+
+        ch.restart(&["--netns-pool", "0"]);
+        // The job's root as the host sees it.
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        std::fs::write(root.join("go"), b"").unwrap();
+        eventually(Duration::from_secs(120), "the kept job wrote 20 MB", || {
+            root.join("done").exists()
+        })
+        .await;
     });
 }
 
@@ -1608,6 +1673,54 @@ fn a_second_daemon_on_the_same_state_dir_is_refused() {
                 netns_exists(o),
                 "pooled namespace {o} removed by the second daemon"
             );
+        }
+    });
+}
+
+/// `POST /host/resource-check` counts only ports jobs use in the host's network namespace: a
+/// job in a namespace of its own binds its port there, taking nothing from the host (it used
+/// to be a conflict all the same), while a `host_network` job's port is one.
+#[test]
+fn resource_check_counts_only_host_ports() {
+    require_root!();
+    busybox();
+    in_netns(|_| async {
+        let ch = CHost::start(&["--netns-pool", "0"]);
+        let c = &ch.host.client;
+        let check = |port| flynn_client::host::ResourceCheck {
+            ports: vec![flynn_client::host::CheckPort {
+                port,
+                proto: "tcp".into(),
+            }],
+        };
+        let port = |port| Port {
+            port,
+            proto: "tcp".into(),
+            service: None,
+        };
+        let own = ch.host.job_id("own-netns");
+        let mut j = bb_job(&own, "exec nc -l -p 5000");
+        j.config.ports = vec![port(5000)];
+        c.add_job(&j).await.unwrap();
+        wait_running(c, &own).await;
+        c.resource_check(&check(5000))
+            .await
+            .expect("a port in a job's own namespace is free on the host");
+
+        let shared = ch.host.job_id("host-netns");
+        let mut j = bb_job(&shared, "exec sleep 60");
+        j.config.host_network = true;
+        j.config.ports = vec![port(5001)];
+        c.add_job(&j).await.unwrap();
+        wait_running(c, &shared).await;
+        let e = c.resource_check(&check(5001)).await.unwrap_err();
+        let e = e.api().expect("the JSON error envelope");
+        assert_eq!(e.status(), 409, "{e:?}");
+        assert_eq!(e.detail.as_ref().unwrap()["ports"][0]["port"], 5001);
+
+        for id in [&own, &shared] {
+            c.stop_job(id).await.unwrap();
+            wait_ended(c, id, Duration::from_secs(15)).await;
         }
     });
 }

@@ -1074,3 +1074,100 @@ async fn sigterm_stops_the_daemon_despite_open_event_streams() {
     let status = wait_exit(&mut proc, Duration::from_secs(6)).await;
     assert!(status.success(), "{status:?}");
 }
+
+/// A stand-in discoverd on a loopback port: answers every request `200 {}` and records
+/// each as (request line, body).
+async fn discoverd_stand_in() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + len {
+                        match s.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    }
+                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+                    buf.drain(..end + 4 + len);
+                    let line = head.lines().next().unwrap_or("").to_string();
+                    log.lock().unwrap().push((line, body));
+                    let resp = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+/// New tags replace the host's registration in place: the new one is registered over the
+/// old (same instance id: discoverd sends watchers an `update`), and the old one is never
+/// deleted. The old one used to be deleted first, so watchers saw the host go down and come
+/// back, and it lost its place in the `flynn-host` leader election ("oldest").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_tags_replace_the_hosts_registration_without_removing_it() {
+    let (url, seen) = discoverd_stand_in().await;
+    let h = Host::start(&["--runtime", "process", "--discoverd", &url]);
+    let registrations = || -> Vec<String> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|(l, _)| l.starts_with("PUT /services/flynn-host/instances/"))
+            .map(|(_, b)| b.clone())
+            .collect()
+    };
+    eventually(Duration::from_secs(30), "the host registered", || {
+        !registrations().is_empty()
+    })
+    .await;
+    let tags = [("zone".to_string(), "b".to_string())].into();
+    h.client.set_tags(&tags).await.unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "registered with the new tags",
+        || registrations().iter().any(|b| b.contains("tag:zone")),
+    )
+    .await;
+    let deletes: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(l, _)| l.clone())
+        .filter(|l| l.starts_with("DELETE"))
+        .collect();
+    assert!(
+        deletes.is_empty(),
+        "the host was taken out of discoverd: {deletes:?}"
+    );
+}
