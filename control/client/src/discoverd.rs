@@ -245,7 +245,8 @@ impl Client {
             .await
         {
             Ok(r) => r.json().await.map_err(Error::Http),
-            Err(Error::Api(e)) if e.status() == 404 => Ok(Vec::new()),
+            // A missing service; another 404 (a wrong base URL: the path is unknown) is an error.
+            Err(Error::Api(e)) if e.code == ErrorCode::ObjectNotFound => Ok(Vec::new()),
             Err(e) => Err(e),
         }
     }
@@ -315,7 +316,7 @@ impl Client {
             .await
         {
             Ok(r) => r.json().await.map(Some).map_err(Error::Http),
-            Err(Error::Api(e)) if e.status() == 404 => Ok(None),
+            Err(Error::Api(e)) if e.code == ErrorCode::ObjectNotFound => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -383,7 +384,16 @@ impl Client {
     /// Watches a service's events (`GET /services/:s`, all kinds). See [`Watch`].
     pub fn watch(&self, service: &str) -> Watch {
         let (tx, rx) = mpsc::channel(256);
-        let task = tokio::spawn(watch_loop(self.clone(), service.to_string(), tx));
+        // A name a path would not carry as it is (`web?x` would watch `web`), or one the
+        // server refuses, which would be retried for ever: the watch ends at once.
+        let task = match check_service(service) {
+            Ok(()) => tokio::spawn(watch_loop(self.clone(), service.to_string(), tx)),
+            Err(e) => {
+                tracing::warn!(service, error = %e, "not watching an invalid service name");
+                drop(tx);
+                tokio::spawn(async {})
+            }
+        };
         Watch {
             rx,
             pending: std::collections::VecDeque::new(),
@@ -931,6 +941,13 @@ mod tests {
                 invalid(c.heartbeat_with("web", inst, None).await.map(drop), bad);
             }
         }
+        // A watch of an invalid name ends at once (it watched `web` for `web?x`, and
+        // retried a name the server refuses for ever).
+        for bad in ["web?x", "Web", ""] {
+            let mut w = c.watch(bad);
+            let end = tokio::time::timeout(Duration::from_secs(10), w.next()).await;
+            assert!(matches!(end, Ok(None)), "{bad}: {end:?}");
+        }
         assert_eq!(seen.load(Ordering::SeqCst), 0, "a request was sent");
         // Valid names go through.
         c.remove_service("web-1").await.unwrap();
@@ -1194,8 +1211,12 @@ mod tests {
         );
         drop(hb);
         // A name the client itself refuses is given up too, without a request.
-        let hb = c.keep_registered("Bad_Name", inst, Some("oldest"));
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut hb = c.keep_registered("Bad_Name", inst, Some("oldest"));
+        let task = hb.task.take().expect("a task");
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the heartbeater gave up")
+            .unwrap();
         assert_eq!(seen.load(Ordering::SeqCst), 1, "sent an invalid name");
         drop(hb);
     }

@@ -12,6 +12,9 @@ pub(crate) enum Failure {
     Status(u16),
 }
 
+/// How long a pooled connection may sit idle before the client closes it.
+pub(crate) const IDLE_CLOSE: Duration = Duration::from_secs(20);
+
 #[derive(Clone)]
 pub(crate) struct JsonHttp {
     base: String,
@@ -23,6 +26,10 @@ impl JsonHttp {
     pub(crate) fn new(url: &str) -> JsonHttp {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
+            // Under the servers' 30 s idle close (discoverd's header read timeout): the
+            // client lets an idle connection go first, so a request never races the
+            // server's close of the connection it was written to.
+            .pool_idle_timeout(IDLE_CLOSE)
             .build()
             .unwrap_or_default();
         JsonHttp {

@@ -111,6 +111,8 @@ impl Node {
         }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
+            // Under the peers' 30 s idle close (the API server's header read timeout).
+            .pool_idle_timeout(Duration::from_secs(20))
             .build()
             .unwrap_or_default();
         let node = Arc::new(Node {

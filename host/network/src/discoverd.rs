@@ -75,7 +75,8 @@ fn cas_lost(e: &ClientError) -> bool {
 }
 
 fn not_found(e: &ClientError) -> bool {
-    e.api().is_some_and(|a| a.status() == 404)
+    // A missing service or meta; another 404 (an unknown path) is an error.
+    e.api().is_some_and(|a| a.code == ErrorCode::ObjectNotFound)
 }
 
 /// The lease in `attrs` stored under `key`, if both parse. The key must be the block's

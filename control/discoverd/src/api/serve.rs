@@ -18,14 +18,26 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router, header_read_t
     http.timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
         .max_buf_size(MAX_REQUEST_HEAD);
+    // Go's net/http: after a failed accept, wait 5 ms, doubling to at most 1 s while
+    // accepts keep failing.
+    let mut backoff = Duration::ZERO;
     loop {
         let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
+            Ok((tcp, _)) => {
+                backoff = Duration::ZERO;
+                tcp
+            }
+            // One connection's failure (reset or aborted before it was accepted): the
+            // next one is fine.
+            Err(e) if is_connection_error(&e) => continue,
             Err(e) => {
-                // Out of descriptors (or another transient failure): back off a little
-                // rather than spin, as Go's net/http does.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Out of descriptors (or another failure of the listener): back off rather
+                // than spin, warning once per run of failures.
+                if backoff.is_zero() {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                }
+                backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                tokio::time::sleep(backoff).await;
                 continue;
             }
         };
@@ -40,4 +52,14 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router, header_read_t
             }
         });
     }
+}
+
+/// An accept error that concerns one connection, not the listener.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionRefused
+    )
 }

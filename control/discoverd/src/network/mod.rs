@@ -88,7 +88,9 @@ impl Network {
     pub fn new(host: String, faults: Arc<Faults>) -> Network {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Under the peers' 30 s idle close (the API server's header read timeout), so
+            // the pool lets a connection go before a peer does.
+            .pool_idle_timeout(Duration::from_secs(20))
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();

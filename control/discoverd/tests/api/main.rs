@@ -900,7 +900,13 @@ async fn node_with(extra: &[&str]) -> (tempfile::TempDir, Discoverd, reqwest::Cl
 #[tokio::test]
 async fn a_request_head_not_finished_in_time_is_disconnected() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (_dir, d, c) = node_with(&["--header-read-timeout", "300ms"]).await;
+    let (_dir, d, _) = node_with(&["--header-read-timeout", "300ms"]).await;
+    // No pooled connections: the server closes one idle for 300 ms, and a request written
+    // to it as it closes would fail (a stall that long is possible on a busy machine).
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let mut watch = c.get(d.url("/services/slow")).send().await.unwrap();
     assert_eq!(watch.status(), 200);
     let mut s = tokio::net::TcpStream::connect(&d.addr).await.unwrap();
@@ -963,7 +969,22 @@ async fn watches_past_the_limit_get_503() {
     }
     let r = call(&c, "GET", &d.url("/services/w/leader"), None).await;
     assert_eq!(r.status, 404, "{}", r.body);
-    drop((w1, w2));
+    // A watch whose client went away gives its place back.
+    drop(w1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let w3 = loop {
+        let r = c.get(d.url("/services/w")).send().await.unwrap();
+        if r.status() == 200 {
+            break r;
+        }
+        assert_eq!(r.status(), 503);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed watch's place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    drop((w2, w3));
 }
 
 /// Unknown paths and known paths with a method they do not serve get the JSON envelope
