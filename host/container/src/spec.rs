@@ -113,11 +113,39 @@ pub const CPU_PERIOD_US: u64 = 100_000;
 /// Names beside the jobs' directories in a shim state directory: the spare shim's log
 /// ([`Shim::spawn_spare`](crate::Shim::spawn_spare)). A job with one of them as its id
 /// could never start (its directory cannot be made there).
-pub const RESERVED_IDS: [&str; 1] = [crate::shim::SPARE_LOG];
+pub const RESERVED_IDS: [&str; 4] = [
+    crate::shim::SPARE_LOG,
+    // cgroup v1 interface files in the parent cgroup, where a job's cgroup is `<parent>/<id>`.
+    "tasks",
+    "notify_on_release",
+    "release_agent",
+];
 
-/// Is `id` one of the [`RESERVED_IDS`] (a job may not be called that)?
+/// Prefixes of cgroup interface files (`cgroup.procs`, `memory.max`, `pids.max`, ...): a
+/// job's cgroup named like one would collide with the parent cgroup's file.
+const CGROUP_FILE_PREFIXES: [&str; 16] = [
+    "cgroup.",
+    "cpu.",
+    "cpuacct.",
+    "cpuset.",
+    "memory.",
+    "pids.",
+    "io.",
+    "blkio.",
+    "devices.",
+    "freezer.",
+    "hugetlb.",
+    "net_cls.",
+    "net_prio.",
+    "perf_event.",
+    "rdma.",
+    "misc.",
+];
+
+/// Is `id` one of the [`RESERVED_IDS`] or named like a cgroup interface file (a job may
+/// not be called that)?
 pub fn reserved_id(id: &str) -> bool {
-    RESERVED_IDS.contains(&id)
+    RESERVED_IDS.contains(&id) || CGROUP_FILE_PREFIXES.iter().any(|p| id.starts_with(p))
 }
 
 /// Is `id` an acceptable job id (`[A-Za-z0-9_.-]{1,64}`, not `.` or `..`)?

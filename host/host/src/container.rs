@@ -671,6 +671,19 @@ mod tests {
     /// Signals for a job's shim wait in a bounded queue: one already waiting is not queued
     /// again, and a new one is refused (`WouldBlock`) while the queue is full, so a client
     /// flooding signals grows nothing in the daemon. (It was an unbounded channel.)
+    /// With every signal 1-64 waiting at once (`Host::signal` refuses any other number),
+    /// the queue still takes any of them again: the stop path's SIGTERM and SIGKILL are
+    /// never refused for a full queue.
+    #[tokio::test]
+    async fn the_queue_has_room_for_every_valid_signal() {
+        let (q, _rx) = super::SignalQueue::new(super::SIGNAL_QUEUE);
+        for sig in 1..=64 {
+            q.send(sig).unwrap();
+        }
+        q.send(nix::libc::SIGTERM).unwrap();
+        q.send(nix::libc::SIGKILL).unwrap();
+    }
+
     #[tokio::test]
     async fn signals_are_coalesced_and_bounded() {
         let (q, mut rx) = super::SignalQueue::new(4);

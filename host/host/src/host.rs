@@ -717,7 +717,9 @@ impl Host {
             .unwrap_or_default();
         meta.insert("id".into(), self.id.clone());
         let inst = Instance {
-            addr: format!("{}:{port}", self.external_ip),
+            // `SocketAddr` brackets an IPv6 address (`[fd00::1]:1113`), as discoverd
+            // requires (Go's `net.SplitHostPort`).
+            addr: format_host_port(self.external_ip, &port),
             proto: "http".into(),
             meta,
             ..Instance::default()
@@ -729,8 +731,9 @@ impl Host {
             // watchers an `update`). The old heartbeater stops without deleting it: a
             // delete first (`close`) took the host out of the service until the new one
             // came, so watchers saw it go down and up, and it lost its place in the
-            // service's "oldest" leader election. Stopped before the new one starts, so
-            // no heartbeat of the old tags follows the new registration.
+            // service's "oldest" leader election. Stopped (aborted and awaited) before the
+            // new one starts; a heartbeat of the old tags already on the wire may still
+            // land after the new registration, and the next beat (within 5 s) corrects it.
             old.abandon().await;
         }
         // Kept registered however long discoverd is away (it used to give up after 60 s).
@@ -1543,6 +1546,15 @@ impl Host {
 
     /// `PUT /host/jobs/:id/signal/:sig`.
     pub fn signal(&self, id: &str, sig: i32) -> Result<(), ApiError> {
+        // Checked here for every caller (attach frames carry any u32): only 1-64 are ever
+        // queued, so the queue of 64 different signals can never be full, and the stop
+        // path's SIGTERM and SIGKILL always find room.
+        if !(1..=64).contains(&sig) {
+            return Err(ApiError::validation(
+                Some("signal"),
+                "must be an integer 1-64",
+            ));
+        }
         let inner = self.lock();
         if inner.table.get(id).is_none() {
             return Err(ApiError::object_not_found("host: unknown job"));
@@ -1561,8 +1573,8 @@ impl Host {
             {
                 return ApiError::conflict("host: job is not running");
             }
-            // The job's queue of signals waiting for its runtime is full (a client
-            // sending them faster than they are delivered).
+            // The job's queue of signals waiting for its runtime is full: cannot happen
+            // with signals 1-64 (one place each), kept as an answer rather than a panic.
             if e.kind() == std::io::ErrorKind::WouldBlock {
                 return ApiError::new(
                     flynn_api::ErrorCode::Ratelimited,
@@ -1736,6 +1748,8 @@ impl Host {
                 }
                 h.handled.mark();
                 if last {
+                    // Acknowledged too: the shim exits, and its status file keeps the end
+                    // for a start that finds the record fixed (the real exit status).
                     tracing::info!(job = %id, "a job left running with an unreadable record ended");
                     host.lock().kept.ended(&id);
                     break;
@@ -1777,4 +1791,23 @@ struct Running {
     env: Vec<String>,
     stop_timeout: Duration,
     adopted: bool,
+}
+
+/// `ip:port` with an IPv6 address in brackets (`[fd00::1]:1113`), the form discoverd takes
+/// (Go's `net.SplitHostPort`); an unbracketed `fd00::1:1113` is refused.
+fn format_host_port(ip: std::net::IpAddr, port: &str) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => format!("{v4}:{port}"),
+        std::net::IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    }
+}
+
+#[cfg(test)]
+mod host_port_tests {
+    #[test]
+    fn the_registered_address_brackets_ipv6() {
+        let f = |ip: &str| super::format_host_port(ip.parse().unwrap(), "1113");
+        assert_eq!(f("10.0.0.1"), "10.0.0.1:1113");
+        assert_eq!(f("fd00::1"), "[fd00::1]:1113");
+    }
 }

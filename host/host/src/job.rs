@@ -610,7 +610,12 @@ mod tests {
     /// refused: such a job was accepted and then could never start.
     #[test]
     fn reserved_ids_are_refused() {
-        for id in flynn_container::RESERVED_IDS {
+        // Named like a cgroup interface file of the parent cgroup the job's cgroup goes in.
+        let cgroup_files = ["cgroup.procs", "memory.max", "pids.max", "cpu.weight"];
+        for id in flynn_container::RESERVED_IDS
+            .into_iter()
+            .chain(cgroup_files)
+        {
             let e = parse_job(id, body("").as_bytes(), true).unwrap_err();
             assert_eq!(e.status(), 400, "{id}");
             assert!(e.message.contains("is reserved"), "{id}: {}", e.message);
@@ -618,6 +623,8 @@ mod tests {
         }
         assert!(flynn_container::RESERVED_IDS.contains(&"spare.log"));
         parse_job("spare.log2", body("").as_bytes(), true).unwrap();
+        parse_job("web.memory", body("").as_bytes(), true).unwrap();
+        parse_job("tasks-1", body("").as_bytes(), true).unwrap();
     }
 
     #[test]

@@ -470,3 +470,37 @@ async fn read_lines<R: AsyncRead + Unpin>(r: R, stream: Stream, tx: mpsc::Sender
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Described;
+
+    /// A kept job's host ports are its `PORT` and `PORT_n` (digits after the underscore),
+    /// and `env` finds a variable by its whole name.
+    #[test]
+    fn described_ports_and_env() {
+        let d = Described {
+            env: [
+                "PORT=5000",
+                "PORT_1=5001",
+                "PORT_0=5000",
+                "PORT_X=6000",
+                "PORTS=7000",
+                "MY_PORT=8000",
+                "PORT_2=notaport",
+                "PORT_3=70000",
+                "FLYNN_APP_ID=app",
+                "FLYNN_APP_ID_2=other",
+                "EMPTY=",
+            ]
+            .map(String::from)
+            .to_vec(),
+            mount_sources: Vec::new(),
+            host_network: true,
+        };
+        assert_eq!(d.ports(), [5000, 5001]);
+        assert_eq!(d.env("FLYNN_APP_ID"), Some("app"));
+        assert_eq!(d.env("FLYNN_APP"), None);
+        assert_eq!(d.env("EMPTY"), None);
+    }
+}

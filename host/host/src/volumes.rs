@@ -364,6 +364,28 @@ mod tests {
         Volumes::open(dir, "h1", Syncer::start()).unwrap()
     }
 
+    /// A kept job's bind-mount sources name a volume only when they are exactly a volume's
+    /// data directory.
+    #[test]
+    fn volume_of_takes_only_a_volumes_data_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let v = open(d.path());
+        let a = v
+            .create(VolumeCreate::default(), "2026-01-01T00:00:00Z".into())
+            .unwrap();
+        let data = v.data_path(&a.id).unwrap();
+        assert_eq!(v.volume_of(&data).as_deref(), Some(a.id.as_str()));
+        for other in [
+            data.join("sub"),
+            data.parent().unwrap().to_path_buf(),
+            v.dir().join(&a.id).join("other"),
+            PathBuf::from("/etc/resolv.conf"),
+            d.path().join("elsewhere").join(&a.id).join(DATA_DIR),
+        ] {
+            assert_eq!(v.volume_of(&other), None, "{}", other.display());
+        }
+    }
+
     #[test]
     fn create_reload_delete() {
         let d = tempfile::tempdir().unwrap();

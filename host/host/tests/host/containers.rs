@@ -947,7 +947,9 @@ fn restart_leaves_a_job_with_an_unreadable_record_running() {
 /// A job left running with an unreadable record keeps running normally: its output is
 /// taken and acknowledged, so it can write far more than the shim buffers (4 MiB) for an
 /// absent reader. It used to stop there: nothing took its events, the shim's buffer filled,
-/// the shim stopped reading the job's pipes and the job blocked on its next write.
+/// the shim stopped reading the job's pipes and the job blocked on its next write. When it
+/// ends while kept and the record is fixed, the next start records its real exit status
+/// (from the shim's status file: the shim is gone once its end is acknowledged).
 #[test]
 fn a_job_kept_with_an_unreadable_record_keeps_writing() {
     require_root!();
@@ -956,19 +958,20 @@ fn a_job_kept_with_an_unreadable_record_keeps_writing() {
         let mut ch = CHost::start(&["--netns-pool", "0"]);
         let state = ch.host.dir.path().to_path_buf();
         let id = ch.host.job_id("chatty");
-        // Waits for /go, then writes 20 MB (lines of 1,000 bytes), then marks /done.
+        // Waits for /go, then writes 20 MB (lines of 1,000 bytes), then marks /done; exits
+        // with status 7 once /end appears.
         let script = "l=xxxxxxxxxx; l=$l$l$l$l$l$l$l$l$l$l; l=$l$l$l$l$l$l$l$l$l$l; \
             while [ ! -e /go ]; do sleep 0.1; done; \
             i=0; while [ $i -lt 20000 ]; do echo $l; i=$((i+1)); done; \
-            touch /done; exec sleep 120";
+            touch /done; while [ ! -e /end ]; do sleep 0.1; done; exit 7";
         ch.host.client.add_job(&bb_job(&id, script)).await.unwrap();
         let j = wait_running(&ch.host.client, &id).await;
         let pid = j.pid.expect("a running job's pid");
         drop(ch.host.proc.take());
 
         let record = state.join("jobs").join(format!("{id}.json"));
-        let mut v: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+        let readable = std::fs::read(&record).unwrap();
+        let mut v: serde_json::Value = serde_json::from_slice(&readable).unwrap();
         v["job"]["from_a_newer_version"] = true.into();
         std::fs::write(&record, serde_json::to_vec(&v).unwrap()).unwrap();
 
@@ -980,6 +983,32 @@ fn a_job_kept_with_an_unreadable_record_keeps_writing() {
             root.join("done").exists()
         })
         .await;
+
+        // It ends while kept; the record is fixed and the daemon restarted.
+        std::fs::write(root.join("end"), b"").unwrap();
+        eventually(Duration::from_secs(30), "the kept job ended", || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+                s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
+            })
+        })
+        .await;
+        // (The daemon takes and acknowledges the end event meanwhile.)
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(ch.host.proc.take());
+        std::fs::write(&record, &readable).unwrap();
+        ch.restart(&["--netns-pool", "0"]);
+        let mut last = None;
+        for _ in 0..300 {
+            let j = ch.host.client.get_job(&id).await.unwrap();
+            if j.status.is_terminal() {
+                last = Some(j);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let j = last.expect("the job's end recorded after the fixed record was read");
+        assert_eq!(j.exit_status, Some(7), "{j:?}");
+        assert_eq!(j.error, None, "{j:?}");
     });
 }
 
