@@ -14,6 +14,15 @@ pub const NO_LEADER: &str = "discoverd: no known leader";
 /// leader (its state is not current); nothing was changed.
 pub const NOT_FOLLOWING: &str = "discoverd: this node follows no leader; its state is not current";
 
+/// A service name as discoverd takes it: lowercase ASCII letters, digits and `-`, not empty
+/// (the server's check, the typed client's and flynn-host's for a job's service ports).
+pub fn valid_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 /// How a service's leader is chosen (`""` is the default, `oldest`, as in Flynn).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -33,11 +33,7 @@ pub enum Error {
 
 /// A service name as discoverd takes it: lowercase ASCII letters, digits and `-`.
 fn check_service(service: &str) -> Result<(), Error> {
-    let ok = !service.is_empty()
-        && service
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
+    if flynn_api::discoverd::valid_service_name(service) {
         Ok(())
     } else {
         Err(Error::Invalid {

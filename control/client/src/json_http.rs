@@ -26,9 +26,9 @@ impl JsonHttp {
     pub(crate) fn new(url: &str) -> JsonHttp {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
-            // Under the servers' 30 s idle close (discoverd's header read timeout): the
-            // client lets an idle connection go first, so a request never races the
-            // server's close of the connection it was written to.
+            // Under discoverd's 30 s idle close (its header read timeout; the other
+            // services keep idle connections): the client lets an idle connection go
+            // first, so a request never races the server's close of it.
             .pool_idle_timeout(IDLE_CLOSE)
             .build()
             .unwrap_or_default();

@@ -110,9 +110,11 @@ pub struct Resources {
 /// CFS period used for the CPU quota, in microseconds.
 pub const CPU_PERIOD_US: u64 = 100_000;
 
-/// Names beside the jobs' directories in a shim state directory: the spare shim's log
-/// ([`Shim::spawn_spare`](crate::Shim::spawn_spare)). A job with one of them as its id
-/// could never start (its directory cannot be made there).
+/// Names a job id may not have: beside the jobs' directories in a shim state directory, the
+/// spare shim's log ([`Shim::spawn_spare`](crate::Shim::spawn_spare)), and the cgroup v1
+/// interface files of the parent cgroup a job's cgroup is made in (with
+/// `CGROUP_FILE_PREFIXES` for the rest). A job with one of them as its id could never
+/// start (its directory or cgroup cannot be made there).
 pub const RESERVED_IDS: [&str; 4] = [
     crate::shim::SPARE_LOG,
     // cgroup v1 interface files in the parent cgroup, where a job's cgroup is `<parent>/<id>`.
@@ -178,7 +180,7 @@ impl ContainerSpec {
         }
         if reserved_id(&self.id) {
             return Err(ContainerError::invalid(format!(
-                "job id {:?} is reserved (a file in the shim state directory)",
+                "job id {:?} is reserved (a shim state file or a cgroup interface file has that name)",
                 self.id
             )));
         }

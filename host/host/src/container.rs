@@ -583,6 +583,44 @@ mod tests {
         }
     }
 
+    /// What a kept job's accounting reads back from the `spec.json` written for its shim:
+    /// its environment, mount sources and whether it runs in the host's network.
+    #[test]
+    fn describe_reads_the_spec_written_for_the_shim() {
+        use crate::runtime::{BindMount, Launch, Runtime};
+        let state = tempfile::tempdir().unwrap();
+        let images = tempfile::tempdir().unwrap();
+        let rt = super::ContainerRuntime::open(state.path(), images.path(), "flynn").unwrap();
+        assert!(rt.describe("j").is_none(), "no spec yet");
+        let mount = BindMount {
+            source: "/var/lib/flynn/volumes/v1/data".into(),
+            target: "/data".into(),
+            readonly: false,
+        };
+        for netns in [None, Some(std::path::PathBuf::from("/run/netns/j"))] {
+            let launch = Launch {
+                id: "j".into(),
+                layers: vec!["/layer".into()],
+                args: vec!["sh".into()],
+                env: vec!["PORT=5000".into(), "FLYNN_APP_ID=app".into()],
+                mounts: vec![mount.clone()],
+                netns: netns.clone(),
+                ..Launch::default()
+            };
+            let spec = super::container_spec(launch, "flynn");
+            let path = flynn_container::Layout::new(state.path(), "j").spec();
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();
+            let d = rt.describe("j").expect("described");
+            assert_eq!(d.env("FLYNN_APP_ID"), Some("app"));
+            assert_eq!(d.ports(), [5000]);
+            assert_eq!(d.mount_sources, std::slice::from_ref(&mount.source));
+            assert_eq!(d.host_network, netns.is_none());
+        }
+        std::fs::write(flynn_container::Layout::new(state.path(), "j").spec(), b"{").unwrap();
+        assert!(rt.describe("j").is_none(), "an unreadable spec");
+    }
+
     /// A job's `cpu` limit is a weight, as in Flynn: `cpu.shares` = limit × 1.024, no quota.
     #[test]
     fn cpu_limit_is_shares_only() {

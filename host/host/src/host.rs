@@ -1795,19 +1795,9 @@ struct Running {
 
 /// `ip:port` with an IPv6 address in brackets (`[fd00::1]:1113`), the form discoverd takes
 /// (Go's `net.SplitHostPort`); an unbracketed `fd00::1:1113` is refused.
-fn format_host_port(ip: std::net::IpAddr, port: &str) -> String {
+pub(crate) fn format_host_port(ip: std::net::IpAddr, port: &str) -> String {
     match ip {
         std::net::IpAddr::V4(v4) => format!("{v4}:{port}"),
         std::net::IpAddr::V6(v6) => format!("[{v6}]:{port}"),
-    }
-}
-
-#[cfg(test)]
-mod host_port_tests {
-    #[test]
-    fn the_registered_address_brackets_ipv6() {
-        let f = |ip: &str| super::format_host_port(ip.parse().unwrap(), "1113");
-        assert_eq!(f("10.0.0.1"), "10.0.0.1:1113");
-        assert_eq!(f("fd00::1"), "[fd00::1]:1113");
     }
 }

@@ -1400,3 +1400,11 @@ async fn deregistering_an_ended_job_leaves_no_control_entry() {
     }
     assert!(!h.deregister("zz").await);
 }
+
+/// The host's own registration brackets an IPv6 address: discoverd refuses `fd00::1:1113`.
+#[test]
+fn the_registered_address_brackets_ipv6() {
+    let f = |ip: &str| crate::host::format_host_port(ip.parse().unwrap(), "1113");
+    assert_eq!(f("10.0.0.1"), "10.0.0.1:1113");
+    assert_eq!(f("fd00::1"), "[fd00::1]:1113");
+}

@@ -15,16 +15,9 @@ pub const DEFAULT_STOP_TIMEOUT_SECS: u64 = 10;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// A job id is used in file names, cgroup names and URLs: 1–64 of `[A-Za-z0-9_.-]`.
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id != "."
-        && id != ".."
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
+/// A job id is used in file names, cgroup names and URLs: 1–64 of `[A-Za-z0-9_.-]` (the
+/// container runtime's rule).
+pub use flynn_container::valid_id;
 
 // The limits the container runtime accepts (flynn-container's `ContainerSpec::validate`),
 // checked here so that a job the runtime would refuse is a 400, not a failed start.
@@ -82,7 +75,7 @@ pub fn parse_job(path_id: &str, body: &[u8], needs_image: bool) -> Result<Job, A
         return Err(ApiError::validation(
             Some("id"),
             &format!(
-                "{path_id:?} is reserved (the name of a file in the host's container state directory); choose another id"
+                "{path_id:?} is reserved (a shim state file or a cgroup interface file has that name); choose another id"
             ),
         ));
     }
@@ -189,15 +182,12 @@ fn validate(job: &Job, needs_image: bool) -> Result<(), ApiError> {
     crate::volumes::validate_bindings(job)?;
     for (i, p) in job.config.ports.iter().enumerate() {
         if let Some(s) = &p.service {
-            if s.name.is_empty()
-                || !s
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            {
+            // discoverd's rule: a name it refuses would be accepted here and never
+            // registered (the heartbeater gives up on a refusal).
+            if !flynn_api::discoverd::valid_service_name(&s.name) {
                 return Err(ApiError::validation(
                     Some(&format!("config.ports[{i}].service.name")),
-                    "must be letters, digits and dashes",
+                    "must be lowercase letters, digits and dashes",
                 ));
             }
         }
@@ -666,6 +656,11 @@ mod tests {
             ),
             (
                 r#","ports":[{"port":1,"service":{"name":"a b"}}]"#,
+                "config.ports[0].service.name",
+            ),
+            // discoverd refuses uppercase: the job would run and never be registered.
+            (
+                r#","ports":[{"port":1,"service":{"name":"Web"}}]"#,
                 "config.ports[0].service.name",
             ),
             (r#","stop_timeout":0"#, "config.stop_timeout"),

@@ -47,6 +47,8 @@ impl Http {
             .no_proxy()
             .tcp_nodelay(true)
             .pool_max_idle_per_host(256)
+            // Under discoverd's 30 s idle close.
+            .pool_idle_timeout(Duration::from_secs(20))
             .build()
             .context("building the HTTP client")?;
         Ok(Http { client })

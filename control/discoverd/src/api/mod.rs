@@ -216,10 +216,7 @@ fn check_service(name: &str) -> Res<()> {
             "discoverd: service must be set",
         )));
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
+    if !flynn_api::discoverd::valid_service_name(name) {
         return Err(ApiErr(ApiError::validation(
             None,
             "discoverd: service must be lowercase alphanumeric plus dash",

@@ -12,8 +12,15 @@ use support::*;
 async fn node() -> (tempfile::TempDir, Discoverd, reqwest::Client) {
     let dir = tempfile::tempdir().unwrap();
     let d = Discoverd::single(dir.path(), "1s");
+    elected(dir, d).await
+}
+
+/// `d` (in `dir`) and a client, once the single node has elected itself.
+async fn elected(
+    dir: tempfile::TempDir,
+    d: Discoverd,
+) -> (tempfile::TempDir, Discoverd, reqwest::Client) {
     let c = raw_client();
-    // Wait for the node to elect itself.
     eventually(Duration::from_secs(10), || async {
         let r = send(&c, "GET", &d.url("/raft/leader"), None).await.ok()?;
         (r.status == 200).then_some(())
@@ -884,14 +891,7 @@ async fn node_with(extra: &[&str]) -> (tempfile::TempDir, Discoverd, reqwest::Cl
     let mut args: Vec<String> = vec!["--addr".into(), "127.0.0.1:0".into()];
     args.extend(extra.iter().map(|s| s.to_string()));
     let d = Discoverd::spawn(dir.path(), args);
-    let c = raw_client();
-    eventually(Duration::from_secs(10), || async {
-        let r = send(&c, "GET", &d.url("/raft/leader"), None).await.ok()?;
-        (r.status == 200).then_some(())
-    })
-    .await
-    .expect("single node elects itself");
-    (dir, d, c)
+    elected(dir, d).await
 }
 
 /// A client that starts a request and never finishes its head is disconnected once

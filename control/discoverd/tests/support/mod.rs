@@ -173,6 +173,8 @@ pub fn raw_client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(10))
+        // Under discoverd's 30 s idle close, as flynn-client's.
+        .pool_idle_timeout(Duration::from_secs(20))
         .build()
         .unwrap()
 }
@@ -181,6 +183,7 @@ pub fn raw_client() -> reqwest::Client {
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(20))
         .build()
         .unwrap()
 }

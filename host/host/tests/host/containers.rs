@@ -985,15 +985,26 @@ fn a_job_kept_with_an_unreadable_record_keeps_writing() {
         .await;
 
         // It ends while kept; the record is fixed and the daemon restarted.
-        std::fs::write(root.join("end"), b"").unwrap();
-        eventually(Duration::from_secs(30), "the kept job ended", || {
+        let shim_pid: u32 =
+            std::fs::read_to_string(state.join("containers").join(&id).join("shim.pid"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+        let gone = |pid: u32| {
             std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
                 s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
             })
-        })
+        };
+        std::fs::write(root.join("end"), b"").unwrap();
+        eventually(Duration::from_secs(30), "the kept job ended", || gone(pid)).await;
+        // The daemon took and acknowledged the end: the shim exits, leaving its status file.
+        eventually(
+            Duration::from_secs(30),
+            "the kept job's shim exited",
+            || gone(shim_pid),
+        )
         .await;
-        // (The daemon takes and acknowledges the end event meanwhile.)
-        tokio::time::sleep(Duration::from_secs(1)).await;
         drop(ch.host.proc.take());
         std::fs::write(&record, &readable).unwrap();
         ch.restart(&["--netns-pool", "0"]);
