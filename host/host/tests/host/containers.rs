@@ -3,7 +3,7 @@
 //! there, and the test's HTTP clients run on a thread that joined it.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -806,6 +806,35 @@ fn a_daemon_dead_before_the_network_teardown_does_it_on_restart() {
     });
 }
 
+/// Makes job `id`'s record one this daemon cannot read (a field from a newer version):
+/// (its path, the readable bytes, the unreadable bytes).
+fn spoil_record(state: &Path, id: &str) -> (PathBuf, Vec<u8>, Vec<u8>) {
+    let record = state.join("jobs").join(format!("{id}.json"));
+    let readable = std::fs::read(&record).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&readable).unwrap();
+    v["job"]["from_a_newer_version"] = true.into();
+    let unreadable = serde_json::to_vec(&v).unwrap();
+    std::fs::write(&record, &unreadable).unwrap();
+    (record, readable, unreadable)
+}
+
+/// Whether `pid` runs (exists and is not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, r)| !r.starts_with('Z'))
+    })
+}
+
+/// The pid of job `id`'s shim.
+fn shim_pid_of(state: &Path, id: &str) -> u32 {
+    std::fs::read_to_string(state.join("containers").join(id).join("shim.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Addresses held for jobs the host has no record of (a job whose state was never saved,
 /// or whose record went while its teardown had failed) are released at start-up; those of
 /// jobs it re-adopts are kept.
@@ -884,29 +913,13 @@ fn restart_leaves_a_job_with_an_unreadable_record_running() {
         let pid = j.pid.expect("a running job's pid");
         drop(ch.host.proc.take());
 
-        let record = state.join("jobs").join(format!("{id}.json"));
-        let mut v: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
-        v["job"]["from_a_newer_version"] = true.into();
-        let unreadable = serde_json::to_vec(&v).unwrap();
-        std::fs::write(&record, &unreadable).unwrap();
+        let (record, _, unreadable) = spoil_record(&state, &id);
 
         ch.restart(&["--netns-pool", "0"]);
         // (A kill would be on its way as the daemon starts serving.)
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let alive = |pid: u32| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-                s.rsplit_once(") ")
-                    .is_some_and(|(_, r)| !r.starts_with('Z'))
-            })
-        };
         assert!(alive(pid), "the job's process was killed");
-        let shim_pid: u32 =
-            std::fs::read_to_string(state.join("containers").join(&id).join("shim.pid"))
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
+        let shim_pid = shim_pid_of(&state, &id);
         assert!(alive(shim_pid), "the job's shim was killed");
         assert_eq!(std::fs::read(&record).unwrap(), unreadable);
         assert!(
@@ -969,11 +982,7 @@ fn a_job_kept_with_an_unreadable_record_keeps_writing() {
         let pid = j.pid.expect("a running job's pid");
         drop(ch.host.proc.take());
 
-        let record = state.join("jobs").join(format!("{id}.json"));
-        let readable = std::fs::read(&record).unwrap();
-        let mut v: serde_json::Value = serde_json::from_slice(&readable).unwrap();
-        v["job"]["from_a_newer_version"] = true.into();
-        std::fs::write(&record, serde_json::to_vec(&v).unwrap()).unwrap();
+        let (record, readable, _) = spoil_record(&state, &id);
 
         ch.restart(&["--netns-pool", "0"]);
         // The job's root as the host sees it.
@@ -985,24 +994,17 @@ fn a_job_kept_with_an_unreadable_record_keeps_writing() {
         .await;
 
         // It ends while kept; the record is fixed and the daemon restarted.
-        let shim_pid: u32 =
-            std::fs::read_to_string(state.join("containers").join(&id).join("shim.pid"))
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
-        let gone = |pid: u32| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
-                s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
-            })
-        };
+        let shim_pid = shim_pid_of(&state, &id);
         std::fs::write(root.join("end"), b"").unwrap();
-        eventually(Duration::from_secs(30), "the kept job ended", || gone(pid)).await;
+        eventually(Duration::from_secs(30), "the kept job ended", || {
+            !alive(pid)
+        })
+        .await;
         // The daemon took and acknowledged the end: the shim exits, leaving its status file.
         eventually(
             Duration::from_secs(30),
             "the kept job's shim exited",
-            || gone(shim_pid),
+            || !alive(shim_pid),
         )
         .await;
         drop(ch.host.proc.take());
