@@ -542,6 +542,26 @@ async fn a_deregistration_while_starting_keeps_the_job_out_of_discoverd() {
     assert!(!h.announced("a"), "registered after being deregistered");
 }
 
+/// Signals outside 1-64 (attach frames carry any number) are refused before they reach the
+/// job's runtime: queued, 64 distinct ones filled the job's signal queue, and the stop
+/// path's SIGTERM and SIGKILL found it full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_outside_1_to_64_never_reach_the_runtime() {
+    let (_d, rt, h) = open_host();
+    h.add_job(job("a", "x")).await.unwrap();
+    wait_status(&h, "a", JobStatus::Running).await;
+    for sig in [0, 65, 1000, -1, i32::MIN] {
+        let e = h.signal("a", sig).unwrap_err();
+        assert_eq!(e.code, ErrorCode::ValidationError, "{sig}");
+    }
+    assert!(
+        rt.signals.lock().unwrap().is_empty(),
+        "a bad signal was sent"
+    );
+    h.signal("a", 64).unwrap();
+    assert_eq!(rt.signals.lock().unwrap().clone(), [("a".to_string(), 64)]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_that_finds_the_process_gone_is_a_conflict() {
     let (_d, rt, h) = open_host();
