@@ -1217,6 +1217,26 @@ mod tests {
         drop(hb);
     }
 
+    /// Only discoverd's `object_not_found` (a missing service or leader) reads as "none": a
+    /// plain 404 (a path discoverd does not serve, e.g. a wrong base URL) is an error.
+    #[tokio::test]
+    async fn only_object_not_found_reads_as_none() {
+        for (code, none) in [("object_not_found", true), ("not_found", false)] {
+            let body = format!(r#"{{"code":"{code}","message":"x","retry":false}}"#);
+            let (url, _) = stand_in(move |_, _| Some(json("404 Not Found", &body))).await;
+            let c = Client::new(&url);
+            let list = c.instances("web").await;
+            let leader = c.leader("web").await;
+            if none {
+                assert!(list.unwrap().is_empty());
+                assert!(leader.unwrap().is_none());
+            } else {
+                assert!(list.is_err(), "{list:?}");
+                assert!(leader.is_err(), "{leader:?}");
+            }
+        }
+    }
+
     /// An HTTP answer with a JSON body.
     fn json(status: &str, body: &str) -> Vec<u8> {
         format!(
