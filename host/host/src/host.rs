@@ -701,6 +701,10 @@ impl Host {
         let Some(client) = self.discoverd_client() else {
             return;
         };
+        // One registration at a time; the new one replaces the old (same instance id).
+        // The tags are read under it, so the registration made last carries the newest
+        // tags (read before it, a slower update's older tags could be registered last).
+        let mut slot = self.self_registration.lock().await;
         let port = self
             .url
             .lock()
@@ -724,8 +728,6 @@ impl Host {
             meta,
             ..Instance::default()
         };
-        // One registration at a time; the new one replaces the old (same instance id).
-        let mut slot = self.self_registration.lock().await;
         if let Some(old) = slot.take() {
             // Same instance id: the new registration replaces the entry (discoverd sends
             // watchers an `update`). The old heartbeater stops without deleting it: a
