@@ -256,6 +256,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     println!("listening api={addr}");
     tracing::info!(%addr, host_id = %id, "flynn-host started");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let listener = axum::serve::ListenerExt::tap_io(listener, api_keepalive);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = stop_rx.await;
     });
@@ -286,6 +287,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     tokio::task::spawn_blocking(move || sync.flush()).await.ok();
     Ok(())
+}
+
+/// TCP keepalive on every API connection: one whose client's machine went away without a
+/// FIN (powered off, cut off) fails within about two minutes of going quiet, so what it held
+/// is freed (an attach client's place among a job's [`attach::MAX_CLIENTS`], an event
+/// stream) instead of being held until the job next writes, or for ever.
+fn api_keepalive(conn: &mut tokio::net::TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(60))
+        .with_interval(std::time::Duration::from_secs(10))
+        .with_retries(6);
+    if let Err(e) = socket2::SockRef::from(&*conn).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "setting TCP keepalive on an API connection");
+    }
 }
 
 async fn shutdown_signal() {

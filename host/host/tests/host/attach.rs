@@ -414,3 +414,40 @@ async fn attach_refusals_are_json_errors() {
     assert!(body.contains("flynn-attach/0"), "{body}");
     c.stop_job(&id).await.unwrap();
 }
+
+/// API connections (attach's among them) have TCP keepalive, so a client whose machine went
+/// away without closing its connection does not keep its place among a job's attach
+/// clients (64 of them would shut the job's attach out) for ever. The kernel's view of the
+/// daemon's end of a connection (`ss`) shows the keepalive timer, which only a socket with
+/// `SO_KEEPALIVE` has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_connections_have_tcp_keepalive() {
+    let h = Host::start(PROC);
+    let id = h.job_id("ka");
+    let mut a = run_attached(&h.client, &id, "sleep 30", STDOUT | STREAM).await;
+    let port = h.addr.rsplit(':').next().unwrap().to_string();
+    let filter = format!("( sport = :{port} )");
+    // A connection with data in flight shows its retransmission timer instead: looked at
+    // again until none has.
+    let mut conns = Vec::new();
+    for _ in 0..100 {
+        let out = std::process::Command::new("ss")
+            .args(["-tnoH", "state", "established", &filter])
+            .output()
+            .expect("ss (iproute2)");
+        conns = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        if !conns.iter().any(|c| c.contains("timer:(on")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!conns.is_empty(), "no API connection seen by ss");
+    for c in &conns {
+        assert!(c.contains("timer:(keepalive"), "no keepalive: {c}");
+    }
+    h.client.stop_job(&id).await.unwrap();
+    while next(&mut a).await.is_some() {}
+}
