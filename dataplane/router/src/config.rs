@@ -75,6 +75,13 @@ pub struct Config {
     #[arg(long, env = "FLYNN_HEADER_TIMEOUT", default_value_t = 60)]
     pub header_timeout_secs: u64,
 
+    /// Seconds a backend has for its whole response head (interim 1xx heads included)
+    /// once the request is sent, as Go's `ResponseHeaderTimeout`; then the client gets a
+    /// 503. Hidden: the spec fixes it at 10 minutes; tests lower it.
+    #[arg(long, env = "FLYNN_RESPONSE_HEADER_TIMEOUT", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..), hide = true)]
+    pub response_header_timeout_secs: u64,
+
     /// Seconds a client keep-alive connection may sit idle between requests.
     #[arg(long, env = "FLYNN_IDLE_TIMEOUT", default_value_t = 300)]
     pub idle_timeout_secs: u64,

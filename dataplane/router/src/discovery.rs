@@ -254,6 +254,7 @@ mod tests {
             tcp_ip: "127.0.0.1".parse().unwrap(),
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(10),
+            response_header_timeout: Duration::from_secs(10),
             tunnel_timeout: Duration::from_secs(10),
             tunnel_fin_timeout: Duration::from_secs(10),
             lingering_time: Duration::ZERO,

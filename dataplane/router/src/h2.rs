@@ -327,7 +327,7 @@ type Respond<'a> = RefCell<&'a mut h2::server::SendResponse<Bytes>>;
 ///
 /// Limits are per step, as on HTTP/1.1, so a long upload is not cut off: each wait for
 /// the client's next DATA frame and each write to the backend at most `idle`, then the
-/// response head within [`crate::proxy::RESPONSE_HEADER_TIMEOUT`].
+/// response head within `head_timeout` (the response header timeout, for the whole head).
 ///
 /// A backend may answer before taking the whole body (a 413, a 401) and close or stop
 /// reading: when a body write fails or times out, its answer is read for
@@ -343,6 +343,7 @@ async fn exchange(
     ubuf: &mut Vec<u8>,
     method: flynn_http::Method,
     idle: std::time::Duration,
+    head_timeout: std::time::Duration,
     respond: &Respond<'_>,
 ) -> Result<(flynn_http::ResponseInfo, bool), Failure> {
     // `out` is lent to the write and handed back, kept for a retry.
@@ -393,13 +394,10 @@ async fn exchange(
             _ => return Err(Failure::Failed),
         }
     }
-    monoio::time::timeout(
-        crate::proxy::RESPONSE_HEADER_TIMEOUT,
-        read_head(up, ubuf, method, respond),
-    )
-    .await
-    .unwrap_or(Err(Failure::Failed))
-    .map(|r| (r, true))
+    monoio::time::timeout(head_timeout, read_head(up, ubuf, method, respond))
+        .await
+        .unwrap_or(Err(Failure::Failed))
+        .map(|r| (r, true))
 }
 
 /// Interim responses relayed per request: at most [`MAX_INTERIM`] heads and
@@ -561,6 +559,7 @@ async fn stream(
                 &mut ubuf,
                 info.method,
                 idle,
+                core.settings().response_header_timeout,
                 &watched,
             );
             let again = match ex.await {

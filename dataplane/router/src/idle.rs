@@ -2,7 +2,8 @@
 //! instead of a timer per connection (a monoio timer entry is ~640 bytes; an entry here
 //! is 32). An expired connection's socket is shut down, which wakes its readiness wait.
 //! A connection idle for [`PARK_AFTER_SECS`] is asked to park (its waker is woken): it
-//! moves to the core's [`crate::park::Parked`] set and its task ends.
+//! moves to the core's [`crate::park::Parked`] set and its task ends. A connection still
+//! waiting for its first request expires at the header timeout instead of the idle one.
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
@@ -18,6 +19,8 @@ struct Entry {
     since: u32,
     live: bool,
     park: bool,
+    /// No request yet: the header timeout applies, not the idle timeout.
+    first: bool,
     waker: Option<Waker>,
 }
 
@@ -37,7 +40,8 @@ pub struct IdleSet {
 }
 
 impl IdleSet {
-    pub fn enter(&self, fd: RawFd) -> Ticket {
+    /// Registers an idle connection; `first`: it has had no request yet.
+    pub fn enter(&self, fd: RawFd, first: bool) -> Ticket {
         let mut entries = self.entries.borrow_mut();
         let since = self.now.get();
         match self.free.borrow_mut().pop() {
@@ -48,6 +52,7 @@ impl IdleSet {
                 e.since = since;
                 e.live = true;
                 e.park = false;
+                e.first = first;
                 e.waker = None;
                 Ticket {
                     index: i,
@@ -61,6 +66,7 @@ impl IdleSet {
                     since,
                     live: true,
                     park: false,
+                    first,
                     waker: None,
                 });
                 Ticket {
@@ -127,10 +133,10 @@ impl IdleSet {
         n
     }
 
-    /// Advances the clock one second, expires entries idle for `limit_secs` or more and,
-    /// with `park`, asks those idle for [`PARK_AFTER_SECS`] to park; returns how many
-    /// were expired.
-    pub fn sweep(&self, limit_secs: u32, park: bool) -> usize {
+    /// Advances the clock one second, expires entries idle for `limit_secs` or more
+    /// (`first_limit_secs` for those with no request yet) and, with `park`, asks those idle
+    /// for [`PARK_AFTER_SECS`] to park; returns how many were expired.
+    pub fn sweep(&self, limit_secs: u32, first_limit_secs: u32, park: bool) -> usize {
         let now = self.now.get() + 1;
         self.now.set(now);
         let mut n = 0;
@@ -141,7 +147,12 @@ impl IdleSet {
                 continue;
             }
             let idle = now.saturating_sub(e.since);
-            if idle >= limit_secs {
+            let limit = if e.first {
+                first_limit_secs
+            } else {
+                limit_secs
+            };
+            if idle >= limit {
                 e.live = false;
                 e.waker = None;
                 free.push(i as u32);
@@ -166,27 +177,27 @@ mod tests {
     fn long_idle_entries_are_asked_to_park_once() {
         use std::future::Future;
         let set = IdleSet::default();
-        let a = set.enter(-1);
+        let a = set.enter(-1, false);
         let requested = |t| {
             let mut f = std::pin::pin!(set.park_requested(t));
             let mut cx = std::task::Context::from_waker(Waker::noop());
             f.as_mut().poll(&mut cx).is_ready()
         };
         assert!(!requested(a));
-        assert_eq!(set.sweep(100, true), 0);
+        assert_eq!(set.sweep(100, 100, true), 0);
         assert!(!requested(a), "idle under {PARK_AFTER_SECS} sweeps");
-        assert_eq!(set.sweep(100, true), 0);
+        assert_eq!(set.sweep(100, 100, true), 0);
         assert!(requested(a));
         // A new connection in the same slot starts over.
         assert!(set.leave(a));
-        let b = set.enter(-1);
+        let b = set.enter(-1, false);
         assert!(!requested(b));
         assert!(!requested(a), "stale ticket");
         // Without parking (TLS-only cores, draining) nothing is asked.
         let set2 = IdleSet::default();
-        let c = set2.enter(-1);
+        let c = set2.enter(-1, false);
         for _ in 0..5 {
-            set2.sweep(100, false);
+            set2.sweep(100, 100, false);
         }
         let mut f = std::pin::pin!(set2.park_requested(c));
         let mut cx = std::task::Context::from_waker(Waker::noop());
@@ -196,20 +207,31 @@ mod tests {
     #[test]
     fn expiry_and_reuse() {
         let set = IdleSet::default();
-        let a = set.enter(-1);
-        let b = set.enter(-1);
+        let a = set.enter(-1, false);
+        let b = set.enter(-1, false);
         assert!(set.leave(a));
-        let c = set.enter(-1); // reuses a's slot with a new generation
+        let c = set.enter(-1, false); // reuses a's slot with a new generation
         assert!(
             !set.leave(a),
             "a stale ticket must not remove the new entry"
         );
-        assert_eq!(set.sweep(2, false), 0);
-        assert_eq!(set.sweep(2, false), 2); // b and c idle for 2 s
+        assert_eq!(set.sweep(2, 2, false), 0);
+        assert_eq!(set.sweep(2, 2, false), 2); // b and c idle for 2 s
         assert!(!set.leave(b));
         assert!(!set.leave(c));
-        let d = set.enter(-1);
-        assert_eq!(set.sweep(2, false), 0);
+        let d = set.enter(-1, false);
+        assert_eq!(set.sweep(2, 2, false), 0);
         assert!(set.leave(d));
+    }
+
+    #[test]
+    fn connections_without_a_request_expire_at_their_own_limit() {
+        let set = IdleSet::default();
+        let fresh = set.enter(-1, true);
+        let kept = set.enter(-1, false);
+        assert_eq!(set.sweep(5, 2, false), 0);
+        assert_eq!(set.sweep(5, 2, false), 1, "no request within 2 s");
+        assert!(!set.leave(fresh));
+        assert!(set.leave(kept));
     }
 }

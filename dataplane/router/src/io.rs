@@ -79,7 +79,8 @@ pub async fn peer_shut_after(fd: std::os::fd::RawFd, grace: std::time::Duration)
 }
 
 /// Copies bytes from `r` to `w` until EOF, then half-closes `w`; reads count as the
-/// tunnel's activity.
+/// tunnel's activity. A read error (a reset; a TLS end without close_notify is an EOF
+/// here) aborts the whole tunnel instead ([`crate::tunnels::Tunnel::abort`]).
 pub async fn pipe<R: AsyncReadRent, W: AsyncWriteRentExt + monoio::io::AsyncWriteRent>(
     mut r: R,
     mut w: W,
@@ -92,12 +93,16 @@ pub async fn pipe<R: AsyncReadRent, W: AsyncWriteRentExt + monoio::io::AsyncWrit
         let (res, b) = read_append(&mut r, buf).await;
         buf = b;
         let n = match res {
-            Ok(0) | Err(_) => {
+            Ok(n) if n > 0 => n,
+            Err(e) if e.kind() != io::ErrorKind::UnexpectedEof => {
+                tunnel.abort();
+                return Err(e);
+            }
+            _ => {
                 tunnel.half_closed();
                 let _ = w.shutdown().await;
                 return Ok(total);
             }
-            Ok(n) => n,
         };
         tunnel.touch();
         total += n as u64;

@@ -345,6 +345,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             tcp_ip: cfg.tcp_ip,
             header_timeout: cfg.header_timeout(),
             idle_timeout: cfg.idle_timeout(),
+            response_header_timeout: Duration::from_secs(cfg.response_header_timeout_secs),
             tunnel_timeout: Duration::from_secs(cfg.tunnel_timeout_secs),
             tunnel_fin_timeout: Duration::from_secs(cfg.tunnel_fin_timeout_secs),
             lingering_time: Duration::from_secs(cfg.lingering_time_secs),

@@ -19,6 +19,8 @@ pub struct Conn {
     pub info: ListenerInfo,
     /// Sweep second at which it went idle (the idle timeout counts from there).
     pub since: u32,
+    /// No request yet: it expires at the header timeout, not the idle timeout.
+    pub first: bool,
 }
 
 struct Slot {
@@ -80,18 +82,21 @@ impl Parked {
         Some(c)
     }
 
-    /// Closes parked connections idle since `limit_secs` before `now` (all of them with
-    /// `limit_secs == 0`); returns how many.
-    pub fn expire(&self, now: u32, limit_secs: u32) -> usize {
+    /// Closes parked connections idle since `limit_secs` before `now` (`first_limit_secs`
+    /// for those with no request yet; all of them with both 0); returns how many.
+    pub fn expire(&self, now: u32, limit_secs: u32, first_limit_secs: u32) -> usize {
         let mut n = 0;
         let mut slots = self.slots.borrow_mut();
         let mut free = self.free.borrow_mut();
         for (i, slot) in slots.iter_mut().enumerate() {
-            if slot
-                .conn
-                .as_ref()
-                .is_some_and(|c| now.saturating_sub(c.since) >= limit_secs)
-            {
+            if slot.conn.as_ref().is_some_and(|c| {
+                let limit = if c.first {
+                    first_limit_secs
+                } else {
+                    limit_secs
+                };
+                now.saturating_sub(c.since) >= limit
+            }) {
                 // Dropping the fd closes the socket and takes it out of the epoll set.
                 slot.conn = None;
                 free.push(i as u32);

@@ -18,6 +18,8 @@ pub struct Settings {
     pub tcp_ip: IpAddr,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// A backend's whole response head (1xx included) must arrive within this.
+    pub response_header_timeout: Duration,
     /// TCP route and upgraded connections are closed after this long without a byte either
     /// way (zero: never).
     pub tunnel_timeout: Duration,

@@ -13,7 +13,7 @@ use crate::balance::DialOrder;
 use crate::io::pipe;
 use crate::metrics::CoreMetrics;
 use crate::proxy::dial_counted;
-use crate::worker::{Core, Stop};
+use crate::worker::{AcceptFailing, Core, Stop};
 
 struct Running {
     fd: i32,
@@ -112,6 +112,7 @@ fn unregister(core: &Core, port: u16, fd: i32) {
 /// or a handover, drops only a readiness wait, never an accepted connection.
 async fn accept(core: Rc<Core>, l: TcpListener, port: u16, stop: Rc<Stop>) {
     let fd = l.as_raw_fd();
+    let mut failing = AcceptFailing::default();
     loop {
         monoio::select! {
             r = l.readable(false) => {
@@ -129,35 +130,57 @@ async fn accept(core: Rc<Core>, l: TcpListener, port: u16, stop: Rc<Stop>) {
         }
         for _ in 0..64 {
             let std_stream = match flynn_runtime::handoff::accept_nonblocking(fd) {
-                Ok((s, _)) => s,
+                Ok((s, _)) => {
+                    failing.ok();
+                    s
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    tracing::warn!(port, error = %e, "TCP route accept failed");
-                    monoio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    break;
+                    if failing.failed(&core, &e, "TCP route accept failed; backing off") {
+                        monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        break;
+                    }
+                    continue;
                 }
             };
+            // The same per-core cap as HTTP connections (they share the descriptors):
+            // one past it is closed unserved.
+            if core.conns.get() >= core.settings().max_conns_per_core {
+                CoreMetrics::inc(&core.metrics().connections_rejected_total);
+                continue;
+            }
             let Ok(s) = TcpStream::from_std(std_stream) else {
                 continue;
             };
             CoreMetrics::inc(&core.metrics().tcp_connections_total);
-            monoio::spawn(proxy(core.clone(), s, port));
+            // Counted now, not when its task first runs, so a burst of accepts cannot
+            // overshoot the cap.
+            let active = Active::new(&core);
+            monoio::spawn(proxy(core.clone(), s, port, active));
         }
     }
 }
 
-/// Counts a TCP route connection as open (a draining process waits for it).
+/// Counts a TCP route connection as open, against the per-core cap and for a draining
+/// process (which waits for it), until dropped.
 struct Active(Rc<Core>);
+
+impl Active {
+    fn new(core: &Rc<Core>) -> Active {
+        core.conns.set(core.conns.get() + 1);
+        CoreMetrics::inc(&core.metrics().tcp_connections_active);
+        Active(core.clone())
+    }
+}
 
 impl Drop for Active {
     fn drop(&mut self) {
+        self.0.conns.set(self.0.conns.get() - 1);
         CoreMetrics::dec(&self.0.metrics().tcp_connections_active);
     }
 }
 
-async fn proxy(core: Rc<Core>, c: TcpStream, port: u16) {
-    CoreMetrics::inc(&core.metrics().tcp_connections_active);
-    let _active = Active(core.clone());
+async fn proxy(core: Rc<Core>, c: TcpStream, port: u16, _active: Active) {
     let table = core.table();
     let Some(route) = table.tcp_route(port) else {
         return;

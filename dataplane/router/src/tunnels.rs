@@ -114,6 +114,18 @@ impl Tunnel<'_> {
         self.with(|e| e.last = now);
     }
 
+    /// A read failed (a reset): both sides are aborted ([`flynn_runtime::sock::abort`]),
+    /// so the other side's pipe ends at once and closing its socket passes the reset on,
+    /// rather than a half-close that a silent peer would hold for the tunnel timeout
+    /// (HAProxy aborts both sides too).
+    pub fn abort(&self) {
+        self.with(|e| {
+            for fd in e.fds {
+                flynn_runtime::sock::abort(fd);
+            }
+        });
+    }
+
     /// One side has finished sending: the half-close limit applies from now on.
     pub fn half_closed(&self) {
         let now = self.set.now.get();

@@ -167,6 +167,8 @@ async fn answer<S: crate::proxy::Client>(
         buf.drain(..adv.used);
     }
     let mut ubuf = Vec::with_capacity(16 * 1024);
+    // One deadline for the whole answer, interim heads included.
+    let deadline = monoio::time::Instant::now() + core.settings().response_header_timeout;
     let resp = loop {
         match parse_response(&ubuf, info.method) {
             // Interim responses (100, 103) go to the client as they are; the answer to
@@ -183,10 +185,7 @@ async fn answer<S: crate::proxy::Client>(
             Ok(None) => {}
             Err(_) => return refuse(core, c, fd).await,
         }
-        let read = monoio::time::timeout(
-            crate::proxy::RESPONSE_HEADER_TIMEOUT,
-            read_append(&mut up, ubuf),
-        );
+        let read = monoio::time::timeout_at(deadline, read_append(&mut up, ubuf));
         // A client that leaves while the backend has not answered frees the backend
         // connection at once, as on the plain request path (the read is dropped with it).
         let read = monoio::select! {

@@ -45,6 +45,8 @@ pub struct Core {
     pub pool: Pool,
     /// HTTP/2 connections to gRPC backends, shared by this core's streams (id, handle).
     pub grpc: RefCell<HashMap<SocketAddr, (u64, h2::client::SendRequest<bytes::Bytes>)>>,
+    /// Client connections open on this core, HTTP and TCP routes alike, against
+    /// `--max-conns-per-core`.
     pub conns: Cell<usize>,
     /// Idle keep-alive client connections, expired by a sweep.
     pub idle: IdleSet,
@@ -339,14 +341,20 @@ async fn sweep_idle(core: Rc<Core>) {
         .as_secs()
         .clamp(1, u32::MAX as u64) as u32;
     let secs = |d: std::time::Duration| d.as_secs().min(u32::MAX as u64) as u32;
+    // A connection that has not sent its first request yet is held no longer than a head
+    // may take (nginx's `client_header_timeout`, Go's `ReadHeaderTimeout`).
+    let first_limit = secs(core.settings().header_timeout).clamp(1, limit);
     let tunnel_limit = secs(core.settings().tunnel_timeout);
     let fin_limit = secs(core.settings().tunnel_fin_timeout);
     // Parked count at the last heap trim.
     let mut trimmed_at = 0usize;
     for tick in 1u64.. {
         monoio::time::sleep(std::time::Duration::from_secs(1)).await;
-        core.idle
-            .sweep(limit, core.parked.is_some() && !core.draining());
+        core.idle.sweep(
+            limit,
+            first_limit,
+            core.parked.is_some() && !core.draining(),
+        );
         let closed = core.tunnels.sweep(tunnel_limit, fin_limit);
         for _ in 0..closed {
             CoreMetrics::inc(&core.metrics().tunnel_timeouts_total);
@@ -360,7 +368,7 @@ async fn sweep_idle(core: Rc<Core>) {
             core.pool.prune();
         }
         if let Some(p) = &core.parked {
-            let n = p.expire(core.idle.now(), limit);
+            let n = p.expire(core.idle.now(), limit, first_limit);
             core.parked_closed(n);
             // Many tasks just ended for parking: return their memory (bulk only, rare).
             if p.len() >= trimmed_at + TRIM_AFTER_PARKED {
@@ -406,7 +414,7 @@ async fn unpark(core: Rc<Core>) {
                             None,
                             c.peer,
                             c.info,
-                            true,
+                            crate::proxy::Start::Unparked { first: c.first },
                         ));
                     }
                     Err(_) => core.conn_closed(),
@@ -424,6 +432,7 @@ async fn accept_http(core: Rc<Core>, listener: TcpListener, info: ListenerInfo) 
     // readiness wait, so no connection the kernel handed us can be lost on the way.
     // (A cancellable io_uring accept measured ~2x costlier per new connection here.)
     let fd = listener.as_raw_fd();
+    let mut failing = AcceptFailing::default();
     loop {
         monoio::select! {
             r = listener.readable(false) => {
@@ -436,13 +445,17 @@ async fn accept_http(core: Rc<Core>, listener: TcpListener, info: ListenerInfo) 
         }
         for _ in 0..64 {
             let (std_stream, peer) = match flynn_runtime::handoff::accept_nonblocking(fd) {
-                Ok(x) => x,
+                Ok(x) => {
+                    failing.ok();
+                    x
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    monoio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    break;
+                    if failing.failed(&core, &e, "accept failed; backing off") {
+                        monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        break;
+                    }
+                    continue;
                 }
             };
             let Ok(stream) = TcpStream::from_std(std_stream) else {
@@ -450,6 +463,32 @@ async fn accept_http(core: Rc<Core>, listener: TcpListener, info: ListenerInfo) 
             };
             spawn_conn(&core, stream, peer, info);
         }
+    }
+}
+
+/// An accept loop's failures. One connection's failure (reset or aborted before it was
+/// accepted) is counted and skipped: the next connection is fine, and pausing would let
+/// any client stall the core's accepts. A failure of the listener or the process (out of
+/// descriptors or memory) is counted and paused on, with one warning per run of them.
+#[derive(Default)]
+pub struct AcceptFailing(bool);
+
+impl AcceptFailing {
+    pub fn ok(&mut self) {
+        self.0 = false;
+    }
+
+    /// Counts `e`; true when the loop should pause (10 ms) before accepting again.
+    pub fn failed(&mut self, core: &Core, e: &std::io::Error, what: &'static str) -> bool {
+        CoreMetrics::inc(&core.metrics().accept_errors_total);
+        if flynn_runtime::handoff::is_connection_error(e) {
+            tracing::debug!(error = %e, "accept: connection skipped");
+            return false;
+        }
+        if !std::mem::replace(&mut self.0, true) {
+            tracing::warn!(error = %e, "{what}");
+        }
+        true
     }
 }
 
@@ -481,7 +520,7 @@ fn spawn_conn(core: &Rc<Core>, stream: TcpStream, peer: std::net::SocketAddr, in
             None,
             peer,
             info,
-            false,
+            crate::proxy::Start::New,
         ));
     }
 }
@@ -583,7 +622,7 @@ async fn drain(core: Rc<Core>, grace: std::time::Duration) {
     monoio::time::sleep(grace).await;
     core.idle.expire_all();
     if let Some(p) = &core.parked {
-        let n = p.expire(core.idle.now(), 0);
+        let n = p.expire(core.idle.now(), 0, 0);
         core.parked_closed(n);
     }
 }

@@ -241,8 +241,72 @@ pub fn accept_nonblocking(listener: RawFd) -> io::Result<(TcpStream, SocketAddr)
     }
     // SAFETY: accept4 returned a new, owned, connected socket descriptor.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    let peer = stream.peer_addr()?;
+    // The address accept4 wrote, not a `getpeername`: that fails (ENOTCONN) for a
+    // connection the client reset while it waited in the queue, and the loops that call
+    // this would take one client's reset for a failing listener.
+    let peer = sockaddr_to_std(&storage, len).ok_or_else(|| {
+        // Not an IP peer (a TCP listener never yields one): drop this connection only.
+        io::Error::from_raw_os_error(libc::EAFNOSUPPORT)
+    })?;
     Ok((stream, peer))
+}
+
+/// Whether an error from [`accept_nonblocking`] concerns one connection (reset or aborted
+/// before it was accepted, refused by a firewall rule, a network error pending on it)
+/// rather than the listener or the process (out of descriptors or memory). The first
+/// kind is skipped: the next queued connection is fine. The second calls for a pause
+/// (Go's `net/http` and discoverd back off on it). Linux's accept(2) lists the network
+/// errors to treat "like EAGAIN".
+pub fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::ENOTCONN
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::EINTR
+                | libc::ETIMEDOUT
+                | libc::ENETDOWN
+                | libc::ENETUNREACH
+                | libc::EHOSTDOWN
+                | libc::EHOSTUNREACH
+                | libc::ENONET
+                | libc::ENOPROTOOPT
+                | libc::EOPNOTSUPP
+                | libc::EAFNOSUPPORT
+        )
+    )
+}
+
+/// The IPv4 or IPv6 address in the first `len` bytes of `s` (None for other families).
+fn sockaddr_to_std(s: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+    let len = len as usize;
+    match s.ss_family as libc::c_int {
+        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in, which it is
+            // large and aligned enough for.
+            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for sockaddr_in6.
+            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
 }
 
 fn unsafe_zeroed() -> libc::sockaddr_storage {
@@ -303,6 +367,57 @@ mod tests {
             accept_nonblocking(r1.as_raw_fd()).unwrap_err().kind(),
             io::ErrorKind::WouldBlock
         );
+    }
+
+    /// A client that connects and resets (SO_LINGER 0, close) before the listener gets to
+    /// it leaves a dead socket in the accept queue. Accepting it is no error (getpeername
+    /// on it would be: ENOTCONN), and the next, live connection comes right after it.
+    #[test]
+    fn a_connection_reset_in_the_accept_queue_is_no_accept_error() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let reset =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        reset.connect(&addr.into()).unwrap();
+        let reset_addr = reset.local_addr().unwrap().as_socket().unwrap();
+        reset.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        drop(reset);
+        let live = std::net::TcpStream::connect(addr).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (_s, first) = accept_nonblocking(l.as_raw_fd()).expect("the reset connection");
+        assert_eq!(first, reset_addr);
+        let (_s, second) = accept_nonblocking(l.as_raw_fd()).expect("the live connection");
+        assert_eq!(second, live.local_addr().unwrap());
+        assert_eq!(
+            accept_nonblocking(l.as_raw_fd()).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+    }
+
+    #[test]
+    fn accept_errors_are_sorted_into_one_connection_or_the_listener() {
+        for e in [
+            libc::ECONNABORTED,
+            libc::ENOTCONN,
+            libc::EPROTO,
+            libc::EPERM,
+        ] {
+            assert!(is_connection_error(&io::Error::from_raw_os_error(e)), "{e}");
+        }
+        for e in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EBADF,
+        ] {
+            assert!(
+                !is_connection_error(&io::Error::from_raw_os_error(e)),
+                "{e}"
+            );
+        }
+        assert!(!is_connection_error(&io::ErrorKind::WouldBlock.into()));
     }
 
     /// A large state (thousands of routes with certificates) crosses in one message with

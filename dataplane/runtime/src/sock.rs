@@ -64,6 +64,41 @@ pub fn shutdown(fd: RawFd) {
     }
 }
 
+/// Aborts a connection whose other end failed: resets it now (a reset passed on as a
+/// reset; data still queued is dropped). `connect(AF_UNSPEC)` is TCP's ABORT (RFC 793):
+/// it sends the reset, fails pending reads and writes with ECONNRESET (waking them) and
+/// leaves nothing for a later shutdown or close to send (no FIN after the reset). Should
+/// the kernel refuse it, SO_LINGER {on, 0} makes the close reset the connection, and the
+/// receive side is shut down to wake a pending read.
+pub fn abort(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `linger` and `unspec` are valid values of the sizes passed; setsockopt,
+    // connect and shutdown have no other memory-safety preconditions (a bad fd returns
+    // EBADF, ignored).
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+        let mut unspec: libc::sockaddr = std::mem::zeroed();
+        unspec.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        let r = libc::connect(
+            fd,
+            &unspec,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        );
+        if r != 0 {
+            libc::shutdown(fd, libc::SHUT_RD);
+        }
+    }
+}
+
 /// Shuts down the write side only (propagates a half-close to the peer).
 pub fn shutdown_write(fd: RawFd) {
     // SAFETY: as in `shutdown`.
@@ -177,6 +212,34 @@ pub fn discard(fd: RawFd, n: usize) -> Option<()> {
 mod tests {
     use std::os::fd::AsRawFd;
     use std::time::Duration;
+
+    /// An aborted connection's peer reads a reset, not a FIN, also once the aborting side
+    /// shuts its sending side down and closes (as a dropped write half does); a read
+    /// waiting on the aborted side fails.
+    #[test]
+    fn abort_resets_without_a_fin() {
+        use std::io::Read;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let mut waiting = c.try_clone().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut b = [0u8; 8];
+            waiting.read(&mut b).map_err(|e| e.kind())
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        super::abort(c.as_raw_fd());
+        // A blocking reader (this one) gets EPIPE, a non-blocking one ECONNRESET.
+        assert!(reader.join().unwrap().is_err());
+        super::shutdown_write(c.as_raw_fd());
+        drop(c);
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 8];
+        assert_eq!(
+            s.read(&mut b).map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset)
+        );
+    }
 
     #[test]
     fn keepalive_is_on_with_our_timers() {

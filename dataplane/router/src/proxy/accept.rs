@@ -45,7 +45,7 @@ pub async fn serve(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: Listene
     }
     // `serve_conn` counts it again before its first await: no gap.
     drop(entering);
-    serve_conn(core, conn, fd, bufs, peer, l, false).await
+    serve_conn(core, conn, fd, bufs, peer, l, Start::New).await
 }
 
 /// Serves one HTTPS client connection: PROXY prefix (peeked, so the TLS bytes stay in
@@ -78,7 +78,7 @@ pub async fn serve_tls(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: Lis
     if tls.alpn_protocol().as_deref() == Some(b"h2") {
         return crate::h2::serve(core, tls, peer, l).await;
     }
-    serve_conn(core, tls, fd, None, peer, l, false).await
+    serve_conn(core, tls, fd, None, peer, l, Start::New).await
 }
 
 /// An `--h2c-addr` connection: its PROXY prefix first (when `--proxy-protocol` takes one

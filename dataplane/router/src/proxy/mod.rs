@@ -28,7 +28,6 @@ use crate::io::{client_gone_after, compact, read_append, write_range};
 use crate::metrics::CoreMetrics;
 use crate::worker::{Core, ListenerInfo, BUF};
 use flynn_runtime::Recycled;
-pub(crate) const RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(600);
 /// How many times a request goes again after its pooled connection failed (HTTP/1.1 and
 /// HTTP/2 alike), and how many dials a request may make.
 pub(crate) const MAX_ATTEMPTS: usize = 4;
@@ -145,9 +144,9 @@ pub trait Client: AsyncReadRent + AsyncWriteRent + Split + 'static {
     const IDLES_IN_READ: bool = false;
     /// Waits, while idle between requests, until a request may have arrived. Plain TCP
     /// waits for readability without holding any buffer (registered with the core's idle
-    /// sweep); TLS may already hold decrypted bytes, so it returns at once and the next
-    /// read waits instead.
-    async fn idle(&self, core: &Core, fd: RawFd) -> Idle;
+    /// sweep; `first`: no request yet, so the header timeout applies); TLS may already
+    /// hold decrypted bytes, so it returns at once and the next read waits instead.
+    async fn idle(&self, core: &Core, fd: RawFd, first: bool) -> Idle;
     /// Ends a connection whose last response is complete: TLS sends its close_notify
     /// (bounded by [`CLOSE_NOTIFY_WAIT`]); plain TCP has nothing to send before the close.
     async fn close(&mut self) {}
@@ -172,8 +171,8 @@ pub trait Client: AsyncReadRent + AsyncWriteRent + Split + 'static {
 impl Client for TcpStream {
     const PROTO: &'static str = "http";
 
-    async fn idle(&self, core: &Core, fd: RawFd) -> Idle {
-        let ticket = core.idle.enter(fd);
+    async fn idle(&self, core: &Core, fd: RawFd, first: bool) -> Idle {
+        let ticket = core.idle.enter(fd, first);
         monoio::select! {
             ready = self.readable(false) => {
                 if core.idle.leave(ticket) && ready.is_ok() {
@@ -234,7 +233,7 @@ impl Client for monoio_rustls::ServerTlsStream<TcpStream> {
     const PROTO: &'static str = "https";
     const IDLES_IN_READ: bool = true;
 
-    async fn idle(&self, _core: &Core, _fd: RawFd) -> Idle {
+    async fn idle(&self, _core: &Core, _fd: RawFd, _first: bool) -> Idle {
         Idle::Ready
     }
 
@@ -261,9 +260,19 @@ impl Client for monoio_rustls::ServerTlsStream<TcpStream> {
     }
 }
 
+/// How a connection comes to [`serve_conn`].
+#[derive(Clone, Copy)]
+pub enum Start {
+    /// Just accepted (through its PROXY prefix or TLS handshake): not counted yet.
+    New,
+    /// A parked connection coming back (already counted); `first`: it has had no request
+    /// yet.
+    Unparked { first: bool },
+}
+
 /// Serves one client connection. This outer future is what an idle keep-alive
 /// connection costs (a few hundred bytes) until it parks; each request runs in a
-/// [`Recycled`] slot. `resumed`: a parked connection coming back (already counted).
+/// [`Recycled`] slot.
 pub async fn serve_conn<S: Client>(
     core: Rc<Core>,
     mut conn: S,
@@ -271,11 +280,17 @@ pub async fn serve_conn<S: Client>(
     mut bufs: Option<Box<Bufs>>,
     peer: SocketAddr,
     l: ListenerInfo,
-    resumed: bool,
+    start: Start,
 ) {
-    if !resumed {
-        core.conn_opened();
-    }
+    // Until its first request head arrives a connection is held for the header timeout,
+    // not the idle timeout.
+    let mut first = match start {
+        Start::New => {
+            core.conn_opened();
+            true
+        }
+        Start::Unparked { first } => first,
+    };
     let mut guard = ConnGuard(core.clone(), true);
     // Set after a keep-alive response with nothing pipelined: try a hot read first.
     let mut hot = false;
@@ -304,7 +319,7 @@ pub async fn serve_conn<S: Client>(
                 b.release(&core, true);
                 core.give_bufs(b);
             }
-            match conn.idle(&core, fd).await {
+            match conn.idle(&core, fd, first).await {
                 Idle::Ready => {}
                 Idle::Closed => break,
                 Idle::Park(since) => {
@@ -316,6 +331,7 @@ pub async fn serve_conn<S: Client>(
                         peer,
                         info: l,
                         since,
+                        first,
                     };
                     // On success the task ends here: dropping `conn` closes our fd, the
                     // duplicate waits in the epoll set. Otherwise keep waiting as before.
@@ -328,12 +344,13 @@ pub async fn serve_conn<S: Client>(
             }
         }
         let b = bufs.get_or_insert_with(|| core.take_bufs());
-        match Recycled::new(one_request(&core, conn, fd, b, peer, l)).await {
+        match Recycled::new(one_request(&core, conn, fd, b, peer, l, &mut first)).await {
             Some(c) => {
                 conn = c;
                 // Empty lines before a request are skipped (RFC 9112 §2.2): a stray CRLF
                 // some clients send after a body must not make the wait for the next
-                // request a head read under the header timeout (and its 408).
+                // request a head read under the header timeout (and its 408), nor keep
+                // the connection in a read (see `read_head`).
                 skip_blank_lines(&mut b.buf);
                 hot = b.buf.is_empty() && !core.settings().hot_idle.is_zero() && !core.draining();
             }
@@ -346,7 +363,9 @@ pub async fn serve_conn<S: Client>(
     }
 }
 
-/// Reads and serves one request; gives the connection back if it stays open.
+/// Reads and serves one request; gives the connection back if it stays open (also when
+/// only empty lines came: it is idle again). `first`: no request yet on this connection;
+/// cleared once a head arrives.
 async fn one_request<S: Client>(
     core: &Rc<Core>,
     mut c: S,
@@ -354,11 +373,17 @@ async fn one_request<S: Client>(
     bufs: &mut Bufs,
     peer: SocketAddr,
     l: ListenerInfo,
+    first: &mut bool,
 ) -> Option<S> {
     core.ensure_buf(&mut bufs.buf);
-    let info = match read_head(core, &mut c, &mut bufs.buf).await {
-        Ok(Some(i)) => i,
-        Ok(None) => return None,
+    let info = match read_head(core, &mut c, &mut bufs.buf, *first).await {
+        Ok(Head::Request(i)) => {
+            *first = false;
+            i
+        }
+        // A draining process keeps no connection that is between requests.
+        Ok(Head::Idle) => return (!core.draining()).then_some(c),
+        Ok(Head::Gone) => return None,
         Err(status) => {
             core.ensure_buf(&mut bufs.out);
             CoreMetrics::inc(&core.metrics().bad_requests_total);
@@ -512,13 +537,24 @@ fn reason_body(status: u16) -> &'static [u8] {
     }
 }
 
-/// Reads until a complete request head is buffered. `Ok(None)`: the client went away
-/// or idled out; `Err(status)`: answer with that status and close.
+/// What [`read_head`] got.
+enum Head {
+    Request(RequestInfo),
+    /// The client went away or idled out.
+    Gone,
+    /// Only empty lines came, and the buffer is empty: the connection is idle again.
+    Idle,
+}
+
+/// Reads until a complete request head is buffered. `Err(status)`: answer with that
+/// status and close. `first`: the connection's first request, whose first byte must come
+/// within the header timeout (later ones have the idle timeout).
 async fn read_head<S: Client>(
     core: &Core,
     c: &mut S,
     buf: &mut Vec<u8>,
-) -> Result<Option<RequestInfo>, u16> {
+    first: bool,
+) -> Result<Head, u16> {
     // The whole head must arrive within the header timeout of its first byte, however
     // slowly it trickles in (slowloris costs a connection, never a core).
     let mut deadline: Option<std::time::Instant> = None;
@@ -535,7 +571,7 @@ async fn read_head<S: Client>(
         if parse {
             scanned = Some(buf.len());
             match parse_request(buf) {
-                Ok(Some(info)) => return Ok(Some(info)),
+                Ok(Some(info)) => return Ok(Head::Request(info)),
                 Ok(None) => {}
                 Err(e) => return Err(e.status()),
             }
@@ -545,11 +581,21 @@ async fn read_head<S: Client>(
         // the next request they leave the connection idle, not under the header timeout.
         if deadline.is_none() && skip_blank_lines(buf) {
             scanned = None;
+            // Plain TCP idles without a buffer, in the idle sweep's reach (expiry,
+            // parking, a drain), not in this read.
+            if buf.is_empty() && !S::IDLES_IN_READ {
+                return Ok(Head::Idle);
+            }
         }
         let now = std::time::Instant::now();
-        // Nothing received yet (a TLS connection idling in this read): the idle timeout.
+        // Nothing received yet (a TLS connection idling in this read): the idle timeout,
+        // or the header timeout before the first request.
         let idle = buf.is_empty() && deadline.is_none();
-        let limit = if idle {
+        let limit = if idle && first {
+            core.settings()
+                .header_timeout
+                .min(core.settings().idle_timeout)
+        } else if idle {
             core.settings().idle_timeout
         } else {
             let d = *deadline.get_or_insert(now + core.settings().header_timeout);
@@ -563,19 +609,19 @@ async fn read_head<S: Client>(
             // the drain to its timeout. Nothing of a request is buffered yet.
             monoio::select! {
                 r = read => r,
-                _ = core.stop.wait() => return Ok(None),
+                _ = core.stop.wait() => return Ok(Head::Gone),
             }
         } else {
             read.await
         };
         let (res, b) = match res {
             Ok(x) => x,
-            Err(_) if idle => return Ok(None),
+            Err(_) if idle => return Ok(Head::Gone),
             Err(_) => return Err(408),
         };
         *buf = b;
         match res {
-            Ok(0) | Err(_) => return Ok(None),
+            Ok(0) | Err(_) => return Ok(Head::Gone),
             Ok(_) => {}
         }
     }

@@ -133,7 +133,9 @@ pub(super) enum Exchange {
 }
 
 /// Reads the response head from `up` (forwarding any 1xx other than 101 to the
-/// client), watching for the client going away meanwhile.
+/// client), watching for the client going away meanwhile. The whole head, interim ones
+/// included, must come within the response header timeout (one deadline, not one per
+/// read: a backend trickling its head or sending 103s without end is given up on).
 pub(super) async fn exchange<S: Client>(
     core: &Core,
     c: &mut S,
@@ -144,6 +146,7 @@ pub(super) async fn exchange<S: Client>(
     sent_continue: bool,
 ) -> Exchange {
     let mut got_any = false;
+    let deadline = monoio::time::Instant::now() + core.settings().response_header_timeout;
     loop {
         if !ubuf.is_empty() {
             match parse_response(ubuf, info.method) {
@@ -187,7 +190,7 @@ pub(super) async fn exchange<S: Client>(
             }
         }
         let taken = std::mem::take(ubuf);
-        let read = monoio::time::timeout(RESPONSE_HEADER_TIMEOUT, read_append(up, taken));
+        let read = monoio::time::timeout_at(deadline, read_append(up, taken));
         monoio::select! {
             r = read => {
                 let (res, b) = match r {

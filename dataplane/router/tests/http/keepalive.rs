@@ -137,7 +137,10 @@ fn idle_connections_to_a_backend_that_left_every_route_are_closed() {
 
 /// A stray CRLF after a request body (some old clients send one; RFC 9112 §2.2 says to
 /// ignore empty lines before a request) leaves the connection waiting for its next
-/// request as any idle one does: no header timeout, no unsolicited 408.
+/// request as any idle one does: no header timeout, no unsolicited 408, and no read held
+/// open with a buffer either: it parks, in reach of the idle sweep and a drain. (A CRLF
+/// on its own used to leave the connection in a head read under the idle timeout, where
+/// neither the sweep nor a takeover's drain could close it.)
 #[test]
 fn a_stray_crlf_after_a_body_is_not_a_request_head() {
     let router = Router::builder()
@@ -162,10 +165,55 @@ fn a_stray_crlf_after_a_body_is_not_a_request_head() {
         }
         // Past the header timeout: nothing arrives and the connection stays open.
         conn.expect_quiet(Duration::from_millis(2500));
+        assert!(
+            wait_until(Duration::from_secs(5), || router
+                .metric("connections_parked_active")
+                == 1),
+            "late {late}: not parked ({})",
+            router.metric("connections_parked_active")
+        );
         assert_eq!(
             conn.get("example.com", "/b").seen().uri,
             "/b",
             "late {late}"
         );
     }
+}
+
+/// A connection that never sends a request is closed at the header timeout (nginx's
+/// `client_header_timeout`, Go's `ReadHeaderTimeout`), not held for the idle timeout
+/// meant for keep-alive connections between requests; it parks meanwhile like any idle
+/// connection. One that has had a request idles under the idle timeout.
+#[test]
+fn a_connection_without_a_request_is_closed_at_the_header_timeout() {
+    let router = Router::builder()
+        .threads(1)
+        .arg("--header-timeout-secs")
+        .arg("3")
+        .arg("--idle-timeout-secs")
+        .arg("30")
+        .start();
+    let b1 = Backend::start("b1");
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    let mut served = Conn::connect(router.http_addr);
+    assert_eq!(served.get("example.com", "/").status, 200);
+    let mut quiet = Conn::connect(router.http_addr);
+    let start = std::time::Instant::now();
+    // Past 2 s idle both park (header timeout 3 s > the 2 s before parking).
+    assert!(
+        wait_until(Duration::from_secs(4), || router
+            .metric("connections_parked_active")
+            == 2),
+        "parked: {}",
+        router.metric("connections_parked_active")
+    );
+    quiet.set_read_timeout(Duration::from_secs(10));
+    quiet.expect_closed();
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_millis(5500),
+        "closed after {took:?}"
+    );
+    assert_eq!(served.get("example.com", "/again").status, 200);
 }

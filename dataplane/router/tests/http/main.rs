@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod accept;
 mod balance;
 mod churn;
 mod drivers;
@@ -11,6 +12,7 @@ mod framing;
 mod headers;
 mod keepalive;
 mod parking;
+mod response_head;
 mod routing;
 mod streaming;
 mod unavailable;

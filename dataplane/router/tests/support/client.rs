@@ -97,6 +97,16 @@ impl Head {
     }
 }
 
+/// Connects to `addr` and resets the connection at once (SO_LINGER 0, close): what a
+/// client that gives up mid-connect leaves in the server's accept queue.
+pub fn connect_and_reset(addr: SocketAddr) {
+    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+}
+
 /// `GET path` with `Host: host` on a fresh connection; one response.
 pub fn get(addr: SocketAddr, host: &str, path: &str) -> Response {
     let mut c = Conn::connect(addr);

@@ -16,7 +16,7 @@ pub use backend::{
     black_hole, connecting_to, dead_addr, handlers, wait_connecting_to, Backend, BackendConn,
     Reply, SeenRequest, TcpBackend,
 };
-pub use client::{get, Conn, Response};
+pub use client::{connect_and_reset, get, Conn, Response};
 pub use router::{api_call, tcp_range, Router, RouterBuilder};
 
 use std::time::{Duration, Instant};

@@ -285,11 +285,16 @@ impl Router {
 
     /// Sends the router `SIGHUP` (re-read the routes file).
     pub fn hup(&self) {
+        self.signal("HUP");
+    }
+
+    /// Sends the router signal `sig` (a name for `kill -<sig>`: `STOP`, `CONT`...).
+    pub fn signal(&self, sig: &str) {
         let st = std::process::Command::new("kill")
-            .args(["-HUP", &self.pid().to_string()])
+            .args([&format!("-{sig}"), &self.pid().to_string()])
             .status()
             .unwrap();
-        assert!(st.success(), "kill -HUP {}", self.pid());
+        assert!(st.success(), "kill -{sig} {}", self.pid());
     }
 
     /// Waits up to `timeout` for the process to exit on its own; dropping it afterwards

@@ -489,3 +489,31 @@ fn a_body_cut_short_by_a_backend_reset_gets_no_close_notify() {
     }
     backend.join().unwrap();
 }
+
+/// After its handshake, an HTTPS connection that sends no request is closed at the header
+/// timeout, not held for the idle timeout; one that has had a request idles under the
+/// idle timeout as before.
+#[test]
+fn a_tls_connection_without_a_request_is_closed_at_the_header_timeout() {
+    let b = https_builder()
+        .arg("--header-timeout-secs")
+        .arg("1")
+        .arg("--idle-timeout-secs")
+        .arg("30");
+    let (router, _b1, default) = crate::setup_with(b);
+    let mut served = tls_connect(&router, "a.example.com", &[&default]);
+    assert_eq!(served.get("a.example.com", "/").status, 200);
+    let mut quiet = tls_connect(&router, "a.example.com", &[&default]);
+    let start = std::time::Instant::now();
+    let got = quiet
+        .read_to_end()
+        .unwrap_or_else(|e| panic!("not closed after {:?}: {e}", start.elapsed()));
+    assert!(got.is_empty(), "{got:?}");
+    let took = start.elapsed();
+    assert!(
+        took < std::time::Duration::from_millis(2500),
+        "closed after {took:?}"
+    );
+    // Between requests the idle timeout applies.
+    assert_eq!(served.get("a.example.com", "/again").status, 200);
+}
