@@ -12,9 +12,10 @@
  *   send it to the VXLAN device with bpf_redirect_neigh, which fills L2 from the kernel's
  *   (permanent) neighbour entry.
  * - A VXLAN packet on the underlay for a job on this host (flynn_underlay describes what our
- *   VXLAN packets look like): the outer IPv4/UDP/VXLAN and inner Ethernet headers are removed with
- *   bpf_skb_adjust_room and the inner packet goes straight to the job (bpf_redirect_peer), without
- *   the kernel's UDP socket, VXLAN receive and GRO cell.
+ *   VXLAN packets look like), sent by the peer that holds its inner source's block (its
+ *   flynn_tunnels entry names the outer source): the outer IPv4/UDP/VXLAN and inner Ethernet
+ *   headers are removed with bpf_skb_adjust_room and the inner packet goes straight to the job
+ *   (bpf_redirect_peer), without the kernel's UDP socket, VXLAN receive and GRO cell.
  * - Anything else, or a miss: TC_ACT_UNSPEC, i.e. on to whatever else is attached (later TCX
  *   programs, then the device's tc filters) and the normal kernel path. Empty maps are safe.
  *   (TC_ACT_OK would end the chain there: other users' tc filters would stop running.)
@@ -396,6 +397,30 @@ static __always_inline int gso_decap_ok(struct __sk_buff *skb, const struct iphd
 	       bpf_csum_level(skb, BPF_CSUM_LEVEL_QUERY) < 0;
 }
 
+/* Whether the outer source is the underlay address of the peer that holds the inner source's
+ * block (flynn_prefixes, then that hop's flynn_tunnels entry). tc ingress and bpf_redirect_peer
+ * skip netfilter: without this, anyone on the underlay could send frames with a cluster job's
+ * inner source straight into local jobs, past a firewall that lets VXLAN in only from the
+ * cluster's hosts. Anything else goes to the kernel, where that firewall applies. Peers without
+ * a tunnel entry (reached by another device, or past a full map) are decapsulated by the kernel
+ * too. */
+static __always_inline int from_peer(const struct iphdr *outer, const struct iphdr *inner)
+{
+	struct flynn_prefix_key key;
+	struct flynn_tunnel *tun;
+	struct flynn_hop *hop;
+	__u32 next_hop;
+
+	key.prefixlen = 32;
+	key.addr = inner->saddr;
+	hop = bpf_map_lookup_elem(&flynn_prefixes, &key);
+	if (!hop)
+		return 0;
+	next_hop = hop->next_hop;
+	tun = bpf_map_lookup_elem(&flynn_tunnels, &next_hop);
+	return tun && tun->remote_ip == outer->saddr;
+}
+
 SEC("classifier")
 int flynn_from_underlay(struct __sk_buff *skb)
 {
@@ -458,7 +483,7 @@ int flynn_from_underlay(struct __sk_buff *skb)
 		return pass();
 	daddr = inner->daddr;
 	ep = bpf_map_lookup_elem(&flynn_endpoints, &daddr);
-	if (!ep)
+	if (!ep || !from_peer(ip, inner))
 		return pass();
 	if (skb->gso_size && !gso_decap_ok(skb, inner))
 		return pass();

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use flynn_ebpf::{AttachMode, FastPath, Role, Underlay};
+use flynn_ebpf::{AttachMode, FastPath, Role, Tunnel, Underlay};
 
 use super::lab::{self, ifindex, in_ns, ping, ping_count, ping_df, tcp_roundtrip};
 use super::{
@@ -28,8 +28,9 @@ fn parse_mac(s: &str) -> [u8; 6] {
     out
 }
 
-/// [`fast_path_on`] plus decapsulation on the underlay device `ul0` (encapsulation in BPF too
-/// when `encap`: out of `ul0`, once the peer's tunnel entry is in).
+/// [`fast_path_on`] plus decapsulation on the underlay device `ul0` and the tunnel entry of the
+/// other host of [`two_hosts`] (decapsulation takes only what that peer sends); encapsulation
+/// in BPF too when `encap` (out of `ul0`).
 #[allow(clippy::too_many_arguments)]
 fn decap_on(
     mode: AttachMode,
@@ -42,6 +43,18 @@ fn decap_on(
     encap: bool,
 ) -> Result<FastPath> {
     let mut fp = fast_path_on(mode, host, pin_dir, job, remote_block)?;
+    let (peer_ip, peer_vtep) = if local_ip == UL1 {
+        (UL2, VTEP2)
+    } else {
+        (UL1, VTEP1)
+    };
+    fp.upsert_tunnel(
+        remote_block,
+        Tunnel {
+            remote_ip: peer_ip,
+            vtep_mac: parse_mac(peer_vtep),
+        },
+    )?;
     in_ns(host, || {
         let ul0 = ifindex(host, "ul0")?;
         fp.set_underlay(Underlay {
@@ -329,6 +342,112 @@ fn cross_host_decap_on_the_underlay(mode: AttachMode) -> Result<()> {
     in_ns(&t.h1, || Ok(fp1.unpin()?))?;
     in_ns(&t.h2, || Ok(fp2.unpin()?))?;
     ensure!(ping(&t.j1.ns, t.j2.ip, 3), "traffic after uninstall");
+    Ok(())
+}
+
+/// In `ns`, a firewall that lets VXLAN (UDP 8472) in only from `peer`, as an operator
+/// would allow the overlay from the cluster's hosts alone: nftables table `ip flynn-test-fw`,
+/// an input chain dropping the rest.
+fn vxlan_only_from(ns: &str, peer: Ipv4Addr) -> Result<()> {
+    use rustables::expr::{
+        Cmp, CmpOp, HighLevelPayload, IPv4HeaderField, Immediate, NetworkHeaderField, VerdictKind,
+    };
+    use rustables::{Batch, Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, Rule};
+    in_ns(ns, || {
+        let table =
+            rustables::Table::new(rustables::ProtocolFamily::Ipv4).with_name("flynn-test-fw");
+        let chain = Chain::new(&table)
+            .with_name("input")
+            .with_hook(Hook::new(HookClass::In, 0))
+            .with_type(ChainType::Filter)
+            .with_policy(ChainPolicy::Accept);
+        let rule = Rule::new(&chain)?
+            .with_expr(
+                HighLevelPayload::Network(NetworkHeaderField::IPv4(IPv4HeaderField::Saddr)).build(),
+            )
+            .with_expr(Cmp::new(CmpOp::Neq, peer.octets()))
+            .dport(8472, rustables::Protocol::UDP)
+            .with_expr(Immediate::new_verdict(VerdictKind::Drop));
+        let mut batch = Batch::new();
+        batch.add(&table, MsgType::Add);
+        batch.add(&chain, MsgType::Add);
+        batch.add(&rule, MsgType::Add);
+        batch.send()?;
+        Ok(())
+    })
+}
+
+/// Decapsulation in BPF takes only VXLAN packets whose outer source is the peer that holds the
+/// inner source's block. tc ingress and `bpf_redirect_peer` skip netfilter, so a frame with a
+/// cluster job's inner source sent from any other address on the underlay (here a second
+/// address of host 1's underlay port) used to reach the job past a firewall that lets VXLAN in
+/// only from the cluster's hosts; now it goes to the kernel, and the firewall drops it.
+#[test]
+fn decap_takes_vxlan_only_from_the_peer_of_the_inner_source() -> Result<()> {
+    if !lab::should_run("decap_takes_vxlan_only_from_the_peer_of_the_inner_source") {
+        return Ok(());
+    }
+    let t = two_hosts()?;
+    let mode = AttachMode::Tcx;
+    let (pin1, pin2) = (t.pin1.clone(), t.pin2.clone());
+    let _fp1 = decap_on(mode, &t.h1, &pin1, &t.j1, BLOCK2, UL1, VTEP1, false)?;
+    let fp2 = decap_on(mode, &t.h2, &pin2, &t.j2, BLOCK1, UL2, VTEP2, false)?;
+    let foreign = Ipv4Addr::new(10, 231, 0, 66);
+    lab::run(&[
+        "ip",
+        "-n",
+        &t.h1,
+        "addr",
+        "add",
+        &format!("{foreign}/24"),
+        "dev",
+        "ul0",
+    ])?;
+    vxlan_only_from(&t.h2, UL1)?;
+
+    let vxlan = SocketAddr::from((UL2, 8472));
+    let to_job = SocketAddr::from((t.j2.ip, 7220));
+    let payload = b"from a cluster job";
+    let frame = vxlan_frame(1, 0, parse_mac(VTEP2), t.j1.ip, t.j2.ip, 7220, payload);
+    // From the peer: decapsulated in BPF and delivered.
+    let before = counters(&fp2)?;
+    let got = receives(&t.j2.ns, to_job, || {
+        send_udp(&t.h1, UL1, vxlan, &frame, false)
+    })?;
+    ensure!(
+        got.as_deref() == Some(&payload[..]),
+        "from the peer: got {got:?}"
+    );
+    let after = counters(&fp2)?;
+    ensure!(
+        after.decapsulated == before.decapsulated + 1,
+        "from the peer: not decapsulated in BPF: {before:?} -> {after:?}"
+    );
+    // The same frame from another address: left to the kernel, where the firewall drops it.
+    let before = after;
+    let got = receives(&t.j2.ns, to_job, || {
+        send_udp(&t.h1, foreign, vxlan, &frame, false)
+    })?;
+    let after = counters(&fp2)?;
+    ensure!(
+        got.is_none(),
+        "a frame from {foreign} reached the job past the firewall: {got:?} ({before:?} -> {after:?})"
+    );
+    ensure!(
+        after.decapsulated == before.decapsulated && after.passed > before.passed,
+        "a frame from {foreign} was decapsulated in BPF: {before:?} -> {after:?}"
+    );
+    // An inner source of no peer's block, from the peer: the kernel's too.
+    let before = after;
+    let stray = vxlan_frame(1, 0, parse_mac(VTEP2), foreign, t.j2.ip, 7220, payload);
+    receives(&t.j2.ns, to_job, || {
+        send_udp(&t.h1, UL1, vxlan, &stray, false)
+    })?;
+    let after = counters(&fp2)?;
+    ensure!(
+        after.decapsulated == before.decapsulated,
+        "a frame with an inner source outside the peer's block was decapsulated in BPF: {before:?} -> {after:?}"
+    );
     Ok(())
 }
 

@@ -1,8 +1,9 @@
 //! [`Agent`]: the per-host overlay daemon loop (flanneld's role). It leases this host's block,
 //! sets up the VXLAN device and bridge, and then keeps the kernel (and, when enabled, the eBPF fast
 //! path's prefix map) in line with every lease: on each store event and on a timer. It renews the
-//! lease before it expires and releases it on clean shutdown; the next start asks for the same
-//! block again (remembered in `subnet.env`, as flannel does).
+//! lease before it expires and releases it on clean shutdown when no job holds an address in the
+//! block (else it stays for the next agent to renew, as after a crash); the next start asks for
+//! the same block again (remembered in `subnet.env`, as flannel does).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -15,10 +16,10 @@ use std::time::{Duration, SystemTime};
 use flynn_ebpf::{FastPath, Hop, Role, Tunnel, Underlay};
 
 use crate::direct::{direct_routes, Segment};
-use crate::fastmaps::MapSync;
+use crate::fastmaps::{ordered_pass, FastPass, MapSync};
 use crate::kernel::KernelNetlink;
 use crate::lease::{Config as LeaseConfig, Lease, LeaseError, Leaser};
-use crate::reconcile::{reconcile, setup, DeviceConfig, Devices, NetlinkError};
+use crate::reconcile::{setup, DeviceConfig, Devices, NetlinkError};
 use crate::stats::Stats;
 use crate::store::{LeaseStore, LeaseWatch, Snapshot, StoreError};
 use crate::subnet::Subnet;
@@ -44,6 +45,10 @@ pub struct AgentConfig {
     /// Masquerade traffic from the cluster network to the outside world (see [`crate::masq`]);
     /// `false` takes such rules out.
     pub ip_masq: bool,
+    /// The host daemon's address allocator file ([`crate::job::IpAllocator`], flynn-host's
+    /// `job-ips.json`). A shutdown releases the lease only when no job holds an address of
+    /// the block in it; `None`: always released.
+    pub job_ips: Option<PathBuf>,
 }
 
 /// Why the agent stopped.
@@ -85,7 +90,7 @@ pub struct Agent<S> {
     lease: Option<Lease>,
     devices: Option<Devices>,
     segment: Option<Segment>,
-    /// What this agent put in the fast path's routing maps.
+    /// Keeps the fast path's routing maps in step with the leases.
     maps: MapSync,
     stats: Arc<Stats>,
     /// Whether the outbound NAT rules are in place as far as the agent knows (installed, and
@@ -187,7 +192,9 @@ impl<S: LeaseStore> Agent<S> {
 
     /// Leases a block (reusing this host's lease if the store has one, else the block named in
     /// `subnet.env` if it is free), sets up the VXLAN device and bridge, attaches the fast path
-    /// and reconciles once.
+    /// and reconciles once. A reconcile that fails (say, the kernel refuses one peer's entry)
+    /// does not fail the start: it is logged, the status says unhealthy, and the next pass
+    /// tries again.
     pub async fn start(&mut self) -> Result<Started, AgentError> {
         let previous = self.cfg.state_dir.as_deref().and_then(previous_subnet);
         self.acquiring = true;
@@ -232,9 +239,10 @@ impl<S: LeaseStore> Agent<S> {
         self.write_state()?;
         let snap = self.leaser.store().leases().await?;
         self.fresh.read(true, SystemTime::now());
-        self.sync(&snap).await?;
-        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
-        self.stats.synced.store(true, Ordering::Relaxed);
+        // As in `run`: a change the kernel refuses (one peer's bad lease) is logged and tried
+        // again every pass. It used to fail the start, and after the tries end the agent with
+        // the host half set up.
+        self.sync_counted(&snap).await;
         Ok(Started {
             lease,
             devices,
@@ -323,16 +331,57 @@ impl<S: LeaseStore> Agent<S> {
                 tracing::warn!(subnet = %l.subnet, "start-up given up; keeping this host's lease, held before this start (its jobs may still use the block)");
                 return Ok(());
             }
+            if self.jobs_hold(&l.subnet) {
+                tracing::info!(subnet = %l.subnet, "start-up abandoned; keeping the lease: jobs hold addresses in the block");
+                self.forget_start();
+                return Ok(());
+            }
             tracing::info!(subnet = %l.subnet, "start-up abandoned; releasing the lease");
-            self.leaser.release(l).await?;
+            self.leaser.release(l, SystemTime::now()).await?;
             if self.created == Some(l.subnet) {
                 self.restore_state();
             }
         }
+        self.forget_start();
+        Ok(())
+    }
+
+    fn forget_start(&mut self) {
         self.lease = None;
         self.acquiring = false;
         self.created = None;
         self.state_before = None;
+    }
+
+    /// Whether a job holds an address in `subnet`, by the host daemon's allocator file
+    /// ([`AgentConfig::job_ips`]). The host daemon keeps its jobs across restarts, so such a
+    /// block must stay leased through an agent restart: released, peers dropped its routes
+    /// until the next agent leased it again, and another host could lease it meanwhile. A
+    /// file that cannot be read counts as "yes" (the lease then stays, as after a crash).
+    fn jobs_hold(&self, subnet: &Subnet) -> bool {
+        let Some(path) = &self.cfg.job_ips else {
+            return false;
+        };
+        match crate::job::IpAllocator::held_block(path) {
+            Ok(None) => false,
+            Ok(Some(b)) => b.contains_subnet(subnet) || subnet.contains_subnet(&b),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %error_chain(&e), "cannot tell whether jobs hold addresses; keeping the lease");
+                true
+            }
+        }
+    }
+
+    /// At a clean shutdown: releases `lease` unless jobs hold addresses in its block
+    /// ([`Agent::jobs_hold`]); kept, it is renewed by the next agent (or expires after its
+    /// TTL, as after a crash).
+    async fn release_at_shutdown(&self, lease: &Lease) -> Result<(), AgentError> {
+        if self.jobs_hold(&lease.subnet) {
+            tracing::info!(subnet = %lease.subnet, "shutting down; keeping the lease: jobs hold addresses in the block");
+            return Ok(());
+        }
+        tracing::info!(subnet = %lease.subnet, "shutting down; releasing the lease");
+        self.leaser.release(lease, SystemTime::now()).await?;
         Ok(())
     }
 
@@ -409,14 +458,6 @@ impl<S: LeaseStore> Agent<S> {
             .filter(|l| !is_direct(l))
             .map(|l| (*l).clone())
             .collect();
-        // Tunnel entries first: that removes the VXLAN route of a block going direct before the
-        // direct route for the same prefix is added.
-        let mut nl = self.nl.clone();
-        // Each part runs even when an earlier one failed (a failure is for one peer's
-        // entry; the others, and the fast path maps, must still follow the leases); the
-        // first failure is returned at the end.
-        let reconciled = reconcile(&mut nl, devices.vxlan, &lease.subnet, &tunneled, now).await;
-        let direct_changes = self.nl.sync_direct_routes(segment.ifindex, &direct).await;
         // Peers encapsulated in BPF leave by the device holding the public IP; a peer the kernel
         // reaches by another device (the address on a dummy or `lo` of a routed host, a second
         // NIC) is encapsulated by the VXLAN device instead, which follows the routing table.
@@ -434,11 +475,43 @@ impl<S: LeaseStore> Agent<S> {
                 }
             }
         }
-        let fast_changes =
-            self.sync_fast_path(&tunneled, &via_segment, &direct, devices.vxlan, segment);
-        let ops = reconciled?;
-        let direct_changes = direct_changes?;
-        let fast_changes = fast_changes?;
+        let mut nl = self.nl.clone();
+        let fast = self.fast.as_mut().map(|fp| {
+            let (want, tunnels) =
+                fast_wants(&tunneled, &via_segment, &direct, devices.vxlan, segment);
+            FastPass {
+                sync: &mut self.maps,
+                maps: fp,
+                want,
+                tunnels,
+            }
+        });
+        // Stale fast path entries, tunnel entries (whose removal takes the VXLAN route of a
+        // block going direct before its direct route is added), direct routes, new fast path
+        // entries. Each part runs even when an earlier one failed (a failure is for one peer's
+        // entry; the others, and the fast path maps, must still follow the leases); the first
+        // failure is returned at the end.
+        let direct_routes = self.nl.sync_direct_routes(segment.ifindex, &direct);
+        let pass = ordered_pass(
+            &mut nl,
+            devices.vxlan,
+            &lease.subnet,
+            &tunneled,
+            now,
+            direct_routes,
+            fast,
+        )
+        .await;
+        if self.fast.is_some() {
+            if let Ok(out) = &pass.added {
+                // A block the maps refuse (full: they hold 1024 entries) stays on the kernel
+                // path and is reported in the status; the pass and the agent's health go on.
+                self.stats.set_unmapped(out.unmapped.clone());
+            }
+        }
+        let ops = pass.kernel?;
+        let direct_changes = pass.direct?;
+        let fast_changes = pass.added?.changes + pass.removed?;
         let changes = ops.len() + direct_changes + fast_changes;
         self.stats
             .peers
@@ -472,62 +545,9 @@ impl<S: LeaseStore> Agent<S> {
         Ok(changes)
     }
 
-    fn sync_fast_path(
-        &mut self,
-        tunneled: &[Lease],
-        via_segment: &BTreeSet<Ipv4Addr>,
-        direct: &BTreeSet<crate::reconcile::Route>,
-        vxlan: u32,
-        segment: Segment,
-    ) -> Result<usize, AgentError> {
-        let Some(fp) = &mut self.fast else {
-            return Ok(0);
-        };
-        let mut want: BTreeMap<Subnet, Hop> = tunneled
-            .iter()
-            .map(|l| {
-                (
-                    l.subnet,
-                    Hop {
-                        ifindex: vxlan,
-                        next_hop: l.subnet.addr(),
-                    },
-                )
-            })
-            .collect();
-        want.extend(direct.iter().map(|r| {
-            (
-                r.subnet,
-                Hop {
-                    ifindex: segment.ifindex,
-                    next_hop: r.gateway,
-                },
-            )
-        }));
-        // Peers of tunneled blocks, for encapsulation in BPF; keyed like the hops. The map is
-        // pinned but can be listed, so it is simply made equal to the leases every time.
-        let tunnels: BTreeMap<Ipv4Addr, Tunnel> = tunneled
-            .iter()
-            .filter(|l| via_segment.contains(&l.public_ip))
-            .map(|l| {
-                (
-                    l.subnet.addr(),
-                    Tunnel {
-                        remote_ip: l.public_ip,
-                        vtep_mac: l.vtep_mac.octets(),
-                    },
-                )
-            })
-            .collect();
-        // A block the maps refuse (full: they hold 1024 entries) stays on the kernel path and
-        // is reported in the status; the pass and the agent's health go on.
-        let out = self.maps.sync(fp, &want, &tunnels)?;
-        self.stats.set_unmapped(out.unmapped);
-        Ok(out.changes)
-    }
-
-    /// Runs until `shutdown` completes (then releases the lease) or the lease is lost (an error:
-    /// the block may belong to another host now). Call after [`Agent::start`].
+    /// Runs until `shutdown` completes (then releases the lease, unless jobs hold addresses in
+    /// its block: [`Agent::jobs_hold`]) or the lease is lost (an error: the block may belong to
+    /// another host now). Call after [`Agent::start`].
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         tokio::pin!(shutdown);
         let mut watch: Option<LeaseWatch> = None;
@@ -563,8 +583,7 @@ impl<S: LeaseStore> Agent<S> {
             let retry_watch = tokio::time::sleep(Duration::from_secs(1));
             tokio::select! {
                 _ = &mut shutdown => {
-                    tracing::info!(subnet = %lease.subnet, "shutting down; releasing the lease");
-                    self.leaser.release(&lease).await?;
+                    self.release_at_shutdown(&lease).await?;
                     return Ok(());
                 }
                 snap = async { watch.as_mut().expect("checked").changed().await }, if watch.is_some() => {
@@ -648,8 +667,9 @@ impl<S: LeaseStore> Agent<S> {
     /// Puts the VXLAN device and the bridge back if they went, or follows them if they moved:
     /// the kernel deletes a VXLAN device together with its lower device (a bond or VLAN that
     /// network tooling re-creates), and every entry on it with it. On a change the fast path
-    /// is attached to the new devices and its prefixes are rewritten; the reconcile that
-    /// follows on the same tick puts the neighbour, FDB and route entries back.
+    /// is attached to the new devices; the reconcile that follows on the same tick puts the
+    /// neighbour, FDB and route entries back and rewrites the prefixes (their hops name the
+    /// old devices).
     async fn keep_devices(&mut self) -> Result<(), AgentError> {
         let (Some(lease), Some(old), Some(old_segment)) =
             (self.lease.clone(), self.devices, self.segment)
@@ -702,8 +722,6 @@ impl<S: LeaseStore> Agent<S> {
                     let _ = fp.detach(was);
                 }
             }
-            // Every hop names the old VXLAN ifindex: all rewritten.
-            self.maps.reset();
         }
         // As at start: the agent exits if the fast path is required (its supervisor starts it
         // again), else the kernel path alone rather than maps naming devices that are gone.
@@ -770,6 +788,13 @@ impl<S: LeaseStore> Agent<S> {
         if gone {
             tracing::warn!("this host's lease is not in the lease set as its own; checking it now");
         }
+        self.sync_counted(snap).await;
+        gone
+    }
+
+    /// [`Agent::sync`], counted in the stats; a failure (the status turns unhealthy until a
+    /// pass succeeds) is logged, and the next pass tries again.
+    async fn sync_counted(&mut self, snap: &Snapshot) {
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         match self.sync(snap).await {
             Ok(_) => self.stats.synced.store(true, Ordering::Relaxed),
@@ -779,7 +804,6 @@ impl<S: LeaseStore> Agent<S> {
                 tracing::warn!(error = %error_chain(&e), "reconcile failed; will retry");
             }
         }
-        gone
     }
 
     /// Counters for metrics and status, updated as the agent works.
@@ -821,6 +845,54 @@ impl<S: LeaseStore> Agent<S> {
         std::fs::rename(&tmp, &path).map_err(err)?;
         Ok(())
     }
+}
+
+/// What the fast path's routing maps should hold: a prefix per remote block (hop: `vxlan`
+/// and the block address, or the underlay and the peer for `direct` ones), and a tunnel entry
+/// for the tunneled peers reached by the underlay device (`via_segment`: encapsulated in BPF,
+/// and the only peers decapsulated in BPF), keyed like the hops.
+fn fast_wants(
+    tunneled: &[Lease],
+    via_segment: &BTreeSet<Ipv4Addr>,
+    direct: &BTreeSet<crate::reconcile::Route>,
+    vxlan: u32,
+    segment: Segment,
+) -> (BTreeMap<Subnet, Hop>, BTreeMap<Ipv4Addr, Tunnel>) {
+    let mut want: BTreeMap<Subnet, Hop> = tunneled
+        .iter()
+        .map(|l| {
+            (
+                l.subnet,
+                Hop {
+                    ifindex: vxlan,
+                    next_hop: l.subnet.addr(),
+                },
+            )
+        })
+        .collect();
+    want.extend(direct.iter().map(|r| {
+        (
+            r.subnet,
+            Hop {
+                ifindex: segment.ifindex,
+                next_hop: r.gateway,
+            },
+        )
+    }));
+    let tunnels: BTreeMap<Ipv4Addr, Tunnel> = tunneled
+        .iter()
+        .filter(|l| via_segment.contains(&l.public_ip))
+        .map(|l| {
+            (
+                l.subnet.addr(),
+                Tunnel {
+                    remote_ip: l.public_ip,
+                    vtep_mac: l.vtep_mac.octets(),
+                },
+            )
+        })
+        .collect();
+    (want, tunnels)
 }
 
 /// Attaches the agent's programs to the VXLAN device and the underlay device.

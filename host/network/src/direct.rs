@@ -115,6 +115,9 @@ impl KernelNetlink {
     }
 
     /// Makes the direct routes on `ifindex` equal `want`; returns how many changes were made.
+    /// A route the kernel refuses (one peer's bad record) does not hold back the others: it
+    /// is logged, the rest are still changed, and the first failure is returned at the end
+    /// (the next pass tries it again).
     pub async fn sync_direct_routes(
         &self,
         ifindex: u32,
@@ -122,6 +125,7 @@ impl KernelNetlink {
     ) -> Result<usize, NetlinkError> {
         let have = self.direct_routes(ifindex).await?;
         let mut changes = 0;
+        let mut failed = None;
         // One to a block still wanted is replaced in place by its add below, not removed
         // first (as for tunnelled routes).
         let wanted = |r: &Route| want.iter().any(|w| w.subnet == r.subnet);
@@ -134,22 +138,37 @@ impl KernelNetlink {
                 .await
             {
                 Err(rtnetlink::Error::NetlinkError(m))
-                    if matches!(-m.raw_code(), libc::ESRCH | libc::ENOENT) => {}
-                res => res.map_err(req("delete direct route"))?,
+                    if matches!(-m.raw_code(), libc::ESRCH | libc::ENOENT) =>
+                {
+                    changes += 1
+                }
+                Err(e) => {
+                    tracing::warn!(route = ?r, error = %e, "deleting a direct route failed");
+                    failed.get_or_insert(req("delete direct route")(e));
+                }
+                Ok(()) => changes += 1,
             }
-            changes += 1;
         }
         for r in want.difference(&have) {
-            self.handle()
+            let added = self
+                .handle()
                 .route()
                 .add(message(ifindex, r))
                 .replace()
                 .execute()
-                .await
-                .map_err(req("add direct route"))?;
-            changes += 1;
+                .await;
+            match added {
+                Ok(()) => changes += 1,
+                Err(e) => {
+                    tracing::warn!(route = ?r, error = %e, "adding a direct route failed");
+                    failed.get_or_insert(req("add direct route")(e));
+                }
+            }
         }
-        Ok(changes)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(changes),
+        }
     }
 }
 

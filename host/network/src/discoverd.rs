@@ -15,8 +15,10 @@
 //!
 //! Writes, the config read and the checks behind "this lease is lost" read the document
 //! linearizably (`?consistent=true`, served by the Raft leader); the lease set for routing is
-//! read from the local node, which may lag. Once the document is known to exist, a 404 is a
-//! node that has not caught up (or lost it): the store is unavailable, never "no leases".
+//! read from the local node, which may lag. Once the document is known to exist, a 404 of a
+//! plain read is a node that has not caught up: the store is unavailable, never "no leases".
+//! A 404 of a linearizable read is the truth: the document is gone (deleted by an operator),
+//! and the leases with it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -271,8 +273,9 @@ impl DiscoverdStore {
     }
 
     /// The document and its index, from the leader when `consistent`, else from the local
-    /// node; an empty document at index 0 when there is none yet. A 404 once the document is
-    /// known to exist is [`StoreError::Unavailable`].
+    /// node; an empty document at index 0 when there is none yet. A 404 from the local node
+    /// once the document is known to exist is [`StoreError::Unavailable`] (the node may lag);
+    /// one from the leader means it is gone, and reads as none.
     async fn read(&self, consistent: bool) -> Result<(Value, u64), StoreError> {
         let meta = if consistent {
             self.client.get_meta_consistent(&self.service).await
@@ -285,6 +288,17 @@ impl DiscoverdStore {
                 Ok((m.data, m.index))
             }
             Err(e) if not_found(&e) && !self.exists.load(Ordering::Relaxed) => Ok((Value::Null, 0)),
+            // The leader's answer, after a ReadIndex round: the document is gone (an operator
+            // deleted the service or its metadata). Read as empty from now on: a renewal then
+            // finds its record gone, the lease lost (the agent exits, and its next start
+            // writes the document again), where it used to fail as "unavailable" until the
+            // agent was restarted.
+            Err(e) if not_found(&e) && consistent => {
+                if self.exists.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(service = %self.service, "the lease document is gone");
+                }
+                Ok((Value::Null, 0))
+            }
             Err(e) if not_found(&e) => Err(StoreError::Unavailable {
                 reason: format!(
                     "the {:?} lease document is missing on the node read (not caught up?)",
@@ -628,6 +642,39 @@ mod tests {
             .unwrap();
         assert_eq!(cfg, stored);
         assert_eq!(layout_from_config(&cfg).unwrap(), first);
+    }
+
+    /// The lease document deleted (an operator's reset of the service): the leader's 404 is
+    /// the truth, so a renewal finds the lease lost, and the agent exits; its next start
+    /// (`init`, then `acquire`) writes the config and its lease again. Every 404 used to read
+    /// as "unavailable" once the document had been seen, and renewals failed until a restart.
+    #[tokio::test]
+    async fn a_deleted_lease_document_loses_the_lease_and_is_written_again() {
+        let (f, store) = fake().await;
+        let config = config_json(&Layout::default(), 1, 8472);
+        store.init(config.clone()).await.unwrap();
+        let leaser = crate::Leaser::new(
+            store.clone(),
+            crate::LeaseConfig::default(),
+            Ipv4Addr::new(10, 0, 0, 1),
+        );
+        let a = leaser.acquire(SystemTime::now(), None).await.unwrap();
+        *f.meta.lock().unwrap() = None;
+        let later = SystemTime::now() + Duration::from_secs(60);
+        let r = leaser.renew(&a, later).await;
+        assert!(matches!(r, Err(crate::LeaseError::Lost { .. })), "{r:?}");
+        // The restarted agent.
+        let store = DiscoverdStore::with_service(store.client.clone(), SERVICE);
+        assert_eq!(store.init(config.clone()).await.unwrap(), config);
+        let leaser = crate::Leaser::new(
+            store.clone(),
+            crate::LeaseConfig::default(),
+            Ipv4Addr::new(10, 0, 0, 1),
+        );
+        let b = leaser.acquire(later, Some(a.subnet)).await.unwrap();
+        assert_eq!(b.subnet, a.subnet);
+        let stored = f.meta.lock().unwrap().clone().unwrap();
+        assert_eq!(stored.data["config"], config);
     }
 
     /// A lease created a moment ago, renewed through a node that has not seen it yet: still

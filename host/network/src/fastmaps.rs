@@ -8,13 +8,22 @@
 //! still written; it is not an error of the whole pass. A stale entry that cannot be removed
 //! is an error (it would send the block's traffic to a peer that left), after the other
 //! entries were written.
+//!
+//! A pass comes in two halves around the kernel's changes, as the kernel's own entries are
+//! added (neighbour, FDB, route) and removed in reverse: stale map entries go before the
+//! kernel entries they lead to ([`MapSync::remove_stale`]), new ones come after them
+//! ([`MapSync::add`]).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::net::Ipv4Addr;
+use std::time::SystemTime;
 
 use flynn_ebpf::{EbpfError, FastPath, Hop, Tunnel};
 
 use crate::agent::error_chain;
+use crate::lease::Lease;
+use crate::reconcile::{reconcile, Netlink, NetlinkError, Op};
 use crate::subnet::Subnet;
 
 /// The fast path's prefix and tunnel maps.
@@ -57,81 +66,98 @@ pub(crate) struct Outcome {
     pub unmapped: BTreeSet<Subnet>,
 }
 
-/// The agent's record of the routing maps between passes.
+/// What the agent keeps between passes over the routing maps: only which blocks were last
+/// reported unmapped. The maps themselves are listed on every pass (both are pinned and
+/// outlive agents, and anything else with the pins may change them): an entry removed or
+/// changed behind the agent's back is put back by the next pass. (Prefixes used to be
+/// compared with what the agent remembered writing, so one removed behind its back stayed
+/// away and its block on the kernel path.)
 #[derive(Debug, Default)]
 pub(crate) struct MapSync {
-    /// Prefixes this agent put in the map.
-    prefixes: BTreeMap<Subnet, Hop>,
-    /// Whether prefixes a previous agent left in the pinned map have been swept.
-    swept: bool,
     /// The blocks reported unmapped by the last pass (a change is logged at warn, a
     /// repeat at debug: a full map fails the same way on every resync).
     unmapped: BTreeSet<Subnet>,
 }
 
 impl MapSync {
-    /// Forgets what was written: every prefix is written again and the map swept on the
-    /// next pass (the hops named devices that changed).
-    pub fn reset(&mut self) {
-        self.prefixes.clear();
-        self.swept = false;
-    }
-
-    /// Makes `maps` hold the prefixes `want` and the tunnel entries `tunnels` (by next hop;
-    /// the map is listed and made equal, entries added before the prefixes that use them).
-    /// The tunnel entry of a block is `tunnels[&block.addr()]`.
+    /// Makes `maps` hold the prefixes `want` and the tunnel entries `tunnels` (by next hop),
+    /// [`MapSync::remove_stale`] then [`MapSync::add`]: what a pass does where no kernel
+    /// entry changes in between. The first failed removal is returned once everything else
+    /// was written.
+    #[cfg(test)]
     pub fn sync(
         &mut self,
         maps: &mut impl RouteMaps,
         want: &BTreeMap<Subnet, Hop>,
         tunnels: &BTreeMap<Ipv4Addr, Tunnel>,
     ) -> Result<Outcome, EbpfError> {
-        let mut out = Outcome::default();
-        // The first failed removal, returned once everything else was written.
+        let removed = self.remove_stale(maps, want, tunnels);
+        let mut out = self.add(maps, want, tunnels)?;
+        out.changes += removed?;
+        Ok(out)
+    }
+
+    /// The first half of a pass, before the kernel's entries change: removes the prefixes
+    /// not in `want` or with another hop there, then the tunnel entries not in `tunnels`.
+    /// Packets of a block leaving (or changing hops) go the kernel way from here on, never
+    /// to a next hop whose neighbour entry the kernel half is about to delete (the
+    /// neighbour lookup of `bpf_redirect_neigh` would leave an INCOMPLETE entry behind).
+    /// Returns the number of removals; a failed one is logged and the first is returned once
+    /// the others were tried.
+    pub fn remove_stale(
+        &mut self,
+        maps: &mut impl RouteMaps,
+        want: &BTreeMap<Subnet, Hop>,
+        tunnels: &BTreeMap<Ipv4Addr, Tunnel>,
+    ) -> Result<usize, EbpfError> {
+        let mut changes = 0;
         let mut failed: Option<EbpfError> = None;
-        let mut keep = |r: Result<(), EbpfError>| match r {
-            Ok(()) => true,
+        let mut done = |r: Result<(), EbpfError>, what: &str| match r {
+            Ok(()) => changes += 1,
             Err(e) => {
+                tracing::warn!(entry = what, error = %error_chain(&e), "cannot remove a stale fast path entry");
                 failed.get_or_insert(e);
-                false
             }
         };
-        let have: BTreeMap<Ipv4Addr, Tunnel> = maps.tunnels()?.into_iter().collect();
-        for hop in have.keys().filter(|h| !tunnels.contains_key(h)) {
-            if keep(maps.remove_tunnel(*hop)) {
-                out.changes += 1;
+        for (net, len, hop) in maps.prefixes()? {
+            let block = Subnet::new(net, len);
+            if want.get(&block) != Some(&hop) {
+                done(maps.remove_prefix(net, len), &block.to_string());
             }
         }
-        if !self.swept {
-            // The map is pinned and outlives agents: drop whatever a previous agent left for
-            // blocks that are not live now.
-            let mut all = true;
-            for (net, len, _) in maps.prefixes()? {
-                if !want.contains_key(&Subnet::new(net, len)) {
-                    all &= keep(maps.remove_prefix(net, len));
-                }
+        for (next_hop, _) in maps.tunnels()? {
+            if !tunnels.contains_key(&next_hop) {
+                done(maps.remove_tunnel(next_hop), &next_hop.to_string());
             }
-            self.swept = all;
         }
-        let stale: Vec<Subnet> = self
-            .prefixes
-            .keys()
-            .filter(|s| !want.contains_key(s))
-            .copied()
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(changes),
+        }
+    }
+
+    /// The second half of a pass, once the kernel's entries are in: writes the tunnel
+    /// entries, then the prefixes that use them (the first packets of a new peer are then
+    /// already encapsulated in BPF; either way they would be delivered), where the maps
+    /// (listed again) differ. A block without its tunnel entry still gets its prefix: BPF
+    /// hands its packets to the VXLAN device. An entry the maps refuse (full) leaves only its
+    /// block on the kernel path: reported in [`Outcome::unmapped`], not an error.
+    pub fn add(
+        &mut self,
+        maps: &mut impl RouteMaps,
+        want: &BTreeMap<Subnet, Hop>,
+        tunnels: &BTreeMap<Ipv4Addr, Tunnel>,
+    ) -> Result<Outcome, EbpfError> {
+        let mut out = Outcome::default();
+        let have_tunnels: BTreeMap<Ipv4Addr, Tunnel> = maps.tunnels()?.into_iter().collect();
+        let have: BTreeMap<Subnet, Hop> = maps
+            .prefixes()?
+            .into_iter()
+            .map(|(net, len, hop)| (Subnet::new(net, len), hop))
             .collect();
-        for s in stale {
-            if keep(maps.remove_prefix(s.addr(), s.prefix_len())) {
-                self.prefixes.remove(&s);
-                out.changes += 1;
-            }
-        }
-        // Tunnel entries before the prefixes that use them (the first packets of a new peer
-        // are then already encapsulated in BPF; either way they would be delivered). A block
-        // without its tunnel entry still gets its prefix: BPF hands its packets to the VXLAN
-        // device.
         let mut errors: BTreeMap<Subnet, EbpfError> = BTreeMap::new();
         for (hop, t) in tunnels {
-            if have.get(hop) != Some(t) {
+            if have_tunnels.get(hop) != Some(t) {
                 match maps.upsert_tunnel(*hop, *t) {
                     Ok(()) => out.changes += 1,
                     Err(e) => {
@@ -145,12 +171,9 @@ impl MapSync {
             }
         }
         for (s, hop) in want {
-            if self.prefixes.get(s) != Some(hop) {
+            if have.get(s) != Some(hop) {
                 match maps.upsert_prefix(s.addr(), s.prefix_len(), *hop) {
-                    Ok(()) => {
-                        self.prefixes.insert(*s, *hop);
-                        out.changes += 1;
-                    }
+                    Ok(()) => out.changes += 1,
                     Err(e) => {
                         errors.insert(*s, e);
                     }
@@ -173,10 +196,61 @@ impl MapSync {
             tracing::debug!(blocks = out.unmapped.len(), first = %block, error = %error_chain(e), "fast path maps still refuse entries");
         }
         self.unmapped.clone_from(&out.unmapped);
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        Ok(out)
+    }
+}
+
+/// The fast path's side of a pass: the maps and what they should hold.
+pub(crate) struct FastPass<'a, M> {
+    pub sync: &'a mut MapSync,
+    pub maps: &'a mut M,
+    pub want: BTreeMap<Subnet, Hop>,
+    pub tunnels: BTreeMap<Ipv4Addr, Tunnel>,
+}
+
+/// What each part of [`ordered_pass`] did.
+pub(crate) struct PassOutcome {
+    /// The VXLAN device's entries ([`reconcile`]).
+    pub kernel: Result<Vec<Op>, NetlinkError>,
+    /// The direct routes.
+    pub direct: Result<usize, NetlinkError>,
+    /// Stale map entries removed ([`MapSync::remove_stale`]; 0 without a fast path).
+    pub removed: Result<usize, EbpfError>,
+    /// Map entries written ([`MapSync::add`]; nothing without a fast path).
+    pub added: Result<Outcome, EbpfError>,
+}
+
+/// One pass over the kernel and the fast path's maps: stale map entries out, the VXLAN
+/// device's entries reconciled with `tunneled`, the direct routes (`direct`, awaited only
+/// then), new map entries in. Map entries are added after the kernel entries they lead to
+/// and removed before them, as the kernel's own are (neighbour, FDB, route, and back):
+/// removed after, a leaving peer's prefix kept sending packets to the VXLAN device with a
+/// next hop whose neighbour entry was gone, and each left an INCOMPLETE neighbour entry
+/// nothing removed. Every part runs whatever the others did.
+pub(crate) async fn ordered_pass<N: Netlink, M: RouteMaps>(
+    nl: &mut N,
+    vxlan: u32,
+    own: &Subnet,
+    tunneled: &[Lease],
+    now: SystemTime,
+    direct: impl Future<Output = Result<usize, NetlinkError>>,
+    mut fast: Option<FastPass<'_, M>>,
+) -> PassOutcome {
+    let removed = match &mut fast {
+        Some(f) => f.sync.remove_stale(f.maps, &f.want, &f.tunnels),
+        None => Ok(0),
+    };
+    let kernel = reconcile(nl, vxlan, own, tunneled, now).await;
+    let direct = direct.await;
+    let added = match &mut fast {
+        Some(f) => f.sync.add(f.maps, &f.want, &f.tunnels),
+        None => Ok(Outcome::default()),
+    };
+    PassOutcome {
+        kernel,
+        direct,
+        removed,
+        added,
     }
 }
 
@@ -324,5 +398,196 @@ mod tests {
             maps.tunnels.keys().copied().collect::<Vec<_>>(),
             [block(1).addr(), block(2).addr()]
         );
+    }
+
+    /// The prefix map is listed on every pass, like the tunnel map: a prefix removed behind
+    /// the agent's back (another tool with the pins, an operator) is put back by the next
+    /// pass. It used to be compared with what the agent remembered writing only, and stayed
+    /// away, its block on the kernel path until the agent restarted.
+    #[test]
+    fn a_prefix_removed_behind_the_agents_back_is_put_back() {
+        let mut maps = Small {
+            cap: 8,
+            ..Small::default()
+        };
+        let mut sync = MapSync::default();
+        let (want, tunnels) = peers(1..=2);
+        assert_eq!(sync.sync(&mut maps, &want, &tunnels).unwrap().changes, 4);
+        maps.prefixes.remove(&(block(1).addr(), 24));
+        let hop = Hop {
+            ifindex: 99,
+            next_hop: block(9).addr(),
+        };
+        maps.prefixes.insert((block(2).addr(), 24), hop);
+        let out = sync.sync(&mut maps, &want, &tunnels).unwrap();
+        assert_eq!(
+            out.changes, 3,
+            "1 prefix back, 1 changed hop out and back in"
+        );
+        let have: BTreeMap<Subnet, Hop> = maps
+            .prefixes
+            .iter()
+            .map(|(k, h)| (Subnet::new(k.0, k.1), *h))
+            .collect();
+        assert_eq!(have, want);
+    }
+
+    /// Kernel entries and map entries, logged in the order they change.
+    type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+    struct Logged<T> {
+        inner: T,
+        log: Log,
+    }
+
+    impl<T> Logged<T> {
+        fn note(&self, what: String) {
+            self.log.lock().unwrap().push(what);
+        }
+    }
+
+    impl Netlink for Logged<crate::fake::FakeNetlink> {
+        async fn underlay(
+            &mut self,
+            local: Ipv4Addr,
+        ) -> Result<crate::reconcile::Underlay, NetlinkError> {
+            self.inner.underlay(local).await
+        }
+        async fn ensure_vxlan(
+            &mut self,
+            spec: &crate::reconcile::VxlanSpec,
+        ) -> Result<u32, NetlinkError> {
+            self.inner.ensure_vxlan(spec).await
+        }
+        async fn ensure_bridge(
+            &mut self,
+            spec: &crate::reconcile::BridgeSpec,
+        ) -> Result<u32, NetlinkError> {
+            self.inner.ensure_bridge(spec).await
+        }
+        async fn dump(
+            &mut self,
+            vxlan: u32,
+        ) -> Result<crate::reconcile::KernelState, NetlinkError> {
+            self.inner.dump(vxlan).await
+        }
+        async fn apply(&mut self, vxlan: u32, op: &Op) -> Result<(), NetlinkError> {
+            let block = match op {
+                Op::AddNeigh(n) | Op::DelNeigh(n) => n.ip,
+                Op::AddFdb(f) | Op::DelFdb(f) => Ipv4Addr::from(u32::from_be_bytes([
+                    f.mac.0[2], f.mac.0[3], f.mac.0[4], f.mac.0[5],
+                ])),
+                Op::AddRoute(r) | Op::DelRoute(r) => r.subnet.addr(),
+            };
+            let kind = if matches!(op, Op::AddNeigh(_) | Op::AddFdb(_) | Op::AddRoute(_)) {
+                "add"
+            } else {
+                "del"
+            };
+            self.note(format!("kernel {kind} {block}"));
+            self.inner.apply(vxlan, op).await
+        }
+    }
+
+    impl RouteMaps for Logged<Small> {
+        fn prefixes(&self) -> Result<Vec<(Ipv4Addr, u8, Hop)>, EbpfError> {
+            self.inner.prefixes()
+        }
+        fn upsert_prefix(&mut self, net: Ipv4Addr, len: u8, hop: Hop) -> Result<(), EbpfError> {
+            self.note(format!("map add {net}"));
+            self.inner.upsert_prefix(net, len, hop)
+        }
+        fn remove_prefix(&mut self, net: Ipv4Addr, len: u8) -> Result<(), EbpfError> {
+            self.note(format!("map del {net}"));
+            self.inner.remove_prefix(net, len)
+        }
+        fn tunnels(&self) -> Result<Vec<(Ipv4Addr, Tunnel)>, EbpfError> {
+            self.inner.tunnels()
+        }
+        fn upsert_tunnel(&mut self, next_hop: Ipv4Addr, t: Tunnel) -> Result<(), EbpfError> {
+            self.note(format!("map add {next_hop}"));
+            self.inner.upsert_tunnel(next_hop, t)
+        }
+        fn remove_tunnel(&mut self, next_hop: Ipv4Addr) -> Result<(), EbpfError> {
+            self.note(format!("map del {next_hop}"));
+            self.inner.remove_tunnel(next_hop)
+        }
+    }
+
+    /// A peer leaving loses its map entries before its kernel entries (neighbour, FDB,
+    /// route), a peer joining gets them after: no packet is ever sent by the fast path to a
+    /// next hop whose neighbour entry is gone (that left INCOMPLETE neighbour entries
+    /// behind), as the kernel's own entries are added and removed in reverse.
+    #[tokio::test]
+    async fn map_entries_go_before_the_kernel_entries_and_come_after_them() {
+        let log = Log::default();
+        let mut nl = Logged {
+            inner: crate::fake::FakeNetlink::default(),
+            log: log.clone(),
+        };
+        let mut maps = Logged {
+            inner: Small {
+                cap: 8,
+                ..Small::default()
+            },
+            log: log.clone(),
+        };
+        let mut sync = MapSync::default();
+        let now = SystemTime::now();
+        let lease = |i: u8| Lease {
+            subnet: block(i),
+            public_ip: tunnel(i).remote_ip,
+            vtep_mac: crate::subnet::Mac(tunnel(i).vtep_mac),
+            expires_at: now + std::time::Duration::from_secs(3600),
+            revision: 1,
+        };
+        let mut pass = async |i: u8| {
+            let (want, tunnels) = peers([i]);
+            let fast = FastPass {
+                sync: &mut sync,
+                maps: &mut maps,
+                want,
+                tunnels,
+            };
+            let out = ordered_pass(
+                &mut nl,
+                7,
+                &block(1),
+                &[lease(i)],
+                now,
+                async { Ok(0) },
+                Some(fast),
+            )
+            .await;
+            assert!(out.kernel.is_ok() && out.removed.is_ok() && out.added.is_ok());
+            std::mem::take(&mut *log.lock().unwrap())
+        };
+        let joined = pass(2).await;
+        // Peer 2 leaves as peer 3 joins.
+        let moved = pass(3).await;
+        let at = |log: &[String], what: &str| {
+            let is = |l: &&String| l.as_str() == what;
+            (
+                log.iter().position(|l| is(&l)),
+                log.iter().rposition(|l| is(&l)),
+            )
+        };
+        let (b2, b3) = (block(2).addr(), block(3).addr());
+        for (log, b) in [(&joined, b2), (&moved, b3)] {
+            let (Some(_), Some(kernel_last)) = at(log, &format!("kernel add {b}")) else {
+                panic!("no kernel entries for {b}: {log:?}");
+            };
+            let (Some(map_first), Some(_)) = at(log, &format!("map add {b}")) else {
+                panic!("no map entries for {b}: {log:?}");
+            };
+            assert!(kernel_last < map_first, "added: {log:?}");
+        }
+        let (Some(kernel_first), Some(_)) = at(&moved, &format!("kernel del {b2}")) else {
+            panic!("no kernel removals for {b2}: {moved:?}");
+        };
+        let (Some(_), Some(map_last)) = at(&moved, &format!("map del {b2}")) else {
+            panic!("no map removals for {b2}: {moved:?}");
+        };
+        assert!(map_last < kernel_first, "removed: {moved:?}");
     }
 }

@@ -1,6 +1,7 @@
 //! Subnet leases and the allocation logic: lease a free block for this host (preferring the block
 //! it had before a restart), renew it before it expires, release it on clean shutdown (flannel's
-//! `subnet.LocalManager`).
+//! `subnet.LocalManager`). A released lease keeps its record, marked expired, so the block is the
+//! last one other hosts pick (see [`Leaser::release`]).
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime};
@@ -125,8 +126,10 @@ impl<S: LeaseStore> Leaser<S> {
     /// before the write is sent: so a caller whose acquisition fails or is cut short (the
     /// write may have gone through, its answer lost) knows whether a lease it finds was made
     /// by this call or held before it. Reusing this host's lease (a renewal) notes nothing,
-    /// and neither does leasing `previous` again when no record is on it (released by this
-    /// host's clean shutdown: the block its jobs may still use).
+    /// and neither does leasing `previous` again when no other host's record is on it
+    /// (released by this host's clean shutdown: the block its jobs may still use). This
+    /// host's record that no longer holds its block (released, or expired for longer than
+    /// the renew margin) counts as leased anew unless it is `previous`.
     pub async fn acquire_noting(
         &self,
         now: SystemTime,
@@ -147,7 +150,12 @@ impl<S: LeaseStore> Leaser<S> {
         for attempt in 1..=self.config.attempts {
             // Linearizable: taking a block over must not rest on a copy that lags.
             let snap = self.store.leases_consistent().await?;
-            let mine = snap.leases.iter().find(|l| self.is_own(l));
+            // The newest if there are several (one live, one released long ago).
+            let mine = snap
+                .leases
+                .iter()
+                .filter(|l| self.is_own(l))
+                .max_by_key(|l| l.expires_at);
             // Only blocks of the layout hold blocks: a foreign or corrupt record (say
             // `0.0.0.0-0`) would otherwise overlap, and block, every one.
             let is_free = |b: &Subnet| {
@@ -159,10 +167,18 @@ impl<S: LeaseStore> Leaser<S> {
                             && overlaps(&l.subnet, b)
                     })
             };
+            let again = previous.filter(|p| is_free(p) && layout.blocks().any(|b| b == *p));
+            // A record of ours that no longer holds its block (released, or expired long ago)
+            // gives way to the free block this host's state names.
+            let mine = mine.filter(|m| holds(m) || again.is_none_or(|p| p == m.subnet));
             let result = if let Some(mine) = mine {
+                // Such a record is leased anew, unless it is the block this host's state
+                // names: then its jobs may use it, as for a live one.
+                if !holds(mine) && previous != Some(mine.subnet) {
+                    *created = Some(mine.subnet);
+                }
                 self.store.update(&self.refreshed(mine, now)).await
             } else {
-                let again = previous.filter(|p| is_free(p) && layout.blocks().any(|b| b == *p));
                 let subnet = match again {
                     Some(p) => p,
                     None => {
@@ -173,7 +189,22 @@ impl<S: LeaseStore> Leaser<S> {
                             .take(n)
                             .collect();
                         if free.is_empty() {
-                            free = layout.blocks().filter(is_free).take(n).collect();
+                            // Only blocks whose lease ran out or was released: the one that
+                            // expired longest ago first. One just released (its host's jobs
+                            // may have left only now) or just run out is the last taken.
+                            let mut expired: Vec<(SystemTime, Subnet)> = layout
+                                .blocks()
+                                .filter(is_free)
+                                .filter_map(|b| snap.get(&b).map(|l| (l.expires_at, b)))
+                                .collect();
+                            expired.sort();
+                            let oldest = expired.first().map(|e| e.0);
+                            free = expired
+                                .iter()
+                                .filter(|e| Some(e.0) == oldest)
+                                .map(|e| e.1)
+                                .take(n)
+                                .collect();
                         }
                         if free.is_empty() {
                             return Err(LeaseError::Exhausted {
@@ -190,11 +221,14 @@ impl<S: LeaseStore> Leaser<S> {
                     expires_at: now + self.config.ttl,
                     revision: 0,
                 };
-                // This host's previous block (named in its state), free of any record (its
-                // lease released by a clean shutdown), counts as held before, like a lease
-                // found in the store: the host's jobs may still hold addresses in it, and a
-                // start that gives up keeps it rather than hand it to others.
-                let own_again = again.is_some() && snap.get(&subnet).is_none();
+                // This host's previous block (named in its state), free of any record of
+                // another host, counts as held before, like a lease found in the store: the
+                // host's jobs may still hold addresses in it, and a start that gives up keeps
+                // it rather than hand it to others.
+                let own_again = again.is_some()
+                    && snap
+                        .get(&subnet)
+                        .is_none_or(|l| l.public_ip == self.public_ip);
                 *created = (!own_again).then_some(subnet);
                 match snap.get(&subnet) {
                     // An expired record: take it over at its revision.
@@ -291,16 +325,29 @@ impl<S: LeaseStore> Leaser<S> {
         })
     }
 
-    /// Removes `lease` on clean shutdown. A lease already gone or taken over is left alone.
+    /// Gives `lease` up at `now` (clean shutdown). A lease already gone or taken over is left
+    /// alone.
+    ///
+    /// The record stays, marked released: its expiry is set to before `now` by more than the
+    /// renew margin, so peers drop the block at once and it holds the block no longer, but
+    /// other hosts take it only after every block never leased and every block that expired
+    /// earlier ([`Leaser::acquire`]). Deleting it made the block look never leased, the first
+    /// choice of the next host to join, while the releasing host's jobs might still use it.
     ///
     /// As in [`Leaser::renew`], a revision conflict may be this host's own renewal that was
     /// committed although its answer was lost: while the record still names this host's public
-    /// IP for the block it is removed at its current revision.
-    pub async fn release(&self, lease: &Lease) -> Result<(), LeaseError> {
-        let mut current = lease.clone();
+    /// IP for the block it is released at its current revision.
+    pub async fn release(&self, lease: &Lease, now: SystemTime) -> Result<(), LeaseError> {
+        let expired = now
+            .checked_sub(self.config.renew_margin + Duration::from_secs(1))
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut current = Lease {
+            expires_at: expired,
+            ..self.refreshed(lease, now)
+        };
         for _ in 1..=self.config.attempts.max(1) {
-            match self.store.delete(&current).await {
-                Ok(()) => return Ok(()),
+            match self.store.update(&current).await {
+                Ok(_) => return Ok(()),
                 Err(StoreError::NotFound { .. }) => return Ok(()),
                 Err(StoreError::Conflict { .. }) => {
                     match self.store.leases_consistent().await?.get(&lease.subnet) {
@@ -405,9 +452,9 @@ mod tests {
         // The last block: a pick of 0 would choose the first one.
         let a = leaser.acquire_with(now(), None, |n| n - 1).await.unwrap();
         assert_eq!(a.subnet.to_string(), "10.9.3.0/24");
-        // Clean shutdown: the record is gone.
-        leaser.release(&a).await.unwrap();
-        assert!(store.leases().await.unwrap().leases.is_empty());
+        // Clean shutdown: the record no longer holds the block.
+        leaser.release(&a, now()).await.unwrap();
+        assert_eq!(store.leases().await.unwrap().live(now()).count(), 0);
         // The next start remembers the block (subnet.env) and gets it again, same MAC.
         let b = host(&store, 1)
             .acquire_with(now(), Some(a.subnet), |_| 0)
@@ -444,13 +491,78 @@ mod tests {
         assert_eq!((b.subnet, created), (a.subnet, Some(a.subnet)));
         // Host 2's clean shutdown releases it; its next start leases its previous block
         // again: held before (its jobs may use it), not noted.
-        host(&store, 2).release(&b).await.unwrap();
+        host(&store, 2).release(&b, later).await.unwrap();
         let mut created = None;
         let c = host(&store, 2)
             .acquire_noting(later, Some(b.subnet), |_| 0, &mut created)
             .await
             .unwrap();
         assert_eq!((c.subnet, created), (b.subnet, None));
+        // Released again, and a start that knows no previous block (its state was put back,
+        // or lost): leasing its released record again is leasing anew, noted.
+        host(&store, 2).release(&c, later).await.unwrap();
+        let mut created = None;
+        let d = host(&store, 2)
+            .acquire_noting(later, None, |_| 0, &mut created)
+            .await
+            .unwrap();
+        assert_eq!((d.subnet, created), (c.subnet, Some(c.subnet)));
+    }
+
+    /// A released block is the last choice of a joining host: its record stays, marked
+    /// expired, where deleting it made the block look never leased, the first choice, while
+    /// the host that released it might still run jobs in it.
+    #[tokio::test]
+    async fn a_released_block_is_taken_last_not_first() {
+        let store = MemoryStore::new();
+        // 10.9.0.0/22 in /24s: blocks 1, 2 and 3. Host 1 has block 1, and releases it.
+        let a = host(&store, 1)
+            .acquire_with(now(), None, |_| 0)
+            .await
+            .unwrap();
+        assert_eq!(a.subnet.to_string(), "10.9.1.0/24");
+        host(&store, 1).release(&a, now()).await.unwrap();
+        let snap = store.leases().await.unwrap();
+        assert_eq!(snap.live(now()).count(), 0, "still live: {snap:?}");
+        // Whatever the pick, a joining host takes a block never leased (hosts 2 and 6, each
+        // then gone long ago).
+        for (pick, h) in [(0, 2), (1, 6)] {
+            let s = store.clone();
+            let b = host(&s, h)
+                .acquire_with(now(), None, |n| pick.min(n - 1))
+                .await
+                .unwrap();
+            assert_ne!(b.subnet, a.subnet, "pick {pick}");
+            host(&s, h).release(&b, now()).await.unwrap();
+            // Expired before host 1's release: the older one goes first.
+            let old = Lease {
+                expires_at: now() - Duration::from_secs(3600),
+                ..b
+            };
+            let rev = s.leases().await.unwrap().get(&old.subnet).unwrap().revision;
+            s.update(&Lease {
+                revision: rev,
+                ..old.clone()
+            })
+            .await
+            .unwrap();
+        }
+        // Blocks 2 and 3 released long ago, 1 just now: 2 and 3 go first.
+        let c = host(&store, 3)
+            .acquire_with(now(), None, |_| 0)
+            .await
+            .unwrap();
+        let d = host(&store, 4)
+            .acquire_with(now(), None, |_| 0)
+            .await
+            .unwrap();
+        assert!(c.subnet != a.subnet && d.subnet != a.subnet, "{c:?} {d:?}");
+        // Only then is it taken (free at once: no renew margin to wait out).
+        let e = host(&store, 5)
+            .acquire_with(now(), None, |_| 0)
+            .await
+            .unwrap();
+        assert_eq!(e.subnet, a.subnet);
     }
 
     #[tokio::test]
@@ -474,7 +586,7 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(c.subnet.to_string(), "10.9.3.0/24", "previous {prev}");
-            host(&store, 3).release(&c).await.unwrap();
+            host(&store, 3).release(&c, now()).await.unwrap();
         }
         // A lease of another host on the previous block, expired for longer than the renew
         // margin, is taken over.
@@ -632,15 +744,16 @@ mod tests {
     /// A clean shutdown right after a renewal whose answer was lost still releases the
     /// lease (the record moved on but is still this host's); one another host took is left.
     #[tokio::test]
-    async fn release_after_a_lost_renewal_answer_removes_the_record() {
+    async fn release_after_a_lost_renewal_answer_releases_the_record() {
         let (inner, a, leaser) = leased_then_answers_lost().await;
         leaser
             .renew(&a, now() + Duration::from_secs(90))
             .await
             .unwrap_err();
-        leaser.release(&a).await.unwrap();
-        assert!(
-            inner.leases().await.unwrap().leases.is_empty(),
+        leaser.release(&a, now()).await.unwrap();
+        assert_eq!(
+            inner.leases().await.unwrap().live(now()).count(),
+            0,
             "not released"
         );
 
@@ -655,7 +768,7 @@ mod tests {
             })
             .await
             .unwrap();
-        leaser.release(&b).await.unwrap();
+        leaser.release(&b, now()).await.unwrap();
         assert_eq!(inner.leases().await.unwrap().leases, vec![taken]);
     }
 
@@ -763,10 +876,10 @@ mod tests {
         let err = a_leaser.renew(&a, after).await.unwrap_err();
         assert!(matches!(err, LeaseError::Lost { .. }), "{err:?}");
         // A's release leaves B's lease alone.
-        a_leaser.release(&a).await.unwrap();
+        a_leaser.release(&a, after).await.unwrap();
         assert_eq!(store.leases().await.unwrap().leases, vec![b.clone()]);
-        b_leaser.release(&b).await.unwrap();
-        assert!(store.leases().await.unwrap().leases.is_empty());
+        b_leaser.release(&b, after).await.unwrap();
+        assert_eq!(store.leases().await.unwrap().live(after).count(), 0);
     }
 
     /// After a store outage every live lease looks expired; its owner renews within ~2 s

@@ -1,6 +1,7 @@
 //! `flynn-network`: the per-host overlay agent. Leases this host's block from discoverd, sets up
 //! the VXLAN device and job bridge, keeps every peer's entries in the kernel (and the eBPF fast
-//! path's prefix map) and releases the lease on SIGTERM/SIGINT.
+//! path's prefix map) and releases the lease on SIGTERM/SIGINT (kept while jobs hold addresses
+//! in the block, by `--job-ips`).
 //!
 //! Prints `ready subnet=<block> gateway=<addr> mtu=<mtu> mac=<vtep mac> fast_path=<on|off>` on
 //! stdout once set up. Serves `GET /ping` (flannel's), `/.well-known/status` and `/metrics`
@@ -87,6 +88,14 @@ struct Config {
     /// internet); `false` removes the rules. Traffic between jobs is never translated.
     #[arg(long, env = "FLYNN_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
     ip_masq: bool,
+    /// The host daemon's job address allocator file: a clean shutdown releases the lease only
+    /// when no job holds an address of the block in it (a missing file: none does).
+    #[arg(
+        long,
+        env = "FLYNN_JOB_IPS",
+        default_value = "/var/lib/flynn-host/job-ips.json"
+    )]
+    job_ips: PathBuf,
 }
 
 impl Config {
@@ -358,6 +367,7 @@ async fn run(mut cfg: Config) -> Result<()> {
         state_dir: Some(cfg.state_dir.clone()),
         fast_path_required: cfg.fast_path == FastPathMode::On,
         ip_masq: cfg.ip_masq,
+        job_ips: Some(cfg.job_ips.clone()),
     };
     let mut agent = Agent::new(store, nl, agent_cfg, fast);
     *status.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(agent.stats());

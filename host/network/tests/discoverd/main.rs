@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use flynn_client::discoverd::Client;
 use flynn_network::{
     config_json, layout_from_config, DiscoverdStore, Layout, LeaseConfig, LeaseStore, Leaser,
@@ -90,13 +90,14 @@ async fn hosts_get_distinct_subnets_and_see_each_other() -> Result<()> {
     let again = leaser(&s, 1).acquire(SystemTime::now(), None).await?;
     ensure!(again.subnet == a.subnet && again.vtep_mac == a.vtep_mac);
 
-    // Release removes the lease; the watch sees it go.
-    leaser(&s, 1).release(&again).await?;
+    // Release leaves the record, expired; the watch sees the lease go.
+    leaser(&s, 1).release(&again, SystemTime::now()).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let snap = watch.current();
-        if snap.leases.len() == 1 {
-            ensure!(snap.leases[0].subnet == b.subnet);
+        let live: Vec<_> = snap.live(SystemTime::now()).collect();
+        if live.len() == 1 {
+            ensure!(live[0].subnet == b.subnet);
             break;
         }
         ensure!(
@@ -105,7 +106,9 @@ async fn hosts_get_distinct_subnets_and_see_each_other() -> Result<()> {
         );
         let _ = tokio::time::timeout(Duration::from_secs(1), watch.changed()).await;
     }
-    ensure!(s.leases().await?.get(&a.subnet).is_none());
+    let released = s.leases().await?;
+    let released = released.get(&a.subnet).context("released record gone")?;
+    ensure!(released.is_expired(SystemTime::now()), "{released:?}");
     Ok(())
 }
 

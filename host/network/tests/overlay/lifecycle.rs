@@ -7,16 +7,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 
-use super::{eventually, flannel_meta, lab, AgentProc, Cluster, Host};
+use super::{eventually, lab, live_leases, AgentProc, Cluster, Host};
 
-/// The key of the lease record naming `public_ip` in the `flannel` service meta, if any.
+/// The key of the live lease record naming `public_ip` in the `flannel` service meta, if
+/// any (a released lease keeps its record, expired).
 fn lease_of(c: &Cluster, public_ip: &str) -> Option<String> {
-    let meta = flannel_meta(c).unwrap_or_default();
-    meta["data"]["subnets"]
-        .as_object()?
-        .iter()
+    live_leases(c)
+        .ok()?
+        .into_iter()
         .find(|(_, v)| v["PublicIP"] == public_ip)
-        .map(|(k, _)| k.clone())
+        .map(|(k, _)| k)
 }
 
 /// A SIGTERM while start-up is still being retried (here: the public IP is on no interface

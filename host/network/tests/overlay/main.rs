@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use discoverd::Discoverd;
 use flynn_netlab::{in_ns_path, run_stdout, Bpffs};
-use flynn_network::job::{create_job_net, netns_path, JobNet, JobNetConfig, LOCAL_MTU};
+use flynn_network::job::{
+    create_job_net, netns_path, IpAllocator, JobNet, JobNetConfig, LOCAL_MTU,
+};
 use flynn_network::{KernelNetlink, Subnet};
 use lab::{in_netns, ping, run, Lab};
 
@@ -84,6 +86,9 @@ impl AgentProc {
             .arg(host.dir.join("state"))
             .args(["--resync-interval", "1s"])
             .env("FLYNN_LEASE_TTL", "1h")
+            // Never the machine's host daemon's allocator: tests that want jobs holding
+            // addresses write this one.
+            .env("FLYNN_JOB_IPS", host.dir.join("job-ips.json"))
             // Never the machine's own pin dir (an agent with the fast path off detaches the
             // device programs recorded there); tests that want pins pass --pin-dir.
             .env("FLYNN_PIN_DIR", host.dir.join("no-bpf"))
@@ -461,6 +466,66 @@ fn big_udp_arrives(from: &JobNet, to: &JobNet) -> Result<()> {
     Ok(())
 }
 
+/// A DF datagram one byte over the overlay MTU from `from` to `to` on another host, sent with
+/// `IP_PMTUDISC_PROBE` (DF set, the route's MTU ignored: it leaves the job at `eth0`'s local
+/// MTU), is not delivered, and the sender learns why: its host's forwarding answers with an
+/// ICMP "fragmentation needed", `EMSGSIZE` on the connected socket. The largest that fits
+/// arrives. The kernel path does this at the VXLAN device's MTU; the fast path must leave
+/// such a packet to the kernel (`bpf_check_mtu`) instead of pushing it into the tunnel.
+fn df_over_the_mtu_is_answered(from: &JobNet, to: &JobNet) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let ip = to.ip;
+    let rx = in_ns_path(&to.netns_path, move || {
+        Ok(UdpSocket::bind(SocketAddr::from((ip, 0)))?)
+    })?;
+    rx.set_read_timeout(Some(Duration::from_millis(700)))?;
+    let dst = rx.local_addr()?;
+    let send = |size: usize| -> Result<Option<std::io::Error>> {
+        in_ns_path(&from.netns_path, move || {
+            let tx = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+            let probe: libc::c_int = libc::IP_PMTUDISC_PROBE;
+            // SAFETY: a valid socket and a c_int option value of the size passed.
+            let r = unsafe {
+                libc::setsockopt(
+                    tx.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_MTU_DISCOVER,
+                    (&probe as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            ensure!(
+                r == 0,
+                "IP_MTU_DISCOVER: {}",
+                std::io::Error::last_os_error()
+            );
+            tx.connect(dst)?;
+            tx.send(&vec![7u8; size])?;
+            // The ICMP answer sets the connected socket's error.
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(tx.take_error()?)
+        })
+    };
+    let fits = MTU as usize - 28;
+    let mut buf = vec![0u8; 4096];
+    let err = send(fits)?;
+    ensure!(err.is_none(), "the largest datagram got an error: {err:?}");
+    let (n, _) = rx
+        .recv_from(&mut buf)
+        .context("the largest DF datagram did not arrive")?;
+    ensure!(n == fits, "{n} bytes arrived, {fits} sent");
+    let err = send(fits + 1)?;
+    ensure!(
+        rx.recv_from(&mut buf).is_err(),
+        "a DF datagram one byte over the overlay MTU was delivered"
+    );
+    ensure!(
+        err.as_ref().and_then(std::io::Error::raw_os_error) == Some(libc::EMSGSIZE),
+        "no fragmentation-needed answer to a DF datagram one byte over the MTU: {err:?}"
+    );
+    Ok(())
+}
+
 fn ping_df(from: &JobNet, to: &JobNet, size: u32) -> bool {
     flynn_netlab::ping_df(&ns_of(from), to.ip, size)
 }
@@ -563,6 +628,7 @@ fn three_hosts_talk_and_follow_hosts_joining_and_leaving() -> Result<()> {
     tcp_roundtrip(&j1a, &j1b).context("tcp same host")?;
 
     check_mtu(&j1a, &j1b, &j2).context("kernel path")?;
+    df_over_the_mtu_is_answered(&j1a, &j2).context("kernel path")?;
     big_udp_arrives(&j1a, &j2).context("kernel path")?;
     big_udp_arrives(&j2, &j1a).context("kernel path")?;
 
@@ -707,15 +773,45 @@ fn agents_killed_or_restarted_keep_traffic_and_macs() -> Result<()> {
         Ok(can_ping(&j1, &j2) && can_ping(&j2, &j1))
     })?;
 
-    // A clean restart (SIGTERM) releases the lease, and the next start takes the same block
-    // again (remembered in subnet.env): the host's jobs keep working.
-    let leases =
-        || -> Result<serde_json::Value> { Ok(flannel_meta(&c)?["data"]["subnets"].clone()) };
-    a1.stop()?;
-    let left = leases()?;
+    // A clean restart (SIGTERM, `systemctl restart`) while a job holds an address in the
+    // block (host 1's allocator file says so) keeps the lease, so host 2 keeps its routes and
+    // traffic flows through the restart. The lease used to be released: host 2 dropped the
+    // block until the new agent leased it again.
+    let job_ips = c.hosts[h1].dir.join("job-ips.json");
+    let mut alloc = IpAllocator::open(&job_ips, subnet1, &[])?;
+    let held = alloc.allocate("job-1")?;
+    ensure!(subnet1.contains(held), "{held} outside {subnet1}");
+    let mut restart = || -> Result<AgentProc> {
+        a1.stop()?;
+        let left = live_leases(&c)?;
+        ensure!(
+            left.contains_key(&subnet1.key()),
+            "lease released on SIGTERM while a job holds an address: {left:?}"
+        );
+        c.agent(h1, &["--fast-path", "off"])
+    };
+    let mut restarted = None;
+    let (sent, got) = ping_while(&j1, &j2, 100, || restarted = Some(restart()))?;
+    a1 = restarted.context("no restart")??;
     ensure!(
-        left.get(subnet1.key()).is_none(),
-        "lease not released on SIGTERM: {left}"
+        sent == 100 && got == 100,
+        "{got}/{sent} pings answered across a clean restart:\n{}",
+        a1.log_text()
+    );
+    ensure!(
+        a1.subnet == subnet1 && a1.mac == mac1,
+        "block changed across a clean restart: {subnet1} -> {}",
+        a1.subnet
+    );
+
+    // With no job address in the block, a clean stop releases the lease, and the next start
+    // takes the same block again (its record, and subnet.env): the host's jobs keep working.
+    alloc.release("job-1")?;
+    a1.stop()?;
+    let left = live_leases(&c)?;
+    ensure!(
+        !left.contains_key(&subnet1.key()),
+        "lease not released on SIGTERM: {left:?}"
     );
     a1 = c.agent(h1, &["--fast-path", "off"])?;
     ensure!(
@@ -730,10 +826,10 @@ fn agents_killed_or_restarted_keep_traffic_and_macs() -> Result<()> {
     // Clean shutdown releases both leases.
     a1.stop()?;
     a2.stop()?;
-    let left = leases()?;
+    let left = live_leases(&c)?;
     ensure!(
-        left.as_object().is_some_and(|s| s.is_empty()),
-        "leases left after clean shutdown: {left}"
+        left.is_empty(),
+        "leases left after clean shutdown: {left:?}"
     );
     Ok(())
 }
@@ -827,6 +923,7 @@ fn fast_path_carries_cross_and_same_host_traffic_and_follows_leases() -> Result<
     host_to_job(&ns1, &j2, network()).context("host 1 to a job on host 2, fast path")?;
     host_to_job(&ns2, &j1a, network()).context("host 2 to a job on host 1, fast path")?;
     check_mtu(&j1a, &j1b, &j2).context("fast path")?;
+    df_over_the_mtu_is_answered(&j1a, &j2).context("fast path")?;
     big_udp_arrives(&j1a, &j2).context("fast path")?;
     big_udp_arrives(&j2, &j1a).context("fast path")?;
     let after = counters(&ns1, &pin1)?;
@@ -1193,6 +1290,23 @@ fn flannel_meta(c: &Cluster) -> Result<serde_json::Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// The live lease records in the `flannel` service meta, by block: a released lease keeps
+/// its record, expired (one without `Expiration`, written by flannel, never expires).
+fn live_leases(c: &Cluster) -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let meta = flannel_meta(c)?;
+    let subnets = meta["data"]["subnets"]
+        .as_object()
+        .with_context(|| format!("no subnets: {meta}"))?;
+    Ok(subnets
+        .iter()
+        .filter(|(_, v)| v["Expiration"].as_u64().is_none_or(|e| e > now))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect())
+}
+
 /// `Expiration` of every lease in the `flannel` service meta, by block.
 fn expirations(c: &Cluster) -> Result<std::collections::BTreeMap<String, u64>> {
     let meta = flannel_meta(c)?;
@@ -1381,7 +1495,7 @@ fn a_lagging_discoverd_node_neither_empties_the_routes_nor_loses_the_lease() -> 
     ensure!(after > before, "lease not renewed: {before} -> {after}");
     a1.stop()?;
     ensure!(
-        !expirations(&c)?.contains_key(&key1),
+        !live_leases(&c)?.contains_key(&key1),
         "lease not released through the lagging node"
     );
     Ok(())

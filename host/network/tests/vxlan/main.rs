@@ -174,7 +174,7 @@ fn cross_host_ping_then_lease_removal_tears_down() -> Result<()> {
     let leaser3 = Leaser::new(store.clone(), LeaseConfig::default(), ip3);
     tokio::runtime::Builder::new_current_thread()
         .build()?
-        .block_on(leaser3.release(&lease3))?;
+        .block_on(leaser3.release(&lease3, SystemTime::now()))?;
     for (ns, lease) in &hosts[..2] {
         let n = reconcile_host(ns, &store, lease.subnet)?;
         ensure!(n == 3, "{ns}: {n} changes removing one peer, want 3");
@@ -322,12 +322,30 @@ fn stale_route_of_another_protocol_is_removed() -> Result<()> {
     Ok(())
 }
 
+/// The leases in `store` that are live now: a released lease keeps its record, expired.
+async fn live<S: LeaseStore>(store: &S) -> Result<Vec<Lease>> {
+    Ok(store
+        .leases()
+        .await?
+        .live(SystemTime::now())
+        .cloned()
+        .collect())
+}
+
 /// The public IP of [`unreachable_agent`]: on no interface of its host (10.231.3.1).
 const UNREACHABLE_IP: &str = "10.231.3.9";
 
 /// An agent whose starts fail once their block is leased: its public IP is on no interface,
 /// so there is no underlay device.
 fn unreachable_agent<S: LeaseStore>(store: S) -> Result<Agent<S>> {
+    unreachable_agent_with(store, None)
+}
+
+/// [`unreachable_agent`] reading the host daemon's allocator file at `job_ips`.
+fn unreachable_agent_with<S: LeaseStore>(
+    store: S,
+    job_ips: Option<std::path::PathBuf>,
+) -> Result<Agent<S>> {
     let cfg = AgentConfig {
         public_ip: UNREACHABLE_IP.parse()?,
         devices: DeviceConfig::default(),
@@ -337,6 +355,7 @@ fn unreachable_agent<S: LeaseStore>(store: S) -> Result<Agent<S>> {
         state_dir: None,
         fast_path_required: false,
         ip_masq: false,
+        job_ips,
     };
     Ok(Agent::new(store, KernelNetlink::connect()?, cfg, None))
 }
@@ -372,7 +391,7 @@ fn a_start_that_gives_up_releases_its_lease() -> Result<()> {
             // The retries fail the same way; the last gives up.
             let last = give_up(&mut agent).await;
             ensure!(no_underlay(&last), "{last:?}");
-            let left = s.leases().await?.leases;
+            let left = live(&s).await?;
             ensure!(
                 left.is_empty(),
                 "the lease outlived the start that gave up: {left:?}"
@@ -418,14 +437,30 @@ fn a_start_that_gives_up_keeps_the_lease_it_found() -> Result<()> {
             let mut agent = unreachable_agent(s.clone())?;
             let last = give_up(&mut agent).await;
             ensure!(no_underlay(&last), "{last:?}");
-            let left = s.leases().await?.leases;
+            let left = live(&s).await?;
             ensure!(
                 left.len() == 1 && left[0].subnet == before.subnet,
                 "the start that gave up released the lease it found: {left:?}"
             );
             agent.abandon_start().await?;
-            let left = s.leases().await?.leases;
+            let left = live(&s).await?;
             ensure!(left.is_empty(), "not released at a shutdown: {left:?}");
+
+            // Unless a job holds an address in the block (the host daemon's allocator file
+            // says so): then a shutdown keeps it too, for the next agent to renew.
+            let dir = tempfile::tempdir()?;
+            let job_ips = dir.path().join("job-ips.json");
+            let before = previous_run_lease(s.clone()).await?;
+            flynn_network::job::IpAllocator::open(&job_ips, before.subnet, &[])?
+                .allocate("job-1")?;
+            let mut agent = unreachable_agent_with(s.clone(), Some(job_ips))?;
+            ensure!(no_underlay(&agent.start().await), "the start did not fail");
+            agent.abandon_start().await?;
+            let left = live(&s).await?;
+            ensure!(
+                left.len() == 1 && left[0].subnet == before.subnet,
+                "released at a shutdown while a job holds an address: {left:?}"
+            );
             Ok(())
         },
     )
@@ -499,7 +534,7 @@ fn a_start_that_gives_up_while_acquiring_releases_only_what_it_created() -> Resu
             let mut agent = unreachable_agent(lost(&store))?;
             let last = give_up(&mut agent).await;
             ensure!(gave_up(&last), "{last:?}");
-            let left = store.leases().await?.leases;
+            let left = live(&store).await?;
             ensure!(
                 left.is_empty(),
                 "the lease the start created outlived it: {left:?}"
@@ -510,7 +545,7 @@ fn a_start_that_gives_up_while_acquiring_releases_only_what_it_created() -> Resu
             let mut agent = unreachable_agent(lost(&store))?;
             let last = give_up(&mut agent).await;
             ensure!(gave_up(&last), "{last:?}");
-            let left = store.leases().await?.leases;
+            let left = live(&store).await?;
             ensure!(
                 left.len() == 1 && left[0].subnet == before.subnet,
                 "the start that gave up released the lease it found: {left:?}"
@@ -544,7 +579,7 @@ fn a_start_that_gives_up_releases_the_lease_a_later_try_created() -> Result<()> 
             lose.store(true, std::sync::atomic::Ordering::SeqCst);
             let last = agent.start_retrying(1, Duration::from_millis(20)).await;
             ensure!(last.is_err(), "{last:?}");
-            let left = store.leases().await?.leases;
+            let left = live(&store).await?;
             ensure!(
                 left.is_empty(),
                 "the lease the last try created outlived the start: {left:?}"
@@ -627,6 +662,7 @@ fn a_start_that_gives_up_puts_the_state_back() -> Result<()> {
                 state_dir: Some(dir.to_path_buf()),
                 fast_path_required: false,
                 ip_masq: false,
+                job_ips: None,
             };
             Ok(Agent::new(
                 PlainReadsFail(store.clone()),
@@ -645,7 +681,7 @@ fn a_start_that_gives_up_puts_the_state_back() -> Result<()> {
         for run in 1..=2 {
             let last = give_up(&mut agent(&store, dir.path())?).await;
             ensure!(gave_up(&last), "run {run}: {last:?}");
-            let left = store.leases().await?.leases;
+            let left = live(&store).await?;
             ensure!(
                 left.is_empty(),
                 "run {run}: a lease outlived the start that gave up: {left:?}"
@@ -668,7 +704,7 @@ fn a_start_that_gives_up_puts_the_state_back() -> Result<()> {
         std::fs::write(dir.path().join("subnet.env"), &before)?;
         let last = give_up(&mut agent(&store, dir.path())?).await;
         ensure!(gave_up(&last), "{last:?}");
-        let left = store.leases().await?.leases;
+        let left = live(&store).await?;
         ensure!(
             left.len() == 1 && left[0].subnet == other.subnet,
             "the start's own lease outlived it, or the other host's went: {left:?}"
@@ -687,7 +723,7 @@ fn a_start_that_gives_up_puts_the_state_back() -> Result<()> {
         )?;
         let last = give_up(&mut agent(&store, dir.path())?).await;
         ensure!(gave_up(&last), "{last:?}");
-        let left = store.leases().await?.leases;
+        let left = live(&store).await?;
         ensure!(
             left.len() == 1 && left[0].subnet == previous,
             "the previous block's lease was not kept: {left:?}"
@@ -708,7 +744,7 @@ fn a_start_that_gives_up_puts_the_state_back() -> Result<()> {
             "the start wrote no state"
         );
         a.abandon_start().await?;
-        let left = store.leases().await?.leases;
+        let left = live(&store).await?;
         ensure!(left.is_empty(), "not released at a shutdown: {left:?}");
         let state = state_subnet(dir.path())?;
         ensure!(
@@ -717,4 +753,92 @@ fn a_start_that_gives_up_puts_the_state_back() -> Result<()> {
         );
         Ok(())
     })
+}
+
+/// The underlay address of the host in
+/// [`a_refused_direct_route_holds_back_neither_the_start_nor_the_other_peers`].
+const DIRECT_HOST_IP: &str = "10.231.5.1";
+
+/// A peer lease of `block` at underlay address `ip`, live for an hour.
+fn peer_lease(block: &str, ip: &str) -> Result<Lease> {
+    let subnet: Subnet = block.parse()?;
+    Ok(Lease {
+        subnet,
+        public_ip: ip.parse()?,
+        vtep_mac: Mac::for_subnet(&subnet),
+        expires_at: SystemTime::now() + Duration::from_secs(3600),
+        revision: 0,
+    })
+}
+
+/// One peer whose direct route the kernel refuses (its record names the segment's broadcast
+/// address: "Nexthop has invalid gateway") holds back neither the peers after it nor the
+/// agent's start. The routes used to be added with `?`, so the refusal skipped every later
+/// peer; and the start failed on it, so after its tries the agent gave up with the host half
+/// set up.
+#[test]
+fn a_refused_direct_route_holds_back_neither_the_start_nor_the_other_peers() -> Result<()> {
+    if !lab::should_run("a_refused_direct_route_holds_back_neither_the_start_nor_the_other_peers") {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    let ns = lab.add_host("h1", "u1", DIRECT_HOST_IP)?;
+    let proto_routes = |ns: &str| -> Result<String> {
+        let out = run(&["ip", "-n", ns, "route", "show", "proto", "102"])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // The bad peer's block sorts first.
+    let bad = peer_lease("100.100.1.0/24", "10.231.5.255")?;
+    let good = peer_lease("100.100.2.0/24", "10.231.5.7")?;
+
+    // Straight to the kernel: the good route goes in, the first failure is reported.
+    let (b, g) = (bad.clone(), good.clone());
+    let synced = in_netns(&ns, async move || {
+        let nl = KernelNetlink::connect()?;
+        let seg = nl.segment(DIRECT_HOST_IP.parse()?).await?;
+        let want = flynn_network::direct_routes(&seg, &[&b, &g], DIRECT_HOST_IP.parse()?);
+        Ok(nl.sync_direct_routes(seg.ifindex, &want).await.is_ok())
+    })?;
+    ensure!(!synced, "the refused route was not reported");
+    let routes = proto_routes(&ns)?;
+    ensure!(
+        routes.contains("100.100.2.0/24 via 10.231.5.7"),
+        "the route after the refused one is missing:\n{routes}"
+    );
+    run(&["ip", "-n", &ns, "route", "flush", "proto", "102"])?;
+
+    // An agent starting with both leases in the store: started, the good route in, and
+    // unhealthy until the bad peer's route goes in.
+    let store = MemoryStore::new();
+    let s = store.clone();
+    in_netns(&ns, async move || {
+        s.create(&bad).await?;
+        s.create(&good).await?;
+        let cfg = AgentConfig {
+            public_ip: DIRECT_HOST_IP.parse()?,
+            devices: DeviceConfig::default(),
+            lease: LeaseConfig::default(),
+            direct_routing: true,
+            resync: Duration::from_secs(30),
+            state_dir: None,
+            fast_path_required: false,
+            ip_masq: false,
+            job_ips: None,
+        };
+        let mut agent = Agent::new(s, KernelNetlink::connect()?, cfg, None);
+        let started = agent.start().await;
+        ensure!(started.is_ok(), "the start failed: {started:?}");
+        let stats = agent.stats();
+        ensure!(
+            !stats.synced.load(std::sync::atomic::Ordering::Relaxed),
+            "healthy with a peer's route refused"
+        );
+        Ok(())
+    })?;
+    let routes = proto_routes(&ns)?;
+    ensure!(
+        routes.contains("100.100.2.0/24 via 10.231.5.7"),
+        "the agent did not route the good peer:\n{routes}"
+    );
+    Ok(())
 }
