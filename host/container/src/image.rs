@@ -49,7 +49,8 @@ impl ImageStore {
     }
 
     /// Imports the layer tarball at `tar`, checking its sha256 when `expected_sha256` is given.
-    /// A layer already present is not unpacked again.
+    /// A layer already present is not unpacked again (with an expected sha256, the file is
+    /// then not even read).
     pub fn import_tar(
         &self,
         tar: &Path,
@@ -83,23 +84,45 @@ impl ImageStore {
                 tar.display()
             )));
         }
-        let file = File::open(tar).map_err(|e| ContainerError::io("opening", tar, e))?;
-        let mut file = Until {
-            inner: file,
-            cancelled,
-        };
-        let sha256 = hash(&mut file).map_err(|e| cancel_or(&file, e, tar))?;
-        if let Some(exp) = expected_sha256 {
-            if exp != sha256 {
-                return Err(ContainerError::Checksum {
-                    expected: exp.into(),
-                    actual: sha256,
-                });
-            }
-        }
-        if let Some(layer) = self.layer(&sha256) {
+        // Content-addressed: a layer already here under the expected name is not read again.
+        if let Some(layer) = expected_sha256.and_then(|exp| self.layer(exp)) {
             return Ok(layer);
         }
+        let file = File::open(tar).map_err(|e| ContainerError::io("opening", tar, e))?;
+        self.import_from(file, tar, expected_sha256, cancelled)
+    }
+
+    /// The import proper, from `src` (the tarball at `tar`, named in errors). The tree stored
+    /// under a sha256 is the one unpacked from bytes that hash to it: the unpack reads the
+    /// tarball through the hasher and the result is renamed into place only if the hash
+    /// matches. (Hashing the file and then reading it again to unpack stored whatever the
+    /// second read found, if the file changed in between, under the first read's name.)
+    /// Without an expected sha256 the file is hashed once first, to find a layer already
+    /// here, and the unpack's read must then hash the same.
+    fn import_from<R: Read + Seek>(
+        &self,
+        src: R,
+        tar: &Path,
+        expected_sha256: Option<&str>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Layer, ContainerError> {
+        let mut src = Until {
+            inner: src,
+            cancelled,
+        };
+        let sha256 = match expected_sha256 {
+            Some(exp) => exp.to_string(),
+            None => {
+                let sha = hash(&mut src).map_err(|e| cancel_or(&src, e, tar))?;
+                if let Some(layer) = self.layer(&sha) {
+                    return Ok(layer);
+                }
+                src.inner
+                    .seek(SeekFrom::Start(0))
+                    .map_err(|e| ContainerError::io("reading", tar, e))?;
+                sha
+            }
+        };
         let tmp = self.layers.join(format!(
             ".tmp-{sha256}-{}-{}",
             std::process::id(),
@@ -107,13 +130,34 @@ impl ImageStore {
         ));
         let result = (|| {
             fs::create_dir(&tmp).map_err(|e| ContainerError::io("creating", &tmp, e))?;
-            file.inner
-                .seek(SeekFrom::Start(0))
-                .map_err(|e| ContainerError::io("reading", tar, e))?;
-            unpack(BufReader::new(&mut file), &tmp).map_err(|e| {
+            let mut read = Hashing {
+                inner: &mut src,
+                hasher: Sha256::new(),
+            };
+            let unpacked = unpack(BufReader::new(&mut read), &tmp);
+            if cancelled() {
+                return Err(ContainerError::Cancelled);
+            }
+            // The hash covers the whole file: what the unpack left unread (the archive's
+            // padding, a gzip trailer) too. A wrong file is a checksum error even when it
+            // does not unpack either.
+            let drained = std::io::copy(&mut read, &mut std::io::sink());
+            let actual = drained.is_ok().then(|| hex(read.hasher.finalize()));
+            if let Err(e) = drained {
                 if cancelled() {
-                    return ContainerError::Cancelled;
+                    return Err(ContainerError::Cancelled);
                 }
+                if unpacked.is_ok() {
+                    return Err(ContainerError::io("reading", tar, e));
+                }
+            }
+            if let Some(actual) = actual.filter(|a| *a != sha256) {
+                return Err(ContainerError::Checksum {
+                    expected: sha256.clone(),
+                    actual,
+                });
+            }
+            unpacked.map_err(|e| {
                 let mut reason = e.to_string();
                 let mut src = std::error::Error::source(&e);
                 while let Some(s) = src {
@@ -181,12 +225,12 @@ fn flush_fs(dir: &Path) -> std::io::Result<()> {
 }
 
 /// A reader that fails once `cancelled` says so.
-struct Until<'a> {
-    inner: File,
+struct Until<'a, R> {
+    inner: R,
     cancelled: &'a dyn Fn() -> bool,
 }
 
-impl Read for Until<'_> {
+impl<R: Read> Read for Until<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if (self.cancelled)() {
             return Err(std::io::Error::other("layer import cancelled"));
@@ -195,7 +239,21 @@ impl Read for Until<'_> {
     }
 }
 
-fn cancel_or(file: &Until<'_>, e: std::io::Error, tar: &Path) -> ContainerError {
+/// A reader that hashes everything read through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn cancel_or<R>(file: &Until<'_, R>, e: std::io::Error, tar: &Path) -> ContainerError {
     if (file.cancelled)() {
         ContainerError::Cancelled
     } else {
@@ -219,7 +277,11 @@ fn hash(r: &mut impl Read) -> std::io::Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(h.finalize()))
+}
+
+fn hex(digest: impl AsRef<[u8]>) -> String {
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unpack<R: Read>(mut r: BufReader<R>, dest: &Path) -> std::io::Result<()> {
@@ -361,6 +423,72 @@ mod tests {
             Err(ContainerError::InvalidSpec { .. })
         ));
         assert_eq!(fs::read_dir(d.join("store/layers")).unwrap().count(), 0);
+    }
+
+    /// A tarball that reads as one archive until it is rewound and as another after: a file
+    /// rewritten between the import's hash and its unpack.
+    struct Changing {
+        first: std::io::Cursor<Vec<u8>>,
+        then: std::io::Cursor<Vec<u8>>,
+        rewound: bool,
+    }
+
+    impl Read for Changing {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            match self.rewound {
+                false => self.first.read(buf),
+                true => self.then.read(buf),
+            }
+        }
+    }
+
+    impl Seek for Changing {
+        fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+            self.rewound = true;
+            self.then.seek(to)
+        }
+    }
+
+    /// The stored tree is the one whose bytes hash to its name: a tarball that changes after
+    /// it was hashed is refused, not stored under the first content's sha256.
+    #[test]
+    fn a_tarball_that_changes_during_the_import_is_refused() {
+        let tmp = tmpdir("changing");
+        let d = tmp.path();
+        let store = ImageStore::open(&d.join("store")).unwrap();
+        let a = fs::read(tarball(d, &[("etc/x", b"genuine")])).unwrap();
+        let b = fs::read(tarball(d, &[("etc/x", b"swapped")])).unwrap();
+        let sha_a = hash(&mut a.as_slice()).unwrap();
+        let changing = || Changing {
+            first: std::io::Cursor::new(a.clone()),
+            then: std::io::Cursor::new(b.clone()),
+            rewound: false,
+        };
+        let tar = d.join("layer.tar");
+        // Named by its first read, unpacked from its second.
+        let err = store
+            .import_from(changing(), &tar, None, &|| false)
+            .unwrap_err();
+        assert!(
+            matches!(&err, ContainerError::Checksum { expected, .. } if *expected == sha_a),
+            "{err}"
+        );
+        assert_eq!(store.layer(&sha_a), None);
+        assert_eq!(fs::read_dir(d.join("store/layers")).unwrap().count(), 0);
+        // Expected A, read as B from the start: refused as well, nothing stored.
+        let mut only_b = changing();
+        only_b.rewound = true;
+        let err = store
+            .import_from(only_b, &tar, Some(&sha_a), &|| false)
+            .unwrap_err();
+        assert!(matches!(err, ContainerError::Checksum { .. }), "{err}");
+        assert_eq!(fs::read_dir(d.join("store/layers")).unwrap().count(), 0);
+        // The genuine content imports, under its name, with its files.
+        let l = store
+            .import_from(std::io::Cursor::new(a.clone()), &tar, None, &|| false)
+            .unwrap();
+        assert_eq!(l.sha256, sha_a);
+        assert_eq!(fs::read(l.path.join("etc/x")).unwrap(), b"genuine");
     }
 
     #[test]

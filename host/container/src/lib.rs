@@ -29,6 +29,7 @@ mod image;
 mod outbox;
 pub mod seccomp;
 mod shim;
+pub mod signals;
 mod spec;
 mod wire;
 
@@ -38,7 +39,8 @@ pub use shim::{
     cgroup_dirs, shim_main, Layout, Shim, ShimConn, SpareShim, SHIM_ARG, SPARE_ARG, SPARE_LOG,
 };
 pub use spec::{
-    max_fds_allowed, reserved_id, valid_capability, valid_id, BindMount, ContainerSpec, Resources,
-    CPU_MILLIS, CPU_PERIOD_US, CPU_SHARES, DEFAULT_PATH, PIDS, RESERVED_IDS,
+    capability_refusal, device_filter, max_fds_allowed, reserved_id, valid_capability, valid_id,
+    BindMount, ContainerSpec, Resources, CPU_MILLIS, CPU_PERIOD_US, CPU_SHARES, DEFAULT_PATH, PIDS,
+    RESERVED_IDS,
 };
 pub use wire::{ShimEvent, Stream, MAX_LINE};

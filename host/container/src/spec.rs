@@ -295,6 +295,14 @@ impl ContainerSpec {
                 "unknown capability {bad:?}"
             )));
         }
+        if let Some(why) = self
+            .capabilities
+            .iter()
+            .flatten()
+            .find_map(|c| capability_refusal(c, device_filter()))
+        {
+            return Err(ContainerError::invalid(why));
+        }
         if !valid_cgroup_parent(&self.cgroup_parent) {
             return Err(ContainerError::invalid(format!(
                 "cgroup parent {:?} must be '/'-separated [A-Za-z0-9_.-] names",
@@ -380,7 +388,10 @@ impl ContainerSpec {
         for m in &self.mounts {
             let mut options = vec!["rbind", "rprivate"];
             if m.readonly {
-                options.push("ro");
+                // `ro` makes only the top mount read-only; `rro` (mount_setattr with
+                // AT_RECURSIVE) every mount below the source as well, which an `rbind` brings
+                // along (a tmpfs mounted inside the directory stayed writable).
+                options.extend(["ro", "rro"]);
             }
             mounts.push(json!({
                 "destination": m.target, "type": "bind",
@@ -449,6 +460,40 @@ pub fn valid_capability(name: &str) -> bool {
     ALL_CAPS.contains(&name)
 }
 
+/// Does this host stop jobs from opening devices they were not given? On a cgroup v1 (or
+/// hybrid) host the devices controller does, from the config's `devices` list (everything
+/// denied but the standard `/dev` nodes). On a cgroup v2 host (the unified hierarchy at
+/// `/sys/fs/cgroup`, as libcgroups tells them apart) that filter is an eBPF program, which
+/// libcgroups installs only with its `cgroupsv2_devices` feature (libbpf; not built here):
+/// there is none. Detected once.
+pub fn device_filter() -> bool {
+    static FILTER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FILTER.get_or_init(|| !unified_cgroups(Path::new("/sys/fs/cgroup")))
+}
+
+/// Is `root` a cgroup2 file system (a pure cgroup v2 host)?
+fn unified_cgroups(root: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(root.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a valid NUL-terminated path and a zeroed statfs for the kernel to fill.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == libc::CGROUP2_SUPER_MAGIC
+    }
+}
+
+/// Why `capability` cannot be granted to a job on a host with (`device_filter`) or without
+/// a device filter ([`device_filter`]); `None`: it can. Without one, `CAP_MKNOD` would let
+/// a job make a node for the host's disk and open it.
+pub fn capability_refusal(capability: &str, device_filter: bool) -> Option<&'static str> {
+    (capability == "CAP_MKNOD" && !device_filter).then_some(
+        "CAP_MKNOD cannot be granted on this host: with cgroup v2 it has no device filter, \
+         so a job could make and open a node for any host device",
+    )
+}
+
 /// Every capability up to `CAP_CHECKPOINT_RESTORE` (Linux 5.9).
 pub const ALL_CAPS: &[&str] = &[
     "CAP_CHOWN",
@@ -496,8 +541,8 @@ pub const ALL_CAPS: &[&str] = &[
 
 /// Capabilities every job keeps: Docker's default set without `CAP_MKNOD`. On a cgroup v2 host
 /// libcgroups (without its eBPF `cgroupsv2_devices` feature) installs no device filter, so a job
-/// that could mknod could open host block devices; the runtime creates the standard `/dev` nodes
-/// itself.
+/// that could mknod could open host block devices (a job naming it is refused there:
+/// [`capability_refusal`]); the runtime creates the standard `/dev` nodes itself.
 pub const DEFAULT_CAPS: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -718,6 +763,56 @@ mod tests {
         v.as_object_mut().unwrap().remove("tty_size");
         let old: ContainerSpec = serde_json::from_value(v).unwrap();
         assert!(!old.tty && old.tty_size.is_none());
+    }
+
+    /// `CAP_MKNOD` only where device access is filtered (cgroup v1); the rest either way.
+    #[test]
+    fn mknod_needs_a_device_filter() {
+        assert!(capability_refusal("CAP_MKNOD", false).is_some());
+        assert_eq!(capability_refusal("CAP_MKNOD", true), None);
+        for cap in ALL_CAPS.iter().filter(|c| **c != "CAP_MKNOD") {
+            assert_eq!(capability_refusal(cap, false), None, "{cap}");
+        }
+        // This host (cgroup v1 or hybrid here) filters, and validation follows it.
+        let mut s = sample();
+        s.capabilities = Some(vec!["CAP_MKNOD".into()]);
+        assert_eq!(s.validate().is_ok(), device_filter());
+        assert_eq!(
+            device_filter(),
+            !unified_cgroups(Path::new("/sys/fs/cgroup"))
+        );
+        assert!(!unified_cgroups(Path::new("/")));
+    }
+
+    /// A read-only bind is read-only recursively (`rro`), sub-mounts included.
+    #[test]
+    fn read_only_binds_are_recursive() {
+        let mut s = sample();
+        s.mounts = vec![
+            BindMount {
+                source: "/a".into(),
+                target: "/a".into(),
+                readonly: true,
+            },
+            BindMount {
+                source: "/b".into(),
+                target: "/b".into(),
+                readonly: false,
+            },
+        ];
+        let c = s.oci_config(Path::new("/r"));
+        let opts = |target: &str| -> Vec<String> {
+            let m = c["mounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["destination"] == target)
+                .unwrap();
+            serde_json::from_value(m["options"].clone()).unwrap()
+        };
+        assert!(opts("/a").contains(&"rro".to_string()));
+        assert!(!opts("/b").iter().any(|o| o == "ro" || o == "rro"));
+        let _: libcontainer::oci_spec::runtime::Spec = serde_json::from_value(c.clone()).unwrap();
     }
 
     #[test]

@@ -54,6 +54,10 @@ impl ContainerRuntime {
         use anyhow::Context;
         std::fs::create_dir_all(state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
+        // Resolved once: shims are started and found under the resolved path, whatever
+        // symlink or relative path `--state-dir` was.
+        let state_dir = &std::fs::canonicalize(state_dir)
+            .with_context(|| format!("resolving {}", state_dir.display()))?;
         let images = ImageStore::open(image_dir)
             .with_context(|| format!("opening the image store {}", image_dir.display()))?;
         let exe = std::env::current_exe().context("locating the flynn-host executable")?;

@@ -61,6 +61,27 @@ pub fn valid_mount_target(target: &str) -> bool {
 /// The longest `config.stop_timeout` (seconds) a job may ask for.
 pub const MAX_STOP_TIMEOUT: u64 = 86_400;
 
+/// `config.linux_capabilities`: known names, and none this host cannot grant safely
+/// (`CAP_MKNOD` without a device filter: see [`flynn_container::device_filter`]).
+fn check_capabilities(caps: &[String], device_filter: bool) -> Result<(), ApiError> {
+    if let Some(bad) = caps.iter().find(|c| !flynn_container::valid_capability(c)) {
+        return Err(ApiError::validation(
+            Some("config.linux_capabilities"),
+            &format!("has an unknown capability {bad:?} (names are like CAP_NET_ADMIN)"),
+        ));
+    }
+    if let Some(why) = caps
+        .iter()
+        .find_map(|c| flynn_container::capability_refusal(c, device_filter))
+    {
+        return Err(ApiError::validation(
+            Some("config.linux_capabilities"),
+            &format!("is refused: {why}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Parses and validates a `PUT /host/jobs/:id` body. `needs_image`: the runtime starts
 /// jobs from image layers, so `mountspecs` must be set.
 pub fn parse_job(path_id: &str, body: &[u8], needs_image: bool) -> Result<Job, ApiError> {
@@ -167,18 +188,12 @@ fn validate(job: &Job, needs_image: bool) -> Result<(), ApiError> {
             ));
         }
     }
-    if let Some(bad) = job
-        .config
-        .linux_capabilities
-        .iter()
-        .flatten()
-        .find(|c| !flynn_container::valid_capability(c))
-    {
-        return Err(ApiError::validation(
-            Some("config.linux_capabilities"),
-            &format!("has an unknown capability {bad:?} (names are like CAP_NET_ADMIN)"),
-        ));
-    }
+    // Only the container runtime (the one that needs images) grants capabilities; whether
+    // this host can grant CAP_MKNOD safely is detected once.
+    check_capabilities(
+        job.config.linux_capabilities.as_deref().unwrap_or_default(),
+        !needs_image || flynn_container::device_filter(),
+    )?;
     crate::volumes::validate_bindings(job)?;
     for (i, p) in job.config.ports.iter().enumerate() {
         if let Some(s) = &p.service {
@@ -584,6 +599,30 @@ mod tests {
             r#"{{"mountspecs":[{{"type":"tar","url":"file:///x.tar","hashes":{{"sha256":"{SHA}"}}}}],
                "config":{{"args":["/bin/sh"]{extra}}}}}"#
         )
+    }
+
+    /// `CAP_MKNOD` is refused with a validation error (400) on a host without a device
+    /// filter (cgroup v2), accepted with one (v1); other capabilities either way.
+    #[test]
+    fn mknod_is_refused_without_a_device_filter() {
+        let caps = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let e = check_capabilities(&caps(&["CAP_NET_ADMIN", "CAP_MKNOD"]), false).unwrap_err();
+        assert_eq!(e.code, ErrorCode::ValidationError);
+        assert_eq!(e.code.status(), 400);
+        assert_eq!(e.detail.unwrap()["field"], "config.linux_capabilities");
+        assert!(e.message.contains("CAP_MKNOD"), "{}", e.message);
+        check_capabilities(&caps(&["CAP_NET_ADMIN", "CAP_MKNOD"]), true).unwrap();
+        check_capabilities(&caps(&["CAP_NET_ADMIN", "CAP_SYS_PTRACE"]), false).unwrap();
+        let e = check_capabilities(&caps(&["NET_ADMIN"]), true).unwrap_err();
+        assert!(e.message.contains("unknown"), "{}", e.message);
+        // On this host, through parse_job: as its cgroups say.
+        let b = body(r#","linux_capabilities":["CAP_MKNOD"]"#);
+        assert_eq!(
+            parse_job("j", b.as_bytes(), true).is_ok(),
+            flynn_container::device_filter()
+        );
+        // The process runtime grants no capabilities: nothing to refuse.
+        parse_job("j", b.as_bytes(), false).unwrap();
     }
 
     #[test]

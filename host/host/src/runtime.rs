@@ -363,6 +363,9 @@ impl Runtime for ProcessRuntime {
         if !launch.cwd.is_empty() {
             cmd.current_dir(&launch.cwd);
         }
+        // No signal ignored or blocked in the job (the daemon ignores SIGPIPE; posix_spawn
+        // would hand it glibc's two internal signals ignored).
+        flynn_container::signals::default_on_exec(cmd.as_std_mut());
         // No isolation here: the user is switched; capabilities are the container
         // runtime's to confine.
         if launch.uid != 0 || launch.gid != 0 {

@@ -97,7 +97,10 @@ fn read_pid(path: &Path) -> Option<i32> {
 }
 
 /// Is `pid` alive and the shim of `id`? A shim started for the job names it on its command
-/// line; a spare that was given the job has the job's `shim.log` as its stderr.
+/// line; a spare that was given the job has the job's `shim.log` as its stderr. That link is
+/// the log's resolved path, and `layout` may be under a state dir given through a symlink or
+/// relative: both sides are compared resolved (else a live spare looked dead and cleanup
+/// deleted its directory under it, leaving it running).
 fn shim_alive(pid: i32, id: &str, layout: &Layout) -> bool {
     let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
@@ -109,8 +112,14 @@ fn shim_alive(pid: i32, id: &str, layout: &Layout) -> bool {
     {
         return true;
     }
-    args.contains(&SPARE_ARG.as_bytes())
-        && fs::read_link(format!("/proc/{pid}/fd/2")).is_ok_and(|p| p == layout.log())
+    if !args.contains(&SPARE_ARG.as_bytes()) {
+        return false;
+    }
+    let Ok(stderr) = fs::read_link(format!("/proc/{pid}/fd/2")) else {
+        return false;
+    };
+    let log = layout.log();
+    stderr == log || fs::canonicalize(&log).is_ok_and(|l| l == stderr)
 }
 
 impl Shim {

@@ -8,10 +8,13 @@ use std::path::Path;
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
+use libcontainer::oci_spec::runtime::Spec;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 
 use super::cgroups;
+use super::holder::PidNs;
 use super::layout::Layout;
 use super::terminal::{own_terminal, set_window, Console};
 use crate::spec::ContainerSpec;
@@ -67,91 +70,21 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// A pid namespace whose pid 1 is a minimal init forked from the shim: it reaps orphans and
-/// does nothing else. The job joins the namespace as pid 2, so it is not the namespace's init:
-/// a signal from the host (`SIGTERM` on stop) is delivered by its default action as to any
-/// process, where an init gets only the signals it installed handlers for (pid_namespaces(7);
-/// Flynn's containerinit forwarded them for the same reason). Killing the holder kills every
-/// process left in the namespace, as the exit of a job that was pid 1 did; so does the death
-/// of the shim (the holder's parent-death signal).
-pub(super) struct PidNs {
-    pid: libc::pid_t,
-}
+/// libcontainer's default executor (`execvp` of the job's args), after giving the job the
+/// signal state a freshly started program expects: no signal ignored, none blocked
+/// ([`crate::signals`]). The container's init is cloned from the shim, whose ignored signals
+/// (`SIGPIPE` above all) would otherwise survive the exec; the shim itself keeps them.
+#[derive(Clone)]
+struct JobExecutor;
 
-impl PidNs {
-    /// Forks the holder into a new pid namespace. The shim is single-threaded, and the child
-    /// makes only async-signal-safe calls.
-    pub(super) fn new() -> Result<PidNs, String> {
-        let comm = b"flynn-init\0";
-        // SAFETY: clone with only CLONE_NEWPID and an exit signal behaves like fork(2).
-        let pid = unsafe {
-            libc::syscall(
-                libc::SYS_clone,
-                libc::CLONE_NEWPID | libc::SIGCHLD,
-                0usize,
-                0usize,
-                0usize,
-                0usize,
-            )
-        };
-        if pid < 0 {
-            return Err(format!("clone(CLONE_NEWPID): {}", errno()));
-        }
-        if pid == 0 {
-            // The holder, pid 1 of the new namespace.
-            // SAFETY: async-signal-safe calls on valid pointers; this never returns.
-            unsafe {
-                libc::prctl(libc::PR_SET_NAME, comm.as_ptr());
-                // Without its shim the job has no status and is cleaned up: a killed shim
-                // takes the namespace, and the job, with it instead of leaking the holder.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                // Nothing of the shim's stays open here (its control socket above all:
-                // with the shim gone, connecting must fail).
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigfillset(&mut set);
-                libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-                let mut chld: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut chld);
-                libc::sigaddset(&mut chld, libc::SIGCHLD);
-                loop {
-                    while libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG | libc::__WALL) > 0
-                    {
-                    }
-                    libc::sigwaitinfo(&chld, std::ptr::null_mut());
-                }
-            }
-        }
-        Ok(PidNs {
-            pid: pid as libc::pid_t,
-        })
+impl Executor for JobExecutor {
+    fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        crate::signals::reset_to_default();
+        DefaultExecutor {}.exec(spec)
     }
 
-    /// The namespace, for the container's OCI config.
-    pub(super) fn path(&self) -> String {
-        format!("/proc/{}/ns/pid", self.pid)
-    }
-
-    /// Kills the holder, and with it every process still in the namespace, and reaps it.
-    /// Once only; later calls do nothing.
-    pub(super) fn end(&mut self) {
-        if self.pid <= 0 {
-            return;
-        }
-        // SAFETY: `pid` is our unreaped child.
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        // The holder's exit waits until every process of its namespace has been reaped,
-        // and some are ours, not its (youki's init when the container never started):
-        // reap whatever of ours ends until the holder itself does. The shim has no other
-        // children by then (the job, if it ran, was reaped first).
-        loop {
-            // SAFETY: waitpid with a null status pointer.
-            let rc = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::__WALL) };
-            if rc == self.pid || (rc < 0 && errno().raw_os_error() != Some(libc::EINTR)) {
-                break;
-            }
-        }
-        self.pid = 0;
+    fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
+        DefaultExecutor {}.validate(spec)
     }
 }
 
@@ -240,7 +173,8 @@ pub(super) fn create(
     let t_mount = t0.elapsed();
     let bundle = layout.bundle();
     fs::create_dir_all(&bundle).map_err(|e| format!("creating {}: {e}", bundle.display()))?;
-    let mut pid_ns = PidNs::new()?;
+    // The holder's empty root is mounted over the bundle dir in its own namespace only.
+    let mut pid_ns = PidNs::new(&bundle)?;
     match start(spec, layout, &pid_ns.path(), t0, t_mount) {
         Ok(s) => Ok(Running {
             container: s.container,
@@ -332,7 +266,7 @@ fn start(
     // A TTY job: its terminal comes over the console socket, its input through the FIFO
     // (read by the shim). Otherwise pipes, and the FIFO (or /dev/null) as the job's stdin.
     let mut builder = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
-        .with_executor(DefaultExecutor {})
+        .with_executor(JobExecutor)
         .with_root_path(layout.runtime_root())
         .map_err(|e| error_chain(&e))?;
     let (plan, stdin_hold) = if spec.tty {

@@ -4,6 +4,7 @@
 mod cgroups;
 mod client;
 mod container;
+mod holder;
 mod layout;
 mod run;
 mod terminal;

@@ -1,6 +1,7 @@
 //! Real containers (busybox image) through the shim: run as root.
 
 mod clone;
+mod isolation;
 mod jobs;
 mod limits;
 mod reconnect;

@@ -134,3 +134,29 @@ async fn a_dead_or_retired_spare_does_not_fail_the_job() {
     drop(spare);
     wait_dead(pid).await;
 }
+
+/// A state dir reached through a symlink (flynn-host's `--state-dir` may be one, or relative):
+/// cleanup under that path still recognises the spare that took the job as its shim (the
+/// spare's stderr is the job's log under the resolved path) and stops it, rather than
+/// deleting its directory under it and leaving it running.
+#[tokio::test]
+async fn cleanup_through_a_symlinked_state_dir_kills_the_spare() {
+    require_root!();
+    let env = Env::new("sparelink");
+    std::fs::create_dir_all(&env.state).unwrap();
+    let link = env.base.join("state-link");
+    std::os::unix::fs::symlink(&env.state, &link).unwrap();
+    let spare = Shim::spawn_spare(shim_exe(), &[], &link).await.unwrap();
+    let pid = spare.pid();
+    let spec = env.spec("job", &["sh", "-c", "echo up; sleep 60"]);
+    let mut conn = Shim::spawn_using(Some(spare), shim_exe(), &[], &link, &spec)
+        .await
+        .unwrap();
+    let mut run = Run::default();
+    wait_line(&mut conn, &mut run, "up", T).await;
+    drop(conn);
+    Shim::cleanup(&link, &spec.id).unwrap();
+    assert!(!alive(pid), "the spare shim was left running");
+    assert!(!env.state.join(&spec.id).exists());
+    crate::support::assert_no_leftovers(&env, &spec);
+}

@@ -1171,3 +1171,19 @@ async fn new_tags_replace_the_hosts_registration_without_removing_it() {
         "the host was taken out of discoverd: {deletes:?}"
     );
 }
+
+/// A process-runtime job starts with no signal ignored or blocked, though the daemon ignores
+/// `SIGPIPE` (the Rust runtime does): std's spawn resets it and the mask. A writer into a
+/// closed pipe dies of `SIGPIPE`, and a shell loop writing into one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_job_starts_with_default_signal_dispositions() {
+    let h = Host::start(PROC);
+    let id = h.job_id("sigs");
+    let script = "s=$(grep -E '^Sig(Blk|Ign)' /proc/self/status | tr -d '\\t'); \
+                  [ \"$s\" = \"$(printf 'SigBlk:0000000000000000\\nSigIgn:0000000000000000')\" ] || exit 3; \
+                  [ \"$(yes 2>&1 | head -1)\" = y ] || exit 4; \
+                  while :; do echo x; done | head -1 >/dev/null; exit 0";
+    h.client.add_job(&sh_job(&id, script)).await.unwrap();
+    let j = wait_ended(&h.client, &id, Duration::from_secs(20)).await;
+    assert_eq!((j.status, j.exit_status), (JobStatus::Done, Some(0)));
+}
