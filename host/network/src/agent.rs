@@ -1,9 +1,10 @@
 //! [`Agent`]: the per-host overlay daemon loop (flanneld's role). It leases this host's block,
 //! sets up the VXLAN device and bridge, and then keeps the kernel (and, when enabled, the eBPF fast
 //! path's prefix map) in line with every lease: on each store event and on a timer. It renews the
-//! lease before it expires and releases it on clean shutdown when no job holds an address in the
-//! block (else it stays for the next agent to renew, as after a crash); the next start asks for
-//! the same block again (remembered in `subnet.env`, as flannel does).
+//! lease before it expires and releases it on clean shutdown when the host daemon's allocator file
+//! shows no job holding an address in the block (else, or without the file, it stays for the next
+//! agent to renew, as after a crash); the next start asks for the same block again (remembered in
+//! `subnet.env`, as flannel does).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -16,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use flynn_ebpf::{FastPath, Hop, Role, Tunnel, Underlay};
 
 use crate::direct::{direct_routes, Segment};
-use crate::fastmaps::{ordered_pass, FastPass, MapSync};
+use crate::fastmaps::{ordered_pass, FastPass, MapSync, PassError};
 use crate::kernel::KernelNetlink;
 use crate::lease::{Config as LeaseConfig, Lease, LeaseError, Leaser};
 use crate::reconcile::{setup, DeviceConfig, Devices, NetlinkError};
@@ -46,8 +47,10 @@ pub struct AgentConfig {
     /// `false` takes such rules out.
     pub ip_masq: bool,
     /// The host daemon's address allocator file ([`crate::job::IpAllocator`], flynn-host's
-    /// `job-ips.json`). A shutdown releases the lease only when no job holds an address of
-    /// the block in it; `None`: always released.
+    /// `<state-dir>/job-ips.json`). A shutdown releases the lease only when the file exists
+    /// and no job holds an address of the block in it (flynn-host's pooled namespaces do not
+    /// count until a job takes one: [`crate::job::IpAllocator::job_block`]); a missing or
+    /// unreadable file keeps the lease. `None` (no host daemon): always released.
     pub job_ips: Option<PathBuf>,
 }
 
@@ -117,6 +120,10 @@ pub struct Agent<S> {
     /// follows a changed underlay MTU (see [`Agent::mtu`]).
     mtu: tokio::sync::watch::Sender<u32>,
 }
+
+/// flynn-host's record of the pooled network namespaces jobs took (job id → pool owner),
+/// next to its allocator file ([`AgentConfig::job_ips`]).
+const JOB_NETNS_FILE: &str = "job-netns.json";
 
 /// How long releasing the lease of an abandoned start ([`Agent::abandon_start`]) may take.
 pub const ABANDON_TIMEOUT: Duration = Duration::from_secs(5);
@@ -192,9 +199,11 @@ impl<S: LeaseStore> Agent<S> {
 
     /// Leases a block (reusing this host's lease if the store has one, else the block named in
     /// `subnet.env` if it is free), sets up the VXLAN device and bridge, attaches the fast path
-    /// and reconciles once. A reconcile that fails (say, the kernel refuses one peer's entry)
-    /// does not fail the start: it is logged, the status says unhealthy, and the next pass
-    /// tries again.
+    /// and reconciles once. A reconcile that fails for some entries (say, the kernel refuses
+    /// one peer's entry) does not fail the start: it is logged, the status says unhealthy,
+    /// and the next pass tries again. One that fails as a whole (what is there could not be
+    /// listed: the kernel's entries, the direct routes or the fast path's maps) does: no
+    /// peer would be routed by it, and the agent would report ready all the same.
     pub async fn start(&mut self) -> Result<Started, AgentError> {
         let previous = self.cfg.state_dir.as_deref().and_then(previous_subnet);
         self.acquiring = true;
@@ -241,8 +250,8 @@ impl<S: LeaseStore> Agent<S> {
         self.fresh.read(true, SystemTime::now());
         // As in `run`: a change the kernel refuses (one peer's bad lease) is logged and tried
         // again every pass. It used to fail the start, and after the tries end the agent with
-        // the host half set up.
-        self.sync_counted(&snap).await;
+        // the host half set up. A pass that failed as a whole fails the start (tried again).
+        self.sync_counted(&snap).await?;
         Ok(Started {
             lease,
             devices,
@@ -353,18 +362,30 @@ impl<S: LeaseStore> Agent<S> {
         self.state_before = None;
     }
 
-    /// Whether a job holds an address in `subnet`, by the host daemon's allocator file
-    /// ([`AgentConfig::job_ips`]). The host daemon keeps its jobs across restarts, so such a
-    /// block must stay leased through an agent restart: released, peers dropped its routes
-    /// until the next agent leased it again, and another host could lease it meanwhile. A
-    /// file that cannot be read counts as "yes" (the lease then stays, as after a crash).
+    /// Whether a job may hold an address in `subnet`, by the host daemon's allocator file
+    /// ([`AgentConfig::job_ips`]; only jobs count, not flynn-host's pooled namespaces no job
+    /// took). The host daemon keeps its jobs across restarts, so such a block must stay
+    /// leased through an agent restart: released, peers dropped its routes until the next
+    /// agent leased it again, and another host could lease it meanwhile. A file that is
+    /// missing (a host daemon with another `--state-dir`, which `--job-ips` must follow) or
+    /// cannot be read counts as "yes": the lease then stays, as after a crash, renewed by the
+    /// next agent or expired after its TTL. A missing file used to read as "no job", which
+    /// silently released the lease under any flynn-host whose state directory was not the
+    /// default.
     fn jobs_hold(&self, subnet: &Subnet) -> bool {
         let Some(path) = &self.cfg.job_ips else {
             return false;
         };
-        match crate::job::IpAllocator::held_block(path) {
+        let taken = path.with_file_name(JOB_NETNS_FILE);
+        match crate::job::IpAllocator::job_block(path, &taken) {
             Ok(None) => false,
             Ok(Some(b)) => b.contains_subnet(subnet) || subnet.contains_subnet(&b),
+            Err(crate::job::JobNetError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                tracing::warn!(path = %path.display(), "no host daemon allocator file (is --job-ips flynn-host's <state-dir>/job-ips.json?); jobs may hold addresses: keeping the lease");
+                true
+            }
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %error_chain(&e), "cannot tell whether jobs hold addresses; keeping the lease");
                 true
@@ -426,6 +447,12 @@ impl<S: LeaseStore> Agent<S> {
 
     /// Makes the kernel and the fast path match `snap`. Returns the number of changes.
     pub async fn sync(&mut self, snap: &Snapshot) -> Result<usize, AgentError> {
+        self.sync_pass(snap).await.map_err(|e| e.error)
+    }
+
+    /// [`Agent::sync`], telling a pass that failed as a whole from one that failed for
+    /// some entries ([`PassError`]).
+    async fn sync_pass(&mut self, snap: &Snapshot) -> Result<usize, PassError> {
         let (Some(lease), Some(devices), Some(segment)) = (&self.lease, self.devices, self.segment)
         else {
             return Ok(0);
@@ -491,7 +518,7 @@ impl<S: LeaseStore> Agent<S> {
         // entries. Each part runs even when an earlier one failed (a failure is for one peer's
         // entry; the others, and the fast path maps, must still follow the leases); the first
         // failure is returned at the end.
-        let direct_routes = self.nl.sync_direct_routes(segment.ifindex, &direct);
+        let direct_routes = self.nl.sync_direct_routes_part(segment.ifindex, &direct);
         let pass = ordered_pass(
             &mut nl,
             devices.vxlan,
@@ -509,10 +536,9 @@ impl<S: LeaseStore> Agent<S> {
                 self.stats.set_unmapped(out.unmapped.clone());
             }
         }
-        let ops = pass.kernel?;
-        let direct_changes = pass.direct?;
-        let fast_changes = pass.added?.changes + pass.removed?;
-        let changes = ops.len() + direct_changes + fast_changes;
+        let done = pass.changes()?;
+        let (direct_changes, fast_changes) = (done.direct, done.fast);
+        let changes = done.kernel + direct_changes + fast_changes;
         self.stats
             .peers
             .store(remote.len() as u64, Ordering::Relaxed);
@@ -546,7 +572,7 @@ impl<S: LeaseStore> Agent<S> {
     }
 
     /// Runs until `shutdown` completes (then releases the lease, unless jobs hold addresses in
-    /// its block: [`Agent::jobs_hold`]) or the lease is lost (an error: the block may belong to
+    /// its block: `Agent::jobs_hold`) or the lease is lost (an error: the block may belong to
     /// another host now). Call after [`Agent::start`].
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         tokio::pin!(shutdown);
@@ -788,20 +814,30 @@ impl<S: LeaseStore> Agent<S> {
         if gone {
             tracing::warn!("this host's lease is not in the lease set as its own; checking it now");
         }
-        self.sync_counted(snap).await;
+        // Logged; the next pass tries again, whatever failed.
+        let _ = self.sync_counted(snap).await;
         gone
     }
 
     /// [`Agent::sync`], counted in the stats; a failure (the status turns unhealthy until a
-    /// pass succeeds) is logged, and the next pass tries again.
-    async fn sync_counted(&mut self, snap: &Snapshot) {
+    /// pass succeeds) is logged, and the next pass tries again. The error of a pass that
+    /// failed as a whole is returned ([`PassError::whole`]: [`Agent::start`] fails on it).
+    async fn sync_counted(&mut self, snap: &Snapshot) -> Result<(), AgentError> {
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
-        match self.sync(snap).await {
-            Ok(_) => self.stats.synced.store(true, Ordering::Relaxed),
+        match self.sync_pass(snap).await {
+            Ok(_) => {
+                self.stats.synced.store(true, Ordering::Relaxed);
+                Ok(())
+            }
             Err(e) => {
                 self.stats.sync_errors.fetch_add(1, Ordering::Relaxed);
                 self.stats.synced.store(false, Ordering::Relaxed);
-                tracing::warn!(error = %error_chain(&e), "reconcile failed; will retry");
+                if e.whole {
+                    tracing::warn!(error = %error_chain(&e.error), "reconcile failed as a whole; will retry");
+                    return Err(e.error);
+                }
+                tracing::warn!(error = %error_chain(&e.error), "reconcile failed for some entries; will retry");
+                Ok(())
             }
         }
     }

@@ -16,7 +16,7 @@ use rtnetlink::RouteMessageBuilder;
 
 use crate::kernel::KernelNetlink;
 use crate::lease::Lease;
-use crate::reconcile::{NetlinkError, Route};
+use crate::reconcile::{NetlinkError, PartError, Route};
 use crate::subnet::Subnet;
 
 /// Route protocol number marking direct routes (`ip route` shows `proto 102`).
@@ -123,7 +123,22 @@ impl KernelNetlink {
         ifindex: u32,
         want: &BTreeSet<Route>,
     ) -> Result<usize, NetlinkError> {
-        let have = self.direct_routes(ifindex).await?;
+        self.sync_direct_routes_part(ifindex, want)
+            .await
+            .map_err(|e| e.error)
+    }
+
+    /// [`KernelNetlink::sync_direct_routes`], telling a failed listing (the whole part) from
+    /// failed changes.
+    pub(crate) async fn sync_direct_routes_part(
+        &self,
+        ifindex: u32,
+        want: &BTreeSet<Route>,
+    ) -> Result<usize, PartError<NetlinkError>> {
+        let have = self
+            .direct_routes(ifindex)
+            .await
+            .map_err(PartError::listing)?;
         let mut changes = 0;
         let mut failed = None;
         // One to a block still wanted is replaced in place by its add below, not removed
@@ -166,7 +181,7 @@ impl KernelNetlink {
             }
         }
         match failed {
-            Some(e) => Err(e),
+            Some(e) => Err(PartError::entries(e)),
             None => Ok(changes),
         }
     }

@@ -13,6 +13,14 @@
 //! write is retried from a fresh read, a bounded number of times. Keys and fields this module does
 //! not know are carried over untouched.
 //!
+//! Every write also tidies the document: records whose `Expiration` lies more than
+//! [`DiscoverdStore::prune_after`] (at least a day) in the past are dropped, except the one
+//! being written. Released leases keep their record (so their block is the last one taken) and
+//! crashed hosts leave theirs; without pruning the document grew with every host that came and
+//! went until discoverd refused it (its metadata limit is 512 KiB, some 3,000 records), and then
+//! every renewal, acquisition and release failed. A document without a `config` (written again
+//! by a write after it was deleted) gets the config in effect ([`DiscoverdStore::init`]'s).
+//!
 //! Writes, the config read and the checks behind "this lease is lost" read the document
 //! linearizably (`?consistent=true`, served by the Raft leader); the lease set for routing is
 //! read from the local node, which may lag. Once the document is known to exist, a 404 of a
@@ -21,7 +29,7 @@
 //! and the leases with it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use flynn_api::ErrorCode;
@@ -42,6 +50,10 @@ const WRITE_ATTEMPTS: u32 = 20;
 /// Expiry reported for a lease that carries none (flannel writes none): never.
 const NO_EXPIRY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// The least time a lease record stays in the document after its expiry (see
+/// [`DiscoverdStore::prune_after`]).
+pub const PRUNE_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 /// [`LeaseStore`] backed by discoverd.
 #[derive(Clone)]
 pub struct DiscoverdStore {
@@ -50,6 +62,11 @@ pub struct DiscoverdStore {
     /// Whether the document is known to exist (initialised, written or read here; shared by
     /// clones): from then on a 404 is no empty lease set.
     exists: Arc<AtomicBool>,
+    /// The config in effect (what [`DiscoverdStore::init`] returned; shared by clones),
+    /// written into a document that has none.
+    config: Arc<Mutex<Option<Value>>>,
+    /// Records expired for longer than this are dropped by every write.
+    prune_after: Duration,
 }
 
 impl std::fmt::Debug for DiscoverdStore {
@@ -146,6 +163,24 @@ fn unix_secs(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// Drops from `subnets` the records whose `Expiration` is more than `grace` before `now`,
+/// except the one under `keep` (being written). A record without an expiry (flannel's:
+/// never expires) stays. Returns how many were dropped.
+fn prune(subnets: &mut Map<String, Value>, keep: &str, now: SystemTime, grace: Duration) -> usize {
+    let Some(cutoff) = now.checked_sub(grace) else {
+        return 0;
+    };
+    let cutoff = unix_secs(cutoff);
+    let before = subnets.len();
+    subnets.retain(|k, v| {
+        k == keep
+            || v.get("Expiration")
+                .and_then(Value::as_u64)
+                .is_none_or(|e| e >= cutoff)
+    });
+    before - subnets.len()
+}
+
 /// `lease` as stored: expiry truncated to whole seconds, revision `revision`.
 fn stored(lease: &Lease, revision: u64) -> Lease {
     Lease {
@@ -235,7 +270,19 @@ impl DiscoverdStore {
             client,
             service: service.to_string(),
             exists: Arc::new(AtomicBool::new(false)),
+            config: Arc::new(Mutex::new(None)),
+            prune_after: PRUNE_AFTER,
         }
+    }
+
+    /// Every write drops the records whose expiry lies more than `grace` in the past (never
+    /// less than a day, the default; the agent passes its lease TTL): a block released or run
+    /// out keeps its record that long, and is among the last ones a joining host takes
+    /// meanwhile ([`crate::Leaser::acquire`]). Live records, and the one being written, are
+    /// never dropped.
+    pub fn prune_after(mut self, grace: Duration) -> DiscoverdStore {
+        self.prune_after = grace.max(PRUNE_AFTER);
+        self
     }
 
     /// The discoverd service holding the leases.
@@ -266,10 +313,12 @@ impl DiscoverdStore {
         // (the local node may not have it yet), never replaced by this host's flags.
         self.exists.store(true, Ordering::Relaxed);
         let (data, _) = self.read(true).await?;
-        match data.get("config") {
-            Some(c) if !c.is_null() => Ok(c.clone()),
-            _ => Ok(config),
-        }
+        let config = match data.get("config") {
+            Some(c) if !c.is_null() => c.clone(),
+            _ => config,
+        };
+        *self.config.lock().unwrap_or_else(|e| e.into_inner()) = Some(config.clone());
+        Ok(config)
     }
 
     /// The document and its index, from the leader when `consistent`, else from the local
@@ -328,7 +377,25 @@ impl DiscoverdStore {
             if !subnets.is_object() {
                 *subnets = Value::Object(Map::new());
             }
-            let out = change(subnets.as_object_mut().expect("object"), index + 1)?;
+            let subnets = subnets.as_object_mut().expect("object");
+            let out = change(subnets, index + 1)?;
+            let pruned = prune(subnets, key, SystemTime::now(), self.prune_after);
+            if pruned > 0 {
+                tracing::info!(pruned, grace = ?self.prune_after, "dropping lease records expired long ago");
+            }
+            // Written again after it was deleted (a linearizable 404): without this every
+            // agent's `init` fell back to its own flags from then on.
+            if doc.get("config").is_none_or(Value::is_null) {
+                if let Some(c) = self
+                    .config
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                {
+                    tracing::info!("the lease document has no config; writing the one in effect");
+                    doc.insert("config".into(), c);
+                }
+            }
             let meta = ServiceMeta {
                 data,
                 leader_id: None,
@@ -675,6 +742,130 @@ mod tests {
         assert_eq!(b.subnet, a.subnet);
         let stored = f.meta.lock().unwrap().clone().unwrap();
         assert_eq!(stored.data["config"], config);
+    }
+
+    fn unix_now() -> u64 {
+        unix_secs(SystemTime::now())
+    }
+
+    /// Records expired for longer than the grace (released long ago, or left by crashed
+    /// hosts) are dropped when the document is written; recent ones, live ones, flannel's
+    /// (no expiry) and the one being written stay. Nothing was ever dropped, so the document
+    /// grew with every host that came and went until discoverd refused it (512 KiB, some
+    /// 3,000 records), and every renewal, acquisition and release failed from then on.
+    #[tokio::test]
+    async fn a_write_drops_records_expired_long_ago() {
+        let (f, store) = fake().await;
+        store
+            .init(config_json(&Layout::default(), 1, 8472))
+            .await
+            .unwrap();
+        let day = 24 * 3600;
+        let now = unix_now();
+        let record = |ip: &str, exp: Option<u64>| {
+            let mut v = json!({"PublicIP": ip, "BackendType": "vxlan", "Revision": 1});
+            if let Some(e) = exp {
+                v["Expiration"] = json!(e);
+            }
+            v
+        };
+        {
+            let mut meta = f.meta.lock().unwrap();
+            let subnets = meta.as_mut().unwrap().data["subnets"]
+                .as_object_mut()
+                .unwrap();
+            // 3,000 hosts gone two days ago (10.0.x.y, blocks in 10.x.y.0/24 outside the
+            // layout: the store keeps whatever records the document has).
+            for i in 0..3000u32 {
+                let [_, _, a, b] = i.to_be_bytes();
+                subnets.insert(
+                    format!("10.{a}.{b}.0-24"),
+                    record(&format!("10.0.{a}.{b}"), Some(now - 2 * day)),
+                );
+            }
+            // Released an hour ago, just short of a day ago, live, flannel's.
+            subnets.insert(
+                "100.100.5.0-24".into(),
+                record("10.1.0.5", Some(now - 3600)),
+            );
+            subnets.insert(
+                "100.100.6.0-24".into(),
+                record("10.1.0.6", Some(now - day + 60)),
+            );
+            subnets.insert(
+                "100.100.7.0-24".into(),
+                record("10.1.0.7", Some(now + 3600)),
+            );
+            subnets.insert("100.100.8.0-24".into(), record("10.1.0.8", None));
+            // This host's, expired two days ago: being renewed, it stays.
+            subnets.insert(
+                "100.100.9.0-24".into(),
+                record("10.0.0.9", Some(now - 2 * day)),
+            );
+        }
+        let before = serde_json::to_vec(&f.meta.lock().unwrap().as_ref().unwrap().data)
+            .unwrap()
+            .len();
+        assert!(before > 200_000, "{before} bytes");
+        let mine = Lease {
+            revision: 1,
+            ..lease("100.100.9.0/24", 9)
+        };
+        store.update(&mine).await.unwrap();
+        let doc = f.meta.lock().unwrap().clone().unwrap().data;
+        let keys: Vec<&str> = doc["subnets"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "100.100.5.0-24",
+                "100.100.6.0-24",
+                "100.100.7.0-24",
+                "100.100.8.0-24",
+                "100.100.9.0-24"
+            ]
+        );
+        assert!(doc["config"].is_object(), "{doc}");
+        // A longer grace (the agent's lease TTL) keeps them longer; never less than a day.
+        let store = store.prune_after(Duration::from_secs(3 * day));
+        assert_eq!(store.prune_after, Duration::from_secs(3 * day));
+        assert_eq!(
+            store.prune_after(Duration::from_secs(3)).prune_after,
+            PRUNE_AFTER
+        );
+    }
+
+    /// The document deleted, an agent still starting (its start retried) writes its lease
+    /// into a new one: with the config in effect, which it used to leave out, so every
+    /// agent's `init` fell back to its own flags from then on.
+    #[tokio::test]
+    async fn a_document_written_again_gets_the_config() {
+        let (f, store) = fake().await;
+        let first = Layout::with_defaults("10.60.0.0/16".parse().unwrap(), Some(24)).unwrap();
+        let config = store.init(config_json(&first, 1, 8472)).await.unwrap();
+        *f.meta.lock().unwrap() = None;
+        let leaser = crate::Leaser::new(
+            store.clone(),
+            crate::LeaseConfig {
+                layout: first,
+                ..crate::LeaseConfig::default()
+            },
+            Ipv4Addr::new(10, 0, 0, 1),
+        );
+        leaser.acquire(SystemTime::now(), None).await.unwrap();
+        let stored = f.meta.lock().unwrap().clone().unwrap();
+        assert_eq!(stored.data["config"], config);
+        // Another host starting with other flags gets the cluster's config.
+        let other = DiscoverdStore::with_service(store.client.clone(), SERVICE);
+        let cfg = other
+            .init(config_json(&Layout::default(), 1, 8472))
+            .await
+            .unwrap();
+        assert_eq!(layout_from_config(&cfg).unwrap(), first);
     }
 
     /// A lease created a moment ago, renewed through a node that has not seen it yet: still

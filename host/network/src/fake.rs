@@ -21,6 +21,8 @@ pub struct FakeNetlink {
     pub underlay_addr: Option<Ipv4Addr>,
     /// An FDB entry for this MAC is refused (as the kernel refuses some).
     pub refuse_fdb: Option<Mac>,
+    /// Dumps fail (the device's entries cannot be listed).
+    pub refuse_dump: bool,
 }
 
 /// Index the fake gives the VXLAN device.
@@ -41,6 +43,7 @@ impl Default for FakeNetlink {
             },
             underlay_addr: None,
             refuse_fdb: None,
+            refuse_dump: false,
         }
     }
 }
@@ -76,6 +79,11 @@ impl Netlink for FakeNetlink {
     }
 
     async fn dump(&mut self, _vxlan: u32) -> Result<KernelState, NetlinkError> {
+        if self.refuse_dump {
+            return Err(NetlinkError::Missing {
+                name: "dump (refused by the fake)".into(),
+            });
+        }
         Ok(self.state.clone())
     }
 

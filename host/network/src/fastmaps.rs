@@ -21,9 +21,9 @@ use std::time::SystemTime;
 
 use flynn_ebpf::{EbpfError, FastPath, Hop, Tunnel};
 
-use crate::agent::error_chain;
+use crate::agent::{error_chain, AgentError};
 use crate::lease::Lease;
-use crate::reconcile::{reconcile, Netlink, NetlinkError, Op};
+use crate::reconcile::{reconcile_part, Netlink, NetlinkError, Op, PartError};
 use crate::subnet::Subnet;
 
 /// The fast path's prefix and tunnel maps.
@@ -90,7 +90,7 @@ impl MapSync {
         maps: &mut impl RouteMaps,
         want: &BTreeMap<Subnet, Hop>,
         tunnels: &BTreeMap<Ipv4Addr, Tunnel>,
-    ) -> Result<Outcome, EbpfError> {
+    ) -> Result<Outcome, PartError<EbpfError>> {
         let removed = self.remove_stale(maps, want, tunnels);
         let mut out = self.add(maps, want, tunnels)?;
         out.changes += removed?;
@@ -103,13 +103,13 @@ impl MapSync {
     /// to a next hop whose neighbour entry the kernel half is about to delete (the
     /// neighbour lookup of `bpf_redirect_neigh` would leave an INCOMPLETE entry behind).
     /// Returns the number of removals; a failed one is logged and the first is returned once
-    /// the others were tried.
+    /// the others were tried. A map that cannot be listed fails the whole part.
     pub fn remove_stale(
         &mut self,
         maps: &mut impl RouteMaps,
         want: &BTreeMap<Subnet, Hop>,
         tunnels: &BTreeMap<Ipv4Addr, Tunnel>,
-    ) -> Result<usize, EbpfError> {
+    ) -> Result<usize, PartError<EbpfError>> {
         let mut changes = 0;
         let mut failed: Option<EbpfError> = None;
         let mut done = |r: Result<(), EbpfError>, what: &str| match r {
@@ -119,19 +119,19 @@ impl MapSync {
                 failed.get_or_insert(e);
             }
         };
-        for (net, len, hop) in maps.prefixes()? {
+        for (net, len, hop) in maps.prefixes().map_err(PartError::listing)? {
             let block = Subnet::new(net, len);
             if want.get(&block) != Some(&hop) {
                 done(maps.remove_prefix(net, len), &block.to_string());
             }
         }
-        for (next_hop, _) in maps.tunnels()? {
+        for (next_hop, _) in maps.tunnels().map_err(PartError::listing)? {
             if !tunnels.contains_key(&next_hop) {
                 done(maps.remove_tunnel(next_hop), &next_hop.to_string());
             }
         }
         match failed {
-            Some(e) => Err(e),
+            Some(e) => Err(PartError::entries(e)),
             None => Ok(changes),
         }
     }
@@ -141,17 +141,23 @@ impl MapSync {
     /// already encapsulated in BPF; either way they would be delivered), where the maps
     /// (listed again) differ. A block without its tunnel entry still gets its prefix: BPF
     /// hands its packets to the VXLAN device. An entry the maps refuse (full) leaves only its
-    /// block on the kernel path: reported in [`Outcome::unmapped`], not an error.
+    /// block on the kernel path: reported in [`Outcome::unmapped`], not an error. A map that
+    /// cannot be listed fails the whole part.
     pub fn add(
         &mut self,
         maps: &mut impl RouteMaps,
         want: &BTreeMap<Subnet, Hop>,
         tunnels: &BTreeMap<Ipv4Addr, Tunnel>,
-    ) -> Result<Outcome, EbpfError> {
+    ) -> Result<Outcome, PartError<EbpfError>> {
         let mut out = Outcome::default();
-        let have_tunnels: BTreeMap<Ipv4Addr, Tunnel> = maps.tunnels()?.into_iter().collect();
+        let have_tunnels: BTreeMap<Ipv4Addr, Tunnel> = maps
+            .tunnels()
+            .map_err(PartError::listing)?
+            .into_iter()
+            .collect();
         let have: BTreeMap<Subnet, Hop> = maps
-            .prefixes()?
+            .prefixes()
+            .map_err(PartError::listing)?
             .into_iter()
             .map(|(net, len, hop)| (Subnet::new(net, len), hop))
             .collect();
@@ -210,14 +216,69 @@ pub(crate) struct FastPass<'a, M> {
 
 /// What each part of [`ordered_pass`] did.
 pub(crate) struct PassOutcome {
-    /// The VXLAN device's entries ([`reconcile`]).
-    pub kernel: Result<Vec<Op>, NetlinkError>,
+    /// The VXLAN device's entries ([`crate::reconcile::reconcile`]).
+    pub kernel: Result<Vec<Op>, PartError<NetlinkError>>,
     /// The direct routes.
-    pub direct: Result<usize, NetlinkError>,
+    pub direct: Result<usize, PartError<NetlinkError>>,
     /// Stale map entries removed ([`MapSync::remove_stale`]; 0 without a fast path).
-    pub removed: Result<usize, EbpfError>,
+    pub removed: Result<usize, PartError<EbpfError>>,
     /// Map entries written ([`MapSync::add`]; nothing without a fast path).
-    pub added: Result<Outcome, EbpfError>,
+    pub added: Result<Outcome, PartError<EbpfError>>,
+}
+
+/// How many changes each part of a pass made.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct PassChanges {
+    pub kernel: usize,
+    pub direct: usize,
+    pub fast: usize,
+}
+
+/// Why a pass failed: the first failure of its parts, and whether the pass failed as a
+/// whole (`whole`: some part could not even list what is there, so it did nothing for any
+/// peer; say the fast path's maps could not be read) rather than for some entries (one
+/// peer's record the kernel refuses, a stale map entry that stays).
+#[derive(Debug)]
+pub(crate) struct PassError {
+    pub error: AgentError,
+    pub whole: bool,
+}
+
+impl PassOutcome {
+    /// The changes of every part, or the pass's failure ([`PassError`]): the first part
+    /// that failed as a whole, else the first that failed.
+    pub fn changes(self) -> Result<PassChanges, PassError> {
+        let mut first: Option<PassError> = None;
+        let mut note = |e: PartError<AgentError>| {
+            if first.as_ref().is_none_or(|f| !f.whole && e.listing) {
+                first = Some(PassError {
+                    error: e.error,
+                    whole: e.listing,
+                });
+            }
+        };
+        let mut changes = PassChanges::default();
+        match self.kernel {
+            Ok(ops) => changes.kernel = ops.len(),
+            Err(e) => note(e.map(AgentError::from)),
+        }
+        match self.direct {
+            Ok(n) => changes.direct = n,
+            Err(e) => note(e.map(AgentError::from)),
+        }
+        match self.added {
+            Ok(out) => changes.fast += out.changes,
+            Err(e) => note(e.map(AgentError::from)),
+        }
+        match self.removed {
+            Ok(n) => changes.fast += n,
+            Err(e) => note(e.map(AgentError::from)),
+        }
+        match first {
+            Some(e) => Err(e),
+            None => Ok(changes),
+        }
+    }
 }
 
 /// One pass over the kernel and the fast path's maps: stale map entries out, the VXLAN
@@ -233,14 +294,14 @@ pub(crate) async fn ordered_pass<N: Netlink, M: RouteMaps>(
     own: &Subnet,
     tunneled: &[Lease],
     now: SystemTime,
-    direct: impl Future<Output = Result<usize, NetlinkError>>,
+    direct: impl Future<Output = Result<usize, PartError<NetlinkError>>>,
     mut fast: Option<FastPass<'_, M>>,
 ) -> PassOutcome {
     let removed = match &mut fast {
         Some(f) => f.sync.remove_stale(f.maps, &f.want, &f.tunnels),
         None => Ok(0),
     };
-    let kernel = reconcile(nl, vxlan, own, tunneled, now).await;
+    let kernel = reconcile_part(nl, vxlan, own, tunneled, now).await;
     let direct = direct.await;
     let added = match &mut fast {
         Some(f) => f.sync.add(f.maps, &f.want, &f.tunnels),
@@ -266,6 +327,8 @@ mod tests {
         tunnels: BTreeMap<Ipv4Addr, Tunnel>,
         /// Removals fail too.
         stuck: bool,
+        /// Listing either map fails.
+        unlistable: bool,
     }
 
     fn refused(what: &'static str) -> EbpfError {
@@ -278,6 +341,9 @@ mod tests {
 
     impl RouteMaps for Small {
         fn prefixes(&self) -> Result<Vec<(Ipv4Addr, u8, Hop)>, EbpfError> {
+            if self.unlistable {
+                return Err(refused("list prefixes"));
+            }
             Ok(self.prefixes.iter().map(|(k, h)| (k.0, k.1, *h)).collect())
         }
         fn upsert_prefix(&mut self, net: Ipv4Addr, len: u8, hop: Hop) -> Result<(), EbpfError> {
@@ -295,6 +361,9 @@ mod tests {
             Ok(())
         }
         fn tunnels(&self) -> Result<Vec<(Ipv4Addr, Tunnel)>, EbpfError> {
+            if self.unlistable {
+                return Err(refused("list tunnels"));
+            }
             Ok(self.tunnels.iter().map(|(k, t)| (*k, *t)).collect())
         }
         fn upsert_tunnel(&mut self, next_hop: Ipv4Addr, t: Tunnel) -> Result<(), EbpfError> {
@@ -589,5 +658,121 @@ mod tests {
             panic!("no map removals for {b2}: {moved:?}");
         };
         assert!(map_last < kernel_first, "removed: {moved:?}");
+    }
+
+    /// A pass whose maps (or kernel entries) cannot even be listed failed as a whole: it
+    /// did nothing for any peer, and `Agent::start` fails on it (it used to log it and report
+    /// ready with no peer routed). One whose failures are some entries' (a refused FDB entry,
+    /// a stale map entry that stays) did the rest and fails for those only: the start goes on.
+    #[tokio::test]
+    async fn a_pass_that_cannot_list_fails_as_a_whole_not_one_with_refused_entries() {
+        let now = SystemTime::now();
+        let lease = |i: u8| Lease {
+            subnet: block(i),
+            public_ip: tunnel(i).remote_ip,
+            vtep_mac: crate::subnet::Mac(tunnel(i).vtep_mac),
+            expires_at: now + std::time::Duration::from_secs(3600),
+            revision: 1,
+        };
+        async fn pass(
+            nl: &mut crate::fake::FakeNetlink,
+            maps: &mut Small,
+            leases: &[Lease],
+            now: SystemTime,
+        ) -> PassOutcome {
+            let mut sync = MapSync::default();
+            let (want, tunnels) = peers(leases.iter().map(|l| l.subnet.addr().octets()[2]));
+            let fast = FastPass {
+                sync: &mut sync,
+                maps,
+                want,
+                tunnels,
+            };
+            ordered_pass(nl, 7, &block(1), leases, now, async { Ok(0) }, Some(fast)).await
+        }
+        let peers_ = [lease(2), lease(3)];
+        // The maps cannot be listed: the kernel's entries are still made, but the pass
+        // failed as a whole.
+        let mut nl = crate::fake::FakeNetlink::default();
+        let mut maps = Small {
+            cap: 8,
+            unlistable: true,
+            ..Small::default()
+        };
+        let out = pass(&mut nl, &mut maps, &peers_, now).await;
+        assert_eq!(nl.state.routes.len(), 2);
+        let err = out.changes().unwrap_err();
+        assert!(err.whole, "{err:?}");
+        assert!(matches!(err.error, AgentError::FastPath(_)), "{err:?}");
+        // The kernel's entries cannot be listed (the maps can): a whole failure too.
+        let mut nl = crate::fake::FakeNetlink {
+            refuse_dump: true,
+            ..Default::default()
+        };
+        let mut maps = Small {
+            cap: 8,
+            ..Small::default()
+        };
+        let err = pass(&mut nl, &mut maps, &peers_, now)
+            .await
+            .changes()
+            .unwrap_err();
+        assert!(err.whole, "{err:?}");
+        assert!(matches!(err.error, AgentError::Netlink(_)), "{err:?}");
+        // One peer's FDB entry refused, and a stale map entry that stays: failures of
+        // those entries, not of the pass; the other peer is routed and mapped.
+        let mut nl = crate::fake::FakeNetlink {
+            refuse_fdb: Some(lease(3).vtep_mac),
+            ..Default::default()
+        };
+        let mut maps = Small {
+            cap: 8,
+            stuck: true,
+            ..Small::default()
+        };
+        maps.tunnels.insert(block(9).addr(), tunnel(9));
+        let err = pass(&mut nl, &mut maps, &peers_, now)
+            .await
+            .changes()
+            .unwrap_err();
+        assert!(!err.whole, "{err:?}");
+        assert!(maps.prefixes.contains_key(&(block(2).addr(), 24)));
+        assert!(nl.state.routes.iter().any(|r| r.subnet == block(2)));
+        // Both kinds: the whole failure is the one reported.
+        let mut nl = crate::fake::FakeNetlink {
+            refuse_fdb: Some(lease(3).vtep_mac),
+            ..Default::default()
+        };
+        let mut maps = Small {
+            cap: 8,
+            unlistable: true,
+            ..Small::default()
+        };
+        let err = pass(&mut nl, &mut maps, &peers_, now)
+            .await
+            .changes()
+            .unwrap_err();
+        assert!(
+            err.whole && matches!(err.error, AgentError::FastPath(_)),
+            "{err:?}"
+        );
+        // All well: the changes of each part.
+        let mut nl = crate::fake::FakeNetlink::default();
+        let mut maps = Small {
+            cap: 8,
+            ..Small::default()
+        };
+        let done = pass(&mut nl, &mut maps, &peers_, now)
+            .await
+            .changes()
+            .unwrap();
+        assert_eq!(
+            done,
+            PassChanges {
+                kernel: 6,
+                direct: 0,
+                fast: 4
+            }
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! Subnet leases and the allocation logic: lease a free block for this host (preferring the block
 //! it had before a restart), renew it before it expires, release it on clean shutdown (flannel's
-//! `subnet.LocalManager`). A released lease keeps its record, marked expired, so the block is the
-//! last one other hosts pick (see [`Leaser::release`]).
+//! `subnet.LocalManager`). A released lease keeps its record, marked expired, so the block is
+//! among the last ones other hosts pick (see [`Leaser::release`]), until the store drops the
+//! record (a day after its expiry: [`crate::DiscoverdStore::prune_after`]).
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime};
@@ -111,7 +112,8 @@ impl<S: LeaseStore> Leaser<S> {
     /// lease of another host counts as free only once it has been expired for longer than the
     /// renew margin (after a store outage every lease looks expired until its owner's next
     /// renewal, retried every 2 s), and is then taken over with a compare-and-swap on its
-    /// revision.
+    /// revision; when only such blocks are free, one is picked among the older half of them
+    /// (longest expired first, at most `candidates`).
     pub async fn acquire_with(
         &self,
         now: SystemTime,
@@ -189,22 +191,13 @@ impl<S: LeaseStore> Leaser<S> {
                             .take(n)
                             .collect();
                         if free.is_empty() {
-                            // Only blocks whose lease ran out or was released: the one that
-                            // expired longest ago first. One just released (its host's jobs
-                            // may have left only now) or just run out is the last taken.
-                            let mut expired: Vec<(SystemTime, Subnet)> = layout
-                                .blocks()
-                                .filter(is_free)
-                                .filter_map(|b| snap.get(&b).map(|l| (l.expires_at, b)))
-                                .collect();
-                            expired.sort();
-                            let oldest = expired.first().map(|e| e.0);
-                            free = expired
-                                .iter()
-                                .filter(|e| Some(e.0) == oldest)
-                                .map(|e| e.1)
-                                .take(n)
-                                .collect();
+                            free = longest_expired(
+                                layout
+                                    .blocks()
+                                    .filter(is_free)
+                                    .filter_map(|b| snap.get(&b).map(|l| (l.expires_at, b))),
+                                n,
+                            );
                         }
                         if free.is_empty() {
                             return Err(LeaseError::Exhausted {
@@ -276,9 +269,17 @@ impl<S: LeaseStore> Leaser<S> {
     /// This host's lease as the store holds it now (linearizable read), the one
     /// [`Leaser::acquire`] would reuse: for a shutdown that cut an acquisition short, whose
     /// write may have gone through with its answer lost.
+    ///
+    /// A host can have several records (a block it released, kept with its expiry in the
+    /// past, and the one it holds now): the live one is taken, else the newest, as
+    /// [`Leaser::acquire`] does.
     pub async fn own(&self) -> Result<Option<Lease>, LeaseError> {
         let snap = self.store.leases_consistent().await?;
-        Ok(snap.leases.into_iter().find(|l| self.is_own(l)))
+        Ok(snap
+            .leases
+            .into_iter()
+            .filter(|l| self.is_own(l))
+            .max_by_key(|l| l.expires_at))
     }
 
     /// When `lease` should be renewed.
@@ -375,6 +376,23 @@ impl<S: LeaseStore> Leaser<S> {
             ..lease.clone()
         }
     }
+}
+
+/// The blocks to pick from when only expired ones (run out or released) are free, given as
+/// (expiry, block): the older half of them, longest expired first, at most `n`. Picking at
+/// random among several spreads hosts joining together over different blocks (one block
+/// each made them all compare-and-swap on the same record); leaving out the newer half
+/// keeps a block just released (its host may come back for it: `subnet.env`) or just run
+/// out the last taken.
+fn longest_expired(expired: impl Iterator<Item = (SystemTime, Subnet)>, n: usize) -> Vec<Subnet> {
+    let mut expired: Vec<(SystemTime, Subnet)> = expired.collect();
+    expired.sort();
+    let older_half = expired.len().div_ceil(2);
+    expired
+        .into_iter()
+        .take(older_half.min(n.max(1)))
+        .map(|e| e.1)
+        .collect()
 }
 
 fn overlaps(a: &Subnet, b: &Subnet) -> bool {
@@ -563,6 +581,110 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(e.subnet, a.subnet);
+    }
+
+    /// A host with two records (a block it released, and the one it leased after) is
+    /// found by its live one: `own` took the first in block order, the released one, so a
+    /// SIGTERM during acquisition released a block already released and kept the live one.
+    #[tokio::test]
+    async fn own_prefers_the_live_record_of_a_host_with_two() {
+        let store = MemoryStore::new();
+        let leaser = host(&store, 1);
+        // Block 1 released long ago, then block 3 leased (previous: block 3).
+        let released = leaser.acquire_with(now(), None, |_| 0).await.unwrap();
+        leaser.release(&released, now()).await.unwrap();
+        let live = leaser
+            .acquire_with(now(), Some("10.9.3.0/24".parse().unwrap()), |_| 0)
+            .await
+            .unwrap();
+        assert_eq!(live.subnet.to_string(), "10.9.3.0/24");
+        assert_eq!(store.leases().await.unwrap().leases.len(), 2);
+        assert_eq!(leaser.own().await.unwrap(), Some(live.clone()));
+        // Both expired (the live one ran out): the newest.
+        let later = now() + Duration::from_secs(1000);
+        let l = Leaser::new(store.clone(), small(), Ipv4Addr::new(192, 0, 2, 1));
+        let own = l.own().await.unwrap().unwrap();
+        assert!(own.is_expired(later));
+        assert_eq!(own.subnet, live.subnet);
+    }
+
+    /// Hosts joining together when only expired blocks are free spread over several of
+    /// them: only the single longest-expired block used to be a candidate (expiries are
+    /// whole seconds), so every joining host raced for the same record. The newer half
+    /// (a block just released is the newest) is still never picked.
+    #[tokio::test]
+    async fn joins_spread_over_the_longest_expired_blocks() {
+        let store = MemoryStore::new();
+        // 10.9.0.0/21 in /24s: blocks 1 to 7, each leased by its own host, then expired
+        // `k` minutes after one another (block 7 just released).
+        let cfg = Config {
+            layout: Layout::with_defaults("10.9.0.0/21".parse().unwrap(), Some(24)).unwrap(),
+            ..small()
+        };
+        for i in 1..=7u8 {
+            let l = Leaser::new(store.clone(), cfg.clone(), Ipv4Addr::new(192, 0, 2, i))
+                .acquire_with(now(), None, |_| 0)
+                .await
+                .unwrap();
+            assert_eq!(l.subnet.addr().octets()[2], i);
+            store
+                .update(&Lease {
+                    expires_at: now() - Duration::from_secs(60 * (8 - u64::from(i))),
+                    ..l
+                })
+                .await
+                .unwrap();
+        }
+        let mut got = std::collections::BTreeMap::<u8, u32>::new();
+        for pick in 0..7 {
+            let l = Leaser::new(store.clone(), cfg.clone(), Ipv4Addr::new(192, 0, 2, 99));
+            let mut offered = 0;
+            let subnet = l
+                .acquire_with(now(), None, |n| {
+                    offered = n;
+                    pick % n
+                })
+                .await
+                .unwrap()
+                .subnet;
+            // Given back for the next try (not a lease of its own: deleted).
+            let rec = store.leases().await.unwrap().get(&subnet).cloned().unwrap();
+            store.delete(&rec).await.unwrap();
+            let old = (1..=7u8).find(|i| subnet.addr().octets()[2] == *i).unwrap();
+            store
+                .create(&Lease {
+                    public_ip: Ipv4Addr::new(192, 0, 2, old),
+                    expires_at: now() - Duration::from_secs(60 * (8 - u64::from(old))),
+                    ..rec
+                })
+                .await
+                .unwrap();
+            assert_eq!(offered, 4, "the older half of 7 expired blocks");
+            *got.entry(old).or_default() += 1;
+        }
+        // Blocks 1 to 4 (expired longest ago), each picked; 5 to 7 never.
+        assert_eq!(
+            got.keys().copied().collect::<Vec<_>>(),
+            [1, 2, 3, 4],
+            "{got:?}"
+        );
+        // At most `candidates` of them.
+        let l = Leaser::new(
+            store.clone(),
+            Config {
+                candidates: 2,
+                ..cfg.clone()
+            },
+            Ipv4Addr::new(192, 0, 2, 99),
+        );
+        let mut offered = 0;
+        l.acquire_with(now(), None, |n| {
+            offered = n;
+            n - 1
+        })
+        .await
+        .unwrap();
+        assert_eq!(offered, 2);
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! `flynn-network`: the per-host overlay agent. Leases this host's block from discoverd, sets up
 //! the VXLAN device and job bridge, keeps every peer's entries in the kernel (and the eBPF fast
-//! path's prefix map) and releases the lease on SIGTERM/SIGINT (kept while jobs hold addresses
-//! in the block, by `--job-ips`).
+//! path's prefix map) and releases the lease on SIGTERM/SIGINT (kept while jobs may hold
+//! addresses in the block, by `--job-ips`: also when that file is missing).
 //!
 //! Prints `ready subnet=<block> gateway=<addr> mtu=<mtu> mac=<vtep mac> fast_path=<on|off>` on
 //! stdout once set up. Serves `GET /ping` (flannel's), `/.well-known/status` and `/metrics`
@@ -88,8 +88,12 @@ struct Config {
     /// internet); `false` removes the rules. Traffic between jobs is never translated.
     #[arg(long, env = "FLYNN_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
     ip_masq: bool,
-    /// The host daemon's job address allocator file: a clean shutdown releases the lease only
-    /// when no job holds an address of the block in it (a missing file: none does).
+    /// The host daemon's job address allocator file, `<flynn-host --state-dir>/job-ips.json`
+    /// (set it when flynn-host's state directory is not the default): a clean shutdown
+    /// releases the lease only when this file exists and no job holds an address of the block
+    /// in it (flynn-host's pooled namespaces no job took do not count). A missing or
+    /// unreadable file keeps the lease, as after a crash: the next agent renews it, or it
+    /// expires after its TTL.
     #[arg(
         long,
         env = "FLYNN_JOB_IPS",
@@ -281,7 +285,8 @@ async fn run(mut cfg: Config) -> Result<()> {
         .with_context(|| format!("binding the HTTP endpoint {}", cfg.http_addr))?;
     let status = Status::default();
     tokio::spawn(serve(listener, status.clone()));
-    let store = DiscoverdStore::new(Client::new(&cfg.discoverd));
+    // Records expired for longer than a lease TTL (at least a day) are dropped on write.
+    let store = DiscoverdStore::new(Client::new(&cfg.discoverd)).prune_after(cfg.lease_ttl);
     let wanted = Layout::with_defaults(cfg.network, cfg.subnet_len)?;
     let Some(stored) = unless(&mut shutdown, init_config(&store, &wanted, &cfg)).await else {
         tracing::info!("shutting down before the network config was read; nothing leased");

@@ -283,11 +283,57 @@ pub async fn reconcile<N: Netlink>(
     leases: &[Lease],
     now: SystemTime,
 ) -> Result<Vec<Op>, NetlinkError> {
+    reconcile_part(nl, vxlan, own, leases, now)
+        .await
+        .map_err(|e| e.error)
+}
+
+/// A failed part of a reconcile pass (the VXLAN device's entries, the direct routes, the
+/// fast path's maps): `listing` when what is there could not even be listed, so the part
+/// changed nothing, for no peer (a failure of the whole pass); else some entries' changes
+/// failed (one peer's bad record, a full map) and the others were made.
+#[derive(Debug)]
+pub(crate) struct PartError<E> {
+    pub error: E,
+    pub listing: bool,
+}
+
+impl<E> PartError<E> {
+    pub fn listing(error: E) -> PartError<E> {
+        PartError {
+            error,
+            listing: true,
+        }
+    }
+
+    pub fn entries(error: E) -> PartError<E> {
+        PartError {
+            error,
+            listing: false,
+        }
+    }
+
+    pub fn map<F>(self, f: impl FnOnce(E) -> F) -> PartError<F> {
+        PartError {
+            error: f(self.error),
+            listing: self.listing,
+        }
+    }
+}
+
+/// [`reconcile`], telling a failed dump (the whole part) from failed changes.
+pub(crate) async fn reconcile_part<N: Netlink>(
+    nl: &mut N,
+    vxlan: u32,
+    own: &Subnet,
+    leases: &[Lease],
+    now: SystemTime,
+) -> Result<Vec<Op>, PartError<NetlinkError>> {
     let remote: Vec<&Lease> = leases
         .iter()
         .filter(|l| l.subnet != *own && !l.is_expired(now))
         .collect();
-    let actual = nl.dump(vxlan).await?;
+    let actual = nl.dump(vxlan).await.map_err(PartError::listing)?;
     let ops = plan(&actual, &remote, own.first_host());
     // A change the kernel refuses (one peer's bad record) does not hold back the others';
     // the first failure is reported once all were tried, and the next pass tries it again.
@@ -300,7 +346,7 @@ pub async fn reconcile<N: Netlink>(
         }
     }
     if let Some(e) = failed {
-        return Err(e);
+        return Err(PartError::entries(e));
     }
     if !ops.is_empty() {
         tracing::info!(

@@ -223,7 +223,8 @@ pub mod conformance {
             subnet,
             public_ip: Ipv4Addr::from(ip),
             vtep_mac: Mac::for_subnet(&subnet),
-            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1000),
+            // Live (a store may drop records expired long ago: `DiscoverdStore::prune_after`).
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(4_000_000_000),
             revision: 0,
         }
     }

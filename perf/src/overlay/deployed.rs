@@ -229,6 +229,14 @@ impl Deployed {
             .args(["--fast-path", if fast { "on" } else { "off" }])
             .args(["--http-addr", "127.0.0.1:5001"])
             .env("FLYNN_LOG", "warn");
+        // Never the machine's own flynn-host's allocator file (the default path): the host's
+        // daemon's, or (jobs made by the harness, recorded nowhere) one that does not exist,
+        // which keeps the lease at a stop (the next agent reuses it).
+        let job_ips = match &h.daemon {
+            Some(d) => d.job_ips(),
+            None => h.state_dir.join("job-ips.json"),
+        };
+        cmd.arg("--job-ips").arg(job_ips);
         if self.via_host.is_some() {
             // Hand the host's daemon its block, as flanneld's notify does.
             cmd.args(["--notify", &format!("http://{}", via_host::API_ADDR)])

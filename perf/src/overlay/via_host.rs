@@ -114,6 +114,12 @@ impl HostDaemon {
         }
     }
 
+    /// The daemon's address allocator file, which the host's agent reads at a clean stop
+    /// (`flynn-network --job-ips`): its state directory is not flynn-host's default.
+    pub(super) fn job_ips(&self) -> PathBuf {
+        self.dir.join("state").join("job-ips.json")
+    }
+
     /// Starts the daemon (`--fast-path auto` when `fast`, else `off`) and waits until it
     /// serves its API with the agent's block `subnet` as its network.
     pub(super) fn start(&mut self, bin: &Path, fast: bool, subnet: Subnet) -> Result<()> {

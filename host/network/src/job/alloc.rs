@@ -12,6 +12,14 @@ use serde::{Deserialize, Serialize};
 use super::JobNetError;
 use crate::subnet::Subnet;
 
+/// How flynn-host names the allocation owners of its pooled network namespaces (a job id
+/// cannot contain `/`): `pool/<uuid>`. See [`IpAllocator::job_block`].
+pub const POOL_OWNER_PREFIX: &str = "pool/";
+
+fn is_pool_owner(owner: &str) -> bool {
+    owner.starts_with(POOL_OWNER_PREFIX)
+}
+
 /// On-disk form: the block, who holds which address, and where the next search starts.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -139,6 +147,67 @@ impl IpAllocator {
         }
         let block = state.block.parse().map_err(|e| {
             corrupt(serde::de::Error::custom(format!(
+                "block {:?}: {e}",
+                state.block
+            )))
+        })?;
+        Ok(Some(block))
+    }
+
+    /// [`IpAllocator::held_block`] counting jobs only: the block when a job holds an address
+    /// in the allocation file at `path`. flynn-host gives its pooled network namespaces
+    /// (`--netns-pool`, made ahead of jobs) addresses too, under owners starting with
+    /// [`POOL_OWNER_PREFIX`]; such an address counts only once a job took the namespace,
+    /// which `taken` records (flynn-host's `job-netns.json` next to the allocation file:
+    /// job id → pool owner; a missing file: none taken). Pooled namespaces no job took are
+    /// flynn-host's to remove, and counting them kept the block of nearly every host leased
+    /// through a clean stop of the agent.
+    ///
+    /// Unlike [`IpAllocator::held_block`], a missing allocation file is an error, not "no
+    /// job": it is what a host daemon with another state directory (or none) looks like,
+    /// and nothing then says that no job holds an address. An empty one (what a power cut
+    /// can leave; it ended every job) holds none.
+    pub fn job_block(path: &Path, taken: &Path) -> Result<Option<Subnet>, JobNetError> {
+        let bytes = fs::read(path).map_err(|source| JobNetError::Io {
+            op: "read allocation file",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        let corrupt = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| JobNetError::Corrupt { path, source }
+        };
+        let state: State = serde_json::from_slice(&bytes).map_err(corrupt(path))?;
+        let pooled_taken: Vec<String> = if state.owners.keys().any(|o| is_pool_owner(o)) {
+            match fs::read(taken) {
+                Ok(b) => serde_json::from_slice::<BTreeMap<String, String>>(&b)
+                    .map_err(corrupt(taken))?
+                    .into_values()
+                    .collect(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(source) => {
+                    return Err(JobNetError::Io {
+                        op: "read taken namespaces",
+                        path: taken.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let jobs = state
+            .owners
+            .keys()
+            .any(|o| !is_pool_owner(o) || pooled_taken.contains(o));
+        if !jobs {
+            return Ok(None);
+        }
+        let block = state.block.parse().map_err(|e| {
+            corrupt(path)(serde::de::Error::custom(format!(
                 "block {:?}: {e}",
                 state.block
             )))
@@ -385,6 +454,52 @@ mod tests {
             IpAllocator::held_block(&path),
             Err(JobNetError::Corrupt { .. })
         ));
+    }
+
+    /// Only jobs count: flynn-host's pooled namespaces (`pool/…` owners) hold addresses
+    /// before any job does, and counted, they kept nearly every host's block leased through
+    /// a clean stop. A pooled namespace a job took (`job-netns.json`) counts. A missing
+    /// allocation file is an error (nothing says no job holds an address).
+    #[test]
+    fn job_block_counts_jobs_not_pooled_namespaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job-ips.json");
+        let taken = dir.path().join("job-netns.json");
+        assert!(matches!(
+            IpAllocator::job_block(&path, &taken),
+            Err(JobNetError::Io { .. })
+        ));
+        fs::write(&path, b"").unwrap();
+        assert_eq!(IpAllocator::job_block(&path, &taken).unwrap(), None);
+        let mut a = IpAllocator::open(&path, block(), &[]).unwrap();
+        assert_eq!(IpAllocator::job_block(&path, &taken).unwrap(), None);
+        a.allocate("pool/0a1b").unwrap();
+        a.allocate("pool/2c3d").unwrap();
+        assert_eq!(IpAllocator::job_block(&path, &taken).unwrap(), None);
+        // What held_block says, for flynn-host's own use.
+        assert_eq!(IpAllocator::held_block(&path).unwrap(), Some(block()));
+        // A job took one.
+        fs::write(&taken, br#"{"job-1":"pool/2c3d"}"#).unwrap();
+        assert_eq!(
+            IpAllocator::job_block(&path, &taken).unwrap(),
+            Some(block())
+        );
+        fs::write(&taken, b"{}").unwrap();
+        assert_eq!(IpAllocator::job_block(&path, &taken).unwrap(), None);
+        fs::write(&taken, b"{not json").unwrap();
+        assert!(matches!(
+            IpAllocator::job_block(&path, &taken),
+            Err(JobNetError::Corrupt { .. })
+        ));
+        fs::write(&taken, b"{}").unwrap();
+        // A job of its own.
+        a.allocate("job-2").unwrap();
+        assert_eq!(
+            IpAllocator::job_block(&path, &taken).unwrap(),
+            Some(block())
+        );
+        a.release("job-2").unwrap();
+        assert_eq!(IpAllocator::job_block(&path, &taken).unwrap(), None);
     }
 
     #[test]

@@ -238,6 +238,9 @@ impl Cluster {
         let ns = self.lab.add_host(&format!("h{i}"), &format!("u{i}"), &ip)?;
         let dir = self.dir.path().join(format!("h{i}"));
         std::fs::create_dir_all(&dir)?;
+        // The host daemon's allocator file (`--job-ips`), no address held: a clean stop
+        // releases the lease (without the file it is kept).
+        IpAllocator::open(&dir.join("job-ips.json"), network(), &[])?;
         self.hosts.push(Host { ns, ip, dir });
         Ok(self.hosts.len() - 1)
     }
@@ -822,6 +825,21 @@ fn agents_killed_or_restarted_keep_traffic_and_macs() -> Result<()> {
     eventually(10, "traffic after the clean restart", || {
         Ok(can_ping(&j1, &j2) && can_ping(&j2, &j1))
     })?;
+
+    // Without the allocator file (a flynn-host whose --state-dir --job-ips does not
+    // follow), nothing says no job holds an address: a clean stop keeps the lease, and the
+    // next agent renews it. A missing file used to read as "no job" and released it.
+    drop(alloc);
+    std::fs::remove_file(&job_ips)?;
+    a1.stop()?;
+    ensure!(
+        live_leases(&c)?.contains_key(&subnet1.key()),
+        "lease released on SIGTERM with no allocator file:\n{}",
+        a1.log_text()
+    );
+    a1 = c.agent(h1, &["--fast-path", "off"])?;
+    ensure!(a1.subnet == subnet1, "block changed: {}", a1.subnet);
+    IpAllocator::open(&job_ips, subnet1, &[])?;
 
     // Clean shutdown releases both leases.
     a1.stop()?;

@@ -466,6 +466,84 @@ fn a_start_that_gives_up_keeps_the_lease_it_found() -> Result<()> {
     )
 }
 
+/// Whether a shutdown of an agent whose start failed (`abandon_start`, which decides as a
+/// clean stop does) released this host's lease, the host daemon's allocator file at
+/// `job_ips` made by `files` for the lease's block.
+async fn released_at_shutdown(
+    job_ips: &std::path::Path,
+    files: impl FnOnce(Subnet) -> Result<()>,
+) -> Result<bool> {
+    let s = MemoryStore::new();
+    let before = previous_run_lease(s.clone()).await?;
+    files(before.subnet)?;
+    let mut agent = unreachable_agent_with(s.clone(), Some(job_ips.to_path_buf()))?;
+    ensure!(no_underlay(&agent.start().await), "the start did not fail");
+    agent.abandon_start().await?;
+    Ok(live(&s).await?.iter().all(|l| l.subnet != before.subnet))
+}
+
+/// A shutdown releases the lease only when the host daemon's allocator file exists and no
+/// job holds an address in it. flynn-host's pooled namespaces (`--netns-pool`, owners
+/// `pool/…`) do not count until a job takes one (`job-netns.json`): they used to, so a
+/// clean stop almost never released. A missing file (a flynn-host whose `--state-dir` the
+/// agent's `--job-ips` does not follow) keeps the lease: it used to read as "no job".
+#[test]
+fn a_shutdown_releases_only_when_the_allocator_file_shows_no_job() -> Result<()> {
+    in_lone_host(
+        "a_shutdown_releases_only_when_the_allocator_file_shows_no_job",
+        async move || {
+            use flynn_network::job::IpAllocator;
+            let dir = tempfile::tempdir()?;
+            let job_ips = dir.path().join("job-ips.json");
+            let taken = dir.path().join("job-netns.json");
+            let pooled = |block: Subnet| -> Result<IpAllocator> {
+                let _ = std::fs::remove_file(&taken);
+                let _ = std::fs::remove_file(&job_ips);
+                let mut a = IpAllocator::open(&job_ips, block, &[])?;
+                a.allocate("pool/0a1b2c")?;
+                a.allocate("pool/3d4e5f")?;
+                Ok(a)
+            };
+            ensure!(
+                !released_at_shutdown(&job_ips, |_| Ok(())).await?,
+                "released with no allocator file"
+            );
+            ensure!(
+                released_at_shutdown(&job_ips, |b| pooled(b).map(|_| ())).await?,
+                "kept while only pooled namespaces hold addresses"
+            );
+            ensure!(
+                !released_at_shutdown(&job_ips, |b| {
+                    pooled(b)?;
+                    std::fs::write(&taken, br#"{"job-1":"pool/3d4e5f"}"#)?;
+                    Ok(())
+                })
+                .await?,
+                "released while a job holds a pooled namespace's address"
+            );
+            ensure!(
+                !released_at_shutdown(&job_ips, |b| {
+                    pooled(b)?.allocate("job-2")?;
+                    Ok(())
+                })
+                .await?,
+                "released while a job holds an address"
+            );
+            ensure!(
+                released_at_shutdown(&job_ips, |b| {
+                    let _ = std::fs::remove_file(&taken);
+                    let _ = std::fs::remove_file(&job_ips);
+                    IpAllocator::open(&job_ips, b, &[])?;
+                    Ok(())
+                })
+                .await?,
+                "kept with no address held"
+            );
+            Ok(())
+        },
+    )
+}
+
 /// A [`MemoryStore`] whose writes go through but, while `lose` is set, answer as if the
 /// store could not be reached (their answers lost).
 #[derive(Clone)]
