@@ -56,19 +56,26 @@ where
         .initial_window_size(256 * 1024)
         .initial_connection_window_size(1024 * 1024);
     let limit = core.settings().header_timeout;
+    // The first request (the preface, then the first stream's HEADERS) is due within the
+    // header timeout, as on HTTP/1.1; the idle timeout applies between streams after it.
+    let first_by = Instant::now() + limit.min(core.settings().idle_timeout);
     if let Ok(Ok(mut conn)) = monoio::time::timeout(limit, b.handshake::<_, Bytes>(io)).await {
         CoreMetrics::inc(&core.metrics().h2_connections_total);
         let streams = Rc::new(Streams::default());
         // When GOAWAY went out (idle, or this process is draining after a handover): the
         // streams in flight finish, then the connection closes.
         let mut closing: Option<Instant> = None;
-        // Set once the connection is being ended for rapid resets.
+        // Set once the connection is being ended for rapid resets, or for sending no
+        // request.
         let mut calmed = false;
+        // No stream yet: the first one's HEADERS are due by `first_by`.
+        let mut first = true;
         loop {
             let wait = match closing {
                 // A client that never answers the GOAWAY's PING must not hold the connection
                 // longer than the header timeout once GOAWAY is out and its streams are done.
                 Some(at) => streams.closing_left(at, core.settings().header_timeout),
+                None if first => first_by.saturating_duration_since(Instant::now()),
                 None => streams.idle_left(core.settings().idle_timeout),
             };
             let next = monoio::select! {
@@ -99,6 +106,15 @@ where
                     }
                     continue;
                 }
+                None if first && Instant::now() >= first_by => {
+                    // No request within the header timeout: GOAWAY (no stream was
+                    // processed) and close, without waiting for a PING the client may
+                    // never answer.
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    calmed = true;
+                    closing = Some(Instant::now());
+                    continue;
+                }
                 None => {
                     let idle = streams.active.get() == 0
                         && streams.idle_left(core.settings().idle_timeout).is_zero();
@@ -110,6 +126,7 @@ where
                 }
             };
             CoreMetrics::inc(&core.metrics().h2_streams_total);
+            first = false;
             if calmed {
                 // Going away: what the client still sends is not served.
                 continue;

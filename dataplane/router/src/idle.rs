@@ -3,7 +3,10 @@
 //! is 32). An expired connection's socket is shut down, which wakes its readiness wait.
 //! A connection idle for [`PARK_AFTER_SECS`] is asked to park (its waker is woken): it
 //! moves to the core's [`crate::park::Parked`] set and its task ends. A connection still
-//! waiting for its first request expires at the header timeout instead of the idle one.
+//! waiting for its first request expires at the header timeout, counted from its start,
+//! instead of the idle one. The clock is coarse (one tick a second), so an entry expires
+//! only after *more* than its limit in ticks: at least the whole limit, at most a second
+//! more (an entry made just before a tick must not lose that second).
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
@@ -16,6 +19,7 @@ pub const PARK_AFTER_SECS: u32 = 2;
 struct Entry {
     fd: RawFd,
     gen: u32,
+    /// Sweep second it went idle, or (`first`) at which the connection started.
     since: u32,
     live: bool,
     park: bool,
@@ -40,10 +44,13 @@ pub struct IdleSet {
 }
 
 impl IdleSet {
-    /// Registers an idle connection; `first`: it has had no request yet.
-    pub fn enter(&self, fd: RawFd, first: bool) -> Ticket {
+    /// Registers an idle connection; `first`: it has had no request yet, and started at
+    /// that second of [`IdleSet::now`] (its header timeout counts from there, however
+    /// often it comes back idle meanwhile, e.g. after empty lines).
+    pub fn enter(&self, fd: RawFd, first: Option<u32>) -> Ticket {
         let mut entries = self.entries.borrow_mut();
-        let since = self.now.get();
+        let since = first.unwrap_or(self.now.get());
+        let first = first.is_some();
         match self.free.borrow_mut().pop() {
             Some(i) => {
                 let e = &mut entries[i as usize];
@@ -90,7 +97,8 @@ impl IdleSet {
         true
     }
 
-    /// The sweep second at which the entry went idle.
+    /// The sweep second at which the entry went idle (or, before its first request, at
+    /// which its connection started).
     pub fn since(&self, t: Ticket) -> u32 {
         self.entries.borrow()[t.index as usize].since
     }
@@ -133,9 +141,11 @@ impl IdleSet {
         n
     }
 
-    /// Advances the clock one second, expires entries idle for `limit_secs` or more
-    /// (`first_limit_secs` for those with no request yet) and, with `park`, asks those idle
-    /// for [`PARK_AFTER_SECS`] to park; returns how many were expired.
+    /// Advances the clock one second, expires entries idle for more than `limit_secs`
+    /// ticks (`first_limit_secs` for those with no request yet, since their start): at
+    /// least that many seconds, whenever between two ticks they came, and at most one
+    /// more. With `park`, asks those idle for [`PARK_AFTER_SECS`] to park. Returns how
+    /// many were expired.
     pub fn sweep(&self, limit_secs: u32, first_limit_secs: u32, park: bool) -> usize {
         let now = self.now.get() + 1;
         self.now.set(now);
@@ -152,7 +162,7 @@ impl IdleSet {
             } else {
                 limit_secs
             };
-            if idle >= limit {
+            if idle > limit {
                 e.live = false;
                 e.waker = None;
                 free.push(i as u32);
@@ -177,7 +187,7 @@ mod tests {
     fn long_idle_entries_are_asked_to_park_once() {
         use std::future::Future;
         let set = IdleSet::default();
-        let a = set.enter(-1, false);
+        let a = set.enter(-1, None);
         let requested = |t| {
             let mut f = std::pin::pin!(set.park_requested(t));
             let mut cx = std::task::Context::from_waker(Waker::noop());
@@ -190,12 +200,12 @@ mod tests {
         assert!(requested(a));
         // A new connection in the same slot starts over.
         assert!(set.leave(a));
-        let b = set.enter(-1, false);
+        let b = set.enter(-1, None);
         assert!(!requested(b));
         assert!(!requested(a), "stale ticket");
         // Without parking (TLS-only cores, draining) nothing is asked.
         let set2 = IdleSet::default();
-        let c = set2.enter(-1, false);
+        let c = set2.enter(-1, None);
         for _ in 0..5 {
             set2.sweep(100, 100, false);
         }
@@ -207,19 +217,22 @@ mod tests {
     #[test]
     fn expiry_and_reuse() {
         let set = IdleSet::default();
-        let a = set.enter(-1, false);
-        let b = set.enter(-1, false);
+        let a = set.enter(-1, None);
+        let b = set.enter(-1, None);
         assert!(set.leave(a));
-        let c = set.enter(-1, false); // reuses a's slot with a new generation
+        let c = set.enter(-1, None); // reuses a's slot with a new generation
         assert!(
             !set.leave(a),
             "a stale ticket must not remove the new entry"
         );
         assert_eq!(set.sweep(2, 2, false), 0);
-        assert_eq!(set.sweep(2, 2, false), 2); // b and c idle for 2 s
+        // Entered maybe just before this tick: not yet 2 s for sure.
+        assert_eq!(set.sweep(2, 2, false), 0);
+        assert_eq!(set.sweep(2, 2, false), 2); // b and c idle for at least 2 s
         assert!(!set.leave(b));
         assert!(!set.leave(c));
-        let d = set.enter(-1, false);
+        let d = set.enter(-1, None);
+        assert_eq!(set.sweep(2, 2, false), 0);
         assert_eq!(set.sweep(2, 2, false), 0);
         assert!(set.leave(d));
     }
@@ -227,11 +240,28 @@ mod tests {
     #[test]
     fn connections_without_a_request_expire_at_their_own_limit() {
         let set = IdleSet::default();
-        let fresh = set.enter(-1, true);
-        let kept = set.enter(-1, false);
+        let fresh = set.enter(-1, Some(set.now()));
+        let kept = set.enter(-1, None);
         assert_eq!(set.sweep(5, 2, false), 0);
+        assert_eq!(set.sweep(5, 2, false), 0, "maybe only 1 s and a bit");
         assert_eq!(set.sweep(5, 2, false), 1, "no request within 2 s");
         assert!(!set.leave(fresh));
         assert!(set.leave(kept));
+    }
+
+    /// A limit of 1 s does not expire a connection at the tick right after it came
+    /// (maybe a few milliseconds later), and a connection's first-request limit counts
+    /// from its start however often it comes back idle (empty lines).
+    #[test]
+    fn expiry_waits_for_the_whole_limit_and_the_first_one_counts_from_the_start() {
+        let set = IdleSet::default();
+        let start = set.now();
+        let a = set.enter(-1, Some(start));
+        assert_eq!(set.sweep(5, 1, false), 0, "expired at the first tick");
+        // Back from a read of empty lines: the same start.
+        assert!(set.leave(a));
+        let a = set.enter(-1, Some(start));
+        assert_eq!(set.sweep(5, 1, false), 1);
+        assert!(!set.leave(a));
     }
 }

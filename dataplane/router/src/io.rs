@@ -78,14 +78,17 @@ pub async fn peer_shut_after(fd: std::os::fd::RawFd, grace: std::time::Duration)
     }
 }
 
-/// Copies bytes from `r` to `w` until EOF, then half-closes `w`; reads count as the
-/// tunnel's activity. A read error (a reset; a TLS end without close_notify is an EOF
-/// here) aborts the whole tunnel instead ([`crate::tunnels::Tunnel::abort`]).
+/// Copies bytes from `r` (side `from` of `tunnel`) to `w` until EOF, then half-closes
+/// `w`; reads count as the tunnel's activity. A read error (a reset; a TLS end without
+/// close_notify is an EOF here) ends the whole tunnel instead, keeping what was already
+/// relayed the other way ([`crate::tunnels::Tunnel::read_failed`]). The halves are lent,
+/// so the caller closes the sockets itself, after [`crate::tunnels::Tunnel::finish`].
 pub async fn pipe<R: AsyncReadRent, W: AsyncWriteRentExt + monoio::io::AsyncWriteRent>(
     mut r: R,
     mut w: W,
     mut buf: Vec<u8>,
     tunnel: &crate::tunnels::Tunnel<'_>,
+    from: usize,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
@@ -95,7 +98,7 @@ pub async fn pipe<R: AsyncReadRent, W: AsyncWriteRentExt + monoio::io::AsyncWrit
         let n = match res {
             Ok(n) if n > 0 => n,
             Err(e) if e.kind() != io::ErrorKind::UnexpectedEof => {
-                tunnel.abort();
+                tunnel.read_failed(from);
                 return Err(e);
             }
             _ => {

@@ -41,7 +41,7 @@ counters! {
     upstream_retries_total: "requests sent again on a fresh connection after a reused one failed (its head write, or before any response byte to a safe bodiless request)",
     upgrades_total: "upgraded (101) connections tunnelled",
     connections_total: "client connections accepted",
-    accept_errors_total: "failed accepts (HTTP and TCP route listeners): of one connection, reset or aborted before it was accepted (skipped), or of the listener, out of descriptors or memory (a 10 ms pause)",
+    accept_errors_total: "failed accepts (HTTP and TCP route listeners): of one connection, aborted before it was accepted (skipped), or of the listener or process, out of descriptors or memory or refused (a pause, 5 ms doubling to 1 s until an accept succeeds)",
     connections_rejected_total: "client connections closed at the per-core cap",
     connections_active: "client connections open now",
     connections_parked_active: "idle client connections parked without a task (part of connections_active)",

@@ -17,9 +17,11 @@ pub struct Conn {
     pub fd: OwnedFd,
     pub peer: SocketAddr,
     pub info: ListenerInfo,
-    /// Sweep second at which it went idle (the idle timeout counts from there).
+    /// Sweep second at which it went idle (the idle timeout counts from there), or
+    /// (`first`) at which it started.
     pub since: u32,
-    /// No request yet: it expires at the header timeout, not the idle timeout.
+    /// No request yet: it expires at the header timeout from its start, not the idle
+    /// timeout.
     pub first: bool,
 }
 
@@ -82,21 +84,31 @@ impl Parked {
         Some(c)
     }
 
-    /// Closes parked connections idle since `limit_secs` before `now` (`first_limit_secs`
-    /// for those with no request yet; all of them with both 0); returns how many.
+    /// Closes parked connections idle for more than `limit_secs` ticks at `now`
+    /// (`first_limit_secs` for those with no request yet): at least the whole limit, as
+    /// in [`crate::idle::IdleSet::sweep`]. Returns how many.
     pub fn expire(&self, now: u32, limit_secs: u32, first_limit_secs: u32) -> usize {
+        self.expire_if(|c| {
+            let limit = if c.first {
+                first_limit_secs
+            } else {
+                limit_secs
+            };
+            now.saturating_sub(c.since) > limit
+        })
+    }
+
+    /// Closes every parked connection (a drain); returns how many.
+    pub fn expire_all(&self) -> usize {
+        self.expire_if(|_| true)
+    }
+
+    fn expire_if(&self, expired: impl Fn(&Conn) -> bool) -> usize {
         let mut n = 0;
         let mut slots = self.slots.borrow_mut();
         let mut free = self.free.borrow_mut();
         for (i, slot) in slots.iter_mut().enumerate() {
-            if slot.conn.as_ref().is_some_and(|c| {
-                let limit = if c.first {
-                    first_limit_secs
-                } else {
-                    limit_secs
-                };
-                now.saturating_sub(c.since) >= limit
-            }) {
+            if slot.conn.as_ref().is_some_and(&expired) {
                 // Dropping the fd closes the socket and takes it out of the epoll set.
                 slot.conn = None;
                 free.push(i as u32);

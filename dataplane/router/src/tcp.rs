@@ -136,8 +136,9 @@ async fn accept(core: Rc<Core>, l: TcpListener, port: u16, stop: Rc<Stop>) {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    if failing.failed(&core, &e, "TCP route accept failed; backing off") {
-                        monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    let what = "TCP route accept failed; backing off";
+                    if let Some(pause) = failing.failed(&core, &e, what) {
+                        monoio::time::sleep(pause).await;
                         break;
                     }
                     continue;
@@ -211,9 +212,12 @@ async fn proxy(core: Rc<Core>, c: TcpStream, port: u16, _active: Active) {
     let _ = flynn_runtime::sock::set_keepalive(c.as_raw_fd());
     let _ = flynn_runtime::sock::set_keepalive(up.as_raw_fd());
     let tunnel = core.tunnels.open(c.as_raw_fd(), up.as_raw_fd());
-    let (cr, cw) = c.into_split();
-    let (ur, uw) = up.into_split();
-    let a = pipe(cr, uw, Vec::with_capacity(16 * 1024), &tunnel);
-    let b = pipe(ur, cw, Vec::with_capacity(16 * 1024), &tunnel);
+    let (mut cr, mut cw) = c.into_split();
+    let (mut ur, mut uw) = up.into_split();
+    // Side 0 is the client, 1 the backend, as opened.
+    let a = pipe(&mut cr, &mut uw, Vec::with_capacity(16 * 1024), &tunnel, 0);
+    let b = pipe(&mut ur, &mut cw, Vec::with_capacity(16 * 1024), &tunnel, 1);
     let _ = monoio::join!(a, b);
+    // The sockets close as this returns, with no await in between.
+    tunnel.finish();
 }

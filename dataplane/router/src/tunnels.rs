@@ -3,7 +3,9 @@
 //! for the tunnel timeout, or for the half-close timeout once one side has finished
 //! sending (HAProxy's `timeout tunnel` and `timeout client-fin`). A read stores the
 //! sweep's coarse clock in its entry: no timer per read. A closed tunnel's sockets are
-//! shut down, which ends both directions' waits.
+//! shut down, which ends both directions' waits. A read that fails on one side ends the
+//! tunnel too, without losing what was already relayed to the other side
+//! ([`Tunnel::read_failed`]).
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
@@ -31,6 +33,10 @@ pub struct Tunnel<'a> {
     set: &'a Tunnels,
     index: u32,
     gen: u32,
+    /// Its two sockets, as given to [`Tunnels::open`].
+    fds: [RawFd; 2],
+    /// The side left after the other's read failed, whose input [`Tunnel::finish`] drops.
+    survivor: Cell<Option<RawFd>>,
 }
 
 impl Tunnels {
@@ -60,6 +66,8 @@ impl Tunnels {
             set: self,
             index,
             gen,
+            fds: [a, b],
+            survivor: Cell::new(None),
         }
     }
 
@@ -114,16 +122,38 @@ impl Tunnel<'_> {
         self.with(|e| e.last = now);
     }
 
-    /// A read failed (a reset): both sides are aborted ([`flynn_runtime::sock::abort`]),
-    /// so the other side's pipe ends at once and closing its socket passes the reset on,
-    /// rather than a half-close that a silent peer would hold for the tunnel timeout
-    /// (HAProxy aborts both sides too).
-    pub fn abort(&self) {
-        self.with(|e| {
-            for fd in e.fds {
-                flynn_runtime::sock::abort(fd);
+    /// A read from side `from` (0 or 1, as given to [`Tunnels::open`]) failed (a reset):
+    /// the tunnel ends, at once rather than with a half-close that a silent peer would
+    /// hold for the tunnel timeout, but without losing what was already relayed to the
+    /// other side. The failed side is aborted ([`flynn_runtime::sock::abort`]: a write
+    /// waiting on it fails now). The other side is shut down both ways: its peer gets a
+    /// FIN after the bytes already queued to it (a reset would drop them: the end of a
+    /// backend's last answer, say "auth failed", before it reset), and the read waiting on
+    /// it ends. Once both directions are done, [`Tunnel::finish`] empties its input
+    /// right before both sockets close.
+    pub fn read_failed(&self, from: usize) {
+        let (failed, other) = (self.fds[from], self.fds[1 - from]);
+        flynn_runtime::sock::abort(failed);
+        match self.survivor.get() {
+            // Both sides failed: nothing is left to deliver.
+            Some(s) if s == failed => self.survivor.set(None),
+            Some(_) => {}
+            None => {
+                flynn_runtime::sock::shutdown(other);
+                self.survivor.set(Some(other));
             }
-        });
+        }
+    }
+
+    /// Call when both directions have ended, right before the sockets close (no await in
+    /// between): after a failed read, the other side's input is taken and dropped, so its
+    /// close finds nothing unread and closes gracefully (the kernel delivers what is still
+    /// queued to it, then the FIN) instead of resetting the connection and dropping that.
+    /// Whatever its peer sends after the close gets a reset from the kernel.
+    pub fn finish(&self) {
+        if let Some(fd) = self.survivor.take() {
+            flynn_runtime::sock::discard_input(fd);
+        }
     }
 
     /// One side has finished sending: the half-close limit applies from now on.
@@ -230,6 +260,8 @@ mod tests {
             set: &set,
             index: t.index,
             gen: t.gen.wrapping_sub(1),
+            fds: t.fds,
+            survivor: Cell::new(None),
         };
         stale.half_closed();
         drop(stale);

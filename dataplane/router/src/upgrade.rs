@@ -65,11 +65,14 @@ pub async fn tunnel<S: crate::proxy::Client>(
     let _ = flynn_runtime::sock::set_keepalive(fd);
     let _ = flynn_runtime::sock::set_keepalive(up.as_raw_fd());
     let tunnel = core.tunnels.open(fd, up.as_raw_fd());
-    let (cr, cw) = c.into_split();
-    let (ur, uw) = up.into_split();
-    let a = pipe(cr, uw, Vec::with_capacity(16 * 1024), &tunnel);
-    let b = pipe(ur, cw, Vec::with_capacity(16 * 1024), &tunnel);
+    let (mut cr, mut cw) = c.into_split();
+    let (mut ur, mut uw) = up.into_split();
+    // Side 0 is the client, 1 the backend, as opened.
+    let a = pipe(&mut cr, &mut uw, Vec::with_capacity(16 * 1024), &tunnel, 0);
+    let b = pipe(&mut ur, &mut cw, Vec::with_capacity(16 * 1024), &tunnel, 1);
     let _ = monoio::join!(a, b);
+    // The sockets close as this returns, with no await in between.
+    tunnel.finish();
 }
 
 /// Dials a backend, sends it the request (head and body as framed) and relays its answer

@@ -86,6 +86,23 @@ impl Core {
         self.stop.fired()
     }
 
+    /// The idle sweep's limits, in its one-second ticks: between requests (the idle
+    /// timeout), and before a connection's first request (the header timeout, no longer
+    /// than the idle one: a connection that has not sent its first request yet is held no
+    /// longer than a head may take, as nginx's `client_header_timeout` and Go's
+    /// `ReadHeaderTimeout` do).
+    pub fn idle_limits(&self) -> (u32, u32) {
+        let secs = |d: std::time::Duration| d.as_secs().clamp(1, u32::MAX as u64) as u32;
+        let limit = secs(self.settings().idle_timeout);
+        (limit, secs(self.settings().header_timeout).min(limit))
+    }
+
+    /// Whether a connection that started at `start` (the idle sweep's clock) and has had
+    /// no request yet is past its header timeout, as the sweep counts it.
+    pub fn first_request_overdue(&self, start: u32) -> bool {
+        self.idle.now().saturating_sub(start) > self.idle_limits().1
+    }
+
     /// The table requests should use now (a core-local reference count, no atomics).
     #[allow(clippy::redundant_allocation)]
     pub fn table(&self) -> Rc<Arc<Table>> {
@@ -335,15 +352,8 @@ fn forget_gone_backends(core: &Core) {
 const TRIM_AFTER_PARKED: usize = 512;
 
 async fn sweep_idle(core: Rc<Core>) {
-    let limit = core
-        .settings()
-        .idle_timeout
-        .as_secs()
-        .clamp(1, u32::MAX as u64) as u32;
+    let (limit, first_limit) = core.idle_limits();
     let secs = |d: std::time::Duration| d.as_secs().min(u32::MAX as u64) as u32;
-    // A connection that has not sent its first request yet is held no longer than a head
-    // may take (nginx's `client_header_timeout`, Go's `ReadHeaderTimeout`).
-    let first_limit = secs(core.settings().header_timeout).clamp(1, limit);
     let tunnel_limit = secs(core.settings().tunnel_timeout);
     let fin_limit = secs(core.settings().tunnel_fin_timeout);
     // Parked count at the last heap trim.
@@ -414,7 +424,9 @@ async fn unpark(core: Rc<Core>) {
                             None,
                             c.peer,
                             c.info,
-                            crate::proxy::Start::Unparked { first: c.first },
+                            crate::proxy::Start::Unparked {
+                                first: c.first.then_some(c.since),
+                            },
                         ));
                     }
                     Err(_) => core.conn_closed(),
@@ -451,8 +463,8 @@ async fn accept_http(core: Rc<Core>, listener: TcpListener, info: ListenerInfo) 
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    if failing.failed(&core, &e, "accept failed; backing off") {
-                        monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    if let Some(pause) = failing.failed(&core, &e, "accept failed; backing off") {
+                        monoio::time::sleep(pause).await;
                         break;
                     }
                     continue;
@@ -466,29 +478,37 @@ async fn accept_http(core: Rc<Core>, listener: TcpListener, info: ListenerInfo) 
     }
 }
 
-/// An accept loop's failures. One connection's failure (reset or aborted before it was
-/// accepted) is counted and skipped: the next connection is fine, and pausing would let
-/// any client stall the core's accepts. A failure of the listener or the process (out of
-/// descriptors or memory) is counted and paused on, with one warning per run of them.
+/// An accept loop's failures ([`flynn_runtime::handoff::AcceptBackoff`]): one
+/// connection's failure (aborted before it was accepted) is skipped, as pausing would let
+/// any client stall the core's accepts; any other (out of descriptors or memory, refused
+/// by a security module, the listener itself) pauses the loop, 5 ms doubling to 1 s until
+/// an accept succeeds, with one warning per run of them. All are counted.
 #[derive(Default)]
-pub struct AcceptFailing(bool);
+pub struct AcceptFailing(flynn_runtime::handoff::AcceptBackoff);
 
 impl AcceptFailing {
+    #[inline]
     pub fn ok(&mut self) {
-        self.0 = false;
+        self.0.ok();
     }
 
-    /// Counts `e`; true when the loop should pause (10 ms) before accepting again.
-    pub fn failed(&mut self, core: &Core, e: &std::io::Error, what: &'static str) -> bool {
+    /// Counts `e`; `Some(pause)` when the loop should pause that long before accepting
+    /// again.
+    pub fn failed(
+        &mut self,
+        core: &Core,
+        e: &std::io::Error,
+        what: &'static str,
+    ) -> Option<std::time::Duration> {
         CoreMetrics::inc(&core.metrics().accept_errors_total);
-        if flynn_runtime::handoff::is_connection_error(e) {
-            tracing::debug!(error = %e, "accept: connection skipped");
-            return false;
+        let warned = self.0.pausing();
+        let pause = self.0.failed(e);
+        match pause {
+            None => tracing::debug!(error = %e, "accept: connection skipped"),
+            Some(pause) if !warned => tracing::warn!(error = %e, ?pause, "{what}"),
+            Some(_) => {}
         }
-        if !std::mem::replace(&mut self.0, true) {
-            tracing::warn!(error = %e, "{what}");
-        }
-        true
+        pause
     }
 }
 
@@ -622,7 +642,7 @@ async fn drain(core: Rc<Core>, grace: std::time::Duration) {
     monoio::time::sleep(grace).await;
     core.idle.expire_all();
     if let Some(p) = &core.parked {
-        let n = p.expire(core.idle.now(), 0, 0);
+        let n = p.expire_all();
         core.parked_closed(n);
     }
 }

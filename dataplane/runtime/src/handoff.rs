@@ -7,6 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 /// Most descriptors one `sendmsg` carries (the kernel's `SCM_MAX_FD` is 253). More go in
 /// continuation messages (see [`send_with_fds`]).
@@ -251,33 +252,76 @@ pub fn accept_nonblocking(listener: RawFd) -> io::Result<(TcpStream, SocketAddr)
     Ok((stream, peer))
 }
 
-/// Whether an error from [`accept_nonblocking`] concerns one connection (reset or aborted
-/// before it was accepted, refused by a firewall rule, a network error pending on it)
-/// rather than the listener or the process (out of descriptors or memory). The first
-/// kind is skipped: the next queued connection is fine. The second calls for a pause
-/// (Go's `net/http` and discoverd back off on it). Linux's accept(2) lists the network
-/// errors to treat "like EAGAIN".
+/// Whether an error from [`accept_nonblocking`] used up one queued connection (or came
+/// from no fault at all), so the next accept may follow at once: ECONNABORTED (Linux
+/// took the connection off the queue, then could not complete it: its peer address was
+/// gone, and it released the socket), EAFNOSUPPORT (ours: an accepted socket with no IP
+/// peer, dropped), EINTR (a signal; nothing was taken). Every other error takes nothing
+/// off the queue, so accepting again at once would fail the same way for ever, 100% CPU:
+/// EPERM (a security module refusing the accept, checked before any connection is
+/// taken), EOPNOTSUPP and EINVAL (not a listening stream socket), EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM; and the network errors accept(2) says to treat "like EAGAIN and
+/// retry" (ENETDOWN, EPROTO, ENOPROTOOPT, EHOSTDOWN, ENONET, EHOSTUNREACH, EOPNOTSUPP,
+/// ENETUNREACH), which Linux's TCP accept does not return (it passes no pending error of
+/// the new socket on) and which, whatever returned them, may well leave the queue as it
+/// was: those pause ([`AcceptBackoff`]).
 pub fn is_connection_error(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(
-            libc::ECONNABORTED
-                | libc::ECONNRESET
-                | libc::ENOTCONN
-                | libc::EPROTO
-                | libc::EPERM
-                | libc::EINTR
-                | libc::ETIMEDOUT
-                | libc::ENETDOWN
-                | libc::ENETUNREACH
-                | libc::EHOSTDOWN
-                | libc::EHOSTUNREACH
-                | libc::ENONET
-                | libc::ENOPROTOOPT
-                | libc::EOPNOTSUPP
-                | libc::EAFNOSUPPORT
-        )
+        Some(libc::ECONNABORTED | libc::EAFNOSUPPORT | libc::EINTR)
     )
+}
+
+/// First pause of an accept loop after a failure, doubled at each further one up to
+/// [`ACCEPT_BACKOFF_MAX`] (Go's `net/http` `Server.Serve` and discoverd's accept loops).
+pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Failures in a row that [`is_connection_error`] calls one connection's, without an
+/// accept succeeding, after which the loop pauses anyway: should an error that takes
+/// nothing off the queue be among them, the loop pauses instead of spinning.
+pub const ACCEPT_SKIPS_MAX: u32 = 64;
+
+/// How an accept loop goes on after failures: one connection's failure is skipped (the
+/// next accept follows at once: pausing would let any client stall the loop), any other
+/// pauses it, 5 ms doubling to 1 s, until an accept succeeds (Go's `net/http` and
+/// discoverd do the same). After [`ACCEPT_SKIPS_MAX`] skipped failures in a row it pauses
+/// too.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    /// The last pause (zero: none since the last success).
+    delay: Duration,
+    /// Failures skipped since the last success or pause.
+    skipped: u32,
+}
+
+impl AcceptBackoff {
+    /// An accept succeeded: the next failure starts over.
+    #[inline]
+    pub fn ok(&mut self) {
+        self.delay = Duration::ZERO;
+        self.skipped = 0;
+    }
+
+    /// An accept failed with `e`: `None` to accept again at once, else how long to pause
+    /// first.
+    pub fn failed(&mut self, e: &io::Error) -> Option<Duration> {
+        if is_connection_error(e) && self.skipped < ACCEPT_SKIPS_MAX {
+            self.skipped += 1;
+            return None;
+        }
+        self.skipped = 0;
+        self.delay = if self.delay.is_zero() {
+            ACCEPT_BACKOFF_MIN
+        } else {
+            (self.delay * 2).min(ACCEPT_BACKOFF_MAX)
+        };
+        Some(self.delay)
+    }
+
+    /// Whether the loop has paused since the last success (to warn once per run).
+    pub fn pausing(&self) -> bool {
+        !self.delay.is_zero()
+    }
 }
 
 /// The IPv4 or IPv6 address in the first `len` bytes of `s` (None for other families).
@@ -397,20 +441,27 @@ mod tests {
 
     #[test]
     fn accept_errors_are_sorted_into_one_connection_or_the_listener() {
-        for e in [
-            libc::ECONNABORTED,
-            libc::ENOTCONN,
-            libc::EPROTO,
-            libc::EPERM,
-        ] {
+        for e in [libc::ECONNABORTED, libc::EAFNOSUPPORT, libc::EINTR] {
             assert!(is_connection_error(&io::Error::from_raw_os_error(e)), "{e}");
         }
+        // Nothing taken off the queue (or not known to be): skipping would spin.
         for e in [
+            libc::EPERM,
+            libc::EOPNOTSUPP,
+            libc::ENOPROTOOPT,
+            libc::EPROTO,
+            libc::ENETDOWN,
+            libc::ENETUNREACH,
+            libc::EHOSTDOWN,
+            libc::EHOSTUNREACH,
+            libc::ENONET,
+            libc::ENOTCONN,
             libc::EMFILE,
             libc::ENFILE,
             libc::ENOBUFS,
             libc::ENOMEM,
             libc::EBADF,
+            libc::EINVAL,
         ] {
             assert!(
                 !is_connection_error(&io::Error::from_raw_os_error(e)),
@@ -418,6 +469,39 @@ mod tests {
             );
         }
         assert!(!is_connection_error(&io::ErrorKind::WouldBlock.into()));
+    }
+
+    /// Listener failures pause 5 ms, doubling to 1 s, until an accept succeeds; one
+    /// connection's failures are skipped, but not more than 64 in a row.
+    #[test]
+    fn accept_failures_back_off_as_go_does() {
+        let err = io::Error::from_raw_os_error;
+        let mut b = AcceptBackoff::default();
+        assert!(!b.pausing());
+        let pauses: Vec<u64> = (0..10)
+            .map(|_| b.failed(&err(libc::EMFILE)).unwrap().as_millis() as u64)
+            .collect();
+        assert_eq!(pauses, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        assert!(b.pausing());
+        b.ok();
+        assert!(!b.pausing());
+        assert_eq!(b.failed(&err(libc::EPERM)), Some(Duration::from_millis(5)));
+        b.ok();
+        for i in 0..ACCEPT_SKIPS_MAX {
+            assert_eq!(b.failed(&err(libc::ECONNABORTED)), None, "{i}");
+        }
+        assert_eq!(
+            b.failed(&err(libc::ECONNABORTED)),
+            Some(Duration::from_millis(5)),
+            "a long run without a success pauses"
+        );
+        assert_eq!(b.failed(&err(libc::ECONNABORTED)), None);
+        b.ok();
+        for _ in 0..10 {
+            b.failed(&err(libc::ECONNABORTED));
+            b.ok();
+        }
+        assert!(!b.pausing(), "runs broken by successes never pause");
     }
 
     /// A large state (thousands of routes with certificates) crosses in one message with

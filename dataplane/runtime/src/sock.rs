@@ -64,8 +64,8 @@ pub fn shutdown(fd: RawFd) {
     }
 }
 
-/// Aborts a connection whose other end failed: resets it now (a reset passed on as a
-/// reset; data still queued is dropped). `connect(AF_UNSPEC)` is TCP's ABORT (RFC 793):
+/// Aborts a connection that failed (a tunnel side whose read failed): resets it now
+/// (data still queued is dropped). `connect(AF_UNSPEC)` is TCP's ABORT (RFC 793):
 /// it sends the reset, fails pending reads and writes with ECONNRESET (waking them) and
 /// leaves nothing for a later shutdown or close to send (no FIN after the reset). Should
 /// the kernel refuse it, SO_LINGER {on, 0} makes the close reset the connection, and the
@@ -192,6 +192,47 @@ pub fn set_keepalive(fd: RawFd) -> std::io::Result<()> {
     socket2::SockRef::from(&fd).set_tcp_keepalive(&ka)
 }
 
+/// Takes what is waiting to be read on `fd` and drops it, without waiting: one
+/// non-blocking read after another until none is waiting, the peer's FIN (or an error)
+/// is reached, or 16 MiB were taken from a peer that keeps sending. Returns how many
+/// bytes. A socket closed with nothing left unread closes gracefully: the kernel still
+/// delivers what was queued to send, then a FIN (closed over unread bytes, it resets the
+/// connection and drops that).
+pub fn discard_input(fd: RawFd) -> usize {
+    const MAX: usize = 16 << 20;
+    let mut scratch = [0u8; 16 * 1024];
+    let mut taken = 0;
+    while taken < MAX {
+        // SAFETY: `scratch` is valid for writes of its length for the duration of the call.
+        let got = unsafe {
+            libc::recv(
+                fd,
+                scratch.as_mut_ptr().cast(),
+                scratch.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if got <= 0 {
+            break;
+        }
+        taken += got as usize;
+    }
+    taken
+}
+
+/// Bytes written to connected socket `fd` that its peer has not acknowledged yet
+/// (`SIOCOUTQ`: unsent ones and those in flight).
+pub fn unacked(fd: RawFd) -> std::io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one c_int to the pointer, a live local.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    if r == 0 {
+        Ok(n.max(0) as usize)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Reads and drops exactly `n` bytes that are known to be waiting (after a peek).
 pub fn discard(fd: RawFd, n: usize) -> Option<()> {
     let mut left = n;
@@ -239,6 +280,47 @@ mod tests {
             s.read(&mut b).map_err(|e| e.kind()),
             Err(std::io::ErrorKind::ConnectionReset)
         );
+    }
+
+    /// A socket whose unread input was discarded closes with a FIN: what it had queued to
+    /// send arrives in full, then EOF, though it was closed before its peer read any of it.
+    /// (Closed over unread bytes, the peer would get a reset instead, and maybe not all of
+    /// the data.)
+    #[test]
+    fn discarding_unread_input_lets_a_close_deliver_what_was_queued() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        c.write_all(&[7u8; 3000]).unwrap();
+        s.write_all(&[1u8; 30_000]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(super::discard_input(s.as_raw_fd()), 3000);
+        assert_eq!(super::discard_input(s.as_raw_fd()), 0, "nothing waiting");
+        super::shutdown(s.as_raw_fd());
+        drop(s);
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), 30_000);
+    }
+
+    #[test]
+    fn unacked_bytes_are_counted_until_the_peer_acknowledges_them() {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (_s, _) = l.accept().unwrap();
+        assert_eq!(super::unacked(c.as_raw_fd()).unwrap(), 0);
+        c.write_all(b"hello").unwrap();
+        let start = std::time::Instant::now();
+        while super::unacked(c.as_raw_fd()).unwrap() > 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "never acknowledged"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]

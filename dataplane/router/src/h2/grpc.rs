@@ -119,34 +119,59 @@ pub(super) async fn passthrough(
         return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n").await;
     };
     let idle = core.settings().idle_timeout;
+    let head_timeout = core.settings().response_header_timeout;
     let up_pump = async move {
         if !end {
             pump(body, upload, idle).await;
         }
     };
+    // False when the backend gave no response head in time.
     let down = async move {
         // A client that resets the stream drops the backend's too. The reset watch comes
         // first: the upload pump, seeing the same reset, resets the backend's stream, which
         // fails `resp` at once, and the reset must be counted whichever is seen first.
+        // The response head (HEADERS, not the stream: calls are long-lived) is due within
+        // the response header timeout, as on HTTP/1.1.
         let resp = monoio::select! {
             biased;
-            _ = client_reset(&mut respond) => return guard.note_reset(),
-            r = resp => r,
+            _ = client_reset(&mut respond) => {
+                guard.note_reset();
+                return true;
+            }
+            r = monoio::time::timeout(head_timeout, resp) => r,
         };
-        let Ok(resp) = resp else {
-            return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n").await;
+        let resp = match resp {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(_)) => {
+                simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n").await;
+                return true;
+            }
+            Err(_) => {
+                simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n").await;
+                return false;
+            }
         };
         core.metrics().status(resp.status().as_u16());
         let (rparts, rbody) = resp.into_parts();
         let end = rbody.is_end_stream();
         let Ok(send) = respond.send_response(http::Response::from_parts(rparts, ()), end) else {
-            return;
+            return true;
         };
         if !end {
             pump(rbody, send, idle).await;
         }
+        true
     };
-    monoio::join!(up_pump, down);
+    let (down, up_pump) = (std::pin::pin!(down), std::pin::pin!(up_pump));
+    match futures_util::future::select(down, up_pump).await {
+        // The backend's stream is given up on: dropping the upload with the response
+        // future leaves h2 no handle on it, and it resets it (CANCEL).
+        futures_util::future::Either::Left((false, _)) => {}
+        futures_util::future::Either::Left((true, up)) => up.await,
+        futures_util::future::Either::Right(((), down)) => {
+            down.await;
+        }
+    }
 }
 
 /// An HTTP/2 connection to one of `backends`: this core's open connection to a backend

@@ -144,9 +144,10 @@ pub trait Client: AsyncReadRent + AsyncWriteRent + Split + 'static {
     const IDLES_IN_READ: bool = false;
     /// Waits, while idle between requests, until a request may have arrived. Plain TCP
     /// waits for readability without holding any buffer (registered with the core's idle
-    /// sweep; `first`: no request yet, so the header timeout applies); TLS may already
-    /// hold decrypted bytes, so it returns at once and the next read waits instead.
-    async fn idle(&self, core: &Core, fd: RawFd, first: bool) -> Idle;
+    /// sweep; `first`: no request yet, so the header timeout applies, from the second of
+    /// the sweep's clock the connection started at); TLS may already hold decrypted bytes,
+    /// so it returns at once and the next read waits instead.
+    async fn idle(&self, core: &Core, fd: RawFd, first: Option<u32>) -> Idle;
     /// Ends a connection whose last response is complete: TLS sends its close_notify
     /// (bounded by [`CLOSE_NOTIFY_WAIT`]); plain TCP has nothing to send before the close.
     async fn close(&mut self) {}
@@ -171,7 +172,7 @@ pub trait Client: AsyncReadRent + AsyncWriteRent + Split + 'static {
 impl Client for TcpStream {
     const PROTO: &'static str = "http";
 
-    async fn idle(&self, core: &Core, fd: RawFd, first: bool) -> Idle {
+    async fn idle(&self, core: &Core, fd: RawFd, first: Option<u32>) -> Idle {
         let ticket = core.idle.enter(fd, first);
         monoio::select! {
             ready = self.readable(false) => {
@@ -233,7 +234,7 @@ impl Client for monoio_rustls::ServerTlsStream<TcpStream> {
     const PROTO: &'static str = "https";
     const IDLES_IN_READ: bool = true;
 
-    async fn idle(&self, _core: &Core, _fd: RawFd, _first: bool) -> Idle {
+    async fn idle(&self, _core: &Core, _fd: RawFd, _first: Option<u32>) -> Idle {
         Idle::Ready
     }
 
@@ -266,8 +267,8 @@ pub enum Start {
     /// Just accepted (through its PROXY prefix or TLS handshake): not counted yet.
     New,
     /// A parked connection coming back (already counted); `first`: it has had no request
-    /// yet.
-    Unparked { first: bool },
+    /// yet, and started at that second of the idle sweep's clock.
+    Unparked { first: Option<u32> },
 }
 
 /// Serves one client connection. This outer future is what an idle keep-alive
@@ -282,15 +283,23 @@ pub async fn serve_conn<S: Client>(
     l: ListenerInfo,
     start: Start,
 ) {
-    // Until its first request head arrives a connection is held for the header timeout,
-    // not the idle timeout.
+    // Until its first request head arrives a connection is held for the header timeout
+    // from its start, not the idle timeout: `first` is that start on the idle sweep's
+    // clock (plain connections idle in the sweep, which expires them), and, as TLS waits
+    // for its first request inside the head read, `first_by` the instant it is due.
+    // Empty lines meanwhile do not move either (RFC 9112 §2.2 lets them be skipped, not
+    // keep a connection without a request open).
     let mut first = match start {
         Start::New => {
             core.conn_opened();
-            true
+            Some(core.idle.now())
         }
         Start::Unparked { first } => first,
     };
+    let first_by = (S::IDLES_IN_READ && first.is_some()).then(|| {
+        let s = core.settings();
+        std::time::Instant::now() + s.header_timeout.min(s.idle_timeout)
+    });
     let mut guard = ConnGuard(core.clone(), true);
     // Set after a keep-alive response with nothing pipelined: try a hot read first.
     let mut hot = false;
@@ -330,8 +339,9 @@ pub async fn serve_conn<S: Client>(
                         fd: dup,
                         peer,
                         info: l,
+                        // Before the first request, the connection's start.
                         since,
-                        first,
+                        first: first.is_some(),
                     };
                     // On success the task ends here: dropping `conn` closes our fd, the
                     // duplicate waits in the epoll set. Otherwise keep waiting as before.
@@ -344,7 +354,12 @@ pub async fn serve_conn<S: Client>(
             }
         }
         let b = bufs.get_or_insert_with(|| core.take_bufs());
-        match Recycled::new(one_request(&core, conn, fd, b, peer, l, &mut first)).await {
+        let request = one_request(&core, conn, fd, b, peer, l, &mut first, first_by);
+        match Recycled::new(request).await {
+            // Only empty lines, past the header timeout with no request yet (a client
+            // sending them for ever, maybe in the hot read, never idles in the sweep long
+            // enough to be expired there).
+            Some(_) if first.is_some_and(|start| core.first_request_overdue(start)) => break,
             Some(c) => {
                 conn = c;
                 // Empty lines before a request are skipped (RFC 9112 §2.2): a stray CRLF
@@ -364,8 +379,10 @@ pub async fn serve_conn<S: Client>(
 }
 
 /// Reads and serves one request; gives the connection back if it stays open (also when
-/// only empty lines came: it is idle again). `first`: no request yet on this connection;
-/// cleared once a head arrives.
+/// only empty lines came: it is idle again). `first`: no request yet on this connection
+/// (see [`serve_conn`]); cleared once a head arrives. `first_by`: when its first byte is
+/// due, for a connection that waits in the head read (TLS).
+#[allow(clippy::too_many_arguments)]
 async fn one_request<S: Client>(
     core: &Rc<Core>,
     mut c: S,
@@ -373,12 +390,14 @@ async fn one_request<S: Client>(
     bufs: &mut Bufs,
     peer: SocketAddr,
     l: ListenerInfo,
-    first: &mut bool,
+    first: &mut Option<u32>,
+    first_by: Option<std::time::Instant>,
 ) -> Option<S> {
     core.ensure_buf(&mut bufs.buf);
-    let info = match read_head(core, &mut c, &mut bufs.buf, *first).await {
+    let due = first_by.filter(|_| first.is_some());
+    let info = match read_head(core, &mut c, &mut bufs.buf, due).await {
         Ok(Head::Request(i)) => {
-            *first = false;
+            *first = None;
             i
         }
         // A draining process keeps no connection that is between requests.
@@ -547,13 +566,14 @@ enum Head {
 }
 
 /// Reads until a complete request head is buffered. `Err(status)`: answer with that
-/// status and close. `first`: the connection's first request, whose first byte must come
-/// within the header timeout (later ones have the idle timeout).
+/// status and close. `first_by`: the connection's first request (TLS), whose first byte
+/// is due then, the header timeout after the connection's start, whatever empty lines
+/// came meanwhile (later ones have the idle timeout).
 async fn read_head<S: Client>(
     core: &Core,
     c: &mut S,
     buf: &mut Vec<u8>,
-    first: bool,
+    first_by: Option<std::time::Instant>,
 ) -> Result<Head, u16> {
     // The whole head must arrive within the header timeout of its first byte, however
     // slowly it trickles in (slowloris costs a connection, never a core).
@@ -589,17 +609,15 @@ async fn read_head<S: Client>(
         }
         let now = std::time::Instant::now();
         // Nothing received yet (a TLS connection idling in this read): the idle timeout,
-        // or the header timeout before the first request.
+        // or before the first request what is left of the header timeout.
         let idle = buf.is_empty() && deadline.is_none();
-        let limit = if idle && first {
-            core.settings()
-                .header_timeout
-                .min(core.settings().idle_timeout)
-        } else if idle {
-            core.settings().idle_timeout
-        } else {
-            let d = *deadline.get_or_insert(now + core.settings().header_timeout);
-            d.saturating_duration_since(now)
+        let limit = match (idle, first_by) {
+            (true, Some(by)) => by.saturating_duration_since(now),
+            (true, None) => core.settings().idle_timeout,
+            (false, _) => {
+                let d = *deadline.get_or_insert(now + core.settings().header_timeout);
+                d.saturating_duration_since(now)
+            }
         };
         let taken = std::mem::take(buf);
         let read = monoio::time::timeout(limit, read_append(c, taken));

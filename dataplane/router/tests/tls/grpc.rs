@@ -868,3 +868,92 @@ fn an_http2_upload_gets_the_backends_early_answer() {
     });
     backend.join().unwrap();
 }
+
+/// A gRPC backend that takes a call and never answers it: the client gets a 503 at the
+/// response header timeout (1 s here), as on HTTP/1.1, and the backend's stream is reset
+/// (it used to wait for the response HEADERS for ever). Only the head is bounded: a call
+/// answered in time may then stream for longer (here, 2.5 s).
+#[test]
+fn a_grpc_backend_that_never_answers_gets_a_503_at_the_response_header_timeout() {
+    let (router, rt) = h2c_router_with(1, &["--response-header-timeout-secs", "1"]);
+    rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (reset_tx, mut reset_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (sock, _) = l.accept().await.unwrap();
+            let mut conn = h2::server::handshake(sock).await.unwrap();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let tx = reset_tx.clone();
+                tokio::spawn(async move {
+                    if req.uri().path() == "/never" {
+                        // No answer: reports the stream's reset.
+                        let r = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+                        let _ = tx.send(r.ok());
+                        return;
+                    }
+                    // Answers at once, then streams for 2.5 s before its trailers.
+                    let resp = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .unwrap();
+                    let mut send = respond.send_response(resp, false).unwrap();
+                    for _ in 0..5 {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        send.send_data(Bytes::from_static(b"tick"), false).unwrap();
+                    }
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", "0".parse().unwrap());
+                    send.send_trailers(trailers).unwrap();
+                });
+            }
+        });
+        grpc_route(&router, "grpc.example.com", "g", addr);
+        let mut client = h2_client(router.h2c_addrs[0]).await;
+        let call = |path: &str| {
+            http::Request::builder()
+                .method("POST")
+                .uri(format!("http://grpc.example.com{path}"))
+                .header("content-type", "application/grpc")
+                .body(())
+                .unwrap()
+        };
+        let start = std::time::Instant::now();
+        // The client's side stays open (a streaming call).
+        let (resp, _send) = client.send_request(call("/never"), false).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .expect("no answer within 10 s")
+            .unwrap();
+        let took = start.elapsed();
+        assert_eq!(resp.status(), 503);
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(6),
+            "answered after {took:?}"
+        );
+        let reset = tokio::time::timeout(Duration::from_secs(5), reset_rx.recv())
+            .await
+            .expect("the backend's stream was not reset");
+        assert_eq!(reset, Some(Some(h2::Reason::CANCEL)));
+
+        let (resp, _send) = client.send_request(call("/slow"), false).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut got = 0;
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), body.data())
+            .await
+            .expect("stalled")
+        {
+            let chunk = chunk.expect("the call was cut off");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            got += chunk.len();
+        }
+        assert_eq!(got, 20);
+        let trailers = body.trailers().await.unwrap().unwrap();
+        assert_eq!(trailers["grpc-status"], "0");
+    });
+}

@@ -55,6 +55,42 @@ fn idle_http2_connection_gets_goaway_and_is_closed_but_not_while_a_stream_is_ope
     assert!(closed >= goaway, "{seen:?}");
 }
 
+/// An HTTP/2 connection that sends its preface and SETTINGS but no request is closed
+/// (GOAWAY, then EOF) at the header timeout, as an HTTP/1.1 one is, not held for the idle
+/// timeout; one that has had a stream idles under the idle timeout.
+#[test]
+fn an_http2_connection_without_a_stream_is_closed_at_the_header_timeout() {
+    let router = Router::builder()
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .arg("--header-timeout-secs")
+        .arg("2")
+        .arg("--idle-timeout-secs")
+        .arg("30")
+        .start();
+    let b = crate::support::Backend::start("b1");
+    router.add_route(http_route("h2.example.com", "web"));
+    router.set_backends("web", &[&b]);
+
+    let mut served = H2c::connect(router.h2c_addrs[0]);
+    served.get(1, "h2.example.com");
+    let mut quiet = H2c::connect(router.h2c_addrs[0]);
+    let seen = quiet.run(Duration::from_secs(10));
+    let goaway = seen.goaway.unwrap_or_else(|| panic!("no GOAWAY: {seen:?}"));
+    let closed = seen
+        .closed
+        .unwrap_or_else(|| panic!("not closed: {seen:?}"));
+    assert!(
+        goaway >= Duration::from_millis(1900) && closed < Duration::from_secs(6),
+        "{seen:?}"
+    );
+    assert!(seen.responses.is_empty(), "{seen:?}");
+    // Past the header timeout, the connection that had a stream is still open.
+    let seen = served.run(Duration::from_secs(4));
+    assert_eq!(seen.responses.first().map(|r| r.0), Some(1), "{seen:?}");
+    assert!(seen.goaway.is_none() && seen.closed.is_none(), "{seen:?}");
+}
+
 #[test]
 fn handover_sends_goaway_to_http2_clients_and_the_old_process_exits_without_the_drain_timeout() {
     let dir = crate::support::TestDir::new("h2-handover");

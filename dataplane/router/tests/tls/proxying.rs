@@ -517,3 +517,51 @@ fn a_tls_connection_without_a_request_is_closed_at_the_header_timeout() {
     // Between requests the idle timeout applies.
     assert_eq!(served.get("a.example.com", "/again").status, 200);
 }
+
+/// Empty lines before the first request do not start the header timeout over on TLS
+/// either (the connection waits for its first request in the head read, which took each
+/// line for a fresh wait): a CRLF every half second, under a 2 s header timeout, ends
+/// 2 s after the handshake.
+#[test]
+fn empty_lines_do_not_extend_a_tls_connections_wait_for_its_first_request() {
+    use std::io::{ErrorKind, Read, Write};
+    let b = https_builder()
+        .arg("--header-timeout-secs")
+        .arg("2")
+        .arg("--idle-timeout-secs")
+        .arg("30");
+    let (router, _b1, default) = crate::setup_with(b);
+    let start = std::time::Instant::now();
+    let mut conn = tls_connect(&router, "a.example.com", &[&default]);
+    conn.tls
+        .sock
+        .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
+    let closed = loop {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "still open after {:?}",
+            start.elapsed()
+        );
+        if conn
+            .tls
+            .write_all(b"\r\n")
+            .and_then(|_| conn.tls.flush())
+            .is_err()
+        {
+            break start.elapsed();
+        }
+        let mut b = [0u8; 256];
+        match conn.tls.read(&mut b) {
+            Ok(0) => break start.elapsed(),
+            Ok(n) => panic!("unexpected {:?}", String::from_utf8_lossy(&b[..n])),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => break start.elapsed(),
+        }
+    };
+    assert!(
+        closed >= std::time::Duration::from_millis(1900)
+            && closed < std::time::Duration::from_secs(6),
+        "closed after {closed:?}"
+    );
+}
