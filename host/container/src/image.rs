@@ -92,13 +92,13 @@ impl ImageStore {
         self.import_from(file, tar, expected_sha256, cancelled)
     }
 
-    /// The import proper, from `src` (the tarball at `tar`, named in errors). The tree stored
-    /// under a sha256 is the one unpacked from bytes that hash to it: the unpack reads the
-    /// tarball through the hasher and the result is renamed into place only if the hash
-    /// matches. (Hashing the file and then reading it again to unpack stored whatever the
-    /// second read found, if the file changed in between, under the first read's name.)
-    /// Without an expected sha256 the file is hashed once first, to find a layer already
-    /// here, and the unpack's read must then hash the same.
+    /// The import proper, from `src` (the tarball at `tar`, named in errors), in two reads.
+    /// The first hashes the file: a file that does not hash to the expected sha256 is refused
+    /// there, before anything is unpacked; without an expected sha256 it names the layer
+    /// (and finds one already here). The second unpacks the tarball through the hasher, and
+    /// the result is renamed into place only if that read hashes to the name too (the file
+    /// may have changed since the first: stored as it was, whatever the second read found
+    /// would have been stored under the first read's name).
     fn import_from<R: Read + Seek>(
         &self,
         src: R,
@@ -110,19 +110,28 @@ impl ImageStore {
             inner: src,
             cancelled,
         };
+        // A first pass hashes the file: with an expected sha256 a wrong file (a corrupt or
+        // tampered download, a gzip bomb) is refused before anything is decompressed or
+        // written; without one it finds a layer already here.
+        let first = hash(&mut src).map_err(|e| cancel_or(&src, e, tar))?;
         let sha256 = match expected_sha256 {
+            Some(exp) if exp != first => {
+                return Err(ContainerError::Checksum {
+                    expected: exp.to_string(),
+                    actual: first,
+                })
+            }
             Some(exp) => exp.to_string(),
             None => {
-                let sha = hash(&mut src).map_err(|e| cancel_or(&src, e, tar))?;
-                if let Some(layer) = self.layer(&sha) {
+                if let Some(layer) = self.layer(&first) {
                     return Ok(layer);
                 }
-                src.inner
-                    .seek(SeekFrom::Start(0))
-                    .map_err(|e| ContainerError::io("reading", tar, e))?;
-                sha
+                first
             }
         };
+        src.inner
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| ContainerError::io("reading", tar, e))?;
         let tmp = self.layers.join(format!(
             ".tmp-{sha256}-{}-{}",
             std::process::id(),
@@ -425,6 +434,38 @@ mod tests {
         assert_eq!(fs::read_dir(d.join("store/layers")).unwrap().count(), 0);
     }
 
+    /// With an expected sha256, a file that does not hash to it is refused before anything is
+    /// unpacked: no temporary dir is ever made under `layers` (the hook, asked before every
+    /// read, would see it), nothing written, so a corrupt download or a gzip bomb does not
+    /// fill the disk first.
+    #[test]
+    fn a_wrong_layer_is_refused_before_anything_is_unpacked() {
+        let tmp = tmpdir("wrong");
+        let d = tmp.path();
+        let store = ImageStore::open(&d.join("store")).unwrap();
+        let t = tarball(d, &[("etc/x", b"would be unpacked")]);
+        let layers = d.join("store/layers");
+        let (asked, seen) = (std::cell::Cell::new(0u32), std::cell::Cell::new(false));
+        let watch = || {
+            asked.set(asked.get() + 1);
+            if fs::read_dir(&layers).unwrap().count() > 0 {
+                seen.set(true);
+            }
+            false
+        };
+        let err = store
+            .import_tar_until(&t, Some(&"ab".repeat(32)), &watch)
+            .unwrap_err();
+        assert!(matches!(err, ContainerError::Checksum { .. }), "{err}");
+        assert!(asked.get() > 0);
+        assert!(!seen.get(), "a temporary dir was made for a wrong layer");
+        assert_eq!(fs::read_dir(&layers).unwrap().count(), 0);
+        // The right sha256 imports it.
+        let sha = hash(&mut File::open(&t).unwrap()).unwrap();
+        assert!(store.import_tar_until(&t, Some(&sha), &watch).is_ok());
+        assert!(seen.get());
+    }
+
     /// A tarball that reads as one archive until it is rewound and as another after: a file
     /// rewritten between the import's hash and its unpack.
     struct Changing {
@@ -482,6 +523,17 @@ mod tests {
             .import_from(only_b, &tar, Some(&sha_a), &|| false)
             .unwrap_err();
         assert!(matches!(err, ContainerError::Checksum { .. }), "{err}");
+        assert_eq!(fs::read_dir(d.join("store/layers")).unwrap().count(), 0);
+        // Expected A, read as A by the first (hashing) read and as B by the unpack's: the
+        // unpack's read is hashed too, and refused.
+        let err = store
+            .import_from(changing(), &tar, Some(&sha_a), &|| false)
+            .unwrap_err();
+        assert!(
+            matches!(&err, ContainerError::Checksum { expected, .. } if *expected == sha_a),
+            "{err}"
+        );
+        assert_eq!(store.layer(&sha_a), None);
         assert_eq!(fs::read_dir(d.join("store/layers")).unwrap().count(), 0);
         // The genuine content imports, under its name, with its files.
         let l = store

@@ -21,11 +21,14 @@
 //! memory, CPU quota and pids limits; Docker's default capability set; a default seccomp
 //! profile; no new privileges.
 //!
+//! Needs Linux 5.12 or later ([`check_kernel`]: libcontainer mounts through `mount_setattr`).
+//!
 //! Left to others: the job API, log shipping and service registration (flynn-host), job
 //! networking (flynn-network).
 
 mod error;
 mod image;
+mod kernel;
 mod outbox;
 pub mod seccomp;
 mod shim;
@@ -35,6 +38,7 @@ mod wire;
 
 pub use error::ContainerError;
 pub use image::{ImageStore, Layer};
+pub use kernel::{check_kernel, kernel_supported, MIN_KERNEL};
 pub use shim::{
     cgroup_dirs, shim_main, Layout, Shim, ShimConn, SpareShim, SHIM_ARG, SPARE_ARG, SPARE_LOG,
 };

@@ -52,6 +52,8 @@ impl ContainerRuntime {
         cgroup_parent: &str,
     ) -> anyhow::Result<ContainerRuntime> {
         use anyhow::Context;
+        // Refused here, once, rather than every job failing at its first mount.
+        flynn_container::check_kernel().map_err(anyhow::Error::msg)?;
         std::fs::create_dir_all(state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
         // Resolved once: shims are started and found under the resolved path, whatever

@@ -14,7 +14,7 @@ use libcontainer::workload::default::DefaultExecutor;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 
 use super::cgroups;
-use super::holder::PidNs;
+use super::holder::{Net, PidNs};
 use super::layout::Layout;
 use super::terminal::{own_terminal, set_window, Console};
 use crate::spec::ContainerSpec;
@@ -173,9 +173,15 @@ pub(super) fn create(
     let t_mount = t0.elapsed();
     let bundle = layout.bundle();
     fs::create_dir_all(&bundle).map_err(|e| format!("creating {}: {e}", bundle.display()))?;
-    // The holder's empty root is mounted over the bundle dir in its own namespace only.
-    let mut pid_ns = PidNs::new(&bundle)?;
-    match start(spec, layout, &pid_ns.path(), t0, t_mount) {
+    // The holder's empty root is mounted over the bundle dir in its own namespace only. It
+    // is in the job's network namespace: the one the job joins, or a new one the job joins.
+    let net = match &spec.netns {
+        Some(path) => Net::Join(path),
+        None if spec.host_network => Net::Host,
+        None => Net::New,
+    };
+    let mut pid_ns = PidNs::new(&bundle, net)?;
+    match start(spec, layout, &pid_ns.joined(), t0, t_mount) {
         Ok(s) => Ok(Running {
             container: s.container,
             pid_ns,
@@ -239,19 +245,26 @@ enum Plan {
     Terminal(Console, OwnedFd),
 }
 
-/// Builds and starts the container with its pid namespace at `pid_ns` (a path).
+/// Builds and starts the container, joining the namespaces in `joined` (`(OCI type, path)`:
+/// the holder's).
 fn start(
     spec: &ContainerSpec,
     layout: &Layout,
-    pid_ns: &str,
+    joined: &[(&str, String)],
     t0: std::time::Instant,
     t_mount: std::time::Duration,
 ) -> Result<Started, String> {
     let bundle = layout.bundle();
     let mut config = spec.oci_config(&layout.rootfs());
     if let Some(nss) = config["linux"]["namespaces"].as_array_mut() {
-        for ns in nss.iter_mut().filter(|ns| ns["type"] == "pid") {
-            ns["path"] = pid_ns.into();
+        for ns in nss.iter_mut() {
+            // A namespace the config gives a path (a pre-created network namespace) stays.
+            let path = joined
+                .iter()
+                .find(|(t, _)| ns["type"] == *t && ns.get("path").is_none());
+            if let Some((_, path)) = path {
+                ns["path"] = path.as_str().into();
+            }
         }
     }
     if let Some(limit) = spec.resources.memory_bytes {

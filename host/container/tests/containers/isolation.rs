@@ -3,18 +3,25 @@
 
 use std::time::Duration;
 
-use crate::support::{collect, require_root, Env};
+use crate::support::{collect, require_root, wait_line, Env, Run};
 
 const T: Duration = Duration::from_secs(20);
 
 /// pid 1 of the job's namespace is the shim's holder: even a job allowed to look into other
 /// processes (`CAP_SYS_PTRACE`, for strace or gdb) finds an empty, read-only root there, a
 /// mount table with nothing of the host's, no command line or environment of the shim's,
-/// no descriptors and no capabilities.
+/// no descriptors, no capabilities and the job's network, not the host's (`/proc/1/net`: here
+/// a TCP listener and a unix socket the test opens on the host). Such a job can open the
+/// holder's memory for writing (`/proc/1/mem`), so the holder runs under a seccomp filter
+/// (mode 2) that leaves code put there nothing but its wait loop.
 #[tokio::test]
 async fn pid_1_shows_nothing_of_the_host() {
     require_root!();
     let env = Env::new("pid1");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // /proc/net/tcp: local address and port in hex, 127.0.0.1 as 0100007F.
+    let host_port = format!("0100007F:{:04X}", listener.local_addr().unwrap().port());
+    let _unix = std::os::unix::net::UnixListener::bind(env.base.join("host.sock")).unwrap();
     let script = "echo root:; ls -a /proc/1/root/; \
                   echo mountinfo:; cat /proc/1/mountinfo; \
                   echo cmdline:; tr '\\0' '\\n' < /proc/1/cmdline | grep .; \
@@ -23,6 +30,9 @@ async fn pid_1_shows_nothing_of_the_host() {
                   echo caps:; grep -E '^Cap(Eff|Prm|Bnd|Amb)' /proc/1/status; \
                   grep -E '^NoNewPrivs' /proc/1/status; \
                   echo write:; touch /proc/1/root/x 2>/dev/null && echo wrote || echo refused; \
+                  echo seccomp:; grep -E '^Seccomp:' /proc/1/status; \
+                  echo net:; tail -n +2 /proc/1/net/tcp; tail -n +2 /proc/1/net/unix; \
+                  tail -n +3 /proc/1/net/dev | cut -d: -f1; \
                   echo end";
     for caps in [Some(vec!["CAP_SYS_PTRACE".to_string()]), None] {
         let mut spec = env.spec("pid1", &["sh", "-c", script]);
@@ -70,8 +80,60 @@ async fn pid_1_shows_nothing_of_the_host() {
             );
         }
         assert!(run.stdout.iter().any(|l| l == "NoNewPrivs:\t1"), "{out}");
+        assert_eq!(section("seccomp:"), ["Seccomp:\t2"], "{out}");
+        // The job's own network namespace: only lo, none of the host's sockets (the unix
+        // socket's path is under the state dir's base, checked above).
+        let net = section("net:");
+        assert!(
+            !net.iter().any(|l| l.contains(&host_port)),
+            "{caps:?}: {out}"
+        );
+        let ifaces: Vec<&str> = net
+            .iter()
+            .map(|l| l.trim())
+            .filter(|l| !l.contains(' '))
+            .collect();
+        assert_eq!(ifaces, ["lo"], "{caps:?}: {out}");
         env.cleanup_and_check(&spec);
     }
+}
+
+/// A host whose capability bounding set lacks `CAP_SYS_PTRACE` still runs jobs: the holder
+/// is not dumpable, so the shim could not open `/proc/<holder>/ns/pid` (every start failed
+/// with `EACCES`); the holder hands its namespaces over itself. The shim runs under
+/// `setpriv --bounding-set -sys_ptrace`.
+#[tokio::test]
+async fn jobs_start_where_the_bounding_set_lacks_cap_sys_ptrace() {
+    require_root!();
+    let setpriv = std::path::Path::new("/usr/bin/setpriv");
+    if !setpriv.exists() {
+        eprintln!("skipped: no {}", setpriv.display());
+        return;
+    }
+    let env = Env::new("noptrace");
+    let spec = env.spec("noptrace", &["sh", "-c", "echo up; sleep 30"]);
+    let args = [
+        "--bounding-set".to_string(),
+        "-sys_ptrace".to_string(),
+        env!("CARGO_BIN_EXE_flynn-container-shim").to_string(),
+    ];
+    let mut conn = flynn_container::Shim::spawn(setpriv, &args, &env.state, &spec)
+        .await
+        .unwrap();
+    let mut run = Run::default();
+    wait_line(&mut conn, &mut run, "up", T).await;
+    // The shim indeed lacks it (CAP_SYS_PTRACE is bit 19).
+    let pid = std::fs::read_to_string(env.state.join(&spec.id).join("shim.pid")).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap();
+    let bnd = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:\t"))
+        .unwrap();
+    let bnd = u64::from_str_radix(bnd, 16).unwrap();
+    assert_eq!(bnd & (1 << 19), 0, "CapBnd {bnd:x}");
+    assert_ne!(bnd, 0);
+    drop(conn);
+    env.cleanup_and_check(&spec);
 }
 
 /// A job starts with no signal ignored or blocked, whatever the shim ignores (the Rust runtime

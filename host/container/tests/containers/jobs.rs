@@ -414,15 +414,19 @@ async fn nonexistent_binary_fails_and_leaves_nothing() {
 async fn network_namespaces() {
     require_root!();
     let env = Env::new("netns");
-    // No netns given: a new one with only lo.
+    // No netns given: a new one with only lo, which pid 1 (the shim's holder) is in too.
     let spec = env.spec(
         "own",
-        &["sh", "-c", "cat /proc/net/dev | tail -n +3 | cut -d: -f1"],
+        &[
+            "sh",
+            "-c",
+            "for n in self 1; do tail -n +3 /proc/$n/net/dev | cut -d: -f1; done",
+        ],
     );
     let mut conn = env.spawn(&spec).await;
     let run = collect(&mut conn, T).await;
     let ifaces: Vec<&str> = run.stdout.iter().map(|l| l.trim()).collect();
-    assert_eq!(ifaces, vec!["lo"]);
+    assert_eq!(ifaces, vec!["lo", "lo"]);
     env.cleanup_and_check(&spec);
 
     // A pre-created netns is joined.
@@ -431,7 +435,14 @@ async fn network_namespaces() {
         "link", "add", "fctv0", "type", "veth", "peer", "name", "fctv1",
     ]);
     ns.ip(&["addr", "add", "10.250.3.7/24", "dev", "fctv0"]);
-    let mut spec = env.spec("joined", &["sh", "-c", "ip -o -4 addr show dev fctv0"]);
+    let mut spec = env.spec(
+        "joined",
+        &[
+            "sh",
+            "-c",
+            "ip -o -4 addr show dev fctv0; grep -o fctv0 /proc/1/net/dev",
+        ],
+    );
     spec.netns = Some(ns.path());
     let mut conn = env.spawn(&spec).await;
     let run = collect(&mut conn, T).await;
@@ -440,6 +451,8 @@ async fn network_namespaces() {
         run.stdout.iter().any(|l| l.contains("10.250.3.7/24")),
         "{run:?}"
     );
+    // pid 1 (the shim's holder) is in the joined namespace too.
+    assert!(run.stdout.iter().any(|l| l == "fctv0"), "{run:?}");
     env.cleanup_and_check(&spec);
 }
 
