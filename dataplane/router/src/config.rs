@@ -76,8 +76,9 @@ pub struct Config {
     pub header_timeout_secs: u64,
 
     /// Seconds a backend has for its whole response head (interim 1xx heads included)
-    /// once the request is sent, as Go's `ResponseHeaderTimeout`; then the client gets a
-    /// 503. Hidden: the spec fixes it at 10 minutes; tests lower it.
+    /// once the request is all sent (gRPC: once the client's stream has ended), as Go's
+    /// `ResponseHeaderTimeout`; then the client gets a 503. Hidden: the spec fixes it at
+    /// 10 minutes; tests lower it.
     #[arg(long, env = "FLYNN_RESPONSE_HEADER_TIMEOUT", default_value_t = 600,
           value_parser = clap::value_parser!(u64).range(1..), hide = true)]
     pub response_header_timeout_secs: u64,
@@ -90,7 +91,9 @@ pub struct Config {
     /// after answering it itself (404, 503, 400) or relaying a backend's early answer, or
     /// the bytes sent behind a refused upgrade request, before closing: the client can finish sending and read the answer instead of
     /// getting a reset (nginx's `lingering_time`). It stops sooner when the client closes,
-    /// sends nothing for 5 s or has sent 64 MiB. 0: close at once.
+    /// sends nothing for 5 s or has sent 64 MiB. 0: close at once. The side of a tunnel
+    /// left after the other's reset lingers likewise until its peer has taken what was
+    /// relayed to it, at most 5 s (or this, if lower).
     #[arg(long, env = "FLYNN_LINGERING_TIME", default_value_t = 30)]
     pub lingering_time_secs: u64,
 

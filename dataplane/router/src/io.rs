@@ -81,8 +81,12 @@ pub async fn peer_shut_after(fd: std::os::fd::RawFd, grace: std::time::Duration)
 /// Copies bytes from `r` (side `from` of `tunnel`) to `w` until EOF, then half-closes
 /// `w`; reads count as the tunnel's activity. A read error (a reset; a TLS end without
 /// close_notify is an EOF here) ends the whole tunnel instead, keeping what was already
-/// relayed the other way ([`crate::tunnels::Tunnel::read_failed`]). The halves are lent,
-/// so the caller closes the sockets itself, after [`crate::tunnels::Tunnel::finish`].
+/// relayed the other way: the failed side is aborted, and this pipe ends the other one,
+/// the survivor, through `w` with a lingering close ([`crate::tunnels::Tunnel::read_failed`],
+/// [`crate::tunnels::Tunnel::end_survivor`]), while the survivor's pipe reads and drops
+/// what it still sends (as it does after a write to the failed side failed, while the
+/// other direction still relays that side's last bytes). The halves are lent, so the
+/// caller closes the sockets itself, after [`crate::tunnels::Tunnel::finish`].
 pub async fn pipe<R: AsyncReadRent, W: AsyncWriteRentExt + monoio::io::AsyncWriteRent>(
     mut r: R,
     mut w: W,
@@ -90,28 +94,68 @@ pub async fn pipe<R: AsyncReadRent, W: AsyncWriteRentExt + monoio::io::AsyncWrit
     tunnel: &crate::tunnels::Tunnel<'_>,
     from: usize,
 ) -> io::Result<u64> {
+    let to = 1 - from;
+    let res = relay(&mut r, &mut w, &mut buf, tunnel, from).await;
+    match &res {
+        Err(e) if e.kind() != io::ErrorKind::UnexpectedEof && tunnel.failed() => {
+            tunnel.end_survivor(to, &mut w).await;
+        }
+        _ if tunnel.survives(to) => tunnel.end_survivor(to, &mut w).await,
+        _ => {
+            tunnel.half_closed();
+            let _ = w.shutdown().await;
+        }
+    }
+    tunnel.direction_done();
+    res
+}
+
+/// [`pipe`]'s loop: `Ok` at EOF (or when the relay is over), `Err` after a read error
+/// (reported to the tunnel) or a write error with nothing left to drop input for.
+async fn relay<R: AsyncReadRent, W: AsyncWriteRentExt + monoio::io::AsyncWriteRent>(
+    r: &mut R,
+    w: &mut W,
+    buf: &mut Vec<u8>,
+    tunnel: &crate::tunnels::Tunnel<'_>,
+    from: usize,
+) -> io::Result<u64> {
     let mut total = 0u64;
+    // Set once `w`'s side is gone: what `r` still sends is read and dropped.
+    let mut dropping = false;
     loop {
         buf.clear();
-        let (res, b) = read_append(&mut r, buf).await;
-        buf = b;
+        let (res, b) = read_append(r, std::mem::take(buf)).await;
+        *buf = b;
         let n = match res {
             Ok(n) if n > 0 => n,
             Err(e) if e.kind() != io::ErrorKind::UnexpectedEof => {
                 tunnel.read_failed(from);
                 return Err(e);
             }
-            _ => {
-                tunnel.half_closed();
-                let _ = w.shutdown().await;
-                return Ok(total);
-            }
+            _ => return Ok(total),
         };
         tunnel.touch();
         total += n as u64;
-        let (res, b) = write_range(&mut w, buf, 0, n).await;
-        buf = b;
-        res?;
+        if dropping || tunnel.failed() {
+            // Only the other direction can end this one now: once it is over (the
+            // survivor was shut down, or it ended without a failure), so is this.
+            if !tunnel.other_running() {
+                return Ok(total);
+            }
+            continue;
+        }
+        let (res, b) = write_range(w, std::mem::take(buf), 0, n).await;
+        *buf = b;
+        if let Err(e) = res {
+            // The other side reset. Its own pipe may still be relaying what it sent
+            // before that (aborting it now would drop that) and then ends this side: keep
+            // reading and dropping meanwhile, so a peer still sending is never reset
+            // over unread input. With that pipe done there is nothing to wait for.
+            if !tunnel.other_running() {
+                return Err(e);
+            }
+            dropping = true;
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use crate::balance::DialOrder;
 use crate::io::pipe;
 use crate::metrics::CoreMetrics;
 use crate::proxy::dial_counted;
-use crate::worker::{AcceptFailing, Core, Stop};
+use crate::worker::{accept_ready, AcceptFailing, Core, Stop};
 
 struct Running {
     fd: i32,
@@ -113,16 +113,24 @@ fn unregister(core: &Core, port: u16, fd: i32) {
 async fn accept(core: Rc<Core>, l: TcpListener, port: u16, stop: Rc<Stop>) {
     let fd = l.as_raw_fd();
     let mut failing = AcceptFailing::default();
+    // A pause due before the next accepts (after failures), ended early by a stop.
+    let mut pause = None;
     loop {
-        monoio::select! {
-            r = l.readable(false) => {
-                if r.is_err() {
-                    monoio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
+        // True: handed over.
+        let stopped = async {
+            monoio::select! {
+                _ = stop.wait() => false,
+                _ = core.stop.wait() => true,
             }
-            _ = stop.wait() => return,
-            _ = core.stop.wait() => {
+        };
+        match accept_ready(&l, pause.take(), stopped).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                pause = Some(std::time::Duration::from_millis(10));
+                continue;
+            }
+            Err(false) => return,
+            Err(true) => {
                 // Handed over: the new process accepts from the same socket.
                 unregister(&core, port, fd);
                 return;
@@ -137,8 +145,8 @@ async fn accept(core: Rc<Core>, l: TcpListener, port: u16, stop: Rc<Stop>) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     let what = "TCP route accept failed; backing off";
-                    if let Some(pause) = failing.failed(&core, &e, what) {
-                        monoio::time::sleep(pause).await;
+                    pause = failing.failed(&core, &e, what);
+                    if pause.is_some() {
                         break;
                     }
                     continue;

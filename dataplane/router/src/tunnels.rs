@@ -5,10 +5,15 @@
 //! sweep's coarse clock in its entry: no timer per read. A closed tunnel's sockets are
 //! shut down, which ends both directions' waits. A read that fails on one side ends the
 //! tunnel too, without losing what was already relayed to the other side
-//! ([`Tunnel::read_failed`]).
+//! ([`Tunnel::read_failed`], [`Tunnel::end_survivor`]).
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
+use std::time::Duration;
+
+/// How often, at most, [`Tunnel::end_survivor`] checks whether the surviving side's peer
+/// has everything (it starts at 5 ms and doubles up to this).
+const LINGER_CHECK_MAX: Duration = Duration::from_millis(100);
 
 struct Entry {
     fds: [RawFd; 2],
@@ -26,6 +31,9 @@ pub struct Tunnels {
     free: RefCell<Vec<u32>>,
     /// Coarse clock in seconds, advanced by the sweep.
     now: Cell<u32>,
+    /// How long the side left after the other's failure is held, at most, for its peer to
+    /// take what was relayed to it ([`Tunnel::end_survivor`]); zero: not at all.
+    linger: Duration,
 }
 
 /// An open tunnel's registration; dropping it unregisters the tunnel.
@@ -37,9 +45,22 @@ pub struct Tunnel<'a> {
     fds: [RawFd; 2],
     /// The side left after the other's read failed, whose input [`Tunnel::finish`] drops.
     survivor: Cell<Option<RawFd>>,
+    /// A read failed on either side: what the survivor still sends is dropped.
+    failed: Cell<bool>,
+    /// Directions still being relayed ([`Tunnel::direction_done`]).
+    running: Cell<u8>,
 }
 
 impl Tunnels {
+    /// A set whose tunnels, when one side fails, hold the other for at most `linger`
+    /// ([`Tunnel::end_survivor`]).
+    pub fn lingering(linger: Duration) -> Tunnels {
+        Tunnels {
+            linger,
+            ..Tunnels::default()
+        }
+    }
+
     /// Registers a tunnel between the sockets `a` and `b`.
     pub fn open(&self, a: RawFd, b: RawFd) -> Tunnel<'_> {
         let mut entries = self.entries.borrow_mut();
@@ -68,6 +89,8 @@ impl Tunnels {
             gen,
             fds: [a, b],
             survivor: Cell::new(None),
+            failed: Cell::new(false),
+            running: Cell::new(2),
         }
     }
 
@@ -126,30 +149,82 @@ impl Tunnel<'_> {
     /// the tunnel ends, at once rather than with a half-close that a silent peer would
     /// hold for the tunnel timeout, but without losing what was already relayed to the
     /// other side. The failed side is aborted ([`flynn_runtime::sock::abort`]: a write
-    /// waiting on it fails now). The other side is shut down both ways: its peer gets a
-    /// FIN after the bytes already queued to it (a reset would drop them: the end of a
-    /// backend's last answer, say "auth failed", before it reset), and the read waiting on
-    /// it ends. Once both directions are done, [`Tunnel::finish`] empties its input
-    /// right before both sockets close.
+    /// waiting on it fails now); the other one, if it has not failed too, is the survivor,
+    /// which the failed side's pipe then ends ([`Tunnel::end_survivor`]) while the
+    /// survivor's own pipe reads and drops what it still sends.
     pub fn read_failed(&self, from: usize) {
         let (failed, other) = (self.fds[from], self.fds[1 - from]);
         flynn_runtime::sock::abort(failed);
+        self.failed.set(true);
         match self.survivor.get() {
             // Both sides failed: nothing is left to deliver.
             Some(s) if s == failed => self.survivor.set(None),
             Some(_) => {}
-            None => {
-                flynn_runtime::sock::shutdown(other);
-                self.survivor.set(Some(other));
-            }
+            None => self.survivor.set(Some(other)),
         }
     }
 
+    /// Whether a read failed on either side: the survivor's input is then dropped.
+    #[inline]
+    pub fn failed(&self) -> bool {
+        self.failed.get()
+    }
+
+    /// Whether side `side` is the survivor of the other's failure.
+    pub fn survives(&self, side: usize) -> bool {
+        self.failed.get() && self.survivor.get() == Some(self.fds[side])
+    }
+
+    /// One direction has ended (its pipe returns).
+    pub fn direction_done(&self) {
+        self.running.set(self.running.get().saturating_sub(1));
+    }
+
+    /// Whether the other direction is still being relayed (called from one that is).
+    pub fn other_running(&self) -> bool {
+        self.running.get() > 1
+    }
+
+    /// Ends the survivor `to` of the other side's failure, through `w`, its writing half
+    /// (lent by the failed side's pipe, which was relaying to it): a lingering close, as
+    /// the HTTP path's. `w` is shut down (TLS: close_notify first, so the client sees a
+    /// clean end, not a truncation; then the FIN, after what is already queued), then,
+    /// while the survivor's pipe keeps reading and dropping its input (closed or shut down
+    /// for reading over unread or arriving input, the kernel would reset the connection
+    /// and drop what is still queued to it: a peer that is still sending, as a client
+    /// typically is when its backend reset, would lose the end of the answer), this waits
+    /// until its peer has acknowledged everything, FIN included, or has finished sending
+    /// itself, or at most the set's linger time. Then the survivor is shut down both ways,
+    /// which ends its pipe; [`Tunnel::finish`] empties its input before the close. Async,
+    /// on the core: the core is never blocked, the survivor held at most the linger time.
+    pub async fn end_survivor<W: monoio::io::AsyncWriteRent>(&self, to: usize, w: &mut W) {
+        if !self.survives(to) {
+            return;
+        }
+        let fd = self.fds[to];
+        let deadline = monoio::time::Instant::now() + self.set.linger;
+        let _ = monoio::time::timeout_at(deadline, w.shutdown()).await;
+        let mut every = Duration::from_millis(5);
+        loop {
+            if !self.survives(to) {
+                // It failed too meanwhile (and was aborted).
+                return;
+            }
+            let delivered = flynn_runtime::sock::unacked(fd).is_ok_and(|n| n == 0);
+            let now = monoio::time::Instant::now();
+            if delivered || flynn_runtime::sock::peer_shut(fd) || now >= deadline {
+                break;
+            }
+            monoio::time::sleep(every.min(deadline - now)).await;
+            every = (every * 2).min(LINGER_CHECK_MAX);
+        }
+        flynn_runtime::sock::shutdown(fd);
+    }
+
     /// Call when both directions have ended, right before the sockets close (no await in
-    /// between): after a failed read, the other side's input is taken and dropped, so its
-    /// close finds nothing unread and closes gracefully (the kernel delivers what is still
-    /// queued to it, then the FIN) instead of resetting the connection and dropping that.
-    /// Whatever its peer sends after the close gets a reset from the kernel.
+    /// between): after a failed read, the survivor's input is taken and dropped, so its
+    /// close finds nothing unread and closes gracefully (what may still be queued to it is
+    /// delivered, then the FIN) instead of resetting the connection.
     pub fn finish(&self) {
         if let Some(fd) = self.survivor.take() {
             flynn_runtime::sock::discard_input(fd);
@@ -262,6 +337,8 @@ mod tests {
             gen: t.gen.wrapping_sub(1),
             fds: t.fds,
             survivor: Cell::new(None),
+            failed: Cell::new(false),
+            running: Cell::new(2),
         };
         stale.half_closed();
         drop(stale);

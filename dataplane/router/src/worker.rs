@@ -274,7 +274,14 @@ pub async fn run(
         bufs: RefCell::new(Vec::new()),
         bufsets: RefCell::new(Vec::new()),
         idle: IdleSet::default(),
-        tunnels: Default::default(),
+        // A tunnel's survivor of its other side's reset lingers as an HTTP connection
+        // does, for at most the time a lingering close waits for a quiet client.
+        tunnels: crate::tunnels::Tunnels::lingering(
+            shared
+                .settings
+                .lingering_time
+                .min(crate::proxy::LINGER_QUIET),
+        ),
         sends: Default::default(),
         stop: Stop::default(),
         parked: match crate::park::Parked::new() {
@@ -445,15 +452,16 @@ async fn accept_http(core: Rc<Core>, listener: TcpListener, info: ListenerInfo) 
     // (A cancellable io_uring accept measured ~2x costlier per new connection here.)
     let fd = listener.as_raw_fd();
     let mut failing = AcceptFailing::default();
+    // A pause due before the next accepts (after failures), ended early by a stop.
+    let mut pause = None;
     loop {
-        monoio::select! {
-            r = listener.readable(false) => {
-                if r.is_err() {
-                    monoio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
+        match accept_ready(&listener, pause.take(), core.stop.wait()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                pause = Some(std::time::Duration::from_millis(10));
+                continue;
             }
-            _ = core.stop.wait() => return,
+            Err(()) => return,
         }
         for _ in 0..64 {
             let (std_stream, peer) = match flynn_runtime::handoff::accept_nonblocking(fd) {
@@ -463,8 +471,8 @@ async fn accept_http(core: Rc<Core>, listener: TcpListener, info: ListenerInfo) 
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    if let Some(pause) = failing.failed(&core, &e, "accept failed; backing off") {
-                        monoio::time::sleep(pause).await;
+                    pause = failing.failed(&core, &e, "accept failed; backing off");
+                    if pause.is_some() {
                         break;
                     }
                     continue;
@@ -475,6 +483,28 @@ async fn accept_http(core: Rc<Core>, listener: TcpListener, info: ListenerInfo) 
             };
             spawn_conn(&core, stream, peer, info);
         }
+    }
+}
+
+/// An accept loop's wait: `pause` first, if its failures called for one, then until
+/// `l` may have a connection waiting (`Ok`: the readiness wait's result). `Err` with what
+/// `stop` gave as soon as it resolves, pause or no pause: a TCP route's removal or a
+/// handover must not wait out a pause of up to a second with the listener still bound
+/// (it was slept outside the wait for the stop).
+pub async fn accept_ready<T>(
+    l: &TcpListener,
+    pause: Option<std::time::Duration>,
+    stop: impl std::future::Future<Output = T>,
+) -> Result<std::io::Result<()>, T> {
+    let ready = async {
+        if let Some(p) = pause {
+            monoio::time::sleep(p).await;
+        }
+        l.readable(false).await
+    };
+    monoio::select! {
+        r = ready => Ok(r),
+        s = stop => Err(s),
     }
 }
 
@@ -650,6 +680,37 @@ async fn drain(core: Rc<Core>, grace: std::time::Duration) {
 #[cfg(test)]
 mod tests {
     use super::InflightMap;
+
+    /// A stop ends an accept loop's pause at once (a TCP route's removal or a handover
+    /// used to wait up to the whole pause, 1 s at most, with the listener still bound);
+    /// without a stop the pause is kept.
+    #[test]
+    fn a_stop_ends_an_accept_pause_at_once() {
+        use std::time::{Duration, Instant};
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            // A connection is waiting: only the pause holds the accept back.
+            let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let start = Instant::now();
+            let stop = monoio::time::sleep(Duration::from_millis(50));
+            let r = super::accept_ready(&l, Some(Duration::from_secs(20)), stop).await;
+            assert!(r.is_err(), "not stopped");
+            let took = start.elapsed();
+            assert!(
+                took < Duration::from_secs(10),
+                "the pause was waited out: {took:?}"
+            );
+            let start = Instant::now();
+            let never = std::future::pending::<()>();
+            let r = super::accept_ready(&l, Some(Duration::from_millis(200)), never).await;
+            assert!(matches!(r, Ok(Ok(()))));
+            assert!(start.elapsed() >= Duration::from_millis(200), "no pause");
+        });
+    }
 
     #[test]
     fn inflight_counts_and_prunes_idle_addresses() {

@@ -120,9 +120,19 @@ pub(super) async fn passthrough(
     };
     let idle = core.settings().idle_timeout;
     let head_timeout = core.settings().response_header_timeout;
+    // When the whole request has gone to the backend (END_STREAM sent): the response
+    // header timeout counts from then, as Go's `ResponseHeaderTimeout` and the HTTP/1.1
+    // paths do. A call still uploading (client streaming, a bidi stream whose server
+    // speaks after the client, a watch that keeps its side open) has no deadline for the
+    // response head: its backend may well answer only after the client's end.
+    let sent = Sent::default();
+    if end {
+        sent.set();
+    }
+    let sent = &sent;
     let up_pump = async move {
-        if !end {
-            pump(body, upload, idle).await;
+        if !end && pump(body, upload, idle).await {
+            sent.set();
         }
     };
     // False when the backend gave no response head in time.
@@ -131,25 +141,22 @@ pub(super) async fn passthrough(
         // first: the upload pump, seeing the same reset, resets the backend's stream, which
         // fails `resp` at once, and the reset must be counted whichever is seen first.
         // The response head (HEADERS, not the stream: calls are long-lived) is due within
-        // the response header timeout, as on HTTP/1.1.
+        // the response header timeout of the request's end, as on HTTP/1.1.
         let resp = monoio::select! {
             biased;
             _ = client_reset(&mut respond) => {
                 guard.note_reset();
                 return true;
             }
-            r = monoio::time::timeout(head_timeout, resp) => r,
-        };
-        let resp = match resp {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(_)) => {
-                simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n").await;
-                return true;
-            }
-            Err(_) => {
+            r = resp => r,
+            _ = sent.deadline(head_timeout) => {
                 simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n").await;
                 return false;
             }
+        };
+        let Ok(resp) = resp else {
+            simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n").await;
+            return true;
         };
         core.metrics().status(resp.status().as_u16());
         let (rparts, rbody) = resp.into_parts();
@@ -250,35 +257,67 @@ async fn grpc_backend(
 const GRPC_STREAM_WINDOW: u32 = 256 << 10;
 const GRPC_CONNECTION_WINDOW: u32 = 1 << 30;
 
-/// Copies DATA frames (as the receiver's window allows) and then trailers.
+/// When a call's request stream ended on its way to the backend (END_STREAM sent), and
+/// the response head's deadline, which counts from then.
+#[derive(Default)]
+struct Sent {
+    at: std::cell::Cell<Option<monoio::time::Instant>>,
+    /// The deadline's waiter, woken when the end is sent.
+    waiter: std::cell::Cell<Option<std::task::Waker>>,
+}
+
+impl Sent {
+    fn set(&self) {
+        self.at.set(Some(monoio::time::Instant::now()));
+        if let Some(w) = self.waiter.take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves `timeout` after the request's end was sent; never before it is.
+    async fn deadline(&self, timeout: Duration) {
+        let at = std::future::poll_fn(|cx| match self.at.get() {
+            Some(at) => std::task::Poll::Ready(at),
+            None => {
+                self.waiter.set(Some(cx.waker().clone()));
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        monoio::time::sleep_until(at + timeout).await;
+    }
+}
+
+/// Copies DATA frames (as the receiver's window allows) and then trailers. True when
+/// the stream was ended (trailers, or END_STREAM on an empty DATA frame) rather than
+/// reset or given up on.
 ///
 /// A receiver that grants no window for `idle` (a client that stopped reading) has its
 /// stream reset: what the pump holds for it is freed, and it stops holding its share of the
 /// backend connection's window, which the core's other calls to that backend need.
-async fn pump(mut from: h2::RecvStream, mut to: h2::SendStream<Bytes>, idle: Duration) {
+async fn pump(mut from: h2::RecvStream, mut to: h2::SendStream<Bytes>, idle: Duration) -> bool {
     loop {
         // Waiting for the sender, the receiver may go away: then so does this pump.
         let next = monoio::select! {
             d = from.data() => d,
-            _ = std::future::poll_fn(|cx| to.poll_reset(cx)) => return,
+            _ = std::future::poll_fn(|cx| to.poll_reset(cx)) => return false,
         };
         let Some(chunk) = next else { break };
         let Ok(chunk) = chunk else {
             to.send_reset(h2::Reason::CANCEL);
-            return;
+            return false;
         };
         let _ = from.flow_control().release_capacity(chunk.len());
         if !super::send_flow_controlled(&mut to, chunk, false, idle).await {
-            return;
+            return false;
         }
     }
     match from.trailers().await {
-        Ok(Some(t)) => {
-            let _ = to.send_trailers(t);
+        Ok(Some(t)) => to.send_trailers(t).is_ok(),
+        Ok(None) => to.send_data(Bytes::new(), true).is_ok(),
+        Err(_) => {
+            to.send_reset(h2::Reason::CANCEL);
+            false
         }
-        Ok(None) => {
-            let _ = to.send_data(Bytes::new(), true);
-        }
-        Err(_) => to.send_reset(h2::Reason::CANCEL),
     }
 }

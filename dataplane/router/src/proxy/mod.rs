@@ -38,7 +38,7 @@ const CLIENT_WATCH_GRACE: Duration = Duration::from_millis(20);
 const ECANCELED: i32 = 125;
 /// A lingering close ([`linger`]) ends when the client sends nothing for this long
 /// (nginx's `lingering_timeout`) ...
-const LINGER_QUIET: Duration = Duration::from_secs(5);
+pub(crate) const LINGER_QUIET: Duration = Duration::from_secs(5);
 /// ... or once it has discarded this much of what the client sent.
 const LINGER_MAX_BYTES: usize = 64 << 20;
 /// How long a backend whose connection failed while the request body was being sent has

@@ -176,17 +176,36 @@ fn writes_fail(s: &mut std::net::TcpStream, limit: Duration) -> bool {
 #[test]
 fn data_relayed_before_a_reset_is_not_lost() {
     for driver in ["io_uring", "epoll"] {
-        relayed_before_a_reset(driver);
+        relayed_before_a_reset(driver, false);
     }
 }
 
-fn relayed_before_a_reset(driver: &str) {
+/// As [`data_relayed_before_a_reset_is_not_lost`], with a client that keeps sending
+/// throughout (as a client whose backend reset over its unread input typically is, or a
+/// WebSocket pinging): the router keeps reading and dropping what it sends until the
+/// client has everything, FIN included. (It used to shut the client's connection down
+/// both ways at the reset, and the kernel answers data arriving after that with a reset,
+/// dropping what was still queued to the client.)
+#[test]
+fn data_relayed_before_a_reset_reaches_a_client_that_keeps_sending() {
+    for driver in ["io_uring", "epoll"] {
+        relayed_before_a_reset(driver, true);
+    }
+}
+
+fn relayed_before_a_reset(driver: &str, client_sends: bool) {
     const LEN: usize = 256 << 10;
     let router = Router::builder().threads(1).tcp().io_driver(driver).start();
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let backend = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
+        // Takes what the client sends (so the router keeps reading it), until the reset.
+        let mut input = s.try_clone().unwrap();
+        let drain = std::thread::spawn(move || {
+            let mut b = [0u8; 16 << 10];
+            while matches!(input.read(&mut b), Ok(n) if n > 0) {}
+        });
         let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
         s.write_all(&data).unwrap();
         // Only once the router's kernel has all of it (a reset drops what is unsent),
@@ -202,6 +221,9 @@ fn relayed_before_a_reset(driver: &str) {
         socket2::SockRef::from(&s)
             .set_linger(Some(Duration::ZERO))
             .unwrap();
+        // Ends the drain's read (its descriptor must go before the close resets).
+        s.shutdown(std::net::Shutdown::Read).unwrap();
+        drain.join().unwrap();
         drop(s);
     });
     let port = port_of(&router.add_route(tcp_route(0, "resets")));
@@ -214,9 +236,26 @@ fn relayed_before_a_reset(driver: &str) {
         .unwrap();
     let mut c: std::net::TcpStream = sock.into();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // A client that sends: 16 KiB before each read, blocking (a small send buffer), as a
+    // one-threaded client does; it stops at its first failed write. It reads nothing
+    // while a write waits: the router must go on reading it, or neither gets anywhere.
+    if client_sends {
+        socket2::SockRef::from(&c)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        c.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    let mut sending = client_sends;
+    let mut sent = 0usize;
     let mut got = Vec::with_capacity(LEN);
     let mut b = [0u8; 4096];
     let end = loop {
+        if sending {
+            match c.write_all(&[b'c'; 16 << 10]) {
+                Ok(()) => sent += 16 << 10,
+                Err(_) => sending = false,
+            }
+        }
         match c.read(&mut b) {
             Ok(0) => break Ok(()),
             Ok(n) => got.extend_from_slice(&b[..n]),
@@ -237,6 +276,10 @@ fn relayed_before_a_reset(driver: &str) {
     assert!(
         got.iter().enumerate().all(|(i, &v)| v == (i % 251) as u8),
         "{driver}: corrupted"
+    );
+    assert!(
+        !client_sends || sent >= 512 << 10,
+        "{driver}: the client sent only {sent} bytes"
     );
     assert!(
         wait_until(Duration::from_secs(2), || router

@@ -227,6 +227,13 @@ impl TlsConn {
         Ok(std::mem::take(&mut self.buf))
     }
 
+    /// Reads until the server's close_notify. A TCP close without one (what a strict
+    /// client reports as a truncation) is an `UnexpectedEof` error.
+    pub fn read_to_close_notify(&mut self) -> io::Result<Vec<u8>> {
+        while self.fill()? > 0 {}
+        Ok(std::mem::take(&mut self.buf))
+    }
+
     pub fn response(&mut self) -> Resp {
         self.try_response()
             .unwrap_or_else(|e| panic!("reading response over TLS: {e}"))

@@ -870,9 +870,9 @@ fn an_http2_upload_gets_the_backends_early_answer() {
 }
 
 /// A gRPC backend that takes a call and never answers it: the client gets a 503 at the
-/// response header timeout (1 s here), as on HTTP/1.1, and the backend's stream is reset
-/// (it used to wait for the response HEADERS for ever). Only the head is bounded: a call
-/// answered in time may then stream for longer (here, 2.5 s).
+/// response header timeout (1 s here) after its request ended, as on HTTP/1.1, and the
+/// backend's stream is reset (it used to wait for the response HEADERS for ever). Only the
+/// head is bounded: a call answered in time may then stream for longer (here, 2.5 s).
 #[test]
 fn a_grpc_backend_that_never_answers_gets_a_503_at_the_response_header_timeout() {
     let (router, rt) = h2c_router_with(1, &["--response-header-timeout-secs", "1"]);
@@ -919,8 +919,9 @@ fn a_grpc_backend_that_never_answers_gets_a_503_at_the_response_header_timeout()
                 .unwrap()
         };
         let start = std::time::Instant::now();
-        // The client's side stays open (a streaming call).
-        let (resp, _send) = client.send_request(call("/never"), false).unwrap();
+        // A whole request (the deadline counts from its end).
+        let (resp, mut send) = client.send_request(call("/never"), false).unwrap();
+        send.send_data(Bytes::from_static(b"req"), true).unwrap();
         let resp = tokio::time::timeout(Duration::from_secs(10), resp)
             .await
             .expect("no answer within 10 s")
@@ -953,6 +954,81 @@ fn a_grpc_backend_that_never_answers_gets_a_503_at_the_response_header_timeout()
             got += chunk.len();
         }
         assert_eq!(got, 20);
+        let trailers = body.trailers().await.unwrap().unwrap();
+        assert_eq!(trailers["grpc-status"], "0");
+    });
+}
+
+/// The response header timeout counts from the end of the call's request, as Go's
+/// `ResponseHeaderTimeout`: a client-streaming call that uploads for longer than it (2.5 s
+/// against 1 s here) to a backend that answers only once the upload has ended gets that
+/// answer, not a 503 and a reset (the deadline used to start when the request was sent).
+#[test]
+fn a_grpc_call_still_uploading_has_no_response_header_deadline() {
+    let (router, rt) = h2c_router_with(1, &["--response-header-timeout-secs", "1"]);
+    rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (sock, _) = l.accept().await.unwrap();
+            let mut conn = h2::server::handshake(sock).await.unwrap();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                tokio::spawn(async move {
+                    // Reads the whole upload, then answers with how much it got.
+                    let mut body = req.into_body();
+                    let mut got = 0usize;
+                    while let Some(Ok(chunk)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                        got += chunk.len();
+                    }
+                    let resp = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .unwrap();
+                    let Ok(mut send) = respond.send_response(resp, false) else {
+                        return;
+                    };
+                    let _ = send.send_data(Bytes::from(got.to_string()), false);
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", "0".parse().unwrap());
+                    let _ = send.send_trailers(trailers);
+                });
+            }
+        });
+        grpc_route(&router, "grpc.example.com", "g", addr);
+        let mut client = h2_client(router.h2c_addrs[0]).await;
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("http://grpc.example.com/upload")
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let (resp, mut send) = client.send_request(req, false).unwrap();
+        let mut resp = std::pin::pin!(resp);
+        // One message every 250 ms for 2.5 s; an early answer (the 503) ends the upload.
+        for _ in 0..10 {
+            if let Ok(r) = tokio::time::timeout(Duration::from_millis(250), &mut resp).await {
+                let status = r.map(|r| r.status());
+                panic!("answered while still uploading: {status:?}");
+            }
+            send.send_data(Bytes::from_static(b"0123456789"), false)
+                .unwrap();
+        }
+        send.send_data(Bytes::new(), true).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .expect("no answer within 10 s")
+            .expect("a response, not a reset");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(d) = tokio::time::timeout(Duration::from_secs(5), body.data())
+            .await
+            .expect("the body within 5 s")
+        {
+            got.extend_from_slice(&d.expect("body data"));
+        }
+        assert_eq!(got, b"100");
         let trailers = body.trailers().await.unwrap().unwrap();
         assert_eq!(trailers["grpc-status"], "0");
     });

@@ -565,3 +565,56 @@ fn empty_lines_do_not_extend_a_tls_connections_wait_for_its_first_request() {
         "closed after {closed:?}"
     );
 }
+
+/// A backend that resets an upgraded TLS connection's tunnel after sending its last
+/// bytes: the client gets them all, then a TLS close_notify before the TCP close (it used
+/// to get the TCP close alone, which a strict client reports as a truncation).
+#[test]
+fn a_backend_reset_ends_an_upgraded_tls_tunnel_with_a_close_notify() {
+    use std::io::{Read, Write};
+    const LEN: usize = 64 << 10;
+    let default = self_signed(&["ws.example.com"]);
+    let router = crate::router_with_default(&default);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let backend = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut b).unwrap();
+            assert!(n > 0, "no request");
+            head.extend_from_slice(&b[..n]);
+        }
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        )
+        .unwrap();
+        let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+        s.write_all(&data).unwrap();
+        // Once the router's kernel has all of it, a reset: SO_LINGER 0, close.
+        let start = std::time::Instant::now();
+        while flynn_runtime::sock::unacked(std::os::fd::AsRawFd::as_raw_fd(&s)).unwrap() > 0 {
+            assert!(start.elapsed() < std::time::Duration::from_secs(20));
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        socket2::SockRef::from(&s)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(s);
+    });
+    router.add_route(http_route("ws.example.com", "ws"));
+    router.set_backend_addrs("ws", &[(addr.to_string(), false)]);
+    let mut conn = tls_connect(&router, "ws.example.com", &[&default]);
+    let resp = conn.request(
+        "GET /ws HTTP/1.1\r\nHost: ws.example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    );
+    assert_eq!(resp.status, 101, "{resp:?}");
+    let got = conn.read_to_close_notify();
+    backend.join().unwrap();
+    let got = got.expect("the tunnel's end without a close_notify");
+    assert_eq!(got.len(), LEN);
+    assert!(got.iter().enumerate().all(|(i, &v)| v == (i % 251) as u8));
+}
