@@ -12,8 +12,8 @@
 //!   shell is really running); `DELETE` → the job's `stop` event (done).
 //! - `runc`: `runc run -d` on a bundle whose `config.json` is the one flynn-host's shim wrote
 //!   for its own job (same namespaces, seccomp profile, capabilities, masked paths) with the root
-//!   on an overlay of the same image mounted once up front and a new network namespace instead of
-//!   the job's; until `runc run -d` returns, then until the trap is installed; `runc kill TERM`,
+//!   on an overlay of the same image mounted once up front and new namespaces of each type
+//!   instead of the job's (the shim's paths name the job's own); until `runc run -d` returns, then until the trap is installed; `runc kill TERM`,
 //!   the process gone, `runc delete`.
 //! - `flynn-host`, `host_network` job: the same without the job's own network namespace, veth
 //!   and address, which shows the network's share.
@@ -801,7 +801,7 @@ fn runc_once(lab: &Lab, template: &Value, name: &str, trap: bool) -> Result<Samp
 }
 
 /// runc's bundle: the image unpacked, an overlay on it as the root, and the shim's own
-/// `config.json` for job `id` (running now) with that root and a new network namespace.
+/// `config.json` for job `id` (running now) with that root and new namespaces of each type.
 fn prepare_runc(lab: &Lab, img: &Image, id: &str) -> Result<Value> {
     let bundle = lab.bundle();
     let layer = lab.dir().join("runc-layer");
@@ -846,10 +846,11 @@ fn prepare_runc(lab: &Lab, img: &Image, id: &str) -> Result<Value> {
     let namespaces = config["linux"]["namespaces"]
         .as_array_mut()
         .context("config.json: no linux.namespaces")?;
+    // New namespaces of each type for runc: the shim's paths name the namespaces of flynn-host's
+    // job (its holder's pid and IPC namespaces, handed over as `/proc/self/fd/N` of the shim,
+    // and the job's network namespace), which are not runc's to join.
     for ns in namespaces.iter_mut() {
-        if ns["type"] == "network" {
-            *ns = json!({"type": "network"});
-        }
+        *ns = json!({"type": ns["type"].clone()});
     }
     Ok(config)
 }
@@ -1074,7 +1075,7 @@ fn report(opts: &Options, started: &str, load_before: &str, res: &Results) -> Re
         "- {} round(s) after one warm-up, the order of the three variants rotating every round; busybox `sh -c \"{TRAP_SCRIPT}\"`\n\n",
         opts.rounds
     ));
-    md.push_str("Running: flynn-host `PUT /host/jobs/:id` sent → the job's `start` event (SSE); runc `run -d` started → returned. Trap: the same start → a process of the job's cgroup has its SIGTERM handler (the shell runs). Stop: `DELETE` sent → `stop` event (done); `runc kill TERM` → exited → `runc delete` returned. runc uses the shim's own `config.json` on a pre-mounted overlay of the same image, with a new network namespace (no veth, no address); flynn-host's numbers include the API, the overlay mount and the job's netns + veth + address (a `host_network` job skips the network part).\n\n");
+    md.push_str("Running: flynn-host `PUT /host/jobs/:id` sent → the job's `start` event (SSE); runc `run -d` started → returned. Trap: the same start → a process of the job's cgroup has its SIGTERM handler (the shell runs). Stop: `DELETE` sent → `stop` event (done); `runc kill TERM` → exited → `runc delete` returned. runc uses the shim's own `config.json` on a pre-mounted overlay of the same image, with new namespaces of each type (no veth, no address); flynn-host's numbers include the API, the overlay mount and the job's netns + veth + address (a `host_network` job skips the network part).\n\n");
     md.push_str("| variant | running p50 | p90 | trap installed p50 | p90 | stop p50 | p90 |\n|---|---:|---:|---:|---:|---:|---:|\n");
     let row = |name: &str, s: &[Sample]| -> String {
         let running: Vec<Duration> = s.iter().map(|x| x.running).collect();
