@@ -56,10 +56,18 @@ pub async fn tunnel<S: crate::proxy::Client>(
         // that does not take it is given up on after the idle timeout).
         let len = buf.len();
         let write = write_range(&mut up, buf, 0, len);
-        let Ok((Ok(()), _)) = monoio::time::timeout(core.settings().idle_timeout, write).await
+        let Ok((Ok(()), b)) = monoio::time::timeout(core.settings().idle_timeout, write).await
         else {
             return;
         };
+        buf = b;
+    }
+    // The request buffer relays the client's bytes and the core's free list gives the
+    // other direction its buffer: a tunnel holds these two and no other.
+    buf.clear();
+    if buf.capacity() < crate::worker::BUF {
+        core.give_buf(std::mem::take(&mut buf));
+        buf = core.take_buf();
     }
     // Long-lived: a peer on either side that vanishes without a FIN is noticed.
     let _ = flynn_runtime::sock::set_keepalive(fd);
@@ -68,8 +76,8 @@ pub async fn tunnel<S: crate::proxy::Client>(
     let (mut cr, mut cw) = c.into_split();
     let (mut ur, mut uw) = up.into_split();
     // Side 0 is the client, 1 the backend, as opened.
-    let a = pipe(&mut cr, &mut uw, Vec::with_capacity(16 * 1024), &tunnel, 0);
-    let b = pipe(&mut ur, &mut cw, Vec::with_capacity(16 * 1024), &tunnel, 1);
+    let a = pipe(&mut cr, &mut uw, buf, &tunnel, 0);
+    let b = pipe(&mut ur, &mut cw, core.take_buf(), &tunnel, 1);
     let _ = monoio::join!(a, b);
     // The sockets close as this returns, with no await in between.
     tunnel.finish();

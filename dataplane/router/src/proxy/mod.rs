@@ -488,6 +488,10 @@ async fn one_request<S: Client>(
             n
         }
         Some(r) if info.upgrade => {
+            // A tunnel may last hours: the exchange's buffers go back to the core now (the
+            // upgrade's own exchange does not use them), the request buffer goes with it.
+            core.release_buf(ubuf);
+            core.release_buf(out);
             let b = std::mem::take(buf);
             crate::upgrade::tunnel(core, c, fd, b, &info, r, peer, l, start_ms).await;
             return None;
