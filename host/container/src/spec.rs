@@ -773,7 +773,8 @@ mod tests {
         for cap in ALL_CAPS.iter().filter(|c| **c != "CAP_MKNOD") {
             assert_eq!(capability_refusal(cap, false), None, "{cap}");
         }
-        // This host (cgroup v1 or hybrid here) filters, and validation follows it.
+        // Validation follows this host: CAP_MKNOD passes where device access is filtered
+        // (cgroup v1 or hybrid), and is refused on a unified (v2) hierarchy.
         let mut s = sample();
         s.capabilities = Some(vec!["CAP_MKNOD".into()]);
         assert_eq!(s.validate().is_ok(), device_filter());

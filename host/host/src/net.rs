@@ -19,15 +19,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use flynn_api::host::{NetworkConfig, NetworkInfo};
 use flynn_api::ApiError;
-use flynn_network::job::{self, IpAllocator, JobNet, JobNetConfig};
+// `job::POOL_OWNER_PREFIX` is the allocator owner (and namespace/veth name seed) of a pooled
+// namespace (job ids cannot start with it: they may not contain `/`); `job::JOB_IPS_FILE` and
+// `job::JOB_NETNS_FILE` name the files in the state directory. flynn-network's constants: the
+// overlay agent reads these files by them to decide whether a clean stop releases the lease.
+use flynn_network::job::{self, IpAllocator, JobNet, JobNetConfig, POOL_OWNER_PREFIX};
 use flynn_network::{KernelNetlink, Subnet};
 
 use crate::fastpath::{self, Fast};
 use crate::syncer::Syncer;
 
-/// Allocator owners (and namespace/veth name seeds) of pooled namespaces. Job ids cannot
-/// start with it (they may not contain `/`).
-const POOL_PREFIX: &str = "pool/";
 /// A start that comes after the network was retired (the host is switching blocks).
 const RETIRED: &str = "the host's job network is being replaced (the overlay agent handed out another block); start the job again";
 
@@ -88,12 +89,12 @@ impl Network {
         let gateway_mac = job::link_mac(&nl, bridge)
             .await
             .with_context(|| format!("reading the MAC of {bridge}"))?;
-        let path = state_dir.join("job-ips.json");
+        let path = state_dir.join(job::JOB_IPS_FILE);
         let gateway = block.first_host();
         let mut alloc = IpAllocator::open(&path, block, &[])
             .with_context(|| format!("opening {}", path.display()))?;
         alloc = alloc.deferred_sync();
-        let taken_path = state_dir.join("job-netns.json");
+        let taken_path = state_dir.join(job::JOB_NETNS_FILE);
         let taken: BTreeMap<String, String> = match std::fs::read(&taken_path) {
             Ok(b) => serde_json::from_slice(&b)
                 .with_context(|| format!("parsing {}", taken_path.display()))?,
@@ -103,7 +104,7 @@ impl Network {
         let leftovers: Vec<String> = alloc
             .allocations()
             .map(|(o, _)| o.to_string())
-            .filter(|o| o.starts_with(POOL_PREFIX) && !taken.values().any(|k| k == o))
+            .filter(|o| o.starts_with(POOL_OWNER_PREFIX) && !taken.values().any(|k| k == o))
             .collect();
         let cfg = JobNetConfig {
             bridge: bridge.to_string(),
@@ -321,7 +322,7 @@ impl Network {
                 if net.pool().ready.len() >= net.inner.pool_size {
                     break;
                 }
-                let key = format!("{POOL_PREFIX}{}", uuid::Uuid::new_v4().simple());
+                let key = format!("{POOL_OWNER_PREFIX}{}", uuid::Uuid::new_v4().simple());
                 match net.create(&key).await {
                     Ok((n, fast)) => {
                         let kept = {
@@ -370,7 +371,9 @@ impl Network {
             let a = self.alloc();
             let held = a
                 .allocations()
-                .filter(|(o, _)| !o.starts_with(POOL_PREFIX) || pool.taken.values().any(|k| k == o))
+                .filter(|(o, _)| {
+                    !o.starts_with(POOL_OWNER_PREFIX) || pool.taken.values().any(|k| k == o)
+                })
                 .count();
             if held > 0 {
                 return Err(format!("{held} job(s) hold addresses in it"));
@@ -425,7 +428,7 @@ impl Network {
                     .map(|(j, _)| j.clone())
             };
             a.allocations()
-                .filter_map(|(o, _)| match o.strip_prefix(POOL_PREFIX) {
+                .filter_map(|(o, _)| match o.strip_prefix(POOL_OWNER_PREFIX) {
                     // A pooled namespace a job took: a stray when that job is unknown.
                     Some(_) => job_of(o)
                         .filter(|j| !known(j))
@@ -611,7 +614,7 @@ impl Setup {
         let Some(mut saved) = self.load()? else {
             return Ok(None);
         };
-        let ips = self.state_dir.join("job-ips.json");
+        let ips = self.state_dir.join(job::JOB_IPS_FILE);
         // A file that cannot be read is reported by the open below.
         if let Ok(Some(held)) = IpAllocator::held_block(&ips) {
             if held != saved.block {

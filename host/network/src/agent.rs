@@ -121,10 +121,6 @@ pub struct Agent<S> {
     mtu: tokio::sync::watch::Sender<u32>,
 }
 
-/// flynn-host's record of the pooled network namespaces jobs took (job id → pool owner),
-/// next to its allocator file ([`AgentConfig::job_ips`]).
-const JOB_NETNS_FILE: &str = "job-netns.json";
-
 /// How long releasing the lease of an abandoned start ([`Agent::abandon_start`]) may take.
 pub const ABANDON_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -376,7 +372,7 @@ impl<S: LeaseStore> Agent<S> {
         let Some(path) = &self.cfg.job_ips else {
             return false;
         };
-        let taken = path.with_file_name(JOB_NETNS_FILE);
+        let taken = path.with_file_name(crate::job::JOB_NETNS_FILE);
         match crate::job::IpAllocator::job_block(path, &taken) {
             Ok(None) => false,
             Ok(Some(b)) => b.contains_subnet(subnet) || subnet.contains_subnet(&b),

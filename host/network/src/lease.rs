@@ -600,12 +600,23 @@ mod tests {
         assert_eq!(live.subnet.to_string(), "10.9.3.0/24");
         assert_eq!(store.leases().await.unwrap().leases.len(), 2);
         assert_eq!(leaser.own().await.unwrap(), Some(live.clone()));
-        // Both expired (the live one ran out): the newest.
-        let later = now() + Duration::from_secs(1000);
-        let l = Leaser::new(store.clone(), small(), Ipv4Addr::new(192, 0, 2, 1));
-        let own = l.own().await.unwrap().unwrap();
-        assert!(own.is_expired(later));
+        // Both expired (the live one ran out too): the one that expired last, whichever
+        // block comes first.
+        let expired = |l: &Lease, ago: u64| Lease {
+            expires_at: now() - Duration::from_secs(ago),
+            ..l.clone()
+        };
+        // Block 1 expired 11 s ago (released), block 3 5 s ago.
+        store.update(&expired(&live, 5)).await.unwrap();
+        let own = leaser.own().await.unwrap().unwrap();
+        assert!(own.is_expired(now()), "{own:?}");
         assert_eq!(own.subnet, live.subnet);
+        // Block 1 now 1 s ago: it is the newer.
+        let first = store.leases().await.unwrap().get(&released.subnet).cloned();
+        store.update(&expired(&first.unwrap(), 1)).await.unwrap();
+        let own = leaser.own().await.unwrap().unwrap();
+        assert!(own.is_expired(now()), "{own:?}");
+        assert_eq!(own.subnet, released.subnet);
     }
 
     /// Hosts joining together when only expired blocks are free spread over several of

@@ -1,6 +1,9 @@
 //! The response header timeout is one deadline for the backend's whole response head,
 //! interim (1xx) heads included, as Go's `ResponseHeaderTimeout`: a backend that sends
 //! 103 Early Hints without end, or trickles its head, cannot hold a request for ever.
+//! With a 2 s timeout the 503 must come within 6 s (room for a loaded machine): a timer
+//! started again at each interim head or byte held the request until the backend gave up,
+//! 20 s.
 
 use std::time::{Duration, Instant};
 
@@ -64,7 +67,7 @@ fn endless_early_hints_end_in_a_503_at_the_response_header_timeout() {
     assert_eq!(status, 503);
     assert!(interims >= 2, "{interims} interim responses relayed");
     assert!(
-        took >= Duration::from_millis(1500) && took < Duration::from_millis(3500),
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
         "503 after {took:?}, timeout 2 s"
     );
 }
@@ -86,7 +89,7 @@ fn a_trickled_response_head_ends_in_a_503_at_the_response_header_timeout() {
     let (status, _, took) = final_after_interims(&mut conn);
     assert_eq!(status, 503);
     assert!(
-        took >= Duration::from_millis(1500) && took < Duration::from_millis(3500),
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
         "503 after {took:?}, timeout 2 s"
     );
 }
@@ -105,7 +108,7 @@ fn endless_early_hints_to_an_upgrade_end_in_a_503_at_the_response_header_timeout
     assert_eq!(status, 503);
     assert!(interims >= 2, "{interims} interim responses relayed");
     assert!(
-        took >= Duration::from_millis(1500) && took < Duration::from_millis(3500),
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
         "503 after {took:?}, timeout 2 s"
     );
 }

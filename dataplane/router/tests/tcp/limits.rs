@@ -127,7 +127,9 @@ fn reset_closes_both(driver: &str, client_resets: bool) {
             .recv_timeout(Duration::from_secs(5))
             .unwrap_or_else(|_| panic!("{label}: the backend's connection is still open"));
         assert_eq!(end, Ok(0), "{label}: the backend's read ended with a FIN");
-        assert!(at - reset_at < Duration::from_secs(1), "{label}");
+        // 3 s: at once, with room for a loaded machine (before, never: the tunnel
+        // timeout, an hour).
+        assert!(at - reset_at < Duration::from_secs(3), "{label}");
         s
     } else {
         let (_, reset_at, s) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
@@ -137,11 +139,13 @@ fn reset_closes_both(driver: &str, client_resets: bool) {
         let mut b = [0u8; 16];
         let r = c.read(&mut b).map_err(|e| e.kind());
         assert_eq!(r, Ok(0), "{label}: the client's read ended with a FIN");
-        assert!(reset_at.elapsed() < Duration::from_secs(1), "{label}");
+        assert!(reset_at.elapsed() < Duration::from_secs(3), "{label}");
         c
     };
+    // Before, the router held both sockets for the tunnel timeout (an hour); a lingering
+    // close that waited for the silent side's FIN would end at its 5 s bound.
     assert!(
-        wait_until(Duration::from_secs(1), || router
+        wait_until(Duration::from_secs(3), || router
             .metric("tcp_connections_active")
             == 0),
         "{label}: still open"

@@ -250,9 +250,10 @@ fn a_host_block_device() -> Option<(u32, u32)> {
     })
 }
 
-/// A job granted `CAP_MKNOD` (accepted on this cgroup v1 host, where the devices controller
-/// filters) can make a node for a host block device but not open it: the container's device rule
-/// denies every device but the standard `/dev` nodes.
+/// A job granted `CAP_MKNOD` (accepted only on a cgroup v1 or hybrid host, where the devices
+/// controller filters; skipped on a cgroup v2 host, which refuses it) can make a node for a host
+/// block device but not open it: the container's device rule denies every device but the
+/// standard `/dev` nodes.
 #[tokio::test]
 async fn a_job_that_can_mknod_cannot_open_a_host_block_device() {
     require_root!();

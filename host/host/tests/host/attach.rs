@@ -430,6 +430,7 @@ async fn api_connections_have_tcp_keepalive() {
     // A connection with data in flight shows its retransmission timer instead: looked at
     // again until none has.
     let mut conns = Vec::new();
+    let mut quiet = false;
     for _ in 0..100 {
         let out = std::process::Command::new("ss")
             .args(["-tnoH", "state", "established", &filter])
@@ -440,11 +441,18 @@ async fn api_connections_have_tcp_keepalive() {
             .map(str::to_string)
             .collect();
         if !conns.iter().any(|c| c.contains("timer:(on")) {
+            quiet = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!conns.is_empty(), "no API connection seen by ss");
+    assert!(
+        quiet,
+        "the API connections never went quiet: a retransmission timer in each of 100 looks \
+         over 5 s, so their keepalive timers could not be seen:\n{}",
+        conns.join("\n")
+    );
     for c in &conns {
         assert!(c.contains("timer:(keepalive"), "no keepalive: {c}");
     }

@@ -1173,8 +1173,12 @@ async fn new_tags_replace_the_hosts_registration_without_removing_it() {
 }
 
 /// A process-runtime job starts with no signal ignored or blocked, though the daemon ignores
-/// `SIGPIPE` (the Rust runtime does): std's spawn resets it and the mask. A writer into a
-/// closed pipe dies of `SIGPIPE`, and a shell loop writing into one ends.
+/// `SIGPIPE` (the Rust runtime does). std's spawn resets `SIGPIPE` and the mask, but that is
+/// not enough: glibc's `posix_spawn`, which std uses when it can, leaves signals 32 and 33
+/// (glibc's internal ones) ignored in the child. The runtime's pre-exec hook
+/// (`flynn_container::signals::default_on_exec`) is needed: it sets every disposition back to
+/// the default.
+/// A writer into a closed pipe dies of `SIGPIPE`, and a shell loop writing into one ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_job_starts_with_default_signal_dispositions() {
     let h = Host::start(PROC);

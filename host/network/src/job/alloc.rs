@@ -16,6 +16,15 @@ use crate::subnet::Subnet;
 /// cannot contain `/`): `pool/<uuid>`. See [`IpAllocator::job_block`].
 pub const POOL_OWNER_PREFIX: &str = "pool/";
 
+/// The name of flynn-host's allocation file in its state directory (the overlay agent's
+/// `--job-ips` default names it too).
+pub const JOB_IPS_FILE: &str = "job-ips.json";
+
+/// flynn-host's record of the pooled network namespaces jobs took (job id → pool owner),
+/// next to its allocation file ([`JOB_IPS_FILE`]): the `taken` file of
+/// [`IpAllocator::job_block`].
+pub const JOB_NETNS_FILE: &str = "job-netns.json";
+
 fn is_pool_owner(owner: &str) -> bool {
     owner.starts_with(POOL_OWNER_PREFIX)
 }

@@ -30,7 +30,7 @@ use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute}
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteMetric};
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
-pub use alloc::{IpAllocator, POOL_OWNER_PREFIX};
+pub use alloc::{IpAllocator, JOB_IPS_FILE, JOB_NETNS_FILE, POOL_OWNER_PREFIX};
 pub use fast::{
     attach_fast_path, detach_fast_path, link_mac, register_job, unregister_job, unregister_pinned,
 };

@@ -477,13 +477,15 @@ fn big_udp_arrives(from: &JobNet, to: &JobNet) -> Result<()> {
 /// such a packet to the kernel (`bpf_check_mtu`) instead of pushing it into the tunnel.
 fn df_over_the_mtu_is_answered(from: &JobNet, to: &JobNet) -> Result<()> {
     use std::os::fd::AsRawFd;
+    use std::time::Instant;
     let ip = to.ip;
     let rx = in_ns_path(&to.netns_path, move || {
         Ok(UdpSocket::bind(SocketAddr::from((ip, 0)))?)
     })?;
-    rx.set_read_timeout(Some(Duration::from_millis(700)))?;
     let dst = rx.local_addr()?;
-    let send = |size: usize| -> Result<Option<std::io::Error>> {
+    // A socket in `from`'s namespace (it stays there), connected to `rx`, DF set and the
+    // route's MTU ignored.
+    let sender = || -> Result<UdpSocket> {
         in_ns_path(&from.netns_path, move || {
             let tx = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
             let probe: libc::c_int = libc::IP_PMTUDISC_PROBE;
@@ -503,28 +505,65 @@ fn df_over_the_mtu_is_answered(from: &JobNet, to: &JobNet) -> Result<()> {
                 std::io::Error::last_os_error()
             );
             tx.connect(dst)?;
-            tx.send(&vec![7u8; size])?;
-            // The ICMP answer sets the connected socket's error.
-            std::thread::sleep(Duration::from_millis(300));
-            Ok(tx.take_error()?)
+            Ok(tx)
         })
     };
+    let emsgsize = |e: &std::io::Error| e.raw_os_error() == Some(libc::EMSGSIZE);
     let fits = MTU as usize - 28;
     let mut buf = vec![0u8; 4096];
-    let err = send(fits)?;
-    ensure!(err.is_none(), "the largest datagram got an error: {err:?}");
-    let (n, _) = rx
-        .recv_from(&mut buf)
-        .context("the largest DF datagram did not arrive")?;
+
+    // The largest that fits arrives (sent again every 500 ms for up to 5 s, so a loaded
+    // machine losing one copy cannot fail the test) and draws no error.
+    let tx = sender()?;
+    rx.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let n = loop {
+        tx.send(&vec![7u8; fits])?;
+        match rx.recv_from(&mut buf) {
+            Ok((n, _)) => break n,
+            Err(_) if Instant::now() < deadline => {}
+            Err(e) => return Err(e).context("the largest DF datagram did not arrive"),
+        }
+    };
     ensure!(n == fits, "{n} bytes arrived, {fits} sent");
-    let err = send(fits + 1)?;
+    let err = tx.take_error()?;
+    ensure!(err.is_none(), "the largest datagram got an error: {err:?}");
+
+    // One byte over: the ICMP answer sets the connected socket's error (or fails the next
+    // send, which takes the pending error). Looked for every 20 ms for up to 5 s, the probe
+    // sent again every 500 ms in case one copy (or its answer) was lost.
+    let tx = sender()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut next_send = Instant::now();
+    let answered = loop {
+        if Instant::now() >= next_send {
+            match tx.send(&vec![7u8; fits + 1]) {
+                Err(e) if emsgsize(&e) => break true,
+                r => {
+                    r?;
+                }
+            }
+            next_send = Instant::now() + Duration::from_millis(500);
+        }
+        match tx.take_error()? {
+            Some(e) if emsgsize(&e) => break true,
+            Some(e) => bail!("a DF datagram one byte over the MTU got {e}, not EMSGSIZE"),
+            None if Instant::now() >= deadline => break false,
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    // None of the copies sent arrives: whatever was delivered waits in `rx`'s queue, and
+    // the last copy gets 2 s more. (A late copy of the largest datagram may be there too.)
+    rx.set_read_timeout(Some(Duration::from_secs(2)))?;
+    while let Ok((n, _)) = rx.recv_from(&mut buf) {
+        ensure!(
+            n == fits,
+            "a DF datagram one byte over the overlay MTU was delivered ({n} bytes)"
+        );
+    }
     ensure!(
-        rx.recv_from(&mut buf).is_err(),
-        "a DF datagram one byte over the overlay MTU was delivered"
-    );
-    ensure!(
-        err.as_ref().and_then(std::io::Error::raw_os_error) == Some(libc::EMSGSIZE),
-        "no fragmentation-needed answer to a DF datagram one byte over the MTU: {err:?}"
+        answered,
+        "no fragmentation-needed answer within 5 s to a DF datagram one byte over the MTU"
     );
     Ok(())
 }
@@ -675,8 +714,41 @@ fn three_hosts_talk_and_follow_hosts_joining_and_leaving() -> Result<()> {
     Ok(())
 }
 
-/// Runs a bounded ping flood from `from` to `to` while `during` runs; returns (sent, received).
-fn ping_while(from: &JobNet, to: &JobNet, count: u32, during: impl FnOnce()) -> Result<(u32, u32)> {
+/// What [`ping_while`] saw: the echo requests answered, and the sequence numbers below the
+/// last answered that were not.
+struct Pings {
+    answered: u32,
+    lost: Vec<u32>,
+}
+
+impl Pings {
+    /// The longest run of consecutive lost requests (a stretch with no traffic).
+    fn longest_gap(&self) -> usize {
+        let (mut longest, mut run, mut prev) = (0, 0, None);
+        for &seq in &self.lost {
+            run = if prev.is_some_and(|p| p + 1 == seq) {
+                run + 1
+            } else {
+                1
+            };
+            longest = usize::max(longest, run);
+            prev = Some(seq);
+        }
+        longest
+    }
+}
+
+/// Pings `to` from `from` every `interval` seconds while `during` runs, until `count` requests were
+/// answered (or 30 s passed). With a deadline ping keeps sending, and waiting, until then,
+/// so a reply that comes late is still counted: with `-c` alone it waited only 50 ms after
+/// the last request, and a loaded machine lost the last reply that way.
+fn ping_while(
+    from: &JobNet,
+    to: &JobNet,
+    count: u32,
+    interval: &str,
+    during: impl FnOnce(),
+) -> Result<Pings> {
     let child = Command::new("ip")
         .args([
             "netns",
@@ -684,11 +756,12 @@ fn ping_while(from: &JobNet, to: &JobNet, count: u32, during: impl FnOnce()) -> 
             &ns_of(from),
             "ping",
             "-n",
-            "-q",
             "-i",
-            "0.05",
+            interval,
             "-W",
             "1",
+            "-w",
+            "30",
         ])
         .args(["-c", &count.to_string(), &to.ip.to_string()])
         .stdout(Stdio::piped())
@@ -698,15 +771,20 @@ fn ping_while(from: &JobNet, to: &JobNet, count: u32, during: impl FnOnce()) -> 
     during();
     let out = child.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let stats = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .with_context(|| format!("no ping summary: {text}"))?;
-    let nums: Vec<u32> = stats
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|s| s.parse().ok())
-        .collect();
-    Ok((nums[0], nums[1]))
+    let mut seen = std::collections::BTreeSet::new();
+    for l in text.lines().filter(|l| !l.contains("DUP!")) {
+        if let Some(seq) = l
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("icmp_seq="))
+        {
+            seen.insert(seq.parse::<u32>().with_context(|| format!("ping: {l}"))?);
+        }
+    }
+    let last = seen.last().copied().unwrap_or(0);
+    Ok(Pings {
+        answered: seen.len() as u32,
+        lost: (1..last).filter(|s| !seen.contains(s)).collect(),
+    })
 }
 
 #[test]
@@ -720,10 +798,12 @@ fn agents_killed_or_restarted_keep_traffic_and_macs() -> Result<()> {
     ensure!(can_ping(&j1, &j2), "no connectivity to begin with");
 
     // SIGKILL while traffic flows: the kernel keeps forwarding, nothing is lost.
-    let (sent, got) = ping_while(&j1, &j2, 40, || a1.sigkill())?;
+    let pings = ping_while(&j1, &j2, 40, "0.05", || a1.sigkill())?;
     ensure!(
-        sent == 40 && got == 40,
-        "{got}/{sent} pings answered across the agent kill"
+        pings.answered == 40 && pings.lost.is_empty(),
+        "{} of 40 pings answered across the agent kill, lost: {:?}",
+        pings.answered,
+        pings.lost
     );
 
     // Restarted agent: same block, same MAC.
@@ -794,11 +874,19 @@ fn agents_killed_or_restarted_keep_traffic_and_macs() -> Result<()> {
         c.agent(h1, &["--fast-path", "off"])
     };
     let mut restarted = None;
-    let (sent, got) = ping_while(&j1, &j2, 100, || restarted = Some(restart()))?;
+    let pings = ping_while(&j1, &j2, 500, "0.01", || restarted = Some(restart()))?;
     a1 = restarted.context("no restart")??;
+    // The deterministic guard is the lease check in `restart`. Here: traffic flowed
+    // throughout, pinged every 10 ms. A loaded machine may drop a reply or two, so up to 3
+    // are allowed, but never more than 2 in a row (20 ms): the released lease cut traffic
+    // for a stretch (host 2 dropped the block until the new agent leased it again): 4 to 5
+    // in a row here, 4 to 7 with both cores busy (the new agent's start). Pinged every 50 ms
+    // that was a single lost ping, which no tolerance could tell from load.
     ensure!(
-        sent == 100 && got == 100,
-        "{got}/{sent} pings answered across a clean restart:\n{}",
+        pings.answered == 500 && pings.lost.len() <= 3 && pings.longest_gap() <= 2,
+        "{} of 500 pings answered across a clean restart, lost: {:?}:\n{}",
+        pings.answered,
+        pings.lost,
         a1.log_text()
     );
     ensure!(
