@@ -65,7 +65,8 @@ pub async fn tunnel<S: crate::proxy::Client>(
     // The request buffer relays the client's bytes and the core's free list gives the
     // other direction its buffer: a tunnel holds these two and no other.
     buf.clear();
-    if buf.capacity() < crate::worker::BUF {
+    // (One grown by a long request head goes back too: a tunnel may last hours.)
+    if buf.capacity() != crate::worker::BUF {
         core.give_buf(std::mem::take(&mut buf));
         buf = core.take_buf();
     }

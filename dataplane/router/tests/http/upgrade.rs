@@ -570,7 +570,7 @@ fn data_kib(pid: u32) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix("VmData:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+        .expect("VmData")
 }
 
 /// An open tunnel holds its two relay buffers and nothing else of the router's: the request

@@ -772,7 +772,12 @@ fn ping_while(
     let out = child.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut seen = std::collections::BTreeSet::new();
-    for l in text.lines().filter(|l| !l.contains("DUP!")) {
+    // Replies only (`64 bytes from ...: icmp_seq=N`): error lines such as a redirect also
+    // carry an `icmp_seq=`.
+    for l in text
+        .lines()
+        .filter(|l| l.contains(" bytes from ") && !l.contains("DUP!"))
+    {
         if let Some(seq) = l
             .split_whitespace()
             .find_map(|w| w.strip_prefix("icmp_seq="))
