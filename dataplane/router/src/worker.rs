@@ -463,6 +463,10 @@ async fn accept_http(core: Rc<Core>, listener: TcpListener, info: ListenerInfo) 
             }
             Err(()) => return,
         }
+        // Connections spawned in this batch: their tasks count themselves when they first
+        // run, after the batch, so the cap check adds them (a batch of 64 accepts could
+        // otherwise pass the cap by 63).
+        let mut spawned = 0;
         for _ in 0..64 {
             let (std_stream, peer) = match flynn_runtime::handoff::accept_nonblocking(fd) {
                 Ok(x) => {
@@ -481,7 +485,7 @@ async fn accept_http(core: Rc<Core>, listener: TcpListener, info: ListenerInfo) 
             let Ok(stream) = TcpStream::from_std(std_stream) else {
                 continue;
             };
-            spawn_conn(&core, stream, peer, info);
+            spawned += usize::from(spawn_conn(&core, stream, peer, info, spawned));
         }
     }
 }
@@ -542,11 +546,20 @@ impl AcceptFailing {
     }
 }
 
-fn spawn_conn(core: &Rc<Core>, stream: TcpStream, peer: std::net::SocketAddr, info: ListenerInfo) {
+/// Spawns the task serving `stream`, unless the core is at `--max-conns-per-core` counting
+/// `ahead` connections spawned but not yet running (then it is closed unserved); whether
+/// it was spawned.
+fn spawn_conn(
+    core: &Rc<Core>,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    info: ListenerInfo,
+    ahead: usize,
+) -> bool {
     let m = core.metrics();
-    if core.conns.get() >= core.settings().max_conns_per_core {
+    if core.conns.get() + ahead >= core.settings().max_conns_per_core {
         CoreMetrics::inc(&m.connections_rejected_total);
-        return;
+        return false;
     }
     CoreMetrics::inc(&m.connections_total);
     if info.h2c && core.settings().proxy_protocol_for(peer.ip()) {
@@ -573,6 +586,7 @@ fn spawn_conn(core: &Rc<Core>, stream: TcpStream, peer: std::net::SocketAddr, in
             crate::proxy::Start::New,
         ));
     }
+    true
 }
 
 /// A one-way signal for this core's tasks: accept loops stop on it, and HTTP/2

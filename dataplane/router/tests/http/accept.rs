@@ -39,3 +39,34 @@ fn connections_reset_in_the_accept_queue_do_not_stall_accepts() {
     assert!(!log.contains("accept failed"), "{log}");
     assert_eq!(router.metric("accept_errors_total"), 0);
 }
+
+/// `--max-conns-per-core` holds within one batch of accepts: a connection's task counts it
+/// when it first runs, after the batch, so the batch's own spawns are added to the check
+/// (50 connections waiting in the queue used to be accepted and served all at once past a
+/// cap of 10).
+#[test]
+fn a_batch_of_accepts_does_not_pass_the_per_core_cap() {
+    let router = Router::builder()
+        .threads(1)
+        .arg("--max-conns-per-core")
+        .arg("10")
+        .start();
+    let b1 = Backend::start("b1");
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b1]);
+    // Stopped, the router leaves all 50 in the accept queue: one batch takes them.
+    router.signal("STOP");
+    let conns: Vec<std::net::TcpStream> = (0..50)
+        .map(|_| std::net::TcpStream::connect(router.http_addr).unwrap())
+        .collect();
+    router.signal("CONT");
+    assert!(
+        crate::support::wait_until(Duration::from_secs(5), || {
+            router.metric("connections_rejected_total") == 40
+        }),
+        "rejected: {}",
+        router.metric("connections_rejected_total")
+    );
+    assert_eq!(router.metric("connections_active"), 10);
+    drop(conns);
+}
