@@ -181,12 +181,9 @@ fn a_stray_crlf_after_a_body_is_not_a_request_head() {
     }
 }
 
-/// A connection that never sends a request is closed at the header timeout (nginx's
-/// `client_header_timeout`, Go's `ReadHeaderTimeout`), not held for the idle timeout
-/// meant for keep-alive connections between requests; it parks meanwhile like any idle
-/// connection. One that has had a request idles under the idle timeout.
-#[test]
-fn a_connection_without_a_request_is_closed_at_the_header_timeout() {
+/// One core, a 3 s header timeout and a 30 s idle timeout (so the two cannot be mistaken),
+/// and a route to one backend.
+fn first_request_router() -> (Router, Backend) {
     let router = Router::builder()
         .threads(1)
         .arg("--header-timeout-secs")
@@ -197,6 +194,16 @@ fn a_connection_without_a_request_is_closed_at_the_header_timeout() {
     let b1 = Backend::start("b1");
     router.add_route(http_route("example.com", "web"));
     router.set_backends("web", &[&b1]);
+    (router, b1)
+}
+
+/// A connection that never sends a request is closed at the header timeout (nginx's
+/// `client_header_timeout`, Go's `ReadHeaderTimeout`), not held for the idle timeout
+/// meant for keep-alive connections between requests; it parks meanwhile like any idle
+/// connection. One that has had a request idles under the idle timeout.
+#[test]
+fn a_connection_without_a_request_is_closed_at_the_header_timeout() {
+    let (router, _b1) = first_request_router();
     let mut served = Conn::connect(router.http_addr);
     assert_eq!(served.get("example.com", "/").status, 200);
     // Half-way between two of the sweep's ticks (they come a second apart from the
@@ -232,16 +239,7 @@ fn a_connection_without_a_request_is_closed_at_the_header_timeout() {
 /// over, so such a client kept its connection for ever.)
 #[test]
 fn empty_lines_do_not_extend_the_wait_for_the_first_request() {
-    let router = Router::builder()
-        .threads(1)
-        .arg("--header-timeout-secs")
-        .arg("3")
-        .arg("--idle-timeout-secs")
-        .arg("30")
-        .start();
-    let b1 = Backend::start("b1");
-    router.add_route(http_route("example.com", "web"));
-    router.set_backends("web", &[&b1]);
+    let (router, _b1) = first_request_router();
     let start = std::time::Instant::now();
     let mut conn = Conn::connect(router.http_addr);
     conn.set_read_timeout(Duration::from_secs(1));

@@ -265,16 +265,7 @@ async fn call_domain(router: std::net::SocketAddr, domain: &str, msg: &'static [
         .unwrap();
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
-    let mut out = Vec::new();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), body.data())
-        .await
-        .expect("body")
-    {
-        let chunk = chunk.unwrap();
-        let _ = body.flow_control().release_capacity(chunk.len());
-        out.extend_from_slice(&chunk);
-    }
-    Bytes::from(out)
+    Bytes::from(read_body(&mut body).await)
 }
 
 #[test]
@@ -663,6 +654,21 @@ fn a_stalled_http2_upload_is_given_up_after_the_idle_timeout() {
     assert_eq!(b.requests()[0].body, b"part part part part part end");
 }
 
+/// Reads `body` to its end (each piece within 5 s, granting window as it goes); what it
+/// held.
+async fn read_body(body: &mut h2::RecvStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    while let Some(d) = tokio::time::timeout(Duration::from_secs(5), body.data())
+        .await
+        .expect("the body within 5 s")
+    {
+        let d = d.expect("body data");
+        let _ = body.flow_control().release_capacity(d.len());
+        got.extend_from_slice(&d);
+    }
+    got
+}
+
 /// Reads `body` (granting window as it goes) until the stream is reset; returns how many
 /// bytes came first. Panics if it ends normally or stalls for 5 s.
 async fn read_until_reset(mut body: h2::RecvStream) -> usize {
@@ -856,13 +862,7 @@ fn an_http2_upload_gets_the_backends_early_answer() {
             .expect("a response, not a reset");
         assert_eq!(resp.status(), 413);
         let mut body = resp.into_body();
-        let mut got = Vec::new();
-        while let Some(d) = tokio::time::timeout(Duration::from_secs(5), body.data())
-            .await
-            .expect("the body within 5 s")
-        {
-            got.extend_from_slice(&d.expect("body data"));
-        }
+        let got = read_body(&mut body).await;
         assert_eq!(got, b"too large");
         upload.abort();
     });
@@ -1021,13 +1021,7 @@ fn a_grpc_call_still_uploading_has_no_response_header_deadline() {
             .expect("a response, not a reset");
         assert_eq!(resp.status(), 200);
         let mut body = resp.into_body();
-        let mut got = Vec::new();
-        while let Some(d) = tokio::time::timeout(Duration::from_secs(5), body.data())
-            .await
-            .expect("the body within 5 s")
-        {
-            got.extend_from_slice(&d.expect("body data"));
-        }
+        let got = read_body(&mut body).await;
         assert_eq!(got, b"100");
         let trailers = body.trailers().await.unwrap().unwrap();
         assert_eq!(trailers["grpc-status"], "0");
