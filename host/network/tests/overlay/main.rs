@@ -12,6 +12,7 @@ mod lifecycle;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -423,7 +424,6 @@ fn host_to_job(host_ns: &str, to: &JobNet, network: Subnet) -> Result<std::net::
 /// device; the fast path must leave such a packet to the kernel rather than push it into a
 /// tunnel it does not fit.
 fn big_udp_arrives(from: &JobNet, to: &JobNet) -> Result<()> {
-    use std::os::fd::AsRawFd;
     let ip = to.ip;
     let rx = in_ns_path(&to.netns_path, move || {
         Ok(UdpSocket::bind(SocketAddr::from((ip, 0)))?)
@@ -434,22 +434,7 @@ fn big_udp_arrives(from: &JobNet, to: &JobNet) -> Result<()> {
     let sent = payload.clone();
     in_ns_path(&from.netns_path, move || {
         let tx = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
-        let omit: libc::c_int = libc::IP_PMTUDISC_OMIT;
-        // SAFETY: a valid socket and a c_int option value of the size passed.
-        let r = unsafe {
-            libc::setsockopt(
-                tx.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_MTU_DISCOVER,
-                (&omit as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        ensure!(
-            r == 0,
-            "IP_MTU_DISCOVER: {}",
-            std::io::Error::last_os_error()
-        );
+        set_mtu_discover(&tx, libc::IP_PMTUDISC_OMIT)?;
         // Three copies, so one lost fragment cannot fail the test; a path that drops
         // oversized packets drops them all.
         for _ in 0..3 {
@@ -476,7 +461,6 @@ fn big_udp_arrives(from: &JobNet, to: &JobNet) -> Result<()> {
 /// arrives. The kernel path does this at the VXLAN device's MTU; the fast path must leave
 /// such a packet to the kernel (`bpf_check_mtu`) instead of pushing it into the tunnel.
 fn df_over_the_mtu_is_answered(from: &JobNet, to: &JobNet) -> Result<()> {
-    use std::os::fd::AsRawFd;
     use std::time::Instant;
     let ip = to.ip;
     let rx = in_ns_path(&to.netns_path, move || {
@@ -488,22 +472,7 @@ fn df_over_the_mtu_is_answered(from: &JobNet, to: &JobNet) -> Result<()> {
     let sender = || -> Result<UdpSocket> {
         in_ns_path(&from.netns_path, move || {
             let tx = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
-            let probe: libc::c_int = libc::IP_PMTUDISC_PROBE;
-            // SAFETY: a valid socket and a c_int option value of the size passed.
-            let r = unsafe {
-                libc::setsockopt(
-                    tx.as_raw_fd(),
-                    libc::IPPROTO_IP,
-                    libc::IP_MTU_DISCOVER,
-                    (&probe as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            ensure!(
-                r == 0,
-                "IP_MTU_DISCOVER: {}",
-                std::io::Error::last_os_error()
-            );
+            set_mtu_discover(&tx, libc::IP_PMTUDISC_PROBE)?;
             tx.connect(dst)?;
             Ok(tx)
         })
@@ -572,6 +541,26 @@ fn ping_df(from: &JobNet, to: &JobNet, size: u32) -> bool {
     flynn_netlab::ping_df(&ns_of(from), to.ip, size)
 }
 
+/// Sets `IP_MTU_DISCOVER` on `tx` (`IP_PMTUDISC_OMIT`: DF clear and the route's MTU
+/// ignored; `IP_PMTUDISC_PROBE`: DF set and the route's MTU ignored).
+fn set_mtu_discover(tx: &UdpSocket, mode: libc::c_int) -> Result<()> {
+    // SAFETY: a valid socket and a c_int option value of the size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            tx.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&mode as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    ensure!(
+        r == 0,
+        "IP_MTU_DISCOVER: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
 #[test]
 fn three_hosts_talk_and_follow_hosts_joining_and_leaving() -> Result<()> {
     if !lab::should_run("three_hosts_talk_and_follow_hosts_joining_and_leaving") {
