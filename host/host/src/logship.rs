@@ -1400,6 +1400,11 @@ mod tests {
         for w in &want {
             sh.push(&src, Stream::Stdout, w);
         }
+        // The shipper takes the lines on its own task: waited for (at most 10 s).
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while sh.stats().requeued < 2_495 && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(sh.stats().requeued, 2_495);
         // First connection: accepted, never read, then reset mid-resend.
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
