@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -279,7 +280,7 @@ fn parse_kind(s: &str) -> Res<RouteType> {
         .ok_or_else(|| ApiErr(ApiError::validation(Some("type"), "Invalid route type")))
 }
 
-async fn add_route(State(api): State<Arc<Api>>, body: Bytes) -> Res<Json<Route>> {
+async fn add_route(State(api): State<Arc<Api>>, ApiBody(body): ApiBody) -> Res<Json<Route>> {
     let r = Store::parse_route(&body)?;
     let (r, v, turn) = {
         let mut s = api.store_for_change()?;
@@ -297,13 +298,16 @@ struct ListQuery {
     parent_ref: Option<String>,
 }
 
-async fn list_routes(State(api): State<Arc<Api>>, Query(q): Query<ListQuery>) -> Json<Vec<Route>> {
+async fn list_routes(
+    State(api): State<Arc<Api>>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Json<Vec<Route>> {
     Json(api.store().list(q.parent_ref.as_deref()))
 }
 
 async fn get_route(
     State(api): State<Arc<Api>>,
-    Path((kind, id)): Path<(String, String)>,
+    ApiPath((kind, id)): ApiPath<(String, String)>,
 ) -> Res<Json<Route>> {
     let kind = parse_kind(&kind)?;
     let s = api.store();
@@ -315,14 +319,14 @@ async fn get_route(
 
 async fn update_route(
     State(api): State<Arc<Api>>,
-    Path((kind, id)): Path<(String, String)>,
-    body: Bytes,
+    ApiPath((kind, id)): ApiPath<(String, String)>,
+    ApiBody(body): ApiBody,
 ) -> Res<Json<Route>> {
     let kind = parse_kind(&kind)?;
-    let r = Store::parse_route(&body)?;
+    let u = Store::parse_update(&body)?;
     let (r, v, turn) = {
         let mut s = api.store_for_change()?;
-        let r = s.update(kind, &id, r)?;
+        let r = s.update(kind, &id, u)?;
         (r, api.publish(&s), api.take_turn())
     };
     let set = r.clone();
@@ -333,7 +337,7 @@ async fn update_route(
 
 async fn delete_route(
     State(api): State<Arc<Api>>,
-    Path((kind, id)): Path<(String, String)>,
+    ApiPath((kind, id)): ApiPath<(String, String)>,
 ) -> Res<StatusCode> {
     let kind = parse_kind(&kind)?;
     let (r, v, turn) = {
@@ -348,8 +352,8 @@ async fn delete_route(
 
 async fn put_backends(
     State(api): State<Arc<Api>>,
-    Path(service): Path<String>,
-    body: Bytes,
+    ApiPath(service): ApiPath<String>,
+    ApiBody(body): ApiBody,
 ) -> Res<Json<Vec<BackendAddr>>> {
     let list: Vec<BackendAddr> = serde_json::from_slice(&body).map_err(|_| ApiError::syntax())?;
     let set = api.set_backends(&service, list).await?;
@@ -404,11 +408,7 @@ impl Api {
             app: b.app,
             job_id: b.job_id,
         };
-        let tracked = self
-            .store()
-            .list(None)
-            .iter()
-            .any(|r| r.drain_backends && r.service == service);
+        let tracked = self.store().tracks_drains(service);
         for b in removed {
             let b = backend(b);
             self.emit("backend-down", None, Some(b.clone()));
@@ -447,11 +447,7 @@ impl Api {
 
     /// Services that routes refer to.
     pub fn routed_services(&self) -> std::collections::BTreeSet<String> {
-        self.store()
-            .list(None)
-            .into_iter()
-            .map(|r| r.service)
-            .collect()
+        self.store().routed_services()
     }
 }
 
@@ -482,7 +478,10 @@ struct CertBody {
     key: String,
 }
 
-async fn add_certificate(State(api): State<Arc<Api>>, body: Bytes) -> Res<Json<Certificate>> {
+async fn add_certificate(
+    State(api): State<Arc<Api>>,
+    ApiBody(body): ApiBody,
+) -> Res<Json<Certificate>> {
     let b: CertBody = serde_json::from_slice(&body).map_err(|_| ApiError::syntax())?;
     let mut s = api.store_for_change()?;
     let c = s.certs.add(&b.cert, &b.key)?;
@@ -501,7 +500,7 @@ fn cert_not_found() -> ApiErr {
 
 async fn get_certificate(
     State(api): State<Arc<Api>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Res<Json<Certificate>> {
     api.store()
         .certificate(&id)
@@ -511,7 +510,7 @@ async fn get_certificate(
 
 async fn certificate_routes(
     State(api): State<Arc<Api>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Res<Json<Vec<Route>>> {
     let s = api.store();
     s.certs.get(&id).ok_or_else(cert_not_found)?;
@@ -520,7 +519,7 @@ async fn certificate_routes(
 
 async fn delete_certificate(
     State(api): State<Arc<Api>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Res<StatusCode> {
     let mut s = api.store_for_change()?;
     s.certs.get(&id).ok_or_else(cert_not_found)?;
@@ -535,7 +534,7 @@ async fn delete_certificate(
 
 async fn get_backends(
     State(api): State<Arc<Api>>,
-    Path(service): Path<String>,
+    ApiPath(service): ApiPath<String>,
 ) -> Json<Vec<BackendAddr>> {
     Json(api.store().backends(&service))
 }
@@ -545,7 +544,10 @@ struct EventsQuery {
     types: Option<String>,
 }
 
-async fn events(State(api): State<Arc<Api>>, Query(q): Query<EventsQuery>) -> impl IntoResponse {
+async fn events(
+    State(api): State<Arc<Api>>,
+    ApiQuery(q): ApiQuery<EventsQuery>,
+) -> impl IntoResponse {
     let types: Option<Vec<String>> = q.types.map(|t| {
         t.split(',')
             .filter(|s| !s.is_empty())
@@ -558,8 +560,10 @@ async fn events(State(api): State<Arc<Api>>, Query(q): Query<EventsQuery>) -> im
     let replay: Vec<StreamEvent> = {
         let s = api.store();
         let mut services = BTreeMap::new();
-        for r in s.list(None).into_iter().filter(|r| r.drain_backends) {
-            services.insert(r.service.clone(), s.backends(&r.service));
+        for svc in s.drain_tracked() {
+            if !services.contains_key(svc) {
+                services.insert(svc.to_string(), s.backends(svc));
+            }
         }
         services
             .into_iter()
@@ -578,14 +582,18 @@ async fn events(State(api): State<Arc<Api>>, Query(q): Query<EventsQuery>) -> im
             })
             .collect()
     };
-    let replay = futures_util::stream::iter(replay);
-    let live = futures_util::stream::unfold(rx, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(e) => return Some((e, rx)),
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
+    // Items are `Ok(event)`, or `Err(n)`: the stream fell `n` events behind (and ends).
+    let replay = futures_util::stream::iter(replay.into_iter().map(Ok));
+    // A subscriber that fell more than the channel's capacity behind has missed events (a
+    // scheduler waiting for a `backend-drained` would wait out its timeout): it gets an
+    // error (spec §0.3) and the stream ends, so it reconnects and starts over from the
+    // replay, rather than going on with a gap.
+    let live = futures_util::stream::unfold(Some(rx), |rx| async move {
+        let mut rx = rx?;
+        match rx.recv().await {
+            Ok(e) => Some((Ok(e), Some(rx))),
+            Err(broadcast::error::RecvError::Lagged(n)) => Some((Err(n), None)),
+            Err(broadcast::error::RecvError::Closed) => None,
         }
     });
     struct Open(Arc<Api>);
@@ -602,12 +610,26 @@ async fn events(State(api): State<Arc<Api>>, Query(q): Query<EventsQuery>) -> im
     use futures_util::StreamExt;
     let stream = replay
         .chain(live)
-        .filter(move |e| std::future::ready(wanted(e)))
+        .filter(move |e| {
+            std::future::ready(match e {
+                Ok(e) => wanted(e),
+                Err(_) => true,
+            })
+        })
         .map(move |e| {
             let _ = &open;
-            Ok::<_, std::convert::Infallible>(
-                Event::default().data(serde_json::to_string(&e).unwrap_or_default()),
-            )
+            Ok::<_, std::convert::Infallible>(match e {
+                Ok(e) => Event::default().data(serde_json::to_string(&e).unwrap_or_default()),
+                Err(n) => {
+                    tracing::warn!(
+                        missed = n,
+                        "an /events subscriber fell behind; ending its stream"
+                    );
+                    Event::default().event("error").data(format!(
+                        "{n} events missed: the stream fell behind; reconnect"
+                    ))
+                }
+            })
         });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(30)).text(""))
 }
@@ -619,7 +641,7 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
         .iter()
         .map(|c| c.driver.get().copied().unwrap_or("starting"))
         .collect();
-    let routes = api.store().list(None).len();
+    let routes = api.store().route_count();
     let body = Status::healthy(
         env!("CARGO_PKG_VERSION"),
         Some(serde_json::json!({ "routes": routes, "workers": drivers })),
@@ -631,13 +653,111 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
 
 async fn metrics_text(State(api): State<Arc<Api>>) -> Response {
     let cores: Vec<_> = api.shared.cores.iter().map(|c| &c.metrics).collect();
-    let routes = api.store().list(None).len();
+    let routes = api.store().route_count();
     let text = metrics::render(&cores, routes);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn not_found() -> ApiErr {
     ApiErr(ApiError::not_found("not found"))
+}
+
+/// A known path with a method it does not serve: 405 (axum adds `Allow`) with the JSON
+/// envelope, as discoverd, the host and the log aggregator answer. Spec §0.1 has no code
+/// for 405, so the body says `validation_error`, the code for a request this server will
+/// not take as sent.
+async fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(ApiError::validation(None, "method not allowed")),
+    )
+        .into_response()
+}
+
+/// The most a request body may be (a routes list or a certificate is far less).
+pub const BODY_LIMIT: usize = 2 << 20;
+
+/// [`Path`] whose rejection is the JSON envelope (spec §0.1) rather than axum's plain
+/// text: a segment that does not decode to UTF-8 is a 400 `validation_error`.
+struct ApiPath<T>(T);
+
+/// [`Query`] whose rejection is the JSON envelope: a 400 `validation_error`.
+struct ApiQuery<T>(T);
+
+/// The raw body, at most [`BODY_LIMIT`]; over it, a 400 `request_body_too_big`.
+struct ApiBody(Bytes);
+
+impl From<PathRejection> for ApiErr {
+    fn from(r: PathRejection) -> Self {
+        if r.status().is_client_error() {
+            ApiErr(ApiError::validation(None, &r.body_text()))
+        } else {
+            // A route and its extractor disagree: a bug here, not in the request.
+            tracing::error!(error = %r.body_text(), "path extraction failed");
+            ApiErr(ApiError::unknown())
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiErr {
+    fn from(r: QueryRejection) -> Self {
+        ApiErr(ApiError::validation(None, &r.body_text()))
+    }
+}
+
+impl From<BytesRejection> for ApiErr {
+    fn from(r: BytesRejection) -> Self {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiErr(ApiError::new(
+                flynn_api::ErrorCode::RequestBodyTooBig,
+                format!("request body over {BODY_LIMIT} bytes"),
+            ))
+        } else {
+            // The body could not be read (the client went away): unclassified.
+            tracing::debug!(error = %r.body_text(), "reading a request body failed");
+            ApiErr(ApiError::unknown())
+        }
+    }
+}
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiErr;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiErr> {
+        let Path(v) = Path::from_request_parts(parts, state).await?;
+        Ok(ApiPath(v))
+    }
+}
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiErr;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiErr> {
+        let Query(v) = Query::from_request_parts(parts, state).await?;
+        Ok(ApiQuery(v))
+    }
+}
+
+impl<S: Send + Sync> FromRequest<S> for ApiBody {
+    type Rejection = ApiErr;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiErr> {
+        Ok(ApiBody(Bytes::from_request(req, state).await?))
+    }
 }
 
 pub fn router(api: Arc<Api>) -> Router {
@@ -663,6 +783,8 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/events", get(events))
         .route("/.well-known/status", get(status))
         .route("/metrics", get(metrics_text))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(api)
 }

@@ -253,6 +253,21 @@ fn parse_cidr(s: &str) -> Result<Cidr, String> {
     Ok(Cidr { net, prefix })
 }
 
+/// Whether listeners on `a` and `b` would take each other's connections.
+fn addrs_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    // An IPv4-mapped IPv6 address is that IPv4 address on a dual-stack socket.
+    let ip = |a: SocketAddr| match a.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a.ip(), IpAddr::V4),
+        v4 => v4,
+    };
+    let covers = |wild: IpAddr, other: IpAddr| match wild {
+        IpAddr::V4(w) => w.is_unspecified() && other.is_ipv4(),
+        IpAddr::V6(w) => w.is_unspecified(),
+    };
+    let (x, y) = (ip(a), ip(b));
+    a.port() == b.port() && a.port() != 0 && (x == y || covers(x, y) || covers(y, x))
+}
+
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s
         .split_once('-')
@@ -290,6 +305,34 @@ impl Config {
         }
         if self.header_timeout_secs == 0 || self.idle_timeout_secs == 0 {
             return Err("timeouts must be at least 1 second".into());
+        }
+        self.check_addresses_differ()
+    }
+
+    /// Every listener needs an address of its own: they all bind with SO_REUSEPORT, so two
+    /// on one address would both bind and the kernel would spread connections across
+    /// them. An unspecified address overlaps every address of its family on the same port
+    /// (`[::]` also IPv4's: the sockets are dual-stack). Port 0 (any free port) never
+    /// conflicts.
+    fn check_addresses_differ(&self) -> Result<(), String> {
+        let all: Vec<(&str, SocketAddr)> = self
+            .http_addrs
+            .iter()
+            .map(|a| ("--http-addr", *a))
+            .chain(self.https_addrs.iter().map(|a| ("--https-addr", *a)))
+            .chain(self.h2c_addrs.iter().map(|a| ("--h2c-addr", *a)))
+            .chain(std::iter::once(("--api-addr", self.api_addr)))
+            .collect();
+        for (i, (flag_a, a)) in all.iter().enumerate() {
+            for (flag_b, b) in &all[..i] {
+                if addrs_overlap(*a, *b) {
+                    return Err(if a == b {
+                        format!("{flag_b} {b} and {flag_a} {a} are the same address: each listener needs its own")
+                    } else {
+                        format!("{flag_b} {b} and {flag_a} {a} overlap (same port, and one address includes the other): each listener needs its own")
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -396,6 +439,111 @@ mod tests {
         }
         let c = Config::try_parse_from(["r", "--proxy-protocol-from", "10.0.0.0/8"]).unwrap();
         assert!(c.validate().is_err(), "without --proxy-protocol");
+    }
+
+    /// Two listeners on one address would both bind (SO_REUSEPORT) and share its
+    /// connections: refused, naming both flags, whichever flags they are and also when a
+    /// wildcard address covers a specific one. Distinct ports, distinct specific addresses
+    /// and port 0 are fine.
+    #[test]
+    fn listeners_need_distinct_addresses() {
+        let check = |args: &[&str]| {
+            let mut v = vec!["r", "--api-addr", "127.0.0.1:5999"];
+            v.extend_from_slice(args);
+            Config::try_parse_from(v).unwrap().validate()
+        };
+        let refused = |args: &[&str], flags: (&str, &str)| {
+            let e = check(args).expect_err(&format!("{args:?} accepted"));
+            assert!(e.contains(flags.0) && e.contains(flags.1), "{args:?}: {e}");
+        };
+        let h = ("--http-addr", "--https-addr");
+        refused(
+            &[
+                "--http-addr",
+                "127.0.0.1:8080",
+                "--https-addr",
+                "127.0.0.1:8080",
+            ],
+            h,
+        );
+        refused(
+            &[
+                "--http-addr",
+                "0.0.0.0:8080",
+                "--https-addr",
+                "0.0.0.0:8080",
+            ],
+            h,
+        );
+        refused(
+            &[
+                "--http-addr",
+                "0.0.0.0:8080",
+                "--https-addr",
+                "127.0.0.1:8080",
+            ],
+            h,
+        );
+        refused(
+            &["--https-addr", "0.0.0.0:8443,127.0.0.1:8443"],
+            ("--https-addr", "--https-addr"),
+        );
+        refused(
+            &["--https-addr", "127.0.0.1:8443,127.0.0.1:8443"],
+            ("--https-addr", "--https-addr"),
+        );
+        refused(
+            &[
+                "--http-addr",
+                "127.0.0.1:8080",
+                "--h2c-addr",
+                "0.0.0.0:8080",
+            ],
+            ("--http-addr", "--h2c-addr"),
+        );
+        refused(
+            &["--http-addr", "127.0.0.1:8080,[::]:8080"],
+            ("--http-addr", "--http-addr"),
+        );
+        refused(
+            &[
+                "--http-addr",
+                "[::ffff:127.0.0.1]:8080",
+                "--h2c-addr",
+                "127.0.0.1:8080",
+            ],
+            ("--http-addr", "--h2c-addr"),
+        );
+        refused(
+            &["--http-addr", "0.0.0.0:5999"],
+            ("--api-addr", "--http-addr"),
+        );
+
+        check(&[
+            "--http-addr",
+            "127.0.0.1:8080",
+            "--https-addr",
+            "127.0.0.1:8443",
+        ])
+        .unwrap();
+        check(&["--http-addr", "127.0.0.1:8080,127.0.0.2:8080"]).unwrap();
+        check(&[
+            "--http-addr",
+            "127.0.0.1:8080",
+            "--https-addr",
+            "[::1]:8080",
+        ])
+        .unwrap();
+        check(&["--http-addr", "0.0.0.0:8080", "--https-addr", "[::1]:8080"]).unwrap();
+        check(&[
+            "--http-addr",
+            "127.0.0.1:0,127.0.0.1:0",
+            "--https-addr",
+            "127.0.0.1:0,127.0.0.1:0",
+            "--h2c-addr",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
     }
 
     #[test]

@@ -135,10 +135,22 @@ impl Seen {
 
     /// The backends: every instance with an address the router can route (`ip:port`).
     /// discoverd takes any `host:port`; one the router cannot use is left out (and warned
-    /// about once) rather than failing the whole list.
+    /// about once) rather than failing the whole list. A `udp` registration is left out
+    /// too: a host registers a job's ports with their proto, `tcp` or `udp` (spec §2.6,
+    /// §5.2), and the router only makes TCP connections. The leader is an address: every
+    /// instance at the leader instance's address is marked (a job with a tcp and a udp
+    /// registration on one port leads through either).
     fn backends(&mut self, service: &str) -> Vec<BackendAddr> {
+        let leader_addr = self
+            .leader
+            .as_ref()
+            .and_then(|id| self.instances.get(id))
+            .map(|i| i.addr.clone());
         let mut out = Vec::with_capacity(self.instances.len());
         for i in self.instances.values() {
+            if i.proto == "udp" {
+                continue;
+            }
             if i.addr.parse::<SocketAddr>().is_err() {
                 if self.warned.insert(i.id.clone()) {
                     tracing::warn!(service = %service, addr = %i.addr, "instance address is not ip:port; not routed");
@@ -147,7 +159,7 @@ impl Seen {
             }
             out.push(BackendAddr {
                 addr: i.addr.clone(),
-                leader: self.leader.as_deref() == Some(i.id.as_str()),
+                leader: leader_addr.as_deref() == Some(i.addr.as_str()),
                 app: i.meta.get("FLYNN_APP_NAME").cloned().unwrap_or_default(),
                 job_id: i.meta.get("FLYNN_JOB_ID").cloned().unwrap_or_default(),
             });
@@ -344,5 +356,43 @@ mod tests {
         api.frozen.store(false, Ordering::SeqCst);
         // No further event: the retry alone brings them in.
         until(&api, &["127.0.0.1:1"]).await;
+    }
+
+    /// A job registered twice at one address (its port as tcp and as udp), the second
+    /// registration the service leader: a `leader: true` route has that backend, not none
+    /// (a 503). A udp registration at an address of its own is no backend.
+    #[tokio::test]
+    async fn a_leader_registered_twice_at_one_address_still_leads() {
+        let api = api();
+        api.store
+            .lock()
+            .unwrap()
+            .add(flynn_api::Route {
+                leader: true,
+                ..flynn_api::Route::http("a.com", "web")
+            })
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(follow(api.clone(), rx, "web".into()));
+        let udp = |id: &str, addr: &str| {
+            let mut e = ev(EventKind::Up, id, addr);
+            if let Some(i) = e.instance.as_mut() {
+                i.proto = "udp".into();
+            }
+            e
+        };
+        tx.send(ev(EventKind::Up, "a", "127.0.0.1:1")).unwrap();
+        tx.send(udp("b", "127.0.0.1:1")).unwrap();
+        tx.send(udp("c", "127.0.0.1:2")).unwrap();
+        tx.send(ev(EventKind::Leader, "b", "127.0.0.1:1")).unwrap();
+        tx.send(current()).unwrap();
+        until(&api, &["127.0.0.1:1"]).await;
+        let table = api.store.lock().unwrap().table();
+        let route = table.lookup_http(b"a.com", 0, b"/").unwrap();
+        assert_eq!(
+            &route.backends[..],
+            &["127.0.0.1:1".parse::<SocketAddr>().unwrap()],
+            "the leader route has no backend"
+        );
     }
 }

@@ -5,10 +5,18 @@
 //! started with `--takeover PATH` connects and asks; the old one replies with its route
 //! state (routes, services) and the descriptors of all its HTTP, HTTPS and API listening
 //! sockets (SCM_RIGHTS). Both processes now accept from the same sockets, so no
-//! connection is refused. When the new one is serving it says `ready`; the old one then
+//! connection is refused. When the new one is serving it says `ready ack` and waits for
+//! the old one's `ok`: from that answer on the takeover is done. The old one then
 //! stops accepting (its accept loops wait on readiness, so stopping loses nothing), its
 //! busy connections finish with `Connection: close`, idle ones are closed after a grace
 //! period, and it exits when none are left (or after the drain timeout).
+//! Until the `ok` the new process changes nothing the old one relies on: it serves
+//! neither the admin API (a change it accepted would be lost with it if the takeover
+//! failed) nor the upgrade socket's path (its socket waits at a temporary name beside
+//! the path, renamed into place after the `ok`), so a takeover that fails (the new
+//! process dies, or is too slow) leaves the old one serving as before, and it can be taken
+//! over again. A successor from an older build binds the path before it says `ready`: if
+//! that takeover fails, the old process binds the path again.
 //! TCP route listeners are passed too (their ports after the HTTP listeners): the new
 //! process accepts from the same sockets, and the old one stops accepting on `ready`, so
 //! no queued TCP connection is reset; its open TCP streams count as connections to drain.
@@ -71,6 +79,10 @@ pub struct State {
     /// Of those, the ones whose clear was still owed ([`Api::owed`]).
     #[serde(default)]
     pub owed: Vec<String>,
+    /// The old process answers `ready ack` with `ok`. Absent from an older process: the
+    /// new one says `ready` and goes on without an answer.
+    #[serde(default)]
+    pub ready_ack: bool,
 }
 
 /// The running side's view of its sockets.
@@ -88,23 +100,123 @@ pub struct Old {
     pub drain_timeout: Duration,
 }
 
-/// Serves takeover requests on a Unix socket (a thread of its own).
-pub fn serve(old: Old) -> anyhow::Result<()> {
-    let _ = std::fs::remove_file(&old.path);
-    let listener =
-        UnixListener::bind(&old.path).with_context(|| format!("binding {}", old.path.display()))?;
-    // Which file is ours: a successor commonly binds the same path (one
-    // FLYNN_UPGRADE_SOCKET for every generation) before this process exits.
-    let ours = file_id(&old.path);
+/// The upgrade socket, bound but not yet where takeovers look for it (see
+/// [`Upgrade::install`]).
+pub struct Upgrade {
+    path: PathBuf,
+    listener: Option<UnixListener>,
+    /// The temporary name it is bound at, until it is renamed to `path`.
+    staged: Option<PathBuf>,
+}
+
+impl Upgrade {
+    /// Binds the upgrade socket. `staged` (a process taking over): at a temporary name
+    /// beside `path`, the path itself being the running router's until the takeover is
+    /// done. If that name cannot be bound (too long for a socket address, say), the
+    /// socket is bound at `path` by [`Upgrade::install`] instead.
+    pub fn bind(path: &Path, staged: bool) -> anyhow::Result<Upgrade> {
+        if !staged {
+            let listener = bind_replacing(path)?;
+            return Ok(Upgrade {
+                path: path.to_path_buf(),
+                listener: Some(listener),
+                staged: None,
+            });
+        }
+        let tmp = path.file_name().map(|name| {
+            path.with_file_name(format!(
+                ".{}.{}",
+                name.to_string_lossy(),
+                std::process::id()
+            ))
+        });
+        let bound = tmp.and_then(|tmp| match bind_replacing(&tmp) {
+            Ok(l) => Some((l, tmp)),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "upgrade socket bound only after the takeover");
+                None
+            }
+        });
+        let (listener, staged) = bound.unzip();
+        Ok(Upgrade {
+            path: path.to_path_buf(),
+            listener,
+            staged,
+        })
+    }
+
+    /// Puts the socket at its path (renaming it over the previous process's socket file,
+    /// if it has the same path), ready to be served.
+    pub fn install(mut self) -> anyhow::Result<(PathBuf, UnixListener)> {
+        let listener = match (self.listener.take(), self.staged.take()) {
+            (Some(l), Some(tmp)) => {
+                if let Err(e) = std::fs::rename(&tmp, &self.path) {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e)
+                        .with_context(|| format!("renaming {} into place", tmp.display()));
+                }
+                l
+            }
+            (Some(l), None) => l,
+            (None, _) => bind_replacing(&self.path)?,
+        };
+        Ok((std::mem::take(&mut self.path), listener))
+    }
+}
+
+impl Drop for Upgrade {
+    /// Not installed (the takeover failed): the temporary name goes.
+    fn drop(&mut self) {
+        if let Some(tmp) = &self.staged {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Binds a Unix socket at `path`, replacing the file there.
+fn bind_replacing(path: &Path) -> anyhow::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+}
+
+/// Serves takeover requests on the upgrade socket `listener`, bound at `old.path` (a
+/// thread of its own).
+pub fn serve(old: Old, mut listener: UnixListener) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("router-handover".into())
         .spawn(move || {
-            for conn in listener.incoming().flatten() {
+            // Which file is ours: a successor commonly binds the same path (one
+            // FLYNN_UPGRADE_SOCKET for every generation) before this process exits.
+            let mut ours = file_id(&old.path);
+            loop {
+                let conn = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "upgrade socket accept failed");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
                 match hand_over(&old, conn) {
                     Ok(()) => {
                         drain_and_exit(&old, ours);
                     }
-                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "takeover attempt failed"),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "takeover attempt failed");
+                        // A successor that bound the path before it failed (a build before
+                        // staged binding) left it to a socket no one serves: this process,
+                        // which goes on, takes the path back, to be taken over again.
+                        if ours.is_none() || file_id(&old.path) != ours {
+                            match bind_replacing(&old.path) {
+                                Ok(l) => {
+                                    listener = l;
+                                    ours = file_id(&old.path);
+                                    tracing::info!(path = %old.path.display(), "upgrade socket bound again");
+                                }
+                                Err(e) => tracing::error!(error = %format!("{e:#}"), "the upgrade socket could not be bound again; no takeover is possible"),
+                            }
+                        }
+                    }
                 }
             }
         })?;
@@ -173,6 +285,7 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
         ticket_key_age_secs: ticket_age.as_secs(),
         discovered,
         owed,
+        ready_ack: true,
     };
     let mut fds: Vec<RawFd> = old.sockets.listeners.iter().map(|(fd, _, _)| *fd).collect();
     fds.extend(tcp.iter().map(|(_, fd)| fd.as_raw_fd()));
@@ -185,8 +298,17 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
     );
     line.clear();
     r.read_line(&mut line)?;
-    if line.trim() != "ready" {
-        bail!("the new process did not become ready ({line:?}); still serving");
+    match line.trim() {
+        // The new process waits for this answer before it serves the API or the upgrade
+        // socket's path: once it is sent, the takeover is done.
+        "ready ack" => {
+            (&conn)
+                .write_all(b"ok\n")
+                .context("the new process left before the takeover was confirmed")?;
+        }
+        // A build before the answer: it went on at once.
+        "ready" => {}
+        _ => bail!("the new process did not become ready ({line:?}); still serving"),
     }
     // Handed over: this process only drains now.
     std::mem::forget(thaw);
@@ -252,8 +374,25 @@ pub fn take(path: &Path) -> anyhow::Result<(State, Vec<OwnedFd>, UnixStream)> {
     Ok((state, fds, conn))
 }
 
-/// Tells the old process the new one is serving.
-pub fn ready(mut conn: UnixStream) -> anyhow::Result<()> {
-    conn.write_all(b"ready\n")?;
+/// Tells the old process the new one is serving, and (`ack`: the old process answers)
+/// waits for its `ok`: the takeover is done only then. Without it (the old process gave
+/// up, or went away) this process must not go on: the old one still serves.
+pub fn ready(mut conn: UnixStream, ack: bool) -> anyhow::Result<()> {
+    if !ack {
+        conn.write_all(b"ready\n")?;
+        return Ok(());
+    }
+    conn.write_all(b"ready ack\n")?;
+    conn.set_read_timeout(Some(READY_ACK_TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new(&conn)
+        .read_line(&mut line)
+        .context("waiting for the running router to confirm the takeover")?;
+    if line.trim() != "ok" {
+        bail!("the running router did not confirm the takeover ({line:?}); it still serves");
+    }
     Ok(())
 }
+
+/// How long a new process waits for the old one's `ok` (sent as soon as it reads `ready`).
+const READY_ACK_TIMEOUT: Duration = Duration::from_secs(30);

@@ -334,10 +334,20 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         tickets::TicketKeys::from_files(&cfg.tls_ticket_keys)
     };
     let tickets = Arc::new(tickets.map_err(anyhow::Error::msg)?);
-    let tls_config = if https_addrs.is_empty() {
+    // One TLS config per route port of the HTTPS listeners (bound here or taken over).
+    let tls_ports: Vec<u16> = per_core
+        .iter()
+        .flatten()
+        .filter(|(_, info)| info.tls)
+        .map(|(_, info)| info.route_port)
+        .collect();
+    let tls_config = if tls_ports.is_empty() {
         None
     } else {
-        Some(tls::server_config(certs.clone(), tickets.clone()).map_err(anyhow::Error::msg)?)
+        Some(
+            tls::acceptors(certs.clone(), tickets.clone(), &tls_ports)
+                .map_err(anyhow::Error::msg)?,
+        )
     };
     let shared = Arc::new(Shared::new(
         threads,
@@ -358,7 +368,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             proxy_protocol_from: cfg.proxy_protocol_from.clone(),
             sticky: cookie_key.as_ref().map(sticky::Sealer::new),
             page_503,
-            tls: tls_config.map(monoio_rustls::TlsAcceptor::from),
+            tls: tls_config,
         },
         certs,
         default_cert,
@@ -395,6 +405,26 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         bail!("workers did not apply the initial routes");
     }
 
+    // A takeover is done only once the old process confirmed `ready` (handover.rs): until
+    // then this process serves neither the admin API (a change accepted here would be lost
+    // if the takeover failed, the old process going on) nor the upgrade socket's path (the
+    // old one's: its socket waits at a temporary name), and fails if it gets no answer.
+    let upgrade = match &cfg.upgrade_socket {
+        Some(path) => Some(handover::Upgrade::bind(path, handed.is_some())?),
+        None => None,
+    };
+    if let Some((state, conn)) = handed {
+        handover::ready(conn, state.ready_ack)?;
+    }
+    let upgrade = upgrade.and_then(|u| match u.install() {
+        Ok(bound) => Some(bound),
+        // Taken over already: serving matters more than the next upgrade.
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "no upgrade socket: this router cannot be taken over");
+            None
+        }
+    });
+
     let api2 = api.clone();
     let api_rt = api.runtime()?;
     let discoverd = cfg.discoverd.clone();
@@ -407,21 +437,21 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
                 tracing::error!(error = %e, "admin API stopped");
             }
         })?;
-    if let Some(path) = &cfg.upgrade_socket {
-        handover::serve(handover::Old {
-            path: path.clone(),
-            api: api.clone(),
-            sockets: handover::Sockets {
-                listeners: listener_fds,
-                api: (api_fd, api_addr),
+    if let Some((path, listener)) = upgrade {
+        handover::serve(
+            handover::Old {
+                path,
+                api: api.clone(),
+                sockets: handover::Sockets {
+                    listeners: listener_fds,
+                    api: (api_fd, api_addr),
+                },
+                api_stop,
+                grace: Duration::from_secs(cfg.drain_grace_secs),
+                drain_timeout: Duration::from_secs(cfg.drain_timeout_secs),
             },
-            api_stop,
-            grace: Duration::from_secs(cfg.drain_grace_secs),
-            drain_timeout: Duration::from_secs(cfg.drain_timeout_secs),
-        })?;
-    }
-    if let Some((_, conn)) = handed {
-        handover::ready(conn)?;
+            listener,
+        )?;
     }
     let drivers = shared
         .cores

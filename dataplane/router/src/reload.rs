@@ -22,14 +22,19 @@ type Key = (RouteType, String, u16, String);
 
 fn key(r: &Route) -> Key {
     match r.kind {
-        RouteType::Http => (
-            r.kind,
-            r.domain.to_ascii_lowercase(),
-            r.port,
-            normalize_path(&r.path),
-        ),
+        RouteType::Http => (r.kind, domain(&r.domain), r.port, normalize_path(&r.path)),
         RouteType::Tcp if r.port == 0 => any_port_key(r),
         RouteType::Tcp => (r.kind, String::new(), r.port, String::new()),
+    }
+}
+
+/// A domain as the store keeps it: lowercase, a fully qualified name's trailing dot
+/// dropped (`A.com.` is `a.com`), so the file's `a.com.` and `a.com` are one domain.
+fn domain(d: &str) -> String {
+    let d = d.to_ascii_lowercase();
+    match d.strip_suffix('.') {
+        Some(bare) if !d.ends_with("*.") => bare.to_string(),
+        _ => d,
     }
 }
 
@@ -80,7 +85,11 @@ impl FileRoutes {
             routes: r
                 .routes
                 .into_iter()
-                .map(|(t, d, p, path, id)| ((t, d, p, path), id))
+                // Recorded by a build that kept a trailing dot in the key: the same route.
+                .map(|(t, d, p, path, id)| {
+                    let d = if t == RouteType::Http { domain(&d) } else { d };
+                    ((t, d, p, path), id)
+                })
                 .collect(),
             services: r.services.into_iter().collect(),
         }
@@ -163,7 +172,7 @@ impl FileRoutes {
 
         // Root routes before sub-paths (spec §1.4).
         let mut routes = file.routes;
-        routes.sort_by_key(|r| (r.domain.to_ascii_lowercase(), normalize_path(&r.path).len()));
+        routes.sort_by_key(|r| (domain(&r.domain), normalize_path(&r.path).len()));
         let mut wanted: BTreeSet<Key> = BTreeSet::new();
         for r in &routes {
             // Applied one after the other, the second would replace the first.
@@ -196,14 +205,22 @@ impl FileRoutes {
                 .get(&k)
                 .filter(|id| store.get(k.0, id).is_some())
                 .cloned();
+            // A route the file declares as it was is left as it is, and announced to no one.
             let stored = match existing {
-                Some(id) => store
-                    .update(k.0, &id, r)
-                    .map_err(|e| err(&format!("route {what}"), e))?,
-                None => store.add(r).map_err(|e| err(&format!("route {what}"), e))?,
+                Some(id) => {
+                    let changed = store
+                        .update_if_changed(k.0, &id, r)
+                        .map_err(|e| err(&format!("route {what}"), e))?;
+                    self.routes.insert(k, id);
+                    changed
+                }
+                None => {
+                    let r = store.add(r).map_err(|e| err(&format!("route {what}"), e))?;
+                    self.routes.insert(k, r.id.clone());
+                    Some(r)
+                }
             };
-            self.routes.insert(k, stored.id.clone());
-            out.set.push(stored);
+            out.set.extend(stored);
         }
         Ok(out)
     }
@@ -464,5 +481,74 @@ mod tests {
             (after[0].id.clone(), after[0].port),
             (before.id, before.port)
         );
+    }
+
+    /// A reload re-applies every route of the file, but one declared as it was is not
+    /// touched: no `set` for it (each would be re-broadcast on `/events`), no new
+    /// `updated_at`.
+    #[test]
+    fn a_reload_of_an_unchanged_file_sets_nothing() {
+        let mut store = store();
+        let mut f = FileRoutes::default();
+        let v1 = r#"{"routes":[{"type":"http","domain":"a.com","service":"a"},
+                               {"type":"http","domain":"a.com","path":"/x","service":"x"},
+                               {"type":"tcp","port":0,"service":"db"}],
+                     "services":{"a":[{"addr":"127.0.0.1:1"}]}}"#;
+        let first = f.apply(&mut store, file(v1)).unwrap();
+        assert_eq!(first.set.len(), 3);
+        let before = store.list(None);
+        let again = f.apply(&mut store, file(v1)).unwrap();
+        assert!(again.set.is_empty(), "{:?}", again.set);
+        assert!(again.removed.is_empty() && again.backends.is_empty());
+        assert_eq!(store.list(None), before, "unchanged routes were rewritten");
+        // One route changed: only it is set.
+        let v2 = v1.replace(r#""service":"x""#, r#""service":"x2""#);
+        let changed = f.apply(&mut store, file(&v2)).unwrap();
+        assert_eq!(changed.set.len(), 1, "{:?}", changed.set);
+        assert_eq!(changed.set[0].service, "x2");
+        assert_eq!(
+            changed.set[0].id,
+            before.iter().find(|r| r.path == "/x/").unwrap().id
+        );
+    }
+
+    /// The store drops a trailing dot from a domain; the file's keys and order do too:
+    /// `a.com.`'s root comes before `a.com`'s sub-path, and writing `a.com.` as `a.com`
+    /// later is the same route (same id), not a new one.
+    #[test]
+    fn a_trailing_dot_is_the_same_domain_in_a_routes_file() {
+        let mut store = store();
+        let mut f = FileRoutes::default();
+        let dotted = r#"{"routes":[{"type":"http","domain":"a.com","path":"/x/","service":"x"},
+                                   {"type":"http","domain":"a.com.","service":"a"}]}"#;
+        f.apply(&mut store, file(dotted)).unwrap();
+        let routes = store.list(None);
+        assert_eq!(routes.len(), 2);
+        assert!(routes.iter().all(|r| r.domain == "a.com"), "{routes:?}");
+        let root = routes.iter().find(|r| r.path == "/").unwrap().clone();
+        let plain = r#"{"routes":[{"type":"http","domain":"a.com","path":"/x/","service":"x"},
+                                  {"type":"http","domain":"A.com","service":"a"}]}"#;
+        let applied = f.apply(&mut store, file(plain)).unwrap();
+        assert!(applied.removed.is_empty(), "{:?}", applied.removed);
+        assert!(applied.set.is_empty(), "{:?}", applied.set);
+        assert_eq!(
+            store.get(RouteType::Http, &root.id),
+            Some(&root),
+            "the root route was re-created"
+        );
+        // Both spellings at once are one route declared twice.
+        let twice = r#"{"routes":[{"type":"http","domain":"a.com","service":"a"},
+                                  {"type":"http","domain":"a.com.","service":"b"}]}"#;
+        let e = f.apply(&mut store, file(twice)).unwrap_err();
+        assert!(e.contains("declared twice"), "{e}");
+        // A record handed over by a build that kept the dot in its keys: the same route.
+        let mut rec = f.record();
+        for r in &mut rec.routes {
+            r.1.push('.');
+        }
+        let mut old = FileRoutes::from_record(rec);
+        let applied = old.apply(&mut store, file(plain)).unwrap();
+        assert!(applied.removed.is_empty(), "{:?}", applied.removed);
+        assert_eq!(store.get(RouteType::Http, &root.id), Some(&root));
     }
 }

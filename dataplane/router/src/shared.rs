@@ -44,8 +44,8 @@ pub struct Settings {
     pub page_503: Option<bytes::Bytes>,
     /// TLS session-ticket keys (exported in a takeover).
     pub tickets: std::sync::Arc<crate::tickets::TicketKeys>,
-    /// TLS acceptor shared by all cores (None: no HTTPS listeners).
-    pub tls: Option<monoio_rustls::TlsAcceptor>,
+    /// TLS acceptors shared by all cores, one per TLS route port (None: no HTTPS listeners).
+    pub tls: Option<crate::tls::Acceptors>,
 }
 
 impl Settings {

@@ -60,6 +60,33 @@ impl Ports {
     }
 }
 
+/// What `PUT /routes/:type/:id` changes: the route's service, leader, sticky, path,
+/// keep-alive and certificate (spec §1.2), and the `drain_backends` and `grpc` flags only
+/// when the body names them (`None`: the stored value stays).
+#[derive(Debug, Clone)]
+pub struct Update {
+    pub route: Route,
+    pub drain_backends: Option<bool>,
+    pub grpc: Option<bool>,
+}
+
+/// Every field as given (a routes file is the desired state of its routes).
+impl From<Route> for Update {
+    fn from(route: Route) -> Self {
+        Update {
+            drain_backends: Some(route.drain_backends),
+            grpc: Some(route.grpc),
+            route,
+        }
+    }
+}
+
+/// Which optional flags a route body names.
+struct Present {
+    drain_backends: bool,
+    grpc: bool,
+}
+
 #[derive(Clone)]
 struct Stored {
     seq: u64,
@@ -154,14 +181,42 @@ impl Store {
         }
     }
 
-    /// Parses a route body, giving the spec's error for an unknown type.
+    /// Parses a route body to create (`POST /routes`), giving the spec's error for an
+    /// unknown type. A body without `drain_backends` asks for drain tracking (spec §1.2:
+    /// "Default `drain_backends` in storage is true"; the controller's own route sends
+    /// `false`).
     pub fn parse_route(body: &[u8]) -> Result<Route, ApiError> {
+        let (mut r, present) = Self::parse_body(body)?;
+        if !present.drain_backends {
+            r.drain_backends = true;
+        }
+        Ok(r)
+    }
+
+    /// Parses a route body to update (`PUT /routes/:type/:id`): the flags it leaves out
+    /// keep their stored values.
+    pub fn parse_update(body: &[u8]) -> Result<Update, ApiError> {
+        let (route, present) = Self::parse_body(body)?;
+        Ok(Update {
+            drain_backends: present.drain_backends.then_some(route.drain_backends),
+            grpc: present.grpc.then_some(route.grpc),
+            route,
+        })
+    }
+
+    /// A route body and which of the optional flags it names.
+    fn parse_body(body: &[u8]) -> Result<(Route, Present), ApiError> {
         let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| ApiError::syntax())?;
         match v.get("type").and_then(|t| t.as_str()) {
             Some("http") | Some("tcp") => {}
             _ => return Err(ApiError::validation(Some("type"), "Invalid route type")),
         }
-        serde_json::from_value(v).map_err(|_| ApiError::syntax())
+        let present = Present {
+            drain_backends: v.get("drain_backends").is_some(),
+            grpc: v.get("grpc").is_some(),
+        };
+        let r = serde_json::from_value(v).map_err(|_| ApiError::syntax())?;
+        Ok((r, present))
     }
 
     fn http_conflict(&self, r: &Route, except: Option<&str>) -> bool {
@@ -320,7 +375,55 @@ impl Store {
     }
 
     /// Replaces the mutable fields of a route (`PUT /routes/:type/:id`).
-    pub fn update(&mut self, kind: RouteType, id: &str, r: Route) -> Result<Route, ApiError> {
+    pub fn update(
+        &mut self,
+        kind: RouteType,
+        id: &str,
+        u: impl Into<Update>,
+    ) -> Result<Route, ApiError> {
+        let (_, next) = self.updated(kind, id, u.into())?;
+        Ok(self.store_update(next))
+    }
+
+    /// As [`Store::update`], but a route the update would leave as it is stays untouched
+    /// (no new `updated_at`, no new version): `None`. For reloads, which re-apply every
+    /// route of the file.
+    pub fn update_if_changed(
+        &mut self,
+        kind: RouteType,
+        id: &str,
+        u: impl Into<Update>,
+    ) -> Result<Option<Route>, ApiError> {
+        let (old, next) = self.updated(kind, id, u.into())?;
+        if next == old {
+            return Ok(None);
+        }
+        Ok(Some(self.store_update(next)))
+    }
+
+    /// Stores `next` (validated by [`Store::updated`]) over the route with its id.
+    fn store_update(&mut self, mut next: Route) -> Route {
+        next.updated_at = Some(now());
+        self.version += 1;
+        if let Some(s) = self.routes.get_mut(&(next.kind, next.id.clone())) {
+            s.route = next.clone();
+        }
+        next
+    }
+
+    /// The stored route and what `u` makes of it (its `updated_at` still the old one);
+    /// nothing is stored but a certificate the update brings.
+    fn updated(
+        &mut self,
+        kind: RouteType,
+        id: &str,
+        u: Update,
+    ) -> Result<(Route, Route), ApiError> {
+        let Update {
+            route: r,
+            drain_backends,
+            grpc,
+        } = u;
         self.validate_common(&r)?;
         let key = (kind, id.to_string());
         let Some(old) = self.routes.get(&key).map(|s| s.route.clone()) else {
@@ -339,8 +442,8 @@ impl Store {
         next.leader = r.leader;
         next.sticky = r.sticky;
         next.disable_keep_alives = r.disable_keep_alives;
-        next.grpc = r.grpc;
-        next.drain_backends = r.drain_backends;
+        next.grpc = grpc.unwrap_or(old.grpc);
+        next.drain_backends = drain_backends.unwrap_or(old.drain_backends);
         if kind == RouteType::Http && !r.path.is_empty() {
             next.path = normalize_path(&r.path);
             if !valid_path(&next.path) || (next.path != old.path && empty_segment(&next.path)) {
@@ -370,12 +473,7 @@ impl Store {
         } else {
             None
         };
-        next.updated_at = Some(now());
-        self.version += 1;
-        if let Some(s) = self.routes.get_mut(&key) {
-            s.route = next.clone();
-        }
-        Ok(next)
+        Ok((old, next))
     }
 
     fn has_dependents(&self, root: &Route) -> bool {
@@ -419,6 +517,36 @@ impl Store {
         v.into_iter().map(|s| s.route.clone()).collect()
     }
 
+    /// How many routes there are.
+    pub fn route_count(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// The services routes name (each once), without copying the routes.
+    pub fn routed_services(&self) -> std::collections::BTreeSet<String> {
+        let mut names: Vec<&str> = self
+            .routes
+            .values()
+            .map(|s| s.route.service.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names.into_iter().map(str::to_string).collect()
+    }
+
+    /// The services of routes that track drains (spec §1.9).
+    pub fn drain_tracked(&self) -> impl Iterator<Item = &str> {
+        self.routes
+            .values()
+            .filter(|s| s.route.drain_backends)
+            .map(|s| s.route.service.as_str())
+    }
+
+    /// Whether a route of `service` tracks drains.
+    pub fn tracks_drains(&self, service: &str) -> bool {
+        self.drain_tracked().any(|s| s == service)
+    }
+
     /// Replaces a service's backend set; returns (added, removed) addresses.
     pub fn set_backends(
         &mut self,
@@ -435,8 +563,22 @@ impl Store {
                 b.addr = a.to_string();
             }
         }
-        let mut seen = std::collections::HashSet::new();
-        list.retain(|b| seen.insert(b.addr.clone()));
+        // The first entry of an address stays; a repeat marked leader makes it the leader
+        // (two discoverd instances of one job at one address, say its tcp and udp
+        // registrations, the second of them the service leader), as `Backends::from_api`
+        // reads a list with repeats.
+        let mut first: HashMap<String, usize> = HashMap::with_capacity(list.len());
+        let mut merged: Vec<BackendAddr> = Vec::with_capacity(list.len());
+        for b in list {
+            match first.get(&b.addr) {
+                Some(&i) => merged[i].leader |= b.leader,
+                None => {
+                    first.insert(b.addr.clone(), merged.len());
+                    merged.push(b);
+                }
+            }
+        }
+        let list = merged;
         let old = self.services.get(service).cloned().unwrap_or_default();
         let added = list
             .iter()
@@ -533,48 +675,43 @@ impl Store {
         Some(c)
     }
 
-    /// The SNI certificate map for the cores: a domain's certificate is its `/` route's
-    /// (spec §1.7: the route lookup with path `/`), else the default keypair. Sub-path
-    /// routes' certificates are not used for the handshake. A domain with `/` routes on
-    /// several ports has one certificate for all of them (the handshake does not know the
-    /// listener's port): the default port's route's, else the lowest port's; that route
-    /// having none means the default keypair, even if a route on another port has one.
-    /// Only ports with a TLS listener count: a route on a plain additional port is never
-    /// reached through a handshake, so it neither decides a domain's certificate nor
-    /// makes a handshake for its domain succeed.
+    /// The SNI certificate map for the cores, per route port as the route table keys
+    /// them (0: the default listeners): on a port, a domain's certificate is its `/`
+    /// route's there (spec §1.7: the route lookup with path `/`, on the listener's port),
+    /// else the default keypair. Sub-path routes' certificates are not used for the
+    /// handshake, nor are other ports' routes: a handshake presents the certificate of the
+    /// route that serves its requests. Only ports with a TLS listener count: a route on a
+    /// plain additional port is never reached through a handshake.
     pub fn cert_store(&self, default: Option<Arc<CertifiedKey>>) -> CertStore {
         let mut store = CertStore::new(default);
-        let mut roots: Vec<&Stored> = self
-            .routes
-            .values()
-            .filter(|s| {
-                s.route.kind == RouteType::Http
-                    && s.route.path == "/"
-                    && self.ports.serves_tls(s.route.port)
-            })
-            .collect();
-        roots.sort_by_key(|s| (s.route.port != 0, s.route.port));
-        for s in roots {
+        for s in self.routes.values().filter(|s| {
+            s.route.kind == RouteType::Http
+                && s.route.path == "/"
+                && self.ports.serves_tls(s.route.port)
+        }) {
             let key = s
                 .route
                 .certificate
                 .as_ref()
                 .and_then(|c| self.certs.key(&c.id));
-            store.add(&s.route.domain, key);
+            store.add_on(s.route.port, &s.route.domain, key);
         }
         store
     }
 
     /// A snapshot for the cores.
     pub fn table(&self) -> Table {
-        let routes: Vec<Route> = self.routes.values().map(|s| s.route.clone()).collect();
         let mut backends = HashMap::new();
         for (svc, list) in &self.services {
             if let Ok(b) = Backends::from_api(list) {
                 backends.insert(svc.clone(), b);
             }
         }
-        Table::build(&routes, &backends, self.version)
+        Table::build(
+            self.routes.values().map(|s| &s.route),
+            &backends,
+            self.version,
+        )
     }
 }
 

@@ -1,14 +1,16 @@
-//! TLS termination (spec §1.7): rustls server config shared by every core, with the
-//! certificate chosen by SNI through the same domain lookup as routing (exact, then
-//! wildcards most-specific first, then `*`): the route's certificate if it has one,
-//! else the default keypair; no matching route → the handshake fails. Certificates
+//! TLS termination (spec §1.7): rustls server configs shared by every core, one per TLS
+//! route port, with the certificate chosen by SNI through the same domain lookup as
+//! routing on that listener's port (exact, then wildcards most-specific first, then `*`):
+//! the route's certificate if it has one, else the default keypair; no matching route →
+//! the handshake fails. Certificates
 //! live in a [`CertStore`] snapshot published by the control thread, so a swap applies
 //! to the next handshake without touching open connections. Private keys are never
 //! logged: [`Keypair`]'s `Debug` omits them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use flynn_routes::MAX_DOMAIN;
 use flynn_runtime::Published;
 use rustls::crypto::aws_lc_rs::sign::any_supported_type;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -54,97 +56,175 @@ pub fn parse_keypair(cert_pem: &str, key_pem: &str) -> Result<Keypair, String> {
     })
 }
 
-/// Which certificate each routed domain uses.
+/// One port's routed domains: lowercase domain (as routed, e.g. `*.example.com` or `*`)
+/// → its certificate, or `None` for a routed domain that uses the default keypair.
+type Domains = HashMap<String, Option<Arc<CertifiedKey>>>;
+
+/// Which certificate each routed domain uses, per route port (as the route table keys
+/// ports: 0 for the default listeners, else the additional listener's port), so a
+/// handshake on a listener presents the certificate of the route that serves its
+/// requests there.
 #[derive(Debug, Default)]
 pub struct CertStore {
-    /// Lowercase domain (as routed, e.g. `*.example.com` or `*`) → its certificate,
-    /// or `None` for a routed domain that uses the default keypair.
-    domains: HashMap<String, Option<Arc<CertifiedKey>>>,
+    ports: BTreeMap<u16, Domains>,
     default: Option<Arc<CertifiedKey>>,
 }
 
 impl CertStore {
     pub fn new(default: Option<Arc<CertifiedKey>>) -> Self {
         CertStore {
-            domains: HashMap::new(),
+            ports: BTreeMap::new(),
             default,
         }
     }
 
-    /// Records a routed domain and its certificate (`None`: default keypair). A domain
-    /// added again keeps its first entry, a `None` too: the first route given decides.
-    pub fn add(&mut self, domain: &str, cert: Option<Arc<CertifiedKey>>) {
-        self.domains
+    /// Records a domain routed on route port `port` and its certificate (`None`: default
+    /// keypair). A domain added again on a port keeps its first entry, a `None` too: the
+    /// first route given decides.
+    pub fn add_on(&mut self, port: u16, domain: &str, cert: Option<Arc<CertifiedKey>>) {
+        self.ports
+            .entry(port)
+            .or_default()
             .entry(domain.to_ascii_lowercase())
             .or_insert(cert);
     }
 
-    /// The certificate for an SNI name (None: no route, or no certificate at all).
+    /// [`CertStore::add_on`] the default port (0).
+    #[cfg(test)]
+    pub fn add(&mut self, domain: &str, cert: Option<Arc<CertifiedKey>>) {
+        self.add_on(0, domain, cert)
+    }
+
+    /// The certificate a handshake on route port `port` presents for an SNI name (None:
+    /// no route there, or no certificate at all).
+    pub fn lookup_on(&self, port: u16, sni: &str) -> Option<Arc<CertifiedKey>> {
+        let hit = find(self.ports.get(&port)?, sni)?;
+        hit.clone().or_else(|| self.default.clone())
+    }
+
+    /// The certificate for an SNI name on the first port (the default one, then the others
+    /// in order) that routes it.
+    #[cfg(test)]
     pub fn lookup(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
-        let name = sni.to_ascii_lowercase();
-        let hit = self.domains.get(&name).or_else(|| {
-            // As route lookup: `*.<name>` first, at most five candidates.
-            let mut rest = name.as_str();
-            for i in 0..5 {
-                if i > 0 {
-                    let dot = rest.find('.')?;
-                    rest = &rest[dot + 1..];
-                }
-                if let Some(h) = self.domains.get(&format!("*.{rest}")) {
-                    return Some(h);
-                }
-            }
-            None
-        });
-        let hit = match hit {
-            Some(h) => h,
-            None => self.domains.get("*")?,
-        };
+        let hit = self.ports.values().find_map(|d| find(d, sni))?;
         hit.clone().or_else(|| self.default.clone())
     }
 }
 
-/// SNI resolver reading the current [`CertStore`] snapshot.
+/// The entry deciding `sni`'s certificate, found as the route lookup finds a domain
+/// (`flynn_routes::Table::lookup_http`): exact, then `*.<name>` for at most five
+/// suffixes, most specific first, then `*`; lowercase, a trailing dot ignored. No
+/// allocation: candidates are built in place in one stack buffer.
+fn find<'a>(domains: &'a Domains, sni: &str) -> Option<&'a Option<Arc<CertifiedKey>>> {
+    let name = sni.as_bytes();
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    let n = name.len();
+    // `*.` + the name; each wildcard candidate is written just before its suffix, over
+    // bytes already looked at.
+    let mut buf = [0u8; MAX_DOMAIN + 2];
+    if n <= MAX_DOMAIN {
+        let end = 2 + n;
+        for (d, s) in buf[2..end].iter_mut().zip(name) {
+            *d = s.to_ascii_lowercase();
+        }
+        let exact = std::str::from_utf8(&buf[2..end]).ok()?;
+        if let Some(h) = domains.get(exact) {
+            return Some(h);
+        }
+        let mut start = 2;
+        for i in 0..5 {
+            if i > 0 {
+                let Some(dot) = buf[start..end].iter().position(|&b| b == b'.') else {
+                    break;
+                };
+                start += dot + 1;
+            }
+            if start == end {
+                break;
+            }
+            buf[start - 2] = b'*';
+            buf[start - 1] = b'.';
+            let wild = std::str::from_utf8(&buf[start - 2..end]).ok()?;
+            if let Some(h) = domains.get(wild) {
+                return Some(h);
+            }
+        }
+    }
+    domains.get("*")
+}
+
+/// SNI resolver of one route port, reading the current [`CertStore`] snapshot.
 pub struct Resolver {
     pub store: Arc<Published<CertStore>>,
+    pub port: u16,
 }
 
 impl std::fmt::Debug for Resolver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Resolver")
+        write!(f, "Resolver(port {})", self.port)
     }
 }
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let store = self.store.load_full();
-        match hello.server_name() {
-            Some(name) => store.lookup(name),
-            // No SNI (e.g. an IP address): only a catch-all route can match.
-            None => store.lookup("*"),
-        }
+        // No SNI (e.g. an IP address): only a catch-all route can match.
+        store.lookup_on(self.port, hello.server_name().unwrap_or("*"))
     }
 }
 
-/// The one server config all cores share (session cache and ticket keys included, so
-/// resumption works across cores; the keys also across processes, see `tickets.rs`).
-/// TLS 1.2 and 1.3 only.
-pub fn server_config(
+/// The TLS acceptors of the HTTPS listeners, one per route port: each has its own
+/// certificate resolver, and all share one session cache and the ticket keys.
+#[derive(Clone)]
+pub struct Acceptors {
+    by_port: Vec<(u16, monoio_rustls::TlsAcceptor)>,
+}
+
+impl Acceptors {
+    /// The acceptor of the listeners with route port `route_port`.
+    pub fn get(&self, route_port: u16) -> Option<&monoio_rustls::TlsAcceptor> {
+        self.by_port
+            .iter()
+            .find(|(p, _)| *p == route_port)
+            .map(|(_, a)| a)
+    }
+}
+
+/// The server configs all cores share, one per TLS route port in `ports` (session cache
+/// and ticket keys shared by all, so resumption works across cores and listeners; the
+/// keys also across processes, see `tickets.rs`). TLS 1.2 and 1.3 only.
+pub fn acceptors(
     store: Arc<Published<CertStore>>,
     tickets: Arc<crate::tickets::TicketKeys>,
-) -> Result<Arc<ServerConfig>, String> {
+    ports: &[u16],
+) -> Result<Acceptors, String> {
     // aws-lc-rs measured faster than ring here: RSA-2048 handshakes 1.50× nginx per CPU-second
     // (ring 0.81×), ECDSA 2.41× (ring ~2.0×), TLS keep-alive 1.96× (ring 1.70×); perf/RESULTS.md.
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    let mut base = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(Resolver { store }));
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    cfg.ticketer = tickets;
-    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(64 * 1024);
-    Ok(Arc::new(cfg))
+        .with_cert_resolver(Arc::new(Resolver {
+            store: store.clone(),
+            port: 0,
+        }));
+    base.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    base.ticketer = tickets;
+    base.session_storage = rustls::server::ServerSessionMemoryCache::new(64 * 1024);
+    let mut by_port: Vec<(u16, monoio_rustls::TlsAcceptor)> = Vec::new();
+    for &port in ports {
+        if by_port.iter().any(|(p, _)| *p == port) {
+            continue;
+        }
+        let mut cfg = base.clone();
+        cfg.cert_resolver = Arc::new(Resolver {
+            store: store.clone(),
+            port,
+        });
+        by_port.push((port, monoio_rustls::TlsAcceptor::from(Arc::new(cfg))));
+    }
+    Ok(Acceptors { by_port })
 }
 
 #[cfg(test)]
@@ -199,6 +279,99 @@ mod tests {
         assert!(Arc::ptr_eq(&s.lookup("unknown.org").unwrap(), &default));
         let no_default = CertStore::new(None);
         assert!(no_default.lookup("plain.com").is_none());
+    }
+
+    /// Each route port has its own map: a name routed on one port decides nothing on
+    /// another, and a port without routes has no certificates at all.
+    #[test]
+    fn sni_lookup_is_per_port() {
+        let k = |n: &str| {
+            let (c, key) = keypair(&[n]);
+            parse_keypair(&c, &key).unwrap().key
+        };
+        let (default, wild, own) = (k("default"), k("*.example.com"), k("b.example.com"));
+        let mut s = CertStore::new(Some(default.clone()));
+        s.add_on(0, "*.example.com", Some(wild.clone()));
+        s.add_on(8443, "a.example.com", None);
+        s.add_on(8443, "b.example.com", Some(own.clone()));
+        assert!(Arc::ptr_eq(
+            &s.lookup_on(0, "a.example.com").unwrap(),
+            &wild
+        ));
+        assert!(Arc::ptr_eq(
+            &s.lookup_on(0, "b.example.com").unwrap(),
+            &wild
+        ));
+        assert!(Arc::ptr_eq(
+            &s.lookup_on(8443, "a.example.com").unwrap(),
+            &default
+        ));
+        assert!(Arc::ptr_eq(
+            &s.lookup_on(8443, "B.Example.com").unwrap(),
+            &own
+        ));
+        assert!(s.lookup_on(8443, "c.example.com").is_none());
+        assert!(s.lookup_on(9443, "a.example.com").is_none());
+    }
+
+    /// The domain deciding a name's certificate is the one the route lookup finds for
+    /// it (path `/`): exact, at most five wildcard suffixes, then `*`; case and a
+    /// trailing dot ignored; a name too long to route only matches `*`.
+    #[test]
+    fn sni_candidates_are_the_route_lookups() {
+        let domains = [
+            "a.b.c.d.e.f.g",
+            "*.c.d.e.f.g",
+            "*.e.f.g",
+            "*.f.g",
+            "*.g",
+            "*.x.y",
+            "x.y",
+            "*",
+        ];
+        let routes: Vec<flynn_api::Route> = domains
+            .iter()
+            .map(|d| flynn_api::Route {
+                id: d.to_string(),
+                ..flynn_api::Route::http(d, "web")
+            })
+            .collect();
+        let table = flynn_routes::Table::build(&routes, &HashMap::new(), 1);
+        let mut map: Domains = HashMap::new();
+        let mut names: HashMap<*const CertifiedKey, &str> = HashMap::new();
+        for d in domains {
+            let (c, key) = keypair(&["n.test"]);
+            let ck = parse_keypair(&c, &key).unwrap().key;
+            names.insert(Arc::as_ptr(&ck), d);
+            map.insert(d.to_string(), Some(ck));
+        }
+        let long = format!("{}.g", "a".repeat(MAX_DOMAIN));
+        let names_to_try = [
+            "a.b.c.d.e.f.g",
+            "A.B.C.D.E.F.G.",
+            "z.a.b.c.d.e.f.g",
+            "q.c.d.e.f.g",
+            "b.c.d.e.f.g",
+            "p.q.r.s.t.u.e.f.g",
+            "e.f.g",
+            "f.g",
+            "g",
+            "x.y",
+            "w.x.y",
+            "y",
+            "other",
+            "a..g",
+            ".g",
+            "g.",
+            long.as_str(),
+        ];
+        for sni in names_to_try {
+            let want = table
+                .lookup_http(sni.as_bytes(), 0, b"/")
+                .map(|r| r.id.to_string());
+            let got = find(&map, sni).map(|h| names[&Arc::as_ptr(h.as_ref().unwrap())].to_string());
+            assert_eq!(got, want, "{sni}");
+        }
     }
 
     /// A domain added again keeps its first entry, also when that is the default keypair.

@@ -234,20 +234,29 @@ async fn answer<S: crate::proxy::Client>(
         },
         &mut out,
     );
-    out.extend_from_slice(&ubuf[resp.head_len..]);
+    // After a 101 everything that came with the head is the new protocol's; after another
+    // answer only its body as framed goes on (what follows is no part of the answer).
+    let mut body = BodyReader::new(resp.framing);
+    let rest = &ubuf[resp.head_len..];
+    let (take, bad_body) = if upgraded {
+        (rest.len(), false)
+    } else {
+        match body.advance(rest) {
+            Ok(adv) => (adv.used, false),
+            Err(_) => (0, true),
+        }
+    };
+    out.extend_from_slice(&rest[..take]);
     let len = out.len();
     let (res, _) = to_client(core, c, fd, out, len).await;
-    if res.is_err() {
+    if res.is_err() || bad_body {
         return Outcome::Close;
     }
     if upgraded {
         return Outcome::Upgraded(up, inflight);
     }
-    // Not upgraded: relay the body as framed; then the connection closes in stages.
-    let mut body = BodyReader::new(resp.framing);
-    if body.advance(&ubuf[resp.head_len..]).is_err() {
-        return Outcome::Close;
-    }
+    // Not upgraded: relay the rest of the body as framed; then the connection closes in
+    // stages.
     while !body.is_done() {
         ubuf.clear();
         let read = monoio::time::timeout(core.settings().idle_timeout, read_append(&mut up, ubuf));

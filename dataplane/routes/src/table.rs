@@ -209,7 +209,11 @@ pub fn normalize_path(path: &str) -> String {
 impl Table {
     /// Builds a snapshot. `backends` maps service name to its live backends; routes
     /// whose service is unknown get an empty backend set (→ 503).
-    pub fn build(routes: &[Route], backends: &HashMap<String, Backends>, version: u64) -> Table {
+    pub fn build<'a>(
+        routes: impl IntoIterator<Item = &'a Route>,
+        backends: &HashMap<String, Backends>,
+        version: u64,
+    ) -> Table {
         let empty = Backends::default();
         let mut t = Table {
             version,

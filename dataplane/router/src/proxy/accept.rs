@@ -62,9 +62,16 @@ pub async fn serve_tls(core: Rc<Core>, conn: TcpStream, peer: SocketAddr, l: Lis
             Err(()) => return,
         }
     }
-    let Some(acceptor) = core.settings().tls.clone() else {
+    // The listener's own acceptor: its certificates are those of its port's routes.
+    let Some(acceptor) = core
+        .settings()
+        .tls
+        .as_ref()
+        .and_then(|t| t.get(l.route_port))
+    else {
         return;
     };
+    let acceptor = acceptor.clone();
     let limit = core.settings().header_timeout;
     let tls = match monoio::time::timeout(limit, Recycled::new(acceptor.accept(conn))).await {
         Ok(Ok(s)) => s,

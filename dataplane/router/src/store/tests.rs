@@ -587,3 +587,99 @@ fn handed_over_dotted_duplicates_are_left_out() {
     // Other refusals still fail it.
     assert!(s.restore(http("a.com", "/")).is_err());
 }
+
+/// Spec §1.2: a new route tracks drains unless it says otherwise, and a PUT replaces
+/// service, leader, sticky, path, keep-alives and certificate: `drain_backends` and `grpc`
+/// stay as stored when the body leaves them out.
+#[test]
+fn drain_backends_defaults_true_and_put_keeps_unnamed_flags() {
+    let mut s = store();
+    let r = Store::parse_route(br#"{"type":"http","domain":"a.com","service":"web"}"#).unwrap();
+    assert!(r.drain_backends, "created without the field: tracked");
+    let off = Store::parse_route(
+        br#"{"type":"http","domain":"b.com","service":"web","drain_backends":false}"#,
+    )
+    .unwrap();
+    assert!(!off.drain_backends, "an explicit false is kept");
+    let t = Store::parse_route(br#"{"type":"tcp","service":"db"}"#).unwrap();
+    assert!(t.drain_backends);
+
+    let mut r = r;
+    r.grpc = true;
+    let r = s.add(r).unwrap();
+    assert!(r.drain_backends && r.grpc);
+    let u = Store::parse_update(br#"{"type":"http","service":"web2"}"#).unwrap();
+    let out = s.update(RouteType::Http, &r.id, u).unwrap();
+    assert_eq!(out.service, "web2");
+    assert!(out.drain_backends, "PUT without drain_backends cleared it");
+    assert!(out.grpc, "PUT without grpc cleared it");
+    let u = Store::parse_update(
+        br#"{"type":"http","service":"web2","drain_backends":false,"grpc":false}"#,
+    )
+    .unwrap();
+    let out = s.update(RouteType::Http, &r.id, u).unwrap();
+    assert!(!out.drain_backends && !out.grpc, "named flags are replaced");
+    assert_eq!(s.get(RouteType::Http, &r.id).unwrap(), &out);
+}
+
+/// An update that changes nothing leaves the route (and the version) alone when asked to.
+#[test]
+fn update_if_changed_leaves_an_unchanged_route_alone() {
+    let mut s = store();
+    let r = s.add(http("a.com", "/")).unwrap();
+    let v = s.table().version();
+    assert_eq!(
+        s.update_if_changed(RouteType::Http, &r.id, r.clone())
+            .unwrap(),
+        None
+    );
+    assert_eq!(s.get(RouteType::Http, &r.id).unwrap(), &r);
+    assert_eq!(s.table().version(), v);
+    let mut u = r.clone();
+    u.sticky = true;
+    let out = s
+        .update_if_changed(RouteType::Http, &r.id, u)
+        .unwrap()
+        .expect("a change");
+    assert!(out.sticky);
+    assert!(s.table().version() > v);
+}
+
+/// Two entries of one address are one backend; a repeat marked leader makes it the
+/// leader (two discoverd instances of one job, the second the service leader), as
+/// `Backends::from_api` reads such a list.
+#[test]
+fn a_repeated_backend_keeps_the_repeats_leader_mark() {
+    let mut s = store();
+    let b = |a: &str, leader: bool| BackendAddr {
+        addr: a.into(),
+        leader,
+        app: String::new(),
+        job_id: String::new(),
+    };
+    s.set_backends(
+        "web",
+        vec![
+            b("127.0.0.1:1", false),
+            b("127.0.0.1:2", false),
+            b("127.0.0.1:1", true),
+        ],
+    )
+    .unwrap();
+    let stored = s.backends("web");
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert_eq!(
+        (stored[0].addr.as_str(), stored[0].leader),
+        ("127.0.0.1:1", true)
+    );
+    assert!(!stored[1].leader);
+    let mut leader = http("a.com", "/");
+    leader.leader = true;
+    s.add(leader).unwrap();
+    let t = s.table();
+    let route = t.lookup_http(b"a.com", 0, b"/").unwrap();
+    assert_eq!(
+        &route.backends[..],
+        &["127.0.0.1:1".parse::<std::net::SocketAddr>().unwrap()]
+    );
+}

@@ -539,3 +539,166 @@ fn concurrent_backend_changes_send_their_events_in_order() {
         up = present;
     }
 }
+
+/// Spec §1.2: routes track drains unless they say otherwise, and a PUT that does not name
+/// `drain_backends` (or `grpc`) keeps it.
+#[test]
+fn drain_backends_defaults_true_and_put_keeps_it() {
+    let router = Router::start();
+    let r = router.add_route(http_route("example.com", "web"));
+    assert_eq!(r["drain_backends"], true, "{r}");
+    let off = router.add_route(json!({"type": "http", "domain": "off.example.com",
+        "service": "web", "drain_backends": false}));
+    assert_eq!(off["drain_backends"], false, "{off}");
+    let (status, updated) = router.api(
+        "PUT",
+        &route_path(&r),
+        Some(&json!({"type": "http", "service": "web2"}).to_string()),
+    );
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["service"], "web2");
+    assert_eq!(
+        updated["drain_backends"], true,
+        "a PUT without the field cleared it"
+    );
+    let (_, got) = router.api("GET", &route_path(&r), None);
+    assert_eq!(got["drain_backends"], true, "{got}");
+}
+
+/// Errors axum itself would answer (a body over the limit, a method a path does not serve,
+/// a path or query that does not decode) are the JSON envelope too (spec §0.1).
+#[test]
+fn refused_bodies_methods_paths_and_queries_get_the_json_envelope() {
+    let router = Router::start();
+    let envelope = |what: &str, resp: &support::Response, status: u16, code: &str| {
+        assert_eq!(resp.status, status, "{what}: {}", resp.text());
+        assert!(
+            resp.header("content-type")
+                .is_some_and(|c| c.starts_with("application/json")),
+            "{what}: {:?}",
+            resp.headers
+        );
+        let v = resp.json();
+        assert_eq!(v["code"], code, "{what}: {v}");
+        assert!(
+            v["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}: {v}"
+        );
+        assert_eq!(v["retry"], false, "{what}: {v}");
+    };
+    // Just over 2 MiB of body, on every route that takes one.
+    let limit = 2 << 20;
+    for path in ["/routes", "/services/web/backends", "/certificates"] {
+        let method = if path.contains("backends") {
+            "PUT"
+        } else {
+            "POST"
+        };
+        let mut conn = Conn::connect(router.api_addr);
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            limit + 1
+        );
+        conn.send(head.as_bytes());
+        let _ = conn.try_send(&vec![b' '; limit + 1]);
+        let resp = conn.try_response().expect("an answer to an oversized body");
+        envelope(
+            &format!("{method} {path}"),
+            &resp,
+            400,
+            "request_body_too_big",
+        );
+    }
+    let call = |raw: &str| {
+        let mut conn = Conn::connect(router.api_addr);
+        conn.request(raw)
+    };
+    for (method, path) in [
+        ("PATCH", "/routes"),
+        ("DELETE", "/routes"),
+        ("POST", "/routes/http/x"),
+        ("POST", "/events"),
+        ("DELETE", "/certificates"),
+    ] {
+        let resp = call(&format!(
+            "{method} {path} HTTP/1.1\r\nHost: api\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ));
+        envelope(&format!("{method} {path}"), &resp, 405, "validation_error");
+        assert!(
+            resp.header("allow").is_some(),
+            "{method} {path}: {:?}",
+            resp.headers
+        );
+    }
+    for (method, path) in [
+        ("GET", "/routes/http/%FF"),
+        ("DELETE", "/routes/http/%FF"),
+        ("GET", "/services/%FF/backends"),
+        ("GET", "/certificates/%FF"),
+        ("GET", "/certificates/%FF/routes"),
+        ("GET", "/routes?parent_ref=a&parent_ref=b"),
+        ("GET", "/events?types=set&types=remove"),
+    ] {
+        let resp = call(&format!(
+            "{method} {path} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+        ));
+        envelope(&format!("{method} {path}"), &resp, 400, "validation_error");
+    }
+    // Nothing above was stored.
+    let (_, routes) = router.api("GET", "/routes", None);
+    assert_eq!(routes, json!([]));
+}
+
+/// A subscriber that falls more than the event channel holds behind has missed events: its
+/// stream says so (`event: error`, spec §0.3) and ends, so it reconnects and starts over,
+/// instead of going on with a gap (a scheduler would wait out its timeout for a
+/// `backend-drained` it never gets).
+#[test]
+fn an_events_subscriber_that_falls_behind_gets_an_error_and_the_end() {
+    let router = Router::start();
+    let mut conn = Conn::connect(router.api_addr);
+    conn.send(
+        b"GET /events?types=backend-up HTTP/1.1\r\nHost: api\r\nAccept: text/event-stream\r\n\r\n",
+    );
+    let head = conn.read_head().expect("events head");
+    assert_eq!(head.status, 200);
+    assert!(head.header("transfer-encoding").is_some(), "{head:?}");
+    // One change that emits more events than the channel holds (4096): the stream cannot
+    // keep up whatever its client does.
+    let n = 5000;
+    let body: Vec<serde_json::Value> = (0..n)
+        .map(|i| json!({"addr": format!("127.0.0.1:{}", 10000 + i)}))
+        .collect();
+    let (status, _) = router.api(
+        "PUT",
+        "/services/web/backends",
+        Some(&serde_json::Value::Array(body).to_string()),
+    );
+    assert_eq!(status, 200);
+    let mut text = String::new();
+    let mut ended = false;
+    while !ended {
+        let mut trailers = Vec::new();
+        match conn.read_chunk(&mut trailers) {
+            Ok(Some(d)) => text.push_str(&String::from_utf8_lossy(&d)),
+            Ok(None) => ended = true,
+            Err(e) => panic!(
+                "the stream neither ended nor erred ({e}); {} events read",
+                text.matches("backend-up").count()
+            ),
+        }
+    }
+    let items: Vec<&str> = text
+        .split("\n\n")
+        .filter(|i| !i.trim().is_empty())
+        .collect();
+    let last = items.last().copied().unwrap_or_default();
+    assert!(
+        last.lines().any(|l| l == "event: error"),
+        "the stream ended without an error: {last:?}"
+    );
+    assert!(last.contains("missed"), "{last:?}");
+    let data = items.iter().filter(|i| i.contains("backend-up")).count();
+    assert!(data < n, "every event arrived: {data}");
+}

@@ -186,7 +186,10 @@ fn subscribe_replays_backend_up_for_drain_tracked_services_only() {
     let b = Backend::start("b");
     let other = Backend::start("other");
     router.add_route(drain_route(DOMAIN, "web"));
-    router.add_route(http_route("plain.example.com", "plain"));
+    // Routes track drains unless they say otherwise (spec §1.2).
+    let mut plain = http_route("plain.example.com", "plain");
+    plain["drain_backends"] = false.into();
+    router.add_route(plain);
     router.set_backends("web", &[&a, &b]);
     router.set_backends("plain", &[&other]);
 

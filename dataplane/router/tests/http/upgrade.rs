@@ -607,3 +607,37 @@ fn an_idle_tunnel_holds_two_buffers() {
     drop(more);
     drop(warm);
 }
+
+/// A backend's non-101 answer to an upgrade is relayed as framed: its body and nothing
+/// after it. Bytes a backend sends past the body (here right behind it, in the same
+/// segment as the head) are no part of the answer and never reach the client, which gets
+/// exactly the head and the body, then the connection closes.
+#[test]
+fn bytes_after_a_refused_upgrades_body_are_not_relayed() {
+    let router = Router::start();
+    let b = Backend::with_handler("refuser", |_req, conn| {
+        let _ = conn
+            .write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 5\r\nX-Why: no\r\n\r\nHELLOjunk");
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let mut conn = Conn::connect(router.http_addr);
+    conn.send(ws_request("Upgrade", "websocket").as_bytes());
+    let got = conn.read_to_end().expect("the answer, then EOF");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 401 "), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("\r\nx-why: no\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("\r\n\r\nHELLO"),
+        "exactly the head and its 5-byte body: {text:?}"
+    );
+}

@@ -417,3 +417,47 @@ fn a_routes_file_with_a_certificate_on_a_plain_port_is_refused() {
         "a refused reload changed routes"
     );
 }
+
+/// The certificate presented is the one of the route that serves the request on that
+/// listener: each TLS port has its own SNI map, keyed like the route table's ports. Here
+/// `*.example.com` (wildcard certificate) is routed on the default port only and
+/// `a.example.com` (no certificate) on the additional HTTPS port only: on the default
+/// port SNI `a.example.com` is routed by the wildcard, so it gets the wildcard's
+/// certificate, not the default keypair an exact entry for another port would give; on
+/// the additional port it gets the default keypair of its own route there.
+#[test]
+fn each_https_port_presents_the_certificate_of_its_own_routes() {
+    let (router, _plain, extra, default) = extra_listeners(https_builder());
+    let wild = self_signed(&["*.example.com"]);
+    let (bw, ba) = (Backend::start("bw"), Backend::start("ba"));
+    router.add_route(cert_route("*.example.com", "wild", &wild));
+    let mut a = http_route("a.example.com", "a");
+    a["port"] = extra.port().into();
+    router.add_route(a);
+    router.set_backends("wild", &[&bw]);
+    router.set_backends("a", &[&ba]);
+    let roots = [&default, &wild];
+
+    let mut conn = tls_connect(&router, "a.example.com", &roots);
+    assert_eq!(
+        conn.peer_cert(),
+        wild.der,
+        "default port: the wildcard route serves a.example.com, so its certificate"
+    );
+    assert_eq!(conn.get("a.example.com", "/").seen().backend, "bw");
+
+    let mut conn = TlsConn::connect(extra, "a.example.com", client_config(&roots, None))
+        .unwrap_or_else(|e| panic!("handshake on the extra HTTPS port: {e}"));
+    assert_eq!(
+        conn.peer_cert(),
+        default.der,
+        "additional port: a.example.com's own route there, without a certificate"
+    );
+    assert_eq!(conn.get("a.example.com", "/").seen().backend, "ba");
+    // Neither port's routes make a handshake on the other succeed.
+    let res = TlsConn::connect(extra, "b.example.com", client_config(&roots, None));
+    assert!(
+        res.is_err(),
+        "b.example.com is not routed on the extra port"
+    );
+}

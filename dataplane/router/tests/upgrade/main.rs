@@ -670,3 +670,158 @@ fn a_draining_router_stops_lingering_connections() {
         "the lingering connection stayed open"
     );
 }
+
+/// A takeover that fails after the successor took the upgrade socket's path (as a build
+/// that binds the path before it says `ready` does) and then died: the old router goes on
+/// serving, accepts changes again, binds the path again, and a second takeover succeeds.
+#[test]
+fn a_failed_takeover_leaves_the_old_router_to_be_taken_over_again() {
+    use std::io::Write;
+    let dir = crate::support::TestDir::new("upgrade-failed");
+    let sock = dir.join("upgrade.sock");
+    let b = Backend::start("b1");
+    let mut old = Router::builder()
+        .arg("--upgrade-socket")
+        .arg(sock.display().to_string())
+        .start();
+    old.add_route(http_route("up.example.com", "web"));
+    old.set_backends("web", &[&b]);
+    let post = |domain: &str| {
+        old.api(
+            "POST",
+            "/routes",
+            Some(&http_route(domain, "web").to_string()),
+        )
+        .0
+    };
+    {
+        let conn = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        (&conn).write_all(b"takeover\n").unwrap();
+        let (data, fds) = flynn_runtime::handoff::recv_with_fds(&conn).unwrap();
+        let state: serde_json::Value = serde_json::from_slice(&data).unwrap();
+        assert_eq!(state["routes"].as_array().map(Vec::len), Some(1), "{state}");
+        assert!(!fds.is_empty());
+        assert_eq!(post("frozen.example.com"), 503, "changes refused meanwhile");
+        // The successor takes the path, then dies without saying `ready`: its socket file
+        // is left to no one.
+        std::fs::remove_file(&sock).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        assert!(sock.exists());
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || post("after.example.com") == 200),
+        "the old router does not take changes again: {}",
+        old.log()
+    );
+    assert_eq!(get(old.http_addr, "up.example.com", "/").status, 200);
+    let new = Router::builder()
+        .arg("--takeover")
+        .arg(sock.display().to_string())
+        .arg("--upgrade-socket")
+        .arg(sock.display().to_string())
+        .start();
+    let status = old
+        .wait_exit(Duration::from_secs(15))
+        .expect("the old router exits after the second takeover");
+    assert!(status.success(), "old router: {status}");
+    let (st, routes) = new.api("GET", "/routes", None);
+    assert_eq!(st, 200);
+    let mut domains: Vec<&str> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["domain"].as_str().unwrap())
+        .collect();
+    domains.sort();
+    assert_eq!(domains, ["after.example.com", "up.example.com"]);
+    assert_eq!(get(new.http_addr, "up.example.com", "/").status, 200);
+    // The path is the new router's now: it can be taken over in turn.
+    assert!(sock.exists());
+}
+
+/// Until the old process confirms `ready`, the new one serves neither the admin API (a
+/// change it accepted would be lost if the takeover failed) nor the upgrade socket's
+/// path; without the confirmation it gives up and leaves nothing behind. The old process
+/// is played by the test.
+#[test]
+fn a_new_router_takes_nothing_over_until_the_takeover_is_confirmed() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::fd::AsRawFd;
+    let dir = crate::support::TestDir::new("upgrade-unconfirmed");
+    let sock = dir.join("old.sock");
+    let next = dir.join("next.sock");
+    let http = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    http.set_reuse_port(true).unwrap();
+    http.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    http.listen(128).unwrap();
+    let http: std::net::TcpListener = http.into();
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let api_addr = api.local_addr().unwrap();
+    let state = serde_json::json!({
+        "listeners": [{"addr": http.local_addr().unwrap(), "tls": false, "route_port": 0}],
+        "api": api_addr,
+        "routes": [],
+        "services": {},
+        "ready_ack": true,
+    });
+    let unix = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let (next2, dir2) = (next.clone(), dir.to_path_buf());
+    let old = std::thread::spawn(move || {
+        let (conn, _) = unix.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut r = BufReader::new(conn.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "takeover");
+        let data = serde_json::to_vec(&state).unwrap();
+        flynn_runtime::handoff::send_with_fds(&conn, &data, &[http.as_raw_fd(), api.as_raw_fd()])
+            .unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        // Not confirmed yet: the upgrade path is not the new process's, and an API request
+        // (queued on the shared socket, which this process does not serve) gets no answer.
+        assert!(
+            !next2.exists(),
+            "the upgrade socket was bound before the takeover"
+        );
+        let mut c = std::net::TcpStream::connect(api_addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        c.write_all(b"GET /routes HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let answered = c.read(&mut buf);
+        assert!(
+            answered.is_err(),
+            "the API answered before the takeover was confirmed: {answered:?}"
+        );
+        let files: Vec<_> = std::fs::read_dir(&dir2)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        // The takeover fails: no `ok`.
+        drop(r);
+        drop(conn);
+        (line, files)
+    });
+    let (status, out) = Router::builder()
+        .arg("--takeover")
+        .arg(sock.display().to_string())
+        .arg("--upgrade-socket")
+        .arg(next.display().to_string())
+        .run_to_exit(Duration::from_secs(20));
+    let (line, files) = old.join().unwrap();
+    assert_eq!(line.trim(), "ready ack");
+    // Staged at a temporary name meanwhile.
+    assert_eq!(files.len(), 2, "{files:?}");
+    let status = status.expect("the new router gives up");
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("did not confirm"), "{out}");
+    let left: Vec<_> = std::fs::read_dir(&*dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, [std::ffi::OsString::from("old.sock")], "left behind");
+}
