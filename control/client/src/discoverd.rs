@@ -7,7 +7,7 @@ use flynn_api::{ApiError, ErrorCode};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::json_http::{Failure, JsonHttp};
+use crate::json_http::{Failure, JsonHttp, MAX_BODY};
 
 pub use flynn_api::discoverd::{Event, EventKind, Instance, ServiceMeta};
 
@@ -19,6 +19,14 @@ pub enum Error {
     Http(#[source] reqwest::Error),
     #[error("discoverd answered {status}")]
     Status { status: u16 },
+    /// An answer longer than the client reads (`limit` bytes).
+    #[error("discoverd answer longer than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("discoverd answer is not the JSON expected")]
+    Decode(#[source] serde_json::Error),
+    /// A request given up without an answer (see [`Client::heartbeat`]).
+    #[error("discoverd did not answer in {after:?}")]
+    TimedOut { after: Duration },
     #[error("instance address {addr:?} has no host and EXTERNAL_IP is not set")]
     NoExternalIp { addr: String },
     /// A service name or instance id that cannot be put in a request path as it is:
@@ -103,6 +111,22 @@ pub fn expand_addr(addr: &str, external_ip: Option<&str>) -> Result<String, Erro
         }),
     }
 }
+
+/// [`Client::heartbeat`]'s first registration (spec §2.6): tried for this long, at least
+/// [`REGISTER_ATTEMPTS`] times, [`REGISTER_PAUSE`] apart.
+const REGISTER_FOR: Duration = Duration::from_secs(60);
+const REGISTER_ATTEMPTS: u32 = 5;
+const REGISTER_PAUSE: Duration = Duration::from_millis(200);
+
+/// The job environment variables [`Client::heartbeat`] copies into an instance's meta
+/// (spec §0.4): who registered it, for the router's backends and `flynn ps`.
+pub const JOB_META_ENV: [&str; 5] = [
+    "FLYNN_APP_ID",
+    "FLYNN_APP_NAME",
+    "FLYNN_RELEASE_ID",
+    "FLYNN_PROCESS_TYPE",
+    "FLYNN_JOB_ID",
+];
 
 /// How long a request refused because the cluster has no leader is sent again by default
 /// (an election takes a few hundred milliseconds; see [`Client::with_leader_wait`]).
@@ -240,7 +264,7 @@ impl Client {
             )
             .await
         {
-            Ok(r) => r.json().await.map_err(Error::Http),
+            Ok(r) => Ok(crate::json_http::json(r, MAX_BODY).await?),
             // A missing service; another 404 (a wrong base URL: the path is unknown) is an error.
             Err(Error::Api(e)) if e.code == ErrorCode::ObjectNotFound => Ok(Vec::new()),
             Err(e) => Err(e),
@@ -258,7 +282,7 @@ impl Client {
                 Self::json(meta),
             )
             .await?;
-        r.json().await.map_err(Error::Http)
+        Ok(crate::json_http::json(r, MAX_BODY).await?)
     }
 
     /// The service's metadata as the node asked has it (possibly a lagging follower's copy).
@@ -271,7 +295,7 @@ impl Client {
                 None,
             )
             .await?;
-        r.json().await.map_err(Error::Http)
+        Ok(crate::json_http::json(r, MAX_BODY).await?)
     }
 
     /// [`Client::get_meta`] as a linearizable read (`?consistent=true`): served by the Raft
@@ -286,7 +310,7 @@ impl Client {
                 None,
             )
             .await?;
-        r.json().await.map_err(Error::Http)
+        Ok(crate::json_http::json(r, MAX_BODY).await?)
     }
 
     pub async fn set_leader(&self, service: &str, id: &str) -> Result<(), Error> {
@@ -311,30 +335,32 @@ impl Client {
             )
             .await
         {
-            Ok(r) => r.json().await.map(Some).map_err(Error::Http),
+            Ok(r) => Ok(Some(crate::json_http::json(r, MAX_BODY).await?)),
             Err(Error::Api(e)) if e.code == ErrorCode::ObjectNotFound => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// Registers `inst` (retrying for up to 60 s, at least 5 attempts, 200 ms apart) and
-    /// keeps it registered until the [`Heartbeater`] is closed or dropped. An address
-    /// `:port` is expanded with `$EXTERNAL_IP` (its id is then recomputed); without
-    /// `EXTERNAL_IP` that fails at once with [`Error::NoExternalIp`].
+    /// Registers `inst` (retrying for up to 60 s, at least 5 attempts, 200 ms apart, each
+    /// given up after 3 s) and keeps it registered until the [`Heartbeater`] is closed or
+    /// dropped. An address `:port` is expanded with `$EXTERNAL_IP` (its id is then
+    /// recomputed); without `EXTERNAL_IP` that fails at once with [`Error::NoExternalIp`].
+    /// The job's [`JOB_META_ENV`] variables that are set go into `inst.meta`, except
+    /// where it already has the key (spec §0.4).
     pub async fn heartbeat(&self, service: &str, inst: Instance) -> Result<Heartbeater, Error> {
-        let external_ip = std::env::var("EXTERNAL_IP").ok();
-        self.heartbeat_with(service, inst, external_ip.as_deref())
+        self.heartbeat_with(service, inst, |name| std::env::var(name).ok())
             .await
     }
 
-    /// [`Client::heartbeat`] with the value of `EXTERNAL_IP` passed in.
+    /// [`Client::heartbeat`] with the environment (`EXTERNAL_IP` and the job's variables)
+    /// read through `env`.
     async fn heartbeat_with(
         &self,
         service: &str,
         mut inst: Instance,
-        external_ip: Option<&str>,
+        env: impl Fn(&str) -> Option<String>,
     ) -> Result<Heartbeater, Error> {
-        let addr = expand_addr(&inst.addr, external_ip)?;
+        let addr = expand_addr(&inst.addr, env("EXTERNAL_IP").as_deref())?;
         if addr != inst.addr {
             // An id given for the bare `:port` names no registrable address.
             inst.addr = addr;
@@ -346,18 +372,40 @@ impl Client {
         if inst.id.is_empty() {
             inst.id = instance_id(&inst.proto, &inst.addr);
         }
+        for name in JOB_META_ENV {
+            if let Some(value) = env(name).filter(|v| !v.is_empty()) {
+                inst.meta.entry(name.to_string()).or_insert(value);
+            }
+        }
         // A name that can never be registered fails at once, not after a minute of retries.
         check_service(service)?;
         check_id(&inst.id)?;
-        let start = tokio::time::Instant::now();
+        // Each try is cut like a heartbeat (a discoverd that accepts and never answers
+        // would otherwise hold each one for the 30 s request timeout, five of them for
+        // 150 s); the tries past the fewest are cut at the deadline too.
+        let c = self.for_heartbeats();
+        let deadline = tokio::time::Instant::now() + REGISTER_FOR;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.register(service, &inst).await {
+            let limit = if attempt <= REGISTER_ATTEMPTS {
+                HEARTBEAT_TIMEOUT
+            } else {
+                HEARTBEAT_TIMEOUT
+                    .min(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            };
+            let res = match tokio::time::timeout(limit, c.register(service, &inst)).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::TimedOut { after: limit }),
+            };
+            match res {
                 Ok(()) => break,
-                Err(e) if attempt < 5 || start.elapsed() < Duration::from_secs(60) => {
+                Err(e)
+                    if attempt < REGISTER_ATTEMPTS
+                        || tokio::time::Instant::now() + REGISTER_PAUSE < deadline =>
+                {
                     tracing::debug!(error = %e, attempt, "register failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::time::sleep(REGISTER_PAUSE).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -407,7 +455,8 @@ pub struct Heartbeater {
 }
 
 impl Heartbeater {
-    /// Stops heartbeating and deletes the instance.
+    /// Stops heartbeating and deletes the instance. The delete is given up after 3 s (a
+    /// discoverd that does not answer): the instance then expires after its TTL.
     pub async fn close(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
@@ -615,8 +664,12 @@ async fn heartbeat_loop(
         }
         delay = next_heartbeat(ok);
     }
-    if let Err(e) = c.unregister(&service, &inst.id).await {
-        tracing::warn!(error = %e, service = %service, "unregister failed");
+    // Bounded like the heartbeats: closing a heartbeater against a hung discoverd returns
+    // (the instance then expires after its TTL).
+    match tokio::time::timeout(HEARTBEAT_TIMEOUT, c.unregister(&service, &inst.id)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, service = %service, "unregister failed"),
+        Err(_) => tracing::warn!(service = %service, "unregister timed out"),
     }
 }
 
@@ -678,28 +731,50 @@ struct Known {
     synced: bool,
 }
 
+/// How long a watch waits for the head of its answer: discoverd sends it at once, before
+/// any event, so a node that accepted the connection and says nothing is hung (a stopped
+/// process, a blocked runtime) and is tried again like one that refused the connection.
+const WATCH_ANSWER: Duration = Duration::from_secs(10);
+
+/// The most replay (the events before `current`) a watch holds, in bytes of event JSON:
+/// far more than a service's instances, leader and 512 KiB of metadata come to. A stream
+/// that gets there without `current` is given up and tried again with backoff.
+const MAX_REPLAY: usize = 32 << 20;
+
+/// How often a run of watch failures is logged as a warning: its first failure, then at
+/// most once in this time (the others at debug level).
+const WATCH_WARN_EVERY: Duration = Duration::from_secs(60);
+
 async fn watch_loop(c: Client, service: String, tx: mpsc::Sender<Vec<Event>>) {
     let mut known = Known::default();
     let mut backoff = Duration::from_millis(100);
+    let mut failures = Failures::default();
     loop {
-        let resp = c
+        let request = c
             .http
             .request(reqwest::Method::GET, &format!("/services/{service}"))
             .header("accept", "text/event-stream")
-            .send()
-            .await;
-        match resp {
-            Ok(r) if r.status().is_success() => {
-                match read_stream(r, &service, &mut known, &tx).await {
+            .send();
+        let ended = match tokio::time::timeout(WATCH_ANSWER, request).await {
+            Ok(Ok(r)) if r.status().is_success() => {
+                match read_stream(r, &service, &mut known, &tx, &mut failures).await {
                     Err(()) => return, // receiver gone
-                    // Only a stream that got as far as `current` was a working one: a
-                    // server that answers 200 and ends at once is retried with backoff.
-                    Ok(true) => backoff = Duration::from_millis(100),
-                    Ok(false) => {}
+                    Ok(ended) => ended,
                 }
             }
-            Ok(r) => tracing::debug!(status = %r.status(), "watch refused"),
-            Err(e) => tracing::debug!(error = %e, "watch connect failed"),
+            Ok(Ok(r)) => Ended::failed(false, format!("refused: {}", r.status())),
+            Ok(Err(e)) => Ended::failed(false, format!("request failed: {e}")),
+            Err(_) => Ended::failed(false, format!("no answer in {WATCH_ANSWER:?}")),
+        };
+        // Only a stream that got as far as `current` was a working one: a server that
+        // answers 200 and ends at once is retried with backoff.
+        if ended.synced {
+            backoff = Duration::from_millis(100);
+        }
+        if ended.failed {
+            failures.failed(&service, &ended.why);
+        } else {
+            tracing::debug!(service, why = %ended.why, "watch stream ended; reconnecting");
         }
         if tx.is_closed() {
             return;
@@ -709,59 +784,148 @@ async fn watch_loop(c: Client, service: String, tx: mpsc::Sender<Vec<Event>>) {
     }
 }
 
+/// A watch's run of failures (connections that ended before `current`, working streams
+/// given up): its first failure is a warning, then at most one each [`WATCH_WARN_EVERY`],
+/// so an outage is not a log flood.
+#[derive(Default)]
+struct Failures {
+    count: u32,
+    /// When this run last logged a warning.
+    warned: Option<tokio::time::Instant>,
+}
+
+impl Failures {
+    fn failed(&mut self, service: &str, why: &str) {
+        self.count += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .warned
+            .is_none_or(|t| now.duration_since(t) >= WATCH_WARN_EVERY)
+        {
+            self.warned = Some(now);
+            tracing::warn!(service, error = %why, failures = self.count, "watch failed; reconnecting");
+        } else {
+            tracing::debug!(service, error = %why, failures = self.count, "watch failed; reconnecting");
+        }
+    }
+
+    /// A stream got as far as `current`: the run is over.
+    fn working(&mut self, service: &str) {
+        if self.count > 0 {
+            tracing::info!(service, failures = self.count, "watch working again");
+        }
+        *self = Failures::default();
+    }
+}
+
+/// How one watch connection ended, the consumer still being there.
+struct Ended {
+    /// It got as far as `current`.
+    synced: bool,
+    why: String,
+    /// Counts as a failure: anything before `current`, and a working stream the client
+    /// gave up (not one the server closed, as it does when it stops).
+    failed: bool,
+}
+
+impl Ended {
+    fn failed(synced: bool, why: impl Into<String>) -> Ended {
+        Ended {
+            synced,
+            why: why.into(),
+            failed: true,
+        }
+    }
+
+    /// Closed or broken by the server: a failure only before `current`.
+    fn closed(synced: bool, why: &str) -> Ended {
+        Ended {
+            synced,
+            why: if synced {
+                why.to_string()
+            } else {
+                format!("{why} before current")
+            },
+            failed: !synced,
+        }
+    }
+}
+
 /// How long a watch stream may be silent (no event, no keep-alive) before it is dropped
 /// and reconnected: two of the server's 30 s keep-alive intervals and some.
 const WATCH_IDLE: Duration = Duration::from_secs(70);
 
-/// Reads one connection. Before `current` the replay is buffered; at `current` it is
-/// diffed against what the consumer already knows. `Ok(true)` when the stream got as far
-/// as `current`; `Err` when the consumer is gone.
+/// Reads one connection. Before `current` the replay is buffered (up to [`MAX_REPLAY`]);
+/// at `current` it is diffed against what the consumer already knows, and the run of
+/// `failures` is over. `Err` when the consumer is gone.
 async fn read_stream(
     mut r: reqwest::Response,
     service: &str,
     known: &mut Known,
     tx: &mpsc::Sender<Vec<Event>>,
-) -> Result<bool, ()> {
+    failures: &mut Failures,
+) -> Result<Ended, ()> {
     let mut buf = crate::sse::SseBuf::default();
     let mut replay: Vec<Event> = Vec::new();
+    let mut replay_bytes = 0;
     let mut in_replay = true;
     loop {
         // The server writes a keep-alive after 30 s without an event: a stream silent for
         // much longer has a hung server or a peer gone without a FIN behind it.
         let chunk = match tokio::time::timeout(WATCH_IDLE, r.chunk()).await {
             Ok(Ok(Some(c))) => c,
-            Ok(_) => return Ok(!in_replay),
+            Ok(Ok(None)) => return Ok(Ended::closed(!in_replay, "stream closed")),
+            Ok(Err(e)) => return Ok(Ended::closed(!in_replay, &format!("stream broke: {e}"))),
             Err(_) => {
-                tracing::debug!(
-                    service,
-                    "watch stream silent for {WATCH_IDLE:?}; reconnecting"
-                );
-                return Ok(!in_replay);
+                let why = format!("stream silent for {WATCH_IDLE:?}");
+                return Ok(Ended::failed(!in_replay, why));
             }
         };
         if buf.push(&chunk).is_err() {
-            tracing::debug!(service, "watch stream item too long; reconnecting");
-            return Ok(!in_replay);
+            return Ok(Ended::failed(!in_replay, "stream item too long"));
         }
         while let Some(raw) = buf.next_item() {
             let item = String::from_utf8_lossy(raw).into_owned();
-            if item.lines().any(|l| l.starts_with("event: error")) {
-                return Ok(!in_replay);
-            }
             let data: String = item
                 .lines()
                 .filter_map(|l| l.strip_prefix("data: "))
                 .collect::<Vec<_>>()
                 .join("\n");
+            if item.lines().any(|l| l.starts_with("event: error")) {
+                let why = format!("server error: {}", truncated(&data, 200));
+                return Ok(Ended::failed(!in_replay, why));
+            }
             if data.is_empty() {
                 continue;
             }
-            let Ok(ev) = serde_json::from_str::<Event>(&data) else {
-                continue;
+            if in_replay {
+                replay_bytes += data.len();
+                if replay_bytes > MAX_REPLAY {
+                    let why = format!("replay longer than {MAX_REPLAY} bytes without current");
+                    return Ok(Ended::failed(false, why));
+                }
+            }
+            let ev = match serde_json::from_str::<Event>(&data) {
+                Ok(ev) => ev,
+                // A live event this client cannot read, skipped, would be missing from what
+                // the consumer knows until something else changed it: the stream is given
+                // up, and the next one's replay brings what it said.
+                Err(e) if !in_replay => {
+                    let why = format!("undecodable event ({e}): {}", truncated(&data, 200));
+                    return Ok(Ended::failed(true, why));
+                }
+                // In the replay, giving up would not help (the next replay has it too):
+                // the rest of the state is delivered without it.
+                Err(e) => {
+                    let event = truncated(&data, 200);
+                    tracing::warn!(service, error = %e, event, "undecodable event in a watch's replay; skipped");
+                    continue;
+                }
             };
             if in_replay {
                 if ev.kind == EventKind::Current {
                     in_replay = false;
+                    failures.working(service);
                     let missed = reconcile(service, known, std::mem::take(&mut replay));
                     if !missed.is_empty() {
                         tx.send(missed).await.map_err(drop)?;
@@ -775,6 +939,15 @@ async fn read_stream(
             tx.send(vec![ev]).await.map_err(drop)?;
         }
     }
+}
+
+/// At most `max` bytes of `s` (cut at a character boundary), for a log line.
+fn truncated(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn track(known: &mut Known, ev: &Event) {
@@ -879,6 +1052,11 @@ mod tests {
         }
     }
 
+    /// An environment with nothing set.
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
     fn up(i: Instance) -> Event {
         Event {
             service: "s".into(),
@@ -934,7 +1112,7 @@ mod tests {
             };
             if !bad.is_empty() {
                 invalid(c.register("web", &inst).await, bad);
-                invalid(c.heartbeat_with("web", inst, None).await.map(drop), bad);
+                invalid(c.heartbeat_with("web", inst, no_env).await.map(drop), bad);
             }
         }
         // A watch of an invalid name ends at once (it watched `web` for `web?x`, and
@@ -952,9 +1130,17 @@ mod tests {
     }
 
     /// A discoverd stand-in: reads whole requests (head and body) and answers the n-th
-    /// (from 0) with `answer(n)`, or never when that is `None`. Counts the requests.
+    /// (from 0) with `answer(n, request line)`, or never when that is `None`. Counts the
+    /// requests.
     async fn stand_in(
         answer: impl Fn(usize, &str) -> Option<Vec<u8>> + Send + Sync + 'static,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        stand_in_with(move |n, line, _| answer(n, line)).await
+    }
+
+    /// [`stand_in`] whose `answer` also gets the request's body.
+    async fn stand_in_with(
+        answer: impl Fn(usize, &str, &[u8]) -> Option<Vec<u8>> + Send + Sync + 'static,
     ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -990,9 +1176,10 @@ mod tests {
                                 _ => return,
                             }
                         }
-                        buf.drain(..end + 4 + len);
+                        let body: Vec<u8> = buf.drain(..end + 4 + len).skip(end + 4).collect();
                         let line = head.lines().next().unwrap_or("").to_string();
-                        let Some(resp) = answer(count.fetch_add(1, Ordering::SeqCst), &line) else {
+                        let n = count.fetch_add(1, Ordering::SeqCst);
+                        let Some(resp) = answer(n, &line, &body) else {
                             // A peer that stopped answering.
                             std::future::pending::<()>().await;
                             return;
@@ -1020,7 +1207,7 @@ mod tests {
         let (url, seen) = answers_once().await;
         let c = Client::new(&url);
         let hb = c
-            .heartbeat_with("s", inst("", ""), None)
+            .heartbeat_with("s", inst("", ""), no_env)
             .await
             .expect("the first registration is answered");
         // The next heartbeat (3–5 s later) hangs; it is given up after its timeout and
@@ -1034,6 +1221,279 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         hb.abandon().await;
+    }
+
+    /// A discoverd that accepts the registration's connections and never answers: the
+    /// registration fails within its minute (each try is cut at the heartbeat limit; it
+    /// took five 30 s request timeouts, 150 s).
+    #[tokio::test(start_paused = true)]
+    async fn a_registration_that_gets_no_answer_fails_within_its_bound() {
+        use std::sync::atomic::Ordering;
+        let (url, seen) = stand_in(|_, _| None).await;
+        let t0 = tokio::time::Instant::now();
+        let res = Client::new(&url)
+            .heartbeat_with("s", inst("", ""), no_env)
+            .await;
+        let took = t0.elapsed();
+        assert!(
+            took <= REGISTER_FOR + Duration::from_millis(100),
+            "gave up after {took:?}"
+        );
+        assert!(
+            matches!(res, Err(Error::TimedOut { .. })),
+            "{:?}",
+            res.err()
+        );
+        assert!(
+            took >= REGISTER_FOR - HEARTBEAT_TIMEOUT,
+            "gave up after {took:?}"
+        );
+        let tries = seen.load(Ordering::SeqCst);
+        assert!(tries >= REGISTER_ATTEMPTS as usize, "{tries} tries");
+    }
+
+    /// Closing a heartbeater whose discoverd stopped answering returns after the
+    /// unregister's heartbeat limit, not its 30 s request timeout.
+    #[tokio::test(start_paused = true)]
+    async fn closing_against_a_discoverd_that_stopped_answering_returns() {
+        let (url, _) = answers_once().await;
+        let hb = Client::new(&url)
+            .heartbeat_with("s", inst("", ""), no_env)
+            .await
+            .expect("the first registration is answered");
+        let t0 = tokio::time::Instant::now();
+        hb.close().await;
+        let took = t0.elapsed();
+        assert!(took <= Duration::from_secs(5), "close took {took:?}");
+    }
+
+    /// The job's variables go into the registered instance's meta; the caller's keys stay
+    /// and variables set empty are left out.
+    #[tokio::test]
+    async fn a_jobs_environment_goes_into_the_instance_meta() {
+        use std::sync::{Arc, Mutex};
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let log = bodies.clone();
+        let (url, _) = stand_in_with(move |_, line, body| {
+            if line.starts_with("put /services/s/instances/") {
+                log.lock().unwrap().push(body.to_vec());
+            }
+            Some(json("200 OK", "{}"))
+        })
+        .await;
+        let env = |name: &str| {
+            let value = match name {
+                "FLYNN_APP_ID" => "app-1",
+                "FLYNN_APP_NAME" => "",
+                "FLYNN_RELEASE_ID" => "release-1",
+                "FLYNN_PROCESS_TYPE" => "web",
+                "FLYNN_JOB_ID" => "host1-job-1",
+                _ => return None,
+            };
+            Some(value.to_string())
+        };
+        let mut mine = inst("", "v");
+        mine.meta
+            .insert("FLYNN_PROCESS_TYPE".into(), "set-by-caller".into());
+        let hb = Client::new(&url)
+            .heartbeat_with("s", mine, env)
+            .await
+            .expect("registered");
+        hb.abandon().await;
+        let sent: Instance = serde_json::from_slice(&bodies.lock().unwrap()[0]).unwrap();
+        let want: BTreeMap<String, String> = [
+            ("FLYNN_APP_ID", "app-1"),
+            ("FLYNN_JOB_ID", "host1-job-1"),
+            ("FLYNN_PROCESS_TYPE", "set-by-caller"),
+            ("FLYNN_RELEASE_ID", "release-1"),
+            ("k", "v"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(sent.meta, want);
+    }
+
+    /// A discoverd that accepts the watch's connection and never answers: the watch tries
+    /// again after [`WATCH_ANSWER`] instead of waiting for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_that_gets_no_answer_is_tried_again() {
+        use std::sync::atomic::Ordering;
+        let (url, seen) = stand_in(|_, _| None).await;
+        let w = Client::new(&url).watch("s");
+        let t0 = tokio::time::Instant::now();
+        while seen.load(Ordering::SeqCst) < 2 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "no second try in 15 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(t0.elapsed() >= WATCH_ANSWER, "{:?}", t0.elapsed());
+        drop(w);
+    }
+
+    /// The headers of a stream: no length, the body ends when the connection does.
+    const SSE_HEAD: &str = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n";
+
+    /// An event the client cannot decode after `current` ends the stream: the next one's
+    /// replay says what it was (it was skipped, and a server silent after it held the
+    /// watch for the 70 s idle limit).
+    #[tokio::test]
+    async fn an_undecodable_live_event_ends_the_stream() {
+        use std::sync::atomic::Ordering;
+        let answer = format!(
+            "{SSE_HEAD}data: {{\"service\":\"s\",\"kind\":\"current\"}}\n\n\
+             data: {{\"service\":\"s\",\"kind\":\"bogus\"}}\n\n"
+        );
+        let (url, seen) = stand_in(move |_, _| Some(answer.clone().into_bytes())).await;
+        let mut w = Client::new(&url).watch("s");
+        let first = tokio::time::timeout(Duration::from_secs(5), w.next()).await;
+        assert_eq!(first.unwrap().unwrap().kind, EventKind::Current);
+        let t0 = std::time::Instant::now();
+        while seen.load(Ordering::SeqCst) < 2 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "no reconnect after an undecodable event"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A replay that goes on without `current` is given up at [`MAX_REPLAY`] and tried
+    /// again, not held until memory runs out.
+    #[tokio::test]
+    async fn a_replay_past_its_limit_is_given_up() {
+        use std::sync::atomic::Ordering;
+        let big = inst("a", &"x".repeat(60_000));
+        let ev = format!("data: {}\n\n", serde_json::to_string(&up(big)).unwrap());
+        // Twice the limit, then silence.
+        let answer = format!("{SSE_HEAD}{}", ev.repeat(2 * MAX_REPLAY / ev.len()));
+        let (url, seen) = stand_in(move |_, _| Some(answer.clone().into_bytes())).await;
+        let w = Client::new(&url).watch("s");
+        let t0 = std::time::Instant::now();
+        while seen.load(Ordering::SeqCst) < 2 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the replay was held past its limit"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(w);
+    }
+
+    /// An answer longer than [`MAX_BODY`] fails once it gets there
+    /// (with a `content-length`, at once), and an error body past its own limit (64 KiB)
+    /// is just its status: neither is read into memory whole.
+    #[tokio::test]
+    async fn answers_past_the_size_limit_are_not_read_whole() {
+        let limit = MAX_BODY;
+        let meta = format!(r#"{{"data":"{}","index":1}}"#, "x".repeat(3 * limit));
+        let chunked = |status: &str, body: &str| {
+            format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
+                 transfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            )
+            .into_bytes()
+        };
+        let streamed = chunked("200 OK", &meta);
+        let (url, _) = stand_in(move |_, _| Some(streamed.clone())).await;
+        let err = Client::new(&url).get_meta("s").await.err();
+        assert!(
+            matches!(err, Some(Error::TooLarge { .. })),
+            "{}",
+            short(&err)
+        );
+
+        let announced = json("200 OK", &meta);
+        let (url, _) = stand_in(move |_, _| Some(announced.clone())).await;
+        let err = Client::new(&url).instances("s").await.err();
+        assert!(
+            matches!(err, Some(Error::TooLarge { .. })),
+            "{}",
+            short(&err)
+        );
+
+        let envelope = serde_json::json!({
+            "code": "unknown_error",
+            "message": "x".repeat(1 << 20),
+            "retry": false,
+        });
+        let refused = chunked("500 Internal Server Error", &envelope.to_string());
+        let (url, _) = stand_in(move |_, _| Some(refused.clone())).await;
+        let err = Client::new(&url).get_meta("s").await.err();
+        assert!(
+            matches!(err, Some(Error::Status { status: 500 })),
+            "{}",
+            short(&err)
+        );
+    }
+
+    /// The start of a long value's debug form.
+    fn short(v: &impl std::fmt::Debug) -> String {
+        format!("{v:?}").chars().take(300).collect()
+    }
+
+    /// Counts the warnings logged on the thread it is the default subscriber of (and
+    /// records nothing else).
+    struct Warnings(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl tracing::Subscriber for Warnings {
+        fn enabled(&self, meta: &tracing::Metadata<'_>) -> bool {
+            *meta.level() == tracing::Level::WARN
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, ev: &tracing::Event<'_>) {
+            if *ev.metadata().level() == tracing::Level::WARN {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// A watch's failures are warnings: the first of each run (a run ends when a stream
+    /// gets to `current`), then one a minute at most.
+    #[tokio::test(start_paused = true)]
+    async fn watch_failures_are_warned_first_and_then_once_a_minute() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let warnings = std::sync::Arc::new(AtomicUsize::new(0));
+        let _log = tracing::subscriber::set_default(Warnings(warnings.clone()));
+        let current = "data: {\"service\":\"s\",\"kind\":\"current\"}\n\n";
+        let working = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{current}",
+            current.len()
+        );
+        // Four refusals, a stream that gets to `current` and ends, refusals again.
+        let (url, seen) = stand_in(move |n, _| {
+            Some(match n {
+                4 => working.clone().into_bytes(),
+                _ => unavailable("discoverd: not ready"),
+            })
+        })
+        .await;
+        let mut w = Client::new(&url).watch("s");
+        assert_eq!(w.next().await.unwrap().kind, EventKind::Current);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            warnings.load(Ordering::SeqCst),
+            2,
+            "the first failure of each run"
+        );
+        // Five minutes of failures, one every 2 s: about one warning a minute.
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        let (tries, warned) = (seen.load(Ordering::SeqCst), warnings.load(Ordering::SeqCst));
+        assert!(tries > 100, "{tries} tries");
+        assert!(
+            (6..=8).contains(&warned),
+            "{warned} warnings in {tries} tries"
+        );
+        drop(w);
     }
 
     #[test]
@@ -1159,7 +1619,7 @@ mod tests {
             addr: ":5000".into(),
             ..Instance::default()
         };
-        let res = tokio::time::timeout(Duration::from_secs(5), c.heartbeat_with("s", inst, None))
+        let res = tokio::time::timeout(Duration::from_secs(5), c.heartbeat_with("s", inst, no_env))
             .await
             .expect("fails without retrying");
         assert!(matches!(res, Err(Error::NoExternalIp { .. })));

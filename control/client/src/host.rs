@@ -24,6 +24,11 @@ pub enum Error {
     Http(#[source] reqwest::Error),
     #[error("host answered {status}")]
     Status { status: u16 },
+    /// An answer longer than the client reads (`limit` bytes).
+    #[error("host answer longer than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("host answer is not the JSON expected")]
+    Decode(#[source] serde_json::Error),
     /// The attach connection failed or carried something that is not a frame.
     #[error("attach: {0}")]
     Attach(String),
@@ -38,6 +43,11 @@ impl Error {
         }
     }
 }
+
+/// Largest answer read: a host's job list (every job it knows, with up to 25 stopped ones
+/// per app kept) can run to thousands of jobs of a few KiB each, past the other clients'
+/// limit; a longer answer fails once it gets here.
+const MAX_BODY: usize = 64 << 20;
 
 /// A client for one host's job API, e.g. `http://127.0.0.1:1113`.
 #[derive(Clone)]
@@ -69,11 +79,8 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, Error> {
-        self.send(method, path, body)
-            .await?
-            .json()
-            .await
-            .map_err(Error::Http)
+        let resp = self.send(method, path, body).await?;
+        Ok(crate::json_http::json(resp, MAX_BODY).await?)
     }
 
     /// `PUT /host/jobs/:id`: accepted; the job starts asynchronously.

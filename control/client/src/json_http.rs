@@ -4,13 +4,27 @@
 use std::time::Duration;
 
 use flynn_api::ApiError;
+use serde::de::DeserializeOwned;
 
 /// Why a request failed; each client maps it into its own `Error`.
 pub(crate) enum Failure {
     Api(ApiError),
     Http(reqwest::Error),
     Status(u16),
+    /// The body grew past the limit (bytes) before it ended.
+    TooLarge(usize),
+    /// The body is not the JSON expected.
+    Decode(serde_json::Error),
 }
+
+/// Largest response body read into memory by default: discoverd's metadata writes are
+/// limited to 512 KiB and its other answers (instance lists) come nowhere near this. A
+/// longer one (a wrong base URL, a misbehaving server) fails once it gets there, not when
+/// memory runs out.
+pub(crate) const MAX_BODY: usize = 8 << 20;
+
+/// Largest error body decoded as the JSON envelope; a longer one is just its status.
+const MAX_ERROR_BODY: usize = 64 << 10;
 
 /// How long a pooled connection may sit idle before the client closes it.
 pub(crate) const IDLE_CLOSE: Duration = Duration::from_secs(20);
@@ -30,6 +44,11 @@ impl JsonHttp {
             // services keep idle connections): the client lets an idle connection go
             // first, so a request never races the server's close of it.
             .pool_idle_timeout(IDLE_CLOSE)
+            // These services are the cluster's own, reached directly at loopback and
+            // cluster addresses: a proxy set (`HTTP_PROXY`) for a job's outbound traffic is
+            // not for them, and could not reach a loopback one (Go's clients, Flynn's
+            // among them, never proxy loopback addresses).
+            .no_proxy()
             .build()
             .unwrap_or_default();
         JsonHttp {
@@ -65,14 +84,45 @@ pub(crate) async fn check(resp: reqwest::Response) -> Result<reqwest::Response, 
         return Ok(resp);
     }
     let status = resp.status().as_u16();
-    let bytes = resp.bytes().await.map_err(Failure::Http)?;
+    let bytes = match body(resp, MAX_ERROR_BODY).await {
+        Ok(b) => b,
+        Err(Failure::TooLarge(_)) => return Err(Failure::Status(status)),
+        Err(e) => return Err(e),
+    };
     match serde_json::from_slice::<ApiError>(&bytes) {
         Ok(e) => Err(Failure::Api(e)),
         Err(_) => Err(Failure::Status(status)),
     }
 }
 
-/// Implements `From<Failure>` for a client's `Error` with `Api`, `Http` and `Status`.
+/// The body of `resp`, read chunk by chunk up to `limit` bytes; a longer one fails as soon
+/// as it is known to be (its `content-length` or the chunk that passes the limit).
+async fn body(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, Failure> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(Failure::TooLarge(limit));
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(Failure::Http)? {
+        if out.len() + chunk.len() > limit {
+            return Err(Failure::TooLarge(limit));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// The body of a successful answer as `T`, at most `limit` bytes long ([`MAX_BODY`] unless
+/// a client knows its answers run longer).
+pub(crate) async fn json<T: DeserializeOwned>(
+    resp: reqwest::Response,
+    limit: usize,
+) -> Result<T, Failure> {
+    let bytes = body(resp, limit).await?;
+    serde_json::from_slice(&bytes).map_err(Failure::Decode)
+}
+
+/// Implements `From<Failure>` for a client's `Error` with `Api`, `Http`, `Status`,
+/// `TooLarge` and `Decode`.
 macro_rules! from_failure {
     ($err:ty) => {
         impl From<$crate::json_http::Failure> for $err {
@@ -81,6 +131,8 @@ macro_rules! from_failure {
                     $crate::json_http::Failure::Api(e) => Self::Api(e),
                     $crate::json_http::Failure::Http(e) => Self::Http(e),
                     $crate::json_http::Failure::Status(status) => Self::Status { status },
+                    $crate::json_http::Failure::TooLarge(limit) => Self::TooLarge { limit },
+                    $crate::json_http::Failure::Decode(e) => Self::Decode(e),
                 }
             }
         }

@@ -14,6 +14,11 @@ pub enum Error {
     Http(#[source] reqwest::Error),
     #[error("log aggregator answered {status}")]
     Status { status: u16 },
+    /// An answer longer than the client reads (`limit` bytes).
+    #[error("log aggregator answer longer than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("log aggregator answer is not the JSON expected")]
+    Decode(#[source] serde_json::Error),
 }
 
 crate::json_http::from_failure!(Error);
@@ -33,11 +38,10 @@ impl Client {
 
     /// `GET /cursors`: every host's latest stored (time, seq).
     pub async fn cursors(&self) -> Result<Cursors, Error> {
-        self.http
+        let resp = self
+            .http
             .send(reqwest::Method::GET, "/cursors", None)
-            .await?
-            .json()
-            .await
-            .map_err(Error::Http)
+            .await?;
+        Ok(crate::json_http::json(resp, crate::json_http::MAX_BODY).await?)
     }
 }
