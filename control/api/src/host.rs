@@ -208,6 +208,11 @@ pub struct VolumeCreate {
     pub kind: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub meta: BTreeMap<String, String>,
+    /// Accepted and ignored (never sent): Go clients post a whole `volume.Info`, whose
+    /// `created_at` is always there (`"0001-01-01T00:00:00Z"` when unset). The host sets
+    /// the volume's own.
+    #[serde(default, skip_serializing)]
+    pub created_at: String,
 }
 
 /// A bind mount from the host into the container.
@@ -570,6 +575,21 @@ mod tests {
         let c: VolumeCreate = serde_json::from_str("{}").unwrap();
         assert_eq!(c, VolumeCreate::default());
         assert!(serde_json::from_str::<VolumeCreate>(r#"{"size":1}"#).is_err());
+    }
+
+    /// What Go's `volume.Info` sends as a create body: its `created_at` (the zero time when
+    /// unset) is accepted, and not sent on.
+    #[test]
+    fn a_go_volume_info_is_a_valid_create_body() {
+        let c: VolumeCreate = serde_json::from_str(
+            r#"{"id":"0b7e7d3c-6b55-4d6f-9d77-0a1c2b3d4e5f","type":"data","meta":{"k":"v"},"created_at":"0001-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.id.as_str(), c.kind.as_str(), c.meta["k"].as_str()),
+            ("0b7e7d3c-6b55-4d6f-9d77-0a1c2b3d4e5f", "data", "v")
+        );
+        assert!(!serde_json::to_string(&c).unwrap().contains("created_at"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! libcontainer forks with a raw `clone3`, marks its caller non-dumpable and makes the container
 //! init the caller's child, so it must never run on an async worker thread. Each job therefore
 //! gets a small single-threaded helper process, the *shim* ([`shim_main`]), that creates the
-//! container, reaps its init, reads its stdout/stderr line by line and serves a unix control
+//! container, reaps its init, reads its stdout/stderr (cut into lines, a partial line sent as it comes) and serves a unix control
 //! socket to the daemon ([`Shim`], [`ShimConn`]). The shim outlives daemon restarts; the daemon
 //! reconnects with [`Shim::connect`] and gets every event it has not acknowledged.
 //!
@@ -47,4 +47,4 @@ pub use spec::{
     BindMount, ContainerSpec, Resources, CPU_MILLIS, CPU_PERIOD_US, CPU_SHARES, DEFAULT_PATH, PIDS,
     RESERVED_IDS,
 };
-pub use wire::{ShimEvent, Stream, MAX_LINE};
+pub use wire::{split_output, ShimEvent, Stream, MAX_LINE};

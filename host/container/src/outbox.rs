@@ -59,13 +59,18 @@ impl Outbox {
         self.events.push_back(ev);
     }
 
-    /// Queues an output line. When the buffer is full and `may_drop` (no daemon connected) the
-    /// line is counted as dropped instead; a connected daemon gets back-pressure, not drops.
-    pub fn push_output(&mut self, stream: Stream, line: Vec<u8>, may_drop: bool) {
+    /// Queues an output line, or a piece of one (`!newline`, see [`ShimEvent::Output`]). When
+    /// the buffer is full and `may_drop` (no daemon connected) it is counted as a dropped line
+    /// instead; a connected daemon gets back-pressure, not drops.
+    pub fn push_output(&mut self, stream: Stream, line: Vec<u8>, newline: bool, may_drop: bool) {
         if may_drop && self.full() {
             self.dropped[idx(stream)] += 1;
         } else {
-            self.push(ShimEvent::Output { stream, line });
+            self.push(ShimEvent::Output {
+                stream,
+                line,
+                newline,
+            });
         }
     }
 
@@ -153,8 +158,8 @@ mod tests {
         let mut o = Outbox::new(1 << 20);
         assert_eq!(o.reconnect(), 0);
         o.push(ShimEvent::Started { pid: 1 });
-        o.push_output(Stream::Stdout, line("a"), true);
-        o.push_output(Stream::Stdout, line("b"), true);
+        o.push_output(Stream::Stdout, line("a"), true, true);
+        o.push_output(Stream::Stdout, line("b"), false, true);
         let mut buf = Vec::new();
         o.encode_unsent(&mut buf, 1 << 20);
         assert_eq!(decode_all(buf).len(), 3);
@@ -166,7 +171,8 @@ mod tests {
             decode_all(buf),
             vec![ShimEvent::Output {
                 stream: Stream::Stdout,
-                line: line("b")
+                line: line("b"),
+                newline: false,
             }]
         );
         o.ack(3);
@@ -184,6 +190,7 @@ mod tests {
             o.push_output(
                 Stream::Stderr,
                 format!("line {i} with some bytes").into_bytes(),
+                true,
                 true,
             );
         }
@@ -209,9 +216,9 @@ mod tests {
     #[test]
     fn final_event_is_kept_even_when_full() {
         let mut o = Outbox::new(10);
-        o.push_output(Stream::Stdout, line("xxxxxxxxxxxxxxxxxxxx"), true);
+        o.push_output(Stream::Stdout, line("xxxxxxxxxxxxxxxxxxxx"), true, true);
         // With a daemon connected nothing is dropped, the buffer may run over.
-        o.push_output(Stream::Stdout, line("yyyyyyyyyyyyyyyyyyyy"), false);
+        o.push_output(Stream::Stdout, line("yyyyyyyyyyyyyyyyyyyy"), true, false);
         assert_eq!(o.events.len(), 2);
         o.push(ShimEvent::Exited {
             code: Some(0),

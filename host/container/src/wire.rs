@@ -2,8 +2,10 @@
 //!
 //! Every frame is `kind: u8, len: u32 BE, payload`. Shim → daemon: `HELLO` (u64 BE: sequence
 //! number of the next event frame; u32 BE: the job's pid, 0 before it started), `EVENT` (JSON of a non-output [`ShimEvent`]), `STDOUT` and
-//! `STDERR` (one raw output line), `TERMINAL` (raw bytes a TTY job wrote to its terminal, as
-//! read: no line structure). Each frame after `HELLO` carries the next sequence number
+//! `STDERR` (the raw bytes of an output line, the job wrote a newline after them),
+//! `STDOUT_PART` and `STDERR_PART` (raw output bytes without a newline after them: a piece
+//! of a line whose rest follows, see [`ShimEvent::Output`]), `TERMINAL` (raw bytes a TTY job
+//! wrote to its terminal, as read: no line structure). Each frame after `HELLO` carries the next sequence number
 //! implicitly. Daemon → shim: `ACK` (u64 BE: every event below this sequence number was
 //! received, the shim may forget it), `SIGNAL` (i32 BE), `CLOSE_STDIN` (empty: the shim lets
 //! go of its end of the job's stdin FIFO, so the job reads end-of-file once the daemon closed
@@ -26,8 +28,16 @@ pub enum Stream {
 pub enum ShimEvent {
     /// The job's process runs (pid in the host's pid namespace).
     Started { pid: u32 },
-    /// One output line without its newline (lines longer than [`MAX_LINE`] are split).
-    Output { stream: Stream, line: Vec<u8> },
+    /// Output bytes of the job, as it wrote them, without the newline that ends them
+    /// (`newline`: there was one). Each event holds bytes of one line: all of it, or a piece
+    /// (`!newline`) whose rest follows in the stream's next events: a line longer than
+    /// [`MAX_LINE`], or bytes the job wrote without a newline (yet), sent as they are read
+    /// while a daemon is connected (a prompt is not held back for its newline).
+    Output {
+        stream: Stream,
+        line: Vec<u8>,
+        newline: bool,
+    },
     /// Bytes a TTY job wrote to its terminal, as read (up to [`MAX_LINE`] at a time): raw,
     /// not split into lines, so a prompt without a newline is not held back.
     Terminal { data: Vec<u8> },
@@ -66,11 +76,41 @@ pub const MAX_LINE: usize = 64 * 1024;
 /// Largest frame payload either side accepts.
 pub const MAX_FRAME: usize = MAX_LINE + 4096;
 
+/// Cuts output bytes into [`ShimEvent::Output`] pieces: `piece(bytes, newline)` for each
+/// line (without its newline) and, unless `hold_partial`, for the bytes after the last
+/// newline; pieces are at most [`MAX_LINE`] bytes (a longer line goes in several, only the
+/// last with `newline`). Returns how many bytes of `data` were taken: all of them, or those
+/// before a held partial line of at most [`MAX_LINE`] bytes.
+pub fn split_output(data: &[u8], hold_partial: bool, mut piece: impl FnMut(&[u8], bool)) -> usize {
+    let mut start = 0;
+    while let Some(nl) = data[start..].iter().position(|&b| b == b'\n') {
+        let end = start + nl;
+        let mut s = start;
+        while end - s > MAX_LINE {
+            piece(&data[s..s + MAX_LINE], false);
+            s += MAX_LINE;
+        }
+        piece(&data[s..end], true);
+        start = end + 1;
+    }
+    while data.len() - start > MAX_LINE {
+        piece(&data[start..start + MAX_LINE], false);
+        start += MAX_LINE;
+    }
+    if !hold_partial && start < data.len() {
+        piece(&data[start..], false);
+        start = data.len();
+    }
+    start
+}
+
 pub const HELLO: u8 = 0;
 pub const EVENT: u8 = 1;
 pub const STDOUT: u8 = 2;
 pub const STDERR: u8 = 3;
 pub const TERMINAL: u8 = 4;
+pub const STDOUT_PART: u8 = 5;
+pub const STDERR_PART: u8 = 6;
 pub const ACK: u8 = 10;
 pub const SIGNAL: u8 = 11;
 pub const CLOSE_STDIN: u8 = 12;
@@ -86,10 +126,16 @@ fn header(out: &mut Vec<u8>, kind: u8, len: usize) {
 /// Appends the frame of `ev` to `out`.
 pub fn encode_event(ev: &ShimEvent, out: &mut Vec<u8>) {
     match ev {
-        ShimEvent::Output { stream, line } => {
-            let kind = match stream {
-                Stream::Stdout => STDOUT,
-                Stream::Stderr => STDERR,
+        ShimEvent::Output {
+            stream,
+            line,
+            newline,
+        } => {
+            let kind = match (stream, newline) {
+                (Stream::Stdout, true) => STDOUT,
+                (Stream::Stderr, true) => STDERR,
+                (Stream::Stdout, false) => STDOUT_PART,
+                (Stream::Stderr, false) => STDERR_PART,
             };
             header(out, kind, line.len());
             out.extend_from_slice(line);
@@ -193,13 +239,14 @@ pub fn decode(buf: &mut Vec<u8>) -> Result<Option<Frame>, String> {
         TERMINAL => Frame::Event(ShimEvent::Terminal {
             data: payload.to_vec(),
         }),
-        STDOUT | STDERR => Frame::Event(ShimEvent::Output {
-            stream: if kind == STDOUT {
+        STDOUT | STDERR | STDOUT_PART | STDERR_PART => Frame::Event(ShimEvent::Output {
+            stream: if kind == STDOUT || kind == STDOUT_PART {
                 Stream::Stdout
             } else {
                 Stream::Stderr
             },
             line: payload.to_vec(),
+            newline: kind == STDOUT || kind == STDERR,
         }),
         EVENT => {
             let ev: ShimEvent =
@@ -226,10 +273,22 @@ mod tests {
             ShimEvent::Output {
                 stream: Stream::Stdout,
                 line: b"hello".to_vec(),
+                newline: true,
             },
             ShimEvent::Output {
                 stream: Stream::Stderr,
                 line: vec![0xff, 0, b'\n'],
+                newline: true,
+            },
+            ShimEvent::Output {
+                stream: Stream::Stdout,
+                line: b"Password: ".to_vec(),
+                newline: false,
+            },
+            ShimEvent::Output {
+                stream: Stream::Stderr,
+                line: Vec::new(),
+                newline: false,
             },
             ShimEvent::Terminal {
                 data: b"ready> ".to_vec(),
@@ -297,11 +356,13 @@ mod tests {
                     STDOUT,
                     STDERR,
                     TERMINAL,
+                    STDOUT_PART,
+                    STDERR_PART,
                     ACK,
                     SIGNAL,
                     CLOSE_STDIN,
                     RESIZE,
-                ][rng.usize(0..9)];
+                ][rng.usize(0..11)];
                 let plen = rng.usize(0..len.saturating_sub(HEADER) + 2) as u32;
                 buf[1..5].copy_from_slice(&plen.to_be_bytes());
             }
@@ -309,6 +370,42 @@ mod tests {
             while let Ok(Some(_)) = decode(&mut buf) {}
             assert!(buf.len() <= before);
         }
+    }
+
+    /// Output is cut at newlines (each line says it had one) and at [`MAX_LINE`]; the bytes
+    /// after the last newline are a piece without one, or held back.
+    #[test]
+    fn output_is_split_into_lines_and_pieces() {
+        let run = |data: &[u8], hold: bool| {
+            let mut got = Vec::new();
+            let used = split_output(data, hold, |p, nl| got.push((p.len(), nl)));
+            (got, used)
+        };
+        assert_eq!(run(b"", false), (vec![], 0));
+        assert_eq!(run(b"abc", false), (vec![(3, false)], 3));
+        assert_eq!(run(b"abc", true), (vec![], 0));
+        assert_eq!(
+            run(b"a\n\nbc\nde", false),
+            (vec![(1, true), (0, true), (2, true), (2, false)], 8)
+        );
+        assert_eq!(run(b"a\nde", true), (vec![(1, true)], 2));
+        let mut long = vec![b'x'; MAX_LINE * 2 + 5];
+        long.push(b'\n');
+        long.extend_from_slice(&[b'y'; MAX_LINE + 1]);
+        let want_lines = [(MAX_LINE, false), (MAX_LINE, false), (5, true)];
+        let (got, used) = run(&long, false);
+        assert_eq!(got[..3], want_lines[..]);
+        assert_eq!(got[3..], [(MAX_LINE, false), (1, false)]);
+        assert_eq!(used, long.len());
+        // Held: no more than MAX_LINE bytes of a partial line.
+        let (got, used) = run(&long, true);
+        assert_eq!(got[..3], want_lines[..]);
+        assert_eq!(got[3..], [(MAX_LINE, false)]);
+        assert_eq!(long.len() - used, 1);
+        // A line of exactly MAX_LINE is one piece.
+        let mut exact = vec![b'z'; MAX_LINE];
+        exact.push(b'\n');
+        assert_eq!(run(&exact, false), (vec![(MAX_LINE, true)], MAX_LINE + 1));
     }
 
     #[test]

@@ -2,12 +2,23 @@
 //! written, input to its stdin, signals to it, a TTY job's window size, and its exit status at
 //! the end.
 //!
-//! The job's supervisor hands every output line to [`Attachments`] besides the log shipper;
-//! each attached client has a bounded queue, and a client that falls that far behind is
-//! detached with an error frame rather than holding the job's output in memory. Output is
-//! line-based, as the shim reads it: each line is sent with its `\n`. A TTY job's output
-//! is a raw byte stream instead (its terminal's, as read: a prompt without a newline is sent
-//! at once), sent as stdout (stream 1).
+//! The job's supervisor hands all output to [`Attachments`] besides the log shipper. Clients
+//! get the job's bytes unchanged, as the runtime reads them: a line with its `\n` only when
+//! the job wrote one, and bytes without a newline (a prompt) as soon as they are read. A TTY
+//! job's output is its terminal's raw byte stream, sent as stdout (stream 1).
+//!
+//! Each attached client has a bounded queue. A client that falls that far behind is
+//! detached with an error frame rather than holding the job's output in memory, except the
+//! one client of a `disable_log` job (its output goes nowhere else): the job's output waits
+//! for room in that client's queue instead, so the runtime stops reading it and the job
+//! blocks on its writes, as under Flynn; such a client has no time limit on a frame either
+//! (TCP keepalive bounds one that went away).
+//!
+//! A client may attach before its job is created (Flynn's controller attaches, then adds the
+//! job): it gets [`Frame::Waiting`] at once and the job's output from its start. What it
+//! asked for is checked when the job is created (an error frame then, for stdin the job has
+//! not, or a second client of a `disable_log` job); a job not created within
+//! [`PENDING_WAIT`] gets it an error frame. At most [`MAX_PENDING`] clients wait at once.
 //!
 //! Stdin (the `stdin` flag, for jobs created with `config.stdin` or `config.tty`): the
 //! client's data frames are written to the job's stdin in order, and an empty one closes it
@@ -17,36 +28,38 @@
 //! seen when its close comes within that read-ahead; one that left more input in flight is
 //! seen once the job has read up to its close (its input is still delivered). Any number of
 //! clients may write; a client that leaves without closing stdin leaves it open for the next.
-//! Each client's output queue is bounded by lines (4,096) and bytes (4 MiB).
+//! Each client's output queue is bounded by pieces of output (4,096) and bytes (4 MiB).
 //!
 //! Window size (TTY jobs): the request's `height` and `width` set it when the client
 //! attaches (before the job runs when it attached while the job was starting), and each
 //! resize frame sets it again. Half a size (a dimension 0), in the request or a resize frame,
 //! is ignored, as both are for other jobs.
 //!
-//! Not supported (refused with a 400 before the upgrade, so the client gets an error, not a
-//! silent gap): `stdin` for a job created without it (or a terminal), and `logs` (the host
+//! Not supported (refused with a 400 before the upgrade, or an error frame once a job the
+//! client waited for is created, so the client gets an error, not a silent gap): `stdin` for
+//! a job created without it (or a terminal), and `logs` (the host
 //! does not keep output; history is the log aggregator's). `init_log` is accepted and has
 //! nothing to send.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use flynn_api::attach::{self, Frame};
 use flynn_api::host::{ActiveJob, JobStatus};
 use flynn_api::ApiError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::host::Host;
 use crate::logship::Stream;
 use crate::runtime::{Stdin, StdinMsg};
 
-/// Output lines queued per attached client before it counts as too slow.
+/// Pieces of output queued per attached client before it counts as too slow.
 const QUEUE: usize = 4096;
-/// Output bytes queued per attached client before it counts as too slow (lines are up to
-/// 64 KiB: the line count alone would let one client hold 256 MiB).
+/// Output bytes queued per attached client before it counts as too slow (pieces are up to
+/// 64 KiB: the count alone would let one client hold 256 MiB).
 const QUEUE_BYTES: usize = 4 << 20;
 /// Clients attached to one job at once: each may queue up to [`QUEUE_BYTES`], so this
 /// bounds what one job's clients hold (256 MiB); more are refused before the upgrade.
@@ -55,14 +68,44 @@ pub const MAX_CLIENTS: usize = 64;
 /// client leave (end of file) behind a little more input, bounded so a job that does not
 /// read holds the client back.
 const READ_AHEAD: usize = 64 * 1024;
-/// A client that takes longer than this to take one frame is dropped.
-const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A client that takes longer than this to take one frame is dropped (not the only client
+/// of a `disable_log` job, see the module doc). `FLYNN_HOST_ATTACH_WRITE_TIMEOUT_MS` sets
+/// another (for tests).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client attached to a job not created yet waits for it.
+/// `FLYNN_HOST_ATTACH_WAIT_MS` sets another (for tests).
+pub const PENDING_WAIT: Duration = Duration::from_secs(30);
+/// Clients waiting for their jobs to be created, over all jobs; more are refused before the
+/// upgrade. Each holds little until its job runs, when [`MAX_CLIENTS`] bounds it.
+pub const MAX_PENDING: usize = 256;
+
+/// A duration from the environment variable `name` in milliseconds, or `default`.
+fn env_ms(name: &str, default: Duration) -> Duration {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(default, Duration::from_millis)
+}
+
+fn write_timeout() -> Duration {
+    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| env_ms("FLYNN_HOST_ATTACH_WRITE_TIMEOUT_MS", WRITE_TIMEOUT))
+}
+
+fn pending_wait() -> Duration {
+    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| env_ms("FLYNN_HOST_ATTACH_WAIT_MS", PENDING_WAIT))
+}
 
 /// What the supervisor tells an attached client.
 #[derive(Debug)]
 pub enum Msg {
+    /// The job a client waited for was created; the client is attached to it.
+    Created,
+    /// The job a client waited for was created, but the client may not attach to it (why).
+    Refused(String),
     Started,
-    /// One line with its `\n`.
+    /// Output bytes, as the job wrote them.
     Output(Stream, Vec<u8>),
     /// The job ended (as recorded in the table).
     Ended(Box<ActiveJob>),
@@ -75,6 +118,32 @@ struct Sub {
     bytes: Arc<AtomicUsize>,
     /// The window size the client asked for last (TTY jobs).
     size: Size,
+    /// The flags it asked for.
+    flags: u32,
+    /// It waits for its job to be created (its flags are checked then).
+    pending: bool,
+    /// It is the only client of a job whose output goes nowhere else (`disable_log`): its
+    /// job's output waits for room in its queue rather than detaching it. Shared with its
+    /// connection (which then has no time limit on a frame).
+    blocking: Arc<AtomicBool>,
+    /// Woken when the client takes a message off its queue, or leaves.
+    room: Arc<Notify>,
+}
+
+impl Sub {
+    /// Whether `len` more output bytes fit in its queue (the last slot kept for `Ended`).
+    fn has_room(&self, len: usize) -> bool {
+        self.tx.capacity() > 1 && self.bytes.load(Ordering::Relaxed) + len <= QUEUE_BYTES
+    }
+
+    /// Queues `msg` (of `len` output bytes) if it fits.
+    fn offer(&self, len: usize, msg: &impl Fn() -> Msg) -> bool {
+        let sent = self.has_room(len) && self.tx.try_send(msg()).is_ok();
+        if sent {
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+        }
+        sent
+    }
 }
 
 /// A client's window size, shared by its connection (which sets it from resize frames) and
@@ -113,6 +182,8 @@ pub struct Attachments {
     subs: Mutex<Subscribers>,
     /// Clients attached to any job: output skips the lock when there are none.
     count: AtomicUsize,
+    /// Clients waiting for their job to be created (changed under the lock).
+    pending: AtomicUsize,
     next: AtomicU64,
 }
 
@@ -130,7 +201,38 @@ impl Attachments {
         exclusive: bool,
         size: Option<(u16, u16)>,
     ) -> Result<Subscription, ApiError> {
+        self.add(id, exclusive, size, None)
+    }
+
+    /// Attaches a client to job `id`, not created yet, with `flags` (checked when it is:
+    /// [`Attachments::created`]).
+    pub fn subscribe_pending(
+        self: &Arc<Self>,
+        id: &str,
+        flags: u32,
+        size: Option<(u16, u16)>,
+    ) -> Result<Subscription, ApiError> {
+        self.add(id, false, size, Some(flags))
+    }
+
+    /// `pending`: the flags of a client waiting for its job.
+    fn add(
+        self: &Arc<Self>,
+        id: &str,
+        exclusive: bool,
+        size: Option<(u16, u16)>,
+        pending: Option<u32>,
+    ) -> Result<Subscription, ApiError> {
         let mut subs = self.lock();
+        if pending.is_some() && self.pending.load(Ordering::Relaxed) >= MAX_PENDING {
+            return Err(ApiError::new(
+                flynn_api::ErrorCode::Ratelimited,
+                format!(
+                    "host: {MAX_PENDING} clients wait for jobs to be created already; try again later"
+                ),
+            )
+            .with_retry(true));
+        }
         let list = subs.entry(id.to_string()).or_default();
         if exclusive && !list.is_empty() {
             return Err(ApiError::conflict("host: job is attached"));
@@ -149,13 +251,22 @@ impl Attachments {
         let (tx, rx) = mpsc::channel(QUEUE + 1);
         let bytes = Arc::new(AtomicUsize::new(0));
         let size = Size::new(size);
+        let blocking = Arc::new(AtomicBool::new(exclusive));
+        let room = Arc::new(Notify::new());
         list.push(Sub {
             token,
             tx,
             bytes: bytes.clone(),
             size: size.clone(),
+            flags: pending.unwrap_or(0),
+            pending: pending.is_some(),
+            blocking: blocking.clone(),
+            room: room.clone(),
         });
         self.count.fetch_add(1, Ordering::Relaxed);
+        if pending.is_some() {
+            self.pending.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(Subscription {
             attachments: self.clone(),
             id: id.to_string(),
@@ -163,7 +274,58 @@ impl Attachments {
             rx,
             bytes,
             size,
+            pending: pending.is_some(),
+            blocking,
+            room,
         })
+    }
+
+    /// Job `job` was just created (shown by the API; called under the host's table lock, as
+    /// the check of a new client for a job that exists, so no client falls between the
+    /// two): the clients waiting for it are attached to it, or refused (an error frame) what
+    /// it cannot give them: stdin it was created without, a second client of a
+    /// `disable_log` job.
+    pub fn created(&self, job: &ActiveJob) {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let config = &job.job.config;
+        let exclusive = config.disable_log;
+        let mut subs = self.lock();
+        let mut taken = subs
+            .get(&job.job.id)
+            .is_some_and(|l| l.iter().any(|s| !s.pending));
+        self.retain(&mut subs, &job.job.id, |s| {
+            if !s.pending {
+                return true;
+            }
+            let refusal = match check_flags(s.flags, config.stdin || config.tty) {
+                Err(e) => Some(e.message),
+                Ok(()) if exclusive && taken => Some("host: job is attached".to_string()),
+                Ok(()) => None,
+            };
+            if let Some(why) = refusal {
+                let _ = s.tx.try_send(Msg::Refused(why));
+                return false;
+            }
+            taken = true;
+            s.pending = false;
+            s.blocking.store(exclusive, Ordering::Relaxed);
+            let _ = s.tx.try_send(Msg::Created);
+            true
+        });
+    }
+
+    /// A client that waited too long for its job: detached, unless the job was created
+    /// meanwhile (false: it is attached to it, and its `Created` is queued).
+    fn expire(&self, id: &str, token: u64) -> bool {
+        let mut gone = false;
+        self.retain(&mut self.lock(), id, |s| {
+            let expired = s.token == token && s.pending;
+            gone |= expired;
+            !expired
+        });
+        gone
     }
 
     /// The window size the latest client attached to job `id` with a size asked for: the
@@ -178,56 +340,97 @@ impl Attachments {
         self.retain(&mut self.lock(), id, |s| s.token != token);
     }
 
-    /// Queues `msg` (of `len` output bytes) to every client of job `id`.
-    fn send(&self, id: &str, len: usize, msg: impl Fn() -> Msg) {
+    /// Queues `msg` (of `len` output bytes) to every client of job `id`. A client whose
+    /// queue holds `QUEUE` messages or `QUEUE_BYTES` bytes is detached (its task sees the
+    /// channel closed; the last slot is kept for `Ended`), except a blocking one (the only
+    /// client of a `disable_log` job): this waits until its queue has room, or it left.
+    async fn send(&self, id: &str, len: usize, msg: impl Fn() -> Msg) {
         if self.count.load(Ordering::Relaxed) == 0 {
             return;
         }
-        // A client whose queue holds `QUEUE` messages or `QUEUE_BYTES` bytes is detached
-        // (its task sees the channel closed); the last slot is kept for `Ended`.
+        let mut wait = None;
         self.retain(&mut self.lock(), id, |s| {
-            let room = s.tx.capacity() > 1
-                && s.bytes.load(Ordering::Relaxed) + len <= QUEUE_BYTES
-                && s.tx.try_send(msg()).is_ok();
-            if room {
-                s.bytes.fetch_add(len, Ordering::Relaxed);
+            if s.pending || s.offer(len, &msg) {
+                return true;
             }
-            room
+            let blocking = s.blocking.load(Ordering::Relaxed);
+            if blocking {
+                wait = Some((s.token, s.room.clone()));
+            }
+            blocking
         });
+        let Some((token, room)) = wait else { return };
+        // The client takes a message off its queue (or leaves), then `room` wakes this (a
+        // wake-up since the check above counts: `notify_one` keeps it).
+        loop {
+            room.notified().await;
+            let subs = self.lock();
+            let Some(s) = subs
+                .get(id)
+                .and_then(|l| l.iter().find(|s| s.token == token))
+            else {
+                return;
+            };
+            if s.offer(len, &msg) {
+                return;
+            }
+        }
     }
 
-    /// Keeps the clients of job `id` for which `keep` holds, keeping `count` in step and
-    /// forgetting the job once it has none.
-    fn retain(&self, subs: &mut Subscribers, id: &str, keep: impl FnMut(&Sub) -> bool) {
+    /// Keeps the clients of job `id` for which `keep` holds, keeping `count` and `pending`
+    /// in step and forgetting the job once it has none.
+    fn retain(&self, subs: &mut Subscribers, id: &str, mut keep: impl FnMut(&mut Sub) -> bool) {
         let Some(list) = subs.get_mut(id) else {
             return;
         };
         let before = list.len();
-        list.retain(keep);
+        let mut no_longer_pending = 0;
+        list.retain_mut(|s| {
+            let was = s.pending;
+            let kept = keep(s);
+            if was && !(kept && s.pending) {
+                no_longer_pending += 1;
+            }
+            kept
+        });
         self.count.fetch_sub(before - list.len(), Ordering::Relaxed);
+        self.pending.fetch_sub(no_longer_pending, Ordering::Relaxed);
         if list.is_empty() {
             subs.remove(id);
         }
     }
 
-    pub fn started(&self, id: &str) {
-        self.send(id, 0, || Msg::Started);
+    pub async fn started(&self, id: &str) {
+        self.send(id, 0, || Msg::Started).await;
     }
 
-    pub fn output(&self, id: &str, stream: Stream, line: &[u8]) {
-        self.send(id, line.len() + 1, || {
-            let mut l = Vec::with_capacity(line.len() + 1);
+    /// Output bytes of a pipe (`ProcEvent::Output`): sent as they are, with a `\n` after them
+    /// only when the job wrote one (`newline`).
+    pub async fn output(&self, id: &str, stream: Stream, line: &[u8], newline: bool) {
+        let len = line.len() + usize::from(newline);
+        if len == 0 {
+            return;
+        }
+        self.send(id, len, || {
+            let mut l = Vec::with_capacity(len);
             l.extend_from_slice(line);
-            l.push(b'\n');
+            if newline {
+                l.push(b'\n');
+            }
             Msg::Output(stream, l)
-        });
+        })
+        .await;
     }
 
     /// Output of a TTY job's terminal, as read: sent as stdout, as it is (no line structure).
-    pub fn terminal(&self, id: &str, data: &[u8]) {
+    pub async fn terminal(&self, id: &str, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
         self.send(id, data.len(), || {
             Msg::Output(Stream::Stdout, data.to_vec())
-        });
+        })
+        .await;
     }
 
     /// Called once the job's end is in the table (`job` is what it says); detaches
@@ -235,6 +438,8 @@ impl Attachments {
     pub fn ended(&self, job: &ActiveJob) {
         let list = self.lock().remove(&job.job.id).unwrap_or_default();
         self.count.fetch_sub(list.len(), Ordering::Relaxed);
+        let pending = list.iter().filter(|s| s.pending).count();
+        self.pending.fetch_sub(pending, Ordering::Relaxed);
         for s in list {
             let _ = s.tx.try_send(Msg::Ended(Box::new(job.clone())));
         }
@@ -251,6 +456,12 @@ pub struct Subscription {
     bytes: Arc<AtomicUsize>,
     /// The window size asked for (only for a TTY job).
     size: Size,
+    /// It was made for a job not created yet.
+    pending: bool,
+    /// See [`Sub::blocking`].
+    blocking: Arc<AtomicBool>,
+    /// See [`Sub::room`].
+    room: Arc<Notify>,
 }
 
 impl Subscription {
@@ -259,12 +470,22 @@ impl Subscription {
         if let Some(Msg::Output(_, line)) = m {
             self.bytes.fetch_sub(line.len(), Ordering::Relaxed);
         }
+        if m.is_some() {
+            self.room.notify_one();
+        }
+    }
+
+    /// Whether the job's output waits for this client (see [`Sub::blocking`]).
+    fn blocking(&self) -> bool {
+        self.blocking.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.attachments.unsubscribe(&self.id, self.token);
+        // Output waiting for room in this client's queue goes on without it.
+        self.room.notify_one();
     }
 }
 
@@ -323,11 +544,71 @@ where
     let mut w = Writer {
         wr,
         buf: Vec::new(),
+        timeout: Some(write_timeout()),
     };
     let wants = |s: Stream| match s {
         Stream::Stdout => flags & attach::STDOUT != 0,
         Stream::Stderr => flags & attach::STDERR != 0,
     };
+    let mut inbuf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // A message taken off the queue while waiting for the job, to act on first.
+    let mut early: Option<Msg> = None;
+    if sub.pending {
+        // The job is not created yet: `Waiting`, then its creation (`Created`) or a refusal.
+        // The client's frames are read ahead meanwhile (acted on once it is attached), so
+        // a client that leaves is seen.
+        if w.send(&Frame::Waiting).await.is_err() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + pending_wait();
+        let mut expired = false;
+        loop {
+            tokio::select! {
+                msg = sub.rx.recv() => {
+                    sub.took(&msg);
+                    match msg {
+                        Some(Msg::Created) => break,
+                        Some(Msg::Refused(why)) => {
+                            let _ = w.send(&Frame::Error(why)).await;
+                            return;
+                        }
+                        // Ended before it was shown as created (stopped while its record
+                        // was written): what follows shows its end.
+                        Some(m) => {
+                            early = Some(m);
+                            break;
+                        }
+                        None => {
+                            let _ = w.send(&Frame::Error("host: unknown job".into())).await;
+                            return;
+                        }
+                    }
+                }
+                n = rd.read(&mut chunk), if inbuf.len() < READ_AHEAD => {
+                    let Ok(n @ 1..) = n else { return };
+                    inbuf.extend_from_slice(&chunk[..n]);
+                }
+                _ = tokio::time::sleep_until(deadline), if !expired => {
+                    // Unless it was created just now (its `Created` is queued).
+                    if sub.attachments.expire(&sub.id, sub.token) {
+                        let e = format!(
+                            "host: unknown job: not created within {} s",
+                            pending_wait().as_secs_f32()
+                        );
+                        let _ = w.send(&Frame::Error(e)).await;
+                        return;
+                    }
+                    expired = true;
+                }
+            }
+        }
+    }
+    // The only client of a `disable_log` job holds the job up rather than being dropped:
+    // no time limit on a frame (TCP keepalive bounds a client that went away).
+    if sub.blocking() {
+        w.timeout = None;
+    }
     // Subscribed before this read: whatever happens after it arrives as a message. A job
     // that ended before it has all its output (and maybe its `Ended`) queued already: the
     // end is published under the lock this read takes.
@@ -339,7 +620,9 @@ where
     // an error for one that could not start.
     let mut announced = false;
     let first = match job.status {
-        JobStatus::Starting => Some(Frame::Waiting),
+        // (Said already to a client that waited for the job to be created.)
+        JobStatus::Starting if !sub.pending => Some(Frame::Waiting),
+        JobStatus::Starting => None,
         s if s.is_terminal() => None,
         _ => {
             announced = true;
@@ -366,10 +649,14 @@ where
     if running {
         input.started(&host, &sub.id, true);
     }
-    let mut inbuf: Vec<u8> = Vec::new();
-    let mut chunk = [0u8; 4096];
+    // Frames read while the client waited for the job.
+    if !client_frames(&host, &sub.id, &mut inbuf, &mut input) {
+        return;
+    }
     loop {
-        let msg = if end.is_some() {
+        let msg = if let Some(m) = early.take() {
+            Some(m)
+        } else if end.is_some() {
             // Ended before the read above: take what is queued, without waiting.
             match sub.rx.try_recv() {
                 Ok(m) => Some(m),
@@ -421,6 +708,8 @@ where
                 input.started(&host, &sub.id, false);
                 None
             }
+            // Only ever the first message of a client waiting for its job (above).
+            Some(Msg::Created | Msg::Refused(_)) => continue,
             Some(Msg::Output(stream, line)) => wants(stream).then(|| Frame::Data {
                 stream: stream_id(stream),
                 data: line,
@@ -569,10 +858,12 @@ fn client_frames(host: &Host, id: &str, inbuf: &mut Vec<u8>, input: &mut Input) 
     true
 }
 
-/// The client's side of the connection, with a bound on how long one frame may take.
+/// The client's side of the connection, with a bound on how long one frame may take (none
+/// for a client the job's output waits for).
 struct Writer<W> {
     wr: W,
     buf: Vec<u8>,
+    timeout: Option<Duration>,
 }
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
@@ -583,9 +874,12 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             self.wr.write_all(&self.buf).await?;
             self.wr.flush().await
         };
-        tokio::time::timeout(WRITE_TIMEOUT, write)
-            .await
-            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        match self.timeout {
+            Some(t) => tokio::time::timeout(t, write)
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+            None => write.await,
+        }
     }
 }
 
@@ -680,8 +974,8 @@ mod tests {
         let conn_side = plain.size.clone();
         conn_side.set(25, 50);
         assert_eq!(a.size("j"), Some((25, 50)));
-        a.terminal("j", b"ready> ");
-        a.output("j", Stream::Stdout, b"line");
+        a.terminal("j", b"ready> ").await;
+        a.output("j", Stream::Stdout, b"line", true).await;
         match plain.rx.recv().await {
             Some(Msg::Output(Stream::Stdout, d)) => assert_eq!(d, b"ready> "),
             m => panic!("{m:?}"),
@@ -707,7 +1001,7 @@ mod tests {
         assert!(e.retry);
         // Other jobs are not affected.
         let _other = a.subscribe("k", false, None).unwrap();
-        a.output("j", Stream::Stdout, b"still here");
+        a.output("j", Stream::Stdout, b"still here", true).await;
         for s in &mut subs {
             match s.rx.recv().await {
                 Some(Msg::Output(Stream::Stdout, d)) => assert_eq!(d, b"still here\n"),
@@ -725,15 +1019,15 @@ mod tests {
         let line = vec![b'x'; 64 * 1024 - 1];
         let fit = QUEUE_BYTES / (64 * 1024);
         for _ in 0..fit {
-            a.output("j", Stream::Stdout, &line);
+            a.output("j", Stream::Stdout, &line, true).await;
         }
         assert_eq!(a.count.load(Ordering::Relaxed), 1, "{fit} lines fit");
         // Taking one off the queue makes room for one more.
         let m = sub.rx.recv().await;
         sub.took(&m);
-        a.output("j", Stream::Stdout, &line);
+        a.output("j", Stream::Stdout, &line, true).await;
         assert_eq!(a.count.load(Ordering::Relaxed), 1);
-        a.output("j", Stream::Stdout, &line);
+        a.output("j", Stream::Stdout, &line, true).await;
         assert_eq!(a.count.load(Ordering::Relaxed), 0, "over the byte bound");
     }
 
@@ -747,12 +1041,13 @@ mod tests {
             "exclusive refuses a second"
         );
         for i in 0..QUEUE {
-            a.output("j", Stream::Stdout, format!("{i}").as_bytes());
+            a.output("j", Stream::Stdout, format!("{i}").as_bytes(), true)
+                .await;
             // The fast client keeps up.
             assert!(matches!(fast.rx.recv().await, Some(Msg::Output(..))));
         }
         assert_eq!(a.count.load(Ordering::Relaxed), 2);
-        a.output("j", Stream::Stdout, b"one too many");
+        a.output("j", Stream::Stdout, b"one too many", true).await;
         assert_eq!(a.count.load(Ordering::Relaxed), 1, "the slow one is gone");
         let mut n = 0;
         while let Some(m) = slow.rx.recv().await {
@@ -768,7 +1063,8 @@ mod tests {
         // detached) still gets it.
         let mut full = a.subscribe("j", false, None).unwrap();
         for i in 0..QUEUE {
-            a.output("j", Stream::Stderr, format!("{i}").as_bytes());
+            a.output("j", Stream::Stderr, format!("{i}").as_bytes(), true)
+                .await;
             assert!(matches!(fast.rx.recv().await, Some(Msg::Output(..))));
         }
         assert_eq!(a.count.load(Ordering::Relaxed), 2, "full, not detached");
@@ -786,5 +1082,185 @@ mod tests {
         drop(slow);
         assert_eq!(a.count.load(Ordering::Relaxed), 0);
         assert!(a.lock().is_empty());
+    }
+
+    /// Pipe output goes to clients as the job wrote it: a `\n` only where the job wrote
+    /// one, and bytes without one as they are (finding: `printf abc` arrived as `abc\n`).
+    #[tokio::test]
+    async fn output_gets_a_newline_only_where_the_job_wrote_one() {
+        let a = Arc::new(Attachments::default());
+        let mut sub = a.subscribe("j", false, None).unwrap();
+        a.output("j", Stream::Stdout, b"Password: ", false).await;
+        a.output("j", Stream::Stderr, b"line", true).await;
+        a.output("j", Stream::Stdout, b"", true).await;
+        // Nothing at all is not sent (an empty data frame would be the stream's EOF).
+        a.output("j", Stream::Stdout, b"", false).await;
+        a.terminal("j", b"").await;
+        a.output("j", Stream::Stdout, b"abc", false).await;
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            match sub.rx.recv().await {
+                Some(Msg::Output(s, d)) => got.push((s, d)),
+                m => panic!("{m:?}"),
+            }
+        }
+        assert_eq!(
+            got,
+            vec![
+                (Stream::Stdout, b"Password: ".to_vec()),
+                (Stream::Stderr, b"line\n".to_vec()),
+                (Stream::Stdout, b"\n".to_vec()),
+                (Stream::Stdout, b"abc".to_vec()),
+            ]
+        );
+        assert!(sub.rx.try_recv().is_err());
+    }
+
+    fn created(a: &Attachments, id: &str, stdin: bool, disable_log: bool) {
+        let mut job = ActiveJob::default();
+        job.job.id = id.into();
+        job.job.config.stdin = stdin;
+        job.job.config.disable_log = disable_log;
+        a.created(&job);
+    }
+
+    /// Clients attached before their job exists are attached when it is created, and get
+    /// its output from the start; what the job cannot give them is refused then.
+    #[tokio::test]
+    async fn clients_waiting_for_a_job_are_attached_or_refused_when_it_is_created() {
+        use attach::{STDIN, STDOUT, STREAM};
+        let a = Arc::new(Attachments::default());
+        let mut plain = a.subscribe_pending("j", STDOUT | STREAM, None).unwrap();
+        let mut stdin = a
+            .subscribe_pending("j", STDOUT | STDIN | STREAM, None)
+            .unwrap();
+        assert!(plain.pending && stdin.pending);
+        assert_eq!(a.pending.load(Ordering::Relaxed), 2);
+        // Nothing for the job reaches them before it is created.
+        created(&a, "j", false, false);
+        assert!(matches!(plain.rx.recv().await, Some(Msg::Created)));
+        match stdin.rx.recv().await {
+            Some(Msg::Refused(why)) => assert!(why.contains("stdin"), "{why}"),
+            m => panic!("{m:?}"),
+        }
+        assert!(stdin.rx.recv().await.is_none(), "detached");
+        assert_eq!(a.pending.load(Ordering::Relaxed), 0);
+        assert_eq!(a.count.load(Ordering::Relaxed), 1);
+        a.started("j").await;
+        a.output("j", Stream::Stdout, b"hi", true).await;
+        assert!(matches!(plain.rx.recv().await, Some(Msg::Started)));
+        assert!(matches!(plain.rx.recv().await, Some(Msg::Output(_, d)) if d == b"hi\n"));
+        assert!(!plain.blocking());
+
+        // A `disable_log` job: the first client waiting is its one client (whose output
+        // waits for it), a second is refused.
+        let mut first = a.subscribe_pending("q", STDOUT | STREAM, None).unwrap();
+        let mut second = a.subscribe_pending("q", STDOUT | STREAM, None).unwrap();
+        created(&a, "q", false, true);
+        assert!(matches!(first.rx.recv().await, Some(Msg::Created)));
+        assert!(first.blocking());
+        match second.rx.recv().await {
+            Some(Msg::Refused(why)) => assert_eq!(why, "host: job is attached"),
+            m => panic!("{m:?}"),
+        }
+        // It stays the job's one client.
+        assert!(a.subscribe("q", true, None).is_err());
+
+        // One whose job is never created expires (once: a later expiry finds nothing).
+        let late = a.subscribe_pending("never", STDOUT | STREAM, None).unwrap();
+        assert_eq!(a.pending.load(Ordering::Relaxed), 1);
+        assert!(a.expire("never", late.token));
+        assert!(!a.expire("never", late.token));
+        assert_eq!(a.pending.load(Ordering::Relaxed), 0);
+        // One whose job was created just before its expiry stays.
+        let just = a.subscribe_pending("just", STDOUT | STREAM, None).unwrap();
+        created(&a, "just", false, false);
+        assert!(!a.expire("just", just.token));
+        // One that leaves while it waits frees its place.
+        let left = a.subscribe_pending("left", STDOUT | STREAM, None).unwrap();
+        assert_eq!(a.pending.load(Ordering::Relaxed), 1);
+        drop(left);
+        assert_eq!(a.pending.load(Ordering::Relaxed), 0);
+        // So does one whose job ended before it was shown as created.
+        let mut ends = a.subscribe_pending("ends", STDOUT | STREAM, None).unwrap();
+        let mut job = ActiveJob::default();
+        job.job.id = "ends".into();
+        a.ended(&job);
+        assert!(matches!(ends.rx.recv().await, Some(Msg::Ended(_))));
+        assert_eq!(a.pending.load(Ordering::Relaxed), 0);
+    }
+
+    /// The clients waiting for jobs not created yet are bounded over all jobs.
+    #[test]
+    fn waiting_clients_are_bounded() {
+        let flags = attach::STDOUT | attach::STREAM;
+        let a = Arc::new(Attachments::default());
+        let mut subs: Vec<Subscription> = (0..MAX_PENDING)
+            .map(|i| a.subscribe_pending(&format!("j{i}"), flags, None).unwrap())
+            .collect();
+        let e = a
+            .subscribe_pending("x", flags, None)
+            .err()
+            .expect("one too many");
+        assert_eq!(e.status(), 429, "{e:?}");
+        assert!(e.retry);
+        // Attaching to jobs that exist is not affected.
+        let _known = a.subscribe("k", false, None).unwrap();
+        subs.pop();
+        subs.push(a.subscribe_pending("x", flags, None).unwrap());
+    }
+
+    /// The one client of a `disable_log` job is never detached for being slow: its job's
+    /// output waits for room in its queue (and goes on without it once it leaves).
+    #[tokio::test]
+    async fn the_one_client_of_a_job_without_log_holds_its_output_up() {
+        let a = Arc::new(Attachments::default());
+        let mut sub = a.subscribe("j", true, None).unwrap();
+        assert!(sub.blocking());
+        let piece = vec![b'x'; 64 * 1024 - 1];
+        let fit = QUEUE_BYTES / (64 * 1024);
+        for _ in 0..fit {
+            a.output("j", Stream::Stdout, &piece, true).await;
+        }
+        // One more waits for room instead of detaching the client.
+        let sender = {
+            let a = a.clone();
+            let piece = piece.clone();
+            tokio::spawn(async move { a.output("j", Stream::Stdout, &piece, true).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!sender.is_finished(), "it waits for the client");
+        assert_eq!(a.count.load(Ordering::Relaxed), 1, "still attached");
+        let m = sub.rx.recv().await;
+        sub.took(&m);
+        tokio::time::timeout(Duration::from_secs(5), sender)
+            .await
+            .expect("sent once there was room")
+            .unwrap();
+        let mut n = 1;
+        while let Ok(m) = sub.rx.try_recv() {
+            assert!(matches!(&m, Msg::Output(_, d) if d.len() == 64 * 1024));
+            sub.took(&Some(m));
+            n += 1;
+        }
+        assert_eq!(n, fit + 1, "nothing lost");
+        // Counted in pieces too: a full queue of small pieces waits as well.
+        for i in 0..QUEUE {
+            a.output("j", Stream::Stdout, format!("{i}").as_bytes(), true)
+                .await;
+        }
+        let sender = {
+            let a = a.clone();
+            tokio::spawn(async move { a.output("j", Stream::Stdout, b"more", true).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!sender.is_finished());
+        // The client leaves: the output goes on without it.
+        drop(sub);
+        tokio::time::timeout(Duration::from_secs(5), sender)
+            .await
+            .expect("not held once the client left")
+            .unwrap();
+        assert_eq!(a.count.load(Ordering::Relaxed), 0);
     }
 }

@@ -49,8 +49,10 @@ pub struct Config {
 
     /// Log aggregator HTTP API address (`host:port` or URL), one per `--logagg` in the same
     /// order. On each new connection the host asks it for its cursor and sends again what
-    /// its disk log holds after it (spec §3.5). Without it, only the last lines sent before
-    /// a connection broke are sent again.
+    /// its disk log holds after it (spec §3.5). Without it (no default: the API's port is
+    /// the aggregator's own setting) that resume is off, which is logged at start-up: only
+    /// the last lines sent before a connection broke, and lines the buffer dropped, are sent
+    /// again; an aggregator restarted empty does not get the host's older lines back.
     #[arg(long, env = "FLYNN_LOGAGG_API", value_delimiter = ',')]
     pub logagg_api: Vec<String>,
 
@@ -59,10 +61,16 @@ pub struct Config {
     #[arg(long, env = "FLYNN_LOG_DISK_BYTES", default_value_t = 64 << 20)]
     pub log_disk_bytes: u64,
 
-    /// Lines buffered while the log aggregator is unreachable; beyond it the oldest are
-    /// dropped and counted.
+    /// Lines buffered (per aggregator) while the log aggregator is unreachable; beyond it
+    /// the oldest lines of the app holding the most are dropped and counted.
     #[arg(long, env = "FLYNN_LOG_BUFFER", default_value_t = 10_000)]
     pub log_buffer: usize,
+
+    /// Bytes of lines buffered (per aggregator) while the log aggregator is unreachable;
+    /// beyond it the oldest lines of the app holding the most bytes are dropped and counted.
+    /// At least 65536.
+    #[arg(long, env = "FLYNN_LOG_BUFFER_BYTES", default_value_t = crate::logship::DEFAULT_BUFFER_BYTES)]
+    pub log_buffer_bytes: usize,
 
     /// discoverd URL (`http://host:1111`) for job service registration.
     #[arg(long, env = "DISCOVERD")]
@@ -160,6 +168,12 @@ impl Config {
         if self.log_buffer == 0 {
             return Err("--log-buffer must be at least 1".into());
         }
+        if self.log_buffer_bytes < crate::logship::MIN_BUFFER_BYTES {
+            return Err(format!(
+                "--log-buffer-bytes must be at least {}",
+                crate::logship::MIN_BUFFER_BYTES
+            ));
+        }
         if !(576..=65_535).contains(&self.mtu) {
             return Err("--mtu must be between 576 and 65535".into());
         }
@@ -210,6 +224,9 @@ mod tests {
         assert!(parse(&["--id", &"a".repeat(27)]).validate().is_ok());
         assert!(parse(&["--id", &"a".repeat(28)]).validate().is_err());
         assert!(parse(&["--log-buffer", "0"]).validate().is_err());
+        assert_eq!(c.log_buffer_bytes, 16 << 20);
+        assert!(parse(&["--log-buffer-bytes", "65535"]).validate().is_err());
+        assert!(parse(&["--log-buffer-bytes", "65536"]).validate().is_ok());
         assert!(parse(&["--bridge-name", "a-very-long-bridge-name"])
             .validate()
             .is_err());

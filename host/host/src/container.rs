@@ -446,9 +446,14 @@ fn convert(ev: ShimEvent) -> ProcEvent {
     };
     match ev {
         ShimEvent::Started { pid } => ProcEvent::Started { pid },
-        ShimEvent::Output { stream: s, line } => ProcEvent::Output {
+        ShimEvent::Output {
+            stream: s,
+            line,
+            newline,
+        } => ProcEvent::Output {
             stream: stream(s),
             line,
+            newline,
         },
         ShimEvent::Terminal { data } => ProcEvent::Terminal { data },
         ShimEvent::Dropped { count, .. } => ProcEvent::Dropped { count },

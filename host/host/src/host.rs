@@ -18,7 +18,7 @@ use flynn_client::discoverd::{self, Heartbeater, Instance};
 use tokio::sync::broadcast;
 
 use crate::job::{self, BoundPort, Exit, StopAction, Table};
-use crate::logship::{now_rfc3339, Shipper, Source, Stream};
+use crate::logship::{now_rfc3339, Shipper, Source};
 use crate::net::Network;
 use crate::runtime::{
     BindMount, Handle, Launch, Limits, ProcEvent, Resizer, Runtime, RuntimeError, Signaller, Stdin,
@@ -263,17 +263,35 @@ impl Host {
     }
 
     /// Attaches a client to a job (`POST /attach`); the connection is then served by
-    /// [`crate::attach::serve`].
+    /// [`crate::attach::serve`]. A job not created yet (Flynn's controller attaches before
+    /// it adds the job) is waited for: the client gets its output from the start, and what
+    /// it asked for is checked once the job is created ([`crate::attach::Attachments::created`]).
     pub fn attach(
         &self,
         req: &flynn_api::attach::AttachRequest,
     ) -> Result<crate::attach::Subscription, ApiError> {
-        let job = self
-            .get(&req.job_id)
-            .ok_or_else(|| ApiError::object_not_found("host: unknown job"))?;
+        let size = crate::attach::window_size(req.height, req.width);
+        let job = {
+            // Under the table lock, as `added` shows a new job and calls `created`: a job
+            // not shown yet finds this client among those waiting for it.
+            let inner = self.lock();
+            match inner.recorded.get(&req.job_id) {
+                Some((_, j)) => j.clone(),
+                // An id no job can have is not waited for.
+                None if !job::valid_id(&req.job_id)
+                    || flynn_container::reserved_id(&req.job_id) =>
+                {
+                    return Err(ApiError::object_not_found("host: unknown job"));
+                }
+                None => {
+                    crate::attach::check_flags(req.flags, true)?;
+                    return self.attach.subscribe_pending(&req.job_id, req.flags, size);
+                }
+            }
+        };
         let config = &job.job.config;
         crate::attach::check_flags(req.flags, config.stdin || config.tty)?;
-        let size = crate::attach::window_size(req.height, req.width).filter(|_| config.tty);
+        let size = size.filter(|_| config.tty);
         self.attach.subscribe(&req.job_id, config.disable_log, size)
     }
 
@@ -293,24 +311,30 @@ impl Host {
         &self.volumes
     }
 
-    /// `DELETE /storage/volumes/:id`: 409 while a starting or running job binds it.
+    /// `DELETE /storage/volumes/:id`: 409 while a starting or running job binds it. The
+    /// volume is taken out of service under the job table's lock (in memory: no job can
+    /// take it after the check), its directory renamed and removed without any lock.
     pub async fn delete_volume(&self, id: &str) -> Result<(), ApiError> {
-        let path = {
+        let detached = {
             let inner = self.lock();
             if let Some(job) = volumes::holder(&inner.table, &inner.kept, id, "") {
                 return Err(ApiError::conflict(format!(
                     "volume {id} is in use by job {job}"
                 )));
             }
-            self.volumes.detach(id).map_err(|e| {
-                tracing::error!(volume = %id, error = ?e, "deleting volume failed");
-                ApiError::unknown()
-            })?
+            self.volumes.detach(id)
         };
-        let path = path.ok_or_else(|| ApiError::object_not_found("volume not found"))?;
+        let detached = detached.ok_or_else(|| ApiError::object_not_found("volume not found"))?;
         let vols = self.volumes.clone();
-        let _ = tokio::task::spawn_blocking(move || vols.purge(&path)).await;
-        Ok(())
+        // Finished even if the request is dropped meanwhile.
+        match tokio::task::spawn_blocking(move || vols.delete(detached)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::error!(volume = %id, error = ?e, "deleting volume failed");
+                Err(ApiError::unknown())
+            }
+            Err(_) => Err(ApiError::unknown()),
+        }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
@@ -841,6 +865,9 @@ impl Host {
             let mut inner = self.lock();
             Self::show(&mut inner, seq, &aj);
             self.broadcast(EventKind::Create, &aj);
+            // Clients that attached before the job was created: attached to it now, before
+            // it starts, so they get all its output.
+            self.attach.created(&aj);
         }
         // A shutdown that began while the record was written: this daemon starts nothing
         // more (the job ends as failed, not started by a daemon on its way out).
@@ -1108,21 +1135,21 @@ impl Host {
         }
         let src = Source::new(job.app_id(), job.process_type(), &id);
         let log = !job.config.disable_log;
-        // A TTY job's output, cut into lines for its log (clients get it raw). The events
-        // holding an incomplete line (a prompt) are not marked dealt with until the line is
-        // complete (or cut, past `terminal::MAX_PARTIAL`), so the runtime does not
-        // acknowledge them: a daemon that dies meanwhile leaves them to the next one, and
-        // the log still gets the whole line.
-        let mut term_lines = crate::terminal::TermLines::default();
+        // The job's output, put together into lines for its log (clients get it as it
+        // came). The events holding an incomplete line (a prompt) are not marked dealt with
+        // until the line is complete (or cut, past `terminal::MAX_PARTIAL`), so the runtime
+        // does not acknowledge them: a daemon that dies meanwhile leaves them to the next
+        // one, and the log still gets the whole line.
+        let mut log_lines = crate::terminal::LogLines::default();
         let mut end: Option<Result<Exit, String>> = None;
         let mut started = false;
         while let Some(ev) = handle.events.recv().await {
-            // The job's last line, if it had no newline, before its end; and a terminal's
-            // partial line before output the shim dropped (its newline may have been in
-            // it): what comes after the gap starts a line of its own.
+            // The job's last lines, if they had no newline, before its end; and partial
+            // lines before output the runtime dropped (their newline may have been in it):
+            // what comes after the gap starts a line of its own.
             let last = matches!(ev, ProcEvent::Exited { .. } | ProcEvent::Failed { .. });
             if (last || matches!(ev, ProcEvent::Dropped { .. })) && log {
-                term_lines.finish(|l| self.logs.push(&src, Stream::Stdout, l));
+                log_lines.finish(|s, l| self.logs.push(&src, s, l));
             }
             match ev {
                 ProcEvent::Started { pid } => {
@@ -1148,7 +1175,7 @@ impl Host {
                     if let Some(c) = change {
                         self.settle(c, Some(EventKind::Start)).await;
                     }
-                    self.attach.started(&id);
+                    self.attach.started(&id).await;
                     // A TTY job's terminal: the latest attached client's size, once (it
                     // started with it, unless a client attached since: the same size
                     // changes nothing).
@@ -1174,20 +1201,28 @@ impl Host {
                         tokio::spawn(async move { host.stop_process(&id).await });
                     }
                 }
-                ProcEvent::Output { stream, line } => {
+                // Attached clients get the output as it came. The only client of a
+                // `disable_log` job holds the output up until it has room for it, so the
+                // event is not dealt with before: the runtime stops reading the job's output
+                // and the job blocks on its writes.
+                ProcEvent::Output {
+                    stream,
+                    line,
+                    newline,
+                } => {
                     if !self.fault_slow_output.is_zero() {
                         tokio::time::sleep(self.fault_slow_output).await;
                     }
                     if log {
-                        self.logs.push(&src, stream, &line);
+                        log_lines.output(stream, &line, newline, |s, l| self.logs.push(&src, s, l));
                     }
-                    self.attach.output(&id, stream, &line);
+                    self.attach.output(&id, stream, &line, newline).await;
                 }
                 ProcEvent::Terminal { data } => {
                     if log {
-                        term_lines.feed(&data, |l| self.logs.push(&src, Stream::Stdout, l));
+                        log_lines.terminal(&data, |s, l| self.logs.push(&src, s, l));
                     }
-                    self.attach.terminal(&id, &data);
+                    self.attach.terminal(&id, &data).await;
                 }
                 ProcEvent::Dropped { count } => self.logs.count_dropped(count),
                 ProcEvent::Exited {
@@ -1205,7 +1240,7 @@ impl Host {
             }
             // Dealt with (its output handed to the host's log): the runtime may acknowledge it,
             // and the events held back for a line that is now complete (or cut).
-            let done = if log { term_lines.release() } else { 1 };
+            let done = if log { log_lines.release() } else { 1 };
             for _ in 0..done {
                 handle.handled.mark();
             }
@@ -1217,7 +1252,7 @@ impl Host {
             self.prepare_next();
         }
         if log {
-            term_lines.finish(|l| self.logs.push(&src, Stream::Stdout, l));
+            log_lines.finish(|s, l| self.logs.push(&src, s, l));
         }
         let end = end.unwrap_or_else(|| Err("lost contact with the job".into()));
         // The end is recorded (persisted, then announced) before anything else: a daemon
@@ -1732,21 +1767,30 @@ impl Host {
         );
         let host = self.clone();
         tokio::spawn(async move {
-            let mut term_lines = crate::terminal::TermLines::default();
+            let mut log_lines = crate::terminal::LogLines::default();
             while let Some(ev) = h.events.recv().await {
                 let last = matches!(ev, ProcEvent::Exited { .. } | ProcEvent::Failed { .. });
                 match ev {
-                    ProcEvent::Output { stream, line } if log => {
-                        host.logs.push(&src, stream, &line)
+                    ProcEvent::Output {
+                        stream,
+                        line,
+                        newline,
+                    } if log => {
+                        log_lines.output(stream, &line, newline, |s, l| host.logs.push(&src, s, l))
                     }
                     ProcEvent::Terminal { data } if log => {
-                        term_lines.feed(&data, |l| host.logs.push(&src, Stream::Stdout, l))
+                        log_lines.terminal(&data, |s, l| host.logs.push(&src, s, l))
                     }
-                    ProcEvent::Dropped { count } => host.logs.count_dropped(count),
+                    ProcEvent::Dropped { count } => {
+                        if log {
+                            log_lines.finish(|s, l| host.logs.push(&src, s, l));
+                        }
+                        host.logs.count_dropped(count)
+                    }
                     _ => {}
                 }
                 if last && log {
-                    term_lines.finish(|l| host.logs.push(&src, Stream::Stdout, l));
+                    log_lines.finish(|s, l| host.logs.push(&src, s, l));
                 }
                 h.handled.mark();
                 if last {

@@ -398,6 +398,7 @@ async fn stop_while_starting_then_lifecycle() {
     tx.send(ProcEvent::Output {
         stream: Stream::Stdout,
         line: b"hi".to_vec(),
+        newline: true,
     })
     .await
     .unwrap();
@@ -504,6 +505,58 @@ async fn volumes_are_exclusive_mounted_and_deleted_on_stop() {
     h.delete_volume(&keep.id).await.unwrap();
     assert!(vols.list().is_empty());
     assert!(!d.path().join("volumes").join(&keep.id).exists());
+}
+
+/// A volume create stalled on the disk (a slow fsync of its record) holds up no job or
+/// volume request. The create used to hold the volume table's lock across its I/O, while a
+/// deletion (or a job's end) waits for that lock holding the job table's: every job request
+/// then waited for the disk too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_volume_create_holds_up_no_other_request() {
+    use flynn_api::host::VolumeCreate;
+
+    let (_d, _rt, h) = open_host();
+    h.add_job(job("a", "x")).await.unwrap();
+    wait_status(&h, "a", JobStatus::Running).await;
+    let vols = h.volumes().clone();
+    let other = vols.create(VolumeCreate::default(), "t".into()).unwrap();
+    struct Release(crate::volumes::Volumes);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.faults().write.hold(false);
+        }
+    }
+    let _release = Release(vols.clone());
+    vols.faults().write.hold(true);
+    let creating = tokio::task::spawn_blocking({
+        let vols = vols.clone();
+        move || vols.create(VolumeCreate::default(), "t".into())
+    });
+    tokio::task::spawn_blocking({
+        let vols = vols.clone();
+        move || vols.faults().write.wait_stalled(1)
+    })
+    .await
+    .unwrap();
+    // From another thread: a held lock blocks it, however the runtime fares.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (h2, rt) = (h.clone(), tokio::runtime::Handle::current());
+    let oid = other.id.clone();
+    std::thread::spawn(move || {
+        let deleted = rt.block_on(h2.delete_volume(&oid)).is_ok();
+        let status = h2.get("a").map(|j| j.status);
+        let listed = h2.volumes().list().len();
+        let _ = tx.send((deleted, status, listed));
+    });
+    let answered = rx
+        .recv_timeout(Duration::from_secs(2))
+        .expect("requests held up by a stalled volume create");
+    assert_eq!(answered, (true, Some(JobStatus::Running), 0));
+    vols.faults().write.hold(false);
+    let made = creating.await.unwrap().unwrap();
+    assert_eq!(vols.list(), [made]);
+    exit_cleanly(&_rt, "a").await;
+    wait_status(&h, "a", JobStatus::Done).await;
 }
 
 /// A job with one TCP port registered as service `web`.

@@ -187,6 +187,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     if cfg.logagg.is_empty() {
         tracing::warn!("no --logagg: job output is not shipped anywhere");
+    } else if cfg.logagg_api.is_empty() {
+        // Spec §3.5's resume needs the aggregator's `/cursors`, on its API port, which
+        // cannot be told from the syslog address.
+        tracing::warn!(
+            logagg = ?cfg.logagg,
+            "no --logagg-api: resuming from the log aggregators' cursors (spec §3.5) is off;              an aggregator restarted empty does not get this host's earlier lines again,              only those in flight or dropped from the buffer are resent"
+        );
     }
     let disk = if cfg.log_disk_bytes > 0 && !cfg.logagg.is_empty() {
         let dir = cfg.state_dir.join("logs");
@@ -213,7 +220,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         })
         .collect();
     let log_disk = disk.clone();
-    let logs = logship::Shipper::start_with(&id, cfg.logagg.clone(), apis, cfg.log_buffer, disk);
+    let capacity = logship::Capacity {
+        lines: cfg.log_buffer,
+        bytes: cfg.log_buffer_bytes,
+    };
+    let logs = logship::Shipper::start_with(&id, cfg.logagg.clone(), apis, capacity, disk);
     // `--discoverd`, else what discoverd announced to a previous daemon.
     let discoverd = match &cfg.discoverd {
         Some(url) => Some(flynn_api::host::DiscoverdNotify {

@@ -3,9 +3,10 @@
 //!
 //! Each line becomes `<190>1 TIMESTAMP HOST-ID APP-ID TYPE.JOB-ID MSGID [flynn seq="N"]
 //! LINE` (facility local7, severity info, microsecond UTC timestamps, `ID1` stdout, `ID2`
-//! stderr). Lines longer than [`MAX_LINE`] are split. The buffer holds at most
-//! `capacity` frames; when it is full the oldest frame is dropped and counted, the count
-//! is logged and exported in `/host/status` and `/metrics`. A batch whose write fails is
+//! stderr). Lines longer than [`MAX_LINE`] are split. Each aggregator's buffer holds at
+//! most [`Capacity`] frames and bytes, kept per app; when it is full the oldest frame of the
+//! app holding the most is dropped (see [`Queue`]) and counted, the count is logged and
+//! exported in `/host/status` and `/metrics`. A batch whose write fails is
 //! put back at the front and sent again after reconnecting. With the host's disk log
 //! ([`crate::logdisk`]) and the aggregator's API address, a new connection first sends what
 //! the disk holds after the aggregator's cursor for this host (spec §3.5); without them,
@@ -147,14 +148,155 @@ impl Stored {
     }
 }
 
+/// How much one aggregator's send queue holds while the aggregator is away (or slow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Frames (`--log-buffer`).
+    pub lines: usize,
+    /// Bytes of frames (`--log-buffer-bytes`; at least [`MIN_BUFFER_BYTES`]).
+    pub bytes: usize,
+}
+
+/// A send queue's byte budget unless one is given: 10,000 lines of the longest kind would
+/// be about 100 MB per aggregator.
+pub const DEFAULT_BUFFER_BYTES: usize = 16 << 20;
+/// The least byte budget: a few of the longest frames.
+pub const MIN_BUFFER_BYTES: usize = 64 << 10;
+
+/// `lines` frames, and the default byte budget.
+impl From<usize> for Capacity {
+    fn from(lines: usize) -> Capacity {
+        Capacity {
+            lines,
+            bytes: DEFAULT_BUFFER_BYTES,
+        }
+    }
+}
+
+/// One aggregator's send queue, per app: each app's frames oldest first, every frame with
+/// its place in push order, in which they are taken (across apps). Over budget, the oldest
+/// frame of the app holding the most lines (over the byte budget: the most bytes) leaves
+/// it, so during an outage one chatty app pushes out its own lines, not every app's; a
+/// quiet app keeps what it wrote. (Flynn's logmux keeps a buffer per app for that.)
+#[derive(Default)]
+struct Queue {
+    apps: std::collections::BTreeMap<Arc<str>, AppQueue>,
+    lines: usize,
+    bytes: usize,
+    /// The next frame's place in push order.
+    next: u64,
+}
+
+#[derive(Default)]
+struct AppQueue {
+    frames: VecDeque<(u64, Frame)>,
+    bytes: usize,
+}
+
+impl Queue {
+    fn len(&self) -> usize {
+        self.lines
+    }
+
+    fn push_back(&mut self, f: Frame) {
+        let n = self.next;
+        self.next += 1;
+        self.insert(n, f, false);
+    }
+
+    /// Puts back a frame [`Queue::take`] took (the newest of them first): ahead of the
+    /// frames of its app, all pushed after it.
+    fn push_front(&mut self, n: u64, f: Frame) {
+        self.insert(n, f, true);
+    }
+
+    fn insert(&mut self, n: u64, f: Frame, front: bool) {
+        let len = f.1.len();
+        let a = self.apps.entry(f.0.clone()).or_default();
+        a.bytes += len;
+        if front {
+            a.frames.push_front((n, f));
+        } else {
+            a.frames.push_back((n, f));
+        }
+        self.lines += 1;
+        self.bytes += len;
+    }
+
+    /// The oldest frame of `app`.
+    fn pop(&mut self, app: &Arc<str>) -> Option<(u64, Frame)> {
+        let a = self.apps.get_mut(app)?;
+        let f = a.frames.pop_front()?;
+        a.bytes -= f.1 .1.len();
+        if a.frames.is_empty() {
+            self.apps.remove(app);
+        }
+        self.lines -= 1;
+        self.bytes -= f.1 .1.len();
+        Some(f)
+    }
+
+    /// Takes up to `max` frames in push order (with their places, for
+    /// [`Queue::push_front`]).
+    fn take(&mut self, max: usize) -> Vec<(u64, Frame)> {
+        use std::cmp::Reverse;
+        let mut heads: std::collections::BinaryHeap<Reverse<(u64, Arc<str>)>> = self
+            .apps
+            .iter()
+            .filter_map(|(app, a)| Some(Reverse((a.frames.front()?.0, app.clone()))))
+            .collect();
+        let mut out = Vec::with_capacity(max.min(self.lines));
+        while out.len() < max {
+            let Some(Reverse((_, app))) = heads.pop() else {
+                break;
+            };
+            let Some(f) = self.pop(&app) else { continue };
+            out.push(f);
+            if let Some(next) = self.apps.get(&app).and_then(|a| a.frames.front()) {
+                heads.push(Reverse((next.0, app)));
+            }
+        }
+        out
+    }
+
+    /// While over `cap`: the frame that leaves, the oldest of the app holding the most
+    /// (lines when over the line budget, else bytes; of equals, the one with the oldest
+    /// frame).
+    fn evict(&mut self, cap: Capacity) -> Option<Frame> {
+        use std::cmp::Reverse;
+        let by_lines = self.lines > cap.lines;
+        if !by_lines && self.bytes <= cap.bytes {
+            return None;
+        }
+        let app = self
+            .apps
+            .iter()
+            .max_by_key(|(_, a)| {
+                let size = if by_lines { a.frames.len() } else { a.bytes };
+                (size, Reverse(a.frames.front().map_or(u64::MAX, |f| f.0)))
+            })
+            .map(|(app, _)| app.clone())?;
+        self.pop(&app).map(|(_, f)| f)
+    }
+
+    /// The disk position of the first queued frame (in push order, which is disk order)
+    /// that has one.
+    fn first_pos(&self) -> Option<crate::logdisk::Pos> {
+        self.apps
+            .values()
+            .filter_map(|a| a.frames.iter().find_map(|(_, f)| f.2.pos()))
+            .min()
+    }
+}
+
 /// One aggregator: its queue and counters.
 struct Dest {
     host: String,
     /// The aggregator's HTTP API (for `/cursors`), if known.
     api: Option<String>,
     disk: Option<Arc<crate::logdisk::DiskLog>>,
-    capacity: usize,
-    queue: Mutex<VecDeque<Frame>>,
+    capacity: Capacity,
+    queue: Mutex<Queue>,
     /// Lines dropped per app since the last notice was queued.
     lost_by_app: Mutex<std::collections::BTreeMap<Arc<str>, u64>>,
     notify: Notify,
@@ -182,8 +324,10 @@ struct Dest {
 /// disk can no longer give them back.
 #[derive(Default)]
 struct Dropped {
-    /// From the first one's position to the end of the last one (the queue drops its
-    /// oldest, and is in disk order, so every frame between was sent).
+    /// From the first one's position to the end of the last one. Every frame between was
+    /// sent, dropped too, or is still queued (a quiet app's frame the queue kept while a
+    /// chatty app's around it left, see [`Queue`]): that one goes out twice, and the
+    /// aggregator ignores the copy.
     range: Option<(crate::logdisk::Pos, crate::logdisk::Pos)>,
     by_app: std::collections::BTreeMap<Arc<str>, u64>,
 }
@@ -248,8 +392,8 @@ struct Shared {
     dests: Vec<Arc<Dest>>,
     disk: Option<Arc<crate::logdisk::DiskLog>>,
     disk_errors: AtomicU64,
-    /// Held across a push's disk write and its queue inserts, so every queue is in disk
-    /// order (a resend relies on it: what a queue dropped lies before what it holds).
+    /// Held across a push's disk write and its queue inserts, so every queue's push order
+    /// is disk order (a resend relies on it).
     order: Arc<Mutex<()>>,
 }
 
@@ -263,7 +407,7 @@ pub struct Shipper {
 
 impl Shipper {
     /// Starts one shipping task per address (needs a tokio runtime), without a disk log.
-    pub fn start(host: &str, addrs: Vec<String>, capacity: usize) -> Shipper {
+    pub fn start(host: &str, addrs: Vec<String>, capacity: impl Into<Capacity>) -> Shipper {
         Self::start_with(host, addrs, Vec::new(), capacity, None)
     }
 
@@ -274,9 +418,14 @@ impl Shipper {
         host: &str,
         addrs: Vec<String>,
         apis: Vec<String>,
-        capacity: usize,
+        capacity: impl Into<Capacity>,
         disk: Option<Arc<crate::logdisk::DiskLog>>,
     ) -> Shipper {
+        let capacity = capacity.into();
+        let capacity = Capacity {
+            lines: capacity.lines.max(1),
+            bytes: capacity.bytes.max(MIN_BUFFER_BYTES),
+        };
         let seq = Arc::new(AtomicU64::new(0));
         let order = Arc::new(Mutex::new(()));
         let dests: Vec<Arc<Dest>> = addrs
@@ -287,8 +436,8 @@ impl Shipper {
                     host: host.to_string(),
                     api: apis.get(i).cloned(),
                     disk: disk.clone(),
-                    capacity: capacity.max(1),
-                    queue: Mutex::new(VecDeque::new()),
+                    capacity,
+                    queue: Mutex::new(Queue::default()),
                     lost_by_app: Mutex::new(Default::default()),
                     notify: Notify::new(),
                     shipped: AtomicU64::new(0),
@@ -381,15 +530,13 @@ impl Shipper {
             {
                 let mut q = d.queue.lock().unwrap_or_else(|e| e.into_inner());
                 for (i, f) in frames.iter().enumerate() {
-                    if q.len() >= d.capacity {
-                        if let Some(lost) = q.pop_front() {
-                            if d.lost(lost) {
-                                dropped += 1;
-                            }
-                        }
-                    }
                     let stored = at.get(i).map_or(Stored::Nowhere, |&p| Stored::Disk(p));
                     q.push_back((app.clone(), f.clone(), stored));
+                    while let Some(lost) = q.evict(d.capacity) {
+                        if d.lost(lost) {
+                            dropped += 1;
+                        }
+                    }
                 }
             }
             if dropped > 0 {
@@ -398,7 +545,7 @@ impl Shipper {
                 if total == dropped || total / 1000 != (total - dropped) / 1000 {
                     tracing::warn!(
                         dropped_total = total,
-                        "log aggregator unreachable and the log buffer is full: dropping the oldest lines"
+                        "log aggregator unreachable and the log buffer is full: dropping the oldest lines of the apps holding the most"
                     );
                 }
             }
@@ -604,9 +751,7 @@ impl Dest {
         let queued = {
             let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
             let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            q.iter()
-                .find_map(|(_, _, stored)| stored.pos())
-                .unwrap_or_else(|| disk.end())
+            q.first_pos().unwrap_or_else(|| disk.end())
         };
         let from = [written, resent, due_from, restart_from, Some(queued)]
             .into_iter()
@@ -805,8 +950,8 @@ enum Start {
 
 /// Writes frames from the disk log: the range the queue dropped (see [`Dropped`]), and on a
 /// new connection also what follows the aggregator's cursor for this host (`GET /cursors`,
-/// with `--logagg-api`) or else the recent frames, up to where the send queue starts (the
-/// queue follows). Dropped lines the disk no longer has get their notice. A failed write
+/// with `--logagg-api`) or else the recent frames, up to where the send queue starts, or
+/// to the end of the dropped range if that is further (the queue follows). Dropped lines the disk no longer has get their notice. A failed write
 /// leaves the dropped range due for the next attempt.
 async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start: Start) -> Resend {
     let Some(disk) = s.disk.clone() else {
@@ -848,9 +993,11 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
     let min = min_pos;
     let due_from = dropped.range.map(|r| r.0);
     let (from, to) = match connect {
-        // Up to the queue: the queue is in disk order, so everything dropped lies before.
-        // With a cursor, what precedes it arrived (except due frames resent lately, which
-        // went out after newer ones); without one, the recent frames may not have.
+        // Up to the queue, or to the end of what it dropped if that is further (it keeps a
+        // quiet app's old frames while a chatty app's later ones leave; queued frames in
+        // between go out twice). With a cursor, what precedes it arrived (except due frames
+        // resent lately, which went out after newer ones); without one, the recent frames
+        // may not have.
         Some((recent, resent)) => {
             let from = match point {
                 Some(p) => min(min(due_from, Some(p)), resent),
@@ -862,11 +1009,13 @@ async fn resend_from_disk(s: &Arc<Dest>, conn: &mut tokio::net::TcpStream, start
             let until = {
                 let _order = s.order.lock().unwrap_or_else(|e| e.into_inner());
                 let q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
-                q.iter()
-                    .find_map(|(_, _, stored)| stored.pos())
-                    .or_else(|| Some(disk.end()))
+                q.first_pos().unwrap_or_else(|| disk.end())
             };
-            (from, until)
+            let until = match dropped.range {
+                Some((_, end)) => until.max(end),
+                None => until,
+            };
+            (from, Some(until))
         }
         None => (due_from, dropped.range.map(|r| r.1)),
     };
@@ -1038,11 +1187,12 @@ async fn run(s: Arc<Dest>, addr: String) {
         s.connected.store(true, Ordering::Relaxed);
         tracing::info!(addr = %addr, "connected to the log aggregator");
         loop {
-            let mut batch: Vec<Frame> = s.take_notices();
+            // Notices first (place 0: put back, they stay ahead of their app's lines).
+            let mut batch: Vec<(u64, Frame)> =
+                s.take_notices().into_iter().map(|f| (0, f)).collect();
             {
                 let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
-                let n = q.len().min(256);
-                batch.extend(q.drain(..n));
+                batch.extend(q.take(256));
             }
             if batch.is_empty()
                 && tokio::time::Instant::now() >= resync_after
@@ -1084,15 +1234,15 @@ async fn run(s: Arc<Dest>, addr: String) {
                 }
                 continue;
             }
-            let mut buf = Vec::with_capacity(batch.iter().map(|(_, f, _)| f.len()).sum());
-            for (_, f, _) in &batch {
+            let mut buf = Vec::with_capacity(batch.iter().map(|(_, (_, f, _))| f.len()).sum());
+            for (_, (_, f, _)) in &batch {
                 buf.extend_from_slice(f);
             }
             let res = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&buf)).await;
             if matches!(res, Ok(Ok(()))) {
                 s.shipped.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 let now = tokio::time::Instant::now();
-                for f in batch {
+                for (_, f) in batch {
                     recent.push(f, now);
                 }
                 if now.duration_since(marks_at) >= Duration::from_secs(1) {
@@ -1103,20 +1253,18 @@ async fn run(s: Arc<Dest>, addr: String) {
             }
             // Put the batch back (oldest first), within capacity.
             let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
-            let mut lost = 0u64;
+            for (n, f) in batch.into_iter().rev() {
+                q.push_front(n, f);
+            }
             let mut lost_frames = Vec::new();
-            for f in batch.into_iter().rev() {
-                if q.len() >= s.capacity {
-                    lost += 1;
-                    lost_frames.push(f);
-                    continue;
-                }
-                q.push_front(f);
+            while let Some(f) = q.evict(s.capacity) {
+                lost_frames.push(f);
             }
             drop(q);
+            let mut lost = 0u64;
             for f in lost_frames {
-                if !s.lost(f) {
-                    lost -= 1;
+                if s.lost(f) {
+                    lost += 1;
                 }
             }
             if lost > 0 {
@@ -1661,6 +1809,260 @@ mod tests {
         sh.push(&Source::new(Some("a"), None, "j"), Stream::Stdout, b"new");
         let got = read_all_of(&mut c, &[b"new".to_vec()]).await;
         assert_eq!(got, vec![b"new".to_vec()]);
+    }
+
+    /// Reads framed messages from `c` until every one of `want` (app, text) has come (or
+    /// 20 s): (app, text) of each, in arrival order.
+    async fn read_apps_until(
+        c: &mut tokio::net::TcpStream,
+        want: &[(&str, &[u8])],
+    ) -> Vec<(String, Vec<u8>)> {
+        let framer = flynn_syslog::Framer::new(20_000);
+        let mut buf = bytes::BytesMut::new();
+        let mut msgs: Vec<(String, Vec<u8>)> = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let has = |msgs: &[(String, Vec<u8>)]| {
+            want.iter()
+                .all(|(a, w)| msgs.iter().any(|(b, m)| a == b && m == w))
+        };
+        while !has(&msgs) && tokio::time::Instant::now() < deadline {
+            let mut b = vec![0u8; 1 << 20];
+            let n = match tokio::time::timeout(Duration::from_secs(10), c.read(&mut b)).await {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => break,
+            };
+            buf.extend_from_slice(&b[..n]);
+            while let Ok(Some(f)) = framer.next_frame(&mut buf) {
+                let m = flynn_syslog::Message::parse(f);
+                msgs.push((
+                    String::from_utf8_lossy(m.app_name()).to_string(),
+                    m.msg().to_vec(),
+                ));
+            }
+        }
+        msgs
+    }
+
+    /// While the aggregator is away, a chatty app that overflows the buffer pushes out its
+    /// own oldest lines, not a quiet app's: the buffer used to be one FIFO for the whole
+    /// host, so app `a`'s output dropped `b`'s line. `a` gets its drop notice, `b` none.
+    #[tokio::test]
+    async fn a_chatty_app_overflows_the_buffer_with_its_own_lines_only() {
+        let addr = down_addr();
+        let sh = Shipper::start("h", vec![addr.to_string()], 5);
+        let (a, b) = (
+            Source::new(Some("a"), None, "ja"),
+            Source::new(Some("b"), None, "jb"),
+        );
+        sh.push(&b, Stream::Stdout, b"quiet");
+        for i in 0..20 {
+            sh.push(&a, Stream::Stdout, format!("chatty{i}").as_bytes());
+        }
+        let st = sh.stats();
+        assert_eq!((st.lines, st.dropped, st.buffered), (21, 16, 5));
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let notice: &[u8] =
+            b"flynn-host: 16 log lines were dropped while the log aggregator was unreachable";
+        let got = read_apps_until(
+            &mut c,
+            &[("b", b"quiet"), ("a", b"chatty19"), ("a", notice)],
+        )
+        .await;
+        let texts: Vec<(&str, String)> = got
+            .iter()
+            .map(|(a, m)| (a.as_str(), String::from_utf8_lossy(m).to_string()))
+            .collect();
+        assert!(
+            got.contains(&("b".into(), b"quiet".to_vec())),
+            "the quiet app's line was pushed out: {texts:?}"
+        );
+        assert!(got.contains(&("a".into(), notice.to_vec())), "{texts:?}");
+        let kept: Vec<_> = got
+            .iter()
+            .filter(|(app, m)| app == "a" && m.starts_with(b"chatty"))
+            .map(|(_, m)| m.clone())
+            .collect();
+        assert_eq!(kept, lines("chatty", 20)[16..]);
+        assert!(
+            !got.iter()
+                .any(|(app, m)| app == "b" && m.starts_with(b"flynn-host:")),
+            "{texts:?}"
+        );
+    }
+
+    /// The buffer is bounded in bytes too (10,000 lines of 10 KB were 100 MB): over the
+    /// byte budget the app holding the most bytes loses its oldest lines, and a quiet app's
+    /// short line stays.
+    #[tokio::test]
+    async fn the_buffer_is_bounded_in_bytes_per_app() {
+        let addr = down_addr();
+        let cap = Capacity {
+            lines: 10_000,
+            bytes: MIN_BUFFER_BYTES,
+        };
+        let sh = Shipper::start("h", vec![addr.to_string()], cap);
+        let (a, b) = (
+            Source::new(Some("a"), None, "ja"),
+            Source::new(Some("b"), None, "jb"),
+        );
+        sh.push(&b, Stream::Stdout, b"quiet");
+        let big = "x".repeat(9_000);
+        for i in 0..40 {
+            sh.push(&a, Stream::Stdout, format!("{i} {big}").as_bytes());
+        }
+        let bytes = sh.shared.dests[0].queue.lock().unwrap().bytes;
+        assert!(bytes <= MIN_BUFFER_BYTES, "{bytes} bytes buffered");
+        let st = sh.stats();
+        assert!(st.dropped >= 30, "{st:?}");
+        assert_eq!(st.buffered + st.dropped, 41);
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let last = format!("39 {big}");
+        let got = read_apps_until(&mut c, &[("b", b"quiet"), ("a", last.as_bytes())]).await;
+        assert!(
+            got.contains(&("b".into(), b"quiet".to_vec())),
+            "the quiet app's line was pushed out"
+        );
+    }
+
+    /// With the disk log: a chatty app's output during an outage is more than the disk log
+    /// keeps, so the quiet app's line is gone from the disk too; the memory buffer kept it
+    /// (it used to drop it, and it was lost with a notice).
+    #[tokio::test]
+    async fn a_quiet_apps_line_outlives_the_disk_log_in_the_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        // The least the disk log keeps: 8 MiB.
+        let disk = Arc::new(crate::logdisk::DiskLog::open(dir.path(), 0).unwrap());
+        let addr = down_addr();
+        let sh = Shipper::start_with(
+            "h",
+            vec![addr.to_string()],
+            Vec::new(),
+            5,
+            Some(disk.clone()),
+        );
+        let (a, b) = (
+            Source::new(Some("a"), None, "ja"),
+            Source::new(Some("b"), None, "jb"),
+        );
+        sh.push(&b, Stream::Stdout, b"quiet");
+        let first = disk.start();
+        let big = "x".repeat(9_000);
+        let n = 1_500;
+        for i in 0..n {
+            sh.push(&a, Stream::Stdout, format!("{i} {big}").as_bytes());
+        }
+        disk.sync().unwrap();
+        assert!(
+            !disk.holds(first),
+            "the disk log still holds the quiet line"
+        );
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let last = format!("{} {big}", n - 1);
+        let got = read_apps_until(&mut c, &[("b", b"quiet"), ("a", last.as_bytes())]).await;
+        assert!(
+            got.contains(&("b".into(), b"quiet".to_vec())),
+            "the quiet app's line was lost"
+        );
+        assert!(
+            !got.iter()
+                .any(|(app, m)| app == "b" && m.starts_with(b"flynn-host:")),
+            "a drop notice for the quiet app"
+        );
+    }
+
+    /// Frames the buffer dropped can now lie after frames it kept (a quiet app's): on
+    /// reconnect the disk resend goes to the end of what was dropped, not only up to the
+    /// queue's first frame (which would send none of them), and every line arrives.
+    #[tokio::test]
+    async fn lines_dropped_after_a_quiet_apps_queued_line_come_from_the_disk_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(crate::logdisk::DiskLog::open(dir.path(), 0).unwrap());
+        let addr = down_addr();
+        let sh = Shipper::start_with("h", vec![addr.to_string()], Vec::new(), 5, Some(disk));
+        let (a, b) = (
+            Source::new(Some("a"), None, "ja"),
+            Source::new(Some("b"), None, "jb"),
+        );
+        sh.push(&b, Stream::Stdout, b"quiet");
+        let want = lines("chatty", 100);
+        for w in &want {
+            sh.push(&a, Stream::Stdout, w);
+        }
+        assert_eq!(sh.stats().requeued, 96);
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let (mut c, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut all = want.clone();
+        all.push(b"quiet".to_vec());
+        let got = read_all_of(&mut c, &all).await;
+        let missing: Vec<_> = all
+            .iter()
+            .filter(|w| !got.contains(w))
+            .map(|w| String::from_utf8_lossy(w).to_string())
+            .collect();
+        assert!(missing.is_empty(), "never came: {missing:?}");
+        assert!(!got.iter().any(|m| m.starts_with(b"flynn-host:")));
+        assert_eq!(sh.stats().dropped, 0);
+    }
+
+    /// The queue takes frames in push order across apps, puts a batch back ahead of its
+    /// apps' later frames, and finds its first disk position in push order.
+    #[test]
+    fn the_queue_keeps_push_order_across_apps() {
+        let frame = |app: &str, text: &str, pos: Option<u64>| -> Frame {
+            (
+                Arc::from(app),
+                Arc::from(text.as_bytes()),
+                pos.map_or(Stored::Nowhere, |offset| {
+                    Stored::Disk(crate::logdisk::Pos { seg: 0, offset })
+                }),
+            )
+        };
+        let text = |v: &[(u64, Frame)]| -> Vec<String> {
+            v.iter()
+                .map(|(_, f)| String::from_utf8_lossy(&f.1).to_string())
+                .collect()
+        };
+        let mut q = Queue::default();
+        q.push_back(frame("a", "a1", None));
+        q.push_back(frame("b", "b1", Some(10)));
+        q.push_back(frame("a", "a2", Some(20)));
+        q.push_back(frame("c", "c1", Some(30)));
+        assert_eq!(q.first_pos().map(|p| p.offset), Some(10));
+        let batch = q.take(3);
+        assert_eq!(text(&batch), ["a1", "b1", "a2"]);
+        q.push_back(frame("a", "a3", Some(40)));
+        for (n, f) in batch.into_iter().rev() {
+            q.push_front(n, f);
+        }
+        assert_eq!((q.len(), q.bytes), (5, 10));
+        // Over a budget of 2 lines: `a` holds the most, twice; then `a`, `b` and `c` tie at one
+        // and the oldest goes.
+        let cap = Capacity {
+            lines: 2,
+            bytes: 1 << 20,
+        };
+        let mut evicted = Vec::new();
+        while let Some(f) = q.evict(cap) {
+            evicted.push(String::from_utf8_lossy(&f.1).to_string());
+        }
+        assert_eq!(evicted, ["a1", "a2", "b1"]);
+        assert_eq!(text(&q.take(10)), ["c1", "a3"]);
+        assert_eq!((q.len(), q.bytes, q.apps.len()), (0, 0, 0));
     }
 
     #[tokio::test]

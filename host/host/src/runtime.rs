@@ -10,10 +10,10 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::logship::{Stream, MAX_LINE};
+use crate::logship::Stream;
 
 /// Resource limits of a job (`None` = unlimited).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -99,9 +99,15 @@ pub enum ProcEvent {
     Started {
         pid: u32,
     },
+    /// Output bytes of the job as it wrote them, without the newline that ends them
+    /// (`newline`: it wrote one). Bytes of one line each: all of it, or a piece whose rest
+    /// follows in the stream's next events (`!newline`: a line longer than 64 KiB, or bytes
+    /// the job wrote without a newline yet, sent as they are read, so a prompt is not held
+    /// back).
     Output {
         stream: Stream,
         line: Vec<u8>,
+        newline: bool,
     },
     /// Bytes a TTY job wrote to its terminal, raw (no line structure).
     Terminal {
@@ -380,13 +386,15 @@ impl Runtime for ProcessRuntime {
             .stdin
             .take()
             .map(|s| stdin_writer(move || Ok(s), || {}));
-        let (tx, rx) = mpsc::channel(1024);
+        // Up to 64 events of up to 64 KiB (4 MiB, as the container shim's buffer) wait for
+        // the daemon; beyond that the readers wait, and the job blocks on its writes.
+        let (tx, rx) = mpsc::channel(64);
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         tokio::spawn(async move {
             let _ = tx.send(ProcEvent::Started { pid }).await;
-            let out = stdout.map(|s| tokio::spawn(read_lines(s, Stream::Stdout, tx.clone())));
-            let err = stderr.map(|s| tokio::spawn(read_lines(s, Stream::Stderr, tx.clone())));
+            let out = stdout.map(|s| tokio::spawn(read_output(s, Stream::Stdout, tx.clone())));
+            let err = stderr.map(|s| tokio::spawn(read_output(s, Stream::Stderr, tx.clone())));
             let status = child.wait().await;
             // Children of the job that still hold its pipes must not keep it alive.
             for t in [out, err].into_iter().flatten() {
@@ -448,27 +456,27 @@ pub fn send_signal_group(pgid: u32, sig: i32) -> std::io::Result<()> {
     nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig).map_err(std::io::Error::from)
 }
 
-/// Splits a pipe into lines (without the newline); lines longer than [`MAX_LINE`] are
-/// delivered in pieces.
-async fn read_lines<R: AsyncRead + Unpin>(r: R, stream: Stream, tx: mpsc::Sender<ProcEvent>) {
-    let mut r = BufReader::with_capacity(64 * 1024, r);
-    let mut line = Vec::new();
+/// Reads a pipe into [`ProcEvent::Output`]s as the container shim does: each read is cut
+/// at its newlines, and the bytes after the last one go at once as a piece without a newline
+/// (pieces of at most 64 KiB).
+async fn read_output<R: AsyncRead + Unpin>(mut r: R, stream: Stream, tx: mpsc::Sender<ProcEvent>) {
+    let mut buf = vec![0u8; flynn_container::MAX_LINE];
     loop {
-        line.clear();
-        let mut limited = (&mut r).take(MAX_LINE as u64);
-        match limited.read_until(b'\n', &mut line).await {
+        let n = match r.read(&mut buf).await {
             Ok(0) | Err(_) => return,
-            Ok(_) => {
-                if line.last() == Some(&b'\n') {
-                    line.pop();
-                }
-                let ev = ProcEvent::Output {
-                    stream,
-                    line: std::mem::take(&mut line),
-                };
-                if tx.send(ev).await.is_err() {
-                    return;
-                }
+            Ok(n) => n,
+        };
+        let mut events = Vec::new();
+        flynn_container::split_output(&buf[..n], false, |piece, newline| {
+            events.push(ProcEvent::Output {
+                stream,
+                line: piece.to_vec(),
+                newline,
+            })
+        });
+        for ev in events {
+            if tx.send(ev).await.is_err() {
+                return;
             }
         }
     }
@@ -476,7 +484,53 @@ async fn read_lines<R: AsyncRead + Unpin>(r: R, stream: Stream, tx: mpsc::Sender
 
 #[cfg(test)]
 mod tests {
-    use super::Described;
+    use super::*;
+
+    /// A pipe's bytes come out as written: lines with `newline`, and what follows the last
+    /// newline of a read at once, as a piece without one (no newline is added, none lost).
+    #[tokio::test]
+    async fn pipe_output_keeps_the_bytes_and_says_where_newlines_were() {
+        let (mut w, r) = tokio::io::duplex(1 << 20);
+        let (tx, mut rx) = mpsc::channel(1024);
+        let reader = tokio::spawn(read_output(r, Stream::Stderr, tx));
+        w.write_all(b"Password: ").await.unwrap();
+        // The prompt arrives without its newline, before any more is written.
+        let ev = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the prompt at once");
+        assert_eq!(
+            ev,
+            Some(ProcEvent::Output {
+                stream: Stream::Stderr,
+                line: b"Password: ".to_vec(),
+                newline: false,
+            })
+        );
+        let mut written = b"Password: ".to_vec();
+        for chunk in [&b"secret\nnext\n\n"[..], &[b'x'; 200_000], b"\ntail"] {
+            w.write_all(chunk).await.unwrap();
+            written.extend_from_slice(chunk);
+        }
+        drop(w);
+        reader.await.unwrap();
+        let mut got = b"Password: ".to_vec();
+        while let Some(ev) = rx.recv().await {
+            let ProcEvent::Output {
+                stream: Stream::Stderr,
+                line,
+                newline,
+            } = ev
+            else {
+                panic!("{ev:?}")
+            };
+            assert!(line.len() <= flynn_container::MAX_LINE);
+            got.extend_from_slice(&line);
+            if newline {
+                got.push(b'\n');
+            }
+        }
+        assert_eq!(got, written);
+    }
 
     /// A kept job's host ports are its `PORT` and `PORT_n` (digits after the underscore),
     /// and `env` finds a variable by its whole name.

@@ -5,9 +5,18 @@
 //! `<id>/volume.json` (the [`Volume`] record, written to a temp file and renamed into
 //! place, fsynced by the [`Syncer`] like the job records) and `<id>/data/` (what jobs
 //! see at their binding's `target`). A volume being deleted is first renamed to
-//! `.deleting-<id>` (one atomic step: it is gone for the API and for a restarted daemon),
-//! then removed; leftovers of that kind are removed at start-up. A directory without a
-//! readable record is logged and left alone, never deleted.
+//! `.deleting-<id>-<nonce>` (one atomic step: it is gone for a restarted daemon; a name of
+//! its own, so a leftover of an earlier deletion of the same id, whose removal failed or is
+//! still running, never blocks it), then removed; leftovers of that kind are removed in the
+//! background at start-up. A directory without a readable record is logged and left alone,
+//! never deleted.
+//!
+//! No file I/O happens under the volume table's lock (nor under the job table's, which
+//! [`Volumes::detach`] is called with): a create takes its id in the table first (as
+//! being created, shown nowhere), makes the directory and record without the lock, then
+//! shows the volume; a deletion marks the volume as being deleted (gone for the API and for
+//! new jobs at once), then renames and removes its directory without the lock. A slow disk
+//! holds up only the create or delete waiting on it.
 //!
 //! Which job holds a volume is not stored separately: it follows from the job table
 //! (a starting or running job binding it), so re-adopted jobs hold their volumes after a
@@ -114,11 +123,53 @@ pub fn check_free(table: &Table, kept: &Kept, job: &Job) -> Result<(), ApiError>
     Ok(())
 }
 
+/// A volume id's place in the table.
+enum Slot {
+    Ready(Volume),
+    /// Its directory and record are being made: the id is taken, the volume not shown.
+    Creating,
+    /// Its directory is being renamed away: gone for the API and for new jobs.
+    Deleting,
+}
+
 struct Shared {
     dir: PathBuf,
     host_id: String,
     sync: Syncer,
-    vols: Mutex<BTreeMap<String, Volume>>,
+    vols: Mutex<BTreeMap<String, Slot>>,
+    /// TEST ONLY: where the volume I/O can be held up.
+    #[cfg(test)]
+    faults: Arc<Faults>,
+}
+
+/// A volume taken out of service by [`Volumes::detach`] whose directory is still in place:
+/// hand it to [`Volumes::delete`] (blocking I/O: without locks, off the runtime).
+#[derive(Debug)]
+#[must_use = "a detached volume stays in the table until it is deleted"]
+pub struct Detached {
+    vol: Volume,
+}
+
+impl Detached {
+    pub fn id(&self) -> &str {
+        &self.vol.id
+    }
+}
+
+/// Takes a create's id back out of the table unless the create completed (a failed or
+/// panicking create leaves the id free).
+struct Reservation<'a> {
+    vols: &'a Volumes,
+    id: String,
+    done: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.vols.lock().remove(&self.id);
+        }
+    }
 }
 
 /// The host's volumes; cheap to clone.
@@ -128,9 +179,24 @@ pub struct Volumes {
 }
 
 impl Volumes {
-    /// Opens (creating) `dir`, removes deletions a previous daemon left half done and
-    /// loads every volume with a readable record.
+    /// Opens (creating) `dir` and loads every volume with a readable record. Deletions a
+    /// previous daemon left half done are finished by a background thread.
     pub fn open(dir: &Path, host_id: &str, sync: Syncer) -> Result<Volumes, VolumeError> {
+        Self::open_with(
+            dir,
+            host_id,
+            sync,
+            #[cfg(test)]
+            Arc::default(),
+        )
+    }
+
+    fn open_with(
+        dir: &Path,
+        host_id: &str,
+        sync: Syncer,
+        #[cfg(test)] faults: Arc<Faults>,
+    ) -> Result<Volumes, VolumeError> {
         // Absolute: the data directories are bind-mount sources.
         let dir = std::fs::create_dir_all(dir)
             .and_then(|()| std::fs::canonicalize(dir))
@@ -144,14 +210,20 @@ impl Volumes {
                 host_id: host_id.to_string(),
                 sync,
                 vols: Mutex::new(BTreeMap::new()),
+                #[cfg(test)]
+                faults,
             }),
         };
-        let loaded = v.load();
-        *v.lock() = loaded;
+        let (loaded, leftovers) = v.load();
+        *v.lock() = loaded
+            .into_iter()
+            .map(|(id, vol)| (id, Slot::Ready(vol)))
+            .collect();
+        v.purge_leftovers(leftovers);
         Ok(v)
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Volume>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Slot>> {
         self.shared.vols.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -159,17 +231,19 @@ impl Volumes {
         &self.shared.dir
     }
 
-    fn load(&self) -> BTreeMap<String, Volume> {
+    /// The volumes with a readable record, and the directories of deletions a previous
+    /// daemon did not finish.
+    fn load(&self) -> (BTreeMap<String, Volume>, Vec<PathBuf>) {
         let mut out = BTreeMap::new();
+        let mut leftovers = Vec::new();
         let Ok(rd) = std::fs::read_dir(self.dir()) else {
-            return out;
+            return (out, leftovers);
         };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             let path = e.path();
             if name.starts_with(DELETING) {
-                tracing::info!(path = %path.display(), "finishing an interrupted volume deletion");
-                self.purge(&path);
+                leftovers.push(path);
                 continue;
             }
             match read_record(&path, &name) {
@@ -181,10 +255,34 @@ impl Volumes {
                 }
             }
         }
-        out
+        (out, leftovers)
     }
 
-    /// Creates a volume (a new random UUID unless the request names one).
+    /// Removes what deletions cut short by a previous daemon left, on a thread of its own:
+    /// a big volume takes a while, and the daemon's start does not wait for it.
+    fn purge_leftovers(&self, leftovers: Vec<PathBuf>) {
+        if leftovers.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("volume-purge".into())
+            .spawn(move || {
+                #[cfg(test)]
+                me.shared.faults.purge.pass();
+                for path in leftovers {
+                    tracing::info!(path = %path.display(), "finishing an interrupted volume deletion");
+                    me.purge(&path);
+                }
+            });
+        if let Err(e) = spawned {
+            // Left for the next start.
+            tracing::error!(error = %e, "cannot start removing the leftovers of volume deletions");
+        }
+    }
+
+    /// Creates a volume (a new random UUID unless the request names one). Blocking I/O,
+    /// done without the table's lock: only the id is taken under it.
     pub fn create(&self, req: VolumeCreate, now: String) -> Result<Volume, VolumeError> {
         let id = if req.id.is_empty() {
             uuid::Uuid::new_v4().hyphenated().to_string()
@@ -198,17 +296,34 @@ impl Volumes {
             meta: req.meta,
             created_at: now,
         };
-        let mut vols = self.lock();
-        if vols.contains_key(&id) {
-            return Err(VolumeError::Exists { id });
-        }
-        let root = self.dir().join(&id);
+        let mut reserved = {
+            let mut vols = self.lock();
+            // Also one being created or deleted (its directory is still there).
+            if vols.contains_key(&id) {
+                return Err(VolumeError::Exists { id });
+            }
+            vols.insert(id.clone(), Slot::Creating);
+            Reservation {
+                vols: self,
+                id: id.clone(),
+                done: false,
+            }
+        };
+        self.make(&vol)?;
+        self.lock().insert(id, Slot::Ready(vol.clone()));
+        reserved.done = true;
+        Ok(vol)
+    }
+
+    /// Makes `vol`'s directory, data directory and record.
+    fn make(&self, vol: &Volume) -> Result<(), VolumeError> {
+        let root = self.dir().join(&vol.id);
         // `create_dir`, not `_all`: a directory already there (a record this daemon could
         // not read) is somebody's data and is not reused.
         match std::fs::create_dir(&root) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(VolumeError::Exists { id });
+                return Err(VolumeError::Exists { id: vol.id.clone() });
             }
             Err(source) => return Err(VolumeError::Io { path: root, source }),
         }
@@ -218,9 +333,11 @@ impl Volumes {
         // again in the syncer's next pass.
         let write = || -> std::io::Result<()> {
             std::fs::create_dir(root.join(DATA_DIR))?;
+            #[cfg(test)]
+            self.shared.faults.write.pass();
             self.shared
                 .sync
-                .write(&record, &serde_json::to_vec(&vol).unwrap_or_default())
+                .write(&record, &serde_json::to_vec(vol).unwrap_or_default())
         };
         if let Err(source) = write() {
             // Only what was made just now.
@@ -229,17 +346,26 @@ impl Volumes {
         }
         // The new volume's name in the volume directory.
         self.shared.sync.dir(self.dir());
-        vols.insert(id, vol.clone());
-        Ok(vol)
+        Ok(())
     }
 
     pub fn get(&self, id: &str) -> Option<Volume> {
-        self.lock().get(id).cloned()
+        match self.lock().get(id) {
+            Some(Slot::Ready(v)) => Some(v.clone()),
+            _ => None,
+        }
     }
 
     /// Every volume, oldest first.
     pub fn list(&self) -> Vec<Volume> {
-        let mut v: Vec<Volume> = self.lock().values().cloned().collect();
+        let mut v: Vec<Volume> = self
+            .lock()
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready(v) => Some(v.clone()),
+                _ => None,
+            })
+            .collect();
         v.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
         v
     }
@@ -253,10 +379,10 @@ impl Volumes {
         (data && parts.next().is_none()).then_some(id)
     }
 
-    /// Where volume `id`'s data is on the host.
+    /// Where volume `id`'s data is on the host (`None` also while it is being created or
+    /// deleted).
     pub fn data_path(&self, id: &str) -> Option<PathBuf> {
-        self.lock()
-            .contains_key(id)
+        matches!(self.lock().get(id), Some(Slot::Ready(_)))
             .then(|| self.dir().join(id).join(DATA_DIR))
     }
 
@@ -278,27 +404,42 @@ impl Volumes {
             .collect()
     }
 
-    /// Takes volume `id` out of service: it is gone for the API and, once this returns,
-    /// for a restarted daemon too (its directory renamed to `.deleting-<id>`). Returns that
-    /// path for [`Volumes::purge`]; `None` for an unknown volume.
-    pub fn detach(&self, id: &str) -> Result<Option<PathBuf>, VolumeError> {
+    /// Takes volume `id` out of service, in memory only (no I/O: called with the job
+    /// table locked): it is gone for the API and no job can mount it. `None` for an unknown
+    /// volume (or one being created or deleted). Its directory goes with
+    /// [`Volumes::delete`]; until then its id stays taken.
+    pub fn detach(&self, id: &str) -> Option<Detached> {
         let mut vols = self.lock();
-        if !vols.contains_key(id) {
-            return Ok(None);
+        let slot = vols.get_mut(id)?;
+        if !matches!(slot, Slot::Ready(_)) {
+            return None;
         }
-        let from = self.dir().join(id);
-        let to = self.dir().join(format!("{DELETING}{id}"));
-        std::fs::rename(&from, &to).map_err(|source| VolumeError::Io {
-            path: from.clone(),
-            source,
-        })?;
-        self.shared.sync.dir(self.dir());
-        vols.remove(id);
-        Ok(Some(to))
+        match std::mem::replace(slot, Slot::Deleting) {
+            Slot::Ready(vol) => Some(Detached { vol }),
+            _ => unreachable!("checked above"),
+        }
     }
 
-    /// Removes a detached volume's directory (blocking; may take a while for big volumes).
-    pub fn purge(&self, path: &Path) {
+    /// Renames a detached volume's directory to `.deleting-<id>-<nonce>` (from then on it is
+    /// gone for a restarted daemon too, and its id is free), then removes it (blocking; may
+    /// take a while for a big volume). When the rename fails the volume is back in service.
+    pub fn delete(&self, d: Detached) -> Result<(), VolumeError> {
+        let id = d.vol.id.clone();
+        let from = self.dir().join(&id);
+        let nonce = uuid::Uuid::new_v4().simple().to_string();
+        let to = self.dir().join(format!("{DELETING}{id}-{nonce}"));
+        if let Err(source) = std::fs::rename(&from, &to) {
+            self.lock().insert(id, Slot::Ready(d.vol));
+            return Err(VolumeError::Io { path: from, source });
+        }
+        self.shared.sync.dir(self.dir());
+        self.lock().remove(&id);
+        self.purge(&to);
+        Ok(())
+    }
+
+    /// Removes a renamed volume's directory (blocking; may take a while for big volumes).
+    fn purge(&self, path: &Path) {
         if let Err(e) = std::fs::remove_dir_all(path) {
             tracing::error!(path = %path.display(), error = %e, "removing a deleted volume failed");
         }
@@ -307,22 +448,24 @@ impl Volumes {
 
     /// Deletes `job`'s `delete_on_stop` volumes: called as the job ends, with the job table
     /// locked, so no other job can take a volume between the job's end and its deletion.
-    /// The directories are removed in the background.
+    /// Only the table changes here; the directories are renamed and removed in the
+    /// background (on the runtime's blocking pool, or at once without a runtime).
     pub fn release(&self, job: &Job) {
         for b in job.config.volumes.iter().filter(|b| b.delete_on_stop) {
-            match self.detach(&b.volume) {
-                Ok(Some(path)) => {
-                    tracing::info!(job = %job.id, volume = %b.volume, "deleting volume on stop");
-                    let me = self.clone();
-                    match tokio::runtime::Handle::try_current() {
-                        Ok(h) => drop(h.spawn_blocking(move || me.purge(&path))),
-                        Err(_) => me.purge(&path),
-                    }
+            let Some(d) = self.detach(&b.volume) else {
+                continue;
+            };
+            tracing::info!(job = %job.id, volume = %b.volume, "deleting volume on stop");
+            let me = self.clone();
+            let (job_id, vol_id) = (job.id.clone(), b.volume.clone());
+            let delete = move || {
+                if let Err(e) = me.delete(d) {
+                    tracing::error!(job = %job_id, volume = %vol_id, error = ?e, "deleting volume on stop failed");
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(job = %job.id, volume = %b.volume, error = ?e, "deleting volume on stop failed")
-                }
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => drop(h.spawn_blocking(delete)),
+                Err(_) => delete(),
             }
         }
     }
@@ -330,6 +473,62 @@ impl Volumes {
     /// Waits until every change so far is on disk.
     pub fn flush(&self) {
         self.shared.sync.flush();
+    }
+
+    /// TEST ONLY: where the volume I/O can be held up.
+    #[cfg(test)]
+    pub(crate) fn faults(&self) -> &Faults {
+        &self.shared.faults
+    }
+}
+
+/// TEST ONLY: points where the volume I/O can be held (as a stalled disk would).
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Faults {
+    /// A create, just before its record is written (fsynced).
+    pub write: Gate,
+    /// The start-up removal of leftovers, before it begins.
+    pub purge: Gate,
+}
+
+/// TEST ONLY: while held, whoever passes waits (counted in `stalled`).
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Gate {
+    held: Mutex<bool>,
+    cv: std::sync::Condvar,
+    pub stalled: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(test)]
+impl Gate {
+    pub fn hold(&self, on: bool) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = on;
+        self.cv.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if *held {
+            self.stalled
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        while *held {
+            held = self.cv.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Waits (at most 10 s) until `n` callers are held here.
+    pub fn wait_stalled(&self, n: usize) {
+        let t0 = std::time::Instant::now();
+        while self.stalled.load(std::sync::atomic::Ordering::SeqCst) < n {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "never stalled"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }
 
@@ -434,17 +633,208 @@ mod tests {
             b"kept"
         );
 
-        let doomed = again.detach(&a.id).unwrap().unwrap();
+        // A daemon that died between the rename and the removal.
+        let detached = again.detach(&a.id).unwrap();
         assert!(again.get(&a.id).is_none() && again.data_path(&a.id).is_none());
-        assert_eq!(again.detach(&a.id).unwrap(), None);
-        // A daemon that died before the removal finishes it at start-up.
+        assert!(again.detach(&a.id).is_none());
+        let doomed = d.path().join(format!(".deleting-{}-0123", a.id));
+        std::fs::rename(d.path().join(&a.id), &doomed).unwrap();
+        drop(detached);
+        // The next one finishes it at start-up (in the background).
         let third = open(d.path());
-        assert!(!doomed.exists());
         assert_eq!(third.list(), vec![b.clone()]);
-        let p = third.detach(&b.id).unwrap().unwrap();
-        third.purge(&p);
-        assert!(!p.exists() && !d.path().join(&b.id).exists());
+        wait_gone(&doomed);
+        let detached = third.detach(&b.id).unwrap();
+        assert_eq!(detached.id(), b.id);
+        third.delete(detached).unwrap();
+        assert!(!d.path().join(&b.id).exists());
+        assert_eq!(leftovers(d.path()), Vec::<String>::new());
         assert!(open(d.path()).list().is_empty());
+    }
+
+    fn wait_gone(p: &Path) {
+        let t0 = std::time::Instant::now();
+        while p.exists() {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "{} never removed",
+                p.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// The `.deleting-` entries of `dir`.
+    fn leftovers(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with(DELETING))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Runs `f` on a thread of its own: its answer, or `None` when it takes over 2 s.
+    fn within_2s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(2)).ok()
+    }
+
+    /// Lets a held gate go when dropped (a failing test must not leave threads stuck).
+    struct Release<'a>(&'a Gate);
+
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.hold(false);
+        }
+    }
+
+    /// A create whose record write is stalled (a slow fsync) holds up no other volume call:
+    /// the table's lock used to be held across the create's I/O, so `get`, `list`, job
+    /// starts (`mounts`) and deletions (`detach`, called with the job table locked) all
+    /// waited for the disk. Its id is taken meanwhile, and it shows once made.
+    #[test]
+    fn a_stalled_create_holds_up_no_other_call() {
+        let d = tempfile::tempdir().unwrap();
+        let v = open(d.path());
+        let other = v.create(VolumeCreate::default(), "t0".into()).unwrap();
+        let named = "0b7e7d3c-6b55-4d6f-9d77-0a1c2b3d4e5f";
+        let _release = Release(&v.faults().write);
+        v.faults().write.hold(true);
+        let creating = std::thread::spawn({
+            let v = v.clone();
+            move || {
+                v.create(
+                    VolumeCreate {
+                        id: named.into(),
+                        ..VolumeCreate::default()
+                    },
+                    "t1".into(),
+                )
+            }
+        });
+        v.faults().write.wait_stalled(1);
+        let v2 = v.clone();
+        let oid = other.id.clone();
+        let got = within_2s(move || {
+            let listed = v2.list();
+            let got = v2.get(&oid);
+            let unseen = v2.get(named).is_none() && v2.data_path(named).is_none();
+            let taken = matches!(
+                v2.create(
+                    VolumeCreate {
+                        id: named.into(),
+                        ..VolumeCreate::default()
+                    },
+                    "t".into()
+                ),
+                Err(VolumeError::Exists { .. })
+            );
+            let deleted = v2.detach(&oid).map(|d| v2.delete(d).is_ok());
+            (listed, got, unseen, taken, deleted)
+        })
+        .expect("volume calls held up by a stalled create");
+        assert_eq!(
+            got,
+            (
+                vec![other.clone()],
+                Some(other.clone()),
+                true,
+                true,
+                Some(true)
+            )
+        );
+        v.faults().write.hold(false);
+        let made = creating.join().unwrap().unwrap();
+        assert_eq!(v.list(), vec![made]);
+        assert!(v.data_path(named).unwrap().is_dir());
+    }
+
+    /// A failed create frees its id.
+    #[test]
+    fn a_failed_create_frees_its_id() {
+        let d = tempfile::tempdir().unwrap();
+        let v = open(d.path());
+        let id = "11111111-2222-4333-8444-555555555555";
+        // A plain file where its directory would go: the create fails.
+        std::fs::write(d.path().join(id), b"x").unwrap();
+        let req = VolumeCreate {
+            id: id.into(),
+            ..VolumeCreate::default()
+        };
+        assert!(matches!(
+            v.create(req.clone(), "t".into()),
+            Err(VolumeError::Exists { .. })
+        ));
+        std::fs::remove_file(d.path().join(id)).unwrap();
+        assert_eq!(v.create(req, "t".into()).unwrap().id, id);
+    }
+
+    /// A leftover `.deleting-<id>` (an earlier deletion of the same id whose removal
+    /// failed, or is still running) does not make the volume undeletable: deletions rename
+    /// to a name of their own. It used to be the fixed `.deleting-<id>`, and the rename
+    /// onto a non-empty directory failed (500) until the daemon restarted.
+    #[test]
+    fn a_leftover_of_an_earlier_deletion_blocks_no_deletion() {
+        let d = tempfile::tempdir().unwrap();
+        let v = open(d.path());
+        let id = "0b7e7d3c-6b55-4d6f-9d77-0a1c2b3d4e5f";
+        let stale = d.path().join(format!(".deleting-{id}"));
+        std::fs::create_dir_all(stale.join("data")).unwrap();
+        std::fs::write(stale.join("data").join("f"), b"old").unwrap();
+        let req = || VolumeCreate {
+            id: id.into(),
+            ..VolumeCreate::default()
+        };
+        v.create(req(), "t".into()).unwrap();
+        v.delete(v.detach(id).unwrap()).unwrap();
+        assert!(v.get(id).is_none() && !d.path().join(id).exists());
+        // Twice: the first deletion's name is not reused either.
+        v.create(req(), "t".into()).unwrap();
+        let mut j = Job::default();
+        j.config.volumes = vec![VolumeBinding {
+            target: "/d".into(),
+            volume: id.into(),
+            delete_on_stop: true,
+            ..VolumeBinding::default()
+        }];
+        v.release(&j);
+        assert!(v.get(id).is_none() && !d.path().join(id).exists());
+        assert_eq!(leftovers(d.path()), [format!(".deleting-{id}")]);
+    }
+
+    /// Leftovers of deletions are removed in the background at start-up: a daemon killed
+    /// while deleting a big volume does not wait for that removal before serving.
+    #[test]
+    fn leftovers_are_removed_in_the_background_at_start() {
+        let d = tempfile::tempdir().unwrap();
+        let a = open(d.path())
+            .create(VolumeCreate::default(), "t".into())
+            .unwrap();
+        let stale = d
+            .path()
+            .join(".deleting-11111111-2222-4333-8444-555555555555-abc");
+        std::fs::create_dir_all(stale.join("data")).unwrap();
+        let faults = Arc::new(Faults::default());
+        let _release = Release(&faults.purge);
+        faults.purge.hold(true);
+        let path = d.path().to_path_buf();
+        let f2 = faults.clone();
+        let opened = within_2s(move || {
+            Volumes::open_with(&path, "h1", Syncer::start(), f2)
+                .unwrap()
+                .list()
+        })
+        .expect("the start waited for the removal of a deletion's leftovers");
+        assert_eq!(opened, [a]);
+        faults.purge.wait_stalled(1);
+        assert!(stale.exists());
+        faults.purge.hold(false);
+        wait_gone(&stale);
     }
 
     /// The record is written the way job records are ([`Syncer::write`]: its data fsynced
@@ -636,7 +1026,7 @@ mod tests {
         v.release(&j);
         assert_eq!(v.list(), vec![keep.clone()]);
         assert!(!d.path().join(&drop_.id).exists());
-        assert!(!d.path().join(format!(".deleting-{}", drop_.id)).exists());
+        assert_eq!(leftovers(d.path()), Vec::<String>::new());
         let e = v.mounts(&j).unwrap_err();
         assert_eq!(e, format!("volume: unknown volume {}", drop_.id));
     }

@@ -23,7 +23,7 @@ use super::layout::{Layout, SHIM_ARG, SPARE_ARG};
 use super::terminal::{end_of_input, read_input, set_window, write_input};
 use crate::outbox::{Outbox, DEFAULT_CAPACITY};
 use crate::spec::{valid_id, ContainerSpec};
-use crate::wire::{self, Frame, ShimEvent, Stream, MAX_LINE};
+use crate::wire::{self, Frame, ShimEvent, Stream};
 
 /// Entry point of the shim process. Reads `--flynn-shim <state_dir> <id>` from the command line
 /// (after whatever leading arguments the program itself needs) and never returns.
@@ -254,7 +254,11 @@ fn serve(layout: &Layout, ready: OwnedFd, ns_ready: bool) -> Result<(), String> 
     Ok(())
 }
 
-/// Splits a pipe's bytes into lines; a terminal's (`raw`) go as they were read.
+/// Cuts a pipe's bytes into output events ([`wire::split_output`]): lines, and the bytes
+/// after the last newline as a piece of a line at once while a daemon is connected (a prompt
+/// reaches an attached client before its newline); while none is, those wait here for their
+/// newline, so output that does not fit in the buffer is dropped and counted as whole lines.
+/// A terminal's bytes (`raw`) go as they were read.
 struct Lines {
     stream: Stream,
     buf: Vec<u8>,
@@ -281,28 +285,24 @@ impl Lines {
             }
             return;
         }
-        self.buf.extend_from_slice(data);
-        let mut start = 0;
-        while let Some(nl) = self.buf[start..].iter().position(|&b| b == b'\n') {
-            let end = start + nl;
-            let mut s = start;
-            while end - s > MAX_LINE {
-                out.push_output(self.stream, self.buf[s..s + MAX_LINE].to_vec(), may_drop);
-                s += MAX_LINE;
-            }
-            out.push_output(self.stream, self.buf[s..end].to_vec(), may_drop);
-            start = end + 1;
-        }
-        self.buf.drain(..start);
-        while self.buf.len() >= MAX_LINE {
-            let chunk: Vec<u8> = self.buf.drain(..MAX_LINE).collect();
-            out.push_output(self.stream, chunk, may_drop);
+        let stream = self.stream;
+        let push = |piece: &[u8], newline| {
+            out.push_output(stream, piece.to_vec(), newline, may_drop);
+        };
+        if self.buf.is_empty() {
+            let used = wire::split_output(data, may_drop, push);
+            self.buf.extend_from_slice(&data[used..]);
+        } else {
+            self.buf.extend_from_slice(data);
+            let used = wire::split_output(&self.buf, may_drop, push);
+            self.buf.drain(..used);
         }
     }
 
+    /// Sends a partial line held back (at the pipe's end, or once a daemon is connected).
     fn flush(&mut self, out: &mut Outbox, may_drop: bool) {
         if !self.buf.is_empty() {
-            out.push_output(self.stream, std::mem::take(&mut self.buf), may_drop);
+            out.push_output(self.stream, std::mem::take(&mut self.buf), false, may_drop);
         }
     }
 }
@@ -570,6 +570,11 @@ impl ShimLoop {
             self.poll(&mut fds, timeout);
             if fds[0].revents != 0 {
                 self.accept();
+                // A partial line that waited while no daemon was connected goes now.
+                if self.client.is_some() {
+                    out.flush(&mut self.outbox, false);
+                    err.flush(&mut self.outbox, false);
+                }
             }
             if fds.len() > 5 && fds[5].revents != 0 {
                 self.read_client();
@@ -689,42 +694,100 @@ fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::MAX_LINE;
 
-    fn lines(out: &mut Outbox) -> Vec<Vec<u8>> {
+    /// The output events in `out`: (bytes, newline).
+    fn lines(out: &mut Outbox) -> Vec<(Vec<u8>, bool)> {
         out.reconnect();
         let mut buf = Vec::new();
         out.encode_unsent(&mut buf, usize::MAX);
         let mut got = Vec::new();
-        while let Some(Frame::Event(ShimEvent::Output { line, .. })) =
+        while let Some(Frame::Event(ShimEvent::Output { line, newline, .. })) =
             wire::decode(&mut buf).unwrap()
         {
-            got.push(line);
+            got.push((line, newline));
         }
         got
     }
 
-    #[test]
-    fn lines_split_across_reads_and_at_max_line() {
-        let mut out = Outbox::new(1 << 30);
-        let mut l = Lines {
+    fn pipe() -> Lines {
+        Lines {
             stream: Stream::Stdout,
             buf: Vec::new(),
             open: true,
             raw: false,
-        };
-        l.feed(b"he", &mut out, false);
-        l.feed(b"llo\nwor", &mut out, false);
-        l.feed(b"ld\n\n", &mut out, false);
+        }
+    }
+
+    /// With no daemon connected, a partial line waits for its newline (what is dropped for
+    /// want of room is whole lines); lines longer than MAX_LINE go in pieces.
+    #[test]
+    fn lines_split_across_reads_and_at_max_line() {
+        let mut out = Outbox::new(1 << 30);
+        let mut l = pipe();
+        l.feed(b"he", &mut out, true);
+        l.feed(b"llo\nwor", &mut out, true);
+        l.feed(b"ld\n\n", &mut out, true);
         let long = vec![b'a'; MAX_LINE * 2 + 5];
-        l.feed(&long, &mut out, false);
-        l.feed(b"\ntail", &mut out, false);
-        l.flush(&mut out, false);
+        l.feed(&long, &mut out, true);
+        l.feed(b"\ntail", &mut out, true);
+        l.flush(&mut out, true);
         let got = lines(&mut out);
-        let lens: Vec<usize> = got.iter().map(Vec::len).collect();
-        assert_eq!(lens, vec![5, 5, 0, MAX_LINE, MAX_LINE, 5, 4]);
-        assert_eq!(got[0], b"hello");
-        assert_eq!(got[1], b"world");
-        assert_eq!(got[6], b"tail");
+        let shape: Vec<(usize, bool)> = got.iter().map(|(l, nl)| (l.len(), *nl)).collect();
+        assert_eq!(
+            shape,
+            vec![
+                (5, true),
+                (5, true),
+                (0, true),
+                (MAX_LINE, false),
+                (MAX_LINE, false),
+                (5, true),
+                (4, false)
+            ]
+        );
+        assert_eq!(got[0].0, b"hello");
+        assert_eq!(got[1].0, b"world");
+        assert_eq!(got[6].0, b"tail");
+    }
+
+    /// With a daemon connected the bytes after a read's last newline go at once, marked as
+    /// having no newline: the job's bytes come out exactly as written, a prompt included.
+    #[test]
+    fn a_connected_daemon_gets_partial_lines_at_once() {
+        let mut out = Outbox::new(1 << 30);
+        let mut l = pipe();
+        l.feed(b"Password: ", &mut out, false);
+        assert_eq!(lines(&mut out), vec![(b"Password: ".to_vec(), false)]);
+        let mut out = Outbox::new(1 << 30);
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut written = Vec::new();
+        for _ in 0..200 {
+            let len = rng.usize(0..3 * MAX_LINE / 2);
+            let chunk: Vec<u8> = (0..len)
+                .map(|_| if rng.u8(..40) == 0 { b'\n' } else { b'x' })
+                .collect();
+            written.extend_from_slice(&chunk);
+            l.feed(&chunk, &mut out, false);
+            assert!(l.buf.is_empty());
+        }
+        let mut got = Vec::new();
+        for (piece, newline) in lines(&mut out) {
+            assert!(piece.len() <= MAX_LINE);
+            got.extend_from_slice(&piece);
+            if newline {
+                got.push(b'\n');
+            }
+        }
+        assert_eq!(got, written);
+        // A partial line held while no daemon was connected goes once one is.
+        let mut out = Outbox::new(1 << 30);
+        l.feed(b"a\nb", &mut out, true);
+        l.flush(&mut out, false);
+        assert_eq!(
+            lines(&mut out),
+            vec![(b"a".to_vec(), true), (b"b".to_vec(), false)]
+        );
     }
 
     /// A terminal's output goes as read: a prompt without a newline is not held back, and

@@ -159,6 +159,8 @@ pub struct Run {
     pub terminal: Vec<u8>,
     pub dropped: u64,
     pub last: Option<ShimEvent>,
+    /// The pieces of a line whose newline has not come yet (stdout, stderr).
+    partial: [Vec<u8>; 2],
 }
 
 impl Run {
@@ -169,19 +171,45 @@ impl Run {
         }
     }
 
+    fn push_line(&mut self, stream: Stream, line: &[u8]) {
+        let line = String::from_utf8_lossy(line).into_owned();
+        match stream {
+            Stream::Stdout => self.stdout.push(line),
+            Stream::Stderr => self.stderr.push(line),
+        }
+    }
+
     pub fn add(&mut self, ev: ShimEvent) {
         match ev {
             ShimEvent::Started { pid } => self.pid = Some(pid),
-            ShimEvent::Output { stream, line } => {
-                let line = String::from_utf8_lossy(&line).into_owned();
-                match stream {
-                    Stream::Stdout => self.stdout.push(line),
-                    Stream::Stderr => self.stderr.push(line),
+            // Lines put together from their pieces, cut at MAX_LINE as the daemon's log
+            // does; a last line without a newline goes at the end.
+            ShimEvent::Output {
+                stream,
+                line,
+                newline,
+            } => {
+                let i = stream as usize;
+                self.partial[i].extend_from_slice(&line);
+                while self.partial[i].len() > flynn_container::MAX_LINE {
+                    let piece: Vec<u8> =
+                        self.partial[i].drain(..flynn_container::MAX_LINE).collect();
+                    self.push_line(stream, &piece);
+                }
+                if newline {
+                    let l = std::mem::take(&mut self.partial[i]);
+                    self.push_line(stream, &l);
                 }
             }
             ShimEvent::Terminal { data } => self.terminal.extend_from_slice(&data),
             ShimEvent::Dropped { count, .. } => self.dropped += count,
             ev => {
+                for stream in [Stream::Stdout, Stream::Stderr] {
+                    let l = std::mem::take(&mut self.partial[stream as usize]);
+                    if !l.is_empty() {
+                        self.push_line(stream, &l);
+                    }
+                }
                 assert!(
                     self.last.is_none(),
                     "two final events: {:?} {ev:?}",

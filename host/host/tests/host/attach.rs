@@ -66,10 +66,17 @@ async fn next(a: &mut Attached) -> Option<Frame> {
         .expect("a well-formed frame")
 }
 
-/// Adds a process job running `script` and attaches to it at once with `flags`.
+/// Attaches with `flags` to job `job`, not created yet (the host waits for it, as for
+/// Flynn's controller), then adds it: the client gets all its output.
+async fn attach_then_add(c: &Client, job: &flynn_client::host::Job, flags: u32) -> Attached {
+    let a = c.attach(&req(&job.id, flags)).await.unwrap();
+    c.add_job(job).await.unwrap();
+    a
+}
+
+/// Attaches with `flags` to a process job running `script`, then adds it.
 async fn run_attached(c: &Client, id: &str, script: &str, flags: u32) -> Attached {
-    c.add_job(&sh_job(id, script)).await.unwrap();
-    c.attach(&req(id, flags)).await.unwrap()
+    attach_then_add(c, &sh_job(id, script), flags).await
 }
 
 /// Attaches to `disable_log` job `id` (stdout), trying again for up to 5 s while it is
@@ -98,13 +105,15 @@ async fn attach_streams_output_and_the_exit_status() {
     let h = Host::start(PROC);
     let c = &h.client;
 
-    // The job waits before writing, so the attach (right after the PUT) sees all of it.
+    // Attached before the job was added, so it sees all of it; bytes as written (no
+    // newline added to the last).
     let id = h.job_id("att");
-    let script = "sleep 0.5; echo out1; echo err1 >&2; printf 'no newline'; exit 3";
+    let script = "echo out1; echo err1 >&2; printf 'no newline'; exit 3";
     let mut a = run_attached(c, &id, script, STDOUT | STDERR | STREAM).await;
     let seen = read_all(&mut a).await;
     assert!(seen.attached(), "{seen:?}");
-    assert_eq!(String::from_utf8_lossy(&seen.stdout), "out1\nno newline\n");
+    assert_eq!(seen.status[0], Frame::Waiting, "{seen:?}");
+    assert_eq!(String::from_utf8_lossy(&seen.stdout), "out1\nno newline");
     assert_eq!(String::from_utf8_lossy(&seen.stderr), "err1\n");
     assert_eq!(seen.eof, [1, 2]);
     assert_eq!(seen.exit, Some(3));
@@ -118,7 +127,7 @@ async fn attach_streams_output_and_the_exit_status() {
 
     // Only the streams asked for.
     let id = h.job_id("erronly");
-    let script = "sleep 0.5; echo out; echo err >&2";
+    let script = "echo out; echo err >&2";
     let mut a = run_attached(c, &id, script, STDERR | STREAM).await;
     let seen = read_all(&mut a).await;
     assert!(seen.attached(), "{seen:?}");
@@ -195,9 +204,9 @@ async fn attach_writes_stdin_and_closes_it() {
     // A job that does not read yet holds the client's input back, and its output still
     // reaches the client meanwhile; nothing is lost once it reads.
     let id = h.job_id("slow");
-    // (It waits before writing, so the attach right after the PUT sees all of it.)
-    add_stdin_job(c, &id, "sleep 0.5; echo ready; sleep 1; wc -c | tr -d ' '").await;
-    let mut a = c.attach(&req(&id, STDOUT | STDIN | STREAM)).await.unwrap();
+    let mut job = sh_job(&id, "echo ready; sleep 1; wc -c | tr -d ' '");
+    job.config.stdin = true;
+    let mut a = attach_then_add(c, &job, STDOUT | STDIN | STREAM).await;
     let mut input = a.take_input().unwrap();
     const LEN: usize = 32 << 20;
     let writer = tokio::spawn(async move {
@@ -273,8 +282,7 @@ async fn attach_forwards_signals_and_reports_a_stop() {
     let c = &h.client;
 
     let id = h.job_id("trap");
-    let script =
-        "trap 'echo got; exit 7' USR1; sleep 0.5; echo ready; while true; do sleep 0.05; done";
+    let script = "trap 'echo got; exit 7' USR1; echo ready; while true; do sleep 0.05; done";
     let mut a = run_attached(c, &id, script, STDOUT | STREAM).await;
     let mut seen = Seen::default();
     while !seen.stdout.ends_with(b"ready\n") {
@@ -309,13 +317,21 @@ async fn attach_refusals_are_json_errors() {
     let h = Host::start(PROC);
     let c = &h.client;
 
-    let e = c
-        .attach(&req(&h.job_id("nope"), STDOUT | STREAM))
-        .await
-        .err()
-        .expect("unknown job refused");
-    let e = e.api().expect("the JSON envelope");
-    assert_eq!((e.status(), e.message.as_str()), (404, "host: unknown job"));
+    // An id no job can have is not waited for (one that can is: see
+    // `attach_waits_for_a_job_not_created_yet`).
+    for bad in ["no such job", "../x", ""] {
+        let e = c
+            .attach(&req(bad, STDOUT | STREAM))
+            .await
+            .err()
+            .expect("unknown job refused");
+        let e = e.api().expect("the JSON envelope");
+        assert_eq!(
+            (e.status(), e.message.as_str()),
+            (404, "host: unknown job"),
+            "{bad:?}"
+        );
+    }
 
     // A job whose output goes nowhere else takes one client at a time.
     let id = h.job_id("quiet");
@@ -458,4 +474,327 @@ async fn api_connections_have_tcp_keepalive() {
     }
     h.client.stop_job(&id).await.unwrap();
     while next(&mut a).await.is_some() {}
+}
+
+/// A process-runtime host with `env` set (the attach time limits,
+/// `FLYNN_HOST_ATTACH_WAIT_MS` and `FLYNN_HOST_ATTACH_WRITE_TIMEOUT_MS`, made short for the
+/// tests of what happens past them).
+fn host_with_env(env: &[(&str, &str)]) -> Host {
+    use std::io::BufRead;
+    let dir = tempfile::Builder::new()
+        .prefix("flynn-host-test")
+        .tempdir()
+        .unwrap();
+    let id = unique("t");
+    let state = dir.path().to_str().unwrap().to_string();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flynn-host"))
+        .args(["--addr", "127.0.0.1:0", "--state-dir", &state, "--id", &id])
+        .args(PROC)
+        .env("FLYNN_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let proc = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if line.starts_with("listening") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a listening line");
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("api="))
+        .expect("api= in the listening line")
+        .to_string();
+    Host {
+        proc: Some(proc),
+        client: Client::new(&format!("http://{addr}")),
+        addr,
+        dir,
+        id,
+    }
+}
+
+/// Attach clients get a job's bytes unchanged: no newline added where the job wrote none,
+/// none inserted into a long run without newlines (`flynn run ... > file`), and a prompt
+/// without a newline as soon as it is written, before the job reads its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_gets_the_bytes_the_job_wrote() {
+    let h = Host::start(PROC);
+    let c = &h.client;
+
+    let id = h.job_id("abc");
+    let mut a = run_attached(c, &id, "printf abc", STDOUT | STREAM).await;
+    let seen = read_all(&mut a).await;
+    assert!(seen.attached(), "{seen:?}");
+    assert_eq!(seen.stdout, b"abc");
+    assert_eq!(seen.exit, Some(0));
+
+    let id = h.job_id("long");
+    let script = "head -c 200000 /dev/zero | tr '\\0' x; printf y >&2; echo z >&2";
+    let mut a = run_attached(c, &id, script, STDOUT | STDERR | STREAM).await;
+    let seen = read_all(&mut a).await;
+    assert_eq!(seen.stdout.len(), 200_000);
+    assert!(
+        seen.stdout.iter().all(|&b| b == b'x'),
+        "only the job's bytes"
+    );
+    assert_eq!(seen.stderr, b"yz\n");
+    assert_eq!(seen.exit, Some(0));
+
+    // The prompt arrives while the job waits for its answer (no input is sent before).
+    let id = h.job_id("prompt");
+    let mut job = sh_job(&id, "printf 'Password: '; read x; echo \"got $x\"");
+    job.config.stdin = true;
+    let mut a = attach_then_add(c, &job, STDOUT | STDIN | STREAM).await;
+    let mut seen = Seen::default();
+    while seen.stdout != b"Password: " {
+        assert!(
+            seen.stdout.len() < 10 && seen.take(next(&mut a).await),
+            "no prompt: {seen:?}"
+        );
+    }
+    let mut input = a.take_input().unwrap();
+    input.stdin(b"s3cret\n").await.unwrap();
+    input.close_stdin().await.unwrap();
+    while seen.take(next(&mut a).await) {}
+    assert_eq!(
+        String::from_utf8_lossy(&seen.stdout),
+        "Password: got s3cret\n"
+    );
+    assert_eq!(seen.exit, Some(0));
+}
+
+/// A client may attach before its job exists (Flynn's controller attaches, then adds the
+/// job): it is told to wait, and gets the job's output from its start. One whose job never
+/// comes gets an error frame once it waited long enough; one that asked for what the job
+/// cannot give gets an error frame when it is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_waits_for_a_job_not_created_yet() {
+    let h = host_with_env(&[("FLYNN_HOST_ATTACH_WAIT_MS", "1500")]);
+    let c = &h.client;
+
+    // Added a moment after the attach: nothing of its output is missed.
+    let id = h.job_id("hi");
+    let mut a = c.attach(&req(&id, STDOUT | STREAM)).await.unwrap();
+    assert_eq!(next(&mut a).await, Some(Frame::Waiting));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.add_job(&sh_job(&id, "echo hi")).await.unwrap();
+    let seen = read_all(&mut a).await;
+    assert_eq!(seen.status, [Frame::Success], "{seen:?}");
+    assert_eq!(seen.stdout, b"hi\n");
+    assert_eq!(seen.exit, Some(0));
+
+    // Never created: an error frame after the wait, and the job is still unknown.
+    let id = h.job_id("never");
+    let t0 = std::time::Instant::now();
+    let mut a = c.attach(&req(&id, STDOUT | STREAM)).await.unwrap();
+    let seen = read_all(&mut a).await;
+    assert!(t0.elapsed() >= Duration::from_millis(1400), "{seen:?}");
+    match &seen.status[..] {
+        [Frame::Waiting, Frame::Error(e)] => assert!(e.contains("unknown job"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(seen.exit, None);
+    // (A job of that id may still be added and attached to.)
+    let mut a = run_attached(c, &id, "echo late", STDOUT | STREAM).await;
+    assert_eq!(read_all(&mut a).await.stdout, b"late\n");
+
+    // Stdin for a job created without it: refused once the job is created; the job runs.
+    let id = h.job_id("nostdin");
+    let mut a = c.attach(&req(&id, STDOUT | STDIN | STREAM)).await.unwrap();
+    c.add_job(&sh_job(&id, "echo ran")).await.unwrap();
+    let seen = read_all(&mut a).await;
+    match &seen.status[..] {
+        [Frame::Waiting, Frame::Error(e)] => assert!(e.contains("stdin"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        wait_ended(c, &id, Duration::from_secs(10))
+            .await
+            .exit_status,
+        Some(0)
+    );
+
+    // A `disable_log` job takes one client: a second one waiting is refused.
+    let id = h.job_id("one");
+    let mut job = sh_job(&id, "echo only");
+    job.config.disable_log = true;
+    let mut first = c.attach(&req(&id, STDOUT | STREAM)).await.unwrap();
+    let mut second = c.attach(&req(&id, STDOUT | STREAM)).await.unwrap();
+    c.add_job(&job).await.unwrap();
+    let seen = read_all(&mut first).await;
+    assert!(seen.attached(), "{seen:?}");
+    assert_eq!((seen.stdout, seen.exit), (b"only\n".to_vec(), Some(0)));
+    let seen = read_all(&mut second).await;
+    assert_eq!(
+        seen.status,
+        [Frame::Waiting, Frame::Error("host: job is attached".into())]
+    );
+}
+
+/// The one client of a `disable_log` job (its output goes nowhere else) is never dropped
+/// for being slow: the job waits for it (as under Flynn), however long it pauses, past the
+/// host's queue bounds and its time limit on a frame (here 1 s), and gets every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_of_a_job_without_log_holds_the_job_up() {
+    let h = host_with_env(&[("FLYNN_HOST_ATTACH_WRITE_TIMEOUT_MS", "1000")]);
+    let c = &h.client;
+    const LEN: usize = 24 << 20;
+    let id = h.job_id("flood");
+    let mut job = sh_job(
+        &id,
+        &format!("head -c {LEN} /dev/zero | tr '\\0' x; echo done >&2"),
+    );
+    job.config.disable_log = true;
+    let mut a = attach_then_add(c, &job, STDOUT | STDERR | STREAM).await;
+    let mut seen = Seen::default();
+    while seen.stdout.len() < 1 << 20 {
+        assert!(seen.take(next(&mut a).await), "ended early: {seen:?}");
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The job waited for the client (what it wrote does not fit in the buffers between).
+    let j = c.get_job(&id).await.unwrap();
+    assert_eq!(j.status, flynn_client::host::JobStatus::Running, "{j:?}");
+    while seen.take(next(&mut a).await) {}
+    assert!(seen.attached(), "{:?}", seen.status);
+    assert_eq!(seen.stdout.len(), LEN);
+    assert!(seen.stdout.iter().all(|&b| b == b'x'));
+    assert_eq!(seen.stderr, b"done\n");
+    assert_eq!(seen.exit, Some(0));
+}
+
+/// The same through the container runtime, whose shim reads the job's pipes (root only,
+/// skipped otherwise; in a network namespace of its own, with busybox jobs on the host's
+/// network of that namespace).
+#[test]
+fn a_container_jobs_bytes_reach_the_client_unchanged() {
+    use std::process::Command;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // The busybox layer (as `containers` builds it: under a private name, renamed).
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tar = dir.join("flynn-host-busybox.tar");
+    let tmp = dir.join(format!("flynn-host-busybox.{}.a.tar", std::process::id()));
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build-busybox.sh");
+    let out = Command::new("sh").arg(&script).arg(&tmp).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::rename(&tmp, &tar).unwrap();
+    let sum = Command::new("sha256sum").arg(&tar).output().unwrap();
+    let sha = String::from_utf8_lossy(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let bb_job = move |id: &str, script: &str| {
+        let mut j = sh_job(id, script);
+        j.mountspecs = vec![flynn_client::host::MountSpec {
+            kind: "tar".into(),
+            url: format!("file://{}", tar.display()),
+            hashes: [("sha256".to_string(), sha.clone())].into(),
+            ..Default::default()
+        }];
+        j.config.host_network = true;
+        j
+    };
+
+    let ns = unique("fha");
+    let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success());
+    ip(&["netns", "add", &ns]);
+    ip(&["-n", &ns, "link", "set", "lo", "up"]);
+    let name = ns.clone();
+    let res = std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let cgroup_parent = unique("flynn-host-test");
+        let mut h = Host::start(&[
+            "--runtime",
+            "container",
+            "--bridge-name",
+            "flynntest0",
+            "--block",
+            "100.100.7.0/24",
+            "--netns-pool",
+            "0",
+            "--cgroup-parent",
+            &cgroup_parent,
+        ]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rt.block_on(async {
+                let c = &h.client;
+                let id = h.job_id("abc");
+                let mut a = attach_then_add(c, &bb_job(&id, "printf abc"), STDOUT | STREAM).await;
+                let seen = read_all(&mut a).await;
+                assert!(seen.attached(), "{seen:?}");
+                assert_eq!((seen.stdout, seen.exit), (b"abc".to_vec(), Some(0)));
+
+                let id = h.job_id("long");
+                let job = bb_job(&id, "head -c 200000 /dev/zero | tr '\\0' x");
+                let mut a = attach_then_add(c, &job, STDOUT | STREAM).await;
+                let seen = read_all(&mut a).await;
+                assert_eq!(seen.stdout.len(), 200_000);
+                assert!(seen.stdout.iter().all(|&b| b == b'x'));
+                assert_eq!(seen.exit, Some(0));
+
+                let id = h.job_id("prompt");
+                let mut job = bb_job(&id, "printf 'Password: ' >&2; read x; echo \"got $x\"");
+                job.config.stdin = true;
+                let mut a = attach_then_add(c, &job, STDOUT | STDERR | STDIN | STREAM).await;
+                let mut seen = Seen::default();
+                while seen.stderr != b"Password: " {
+                    assert!(
+                        seen.stderr.len() < 10 && seen.take(next(&mut a).await),
+                        "no prompt: {seen:?}"
+                    );
+                }
+                let mut input = a.take_input().unwrap();
+                input.stdin(b"s3cret\n").await.unwrap();
+                input.close_stdin().await.unwrap();
+                while seen.take(next(&mut a).await) {}
+                assert_eq!(seen.stdout, b"got s3cret\n");
+                assert_eq!(seen.exit, Some(0));
+            })
+        }));
+        drop(h.proc.take());
+        let containers = h.dir.path().join("containers");
+        for id in flynn_container::Shim::list(&containers) {
+            let _ = flynn_container::Shim::cleanup(&containers, &id);
+        }
+        for e in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::remove_dir(e.path().join(&cgroup_parent));
+        }
+        let _ = std::fs::remove_dir(std::path::Path::new("/sys/fs/cgroup").join(&cgroup_parent));
+        if let Err(p) = res {
+            std::panic::resume_unwind(p);
+        }
+    })
+    .join();
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    if let Err(p) = res {
+        std::panic::resume_unwind(p);
+    }
 }

@@ -224,3 +224,52 @@ async fn storage_api_and_exclusive_use() {
     assert_eq!(e.api().unwrap().status(), 404);
     assert_eq!(h.client.list_volumes().await.unwrap().len(), 2);
 }
+
+/// A Go client's create body (a whole `volume.Info`, `created_at` always in it) is
+/// accepted; and a leftover `.deleting-<id>` of an earlier deletion of the same id (its
+/// removal failed or is still running) does not make the volume undeletable: it used to be
+/// the fixed name every deletion of the id renamed to, and the rename failed (500).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_create_bodies_and_leftovers_of_earlier_deletions() {
+    let h = Host::start(PROC);
+    let a = h.addr.as_str();
+    let id = "0b7e7d3c-6b55-4d6f-9d77-0a1c2b3d4e5f";
+    let stale = h.dir.path().join("volumes").join(format!(".deleting-{id}"));
+    std::fs::create_dir_all(stale.join("data")).unwrap();
+    std::fs::write(stale.join("data").join("f"), b"old").unwrap();
+    let body = format!(
+        r#"{{"id":"{id}","type":"data","meta":{{"k":"v"}},"created_at":"0001-01-01T00:00:00Z"}}"#
+    );
+    let (st, got) = http(
+        a,
+        "POST",
+        "/storage/providers/default/volumes",
+        "application/json",
+        &body,
+    );
+    assert_eq!(st, 200, "{got}");
+    let v = envelope(&got);
+    assert_eq!(
+        (v["id"].as_str(), v["meta"]["k"].as_str()),
+        (Some(id), Some("v"))
+    );
+    assert_ne!(v["created_at"], "0001-01-01T00:00:00Z", "{got}");
+    let path = format!("/storage/volumes/{id}");
+    let (st, got) = http(a, "DELETE", &path, "", "");
+    assert_eq!(st, 200, "{got}");
+    let (st, _) = http(a, "GET", &path, "", "");
+    assert_eq!(st, 404);
+    assert!(!h.dir.path().join("volumes").join(id).exists());
+    // The same id again, created and deleted once more.
+    let (st, got) = http(
+        a,
+        "POST",
+        "/storage/providers/default/volumes",
+        "application/json",
+        &body,
+    );
+    assert_eq!(st, 200, "{got}");
+    let (st, got) = http(a, "DELETE", &path, "", "");
+    assert_eq!(st, 200, "{got}");
+    assert!(h.client.list_volumes().await.unwrap().is_empty());
+}
