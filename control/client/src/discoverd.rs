@@ -9,6 +9,17 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::json_http::{Failure, JsonHttp, MAX_BODY};
 
+/// The most of a service's state the client reads in one piece: an instance list
+/// ([`Client::instances`]) or a watch's replay (the events before `current`, counted in
+/// bytes of event JSON). discoverd takes instance registrations of up to 512 KiB each (its
+/// write body limit) and no limit on how many instances a service has, so no cap fits every
+/// state it can hold. This one is 128 instances of that largest size, or tens of
+/// thousands of usual ones (an id, an address and the job's `FLYNN_*` meta: well under
+/// 1 KiB), far more than a service runs, while what one list or watch holds in memory stays
+/// bounded. A state past it fails with [`Error::TooLarge`]; a watch gives it up and tries
+/// again after 30–60 s (see [`Watch`]).
+pub const MAX_STATE: usize = 64 << 20;
+
 pub use flynn_api::discoverd::{Event, EventKind, Instance, ServiceMeta};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +33,10 @@ pub enum Error {
     /// An answer longer than the client reads (`limit` bytes).
     #[error("discoverd answer longer than {limit} bytes")]
     TooLarge { limit: usize },
-    #[error("discoverd answer is not the JSON expected")]
-    Decode(#[source] serde_json::Error),
+    /// The detail is in the message (callers log errors with `%e`), so it is not also a
+    /// `source`: a report that walks the chain would print it twice.
+    #[error("discoverd answer is not the JSON expected: {0}")]
+    Decode(serde_json::Error),
     /// A request given up without an answer (see [`Client::heartbeat`]).
     #[error("discoverd did not answer in {after:?}")]
     TimedOut { after: Duration },
@@ -113,13 +126,28 @@ pub fn expand_addr(addr: &str, external_ip: Option<&str>) -> Result<String, Erro
 }
 
 /// [`Client::heartbeat`]'s first registration (spec §2.6): tried for this long, at least
-/// [`REGISTER_ATTEMPTS`] times, [`REGISTER_PAUSE`] apart.
+/// [`REGISTER_ATTEMPTS`] times, [`REGISTER_PAUSE`] apart, each attempt given up after
+/// [`REGISTER_TIMEOUT`].
 const REGISTER_FOR: Duration = Duration::from_secs(60);
 const REGISTER_ATTEMPTS: u32 = 5;
 const REGISTER_PAUSE: Duration = Duration::from_millis(200);
 
-/// The job environment variables [`Client::heartbeat`] copies into an instance's meta
-/// (spec §0.4): who registered it, for the router's backends and `flynn ps`.
+/// How long one attempt of [`Client::heartbeat`]'s first registration may take. Longer than
+/// a heartbeat's [`HEARTBEAT_TIMEOUT`]: a discoverd slow to commit (an election, a busy
+/// disk) gets to answer instead of being sent the write again while the one given up is
+/// still queued there; short enough that [`REGISTER_ATTEMPTS`] attempts that get no answer
+/// (a hung discoverd) and their pauses fit in [`REGISTER_FOR`] (it took five 30 s request
+/// timeouts, 150 s).
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+const _: () = assert!(
+    REGISTER_TIMEOUT.as_millis() * REGISTER_ATTEMPTS as u128
+        + REGISTER_PAUSE.as_millis() * (REGISTER_ATTEMPTS as u128 - 1)
+        <= REGISTER_FOR.as_millis()
+);
+
+/// The job environment variables that go into an instance's meta (spec §0.4): who
+/// registered it, for the router's backends and `flynn ps`. See [`job_meta`].
 pub const JOB_META_ENV: [&str; 5] = [
     "FLYNN_APP_ID",
     "FLYNN_APP_NAME",
@@ -127,6 +155,22 @@ pub const JOB_META_ENV: [&str; 5] = [
     "FLYNN_PROCESS_TYPE",
     "FLYNN_JOB_ID",
 ];
+
+/// The instance meta of a job with environment `vars` (name, value): its
+/// [`JOB_META_ENV`] variables, those set empty left out (an empty `FLYNN_APP_NAME` says
+/// nothing a missing one does not). [`Client::heartbeat`] takes them from its process's
+/// environment; a daemon registering its jobs with [`Client::keep_registered`] builds the
+/// meta with this from each job's environment. A name given twice keeps its last value.
+pub fn job_meta<K, V>(vars: impl IntoIterator<Item = (K, V)>) -> BTreeMap<String, String>
+where
+    K: AsRef<str>,
+    V: AsRef<str>,
+{
+    vars.into_iter()
+        .filter(|(k, v)| JOB_META_ENV.contains(&k.as_ref()) && !v.as_ref().is_empty())
+        .map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string()))
+        .collect()
+}
 
 /// How long a request refused because the cluster has no leader is sent again by default
 /// (an election takes a few hundred milliseconds; see [`Client::with_leader_wait`]).
@@ -145,6 +189,8 @@ pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 pub struct Client {
     http: JsonHttp,
     leader_wait: Duration,
+    /// [`MAX_STATE`], smaller in tests.
+    state_limit: usize,
 }
 
 crate::json_http::from_failure!(Error);
@@ -155,7 +201,16 @@ impl Client {
         Client {
             http: JsonHttp::new(url),
             leader_wait: LEADER_WAIT,
+            state_limit: MAX_STATE,
         }
+    }
+
+    /// This client with a smaller [`MAX_STATE`], so the limit is reached in a test without
+    /// sending 64 MiB.
+    #[cfg(test)]
+    fn with_state_limit(mut self, limit: usize) -> Client {
+        self.state_limit = limit;
+        self
     }
 
     /// This client for a heartbeater, whose every request is cut at [`HEARTBEAT_TIMEOUT`]:
@@ -264,7 +319,7 @@ impl Client {
             )
             .await
         {
-            Ok(r) => Ok(crate::json_http::json(r, MAX_BODY).await?),
+            Ok(r) => Ok(crate::json_http::json(r, self.state_limit).await?),
             // A missing service; another 404 (a wrong base URL: the path is unknown) is an error.
             Err(Error::Api(e)) if e.code == ErrorCode::ObjectNotFound => Ok(Vec::new()),
             Err(e) => Err(e),
@@ -342,11 +397,11 @@ impl Client {
     }
 
     /// Registers `inst` (retrying for up to 60 s, at least 5 attempts, 200 ms apart, each
-    /// given up after 3 s) and keeps it registered until the [`Heartbeater`] is closed or
+    /// given up after 10 s) and keeps it registered until the [`Heartbeater`] is closed or
     /// dropped. An address `:port` is expanded with `$EXTERNAL_IP` (its id is then
     /// recomputed); without `EXTERNAL_IP` that fails at once with [`Error::NoExternalIp`].
-    /// The job's [`JOB_META_ENV`] variables that are set go into `inst.meta`, except
-    /// where it already has the key (spec §0.4).
+    /// The job's [`job_meta`] (its [`JOB_META_ENV`] variables set and not empty) goes into
+    /// `inst.meta`, except where it already has the key (spec §0.4).
     pub async fn heartbeat(&self, service: &str, inst: Instance) -> Result<Heartbeater, Error> {
         self.heartbeat_with(service, inst, |name| std::env::var(name).ok())
             .await
@@ -372,15 +427,16 @@ impl Client {
         if inst.id.is_empty() {
             inst.id = instance_id(&inst.proto, &inst.addr);
         }
-        for name in JOB_META_ENV {
-            if let Some(value) = env(name).filter(|v| !v.is_empty()) {
-                inst.meta.entry(name.to_string()).or_insert(value);
-            }
+        let vars = JOB_META_ENV
+            .iter()
+            .filter_map(|name| env(name).map(|value| (*name, value)));
+        for (name, value) in job_meta(vars) {
+            inst.meta.entry(name).or_insert(value);
         }
         // A name that can never be registered fails at once, not after a minute of retries.
         check_service(service)?;
         check_id(&inst.id)?;
-        // Each try is cut like a heartbeat (a discoverd that accepts and never answers
+        // Each try is cut at REGISTER_TIMEOUT (a discoverd that accepts and never answers
         // would otherwise hold each one for the 30 s request timeout, five of them for
         // 150 s); the tries past the fewest are cut at the deadline too.
         let c = self.for_heartbeats();
@@ -389,9 +445,9 @@ impl Client {
         loop {
             attempt += 1;
             let limit = if attempt <= REGISTER_ATTEMPTS {
-                HEARTBEAT_TIMEOUT
+                REGISTER_TIMEOUT
             } else {
-                HEARTBEAT_TIMEOUT
+                REGISTER_TIMEOUT
                     .min(deadline.saturating_duration_since(tokio::time::Instant::now()))
             };
             let res = match tokio::time::timeout(limit, c.register(service, &inst)).await {
@@ -494,8 +550,11 @@ impl Client {
     /// gives up after 60 s) it returns at once and keeps trying, 200 ms apart at first and
     /// then up to [`KEEP_RETRY_MAX`], until the first registration succeeds; then it
     /// heartbeats as usual. With `create` (a leader type) the service is created first (one
-    /// that exists is fine). `inst.addr` is used as given (no `EXTERNAL_IP` expansion).
-    /// For daemons whose instances must come back by themselves after an outage.
+    /// that exists is fine). `inst` is used as given: its `addr` (no `EXTERNAL_IP`
+    /// expansion) and its `meta` (nothing is read from this process's environment, which is
+    /// not the registered job's: a daemon registering a job gives it the job's
+    /// [`job_meta`]). For daemons whose instances must come back by themselves after an
+    /// outage.
     pub fn keep_registered(
         &self,
         service: &str,
@@ -687,6 +746,13 @@ fn next_heartbeat(ok: bool) -> Duration {
 /// new ones, update for changed ones, down and up for ones that came back with a new
 /// index, leader/meta when they changed), so a consumer
 /// that applies events in order always ends up with the server's state.
+///
+/// Events of a kind this client does not know (a newer discoverd's) are skipped. A live
+/// event of a known kind it cannot read ends the stream (the next replay says what it
+/// was), with pauses that grow to 30 s while that goes on; an event in a replay that
+/// cannot be read is left out, and what the consumer has of it (an instance, the leader)
+/// stays as it is rather than being reported gone. A replay longer than [`MAX_STATE`] is
+/// given up and tried again after 30–60 s.
 pub struct Watch {
     /// Events come in batches: one live event, or all the events of one reconnect, so a
     /// reconnect's events are all there as soon as the first is (see [`Watch::try_next`]).
@@ -736,19 +802,34 @@ struct Known {
 /// process, a blocked runtime) and is tried again like one that refused the connection.
 const WATCH_ANSWER: Duration = Duration::from_secs(10);
 
-/// The most replay (the events before `current`) a watch holds, in bytes of event JSON:
-/// far more than a service's instances, leader and 512 KiB of metadata come to. A stream
-/// that gets there without `current` is given up and tried again with backoff.
-const MAX_REPLAY: usize = 32 << 20;
-
-/// How often a run of watch failures is logged as a warning: its first failure, then at
-/// most once in this time (the others at debug level).
+/// How often a watch logs a warning: its first, then at most one in this time (the others
+/// at debug level), for the whole life of the watch, so neither an outage nor a stream that
+/// keeps breaking right after it synced (a lagging receiver's `event: error`, a silent
+/// peer) is a log flood.
 const WATCH_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// A watch's pauses before it connects again: from the shortest, doubled after each try
+/// up to the longest; a stream that got as far as `current` starts again from the
+/// shortest.
+const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The longest pause after streams given up for an event this client could not read: such
+/// a stream synced, but so will the next one and then break on the same event, each time
+/// with a full replay, so the pauses keep growing past [`WATCH_BACKOFF_MAX`] instead of
+/// starting again from the shortest.
+const BAD_EVENT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The pause after a replay longer than [`MAX_STATE`]: the next one is not likely to be
+/// shorter soon, and each one costs the server (and this client) all of it.
+fn state_too_large_pause() -> Duration {
+    Duration::from_secs(30 + fastrand::u64(0..=30))
+}
 
 async fn watch_loop(c: Client, service: String, tx: mpsc::Sender<Vec<Event>>) {
     let mut known = Known::default();
-    let mut backoff = Duration::from_millis(100);
-    let mut failures = Failures::default();
+    let mut backoff = WATCH_BACKOFF_MIN;
+    let mut log = WatchLog::default();
     loop {
         let request = c
             .http
@@ -757,7 +838,8 @@ async fn watch_loop(c: Client, service: String, tx: mpsc::Sender<Vec<Event>>) {
             .send();
         let ended = match tokio::time::timeout(WATCH_ANSWER, request).await {
             Ok(Ok(r)) if r.status().is_success() => {
-                match read_stream(r, &service, &mut known, &tx, &mut failures).await {
+                let stream = read_stream(r, &service, c.state_limit, &mut known, &tx, &mut log);
+                match stream.await {
                     Err(()) => return, // receiver gone
                     Ok(ended) => ended,
                 }
@@ -766,56 +848,132 @@ async fn watch_loop(c: Client, service: String, tx: mpsc::Sender<Vec<Event>>) {
             Ok(Err(e)) => Ended::failed(false, format!("request failed: {e}")),
             Err(_) => Ended::failed(false, format!("no answer in {WATCH_ANSWER:?}")),
         };
-        // Only a stream that got as far as `current` was a working one: a server that
-        // answers 200 and ends at once is retried with backoff.
-        if ended.synced {
-            backoff = Duration::from_millis(100);
-        }
         if ended.failed {
-            failures.failed(&service, &ended.why);
+            log.failed(&service, &ended.why);
         } else {
             tracing::debug!(service, why = %ended.why, "watch stream ended; reconnecting");
         }
         if tx.is_closed() {
             return;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        let pause = match ended.cause {
+            Cause::StateTooLarge => state_too_large_pause(),
+            Cause::BadEvent => {
+                let pause = backoff;
+                backoff = (backoff * 2).min(BAD_EVENT_BACKOFF_MAX);
+                pause
+            }
+            Cause::Other => {
+                // Only a stream that got as far as `current` was a working one: a server
+                // that answers 200 and ends at once is retried with backoff.
+                if ended.synced {
+                    backoff = WATCH_BACKOFF_MIN;
+                }
+                let pause = backoff.min(WATCH_BACKOFF_MAX);
+                backoff = (pause * 2).min(WATCH_BACKOFF_MAX);
+                pause
+            }
+        };
+        tokio::time::sleep(pause).await;
     }
 }
 
-/// A watch's run of failures (connections that ended before `current`, working streams
-/// given up): its first failure is a warning, then at most one each [`WATCH_WARN_EVERY`],
-/// so an outage is not a log flood.
+/// At most one warning each [`WATCH_WARN_EVERY`]: the first one, then one when that long
+/// has passed since the last.
 #[derive(Default)]
-struct Failures {
-    count: u32,
-    /// When this run last logged a warning.
-    warned: Option<tokio::time::Instant>,
+struct RateLimit {
+    last: Option<tokio::time::Instant>,
 }
 
-impl Failures {
+impl RateLimit {
+    /// Whether a warning may be logged now (it is then counted as logged).
+    fn allow(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let ok = self
+            .last
+            .is_none_or(|t| now.duration_since(t) >= WATCH_WARN_EVERY);
+        if ok {
+            self.last = Some(now);
+        }
+        ok
+    }
+}
+
+/// What a watch logs: its failures (connections that ended before `current`, working
+/// streams given up) and the events in a replay it could not read, as warnings at most
+/// one each [`WATCH_WARN_EVERY`] over the life of the watch; and events of kinds this
+/// client does not know (a newer discoverd's), skipped, with their own such limit.
+#[derive(Default)]
+struct WatchLog {
+    /// Failures since a stream last got to `current`.
+    count: u32,
+    /// One of them was logged as a warning (so its end is worth an info).
+    warned_run: bool,
+    warnings: RateLimit,
+    unknown: RateLimit,
+    /// Events of unknown kinds skipped since the last one logged.
+    unknown_skipped: u64,
+}
+
+impl WatchLog {
     fn failed(&mut self, service: &str, why: &str) {
         self.count += 1;
-        let now = tokio::time::Instant::now();
-        if self
-            .warned
-            .is_none_or(|t| now.duration_since(t) >= WATCH_WARN_EVERY)
-        {
-            self.warned = Some(now);
+        if self.warnings.allow() {
+            self.warned_run = true;
             tracing::warn!(service, error = %why, failures = self.count, "watch failed; reconnecting");
         } else {
             tracing::debug!(service, error = %why, failures = self.count, "watch failed; reconnecting");
         }
     }
 
-    /// A stream got as far as `current`: the run is over.
+    /// A stream got as far as `current`: the run of failures is over (the warnings' limit
+    /// goes on).
     fn working(&mut self, service: &str) {
-        if self.count > 0 {
+        if self.count > 0 && self.warned_run {
             tracing::info!(service, failures = self.count, "watch working again");
         }
-        *self = Failures::default();
+        self.count = 0;
+        self.warned_run = false;
     }
+
+    /// An event of a replay that could not be read, left out of it.
+    fn skipped(&mut self, service: &str, error: &serde_json::Error, event: &str) {
+        if self.warnings.allow() {
+            tracing::warn!(service, error = %error, event, "undecodable event in a watch's replay; skipped");
+        } else {
+            tracing::debug!(service, error = %error, event, "undecodable event in a watch's replay; skipped");
+        }
+    }
+
+    /// An event of a kind this client does not know, skipped.
+    fn unknown_kind(&mut self, service: &str, kind: &str) {
+        self.unknown_skipped += 1;
+        if self.unknown.allow() {
+            let skipped = std::mem::take(&mut self.unknown_skipped);
+            tracing::warn!(
+                service,
+                kind,
+                skipped,
+                "watch event of a kind this client does not know; skipped"
+            );
+        } else {
+            tracing::debug!(
+                service,
+                kind,
+                "watch event of a kind this client does not know; skipped"
+            );
+        }
+    }
+}
+
+/// Why a watch connection ended, for the pause before the next one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// A live event of a known kind could not be read.
+    BadEvent,
+    /// The replay was longer than the client holds.
+    StateTooLarge,
+    Other,
 }
 
 /// How one watch connection ended, the consumer still being there.
@@ -826,6 +984,7 @@ struct Ended {
     /// Counts as a failure: anything before `current`, and a working stream the client
     /// gave up (not one the server closed, as it does when it stops).
     failed: bool,
+    cause: Cause,
 }
 
 impl Ended {
@@ -834,6 +993,7 @@ impl Ended {
             synced,
             why: why.into(),
             failed: true,
+            cause: Cause::Other,
         }
     }
 
@@ -847,6 +1007,7 @@ impl Ended {
                 format!("{why} before current")
             },
             failed: !synced,
+            cause: Cause::Other,
         }
     }
 }
@@ -855,18 +1016,89 @@ impl Ended {
 /// and reconnected: two of the server's 30 s keep-alive intervals and some.
 const WATCH_IDLE: Duration = Duration::from_secs(70);
 
-/// Reads one connection. Before `current` the replay is buffered (up to [`MAX_REPLAY`]);
+/// One item of a watch stream's data.
+enum Decoded {
+    Event(Event),
+    /// An event of a kind this client does not know (a newer discoverd's): skipped.
+    UnknownKind(String),
+    /// An event that could not be read, with what could be told of it: its kind (if it
+    /// names a known one) and its instance's id.
+    Bad {
+        kind: Option<EventKind>,
+        id: Option<String>,
+        error: serde_json::Error,
+    },
+}
+
+/// Reads one event, telling one of an unknown kind (a newer discoverd's, to be skipped)
+/// from one of a known kind this client cannot read.
+fn decode(data: &str) -> Decoded {
+    let error = match serde_json::from_str::<Event>(data) {
+        Ok(ev) => return Decoded::Event(ev),
+        Err(e) => e,
+    };
+    let value = serde_json::from_str::<serde_json::Value>(data).ok();
+    let field = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map(str::to_string);
+    let name = field(value.as_ref().and_then(|v| v.get("kind")));
+    let id = field(
+        value
+            .as_ref()
+            .and_then(|v| v.get("instance"))
+            .and_then(|i| i.get("id")),
+    );
+    let kind = match name {
+        Some(name) => match serde_json::from_value(serde_json::Value::String(name.clone())) {
+            Ok(kind) => Some(kind),
+            Err(_) => return Decoded::UnknownKind(name),
+        },
+        None => None,
+    };
+    Decoded::Bad { kind, id, error }
+}
+
+/// What a replay held that could not be read: what the consumer has of it stays as it is
+/// (an instance whose `up` was unreadable is there; a `down` for it would drop a live
+/// instance because this client could not read it).
+#[derive(Debug, Default)]
+struct Unreadable {
+    /// Instances whose `up` could not be read.
+    ids: std::collections::BTreeSet<String>,
+    /// An event that could not be told apart (no kind, or an `up` without a readable id):
+    /// every instance the consumer has stays.
+    any: bool,
+    /// The leader could not be read.
+    leader: bool,
+}
+
+impl Unreadable {
+    fn note(&mut self, kind: Option<EventKind>, id: Option<String>) {
+        match (kind, id) {
+            (Some(EventKind::Up), Some(id)) => {
+                self.ids.insert(id);
+            }
+            (Some(EventKind::Up) | None, _) => self.any = true,
+            (Some(EventKind::Leader), _) => self.leader = true,
+            // Metadata that cannot be read changes nothing (only metadata read is sent);
+            // a replay holds no others.
+            (Some(_), _) => {}
+        }
+    }
+}
+
+/// Reads one connection. Before `current` the replay is buffered (up to `limit` bytes);
 /// at `current` it is diffed against what the consumer already knows, and the run of
-/// `failures` is over. `Err` when the consumer is gone.
+/// failures is over. `Err` when the consumer is gone.
 async fn read_stream(
     mut r: reqwest::Response,
     service: &str,
+    limit: usize,
     known: &mut Known,
     tx: &mpsc::Sender<Vec<Event>>,
-    failures: &mut Failures,
+    log: &mut WatchLog,
 ) -> Result<Ended, ()> {
     let mut buf = crate::sse::SseBuf::default();
     let mut replay: Vec<Event> = Vec::new();
+    let mut unreadable = Unreadable::default();
     let mut replay_bytes = 0;
     let mut in_replay = true;
     loop {
@@ -900,33 +1132,51 @@ async fn read_stream(
             }
             if in_replay {
                 replay_bytes += data.len();
-                if replay_bytes > MAX_REPLAY {
-                    let why = format!("replay longer than {MAX_REPLAY} bytes without current");
-                    return Ok(Ended::failed(false, why));
+                if replay_bytes > limit {
+                    return Ok(Ended {
+                        cause: Cause::StateTooLarge,
+                        ..Ended::failed(false, format!("replay longer than {limit} bytes"))
+                    });
                 }
             }
-            let ev = match serde_json::from_str::<Event>(&data) {
-                Ok(ev) => ev,
-                // A live event this client cannot read, skipped, would be missing from what
-                // the consumer knows until something else changed it: the stream is given
-                // up, and the next one's replay brings what it said.
-                Err(e) if !in_replay => {
-                    let why = format!("undecodable event ({e}): {}", truncated(&data, 200));
-                    return Ok(Ended::failed(true, why));
+            let ev = match decode(&data) {
+                Decoded::Event(ev) => ev,
+                // Says nothing this client could act on; the rest of the stream is good.
+                Decoded::UnknownKind(kind) => {
+                    log.unknown_kind(service, &kind);
+                    continue;
+                }
+                // A live event of a known kind (or none that can be read) this client
+                // cannot read, skipped, would be missing from what the consumer knows until
+                // something else changed it: the stream is given up, and the next one's
+                // replay brings what it said (or, if that cannot be read either, keeps what
+                // the consumer has).
+                Decoded::Bad { kind, error, .. } if !in_replay => {
+                    let what = kind.map_or("unknown".to_string(), |k| format!("{k:?}"));
+                    let event = truncated(&data, 200);
+                    return Ok(Ended {
+                        cause: Cause::BadEvent,
+                        ..Ended::failed(
+                            true,
+                            format!("undecodable {what} event ({error}): {event}"),
+                        )
+                    });
                 }
                 // In the replay, giving up would not help (the next replay has it too):
-                // the rest of the state is delivered without it.
-                Err(e) => {
-                    let event = truncated(&data, 200);
-                    tracing::warn!(service, error = %e, event, "undecodable event in a watch's replay; skipped");
+                // the rest of the state is delivered without it, and what the consumer has
+                // of what it was stays.
+                Decoded::Bad { kind, id, error } => {
+                    unreadable.note(kind, id);
+                    log.skipped(service, &error, truncated(&data, 200));
                     continue;
                 }
             };
             if in_replay {
                 if ev.kind == EventKind::Current {
                     in_replay = false;
-                    failures.working(service);
-                    let missed = reconcile(service, known, std::mem::take(&mut replay));
+                    log.working(service);
+                    let replay = std::mem::take(&mut replay);
+                    let missed = reconcile(service, known, replay, &unreadable);
                     if !missed.is_empty() {
                         tx.send(missed).await.map_err(drop)?;
                     }
@@ -967,8 +1217,14 @@ fn track(known: &mut Known, ev: &Event) {
 }
 
 /// The events that take a consumer from `known` to the state in `replay`, ending with
-/// `current` (only on the first sync, as the server would send it).
-fn reconcile(service: &str, known: &mut Known, replay: Vec<Event>) -> Vec<Event> {
+/// `current` (only on the first sync, as the server would send it). What `unreadable`
+/// says the replay held but could not be read stays as the consumer has it.
+fn reconcile(
+    service: &str,
+    known: &mut Known,
+    replay: Vec<Event>,
+    unreadable: &Unreadable,
+) -> Vec<Event> {
     let mut out = Vec::new();
     let ev = |kind, instance, service_meta| Event {
         service: service.to_string(),
@@ -976,12 +1232,17 @@ fn reconcile(service: &str, known: &mut Known, replay: Vec<Event>) -> Vec<Event>
         instance,
         service_meta,
     };
-    let now: BTreeMap<String, Instance> = replay
+    let mut now: BTreeMap<String, Instance> = replay
         .iter()
         .filter(|e| e.kind == EventKind::Up)
         .filter_map(|e| e.instance.clone())
         .map(|i| (i.id.clone(), i))
         .collect();
+    for (id, old) in &known.instances {
+        if !now.contains_key(id) && (unreadable.any || unreadable.ids.contains(id)) {
+            now.insert(id.clone(), old.clone());
+        }
+    }
     // New and changed instances first, vanished ones after: a consumer that applies each
     // event at once passes through an empty set only for a re-registered instance (its
     // `down` then `up`). The router applies a reconnect's events as one change.
@@ -1008,7 +1269,11 @@ fn reconcile(service: &str, known: &mut Known, replay: Vec<Event>) -> Vec<Event>
         .find(|e| e.kind == EventKind::Leader)
         .and_then(|e| e.instance.clone());
     let now_leader = leader.as_ref().map(|i| (i.id.clone(), i.index));
-    if (now_leader != known.leader || !known.synced) && (leader.is_some() || known.leader.is_some())
+    // A leader that could not be read is not a leader gone.
+    let keep_leader = unreadable.leader && leader.is_none();
+    if !keep_leader
+        && (now_leader != known.leader || !known.synced)
+        && (leader.is_some() || known.leader.is_some())
     {
         out.push(ev(EventKind::Leader, leader, None));
     }
@@ -1050,6 +1315,11 @@ mod tests {
             meta: m,
             index: 1,
         }
+    }
+
+    /// [`reconcile`] of a replay read whole.
+    fn resync(known: &mut Known, replay: Vec<Event>) -> Vec<Event> {
+        reconcile("s", known, replay, &Unreadable::default())
     }
 
     /// An environment with nothing set.
@@ -1142,6 +1412,14 @@ mod tests {
     async fn stand_in_with(
         answer: impl Fn(usize, &str, &[u8]) -> Option<Vec<u8>> + Send + Sync + 'static,
     ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        stand_in_after(Duration::ZERO, answer).await
+    }
+
+    /// [`stand_in_with`] that answers each request `delay` after it came (a slow node).
+    async fn stand_in_after(
+        delay: Duration,
+        answer: impl Fn(usize, &str, &[u8]) -> Option<Vec<u8>> + Send + Sync + 'static,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1184,6 +1462,7 @@ mod tests {
                             std::future::pending::<()>().await;
                             return;
                         };
+                        tokio::time::sleep(delay).await;
                         if s.write_all(&resp).await.is_err() {
                             return;
                         }
@@ -1224,8 +1503,13 @@ mod tests {
     }
 
     /// A discoverd that accepts the registration's connections and never answers: the
-    /// registration fails within its minute (each try is cut at the heartbeat limit; it
+    /// registration fails within its minute (each try is cut at [`REGISTER_TIMEOUT`]; it
     /// took five 30 s request timeouts, 150 s).
+    ///
+    /// The clock is paused and advances by itself when nothing is ready, real sockets
+    /// included: a connection the kernel has not completed at that instant can see its 2 s
+    /// connect timeout pass early. Such a try fails as `Http` (and is not counted by the
+    /// stand-in), so the last try may have failed that way too; the bound holds either way.
     #[tokio::test(start_paused = true)]
     async fn a_registration_that_gets_no_answer_fails_within_its_bound() {
         use std::sync::atomic::Ordering;
@@ -1240,16 +1524,32 @@ mod tests {
             "gave up after {took:?}"
         );
         assert!(
-            matches!(res, Err(Error::TimedOut { .. })),
+            matches!(res, Err(Error::TimedOut { .. } | Error::Http(_))),
             "{:?}",
             res.err()
         );
         assert!(
-            took >= REGISTER_FOR - HEARTBEAT_TIMEOUT,
+            took >= REGISTER_FOR - REGISTER_TIMEOUT,
             "gave up after {took:?}"
         );
         let tries = seen.load(Ordering::SeqCst);
         assert!(tries >= REGISTER_ATTEMPTS as usize, "{tries} tries");
+    }
+
+    /// A discoverd slow to answer (5 s: an election, a busy disk) gets the registration
+    /// sent once, not again every 3 s while the first write is still queued there (which
+    /// also never succeeded: every try was cut before its answer).
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_discoverd_gets_the_registration_once() {
+        use std::sync::atomic::Ordering;
+        let (url, seen) =
+            stand_in_after(Duration::from_secs(5), |_, _, _| Some(json("200 OK", "{}"))).await;
+        let hb = Client::new(&url)
+            .heartbeat_with("s", inst("", ""), no_env)
+            .await
+            .expect("registered");
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "registration sent again");
+        hb.abandon().await;
     }
 
     /// Closing a heartbeater whose discoverd stopped answering returns after the
@@ -1314,8 +1614,34 @@ mod tests {
         assert_eq!(sent.meta, want);
     }
 
+    /// One rule for the job's meta, whoever registers the job: its FLYNN_* variables,
+    /// those set empty left out (the host daemon kept them, the heartbeater did not).
+    #[test]
+    fn a_jobs_meta_is_its_flynn_variables_set_and_not_empty() {
+        let env = [
+            "FLYNN_APP_ID=app-1",
+            "FLYNN_APP_NAME=",
+            "FLYNN_JOB_ID=host1-job-1",
+            "FLYNN_OTHER=x",
+            "PORT=80",
+            "FLYNN_PROCESS_TYPE=web",
+        ];
+        let meta = job_meta(env.iter().filter_map(|kv| kv.split_once('=')));
+        let want: BTreeMap<String, String> = [
+            ("FLYNN_APP_ID", "app-1"),
+            ("FLYNN_JOB_ID", "host1-job-1"),
+            ("FLYNN_PROCESS_TYPE", "web"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(meta, want);
+    }
+
     /// A discoverd that accepts the watch's connection and never answers: the watch tries
-    /// again after [`WATCH_ANSWER`] instead of waiting for ever.
+    /// again after [`WATCH_ANSWER`] instead of waiting for ever. (Paused clock and real
+    /// sockets: a connect timeout passed early is a failed try the stand-in does not see,
+    /// and only makes the second try later; the bound leaves room for a few.)
     #[tokio::test(start_paused = true)]
     async fn a_watch_that_gets_no_answer_is_tried_again() {
         use std::sync::atomic::Ordering;
@@ -1324,8 +1650,8 @@ mod tests {
         let t0 = tokio::time::Instant::now();
         while seen.load(Ordering::SeqCst) < 2 {
             assert!(
-                t0.elapsed() < Duration::from_secs(15),
-                "no second try in 15 s"
+                t0.elapsed() < Duration::from_secs(25),
+                "no second try in 25 s"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -1336,20 +1662,43 @@ mod tests {
     /// The headers of a stream: no length, the body ends when the connection does.
     const SSE_HEAD: &str = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n";
 
-    /// An event the client cannot decode after `current` ends the stream: the next one's
+    /// One SSE item carrying `data`.
+    fn item(data: &str) -> String {
+        format!("data: {data}\n\n")
+    }
+
+    const CURRENT: &str = r#"{"service":"s","kind":"current"}"#;
+
+    /// An `up` of a known kind the client cannot read (its index is a string), for `id`.
+    fn unreadable_up(id: &str) -> String {
+        format!(
+            r#"{{"service":"s","kind":"up","instance":{{"id":"{id}","addr":"127.0.0.1:1","proto":"tcp","index":"one"}}}}"#
+        )
+    }
+
+    /// The JSON of an `up` for `i`.
+    fn up_json(i: Instance) -> String {
+        serde_json::to_string(&up(i)).unwrap()
+    }
+
+    /// Takes the watch's next event, failing after 5 s.
+    async fn next_within(w: &mut Watch) -> Event {
+        tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .expect("no event in 5 s")
+            .expect("the watch ended")
+    }
+
+    /// A live event of a known kind the client cannot read ends the stream: the next one's
     /// replay says what it was (it was skipped, and a server silent after it held the
     /// watch for the 70 s idle limit).
     #[tokio::test]
     async fn an_undecodable_live_event_ends_the_stream() {
         use std::sync::atomic::Ordering;
-        let answer = format!(
-            "{SSE_HEAD}data: {{\"service\":\"s\",\"kind\":\"current\"}}\n\n\
-             data: {{\"service\":\"s\",\"kind\":\"bogus\"}}\n\n"
-        );
+        let answer = format!("{SSE_HEAD}{}{}", item(CURRENT), item(&unreadable_up("x")));
         let (url, seen) = stand_in(move |_, _| Some(answer.clone().into_bytes())).await;
         let mut w = Client::new(&url).watch("s");
-        let first = tokio::time::timeout(Duration::from_secs(5), w.next()).await;
-        assert_eq!(first.unwrap().unwrap().kind, EventKind::Current);
+        assert_eq!(next_within(&mut w).await.kind, EventKind::Current);
         let t0 = std::time::Instant::now();
         while seen.load(Ordering::SeqCst) < 2 {
             assert!(
@@ -1360,55 +1709,240 @@ mod tests {
         }
     }
 
-    /// A replay that goes on without `current` is given up at [`MAX_REPLAY`] and tried
-    /// again, not held until memory runs out.
+    /// An event of a kind this client does not know (a newer discoverd's) is skipped: the
+    /// stream goes on and the events after it arrive (it ended the stream, and the next
+    /// one ended on it again, for ever).
     #[tokio::test]
-    async fn a_replay_past_its_limit_is_given_up() {
+    async fn an_event_of_an_unknown_kind_is_skipped() {
         use std::sync::atomic::Ordering;
-        let big = inst("a", &"x".repeat(60_000));
-        let ev = format!("data: {}\n\n", serde_json::to_string(&up(big)).unwrap());
-        // Twice the limit, then silence.
-        let answer = format!("{SSE_HEAD}{}", ev.repeat(2 * MAX_REPLAY / ev.len()));
+        let answer = format!(
+            "{SSE_HEAD}{}{}{}{}",
+            item(&up_json(inst("a", ""))),
+            item(CURRENT),
+            item(r#"{"service":"s","kind":"weather","instance":{"id":7}}"#),
+            item(&up_json(inst("b", ""))),
+        );
+        let (url, seen) = stand_in(move |_, _| Some(answer.clone().into_bytes())).await;
+        let mut w = Client::new(&url).watch("s");
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let ev = next_within(&mut w).await;
+            got.push((ev.kind, ev.instance.map(|i| i.id)));
+        }
+        assert_eq!(
+            got,
+            [
+                (EventKind::Up, Some("a".into())),
+                (EventKind::Current, None),
+                (EventKind::Up, Some("b".into())),
+            ]
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "reconnected");
+    }
+
+    /// An instance whose `up` in the replay after a reconnect cannot be read is not reported
+    /// down: it is there (and a live `up` it sent could not be read either); the consumer
+    /// keeps the copy it has.
+    #[tokio::test]
+    async fn an_unreadable_up_in_a_replay_does_not_report_the_instance_down() {
+        let first = format!(
+            "{SSE_HEAD}{}{}{}event: error\ndata: lagging\n\n",
+            item(&up_json(inst("a", ""))),
+            item(&up_json(inst("b", ""))),
+            item(CURRENT),
+        );
+        let second = format!(
+            "{SSE_HEAD}{}{}{}{}",
+            item(&unreadable_up("a")),
+            item(&up_json(inst("b", ""))),
+            item(CURRENT),
+            item(&up_json(inst("c", ""))),
+        );
+        let (url, _) =
+            stand_in(move |n, _| Some(if n == 0 { &first } else { &second }.clone().into_bytes()))
+                .await;
+        let mut w = Client::new(&url).watch("s");
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let ev = next_within(&mut w).await;
+            got.push((ev.kind, ev.instance.map(|i| i.id)));
+        }
+        assert_eq!(
+            got,
+            [
+                (EventKind::Up, Some("a".into())),
+                (EventKind::Up, Some("b".into())),
+                (EventKind::Current, None),
+                // After the reconnect: c is new, a is not gone.
+                (EventKind::Up, Some("c".into())),
+            ]
+        );
+    }
+
+    /// What a replay held and could not be read stays as the consumer has it: the
+    /// instances whose `up` it was (all of them, when it could not be told whose), the
+    /// leader; what was read is applied.
+    #[test]
+    fn what_a_replay_could_not_read_stays_as_it_was() {
+        let leader = |i: Instance| Event {
+            service: "s".into(),
+            kind: EventKind::Leader,
+            instance: Some(i),
+            service_meta: None,
+        };
+        let mut known = Known::default();
+        resync(
+            &mut known,
+            vec![
+                up(inst("a", "")),
+                up(inst("b", "")),
+                up(inst("c", "")),
+                leader(inst("a", "")),
+            ],
+        );
+        let mut unreadable = Unreadable::default();
+        unreadable.note(Some(EventKind::Up), Some("a".into()));
+        unreadable.note(Some(EventKind::Leader), None);
+        let got = reconcile("s", &mut known, vec![up(inst("d", ""))], &unreadable);
+        let got: Vec<(EventKind, String)> = got
+            .iter()
+            .map(|e| (e.kind, e.instance.as_ref().unwrap().id.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (EventKind::Up, "d".into()),
+                (EventKind::Down, "b".into()),
+                (EventKind::Down, "c".into()),
+            ]
+        );
+        assert_eq!(known.instances.keys().collect::<Vec<_>>(), ["a", "d"]);
+        assert_eq!(known.leader, Some(("a".into(), 1)));
+        // An `up` whose instance cannot be told: nobody is reported down.
+        let mut unreadable = Unreadable::default();
+        unreadable.note(None, None);
+        let got = reconcile("s", &mut known, vec![up(inst("e", ""))], &unreadable);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got.iter().all(|e| e.kind != EventKind::Down), "{got:?}");
+        assert_eq!(known.instances.keys().collect::<Vec<_>>(), ["a", "d", "e"]);
+        assert_eq!(got[1].kind, EventKind::Leader, "the leader gone: {got:?}");
+        // Read again: what is gone is reported gone.
+        let got = resync(&mut known, vec![up(inst("e", ""))]);
+        let downs = got.iter().filter(|e| e.kind == EventKind::Down).count();
+        assert_eq!(downs, 2, "{got:?}");
+    }
+
+    /// Streams given up for a live event the client cannot read back off, further each
+    /// time and past the usual 2 s, instead of starting again from 100 ms because they had
+    /// synced: each one is a full replay, and the next one breaks on the same event.
+    #[tokio::test(start_paused = true)]
+    async fn streams_given_up_for_unreadable_events_back_off() {
+        use std::sync::atomic::Ordering;
+        let answer = format!("{SSE_HEAD}{}{}", item(CURRENT), item(&unreadable_up("x")));
         let (url, seen) = stand_in(move |_, _| Some(answer.clone().into_bytes())).await;
         let w = Client::new(&url).watch("s");
-        let t0 = std::time::Instant::now();
+        let t0 = tokio::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(w);
+        // 0.1, 0.2, 0.4 … 25.6 s apart: 10 in a minute (2 s apart: about 35; from 100 ms
+        // every time: 600).
+        let n = seen.load(Ordering::SeqCst);
+        assert!((3..=12).contains(&n), "{n} connections in a minute");
+    }
+
+    /// A replay that goes on without `current` is given up at the state limit, not held
+    /// until memory runs out (nor until the 70 s idle limit), and tried again after 30 s
+    /// or more: the next one is not likely to be shorter (it was tried every 2 s for ever).
+    #[tokio::test(start_paused = true)]
+    async fn a_replay_past_its_limit_is_given_up_and_tried_again_much_later() {
+        use std::sync::atomic::Ordering;
+        const LIMIT: usize = 64 << 10;
+        let ev = item(&up_json(inst("a", &"x".repeat(1000))));
+        // Twice the limit, then silence.
+        let answer = format!("{SSE_HEAD}{}", ev.repeat(2 * LIMIT / ev.len()));
+        let (url, seen) = stand_in(move |_, _| Some(answer.clone().into_bytes())).await;
+        let w = Client::new(&url).with_state_limit(LIMIT).watch("s");
+        let t0 = tokio::time::Instant::now();
+        // Small steps: a clock that jumps while sockets are busy jumps little.
+        let step = Duration::from_millis(100);
+        while t0.elapsed() < Duration::from_secs(29) {
+            tokio::time::sleep(step).await;
+        }
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "tried again too soon");
         while seen.load(Ordering::SeqCst) < 2 {
             assert!(
-                t0.elapsed() < Duration::from_secs(10),
+                t0.elapsed() < Duration::from_secs(65),
                 "the replay was held past its limit"
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(step).await;
         }
         drop(w);
     }
 
-    /// An answer longer than [`MAX_BODY`] fails once it gets there
-    /// (with a `content-length`, at once), and an error body past its own limit (64 KiB)
-    /// is just its status: neither is read into memory whole.
+    /// A chunked answer of `body` that never ends: no last chunk, the connection kept
+    /// open. A client that reads it whole waits for ever.
+    fn endless(status: &str, body: &[u8]) -> Vec<u8> {
+        let mut out = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
+             transfer-encoding: chunked\r\n\r\n"
+        )
+        .into_bytes();
+        for chunk in body.chunks(64 << 10) {
+            out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            out.extend_from_slice(chunk);
+            out.extend_from_slice(b"\r\n");
+        }
+        out
+    }
+
+    /// `f`'s outcome, which must come within 10 s.
+    async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), f)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no outcome in 10 s (reading the whole answer?)"))
+    }
+
+    /// An answer longer than its limit ([`MAX_BODY`], or the state limit for an instance
+    /// list) fails once it gets there, with a `content-length` at once, and an error body
+    /// past its own limit (64 KiB) is just its status: none is read whole. Every answer
+    /// here is longer than the limit and never ends.
     #[tokio::test]
     async fn answers_past_the_size_limit_are_not_read_whole() {
-        let limit = MAX_BODY;
-        let meta = format!(r#"{{"data":"{}","index":1}}"#, "x".repeat(3 * limit));
-        let chunked = |status: &str, body: &str| {
-            format!(
-                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
-                 transfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
-                body.len()
-            )
-            .into_bytes()
-        };
-        let streamed = chunked("200 OK", &meta);
+        let meta = format!(r#"{{"data":"{}","index":1}}"#, "x".repeat(MAX_BODY + 1));
+        let streamed = endless("200 OK", meta.as_bytes());
         let (url, _) = stand_in(move |_, _| Some(streamed.clone())).await;
-        let err = Client::new(&url).get_meta("s").await.err();
+        let err = within("meta", Client::new(&url).get_meta("s")).await.err();
         assert!(
-            matches!(err, Some(Error::TooLarge { .. })),
+            matches!(err, Some(Error::TooLarge { limit: MAX_BODY })),
             "{}",
             short(&err)
         );
 
-        let announced = json("200 OK", &meta);
-        let (url, _) = stand_in(move |_, _| Some(announced.clone())).await;
-        let err = Client::new(&url).instances("s").await.err();
+        const LIMIT: usize = 64 << 10;
+        let list = serde_json::to_vec(&vec![inst("a", &"x".repeat(1000)); 100]).unwrap();
+        assert!(list.len() > LIMIT);
+        let streamed = endless("200 OK", &list);
+        let (url, _) = stand_in(move |_, _| Some(streamed.clone())).await;
+        let c = Client::new(&url).with_state_limit(LIMIT);
+        let err = within("instances", c.instances("s")).await.err();
+        assert!(
+            matches!(err, Some(Error::TooLarge { limit: LIMIT })),
+            "{}",
+            short(&err)
+        );
+
+        // Announced, and nothing of it sent.
+        let announced = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        let (url, _) = stand_in(move |_, _| Some(announced.clone().into_bytes())).await;
+        let err = within("announced", Client::new(&url).get_meta("s"))
+            .await
+            .err();
         assert!(
             matches!(err, Some(Error::TooLarge { .. })),
             "{}",
@@ -1420,9 +1954,9 @@ mod tests {
             "message": "x".repeat(1 << 20),
             "retry": false,
         });
-        let refused = chunked("500 Internal Server Error", &envelope.to_string());
+        let refused = endless("500 Internal Server Error", envelope.to_string().as_bytes());
         let (url, _) = stand_in(move |_, _| Some(refused.clone())).await;
-        let err = Client::new(&url).get_meta("s").await.err();
+        let err = within("error", Client::new(&url).get_meta("s")).await.err();
         assert!(
             matches!(err, Some(Error::Status { status: 500 })),
             "{}",
@@ -1430,18 +1964,41 @@ mod tests {
         );
     }
 
+    /// A body that is not the JSON expected says why in its message (callers log `%e`).
+    #[test]
+    fn a_decode_error_says_why() {
+        let e = serde_json::from_str::<ServiceMeta>("{").unwrap_err();
+        let detail = e.to_string();
+        let msg = Error::Decode(e).to_string();
+        assert!(msg.contains(&detail), "{msg}");
+    }
+
     /// The start of a long value's debug form.
     fn short(v: &impl std::fmt::Debug) -> String {
         format!("{v:?}").chars().take(300).collect()
     }
 
-    /// Counts the warnings logged on the thread it is the default subscriber of (and
-    /// records nothing else).
-    struct Warnings(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+    /// Counts the warnings and infos logged on the thread it is the default subscriber of
+    /// (and records nothing else).
+    #[derive(Clone, Default)]
+    struct Logged {
+        warn: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        info: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
 
-    impl tracing::Subscriber for Warnings {
+    impl Logged {
+        fn counts(&self) -> (usize, usize) {
+            use std::sync::atomic::Ordering;
+            (
+                self.warn.load(Ordering::SeqCst),
+                self.info.load(Ordering::SeqCst),
+            )
+        }
+    }
+
+    impl tracing::Subscriber for Logged {
         fn enabled(&self, meta: &tracing::Metadata<'_>) -> bool {
-            *meta.level() == tracing::Level::WARN
+            matches!(*meta.level(), tracing::Level::WARN | tracing::Level::INFO)
         }
         fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
             tracing::span::Id::from_u64(1)
@@ -1449,25 +2006,28 @@ mod tests {
         fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
         fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
         fn event(&self, ev: &tracing::Event<'_>) {
-            if *ev.metadata().level() == tracing::Level::WARN {
-                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
+            let count = match *ev.metadata().level() {
+                tracing::Level::WARN => &self.warn,
+                tracing::Level::INFO => &self.info,
+                _ => return,
+            };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         fn enter(&self, _: &tracing::span::Id) {}
         fn exit(&self, _: &tracing::span::Id) {}
     }
 
-    /// A watch's failures are warnings: the first of each run (a run ends when a stream
-    /// gets to `current`), then one a minute at most.
+    /// A watch's failures are warnings: the first, then one a minute at most over the life
+    /// of the watch (a stream that gets to `current` in between does not start it again).
     #[tokio::test(start_paused = true)]
     async fn watch_failures_are_warned_first_and_then_once_a_minute() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let warnings = std::sync::Arc::new(AtomicUsize::new(0));
-        let _log = tracing::subscriber::set_default(Warnings(warnings.clone()));
-        let current = "data: {\"service\":\"s\",\"kind\":\"current\"}\n\n";
+        use std::sync::atomic::Ordering;
+        let logged = Logged::default();
+        let _log = tracing::subscriber::set_default(logged.clone());
         let working = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{current}",
-            current.len()
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{}",
+            item(CURRENT).len(),
+            item(CURRENT)
         );
         // Four refusals, a stream that gets to `current` and ends, refusals again.
         let (url, seen) = stand_in(move |n, _| {
@@ -1480,33 +2040,73 @@ mod tests {
         let mut w = Client::new(&url).watch("s");
         assert_eq!(w.next().await.unwrap().kind, EventKind::Current);
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(
-            warnings.load(Ordering::SeqCst),
-            2,
-            "the first failure of each run"
-        );
+        assert_eq!(logged.counts().0, 1, "the first failure only");
         // Five minutes of failures, one every 2 s: about one warning a minute.
         tokio::time::sleep(Duration::from_secs(300)).await;
-        let (tries, warned) = (seen.load(Ordering::SeqCst), warnings.load(Ordering::SeqCst));
+        let (tries, (warned, _)) = (seen.load(Ordering::SeqCst), logged.counts());
         assert!(tries > 100, "{tries} tries");
         assert!(
-            (6..=8).contains(&warned),
+            (5..=7).contains(&warned),
             "{warned} warnings in {tries} tries"
         );
         drop(w);
     }
 
+    /// Five minutes of a watch whose every stream is `answer`: (tries, warnings, infos).
+    async fn five_minutes_of(answer: String) -> (usize, usize, usize) {
+        use std::sync::atomic::Ordering;
+        let logged = Logged::default();
+        let _log = tracing::subscriber::set_default(logged.clone());
+        let (url, seen) = stand_in(move |_, _| Some(answer.clone().into_bytes())).await;
+        let w = Client::new(&url).watch("s");
+        let t0 = tokio::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(300) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        drop(w);
+        let (warned, infos) = logged.counts();
+        (seen.load(Ordering::SeqCst), warned, infos)
+    }
+
+    /// A stream that keeps breaking right after it synced (discoverd's `event: error` for a
+    /// lagging receiver): about one warning a minute and as many "working again", not one
+    /// of each every time (getting to `current` started the limit again); so too when
+    /// each replay also holds an event the client cannot read (warned about every time).
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_that_flaps_is_warned_about_once_a_minute() {
+        let lagging = "event: error\ndata: lagging\n\n";
+        let flap = format!("{SSE_HEAD}{}{lagging}", item(CURRENT));
+        let (tries, warned, infos) = five_minutes_of(flap).await;
+        assert!(tries > 100, "{tries} tries");
+        assert!(
+            (4..=7).contains(&warned),
+            "{warned} warnings in {tries} tries"
+        );
+        assert!(
+            (1..=warned).contains(&infos),
+            "{infos} infos, {warned} warnings in {tries} tries"
+        );
+        let unreadable = item(&unreadable_up("x"));
+        let flap = format!("{SSE_HEAD}{unreadable}{}{lagging}", item(CURRENT));
+        let (tries, warned, _) = five_minutes_of(flap).await;
+        assert!(tries > 100, "{tries} tries");
+        assert!(
+            (4..=7).contains(&warned),
+            "{warned} warnings in {tries} tries with unreadable replays"
+        );
+    }
+
     #[test]
     fn reconnect_replay_becomes_the_missed_events() {
         let mut known = Known::default();
-        let first = reconcile("s", &mut known, vec![up(inst("a", "")), up(inst("b", ""))]);
+        let first = resync(&mut known, vec![up(inst("a", "")), up(inst("b", ""))]);
         let kinds: Vec<EventKind> = first.iter().map(|e| e.kind).collect();
         assert_eq!(
             kinds,
             vec![EventKind::Up, EventKind::Up, EventKind::Current]
         );
         // After a reconnect: a is gone, b changed, c is new.
-        let second = reconcile("s", &mut known, vec![up(inst("b", "x")), up(inst("c", ""))]);
+        let second = resync(&mut known, vec![up(inst("b", "x")), up(inst("c", ""))]);
         let got: Vec<(EventKind, String)> = second
             .iter()
             .map(|e| (e.kind, e.instance.as_ref().unwrap().id.clone()))
@@ -1522,10 +2122,10 @@ mod tests {
             ]
         );
         // Nothing changed: nothing to send.
-        assert!(reconcile("s", &mut known, vec![up(inst("b", "x")), up(inst("c", ""))]).is_empty());
+        assert!(resync(&mut known, vec![up(inst("b", "x")), up(inst("c", ""))]).is_empty());
         // Every instance replaced by new ones (a deploy during the disconnect): applied in
         // order, the set never goes empty.
-        let third = reconcile("s", &mut known, vec![up(inst("d", "")), up(inst("e", ""))]);
+        let third = resync(&mut known, vec![up(inst("d", "")), up(inst("e", ""))]);
         let mut live: BTreeMap<String, ()> = [("b".into(), ()), ("c".into(), ())].into();
         for e in &third {
             let id = e.instance.as_ref().unwrap().id.clone();
@@ -1578,13 +2178,13 @@ mod tests {
         };
         let mut known = Known::default();
         let a1 = inst("a", "");
-        reconcile("s", &mut known, vec![up(a1.clone()), leader(a1.clone())]);
+        resync(&mut known, vec![up(a1.clone()), leader(a1.clone())]);
         // While the stream was down, a was deleted and registered again.
         let a9 = Instance {
             index: 9,
             ..a1.clone()
         };
-        let got = reconcile("s", &mut known, vec![up(a9.clone()), leader(a9.clone())]);
+        let got = resync(&mut known, vec![up(a9.clone()), leader(a9.clone())]);
         let got: Vec<(EventKind, Option<Instance>)> =
             got.into_iter().map(|e| (e.kind, e.instance)).collect();
         assert_eq!(
@@ -1595,7 +2195,7 @@ mod tests {
                 (EventKind::Leader, Some(a9.clone())),
             ]
         );
-        assert!(reconcile("s", &mut known, vec![up(a9.clone()), leader(a9)]).is_empty());
+        assert!(resync(&mut known, vec![up(a9.clone()), leader(a9)]).is_empty());
     }
 
     #[test]

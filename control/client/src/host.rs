@@ -1,6 +1,7 @@
 //! The flynn-host job API client (spec §5.3).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use flynn_api::ApiError;
 use serde::de::DeserializeOwned;
@@ -27,8 +28,12 @@ pub enum Error {
     /// An answer longer than the client reads (`limit` bytes).
     #[error("host answer longer than {limit} bytes")]
     TooLarge { limit: usize },
-    #[error("host answer is not the JSON expected")]
-    Decode(#[source] serde_json::Error),
+    /// The detail is in the message (callers log errors with `%e`), not also a `source`.
+    #[error("host answer is not the JSON expected: {0}")]
+    Decode(serde_json::Error),
+    /// No answer (its head) in time: see [`Client::events`] and [`Client::attach`].
+    #[error("host did not answer in {after:?}")]
+    TimedOut { after: Duration },
     /// The attach connection failed or carried something that is not a frame.
     #[error("attach: {0}")]
     Attach(String),
@@ -48,6 +53,20 @@ impl Error {
 /// per app kept) can run to thousands of jobs of a few KiB each, past the other clients'
 /// limit; a longer answer fails once it gets here.
 const MAX_BODY: usize = 64 << 20;
+
+/// How long [`Client::events`] and [`Client::attach`] (which have no request timeout: their
+/// answers go on for as long as the job does) wait for the head of the host's answer: it
+/// sends it at once (an attach to a job not created yet waits after the upgrade), so a host
+/// that accepted the connection and says nothing is hung.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
+
+/// `answer`, or [`Error::TimedOut`] after [`ANSWER_WAIT`].
+async fn head<T>(answer: impl std::future::Future<Output = Result<T, Error>>) -> Result<T, Error> {
+    match tokio::time::timeout(ANSWER_WAIT, answer).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::TimedOut { after: ANSWER_WAIT }),
+    }
+}
 
 /// A client for one host's job API, e.g. `http://127.0.0.1:1113`.
 #[derive(Clone)]
@@ -203,24 +222,28 @@ impl Client {
     }
 
     /// `POST /attach` (spec §5.5): the job's output, signals to it and its exit status over
-    /// an upgraded connection. A refused attach is the API error.
+    /// an upgraded connection. A refused attach is the API error; a host that does not
+    /// answer in 10 s is [`Error::TimedOut`].
     pub async fn attach(&self, req: &AttachRequest) -> Result<Attached, Error> {
         let body = serde_json::to_vec(req).map_err(|e| Error::Attach(e.to_string()))?;
-        let resp = self
-            .http
-            .request(reqwest::Method::POST, "/attach")
-            .header("content-type", "application/json")
-            .header("connection", "upgrade")
-            .header("upgrade", attach::PROTOCOL)
-            .body(body)
-            .send()
-            .await
-            .map_err(Error::Http)?;
-        if resp.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
-            crate::json_http::check(resp).await?;
-            return Err(Error::Attach("the host did not switch protocols".into()));
-        }
-        let io = resp.upgrade().await.map_err(Error::Http)?;
+        let answer = async {
+            let resp = self
+                .http
+                .request(reqwest::Method::POST, "/attach")
+                .header("content-type", "application/json")
+                .header("connection", "upgrade")
+                .header("upgrade", attach::PROTOCOL)
+                .body(body)
+                .send()
+                .await
+                .map_err(Error::Http)?;
+            if resp.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+                crate::json_http::check(resp).await?;
+                return Err(Error::Attach("the host did not switch protocols".into()));
+            }
+            resp.upgrade().await.map_err(Error::Http)
+        };
+        let io = head(answer).await?;
         let (rd, wr) = tokio::io::split(io);
         Ok(Attached {
             rd,
@@ -231,20 +254,24 @@ impl Client {
     }
 
     /// Job events (SSE) for one job (`Some(id)`) or all jobs. The stream ends when the
-    /// connection does; the receiver then yields `None`.
+    /// connection does; the receiver then yields `None`. A host that does not answer in
+    /// 10 s is [`Error::TimedOut`].
     pub async fn events(&self, job: Option<&str>) -> Result<mpsc::Receiver<Event>, Error> {
         let path = match job {
             Some(id) => format!("/host/jobs/{id}"),
             None => "/host/jobs".to_string(),
         };
-        let resp = self
-            .http
-            .request(reqwest::Method::GET, &path)
-            .header("accept", "text/event-stream")
-            .send()
-            .await
-            .map_err(Error::Http)?;
-        let resp = crate::json_http::check(resp).await?;
+        let answer = async {
+            let resp = self
+                .http
+                .request(reqwest::Method::GET, &path)
+                .header("accept", "text/event-stream")
+                .send()
+                .await
+                .map_err(Error::Http)?;
+            Ok(crate::json_http::check(resp).await?)
+        };
+        let resp = head(answer).await?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(read_events(resp, tx));
         Ok(rx)
@@ -414,6 +441,67 @@ fn decode_item(raw: &[u8]) -> Item {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A host that accepts connections, reads nothing and never answers; counts them.
+    async fn silent_host() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = seen.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(s);
+            }
+        });
+        (url, seen)
+    }
+
+    /// A host that accepted the connection and never answers: an event stream or an
+    /// attach is given up after [`ANSWER_WAIT`] (they waited for ever). The clock is paused
+    /// and advances by itself, real sockets included: a connection not completed at that
+    /// instant can see its 2 s connect timeout pass early, and fail as `Http` sooner.
+    #[tokio::test(start_paused = true)]
+    async fn events_and_attach_from_a_host_that_never_answers_are_given_up() {
+        let (url, seen) = silent_host().await;
+        let c = Client::new(&url);
+        let bounded = |what: &'static str, took: Duration, e: Error| {
+            assert!(
+                took <= ANSWER_WAIT + Duration::from_secs(1),
+                "{what}: {took:?}"
+            );
+            match e {
+                Error::TimedOut { after } => {
+                    assert_eq!(after, ANSWER_WAIT);
+                    assert!(took >= ANSWER_WAIT, "{what}: {took:?}");
+                }
+                Error::Http(_) => {}
+                e => panic!("{what}: {e}"),
+            }
+        };
+        let t0 = tokio::time::Instant::now();
+        let events = tokio::time::timeout(Duration::from_secs(60), c.events(None)).await;
+        let e = events.expect("events: no outcome in 60 s").err().unwrap();
+        bounded("events", t0.elapsed(), e);
+        let t0 = tokio::time::Instant::now();
+        let req = AttachRequest {
+            job_id: "j1".into(),
+            ..Default::default()
+        };
+        let attached = tokio::time::timeout(Duration::from_secs(60), c.attach(&req)).await;
+        let e = attached.expect("attach: no outcome in 60 s").err().unwrap();
+        bounded("attach", t0.elapsed(), e);
+        assert!(seen.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    }
+
+    #[test]
+    fn a_decode_error_says_why() {
+        let e = serde_json::from_str::<Job>("{").unwrap_err();
+        let detail = e.to_string();
+        let msg = Error::Decode(e).to_string();
+        assert!(msg.contains(&detail), "{msg}");
+    }
 
     #[test]
     fn sse_items_split_inside_a_character_decode_intact() {

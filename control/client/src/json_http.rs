@@ -17,9 +17,11 @@ pub(crate) enum Failure {
     Decode(serde_json::Error),
 }
 
-/// Largest response body read into memory by default: discoverd's metadata writes are
-/// limited to 512 KiB and its other answers (instance lists) come nowhere near this. A
-/// longer one (a wrong base URL, a misbehaving server) fails once it gets there, not when
+/// Largest response body read into memory by default, for answers that are one object:
+/// discoverd's metadata, leader and instances (its writes are limited to 512 KiB), the log
+/// aggregator's cursors. Lists that grow with the cluster have their own limits
+/// (discoverd's instance lists `discoverd::MAX_STATE`, a host's jobs 64 MiB). A longer
+/// answer (a wrong base URL, a misbehaving server) fails once it gets there, not when
 /// memory runs out.
 pub(crate) const MAX_BODY: usize = 8 << 20;
 

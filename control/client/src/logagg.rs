@@ -17,8 +17,9 @@ pub enum Error {
     /// An answer longer than the client reads (`limit` bytes).
     #[error("log aggregator answer longer than {limit} bytes")]
     TooLarge { limit: usize },
-    #[error("log aggregator answer is not the JSON expected")]
-    Decode(#[source] serde_json::Error),
+    /// The detail is in the message (callers log errors with `%e`), not also a `source`.
+    #[error("log aggregator answer is not the JSON expected: {0}")]
+    Decode(serde_json::Error),
 }
 
 crate::json_http::from_failure!(Error);
