@@ -58,14 +58,20 @@ pub struct Route {
     pub sticky: bool,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub path: String,
-    #[serde(default)]
-    pub drain_backends: bool,
+    /// Report `backend-drained` for this route's service (spec §1.9). `None`: not named,
+    /// and so not sent: a router creating the route takes it as `true` (spec §1.2: the
+    /// storage default), one updating it keeps the stored value. Routes a router returns
+    /// always have it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_backends: Option<bool>,
     #[serde(default)]
     pub disable_keep_alives: bool,
     /// Speak HTTP/2 to the backends (for gRPC: trailers and bidirectional streams pass
-    /// through end to end). Only for requests that reach the router over HTTP/2.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub grpc: bool,
+    /// through end to end). Only for requests that reach the router over HTTP/2. `None`:
+    /// not named, and so not sent (off when the route is created, unchanged when it is
+    /// updated); a router returns it only when on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<bool>,
 }
 
 impl Route {
@@ -101,9 +107,9 @@ impl Route {
             tls_key: String::new(),
             sticky: false,
             path: String::new(),
-            drain_backends: false,
+            drain_backends: None,
             disable_keep_alives: false,
-            grpc: false,
+            grpc: None,
         }
     }
 
@@ -183,6 +189,31 @@ mod tests {
         assert_eq!(back["type"], "http");
         assert_eq!(back["leader"], false);
         assert!(back.get("certificate").is_none());
+    }
+
+    /// A flag a client does not set is not sent (a router then applies its default on
+    /// create, keeps the stored value on update); one it sets is sent, `false` included, so
+    /// a typed client can turn gRPC off or create a route without drain tracking.
+    #[test]
+    fn unset_flags_are_not_sent_and_set_ones_are() {
+        let r = Route::http("example.com", "web");
+        let v = serde_json::to_value(&r).unwrap();
+        assert!(v.get("drain_backends").is_none(), "{v}");
+        assert!(v.get("grpc").is_none(), "{v}");
+        let r = Route {
+            drain_backends: Some(false),
+            grpc: Some(false),
+            ..Route::http("example.com", "web")
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["drain_backends"], false, "{v}");
+        assert_eq!(v["grpc"], false, "{v}");
+        let back: Route = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+        let absent: Route = serde_json::from_str(r#"{"type":"http"}"#).unwrap();
+        assert_eq!((absent.drain_backends, absent.grpc), (None, None));
+        let null: Route = serde_json::from_str(r#"{"type":"http","drain_backends":null}"#).unwrap();
+        assert_eq!(null.drain_backends, None);
     }
 
     #[test]

@@ -30,17 +30,18 @@ pub struct Api {
     /// What the routes file put in the store (for reloads).
     file: Mutex<crate::reload::FileRoutes>,
     pub shared: Arc<Shared>,
-    pub events: broadcast::Sender<StreamEvent>,
+    /// `/events`: one message per change, with all its events (a reload of thousands of
+    /// routes takes one place in the channel, not thousands).
+    pub events: broadcast::Sender<Batch>,
     /// The version of the last published table; discovery wakes on it to follow the set
     /// of routed services.
     pub published: tokio::sync::watch::Sender<u64>,
-    /// Set while this process hands its state over to a new one: both serve the API
-    /// socket until the new one is ready, and a change made here after the copy would be
-    /// lost, so changes are refused (503, retry) meanwhile.
+    /// Set while this process hands its state over to a new one: a change made here after
+    /// the copy would be lost (the new one serves the API socket once the takeover is
+    /// done), so changes are refused (503, retry) meanwhile.
     pub frozen: std::sync::atomic::AtomicBool,
-    /// Drains in progress by (service, address): one at a time per backend, cancelled when
-    /// the backend comes back before it drained.
-    drains: Mutex<HashMap<(String, String), tokio::task::AbortHandle>>,
+    /// Drains in progress and lately done (see [`Drains`]).
+    drains: Mutex<Drains>,
     /// Open `/events` streams (each holds its connection open for good: not waited for
     /// after a handover).
     sse_streams: std::sync::atomic::AtomicUsize,
@@ -58,6 +59,80 @@ pub struct Api {
     /// The API thread's runtime, where what follows a change runs (also for a reload,
     /// which comes from the signal thread).
     runtime: std::sync::OnceLock<tokio::runtime::Handle>,
+}
+
+/// The events of one change, in order.
+pub type Batch = Arc<[StreamEvent]>;
+
+/// How many changes' events the `/events` channel holds for a subscriber that is behind.
+const EVENT_CHANGES: usize = 4096;
+
+/// How long a finished drain is replayed (`backend-drained`) to a subscriber that connects
+/// after it: a scheduler that lost its stream while waiting (spec §1.9: it waits 10 s)
+/// learns the drain it waits for happened.
+const DRAINED_REPLAYED: Duration = Duration::from_secs(60);
+
+/// At most this many finished drains are kept for the replay.
+const DRAINED_REPLAYED_MAX: usize = 4096;
+
+/// Drains in progress by (service, address): one at a time per backend, cancelled when
+/// the backend comes back before it drained; and those finished lately, for the
+/// `/events` replay. Changed, and their events sent, under its lock, which the replay
+/// takes too: a subscriber's replay and live events never disagree.
+#[derive(Default)]
+struct Drains {
+    running: HashMap<(String, String), Drain>,
+    /// Finished (`backend-drained` sent) within [`DRAINED_REPLAYED`]: when, and the backend.
+    done: HashMap<(String, String), (std::time::Instant, Backend)>,
+    /// `done`'s entries by age, oldest first (with entries forgotten since: those whose
+    /// time no longer matches `done`'s).
+    done_order: std::collections::VecDeque<(std::time::Instant, (String, String))>,
+    next_id: u64,
+}
+
+struct Drain {
+    /// Tells this drain's task from a later one of the same backend.
+    id: u64,
+    task: tokio::task::AbortHandle,
+    backend: Backend,
+}
+
+impl Drains {
+    /// Drops finished drains older than [`DRAINED_REPLAYED`] (and the oldest past
+    /// [`DRAINED_REPLAYED_MAX`]).
+    fn prune(&mut self, now: std::time::Instant) {
+        while let Some((at, key)) = self.done_order.front() {
+            if now.saturating_duration_since(*at) <= DRAINED_REPLAYED
+                && self.done_order.len() <= DRAINED_REPLAYED_MAX
+            {
+                break;
+            }
+            if self.done.get(key).is_some_and(|(t, _)| t == at) {
+                self.done.remove(key);
+            }
+            self.done_order.pop_front();
+        }
+    }
+
+    /// Records a finished drain of `b` at `now`.
+    fn finished(&mut self, now: std::time::Instant, b: Backend) {
+        let key = (b.service.clone(), b.addr.clone());
+        self.done_order.push_back((now, key.clone()));
+        self.done.insert(key, (now, b));
+        self.prune(now);
+    }
+
+    /// Forgets a finished drain of `key`'s backend (it is back, or draining again).
+    fn forget_done(&mut self, key: &(String, String)) {
+        self.done.remove(key);
+    }
+
+    /// The finished drains to replay, oldest first.
+    fn replayed(&self) -> Vec<&Backend> {
+        let mut done: Vec<&(std::time::Instant, Backend)> = self.done.values().collect();
+        done.sort_by_key(|(at, _)| *at);
+        done.into_iter().map(|(_, b)| b).collect()
+    }
 }
 
 /// Turns for the part of a change that follows its commit: taken under the store's lock
@@ -98,7 +173,7 @@ type Res<T> = Result<T, ApiErr>;
 
 impl Api {
     pub fn new(store: Store, shared: Arc<Shared>, file: crate::reload::FileRoutes) -> Self {
-        let (events, _) = broadcast::channel(4096);
+        let (events, _) = broadcast::channel(EVENT_CHANGES);
         Api {
             store: Mutex::new(store),
             file: Mutex::new(file),
@@ -106,7 +181,7 @@ impl Api {
             events,
             published: tokio::sync::watch::Sender::new(0),
             frozen: std::sync::atomic::AtomicBool::new(false),
-            drains: Mutex::new(HashMap::new()),
+            drains: Mutex::new(Drains::default()),
             sse_streams: std::sync::atomic::AtomicUsize::new(0),
             discovered: Mutex::new(std::collections::BTreeSet::new()),
             owed: Mutex::new(std::collections::BTreeSet::new()),
@@ -240,18 +315,21 @@ impl Api {
         Ok(counts)
     }
 
-    /// Announces a reload's changes: backends first (the file sets its services before
-    /// its routes), then removed and set routes.
+    /// Announces a reload's changes, as one batch: backends first (the file sets its
+    /// services before its routes), then removed and set routes.
     fn file_applied(self: &Arc<Self>, applied: crate::reload::Applied) {
+        let mut drains = self.drains();
+        let mut batch = Vec::new();
         for c in applied.backends {
-            self.backends_changed(&c.service, c.added, c.removed);
+            self.note_backends(&mut drains, &mut batch, &c.service, c.added, c.removed);
         }
         for r in applied.removed {
-            self.emit("remove", Some(r), None);
+            batch.push(event("remove", Some(r), None));
         }
         for r in applied.set {
-            self.emit("set", Some(r), None);
+            batch.push(event("set", Some(r), None));
         }
+        self.send(batch);
     }
 
     /// Waits until every core applied `v`, so a route is live when the API answers.
@@ -265,13 +343,28 @@ impl Api {
         tracing::warn!(version = v, "cores slow to apply a route update");
     }
 
-    fn emit(&self, event: &str, route: Option<Route>, backend: Option<Backend>) {
-        let _ = self.events.send(StreamEvent {
-            event: event.into(),
-            route,
-            backend,
-            error: None,
-        });
+    fn emit(&self, name: &str, route: Option<Route>, backend: Option<Backend>) {
+        self.send(vec![event(name, route, backend)]);
+    }
+
+    /// Sends one change's events to the `/events` subscribers.
+    fn send(&self, batch: Vec<StreamEvent>) {
+        if !batch.is_empty() {
+            let _ = self.events.send(batch.into());
+        }
+    }
+
+    fn drains(&self) -> std::sync::MutexGuard<'_, Drains> {
+        self.drains.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn event(name: &str, route: Option<Route>, backend: Option<Backend>) -> StreamEvent {
+    StreamEvent {
+        event: name.into(),
+        route,
+        backend,
+        error: None,
     }
 }
 
@@ -394,10 +487,26 @@ impl Api {
         Ok(set)
     }
 
-    /// Emits `backend-up`/`backend-down` for a change of `service`'s backends, and starts
-    /// (or cancels) drains.
+    /// Emits `backend-up`/`backend-down` for a change of `service`'s backends (one batch),
+    /// and starts (or cancels) drains.
     fn backends_changed(
         self: &Arc<Self>,
+        service: &str,
+        added: Vec<BackendAddr>,
+        removed: Vec<BackendAddr>,
+    ) {
+        let mut drains = self.drains();
+        let mut batch = Vec::new();
+        self.note_backends(&mut drains, &mut batch, service, added, removed);
+        // Under the drains lock: a drain started here reports `backend-drained` after this.
+        self.send(batch);
+    }
+
+    /// [`Api::backends_changed`]'s events, added to `batch`, and its drains.
+    fn note_backends(
+        self: &Arc<Self>,
+        drains: &mut Drains,
+        batch: &mut Vec<StreamEvent>,
         service: &str,
         added: Vec<BackendAddr>,
         removed: Vec<BackendAddr>,
@@ -411,10 +520,9 @@ impl Api {
         let tracked = self.store().tracks_drains(service);
         for b in removed {
             let b = backend(b);
-            self.emit("backend-down", None, Some(b.clone()));
+            batch.push(event("backend-down", None, Some(b.clone())));
             if tracked {
-                let mut drains = self.drains.lock().unwrap_or_else(|p| p.into_inner());
-                drains.retain(|_, t| !t.is_finished());
+                drains.running.retain(|_, d| !d.task.is_finished());
                 let key = (b.service.clone(), b.addr.clone());
                 // Checked under the drains lock: a concurrent change that put it back either
                 // did so before this (no drain) or cancels this drain after.
@@ -423,9 +531,19 @@ impl Api {
                     .backends(service)
                     .iter()
                     .any(|x| x.addr == b.addr);
-                if !back && drains.get(&key).is_none_or(|t| t.is_finished()) {
-                    let task = tokio::spawn(drain(self.clone(), b));
-                    drains.insert(key, task.abort_handle());
+                if !back && !drains.running.contains_key(&key) {
+                    drains.forget_done(&key);
+                    drains.next_id += 1;
+                    let id = drains.next_id;
+                    let task = tokio::spawn(drain(self.clone(), b.clone(), id));
+                    drains.running.insert(
+                        key,
+                        Drain {
+                            id,
+                            task: task.abort_handle(),
+                            backend: b,
+                        },
+                    );
                 }
             }
         }
@@ -433,15 +551,11 @@ impl Api {
             let b = backend(b);
             // Back before it drained: that drain would report a live backend.
             let key = (b.service.clone(), b.addr.clone());
-            if let Some(t) = self
-                .drains
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key)
-            {
-                t.abort();
+            if let Some(d) = drains.running.remove(&key) {
+                d.task.abort();
             }
-            self.emit("backend-up", None, Some(b));
+            drains.forget_done(&key);
+            batch.push(event("backend-up", None, Some(b)));
         }
     }
 
@@ -453,8 +567,13 @@ impl Api {
 
 /// Emits `backend-drained` once no core has a request in flight to the backend
 /// (spec §1.9). New requests already avoid it: it left the table before this starts.
-async fn drain(api: Arc<Api>, b: Backend) {
-    let Ok(addr) = b.addr.parse() else { return };
+/// `id`: this drain's in [`Drains`].
+async fn drain(api: Arc<Api>, b: Backend, id: u64) {
+    let key = (b.service.clone(), b.addr.clone());
+    let Ok(addr) = b.addr.parse() else {
+        api.drains().running.remove(&key);
+        return;
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     // Polled every 10 ms at first (short requests drain at once), backing off to every
     // 200 ms (long ones: streams and tunnels hold a backend for minutes).
@@ -462,11 +581,24 @@ async fn drain(api: Arc<Api>, b: Backend) {
     while api.shared.inflight(addr).await > 0 {
         if tokio::time::Instant::now() >= deadline {
             tracing::warn!(addr = %b.addr, "backend still busy after 10 minutes; not reporting drained");
+            let mut drains = api.drains();
+            if drains.running.get(&key).is_some_and(|d| d.id == id) {
+                drains.running.remove(&key);
+            }
             return;
         }
         tokio::time::sleep(every).await;
         every = (every * 2).min(Duration::from_millis(200));
     }
+    let mut drains = api.drains();
+    // Cancelled meanwhile (the backend came back): nothing to report.
+    if drains.running.get(&key).is_none_or(|d| d.id != id) {
+        return;
+    }
+    drains.running.remove(&key);
+    drains.finished(std::time::Instant::now(), b.clone());
+    // Under the lock, as the replay reads it: a subscriber sees this drain either as
+    // running in its replay and then this event, or as done in its replay.
     api.emit("backend-drained", None, Some(b));
 }
 
@@ -555,9 +687,15 @@ async fn events(
             .collect()
     });
     let wanted = move |e: &StreamEvent| types.as_ref().is_none_or(|t| t.contains(&e.event));
-    // Subscribe first, then replay `backend-up` for backends of drain-tracked routes.
+    // Subscribe first, then replay the state of drain-tracked services' backends: a
+    // `backend-up` for each current backend (spec §1.3), then (an extension) a
+    // `backend-down` for each still draining and a `backend-drained` for each that finished
+    // draining within the last minute, so a client that reconnects learns what it missed
+    // of the drains it waits for.
     let rx = api.events.subscribe();
     let replay: Vec<StreamEvent> = {
+        let mut drains = api.drains();
+        drains.prune(std::time::Instant::now());
         let s = api.store();
         let mut services = BTreeMap::new();
         for svc in s.drain_tracked() {
@@ -565,35 +703,66 @@ async fn events(
                 services.insert(svc.to_string(), s.backends(svc));
             }
         }
-        services
-            .into_iter()
-            .flat_map(|(svc, list)| {
-                list.into_iter().map(move |b| StreamEvent {
-                    event: "backend-up".into(),
-                    route: None,
-                    backend: Some(Backend {
-                        service: svc.clone(),
-                        addr: b.addr,
-                        app: b.app,
-                        job_id: b.job_id,
-                    }),
-                    error: None,
-                })
+        let up = services.into_iter().flat_map(|(svc, list)| {
+            list.into_iter().map(move |b| {
+                let b = Backend {
+                    service: svc.clone(),
+                    addr: b.addr,
+                    app: b.app,
+                    job_id: b.job_id,
+                };
+                event("backend-up", None, Some(b))
             })
-            .collect()
+        });
+        let mut draining: Vec<&Drain> = drains
+            .running
+            .values()
+            .filter(|d| !d.task.is_finished())
+            .collect();
+        draining.sort_by_key(|d| d.id);
+        let down = draining
+            .into_iter()
+            .map(|d| event("backend-down", None, Some(d.backend.clone())));
+        let drained = drains
+            .replayed()
+            .into_iter()
+            .map(|b| event("backend-drained", None, Some(b.clone())));
+        up.chain(down).chain(drained).collect()
     };
-    // Items are `Ok(event)`, or `Err(n)`: the stream fell `n` events behind (and ends).
+    // Items are `Ok(event)`, or `Err(n)`: the stream fell `n` changes behind (and ends).
     let replay = futures_util::stream::iter(replay.into_iter().map(Ok));
-    // A subscriber that fell more than the channel's capacity behind has missed events (a
-    // scheduler waiting for a `backend-drained` would wait out its timeout): it gets an
+    // A subscriber that fell more changes behind than the channel holds has missed events
+    // (a scheduler waiting for a `backend-drained` would wait out its timeout): it gets an
     // error (spec §0.3) and the stream ends, so it reconnects and starts over from the
     // replay, rather than going on with a gap.
-    let live = futures_util::stream::unfold(Some(rx), |rx| async move {
-        let mut rx = rx?;
-        match rx.recv().await {
-            Ok(e) => Some((Ok(e), Some(rx))),
-            Err(broadcast::error::RecvError::Lagged(n)) => Some((Err(n), None)),
-            Err(broadcast::error::RecvError::Closed) => None,
+    struct Live {
+        rx: Option<broadcast::Receiver<Batch>>,
+        batch: Batch,
+        next: usize,
+    }
+    let live = Live {
+        rx: Some(rx),
+        batch: Arc::new([]),
+        next: 0,
+    };
+    let live = futures_util::stream::unfold(live, |mut l| async move {
+        loop {
+            if let Some(e) = l.batch.get(l.next) {
+                let e = e.clone();
+                l.next += 1;
+                return Some((Ok(e), l));
+            }
+            match l.rx.as_mut()?.recv().await {
+                Ok(batch) => {
+                    l.batch = batch;
+                    l.next = 0;
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    l.rx = None;
+                    return Some((Err(n), l));
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
         }
     });
     struct Open(Arc<Api>);
@@ -622,11 +791,11 @@ async fn events(
                 Ok(e) => Event::default().data(serde_json::to_string(&e).unwrap_or_default()),
                 Err(n) => {
                     tracing::warn!(
-                        missed = n,
+                        missed_changes = n,
                         "an /events subscriber fell behind; ending its stream"
                     );
                     Event::default().event("error").data(format!(
-                        "{n} events missed: the stream fell behind; reconnect"
+                        "the events of {n} changes missed: the stream fell behind; reconnect"
                     ))
                 }
             })
@@ -996,5 +1165,50 @@ impl axum::serve::Listener for UntilHandover {
             Some(l) => l.local_addr(),
             None => Err(std::io::Error::other("handed over")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(addr: &str) -> Backend {
+        Backend {
+            service: "web".into(),
+            addr: addr.into(),
+            app: String::new(),
+            job_id: String::new(),
+        }
+    }
+
+    /// Finished drains are replayed oldest first, for a minute, at most
+    /// [`DRAINED_REPLAYED_MAX`] of them; one forgotten (its backend back) is not, and a
+    /// later drain of the same backend is.
+    #[test]
+    fn finished_drains_are_kept_for_the_replay_a_while() {
+        let t = std::time::Instant::now();
+        let mut d = Drains::default();
+        let addrs =
+            |d: &Drains| -> Vec<String> { d.replayed().iter().map(|b| b.addr.clone()).collect() };
+        d.finished(t, backend("a:1"));
+        d.finished(t + Duration::from_secs(1), backend("b:1"));
+        assert_eq!(addrs(&d), ["a:1", "b:1"]);
+        d.forget_done(&("web".into(), "a:1".into()));
+        assert_eq!(addrs(&d), ["b:1"]);
+        d.finished(t + Duration::from_secs(2), backend("a:1"));
+        assert_eq!(addrs(&d), ["b:1", "a:1"]);
+        // The forgotten first entry of a:1 ages out without taking the later one along.
+        d.prune(t + DRAINED_REPLAYED + Duration::from_millis(500));
+        assert_eq!(addrs(&d), ["b:1", "a:1"]);
+        d.prune(t + DRAINED_REPLAYED + Duration::from_millis(1500));
+        assert_eq!(addrs(&d), ["a:1"]);
+        d.prune(t + DRAINED_REPLAYED + Duration::from_secs(3));
+        assert!(addrs(&d).is_empty());
+        for i in 0..DRAINED_REPLAYED_MAX + 10 {
+            d.finished(t, backend(&format!("c:{i}")));
+        }
+        let kept = addrs(&d);
+        assert_eq!(kept.len(), DRAINED_REPLAYED_MAX);
+        assert!(!kept.contains(&"c:9".to_string()) && kept.contains(&"c:10".to_string()));
     }
 }

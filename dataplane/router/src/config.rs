@@ -253,19 +253,26 @@ fn parse_cidr(s: &str) -> Result<Cidr, String> {
     Ok(Cidr { net, prefix })
 }
 
-/// Whether listeners on `a` and `b` would take each other's connections.
+/// Whether listeners on `a` and `b` are on one address, or one's address includes the
+/// other's (a wildcard), on the same port (see [`Config::check_addresses_differ`]).
 fn addrs_overlap(a: SocketAddr, b: SocketAddr) -> bool {
     // An IPv4-mapped IPv6 address is that IPv4 address on a dual-stack socket.
     let ip = |a: SocketAddr| match a.ip() {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a.ip(), IpAddr::V4),
         v4 => v4,
     };
+    // A link-local address is one per interface: `[fe80::1%2]` and `[fe80::1%3]` differ.
+    let scope = |a: SocketAddr| match a {
+        SocketAddr::V6(v6) => v6.scope_id(),
+        SocketAddr::V4(_) => 0,
+    };
     let covers = |wild: IpAddr, other: IpAddr| match wild {
         IpAddr::V4(w) => w.is_unspecified() && other.is_ipv4(),
         IpAddr::V6(w) => w.is_unspecified(),
     };
     let (x, y) = (ip(a), ip(b));
-    a.port() == b.port() && a.port() != 0 && (x == y || covers(x, y) || covers(y, x))
+    let same = x == y && scope(a) == scope(b);
+    a.port() == b.port() && a.port() != 0 && (same || covers(x, y) || covers(y, x))
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
@@ -309,11 +316,17 @@ impl Config {
         self.check_addresses_differ()
     }
 
-    /// Every listener needs an address of its own: they all bind with SO_REUSEPORT, so two
-    /// on one address would both bind and the kernel would spread connections across
-    /// them. An unspecified address overlaps every address of its family on the same port
-    /// (`[::]` also IPv4's: the sockets are dual-stack). Port 0 (any free port) never
-    /// conflicts.
+    /// Every listener needs an address of its own. The HTTP, HTTPS and h2c listeners bind
+    /// with SO_REUSEPORT: two on one address would both bind and the kernel would spread
+    /// connections across them, so a client would get HTTP or TLS at random. A wildcard
+    /// address and a specific one on the same port (`0.0.0.0:80` and `127.0.0.1:80`; `[::]`
+    /// covers IPv4 too, the sockets being dual-stack) would both bind too, and the kernel
+    /// would send the specific address's connections to its listener only: refused as
+    /// well, as almost surely a mistake (the wildcard listener would not serve that
+    /// address). The API listener binds without SO_REUSEPORT: on an address another
+    /// listener covers its bind would fail; refused here with both flags named instead.
+    /// Port 0 (any free port) never conflicts, nor do link-local addresses of different
+    /// interfaces (`[fe80::1%2]`, `[fe80::1%3]`).
     fn check_addresses_differ(&self) -> Result<(), String> {
         let all: Vec<(&str, SocketAddr)> = self
             .http_addrs
@@ -535,6 +548,32 @@ mod tests {
         ])
         .unwrap();
         check(&["--http-addr", "0.0.0.0:8080", "--https-addr", "[::1]:8080"]).unwrap();
+        // Link-local addresses are per interface: the scope id tells them apart.
+        check(&[
+            "--http-addr",
+            "[fe80::1%2]:8080",
+            "--https-addr",
+            "[fe80::1%3]:8080",
+        ])
+        .unwrap();
+        refused(
+            &[
+                "--http-addr",
+                "[fe80::1%2]:8080",
+                "--https-addr",
+                "[fe80::1%2]:8080",
+            ],
+            h,
+        );
+        refused(
+            &[
+                "--http-addr",
+                "[::]:8080",
+                "--https-addr",
+                "[fe80::1%3]:8080",
+            ],
+            h,
+        );
         check(&[
             "--http-addr",
             "127.0.0.1:0,127.0.0.1:0",

@@ -4,25 +4,34 @@
 //! The running router (`--upgrade-socket PATH`) listens on a Unix socket. A new one
 //! started with `--takeover PATH` connects and asks; the old one replies with its route
 //! state (routes, services) and the descriptors of all its HTTP, HTTPS and API listening
-//! sockets (SCM_RIGHTS). Both processes now accept from the same sockets, so no
-//! connection is refused. When the new one is serving it says `ready ack` and waits for
-//! the old one's `ok`: from that answer on the takeover is done. The old one then
-//! stops accepting (its accept loops wait on readiness, so stopping loses nothing), its
-//! busy connections finish with `Connection: close`, idle ones are closed after a grace
-//! period, and it exits when none are left (or after the drain timeout).
-//! Until the `ok` the new process changes nothing the old one relies on: it serves
-//! neither the admin API (a change it accepted would be lost with it if the takeover
-//! failed) nor the upgrade socket's path (its socket waits at a temporary name beside
-//! the path, renamed into place after the `ok`), so a takeover that fails (the new
-//! process dies, or is too slow) leaves the old one serving as before, and it can be taken
-//! over again. A successor from an older build binds the path before it says `ready`: if
+//! sockets (SCM_RIGHTS). The new one starts its cores on them, without accepting yet, says
+//! `ready ack` and waits for the old one's answer: `ok`, and from that answer on the
+//! takeover is done. Only then does the new process accept connections (and open the
+//! sockets of its cores beyond those handed over), serve the admin API and bind the
+//! upgrade socket's path; the old one stops accepting (its accept loops wait on
+//! readiness, so stopping loses nothing: connections wait in the shared sockets' queues
+//! until the new one accepts them), its busy connections finish with `Connection: close`,
+//! idle ones are closed after a grace period, and it exits when none are left (or after
+//! the drain timeout).
+//! Until the `ok` the new process changes nothing the old one relies on: it accepts no
+//! connection (one it accepted would be reset if it gave up), serves no admin API (a
+//! change it accepted would be lost with it if the takeover failed) and not the upgrade
+//! socket's path (its socket waits at a temporary name beside the path, renamed into place
+//! after the `ok`), so a takeover that fails leaves the old one serving as before, and it
+//! can be taken over again. A takeover fails when the old process says `no`, gives no
+//! answer within 30 s (the new one then shuts its end down before it gives up, so an `ok`
+//! written after that fails on the old side, which goes on), or closes the connection while
+//! it still runs. If it closed because it went away (its pid, from SO_PEERCRED, is gone or
+//! a zombie within 2 s), the new process is the only router left and goes on as if
+//! confirmed. A successor from an older build binds the path before it says `ready`: if
 //! that takeover fails, the old process binds the path again.
 //! TCP route listeners are passed too (their ports after the HTTP listeners): the new
-//! process accepts from the same sockets, and the old one stops accepting on `ready`, so
-//! no queued TCP connection is reset; its open TCP streams count as connections to drain.
+//! process accepts from the same sockets once the takeover is done, and the old one stops
+//! accepting then, so no queued TCP connection is reset; its open TCP streams count as
+//! connections to drain.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -115,6 +124,7 @@ impl Upgrade {
     /// done. If that name cannot be bound (too long for a socket address, say), the
     /// socket is bound at `path` by [`Upgrade::install`] instead.
     pub fn bind(path: &Path, staged: bool) -> anyhow::Result<Upgrade> {
+        sweep_staged(path);
         if !staged {
             let listener = bind_replacing(path)?;
             return Ok(Upgrade {
@@ -173,6 +183,41 @@ impl Drop for Upgrade {
     }
 }
 
+/// Removes the temporary names (`.<name>.<pid>`, see [`Upgrade::bind`]) left beside `path`
+/// by processes that are gone (a successor killed before its takeover was done).
+fn sweep_staged(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let socket = e.file_type().is_ok_and(|t| t.is_socket());
+        if socket && pid as u32 != std::process::id() && pid > 0 && !alive(pid) {
+            let stale = e.path();
+            if std::fs::remove_file(&stale).is_ok() {
+                tracing::info!(path = %stale.display(), "removed a stale staged upgrade socket");
+            }
+        }
+    }
+}
+
 /// Binds a Unix socket at `path`, replacing the file there.
 fn bind_replacing(path: &Path) -> anyhow::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
@@ -188,16 +233,22 @@ pub fn serve(old: Old, mut listener: UnixListener) -> anyhow::Result<()> {
             // Which file is ours: a successor commonly binds the same path (one
             // FLYNN_UPGRADE_SOCKET for every generation) before this process exits.
             let mut ours = file_id(&old.path);
+            // A failure that persists (out of descriptors) is logged once a minute, not at
+            // every retry.
+            let mut accept_failing = Every::new(Duration::from_secs(60));
             loop {
                 let conn = match listener.accept() {
                     Ok((c, _)) => c,
                     Err(e) => {
-                        tracing::warn!(error = %e, "upgrade socket accept failed");
+                        if let Some(quiet) = accept_failing.due(Instant::now()) {
+                            tracing::warn!(error = %e, since_last_warning = quiet, "upgrade socket accept failed");
+                        }
                         std::thread::sleep(Duration::from_millis(100));
                         continue;
                     }
                 };
-                match hand_over(&old, conn) {
+                let mut handed = false;
+                match hand_over(&old, conn, &mut handed) {
                     Ok(()) => {
                         drain_and_exit(&old, ours);
                     }
@@ -205,8 +256,10 @@ pub fn serve(old: Old, mut listener: UnixListener) -> anyhow::Result<()> {
                         tracing::warn!(error = %format!("{e:#}"), "takeover attempt failed");
                         // A successor that bound the path before it failed (a build before
                         // staged binding) left it to a socket no one serves: this process,
-                        // which goes on, takes the path back, to be taken over again.
-                        if ours.is_none() || file_id(&old.path) != ours {
+                        // which goes on, takes the path back, to be taken over again. Only
+                        // after an attempt that got the state (a connection that asked for
+                        // nothing, a probe, cannot have been such a successor).
+                        if rebind_needed(handed, ours, file_id(&old.path)) {
                             match bind_replacing(&old.path) {
                                 Ok(l) => {
                                     listener = l;
@@ -223,7 +276,46 @@ pub fn serve(old: Old, mut listener: UnixListener) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
+/// Whether the upgrade socket's path is bound again after a failed takeover: only after
+/// one that got the state (`handed`), and when the file at the path (`now`) is not the one
+/// this process bound (`ours`; unknown counts as not).
+fn rebind_needed(handed: bool, ours: Option<(u64, u64)>, now: Option<(u64, u64)>) -> bool {
+    handed && (ours.is_none() || now != ours)
+}
+
+/// A warning for a failure that may repeat many times a second, due at most once per
+/// `every`; `due` returns how many were not logged since the last one.
+struct Every {
+    every: Duration,
+    last: Option<Instant>,
+    quiet: u64,
+}
+
+impl Every {
+    fn new(every: Duration) -> Self {
+        Every {
+            every,
+            last: None,
+            quiet: 0,
+        }
+    }
+
+    fn due(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < self.every => {
+                self.quiet += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.quiet))
+            }
+        }
+    }
+}
+
+/// One takeover attempt on `conn`; `handed` is set once the state and sockets are sent.
+fn hand_over(old: &Old, conn: UnixStream, handed: &mut bool) -> anyhow::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut r = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
@@ -291,24 +383,32 @@ fn hand_over(old: &Old, conn: UnixStream) -> anyhow::Result<()> {
     fds.extend(tcp.iter().map(|(_, fd)| fd.as_raw_fd()));
     fds.push(old.sockets.api.0);
     let data = serde_json::to_vec(&state)?;
+    *handed = true;
     flynn_runtime::handoff::send_with_fds(&conn, &data, &fds)?;
     tracing::info!(
         sockets = fds.len(),
         "listening sockets handed over; waiting for the new process"
     );
     line.clear();
-    r.read_line(&mut line)?;
-    match line.trim() {
-        // The new process waits for this answer before it serves the API or the upgrade
-        // socket's path: once it is sent, the takeover is done.
-        "ready ack" => {
+    let read = r.read_line(&mut line);
+    match (read, line.trim()) {
+        // The new process waits for this answer before it accepts connections, serves the
+        // API or the upgrade socket's path: once it is sent, the takeover is done. A new
+        // process that gave up shut its end down first, so this write then fails.
+        (Ok(_), "ready ack") => {
             (&conn)
                 .write_all(b"ok\n")
                 .context("the new process left before the takeover was confirmed")?;
         }
         // A build before the answer: it went on at once.
-        "ready" => {}
-        _ => bail!("the new process did not become ready ({line:?}); still serving"),
+        (Ok(_), "ready") => {}
+        (read, _) => {
+            // Said so (a process that only closed the connection could have died: the new
+            // one would then go on alone).
+            let _ = (&conn).write_all(b"no\n");
+            read.context("waiting for the new process to become ready")?;
+            bail!("the new process did not become ready ({line:?}); still serving");
+        }
     }
     // Handed over: this process only drains now.
     std::mem::forget(thaw);
@@ -360,10 +460,22 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
+/// The running router, as a process taking over talks to it.
+pub struct Peer {
+    conn: UnixStream,
+    /// Its process id (SO_PEERCRED), if known: whether it still runs tells a refusal from
+    /// a process that went away.
+    pid: Option<i32>,
+}
+
 /// The new side: asks the running router for its sockets and state.
-pub fn take(path: &Path) -> anyhow::Result<(State, Vec<OwnedFd>, UnixStream)> {
+pub fn take(path: &Path) -> anyhow::Result<(State, Vec<OwnedFd>, Peer)> {
     let mut conn =
         UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
+    let pid = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .map(|c| c.pid())
+        .filter(|p| *p > 0);
     conn.write_all(b"takeover\n")?;
     let (data, fds) = flynn_runtime::handoff::recv_with_fds(&conn)?;
     let state: State = serde_json::from_slice(&data).context("parsing the handed-over state")?;
@@ -371,28 +483,272 @@ pub fn take(path: &Path) -> anyhow::Result<(State, Vec<OwnedFd>, UnixStream)> {
     if fds.len() != want {
         bail!("expected {want} sockets, got {}", fds.len());
     }
-    Ok((state, fds, conn))
+    Ok((state, fds, Peer { conn, pid }))
 }
 
-/// Tells the old process the new one is serving, and (`ack`: the old process answers)
-/// waits for its `ok`: the takeover is done only then. Without it (the old process gave
-/// up, or went away) this process must not go on: the old one still serves.
-pub fn ready(mut conn: UnixStream, ack: bool) -> anyhow::Result<()> {
+/// How a takeover ended for the new process, when it goes on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// The old process confirmed (`ok`), or is a build that does not answer: it drains.
+    Confirmed,
+    /// The old process went away (it died, or exited) before it answered: this one is
+    /// the only router now.
+    OldGone,
+}
+
+/// Tells the old process the new one is ready to serve, and (`ack`: the old process
+/// answers) waits for its `ok`: the takeover is done only then. An error (the old process
+/// said `no`, gave no answer in time, or closed the connection while it still runs) means
+/// this process must not go on: the old one still serves.
+pub fn ready(peer: Peer, ack: bool) -> anyhow::Result<Taken> {
+    let mut conn = peer.conn;
     if !ack {
         conn.write_all(b"ready\n")?;
-        return Ok(());
+        return Ok(Taken::Confirmed);
     }
-    conn.write_all(b"ready ack\n")?;
-    conn.set_read_timeout(Some(READY_ACK_TIMEOUT))?;
+    confirm(&conn, peer.pid, READY_ACK_TIMEOUT, GONE_WAIT)
+}
+
+/// [`ready`]'s exchange on `conn`: `ready ack`, then the answer within `timeout`. A
+/// connection closed without one is a refusal unless the old process (`pid`) is gone
+/// within `gone_wait` (a process that dies closes its sockets a moment before it is gone).
+fn confirm(
+    conn: &UnixStream,
+    pid: Option<i32>,
+    timeout: Duration,
+    gone_wait: Duration,
+) -> anyhow::Result<Taken> {
+    let mut r = BufReader::new(conn);
     let mut line = String::new();
-    BufReader::new(&conn)
-        .read_line(&mut line)
-        .context("waiting for the running router to confirm the takeover")?;
-    if line.trim() != "ok" {
-        bail!("the running router did not confirm the takeover ({line:?}); it still serves");
+    let mut w = conn;
+    let sent = w.write_all(b"ready ack\n");
+    let read = match sent {
+        Ok(()) => {
+            conn.set_read_timeout(Some(timeout))?;
+            r.read_line(&mut line)
+        }
+        // Closed already: as an end of the connection.
+        Err(_) => Ok(0),
+    };
+    let read = match read {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            // No answer in time. The old process must not take a late `ok` as accepted
+            // (it would drain while this one exits): with the read side shut, its write
+            // fails. One written just before that is still here to read, and stands.
+            let _ = conn.shutdown(std::net::Shutdown::Read);
+            match r.read_line(&mut line) {
+                Ok(_) if line.trim() == "ok" => return Ok(Taken::Confirmed),
+                _ => bail!(
+                    "the running router did not confirm the takeover within {timeout:?}; it still serves"
+                ),
+            }
+        }
+        read => read,
+    };
+    match (read, line.trim()) {
+        (Ok(_), "ok") => Ok(Taken::Confirmed),
+        (Ok(_), "no") => {
+            bail!("the running router refused the takeover (it did not confirm); it still serves")
+        }
+        // The end of the connection (or an error reading it): gone, or gave up.
+        (Ok(0), _) | (Err(_), _) => {
+            if pid.is_some_and(|p| gone_within(p, gone_wait)) {
+                Ok(Taken::OldGone)
+            } else {
+                bail!("the running router closed the connection and did not confirm the takeover; it still serves")
+            }
+        }
+        (Ok(_), other) => {
+            bail!("the running router did not confirm the takeover ({other:?}); it still serves")
+        }
     }
-    Ok(())
+}
+
+/// Whether process `pid` is gone (no longer listed, or a zombie) within `wait`.
+fn gone_within(pid: i32, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    loop {
+        if !alive(pid) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether process `pid` runs (in this process's pid namespace, as /proc shows it): a
+/// zombie (exited, not yet reaped) does not. Without a usable /proc it counts as running.
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // `pid (comm) S ...`: the state follows the last `)` (comm may hold any byte).
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next()),
+            Some('Z' | 'X' | 'x')
+        ),
+        Err(e) if e.kind() == ErrorKind::NotFound => std::fs::metadata("/proc/self/stat").is_err(),
+        Err(_) => true,
+    }
 }
 
 /// How long a new process waits for the old one's `ok` (sent as soon as it reads `ready`).
 const READY_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a process that closed the takeover connection without an answer is given to
+/// be gone (it died) before the close counts as a refusal.
+const GONE_WAIT: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process that ran and was reaped: its pid is free (not reused this soon).
+    fn dead_pid() -> i32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id() as i32;
+        c.wait().unwrap();
+        pid
+    }
+
+    /// The new process's side of the exchange on one end of a socket pair, the old
+    /// process played on the other end.
+    fn confirm_with(
+        pid: Option<i32>,
+        timeout: Duration,
+        old: impl FnOnce(UnixStream) -> UnixStream + Send + 'static,
+    ) -> (anyhow::Result<Taken>, UnixStream, UnixStream) {
+        let (new, old_end) = UnixStream::pair().unwrap();
+        let played = std::thread::spawn(move || {
+            let mut r = BufReader::new(old_end.try_clone().unwrap());
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            assert_eq!(line, "ready ack\n");
+            old(old_end)
+        });
+        let res = confirm(&new, pid, timeout, Duration::from_millis(300));
+        (res, new, played.join().unwrap())
+    }
+
+    #[test]
+    fn ok_confirms_and_no_refuses() {
+        let me = Some(std::process::id() as i32);
+        let (res, _, _) = confirm_with(me, Duration::from_secs(5), |mut c| {
+            c.write_all(b"ok\n").unwrap();
+            c
+        });
+        assert_eq!(res.unwrap(), Taken::Confirmed);
+        let (res, _, _) = confirm_with(me, Duration::from_secs(5), |mut c| {
+            c.write_all(b"no\n").unwrap();
+            c
+        });
+        assert!(format!("{:#}", res.unwrap_err()).contains("refused"));
+    }
+
+    /// The connection closed without an answer: a refusal while the old process runs (a
+    /// build that closes instead of saying `no`), the end of it once it is gone (it died
+    /// before it could answer): then this process must go on.
+    #[test]
+    fn a_close_without_an_answer_is_a_refusal_unless_the_old_process_is_gone() {
+        let me = Some(std::process::id() as i32);
+        let (res, _, _) = confirm_with(me, Duration::from_secs(5), |c| {
+            c.shutdown(std::net::Shutdown::Both).unwrap();
+            c
+        });
+        assert!(res.is_err(), "{res:?}");
+        let gone = Some(dead_pid());
+        let (res, _, _) = confirm_with(gone, Duration::from_secs(5), |c| {
+            c.shutdown(std::net::Shutdown::Both).unwrap();
+            c
+        });
+        assert_eq!(res.unwrap(), Taken::OldGone);
+        // Unknown pid: not known to be gone.
+        let (res, _, _) = confirm_with(None, Duration::from_secs(5), |c| {
+            c.shutdown(std::net::Shutdown::Both).unwrap();
+            c
+        });
+        assert!(res.is_err(), "{res:?}");
+    }
+
+    /// After the new process stopped waiting, an `ok` the old one writes fails (its end
+    /// is shut), so the old process does not drain for a takeover the new one gave up on,
+    /// even while the new one has not closed the connection yet.
+    #[test]
+    fn a_late_ok_fails_on_the_old_side() {
+        let me = Some(std::process::id() as i32);
+        let (res, new, mut old) = confirm_with(me, Duration::from_millis(200), |c| c);
+        assert!(format!("{:#}", res.unwrap_err()).contains("did not confirm"));
+        // `new` is still open here.
+        let late = old.write_all(b"ok\n");
+        assert!(late.is_err(), "a late ok was taken: {late:?}");
+        drop(new);
+    }
+
+    #[test]
+    fn liveness_from_proc() {
+        assert!(alive(std::process::id() as i32));
+        assert!(!alive(dead_pid()));
+        // A zombie (exited, not reaped) is gone.
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(pid) {
+            assert!(Instant::now() < deadline, "the child never exited");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        c.wait().unwrap();
+    }
+
+    #[test]
+    fn warnings_are_due_once_per_period() {
+        let mut every = Every::new(Duration::from_secs(60));
+        let t = Instant::now();
+        assert_eq!(every.due(t), Some(0));
+        // Every 100 ms for a minute: one warning.
+        for i in 1..600 {
+            assert_eq!(every.due(t + Duration::from_millis(100 * i)), None);
+        }
+        assert_eq!(every.due(t + Duration::from_secs(60)), Some(599));
+    }
+
+    /// Only an attempt that got the state can have left the path to a successor's socket;
+    /// a probe (a connection that asked for nothing) never re-binds, known file or not.
+    #[test]
+    fn the_path_is_bound_again_only_after_a_takeover_that_got_the_state() {
+        let (a, b) = (Some((1, 2)), Some((1, 3)));
+        assert!(!rebind_needed(false, None, a));
+        assert!(!rebind_needed(false, a, b));
+        assert!(!rebind_needed(true, a, a));
+        assert!(rebind_needed(true, a, b));
+        assert!(rebind_needed(true, None, a));
+    }
+
+    /// Binding sweeps the temporary names of processes that are gone, and only those.
+    #[test]
+    fn stale_staged_sockets_are_swept() {
+        let dir = std::env::temp_dir().join(format!(
+            "router-staged-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("up.sock");
+        let dead = dir.join(format!(".up.sock.{}", dead_pid()));
+        let live = dir.join(format!(".up.sock.{}", std::process::id()));
+        let parent = dir.join(format!(".up.sock.{}", std::os::unix::process::parent_id()));
+        let other = dir.join(format!(".other.sock.{}", dead_pid()));
+        let plain = dir.join(format!(".up.sock.{}x", dead_pid()));
+        for p in [&dead, &live, &parent, &other] {
+            drop(UnixListener::bind(p).unwrap());
+        }
+        std::fs::write(&plain, b"").unwrap();
+        let u = Upgrade::bind(&path, false).unwrap();
+        assert!(!dead.exists(), "a dead process's staged socket was kept");
+        for p in [&live, &parent, &other, &plain] {
+            assert!(p.exists(), "{} removed", p.display());
+        }
+        drop(u);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

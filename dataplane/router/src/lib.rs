@@ -141,10 +141,12 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     let mut https_addrs = Vec::new();
     let mut h2c_addrs = Vec::new();
     let mut handed = None;
+    // Listeners a process taking over opens once the takeover is done: (core, address).
+    let mut deferred: Vec<(usize, SocketAddr, ListenerInfo)> = Vec::new();
     let mut inherited_tcp = Vec::new();
     let mut handed_tickets: (Vec<String>, Duration) = (Vec::new(), Duration::ZERO);
     let api_listener = if let Some(path) = &cfg.takeover {
-        let (state, fds, conn) = handover::take(path)?;
+        let (state, fds, peer) = handover::take(path)?;
         handed_tickets = (
             state.ticket_keys.clone(),
             Duration::from_secs(state.ticket_key_age_secs),
@@ -173,10 +175,11 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             for (i, l) in ls.into_iter().enumerate() {
                 per_core[i % threads].push((l, info));
             }
-            for core in per_core.iter_mut().skip(n) {
-                let l = flynn_runtime::reuseport_listener(meta.addr)
-                    .with_context(|| format!("listening on {}", meta.addr))?;
-                core.push((l, info));
+            // Cores without a handed-over socket get one of their own, but only once the
+            // takeover is done: connections the kernel queued on it would be reset if this
+            // process gave up.
+            for core in n..threads {
+                deferred.push((core, meta.addr, info));
             }
             if meta.h2c {
                 h2c_addrs.push(meta.addr);
@@ -191,7 +194,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             inherited_tcp.push((*port, flynn_runtime::handoff::listener_from_fd(fd)?));
         }
         let api = std::net::TcpListener::from(fds.next().context("missing API socket")?);
-        handed = Some((state, conn));
+        handed = Some((state, peer));
         api
     } else {
         let all = cfg
@@ -235,7 +238,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     if http_addrs.is_empty() {
         bail!("no HTTP listener");
     }
-    let listener_fds: Vec<_> = per_core
+    let mut listener_fds: Vec<_> = per_core
         .iter()
         .flatten()
         .filter_map(|(l, info)| Some((l.as_raw_fd(), *info, l.local_addr().ok()?)))
@@ -393,12 +396,14 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
 
     let listeners = std::sync::Mutex::new(per_core);
     let sh = shared.clone();
+    // A process taking over accepts nothing until the takeover is done (handover.rs).
+    let serve = handed.is_none();
     flynn_runtime::spawn_workers(threads, cfg.io_driver, "router", move |ctx| {
         let mine = listeners
             .lock()
             .map(|mut l| std::mem::take(&mut l[ctx.index]))
             .unwrap_or_default();
-        worker::run(ctx, sh.clone(), mine)
+        worker::run(ctx, sh.clone(), mine, serve)
     })
     .context("starting workers")?;
     if !shared.wait_applied(v, Duration::from_secs(10)) {
@@ -406,15 +411,38 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
     }
 
     // A takeover is done only once the old process confirmed `ready` (handover.rs): until
-    // then this process serves neither the admin API (a change accepted here would be lost
-    // if the takeover failed, the old process going on) nor the upgrade socket's path (the
-    // old one's: its socket waits at a temporary name), and fails if it gets no answer.
+    // then this process accepts no connection (the old one does), and serves neither the
+    // admin API (a change accepted here would be lost if the takeover failed, the old
+    // process going on) nor the upgrade socket's path (the old one's: its socket waits at a
+    // temporary name). If the old process refuses, or gives no answer, this one exits
+    // having taken nothing; if it went away, this one goes on alone.
     let upgrade = match &cfg.upgrade_socket {
         Some(path) => Some(handover::Upgrade::bind(path, handed.is_some())?),
         None => None,
     };
-    if let Some((state, conn)) = handed {
-        handover::ready(conn, state.ready_ack)?;
+    if let Some((state, peer)) = handed {
+        if handover::ready(peer, state.ready_ack)? == handover::Taken::OldGone {
+            tracing::warn!(
+                "the running router went away before it confirmed the takeover: serving alone"
+            );
+        }
+        let mut more: Vec<Vec<(std::net::TcpListener, ListenerInfo)>> =
+            (0..threads).map(|_| Vec::new()).collect();
+        for (core, addr, info) in deferred {
+            match flynn_runtime::reuseport_listener(addr) {
+                Ok(l) => {
+                    if let Ok(bound) = l.local_addr() {
+                        listener_fds.push((l.as_raw_fd(), info, bound));
+                    }
+                    more[core].push((l, info));
+                }
+                // Taken over already: the core goes without (the others accept there).
+                Err(e) => tracing::error!(%addr, core, error = %e, "cannot listen"),
+            }
+        }
+        for (slot, more) in shared.cores.iter().zip(more) {
+            let _ = slot.notify.send(shared::CoreMsg::Serve(more));
+        }
     }
     let upgrade = upgrade.and_then(|u| match u.install() {
         Ok(bound) => Some(bound),

@@ -65,6 +65,9 @@ pub enum CoreMsg {
     Inflight(std::net::SocketAddr, flume::Sender<u32>),
     /// Stop accepting and drain: idle connections are closed after the grace period.
     Drain(std::time::Duration),
+    /// Start accepting (a process taking over, once the takeover is done): on the
+    /// listeners the core was started with, these more, and the TCP route listeners.
+    Serve(Vec<(std::net::TcpListener, crate::worker::ListenerInfo)>),
 }
 
 /// One core's mailbox and counters.

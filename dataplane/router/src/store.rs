@@ -62,7 +62,8 @@ impl Ports {
 
 /// What `PUT /routes/:type/:id` changes: the route's service, leader, sticky, path,
 /// keep-alive and certificate (spec §1.2), and the `drain_backends` and `grpc` flags only
-/// when the body names them (`None`: the stored value stays).
+/// when the body names them (`None`: the stored value stays; an extension of spec §1.2,
+/// whose PUT leaves `drain_backends` as stored).
 #[derive(Debug, Clone)]
 pub struct Update {
     pub route: Route,
@@ -70,21 +71,16 @@ pub struct Update {
     pub grpc: Option<bool>,
 }
 
-/// Every field as given (a routes file is the desired state of its routes).
+/// Every field as given, a flag not named being off (a routes file is the desired state
+/// of its routes).
 impl From<Route> for Update {
     fn from(route: Route) -> Self {
         Update {
-            drain_backends: Some(route.drain_backends),
-            grpc: Some(route.grpc),
+            drain_backends: Some(route.drain_backends.unwrap_or(false)),
+            grpc: Some(route.grpc.unwrap_or(false)),
             route,
         }
     }
-}
-
-/// Which optional flags a route body names.
-struct Present {
-    drain_backends: bool,
-    grpc: bool,
 }
 
 #[derive(Clone)]
@@ -182,41 +178,34 @@ impl Store {
     }
 
     /// Parses a route body to create (`POST /routes`), giving the spec's error for an
-    /// unknown type. A body without `drain_backends` asks for drain tracking (spec §1.2:
-    /// "Default `drain_backends` in storage is true"; the controller's own route sends
-    /// `false`).
+    /// unknown type. A body without `drain_backends` (or with `null`) asks for drain
+    /// tracking (spec §1.2: "Default `drain_backends` in storage is true"; the controller's
+    /// own route sends `false`).
     pub fn parse_route(body: &[u8]) -> Result<Route, ApiError> {
-        let (mut r, present) = Self::parse_body(body)?;
-        if !present.drain_backends {
-            r.drain_backends = true;
-        }
+        let mut r = Self::parse_body(body)?;
+        r.drain_backends.get_or_insert(true);
         Ok(r)
     }
 
     /// Parses a route body to update (`PUT /routes/:type/:id`): the flags it leaves out
-    /// keep their stored values.
+    /// (or sends as `null`) keep their stored values.
     pub fn parse_update(body: &[u8]) -> Result<Update, ApiError> {
-        let (route, present) = Self::parse_body(body)?;
+        let route = Self::parse_body(body)?;
         Ok(Update {
-            drain_backends: present.drain_backends.then_some(route.drain_backends),
-            grpc: present.grpc.then_some(route.grpc),
+            drain_backends: route.drain_backends,
+            grpc: route.grpc,
             route,
         })
     }
 
-    /// A route body and which of the optional flags it names.
-    fn parse_body(body: &[u8]) -> Result<(Route, Present), ApiError> {
+    /// A route body (the flags it does not name `None`).
+    fn parse_body(body: &[u8]) -> Result<Route, ApiError> {
         let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| ApiError::syntax())?;
         match v.get("type").and_then(|t| t.as_str()) {
             Some("http") | Some("tcp") => {}
             _ => return Err(ApiError::validation(Some("type"), "Invalid route type")),
         }
-        let present = Present {
-            drain_backends: v.get("drain_backends").is_some(),
-            grpc: v.get("grpc").is_some(),
-        };
-        let r = serde_json::from_value(v).map_err(|_| ApiError::syntax())?;
-        Ok((r, present))
+        serde_json::from_value(v).map_err(|_| ApiError::syntax())
     }
 
     fn http_conflict(&self, r: &Route, except: Option<&str>) -> bool {
@@ -277,6 +266,10 @@ impl Store {
                 None
             }
         };
+        // As stored: `drain_backends` always named (not named: off, as in a routes file; the
+        // API's bodies name it, see `parse_route`), `grpc` only when on.
+        r.drain_backends = Some(r.drain_backends.unwrap_or(false));
+        r.grpc = r.grpc.filter(|on| *on);
         let submitted = serde_json::to_value(&r).unwrap_or_default();
         match r.kind {
             RouteType::Http => {
@@ -442,8 +435,8 @@ impl Store {
         next.leader = r.leader;
         next.sticky = r.sticky;
         next.disable_keep_alives = r.disable_keep_alives;
-        next.grpc = grpc.unwrap_or(old.grpc);
-        next.drain_backends = drain_backends.unwrap_or(old.drain_backends);
+        next.grpc = grpc.or(old.grpc).filter(|on| *on);
+        next.drain_backends = Some(drain_backends.or(old.drain_backends).unwrap_or(false));
         if kind == RouteType::Http && !r.path.is_empty() {
             next.path = normalize_path(&r.path);
             if !valid_path(&next.path) || (next.path != old.path && empty_segment(&next.path)) {
@@ -538,7 +531,7 @@ impl Store {
     pub fn drain_tracked(&self) -> impl Iterator<Item = &str> {
         self.routes
             .values()
-            .filter(|s| s.route.drain_backends)
+            .filter(|s| s.route.drain_backends == Some(true))
             .map(|s| s.route.service.as_str())
     }
 

@@ -174,7 +174,8 @@ impl ResolvesServerCert for Resolver {
 }
 
 /// The TLS acceptors of the HTTPS listeners, one per route port: each has its own
-/// certificate resolver, and all share one session cache and the ticket keys.
+/// certificate resolver, and all share one session cache and the ticket keys, each port
+/// keeping to its own sessions (see [`PortSessions`], [`PortTickets`]).
 #[derive(Clone)]
 pub struct Acceptors {
     by_port: Vec<(u16, monoio_rustls::TlsAcceptor)>,
@@ -191,8 +192,11 @@ impl Acceptors {
 }
 
 /// The server configs all cores share, one per TLS route port in `ports` (session cache
-/// and ticket keys shared by all, so resumption works across cores and listeners; the
-/// keys also across processes, see `tickets.rs`). TLS 1.2 and 1.3 only.
+/// and ticket keys shared by all, so resumption works across cores and the listeners of a
+/// route port; the keys also across processes, see `tickets.rs`). A session resumes only
+/// on the route port that made it: resumption skips the certificate resolver, so a session
+/// from another port would let a handshake succeed for a name this port does not route.
+/// TLS 1.2 and 1.3 only.
 pub fn acceptors(
     store: Arc<Published<CertStore>>,
     tickets: Arc<crate::tickets::TicketKeys>,
@@ -210,8 +214,7 @@ pub fn acceptors(
             port: 0,
         }));
     base.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    base.ticketer = tickets;
-    base.session_storage = rustls::server::ServerSessionMemoryCache::new(64 * 1024);
+    let cache = rustls::server::ServerSessionMemoryCache::new(64 * 1024);
     let mut by_port: Vec<(u16, monoio_rustls::TlsAcceptor)> = Vec::new();
     for &port in ports {
         if by_port.iter().any(|(p, _)| *p == port) {
@@ -222,9 +225,93 @@ pub fn acceptors(
             store: store.clone(),
             port,
         });
+        cfg.session_storage = Arc::new(PortSessions {
+            cache: cache.clone(),
+            port,
+        });
+        cfg.ticketer = Arc::new(PortTickets {
+            keys: tickets.clone(),
+            port,
+        });
         by_port.push((port, monoio_rustls::TlsAcceptor::from(Arc::new(cfg))));
     }
     Ok(Acceptors { by_port })
+}
+
+/// A route port's tag on its sessions: a version byte, then the port.
+fn port_tag(port: u16) -> [u8; 3] {
+    let [hi, lo] = port.to_be_bytes();
+    [0xf1, hi, lo]
+}
+
+/// One route port's view of the shared session cache (TLS 1.2 session ids): its keys
+/// carry the port, so another port's sessions are not found.
+#[derive(Debug)]
+struct PortSessions {
+    cache: Arc<dyn rustls::server::StoresServerSessions>,
+    port: u16,
+}
+
+impl PortSessions {
+    fn key(&self, key: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(3 + key.len());
+        k.extend_from_slice(&port_tag(self.port));
+        k.extend_from_slice(key);
+        k
+    }
+}
+
+impl rustls::server::StoresServerSessions for PortSessions {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.cache.put(self.key(&key), value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.cache.get(&self.key(key))
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.cache.take(&self.key(key))
+    }
+
+    fn can_cache(&self) -> bool {
+        self.cache.can_cache()
+    }
+}
+
+/// One route port's tickets: the shared keys seal the session with the port's tag in
+/// front, and a ticket opens only on the port whose tag it carries (one sealed before
+/// tags, by an older process, opens on none: a full handshake, once).
+#[derive(Debug)]
+struct PortTickets {
+    keys: Arc<crate::tickets::TicketKeys>,
+    port: u16,
+}
+
+impl rustls::server::ProducesTickets for PortTickets {
+    fn enabled(&self) -> bool {
+        rustls::server::ProducesTickets::enabled(&*self.keys)
+    }
+
+    fn lifetime(&self) -> u32 {
+        rustls::server::ProducesTickets::lifetime(&*self.keys)
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        let mut tagged = Vec::with_capacity(3 + plain.len());
+        tagged.extend_from_slice(&port_tag(self.port));
+        tagged.extend_from_slice(plain);
+        self.keys.issue(&tagged)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        let mut plain = self.keys.open(cipher)?;
+        if plain.get(..3)? != port_tag(self.port) {
+            return None;
+        }
+        plain.drain(..3);
+        Some(plain)
+    }
 }
 
 #[cfg(test)]

@@ -213,8 +213,22 @@ async fn answer<S: crate::proxy::Client>(
             _ => return refuse(core, c, fd).await,
         }
     };
-    m.status(resp.status);
     let upgraded = resp.status == 101;
+    // After a 101 everything that came with the head is the new protocol's; after another
+    // answer only its body as framed goes on (what follows is no part of the answer).
+    let mut body = BodyReader::new(resp.framing);
+    let rest = &ubuf[resp.head_len..];
+    let take = if upgraded {
+        rest.len()
+    } else {
+        match body.advance(rest) {
+            Ok(adv) => adv.used,
+            // A body that goes wrong in what came with the head: nothing has reached the
+            // client yet, so it gets the router's 503 (not a head with no body).
+            Err(_) => return refuse(core, c, fd).await,
+        }
+    };
+    m.status(resp.status);
     let mut out = Vec::with_capacity(1024);
     let cookie = match sealer {
         Some(s) if cookie_addr != Some(addr) => Some(crate::sticky::set_cookie(s, addr)),
@@ -234,22 +248,10 @@ async fn answer<S: crate::proxy::Client>(
         },
         &mut out,
     );
-    // After a 101 everything that came with the head is the new protocol's; after another
-    // answer only its body as framed goes on (what follows is no part of the answer).
-    let mut body = BodyReader::new(resp.framing);
-    let rest = &ubuf[resp.head_len..];
-    let (take, bad_body) = if upgraded {
-        (rest.len(), false)
-    } else {
-        match body.advance(rest) {
-            Ok(adv) => (adv.used, false),
-            Err(_) => (0, true),
-        }
-    };
-    out.extend_from_slice(&rest[..take]);
+    out.extend_from_slice(&ubuf[resp.head_len..resp.head_len + take]);
     let len = out.len();
     let (res, _) = to_client(core, c, fd, out, len).await;
-    if res.is_err() || bad_body {
+    if res.is_err() {
         return Outcome::Close;
     }
     if upgraded {

@@ -253,11 +253,15 @@ impl Drop for InFlight {
 }
 
 /// The worker's main future: serve HTTP listeners, follow table updates, and open or
-/// close TCP route listeners to match the table.
+/// close TCP route listeners to match the table. Without `serve` (a process taking over,
+/// until the takeover is done) it accepts nothing, on `http` or TCP route ports, until
+/// [`CoreMsg::Serve`]: connections wait in the listening sockets' queues, which the old
+/// process accepts from meanwhile.
 pub async fn run(
     ctx: WorkerCtx,
     shared: Arc<Shared>,
     http: Vec<(std::net::TcpListener, ListenerInfo)>,
+    serve: bool,
 ) {
     let slot = &shared.cores[ctx.index];
     let _ = slot.driver.set(ctx.driver);
@@ -293,18 +297,14 @@ pub async fn run(
         },
         shared: shared.clone(),
     });
-    for (l, info) in http {
-        match TcpListener::from_std(l) {
-            Ok(l) => {
-                monoio::spawn(accept_http(core.clone(), l, info));
-            }
-            Err(e) => tracing::error!(error = %e, "cannot register HTTP listener"),
-        }
-    }
     monoio::spawn(sweep_idle(core.clone()));
     monoio::spawn(unpark(core.clone()));
     let mut tcp = crate::tcp::Listeners::default();
-    tcp.reconcile(&core);
+    // The HTTP listeners held until the core serves.
+    let mut held = Some(http);
+    if serve {
+        start_serving(&core, &mut tcp, held.take().unwrap_or_default());
+    }
     set_pool_backends(&core);
     slot.applied
         .store(core.table().version(), Ordering::Release);
@@ -313,7 +313,9 @@ pub async fn run(
         match msg {
             CoreMsg::Table => {
                 core.refresh();
-                tcp.reconcile(&core);
+                if held.is_none() {
+                    tcp.reconcile(&core);
+                }
                 // Connections to backends no route has any more are closed now (idle
                 // ones) or when their response is done (ones in use), not kept until
                 // their address comes back.
@@ -328,8 +330,31 @@ pub async fn run(
             CoreMsg::Drain(grace) => {
                 monoio::spawn(drain(core.clone(), grace));
             }
+            CoreMsg::Serve(more) => {
+                if let Some(mut http) = held.take() {
+                    http.extend(more);
+                    start_serving(&core, &mut tcp, http);
+                }
+            }
         }
     }
+}
+
+/// Starts the accept loops: on the HTTP listeners `http`, and on the TCP route ports.
+fn start_serving(
+    core: &Rc<Core>,
+    tcp: &mut crate::tcp::Listeners,
+    http: Vec<(std::net::TcpListener, ListenerInfo)>,
+) {
+    for (l, info) in http {
+        match TcpListener::from_std(l) {
+            Ok(l) => {
+                monoio::spawn(accept_http(core.clone(), l, info));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot register HTTP listener"),
+        }
+    }
+    tcp.reconcile(core);
 }
 
 /// Tells the upstream pool which backends the table has (HTTP routes' backends: TCP

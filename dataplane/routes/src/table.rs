@@ -240,9 +240,9 @@ impl Table {
                             path: path.into_bytes().into_boxed_slice(),
                             leader: r.leader,
                             sticky: r.sticky,
-                            drain_backends: r.drain_backends,
+                            drain_backends: r.drain_backends == Some(true),
                             disable_keep_alives: r.disable_keep_alives,
-                            grpc: r.grpc,
+                            grpc: r.grpc == Some(true),
                             backends: addrs,
                         });
                 }

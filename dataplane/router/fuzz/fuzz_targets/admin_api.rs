@@ -1,5 +1,6 @@
 //! Sequences of admin API operations (add, update, remove; bodies from small alphabets so
-//! that routes collide, or arbitrary bytes through `parse_route`) against the router's
+//! that routes collide, or arbitrary bytes, through `parse_route` to add and
+//! `parse_update` to update, as the API parses them) against the router's
 //! route store. After every operation the store must hold its invariants (spec §1.2): no two
 //! HTTP routes on one domain (case-insensitive), port and path; every HTTP path starts and
 //! ends with `/`; a non-root HTTP route has a `/` route on its domain and port; TCP ports
@@ -31,8 +32,22 @@ fn run(u: &mut Unstructured) -> Result<()> {
                     Some(r) => (r.kind, r.id.clone()),
                     None => (RouteType::Http, u.choose(&IDS)?.to_string()),
                 };
-                match Store::parse_route(&body(u)?) {
-                    Ok(r) => s.update(kind, &id, r).is_ok(),
+                // As `PUT` parses it: the flags the body does not name stay as stored.
+                match Store::parse_update(&body(u)?) {
+                    Ok(up) => {
+                        let was = s.get(kind, &id).map(|r| (r.drain_backends, r.grpc));
+                        let named = (up.drain_backends, up.grpc);
+                        let ok = s.update(kind, &id, up).is_ok();
+                        if let (true, Some(was)) = (ok, was) {
+                            let now = s.get(kind, &id).map(|r| (r.drain_backends, r.grpc));
+                            let want = (
+                                named.0.or(was.0),
+                                named.1.or(was.1).filter(|on| *on),
+                            );
+                            assert_eq!(now, Some(want), "flags after {named:?} over {was:?}");
+                        }
+                        ok
+                    }
                     Err(_) => false,
                 }
             }

@@ -23,9 +23,10 @@ pub fn ports() -> Ports {
     }
 }
 
-/// A route as JSON, from the alphabets above.
+/// A route as JSON, from the alphabets above; the optional flags (`drain_backends`,
+/// `grpc`) named or not, `null` included.
 pub fn route(u: &mut Unstructured) -> Result<serde_json::Value> {
-    Ok(serde_json::json!({
+    let mut r = serde_json::json!({
         "type": *u.choose(&["http", "tcp", "udp"])?,
         "id": *u.choose(&IDS)?,
         "service": *u.choose(&SERVICES)?,
@@ -34,7 +35,15 @@ pub fn route(u: &mut Unstructured) -> Result<serde_json::Value> {
         "path": *u.choose(&PATHS)?,
         "leader": u.arbitrary::<bool>()?,
         "sticky": u.ratio(1, 8)?,
-    }))
+    });
+    for flag in ["drain_backends", "grpc"] {
+        match u.int_in_range(0..=3)? {
+            0 => {}
+            1 => r[flag] = serde_json::Value::Null,
+            n => r[flag] = (n == 3).into(),
+        }
+    }
+    Ok(r)
 }
 
 /// An admin API body: a route from the alphabets, or now and then arbitrary bytes.
@@ -63,6 +72,8 @@ pub fn check(s: &Store) {
             Some(r.id.as_str())
         );
         assert!(!r.service.is_empty());
+        // Stored as served: `drain_backends` always named, `grpc` only when on.
+        assert!(r.drain_backends.is_some() && r.grpc != Some(false), "{r:?}");
         match r.kind {
             RouteType::Http => {
                 assert!(r.path.starts_with('/') && r.path.ends_with('/'), "{r:?}");

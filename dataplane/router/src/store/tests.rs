@@ -595,30 +595,47 @@ fn handed_over_dotted_duplicates_are_left_out() {
 fn drain_backends_defaults_true_and_put_keeps_unnamed_flags() {
     let mut s = store();
     let r = Store::parse_route(br#"{"type":"http","domain":"a.com","service":"web"}"#).unwrap();
-    assert!(r.drain_backends, "created without the field: tracked");
+    assert_eq!(
+        r.drain_backends,
+        Some(true),
+        "created without the field: tracked"
+    );
     let off = Store::parse_route(
         br#"{"type":"http","domain":"b.com","service":"web","drain_backends":false}"#,
     )
     .unwrap();
-    assert!(!off.drain_backends, "an explicit false is kept");
+    assert_eq!(off.drain_backends, Some(false), "an explicit false is kept");
     let t = Store::parse_route(br#"{"type":"tcp","service":"db"}"#).unwrap();
-    assert!(t.drain_backends);
+    assert_eq!(t.drain_backends, Some(true));
 
     let mut r = r;
-    r.grpc = true;
+    r.grpc = Some(true);
     let r = s.add(r).unwrap();
-    assert!(r.drain_backends && r.grpc);
+    assert_eq!((r.drain_backends, r.grpc), (Some(true), Some(true)));
     let u = Store::parse_update(br#"{"type":"http","service":"web2"}"#).unwrap();
     let out = s.update(RouteType::Http, &r.id, u).unwrap();
     assert_eq!(out.service, "web2");
-    assert!(out.drain_backends, "PUT without drain_backends cleared it");
-    assert!(out.grpc, "PUT without grpc cleared it");
+    assert_eq!(
+        out.drain_backends,
+        Some(true),
+        "PUT without drain_backends cleared it"
+    );
+    assert_eq!(out.grpc, Some(true), "PUT without grpc cleared it");
     let u = Store::parse_update(
         br#"{"type":"http","service":"web2","drain_backends":false,"grpc":false}"#,
     )
     .unwrap();
     let out = s.update(RouteType::Http, &r.id, u).unwrap();
-    assert!(!out.drain_backends && !out.grpc, "named flags are replaced");
+    // Stored as served: `grpc` only when on.
+    assert_eq!(
+        (out.drain_backends, out.grpc),
+        (Some(false), None),
+        "named flags are replaced"
+    );
+    // A route the store did not get through the API's body parsing (a routes file, a
+    // takeover) names neither: not tracked, no gRPC.
+    let plain = s.add(http("c.com", "/")).unwrap();
+    assert_eq!((plain.drain_backends, plain.grpc), (Some(false), None));
     assert_eq!(s.get(RouteType::Http, &r.id).unwrap(), &out);
 }
 

@@ -565,6 +565,55 @@ fn drain_backends_defaults_true_and_put_keeps_it() {
     assert_eq!(got["drain_backends"], true, "{got}");
 }
 
+/// A typed client (`flynn_api::Route`) sends the flags it sets and only those: a route it
+/// creates with nothing set tracks drains (spec §1.2's default; `Route::http` leaves the
+/// flag unset), one that says otherwise does not; a `PUT` with `grpc: false` turns gRPC off
+/// (it was left out of the body as the default, and the stored `true` stayed), and one that
+/// leaves a flag unset keeps it.
+#[test]
+fn a_typed_clients_flags_reach_the_router_as_set() {
+    use flynn_api::Route;
+    let router = Router::start();
+    let send = |method: &str, path: &str, r: &Route| {
+        let (status, body) = router.api(method, path, Some(&serde_json::to_string(r).unwrap()));
+        assert_eq!(status, 200, "{method} {path}: {body}");
+        body
+    };
+    let tracked = send("POST", "/routes", &Route::http("typed.example.com", "web"));
+    assert_eq!(tracked["drain_backends"], true, "{tracked}");
+    let untracked = Route {
+        drain_backends: Some(false),
+        ..Route::http("untracked.example.com", "web")
+    };
+    let untracked = send("POST", "/routes", &untracked);
+    assert_eq!(untracked["drain_backends"], false, "{untracked}");
+
+    let grpc = Route {
+        grpc: Some(true),
+        ..Route::http("grpc.example.com", "web")
+    };
+    let created = send("POST", "/routes", &grpc);
+    assert_eq!(created["grpc"], true, "{created}");
+    let path = route_path(&created);
+    let mut r: Route = serde_json::from_value(created).unwrap();
+    // Unset: kept.
+    r.grpc = None;
+    r.drain_backends = None;
+    let kept = send("PUT", &path, &r);
+    assert_eq!(kept["grpc"], true, "{kept}");
+    assert_eq!(kept["drain_backends"], true, "{kept}");
+    // Set to false: off (served without the field, as a route created without gRPC).
+    r.grpc = Some(false);
+    r.drain_backends = Some(false);
+    let off = send("PUT", &path, &r);
+    assert!(off.get("grpc").is_none(), "{off}");
+    assert_eq!(off["drain_backends"], false, "{off}");
+    let (_, got) = router.api("GET", &path, None);
+    let got: Route = serde_json::from_value(got).unwrap();
+    assert_eq!(got.grpc, None, "{got:?}");
+    assert_eq!(got.drain_backends, Some(false), "{got:?}");
+}
+
 /// Errors axum itself would answer (a body over the limit, a method a path does not serve,
 /// a path or query that does not decode) are the JSON envelope too (spec §0.1).
 #[test]
@@ -650,55 +699,145 @@ fn refused_bodies_methods_paths_and_queries_get_the_json_envelope() {
     assert_eq!(routes, json!([]));
 }
 
-/// A subscriber that falls more than the event channel holds behind has missed events: its
-/// stream says so (`event: error`, spec §0.3) and ends, so it reconnects and starts over,
-/// instead of going on with a gap (a scheduler would wait out its timeout for a
-/// `backend-drained` it never gets).
-#[test]
-fn an_events_subscriber_that_falls_behind_gets_an_error_and_the_end() {
-    let router = Router::start();
+/// Reads an `/events` stream (chunked) until it ends; its items.
+fn read_stream_to_end(conn: &mut Conn) -> Vec<String> {
+    let mut text = String::new();
+    loop {
+        let mut trailers = Vec::new();
+        match conn.read_chunk(&mut trailers) {
+            Ok(Some(d)) => text.push_str(&String::from_utf8_lossy(&d)),
+            Ok(None) => break,
+            Err(e) => panic!(
+                "the stream neither ended nor erred ({e}); {} items read",
+                text.matches("\n\n").count()
+            ),
+        }
+    }
+    text.split("\n\n")
+        .filter(|i| !i.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// `/events` (all types when `types` is empty), its head read.
+fn subscribe(router: &Router, types: &str) -> Conn {
     let mut conn = Conn::connect(router.api_addr);
+    let query = if types.is_empty() {
+        String::new()
+    } else {
+        format!("?types={types}")
+    };
     conn.send(
-        b"GET /events?types=backend-up HTTP/1.1\r\nHost: api\r\nAccept: text/event-stream\r\n\r\n",
+        format!("GET /events{query} HTTP/1.1\r\nHost: api\r\nAccept: text/event-stream\r\n\r\n")
+            .as_bytes(),
     );
     let head = conn.read_head().expect("events head");
     assert_eq!(head.status, 200);
     assert!(head.header("transfer-encoding").is_some(), "{head:?}");
-    // One change that emits more events than the channel holds (4096): the stream cannot
-    // keep up whatever its client does.
-    let n = 5000;
+    conn
+}
+
+fn backends_body(first_port: u32, n: u32) -> String {
     let body: Vec<serde_json::Value> = (0..n)
-        .map(|i| json!({"addr": format!("127.0.0.1:{}", 10000 + i)}))
+        .map(|i| json!({"addr": format!("127.0.0.1:{}", first_port + i)}))
         .collect();
+    serde_json::Value::Array(body).to_string()
+}
+
+/// One change that emits more events than the event channel holds changes (4096) reaches
+/// a subscriber whole: the channel holds a change's events as one item (it held one per
+/// event, and such a change cut off every subscriber, whatever it did).
+#[test]
+fn a_change_with_thousands_of_events_reaches_a_subscriber_whole() {
+    let router = Router::start();
+    let mut conn = subscribe(&router, "backend-up");
+    let n = 5000;
     let (status, _) = router.api(
         "PUT",
         "/services/web/backends",
-        Some(&serde_json::Value::Array(body).to_string()),
+        Some(&backends_body(10000, n)),
     );
     assert_eq!(status, 200);
     let mut text = String::new();
-    let mut ended = false;
-    while !ended {
+    while text.matches("backend-up").count() < n as usize {
         let mut trailers = Vec::new();
         match conn.read_chunk(&mut trailers) {
             Ok(Some(d)) => text.push_str(&String::from_utf8_lossy(&d)),
-            Ok(None) => ended = true,
-            Err(e) => panic!(
-                "the stream neither ended nor erred ({e}); {} events read",
-                text.matches("backend-up").count()
+            other => panic!(
+                "the stream ended after {} events: {other:?}; {}",
+                text.matches("backend-up").count(),
+                &text[text.len().saturating_sub(300)..]
             ),
         }
     }
-    let items: Vec<&str> = text
-        .split("\n\n")
-        .filter(|i| !i.trim().is_empty())
-        .collect();
-    let last = items.last().copied().unwrap_or_default();
+    assert!(!text.contains("event: error"), "{}", &text[..300]);
+    assert_eq!(text.matches("backend-up").count(), n as usize);
+}
+
+/// A subscriber that falls more changes behind than the event channel holds has missed
+/// events: its stream says so (`event: error`, spec §0.3) and ends, so it reconnects and
+/// starts over, instead of going on with a gap (a scheduler would wait out its timeout for
+/// a `backend-drained` it never gets).
+#[test]
+fn an_events_subscriber_that_falls_behind_gets_an_error_and_the_end() {
+    use std::io::{Read, Write};
+    let router = Router::start();
+    let mut conn = subscribe(&router, "");
+    // The subscriber reads nothing. Big changes fill its connection's buffers first
+    // (thousands of events each; the last leaves the store small again, so the many small
+    // changes that follow are quick)...
+    for i in 0..9 {
+        let body = if i < 8 {
+            backends_body(10000 + (i % 2) * 5000, 5000)
+        } else {
+            "[]".into()
+        };
+        let (status, _) = router.api("PUT", "/services/web/backends", Some(&body));
+        assert_eq!(status, 200);
+    }
+    // ... then more changes than the channel holds: pipelined on one connection.
+    let changes = 4200;
+    let mut api = std::net::TcpStream::connect(router.api_addr).unwrap();
+    api.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut reqs = Vec::new();
+    for i in 0..changes {
+        let body = if i % 2 == 0 {
+            r#"[{"addr":"127.0.0.1:9"}]"#
+        } else {
+            "[]"
+        };
+        reqs.extend_from_slice(
+            format!(
+                "PUT /services/small/backends HTTP/1.1\r\nHost: api\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+    let mut w = api.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(&reqs).unwrap());
+    let mut answers = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut ok, mut scanned) = (0, 0);
+    while ok < changes {
+        let n = api.read(&mut buf).expect("the API answers");
+        assert!(n > 0, "the API closed the connection");
+        answers.extend_from_slice(&buf[..n]);
+        let ok_line: &[u8] = b"HTTP/1.1 200 OK";
+        while let Some(at) = answers[scanned..]
+            .windows(ok_line.len())
+            .position(|w| w == ok_line)
+        {
+            ok += 1;
+            scanned += at + ok_line.len();
+        }
+    }
+    writer.join().unwrap();
+    let items = read_stream_to_end(&mut conn);
+    let last = items.last().cloned().unwrap_or_default();
     assert!(
         last.lines().any(|l| l == "event: error"),
         "the stream ended without an error: {last:?}"
     );
     assert!(last.contains("missed"), "{last:?}");
-    let data = items.iter().filter(|i| i.contains("backend-up")).count();
-    assert!(data < n, "every event arrived: {data}");
 }

@@ -363,6 +363,44 @@ fn removing_the_last_backend_gives_503_while_in_flight_request_completes() {
     assert!(drained.at >= released_at);
 }
 
+/// A subscriber that connects while a backend drains (a scheduler whose stream broke
+/// between `backend-down` and `backend-drained`) learns it from the replay: a
+/// `backend-down` for it, then the live `backend-drained`; one that connects after the
+/// drain finished gets the `backend-drained` in its replay; once the backend is back it is
+/// replayed as up only.
+#[test]
+fn a_reconnecting_subscriber_learns_what_it_missed_of_a_drain() {
+    let router = Router::start();
+    let (slow, release, first, in_flight) = removed_while_in_flight(&router);
+    drop(first);
+
+    let during = Events::subscribe(&router, TYPES);
+    let e = during.expect(Duration::from_secs(2), "the draining backend replayed");
+    assert_eq!(pair(&e.event, &e.addr), pair("backend-down", slow.addr));
+    assert_eq!(e.service, "web");
+    during.expect_none(Duration::from_millis(300), "still draining");
+    release_and_answer(&release, &in_flight);
+    let e = during.expect(Duration::from_secs(2), "backend-drained");
+    assert_eq!(pair(&e.event, &e.addr), pair("backend-drained", slow.addr));
+
+    let after = Events::subscribe(&router, TYPES);
+    let e = after.expect(Duration::from_secs(2), "the finished drain replayed");
+    assert_eq!(pair(&e.event, &e.addr), pair("backend-drained", slow.addr));
+    after.expect_none(Duration::from_millis(300), "nothing else");
+    // Only the subscribed types are replayed.
+    let ups = Events::subscribe(&router, "backend-up");
+    ups.expect_none(Duration::from_millis(300), "no backend is up");
+
+    router.set_backends("web", &[&slow]);
+    let back = Events::subscribe(&router, TYPES);
+    let e = back.expect(Duration::from_secs(2), "replayed backend-up");
+    assert_eq!(pair(&e.event, &e.addr), pair("backend-up", slow.addr));
+    back.expect_none(
+        Duration::from_millis(300),
+        "a backend back up is not replayed as drained",
+    );
+}
+
 #[test]
 fn idle_backend_drains_immediately_and_filter_applies() {
     let router = Router::start();

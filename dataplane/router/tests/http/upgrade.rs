@@ -641,3 +641,65 @@ fn bytes_after_a_refused_upgrades_body_are_not_relayed() {
         "exactly the head and its 5-byte body: {text:?}"
     );
 }
+
+/// What a client gets for an upgrade the backend answers with `answer` (written whole, in
+/// one segment with its head): everything until the router closes.
+fn refused_upgrade_answer(request: &str, answer: &'static [u8]) -> String {
+    let router = Router::start();
+    let b = Backend::with_handler("refuser", move |_req, conn| {
+        let _ = conn.write(answer);
+        Reply::KeepAlive
+    });
+    router.add_route(http_route("example.com", "web"));
+    router.set_backends("web", &[&b]);
+    let mut conn = Conn::connect(router.http_addr);
+    conn.send(request.as_bytes());
+    let got = conn.read_to_end().expect("the answer, then EOF");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A refused upgrade's chunked body is relayed as framed: its chunks up to the last one,
+/// nothing after.
+#[test]
+fn a_refused_upgrades_chunked_body_is_relayed_as_framed() {
+    let text = refused_upgrade_answer(
+        &ws_request("Upgrade", "websocket"),
+        b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nHELLO\r\n0\r\n\r\njunk",
+    );
+    assert!(text.starts_with("HTTP/1.1 403 "), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("\r\ntransfer-encoding: chunked\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("\r\n\r\n5\r\nHELLO\r\n0\r\n\r\n"),
+        "the chunked body and nothing after it: {text:?}"
+    );
+}
+
+/// A refused upgrade whose body is malformed in the segment that brought its head (a bad
+/// chunk size): nothing has reached the client, which gets the router's 503 (it got the
+/// backend's head announcing a chunked body, then the end of the connection).
+#[test]
+fn a_refused_upgrade_with_a_malformed_first_chunk_is_a_503() {
+    let text = refused_upgrade_answer(
+        &ws_request("Upgrade", "websocket"),
+        b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\nX-Why: no\r\n\r\nzz\r\nHELLO\r\n",
+    );
+    assert!(text.starts_with("HTTP/1.1 503 "), "{text}");
+    assert!(text.ends_with("\r\n\r\nService Unavailable\n"), "{text:?}");
+    assert!(!text.to_ascii_lowercase().contains("x-why"), "{text}");
+}
+
+/// A refused upgrade answered without a body (204): the head only, then the close; bytes
+/// behind it are not relayed.
+#[test]
+fn a_refused_upgrade_without_a_body_is_the_head_only() {
+    let text = refused_upgrade_answer(
+        &ws_request("Upgrade", "websocket"),
+        b"HTTP/1.1 204 No Content\r\nX-Why: no\r\n\r\njunk",
+    );
+    assert!(text.starts_with("HTTP/1.1 204 "), "{text}");
+    assert!(text.ends_with("\r\n\r\n"), "{text:?}");
+}

@@ -461,3 +461,91 @@ fn each_https_port_presents_the_certificate_of_its_own_routes() {
         "b.example.com is not routed on the extra port"
     );
 }
+
+/// A session resumes only on the route port whose handshake made it: resuming presents
+/// no certificate, so a session from the default port would carry the default port's
+/// certificate for the name to the additional port, whose own route for it has another
+/// one. (A name the other port does not route fails the handshake either way: the
+/// certificate is looked up for every ClientHello, resumption or not.) Sessions still
+/// resume on the port that made them (TLS 1.3 and 1.2).
+#[test]
+fn a_session_resumes_only_on_the_https_port_that_made_it() {
+    let (router, _plain, extra, default) = extra_listeners(https_builder());
+    let own = self_signed(&["a.example.com"]);
+    let (b0, bp) = (Backend::start("b0"), Backend::start("bp"));
+    router.add_route(cert_route("a.example.com", "zero", &own));
+    let mut on_extra = http_route("a.example.com", "extra");
+    on_extra["port"] = extra.port().into();
+    router.add_route(on_extra);
+    let bcert = self_signed(&["b.example.com"]);
+    let mut b_only = cert_route("b.example.com", "extra", &bcert);
+    b_only["port"] = extra.port().into();
+    router.add_route(b_only);
+    router.set_backends("zero", &[&b0]);
+    router.set_backends("extra", &[&bp]);
+    let default_port = crate::https(&router);
+    let roots = [&default, &own, &bcert];
+    for v in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        // One config = one client session cache.
+        let cfg = client_config(&roots, Some(&[v]));
+        let mut first = TlsConn::connect(default_port, "a.example.com", cfg.clone()).unwrap();
+        assert_eq!(first.peer_cert(), own.der);
+        // Reading a response also processes the session tickets sent after the handshake.
+        assert_eq!(first.get("a.example.com", "/").seen().backend, "b0");
+        drop(first);
+        let mut again = TlsConn::connect(default_port, "a.example.com", cfg.clone()).unwrap();
+        assert_eq!(
+            again.tls.conn.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "{:?}: no resumption on the port that made the session",
+            v.version
+        );
+        assert_eq!(again.get("a.example.com", "/").seen().backend, "b0");
+        drop(again);
+        let mut other = TlsConn::connect(extra, "a.example.com", cfg.clone()).unwrap();
+        assert_eq!(
+            other.tls.conn.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "{:?}: the default port's session resumed on the additional port",
+            v.version
+        );
+        assert_eq!(
+            other.peer_cert(),
+            default.der,
+            "{:?}: the additional port's route for a.example.com has the default keypair",
+            v.version
+        );
+        assert_eq!(other.get("a.example.com", "/").seen().backend, "bp");
+        drop(other);
+        // A session for a name the other port does not route opens nothing there.
+        let cfg = client_config(&roots, Some(&[v]));
+        let mut b = TlsConn::connect(extra, "b.example.com", cfg.clone()).unwrap();
+        assert_eq!(b.get("b.example.com", "/").seen().backend, "bp");
+        drop(b);
+        assert!(TlsConn::connect(default_port, "b.example.com", cfg).is_err());
+    }
+}
+
+/// A client that sends no SNI (it connects by address) gets the catch-all route of the
+/// listener's own port: served on the additional port that routes `*`, refused on the
+/// default port that does not.
+#[test]
+fn a_client_without_sni_is_served_by_its_ports_catch_all() {
+    let (router, _plain, extra, _default) = extra_listeners(https_builder());
+    let by_ip = self_signed(&["127.0.0.1"]);
+    let b = Backend::start("b");
+    let mut any = cert_route("*", "any", &by_ip);
+    any["port"] = extra.port().into();
+    router.add_route(any);
+    router.set_backends("any", &[&b]);
+    let mut conn = TlsConn::connect(extra, "127.0.0.1", client_config(&[&by_ip], None))
+        .unwrap_or_else(|e| panic!("no SNI on the port routing `*`: {e}"));
+    assert_eq!(conn.peer_cert(), by_ip.der);
+    assert_eq!(conn.get("127.0.0.1", "/").seen().backend, "b");
+    let refused = TlsConn::connect(
+        crate::https(&router),
+        "127.0.0.1",
+        client_config(&[&by_ip], None),
+    );
+    assert!(refused.is_err(), "no SNI on a port without `*`");
+}

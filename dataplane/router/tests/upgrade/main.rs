@@ -739,15 +739,28 @@ fn a_failed_takeover_leaves_the_old_router_to_be_taken_over_again() {
     assert!(sock.exists());
 }
 
-/// Until the old process confirms `ready`, the new one serves neither the admin API (a
-/// change it accepted would be lost if the takeover failed) nor the upgrade socket's
-/// path; without the confirmation it gives up and leaves nothing behind. The old process
-/// is played by the test.
+/// Until the old process confirms `ready`, the new one accepts no connection (the old one
+/// does: a connection queued on the shared socket meanwhile is still there, unanswered and
+/// not reset, when the new one gives up), and serves neither the admin API (a change it
+/// accepted would be lost if the takeover failed) nor the upgrade socket's path; when the
+/// old one refuses it gives up and leaves nothing behind. The old process is played by the
+/// test.
 #[test]
 fn a_new_router_takes_nothing_over_until_the_takeover_is_confirmed() {
+    unconfirmed_takeover("upgrade-unconfirmed", Some(b"no\n"), "refused");
+}
+
+/// As above, with an old process (a build before the explicit `no`) that only closes the
+/// connection and goes on running: a refusal too.
+#[test]
+fn a_takeover_closed_by_a_running_old_router_is_refused() {
+    unconfirmed_takeover("upgrade-closed", None, "closed the connection");
+}
+
+fn unconfirmed_takeover(tag: &str, answer: Option<&'static [u8]>, why: &str) {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::os::fd::AsRawFd;
-    let dir = crate::support::TestDir::new("upgrade-unconfirmed");
+    let dir = crate::support::TestDir::new(tag);
     let sock = dir.join("old.sock");
     let next = dir.join("next.sock");
     let http = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
@@ -756,10 +769,11 @@ fn a_new_router_takes_nothing_over_until_the_takeover_is_confirmed() {
         .unwrap();
     http.listen(128).unwrap();
     let http: std::net::TcpListener = http.into();
+    let http_addr = http.local_addr().unwrap();
     let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let api_addr = api.local_addr().unwrap();
     let state = serde_json::json!({
-        "listeners": [{"addr": http.local_addr().unwrap(), "tls": false, "route_port": 0}],
+        "listeners": [{"addr": http_addr, "tls": false, "route_port": 0}],
         "api": api_addr,
         "routes": [],
         "services": {},
@@ -781,7 +795,8 @@ fn a_new_router_takes_nothing_over_until_the_takeover_is_confirmed() {
         line.clear();
         r.read_line(&mut line).unwrap();
         // Not confirmed yet: the upgrade path is not the new process's, and an API request
-        // (queued on the shared socket, which this process does not serve) gets no answer.
+        // or an HTTP one (queued on the shared sockets, which this process does not accept
+        // from) gets no answer.
         assert!(
             !next2.exists(),
             "the upgrade socket was bound before the takeover"
@@ -791,20 +806,35 @@ fn a_new_router_takes_nothing_over_until_the_takeover_is_confirmed() {
             .unwrap();
         c.write_all(b"GET /routes HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
             .unwrap();
+        let mut queued = std::net::TcpStream::connect(http_addr).unwrap();
+        queued
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        queued
+            .write_all(b"GET /queued HTTP/1.1\r\nHost: a.example.com\r\n\r\n")
+            .unwrap();
         let mut buf = [0u8; 64];
         let answered = c.read(&mut buf);
         assert!(
             answered.is_err(),
             "the API answered before the takeover was confirmed: {answered:?}"
         );
+        let answered = queued.read(&mut buf);
+        assert!(
+            answered.is_err(),
+            "an HTTP request was answered before the takeover was confirmed: {answered:?}"
+        );
         let files: Vec<_> = std::fs::read_dir(&dir2)
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
         // The takeover fails: no `ok`.
+        if let Some(answer) = answer {
+            (&conn).write_all(answer).unwrap();
+        }
         drop(r);
         drop(conn);
-        (line, files)
+        (line, files, http, queued)
     });
     let (status, out) = Router::builder()
         .arg("--takeover")
@@ -812,16 +842,174 @@ fn a_new_router_takes_nothing_over_until_the_takeover_is_confirmed() {
         .arg("--upgrade-socket")
         .arg(next.display().to_string())
         .run_to_exit(Duration::from_secs(20));
-    let (line, files) = old.join().unwrap();
+    let (line, files, http, _queued) = old.join().unwrap();
     assert_eq!(line.trim(), "ready ack");
     // Staged at a temporary name meanwhile.
     assert_eq!(files.len(), 2, "{files:?}");
     let status = status.expect("the new router gives up");
     assert!(!status.success(), "{out}");
-    assert!(out.contains("did not confirm"), "{out}");
+    assert!(out.contains(why), "{out}");
     let left: Vec<_> = std::fs::read_dir(&*dir)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, [std::ffi::OsString::from("old.sock")], "left behind");
+    // The connection made meanwhile waits in the old process's socket, its request unread.
+    http.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut conn = loop {
+        match http.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the connection made during the takeover is gone"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    conn.set_nonblocking(false).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut req = [0u8; 15];
+    conn.read_exact(&mut req).expect("the queued request");
+    assert_eq!(&req, b"GET /queued HTT");
+}
+
+/// Env var under which [`fake_old_router_process`] plays a running router that dies after
+/// `ready ack`, before it confirms the takeover.
+const FAKE_OLD_DIR: &str = "ROUTER_UPGRADE_TEST_FAKE_OLD_DIR";
+
+/// Not a test by itself: run as a separate process by
+/// [`a_new_router_serves_alone_when_the_old_one_dies_before_confirming`] (this test binary
+/// again, with [`FAKE_OLD_DIR`] set), it hands over its sockets, reads `ready ack` and
+/// exits without an answer. Without the variable it does nothing.
+#[test]
+fn fake_old_router_process() {
+    use std::io::{BufRead, BufReader};
+    use std::os::fd::AsRawFd;
+    let Some(dir) = std::env::var_os(FAKE_OLD_DIR) else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    // Never outlives a test that failed before it was taken over.
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(30));
+        std::process::exit(2);
+    });
+    let http = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    http.set_reuse_port(true).unwrap();
+    http.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    http.listen(128).unwrap();
+    let http: std::net::TcpListener = http.into();
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let unix = std::os::unix::net::UnixListener::bind(dir.join("old.sock")).unwrap();
+    let addrs =
+        serde_json::json!({"http": http.local_addr().unwrap(), "api": api.local_addr().unwrap()});
+    std::fs::write(dir.join("addrs.tmp"), addrs.to_string()).unwrap();
+    std::fs::rename(dir.join("addrs.tmp"), dir.join("addrs.json")).unwrap();
+    let state = serde_json::json!({
+        "listeners": [{"addr": http.local_addr().unwrap(), "tls": false, "route_port": 0}],
+        "api": api.local_addr().unwrap(),
+        "routes": [],
+        "services": {},
+        "ready_ack": true,
+    });
+    let (conn, _) = unix.accept().unwrap();
+    let mut r = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "takeover");
+    let data = serde_json::to_vec(&state).unwrap();
+    flynn_runtime::handoff::send_with_fds(&conn, &data, &[http.as_raw_fd(), api.as_raw_fd()])
+        .unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    std::fs::write(dir.join("line.txt"), &line).unwrap();
+    // Dies here: the connection closes with the process, no `ok`, no `no`.
+    std::process::exit(0);
+}
+
+/// The old process dies between the new one's `ready ack` and its answer: the new one is
+/// the only router left, so it goes on: it serves the handed-over HTTP and API sockets and
+/// binds its upgrade socket (before, it exited too, and neither served).
+#[test]
+fn a_new_router_serves_alone_when_the_old_one_dies_before_confirming() {
+    let dir = crate::support::TestDir::new("upgrade-old-gone");
+    let next = dir.join("next.sock");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "fake_old_router_process",
+            "--exact",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(FAKE_OLD_DIR, &*dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addrs = dir.join("addrs.json");
+    if !wait_until(Duration::from_secs(10), || addrs.exists()) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the fake old router did not start");
+    }
+    let addrs: serde_json::Value = serde_json::from_slice(&std::fs::read(&addrs).unwrap()).unwrap();
+    // Reaped as soon as it exits.
+    let waiter = std::thread::spawn(move || child.wait().unwrap());
+    let b = Backend::start("b1");
+    let new = Router::builder()
+        .arg("--takeover")
+        .arg(dir.join("old.sock").display().to_string())
+        .arg("--upgrade-socket")
+        .arg(next.display().to_string())
+        .start();
+    let status = waiter.join().unwrap();
+    assert!(status.success(), "the fake old router: {status}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("line.txt"))
+            .unwrap()
+            .trim(),
+        "ready ack"
+    );
+    assert_eq!(new.http_addr.to_string(), addrs["http"].as_str().unwrap());
+    assert_eq!(new.api_addr.to_string(), addrs["api"].as_str().unwrap());
+    assert!(new.log().contains("went away"), "{}", new.log());
+    // Its API takes changes and its HTTP listener serves them.
+    new.add_route(http_route("up.example.com", "web"));
+    new.set_backends("web", &[&b]);
+    assert_eq!(get(new.http_addr, "up.example.com", "/").status, 200);
+    // Its upgrade socket is in place (renamed from its temporary name).
+    assert!(next.exists(), "no upgrade socket");
+    let staged: Vec<_> = std::fs::read_dir(&*dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with(".next.sock."))
+        .collect();
+    assert!(staged.is_empty(), "{staged:?}");
+}
+
+/// Temporary names (`.<name>.<pid>`) that successors killed before their takeover was done
+/// left beside the upgrade socket's path are removed when a router binds it; a live
+/// process's is kept.
+#[test]
+fn stale_staged_upgrade_sockets_are_swept() {
+    let dir = crate::support::TestDir::new("upgrade-stale");
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let stale = dir.join(format!(".up.sock.{pid}"));
+    let live = dir.join(format!(".up.sock.{}", std::process::id()));
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    drop(std::os::unix::net::UnixListener::bind(&live).unwrap());
+    let _router = Router::builder()
+        .arg("--upgrade-socket")
+        .arg(dir.join("up.sock").display().to_string())
+        .start();
+    assert!(!stale.exists(), "a dead successor's staged socket was kept");
+    assert!(live.exists(), "a live process's staged socket was removed");
 }
