@@ -113,11 +113,12 @@ impl Outbox {
         self.send_seq = self.send_seq.max(self.front_seq);
     }
 
-    /// Encodes not-yet-sent events into `out` until it holds about `limit` bytes.
-    pub fn encode_unsent(&mut self, out: &mut Vec<u8>, limit: usize) {
+    /// Encodes not-yet-sent events into `out` until it holds about `limit` bytes;
+    /// `partial`: the connection reads pieces of lines as such ([`wire::encode_event`]).
+    pub fn encode_unsent(&mut self, out: &mut Vec<u8>, limit: usize, partial: bool) {
         while out.len() < limit && self.send_seq < self.next_seq() {
             let ev = &self.events[(self.send_seq - self.front_seq) as usize];
-            wire::encode_event(ev, out);
+            wire::encode_event(ev, out, partial);
             self.send_seq += 1;
         }
     }
@@ -161,12 +162,12 @@ mod tests {
         o.push_output(Stream::Stdout, line("a"), true, true);
         o.push_output(Stream::Stdout, line("b"), false, true);
         let mut buf = Vec::new();
-        o.encode_unsent(&mut buf, 1 << 20);
+        o.encode_unsent(&mut buf, 1 << 20, true);
         assert_eq!(decode_all(buf).len(), 3);
         o.ack(2); // the daemon saw Started and "a", then went away
         assert_eq!(o.reconnect(), 2);
         let mut buf = Vec::new();
-        o.encode_unsent(&mut buf, 1 << 20);
+        o.encode_unsent(&mut buf, 1 << 20, true);
         assert_eq!(
             decode_all(buf),
             vec![ShimEvent::Output {
@@ -199,7 +200,7 @@ mod tests {
         assert!(kept < 10);
         o.reconnect();
         let mut buf = Vec::new();
-        o.encode_unsent(&mut buf, usize::MAX);
+        o.encode_unsent(&mut buf, usize::MAX, true);
         let evs = decode_all(buf);
         assert_eq!(
             evs.last().unwrap(),

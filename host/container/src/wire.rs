@@ -1,18 +1,31 @@
 //! The shim's control-socket protocol: events from the shim, acks and signals from the daemon.
 //!
 //! Every frame is `kind: u8, len: u32 BE, payload`. Shim → daemon: `HELLO` (u64 BE: sequence
-//! number of the next event frame; u32 BE: the job's pid, 0 before it started), `EVENT` (JSON of a non-output [`ShimEvent`]), `STDOUT` and
-//! `STDERR` (the raw bytes of an output line, the job wrote a newline after them),
-//! `STDOUT_PART` and `STDERR_PART` (raw output bytes without a newline after them: a piece
-//! of a line whose rest follows, see [`ShimEvent::Output`]), `TERMINAL` (raw bytes a TTY job
-//! wrote to its terminal, as read: no line structure). Each frame after `HELLO` carries the next sequence number
-//! implicitly. Daemon → shim: `ACK` (u64 BE: every event below this sequence number was
-//! received, the shim may forget it), `SIGNAL` (i32 BE), `CLOSE_STDIN` (empty: the shim lets
-//! go of its end of the job's stdin FIFO, so the job reads end-of-file once the daemon closed
-//! its own; a TTY job gets its terminal's end-of-file character, ^D) and `RESIZE` (u16 BE rows,
-//! u16 BE columns: the window size of a TTY job's terminal; ignored for other jobs). A
-//! reconnecting daemon is sent every event it has not acknowledged again, so nothing is lost
-//! between connections.
+//! number of the next event frame; u32 BE: the job's pid, 0 before it started), `EVENT` (JSON
+//! of a non-output [`ShimEvent`]), `STDOUT` and `STDERR` (the raw bytes of an output line, the
+//! job wrote a newline after them), `STDOUT_PART` and `STDERR_PART` (raw output bytes without a
+//! newline after them: a piece of a line whose rest follows, see [`ShimEvent::Output`]; only
+//! to a daemon that announced [`PARTIAL_OUTPUT`], below), `TERMINAL` (raw bytes a TTY job
+//! wrote to its terminal, as read: no line structure). Each frame after `HELLO` carries the
+//! next sequence number implicitly. Daemon → shim: `ACK` (u64 BE: every event below this
+//! sequence number was received, the shim may forget it), `SIGNAL` (i32 BE), `CLOSE_STDIN`
+//! (empty: the shim lets go of its end of the job's stdin FIFO, so the job reads end-of-file
+//! once the daemon closed its own; a TTY job gets its terminal's end-of-file character, ^D)
+//! and `RESIZE` (u16 BE rows, u16 BE columns: the window size of a TTY job's terminal;
+//! ignored for other jobs). A reconnecting daemon is sent every event it has not acknowledged
+//! again, so nothing is lost between connections.
+//!
+//! Features: a daemon that reads more than the first version's frames says so first thing on
+//! each connection, with a `SIGNAL` frame carrying a negative number, the negated set of
+//! feature bits ([`encode_features`], decoded as [`Frame::Features`]). Not a frame kind of
+//! its own: a shim of the first version drops a connection that sends it an unknown kind,
+//! and takes this one for a signal it cannot send (`kill` with a negative number fails,
+//! nothing happens). A daemon of the first version never sends it, and is sent only the
+//! first version's frames: a shim waits [`FEATURES_WAIT`] after a connection for the
+//! announcement before it sends events, then sends output as whole lines (a piece of a line
+//! as a line; it holds a partial line back for its newline) until the connection announces
+//! [`PARTIAL_OUTPUT`]. (A daemon of the first version fails a connection, and the job, on
+//! the kinds it does not know.)
 
 use serde::{Deserialize, Serialize};
 
@@ -116,6 +129,12 @@ pub const SIGNAL: u8 = 11;
 pub const CLOSE_STDIN: u8 = 12;
 pub const RESIZE: u8 = 13;
 
+/// Feature bit: the daemon reads `STDOUT_PART` and `STDERR_PART` frames.
+pub const PARTIAL_OUTPUT: u32 = 1;
+/// How long a shim waits for a new connection's feature announcement before it sends
+/// events to it (a daemon that has features sends them right after connecting).
+pub const FEATURES_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub const HEADER: usize = 5;
 
 fn header(out: &mut Vec<u8>, kind: u8, len: usize) {
@@ -123,15 +142,17 @@ fn header(out: &mut Vec<u8>, kind: u8, len: usize) {
     out.extend_from_slice(&(len as u32).to_be_bytes());
 }
 
-/// Appends the frame of `ev` to `out`.
-pub fn encode_event(ev: &ShimEvent, out: &mut Vec<u8>) {
+/// Appends the frame of `ev` to `out`. `partial`: the daemon reads [`PARTIAL_OUTPUT`]
+/// frames; without it a piece of a line goes as a line (what the first version of the
+/// protocol has).
+pub fn encode_event(ev: &ShimEvent, out: &mut Vec<u8>, partial: bool) {
     match ev {
         ShimEvent::Output {
             stream,
             line,
             newline,
         } => {
-            let kind = match (stream, newline) {
+            let kind = match (stream, *newline || !partial) {
                 (Stream::Stdout, true) => STDOUT,
                 (Stream::Stderr, true) => STDERR,
                 (Stream::Stdout, false) => STDOUT_PART,
@@ -171,6 +192,13 @@ pub fn encode_signal(sig: i32, out: &mut Vec<u8>) {
     out.extend_from_slice(&sig.to_be_bytes());
 }
 
+/// Appends the daemon's feature announcement: a `SIGNAL` frame with the negated bits
+/// (see the module doc). `features` must be 1 to `i32::MAX`.
+pub fn encode_features(features: u32, out: &mut Vec<u8>) {
+    let bits = i32::try_from(features).unwrap_or(i32::MAX).max(1);
+    encode_signal(-bits, out);
+}
+
 /// Appends a `CLOSE_STDIN` frame.
 pub fn encode_close_stdin(out: &mut Vec<u8>) {
     header(out, CLOSE_STDIN, 0);
@@ -186,12 +214,21 @@ pub fn encode_resize(rows: u16, cols: u16, out: &mut Vec<u8>) {
 /// A decoded frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame {
-    Hello { seq: u64, pid: u32 },
+    Hello {
+        seq: u64,
+        pid: u32,
+    },
     Event(ShimEvent),
     Ack(u64),
+    /// A signal for the job (a positive number).
     Signal(i32),
+    /// The daemon's features (`SIGNAL` with a negative number, see the module doc).
+    Features(u32),
     CloseStdin,
-    Resize { rows: u16, cols: u16 },
+    Resize {
+        rows: u16,
+        cols: u16,
+    },
 }
 
 /// Takes one complete frame off the front of `buf`; `Ok(None)` when more bytes are needed.
@@ -224,7 +261,10 @@ pub fn decode(buf: &mut Vec<u8>) -> Result<Option<Frame>, String> {
             }
         }
         ACK => Frame::Ack(u64::from_be_bytes(fixed(8)?.try_into().unwrap())),
-        SIGNAL => Frame::Signal(i32::from_be_bytes(fixed(4)?.try_into().unwrap())),
+        SIGNAL => match i32::from_be_bytes(fixed(4)?.try_into().unwrap()) {
+            n if n < 0 => Frame::Features(n.unsigned_abs()),
+            n => Frame::Signal(n),
+        },
         CLOSE_STDIN => {
             fixed(0)?;
             Frame::CloseStdin
@@ -312,10 +352,11 @@ mod tests {
         let mut bytes = Vec::new();
         encode_hello(5, 77, &mut bytes);
         for e in &events {
-            encode_event(e, &mut bytes);
+            encode_event(e, &mut bytes, true);
         }
         encode_u64(ACK, 9, &mut bytes);
         encode_signal(15, &mut bytes);
+        encode_features(PARTIAL_OUTPUT, &mut bytes);
         encode_close_stdin(&mut bytes);
         encode_resize(20, 10, &mut bytes);
         encode_resize(u16::MAX, 0, &mut bytes);
@@ -333,6 +374,7 @@ mod tests {
         want.extend(events.into_iter().map(Frame::Event));
         want.push(Frame::Ack(9));
         want.push(Frame::Signal(15));
+        want.push(Frame::Features(PARTIAL_OUTPUT));
         want.push(Frame::CloseStdin);
         want.push(Frame::Resize { rows: 20, cols: 10 });
         want.push(Frame::Resize {
@@ -340,6 +382,49 @@ mod tests {
             cols: 0,
         });
         assert_eq!(got, want);
+    }
+
+    /// For a daemon that did not announce [`PARTIAL_OUTPUT`] (one of the first version, which
+    /// fails on kinds it does not know), output goes in the first version's frames only: a
+    /// piece of a line as a line.
+    #[test]
+    fn without_the_feature_pieces_go_as_lines() {
+        let events = [
+            (Stream::Stdout, b"Password: ".to_vec(), false),
+            (Stream::Stderr, b"half".to_vec(), false),
+            (Stream::Stdout, b"line".to_vec(), true),
+        ];
+        for partial in [false, true] {
+            let mut bytes = Vec::new();
+            for (stream, line, newline) in &events {
+                let ev = ShimEvent::Output {
+                    stream: *stream,
+                    line: line.clone(),
+                    newline: *newline,
+                };
+                encode_event(&ev, &mut bytes, partial);
+            }
+            let mut kinds = Vec::new();
+            let mut at = 0;
+            while at < bytes.len() {
+                kinds.push(bytes[at]);
+                let len = u32::from_be_bytes(bytes[at + 1..at + 5].try_into().unwrap());
+                at += HEADER + len as usize;
+            }
+            if partial {
+                assert_eq!(kinds, [STDOUT_PART, STDERR_PART, STDOUT]);
+            } else {
+                assert_eq!(kinds, [STDOUT, STDERR, STDOUT]);
+            }
+        }
+        // The announcement is a signal no shim can send: a negative number.
+        let mut b = Vec::new();
+        encode_features(PARTIAL_OUTPUT, &mut b);
+        assert_eq!(b, [SIGNAL, 0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(
+            decode(&mut b).unwrap(),
+            Some(Frame::Features(PARTIAL_OUTPUT))
+        );
     }
 
     #[test]

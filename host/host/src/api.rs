@@ -80,7 +80,12 @@ async fn attach(State(host): State<Arc<Host>>, req: axum::extract::Request) -> R
         )
     })?;
     let ar: AttachRequest = serde_json::from_slice(&b).map_err(|_| ApiError::syntax())?;
-    let sub = host.attach(&ar)?;
+    // The client's address (served with connect info: see `crate::run`).
+    let source = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let sub = host.attach(&ar, source)?;
     let mut req = axum::extract::Request::from_parts(parts, axum::body::Body::empty());
     let on_upgrade = hyper::upgrade::on(&mut req);
     let flags = ar.flags;

@@ -12,13 +12,21 @@
 //! one client of a `disable_log` job (its output goes nowhere else): the job's output waits
 //! for room in that client's queue instead, so the runtime stops reading it and the job
 //! blocks on its writes, as under Flynn; such a client has no time limit on a frame either
-//! (TCP keepalive bounds one that went away).
+//! (the API connections' TCP keepalive and `TCP_USER_TIMEOUT`, see `api_keepalive`, drop
+//! one that went away, or that read nothing for two minutes). Once the job is asked to stop
+//! ([`Attachments::unblock`]) its output waits for no client: the job's end must not wait
+//! for a client that stopped reading (which is then detached as any other once its queue is
+//! full, and its frames get the time limit again).
 //!
 //! A client may attach before its job is created (Flynn's controller attaches, then adds the
 //! job): it gets [`Frame::Waiting`] at once and the job's output from its start. What it
 //! asked for is checked when the job is created (an error frame then, for stdin the job has
 //! not, or a second client of a `disable_log` job); a job not created within
-//! [`PENDING_WAIT`] gets it an error frame. At most [`MAX_PENDING`] clients wait at once.
+//! [`PENDING_WAIT`] gets it an error frame. At most [`MAX_PENDING`] clients wait at once,
+//! at most [`MAX_PENDING_PER_SOURCE`] of them from one address (one client's retry loop
+//! cannot take every place). Its frames are read while it waits (so its leaving is seen),
+//! up to 64 KiB: one that sends more before its job exists gets an error frame (Flynn's
+//! controller sends nothing before the job runs).
 //!
 //! Stdin (the `stdin` flag, for jobs created with `config.stdin` or `config.tty`): the
 //! client's data frames are written to the job's stdin in order, and an empty one closes it
@@ -41,8 +49,9 @@
 //! does not keep output; history is the log aggregator's). `init_log` is accepted and has
 //! nothing to send.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,32 +78,35 @@ pub const MAX_CLIENTS: usize = 64;
 /// read holds the client back.
 const READ_AHEAD: usize = 64 * 1024;
 /// A client that takes longer than this to take one frame is dropped (not the only client
-/// of a `disable_log` job, see the module doc). `FLYNN_HOST_ATTACH_WRITE_TIMEOUT_MS` sets
-/// another (for tests).
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a client attached to a job not created yet waits for it.
-/// `FLYNN_HOST_ATTACH_WAIT_MS` sets another (for tests).
+/// of a `disable_log` job, see the module doc). [`Limits`] may set another (tests).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client attached to a job not created yet waits for it. [`Limits`] may set
+/// another (tests).
 pub const PENDING_WAIT: Duration = Duration::from_secs(30);
 /// Clients waiting for their jobs to be created, over all jobs; more are refused before the
 /// upgrade. Each holds little until its job runs, when [`MAX_CLIENTS`] bounds it.
 pub const MAX_PENDING: usize = 256;
+/// Clients from one address waiting for their jobs to be created: a share of
+/// [`MAX_PENDING`], so one caller's retry loop leaves room for the others (the controller's
+/// attach before it creates a job).
+pub const MAX_PENDING_PER_SOURCE: usize = 64;
 
-/// A duration from the environment variable `name` in milliseconds, or `default`.
-fn env_ms(name: &str, default: Duration) -> Duration {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(default, Duration::from_millis)
+/// The time limits of attach connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// How long a client waits for its job to be created ([`PENDING_WAIT`]).
+    pub wait: Duration,
+    /// How long one frame may take to write ([`WRITE_TIMEOUT`]).
+    pub write: Duration,
 }
 
-fn write_timeout() -> Duration {
-    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *T.get_or_init(|| env_ms("FLYNN_HOST_ATTACH_WRITE_TIMEOUT_MS", WRITE_TIMEOUT))
-}
-
-fn pending_wait() -> Duration {
-    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *T.get_or_init(|| env_ms("FLYNN_HOST_ATTACH_WAIT_MS", PENDING_WAIT))
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            wait: PENDING_WAIT,
+            write: WRITE_TIMEOUT,
+        }
+    }
 }
 
 /// What the supervisor tells an attached client.
@@ -122,12 +134,39 @@ struct Sub {
     flags: u32,
     /// It waits for its job to be created (its flags are checked then).
     pending: bool,
-    /// It is the only client of a job whose output goes nowhere else (`disable_log`): its
-    /// job's output waits for room in its queue rather than detaching it. Shared with its
-    /// connection (which then has no time limit on a frame).
-    blocking: Arc<AtomicBool>,
+    /// It is the only client of a job whose output goes nowhere else (`disable_log`), not
+    /// being stopped: its job's output waits for room in its queue rather than detaching
+    /// it. Shared with its connection (which then has no time limit on a frame).
+    blocking: Blocking,
+    /// Where it connected from (a waiting client's, counted per address).
+    source: Option<IpAddr>,
     /// Woken when the client takes a message off its queue, or leaves.
     room: Arc<Notify>,
+}
+
+/// Whether a client holds its job's output up (see [`Sub::blocking`]); its connection can
+/// wait for that to end.
+#[derive(Clone)]
+struct Blocking(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Blocking {
+    fn new(on: bool) -> Blocking {
+        Blocking(Arc::new(tokio::sync::watch::Sender::new(on)))
+    }
+
+    fn get(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    fn set(&self, on: bool) {
+        self.0.send_replace(on);
+    }
+
+    /// Resolves once it no longer blocks.
+    async fn ended(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|on| !*on).await;
+    }
 }
 
 impl Sub {
@@ -174,7 +213,15 @@ impl Size {
     }
 }
 
-type Subscribers = HashMap<String, Vec<Sub>>;
+/// The clients of every job, under [`Attachments`]' lock.
+#[derive(Default)]
+struct Subscribers {
+    jobs: HashMap<String, Vec<Sub>>,
+    /// Clients waiting for their jobs to be created, per address they came from.
+    waiting_from: HashMap<Option<IpAddr>, usize>,
+    /// Jobs asked to stop ([`Attachments::unblock`]): their output waits for no client.
+    stopping: HashSet<String>,
+}
 
 /// The attached clients of every job.
 #[derive(Default)]
@@ -185,9 +232,17 @@ pub struct Attachments {
     /// Clients waiting for their job to be created (changed under the lock).
     pending: AtomicUsize,
     next: AtomicU64,
+    limits: Limits,
 }
 
 impl Attachments {
+    pub fn new(limits: Limits) -> Attachments {
+        Attachments {
+            limits,
+            ..Attachments::default()
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Subscribers> {
         self.subs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -201,18 +256,19 @@ impl Attachments {
         exclusive: bool,
         size: Option<(u16, u16)>,
     ) -> Result<Subscription, ApiError> {
-        self.add(id, exclusive, size, None)
+        self.add(id, exclusive, size, None, None)
     }
 
     /// Attaches a client to job `id`, not created yet, with `flags` (checked when it is:
-    /// [`Attachments::created`]).
+    /// [`Attachments::created`]); `source`: the address it connected from.
     pub fn subscribe_pending(
         self: &Arc<Self>,
         id: &str,
         flags: u32,
         size: Option<(u16, u16)>,
+        source: Option<IpAddr>,
     ) -> Result<Subscription, ApiError> {
-        self.add(id, false, size, Some(flags))
+        self.add(id, false, size, Some(flags), source)
     }
 
     /// `pending`: the flags of a client waiting for its job.
@@ -222,18 +278,28 @@ impl Attachments {
         exclusive: bool,
         size: Option<(u16, u16)>,
         pending: Option<u32>,
+        source: Option<IpAddr>,
     ) -> Result<Subscription, ApiError> {
         let mut subs = self.lock();
-        if pending.is_some() && self.pending.load(Ordering::Relaxed) >= MAX_PENDING {
-            return Err(ApiError::new(
-                flynn_api::ErrorCode::Ratelimited,
-                format!(
+        let subs = &mut *subs;
+        if pending.is_some() {
+            let busy = |what: String| {
+                Err(ApiError::new(flynn_api::ErrorCode::Ratelimited, what).with_retry(true))
+            };
+            if self.pending.load(Ordering::Relaxed) >= MAX_PENDING {
+                return busy(format!(
                     "host: {MAX_PENDING} clients wait for jobs to be created already; try again later"
-                ),
-            )
-            .with_retry(true));
+                ));
+            }
+            if subs.waiting_from.get(&source).copied().unwrap_or(0) >= MAX_PENDING_PER_SOURCE {
+                return busy(format!(
+                    "host: {MAX_PENDING_PER_SOURCE} clients from this address wait for jobs to be created already; try again later"
+                ));
+            }
         }
-        let list = subs.entry(id.to_string()).or_default();
+        // Not for a job being stopped: it must end whatever its client does.
+        let exclusive_blocks = exclusive && !subs.stopping.contains(id);
+        let list = subs.jobs.entry(id.to_string()).or_default();
         if exclusive && !list.is_empty() {
             return Err(ApiError::conflict("host: job is attached"));
         }
@@ -251,7 +317,7 @@ impl Attachments {
         let (tx, rx) = mpsc::channel(QUEUE + 1);
         let bytes = Arc::new(AtomicUsize::new(0));
         let size = Size::new(size);
-        let blocking = Arc::new(AtomicBool::new(exclusive));
+        let blocking = Blocking::new(exclusive_blocks);
         let room = Arc::new(Notify::new());
         list.push(Sub {
             token,
@@ -261,11 +327,13 @@ impl Attachments {
             flags: pending.unwrap_or(0),
             pending: pending.is_some(),
             blocking: blocking.clone(),
+            source,
             room: room.clone(),
         });
         self.count.fetch_add(1, Ordering::Relaxed);
         if pending.is_some() {
             self.pending.fetch_add(1, Ordering::Relaxed);
+            *subs.waiting_from.entry(source).or_default() += 1;
         }
         Ok(Subscription {
             attachments: self.clone(),
@@ -292,7 +360,9 @@ impl Attachments {
         let config = &job.job.config;
         let exclusive = config.disable_log;
         let mut subs = self.lock();
+        let blocks = exclusive && !subs.stopping.contains(&job.job.id);
         let mut taken = subs
+            .jobs
             .get(&job.job.id)
             .is_some_and(|l| l.iter().any(|s| !s.pending));
         self.retain(&mut subs, &job.job.id, |s| {
@@ -310,7 +380,7 @@ impl Attachments {
             }
             taken = true;
             s.pending = false;
-            s.blocking.store(exclusive, Ordering::Relaxed);
+            s.blocking.set(blocks);
             let _ = s.tx.try_send(Msg::Created);
             true
         });
@@ -332,6 +402,7 @@ impl Attachments {
     /// size a TTY job starts with.
     pub fn size(&self, id: &str) -> Option<(u16, u16)> {
         self.lock()
+            .jobs
             .get(id)
             .and_then(|l| l.iter().rev().find_map(|s| s.size.get()))
     }
@@ -353,26 +424,41 @@ impl Attachments {
             if s.pending || s.offer(len, &msg) {
                 return true;
             }
-            let blocking = s.blocking.load(Ordering::Relaxed);
+            let blocking = s.blocking.get();
             if blocking {
                 wait = Some((s.token, s.room.clone()));
             }
             blocking
         });
         let Some((token, room)) = wait else { return };
-        // The client takes a message off its queue (or leaves), then `room` wakes this (a
-        // wake-up since the check above counts: `notify_one` keeps it).
+        // The client takes a message off its queue (or leaves, or the job is asked to stop),
+        // then `room` wakes this (a wake-up since the check above counts: `notify_one` keeps
+        // it). No longer blocking and still full: detached, as any other client.
         loop {
             room.notified().await;
-            let subs = self.lock();
-            let Some(s) = subs
-                .get(id)
-                .and_then(|l| l.iter().find(|s| s.token == token))
-            else {
+            let mut waiting = false;
+            self.retain(&mut self.lock(), id, |s| {
+                if s.token != token || s.offer(len, &msg) {
+                    return true;
+                }
+                waiting = s.blocking.get();
+                waiting
+            });
+            if !waiting {
                 return;
-            };
-            if s.offer(len, &msg) {
-                return;
+            }
+        }
+    }
+
+    /// Job `id` is asked to stop: its output waits for no client from now on (a client that
+    /// stopped reading must not hold up the job's end), and output waiting for one goes on.
+    pub fn unblock(&self, id: &str) {
+        let mut subs = self.lock();
+        subs.stopping.insert(id.to_string());
+        for s in subs.jobs.get(id).into_iter().flatten() {
+            if s.blocking.get() {
+                s.blocking.set(false);
+                s.room.notify_one();
             }
         }
     }
@@ -380,23 +466,42 @@ impl Attachments {
     /// Keeps the clients of job `id` for which `keep` holds, keeping `count` and `pending`
     /// in step and forgetting the job once it has none.
     fn retain(&self, subs: &mut Subscribers, id: &str, mut keep: impl FnMut(&mut Sub) -> bool) {
-        let Some(list) = subs.get_mut(id) else {
+        let Some(list) = subs.jobs.get_mut(id) else {
             return;
         };
         let before = list.len();
-        let mut no_longer_pending = 0;
+        let mut no_longer_pending = Vec::new();
         list.retain_mut(|s| {
             let was = s.pending;
             let kept = keep(s);
             if was && !(kept && s.pending) {
-                no_longer_pending += 1;
+                no_longer_pending.push(s.source);
             }
             kept
         });
         self.count.fetch_sub(before - list.len(), Ordering::Relaxed);
-        self.pending.fetch_sub(no_longer_pending, Ordering::Relaxed);
         if list.is_empty() {
-            subs.remove(id);
+            subs.jobs.remove(id);
+        }
+        self.no_longer_waiting(subs, no_longer_pending);
+    }
+
+    /// Clients from these addresses no longer wait for their jobs.
+    fn no_longer_waiting(
+        &self,
+        subs: &mut Subscribers,
+        sources: impl IntoIterator<Item = Option<IpAddr>>,
+    ) {
+        for source in sources {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            if let std::collections::hash_map::Entry::Occupied(mut e) =
+                subs.waiting_from.entry(source)
+            {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
         }
     }
 
@@ -436,10 +541,19 @@ impl Attachments {
     /// Called once the job's end is in the table (`job` is what it says); detaches
     /// every client of the job.
     pub fn ended(&self, job: &ActiveJob) {
-        let list = self.lock().remove(&job.job.id).unwrap_or_default();
+        let list = {
+            let mut subs = self.lock();
+            subs.stopping.remove(&job.job.id);
+            let list = subs.jobs.remove(&job.job.id).unwrap_or_default();
+            let waiting: Vec<_> = list
+                .iter()
+                .filter(|s| s.pending)
+                .map(|s| s.source)
+                .collect();
+            self.no_longer_waiting(&mut subs, waiting);
+            list
+        };
         self.count.fetch_sub(list.len(), Ordering::Relaxed);
-        let pending = list.iter().filter(|s| s.pending).count();
-        self.pending.fetch_sub(pending, Ordering::Relaxed);
         for s in list {
             let _ = s.tx.try_send(Msg::Ended(Box::new(job.clone())));
         }
@@ -459,7 +573,7 @@ pub struct Subscription {
     /// It was made for a job not created yet.
     pending: bool,
     /// See [`Sub::blocking`].
-    blocking: Arc<AtomicBool>,
+    blocking: Blocking,
     /// See [`Sub::room`].
     room: Arc<Notify>,
 }
@@ -477,7 +591,7 @@ impl Subscription {
 
     /// Whether the job's output waits for this client (see [`Sub::blocking`]).
     fn blocking(&self) -> bool {
-        self.blocking.load(Ordering::Relaxed)
+        self.blocking.get()
     }
 }
 
@@ -541,10 +655,12 @@ where
     IO: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let (mut rd, wr) = tokio::io::split(io);
+    let limits = sub.attachments.limits;
     let mut w = Writer {
         wr,
         buf: Vec::new(),
-        timeout: Some(write_timeout()),
+        timeout: limits.write,
+        blocking: None,
     };
     let wants = |s: Stream| match s {
         Stream::Stdout => flags & attach::STDOUT != 0,
@@ -561,7 +677,7 @@ where
         if w.send(&Frame::Waiting).await.is_err() {
             return;
         }
-        let deadline = tokio::time::Instant::now() + pending_wait();
+        let deadline = tokio::time::Instant::now() + limits.wait;
         let mut expired = false;
         loop {
             tokio::select! {
@@ -585,16 +701,32 @@ where
                         }
                     }
                 }
-                n = rd.read(&mut chunk), if inbuf.len() < READ_AHEAD => {
+                // Read on (bounded), so a client that leaves is seen.
+                n = rd.read(&mut chunk) => {
                     let Ok(n @ 1..) = n else { return };
                     inbuf.extend_from_slice(&chunk[..n]);
+                    if inbuf.len() > READ_AHEAD {
+                        let e = format!(
+                            "host: more than {} KiB sent before the job was created",
+                            READ_AHEAD / 1024
+                        );
+                        if w.send(&Frame::Error(e)).await.is_ok() {
+                            // Closed after what the client is still sending (a second of
+                            // it, discarded): closing with its bytes unread would reset the
+                            // connection, and the client might lose the error.
+                            let _ = w.wr.shutdown().await;
+                            let drain = async { while let Ok(1..) = rd.read(&mut chunk).await {} };
+                            let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+                        }
+                        return;
+                    }
                 }
                 _ = tokio::time::sleep_until(deadline), if !expired => {
                     // Unless it was created just now (its `Created` is queued).
                     if sub.attachments.expire(&sub.id, sub.token) {
                         let e = format!(
                             "host: unknown job: not created within {} s",
-                            pending_wait().as_secs_f32()
+                            limits.wait.as_secs_f32()
                         );
                         let _ = w.send(&Frame::Error(e)).await;
                         return;
@@ -605,9 +737,10 @@ where
         }
     }
     // The only client of a `disable_log` job holds the job up rather than being dropped:
-    // no time limit on a frame (TCP keepalive bounds a client that went away).
+    // no time limit on a frame while it does (the connection's TCP keepalive and user
+    // timeout drop a client that went away), the usual one once the job is being stopped.
     if sub.blocking() {
-        w.timeout = None;
+        w.blocking = Some(sub.blocking.clone());
     }
     // Subscribed before this read: whatever happens after it arrives as a message. A job
     // that ended before it has all its output (and maybe its `Ended`) queued already: the
@@ -859,26 +992,43 @@ fn client_frames(host: &Host, id: &str, inbuf: &mut Vec<u8>, input: &mut Input) 
 }
 
 /// The client's side of the connection, with a bound on how long one frame may take (none
-/// for a client the job's output waits for).
+/// while the job's output waits for the client: from the end of that on).
 struct Writer<W> {
     wr: W,
     buf: Vec<u8>,
-    timeout: Option<Duration>,
+    timeout: Duration,
+    /// Set for a client the job's output waits for.
+    blocking: Option<Blocking>,
 }
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
     async fn send(&mut self, f: &Frame) -> std::io::Result<()> {
-        self.buf.clear();
-        f.encode(&mut self.buf);
+        let Writer {
+            wr,
+            buf,
+            timeout,
+            blocking,
+        } = self;
+        buf.clear();
+        f.encode(buf);
         let write = async {
-            self.wr.write_all(&self.buf).await?;
-            self.wr.flush().await
+            wr.write_all(buf).await?;
+            wr.flush().await
         };
-        match self.timeout {
-            Some(t) => tokio::time::timeout(t, write)
+        let timed_out = || Err(std::io::ErrorKind::TimedOut.into());
+        match blocking {
+            Some(b) if b.get() => {
+                tokio::select! {
+                    r = write => r,
+                    _ = async {
+                        b.ended().await;
+                        tokio::time::sleep(*timeout).await;
+                    } => timed_out(),
+                }
+            }
+            _ => tokio::time::timeout(*timeout, write)
                 .await
-                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
-            None => write.await,
+                .unwrap_or_else(|_| timed_out()),
         }
     }
 }
@@ -1081,7 +1231,7 @@ mod tests {
         drop(fast);
         drop(slow);
         assert_eq!(a.count.load(Ordering::Relaxed), 0);
-        assert!(a.lock().is_empty());
+        assert!(a.lock().jobs.is_empty());
     }
 
     /// Pipe output goes to clients as the job wrote it: a `\n` only where the job wrote
@@ -1130,9 +1280,11 @@ mod tests {
     async fn clients_waiting_for_a_job_are_attached_or_refused_when_it_is_created() {
         use attach::{STDIN, STDOUT, STREAM};
         let a = Arc::new(Attachments::default());
-        let mut plain = a.subscribe_pending("j", STDOUT | STREAM, None).unwrap();
+        let mut plain = a
+            .subscribe_pending("j", STDOUT | STREAM, None, None)
+            .unwrap();
         let mut stdin = a
-            .subscribe_pending("j", STDOUT | STDIN | STREAM, None)
+            .subscribe_pending("j", STDOUT | STDIN | STREAM, None, None)
             .unwrap();
         assert!(plain.pending && stdin.pending);
         assert_eq!(a.pending.load(Ordering::Relaxed), 2);
@@ -1154,8 +1306,12 @@ mod tests {
 
         // A `disable_log` job: the first client waiting is its one client (whose output
         // waits for it), a second is refused.
-        let mut first = a.subscribe_pending("q", STDOUT | STREAM, None).unwrap();
-        let mut second = a.subscribe_pending("q", STDOUT | STREAM, None).unwrap();
+        let mut first = a
+            .subscribe_pending("q", STDOUT | STREAM, None, None)
+            .unwrap();
+        let mut second = a
+            .subscribe_pending("q", STDOUT | STREAM, None, None)
+            .unwrap();
         created(&a, "q", false, true);
         assert!(matches!(first.rx.recv().await, Some(Msg::Created)));
         assert!(first.blocking());
@@ -1167,22 +1323,30 @@ mod tests {
         assert!(a.subscribe("q", true, None).is_err());
 
         // One whose job is never created expires (once: a later expiry finds nothing).
-        let late = a.subscribe_pending("never", STDOUT | STREAM, None).unwrap();
+        let late = a
+            .subscribe_pending("never", STDOUT | STREAM, None, None)
+            .unwrap();
         assert_eq!(a.pending.load(Ordering::Relaxed), 1);
         assert!(a.expire("never", late.token));
         assert!(!a.expire("never", late.token));
         assert_eq!(a.pending.load(Ordering::Relaxed), 0);
         // One whose job was created just before its expiry stays.
-        let just = a.subscribe_pending("just", STDOUT | STREAM, None).unwrap();
+        let just = a
+            .subscribe_pending("just", STDOUT | STREAM, None, None)
+            .unwrap();
         created(&a, "just", false, false);
         assert!(!a.expire("just", just.token));
         // One that leaves while it waits frees its place.
-        let left = a.subscribe_pending("left", STDOUT | STREAM, None).unwrap();
+        let left = a
+            .subscribe_pending("left", STDOUT | STREAM, None, None)
+            .unwrap();
         assert_eq!(a.pending.load(Ordering::Relaxed), 1);
         drop(left);
         assert_eq!(a.pending.load(Ordering::Relaxed), 0);
         // So does one whose job ended before it was shown as created.
-        let mut ends = a.subscribe_pending("ends", STDOUT | STREAM, None).unwrap();
+        let mut ends = a
+            .subscribe_pending("ends", STDOUT | STREAM, None, None)
+            .unwrap();
         let mut job = ActiveJob::default();
         job.job.id = "ends".into();
         a.ended(&job);
@@ -1195,11 +1359,16 @@ mod tests {
     fn waiting_clients_are_bounded() {
         let flags = attach::STDOUT | attach::STREAM;
         let a = Arc::new(Attachments::default());
+        // From as many addresses as it takes (each has a share of the places).
+        let from = |i: usize| Some(IpAddr::from([10, 0, 0, (i / MAX_PENDING_PER_SOURCE) as u8]));
         let mut subs: Vec<Subscription> = (0..MAX_PENDING)
-            .map(|i| a.subscribe_pending(&format!("j{i}"), flags, None).unwrap())
+            .map(|i| {
+                a.subscribe_pending(&format!("j{i}"), flags, None, from(i))
+                    .unwrap()
+            })
             .collect();
         let e = a
-            .subscribe_pending("x", flags, None)
+            .subscribe_pending("x", flags, None, Some(IpAddr::from([10, 0, 1, 1])))
             .err()
             .expect("one too many");
         assert_eq!(e.status(), 429, "{e:?}");
@@ -1207,7 +1376,133 @@ mod tests {
         // Attaching to jobs that exist is not affected.
         let _known = a.subscribe("k", false, None).unwrap();
         subs.pop();
-        subs.push(a.subscribe_pending("x", flags, None).unwrap());
+        subs.push(
+            a.subscribe_pending("x", flags, None, Some(IpAddr::from([10, 0, 1, 1])))
+                .unwrap(),
+        );
+    }
+
+    /// One address has a share of the waiting places: a client's retry loop filling them
+    /// used to refuse every other caller's attach before its job's creation (the
+    /// controller's) with a 429. Its places come back as its clients stop waiting (they
+    /// leave, their jobs are created, or end).
+    #[tokio::test]
+    async fn waiting_clients_are_bounded_per_address() {
+        let flags = attach::STDOUT | attach::STREAM;
+        let a = Arc::new(Attachments::default());
+        let busy = Some(IpAddr::from([192, 0, 2, 1]));
+        let other = Some(IpAddr::from([192, 0, 2, 2]));
+        let mut subs: Vec<Subscription> = (0..MAX_PENDING_PER_SOURCE)
+            .map(|i| {
+                a.subscribe_pending(&format!("j{i}"), flags, None, busy)
+                    .unwrap()
+            })
+            .collect();
+        let e = a
+            .subscribe_pending("x", flags, None, busy)
+            .err()
+            .expect("one too many from that address");
+        assert_eq!(e.status(), 429, "{e:?}");
+        assert!(e.retry);
+        assert!(e.message.contains("from this address"), "{}", e.message);
+        // Another address still gets in.
+        let _ok = a.subscribe_pending("y", flags, None, other).unwrap();
+        // A client that leaves, one whose job is created and one whose job ended each give
+        // a place back.
+        drop(subs.pop());
+        let left = a.subscribe_pending("x", flags, None, busy).unwrap();
+        assert!(a.subscribe_pending("x2", flags, None, busy).is_err());
+        created(&a, "j0", false, false);
+        let mut created_sub = subs.remove(0);
+        assert!(matches!(created_sub.rx.recv().await, Some(Msg::Created)));
+        let _second = a.subscribe_pending("x2", flags, None, busy).unwrap();
+        assert!(a.subscribe_pending("x3", flags, None, busy).is_err());
+        let mut job = ActiveJob::default();
+        job.job.id = "j1".into();
+        a.ended(&job);
+        let _third = a.subscribe_pending("x3", flags, None, busy).unwrap();
+        assert!(a.subscribe_pending("x4", flags, None, busy).is_err());
+        drop((left, subs));
+        let st = a.lock();
+        assert_eq!(st.waiting_from.get(&busy), Some(&2));
+        assert_eq!(st.waiting_from.get(&other), Some(&1));
+    }
+
+    /// Once the job is asked to stop, its one client no longer holds its output up: the
+    /// output waiting for room goes on (the client, full, is detached as any other), so the
+    /// job's end is not held up by a client that stopped reading. A client attaching to it
+    /// after that does not hold it up either; a later job of the same id is not affected.
+    #[tokio::test]
+    async fn a_stop_ends_the_wait_for_the_one_client() {
+        let a = Arc::new(Attachments::default());
+        let mut sub = a.subscribe("j", true, None).unwrap();
+        for i in 0..QUEUE {
+            a.output("j", Stream::Stdout, format!("{i}").as_bytes(), true)
+                .await;
+        }
+        let sender = {
+            let a = a.clone();
+            tokio::spawn(async move { a.output("j", Stream::Stdout, b"more", true).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!sender.is_finished(), "it waits for the client");
+        a.unblock("j");
+        tokio::time::timeout(Duration::from_secs(5), sender)
+            .await
+            .expect("no longer held up once the job is being stopped")
+            .unwrap();
+        assert!(!sub.blocking());
+        assert_eq!(a.count.load(Ordering::Relaxed), 0, "full: detached");
+        let mut n = 0;
+        while let Some(m) = sub.rx.recv().await {
+            assert!(matches!(m, Msg::Output(..)));
+            n += 1;
+        }
+        assert_eq!(n, QUEUE, "it keeps what was queued");
+        drop(sub);
+        // A client attaching while the job is being stopped does not block it.
+        let late = a.subscribe("j", true, None).unwrap();
+        assert!(!late.blocking());
+        drop(late);
+        let waiting = a
+            .subscribe_pending("j", attach::STDOUT | attach::STREAM, None, None)
+            .unwrap();
+        created(&a, "j", false, true);
+        assert!(!waiting.blocking());
+        drop(waiting);
+        let mut job = ActiveJob::default();
+        job.job.id = "j".into();
+        a.ended(&job);
+        assert!(a.subscribe("j", true, None).unwrap().blocking());
+    }
+
+    /// A client whose job's output no longer waits for it gets the time limit on a frame
+    /// again, from then on (a frame already being written included).
+    #[tokio::test]
+    async fn a_frame_to_a_client_no_longer_holding_the_job_up_is_timed() {
+        let (client, server) = tokio::io::duplex(64);
+        let blocking = Blocking::new(true);
+        let mut w = Writer {
+            wr: server,
+            buf: Vec::new(),
+            timeout: Duration::from_millis(300),
+            blocking: Some(blocking.clone()),
+        };
+        let big = Frame::Data {
+            stream: attach::STREAM_STDOUT,
+            data: vec![b'x'; 1024],
+        };
+        // The client reads nothing: no limit while it holds the job up.
+        let sent = tokio::spawn(async move { w.send(&big).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!sent.is_finished(), "timed while it held the job up");
+        blocking.set(false);
+        let r = tokio::time::timeout(Duration::from_secs(5), sent)
+            .await
+            .expect("timed once it no longer holds the job up")
+            .unwrap();
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+        drop(client);
     }
 
     /// The one client of a `disable_log` job is never detached for being slow: its job's

@@ -146,12 +146,36 @@ pub struct Config {
     #[arg(long, hide = true, default_value_t = 0)]
     pub fault_slow_output_ms: u64,
 
+    /// TEST ONLY: milliseconds an attach client waits for its job to be created (at least
+    /// [`MIN_ATTACH_WAIT_MS`]).
+    #[arg(long, hide = true, default_value_t = crate::attach::PENDING_WAIT.as_millis() as u64)]
+    pub attach_wait_ms: u64,
+
+    /// TEST ONLY: milliseconds one frame to an attach client may take (at least
+    /// [`MIN_ATTACH_WRITE_TIMEOUT_MS`]).
+    #[arg(long, hide = true, default_value_t = crate::attach::WRITE_TIMEOUT.as_millis() as u64)]
+    pub attach_write_timeout_ms: u64,
+
     /// Host tags, `key=value`; repeatable or comma separated.
     #[arg(long = "tag", env = "FLYNN_TAGS", value_delimiter = ',')]
     pub tags: Vec<String>,
 }
 
+/// The least `--attach-wait-ms`.
+pub const MIN_ATTACH_WAIT_MS: u64 = 100;
+/// The least `--attach-write-timeout-ms` (less, and a client on a busy host is dropped for
+/// the scheduling delay of one write).
+pub const MIN_ATTACH_WRITE_TIMEOUT_MS: u64 = 500;
+
 impl Config {
+    /// The time limits of attach connections.
+    pub fn attach_limits(&self) -> crate::attach::Limits {
+        crate::attach::Limits {
+            wait: std::time::Duration::from_millis(self.attach_wait_ms),
+            write: std::time::Duration::from_millis(self.attach_write_timeout_ms),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if let Some(id) = &self.id {
             if !valid_host_id(id) {
@@ -172,6 +196,16 @@ impl Config {
             return Err(format!(
                 "--log-buffer-bytes must be at least {}",
                 crate::logship::MIN_BUFFER_BYTES
+            ));
+        }
+        if self.attach_wait_ms < MIN_ATTACH_WAIT_MS {
+            return Err(format!(
+                "--attach-wait-ms must be at least {MIN_ATTACH_WAIT_MS}"
+            ));
+        }
+        if self.attach_write_timeout_ms < MIN_ATTACH_WRITE_TIMEOUT_MS {
+            return Err(format!(
+                "--attach-write-timeout-ms must be at least {MIN_ATTACH_WRITE_TIMEOUT_MS}"
             ));
         }
         if !(576..=65_535).contains(&self.mtu) {
@@ -231,6 +265,29 @@ mod tests {
             .validate()
             .is_err());
         assert!(Config::try_parse_from(["flynn-host", "--runtime", "vm"]).is_err());
+        // The attach time limits: 30 s by default, never 0 (every write would time out).
+        assert_eq!(c.attach_limits(), crate::attach::Limits::default());
+        assert!(parse(&["--attach-wait-ms", "0"]).validate().is_err());
+        assert!(parse(&["--attach-write-timeout-ms", "0"])
+            .validate()
+            .is_err());
+        assert!(parse(&["--attach-write-timeout-ms", "499"])
+            .validate()
+            .is_err());
+        let c = parse(&[
+            "--attach-wait-ms",
+            "100",
+            "--attach-write-timeout-ms",
+            "500",
+        ]);
+        assert!(c.validate().is_ok());
+        assert_eq!(
+            c.attach_limits(),
+            crate::attach::Limits {
+                wait: std::time::Duration::from_millis(100),
+                write: std::time::Duration::from_millis(500),
+            }
+        );
     }
 
     #[test]

@@ -307,7 +307,9 @@ impl SignalQueue {
 
 /// One task owns the shim connection: it forwards events, and sends the signals asked for,
 /// the close of stdin and a TTY job's window sizes. The job's stdin (a FIFO the shim made; a
-/// TTY job's shim copies it to the terminal) is written directly.
+/// TTY job's shim copies it to the terminal) is written directly. An event waits in a slot
+/// of its own for room in the daemon's queue (no more is read from the shim meanwhile), so
+/// the rest goes on while the daemon is slow to take events.
 ///
 /// The shim keeps every event until it is acknowledged and sends the unacknowledged ones
 /// again to the next daemon. So an event is acknowledged only once the daemon has dealt with
@@ -344,9 +346,15 @@ fn follow(mut conn: ShimConn) -> Handle {
         let mut marks: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
         let mut counted = 0u64;
         conn.limit_acks(conn.ack_point());
+        // An event read from the shim and waiting for room in the daemon's queue (whether
+        // it is the last). Parked here, not awaited in a `send`: the daemon may take its
+        // events slowly (the one client of a `disable_log` job holds them up), and signals,
+        // the close of stdin and resizes must reach the shim meanwhile (a stop's SIGTERM and
+        // SIGKILL waited behind the job's output).
+        let mut parked: Option<(ProcEvent, bool)> = None;
         loop {
             tokio::select! {
-                ev = conn.next_event() => {
+                ev = conn.next_event(), if parked.is_none() => {
                     let ev = match ev {
                         Ok(Some(ev)) => ev,
                         Ok(None) => break,
@@ -357,9 +365,12 @@ fn follow(mut conn: ShimConn) -> Handle {
                     };
                     let last = ev.is_final();
                     marks.push_back(conn.ack_point());
-                    if tx.send(convert(ev)).await.is_err() {
-                        break;
-                    }
+                    parked = Some((convert(ev), last));
+                }
+                permit = tx.reserve(), if parked.is_some() => {
+                    let Ok(permit) = permit else { break };
+                    let Some((ev, last)) = parked.take() else { continue };
+                    permit.send(ev);
                     if last {
                         // The shim exits once its final event is acknowledged: wait until
                         // the daemon has dealt with everything (or stopped listening).
@@ -714,6 +725,58 @@ mod tests {
             }
         }
         assert!(sizes.len() <= 2, "{} sizes sent", sizes.len());
+        drop(handle);
+    }
+
+    /// Signals reach the shim while the daemon does not take the job's events (the one
+    /// client of a `disable_log` job holds its output up): the task owning the connection
+    /// used to wait in a `send` of the next event, and a stop's SIGTERM and SIGKILL never
+    /// went out. (A fake shim: it floods output events the handle never takes.)
+    #[tokio::test]
+    async fn signals_go_out_while_events_wait() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let dir = tempfile::tempdir().unwrap();
+        let layout = flynn_container::Layout::new(dir.path(), "j");
+        std::fs::create_dir_all(&layout.dir).unwrap();
+        let listener = tokio::net::UnixListener::bind(layout.socket()).unwrap();
+        let conn = flynn_container::Shim::connect(dir.path(), "j")
+            .await
+            .unwrap();
+        let (mut shim, _) = listener.accept().await.unwrap();
+        let handle = super::follow(conn);
+        // HELLO (kind 0: next seq 0, pid 0), then output lines (kind 2) beyond the queue.
+        let mut out = vec![0u8, 0, 0, 0, 12];
+        out.extend_from_slice(&[0; 12]);
+        for _ in 0..3000 {
+            out.extend_from_slice(&[2, 0, 0, 0, 1, b'x']);
+        }
+        shim.write_all(&out).await.unwrap();
+        // Until the daemon's queue is full and an event waits for room.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        (handle.signal)(nix::libc::SIGTERM).unwrap();
+        // Frames (kind, u32 length, payload) until the signal: SIGNAL is kind 11.
+        let mut buf = Vec::new();
+        let found = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                let mut chunk = [0u8; 4096];
+                let n = shim.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the connection ended");
+                buf.extend_from_slice(&chunk[..n]);
+                while buf.len() >= 5 {
+                    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                    if buf.len() < 5 + len {
+                        break;
+                    }
+                    let f: Vec<u8> = buf.drain(..5 + len).collect();
+                    if f[0] == 11 && f[5..] == nix::libc::SIGTERM.to_be_bytes() {
+                        return;
+                    }
+                }
+            }
+        })
+        .await;
+        assert!(found.is_ok(), "the signal never reached the shim");
         drop(handle);
     }
 

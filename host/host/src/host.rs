@@ -102,6 +102,8 @@ pub struct Options {
     /// TEST ONLY: time taken over each output line, so lines queue up between the runtime
     /// and the daemon (what a restart must not lose).
     pub fault_slow_output: std::time::Duration,
+    /// The time limits of attach connections (shorter in tests).
+    pub attach_limits: crate::attach::Limits,
 }
 
 /// Per-job control state of a job with a live process.
@@ -249,7 +251,7 @@ impl Host {
             shutting_down: AtomicBool::new(false),
             stops: tokio::sync::watch::Sender::new(0),
             self_registration: tokio::sync::Mutex::new(None),
-            attach: Arc::default(),
+            attach: Arc::new(crate::attach::Attachments::new(o.attach_limits)),
         })
     }
 
@@ -266,9 +268,12 @@ impl Host {
     /// [`crate::attach::serve`]. A job not created yet (Flynn's controller attaches before
     /// it adds the job) is waited for: the client gets its output from the start, and what
     /// it asked for is checked once the job is created ([`crate::attach::Attachments::created`]).
+    /// `source`: the address the client connected from (waiting clients are bounded per
+    /// address).
     pub fn attach(
         &self,
         req: &flynn_api::attach::AttachRequest,
+        source: Option<std::net::IpAddr>,
     ) -> Result<crate::attach::Subscription, ApiError> {
         let size = crate::attach::window_size(req.height, req.width);
         let job = {
@@ -285,7 +290,9 @@ impl Host {
                 }
                 None => {
                     crate::attach::check_flags(req.flags, true)?;
-                    return self.attach.subscribe_pending(&req.job_id, req.flags, size);
+                    return self
+                        .attach
+                        .subscribe_pending(&req.job_id, req.flags, size, source);
                 }
             }
         };
@@ -1504,8 +1511,12 @@ impl Host {
         }
     }
 
-    /// Deregisters, SIGTERMs, and SIGKILLs after the job's stop timeout.
+    /// Deregisters, SIGTERMs, and SIGKILLs after the job's stop timeout. From the start of
+    /// it the job's output waits for no attached client: its end (the supervisor taking the
+    /// last output and the exit) must not wait for the one client of a `disable_log` job
+    /// that stopped reading.
     async fn stop_process(self: Arc<Self>, id: &str) {
+        self.attach.unblock(id);
         self.deregister(id).await;
         let (signal, timeout) = {
             let inner = self.lock();

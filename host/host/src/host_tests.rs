@@ -233,6 +233,7 @@ fn options(
         .unwrap(),
         fault_exit_before_teardown: false,
         fault_slow_output: std::time::Duration::ZERO,
+        attach_limits: crate::attach::Limits::default(),
     }
 }
 

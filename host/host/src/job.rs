@@ -321,20 +321,10 @@ pub fn job_env(
     env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
-/// The discoverd instance meta of a job: its `FLYNN_*` identity variables (spec §0.4).
+/// The discoverd instance meta of a job: its `FLYNN_*` identity variables (spec §0.4), those
+/// set empty left out (the client's one rule for job meta).
 pub fn instance_meta(env: &[String]) -> BTreeMap<String, String> {
-    const KEYS: [&str; 5] = [
-        "FLYNN_APP_ID",
-        "FLYNN_APP_NAME",
-        "FLYNN_RELEASE_ID",
-        "FLYNN_PROCESS_TYPE",
-        "FLYNN_JOB_ID",
-    ];
-    env.iter()
-        .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| KEYS.contains(k))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    flynn_client::discoverd::job_meta(env.iter().filter_map(|kv| kv.split_once('=')))
 }
 
 /// How a process ended.

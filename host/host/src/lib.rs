@@ -192,7 +192,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         // cannot be told from the syslog address.
         tracing::warn!(
             logagg = ?cfg.logagg,
-            "no --logagg-api: resuming from the log aggregators' cursors (spec §3.5) is off;              an aggregator restarted empty does not get this host's earlier lines again,              only those in flight or dropped from the buffer are resent"
+            "no --logagg-api: resuming from the log aggregators' cursors (spec §3.5) is off; \
+             an aggregator restarted empty does not get this host's earlier lines again, \
+             only those in flight or dropped from the buffer are resent"
         );
     }
     let disk = if cfg.log_disk_bytes > 0 && !cfg.logagg.is_empty() {
@@ -252,6 +254,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         volumes: vols,
         fault_exit_before_teardown: cfg.fault_exit_before_teardown,
         fault_slow_output: std::time::Duration::from_millis(cfg.fault_slow_output_ms),
+        attach_limits: cfg.attach_limits(),
     });
     host.set_url(format!("http://{addr}"));
     host.restore().await;
@@ -268,6 +271,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(%addr, host_id = %id, "flynn-host started");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let listener = axum::serve::ListenerExt::tap_io(listener, api_keepalive);
+    // With each connection's peer address (attach bounds waiting clients per address).
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = stop_rx.await;
     });
@@ -300,17 +305,32 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// TCP keepalive on every API connection: one whose client's machine went away without a
-/// FIN (powered off, cut off) fails within about two minutes of going quiet, so what it held
-/// is freed (an attach client's place among a job's [`attach::MAX_CLIENTS`], an event
-/// stream) instead of being held until the job next writes, or for ever.
+/// How long an API connection may leave data unacknowledged (or its receive window
+/// closed) before the kernel drops it: as long as the keepalive below takes to drop a quiet
+/// one (60 s + 6 × 10 s), so both ways of going away are seen within about two minutes.
+pub const API_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// TCP keepalive and `TCP_USER_TIMEOUT` on every API connection, so one whose client's
+/// machine went away without a FIN (powered off, cut off) fails within about two minutes,
+/// and what it held is freed (an attach client's place among a job's
+/// [`attach::MAX_CLIENTS`], the one client of a `disable_log` job whose output waits for it,
+/// an event stream) instead of being held until the job next writes, or for ever.
+/// Keepalive alone covers a quiet connection only: while data is outstanding (output sent
+/// to a client that vanished) the kernel retransmits instead, for about 15 minutes, unless
+/// the user timeout cuts that short. The user timeout also drops a client that stays
+/// connected but reads nothing for that long (its receive window closed), as a vanished
+/// one: a client holding a `disable_log` job up may pause, not for minutes.
 fn api_keepalive(conn: &mut tokio::net::TcpStream) {
     let ka = socket2::TcpKeepalive::new()
         .with_time(std::time::Duration::from_secs(60))
         .with_interval(std::time::Duration::from_secs(10))
         .with_retries(6);
-    if let Err(e) = socket2::SockRef::from(&*conn).set_tcp_keepalive(&ka) {
+    let sock = socket2::SockRef::from(&*conn);
+    if let Err(e) = sock.set_tcp_keepalive(&ka) {
         tracing::debug!(error = %e, "setting TCP keepalive on an API connection");
+    }
+    if let Err(e) = sock.set_tcp_user_timeout(Some(API_USER_TIMEOUT)) {
+        tracing::debug!(error = %e, "setting TCP_USER_TIMEOUT on an API connection");
     }
 }
 
@@ -333,6 +353,23 @@ mod tests {
     fn cfg(dir: &std::path::Path) -> Config {
         use clap::Parser;
         Config::try_parse_from(["flynn-host", "--state-dir", dir.to_str().unwrap()]).unwrap()
+    }
+
+    /// API connections get TCP keepalive and a user timeout: keepalive alone does not drop
+    /// a connection to a client that vanished while output to it was unacknowledged (the
+    /// kernel retransmits for about 15 minutes), which held the one client of a
+    /// `disable_log` job, and so the job, that long.
+    #[tokio::test]
+    async fn api_connections_get_keepalive_and_a_user_timeout() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        api_keepalive(&mut s);
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(API_USER_TIMEOUT));
     }
 
     #[test]

@@ -111,12 +111,16 @@ pub struct Source {
     pub app: String,
     /// PROCID: `<type>.<job id>` or the job id.
     pub procid: String,
+    /// `app`, shared by the queued frames (made once, not per line).
+    key: Arc<str>,
 }
 
 impl Source {
     pub fn new(app: Option<&str>, process_type: Option<&str>, job_id: &str) -> Source {
+        let app = app.unwrap_or(job_id);
         Source {
-            app: app.unwrap_or(job_id).to_string(),
+            key: Arc::from(app),
+            app: app.to_string(),
             procid: match process_type {
                 Some(t) => format!("{t}.{job_id}"),
                 None => job_id.to_string(),
@@ -175,9 +179,11 @@ impl From<usize> for Capacity {
 
 /// One aggregator's send queue, per app: each app's frames oldest first, every frame with
 /// its place in push order, in which they are taken (across apps). Over budget, the oldest
-/// frame of the app holding the most lines (over the byte budget: the most bytes) leaves
+/// frames of the app holding the most lines (over the byte budget: the most bytes) leave
 /// it, so during an outage one chatty app pushes out its own lines, not every app's; a
-/// quiet app keeps what it wrote. (Flynn's logmux keeps a buffer per app for that.)
+/// quiet app keeps what it wrote. (Flynn's logmux keeps a buffer per app for that.) Frames
+/// leave in batches, down to 95 % of the budget ([`Queue::evict`]), so a queue kept full
+/// does not look for the app holding the most on every push.
 #[derive(Default)]
 struct Queue {
     apps: std::collections::BTreeMap<Arc<str>, AppQueue>,
@@ -185,6 +191,9 @@ struct Queue {
     bytes: usize,
     /// The next frame's place in push order.
     next: u64,
+    /// TEST ONLY: how many times [`Queue::evict`] looked over all apps.
+    #[cfg(test)]
+    scans: usize,
 }
 
 #[derive(Default)]
@@ -212,7 +221,11 @@ impl Queue {
 
     fn insert(&mut self, n: u64, f: Frame, front: bool) {
         let len = f.1.len();
-        let a = self.apps.entry(f.0.clone()).or_default();
+        // Found by name first: the key is cloned only for an app new to the queue.
+        let a = match self.apps.get_mut(&*f.0) {
+            Some(a) => a,
+            None => self.apps.entry(f.0.clone()).or_default(),
+        };
         a.bytes += len;
         if front {
             a.frames.push_front((n, f));
@@ -259,24 +272,49 @@ impl Queue {
         out
     }
 
-    /// While over `cap`: the frame that leaves, the oldest of the app holding the most
-    /// (lines when over the line budget, else bytes; of equals, the one with the oldest
-    /// frame).
-    fn evict(&mut self, cap: Capacity) -> Option<Frame> {
+    /// The frames that leave when over `cap`, down to 95 % of it (of a budget of at least
+    /// 20; a batch, so a full queue picks its victims once per 5 % of its budget, not on
+    /// every push): one by one the oldest of the app holding the most (lines while over the
+    /// line budget, then bytes while over the byte budget; of equals, the one with the
+    /// oldest frame). Empty when within `cap`.
+    fn evict(&mut self, cap: Capacity) -> Vec<Frame> {
         use std::cmp::Reverse;
-        let by_lines = self.lines > cap.lines;
-        if !by_lines && self.bytes <= cap.bytes {
-            return None;
-        }
-        let app = self
-            .apps
-            .iter()
-            .max_by_key(|(_, a)| {
+        let mut out = Vec::new();
+        for by_lines in [true, false] {
+            let (size, budget) = if by_lines {
+                (self.lines, cap.lines)
+            } else {
+                (self.bytes, cap.bytes)
+            };
+            if size <= budget {
+                continue;
+            }
+            let target = budget - budget / 20;
+            let key = |a: &AppQueue| {
                 let size = if by_lines { a.frames.len() } else { a.bytes };
                 (size, Reverse(a.frames.front().map_or(u64::MAX, |f| f.0)))
-            })
-            .map(|(app, _)| app.clone())?;
-        self.pop(&app).map(|(_, f)| f)
+            };
+            #[cfg(test)]
+            {
+                self.scans += 1;
+            }
+            let mut heap: std::collections::BinaryHeap<(_, Arc<str>)> = self
+                .apps
+                .iter()
+                .map(|(app, a)| (key(a), app.clone()))
+                .collect();
+            while (if by_lines { self.lines } else { self.bytes }) > target {
+                let Some((_, app)) = heap.pop() else { break };
+                let Some((_, f)) = self.pop(&app) else {
+                    continue;
+                };
+                out.push(f);
+                if let Some(a) = self.apps.get(&app) {
+                    heap.push((key(a), app));
+                }
+            }
+        }
+        out
     }
 
     /// The disk position of the first queued frame (in push order, which is disk order)
@@ -496,7 +534,7 @@ impl Shipper {
         } else {
             line.chunks(MAX_LINE).collect()
         };
-        let app: Arc<str> = Arc::from(src.app.as_str());
+        let app = &src.key;
         let frames: Vec<Arc<[u8]>> = chunks
             .into_iter()
             .map(|c| {
@@ -526,19 +564,15 @@ impl Shipper {
             }
         }
         for d in &self.shared.dests {
-            let mut dropped = 0;
-            {
+            let dropped = {
                 let mut q = d.queue.lock().unwrap_or_else(|e| e.into_inner());
                 for (i, f) in frames.iter().enumerate() {
                     let stored = at.get(i).map_or(Stored::Nowhere, |&p| Stored::Disk(p));
                     q.push_back((app.clone(), f.clone(), stored));
-                    while let Some(lost) = q.evict(d.capacity) {
-                        if d.lost(lost) {
-                            dropped += 1;
-                        }
-                    }
                 }
-            }
+                let evicted = q.evict(d.capacity);
+                d.lost(evicted)
+            };
             if dropped > 0 {
                 let total = d.dropped.fetch_add(dropped, Ordering::Relaxed) + dropped;
                 // One warning per 1000 dropped lines, and for the first.
@@ -600,39 +634,48 @@ impl Shipper {
 }
 
 impl Dest {
-    /// A frame the queue could not keep. When the disk log has it, it is due: sent from
-    /// there once the queue is drained. Otherwise its line is lost and counted for its app's
-    /// notice (true); a lost notice puts its count back for the next one.
-    fn lost(&self, f: Frame) -> bool {
-        match f.2 {
-            Stored::Disk(p) => {
-                let end = crate::logdisk::Pos {
-                    seg: p.seg,
-                    offset: p.offset + f.1.len() as u64,
-                };
-                let mut d = self.due.lock().unwrap_or_else(|e| e.into_inner());
-                d.dropped.add_range(p, end);
-                *d.dropped.by_app.entry(f.0).or_default() += 1;
-                self.save_due(&mut d);
-                self.resync.store(true, Ordering::Relaxed);
-                let n = self.requeued.fetch_add(1, Ordering::Relaxed) + 1;
-                if n == 1 || n.is_multiple_of(10_000) {
-                    tracing::info!(
-                        requeued_total = n,
-                        "log buffer full: the oldest lines will be sent again from the host's disk log"
-                    );
+    /// Frames the queue could not keep. Those the disk log has are due: sent from there
+    /// once the queue is drained. The others' lines are lost and counted for their apps'
+    /// notices; a lost notice puts its count back for the next one. Returns how many lines
+    /// were lost.
+    fn lost(&self, frames: Vec<Frame>) -> u64 {
+        let mut lost = 0;
+        let mut requeued = 0;
+        let mut due = None;
+        for f in frames {
+            match f.2 {
+                Stored::Disk(p) => {
+                    let end = crate::logdisk::Pos {
+                        seg: p.seg,
+                        offset: p.offset + f.1.len() as u64,
+                    };
+                    let d = due
+                        .get_or_insert_with(|| self.due.lock().unwrap_or_else(|e| e.into_inner()));
+                    d.dropped.add_range(p, end);
+                    *d.dropped.by_app.entry(f.0).or_default() += 1;
+                    requeued += 1;
                 }
-                false
-            }
-            Stored::Nowhere => {
-                self.note_lost(f.0, 1);
-                true
-            }
-            Stored::Notice(n) => {
-                self.note_lost(f.0, n);
-                false
+                Stored::Nowhere => {
+                    self.note_lost(f.0, 1);
+                    lost += 1;
+                }
+                Stored::Notice(n) => self.note_lost(f.0, n),
             }
         }
+        if let Some(mut d) = due {
+            self.save_due(&mut d);
+            drop(d);
+            self.resync.store(true, Ordering::Relaxed);
+            let before = self.requeued.fetch_add(requeued, Ordering::Relaxed);
+            let n = before + requeued;
+            if before == 0 || before / 10_000 != n / 10_000 {
+                tracing::info!(
+                    requeued_total = n,
+                    "log buffer full: the oldest lines will be sent again from the host's disk log"
+                );
+            }
+        }
+        lost
     }
 
     fn due_mark(&self) -> String {
@@ -1256,17 +1299,9 @@ async fn run(s: Arc<Dest>, addr: String) {
             for (n, f) in batch.into_iter().rev() {
                 q.push_front(n, f);
             }
-            let mut lost_frames = Vec::new();
-            while let Some(f) = q.evict(s.capacity) {
-                lost_frames.push(f);
-            }
+            let lost_frames = q.evict(s.capacity);
             drop(q);
-            let mut lost = 0u64;
-            for f in lost_frames {
-                if s.lost(f) {
-                    lost += 1;
-                }
-            }
+            let lost = s.lost(lost_frames);
             if lost > 0 {
                 s.dropped.fetch_add(lost, Ordering::Relaxed);
             }
@@ -2056,13 +2091,87 @@ mod tests {
             lines: 2,
             bytes: 1 << 20,
         };
-        let mut evicted = Vec::new();
-        while let Some(f) = q.evict(cap) {
-            evicted.push(String::from_utf8_lossy(&f.1).to_string());
-        }
+        let evicted: Vec<String> = q
+            .evict(cap)
+            .iter()
+            .map(|f| String::from_utf8_lossy(&f.1).to_string())
+            .collect();
         assert_eq!(evicted, ["a1", "a2", "b1"]);
+        assert!(q.evict(cap).is_empty(), "within the budget");
         assert_eq!(text(&q.take(10)), ["c1", "a3"]);
         assert_eq!((q.len(), q.bytes, q.apps.len()), (0, 0, 0));
+    }
+
+    /// Many apps over the budget: the queue stays within it (each app's frames in order,
+    /// its counts in step), the apps holding the most lose their oldest lines and quiet
+    /// ones keep theirs, and the apps are looked over once per batch (down to 95 % of the
+    /// budget), not on every push past it.
+    #[test]
+    fn many_apps_over_the_budget_stay_correct() {
+        let cap = Capacity {
+            lines: 1000,
+            bytes: 200_000,
+        };
+        let mut q = Queue::default();
+        let mut evicted = 0;
+        let (mut pushes, mut pushed_bytes) = (0, 0);
+        // xorshift: a fixed sequence.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let names: Vec<Arc<str>> = (0..500).map(|i| Arc::from(format!("app{i}"))).collect();
+        // Quiet apps: one line each, pushed first (the oldest lines of all).
+        for name in &names[..10] {
+            q.push_back((name.clone(), Arc::from(&b"quiet"[..]), Stored::Nowhere));
+        }
+        for n in 0..50_000u32 {
+            // A few chatty apps and many middling ones, lines of varying size.
+            let app = if rand(2) == 0 {
+                &names[10 + rand(5)]
+            } else {
+                &names[15 + rand(485)]
+            };
+            let len = 1 + rand(600);
+            let text = format!("{n:08} {}", "x".repeat(len));
+            pushed_bytes += text.len();
+            q.push_back((app.clone(), Arc::from(text.as_bytes()), Stored::Nowhere));
+            pushes += 1;
+            evicted += q.evict(cap).len();
+            assert!(q.lines <= cap.lines && q.bytes <= cap.bytes);
+        }
+        assert_eq!(q.lines + evicted, 10 + pushes);
+        let (mut lines, mut bytes) = (0, 0);
+        for (app, a) in &q.apps {
+            assert!(!a.frames.is_empty(), "{app}: an empty entry");
+            assert_eq!(
+                a.bytes,
+                a.frames.iter().map(|(_, f)| f.1.len()).sum::<usize>()
+            );
+            assert!(a.frames.iter().all(|(_, f)| f.0 == *app));
+            // Each app's frames stay oldest first.
+            assert!(a
+                .frames
+                .iter()
+                .zip(a.frames.iter().skip(1))
+                .all(|(x, y)| x.0 < y.0));
+            lines += a.frames.len();
+            bytes += a.bytes;
+        }
+        assert_eq!((lines, bytes), (q.lines, q.bytes));
+        for name in &names[..10] {
+            assert_eq!(q.apps[name].frames.len(), 1, "{name} lost its line");
+        }
+        // Everything comes out, in push order.
+        let all = q.take(usize::MAX);
+        assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!((q.lines, q.bytes, q.apps.len()), (0, 0, 0));
+        // Batches: at most one look over the apps per 5 % of each budget pushed.
+        let batches = pushes / (cap.lines / 20) + pushed_bytes / (cap.bytes / 20) + 2;
+        assert!(q.scans <= batches, "{} scans for {pushes} pushes", q.scans);
     }
 
     #[tokio::test]

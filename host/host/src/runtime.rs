@@ -393,18 +393,18 @@ impl Runtime for ProcessRuntime {
         let stderr = child.stderr.take();
         tokio::spawn(async move {
             let _ = tx.send(ProcEvent::Started { pid }).await;
-            let out = stdout.map(|s| tokio::spawn(read_output(s, Stream::Stdout, tx.clone())));
-            let err = stderr.map(|s| tokio::spawn(read_output(s, Stream::Stderr, tx.clone())));
+            let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let out = stdout
+                .map(|s| tokio::spawn(read_output(s, Stream::Stdout, tx.clone(), sent.clone())));
+            let err = stderr
+                .map(|s| tokio::spawn(read_output(s, Stream::Stderr, tx.clone(), sent.clone())));
             let status = child.wait().await;
-            // Children of the job that still hold its pipes must not keep it alive.
+            // Children of the job that still hold its pipes must not keep it alive: readers
+            // that sent nothing for a second, with room in the queue, are let go. Not while
+            // they send, or wait for room (the daemon is behind: the one client of a
+            // `disable_log` job pausing as the job ends), which lost the output's end.
             for t in [out, err].into_iter().flatten() {
-                let abort = t.abort_handle();
-                if tokio::time::timeout(std::time::Duration::from_secs(1), t)
-                    .await
-                    .is_err()
-                {
-                    abort.abort();
-                }
+                drain_or_abort(t, &tx, &sent, std::time::Duration::from_secs(1)).await;
             }
             let ev = match status {
                 Ok(st) => {
@@ -440,6 +440,32 @@ impl Runtime for ProcessRuntime {
     fn cleanup(&self, _id: &str) {}
 }
 
+/// Waits for an output reader to finish. Aborts it once the readers sent nothing (`sent`
+/// did not move) for `idle` while the daemon's queue (`tx`'s) had room: it waits to read, not
+/// to send (a process the job left behind holds the pipe open).
+async fn drain_or_abort(
+    mut reader: tokio::task::JoinHandle<()>,
+    tx: &mpsc::Sender<ProcEvent>,
+    sent: &std::sync::atomic::AtomicU64,
+    idle: std::time::Duration,
+) {
+    use std::sync::atomic::Ordering;
+    let mut seen = sent.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            _ = &mut reader => return,
+            _ = tokio::time::sleep(idle) => {
+                let now = sent.load(Ordering::Relaxed);
+                if now == seen && tx.capacity() > 0 {
+                    reader.abort();
+                    return;
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
 /// `kill(pid, sig)`.
 pub fn send_signal(pid: u32, sig: i32) -> std::io::Result<()> {
     let sig = nix::sys::signal::Signal::try_from(sig)
@@ -458,8 +484,13 @@ pub fn send_signal_group(pgid: u32, sig: i32) -> std::io::Result<()> {
 
 /// Reads a pipe into [`ProcEvent::Output`]s as the container shim does: each read is cut
 /// at its newlines, and the bytes after the last one go at once as a piece without a newline
-/// (pieces of at most 64 KiB).
-async fn read_output<R: AsyncRead + Unpin>(mut r: R, stream: Stream, tx: mpsc::Sender<ProcEvent>) {
+/// (pieces of at most 64 KiB). Counts the events sent in `sent`.
+async fn read_output<R: AsyncRead + Unpin>(
+    mut r: R,
+    stream: Stream,
+    tx: mpsc::Sender<ProcEvent>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+) {
     let mut buf = vec![0u8; flynn_container::MAX_LINE];
     loop {
         let n = match r.read(&mut buf).await {
@@ -478,6 +509,7 @@ async fn read_output<R: AsyncRead + Unpin>(mut r: R, stream: Stream, tx: mpsc::S
             if tx.send(ev).await.is_err() {
                 return;
             }
+            sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -492,7 +524,7 @@ mod tests {
     async fn pipe_output_keeps_the_bytes_and_says_where_newlines_were() {
         let (mut w, r) = tokio::io::duplex(1 << 20);
         let (tx, mut rx) = mpsc::channel(1024);
-        let reader = tokio::spawn(read_output(r, Stream::Stderr, tx));
+        let reader = tokio::spawn(read_output(r, Stream::Stderr, tx, Arc::default()));
         w.write_all(b"Password: ").await.unwrap();
         // The prompt arrives without its newline, before any more is written.
         let ev = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
@@ -530,6 +562,47 @@ mod tests {
             }
         }
         assert_eq!(got, written);
+    }
+
+    /// A job that ends while the daemon is behind (its events fill the queue: the one
+    /// client of a `disable_log` job pausing) loses none of its output: the readers waiting
+    /// for room are not taken for ones kept waiting by a leftover child (they were aborted
+    /// a second after the job's exit, and the rest of the output was lost).
+    #[tokio::test]
+    async fn output_queued_behind_a_slow_daemon_outlives_the_jobs_exit() {
+        let launch = Launch {
+            id: "j".into(),
+            args: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "i=0; while [ $i -lt 500 ]; do echo line$i; i=$((i+1)); done".into(),
+            ],
+            ..Launch::default()
+        };
+        let mut h = ProcessRuntime.spawn(launch).unwrap();
+        // The job writes it all into the pipe and exits; the daemon takes nothing for 3 s.
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let mut lines = Vec::new();
+        let end = loop {
+            let ev = tokio::time::timeout(std::time::Duration::from_secs(10), h.events.recv())
+                .await
+                .expect("an event within 10 s");
+            match ev {
+                Some(ProcEvent::Started { .. }) => {}
+                Some(ProcEvent::Output { line, newline, .. }) => {
+                    assert!(newline);
+                    lines.push(String::from_utf8(line).unwrap());
+                }
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(end, Some(ProcEvent::Exited { code: 0, .. })),
+            "{end:?}"
+        );
+        let want: Vec<String> = (0..500).map(|i| format!("line{i}")).collect();
+        assert_eq!(lines.len(), 500, "lines lost");
+        assert_eq!(lines, want);
     }
 
     /// A kept job's host ports are its `PORT` and `PORT_n` (digits after the underscore),

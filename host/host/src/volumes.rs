@@ -16,7 +16,10 @@
 //! being created, shown nowhere), makes the directory and record without the lock, then
 //! shows the volume; a deletion marks the volume as being deleted (gone for the API and for
 //! new jobs at once), then renames and removes its directory without the lock. A slow disk
-//! holds up only the create or delete waiting on it.
+//! holds up only the create or delete waiting on it. (One exception: a job's
+//! `delete_on_stop` volumes are renamed away as its end is recorded, under the job table's
+//! lock, so a daemon that dies right after never finds them again; one `rename`, whose
+//! directory fsync is left to the syncer. Only their removal runs in the background.)
 //!
 //! Which job holds a volume is not stored separately: it follows from the job table
 //! (a starting or running job binding it), so re-adopted jobs hold their volumes after a
@@ -143,16 +146,42 @@ struct Shared {
 }
 
 /// A volume taken out of service by [`Volumes::detach`] whose directory is still in place:
-/// hand it to [`Volumes::delete`] (blocking I/O: without locks, off the runtime).
-#[derive(Debug)]
-#[must_use = "a detached volume stays in the table until it is deleted"]
+/// hand it to [`Volumes::delete`] (blocking I/O: without locks, off the runtime). Dropped
+/// instead (a deletion that never ran: its task dropped at shutdown, or a panic), it is
+/// back in service.
+#[must_use = "a detached volume is back in service when dropped"]
 pub struct Detached {
-    vol: Volume,
+    vols: Volumes,
+    /// `None` once deleted.
+    vol: Option<Volume>,
+}
+
+impl std::fmt::Debug for Detached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Detached").field("vol", &self.vol).finish()
+    }
 }
 
 impl Detached {
     pub fn id(&self) -> &str {
-        &self.vol.id
+        self.vol.as_ref().map_or("", |v| v.id.as_str())
+    }
+
+    /// The volume, no longer put back when this is dropped.
+    fn take(&mut self) -> Volume {
+        self.vol.take().expect("a detached volume is taken once")
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Some(vol) = self.vol.take() {
+            let mut vols = self.vols.lock();
+            if matches!(vols.get(&vol.id), Some(Slot::Deleting)) {
+                tracing::warn!(volume = %vol.id, "a volume deletion did not run; the volume is kept");
+                vols.insert(vol.id.clone(), Slot::Ready(vol));
+            }
+        }
     }
 }
 
@@ -415,7 +444,10 @@ impl Volumes {
             return None;
         }
         match std::mem::replace(slot, Slot::Deleting) {
-            Slot::Ready(vol) => Some(Detached { vol }),
+            Slot::Ready(vol) => Some(Detached {
+                vols: self.clone(),
+                vol: Some(vol),
+            }),
             _ => unreachable!("checked above"),
         }
     }
@@ -424,18 +456,26 @@ impl Volumes {
     /// gone for a restarted daemon too, and its id is free), then removes it (blocking; may
     /// take a while for a big volume). When the rename fails the volume is back in service.
     pub fn delete(&self, d: Detached) -> Result<(), VolumeError> {
-        let id = d.vol.id.clone();
+        let to = self.rename_away(d)?;
+        self.purge(&to);
+        Ok(())
+    }
+
+    /// The rename of [`Volumes::delete`] (one `rename`; the directory's fsync is left to
+    /// the syncer): where the directory went.
+    fn rename_away(&self, mut d: Detached) -> Result<PathBuf, VolumeError> {
+        let vol = d.take();
+        let id = vol.id.clone();
         let from = self.dir().join(&id);
         let nonce = uuid::Uuid::new_v4().simple().to_string();
         let to = self.dir().join(format!("{DELETING}{id}-{nonce}"));
         if let Err(source) = std::fs::rename(&from, &to) {
-            self.lock().insert(id, Slot::Ready(d.vol));
+            self.lock().insert(id, Slot::Ready(vol));
             return Err(VolumeError::Io { path: from, source });
         }
         self.shared.sync.dir(self.dir());
         self.lock().remove(&id);
-        self.purge(&to);
-        Ok(())
+        Ok(to)
     }
 
     /// Removes a renamed volume's directory (blocking; may take a while for big volumes).
@@ -448,24 +488,32 @@ impl Volumes {
 
     /// Deletes `job`'s `delete_on_stop` volumes: called as the job ends, with the job table
     /// locked, so no other job can take a volume between the job's end and its deletion.
-    /// Only the table changes here; the directories are renamed and removed in the
-    /// background (on the runtime's blocking pool, or at once without a runtime).
+    /// Each directory is renamed away here (one `rename`, its fsync left to the syncer), so
+    /// a daemon that dies once the job's end is recorded does not find the volume again;
+    /// its removal runs in the background (on the runtime's blocking pool, or at once
+    /// without a runtime; a daemon that dies first leaves it to the next one's start).
     pub fn release(&self, job: &Job) {
         for b in job.config.volumes.iter().filter(|b| b.delete_on_stop) {
             let Some(d) = self.detach(&b.volume) else {
                 continue;
             };
             tracing::info!(job = %job.id, volume = %b.volume, "deleting volume on stop");
-            let me = self.clone();
-            let (job_id, vol_id) = (job.id.clone(), b.volume.clone());
-            let delete = move || {
-                if let Err(e) = me.delete(d) {
-                    tracing::error!(job = %job_id, volume = %vol_id, error = ?e, "deleting volume on stop failed");
+            let to = match self.rename_away(d) {
+                Ok(to) => to,
+                Err(e) => {
+                    tracing::error!(job = %job.id, volume = %b.volume, error = ?e, "deleting volume on stop failed");
+                    continue;
                 }
             };
+            let me = self.clone();
+            let purge = move || {
+                #[cfg(test)]
+                me.shared.faults.release.pass();
+                me.purge(&to);
+            };
             match tokio::runtime::Handle::try_current() {
-                Ok(h) => drop(h.spawn_blocking(delete)),
-                Err(_) => delete(),
+                Ok(h) => drop(h.spawn_blocking(purge)),
+                Err(_) => purge(),
             }
         }
     }
@@ -490,6 +538,8 @@ pub(crate) struct Faults {
     pub write: Gate,
     /// The start-up removal of leftovers, before it begins.
     pub purge: Gate,
+    /// The background part of [`Volumes::release`], before it begins.
+    pub release: Gate,
 }
 
 /// TEST ONLY: while held, whoever passes waits (counted in `stalled`).
@@ -996,6 +1046,75 @@ mod tests {
         assert_eq!(e.message, format!("volume {vid} is in use by job k"));
         kept.ended("k");
         check_free(&t, &kept, &job("b")).unwrap();
+    }
+
+    /// A `delete_on_stop` volume is gone for a restarted daemon as soon as the job's end
+    /// is (`release` is called as it is recorded): its directory used to be renamed away in
+    /// the background, and a daemon that died first found the volume again, ready.
+    #[test]
+    fn a_released_volume_is_gone_for_a_daemon_restarted_at_once() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let v = open(d.path());
+        let a = v.create(VolumeCreate::default(), "t".into()).unwrap();
+        std::fs::write(v.data_path(&a.id).unwrap().join("f"), b"x").unwrap();
+        v.flush();
+        let _release = Release(&v.faults().release);
+        v.faults().release.hold(true);
+        let mut j = Job {
+            id: "j".into(),
+            ..Job::default()
+        };
+        j.config.volumes = vec![VolumeBinding {
+            target: "/d".into(),
+            volume: a.id.clone(),
+            delete_on_stop: true,
+            ..VolumeBinding::default()
+        }];
+        rt.block_on(async { v.release(&j) });
+        assert!(v.get(&a.id).is_none());
+        // The background part is held: a daemon dying now finds no volume.
+        v.faults().release.wait_stalled(1);
+        let again = open(d.path());
+        assert!(again.get(&a.id).is_none(), "the released volume came back");
+        assert!(again.list().is_empty());
+        v.faults().release.hold(false);
+        let t0 = std::time::Instant::now();
+        while !leftovers(d.path()).is_empty() {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "never removed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!d.path().join(&a.id).exists());
+    }
+
+    /// A detached volume whose deletion never ran (its task dropped at shutdown, a panic)
+    /// is back in service: it stayed "deleting" for good, gone for the API and jobs, its id
+    /// taken. One that was deleted is not put back.
+    #[test]
+    fn a_dropped_detached_volume_is_back_in_service() {
+        let d = tempfile::tempdir().unwrap();
+        let v = open(d.path());
+        let a = v.create(VolumeCreate::default(), "t".into()).unwrap();
+        let detached = v.detach(&a.id).unwrap();
+        assert!(v.get(&a.id).is_none() && v.data_path(&a.id).is_none());
+        drop(detached);
+        assert_eq!(v.get(&a.id), Some(a.clone()));
+        assert!(v.data_path(&a.id).unwrap().is_dir());
+        // Deleted: gone for good.
+        v.delete(v.detach(&a.id).unwrap()).unwrap();
+        assert!(v.get(&a.id).is_none());
+        assert!(v.list().is_empty());
+        // A rename that fails puts it back once (not twice, nor a stale copy later).
+        let b = v.create(VolumeCreate::default(), "t".into()).unwrap();
+        std::fs::rename(d.path().join(&b.id), d.path().join("moved")).unwrap();
+        assert!(v.delete(v.detach(&b.id).unwrap()).is_err());
+        assert_eq!(v.get(&b.id), Some(b));
     }
 
     #[test]

@@ -326,12 +326,22 @@ impl Shim {
                 None
             }
         };
+        // First thing on the connection: what this daemon reads (pieces of lines), which the
+        // shim waits for before it sends events (see `wire`). Whatever does not go at once
+        // goes with the next write.
+        let mut wbuf = Vec::new();
+        if let Some(s) = &sock {
+            wire::encode_features(wire::PARTIAL_OUTPUT, &mut wbuf);
+            if let Ok(n) = s.try_write(&wbuf) {
+                wbuf.drain(..n);
+            }
+        }
         Ok(ShimConn {
             id: id.into(),
             layout,
             sock,
             rbuf: Vec::new(),
-            wbuf: std::sync::Mutex::new(Vec::new()),
+            wbuf: std::sync::Mutex::new(wbuf),
             next_seq: 0,
             acked: 0,
             ack_limit: None,

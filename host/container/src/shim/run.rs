@@ -255,10 +255,11 @@ fn serve(layout: &Layout, ready: OwnedFd, ns_ready: bool) -> Result<(), String> 
 }
 
 /// Cuts a pipe's bytes into output events ([`wire::split_output`]): lines, and the bytes
-/// after the last newline as a piece of a line at once while a daemon is connected (a prompt
-/// reaches an attached client before its newline); while none is, those wait here for their
-/// newline, so output that does not fit in the buffer is dropped and counted as whole lines.
-/// A terminal's bytes (`raw`) go as they were read.
+/// after the last newline as a piece of a line at once while a daemon that reads pieces
+/// ([`wire::PARTIAL_OUTPUT`]) is connected (a prompt reaches an attached client before its
+/// newline); while none is, those wait here for their newline (so output that does not fit in
+/// the buffer is dropped and counted as whole lines, and a daemon of the protocol's first
+/// version gets lines). A terminal's bytes (`raw`) go as they were read.
 struct Lines {
     stream: Stream,
     buf: Vec<u8>,
@@ -267,7 +268,9 @@ struct Lines {
 }
 
 impl Lines {
-    fn feed(&mut self, data: &[u8], out: &mut Outbox, may_drop: bool) {
+    /// `hold`: a partial line waits for its newline (no daemon that reads pieces is
+    /// connected).
+    fn feed(&mut self, data: &[u8], out: &mut Outbox, may_drop: bool, hold: bool) {
         if self.raw {
             // Reads are at most MAX_LINE bytes: one event each, cut after its last newline
             // (so a partial line, which the daemon holds unacknowledged until its newline,
@@ -290,16 +293,17 @@ impl Lines {
             out.push_output(stream, piece.to_vec(), newline, may_drop);
         };
         if self.buf.is_empty() {
-            let used = wire::split_output(data, may_drop, push);
+            let used = wire::split_output(data, hold, push);
             self.buf.extend_from_slice(&data[used..]);
         } else {
             self.buf.extend_from_slice(data);
-            let used = wire::split_output(&self.buf, may_drop, push);
+            let used = wire::split_output(&self.buf, hold, push);
             self.buf.drain(..used);
         }
     }
 
-    /// Sends a partial line held back (at the pipe's end, or once a daemon is connected).
+    /// Sends a partial line held back (at the pipe's end, or once a daemon that reads pieces
+    /// is connected).
     fn flush(&mut self, out: &mut Outbox, may_drop: bool) {
         if !self.buf.is_empty() {
             out.push_output(self.stream, std::mem::take(&mut self.buf), false, may_drop);
@@ -311,6 +315,28 @@ struct Client {
     sock: UnixStream,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
+    /// The features the daemon announced on this connection ([`wire::Frame::Features`]).
+    features: Option<u32>,
+    /// When it connected: events wait for its features until [`wire::FEATURES_WAIT`] later.
+    since: Instant,
+}
+
+impl Client {
+    /// Events may be sent: the daemon announced its features, or had time to (one of the
+    /// protocol's first version never does).
+    fn settled(&self) -> bool {
+        self.features.is_some() || self.since.elapsed() >= wire::FEATURES_WAIT
+    }
+
+    /// How long until [`Client::settled`], if it is not yet.
+    fn unsettled_for(&self) -> Option<Duration> {
+        (!self.settled()).then(|| wire::FEATURES_WAIT.saturating_sub(self.since.elapsed()))
+    }
+
+    /// The daemon reads pieces of lines.
+    fn partial(&self) -> bool {
+        self.features.is_some_and(|f| f & wire::PARTIAL_OUTPUT != 0)
+    }
 }
 
 struct ShimLoop {
@@ -368,6 +394,8 @@ impl ShimLoop {
                 sock,
                 rbuf: Vec::new(),
                 wbuf,
+                features: None,
+                since: Instant::now(),
             });
         }
     }
@@ -405,6 +433,7 @@ impl ShimLoop {
                 Ok(Some(Frame::Signal(_))) => {}
                 Ok(Some(Frame::CloseStdin)) => self.stdin_hold = None,
                 Ok(Some(Frame::Resize { rows, cols })) => self.window = Some((rows, cols)),
+                Ok(Some(Frame::Features(f))) => c.features = Some(f),
                 Ok(Some(_)) | Err(_) => {
                     drop_client = true;
                     break;
@@ -423,7 +452,12 @@ impl ShimLoop {
         };
         loop {
             if c.wbuf.is_empty() {
-                self.outbox.encode_unsent(&mut c.wbuf, WRITE_AHEAD);
+                // Nothing but `HELLO` until the daemon said what it reads.
+                if !c.settled() {
+                    return;
+                }
+                let partial = c.partial();
+                self.outbox.encode_unsent(&mut c.wbuf, WRITE_AHEAD, partial);
                 if c.wbuf.is_empty() {
                     return;
                 }
@@ -474,15 +508,36 @@ impl ShimLoop {
                 }
                 return;
             }
-            lines.feed(&buf[..n as usize], &mut self.outbox, self.client.is_none());
+            let hold = !self.partial_ok();
+            lines.feed(
+                &buf[..n as usize],
+                &mut self.outbox,
+                self.client.is_none(),
+                hold,
+            );
             if self.client.is_some() && self.outbox.full() {
                 return;
             }
         }
     }
 
+    /// The connected daemon reads pieces of lines.
+    fn partial_ok(&self) -> bool {
+        self.client.as_ref().is_some_and(Client::partial)
+    }
+
+    /// Waits for `fds`, at most `timeout` (`None`: no limit), and no longer than until a
+    /// new connection's wait for its features is over.
     fn poll(&mut self, fds: &mut [libc::pollfd], timeout: Option<Duration>) {
-        let ms = timeout.map_or(-1, |t| t.as_millis().min(60_000) as i32);
+        let timeout = match (
+            timeout,
+            self.client.as_ref().and_then(Client::unsettled_for),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // Rounded up: a wait cut short of its end would only come back to wait again.
+        let ms = timeout.map_or(-1, |t| t.as_micros().div_ceil(1000).min(60_000) as i32);
         // SAFETY: `fds` is a valid slice of pollfd.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
     }
@@ -570,14 +625,15 @@ impl ShimLoop {
             self.poll(&mut fds, timeout);
             if fds[0].revents != 0 {
                 self.accept();
-                // A partial line that waited while no daemon was connected goes now.
-                if self.client.is_some() {
-                    out.flush(&mut self.outbox, false);
-                    err.flush(&mut self.outbox, false);
-                }
             }
             if fds.len() > 5 && fds[5].revents != 0 {
                 self.read_client();
+            }
+            // A partial line that waited for a daemon that reads pieces goes once one is
+            // connected.
+            if self.partial_ok() {
+                out.flush(&mut self.outbox, false);
+                err.flush(&mut self.outbox, false);
             }
             for sig in std::mem::take(&mut self.signals) {
                 if status.is_none() {
@@ -700,7 +756,7 @@ mod tests {
     fn lines(out: &mut Outbox) -> Vec<(Vec<u8>, bool)> {
         out.reconnect();
         let mut buf = Vec::new();
-        out.encode_unsent(&mut buf, usize::MAX);
+        out.encode_unsent(&mut buf, usize::MAX, true);
         let mut got = Vec::new();
         while let Some(Frame::Event(ShimEvent::Output { line, newline, .. })) =
             wire::decode(&mut buf).unwrap()
@@ -725,12 +781,12 @@ mod tests {
     fn lines_split_across_reads_and_at_max_line() {
         let mut out = Outbox::new(1 << 30);
         let mut l = pipe();
-        l.feed(b"he", &mut out, true);
-        l.feed(b"llo\nwor", &mut out, true);
-        l.feed(b"ld\n\n", &mut out, true);
+        l.feed(b"he", &mut out, true, true);
+        l.feed(b"llo\nwor", &mut out, true, true);
+        l.feed(b"ld\n\n", &mut out, true, true);
         let long = vec![b'a'; MAX_LINE * 2 + 5];
-        l.feed(&long, &mut out, true);
-        l.feed(b"\ntail", &mut out, true);
+        l.feed(&long, &mut out, true, true);
+        l.feed(b"\ntail", &mut out, true, true);
         l.flush(&mut out, true);
         let got = lines(&mut out);
         let shape: Vec<(usize, bool)> = got.iter().map(|(l, nl)| (l.len(), *nl)).collect();
@@ -757,7 +813,7 @@ mod tests {
     fn a_connected_daemon_gets_partial_lines_at_once() {
         let mut out = Outbox::new(1 << 30);
         let mut l = pipe();
-        l.feed(b"Password: ", &mut out, false);
+        l.feed(b"Password: ", &mut out, false, false);
         assert_eq!(lines(&mut out), vec![(b"Password: ".to_vec(), false)]);
         let mut out = Outbox::new(1 << 30);
         let mut rng = fastrand::Rng::with_seed(3);
@@ -768,7 +824,7 @@ mod tests {
                 .map(|_| if rng.u8(..40) == 0 { b'\n' } else { b'x' })
                 .collect();
             written.extend_from_slice(&chunk);
-            l.feed(&chunk, &mut out, false);
+            l.feed(&chunk, &mut out, false, false);
             assert!(l.buf.is_empty());
         }
         let mut got = Vec::new();
@@ -782,7 +838,7 @@ mod tests {
         assert_eq!(got, written);
         // A partial line held while no daemon was connected goes once one is.
         let mut out = Outbox::new(1 << 30);
-        l.feed(b"a\nb", &mut out, true);
+        l.feed(b"a\nb", &mut out, true, true);
         l.flush(&mut out, false);
         assert_eq!(
             lines(&mut out),
@@ -801,15 +857,15 @@ mod tests {
             open: true,
             raw: true,
         };
-        t.feed(b"ready> ", &mut out, false);
-        t.feed(b"abc\r\ngot:abc\r\n", &mut out, false);
+        t.feed(b"ready> ", &mut out, false, false);
+        t.feed(b"abc\r\ngot:abc\r\n", &mut out, false, false);
         // Cut after the last newline: the next partial line starts an event.
-        t.feed(b"a\r\nb\r\nnext> ", &mut out, false);
-        t.feed(b"1%\r2%\r", &mut out, false);
+        t.feed(b"a\r\nb\r\nnext> ", &mut out, false, false);
+        t.feed(b"1%\r2%\r", &mut out, false, false);
         t.flush(&mut out, false);
         out.reconnect();
         let mut buf = Vec::new();
-        out.encode_unsent(&mut buf, usize::MAX);
+        out.encode_unsent(&mut buf, usize::MAX, true);
         let mut got = Vec::new();
         while let Some(Frame::Event(ev)) = wire::decode(&mut buf).unwrap() {
             got.push(ev);
@@ -834,5 +890,113 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// The frames (kind, payload) a daemon's end of a connection has to read now.
+    fn frames_read(d: &mut UnixStream) -> Vec<(u8, Vec<u8>)> {
+        d.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut bytes = Vec::new();
+        let mut chunk = [0u8; 65536];
+        while let Ok(n @ 1..) = d.read(&mut chunk) {
+            bytes.extend_from_slice(&chunk[..n]);
+        }
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let len = u32::from_be_bytes(bytes[at + 1..at + 5].try_into().unwrap()) as usize;
+            frames.push((bytes[at], bytes[at + 5..at + 5 + len].to_vec()));
+            at += 5 + len;
+        }
+        assert_eq!(at, bytes.len(), "whole frames");
+        frames
+    }
+
+    /// A daemon of the protocol's first version (it announces no features, and fails a
+    /// connection on frame kinds it does not know) gets only whole-line frames: a partial
+    /// line is held for its newline, and what must go without one (at the pipe's end)
+    /// goes as a line. A daemon that announces `PARTIAL_OUTPUT` gets pieces, the held
+    /// partial line first. Events wait for the announcement (up to `FEATURES_WAIT`).
+    #[test]
+    fn a_daemon_without_the_feature_gets_only_whole_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path(), "j");
+        fs::create_dir_all(&layout.dir).unwrap();
+        let listener = UnixListener::bind(layout.socket()).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let spec: ContainerSpec = serde_json::from_value(serde_json::json!({
+            "id": "j", "layers": [], "args": ["sh"], "env": [], "cwd": "",
+            "hostname": null, "netns": null, "mounts": [], "resources": {},
+            "cgroup_parent": "flynn",
+        }))
+        .unwrap();
+        let mut shim = ShimLoop {
+            layout: layout.clone(),
+            spec,
+            listener,
+            client: None,
+            outbox: Outbox::new(1 << 30),
+            final_queued: false,
+            pid: 0,
+            signals: Vec::new(),
+            stdin_hold: None,
+            window: None,
+        };
+        let mut l = pipe();
+        let feed = |shim: &mut ShimLoop, l: &mut Lines, data: &[u8]| {
+            let hold = !shim.partial_ok();
+            l.feed(data, &mut shim.outbox, shim.client.is_none(), hold);
+        };
+
+        let mut old = UnixStream::connect(layout.socket()).unwrap();
+        shim.accept();
+        assert!(!shim.partial_ok());
+        feed(&mut shim, &mut l, b"a\nPassword: ");
+        let long = vec![b'x'; MAX_LINE + 3];
+        feed(&mut shim, &mut l, b"b\n");
+        feed(&mut shim, &mut l, &long);
+        // Nothing but HELLO until the daemon had time to announce its features.
+        shim.write_client();
+        let got = frames_read(&mut old);
+        assert_eq!(got.iter().map(|f| f.0).collect::<Vec<_>>(), [wire::HELLO]);
+        std::thread::sleep(wire::FEATURES_WAIT);
+        // The pipe ends with a partial line: it goes, as a line.
+        l.flush(&mut shim.outbox, false);
+        shim.write_client();
+        let got = frames_read(&mut old);
+        let want: Vec<(u8, Vec<u8>)> = vec![
+            (wire::STDOUT, b"a".to_vec()),
+            (wire::STDOUT, b"Password: b".to_vec()),
+            (wire::STDOUT, long[..MAX_LINE].to_vec()),
+            (wire::STDOUT, long[MAX_LINE..].to_vec()),
+        ];
+        assert_eq!(got, want);
+
+        // A daemon that reads pieces: the same events, pieces as pieces, and a partial
+        // line at once.
+        let mut new = UnixStream::connect(layout.socket()).unwrap();
+        let mut announce = Vec::new();
+        wire::encode_features(wire::PARTIAL_OUTPUT, &mut announce);
+        new.write_all(&announce).unwrap();
+        shim.accept();
+        shim.read_client();
+        assert!(shim.partial_ok());
+        feed(&mut shim, &mut l, b"c\nready> ");
+        shim.write_client();
+        let got = frames_read(&mut new);
+        let kinds: Vec<u8> = got.iter().map(|f| f.0).collect();
+        assert_eq!(
+            kinds,
+            [
+                wire::HELLO,
+                wire::STDOUT,
+                wire::STDOUT,
+                wire::STDOUT_PART,
+                wire::STDOUT_PART,
+                wire::STDOUT,
+                wire::STDOUT_PART,
+            ]
+        );
+        assert_eq!(got[6].1, b"ready> ");
     }
 }

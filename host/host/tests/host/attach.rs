@@ -476,51 +476,12 @@ async fn api_connections_have_tcp_keepalive() {
     while next(&mut a).await.is_some() {}
 }
 
-/// A process-runtime host with `env` set (the attach time limits,
-/// `FLYNN_HOST_ATTACH_WAIT_MS` and `FLYNN_HOST_ATTACH_WRITE_TIMEOUT_MS`, made short for the
-/// tests of what happens past them).
-fn host_with_env(env: &[(&str, &str)]) -> Host {
-    use std::io::BufRead;
-    let dir = tempfile::Builder::new()
-        .prefix("flynn-host-test")
-        .tempdir()
-        .unwrap();
-    let id = unique("t");
-    let state = dir.path().to_str().unwrap().to_string();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flynn-host"))
-        .args(["--addr", "127.0.0.1:0", "--state-dir", &state, "--id", &id])
-        .args(PROC)
-        .env("FLYNN_LOG", "warn")
-        .envs(env.iter().copied())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let proc = Proc(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if line.starts_with("listening") {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("a listening line");
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("api="))
-        .expect("api= in the listening line")
-        .to_string();
-    Host {
-        proc: Some(proc),
-        client: Client::new(&format!("http://{addr}")),
-        addr,
-        dir,
-        id,
-    }
+/// A process-runtime host with more `args` (the attach time limits, `--attach-wait-ms` and
+/// `--attach-write-timeout-ms`, set for the tests of what happens past them).
+fn proc_host(args: &[&str]) -> Host {
+    let mut all = PROC.to_vec();
+    all.extend_from_slice(args);
+    Host::start(&all)
 }
 
 /// Attach clients get a job's bytes unchanged: no newline added where the job wrote none,
@@ -579,7 +540,9 @@ async fn attach_gets_the_bytes_the_job_wrote() {
 /// cannot give gets an error frame when it is created.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_waits_for_a_job_not_created_yet() {
-    let h = host_with_env(&[("FLYNN_HOST_ATTACH_WAIT_MS", "1500")]);
+    // A wait far longer than any case below takes to create its job (a record's fsync on a
+    // loaded machine included); the expiry has a host of its own, below.
+    let h = proc_host(&["--attach-wait-ms", "10000"]);
     let c = &h.client;
 
     // Added a moment after the attach: nothing of its output is missed.
@@ -593,20 +556,21 @@ async fn attach_waits_for_a_job_not_created_yet() {
     assert_eq!(seen.stdout, b"hi\n");
     assert_eq!(seen.exit, Some(0));
 
-    // Never created: an error frame after the wait, and the job is still unknown.
-    let id = h.job_id("never");
+    // A client that sends more than 64 KiB before its job exists is refused at once (its
+    // frames are read while it waits, so its leaving is seen; it used to stop being read
+    // there, and one that left held its place until the wait was over).
+    let id = h.job_id("eager");
     let t0 = std::time::Instant::now();
-    let mut a = c.attach(&req(&id, STDOUT | STREAM)).await.unwrap();
+    let mut a = c.attach(&req(&id, STDOUT | STDIN | STREAM)).await.unwrap();
+    assert_eq!(next(&mut a).await, Some(Frame::Waiting));
+    let mut input = a.take_input().unwrap();
+    let _ = input.stdin(&vec![b'x'; 100 << 10]).await;
     let seen = read_all(&mut a).await;
-    assert!(t0.elapsed() >= Duration::from_millis(1400), "{seen:?}");
     match &seen.status[..] {
-        [Frame::Waiting, Frame::Error(e)] => assert!(e.contains("unknown job"), "{e}"),
+        [Frame::Error(e)] => assert!(e.contains("before the job was created"), "{e}"),
         other => panic!("{other:?}"),
     }
-    assert_eq!(seen.exit, None);
-    // (A job of that id may still be added and attached to.)
-    let mut a = run_attached(c, &id, "echo late", STDOUT | STREAM).await;
-    assert_eq!(read_all(&mut a).await.stdout, b"late\n");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 
     // Stdin for a job created without it: refused once the job is created; the job runs.
     let id = h.job_id("nostdin");
@@ -641,12 +605,79 @@ async fn attach_waits_for_a_job_not_created_yet() {
     );
 }
 
+/// A job not created within the wait (here 1 s) gets its waiting client an error frame;
+/// the job is still unknown, and may be added and attached to later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_for_a_job_never_created_gets_an_error() {
+    let h = proc_host(&["--attach-wait-ms", "1000"]);
+    let c = &h.client;
+    let id = h.job_id("never");
+    let t0 = std::time::Instant::now();
+    let mut a = c.attach(&req(&id, STDOUT | STREAM)).await.unwrap();
+    let seen = read_all(&mut a).await;
+    assert!(t0.elapsed() >= Duration::from_millis(900), "{seen:?}");
+    match &seen.status[..] {
+        [Frame::Waiting, Frame::Error(e)] => assert!(e.contains("unknown job"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(seen.exit, None);
+    assert!(c.get_job(&id).await.is_err(), "the job exists");
+    let mut a = attach_then_add(c, &sh_job(&id, "echo late"), STDOUT | STREAM).await;
+    let seen = read_all(&mut a).await;
+    assert!(seen.attached(), "{seen:?}");
+    assert_eq!(seen.stdout, b"late\n");
+}
+
+/// A `disable_log` job whose one client stops reading (and stays connected) blocks on its
+/// output, but is still stopped by a `DELETE` within its stop timeout, and its end is
+/// recorded: the client no longer holds the output up once the job is asked to stop. It
+/// used to: the supervisor waited for room in the client's queue, the exit waited behind
+/// the output, and the job stayed running (with what it held) for as long as the client
+/// did.
+async fn a_stalled_client_does_not_hold_up_a_stop(c: &Client, job: flynn_client::host::Job) {
+    let id = job.id.clone();
+    let timeout = job.config.stop_timeout.expect("a stop timeout");
+    let mut a = attach_then_add(c, &job, STDOUT | STREAM).await;
+    let mut seen = Seen::default();
+    while seen.stdout.len() < 1 << 20 {
+        assert!(seen.take(next(&mut a).await), "ended early: {seen:?}");
+    }
+    // The client stops reading; the job fills what is between and blocks.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let j = c.get_job(&id).await.unwrap();
+    assert_eq!(j.status, flynn_client::host::JobStatus::Running, "{j:?}");
+    let t0 = std::time::Instant::now();
+    c.stop_job(&id).await.unwrap();
+    let limit = Duration::from_secs(timeout + 10);
+    let j = wait_ended(c, &id, limit).await;
+    assert!(j.status.is_terminal(), "{j:?}");
+    assert!(
+        t0.elapsed() < limit,
+        "stopped after {:?} (stop timeout {timeout} s)",
+        t0.elapsed()
+    );
+    drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_of_a_job_without_log_does_not_hold_up_its_stop() {
+    let h = Host::start(PROC);
+    let id = h.job_id("stalled");
+    let mut job = sh_job(
+        &id,
+        "while :; do head -c 1048576 /dev/zero | tr '\\0' x; done",
+    );
+    job.config.disable_log = true;
+    job.config.stop_timeout = Some(2);
+    a_stalled_client_does_not_hold_up_a_stop(&h.client, job).await;
+}
+
 /// The one client of a `disable_log` job (its output goes nowhere else) is never dropped
 /// for being slow: the job waits for it (as under Flynn), however long it pauses, past the
 /// host's queue bounds and its time limit on a frame (here 1 s), and gets every byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_of_a_job_without_log_holds_the_job_up() {
-    let h = host_with_env(&[("FLYNN_HOST_ATTACH_WRITE_TIMEOUT_MS", "1000")]);
+    let h = proc_host(&["--attach-write-timeout-ms", "1000"]);
     let c = &h.client;
     const LEN: usize = 24 << 20;
     let id = h.job_id("flood");
@@ -773,6 +804,18 @@ fn a_container_jobs_bytes_reach_the_client_unchanged() {
                 while seen.take(next(&mut a).await) {}
                 assert_eq!(seen.stdout, b"got s3cret\n");
                 assert_eq!(seen.exit, Some(0));
+
+                // A stop is not held up by the one client of a `disable_log` job that
+                // stopped reading: its signals reach the shim while the job's output
+                // waits, and the job's end is recorded.
+                let id = h.job_id("stalled");
+                let mut job = bb_job(
+                    &id,
+                    "while :; do head -c 1048576 /dev/zero | tr '\\0' x; done",
+                );
+                job.config.disable_log = true;
+                job.config.stop_timeout = Some(2);
+                a_stalled_client_does_not_hold_up_a_stop(c, job).await;
             })
         }));
         drop(h.proc.take());
