@@ -31,8 +31,8 @@ pub struct Api {
     file: Mutex<crate::reload::FileRoutes>,
     pub shared: Arc<Shared>,
     /// `/events`: one message per change, with all its events (a reload of thousands of
-    /// routes takes one place in the channel, not thousands).
-    pub events: broadcast::Sender<Batch>,
+    /// routes takes one place in the channel, not thousands); see [`Events`].
+    events: Events,
     /// The version of the last published table; discovery wakes on it to follow the set
     /// of routed services.
     pub published: tokio::sync::watch::Sender<u64>,
@@ -64,8 +64,87 @@ pub struct Api {
 /// The events of one change, in order.
 pub type Batch = Arc<[StreamEvent]>;
 
-/// How many changes' events the `/events` channel holds for a subscriber that is behind.
-const EVENT_CHANGES: usize = 4096;
+/// How many changes' events the `/events` channel holds for a subscriber that is behind
+/// (by default; `--events-capacity`).
+pub const EVENT_CHANGES: usize = 4096;
+
+/// How many events a subscriber may be behind before its stream ends (by default;
+/// `--events-backlog`): what one stalled subscriber can pin.
+pub const EVENT_BACKLOG: usize = 65536;
+
+/// The `/events` channel. A subscriber that is behind keeps what it has not read yet: at
+/// most [`EVENT_CHANGES`] changes (the channel's capacity), and of those the events of the
+/// latest ones only, up to [`EVENT_BACKLOG`] events (past that the older changes' events
+/// are dropped, whoever has read them: one that has not gets an error and the end).
+struct Events {
+    tx: broadcast::Sender<Arc<Slot>>,
+    kept: Mutex<Kept>,
+    changes: usize,
+    backlog: usize,
+}
+
+/// What [`Events`] keeps of the changes sent.
+#[derive(Default)]
+struct Kept {
+    /// The offset of the next event sent (the count of all events sent so far).
+    next: u64,
+    /// The changes in the channel, oldest first, whose events are still there.
+    slots: std::collections::VecDeque<Arc<Slot>>,
+    /// How many events they hold.
+    events: usize,
+}
+
+/// One change's events in the `/events` channel, stamped with the offset of its first.
+struct Slot {
+    first: u64,
+    len: usize,
+    /// Taken out once the subscribers that are behind have been behind too far.
+    events: Mutex<Option<Batch>>,
+}
+
+impl Events {
+    fn new(changes: usize, backlog: usize) -> Events {
+        let changes = changes.max(1);
+        let (tx, _) = broadcast::channel(changes);
+        Events {
+            tx,
+            kept: Mutex::new(Kept::default()),
+            changes,
+            backlog: backlog.max(1),
+        }
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn send(&self, batch: Vec<StreamEvent>) {
+        let len = batch.len();
+        let mut k = self.kept();
+        let slot = Arc::new(Slot {
+            first: k.next,
+            len,
+            events: Mutex::new(Some(batch.into())),
+        });
+        k.next += len as u64;
+        k.events += len;
+        k.slots.push_back(slot.clone());
+        // The newest change stays whole, however big.
+        while k.slots.len() > 1 && (k.slots.len() > self.changes || k.events > self.backlog) {
+            if let Some(old) = k.slots.pop_front() {
+                k.events -= old.len;
+                *old.events.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+        }
+        // Under the lock: the channel's order is the offsets'.
+        let _ = self.tx.send(slot);
+    }
+
+    /// The offset of the next event to be sent.
+    fn next(&self) -> u64 {
+        self.kept().next
+    }
+}
 
 /// How long a finished drain is replayed (`backend-drained`) to a subscriber that connects
 /// after it: a scheduler that lost its stream while waiting (spec §1.9: it waits 10 s)
@@ -172,8 +251,21 @@ impl IntoResponse for ApiErr {
 type Res<T> = Result<T, ApiErr>;
 
 impl Api {
+    #[cfg(test)]
     pub fn new(store: Store, shared: Arc<Shared>, file: crate::reload::FileRoutes) -> Self {
-        let (events, _) = broadcast::channel(EVENT_CHANGES);
+        Self::with_event_limits(store, shared, file, EVENT_CHANGES, EVENT_BACKLOG)
+    }
+
+    /// A new API, the `/events` channel holding at most `changes` changes and
+    /// `backlog` events for a subscriber that is behind (see [`Events`]).
+    pub fn with_event_limits(
+        store: Store,
+        shared: Arc<Shared>,
+        file: crate::reload::FileRoutes,
+        changes: usize,
+        backlog: usize,
+    ) -> Self {
+        let events = Events::new(changes, backlog);
         Api {
             store: Mutex::new(store),
             file: Mutex::new(file),
@@ -350,7 +442,7 @@ impl Api {
     /// Sends one change's events to the `/events` subscribers.
     fn send(&self, batch: Vec<StreamEvent>) {
         if !batch.is_empty() {
-            let _ = self.events.send(batch.into());
+            self.events.send(batch);
         }
     }
 
@@ -687,14 +779,16 @@ async fn events(
             .collect()
     });
     let wanted = move |e: &StreamEvent| types.as_ref().is_none_or(|t| t.contains(&e.event));
-    // Subscribe first, then replay the state of drain-tracked services' backends: a
+    // Subscribe, then replay the state of drain-tracked services' backends: a
     // `backend-up` for each current backend (spec §1.3), then (an extension) a
     // `backend-down` for each still draining and a `backend-drained` for each that finished
     // draining within the last minute, so a client that reconnects learns what it missed
     // of the drains it waits for.
-    let rx = api.events.subscribe();
-    let replay: Vec<StreamEvent> = {
+    // Subscribed under the drains lock, under which every drain event is sent (and the
+    // drains change): each drain is in the replay or in the live events, never both.
+    let (rx, replay): (_, Vec<StreamEvent>) = {
         let mut drains = api.drains();
+        let rx = api.events.tx.subscribe();
         drains.prune(std::time::Instant::now());
         let s = api.store();
         let mut services = BTreeMap::new();
@@ -727,20 +821,23 @@ async fn events(
             .replayed()
             .into_iter()
             .map(|b| event("backend-drained", None, Some(b.clone())));
-        up.chain(down).chain(drained).collect()
+        (rx, up.chain(down).chain(drained).collect())
     };
-    // Items are `Ok(event)`, or `Err(n)`: the stream fell `n` changes behind (and ends).
+    // Items are `Ok(event)`, or `Err(why)`: the stream fell behind (and ends).
     let replay = futures_util::stream::iter(replay.into_iter().map(Ok));
-    // A subscriber that fell more changes behind than the channel holds has missed events
+    // A subscriber that fell more changes (or events) behind than the channel holds has
+    // missed events
     // (a scheduler waiting for a `backend-drained` would wait out its timeout): it gets an
     // error (spec §0.3) and the stream ends, so it reconnects and starts over from the
     // replay, rather than going on with a gap.
     struct Live {
-        rx: Option<broadcast::Receiver<Batch>>,
+        api: Arc<Api>,
+        rx: Option<broadcast::Receiver<Arc<Slot>>>,
         batch: Batch,
         next: usize,
     }
     let live = Live {
+        api: api.clone(),
         rx: Some(rx),
         batch: Arc::new([]),
         next: 0,
@@ -753,13 +850,25 @@ async fn events(
                 return Some((Ok(e), l));
             }
             match l.rx.as_mut()?.recv().await {
-                Ok(batch) => {
+                Ok(slot) => {
+                    let events = slot.events.lock().map(|e| e.clone()).unwrap_or(None);
+                    let Some(batch) = events else {
+                        let behind = l.api.events.next().saturating_sub(slot.first);
+                        l.rx = None;
+                        return Some((
+                            Err(format!(
+                                "{behind} events behind (more than {})",
+                                l.api.events.backlog
+                            )),
+                            l,
+                        ));
+                    };
                     l.batch = batch;
                     l.next = 0;
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     l.rx = None;
-                    return Some((Err(n), l));
+                    return Some((Err(format!("the events of {n} changes missed")), l));
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
@@ -789,13 +898,13 @@ async fn events(
             let _ = &open;
             Ok::<_, std::convert::Infallible>(match e {
                 Ok(e) => Event::default().data(serde_json::to_string(&e).unwrap_or_default()),
-                Err(n) => {
+                Err(why) => {
                     tracing::warn!(
-                        missed_changes = n,
+                        behind = %why,
                         "an /events subscriber fell behind; ending its stream"
                     );
                     Event::default().event("error").data(format!(
-                        "the events of {n} changes missed: the stream fell behind; reconnect"
+                        "{why}: the stream fell behind, events missed; reconnect"
                     ))
                 }
             })
@@ -1171,6 +1280,40 @@ impl axum::serve::Listener for UntilHandover {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stalled subscriber pins at most the backlog's events (and the newest change,
+    /// whole): the older changes' events are dropped, and it finds them gone. Changes are
+    /// stamped with the offset of their first event.
+    #[test]
+    fn a_stalled_subscriber_pins_at_most_the_backlog() {
+        let ev = Events::new(100, 10);
+        let mut rx = ev.tx.subscribe();
+        let batch = |n| (0..n).map(|_| event("set", None, None)).collect::<Vec<_>>();
+        let held = |s: &Slot| s.events.lock().unwrap().as_ref().map(|b| b.len());
+        ev.send(batch(6));
+        ev.send(batch(6));
+        ev.send(batch(3));
+        let (a, b, c) = (
+            rx.try_recv().unwrap(),
+            rx.try_recv().unwrap(),
+            rx.try_recv().unwrap(),
+        );
+        assert_eq!((a.first, b.first, c.first), (0, 6, 12));
+        assert_eq!((held(&a), held(&b), held(&c)), (None, Some(6), Some(3)));
+        // The newest change stays whole, however big.
+        ev.send(batch(50));
+        let d = rx.try_recv().unwrap();
+        assert_eq!((held(&b), held(&c), held(&d)), (None, None, Some(50)));
+        assert_eq!((d.first, ev.next()), (15, 65));
+        // The capacity bounds the changes kept (the channel drops older ones too).
+        let ev = Events::new(2, 1000);
+        let _rx = ev.tx.subscribe();
+        for _ in 0..3 {
+            ev.send(batch(1));
+        }
+        let k = ev.kept();
+        assert_eq!((k.slots.len(), k.events), (2, 2));
+    }
 
     fn backend(addr: &str) -> Backend {
         Backend {

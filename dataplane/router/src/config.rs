@@ -83,6 +83,19 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..), hide = true)]
     pub response_header_timeout_secs: u64,
 
+    /// How many changes the `/events` channel holds for a subscriber that is behind (a
+    /// subscriber more changes behind gets an error and the end of its stream). Hidden:
+    /// tests lower it.
+    #[arg(long, env = "FLYNN_EVENTS_CAPACITY", default_value_t = crate::api::EVENT_CHANGES,
+          value_parser = parse_events_capacity, hide = true)]
+    pub events_capacity: usize,
+
+    /// How many events an `/events` subscriber may be behind (what one stalled subscriber
+    /// can pin) before it gets an error and the end of its stream. Hidden: tests lower it.
+    #[arg(long, env = "FLYNN_EVENTS_BACKLOG", default_value_t = crate::api::EVENT_BACKLOG,
+          value_parser = parse_events_backlog, hide = true)]
+    pub events_backlog: usize,
+
     /// Seconds a client keep-alive connection may sit idle between requests.
     #[arg(long, env = "FLYNN_IDLE_TIMEOUT", default_value_t = 300)]
     pub idle_timeout_secs: u64,
@@ -378,9 +391,53 @@ impl Config {
     }
 }
 
+/// `--events-capacity`: 1 to 65536 changes.
+fn parse_events_capacity(s: &str) -> Result<usize, String> {
+    parse_bounded(s, 1, 1 << 16)
+}
+
+/// `--events-backlog`: 1 to 16 Mi events.
+fn parse_events_backlog(s: &str) -> Result<usize, String> {
+    parse_bounded(s, 1, 1 << 24)
+}
+
+fn parse_bounded(s: &str, min: usize, max: usize) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if n < min || n > max {
+        return Err(format!("{n} is not within {min}..={max}"));
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `/events` limits: hidden, defaulted, bounded.
+    #[test]
+    fn events_limits() {
+        let c = Config::try_parse_from(["flynn-router"]).unwrap();
+        assert_eq!(c.events_capacity, crate::api::EVENT_CHANGES);
+        assert_eq!(c.events_backlog, crate::api::EVENT_BACKLOG);
+        let c = Config::try_parse_from([
+            "flynn-router",
+            "--events-capacity",
+            "4",
+            "--events-backlog",
+            "100",
+        ])
+        .unwrap();
+        assert_eq!((c.events_capacity, c.events_backlog), (4, 100));
+        for bad in [
+            ["--events-capacity", "0"],
+            ["--events-capacity", "65537"],
+            ["--events-backlog", "0"],
+            ["--events-backlog", "x"],
+        ] {
+            let args = std::iter::once("flynn-router").chain(bad);
+            assert!(Config::try_parse_from(args).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn parses_interface_flags() {

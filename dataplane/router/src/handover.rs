@@ -21,9 +21,9 @@
 //! can be taken over again. A takeover fails when the old process says `no`, gives no
 //! answer within 30 s (the new one then shuts its end down before it gives up, so an `ok`
 //! written after that fails on the old side, which goes on), or closes the connection while
-//! it still runs. If it closed because it went away (its pid, from SO_PEERCRED, is gone or
-//! a zombie within 2 s), the new process is the only router left and goes on as if
-//! confirmed. A successor from an older build binds the path before it says `ready`: if
+//! it still runs. If it closed because it went away (its upgrade socket refuses a probe
+//! connection within 2 s: see [`old_gone`]), the new process is the only router left and
+//! goes on as if confirmed. The new process waits at most 90 s for the state. A successor from an older build binds the path before it says `ready`: if
 //! that takeover fails, the old process binds the path again.
 //! TCP route listeners are passed too (their ports after the HTTP listeners): the new
 //! process accepts from the same sockets once the takeover is done, and the old one stops
@@ -184,7 +184,10 @@ impl Drop for Upgrade {
 }
 
 /// Removes the temporary names (`.<name>.<pid>`, see [`Upgrade::bind`]) left beside `path`
-/// by processes that are gone (a successor killed before its takeover was done).
+/// by processes that are gone (a successor killed before its takeover was done): those
+/// that refuse connections (ECONNREFUSED), twice a moment apart (a socket is bound before
+/// it listens). The pid in the name does not decide: from another pid namespace it may
+/// name another process, or none, while the successor runs.
 fn sweep_staged(path: &Path) {
     use std::os::unix::fs::FileTypeExt;
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
@@ -209,12 +212,27 @@ fn sweep_staged(path: &Path) {
             continue;
         };
         let socket = e.file_type().is_ok_and(|t| t.is_socket());
-        if socket && pid as u32 != std::process::id() && pid > 0 && !alive(pid) {
+        if socket && pid as u32 != std::process::id() && pid > 0 && refuses(&e.path()) {
             let stale = e.path();
             if std::fs::remove_file(&stale).is_ok() {
                 tracing::info!(path = %stale.display(), "removed a stale staged upgrade socket");
             }
         }
+    }
+}
+
+/// Whether the Unix socket at `path` refuses connections (no process listens on it),
+/// checked twice, 50 ms apart.
+fn refuses(path: &Path) -> bool {
+    let refused = || {
+        matches!(
+            UnixStream::connect(path).map_err(|e| e.raw_os_error()),
+            Err(Some(code)) if code == nix::errno::Errno::ECONNREFUSED as i32
+        )
+    };
+    refused() && {
+        std::thread::sleep(Duration::from_millis(50));
+        refused()
     }
 }
 
@@ -224,12 +242,17 @@ fn bind_replacing(path: &Path) -> anyhow::Result<UnixListener> {
     UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
 }
 
-/// Serves takeover requests on the upgrade socket `listener`, bound at `old.path` (a
-/// thread of its own).
-pub fn serve(old: Old, mut listener: UnixListener) -> anyhow::Result<()> {
+/// Starts the thread that serves takeover requests on the upgrade socket: it waits for
+/// `gate` to give it the socket (`listener`, bound at `old.path`) once this process serves
+/// (started before, so that nothing is left to fail then); a gate closed without it ends
+/// the thread.
+pub fn serve(gate: std::sync::mpsc::Receiver<(Old, UnixListener)>) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("router-handover".into())
         .spawn(move || {
+            let Ok((old, mut listener)) = gate.recv() else {
+                return;
+            };
             // Which file is ours: a successor commonly binds the same path (one
             // FLYNN_UPGRADE_SOCKET for every generation) before this process exits.
             let mut ours = file_id(&old.path);
@@ -249,9 +272,11 @@ pub fn serve(old: Old, mut listener: UnixListener) -> anyhow::Result<()> {
                 };
                 let mut handed = false;
                 match hand_over(&old, conn, &mut handed) {
-                    Ok(()) => {
+                    Ok(true) => {
                         drain_and_exit(&old, ours);
                     }
+                    // A probe (a new process checking this one still runs): nothing asked.
+                    Ok(false) => {}
                     Err(e) => {
                         tracing::warn!(error = %format!("{e:#}"), "takeover attempt failed");
                         // A successor that bound the path before it failed (a build before
@@ -272,7 +297,8 @@ pub fn serve(old: Old, mut listener: UnixListener) -> anyhow::Result<()> {
                     }
                 }
             }
-        })?;
+        })
+        .context("starting the upgrade socket's thread")?;
     Ok(())
 }
 
@@ -315,11 +341,15 @@ impl Every {
 }
 
 /// One takeover attempt on `conn`; `handed` is set once the state and sockets are sent.
-fn hand_over(old: &Old, conn: UnixStream, handed: &mut bool) -> anyhow::Result<()> {
+/// `Ok(true)`: handed over, this process drains; `Ok(false)`: a connection that sent
+/// nothing and closed (a probe: see [`old_gone`]), not a takeover attempt.
+fn hand_over(old: &Old, conn: UnixStream, handed: &mut bool) -> anyhow::Result<bool> {
     conn.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut r = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
-    r.read_line(&mut line)?;
+    if r.read_line(&mut line)? == 0 {
+        return Ok(false);
+    }
     if line.trim() != "takeover" {
         bail!("unexpected request {line:?}");
     }
@@ -412,7 +442,7 @@ fn hand_over(old: &Old, conn: UnixStream, handed: &mut bool) -> anyhow::Result<(
     }
     // Handed over: this process only drains now.
     std::mem::forget(thaw);
-    Ok(())
+    Ok(true)
 }
 
 /// Accepts API changes again when dropped (a handover that failed).
@@ -463,27 +493,52 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
 /// The running router, as a process taking over talks to it.
 pub struct Peer {
     conn: UnixStream,
-    /// Its process id (SO_PEERCRED), if known: whether it still runs tells a refusal from
-    /// a process that went away.
+    /// The upgrade socket's path: whether it still accepts connections tells a refusal
+    /// from a process that went away (see [`old_gone`]).
+    path: PathBuf,
+    /// Its process id (SO_PEERCRED), if known (0 from another pid namespace is unknown):
+    /// a second sign (see [`old_gone`]).
     pid: Option<i32>,
 }
 
 /// The new side: asks the running router for its sockets and state.
 pub fn take(path: &Path) -> anyhow::Result<(State, Vec<OwnedFd>, Peer)> {
+    take_within(path, TAKE_TIMEOUT)
+}
+
+/// [`take`], waiting at most `timeout` for the state (a wedged old process must not hang
+/// this one for ever: nothing is served yet, so giving up is safe).
+fn take_within(path: &Path, timeout: Duration) -> anyhow::Result<(State, Vec<OwnedFd>, Peer)> {
     let mut conn =
         UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
     let pid = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
         .ok()
         .map(|c| c.pid())
         .filter(|p| *p > 0);
+    conn.set_read_timeout(Some(timeout))?;
     conn.write_all(b"takeover\n")?;
-    let (data, fds) = flynn_runtime::handoff::recv_with_fds(&conn)?;
+    let (data, fds) = match flynn_runtime::handoff::recv_with_fds(&conn) {
+        Ok(got) => got,
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => bail!(
+            "the running router at {} did not hand its state over within {timeout:?} (wedged?); nothing taken over",
+            path.display()
+        ),
+        Err(e) => return Err(e).context("receiving the handed-over state"),
+    };
     let state: State = serde_json::from_slice(&data).context("parsing the handed-over state")?;
     let want = state.listeners.len() + state.tcp.len() + 1;
     if fds.len() != want {
         bail!("expected {want} sockets, got {}", fds.len());
     }
-    Ok((state, fds, Peer { conn, pid }))
+    Ok((
+        state,
+        fds,
+        Peer {
+            conn,
+            path: path.to_path_buf(),
+            pid,
+        },
+    ))
 }
 
 /// How a takeover ended for the new process, when it goes on.
@@ -506,14 +561,15 @@ pub fn ready(peer: Peer, ack: bool) -> anyhow::Result<Taken> {
         conn.write_all(b"ready\n")?;
         return Ok(Taken::Confirmed);
     }
-    confirm(&conn, peer.pid, READY_ACK_TIMEOUT, GONE_WAIT)
+    confirm(&conn, &peer.path, peer.pid, READY_ACK_TIMEOUT, GONE_WAIT)
 }
 
 /// [`ready`]'s exchange on `conn`: `ready ack`, then the answer within `timeout`. A
-/// connection closed without one is a refusal unless the old process (`pid`) is gone
-/// within `gone_wait` (a process that dies closes its sockets a moment before it is gone).
+/// connection closed without one is a refusal unless the old process is gone within
+/// `gone_wait` (see [`old_gone`]: its upgrade socket at `path` refuses connections).
 fn confirm(
     conn: &UnixStream,
+    path: &Path,
     pid: Option<i32>,
     timeout: Duration,
     gone_wait: Duration,
@@ -552,7 +608,7 @@ fn confirm(
         }
         // The end of the connection (or an error reading it): gone, or gave up.
         (Ok(0), _) | (Err(_), _) => {
-            if pid.is_some_and(|p| gone_within(p, gone_wait)) {
+            if old_gone(path, pid, gone_wait) {
                 Ok(Taken::OldGone)
             } else {
                 bail!("the running router closed the connection and did not confirm the takeover; it still serves")
@@ -564,22 +620,63 @@ fn confirm(
     }
 }
 
-/// Whether process `pid` is gone (no longer listed, or a zombie) within `wait`.
-fn gone_within(pid: i32, wait: Duration) -> bool {
+/// Whether the old process, which closed the takeover connection without an answer, is
+/// gone (it died) within `wait`. Its upgrade socket at `path` says so: a connection to it
+/// is refused (ECONNREFUSED: no process listens there any more; ENOENT: no socket), as a
+/// process that exits closes it. That holds across pid namespaces and with a /proc that
+/// hides other processes, and a reused pid does not mislead it. The probe sends nothing,
+/// which the old process takes for no takeover attempt (see [`hand_over`]). A socket that
+/// accepts means it still runs (a dying process may close the connection a moment before
+/// its listener, so the probe is repeated until `wait` is over). Only if the path cannot
+/// tell (another error) does the pid (`pid`, from SO_PEERCRED) decide.
+fn old_gone(path: &Path, pid: Option<i32>, wait: Duration) -> bool {
     let deadline = Instant::now() + wait;
     loop {
-        if !alive(pid) {
-            return true;
+        match probe(path) {
+            Probe::Gone => return true,
+            Probe::Listening => {}
+            Probe::Unknown => {
+                if pid.is_some_and(|p| !alive(p)) {
+                    return true;
+                }
+            }
         }
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What connecting to an upgrade socket (or a staged one) tells of its process.
+#[derive(Debug, PartialEq, Eq)]
+enum Probe {
+    /// Refused, or no socket there: no process listens.
+    Gone,
+    /// Accepted (or the queue is full): a process listens.
+    Listening,
+    /// Another error (no permission, say): no sign either way.
+    Unknown,
+}
+
+/// Connects to the Unix socket at `path` and closes the connection at once, having sent
+/// nothing.
+fn probe(path: &Path) -> Probe {
+    use nix::errno::Errno;
+    match UnixStream::connect(path) {
+        Ok(_) => Probe::Listening,
+        Err(e) => match e.raw_os_error().map(Errno::from_raw) {
+            Some(Errno::ECONNREFUSED | Errno::ENOENT) => Probe::Gone,
+            Some(Errno::EAGAIN) => Probe::Listening,
+            _ => Probe::Unknown,
+        },
     }
 }
 
 /// Whether process `pid` runs (in this process's pid namespace, as /proc shows it): a
-/// zombie (exited, not yet reaped) does not. Without a usable /proc it counts as running.
+/// zombie (exited, not yet reaped) does not. Not listed in /proc counts as gone only if
+/// `kill(pid, 0)` says there is no such process (ESRCH): with `hidepid` a live process of
+/// another user is not listed. Without a usable /proc it counts as running.
 fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // `pid (comm) S ...`: the state follows the last `)` (comm may hold any byte).
@@ -588,10 +685,17 @@ fn alive(pid: i32) -> bool {
                 .and_then(|(_, rest)| rest.trim_start().chars().next()),
             Some('Z' | 'X' | 'x')
         ),
-        Err(e) if e.kind() == ErrorKind::NotFound => std::fs::metadata("/proc/self/stat").is_err(),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            std::fs::metadata("/proc/self/stat").is_err()
+                || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                    != Err(nix::errno::Errno::ESRCH)
+        }
         Err(_) => true,
     }
 }
+
+/// How long a new process waits for the old one's state and sockets.
+const TAKE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How long a new process waits for the old one's `ok` (sent as soon as it reads `ready`).
 const READY_ACK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -612,9 +716,39 @@ mod tests {
         pid
     }
 
+    /// A temporary directory, removed when dropped (a failed test included).
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(what: &str) -> TempDir {
+            let dir = std::env::temp_dir().join(format!(
+                "router-{what}-{}-{}",
+                std::process::id(),
+                fastrand::u64(..)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// An upgrade socket's path: listened on (`Some`: the old process runs), or left by
+    /// a listener that is gone (the old process died).
+    fn upgrade_path(dir: &TempDir, listening: bool) -> (PathBuf, Option<UnixListener>) {
+        let path = dir.0.join(format!("up-{}.sock", fastrand::u64(..)));
+        let l = UnixListener::bind(&path).unwrap();
+        (path, listening.then_some(l))
+    }
+
     /// The new process's side of the exchange on one end of a socket pair, the old
-    /// process played on the other end.
+    /// process played on the other end; its upgrade socket is at `path`.
     fn confirm_with(
+        path: &Path,
         pid: Option<i32>,
         timeout: Duration,
         old: impl FnOnce(UnixStream) -> UnixStream + Send + 'static,
@@ -627,19 +761,21 @@ mod tests {
             assert_eq!(line, "ready ack\n");
             old(old_end)
         });
-        let res = confirm(&new, pid, timeout, Duration::from_millis(300));
+        let res = confirm(&new, path, pid, timeout, Duration::from_millis(300));
         (res, new, played.join().unwrap())
     }
 
     #[test]
     fn ok_confirms_and_no_refuses() {
+        let dir = TempDir::new("confirm");
+        let (path, _l) = upgrade_path(&dir, true);
         let me = Some(std::process::id() as i32);
-        let (res, _, _) = confirm_with(me, Duration::from_secs(5), |mut c| {
+        let (res, _, _) = confirm_with(&path, me, Duration::from_secs(5), |mut c| {
             c.write_all(b"ok\n").unwrap();
             c
         });
         assert_eq!(res.unwrap(), Taken::Confirmed);
-        let (res, _, _) = confirm_with(me, Duration::from_secs(5), |mut c| {
+        let (res, _, _) = confirm_with(&path, me, Duration::from_secs(5), |mut c| {
             c.write_all(b"no\n").unwrap();
             c
         });
@@ -647,28 +783,60 @@ mod tests {
     }
 
     /// The connection closed without an answer: a refusal while the old process runs (a
-    /// build that closes instead of saying `no`), the end of it once it is gone (it died
-    /// before it could answer): then this process must go on.
+    /// build that closes instead of saying `no`: its upgrade socket still accepts), the
+    /// end of it once it is gone (it died before it could answer: its upgrade socket
+    /// refuses): then this process must go on. The pid does not decide: unknown (another
+    /// pid namespace), or a live process's (a reused pid), or a dead one's.
     #[test]
     fn a_close_without_an_answer_is_a_refusal_unless_the_old_process_is_gone() {
+        let dir = TempDir::new("confirm");
+        let close = |c: UnixStream| {
+            c.shutdown(std::net::Shutdown::Both).unwrap();
+            c
+        };
         let me = Some(std::process::id() as i32);
-        let (res, _, _) = confirm_with(me, Duration::from_secs(5), |c| {
-            c.shutdown(std::net::Shutdown::Both).unwrap();
-            c
-        });
-        assert!(res.is_err(), "{res:?}");
-        let gone = Some(dead_pid());
-        let (res, _, _) = confirm_with(gone, Duration::from_secs(5), |c| {
-            c.shutdown(std::net::Shutdown::Both).unwrap();
-            c
-        });
-        assert_eq!(res.unwrap(), Taken::OldGone);
-        // Unknown pid: not known to be gone.
-        let (res, _, _) = confirm_with(None, Duration::from_secs(5), |c| {
-            c.shutdown(std::net::Shutdown::Both).unwrap();
-            c
-        });
-        assert!(res.is_err(), "{res:?}");
+        for pid in [me, None, Some(dead_pid())] {
+            // Runs: a refusal, whatever the pid says.
+            let (path, _l) = upgrade_path(&dir, true);
+            let (res, _, _) = confirm_with(&path, pid, Duration::from_secs(5), close);
+            assert!(res.is_err(), "{pid:?}: {res:?}");
+            // Gone: its socket refuses connections (or is not there).
+            let (path, _) = upgrade_path(&dir, false);
+            let (res, _, _) = confirm_with(&path, pid, Duration::from_secs(5), close);
+            assert_eq!(res.unwrap(), Taken::OldGone, "{pid:?}");
+            let path = dir.0.join("none.sock");
+            let (res, _, _) = confirm_with(&path, pid, Duration::from_secs(5), close);
+            assert_eq!(res.unwrap(), Taken::OldGone, "{pid:?}");
+        }
+    }
+
+    /// The old side takes a probe (a connection that sends nothing) for no takeover
+    /// attempt: nothing is frozen or handed over, and it goes on serving.
+    #[test]
+    fn a_probe_is_not_a_takeover_attempt() {
+        let (new, old_end) = UnixStream::pair().unwrap();
+        drop(new);
+        let mut r = BufReader::new(old_end);
+        let mut line = String::new();
+        // What [`hand_over`] reads first: the end of the connection, nothing asked.
+        assert_eq!(r.read_line(&mut line).unwrap(), 0);
+        assert_eq!(probe(Path::new("/nonexistent/router/up.sock")), Probe::Gone);
+    }
+
+    /// A wedged old process (it accepts, but never hands its state over) does not hang
+    /// the new one for ever.
+    #[test]
+    fn take_gives_up_on_a_wedged_old_process() {
+        let dir = TempDir::new("take");
+        let (path, l) = upgrade_path(&dir, true);
+        let l = l.unwrap();
+        let held = std::thread::spawn(move || l.accept().map(|(c, _)| c));
+        let t = Instant::now();
+        let res = take_within(&path, Duration::from_millis(300));
+        let err = format!("{:#}", res.err().expect("took from a wedged process"));
+        assert!(err.contains("did not hand its state over"), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        drop(held.join());
     }
 
     /// After the new process stopped waiting, an `ok` the old one writes fails (its end
@@ -676,8 +844,10 @@ mod tests {
     /// even while the new one has not closed the connection yet.
     #[test]
     fn a_late_ok_fails_on_the_old_side() {
+        let dir = TempDir::new("confirm");
+        let (path, _l) = upgrade_path(&dir, true);
         let me = Some(std::process::id() as i32);
-        let (res, new, mut old) = confirm_with(me, Duration::from_millis(200), |c| c);
+        let (res, new, mut old) = confirm_with(&path, me, Duration::from_millis(200), |c| c);
         assert!(format!("{:#}", res.unwrap_err()).contains("did not confirm"));
         // `new` is still open here.
         let late = old.write_all(b"ok\n");
@@ -724,31 +894,33 @@ mod tests {
         assert!(rebind_needed(true, None, a));
     }
 
-    /// Binding sweeps the temporary names of processes that are gone, and only those.
+    /// Binding sweeps the temporary names no process listens on, and only those: not a
+    /// live successor's, whatever the pid in its name says (another pid namespace).
     #[test]
     fn stale_staged_sockets_are_swept() {
-        let dir = std::env::temp_dir().join(format!(
-            "router-staged-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TempDir::new("staged");
+        let dir = &dir.0;
         let path = dir.join("up.sock");
         let dead = dir.join(format!(".up.sock.{}", dead_pid()));
         let live = dir.join(format!(".up.sock.{}", std::process::id()));
         let parent = dir.join(format!(".up.sock.{}", std::os::unix::process::parent_id()));
+        let listening = dir.join(format!(".up.sock.{}", dead_pid()));
         let other = dir.join(format!(".other.sock.{}", dead_pid()));
         let plain = dir.join(format!(".up.sock.{}x", dead_pid()));
         for p in [&dead, &live, &parent, &other] {
             drop(UnixListener::bind(p).unwrap());
         }
+        let _successor = UnixListener::bind(&listening).unwrap();
         std::fs::write(&plain, b"").unwrap();
         let u = Upgrade::bind(&path, false).unwrap();
         assert!(!dead.exists(), "a dead process's staged socket was kept");
-        for p in [&live, &parent, &other, &plain] {
+        assert!(
+            !parent.exists(),
+            "a staged socket no one listens on was kept"
+        );
+        for p in [&live, &listening, &other, &plain] {
             assert!(p.exists(), "{} removed", p.display());
         }
         drop(u);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -377,7 +377,13 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         default_cert,
     ));
     shared.inherit_tcp(inherited_tcp);
-    let api = Arc::new(api::Api::new(store, shared.clone(), file_routes));
+    let api = Arc::new(api::Api::with_event_limits(
+        store,
+        shared.clone(),
+        file_routes,
+        cfg.events_capacity,
+        cfg.events_backlog,
+    ));
     if let Some((state, _)) = &handed {
         if let Ok(mut d) = api.discovered.lock() {
             d.extend(state.discovered.iter().cloned());
@@ -420,28 +426,73 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         Some(path) => Some(handover::Upgrade::bind(path, handed.is_some())?),
         None => None,
     };
+    // Everything that can fail is made before the takeover is confirmed (a failure after
+    // it would leave no router serving: the old one drains): the API's runtime and the
+    // threads of the API and the upgrade socket, which wait for the word to start.
+    let api2 = api.clone();
+    let api_rt = api.runtime()?;
+    let discoverd = cfg.discoverd.clone();
+    let api_fd = api_listener.as_raw_fd();
+    let (api_stop, api_stop_rx) = tokio::sync::watch::channel(false);
+    let (api_go, api_gate) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("router-api".into())
+        .spawn(move || {
+            // No word: the takeover failed and this process exits.
+            if api_gate.recv().is_err() {
+                return;
+            }
+            if let Err(e) = api::serve(api2, api_rt, api_listener, discoverd, api_stop_rx) {
+                tracing::error!(error = %e, "admin API stopped");
+            }
+        })
+        .context("starting the admin API thread")?;
+    let (upgrade_go, upgrade_gate) = std::sync::mpsc::channel();
+    if upgrade.is_some() {
+        handover::serve(upgrade_gate)?;
+    }
+
+    // A takeover is done only once the old process confirmed `ready` (handover.rs): until
+    // then this process accepts no connection (the old one does), and serves neither the
+    // admin API (a change accepted here would be lost if the takeover failed, the old
+    // process going on) nor the upgrade socket's path (the old one's: its socket waits at a
+    // temporary name). If the old process refuses, or gives no answer, this one exits
+    // having taken nothing; if it went away, this one goes on alone. From here on an error
+    // is only logged: this process serves whatever it can.
     if let Some((state, peer)) = handed {
         if handover::ready(peer, state.ready_ack)? == handover::Taken::OldGone {
             tracing::warn!(
                 "the running router went away before it confirmed the takeover: serving alone"
             );
         }
-        let mut more: Vec<Vec<(std::net::TcpListener, ListenerInfo)>> =
+        // Each core opens its own sockets (where none was handed over) and starts
+        // accepting; the sockets it opened are handed over at the next takeover.
+        let mut more: Vec<Vec<(SocketAddr, ListenerInfo)>> =
             (0..threads).map(|_| Vec::new()).collect();
         for (core, addr, info) in deferred {
-            match flynn_runtime::reuseport_listener(addr) {
-                Ok(l) => {
-                    if let Ok(bound) = l.local_addr() {
-                        listener_fds.push((l.as_raw_fd(), info, bound));
-                    }
-                    more[core].push((l, info));
-                }
-                // Taken over already: the core goes without (the others accept there).
-                Err(e) => tracing::error!(%addr, core, error = %e, "cannot listen"),
+            more[core].push((addr, info));
+        }
+        let (opened_tx, opened) = flume::unbounded();
+        let mut asked = 0;
+        for (slot, more) in shared.cores.iter().zip(more) {
+            if slot
+                .notify
+                .send(shared::CoreMsg::Serve(more, opened_tx.clone()))
+                .is_ok()
+            {
+                asked += 1;
             }
         }
-        for (slot, more) in shared.cores.iter().zip(more) {
-            let _ = slot.notify.send(shared::CoreMsg::Serve(more));
+        drop(opened_tx);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for _ in 0..asked {
+            match opened.recv_deadline(deadline) {
+                Ok(fds) => listener_fds.extend(fds),
+                Err(e) => {
+                    tracing::error!(error = %e, "a core did not report the sockets it opened: the next takeover may not get them");
+                    break;
+                }
+            }
         }
     }
     let upgrade = upgrade.and_then(|u| match u.install() {
@@ -452,34 +503,26 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             None
         }
     });
-
-    let api2 = api.clone();
-    let api_rt = api.runtime()?;
-    let discoverd = cfg.discoverd.clone();
-    let api_fd = api_listener.as_raw_fd();
-    let (api_stop, api_stop_rx) = tokio::sync::watch::channel(false);
-    std::thread::Builder::new()
-        .name("router-api".into())
-        .spawn(move || {
-            if let Err(e) = api::serve(api2, api_rt, api_listener, discoverd, api_stop_rx) {
-                tracing::error!(error = %e, "admin API stopped");
-            }
-        })?;
+    if api_go.send(()).is_err() {
+        tracing::error!("the admin API thread is gone: no admin API");
+    }
     if let Some((path, listener)) = upgrade {
-        handover::serve(
-            handover::Old {
-                path,
-                api: api.clone(),
-                sockets: handover::Sockets {
-                    listeners: listener_fds,
-                    api: (api_fd, api_addr),
-                },
-                api_stop,
-                grace: Duration::from_secs(cfg.drain_grace_secs),
-                drain_timeout: Duration::from_secs(cfg.drain_timeout_secs),
+        let old = handover::Old {
+            path,
+            api: api.clone(),
+            sockets: handover::Sockets {
+                listeners: listener_fds,
+                api: (api_fd, api_addr),
             },
-            listener,
-        )?;
+            api_stop,
+            grace: Duration::from_secs(cfg.drain_grace_secs),
+            drain_timeout: Duration::from_secs(cfg.drain_timeout_secs),
+        };
+        if upgrade_go.send((old, listener)).is_err() {
+            tracing::error!(
+                "the upgrade socket's thread is gone: this router cannot be taken over"
+            );
+        }
     }
     let drivers = shared
         .cores

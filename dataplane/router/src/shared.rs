@@ -66,8 +66,20 @@ pub enum CoreMsg {
     /// Stop accepting and drain: idle connections are closed after the grace period.
     Drain(std::time::Duration),
     /// Start accepting (a process taking over, once the takeover is done): on the
-    /// listeners the core was started with, these more, and the TCP route listeners.
-    Serve(Vec<(std::net::TcpListener, crate::worker::ListenerInfo)>),
+    /// listeners the core was started with, on sockets of its own it opens now at these
+    /// addresses (SO_REUSEPORT, beside the handed-over ones), and on the TCP route
+    /// listeners. The core replies with the sockets it opened (descriptor, listener,
+    /// bound address), for the next takeover.
+    Serve(
+        Vec<(std::net::SocketAddr, crate::worker::ListenerInfo)>,
+        flume::Sender<
+            Vec<(
+                std::os::fd::RawFd,
+                crate::worker::ListenerInfo,
+                std::net::SocketAddr,
+            )>,
+        >,
+    ),
 }
 
 /// One core's mailbox and counters.

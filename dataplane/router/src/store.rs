@@ -60,10 +60,11 @@ impl Ports {
     }
 }
 
-/// What `PUT /routes/:type/:id` changes: the route's service, leader, sticky, path,
-/// keep-alive and certificate (spec §1.2), and the `drain_backends` and `grpc` flags only
-/// when the body names them (`None`: the stored value stays; an extension of spec §1.2,
-/// whose PUT leaves `drain_backends` as stored).
+/// What a route update changes: the route's service, leader, sticky, path, keep-alive and
+/// certificate (spec §1.2), and the `drain_backends` and `grpc` flags when they are `Some`
+/// (`None`: the stored value stays). `PUT /routes/:type/:id` never changes
+/// `drain_backends` (spec §1.2 leaves it as stored; Go clients send it always, `false` when
+/// unset) and `grpc` (an extension) only when the body names it; a routes file sets both.
 #[derive(Debug, Clone)]
 pub struct Update {
     pub route: Route,
@@ -187,12 +188,14 @@ impl Store {
         Ok(r)
     }
 
-    /// Parses a route body to update (`PUT /routes/:type/:id`): the flags it leaves out
-    /// (or sends as `null`) keep their stored values.
+    /// Parses a route body to update (`PUT /routes/:type/:id`): `drain_backends` keeps
+    /// its stored value whatever the body says (spec §1.2; a Go client's `DrainBackends`
+    /// has no `omitempty`, so its PUT always says `false`, which must not turn drain
+    /// tracking off), and `grpc` does when the body leaves it out (or sends `null`).
     pub fn parse_update(body: &[u8]) -> Result<Update, ApiError> {
         let route = Self::parse_body(body)?;
         Ok(Update {
-            drain_backends: route.drain_backends,
+            drain_backends: None,
             grpc: route.grpc,
             route,
         })

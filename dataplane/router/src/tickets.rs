@@ -250,7 +250,14 @@ impl TicketKeys {
     }
 
     /// Seals `plain` under the encrypting key as issued at `issued` (Unix seconds).
+    #[cfg(test)]
     fn seal(&self, plain: &[u8], issued: u64) -> Option<Vec<u8>> {
+        self.seal_bound(plain, issued, &[])
+    }
+
+    /// Seals `plain` with `bound` (at most [`BOUND_MAX`] bytes) as associated data: the
+    /// ticket opens only with the same `bound` ([`TicketKeys::open_bound`]).
+    fn seal_bound(&self, plain: &[u8], issued: u64, bound: &[u8]) -> Option<Vec<u8>> {
         let mut salt = [0u8; SALT];
         self.rng.fill(&mut salt).ok()?;
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
@@ -261,13 +268,14 @@ impl TicketKeys {
         out.extend_from_slice(&issued.to_be_bytes());
         out.extend_from_slice(&salt);
         drop(keys);
-        let mut body = Vec::with_capacity(plain.len() + TAG);
-        body.extend_from_slice(plain);
+        let mut aad = [0u8; NAME + ISSUED + BOUND_MAX];
+        let aad = associated(&mut aad, &out[..NAME + ISSUED], bound)?;
+        out.extend_from_slice(plain);
         // A fresh key per ticket: its one nonce may be all zeros.
-        sealing
-            .seal_in_place_append_tag(zero_nonce(), Aad::from(&out[..NAME + ISSUED]), &mut body)
+        let tag = sealing
+            .seal_in_place_separate_tag(zero_nonce(), Aad::from(aad), &mut out[HEAD..])
             .ok()?;
-        out.extend_from_slice(&body);
+        out.extend_from_slice(tag.as_ref());
         Some(out)
     }
 }
@@ -293,13 +301,25 @@ impl rustls::server::ProducesTickets for TicketKeys {
 impl TicketKeys {
     /// A ticket for the session state `plain` (rustls's `encrypt`).
     pub fn issue(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.issue_bound(plain, &[])
+    }
+
+    /// A ticket for `plain` that opens only with the same `bound` (at most
+    /// [`BOUND_MAX`] bytes; not in the ticket: authenticated as associated data).
+    pub fn issue_bound(&self, plain: &[u8], bound: &[u8]) -> Option<Vec<u8>> {
         self.rotate_if_due();
-        self.seal(plain, unix_now())
+        self.seal_bound(plain, unix_now(), bound)
     }
 
     /// The session state in ticket `cipher`, if one of our keys sealed it within its
     /// lifetime (rustls's `decrypt`); anything else (a client's bytes) is `None`.
     pub fn open(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        self.open_bound(cipher, &[])
+    }
+
+    /// [`TicketKeys::open`] for a ticket issued with `bound` ([`TicketKeys::issue_bound`]):
+    /// with any other it does not open.
+    pub fn open_bound(&self, cipher: &[u8], bound: &[u8]) -> Option<Vec<u8>> {
         if cipher.len() < HEAD + TAG {
             return None;
         }
@@ -316,14 +336,34 @@ impl TicketKeys {
             let key = keys.list.iter().find(|k| k.name == head[..NAME])?;
             key.sealing(&head[NAME + ISSUED..])?
         };
+        let mut aad = [0u8; NAME + ISSUED + BOUND_MAX];
+        let aad = associated(&mut aad, &head[..NAME + ISSUED], bound)?;
         let mut body = sealed.to_vec();
         let n = opening
-            .open_in_place(zero_nonce(), Aad::from(&head[..NAME + ISSUED]), &mut body)
+            .open_in_place(zero_nonce(), Aad::from(aad), &mut body)
             .ok()?
             .len();
         body.truncate(n);
         Some(body)
     }
+}
+
+/// The most bytes a ticket can be bound to ([`TicketKeys::issue_bound`]).
+pub const BOUND_MAX: usize = 8;
+
+/// A ticket's associated data in `buf`: its name and issue time (`head`), then `bound`
+/// (`None` if `bound` is too long).
+fn associated<'a>(
+    buf: &'a mut [u8; NAME + ISSUED + BOUND_MAX],
+    head: &[u8],
+    bound: &[u8],
+) -> Option<&'a [u8]> {
+    if bound.len() > BOUND_MAX || head.len() != NAME + ISSUED {
+        return None;
+    }
+    buf[..head.len()].copy_from_slice(head);
+    buf[head.len()..head.len() + bound.len()].copy_from_slice(bound);
+    Some(&buf[..head.len() + bound.len()])
 }
 
 fn zero_nonce() -> Nonce {

@@ -253,25 +253,35 @@ struct PortSessions {
 }
 
 impl PortSessions {
-    fn key(&self, key: &[u8]) -> Vec<u8> {
-        let mut k = Vec::with_capacity(3 + key.len());
-        k.extend_from_slice(&port_tag(self.port));
-        k.extend_from_slice(key);
-        k
+    /// Calls `f` with `key` behind the port's tag, built on the stack (session ids are at
+    /// most 32 bytes; a longer key, which rustls does not make, goes to the heap).
+    fn with_key<T>(&self, key: &[u8], f: impl FnOnce(&[u8]) -> T) -> T {
+        let tag = port_tag(self.port);
+        let mut buf = [0u8; 3 + 64];
+        match buf.get_mut(3..3 + key.len()) {
+            Some(rest) => {
+                rest.copy_from_slice(key);
+                buf[..3].copy_from_slice(&tag);
+                f(&buf[..3 + key.len()])
+            }
+            None => f(&[&tag[..], key].concat()),
+        }
     }
 }
 
 impl rustls::server::StoresServerSessions for PortSessions {
-    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
-        self.cache.put(self.key(&key), value)
+    fn put(&self, mut key: Vec<u8>, value: Vec<u8>) -> bool {
+        // The cache keeps the key: the given one, the tag put in front.
+        key.splice(0..0, port_tag(self.port));
+        self.cache.put(key, value)
     }
 
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.cache.get(&self.key(key))
+        self.with_key(key, |k| self.cache.get(k))
     }
 
     fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.cache.take(&self.key(key))
+        self.with_key(key, |k| self.cache.take(k))
     }
 
     fn can_cache(&self) -> bool {
@@ -279,9 +289,10 @@ impl rustls::server::StoresServerSessions for PortSessions {
     }
 }
 
-/// One route port's tickets: the shared keys seal the session with the port's tag in
-/// front, and a ticket opens only on the port whose tag it carries (one sealed before
-/// tags, by an older process, opens on none: a full handshake, once).
+/// One route port's tickets: the shared keys seal the session bound to the port's tag
+/// (associated data: authenticated, not in the ticket), and a ticket opens only on the
+/// port it was bound to (one sealed otherwise, by an older process, opens on none: a full
+/// handshake, once).
 #[derive(Debug)]
 struct PortTickets {
     keys: Arc<crate::tickets::TicketKeys>,
@@ -298,19 +309,11 @@ impl rustls::server::ProducesTickets for PortTickets {
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
-        let mut tagged = Vec::with_capacity(3 + plain.len());
-        tagged.extend_from_slice(&port_tag(self.port));
-        tagged.extend_from_slice(plain);
-        self.keys.issue(&tagged)
+        self.keys.issue_bound(plain, &port_tag(self.port))
     }
 
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
-        let mut plain = self.keys.open(cipher)?;
-        if plain.get(..3)? != port_tag(self.port) {
-            return None;
-        }
-        plain.drain(..3);
-        Some(plain)
+        self.keys.open_bound(cipher, &port_tag(self.port))
     }
 }
 
@@ -324,6 +327,38 @@ mod tests {
         )
         .unwrap();
         (c.cert.pem(), c.key_pair.serialize_pem())
+    }
+
+    /// A ticket is bound to the port that issued it (associated data: the ticket is no
+    /// longer than an unbound one) and a session id's cache entry to the port that stored
+    /// it.
+    #[test]
+    fn tickets_and_sessions_are_per_port() {
+        use rustls::server::{ProducesTickets, StoresServerSessions};
+        let keys = Arc::new(crate::tickets::TicketKeys::random().unwrap());
+        let on = |port| PortTickets {
+            keys: keys.clone(),
+            port,
+        };
+        let t = on(443).encrypt(b"state").unwrap();
+        assert_eq!(t.len(), keys.issue(b"state").unwrap().len());
+        assert_eq!(on(443).decrypt(&t).as_deref(), Some(&b"state"[..]));
+        assert_eq!(on(8443).decrypt(&t), None);
+        assert_eq!(keys.open(&t), None, "an unbound open took a bound ticket");
+        assert_eq!(on(443).decrypt(&keys.issue(b"state").unwrap()), None);
+
+        let cache = rustls::server::ServerSessionMemoryCache::new(16);
+        let sessions = |port| PortSessions {
+            cache: cache.clone(),
+            port,
+        };
+        assert!(sessions(443).put(b"id".to_vec(), b"v".to_vec()));
+        assert_eq!(sessions(8443).get(b"id"), None);
+        assert_eq!(sessions(443).get(b"id").as_deref(), Some(&b"v"[..]));
+        let long = vec![7u8; 100];
+        assert!(sessions(443).put(long.clone(), b"w".to_vec()));
+        assert_eq!(sessions(443).take(&long).as_deref(), Some(&b"w"[..]));
+        assert_eq!(sessions(443).take(&long), None);
     }
 
     #[test]

@@ -330,11 +330,27 @@ pub async fn run(
             CoreMsg::Drain(grace) => {
                 monoio::spawn(drain(core.clone(), grace));
             }
-            CoreMsg::Serve(more) => {
+            CoreMsg::Serve(more, reply) => {
+                let mut opened = Vec::new();
                 if let Some(mut http) = held.take() {
-                    http.extend(more);
+                    for (addr, info) in more {
+                        match flynn_runtime::reuseport_listener(addr) {
+                            Ok(l) => {
+                                if let Ok(bound) = l.local_addr() {
+                                    opened.push((l.as_raw_fd(), info, bound));
+                                }
+                                http.push((l, info));
+                            }
+                            // Taken over already: this core goes without (the others
+                            // accept there).
+                            Err(e) => {
+                                tracing::error!(%addr, core = ctx.index, error = %e, "cannot listen")
+                            }
+                        }
+                    }
                     start_serving(&core, &mut tcp, http);
                 }
+                let _ = reply.send(opened);
             }
         }
     }

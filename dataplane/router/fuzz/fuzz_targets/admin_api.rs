@@ -32,11 +32,13 @@ fn run(u: &mut Unstructured) -> Result<()> {
                     Some(r) => (r.kind, r.id.clone()),
                     None => (RouteType::Http, u.choose(&IDS)?.to_string()),
                 };
-                // As `PUT` parses it: the flags the body does not name stay as stored.
+                // As `PUT` parses it: `drain_backends` stays as stored (spec §1.2), `grpc`
+                // when the body does not name it.
                 match Store::parse_update(&body(u)?) {
                     Ok(up) => {
                         let was = s.get(kind, &id).map(|r| (r.drain_backends, r.grpc));
                         let named = (up.drain_backends, up.grpc);
+                        assert_eq!(named.0, None, "PUT changes drain_backends");
                         let ok = s.update(kind, &id, up).is_ok();
                         if let (true, Some(was)) = (ok, was) {
                             let now = s.get(kind, &id).map(|r| (r.drain_backends, r.grpc));

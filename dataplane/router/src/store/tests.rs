@@ -589,8 +589,9 @@ fn handed_over_dotted_duplicates_are_left_out() {
 }
 
 /// Spec §1.2: a new route tracks drains unless it says otherwise, and a PUT replaces
-/// service, leader, sticky, path, keep-alives and certificate: `drain_backends` and `grpc`
-/// stay as stored when the body leaves them out.
+/// service, leader, sticky, path, keep-alives and certificate: `drain_backends` stays as
+/// stored whatever the body says (a Go client always sends it), `grpc` when the body
+/// leaves it out.
 #[test]
 fn drain_backends_defaults_true_and_put_keeps_unnamed_flags() {
     let mut s = store();
@@ -629,9 +630,15 @@ fn drain_backends_defaults_true_and_put_keeps_unnamed_flags() {
     // Stored as served: `grpc` only when on.
     assert_eq!(
         (out.drain_backends, out.grpc),
-        (Some(false), None),
-        "named flags are replaced"
+        (Some(true), None),
+        "grpc named is replaced, drain_backends never is"
     );
+    // Nor is an untracked route's turned on.
+    let off = s.add(off).unwrap();
+    let u =
+        Store::parse_update(br#"{"type":"http","service":"web","drain_backends":true}"#).unwrap();
+    let kept = s.update(RouteType::Http, &off.id, u).unwrap();
+    assert_eq!(kept.drain_backends, Some(false));
     // A route the store did not get through the API's body parsing (a routes file, a
     // takeover) names neither: not tracked, no gRPC.
     let plain = s.add(http("c.com", "/")).unwrap();

@@ -540,8 +540,9 @@ fn concurrent_backend_changes_send_their_events_in_order() {
     }
 }
 
-/// Spec §1.2: routes track drains unless they say otherwise, and a PUT that does not name
-/// `drain_backends` (or `grpc`) keeps it.
+/// Spec §1.2: routes track drains unless they say otherwise, and a PUT keeps
+/// `drain_backends` as stored: without the field, and with it (a Go client's
+/// `DrainBackends` has no `omitempty`: its PUT always says `false`).
 #[test]
 fn drain_backends_defaults_true_and_put_keeps_it() {
     let router = Router::start();
@@ -561,6 +562,21 @@ fn drain_backends_defaults_true_and_put_keeps_it() {
         updated["drain_backends"], true,
         "a PUT without the field cleared it"
     );
+    let (status, updated) = router.api(
+        "PUT",
+        &route_path(&r),
+        Some(
+            &json!({"type": "http", "domain": "example.com", "service": "web3",
+                "drain_backends": false})
+            .to_string(),
+        ),
+    );
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["service"], "web3");
+    assert_eq!(
+        updated["drain_backends"], true,
+        "a Go-style PUT (drain_backends: false) turned drain tracking off"
+    );
     let (_, got) = router.api("GET", &route_path(&r), None);
     assert_eq!(got["drain_backends"], true, "{got}");
 }
@@ -569,7 +585,7 @@ fn drain_backends_defaults_true_and_put_keeps_it() {
 /// creates with nothing set tracks drains (spec §1.2's default; `Route::http` leaves the
 /// flag unset), one that says otherwise does not; a `PUT` with `grpc: false` turns gRPC off
 /// (it was left out of the body as the default, and the stored `true` stayed), and one that
-/// leaves a flag unset keeps it.
+/// leaves it unset keeps it; a `PUT` never changes `drain_backends` (spec §1.2).
 #[test]
 fn a_typed_clients_flags_reach_the_router_as_set() {
     use flynn_api::Route;
@@ -602,16 +618,17 @@ fn a_typed_clients_flags_reach_the_router_as_set() {
     let kept = send("PUT", &path, &r);
     assert_eq!(kept["grpc"], true, "{kept}");
     assert_eq!(kept["drain_backends"], true, "{kept}");
-    // Set to false: off (served without the field, as a route created without gRPC).
+    // Set to false: gRPC off (served without the field, as a route created without
+    // gRPC); drain tracking stays.
     r.grpc = Some(false);
     r.drain_backends = Some(false);
     let off = send("PUT", &path, &r);
     assert!(off.get("grpc").is_none(), "{off}");
-    assert_eq!(off["drain_backends"], false, "{off}");
+    assert_eq!(off["drain_backends"], true, "{off}");
     let (_, got) = router.api("GET", &path, None);
     let got: Route = serde_json::from_value(got).unwrap();
     assert_eq!(got.grpc, None, "{got:?}");
-    assert_eq!(got.drain_backends, Some(false), "{got:?}");
+    assert_eq!(got.drain_backends, Some(true), "{got:?}");
 }
 
 /// Errors axum itself would answer (a body over the limit, a method a path does not serve,
@@ -774,20 +791,42 @@ fn a_change_with_thousands_of_events_reaches_a_subscriber_whole() {
     assert_eq!(text.matches("backend-up").count(), n as usize);
 }
 
+/// `/events` (all types) on a connection with a small receive buffer, its head read.
+fn subscribe_small_buffer(router: &Router) -> Conn {
+    let mut conn = Conn::connect_small_buffer(router.api_addr, 4096);
+    conn.send(b"GET /events HTTP/1.1\r\nHost: api\r\nAccept: text/event-stream\r\n\r\n");
+    let head = conn.read_head().expect("events head");
+    assert_eq!(head.status, 200);
+    conn
+}
+
+/// Changes `small`'s backends `n` times (one event each), one request after another.
+fn small_changes(router: &Router, n: usize) {
+    for i in 0..n {
+        let body = if i % 2 == 0 {
+            r#"[{"addr":"127.0.0.1:9"}]"#
+        } else {
+            "[]"
+        };
+        let (status, _) = router.api("PUT", "/services/small/backends", Some(body));
+        assert_eq!(status, 200);
+    }
+}
+
 /// A subscriber that falls more changes behind than the event channel holds has missed
 /// events: its stream says so (`event: error`, spec §0.3) and ends, so it reconnects and
 /// starts over, instead of going on with a gap (a scheduler would wait out its timeout for
-/// a `backend-drained` it never gets).
+/// a `backend-drained` it never gets). The channel holds 4 changes here
+/// (`--events-capacity`), the subscriber's receive buffer is small, and changes big enough
+/// to fill the connection's buffers come first.
 #[test]
 fn an_events_subscriber_that_falls_behind_gets_an_error_and_the_end() {
-    use std::io::{Read, Write};
-    let router = Router::start();
-    let mut conn = subscribe(&router, "");
-    // The subscriber reads nothing. Big changes fill its connection's buffers first
-    // (thousands of events each; the last leaves the store small again, so the many small
-    // changes that follow are quick)...
-    for i in 0..9 {
-        let body = if i < 8 {
+    let router = Router::builder().arg("--events-capacity").arg("4").start();
+    let mut conn = subscribe_small_buffer(&router);
+    // The subscriber reads nothing. Big changes fill its connection's buffers (thousands
+    // of events each; the last leaves the store small again)...
+    for i in 0..5 {
+        let body = if i < 4 {
             backends_body(10000 + (i % 2) * 5000, 5000)
         } else {
             "[]".into()
@@ -795,49 +834,43 @@ fn an_events_subscriber_that_falls_behind_gets_an_error_and_the_end() {
         let (status, _) = router.api("PUT", "/services/web/backends", Some(&body));
         assert_eq!(status, 200);
     }
-    // ... then more changes than the channel holds: pipelined on one connection.
-    let changes = 4200;
-    let mut api = std::net::TcpStream::connect(router.api_addr).unwrap();
-    api.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut reqs = Vec::new();
-    for i in 0..changes {
-        let body = if i % 2 == 0 {
-            r#"[{"addr":"127.0.0.1:9"}]"#
-        } else {
-            "[]"
-        };
-        reqs.extend_from_slice(
-            format!(
-                "PUT /services/small/backends HTTP/1.1\r\nHost: api\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        );
-    }
-    let mut w = api.try_clone().unwrap();
-    let writer = std::thread::spawn(move || w.write_all(&reqs).unwrap());
-    let mut answers = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let (mut ok, mut scanned) = (0, 0);
-    while ok < changes {
-        let n = api.read(&mut buf).expect("the API answers");
-        assert!(n > 0, "the API closed the connection");
-        answers.extend_from_slice(&buf[..n]);
-        let ok_line: &[u8] = b"HTTP/1.1 200 OK";
-        while let Some(at) = answers[scanned..]
-            .windows(ok_line.len())
-            .position(|w| w == ok_line)
-        {
-            ok += 1;
-            scanned += at + ok_line.len();
-        }
-    }
-    writer.join().unwrap();
+    // ... then more changes than the channel holds.
+    small_changes(&router, 16);
     let items = read_stream_to_end(&mut conn);
     let last = items.last().cloned().unwrap_or_default();
     assert!(
         last.lines().any(|l| l == "event: error"),
         "the stream ended without an error: {last:?}"
     );
-    assert!(last.contains("missed"), "{last:?}");
+    assert!(last.contains("changes missed"), "{last:?}");
+}
+
+/// A stalled subscriber pins at most `--events-backlog` events (beyond the newest change):
+/// past that, the older changes' events are dropped, and the subscriber, which missed
+/// them, gets an error and the end, though the channel holds far fewer changes than its
+/// capacity.
+#[test]
+fn an_events_subscriber_too_many_events_behind_gets_an_error_and_the_end() {
+    let router = Router::builder()
+        .arg("--events-backlog")
+        .arg("1000")
+        .start();
+    let mut conn = subscribe_small_buffer(&router);
+    for i in 0..5 {
+        let body = if i < 4 {
+            backends_body(10000 + (i % 2) * 5000, 5000)
+        } else {
+            "[]".into()
+        };
+        let (status, _) = router.api("PUT", "/services/web/backends", Some(&body));
+        assert_eq!(status, 200);
+    }
+    small_changes(&router, 4);
+    let items = read_stream_to_end(&mut conn);
+    let last = items.last().cloned().unwrap_or_default();
+    assert!(
+        last.lines().any(|l| l == "event: error"),
+        "the stream ended without an error: {last:?}"
+    );
+    assert!(last.contains("events behind"), "{last:?}");
 }

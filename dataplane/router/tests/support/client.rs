@@ -118,6 +118,29 @@ impl Conn {
         Self::try_connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"))
     }
 
+    /// A connection whose receive buffer is `rcvbuf` bytes (set before it connects, so
+    /// the window it offers stays small): a peer that writes more than it reads soon
+    /// blocks.
+    pub fn connect_small_buffer(addr: SocketAddr, rcvbuf: usize) -> Conn {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .unwrap();
+        s.set_recv_buffer_size(rcvbuf).unwrap();
+        s.connect_timeout(&addr.into(), IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        let stream: TcpStream = s.into();
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Conn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
     pub fn try_connect(addr: SocketAddr) -> io::Result<Conn> {
         let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
