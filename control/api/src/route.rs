@@ -60,8 +60,8 @@ pub struct Route {
     pub path: String,
     /// Report `backend-drained` for this route's service (spec §1.9). `None`: not named,
     /// and so not sent: a router creating the route takes it as `true` (spec §1.2: the
-    /// storage default), one updating it keeps the stored value. Routes a router returns
-    /// always have it.
+    /// storage default). An update never changes it, named or not (spec §1.2's PUT leaves
+    /// it as stored). Routes a router returns always have it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_backends: Option<bool>,
     #[serde(default)]
