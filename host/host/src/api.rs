@@ -90,11 +90,26 @@ async fn attach(State(host): State<Arc<Host>>, req: axum::extract::Request) -> R
     let on_upgrade = hyper::upgrade::on(&mut req);
     let flags = ar.flags;
     tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(up) => {
-                crate::attach::serve(host, sub, flags, hyper_util::rt::TokioIo::new(up)).await
+        use hyper_util::rt::TokioIo;
+        use tokio::io::AsyncReadExt;
+        let up = match on_upgrade.await {
+            Ok(up) => up,
+            Err(e) => return tracing::debug!(error = %e, "attach upgrade failed"),
+        };
+        // The TCP connection itself (a handle on its socket kept, to give it a longer user
+        // timeout should its client hold the job up: see `crate::holds_job_up`), with what
+        // was read past the request first.
+        type Conn = TokioIo<tokio::net::TcpStream>;
+        match hyper_util::server::conn::auto::upgrade::downcast::<Conn>(up) {
+            Ok(parts) => {
+                let conn = parts.io.into_inner();
+                let sock = socket2::SockRef::from(&conn).try_clone().ok();
+                let (rd, wr) = conn.into_split();
+                let rd = std::io::Cursor::new(parts.read_buf).chain(rd);
+                let io = tokio::io::join(rd, wr);
+                crate::attach::serve(host, sub, flags, io, sock).await
             }
-            Err(e) => tracing::debug!(error = %e, "attach upgrade failed"),
+            Err(up) => crate::attach::serve(host, sub, flags, TokioIo::new(up), None).await,
         }
     });
     Ok(Response::builder()

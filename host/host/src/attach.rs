@@ -452,6 +452,8 @@ impl Attachments {
 
     /// Job `id` is asked to stop: its output waits for no client from now on (a client that
     /// stopped reading must not hold up the job's end), and output waiting for one goes on.
+    /// Only for a job whose end is still to come ([`Attachments::ended`] forgets the mark):
+    /// see `Host::unblock_attach`.
     pub fn unblock(&self, id: &str) {
         let mut subs = self.lock();
         subs.stopping.insert(id.to_string());
@@ -461,6 +463,12 @@ impl Attachments {
                 s.room.notify_one();
             }
         }
+    }
+
+    /// How many jobs are marked as being stopped.
+    #[cfg(test)]
+    pub(crate) fn stopping(&self) -> usize {
+        self.lock().stopping.len()
     }
 
     /// Keeps the clients of job `id` for which `keep` holds, keeping `count` and `pending`
@@ -649,9 +657,15 @@ fn exit_status(j: &ActiveJob) -> u32 {
 }
 
 /// Serves one attached client over `io` until the job ends, the client leaves, or it falls
-/// behind.
-pub async fn serve<IO>(host: Arc<Host>, mut sub: Subscription, flags: u32, io: IO)
-where
+/// behind. `sock` is the connection's socket, when it is a TCP one: given a longer user
+/// timeout if the client holds its job's output up (see [`crate::holds_job_up`]).
+pub async fn serve<IO>(
+    host: Arc<Host>,
+    mut sub: Subscription,
+    flags: u32,
+    io: IO,
+    sock: Option<socket2::Socket>,
+) where
     IO: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let (mut rd, wr) = tokio::io::split(io);
@@ -739,9 +753,15 @@ where
     // The only client of a `disable_log` job holds the job up rather than being dropped:
     // no time limit on a frame while it does (the connection's TCP keepalive and user
     // timeout drop a client that went away), the usual one once the job is being stopped.
+    // Nor the kernel's two-minute limit on a closed receive window (a client paging its
+    // output, or stopped with Ctrl-Z, is live): see `crate::BLOCKING_USER_TIMEOUT`.
     if sub.blocking() {
         w.blocking = Some(sub.blocking.clone());
+        if let Some(s) = &sock {
+            crate::holds_job_up(s);
+        }
     }
+    drop(sock);
     // Subscribed before this read: whatever happens after it arrives as a message. A job
     // that ended before it has all its output (and maybe its `Ended`) queued already: the
     // end is published under the lock this read takes.

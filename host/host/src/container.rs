@@ -353,7 +353,16 @@ fn follow(mut conn: ShimConn) -> Handle {
         // SIGKILL waited behind the job's output).
         let mut parked: Option<(ProcEvent, bool)> = None;
         loop {
-            tokio::select! {
+            // Room in the daemon's queue (the usual case): an event just read goes at once,
+            // without a turn through the `select!`; parked only while the queue is full.
+            let ready = match parked.is_some().then(|| tx.try_reserve()) {
+                Some(Ok(p)) => Some(p),
+                Some(Err(mpsc::error::TrySendError::Closed(()))) => break,
+                _ => None,
+            };
+            let permit = match ready {
+                Some(p) => p,
+                None => tokio::select! {
                 ev = conn.next_event(), if parked.is_none() => {
                     let ev = match ev {
                         Ok(Some(ev)) => ev,
@@ -366,30 +375,22 @@ fn follow(mut conn: ShimConn) -> Handle {
                     let last = ev.is_final();
                     marks.push_back(conn.ack_point());
                     parked = Some((convert(ev), last));
+                    continue;
                 }
-                permit = tx.reserve(), if parked.is_some() => {
-                    let Ok(permit) = permit else { break };
-                    let Some((ev, last)) = parked.take() else { continue };
-                    permit.send(ev);
-                    if last {
-                        // The shim exits once its final event is acknowledged: wait until
-                        // the daemon has dealt with everything (or stopped listening).
-                        while !marks.is_empty() {
-                            tokio::select! {
-                                _ = done.changed() => {}
-                                _ = tx.closed() => break,
-                            }
-                            ack_handled(&mut conn, &done, &mut marks, &mut counted).await;
-                        }
-                        break;
-                    }
+                permit = tx.reserve(), if parked.is_some() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = done.changed() => {
+                    ack_handled(&mut conn, &done, &mut marks, &mut counted).await;
+                    continue;
                 }
-                _ = done.changed() => ack_handled(&mut conn, &done, &mut marks, &mut counted).await,
                 Some(sig) = sig_rx.recv() => {
                     queue.taken(sig);
                     if let Err(e) = conn.signal(sig).await {
                         tracing::debug!(job = %conn.id(), sig, error = %chain(&e), "signal failed");
                     }
+                    continue;
                 }
                 r = close_rx.changed(), if closing => {
                     // Once: closed, or the writer is gone without closing (the job ended).
@@ -399,19 +400,40 @@ fn follow(mut conn: ShimConn) -> Handle {
                             tracing::debug!(job = %conn.id(), error = %chain(&e), "closing stdin failed");
                         }
                     }
+                    continue;
                 }
-                r = size_rx.changed(), if sizes => match r {
-                    Ok(()) => {
-                        let size = *size_rx.borrow_and_update();
-                        if let Some((rows, cols)) = size {
-                            if let Err(e) = conn.resize(rows, cols).await {
-                                tracing::debug!(job = %conn.id(), error = %chain(&e), "resizing the terminal failed");
+                r = size_rx.changed(), if sizes => {
+                    match r {
+                        Ok(()) => {
+                            let size = *size_rx.borrow_and_update();
+                            if let Some((rows, cols)) = size {
+                                if let Err(e) = conn.resize(rows, cols).await {
+                                    tracing::debug!(job = %conn.id(), error = %chain(&e), "resizing the terminal failed");
+                                }
                             }
                         }
+                        // The resizer is gone (the job ended): nothing more to wait for.
+                        Err(_) => sizes = false,
                     }
-                    // The resizer is gone (the job ended): nothing more to wait for.
-                    Err(_) => sizes = false,
+                    continue;
                 }
+                },
+            };
+            let Some((ev, last)) = parked.take() else {
+                continue;
+            };
+            permit.send(ev);
+            if last {
+                // The shim exits once its final event is acknowledged: wait until the
+                // daemon has dealt with everything (or stopped listening).
+                while !marks.is_empty() {
+                    tokio::select! {
+                        _ = done.changed() => {}
+                        _ = tx.closed() => break,
+                    }
+                    ack_handled(&mut conn, &done, &mut marks, &mut counted).await;
+                }
+                break;
             }
         }
     });

@@ -890,6 +890,7 @@ impl Host {
     async fn fail(&self, id: &str, reason: String) {
         tracing::warn!(job = %id, reason = %reason, "job failed, or was lost by its runtime");
         self.prepare_next();
+        self.release_volumes(id).await;
         let change = {
             let mut inner = self.lock();
             // A deregistration that came while it was starting left an entry: nothing runs.
@@ -898,13 +899,37 @@ impl Host {
             let Some(j) = inner.table.failed(id, reason, now_rfc3339()).cloned() else {
                 return;
             };
-            self.volumes.release(&j.job);
             let change = self.record(&mut inner, &j);
             self.gc(&mut inner, &j);
             change
         };
         let kind = end_event(change.job.status);
         self.settle(change, Some(kind)).await;
+    }
+
+    /// Deletes the `delete_on_stop` volumes of job `id`, which is ending (its process is
+    /// gone, or it failed to start), before its end is in the table: from then on they are
+    /// in no job's hands and no other job can take them (a detached volume is `Deleting`),
+    /// and their directories are renamed away (gone for a restarted daemon, see
+    /// [`Volumes::release`]) before the end is queued to be recorded, so a daemon that dies
+    /// once the end is on disk does not find them again. The rename runs on the blocking
+    /// pool, without the table lock: a stalled disk holds up this job's end only, not the
+    /// API and every other job (it ran under the table lock, on a runtime thread).
+    ///
+    /// [`Volumes::release`]: crate::volumes::Volumes::release
+    async fn release_volumes(&self, id: &str) {
+        let Some(job) = self
+            .current(id)
+            .filter(|j| !j.status.is_terminal())
+            .map(|j| j.job)
+        else {
+            return;
+        };
+        if !job.config.volumes.iter().any(|b| b.delete_on_stop) {
+            return;
+        }
+        let vols = self.volumes.clone();
+        let _ = tokio::task::spawn_blocking(move || vols.release(&job)).await;
     }
 
     fn gc(&self, inner: &mut Inner, j: &ActiveJob) {
@@ -1020,6 +1045,7 @@ impl Host {
             } else {
                 None
             },
+            output_waits: job.config.disable_log,
         };
         if self.stop_requested(&id) {
             self.teardown(&id, ip.is_some()).await;
@@ -1262,6 +1288,7 @@ impl Host {
             log_lines.finish(|s, l| self.logs.push(&src, s, l));
         }
         let end = end.unwrap_or_else(|| Err("lost contact with the job".into()));
+        self.release_volumes(&id).await;
         // The end is recorded (persisted, then announced) before anything else: a daemon
         // that dies during the cleanup below restores the job as ended (not as lost), and a
         // slow discoverd or runtime cleanup does not hold back the stop event.
@@ -1282,7 +1309,6 @@ impl Host {
                 Err(reason) => inner.table.failed(&id, reason, now_rfc3339()).cloned(),
             };
             j.map(|j| {
-                self.volumes.release(&j.job);
                 tracing::info!(job = %id, status = j.status.as_str(), exit = ?j.exit_status, error = ?j.error, "job ended");
                 let change = self.record(&mut inner, &j);
                 self.gc(&mut inner, &j);
@@ -1516,7 +1542,7 @@ impl Host {
     /// last output and the exit) must not wait for the one client of a `disable_log` job
     /// that stopped reading.
     async fn stop_process(self: Arc<Self>, id: &str) {
-        self.attach.unblock(id);
+        self.unblock_attach(id);
         self.deregister(id).await;
         let (signal, timeout) = {
             let inner = self.lock();
@@ -1546,6 +1572,30 @@ impl Host {
                 tracing::debug!(job = %id, error = %e, "SIGKILL failed");
             }
         }
+    }
+
+    /// Job `id`'s output waits for no attached client from now on ([`Attachments::unblock`]),
+    /// if it has not ended: checked under the table lock, under which its end is shown and
+    /// forgotten by the attach clients (`broadcast`), so the mark is never left behind for
+    /// a job whose end came first (it was, for ever, and the job's id's next use started
+    /// with its one client not holding its output up).
+    ///
+    /// [`Attachments::unblock`]: crate::attach::Attachments::unblock
+    pub(crate) fn unblock_attach(&self, id: &str) {
+        let inner = self.lock();
+        if inner
+            .recorded
+            .get(id)
+            .is_some_and(|(_, j)| !j.status.is_terminal())
+        {
+            self.attach.unblock(id);
+        }
+    }
+
+    /// Jobs whose attach clients hold up no output, marked so while they run.
+    #[cfg(test)]
+    pub(crate) fn attach_stopping(&self) -> usize {
+        self.attach.stopping()
     }
 
     /// The file whose presence says job `id` was taken out of discoverd.

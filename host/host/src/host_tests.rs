@@ -1482,3 +1482,129 @@ fn the_registered_address_brackets_ipv6() {
     assert_eq!(f("10.0.0.1"), "10.0.0.1:1113");
     assert_eq!(f("fd00::1"), "[fd00::1]:1113");
 }
+
+/// The one client of a `disable_log` job (which may stop reading for as long as it likes,
+/// as under Flynn: `flynn run ... | less`) gets a long `TCP_USER_TIMEOUT` on its connection,
+/// which the kernel also fires when the peer's receive window stays closed: with the API's
+/// two minutes, a live client paging its output was cut off. Any other client keeps the
+/// two minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_one_client_of_a_job_without_log_gets_a_long_user_timeout() {
+    use tokio::io::AsyncReadExt;
+    let (_d, _rt, h) = open_host();
+    let mut quiet = job("q", "x");
+    quiet.config.disable_log = true;
+    h.add_job(quiet).await.unwrap();
+    h.add_job(job("l", "x")).await.unwrap();
+    wait_status(&h, "q", JobStatus::Running).await;
+    wait_status(&h, "l", JobStatus::Running).await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    for (id, want) in [
+        ("q", crate::BLOCKING_USER_TIMEOUT),
+        ("l", crate::API_USER_TIMEOUT),
+    ] {
+        let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut conn, _) = l.accept().await.unwrap();
+        crate::api_keepalive(&mut conn);
+        let sock = socket2::SockRef::from(&conn).try_clone().unwrap();
+        let probe = sock.try_clone().unwrap();
+        let flags = flynn_api::attach::STDOUT | flynn_api::attach::STREAM;
+        let req = flynn_api::attach::AttachRequest {
+            job_id: id.to_string(),
+            flags,
+            ..Default::default()
+        };
+        let sub = h.attach(&req, None).unwrap();
+        let served = tokio::spawn(crate::attach::serve(
+            h.clone(),
+            sub,
+            flags,
+            conn,
+            Some(sock),
+        ));
+        // Its opening frame: past the point where the timeout is chosen.
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut b))
+            .await
+            .expect("no opening frame")
+            .unwrap();
+        assert_eq!(probe.tcp_user_timeout().unwrap(), Some(want), "{id}");
+        drop(client);
+        let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
+    }
+}
+
+/// A job whose end came before its stop reached the attach clients leaves no mark behind
+/// (it was left for ever, one per such job, and the id's next job started with its one
+/// client not holding its output up); a running one is marked until its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_after_the_jobs_end_leaves_no_attach_mark() {
+    let (_d, rt, h) = open_host();
+    h.add_job(job("a", "x")).await.unwrap();
+    h.add_job(job("b", "x")).await.unwrap();
+    wait_status(&h, "a", JobStatus::Running).await;
+    wait_status(&h, "b", JobStatus::Running).await;
+    exit_cleanly(&rt, "a").await;
+    wait_status(&h, "a", JobStatus::Done).await;
+    h.unblock_attach("a");
+    h.unblock_attach("nope");
+    assert_eq!(h.attach_stopping(), 0, "marked after its end");
+    h.unblock_attach("b");
+    assert_eq!(h.attach_stopping(), 1);
+    exit_cleanly(&rt, "b").await;
+    wait_status(&h, "b", JobStatus::Done).await;
+    assert_eq!(h.attach_stopping(), 0);
+}
+
+/// The rename of a job's `delete_on_stop` volume as it ends, stalled on the disk, holds up
+/// no other request: it ran under the job table's lock (on a runtime thread), and every job
+/// request waited for the disk. The job's end waits for it: the volume is gone before the
+/// end is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_volume_rename_at_a_jobs_end_holds_up_no_other_request() {
+    use flynn_api::host::{VolumeBinding, VolumeCreate};
+
+    struct Release<'a>(&'a crate::volumes::Gate);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.hold(false);
+        }
+    }
+    let (_d, rt, h) = open_host();
+    let vols = h.volumes().clone();
+    let temp = vols.create(VolumeCreate::default(), "t".into()).unwrap();
+    let mut a = job("a", "x");
+    a.config.volumes = vec![VolumeBinding {
+        target: "/scratch".into(),
+        volume: temp.id.clone(),
+        writeable: true,
+        delete_on_stop: true,
+    }];
+    h.add_job(a).await.unwrap();
+    wait_status(&h, "a", JobStatus::Running).await;
+    let _release = Release(&vols.faults().rename);
+    vols.faults().rename.hold(true);
+    exit_cleanly(&rt, "a").await;
+    {
+        let vols = vols.clone();
+        tokio::task::spawn_blocking(move || vols.faults().rename.wait_stalled(1))
+            .await
+            .unwrap();
+    }
+    // Other requests go on meanwhile (asked from a thread of its own: one waiting for the
+    // table's lock held a runtime thread), and the job's end is not shown before its volume
+    // went.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h2 = h.clone();
+    std::thread::spawn(move || tx.send(h2.get("a").map(|j| j.status)));
+    let seen = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a job request waited for the stalled rename");
+    assert_eq!(seen, Some(JobStatus::Running));
+    h.add_job(job("b", "x")).await.unwrap();
+    vols.faults().rename.hold(false);
+    wait_status(&h, "a", JobStatus::Done).await;
+    assert!(vols.get(&temp.id).is_none());
+}

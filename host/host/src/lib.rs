@@ -310,6 +310,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 /// one (60 s + 6 × 10 s), so both ways of going away are seen within about two minutes.
 pub const API_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// The user timeout of an attach connection whose client holds its job's output up (the
+/// only client of a `disable_log` job): the kernel also fires `TCP_USER_TIMEOUT` (Linux 5.12
+/// on) when the peer's receive window stays closed that long, so [`API_USER_TIMEOUT`] would
+/// cut a live client that merely stopped reading for two minutes (`flynn run ... | less`
+/// left on a page, a terminal paused with Ctrl-S, a client stopped with Ctrl-Z), where Flynn
+/// waits for it. The trade-off: a client that vanished (no FIN) while output to it was
+/// unacknowledged holds its job up for this long rather than two minutes (a quiet one is
+/// still dropped by keepalive within about two minutes, as keepalive probes are answered
+/// by a live peer whatever its window), and a stop no longer waits for it at all.
+pub const BLOCKING_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Gives an attach connection whose client holds its job's output up
+/// [`BLOCKING_USER_TIMEOUT`] instead of [`API_USER_TIMEOUT`].
+pub(crate) fn holds_job_up(sock: &socket2::Socket) {
+    if let Err(e) = sock.set_tcp_user_timeout(Some(BLOCKING_USER_TIMEOUT)) {
+        tracing::debug!(error = %e, "setting TCP_USER_TIMEOUT on an attach connection");
+    }
+}
+
 /// TCP keepalive and `TCP_USER_TIMEOUT` on every API connection, so one whose client's
 /// machine went away without a FIN (powered off, cut off) fails within about two minutes,
 /// and what it held is freed (an attach client's place among a job's
@@ -319,7 +338,9 @@ pub const API_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// to a client that vanished) the kernel retransmits instead, for about 15 minutes, unless
 /// the user timeout cuts that short. The user timeout also drops a client that stays
 /// connected but reads nothing for that long (its receive window closed), as a vanished
-/// one: a client holding a `disable_log` job up may pause, not for minutes.
+/// one; so the one client of a `disable_log` job, which may pause for as long as it likes
+/// (as under Flynn), gets [`BLOCKING_USER_TIMEOUT`] instead once attached (see
+/// [`holds_job_up`]).
 fn api_keepalive(conn: &mut tokio::net::TcpStream) {
     let ka = socket2::TcpKeepalive::new()
         .with_time(std::time::Duration::from_secs(60))

@@ -92,6 +92,9 @@ pub struct Launch {
     pub tty: bool,
     /// The terminal's window size (rows, columns) at the start, if known then.
     pub tty_size: Option<(u16, u16)>,
+    /// The job's output may wait for a client (`disable_log`: its only client holds it up),
+    /// for as long as the client likes, even after the job's exit.
+    pub output_waits: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -389,22 +392,22 @@ impl Runtime for ProcessRuntime {
         // Up to 64 events of up to 64 KiB (4 MiB, as the container shim's buffer) wait for
         // the daemon; beyond that the readers wait, and the job blocks on its writes.
         let (tx, rx) = mpsc::channel(64);
+        let output_waits = launch.output_waits;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         tokio::spawn(async move {
             let _ = tx.send(ProcEvent::Started { pid }).await;
-            let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let out = stdout
-                .map(|s| tokio::spawn(read_output(s, Stream::Stdout, tx.clone(), sent.clone())));
-            let err = stderr
-                .map(|s| tokio::spawn(read_output(s, Stream::Stderr, tx.clone(), sent.clone())));
+            let out = stdout.map(|s| tokio::spawn(read_output(s, Stream::Stdout, tx.clone())));
+            let err = stderr.map(|s| tokio::spawn(read_output(s, Stream::Stderr, tx.clone())));
             let status = child.wait().await;
-            // Children of the job that still hold its pipes must not keep it alive: readers
-            // that sent nothing for a second, with room in the queue, are let go. Not while
-            // they send, or wait for room (the daemon is behind: the one client of a
-            // `disable_log` job pausing as the job ends), which lost the output's end.
+            // Children of the job that still hold its pipes must not keep it alive (nor
+            // one still writing, `sh -c 'yes & exit'`): see `Drain::run`.
+            let drain = Drain {
+                until: tokio::time::Instant::now() + DRAIN,
+                output_waits,
+            };
             for t in [out, err].into_iter().flatten() {
-                drain_or_abort(t, &tx, &sent, std::time::Duration::from_secs(1)).await;
+                drain.run(t, &tx).await;
             }
             let ev = match status {
                 Ok(st) => {
@@ -440,27 +443,48 @@ impl Runtime for ProcessRuntime {
     fn cleanup(&self, _id: &str) {}
 }
 
-/// Waits for an output reader to finish. Aborts it once the readers sent nothing (`sent`
-/// did not move) for `idle` while the daemon's queue (`tx`'s) had room: it waits to read, not
-/// to send (a process the job left behind holds the pipe open).
-async fn drain_or_abort(
-    mut reader: tokio::task::JoinHandle<()>,
-    tx: &mpsc::Sender<ProcEvent>,
-    sent: &std::sync::atomic::AtomicU64,
-    idle: std::time::Duration,
-) {
-    use std::sync::atomic::Ordering;
-    let mut seen = sent.load(Ordering::Relaxed);
-    loop {
-        tokio::select! {
-            _ = &mut reader => return,
-            _ = tokio::time::sleep(idle) => {
-                let now = sent.load(Ordering::Relaxed);
-                if now == seen && tx.capacity() > 0 {
+/// How long the output readers may go on after the job's exit while the daemon's queue has
+/// room (as the container shim's `DRAIN`).
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long past [`DRAIN`] readers still waiting for room in the daemon's queue (it is
+/// behind) may go on, for a job whose output does not wait for a client: the daemon takes
+/// its output as fast as it can, so a queue full for longer is a child of the job flooding
+/// it.
+const DRAIN_BEHIND: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long output readers may go on after the job's exit.
+struct Drain {
+    /// Until then, whatever they do.
+    until: tokio::time::Instant,
+    /// The job's output may wait for its client ([`Launch::output_waits`]).
+    output_waits: bool,
+}
+
+impl Drain {
+    /// Waits for an output reader to finish, until [`DRAIN`] after the job's exit; then
+    /// aborts it unless it waits for room in the daemon's queue (`tx`'s, full): a job whose
+    /// output waits for its client (the one client of a `disable_log` job, pausing as the
+    /// job ends) keeps its readers for as long as that lasts, any other job up to
+    /// [`DRAIN_BEHIND`] more. Readers sending on while the queue has room are aborted: a
+    /// process the job left behind holds the pipe open, or writes on into it, and would
+    /// keep the job's end from being seen for as long as it runs (for ever, for one that
+    /// left its process group and a stop does not reach).
+    async fn run(&self, mut reader: tokio::task::JoinHandle<()>, tx: &mpsc::Sender<ProcEvent>) {
+        let behind_until = self.until + DRAIN_BEHIND;
+        let mut until = self.until;
+        loop {
+            tokio::select! {
+                _ = &mut reader => return,
+                _ = tokio::time::sleep_until(until) => {
+                    let now = tokio::time::Instant::now();
+                    if tx.capacity() == 0 && (self.output_waits || now < behind_until) {
+                        until = now + std::time::Duration::from_millis(100);
+                        continue;
+                    }
                     reader.abort();
                     return;
                 }
-                seen = now;
             }
         }
     }
@@ -484,13 +508,8 @@ pub fn send_signal_group(pgid: u32, sig: i32) -> std::io::Result<()> {
 
 /// Reads a pipe into [`ProcEvent::Output`]s as the container shim does: each read is cut
 /// at its newlines, and the bytes after the last one go at once as a piece without a newline
-/// (pieces of at most 64 KiB). Counts the events sent in `sent`.
-async fn read_output<R: AsyncRead + Unpin>(
-    mut r: R,
-    stream: Stream,
-    tx: mpsc::Sender<ProcEvent>,
-    sent: Arc<std::sync::atomic::AtomicU64>,
-) {
+/// (pieces of at most 64 KiB).
+async fn read_output<R: AsyncRead + Unpin>(mut r: R, stream: Stream, tx: mpsc::Sender<ProcEvent>) {
     let mut buf = vec![0u8; flynn_container::MAX_LINE];
     loop {
         let n = match r.read(&mut buf).await {
@@ -509,7 +528,6 @@ async fn read_output<R: AsyncRead + Unpin>(
             if tx.send(ev).await.is_err() {
                 return;
             }
-            sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -524,7 +542,7 @@ mod tests {
     async fn pipe_output_keeps_the_bytes_and_says_where_newlines_were() {
         let (mut w, r) = tokio::io::duplex(1 << 20);
         let (tx, mut rx) = mpsc::channel(1024);
-        let reader = tokio::spawn(read_output(r, Stream::Stderr, tx, Arc::default()));
+        let reader = tokio::spawn(read_output(r, Stream::Stderr, tx));
         w.write_all(b"Password: ").await.unwrap();
         // The prompt arrives without its newline, before any more is written.
         let ev = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
@@ -603,6 +621,55 @@ mod tests {
         let want: Vec<String> = (0..500).map(|i| format!("line{i}")).collect();
         assert_eq!(lines.len(), 500, "lines lost");
         assert_eq!(lines, want);
+    }
+
+    /// A job that exits leaving a child writing on into its output pipe (`yes &`) gets its
+    /// `Exited` shortly after (the readers are let go while the daemon keeps up): it used to
+    /// wait for as long as the child wrote, for ever for one a stop does not reach.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_child_left_writing_does_not_hold_up_the_jobs_exit() {
+        /// Kills what the job left (its process group) however the test ends.
+        struct KillGroup(u32);
+        impl Drop for KillGroup {
+            fn drop(&mut self) {
+                if self.0 != 0 {
+                    let _ = send_signal_group(self.0, 9);
+                }
+            }
+        }
+        let launch = Launch {
+            id: "j".into(),
+            args: vec!["/bin/sh".into(), "-c".into(), "yes & exit 0".into()],
+            ..Launch::default()
+        };
+        let mut h = ProcessRuntime.spawn(launch).unwrap();
+        let mut guard = KillGroup(0);
+        let t0 = std::time::Instant::now();
+        let end = loop {
+            let ev = tokio::time::timeout(std::time::Duration::from_secs(20), h.events.recv())
+                .await
+                .expect("an event within 20 s");
+            match ev {
+                Some(ProcEvent::Started { pid }) => guard.0 = pid,
+                Some(ProcEvent::Output { .. }) => {
+                    assert!(
+                        t0.elapsed() < std::time::Duration::from_secs(15),
+                        "still output, no exit, after {:?}",
+                        t0.elapsed()
+                    );
+                }
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(end, Some(ProcEvent::Exited { code: 0, .. })),
+            "{end:?}"
+        );
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(8),
+            "exit after {:?}",
+            t0.elapsed()
+        );
     }
 
     /// A kept job's host ports are its `PORT` and `PORT_n` (digits after the underscore),

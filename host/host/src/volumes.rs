@@ -486,9 +486,10 @@ impl Volumes {
         self.shared.sync.dir(self.dir());
     }
 
-    /// Deletes `job`'s `delete_on_stop` volumes: called as the job ends, with the job table
-    /// locked, so no other job can take a volume between the job's end and its deletion.
-    /// Each directory is renamed away here (one `rename`, its fsync left to the syncer), so
+    /// Deletes `job`'s `delete_on_stop` volumes: called as the job ends, before its end is
+    /// in the job table (see `Host::release_volumes`), so no other job can take a volume
+    /// between the job's end and its deletion. Blocking: not for a runtime thread, nor
+    /// under the job table's lock. Each directory is renamed away here (one `rename`, its fsync left to the syncer), so
     /// a daemon that dies once the job's end is recorded does not find the volume again;
     /// its removal runs in the background (on the runtime's blocking pool, or at once
     /// without a runtime; a daemon that dies first leaves it to the next one's start).
@@ -498,6 +499,8 @@ impl Volumes {
                 continue;
             };
             tracing::info!(job = %job.id, volume = %b.volume, "deleting volume on stop");
+            #[cfg(test)]
+            self.shared.faults.rename.pass();
             let to = match self.rename_away(d) {
                 Ok(to) => to,
                 Err(e) => {
@@ -540,6 +543,8 @@ pub(crate) struct Faults {
     pub purge: Gate,
     /// The background part of [`Volumes::release`], before it begins.
     pub release: Gate,
+    /// The rename of [`Volumes::release`], before it begins.
+    pub rename: Gate,
 }
 
 /// TEST ONLY: while held, whoever passes waits (counted in `stalled`).

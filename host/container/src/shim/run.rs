@@ -235,6 +235,7 @@ fn serve(layout: &Layout, ready: OwnedFd, ns_ready: bool) -> Result<(), String> 
         signals: Vec::new(),
         stdin_hold: None,
         window: None,
+        features_wait: wire::FEATURES_WAIT,
     };
     match create(&shim.spec, layout, ns_ready) {
         Ok(mut running) => {
@@ -317,20 +318,23 @@ struct Client {
     wbuf: Vec<u8>,
     /// The features the daemon announced on this connection ([`wire::Frame::Features`]).
     features: Option<u32>,
-    /// When it connected: events wait for its features until [`wire::FEATURES_WAIT`] later.
-    since: Instant,
+    /// Events wait for its features until then ([`ShimLoop::features_wait`] after it
+    /// connected)...
+    deadline: Instant,
+    /// ... and until the shim read what it sent by then (see [`ShimLoop::write_client`]).
+    waited: bool,
 }
 
 impl Client {
     /// Events may be sent: the daemon announced its features, or had time to (one of the
     /// protocol's first version never does).
     fn settled(&self) -> bool {
-        self.features.is_some() || self.since.elapsed() >= wire::FEATURES_WAIT
+        self.features.is_some() || self.waited
     }
 
     /// How long until [`Client::settled`], if it is not yet.
     fn unsettled_for(&self) -> Option<Duration> {
-        (!self.settled()).then(|| wire::FEATURES_WAIT.saturating_sub(self.since.elapsed()))
+        (!self.settled()).then(|| self.deadline.saturating_duration_since(Instant::now()))
     }
 
     /// The daemon reads pieces of lines.
@@ -354,6 +358,9 @@ struct ShimLoop {
     stdin_hold: Option<OwnedFd>,
     /// The latest window size asked for (TTY jobs), not yet set.
     window: Option<(u16, u16)>,
+    /// How long a new connection's events wait for the daemon's features at most
+    /// ([`wire::FEATURES_WAIT`]; a test's own).
+    features_wait: Duration,
 }
 
 /// How long after the init exited the shim waits for the pipes to reach end-of-file.
@@ -395,8 +402,12 @@ impl ShimLoop {
                 rbuf: Vec::new(),
                 wbuf,
                 features: None,
-                since: Instant::now(),
+                deadline: Instant::now() + self.features_wait,
+                waited: false,
             });
+            // A new daemon announces its features as it connects, before this accepts:
+            // usually here already.
+            self.read_client();
         }
     }
 
@@ -447,6 +458,20 @@ impl ShimLoop {
     }
 
     fn write_client(&mut self) {
+        // The wait for the daemon's features is over: what it sent by now is read first (its
+        // announcement, written as it connected, counts however late the shim looks: one
+        // descheduled past the wait would otherwise take a new daemon for an old one, and
+        // send it whole lines).
+        if self
+            .client
+            .as_ref()
+            .is_some_and(|c| !c.settled() && Instant::now() >= c.deadline)
+        {
+            self.read_client();
+            if let Some(c) = self.client.as_mut() {
+                c.waited = true;
+            }
+        }
         let Some(c) = self.client.as_mut() else {
             return;
         };
@@ -892,6 +917,11 @@ mod tests {
         );
     }
 
+    /// The connection's wait for the daemon's features is over.
+    fn expire(shim: &mut ShimLoop) {
+        shim.client.as_mut().unwrap().deadline = Instant::now();
+    }
+
     /// The frames (kind, payload) a daemon's end of a connection has to read now.
     fn frames_read(d: &mut UnixStream) -> Vec<(u8, Vec<u8>)> {
         d.set_read_timeout(Some(Duration::from_millis(200)))
@@ -941,6 +971,9 @@ mod tests {
             signals: Vec::new(),
             stdin_hold: None,
             window: None,
+            // Past only when the test says (`expire`): a stall of the test's own changes
+            // nothing.
+            features_wait: Duration::from_secs(3600),
         };
         let mut l = pipe();
         let feed = |shim: &mut ShimLoop, l: &mut Lines, data: &[u8]| {
@@ -959,7 +992,7 @@ mod tests {
         shim.write_client();
         let got = frames_read(&mut old);
         assert_eq!(got.iter().map(|f| f.0).collect::<Vec<_>>(), [wire::HELLO]);
-        std::thread::sleep(wire::FEATURES_WAIT);
+        expire(&mut shim);
         // The pipe ends with a partial line: it goes, as a line.
         l.flush(&mut shim.outbox, false);
         shim.write_client();
@@ -998,5 +1031,71 @@ mod tests {
             ]
         );
         assert_eq!(got[6].1, b"ready> ");
+    }
+
+    /// A daemon that announced its features as it connected gets pieces even when the shim
+    /// gets to the connection after its wait for them is over (descheduled on a loaded
+    /// machine): the announcement is read before the shim settles for whole lines, at
+    /// `accept` or at the first write past the wait. It used to settle by the clock, and a
+    /// new daemon then got whole lines (newlines added to a job's output).
+    #[test]
+    fn a_late_shim_still_reads_the_daemons_announcement() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path(), "j");
+        fs::create_dir_all(&layout.dir).unwrap();
+        let listener = UnixListener::bind(layout.socket()).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let spec: ContainerSpec = serde_json::from_value(serde_json::json!({
+            "id": "j", "layers": [], "args": ["sh"], "env": [], "cwd": "",
+            "hostname": null, "netns": null, "mounts": [], "resources": {},
+            "cgroup_parent": "flynn",
+        }))
+        .unwrap();
+        let mut shim = ShimLoop {
+            layout: layout.clone(),
+            spec,
+            listener,
+            client: None,
+            outbox: Outbox::new(1 << 30),
+            final_queued: false,
+            pid: 0,
+            signals: Vec::new(),
+            stdin_hold: None,
+            window: None,
+            // Over as soon as it starts: the shim is as late as can be.
+            features_wait: Duration::ZERO,
+        };
+        let mut announce = Vec::new();
+        wire::encode_features(wire::PARTIAL_OUTPUT, &mut announce);
+        let mut l = pipe();
+        for announced_before_accept in [true, false] {
+            let mut d = UnixStream::connect(layout.socket()).unwrap();
+            if announced_before_accept {
+                d.write_all(&announce).unwrap();
+            }
+            shim.accept();
+            if !announced_before_accept {
+                d.write_all(&announce).unwrap();
+            }
+            // Past the wait: settled, one way or the other.
+            shim.write_client();
+            let hold = !shim.partial_ok();
+            l.feed(b"a\nready> ", &mut shim.outbox, false, hold);
+            shim.write_client();
+            assert!(
+                shim.partial_ok(),
+                "before accept: {announced_before_accept}"
+            );
+            let got = frames_read(&mut d);
+            let kinds: Vec<u8> = got.iter().map(|f| f.0).collect();
+            assert!(
+                kinds.contains(&wire::STDOUT_PART),
+                "before accept: {announced_before_accept}: {got:?}"
+            );
+            assert_eq!(got.last().unwrap().1, b"ready> ");
+            // Acknowledged: the next connection gets only what follows.
+            let seq = shim.outbox.reconnect();
+            shim.outbox.ack(seq);
+        }
     }
 }

@@ -663,10 +663,9 @@ async fn a_stalled_client_does_not_hold_up_a_stop(c: &Client, job: flynn_client:
 async fn a_stalled_client_of_a_job_without_log_does_not_hold_up_its_stop() {
     let h = Host::start(PROC);
     let id = h.job_id("stalled");
-    let mut job = sh_job(
-        &id,
-        "while :; do head -c 1048576 /dev/zero | tr '\\0' x; done",
-    );
+    // Finite (512 MiB, far more than the test reads): a job left behind by a failed test
+    // (its daemon killed) ends, by SIGPIPE or its end, instead of forking for ever.
+    let mut job = sh_job(&id, "head -c 536870912 /dev/zero | tr '\\0' x");
     job.config.disable_log = true;
     job.config.stop_timeout = Some(2);
     a_stalled_client_does_not_hold_up_a_stop(&h.client, job).await;
@@ -809,10 +808,7 @@ fn a_container_jobs_bytes_reach_the_client_unchanged() {
                 // stopped reading: its signals reach the shim while the job's output
                 // waits, and the job's end is recorded.
                 let id = h.job_id("stalled");
-                let mut job = bb_job(
-                    &id,
-                    "while :; do head -c 1048576 /dev/zero | tr '\\0' x; done",
-                );
+                let mut job = bb_job(&id, "head -c 536870912 /dev/zero | tr '\\0' x");
                 job.config.disable_log = true;
                 job.config.stop_timeout = Some(2);
                 a_stalled_client_does_not_hold_up_a_stop(c, job).await;
