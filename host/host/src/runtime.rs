@@ -397,18 +397,50 @@ impl Runtime for ProcessRuntime {
         let stderr = child.stderr.take();
         tokio::spawn(async move {
             let _ = tx.send(ProcEvent::Started { pid }).await;
-            let out = stdout.map(|s| tokio::spawn(read_output(s, Stream::Stdout, tx.clone())));
-            let err = stderr.map(|s| tokio::spawn(read_output(s, Stream::Stderr, tx.clone())));
+            let out = stdout.map(|s| {
+                let sent = Arc::default();
+                Reader {
+                    task: tokio::spawn(read_output(
+                        s,
+                        Stream::Stdout,
+                        tx.clone(),
+                        Arc::clone(&sent),
+                    )),
+                    sent,
+                }
+            });
+            let err = stderr.map(|s| {
+                let sent = Arc::default();
+                Reader {
+                    task: tokio::spawn(read_output(
+                        s,
+                        Stream::Stderr,
+                        tx.clone(),
+                        Arc::clone(&sent),
+                    )),
+                    sent,
+                }
+            });
             let status = child.wait().await;
             // Children of the job that still hold its pipes must not keep it alive (nor
-            // one still writing, `sh -c 'yes & exit'`): see `Drain::run`.
+            // one still writing, `sh -c 'yes & exit'`): see `Drain::run`. Both readers at
+            // once: one does not wait for the other's drain to begin.
             let drain = Drain {
                 until: tokio::time::Instant::now() + DRAIN,
                 output_waits,
             };
-            for t in [out, err].into_iter().flatten() {
-                drain.run(t, &tx).await;
-            }
+            tokio::join!(
+                async {
+                    if let Some(r) = out {
+                        drain.run(r, &tx).await;
+                    }
+                },
+                async {
+                    if let Some(r) = err {
+                        drain.run(r, &tx).await;
+                    }
+                },
+            );
             let ev = match status {
                 Ok(st) => {
                     use std::os::unix::process::ExitStatusExt;
@@ -447,11 +479,28 @@ impl Runtime for ProcessRuntime {
 /// room (as the container shim's `DRAIN`).
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// How long past [`DRAIN`] readers still waiting for room in the daemon's queue (it is
-/// behind) may go on, for a job whose output does not wait for a client: the daemon takes
-/// its output as fast as it can, so a queue full for longer is a child of the job flooding
-/// it.
+/// How long past [`DRAIN`] readers may go on at most, for a job whose output does not wait
+/// for a client, while the daemon's queue stays full (it is behind): the daemon takes its
+/// output as fast as it can, so a queue full for longer is a child of the job flooding it.
 const DRAIN_BEHIND: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often readers still going after [`DRAIN`] are looked at.
+const DRAIN_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A reader of a job whose output waits for its client is let go after [`DRAIN`] once it
+/// sent nothing for this long while the daemon's queue had room.
+const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A reader of any other job is let go after [`DRAIN`] once the daemon's queue had room at
+/// this many checks in a row ([`DRAIN_CHECK`] apart): the queue has room for a moment each
+/// time the daemon takes an event, until a reader still sending fills it again.
+const DRAIN_ROOM_CHECKS: u32 = 5;
+
+/// An output reader's task, and how many events it sent.
+struct Reader {
+    task: tokio::task::JoinHandle<()>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+}
 
 /// How long output readers may go on after the job's exit.
 struct Drain {
@@ -463,29 +512,50 @@ struct Drain {
 
 impl Drain {
     /// Waits for an output reader to finish, until [`DRAIN`] after the job's exit; then
-    /// aborts it unless it waits for room in the daemon's queue (`tx`'s, full): a job whose
-    /// output waits for its client (the one client of a `disable_log` job, pausing as the
-    /// job ends) keeps its readers for as long as that lasts, any other job up to
-    /// [`DRAIN_BEHIND`] more. Readers sending on while the queue has room are aborted: a
-    /// process the job left behind holds the pipe open, or writes on into it, and would
-    /// keep the job's end from being seen for as long as it runs (for ever, for one that
-    /// left its process group and a stop does not reach).
-    async fn run(&self, mut reader: tokio::task::JoinHandle<()>, tx: &mpsc::Sender<ProcEvent>) {
+    /// aborts it once it is no longer held up by the daemon's queue (`tx`'s): a job whose
+    /// output waits for its client (the one client of a `disable_log` job, pausing or
+    /// resuming as the job ends) keeps a reader for as long as it sends, or waits for room
+    /// in the queue, and lets it go once it sent nothing for [`DRAIN_IDLE`] while the queue
+    /// had room; any other job lets it go once the queue had room at [`DRAIN_ROOM_CHECKS`]
+    /// checks in a row, and [`DRAIN_BEHIND`] after [`DRAIN`] at the latest. A room seen at
+    /// a single check is not enough: each time the daemon takes an event the queue has a
+    /// free slot until the reader fills it again, and a reader aborted then loses the rest
+    /// of the output. Readers left are a process the job left behind holding the pipe
+    /// open, or writing on into it, and would keep the job's end from being seen for as long
+    /// as it runs (for ever, for one that left its process group and a stop does not reach).
+    async fn run(&self, reader: Reader, tx: &mpsc::Sender<ProcEvent>) {
+        use std::sync::atomic::Ordering;
+        let Reader { mut task, sent } = reader;
         let behind_until = self.until + DRAIN_BEHIND;
-        let mut until = self.until;
+        let mut at = self.until;
+        // When the reader last sent an event, or found the queue full (`output_waits`).
+        let mut busy_at = self.until.max(tokio::time::Instant::now());
+        let mut seen = sent.load(Ordering::Relaxed);
+        // Checks in a row that found room in the queue (other jobs).
+        let mut room = 0;
         loop {
             tokio::select! {
-                _ = &mut reader => return,
-                _ = tokio::time::sleep_until(until) => {
-                    let now = tokio::time::Instant::now();
-                    if tx.capacity() == 0 && (self.output_waits || now < behind_until) {
-                        until = now + std::time::Duration::from_millis(100);
-                        continue;
-                    }
-                    reader.abort();
-                    return;
-                }
+                _ = &mut task => return,
+                _ = tokio::time::sleep_until(at) => {}
             }
+            let now = tokio::time::Instant::now();
+            let full = tx.capacity() == 0;
+            let let_go = if self.output_waits {
+                let n = sent.load(Ordering::Relaxed);
+                if full || n != seen {
+                    seen = n;
+                    busy_at = now;
+                }
+                now.duration_since(busy_at) >= DRAIN_IDLE
+            } else {
+                room = if full { 0 } else { room + 1 };
+                room >= DRAIN_ROOM_CHECKS || now >= behind_until
+            };
+            if let_go {
+                task.abort();
+                return;
+            }
+            at = now + DRAIN_CHECK;
         }
     }
 }
@@ -508,8 +578,13 @@ pub fn send_signal_group(pgid: u32, sig: i32) -> std::io::Result<()> {
 
 /// Reads a pipe into [`ProcEvent::Output`]s as the container shim does: each read is cut
 /// at its newlines, and the bytes after the last one go at once as a piece without a newline
-/// (pieces of at most 64 KiB).
-async fn read_output<R: AsyncRead + Unpin>(mut r: R, stream: Stream, tx: mpsc::Sender<ProcEvent>) {
+/// (pieces of at most 64 KiB). Counts the events sent in `sent`.
+async fn read_output<R: AsyncRead + Unpin>(
+    mut r: R,
+    stream: Stream,
+    tx: mpsc::Sender<ProcEvent>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+) {
     let mut buf = vec![0u8; flynn_container::MAX_LINE];
     loop {
         let n = match r.read(&mut buf).await {
@@ -528,6 +603,7 @@ async fn read_output<R: AsyncRead + Unpin>(mut r: R, stream: Stream, tx: mpsc::S
             if tx.send(ev).await.is_err() {
                 return;
             }
+            sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -542,7 +618,7 @@ mod tests {
     async fn pipe_output_keeps_the_bytes_and_says_where_newlines_were() {
         let (mut w, r) = tokio::io::duplex(1 << 20);
         let (tx, mut rx) = mpsc::channel(1024);
-        let reader = tokio::spawn(read_output(r, Stream::Stderr, tx));
+        let reader = tokio::spawn(read_output(r, Stream::Stderr, tx, Arc::default()));
         w.write_all(b"Password: ").await.unwrap();
         // The prompt arrives without its newline, before any more is written.
         let ev = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
@@ -623,9 +699,11 @@ mod tests {
         assert_eq!(lines, want);
     }
 
-    /// A job that exits leaving a child writing on into its output pipe (`yes &`) gets its
-    /// `Exited` shortly after (the readers are let go while the daemon keeps up): it used to
-    /// wait for as long as the child wrote, for ever for one a stop does not reach.
+    /// A job that exits leaving a child writing on into its output pipe gets its `Exited`
+    /// shortly after [`DRAIN`] (the readers are let go while the daemon keeps up): it used to
+    /// wait for as long as the child wrote, for ever for one a stop does not reach. The child
+    /// writes slowly: the queue always has room, and its readers are let go after the drain
+    /// whatever the machine's load.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_child_left_writing_does_not_hold_up_the_jobs_exit() {
         /// Kills what the job left (its process group) however the test ends.
@@ -639,12 +717,17 @@ mod tests {
         }
         let launch = Launch {
             id: "j".into(),
-            args: vec!["/bin/sh".into(), "-c".into(), "yes & exit 0".into()],
+            args: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "(while :; do echo y; sleep 0.05; done) & exit 0".into(),
+            ],
             ..Launch::default()
         };
+        let limit = DRAIN + std::time::Duration::from_secs(6);
+        let t0 = std::time::Instant::now();
         let mut h = ProcessRuntime.spawn(launch).unwrap();
         let mut guard = KillGroup(0);
-        let t0 = std::time::Instant::now();
         let end = loop {
             let ev = tokio::time::timeout(std::time::Duration::from_secs(20), h.events.recv())
                 .await
@@ -653,7 +736,7 @@ mod tests {
                 Some(ProcEvent::Started { pid }) => guard.0 = pid,
                 Some(ProcEvent::Output { .. }) => {
                     assert!(
-                        t0.elapsed() < std::time::Duration::from_secs(15),
+                        t0.elapsed() < limit,
                         "still output, no exit, after {:?}",
                         t0.elapsed()
                     );
@@ -665,11 +748,133 @@ mod tests {
             matches!(end, Some(ProcEvent::Exited { code: 0, .. })),
             "{end:?}"
         );
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(8),
-            "exit after {:?}",
-            t0.elapsed()
-        );
+        assert!(t0.elapsed() < limit, "exit after {:?}", t0.elapsed());
+    }
+
+    /// A reader of `n` events, one every `every`, counted as [`read_output`] counts them; it
+    /// holds its sender (as a reader holds a pipe a child of the job keeps open) until
+    /// aborted once they are sent, or once `stop` is set.
+    fn fake_reader(
+        tx: &mpsc::Sender<ProcEvent>,
+        n: usize,
+        every: std::time::Duration,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Reader {
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (tx, counter) = (tx.clone(), sent.clone());
+        let task = tokio::spawn(async move {
+            for i in 0..n {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                tokio::time::sleep(every).await;
+                let ev = ProcEvent::Output {
+                    stream: Stream::Stdout,
+                    line: i.to_string().into_bytes(),
+                    newline: true,
+                };
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            std::future::pending::<()>().await;
+        });
+        Reader { task, sent }
+    }
+
+    /// A reader kept behind a slow daemon (the one client of a `disable_log` job resuming
+    /// slowly as the job ends, taking two events every 250 ms) is not let go after the
+    /// drain: the queue, full at the drain's end, has room for a moment (80 ms) each time
+    /// the daemon takes events, until the reader fills it again, and a reader aborted at a
+    /// check that saw room lost the rest of the output. It is let go once it sent
+    /// everything and idles.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_behind_a_slow_daemon_is_not_let_go() {
+        for output_waits in [true, false] {
+            let (tx, mut rx) = mpsc::channel(4);
+            let start = tokio::time::Instant::now();
+            // The queue is full by then (four events in 320 ms).
+            let drain = Drain {
+                until: start + std::time::Duration::from_millis(600),
+                output_waits,
+            };
+            let reader = fake_reader(
+                &tx,
+                16,
+                std::time::Duration::from_millis(80),
+                Arc::default(),
+            );
+            let daemon = tokio::spawn(async move {
+                let mut got = 0;
+                // Past the drain, with the queue full and the reader waiting for room.
+                tokio::time::sleep_until(start + std::time::Duration::from_millis(900)).await;
+                loop {
+                    for _ in 0..2 {
+                        match rx.recv().await {
+                            Some(_) => got += 1,
+                            None => return got,
+                        }
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+            });
+            drain.run(reader, &tx).await;
+            drop(tx);
+            let got = daemon.await.unwrap();
+            assert_eq!(got, 16, "output_waits: {output_waits}: events lost");
+        }
+    }
+
+    /// After the drain, a reader that sends nothing with room in the queue is let go soon
+    /// (a child of the job holds the pipe open), and so is one sending on with room in the
+    /// queue (a child of the job writing on), unless the job's output waits for its client:
+    /// then it is let go once it stops sending.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_held_by_a_child_are_let_go_after_the_drain() {
+        let ms = std::time::Duration::from_millis;
+        for output_waits in [true, false] {
+            // Idle from the start.
+            let (tx, _rx) = mpsc::channel(4);
+            let start = tokio::time::Instant::now();
+            let drain = Drain {
+                until: start + ms(200),
+                output_waits,
+            };
+            drain
+                .run(fake_reader(&tx, 0, ms(0), Arc::default()), &tx)
+                .await;
+            let took = start.elapsed();
+            assert!(
+                took < ms(200) + ms(2500),
+                "output_waits: {output_waits}: {took:?}"
+            );
+
+            // Sending on, every 50 ms, with room: the daemon takes everything at once.
+            let (tx, mut rx) = mpsc::channel(4);
+            tokio::spawn(async move { while rx.recv().await.is_some() {} });
+            let stop = Arc::<std::sync::atomic::AtomicBool>::default();
+            let reader = fake_reader(&tx, usize::MAX, ms(50), stop.clone());
+            let start = tokio::time::Instant::now();
+            let drain = Drain {
+                until: start + ms(200),
+                output_waits,
+            };
+            let stopper = tokio::spawn(async move {
+                tokio::time::sleep(ms(2500)).await;
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+            drain.run(reader, &tx).await;
+            let took = start.elapsed();
+            if output_waits {
+                // Kept while it sends, let go a second or so after it stopped.
+                assert!(took >= ms(2500), "{took:?}");
+                assert!(took < ms(2500) + ms(2500), "{took:?}");
+            } else {
+                assert!(took < ms(2000), "{took:?}");
+            }
+            stopper.abort();
+        }
     }
 
     /// A kept job's host ports are its `PORT` and `PORT_n` (digits after the underscore),

@@ -457,34 +457,37 @@ impl ShimLoop {
         }
     }
 
-    fn write_client(&mut self) {
+    /// Sends what it can. Returns whether it read from the daemon first (the wait for its
+    /// features just ended): what was read (signals, a window size, acks, the announcement)
+    /// is to be acted on before the loop sleeps, as the socket has nothing left to wake it.
+    fn write_client(&mut self) -> bool {
         // The wait for the daemon's features is over: what it sent by now is read first (its
         // announcement, written as it connected, counts however late the shim looks: one
         // descheduled past the wait would otherwise take a new daemon for an old one, and
         // send it whole lines).
-        if self
+        let read = self
             .client
             .as_ref()
-            .is_some_and(|c| !c.settled() && Instant::now() >= c.deadline)
-        {
+            .is_some_and(|c| !c.settled() && Instant::now() >= c.deadline);
+        if read {
             self.read_client();
             if let Some(c) = self.client.as_mut() {
                 c.waited = true;
             }
         }
         let Some(c) = self.client.as_mut() else {
-            return;
+            return read;
         };
         loop {
             if c.wbuf.is_empty() {
                 // Nothing but `HELLO` until the daemon said what it reads.
                 if !c.settled() {
-                    return;
+                    return read;
                 }
                 let partial = c.partial();
                 self.outbox.encode_unsent(&mut c.wbuf, WRITE_AHEAD, partial);
                 if c.wbuf.is_empty() {
-                    return;
+                    return read;
                 }
             }
             // SAFETY: the buffer pointer and length describe initialized memory.
@@ -499,11 +502,11 @@ impl ShimLoop {
             if n < 0 {
                 let e = errno();
                 match e.kind() {
-                    std::io::ErrorKind::WouldBlock => return,
+                    std::io::ErrorKind::WouldBlock => return read,
                     std::io::ErrorKind::Interrupted => continue,
                     _ => {
                         self.client = None;
-                        return;
+                        return read;
                     }
                 }
             }
@@ -551,6 +554,19 @@ impl ShimLoop {
         self.client.as_ref().is_some_and(Client::partial)
     }
 
+    /// How long [`ShimLoop::run_job`]'s loop may sleep in `poll`: not at all when the
+    /// daemon's frames were read outside the poll step (`read`: by `write_client`, past the
+    /// wait for the daemon's features) or a signal or window size read is not yet acted on
+    /// (they are taken after the poll step; the socket is drained, and nothing might wake
+    /// the loop for long: a quiet job's SIGTERM waited for the stop's SIGKILL); else until
+    /// the drain after the job's exit (`exited_at`) is over, if it exited.
+    fn poll_timeout(&self, read: bool, exited_at: Option<Instant>) -> Option<Duration> {
+        if read || !self.signals.is_empty() || self.window.is_some() {
+            return Some(Duration::ZERO);
+        }
+        exited_at.map(|at| DRAIN.saturating_sub(at.elapsed()))
+    }
+
     /// Waits for `fds`, at most `timeout` (`None`: no limit), and no longer than until a
     /// new connection's wait for its features is over.
     fn poll(&mut self, fds: &mut [libc::pollfd], timeout: Option<Duration>) {
@@ -593,6 +609,8 @@ impl ShimLoop {
         let mut last_input: Option<u8> = None;
         let mut status: Option<Option<i32>> = None;
         let mut exited_at: Option<Instant> = None;
+        // `write_client` read from the daemon since the last poll step.
+        let mut read = false;
         loop {
             if let Some(at) = exited_at {
                 if (!out.open && !err.open) || at.elapsed() >= DRAIN {
@@ -645,8 +663,8 @@ impl ShimLoop {
                 fds.push(pollfd(c.sock.as_raw_fd(), ev));
             }
             // Anything new to write goes out before sleeping.
-            self.write_client();
-            let timeout = exited_at.map(|at| DRAIN.saturating_sub(at.elapsed()));
+            read |= self.write_client();
+            let timeout = self.poll_timeout(std::mem::take(&mut read), exited_at);
             self.poll(&mut fds, timeout);
             if fds[0].revents != 0 {
                 self.accept();
@@ -709,7 +727,7 @@ impl ShimLoop {
                 r.pid_ns.end();
                 exited_at = Some(Instant::now());
             }
-            self.write_client();
+            read = self.write_client();
         }
         drop(input);
         // Whatever is still in the pipes is read now (and counted as dropped if it cannot fit).
@@ -741,6 +759,11 @@ impl ShimLoop {
     fn until_acked(&mut self) {
         while !self.outbox.final_acked(self.final_queued) {
             self.write_client();
+            // It may have read the final event's ack (past the wait for the daemon's
+            // features): the socket is drained, nothing would wake the poll.
+            if self.outbox.final_acked(self.final_queued) {
+                break;
+            }
             let mut fds = vec![pollfd(self.listener.as_raw_fd(), libc::POLLIN)];
             if let Some(c) = &self.client {
                 let mut ev = libc::POLLIN;
@@ -1097,5 +1120,122 @@ mod tests {
             let seq = shim.outbox.reconnect();
             shim.outbox.ack(seq);
         }
+    }
+
+    /// A shim serving `layout`'s socket, with no job, waiting `features_wait` for a new
+    /// connection's features.
+    fn test_shim(layout: &Layout, features_wait: Duration) -> ShimLoop {
+        fs::create_dir_all(&layout.dir).unwrap();
+        let listener = UnixListener::bind(layout.socket()).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let spec: ContainerSpec = serde_json::from_value(serde_json::json!({
+            "id": "j", "layers": [], "args": ["sh"], "env": [], "cwd": "",
+            "hostname": null, "netns": null, "mounts": [], "resources": {},
+            "cgroup_parent": "flynn",
+        }))
+        .unwrap();
+        ShimLoop {
+            layout: layout.clone(),
+            spec,
+            listener,
+            client: None,
+            outbox: Outbox::new(1 << 30),
+            final_queued: false,
+            pid: 0,
+            signals: Vec::new(),
+            stdin_hold: None,
+            window: None,
+            features_wait,
+        }
+    }
+
+    /// Writes `frame` to `d` after `after` (in a thread): wakes a shim's poll that waits for
+    /// the daemon, as it would have waited for whatever the daemon sent next.
+    fn later(d: &UnixStream, after: Duration, frame: Vec<u8>) -> std::thread::JoinHandle<()> {
+        let mut d = d.try_clone().unwrap();
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            let _ = d.write_all(&frame);
+        })
+    }
+
+    /// A signal (or a window size) the daemon sent after the shim accepted it, read only at
+    /// the end of the wait for its features (`write_client`: a daemon of the protocol's
+    /// first version announces none), is acted on without waiting for more from the
+    /// daemon: the loop does not sleep in `poll` with it pending. It used to wait (the
+    /// socket was drained): a quiet job's SIGTERM until the stop's SIGKILL.
+    #[test]
+    fn a_signal_read_at_the_end_of_the_features_wait_does_not_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path(), "j");
+        let mut shim = test_shim(&layout, Duration::from_secs(3600));
+        let mut d = UnixStream::connect(layout.socket()).unwrap();
+        shim.accept();
+        let mut frames = Vec::new();
+        wire::encode_signal(libc::SIGTERM, &mut frames);
+        wire::encode_resize(40, 100, &mut frames);
+        d.write_all(&frames).unwrap();
+        expire(&mut shim);
+        let read = shim.write_client();
+        assert!(read);
+        assert_eq!(shim.signals, [libc::SIGTERM]);
+        assert_eq!(shim.window, Some((40, 100)));
+        // The poll step as `run_job` takes it: the listener and the connection.
+        let mut ack = Vec::new();
+        wire::encode_u64(wire::ACK, 0, &mut ack);
+        let waker = later(&d, Duration::from_secs(3), ack);
+        let sock = shim.client.as_ref().unwrap().sock.as_raw_fd();
+        let mut fds = [
+            pollfd(shim.listener.as_raw_fd(), libc::POLLIN),
+            pollfd(sock, libc::POLLIN),
+        ];
+        let t = Instant::now();
+        let timeout = shim.poll_timeout(read, None);
+        shim.poll(&mut fds, timeout);
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "slept {:?} with a signal pending",
+            t.elapsed()
+        );
+        // Pending work alone keeps the loop awake; none, and it sleeps.
+        assert_eq!(shim.poll_timeout(false, None), Some(Duration::ZERO));
+        shim.signals.clear();
+        assert_eq!(shim.poll_timeout(false, None), Some(Duration::ZERO));
+        shim.window = None;
+        assert_eq!(shim.poll_timeout(false, None), None);
+        waker.join().unwrap();
+        drop(d);
+    }
+
+    /// The final event's ack, sent by a daemon (of the protocol's first version) that
+    /// reconnected, and read only at the end of the wait for its features (in
+    /// `write_client`), ends the shim's wait for it at once: it used to sleep in `poll`
+    /// (the socket drained) until the daemon sent something else.
+    #[test]
+    fn the_final_ack_read_at_the_end_of_the_features_wait_ends_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path(), "j");
+        let mut shim = test_shim(&layout, Duration::from_secs(3600));
+        shim.finish(ShimEvent::Exited {
+            code: Some(0),
+            signal: None,
+            oom_killed: false,
+        });
+        // The daemon had it on a connection that broke before its ack got through.
+        let d = UnixStream::connect(layout.socket()).unwrap();
+        shim.accept();
+        let mut ack = Vec::new();
+        wire::encode_u64(wire::ACK, 1, &mut ack);
+        (&d).write_all(&ack).unwrap();
+        expire(&mut shim);
+        let waker = later(&d, Duration::from_secs(3), ack);
+        let t = Instant::now();
+        shim.until_acked();
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "waited {:?} with the final event acked",
+            t.elapsed()
+        );
+        waker.join().unwrap();
     }
 }
