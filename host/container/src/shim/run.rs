@@ -974,30 +974,9 @@ mod tests {
     fn a_daemon_without_the_feature_gets_only_whole_lines() {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::new(dir.path(), "j");
-        fs::create_dir_all(&layout.dir).unwrap();
-        let listener = UnixListener::bind(layout.socket()).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let spec: ContainerSpec = serde_json::from_value(serde_json::json!({
-            "id": "j", "layers": [], "args": ["sh"], "env": [], "cwd": "",
-            "hostname": null, "netns": null, "mounts": [], "resources": {},
-            "cgroup_parent": "flynn",
-        }))
-        .unwrap();
-        let mut shim = ShimLoop {
-            layout: layout.clone(),
-            spec,
-            listener,
-            client: None,
-            outbox: Outbox::new(1 << 30),
-            final_queued: false,
-            pid: 0,
-            signals: Vec::new(),
-            stdin_hold: None,
-            window: None,
-            // Past only when the test says (`expire`): a stall of the test's own changes
-            // nothing.
-            features_wait: Duration::from_secs(3600),
-        };
+        // Past only when the test says (`expire`): a stall of the test's own changes
+        // nothing.
+        let mut shim = test_shim(&layout, Duration::from_secs(3600));
         let mut l = pipe();
         let feed = |shim: &mut ShimLoop, l: &mut Lines, data: &[u8]| {
             let hold = !shim.partial_ok();
@@ -1065,29 +1044,8 @@ mod tests {
     fn a_late_shim_still_reads_the_daemons_announcement() {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::new(dir.path(), "j");
-        fs::create_dir_all(&layout.dir).unwrap();
-        let listener = UnixListener::bind(layout.socket()).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let spec: ContainerSpec = serde_json::from_value(serde_json::json!({
-            "id": "j", "layers": [], "args": ["sh"], "env": [], "cwd": "",
-            "hostname": null, "netns": null, "mounts": [], "resources": {},
-            "cgroup_parent": "flynn",
-        }))
-        .unwrap();
-        let mut shim = ShimLoop {
-            layout: layout.clone(),
-            spec,
-            listener,
-            client: None,
-            outbox: Outbox::new(1 << 30),
-            final_queued: false,
-            pid: 0,
-            signals: Vec::new(),
-            stdin_hold: None,
-            window: None,
-            // Over as soon as it starts: the shim is as late as can be.
-            features_wait: Duration::ZERO,
-        };
+        // Over as soon as it starts: the shim is as late as can be.
+        let mut shim = test_shim(&layout, Duration::ZERO);
         let mut announce = Vec::new();
         wire::encode_features(wire::PARTIAL_OUTPUT, &mut announce);
         let mut l = pipe();
