@@ -7,7 +7,7 @@
 //! pieces of lines (`ProcEvent::Output`'s `newline`), whose pieces are put together here. A
 //! last line without a newline goes when the job ends, or where the runtime dropped output
 //! (its newline may have been in the gap) ([`LogLines::finish`]). Used by the job's
-//! supervisor in `host.rs`.
+//! supervisor in `host/supervise.rs`.
 //!
 //! The events holding a partial line are held back (not marked dealt with, so the shim keeps
 //! them for a daemon that replaces this one): [`LogLines::release`] says which may go, those
