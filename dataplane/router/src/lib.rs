@@ -204,6 +204,16 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             .chain(cfg.https_addrs.iter().map(|a| (a, true, false)))
             .chain(cfg.h2c_addrs.iter().map(|a| (a, false, true)));
         for (addr, tls, h2c) in all {
+            // The first socket must be the first of its SO_REUSEPORT group: bound beside
+            // another program's listeners of the same user (an nginx with `reuseport`, a
+            // router started without --takeover) it would join their group, and the two
+            // would silently share the port's connections. A takeover gets the running
+            // router's sockets instead (handover.rs), never through here.
+            if addr.port() != 0 {
+                flynn_runtime::check_exclusive_bind(*addr).with_context(|| {
+                    format!("listening on {addr}: another program listens there (to replace a running router, start with --takeover)")
+                })?;
+            }
             let first = flynn_runtime::reuseport_listener(*addr)
                 .with_context(|| format!("listening on {addr}"))?;
             let bound = first.local_addr()?;
@@ -377,6 +387,7 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
         default_cert,
     ));
     shared.inherit_tcp(inherited_tcp);
+    store.own_tcp_listeners(shared.tcp_fds.clone());
     let api = Arc::new(api::Api::with_event_limits(
         store,
         shared.clone(),

@@ -13,6 +13,9 @@ use flynn_runtime::Published;
 
 use crate::metrics::CoreMetrics;
 
+/// The TCP route listening sockets of every core, by port ([`Shared::tcp_fds`]).
+pub type TcpFds = std::sync::Arc<Mutex<BTreeMap<u16, Vec<RawFd>>>>;
+
 /// Settings every core reads (fixed at start).
 pub struct Settings {
     pub tcp_ip: IpAddr,
@@ -100,9 +103,11 @@ pub struct Shared {
     pub default_cert: Option<std::sync::Arc<rustls::sign::CertifiedKey>>,
     pub cores: Vec<CoreSlot>,
     pub settings: Settings,
-    /// Every core's TCP route listening sockets by port, for a handover. Touched only
-    /// when a listener opens or closes (and by the handover), never per connection.
-    pub tcp_fds: Mutex<BTreeMap<u16, Vec<RawFd>>>,
+    /// Every core's TCP route listening sockets by port, for a handover (and for the
+    /// store: a port held by these is this router's own, see [`crate::store::Store`]).
+    /// Touched only when a listener opens or closes (and by the handover and route
+    /// changes), never per connection.
+    pub tcp_fds: TcpFds,
     /// TCP route listeners taken over from the previous process, per core: each core
     /// adopts its share on its first table and binds its own only for ports it lacks.
     pub inherited_tcp: Mutex<Vec<Vec<(u16, std::net::TcpListener)>>>,
@@ -134,7 +139,7 @@ impl Shared {
             inherited_tcp: Mutex::new((0..cores.len()).map(|_| Vec::new()).collect()),
             cores,
             settings,
-            tcp_fds: Mutex::new(BTreeMap::new()),
+            tcp_fds: Default::default(),
         }
     }
 

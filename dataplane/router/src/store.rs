@@ -26,19 +26,13 @@ pub struct Ports {
     /// ones a route carrying a certificate may name.
     pub additional_tls: Vec<u16>,
     pub tcp_range: (u16, u16),
-    /// The address TCP route listeners bind. When set, a TCP route's port must be one a
-    /// listener can bind there now (another program may hold it); `None` skips the check
-    /// (tests, fuzzing, parsing a routes file without a running router).
+    /// The address TCP route listeners bind. When set, a TCP route's port must be one no
+    /// other program's socket listens on there now (see `Store::unbindable`); `None`
+    /// skips the check (tests, fuzzing, parsing a routes file without a running router).
     pub tcp_ip: Option<std::net::IpAddr>,
 }
 
 impl Ports {
-    /// Why a TCP listener could not bind `port` now, if it could not.
-    fn unbindable(&self, port: u16) -> Option<std::io::Error> {
-        let ip = self.tcp_ip?;
-        flynn_runtime::check_reuseport_bind(std::net::SocketAddr::new(ip, port)).err()
-    }
-
     /// Why a route carrying a certificate cannot be on `port`, if it cannot: on a plain
     /// listener no handshake ever presents it (spec §1.2's legacy rule).
     fn refuses_tls(&self, port: u16) -> Option<ApiError> {
@@ -101,6 +95,8 @@ pub struct Store {
     services: BTreeMap<String, Vec<BackendAddr>>,
     seq: u64,
     version: u64,
+    /// This router's TCP route listeners by port (see [`Store::own_tcp_listeners`]).
+    own_tcp: Option<crate::shared::TcpFds>,
 }
 
 fn now() -> String {
@@ -175,6 +171,36 @@ impl Store {
             services: BTreeMap::new(),
             seq: 0,
             version: 0,
+            own_tcp: None,
+        }
+    }
+
+    /// Where this router's own TCP route listeners are registered: a port they hold is
+    /// not another program's (a route removed and one added on its port in the same
+    /// change, say), so a route may take it and new listeners join them.
+    pub(crate) fn own_tcp_listeners(&mut self, fds: crate::shared::TcpFds) {
+        self.own_tcp = Some(fds);
+    }
+
+    /// Why a TCP route's listeners could not open on `port` now, if they could not: a
+    /// socket that is not one of this router's listens there. One with SO_REUSEPORT counts
+    /// too (an nginx with `reuseport`, another router): listeners of the same user bound
+    /// beside it would join its group and silently share the port's connections with it.
+    fn unbindable(&self, port: u16) -> Option<std::io::Error> {
+        let ip = self.ports.tcp_ip?;
+        let e = flynn_runtime::check_exclusive_bind(std::net::SocketAddr::new(ip, port)).err()?;
+        let ours = self.own_tcp.as_ref().is_some_and(|fds| {
+            fds.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&port)
+        });
+        match e.kind() {
+            _ if ours => None,
+            std::io::ErrorKind::AddrInUse => Some(std::io::Error::new(
+                e.kind(),
+                "another program listens on it",
+            )),
+            _ => Some(e),
         }
     }
 
@@ -264,7 +290,7 @@ impl Store {
         self.validate_common(&r)?;
         let unbindable = |p: u16| {
             if probe {
-                self.ports.unbindable(p)
+                self.unbindable(p)
             } else {
                 None
             }

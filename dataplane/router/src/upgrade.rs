@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use flynn_http::{
     parse_response, write_request_head, write_response_head, BodyReader, Framing, RequestInfo,
@@ -31,6 +32,28 @@ enum Outcome {
     Close,
 }
 
+/// What an upgrade needs of its route, taken out of the table so that the request does not
+/// keep the table alive: a tunnel may last hours, and every change publishes a new table
+/// (thousands of WebSockets opened across deploys would each pin a whole snapshot). Two
+/// reference counts, once per upgrade; nothing of it is kept once the tunnel is open.
+pub struct Target {
+    id: Arc<str>,
+    sticky: bool,
+    backends: Arc<[SocketAddr]>,
+}
+
+impl Target {
+    pub fn of(route: &HttpRoute) -> Target {
+        Target {
+            id: route.id.clone(),
+            sticky: route.sticky,
+            backends: route.backends.clone(),
+        }
+    }
+}
+
+/// Serves an upgrade request to `route` (the request's table already dropped: see
+/// [`Target`]).
 #[allow(clippy::too_many_arguments)]
 pub async fn tunnel<S: crate::proxy::Client>(
     core: &Rc<Core>,
@@ -38,12 +61,14 @@ pub async fn tunnel<S: crate::proxy::Client>(
     fd: std::os::fd::RawFd,
     mut buf: Vec<u8>,
     info: &RequestInfo,
-    route: &HttpRoute,
+    route: Target,
     peer: SocketAddr,
     l: ListenerInfo,
     start_ms: u64,
 ) {
-    let outcome = answer(core, &mut c, fd, &mut buf, info, route, peer, l, start_ms).await;
+    let outcome = answer(core, &mut c, fd, &mut buf, info, &route, peer, l, start_ms).await;
+    // Nothing of the route is needed any more.
+    drop(route);
     let (mut up, _inflight) = match outcome {
         Outcome::Upgraded(up, inflight) => (up, inflight),
         // The backend connection is closed and the request no longer counts in flight.
@@ -94,7 +119,7 @@ async fn answer<S: crate::proxy::Client>(
     fd: std::os::fd::RawFd,
     buf: &mut Vec<u8>,
     info: &RequestInfo,
-    route: &HttpRoute,
+    route: &Target,
     peer: SocketAddr,
     l: ListenerInfo,
     start_ms: u64,
@@ -328,5 +353,108 @@ async fn own_answer<S: crate::proxy::Client>(
     match to_client(core, c, fd, out, len).await.0 {
         Ok(()) => Outcome::Refused,
         Err(_) => Outcome::Close,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use clap::Parser;
+
+    /// A backend that answers every request head with a 101, then echoes what it gets.
+    fn upgrading_backend() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut b) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    let up = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+                    if s.write_all(up).is_err() {
+                        return;
+                    }
+                    while let Ok(n) = s.read(&mut b) {
+                        if n == 0 || s.write_all(&b[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn echo(c: &mut TcpStream, msg: &[u8]) {
+        c.write_all(msg).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg);
+    }
+
+    /// An open tunnel does not keep the table its request was routed with alive: once a
+    /// change is applied, the old table is gone (every backend up or down publishes a new
+    /// one; each long-lived WebSocket would otherwise pin its own copy).
+    #[test]
+    fn a_tunnel_does_not_keep_its_table_alive() {
+        let backend = upgrading_backend();
+        let cfg = crate::Config::try_parse_from([
+            "flynn-router",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--threads",
+            "2",
+        ])
+        .unwrap();
+        let file = crate::RoutesFile::parse(
+            &format!(
+                r#"{{"routes": [{{"type": "http", "domain": "ws.test", "service": "ws"}}],
+                    "services": {{"ws": [{{"addr": "{backend}"}}]}}}}"#
+            ),
+            false,
+        )
+        .unwrap();
+        let running = crate::start(&cfg, Some(file)).unwrap();
+        let old = Arc::downgrade(&running.api.shared.table.load_full());
+
+        let mut c = TcpStream::connect(running.http_addrs[0]).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(c.read(&mut b).unwrap(), 1, "{head:?}");
+            head.push(b[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101 "), "{head:?}");
+        echo(&mut c, b"ping");
+
+        // A change: a new table, applied by every core.
+        let v = {
+            let mut s = running.api.store();
+            s.add(flynn_api::Route::http("other.test", "ws")).unwrap();
+            running.api.publish(&s)
+        };
+        assert!(running.api.shared.wait_applied(v, Duration::from_secs(5)));
+        // The tunnel is still open, and the table it started with is gone.
+        echo(&mut c, b"pong");
+        assert!(
+            old.upgrade().is_none(),
+            "an open tunnel keeps the table it was routed with alive"
+        );
     }
 }

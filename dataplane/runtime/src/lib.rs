@@ -4,7 +4,9 @@
 //!   runtime; io_uring when the kernel allows it, epoll otherwise (old kernels,
 //!   seccomp profiles that block `io_uring_setup`). No work stealing: a connection
 //!   lives and dies on the core that accepted it.
-//! - [`reuseport_listener`]: a listening socket per core on the same address.
+//! - [`reuseport_listener`]: a listening socket per core on the same address;
+//!   [`check_exclusive_bind`]: whether no other socket listens there (a group bound beside
+//!   another process's SO_REUSEPORT listeners would share their connections).
 //! - [`Published`] / [`Local`]: whole immutable snapshots published by a control
 //!   thread and picked up by cores between requests (an atomic pointer swap).
 //! - [`park`]: an epoll set where idle connections wait without a task.
@@ -22,5 +24,5 @@ mod workers;
 pub use recycle::Recycled;
 pub use snapshot::{Local, Published};
 pub use workers::{
-    check_reuseport_bind, core_count, reuseport_listener, spawn_workers, Driver, WorkerCtx,
+    check_exclusive_bind, core_count, reuseport_listener, spawn_workers, Driver, WorkerCtx,
 };

@@ -99,20 +99,61 @@ fn build_runtime(driver: Driver) -> io::Result<(Fusion, &'static str)> {
     }
 }
 
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it and
-    // sched_setaffinity only reads it. Failure (e.g. a restricted cpuset) is harmless.
+/// The CPUs the calling thread may run on (its affinity mask: `taskset`, a cpuset), in
+/// increasing order.
+fn allowed_cpus() -> io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data (all zeroes is an empty set); sched_getaffinity
+    // writes at most `size_of::<cpu_set_t>()` bytes into it, and CPU_ISSET reads a bit
+    // of it below CPU_SETSIZE.
     unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect())
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it (`cpu` is below
+    // CPU_SETSIZE: it comes from `allowed_cpus`) and sched_setaffinity only reads it.
+    let r = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_ZERO(&mut set);
         libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
+}
+
+/// The text of a panic's payload (`panic!` with a message gives a `&str` or a `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// Starts `n` pinned workers named `<name>-<i>`. Each builds its runtime (reporting
 /// which driver it got) and runs `make(ctx)` to completion. Returns once every worker
 /// has its runtime, or the first error building one.
+///
+/// Worker `i` is pinned to the `i`-th CPU the calling thread may run on (its affinity
+/// mask, read once here: under `taskset -c 4-7` worker 0 runs on CPU 4), when there are no
+/// more workers than such CPUs; otherwise the workers are left to the scheduler.
+///
+/// A panic in a worker (in any task of its runtime: monoio does not catch them) aborts
+/// the process: the worker would otherwise end alone, silently dropping its connections
+/// and its share of every SO_REUSEPORT listener while the process looks healthy. A clean,
+/// visible failure lets the supervisor restart the whole process.
 pub fn spawn_workers<F, Fut>(
     n: usize,
     driver: Driver,
@@ -124,29 +165,55 @@ where
     Fut: Future<Output = ()> + 'static,
 {
     let make = std::sync::Arc::new(make);
-    let cores = core_count();
+    let cpus = match allowed_cpus() {
+        Ok(cpus) => cpus,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the CPU affinity: workers are not pinned");
+            Vec::new()
+        }
+    };
+    let cpus = std::sync::Arc::new(if n <= cpus.len() { cpus } else { Vec::new() });
+    // A failure to pin (a cpuset that changed meanwhile, say) is logged once, not per worker.
+    let pin_failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut handles = Vec::with_capacity(n);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
     for index in 0..n {
         let make = make.clone();
         let ready = ready_tx.clone();
+        let (cpus, pin_failed) = (cpus.clone(), pin_failed.clone());
+        let thread = format!("{name}-{index}");
         let h = std::thread::Builder::new()
-            .name(format!("{name}-{index}"))
+            .name(thread.clone())
             .spawn(move || {
-                if n <= cores {
-                    pin_to_cpu(index % cores);
-                }
-                let (mut rt, drv) = match build_runtime(driver) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        let _ = ready.send(Err(e));
-                        return;
+                let run = std::panic::AssertUnwindSafe(move || {
+                    if let Some(&cpu) = cpus.get(index % cpus.len().max(1)) {
+                        if let Err(e) = pin_to_cpu(cpu) {
+                            if !pin_failed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                tracing::warn!(worker = index, cpu, error = %e, "cannot pin a worker to its CPU: it runs unpinned");
+                            }
+                        }
                     }
-                };
-                tracing::info!(worker = index, driver = drv, "worker started");
-                let _ = ready.send(Ok(()));
-                drop(ready);
-                rt.block_on(make(WorkerCtx { index, driver: drv }));
+                    let (mut rt, drv) = match build_runtime(driver) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    };
+                    tracing::info!(worker = index, driver = drv, "worker started");
+                    let _ = ready.send(Ok(()));
+                    drop(ready);
+                    rt.block_on(make(WorkerCtx { index, driver: drv }));
+                });
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    tracing::error!(
+                        worker = index,
+                        thread = %thread,
+                        panic = panic_message(panic.as_ref()),
+                        "a worker panicked: aborting the process (its connections and listeners are lost)"
+                    );
+                    std::process::abort();
+                }
             })?;
         handles.push(h);
     }
@@ -173,12 +240,17 @@ pub fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener>
     Ok(s.into())
 }
 
-/// Whether a [`reuseport_listener`] on `addr` could be opened now: binds a socket with
-/// the same options but never listens, so no connection is ever steered to it.
-pub fn check_reuseport_bind(addr: SocketAddr) -> io::Result<()> {
+/// Whether no other socket holds `addr` now, so that a [`reuseport_listener`] opened
+/// there is the first of its SO_REUSEPORT group: binds a socket *without* SO_REUSEPORT
+/// (SO_REUSEADDR only, so connections left in TIME_WAIT do not count) and never listens.
+/// A port held by any listening socket fails (`AddrInUse`), also one whose listeners have
+/// SO_REUSEPORT: a [`reuseport_listener`] bound beside those of another process of the
+/// same user (an nginx with `reuseport`, another router) would join their group and
+/// silently split the connections with it. A caller that holds listeners there itself
+/// (to add more to its own group) must tell those apart.
+pub fn check_exclusive_bind(addr: SocketAddr) -> io::Result<()> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
     s.bind(&addr.into())
 }
 
@@ -191,12 +263,21 @@ mod tests {
         let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let taken = other.local_addr().unwrap();
         assert_eq!(
-            check_reuseport_bind(taken).unwrap_err().kind(),
+            check_exclusive_bind(taken).unwrap_err().kind(),
             io::ErrorKind::AddrInUse
         );
-        // A port our own listeners hold (SO_REUSEPORT) stays usable.
-        let ours = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
-        check_reuseport_bind(ours.local_addr().unwrap()).unwrap();
+        // Listeners with SO_REUSEPORT (another program's group a reuseport_listener would
+        // join) hold the port as well.
+        let group = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_eq!(
+            check_exclusive_bind(group.local_addr().unwrap())
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::AddrInUse
+        );
+        // A port whose listener is gone is free again.
+        drop(other);
+        check_exclusive_bind(taken).unwrap();
     }
 
     #[test]
@@ -220,6 +301,87 @@ mod tests {
                 assert!(got.iter().all(|g| *g == "epoll"));
             }
         }
+    }
+
+    /// Worker `i` runs on the `i`-th CPU the starting thread may use, not on CPU `i`: here
+    /// the starting thread may only use the last CPU (as under `taskset -c <last>`).
+    #[test]
+    fn workers_are_pinned_within_the_allowed_cpus() {
+        let all = allowed_cpus().unwrap();
+        let last = *all.last().unwrap();
+        // Only this test's thread is restricted (the workers inherit its mask).
+        pin_to_cpu(last).unwrap();
+        assert_eq!(allowed_cpus().unwrap(), vec![last]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let hs = spawn_workers(1, Driver::Epoll, "pin", move |_| {
+            let tx = tx.clone();
+            async move {
+                tx.send(allowed_cpus().unwrap()).unwrap();
+            }
+        })
+        .unwrap();
+        for h in hs {
+            h.join().unwrap();
+        }
+        assert_eq!(rx.recv().unwrap(), vec![last], "all CPUs: {all:?}");
+    }
+
+    /// Set in the child process of [`a_panicking_task_aborts_the_process`].
+    const PANIC_CHILD: &str = "FLYNN_RUNTIME_TEST_PANIC_CHILD";
+
+    /// A task that panics on one worker takes the whole process down (SIGABRT) instead of
+    /// ending that worker alone. Runs this test's own executable as the child that panics.
+    #[test]
+    fn a_panicking_task_aborts_the_process() {
+        use std::os::unix::process::ExitStatusExt;
+        use std::time::{Duration, Instant};
+        if std::env::var_os(PANIC_CHILD).is_some() {
+            // The child. No core file for the expected abort.
+            // SAFETY: prctl(PR_SET_DUMPABLE) takes plain integers.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+            let _hs = spawn_workers(2, Driver::Auto, "panicky", |ctx| async move {
+                if ctx.index == 0 {
+                    monoio::spawn(async { panic!("a connection task panicked") });
+                }
+                std::future::pending::<()>().await
+            })
+            .unwrap();
+            // Still here: the worker ended alone and the process went on (exit 0).
+            std::thread::sleep(Duration::from_secs(20));
+            return;
+        }
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "workers::tests::a_panicking_task_aborts_the_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(PANIC_CHILD, "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                break child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGABRT),
+            "the process went on after a worker panicked ({status:?}):\n{err}"
+        );
+        assert!(err.contains("a connection task panicked"), "{err}");
     }
 
     #[test]

@@ -489,11 +489,15 @@ async fn one_request<S: Client>(
         }
         Some(r) if info.upgrade => {
             // A tunnel may last hours: the exchange's buffers go back to the core now (the
-            // upgrade's own exchange does not use them), the request buffer goes with it.
+            // upgrade's own exchange does not use them), the request buffer goes with it,
+            // and so does the table (every change publishes a new one: a tunnel must not
+            // keep its old one alive), the route's few fields taken out of it first.
             core.release_buf(ubuf);
             core.release_buf(out);
             let b = std::mem::take(buf);
-            crate::upgrade::tunnel(core, c, fd, b, &info, r, peer, l, start_ms).await;
+            let target = crate::upgrade::Target::of(r);
+            drop(table);
+            crate::upgrade::tunnel(core, c, fd, b, &info, target, peer, l, start_ms).await;
             return None;
         }
         Some(r) => {

@@ -436,6 +436,43 @@ fn tcp_ports_are_checked_by_a_bind_except_on_restore() {
     assert_eq!(s.list(None)[0].port, held);
 }
 
+/// A port held by another program's SO_REUSEPORT listeners (an nginx with `reuseport`,
+/// another router: same user) is refused and skipped too: the router's listeners would
+/// join their group and share the port's connections with it. A port this router's own
+/// listeners hold is not another program's.
+#[test]
+fn tcp_ports_of_another_reuseport_group_are_refused_but_not_our_own() {
+    use std::os::fd::AsRawFd;
+    let foreign = flynn_runtime::reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+    let held = foreign.local_addr().unwrap().port();
+    let mut s = Store::new(
+        Ports {
+            default_http: vec![8080],
+            additional_http: vec![],
+            additional_tls: vec![],
+            tcp_range: (held, held),
+            tcp_ip: Some([127, 0, 0, 1].into()),
+        },
+        false,
+    );
+    let e = s.add(Route::tcp(held, "db")).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Conflict, "{e:?}");
+    assert!(
+        e.message
+            .contains(&format!("Port {held} cannot be listened on")),
+        "{}",
+        e.message
+    );
+    let e = s.add(Route::tcp(0, "db")).unwrap_err();
+    assert_eq!(e.message, "No TCP ports available");
+    assert!(s.list(None).is_empty());
+    // The same socket registered as one of this router's TCP route listeners.
+    let own: crate::shared::TcpFds = Default::default();
+    own.lock().unwrap().insert(held, vec![foreign.as_raw_fd()]);
+    s.own_tcp_listeners(own);
+    assert_eq!(s.add(Route::tcp(held, "db")).unwrap().port, held);
+}
+
 #[test]
 fn a_domains_certificate_is_its_root_routes() {
     let (a, b) = (cert("a.com"), cert("a.com"));

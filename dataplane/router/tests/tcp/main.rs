@@ -327,6 +327,54 @@ fn ports_held_by_another_program_are_refused_or_skipped() {
     assert_eq!(exchange(lo, b"y"), b"b1 y");
 }
 
+/// Another program's listeners with SO_REUSEPORT (an nginx with `reuseport`, another
+/// router; the same user as this router) hold their port as well: a TCP route there is
+/// refused, not served by listeners that would join their group and split the port's
+/// connections with them.
+#[test]
+fn ports_of_another_programs_reuseport_group_are_refused() {
+    let router = tcp_router();
+    let (lo, _) = router.tcp_ports.unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], lo).into();
+    let foreign = flynn_runtime::reuseport_listener(addr).expect("bind the first port");
+    let (status, body) = router.api(
+        "POST",
+        "/routes",
+        Some(&tcp_route(lo, "tcpsvc").to_string()),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("Port {lo} cannot be listened on"))),
+        "{body}"
+    );
+    // Picked by the router: the next port.
+    let route = router.add_route(tcp_route(0, "tcpsvc"));
+    assert_eq!(port_of(&route), lo + 1);
+    drop(foreign);
+}
+
+/// A router started on an address another program's SO_REUSEPORT listeners hold (a router
+/// started again without --takeover, an nginx with `reuseport`) refuses to start instead
+/// of silently sharing the port's connections with them.
+#[test]
+fn start_refuses_an_address_of_another_programs_reuseport_group() {
+    let foreign = flynn_runtime::reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = foreign.local_addr().unwrap();
+    let (status, out) = Router::builder()
+        .http_addrs(0)
+        .arg("--http-addr")
+        .arg(addr.to_string())
+        .run_to_exit(Duration::from_secs(10));
+    let status = status.expect("the router exits");
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains(&format!("listening on {addr}")) && out.contains("another program"),
+        "{out}"
+    );
+}
+
 /// What `ss` says holds TCP `port` (for failure messages).
 fn port_holders(port: u16) -> String {
     std::process::Command::new("ss")
