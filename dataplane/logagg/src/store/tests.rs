@@ -1,4 +1,5 @@
 use super::*;
+use crate::line::Filter;
 use flynn_syslog::parse_fields;
 
 fn msg(host: &str, procid: &str, msgid: &str, seq: u64, ts_us: u64, body: &str) -> String {
