@@ -1,7 +1,9 @@
-//! The `proxy` harness: start every target once, then run each scenario round by round with
-//! the targets in a rotating order, so slow drifts of a shared machine hit all of them alike.
+//! The `proxy` harness: start every target once, warm each up with one unrecorded run, then
+//! run each scenario round by round with the targets in a balanced order ([`crate::order`]),
+//! so slow drifts of a shared machine, and whatever one run leaves behind for the next, hit
+//! all of them alike.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -246,6 +248,8 @@ pub struct Options {
     pub idle_settle: Duration,
     /// Key type of the generated certificate (TLS scenarios).
     pub key_type: tls::KeyType,
+    /// One unrecorded run per target before round 1.
+    pub warmup: bool,
     /// The command line, for the report header.
     pub command: String,
 }
@@ -312,9 +316,18 @@ fn header(opts: &Options, nofile: u64) -> Vec<String> {
             },
         ),
         format!(
-            "Load: wrk -t2, {} s per run, {} round(s), target order rotated every scenario and \
-             round; origin: flynn-perf origin, {} monoio threads; everything on 127.0.0.1",
-            opts.duration_s, opts.rounds, opts.origin_threads
+            "Load: wrk -t2, {} s per run, {}{} round(s), target order changing every scenario \
+             and round (a balanced design: every target in every position and right after \
+             every other target equally often over a cycle); origin: flynn-perf origin, {} \
+             monoio threads; everything on 127.0.0.1",
+            opts.duration_s,
+            if opts.warmup {
+                "one unrecorded warm-up run per target (its first scenario), then "
+            } else {
+                ""
+            },
+            opts.rounds,
+            opts.origin_threads
         ),
     ]
 }
@@ -337,6 +350,36 @@ fn row_ids(opts: &Options) -> Vec<Id> {
         }
     }
     ids
+}
+
+/// One load run against a target: the load generator's report, the target's CPU seconds
+/// during the run, its RSS right after it and the handshake kinds (`tls-newconn-c64`).
+struct Measured {
+    result: Result<wrk::Report>,
+    cpu_s: f64,
+    rss: u64,
+    kinds: Option<(u64, u64)>,
+}
+
+fn measure(target: &Running, driver: &Driver, log: &Path) -> Measured {
+    let cpu0 = procfs::cpu_seconds(target.pid);
+    let mut kinds = None;
+    let result = match driver {
+        Driver::Wrk(load) => wrk::run(load, log),
+        Driver::H2(load) => h2load::run(load, log),
+        Driver::Handshake(load) => handshake::run(load).map(|o| {
+            kinds = Some((o.full, o.resumed));
+            o.report
+        }),
+    };
+    let cpu_s = procfs::cpu_seconds(target.pid) - cpu0;
+    let rss = procfs::rss_bytes(target.pid);
+    Measured {
+        result,
+        cpu_s,
+        rss,
+        kinds,
+    }
 }
 
 pub fn run(opts: Options) -> Result<String> {
@@ -474,14 +517,46 @@ pub fn run(opts: Options) -> Result<String> {
                 .insert(s.name().to_string(), s.unit().to_string());
         }
     }
+    if opts.warmup {
+        // The first load at a fresh target pays for its lazy start (page faults, allocator
+        // growth, connection pools, TLS session caches): one unrecorded run of the first
+        // scenario it serves.
+        for target in running.iter_mut() {
+            let id = target.id;
+            let Some((scenario, driver)) = wrk_scenarios
+                .iter()
+                .find_map(|&sc| sc.driver(target, opts.duration_s).ok().map(|d| (sc, d)))
+            else {
+                continue;
+            };
+            let log = dir
+                .path()
+                .join(format!("load-warmup-{}-{id}.log", scenario.name()));
+            let m = measure(target, &driver, &log);
+            match &m.result {
+                Ok(w) => eprintln!(
+                    "warm-up {:<15} {:<10} {:>9.0} {unit}/s  errors {} (not counted)",
+                    scenario.name(),
+                    id.to_string(),
+                    w.rps,
+                    w.errors(),
+                    unit = scenario.unit(),
+                ),
+                Err(e) => eprintln!("warm-up {} {id}: {e:#}", scenario.name()),
+            }
+            if let Some(why) = target.dead() {
+                eprintln!("{id} died during its warm-up: {why}");
+                session.skipped.insert(id, why);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
     let total = opts.rounds * wrk_scenarios.len() * running.len();
     let mut done = 0;
     for round in 0..opts.rounds {
         for (si, &scenario) in wrk_scenarios.iter().enumerate() {
-            let n = running.len();
-            let mut order: Vec<usize> = (0..n).collect();
-            order.rotate_left((round + si) % n.max(1));
-            for i in order {
+            for i in crate::order::run_order(running.len(), round + si) {
                 let target = &mut running[i];
                 let id = target.id;
                 done += 1;
@@ -504,22 +579,20 @@ pub fn run(opts: Options) -> Result<String> {
                 let log = dir
                     .path()
                     .join(format!("load-{}-{}-{round}.log", scenario.name(), id));
-                let cpu0 = procfs::cpu_seconds(target.pid);
-                let mut kinds = None;
-                let result = match &driver {
-                    Driver::Wrk(load) => wrk::run(load, &log),
-                    Driver::H2(load) => h2load::run(load, &log),
-                    Driver::Handshake(load) => handshake::run(load).map(|o| {
-                        kinds = Some((o.full, o.resumed));
-                        o.report
-                    }),
-                };
-                let cpu_s = procfs::cpu_seconds(target.pid) - cpu0;
-                let rss = procfs::rss_bytes(target.pid);
+                let Measured {
+                    result,
+                    cpu_s,
+                    rss,
+                    kinds,
+                } = measure(target, &driver, &log);
+                // A target that died during the run may still have answered most of it: the
+                // run does not count, and the target runs nothing more.
+                let died = target.dead();
                 match result {
                     Ok(w) => {
+                        let invalid = Sample::invalid_reason(&w, died.as_deref());
                         eprintln!(
-                            "[{done}/{total}] round {} {:<15} {:<10} {:>9.0} {unit}/s  p99 {:>9.0} µs  {:>7.0} {unit}/CPU-s  errors {}{}",
+                            "[{done}/{total}] round {} {:<15} {:<10} {:>9.0} {unit}/s  p99 {:>9.0} µs  {:>7.0} {unit}/CPU-s  errors {}{}{}",
                             round + 1,
                             scenario.name(),
                             id.to_string(),
@@ -530,6 +603,7 @@ pub fn run(opts: Options) -> Result<String> {
                             kinds
                                 .map(|(f, r)| format!("  ({f} full, {r} resumed)"))
                                 .unwrap_or_default(),
+                            if invalid.is_some() { "  (invalid: not counted)" } else { "" },
                             unit = scenario.unit(),
                         );
                         session
@@ -542,6 +616,7 @@ pub fn run(opts: Options) -> Result<String> {
                                 cpu_s,
                                 rss,
                                 handshakes: kinds,
+                                invalid,
                             });
                     }
                     Err(e) => {
@@ -549,6 +624,10 @@ pub fn run(opts: Options) -> Result<String> {
                         eprintln!("[{done}/{total}] {msg}");
                         session.failures.push(msg);
                     }
+                }
+                if let Some(why) = died {
+                    eprintln!("{id} died: {why}");
+                    session.skipped.insert(id, why);
                 }
                 // Let sockets drain and the proxy settle before the next target.
                 std::thread::sleep(Duration::from_millis(300));

@@ -262,21 +262,15 @@ pub fn run(load: &Load) -> Result<Outcome> {
     }
     let seconds = start.elapsed().as_secs_f64();
     let done = all.latencies_us.len() as u64;
-    all.latencies_us.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        let v = &all.latencies_us;
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1] as f64
-    };
+    let latencies: Vec<f64> = all.latencies_us.iter().map(|&us| us as f64).collect();
+    let pct = |p: f64| crate::report::percentile(&latencies, p).unwrap_or(f64::NAN);
     Ok(Outcome {
         report: wrk::Report {
             requests: done,
             seconds,
             rps: done as f64 / seconds,
-            p50_us: pct(0.50),
-            p99_us: pct(0.99),
+            p50_us: pct(50.0),
+            p99_us: pct(99.0),
             non_2xx: all.non_2xx,
             socket_errors: all.errors,
         },

@@ -32,7 +32,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,13 +70,53 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Runs a command to completion; its stdout, or an error with its stderr.
+/// Bound on one HTTP request to the daemon (`PUT`, `DELETE`; the first `PUT` imports the
+/// image layer).
+const REQUEST_TIMEOUT: Duration = WAIT;
+/// Bound on building the busybox image.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Waits for `child` (its output, when piped) up to `timeout`; SIGKILLs it after that. The
+/// wait is a blocking `waitpid` on a helper thread, so the caller sees the exit at once (no
+/// polling interval added to a timed command).
+fn wait_bounded(child: std::process::Child, what: &str, timeout: Duration) -> Result<Output> {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("wait".into())
+        .spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        })
+        .context("spawning a wait thread")?;
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.with_context(|| format!("waiting for {what}")),
+        Err(_) => {
+            // Not reaped yet (the thread would have sent), so the pid is still the child's.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = rx.recv_timeout(Duration::from_secs(5));
+            bail!("{what} did not finish within {timeout:?}; killed")
+        }
+    }
+}
+
+/// Runs a command to completion, bounded by [`WAIT`]; its stdout, or an error with its stderr.
 fn run(args: &[&str]) -> Result<String> {
-    let out = Command::new(args[0])
+    run_for(args, WAIT)
+}
+
+/// [`run`] with its own bound.
+fn run_for(args: &[&str], timeout: Duration) -> Result<String> {
+    let child = Command::new(args[0])
         .args(&args[1..])
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .with_context(|| format!("spawn {args:?}"))?;
+    let out = wait_bounded(child, &format!("{args:?}"), timeout)?;
     if !out.status.success() {
         bail!(
             "{args:?} failed: {}",
@@ -189,6 +229,9 @@ pub(crate) struct Leftovers {
     jobs: Vec<String>,
     /// runc containers that may exist.
     runc_ids: Vec<String>,
+    /// The `runc run -d` in progress, if any (killed first on a signal, so it creates no
+    /// container after the cleanup).
+    runc_running: Option<u32>,
     removed: bool,
 }
 
@@ -202,6 +245,7 @@ impl Leftovers {
             cgroup_parent,
             jobs: Vec::new(),
             runc_ids: Vec::new(),
+            runc_running: None,
             removed: false,
         }
     }
@@ -217,6 +261,12 @@ impl Leftovers {
             return;
         }
         self.removed = true;
+        if let Some(pid) = self.runc_running.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         // Shims are session leaders of their own: kill what is left by pid file and cgroup.
         let containers = self.dir.join("state/containers");
         for entry in std::fs::read_dir(&containers)
@@ -596,7 +646,10 @@ pub(crate) fn build_image(dir: &Path) -> Result<Image> {
         script.display()
     );
     let tar = dir.join("busybox.tar");
-    run(&["sh", &script.to_string_lossy(), &tar.to_string_lossy()])?;
+    run_for(
+        &["sh", &script.to_string_lossy(), &tar.to_string_lossy()],
+        BUILD_TIMEOUT,
+    )?;
     let sum = run(&["sha256sum", &tar.to_string_lossy()])?;
     let sha256 = sum
         .split_whitespace()
@@ -647,8 +700,10 @@ pub(crate) async fn put_job(
         .put(format!("{api}/host/jobs/{id}"))
         .header("content-type", "application/json")
         .body(body)
+        .timeout(REQUEST_TIMEOUT)
         .send()
-        .await?;
+        .await
+        .with_context(|| format!("PUT job {id}"))?;
     let status = resp.status();
     ensure!(
         status.is_success(),
@@ -660,7 +715,12 @@ pub(crate) async fn put_job(
 
 /// `DELETE /host/jobs/:id` (stop) to the daemon at `api`.
 pub(crate) async fn delete_job(http: &reqwest::Client, api: &str, id: &str) -> Result<()> {
-    let resp = http.delete(format!("{api}/host/jobs/{id}")).send().await?;
+    let resp = http
+        .delete(format!("{api}/host/jobs/{id}"))
+        .timeout(REQUEST_TIMEOUT)
+        .send()
+        .await
+        .with_context(|| format!("DELETE job {id}"))?;
     let status = resp.status();
     ensure!(
         status.is_success(),
@@ -751,15 +811,32 @@ fn runc_once(lab: &Lab, template: &Value, name: &str, trap: bool) -> Result<Samp
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(err);
-    // Registered and created under the lock: the signal hook either sees it or runs first
-    // (and then nothing is created).
-    let mut left = lock(&lab.left);
-    ensure!(!left.removed, "stopping");
-    left.runc_ids.push(id.clone());
+    // Registered before it is created, so the cleanup deletes it (and kills its cgroup);
+    // the lock is not held across `runc run`, which would block a signal's cleanup for as
+    // long as runc takes. The process is registered once started: a cleanup that ran in
+    // between is seen here, and a later one kills it first.
+    {
+        let mut left = lock(&lab.left);
+        ensure!(!left.removed, "stopping");
+        left.runc_ids.push(id.clone());
+    }
     let t0 = Instant::now();
-    let status = cmd.status().context("running runc")?;
+    let child = cmd.spawn().context("running runc")?;
+    {
+        let mut left = lock(&lab.left);
+        if left.removed {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            bail!("stopping");
+        }
+        left.runc_running = Some(child.id());
+    }
+    let status = wait_bounded(child, &format!("runc run -d {id}"), WAIT);
     let running = t0.elapsed();
-    drop(left);
+    lock(&lab.left).runc_running = None;
+    let status = status?.status;
     ensure!(
         status.success(),
         "runc run -d {id}: {status}: {}",
@@ -855,13 +932,28 @@ fn prepare_runc(lab: &Lab, img: &Image, id: &str) -> Result<Value> {
     Ok(config)
 }
 
+/// The `p`-th percentile (0..=100) of `xs`: [`crate::report::percentile`] (linear
+/// interpolation; the 50th is the median, the mean of the two middles for an even count).
 fn pct(xs: &[Duration], p: f64) -> Option<Duration> {
-    if xs.is_empty() {
-        return None;
-    }
-    let mut v = xs.to_vec();
-    v.sort();
-    Some(v[((v.len() - 1) as f64 * p).round() as usize])
+    crate::report::percentile(&nanos(xs), p).map(from_nanos)
+}
+
+/// The median of `xs` ([`crate::report::median`]).
+fn median_of(xs: &[Duration]) -> Option<Duration> {
+    crate::report::median(nanos(xs)).map(from_nanos)
+}
+
+fn nanos(xs: &[Duration]) -> Vec<f64> {
+    xs.iter().map(|d| d.as_nanos() as f64).collect()
+}
+
+fn from_nanos(ns: f64) -> Duration {
+    Duration::from_nanos(ns.round() as u64)
+}
+
+/// The median of KiB figures ([`crate::report::median`]), 0 for none.
+fn median_kib(xs: &[u64]) -> u64 {
+    crate::report::median(xs.iter().map(|&k| k as f64).collect()).map_or(0, |m| m.round() as u64)
 }
 
 fn ms(d: Option<Duration>) -> String {
@@ -1015,9 +1107,10 @@ async fn bench(opts: &Options, lab: &mut Lab, img: &Image) -> Result<Results> {
     for round in 0..opts.rounds {
         eprintln!("round {}/{}", round + 1, opts.rounds);
         let name = format!("r{round}");
-        // The order rotates every round.
-        for k in 0..3 {
-            match (round + k) % 3 {
+        // The order changes every round, each variant right after each other equally
+        // often over a cycle of 6 rounds.
+        for k in crate::order::run_order(3, round) {
+            match k {
                 0 => res
                     .flynn
                     .push(flynn_once(&mut ctx, lab, &name, true, false).await?),
@@ -1030,10 +1123,16 @@ async fn bench(opts: &Options, lab: &mut Lab, img: &Image) -> Result<Results> {
     }
     for round in 0..opts.no_trap_rounds {
         let name = format!("n{round}");
-        res.flynn_no_trap
-            .push(flynn_once(&mut ctx, lab, &name, false, false).await?);
-        res.runc_no_trap
-            .push(runc_once(lab, &template, &name, false)?);
+        // flynn-host first on even rounds, runc first on odd ones.
+        for k in crate::order::run_order(2, round) {
+            if k == 0 {
+                res.flynn_no_trap
+                    .push(flynn_once(&mut ctx, lab, &name, false, false).await?);
+            } else {
+                res.runc_no_trap
+                    .push(runc_once(lab, &template, &name, false)?);
+            }
+        }
     }
     if opts.jobs > 0 {
         eprintln!("memory: {} jobs", opts.jobs);
@@ -1072,7 +1171,7 @@ fn report(opts: &Options, started: &str, load_before: &str, res: &Results) -> Re
         load_average(),
     ));
     md.push_str(&format!(
-        "- {} round(s) after one warm-up, the order of the three variants rotating every round; busybox `sh -c \"{TRAP_SCRIPT}\"`\n\n",
+        "- {} round(s) after one warm-up, the order of the three variants changing every round (a balanced design: each variant in each position and right after each other variant equally often over 6 rounds); no-trap rounds alternate which goes first; percentiles interpolate linearly between ranks (p50 = median); busybox `sh -c \"{TRAP_SCRIPT}\"`\n\n",
         opts.rounds
     ));
     md.push_str("Running: flynn-host `PUT /host/jobs/:id` sent → the job's `start` event (SSE); runc `run -d` started → returned. Trap: the same start → a process of the job's cgroup has its SIGTERM handler (the shell runs). Stop: `DELETE` sent → `stop` event (done); `runc kill TERM` → exited → `runc delete` returned. runc uses the shim's own `config.json` on a pre-mounted overlay of the same image, with new namespaces of each type (no veth, no address); flynn-host's numbers include the API, the overlay mount and the job's netns + veth + address (a `host_network` job skips the network part).\n\n");
@@ -1083,19 +1182,19 @@ fn report(opts: &Options, started: &str, load_before: &str, res: &Results) -> Re
         let stop: Vec<Duration> = s.iter().map(|x| x.stop).collect();
         format!(
             "| {name} | {} | {} | {} | {} | {} | {} |\n",
-            ms(pct(&running, 0.5)),
-            ms(pct(&running, 0.9)),
-            ms(pct(&trap, 0.5)),
-            ms(pct(&trap, 0.9)),
-            ms(pct(&stop, 0.5)),
-            ms(pct(&stop, 0.9)),
+            ms(median_of(&running)),
+            ms(pct(&running, 90.0)),
+            ms(median_of(&trap)),
+            ms(pct(&trap, 90.0)),
+            ms(median_of(&stop)),
+            ms(pct(&stop, 90.0)),
         )
     };
     md.push_str(&row("flynn-host", &res.flynn));
     md.push_str(&row("flynn-host, `host_network` job", &res.flynn_host_net));
     md.push_str(&row("runc", &res.runc));
     let med = |s: &[Sample], f: fn(&Sample) -> Option<Duration>| -> Option<Duration> {
-        pct(&s.iter().filter_map(f).collect::<Vec<_>>(), 0.5)
+        median_of(&s.iter().filter_map(f).collect::<Vec<_>>())
     };
     md.push_str("\n| ratio (medians) | flynn-host ÷ runc | target |\n|---|---:|---|\n");
     md.push_str(&format!(
@@ -1115,11 +1214,6 @@ fn report(opts: &Options, started: &str, load_before: &str, res: &Results) -> Re
         ));
     }
     if let Some(m) = &res.memory {
-        let median = |v: &[u64]| -> u64 {
-            let mut v = v.to_vec();
-            v.sort_unstable();
-            v.get(v.len() / 2).copied().unwrap_or(0)
-        };
         md.push_str(&format!(
             "\nMemory with {} jobs running (`{TRAP_SCRIPT}`, all `PUT` back to back): all running after {:.2} s, all stopped {:.2} s after the `DELETE`s began.\n\n",
             m.jobs,
@@ -1134,9 +1228,9 @@ fn report(opts: &Options, started: &str, load_before: &str, res: &Results) -> Re
             mib(m.daemon_idle_kib),
             mib(m.daemon_after_kib),
             mib(m.daemon_hwm_kib),
-            mib(median(&m.shim_rss_kib)),
+            mib(median_kib(&m.shim_rss_kib)),
             mib(m.shim_rss_kib.iter().copied().max().unwrap_or(0)),
-            mib(median(&m.shim_pss_kib)),
+            mib(median_kib(&m.shim_pss_kib)),
             mib(m.shim_rss_kib.iter().sum()),
             mib(m.shim_pss_kib.iter().sum()),
         ));
@@ -1211,9 +1305,24 @@ mod tests {
         assert!(status_kib(me, "VmRSS").unwrap() > 0);
         assert!(!exited(me));
         assert!(exited(u32::MAX));
-        assert!(pct(&[], 0.5).is_none());
+        assert!(pct(&[], 50.0).is_none());
         let d = |ms| Duration::from_millis(ms);
-        assert_eq!(pct(&[d(3), d(1), d(2)], 0.5), Some(d(2)));
+        assert_eq!(pct(&[d(3), d(1), d(2)], 50.0), Some(d(2)));
         assert_eq!(ratio(Some(d(1)), Some(d(2))), "0.50");
+    }
+
+    #[test]
+    fn medians_and_percentiles_of_even_counts() {
+        let d = |ms| Duration::from_millis(ms);
+        // Even count: the mean of the two middles, not the upper middle.
+        assert_eq!(
+            median_of(&[d(4), d(1), d(2), d(3)]),
+            Some(Duration::from_micros(2500))
+        );
+        assert_eq!(median_of(&[]), None);
+        let ten: Vec<Duration> = (1..=10).map(d).collect();
+        assert_eq!(pct(&ten, 90.0), Some(Duration::from_micros(9100)));
+        assert_eq!(median_kib(&[10, 40, 20, 30]), 25);
+        assert_eq!(median_kib(&[]), 0);
     }
 }

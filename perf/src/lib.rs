@@ -25,6 +25,7 @@ pub mod handshake;
 pub mod host;
 pub mod idle;
 pub mod logagg;
+pub mod order;
 pub mod origin;
 pub mod overlay;
 pub mod procfs;

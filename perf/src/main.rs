@@ -142,6 +142,17 @@ struct DiscoverdArgs {
     no_warmup: bool,
     #[arg(long, default_value = "target/release/flynn-discoverd")]
     discoverd_bin: PathBuf,
+    /// How to drive etcd: `grpc` (its native gRPC API, as etcd's clients) or `gateway` (its
+    /// JSON gRPC gateway over HTTP/1.1, which etcd serves by calling its own gRPC server).
+    #[arg(long, default_value = "grpc", value_parser = discoverd::cluster::EtcdApi::parse)]
+    etcd_api: discoverd::cluster::EtcdApi,
+    /// etcd's `--election-timeout`, ms (default: discoverd's 100 ms; etcd's own is 1000).
+    #[arg(long, default_value_t = discoverd::cluster::EtcdTimers::DISCOVERD_ELECTION_MS)]
+    etcd_election_ms: u64,
+    /// etcd's `--heartbeat-interval`, ms (default: a tenth of the election timeout, etcd's
+    /// own ratio; etcd refuses more than a fifth).
+    #[arg(long)]
+    etcd_heartbeat_ms: Option<u64>,
     /// Also write the Markdown report here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -231,6 +242,9 @@ struct ProxyArgs {
     /// Key type of the self-signed certificate for the TLS scenarios: ec (P-256) or rsa (2048).
     #[arg(long, default_value = "ec")]
     cert: String,
+    /// Skip the unrecorded warm-up run per target.
+    #[arg(long)]
+    no_warmup: bool,
 }
 
 #[derive(clap::Args)]
@@ -290,6 +304,7 @@ fn main() -> Result<()> {
                 idle_conns: a.idle_conns,
                 idle_settle: std::time::Duration::from_millis(a.idle_settle_ms),
                 key_type: flynn_perf::tls::KeyType::parse(&a.cert)?,
+                warmup: !a.no_warmup,
                 command: command_line(),
             };
             let text = bench::run(opts)?;
@@ -387,6 +402,11 @@ fn main() -> Result<()> {
                 scenarios: a.scenarios,
                 warmup: !a.no_warmup,
                 discoverd_bin: a.discoverd_bin,
+                etcd_api: a.etcd_api,
+                etcd_timers: discoverd::cluster::EtcdTimers::new(
+                    a.etcd_election_ms,
+                    a.etcd_heartbeat_ms,
+                )?,
                 out: a.out,
                 command: command_line(),
             };
@@ -394,5 +414,44 @@ fn main() -> Result<()> {
             println!("{text}");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use discoverd::cluster::{EtcdApi, EtcdTimers};
+
+    fn discoverd_args(args: &[&str]) -> DiscoverdArgs {
+        let cli = Cli::try_parse_from([&["flynn-perf", "discoverd"], args].concat()).unwrap();
+        match cli.command {
+            Cmd::Discoverd(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn discoverd_etcd_options() {
+        let a = discoverd_args(&[]);
+        assert_eq!(a.etcd_api, EtcdApi::Grpc);
+        assert_eq!(a.etcd_election_ms, 100);
+        assert_eq!(a.etcd_heartbeat_ms, None);
+        let a = discoverd_args(&[
+            "--etcd-api",
+            "gateway",
+            "--etcd-election-ms",
+            "1000",
+            "--etcd-heartbeat-ms",
+            "100",
+        ]);
+        assert_eq!(a.etcd_api, EtcdApi::Gateway);
+        assert_eq!(
+            EtcdTimers::new(a.etcd_election_ms, a.etcd_heartbeat_ms).unwrap(),
+            EtcdTimers {
+                election_ms: 1000,
+                heartbeat_ms: 100
+            }
+        );
+        assert!(Cli::try_parse_from(["flynn-perf", "discoverd", "--etcd-api", "http"]).is_err());
     }
 }

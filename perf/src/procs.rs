@@ -38,7 +38,7 @@ static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::
 /// If a signal is being handled, waits (up to a minute) for the signal thread to clean up and
 /// exit the process, so the main thread does not exit under it when its work fails.
 pub fn wait_if_stopping() {
-    if STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
+    if stopping() {
         std::thread::sleep(Duration::from_secs(60));
     }
 }
@@ -57,14 +57,29 @@ pub fn remove_hook(id: u64) {
     registry().hooks.retain(|(h, _)| *h != id);
 }
 
+/// Unregisters hook `id` and returns it (tests run a hook without [`kill_all`]).
+#[cfg(test)]
+pub(crate) fn take_hook(id: u64) -> Option<Hook> {
+    let mut reg = registry();
+    let at = reg.hooks.iter().position(|(h, _)| *h == id)?;
+    Some(reg.hooks.remove(at).1)
+}
+
 fn registry() -> MutexGuard<'static, Registry> {
     REGISTRY
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Starts a thread that waits for SIGINT/SIGTERM/SIGHUP, kills every registered process group
-/// and exits. Signals are not blocked, so children start with a clean signal mask.
+/// Whether a signal is being handled (the harness is cleaning up and about to exit).
+pub fn stopping() -> bool {
+    STOPPING.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Starts a thread that waits for SIGINT/SIGTERM/SIGHUP: the first one kills every
+/// registered process group, runs the hooks and exits; a second one (cleanup stuck or too
+/// slow for the user) exits at once. Signals are not blocked, so children start with a clean
+/// signal mask.
 pub fn install_signal_handler() -> Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
@@ -72,11 +87,23 @@ pub fn install_signal_handler() -> Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
+            for sig in signals.forever() {
+                if STOPPING.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    eprintln!("\nflynn-perf: caught signal {sig} again, exiting without cleanup");
+                    std::process::exit(128 + sig);
+                }
                 eprintln!("\nflynn-perf: caught signal {sig}, stopping every process it started");
-                kill_all();
-                std::process::exit(128 + sig);
+                // The cleanup runs on its own thread so that this one hears a second signal.
+                let cleanup = std::thread::Builder::new()
+                    .name("cleanup".into())
+                    .spawn(move || {
+                        kill_all();
+                        std::process::exit(128 + sig);
+                    });
+                if cleanup.is_err() {
+                    kill_all();
+                    std::process::exit(128 + sig);
+                }
             }
         })
         .context("spawning the signal thread")?;
@@ -110,16 +137,30 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts `cmd` in its own process group, registered for [`kill_all`]; refused once a
+    /// signal is being handled (the group would outlive the cleanup).
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
+        anyhow::ensure!(!stopping(), "not starting {name}: stopping on a signal");
         let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
             .process_group(0);
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {name}: {cmd:?}"))?;
-        registry().pgids.push(child.id() as i32);
+        {
+            // Checked under the registry lock: `kill_all` drains the groups under it after
+            // the flag is set, so a group is either drained by it or never registered.
+            let mut reg = registry();
+            if stopping() {
+                drop(reg);
+                let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+                let _ = child.wait();
+                anyhow::bail!("not starting {name}: stopping on a signal");
+            }
+            reg.pgids.push(child.id() as i32);
+        }
         Ok(Proc {
             name: name.to_string(),
             child,

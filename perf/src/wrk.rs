@@ -23,8 +23,11 @@ pub struct Load {
 /// The figures the harness keeps from one `wrk` report.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Report {
+    /// Successful requests only: responses wrk counts as neither an error status (its
+    /// "Non-2xx or 3xx responses") nor a socket error.
     pub requests: u64,
     pub seconds: f64,
+    /// `requests` per second.
     pub rps: f64,
     pub p50_us: f64,
     pub p99_us: f64,
@@ -78,38 +81,55 @@ fn parse_latency(s: &str) -> Option<f64> {
     Some(v * scale)
 }
 
+/// Parses wrk's `--latency` report. Every figure the harness uses is required (a truncated
+/// report is an error, never a 0). `requests` and `rps` count successful responses only: wrk's
+/// own count and rate include the responses with an error status, which would let a target
+/// answering errors fast look fast.
 pub fn parse(out: &str) -> Result<Report> {
     let mut r = Report::default();
-    let mut have_rps = false;
+    let (mut rps, mut total) = (None, None);
+    let (mut p50, mut p99) = (None, None);
     for line in out.lines().map(str::trim) {
         let words: Vec<&str> = line.split_whitespace().collect();
         if let Some(v) = line.strip_prefix("Requests/sec:") {
-            r.rps = v.trim().parse().context("Requests/sec")?;
-            have_rps = true;
+            rps = Some(v.trim().parse::<f64>().context("Requests/sec")?);
         } else if words.len() >= 4 && words[1] == "requests" && words[2] == "in" {
-            r.requests = words[0].parse().context("request count")?;
+            total = Some(words[0].parse::<u64>().context("request count")?);
             r.seconds = words[3]
                 .trim_end_matches(',')
                 .trim_end_matches('s')
                 .parse()
-                .unwrap_or(0.0);
+                .context("run seconds")?;
         } else if words.len() == 2 && words[0] == "50%" {
-            r.p50_us = parse_latency(words[1]).context("50% latency")?;
+            p50 = Some(parse_latency(words[1]).context("50% latency")?);
         } else if words.len() == 2 && words[0] == "99%" {
-            r.p99_us = parse_latency(words[1]).context("99% latency")?;
+            p99 = Some(parse_latency(words[1]).context("99% latency")?);
         } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
             r.non_2xx = v.trim().parse().context("non-2xx count")?;
         } else if let Some(v) = line.strip_prefix("Socket errors:") {
             // "connect 0, read 0, write 0, timeout 0"
             r.socket_errors = v
                 .split(',')
-                .filter_map(|part| part.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum();
+                .map(|part| {
+                    part.split_whitespace()
+                        .nth(1)
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .with_context(|| format!("socket error count in {part:?}"))
+                })
+                .sum::<Result<u64>>()?;
         }
     }
-    if !have_rps {
-        bail!("no Requests/sec line");
-    }
+    let rps = rps.context("no Requests/sec line")?;
+    let total = total.context("no `N requests in T` line")?;
+    r.p50_us = p50.context("no 50% latency line (was wrk run with --latency?)")?;
+    r.p99_us = p99.context("no 99% latency line (was wrk run with --latency?)")?;
+    r.requests = total.saturating_sub(r.non_2xx);
+    // wrk's rate is over its own precise run time; scale it to the successful share.
+    r.rps = if total > 0 {
+        rps * r.requests as f64 / total as f64
+    } else {
+        0.0
+    };
     Ok(r)
 }
 
@@ -137,9 +157,14 @@ Transfer/sec:      5.20MB
     #[test]
     fn parses_full_report() {
         let r = parse(SAMPLE).unwrap();
-        assert_eq!(r.requests, 125432);
+        // 125432 responses, 7 of them errors.
+        assert_eq!(r.requests, 125425);
         assert_eq!(r.seconds, 2.0);
-        assert_eq!(r.rps, 62716.0);
+        assert!(
+            (r.rps - 62716.0 * 125425.0 / 125432.0).abs() < 1e-6,
+            "{}",
+            r.rps
+        );
         assert_eq!(r.p50_us, 812.0);
         assert_eq!(r.p99_us, 2.5e6);
         assert_eq!(r.non_2xx, 7);
@@ -158,6 +183,51 @@ Transfer/sec:      5.20MB
             assert_eq!(parse_latency(s), Some(us), "{s}");
         }
         assert_eq!(parse_latency("12"), None);
+    }
+
+    /// Real wrk 4 output against a location answering 502: every response is an error.
+    const ALL_502: &str = "Running 1s test @ http://127.0.0.1:18556/bad
+  1 threads and 4 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    41.96us   90.50us   2.58ms   98.96%
+    Req/Sec    94.83k    19.85k  123.68k    72.73%
+  Latency Distribution
+     50%   33.00us
+     75%   41.00us
+     90%   56.00us
+     99%  138.00us
+  103329 requests in 1.10s, 15.77MB read
+  Non-2xx or 3xx responses: 103329
+Requests/sec:  93959.46
+Transfer/sec:     14.34MB
+";
+
+    #[test]
+    fn error_responses_are_not_requests() {
+        let r = parse(ALL_502).unwrap();
+        assert_eq!(r.requests, 0);
+        assert_eq!(r.rps, 0.0);
+        assert_eq!(r.non_2xx, 103329);
+        assert_eq!(r.errors(), 103329);
+    }
+
+    #[test]
+    fn truncated_reports_are_errors() {
+        for missing in ["requests in", "50%", "99%", "Requests/sec:"] {
+            let cut: String = SAMPLE
+                .lines()
+                .filter(|l| !l.contains(missing))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            assert!(
+                parse(&cut).is_err(),
+                "without {missing:?}: {:?}",
+                parse(&cut)
+            );
+        }
+        // Cut off after the latency distribution.
+        let head: String = SAMPLE.lines().take(10).map(|l| format!("{l}\n")).collect();
+        assert!(parse(&head).is_err());
     }
 
     #[test]

@@ -39,6 +39,77 @@ impl fmt::Display for Kind {
     }
 }
 
+/// How the harness talks to etcd.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EtcdApi {
+    /// etcd's native gRPC API over one HTTP/2 connection per member (as etcd's clients).
+    #[default]
+    Grpc,
+    /// The JSON gRPC gateway (`/v3/...` over HTTP/1.1, base64 keys), which etcd 3.4 serves
+    /// by calling its own gRPC server over a loopback connection.
+    Gateway,
+}
+
+impl EtcdApi {
+    pub fn parse(s: &str) -> Result<EtcdApi> {
+        Ok(match s {
+            "grpc" => EtcdApi::Grpc,
+            "gateway" | "json" => EtcdApi::Gateway,
+            _ => bail!("unknown etcd API {s:?} (expected grpc or gateway)"),
+        })
+    }
+}
+
+impl fmt::Display for EtcdApi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EtcdApi::Grpc => "grpc",
+            EtcdApi::Gateway => "gateway",
+        })
+    }
+}
+
+/// etcd's Raft timers, ms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EtcdTimers {
+    pub election_ms: u64,
+    pub heartbeat_ms: u64,
+}
+
+impl EtcdTimers {
+    /// flynn-discoverd's default election timeout (`--election-timeout 100ms`).
+    pub const DISCOVERD_ELECTION_MS: u64 = 100;
+
+    /// `--etcd-election-ms E` with `--etcd-heartbeat-ms H`; without H, E / 10 (etcd's own
+    /// ratio: 100 ms / 1000 ms by default). etcd refuses a heartbeat above a fifth of the
+    /// election timeout, so discoverd's ratio (a third) is not possible.
+    pub fn new(election_ms: u64, heartbeat_ms: Option<u64>) -> Result<EtcdTimers> {
+        let heartbeat_ms = heartbeat_ms.unwrap_or(election_ms / 10).max(1);
+        if election_ms < 5 * heartbeat_ms {
+            bail!(
+                "etcd needs --etcd-election-ms ({election_ms}) at least 5 × the heartbeat \
+                 ({heartbeat_ms} ms)"
+            );
+        }
+        if election_ms > 50_000 {
+            bail!("etcd refuses an election timeout above 50000 ms");
+        }
+        Ok(EtcdTimers {
+            election_ms,
+            heartbeat_ms,
+        })
+    }
+}
+
+impl Default for EtcdTimers {
+    fn default() -> EtcdTimers {
+        EtcdTimers {
+            election_ms: Self::DISCOVERD_ELECTION_MS,
+            heartbeat_ms: Self::DISCOVERD_ELECTION_MS / 10,
+        }
+    }
+}
+
 /// One report row: a kind of server with a cluster size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Id {
@@ -100,6 +171,8 @@ impl Node {
 pub struct Cluster {
     pub id: Id,
     pub nodes: Vec<Node>,
+    /// etcd: how the workloads talk to it (unused for discoverd).
+    pub etcd_api: EtcdApi,
 }
 
 /// A port that is free right now on 127.0.0.1..=127.0.0.`n` (and not in `avoid`), below the
@@ -176,6 +249,7 @@ impl Cluster {
                 nodes,
             },
             nodes: out,
+            etcd_api: EtcdApi::default(),
         };
         for i in 0..nodes {
             c.nodes[i].start()?;
@@ -186,9 +260,14 @@ impl Cluster {
         Ok(c)
     }
 
-    /// Starts `nodes` etcd members (`--initial-cluster` = all of them) with default timers;
-    /// client and peer URLs on 127.0.0.x, data in `dir`.
-    pub fn start_etcd(dir: &Path, nodes: usize) -> Result<Cluster> {
+    /// Starts `nodes` etcd members (`--initial-cluster` = all of them) with `timers`;
+    /// client and peer URLs on 127.0.0.x, data in `dir`. The workloads use `api`.
+    pub fn start_etcd(
+        dir: &Path,
+        nodes: usize,
+        timers: EtcdTimers,
+        api: EtcdApi,
+    ) -> Result<Cluster> {
         let dir = dir.join(format!("etcd-{nodes}"));
         std::fs::create_dir_all(&dir)?;
         let cport = port_free_on_all(nodes, &[])?;
@@ -220,6 +299,10 @@ impl Cluster {
                 "new".into(),
                 "--initial-cluster-token".into(),
                 token.clone(),
+                "--heartbeat-interval".into(),
+                timers.heartbeat_ms.to_string(),
+                "--election-timeout".into(),
+                timers.election_ms.to_string(),
                 "--logger".into(),
                 "zap".into(),
                 "--log-outputs".into(),
@@ -243,6 +326,7 @@ impl Cluster {
                 nodes,
             },
             nodes: out,
+            etcd_api: api,
         };
         for i in 0..nodes {
             c.nodes[i].start()?;
@@ -397,5 +481,38 @@ impl Cluster {
                 Err(e) => format!("version unknown: {e:#}"),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etcd_api_parses() {
+        assert_eq!(EtcdApi::parse("grpc").unwrap(), EtcdApi::Grpc);
+        assert_eq!(EtcdApi::parse("gateway").unwrap(), EtcdApi::Gateway);
+        assert!(EtcdApi::parse("http").is_err());
+        assert_eq!(EtcdApi::default(), EtcdApi::Grpc);
+        assert_eq!(EtcdApi::Gateway.to_string(), "gateway");
+    }
+
+    #[test]
+    fn etcd_timers() {
+        // Default: discoverd's election timeout, etcd's 1:10 heartbeat ratio.
+        assert_eq!(
+            EtcdTimers::default(),
+            EtcdTimers {
+                election_ms: 100,
+                heartbeat_ms: 10
+            }
+        );
+        assert_eq!(EtcdTimers::new(100, None).unwrap(), EtcdTimers::default());
+        assert_eq!(EtcdTimers::new(1000, None).unwrap().heartbeat_ms, 100);
+        assert_eq!(EtcdTimers::new(100, Some(20)).unwrap().heartbeat_ms, 20);
+        assert_eq!(EtcdTimers::new(5, None).unwrap().heartbeat_ms, 1);
+        // etcd refuses heartbeat > election / 5 (so discoverd's election / 3 is impossible).
+        assert!(EtcdTimers::new(100, Some(34)).is_err());
+        assert!(EtcdTimers::new(60_000, None).is_err());
     }
 }

@@ -2,12 +2,12 @@
 //! clients, registrations then heartbeats, register → watch event latency, and the probe
 //! write used to time a leader failover.
 //!
-//! | workload | flynn-discoverd | etcd (JSON gateway) |
-//! |---|---|---|
-//! | CAS | `PUT /services/:s/meta` `{"data":…,"index":i}` (i = the index the last success returned, 0 creates) | `POST /v3/kv/txn` compare `mod_revision == r` (0: key absent), success: put; r = the txn's revision |
-//! | register | `PUT /services/:s/instances/:id` (new instance: one Raft write) | `POST /v3/lease/grant` (TTL 10 s) + `POST /v3/kv/put` with that lease (two Raft writes, as any etcd registration with a TTL) |
-//! | heartbeat | the same PUT again, unchanged (leader memory only) | `POST /v3/lease/keepalive` of the instance's lease (leader memory only) |
-//! | watch | SSE `GET /services/:s`, the `up` event | `POST /v3/watch` on the prefix, the put event |
+//! | workload | flynn-discoverd | etcd, native gRPC (default) | etcd, JSON gateway (`--etcd-api gateway`) |
+//! |---|---|---|---|
+//! | CAS | `PUT /services/:s/meta` `{"data":…,"index":i}` (i = the index the last success returned, 0 creates) | `KV.Txn` compare `mod_revision == r` (0: key absent), success: put; r = the txn's revision | the same txn as `POST /v3/kv/txn` |
+//! | register | `PUT /services/:s/instances/:id` (new instance: one Raft write) | `Lease.LeaseGrant` (TTL 10 s) + `KV.Put` with that lease (two Raft writes, as any etcd registration with a TTL) | `POST /v3/lease/grant` + `POST /v3/kv/put` |
+//! | heartbeat | the same PUT again, unchanged (leader memory only) | one request/response on the client's long-lived `Lease.LeaseKeepAlive` stream (leader memory only) | `POST /v3/lease/keepalive` (a new gRPC stream inside etcd per request) |
+//! | watch | SSE `GET /services/:s`, the `up` event | a `Watch.Watch` stream on the prefix, the put event | `POST /v3/watch`, the put event |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,8 +17,29 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::cluster::{Cluster, Kind};
+use super::cluster::{Cluster, EtcdApi, Kind};
+use super::grpc::Etcd;
 use super::http::{b64, instance_id, prefix_end, str_field, unb64, Http, TIMEOUT};
+
+/// How the workloads talk to a cluster's node: discoverd's HTTP API, etcd's JSON gateway
+/// (both with the pooled HTTP/1.1 client) or etcd's gRPC API (one HTTP/2 connection).
+#[derive(Clone)]
+pub enum Conn {
+    Flynn(Http),
+    Gateway(Http),
+    Grpc(Etcd),
+}
+
+impl Conn {
+    /// A connection to node `i` (gRPC: connected here, before anything is timed).
+    pub async fn to(h: &Http, c: &Cluster, i: usize) -> Result<Conn> {
+        Ok(match (c.id.kind, c.etcd_api) {
+            (Kind::Flynn, _) => Conn::Flynn(h.clone()),
+            (Kind::Etcd, EtcdApi::Gateway) => Conn::Gateway(h.clone()),
+            (Kind::Etcd, EtcdApi::Grpc) => Conn::Grpc(Etcd::connect(&c.nodes[i].client).await?),
+        })
+    }
+}
 
 /// Counts, time, CPU and per-op latencies of one timed phase.
 #[derive(Clone, Debug, Default)]
@@ -119,7 +140,8 @@ async fn join(tasks: Vec<tokio::task::JoinHandle<Worker>>) -> Result<Phase> {
 
 /// Each of `clients` clients owns one key (a service's meta; an etcd key) and swaps it in a
 /// loop, always with the index its last success returned: every CAS should succeed. After
-/// a failure the client re-reads the current index.
+/// a failure the client re-reads the current index. etcd over gRPC: every client shares one
+/// HTTP/2 connection to the leader, as the goroutines of one etcd client do.
 pub async fn cas(
     h: &Http,
     c: &Cluster,
@@ -129,11 +151,11 @@ pub async fn cas(
     lim: Limits,
 ) -> Result<Phase> {
     let base = c.nodes[leader].url("");
-    let kind = c.id.kind;
+    let conn = Conn::to(h, c, leader).await?;
     let mut keys = Vec::new();
     for k in 0..clients {
-        match kind {
-            Kind::Flynn => {
+        match &conn {
+            Conn::Flynn(h) => {
                 let s = format!("cas-r{run}-c{k}");
                 h.put(&format!("{base}/services/{s}"), "{}")
                     .await?
@@ -141,7 +163,8 @@ pub async fn cas(
                     .with_context(|| format!("creating service {s}"))?;
                 keys.push(format!("{base}/services/{s}/meta"));
             }
-            Kind::Etcd => keys.push(b64(&format!("cas/r{run}/c{k}"))),
+            Conn::Gateway(_) => keys.push(b64(&format!("cas/r{run}/c{k}"))),
+            Conn::Grpc(_) => keys.push(format!("cas/r{run}/c{k}")),
         }
     }
     let cpu0 = c.cpu_seconds();
@@ -150,15 +173,16 @@ pub async fn cas(
     let tasks = keys
         .into_iter()
         .map(|key| {
-            let (h, base, tickets) = (h.clone(), base.clone(), tickets.clone());
+            let (conn, base, tickets) = (conn.clone(), base.clone(), tickets.clone());
             tokio::spawn(async move {
                 let mut w = Worker::default();
                 let mut index = 0u64;
                 while let Some(n) = tickets.take() {
                     let s = Instant::now();
-                    let r = match kind {
-                        Kind::Flynn => cas_flynn(&h, &key, index, n).await,
-                        Kind::Etcd => cas_etcd(&h, &base, &key, index, n).await,
+                    let r = match &conn {
+                        Conn::Flynn(h) => cas_flynn(h, &key, index, n).await,
+                        Conn::Gateway(h) => cas_etcd(h, &base, &key, index, n).await,
+                        Conn::Grpc(g) => cas_grpc(g, &key, index, n).await,
                     };
                     match r {
                         Ok(i) => {
@@ -168,9 +192,13 @@ pub async fn cas(
                         }
                         Err(e) => {
                             w.fail(e);
-                            let re = match kind {
-                                Kind::Flynn => read_meta_index(&h, &key).await,
-                                Kind::Etcd => read_mod_revision(&h, &base, &key).await,
+                            let re = match &conn {
+                                Conn::Flynn(h) => read_meta_index(h, &key).await,
+                                Conn::Gateway(h) => read_mod_revision(h, &base, &key).await,
+                                Conn::Grpc(g) => g
+                                    .mod_revision(key.as_bytes(), TIMEOUT)
+                                    .await
+                                    .map(|r| r.max(0) as u64),
                             };
                             if let Ok(i) = re {
                                 index = i;
@@ -186,6 +214,14 @@ pub async fn cas(
     p.elapsed_s = t0.elapsed().as_secs_f64();
     p.cpu_s = c.cpu_seconds() - cpu0;
     Ok(p)
+}
+
+async fn cas_grpc(g: &Etcd, key: &str, rev: u64, n: u64) -> Result<u64> {
+    let value = format!(r#"{{"n":{n}}}"#).into_bytes();
+    match g.cas(key.as_bytes(), rev as i64, value, TIMEOUT).await? {
+        Some(r) => Ok(r.max(0) as u64),
+        None => bail!("compare failed (mod_revision != {rev})"),
+    }
 }
 
 async fn cas_flynn(h: &Http, url: &str, index: u64, n: u64) -> Result<u64> {
@@ -254,7 +290,9 @@ fn instance(run: usize, i: u64) -> (String, String) {
 
 /// Registers `instances` new instances with `clients` clients, then heartbeats them round
 /// robin until `heartbeats` heartbeats; each phase also stops after `max`. Returns
-/// (registrations, heartbeats). Everything is removed afterwards (not timed).
+/// (registrations, heartbeats). Everything is removed afterwards (not timed). etcd over
+/// gRPC: every heartbeat client opens its `LeaseKeepAlive` stream before the heartbeat
+/// phase starts (as a client keeps it open) and sends all its keepalives on it.
 #[allow(clippy::too_many_arguments)]
 pub async fn reg(
     h: &Http,
@@ -267,9 +305,9 @@ pub async fn reg(
     max: Duration,
 ) -> Result<(Phase, Phase)> {
     let base = c.nodes[leader].url("");
-    let kind = c.id.kind;
+    let conn = Conn::to(h, c, leader).await?;
     let service = format!("reg-r{run}");
-    if kind == Kind::Flynn {
+    if let Conn::Flynn(h) = &conn {
         h.put(&format!("{base}/services/{service}"), "{}")
             .await?
             .ok()
@@ -279,16 +317,16 @@ pub async fn reg(
         (0..instances)
             .map(|i| {
                 let (id, body) = instance(run, i);
-                match kind {
-                    Kind::Flynn => (format!("{base}/services/{service}/instances/{id}"), body),
-                    Kind::Etcd => (b64(&format!("reg/r{run}/{id}")), b64(&body)),
+                match &conn {
+                    Conn::Flynn(_) => (format!("{base}/services/{service}/instances/{id}"), body),
+                    Conn::Gateway(_) => (b64(&format!("reg/r{run}/{id}")), b64(&body)),
+                    Conn::Grpc(_) => (format!("reg/r{run}/{id}"), body),
                 }
             })
             .collect(),
     );
     // etcd: the lease of each registered instance, by instance number.
-    let leases: Arc<Mutex<Vec<Option<String>>>> =
-        Arc::new(Mutex::new(vec![None; instances as usize]));
+    let leases: Arc<Mutex<Vec<Option<i64>>>> = Arc::new(Mutex::new(vec![None; instances as usize]));
 
     // Phase 1: registrations.
     let cpu0 = c.cpu_seconds();
@@ -299,8 +337,8 @@ pub async fn reg(
     });
     let tasks = (0..clients)
         .map(|_| {
-            let (h, base, tickets, items, leases) = (
-                h.clone(),
+            let (conn, base, tickets, items, leases) = (
+                conn.clone(),
                 base.clone(),
                 tickets.clone(),
                 items.clone(),
@@ -311,18 +349,18 @@ pub async fn reg(
                 while let Some(i) = tickets.take() {
                     let (a, b) = &items[i as usize];
                     let s = Instant::now();
-                    let r = match kind {
-                        Kind::Flynn => h.put(a, b).await.and_then(|r| r.ok()),
-                        Kind::Etcd => register_etcd(&h, &base, a, b).await.map(|lease| {
-                            if let Ok(mut l) = leases.lock() {
-                                l[i as usize] = Some(lease);
-                            }
-                        }),
+                    let lease = match &conn {
+                        Conn::Flynn(h) => h.put(a, b).await.and_then(|r| r.ok()).map(|()| None),
+                        Conn::Gateway(h) => register_etcd(h, &base, a, b).await.map(Some),
+                        Conn::Grpc(g) => register_grpc(g, a, b).await.map(Some),
                     };
-                    match r {
-                        Ok(()) => {
+                    match lease {
+                        Ok(lease) => {
                             w.ok += 1;
                             w.lat_us.push(us(s));
+                            if let (Some(lease), Ok(mut l)) = (lease, leases.lock()) {
+                                l[i as usize] = Some(lease);
+                            }
                         }
                         Err(e) => w.fail(e),
                     }
@@ -337,18 +375,40 @@ pub async fn reg(
     let registered = tickets.taken().max(1);
 
     // Phase 2: heartbeats of the registered instances, round robin.
-    let lease_list: Arc<Vec<Option<String>>> =
+    let lease_list: Arc<Vec<Option<i64>>> =
         Arc::new(leases.lock().map(|l| l.clone()).unwrap_or_default());
+    // gRPC: each client's keepalive stream, opened (untimed) with a keepalive of the first
+    // registered lease.
+    let mut streams = Vec::new();
+    for _ in 0..clients {
+        streams.push(match &conn {
+            Conn::Grpc(g) => {
+                let first = lease_list
+                    .iter()
+                    .flatten()
+                    .next()
+                    .copied()
+                    .context("no instance was registered")?;
+                let (ka, _) = g
+                    .keepalive_stream(first, TIMEOUT)
+                    .await
+                    .context("opening a LeaseKeepAlive stream")?;
+                Some(ka)
+            }
+            _ => None,
+        });
+    }
     let cpu1 = c.cpu_seconds();
     let t1 = Instant::now();
     let tickets = Tickets::new(Limits {
         ops: heartbeats,
         max,
     });
-    let tasks = (0..clients)
-        .map(|_| {
-            let (h, base, tickets, items, lease_list) = (
-                h.clone(),
+    let tasks = streams
+        .into_iter()
+        .map(|mut stream| {
+            let (conn, base, tickets, items, lease_list) = (
+                conn.clone(),
                 base.clone(),
                 tickets.clone(),
                 items.clone(),
@@ -359,15 +419,19 @@ pub async fn reg(
                 while let Some(j) = tickets.take() {
                     let i = (j % registered) as usize;
                     let s = Instant::now();
-                    let r = match kind {
-                        Kind::Flynn => {
+                    let r = match (&conn, lease_list[i], stream.as_mut()) {
+                        (Conn::Flynn(h), _, _) => {
                             let (a, b) = &items[i];
                             h.put(a, b).await.and_then(|r| r.ok())
                         }
-                        Kind::Etcd => match &lease_list[i] {
-                            Some(lease) => keepalive_etcd(&h, &base, lease).await,
-                            None => Err(anyhow::anyhow!("instance {i} has no lease")),
-                        },
+                        (_, None, _) => Err(anyhow::anyhow!("instance {i} has no lease")),
+                        (Conn::Gateway(h), Some(lease), _) => keepalive_etcd(h, &base, lease).await,
+                        (Conn::Grpc(_), Some(lease), Some(ka)) => {
+                            ka.keepalive(lease, TIMEOUT).await.map(|_| ())
+                        }
+                        (Conn::Grpc(_), Some(_), None) => {
+                            Err(anyhow::anyhow!("no keepalive stream"))
+                        }
                     };
                     match r {
                         Ok(()) => {
@@ -386,49 +450,53 @@ pub async fn reg(
     hbs.cpu_s = c.cpu_seconds() - cpu1;
 
     // Cleanup, so nothing expires during later runs.
-    match kind {
-        Kind::Flynn => {
-            let _ = h.delete(&format!("{base}/services/{service}")).await;
-        }
-        Kind::Etcd => {
-            let ids: Vec<String> = lease_list.iter().flatten().cloned().collect();
-            let ids = Arc::new(ids);
-            let next = Arc::new(AtomicU64::new(0));
-            let tasks: Vec<_> = (0..clients)
-                .map(|_| {
-                    let (h, base, ids, next) = (h.clone(), base.clone(), ids.clone(), next.clone());
-                    tokio::spawn(async move {
-                        loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                            let Some(id) = ids.get(i) else { break };
-                            let _ = h
-                                .post(
-                                    &format!("{base}/v3/lease/revoke"),
-                                    &format!(r#"{{"ID":"{id}"}}"#),
-                                )
-                                .await;
+    if let Conn::Flynn(h) = &conn {
+        let _ = h.delete(&format!("{base}/services/{service}")).await;
+    } else {
+        let ids: Vec<i64> = lease_list.iter().flatten().copied().collect();
+        let ids = Arc::new(ids);
+        let next = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..clients)
+            .map(|_| {
+                let (conn, base, ids, next) =
+                    (conn.clone(), base.clone(), ids.clone(), next.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(id) = ids.get(i) else { break };
+                        match &conn {
+                            Conn::Grpc(g) => {
+                                let _ = g.lease_revoke(*id, TIMEOUT).await;
+                            }
+                            Conn::Gateway(h) | Conn::Flynn(h) => {
+                                let _ = h
+                                    .post(
+                                        &format!("{base}/v3/lease/revoke"),
+                                        &format!(r#"{{"ID":"{id}"}}"#),
+                                    )
+                                    .await;
+                            }
                         }
-                    })
+                    }
                 })
-                .collect();
-            for t in tasks {
-                let _ = t.await;
-            }
+            })
+            .collect();
+        for t in tasks {
+            let _ = t.await;
         }
     }
     Ok((regs, hbs))
 }
 
 /// Lease grant (TTL 10 s, discoverd's instance TTL) + put with the lease; the lease id.
-async fn register_etcd(h: &Http, base: &str, key: &str, value: &str) -> Result<String> {
+async fn register_etcd(h: &Http, base: &str, key: &str, value: &str) -> Result<i64> {
     let r = h
         .post(&format!("{base}/v3/lease/grant"), r#"{"TTL":"10"}"#)
         .await?;
     r.ok()?;
-    let lease = str_field(&r.json()?["ID"]);
-    if lease.is_empty() {
-        bail!("lease grant without an ID: {}", r.text());
-    }
+    let lease: i64 = str_field(&r.json()?["ID"])
+        .parse()
+        .with_context(|| format!("lease grant without an ID: {}", r.text()))?;
     let r = h
         .post(
             &format!("{base}/v3/kv/put"),
@@ -439,7 +507,15 @@ async fn register_etcd(h: &Http, base: &str, key: &str, value: &str) -> Result<S
     Ok(lease)
 }
 
-async fn keepalive_etcd(h: &Http, base: &str, lease: &str) -> Result<()> {
+/// The same over gRPC: `Lease.LeaseGrant` then `KV.Put`.
+async fn register_grpc(g: &Etcd, key: &str, value: &str) -> Result<i64> {
+    let lease = g.lease_grant(10, TIMEOUT).await?;
+    g.put(key.as_bytes(), value.as_bytes(), lease, TIMEOUT)
+        .await?;
+    Ok(lease)
+}
+
+async fn keepalive_etcd(h: &Http, base: &str, lease: i64) -> Result<()> {
     let r = h
         .post(
             &format!("{base}/v3/lease/keepalive"),
@@ -519,6 +595,25 @@ async fn read_etcd_watch(
     }
 }
 
+/// Reads etcd's gRPC watch stream (already created): each event → its key.
+async fn read_grpc_watch(
+    mut w: super::grpc::WatchStream,
+    tx: mpsc::UnboundedSender<(String, Instant)>,
+) {
+    while let Ok(Some(m)) = w.rx.message().await {
+        let at = Instant::now();
+        for e in &m.events {
+            let key =
+                e.kv.as_ref()
+                    .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+                    .unwrap_or_default();
+            if tx.send((key, at)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// A watcher on node `watcher`; then `events` registrations, one at a time, on the leader.
 /// Returns (write → event latencies, write → acknowledgement latencies).
 pub async fn watch(
@@ -532,12 +627,12 @@ pub async fn watch(
 ) -> Result<(Phase, Phase)> {
     let base = c.nodes[leader].url("");
     let wbase = c.nodes[watcher].url("");
-    let kind = c.id.kind;
+    let conn = Conn::to(h, c, leader).await?;
     let service = format!("watch-r{run}");
     let prefix = format!("watch/r{run}/");
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let reader = match kind {
-        Kind::Flynn => {
+    let reader = match &conn {
+        Conn::Flynn(h) => {
             h.put(&format!("{base}/services/{service}"), "{}")
                 .await?
                 .ok()
@@ -553,7 +648,7 @@ pub async fn watch(
             }
             tokio::spawn(read_sse(resp, tx))
         }
-        Kind::Etcd => {
+        Conn::Gateway(h) => {
             let body = format!(
                 r#"{{"create_request":{{"key":"{}","range_end":"{}"}}}}"#,
                 b64(&prefix),
@@ -570,6 +665,19 @@ pub async fn watch(
                 bail!("watch: HTTP {}", resp.status());
             }
             tokio::spawn(read_etcd_watch(resp, tx))
+        }
+        Conn::Grpc(_) => {
+            // The watcher's own connection, to its member (a follower in a 3-node cluster).
+            let w = Etcd::connect(&c.nodes[watcher].client)
+                .await?
+                .watch(
+                    prefix.as_bytes(),
+                    prefix_end(&prefix).as_bytes(),
+                    Duration::from_secs(5),
+                )
+                .await?;
+            let _ = tx.send((READY.into(), Instant::now()));
+            tokio::spawn(read_grpc_watch(w, tx))
         }
     };
     let ready = tokio::time::timeout(Duration::from_secs(5), async {
@@ -595,27 +703,29 @@ pub async fn watch(
             break;
         }
         let (id, body) = instance(run, i);
-        let (url, body, key) = match kind {
-            Kind::Flynn => (
-                format!("{base}/services/{service}/instances/{id}"),
-                body,
-                id.clone(),
-            ),
-            Kind::Etcd => {
-                let key = format!("{prefix}{id}");
-                (
-                    format!("{base}/v3/kv/put"),
-                    format!(r#"{{"key":"{}","value":"{}"}}"#, b64(&key), b64(&body)),
-                    key,
-                )
-            }
+        let key = match &conn {
+            Conn::Flynn(_) => id.clone(),
+            _ => format!("{prefix}{id}"),
         };
         let s = Instant::now();
-        let r = match kind {
-            Kind::Flynn => h.put(&url, &body).await,
-            Kind::Etcd => h.post(&url, &body).await,
+        let r = match &conn {
+            Conn::Flynn(h) => h
+                .put(&format!("{base}/services/{service}/instances/{id}"), &body)
+                .await
+                .and_then(|r| r.ok()),
+            Conn::Gateway(h) => h
+                .post(
+                    &format!("{base}/v3/kv/put"),
+                    &format!(r#"{{"key":"{}","value":"{}"}}"#, b64(&key), b64(&body)),
+                )
+                .await
+                .and_then(|r| r.ok()),
+            Conn::Grpc(g) => g
+                .put(key.as_bytes(), body.as_bytes(), 0, TIMEOUT)
+                .await
+                .map(|_| ()),
         };
-        match r.and_then(|r| r.ok()) {
+        match r {
             Ok(()) => {
                 acks.ok += 1;
                 acks.lat_us.push(us(s));
@@ -652,11 +762,11 @@ pub async fn watch(
     ev.cpu_s = c.cpu_seconds() - cpu0;
     acks.elapsed_s = ev.elapsed_s;
     reader.abort();
-    match kind {
-        Kind::Flynn => {
+    match &conn {
+        Conn::Flynn(h) => {
             let _ = h.delete(&format!("{base}/services/{service}")).await;
         }
-        Kind::Etcd => {
+        Conn::Gateway(h) => {
             let _ = h
                 .post(
                     &format!("{base}/v3/kv/deleterange"),
@@ -666,6 +776,11 @@ pub async fn watch(
                         b64(&prefix_end(&prefix))
                     ),
                 )
+                .await;
+        }
+        Conn::Grpc(g) => {
+            let _ = g
+                .delete_range(prefix.as_bytes(), prefix_end(&prefix).as_bytes(), TIMEOUT)
                 .await;
         }
     }
@@ -694,18 +809,12 @@ pub async fn prepare_failover(h: &Http, c: &Cluster, leader: usize) -> Result<()
     Ok(())
 }
 
-/// One write (a new instance; an etcd put) sent to `base` (a node's URL), following
-/// discoverd's redirect to the leader; Ok once it is acknowledged. Owns its arguments so it
-/// can run as a task.
-pub async fn probe_write(
-    h: Http,
-    kind: Kind,
-    base: String,
-    n: u64,
-    timeout: Duration,
-) -> Result<()> {
-    let r = match kind {
-        Kind::Flynn => {
+/// One write (a new instance; an etcd put) sent over `conn` to node `base` (its URL),
+/// following discoverd's redirect to the leader; Ok once it is acknowledged. Owns its
+/// arguments so it can run as a task.
+pub async fn probe_write(conn: Conn, base: String, n: u64, timeout: Duration) -> Result<()> {
+    match conn {
+        Conn::Flynn(h) => {
             let (id, body) = instance(249, n);
             h.send(
                 reqwest::Method::PUT,
@@ -714,9 +823,10 @@ pub async fn probe_write(
                 timeout,
             )
             .await?
+            .ok()
         }
-        Kind::Etcd => {
-            h.send(
+        Conn::Gateway(h) => h
+            .send(
                 reqwest::Method::POST,
                 &format!("{base}/v3/kv/put"),
                 Some(format!(
@@ -727,16 +837,23 @@ pub async fn probe_write(
                 timeout,
             )
             .await?
-        }
-    };
-    r.ok()
+            .ok(),
+        Conn::Grpc(g) => g
+            .put(b"failover/probe", n.to_string().as_bytes(), 0, timeout)
+            .await
+            .map(|_| ()),
+    }
 }
 
 /// A write that works on the leader, retried for a few seconds (used before a kill).
 pub async fn writable(h: &Http, c: &Cluster, leader: usize, n: u64) -> Result<()> {
     let start = Instant::now();
     loop {
-        match probe_write(h.clone(), c.id.kind, c.nodes[leader].url(""), n, TIMEOUT).await {
+        let r = match Conn::to(h, c, leader).await {
+            Ok(conn) => probe_write(conn, c.nodes[leader].url(""), n, TIMEOUT).await,
+            Err(e) => Err(e),
+        };
+        match r {
             Ok(()) => return Ok(()),
             Err(e) if start.elapsed() > Duration::from_secs(10) => return Err(e),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,

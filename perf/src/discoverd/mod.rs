@@ -7,6 +7,7 @@
 //! cluster's processes from /proc, RSS likewise.
 
 pub mod cluster;
+pub mod grpc;
 pub mod http;
 pub mod load;
 pub mod report;
@@ -20,7 +21,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::bench::{first_line_of, on_path};
 use crate::procs::TempDir;
-use cluster::{Cluster, Id, Kind};
+use cluster::{Cluster, EtcdApi, EtcdTimers, Id, Kind};
 use http::Http;
 use load::{Limits, Phase};
 
@@ -48,6 +49,10 @@ pub struct Options {
     pub scenarios: Vec<String>,
     pub warmup: bool,
     pub discoverd_bin: PathBuf,
+    /// How the workloads talk to etcd.
+    pub etcd_api: EtcdApi,
+    /// etcd's `--election-timeout` and `--heartbeat-interval`.
+    pub etcd_timers: EtcdTimers,
     pub out: Option<PathBuf>,
     pub command: String,
 }
@@ -85,7 +90,7 @@ pub struct Sample {
 #[derive(Clone, Debug)]
 pub struct Failover {
     pub rep: usize,
-    /// Kill → first acknowledged write, ms.
+    /// Kill → first acknowledged write, ms; `None`: no write within [`FAILOVER_LIMIT`].
     pub ms: Option<f64>,
     pub attempts: u64,
     pub old_leader: String,
@@ -103,6 +108,7 @@ pub struct Session {
     pub failovers: BTreeMap<Id, Vec<Failover>>,
     pub failures: Vec<String>,
     pub opts_summary: Vec<String>,
+    pub etcd_api: EtcdApi,
 }
 
 fn fs_of_tmp() -> String {
@@ -143,17 +149,35 @@ fn header(opts: &Options, etcd_version: &str) -> Vec<String> {
              <all nodes>` (defaults: election timeout 100 ms, instance TTL 10 s)",
             opts.discoverd_bin.display()
         ),
-        "etcd: `etcd --name nN --data-dir DIR --listen-client-urls http://127.0.0.N:C \
-         --listen-peer-urls http://127.0.0.N:P --initial-cluster <all members> --logger zap \
-         --log-level warn` (default timers: heartbeat 100 ms, election 1000 ms; default \
-         snapshot count), driven through its JSON gRPC gateway"
-            .to_string(),
         format!(
-            "Load: one pooled HTTP/1.1 client (reqwest, keep-alive) on a 2-thread tokio runtime \
-             in the harness; writes go to the leader, the watcher of a 3-node cluster is on a \
-             follower; CAS {} ops per run, reg {} instances then {} heartbeats with {} clients, \
-             watch {} sequential registrations; every timed phase stops after {} s; {}{} \
-             round(s), target order rotated every scenario and round",
+            "etcd: `etcd --name nN --data-dir DIR --listen-client-urls http://127.0.0.N:C \
+             --listen-peer-urls http://127.0.0.N:P --initial-cluster <all members> \
+             --heartbeat-interval {hb} --election-timeout {el} --logger zap --log-level warn` \
+             (heartbeat {hb} ms, election {el} ms{}; default snapshot count), driven {}",
+            if opts.etcd_timers == EtcdTimers::default() {
+                " to match discoverd's 100 ms election timeout"
+            } else {
+                ""
+            },
+            match opts.etcd_api {
+                EtcdApi::Grpc => {
+                    "through its native gRPC API (`--etcd-api grpc`: tonic, one HTTP/2 \
+                     connection per member and run, one LeaseKeepAlive stream per client)"
+                }
+                EtcdApi::Gateway => {
+                    "through its JSON gRPC gateway (`--etcd-api gateway`: HTTP/1.1 JSON, \
+                     base64 keys, the same pooled client as discoverd)"
+                }
+            },
+            hb = opts.etcd_timers.heartbeat_ms,
+            el = opts.etcd_timers.election_ms,
+        ),
+        format!(
+            "Load: a 2-thread tokio runtime in the harness; discoverd through one pooled \
+             HTTP/1.1 client (reqwest, keep-alive); writes go to the leader, the watcher of a \
+             3-node cluster is on a follower; CAS {} ops per run, reg {} instances then {} \
+             heartbeats with {} clients, watch {} sequential registrations; every timed phase \
+             stops after {} s; {}{} round(s), target order rotated every scenario and round",
             opts.cas_ops,
             opts.instances,
             opts.heartbeats,
@@ -194,6 +218,7 @@ pub fn run(opts: Options) -> Result<String> {
 
     let mut session = Session {
         scenarios: scenarios.clone(),
+        etcd_api: opts.etcd_api,
         ..Session::default()
     };
     let mut running: Vec<Cluster> = Vec::new();
@@ -206,7 +231,7 @@ pub fn run(opts: Options) -> Result<String> {
                 Kind::Etcd if !on_path("etcd") => Err(anyhow::anyhow!(
                     "etcd not on PATH (apt-get install -y etcd-server)"
                 )),
-                Kind::Etcd => Cluster::start_etcd(dir.path(), n),
+                Kind::Etcd => Cluster::start_etcd(dir.path(), n, opts.etcd_timers, opts.etcd_api),
             };
             let ready = started.and_then(|c| {
                 rt.block_on(async {
@@ -444,6 +469,8 @@ async fn run_one(
 const PROBE_EVERY: Duration = Duration::from_millis(20);
 /// Timeout of one failover probe write.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A kill with no acknowledged write for this long counts as failed (+∞ in the median).
+pub const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
 
 /// SIGKILLs the leader, times kill → first acknowledged write on a survivor, restarts the
 /// killed node and waits until all nodes agree on a leader again.
@@ -461,13 +488,19 @@ fn failover(
     })?;
     let old_leader = c.nodes[leader].client.clone();
     let survivors: Vec<usize> = (0..c.nodes.len()).filter(|i| *i != leader).collect();
+    // Connections to the survivors exist before the kill (gRPC: connected), as a client's.
+    let targets: Vec<(load::Conn, String)> = rt.block_on(async {
+        let mut v = Vec::new();
+        for s in &survivors {
+            v.push((load::Conn::to(h, c, *s).await?, c.nodes[*s].url("")));
+        }
+        Ok::<_, anyhow::Error>(v)
+    })?;
     let t0 = Instant::now();
     c.kill(leader);
     // A new attempt every PROBE_EVERY, alternating survivors, each with its own timeout:
     // a write that hangs during the election (etcd holds proposals until its request
     // timeout) does not delay the next one, so the resolution is PROBE_EVERY.
-    let kind = c.id.kind;
-    let urls: Vec<String> = survivors.iter().map(|s| c.nodes[*s].url("")).collect();
     let (ms, attempts, note) = rt.block_on(async {
         let mut set = tokio::task::JoinSet::new();
         let mut attempts = 0u64;
@@ -476,12 +509,16 @@ fn failover(
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if t0.elapsed() > Duration::from_secs(30) {
-                        return (None, attempts, Some(format!("no write within 30 s: {last}")));
+                    if t0.elapsed() > FAILOVER_LIMIT {
+                        return (
+                            None,
+                            attempts,
+                            Some(format!("no write within {} s: {last}", FAILOVER_LIMIT.as_secs())),
+                        );
                     }
-                    let url = urls[attempts as usize % urls.len()].clone();
+                    let (conn, url) = targets[attempts as usize % targets.len()].clone();
                     attempts += 1;
-                    set.spawn(load::probe_write(h.clone(), kind, url, probe + attempts, PROBE_TIMEOUT));
+                    set.spawn(load::probe_write(conn, url, probe + attempts, PROBE_TIMEOUT));
                 }
                 Some(r) = set.join_next(), if !set.is_empty() => match r {
                     Ok(Ok(())) => return (Some(t0.elapsed().as_secs_f64() * 1e3), attempts, None),

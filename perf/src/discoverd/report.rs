@@ -3,14 +3,56 @@
 
 use std::fmt::Write as _;
 
-use super::cluster::{Id, Kind};
+use super::cluster::{EtcdApi, Id, Kind};
 use super::load::Phase;
 use super::{Failover, Sample, Scenario, Session};
 use crate::logagg::load::percentile;
 use crate::report::{fmt_count, fmt_latency, fmt_mib, fmt_ratio, median};
 
+/// Percentile `q` of a phase's latencies: nearest rank, except the median (q = 50), which is
+/// `report::median`'s (the mean of the two middle values of an even count), as everywhere
+/// else in flynn-perf.
 fn p(ph: &Phase, q: f64) -> Option<f64> {
-    percentile(&ph.lat_us, q)
+    if q == 50.0 {
+        median(ph.lat_us.clone())
+    } else {
+        percentile(&ph.lat_us, q)
+    }
+}
+
+/// The median of the failover times, `report::median`'s definition, with every failed kill
+/// (no write within the limit) counted as +∞: a median over the kills that recovered only
+/// would hide the ones that did not. +∞ when half or more failed (even count: when a middle
+/// value is a failure).
+pub fn failover_median(fs: &[Failover]) -> Option<f64> {
+    let mut xs: Vec<f64> = fs.iter().map(|f| f.ms.unwrap_or(f64::INFINITY)).collect();
+    if xs.is_empty() {
+        return None;
+    }
+    xs.sort_by(|a, b| a.total_cmp(b));
+    let n = xs.len();
+    Some(if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    })
+}
+
+/// A failover time: `> 30 s` for +∞ (a failed kill).
+pub fn fmt_failover(ms: Option<f64>) -> String {
+    match ms {
+        None => "-".into(),
+        Some(x) if x.is_infinite() => format!("> {} s", super::FAILOVER_LIMIT.as_secs()),
+        Some(x) => format!("{x:.0} ms"),
+    }
+}
+
+/// etcd ÷ this for failover medians; `-` when either is a failure (+∞).
+fn failover_ratio(etcd: Option<f64>, this: Option<f64>) -> String {
+    match (etcd, this) {
+        (Some(a), Some(b)) if a.is_finite() && b.is_finite() => fmt_ratio(Some(a), Some(b)),
+        _ => "-".into(),
+    }
 }
 
 fn fmt_cpu(x: Option<f64>) -> String {
@@ -75,6 +117,51 @@ fn etcd_of(id: &Id) -> Id {
     }
 }
 
+/// What each operation is, for etcd through `api`.
+fn operations_table(api: EtcdApi) -> String {
+    let etcd = match api {
+        EtcdApi::Grpc => [
+            "etcd, native gRPC (`--etcd-api grpc`)",
+            "`KV.Txn`: compare `mod_revision == r` (0 = absent), success: put; r = the txn's \
+             header revision; one key per client, all clients on one HTTP/2 connection to the \
+             leader",
+            "`Lease.LeaseGrant` (TTL 10 s) + `KV.Put` with that lease: the two writes any etcd \
+             registration with a TTL needs",
+            "one request and its response on the client's long-lived `Lease.LeaseKeepAlive` \
+             stream (opened before the phase; leader only, not persisted)",
+            "a `Watch.Watch` stream on a prefix (its own connection to the watcher's member), \
+             time from sending the `KV.Put` to its event",
+            "`KV.Put` to a survivor (connected before the kill; forwarded to the leader by etcd)",
+        ],
+        EtcdApi::Gateway => [
+            "etcd, JSON gRPC gateway (`--etcd-api gateway`)",
+            "`POST /v3/kv/txn`: compare `mod_revision == r` (0 = absent), success: put; r = the \
+             txn's revision; one key per client",
+            "`POST /v3/lease/grant` (TTL 10 s) + `POST /v3/kv/put` with that lease: the two \
+             writes any etcd registration with a TTL needs",
+            "`POST /v3/lease/keepalive` of the instance's lease (a new keepalive stream inside \
+             etcd per request; leader only, not persisted)",
+            "`POST /v3/watch` on a prefix, time from sending the put to its event",
+            "`POST /v3/kv/put` to a survivor (forwarded to the leader by etcd)",
+        ],
+    };
+    format!(
+        "What each operation is:\n\n\
+         | workload | flynn-discoverd | {} |\n\
+         |---|---|---|\n\
+         | CAS | `PUT /services/:s/meta` `{{\"data\":…,\"index\":i}}`; each client owns one \
+         service and sends the index its last success returned (0 creates) | {} |\n\
+         | registration | `PUT /services/:s/instances/:id` of a new instance (one Raft write) \
+         | {} |\n\
+         | heartbeat | the same PUT again, unchanged (leader memory only) | {} |\n\
+         | watch | SSE `GET /services/:s`, time from sending the registration to its `up` \
+         event | {} |\n\
+         | failover probe | a new instance PUT to a survivor (its 307 to the leader followed) \
+         | {} |\n",
+        etcd[0], etcd[1], etcd[2], etcd[3], etcd[4], etcd[5]
+    )
+}
+
 pub fn render(s: &Session) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# flynn-perf discoverd\n");
@@ -95,25 +182,7 @@ pub fn render(s: &Session) -> String {
          latency/failover ratios = etcd ÷ this (above 1 = cheaper/faster than etcd). `errors` \
          (summed over rounds) should be 0.\n"
     );
-    let _ = writeln!(
-        out,
-        "What each operation is:\n\n\
-         | workload | flynn-discoverd | etcd (JSON gRPC gateway) |\n\
-         |---|---|---|\n\
-         | CAS | `PUT /services/:s/meta` `{{\"data\":…,\"index\":i}}`; each client owns one \
-         service and sends the index its last success returned (0 creates) | `POST /v3/kv/txn`: \
-         compare `mod_revision == r` (0 = absent), success: put; r = the txn's revision; one key \
-         per client |\n\
-         | registration | `PUT /services/:s/instances/:id` of a new instance (one Raft write) \
-         | `POST /v3/lease/grant` (TTL 10 s) + `POST /v3/kv/put` with that lease: the two \
-         writes any etcd registration with a TTL needs |\n\
-         | heartbeat | the same PUT again, unchanged (leader memory only) | `POST \
-         /v3/lease/keepalive` of the instance's lease (leader only, not persisted) |\n\
-         | watch | SSE `GET /services/:s`, time from sending the registration to its `up` \
-         event | `POST /v3/watch` on a prefix, time from sending the put to its event |\n\
-         | failover probe | a new instance PUT to a survivor (its 307 to the leader followed) \
-         | `POST /v3/kv/put` to a survivor (forwarded to the leader by etcd) |\n"
-    );
+    let _ = writeln!(out, "{}", operations_table(s.etcd_api));
 
     // CAS.
     for sc in s.scenarios.iter().filter(|x| matches!(x, Scenario::Cas(_))) {
@@ -261,29 +330,42 @@ pub fn render(s: &Session) -> String {
         );
         let _ = writeln!(
             out,
-            "| target | nodes | median | min | max | every kill (ms) | etcd ÷ this |"
+            "A kill after which no write succeeded within {} s is a failure: it counts as +∞ \
+             (`> {} s`) in the median, so a median of `> {} s` means half or more of the kills \
+             failed; `failed` counts them, and min/max are over the kills that recovered.\n",
+            super::FAILOVER_LIMIT.as_secs(),
+            super::FAILOVER_LIMIT.as_secs(),
+            super::FAILOVER_LIMIT.as_secs(),
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---|---:|");
-        let ms = |fs: &[Failover]| fs.iter().filter_map(|f| f.ms).collect::<Vec<f64>>();
+        let _ = writeln!(
+            out,
+            "| target | nodes | median | min | max | failed | every kill (ms) | etcd ÷ this |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---|---:|");
         for (id, fs) in &s.failovers {
-            let v = ms(fs);
-            let m = median(v.clone());
-            let base = s.failovers.get(&etcd_of(id)).and_then(|b| median(ms(b)));
+            let v: Vec<f64> = fs.iter().filter_map(|f| f.ms).collect();
+            let m = failover_median(fs);
+            let base = s
+                .failovers
+                .get(&etcd_of(id))
+                .and_then(|b| failover_median(b));
             let min = v.iter().copied().reduce(f64::min);
             let max = v.iter().copied().reduce(f64::max);
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} of {} | {} | {} |",
                 id.kind,
                 id.nodes,
-                m.map_or("-".into(), |x| format!("{x:.0} ms")),
-                min.map_or("-".into(), |x| format!("{x:.0} ms")),
-                max.map_or("-".into(), |x| format!("{x:.0} ms")),
+                fmt_failover(m),
+                fmt_failover(min),
+                fmt_failover(max),
+                fs.len() - v.len(),
+                fs.len(),
                 fs.iter()
                     .map(|f| f.ms.map_or("fail".into(), |x| format!("{x:.0}")))
                     .collect::<Vec<_>>()
                     .join(", "),
-                fmt_ratio(base, m),
+                failover_ratio(base, m),
             );
         }
         let _ = writeln!(out);
@@ -362,4 +444,90 @@ pub fn render(s: &Session) -> String {
     }
     let _ = writeln!(out, "\n</details>");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kill(ms: Option<f64>) -> Failover {
+        Failover {
+            rep: 0,
+            ms,
+            attempts: 1,
+            old_leader: "127.0.0.1:1".into(),
+            new_leader: None,
+            note: None,
+        }
+    }
+
+    fn kills(xs: &[Option<f64>]) -> Vec<Failover> {
+        xs.iter().map(|x| kill(*x)).collect()
+    }
+
+    #[test]
+    fn failed_kills_count_as_infinity() {
+        assert_eq!(failover_median(&[]), None);
+        // All recovered: report::median's definition (mean of the two middle values).
+        assert_eq!(
+            failover_median(&kills(&[
+                Some(300.0),
+                Some(100.0),
+                Some(200.0),
+                Some(400.0)
+            ])),
+            Some(250.0)
+        );
+        assert_eq!(
+            failover_median(&kills(&[Some(300.0), Some(100.0), Some(200.0)])),
+            Some(200.0)
+        );
+        // One failure of three: it is the largest value, the median is the middle one.
+        assert_eq!(
+            failover_median(&kills(&[Some(300.0), None, Some(100.0)])),
+            Some(300.0)
+        );
+        // Dropping the failure would give 200 (the mean of 100 and 300).
+        assert_ne!(
+            failover_median(&kills(&[Some(300.0), None, Some(100.0)])),
+            Some(200.0)
+        );
+        // Half failed (even count): a middle value is +∞.
+        let m = failover_median(&kills(&[Some(100.0), None, Some(200.0), None]));
+        assert_eq!(m, Some(f64::INFINITY));
+        assert_eq!(fmt_failover(m), "> 30 s");
+        assert_eq!(fmt_failover(Some(123.4)), "123 ms");
+        assert_eq!(fmt_failover(None), "-");
+        assert_eq!(failover_ratio(Some(f64::INFINITY), Some(100.0)), "-");
+        assert_eq!(failover_ratio(Some(300.0), Some(100.0)), "3.00");
+    }
+
+    #[test]
+    fn failover_table_shows_failures() {
+        let id = Id {
+            kind: Kind::Etcd,
+            nodes: 3,
+        };
+        let mut s = Session::default();
+        s.ids.push(id);
+        s.failovers
+            .insert(id, kills(&[Some(400.0), None, None, Some(500.0), None]));
+        let text = render(&s);
+        assert!(
+            text.contains(
+                "| etcd | 3 | > 30 s | 400 ms | 500 ms | 3 of 5 | 400, fail, fail, 500, fail | - |"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn p50_is_the_report_median() {
+        let ph = Phase {
+            lat_us: vec![4.0, 1.0, 3.0, 2.0],
+            ..Phase::default()
+        };
+        assert_eq!(p(&ph, 50.0), Some(2.5));
+        assert_eq!(p(&ph, 99.0), Some(4.0));
+    }
 }

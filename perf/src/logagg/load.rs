@@ -131,32 +131,89 @@ impl Load {
     }
 }
 
-/// One sender: connect, wait at the barrier, write frames `[a, b)` in `WRITE_BYTES` writes,
-/// stop early (on a frame boundary) at `deadline`. Returns the frames written.
+/// What one sender did.
+#[derive(Debug)]
+pub struct Sent {
+    /// Whole frames written.
+    pub frames: usize,
+    /// Why it stopped before its slice was written and before the deadline (the target
+    /// stopped reading), if it did.
+    pub stalled: Option<String>,
+}
+
+/// How long a blocked write may wait: the time left until `deadline` (none: 0) plus `stall`.
+/// Also the bound on a sender's whole run from the moment it starts.
+pub fn write_limit(deadline: Option<Instant>, stall: Duration) -> Duration {
+    deadline.map_or(Duration::ZERO, |d| {
+        d.saturating_duration_since(Instant::now())
+    }) + stall
+}
+
+/// One sender: connect, wait at `ready` until every sender has connected, at `go` for the
+/// start, then write frames `[a, b)` in `WRITE_BYTES` writes, stopping early (on a frame
+/// boundary) at `deadline` (set before `go`). A write that blocks, or a run that goes on,
+/// past the deadline plus `stall` means the target has stopped reading: the sender gives up
+/// and says so in [`Sent::stalled`] instead of blocking the harness.
 pub fn send(
     load: &Load,
     addr: SocketAddr,
-    a: usize,
-    b: usize,
-    barrier: &Barrier,
+    (a, b): (usize, usize),
+    (ready, go): (&Barrier, &Barrier),
     deadline: &std::sync::OnceLock<Instant>,
-) -> Result<usize> {
+    stall: Duration,
+) -> Result<Sent> {
     let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5));
-    barrier.wait();
+    ready.wait();
+    go.wait();
     let mut conn = conn.with_context(|| format!("connecting to {addr}"))?;
-    let per_write = (WRITE_BYTES / load.frame_len).max(1);
-    let mut i = a;
-    while i < b {
-        if deadline.get().is_some_and(|d| Instant::now() >= *d) {
+    let deadline = deadline.get().copied();
+    let limit = write_limit(deadline, stall);
+    let give_up = Instant::now() + limit;
+    conn.set_write_timeout(Some(limit))
+        .context("setting the write timeout")?;
+    let bytes = load.frames(a, b);
+    let per_write = (WRITE_BYTES / load.frame_len).max(1) * load.frame_len;
+    let (mut off, mut end) = (0, 0);
+    let mut stalled = None;
+    loop {
+        if off == end {
+            // On a frame boundary: the next write, unless done or out of time.
+            if off == bytes.len() || deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            end = (off + per_write).min(bytes.len());
+        }
+        match conn.write(&bytes[off..end]) {
+            Ok(0) => anyhow::bail!("writing to {addr}: connection closed"),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                stalled = Some(format!(
+                    "a sender's write blocked for {:.1} s (the target stopped reading)",
+                    limit.as_secs_f64()
+                ));
+                break;
+            }
+            Err(e) => return Err(e).with_context(|| format!("writing to {addr}")),
+        }
+        if off < bytes.len() && Instant::now() >= give_up {
+            stalled = Some(format!(
+                "a sender was still writing {:.1} s after the start (deadline + stall bound)",
+                limit.as_secs_f64()
+            ));
             break;
         }
-        let j = (i + per_write).min(b);
-        conn.write_all(load.frames(i, j))
-            .with_context(|| format!("writing to {addr}"))?;
-        i = j;
     }
     let _ = conn.flush();
-    Ok(i - a)
+    Ok(Sent {
+        frames: off / load.frame_len,
+        stalled,
+    })
 }
 
 /// The RFC 5424 payload of marker `k`, carrying its send time in ns since `base`.
@@ -171,25 +228,43 @@ fn marker(k: u64, ns: u128) -> Vec<u8> {
 }
 
 /// Sends a marker line every `interval` on its own connection until `stop`; counts them.
+/// Writes are bounded by `limit` ([`write_limit`]): a blocked one means the target stopped
+/// reading, returned as `Ok(Some(why))` (a stall) instead of blocking the harness.
 pub fn send_markers(
     addr: SocketAddr,
     interval: Duration,
     base: Instant,
+    limit: Duration,
     stop: &AtomicBool,
     sent: &AtomicU64,
-) -> Result<()> {
+) -> Result<Option<String>> {
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("marker connection to {addr}"))?;
     conn.set_nodelay(true)?;
+    conn.set_write_timeout(Some(limit))?;
     let mut k = 0u64;
     while !stop.load(Ordering::Relaxed) {
         k += 1;
         let frame = marker(k, base.elapsed().as_nanos());
-        conn.write_all(&frame).context("writing a marker")?;
+        match conn.write_all(&frame) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(Some(format!(
+                    "a marker write blocked for {:.1} s (the target stopped reading)",
+                    limit.as_secs_f64()
+                )));
+            }
+            Err(e) => return Err(e).context("writing a marker"),
+        }
         sent.fetch_add(1, Ordering::Relaxed);
         std::thread::sleep(interval);
     }
-    Ok(())
+    Ok(None)
 }
 
 /// What a follower saw.
@@ -291,7 +366,8 @@ fn marker_ns(line: &[u8]) -> Option<u128> {
     text.split(' ').nth(1)?.parse().ok()
 }
 
-/// p-th percentile (0..=100) by nearest rank.
+/// p-th percentile (0..=100) by nearest rank. Kept for the `discoverd` harness, which uses it;
+/// `logagg` itself (like `proxy`, `overlay` and `host`) uses [`crate::report::percentile`].
 pub fn percentile(xs: &[f64], p: f64) -> Option<f64> {
     if xs.is_empty() {
         return None;
@@ -340,6 +416,102 @@ mod tests {
         let s = String::from_utf8(m).unwrap();
         let (len, rest) = s.split_once(' ').unwrap();
         assert_eq!(len.parse::<usize>().unwrap(), rest.len());
+    }
+
+    /// Runs `f` on a thread; its result, or `None` if it has not returned within `secs`.
+    fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(secs)).ok()
+    }
+
+    /// A target that accepts the connection and never reads: the sender must give up (a
+    /// stall) instead of blocking in `write` for ever.
+    #[test]
+    fn sender_gives_up_on_a_target_that_stops_reading() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            std::thread::sleep(Duration::from_secs(20));
+            drop(s);
+        });
+        // 64 MiB: more than loopback's socket buffers hold.
+        let load = Load::build(8000, 8000, 1);
+        let sent = within(15, move || {
+            let (ready, go) = (Barrier::new(2), Barrier::new(2));
+            let deadline = std::sync::OnceLock::new();
+            std::thread::scope(|s| {
+                let h = s.spawn(|| {
+                    send(
+                        &load,
+                        addr,
+                        (0, load.count),
+                        (&ready, &go),
+                        &deadline,
+                        Duration::from_millis(300),
+                    )
+                });
+                ready.wait();
+                let _ = deadline.set(Instant::now() + Duration::from_millis(200));
+                go.wait();
+                h.join().unwrap()
+            })
+        })
+        .expect("the sender blocked on a target that stopped reading");
+        let sent = sent.unwrap();
+        assert!(sent.stalled.is_some(), "{sent:?}");
+        assert!(sent.frames < 8000, "{sent:?}");
+        drop(held);
+    }
+
+    #[test]
+    fn sender_writes_everything_to_a_reading_target() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reader = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut all = Vec::new();
+            s.read_to_end(&mut all).unwrap();
+            all.len()
+        });
+        let load = Load::build(5000, 200, 10);
+        let (ready, go) = (Barrier::new(2), Barrier::new(2));
+        let deadline = std::sync::OnceLock::new();
+        let sent = std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                send(
+                    &load,
+                    addr,
+                    (0, load.count),
+                    (&ready, &go),
+                    &deadline,
+                    Duration::from_secs(10),
+                )
+            });
+            ready.wait();
+            let _ = deadline.set(Instant::now() + Duration::from_secs(30));
+            go.wait();
+            h.join().unwrap().unwrap()
+        });
+        assert_eq!(sent.frames, 5000);
+        assert!(sent.stalled.is_none());
+        assert_eq!(reader.join().unwrap(), 5000 * load.frame_len);
+    }
+
+    #[test]
+    fn write_limits() {
+        let stall = Duration::from_secs(10);
+        assert_eq!(write_limit(None, stall), stall);
+        let past = Instant::now() - Duration::from_secs(1);
+        assert_eq!(write_limit(Some(past), stall), stall);
+        let l = write_limit(Some(Instant::now() + Duration::from_secs(5)), stall);
+        assert!(
+            l > Duration::from_secs(14) && l <= Duration::from_secs(15),
+            "{l:?}"
+        );
     }
 
     #[test]

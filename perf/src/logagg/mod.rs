@@ -1,6 +1,7 @@
 //! The `logagg` harness: flynn-logagg (per thread count) and rsyslog (imtcp → omfile) each
 //! started once, then the same pre-built syslog load blasted at each over 1 and over N TCP
-//! connections, round by round with a rotating target order. For each run: messages/s until
+//! connections, round by round in a balanced target order ([`crate::order`]). For each run:
+//! messages/s until
 //! the aggregator has processed everything sent, its CPU per message from /proc, its RSS, and
 //! for flynn-logagg the follow latency of marker lines under that load.
 
@@ -18,13 +19,15 @@ use anyhow::{bail, Context, Result};
 use crate::bench::{first_line_of, on_path};
 use crate::procfs;
 use crate::procs::TempDir;
+use crate::report::percentile;
 use load::Load;
 use targets::{Id, Kind, Target};
 
 /// How often the harness checks whether the target has processed everything.
 pub const POLL: Duration = Duration::from_millis(5);
-/// Give up waiting when the processed count has not moved for this long.
-const STALL: Duration = Duration::from_secs(10);
+/// Give up waiting when the processed count has not moved for this long; also how long past
+/// the senders' deadline a write may block before the sender gives up (a stall).
+pub const STALL: Duration = Duration::from_secs(10);
 
 pub struct Options {
     pub rounds: usize,
@@ -76,6 +79,9 @@ pub struct Sample {
     pub latencies_us: Vec<f64>,
     /// Something worth flagging (stall, follower error).
     pub note: Option<String>,
+    /// Why the run is kept out of the medians (lost messages, a stall, the target died), if
+    /// it is.
+    pub invalid: Option<String>,
 }
 
 impl Sample {
@@ -92,6 +98,20 @@ impl Sample {
         let n = self.processed.min(self.sent + self.markers_sent);
         (n > 0 && self.cpu_s > 0.0).then(|| self.cpu_s * 1e6 / n as f64)
     }
+}
+
+/// Why a run cannot count: a sender or the marker connection stalled (the target stopped
+/// reading), messages were lost (the harness stopped waiting), or the target died.
+pub fn invalid_reason(stalls: &[String], lost: u64, died: Option<&str>) -> Option<String> {
+    let mut why: Vec<String> = stalls.to_vec();
+    why.dedup();
+    if lost > 0 {
+        why.push(format!("{lost} lost"));
+    }
+    if let Some(d) = died {
+        why.push(format!("target died: {}", d.replace('\n', " ")));
+    }
+    (!why.is_empty()).then(|| why.join("; "))
 }
 
 /// Everything a session measured.
@@ -126,8 +146,9 @@ fn header(opts: &Options, load: &Load) -> Vec<String> {
         format!(
             "Load: {} messages per run ({} B RFC 5424 each, octet-counted: {} B frames), app \
              `i % {}`, written by one std thread per connection in {} KiB writes ({}), senders \
-             stop after {} s; {}{} round(s), target order rotated every scenario and round; \
-             everything on 127.0.0.1",
+             stop after {} s; {}{} round(s), target order changing every scenario and round \
+             (balanced: each target in each position and right after each other equally \
+             often over a cycle); everything on 127.0.0.1",
             load.count,
             load.payload,
             load.frame_len,
@@ -250,10 +271,7 @@ pub fn run(opts: Options) -> Result<String> {
     let mut done = 0;
     for round in 0..opts.rounds {
         for (si, &conns) in opts.conns.iter().enumerate() {
-            let n = running.len();
-            let mut order: Vec<usize> = (0..n).collect();
-            order.rotate_left((round + si) % n.max(1));
-            for i in order {
+            for i in crate::order::run_order(running.len(), round + si) {
                 let target = &mut running[i];
                 let id = target.id;
                 done += 1;
@@ -267,19 +285,34 @@ pub fn run(opts: Options) -> Result<String> {
                 }
                 run_no += 1;
                 load.set_tags(run_no, conns, opts.host_per_conn);
-                match run_one(target, &load, conns, &opts) {
-                    Ok(s) => {
+                let result = run_one(target, &load, conns, &opts);
+                // A target that died during the run: the run does not count, and the target
+                // runs nothing more.
+                let died = target.dead();
+                match result {
+                    Ok(mut s) => {
+                        if let Some(d) = &died {
+                            let why = format!("target died: {}", d.replace('\n', " "));
+                            s.invalid = Some(match s.invalid.take() {
+                                Some(w) => format!("{w}; {why}"),
+                                None => why,
+                            });
+                        }
                         eprintln!(
-                            "[{done}/{total}] round {} c{conns:<3} {:<16} {:>9.0} msg/s  {:>5.2} CPU-µs/msg  RSS {:>6.1} MiB  follow p50/p99 {}/{}  lost {}{}",
+                            "[{done}/{total}] round {} c{conns:<3} {:<16} {:>9.0} msg/s  {:>5.2} CPU-µs/msg  RSS {:>6.1} MiB  follow p50/p99 {}/{}  lost {}{}{}",
                             round + 1,
                             id.to_string(),
                             s.msgs_per_s().unwrap_or(f64::NAN),
                             s.cpu_us_per_msg().unwrap_or(f64::NAN),
                             s.rss as f64 / 1048576.0,
-                            crate::report::fmt_latency(load::percentile(&s.latencies_us, 50.0)),
-                            crate::report::fmt_latency(load::percentile(&s.latencies_us, 99.0)),
+                            crate::report::fmt_latency(percentile(&s.latencies_us, 50.0)),
+                            crate::report::fmt_latency(percentile(&s.latencies_us, 99.0)),
                             s.lost(),
                             s.note.as_deref().map(|n| format!("  ({n})")).unwrap_or_default(),
+                            s.invalid
+                                .as_deref()
+                                .map(|w| format!("  (invalid, not counted: {w})"))
+                                .unwrap_or_default(),
                         );
                         session
                             .samples
@@ -292,6 +325,10 @@ pub fn run(opts: Options) -> Result<String> {
                         eprintln!("[{done}/{total}] {msg}");
                         session.failures.push(msg);
                     }
+                }
+                if let Some(why) = died {
+                    eprintln!("{id} died: {why}");
+                    session.skipped.push((id, why));
                 }
                 target.reset_output();
                 // Let the target settle (and the kernel free socket buffers) before the next.
@@ -314,6 +351,12 @@ pub fn run(opts: Options) -> Result<String> {
 
 /// One blast of `load` over `conns` connections at `target`, waiting until it has processed
 /// everything (or stalls).
+///
+/// Accounting: the senders connect and wait; the target's CPU counter is read, the clock
+/// started and the senders' deadline set, and only then are the senders released, so the
+/// figures cover every write and nothing before the first one. Every sender write is bounded
+/// (the time left plus [`STALL`]), so a target that stops reading costs the run (a stall,
+/// invalid), not the session.
 fn run_one(target: &mut Target, load: &Load, conns: usize, opts: &Options) -> Result<Sample> {
     let conns = conns.max(1);
     let base_processed = target.processed().context("reading the processed count")?;
@@ -323,7 +366,9 @@ fn run_one(target: &mut Target, load: &Load, conns: usize, opts: &Options) -> Re
     let stop_markers = AtomicBool::new(false);
     let markers_sent = AtomicU64::new(0);
     let deadline: OnceLock<Instant> = OnceLock::new();
-    let barrier = Barrier::new(conns + 1);
+    // `ready`: every sender has connected; `go`: the clock runs, write.
+    let ready = Barrier::new(conns + 1);
+    let go = Barrier::new(conns + 1);
     let addr = target.syslog;
     let api = target.api;
     let pid = target.pid();
@@ -343,25 +388,31 @@ fn run_one(target: &mut Target, load: &Load, conns: usize, opts: &Options) -> Re
         let senders: Vec<_> = (0..conns)
             .map(|c| {
                 let (a, b) = ((c * per).min(load.count), ((c + 1) * per).min(load.count));
-                let (barrier, deadline) = (&barrier, &deadline);
-                s.spawn(move || load::send(load, addr, a, b, barrier, deadline))
+                let (barriers, deadline) = ((&ready, &go), &deadline);
+                s.spawn(move || load::send(load, addr, (a, b), barriers, deadline, STALL))
             })
             .collect();
-        barrier.wait();
+        ready.wait();
         let cpu0 = procfs::cpu_seconds(pid);
         let t0 = Instant::now();
         let _ = deadline.set(t0 + Duration::from_secs(opts.max_seconds.max(1)));
+        go.wait();
         let markers = api.map(|_| {
             let (stop, sent) = (&stop_markers, &markers_sent);
             let interval = Duration::from_millis(opts.marker_ms.max(1));
-            s.spawn(move || load::send_markers(addr, interval, base, stop, sent))
+            let limit = load::write_limit(deadline.get().copied(), STALL);
+            s.spawn(move || load::send_markers(addr, interval, base, limit, stop, sent))
         });
 
         let mut sent = 0u64;
         let mut errors = Vec::new();
+        let mut stalls = Vec::new();
         for h in senders {
             match h.join() {
-                Ok(Ok(n)) => sent += n as u64,
+                Ok(Ok(out)) => {
+                    sent += out.frames as u64;
+                    stalls.extend(out.stalled);
+                }
                 Ok(Err(e)) => errors.push(format!("{e:#}")),
                 Err(_) => errors.push("sender thread panicked".into()),
             }
@@ -369,8 +420,11 @@ fn run_one(target: &mut Target, load: &Load, conns: usize, opts: &Options) -> Re
         let send_s = t0.elapsed().as_secs_f64();
         stop_markers.store(true, Ordering::Relaxed);
         let mut note = None;
-        if let Some(Ok(Err(e))) = markers.map(|h| h.join()) {
-            note = Some(format!("markers: {e:#}"));
+        match markers.map(|h| h.join()) {
+            Some(Ok(Err(e))) => note = Some(format!("markers: {e:#}")),
+            Some(Ok(Ok(Some(stalled)))) => stalls.push(stalled),
+            Some(Err(_)) => note = Some("marker thread panicked".into()),
+            _ => {}
         }
         let markers_sent = markers_sent.load(Ordering::Relaxed);
         let expected = sent + markers_sent;
@@ -421,6 +475,7 @@ fn run_one(target: &mut Target, load: &Load, conns: usize, opts: &Options) -> Re
         if !errors.is_empty() {
             bail!("senders failed: {}", errors.join("; "));
         }
+        let lost = expected.saturating_sub(processed);
         Ok(Sample {
             round: 0,
             sent,
@@ -433,6 +488,28 @@ fn run_one(target: &mut Target, load: &Load, conns: usize, opts: &Options) -> Re
             buffered,
             latencies_us,
             note,
+            invalid: invalid_reason(&stalls, lost, None),
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_reasons() {
+        assert_eq!(invalid_reason(&[], 0, None), None);
+        assert_eq!(invalid_reason(&[], 3, None).as_deref(), Some("3 lost"));
+        let stall = "a sender's write blocked".to_string();
+        assert_eq!(
+            invalid_reason(
+                &[stall.clone(), stall.clone()],
+                0,
+                Some("rsyslogd exited\nx")
+            )
+            .as_deref(),
+            Some("a sender's write blocked; target died: rsyslogd exited x")
+        );
+    }
 }

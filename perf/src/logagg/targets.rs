@@ -2,7 +2,7 @@
 //! reading how many messages each has processed.
 
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -67,6 +67,8 @@ pub struct Target {
     pub line_bytes: u64,
     /// What the target said about itself at startup (io driver), for the report.
     pub note: String,
+    /// flynn-logagg's `/metrics` over one keep-alive connection (the completion polling).
+    pub poller: Option<MetricsPoller>,
 }
 
 impl Target {
@@ -84,10 +86,15 @@ impl Target {
     }
 
     /// Messages processed so far: flynn-logagg's `flynn_logagg_messages_total` summed over
-    /// sources; for rsyslog, bytes in its output file ÷ bytes per line.
-    pub fn processed(&self) -> Result<u64> {
+    /// sources (over one keep-alive connection: the harness polls this every few ms); for
+    /// rsyslog, bytes in its output file ÷ bytes per line.
+    pub fn processed(&mut self) -> Result<u64> {
         match (self.api, &self.out_file) {
-            (Some(api), _) => Ok(metrics(api)?.messages),
+            (Some(api), _) => Ok(self
+                .poller
+                .get_or_insert_with(|| MetricsPoller::new(api))
+                .get()?
+                .messages),
             (None, Some(file)) => {
                 let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
                 Ok(len / self.line_bytes.max(1))
@@ -139,24 +146,136 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
 }
 
 pub fn metrics(api: SocketAddr) -> Result<Metrics> {
-    let text = http_get(api, "/metrics")?;
+    parse_metrics(&http_get(api, "/metrics")?)
+}
+
+/// The figures of a `/metrics` response (head and body, or the body alone). Every line the
+/// harness reads must parse, and `flynn_logagg_memory_bytes` and at least one
+/// `flynn_logagg_messages_total` must be there: a truncated or changed exposition is an error,
+/// never a count of 0.
+pub fn parse_metrics(text: &str) -> Result<Metrics> {
     let mut m = Metrics::default();
-    for line in text.lines() {
-        let value = || {
-            line.rsplit(' ')
-                .next()
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0) as u64
+    let (mut have_messages, mut have_memory) = (false, false);
+    for line in text.lines().map(str::trim_end) {
+        let value = || -> Result<u64> {
+            let v = line.rsplit(' ').next().unwrap_or_default();
+            let x: f64 = v
+                .parse()
+                .with_context(|| format!("unparsable metrics line {line:?}"))?;
+            anyhow::ensure!(
+                x.is_finite() && x >= 0.0,
+                "unexpected value in metrics line {line:?}"
+            );
+            Ok(x as u64)
         };
         if line.starts_with("flynn_logagg_messages_total{") {
-            m.messages += value();
+            m.messages += value()?;
+            have_messages = true;
         } else if line.starts_with("flynn_logagg_duplicates_total{") {
-            m.duplicates += value();
+            m.duplicates += value()?;
         } else if line.starts_with("flynn_logagg_memory_bytes ") {
-            m.memory = value();
+            m.memory = value()?;
+            have_memory = true;
         }
     }
+    anyhow::ensure!(have_messages, "no flynn_logagg_messages_total in /metrics");
+    anyhow::ensure!(have_memory, "no flynn_logagg_memory_bytes in /metrics");
     Ok(m)
+}
+
+/// `GET /metrics` over one keep-alive HTTP/1.1 connection, reconnecting when the server
+/// closes it: the completion polling costs the target a request, not a TCP accept and
+/// teardown as well, every few milliseconds.
+pub struct MetricsPoller {
+    api: SocketAddr,
+    conn: Option<BufReader<TcpStream>>,
+}
+
+impl MetricsPoller {
+    pub fn new(api: SocketAddr) -> MetricsPoller {
+        MetricsPoller { api, conn: None }
+    }
+
+    pub fn get(&mut self) -> Result<Metrics> {
+        if let Some(conn) = self.conn.as_mut() {
+            // A kept connection the server has closed meanwhile fails here: one fresh try.
+            if let Ok((body, keep)) = get_on(conn, "/metrics") {
+                if !keep {
+                    self.conn = None;
+                }
+                return parse_metrics(&body);
+            }
+            self.conn = None;
+        }
+        let s = TcpStream::connect_timeout(&self.api, Duration::from_secs(2))
+            .with_context(|| format!("connecting to {}", self.api))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.set_write_timeout(Some(Duration::from_secs(5)))?;
+        s.set_nodelay(true)?;
+        let mut conn = BufReader::new(s);
+        let (body, keep) = get_on(&mut conn, "/metrics")?;
+        if keep {
+            self.conn = Some(conn);
+        }
+        parse_metrics(&body)
+    }
+}
+
+/// One keep-alive `GET path` on `conn`: the body, and whether the connection stays open.
+fn get_on(conn: &mut BufReader<TcpStream>, path: &str) -> Result<(String, bool)> {
+    write!(
+        conn.get_mut(),
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    )?;
+    let mut line = String::new();
+    anyhow::ensure!(conn.read_line(&mut line)? > 0, "connection closed");
+    if !line.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {:?}", line.trim_end());
+    }
+    let (mut len, mut chunked, mut keep) = (None, false, true);
+    loop {
+        line.clear();
+        anyhow::ensure!(
+            conn.read_line(&mut line)? > 0,
+            "connection closed in the head"
+        );
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let Some((name, value)) = l.split_once(':') else {
+            continue;
+        };
+        let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
+        match name.as_str() {
+            "content-length" => len = Some(value.parse::<usize>().context("content-length")?),
+            "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
+            "connection" => keep = !value.eq_ignore_ascii_case("close"),
+            _ => {}
+        }
+    }
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            line.clear();
+            conn.read_line(&mut line)?;
+            let size = usize::from_str_radix(line.trim_end().split(';').next().unwrap_or(""), 16)
+                .with_context(|| format!("chunk size {line:?}"))?;
+            let mut chunk = vec![0; size + 2];
+            conn.read_exact(&mut chunk)?;
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..size]);
+        }
+    } else if let Some(n) = len {
+        body.resize(n, 0);
+        conn.read_exact(&mut body)?;
+    } else {
+        conn.read_to_end(&mut body)?;
+        keep = false;
+    }
+    Ok((String::from_utf8_lossy(&body).into_owned(), keep))
 }
 
 /// A one-off octet-counted message to app `app`.
@@ -253,6 +372,7 @@ pub fn start_flynn(bin: &Path, dir: &Path, threads: usize) -> Result<Target> {
         out_file: None,
         line_bytes: 0,
         note,
+        poller: Some(MetricsPoller::new(api)),
     })
 }
 
@@ -338,7 +458,98 @@ pub fn start_rsyslog(dir: &Path, payload: usize) -> Result<Target> {
         out_file: Some(out_file),
         line_bytes: payload as u64 + 1,
         note: String::new(),
+        poller: None,
     };
     target.reset_output();
     Ok(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    const METRICS: &str = "# HELP flynn_logagg_messages_total syslog messages received
+# TYPE flynn_logagg_messages_total counter
+flynn_logagg_messages_total{source=\"tcp-0\"} 1200
+flynn_logagg_messages_total{source=\"tcp-1\"} 34
+# TYPE flynn_logagg_duplicates_total counter
+flynn_logagg_duplicates_total{source=\"tcp-0\"} 2
+# TYPE flynn_logagg_memory_bytes gauge
+flynn_logagg_memory_bytes 4096
+# TYPE flynn_logagg_memory_limit_bytes gauge
+flynn_logagg_memory_limit_bytes 1073741824
+";
+
+    #[test]
+    fn parses_metrics() {
+        let m = parse_metrics(METRICS).unwrap();
+        assert_eq!((m.messages, m.duplicates, m.memory), (1234, 2, 4096));
+    }
+
+    #[test]
+    fn unparsable_or_truncated_metrics_are_errors() {
+        // A value cut off mid-line, a value that is not a number.
+        let cut = &METRICS[..METRICS.find("1200").unwrap() + 2];
+        assert!(parse_metrics(cut).is_err(), "{:?}", parse_metrics(cut));
+        let bad = METRICS.replace("} 34", "} x34");
+        assert!(parse_metrics(&bad).is_err());
+        let cut = &METRICS[..METRICS.find("flynn_logagg_memory_bytes 4096").unwrap()];
+        assert!(parse_metrics(cut).is_err());
+        assert!(parse_metrics("").is_err());
+        assert!(parse_metrics("HTTP/1.1 200 OK\r\n\r\n").is_err());
+    }
+
+    /// Serves `GET /metrics` on one connection as long as the client keeps it; counts accepts.
+    fn serve(listener: TcpListener, responses: usize) -> std::thread::JoinHandle<usize> {
+        std::thread::spawn(move || {
+            let mut accepted = 0;
+            let mut served = 0;
+            while served < responses {
+                let (s, _) = listener.accept().unwrap();
+                accepted += 1;
+                let mut r = BufReader::new(s);
+                let mut line = String::new();
+                while served < responses {
+                    line.clear();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    if line != "\r\n" {
+                        continue;
+                    }
+                    served += 1;
+                    let body = METRICS.replace("1200", &format!("{}", 1200 + served));
+                    let head = if served % 2 == 0 {
+                        // Chunked, in two chunks.
+                        let (a, b) = body.split_at(40);
+                        format!(
+                            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+                            a.len(),
+                            b.len()
+                        )
+                    } else {
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                    };
+                    r.get_mut().write_all(head.as_bytes()).unwrap();
+                }
+            }
+            accepted
+        })
+    }
+
+    #[test]
+    fn poller_keeps_one_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = serve(listener, 4);
+        let mut p = MetricsPoller::new(addr);
+        for i in 1..=4 {
+            assert_eq!(p.get().unwrap().messages, 1234 + i);
+        }
+        assert_eq!(server.join().unwrap(), 1, "one connection for every poll");
+    }
 }

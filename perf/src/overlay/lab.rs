@@ -9,10 +9,50 @@ use flynn_netlab::{run_stdout as run, sys_attr, Bpffs};
 
 use super::{Mode, Pair, Setup, LOCAL_MTU, OVERLAY_MTU};
 
-/// The namespaces and the BPF filesystem; removed on drop (namespaces first).
+/// The namespaces and the BPF filesystem; removed on drop (namespaces first), and by a
+/// signal hook on Ctrl-C (the signal thread exits the process, so no drop runs then).
 struct Lab {
     net: flynn_netlab::Lab,
     bpffs: Bpffs,
+    hook: u64,
+}
+
+/// The short names of every namespace [`build`] makes.
+const NAMESPACES: [&str; 5] = ["h1", "h2", "a", "b", "c"];
+
+impl Lab {
+    fn new() -> Result<Lab> {
+        let net = flynn_netlab::Lab::new("fpo");
+        let bpffs = Bpffs::mount("flynn-perf-bpffs")?;
+        let names: Vec<String> = NAMESPACES.iter().map(|n| net.ns(n)).collect();
+        let bpf_dir = bpffs.path().to_path_buf();
+        let hook = crate::procs::add_hook(Box::new(move || cleanup(&names, &bpf_dir)));
+        Ok(Lab { net, bpffs, hook })
+    }
+}
+
+/// What the signal hook removes: the namespaces that exist among `names` (jobs first, as
+/// `Drop` does), then the BPF filesystem, lazily unmounted, and its directory.
+fn cleanup(names: &[String], bpf_dir: &Path) {
+    for ns in names.iter().rev() {
+        if Path::new("/run/netns").join(ns).exists() {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .status();
+        }
+    }
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(bpf_dir)
+        .status();
+    let _ = std::fs::remove_dir(bpf_dir);
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // The fields (namespaces, then the BPF filesystem) go right after this.
+        crate::procs::remove_hook(self.hook);
+    }
 }
 
 struct Job {
@@ -70,10 +110,7 @@ struct Topology {
 }
 
 fn build() -> Result<Topology> {
-    let mut lab = Lab {
-        net: flynn_netlab::Lab::new("fpo"),
-        bpffs: Bpffs::mount("flynn-perf-bpffs")?,
-    };
+    let mut lab = Lab::new()?;
     let net = &mut lab.net;
     let h1 = net.add_host("h1", "100.100.1.1")?;
     let h2 = net.add_host("h2", "100.100.2.1")?;
@@ -266,5 +303,41 @@ impl Setup for LabSetup {
             self.fp2.off()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lab's signal hook removes its namespaces and unmounts its BPF filesystem (Ctrl-C
+    /// exits the process without running `Drop`).
+    #[test]
+    fn signal_hook_removes_namespaces_and_bpffs() {
+        if !flynn_netlab::should_run(
+            "signal_hook_removes_namespaces_and_bpffs",
+            &[("ip", "iproute2")],
+        ) {
+            return;
+        }
+        let mut lab = Lab::new().unwrap();
+        let h1 = lab.net.add_host("h1", "100.100.1.1").unwrap();
+        let a = lab.net.add_ns("a").unwrap();
+        let bpf = lab.bpffs.path().to_string_lossy().into_owned();
+        let mounted = || {
+            std::fs::read_to_string("/proc/self/mounts")
+                .unwrap()
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(bpf.as_str()))
+        };
+        assert!(mounted());
+        let hook = crate::procs::take_hook(lab.hook).expect("the lab registered a hook");
+        hook();
+        for ns in [&h1, &a] {
+            assert!(!Path::new("/run/netns").join(ns).exists(), "{ns} left");
+        }
+        assert!(!mounted(), "{bpf} still mounted");
+        // Drop finds nothing left (and says so on stderr).
+        drop(lab);
     }
 }

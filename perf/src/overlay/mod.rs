@@ -20,9 +20,9 @@
 //! Three modes: `flannel` (the kernel path with the job side at the overlay MTU too, as flannel
 //! and the issue's "bridge path" configure it), `kernel` (the kernel path as flynn-network
 //! configures it) and `fast` (the eBPF fast path on top of that: job veths, VXLAN device, and
-//! VXLAN encapsulation and decapsulation in BPF on the underlay veth `ul0`). Per round, for each
-//! mode in rotating order: ping RTT (per-packet median and p99), iperf3 TCP and UDP throughput
-//! per pair. The fast path's counters are checked (same-host: local redirects; cross-host:
+//! VXLAN encapsulation and decapsulation in BPF on the underlay veth `ul0`). Per round, for the
+//! underlay and each mode in a balanced order ([`crate::order`]): ping RTT (per-packet median
+//! and p99), iperf3 TCP and UDP throughput per pair. The fast path's counters are checked (same-host: local redirects; cross-host:
 //! encapsulations and decapsulations in BPF) so a "fast" number is never silently a kernel-path
 //! number. Medians across rounds; nothing passes or fails.
 
@@ -38,7 +38,7 @@ use anyhow::{ensure, Context, Result};
 use flynn_netlab::run_stdout as run;
 
 use crate::procs::{Proc, TempDir};
-use crate::report::median;
+use crate::report::{median, percentile};
 
 pub struct Options {
     pub rounds: usize,
@@ -152,12 +152,6 @@ fn ping_rtts(ns: &str, dst: &str, count: u32) -> Result<Vec<f64>> {
     Ok(rtts)
 }
 
-fn percentile(mut xs: Vec<f64>, p: f64) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    let i = ((xs.len() as f64 - 1.0) * p).round() as usize;
-    xs[i.min(xs.len() - 1)]
-}
-
 /// The `error` of an iperf3 JSON report, if it has one.
 fn json_error(json: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
@@ -241,8 +235,10 @@ fn measure(
     s: &mut Samples,
 ) -> Result<()> {
     let rtts = ping_rtts(src, ip, opts.pings)?;
-    s.rtt_p50_us.push(percentile(rtts.clone(), 0.5));
-    s.rtt_p99_us.push(percentile(rtts, 0.99));
+    s.rtt_p50_us
+        .push(percentile(&rtts, 50.0).context("no ping RTT")?);
+    s.rtt_p99_us
+        .push(percentile(&rtts, 99.0).context("no ping RTT")?);
     let (tcp, _) = iperf(tmp, src, dst, ip, false, opts.duration_s)?;
     s.tcp_gbps.push(tcp);
     let (udp, loss) = iperf(tmp, src, dst, ip, true, opts.duration_s)?;
@@ -251,8 +247,46 @@ fn measure(
     Ok(())
 }
 
+/// What the report header says about the machine, read before anything runs.
+struct Env {
+    started: String,
+    kernel: String,
+    iperf: String,
+}
+
+/// Checks everything the harness needs before it builds anything (root, `ip`, `iperf3`,
+/// `ping`) and reads the versions for the report.
+fn preflight() -> Result<Env> {
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the overlay harness needs root (network namespaces, veths, VXLAN, a BPF filesystem): \
+         run it as root"
+    );
+    for (tool, pkg) in [
+        ("ip", "iproute2"),
+        ("iperf3", "iperf3"),
+        ("ping", "iputils-ping"),
+    ] {
+        ensure!(
+            crate::bench::on_path(tool),
+            "{tool} not found on PATH (apt-get install -y {pkg})"
+        );
+    }
+    let iperf = run(&["iperf3", "--version"])
+        .context("iperf3 --version")?
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    Ok(Env {
+        started: run(&["date", "-u"])?.trim().to_string(),
+        kernel: run(&["uname", "-r"])?.trim().to_string(),
+        iperf,
+    })
+}
+
 pub fn run_harness(opts: Options) -> Result<String> {
-    let started = run(&["date", "-u"])?.trim().to_string();
+    let env = preflight()?;
     let mut setup: Box<dyn Setup> = match &opts.deployed {
         Some(bins) => Box::new(deployed::Deployed::new(bins)?),
         None => Box::new(lab::LabSetup::new(&opts.ctl_bin, opts.masq_bin.as_deref())?),
@@ -262,7 +296,7 @@ pub fn run_harness(opts: Options) -> Result<String> {
         crate::procs::wait_if_stopping();
     }
     let (underlay, samples) = res?;
-    let md = report(&opts, &started, &setup.describe(), &underlay, &samples)?;
+    let md = report(&opts, &env, &setup.describe(), &underlay, &samples);
     drop(setup);
     if let Some(out) = &opts.out {
         std::fs::write(out, &md).with_context(|| format!("writing {}", out.display()))?;
@@ -282,15 +316,15 @@ fn bench(opts: &Options, setup: &mut dyn Setup) -> Result<(Samples, Sampled)> {
     }
     let mut underlay = Samples::default();
     let ul = setup.underlay();
+    // The underlay takes its turn among the modes, so it is not always measured first.
+    let steps: Vec<Option<Mode>> = std::iter::once(None).chain(Mode::ALL.map(Some)).collect();
     for round in 0..opts.rounds {
         eprintln!("round {}/{}", round + 1, opts.rounds);
-        measure(opts, &tmp, &ul.src, &ul.dst, &ul.ip, &mut underlay)?;
-        let mut modes = Mode::ALL;
-        modes.rotate_left(round % Mode::ALL.len());
-        if round % 2 == 1 {
-            modes.reverse();
-        }
-        for mode in modes {
+        for k in crate::order::run_order(steps.len(), round) {
+            let Some(mode) = steps[k] else {
+                measure(opts, &tmp, &ul.src, &ul.dst, &ul.ip, &mut underlay)?;
+                continue;
+            };
             let pairs = setup.enter(mode)?;
             for p in &pairs {
                 let before = if mode == Mode::Fast {
@@ -327,32 +361,25 @@ fn bench(opts: &Options, setup: &mut dyn Setup) -> Result<(Samples, Sampled)> {
     Ok((underlay, samples))
 }
 
-fn report(
-    opts: &Options,
-    started: &str,
-    setup: &str,
-    underlay: &Samples,
-    samples: &Sampled,
-) -> Result<String> {
-    let kernel = run(&["uname", "-r"])?.trim().to_string();
-    let iperf_v = run(&["iperf3", "--version"])?
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string();
+fn report(opts: &Options, env: &Env, setup: &str, underlay: &Samples, samples: &Sampled) -> String {
+    let Env {
+        started,
+        kernel,
+        iperf: iperf_v,
+    } = env;
     let mut md = String::new();
     md.push_str(&format!(
         "- Date: {started}\n- Command: `{}`\n",
         opts.command
     ));
     md.push_str(&format!(
-        "- Host: {} CPUs, Linux {kernel}; {iperf_v}; {} round(s), iperf3 {} s per run, {} pings at 10 ms per RTT run, modes alternating per round\n- Hosts: {setup}\n\n",
+        "- Host: {} CPUs, Linux {kernel}; {iperf_v}; {} round(s), iperf3 {} s per run, {} pings at 10 ms per RTT run; the underlay and the three modes in a balanced order changing every round (each in each position and right after each other equally often over 4 rounds)\n- Hosts: {setup}\n\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         opts.rounds,
         opts.duration_s,
         opts.pings,
     ));
-    md.push_str("Medians across rounds. RTT from per-packet ping times (p50 and p99 within a run). iperf3 client pinned to CPU 0, server to CPU 1 (`-A 0,1`). UDP: iperf3 `-u -b 0 -l 1400`, received rate.\n\n");
+    md.push_str("Medians across rounds. RTT from per-packet ping times (p50 and p99 within a run, interpolating linearly between ranks). iperf3 client pinned to CPU 0, server to CPU 1 (`-A 0,1`). UDP: iperf3 `-u -b 0 -l 1400`, received rate.\n\n");
     md.push_str("| pair | path | RTT p50 | RTT p99 | TCP Gbit/s | UDP Gbit/s | UDP loss % |\n|---|---|---:|---:|---:|---:|---:|\n");
     let row = |pair: &str, path: &str, s: &Samples| -> String {
         let f = |v: &Vec<f64>| median(v.clone()).unwrap_or(f64::NAN);
@@ -447,5 +474,5 @@ fn report(
     for (what, value, target) in ratios {
         md.push_str(&format!("| {what} | {value:.2} | {target} |\n"));
     }
-    Ok(md)
+    md
 }
