@@ -16,6 +16,7 @@ fuzz_target!(|data: &[u8]| {
     let p = parse_segment(bytes, first);
     assert!(p.end <= bytes.len());
     assert_eq!(p.entries.len(), p.offsets.len());
+    assert!(p.bad.is_some() || !p.torn, "torn without a bad record");
     match p.bad {
         None => assert!(bytes[p.end..].iter().all(|b| *b == 0)),
         Some(_) => assert!(p.end < bytes.len()),

@@ -181,6 +181,20 @@ async fn snapshot(
     if dropped(&node, &headers) {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
+    // A snapshot never holds an entry of a later leader than the one sending it: openraft
+    // asserts that (and its Raft stops for good on the panic), so such a request (a bug,
+    // or a stray request from another cluster) is refused here.
+    if let Some(last) = &req.meta.last_log_id {
+        let sender = openraft::vote::RaftLeaderId::to_committed(req.vote.leader_id());
+        if last.leader_id > sender {
+            tracing::warn!(last = %last, vote = %req.vote, "snapshot rpc refused: its last entry is of a later leader than its sender");
+            return ApiErr(ApiError::validation(
+                None,
+                "raft snapshot: the last log id's leader is above the request's vote",
+            ))
+            .into_response();
+        }
+    }
     // openraft takes a state machine's failure to install a snapshot as a storage error
     // and stops this node's Raft for good: data that does not decode is refused here.
     let decoded = tokio::task::spawn_blocking(move || {

@@ -100,7 +100,7 @@ fn registry_of(service: &str, view: PeerView) -> crate::store::state::Registry {
     }
     reg.data.instances.insert(
         service.to_string(),
-        view.insts.into_iter().map(|i| (i.id.clone(), i)).collect(),
+        std::sync::Arc::new(view.insts.into_iter().map(|i| (i.id.clone(), i)).collect()),
     );
     reg
 }

@@ -307,7 +307,7 @@ mod tests {
             };
             insts.insert(id, i);
         }
-        reg.data.instances.insert(svc.into(), insts);
+        reg.data.instances.insert(svc.into(), insts.into());
     }
 
     fn registry() -> Registry {

@@ -64,6 +64,14 @@ fn snapshot_timeout(ttl: Duration, len: usize) -> Duration {
     ttl.max(Duration::from_secs(10)) + per_size
 }
 
+/// The transport's limit for a vote RPC given openraft's `ttl` (the shortest election
+/// timeout, 100 ms by default): at least [`APPEND_TIMEOUT`], as the voter fsyncs before it
+/// answers. (openraft also bounds the whole call by `ttl` on its side, see the
+/// architecture notes.)
+fn vote_timeout(ttl: Duration) -> Duration {
+    ttl.max(APPEND_TIMEOUT)
+}
+
 /// The body of a full-snapshot RPC.
 #[derive(Serialize, Deserialize)]
 pub struct SnapshotRequest {
@@ -211,12 +219,17 @@ impl RaftNetworkV2<C> for Conn {
         stream::open(target, input, option)
     }
 
+    /// A (real) vote: the voter answers only once it has saved its vote, behind the appends
+    /// queued before it (`store::log`, `Op::Vote`: up to three fsyncs, after the batch
+    /// running when it came), so it gets [`vote_timeout`]. Pre-Vote saves nothing and
+    /// keeps openraft's TTL.
     async fn vote(
         &mut self,
         rpc: VoteRequest<C>,
         option: RPCOption,
     ) -> Result<VoteResponse<C>, RPCError<C>> {
-        self.call("vote", &rpc, option.hard_ttl()).await
+        self.call("vote", &rpc, vote_timeout(option.hard_ttl()))
+            .await
     }
 
     /// Raft's Pre-Vote: would the peer grant a vote at the next term? A peer that does not
@@ -301,6 +314,59 @@ mod tests {
             .expect("404 is a grant");
         assert!(granted.vote_granted);
         assert!(conn.pre_vote(req, opt()).await.is_err(), "500 is no grant");
+    }
+
+    /// A voter answers a vote only after saving it (fsyncs queued behind the writer's
+    /// running batch), which can take longer than openraft's TTL (the shortest election
+    /// timeout); a Pre-Vote saves nothing and keeps the TTL.
+    #[tokio::test]
+    async fn a_vote_is_given_time_for_the_voters_fsync_and_a_pre_vote_is_not() {
+        use openraft::{BasicNode, RaftNetworkFactory, RaftNetworkV2};
+        use std::time::Duration;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        assert_eq!(
+            super::vote_timeout(Duration::from_millis(100)),
+            super::APPEND_TIMEOUT
+        );
+        assert_eq!(
+            super::vote_timeout(Duration::from_secs(3)),
+            Duration::from_secs(3)
+        );
+        let vote = openraft::alias::VoteOf::<super::C>::new(3, 1);
+        let answer = serde_json::to_string(&openraft::raft::VoteResponse::<super::C>::new(
+            vote, None, true,
+        ))
+        .unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 1 << 16];
+                    let _ = s.read(&mut buf).await;
+                    // The voter's fsyncs.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                });
+            }
+        });
+        let faults = std::sync::Arc::new(crate::fault::Faults::new(false));
+        let mut net = super::Network::new("127.0.0.1:1".into(), faults);
+        let mut conn = net.new_client(2, &BasicNode { addr }).await;
+        let req = openraft::raft::VoteRequest::new(vote, None);
+        let opt = || openraft::network::RPCOption::new(Duration::from_millis(100));
+        let r = conn
+            .vote(req.clone(), opt())
+            .await
+            .expect("the vote's answer");
+        assert!(r.vote_granted);
+        assert!(conn.pre_vote(req, opt()).await.is_err(), "pre-vote waited");
     }
 
     #[test]

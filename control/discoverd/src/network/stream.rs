@@ -15,7 +15,9 @@
 //! (`AppendEntriesRequest`) one way and a `StreamAppendResult` the other. Nothing here
 //! acknowledges anything on its own: a result is whatever the follower's Raft answered,
 //! after its fsync. A closed or stalled connection ends the session with an error and
-//! openraft starts another.
+//! openraft starts another: a result not read within the timeout, and a frame not written
+//! within the timeout plus time for its size ([`write_timeout`]; a follower that stops
+//! reading leaves the leader's write blocked once the socket buffers are full).
 //!
 //! Connections outlive sessions. openraft sends every heartbeat as a session of its own
 //! (one request), so opening a connection per session meant a TCP handshake, an HTTP
@@ -91,6 +93,19 @@ const POOL_IDLE: Duration = Duration::from_secs(20);
 /// Idle connections kept per peer (a heartbeat session and a replication session can
 /// overlap, so one is not always enough).
 const POOL_PER_PEER: usize = 4;
+/// A read buffer grown past this by a large frame is shrunk back to [`SMALL_FRAME`] at the
+/// next frame that fits in that (a connection lives for many sessions, and a frame may be
+/// up to [`MAX_FRAME`]).
+const SHRINK_ABOVE: usize = 1 << 20;
+const SMALL_FRAME: usize = 64 << 10;
+
+/// How long writing one frame of `len` bytes to a follower may take: the request
+/// `timeout`, plus 1 s per 4 MiB (as a snapshot RPC is given). Past it the follower is
+/// taken to have stopped reading and the session ends with an error; without a limit the
+/// write, and the session's results waiting for it, hung until TCP gave up (~15 min).
+pub fn write_timeout(timeout: Duration, len: usize) -> Duration {
+    timeout + Duration::from_millis((len as u64 >> 20) * 250)
+}
 
 /// Idle upgraded connections to followers, by peer address, each left by a session that
 /// ended cleanly (see the module docs).
@@ -174,19 +189,50 @@ fn failure(msg: impl Into<String>) -> StreamFailure {
     StreamFailure(msg.into())
 }
 
+/// Encodes `value` as one frame into `buf` (replacing what it held).
+fn encode_frame<T: Serialize>(buf: &mut Vec<u8>, value: &T) -> std::io::Result<()> {
+    buf.clear();
+    buf.extend_from_slice(&[0; 4]);
+    serde_json::to_writer(&mut *buf, value).map_err(std::io::Error::other)?;
+    let len = (buf.len() - 4) as u32;
+    buf[..4].copy_from_slice(&len.to_le_bytes());
+    Ok(())
+}
+
 /// Writes `value` as one frame (`buf` is scratch space, reused across frames).
 pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     w: &mut W,
     buf: &mut Vec<u8>,
     value: &T,
 ) -> std::io::Result<()> {
-    buf.clear();
-    buf.extend_from_slice(&[0; 4]);
-    serde_json::to_writer(&mut *buf, value).map_err(std::io::Error::other)?;
-    let len = (buf.len() - 4) as u32;
-    buf[..4].copy_from_slice(&len.to_le_bytes());
+    encode_frame(buf, value)?;
     w.write_all(buf).await?;
     w.flush().await
+}
+
+/// [`write_frame`] within [`write_timeout`] for the frame's size (a `TimedOut` error past it).
+async fn write_frame_within<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    buf: &mut Vec<u8>,
+    value: &T,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    encode_frame(buf, value)?;
+    let limit = write_timeout(timeout, buf.len());
+    let write = async {
+        w.write_all(buf).await?;
+        w.flush().await
+    };
+    match tokio::time::timeout(limit, write).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "a frame of {} bytes not written within {limit:?}",
+                buf.len()
+            ),
+        )),
+    }
 }
 
 /// Ends a session: an empty frame.
@@ -228,8 +274,12 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
         ));
     }
     // Grow with the bytes that arrive rather than to the declared length up front, so a
-    // peer that announces a large frame and sends little costs little memory.
+    // peer that announces a large frame and sends little costs little memory; and give
+    // back what a large frame grew once small ones follow.
     buf.clear();
+    if buf.capacity() > SHRINK_ABOVE && len <= SMALL_FRAME {
+        buf.shrink_to(SMALL_FRAME);
+    }
     let got = (&mut *r).take(len as u64).read_to_end(buf).await?;
     if got < len {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
@@ -319,7 +369,7 @@ where
         // failure, which ends the results with an error.
         let (sent_tx, sent_rx) = tokio::sync::mpsc::unbounded_channel::<Sent>();
         let mut input = input;
-        let (addr, faults) = (t.addr.clone(), t.faults.clone());
+        let (addr, faults, timeout) = (t.addr.clone(), t.faults.clone(), t.timeout);
         let writer = tokio::spawn(async move {
             let mut buf = Vec::new();
             let mut owed = Owed::default();
@@ -335,7 +385,9 @@ where
                     // and answered: that answer goes out first (see the module docs).
                     tokio::task::yield_now().await;
                 }
-                if let Err(e) = write_frame(&mut wr, &mut buf, &req).await {
+                // Within a time for its size: a follower that stopped reading would
+                // otherwise hold the write, and the results waiting for its token, for good.
+                if let Err(e) = write_frame_within(&mut wr, &mut buf, &req, timeout).await {
                     tracing::debug!(peer = %addr, error = %e, "raft stream write failed");
                     let _ = sent_tx.send(Sent::Failed);
                     return None;
@@ -349,7 +401,10 @@ where
             if !last_answered && sent_tx.send(Sent::Owed(owed.end())).is_err() {
                 return None;
             }
-            write_end(&mut wr).await.ok().map(|_| wr)
+            match tokio::time::timeout(timeout, write_end(&mut wr)).await {
+                Ok(Ok(())) => Some(wr),
+                _ => None,
+            }
         });
 
         struct Reader {
@@ -695,5 +750,105 @@ mod tests {
             .now_or_never()
             .unwrap();
         assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    /// A read buffer grown by a large frame goes back to a small one at the next small
+    /// frame (the follower keeps one per connection, for many sessions).
+    #[test]
+    fn a_large_frame_does_not_keep_its_buffer() {
+        let big = req(Some(0), Some(20_000));
+        let small = req(Some(3), Some(3));
+        let (mut wire, mut scratch) = (Vec::new(), Vec::new());
+        for r in [&big, &small, &big] {
+            write_frame(&mut wire, &mut scratch, r)
+                .now_or_never()
+                .unwrap()
+                .unwrap();
+        }
+        let mut rest = &wire[..];
+        let mut buf = Vec::new();
+        let mut next = |buf: &mut Vec<u8>| match read_frame::<_, Req>(&mut rest, buf)
+            .now_or_never()
+            .unwrap()
+        {
+            Ok(Frame::Item(r)) => r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(next(&mut buf).entries.len(), 20_000);
+        assert!(buf.capacity() > SHRINK_ABOVE, "{}", buf.capacity());
+        assert_eq!(next(&mut buf).entries.len(), 0);
+        assert!(buf.capacity() <= SMALL_FRAME, "kept {}", buf.capacity());
+        assert_eq!(next(&mut buf).entries.len(), 20_000);
+    }
+
+    #[test]
+    fn a_frame_is_given_time_for_its_size() {
+        let t = Duration::from_secs(1);
+        assert_eq!(write_timeout(t, 1000), t);
+        assert_eq!(write_timeout(t, 16 << 20), Duration::from_secs(5));
+        assert_eq!(write_timeout(t, MAX_FRAME), Duration::from_secs(65));
+    }
+
+    /// A follower that accepts the upgrade and then stops reading: once the socket buffers
+    /// are full the leader's write of a large request blocks. The session ends with an
+    /// error within the write's time limit instead of hanging until TCP gives up.
+    #[tokio::test]
+    async fn a_follower_that_stops_reading_ends_the_session_with_an_error() {
+        use crate::store::Command;
+        use openraft::alias::{EntryOf, LogIdOf, VoteOf};
+        use openraft::vote::RaftLeaderId;
+        use openraft::EntryPayload;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            let up = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {PROTOCOL}\r\n\r\n"
+            );
+            s.write_all(up.as_bytes()).await.unwrap();
+            // Never reads again, never closes.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(s);
+        });
+        let leader = openraft::impls::leader_id_adv::LeaderId::<u64, u64>::new(1, 7).to_committed();
+        let entries = (1..=16u64)
+            .map(|i| {
+                let cmd = Command::RemoveService {
+                    service: format!("s{i}-{}", "x".repeat(1 << 20)),
+                };
+                EntryOf::<C>::new(LogIdOf::<C>::new(leader, i), EntryPayload::Normal(cmd))
+            })
+            .collect();
+        let big = AppendEntriesRequest::<C> {
+            vote: VoteOf::<C>::new_committed(1, 7),
+            prev_log_id: None,
+            entries,
+            leader_commit: None,
+        };
+        let target = Target {
+            http: reqwest::Client::new(),
+            pool: Pool::default(),
+            addr: addr.clone(),
+            host: "127.0.0.1:1".into(),
+            faults: Arc::new(Faults::new(false)),
+            timeout: Duration::from_millis(300),
+        };
+        let started = Instant::now();
+        let option = RPCOption::new(Duration::from_millis(300));
+        let mut results = open(target, futures_util::stream::iter(vec![big]), option)
+            .await
+            .expect("the stream opens");
+        let first = tokio::time::timeout(Duration::from_secs(10), results.next())
+            .await
+            .expect("no result within 10 s: the session hangs on its write");
+        assert!(matches!(first, Some(Err(_))), "{first:?}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        server.abort();
     }
 }

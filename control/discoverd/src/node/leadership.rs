@@ -111,7 +111,7 @@ impl Leadership {
         });
         let mut out = Vec::new();
         for (svc, insts) in &data.instances {
-            for (id, inst) in insts {
+            for (id, inst) in insts.iter() {
                 let key = (svc.clone(), id.clone());
                 let fresh = self.registering.contains_key(&key)
                     || self

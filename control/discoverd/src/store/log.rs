@@ -3,8 +3,11 @@
 //!
 //! Record: `len: u32 LE | crc32(payload): u32 LE | payload` where the payload is the JSON
 //! entry. Segments are named after their first index. A torn record at the tail of the
-//! last segment (a crash mid-write) is cut off on open; a bad record anywhere else is an
-//! error. The open segment is zero-filled ahead of its records ([`PREALLOC`] at a time),
+//! last segment (a crash mid-write: see [`ParsedSegment::torn`] for how one is told from
+//! corruption) is cut off on open, its bytes kept in `<segment>.torn`; any other bad
+//! record is an error, and so is a hole (entries above the purge point that do not follow
+//! one another; appends that would leave one are refused). The open segment is
+//! zero-filled ahead of its records ([`PREALLOC`] at a time),
 //! so an append overwrites blocks that are already allocated and written and its
 //! `fdatasync` has no size or extent change to write: one data write and a cache flush
 //! instead of also a synchronous inode write. Zeros to the end of a file are that
@@ -33,6 +36,9 @@ type C = TypeConfig;
 /// A segment is closed and a new one started past this size.
 const SEGMENT_BYTES: u64 = 16 << 20;
 const HEADER: usize = 8;
+/// The unit a crash tears a write at, for telling a torn record from a corrupt one
+/// ([`ParsedSegment::torn`]).
+const SECTOR: usize = 512;
 /// The open segment is zero-filled this far ahead of its last record.
 const PREALLOC: u64 = 1 << 20;
 /// The log writer writes a pending commit point after this long without a batch.
@@ -44,6 +50,28 @@ struct Mem {
     purged: Option<LogIdOf<C>>,
     vote: Option<VoteOf<C>>,
     committed: Option<LogIdOf<C>>,
+}
+
+impl Mem {
+    /// The index the next append must have: right after the last entry, or after the
+    /// purge point when every entry is purged; `None` for an empty log with nothing
+    /// purged (its first entry may have any index).
+    fn next_index(&self) -> Option<u64> {
+        match self.entries.keys().next_back() {
+            Some(last) => Some(last.saturating_add(1)),
+            None => self.purged.as_ref().map(|p| p.index.saturating_add(1)),
+        }
+    }
+}
+
+/// The error of an append that would leave a hole in the log or overwrite entries
+/// without a truncation (openraft's contract rules both out; one that happens anyway is
+/// a bug, and a log with a hole would be read as if the entries in it never existed).
+fn out_of_sequence(index: u64, next: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("append of log index {index} where {next} is next (a hole or an overwrite)"),
+    )
 }
 
 struct Inner {
@@ -109,6 +137,8 @@ impl Drop for Inner {
 struct CommitFile {
     file: File,
     buf: Vec<u8>,
+    /// `committed.json` of earlier versions, removed after the first save of the record.
+    legacy: Option<PathBuf>,
 }
 
 impl CommitFile {
@@ -126,8 +156,17 @@ impl CommitFile {
             .open(&path)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
+        let legacy = dir.join(Self::LEGACY);
         let committed = if bytes.is_empty() {
-            read_json(&dir.join(Self::LEGACY))?.flatten()
+            // Like a torn record: an unreadable point is one the cluster tells the node
+            // again, never a reason not to start.
+            match read_json::<Option<LogIdOf<C>>>(&legacy) {
+                Ok(c) => c.flatten(),
+                Err(e) => {
+                    tracing::warn!(path = %legacy.display(), error = %e, "unreadable commit point ignored");
+                    None
+                }
+            }
         } else {
             match decode_record::<Option<LogIdOf<C>>>(&bytes) {
                 Some(c) => c,
@@ -138,7 +177,8 @@ impl CommitFile {
             }
         };
         let buf = Vec::with_capacity(128);
-        Ok((CommitFile { file, buf }, committed))
+        let legacy = legacy.exists().then_some(legacy);
+        Ok((CommitFile { file, buf, legacy }, committed))
     }
 
     fn save(&mut self, committed: &Option<LogIdOf<C>>) -> io::Result<()> {
@@ -150,7 +190,16 @@ impl CommitFile {
         let crc = crc32fast::hash(&self.buf[HEADER..]);
         self.buf[..4].copy_from_slice(&len.to_le_bytes());
         self.buf[4..HEADER].copy_from_slice(&crc.to_le_bytes());
-        self.file.write_all_at(&self.buf, 0)
+        self.file.write_all_at(&self.buf, 0)?;
+        if let Some(legacy) = self.legacy.take() {
+            match fs::remove_file(&legacy) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    tracing::warn!(path = %legacy.display(), error = %e, "removing the old commit point failed");
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -255,6 +304,30 @@ pub(crate) fn write_atomic<T: Serialize>(path: &Path, value: &T, durable: bool) 
     Ok(())
 }
 
+/// Creates `dir` and its missing parents like `fs::create_dir_all`, durably: the parent of
+/// every directory it creates is fsynced (a new directory is an entry in its parent, which
+/// a crash could lose along with everything fsynced under it). Returns the directories
+/// fsynced, outermost first.
+pub(crate) fn create_dir_durable(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(p) = at.filter(|p| !p.as_os_str().is_empty()) {
+        if p.try_exists()? {
+            break;
+        }
+        missing.push(p);
+        at = p.parent();
+    }
+    fs::create_dir_all(dir)?;
+    let mut synced = Vec::new();
+    for created in missing.iter().rev() {
+        let parent = created.parent().unwrap_or(Path::new(""));
+        sync_dir(parent)?;
+        synced.push(parent.to_path_buf());
+    }
+    Ok(synced)
+}
+
 pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
     match fs::read(path) {
         Ok(b) => serde_json::from_slice(&b)
@@ -305,6 +378,37 @@ pub struct ParsedSegment {
     /// Why parsing stopped short of the end of the bytes; `None` when it reached the end
     /// or preallocated zeros.
     pub bad: Option<&'static str>,
+    /// Whether the bad record looks like a write a crash cut short (etcd's rule for its
+    /// WAL): it runs past the end of the bytes, or its header is all zeros, or its bytes
+    /// within some [`SECTOR`] (512 bytes at a file offset that is a multiple of 512) are
+    /// all zeros. The open segment is zero-filled ahead of its records, so a sector the
+    /// crash kept from the disk reads as zeros (and a size change that did not reach it as
+    /// the end of the file). Anything else (a checksum mismatch over written bytes, a
+    /// record that does not decode or is out of sequence) is corruption. False when `bad`
+    /// is `None`.
+    pub torn: bool,
+}
+
+/// [`ParsedSegment::torn`] for the bad record at `pos` of a segment's bytes `buf`.
+fn looks_torn(buf: &[u8], pos: usize) -> bool {
+    let rest = &buf[pos..];
+    if rest.len() < HEADER || rest[..HEADER].iter().all(|b| *b == 0) {
+        return true;
+    }
+    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    let Some(rec) = HEADER.checked_add(len).and_then(|end| rest.get(..end)) else {
+        return true; // runs past the end
+    };
+    // The record's bytes split where the file's sectors start.
+    let mut at = 0;
+    while at < rec.len() {
+        let n = (SECTOR - (pos + at) % SECTOR).min(rec.len() - at);
+        if rec[at..at + n].iter().all(|b| *b == 0) {
+            return true;
+        }
+        at += n;
+    }
+    false
 }
 
 /// Parses a segment's bytes (records of indexes `first`, `first + 1`, ...). Never fails:
@@ -349,12 +453,16 @@ pub fn parse_segment(buf: &[u8], first: u64) -> ParsedSegment {
         entries,
         offsets,
         end: pos,
+        torn: bad.is_some() && looks_torn(buf, pos),
         bad,
     }
 }
 
-/// Reads a segment; returns its entries and segment description. A bad record at the
-/// tail is cut off when `last` (the file is truncated there), an error otherwise.
+/// Reads a segment; returns its entries and segment description. A torn record (see
+/// [`ParsedSegment::torn`]) in the last segment is cut off with everything after it (the
+/// file is truncated there, the cut bytes kept in `<segment>.torn` first); any other bad
+/// record is an `InvalidData` error naming the file and offset: entries past it were
+/// fsynced and acknowledged, and cutting them would silently lose committed writes.
 fn read_segment(path: &Path, first: u64, last: bool) -> io::Result<(Segment, Vec<EntryOf<C>>)> {
     let mut buf = Vec::new();
     File::open(path)?.read_to_end(&mut buf)?;
@@ -363,15 +471,28 @@ fn read_segment(path: &Path, first: u64, last: bool) -> io::Result<(Segment, Vec
         offsets,
         end: pos,
         bad,
+        torn,
     } = parse_segment(&buf, first);
     if let Some(why) = bad {
-        if !last {
+        if !last || !torn {
+            let what = if last {
+                "not a torn write: the log is corrupt"
+            } else {
+                "in a closed segment: the log is corrupt"
+            };
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{}: {why} at offset {pos}", path.display()),
+                format!("{}: {why} at offset {pos} ({what})", path.display()),
             ));
         }
-        tracing::warn!(path = %path.display(), offset = pos, why, "cutting torn log tail");
+        let kept = keep_torn(path, &buf[pos..])?;
+        tracing::warn!(
+            path = %path.display(),
+            offset = pos,
+            why,
+            kept = %kept.display(),
+            "cutting torn log tail"
+        );
         let f = OpenOptions::new().write(true).open(path)?;
         f.set_len(pos as u64)?;
         f.sync_all()?;
@@ -385,6 +506,42 @@ fn read_segment(path: &Path, first: u64, last: bool) -> io::Result<(Segment, Vec
     Ok((seg, entries))
 }
 
+/// Copies the bytes a torn tail cut removes from segment `path` to `<segment>.torn` (or
+/// `.torn.1`, ... when an earlier cut left one), durably, for a later look at what was
+/// lost. Returns the file's path.
+fn keep_torn(path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for n in 0.. {
+        let kept = match n {
+            0 => dir.join(format!("{name}.torn")),
+            n => dir.join(format!("{name}.torn.{n}")),
+        };
+        let mut f = match OpenOptions::new().write(true).create_new(true).open(&kept) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        };
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        sync_dir(dir)?;
+        return Ok(kept);
+    }
+    Err(io::Error::other("no name left for a torn tail"))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    File::open(dir)?.sync_all()
+}
+
 struct Writer {
     dir: PathBuf,
     committed: Arc<CommitPoint>,
@@ -394,6 +551,10 @@ struct Writer {
     /// Size of `file`: its records, then zeros.
     allocated: u64,
     zeros: Vec<u8>,
+    /// The purge point's index, as last saved.
+    purged: Option<u64>,
+    /// The index the next append must have ([`Mem::next_index`], kept the same way).
+    next: Option<u64>,
 }
 
 impl Writer {
@@ -458,11 +619,14 @@ impl Writer {
     }
 
     fn append(&mut self, index: u64, rec: &[u8]) -> io::Result<()> {
-        if let Some(last) = self.segments.last() {
-            if index < last.next_index() {
-                self.truncate(index.checked_sub(1))?;
+        // `LogStore::append` checked the same: this is the durable log's own guard.
+        if let Some(next) = self.next {
+            if index != next {
+                return Err(out_of_sequence(index, next));
             }
         }
+        // A new segment also when the last one does not end right before `index`: it is
+        // empty (a crash right after it was created) or every entry is purged.
         let start_new = match self.segments.last() {
             None => true,
             Some(s) => s.len >= SEGMENT_BYTES || s.next_index() != index,
@@ -483,6 +647,7 @@ impl Writer {
             .ok_or_else(|| io::Error::other("no segment"))?;
         seg.offsets.push(seg.len);
         seg.len += rec.len() as u64;
+        self.next = Some(index.saturating_add(1));
         Ok(())
     }
 
@@ -513,17 +678,26 @@ impl Writer {
                 }
                 let n = (first_gone - seg.first) as usize;
                 let at = seg.offsets[n];
-                seg.offsets.truncate(n);
-                seg.len = at;
                 let f = OpenOptions::new().write(true).open(&seg.path)?;
                 f.set_len(at)?;
                 f.sync_all()?;
+                // Only once the file is cut: a failed cut leaves the records where they are.
+                seg.offsets.truncate(n);
+                seg.len = at;
             }
             break;
         }
         if changed_dir {
             File::open(&self.dir)?.sync_all()?;
         }
+        // As `Mem::next_index` after the same truncation.
+        let floor = self.purged.map(|p| p.saturating_add(1));
+        self.next = match keep {
+            None => floor,
+            Some(k) => self
+                .next
+                .map(|n| n.min(k.saturating_add(1)).max(floor.unwrap_or(0))),
+        };
         self.open_last()
     }
 
@@ -581,6 +755,13 @@ impl Writer {
                             Some(e) => Err(io::Error::other(e.clone())),
                             None => self.truncate(keep),
                         };
+                        // A truncation that failed part-way leaves the files in a state the
+                        // writer no longer knows: every later append and vote fails, as
+                        // after a failed write.
+                        if let (Err(e), None) = (&r, &failed) {
+                            tracing::error!(error = %e, "log truncation failed");
+                            failed = Some(format!("truncating the log: {e}"));
+                        }
                         let _ = done.send(r);
                     }
                     Op::Purge { log_id } => {
@@ -597,6 +778,10 @@ impl Writer {
                             }
                             Err(_) => {}
                             Ok(()) => {
+                                // As `Mem::next_index` after the same purge.
+                                let after = log_id.index.saturating_add(1);
+                                self.next = Some(self.next.map_or(after, |n| n.max(after)));
+                                self.purged = Some(log_id.index);
                                 if let Err(e) = self.purge(log_id.index) {
                                     tracing::warn!(error = %e, "log purge failed");
                                 }
@@ -641,7 +826,7 @@ impl Writer {
 impl LogStore {
     /// Opens (or creates) the log in `dir`, recovering entries, vote and purge point.
     pub fn open(dir: &Path) -> io::Result<LogStore> {
-        fs::create_dir_all(dir)?;
+        create_dir_durable(dir)?;
         let (commit_file, committed) = CommitFile::open(dir)?;
         let mut mem = Mem {
             vote: read_json(&dir.join("vote.json"))?,
@@ -659,13 +844,28 @@ impl LogStore {
         firsts.sort_unstable();
         let purged_idx = mem.purged.as_ref().map(|l| l.index);
         let mut segments = Vec::new();
+        // Every entry past the purge point follows the one before it (and the first one
+        // the purge point): a hole would read as entries that never existed.
+        let mut next = purged_idx.map(|p| p.saturating_add(1));
         for (i, first) in firsts.iter().enumerate() {
             let last = i + 1 == firsts.len();
-            let (seg, entries) = read_segment(&segment_path(dir, *first), *first, last)?;
+            let path = segment_path(dir, *first);
+            let (seg, entries) = read_segment(&path, *first, last)?;
             for e in entries {
                 if purged_idx.is_some_and(|p| e.index() <= p) {
                     continue;
                 }
+                if let Some(n) = next.filter(|n| *n != e.index()) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{}: log index {} where {n} was expected (a hole in the log; purged up to {purged_idx:?})",
+                            path.display(),
+                            e.index()
+                        ),
+                    ));
+                }
+                next = Some(e.index().saturating_add(1));
                 mem.entries.insert(e.index(), e);
             }
             segments.push(seg);
@@ -696,6 +896,8 @@ impl LogStore {
             file: None,
             allocated: 0,
             zeros: Vec::new(),
+            purged: purged_idx,
+            next: mem.next_index(),
         };
         writer.open_last()?;
         let (tx, rx) = mpsc::channel();
@@ -800,14 +1002,27 @@ impl RaftLogStorage<C> for LogStore {
         I: IntoIterator<Item = EntryOf<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut records = Vec::new();
-        {
-            let mut mem = lock(&self.inner.mem);
-            for e in entries {
-                records.push((e.index(), encode(&e)?));
-                mem.entries.insert(e.index(), e);
+        let entries: Vec<EntryOf<C>> = entries.into_iter().collect();
+        let mut mem = lock(&self.inner.mem);
+        // Each entry right after the one before it, the first right after the log's last
+        // (or the purge point): checked before anything is kept, so a refused append
+        // leaves the log as it was.
+        let mut next = mem.next_index();
+        for e in &entries {
+            if let Some(n) = next.filter(|n| *n != e.index()) {
+                return Err(out_of_sequence(e.index(), n));
             }
+            next = Some(e.index().saturating_add(1));
         }
+        let records = entries
+            .iter()
+            .map(|e| Ok((e.index(), encode(e)?)))
+            .collect::<io::Result<Vec<_>>>()?;
+        for e in entries {
+            mem.entries.insert(e.index(), e);
+        }
+        // Queued under the same lock, so the writer gets the log's changes in the order
+        // they were checked.
         self.send(Op::Append {
             records,
             done: callback,
@@ -816,24 +1031,43 @@ impl RaftLogStorage<C> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> Result<(), io::Error> {
         let keep = last_log_id.as_ref().map(|l| l.index);
+        let (tx, rx) = tokio::sync::oneshot::channel();
         {
             let mut mem = lock(&self.inner.mem);
-            let from = keep.map_or(0, |k| k + 1);
+            let from = keep.map_or(0, |k| k.saturating_add(1));
             let _ = mem.entries.split_off(&from);
+            self.send(Op::Truncate { keep, done: tx })?;
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.send(Op::Truncate { keep, done: tx })?;
         rx.await
             .map_err(|_| io::Error::other("log writer stopped"))?
     }
 
     async fn purge(&mut self, log_id: LogIdOf<C>) -> Result<(), io::Error> {
-        {
-            let mut mem = lock(&self.inner.mem);
-            let rest = mem.entries.split_off(&(log_id.index + 1));
-            mem.entries = rest;
-            mem.purged = Some(log_id);
-        }
+        let mut mem = lock(&self.inner.mem);
+        let rest = mem.entries.split_off(&log_id.index.saturating_add(1));
+        mem.entries = rest;
+        mem.purged = Some(log_id);
         self.send(Op::Purge { log_id })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every directory the log or the state machine creates (and the data directory's
+    /// missing parents) is made durable by an fsync of its parent.
+    #[test]
+    fn creating_directories_fsyncs_the_parent_of_each_one_created() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().to_path_buf();
+        let log = base.join("a/b/log");
+        let synced = create_dir_durable(&log).unwrap();
+        assert!(log.is_dir());
+        assert_eq!(synced, vec![base.clone(), base.join("a"), base.join("a/b")]);
+        // Only what is created: a sibling under an existing parent syncs that parent.
+        let sm = base.join("a/b/sm");
+        assert_eq!(create_dir_durable(&sm).unwrap(), vec![base.join("a/b")]);
+        assert!(create_dir_durable(&sm).unwrap().is_empty());
     }
 }

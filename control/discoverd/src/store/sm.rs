@@ -12,7 +12,7 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::log::{read_json, write_atomic};
+use super::log::{create_dir_durable, read_json, write_atomic};
 use super::state::{Data, Registry};
 use super::types::Response;
 use super::TypeConfig;
@@ -68,9 +68,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Runs `f` (a snapshot's serialization or decoding, file writes and fsyncs) on tokio's
 /// blocking pool: the runtime has one worker by default (`--threads`), which would
-/// otherwise stop serving the API, DNS and Raft for as long as a snapshot takes. (Building
-/// still holds the state's lock while it serializes, as before: reads and applies wait
-/// for that part.)
+/// otherwise stop serving the API, DNS and Raft for as long as a snapshot takes. The
+/// state's lock is held only to clone the data (a shallow copy, see [`Data`]) or to swap
+/// it, never while a snapshot is serialized, decoded or freed: applies, API and DNS reads
+/// and the leadership tracker take the same lock on the runtime's worker.
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> io::Result<T> {
@@ -82,14 +83,14 @@ pub(crate) async fn blocking<T: Send + 'static>(
 impl StateMachine {
     /// Opens the state machine in `dir`, restoring the last snapshot if there is one.
     pub fn open(dir: &std::path::Path) -> io::Result<StateMachine> {
-        std::fs::create_dir_all(dir)?;
+        create_dir_durable(dir)?;
         let path = dir.join("snapshot.json");
         let snap: Option<StoredSnapshot> = read_json(&path)?;
         let mut st = SmState::default();
         if let Some(s) = &snap {
             let data: Data = serde_json::from_slice(&s.data)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            st.registry.restore(data);
+            let _empty = st.registry.restore(data);
             st.last_applied = s.meta.last_log_id;
             st.membership = s.meta.last_membership.clone();
         }
@@ -111,15 +112,17 @@ impl StateMachine {
 
     /// [`RaftSnapshotBuilder::build_snapshot`]: the state serialized and written (blocking).
     fn build(&self) -> io::Result<SnapshotOf<C, Vec<u8>>> {
-        let (meta, data) = {
+        // A shallow copy under the lock (see [`Data`]); serialized after it is released.
+        let (meta, copy) = {
             let st = self.shared.lock();
-            let data = serde_json::to_vec(&st.registry.data).map_err(io::Error::other)?;
             let meta = SnapshotMetaOf::<C> {
                 last_log_id: st.last_applied,
                 last_membership: st.membership.clone(),
             };
-            (meta, data)
+            (meta, st.registry.data.clone())
         };
+        let data = serde_json::to_vec(&copy).map_err(io::Error::other)?;
+        drop(copy);
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data: data.clone(),
@@ -152,15 +155,18 @@ impl StateMachine {
         // snapshot over this one (see `build`).
         let _writing = lock(&self.writing);
         write_atomic(&self.path, &stored, true)?;
-        {
+        let old = {
             let mut st = self.shared.lock();
             // Also ends every open watch: its client resubscribes and gets the new state.
-            st.registry.restore(data);
+            let old = st.registry.restore(data);
             st.last_applied = meta.last_log_id;
             st.membership = meta.last_membership.clone();
             let idx = meta.last_log_id.as_ref().map_or(0, |l| l.index);
             self.shared.applied.store(idx, Ordering::Release);
-        }
+            old
+        };
+        // Freed after the lock is released (a large state takes a while).
+        drop(old);
         *lock(&self.current) = Some(stored);
         Ok(())
     }

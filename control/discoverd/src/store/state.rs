@@ -31,14 +31,21 @@ pub type Item = Result<Event, String>;
 
 /// The replicated data; this is also the snapshot format
 /// (`{services, metas, leaders, instances}`, spec §2.7).
+///
+/// Each service's instances and each meta sit behind an `Arc` (copy-on-write, see
+/// [`Registry::instances_mut`]), so a clone costs one small allocation per service and no
+/// instance: a snapshot clones the data under the state's lock and serializes the clone
+/// after releasing it (200k instances: serializing took the lock for ~100 ms in a release
+/// build, cloning them whole ~400 ms). An apply while that clone is alive copies only the
+/// one service it changes. The JSON is the same as without the `Arc`s.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Data {
     pub services: BTreeMap<String, ServiceConfig>,
-    pub metas: BTreeMap<String, ServiceMeta>,
+    pub metas: BTreeMap<String, Arc<ServiceMeta>>,
     /// Manually set leader ids.
     pub leaders: BTreeMap<String, String>,
     /// Per service, by id. A service that ever had an instance keeps an (empty) entry.
-    pub instances: BTreeMap<String, BTreeMap<String, Instance>>,
+    pub instances: BTreeMap<String, Arc<BTreeMap<String, Instance>>>,
 }
 
 struct Subscriber {
@@ -162,7 +169,8 @@ impl Registry {
             }
             if kinds.has(EventKind::ServiceMeta) {
                 if let Some(m) = self.data.metas.get(service) {
-                    sub.send(Ok(ev(EventKind::ServiceMeta, None, Some(m.clone()))));
+                    let m = ServiceMeta::clone(m);
+                    sub.send(Ok(ev(EventKind::ServiceMeta, None, Some(m))));
                 }
             }
             if kinds.has(EventKind::Current) {
@@ -273,7 +281,9 @@ impl Registry {
                     self.data.leaders.insert(service.clone(), id.clone());
                 }
                 meta.index = index;
-                self.data.metas.insert(service.clone(), meta.clone());
+                self.data
+                    .metas
+                    .insert(service.clone(), Arc::new(meta.clone()));
                 let after = self.leader(&service);
                 // The new meta is announced first (as Flynn does), so a watcher acting on
                 // the `leader` event that follows already has the meta that named it.
@@ -318,8 +328,7 @@ impl Registry {
                     return Err(Rejection::ServiceNotFound(service));
                 }
                 let before = self.leader(&service);
-                let insts = self.data.instances.entry(service.clone()).or_default();
-                let kind = match insts.get(&instance.id) {
+                let kind = match self.instance(&service, &instance.id) {
                     Some(old) if old.same_as(&instance) => return Ok(old.index),
                     Some(old) => {
                         instance.index = old.index;
@@ -331,7 +340,8 @@ impl Registry {
                     }
                 };
                 let idx = instance.index;
-                insts.insert(instance.id.clone(), instance.clone());
+                self.instances_mut(&service)
+                    .insert(instance.id.clone(), instance.clone());
                 events.push(ev(&service, kind, Some(instance)));
                 self.leader_changed(&service, before, events);
                 Ok(idx)
@@ -378,11 +388,10 @@ impl Registry {
 
     /// Removes one instance with its `down` event, leaving the leader to the caller.
     fn take_instance(&mut self, service: &str, id: &str, events: &mut Vec<Event>) -> bool {
-        let removed = self
-            .data
-            .instances
-            .get_mut(service)
-            .and_then(|m| m.remove(id));
+        if self.instance(service, id).is_none() {
+            return false;
+        }
+        let removed = self.instances_mut(service).remove(id);
         let Some(i) = removed else { return false };
         events.push(Event {
             service: service.to_string(),
@@ -410,12 +419,22 @@ impl Registry {
         }
     }
 
+    /// A service's instances to change, copied first if a snapshot still shares them (see
+    /// [`Data`]); created empty if the service has none yet.
+    fn instances_mut(&mut self, service: &str) -> &mut BTreeMap<String, Instance> {
+        let insts = self.data.instances.entry(service.to_string()).or_default();
+        Arc::make_mut(insts)
+    }
+
     /// Replaces the state from a snapshot and ends every watch with [`RESTORED`]: the
     /// jump has no events of its own, so watchers must resubscribe, and the replay of
-    /// their new subscription brings them up to date.
-    pub fn restore(&mut self, data: Data) {
-        self.data = data;
+    /// their new subscription brings them up to date. Returns the old state, for the
+    /// caller to drop once it has released the lock (freeing a large state takes a while).
+    #[must_use = "the old state is returned to be dropped outside the lock"]
+    pub fn restore(&mut self, data: Data) -> Data {
+        let old = std::mem::replace(&mut self.data, data);
         self.end_watches(RESTORED);
+        old
     }
 
     /// This node stops following the cluster: every watch, open or new, ends with [`LEFT`]

@@ -831,6 +831,38 @@ async fn a_snapshot_rpc_that_does_not_decode_is_refused_and_the_node_goes_on() {
     assert_eq!(r.json()["host"], d.addr.as_str());
 }
 
+/// A snapshot RPC whose last log id names a later leader than the request's vote would
+/// trip an assertion in openraft, which stopped this node's Raft for good: it is refused
+/// (400, the JSON envelope) before openraft sees it, and the node goes on.
+#[tokio::test]
+async fn a_snapshot_rpc_from_an_earlier_leader_than_its_last_entry_is_refused() {
+    use flynn_discoverd::network::SnapshotRequest;
+    use flynn_discoverd::store::TypeConfig;
+    use openraft::alias::{CommittedLeaderIdOf, LogIdOf, SnapshotMetaOf, VoteOf};
+    let (_dir, d, c) = node().await;
+    let leader = |term, node_id| CommittedLeaderIdOf::<TypeConfig> { term, node_id };
+    let data = serde_json::to_vec(&flynn_discoverd::store::state::Data::default()).unwrap();
+    // A higher term than the node's (it takes the vote), the last entry of a later one.
+    for (vote, last) in [((50, 9), (100, 9)), ((100, 8), (100, 9))] {
+        let req = SnapshotRequest {
+            vote: VoteOf::<TypeConfig>::new_committed(vote.0, vote.1),
+            meta: SnapshotMetaOf::<TypeConfig> {
+                last_log_id: Some(LogIdOf::<TypeConfig>::new(leader(last.0, last.1), 1000)),
+                last_membership: Default::default(),
+            },
+            data: data.clone(),
+        };
+        let body = serde_json::to_string(&req).unwrap();
+        let r = call(&c, "POST", &d.url("/raft/rpc/snapshot"), Some(&body)).await;
+        assert_eq!(r.status, 400, "{vote:?} {last:?}: {}", r.body);
+        assert_eq!(r.json()["code"], "validation_error", "{}", r.body);
+    }
+    let r = call(&c, "PUT", &d.url("/services/after"), Some("{}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = call(&c, "GET", &d.url("/raft/leader"), None).await;
+    assert_eq!(r.json()["host"], d.addr.as_str());
+}
+
 /// After `POST /shutdown` the state stops changing: open watches end with an error event
 /// (their clients reconnect elsewhere) instead of staying open on a frozen state.
 #[tokio::test]

@@ -24,3 +24,4 @@ async fn openraft_storage_suite() {
 }
 
 mod recovery;
+mod snapshot;

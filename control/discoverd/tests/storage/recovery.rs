@@ -1,5 +1,5 @@
 //! Reopening the log: entries, vote, purge and commit points survive; a torn tail is cut
-//! off.
+//! off, any other damage is an error.
 
 use std::io::Write;
 
@@ -25,6 +25,16 @@ fn entry(term: u64, index: u64) -> EntryOf<C> {
         log_id(term, index),
         EntryPayload::Normal(Command::RemoveService {
             service: format!("s{index}"),
+        }),
+    )
+}
+
+/// An entry whose record is about `size` bytes.
+fn big_entry(term: u64, index: u64, size: usize) -> EntryOf<C> {
+    EntryOf::<C>::new(
+        log_id(term, index),
+        EntryPayload::Normal(Command::RemoveService {
+            service: format!("s{index}-{}", "x".repeat(size)),
         }),
     )
 }
@@ -93,6 +103,9 @@ async fn torn_tail_is_cut_off() {
     assert_eq!(indexes(&mut log).await, vec![1, 2, 3, 4]);
 }
 
+/// A flipped byte in a record of the last segment is corruption, not a torn write (no
+/// zeros where the record should be): opening fails, naming the file and the offset,
+/// and nothing is cut (the fsynced, acknowledged entries after it used to be deleted).
 #[tokio::test]
 async fn corrupt_middle_record_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -104,9 +117,107 @@ async fn corrupt_middle_record_is_an_error() {
     let mut bytes = std::fs::read(&seg).unwrap();
     bytes[12] ^= 0xff;
     std::fs::write(&seg, &bytes).unwrap();
-    // Only segment, so it is the tail: everything from the bad record on is cut.
+    let err = LogStore::open(dir.path())
+        .err()
+        .expect("a corrupt log opened");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    let msg = err.to_string();
+    assert!(msg.contains(&seg.display().to_string()), "{msg}");
+    assert!(msg.contains("checksum mismatch at offset 0"), "{msg}");
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        bytes,
+        "the segment was changed"
+    );
+    // The same in the middle of the segment.
+    bytes[12] ^= 0xff;
+    let second = 8 + u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+    bytes[second + 12] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+    let msg = LogStore::open(dir.path())
+        .err()
+        .expect("opened")
+        .to_string();
+    assert!(msg.contains(&format!("at offset {second}")), "{msg}");
+    assert!(!dir.path().join(format!("{}.torn", seg.display())).exists());
+}
+
+/// The offset and length of each record of a segment (`len | crc | payload`).
+fn records(bytes: &[u8]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 8 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        out.push((at, 8 + len));
+        at += 8 + len;
+    }
+    out
+}
+
+/// A crash while the last record was written left one of its sectors unwritten (zeros,
+/// as the segment is zero-filled ahead): that record is torn and cut, the ones before it
+/// stay, and the cut bytes are kept in `<segment>.torn`.
+#[tokio::test]
+async fn a_record_with_a_zero_sector_is_torn_and_only_it_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = LogStore::open(dir.path()).unwrap();
+        append(&mut log, (1..=3).map(|i| entry(1, i)).collect()).await;
+        append(&mut log, vec![big_entry(1, 4, 3000)]).await;
+    }
+    let seg = segments(dir.path()).remove(0);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let recs = records(&bytes);
+    assert_eq!(recs.len(), 4);
+    let (at, len) = recs[3];
+    let end = at + len;
+    // The record's part of the last 512-byte sector it reaches.
+    let sector = (end - 1) / 512 * 512;
+    assert!(sector > at, "the record spans sectors");
+    let cut = bytes[at..].to_vec();
+    bytes[sector..end].fill(0);
+    let torn = bytes[at..].to_vec();
+    std::fs::write(&seg, &bytes).unwrap();
+
     let mut log = LogStore::open(dir.path()).unwrap();
-    assert!(indexes(&mut log).await.is_empty());
+    assert_eq!(indexes(&mut log).await, vec![1, 2, 3]);
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), at as u64);
+    let kept = std::fs::read(format!("{}.torn", seg.display())).unwrap();
+    assert_eq!(kept, torn);
+    assert_ne!(kept, cut);
+    // The log goes on from there.
+    append(&mut log, vec![entry(2, 4)]).await;
+    drop(log);
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&mut log).await, vec![1, 2, 3, 4]);
+}
+
+/// A crash before the file's new size reached the disk: the last record runs past the
+/// end of the file and is cut.
+#[tokio::test]
+async fn a_record_running_past_the_end_of_the_file_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = LogStore::open(dir.path()).unwrap();
+        append(&mut log, (1..=4).map(|i| entry(1, i)).collect()).await;
+    }
+    let seg = segments(dir.path()).remove(0);
+    let bytes = std::fs::read(&seg).unwrap();
+    let (at, len) = records(&bytes)[3];
+    std::fs::write(&seg, &bytes[..at + len / 2]).unwrap();
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&mut log).await, vec![1, 2, 3]);
+    let kept = std::fs::read(format!("{}.torn", seg.display())).unwrap();
+    assert_eq!(kept, bytes[at..at + len / 2]);
+    drop(log);
+    // A second cut of the same segment keeps the first one's bytes.
+    std::fs::write(&seg, &bytes[..records(&bytes)[2].0 + 3]).unwrap();
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&mut log).await, vec![1, 2]);
+    assert!(std::path::Path::new(&format!("{}.torn.1", seg.display())).exists());
 }
 
 #[tokio::test]
@@ -199,35 +310,129 @@ async fn preallocated_segment_tail_is_not_a_record() {
 #[tokio::test]
 async fn closed_segment_keeps_no_preallocated_tail() {
     let dir = tempfile::tempdir().unwrap();
+    let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
     {
         let mut log = LogStore::open(dir.path()).unwrap();
-        append(&mut log, (1..=3).map(|i| entry(1, i)).collect()).await;
-        // An index that does not follow the last one (as after a snapshot) starts a
-        // new segment and closes the first.
-        append(&mut log, (7..=8).map(|i| entry(1, i)).collect()).await;
+        // Past 16 MiB a segment is closed and the next entry starts a new one.
+        for i in 1..=9 {
+            append(&mut log, vec![big_entry(1, i, 2 << 20)]).await;
+        }
+        append(&mut log, vec![entry(1, 10)]).await;
     }
     let segs = segments(dir.path());
     assert_eq!(segs.len(), 2);
     let first = std::fs::read(&segs[0]).unwrap();
-    assert!(
-        first.len() < 4096 && *first.last().unwrap() != 0,
-        "no zero tail"
-    );
-    assert!(std::fs::read(&segs[1]).unwrap().len() >= 1 << 20);
+    let recs = records(&first);
+    let (at, len) = recs[recs.len() - 1];
+    assert_eq!(first.len(), at + len, "no zero tail");
+    assert!(size(&segs[1]) >= 1 << 20);
     let mut log = LogStore::open(dir.path()).unwrap();
-    assert_eq!(indexes(&mut log).await, vec![1, 2, 3, 7, 8]);
+    assert_eq!(indexes(&mut log).await, (1..=10).collect::<Vec<_>>());
+}
+
+/// After a snapshot (the log purged past its last entry) the log goes on after the purge
+/// point in a new segment, closing the old one.
+#[tokio::test]
+async fn the_log_goes_on_after_a_purge_past_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = LogStore::open(dir.path()).unwrap();
+        append(&mut log, (1..=3).map(|i| entry(1, i)).collect()).await;
+        log.purge(log_id(1, 6)).await.unwrap();
+        append(&mut log, (7..=8).map(|i| entry(1, i)).collect()).await;
+    }
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&mut log).await, vec![7, 8]);
+    let st = log.get_log_state().await.unwrap();
+    assert_eq!(st.last_purged_log_id, Some(log_id(1, 6)));
+    assert_eq!(st.last_log_id, Some(log_id(1, 8)));
+}
+
+/// An append that does not follow the log's last entry (a hole) or the purge point, or
+/// that overwrites entries without a truncation, is refused and changes nothing.
+#[tokio::test]
+async fn an_append_that_would_leave_a_hole_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = LogStore::open(dir.path()).unwrap();
+    append(&mut log, (1..=10).map(|i| entry(1, i)).collect()).await;
+    for bad in [vec![11, 13], vec![12], vec![10], vec![5, 6]] {
+        let (tx, _rx) = C::oneshot();
+        let entries = bad.iter().map(|i| entry(2, *i)).collect::<Vec<_>>();
+        let err = log
+            .append(entries, IOFlushed::signal(tx))
+            .await
+            .expect_err(&format!("{bad:?} appended after 10"));
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{bad:?}");
+    }
+    assert_eq!(indexes(&mut log).await, (1..=10).collect::<Vec<_>>());
+    // After a purge past the end the log goes on right after the purge point only.
+    log.purge(log_id(1, 20)).await.unwrap();
+    let (tx, _rx) = C::oneshot();
+    assert!(log
+        .append(vec![entry(2, 11)], IOFlushed::signal(tx))
+        .await
+        .is_err());
+    append(&mut log, vec![entry(2, 21)]).await;
+    drop(log);
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&mut log).await, vec![21]);
+}
+
+/// A log whose segments leave a hole above the purge point does not open.
+#[tokio::test]
+async fn a_hole_between_segments_is_an_error_at_open() {
+    use flynn_discoverd::store::log::encode;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = LogStore::open(dir.path()).unwrap();
+        append(&mut log, (1..=3).map(|i| entry(1, i)).collect()).await;
+    }
+    // A segment of its own for entries 6 and 7 (4 and 5 missing).
+    let recs: Vec<u8> = (6..=7)
+        .flat_map(|i| encode(&entry(1, i)).unwrap())
+        .collect();
+    std::fs::write(dir.path().join(format!("{:020}.seg", 6)), recs).unwrap();
+    let err = LogStore::open(dir.path())
+        .err()
+        .expect("a log with a hole opened");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    assert!(err.to_string().contains("hole"), "{err}");
+    // Purged up to 5, the same files are a log of 6 and 7.
+    std::fs::write(
+        dir.path().join("purged.json"),
+        serde_json::to_vec(&log_id(1, 5)).unwrap(),
+    )
+    .unwrap();
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&mut log).await, vec![6, 7]);
+    drop(log);
+    // A first entry past the purge point is a hole too.
+    std::fs::write(
+        dir.path().join("purged.json"),
+        serde_json::to_vec(&log_id(1, 4)).unwrap(),
+    )
+    .unwrap();
+    assert!(LogStore::open(dir.path()).is_err());
 }
 
 #[test]
 fn segment_parser_stops_at_the_first_bad_record_and_says_why() {
     use flynn_discoverd::store::log::{encode, parse_segment};
-    let recs: Vec<Vec<u8>> = (5..8).map(|i| encode(&entry(1, i)).unwrap()).collect();
+    // The third record spans several 512-byte sectors.
+    let recs: Vec<Vec<u8>> = (5..8)
+        .map(|i| match i {
+            7 => encode(&big_entry(1, i, 1500)).unwrap(),
+            _ => encode(&entry(1, i)).unwrap(),
+        })
+        .collect();
     let good: Vec<u8> = recs.concat();
     let second = recs[0].len();
     let third = second + recs[1].len();
+    assert!(third < 512 && good.len() > 1536, "{third} {}", good.len());
 
     let p = parse_segment(&good, 5);
     assert_eq!((p.bad, p.end, p.offsets.len()), (None, good.len(), 3));
+    assert!(!p.torn);
     assert_eq!(p.offsets, vec![0, second as u64, third as u64]);
     assert_eq!(p.entries.last().map(|e| e.index()), Some(7));
 
@@ -239,13 +444,36 @@ fn segment_parser_stops_at_the_first_bad_record_and_says_why() {
     // A torn third record: short header, then short payload.
     let p = parse_segment(&good[..third + 5], 5);
     assert_eq!(
-        (p.bad, p.end, p.entries.len()),
-        (Some("short header"), third, 2)
+        (p.bad, p.end, p.entries.len(), p.torn),
+        (Some("short header"), third, 2, true)
     );
     let p = parse_segment(&good[..good.len() - 1], 5);
     assert_eq!(
-        (p.bad, p.end, p.entries.len()),
-        (Some("short record"), third, 2)
+        (p.bad, p.end, p.entries.len(), p.torn),
+        (Some("short record"), third, 2, true)
+    );
+    // A zeroed header with something after it.
+    let mut zero_header = good.clone();
+    zero_header[third..third + 8].fill(0);
+    let p = parse_segment(&zero_header, 5);
+    assert_eq!((p.end, p.entries.len(), p.torn), (third, 2, true));
+    assert!(p.bad.is_some());
+    // The third record's bytes in one 512-byte sector zeroed (a sector the crash kept
+    // from the disk), here its last bytes, or its first ones: torn.
+    let last_sector = (good.len() - 1) / 512 * 512;
+    for zeroed in [last_sector..good.len(), third..512, 512..1024] {
+        let mut z = good.clone();
+        z[zeroed.clone()].fill(0);
+        let p = parse_segment(&z, 5);
+        assert_eq!((p.end, p.torn), (third, true), "{zeroed:?}");
+    }
+    // Zeros that do not fill the record's part of a sector: corruption.
+    let mut z = good.clone();
+    z[good.len() - 3..good.len() - 1].fill(0);
+    let p = parse_segment(&z, 5);
+    assert_eq!(
+        (p.bad, p.end, p.torn),
+        (Some("checksum mismatch"), third, false)
     );
 
     // A flipped payload byte in the second record.
@@ -253,8 +481,8 @@ fn segment_parser_stops_at_the_first_bad_record_and_says_why() {
     flipped[second + 20] ^= 0x01;
     let p = parse_segment(&flipped, 5);
     assert_eq!(
-        (p.bad, p.end, p.entries.len()),
-        (Some("checksum mismatch"), second, 1)
+        (p.bad, p.end, p.entries.len(), p.torn),
+        (Some("checksum mismatch"), second, 1, false)
     );
 
     // A record whose checksum is right but whose payload is not an entry.
@@ -263,13 +491,16 @@ fn segment_parser_stops_at_the_first_bad_record_and_says_why() {
     junk.extend_from_slice(&crc32fast::hash(b"{}x").to_le_bytes());
     junk.extend_from_slice(b"{}x");
     let p = parse_segment(&junk, 5);
-    assert_eq!((p.bad, p.end), (Some("undecodable record"), third));
+    assert_eq!(
+        (p.bad, p.end, p.torn),
+        (Some("undecodable record"), third, false)
+    );
 
     // The segment claims to start at 4, but its first record is index 5.
     let p = parse_segment(&good, 4);
     assert_eq!(
-        (p.bad, p.end, p.entries.len()),
-        (Some("index out of sequence"), 0, 0)
+        (p.bad, p.end, p.entries.len(), p.torn),
+        (Some("index out of sequence"), 0, 0, false)
     );
 }
 
@@ -468,4 +699,84 @@ async fn a_purge_point_that_cannot_be_saved_fails_later_appends() {
         .unwrap();
     let flushed = rx.await.unwrap();
     assert!(flushed.is_err(), "append after a failed purge: {flushed:?}");
+}
+
+/// A truncation that fails part-way (here: the segment cannot be opened to be cut) fails
+/// every later vote and append, as a failed write does: the writer no longer knows what
+/// the files hold.
+#[tokio::test]
+async fn a_failed_truncation_fails_later_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = LogStore::open(dir.path()).unwrap();
+    append(&mut log, (1..=5).map(|i| entry(1, i)).collect()).await;
+    let seg = segments(dir.path()).remove(0);
+    std::fs::rename(&seg, dir.path().join("moved")).unwrap();
+    std::fs::create_dir(&seg).unwrap();
+    assert!(log.truncate_after(Some(log_id(1, 3))).await.is_err());
+    let vote = openraft::alias::VoteOf::<C>::new(2, 9);
+    assert!(
+        log.save_vote(&vote).await.is_err(),
+        "a vote saved after a failed truncation"
+    );
+    let (tx, rx) = C::oneshot();
+    log.append(vec![entry(2, 4)], IOFlushed::signal(tx))
+        .await
+        .unwrap();
+    let flushed = rx.await.unwrap();
+    assert!(
+        flushed.is_err(),
+        "append after a failed truncation: {flushed:?}"
+    );
+}
+
+/// A zero-length `committed.json` of an earlier version (a crash while it was written)
+/// reads as an unknown commit point instead of stopping the node from starting; the
+/// first save of the new record removes it.
+#[tokio::test]
+async fn an_unreadable_legacy_commit_point_is_ignored_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("committed"), b"").unwrap();
+    std::fs::write(dir.path().join("committed.json"), b"").unwrap();
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), None);
+    append(&mut log, (1..=3).map(|i| entry(1, i)).collect()).await;
+    log.save_committed(Some(log_id(1, 2))).await.unwrap();
+    drop(log);
+    assert!(!dir.path().join("committed.json").exists());
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 2)));
+}
+
+/// A readable legacy point is still taken (and the file removed once the new one is
+/// saved).
+#[tokio::test]
+async fn a_legacy_commit_point_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = LogStore::open(dir.path()).unwrap();
+        append(&mut log, (1..=3).map(|i| entry(1, i)).collect()).await;
+    }
+    std::fs::write(
+        dir.path().join("committed.json"),
+        serde_json::to_vec(&Some(log_id(1, 2))).unwrap(),
+    )
+    .unwrap();
+    {
+        let mut log = LogStore::open(dir.path()).unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 2)));
+    }
+    // Dropped without a save: the old file stays until there is a new record.
+    assert!(dir.path().join("committed.json").exists());
+}
+
+/// A purge point at the largest index (nothing openraft sends, but nothing to panic on).
+#[tokio::test]
+async fn a_purge_at_the_last_possible_index_does_not_overflow() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = LogStore::open(dir.path()).unwrap();
+    append(&mut log, (1..=3).map(|i| entry(1, i)).collect()).await;
+    log.purge(log_id(1, u64::MAX)).await.unwrap();
+    assert!(indexes(&mut log).await.is_empty());
+    let st = log.get_log_state().await.unwrap();
+    assert_eq!(st.last_purged_log_id, Some(log_id(1, u64::MAX)));
 }

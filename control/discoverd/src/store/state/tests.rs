@@ -212,9 +212,50 @@ async fn snapshot_restore_preserves_data() {
     let r = manual_led_by_i1();
     let json = serde_json::to_vec(&r.data).unwrap();
     let mut r2 = Registry::default();
-    r2.restore(serde_json::from_slice(&json).unwrap());
+    let _old = r2.restore(serde_json::from_slice(&json).unwrap());
     assert_eq!(r2.data, r.data);
     assert_eq!(r2.leader("s").unwrap().id, "i1");
+}
+
+/// A snapshot serializes a shallow copy of the data after releasing the state's lock:
+/// applies that follow change the state, never that copy (each service's instances are
+/// copied on write), and the JSON is the same as the data's.
+#[tokio::test]
+async fn a_copy_of_the_data_is_not_changed_by_later_applies() {
+    let mut r = manual_led_by_i1();
+    let copy = r.data.clone();
+    let json = serde_json::to_string(&copy).unwrap();
+    r.apply(
+        4,
+        Command::AddInstance {
+            service: "s".into(),
+            instance: inst(9),
+        },
+    );
+    r.apply(
+        5,
+        Command::RemoveInstance {
+            service: "s".into(),
+            id: "i1".into(),
+        },
+    );
+    r.apply(
+        6,
+        Command::SetMeta {
+            service: "s".into(),
+            meta: ServiceMeta {
+                data: serde_json::json!({"x": 1}),
+                leader_id: None,
+                index: 0,
+            },
+        },
+    );
+    assert_eq!(serde_json::to_string(&copy).unwrap(), json);
+    assert!(copy.instances["s"].contains_key("i1") && copy.instances["s"].len() == 1);
+    assert!(copy.metas.is_empty());
+    assert_eq!(r.data.instances["s"].len(), 1);
+    assert!(r.instance("s", "i9").is_some() && r.instance("s", "i1").is_none());
+    assert_eq!(r.data.metas["s"].index, 6);
 }
 
 /// Applies `cmd` at `idx` and returns the kinds of the events a fresh watcher of `s`
@@ -290,7 +331,7 @@ async fn restore_ends_every_watch() {
     add_service(&mut r, 1, "s", LeaderType::Oldest);
     let mut rx = r.subscribe("s", Kinds::ALL, false);
     let mut other = r.subscribe("t", Kinds::LEADER, false);
-    r.restore(Data::default());
+    let _old = r.restore(Data::default());
     for rx in [&mut rx, &mut other] {
         assert_eq!(rx.try_recv(), Ok(Err(RESTORED.to_string())));
         assert_eq!(rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected));
