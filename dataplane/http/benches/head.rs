@@ -90,5 +90,56 @@ fn response(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, request, response);
+/// A request at the limits: 125 other fields plus a Connection field whose tokens fill the
+/// rest of the 64 KiB head (`tokens` repeated), i.e. the worst case for hop-by-hop marking.
+fn connection_flood(tokens: &str) -> Vec<u8> {
+    let mut raw = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+    for i in 0..125 {
+        raw.push_str(&format!("X-Field-{i}: v\r\n"));
+    }
+    raw.push_str("Connection: ");
+    while raw.len() + tokens.len() + 4 < flynn_http::MAX_HEAD {
+        raw.push_str(tokens);
+    }
+    raw.push_str("\r\n\r\n");
+    raw.into_bytes()
+}
+
+fn hostile(c: &mut Criterion) {
+    let fwd = Forward {
+        client_ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)),
+        proto: "https",
+        listener_port: 443,
+        request_start_ms: 1_712_345_678_901,
+        random_id: 0x0123_4567_89ab_cdef_0123_4567_89ab_cdef,
+        upstream_close: false,
+        extra: &[],
+    };
+    let mut out = Vec::with_capacity(128 * 1024);
+    let mut g = c.benchmark_group("hostile");
+    let newer = [
+        &b"GET /assets/app.js?v=1712345678 HTTP/1.2\r\n"[..],
+        &REQUEST[42..],
+    ]
+    .concat();
+    let cases = [
+        ("connection-flood-same", connection_flood("a,")),
+        ("connection-flood-alternating", connection_flood("a,b,")),
+        ("http-1.2", newer),
+    ];
+    for (name, raw) in &cases {
+        g.throughput(Throughput::Bytes(raw.len() as u64));
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                let info = parse_request(black_box(raw)).unwrap().unwrap();
+                out.clear();
+                write_request_head(raw, &info, &fwd, &mut out);
+                black_box(out.len())
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, request, response, hostile);
 criterion_main!(benches);

@@ -1,24 +1,33 @@
 //! Hot path: body framing. Finds where a message body ends while its bytes (chunk framing
-//! and trailers included) are forwarded verbatim.
+//! and trailers included) are forwarded verbatim. Trailer lines are checked as field lines
+//! on the way: the next hop may not parse them, so one that is not a field line (a request
+//! line, an obs-fold continuation) would reach it as whatever it reads it as.
 
 use std::fmt;
 
-use crate::head::Framing;
+use crate::head::{Framing, MAX_HEAD};
 
 /// Longest chunk-size line or trailer line accepted, CRLF excluded.
 pub const MAX_CHUNK_LINE: usize = 4096;
+/// Largest trailer section accepted (every trailer line with its CRLF and the final CRLF):
+/// the head limit, [`MAX_HEAD`].
+pub const MAX_TRAILERS: usize = MAX_HEAD;
 /// Largest chunk size accepted (2^48).
 pub const MAX_CHUNK_SIZE: u64 = 1 << 48;
 
 /// Why a chunked body was rejected. The connection cannot be reused after one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyError {
-    /// Bad syntax: not a hex size, missing CRLF after data, bare LF, control bytes.
+    /// Bad syntax: not a hex size, missing CRLF after data, bare LF, control bytes, a
+    /// trailer line that is not a field line (`name: value`, the name a token right before
+    /// the colon, the value visible characters, obs-text, SP and HTAB; no obs-fold).
     BadChunk,
     /// A chunk size above [`MAX_CHUNK_SIZE`].
     ChunkTooLarge,
     /// A size or trailer line longer than [`MAX_CHUNK_LINE`].
     LineTooLong,
+    /// A trailer section longer than [`MAX_TRAILERS`].
+    TrailersTooLarge,
 }
 
 impl fmt::Display for BodyError {
@@ -27,6 +36,7 @@ impl fmt::Display for BodyError {
             BodyError::BadChunk => "malformed chunked body",
             BodyError::ChunkTooLarge => "chunk size too large",
             BodyError::LineTooLong => "chunk line too long",
+            BodyError::TrailersTooLarge => "trailer section too large",
         })
     }
 }
@@ -71,12 +81,16 @@ enum State {
     Data(u64),
     DataCr,
     DataLf,
-    /// Inside the trailer section, `line` bytes into the current line.
+    /// Inside the trailer section, `total` bytes into it and `line` bytes into the current
+    /// line (0: at its start); `value`: the line's colon has been seen.
     Trailer {
+        total: usize,
         line: usize,
+        value: bool,
     },
     /// CR of a trailer line seen, LF expected; `empty` when the line was empty (the end).
     TrailerLf {
+        total: usize,
         empty: bool,
     },
 }
@@ -210,7 +224,11 @@ fn step(state: State, b: u8) -> Result<State, BodyError> {
             },
         },
         State::SizeLf { size } => match b {
-            b'\n' if size == 0 => State::Trailer { line: 0 },
+            b'\n' if size == 0 => State::Trailer {
+                total: 0,
+                line: 0,
+                value: false,
+            },
             b'\n' => State::Data(size),
             _ => return Err(BodyError::BadChunk),
         },
@@ -222,20 +240,68 @@ fn step(state: State, b: u8) -> Result<State, BodyError> {
             b'\n' => State::Size { size: 0, digits: 0 },
             _ => return Err(BodyError::BadChunk),
         },
-        State::Trailer { line } => match b {
-            b'\r' => State::TrailerLf { empty: line == 0 },
-            b'\n' | 0 => return Err(BodyError::BadChunk),
+        // A field line (RFC 9112 §5, RFC 9110 §5.5): a token, `:` right after it, then
+        // field-value characters. No leading whitespace (obs-fold), none before the colon.
+        State::Trailer { total, line, value } => match b {
+            _ if total >= MAX_TRAILERS => return Err(BodyError::TrailersTooLarge),
+            b'\r' if line == 0 || value => State::TrailerLf {
+                total: total + 1,
+                empty: line == 0,
+            },
             _ if line >= MAX_CHUNK_LINE => return Err(BodyError::LineTooLong),
-            _ => State::Trailer { line: line + 1 },
+            b':' if !value && line > 0 => State::Trailer {
+                total: total + 1,
+                line: line + 1,
+                value: true,
+            },
+            _ if (value && field_vchar(b)) || (!value && tchar(b)) => State::Trailer {
+                total: total + 1,
+                line: line + 1,
+                value,
+            },
+            _ => return Err(BodyError::BadChunk),
         },
-        State::TrailerLf { empty } => match b {
+        State::TrailerLf { total, empty } => match b {
+            _ if total >= MAX_TRAILERS => return Err(BodyError::TrailersTooLarge),
             b'\n' if empty => State::Done,
-            b'\n' => State::Trailer { line: 0 },
+            b'\n' => State::Trailer {
+                total: total + 1,
+                line: 0,
+                value: false,
+            },
             _ => return Err(BodyError::BadChunk),
         },
         // Handled by the caller; unreachable here but harmless.
         other => other,
     })
+}
+
+/// A token character (RFC 9110 §5.6.2).
+fn tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
+}
+
+/// A byte of a field value (RFC 9110 §5.5: VCHAR, obs-text, SP, HTAB), as `httparse`
+/// accepts in a head's field values.
+fn field_vchar(b: u8) -> bool {
+    b == b'\t' || (b >= b' ' && b != 0x7f)
 }
 
 fn hex(b: u8) -> Option<u8> {

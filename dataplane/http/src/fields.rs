@@ -2,6 +2,7 @@
 //! lists, the framing headers' validation and the hop-by-hop filter.
 
 use crate::head::{ParseError, MAX_HEADERS};
+use std::cmp::Ordering;
 use std::io::Write as _;
 use std::mem::MaybeUninit;
 use std::net::IpAddr;
@@ -174,22 +175,26 @@ fn content_length(v: &[u8], cur: &mut Option<u64>) -> Result<(), ParseError> {
         if elem.is_empty() {
             return Err(ParseError::Malformed);
         }
-        let mut n: u64 = 0;
-        for &b in elem {
-            if !b.is_ascii_digit() {
-                return Err(ParseError::Malformed);
-            }
-            n = n
-                .checked_mul(10)
-                .and_then(|n| n.checked_add(u64::from(b - b'0')))
-                .ok_or(ParseError::Malformed)?;
-        }
+        let n = decimal(elem).ok_or(ParseError::Malformed)?;
         match *cur {
             Some(prev) if prev != n => return Err(ParseError::Smuggling),
             _ => *cur = Some(n),
         }
     }
     Ok(())
+}
+
+/// A non-empty run of ASCII digits as a `u64` (`None` for anything else or an overflow).
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+    })
 }
 
 /// Host characters accepted (Go's `httpguts.ValidHostHeader` set).
@@ -247,11 +252,13 @@ impl<'h, 'b> Fields<'h, 'b> {
             listed: [false; MAX_HEADERS],
             keep_conn: false,
         };
+        let mut lists = false;
         for (k, h) in f.kinds.iter_mut().zip(headers) {
             *k = classify(h.name.as_bytes());
+            lists |= *k == Field::Connection;
         }
         f.keep_conn = keep_conn(&f);
-        if !f.keep_conn {
+        if lists && !f.keep_conn {
             f.mark_connection_listed();
         }
         f
@@ -259,25 +266,98 @@ impl<'h, 'b> Fields<'h, 'b> {
 
     /// Marks every field whose name is a token of a Connection field, except Host and
     /// Content-Length, which carry routing and framing and are never hop-by-hop (a client's
-    /// `Connection: host` must not hide its Host from the absolute-form rewrite). Cost is
-    /// bounded by tokens × fields, with a length check first.
+    /// `Connection: host` must not hide its Host from the absolute-form rewrite).
+    ///
+    /// Linear-ish in the Connection values' length, without allocation (tokens × fields would
+    /// cost ~4M comparisons for a 64 KiB head of 127 fields and `Connection: a,a,…`). A token
+    /// equal to the one before is skipped. While the comparisons stay under [`SORT_AFTER`]
+    /// (every ordinary head) each token is compared with each field; past that,
+    /// [`Self::mark_sorted`] takes the rest of the tokens.
+    #[inline(never)]
     fn mark_connection_listed(&mut self) {
         let headers = self.headers;
         let kinds = self.kinds;
-        for (h, &k) in headers.iter().zip(kinds.iter()) {
-            if k != Field::Connection {
+        let mut compares = 0;
+        let mut prev: &[u8] = b"";
+        for (c, conn) in headers.iter().enumerate() {
+            if kinds[c] != Field::Connection {
                 continue;
             }
-            for t in tokens(h.value) {
-                for (i, other) in headers.iter().enumerate() {
-                    if matches!(kinds[i], Field::Host | Field::ContentLength) {
-                        continue;
-                    }
-                    let n = other.name.as_bytes();
-                    if n.len() == t.len() && n.eq_ignore_ascii_case(t) {
+            let mut toks = tokens(conn.value);
+            while let Some(t) = toks.next() {
+                if names_eq(t, prev) {
+                    continue;
+                }
+                prev = t;
+                if compares > SORT_AFTER {
+                    let later = headers[c + 1..]
+                        .iter()
+                        .zip(&kinds[c + 1..])
+                        .filter(|(_, &k)| k == Field::Connection)
+                        .flat_map(|(h, _)| tokens(h.value));
+                    return self.mark_sorted(std::iter::once(t).chain(toks).chain(later));
+                }
+                compares += headers.len();
+                for (i, h) in headers.iter().enumerate() {
+                    if names_eq(h.name.as_bytes(), t)
+                        && !matches!(kinds[i], Field::Host | Field::ContentLength)
+                    {
                         self.listed[i] = true;
                     }
                 }
+            }
+        }
+    }
+
+    /// The rest of [`Self::mark_connection_listed`] for many tokens (`toks`). The fields
+    /// still unmarked that a token may name are sorted (on the stack) by the first 16 bytes
+    /// of their lowercased names as a number, then by the whole names, and each token costs
+    /// a binary search over those numbers (≤ 8 steps), plus one by name among the fields
+    /// whose first 16 bytes are the token's (only for names longer than that). Fields of one name are marked
+    /// together (here and before), so a name's first field marked means all of them are;
+    /// marking stops once every field is.
+    #[cold]
+    #[inline(never)]
+    fn mark_sorted<'v>(&mut self, toks: impl Iterator<Item = &'v [u8]>) {
+        let headers = self.headers;
+        let name = |i: u8| headers[usize::from(i)].name.as_bytes();
+        let mut sorted = [(0u128, 0u8); MAX_HEADERS];
+        let mut n = 0;
+        for (i, h) in headers.iter().enumerate() {
+            if !self.listed[i] && !matches!(self.kinds[i], Field::Host | Field::ContentLength) {
+                sorted[n] = (name_key(h.name.as_bytes()), i as u8);
+                n += 1;
+            }
+        }
+        let sorted = &mut sorted[..n];
+        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| cmp_names(name(a.1), name(b.1))));
+        let mut left = n;
+        let mut prev: &[u8] = b"";
+        for t in toks {
+            if left == 0 {
+                return;
+            }
+            if names_eq(t, prev) {
+                continue;
+            }
+            prev = t;
+            let k = name_key(t);
+            let lo = sorted.partition_point(|e| e.0 < k);
+            if sorted.get(lo).is_none_or(|e| e.0 != k) {
+                continue;
+            }
+            let same_key = &sorted[lo..];
+            let same_key = &same_key[..same_key.partition_point(|e| e.0 == k)];
+            let at = same_key.partition_point(|e| cmp_names(name(e.1), t) == Ordering::Less);
+            let Some(&(_, first)) = same_key.get(at) else {
+                continue;
+            };
+            if !names_eq(name(first), t) || self.listed[usize::from(first)] {
+                continue;
+            }
+            for &(_, i) in same_key[at..].iter().take_while(|e| names_eq(name(e.1), t)) {
+                self.listed[usize::from(i)] = true;
+                left -= 1;
             }
         }
     }
@@ -312,9 +392,11 @@ impl<'h, 'b> Fields<'h, 'b> {
     /// Upgrade and every field named by a Connection token, except Host and Content-Length,
     /// which carry routing and framing and are never dropped.
     ///
-    /// Content-Length goes out once, as a single value: a list of equal values (`5, 5`) or a
-    /// repeated field (the parser refused unequal ones) is valid but some next hops reject
-    /// it (RFC 9110 §8.6 lets a recipient replace it with the single value).
+    /// Content-Length goes out once, as a single value in plain decimal: a list of equal
+    /// values (`5, 5`) or a repeated field (the parser refused unequal ones) is valid but some
+    /// next hops reject it (RFC 9110 §8.6 lets a recipient replace it with the single
+    /// value), and leading zeros (`0012`) are valid but a next hop that detects the base
+    /// reads them as octal (10).
     pub(crate) fn copy_end_to_end(&self, replaced: impl Fn(Field) -> bool, out: &mut Vec<u8>) {
         let mut length_done = false;
         for (i, (h, kind)) in self.iter().enumerate() {
@@ -328,7 +410,17 @@ impl<'h, 'b> Fields<'h, 'b> {
                     if !length_done {
                         length_done = true;
                         let first = h.value.split(|&b| b == b',').next().unwrap_or(b"");
-                        put_header(out, h.name.as_bytes(), trim_ows(first));
+                        let first = trim_ows(first);
+                        match decimal(first) {
+                            Some(n) => {
+                                out.extend_from_slice(h.name.as_bytes());
+                                out.extend_from_slice(b": ");
+                                put_u64(out, n);
+                                out.extend_from_slice(b"\r\n");
+                            }
+                            // Not from a head the parser accepted: as it came.
+                            None => put_header(out, h.name.as_bytes(), first),
+                        }
                     }
                     false
                 }
@@ -341,6 +433,53 @@ impl<'h, 'b> Fields<'h, 'b> {
             }
         }
     }
+}
+
+/// Token-by-field comparisons after which [`Fields::mark_connection_listed`] sorts the
+/// fields by name (≈ the cost of sorting 128 of them) instead of comparing each token with
+/// each field ([`Fields::mark_sorted`]).
+const SORT_AFTER: usize = 1024;
+
+/// The first 16 bytes of a name, lowercased, as a big-endian number (zero-padded): a quick
+/// first comparison for [`Fields::mark_sorted`], which decides alone between names of up to
+/// 16 bytes (they hold no NUL).
+fn name_key(name: &[u8]) -> u128 {
+    let mut k = [0u8; 16];
+    for (d, s) in k.iter_mut().zip(name) {
+        *d = s.to_ascii_lowercase();
+    }
+    u128::from_be_bytes(k)
+}
+
+/// Case-insensitive name equality (length first).
+#[inline]
+fn names_eq(a: &[u8], b: &[u8]) -> bool {
+    count_compare();
+    a.len() == b.len() && a.eq_ignore_ascii_case(b)
+}
+
+/// Orders names by their ASCII-lowercased bytes (consistent with [`names_eq`]).
+fn cmp_names(a: &[u8], b: &[u8]) -> Ordering {
+    count_compare();
+    for (x, y) in a.iter().zip(b) {
+        match x.to_ascii_lowercase().cmp(&y.to_ascii_lowercase()) {
+            Ordering::Equal => {}
+            other => return other,
+        }
+    }
+    a.len().cmp(&b.len())
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Name comparisons made on this thread (tests measure the marking's cost with it).
+    static NAME_COMPARES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+#[inline(always)]
+fn count_compare() {
+    #[cfg(test)]
+    NAME_COMPARES.with(|c| c.set(c.get() + 1));
 }
 
 /// Appends `name: value\r\n`.
@@ -415,6 +554,8 @@ mod tests {
             (b"0", Ok(0)),
             (b"42", Ok(42)),
             (b"5, 5", Ok(5)),
+            (b"5, 05", Ok(5)),
+            (b"0012", Ok(12)),
             (b"5,6", Err(ParseError::Smuggling)),
             (b"", Err(ParseError::Malformed)),
             (b"5,", Err(ParseError::Malformed)),
@@ -428,6 +569,161 @@ mod tests {
             let mut cur = None;
             let got = content_length(v, &mut cur).map(|()| cur.unwrap_or(0));
             assert_eq!(got, want, "{:?}", String::from_utf8_lossy(v));
+        }
+    }
+
+    /// The fields named by Connection tokens, the obvious way (tokens × fields).
+    fn listed_naive(headers: &[Header]) -> Vec<bool> {
+        let mut listed = vec![false; headers.len()];
+        let kinds: Vec<Field> = headers
+            .iter()
+            .map(|h| classify(h.name.as_bytes()))
+            .collect();
+        for (h, _) in headers
+            .iter()
+            .zip(&kinds)
+            .filter(|(_, &k)| k == Field::Connection)
+        {
+            for t in tokens(h.value) {
+                for (i, other) in headers.iter().enumerate() {
+                    if !matches!(kinds[i], Field::Host | Field::ContentLength)
+                        && other.name.as_bytes().eq_ignore_ascii_case(t)
+                    {
+                        listed[i] = true;
+                    }
+                }
+            }
+        }
+        listed
+    }
+
+    fn listed(headers: &[Header]) -> Vec<bool> {
+        let f = Fields::new(headers, |_| false);
+        f.listed[..headers.len()].to_vec()
+    }
+
+    /// Random heads (names from a small pool in random case, Connection fields with
+    /// repeated, padded and empty elements, sometimes thousands of tokens so the sorted
+    /// lookup takes over) mark the same fields as the obvious way.
+    #[test]
+    fn connection_marking_matches_the_obvious_way() {
+        let pool = [
+            "a",
+            "b",
+            "ab",
+            "ba",
+            "x-a",
+            "keep-alive",
+            "upgrade",
+            "host",
+            "content-length",
+            "te",
+            "close",
+            "foo",
+            "foo-bar",
+            "z",
+            // Names that share their first 16 bytes, or end at or near the 16th.
+            "x-common-prefix",
+            "x-common-prefix-",
+            "x-common-prefix-a",
+            "x-common-prefix-b",
+            "x-common-prefix-ab",
+            "x-common-prefix-ba",
+        ];
+        let mut rng = fastrand::Rng::with_seed(0xc0ffee);
+        let random_case = |s: &str, rng: &mut fastrand::Rng| -> String {
+            s.chars()
+                .map(|c| {
+                    if rng.bool() {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c
+                    }
+                })
+                .collect()
+        };
+        for round in 0..1500 {
+            let mut owned: Vec<(String, String)> = Vec::new();
+            let fields = rng.usize(0..MAX_HEADERS);
+            for _ in 0..fields {
+                let name = random_case(pool[rng.usize(..pool.len())], &mut rng);
+                owned.push((name, "v".into()));
+            }
+            for _ in 0..rng.usize(1..4) {
+                let many = if round % 3 == 0 { 2000 } else { 6 };
+                let mut v = String::new();
+                for _ in 0..rng.usize(0..many) {
+                    match rng.u8(..6) {
+                        0 => v.push_str(" ,"),
+                        1 => v.push_str(",,"),
+                        _ => {
+                            let t = random_case(pool[rng.usize(..pool.len())], &mut rng);
+                            v.push_str(&format!(" {t}\t,"));
+                        }
+                    }
+                }
+                let at = rng.usize(..=owned.len());
+                owned.insert(at, ("Connection".into(), v));
+            }
+            owned.truncate(MAX_HEADERS);
+            let headers: Vec<Header> = owned
+                .iter()
+                .map(|(n, v)| Header {
+                    name: n,
+                    value: v.as_bytes(),
+                })
+                .collect();
+            assert_eq!(listed(&headers), listed_naive(&headers), "{owned:?}");
+        }
+    }
+
+    /// 125 fields and a Connection value filling the rest of a 64 KiB head with `tokens`.
+    fn flood(tokens: &str) -> (Vec<String>, String) {
+        let names: Vec<String> = (0..125).map(|i| format!("X-Field-{i}")).collect();
+        let v = tokens.repeat((crate::MAX_HEAD - 125 * 16) / tokens.len());
+        (names, v)
+    }
+
+    /// A head at the limits costs name comparisons in proportion to its length, not
+    /// tokens × fields (~4M comparisons for 32K tokens and 125 fields).
+    #[test]
+    fn connection_marking_is_linear_ish() {
+        for pattern in [
+            "a,",
+            "a,b,",
+            "a,b,c,d,e,f,g,h,",
+            "X-Field-1,x-field-77,",
+            "x-field-124,",
+            "x-field-999,x-field-998,",
+        ] {
+            let (names, v) = flood(pattern);
+            let mut headers: Vec<Header> = names
+                .iter()
+                .map(|n| Header {
+                    name: n,
+                    value: b"v",
+                })
+                .collect();
+            headers.push(Header {
+                name: "Connection",
+                value: v.as_bytes(),
+            });
+            let tokens = tokens(v.as_bytes()).count();
+            assert!(tokens > 5000, "{tokens}");
+            NAME_COMPARES.with(|c| c.set(0));
+            let want = listed_naive(&headers);
+            let naive = NAME_COMPARES.with(|c| c.replace(0));
+            assert_eq!(naive, 0, "the reference does not count");
+            let got = listed(&headers);
+            let compares = NAME_COMPARES.with(|c| c.get());
+            assert_eq!(got, want, "{pattern}");
+            // A token: one comparison with the one before, a binary search over ≤ 128
+            // names (≤ 8), one equality check; plus the comparisons before and for sorting.
+            let bound = tokens * 10 + SORT_AFTER + 2 * 128 * 8;
+            assert!(
+                compares <= bound,
+                "{pattern}: {compares} comparisons for {tokens} tokens"
+            );
         }
     }
 

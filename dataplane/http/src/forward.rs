@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use crate::fields::{header_store, put_header, put_ip, put_u64, Field, Fields};
 use crate::head::Framing;
-use crate::request::RequestInfo;
+use crate::request::{parse_parts, RequestInfo};
 use crate::request_id::{format_uuid_v4, valid_request_id};
 
 /// Facts the router supplies for rewriting.
@@ -32,31 +32,17 @@ pub fn write_request_head(buf: &[u8], req: &RequestInfo, fwd: &Forward, out: &mu
         return;
     };
     let mut store = header_store();
-    let mut parsed = httparse::Request::new(&mut []);
-    let config = httparse::ParserConfig::default();
-    match config.parse_request_with_uninit_headers(&mut parsed, head, &mut store) {
-        Ok(httparse::Status::Complete(_)) => {}
-        // HTTP/1.2 to 1.9, read as HTTP/1.1 by `parse_request`: the same head with the digit
-        // lowered (the request line goes out as HTTP/1.1 anyway).
-        Err(httparse::Error::Version) => {
-            if let Some(at) = crate::request::newer_minor(head) {
-                let mut copy = head.to_vec();
-                copy[at] = b'1';
-                write_request_head(&copy, req, fwd, out);
-            }
-            return;
-        }
-        _ => return,
-    }
-    let (Some(method), Some(uri)) = (parsed.method, parsed.path) else {
+    // HTTP/1.2 to 1.9 included (the request line goes out as HTTP/1.1 anyway).
+    let mut newer = None;
+    let Ok(httparse::Status::Complete(parsed)) = parse_parts(head, &mut store, &mut newer) else {
         return;
     };
     // Prior values of a field listed in Connection are hop-by-hop and dropped (as Go does).
     let fields = Fields::new(parsed.headers, |_| req.upgrade);
 
-    out.extend_from_slice(method.as_bytes());
+    out.extend_from_slice(parsed.method);
     out.push(b' ');
-    out.extend_from_slice(uri.as_bytes());
+    out.extend_from_slice(parsed.uri);
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
     // The backend's Host is the host the request was routed by. They differ only for the
@@ -97,18 +83,31 @@ pub fn write_request_head(buf: &[u8], req: &RequestInfo, fwd: &Forward, out: &mu
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
 
-    let appended = |name: &[u8], kind: Field, out: &mut Vec<u8>| {
+    // Always inlined: left to the inliner it was outlined, and its three calls cost ~3 %
+    // more instructions per rewrite (cachegrind).
+    #[inline(always)]
+    fn appended(fields: &Fields, name: &[u8], kind: Field, out: &mut Vec<u8>) {
         out.extend_from_slice(name);
         for v in fields.values(kind) {
             out.extend_from_slice(v);
             out.extend_from_slice(b", ");
         }
-    };
-    appended(b"X-Forwarded-For: ", Field::XForwardedFor, out);
+    }
+    appended(&fields, b"X-Forwarded-For: ", Field::XForwardedFor, out);
     put_ip(out, fwd.client_ip);
-    appended(b"\r\nX-Forwarded-Proto: ", Field::XForwardedProto, out);
+    appended(
+        &fields,
+        b"\r\nX-Forwarded-Proto: ",
+        Field::XForwardedProto,
+        out,
+    );
     out.extend_from_slice(fwd.proto.as_bytes());
-    appended(b"\r\nX-Forwarded-Port: ", Field::XForwardedPort, out);
+    appended(
+        &fields,
+        b"\r\nX-Forwarded-Port: ",
+        Field::XForwardedPort,
+        out,
+    );
     put_u64(out, u64::from(fwd.listener_port));
     out.extend_from_slice(b"\r\nX-Request-Start: ");
     put_u64(out, fwd.request_start_ms);

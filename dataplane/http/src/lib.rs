@@ -28,7 +28,7 @@ mod request_id;
 mod respond;
 mod response;
 
-pub use body::{Advance, BodyError, BodyReader, MAX_CHUNK_LINE, MAX_CHUNK_SIZE};
+pub use body::{Advance, BodyError, BodyReader, MAX_CHUNK_LINE, MAX_CHUNK_SIZE, MAX_TRAILERS};
 pub use dechunk::Dechunker;
 pub use forward::{write_request_head, Forward};
 pub use head::{Framing, Method, ParseError, Span, MAX_HEAD, MAX_HEADERS};

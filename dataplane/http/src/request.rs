@@ -1,7 +1,9 @@
 //! Hot path: request head parsing and validation (limits, framing, smuggling rules).
 
-use crate::fields::{header_store, valid_host, Scan};
-use crate::head::{Framing, Method, ParseError, Span, MAX_HEAD};
+use httparse::{Header, Status};
+
+use crate::fields::{header_store, valid_host, HeaderStore, Scan};
+use crate::head::{Framing, Method, ParseError, Span, MAX_HEAD, MAX_HEADERS};
 
 /// Facts about a complete, validated request head. Spans point into the parsed buffer.
 #[derive(Debug, Clone, Copy)]
@@ -35,40 +37,18 @@ pub struct RequestInfo {
 pub fn parse_request(buf: &[u8]) -> Result<Option<RequestInfo>, ParseError> {
     let limited = &buf[..buf.len().min(MAX_HEAD)];
     let mut store = header_store();
-    let mut req = httparse::Request::new(&mut []);
-    let config = httparse::ParserConfig::default();
-    let parsed = match config.parse_request_with_uninit_headers(&mut req, limited, &mut store) {
-        Ok(p) => p,
-        Err(e) => {
-            // HTTP/1.2 to HTTP/1.9 is read as HTTP/1.1, the highest minor version we speak
-            // (RFC 9112 §2.3; Go and nginx do so): the same head with the digit lowered,
-            // whose spans are the same offsets into `buf`. Forwarded requests always say
-            // HTTP/1.1.
-            let newer = (e == httparse::Error::Version)
-                .then(|| newer_minor(limited))
-                .flatten();
-            let Some(at) = newer else {
-                return Err(version_or_malformed(e, limited));
-            };
-            let mut copy = limited.to_vec();
-            copy[at] = b'1';
-            return match parse_request(&copy) {
-                Ok(None) if buf.len() >= MAX_HEAD => Err(ParseError::HeadTooLarge),
-                r => r,
-            };
-        }
+    let mut newer = None;
+    let parts = match parse_parts(limited, &mut store, &mut newer) {
+        Ok(Status::Complete(parts)) => parts,
+        Ok(Status::Partial) if buf.len() >= MAX_HEAD => return Err(ParseError::HeadTooLarge),
+        Ok(Status::Partial) => return Ok(None),
+        Err(e) => return Err(version_or_malformed(e, limited)),
     };
-    let head_len = match parsed {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial if buf.len() >= MAX_HEAD => return Err(ParseError::HeadTooLarge),
-        httparse::Status::Partial => return Ok(None),
-    };
-    let (Some(method), Some(uri), Some(version_minor)) = (req.method, req.path, req.version) else {
-        return Err(ParseError::Malformed);
-    };
-    let method = Method::from_bytes(method.as_bytes());
-    let uri = uri.as_bytes();
-    let scan = Scan::of(req.headers)?;
+    let head_len = parts.len;
+    let version_minor = parts.version_minor;
+    let method = Method::from_bytes(parts.method);
+    let uri = parts.uri;
+    let scan = Scan::of(parts.headers)?;
 
     let (path, authority) = split_uri(uri);
     if scan.host_fields > 1 {
@@ -117,6 +97,95 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestInfo>, ParseError> {
         // An HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1).
         expect_continue: version_minor >= 1 && scan.expect_continue,
     }))
+}
+
+/// A request head as `httparse` splits it. The slices borrow the parsed buffer.
+pub(crate) struct Parts<'b, 'h> {
+    pub method: &'b [u8],
+    pub uri: &'b [u8],
+    /// 0 or 1 (HTTP/1.2 to 1.9 are read as 1.1).
+    pub version_minor: u8,
+    pub headers: &'h [Header<'b>],
+    /// Bytes up to and including the blank line ending the head.
+    pub len: usize,
+}
+
+/// Header storage for a head saying HTTP/1.2 to 1.9, filled only for one (`httparse` reads
+/// the fields after such a request line into initialised storage).
+pub(crate) type NewerStore<'b> = Option<[Header<'b>; MAX_HEADERS]>;
+
+/// Splits the request head at the start of `buf` with `httparse`, header fields into
+/// `store`.
+///
+/// HTTP/1.2 to HTTP/1.9 is read as HTTP/1.1, the highest minor version we speak (RFC 9112
+/// §2.3; Go and nginx do so; forwarded requests always say HTTP/1.1). `httparse` takes 1.0
+/// and 1.1 only, so for those the request line is checked by `httparse` up to the minor
+/// digit and the fields after it are parsed on their own (into `newer`), in place: no copy
+/// of the head, and the slices are the same as for the head with the digit lowered.
+pub(crate) fn parse_parts<'b, 'h>(
+    buf: &'b [u8],
+    store: &'h mut HeaderStore<'b>,
+    newer: &'h mut NewerStore<'b>,
+) -> httparse::Result<Parts<'b, 'h>> {
+    let mut req = httparse::Request::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    match config.parse_request_with_uninit_headers(&mut req, buf, store) {
+        Ok(Status::Complete(len)) => {
+            let (Some(method), Some(uri), Some(version_minor)) =
+                (req.method, req.path, req.version)
+            else {
+                return Err(httparse::Error::Token);
+            };
+            Ok(Status::Complete(Parts {
+                method: method.as_bytes(),
+                uri: uri.as_bytes(),
+                version_minor,
+                headers: req.headers,
+                len,
+            }))
+        }
+        Ok(Status::Partial) => Ok(Status::Partial),
+        Err(httparse::Error::Version) => match newer_minor(buf) {
+            Some(line) => parse_newer(buf, line, newer),
+            None => Err(httparse::Error::Version),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// [`parse_parts`] for a request line in HTTP/1.2 to 1.9, at `line` in `buf`.
+#[cold]
+#[inline(never)]
+fn parse_newer<'b, 'h>(
+    buf: &'b [u8],
+    line: NewerLine,
+    newer: &'h mut NewerStore<'b>,
+) -> httparse::Result<Parts<'b, 'h>> {
+    // `httparse` accepts the line up to its minor digit (and stops there, wanting more).
+    let digit = line.version.end - 1;
+    let mut prefix = httparse::Request::new(&mut []);
+    match prefix.parse(&buf[..digit]) {
+        Ok(Status::Partial) => {}
+        Ok(Status::Complete(_)) => return Err(httparse::Error::Version),
+        Err(e) => return Err(e),
+    }
+    let line_end = match &buf[line.version.end..] {
+        [] | [b'\r'] => return Ok(Status::Partial),
+        [b'\r', b'\n', ..] => line.version.end + 2,
+        [b'\n', ..] => line.version.end + 1,
+        _ => return Err(httparse::Error::NewLine),
+    };
+    let store = newer.insert([httparse::EMPTY_HEADER; MAX_HEADERS]);
+    match httparse::parse_headers(&buf[line_end..], store)? {
+        Status::Complete((n, headers)) => Ok(Status::Complete(Parts {
+            method: &buf[line.method],
+            uri: &buf[line.uri],
+            version_minor: 1,
+            headers,
+            len: line_end + n,
+        })),
+        Status::Partial => Ok(Status::Partial),
+    }
 }
 
 /// Splits a Request-URI into its path (without query; empty when there is none) and, for
@@ -192,9 +261,17 @@ mod tests {
     }
 }
 
-/// Where the minor digit of a request line's `HTTP/1.<2..=9>` is (httparse takes 1.0 and
-/// 1.1 only).
-pub(crate) fn newer_minor(buf: &[u8]) -> Option<usize> {
+/// Where the parts of a request line in `HTTP/1.<2..=9>` are.
+struct NewerLine {
+    method: std::ops::Range<usize>,
+    uri: std::ops::Range<usize>,
+    /// The 8 bytes `HTTP/1.<digit>`.
+    version: std::ops::Range<usize>,
+}
+
+/// The request line at the start of `buf` when it is `method SP uri SP HTTP/1.<2..=9>`
+/// (httparse takes 1.0 and 1.1 only).
+fn newer_minor(buf: &[u8]) -> Option<NewerLine> {
     // httparse skips empty lines before the request line, and reports the version as soon
     // as its 8 bytes are in (the line's end may not be yet).
     let start = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
@@ -204,12 +281,21 @@ pub(crate) fn newer_minor(buf: &[u8]) -> Option<usize> {
         .position(|&b| b == b'\r' || b == b'\n')
         .unwrap_or(rest.len());
     let line = &rest[..len];
-    if line.split(|&b| b == b' ').count() != 3 {
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(method), Some(uri), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return None;
-    }
-    match line.get(line.len().checked_sub(8)?..)? {
+    };
+    match version {
         [b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor] if (b'2'..=b'9').contains(minor) => {
-            Some(start + len - 1)
+            let uri_start = start + method.len() + 1;
+            let version_start = uri_start + uri.len() + 1;
+            Some(NewerLine {
+                method: start..start + method.len(),
+                uri: uri_start..uri_start + uri.len(),
+                version: version_start..version_start + 8,
+            })
         }
         _ => None,
     }

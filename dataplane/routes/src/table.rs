@@ -18,7 +18,8 @@ pub struct Backends {
 }
 
 impl Backends {
-    /// From the API shape: the entry marked `leader`, else the first one, leads.
+    /// From the API shape: the first entry marked `leader` leads; with none marked there is
+    /// no leader (a leader-only route then has no backend).
     pub fn from_api(list: &[BackendAddr]) -> Result<Self, String> {
         let mut addrs = Vec::with_capacity(list.len());
         let mut leader = None;

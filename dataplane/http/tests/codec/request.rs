@@ -53,6 +53,60 @@ fn versions_and_keep_alive() {
     }
 }
 
+/// A request in HTTP/1.2 to 1.9 parses and rewrites exactly as its HTTP/1.1 twin (the same
+/// bytes with the minor digit lowered), cut short or not, valid or not.
+#[test]
+fn newer_minor_versions_parse_and_rewrite_as_their_1_1_twin() {
+    let many_fields: String = (0..MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
+    let big = format!("X-Big: {}\r\n", "b".repeat(MAX_HEAD - 100));
+    let heads: Vec<String> = vec![
+        "GET / HTTP/1.2\r\nHost: a\r\n\r\n".into(),
+        "POST /p?q=1 HTTP/1.9\r\nHost: a.example\r\nContent-Length: 3\r\n\r\nabc".into(),
+        "PUT /x HTTP/1.5\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: x\r\nX: 1\r\n\r\n0\r\n\r\n"
+            .into(),
+        "GET http://h.example/p HTTP/1.3\r\nHost: other\r\n\r\n".into(),
+        "\r\n\nGET / HTTP/1.4\nHost: a\n\n".into(),
+        "GET / HTTP/1.2\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n".into(),
+        format!("GET / HTTP/1.2\r\nHost: a\r\n{many_fields}\r\n"),
+        format!("GET / HTTP/1.2\r\nHost: a\r\n{big}\r\n"),
+        "GET / HTTP/1.2\r\nHost: a\r\nBad Name: x\r\n\r\n".into(),
+        "GET / HTTP/1.2\r\nHost: a\r\n Folded: x\r\n\r\n".into(),
+        "GET / HTTP/1.2\rX\r\nHost: a\r\n\r\n".into(),
+        "GET / HTTP/1.2\r\n\r\n".into(),
+        "GET /a b HTTP/1.2\r\nHost: a\r\n\r\n".into(),
+        "G(T / HTTP/1.2\r\nHost: a\r\n\r\n".into(),
+        "GET /\x7f HTTP/1.2\r\nHost: a\r\n\r\n".into(),
+    ];
+    let fwd = crate::fwd();
+    for head in &heads {
+        let newer = head.as_bytes();
+        let at = head.find("HTTP/1.").unwrap() + 7;
+        let mut twin = newer.to_vec();
+        twin[at] = b'1';
+        let ends = (0..=newer.len().min(300)).chain(newer.len().saturating_sub(3)..=newer.len());
+        for end in ends {
+            let (n, t) = (&newer[..end], &twin[..end]);
+            let (got, want) = (parse_request(n), parse_request(t));
+            assert_eq!(
+                format!("{got:?}"),
+                format!("{want:?}"),
+                "{head:?} cut at {end}"
+            );
+            if let (Ok(Some(g)), Ok(Some(w))) = (got, want) {
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                flynn_http::write_request_head(n, &g, &fwd, &mut a);
+                flynn_http::write_request_head(t, &w, &fwd, &mut b);
+                assert_eq!(
+                    String::from_utf8_lossy(&a),
+                    String::from_utf8_lossy(&b),
+                    "{head:?} cut at {end}"
+                );
+                assert!(!a.is_empty());
+            }
+        }
+    }
+}
+
 #[test]
 fn bad_versions() {
     // (HTTP/1.2 to 1.9 are read as HTTP/1.1: `request::version_tests`.)

@@ -339,8 +339,9 @@ fn proxy_auth_passes_through() {
 fn framing_headers_on_the_backend_side() {
     let head = rewrite(b"POST / HTTP/1.1\r\nHost: a\r\ntransfer-encoding: chunked\r\n\r\n");
     assert_eq!(values(&head, "Transfer-Encoding"), ["chunked"]);
+    // In plain decimal: a backend that detects the base would read `0012` as octal 10.
     let head = rewrite(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0012\r\n\r\n");
-    assert_eq!(value(&head, "Content-Length"), Some("0012"));
+    assert_eq!(value(&head, "Content-Length"), Some("12"));
     assert_eq!(value(&head, "Transfer-Encoding"), None);
     // Connection cannot strip the framing or routing headers.
     let head =
@@ -462,6 +463,9 @@ fn content_length_lists_go_out_as_one_value() {
         "Content-Length: 5\r\nContent-Length: 5\r\n",
         "Content-Length:  5 ,5\r\nContent-Length: 5\r\n",
         "Content-Length: 5\r\n",
+        "Content-Length: 5, 05\r\n",
+        "Content-Length: 05, 5\r\n",
+        "Content-Length: 005\r\nContent-Length: 5\r\n",
     ] {
         let raw = format!("POST / HTTP/1.1\r\nHost: a\r\n{fields}\r\nhello");
         let head = rewrite(raw.as_bytes());
@@ -477,5 +481,67 @@ fn content_length_lists_go_out_as_one_value() {
             ["5"],
             "{fields:?}: {head:?}"
         );
+    }
+}
+
+/// Which fields a Connection list removes does not depend on its tokens' case, repetition,
+/// padding or empty elements, nor on how many of them there are.
+#[test]
+fn connection_tokens_mixed_case_repeated_padded_and_empty() {
+    let fields = "A: 1\r\nb: 2\r\nc: 3\r\na: 4\r\nD: 5\r\nX-Kept: 6\r\n";
+    for conn in [
+        "Connection: , a ,, B\r\nConnection: c,C, c\t,d\r\n",
+        "Connection: ,,\r\nConnection: \tA\t,b,a,B,,c,d,D\r\n",
+        "Connection: d\r\nConnection: c\r\nConnection: b\r\nConnection: a\r\n",
+    ] {
+        for many in [1, 3000] {
+            // After thousands of tokens naming nothing, marking takes its sorted lookup.
+            let conn = format!("Connection: {}\r\n{conn}", "x, Y,".repeat(many));
+            let raw = format!("GET / HTTP/1.1\r\nHost: h\r\n{conn}{fields}\r\n");
+            let head = rewrite(raw.as_bytes());
+            for gone in ["A", "b", "c", "D", "Connection"] {
+                assert_eq!(values(&head, gone), Vec::<&str>::new(), "{gone}: {head}");
+            }
+            assert_eq!(value(&head, "X-Kept"), Some("6"), "{head}");
+            let raw = format!("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n{conn}{fields}\r\n");
+            let head = client_head(raw.as_bytes(), false);
+            for gone in ["A", "b", "c", "D", "Connection"] {
+                assert_eq!(values(&head, gone), Vec::<&str>::new(), "{gone}: {head}");
+            }
+            assert_eq!(value(&head, "X-Kept"), Some("6"), "{head}");
+        }
+    }
+    // An empty list, or one naming nothing present, removes nothing else.
+    for conn in ["Connection: ,\r\n", "Connection: x, y\r\n"] {
+        let raw = format!("GET / HTTP/1.1\r\nHost: h\r\n{conn}{fields}\r\n");
+        let head = rewrite(raw.as_bytes());
+        for kept in ["A", "b", "c", "D", "X-Kept"] {
+            assert_eq!(
+                values(&head, kept).len(),
+                1 + usize::from(kept == "A"),
+                "{kept}: {head}"
+            );
+        }
+    }
+}
+
+/// Content-Length goes out in plain decimal whichever way the sender spelt the number.
+#[test]
+fn content_length_goes_out_in_decimal() {
+    for (sent, want) in [
+        ("0", "0"),
+        ("00", "0"),
+        ("0012", "12"),
+        ("010", "10"),
+        ("7", "7"),
+        ("18446744073709551615", "18446744073709551615"),
+        ("00018446744073709551615", "18446744073709551615"),
+    ] {
+        let raw = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {sent}\r\n\r\n");
+        let head = rewrite(raw.as_bytes());
+        assert_eq!(values(&head, "Content-Length"), [want], "{sent}: {head}");
+        let raw = format!("HTTP/1.1 200 OK\r\nContent-Length: {sent}\r\n\r\n");
+        let head = client_head(raw.as_bytes(), false);
+        assert_eq!(values(&head, "Content-Length"), [want], "{sent}: {head}");
     }
 }
