@@ -1,7 +1,10 @@
 //! Hot path: body framing. Finds where a message body ends while its bytes (chunk framing
 //! and trailers included) are forwarded verbatim. Trailer lines are checked as field lines
 //! on the way: the next hop may not parse them, so one that is not a field line (a request
-//! line, an obs-fold continuation) would reach it as whatever it reads it as.
+//! line, an obs-fold continuation) would reach it as whatever it reads it as. The check
+//! applies to both directions: a backend's response with a malformed trailer (or a trailer
+//! section over [`MAX_TRAILERS`]) is cut off after what was already relayed, as any other
+//! framing error of a backend is (HAProxy refuses such responses too).
 
 use std::fmt;
 

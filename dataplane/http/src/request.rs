@@ -122,6 +122,7 @@ pub(crate) type NewerStore<'b> = Option<[Header<'b>; MAX_HEADERS]>;
 /// and 1.1 only, so for those the request line is checked by `httparse` up to the minor
 /// digit and the fields after it are parsed on their own (into `newer`), in place: no copy
 /// of the head, and the slices are the same as for the head with the digit lowered.
+#[inline]
 pub(crate) fn parse_parts<'b, 'h>(
     buf: &'b [u8],
     store: &'h mut HeaderStore<'b>,
