@@ -35,7 +35,8 @@
 //! - Peers ([`peer`]): `/snapshot?follow=true` streams every buffered line then live
 //!   lines; a starting aggregator loads each `--peer` before it serves, then follows.
 //!
-//! Hot files: `ingest.rs`, `store.rs`, `store/earliest.rs`, `line.rs` (and `flynn-syslog`).
+//! Hot files: `ingest.rs`, `store.rs`, `store/earliest.rs`, `store/read.rs`, `line.rs` (and
+//! `flynn-syslog`).
 
 pub mod api;
 pub mod config;
@@ -64,9 +65,30 @@ pub struct Running {
     pub drivers: Vec<&'static str>,
 }
 
+/// Fails unless no other socket listens on `addr` (a fixed port): the first syslog
+/// listener must be the first of its SO_REUSEPORT group, as one bound beside another
+/// program's listeners of the same user (a second aggregator on the port) would join their
+/// group, and the two would silently share the port's connections (each app's lines split
+/// between them). Only a port in use is blamed on another program; any other failure (an
+/// address not on this machine, say) is told as it is.
+fn syslog_port_free(addr: SocketAddr) -> anyhow::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    flynn_runtime::check_exclusive_bind(addr).map_err(|e| {
+        let what = if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!("syslog listening on {addr}: another program listens there")
+        } else {
+            format!("syslog listening on {addr}")
+        };
+        anyhow::Error::new(e).context(what)
+    })
+}
+
 /// Loads peers, binds the listeners, starts workers, UDP and the API.
 pub fn start(cfg: &Config) -> anyhow::Result<Running> {
     cfg.validate().map_err(anyhow::Error::msg)?;
+    syslog_port_free(cfg.syslog_addr)?;
     flynn_runtime::sock::raise_nofile_limit();
     let threads = cfg.threads();
     let store = Arc::new(Store::new(Limits {
@@ -127,7 +149,9 @@ pub fn start(cfg: &Config) -> anyhow::Result<Running> {
         .recv_timeout(Duration::from_secs(60))
         .map_err(|_| anyhow!("API thread failed while loading peers"))?;
 
-    // Syslog listeners: one per core on the same port.
+    // Syslog listeners: one per core on the same port (checked again, as peers may have
+    // taken a while).
+    syslog_port_free(cfg.syslog_addr)?;
     let first = flynn_runtime::reuseport_listener(cfg.syslog_addr)
         .with_context(|| format!("syslog listening on {}", cfg.syslog_addr))?;
     let syslog_addr = first.local_addr()?;
@@ -143,7 +167,12 @@ pub fn start(cfg: &Config) -> anyhow::Result<Running> {
         let sh = shared.clone();
         std::thread::Builder::new()
             .name("logagg-udp".into())
-            .spawn(move || ingest::serve_udp(sh, udp))?;
+            .spawn(move || {
+                // As a worker's: ended alone, UDP lines would be dropped unseen while the
+                // aggregator looks healthy.
+                flynn_runtime::abort_on_panic();
+                ingest::serve_udp(sh, udp)
+            })?;
     }
     let api_listener = std::net::TcpListener::bind(cfg.api_addr)
         .with_context(|| format!("API listening on {}", cfg.api_addr))?;

@@ -250,6 +250,9 @@ pub fn serve(gate: std::sync::mpsc::Receiver<(Old, UnixListener)>) -> anyhow::Re
     std::thread::Builder::new()
         .name("router-handover".into())
         .spawn(move || {
+            // Ended alone, it would leave the router impossible to take over (or, draining,
+            // never exiting) while it looks healthy.
+            flynn_runtime::abort_on_panic();
             let Ok((old, mut listener)) = gate.recv() else {
                 return;
             };

@@ -208,11 +208,18 @@ pub fn start(cfg: &Config, extra: Option<RoutesFile>) -> anyhow::Result<Running>
             // another program's listeners of the same user (an nginx with `reuseport`, a
             // router started without --takeover) it would join their group, and the two
             // would silently share the port's connections. A takeover gets the running
-            // router's sockets instead (handover.rs), never through here.
+            // router's sockets instead (handover.rs), never through here. Only a port in
+            // use is blamed on another program; any other failure (an address not on this
+            // machine, a port below 1024 without the capability) is told as it is.
             if addr.port() != 0 {
-                flynn_runtime::check_exclusive_bind(*addr).with_context(|| {
-                    format!("listening on {addr}: another program listens there (to replace a running router, start with --takeover)")
-                })?;
+                if let Err(e) = flynn_runtime::check_exclusive_bind(*addr) {
+                    let what = if e.kind() == std::io::ErrorKind::AddrInUse {
+                        format!("listening on {addr}: another program listens there (to replace a running router, start with --takeover)")
+                    } else {
+                        format!("listening on {addr}")
+                    };
+                    return Err(anyhow::Error::new(e).context(what));
+                }
             }
             let first = flynn_runtime::reuseport_listener(*addr)
                 .with_context(|| format!("listening on {addr}"))?;

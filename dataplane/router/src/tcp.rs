@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 
 use monoio::io::Splitable;
 use monoio::net::{TcpListener, TcpStream};
@@ -18,6 +18,9 @@ use crate::worker::{accept_ready, AcceptFailing, Core, Stop};
 struct Running {
     fd: i32,
     stop: Rc<Stop>,
+    /// The listener, while its accept task holds it (the task owns it: once the task
+    /// ended, handed over say, `fd` may be closed and its number reused).
+    listener: Weak<TcpListener>,
 }
 
 /// The TCP route listeners of one core.
@@ -40,9 +43,23 @@ impl Listeners {
             .collect();
         for port in gone {
             for r in self.open.remove(&port).unwrap_or_default() {
-                // Out of the registry first, so a handover never sends a closed fd;
-                // the accept loop then drops (closes) the listener.
+                // Out of the registry first, so a handover never sends a closed fd.
                 unregister(core, port, r.fd);
+                // Then out of LISTEN now, not when the accept task next runs and drops
+                // (closes) the socket (with io_uring, later still: its pending poll holds
+                // it until cancelled): the removal counts as applied once this returns,
+                // and a route may take the port again as soon as every core applied it,
+                // which the exclusive bind check (`Store::unbindable`) would refuse while
+                // a socket no longer registered as ours still listens there. On Linux a
+                // shutdown takes a listening socket out of LISTEN (connections queued
+                // and not accepted are reset, as a close would) and wakes its pending
+                // poll. Not on a core that stopped (handed over or draining): its
+                // sockets may serve the process that took over.
+                if !core.stop.fired() {
+                    if let Some(l) = r.listener.upgrade() {
+                        flynn_runtime::sock::shutdown(l.as_raw_fd());
+                    }
+                }
                 r.stop.fire();
             }
         }
@@ -79,6 +96,7 @@ impl Listeners {
     fn run(&mut self, core: &Rc<Core>, l: TcpListener, port: u16) {
         let fd = l.as_raw_fd();
         let stop = Rc::new(Stop::default());
+        let l = Rc::new(l);
         core.shared
             .tcp_fds
             .lock()
@@ -89,6 +107,7 @@ impl Listeners {
         self.open.entry(port).or_default().push(Running {
             fd,
             stop: stop.clone(),
+            listener: Rc::downgrade(&l),
         });
         monoio::spawn(accept(core.clone(), l, port, stop));
     }
@@ -110,7 +129,7 @@ fn unregister(core: &Core, port: u16, fd: i32) {
 
 /// Readiness, then non-blocking accepts (as for HTTP): stopping, for a route removal
 /// or a handover, drops only a readiness wait, never an accepted connection.
-async fn accept(core: Rc<Core>, l: TcpListener, port: u16, stop: Rc<Stop>) {
+async fn accept(core: Rc<Core>, l: Rc<TcpListener>, port: u16, stop: Rc<Stop>) {
     let fd = l.as_raw_fd();
     let mut failing = AcceptFailing::default();
     // A pause due before the next accepts (after failures), ended early by a stop.
@@ -124,6 +143,9 @@ async fn accept(core: Rc<Core>, l: TcpListener, port: u16, stop: Rc<Stop>) {
             }
         };
         match accept_ready(&l, pause.take(), stopped).await {
+            // Woken by the removal's shutdown: nothing more to accept (and accepting from
+            // a socket out of LISTEN would fail, to no one's interest).
+            Ok(_) if stop.fired() => return,
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
                 pause = Some(std::time::Duration::from_millis(10));

@@ -3,7 +3,9 @@
 //! - [`spawn_workers`]: one pinned OS thread per core, each running its own monoio
 //!   runtime; io_uring when the kernel allows it, epoll otherwise (old kernels,
 //!   seccomp profiles that block `io_uring_setup`). No work stealing: a connection
-//!   lives and dies on the core that accepted it.
+//!   lives and dies on the core that accepted it. A panic on a worker aborts the process
+//!   (from a panic hook, before unwinding); [`abort_on_panic`] does the same for another
+//!   thread the process cannot go on without.
 //! - [`reuseport_listener`]: a listening socket per core on the same address;
 //!   [`check_exclusive_bind`]: whether no other socket listens there (a group bound beside
 //!   another process's SO_REUSEPORT listeners would share their connections).
@@ -24,5 +26,6 @@ mod workers;
 pub use recycle::Recycled;
 pub use snapshot::{Local, Published};
 pub use workers::{
-    check_exclusive_bind, core_count, reuseport_listener, spawn_workers, Driver, WorkerCtx,
+    abort_on_panic, check_exclusive_bind, core_count, reuseport_listener, spawn_workers, Driver,
+    WorkerCtx,
 };

@@ -54,8 +54,10 @@ pub fn peer_shut(fd: RawFd) -> bool {
     n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
-/// Shuts a socket down in both directions. On a listening socket this wakes any
-/// pending accept and stops the kernel from queueing new connections.
+/// Shuts a socket down in both directions. On a listening socket (Linux) this takes it
+/// out of LISTEN at once, while it stays open: any pending accept or poll wakes, queued
+/// connections not yet accepted are reset and new ones refused, and the port no longer
+/// counts for [`crate::check_exclusive_bind`].
 pub fn shutdown(fd: RawFd) {
     // SAFETY: shutdown on a file descriptor has no memory-safety preconditions; an
     // invalid fd just returns EBADF, which we ignore.

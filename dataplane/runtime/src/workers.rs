@@ -142,6 +142,73 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("(no message)")
 }
 
+/// What a thread whose panic aborts the process is (see [`abort_on_panic`]).
+#[derive(Debug, Clone, Copy)]
+enum Critical {
+    /// Worker `i` of [`spawn_workers`].
+    Worker(usize),
+    /// A thread marked with [`abort_on_panic`].
+    Thread,
+}
+
+thread_local! {
+    /// Set on a thread whose panic aborts the process.
+    static CRITICAL: std::cell::Cell<Option<Critical>> = const { std::cell::Cell::new(None) };
+}
+
+/// Installs (once per process) the panic hook that aborts on a marked thread: it logs the
+/// thread (a worker's index, the thread's name, the panic and where), runs the hook that
+/// was there before (the default one prints the message and, with `RUST_BACKTRACE`, the
+/// backtrace) and aborts, before anything unwinds: a core dump shows the panicking frame,
+/// no destructor runs on half-updated state, and a destructor that panics again cannot
+/// abort before the log line. A panic on any other thread goes to the previous hook alone.
+fn install_abort_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            // `try_with`: a panic in a thread-local's destructor finds this one gone.
+            let Some(critical) = CRITICAL.try_with(|c| c.get()).ok().flatten() else {
+                return previous(info);
+            };
+            let thread = std::thread::current();
+            let thread = thread.name().unwrap_or("(unnamed)");
+            let panic = panic_message(info.payload());
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            match critical {
+                Critical::Worker(index) => tracing::error!(
+                    worker = index,
+                    thread,
+                    panic,
+                    at,
+                    "a worker panicked: aborting the process (its connections and listeners are lost)"
+                ),
+                Critical::Thread => tracing::error!(
+                    thread,
+                    panic,
+                    at,
+                    "a thread the process cannot go on without panicked: aborting the process"
+                ),
+            }
+            previous(info);
+            std::process::abort();
+        }));
+    });
+}
+
+/// Makes a panic on the calling thread abort the whole process, logged with the thread's
+/// name (as for the workers of [`spawn_workers`]), instead of ending that thread alone
+/// while the process looks healthy. For plain threads a process cannot go on without (a
+/// loop that serves a socket); not for one running a tokio runtime, whose tasks' panics
+/// tokio catches (a request handler's panic ends only its task: marked, it would abort).
+pub fn abort_on_panic() {
+    install_abort_hook();
+    CRITICAL.with(|c| c.set(Some(Critical::Thread)));
+}
+
 /// Starts `n` pinned workers named `<name>-<i>`. Each builds its runtime (reporting
 /// which driver it got) and runs `make(ctx)` to completion. Returns once every worker
 /// has its runtime, or the first error building one.
@@ -153,7 +220,10 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 /// A panic in a worker (in any task of its runtime: monoio does not catch them) aborts
 /// the process: the worker would otherwise end alone, silently dropping its connections
 /// and its share of every SO_REUSEPORT listener while the process looks healthy. A clean,
-/// visible failure lets the supervisor restart the whole process.
+/// visible failure lets the supervisor restart the whole process. The abort comes from a
+/// panic hook (installed here once, see [`install_abort_hook`]), at the panic, before
+/// anything unwinds; a catch around the worker aborts too, should another hook have
+/// replaced it.
 pub fn spawn_workers<F, Fut>(
     n: usize,
     driver: Driver,
@@ -164,6 +234,7 @@ where
     F: Fn(WorkerCtx) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + 'static,
 {
+    install_abort_hook();
     let make = std::sync::Arc::new(make);
     let cpus = match allowed_cpus() {
         Ok(cpus) => cpus,
@@ -185,6 +256,7 @@ where
         let h = std::thread::Builder::new()
             .name(thread.clone())
             .spawn(move || {
+                CRITICAL.with(|c| c.set(Some(Critical::Worker(index))));
                 let run = std::panic::AssertUnwindSafe(move || {
                     if let Some(&cpu) = cpus.get(index % cpus.len().max(1)) {
                         if let Err(e) = pin_to_cpu(cpu) {
@@ -205,6 +277,8 @@ where
                     drop(ready);
                     rt.block_on(make(WorkerCtx { index, driver: drv }));
                 });
+                // The backstop: the hook aborts before this unwinds, unless another
+                // hook replaced it.
                 if let Err(panic) = std::panic::catch_unwind(run) {
                     tracing::error!(
                         worker = index,
@@ -260,8 +334,19 @@ mod tests {
 
     #[test]
     fn bind_check_sees_a_port_another_socket_listens_on() {
-        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let taken = other.local_addr().unwrap();
+        // The port is held by a socket bound with SO_REUSEADDR that never listens, for the
+        // whole test: the check passes beside it (as beside connections left in TIME_WAIT),
+        // and no other socket can take the port meanwhile (an ephemeral port picked by a
+        // test running in parallel, after the listener below is gone).
+        let holder = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        holder.set_reuse_address(true).unwrap();
+        holder
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let taken = holder.local_addr().unwrap().as_socket().unwrap();
+        check_exclusive_bind(taken).unwrap();
+        // std's listeners have SO_REUSEADDR too.
+        let other = std::net::TcpListener::bind(taken).unwrap();
         assert_eq!(
             check_exclusive_bind(taken).unwrap_err().kind(),
             io::ErrorKind::AddrInUse
@@ -269,12 +354,15 @@ mod tests {
         // Listeners with SO_REUSEPORT (another program's group a reuseport_listener would
         // join) hold the port as well.
         let group = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let group_addr = group.local_addr().unwrap();
         assert_eq!(
-            check_exclusive_bind(group.local_addr().unwrap())
-                .unwrap_err()
-                .kind(),
+            check_exclusive_bind(group_addr).unwrap_err().kind(),
             io::ErrorKind::AddrInUse
         );
+        // A listener shut down (as the router does to a removed TCP route's) no longer
+        // listens: the port is free for the check at once, while the socket is still open.
+        crate::sock::shutdown(std::os::fd::AsRawFd::as_raw_fd(&group));
+        check_exclusive_bind(group_addr).unwrap();
         // A port whose listener is gone is free again.
         drop(other);
         check_exclusive_bind(taken).unwrap();
@@ -329,34 +417,51 @@ mod tests {
     /// Set in the child process of [`a_panicking_task_aborts_the_process`].
     const PANIC_CHILD: &str = "FLYNN_RUNTIME_TEST_PANIC_CHILD";
 
-    /// A task that panics on one worker takes the whole process down (SIGABRT) instead of
-    /// ending that worker alone. Runs this test's own executable as the child that panics.
-    #[test]
-    fn a_panicking_task_aborts_the_process() {
-        use std::os::unix::process::ExitStatusExt;
-        use std::time::{Duration, Instant};
-        if std::env::var_os(PANIC_CHILD).is_some() {
-            // The child. No core file for the expected abort.
-            // SAFETY: prctl(PR_SET_DUMPABLE) takes plain integers.
-            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
-            let _hs = spawn_workers(2, Driver::Auto, "panicky", |ctx| async move {
-                if ctx.index == 0 {
-                    monoio::spawn(async { panic!("a connection task panicked") });
-                }
-                std::future::pending::<()>().await
-            })
-            .unwrap();
-            // Still here: the worker ended alone and the process went on (exit 0).
-            std::thread::sleep(Duration::from_secs(20));
-            return;
+    /// Written by a destructor on the panicking task's stack, should it unwind.
+    const UNWOUND: &str = "the panicking task's stack unwound";
+
+    /// Prints every event's fields to stderr (the child's log).
+    struct StderrLog;
+
+    impl tracing::Subscriber for StderrLog {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
         }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Line(String);
+            impl tracing::field::Visit for Line {
+                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    self.0.push_str(&format!(" {}={v:?}", f.name()));
+                }
+            }
+            let mut line = Line(event.metadata().level().to_string());
+            event.record(&mut line);
+            eprintln!("{}", line.0);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// Runs the test whose local `here` function `here` names (`type_name_of_val`) as a
+    /// child process of this test executable, with [`PANIC_CHILD`] set; its exit status
+    /// and standard error. The harness's name for the test is its path without the crate's
+    /// name, taken from the function's so that a rename cannot make the child run no test
+    /// and exit 0.
+    fn run_child(here: &str) -> (std::process::ExitStatus, String) {
+        use std::time::{Duration, Instant};
+        let name = here
+            .strip_suffix("::here")
+            .and_then(|n| n.split_once("::"))
+            .map(|(_, n)| n)
+            .unwrap_or(here);
+        assert!(name.starts_with(module_path!().split_once("::").unwrap().1));
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "workers::tests::a_panicking_task_aborts_the_process",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
             .env(PANIC_CHILD, "1")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -376,12 +481,113 @@ mod tests {
         };
         let mut err = String::new();
         let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+        (status, err)
+    }
+
+    /// The child's setup: no core file for the expected abort, events logged to stderr.
+    fn as_child() {
+        // SAFETY: prctl(PR_SET_DUMPABLE) takes plain integers.
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+        tracing::subscriber::set_global_default(StderrLog).unwrap();
+    }
+
+    /// A task that panics on one worker takes the whole process down (SIGABRT) instead of
+    /// ending that worker alone, logged with the worker's index and thread, at the panic:
+    /// nothing unwinds first. Runs this test's own executable as the child that panics.
+    #[test]
+    fn a_panicking_task_aborts_the_process() {
+        use std::os::unix::process::ExitStatusExt;
+        use std::time::Duration;
+        if std::env::var_os(PANIC_CHILD).is_some() {
+            as_child();
+            let _hs = spawn_workers(2, Driver::Auto, "panicky", |ctx| async move {
+                if ctx.index == 1 {
+                    monoio::spawn(async {
+                        struct Unwind;
+                        impl Drop for Unwind {
+                            fn drop(&mut self) {
+                                eprintln!("{UNWOUND}");
+                            }
+                        }
+                        let _on_the_stack = Unwind;
+                        panic!("a connection task panicked")
+                    });
+                }
+                std::future::pending::<()>().await
+            })
+            .unwrap();
+            // Still here: the worker ended alone and the process went on (exit 0).
+            std::thread::sleep(Duration::from_secs(20));
+            return;
+        }
+        fn here() {}
+        let (status, err) = run_child(std::any::type_name_of_val(&here));
         assert_eq!(
             status.signal(),
             Some(libc::SIGABRT),
             "the process went on after a worker panicked ({status:?}):\n{err}"
         );
+        assert!(
+            !err.contains(UNWOUND),
+            "aborted only after unwinding:\n{err}"
+        );
+        // The default hook's message, and the log line naming the worker and its thread.
         assert!(err.contains("a connection task panicked"), "{err}");
+        assert!(
+            err.lines().any(|l| l.starts_with("ERROR")
+                && l.contains("a worker panicked")
+                && l.contains(" worker=1 ")
+                && l.contains("panicky-1")
+                && l.contains("panic=\"a connection task panicked\"")),
+            "{err}"
+        );
+    }
+
+    /// A thread marked with [`abort_on_panic`] takes the process down at its panic, logged
+    /// with its name; an unmarked thread's panic still ends that thread alone.
+    #[test]
+    fn a_marked_threads_panic_aborts_the_process() {
+        use std::os::unix::process::ExitStatusExt;
+        if std::env::var_os(PANIC_CHILD).is_some() {
+            as_child();
+            let unmarked = std::thread::Builder::new()
+                .name("unmarked".into())
+                .spawn(|| panic!("an unmarked thread panicked"))
+                .unwrap();
+            assert!(unmarked.join().is_err());
+            eprintln!("went on after the unmarked thread");
+            let marked = std::thread::Builder::new()
+                .name("marked".into())
+                .spawn(|| {
+                    abort_on_panic();
+                    panic!("a marked thread panicked")
+                })
+                .unwrap();
+            // Joined: the marked thread ended alone (exit 0).
+            let _ = marked.join();
+            return;
+        }
+        fn here() {}
+        let (status, err) = run_child(std::any::type_name_of_val(&here));
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGABRT),
+            "the process went on after a marked thread panicked ({status:?}):\n{err}"
+        );
+        assert!(err.contains("went on after the unmarked thread"), "{err}");
+        assert!(err.contains("a marked thread panicked"), "{err}");
+        assert!(
+            err.lines().any(|l| l.starts_with("ERROR")
+                && l.contains("cannot go on without panicked")
+                && l.contains("thread=\"marked\"")
+                && l.contains("panic=\"a marked thread panicked\"")),
+            "{err}"
+        );
+        assert!(
+            !err.lines()
+                .any(|l| l.starts_with("ERROR") && l.contains("unmarked")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -323,3 +323,70 @@ fn accepted_syslog_connections_have_tcp_keepalive() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Runs the aggregator with `args` until it exits (killed after 20 s); its exit status
+/// and standard error.
+fn run_to_exit(args: &[&str]) -> (Option<std::process::ExitStatus>, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flynn-logagg"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("FLYNN_") && k != "FLYNN_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn flynn-logagg");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    (status, err)
+}
+
+/// A syslog port another program's SO_REUSEPORT listeners hold (a second aggregator of the
+/// same user, an nginx with `reuseport`) is refused at start, naming the address, instead of
+/// joining their group and silently sharing the port's connections with them. Any other
+/// failure to bind (an address not on this machine) is not blamed on another program.
+#[test]
+fn a_syslog_port_another_program_listens_on_is_refused() {
+    let foreign = flynn_runtime::reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = foreign.local_addr().unwrap().to_string();
+    let (status, err) = run_to_exit(&["--syslog-addr", &addr, "--api-addr", "127.0.0.1:0"]);
+    let status = status.expect("the aggregator exits");
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "syslog listening on {addr}: another program listens there"
+        )),
+        "{err}"
+    );
+    // TEST-NET-1: not on this machine (EADDRNOTAVAIL), unless non-local binds are allowed.
+    let port = foreign.local_addr().unwrap().port();
+    let elsewhere: std::net::SocketAddr = ([192, 0, 2, 1], port).into();
+    if let Err(e) = std::net::TcpListener::bind(elsewhere) {
+        let elsewhere = elsewhere.to_string();
+        let (status, err) =
+            run_to_exit(&["--syslog-addr", &elsewhere, "--api-addr", "127.0.0.1:0"]);
+        assert!(!status.expect("the aggregator exits").success(), "{err}");
+        assert!(
+            err.contains(&format!("syslog listening on {elsewhere}: {e}"))
+                && !err.contains("another program"),
+            "{err}"
+        );
+    }
+    drop(foreign);
+}

@@ -140,6 +140,73 @@ fn deleted_route_port_refuses_connections_and_can_be_reused() {
     assert_eq!(exchange(port, b"b"), b"b1 b");
 }
 
+/// A route's port is free for a new route as soon as the DELETE answered: each core shuts
+/// its listening socket down while it applies the removal, so the exclusive bind check of
+/// the next `POST` does not find the router's own closing listener (no longer registered as
+/// the router's) and take it for another program's (409). Without the shutdown the socket
+/// listened until the core's accept task next ran and dropped it (with io_uring, until its
+/// pending poll was cancelled too), which a busy core does late: here two connections
+/// stream into a backend through another route of the same core all along. Repeated, each
+/// round being a race between the DELETE's answer and the core; under both drivers.
+#[test]
+fn a_deleted_routes_port_can_be_taken_again_at_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    // Reads and drops whatever its connections send.
+    let sink = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink_addr = sink.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in sink.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    for driver in ["epoll", "auto"] {
+        let router = Router::builder().tcp().threads(1).io_driver(driver).start();
+        let (lo, _) = router.tcp_ports.unwrap();
+        let (port, busy) = (lo + 1, lo + 3);
+        router.add_route(tcp_route(busy, "sink"));
+        router.set_backend_addrs("sink", &[(sink_addr.to_string(), false)]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let load: Vec<_> = (0..2)
+            .map(|_| {
+                let (mut s, stop) = (connect(busy), stop.clone());
+                std::thread::spawn(move || {
+                    let chunk = vec![7u8; 4096];
+                    while !stop.load(Ordering::Relaxed) && s.write_all(&chunk).is_ok() {}
+                })
+            })
+            .collect();
+        let b1 = TcpBackend::start("b1");
+        set_tcp_backends(&router, "tcpsvc", &[&b1]);
+        let mut route = router.add_route(tcp_route(port, "tcpsvc"));
+        assert_eq!(exchange(port, b"a"), b"b1 a");
+        for round in 0..20 {
+            router.delete_route(&route);
+            let (status, body) = router.api(
+                "POST",
+                "/routes",
+                Some(&tcp_route(port, "tcpsvc").to_string()),
+            );
+            assert!(
+                (200..300).contains(&status),
+                "{driver}, round {round}: re-adding port {port} -> {status} {body}\n{}",
+                port_holders(port)
+            );
+            assert_eq!(port_of(&body), port);
+            route = body;
+        }
+        assert_eq!(exchange(port, b"b"), b"b1 b");
+        stop.store(true, Ordering::Relaxed);
+        for l in load {
+            l.join().unwrap();
+        }
+    }
+}
+
 #[test]
 fn unreachable_backends_close_the_client_connection() {
     let router = tcp_router();
@@ -371,6 +438,30 @@ fn start_refuses_an_address_of_another_programs_reuseport_group() {
     assert!(!status.success(), "{out}");
     assert!(
         out.contains(&format!("listening on {addr}")) && out.contains("another program"),
+        "{out}"
+    );
+}
+
+/// Only a port in use is blamed on another program: an address that is not on this machine
+/// (TEST-NET-1, EADDRNOTAVAIL) fails the start with the address and the system's error.
+#[test]
+fn start_tells_a_failure_other_than_a_port_in_use_as_it_is() {
+    let addr: SocketAddr = ([192, 0, 2, 1], tcp_range(0).0).into();
+    // The system's own words (and none where non-local binds are allowed).
+    let expected = match std::net::TcpListener::bind(addr) {
+        Err(e) => e.to_string(),
+        Ok(_) => return eprintln!("{addr} can be bound here (ip_nonlocal_bind): skipped"),
+    };
+    let (status, out) = Router::builder()
+        .http_addrs(0)
+        .arg("--http-addr")
+        .arg(addr.to_string())
+        .run_to_exit(Duration::from_secs(10));
+    let status = status.expect("the router exits");
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains(&format!("listening on {addr}: {expected}"))
+            && !out.contains("another program"),
         "{out}"
     );
 }
