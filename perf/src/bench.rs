@@ -475,6 +475,9 @@ pub fn run(opts: Options) -> Result<String> {
     if running.is_empty() {
         bail!("no target could be started");
     }
+    if let Some(w) = crate::order::balance_warning(running.len(), opts.rounds, "targets") {
+        eprintln!("{w}");
+    }
     if want_tls {
         let mut seen = Vec::new();
         for r in &running {
@@ -556,7 +559,7 @@ pub fn run(opts: Options) -> Result<String> {
     let mut done = 0;
     for round in 0..opts.rounds {
         for (si, &scenario) in wrk_scenarios.iter().enumerate() {
-            for i in crate::order::run_order(running.len(), round + si) {
+            for i in crate::order::scenario_order(running.len(), round, si) {
                 let target = &mut running[i];
                 let id = target.id;
                 done += 1;

@@ -5,7 +5,8 @@
 //! address block and cgroup parent (all carrying the harness's pid), and builds the busybox
 //! image with `host/images/build-busybox.sh`.
 //!
-//! Latency, per round, the order of the three variants rotating:
+//! Latency, per round, the three variants in a balanced order that changes every round
+//! ([`crate::order`]):
 //! - `flynn-host`: `PUT /host/jobs/:id` (busybox `sh` that traps SIGTERM) → the job's `start`
 //!   event on the SSE stream of `GET /host/jobs` (the shim reported the process started); then
 //!   until a process of the job's cgroup has a SIGTERM handler (the trap is installed: the
@@ -1104,6 +1105,9 @@ async fn bench(opts: &Options, lab: &mut Lab, img: &Image) -> Result<Results> {
         runc_no_trap: Vec::new(),
         memory: None,
     };
+    if let Some(w) = crate::order::balance_warning(3, opts.rounds, "variants") {
+        eprintln!("{w}");
+    }
     for round in 0..opts.rounds {
         eprintln!("round {}/{}", round + 1, opts.rounds);
         let name = format!("r{round}");

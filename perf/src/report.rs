@@ -39,11 +39,18 @@ impl Sample {
                 wrk.socket_errors
             ));
         }
-        if let Some(d) = died {
-            why.push(format!("target died: {}", d.replace('\n', " ")));
-        }
-        (!why.is_empty()).then(|| why.join("; "))
+        join_reasons(why, died)
     }
+}
+
+/// A run's `invalid` reason, as every harness writes it: the harness's own reasons (errors,
+/// lost messages, stalls) and then the target's death (`target died: …`, on one line),
+/// joined with `; `; `None` (the run counts) when there is none.
+pub fn join_reasons(mut why: Vec<String>, died: Option<&str>) -> Option<String> {
+    if let Some(d) = died {
+        why.push(format!("target died: {}", d.replace('\n', " ")));
+    }
+    (!why.is_empty()).then(|| why.join("; "))
 }
 
 /// Everything a session measured.
@@ -87,8 +94,8 @@ pub fn median(mut xs: Vec<f64>) -> Option<f64> {
 /// The `p`-th percentile (`p` in 0..=100) of the finite values of `xs`, by linear
 /// interpolation between the two closest ranks: with the values sorted, `x[h]` for the
 /// fractional index `h = (n − 1) · p / 100` (NumPy's and R's default). The one percentile
-/// definition of the `proxy` (h2load, handshake client), `logagg`, `overlay` and `host`
-/// harnesses; its 50th percentile is [`median`]. `None` when there is no finite value.
+/// definition of the `proxy` (h2load, handshake client), `logagg`, `discoverd`, `overlay`
+/// and `host` harnesses; its 50th percentile is [`median`]. `None` when there is no finite value.
 pub fn percentile(xs: &[f64], p: f64) -> Option<f64> {
     let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {

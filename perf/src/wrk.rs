@@ -65,7 +65,9 @@ pub fn run(load: &Load, log: &Path) -> Result<Report> {
     parse(&out).with_context(|| format!("parsing wrk output:\n{out}"))
 }
 
-/// Parses a wrk latency value such as `812.00us`, `1.25ms` or `2.01s` into microseconds.
+/// Parses a wrk time (a latency such as `812.00us`, `1.25ms` or `2.01s`; a run time such as
+/// `2.00s` or `1.00m`) into microseconds: wrk's units.c prints us/ms/s, and m/h past 0.85 of
+/// the next unit.
 fn parse_latency(s: &str) -> Option<f64> {
     let split = s.find(|c: char| c.is_ascii_alphabetic())?;
     let (num, unit) = s.split_at(split);
@@ -95,11 +97,11 @@ pub fn parse(out: &str) -> Result<Report> {
             rps = Some(v.trim().parse::<f64>().context("Requests/sec")?);
         } else if words.len() >= 4 && words[1] == "requests" && words[2] == "in" {
             total = Some(words[0].parse::<u64>().context("request count")?);
-            r.seconds = words[3]
-                .trim_end_matches(',')
-                .trim_end_matches('s')
-                .parse()
-                .context("run seconds")?;
+            // wrk formats the run time with units: `812.00ms`, `2.00s`, and from 51 s on
+            // (0.85 × 60 s) `1.00m`.
+            r.seconds = parse_latency(words[3].trim_end_matches(','))
+                .with_context(|| format!("run time {:?}", words[3]))?
+                / 1e6;
         } else if words.len() == 2 && words[0] == "50%" {
             p50 = Some(parse_latency(words[1]).context("50% latency")?);
         } else if words.len() == 2 && words[0] == "99%" {
@@ -170,6 +172,24 @@ Transfer/sec:      5.20MB
         assert_eq!(r.non_2xx, 7);
         assert_eq!(r.socket_errors, 6);
         assert_eq!(r.errors(), 13);
+    }
+
+    #[test]
+    fn run_time_units() {
+        let with = |t: &str| SAMPLE.replace("requests in 2.00s,", &format!("requests in {t},"));
+        // wrk prints minutes from 51 s on, hours likewise, and milliseconds below 1 s.
+        for (t, s) in [
+            ("1.00m", 60.0),
+            ("1.50m", 90.0),
+            ("2.00h", 7200.0),
+            ("900.00ms", 0.9),
+            ("2.00s", 2.0),
+        ] {
+            let r = parse(&with(t)).unwrap_or_else(|e| panic!("{t}: {e:#}"));
+            assert!((r.seconds - s).abs() < 1e-9, "{t}: {}", r.seconds);
+        }
+        assert!(parse(&with("2.00x")).is_err());
+        assert!(parse(&with("m")).is_err());
     }
 
     #[test]

@@ -80,11 +80,11 @@ impl EtcdTimers {
     /// flynn-discoverd's default election timeout (`--election-timeout 100ms`).
     pub const DISCOVERD_ELECTION_MS: u64 = 100;
 
-    /// `--etcd-election-ms E` with `--etcd-heartbeat-ms H`; without H, E / 10 (etcd's own
-    /// ratio: 100 ms / 1000 ms by default). etcd refuses a heartbeat above a fifth of the
-    /// election timeout, so discoverd's ratio (a third) is not possible.
+    /// `--etcd-election-ms E` with `--etcd-heartbeat-ms H`; without H, E / 5: etcd refuses a
+    /// heartbeat above a fifth of the election timeout, so that is the closest it allows to
+    /// discoverd's ratio (heartbeats every third of the election timeout: 33 ms of 100 ms).
     pub fn new(election_ms: u64, heartbeat_ms: Option<u64>) -> Result<EtcdTimers> {
-        let heartbeat_ms = heartbeat_ms.unwrap_or(election_ms / 10).max(1);
+        let heartbeat_ms = heartbeat_ms.unwrap_or(election_ms / 5).max(1);
         if election_ms < 5 * heartbeat_ms {
             bail!(
                 "etcd needs --etcd-election-ms ({election_ms}) at least 5 × the heartbeat \
@@ -105,7 +105,7 @@ impl Default for EtcdTimers {
     fn default() -> EtcdTimers {
         EtcdTimers {
             election_ms: Self::DISCOVERD_ELECTION_MS,
-            heartbeat_ms: Self::DISCOVERD_ELECTION_MS / 10,
+            heartbeat_ms: Self::DISCOVERD_ELECTION_MS / 5,
         }
     }
 }
@@ -121,6 +121,13 @@ impl fmt::Display for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}×{}", self.kind, self.nodes)
     }
+}
+
+/// A cluster's Raft leader (its client address) and term at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaftState {
+    pub leader: String,
+    pub term: u64,
 }
 
 /// One server process of a cluster; restartable with the same flags and data dir.
@@ -205,6 +212,53 @@ fn port_free_on_all(n: usize, avoid: &[u16]) -> Result<u16> {
     bail!("no port free on all of 127.0.0.1..{n}")
 }
 
+/// The command line of etcd member `n{i}`: its URLs, the whole initial cluster, `timers`,
+/// and Pre-Vote on, as in discoverd (etcd 3.4's default is off).
+fn etcd_args(
+    i: usize,
+    client: &str,
+    peer: &str,
+    data: &Path,
+    initial_cluster: &str,
+    token: &str,
+    timers: EtcdTimers,
+) -> Vec<String> {
+    [
+        "--name",
+        &format!("n{i}"),
+        "--data-dir",
+        &data.display().to_string(),
+        "--listen-client-urls",
+        &format!("http://{client}"),
+        "--advertise-client-urls",
+        &format!("http://{client}"),
+        "--listen-peer-urls",
+        peer,
+        "--initial-advertise-peer-urls",
+        peer,
+        "--initial-cluster",
+        initial_cluster,
+        "--initial-cluster-state",
+        "new",
+        "--initial-cluster-token",
+        token,
+        "--heartbeat-interval",
+        &timers.heartbeat_ms.to_string(),
+        "--election-timeout",
+        &timers.election_ms.to_string(),
+        "--pre-vote",
+        "--logger",
+        "zap",
+        "--log-outputs",
+        "stderr",
+        "--log-level",
+        "warn",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
 impl Cluster {
     /// Starts `nodes` flynn-discoverd processes (`--peers` = all of them, a single node is
     /// its own only peer) and waits for each `listening` line.
@@ -280,36 +334,8 @@ impl Cluster {
         for i in 1..=nodes {
             let client = format!("127.0.0.{i}:{cport}");
             let peer = format!("http://127.0.0.{i}:{pport}");
-            let args = vec![
-                "--name".to_string(),
-                format!("n{i}"),
-                "--data-dir".into(),
-                dir.join(format!("n{i}")).display().to_string(),
-                "--listen-client-urls".into(),
-                format!("http://{client}"),
-                "--advertise-client-urls".into(),
-                format!("http://{client}"),
-                "--listen-peer-urls".into(),
-                peer.clone(),
-                "--initial-advertise-peer-urls".into(),
-                peer,
-                "--initial-cluster".into(),
-                initial.join(","),
-                "--initial-cluster-state".into(),
-                "new".into(),
-                "--initial-cluster-token".into(),
-                token.clone(),
-                "--heartbeat-interval".into(),
-                timers.heartbeat_ms.to_string(),
-                "--election-timeout".into(),
-                timers.election_ms.to_string(),
-                "--logger".into(),
-                "zap".into(),
-                "--log-outputs".into(),
-                "stderr".into(),
-                "--log-level".into(),
-                "warn".into(),
-            ];
+            let data = dir.join(format!("n{i}"));
+            let args = etcd_args(i, &client, &peer, &data, &initial.join(","), &token, timers);
             out.push(Node {
                 client,
                 bin: PathBuf::from("etcd"),
@@ -472,6 +498,38 @@ impl Cluster {
         }
     }
 
+    /// The agreed leader (waited for up to `limit`) and the highest Raft term any running
+    /// node reports: discoverd's `/.well-known/status` `term`, etcd's `ResponseHeader.raft_term`
+    /// of `Maintenance.Status` (through the gateway, as the leader lookup). Compared before and
+    /// after a run, it tells whether an election happened during the run.
+    pub async fn raft_state(&self, h: &Http, limit: Duration) -> Result<RaftState> {
+        let leader = self.leader(h, limit).await?;
+        let mut term = 0u64;
+        for n in self.nodes.iter().filter(|n| n.running()) {
+            let t = match self.id.kind {
+                Kind::Flynn => {
+                    let r = h.get(&n.url("/.well-known/status")).await?;
+                    r.ok()?;
+                    r.json()?["data"]["detail"]["term"]
+                        .as_u64()
+                        .context("no term in the status")?
+                }
+                Kind::Etcd => {
+                    let r = h.post(&n.url("/v3/maintenance/status"), "{}").await?;
+                    r.ok()?;
+                    http::str_field(&r.json()?["header"]["raft_term"])
+                        .parse()
+                        .context("no raft_term in the status header")?
+                }
+            };
+            term = term.max(t);
+        }
+        Ok(RaftState {
+            leader: self.nodes[leader].client.clone(),
+            term,
+        })
+    }
+
     /// Server version for the report header.
     pub async fn version(&self, h: &Http) -> String {
         match self.id.kind {
@@ -498,18 +556,44 @@ mod tests {
     }
 
     #[test]
+    fn etcd_runs_pre_vote_with_the_timers() {
+        let args = etcd_args(
+            2,
+            "127.0.0.2:2379",
+            "http://127.0.0.2:2380",
+            Path::new("/tmp/x/n2"),
+            "n1=http://127.0.0.1:2380,n2=http://127.0.0.2:2380",
+            "tok",
+            EtcdTimers::default(),
+        );
+        let has = |a: &str, b: &str| args.windows(2).any(|w| w[0] == a && w[1] == b);
+        assert!(args.iter().any(|a| a == "--pre-vote"), "{args:?}");
+        assert!(has("--heartbeat-interval", "20"), "{args:?}");
+        assert!(has("--election-timeout", "100"), "{args:?}");
+        assert!(has("--name", "n2") && has("--data-dir", "/tmp/x/n2"));
+        assert!(has("--listen-client-urls", "http://127.0.0.2:2379"));
+        assert!(has(
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.2:2380"
+        ));
+    }
+
+    #[test]
     fn etcd_timers() {
-        // Default: discoverd's election timeout, etcd's 1:10 heartbeat ratio.
+        // Default: discoverd's election timeout, the heartbeat etcd allows closest to
+        // discoverd's 33 ms (a fifth of the election timeout).
         assert_eq!(
             EtcdTimers::default(),
             EtcdTimers {
                 election_ms: 100,
-                heartbeat_ms: 10
+                heartbeat_ms: 20
             }
         );
         assert_eq!(EtcdTimers::new(100, None).unwrap(), EtcdTimers::default());
-        assert_eq!(EtcdTimers::new(1000, None).unwrap().heartbeat_ms, 100);
+        assert_eq!(EtcdTimers::new(1000, None).unwrap().heartbeat_ms, 200);
+        assert_eq!(EtcdTimers::new(100, Some(10)).unwrap().heartbeat_ms, 10);
         assert_eq!(EtcdTimers::new(100, Some(20)).unwrap().heartbeat_ms, 20);
+        assert!(EtcdTimers::new(100, Some(21)).is_err());
         assert_eq!(EtcdTimers::new(5, None).unwrap().heartbeat_ms, 1);
         // etcd refuses heartbeat > election / 5 (so discoverd's election / 3 is impossible).
         assert!(EtcdTimers::new(100, Some(34)).is_err());

@@ -476,7 +476,11 @@ impl Etcd {
         let rx = tokio::time::timeout(timeout, open)
             .await
             .map_err(|_| anyhow!("Watch: not created within {timeout:?}"))??;
-        Ok(WatchStream { _tx: tx, rx })
+        Ok(WatchStream {
+            _conn: self.clone(),
+            _tx: tx,
+            rx,
+        })
     }
 }
 
@@ -531,8 +535,10 @@ impl KeepAlive {
     }
 }
 
-/// An open `Watch` stream (the request half stays open while this lives).
+/// An open `Watch` stream: the request half and the connection (a handle on its channel)
+/// stay open while this lives, so `Etcd::connect(..).await?.watch(..)` is safe.
 pub struct WatchStream {
+    _conn: Etcd,
     _tx: mpsc::UnboundedSender<WatchRequest>,
     pub rx: Streaming<WatchResponse>,
 }
@@ -669,6 +675,10 @@ mod tests {
                 }
             };
             let g = Etcd::connect(&c.nodes[0].client).await.unwrap();
+            // The leader and term the harness records around every run.
+            let st = c.raft_state(&h, t).await.unwrap();
+            assert_eq!(st.leader, c.nodes[0].client);
+            assert!(st.term >= 1, "{st:?}");
 
             // Txn: create (mod_revision 0), a stale compare fails, the right one holds.
             let r1 = g.cas(b"t/k", 0, b"v1".to_vec(), t).await.unwrap().unwrap();
@@ -717,12 +727,31 @@ mod tests {
             let kv = m.events[0].kv.as_ref().unwrap();
             assert_eq!((&kv.key[..], &kv.value[..]), (&b"t/w/a"[..], &b"1"[..]));
 
+            // A watch on a connection nobody else holds (`connect(..).watch(..)`) keeps
+            // delivering: the stream owns its connection.
+            let mut lone = Etcd::connect(&c.nodes[0].client)
+                .await
+                .unwrap()
+                .watch(b"t/w/", prefix_end("t/w/").as_bytes(), t)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            g.put(b"t/w/b", b"3", 0, t).await.unwrap();
+            let m = tokio::time::timeout(t, lone.rx.message())
+                .await
+                .expect("no event on the lone watch")
+                .expect("the lone watch failed")
+                .expect("the lone watch ended");
+            assert_eq!(m.events.len(), 1, "{m:?}");
+            assert_eq!(m.events[0].kv.as_ref().unwrap().key, b"t/w/b");
+            drop(lone);
+
             // DeleteRange of the prefix.
             assert_eq!(
                 g.delete_range(b"t/w/", prefix_end("t/w/").as_bytes(), t)
                     .await
                     .unwrap(),
-                1
+                2
             );
             assert_eq!(range("t/w/a").await, serde_json::Value::Null);
 

@@ -845,12 +845,22 @@ pub async fn probe_write(conn: Conn, base: String, n: u64, timeout: Duration) ->
     }
 }
 
-/// A write that works on the leader, retried for a few seconds (used before a kill).
+/// A write that works on the leader, retried every 50 ms for up to 10 s (used before a
+/// kill). One connection serves every retry (gRPC: connected once, tonic's channel
+/// reconnects by itself); only a failed connect is retried with a new one.
 pub async fn writable(h: &Http, c: &Cluster, leader: usize, n: u64) -> Result<()> {
     let start = Instant::now();
+    let mut conn: Option<Conn> = None;
     loop {
-        let r = match Conn::to(h, c, leader).await {
-            Ok(conn) => probe_write(conn, c.nodes[leader].url(""), n, TIMEOUT).await,
+        let connected = match conn.clone() {
+            Some(x) => Ok(x),
+            None => Conn::to(h, c, leader).await,
+        };
+        let r = match connected {
+            Ok(x) => {
+                conn = Some(x.clone());
+                probe_write(x, c.nodes[leader].url(""), n, TIMEOUT).await
+            }
             Err(e) => Err(e),
         };
         match r {

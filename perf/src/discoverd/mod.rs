@@ -1,7 +1,7 @@
 //! The `discoverd` harness: flynn-discoverd and etcd, each as one node and as three nodes
 //! (127.0.0.1/.2/.3), all started once with their data in one temp dir under /tmp (the same
-//! disk). Round by round, with the target order rotated every scenario and round, each
-//! target runs: metadata compare-and-swap at 1/16/64 clients, registrations then
+//! disk). Round by round, in a balanced target order that changes every scenario and round
+//! (`crate::order`), each target runs: metadata compare-and-swap at 1/16/64 clients, registrations then
 //! heartbeats, and register → watch event latency. Then leader failover after SIGKILL of
 //! the leader of each 3-node cluster, a few times, alternating. CPU is summed over the
 //! cluster's processes from /proc, RSS likewise.
@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::bench::{first_line_of, on_path};
 use crate::procs::TempDir;
-use cluster::{Cluster, EtcdApi, EtcdTimers, Id, Kind};
+use cluster::{Cluster, EtcdApi, EtcdTimers, Id, Kind, RaftState};
 use http::Http;
 use load::{Limits, Phase};
 
@@ -84,6 +84,40 @@ pub struct Sample {
     pub b: Option<Phase>,
     /// RSS of every node after the run, bytes.
     pub rss: u64,
+    /// Why the run is kept out of the medians (errors, a node died), if it is.
+    pub invalid: Option<String>,
+    /// The leader or the Raft term changed during the run (or could not be read after it):
+    /// shown in the report, the run still counts.
+    pub election: Option<String>,
+}
+
+/// Why a run cannot count: any error in either phase (a failed CAS, registration,
+/// heartbeat or write, a missed watch event), or a node of the cluster dead after the run.
+pub fn invalid_reason(a: &Phase, b: Option<&Phase>, died: Option<&str>) -> Option<String> {
+    let mut why = Vec::new();
+    let errors = a.errors + b.map_or(0, |b| b.errors);
+    if errors > 0 {
+        why.push(format!("{errors} errors"));
+    }
+    crate::report::join_reasons(why, died)
+}
+
+/// What changed in the cluster's Raft state between before and after a run: `None` when
+/// the leader and the term are the same.
+pub fn election_note(before: &Result<RaftState>, after: &Result<RaftState>) -> Option<String> {
+    match (before, after) {
+        (_, Err(e)) => Some(format!("no leader read after the run: {e:#}")),
+        (Err(e), Ok(_)) => Some(format!("no leader read before the run: {e:#}")),
+        (Ok(b), Ok(a)) if b.leader != a.leader => Some(format!(
+            "leader {} → {}, term {} → {}",
+            b.leader, a.leader, b.term, a.term
+        )),
+        (Ok(b), Ok(a)) if b.term != a.term => Some(format!(
+            "term {} → {} (leader {} again)",
+            b.term, a.term, a.leader
+        )),
+        _ => None,
+    }
 }
 
 /// One leader kill.
@@ -146,18 +180,26 @@ fn header(opts: &Options, etcd_version: &str) -> Vec<String> {
         ),
         format!(
             "flynn-discoverd: `{} --data-dir DIR --addr 127.0.0.N:P --host 127.0.0.N:P --peers \
-             <all nodes>` (defaults: election timeout 100 ms, instance TTL 10 s)",
+             <all nodes>` (defaults: election timeout 100 ms, heartbeats every 33 ms, Pre-Vote, \
+             instance TTL 10 s)",
             opts.discoverd_bin.display()
         ),
         format!(
             "etcd: `etcd --name nN --data-dir DIR --listen-client-urls http://127.0.0.N:C \
              --listen-peer-urls http://127.0.0.N:P --initial-cluster <all members> \
-             --heartbeat-interval {hb} --election-timeout {el} --logger zap --log-level warn` \
-             (heartbeat {hb} ms, election {el} ms{}; default snapshot count), driven {}",
+             --heartbeat-interval {hb} --election-timeout {el} --pre-vote --logger zap \
+             --log-level warn` ({}; Pre-Vote, as discoverd; default snapshot count), driven {}",
             if opts.etcd_timers == EtcdTimers::default() {
-                " to match discoverd's 100 ms election timeout"
+                format!(
+                    "election timeout {} ms, discoverd's; heartbeat {} ms, the closest etcd \
+                     allows to discoverd's 33 ms (at most a fifth of the election timeout)",
+                    opts.etcd_timers.election_ms, opts.etcd_timers.heartbeat_ms
+                )
             } else {
-                ""
+                format!(
+                    "election timeout {} ms, heartbeat {} ms",
+                    opts.etcd_timers.election_ms, opts.etcd_timers.heartbeat_ms
+                )
             },
             match opts.etcd_api {
                 EtcdApi::Grpc => {
@@ -177,7 +219,9 @@ fn header(opts: &Options, etcd_version: &str) -> Vec<String> {
              HTTP/1.1 client (reqwest, keep-alive); writes go to the leader, the watcher of a \
              3-node cluster is on a follower; CAS {} ops per run, reg {} instances then {} \
              heartbeats with {} clients, watch {} sequential registrations; every timed phase \
-             stops after {} s; {}{} round(s), target order rotated every scenario and round",
+             stops after {} s; {}{} round(s), target order changing every scenario and round \
+             (balanced: each target in each position and right after each other equally \
+             often over a cycle)",
             opts.cas_ops,
             opts.instances,
             opts.heartbeats,
@@ -265,6 +309,9 @@ pub fn run(opts: Options) -> Result<String> {
     if running.is_empty() {
         bail!("no target could be started");
     }
+    if let Some(w) = crate::order::balance_warning(running.len(), opts.rounds, "targets") {
+        eprintln!("{w}");
+    }
     let etcd_version = match running.iter().find(|c| c.id.kind == Kind::Etcd) {
         Some(c) => rt.block_on(c.version(&h)),
         None => "-".into(),
@@ -306,10 +353,7 @@ pub fn run(opts: Options) -> Result<String> {
     let mut done = 0;
     for round in 0..opts.rounds {
         for (si, &sc) in scenarios.iter().enumerate() {
-            let n = running.len();
-            let mut order: Vec<usize> = (0..n).collect();
-            order.rotate_left((round + si) % n.max(1));
-            for i in order {
+            for i in crate::order::scenario_order(running.len(), round, si) {
                 let c = &mut running[i];
                 let id = c.id;
                 done += 1;
@@ -323,13 +367,25 @@ pub fn run(opts: Options) -> Result<String> {
                 }
                 run_no += 1;
                 let r = rt.block_on(run_one(&h, c, sc, run_no, &opts, max));
+                // A node that died during the run: the run does not count, and the cluster
+                // runs nothing more.
+                let died = c.dead();
                 match r {
-                    Ok(s) => {
+                    Ok(mut s) => {
+                        s.invalid = invalid_reason(&s.a, s.b.as_ref(), died.as_deref());
                         eprintln!(
-                            "[{done}/{total}] round {} {sc:<8} {:<20} {}",
+                            "[{done}/{total}] round {} {sc:<8} {:<20} {}{}{}",
                             round + 1,
                             id.to_string(),
-                            report::one_line(sc, &s)
+                            report::one_line(sc, &s),
+                            s.election
+                                .as_deref()
+                                .map(|e| format!("  (election: {e})"))
+                                .unwrap_or_default(),
+                            s.invalid
+                                .as_deref()
+                                .map(|w| format!("  (invalid, not counted: {w})"))
+                                .unwrap_or_default(),
                         );
                         session
                             .samples
@@ -343,6 +399,10 @@ pub fn run(opts: Options) -> Result<String> {
                         session.failures.push(msg);
                     }
                 }
+                if let Some(why) = died {
+                    eprintln!("{id} died: {why}");
+                    session.skipped.push((id, why));
+                }
                 std::thread::sleep(Duration::from_millis(300));
             }
         }
@@ -354,12 +414,8 @@ pub fn run(opts: Options) -> Result<String> {
             .collect();
         let mut probe = 1_000u64;
         for rep in 0..opts.failovers {
-            let mut order = clusters.clone();
-            let len = order.len();
-            if len > 0 {
-                order.rotate_left(rep % len);
-            }
-            for i in order {
+            for k in crate::order::run_order(clusters.len(), rep) {
+                let i = clusters[k];
                 let c = &mut running[i];
                 let id = c.id;
                 if session.skipped.iter().any(|(s, _)| *s == id) {
@@ -416,6 +472,7 @@ async fn run_one(
     max: Duration,
 ) -> Result<Sample> {
     let leader = c.leader(h, Duration::from_secs(10)).await?;
+    let before = c.raft_state(h, Duration::from_secs(10)).await;
     let (a, b) = match sc {
         Scenario::Cas(clients) => {
             let p = load::cas(
@@ -457,11 +514,15 @@ async fn run_one(
             (ev, Some(ack))
         }
     };
+    let rss = c.rss();
+    let after = c.raft_state(h, Duration::from_secs(5)).await;
     Ok(Sample {
         round: 0,
         a,
         b,
-        rss: c.rss(),
+        rss,
+        invalid: None,
+        election: election_note(&before, &after),
     })
 }
 
@@ -548,4 +609,68 @@ fn failover(
         new_leader,
         note,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phase(errors: u64) -> Phase {
+        Phase {
+            ok: 10,
+            errors,
+            ..Phase::default()
+        }
+    }
+
+    #[test]
+    fn errors_or_a_dead_node_make_a_run_invalid() {
+        assert_eq!(invalid_reason(&phase(0), None, None), None);
+        assert_eq!(invalid_reason(&phase(0), Some(&phase(0)), None), None);
+        assert_eq!(
+            invalid_reason(&phase(2), None, None).as_deref(),
+            Some("2 errors")
+        );
+        // reg: heartbeat errors count too; watch: missed events (a) and failed writes (b).
+        assert_eq!(
+            invalid_reason(&phase(1), Some(&phase(3)), None).as_deref(),
+            Some("4 errors")
+        );
+        assert_eq!(
+            invalid_reason(&phase(0), Some(&phase(0)), Some("etcd-n2 exited\nlog")).as_deref(),
+            Some("target died: etcd-n2 exited log")
+        );
+        assert_eq!(
+            invalid_reason(&phase(1), None, Some("x")).as_deref(),
+            Some("1 errors; target died: x")
+        );
+    }
+
+    fn st(leader: &str, term: u64) -> Result<RaftState> {
+        Ok(RaftState {
+            leader: leader.into(),
+            term,
+        })
+    }
+
+    #[test]
+    fn elections_are_noted() {
+        assert_eq!(election_note(&st("a", 2), &st("a", 2)), None);
+        assert_eq!(
+            election_note(&st("a", 2), &st("b", 3)).as_deref(),
+            Some("leader a → b, term 2 → 3")
+        );
+        assert_eq!(
+            election_note(&st("a", 2), &st("a", 4)).as_deref(),
+            Some("term 2 → 4 (leader a again)")
+        );
+        assert!(
+            election_note(&st("a", 2), &Err(anyhow::anyhow!("no leader")))
+                .unwrap()
+                .contains("after the run: no leader")
+        );
+        assert!(election_note(&Err(anyhow::anyhow!("x")), &st("a", 2))
+            .unwrap()
+            .contains("before the run"));
+    }
 }

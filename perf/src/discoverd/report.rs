@@ -6,18 +6,22 @@ use std::fmt::Write as _;
 use super::cluster::{EtcdApi, Id, Kind};
 use super::load::Phase;
 use super::{Failover, Sample, Scenario, Session};
-use crate::logagg::load::percentile;
-use crate::report::{fmt_count, fmt_latency, fmt_mib, fmt_ratio, median};
+use crate::report::{counted, fmt_count, fmt_latency, fmt_mib, fmt_ratio, median, percentile};
 
-/// Percentile `q` of a phase's latencies: nearest rank, except the median (q = 50), which is
-/// `report::median`'s (the mean of the two middle values of an even count), as everywhere
-/// else in flynn-perf.
+/// Percentile `q` of a phase's latencies: `report::percentile`, the one definition in
+/// flynn-perf (linear interpolation; its 50th percentile is `report::median`).
 fn p(ph: &Phase, q: f64) -> Option<f64> {
-    if q == 50.0 {
-        median(ph.lat_us.clone())
-    } else {
-        percentile(&ph.lat_us, q)
-    }
+    percentile(&ph.lat_us, q)
+}
+
+/// The runs of a cell that count (no errors, every node alive after the run).
+fn valid(xs: &[Sample]) -> Vec<Sample> {
+    xs.iter().filter(|x| x.invalid.is_none()).cloned().collect()
+}
+
+/// Runs kept out of the medians.
+fn invalid(xs: &[Sample]) -> usize {
+    xs.iter().filter(|x| x.invalid.is_some()).count()
 }
 
 /// The median of the failover times, `report::median`'s definition, with every failed kill
@@ -180,7 +184,11 @@ pub fn render(s: &Session) -> String {
          operations; RSS = VmRSS summed over the nodes after the run. Ratios are against etcd \
          with the same number of nodes: `÷ etcd` = this ÷ etcd (above 1 = faster), `CPU ÷` and \
          latency/failover ratios = etcd ÷ this (above 1 = cheaper/faster than etcd). `errors` \
-         (summed over rounds) should be 0.\n"
+         (summed over rounds) should be 0. A run with any error, or after which a node of the \
+         cluster was dead, is `invalid`: it is counted in `runs` and `invalid` and listed \
+         under every run, but kept out of the medians (and out of etcd's side of the ratios). \
+         A run during which the leader or the Raft term changed still counts; it is listed \
+         under every run (`election`).\n"
     );
     let _ = writeln!(out, "{}", operations_table(s.etcd_api));
 
@@ -194,24 +202,25 @@ pub fn render(s: &Session) -> String {
         );
         let _ = writeln!(
             out,
-            "| target | nodes | CAS/s | p50 | p99 | CPU-µs/op | RSS MiB | errors | runs | CAS/s ÷ etcd | CPU ÷ (etcd/this) |"
+            "| target | nodes | CAS/s | p50 | p99 | CPU-µs/op | RSS MiB | errors | runs | invalid | CAS/s ÷ etcd | CPU ÷ (etcd/this) |"
         );
         let _ = writeln!(
             out,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for id in &s.ids {
-            let Some(xs) = s.samples.get(&(*sc, *id)) else {
+            let Some(all) = s.samples.get(&(*sc, *id)) else {
                 continue;
             };
-            let base = s.samples.get(&(*sc, etcd_of(id)));
+            let xs = &valid(all);
+            let base = s.samples.get(&(*sc, etcd_of(id))).map(|b| valid(b));
             let rate = med(xs, |x| x.a.rate());
             let cpu = med(xs, |x| x.a.cpu_us_per_op());
-            let brate = base.and_then(|b| med(b, |x| x.a.rate()));
-            let bcpu = base.and_then(|b| med(b, |x| x.a.cpu_us_per_op()));
+            let brate = base.as_ref().and_then(|b| med(b, |x| x.a.rate()));
+            let bcpu = base.as_ref().and_then(|b| med(b, |x| x.a.cpu_us_per_op()));
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 id.kind,
                 id.nodes,
                 fmt_count(rate),
@@ -219,8 +228,9 @@ pub fn render(s: &Session) -> String {
                 fmt_latency(med(xs, |x| p(&x.a, 99.0))),
                 fmt_cpu(cpu),
                 fmt_mib(med(xs, |x| Some(x.rss as f64))),
-                xs.iter().map(|x| x.a.errors).sum::<u64>(),
-                xs.len(),
+                all.iter().map(|x| x.a.errors).sum::<u64>(),
+                all.len(),
+                invalid(all),
                 fmt_ratio(rate, brate),
                 fmt_ratio(bcpu, cpu),
             );
@@ -233,23 +243,27 @@ pub fn render(s: &Session) -> String {
         let _ = writeln!(out, "## Registrations and heartbeats\n");
         let _ = writeln!(
             out,
-            "| target | nodes | reg/s | reg CPU-µs | hb/s | hb CPU-µs | RSS MiB | errors | runs | reg/s ÷ etcd | hb/s ÷ etcd |"
+            "| target | nodes | reg/s | reg CPU-µs | hb/s | hb CPU-µs | RSS MiB | errors | runs | invalid | reg/s ÷ etcd | hb/s ÷ etcd |"
         );
         let _ = writeln!(
             out,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for id in &s.ids {
-            let Some(xs) = s.samples.get(&(Scenario::Reg, *id)) else {
+            let Some(all) = s.samples.get(&(Scenario::Reg, *id)) else {
                 continue;
             };
-            let base = s.samples.get(&(Scenario::Reg, etcd_of(id)));
+            let xs = &valid(all);
+            let base = s
+                .samples
+                .get(&(Scenario::Reg, etcd_of(id)))
+                .map(|b| valid(b));
             let hb = |x: &Sample| x.b.as_ref().and_then(Phase::rate);
             let rate = med(xs, |x| x.a.rate());
             let hbr = med(xs, hb);
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 id.kind,
                 id.nodes,
                 fmt_count(rate),
@@ -257,12 +271,13 @@ pub fn render(s: &Session) -> String {
                 fmt_count(hbr),
                 fmt_cpu(med(xs, |x| x.b.as_ref().and_then(Phase::cpu_us_per_op))),
                 fmt_mib(med(xs, |x| Some(x.rss as f64))),
-                xs.iter()
+                all.iter()
                     .map(|x| x.a.errors + x.b.as_ref().map_or(0, |b| b.errors))
                     .sum::<u64>(),
-                xs.len(),
-                fmt_ratio(rate, base.and_then(|b| med(b, |x| x.a.rate()))),
-                fmt_ratio(hbr, base.and_then(|b| med(b, hb))),
+                all.len(),
+                invalid(all),
+                fmt_ratio(rate, base.as_ref().and_then(|b| med(b, |x| x.a.rate()))),
+                fmt_ratio(hbr, base.as_ref().and_then(|b| med(b, hb))),
             );
         }
         let _ = writeln!(out);
@@ -276,41 +291,76 @@ pub fn render(s: &Session) -> String {
             "One registration at a time on the leader; the watcher is on the leader of a \
              single node and on a follower of a 3-node cluster. `event` = sending the write → \
              its event arriving on the stream (`event max` and `events > 5 ms`: the median of the \
-             per-run maxima and the count over all runs); `ack` = sending the write → its \
-             response.\n"
+             per-run maxima and the count over all runs, invalid ones included, like `events` \
+             and `missed`); `ack` = sending the write → its response.\n"
         );
         let _ = writeln!(
             out,
-            "| target | nodes | event p50 | event p99 | event max | events > 5 ms | ack p50 | ack p99 | events | missed | runs | event p99: etcd ÷ this |"
+            "| target | nodes | event p50 | event p99 | event max | events > 5 ms | ack p50 | ack p99 | events | missed | runs | invalid | event p99: etcd ÷ this |"
         );
         let _ = writeln!(
             out,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for id in &s.ids {
-            let Some(xs) = s.samples.get(&(Scenario::Watch, *id)) else {
+            let Some(all) = s.samples.get(&(Scenario::Watch, *id)) else {
                 continue;
             };
-            let base = s.samples.get(&(Scenario::Watch, etcd_of(id)));
+            let xs = &valid(all);
+            let base = s
+                .samples
+                .get(&(Scenario::Watch, etcd_of(id)))
+                .map(|b| valid(b));
             let p99 = med(xs, |x| p(&x.a, 99.0));
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 id.kind,
                 id.nodes,
                 fmt_latency(med(xs, |x| p(&x.a, 50.0))),
                 fmt_latency(p99),
                 fmt_latency(med(xs, |x| p(&x.a, 100.0))),
-                xs.iter()
+                all.iter()
                     .map(|x| x.a.lat_us.iter().filter(|l| **l > 5000.0).count())
                     .sum::<usize>(),
                 fmt_latency(med(xs, |x| x.b.as_ref().and_then(|b| p(b, 50.0)))),
                 fmt_latency(med(xs, |x| x.b.as_ref().and_then(|b| p(b, 99.0)))),
-                xs.iter().map(|x| x.a.ok).sum::<u64>(),
-                xs.iter().map(|x| x.a.errors).sum::<u64>(),
-                xs.len(),
-                fmt_ratio(base.and_then(|b| med(b, |x| p(&x.a, 99.0))), p99),
+                all.iter().map(|x| x.a.ok).sum::<u64>(),
+                all.iter().map(|x| x.a.errors).sum::<u64>(),
+                all.len(),
+                invalid(all),
+                fmt_ratio(base.as_ref().and_then(|b| med(b, |x| p(&x.a, 99.0))), p99),
             );
+        }
+        let _ = writeln!(out);
+    }
+
+    // Elections during the timed runs.
+    let mut elections: Vec<(usize, Option<usize>, Option<usize>, String)> = s
+        .samples
+        .iter()
+        .flat_map(|((sc, id), v)| {
+            v.iter().filter_map(move |x| {
+                x.election.as_ref().map(|e| {
+                    (
+                        x.round,
+                        s.scenarios.iter().position(|y| y == sc),
+                        s.ids.iter().position(|i| i == id),
+                        format!("round {} {sc} {id}: {e}", x.round + 1),
+                    )
+                })
+            })
+        })
+        .collect();
+    if !elections.is_empty() {
+        elections.sort();
+        let _ = writeln!(
+            out,
+            "**Elections during runs** (the leader or the Raft term changed between just \
+             before and just after the run; the runs still count):\n"
+        );
+        for (_, _, _, e) in &elections {
+            let _ = writeln!(out, "- {}", e.replace('\n', " "));
         }
         let _ = writeln!(out);
     }
@@ -375,8 +425,8 @@ pub fn render(s: &Session) -> String {
 
     crate::report::every_run_head(
         &mut out,
-        "| round | scenario | target | nodes | ops | errors | s | ops/s | p50 | p99 | CPU s | CPU-µs/op | 2nd phase ops | errors | ops/s | p50 | p99 | CPU-µs/op | RSS MiB | first error |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| round | scenario | target | nodes | ops | errors | s | ops/s | p50 | p99 | CPU s | CPU-µs/op | 2nd phase ops | errors | ops/s | p50 | p99 | CPU-µs/op | RSS MiB | first error | counted | election |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     );
     let mut all: Vec<(&(Scenario, Id), &Sample)> = s
         .samples
@@ -410,7 +460,7 @@ pub fn render(s: &Session) -> String {
             .replace('\n', " ");
         let _ = writeln!(
             out,
-            "| {} | {sc} | {} | {} | {} | {} | {:.2} | {} | {} | {} | {:.2} | {} | {b_ok} | {b_err} | {b_rate} | {b_p50} | {b_p99} | {b_cpu} | {} | {first} |",
+            "| {} | {sc} | {} | {} | {} | {} | {:.2} | {} | {} | {} | {:.2} | {} | {b_ok} | {b_err} | {b_rate} | {b_p50} | {b_p99} | {b_cpu} | {} | {first} | {} | {} |",
             x.round + 1,
             id.kind,
             id.nodes,
@@ -423,6 +473,12 @@ pub fn render(s: &Session) -> String {
             a.cpu_s,
             fmt_cpu(a.cpu_us_per_op()),
             fmt_mib(Some(x.rss as f64)),
+            counted(x.invalid.as_deref()),
+            x.election
+                .as_deref()
+                .unwrap_or("")
+                .replace('|', "/")
+                .replace('\n', " "),
         );
     }
     for (id, fs) in &s.failovers {
@@ -528,6 +584,84 @@ mod tests {
             ..Phase::default()
         };
         assert_eq!(p(&ph, 50.0), Some(2.5));
-        assert_eq!(p(&ph, 99.0), Some(4.0));
+        // report::percentile's linear interpolation (nearest rank would give 4).
+        assert!(
+            (p(&ph, 99.0).unwrap() - 3.97).abs() < 1e-9,
+            "{:?}",
+            p(&ph, 99.0)
+        );
+        assert_eq!(p(&ph, 100.0), Some(4.0));
+    }
+
+    fn cas_run(round: usize, ok: u64, errors: u64, invalid: Option<&str>) -> Sample {
+        Sample {
+            round,
+            a: Phase {
+                ok,
+                errors,
+                elapsed_s: 1.0,
+                cpu_s: 0.5,
+                lat_us: vec![100.0; 4],
+                first_error: (errors > 0).then(|| "HTTP 500".to_string()),
+            },
+            b: None,
+            rss: 1 << 20,
+            invalid: invalid.map(str::to_string),
+            election: None,
+        }
+    }
+
+    #[test]
+    fn invalid_runs_stay_out_of_the_medians() {
+        let flynn = Id {
+            kind: Kind::Flynn,
+            nodes: 3,
+        };
+        let etcd = etcd_of(&flynn);
+        let sc = Scenario::Cas(16);
+        let mut s = Session {
+            ids: vec![flynn, etcd],
+            scenarios: vec![sc],
+            ..Session::default()
+        };
+        let mut elected = cas_run(1, 1100, 0, None);
+        elected.election = Some("leader 127.0.0.1:1 → 127.0.0.2:1, term 2 → 3".into());
+        s.samples.insert(
+            (sc, flynn),
+            vec![
+                cas_run(0, 1000, 0, None),
+                elected,
+                // Fast because it failed: out of the medians.
+                cas_run(2, 90_000, 7, Some("7 errors")),
+            ],
+        );
+        s.samples.insert(
+            (sc, etcd),
+            vec![
+                cas_run(0, 500, 0, None),
+                cas_run(1, 9_000, 3, Some("3 errors")),
+            ],
+        );
+        let text = render(&s);
+        // Median of 1000 and 1100; 7 errors and 3 runs, 1 invalid; ratio 1050 / 500.
+        assert!(
+            text.contains("| flynn-discoverd | 3 | 1050 | 100 µs | 100 µs | 477 | 1.0 | 7 | 3 | 1 | 2.10 | 2.10 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "| etcd | 3 | 500 | 100 µs | 100 µs | 1000 | 1.0 | 3 | 2 | 1 | 1.00 | 1.00 |"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("| no: 7 errors |  |"), "{text}");
+        assert!(
+            text.contains("| yes | leader 127.0.0.1:1 → 127.0.0.2:1, term 2 → 3 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("- round 2 cas-c16 flynn-discoverd×3: leader 127.0.0.1:1 → 127.0.0.2:1"),
+            "{text}"
+        );
     }
 }

@@ -366,18 +366,6 @@ fn marker_ns(line: &[u8]) -> Option<u128> {
     text.split(' ').nth(1)?.parse().ok()
 }
 
-/// p-th percentile (0..=100) by nearest rank. Kept for the `discoverd` harness, which uses it;
-/// `logagg` itself (like `proxy`, `overlay` and `host`) uses [`crate::report::percentile`].
-pub fn percentile(xs: &[f64], p: f64) -> Option<f64> {
-    if xs.is_empty() {
-        return None;
-    }
-    let mut v = xs.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    Some(v[rank.clamp(1, v.len()) - 1])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,13 +500,5 @@ mod tests {
             l > Duration::from_secs(14) && l <= Duration::from_secs(15),
             "{l:?}"
         );
-    }
-
-    #[test]
-    fn percentiles() {
-        let xs: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&xs, 50.0), Some(50.0));
-        assert_eq!(percentile(&xs, 99.0), Some(99.0));
-        assert_eq!(percentile(&[], 50.0), None);
     }
 }

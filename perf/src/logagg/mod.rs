@@ -108,10 +108,7 @@ pub fn invalid_reason(stalls: &[String], lost: u64, died: Option<&str>) -> Optio
     if lost > 0 {
         why.push(format!("{lost} lost"));
     }
-    if let Some(d) = died {
-        why.push(format!("target died: {}", d.replace('\n', " ")));
-    }
-    (!why.is_empty()).then(|| why.join("; "))
+    crate::report::join_reasons(why, died)
 }
 
 /// Everything a session measured.
@@ -244,6 +241,9 @@ pub fn run(opts: Options) -> Result<String> {
     if running.is_empty() {
         bail!("no target could be started");
     }
+    if let Some(w) = crate::order::balance_warning(running.len(), opts.rounds, "targets") {
+        eprintln!("{w}");
+    }
     let mut run_no = 0;
 
     if opts.warmup {
@@ -271,7 +271,7 @@ pub fn run(opts: Options) -> Result<String> {
     let mut done = 0;
     for round in 0..opts.rounds {
         for (si, &conns) in opts.conns.iter().enumerate() {
-            for i in crate::order::run_order(running.len(), round + si) {
+            for i in crate::order::scenario_order(running.len(), round, si) {
                 let target = &mut running[i];
                 let id = target.id;
                 done += 1;

@@ -318,6 +318,9 @@ fn bench(opts: &Options, setup: &mut dyn Setup) -> Result<(Samples, Sampled)> {
     let ul = setup.underlay();
     // The underlay takes its turn among the modes, so it is not always measured first.
     let steps: Vec<Option<Mode>> = std::iter::once(None).chain(Mode::ALL.map(Some)).collect();
+    if let Some(w) = crate::order::balance_warning(steps.len(), opts.rounds, "steps") {
+        eprintln!("{w}");
+    }
     for round in 0..opts.rounds {
         eprintln!("round {}/{}", round + 1, opts.rounds);
         for k in crate::order::run_order(steps.len(), round) {
