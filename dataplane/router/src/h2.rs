@@ -614,7 +614,7 @@ async fn stream(
     let resp = match resp {
         Ok(r) => r,
         Err(Failure::ClientGone) => return,
-        // Counted as HTTP/1.1 counts them (`proxy::upstream_failed`).
+        // Counted as HTTP/1.1 counts them (`proxy::answer::upstream_failed`).
         Err(Failure::NoBackend) => {
             CoreMetrics::inc(&core.metrics().unavailable_total);
             return simple(&mut respond, &core, is_head, 503, b"Service Unavailable\n").await;

@@ -1,11 +1,21 @@
 //! Hot path: one client connection, its requests proxied to backends (spec §1.6).
 //! [`accept`] takes connections in (TLS, PROXY prefix), this module reads requests and
 //! relays responses, [`upstream`] dials and picks backends.
+//! [`client`] is the client's stream (plain or TLS: idle waits, hot reads), [`head`]
+//! reads request heads, [`answer`] writes the router's own answers and lingers.
 
 mod accept;
+mod answer;
+mod client;
+mod head;
 mod upstream;
 
 pub use accept::{serve, serve_h2c, serve_tls};
+use answer::{after_own_answer, reason_body, respond, unavailable, upstream_failed};
+pub(crate) use answer::{linger, LINGER_QUIET};
+pub(crate) use client::Client;
+use client::{HotRead, Idle};
+use head::{read_head, skip_blank_lines, Head};
 pub(crate) use upstream::redial;
 pub use upstream::{connect, dial, dial_counted, Fwd};
 use upstream::{exchange, Exchange};
@@ -31,33 +41,10 @@ use flynn_runtime::Recycled;
 /// How many times a request goes again after its pooled connection failed (HTTP/1.1 and
 /// HTTP/2 alike), and how many dials a request may make.
 pub(crate) const MAX_ATTEMPTS: usize = 4;
-/// How long a response may take before the proxy starts watching for the client
-/// leaving (499); keeps the common fast response free of an extra poll.
-const CLIENT_WATCH_GRACE: Duration = Duration::from_millis(20);
-/// Linux `ECANCELED` (what a cancelled io_uring operation completes with).
-const ECANCELED: i32 = 125;
-/// A lingering close ([`linger`]) ends when the client sends nothing for this long
-/// (nginx's `lingering_timeout`) ...
-pub(crate) const LINGER_QUIET: Duration = Duration::from_secs(5);
-/// ... or once it has discarded this much of what the client sent.
-const LINGER_MAX_BYTES: usize = 64 << 20;
 /// How long a backend whose connection failed while the request body was being sent has
 /// for its answer to be read: it may have answered early and closed (a 413 or 401 without
 /// reading the body), and that answer is usually in the socket already.
 pub(crate) const EARLY_ANSWER_WAIT: Duration = Duration::from_millis(200);
-/// How long a clean TLS close waits to hand its close_notify to a client that is not
-/// reading.
-const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
-
-/// What a [`Client::hot_read`] got.
-pub enum HotRead {
-    /// Bytes of the next request are in the buffer.
-    Data,
-    /// The client closed the connection (or it failed).
-    Closed,
-    /// Nothing within the window (or the stream does not do hot reads): idle as usual.
-    Cold,
-}
 
 /// How a request ended for the client connection.
 #[derive(Clone, Copy)]
@@ -84,16 +71,6 @@ impl Drop for ConnGuard {
             self.0.conn_closed();
         }
     }
-}
-
-/// What an idle wait ended with.
-pub enum Idle {
-    /// A request may have arrived.
-    Ready,
-    /// The connection is over (expired, closed, error).
-    Closed,
-    /// Idle long enough to park; carries the sweep second it went idle.
-    Park(u32),
 }
 
 pub fn now_ms() -> u64 {
@@ -132,132 +109,6 @@ impl Bufs {
         }
         core.release_buf(&mut self.ubuf);
         core.release_buf(&mut self.out);
-    }
-}
-
-/// A client-side stream: plain TCP or TLS.
-pub trait Client: AsyncReadRent + AsyncWriteRent + Split + 'static {
-    /// `X-Forwarded-Proto`.
-    const PROTO: &'static str;
-    /// Whether a keep-alive connection waits for its next request inside the read (TLS:
-    /// see [`Client::idle`]) rather than in the core's idle sweep, which a drain closes.
-    const IDLES_IN_READ: bool = false;
-    /// Waits, while idle between requests, until a request may have arrived. Plain TCP
-    /// waits for readability without holding any buffer (registered with the core's idle
-    /// sweep; `first`: no request yet, so the header timeout applies, from the second of
-    /// the sweep's clock the connection started at); TLS may already hold decrypted bytes,
-    /// so it returns at once and the next read waits instead.
-    async fn idle(&self, core: &Core, fd: RawFd, first: Option<u32>) -> Idle;
-    /// Ends a connection whose last response is complete: TLS sends its close_notify
-    /// (bounded by [`CLOSE_NOTIFY_WAIT`]); plain TCP has nothing to send before the close.
-    async fn close(&mut self) {}
-    /// A duplicate of the socket to park the connection with (plain TCP only).
-    fn park_fd(&self, fd: RawFd) -> Option<std::os::fd::OwnedFd>;
-    /// Resolves when the client has closed its side (`fd` is the client socket): plain TCP
-    /// peeks for EOF; TLS, whose close_notify is data, watches for the peer's FIN.
-    async fn gone(&self, fd: RawFd);
-    /// Right after a keep-alive response: reads the next request's first bytes into `buf`
-    /// (empty, with capacity) if they arrive within `window`. Never loses bytes: a read
-    /// cut short by the window is cancelled and then awaited, so data that raced the
-    /// cancel is kept. `canceller` is the connection's own, reused from request to request
-    /// (a new one costs an allocation; only a cancel replaces it).
-    async fn hot_read(
-        &mut self,
-        buf: Vec<u8>,
-        window: Duration,
-        canceller: &mut Canceller,
-    ) -> (HotRead, Vec<u8>);
-}
-
-impl Client for TcpStream {
-    const PROTO: &'static str = "http";
-
-    async fn idle(&self, core: &Core, fd: RawFd, first: Option<u32>) -> Idle {
-        let ticket = core.idle.enter(fd, first);
-        monoio::select! {
-            ready = self.readable(false) => {
-                if core.idle.leave(ticket) && ready.is_ok() {
-                    Idle::Ready
-                } else {
-                    Idle::Closed
-                }
-            }
-            _ = core.idle.park_requested(ticket) => {
-                let since = core.idle.since(ticket);
-                if core.idle.leave(ticket) {
-                    Idle::Park(since)
-                } else {
-                    Idle::Closed
-                }
-            }
-        }
-    }
-
-    fn park_fd(&self, fd: RawFd) -> Option<std::os::fd::OwnedFd> {
-        flynn_runtime::handoff::dup(fd).ok()
-    }
-
-    async fn gone(&self, _fd: RawFd) {
-        client_gone_after(self, CLIENT_WATCH_GRACE).await
-    }
-
-    async fn hot_read(
-        &mut self,
-        buf: Vec<u8>,
-        window: Duration,
-        canceller: &mut Canceller,
-    ) -> (HotRead, Vec<u8>) {
-        use monoio::io::CancelableAsyncReadRent;
-        let read = self.cancelable_read(buf, canceller.handle());
-        let mut read = std::pin::pin!(read);
-        let (res, buf) = monoio::select! {
-            r = &mut read => r,
-            _ = monoio::time::sleep(window) => {
-                // `cancel` consumes it and hands back a fresh one for the next request.
-                *canceller = std::mem::take(canceller).cancel();
-                read.await
-            }
-        };
-        let r = match res {
-            Ok(0) => HotRead::Closed,
-            Ok(_) => HotRead::Data,
-            // ECANCELED: the window closed first.
-            Err(e) if e.raw_os_error() == Some(ECANCELED) => HotRead::Cold,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => HotRead::Cold,
-            Err(_) => HotRead::Closed,
-        };
-        (r, buf)
-    }
-}
-
-impl Client for monoio_rustls::ServerTlsStream<TcpStream> {
-    const PROTO: &'static str = "https";
-    const IDLES_IN_READ: bool = true;
-
-    async fn idle(&self, _core: &Core, _fd: RawFd, _first: Option<u32>) -> Idle {
-        Idle::Ready
-    }
-
-    async fn close(&mut self) {
-        let _ = monoio::time::timeout(CLOSE_NOTIFY_WAIT, self.shutdown()).await;
-    }
-
-    fn park_fd(&self, _fd: RawFd) -> Option<std::os::fd::OwnedFd> {
-        None
-    }
-
-    async fn gone(&self, fd: RawFd) {
-        crate::io::peer_shut_after(fd, CLIENT_WATCH_GRACE).await
-    }
-
-    async fn hot_read(
-        &mut self,
-        buf: Vec<u8>,
-        _window: Duration,
-        _canceller: &mut Canceller,
-    ) -> (HotRead, Vec<u8>) {
-        // rustls may already hold decrypted bytes; the head read waits instead.
-        (HotRead::Cold, buf)
     }
 }
 
@@ -539,255 +390,6 @@ async fn one_request<S: Client>(
             None
         }
     }
-}
-
-/// Drops the empty lines (CR and LF bytes) that may precede a request (RFC 9112 §2.2);
-/// true if there were any. One compare when there are none.
-fn skip_blank_lines(buf: &mut Vec<u8>) -> bool {
-    if !matches!(buf.first(), Some(b'\r' | b'\n')) {
-        return false;
-    }
-    let blank = buf
-        .iter()
-        .take_while(|&&x| x == b'\r' || x == b'\n')
-        .count();
-    buf.drain(..blank);
-    true
-}
-
-fn reason_body(status: u16) -> &'static [u8] {
-    match status {
-        431 => b"Request Header Fields Too Large\n",
-        408 => b"Request Timeout\n",
-        505 => b"HTTP Version Not Supported\n",
-        _ => b"Bad Request\n",
-    }
-}
-
-/// What [`read_head`] got.
-enum Head {
-    Request(RequestInfo),
-    /// The client went away or idled out.
-    Gone,
-    /// Only empty lines came, and the buffer is empty: the connection is idle again.
-    Idle,
-}
-
-/// Reads until a complete request head is buffered. `Err(status)`: answer with that
-/// status and close. `first_by`: the connection's first request (TLS), whose first byte
-/// is due then, the header timeout after the connection's start, whatever empty lines
-/// came meanwhile (later ones have the idle timeout).
-async fn read_head<S: Client>(
-    core: &Core,
-    c: &mut S,
-    buf: &mut Vec<u8>,
-    first_by: Option<std::time::Instant>,
-) -> Result<Head, u16> {
-    // The whole head must arrive within the header timeout of its first byte, however
-    // slowly it trickles in (slowloris costs a connection, never a core).
-    let mut deadline: Option<std::time::Instant> = None;
-    // Bytes already parsed as an incomplete head: after the first attempt (which parses a
-    // head that came whole in one read, the usual case), the head is parsed again only once
-    // its end may be in, so a head trickling in costs one pass over its bytes, not one per
-    // read.
-    let mut scanned: Option<usize> = None;
-    loop {
-        let parse = match scanned {
-            None => !buf.is_empty(),
-            Some(from) => buf.len() >= flynn_http::MAX_HEAD || may_end_head(buf, from),
-        };
-        if parse {
-            scanned = Some(buf.len());
-            match parse_request(buf) {
-                Ok(Some(info)) => return Ok(Head::Request(info)),
-                Ok(None) => {}
-                Err(e) => return Err(e.status()),
-            }
-        }
-        // Empty lines before a request are skipped (RFC 9112 §2.2), also when they arrive
-        // on their own after a response (a client's stray CRLF after a body): waiting for
-        // the next request they leave the connection idle, not under the header timeout.
-        if deadline.is_none() && skip_blank_lines(buf) {
-            scanned = None;
-            // Plain TCP idles without a buffer, in the idle sweep's reach (expiry,
-            // parking, a drain), not in this read.
-            if buf.is_empty() && !S::IDLES_IN_READ {
-                return Ok(Head::Idle);
-            }
-        }
-        let now = std::time::Instant::now();
-        // Nothing received yet (a TLS connection idling in this read): the idle timeout,
-        // or before the first request what is left of the header timeout.
-        let idle = buf.is_empty() && deadline.is_none();
-        let limit = match (idle, first_by) {
-            (true, Some(by)) => by.saturating_duration_since(now),
-            (true, None) => core.settings().idle_timeout,
-            (false, _) => {
-                let d = *deadline.get_or_insert(now + core.settings().header_timeout);
-                d.saturating_duration_since(now)
-            }
-        };
-        let taken = std::mem::take(buf);
-        let read = monoio::time::timeout(limit, read_append(c, taken));
-        let res = if idle && S::IDLES_IN_READ {
-            // A draining router (handover, shutdown) closes its idle keep-alive connections:
-            // this one idles here, out of the idle sweep's reach, and would otherwise hold
-            // the drain to its timeout. Nothing of a request is buffered yet.
-            monoio::select! {
-                r = read => r,
-                _ = core.stop.wait() => return Ok(Head::Gone),
-            }
-        } else {
-            read.await
-        };
-        let (res, b) = match res {
-            Ok(x) => x,
-            Err(_) if idle => return Ok(Head::Gone),
-            Err(_) => return Err(408),
-        };
-        *buf = b;
-        match res {
-            Ok(0) | Err(_) => return Ok(Head::Gone),
-            Ok(_) => {}
-        }
-    }
-}
-
-/// Whether a head's end (an empty line, `\n\n` or `\n\r\n`) may be in `buf` after the
-/// first `from` bytes.
-fn may_end_head(buf: &[u8], from: usize) -> bool {
-    let tail = &buf[from.saturating_sub(2)..];
-    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
-}
-
-/// The router's own response to a request (`method`: a `HEAD` gets the head only, with the
-/// length a `GET` would have had); `then`: what follows once it is written (any but
-/// `KeepAlive` says `Connection: close`).
-#[allow(clippy::too_many_arguments)]
-async fn respond<S: Client>(
-    core: &Core,
-    c: &mut S,
-    fd: RawFd,
-    out: &mut Vec<u8>,
-    method: Method,
-    status: u16,
-    body: &[u8],
-    then: Next,
-) -> Next {
-    core.metrics().status(status);
-    // A draining process closes every connection after its current response.
-    let then = match then {
-        Next::KeepAlive if core.draining() => Next::Close,
-        then => then,
-    };
-    let close = !matches!(then, Next::KeepAlive);
-    out.clear();
-    let body_len = match (status, &core.settings().page_503) {
-        (503, Some(page)) => {
-            flynn_http::typed_response(503, b"text/html; charset=utf-8", page, close, out);
-            page.len()
-        }
-        _ => {
-            simple_response(status, body, close, out);
-            body.len()
-        }
-    };
-    if method == Method::Head {
-        out.truncate(out.len() - body_len);
-    }
-    let o = std::mem::take(out);
-    let len = o.len();
-    let (res, o) = to_client(core, c, fd, o, len).await;
-    *out = o;
-    if res.is_err() {
-        Next::Abort
-    } else {
-        then
-    }
-}
-
-/// What follows the router's own answer to a request (404, 503) in `buf`: a body not all
-/// received yet is left unread, so the connection closes in stages ([`linger`]); one that
-/// is all in `buf`, a client that asked to close, or an HTTP/1.0 one, which keeps only a
-/// connection whose response says `Connection: keep-alive` (these answers do not, so a
-/// client reading to the end would wait for the idle timeout), is closed.
-fn after_own_answer(info: &RequestInfo, buf: &[u8]) -> Next {
-    if info.framing != Framing::Empty {
-        let mut body = BodyReader::new(info.framing);
-        let whole = body.advance(&buf[info.head_len..]).is_ok() && body.is_done();
-        if whole {
-            Next::Close
-        } else {
-            Next::Linger
-        }
-    } else if !info.keep_alive || info.version_minor == 0 {
-        Next::Close
-    } else {
-        Next::KeepAlive
-    }
-}
-
-async fn unavailable<S: Client>(
-    core: &Core,
-    c: &mut S,
-    fd: RawFd,
-    out: &mut Vec<u8>,
-    info: &RequestInfo,
-    buf: &[u8],
-) -> Next {
-    CoreMetrics::inc(&core.metrics().unavailable_total);
-    let then = after_own_answer(info, buf);
-    respond(
-        core,
-        c,
-        fd,
-        out,
-        info.method,
-        503,
-        b"Service Unavailable\n",
-        then,
-    )
-    .await
-}
-
-/// Closes a connection in stages after an answer given before the client finished sending
-/// its request body (RFC 9112 §9.6), or a refused upgrade (`upgrade.rs`: the bytes behind
-/// the request are never read): shuts the sending side down once the answer is out,
-/// then reads and discards what the client still sends until it closes, sends nothing for
-/// [`LINGER_QUIET`], has sent [`LINGER_MAX_BYTES`] or the lingering time is up. Closing at
-/// once with unread input makes the kernel reset the connection, and a client still
-/// writing its body gets the reset instead of the answer (nginx's `lingering_close`, Go's
-/// `closeWriteAndWait`). Error paths only; reads into the connection's own buffer.
-pub(crate) async fn linger<S: Client>(core: &Core, c: &mut S, buf: &mut Vec<u8>) {
-    let time = core.settings().lingering_time;
-    if time.is_zero() {
-        return;
-    }
-    let discard = async {
-        if c.shutdown().await.is_err() {
-            return;
-        }
-        let mut left = LINGER_MAX_BYTES;
-        loop {
-            buf.clear();
-            let taken = std::mem::take(buf);
-            let Ok((res, b)) = monoio::time::timeout(LINGER_QUIET, read_append(c, taken)).await
-            else {
-                return;
-            };
-            *buf = b;
-            match res {
-                Ok(n) if n > 0 && n < left => left -= n,
-                _ => return,
-            }
-        }
-    };
-    // A draining router (handover, shutdown) does not wait for lingering clients.
-    monoio::select! {
-        _ = monoio::time::timeout(time, discard) => {}
-        _ = core.stop.wait() => {}
-    }
-    buf.clear();
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1168,47 +770,4 @@ pub(crate) async fn to_client<S: Client>(
         stall.touch();
     }
     (Ok(()), o)
-}
-
-/// The 503 for a backend that failed; `then`: `Linger` when the request body was not all
-/// read.
-async fn upstream_failed<S: Client>(
-    core: &Core,
-    c: &mut S,
-    fd: RawFd,
-    out: &mut Vec<u8>,
-    method: Method,
-    then: Next,
-) -> Next {
-    CoreMetrics::inc(&core.metrics().upstream_errors_total);
-    CoreMetrics::inc(&core.metrics().unavailable_total);
-    respond(
-        core,
-        c,
-        fd,
-        out,
-        method,
-        503,
-        b"Service Unavailable\n",
-        then,
-    )
-    .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::may_end_head;
-
-    #[test]
-    fn a_head_end_is_found_across_the_boundary_of_what_was_scanned() {
-        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
-        // Wherever the earlier reads stopped, the end is seen once all of it is in.
-        for from in 0..head.len() {
-            assert!(may_end_head(head, from), "from {from}");
-        }
-        assert!(may_end_head(b"GET / HTTP/1.1\nHost: a\n\n", 23));
-        assert!(!may_end_head(b"GET / HTTP/1.1\r\nHost: a\r\n", 0));
-        // A line end already scanned is not taken for the end again.
-        assert!(!may_end_head(b"GET / HTTP/1.1\r\nHost: a\r\nX", 26));
-    }
 }
