@@ -194,6 +194,31 @@ async fn snapshot(
             ))
             .into_response();
         }
+        // openraft also asserts (`FollowingHandler::install_full_snapshot`) that a snapshot
+        // newer than this node's commit point ends at a higher index: an equal or lower one
+        // contradicts entries committed here. A snapshot at or below the commit point is
+        // ignored there, not asserted on. The commit point is read from openraft's own
+        // state, as its check does; it may move on before the request reaches the core, but
+        // in a working cluster only along the snapshot's own chain (like the check above,
+        // this one is for a request no correct leader sends).
+        let committed = node
+            .raft
+            .with_raft_state(|st| st.local_committed().cloned())
+            .await;
+        let committed = match committed {
+            Ok(c) => c,
+            Err(e) => return internal(e),
+        };
+        if let Some(committed) = committed {
+            if *last > committed && last.index <= committed.index {
+                tracing::warn!(last = %last, committed = %committed, "snapshot rpc refused: newer than the commit point but not past its index");
+                return ApiErr(ApiError::validation(
+                    None,
+                    "raft snapshot: the last log id is newer than this node's commit point but not at a higher index",
+                ))
+                .into_response();
+            }
+        }
     }
     // openraft takes a state machine's failure to install a snapshot as a storage error
     // and stops this node's Raft for good: data that does not decode is refused here.

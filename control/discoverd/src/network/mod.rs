@@ -66,8 +66,11 @@ fn snapshot_timeout(ttl: Duration, len: usize) -> Duration {
 
 /// The transport's limit for a vote RPC given openraft's `ttl` (the shortest election
 /// timeout, 100 ms by default): at least [`APPEND_TIMEOUT`], as the voter fsyncs before it
-/// answers. (openraft also bounds the whole call by `ttl` on its side, see the
-/// architecture notes.)
+/// answers. It has no effect end to end today: openraft wraps each vote call in
+/// `C::timeout(ttl, ..)` on its side (`spawn_parallel_vote_requests`), so the call is
+/// dropped at `ttl` before this longer limit is reached, and a voter slower than the
+/// election timeout does not count whatever this says. Kept because it is harmless (the
+/// dropped call cancels the request) and right should openraft stop cutting votes there.
 fn vote_timeout(ttl: Duration) -> Duration {
     ttl.max(APPEND_TIMEOUT)
 }
@@ -221,8 +224,8 @@ impl RaftNetworkV2<C> for Conn {
 
     /// A (real) vote: the voter answers only once it has saved its vote, behind the appends
     /// queued before it (`store::log`, `Op::Vote`: up to three fsyncs, after the batch
-    /// running when it came), so it gets [`vote_timeout`]. Pre-Vote saves nothing and
-    /// keeps openraft's TTL.
+    /// running when it came), so it gets [`vote_timeout`], which openraft's own cut at the
+    /// TTL makes moot for now (see there). Pre-Vote saves nothing and keeps openraft's TTL.
     async fn vote(
         &mut self,
         rpc: VoteRequest<C>,

@@ -15,8 +15,8 @@
 //! (`AppendEntriesRequest`) one way and a `StreamAppendResult` the other. Nothing here
 //! acknowledges anything on its own: a result is whatever the follower's Raft answered,
 //! after its fsync. A closed or stalled connection ends the session with an error and
-//! openraft starts another: a result not read within the timeout, and a frame not written
-//! within the timeout plus time for its size ([`write_timeout`]; a follower that stops
+//! openraft starts another: a result not read within the timeout, and a frame whose write
+//! makes no progress for several times the timeout ([`write_stall`]; a follower that stops
 //! reading leaves the leader's write blocked once the socket buffers are full).
 //!
 //! Connections outlive sessions. openraft sends every heartbeat as a session of its own
@@ -99,12 +99,18 @@ const POOL_PER_PEER: usize = 4;
 const SHRINK_ABOVE: usize = 1 << 20;
 const SMALL_FRAME: usize = 64 << 10;
 
-/// How long writing one frame of `len` bytes to a follower may take: the request
-/// `timeout`, plus 1 s per 4 MiB (as a snapshot RPC is given). Past it the follower is
-/// taken to have stopped reading and the session ends with an error; without a limit the
-/// write, and the session's results waiting for it, hung until TCP gave up (~15 min).
-pub fn write_timeout(timeout: Duration, len: usize) -> Duration {
-    timeout + Duration::from_millis((len as u64 >> 20) * 250)
+/// How long the write of a frame to a follower may go without the connection taking a
+/// byte: 5 times the request `timeout` (5 s). Past it the follower is taken to have
+/// stopped reading and the session ends with an error; without a limit the write, and the
+/// session's results waiting for it, hung until TCP gave up (~15 min). Any progress starts
+/// the wait again, so a slow but working link gets a frame of any size through: a limit on
+/// the whole frame's time (it was the timeout plus 1 s per 4 MiB, 4 MiB/s on average)
+/// failed the largest frames on every attempt on a slower link, and openraft retried the
+/// same batch for ever (that follower never caught up). Several times the timeout because
+/// the kernel takes more bytes only once a third of the socket's send buffer (up to 4 MiB
+/// by default) has drained: progress comes in steps of up to ~1.3 MiB.
+pub fn write_stall(timeout: Duration) -> Duration {
+    timeout * 5
 }
 
 /// Idle upgraded connections to followers, by peer address, each left by a session that
@@ -210,7 +216,8 @@ pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     w.flush().await
 }
 
-/// [`write_frame`] within [`write_timeout`] for the frame's size (a `TimedOut` error past it).
+/// [`write_frame`] with a limit on how long the connection may take no byte of the frame
+/// ([`write_stall`] of `timeout`; a `TimedOut` error past it), not on the whole frame.
 async fn write_frame_within<W: AsyncWrite + Unpin, T: Serialize>(
     w: &mut W,
     buf: &mut Vec<u8>,
@@ -218,20 +225,28 @@ async fn write_frame_within<W: AsyncWrite + Unpin, T: Serialize>(
     timeout: Duration,
 ) -> std::io::Result<()> {
     encode_frame(buf, value)?;
-    let limit = write_timeout(timeout, buf.len());
-    let write = async {
-        w.write_all(buf).await?;
-        w.flush().await
-    };
-    match tokio::time::timeout(limit, write).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
+    let stall = write_stall(timeout);
+    let stalled = |written: usize| {
+        std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!(
-                "a frame of {} bytes not written within {limit:?}",
+                "no byte of a frame of {} bytes taken for {stall:?} ({written} written)",
                 buf.len()
             ),
-        )),
+        )
+    };
+    let mut written = 0;
+    while written < buf.len() {
+        match tokio::time::timeout(stall, w.write(&buf[written..])).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => written += n,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(stalled(written)),
+        }
+    }
+    match tokio::time::timeout(stall, w.flush()).await {
+        Ok(r) => r,
+        Err(_) => Err(stalled(written)),
     }
 }
 
@@ -385,8 +400,9 @@ where
                     // and answered: that answer goes out first (see the module docs).
                     tokio::task::yield_now().await;
                 }
-                // Within a time for its size: a follower that stopped reading would
-                // otherwise hold the write, and the results waiting for its token, for good.
+                // Ends when the connection takes no byte for a while: a follower that stopped
+                // reading would otherwise hold the write, and the results waiting for its
+                // token, for good.
                 if let Err(e) = write_frame_within(&mut wr, &mut buf, &req, timeout).await {
                     tracing::debug!(peer = %addr, error = %e, "raft stream write failed");
                     let _ = sent_tx.send(Sent::Failed);
@@ -781,12 +797,78 @@ mod tests {
         assert_eq!(next(&mut buf).entries.len(), 20_000);
     }
 
-    #[test]
-    fn a_frame_is_given_time_for_its_size() {
-        let t = Duration::from_secs(1);
-        assert_eq!(write_timeout(t, 1000), t);
-        assert_eq!(write_timeout(t, 16 << 20), Duration::from_secs(5));
-        assert_eq!(write_timeout(t, MAX_FRAME), Duration::from_secs(65));
+    /// A follower on a slow link reads slowly but steadily (64 KiB every 200 ms, ~320
+    /// KiB/s, through small socket buffers): a frame that takes it seconds still gets
+    /// through, as the connection keeps taking bytes. The old limit on the whole frame
+    /// (the timeout plus 1 s per 4 MiB: 300 ms here) failed it on every attempt.
+    #[tokio::test]
+    async fn a_frame_to_a_slow_but_steady_reader_is_written() {
+        use crate::store::Command;
+        use openraft::alias::{EntryOf, LogIdOf, VoteOf};
+        use openraft::vote::RaftLeaderId;
+        use openraft::EntryPayload;
+        let listener = tokio::net::TcpSocket::new_v4().unwrap();
+        listener.set_recv_buffer_size(32 << 10).unwrap();
+        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = listener.listen(1).unwrap();
+        let addr = l.local_addr().unwrap();
+        let reader = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut got = Vec::new();
+            const CHUNK: usize = 64 << 10;
+            let mut chunk = vec![0u8; CHUNK];
+            loop {
+                let mut window = 0;
+                while window < CHUNK {
+                    let n = s.read(&mut chunk[..CHUNK - window]).await.unwrap();
+                    if n == 0 {
+                        return got;
+                    }
+                    got.extend_from_slice(&chunk[..n]);
+                    window += n;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(32 << 10).unwrap();
+        let mut conn = socket.connect(addr).await.unwrap();
+        let leader = openraft::impls::leader_id_adv::LeaderId::<u64, u64>::new(1, 7).to_committed();
+        let cmd = Command::RemoveService {
+            service: "x".repeat(768 << 10),
+        };
+        let req = AppendEntriesRequest::<C> {
+            vote: VoteOf::<C>::new_committed(1, 7),
+            prev_log_id: None,
+            entries: vec![EntryOf::<C>::new(
+                LogIdOf::<C>::new(leader, 1),
+                EntryPayload::Normal(cmd),
+            )],
+            leader_commit: None,
+        };
+        let timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        write_frame_within(&mut conn, &mut buf, &req, timeout)
+            .await
+            .expect("the frame is written");
+        let took = started.elapsed();
+        drop(conn);
+        let got = reader.await.unwrap();
+        assert_eq!(got.len(), buf.len());
+        // More than the whole-frame limit allowed, and far more than one stall.
+        assert!(
+            took > Duration::from_secs(1),
+            "the reader was not slow: {took:?}"
+        );
+        let mut scratch = Vec::new();
+        match read_frame::<_, Req>(&mut &got[..], &mut scratch)
+            .now_or_never()
+            .unwrap()
+        {
+            Ok(Frame::Item(r)) => assert_eq!(r.entries.len(), 1),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// A follower that accepts the upgrade and then stops reading: once the socket buffers

@@ -4,7 +4,8 @@
 //! Record: `len: u32 LE | crc32(payload): u32 LE | payload` where the payload is the JSON
 //! entry. Segments are named after their first index. A torn record at the tail of the
 //! last segment (a crash mid-write: see [`ParsedSegment::torn`] for how one is told from
-//! corruption) is cut off on open, its bytes kept in `<segment>.torn`; any other bad
+//! corruption) is cut off on open, its bytes kept in `<segment>.torn` (up to its last
+//! non-zero byte; a copy that cannot be written is only a warning); any other bad
 //! record is an error, and so is a hole (entries above the purge point that do not follow
 //! one another; appends that would leave one are refused). The open segment is
 //! zero-filled ahead of its records ([`PREALLOC`] at a time),
@@ -381,11 +382,19 @@ pub struct ParsedSegment {
     /// Whether the bad record looks like a write a crash cut short (etcd's rule for its
     /// WAL): it runs past the end of the bytes, or its header is all zeros, or its bytes
     /// within some [`SECTOR`] (512 bytes at a file offset that is a multiple of 512) are
-    /// all zeros. The open segment is zero-filled ahead of its records, so a sector the
-    /// crash kept from the disk reads as zeros (and a size change that did not reach it as
-    /// the end of the file). Anything else (a checksum mismatch over written bytes, a
-    /// record that does not decode or is out of sequence) is corruption. False when `bad`
-    /// is `None`.
+    /// all zeros, counting only a sector that holds some of its payload. The open segment
+    /// is zero-filled ahead of its records, so a sector the crash kept from the disk reads
+    /// as zeros (and a size change that did not reach it as the end of the file). Anything
+    /// else (a checksum mismatch over written bytes, a record that does not decode or is
+    /// out of sequence) is corruption. False when `bad` is `None`.
+    ///
+    /// The rule cannot tell every case. A bit flip that enlarges the length field of a
+    /// record in the last segment makes the record reach the zeros after the last one: it
+    /// reads as torn, and the acknowledged entries after it are cut (their bytes stay in
+    /// the `.torn` copy). A crash that kept from the disk only the sector holding the first
+    /// header bytes of a record that starts in a sector's last 7 bytes reads as corruption
+    /// (the open fails): a piece of header alone is not counted, as a length's low bytes
+    /// are zeros often enough to pass a corrupt record off as torn.
     pub torn: bool,
 }
 
@@ -399,11 +408,15 @@ fn looks_torn(buf: &[u8], pos: usize) -> bool {
     let Some(rec) = HEADER.checked_add(len).and_then(|end| rest.get(..end)) else {
         return true; // runs past the end
     };
-    // The record's bytes split where the file's sectors start.
+    // The record's bytes split where the file's sectors start. A piece counts only when it
+    // holds a payload byte: a record starting in a sector's last bytes (`pos % 512 >= 509`)
+    // has a first piece of length bytes alone, and a length's low bytes are zeros often
+    // enough (1 record in 256 at `pos % 512 == 511`) that about one corrupt record in 131k
+    // was read as torn and cut. The header's all-zero case is taken above.
     let mut at = 0;
     while at < rec.len() {
         let n = (SECTOR - (pos + at) % SECTOR).min(rec.len() - at);
-        if rec[at..at + n].iter().all(|b| *b == 0) {
+        if at + n > HEADER && rec[at..at + n].iter().all(|b| *b == 0) {
             return true;
         }
         at += n;
@@ -460,7 +473,8 @@ pub fn parse_segment(buf: &[u8], first: u64) -> ParsedSegment {
 
 /// Reads a segment; returns its entries and segment description. A torn record (see
 /// [`ParsedSegment::torn`]) in the last segment is cut off with everything after it (the
-/// file is truncated there, the cut bytes kept in `<segment>.torn` first); any other bad
+/// file is truncated there, the cut bytes kept in `<segment>.torn` first when that copy
+/// can be made, see [`keep_torn`]); any other bad
 /// record is an `InvalidData` error naming the file and offset: entries past it were
 /// fsynced and acknowledged, and cutting them would silently lose committed writes.
 fn read_segment(path: &Path, first: u64, last: bool) -> io::Result<(Segment, Vec<EntryOf<C>>)> {
@@ -485,14 +499,26 @@ fn read_segment(path: &Path, first: u64, last: bool) -> io::Result<(Segment, Vec
                 format!("{}: {why} at offset {pos} ({what})", path.display()),
             ));
         }
-        let kept = keep_torn(path, &buf[pos..])?;
-        tracing::warn!(
-            path = %path.display(),
-            offset = pos,
-            why,
-            kept = %kept.display(),
-            "cutting torn log tail"
-        );
+        // The copy is for a later look only: the torn bytes were never acknowledged, so a
+        // copy that cannot be made (no space, an I/O error, a read-only directory, every
+        // name taken) is a warning and the cut goes ahead; a node that cannot start over
+        // it would be down for a file nothing needs.
+        match keep_torn(path, torn_tail(&buf[pos..])) {
+            Ok(kept) => tracing::warn!(
+                path = %path.display(),
+                offset = pos,
+                why,
+                kept = %kept.display(),
+                "cutting torn log tail"
+            ),
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                offset = pos,
+                why,
+                error = %e,
+                "cutting torn log tail; its bytes could not be kept"
+            ),
+        }
         let f = OpenOptions::new().write(true).open(path)?;
         f.set_len(pos as u64)?;
         f.sync_all()?;
@@ -506,31 +532,73 @@ fn read_segment(path: &Path, first: u64, last: bool) -> io::Result<(Segment, Vec
     Ok((seg, entries))
 }
 
+/// What of a torn tail (`rest`: the segment from the bad record on) is worth keeping: up to
+/// its last non-zero byte. The rest is the preallocated zeros ([`PREALLOC`], 1 MiB), which
+/// every copy used to carry. Everything non-zero is kept, the records after the torn one
+/// included (a crash mid-batch may have written them; and a record whose length field a
+/// bit flip enlarged reads as torn, with acknowledged entries after it): at most the
+/// segment's records, which the file holds anyway.
+fn torn_tail(rest: &[u8]) -> &[u8] {
+    let end = rest.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+    &rest[..end]
+}
+
+/// Copies kept per segment: `<segment>.torn`, then `.torn.1` up to `.torn.{MAX_TORN - 1}`.
+/// A cut past them keeps no copy (a segment torn again and again, say by a disk that
+/// keeps failing, would otherwise fill the directory); they go with their segment's purge.
+const MAX_TORN: usize = 4;
+
+/// The `n`th name [`keep_torn`] uses for segment `path`'s copies.
+fn torn_path(path: &Path, n: usize) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    match n {
+        0 => name.push(".torn"),
+        n => name.push(format!(".torn.{n}")),
+    }
+    PathBuf::from(name)
+}
+
 /// Copies the bytes a torn tail cut removes from segment `path` to `<segment>.torn` (or
-/// `.torn.1`, ... when an earlier cut left one), durably, for a later look at what was
-/// lost. Returns the file's path.
+/// `.torn.1`, ... when an earlier cut left one, at most [`MAX_TORN`] names), durably, for
+/// a later look at what was lost. Returns the file's path; an error when every name is
+/// taken or the copy fails (a copy that fails part-way is removed).
 fn keep_torn(path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    for n in 0.. {
-        let kept = match n {
-            0 => dir.join(format!("{name}.torn")),
-            n => dir.join(format!("{name}.torn.{n}")),
-        };
+    for n in 0..MAX_TORN {
+        let kept = torn_path(path, n);
         let mut f = match OpenOptions::new().write(true).create_new(true).open(&kept) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         };
-        f.write_all(bytes)?;
-        f.sync_all()?;
+        let written = f.write_all(bytes).and_then(|()| f.sync_all());
+        if let Err(e) = written {
+            drop(f);
+            let _ = fs::remove_file(&kept);
+            return Err(e);
+        }
         sync_dir(dir)?;
         return Ok(kept);
     }
-    Err(io::Error::other("no name left for a torn tail"))
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("{MAX_TORN} copies of torn tails of this segment are kept already"),
+    ))
+}
+
+/// Removes the copies [`keep_torn`] made of segment `path`'s torn tails (with the segment,
+/// at a purge). A failure is only logged: the copies are for a later look, nothing reads
+/// them.
+fn remove_torn(path: &Path) {
+    for n in 0..MAX_TORN {
+        let kept = torn_path(path, n);
+        match fs::remove_file(&kept) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                tracing::warn!(path = %kept.display(), error = %e, "removing a torn tail's copy failed");
+            }
+            _ => {}
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -710,6 +778,7 @@ impl Writer {
                 break;
             }
             fs::remove_file(&s.path)?;
+            remove_torn(&s.path);
             self.segments.remove(0);
             if self.segments.is_empty() {
                 self.file = None;
@@ -1054,6 +1123,59 @@ impl RaftLogStorage<C> for LogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A corrupt record (a checksum mismatch over written bytes) starting in a sector's
+    /// last byte, whose length's low byte is zero: its first sector piece is that one zero
+    /// length byte, which used to count as a sector the crash kept from the disk (torn,
+    /// cut). Only a piece with payload bytes counts.
+    #[test]
+    fn a_zero_piece_of_header_bytes_alone_is_not_a_torn_sector() {
+        let pos = 511;
+        let record = |payload_byte: u8| {
+            let mut buf = vec![0xaa; pos];
+            buf.extend_from_slice(&1024u32.to_le_bytes()); // [0, 4, 0, 0]
+            buf.extend_from_slice(&[1, 2, 3, 4]); // not the payload's checksum
+            buf.extend_from_slice(&[payload_byte; 1024]);
+            buf.extend_from_slice(&[0; 1024]); // the preallocated tail
+            buf
+        };
+        let buf = record(b'x');
+        assert_eq!(buf[pos], 0);
+        assert!(!looks_torn(&buf, pos), "a corrupt record read as torn");
+        // Zeros where the payload is (the sector after the header's kept from the disk):
+        // torn.
+        assert!(looks_torn(&record(0), pos));
+        // A few zero payload bytes in a piece with other bytes: no sector of zeros.
+        let mut buf = record(b'x');
+        buf[pos + HEADER..pos + HEADER + 10].fill(0);
+        assert!(!looks_torn(&buf, pos), "10 zero bytes are no sector");
+        // Through the parser: a good record of 511 bytes, then the corrupt one.
+        let mut buf = Vec::new();
+        let mut k = 0;
+        let first = loop {
+            use openraft::vote::RaftLeaderId;
+            let leader = openraft::impls::leader_id_adv::LeaderId::<u64, u64>::new(1, 1);
+            let e = EntryOf::<C>::new(
+                LogIdOf::<C>::new(leader.to_committed(), 1),
+                openraft::EntryPayload::Normal(crate::store::Command::RemoveService {
+                    service: "s".repeat(k),
+                }),
+            );
+            let rec = encode(&e).unwrap();
+            if rec.len() >= pos {
+                break rec;
+            }
+            k += pos - rec.len();
+        };
+        assert_eq!(first.len(), pos);
+        buf.extend_from_slice(&first);
+        buf.extend_from_slice(&record(b'x')[pos..]);
+        let p = parse_segment(&buf, 1);
+        assert_eq!(
+            (p.entries.len(), p.end, p.bad, p.torn),
+            (1, pos, Some("checksum mismatch"), false)
+        );
+    }
 
     /// Every directory the log or the state machine creates (and the data directory's
     /// missing parents) is made durable by an fsync of its parent.

@@ -388,11 +388,17 @@ impl Registry {
 
     /// Removes one instance with its `down` event, leaving the leader to the caller.
     fn take_instance(&mut self, service: &str, id: &str, events: &mut Vec<Event>) -> bool {
-        if self.instance(service, id).is_none() {
+        // The service's existing map only (no name allocated for a lookup), copied only when
+        // a snapshot shares it and it holds `id` (see [`Data`]).
+        let Some(insts) = self.data.instances.get_mut(service) else {
+            return false;
+        };
+        if !insts.contains_key(id) {
             return false;
         }
-        let removed = self.instances_mut(service).remove(id);
-        let Some(i) = removed else { return false };
+        let Some(i) = Arc::make_mut(insts).remove(id) else {
+            return false;
+        };
         events.push(Event {
             service: service.to_string(),
             kind: EventKind::Down,
@@ -419,8 +425,9 @@ impl Registry {
         }
     }
 
-    /// A service's instances to change, copied first if a snapshot still shares them (see
-    /// [`Data`]); created empty if the service has none yet.
+    /// A service's instances to add to, copied first if a snapshot still shares them (see
+    /// [`Data`]); created empty if the service has none yet. (A removal takes the existing
+    /// map by [`BTreeMap::get_mut`] instead: it never creates one.)
     fn instances_mut(&mut self, service: &str) -> &mut BTreeMap<String, Instance> {
         let insts = self.data.instances.entry(service.to_string()).or_default();
         Arc::make_mut(insts)

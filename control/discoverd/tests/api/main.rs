@@ -863,6 +863,49 @@ async fn a_snapshot_rpc_from_an_earlier_leader_than_its_last_entry_is_refused() 
     assert_eq!(r.json()["host"], d.addr.as_str());
 }
 
+/// openraft's other assertion on a snapshot: one newer than the node's commit point must
+/// end at a higher index (an equal or lower one contradicts entries committed here). A
+/// snapshot whose last entry is of a much later term (and of the request's own leader, so
+/// the first check passes) at an index the node has already committed is refused (400, the
+/// JSON envelope) before openraft sees it, and the node goes on taking writes.
+#[tokio::test]
+async fn a_snapshot_rpc_newer_than_the_commit_point_at_no_higher_index_is_refused() {
+    use flynn_discoverd::network::SnapshotRequest;
+    use flynn_discoverd::store::TypeConfig;
+    use openraft::alias::{CommittedLeaderIdOf, LogIdOf, SnapshotMetaOf, VoteOf};
+    let (_dir, d, c) = node().await;
+    for i in 0..5 {
+        let r = call(&c, "PUT", &d.url(&format!("/services/s{i}")), Some("{}")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let data = serde_json::to_vec(&flynn_discoverd::store::state::Data::default()).unwrap();
+    // The commit point is past index 5 now (the writes, after the node's first entries).
+    for index in [1, 3, 5] {
+        let req = SnapshotRequest {
+            vote: VoteOf::<TypeConfig>::new_committed(100, 9),
+            meta: SnapshotMetaOf::<TypeConfig> {
+                last_log_id: Some(LogIdOf::<TypeConfig>::new(
+                    CommittedLeaderIdOf::<TypeConfig> {
+                        term: 100,
+                        node_id: 9,
+                    },
+                    index,
+                )),
+                last_membership: Default::default(),
+            },
+            data: data.clone(),
+        };
+        let body = serde_json::to_string(&req).unwrap();
+        let r = call(&c, "POST", &d.url("/raft/rpc/snapshot"), Some(&body)).await;
+        assert_eq!(r.status, 400, "index {index}: {}", r.body);
+        assert_eq!(r.json()["code"], "validation_error", "{}", r.body);
+    }
+    let r = call(&c, "PUT", &d.url("/services/after"), Some("{}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = call(&c, "GET", &d.url("/raft/leader"), None).await;
+    assert_eq!(r.json()["host"], d.addr.as_str());
+}
+
 /// After `POST /shutdown` the state stops changing: open watches end with an error event
 /// (their clients reconnect elsewhere) instead of staying open on a frozen state.
 #[tokio::test]

@@ -37,6 +37,13 @@ fn registry(services: usize, per: usize) -> Data {
 
 /// One runtime worker (the default `--threads`): while a snapshot of a large registry is
 /// built, the worker takes the state's lock again and again and never waits long for it.
+///
+/// Measured relative to the build, so neither a fast build (release, tmpfs) nor a loaded
+/// machine fails it: the time the worker spent waiting for the lock, summed over its takes,
+/// must stay under an eighth of the build. Holding the lock while serializing made it wait
+/// for most of the build (509 ms of a 630 ms one, the file write and fsync being the rest);
+/// copying under the lock makes it wait for a shallow copy of 100 maps. A preemption of
+/// the worker counts only if it falls between the clock read and the lock's return.
 #[tokio::test(flavor = "current_thread")]
 async fn building_a_snapshot_does_not_hold_the_state_lock_while_it_serializes() {
     let dir = tempfile::tempdir().unwrap();
@@ -48,25 +55,25 @@ async fn building_a_snapshot_does_not_hold_the_state_lock_while_it_serializes() 
     let mut builder = sm.get_snapshot_builder().await;
     let build = tokio::spawn(async move { builder.build_snapshot().await });
     let started = Instant::now();
+    let mut waited = Duration::ZERO;
     let mut longest = Duration::ZERO;
     let mut takes = 0;
     while !build.is_finished() {
         let t = Instant::now();
         let st = shared.lock();
-        longest = longest.max(t.elapsed());
+        let wait = t.elapsed();
         drop(st);
+        waited += wait;
+        longest = longest.max(wait);
         takes += 1;
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let took = started.elapsed();
     let snap = build.await.unwrap().unwrap();
     assert!(snap.snapshot.len() > 10 << 20, "{}", snap.snapshot.len());
-    // The build must be long enough for the lock's wait to tell (a serialization of
-    // 100k instances takes ~0.5 s in a debug build, ~50 ms in a release one).
-    assert!(took > Duration::from_millis(150), "build took {took:?}");
     assert!(
-        longest < Duration::from_millis(50),
-        "the state's lock was held for {longest:?} during a {took:?} build ({takes} takes)"
+        waited < took / 8,
+        "waited {waited:?} for the state's lock (longest {longest:?}, {takes} takes) during a {took:?} build"
     );
     let current = sm.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.snapshot.len(), snap.snapshot.len());

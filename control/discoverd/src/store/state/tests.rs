@@ -258,6 +258,28 @@ async fn a_copy_of_the_data_is_not_changed_by_later_applies() {
     assert_eq!(r.data.metas["s"].index, 6);
 }
 
+/// Removing an instance that is not there changes nothing: a map a snapshot shares is not
+/// copied for it, and a service with no instances gets no empty map.
+#[tokio::test]
+async fn removing_a_missing_instance_neither_copies_nor_creates_a_map() {
+    let mut r = manual_led_by_i1();
+    let copy = r.data.clone();
+    for (idx, service) in [(4, "s"), (5, "nope")] {
+        r.apply(
+            idx,
+            Command::RemoveInstance {
+                service: service.into(),
+                id: "i9".into(),
+            },
+        );
+    }
+    assert!(std::sync::Arc::ptr_eq(
+        &copy.instances["s"],
+        &r.data.instances["s"]
+    ));
+    assert!(!r.data.instances.contains_key("nope"));
+}
+
 /// Applies `cmd` at `idx` and returns the kinds of the events a fresh watcher of `s`
 /// receives for it.
 fn kinds_of(r: &mut Registry, idx: u64, cmd: Command) -> Vec<EventKind> {
