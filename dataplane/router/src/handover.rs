@@ -360,6 +360,63 @@ fn hand_over(old: &Old, conn: UnixStream, handed: &mut bool) -> anyhow::Result<b
     // socket once it runs, and changes made here would be lost with this process); they
     // are accepted again if the handover fails.
     let thaw = Thaw(&old.api);
+    // Until the state is sent, a panic is a failed attempt, not the end of the process:
+    // nothing is handed over yet, so this process serves on (Thaw accepts changes again,
+    // the connection closes and the successor gives up) and can be taken over again.
+    // Aborting here would leave no router at all. From the send on, the thread is marked
+    // again: a panic then, with the sockets handed over, aborts (both would serve).
+    let (data, fds, _dups) = match flynn_runtime::recoverable(|| prepare(old)) {
+        Ok(prepared) => prepared?,
+        Err(panic) => {
+            // The store's lock was taken unpoisoned (else `prepare` gave up) and only read
+            // under it: a poison now is this panic's, over a store left as it was.
+            old.api.store.clear_poison();
+            let panic = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(no message)");
+            bail!("preparing the state to hand over panicked ({panic}); still serving");
+        }
+    };
+    *handed = true;
+    flynn_runtime::handoff::send_with_fds(&conn, &data, &fds)?;
+    tracing::info!(
+        sockets = fds.len(),
+        "listening sockets handed over; waiting for the new process"
+    );
+    line.clear();
+    let read = r.read_line(&mut line);
+    match (read, line.trim()) {
+        // The new process waits for this answer before it accepts connections, serves the
+        // API or the upgrade socket's path: once it is sent, the takeover is done. A new
+        // process that gave up shut its end down first, so this write then fails.
+        (Ok(_), "ready ack") => {
+            (&conn)
+                .write_all(b"ok\n")
+                .context("the new process left before the takeover was confirmed")?;
+        }
+        // A build before the answer: it went on at once.
+        (Ok(_), "ready") => {}
+        (read, _) => {
+            // Said so (a process that only closed the connection could have died: the new
+            // one would then go on alone).
+            let _ = (&conn).write_all(b"no\n");
+            read.context("waiting for the new process to become ready")?;
+            bail!("the new process did not become ready ({line:?}); still serving");
+        }
+    }
+    // Handed over: this process only drains now.
+    std::mem::forget(thaw);
+    Ok(true)
+}
+
+/// What [`hand_over`] sends: the state's JSON and the descriptors, and the duplicates of
+/// the TCP route listeners among them (open until sent).
+type Prepared = (Vec<u8>, Vec<RawFd>, Vec<(u16, OwnedFd)>);
+
+/// [`Prepared`] for `old`. Freezes the store (see [`Thaw`]).
+fn prepare(old: &Old) -> anyhow::Result<Prepared> {
     let (routes, services, certificates, file) = {
         let s = old
             .api
@@ -369,6 +426,7 @@ fn hand_over(old: &Old, conn: UnixStream, handed: &mut bool) -> anyhow::Result<b
         old.api
             .frozen
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        fault(HANDOVER_FAULT);
         let mut certs = s.certs.list();
         certs.reverse();
         (
@@ -416,36 +474,24 @@ fn hand_over(old: &Old, conn: UnixStream, handed: &mut bool) -> anyhow::Result<b
     fds.extend(tcp.iter().map(|(_, fd)| fd.as_raw_fd()));
     fds.push(old.sockets.api.0);
     let data = serde_json::to_vec(&state)?;
-    *handed = true;
-    flynn_runtime::handoff::send_with_fds(&conn, &data, &fds)?;
-    tracing::info!(
-        sockets = fds.len(),
-        "listening sockets handed over; waiting for the new process"
-    );
-    line.clear();
-    let read = r.read_line(&mut line);
-    match (read, line.trim()) {
-        // The new process waits for this answer before it accepts connections, serves the
-        // API or the upgrade socket's path: once it is sent, the takeover is done. A new
-        // process that gave up shut its end down first, so this write then fails.
-        (Ok(_), "ready ack") => {
-            (&conn)
-                .write_all(b"ok\n")
-                .context("the new process left before the takeover was confirmed")?;
-        }
-        // A build before the answer: it went on at once.
-        (Ok(_), "ready") => {}
-        (read, _) => {
-            // Said so (a process that only closed the connection could have died: the new
-            // one would then go on alone).
-            let _ = (&conn).write_all(b"no\n");
-            read.context("waiting for the new process to become ready")?;
-            bail!("the new process did not become ready ({line:?}); still serving");
-        }
+    Ok((data, fds, tcp))
+}
+
+/// The environment variable that injects a fault for tests (see [`fault`]).
+const FAULT_ENV: &str = "FLYNN_ROUTER_TEST_FAULT";
+
+/// The fault point in [`prepare`], under the store's lock with the store frozen.
+const HANDOVER_FAULT: &str = "handover-prepare";
+
+/// A panic at the fault point `point` if [`FAULT_ENV`] names it, the first time it is
+/// reached in this process (tests only: a takeover whose preparation panics).
+fn fault(point: &str) {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if std::env::var_os(FAULT_ENV).is_some_and(|v| v == point)
+        && !FIRED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        panic!("fault injected at {point} ({FAULT_ENV})");
     }
-    // Handed over: this process only drains now.
-    std::mem::forget(thaw);
-    Ok(true)
 }
 
 /// Accepts API changes again when dropped (a handover that failed).

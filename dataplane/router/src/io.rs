@@ -122,6 +122,7 @@ async fn relay<R: AsyncReadRent, W: AsyncWriteRentExt + monoio::io::AsyncWriteRe
     let mut total = 0u64;
     // Set once `w`'s side is gone: what `r` still sends is read and dropped.
     let mut dropping = false;
+    let mut budget = flynn_runtime::fair::Budget::default();
     loop {
         buf.clear();
         let (res, b) = read_append(r, std::mem::take(buf)).await;
@@ -136,6 +137,11 @@ async fn relay<R: AsyncReadRent, W: AsyncWriteRentExt + monoio::io::AsyncWriteRe
         };
         tunnel.touch();
         total += n as u64;
+        // On the epoll driver a stream that never lets up never makes this loop wait: every
+        // 1 MiB the core's other tasks (its table updates among them) get their turn.
+        if budget.spend(n) {
+            flynn_runtime::fair::yield_now().await;
+        }
         if dropping || tunnel.failed() {
             // Only the other direction can end this one now: once it is over (the
             // survivor was shut down, or it ended without a failure), so is this.

@@ -165,6 +165,13 @@ async fn accept(core: Rc<Core>, l: Rc<TcpListener>, port: u16, stop: Rc<Stop>) {
                     s
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // Out of LISTEN, and not by this process's removal (that fired `stop`): a
+                // process that took this socket over shut it down, having removed its
+                // route before this core stopped. Nothing more to accept here: as a stop.
+                Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINVAL as i32) => {
+                    unregister(&core, port, fd);
+                    return;
+                }
                 Err(e) => {
                     let what = "TCP route accept failed; backing off";
                     pause = failing.failed(&core, &e, what);

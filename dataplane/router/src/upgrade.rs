@@ -178,7 +178,9 @@ async fn answer<S: crate::proxy::Client>(
         return Outcome::Close;
     }
     // A body longer than what came with the head: relay the rest as it arrives (a client
-    // that stops sending it is given up on after the idle timeout).
+    // that stops sending it is given up on after the idle timeout), yielding every 1 MiB
+    // (see `flynn_runtime::fair`).
+    let mut budget = flynn_runtime::fair::Budget::default();
     while !body.is_done() {
         let taken = std::mem::take(buf);
         let read = monoio::time::timeout(core.settings().idle_timeout, read_append(c, taken));
@@ -186,8 +188,13 @@ async fn answer<S: crate::proxy::Client>(
             return Outcome::Close;
         };
         *buf = b;
-        if !matches!(res, Ok(n) if n > 0) {
-            return Outcome::Close;
+        match res {
+            Ok(n) if n > 0 => {
+                if budget.spend(n) {
+                    flynn_runtime::fair::yield_now().await;
+                }
+            }
+            _ => return Outcome::Close,
         }
         let Ok(adv) = body.advance(buf) else {
             return bad_body(core, c, fd).await;
@@ -282,8 +289,9 @@ async fn answer<S: crate::proxy::Client>(
     if upgraded {
         return Outcome::Upgraded(up, inflight);
     }
-    // Not upgraded: relay the rest of the body as framed; then the connection closes in
-    // stages.
+    // Not upgraded: relay the rest of the body as framed (yielding every 1 MiB); then the
+    // connection closes in stages.
+    let mut budget = flynn_runtime::fair::Budget::default();
     while !body.is_done() {
         ubuf.clear();
         let read = monoio::time::timeout(core.settings().idle_timeout, read_append(&mut up, ubuf));
@@ -297,6 +305,9 @@ async fn answer<S: crate::proxy::Client>(
             Ok(_) if resp.framing == Framing::Close => break,
             _ => return Outcome::Close,
         };
+        if budget.spend(n) {
+            flynn_runtime::fair::yield_now().await;
+        }
         let Ok(adv) = body.advance(&ubuf[..n]) else {
             return Outcome::Close;
         };

@@ -209,6 +209,25 @@ pub fn abort_on_panic() {
     CRITICAL.with(|c| c.set(Some(Critical::Thread)));
 }
 
+/// Runs `f` on the calling thread with its [`abort_on_panic`] mark lifted, catching a panic
+/// in it: for a step of a marked thread that can fail as a whole, leaving nothing the
+/// thread goes on with half-updated (the router's takeover before it sends its state: a
+/// panic there is a failed attempt, the old process serving on). The panic is reported by
+/// the hook that was there before (the default one prints it); the mark is back as it was
+/// when this returns, whether `f` returned or panicked. `f` is taken as unwind safe: the
+/// caller vouches that what it touches is left consistent by a panic (or is restored).
+pub fn recoverable<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    /// Puts the mark back when dropped (after an unwind too).
+    struct Restore(Option<Critical>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = CRITICAL.try_with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(CRITICAL.with(|c| c.replace(None)));
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+}
+
 /// Starts `n` pinned workers named `<name>-<i>`. Each builds its runtime (reporting
 /// which driver it got) and runs `make(ctx)` to completion. Returns once every worker
 /// has its runtime, or the first error building one.
@@ -544,7 +563,8 @@ mod tests {
     }
 
     /// A thread marked with [`abort_on_panic`] takes the process down at its panic, logged
-    /// with its name; an unmarked thread's panic still ends that thread alone.
+    /// with its name; an unmarked thread's panic still ends that thread alone, and so does a
+    /// panic in a [`recoverable`] step of a marked one (caught, the mark back after it).
     #[test]
     fn a_marked_threads_panic_aborts_the_process() {
         use std::os::unix::process::ExitStatusExt;
@@ -560,6 +580,11 @@ mod tests {
                 .name("marked".into())
                 .spawn(|| {
                     abort_on_panic();
+                    // A recoverable step's panic is caught, and the mark is back after it.
+                    let step = recoverable(|| -> () { panic!("a recoverable step panicked") });
+                    assert!(step.is_err());
+                    assert_eq!(recoverable(|| 7).ok(), Some(7));
+                    eprintln!("went on after the recoverable step");
                     panic!("a marked thread panicked")
                 })
                 .unwrap();
@@ -575,6 +600,8 @@ mod tests {
             "the process went on after a marked thread panicked ({status:?}):\n{err}"
         );
         assert!(err.contains("went on after the unmarked thread"), "{err}");
+        assert!(err.contains("a recoverable step panicked"), "{err}");
+        assert!(err.contains("went on after the recoverable step"), "{err}");
         assert!(err.contains("a marked thread panicked"), "{err}");
         assert!(
             err.lines().any(|l| l.starts_with("ERROR")
@@ -585,7 +612,8 @@ mod tests {
         );
         assert!(
             !err.lines()
-                .any(|l| l.starts_with("ERROR") && l.contains("unmarked")),
+                .any(|l| l.starts_with("ERROR")
+                    && (l.contains("unmarked") || l.contains("recoverable"))),
             "{err}"
         );
     }

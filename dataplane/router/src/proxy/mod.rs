@@ -456,7 +456,9 @@ async fn forward<S: Client>(
             if res.is_err() {
                 break 'attempt reused && body.is_done();
             }
-            // Stream the rest of the request body.
+            // Stream the rest of the request body (yielding every 1 MiB: see
+            // `flynn_runtime::fair`).
+            let mut budget = flynn_runtime::fair::Budget::default();
             while !body.is_done() {
                 if consumed == buf.len() {
                     buf.clear();
@@ -473,7 +475,11 @@ async fn forward<S: Client>(
                 };
                 *buf = b;
                 match res {
-                    Ok(n) if n > 0 => {}
+                    Ok(n) if n > 0 => {
+                        if budget.spend(n) {
+                            flynn_runtime::fair::yield_now().await;
+                        }
+                    }
                     _ => {
                         CoreMetrics::inc(&m.client_aborts_total);
                         return Next::Abort;
@@ -634,6 +640,8 @@ async fn forward<S: Client>(
         CoreMetrics::inc(&m.client_aborts_total);
         return Next::Abort;
     }
+    // Yielding every 1 MiB relayed (see `flynn_runtime::fair`).
+    let mut budget = flynn_runtime::fair::Budget::default();
     while !rbody.is_done() {
         ubuf.clear();
         let taken = std::mem::take(ubuf);
@@ -647,7 +655,11 @@ async fn forward<S: Client>(
         };
         *ubuf = b;
         match res {
-            Ok(n) if n > 0 => {}
+            Ok(n) if n > 0 => {
+                if budget.spend(n) {
+                    flynn_runtime::fair::yield_now().await;
+                }
+            }
             // The backend's close ends a close-delimited body (and that alone).
             Ok(_) if resp.framing == Framing::Close => {
                 compact(buf, consumed, BUF);

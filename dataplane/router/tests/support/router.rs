@@ -345,6 +345,44 @@ impl Router {
             .unwrap_or_else(|| panic!("{method} {path}: no answer from the admin API"))
     }
 
+    /// [`Router::api`] with `timeout` for the answer instead of [`IO_TIMEOUT`] (a change is
+    /// answered once every core applied it, which the API waits up to 5 s for).
+    pub fn api_within(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        timeout: Duration,
+    ) -> (u16, Value) {
+        api_call_within(self.api_addr, method, path, body, timeout)
+            .unwrap_or_else(|| panic!("{method} {path}: no answer from the admin API"))
+    }
+
+    /// The I/O driver its cores run (`io_uring` or `epoll`), from their `worker started`
+    /// log lines (waited for up to 5 s).
+    pub fn driver(&self) -> String {
+        let found = || {
+            let log = self.log();
+            let line = log.lines().find(|l| l.contains("worker started"))?;
+            ["io_uring", "epoll"]
+                .into_iter()
+                .find(|d| line.contains(d))
+                .map(String::from)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(d) = found() {
+                return d;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no `worker started` line:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `POST /routes`, asserting 200; returns the stored route.
     pub fn add_route(&self, route: Value) -> Value {
         let (status, body) = self.api("POST", "/routes", Some(&route.to_string()));
@@ -472,7 +510,19 @@ pub fn api_call(
     path: &str,
     body: Option<&str>,
 ) -> Option<(u16, Value)> {
+    api_call_within(addr, method, path, body, IO_TIMEOUT)
+}
+
+/// [`api_call`], waiting up to `timeout` for the answer.
+pub fn api_call_within(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Option<(u16, Value)> {
     let mut conn = Conn::try_connect(addr).ok()?;
+    conn.set_read_timeout(timeout);
     let body = body.unwrap_or("");
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: router-api\r\nConnection: close\r\n");
     if !body.is_empty() || matches!(method, "POST" | "PUT") {

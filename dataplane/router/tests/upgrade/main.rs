@@ -292,6 +292,53 @@ fn takeover_passes_tcp_route_listeners_and_drains_open_streams() {
     assert_eq!(routes.as_array().map(|a| a.len()), Some(1));
 }
 
+/// A TCP route listener shut down by the process it was handed to (the successor removed
+/// the route before this process's core stopped accepting; here the test plays the
+/// successor and shuts the handed-over socket down before saying anything) ends this
+/// core's accept loop quietly: its accept fails with EINVAL (not listening), which is
+/// not a failure to warn about and back off from.
+#[test]
+fn a_tcp_listener_shut_down_by_the_successor_ends_its_accept_loop_quietly() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let dir = crate::support::TestDir::new("upgrade-tcp-shut");
+    let sock = dir.join("upgrade.sock");
+    let b = TcpBackend::start("t1");
+    let mut old = Router::builder()
+        .threads(1)
+        .tcp()
+        .arg("--upgrade-socket")
+        .arg(sock.display().to_string())
+        .start();
+    let route = old.add_route(tcp_route(0, "tcpsvc"));
+    let port = route["port"].as_u64().expect("tcp route port") as u16;
+    old.set_backend_addrs("tcpsvc", &[(b.addr.to_string(), false)]);
+    assert_eq!(tcp_ping(port).unwrap(), b"t1 ping");
+    let conn = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    (&conn).write_all(b"takeover\n").unwrap();
+    let (data, fds) = flynn_runtime::handoff::recv_with_fds(&conn).unwrap();
+    let state: serde_json::Value = serde_json::from_slice(&data).unwrap();
+    let listeners = state["listeners"].as_array().unwrap().len();
+    assert_eq!(state["tcp"], serde_json::json!([port]), "{state}");
+    // The successor's removal: out of LISTEN, which wakes the old core's readiness wait.
+    flynn_runtime::sock::shutdown(fds[listeners].as_raw_fd());
+    std::thread::sleep(Duration::from_millis(500));
+    drop(conn);
+    assert!(
+        wait_until(Duration::from_secs(5), || old
+            .log()
+            .contains("takeover attempt failed")),
+        "{}",
+        old.log()
+    );
+    assert!(
+        !old.log().contains("TCP route accept failed"),
+        "a warning for a socket no longer listening:\n{}",
+        old.log()
+    );
+    old.assert_running();
+}
+
 /// One `--upgrade-socket` path for every generation (as with FLYNN_UPGRADE_SOCKET set
 /// once): the exiting router must not remove the socket its successor bound there, so a
 /// third generation can take over from the second. With 401 routes the handed-over state
@@ -737,6 +784,77 @@ fn a_failed_takeover_leaves_the_old_router_to_be_taken_over_again() {
     assert_eq!(get(new.http_addr, "up.example.com", "/").status, 200);
     // The path is the new router's now: it can be taken over in turn.
     assert!(sock.exists());
+}
+
+/// A panic in the old router while it prepares the state to hand over (before anything is
+/// sent: here under the store's lock, with the store frozen) is a failed attempt, not the
+/// end of the process: the successor gets no state and exits, the old router serves on,
+/// takes changes again, and a second takeover succeeds. (The fault is injected through a
+/// test-only environment variable, at the first attempt only.)
+#[test]
+fn a_panic_before_the_state_is_sent_leaves_the_old_router_serving() {
+    let dir = crate::support::TestDir::new("upgrade-panic");
+    let sock = dir.join("upgrade.sock");
+    let b = Backend::start("b1");
+    let mut old = Router::builder()
+        .arg("--upgrade-socket")
+        .arg(sock.display().to_string())
+        .env("FLYNN_ROUTER_TEST_FAULT", "handover-prepare")
+        .start();
+    old.add_route(http_route("up.example.com", "web"));
+    old.set_backends("web", &[&b]);
+    let (status, out) = Router::builder()
+        .arg("--takeover")
+        .arg(sock.display().to_string())
+        .arg("--upgrade-socket")
+        .arg(sock.display().to_string())
+        .run_to_exit(Duration::from_secs(20));
+    let status = status.expect("the successor gives up");
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("receiving the handed-over state"), "{out}");
+    // Before the fix the old router aborted at the panic: nothing served any more.
+    assert!(
+        wait_until(Duration::from_secs(5), || old
+            .log()
+            .contains("takeover attempt failed")),
+        "{}",
+        old.log()
+    );
+    old.assert_running();
+    assert!(
+        old.log().contains("fault injected at handover-prepare"),
+        "{}",
+        old.log()
+    );
+    assert_eq!(get(old.http_addr, "up.example.com", "/").status, 200);
+    // Changes are taken again (the store thawed and not left poisoned).
+    let (st, _) = old.api(
+        "POST",
+        "/routes",
+        Some(&http_route("after.example.com", "web").to_string()),
+    );
+    assert_eq!(st, 200, "{}", old.log());
+    let new = Router::builder()
+        .arg("--takeover")
+        .arg(sock.display().to_string())
+        .arg("--upgrade-socket")
+        .arg(sock.display().to_string())
+        .start();
+    let status = old
+        .wait_exit(Duration::from_secs(15))
+        .expect("the old router exits after the second takeover");
+    assert!(status.success(), "old router: {status}");
+    let (st, routes) = new.api("GET", "/routes", None);
+    assert_eq!(st, 200);
+    let mut domains: Vec<&str> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["domain"].as_str().unwrap())
+        .collect();
+    domains.sort();
+    assert_eq!(domains, ["after.example.com", "up.example.com"]);
+    assert_eq!(get(new.http_addr, "up.example.com", "/").status, 200);
 }
 
 /// Until the old process confirms `ready`, the new one accepts no connection (the old one
