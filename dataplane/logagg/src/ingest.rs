@@ -205,7 +205,9 @@ async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream, slot: Co
         // connections and its listener: every 1 MiB this task goes to the back of the queue.
         if since_yield >= 1 << 20 {
             since_yield = 0;
-            yield_now().await;
+            // A self-wake would be requeued first by monoio (0.2.4) and yield to no
+            // one; this one goes behind the core's ready tasks.
+            flynn_runtime::fair::yield_now().await;
         }
     }
     // The slot first: once the gauge shows the connection gone, its slot is free.
@@ -229,21 +231,6 @@ fn make_room(buf: &mut BytesMut) {
     if buf.capacity() - len < READ_BUF / 4 {
         buf.reserve(READ_BUF.max(len + READ_BUF / 4) - len);
     }
-}
-
-/// Lets the core's other tasks run: pending once, having woken itself (the runtime queues
-/// it behind the tasks already ready).
-async fn yield_now() {
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if yielded {
-            return std::task::Poll::Ready(());
-        }
-        yielded = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    })
-    .await
 }
 
 /// Serves UDP syslog on `sock` forever (run on its own thread).
