@@ -54,9 +54,11 @@ pub struct Config {
     pub instance_ttl: Duration,
 
     /// Raft election timeout (minimum; the maximum is twice this). Heartbeats go out every
-    /// third of it. A follower campaigns once the leader's lease (the maximum) and its own
-    /// timeout have both passed without a heartbeat, so a dead leader is replaced after
-    /// about 3–4× this (~400 ms at the default; the spec's hashicorp/raft setup took 1–2 s).
+    /// third of it. A follower asks for votes (Pre-Vote first) once the leader's lease (the
+    /// maximum) has passed without a heartbeat, plus a random delay under 3/4 of this
+    /// (`node::campaign_at_lease_end`; openraft's own timer, lease and then its timeout, is
+    /// the fallback), so a dead leader is replaced after about 2–3× this (~250 ms to the
+    /// first acknowledged write at the default; the spec's hashicorp/raft setup took 1–2 s).
     #[arg(long, env = "FLYNN_ELECTION_TIMEOUT", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub election_timeout: Duration,
 

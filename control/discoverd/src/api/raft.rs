@@ -167,6 +167,8 @@ async fn ballot(
     if dropped(node, headers) {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
+    // Before openraft sees it: a campaign under way holds back `campaign_at_lease_end`.
+    node.heard_ballot();
     match answer.await {
         Ok(r) => Json(r).into_response(),
         Err(e) => internal(e),
