@@ -13,6 +13,7 @@ use crate::balance::DialOrder;
 use crate::io::pipe;
 use crate::metrics::CoreMetrics;
 use crate::proxy::dial_counted;
+use crate::shared::CoreMsg;
 use crate::worker::{accept_ready, AcceptFailing, Core, Stop};
 
 struct Running {
@@ -81,6 +82,17 @@ impl Listeners {
                 }
             }
         }
+        // Listeners whose accept task ended while this core serves (their socket was shut
+        // down by another process and no stop came, see `accept`): forgotten, so their
+        // ports reopen below.
+        // (On a core that stopped, a task ends when its socket was handed over: not
+        // reopened.)
+        if !core.stop.fired() {
+            self.open.retain(|_, rs| {
+                rs.retain(|r| r.listener.strong_count() > 0);
+                !rs.is_empty()
+            });
+        }
         for port in table.tcp_ports() {
             if self.open.contains_key(&port) {
                 continue;
@@ -127,6 +139,12 @@ fn unregister(core: &Core, port: u16, fd: i32) {
     }
 }
 
+/// How long a core that still serves waits, after its TCP route listener was shut down by
+/// another process, before it reopens the port: longer than an old process waits for the
+/// new one's answer in a takeover (60 s), after which a takeover that went through has
+/// stopped the core.
+const REOPEN_AFTER: std::time::Duration = std::time::Duration::from_secs(65);
+
 /// Readiness, then non-blocking accepts (as for HTTP): stopping, for a route removal
 /// or a handover, drops only a readiness wait, never an accepted connection.
 async fn accept(core: Rc<Core>, l: Rc<TcpListener>, port: u16, stop: Rc<Stop>) {
@@ -168,8 +186,31 @@ async fn accept(core: Rc<Core>, l: Rc<TcpListener>, port: u16, stop: Rc<Stop>) {
                 // Out of LISTEN, and not by this process's removal (that fired `stop`): a
                 // process that took this socket over shut it down, having removed its
                 // route before this core stopped. Nothing more to accept here: as a stop.
+                // If this core still serves, the shutdown came before its stop: a takeover
+                // still waiting for the new process's answer (which stops the core if it
+                // comes, within the old process's 60 s wait for it), or one that failed, the
+                // old process going on with the route in its table, or another program.
+                // Warned, and, if no stop came meanwhile, the core reconciles its TCP
+                // listeners again after [`REOPEN_AFTER`], which reopens the port (this
+                // task's listener is gone by then); quiet on a core that stopped.
                 Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINVAL as i32) => {
                     unregister(&core, port, fd);
+                    if !core.stop.fired() {
+                        tracing::warn!(
+                            port,
+                            reopen_after_secs = REOPEN_AFTER.as_secs(),
+                            "TCP route listener shut down by another process while this one \
+                             serves; reopened later unless this process is handed over"
+                        );
+                        let stopped = monoio::select! {
+                            _ = core.stop.wait() => true,
+                            _ = stop.wait() => true,
+                            _ = monoio::time::sleep(REOPEN_AFTER) => false,
+                        };
+                        if !stopped {
+                            let _ = core.shared.cores[core.index].notify.send(CoreMsg::Table);
+                        }
+                    }
                     return;
                 }
                 Err(e) => {

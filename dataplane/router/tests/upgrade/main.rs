@@ -336,6 +336,14 @@ fn a_tcp_listener_shut_down_by_the_successor_ends_its_accept_loop_quietly() {
         "a warning for a socket no longer listening:\n{}",
         old.log()
     );
+    // The takeover failed and this process goes on: the dead port is said (it reopens
+    // later, see `tcp::REOPEN_AFTER`), not left silent.
+    assert!(
+        old.log()
+            .contains("TCP route listener shut down by another process while this one serves"),
+        "{}",
+        old.log()
+    );
     old.assert_running();
 }
 
