@@ -59,6 +59,10 @@ pub struct Config {
     /// (`node::campaign_at_lease_end`; openraft's own timer, lease and then its timeout, is
     /// the fallback), so a dead leader is replaced after about 2–3× this (~250 ms to the
     /// first acknowledged write at the default; the spec's hashicorp/raft setup took 1–2 s).
+    /// The trade-off: a follower campaigns after ~205–280 ms of silence at the default
+    /// (about 6 missed heartbeats) instead of 300–400 ms (about 9), so a leader stalled for
+    /// 205–300 ms (e.g. CPU starvation) that used to be tolerated may now be replaced;
+    /// voting and LeaseRead safety are unchanged (Pre-Vote and each voter's lease apply).
     #[arg(long, env = "FLYNN_ELECTION_TIMEOUT", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub election_timeout: Duration,
 

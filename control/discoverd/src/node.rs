@@ -431,75 +431,225 @@ async fn track_leadership(node: Arc<Node>) {
 /// timeout of silence instead of 3–4×). `lease` is openraft's leader lease
 /// (`election_timeout_max`, 2× `spread`), `spread` the election timeout.
 ///
-/// Nothing is given up. The round is openraft's own `pre_elect` (`trigger().elect(true)`),
-/// which its timer runs too: it is refused here, sending nothing, while this node's lease
-/// from its leader's last append is valid (openraft's clock, not ours: a trigger that comes
-/// too early changes nothing), and the peers refuse it while they still hear the leader, as
-/// does a leader a quorum still acknowledges. So a follower that was stalled or cut off still
-/// neither raises its term nor unseats a working leader.
+/// The trade-off: a follower now campaigns after ~205–280 ms of silence from its leader at
+/// the default 100 ms timeout (about 6 missed heartbeats) instead of 300–400 ms (about 9),
+/// so a leader stalled for 205–300 ms (CPU starvation, a long pause) that used to be
+/// tolerated may now be replaced. Voting and LeaseRead safety are unchanged: the round is
+/// openraft's own `pre_elect` (`trigger().elect(true)`), which its timer runs too: it is
+/// refused here, sending nothing, while this node's lease from its leader's last append is
+/// valid (openraft's clock, not ours), and the peers refuse it while their own lease from
+/// the leader is valid, as does a leader a quorum still acknowledges. So a follower that was
+/// stalled or cut off still neither raises its term nor unseats a leader the others hear.
 ///
 /// openraft runs an external trigger without its timer's other guards (a round in flight,
 /// a vote just granted), and its metrics lag its state (a vote being saved), so this fires
-/// at most once per last-heard append, only for a follower of another node whose vote is
-/// committed, that is a voter with other voters, and not once a peer has asked for a vote
-/// or pre-vote since that append (a campaign is under way: openraft's timer takes over).
-/// The delay is drawn below 3/4 of `spread`, so it comes before openraft's timer would
-/// fire (lease + `spread` at the earliest, from a later stamp than ours), which still
-/// handles everything else: a failed round, a split vote, a node that never heard a leader.
+/// once per last-heard append (and once more [`LEASE_END_RETRY_MS`] later if the first came
+/// too early for openraft's own lease stamp: still a follower under the same committed
+/// vote), only for a follower of another node whose vote is committed, that is a voter
+/// with other voters, and not once a peer has asked for a vote or pre-vote since that
+/// append (a campaign is under way: openraft's timer takes over). The delay is drawn below
+/// 3/4 of `spread`, so it comes before openraft's timer would fire (lease + `spread` at
+/// the earliest, from a later stamp than ours), which still handles everything else: a
+/// failed round, a split vote, a node that never heard a leader. See [`LeaseEnd`].
 async fn campaign_at_lease_end(node: Arc<Node>, lease: Duration, spread: Duration) {
-    let rx = node.raft.server_metrics();
-    let lease_ms = lease.as_millis() as u64;
+    let mut rx = node.raft.server_metrics();
     let spread_ms = (spread.as_millis() as u64 * 3 / 4).max(1);
-    // The last-heard stamp the delay was drawn for (and whether it was used), and the delay.
-    let mut planned = 0u64;
-    let mut done = false;
-    let mut delay = 0u64;
+    let mut plan = LeaseEnd::new(
+        lease.as_millis() as u64,
+        LEASE_END_RETRY_MS.min(spread.as_millis() as u64 / 4).max(1),
+    );
     loop {
-        let heard = node.leader_heard.load(Ordering::Acquire);
-        let now = node.epoch.elapsed().as_millis() as u64 + 1;
-        if heard != planned {
-            planned = heard;
-            delay = fastrand::u64(..spread_ms);
-            // Never heard a leader (a fresh or restarted node): openraft's timer.
-            done = heard == 0;
-        }
-        if done {
-            // Looked at again within a lease, before a new stamp's due time.
-            tokio::time::sleep(lease).await;
-            continue;
-        }
-        let due = heard + lease_ms + LEASE_END_MARGIN_MS + delay;
-        if now < due {
-            tokio::time::sleep(Duration::from_millis(due - now)).await;
-            continue;
-        }
-        done = true;
-        let campaign = node.ballot_heard.load(Ordering::Acquire) >= heard;
-        let eligible = !campaign && {
-            let m = rx.borrow_watched();
-            let mem = m.membership_config.membership();
-            let joint = mem.get_joint_config();
-            let voter = joint.last().is_some_and(|c| c.contains(&node.id));
-            let others = joint.iter().any(|c| c.iter().any(|id| *id != node.id));
-            m.state == ServerState::Follower
-                && m.vote.is_committed()
-                && m.current_leader.is_some_and(|l| l != node.id)
-                && voter
-                && others
-        };
-        if !eligible {
-            continue;
-        }
-        tracing::debug!(host = %node.host, silent_ms = now - heard, "leader lease over: pre-vote");
-        if node.raft.trigger().elect(true).await.is_err() {
+        if node.shutting_down.load(Ordering::Relaxed) {
             return;
         }
+        let heard = node.leader_heard.load(Ordering::Acquire);
+        let ballot = node.ballot_heard.load(Ordering::Acquire);
+        let now = node.epoch.elapsed().as_millis() as u64 + 1;
+        let snap = {
+            let m = rx.borrow_watched();
+            FollowerView::of(
+                node.id,
+                m.state,
+                m.vote.is_committed(),
+                openraft::vote::RaftLeaderId::term(m.vote.leader_id()),
+                m.current_leader,
+                m.membership_config.membership().get_joint_config(),
+            )
+        };
+        let wait = match plan.decide(heard, ballot, now, || fastrand::u64(..spread_ms), snap) {
+            Decision::Wait(due) => Duration::from_millis(due - now),
+            // Looked at again within a lease, before a new stamp's due time.
+            Decision::Idle => lease,
+            Decision::BallotHeard => {
+                tracing::debug!(host = %node.host, silent_ms = now - heard, "leader lease over: a ballot came in since, no pre-vote");
+                continue;
+            }
+            Decision::Fire { retry } => {
+                tracing::debug!(host = %node.host, silent_ms = now - heard, retry, "leader lease over: pre-vote");
+                if node.raft.trigger().elect(true).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if !sleep_unless_closed(&mut rx, wait).await {
+            return;
+        }
+    }
+}
+
+/// Sleeps for `d`; false (at once) if the metrics channel closes first: Raft has shut down.
+async fn sleep_unless_closed<W, T>(rx: &mut impl WatchReceiver<W, T>, d: Duration) -> bool
+where
+    W: openraft::async_runtime::Watch,
+    T: Send + Sync,
+{
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = async { while rx.changed().await.is_ok() {} } => false,
     }
 }
 
 /// Past the lease, on top of the random delay: openraft stamps its lease when it handles
 /// the append, a little after this node's stamp (a trigger before its lease ends is a no-op).
 const LEASE_END_MARGIN_MS: u64 = 5;
+
+/// After a pre-vote trigger that changed nothing (still a follower under the same committed
+/// vote: it came before openraft's lease ended), the one retry comes this much later
+/// (capped at a quarter of the election timeout); after that openraft's timer decides.
+const LEASE_END_RETRY_MS: u64 = 20;
+
+/// What `campaign_at_lease_end` reads of openraft's server metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FollowerView {
+    state: ServerState,
+    vote_committed: bool,
+    /// The vote's term (with `vote_committed`: the same leader's term).
+    term: u64,
+    /// A leader is known and is not this node.
+    leader_is_other: bool,
+    /// A voter of the membership this node is heading to (the last of a joint config).
+    voter: bool,
+    /// Some other node is a voter (of either config of a joint one).
+    other_voters: bool,
+}
+
+impl FollowerView {
+    /// `joint`: the membership's configs (two while it changes, the last the one it is
+    /// heading to).
+    fn of(
+        id: u64,
+        state: ServerState,
+        vote_committed: bool,
+        term: u64,
+        leader: Option<u64>,
+        joint: &[std::collections::BTreeSet<u64>],
+    ) -> Self {
+        Self {
+            state,
+            vote_committed,
+            term,
+            leader_is_other: leader.is_some_and(|l| l != id),
+            voter: joint.last().is_some_and(|c| c.contains(&id)),
+            other_voters: joint.iter().any(|c| c.iter().any(|v| *v != id)),
+        }
+    }
+
+    fn eligible(&self) -> bool {
+        self.state == ServerState::Follower
+            && self.vote_committed
+            && self.leader_is_other
+            && self.voter
+            && self.other_voters
+    }
+}
+
+/// What `campaign_at_lease_end` does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    /// Nothing before this time (`Node::epoch` milliseconds, plus one).
+    Wait(u64),
+    /// Nothing for this stamp: look again within a lease.
+    Idle,
+    /// Due, but a vote or pre-vote request came in since the stamp: openraft's timer.
+    /// Returned once per stamp (then `Idle`).
+    BallotHeard,
+    /// Trigger openraft's Pre-Vote (`retry`: the second and last time for this stamp).
+    Fire { retry: bool },
+}
+
+/// The decision state of `campaign_at_lease_end`, free of clocks and randomness (tested).
+#[derive(Debug)]
+struct LeaseEnd {
+    lease_ms: u64,
+    retry_ms: u64,
+    /// The last-heard stamp the delay was drawn for.
+    planned: u64,
+    delay: u64,
+    /// Nothing more to do for `planned`.
+    done: bool,
+    /// The term of the vote the first trigger for `planned` was sent under.
+    fired: Option<u64>,
+}
+
+impl LeaseEnd {
+    fn new(lease_ms: u64, retry_ms: u64) -> Self {
+        Self {
+            lease_ms,
+            retry_ms,
+            planned: 0,
+            delay: 0,
+            done: true,
+            fired: None,
+        }
+    }
+
+    /// `heard`: the leader's last-heard stamp (0: never); `ballot`: the last vote or
+    /// pre-vote request's (same clock); `draw`: the random delay, drawn once per new stamp.
+    fn decide(
+        &mut self,
+        heard: u64,
+        ballot: u64,
+        now: u64,
+        draw: impl FnOnce() -> u64,
+        view: FollowerView,
+    ) -> Decision {
+        if heard != self.planned {
+            self.planned = heard;
+            self.delay = draw();
+            self.fired = None;
+            // Never heard a leader (a fresh or restarted node): openraft's timer.
+            self.done = heard == 0;
+        }
+        if self.done {
+            return Decision::Idle;
+        }
+        let retry = self.fired.is_some();
+        let due = heard
+            + self.lease_ms
+            + LEASE_END_MARGIN_MS
+            + self.delay
+            + if retry { self.retry_ms } else { 0 };
+        if now < due {
+            return Decision::Wait(due);
+        }
+        self.done = true;
+        if ballot >= heard {
+            return Decision::BallotHeard;
+        }
+        match self.fired {
+            // The first trigger changed nothing visible: still following the same leader.
+            Some(term) if !(view.eligible() && view.term == term) => Decision::Idle,
+            Some(_) => Decision::Fire { retry: true },
+            None if !view.eligible() => Decision::Idle,
+            None => {
+                self.fired = Some(view.term);
+                self.done = false;
+                Decision::Fire { retry: false }
+            }
+        }
+    }
+}
 
 /// How long a node may know no leader before it counts as not following the cluster
 /// (elections take well under a second).
@@ -515,10 +665,15 @@ pub const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 async fn expiry_loop(node: Arc<Node>) {
     let every = (node.ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut tick = tokio::time::interval(every);
+    // Closes when Raft shuts down (SIGTERM, `POST /shutdown`): the loop ends then.
+    let mut rx = node.raft.server_metrics();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = async { while rx.changed().await.is_ok() {} } => return,
+        }
         if node.shutting_down.load(Ordering::Relaxed) {
-            continue;
+            return;
         }
         let Some(batch) = node.begin_expiry() else {
             continue;
@@ -539,5 +694,271 @@ async fn expiry_loop(node: Arc<Node>) {
             Ok(Err(e)) => tracing::warn!(error = %e, "expire instances"),
             Err(_) => tracing::warn!("expire instances: not applied within {APPLY_TIMEOUT:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod lease_end_tests {
+    use super::*;
+
+    const LEASE: u64 = 200;
+    const RETRY: u64 = 20;
+    const DELAY: u64 = 30;
+
+    fn follower() -> FollowerView {
+        FollowerView {
+            state: ServerState::Follower,
+            vote_committed: true,
+            term: 3,
+            leader_is_other: true,
+            voter: true,
+            other_voters: true,
+        }
+    }
+
+    fn due(heard: u64) -> u64 {
+        heard + LEASE + LEASE_END_MARGIN_MS + DELAY
+    }
+
+    /// A plan that has drawn `DELAY` for `heard` and is asked at `now`.
+    fn at(plan: &mut LeaseEnd, heard: u64, ballot: u64, now: u64, view: FollowerView) -> Decision {
+        plan.decide(heard, ballot, now, || DELAY, view)
+    }
+
+    fn plan() -> LeaseEnd {
+        LeaseEnd::new(LEASE, RETRY)
+    }
+
+    #[test]
+    fn never_fires_without_a_heard_leader() {
+        let mut p = plan();
+        for now in [1, 1_000, 100_000] {
+            assert_eq!(at(&mut p, 0, 0, now, follower()), Decision::Idle);
+        }
+    }
+
+    #[test]
+    fn waits_for_lease_margin_and_delay() {
+        let mut p = plan();
+        let heard = 1_000;
+        assert_eq!(
+            at(&mut p, heard, 0, heard, follower()),
+            Decision::Wait(due(heard))
+        );
+        assert_eq!(
+            at(&mut p, heard, 0, due(heard) - 1, follower()),
+            Decision::Wait(due(heard))
+        );
+        assert_eq!(
+            at(&mut p, heard, 0, due(heard), follower()),
+            Decision::Fire { retry: false }
+        );
+    }
+
+    #[test]
+    fn the_delay_is_drawn_once_per_stamp() {
+        let mut p = plan();
+        let mut draws = 0;
+        for now in [1_000, 1_100, 1_200] {
+            p.decide(
+                1_000,
+                0,
+                now,
+                || {
+                    draws += 1;
+                    DELAY
+                },
+                follower(),
+            );
+        }
+        assert_eq!(draws, 1);
+    }
+
+    #[test]
+    fn fires_once_per_stamp_then_again_after_a_new_stamp() {
+        let mut p = plan();
+        let heard = 1_000;
+        let d = due(heard);
+        assert_eq!(
+            at(&mut p, heard, 0, d, follower()),
+            Decision::Fire { retry: false }
+        );
+        // The trigger took (a new term, a candidate): no retry, nothing more for this stamp.
+        let candidate = FollowerView {
+            state: ServerState::Candidate,
+            vote_committed: false,
+            term: 4,
+            ..follower()
+        };
+        assert_eq!(
+            at(&mut p, heard, 0, d + 1, candidate),
+            Decision::Wait(d + RETRY)
+        );
+        assert_eq!(at(&mut p, heard, 0, d + RETRY, candidate), Decision::Idle);
+        for now in [d + RETRY + 1, d + 10_000] {
+            assert_eq!(at(&mut p, heard, 0, now, follower()), Decision::Idle);
+        }
+        // A new leader message: a new round.
+        let heard2 = d + 10_000;
+        assert_eq!(
+            at(&mut p, heard2, 0, heard2, follower()),
+            Decision::Wait(due(heard2))
+        );
+        assert_eq!(
+            at(&mut p, heard2, 0, due(heard2), follower()),
+            Decision::Fire { retry: false }
+        );
+    }
+
+    #[test]
+    fn retries_once_when_the_trigger_changed_nothing() {
+        let mut p = plan();
+        let heard = 1_000;
+        let d = due(heard);
+        assert_eq!(
+            at(&mut p, heard, 0, d, follower()),
+            Decision::Fire { retry: false }
+        );
+        assert_eq!(
+            at(&mut p, heard, 0, d, follower()),
+            Decision::Wait(d + RETRY)
+        );
+        assert_eq!(
+            at(&mut p, heard, 0, d + RETRY, follower()),
+            Decision::Fire { retry: true }
+        );
+        for now in [d + RETRY, d + RETRY + 1, d + 10_000] {
+            assert_eq!(at(&mut p, heard, 0, now, follower()), Decision::Idle);
+        }
+    }
+
+    #[test]
+    fn no_retry_under_another_vote_or_after_a_ballot() {
+        let heard = 1_000;
+        let d = due(heard);
+        // A new committed vote (another leader was elected meanwhile).
+        let mut p = plan();
+        assert_eq!(
+            at(&mut p, heard, 0, d, follower()),
+            Decision::Fire { retry: false }
+        );
+        let next_term = FollowerView {
+            term: 4,
+            ..follower()
+        };
+        assert_eq!(at(&mut p, heard, 0, d + RETRY, next_term), Decision::Idle);
+        // A ballot came in between the trigger and the retry.
+        let mut p = plan();
+        assert_eq!(
+            at(&mut p, heard, 0, d, follower()),
+            Decision::Fire { retry: false }
+        );
+        assert_eq!(
+            at(&mut p, heard, d + 1, d + RETRY, follower()),
+            Decision::BallotHeard
+        );
+        assert_eq!(
+            at(&mut p, heard, d + 1, d + RETRY + 1, follower()),
+            Decision::Idle
+        );
+    }
+
+    #[test]
+    fn skips_once_per_stamp_when_a_ballot_came_in_since() {
+        let heard = 1_000;
+        let d = due(heard);
+        for ballot in [heard, heard + 1, d] {
+            let mut p = plan();
+            assert_eq!(
+                at(&mut p, heard, ballot, d, follower()),
+                Decision::BallotHeard
+            );
+            assert_eq!(at(&mut p, heard, ballot, d + 1, follower()), Decision::Idle);
+        }
+        // A ballot before the stamp does not hold it back.
+        let mut p = plan();
+        assert_eq!(
+            at(&mut p, heard, heard - 1, d, follower()),
+            Decision::Fire { retry: false }
+        );
+    }
+
+    #[test]
+    fn only_a_voting_follower_of_another_committed_leader_fires() {
+        let heard = 1_000;
+        let d = due(heard);
+        let not = [
+            FollowerView {
+                state: ServerState::Leader,
+                leader_is_other: false,
+                ..follower()
+            },
+            FollowerView {
+                state: ServerState::Candidate,
+                vote_committed: false,
+                ..follower()
+            },
+            FollowerView {
+                state: ServerState::Learner,
+                voter: false,
+                ..follower()
+            },
+            // A learner that metrics still show as a follower.
+            FollowerView {
+                voter: false,
+                ..follower()
+            },
+            // A single voter.
+            FollowerView {
+                other_voters: false,
+                ..follower()
+            },
+            FollowerView {
+                vote_committed: false,
+                ..follower()
+            },
+            // No leader known, or this node.
+            FollowerView {
+                leader_is_other: false,
+                ..follower()
+            },
+        ];
+        for view in not {
+            let mut p = plan();
+            assert_eq!(at(&mut p, heard, 0, d, view), Decision::Idle, "{view:?}");
+            assert_eq!(at(&mut p, heard, 0, d + 1_000, follower()), Decision::Idle);
+        }
+    }
+
+    #[test]
+    fn the_view_names_voters_joint_configs_and_the_leader() {
+        use std::collections::BTreeSet;
+        let set = |ids: &[u64]| ids.iter().copied().collect::<BTreeSet<u64>>();
+        let f = ServerState::Follower;
+        let of = |leader, joint: &[BTreeSet<u64>]| FollowerView::of(1, f, true, 3, leader, joint);
+        // A voter of three following node 2: eligible.
+        assert!(of(Some(2), &[set(&[1, 2, 3])]).eligible());
+        // Leaving in a joint config (a voter of the old config only).
+        let v = of(Some(2), &[set(&[1, 2, 3]), set(&[2, 3])]);
+        assert!(!v.voter && !v.eligible());
+        // Joining in a joint config: a voter of the config it heads to.
+        assert!(of(Some(2), &[set(&[2, 3]), set(&[1, 2, 3])]).eligible());
+        // A single voter, a learner, no membership.
+        assert!(!of(Some(2), &[set(&[1])]).eligible());
+        assert!(!of(Some(2), &[set(&[2, 3])]).eligible());
+        assert!(!of(Some(2), &[]).eligible());
+        // The leader named is this node, or none.
+        assert!(!of(Some(1), &[set(&[1, 2, 3])]).eligible());
+        assert!(!of(None, &[set(&[1, 2, 3])]).eligible());
+        // Not a follower, or an uncommitted vote.
+        for state in [
+            ServerState::Leader,
+            ServerState::Candidate,
+            ServerState::Learner,
+        ] {
+            let v = FollowerView::of(1, state, true, 3, Some(2), &[set(&[1, 2, 3])]);
+            assert!(!v.eligible(), "{state:?}");
+        }
+        assert!(!FollowerView::of(1, f, false, 3, Some(2), &[set(&[1, 2, 3])]).eligible());
     }
 }
