@@ -14,7 +14,10 @@ enum State {
     Data(u64),
     DataCr,
     DataLf,
+    /// In the trailer section: `total` bytes into it (capped at [`crate::MAX_TRAILERS`]),
+    /// `line_len` into the current line.
     Trailer {
+        total: usize,
         line_len: usize,
         cr: bool,
     },
@@ -22,7 +25,7 @@ enum State {
 }
 
 /// Incremental chunked decoder: feed it bytes as they arrive; payload bytes are appended
-/// to `out`, trailers are skipped.
+/// to `out`, trailers are skipped (the section capped at [`crate::MAX_TRAILERS`]).
 #[derive(Debug, Clone)]
 pub struct Dechunker {
     state: State,
@@ -71,6 +74,7 @@ impl Dechunker {
                         }
                         self.state = if *value == 0 {
                             State::Trailer {
+                                total: 0,
                                 line_len: 0,
                                 cr: false,
                             }
@@ -123,7 +127,17 @@ impl Dechunker {
                         cr: false,
                     };
                 }
-                State::Trailer { line_len, cr } => {
+                State::Trailer {
+                    total,
+                    line_len,
+                    cr,
+                } => {
+                    // The whole section (lines, their CRLFs, the final CRLF) is capped as
+                    // `BodyReader` caps it.
+                    if *total >= crate::MAX_TRAILERS {
+                        return Err(BodyError::TrailersTooLarge);
+                    }
+                    *total += 1;
                     let b = input[i];
                     i += 1;
                     if *cr {
@@ -209,5 +223,43 @@ mod tests {
         }
         let long = [b"0\r\n".as_slice(), &[b'a'; 5000]].concat();
         assert_eq!(decode_split(&long, 64).unwrap_err(), BodyError::LineTooLong);
+    }
+
+    /// A trailer section of `n` 100-byte lines, a last line with a `last`-byte value, and
+    /// the final CRLF.
+    fn section(n: usize, last: usize) -> Vec<u8> {
+        let mut s = Vec::new();
+        for i in 0..n {
+            let line = format!("X-T{i:05}: ");
+            s.extend_from_slice(line.as_bytes());
+            s.extend(std::iter::repeat_n(b'v', 100 - line.len() - 2));
+            s.extend_from_slice(b"\r\n");
+        }
+        s.extend_from_slice(b"X-Last: ");
+        s.extend(std::iter::repeat_n(b'v', last));
+        s.extend_from_slice(b"\r\n\r\n");
+        s
+    }
+
+    #[test]
+    fn trailer_section_capped() {
+        let max = crate::MAX_TRAILERS;
+        let n = max / 100 - 1;
+        let last = max - n * 100 - "X-Last: \r\n\r\n".len();
+        let at_cap = section(n, last);
+        assert_eq!(at_cap.len(), max);
+        let over = section(n, last + 1);
+        for step in [1, 7, 4096, max + 10] {
+            let input = [&b"3\r\nabc\r\n0\r\n"[..], &at_cap, b"NEXT"].concat();
+            let (out, used, done) = decode_split(&input, step).unwrap();
+            assert_eq!((out.as_slice(), done), (&b"abc"[..], true), "step {step}");
+            assert_eq!(&input[used..], b"NEXT", "step {step}");
+            let input = [&b"0\r\n"[..], &over].concat();
+            assert_eq!(
+                decode_split(&input, step).unwrap_err(),
+                BodyError::TrailersTooLarge,
+                "step {step}"
+            );
+        }
     }
 }

@@ -372,6 +372,11 @@ async fn exchange(
     };
     *out = o;
     res.map_err(|_| Failure::Unsent)?;
+    // On the epoll driver a client sending flat out to a backend reading as fast never
+    // makes this loop wait on the driver (DATA is handed over by the connection's task,
+    // the backend write completes at once): every 1 MiB the core's other tasks (its
+    // table updates among them) get their turn (see `flynn_runtime::fair`).
+    let mut budget = flynn_runtime::fair::Budget::default();
     loop {
         let Ok(next) = monoio::time::timeout(idle, body.data()).await else {
             return Err(Failure::ClientGone);
@@ -379,6 +384,9 @@ async fn exchange(
         let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|_| Failure::ClientGone)?;
         let _ = body.flow_control().release_capacity(chunk.len());
+        if budget.spend(chunk.len()) {
+            flynn_runtime::fair::yield_now().await;
+        }
         // An empty DATA frame (often the one that carries END_STREAM) is no chunk: written
         // as one, its `0` would end the body before the terminator below.
         if chunk.is_empty() {
@@ -657,6 +665,9 @@ async fn stream(
     // is then not reused, as on the HTTP/1.1 path, or they would be read as the next
     // request's response.
     let mut clean = true;
+    // Yields every 1 MiB read from the backend: a backend sending flat out to a client
+    // granting window as fast never makes this loop wait on the epoll driver.
+    let mut budget = flynn_runtime::fair::Budget::default();
     loop {
         if !pending.is_empty() {
             let used = match framing.advance(&pending) {
@@ -704,7 +715,11 @@ async fn stream(
         };
         pending = b;
         match res {
-            Ok(n) if n > 0 => {}
+            Ok(n) if n > 0 => {
+                if budget.spend(n) {
+                    flynn_runtime::fair::yield_now().await;
+                }
+            }
             // The backend's close ends a close-delimited body, and that alone: a read error
             // (a reset) cut it short, and the client must not take it as complete.
             Ok(_) if resp.framing == Framing::Close => {

@@ -296,6 +296,10 @@ impl Sent {
 /// stream reset: what the pump holds for it is freed, and it stops holding its share of the
 /// backend connection's window, which the core's other calls to that backend need.
 async fn pump(mut from: h2::RecvStream, mut to: h2::SendStream<Bytes>, idle: Duration) -> bool {
+    // A stream flowing flat out both ends never makes this loop wait on the epoll driver
+    // (each connection's task hands DATA over and flushes at once): every 1 MiB the core's
+    // other tasks get their turn (see `flynn_runtime::fair`).
+    let mut budget = flynn_runtime::fair::Budget::default();
     loop {
         // Waiting for the sender, the receiver may go away: then so does this pump.
         let next = monoio::select! {
@@ -308,6 +312,9 @@ async fn pump(mut from: h2::RecvStream, mut to: h2::SendStream<Bytes>, idle: Dur
             return false;
         };
         let _ = from.flow_control().release_capacity(chunk.len());
+        if budget.spend(chunk.len()) {
+            flynn_runtime::fair::yield_now().await;
+        }
         if !super::send_flow_controlled(&mut to, chunk, false, idle).await {
             return false;
         }

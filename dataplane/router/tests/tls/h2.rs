@@ -339,3 +339,108 @@ fn http2_relays_103_early_hints() {
     assert!(rest.starts_with("HTTP/2 200"), "{rest:?}");
     assert!(rest.ends_with("\r\n\r\nok"), "{rest:?}");
 }
+
+/// One HTTP/2 response that never lets up (a backend writing flat out, a client reading as
+/// fast) does not hold its core off route changes: on the epoll driver the backend read
+/// and the hand-over to the h2 connection's task never wait on the driver, so the response
+/// body loop yields every 1 MiB behind the core's other ready tasks (as the TCP relay does,
+/// `a_saturating_tcp_stream_does_not_hold_off_route_changes`). One core, epoll, h2c; every
+/// change must be applied by the core within 1 s.
+#[test]
+fn a_saturating_h2_stream_does_not_hold_off_route_changes() {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    // A backend answering with an endless body, written as fast as it is taken.
+    let fountain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fountain_addr = fountain.local_addr().unwrap();
+    let (sent, stop) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (sent2, stop2) = (sent.clone(), stop.clone());
+    std::thread::spawn(move || {
+        for s in fountain.incoming() {
+            let Ok(mut s) = s else { continue };
+            let (sent, stop) = (sent2.clone(), stop2.clone());
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(n @ 1..) => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n");
+                let chunk = vec![7u8; 64 * 1024];
+                while !stop.load(Ordering::Relaxed) && s.write_all(&chunk).is_ok() {
+                    sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let router = crate::support::Router::builder()
+        .arg("--h2c-addr")
+        .arg("127.0.0.1:0")
+        .threads(1)
+        .io_driver("epoll")
+        .start();
+    assert_eq!(router.driver(), "epoll");
+    router.add_route(http_route("a.example.com", "web"));
+    router.set_backend_addrs("web", &[(fountain_addr.to_string(), false)]);
+    let addr = router.h2c_addrs[0];
+    let mut curl = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "--max-time",
+            "120",
+            "-o",
+            "/dev/null",
+            "-H",
+            "Host: a.example.com",
+        ])
+        .arg(format!("http://{addr}/"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("curl is needed for the HTTP/2 tests");
+    // Streaming at full speed.
+    let start = Instant::now();
+    while sent.load(Ordering::Relaxed) < 64 << 20 {
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = curl.kill();
+            panic!("the stream does not flow\n{}", router.log());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (before, t0) = (sent.load(Ordering::Relaxed), Instant::now());
+    let mut took = Vec::new();
+    for i in 0..10 {
+        let route = serde_json::json!({"type": "http", "domain": format!("d{i}.example.com"), "service": "web"});
+        let start = Instant::now();
+        let (status, body) = router.api_within(
+            "POST",
+            "/routes",
+            Some(&route.to_string()),
+            Duration::from_secs(30),
+        );
+        took.push(start.elapsed());
+        assert_eq!(status, 200, "{body}");
+    }
+    let rate = (sent.load(Ordering::Relaxed) - before) as f64 / t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = curl.kill();
+    let _ = curl.wait();
+    let slowest = *took.iter().max().unwrap();
+    eprintln!(
+        "route changes took {took:?} (slowest {slowest:?}) beside an h2 stream of {:.0} MiB/s",
+        rate / (1 << 20) as f64
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a route change waited {slowest:?} for the core: {took:?}\n{}",
+        router.log()
+    );
+}
