@@ -358,6 +358,34 @@ impl Router {
             .unwrap_or_else(|| panic!("{method} {path}: no answer from the admin API"))
     }
 
+    /// Adds `n` HTTP routes (`d<i>.example.com` to service `web`) one by one, each answered
+    /// within 30 s with 200, while a stream counts its bytes in `moved`: how long each
+    /// change took to be answered, and the stream's rate meanwhile (bytes/s).
+    pub fn time_route_changes(
+        &self,
+        n: usize,
+        moved: &std::sync::atomic::AtomicU64,
+    ) -> (Vec<Duration>, f64) {
+        let (before, t0) = (moved.load(Ordering::Relaxed), std::time::Instant::now());
+        let mut took = Vec::new();
+        for i in 0..n {
+            let route = serde_json::json!({
+                "type": "http", "domain": format!("d{i}.example.com"), "service": "web"
+            });
+            let start = std::time::Instant::now();
+            let (status, body) = self.api_within(
+                "POST",
+                "/routes",
+                Some(&route.to_string()),
+                Duration::from_secs(30),
+            );
+            took.push(start.elapsed());
+            assert_eq!(status, 200, "{body}");
+        }
+        let rate = (moved.load(Ordering::Relaxed) - before) as f64 / t0.elapsed().as_secs_f64();
+        (took, rate)
+    }
+
     /// The I/O driver its cores run (`io_uring` or `epoll`), from their `worker started`
     /// log lines (waited for up to 5 s).
     pub fn driver(&self) -> String {
