@@ -160,7 +160,8 @@ async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream, slot: Co
     // its own instant, so two equal ones are two lines, not one line and its replay.
     let mut next_stamp = Timestamp(i64::MIN);
     // Bytes taken since this task last let the core's other tasks run.
-    let mut since_yield = 0usize;
+    let mut budget = flynn_runtime::fair::Budget::default();
+    let mut yield_due = false;
     'conn: loop {
         make_room(&mut buf);
         // Append after any partial frame already buffered.
@@ -179,7 +180,7 @@ async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream, slot: Co
                 break;
             }
             Err(_) => break,
-            Ok(n) => since_yield += n,
+            Ok(n) => yield_due |= budget.spend(n),
         }
         let mut now = Timestamp::now().max(next_stamp);
         loop {
@@ -203,8 +204,7 @@ async fn serve(shared: Arc<Shared>, core: usize, mut stream: TcpStream, slot: Co
         // On the epoll driver a read of a socket that still has data returns at once, so a
         // sender that never lets its socket empty would keep the core from its other
         // connections and its listener: every 1 MiB this task goes to the back of the queue.
-        if since_yield >= 1 << 20 {
-            since_yield = 0;
+        if std::mem::take(&mut yield_due) {
             // A self-wake would be requeued first by monoio (0.2.4) and yield to no
             // one; this one goes behind the core's ready tasks.
             flynn_runtime::fair::yield_now().await;

@@ -371,11 +371,7 @@ fn hand_over(old: &Old, conn: UnixStream, handed: &mut bool) -> anyhow::Result<b
             // The store's lock was taken unpoisoned (else `prepare` gave up) and only read
             // under it: a poison now is this panic's, over a store left as it was.
             old.api.store.clear_poison();
-            let panic = panic
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                .unwrap_or("(no message)");
+            let panic = flynn_runtime::panic_message(&*panic);
             bail!("preparing the state to hand over panicked ({panic}); still serving");
         }
     };

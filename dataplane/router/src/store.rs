@@ -188,14 +188,17 @@ impl Store {
     /// beside it would join its group and silently share the port's connections with it.
     fn unbindable(&self, port: u16) -> Option<std::io::Error> {
         let ip = self.ports.tcp_ip?;
-        let e = flynn_runtime::check_exclusive_bind(std::net::SocketAddr::new(ip, port)).err()?;
+        // One of this router's own listeners holds it: no probe needed.
         let ours = self.own_tcp.as_ref().is_some_and(|fds| {
             fds.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains_key(&port)
         });
+        if ours {
+            return None;
+        }
+        let e = flynn_runtime::check_exclusive_bind(std::net::SocketAddr::new(ip, port)).err()?;
         match e.kind() {
-            _ if ours => None,
             std::io::ErrorKind::AddrInUse => Some(std::io::Error::new(
                 e.kind(),
                 "another program listens on it",

@@ -30,6 +30,6 @@ mod workers;
 pub use recycle::Recycled;
 pub use snapshot::{Local, Published};
 pub use workers::{
-    abort_on_panic, check_exclusive_bind, core_count, recoverable, reuseport_listener,
-    spawn_workers, Driver, WorkerCtx,
+    abort_on_panic, check_exclusive_bind, core_count, panic_message, recoverable,
+    reuseport_listener, spawn_workers, Driver, WorkerCtx,
 };

@@ -134,7 +134,7 @@ fn pin_to_cpu(cpu: usize) -> io::Result<()> {
 }
 
 /// The text of a panic's payload (`panic!` with a message gives a `&str` or a `String`).
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
     payload
         .downcast_ref::<&str>()
         .copied()
